@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates (once) the project virtualenv in .venv and installs the package with its dev extras.
+# Sourced by the other launch scripts; re-installs only when pyproject.toml changed.
+set -euo pipefail
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${COSMOS3_VENV:-$repo_root/.venv}"
+python_bin="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+  "$python_bin" -m venv "$venv"
+fi
+stamp="$venv/.megatron_cosmos3-installed"
+want="$(sha256sum "$repo_root/pyproject.toml" | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  # The CPU wheel first: resolving "torch" through other packages could fetch a CUDA build.
+  "$venv/bin/python" -m pip install --quiet "torch==2.13.0"
+  "$venv/bin/python" -m pip install --quiet -e "$repo_root[dev]"
+  echo "$want" > "$stamp"
+fi
+export PATH="$venv/bin:$PATH"

@@ -1,0 +1,1 @@
+"""Frozen modality encoders (video/audio VAEs) and action representations."""
