@@ -1,0 +1,1 @@
+"""Data: from samples to packed micro-batches."""

@@ -1,0 +1,158 @@
+"""Random packed batches with the real layout: for tests, benchmarks and the smoke-scale demo.
+
+Each sample is described by a ``SampleSpec`` (what the task puts where); ``build_sample`` fills it
+with random values and the real position rules, so a pack made here obeys every invariant a real
+packer's pack must obey.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_cosmos3.model import positions as pos
+from megatron_cosmos3.model.config import MoTConfig
+from megatron_cosmos3.model.packed_batch import IGNORE_INDEX, PackedBatch, PackedSample, action_stream_key
+
+
+@dataclass
+class DMSpanSpec:
+    """One DM span: ``stream`` key, its token grid (t, h, w) — h = w = 1 for 1-D streams — its
+    tokens per second, whether it is a noisy target, and the index of its first temporal token
+    within the clip (so a clip split into clean and noisy spans keeps its times)."""
+
+    stream: str
+    grid: tuple[int, int, int]
+    tokens_per_second: float
+    noisy: bool
+    first_temporal_index: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+
+@dataclass
+class SampleSpec:
+    task: str
+    text_tokens: int
+    answer_tokens: int = 0  # the last answer_tokens of the text carry next-token labels
+    vision_grid: tuple[int, int, int] | None = None
+    add_eos_bog: bool = True  # only meaningful with DM spans
+    dm_spans: list[DMSpanSpec] = field(default_factory=list)
+
+
+def build_sample(spec: SampleSpec, config: MoTConfig, generator: torch.Generator) -> PackedSample:
+    """A PackedSample with random contents laid out as ``[text, ViT, EOS, BOG | cond, noisy]``."""
+    eos_id, bog_id = config.vocab_size - 2, config.vocab_size - 1
+    text = torch.randint(0, config.vocab_size - 2, (spec.text_tokens,), generator=generator)
+    ids, position_parts, vision_flags = [text], [pos.text_positions(0, spec.text_tokens)], [torch.zeros(spec.text_tokens, dtype=torch.bool)]
+    start = pos.next_start(position_parts[0])
+    vision_embeds = None
+    if spec.vision_grid is not None:
+        grid_positions = pos.vision_grid_positions(start, *spec.vision_grid)
+        n_vision = grid_positions.shape[1]
+        ids.append(torch.zeros(n_vision, dtype=torch.long))
+        position_parts.append(grid_positions)
+        vision_flags.append(torch.ones(n_vision, dtype=torch.bool))
+        vision_embeds = torch.randn(n_vision, config.hidden_size, generator=generator)
+        start = pos.next_start(grid_positions)
+    if spec.dm_spans and spec.add_eos_bog:
+        ids.append(torch.tensor([eos_id, bog_id]))
+        position_parts.append(pos.text_positions(start, 2))
+        vision_flags.append(torch.zeros(2, dtype=torch.bool))
+    ar_ids = torch.cat(ids)
+    ar_positions = torch.cat(position_parts, dim=1)
+    labels = torch.full_like(ar_ids, IGNORE_INDEX)
+    if spec.answer_tokens:
+        first = spec.text_tokens - spec.answer_tokens
+        labels[first : spec.text_tokens - 1] = text[first + 1 :]
+    dm_offset = pos.next_start(ar_positions)
+
+    streams, dm_positions, noise = [], [], []
+    for span in sorted(spec.dm_spans, key=lambda s: s.noisy):  # clean conditioning first
+        width = _stream_width(span.stream, config)
+        streams.append((span.stream, torch.randn(span.num_tokens, width, generator=generator)))
+        t, h, w = span.grid
+        if span.stream == "video":
+            fps = span.tokens_per_second * pos.VIDEO_VAE_TEMPORAL_COMPRESSION
+            dm_positions.append(pos.dm_video_positions(dm_offset, t, h, w, fps, span.first_temporal_index))
+        else:
+            dm_positions.append(pos.dm_sequence_positions(dm_offset, span.num_tokens, span.tokens_per_second,
+                                                          span.first_temporal_index))
+        noise.append(torch.full((span.num_tokens,), span.noisy))
+    is_vision = torch.cat(vision_flags)
+    return PackedSample(
+        task=spec.task,
+        ar_token_ids=ar_ids,
+        ar_labels=labels,
+        ar_positions=ar_positions,
+        dm_streams=streams,
+        dm_positions=torch.cat(dm_positions, dim=1) if dm_positions else None,
+        dm_noise_mask=torch.cat(noise) if noise else None,
+        ar_vision_embeds=vision_embeds,
+        ar_is_vision=is_vision if bool(is_vision.any()) else None,
+    )
+
+
+def _stream_width(stream: str, config: MoTConfig) -> int:
+    if stream == "video":
+        return config.video_token_dim
+    if stream == "audio":
+        return config.audio_latent_dim
+    embodiment = stream.removeprefix("action/")
+    if embodiment not in config.embodiments:
+        raise ValueError(f"unknown DM stream {stream!r}")
+    return config.embodiments[embodiment].action_dim
+
+
+TASKS = ("understanding", "text_to_video", "image_to_video", "video_to_audio", "forward_dynamics", "policy")
+
+
+def random_sample_spec(task: str, config: MoTConfig, generator: torch.Generator, scale: int = 1) -> SampleSpec:
+    """A random sample of ``task`` (one of TASKS); ``scale`` multiplies the section lengths."""
+
+    def draw(low: int, high: int) -> int:
+        return int(torch.randint(low * scale, high * scale + 1, (1,), generator=generator))
+
+    fps = float([16, 24, 30][int(torch.randint(0, 3, (1,), generator=generator))])
+    video_tps = pos.video_tokens_per_second(fps)
+    frames, h, w = draw(2, 4), draw(1, 2), draw(1, 3)
+    embodiment = sorted(config.embodiments)[int(torch.randint(0, len(config.embodiments), (1,), generator=generator))]
+    action_key, action_rate = action_stream_key(embodiment), config.embodiments[embodiment].rate_hz
+    if task == "understanding":
+        grid = (1, draw(1, 2), draw(1, 2)) if bool(torch.rand(1, generator=generator) < 0.5) else None
+        text = draw(4, 12)
+        return SampleSpec(task, text, answer_tokens=max(2, text // 2), vision_grid=grid)
+    spec = SampleSpec(task, draw(2, 6))
+    if task == "text_to_video":
+        spec.dm_spans = [DMSpanSpec("video", (frames, h, w), video_tps, noisy=True)]
+    elif task == "image_to_video":
+        spec.dm_spans = [DMSpanSpec("video", (1, h, w), video_tps, noisy=False),
+                         DMSpanSpec("video", (frames - 1, h, w), video_tps, noisy=True, first_temporal_index=1)]
+    elif task == "video_to_audio":
+        seconds = frames / video_tps
+        spec.dm_spans = [DMSpanSpec("video", (frames, h, w), video_tps, noisy=False),
+                         DMSpanSpec("audio", (max(1, round(seconds * pos.AUDIO_TOKENS_PER_SECOND / 4)), 1, 1),
+                                    pos.AUDIO_TOKENS_PER_SECOND / 4, noisy=True)]
+    elif task == "forward_dynamics":
+        past = max(1, frames // 2)
+        spec.dm_spans = [DMSpanSpec("video", (past, h, w), video_tps, noisy=False),
+                         DMSpanSpec(action_key, (draw(2, 4), 1, 1), action_rate, noisy=False),
+                         DMSpanSpec("video", (frames - past, h, w), video_tps, noisy=True, first_temporal_index=past)]
+    elif task == "policy":
+        spec.vision_grid = (1, 1, draw(1, 2))
+        spec.dm_spans = [DMSpanSpec("video", (1, h, w), video_tps, noisy=False),
+                         DMSpanSpec(action_key, (draw(2, 6), 1, 1), action_rate, noisy=True)]
+    else:
+        raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+    return spec
+
+
+def random_pack(config: MoTConfig, generator: torch.Generator, num_samples: int = 4,
+                tasks: tuple[str, ...] = TASKS, scale: int = 1) -> PackedBatch:
+    """A pack of ``num_samples`` random samples drawn uniformly from ``tasks``."""
+    specs = [random_sample_spec(tasks[int(torch.randint(0, len(tasks), (1,), generator=generator))], config, generator, scale)
+             for _ in range(num_samples)]
+    return PackedBatch.from_samples([build_sample(spec, config, generator) for spec in specs])

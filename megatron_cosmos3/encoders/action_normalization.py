@@ -1,0 +1,210 @@
+"""Per-embodiment normalisation of pseudo-actions, with statistics stored beside the dataset.
+
+Translations (metres per step) and joint values live on very different scales across robots,
+cars and cameras; each embodiment's projection sees them standardised. The 6D rotation dims are
+deliberately left as they are: they are components of unit vectors, already in [-1, 1], and
+keeping them untouched makes normalize -> denormalize exact for them (bit for bit in value), so a
+decoded rotation is never perturbed by normalisation round-off.
+
+File format (``<dataset>/action_stats.json``)::
+
+    {"format_version": 1,
+     "embodiments": {"single_arm": {"count": N, "mean": [...19], "std": [...19],
+                                    "q01": [...19] | null, "q99": [...19] | null,
+                                    "fields": {"ego.translation": [0, 3], ...}}, ...}}
+
+``fields`` is informational (for people reading the file); loading checks it against the layout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from megatron_cosmos3.encoders.pseudo_actions import get_layout
+
+__all__ = [
+    "ACTION_STATS_FILENAME",
+    "STD_FLOOR",
+    "ActionStats",
+    "EmbodimentActionStats",
+    "denormalize_actions",
+    "normalize_actions",
+]
+
+ACTION_STATS_FILENAME = "action_stats.json"
+# A constant dim (a gripper never used, a camera that never rolls) has std 0; dividing by it
+# would blow rounding noise up to huge values. 1e-6 is far below any real per-step motion
+# (a micrometre, a microradian) yet keeps the result finite.
+STD_FLOOR = 1e-6
+_FORMAT_VERSION = 1
+
+NormalizationMode = Literal["mean_std", "quantile"]
+
+
+def _as_floats(values, name: str, dim: int) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) != dim:
+        raise ValueError(f"{name} must have {dim} values, got {len(values)}")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{name} must be finite, got {list(values)}")
+    return values
+
+
+@dataclass(frozen=True)
+class EmbodimentActionStats:
+    """Statistics of one embodiment's pseudo-actions, one value per action dim.
+
+    count: number of action vectors measured. mean/std: per dim (population std).
+    q01/q99: optional 1st/99th percentiles, needed only for ``mode="quantile"``.
+    """
+
+    kind: str
+    count: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    q01: tuple[float, ...] | None = None
+    q99: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        dim = get_layout(self.kind).dim
+        # Accept lists (as read from JSON) but store tuples, so the dataclass stays immutable.
+        for name in ("mean", "std", "q01", "q99"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, _as_floats(value, f"{self.kind}.{name}", dim))
+        if (self.q01 is None) != (self.q99 is None):
+            raise ValueError(f"{self.kind}: q01 and q99 must be given together")
+        if min(self.std) < 0:
+            raise ValueError(f"{self.kind}.std must be >= 0, got {list(self.std)}")
+
+    @property
+    def dim(self) -> int:
+        return len(self.mean)
+
+    @classmethod
+    def from_actions(cls, kind: str, actions, *, quantiles: bool = True) -> EmbodimentActionStats:
+        """Measure ``(N, layout.dim)`` actions (numpy or torch), accumulating in float64."""
+        values = np.asarray(actions, dtype=np.float64)
+        dim = get_layout(kind).dim
+        if values.ndim != 2 or values.shape[1] != dim or values.shape[0] == 0:
+            raise ValueError(f"actions for kind {kind!r} must have shape (N>0, {dim}), got {values.shape}")
+        q01, q99 = np.quantile(values, (0.01, 0.99), axis=0) if quantiles else (None, None)
+        return cls(kind, len(values), values.mean(0), values.std(0), q01, q99)
+
+    def to_json(self) -> dict:
+        return {
+            "count": self.count,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "q01": None if self.q01 is None else list(self.q01),
+            "q99": None if self.q99 is None else list(self.q99),
+            "fields": {name: [s.start, s.stop] for name, s in get_layout(self.kind).slices.items()},
+        }
+
+    @classmethod
+    def from_json(cls, kind: str, entry: Mapping) -> EmbodimentActionStats:
+        expected = {name: [s.start, s.stop] for name, s in get_layout(kind).slices.items()}
+        if "fields" in entry and entry["fields"] != expected:
+            raise ValueError(f"{kind}.fields {entry['fields']} do not match the current layout {expected}")
+        return cls(kind, int(entry["count"]), entry["mean"], entry["std"], entry.get("q01"), entry.get("q99"))
+
+
+@dataclass(frozen=True)
+class ActionStats:
+    """The action statistics of one dataset: embodiment kind -> ``EmbodimentActionStats``."""
+
+    embodiments: Mapping[str, EmbodimentActionStats]
+
+    def __getitem__(self, kind: str) -> EmbodimentActionStats:
+        if kind not in self.embodiments:
+            raise ValueError(f"no action statistics for kind {kind!r}; have {sorted(self.embodiments)}")
+        return self.embodiments[kind]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write JSON atomically (a reader never sees half a file); a directory gets the default name."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / ACTION_STATS_FILENAME
+        document = {
+            "format_version": _FORMAT_VERSION,
+            "embodiments": {kind: s.to_json() for kind, s in sorted(self.embodiments.items())},
+        }
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(document, f, indent=1)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ActionStats:
+        """Read a file written by ``save`` (a directory means its ``action_stats.json``)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / ACTION_STATS_FILENAME
+        document = json.loads(path.read_text())
+        if document.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(f"{path}: format_version must be {_FORMAT_VERSION}, got {document.get('format_version')!r}")
+        try:
+            return cls({kind: EmbodimentActionStats.from_json(kind, e) for kind, e in document["embodiments"].items()})
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}: malformed action statistics: {error!r}") from error
+
+
+def _center_and_scale(
+    actions: torch.Tensor, stats: EmbodimentActionStats, mode: NormalizationMode, std_floor: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dim affine ``normalized = (x - center) / scale``; rotation dims get (0, 1)."""
+    if actions.shape[-1:] != (stats.dim,):
+        raise ValueError(f"actions for kind {stats.kind!r} must have shape (..., {stats.dim}), got {tuple(actions.shape)}")
+    if mode == "mean_std":
+        center, scale = np.array(stats.mean), np.maximum(np.array(stats.std), std_floor)
+    elif mode == "quantile":
+        if stats.q01 is None:
+            raise ValueError(f"mode='quantile' needs q01/q99 in the {stats.kind!r} statistics; they were not computed")
+        low, high = np.array(stats.q01), np.array(stats.q99)
+        # Maps [q01, q99] onto [-1, 1]; values outside are not clipped, so the map stays invertible.
+        center, scale = (low + high) / 2, np.maximum(high - low, std_floor) / 2
+    else:
+        raise ValueError(f"mode must be 'mean_std' or 'quantile', got {mode!r}")
+    rotation = list(get_layout(stats.kind).rotation_6d_dims)
+    center[rotation], scale[rotation] = 0.0, 1.0
+    as_tensor = functools_partial_tensor(actions)
+    return as_tensor(center), as_tensor(scale)
+
+
+def functools_partial_tensor(like: torch.Tensor):
+    return lambda values: torch.as_tensor(values, dtype=like.dtype, device=like.device)
+
+
+def normalize_actions(
+    actions: torch.Tensor,
+    stats: EmbodimentActionStats,
+    *,
+    mode: NormalizationMode = "mean_std",
+    std_floor: float = STD_FLOOR,
+) -> torch.Tensor:
+    """``(..., dim)`` pseudo-actions -> normalised, same shape and dtype; rotation dims unchanged."""
+    center, scale = _center_and_scale(actions, stats, mode, std_floor)
+    return (actions - center) / scale
+
+
+def denormalize_actions(
+    normalized: torch.Tensor,
+    stats: EmbodimentActionStats,
+    *,
+    mode: NormalizationMode = "mean_std",
+    std_floor: float = STD_FLOOR,
+) -> torch.Tensor:
+    """Inverse of ``normalize_actions`` (same ``mode`` and ``std_floor``)."""
+    center, scale = _center_and_scale(normalized, stats, mode, std_floor)
+    return normalized * scale + center

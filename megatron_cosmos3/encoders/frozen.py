@@ -1,0 +1,164 @@
+"""Frozen pretrained networks: load from a local folder, freeze, keep out of training state.
+
+The generation encoders (video VAE, audio VAE) are pretrained elsewhere and never trained here.
+Three promises, kept in this one place for every frozen encoder:
+
+1. **No gradients.** Every parameter has ``requires_grad=False`` and the wrappers run their
+   encode/decode under ``torch.no_grad()`` (not ``inference_mode``: inference tensors may not be
+   saved for backward, and a training step does save the latents it consumes).
+2. **Always eval.** ``freeze_`` replaces ``train`` on the module and on every submodule, so a
+   parent's ``model.train()`` (which recurses through ``children()``) cannot switch dropout or
+   norm statistics back on.
+3. **Outside the trained model's state.** ``FrozenPretrained`` is deliberately *not* an
+   ``nn.Module``: a training model that owns one for online encoding (``self.video_vae = ...``)
+   does not register it, so its weights never appear in ``parameters()`` (hence never in the
+   optimizer, DDP/FSDP buckets or the distributed optimizer), nor in ``state_dict()`` (hence never
+   in our checkpoints — they come from the VAE folder), nor are they touched by ``.train()``,
+   ``.to()``, ``.half()`` or ``requires_grad_()``. The owner moves it explicitly with
+   ``FrozenPretrained.to``. Where a frozen ``nn.Module`` does end up registered under a parent,
+   ``trainable_parameters`` still leaves it out of the optimizer.
+
+Loading is shared too: ``load_frozen_diffusers`` reads a diffusers-format folder from local disk
+only (never the Hub), refuses folders of another class, refuses pickled weights, and refuses
+checkpoints that do not fill every weight of the model (diffusers would otherwise only log a
+warning and leave random weights in place).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any, Iterator, TypeVar
+
+import torch
+from torch import nn
+
+# Set on every parameter of a frozen module, so trainable_parameters can skip it even if someone
+# later flips requires_grad back on (e.g. a parent's requires_grad_(True)).
+FROZEN_PARAM_ATTR = "_cosmos3_frozen"
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+SelfT = TypeVar("SelfT", bound="FrozenPretrained")
+
+
+class _StayInEval:
+    """Stands in for ``nn.Module.train`` on a frozen module: any ``train(mode)`` keeps it in eval.
+
+    A callable object rather than a bound method so that a frozen module survives ``pickle``
+    (data-loader workers) and ``deepcopy`` with its lock intact.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, mode: bool = True) -> nn.Module:
+        self.module.training = False
+        return self.module
+
+
+def freeze_(module: ModuleT) -> ModuleT:
+    """Freeze ``module`` in place and return it.
+
+    Sets eval mode on the module and all submodules and locks it there, sets
+    ``requires_grad=False`` on every parameter and marks each parameter as frozen
+    (see ``is_frozen``).
+    """
+    module.eval()
+    for submodule in module.modules():
+        # Instance attribute shadows the class method, and nn.Module.train calls child.train(mode).
+        submodule.train = _StayInEval(submodule)
+    for param in module.parameters():
+        param.requires_grad_(False)
+        setattr(param, FROZEN_PARAM_ATTR, True)
+    return module
+
+
+def is_frozen(param: torch.Tensor) -> bool:
+    """Whether ``param`` belongs to a module frozen with ``freeze_``."""
+    return getattr(param, FROZEN_PARAM_ATTR, False)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``model`` an optimizer should own: requiring grad and not frozen."""
+    return [p for p in model.parameters() if p.requires_grad and not is_frozen(p)]
+
+
+def read_diffusers_config(path: str | Path, expected_class: str) -> dict[str, Any]:
+    """Read ``<path>/config.json`` of a local diffusers model folder and check its class.
+
+    Raises FileNotFoundError if the folder or its config is missing, ValueError if the config is
+    not JSON or names another ``_class_name`` than ``expected_class``.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{expected_class} folder {str(folder)!r} does not exist or is not a directory")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        hint = ""
+        if (folder / "vae" / "config.json").is_file():
+            hint = f"; this looks like a pipeline folder, point at {str(folder / 'vae')!r} instead"
+        raise FileNotFoundError(f"{str(folder)!r} has no config.json, so it is not a diffusers {expected_class} folder{hint}")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(config_file)!r} is not valid JSON: {err}") from err
+    class_name = config.get("_class_name")
+    if class_name != expected_class:
+        raise ValueError(f"{str(config_file)!r} has _class_name={class_name!r}, expected {expected_class!r}")
+    return config
+
+
+def load_frozen_diffusers(model_cls: type[ModuleT], path: str | Path, *, dtype: torch.dtype, device: torch.device | str) -> ModuleT:
+    """Load a diffusers model from a local folder (never the network) and ``freeze_`` it.
+
+    Only safetensors weights are accepted (no pickle), and every weight the model expects must be
+    in the checkpoint. Call ``read_diffusers_config`` first to validate the folder's config.
+    """
+    try:
+        model, info = model_cls.from_pretrained(
+            str(path),
+            local_files_only=True,
+            use_safetensors=True,
+            torch_dtype=dtype,
+            output_loading_info=True,
+            # diffusers warns on every load when asked for the low-memory path without accelerate.
+            low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
+        )
+    except OSError as err:
+        raise FileNotFoundError(f"could not load {model_cls.__name__} weights from {str(path)!r}: {err}") from err
+    missing = info["missing_keys"]
+    if missing:
+        raise ValueError(
+            f"{str(path)!r}: checkpoint lacks {len(missing)} weight(s) of {model_cls.__name__} "
+            f"(e.g. {sorted(missing)[:3]}); the folder's weights do not match its config"
+        )
+    return freeze_(model.to(device))
+
+
+class FrozenPretrained:
+    """Holds a frozen network *outside* any parent ``nn.Module`` (see the module docstring).
+
+    Subclasses add the modality-specific encode/decode, each under ``torch.no_grad()``.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module = freeze_(module)
+
+    @property
+    def module(self) -> nn.Module:
+        """The frozen network itself (read it, do not register it under a trained model)."""
+        return self._module
+
+    @property
+    def device(self) -> torch.device:
+        return next(self._module.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self._module.parameters()).dtype
+
+    def to(self: SelfT, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SelfT:
+        """Move/cast the frozen weights in place; a parent's ``.to()`` does not reach them."""
+        self._module.to(device=device, dtype=dtype)
+        return self

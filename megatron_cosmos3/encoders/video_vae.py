@@ -1,0 +1,216 @@
+"""Frozen Wan2.2-style video VAE: pixels <-> normalised latent tokens of 32x32 pixels each.
+
+The VAE (diffusers ``AutoencoderKLWan``, as in Wan2.2 TI2V: ``patch_size=2``, residual blocks,
+``z_dim=48``) compresses 4x in time and 16x16 in space. Its latent is then patchified 2x2, so one
+token covers 4 frames x 32 x 32 pixels and has ``z_dim * 4`` features (192 for Wan2.2).
+
+Conventions, shared by encode and decode:
+
+- **Pixels**: float, channels first, ``(3, T, H, W)`` for one clip, values in ``[-1, 1]``.
+  An image is a one-frame video ``(3, H, W)`` -> ``T = 1``.
+- **Frames**: Wan encodes the first frame alone and every later group of 4 frames together, so a
+  clip must have ``T = 1 + 4k`` frames and gives ``1 + k`` latent frames. Other counts are a
+  ``ValueError`` (the VAE itself would silently drop the trailing frames): choosing *which* frames
+  to keep is the clip sampler's job; ``largest_encodable_frame_count`` tells it how many.
+- **Size**: ``H`` and ``W`` must be multiples of 32 (``ValueError`` otherwise); resizing or
+  cropping is the data transform's job, not the encoder's.
+- **Tokens**: ``(N, z_dim * 4)`` with ``N = t * h * w`` and token grid ``(t, h, w) =
+  (1 + (T - 1) / 4, H / 32, W / 32)``, flattened row-major over ``(t, h, w)``. Feature index
+  ``c * 4 + dy * 2 + dx`` holds latent channel ``c`` at sub-position ``(dy, dx)`` of the 2x2 patch.
+- **Normalisation**: tokens are normalised latents ``(z - latents_mean[c]) / latents_std[c]`` with
+  the per-channel statistics from the checkpoint's config, so they are near unit scale for flow
+  matching. Encoding takes the posterior mean (deterministic, so online and offline encoding of
+  the same clip agree).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from diffusers import AutoencoderKLWan
+
+from megatron_cosmos3.encoders.frozen import FrozenPretrained, load_frozen_diffusers, read_diffusers_config
+
+VAE_TEMPORAL_FACTOR = 4  # frames per latent frame (after the first)
+VAE_SPATIAL_FACTOR = 16  # pixels per latent cell, each side
+TOKEN_PATCH = 2  # latent cells per token, each side
+PIXELS_PER_TOKEN = VAE_SPATIAL_FACTOR * TOKEN_PATCH  # 32
+
+
+@dataclass(frozen=True)
+class VideoLatents:
+    """One clip's latent tokens.
+
+    tokens: (t * h * w, z_dim * 4) float32 normalised latents, row-major over the grid.
+    grid_thw: token grid (t, h, w).
+    fps: frame rate of the source clip in frames per second; ``None`` for a still image.
+    """
+
+    tokens: torch.Tensor
+    grid_thw: tuple[int, int, int]
+    fps: float | None
+
+    @property
+    def num_tokens(self) -> int:
+        t, h, w = self.grid_thw
+        return t * h * w
+
+
+def num_latent_frames(num_frames: int) -> int:
+    """Latent frames for a clip of ``num_frames`` pixel frames; ValueError unless ``1 + 4k``."""
+    if num_frames < 1 or (num_frames - 1) % VAE_TEMPORAL_FACTOR != 0:
+        hint = ""
+        if num_frames > 1:
+            hint = f" (crop to {largest_encodable_frame_count(num_frames)})"
+        raise ValueError(
+            f"video has {num_frames} frames; the VAE encodes 1 + {VAE_TEMPORAL_FACTOR}k frames "
+            f"(1, 5, 9, 13, ...){hint}"
+        )
+    return 1 + (num_frames - 1) // VAE_TEMPORAL_FACTOR
+
+
+def largest_encodable_frame_count(num_frames: int) -> int:
+    """The largest ``1 + 4k`` not above ``num_frames`` (>= 1): how many frames a sampler may keep."""
+    if num_frames < 1:
+        raise ValueError(f"a clip needs at least 1 frame, got {num_frames}")
+    return 1 + (num_frames - 1) // VAE_TEMPORAL_FACTOR * VAE_TEMPORAL_FACTOR
+
+
+def token_grid(num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """Token grid (t, h, w) of a ``(3, num_frames, height, width)`` clip; ValueError if not encodable."""
+    for name, size in (("height", height), ("width", width)):
+        if size <= 0 or size % PIXELS_PER_TOKEN != 0:
+            raise ValueError(f"video {name} is {size}; it must be a positive multiple of {PIXELS_PER_TOKEN}")
+    return num_latent_frames(num_frames), height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
+
+
+def latents_to_tokens(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, t, 2h, 2w) latents -> (B, t*h*w, C*4) tokens (2x2 patchify, layout in module doc)."""
+    b, c, t, hh, ww = latents.shape
+    h, w = hh // TOKEN_PATCH, ww // TOKEN_PATCH
+    x = latents.reshape(b, c, t, h, TOKEN_PATCH, w, TOKEN_PATCH)
+    x = x.permute(0, 2, 3, 5, 1, 4, 6)  # b, t, h, w, c, dy, dx
+    return x.reshape(b, t * h * w, c * TOKEN_PATCH * TOKEN_PATCH)
+
+
+def tokens_to_latents(tokens: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
+    """(B, t*h*w, C*4) tokens -> (B, C, t, 2h, 2w) latents; exact inverse of ``latents_to_tokens``."""
+    t, h, w = grid_thw
+    b, n, d = tokens.shape
+    c = d // (TOKEN_PATCH * TOKEN_PATCH)
+    x = tokens.reshape(b, t, h, w, c, TOKEN_PATCH, TOKEN_PATCH)
+    x = x.permute(0, 4, 1, 2, 5, 3, 6)  # b, c, t, h, dy, w, dx
+    return x.reshape(b, c, t, h * TOKEN_PATCH, w * TOKEN_PATCH)
+
+
+def _check_architecture(config: dict, path: str | Path) -> None:
+    """Refuse a Wan VAE whose structure does not compress 4x in time and 16x16 in space."""
+    levels = len(config.get("dim_mult", [1, 2, 4, 4]))
+    # One 2x spatial downsample between consecutive levels, some of them also 2x in time
+    # (see WanEncoder3d); a patch_size pixel-unshuffle comes before the encoder.
+    spatial = (config.get("patch_size") or 1) * 2 ** (levels - 1)
+    temporal = 2 ** sum(bool(x) for x in config.get("temperal_downsample", [False, True, True])[: levels - 1])
+    if spatial != VAE_SPATIAL_FACTOR:
+        raise ValueError(
+            f"{str(path)!r}: VAE compresses {spatial}x spatially (patch_size={config.get('patch_size')}, "
+            f"{levels} dim_mult levels); expected {VAE_SPATIAL_FACTOR}x as in Wan2.2"
+        )
+    if temporal != VAE_TEMPORAL_FACTOR:
+        raise ValueError(
+            f"{str(path)!r}: VAE compresses {temporal}x in time (temperal_downsample="
+            f"{config.get('temperal_downsample')}); expected {VAE_TEMPORAL_FACTOR}x"
+        )
+    # The config's declared factors are what diffusers pipelines trust; they must agree.
+    for field, expected in (("scale_factor_spatial", spatial), ("scale_factor_temporal", temporal)):
+        if field in config and config[field] != expected:
+            raise ValueError(f"{str(path)!r}: config {field}={config[field]} but the architecture gives {expected}")
+    z_dim = config.get("z_dim", 16)
+    for field in ("latents_mean", "latents_std"):
+        if field not in config or len(config[field]) != z_dim:
+            raise ValueError(f"{str(path)!r}: config {field} must list z_dim={z_dim} values, got {config.get(field)!r}")
+    if any(s <= 0 for s in config["latents_std"]):
+        raise ValueError(f"{str(path)!r}: config latents_std must be positive, got {config['latents_std']}")
+
+
+class VideoVAE(FrozenPretrained):
+    """Frozen Wan2.2-style video VAE producing 32x32-pixel latent tokens (see module doc)."""
+
+    def __init__(self, vae: AutoencoderKLWan) -> None:
+        super().__init__(vae)
+        config = vae.config
+        # (1, C, 1, 1, 1) to broadcast over (B, C, t, h, w) latents; kept float32 on CPU and moved
+        # per call, so they follow the VAE wherever FrozenPretrained.to puts it.
+        self._mean = torch.tensor(config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self._std = torch.tensor(config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.z_dim: int = config.z_dim
+        self.token_dim: int = config.z_dim * TOKEN_PATCH * TOKEN_PATCH
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> VideoVAE:
+        """Load a local diffusers ``AutoencoderKLWan`` folder (config.json + safetensors), frozen.
+
+        Raises FileNotFoundError for a missing folder/config/weights, ValueError for a folder of
+        another class or a VAE that is not 4x temporal / 16x spatial with per-channel statistics.
+        """
+        config = read_diffusers_config(path, "AutoencoderKLWan")
+        _check_architecture(config, path)
+        return cls(load_frozen_diffusers(AutoencoderKLWan, path, dtype=dtype, device=device))
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, fps: float) -> VideoLatents:
+        """Encode one clip ``(3, T, H, W)`` in [-1, 1] (T = 1 + 4k, H, W multiples of 32)."""
+        if video.dim() != 4:
+            raise ValueError(f"expected one clip of shape (3, T, H, W), got shape {tuple(video.shape)}")
+        return self.encode_batch(video.unsqueeze(0), fps)[0]
+
+    @torch.no_grad()
+    def encode_image(self, image: torch.Tensor) -> VideoLatents:
+        """Encode one image ``(3, H, W)`` in [-1, 1] as a one-frame video; ``fps`` is None."""
+        if image.dim() != 3:
+            raise ValueError(f"expected one image of shape (3, H, W), got shape {tuple(image.shape)}")
+        latents = self.encode_batch(image.unsqueeze(0).unsqueeze(2), 0.0)[0]
+        return VideoLatents(latents.tokens, latents.grid_thw, fps=None)
+
+    @torch.no_grad()
+    def encode_batch(self, videos: torch.Tensor, fps: float | Sequence[float]) -> list[VideoLatents]:
+        """Encode ``(B, 3, T, H, W)`` same-shape clips in one VAE call; one ``VideoLatents`` each.
+
+        ``fps`` is one rate for all clips or one per clip.
+        """
+        if videos.dim() != 5 or videos.shape[1] != 3:
+            raise ValueError(f"expected clips of shape (B, 3, T, H, W), got shape {tuple(videos.shape)}")
+        if not videos.is_floating_point():
+            raise ValueError(f"expected float pixels in [-1, 1], got dtype {videos.dtype}")
+        batch = videos.shape[0]
+        rates = [float(fps)] * batch if isinstance(fps, (int, float)) else [float(r) for r in fps]
+        if len(rates) != batch:
+            raise ValueError(f"got {len(rates)} fps values for {batch} clips")
+        grid = token_grid(*videos.shape[2:])
+
+        vae = self.module
+        x = videos.to(device=self.device, dtype=self.dtype)
+        latents = vae.encode(x).latent_dist.mode().float()
+        latents = (latents - self._mean.to(latents.device)) / self._std.to(latents.device)
+        tokens = latents_to_tokens(latents)
+        return [VideoLatents(tokens[i], grid, rate) for i, rate in enumerate(rates)]
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
+        """Decode ``(t*h*w, z_dim*4)`` tokens on grid ``(t, h, w)`` -> ``(3, 1 + 4(t-1), 32h, 32w)``.
+
+        Returns float32 pixels in [-1, 1].
+        """
+        t, h, w = grid_thw
+        if tokens.dim() != 2 or tokens.shape != (t * h * w, self.token_dim):
+            raise ValueError(
+                f"tokens of shape {tuple(tokens.shape)} do not fit grid {tuple(grid_thw)}: "
+                f"expected ({t * h * w}, {self.token_dim})"
+            )
+        latents = tokens_to_latents(tokens.unsqueeze(0).to(device=self.device, dtype=torch.float32), grid_thw)
+        latents = latents * self._std.to(latents.device) + self._mean.to(latents.device)
+        return self.module.decode(latents.to(self.dtype)).sample[0].float()

@@ -1,0 +1,1 @@
+"""Inference: the cached AR prefix and DM denoising."""

@@ -1,0 +1,1 @@
+"""The Mixture-of-Transformers backbone: plain PyTorch math, no process groups."""

@@ -1,0 +1,228 @@
+"""The shared asymmetric attention and its backends.
+
+The whole attention rule of the model, per sample of a pack:
+
+* AR queries attend **causally to AR keys/values only** — DM keys/values are never passed to the
+  AR half (``ar_attention`` does not even receive them), so the reasoner is blind to DM tokens by
+  construction, not only by a mask;
+* DM queries attend **bidirectionally to concat(AR, DM) keys/values of the same sample**.
+
+Nothing attends across samples. Every backend implements the same two methods on the same
+``PackLayout``; they differ only in kernels:
+
+* ``dense`` — materialises the masks; the reference of the tests, never used for training;
+* ``sdpa`` — varlen by slicing each sample and calling ``scaled_dot_product_attention`` (CPU/GPU),
+  no N x N mask ever;
+* ``flash`` — flash-attention's varlen kernels over the whole pack (GPU), with ``cu_seqlens``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PackLayout:
+    """Per-pack index tensors every layer's attention needs, computed once per micro-batch.
+
+    Attributes:
+        ar_cu_seqlens / dm_cu_seqlens: (S+1,) sample boundaries in the AR and DM streams.
+        kv_cu_seqlens: (S+1,) boundaries of the per-sample [AR_s, DM_s] key/value sequence.
+        kv_gather_index: (n_ar + n_dm,) rows of cat(AR stream, DM stream) in [AR_s, DM_s] order.
+        ar_lengths / dm_lengths: python ints per sample (read once, so no device sync per layer).
+    """
+
+    ar_cu_seqlens: torch.Tensor
+    dm_cu_seqlens: torch.Tensor
+    kv_cu_seqlens: torch.Tensor
+    kv_gather_index: torch.Tensor
+    ar_lengths: list[int]
+    dm_lengths: list[int]
+
+    @classmethod
+    def from_cu_seqlens(cls, ar_cu_seqlens: torch.Tensor, dm_cu_seqlens: torch.Tensor) -> "PackLayout":
+        ar_lengths = (ar_cu_seqlens[1:] - ar_cu_seqlens[:-1]).tolist()
+        dm_lengths = (dm_cu_seqlens[1:] - dm_cu_seqlens[:-1]).tolist()
+        n_ar = int(ar_cu_seqlens[-1])
+        pieces = []
+        for s, (n_a, n_d) in enumerate(zip(ar_lengths, dm_lengths)):
+            a0, d0 = int(ar_cu_seqlens[s]), int(dm_cu_seqlens[s])
+            pieces += [torch.arange(a0, a0 + n_a), torch.arange(n_ar + d0, n_ar + d0 + n_d)]
+        gather = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+        return cls(
+            ar_cu_seqlens=ar_cu_seqlens,
+            dm_cu_seqlens=dm_cu_seqlens,
+            kv_cu_seqlens=ar_cu_seqlens + dm_cu_seqlens,
+            kv_gather_index=gather.to(ar_cu_seqlens.device),
+            ar_lengths=ar_lengths,
+            dm_lengths=dm_lengths,
+        )
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.ar_lengths)
+
+    def sample_ids(self, stream: str) -> torch.Tensor:
+        """(n,) index of the sample each token of the ``"ar"`` or ``"dm"`` stream belongs to."""
+        lengths = self.ar_lengths if stream == "ar" else self.dm_lengths
+        device = self.ar_cu_seqlens.device
+        return torch.repeat_interleave(torch.arange(len(lengths), device=device),
+                                       torch.tensor(lengths, device=device))
+
+
+class AttentionBackend:
+    """Interface: q (n, heads, d), k/v (n, kv_heads, d) -> output (n, heads, d)."""
+
+    name = "abstract"
+
+    def ar_attention(self, q_ar, k_ar, v_ar, layout: PackLayout) -> torch.Tensor:
+        """Causal attention of AR queries over the AR keys/values of their own sample."""
+        raise NotImplementedError
+
+    def dm_attention(self, q_dm, k_ar, v_ar, k_dm, v_dm, layout: PackLayout) -> torch.Tensor:
+        """Bidirectional attention of DM queries over [AR_s, DM_s] keys/values of their sample."""
+        raise NotImplementedError
+
+
+def _repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return x.repeat_interleave(num_heads // x.shape[1], dim=1)
+
+
+def _masked_softmax_attention(q, k, v, allowed: torch.Tensor) -> torch.Tensor:
+    k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+    scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
+
+
+class DenseMaskAttention(AttentionBackend):
+    """Reference: explicit boolean masks over the whole pack. O(N^2) memory; tests only."""
+
+    name = "dense"
+
+    def ar_attention(self, q_ar, k_ar, v_ar, layout):
+        sample = layout.sample_ids("ar")
+        index = torch.arange(sample.numel(), device=sample.device)
+        allowed = (sample[:, None] == sample[None, :]) & (index[None, :] <= index[:, None])
+        return _masked_softmax_attention(q_ar, k_ar, v_ar, allowed)
+
+    def dm_attention(self, q_dm, k_ar, v_ar, k_dm, v_dm, layout):
+        sample_q = layout.sample_ids("dm")
+        sample_k = torch.cat([layout.sample_ids("ar"), sample_q])
+        allowed = sample_q[:, None] == sample_k[None, :]
+        return _masked_softmax_attention(q_dm, torch.cat([k_ar, k_dm]), torch.cat([v_ar, v_dm]), allowed)
+
+
+class SdpaVarlenAttention(AttentionBackend):
+    """Per-sample slices through ``F.scaled_dot_product_attention``: no mask tensor, no N x N.
+
+    One kernel call per sample and half (a Python loop over samples, never over tokens); SDPA
+    picks its fused CPU/GPU kernel. The loop costs launch overhead on packs of many tiny samples,
+    which is what the flash backend removes on GPU.
+    """
+
+    name = "sdpa"
+
+    @staticmethod
+    def _sdpa(q, k, v, causal: bool) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            is_causal=causal, enable_gqa=q.shape[1] != k.shape[1],
+        )
+        return out[0].transpose(0, 1)
+
+    def ar_attention(self, q_ar, k_ar, v_ar, layout):
+        outputs, start = [], 0
+        for n in layout.ar_lengths:
+            if n:
+                sl = slice(start, start + n)
+                outputs.append(self._sdpa(q_ar[sl], k_ar[sl], v_ar[sl], causal=True))
+            start += n
+        return torch.cat(outputs) if outputs else q_ar.new_zeros(q_ar.shape)
+
+    def dm_attention(self, q_dm, k_ar, v_ar, k_dm, v_dm, layout):
+        outputs, ar_start, dm_start = [], 0, 0
+        for n_ar, n_dm in zip(layout.ar_lengths, layout.dm_lengths):
+            if n_dm:
+                a, d = slice(ar_start, ar_start + n_ar), slice(dm_start, dm_start + n_dm)
+                outputs.append(self._sdpa(q_dm[d], torch.cat([k_ar[a], k_dm[d]]),
+                                          torch.cat([v_ar[a], v_dm[d]]), causal=False))
+            ar_start += n_ar
+            dm_start += n_dm
+        return torch.cat(outputs) if outputs else q_dm.new_zeros(q_dm.shape)
+
+
+class FlashVarlenAttention(AttentionBackend):
+    """flash-attention 2/3 varlen kernels over the whole pack (GPU only, imported lazily).
+
+    The AR half is one causal varlen call on the AR stream as stored. The DM half needs each
+    sample's keys as one contiguous [AR_s, DM_s] run, so K and V (not the hidden states) pay one
+    O(N * kv_dim) gather per layer through ``kv_gather_index``.
+    """
+
+    name = "flash"
+
+    def __init__(self, flash_attn_varlen_func):
+        self._varlen = flash_attn_varlen_func
+
+    def _call(self, q, k, v, cu_q, cu_k, lengths_q, lengths_k, causal):
+        out = self._varlen(
+            q, k, v, cu_seqlens_q=cu_q.int(), cu_seqlens_k=cu_k.int(),
+            max_seqlen_q=max(lengths_q, default=0), max_seqlen_k=max(lengths_k, default=0),
+            causal=causal,
+        )
+        return out[0] if isinstance(out, tuple) else out  # flash-attention 3 also returns the LSE
+
+    def ar_attention(self, q_ar, k_ar, v_ar, layout):
+        if q_ar.shape[0] == 0:
+            return q_ar
+        return self._call(q_ar, k_ar, v_ar, layout.ar_cu_seqlens, layout.ar_cu_seqlens,
+                          layout.ar_lengths, layout.ar_lengths, causal=True)
+
+    def dm_attention(self, q_dm, k_ar, v_ar, k_dm, v_dm, layout):
+        if q_dm.shape[0] == 0:
+            return q_dm
+        k = torch.cat([k_ar, k_dm]).index_select(0, layout.kv_gather_index)
+        v = torch.cat([v_ar, v_dm]).index_select(0, layout.kv_gather_index)
+        kv_lengths = [a + d for a, d in zip(layout.ar_lengths, layout.dm_lengths)]
+        return self._call(q_dm, k, v, layout.dm_cu_seqlens, layout.kv_cu_seqlens,
+                          layout.dm_lengths, kv_lengths, causal=False)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
+def _import_flash_varlen():
+    try:  # flash-attention 3 (Hopper) first, then 2
+        from flash_attn_interface import flash_attn_varlen_func  # type: ignore[import-not-found]
+    except ImportError:
+        from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]
+    return flash_attn_varlen_func
+
+
+def attention_backend(name: str, device: torch.device | str = "cpu") -> AttentionBackend:
+    """The backend called ``name`` for tensors on ``device``; GPU-only ones fall back to ``sdpa``."""
+    if name == "dense":
+        return DenseMaskAttention()
+    if name == "sdpa":
+        return SdpaVarlenAttention()
+    if name == "flash":
+        if torch.device(device).type != "cuda":
+            _warn_once(f"attention backend 'flash' needs CUDA (device is {device}); using 'sdpa'")
+            return SdpaVarlenAttention()
+        try:
+            return FlashVarlenAttention(_import_flash_varlen())
+        except ImportError:
+            _warn_once("attention backend 'flash': flash-attn is not installed; using 'sdpa'")
+            return SdpaVarlenAttention()
+    raise ValueError(f"attention_backend={name!r} is not one of 'dense', 'sdpa', 'flash'")

@@ -1,0 +1,99 @@
+"""The two objectives and their per-task breakdown.
+
+* Reasoner: next-token cross-entropy on AR positions whose label is not IGNORE_INDEX.
+* Generator: flow-matching MSE on the velocity of noisy DM targets only; clean conditioning tokens
+  are selected out before the loss, so their targets get exactly zero gradient.
+
+``total`` = mean CE + ``flow_matching_weight`` x mean FM over this micro-batch. The sums and counts
+are returned too, so a trainer can normalise by global token counts across ranks and
+accumulation steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from megatron_cosmos3.model.mot import MoTModel, MoTOutput
+from megatron_cosmos3.model.packed_batch import IGNORE_INDEX, PackedBatch
+
+
+@dataclass
+class LossBreakdown:
+    total: torch.Tensor  # scalar, the thing to backpropagate
+    ce_sum: torch.Tensor
+    ce_count: torch.Tensor
+    fm_sum: torch.Tensor
+    fm_count: torch.Tensor
+    # task -> {"ce_sum", "ce_count", "fm_sum", "fm_count"} (detached)
+    per_task: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def task_means(self) -> dict[str, float]:
+        """{"<task>/ce": mean, "<task>/fm": mean} for tasks that had tokens of that kind."""
+        means = {}
+        for task, parts in self.per_task.items():
+            for kind in ("ce", "fm"):
+                count = float(parts[f"{kind}_count"])
+                if count:
+                    means[f"{task}/{kind}"] = float(parts[f"{kind}_sum"]) / count
+        return means
+
+
+def cross_entropy_per_token(model: MoTModel, output: MoTOutput, batch: PackedBatch):
+    """(losses, rows): CE of every labelled AR position, and the rows they came from."""
+    rows = (batch.ar_labels != IGNORE_INDEX).nonzero().squeeze(1)
+    # Only labelled rows go through the vocabulary projection: prompts and ViT tokens are free.
+    logits = model.lm_logits(output.ar_hidden.index_select(0, rows)).float()
+    return F.cross_entropy(logits, batch.ar_labels.index_select(0, rows), reduction="none"), rows
+
+
+def flow_matching_per_token(predictions: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
+                            batch: PackedBatch):
+    """(losses, rows): per-token velocity MSE (mean over the token's dims) of noisy DM targets."""
+    losses, rows = [], []
+    for key, index in batch.dm_token_index.items():
+        noisy = batch.dm_noise_mask.index_select(0, index).nonzero().squeeze(1)
+        error = predictions[key].index_select(0, noisy).float() - targets[key].index_select(0, noisy).float()
+        losses.append(error.pow(2).mean(dim=-1))
+        rows.append(index.index_select(0, noisy))
+    device = batch.dm_noise_mask.device
+    if not losses:
+        return torch.zeros(0, device=device), torch.zeros(0, dtype=torch.long, device=device)
+    return torch.cat(losses), torch.cat(rows)
+
+
+def _per_task(batch: PackedBatch, sample_ids: torch.Tensor, losses: torch.Tensor, kind: str, into: dict) -> None:
+    task_of_token = batch.sample_task.to(sample_ids.device).index_select(0, sample_ids)
+    num_tasks = len(batch.task_names)
+    sums = torch.zeros(num_tasks, device=losses.device).index_add_(0, task_of_token, losses.detach())
+    counts = torch.bincount(task_of_token, minlength=num_tasks)
+    for i, task in enumerate(batch.task_names):
+        into.setdefault(task, {})[f"{kind}_sum"] = sums[i]
+        into[task][f"{kind}_count"] = counts[i]
+
+
+def _mean(total: torch.Tensor, count: int) -> torch.Tensor:
+    # An empty objective contributes 0 but stays in the graph, so every rank runs the same backward.
+    return total / count if count else total * 0.0
+
+
+def mot_losses(model: MoTModel, batch: PackedBatch, targets: dict[str, torch.Tensor],
+               flow_matching_weight: float = 1.0) -> LossBreakdown:
+    """Runs the model on a (noised) batch and returns both objectives with per-task parts."""
+    output = model(batch)
+    ce, ce_rows = cross_entropy_per_token(model, output, batch)
+    fm, fm_rows = flow_matching_per_token(model.dm_predictions(output.dm_hidden, batch), targets, batch)
+    per_task: dict[str, dict[str, torch.Tensor]] = {}
+    _per_task(batch, output.layout.sample_ids("ar").index_select(0, ce_rows), ce, "ce", per_task)
+    _per_task(batch, output.layout.sample_ids("dm").index_select(0, fm_rows), fm, "fm", per_task)
+    ce_sum, fm_sum = ce.sum(), fm.sum()
+    total = _mean(ce_sum, ce.numel()) + flow_matching_weight * _mean(fm_sum, fm.numel())
+    return LossBreakdown(
+        total=total,
+        ce_sum=ce_sum.detach(), ce_count=torch.tensor(ce.numel()),
+        fm_sum=fm_sum.detach(), fm_count=torch.tensor(fm.numel()),
+        per_task=per_task,
+    )
+
