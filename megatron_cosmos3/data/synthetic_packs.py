@@ -156,3 +156,21 @@ def random_pack(config: MoTConfig, generator: torch.Generator, num_samples: int 
     specs = [random_sample_spec(tasks[int(torch.randint(0, len(tasks), (1,), generator=generator))], config, generator, scale)
              for _ in range(num_samples)]
     return PackedBatch.from_samples([build_sample(spec, config, generator) for spec in specs])
+
+
+def pack_from_lengths(config: MoTConfig, lengths: list[tuple[int, int]], generator: torch.Generator,
+                      clean_fraction: float = 0.25) -> PackedBatch:
+    """A pack whose sample i has exactly ``lengths[i] = (n_ar, n_dm)`` tokens (edge-case packs).
+
+    The AR section is plain text with labels on every token; the DM section is one video-latent
+    stream whose first ``clean_fraction`` of tokens are clean conditioning, the rest noisy.
+    """
+    samples = []
+    for n_ar, n_dm in lengths:
+        n_clean = int(n_dm * clean_fraction)
+        spans = [DMSpanSpec("video", (n, 1, 1), 6.0, noisy=noisy, first_temporal_index=first)
+                 for n, noisy, first in ((n_clean, False, 0), (n_dm - n_clean, True, n_clean)) if n]
+        spec = SampleSpec("understanding" if not n_dm else "text_to_video", n_ar, answer_tokens=n_ar,
+                          add_eos_bog=False, dm_spans=spans)
+        samples.append(build_sample(spec, config, generator))
+    return PackedBatch.from_samples(samples)

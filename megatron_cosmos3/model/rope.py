@@ -20,8 +20,9 @@ class MultimodalRotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float, mrope_section: list[int]):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        # float32 exactly as Qwen3-VL computes it: the converted model must reproduce its logits.
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         axis = torch.zeros(head_dim // 2, dtype=torch.long)
         axis[1 : 3 * mrope_section[1] : 3] = 1
         axis[2 : 3 * mrope_section[2] : 3] = 2

@@ -1,0 +1,83 @@
+"""Position rules: Qwen3-VL's interleaved MRoPE for AR tokens, the FPS rule for DM tokens."""
+
+import pytest
+import torch
+
+from megatron_cosmos3.model import positions as pos
+from megatron_cosmos3.model.config import TPS_BASE
+from megatron_cosmos3.model.rope import MultimodalRotaryEmbedding
+
+
+@pytest.mark.parametrize("head_dim, section", [(128, [24, 20, 20]), (16, [4, 2, 2]), (64, [16, 8, 8])])
+def test_mrope_matches_transformers_qwen3_vl(head_dim, section):
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
+
+    hf_config = Qwen3VLTextConfig(hidden_size=head_dim * 2, num_attention_heads=2, head_dim=head_dim,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 5e5, "mrope_section": section})
+    reference = Qwen3VLTextRotaryEmbedding(hf_config)
+    g = torch.Generator().manual_seed(0)
+    positions = torch.randint(0, 4000, (3, 1, 50), generator=g)
+    want_cos, want_sin = reference(torch.zeros(1, dtype=torch.float32), positions)
+    ours = MultimodalRotaryEmbedding(head_dim, 5e5, section)
+    cos, sin = ours(positions[:, 0].float())
+    torch.testing.assert_close(cos, want_cos[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sin, want_sin[0], rtol=1e-6, atol=1e-6)
+
+
+def test_text_and_vision_positions_follow_qwen3_vl():
+    text = pos.text_positions(0, 3)
+    assert text.tolist() == [[0, 1, 2]] * 3
+    grid = pos.vision_grid_positions(pos.next_start(text), 1, 2, 3)
+    assert grid[0].tolist() == [3] * 6  # one image: a single temporal position
+    assert grid[1].tolist() == [3, 3, 3, 4, 4, 4]
+    assert grid[2].tolist() == [3, 4, 5, 3, 4, 5]
+    assert pos.next_start(grid) == 6  # text after the image continues at max + 1
+
+
+def temporal_position_at(positions_t: torch.Tensor, tokens_per_second: float, time_s: float) -> float:
+    """Interpolates a stream's temporal positions at an instant (token i sits at time i / TPS)."""
+    token = time_s * tokens_per_second
+    lower = int(token)
+    frac = token - lower
+    return float(positions_t[lower] * (1 - frac) + positions_t[lower + 1] * frac) if frac else float(positions_t[lower])
+
+
+@pytest.mark.parametrize("fps", [16, 24, 30])
+def test_event_at_1_2_s_sits_at_offset_plus_7_2_in_video_at_any_frame_rate(fps):
+    offset = 17.0
+    tps = pos.video_tokens_per_second(fps)
+    grid_t = 12
+    video = pos.dm_video_positions(offset, grid_t, 2, 3, fps)
+    frame_t = video[0].view(grid_t, 6)[:, 0]  # temporal position of each latent frame
+    assert temporal_position_at(frame_t, tps, 1.2) == pytest.approx(offset + 7.2, abs=1e-5)
+    # Spatial axes start at the offset like a Qwen3-VL image grid.
+    assert video[1].view(grid_t, 2, 3)[0, :, 0].tolist() == [offset, offset + 1]
+    assert video[2].view(grid_t, 2, 3)[0, 0, :].tolist() == [offset, offset + 1, offset + 2]
+    # One second spans TPS_BASE units whatever the frame rate.
+    assert float(frame_t[1] - frame_t[0]) * tps == pytest.approx(TPS_BASE)
+
+
+def test_event_at_1_2_s_sits_at_offset_plus_7_2_in_25hz_audio_and_in_actions():
+    offset = 9.0
+    audio = pos.dm_sequence_positions(offset, 50, pos.AUDIO_TOKENS_PER_SECOND)
+    assert float(audio[0, 30]) == pytest.approx(offset + 7.2)  # token 30 of 25 Hz audio is t = 1.2 s
+    assert torch.equal(audio[0], audio[1]) and torch.equal(audio[0], audio[2])
+    for rate in (10.0, 15.0, 30.0):
+        actions = pos.dm_sequence_positions(offset, 40, rate)
+        assert temporal_position_at(actions[0], rate, 1.2) == pytest.approx(offset + 7.2, abs=1e-5)
+
+
+def test_split_clip_keeps_its_times():
+    """The noisy frames of image-to-video continue the clip's clock after the clean first frame."""
+    whole = pos.dm_video_positions(5.0, 4, 1, 2, fps=24)
+    first = pos.dm_video_positions(5.0, 1, 1, 2, fps=24)
+    rest = pos.dm_video_positions(5.0, 3, 1, 2, fps=24, first_frame=1)
+    assert torch.equal(torch.cat([first, rest], dim=1), whole)
+
+
+def test_invalid_rates_are_clear_errors():
+    with pytest.raises(ValueError, match="fps must be > 0"):
+        pos.video_tokens_per_second(0)
+    with pytest.raises(ValueError, match="tokens_per_second must be > 0"):
+        pos.dm_sequence_positions(0.0, 3, -1.0)
