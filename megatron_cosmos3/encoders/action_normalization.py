@@ -153,7 +153,9 @@ class ActionStats:
             path = path / ACTION_STATS_FILENAME
         document = json.loads(path.read_text())
         if document.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"{path}: format_version must be {_FORMAT_VERSION}, got {document.get('format_version')!r}")
+            raise ValueError(
+                f"{path}: format_version must be {_FORMAT_VERSION}, got {document.get('format_version')!r}"
+            )
         try:
             return cls({kind: EmbodimentActionStats.from_json(kind, e) for kind, e in document["embodiments"].items()})
         except (KeyError, TypeError, ValueError) as error:
@@ -165,7 +167,9 @@ def _center_and_scale(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dim affine ``normalized = (x - center) / scale``; rotation dims get (0, 1)."""
     if actions.shape[-1:] != (stats.dim,):
-        raise ValueError(f"actions for kind {stats.kind!r} must have shape (..., {stats.dim}), got {tuple(actions.shape)}")
+        raise ValueError(
+            f"actions for kind {stats.kind!r} must have shape (..., {stats.dim}), got {tuple(actions.shape)}"
+        )
     if mode == "mean_std":
         center, scale = np.array(stats.mean), np.maximum(np.array(stats.std), std_floor)
     elif mode == "quantile":
@@ -178,12 +182,7 @@ def _center_and_scale(
         raise ValueError(f"mode must be 'mean_std' or 'quantile', got {mode!r}")
     rotation = list(get_layout(stats.kind).rotation_6d_dims)
     center[rotation], scale[rotation] = 0.0, 1.0
-    as_tensor = functools_partial_tensor(actions)
-    return as_tensor(center), as_tensor(scale)
-
-
-def functools_partial_tensor(like: torch.Tensor):
-    return lambda values: torch.as_tensor(values, dtype=like.dtype, device=like.device)
+    return tuple(torch.as_tensor(v, dtype=actions.dtype, device=actions.device) for v in (center, scale))
 
 
 def normalize_actions(

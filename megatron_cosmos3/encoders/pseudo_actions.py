@@ -45,6 +45,7 @@ from megatron_cosmos3.encoders.rotations import (
 
 __all__ = [
     "ACTION_LAYOUTS",
+    "EGO",
     "ActionField",
     "ActionLayout",
     "BodyPoses",
@@ -55,7 +56,6 @@ __all__ = [
 ]
 
 EGO = "ego"
-POSE_DIM = 9  # 3 translation + 6 rotation
 # Recorded matrices may be float32/float16 round-offs of rotations; reflections or scaled
 # matrices are data bugs and must not be silently "fixed".
 _ORTHONORMAL_TOLERANCE = 1e-3
@@ -144,6 +144,14 @@ class BodyPoses:
     positions: torch.Tensor
     rotations: torch.Tensor
 
+    def frames(self, start: int, stop: int | None = None) -> BodyPoses:
+        """Frames ``start:stop`` (time axis -2 of positions, quaternions; -3 of matrices)."""
+        time = slice(start, stop)
+        rotation_index = (
+            (..., time, slice(None)) if self.rotations.shape[-1] == 4 else (..., time, slice(None), slice(None))
+        )
+        return BodyPoses(self.positions[..., time, :], self.rotations[rotation_index])
+
 
 @dataclass
 class EmbodimentTrajectory:
@@ -156,6 +164,14 @@ class EmbodimentTrajectory:
     kind: str
     poses: Mapping[str, BodyPoses]
     joints: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    def frames(self, start: int, stop: int | None = None) -> EmbodimentTrajectory:
+        """Frames ``start:stop`` of every part; ``frames(0, 1)`` is the start state for decoding."""
+        return EmbodimentTrajectory(
+            self.kind,
+            {part: poses.frames(start, stop) for part, poses in self.poses.items()},
+            {name: values[..., start:stop, :] for name, values in self.joints.items()},
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def _require_finite(x: torch.Tensor, name: str, event_dims: int) -> None:
 def _require_trailing_shape(x: torch.Tensor, name: str, trailing: tuple[int, ...]) -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if tuple(x.shape[-len(trailing):]) != trailing or x.dim() < len(trailing):
+    if tuple(x.shape[-len(trailing) :]) != trailing or x.dim() < len(trailing):
         want = "(..., " + ", ".join(map(str, trailing)) + ")"
         raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
     if not x.is_floating_point():

@@ -1,0 +1,134 @@
+"""Action normalisation: standardises translations/joints, leaves 6D rotations exact, persists to JSON."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_cosmos3.encoders.action_normalization import (
+    ACTION_STATS_FILENAME,
+    STD_FLOOR,
+    ActionStats,
+    EmbodimentActionStats,
+    denormalize_actions,
+    normalize_actions,
+)
+from megatron_cosmos3.encoders.pseudo_actions import ACTION_LAYOUTS
+
+
+def sample_actions(kind: str, n: int = 500, seed: int = 0) -> np.ndarray:
+    """Actions with per-dim scales from 1e-3 to 1e2 and 6D parts taken from real rotations."""
+    rng = np.random.default_rng(seed)
+    dim = ACTION_LAYOUTS[kind].dim
+    actions = rng.normal(loc=rng.uniform(-5, 5, dim), scale=np.logspace(-3, 2, dim), size=(n, dim))
+    rotation_dims = list(ACTION_LAYOUTS[kind].rotation_6d_dims)
+    actions[:, rotation_dims] = rng.uniform(-1, 1, size=(n, len(rotation_dims)))
+    return actions
+
+
+@pytest.mark.parametrize("kind", ["single_arm", "humanoid"])
+def test_from_actions_measures_mean_std_and_percentiles(kind):
+    actions = sample_actions(kind)
+    stats = EmbodimentActionStats.from_actions(kind, actions)
+    assert stats.count == 500 and stats.dim == ACTION_LAYOUTS[kind].dim
+    np.testing.assert_allclose(stats.mean, actions.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(stats.std, actions.std(0), rtol=1e-12)
+    # 1% of 500 samples lie below q01 (linear interpolation puts q01 between the 5th and 6th).
+    below = (actions < np.array(stats.q01)).sum(0)
+    above = (actions > np.array(stats.q99)).sum(0)
+    assert (below == 5).all() and (above == 5).all()
+
+
+@pytest.mark.parametrize("mode", ["mean_std", "quantile"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_round_trip_is_exact_on_rotation_dims_and_close_elsewhere(mode, dtype):
+    kind = "humanoid"
+    actions = torch.tensor(sample_actions(kind, seed=1), dtype=dtype)
+    stats = EmbodimentActionStats.from_actions(kind, actions.double().numpy())
+    normalized = normalize_actions(actions, stats, mode=mode)
+    restored = denormalize_actions(normalized, stats, mode=mode)
+    assert normalized.dtype == dtype and restored.shape == actions.shape
+    rotation = list(ACTION_LAYOUTS[kind].rotation_6d_dims)
+    assert torch.equal(normalized[:, rotation], actions[:, rotation]), "normalisation must not touch 6D rotations"
+    assert torch.equal(restored[:, rotation], actions[:, rotation]), "6D rotations must round-trip exactly"
+    # Absolute error ~ eps * |mean| (means here reach 5) where x - mean cancels.
+    torch.testing.assert_close(
+        restored, actions, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-6 if dtype == torch.float32 else 0
+    )
+
+
+def test_mean_std_mode_standardises_and_quantile_mode_maps_percentiles_to_unit_range():
+    kind = "single_arm"
+    actions = torch.tensor(sample_actions(kind, seed=2))
+    stats = EmbodimentActionStats.from_actions(kind, actions.numpy())
+    other = [i for i in range(19) if i not in ACTION_LAYOUTS[kind].rotation_6d_dims]
+    standardized = normalize_actions(actions, stats)[:, other]
+    torch.testing.assert_close(standardized.mean(0), torch.zeros(len(other), dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(
+        standardized.std(0, unbiased=False), torch.ones(len(other), dtype=torch.float64), atol=1e-9, rtol=0
+    )
+    percentiles = torch.tensor([stats.q01, stats.q99], dtype=torch.float64)
+    mapped = normalize_actions(percentiles, stats, mode="quantile")[:, other]
+    torch.testing.assert_close(mapped, torch.tensor([[-1.0], [1.0]], dtype=torch.float64).expand(2, len(other)))
+
+
+def test_constant_dims_use_the_std_floor_instead_of_dividing_by_zero():
+    actions = np.tile(np.linspace(0, 1, 9), (10, 1))  # every dim constant over time
+    stats = EmbodimentActionStats.from_actions("camera", actions)
+    assert max(stats.std) < 1e-12
+    probe = torch.tensor(actions[:1] + 1e-3)
+    normalized = normalize_actions(probe, stats)
+    assert torch.isfinite(normalized).all()
+    translation = slice(0, 3)
+    torch.testing.assert_close(normalized[0, translation], torch.full((3,), 1e-3 / STD_FLOOR, dtype=torch.float64))
+    torch.testing.assert_close(denormalize_actions(normalized, stats), probe, rtol=1e-12, atol=0)
+
+
+def test_save_and_load_round_trip_next_to_the_dataset(tmp_path):
+    stats = ActionStats(
+        {
+            "vehicle": EmbodimentActionStats.from_actions("vehicle", sample_actions("vehicle", seed=3)),
+            "single_arm": EmbodimentActionStats.from_actions(
+                "single_arm", sample_actions("single_arm", seed=4), quantiles=False
+            ),
+        }
+    )
+    written = stats.save(tmp_path)
+    assert written == tmp_path / ACTION_STATS_FILENAME
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ACTION_STATS_FILENAME], "no temporary file left behind"
+    loaded = ActionStats.load(tmp_path)
+    assert loaded == stats, "floats must survive JSON exactly"
+    assert loaded["single_arm"].q01 is None
+    document = json.loads(written.read_text())
+    assert document["embodiments"]["vehicle"]["fields"]["ego.rotation_6d"] == [3, 9]
+
+
+def _write(path, document):
+    path.write_text(json.dumps(document))
+    return path
+
+
+def test_malformed_stats_and_misuse_raise_clear_errors(tmp_path):
+    stats = EmbodimentActionStats.from_actions("vehicle", sample_actions("vehicle"), quantiles=False)
+    good = json.loads(ActionStats({"vehicle": stats}).save(tmp_path / "good.json").read_text())
+
+    with pytest.raises(ValueError, match=r"format_version must be 1, got 7"):
+        ActionStats.load(_write(tmp_path / "v7.json", {**good, "format_version": 7}))
+    short = {**good, "embodiments": {"vehicle": {**good["embodiments"]["vehicle"], "mean": [0.0] * 8}}}
+    with pytest.raises(
+        ValueError, match=r"short\.json: malformed action statistics: .*vehicle\.mean must have 9 values, got 8"
+    ):
+        ActionStats.load(_write(tmp_path / "short.json", short))
+    with pytest.raises(ValueError, match=r"unknown embodiment kind 'boat'"):
+        ActionStats.load(
+            _write(tmp_path / "boat.json", {**good, "embodiments": {"boat": good["embodiments"]["vehicle"]}})
+        )
+    with pytest.raises(ValueError, match=r"no action statistics for kind 'camera'; have \['vehicle'\]"):
+        ActionStats({"vehicle": stats})["camera"]
+    with pytest.raises(ValueError, match=r"actions for kind 'vehicle' must have shape \(\.\.\., 9\), got \(4, 19\)"):
+        normalize_actions(torch.zeros(4, 19), stats)
+    with pytest.raises(ValueError, match=r"mode='quantile' needs q01/q99"):
+        normalize_actions(torch.zeros(4, 9), stats, mode="quantile")
+    with pytest.raises(ValueError, match=r"actions for kind 'camera' must have shape \(N>0, 9\), got \(0, 9\)"):
+        EmbodimentActionStats.from_actions("camera", np.zeros((0, 9)))
