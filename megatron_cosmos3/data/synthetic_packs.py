@@ -46,7 +46,7 @@ class SampleSpec:
 def build_sample(spec: SampleSpec, config: MoTConfig, generator: torch.Generator) -> PackedSample:
     """A PackedSample with random contents laid out as ``[text, ViT, EOS, BOG | cond, noisy]``."""
     eos_id, bog_id = config.vocab_size - 2, config.vocab_size - 1
-    text = torch.randint(0, config.vocab_size - 2, (spec.text_tokens,), generator=generator)
+    text = _learnable_text(spec.text_tokens, config.vocab_size - 2, generator)
     ids, position_parts, vision_flags = [text], [pos.text_positions(0, spec.text_tokens)], [torch.zeros(spec.text_tokens, dtype=torch.bool)]
     start = pos.next_start(position_parts[0])
     vision_embeds = None
@@ -73,7 +73,7 @@ def build_sample(spec: SampleSpec, config: MoTConfig, generator: torch.Generator
     streams, dm_positions, noise = [], [], []
     for span in sorted(spec.dm_spans, key=lambda s: s.noisy):  # clean conditioning first
         width = _stream_width(span.stream, config)
-        streams.append((span.stream, torch.randn(span.num_tokens, width, generator=generator)))
+        streams.append((span.stream, _learnable_latents(span.num_tokens, width, generator)))
         t, h, w = span.grid
         if span.stream == "video":
             fps = span.tokens_per_second * pos.VIDEO_VAE_TEMPORAL_COMPRESSION
@@ -94,6 +94,23 @@ def build_sample(spec: SampleSpec, config: MoTConfig, generator: torch.Generator
         ar_vision_embeds=vision_embeds,
         ar_is_vision=is_vision if bool(is_vision.any()) else None,
     )
+
+
+def _learnable_text(length: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """Arithmetic sequences mod ``vocab`` (random start, stride 1-3): random-looking, yet each
+    token follows from the two before it, so the CE of a trained model can fall far below log(V)."""
+    start = int(torch.randint(0, vocab, (1,), generator=generator))
+    stride = int(torch.randint(1, 4, (1,), generator=generator))
+    return (start + stride * torch.arange(length)) % vocab
+
+
+def _learnable_latents(num_tokens: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """Smooth random trajectories (a random sinusoid per channel plus 10% noise): DM tokens that
+    a generator can learn to predict from the clean and noisy context around them."""
+    time = torch.arange(num_tokens, dtype=torch.float32)[:, None]
+    frequency = 0.1 + 0.4 * torch.rand(1, width, generator=generator)
+    phase = 6.2832 * torch.rand(1, width, generator=generator)
+    return torch.sin(frequency * time + phase) + 0.1 * torch.randn(num_tokens, width, generator=generator)
 
 
 def _stream_width(stream: str, config: MoTConfig) -> int:

@@ -11,7 +11,7 @@ from megatron_cosmos3.model.attention import PackLayout, attention_backend
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
 from megatron_cosmos3.model.embeddings import DMStreamProjections, TimestepEmbedding
 from megatron_cosmos3.model.layer import MoTLayer, StreamRotary
-from megatron_cosmos3.model.packed_batch import PackedBatch
+from megatron_cosmos3.model.packed_batch import IGNORE_INDEX, PackedBatch
 from megatron_cosmos3.model.rope import MultimodalRotaryEmbedding
 from megatron_cosmos3.model.tower import RMSNorm
 
@@ -33,6 +33,9 @@ class MoTOutput:
     ar_hidden: torch.Tensor  # (n_ar, hidden), after the Reasoner's final norm
     dm_hidden: torch.Tensor  # (n_dm, hidden), after the Generator's final norm
     layout: PackLayout
+    lm_logits: torch.Tensor  # (n_labelled, vocab): only AR rows with a next-token label
+    lm_logit_rows: torch.Tensor  # (n_labelled,) which AR rows those are
+    dm_predictions: dict[str, torch.Tensor]  # per DM stream: (n_k, d_k) velocity predictions
 
 
 class MoTModel(nn.Module):
@@ -112,8 +115,19 @@ class MoTModel(nn.Module):
         return self.generator_norm(hidden)
 
     def forward(self, batch: PackedBatch) -> MoTOutput:
+        """Both passes and both heads (inside forward, so DDP-style wrappers see every parameter)."""
         ar_pass = self.forward_ar(batch)
-        return MoTOutput(ar_pass.hidden, self.forward_dm(batch, ar_pass), ar_pass.layout)
+        dm_hidden = self.forward_dm(batch, ar_pass)
+        # Only labelled rows go through the vocabulary projection: prompts and ViT tokens are free.
+        rows = (batch.ar_labels != IGNORE_INDEX).nonzero().squeeze(1)
+        return MoTOutput(
+            ar_hidden=ar_pass.hidden,
+            dm_hidden=dm_hidden,
+            layout=ar_pass.layout,
+            lm_logits=self.lm_logits(ar_pass.hidden.index_select(0, rows)),
+            lm_logit_rows=rows,
+            dm_predictions=self.dm_predictions(dm_hidden, batch),
+        )
 
     # ------------------------------------------------------------------ heads
     def lm_logits(self, ar_hidden: torch.Tensor) -> torch.Tensor:

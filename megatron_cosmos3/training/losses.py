@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from megatron_cosmos3.model.mot import MoTModel, MoTOutput
-from megatron_cosmos3.model.packed_batch import IGNORE_INDEX, PackedBatch
+from megatron_cosmos3.model.mot import MoTOutput
+from megatron_cosmos3.model.packed_batch import PackedBatch
 
 
 @dataclass
@@ -41,12 +41,10 @@ class LossBreakdown:
         return means
 
 
-def cross_entropy_per_token(model: MoTModel, output: MoTOutput, batch: PackedBatch):
+def cross_entropy_per_token(output: MoTOutput, batch: PackedBatch):
     """(losses, rows): CE of every labelled AR position, and the rows they came from."""
-    rows = (batch.ar_labels != IGNORE_INDEX).nonzero().squeeze(1)
-    # Only labelled rows go through the vocabulary projection: prompts and ViT tokens are free.
-    logits = model.lm_logits(output.ar_hidden.index_select(0, rows)).float()
-    return F.cross_entropy(logits, batch.ar_labels.index_select(0, rows), reduction="none"), rows
+    rows = output.lm_logit_rows
+    return F.cross_entropy(output.lm_logits.float(), batch.ar_labels.index_select(0, rows), reduction="none"), rows
 
 
 def flow_matching_per_token(predictions: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
@@ -79,12 +77,13 @@ def _mean(total: torch.Tensor, count: int) -> torch.Tensor:
     return total / count if count else total * 0.0
 
 
-def mot_losses(model: MoTModel, batch: PackedBatch, targets: dict[str, torch.Tensor],
+def mot_losses(model: torch.nn.Module, batch: PackedBatch, targets: dict[str, torch.Tensor],
                flow_matching_weight: float = 1.0) -> LossBreakdown:
-    """Runs the model on a (noised) batch and returns both objectives with per-task parts."""
-    output = model(batch)
-    ce, ce_rows = cross_entropy_per_token(model, output, batch)
-    fm, fm_rows = flow_matching_per_token(model.dm_predictions(output.dm_hidden, batch), targets, batch)
+    """Runs the model (a MoTModel, or a wrapper such as DDP) on a noised batch; both objectives
+    with their per-task parts."""
+    output: MoTOutput = model(batch)
+    ce, ce_rows = cross_entropy_per_token(output, batch)
+    fm, fm_rows = flow_matching_per_token(output.dm_predictions, targets, batch)
     per_task: dict[str, dict[str, torch.Tensor]] = {}
     _per_task(batch, output.layout.sample_ids("ar").index_select(0, ce_rows), ce, "ce", per_task)
     _per_task(batch, output.layout.sample_ids("dm").index_select(0, fm_rows), fm, "fm", per_task)

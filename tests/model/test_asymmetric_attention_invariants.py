@@ -29,7 +29,7 @@ def ar_outputs(model, batch):
         device = next(model.parameters()).device
         batch = batch.to(device)
         output = model(batch)
-        ce, _ = cross_entropy_per_token(model, output, batch)
+        ce, _ = cross_entropy_per_token(output, batch)
     return output.ar_hidden.cpu(), ce.cpu()
 
 
