@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderOobleck
 from scipy.signal import resample_poly
 
-from megatron_cosmos3.encoders.frozen import FrozenPretrained, load_frozen_diffusers, read_diffusers_config
+from megatron_cosmos3.encoders.frozen import FrozenPretrained, load_local_diffusers, read_diffusers_config
 
 SAMPLE_RATE = 48_000  # Hz
 HOP = 1920  # samples per latent token
@@ -132,7 +132,7 @@ class AudioVAE(FrozenPretrained):
         """
         config = read_diffusers_config(path, "AutoencoderOobleck")
         _check_config(config, path)
-        return cls(load_frozen_diffusers(AutoencoderOobleck, path, dtype=dtype, device=device))
+        return cls(load_local_diffusers(AutoencoderOobleck, path, dtype=dtype, device=device))
 
     @torch.no_grad()
     def encode(self, waveform: torch.Tensor, sample_rate: int) -> AudioLatents:

@@ -8,7 +8,7 @@ Three promises, kept in this one place for every frozen encoder:
    saved for backward, and a training step does save the latents it consumes).
 2. **Always eval.** ``freeze_`` replaces ``train`` on the module and on every submodule, so a
    parent's ``model.train()`` (which recurses through ``children()``) cannot switch dropout or
-   norm statistics back on.
+   norm statistics back on. The same lock marks the module as frozen (``is_frozen``).
 3. **Outside the trained model's state.** ``FrozenPretrained`` is deliberately *not* an
    ``nn.Module``: a training model that owns one for online encoding (``self.video_vae = ...``)
    does not register it, so its weights never appear in ``parameters()`` (hence never in the
@@ -18,7 +18,7 @@ Three promises, kept in this one place for every frozen encoder:
    ``FrozenPretrained.to``. Where a frozen ``nn.Module`` does end up registered under a parent,
    ``trainable_parameters`` still leaves it out of the optimizer.
 
-Loading is shared too: ``load_frozen_diffusers`` reads a diffusers-format folder from local disk
+Loading is shared too: ``load_local_diffusers`` reads a diffusers-format folder from local disk
 only (never the Hub), refuses folders of another class, refuses pickled weights, and refuses
 checkpoints that do not fill every weight of the model (diffusers would otherwise only log a
 warning and leave random weights in place).
@@ -29,14 +29,10 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
-
-# Set on every parameter of a frozen module, so trainable_parameters can skip it even if someone
-# later flips requires_grad back on (e.g. a parent's requires_grad_(True)).
-FROZEN_PARAM_ATTR = "_cosmos3_frozen"
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 SelfT = TypeVar("SelfT", bound="FrozenPretrained")
@@ -60,28 +56,30 @@ class _StayInEval:
 def freeze_(module: ModuleT) -> ModuleT:
     """Freeze ``module`` in place and return it.
 
-    Sets eval mode on the module and all submodules and locks it there, sets
-    ``requires_grad=False`` on every parameter and marks each parameter as frozen
-    (see ``is_frozen``).
+    Sets eval mode on the module and all submodules and locks it there (which is also what
+    ``is_frozen`` recognises), and sets ``requires_grad=False`` on every parameter.
     """
     module.eval()
     for submodule in module.modules():
         # Instance attribute shadows the class method, and nn.Module.train calls child.train(mode).
         submodule.train = _StayInEval(submodule)
-    for param in module.parameters():
-        param.requires_grad_(False)
-        setattr(param, FROZEN_PARAM_ATTR, True)
+    module.requires_grad_(False)
     return module
 
 
-def is_frozen(param: torch.Tensor) -> bool:
-    """Whether ``param`` belongs to a module frozen with ``freeze_``."""
-    return getattr(param, FROZEN_PARAM_ATTR, False)
+def is_frozen(module: nn.Module) -> bool:
+    """Whether ``module`` was frozen with ``freeze_`` (the mark survives deepcopy and pickle)."""
+    return isinstance(module.__dict__.get("train"), _StayInEval)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters of ``model`` an optimizer should own: requiring grad and not frozen."""
-    return [p for p in model.parameters() if p.requires_grad and not is_frozen(p)]
+    """The parameters of ``model`` an optimizer should own: requiring grad and in no frozen module.
+
+    Checking the module, not just ``requires_grad``, keeps a frozen child out even after a
+    parent's ``requires_grad_(True)`` has reached its parameters.
+    """
+    frozen = {id(p) for m in model.modules() if is_frozen(m) for p in m.parameters()}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
 
 
 def read_diffusers_config(path: str | Path, expected_class: str) -> dict[str, Any]:
@@ -98,7 +96,9 @@ def read_diffusers_config(path: str | Path, expected_class: str) -> dict[str, An
         hint = ""
         if (folder / "vae" / "config.json").is_file():
             hint = f"; this looks like a pipeline folder, point at {str(folder / 'vae')!r} instead"
-        raise FileNotFoundError(f"{str(folder)!r} has no config.json, so it is not a diffusers {expected_class} folder{hint}")
+        raise FileNotFoundError(
+            f"{str(folder)!r} has no config.json, so it is not a diffusers {expected_class} folder{hint}"
+        )
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
@@ -109,8 +109,10 @@ def read_diffusers_config(path: str | Path, expected_class: str) -> dict[str, An
     return config
 
 
-def load_frozen_diffusers(model_cls: type[ModuleT], path: str | Path, *, dtype: torch.dtype, device: torch.device | str) -> ModuleT:
-    """Load a diffusers model from a local folder (never the network) and ``freeze_`` it.
+def load_local_diffusers(
+    model_cls: type[ModuleT], path: str | Path, *, dtype: torch.dtype, device: torch.device | str
+) -> ModuleT:
+    """Load a diffusers model from a local folder (never the network); ``FrozenPretrained`` freezes it.
 
     Only safetensors weights are accepted (no pickle), and every weight the model expects must be
     in the checkpoint. Call ``read_diffusers_config`` first to validate the folder's config.
@@ -133,7 +135,7 @@ def load_frozen_diffusers(model_cls: type[ModuleT], path: str | Path, *, dtype: 
             f"{str(path)!r}: checkpoint lacks {len(missing)} weight(s) of {model_cls.__name__} "
             f"(e.g. {sorted(missing)[:3]}); the folder's weights do not match its config"
         )
-    return freeze_(model.to(device))
+    return model.to(device)
 
 
 class FrozenPretrained:

@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 from diffusers import AutoencoderKLWan
 
-from megatron_cosmos3.encoders.frozen import FrozenPretrained, load_frozen_diffusers, read_diffusers_config
+from megatron_cosmos3.encoders.frozen import FrozenPretrained, load_local_diffusers, read_diffusers_config
 
 VAE_TEMPORAL_FACTOR = 4  # frames per latent frame (after the first)
 VAE_SPATIAL_FACTOR = 16  # pixels per latent cell, each side
@@ -159,7 +159,7 @@ class VideoVAE(FrozenPretrained):
         """
         config = read_diffusers_config(path, "AutoencoderKLWan")
         _check_architecture(config, path)
-        return cls(load_frozen_diffusers(AutoencoderKLWan, path, dtype=dtype, device=device))
+        return cls(load_local_diffusers(AutoencoderKLWan, path, dtype=dtype, device=device))
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, fps: float) -> VideoLatents:
