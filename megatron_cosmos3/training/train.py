@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -20,10 +19,11 @@ from megatron_cosmos3.model.attention import PackLayout
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_cosmos3.training.config import TrainConfig, flatten, load_config, to_yaml
-from megatron_cosmos3.training.distributed import DistributedContext, all_reduce_sum, init_distributed
+from megatron_cosmos3.training.distributed import DistributedContext, init_distributed
 from megatron_cosmos3.training.flops import step_flops
 from megatron_cosmos3.training.flow_matching import add_flow_matching_noise
 from megatron_cosmos3.training.losses import mot_losses
+from megatron_cosmos3.training.metrics import MetricsWindow
 from megatron_cosmos3.training.tracking import MLflowTracker
 
 log = logging.getLogger("megatron_cosmos3.train")
@@ -68,7 +68,8 @@ def train(config: TrainConfig, ctx: DistributedContext) -> dict[str, float]:
         tracker.set_tag("world_size", str(ctx.world_size))
 
     metrics: dict[str, float] = {}
-    window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
+    window = MetricsWindow(config.data.tasks, ctx.world_size, config.optimizer.flow_matching_weight,
+                           config.peak_flops_per_device)
     checkpoint_path = None
     for step in range(start_step, config.steps):
         for group in optimizer.param_groups:
@@ -83,19 +84,17 @@ def train(config: TrainConfig, ctx: DistributedContext) -> dict[str, float]:
         layout = PackLayout.from_cu_seqlens(batch.ar_cu_seqlens, batch.dm_cu_seqlens)
         flops = step_flops(model, layout, int(losses.ce_count),
                            {k: tuple(v.shape) for k, v in batch.dm_tokens.items()})
-        window_tokens += batch.num_ar_tokens + batch.num_dm_tokens
-        window_flops += flops.total
+        window.add(losses, batch.num_ar_tokens + batch.num_dm_tokens, flops.total)
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            metrics = _step_metrics(losses, grad_norm, optimizer, ctx, window_tokens, window_flops,
-                                    time.perf_counter() - window_start, config)
+            eta = (config.steps - step - 1) * window.seconds_per_step()
+            metrics = window.reduce({"grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"]})
             if ctx.is_main:
                 tracker.log_metrics(metrics, step + 1)
-                eta = (config.steps - step - 1) * (time.perf_counter() - window_start) / config.log_every
                 log.info("step %d/%d  loss %.4f  ce %.4f  fm %.4f  grad_norm %.3f  lr %.2e  tokens/s %.0f  eta %.0fs",
                          step + 1, config.steps, metrics["loss"], metrics.get("loss/ce", float("nan")),
                          metrics.get("loss/fm", float("nan")), metrics["grad_norm"], metrics["lr"],
                          metrics["throughput/tokens_per_s"], eta)
-            window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
+            window.reset()
         if (step + 1) % config.checkpoint.save_every == 0 or step + 1 == config.steps:
             checkpoint_path = save_checkpoint(
                 config.checkpoint.directory, step + 1, model, optimizer,
@@ -110,37 +109,6 @@ def train(config: TrainConfig, ctx: DistributedContext) -> dict[str, float]:
             log.info("MLflow run %s; browse with: mlflow ui --backend-store-uri %s", tracker.run_id, tracker.uri)
     return metrics
 
-
-
-def _step_metrics(losses, grad_norm, optimizer, ctx: DistributedContext, tokens: int, flops: float,
-                  seconds: float, config: TrainConfig) -> dict[str, float]:
-    """Global (all-rank) losses of the last step and throughput over the logging window."""
-    # Every rank reduces the same vector: the stage's task table, zeros for tasks absent locally.
-    parts = ("ce_sum", "ce_count", "fm_sum", "fm_count")
-    zero = torch.zeros((), dtype=torch.float64)
-    local = [losses.ce_sum, losses.ce_count, losses.fm_sum, losses.fm_count]
-    local += [losses.per_task.get(task, {}).get(part, zero) for task in config.data.tasks for part in parts]
-    totals = all_reduce_sum(torch.stack([v.detach().double().cpu() for v in local]))
-
-    def mean(total, count) -> float:
-        return float(total / count) if count else float("nan")
-
-    ce, fm = mean(totals[0], totals[1]), mean(totals[2], totals[3])
-    per_task = {}
-    for i, task in enumerate(config.data.tasks):
-        ce_sum, ce_count, fm_sum, fm_count = totals[4 + 4 * i: 8 + 4 * i]
-        per_task[f"loss/{task}/ce"], per_task[f"loss/{task}/fm"] = mean(ce_sum, ce_count), mean(fm_sum, fm_count)
-    metrics = {
-        "loss": (0.0 if math.isnan(ce) else ce) + config.optimizer.flow_matching_weight * (0.0 if math.isnan(fm) else fm),
-        "loss/ce": ce, "loss/fm": fm,
-        "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"],
-        "throughput/tokens_per_s": tokens * ctx.world_size / seconds,
-        "throughput/tflops_per_device": flops / seconds / 1e12,
-        **per_task,
-    }
-    if config.peak_flops_per_device > 0:
-        metrics["throughput/mfu"] = flops / seconds / config.peak_flops_per_device
-    return {k: v for k, v in metrics.items() if not math.isnan(v)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One node of a multi-node torchrun job (DGX: 8 GPUs per node). Run it on every node with the same
+# MASTER_ADDR (first node), NNODES and a per-node NODE_RANK; extra args go to the trainer.
+#   MASTER_ADDR=node0 NNODES=2 NODE_RANK=0 bash launch/torchrun_node.sh --config configs/tiny_cpu.yaml
+set -euo pipefail
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo_root"
+: "${MASTER_ADDR:?set MASTER_ADDR to the first node}"
+exec torchrun --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" \
+  --nproc-per-node "${NPROC_PER_NODE:-8}" --rdzv-backend c10d \
+  --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "${RDZV_ID:-megatron_cosmos3}" \
+  -m megatron_cosmos3.training.train "$@"

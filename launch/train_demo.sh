@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The main job on one machine: sets up the environment if needed, then trains the tiny MoT with
+# 2 data-parallel processes on CPU (gloo) — MLflow run and sharded checkpoints under outputs/demo.
+# Extra arguments are config overrides, e.g.: bash launch/train_demo.sh steps=100 optimizer.lr=1e-3
+set -euo pipefail
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$repo_root/launch/setup_env.sh"
+cd "$repo_root"
+nproc="${NPROC_PER_NODE:-2}"
+# One intra-op thread per process: 2 processes on a 2-core box must not oversubscribe it.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+exec torchrun --standalone --nproc-per-node "$nproc" -m megatron_cosmos3.training.train \
+  --config configs/tiny_cpu.yaml "$@"

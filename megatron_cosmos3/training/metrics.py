@@ -1,0 +1,75 @@
+"""Training metrics over a logging window, reduced over all ranks at log time only."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from megatron_cosmos3.training.distributed import all_reduce_sum
+from megatron_cosmos3.training.losses import LossBreakdown
+
+_PARTS = ("ce_sum", "ce_count", "fm_sum", "fm_count")
+
+
+class MetricsWindow:
+    """Accumulates loss sums/counts, tokens and FLOPs of the steps since the last log line.
+
+    Per-task slots follow the stage's fixed task table, so every rank reduces a vector of the same
+    length even when its packs hold different tasks.
+    """
+
+    def __init__(self, tasks: list[str], world_size: int, flow_matching_weight: float,
+                 peak_flops_per_device: float):
+        self.tasks = list(tasks)
+        self.world_size = world_size
+        self.flow_matching_weight = flow_matching_weight
+        self.peak_flops_per_device = peak_flops_per_device
+        self.reset()
+
+    def reset(self) -> None:
+        self._sums = torch.zeros(4 + 4 * len(self.tasks), dtype=torch.float64)
+        self._tokens, self._flops, self.steps = 0, 0.0, 0
+        self._start = time.perf_counter()
+
+    def add(self, losses: LossBreakdown, tokens: int, flops: float) -> None:
+        zero = torch.zeros(())
+        local = [losses.ce_sum, losses.ce_count, losses.fm_sum, losses.fm_count]
+        local += [losses.per_task.get(task, {}).get(part, zero) for task in self.tasks for part in _PARTS]
+        self._sums += torch.stack([v.detach().double().cpu() for v in local])
+        self._tokens += tokens
+        self._flops += flops
+        self.steps += 1
+
+    def seconds_per_step(self) -> float:
+        return (time.perf_counter() - self._start) / max(1, self.steps)
+
+    def reduce(self, extra: dict[str, float]) -> dict[str, float]:
+        """Collective: global means over the window, throughput, and ``extra`` (grad norm, lr ...)."""
+        seconds = time.perf_counter() - self._start
+        totals = all_reduce_sum(self._sums)
+
+        def mean(total, count) -> float:
+            return float(total / count) if count else float("nan")
+
+        ce, fm = mean(totals[0], totals[1]), mean(totals[2], totals[3])
+        metrics = {
+            "loss": _or_zero(ce) + self.flow_matching_weight * _or_zero(fm),
+            "loss/ce": ce,
+            "loss/fm": fm,
+            "throughput/tokens_per_s": self._tokens * self.world_size / seconds,
+            "throughput/tflops_per_device": self._flops / seconds / 1e12,
+            **extra,
+        }
+        for i, task in enumerate(self.tasks):
+            ce_sum, ce_count, fm_sum, fm_count = totals[4 + 4 * i: 8 + 4 * i]
+            metrics[f"loss/{task}/ce"] = mean(ce_sum, ce_count)
+            metrics[f"loss/{task}/fm"] = mean(fm_sum, fm_count)
+        if self.peak_flops_per_device > 0:
+            metrics["throughput/mfu"] = self._flops / seconds / self.peak_flops_per_device
+        return {k: v for k, v in metrics.items() if not math.isnan(v)}
+
+
+def _or_zero(value: float) -> float:
+    return 0.0 if math.isnan(value) else value
