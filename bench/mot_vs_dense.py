@@ -1,0 +1,124 @@
+"""MoT backbone vs a single-tower dense transformer of the same per-token FLOPs.
+
+Both models see the same packed tokens in the same process, interleaved run by run (this machine is
+noisy). The dense baseline is what Megatron-LM would run on the same pack: one tower, each sample
+one causal sequence. Per-token matmul FLOPs are identical (each token goes through exactly one tower
+of the same shape); the attention differs only in which (q, k) pairs the masks allow, so the script
+prints tokens/s and model TF/s, each counted with its own mask.
+
+    python bench/mot_vs_dense.py [--hidden 256 --layers 4 --tokens 4096 --ar-fraction 0.25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from megatron_cosmos3.data.synthetic_packs import pack_from_lengths
+from megatron_cosmos3.model.attention import PackLayout, attention_backend
+from megatron_cosmos3.model.config import MoTConfig
+from megatron_cosmos3.model.layer import StreamRotary
+from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.model.tower import RMSNorm, Tower
+from megatron_cosmos3.training.flops import attention_pairs, tower_parameter_counts
+
+
+class DenseBaseline(nn.Module):
+    """One tower per layer for every token; each sample is one causal sequence."""
+
+    def __init__(self, config: MoTConfig):
+        super().__init__()
+        self.towers = nn.ModuleList(Tower(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden, rope: StreamRotary, layout: PackLayout, backend):
+        for tower in self.towers:
+            q, k, v = tower.attention_inputs(hidden, rope.cos, rope.sin)
+            hidden = tower.finish(hidden, backend.ar_attention(q, k, v, layout))
+        return self.norm(hidden)
+
+
+def timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=4096, help="packed tokens per step")
+    parser.add_argument("--sample-tokens", type=int, default=512, help="tokens per sample")
+    parser.add_argument("--ar-fraction", type=float, default=0.25)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--backend", default="sdpa")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    head_dim = args.hidden // args.heads
+    spatial = (head_dim // 2) * 20 // 64  # Qwen3-VL's [24, 20, 20] split of 64 frequencies, scaled
+    config = MoTConfig(vocab_size=1024, hidden_size=args.hidden, num_layers=args.layers,
+                       num_attention_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=head_dim,
+                       mrope_section=[head_dim // 2 - 2 * spatial, spatial, spatial],
+                       ffn_hidden_size=4 * args.hidden, attention_backend=args.backend)
+    n_ar = int(args.sample_tokens * args.ar_fraction)
+    lengths = [(n_ar, args.sample_tokens - n_ar)] * (args.tokens // args.sample_tokens)
+    batch = pack_from_lengths(config, lengths, torch.Generator().manual_seed(0)).to(device)
+    mot = MoTModel(config).to(device, dtype)
+    dense = DenseBaseline(config).to(device, dtype)
+    backend = attention_backend(args.backend, device)
+
+    total = batch.num_ar_tokens + batch.num_dm_tokens
+    dense_layout = PackLayout.from_cu_seqlens(batch.ar_cu_seqlens + batch.dm_cu_seqlens,
+                                              torch.zeros_like(batch.ar_cu_seqlens))
+    dense_input = torch.randn(total, config.hidden_size, device=device, dtype=dtype, requires_grad=True)
+    dense_rope = StreamRotary(*mot.rotary(torch.cat([batch.ar_positions, batch.dm_positions], 1), dtype))
+
+    def run_mot():
+        with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
+            ar_pass = mot.forward_ar(batch)
+            dm_hidden = mot.forward_dm(batch, ar_pass)
+        (ar_pass.hidden.float().square().mean() + dm_hidden.float().square().mean()).backward()
+
+    def run_dense():
+        dense(dense_input, dense_rope, dense_layout, backend).float().square().mean().backward()
+
+    for _ in range(2):  # warm-up
+        run_mot(), run_dense()
+    mot_times, dense_times = [], []
+    for _ in range(args.repeats):
+        mot_times.append(timed(run_mot, device))
+        dense_times.append(timed(run_dense, device))
+    t_mot, t_dense = statistics.median(mot_times), statistics.median(dense_times)
+
+    towers = tower_parameter_counts(mot)
+    matmul = 6.0 * towers["reasoner"] * total  # both towers have the same shape
+    per_pair = 12.0 * config.num_layers * config.num_attention_heads * config.head_dim
+    mot_layout = PackLayout.from_cu_seqlens(batch.ar_cu_seqlens, batch.dm_cu_seqlens)
+    mot_flops = matmul + per_pair * attention_pairs(mot_layout)
+    dense_flops = matmul + per_pair * attention_pairs(dense_layout)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; dtype {args.dtype}; backend {backend.name}")
+    print(f"model: hidden {args.hidden}, layers {args.layers}, heads {args.heads}/{args.kv_heads}; "
+          f"pack: {total} tokens in {len(lengths)} samples of {args.sample_tokens} ({n_ar} AR)")
+    print(f"MoT   fwd+bwd: {t_mot * 1e3:8.1f} ms  {total / t_mot:10.0f} tokens/s  {mot_flops / t_mot / 1e12:7.4f} TF/s")
+    print(f"dense fwd+bwd: {t_dense * 1e3:8.1f} ms  {total / t_dense:10.0f} tokens/s  {dense_flops / t_dense / 1e12:7.4f} TF/s")
+    print(f"ratio MoT/dense: tokens/s {t_dense / t_mot:.3f}   model TF/s {(mot_flops / t_mot) / (dense_flops / t_dense):.3f}   (goal >= 0.97)")
+
+
+if __name__ == "__main__":
+    main()
