@@ -1,0 +1,75 @@
+"""Run a function on N real processes with the gloo backend and collect what each rank returns.
+
+Every multi-process test goes through ``run_on_ranks``: one launcher, one timeout, one way to see a
+failing rank's traceback. Nothing hangs: a rank that does not finish in time is killed and the
+call raises.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # several ranks share two cores
+    result_path = Path(out_dir) / f"rank{rank}.pt"
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args)
+        torch.save({"ok": True, "result": result}, result_path)
+    except BaseException:  # noqa: BLE001 — report every failure to the parent
+        torch.save({"ok": False, "error": traceback.format_exc()}, result_path)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_on_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 240.0) -> list:
+    """Runs ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; returns their results.
+
+    ``fn`` must be importable (a module-level function) and return something ``torch.save`` takes.
+    """
+    with tempfile.TemporaryDirectory() as out_dir:
+        context = mp.start_processes(_worker, args=(world_size, _free_port(), out_dir, fn, args),
+                                     nprocs=world_size, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not context.join(timeout=max(0.1, deadline - time.monotonic()), grace_period=5):
+                if time.monotonic() >= deadline:
+                    for process in context.processes:
+                        if process.is_alive():
+                            process.kill()
+                    raise TimeoutError(f"run_on_ranks: {fn.__name__} did not finish on {world_size} ranks "
+                                       f"in {timeout_s}s")
+        except (mp.ProcessRaisedException, mp.ProcessExitedException):
+            pass  # torch has stopped the other ranks; the per-rank reports below say what happened
+        results, errors = [], []
+        for rank in range(world_size):
+            path = Path(out_dir) / f"rank{rank}.pt"
+            report = torch.load(path, weights_only=False) if path.exists() else {"ok": False, "error": "no report"}
+            if report["ok"]:
+                results.append(report["result"])
+            else:
+                errors.append(f"--- rank {rank} ---\n{report['error']}")
+        if errors:
+            raise RuntimeError("run_on_ranks failed:\n" + "\n".join(errors))
+        return results
