@@ -50,3 +50,20 @@ def test_launcher_runs_real_gloo_ranks_and_reports_failures():
     assert run_on_ranks(_rank_and_sum, 3, 10) == [(0, 33.0), (1, 33.0), (2, 33.0)]
     with pytest.raises(RuntimeError, match="rank one is broken"):
         run_on_ranks(_fail_on_rank_one, 2)
+
+
+def _group_coordinates(rank, world_size):
+    from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
+
+    groups = initialize_parallel(ParallelSizes(tensor=2, pipeline=2), MODEL)
+    try:
+        return (groups.tensor_rank, groups.pipeline_rank, groups.data_rank, groups.data_size)
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.multiprocess
+def test_groups_follow_megatron_order_tensor_fastest_pipeline_slowest():
+    coordinates = run_on_ranks(_group_coordinates, 8)
+    # tp-cp-ep-dp-pp: rank = tp + 2 * dp + 4 * pp
+    assert coordinates == [(r % 2, r // 4, (r // 2) % 2, 2) for r in range(8)]

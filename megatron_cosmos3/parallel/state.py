@@ -1,0 +1,79 @@
+"""Process groups for a validated ParallelSizes, built by megatron-core's parallel_state.
+
+Model and runner code receive a ``ParallelGroups`` and read groups from it; nothing below the
+training entry point reaches for global parallel state.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from megatron_cosmos3.model.config import MoTConfig
+from megatron_cosmos3.parallel.sizes import ParallelSizes
+
+
+def _parallel_state():
+    with warnings.catch_warnings():  # megatron-core warns about missing TE/apex on import; expected on CPU
+        warnings.simplefilter("ignore", UserWarning)
+        from megatron.core import parallel_state
+    return parallel_state
+
+
+@dataclass
+class ParallelGroups:
+    sizes: ParallelSizes
+    tensor: dist.ProcessGroup
+    pipeline: dist.ProcessGroup
+    context: dist.ProcessGroup
+    data: dist.ProcessGroup  # data-parallel ranks only
+    data_and_context: dist.ProcessGroup  # where replicated gradients are reduced (DP x CP)
+    expert: dist.ProcessGroup
+    tensor_rank: int
+    pipeline_rank: int
+    context_rank: int
+    data_rank: int
+    data_size: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pipeline_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pipeline_rank == self.sizes.pipeline - 1
+
+
+def initialize_parallel(sizes: ParallelSizes, model: MoTConfig, num_experts: int = 0) -> ParallelGroups:
+    """Validates the layout against the world and the model, then creates every group (collective)."""
+    world_size = dist.get_world_size()
+    sizes.validate(world_size, model, num_experts)
+    ps = _parallel_state()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=sizes.tensor,
+        pipeline_model_parallel_size=sizes.pipeline,
+        virtual_pipeline_model_parallel_size=sizes.virtual_pipeline if sizes.virtual_pipeline > 1 else None,
+        context_parallel_size=sizes.context,
+        expert_model_parallel_size=sizes.expert,
+        order="tp-cp-ep-dp-pp",
+    )
+    return ParallelGroups(
+        sizes=sizes,
+        tensor=ps.get_tensor_model_parallel_group(),
+        pipeline=ps.get_pipeline_model_parallel_group(),
+        context=ps.get_context_parallel_group(),
+        data=ps.get_data_parallel_group(),
+        data_and_context=ps.get_data_parallel_group(with_context_parallel=True),
+        expert=ps.get_expert_model_parallel_group(),
+        tensor_rank=ps.get_tensor_model_parallel_rank(),
+        pipeline_rank=ps.get_pipeline_model_parallel_rank(),
+        context_rank=ps.get_context_parallel_rank(),
+        data_rank=ps.get_data_parallel_rank(),
+        data_size=ps.get_data_parallel_world_size(),
+    )
+
+
+def destroy_parallel() -> None:
+    _parallel_state().destroy_model_parallel()
