@@ -1,0 +1,36 @@
+"""The one adaptation megatron-core's tensor-parallel layers need to run on CPU (gloo).
+
+Sequence parallelism all-gathers into megatron's global memory buffer, which always allocates on
+``torch.cuda.current_device()``. On a host without CUDA this module installs a buffer that allocates
+on the CPU instead; on GPUs it changes nothing. Everything else in megatron's TP linears (and the
+process groups of ``parallel_state``) runs on gloo as is.
+
+Not usable on CPU at all, and therefore replaced by PyTorch-native pieces (see ``data_parallel.py``):
+megatron's DistributedDataParallel and DistributedOptimizer (they allocate their contiguous grad
+buffers on CUDA, use CUDA streams for overlap, and check ``torch.cuda.*Tensor`` types).
+"""
+
+from __future__ import annotations
+
+import operator
+from functools import reduce
+
+import torch
+
+
+def install_cpu_memory_buffer() -> None:
+    """Makes sequence-parallel all-gathers allocate on CPU when there is no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    from megatron.core import parallel_state
+    from megatron.core.utils import GlobalMemoryBuffer
+
+    class CpuMemoryBuffer(GlobalMemoryBuffer):
+        def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
+            required = reduce(operator.mul, tensor_shape, 1)
+            buffer = self.buffer.get((name, dtype))
+            if buffer is None or buffer.numel() < required:
+                buffer = self.buffer[(name, dtype)] = torch.empty(required, dtype=dtype)
+            return buffer[:required].view(*tensor_shape)
+
+    parallel_state._GLOBAL_MEMORY_BUFFER = CpuMemoryBuffer()
