@@ -1,0 +1,84 @@
+"""Data parallelism (DDP + sharded optimizer state), alone and under tensor parallelism, equals one process."""
+
+import copy
+
+import pytest
+import torch
+
+from megatron_cosmos3.data.synthetic_packs import random_pack
+from megatron_cosmos3.model.config import MoTConfig
+from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.parallel.sizes import ParallelSizes
+from megatron_cosmos3.testing.distributed import run_on_ranks
+from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
+from megatron_cosmos3.training.losses import mot_losses
+
+CONFIG = MoTConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=2, head_dim=8,
+                   mrope_section=[2, 1, 1], ffn_hidden_size=64, video_latent_channels=4, audio_latent_dim=6,
+                   timestep_embedding_dim=16)
+
+
+def micro_batch(step, data_rank):
+    g = torch.Generator().manual_seed(1000 * step + data_rank)
+    return add_flow_matching_noise(random_pack(CONFIG, g, num_samples=4), FlowMatchingConfig(), g)
+
+
+def _data_parallel_matches_one_process(rank, world_size, tensor, steps):
+    from megatron_cosmos3.parallel.data_parallel import build_optimizer, wrap_data_parallel
+    from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
+    from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel, finalize_tensor_parallel_grads
+    from megatron_cosmos3.testing.reference import compare_to_reference
+
+    groups = initialize_parallel(ParallelSizes(tensor=tensor), CONFIG)
+    try:
+        torch.manual_seed(0)
+        reference = MoTModel(copy.deepcopy(CONFIG)).double()
+        model = apply_tensor_parallel(copy.deepcopy(reference), groups)
+        wrapped = wrap_data_parallel(model, groups)
+        optimizer = build_optimizer(model.parameters(), groups, lr=1e-2)
+        reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+        report = {"losses": [], "grad": [], "state_numel": 0}
+        for step in range(steps):
+            # The reference accumulates every data-parallel rank's micro-batch.
+            reference_optimizer.zero_grad()
+            reference_total = 0.0
+            for data_rank in range(groups.data_size):
+                batch, targets = micro_batch(step, data_rank)
+                loss = mot_losses(reference, batch, targets)
+                (loss.total / groups.data_size).backward()
+                reference_total += float(loss.total.detach()) / groups.data_size
+            optimizer.zero_grad()
+            batch, targets = micro_batch(step, groups.data_rank)
+            loss = mot_losses(wrapped, batch, targets)
+            loss.total.backward()
+            finalize_tensor_parallel_grads(model, groups)
+            report["losses"].append((reference_total, float(loss.total.detach()), groups.data_rank))
+            report["grad"].append(compare_to_reference(model, reference, groups.tensor_rank, tensor))
+            optimizer.step()
+            reference_optimizer.step()
+        report["data"] = compare_to_reference(model, reference, groups.tensor_rank, tensor, what="data")
+        inner = getattr(optimizer, "optim", optimizer)
+        report["state_numel"] = sum(s["exp_avg"].numel() for s in inner.state.values())
+        report["param_numel"] = sum(p.numel() for p in model.parameters())
+        return report
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("world_size, tensor", [(2, 1), (4, 2)], ids=["dp2", "tp2xdp2"])
+def test_data_parallel_with_sharded_optimizer_matches_one_process(world_size, tensor):
+    reports = run_on_ranks(_data_parallel_matches_one_process, world_size, tensor, 3)
+    for report in reports:
+        for step_grads in report["grad"]:
+            worst = max(step_grads, key=step_grads.get)
+            assert step_grads[worst] <= 1e-10, (worst, step_grads[worst])
+        worst = max(report["data"], key=report["data"].get)
+        assert report["data"][worst] <= 1e-10, (worst, report["data"][worst])
+        # The optimizer state is sharded: each rank holds about half of it, never all.
+        assert 0 < report["state_numel"] < report["param_numel"]
+    # Each rank's loss is its micro-batch's; their mean is the reference's accumulated loss.
+    for step in range(3):
+        by_data_rank = {r["losses"][step][2]: r["losses"][step][1] for r in reports}
+        reference = reports[0]["losses"][step][0]
+        assert sum(by_data_rank.values()) / len(by_data_rank) == pytest.approx(reference, rel=1e-12)
