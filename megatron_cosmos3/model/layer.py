@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megatron_cosmos3.model.attention import AttentionBackend, PackLayout
 from megatron_cosmos3.model.config import MoTConfig
@@ -23,10 +24,25 @@ class StreamRotary:
 class MoTLayer(nn.Module):
     """AR tokens go through ``reasoner``, DM tokens through ``generator``; each token through one."""
 
+    RECOMPUTE_MODES = ("none", "selective", "full")
+
     def __init__(self, config: MoTConfig):
         super().__init__()
         self.reasoner = Tower(config)
         self.generator = Tower(config)
+        # Activation recomputation: "full" keeps only each half-layer's input and recomputes the rest
+        # in backward; "selective" recomputes only the core attention (Megatron's selective mode).
+        self.recompute = "none"
+
+    def set_recompute(self, mode: str) -> None:
+        if mode not in self.RECOMPUTE_MODES:
+            raise ValueError(f"recompute={mode!r} is not one of {self.RECOMPUTE_MODES}")
+        self.recompute = mode
+
+    def _attend(self, function, *args):
+        if self.recompute == "selective" and torch.is_grad_enabled():
+            return checkpoint(function, *args, use_reentrant=False)
+        return function(*args)
 
     def forward_ar(self, ar_hidden: torch.Tensor, ar_rope: StreamRotary, layout: PackLayout,
                    attention: AttentionBackend):
@@ -34,13 +50,23 @@ class MoTLayer(nn.Module):
 
         It never sees a DM tensor, which is what makes the reasoner blind to DM tokens.
         """
+        if self.recompute == "full" and torch.is_grad_enabled():
+            return checkpoint(self._forward_ar, ar_hidden, ar_rope, layout, attention, use_reentrant=False)
+        return self._forward_ar(ar_hidden, ar_rope, layout, attention)
+
+    def _forward_ar(self, ar_hidden, ar_rope, layout, attention):
         q_ar, k_ar, v_ar = self.reasoner.attention_inputs(ar_hidden, ar_rope.cos, ar_rope.sin)
-        ar_out = self.reasoner.finish(ar_hidden, attention.ar_attention(q_ar, k_ar, v_ar, layout))
+        ar_out = self.reasoner.finish(ar_hidden, self._attend(attention.ar_attention, q_ar, k_ar, v_ar, layout))
         return ar_out, k_ar, v_ar
 
     def forward_dm(self, dm_hidden: torch.Tensor, dm_rope: StreamRotary, k_ar: torch.Tensor,
                    v_ar: torch.Tensor, layout: PackLayout, attention: AttentionBackend) -> torch.Tensor:
         """The Generator half alone, against given (possibly cached) AR keys/values."""
+        if self.recompute == "full" and torch.is_grad_enabled():
+            return checkpoint(self._forward_dm, dm_hidden, dm_rope, k_ar, v_ar, layout, attention, use_reentrant=False)
+        return self._forward_dm(dm_hidden, dm_rope, k_ar, v_ar, layout, attention)
+
+    def _forward_dm(self, dm_hidden, dm_rope, k_ar, v_ar, layout, attention):
         q_dm, k_dm, v_dm = self.generator.attention_inputs(dm_hidden, dm_rope.cos, dm_rope.sin)
-        attended = attention.dm_attention(q_dm, k_ar, v_ar, k_dm, v_dm, layout)
+        attended = self._attend(attention.dm_attention, q_dm, k_ar, v_ar, k_dm, v_dm, layout)
         return self.generator.finish(dm_hidden, attended)
