@@ -28,16 +28,54 @@ def wrap_data_parallel(model: nn.Module, groups: ParallelGroups, bucket_cap_mb: 
     group = groups.data_and_context
     if torch.distributed.get_world_size(group) == 1:
         return model
+    # Expert weights differ across expert-parallel ranks: finalize_expert_grads reduces them instead.
+    from megatron_cosmos3.parallel.expert_parallel import expert_parameter_names
+
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
     # Packs differ per rank in which DM streams they hold, so some heads go unused on some ranks.
     return DistributedDataParallel(model, process_group=group, bucket_cap_mb=bucket_cap_mb,
                                    find_unused_parameters=True)
 
 
+class OptimizerGroup:
+    """Several optimizers stepped as one: replicated parameters under ZeRO, expert parameters
+    (different on every expert-parallel rank, so never partitioned or broadcast) under their own.
+
+    ``param_groups`` lists every group of every optimizer, so a learning-rate schedule sets all.
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+
 def build_optimizer(params, groups: ParallelGroups, lr: float, betas: tuple[float, float] = (0.9, 0.95),
-                    weight_decay: float = 0.0, shard_state: bool = True) -> torch.optim.Optimizer:
-    """AdamW whose state is sharded over the data-parallel ranks (``shard_state``), else plain AdamW."""
+                    weight_decay: float = 0.0, shard_state: bool = True):
+    """AdamW whose state is sharded over the data-parallel ranks (``shard_state``), else plain AdamW.
+
+    Expert-parallel parameters are already sharded (each rank holds its own experts) and get a
+    local AdamW of their own.
+    """
     params = list(params)
+    experts = [p for p in params if getattr(p, "expert_parallel", False)]
+    replicated = [p for p in params if not getattr(p, "expert_parallel", False)]
+    kwargs = dict(lr=lr, betas=betas, weight_decay=weight_decay)
     if shard_state and torch.distributed.get_world_size(groups.data_and_context) > 1:
-        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, process_group=groups.data_and_context,
-                                       lr=lr, betas=betas, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        main = ZeroRedundancyOptimizer(replicated, optimizer_class=torch.optim.AdamW,
+                                       process_group=groups.data_and_context, **kwargs)
+    else:
+        main = torch.optim.AdamW(replicated, **kwargs)
+    if not experts:
+        return main
+    return OptimizerGroup([main, torch.optim.AdamW(experts, **kwargs)])

@@ -31,11 +31,16 @@ class ParallelGroups:
     data: dist.ProcessGroup  # data-parallel ranks only
     data_and_context: dist.ProcessGroup  # where replicated gradients are reduced (DP x CP)
     expert: dist.ProcessGroup
+    expert_data: dist.ProcessGroup  # ranks holding the same experts (expert weights reduced here)
     tensor_rank: int
     pipeline_rank: int
     context_rank: int
     data_rank: int
     data_size: int
+    # First and last pipeline stage (Megatron's embedding group): where parameters used at both ends
+    # of the pipeline (DM stream projections, tied word embeddings) have their gradients summed.
+    # None on the other stages.
+    embedding: dist.ProcessGroup | None = None
 
     @property
     def is_first_stage(self) -> bool:
@@ -67,11 +72,13 @@ def initialize_parallel(sizes: ParallelSizes, model: MoTConfig, num_experts: int
         data=ps.get_data_parallel_group(),
         data_and_context=ps.get_data_parallel_group(with_context_parallel=True),
         expert=ps.get_expert_model_parallel_group(),
+        expert_data=ps.get_expert_data_parallel_group(),
         tensor_rank=ps.get_tensor_model_parallel_rank(),
         pipeline_rank=ps.get_pipeline_model_parallel_rank(),
         context_rank=ps.get_context_parallel_rank(),
         data_rank=ps.get_data_parallel_rank(),
         data_size=ps.get_data_parallel_world_size(),
+        embedding=ps.get_embedding_group(check_initialized=False),
     )
 
 
