@@ -64,16 +64,31 @@ def build_optimizer(params, groups: ParallelGroups, lr: float, betas: tuple[floa
                     weight_decay: float = 0.0, shard_state: bool = True):
     """AdamW whose state is sharded over the data-parallel ranks (``shard_state``), else plain AdamW.
 
+    ``params``: parameters, or param-group dicts (extra keys such as ``lr_multiplier`` are kept).
     Expert-parallel parameters are already sharded (each rank holds its own experts) and get a
     local AdamW of their own.
     """
-    params = list(params)
-    experts = [p for p in params if getattr(p, "expert_parallel", False)]
-    replicated = [p for p in params if not getattr(p, "expert_parallel", False)]
+    param_groups = list(params)
+    if param_groups and not isinstance(param_groups[0], dict):
+        param_groups = [{"params": param_groups}]
+
+    def split(expert: bool) -> list[dict]:
+        selected = []
+        for group in param_groups:
+            chosen = [p for p in group["params"] if getattr(p, "expert_parallel", False) == expert]
+            if chosen:
+                selected.append({**group, "params": chosen})
+        return selected
+
+    replicated, experts = split(False), split(True)
     kwargs = dict(lr=lr, betas=betas, weight_decay=weight_decay)
     if shard_state and torch.distributed.get_world_size(groups.data_and_context) > 1:
-        main = ZeroRedundancyOptimizer(replicated, optimizer_class=torch.optim.AdamW,
+        main = ZeroRedundancyOptimizer(replicated[0]["params"], optimizer_class=torch.optim.AdamW,
                                        process_group=groups.data_and_context, **kwargs)
+        for group in replicated[0:1]:  # ZeRO takes the first group at construction, the rest added
+            main.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
+        for group in replicated[1:]:
+            main.add_param_group(group)
     else:
         main = torch.optim.AdamW(replicated, **kwargs)
     if not experts:

@@ -1,58 +1,48 @@
-"""Sharded checkpoints with torch.distributed.checkpoint, committed atomically.
+"""Sharded, reshardable checkpoints: saved asynchronously, committed atomically, keep-last-N.
 
-A checkpoint is the folder ``step_<N>``: DCP shards of model and optimizer state (each rank writes
-its own part; loading reshards to whatever layout reads it) plus ``meta.json`` (step, MLflow run,
-resolved config). It is written under a temporary name and renamed when every rank has finished,
-and only then does ``latest`` point at it: a crash mid-save leaves the previous checkpoint latest.
+A checkpoint is the folder ``step_<N>``: torch.distributed.checkpoint shards of the global state
+described in ``checkpoint_state.py`` (model, AdamW state, and per-rank entries such as RNG and data
+loader state), plus ``meta.json`` (step, MLflow run, resolved config). It is written under
+``.step_<N>.partial`` and renamed only once every rank's data and the index are on disk; only then
+does ``latest`` name it. A crash or a kill mid-save therefore leaves the previous checkpoint as the
+one resumed, and the half-written folder is swept away on the next start.
+
+Saving is asynchronous: tensors are copied to host memory before ``save`` returns, training goes on,
+and a background thread writes them; ``poll`` (each step) or ``wait`` commits the finished save.
+Checkpoint traffic runs on a process group of its own so it never interleaves with training
+collectives. Loading never unpickles code (``SafeFileSystemReader``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from megatron_cosmos3.training.distributed import barrier
+from megatron_cosmos3.training.checkpoint_state import ShardingMeshes, model_entries, optimizer_entries
+from megatron_cosmos3.training.safe_reader import SafeFileSystemReader
+
+log = logging.getLogger(__name__)
 
 LATEST = "latest"
 
 
-def _step_dir(root: Path, step: int) -> Path:
+def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
 
 
-def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    meta: dict, is_main: bool, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the committed checkpoint folder."""
-    root = Path(root)
-    final, staging = _step_dir(root, step), root / f".step_{step:08d}.partial"
-    if is_main:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    barrier()
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(staging))
-    barrier()
-    if is_main:
-        (staging / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-        pointer = root / f".{LATEST}.tmp"
-        pointer.write_text(final.name)
-        os.replace(pointer, root / LATEST)
-        for old in sorted(root.glob("step_*"))[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
-
-
 def latest_checkpoint(root: str | Path) -> Path | None:
+    """The committed checkpoint ``latest`` names, or None."""
     pointer = Path(root) / LATEST
     if not pointer.is_file():
         return None
@@ -60,10 +50,123 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return path if (path / "meta.json").is_file() else None
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Collective: loads model and optimizer state in place; returns the checkpoint's meta."""
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+def read_meta(path: str | Path) -> dict:
     return json.loads((Path(path) / "meta.json").read_text())
+
+
+@dataclass
+class _PendingSave:
+    future: object
+    step: int
+    staging: Path
+    meta: dict
+
+
+class Checkpointer:
+    """Saves and loads the training state of every rank (collective calls: all ranks call them)."""
+
+    def __init__(self, root: str | Path, keep_last: int = 2, groups=None, async_save: bool = True,
+                 device_type: str = "cpu"):
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self.distributed = dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        # A gloo group of its own: background writes must not share a queue with training collectives.
+        self.group = dist.new_group(backend="gloo") if self.distributed else None
+        self.meshes = ShardingMeshes.from_groups(groups, device_type)
+        self._pending: _PendingSave | None = None
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".step_*.partial"):  # a save that never committed
+                shutil.rmtree(stale, ignore_errors=True)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.group)
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, model: nn.Module, optimizer, per_rank: dict[str, torch.Tensor], meta: dict) -> None:
+        """Starts saving; returns once the state is staged in host memory (async) or written (sync)."""
+        self.wait()
+        staging = self.root / f".step_{step:08d}.partial"
+        if self.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self._barrier()
+        state = {**model_entries(model, self.meshes), **optimizer_entries(optimizer, model, self.meshes, create=False),
+                 **{f"rank{self.rank}/{k}": v for k, v in per_rank.items()}}
+        writer = FileSystemWriter(str(staging))
+        if self.async_save:
+            future = dcp.async_save(state, storage_writer=writer, process_group=self.group)
+            self._pending = _PendingSave(future, step, staging, meta)
+        else:
+            dcp.save(state, storage_writer=writer, process_group=self.group)
+            self._commit(_PendingSave(None, step, staging, meta))
+
+    def poll(self) -> Path | None:
+        """Commits a finished background save; returns its folder, or None if none finished."""
+        if self._pending is not None and self._pending.future.done():
+            return self.wait()
+        return None
+
+    def wait(self) -> Path | None:
+        """Blocks until the save in flight (if any) is written, and commits it."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        pending.future.result()
+        return self._commit(pending)
+
+    def _commit(self, pending: _PendingSave) -> Path:
+        final = step_dir(self.root, pending.step)
+        # The coordinator's save finishes last (it writes the index after every rank's data), so
+        # rank 0 alone can commit without waiting for the others.
+        if self.rank == 0:
+            (pending.staging / "meta.json").write_text(json.dumps({"step": pending.step, **pending.meta}, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(pending.staging, final)
+            pointer = self.root / f".{LATEST}.tmp"
+            pointer.write_text(final.name)
+            os.replace(pointer, self.root / LATEST)
+            for old in sorted(self.root.glob("step_*"))[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+            log.info("checkpoint committed: %s", final)
+        return final
+
+    # ------------------------------------------------------------------ load
+    def load(self, path: str | Path, model: nn.Module, optimizer=None, per_rank: dict[str, torch.Tensor] | None = None,
+             allow_missing: tuple[str, ...] = ()) -> dict:
+        """Loads in place whatever of model/optimizer/per-rank state this rank holds; returns meta.
+
+        ``optimizer=None`` loads weights only (a new stage's fresh optimizer). Model parameters
+        absent from the checkpoint are an error naming them, unless their name starts with one of
+        ``allow_missing`` (e.g. the projections of an embodiment added since). Per-rank entries that
+        are absent (another world size) are dropped from ``per_rank``.
+        """
+        path = Path(path)
+        if not (path / ".metadata").is_file():
+            raise FileNotFoundError(f"{path} is not a checkpoint folder (no .metadata index)")
+        available = set(SafeFileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        model_state = model_entries(model, self.meshes)
+        missing = [k[len("model/"):] for k in model_state if k not in available]
+        unexpected = [m for m in missing if not m.startswith(tuple(allow_missing))]
+        if unexpected:
+            raise KeyError(f"checkpoint {path} lacks model parameters {unexpected[:8]}"
+                           f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)} in all)")
+        state = {k: v for k, v in model_state.items() if k in available}
+        if optimizer is not None:
+            state.update({k: v for k, v in optimizer_entries(optimizer, model, self.meshes, create=True).items()
+                          if k in available})
+        # Per-rank entries (RNG, loader state) vary in size: allocate them as the index describes.
+        index = SafeFileSystemReader(str(path)).read_metadata().state_dict_metadata
+        for name in list(per_rank or {}):
+            key = f"rank{self.rank}/{name}"
+            if key in available:
+                per_rank[name] = state[key] = torch.empty(tuple(index[key].size), dtype=index[key].properties.dtype)
+            else:
+                del per_rank[name]
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)),
+                 planner=DefaultLoadPlanner(allow_partial_load=True), process_group=self.group)
+        return read_meta(path)

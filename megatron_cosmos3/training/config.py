@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
-from megatron_cosmos3.model.config import MoTConfig
+from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
+from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.training.flow_matching import FlowMatchingConfig
+
+SCHEDULES = ("cosine", "wsd", "constant")
 
 
 @dataclass
@@ -21,10 +24,26 @@ class OptimizerConfig:
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 10
+    # "cosine": warm-up then cosine to min_lr; "wsd": warm-up, stable at lr, then linear decay to
+    # min_lr over the last decay_fraction of the steps; "constant": warm-up then lr.
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2
     grad_clip: float = 1.0
     flow_matching_weight: float = 1.0
+    moe_aux_loss_weight: float = 0.01
+    micro_batches_per_step: int = 1  # gradient accumulation
+    shard_optimizer_state: bool = True  # ZeRO-1 over the data-parallel ranks
+    # Stop after this many steps in a row skipped for a non-finite loss or gradient.
+    max_consecutive_nonfinite_steps: int = 5
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optimizer.schedule={self.schedule!r} is not one of {SCHEDULES}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"optimizer.decay_fraction={self.decay_fraction} must be in (0, 1]")
+        if self.micro_batches_per_step < 1 or self.max_consecutive_nonfinite_steps < 1:
+            raise ValueError(f"optimizer: micro_batches_per_step={self.micro_batches_per_step} and "
+                             f"max_consecutive_nonfinite_steps={self.max_consecutive_nonfinite_steps} must be >= 1")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"optimizer: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -58,6 +77,7 @@ class CheckpointConfig:
     save_every: int = 100  # steps; the last step is always saved
     keep_last: int = 2
     resume: bool = True  # continue from the latest committed checkpoint in ``directory`` if any
+    async_save: bool = True  # write in the background while training goes on
 
     def __post_init__(self) -> None:
         if self.save_every < 1 or self.keep_last < 1:
@@ -75,6 +95,25 @@ class TrackingConfig:
 
 
 @dataclass
+class StageConfig:
+    """One training stage (pre-, mid- or post-training) on top of the model and data config.
+
+    ``init_from`` starts the stage from another stage's checkpoint (a checkpoint folder, or a
+    checkpoint directory whose latest is taken): weights only, fresh optimizer and step 0. It is
+    ignored once this stage has checkpoints of its own (a resume). Parameter patterns are
+    fnmatch-style on parameter names, e.g. ``layers.*.reasoner.*``.
+    """
+
+    name: str = "pretrain"
+    init_from: str = ""
+    freeze: list[str] = field(default_factory=list)
+    # pattern -> learning-rate multiplier; the first matching pattern wins, unmatched ones get 1.
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    # Embodiments this stage adds to the model (their projections are new, the backbone is not).
+    new_embodiments: dict[str, EmbodimentConfig] = field(default_factory=dict)
+
+
+@dataclass
 class TrainConfig:
     model: MoTConfig = field(default_factory=MoTConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -82,6 +121,10 @@ class TrainConfig:
     data: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    parallel: ParallelSizes = field(default_factory=ParallelSizes)
+    stage: StageConfig = field(default_factory=StageConfig)
+    precision: str = "fp32"  # or "bf16": bf16 compute, fp32 main weights
+    recompute: str = "none"  # activation recomputation: "none", "selective" or "full"
     steps: int = 200
     log_every: int = 10
     seed: int = 1234
@@ -91,6 +134,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.log_every < 1:
             raise ValueError(f"steps={self.steps} and log_every={self.log_every} must be >= 1")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision={self.precision!r} is not one of ('fp32', 'bf16')")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ValueError(f"recompute={self.recompute!r} is not one of ('none', 'selective', 'full')")
+        clash = sorted(set(self.stage.new_embodiments) & set(self.model.embodiments))
+        if clash:
+            raise ValueError(f"stage.new_embodiments {clash} are already model.embodiments")
 
 
 def load_config(yaml_path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:

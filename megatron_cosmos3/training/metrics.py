@@ -20,10 +20,10 @@ class MetricsWindow:
     length even when its packs hold different tasks.
     """
 
-    def __init__(self, tasks: list[str], world_size: int, flow_matching_weight: float,
+    def __init__(self, tasks: list[str], data_parallel_size: int, flow_matching_weight: float,
                  peak_flops_per_device: float):
         self.tasks = list(tasks)
-        self.world_size = world_size
+        self.data_parallel_size = data_parallel_size
         self.flow_matching_weight = flow_matching_weight
         self.peak_flops_per_device = peak_flops_per_device
         self.reset()
@@ -31,6 +31,7 @@ class MetricsWindow:
     def reset(self) -> None:
         self._sums = torch.zeros(4 + 4 * len(self.tasks), dtype=torch.float64)
         self._tokens, self._flops, self.steps = 0, 0.0, 0
+        self.skipped_steps = 0
         self._start = time.perf_counter()
 
     def add(self, losses: LossBreakdown, tokens: int, flops: float) -> None:
@@ -58,8 +59,9 @@ class MetricsWindow:
             "loss": _or_zero(ce) + self.flow_matching_weight * _or_zero(fm),
             "loss/ce": ce,
             "loss/fm": fm,
-            "throughput/tokens_per_s": self._tokens * self.world_size / seconds,
+            "throughput/tokens_per_s": self._tokens * self.data_parallel_size / seconds,
             "throughput/tflops_per_device": self._flops / seconds / 1e12,
+            "skipped_steps": float(self.skipped_steps),
             **extra,
         }
         for i, task in enumerate(self.tasks):

@@ -1,0 +1,49 @@
+"""The global gradient norm of a model whose parameters may be sharded, and clipping by it."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def global_grad_norm(model: nn.Module, groups=None) -> torch.Tensor:
+    """sqrt of the sum of squares of every *global* gradient entry, the same on every rank.
+
+    Replicated parameters count once; tensor-parallel shards are summed over the tensor group and
+    expert blocks over the expert group, so the result equals the single-process norm.
+    """
+    replicated = torch.zeros((), dtype=torch.float64)
+    tensor_sharded = torch.zeros((), dtype=torch.float64)
+    expert_sharded = torch.zeros((), dtype=torch.float64)
+    for param in model.parameters():
+        if param.grad is None:
+            continue
+        square = param.grad.detach().double().square().sum().cpu()
+        if getattr(param, "tensor_model_parallel", False):
+            tensor_sharded += square
+        elif getattr(param, "expert_parallel", False):
+            expert_sharded += square
+        else:
+            replicated += square
+    if groups is not None:
+        if groups.sizes.tensor > 1:
+            dist.all_reduce(tensor_sharded, group=groups.tensor)
+        if groups.sizes.expert > 1:
+            dist.all_reduce(expert_sharded, group=groups.expert)
+        if groups.sizes.pipeline > 1:  # each stage holds other layers
+            total = replicated + tensor_sharded + expert_sharded
+            dist.all_reduce(total, group=groups.pipeline)
+            return total.sqrt()
+    return (replicated + tensor_sharded + expert_sharded).sqrt()
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, groups=None) -> torch.Tensor:
+    """Scales gradients so their global norm is at most ``max_norm``; returns the norm before."""
+    norm = global_grad_norm(model, groups)
+    scale = max_norm / (float(norm) + 1e-6)
+    if scale < 1.0 and torch.isfinite(norm):
+        for param in model.parameters():
+            if param.grad is not None:
+                param.grad.mul_(scale)
+    return norm.float()

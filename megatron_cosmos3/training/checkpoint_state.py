@@ -1,0 +1,85 @@
+"""What a checkpoint holds, described as *global* tensors so any parallel layout can load it.
+
+Every entry is keyed by the parameter's fully qualified name, never by rank. A tensor-parallel shard
+is a DTensor over the tensor group (``Shard(partition_dim)``), an expert-parallel block a DTensor over
+the expert group (``Shard(0)``), anything else a plain tensor that every holder writes identically.
+torch.distributed.checkpoint then reshards on load: a run saved with TP=2 loads with TP=1, DP=2 or
+TP=2 again, and ZeRO-sharded optimizer state follows the parameters to whichever rank now owns them.
+
+    model/<fqn>                      parameter
+    optimizer/<fqn>/<exp_avg|exp_avg_sq|step>   AdamW state of the parameter
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+
+ADAM_STATE = ("exp_avg", "exp_avg_sq", "step")
+
+
+@dataclass
+class ShardingMeshes:
+    """Device meshes over the groups that shard parameters (None where that dimension is 1)."""
+
+    tensor: object = None
+    expert: object = None
+
+    @classmethod
+    def from_groups(cls, groups, device_type: str) -> "ShardingMeshes":
+        if groups is None:
+            return cls()
+        from torch.distributed.device_mesh import DeviceMesh
+
+        def mesh(group):
+            return DeviceMesh.from_group(group, device_type) if dist.get_world_size(group) > 1 else None
+
+        return cls(tensor=mesh(groups.tensor), expert=mesh(groups.expert))
+
+
+def as_global(local: torch.Tensor, param: nn.Parameter, meshes: ShardingMeshes):
+    """Wraps this rank's piece of a parameter-shaped tensor so that it describes the global tensor."""
+    if getattr(param, "tensor_model_parallel", False) and meshes.tensor is not None:
+        return DTensor.from_local(local, meshes.tensor, [Shard(param.partition_dim)], run_check=False)
+    if getattr(param, "expert_parallel", False) and meshes.expert is not None:
+        return DTensor.from_local(local, meshes.expert, [Shard(0)], run_check=False)
+    return local
+
+
+def local_optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers that hold state on this rank (unwrapping ZeRO and optimizer groups)."""
+    if optimizer is None:
+        return []
+    if hasattr(optimizer, "optimizers"):  # OptimizerGroup
+        return [inner for o in optimizer.optimizers for inner in local_optimizers(o)]
+    if hasattr(optimizer, "optim"):  # ZeroRedundancyOptimizer: only this rank's partition
+        return [optimizer.optim]
+    return [optimizer]
+
+
+def model_entries(model: nn.Module, meshes: ShardingMeshes) -> dict:
+    return {f"model/{name}": as_global(p.data, p, meshes) for name, p in model.named_parameters()}
+
+
+def optimizer_entries(optimizer, model: nn.Module, meshes: ShardingMeshes, create: bool) -> dict:
+    """AdamW state of the parameters this rank's optimizers own. ``create`` allocates empty state
+    first (before loading into a fresh optimizer, whose state is lazily created otherwise)."""
+    names = {p: name for name, p in model.named_parameters()}
+    entries = {}
+    for inner in local_optimizers(optimizer):
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                if create and not state:
+                    state.update(exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param),
+                                 step=torch.zeros((), dtype=torch.float32))
+                for key in ADAM_STATE:
+                    if key in state:
+                        value = state[key]
+                        entries[f"optimizer/{names[param]}/{key}"] = (
+                            value if key == "step" else as_global(value, param, meshes))
+    return entries
