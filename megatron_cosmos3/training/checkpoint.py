@@ -95,7 +95,7 @@ class Checkpointer:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         self._barrier()
-        state = {**model_entries(model, self.meshes), **optimizer_entries(optimizer, model, self.meshes, create=False),
+        state = {**model_entries(model, self.meshes), **optimizer_entries(optimizer, model, self.meshes),
                  **{f"rank{self.rank}/{k}": v for k, v in per_rank.items()}}
         writer = FileSystemWriter(str(staging))
         if self.async_save:
@@ -157,7 +157,7 @@ class Checkpointer:
                            f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)} in all)")
         state = {k: v for k, v in model_state.items() if k in available}
         if optimizer is not None:
-            state.update({k: v for k, v in optimizer_entries(optimizer, model, self.meshes, create=True).items()
+            state.update({k: v for k, v in optimizer_entries(optimizer, model, self.meshes, create_for=available).items()
                           if k in available})
         # Per-rank entries (RNG, loader state) vary in size: allocate them as the index describes.
         index = SafeFileSystemReader(str(path)).read_metadata().state_dict_metadata

@@ -65,16 +65,17 @@ def model_entries(model: nn.Module, meshes: ShardingMeshes) -> dict:
     return {f"model/{name}": as_global(p.data, p, meshes) for name, p in model.named_parameters()}
 
 
-def optimizer_entries(optimizer, model: nn.Module, meshes: ShardingMeshes, create: bool) -> dict:
-    """AdamW state of the parameters this rank's optimizers own. ``create`` allocates empty state
-    first (before loading into a fresh optimizer, whose state is lazily created otherwise)."""
+def optimizer_entries(optimizer, model: nn.Module, meshes: ShardingMeshes, create_for: set[str] | None = None) -> dict:
+    """AdamW state of the parameters this rank's optimizers own. Before loading into a fresh
+    optimizer (whose state is created lazily), ``create_for`` names the checkpoint keys to allocate
+    empty state for: parameters that had state when saved."""
     names = {p: name for name, p in model.named_parameters()}
     entries = {}
     for inner in local_optimizers(optimizer):
         for group in inner.param_groups:
             for param in group["params"]:
                 state = inner.state[param]
-                if create and not state:
+                if create_for is not None and not state and f"optimizer/{names[param]}/exp_avg" in create_for:
                     state.update(exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param),
                                  step=torch.zeros((), dtype=torch.float32))
                 for key in ADAM_STATE:

@@ -1,0 +1,228 @@
+"""Checkpoints: atomic commit, asynchronous save, resharding across layouts, weights-only safety."""
+
+import copy
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from megatron_cosmos3.data.synthetic_packs import random_pack
+from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
+from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.parallel.sizes import ParallelSizes
+from megatron_cosmos3.testing.distributed import run_on_ranks
+from megatron_cosmos3.training.checkpoint import Checkpointer, latest_checkpoint
+from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
+from megatron_cosmos3.training.losses import mot_losses
+
+CONFIG = MoTConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=2, head_dim=8,
+                   mrope_section=[2, 1, 1], ffn_hidden_size=64, video_latent_channels=4, audio_latent_dim=6,
+                   timestep_embedding_dim=16)
+
+
+def trained_model(steps=2):
+    torch.manual_seed(0)
+    model = MoTModel(copy.deepcopy(CONFIG))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        batch, targets = add_flow_matching_noise(random_pack(CONFIG, g, 4), FlowMatchingConfig(), g)
+        optimizer.zero_grad()
+        mot_losses(model, batch, targets).total.backward()
+        optimizer.step()
+    return model, optimizer
+
+
+def next_loss(model, seed=99):
+    g = torch.Generator().manual_seed(seed)
+    batch, targets = add_flow_matching_noise(random_pack(CONFIG, g, 4), FlowMatchingConfig(), g)
+    with torch.no_grad():
+        return float(mot_losses(model, batch, targets).total)
+
+
+def test_async_save_commits_atomically_and_keeps_the_last_n(tmp_path):
+    model, optimizer = trained_model()
+    checkpointer = Checkpointer(tmp_path, keep_last=2, async_save=True)
+    saved = {}
+    for step in (1, 2, 3):
+        saved[step] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        checkpointer.save(step, model, optimizer, {"rng": torch.get_rng_state()}, {"note": "x"})
+        with torch.no_grad():  # training goes on while the save is written: it must not leak in
+            for p in model.parameters():
+                p.add_(1.0)
+        if step == 1:
+            assert latest_checkpoint(tmp_path) is None  # nothing is "latest" before the commit
+        checkpointer.wait()
+    assert latest_checkpoint(tmp_path).name == "step_00000003"
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000003"]
+
+    fresh, fresh_optimizer = MoTModel(copy.deepcopy(CONFIG)), None
+    per_rank = {"rng": torch.empty(0, dtype=torch.uint8)}
+    meta = Checkpointer(tmp_path, async_save=False).load(tmp_path / "step_00000002", fresh, fresh_optimizer, per_rank)
+    assert meta["step"] == 2 and meta["note"] == "x"
+    for name, p in fresh.named_parameters():
+        assert torch.equal(p, saved[2][name]), name  # the values at save time, not the later ones
+    assert per_rank["rng"].dtype == torch.uint8 and per_rank["rng"].numel() > 0
+
+
+def test_optimizer_state_round_trips_and_training_continues_identically(tmp_path):
+    model, optimizer = trained_model()
+    Checkpointer(tmp_path, async_save=False).save(2, model, optimizer, {}, {})
+    torch.manual_seed(1)
+    restored = MoTModel(copy.deepcopy(CONFIG))
+    restored_optimizer = torch.optim.AdamW(restored.parameters(), lr=1e-2)
+    Checkpointer(tmp_path, async_save=False).load(tmp_path / "step_00000002", restored, restored_optimizer)
+    for m, o in ((model, optimizer), (restored, restored_optimizer)):
+        g = torch.Generator().manual_seed(5)
+        batch, targets = add_flow_matching_noise(random_pack(CONFIG, g, 4), FlowMatchingConfig(), g)
+        o.zero_grad()
+        mot_losses(m, batch, targets).total.backward()
+        o.step()
+    for (name, a), b in zip(model.named_parameters(), restored.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_missing_parameters_are_named_unless_declared_new(tmp_path):
+    model, _ = trained_model(steps=0)
+    Checkpointer(tmp_path, async_save=False).save(1, model, None, {}, {})
+    grown = MoTModel(copy.deepcopy(CONFIG))
+    grown.add_embodiment("quadruped", EmbodimentConfig(action_dim=12, rate_hz=20.0))
+    loader = Checkpointer(tmp_path, async_save=False)
+    with pytest.raises(KeyError, match="dm_streams.action_in.quadruped.weight"):
+        loader.load(tmp_path / "step_00000001", grown)
+    new_before = grown.dm_streams.action_in["quadruped"].weight.clone()
+    loader.load(tmp_path / "step_00000001", grown, allow_missing=("dm_streams.action_in.quadruped.",
+                                                                   "dm_streams.action_out.quadruped."))
+    assert torch.equal(grown.layers[1].generator.mlp.up_proj.weight, model.layers[1].generator.mlp.up_proj.weight)
+    assert torch.equal(grown.dm_streams.action_in["quadruped"].weight, new_before)
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        loader.load(tmp_path, grown)
+
+
+def test_metadata_that_would_run_code_is_refused(tmp_path):
+    model, _ = trained_model(steps=0)
+    Checkpointer(tmp_path, async_save=False).save(1, model, None, {}, {})
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    (tmp_path / "step_00000001" / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(pickle.UnpicklingError, match="refuses"):
+        Checkpointer(tmp_path, async_save=False).load(tmp_path / "step_00000001", MoTModel(copy.deepcopy(CONFIG)))
+    assert not (tmp_path / "pwned").exists()
+
+
+KILLED_DURING_SAVE = textwrap.dedent("""
+    import copy, os, signal, sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_checkpoint import CONFIG, trained_model
+    from megatron_cosmos3.training.checkpoint import Checkpointer
+    model, optimizer = trained_model()
+    checkpointer = Checkpointer({root!r}, async_save=True)
+    checkpointer.save(1, model, optimizer, {{}}, {{}})
+    checkpointer.wait()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    checkpointer.save(2, model, optimizer, {{}}, {{}})  # background write in flight...
+    os.kill(os.getpid(), signal.SIGKILL)                # ...and the process is hard-killed
+""")
+
+
+def test_hard_kill_during_an_async_save_leaves_the_previous_checkpoint_latest(tmp_path):
+    root = tmp_path / "ckpt"
+    script = KILLED_DURING_SAVE.format(tests=os.path.dirname(__file__), root=str(root))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert latest_checkpoint(root).name == "step_00000001"
+    model, _ = trained_model()
+    restored = MoTModel(copy.deepcopy(CONFIG))
+    Checkpointer(root, async_save=False).load(latest_checkpoint(root), restored)  # and it loads
+    for (name, a), b in zip(model.named_parameters(), restored.parameters()):
+        assert torch.equal(a, b), name
+    assert not list(root.glob(".step_*.partial"))  # the half-written save was swept on start
+
+
+def _save_under_tensor_parallel(rank, world_size, root):
+    from megatron_cosmos3.parallel.data_parallel import build_optimizer
+    from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
+    from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel
+
+    groups = initialize_parallel(ParallelSizes(tensor=2), CONFIG)
+    try:
+        reference, reference_optimizer = trained_model()
+        torch.manual_seed(0)
+        model = apply_tensor_parallel(MoTModel(copy.deepcopy(CONFIG)), groups)
+        # Give the TP model exactly the reference's weights and optimizer state, sharded.
+        from megatron_cosmos3.testing.reference import reference_slice
+
+        optimizer = build_optimizer(model.parameters(), groups, lr=1e-2)
+        ref = dict(reference.named_parameters())
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(reference_slice(ref[name], p, groups.tensor_rank, 2))
+        for name, p in model.named_parameters():
+            state = reference_optimizer.state[ref[name]]
+            optimizer.state[p] = {k: (v if k == "step" else reference_slice(v, p, groups.tensor_rank, 2)).clone()
+                                  for k, v in state.items()}
+        checkpointer = Checkpointer(root, groups=groups, async_save=True)
+        checkpointer.save(2, model, optimizer, {}, {})
+        checkpointer.wait()
+        return next_loss(model)
+    finally:
+        destroy_parallel()
+
+
+def _load_under_data_parallel(rank, world_size, root):
+    from megatron_cosmos3.parallel.data_parallel import build_optimizer
+    from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
+
+    groups = initialize_parallel(ParallelSizes(), CONFIG)
+    try:
+        torch.manual_seed(123)
+        model = MoTModel(copy.deepcopy(CONFIG))
+        optimizer = build_optimizer(model.parameters(), groups, lr=1e-2)  # ZeRO over 2 data ranks
+        Checkpointer(root, groups=groups).load(latest_checkpoint(root), model, optimizer)
+        owned = {n: {k: v.clone() for k, v in optimizer.optim.state[p].items()}
+                 for n, p in model.named_parameters() if p in optimizer.optim.state}
+        return next_loss(model), owned
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.multiprocess
+def test_saved_with_tp2_loads_with_tp1_and_with_dp2_zero(tmp_path):
+    root = str(tmp_path / "ckpt")
+    tp_losses = run_on_ranks(_save_under_tensor_parallel, 2, root)
+    reference, reference_optimizer = trained_model()
+    want = next_loss(reference)
+    assert tp_losses == pytest.approx([want, want], rel=1e-5)
+
+    single = MoTModel(copy.deepcopy(CONFIG))  # TP=1, one process, AdamW state too
+    single_optimizer = torch.optim.AdamW(single.parameters(), lr=1e-2)
+    Checkpointer(root, async_save=False).load(latest_checkpoint(root), single, single_optimizer)
+    for (name, a), b in zip(reference.named_parameters(), single.parameters()):
+        assert torch.equal(a, b), name
+        want_state, got_state = reference_optimizer.state[a], single_optimizer.state[b]
+        assert want_state.keys() == got_state.keys(), name  # no state made up for never-stepped heads
+        for key in want_state:
+            assert torch.equal(want_state[key], got_state[key]), (name, key)
+    assert next_loss(single) == want
+
+    dp = run_on_ranks(_load_under_data_parallel, 2, root)
+    assert [loss for loss, _ in dp] == [want, want]
+    owned = {**dp[0][1], **dp[1][1]}
+    assert dp[0][1].keys().isdisjoint(dp[1][1].keys())  # ZeRO: each parameter's state on one rank
+    ref = dict(reference.named_parameters())
+    assert owned.keys() == ref.keys()  # every parameter is owned by exactly one data-parallel rank
+    for name, state in owned.items():
+        want_state = reference_optimizer.state[ref[name]]
+        assert state.keys() == want_state.keys(), name
+        for key in want_state:
+            assert torch.equal(state[key], want_state[key]), (name, key)
