@@ -7,6 +7,7 @@ groups -> model (stage, parallelism) and optimizer -> resume -> loop -> checkpoi
 from __future__ import annotations
 
 import argparse
+import copy
 import fnmatch
 import logging
 import math
@@ -32,6 +33,7 @@ from megatron_cosmos3.training.flow_matching import add_flow_matching_noise
 from megatron_cosmos3.training.losses import mot_losses
 from megatron_cosmos3.training.metrics import MetricsWindow
 from megatron_cosmos3.training.precision import autocast
+from megatron_cosmos3.training.preemption import REQUEUE_EXIT_CODE, PreemptionWatcher
 from megatron_cosmos3.training.schedule import learning_rate
 from megatron_cosmos3.training.tracking import MLflowTracker
 
@@ -40,6 +42,14 @@ log = logging.getLogger("megatron_cosmos3.train")
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class Preempted(SystemExit):
+    """Raised after the preemption checkpoint is committed; exits with REQUEUE_EXIT_CODE."""
+
+    def __init__(self, step: int):
+        super().__init__(REQUEUE_EXIT_CODE)
+        self.step = step
 
 
 def micro_batch(config: TrainConfig, step: int, micro: int, data_rank: int, device: torch.device):
@@ -95,7 +105,7 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
     if groups is not None and (config.parallel.pipeline > 1 or config.parallel.context > 1):
         raise NotImplementedError("parallel.pipeline / parallel.context > 1 are not wired into the trainer yet")
     torch.manual_seed(config.seed)  # identical initial weights on every rank
-    model = MoTModel(config.model).to(ctx.device)
+    model = MoTModel(copy.deepcopy(config.model)).to(ctx.device)  # the model's config grows with embodiments
     for name, embodiment in config.stage.new_embodiments.items():
         model.add_embodiment(name, embodiment)
     for layer in model.layers:
@@ -147,6 +157,15 @@ def finish_gradients(run: Run) -> torch.Tensor:
 
 
 def train(config: TrainConfig, ctx: DistributedContext) -> dict[str, float]:
+    """Runs the stage to ``config.steps``; raises ``Preempted`` after checkpointing on a signal."""
+    watcher = PreemptionWatcher()
+    try:
+        return _train(config, ctx, watcher)
+    finally:
+        watcher.close()
+
+
+def _train(config: TrainConfig, ctx: DistributedContext, watcher: PreemptionWatcher) -> dict[str, float]:
     run = build_run(config, ctx)
     start_step, run_id = resume_or_initialise(run)
     tracker = MLflowTracker(config.tracking.tracking_uri, config.tracking.experiment, config.tracking.run_name,
@@ -202,16 +221,24 @@ def train(config: TrainConfig, ctx: DistributedContext) -> dict[str, float]:
                 tracker.log_metrics(metrics, step + 1)
                 log.info("step %d/%d  loss %.4f  ce %.4f  fm %.4f  grad_norm %.3f  lr %.2e  tokens/s %.0f  eta %.0fs",
                          step + 1, config.steps, metrics["loss"], metrics.get("loss/ce", math.nan),
-                         metrics.get("loss/fm", math.nan), metrics["grad_norm"], metrics["lr"],
+                         metrics.get("loss/fm", math.nan), metrics.get("grad_norm", math.nan), metrics["lr"],
                          metrics["throughput/tokens_per_s"], eta)
             window.reset()
         committed = run.checkpointer.poll()
         if committed is not None and ctx.is_main:
             tracker.set_tag("checkpoint", str(committed.resolve()))
-        if (step + 1) % config.checkpoint.save_every == 0 or step + 1 == config.steps:
+        preempted = watcher.should_stop()
+        if preempted or (step + 1) % config.checkpoint.save_every == 0 or step + 1 == config.steps:
             run.checkpointer.save(step + 1, run.model, run.optimizer, {"rng": torch.get_rng_state()},
                                   {"mlflow_run_id": tracker.run_id, "stage": config.stage.name,
                                    "config": to_yaml(config)})
+        if preempted:
+            run.checkpointer.wait()
+            if ctx.is_main:
+                tracker.set_tag("preempted_at_step", str(step + 1))
+                log.warning("preempted: checkpoint of step %d committed; exiting with code %d for requeue",
+                            step + 1, REQUEUE_EXIT_CODE)
+            raise Preempted(step + 1)
     committed = run.checkpointer.wait()
     if ctx.is_main:
         if committed is not None:
