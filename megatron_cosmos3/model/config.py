@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # The FPS rule: one second of real time spans TPS_BASE temporal position units in every stream
 # (24 fps video, 4x temporally compressed by the VAE -> 6 latent frames per second).
@@ -15,6 +16,60 @@ class EmbodimentConfig:
 
     action_dim: int = 19
     rate_hz: float = 10.0
+
+
+@dataclass
+class VisionConfig:
+    """Qwen3-VL's understanding ViT (defaults: the SigLIP-2 tower of Qwen3-VL-8B/32B).
+
+    Pixels are cut into ``temporal_patch_size`` x ``patch_size`` x ``patch_size`` patches; every
+    ``spatial_merge_size`` x ``spatial_merge_size`` block of patches is merged by an MLP into one
+    Reasoner token of width ``out_hidden_size``. ``deepstack_visual_indexes`` lists the ViT blocks
+    whose features (merged by their own MLPs) are added to the ViT token rows after the first
+    ``len(deepstack_visual_indexes)`` Reasoner layers (DeepStack). The ``*_token_id`` fields are the
+    placeholder tokens of the Reasoner vocabulary that the ViT tokens replace.
+    """
+
+    depth: int = 27
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    out_hidden_size: int = 4096
+    # A square number: the learned position grid, bilinearly resampled to every image's grid.
+    num_position_embeddings: int = 2304
+    deepstack_visual_indexes: list[int] = field(default_factory=lambda: [8, 16, 24])
+    hidden_act: str = "gelu_pytorch_tanh"
+    rope_theta: float = 10_000.0
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"VisionConfig: {message}")
+
+        for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+                     "temporal_patch_size", "spatial_merge_size", "out_hidden_size", "num_position_embeddings"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
+        require(self.hidden_size % self.num_heads == 0 and (self.hidden_size // self.num_heads) % 4 == 0,
+                f"hidden_size={self.hidden_size} / num_heads={self.num_heads} must be a multiple of 4 "
+                "(the 2-D rotary embedding splits each head over h and w)")
+        side = round(self.num_position_embeddings**0.5)
+        require(side * side == self.num_position_embeddings,
+                f"num_position_embeddings={self.num_position_embeddings} must be a square number")
+        indexes = list(self.deepstack_visual_indexes)
+        require(len(set(indexes)) == len(indexes) and all(0 <= i < self.depth for i in indexes),
+                f"deepstack_visual_indexes={indexes} must be distinct ViT blocks in [0, depth={self.depth})")
 
 
 @dataclass
@@ -48,6 +103,8 @@ class MoTConfig:
     # "sdpa" (varlen via per-sample SDPA, CPU and GPU), "flash" (flash-attn varlen, GPU),
     # "dense" (a dense-mask reference for tests).
     attention_backend: str = "sdpa"
+    # The understanding ViT (Qwen3-VL's); None = ViT embeddings, if any, come with the batch.
+    vision: VisionConfig | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -82,7 +139,31 @@ class MoTConfig:
         for name, emb in self.embodiments.items():
             require(emb.action_dim > 0, f"embodiments.{name}.action_dim must be > 0, got {emb.action_dim}")
             require(emb.rate_hz > 0, f"embodiments.{name}.rate_hz must be > 0, got {emb.rate_hz}")
+        if self.vision is not None:
+            v = self.vision
+            require(v.out_hidden_size == self.hidden_size,
+                    f"vision.out_hidden_size={v.out_hidden_size} must equal hidden_size={self.hidden_size}")
+            require(len(v.deepstack_visual_indexes) <= self.num_layers,
+                    f"vision.deepstack_visual_indexes has {len(v.deepstack_visual_indexes)} entries, "
+                    f"more than num_layers={self.num_layers} Reasoner layers to inject them into")
+            for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+                value = getattr(v, name)
+                require(0 <= value < self.vocab_size,
+                        f"vision.{name}={value} is outside the vocabulary (vocab_size={self.vocab_size})")
 
     @property
     def video_token_dim(self) -> int:
         return self.video_latent_channels * self.video_patch_size**2
+
+
+def load_model_config(path: str | Path) -> MoTConfig:
+    """The ``model:`` section of a YAML file (e.g. ``configs/model/nano.yaml``) as a validated MoTConfig.
+
+    The same file merges into a training config as is, since its one top-level key is ``model``.
+    """
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.load(path)
+    if "model" not in raw:
+        raise ValueError(f"{path}: expected a top-level 'model:' section, found keys {sorted(raw)}")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MoTConfig), raw.model))

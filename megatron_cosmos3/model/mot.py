@@ -67,6 +67,20 @@ class MoTModel(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def init_weights(self, *modules: nn.Module) -> None:
+        """Initialises the parameters of ``modules`` (submodules of this model) as at construction."""
+        for module in modules:
+            module.apply(self._init_weights)
+
+    def materialize(self, device: torch.device | str) -> None:
+        """Allocates a model built on the meta device on ``device``, parameters left uninitialised
+        (a checkpoint or ``init_weights`` fills them): only the rotary tables are computed and
+        tied weights re-tied, so no second copy of the model is ever made."""
+        self.to_empty(device=device)
+        self.rotary.reset_buffers(device)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight  # to_empty unties them
+
     def add_embodiment(self, name: str, embodiment: EmbodimentConfig) -> None:
         """Adds a new embodiment's action projections; every existing weight stays as it is."""
         self.dm_streams.add_embodiment(name, embodiment)
@@ -99,10 +113,16 @@ class MoTModel(nn.Module):
         attention = self._attention()
         hidden = self.embed_ar(batch)
         rope = self._rotary(batch.ar_positions, hidden.dtype)
+        deepstack = batch.ar_deepstack_embeds
+        if deepstack is not None:
+            vision_rows = batch.ar_is_vision.nonzero().squeeze(1)
         keys_values = []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             hidden, k, v = layer.forward_ar(hidden, rope, layout, attention)
             keys_values.append((k, v))
+            if deepstack is not None and i < deepstack.shape[0]:
+                # DeepStack (Qwen3-VL): features of early ViT blocks join the ViT rows after layer i.
+                hidden = hidden.index_add(0, vision_rows, deepstack[i].to(hidden.dtype))
         return ARPass(self.reasoner_norm(hidden), keys_values, layout)
 
     def forward_dm(self, batch: PackedBatch, ar_pass: ARPass) -> torch.Tensor:

@@ -20,6 +20,11 @@ Loss masks: ``ar_labels`` is the next-token target of every AR position (``IGNOR
 cross-entropy is taken: prompts, ViT tokens, the last token of a sample); ``dm_noise_mask`` marks the
 noisy DM targets, the only DM tokens the flow-matching loss counts. Clean conditioning tokens carry
 timestep 0.
+
+ViT tokens: ``ar_is_vision`` marks the AR rows whose embeddings come from the vision encoder
+(``ar_vision_embeds``, in row order) instead of the vocabulary. ``ar_deepstack_embeds`` (optional,
+Qwen3-VL's DeepStack) holds k more feature sets for the same rows; set i is added to those rows'
+hidden states after Reasoner layer i.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class PackedSample:
     dm_noise_mask: torch.Tensor | None = None  # (n_dm,) bool
     ar_vision_embeds: torch.Tensor | None = None  # (n_vision, hidden) for ViT positions
     ar_is_vision: torch.Tensor | None = None  # (n_ar,) bool
+    ar_deepstack_embeds: torch.Tensor | None = None  # (k, n_vision, hidden), DeepStack features
 
     @property
     def num_ar_tokens(self) -> int:
@@ -84,6 +90,7 @@ class PackedBatch:
     dm_token_index: dict[str, torch.Tensor]  # key -> (n_k,) int64 rows of the DM stream
     ar_vision_embeds: torch.Tensor | None = None  # (n_vision, hidden)
     ar_is_vision: torch.Tensor | None = None  # (n_ar,) bool
+    ar_deepstack_embeds: torch.Tensor | None = None  # (k, n_vision, hidden)
 
     @property
     def num_samples(self) -> int:
@@ -119,7 +126,7 @@ class PackedBatch:
         ar_lengths, dm_lengths = [], []
         token_values: dict[str, list[torch.Tensor]] = {}
         token_index: dict[str, list[torch.Tensor]] = {}
-        dm_positions, dm_noise, vision_embeds, is_vision = [], [], [], []
+        dm_positions, dm_noise, vision_embeds, is_vision, deepstack = [], [], [], [], []
         dm_offset = 0
         for i, sample in enumerate(samples):
             _validate_sample(i, sample)
@@ -139,9 +146,13 @@ class PackedBatch:
             is_vision.append(flags)
             if sample.ar_vision_embeds is not None:
                 vision_embeds.append(sample.ar_vision_embeds)
+                deepstack.append(sample.ar_deepstack_embeds)
 
         n_dm = dm_offset
         ar_is_vision = torch.cat(is_vision)
+        if any(d is None for d in deepstack) and any(d is not None for d in deepstack):
+            raise ValueError("PackedBatch.from_samples: either every sample with ViT tokens carries "
+                             "ar_deepstack_embeds or none does")
         batch = cls(
             task_names=task_names,
             sample_task=torch.tensor([task_names.index(s.task) for s in samples], dtype=torch.long),
@@ -157,6 +168,7 @@ class PackedBatch:
             dm_token_index={k: torch.cat(v) for k, v in token_index.items()},
             ar_vision_embeds=torch.cat(vision_embeds) if vision_embeds else None,
             ar_is_vision=ar_is_vision if bool(ar_is_vision.any()) else None,
+            ar_deepstack_embeds=torch.cat(deepstack, dim=1) if deepstack and deepstack[0] is not None else None,
         )
         batch.validate()
         return batch
@@ -206,6 +218,12 @@ class PackedBatch:
             require(self.ar_vision_embeds is not None and self.ar_vision_embeds.shape[0] == n_vision,
                     f"ar_is_vision marks {n_vision} tokens but ar_vision_embeds has "
                     f"{None if self.ar_vision_embeds is None else self.ar_vision_embeds.shape[0]} rows")
+        if self.ar_deepstack_embeds is not None:
+            require(self.ar_is_vision is not None, "ar_deepstack_embeds needs ar_is_vision and ar_vision_embeds")
+            want = (int(self.ar_is_vision.sum()), self.ar_vision_embeds.shape[1])
+            shape = tuple(self.ar_deepstack_embeds.shape)
+            require(len(shape) == 3 and shape[1:] == want,
+                    f"ar_deepstack_embeds has shape {shape}, expected (k, {want[0]}, {want[1]})")
 
 
 def _cumulative(lengths: list[int]) -> torch.Tensor:

@@ -49,6 +49,48 @@ def vision_grid_positions(start: float, grid_t: int, grid_h: int, grid_w: int) -
     return start + torch.stack([t.flatten(), h.flatten(), w.flatten()])
 
 
+def token_runs(token_kind: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(kind, first, end) of each maximal run of equal values in ``token_kind`` (n,)."""
+    kinds = token_kind.cpu()
+    if kinds.numel() == 0:
+        return []
+    starts = [0] + (torch.nonzero(kinds[1:] != kinds[:-1]).squeeze(1) + 1).tolist()
+    ends = starts[1:] + [kinds.numel()]
+    return [(int(kinds[a]), a, b) for a, b in zip(starts, ends)]
+
+
+def qwen3_vl_positions(token_kind: torch.Tensor, vision_grids: list[tuple[int, int, int]]) -> torch.Tensor:
+    """(3, n) positions of one sample's AR tokens exactly as Qwen3-VL's ``get_rope_index`` sets them.
+
+    ``token_kind`` (n,) is 0 for text and > 0 for ViT tokens (the processor's mm_token_type_ids:
+    1 image, 2 video; a bool ``is_vision`` mask works too). Each maximal run of one ViT kind is one
+    merged grid (t, h, w) of ``vision_grids``, in order: an image, or one frame of a video (Qwen3-VL
+    puts timestamp text between frames, so every frame is its own run with t = 1). Text advances
+    all axes by 1 per token; a grid starts every axis at the current position
+    (``vision_grid_positions``) and the text after it continues at start + max(h, w) — Qwen3-VL's
+    rule, which is ``next_start`` for the t = 1 grids it produces.
+    """
+    parts, start, grids = [], 0.0, iter(vision_grids)
+    for kind, first, end in token_runs(token_kind):
+        if kind == 0:
+            parts.append(text_positions(start, end - first))
+            start += end - first
+            continue
+        grid = next(grids, None)
+        if grid is None:
+            raise ValueError(f"qwen3_vl_positions: ViT run at tokens [{first}, {end}) has no grid left "
+                             f"({len(vision_grids)} grids given)")
+        t, h, w = (int(x) for x in grid)
+        if t * h * w != end - first:
+            raise ValueError(f"qwen3_vl_positions: ViT run at tokens [{first}, {end}) has {end - first} "
+                             f"tokens but its grid {(t, h, w)} has {t * h * w}")
+        parts.append(vision_grid_positions(start, t, h, w))
+        start += max(h, w)
+    if next(grids, None) is not None:
+        raise ValueError(f"qwen3_vl_positions: {len(vision_grids)} grids given but fewer ViT runs in the tokens")
+    return torch.cat(parts, dim=1) if parts else torch.zeros(3, 0)
+
+
 def next_start(positions: torch.Tensor, default: float = 0.0) -> float:
     """The first free position after a section: max over all axes + 1."""
     return float(positions.max()) + 1.0 if positions.numel() else default

@@ -20,13 +20,20 @@ class MultimodalRotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float, mrope_section: list[int]):
         super().__init__()
-        # float32 exactly as Qwen3-VL computes it: the converted model must reproduce its logits.
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        axis = torch.zeros(head_dim // 2, dtype=torch.long)
-        axis[1 : 3 * mrope_section[1] : 3] = 1
-        axis[2 : 3 * mrope_section[2] : 3] = 2
-        self.register_buffer("frequency_axis", axis, persistent=False)
+        self.head_dim, self.theta, self.mrope_section = head_dim, theta, list(mrope_section)
+        self.reset_buffers()
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)computes the tables, e.g. after ``to_empty`` left a meta-built model's buffers blank."""
+        d = self.head_dim
+        device = device or torch.get_default_device()  # e.g. meta inside ``with torch.device("meta")``
+        # float32 on the CPU exactly as Qwen3-VL computes it: the converted model must reproduce its logits.
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d))
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        axis = torch.zeros(d // 2, dtype=torch.long)
+        axis[1 : 3 * self.mrope_section[1] : 3] = 1
+        axis[2 : 3 * self.mrope_section[2] : 3] = 2
+        self.register_buffer("frequency_axis", axis.to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         # (3, N, D/2) angles per axis, then each frequency keeps the angle of its own axis.

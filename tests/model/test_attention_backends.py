@@ -2,11 +2,16 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from megatron_cosmos3.data.synthetic_packs import pack_from_lengths, random_pack
+from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.model.attention import (
-    DenseMaskAttention, PackLayout, SdpaVarlenAttention, attention_backend,
+    DenseMaskAttention,
+    PackLayout,
+    SdpaVarlenAttention,
+    attention_backend,
 )
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
@@ -139,3 +144,14 @@ def test_flash_backend_falls_back_to_sdpa_without_cuda(caplog):
     with caplog.at_level("WARNING"):
         backend = attention_backend("flash", "cpu")
     assert isinstance(backend, SdpaVarlenAttention)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9)).filter(lambda s: sum(s) > 0), min_size=1, max_size=8))
+def test_sdpa_matches_dense_reference_on_any_pack_shape(lengths):
+    layout = layout_of(lengths)
+    n_ar, n_dm = sum(a for a, _ in lengths), sum(d for _, d in lengths)
+    tensors = [t.detach() for t in random_qkv(layout, n_ar, n_dm)]
+    for got, want in zip(run_backend(SdpaVarlenAttention(), tensors, layout),
+                         run_backend(DenseMaskAttention(), tensors, layout)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

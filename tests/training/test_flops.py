@@ -1,6 +1,6 @@
 import torch
 
-from megatron_cosmos3.model.attention import DenseMaskAttention, PackLayout
+from megatron_cosmos3.model.attention import PackLayout
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.training.flops import attention_pairs, step_flops, tower_parameter_counts
 

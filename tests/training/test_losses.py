@@ -6,7 +6,10 @@ import torch
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.training.flow_matching import (
-    FlowMatchingConfig, add_flow_matching_noise, sample_timesteps, shift_timesteps,
+    FlowMatchingConfig,
+    add_flow_matching_noise,
+    sample_timesteps,
+    shift_timesteps,
 )
 from megatron_cosmos3.training.losses import flow_matching_per_token, mot_losses
 

@@ -1,0 +1,174 @@
+"""Sharded safetensors folders, read and written one tensor at a time.
+
+The layout is Hugging Face's: either one ``model.safetensors``, or shards
+``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json`` whose ``weight_map`` says
+which shard holds each tensor. Reading never holds more than one tensor of the folder in memory;
+writing holds at most one shard's worth of converted tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class ConversionError(ValueError):
+    """A checkpoint folder that cannot be converted; the message names the file and the key."""
+
+
+def shard_map(folder: str | Path) -> dict[str, list[str]]:
+    """Shard file name -> the tensor keys it holds (index order), from the index or the single file."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ConversionError(f"{index}: not a safetensors index with a 'weight_map' ({error})") from None
+        shards: dict[str, list[str]] = {}
+        for key, shard in weight_map.items():
+            shards.setdefault(shard, []).append(key)
+        return shards
+    if (folder / SINGLE_FILE).is_file():
+        with _shard(folder / SINGLE_FILE) as handle:
+            return {SINGLE_FILE: list(handle.keys())}
+    found = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    hint = f" (found {found}: only safetensors weights are supported)" if found else ""
+    raise ConversionError(f"{folder}: no {INDEX_FILE} or {SINGLE_FILE}{hint}")
+
+
+@contextmanager
+def _shard(path: Path):
+    """An open shard (memory-mapped); a missing, truncated or corrupt file is a ConversionError."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise ConversionError(f"{path}: shard file is missing")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            yield handle
+    except SafetensorError as error:
+        raise ConversionError(f"{path}: shard is truncated or corrupt ({error})") from None
+
+
+def tensor_dtype(folder: str | Path, key: str) -> torch.dtype:
+    """The stored dtype of one tensor, read from its shard's header (no tensor data is read)."""
+    folder = Path(folder)
+    shard = next((s for s, keys in shard_map(folder).items() if key in keys), None)
+    if shard is None:
+        raise ConversionError(f"{folder}: missing tensor {key!r}")
+    with _shard(folder / shard) as handle:
+        return _DTYPES[handle.get_slice(key).get_dtype()]
+
+
+def iter_tensors(folder: str | Path) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """Yields (shard file name, key, tensor) for every tensor of the folder, one at a time.
+
+    Every shard is checked before its first tensor is read: a missing, truncated or corrupt file,
+    or a tensor the index places in a shard that lacks it, is a ConversionError naming both.
+    """
+    folder = Path(folder)
+    for shard, keys in sorted(shard_map(folder).items()):
+        yield from _stream_shard(folder / shard, keys)
+
+
+def _stream_shard(path: Path, keys: list[str]) -> Iterator[tuple[str, str, torch.Tensor]]:
+    with _shard(path) as handle:
+        present = set(handle.keys())
+        absent = [key for key in keys if key not in present]
+        if absent:
+            raise ConversionError(f"{path}: the index lists tensor {absent[0]!r} but the shard lacks it")
+        for key in keys:
+            yield path.name, key, handle.get_tensor(key)
+
+
+@torch.no_grad()
+def load_into(folder: str | Path, targets: dict[str, list[torch.Tensor]], optional: frozenset[str] = frozenset(),
+              describe: str = "the model") -> None:
+    """Copies every tensor of ``folder`` into its pre-allocated ``targets[key]`` (each one of the
+    list: a tensor may fill several parameters), streaming one tensor at a time.
+
+    The folder must hold exactly the keys of ``targets`` (those in ``optional`` may be absent) with
+    the targets' shapes; anything else is a ConversionError naming the key. Dtypes are converted by
+    the copy.
+    """
+    folder = Path(folder)
+    seen = set()
+    for shard, key, tensor in iter_tensors(folder):
+        if key not in targets:
+            raise ConversionError(f"{folder / shard}: unexpected tensor {key!r}: {describe} has no such parameter")
+        want = tuple(targets[key][0].shape)
+        if tuple(tensor.shape) != want:
+            raise ConversionError(f"{folder / shard}: tensor {key!r} has shape {tuple(tensor.shape)}, but the "
+                                  f"config gives {describe} shape {want} there")
+        for target in targets[key]:
+            target.copy_(tensor)
+        seen.add(key)
+        del tensor
+    missing = sorted(set(targets) - seen - set(optional))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ConversionError(f"{folder}: missing tensor {missing[0]!r}{more} ({describe} needs it)")
+
+
+@dataclass
+class PlannedTensor:
+    """One tensor to write: its key, final shape/dtype, and how to produce it when its shard is due."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    produce: Callable[[], torch.Tensor]
+
+    @property
+    def num_bytes(self) -> int:
+        return int(torch.Size(self.shape).numel()) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def write_sharded(folder: str | Path, tensors: list[PlannedTensor],
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
+    """Writes ``tensors`` in order into shards of at most ``max_shard_bytes`` (a larger tensor gets a
+    shard of its own) plus the index, or into one ``model.safetensors`` if they fit in one shard."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    groups: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if groups[-1] and size + tensor.num_bytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(tensor)
+        size += tensor.num_bytes
+    names = ([SINGLE_FILE] if len(groups) == 1 else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    weight_map = {}
+    for name, group in zip(names, groups):
+        shard = {}
+        for tensor in group:
+            value = tensor.produce().detach().to(tensor.dtype).contiguous()
+            if tuple(value.shape) != tensor.shape:
+                raise ConversionError(f"{tensor.key}: produced shape {tuple(value.shape)}, planned {tensor.shape}")
+            shard[tensor.key] = value
+            weight_map[tensor.key] = name
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        del shard
+    if len(groups) > 1:
+        total = sum(t.num_bytes for t in tensors)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return [folder / name for name in names]

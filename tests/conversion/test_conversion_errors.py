@@ -1,0 +1,126 @@
+"""Every broken input is a clear error naming the file and the key; hub-format configs import."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from qwen3_vl_tiny import TINY_YAML
+from safetensors.torch import load_file, save_file
+
+from megatron_cosmos3.conversion import ConversionError, load_qwen3_vl
+from megatron_cosmos3.model.config import load_model_config
+
+INDEX = "model.safetensors.index.json"
+UP_PROJ = "model.language_model.layers.1.mlp.up_proj.weight"
+
+
+@pytest.fixture
+def folder(hf_folder, tmp_path):
+    """A private copy of the tiny checkpoint to break."""
+    return shutil.copytree(hf_folder, tmp_path / "copy")
+
+
+def edit_json(path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def shard_of(folder, key: str):
+    return folder / json.loads((folder / INDEX).read_text())["weight_map"][key]
+
+
+def rewrite_shard(path, change) -> None:
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_folder_that_is_not_qwen3_vl(folder, tmp_path):
+    with pytest.raises(ConversionError, match="no config.json: not a Hugging Face model folder"):
+        load_qwen3_vl(tmp_path)
+    edit_json(folder / "config.json", lambda c: c.update(model_type="qwen2_5_vl"))
+    with pytest.raises(ConversionError, match=r"config.json: model_type='qwen2_5_vl', expected 'qwen3_vl'"):
+        load_qwen3_vl(folder)
+
+
+def test_missing_tensor(folder):
+    rewrite_shard(shard_of(folder, UP_PROJ), lambda t: t.pop(UP_PROJ))
+    edit_json(folder / INDEX, lambda index: index["weight_map"].pop(UP_PROJ))
+    with pytest.raises(ConversionError, match=f"missing tensor '{UP_PROJ}'"):
+        load_qwen3_vl(folder)
+
+
+def test_tensor_the_index_promises_but_the_shard_lacks(folder):
+    shard = shard_of(folder, UP_PROJ)
+    rewrite_shard(shard, lambda t: t.pop(UP_PROJ))
+    message = f"{shard.name}: the index lists tensor '{UP_PROJ}' but the shard lacks it"
+    with pytest.raises(ConversionError, match=message):
+        load_qwen3_vl(folder)
+
+
+def test_extra_tensor(folder):
+    extra = "model.language_model.layers.3.mlp.up_proj.weight"  # a fourth layer the config does not have
+    shard = shard_of(folder, UP_PROJ)
+    rewrite_shard(shard, lambda t: t.update({extra: t[UP_PROJ].clone()}))
+    edit_json(folder / INDEX, lambda index: index["weight_map"].update({extra: shard.name}))
+    with pytest.raises(ConversionError, match=f"unexpected tensor '{extra}'"):
+        load_qwen3_vl(folder)
+
+
+def test_shape_that_does_not_match_the_config(folder):
+    edit_json(folder / "config.json", lambda c: c["text_config"].update(intermediate_size=96))
+    with pytest.raises(ConversionError, match=r"tensor 'model\.language_model\.layers\.\d\.mlp\.\w+_proj\.weight' "
+                                              r"has shape \(\d+, \d+\), but the config gives"):
+        load_qwen3_vl(folder)
+
+
+def test_truncated_shard(folder):
+    shard = shard_of(folder, UP_PROJ)
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ConversionError, match=f"{shard.name}: shard is truncated or corrupt"):
+        load_qwen3_vl(folder)
+
+
+def test_missing_shard_file(folder):
+    shard = shard_of(folder, UP_PROJ)
+    shard.unlink()
+    with pytest.raises(ConversionError, match=f"{shard.name}: shard file is missing"):
+        load_qwen3_vl(folder)
+
+
+def test_no_safetensors_weights(folder):
+    for path in list(folder.glob("model*.safetensors*")):
+        path.unlink()
+    torch.save({}, folder / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match=r"no model.safetensors.index.json or model.safetensors .*only safetens"):
+        load_qwen3_vl(folder)
+
+
+def test_given_config_must_agree_with_the_checkpoint(folder):
+    wider = load_model_config(TINY_YAML)
+    wider.ffn_hidden_size = 256
+    with pytest.raises(ConversionError, match="the checkpoint has ffn_hidden_size=128 but the given config has 256"):
+        load_qwen3_vl(folder, config=wider)
+    deeper_vit = load_model_config(TINY_YAML)
+    deeper_vit.vision.depth = 27
+    with pytest.raises(ConversionError, match="the checkpoint has vision.depth=3 but the given config has 27"):
+        load_qwen3_vl(folder, config=deeper_vit)
+
+
+def test_hub_format_config_imports_the_same(folder, hf_folder):
+    """Hub checkpoints were saved by transformers 4.57: rope_scaling + rope_theta, vision model_type
+    'qwen3_vl', torch_dtype. They give the same model config."""
+    def legacy(config):
+        text = config["text_config"]
+        rope = text.pop("rope_parameters")
+        text["rope_scaling"] = {"mrope_interleaved": True, "mrope_section": rope["mrope_section"],
+                                "rope_type": "default"}
+        text["rope_theta"] = rope["rope_theta"]
+        config["vision_config"]["model_type"] = "qwen3_vl"
+        config["vision_config"].pop("rope_parameters")
+        config["torch_dtype"] = config.pop("dtype")
+
+    edit_json(folder / "config.json", legacy)
+    assert load_qwen3_vl(folder)[0].config == load_qwen3_vl(hf_folder)[0].config
