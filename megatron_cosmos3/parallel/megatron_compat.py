@@ -7,7 +7,9 @@ process groups of ``parallel_state``) runs on gloo as is.
 
 Not usable on CPU at all, and therefore replaced by PyTorch-native pieces (see ``data_parallel.py``):
 megatron's DistributedDataParallel and DistributedOptimizer (they allocate their contiguous grad
-buffers on CUDA, use CUDA streams for overlap, and check ``torch.cuda.*Tensor`` types).
+buffers on CUDA, use CUDA streams for overlap, and check ``torch.cuda.*Tensor`` types); and
+megatron's pipeline schedules and p2p communication (they allocate on ``"cuda"`` /
+``torch.cuda.current_device()`` unconditionally; see ``pipeline_schedules.py``).
 """
 
 from __future__ import annotations

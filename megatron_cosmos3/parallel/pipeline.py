@@ -1,0 +1,207 @@
+"""Pipeline parallelism for a built MoT: split into stages after building (torchtitan style).
+
+Every rank builds the full model with the same seed, then keeps only its own model chunks; no model
+fork. With ``pipeline`` ranks and ``virtual_pipeline`` chunks per rank the layers form
+``pipeline * virtual_pipeline`` equal virtual stages, and, as in Megatron's interleaving, chunk ``c``
+of pipeline rank ``r`` is virtual stage ``c * pipeline + r``. Virtual stage 0 also holds the
+embeddings, the last one the final norms and both heads.
+
+A stage runs, for each of its layers, the Reasoner half and then the Generator half (the Generator
+half of layer i attends to layer i's AR keys/values, which live on the same stage). So between stages
+only the two hidden streams travel, ``(ar_hidden (n_ar, hidden), dm_hidden (n_dm, hidden))``, and
+their gradients. The packing metadata (cu_seqlens, positions, noise masks, DM token index, ...) is
+never sent: every pipeline rank reads the same micro-batches from its own data source, as Megatron
+does for masks and position ids, and derives the shapes of what it receives from them.
+
+Parameters used at both ends of the pipeline — the DM stream projections (inputs embedded on the
+first stage, velocities predicted on the last) and tied word embeddings — are held by the first and
+the last stage; ``PipelineStages.finalize_grads`` sums their gradients over ``ParallelGroups.embedding``
+so both copies take the same optimizer step (Megatron's embedding-group all-reduce).
+
+Parameter and state-dict names are those of the full model (``layers.5.reasoner...``), so
+checkpoints and per-parameter comparisons need no renaming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_cosmos3.model.attention import PackLayout, attention_backend
+from megatron_cosmos3.model.mot import MoTModel, MoTOutput
+from megatron_cosmos3.model.packed_batch import IGNORE_INDEX, PackedBatch
+from megatron_cosmos3.parallel.sizes import ParallelSizes
+from megatron_cosmos3.parallel.state import ParallelGroups
+
+# What travels between stages: (ar_hidden (n_ar, hidden), dm_hidden (n_dm, hidden)).
+HiddenStreams = tuple[torch.Tensor, torch.Tensor]
+
+
+def stage_layer_ranges(num_layers: int, pipeline: int, virtual_pipeline: int, pipeline_rank: int) -> list[range]:
+    """The layers of each model chunk of ``pipeline_rank``: chunk c holds virtual stage
+    ``c * pipeline + pipeline_rank``, a block of ``num_layers / (pipeline * virtual_pipeline)`` layers."""
+    stages = pipeline * virtual_pipeline
+    if num_layers % stages:
+        raise ValueError(f"num_layers={num_layers} is not divisible by pipeline*virtual_pipeline={stages}")
+    per_stage = num_layers // stages
+    return [range(v * per_stage, (v + 1) * per_stage)
+            for v in (chunk * pipeline + pipeline_rank for chunk in range(virtual_pipeline))]
+
+
+class MoTStage(nn.Module):
+    """One model chunk: a block of consecutive layers, plus the embeddings on virtual stage 0 and
+    the final norms and heads on the last virtual stage.
+
+    Holds the very modules of the model it was cut from (no copies), under the model's names.
+    """
+
+    def __init__(self, model: MoTModel, layers: range, is_first: bool, is_last: bool):
+        super().__init__()
+        self.config = model.config
+        self.is_first, self.is_last = is_first, is_last
+        self.layer_indices = layers
+        self.rotary = model.rotary  # buffers only: every stage computes its own rotary tables
+        # Keyed by the global layer index, so names stay "layers.<i>...." as in the full model.
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layers})
+        if is_first:
+            self.embed_tokens = model.embed_tokens
+            self.timestep_embedding = model.timestep_embedding
+        if is_first or is_last:
+            self.dm_streams = model.dm_streams  # input projections used first, output ones last
+        if is_last:
+            self.reasoner_norm = model.reasoner_norm
+            self.generator_norm = model.generator_norm
+            self.lm_head = model.lm_head
+
+    def forward(self, batch: PackedBatch, hidden: HiddenStreams | None,
+                layout: PackLayout) -> HiddenStreams | MoTOutput:
+        """Runs this chunk on one micro-batch.
+
+        ``hidden``: the previous stage's streams (None on the first stage, which embeds ``batch``).
+        Returns the streams for the next stage, or on the last stage the model's ``MoTOutput``.
+        """
+        # The embedding and head code is MoTModel's own, called on this stage (same attribute names).
+        ar, dm = (MoTModel.embed_ar(self, batch), MoTModel.embed_dm(self, batch)) if self.is_first else hidden
+        attention = attention_backend(self.config.attention_backend, ar.device)
+        ar_rope = MoTModel._rotary(self, batch.ar_positions, ar.dtype)
+        dm_rope = MoTModel._rotary(self, batch.dm_positions, dm.dtype)
+        # The same loop as MoTModel.forward_ar / forward_dm, over this stage's layers only.
+        deepstack = batch.ar_deepstack_embeds
+        if deepstack is not None:
+            vision_rows = batch.ar_is_vision.nonzero().squeeze(1)
+        keys_values = []
+        for i in self.layer_indices:
+            ar, k, v = self.layers[str(i)].forward_ar(ar, ar_rope, layout, attention)
+            keys_values.append((k, v))
+            if deepstack is not None and i < deepstack.shape[0]:
+                ar = ar.index_add(0, vision_rows, deepstack[i].to(ar.dtype))
+        for i, (k_ar, v_ar) in zip(self.layer_indices, keys_values):
+            dm = self.layers[str(i)].forward_dm(dm, dm_rope, k_ar, v_ar, layout, attention)
+        if not self.is_last:
+            return ar, dm
+        ar, dm = self.reasoner_norm(ar), self.generator_norm(dm)
+        rows = (batch.ar_labels != IGNORE_INDEX).nonzero().squeeze(1)
+        return MoTOutput(ar_hidden=ar, dm_hidden=dm, layout=layout,
+                         lm_logits=MoTModel.lm_logits(self, ar.index_select(0, rows)), lm_logit_rows=rows,
+                         dm_predictions=MoTModel.dm_predictions(self, dm, batch))
+
+
+def split_model(model: MoTModel, sizes: ParallelSizes, pipeline_rank: int) -> list[MoTStage]:
+    """The model chunks of ``pipeline_rank``, in chunk order (no process group needed)."""
+    pipeline, virtual = sizes.pipeline, sizes.virtual_pipeline
+    ranges = stage_layer_ranges(model.config.num_layers, pipeline, virtual, pipeline_rank)
+    return [MoTStage(model, layers, is_first=chunk * pipeline + pipeline_rank == 0,
+                     is_last=chunk * pipeline + pipeline_rank == pipeline * virtual - 1)
+            for chunk, layers in enumerate(ranges)]
+
+
+def _canonical_names(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> its name in the full model (the first name of a tied parameter)."""
+    return {id(p): name for name, p in model.named_parameters()}
+
+
+class PipelineStages:
+    """This rank's share of the pipeline: its model chunks and the groups the schedule talks over.
+
+    ``chunks[c]`` is virtual stage ``c * pipeline + pipeline_rank``. Parameters are named as in the
+    full model; ``parameters()`` is what this rank's optimizer steps.
+    """
+
+    def __init__(self, chunks: list[MoTStage], groups: ParallelGroups, canonical_names: dict[int, str],
+                 shared_names: list[str]):
+        self.chunks = chunks
+        self.groups = groups
+        self.pipeline = groups.sizes.pipeline
+        self.virtual_pipeline = groups.sizes.virtual_pipeline
+        self.pipeline_rank = groups.pipeline_rank
+        self.hidden_size = chunks[0].config.hidden_size
+        self._names = canonical_names
+        self._shared_names = shared_names  # held by several pipeline ranks; same order on every rank
+        first = next(p for p in self.parameters() if p.is_floating_point())
+        self.dtype, self.device = first.dtype, first.device  # of the hidden streams sent between stages
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        seen = set()
+        for chunk in self.chunks:
+            for p in chunk.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield self._names[id(p)], p
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return (p for _, p in self.named_parameters())
+
+    def train(self, mode: bool = True) -> PipelineStages:
+        for chunk in self.chunks:
+            chunk.train(mode)
+        return self
+
+    def eval(self) -> PipelineStages:
+        return self.train(False)
+
+    def finalize_grads(self) -> None:
+        """Sums the gradients of parameters held by both the first and the last stage, so every copy
+        has the full gradient. A parameter no copy used keeps grad None (as in one process). Call once
+        per optimizer step, after the last backward (``forward_backward`` does)."""
+        held = dict(self.named_parameters())
+        shared = [held[name] for name in self._shared_names if name in held]
+        if not shared:
+            return
+        group = self.groups.embedding
+        used = torch.tensor([float(p.grad is not None) for p in shared], device=self.device)
+        dist.all_reduce(used, group=group)
+        shared = [p for p, u in zip(shared, used.tolist()) if u]
+        if not shared:
+            return
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in shared])
+        dist.all_reduce(flat, group=group)
+        for p, grad in zip(shared, flat.split([p.numel() for p in shared])):
+            p.grad = grad.view_as(p).clone()
+
+
+def split_into_stages(model: MoTModel, groups: ParallelGroups) -> PipelineStages:
+    """Keeps this rank's chunks of ``model`` (built in full, with the same seed, on every rank).
+
+    The stages share modules with ``model``; drop ``model`` afterwards so the other ranks' layers are
+    freed.
+    """
+    sizes = groups.sizes
+    names = _canonical_names(model)
+    holders: dict[str, set[int]] = {}
+    for rank in range(sizes.pipeline):
+        for chunk in split_model(model, sizes, rank):
+            for p in chunk.parameters():
+                holders.setdefault(names[id(p)], set()).add(rank)
+    unplaced = sorted(set(names.values()) - holders.keys())
+    if unplaced:  # a module MoTStage does not know about (e.g. one newly added to MoTModel)
+        raise ValueError(f"pipeline stages place no copy of {unplaced}; teach MoTStage where they belong")
+    shared = [name for name, ranks in holders.items() if len(ranks) > 1]
+    ends = {0, sizes.pipeline - 1}
+    for name in shared:
+        if holders[name] != ends:  # the embedding group holds exactly the first and the last stage
+            raise ValueError(f"parameter {name} is held by pipeline ranks {sorted(holders[name])}; only "
+                             f"parameters of the first and last stage ({sorted(ends)}) may be shared")
+    return PipelineStages(split_model(model, sizes, groups.pipeline_rank), groups, names, shared)
