@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,33 @@ class MoTOutput:
     lm_logits: torch.Tensor  # (n_labelled, vocab): only AR rows with a next-token label
     lm_logit_rows: torch.Tensor  # (n_labelled,) which AR rows those are
     dm_predictions: dict[str, torch.Tensor]  # per DM stream: (n_k, d_k) velocity predictions
+
+
+def run_reasoner(layers: Iterable[tuple[int, MoTLayer]], hidden: torch.Tensor, rope: StreamRotary,
+                 layout: PackLayout, attention, batch: PackedBatch):
+    """The Reasoner halves of ``layers`` ((global index, layer) pairs, in order) on the AR stream.
+
+    Returns the AR hidden states and each layer's AR keys/values. Shared by the full model, pipeline
+    stages and the context-parallel runner, so the layer loop (with DeepStack) exists once.
+    """
+    deepstack = batch.ar_deepstack_embeds
+    vision_rows = batch.ar_is_vision.nonzero().squeeze(1) if deepstack is not None else None
+    keys_values = []
+    for index, layer in layers:
+        hidden, k, v = layer.forward_ar(hidden, rope, layout, attention)
+        keys_values.append((k, v))
+        if deepstack is not None and index < deepstack.shape[0]:
+            # DeepStack (Qwen3-VL): features of early ViT blocks join the ViT rows after layer i.
+            hidden = hidden.index_add(0, vision_rows, deepstack[index].to(hidden.dtype))
+    return hidden, keys_values
+
+
+def run_generator(layers: Iterable[MoTLayer], hidden: torch.Tensor, rope: StreamRotary,
+                  keys_values: list[tuple[torch.Tensor, torch.Tensor]], layout: PackLayout, attention) -> torch.Tensor:
+    """The Generator halves of ``layers`` on the DM stream, each against its layer's AR K/V."""
+    for layer, (k_ar, v_ar) in zip(layers, keys_values, strict=True):
+        hidden = layer.forward_dm(hidden, rope, k_ar, v_ar, layout, attention)
+    return hidden
 
 
 class MoTModel(nn.Module):
@@ -110,28 +138,16 @@ class MoTModel(nn.Module):
     def forward_ar(self, batch: PackedBatch, layout: PackLayout | None = None) -> ARPass:
         """Runs only the AR stream through the Reasoner towers."""
         layout = layout or PackLayout.from_cu_seqlens(batch.ar_cu_seqlens, batch.dm_cu_seqlens)
-        attention = self._attention()
         hidden = self.embed_ar(batch)
         rope = self._rotary(batch.ar_positions, hidden.dtype)
-        deepstack = batch.ar_deepstack_embeds
-        if deepstack is not None:
-            vision_rows = batch.ar_is_vision.nonzero().squeeze(1)
-        keys_values = []
-        for i, layer in enumerate(self.layers):
-            hidden, k, v = layer.forward_ar(hidden, rope, layout, attention)
-            keys_values.append((k, v))
-            if deepstack is not None and i < deepstack.shape[0]:
-                # DeepStack (Qwen3-VL): features of early ViT blocks join the ViT rows after layer i.
-                hidden = hidden.index_add(0, vision_rows, deepstack[i].to(hidden.dtype))
+        hidden, keys_values = run_reasoner(enumerate(self.layers), hidden, rope, layout, self._attention(), batch)
         return ARPass(self.reasoner_norm(hidden), keys_values, layout)
 
     def forward_dm(self, batch: PackedBatch, ar_pass: ARPass) -> torch.Tensor:
         """Runs only the DM stream through the Generator towers against the AR pass's K/V."""
-        attention = self._attention()
         hidden = self.embed_dm(batch)
         rope = self._rotary(batch.dm_positions, hidden.dtype)
-        for layer, (k_ar, v_ar) in zip(self.layers, ar_pass.keys_values):
-            hidden = layer.forward_dm(hidden, rope, k_ar, v_ar, ar_pass.layout, attention)
+        hidden = run_generator(self.layers, hidden, rope, ar_pass.keys_values, ar_pass.layout, self._attention())
         return self.generator_norm(hidden)
 
     def forward(self, batch: PackedBatch) -> MoTOutput:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_cosmos3.model.attention import PackLayout, attention_backend
-from megatron_cosmos3.model.mot import MoTModel, MoTOutput
+from megatron_cosmos3.model.mot import MoTModel, MoTOutput, run_generator, run_reasoner
 from megatron_cosmos3.model.packed_batch import IGNORE_INDEX, PackedBatch
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.parallel.state import ParallelGroups
@@ -88,18 +88,10 @@ class MoTStage(nn.Module):
         attention = attention_backend(self.config.attention_backend, ar.device)
         ar_rope = MoTModel._rotary(self, batch.ar_positions, ar.dtype)
         dm_rope = MoTModel._rotary(self, batch.dm_positions, dm.dtype)
-        # The same loop as MoTModel.forward_ar / forward_dm, over this stage's layers only.
-        deepstack = batch.ar_deepstack_embeds
-        if deepstack is not None:
-            vision_rows = batch.ar_is_vision.nonzero().squeeze(1)
-        keys_values = []
-        for i in self.layer_indices:
-            ar, k, v = self.layers[str(i)].forward_ar(ar, ar_rope, layout, attention)
-            keys_values.append((k, v))
-            if deepstack is not None and i < deepstack.shape[0]:
-                ar = ar.index_add(0, vision_rows, deepstack[i].to(ar.dtype))
-        for i, (k_ar, v_ar) in zip(self.layer_indices, keys_values):
-            dm = self.layers[str(i)].forward_dm(dm, dm_rope, k_ar, v_ar, layout, attention)
+        # The model's own layer loops, over this stage's layers only.
+        layers = [(i, self.layers[str(i)]) for i in self.layer_indices]
+        ar, keys_values = run_reasoner(layers, ar, ar_rope, layout, attention, batch)
+        dm = run_generator([layer for _, layer in layers], dm, dm_rope, keys_values, layout, attention)
         if not self.is_last:
             return ar, dm
         ar, dm = self.reasoner_norm(ar), self.generator_norm(dm)
