@@ -98,9 +98,10 @@ def loss_breakdown(output: MoTOutput, batch: PackedBatch, targets: dict[str, tor
 
     ``group``: ranks that each hold a disjoint part of one micro-batch (context parallel; ``batch``
     is this rank's part). The means are then over the whole group's tokens: ``total`` has the value
-    of the whole micro-batch's loss on every rank, and the gradient of this rank's share only, so
-    the gradients summed over the group are those of the whole loss. Sums, counts and per-task parts
-    stay this rank's share: summed over all ranks (as the metrics do) each token counts once.
+    of the whole micro-batch's loss on every rank, and the gradient of group-size x this rank's
+    share (Megatron's convention), so gradients *averaged* over the group — as DDP averages over the
+    data-and-context ranks — are those of the whole loss. Sums, counts and per-task parts stay this
+    rank's share: summed over all ranks (as the metrics do) each token counts once.
     """
     ce, ce_rows = cross_entropy_per_token(output, batch)
     fm, fm_rows = flow_matching_per_token(output.dm_predictions, targets, batch)
@@ -130,5 +131,6 @@ def _group_mean(ce_sum: torch.Tensor, ce_count: int, fm_sum: torch.Tensor, fm_co
     group_ce_count, group_fm_count = int(parts[2]), int(parts[3])
     share = _mean(ce_sum, group_ce_count) + flow_matching_weight * _mean(fm_sum, group_fm_count)
     whole = _mean(parts[0], group_ce_count) + flow_matching_weight * _mean(parts[1], group_fm_count)
-    # The value of the whole micro-batch's loss carrying the gradient of this rank's share.
-    return share + (whole.to(share.dtype) - share).detach()
+    # The whole micro-batch's loss as the value, group-size x this rank's share as the gradient.
+    scaled = share * dist.get_world_size(group)
+    return scaled + (whole.to(scaled.dtype) - scaled).detach()
