@@ -103,6 +103,13 @@ class MoTConfig:
     # "sdpa" (varlen via per-sample SDPA, CPU and GPU), "flash" (flash-attn varlen, GPU),
     # "dense" (a dense-mask reference for tests).
     attention_backend: str = "sdpa"
+    # Mixture of experts (Qwen3-VL-MoE style): 0 = dense SwiGLU MLPs. moe_towers says which towers
+    # route their MLP through experts; moe_ffn_hidden_size 0 = ffn_hidden_size per expert.
+    num_experts: int = 0
+    moe_top_k: int = 2
+    moe_ffn_hidden_size: int = 0
+    moe_towers: list[str] = field(default_factory=lambda: ["reasoner", "generator"])
+    moe_aux_loss_weight: float = 0.01  # load-balancing loss coefficient (per MoE layer)
     # The understanding ViT (Qwen3-VL's); None = ViT embeddings, if any, come with the batch.
     vision: VisionConfig | None = None
 
@@ -134,6 +141,12 @@ class MoTConfig:
             f"mrope_section={list(self.mrope_section)}: the interleaved h/w frequencies "
             f"do not fit in head_dim/2={self.head_dim // 2}",
         )
+        require(self.num_experts >= 0, f"num_experts={self.num_experts} must be >= 0")
+        if self.num_experts:
+            require(0 < self.moe_top_k <= self.num_experts,
+                    f"moe_top_k={self.moe_top_k} must be in [1, num_experts={self.num_experts}]")
+            require(set(self.moe_towers) <= {"reasoner", "generator"} and len(self.moe_towers) > 0,
+                    f"moe_towers={list(self.moe_towers)} must name 'reasoner' and/or 'generator'")
         require(self.timestep_embedding_dim % 2 == 0,
                 f"timestep_embedding_dim={self.timestep_embedding_dim} must be even")
         for name, emb in self.embodiments.items():

@@ -28,8 +28,9 @@ class MoTLayer(nn.Module):
 
     def __init__(self, config: MoTConfig):
         super().__init__()
-        self.reasoner = Tower(config)
-        self.generator = Tower(config)
+        moe = set(config.moe_towers) if config.num_experts else set()
+        self.reasoner = Tower(config, mixture_of_experts="reasoner" in moe)
+        self.generator = Tower(config, mixture_of_experts="generator" in moe)
         # Activation recomputation: "full" keeps only each half-layer's input and recomputes the rest
         # in backward; "selective" recomputes only the core attention (Megatron's selective mode).
         self.recompute = "none"

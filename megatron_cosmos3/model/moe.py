@@ -39,13 +39,38 @@ class LocalDispatcher:
         return outputs
 
 
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on the MLP output whose backward also sends ``weight`` into the auxiliary loss.
+
+    The balancing loss then trains the router whenever the main loss is backpropagated through
+    this layer — on any pipeline stage, with no extra term to carry to the last stage (Megatron's
+    MoEAuxLossAutoScaler does the same).
+    """
+
+    @staticmethod
+    def forward(ctx, output, aux_loss, weight):
+        ctx.save_for_backward(aux_loss)
+        ctx.weight = weight
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (aux_loss,) = ctx.saved_tensors
+        return grad_output, torch.full_like(aux_loss, ctx.weight), None
+
+
 class MoEMLP(nn.Module):
     """Top-k routed SwiGLU experts. Input and output (n, hidden); ``aux_loss`` holds the last
-    forward's load-balancing loss (E * sum_i f_i * P_i, computed on this rank's tokens)."""
+    forward's load-balancing loss (E * sum_i f_i * P_i, computed on this rank's tokens), whose
+    gradient, scaled by ``aux_loss_weight``, rides along the output's backward."""
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int,
-                 normalize_top_k: bool = True):
+                 normalize_top_k: bool = True, aux_loss_weight: float = 0.0):
         super().__init__()
+        self.aux_loss_weight = aux_loss_weight
+        # The factor the main loss is scaled by before backward (1 / accumulation steps), which
+        # the injected balancing gradient must follow; see set_aux_loss_scale.
+        self.aux_loss_scale = 1.0
         if not 0 < top_k <= num_experts:
             raise ValueError(f"moe_top_k={top_k} must be in [1, num_experts={num_experts}]")
         self.num_experts, self.top_k, self.normalize_top_k = num_experts, top_k, normalize_top_k
@@ -91,4 +116,14 @@ class MoEMLP(nn.Module):
         features, local_experts, handle = self.dispatcher.dispatch(x.index_select(0, routed.token_rows),
                                                                    routed.experts, self.num_experts)
         outputs = self.dispatcher.combine(self._experts(features, local_experts - self.expert_offset), handle)
-        return torch.zeros_like(x).index_add(0, routed.token_rows, outputs * routed.weights[:, None])
+        out = torch.zeros_like(x).index_add(0, routed.token_rows, outputs * routed.weights[:, None])
+        if self.aux_loss_weight and torch.is_grad_enabled():
+            out = _AttachAuxLoss.apply(out, self.aux_loss, self.aux_loss_weight * self.aux_loss_scale)
+        return out
+
+
+def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
+    """Tells every MoE layer the factor the loss is scaled by before backward (e.g. 1/micro-batches)."""
+    for module in model.modules():
+        if isinstance(module, MoEMLP):
+            module.aux_loss_scale = scale

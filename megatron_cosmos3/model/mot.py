@@ -12,6 +12,7 @@ from megatron_cosmos3.model.attention import PackLayout, attention_backend
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
 from megatron_cosmos3.model.embeddings import DMStreamProjections, TimestepEmbedding
 from megatron_cosmos3.model.layer import MoTLayer, StreamRotary
+from megatron_cosmos3.model.moe import MoEMLP
 from megatron_cosmos3.model.packed_batch import IGNORE_INDEX, PackedBatch
 from megatron_cosmos3.model.rope import MultimodalRotaryEmbedding
 from megatron_cosmos3.model.tower import RMSNorm
@@ -94,6 +95,9 @@ class MoTModel(nn.Module):
             nn.init.normal_(module.weight, std=self.config.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+        if isinstance(module, MoEMLP):
+            for experts in (module.gate_up_proj, module.down_proj):
+                nn.init.normal_(experts, std=self.config.init_std)
 
     def init_weights(self, *modules: nn.Module) -> None:
         """Initialises the parameters of ``modules`` (submodules of this model) as at construction."""

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_cosmos3.model.config import MoTConfig
+from megatron_cosmos3.model.moe import MoEMLP
 from megatron_cosmos3.model.rope import apply_rotary
 
 
@@ -43,10 +44,11 @@ class AttentionProjections(nn.Module):
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x (n, hidden) -> q (n, heads, d), k and v (n, kv_heads, d); q and k rotated."""
-        n = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(n, -1, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(n, -1, self.head_dim))
-        v = self.v_proj(x).view(n, -1, self.head_dim)
+        # unflatten, not view(n, -1, d): a stream may be empty (a pack of text-only samples).
+        heads = (-1, self.head_dim)
+        q = self.q_norm(self.q_proj(x).unflatten(-1, heads))
+        k = self.k_norm(self.k_proj(x).unflatten(-1, heads))
+        v = self.v_proj(x).unflatten(-1, heads)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
 
@@ -64,12 +66,16 @@ class SwiGLU(nn.Module):
 class Tower(nn.Module):
     """The parameters one token stream uses in one layer. The attention itself is shared."""
 
-    def __init__(self, config: MoTConfig):
+    def __init__(self, config: MoTConfig, mixture_of_experts: bool = False):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = AttentionProjections(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size)
+        if mixture_of_experts:
+            self.mlp = MoEMLP(config.hidden_size, config.moe_ffn_hidden_size or config.ffn_hidden_size,
+                              config.num_experts, config.moe_top_k, aux_loss_weight=config.moe_aux_loss_weight)
+        else:
+            self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size)
 
     def attention_inputs(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         return self.self_attn.qkv(self.input_layernorm(hidden), cos, sin)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.model.tower import SwiGLU
 from megatron_cosmos3.parallel.state import ParallelGroups
 
 COLUMN_PARALLEL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
@@ -90,6 +91,8 @@ def apply_tensor_parallel(model: MoTModel, groups: ParallelGroups) -> MoTModel:
     for layer in model.layers:
         for tower in (layer.reasoner, layer.generator):
             for path, kind in [(p, "column") for p in COLUMN_PARALLEL] + [(p, "row") for p in ROW_PARALLEL]:
+                if path.startswith("mlp.") and not isinstance(tower.mlp, SwiGLU):
+                    continue  # mixture-of-experts MLPs are split by expert parallelism instead
                 parent_name, child_name = path.split(".")
                 parent = tower.get_submodule(parent_name)
                 setattr(parent, child_name, _parallel_linear(getattr(parent, child_name), kind, groups,

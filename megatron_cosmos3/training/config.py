@@ -30,7 +30,6 @@ class OptimizerConfig:
     decay_fraction: float = 0.2
     grad_clip: float = 1.0
     flow_matching_weight: float = 1.0
-    moe_aux_loss_weight: float = 0.01
     micro_batches_per_step: int = 1  # gradient accumulation
     shard_optimizer_state: bool = True  # ZeRO-1 over the data-parallel ranks
     # Stop after this many steps in a row skipped for a non-finite loss or gradient.

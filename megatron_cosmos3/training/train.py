@@ -19,6 +19,7 @@ from torch import nn
 
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.model.attention import PackLayout
+from megatron_cosmos3.model.moe import set_aux_loss_scale
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.parallel.data_parallel import build_optimizer, wrap_data_parallel
 from megatron_cosmos3.parallel.expert_parallel import apply_expert_parallel, finalize_expert_grads
@@ -101,7 +102,7 @@ class Run:
 
 
 def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
-    groups = initialize_parallel(config.parallel, config.model) if ctx.world_size > 1 else None
+    groups = initialize_parallel(config.parallel, config.model, config.model.num_experts) if ctx.world_size > 1 else None
     if groups is not None and (config.parallel.pipeline > 1 or config.parallel.context > 1):
         raise NotImplementedError("parallel.pipeline / parallel.context > 1 are not wired into the trainer yet")
     torch.manual_seed(config.seed)  # identical initial weights on every rank
@@ -110,6 +111,8 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
         model.add_embodiment(name, embodiment)
     for layer in model.layers:
         layer.set_recompute(config.recompute)
+    # Each micro-batch backpropagates loss / micro_batches: the MoE balancing gradient follows.
+    set_aux_loss_scale(model, 1.0 / config.optimizer.micro_batches_per_step)
     if groups is not None:
         apply_tensor_parallel(model, groups)
         apply_expert_parallel(model, groups)
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     import os
 
-    config.parallel.validate(int(os.environ.get("WORLD_SIZE", 1)), config.model)
+    config.parallel.validate(int(os.environ.get("WORLD_SIZE", 1)), config.model, config.model.num_experts)
     ctx = init_distributed()
     logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {ctx.rank}] %(message)s", datefmt="%H:%M:%S")

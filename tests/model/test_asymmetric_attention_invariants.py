@@ -86,3 +86,19 @@ def test_perturbing_one_sample_changes_no_other_sample(tiny_config, backend, per
     perturbed_rows = torch.cat([before.ar_hidden.cpu()[~keep_ar] - after.ar_hidden.cpu()[~keep_ar],
                                 before.dm_hidden.cpu()[~keep_dm] - after.dm_hidden.cpu()[~keep_dm]])
     assert perturbed_rows.abs().max() > 0  # the perturbed sample itself did change
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tasks", [("understanding",), ("text_to_video",)], ids=["no_dm_at_all", "dm_heavy"])
+def test_packs_with_an_empty_stream_run_forward_and_backward(tiny_config, backend, tasks):
+    from megatron_cosmos3.data.synthetic_packs import random_pack
+    from megatron_cosmos3.training.losses import mot_losses
+
+    model = model_with_backend(tiny_config, backend)
+    g = torch.Generator().manual_seed(0)
+    batch, targets = add_flow_matching_noise(random_pack(tiny_config, g, num_samples=3, tasks=tasks),
+                                             FlowMatchingConfig(), g)
+    device = next(model.parameters()).device
+    losses = mot_losses(model, batch.to(device), {k: v.to(device) for k, v in targets.items()})
+    losses.total.backward()
+    assert torch.isfinite(losses.total)

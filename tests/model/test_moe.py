@@ -50,3 +50,35 @@ def test_load_balancing_loss_is_one_for_a_uniform_router_and_larger_when_collaps
 def test_invalid_top_k_is_a_clear_error():
     with pytest.raises(ValueError, match="moe_top_k=5 must be in"):
         MoEMLP(hidden_size=4, ffn_hidden_size=4, num_experts=4, top_k=5)
+
+
+def test_balancing_loss_gradient_rides_along_the_output_backward():
+    torch.manual_seed(0)
+    attached = MoEMLP(hidden_size=8, ffn_hidden_size=12, num_experts=4, top_k=2, aux_loss_weight=0.3).double()
+    explicit = MoEMLP(hidden_size=8, ffn_hidden_size=12, num_experts=4, top_k=2).double()
+    explicit.load_state_dict(attached.state_dict())
+    x = torch.randn(9, 8, dtype=torch.float64)
+    attached(x).sum().backward()
+    out = explicit(x)
+    (out.sum() + 0.3 * explicit.aux_loss).backward()
+    torch.testing.assert_close(attached.router.weight.grad, explicit.router.weight.grad)
+    assert attached.router.weight.grad.abs().sum() > 0
+
+
+def test_mot_with_moe_generator_trains_and_keeps_the_reasoner_blind(tiny_config):
+    from megatron_cosmos3.data.synthetic_packs import random_pack
+    from megatron_cosmos3.model.mot import MoTModel
+    from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
+    from megatron_cosmos3.training.losses import mot_losses
+
+    tiny_config.num_experts, tiny_config.moe_top_k, tiny_config.moe_towers = 4, 2, ["generator"]
+    g = torch.Generator().manual_seed(0)
+    batch, targets = add_flow_matching_noise(random_pack(tiny_config, g, 5), FlowMatchingConfig(), g)
+    model = MoTModel(tiny_config)
+    assert isinstance(model.layers[0].generator.mlp, MoEMLP)
+    assert not isinstance(model.layers[0].reasoner.mlp, MoEMLP)
+    mot_losses(model, batch, targets).total.backward()
+    assert model.layers[0].generator.mlp.router.weight.grad.abs().sum() > 0
+    changed = batch.replace(dm_tokens={k: v + 5 for k, v in batch.dm_tokens.items()})
+    with torch.no_grad():
+        assert torch.equal(model(batch).ar_hidden, model(changed).ar_hidden)

@@ -7,6 +7,7 @@ import torch
 
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.model.config import MoTConfig
+from megatron_cosmos3.model.moe import set_aux_loss_scale
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.testing.distributed import run_on_ranks
@@ -18,22 +19,30 @@ CONFIG = MoTConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_he
                    timestep_embedding_dim=16)
 
 
+MOE_CONFIG = copy.deepcopy(CONFIG)
+MOE_CONFIG.num_experts, MOE_CONFIG.moe_top_k = 4, 2
+
+
 def micro_batch(step, data_rank):
     g = torch.Generator().manual_seed(1000 * step + data_rank)
     return add_flow_matching_noise(random_pack(CONFIG, g, num_samples=4), FlowMatchingConfig(), g)
 
 
-def _data_parallel_matches_one_process(rank, world_size, tensor, steps):
+def _data_parallel_matches_one_process(rank, world_size, tensor, steps, expert=1):
     from megatron_cosmos3.parallel.data_parallel import build_optimizer, wrap_data_parallel
+    from megatron_cosmos3.parallel.expert_parallel import apply_expert_parallel, finalize_expert_grads
     from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
     from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel, finalize_tensor_parallel_grads
     from megatron_cosmos3.testing.reference import compare_to_reference
 
-    groups = initialize_parallel(ParallelSizes(tensor=tensor), CONFIG)
+    config = MOE_CONFIG if expert > 1 else CONFIG
+    groups = initialize_parallel(ParallelSizes(tensor=tensor, expert=expert), config, config.num_experts)
     try:
         torch.manual_seed(0)
-        reference = MoTModel(copy.deepcopy(CONFIG)).double()
-        model = apply_tensor_parallel(copy.deepcopy(reference), groups)
+        reference = MoTModel(copy.deepcopy(config)).double()
+        model = apply_expert_parallel(apply_tensor_parallel(copy.deepcopy(reference), groups), groups)
+        set_aux_loss_scale(reference, 1 / groups.data_size)  # it backpropagates loss / data_size
+        expert_rank = torch.distributed.get_rank(groups.expert)
         wrapped = wrap_data_parallel(model, groups)
         optimizer = build_optimizer(model.parameters(), groups, lr=1e-2)
         reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
@@ -52,13 +61,18 @@ def _data_parallel_matches_one_process(rank, world_size, tensor, steps):
             loss = mot_losses(wrapped, batch, targets)
             loss.total.backward()
             finalize_tensor_parallel_grads(model, groups)
+            finalize_expert_grads(model, groups)
             report["losses"].append((reference_total, float(loss.total.detach()), groups.data_rank))
-            report["grad"].append(compare_to_reference(model, reference, groups.tensor_rank, tensor))
+            report["grad"].append(compare_to_reference(model, reference, groups.tensor_rank, tensor,
+                                                       expert_rank=expert_rank, expert_size=expert))
             optimizer.step()
             reference_optimizer.step()
-        report["data"] = compare_to_reference(model, reference, groups.tensor_rank, tensor, what="data")
-        inner = getattr(optimizer, "optim", optimizer)
-        report["state_numel"] = sum(s["exp_avg"].numel() for s in inner.state.values())
+        report["data"] = compare_to_reference(model, reference, groups.tensor_rank, tensor, what="data",
+                                              expert_rank=expert_rank, expert_size=expert)
+        from megatron_cosmos3.training.checkpoint_state import local_optimizers
+
+        report["state_numel"] = sum(s["exp_avg"].numel() for o in local_optimizers(optimizer)
+                                    for s in o.state.values() if s)
         report["param_numel"] = sum(p.numel() for p in model.parameters())
         return report
     finally:
@@ -66,9 +80,10 @@ def _data_parallel_matches_one_process(rank, world_size, tensor, steps):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("world_size, tensor", [(2, 1), (4, 2)], ids=["dp2", "tp2xdp2"])
-def test_data_parallel_with_sharded_optimizer_matches_one_process(world_size, tensor):
-    reports = run_on_ranks(_data_parallel_matches_one_process, world_size, tensor, 3)
+@pytest.mark.parametrize("world_size, tensor, expert", [(2, 1, 1), (4, 2, 1), (2, 1, 2)],
+                         ids=["dp2", "tp2xdp2", "moe-ep2xdp2"])
+def test_data_parallel_with_sharded_optimizer_matches_one_process(world_size, tensor, expert):
+    reports = run_on_ranks(_data_parallel_matches_one_process, world_size, tensor, 3, expert)
     for report in reports:
         for step_grads in report["grad"]:
             worst = max(step_grads, key=step_grads.get)
