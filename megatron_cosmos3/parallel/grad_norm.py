@@ -7,16 +7,19 @@ import torch.distributed as dist
 from torch import nn
 
 
-def global_grad_norm(model: nn.Module, groups=None) -> torch.Tensor:
+def global_grad_norm(parameters, groups=None) -> torch.Tensor:
     """sqrt of the sum of squares of every *global* gradient entry, the same on every rank.
 
-    Replicated parameters count once; tensor-parallel shards are summed over the tensor group and
-    expert blocks over the expert group, so the result equals the single-process norm.
+    ``parameters``: this rank's parameters (a module's, or a pipeline rank's norm_parameters()).
+    Replicated parameters count once; tensor-parallel shards are summed over the tensor group,
+    expert blocks over the expert group and pipeline stages over the pipeline group, so the result
+    equals the single-process norm.
     """
+    parameters = list(parameters.parameters() if isinstance(parameters, nn.Module) else parameters)
     replicated = torch.zeros((), dtype=torch.float64)
     tensor_sharded = torch.zeros((), dtype=torch.float64)
     expert_sharded = torch.zeros((), dtype=torch.float64)
-    for param in model.parameters():
+    for param in parameters:
         if param.grad is None:
             continue
         square = param.grad.detach().double().square().sum().cpu()
@@ -38,12 +41,14 @@ def global_grad_norm(model: nn.Module, groups=None) -> torch.Tensor:
     return (replicated + tensor_sharded + expert_sharded).sqrt()
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float, groups=None) -> torch.Tensor:
-    """Scales gradients so their global norm is at most ``max_norm``; returns the norm before."""
-    norm = global_grad_norm(model, groups)
+def clip_grad_norm(parameters, max_norm: float, groups=None, norm_parameters=None) -> torch.Tensor:
+    """Scales the gradients of ``parameters`` so the global norm is at most ``max_norm``; returns
+    the norm before. ``norm_parameters`` (default: ``parameters``) are those counted in the norm."""
+    parameters = list(parameters.parameters() if isinstance(parameters, nn.Module) else parameters)
+    norm = global_grad_norm(parameters if norm_parameters is None else norm_parameters, groups)
     scale = max_norm / (float(norm) + 1e-6)
     if scale < 1.0 and torch.isfinite(norm):
-        for param in model.parameters():
+        for param in parameters:
             if param.grad is not None:
                 param.grad.mul_(scale)
     return norm.float()

@@ -135,6 +135,12 @@ class PipelineStages:
         first = next(p for p in self.parameters() if p.is_floating_point())
         self.dtype, self.device = first.dtype, first.device  # of the hidden streams sent between stages
 
+    def norm_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose gradients this rank counts in the global gradient norm: each shared
+        first/last-stage parameter counts on the first pipeline rank only."""
+        shared = set(self._shared_names)
+        return [p for name, p in self.named_parameters() if self.pipeline_rank == 0 or name not in shared]
+
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         seen = set()
         for chunk in self.chunks:

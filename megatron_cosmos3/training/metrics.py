@@ -34,11 +34,13 @@ class MetricsWindow:
         self.skipped_steps = 0
         self._start = time.perf_counter()
 
-    def add(self, losses: LossBreakdown, tokens: int, flops: float) -> None:
-        zero = torch.zeros(())
-        local = [losses.ce_sum, losses.ce_count, losses.fm_sum, losses.fm_count]
-        local += [losses.per_task.get(task, {}).get(part, zero) for task in self.tasks for part in _PARTS]
-        self._sums += torch.stack([v.detach().double().cpu() for v in local])
+    def add(self, losses: LossBreakdown | None, tokens: int, flops: float) -> None:
+        """One micro-batch; ``losses`` is None on ranks that compute none (early pipeline stages)."""
+        if losses is not None:
+            zero = torch.zeros(())
+            local = [losses.ce_sum, losses.ce_count, losses.fm_sum, losses.fm_count]
+            local += [losses.per_task.get(task, {}).get(part, zero) for task in self.tasks for part in _PARTS]
+            self._sums += torch.stack([v.detach().double().cpu() for v in local])
         self._tokens += tokens
         self._flops += flops
         self.steps += 1

@@ -7,11 +7,13 @@ groups -> model (stage, parallelism) and optimizer -> resume -> loop -> checkpoi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import fnmatch
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,9 +23,13 @@ from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.model.attention import PackLayout
 from megatron_cosmos3.model.moe import set_aux_loss_scale
 from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.model.packed_batch import IGNORE_INDEX
+from megatron_cosmos3.parallel.context_parallel import context_parallel_losses, reduce_replicated_gradients
 from megatron_cosmos3.parallel.data_parallel import build_optimizer, wrap_data_parallel
 from megatron_cosmos3.parallel.expert_parallel import apply_expert_parallel, finalize_expert_grads
 from megatron_cosmos3.parallel.grad_norm import clip_grad_norm
+from megatron_cosmos3.parallel.pipeline import PipelineStages, split_into_stages
+from megatron_cosmos3.parallel.pipeline_schedules import forward_backward
 from megatron_cosmos3.parallel.state import ParallelGroups, destroy_parallel, initialize_parallel
 from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel, finalize_tensor_parallel_grads
 from megatron_cosmos3.training.checkpoint import Checkpointer, latest_checkpoint
@@ -31,7 +37,7 @@ from megatron_cosmos3.training.config import TrainConfig, flatten, load_config, 
 from megatron_cosmos3.training.distributed import DistributedContext, init_distributed
 from megatron_cosmos3.training.flops import step_flops
 from megatron_cosmos3.training.flow_matching import add_flow_matching_noise
-from megatron_cosmos3.training.losses import mot_losses
+from megatron_cosmos3.training.losses import loss_breakdown, mot_losses
 from megatron_cosmos3.training.metrics import MetricsWindow
 from megatron_cosmos3.training.precision import autocast
 from megatron_cosmos3.training.preemption import REQUEUE_EXIT_CODE, PreemptionWatcher
@@ -54,9 +60,12 @@ class Preempted(SystemExit):
 
 
 def micro_batch(config: TrainConfig, step: int, micro: int, data_rank: int, device: torch.device):
-    """The pack of one data-parallel rank at (step, micro-batch): a pure function of those numbers
-    and the seed, so a resumed run sees exactly what an uninterrupted one would."""
-    g = torch.Generator().manual_seed(hash((config.seed, step, micro, data_rank)) % (2**63))
+    """The pack of one data-parallel rank at (step, micro-batch): a pure function of the seed, the
+    step and the micro-batch's place in the global batch (data_rank * micro_batches + micro). So a
+    resumed run sees exactly what an uninterrupted one would, and any layout with the same global
+    batch (e.g. DP=2 x 1 micro-batch, or DP=1 x 2) trains on the same packs."""
+    index = data_rank * config.optimizer.micro_batches_per_step + micro
+    g = torch.Generator().manual_seed(hash((config.seed, step, index)) % (2**63))
     batch = random_pack(config.model, g, config.data.samples_per_pack, tuple(config.data.tasks), config.data.scale)
     noised, targets = add_flow_matching_noise(batch, config.flow_matching, g)
     return noised.to(device), {k: v.to(device) for k, v in targets.items()}
@@ -94,6 +103,12 @@ class Run:
     checkpointer: Checkpointer
     data_rank: int
     data_size: int
+    stages: PipelineStages | None = None  # this rank's pipeline chunks when pipeline > 1
+
+    @property
+    def state_owner(self):
+        """What this rank checkpoints: its pipeline chunks, or the whole (maybe sharded) model."""
+        return self.stages if self.stages is not None else self.model
 
     @property
     def model_parallel_size(self) -> int:
@@ -103,8 +118,6 @@ class Run:
 
 def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
     groups = initialize_parallel(config.parallel, config.model, config.model.num_experts) if ctx.world_size > 1 else None
-    if groups is not None and (config.parallel.pipeline > 1 or config.parallel.context > 1):
-        raise NotImplementedError("parallel.pipeline / parallel.context > 1 are not wired into the trainer yet")
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = MoTModel(copy.deepcopy(config.model)).to(ctx.device)  # the model's config grows with embodiments
     for name, embodiment in config.stage.new_embodiments.items():
@@ -117,7 +130,16 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
         apply_tensor_parallel(model, groups)
         apply_expert_parallel(model, groups)
     param_groups = stage_param_groups(model, config)
-    trained = wrap_data_parallel(model, groups) if groups is not None else model
+    stages = split_into_stages(model, groups) if groups is not None and config.parallel.pipeline > 1 else None
+    if stages is not None:  # this rank trains (and checkpoints) only its own chunks
+        owned = {id(p) for p in stages.parameters()}
+        param_groups = [{**g, "params": [p for p in g["params"] if id(p) in owned]} for g in param_groups]
+        param_groups = [g for g in param_groups if g["params"]]
+    # DDP overlaps the gradient reduce with backward when one forward call covers the step; the
+    # pipeline schedule and the context-parallel runner drive the layers themselves, so there the
+    # replicated gradients are averaged after backward instead (reduce_replicated_gradients).
+    plain = groups is None or (config.parallel.pipeline == 1 and config.parallel.context == 1)
+    trained = wrap_data_parallel(model, groups) if groups is not None and plain else model
     opt = config.optimizer
     optimizer = (build_optimizer(param_groups, groups, opt.lr, tuple(opt.betas), opt.weight_decay,
                                  opt.shard_optimizer_state) if groups is not None else
@@ -126,7 +148,7 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
                                 config.checkpoint.async_save, ctx.device.type)
     data_rank = groups.data_rank if groups is not None else 0
     data_size = groups.data_size if groups is not None else 1
-    return Run(config, ctx, groups, model, trained, optimizer, checkpointer, data_rank, data_size)
+    return Run(config, ctx, groups, model, trained, optimizer, checkpointer, data_rank, data_size, stages)
 
 
 def resume_or_initialise(run: Run) -> tuple[int, str | None]:
@@ -135,7 +157,7 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
     latest = latest_checkpoint(config.checkpoint.directory) if config.checkpoint.resume else None
     if latest is not None:
         per_rank = {"rng": torch.get_rng_state()}
-        meta = run.checkpointer.load(latest, run.model, run.optimizer, per_rank)
+        meta = run.checkpointer.load(latest, run.state_owner, run.optimizer, per_rank)
         if "rng" in per_rank:
             torch.set_rng_state(per_rank["rng"])
         if run.ctx.is_main:
@@ -145,18 +167,60 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
         source = Path(config.stage.init_from)
         source = latest_checkpoint(source) or source
         new = tuple(f"dm_streams.action_{d}.{name}." for name in config.stage.new_embodiments for d in ("in", "out"))
-        run.checkpointer.load(source, run.model, optimizer=None, allow_missing=new)
+        run.checkpointer.load(source, run.state_owner, optimizer=None, allow_missing=new)
         if run.ctx.is_main:
             log.info("stage %s starts from the weights of %s", config.stage.name, source)
     return 0, None
 
 
-def finish_gradients(run: Run) -> torch.Tensor:
-    """Completes the gradients of sharded parameters and clips; returns the global norm."""
+def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
+    """Forward and backward of this step's micro-batches; returns whether every loss was finite
+    (on every rank). Three drivers, one result: the pipeline schedule, the context-parallel runner,
+    or the model itself (DDP-wrapped when data parallel)."""
+    config, ctx, opt = run.config, run.ctx, run.config.optimizer
+    micro_batches = [micro_batch(config, step, m, run.data_rank, ctx.device) for m in range(opt.micro_batches_per_step)]
+    weight = opt.flow_matching_weight
+    if run.stages is not None:
+        reports = forward_backward(run.stages, micro_batches, partial(loss_breakdown, flow_matching_weight=weight),
+                                   forward_context=lambda: autocast(config.precision, ctx.device))
+        losses_of = dict(enumerate(reports)) if run.groups.is_last_stage else {}
+    else:
+        losses_of = {}
+        for m, (batch, targets) in enumerate(micro_batches):
+            last = m == len(micro_batches) - 1
+            # DDP reduces gradients once, after the last micro-batch.
+            sync = run.trained.no_sync() if (not last and hasattr(run.trained, "no_sync")) else contextlib.nullcontext()
+            with sync:
+                with autocast(config.precision, ctx.device):
+                    if config.parallel.context > 1 and run.groups is not None:
+                        losses = context_parallel_losses(run.model, batch, targets, run.groups.context, weight)
+                    else:
+                        losses = mot_losses(run.trained, batch, targets, weight)
+                (losses.total / len(micro_batches)).backward()
+            losses_of[m] = losses
+    finite = all(bool(torch.isfinite(losses.total.detach())) for losses in losses_of.values())
+    for m, (batch, _) in enumerate(micro_batches):
+        layout = PackLayout.from_cu_seqlens(batch.ar_cu_seqlens, batch.dm_cu_seqlens)
+        labelled = int((batch.ar_labels != IGNORE_INDEX).sum())
+        flops = step_flops(run.model, layout, labelled, {k: tuple(v.shape) for k, v in batch.dm_tokens.items()})
+        # Per device: model-parallel ranks share one micro-batch's FLOPs.
+        window.add(losses_of.get(m), batch.num_ar_tokens + batch.num_dm_tokens, flops.total / run.model_parallel_size)
     if run.groups is not None:
+        flag = torch.tensor([0.0 if finite else 1.0])
+        torch.distributed.all_reduce(flag)  # only the last pipeline stage sees losses
+        finite = not bool(flag.item())
+    return finite
+
+
+def finish_gradients(run: Run) -> torch.Tensor:
+    """Completes the gradients of replicated and sharded parameters and clips; returns the norm."""
+    if run.groups is not None:
+        if run.trained is run.model:  # no DDP: average replicated gradients over data(-and-context)
+            reduce_replicated_gradients(run.state_owner.parameters(), run.groups.data_and_context)
         finalize_tensor_parallel_grads(run.model, run.groups)
         finalize_expert_grads(run.model, run.groups)
-    return clip_grad_norm(run.model, run.config.optimizer.grad_clip, run.groups)
+    counted = run.stages.norm_parameters() if run.stages is not None else None
+    return clip_grad_norm(run.state_owner.parameters(), run.config.optimizer.grad_clip, run.groups, counted)
 
 
 def train(config: TrainConfig, ctx: DistributedContext) -> dict[str, float]:
@@ -188,22 +252,7 @@ def _train(config: TrainConfig, ctx: DistributedContext, watcher: PreemptionWatc
         for group in run.optimizer.param_groups:
             group["lr"] = base_lr * group.get("lr_multiplier", 1.0)
         run.optimizer.zero_grad(set_to_none=True)
-        finite = True
-        for micro in range(opt.micro_batches_per_step):
-            batch, targets = micro_batch(config, step, micro, run.data_rank, ctx.device)
-            last = micro == opt.micro_batches_per_step - 1
-            # Gradients are reduced across data-parallel ranks once, after the last micro-batch.
-            sync = run.trained.no_sync() if (not last and hasattr(run.trained, "no_sync")) else _nullcontext()
-            with sync, autocast(config.precision, ctx.device):
-                losses = mot_losses(run.trained, batch, targets, opt.flow_matching_weight)
-            with sync:
-                (losses.total / opt.micro_batches_per_step).backward()
-            finite &= bool(torch.isfinite(losses.total.detach()))
-            layout = PackLayout.from_cu_seqlens(batch.ar_cu_seqlens, batch.dm_cu_seqlens)
-            flops = step_flops(run.model, layout, int(losses.ce_count),
-                               {k: tuple(v.shape) for k, v in batch.dm_tokens.items()})
-            # Per device: model-parallel ranks share one micro-batch's FLOPs.
-            window.add(losses, batch.num_ar_tokens + batch.num_dm_tokens, flops.total / run.model_parallel_size)
+        finite = forward_backward_step(run, step, window)
         grad_norm = finish_gradients(run)
         if finite and torch.isfinite(grad_norm):
             run.optimizer.step()
@@ -232,7 +281,7 @@ def _train(config: TrainConfig, ctx: DistributedContext, watcher: PreemptionWatc
             tracker.set_tag("checkpoint", str(committed.resolve()))
         preempted = watcher.should_stop()
         if preempted or (step + 1) % config.checkpoint.save_every == 0 or step + 1 == config.steps:
-            run.checkpointer.save(step + 1, run.model, run.optimizer, {"rng": torch.get_rng_state()},
+            run.checkpointer.save(step + 1, run.state_owner, run.optimizer, {"rng": torch.get_rng_state()},
                                   {"mlflow_run_id": tracker.run_id, "stage": config.stage.name,
                                    "config": to_yaml(config)})
         if preempted:
@@ -251,14 +300,6 @@ def _train(config: TrainConfig, ctx: DistributedContext, watcher: PreemptionWatc
         if tracker.run_id:
             log.info("MLflow run %s; browse with: mlflow ui --backend-store-uri %s", tracker.run_id, tracker.uri)
     return metrics
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,0 +1,44 @@
+"""The global gradient norm of a sharded model equals the single-process norm."""
+
+import copy
+
+import pytest
+import torch
+
+from megatron_cosmos3.data.synthetic_packs import random_pack
+from megatron_cosmos3.model.config import MoTConfig
+from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.parallel.grad_norm import global_grad_norm
+from megatron_cosmos3.parallel.sizes import ParallelSizes
+from megatron_cosmos3.testing.distributed import run_on_ranks
+from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
+from megatron_cosmos3.training.losses import mot_losses
+
+CONFIG = MoTConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=2, head_dim=8,
+                   mrope_section=[2, 1, 1], ffn_hidden_size=64, video_latent_channels=4, audio_latent_dim=6,
+                   timestep_embedding_dim=16)
+
+
+def _norms_under_tensor_parallel(rank, world_size):
+    from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
+    from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel, finalize_tensor_parallel_grads
+
+    groups = initialize_parallel(ParallelSizes(tensor=2), CONFIG)
+    try:
+        torch.manual_seed(0)
+        reference = MoTModel(copy.deepcopy(CONFIG)).double()
+        model = apply_tensor_parallel(copy.deepcopy(reference), groups)
+        g = torch.Generator().manual_seed(3)
+        batch, targets = add_flow_matching_noise(random_pack(CONFIG, g, 5), FlowMatchingConfig(), g)
+        for m in (reference, model):
+            mot_losses(m, batch, targets).total.backward()
+        finalize_tensor_parallel_grads(model, groups)
+        return float(global_grad_norm(reference)), float(global_grad_norm(model, groups))
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.multiprocess
+def test_tensor_parallel_grad_norm_equals_one_process():
+    for want, got in run_on_ranks(_norms_under_tensor_parallel, 2):
+        assert got == pytest.approx(want, rel=1e-12)
