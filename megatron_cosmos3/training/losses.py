@@ -89,7 +89,14 @@ def mot_losses(model: torch.nn.Module, batch: PackedBatch, targets: dict[str, to
                flow_matching_weight: float = 1.0) -> LossBreakdown:
     """Runs the model (a MoTModel, or a wrapper such as DDP) on a noised batch; both objectives
     with their per-task parts."""
-    return loss_breakdown(model(batch), batch, targets, flow_matching_weight)
+    output = model(batch)
+    losses = loss_breakdown(output, batch, targets, flow_matching_weight)
+    # DDP (find_unused_parameters) waits for a gradient of every parameter reachable from the
+    # forward's outputs. A pack without DM targets (or labels) leaves dm_hidden (or ar_hidden) out
+    # of the loss, so those gradients would never come and the ranks would hang: tie every output
+    # into the loss with weight zero (exact zeros, no numerical change).
+    losses.total = losses.total + 0.0 * (output.ar_hidden.sum() + output.dm_hidden.sum())
+    return losses
 
 
 def loss_breakdown(output: MoTOutput, batch: PackedBatch, targets: dict[str, torch.Tensor],

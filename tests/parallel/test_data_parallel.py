@@ -97,3 +97,29 @@ def test_data_parallel_with_sharded_optimizer_matches_one_process(world_size, te
         by_data_rank = {r["losses"][step][2]: r["losses"][step][1] for r in reports}
         reference = reports[0]["losses"][step][0]
         assert sum(by_data_rank.values()) / len(by_data_rank) == pytest.approx(reference, rel=1e-12)
+
+
+def _ranks_with_and_without_dm_targets(rank, world_size):
+    from megatron_cosmos3.parallel.data_parallel import wrap_data_parallel
+    from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
+
+    groups = initialize_parallel(ParallelSizes(), CONFIG)
+    try:
+        torch.manual_seed(0)
+        model = MoTModel(copy.deepcopy(CONFIG))
+        wrapped = wrap_data_parallel(model, groups)
+        g = torch.Generator().manual_seed(rank)
+        tasks = ("understanding",) if rank == 0 else ("text_to_video", "policy")
+        batch, targets = add_flow_matching_noise(random_pack(CONFIG, g, 3, tasks=tasks), FlowMatchingConfig(), g)
+        for _ in range(2):
+            mot_losses(wrapped, batch, targets).total.backward()
+        return float(model.layers[0].generator.mlp.up_proj.weight.grad.abs().sum())
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.multiprocess
+def test_a_rank_whose_pack_has_no_dm_targets_does_not_hang_ddp():
+    """Rank 0 trains on text only: the generator is reachable from its outputs but not its loss."""
+    grads = run_on_ranks(_ranks_with_and_without_dm_targets, 2, timeout_s=120)
+    assert grads[0] == grads[1] > 0  # rank 1's generator gradient, averaged onto both
