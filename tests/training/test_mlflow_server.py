@@ -1,0 +1,89 @@
+"""A real MLflow tracking server on 127.0.0.1 receives the run; stopping it mid-run stops nothing."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["model.vocab_size=64", "model.hidden_size=32", "model.num_layers=2", "model.num_attention_heads=4",
+        "model.num_kv_heads=2", "model.head_dim=8", "model.mrope_section=[2,1,1]", "model.ffn_hidden_size=64",
+        "model.video_latent_channels=4", "model.audio_latent_dim=6", "model.timestep_embedding_dim=16",
+        "data.samples_per_pack=4", "data.scale=1", "log_every=1", "checkpoint.save_every=1000"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(tmp_path: Path, port: int) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(server.pid, signal.SIGKILL)
+    pytest.fail("mlflow server did not become healthy in 90 s")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGKILL)  # the whole process group: the CLI and its web workers
+    server.wait(timeout=30)
+
+
+@pytest.mark.multiprocess
+def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_training(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    port = free_port()
+    server = start_server(tmp_path, port)
+    try:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                   "-m", "megatron_cosmos3.training.train", *TINY, "steps=400",
+                   f"checkpoint.directory={tmp_path / 'ckpt'}", f"tracking.tracking_uri=http://127.0.0.1:{port}",
+                   "tracking.experiment=served", "tracking.run_name=tiny"]
+        training = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + 180
+        run_id = None
+        while time.monotonic() < deadline and run_id is None:
+            experiment = client.get_experiment_by_name("served")
+            runs = client.search_runs(experiment.experiment_id) if experiment else []
+            if runs and client.get_metric_history(runs[0].info.run_id, "loss"):
+                run_id = runs[0].info.run_id
+            time.sleep(0.5)
+        assert run_id is not None, "no metrics reached the server"
+        received = client.get_run(run_id)
+        assert received.data.params["model.hidden_size"] == "32"
+        assert received.data.params["parallel.tensor"] == "1"
+        stop_server(server)  # mid-run
+        output, _ = training.communicate(timeout=300)
+    finally:
+        if server.poll() is None:
+            stop_server(server)
+        if training.poll() is None:
+            training.kill()
+    assert training.returncode == 0, output[-3000:]
+    assert "MLflow tracking failed" in output
+    assert "step 400/400" in output and "checkpoint:" in output
+    # What arrived before the outage is in the server's store.
+    stored = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'server.db'}")
+    history = stored.get_metric_history(run_id, "loss")
+    assert history and all(1 <= m.step < 400 for m in history)
