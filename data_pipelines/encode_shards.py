@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Pre-encode shards: pixels and waveforms -> DM latents, offline, so training reads latents.
+
+    python data_pipelines/encode_shards.py IN_DIR OUT_DIR --video-vae VAE_DIR --audio-vae VAE_DIR
+    python data_pipelines/encode_shards.py IN_DIR OUT_DIR --encoder pooled     # weight-free stand-in
+
+Reads every shard of ``IN_DIR`` (its ``index.json``), replaces video, image and audio by their
+latents (``megatron_cosmos3.data.latent_encoders.latent_sample``: the frozen VAEs from local
+diffusers folders, or the pooled stand-in), keeps text, actions, timing and the ViT picture, and
+writes ``OUT_DIR`` shards with their index; ``action_stats.json`` is copied. Samples that fail the
+schema are skipped, counted per reason and logged, exactly as the loader would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from megatron_cosmos3.data.errors import SampleError, Skip
+from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder, VAELatentEncoder, latent_sample
+from megatron_cosmos3.data.schema import SchemaContext, decode_sample
+from megatron_cosmos3.data.shard_writer import ShardWriter
+from megatron_cosmos3.data.shards import ShardIndex, read_shard
+from megatron_cosmos3.encoders.action_normalization import ACTION_STATS_FILENAME
+from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
+
+log = logging.getLogger("encode_shards")
+
+
+def encode_shards(in_dir: str | Path, out_dir: str | Path, encoder, shard_size: int = 64) -> Counter:
+    """Writes the latent copy of ``in_dir`` into ``out_dir``; returns skip counts per reason."""
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    skipped: Counter = Counter()
+    context = SchemaContext(None, encoder.video_token_dim or None, encoder.audio_latent_dim or None)
+    with ShardWriter(out_dir, "latent", shard_size, context=context) as writer, torch.inference_mode():
+        for shard in ShardIndex.load(in_dir).shards:
+            for raw in read_shard(shard.url):
+                try:
+                    if isinstance(raw, Skip):
+                        raise SampleError(raw.reason, raw.detail)
+                    writer.write(latent_sample(decode_sample(raw, SchemaContext()), encoder))
+                except SampleError as error:
+                    skipped[error.reason] += 1
+                    key = raw.get("__key__", "-") if isinstance(raw, dict) else raw.key
+                    log.warning("%s: skipping %s: %s", shard.url, key, error)
+    if (in_dir / ACTION_STATS_FILENAME).is_file():
+        shutil.copyfile(in_dir / ACTION_STATS_FILENAME, out_dir / ACTION_STATS_FILENAME)
+    return skipped
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("in_dir", type=Path, help="raw shards with an index.json")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--encoder", choices=["vae", "pooled"], default="vae")
+    parser.add_argument("--video-vae", default="", help="local diffusers AutoencoderKLWan folder")
+    parser.add_argument("--audio-vae", default="", help="local diffusers AutoencoderOobleck folder")
+    parser.add_argument("--dtype", default="float32", help="VAE dtype: float32, bfloat16 or float16")
+    parser.add_argument("--video-latent-channels", type=int, default=8, help="pooled encoder only")
+    parser.add_argument("--audio-latent-dim", type=int, default=16, help="pooled encoder only")
+    parser.add_argument("--shard-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.encoder == "vae":
+        encoder = VAELatentEncoder.from_config(LatentEncoderConfig(True, args.video_vae, args.audio_vae, args.dtype))
+    else:
+        encoder = PooledLatentEncoder(args.video_latent_channels, args.audio_latent_dim)
+    skipped = encode_shards(args.in_dir, args.out_dir, encoder, args.shard_size)
+    index = ShardIndex.load(args.out_dir)
+    log.info("wrote %d samples in %d shards to %s; skipped %s", index.total_samples, len(index.shards), args.out_dir,
+             dict(skipped) or "none")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Write the generated world: WebDataset shards of physically consistent samples (see
+``generated_world/world.py``), deterministic given the seed.
+
+    python data_pipelines/generate_world.py OUT [--samples 256] [--seed 0] [--latents pooled]
+
+writes ``OUT/raw/`` — video (.npy frames), stereo 48 kHz audio (.wav), pseudo-actions, captions —
+with ``index.json`` and ``action_stats.json``; with ``--latents pooled`` also ``OUT/latent/``: the
+same samples with pixels and audio replaced by the weight-free pooled latents
+(``megatron_cosmos3/data/latent_encoders.py``) at the tiny model's widths, the cheap demo input.
+For latents from the real frozen VAEs, run ``encode_shards.py`` on ``OUT/raw``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import defaultdict
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # generated_world/ beside this script
+
+from generated_world.world import WorldConfig, generate_sample  # noqa: E402
+
+from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder, latent_sample  # noqa: E402
+from megatron_cosmos3.data.schema import SchemaContext  # noqa: E402
+from megatron_cosmos3.data.shard_writer import ShardWriter  # noqa: E402
+from megatron_cosmos3.encoders.action_normalization import ActionStats, EmbodimentActionStats  # noqa: E402
+
+log = logging.getLogger("generate_world")
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)  # tiny tensors: thread hand-offs would cost more than the arithmetic
+
+
+def _generate(job):
+    config, seed, index = job
+    return generate_sample(config, seed, index)
+
+
+def write_world(out: str | Path, samples: int, seed: int = 0, config: WorldConfig | None = None,
+                shard_size: int = 32, latents: str = "none", video_latent_channels: int = 8,
+                audio_latent_dim: int = 16, workers: int = 1) -> dict[str, Path]:
+    """Writes the world under ``out`` (module doc); returns {"raw": dir, "latent": dir (if asked)}."""
+    out, config = Path(out), config or WorldConfig()
+    dirs = {"raw": out / "raw"}
+    writers = {"raw": ShardWriter(dirs["raw"], "world", shard_size)}
+    encoder = None
+    if latents == "pooled":
+        dirs["latent"] = out / "latent"
+        encoder = PooledLatentEncoder(video_latent_channels, audio_latent_dim)
+        writers["latent"] = ShardWriter(dirs["latent"], "world", shard_size,
+                                        context=SchemaContext(None, video_latent_channels * 4, audio_latent_dim))
+    elif latents != "none":
+        raise ValueError(f"latents must be 'none' or 'pooled', got {latents!r}")
+    actions = defaultdict(list)
+    jobs = [(config, seed, index) for index in range(samples)]
+    _one_thread()
+    with Pool(workers, initializer=_one_thread) if workers > 1 else _InProcess() as pool:
+        for sample in pool.imap(_generate, jobs, chunksize=4):
+            writers["raw"].write(sample)
+            if encoder is not None:
+                writers["latent"].write(latent_sample(sample, encoder))
+            if sample.actions is not None:
+                actions[sample.embodiment].append(sample.actions)
+    stats = ActionStats({kind: EmbodimentActionStats.from_actions(kind, np.concatenate(chunks))
+                         for kind, chunks in sorted(actions.items())})
+    for name, writer in writers.items():
+        index = writer.close()
+        if stats.embodiments:
+            stats.save(dirs[name])
+        log.info("%s: %d samples in %d shards under %s", name, index.total_samples, len(index.shards), dirs[name])
+    return dirs
+
+
+class _InProcess:
+    """``Pool``'s imap without processes (workers=1)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    @staticmethod
+    def imap(function, jobs, chunksize=1):
+        return map(function, jobs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="output folder (raw/ and latent/ are created in it)")
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shard-size", type=int, default=32, help="samples per shard")
+    parser.add_argument("--resolution", type=int, default=64, help="frame side in pixels (multiple of 32)")
+    parser.add_argument("--duration", type=float, default=2.0, help="clip length in seconds")
+    parser.add_argument("--latents", choices=["none", "pooled"], default="none")
+    parser.add_argument("--video-latent-channels", type=int, default=8,
+                        help="pooled video latent channels (a token has 4x as many features)")
+    parser.add_argument("--audio-latent-dim", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=1, help="processes generating samples")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    write_world(args.out, args.samples, args.seed, WorldConfig(resolution=args.resolution, duration_s=args.duration),
+                args.shard_size, args.latents, args.video_latent_channels, args.audio_latent_dim, args.workers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

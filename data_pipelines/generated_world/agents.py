@@ -1,0 +1,137 @@
+"""The embodiments that act in the box: smooth seeded motions, their effectors for the physics, and
+their poses as ``EmbodimentTrajectory`` for pseudo-actions (``encoders/pseudo_actions.py``).
+
+World frame: x right, y into the picture (always 0), z up; rotations are about the y axis (the
+only ones a side view shows). Every coordinate is a sum of sines with amplitudes that keep it in
+its range, so position and velocity are exact at any time and stay inside the box.
+
+* ``single_arm``: a fixed base on the floor at x = 0.5 (ego = identity at the base); the end
+  effector is a disc whose radius follows the gripper opening (0.04 m closed, 0.07 m open) and
+  whose tilt is the end-effector rotation.
+* ``humanoid``: the ego walks along the floor (x between 0.3 and 0.7); the two wrists are discs
+  left and right of it; each hand's closure sets its 15 finger joints and its radius.
+
+Only the effectors are bodies in the scene — drawn, colliding, pushing balls; the arm's links and
+the humanoid's torso are not modelled (nothing in the picture can pass through them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megatron_cosmos3.encoders.pseudo_actions import BodyPoses, EmbodimentTrajectory
+
+FINGER_WEIGHTS = np.linspace(0.6, 1.2, 15)  # radians per unit of hand closure, base to tip
+
+
+@dataclass(frozen=True)
+class Wave:
+    """``centre + sum_k amplitude_k * sin(2 pi frequency_k t + phase_k)``, within centre ± sum(amplitudes)."""
+
+    centre: float
+    amplitudes: tuple[float, ...]
+    frequencies: tuple[float, ...]
+    phases: tuple[float, ...]
+
+    @classmethod
+    def random(cls, rng: np.random.Generator, low: float, high: float, components: int = 2,
+               frequency: tuple[float, float] = (0.2, 0.9)) -> Wave:
+        centre, half = (low + high) / 2, (high - low) / 2
+        weights = rng.dirichlet(np.ones(components)) * half * rng.uniform(0.6, 1.0)
+        return cls(centre, tuple(weights), tuple(rng.uniform(*frequency, components)),
+                   tuple(rng.uniform(0, 2 * np.pi, components)))
+
+    def __call__(self, t: float | np.ndarray) -> np.ndarray:
+        t = np.asarray(t, dtype=np.float64)[..., None]
+        return self.centre + (np.array(self.amplitudes) * np.sin(2 * np.pi * np.array(self.frequencies) * t
+                                                                  + np.array(self.phases))).sum(-1)
+
+    def rate(self, t: float | np.ndarray) -> np.ndarray:
+        t = np.asarray(t, dtype=np.float64)[..., None]
+        angular = 2 * np.pi * np.array(self.frequencies)
+        return (np.array(self.amplitudes) * angular * np.cos(angular * t + np.array(self.phases))).sum(-1)
+
+
+def _y_rotation_quaternions(angle: np.ndarray) -> np.ndarray:
+    """(T,) angles about +y -> (T, 4) xyzw quaternions."""
+    half = angle / 2
+    return np.stack([np.zeros_like(half), np.sin(half), np.zeros_like(half), np.cos(half)], axis=-1)
+
+
+def _poses(x: np.ndarray, z: np.ndarray, angle: np.ndarray) -> BodyPoses:
+    positions = np.stack([x, np.zeros_like(x), z], axis=-1)
+    return BodyPoses(torch.from_numpy(positions), torch.from_numpy(_y_rotation_quaternions(angle)))
+
+
+@dataclass(frozen=True)
+class Hand:
+    """One effector disc: x relative to ``anchor_x`` (the ego), height, tilt and closure in [0, 1]."""
+
+    x: Wave
+    z: Wave
+    tilt: Wave
+    closure: Wave
+    radius_closed: float
+    radius_open: float
+
+    def radius(self, t) -> np.ndarray:
+        # An open gripper / hand reaches wider than a closed one.
+        return self.radius_closed + (self.radius_open - self.radius_closed) * (1.0 - self.closure(t))
+
+
+class Agent:
+    """An embodiment: ego motion plus hands (module doc)."""
+
+    def __init__(self, kind: str, ego_x: Wave | None, hands: list[Hand]) -> None:
+        self.kind, self.ego_x, self.hands = kind, ego_x, hands
+
+    def ego(self, t) -> np.ndarray:
+        return self.ego_x(t) if self.ego_x is not None else np.full_like(np.asarray(t, dtype=np.float64), 0.5)
+
+    def ego_rate(self, t) -> np.ndarray:
+        return self.ego_x.rate(t) if self.ego_x is not None else np.zeros_like(np.asarray(t, dtype=np.float64))
+
+    def hand_centre(self, hand: Hand, t) -> np.ndarray:
+        return np.stack([self.ego(t) + hand.x(t), hand.z(t)], axis=-1)
+
+    def effectors(self):
+        """Physics effectors: t -> (centre (2,), velocity (2,), radius)."""
+
+        def make(hand: Hand):
+            def effector(t: float):
+                centre = self.hand_centre(hand, t)
+                velocity = np.array([float(self.ego_rate(t) + hand.x.rate(t)), float(hand.z.rate(t))])
+                return centre, velocity, float(hand.radius(t))
+            return effector
+
+        return [make(hand) for hand in self.hands]
+
+    def trajectory(self, times: np.ndarray) -> EmbodimentTrajectory:
+        """Absolute poses at ``times`` (s) in the layout of ``kind``."""
+        zero = np.zeros_like(times)
+        ego = _poses(self.ego(times), zero, zero)
+        hands = [_poses(self.ego(times) + h.x(times), h.z(times), h.tilt(times)) for h in self.hands]
+        if self.kind == "single_arm":
+            gripper = 1.0 - self.hands[0].closure(times)  # opening: 1 = open
+            return EmbodimentTrajectory("single_arm", {"ego": ego, "end_effector": hands[0]},
+                                        {"gripper": torch.from_numpy(gripper[:, None])})
+        fingers = [torch.from_numpy(h.closure(times)[:, None] * FINGER_WEIGHTS) for h in self.hands]
+        return EmbodimentTrajectory("humanoid", {"ego": ego, "left_wrist": hands[0], "right_wrist": hands[1]},
+                                    {"left_fingers": fingers[0], "right_fingers": fingers[1]})
+
+
+def random_agent(kind: str, rng: np.random.Generator) -> Agent:
+    """A seeded ``single_arm`` or ``humanoid`` (module doc for their ranges)."""
+    closure = lambda: Wave.random(rng, 0.0, 1.0, 1, (0.3, 1.0))  # noqa: E731
+    tilt = lambda: Wave.random(rng, -0.6, 0.6, 1)  # noqa: E731
+    if kind == "single_arm":
+        hand = Hand(Wave.random(rng, -0.33, 0.33), Wave.random(rng, 0.1, 0.6), tilt(), closure(), 0.04, 0.07)
+        return Agent(kind, None, [hand])
+    if kind == "humanoid":
+        left = Hand(Wave.random(rng, -0.25, -0.08), Wave.random(rng, 0.1, 0.7), tilt(), closure(), 0.035, 0.055)
+        right = Hand(Wave.random(rng, 0.08, 0.25), Wave.random(rng, 0.1, 0.7), tilt(), closure(), 0.035, 0.055)
+        return Agent(kind, Wave.random(rng, 0.3, 0.7, 1, (0.1, 0.4)), [left, right])
+    raise ValueError(f"the generated world has no embodiment {kind!r}; it has single_arm and humanoid")

@@ -1,0 +1,119 @@
+"""One generated sample from (seed, index): physics, pictures, sound, actions and text that agree.
+
+A *clip* simulates 1-3 balls (and, most of the time, a single-arm robot or a humanoid whose
+effectors push them) for ``duration_s``; it renders the frames at a frame rate drawn from
+``fps_choices`` (frame k at k / fps s), synthesises stereo 48 kHz audio whose impact sounds start
+at the collision times, records the embodiment's poses at its action rate (pose k at k / rate s)
+and turns them into pseudo-actions (``timing.agent_start`` keeps the absolute start state that
+integrates them back into poses), and describes it all in a caption, an instruction and,
+sometimes, a question. A *still* is one picture of the box with a caption saying where each ball
+is. Everything is a pure function of (seed, index, config).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from generated_world import captions
+from generated_world.agents import Agent, random_agent
+from generated_world.physics import Simulation, simulate
+from generated_world.render import BALL_COLOURS, EFFECTOR_COLOUR, HAND_COLOUR, Canvas, Disc
+from generated_world.sound import SAMPLE_RATE, synthesize
+from megatron_cosmos3.data.schema import Sample
+from megatron_cosmos3.encoders.pseudo_actions import encode_pseudo_actions
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """resolution: frame side in pixels (a multiple of 32). duration_s: clip length; frames, audio
+    and poses all span it exactly. action_rates: embodiment -> poses per second."""
+
+    resolution: int = 64
+    duration_s: float = 2.0
+    fps_choices: tuple[float, ...] = (16.0, 24.0, 30.0)
+    action_rates: dict = field(default_factory=lambda: {"single_arm": 10.0, "humanoid": 30.0})
+    still_fraction: float = 0.15
+    agent_fraction: float = 0.7
+    question_fraction: float = 0.3
+    max_balls: int = 3
+
+    def __post_init__(self) -> None:
+        if self.resolution % 32 or self.resolution <= 0:
+            raise ValueError(f"resolution={self.resolution} must be a positive multiple of 32")
+        for rate in (*self.fps_choices, *self.action_rates.values()):
+            if (rate * self.duration_s) % 1:
+                raise ValueError(f"duration_s={self.duration_s} must hold a whole number of frames/poses at {rate}/s")
+
+
+def _start_state(rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    radii = rng.uniform(0.05, 0.09, count)
+    positions = np.zeros((count, 2))
+    for i in range(count):
+        while True:  # rejection-sample a free spot in the upper half
+            candidate = np.array([rng.uniform(radii[i], 1 - radii[i]), rng.uniform(0.45, 1 - radii[i])])
+            if all(np.hypot(*(candidate - positions[j])) > radii[i] + radii[j] for j in range(i)):
+                positions[i] = candidate
+                break
+    return positions, rng.uniform(-1.5, 1.5, (count, 2)), radii
+
+
+def _discs(sim: Simulation, colours: list[str], agent: Agent | None, time: float) -> list[Disc]:
+    discs = [Disc(x, z, r, BALL_COLOURS[c]) for (x, z), r, c in zip(sim.at(time), sim.radii, colours)]
+    if agent is not None:
+        colour = EFFECTOR_COLOUR if agent.kind == "single_arm" else HAND_COLOUR
+        for hand in agent.hands:
+            x, z = agent.hand_centre(hand, time)
+            discs.append(Disc(float(x), float(z), float(hand.radius(time)), colour))
+    return discs
+
+
+def generate_sample(config: WorldConfig, seed: int, index: int) -> Sample:
+    """Sample ``index`` of world ``seed`` (module doc)."""
+    rng = np.random.default_rng([seed, index])
+    key = f"world-{seed:04d}-{index:07d}"
+    count = int(rng.integers(1, config.max_balls + 1))
+    colours = [str(c) for c in rng.choice(list(BALL_COLOURS), count, replace=False)]
+    positions, velocities, radii = _start_state(rng, len(colours))
+    canvas = Canvas(config.resolution)
+    if rng.random() < config.still_fraction:
+        moment = float(rng.integers(0, int(config.duration_s * 24))) / 24  # a step time
+        sim = simulate(positions, velocities, radii, moment)
+        return Sample(key=key, caption=captions.still_caption(colours, sim.at(moment)),
+                      image=canvas.draw(_discs(sim, colours, None, moment)),
+                      source={"world_seed": seed, "index": index})
+
+    agent = None
+    if rng.random() < config.agent_fraction:
+        agent = random_agent(sorted(config.action_rates)[int(rng.integers(len(config.action_rates)))], rng)
+    fps = float(config.fps_choices[int(rng.integers(len(config.fps_choices)))])
+    sim = simulate(positions, velocities, radii, config.duration_s, agent.effectors() if agent else [])
+    frames = np.stack([canvas.draw(_discs(sim, colours, agent, k / fps))
+                       for k in range(int(round(config.duration_s * fps)) + 1)])
+    sample = Sample(
+        key=key, video=frames, fps=fps,
+        audio=synthesize(sim.events, radii, config.duration_s, rng), audio_sample_rate=SAMPLE_RATE,
+        caption=captions.clip_caption(colours, sim.events, agent.kind if agent else None, fps, config.duration_s),
+        duration_s=config.duration_s, source={"world_seed": seed, "index": index},
+        timing={"events": [{"time_s": round(e.time, 6), "kind": e.kind, "ball": colours[e.ball], "x": round(e.x, 4),
+                            "z": round(e.z, 4), "speed": round(e.speed, 4)} for e in sim.events]},
+    )
+    if agent is not None:
+        rate = config.action_rates[agent.kind]
+        times = np.arange(int(round(config.duration_s * rate)) + 1) / rate
+        trajectory = agent.trajectory(times)
+        sample.actions = encode_pseudo_actions(trajectory).numpy().astype(np.float32)
+        sample.embodiment, sample.action_rate_hz = agent.kind, rate
+        # Pseudo-actions are relative: the absolute start state is what turns them back into poses.
+        sample.timing["agent_start"] = {
+            "poses": {part: {"position": p.positions[0].tolist(), "quaternion_xyzw": p.rotations[0].tolist()}
+                      for part, p in trajectory.poses.items()},
+            "joints": {name: values[0].tolist() for name, values in trajectory.joints.items()}}
+        hand = agent.hands[0]
+        opening = (1 - float(hand.closure(0.0)), 1 - float(hand.closure(config.duration_s)))
+        sample.instruction = captions.instruction(agent.kind, agent.hand_centre(hand, 0.0),
+                                                  agent.hand_centre(hand, config.duration_s), opening)
+    if rng.random() < config.question_fraction:
+        sample.question, sample.answer = captions.floor_question(colours, sim.events, rng)
+    return sample

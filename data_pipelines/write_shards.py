@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Pack loose files into WebDataset shards with an index, validated against the sample schema.
+
+    python data_pipelines/write_shards.py MANIFEST.jsonl OUT_DIR [--shard-size 64] [--prefix data]
+
+One JSON object per manifest line: ``key`` (no '.' or '/'), the ``meta.json`` keys of the schema
+(``caption``, ``fps``, ``embodiment``, ``action_rate_hz``, ``timing``, ...) and file paths (relative
+to the manifest) for the media fields: ``image`` / ``observation`` (.png), ``video`` (.npy),
+``audio`` (.wav), ``actions`` (.npy), ``video_latents`` / ``image_latents`` / ``audio_latents``
+(.npy). Files are stored as they are; each sample is checked with the loader's own decoder
+(``megatron_cosmos3/data/schema.py``), and a bad one is skipped, counted and logged, not written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+from megatron_cosmos3.data.errors import SampleError
+from megatron_cosmos3.data.media import encode_json
+from megatron_cosmos3.data.schema import FIELDS, SCHEMA_VERSION, decode_sample
+from megatron_cosmos3.data.shard_writer import ShardWriter
+from megatron_cosmos3.data.shards import ShardIndex
+
+log = logging.getLogger("write_shards")
+_MEDIA = {name.split(".")[0]: name for name in FIELDS if name != "meta.json"}
+
+
+def manifest_sample(entry: dict, root: Path) -> dict:
+    """The WebDataset dict of one manifest entry (files read as bytes, the rest into meta.json)."""
+    entry = dict(entry)
+    sample = {"__key__": str(entry.pop("key"))}
+    for name, field in _MEDIA.items():
+        if name in entry:
+            sample[field] = (root / entry.pop(name)).read_bytes()
+    sample["meta.json"] = encode_json({"schema": SCHEMA_VERSION, **entry})
+    return sample
+
+
+def write_shards(manifest: str | Path, out_dir: str | Path, shard_size: int = 64,
+                 prefix: str = "data") -> tuple[ShardIndex, Counter]:
+    """Writes the manifest's valid samples; returns the index and skip counts per reason."""
+    manifest = Path(manifest)
+    skipped: Counter = Counter()
+    with ShardWriter(out_dir, prefix, shard_size) as writer:
+        for number, line in enumerate(manifest.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                sample = manifest_sample(json.loads(line), manifest.parent)
+                writer.write_raw(sample, decode_sample(sample).modalities)
+            except SampleError as error:
+                skipped[error.reason] += 1
+                log.warning("%s line %d: skipped: %s", manifest, number, error)
+            except (OSError, ValueError, KeyError) as error:
+                skipped["unreadable_entry"] += 1
+                log.warning("%s line %d: skipped: %s: %s", manifest, number, type(error).__name__, error)
+    return writer.index, skipped
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("manifest", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--shard-size", type=int, default=64)
+    parser.add_argument("--prefix", default="data")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    index, skipped = write_shards(args.manifest, args.out_dir, args.shard_size, args.prefix)
+    log.info("wrote %d samples in %d shards to %s; skipped %s", index.total_samples, len(index.shards), args.out_dir,
+             dict(skipped) or "none")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The ``data:`` section of the config tree (OmegaConf structured dataclasses).
+
+Datasets are named shard sets; each *stage* (pre-, mid-, post-training) has a mixture: weights over
+datasets (shares of samples) and weights over tasks. ``stage`` picks the active one (a training
+config can tie it to its own stage: ``data.stage: ${stage.name}``). Everything is validated by
+``validate`` before any process group or worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from megatron_cosmos3.data.determinism import hash64
+from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
+from megatron_cosmos3.tasks.mixture import TaskMixture
+
+
+@dataclass
+class DatasetConfig:
+    """One shard set.
+
+    shards: directories with an index.json, index files, or WebDataset URL patterns (local paths,
+        http(s)://, pipe:<command>, brace expansion) — see ``data/shards.py``.
+    resample: draw shards with replacement, independently on every rank (endless; for small or
+        many-source data) instead of splitting each epoch's shard permutation across ranks.
+    action_stats: action_stats.json for normalising actions: "auto" = beside the first index,
+        when present; "" = none; else a path.
+    """
+
+    name: str = ""
+    shards: list[str] = field(default_factory=list)
+    resample: bool = False
+    action_stats: str = "auto"
+
+
+@dataclass
+class MixtureConfig:
+    """One stage's mixture: dataset name -> weight (share of samples), task name -> weight."""
+
+    datasets: dict[str, float] = field(default_factory=dict)
+    tasks: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PackingConfig:
+    """tokens_per_pack: AR + DM token budget of one micro-batch. pool_size: samples the packer
+    chooses from (larger packs fuller). max_samples_per_pack: 0 = no limit. max_sample_tokens:
+    longer samples are cropped in time (0 = tokens_per_pack). max_text_tokens: per text field."""
+
+    tokens_per_pack: int = 4096
+    pool_size: int = 64
+    max_samples_per_pack: int = 0
+    max_sample_tokens: int = 0
+    max_text_tokens: int = 256
+
+    @property
+    def sample_token_limit(self) -> int:
+        return self.max_sample_tokens or self.tokens_per_pack
+
+
+@dataclass
+class ErrorBudgetConfig:
+    """Stop when more than max_error_fraction of the samples read are bad (after min_samples)."""
+
+    max_error_fraction: float = 0.05
+    min_samples: int = 200
+
+
+@dataclass
+class DataConfig:
+    """The loader: datasets, stage mixtures, packing, shuffling, workers, error budget, encoders.
+
+    shuffle_buffer: samples in the cross-shard shuffle buffer (0 = none).
+    num_workers: dataloader worker processes (0 = in the training process); the sample stream is
+        the same for every value, so it may change between a save and a resume.
+    epochs: 0 = endless (training); N = N passes over a single, non-resampled dataset.
+    vision: "patch" = the weight-free ViT stand-in (``data/vision_features.py``).
+    """
+
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    stages: dict[str, MixtureConfig] = field(default_factory=dict)
+    stage: str = ""
+    packing: PackingConfig = field(default_factory=PackingConfig)
+    shuffle_buffer: int = 256
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    seed: int = 0
+    epochs: int = 0
+    error_budget: ErrorBudgetConfig = field(default_factory=ErrorBudgetConfig)
+    encoders: LatentEncoderConfig = field(default_factory=LatentEncoderConfig)
+    vision: str = "patch"
+
+    def validate(self) -> None:
+        """ValueError naming the field for any inconsistency."""
+
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"data: {message}")
+
+        names = [d.name for d in self.datasets]
+        require(bool(names), "datasets is empty")
+        require(all(names) and len(set(names)) == len(names),
+                f"dataset names must be non-empty and distinct, got {names}")
+        for d in self.datasets:
+            require(bool(d.shards), f"datasets[{d.name}].shards is empty")
+        require(self.stage in self.stages, f"stage={self.stage!r} is not one of stages {sorted(self.stages)}")
+        stage = self.stages[self.stage]
+        unknown = sorted(set(stage.datasets) - set(names))
+        require(not unknown, f"stages.{self.stage}.datasets names unknown datasets {unknown} (known: {names})")
+        require(any(w > 0 for w in stage.datasets.values()) and all(w >= 0 for w in stage.datasets.values()),
+                f"stages.{self.stage}.datasets needs non-negative weights, one positive, got {dict(stage.datasets)}")
+        try:
+            TaskMixture(dict(stage.tasks))
+        except ValueError as error:
+            raise ValueError(f"data: stages.{self.stage}.tasks: {error}") from None
+        p = self.packing
+        require(p.tokens_per_pack > 0 and p.pool_size > 0 and p.max_text_tokens > 0,
+                f"packing.tokens_per_pack={p.tokens_per_pack}, pool_size={p.pool_size} and "
+                f"max_text_tokens={p.max_text_tokens} must be > 0")
+        require(0 <= p.max_sample_tokens <= p.tokens_per_pack,
+                f"packing.max_sample_tokens={p.max_sample_tokens} must be in [0, tokens_per_pack={p.tokens_per_pack}]")
+        require(p.max_samples_per_pack >= 0, f"packing.max_samples_per_pack={p.max_samples_per_pack} must be >= 0")
+        require(self.shuffle_buffer >= 0 and self.num_workers >= 0 and self.prefetch_factor >= 1,
+                f"shuffle_buffer={self.shuffle_buffer}, num_workers={self.num_workers} must be >= 0 and "
+                f"prefetch_factor={self.prefetch_factor} >= 1")
+        active = [d for d in self.datasets if stage.datasets.get(d.name, 0) > 0]
+        require(self.epochs >= 0, f"epochs={self.epochs} must be >= 0")
+        require(self.epochs == 0 or (len(active) == 1 and not active[0].resample),
+                "epochs > 0 (a finite stream) needs exactly one active, non-resampled dataset")
+        budget = self.error_budget
+        require(0 <= budget.max_error_fraction <= 1 and budget.min_samples >= 0,
+                f"error_budget.max_error_fraction={budget.max_error_fraction} must be in [0, 1], "
+                f"min_samples={budget.min_samples} >= 0")
+        require(self.vision == "patch", f"vision={self.vision!r}: only 'patch' (the ViT stand-in) is available")
+        self.encoders.validate()
+
+    @property
+    def active_stage(self) -> MixtureConfig:
+        return self.stages[self.stage]
+
+    def fingerprint(self) -> int:
+        """A hash of everything that decides the sample stream (workers and prefetching excluded):
+        loader state saved under one fingerprint only resumes under the same one."""
+        decisive = asdict(self)
+        for name in ("num_workers", "prefetch_factor", "error_budget"):
+            decisive.pop(name)
+        decisive["stages"] = {self.stage: decisive["stages"][self.stage]}  # other stages do not matter
+        return hash64(json.dumps(decisive, sort_keys=True))

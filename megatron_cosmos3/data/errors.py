@@ -1,0 +1,141 @@
+"""Bad input: skip reasons, per-reason and per-shard counts, and the error budget.
+
+A sample (or a shard) that cannot be used is never a crash and never silent: it is skipped with a
+reason, counted per reason and per shard, logged, and the error budget stops the run with a clear
+message once too large a fraction of what was read is bad.
+
+Two kinds of skip: *errors* (the data is broken: corrupt media, wrong shapes, ...) count against
+the budget; *filtered* samples (valid, but this stage cannot use them: no task of the mixture
+fits, too long even after cropping) are counted and reported but do not.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+# Errors. A truncated shard counts one ``truncated_shard`` (the sample being read when the data
+# ended) plus, when the shard index says how many samples it should hold, one
+# ``lost_to_truncation`` per sample never reached.
+UNREADABLE_SHARD = "unreadable_shard"
+TRUNCATED_SHARD = "truncated_shard"
+LOST_TO_TRUNCATION = "lost_to_truncation"
+CORRUPT_MEDIA = "corrupt_media"
+BAD_METADATA = "bad_metadata"
+MISSING_FIELD = "missing_field"
+EXTRA_FIELD = "extra_field"
+WRONG_SHAPE = "wrong_shape"
+WRONG_DTYPE = "wrong_dtype"
+NON_FINITE = "non_finite"
+ZERO_LENGTH = "zero_length"
+UNKNOWN_EMBODIMENT = "unknown_embodiment"
+INTERNAL_ERROR = "internal_error"  # an unexpected exception while processing one sample (logged with traceback)
+ERROR_REASONS = (UNREADABLE_SHARD, TRUNCATED_SHARD, LOST_TO_TRUNCATION, CORRUPT_MEDIA, BAD_METADATA, MISSING_FIELD,
+                 EXTRA_FIELD, WRONG_SHAPE, WRONG_DTYPE, NON_FINITE, ZERO_LENGTH, UNKNOWN_EMBODIMENT, INTERNAL_ERROR)
+# Filtered.
+NO_TASK = "no_task"
+TOO_LONG = "too_long"
+FILTER_REASONS = (NO_TASK, TOO_LONG)
+
+
+class SampleError(Exception):
+    """A sample cannot be used; ``reason`` is one of ERROR_REASONS or FILTER_REASONS."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        if reason not in ERROR_REASONS and reason not in FILTER_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}")
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+class DataErrorBudgetExceeded(RuntimeError):
+    """Too large a fraction of the data read so far is bad; the message says what and where."""
+
+
+class LoaderSetupError(RuntimeError):
+    """The loader is set up wrong for its data (e.g. raw media but no encoder): not a bad sample,
+    so it stops the run at once instead of being counted."""
+
+
+@dataclass(frozen=True)
+class Skip:
+    """One skipped sample (or shard event): where, what and why."""
+
+    shard: str
+    key: str
+    reason: str
+    detail: str
+    count: int = 1  # > 1 only for lost_to_truncation
+
+
+@dataclass
+class SkipStats:
+    """Running counts: samples used, skips per reason, skips per shard and reason."""
+
+    used: int = 0
+    per_reason: Counter = field(default_factory=Counter)
+    per_shard: dict[str, Counter] = field(default_factory=dict)
+
+    def record(self, skip: Skip) -> None:
+        self.per_reason[skip.reason] += skip.count
+        self.per_shard.setdefault(skip.shard, Counter())[skip.reason] += skip.count
+
+    @property
+    def errors(self) -> int:
+        return sum(n for reason, n in self.per_reason.items() if reason in ERROR_REASONS)
+
+    @property
+    def filtered(self) -> int:
+        return sum(n for reason, n in self.per_reason.items() if reason in FILTER_REASONS)
+
+    @property
+    def seen(self) -> int:
+        return self.used + self.errors + self.filtered
+
+    def error_fraction(self) -> float:
+        return self.errors / self.seen if self.seen else 0.0
+
+    def summary(self, top_shards: int = 5) -> str:
+        """One line per reason and the shards with most errors, for logs and error messages."""
+        reasons = ", ".join(f"{r} {n}" for r, n in self.per_reason.most_common()) or "none"
+        def bad(item) -> int:
+            return sum(n for reason, n in item[1].items() if reason in ERROR_REASONS)
+
+        worst = sorted(self.per_shard.items(), key=lambda item: -bad(item))
+        shards = "; ".join(f"{shard}: {dict(counts)}" for shard, counts in worst[:top_shards])
+        counts = f"{self.used} used, {self.errors} bad, {self.filtered} filtered of {self.seen} read"
+        return f"{counts}; skips: {reasons}" + (f"; worst shards: {shards}" if shards else "")
+
+    def state_dict(self) -> dict:
+        return {"used": self.used, "per_reason": dict(self.per_reason),
+                "per_shard": {shard: dict(counts) for shard, counts in self.per_shard.items()}}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> SkipStats:
+        return cls(int(state["used"]), Counter(state["per_reason"]),
+                   {shard: Counter(counts) for shard, counts in state["per_shard"].items()})
+
+
+@dataclass(frozen=True)
+class ErrorBudget:
+    """Stop once more than ``max_error_fraction`` of the samples read are bad, checked after the
+    first ``min_samples`` (a couple of bad samples at the very start is no verdict)."""
+
+    max_error_fraction: float = 0.05
+    min_samples: int = 200
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_error_fraction <= 1 or self.min_samples < 0:
+            raise ValueError(f"error budget: max_error_fraction={self.max_error_fraction} must be in [0, 1] "
+                             f"and min_samples={self.min_samples} >= 0")
+
+    def check(self, stats: SkipStats) -> None:
+        """Raises DataErrorBudgetExceeded, with the counts and the worst shards, if over budget —
+        or if not one of ``min_samples`` samples read is usable (e.g. all filtered by the stage)."""
+        if stats.seen >= self.min_samples and stats.used == 0:
+            raise DataErrorBudgetExceeded(f"none of the {stats.seen} samples read is usable by this stage. "
+                                          f"{stats.summary()}")
+        if stats.seen >= self.min_samples and stats.error_fraction() > self.max_error_fraction:
+            raise DataErrorBudgetExceeded(
+                f"data error budget exceeded: {stats.error_fraction():.1%} of {stats.seen} samples read are bad "
+                f"(budget {self.max_error_fraction:.1%}, data.error_budget.max_error_fraction). {stats.summary()}")

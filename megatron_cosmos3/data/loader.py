@@ -1,0 +1,261 @@
+"""The loader: shards -> decode -> encode -> task -> packer -> ``PackedBatch``, resumable.
+
+For one data-parallel rank (TP/PP/CP peers of that rank build the same loader and get the same
+packs)::
+
+    loader = PackedLoader(data_config, model_config, dp_rank, dp_world_size)
+    batch = next(loader)                  # a PackedBatch of at most packing.tokens_per_pack tokens
+    state = loader.state_dict()           # small, JSON-able: goes into the checkpoint
+    ...
+    loader = PackedLoader(...); loader.load_state_dict(state)   # continues with the exact next pack
+
+Stages: the slot schedule (``schedule.py``) picks shards; dataloader workers read, decode,
+assign tasks and build samples (``shard_processor.py``) and return them in slot order
+(``slot_stream.py``); here, in the training process, samples pass through the cross-shard shuffle
+buffer (``shuffle.py``) into the packer (``packer.py``).
+
+State: the next slot, one shard counter per dataset, the shuffle insertion counter, and the
+samples waiting in the shuffle buffer and the packer *by reference* (slot, index in shard). A
+resume rebuilds those few slots and continues: the stream after it is bit-identical to the
+uninterrupted one, with any number of workers before and after. Changing the number of
+data-parallel ranks changes every rank's shard split, so the exact continuation does not exist;
+``load_state_dict`` refuses it (and any change of the data config) with a clear error.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_cosmos3.data.config import DataConfig
+from megatron_cosmos3.data.errors import ErrorBudget, SkipStats
+from megatron_cosmos3.data.latent_encoders import VAELatentEncoder
+from megatron_cosmos3.data.packer import Packer
+from megatron_cosmos3.data.sample_builder import BuildLimits, BuiltSample, SampleBuilder
+from megatron_cosmos3.data.schedule import DatasetSource, ShardSchedule, SlotAddress
+from megatron_cosmos3.data.schema import SchemaContext
+from megatron_cosmos3.data.shard_processor import ShardProcessor, ShardResult
+from megatron_cosmos3.data.shards import resolve_shards
+from megatron_cosmos3.data.shuffle import ShuffleBuffer
+from megatron_cosmos3.data.slot_stream import SlotStream, iterate_slots
+from megatron_cosmos3.data.tokenizer import ByteTokenizer
+from megatron_cosmos3.data.vision_features import PatchVisionFeatures
+from megatron_cosmos3.encoders.action_normalization import ACTION_STATS_FILENAME, ActionStats
+from megatron_cosmos3.model.config import MoTConfig
+from megatron_cosmos3.model.packed_batch import PackedBatch
+from megatron_cosmos3.tasks.mixture import TaskMixture
+
+log = logging.getLogger(__name__)
+STATE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    """A built sample waiting in the shuffle buffer or the packer, and where it came from."""
+
+    ref: tuple[int, int]  # (slot, index of the sample in its shard)
+    built: BuiltSample
+
+
+def _action_stats(dataset) -> ActionStats | None:
+    """The dataset's action statistics (``DatasetConfig.action_stats``)."""
+    if dataset.action_stats == "":
+        return None
+    if dataset.action_stats != "auto":
+        return ActionStats.load(dataset.action_stats)
+    first = Path(dataset.shards[0])
+    folder = first if first.is_dir() else first.parent if first.suffix == ".json" else None
+    if folder is not None and (folder / ACTION_STATS_FILENAME).is_file():
+        return ActionStats.load(folder / ACTION_STATS_FILENAME)
+    return None
+
+
+def _make_builders(model_config: MoTConfig, config: DataConfig, stats: list[ActionStats | None],
+                   latent_encoder_factory, tokenizer) -> list[SampleBuilder]:
+    """One SampleBuilder per active dataset; runs in each worker (encoders load there)."""
+    encoder = latent_encoder_factory() if latent_encoder_factory is not None else None
+    vision = PatchVisionFeatures(model_config.hidden_size)
+    limits = BuildLimits(config.packing.sample_token_limit, config.packing.max_text_tokens)
+    tokenizer = tokenizer or ByteTokenizer(model_config.vocab_size)
+    return [SampleBuilder(model_config, tokenizer, vision, limits, encoder, s) for s in stats]
+
+
+class PackedLoader:
+    """Packed micro-batches of one data-parallel rank (module doc). An endless iterator when
+    ``config.epochs == 0``.
+
+    latent_encoder_factory: a picklable callable returning a ``LatentEncoder`` for raw media
+        (default: the frozen VAEs of ``config.encoders`` when ``online``, else none).
+    tokenizer: default ``ByteTokenizer(model_config.vocab_size)``.
+    """
+
+    def __init__(self, config: DataConfig, model_config: MoTConfig, dp_rank: int = 0, dp_world_size: int = 1, *,
+                 latent_encoder_factory=None, tokenizer=None) -> None:
+        config.validate()
+        self.config, self.model_config = config, model_config
+        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
+        stage = config.active_stage
+        active = [d for d in config.datasets if stage.datasets.get(d.name, 0) > 0]
+        sources = [DatasetSource(d.name, tuple(resolve_shards(list(d.shards))), stage.datasets[d.name], d.resample)
+                   for d in active]
+        self.schedule = ShardSchedule(sources, config.seed, dp_rank, dp_world_size, config.epochs)
+        if latent_encoder_factory is None and config.encoders.online:
+            latent_encoder_factory = functools.partial(VAELatentEncoder.from_config, config.encoders)
+        context = SchemaContext({name: e.action_dim for name, e in model_config.embodiments.items()},
+                                model_config.video_token_dim, model_config.audio_latent_dim)
+        make_builders = functools.partial(_make_builders, model_config, config, [_action_stats(d) for d in active],
+                                          latent_encoder_factory, tokenizer)
+        self.processor = ShardProcessor(self.schedule, TaskMixture(dict(stage.tasks)), context, config.seed,
+                                        make_builders)
+        self.budget = ErrorBudget(config.error_budget.max_error_fraction, config.error_budget.min_samples)
+        self._fingerprint = config.fingerprint()
+        self._reset(next_slot=0, counters=[0] * len(sources))
+
+    def _reset(self, next_slot: int, counters: list[int]) -> None:
+        self.close()
+        self._next_slot, self._counters = next_slot, list(counters)
+        self._shuffle: ShuffleBuffer[_Waiting] = ShuffleBuffer(self.config.shuffle_buffer, self.config.seed,
+                                                               self.dp_rank)
+        p = self.config.packing
+        self._packer: Packer[_Waiting] = Packer(p.tokens_per_pack, p.pool_size, p.max_samples_per_pack)
+        self._addresses: dict[int, SlotAddress] = {}
+        self._exhausted = False
+        self.stats = SkipStats()
+        self.packs = self.tokens = self.cropped = 0
+        self.last_pack: list[tuple[int, int]] = []
+
+    # --- streaming -------------------------------------------------------------------------------
+
+    def __iter__(self) -> PackedLoader:
+        return self
+
+    def __next__(self) -> PackedBatch:
+        while not self._packer.has_pack(final=self._exhausted):
+            if self._exhausted:
+                raise StopIteration
+            result = next(self._results(), None)
+            if result is None:  # the end of a finite stream: everything buffered gets packed
+                self._exhausted = True
+                for waiting in self._shuffle.drain():
+                    self._packer.add(waiting, waiting.built.num_tokens)
+                continue
+            self._absorb(result)
+        entries = self._packer.pop_pack()
+        self.last_pack = [entry.item.ref for entry in entries]
+        self.packs += 1
+        self.tokens += sum(entry.num_tokens for entry in entries)
+        return PackedBatch.from_samples([entry.item.built.sample for entry in entries])
+
+    def _results(self):
+        if self._iterator is None:
+            stream = SlotStream(self.schedule, self.processor, self._next_slot, list(self._counters))
+            self._iterator = iterate_slots(stream, self.config.num_workers, self.config.prefetch_factor)
+        return self._iterator
+
+    def _absorb(self, result: ShardResult) -> None:
+        address = result.address
+        if address.slot != self._next_slot:
+            raise RuntimeError(f"slot {address.slot} arrived while slot {self._next_slot} was expected")
+        for skip in result.skips:
+            self.stats.record(skip)
+        if result.skips:
+            reasons = sorted({s.reason for s in result.skips})
+            first = result.skips[0]
+            log.warning("shard %s: skipped %d sample(s) (%s); first: %s %s", result.url,
+                        sum(s.count for s in result.skips), ", ".join(reasons), first.key or "-", first.detail)
+        self._addresses[address.slot] = address
+        for index, built in result.samples:
+            self.stats.used += 1
+            self.cropped += built.cropped
+            leaving = self._shuffle.push(_Waiting((address.slot, index), built))
+            if leaving is not None:
+                self._packer.add(leaving, leaving.built.num_tokens)
+        self._next_slot = address.slot + 1
+        self._counters[address.dataset] = address.shard_number + 1
+        live = self._live_slots()
+        self._addresses = {slot: a for slot, a in self._addresses.items() if slot in live}
+        self.budget.check(self.stats)
+
+    def _live_slots(self) -> set[int]:
+        return {w.ref[0] for w in self._shuffle.items} | {e.item.ref[0] for e in self._packer.pending}
+
+    @property
+    def efficiency(self) -> float:
+        """Real tokens / token budget over every pack emitted so far."""
+        return self.tokens / (self.packs * self.config.packing.tokens_per_pack) if self.packs else 0.0
+
+    def close(self) -> None:
+        """Stops the dataloader workers (a later ``next`` starts new ones where the stream is)."""
+        iterator, self._iterator = getattr(self, "_iterator", None), None
+        if iterator is not None:
+            iterator.close()
+
+    def __enter__(self) -> PackedLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- checkpointing ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The loader's position (module doc): a few counters and references, JSON-able."""
+        return {
+            "format_version": STATE_FORMAT_VERSION,
+            "fingerprint": self._fingerprint,
+            "dp_rank": self.dp_rank,
+            "dp_world_size": self.dp_world_size,
+            "next_slot": self._next_slot,
+            "counters": list(self._counters),
+            "shuffle_insertions": self._shuffle.insertions,
+            "shuffle": [list(w.ref) for w in self._shuffle.items],
+            "packer": [list(e.item.ref) for e in self._packer.pending],
+            "slots": {str(slot): [a.dataset, a.shard_number] for slot, a in sorted(self._addresses.items())},
+            "exhausted": self._exhausted,
+            "packs": self.packs, "tokens": self.tokens, "cropped": self.cropped,
+            "stats": self.stats.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where ``state`` was taken. ValueError if it belongs to another data
+        config, rank or number of data-parallel ranks."""
+        if state.get("format_version") != STATE_FORMAT_VERSION:
+            raise ValueError(f"loader state format_version {state.get('format_version')!r}; "
+                             f"expected {STATE_FORMAT_VERSION}")
+        if state["dp_world_size"] != self.dp_world_size:
+            raise ValueError(
+                f"loader state was saved with {state['dp_world_size']} data-parallel ranks; this run has "
+                f"{self.dp_world_size}. Each rank's shard split and sample order depend on the number of ranks, so "
+                f"resuming the data stream exactly is impossible. Resume with {state['dp_world_size']} data-parallel "
+                "ranks, or start a fresh data stream (do not load the loader state).")
+        if state["dp_rank"] != self.dp_rank:
+            raise ValueError(f"loader state belongs to data-parallel rank {state['dp_rank']}, not {self.dp_rank}")
+        if state["fingerprint"] != self._fingerprint:
+            raise ValueError("loader state was saved under a different data config (datasets, stage mixture, packing, "
+                             "shuffle or seed); the exact continuation does not exist. Restore that config or start a "
+                             "fresh data stream.")
+        self._reset(state["next_slot"], state["counters"])
+        rebuilt: dict[tuple[int, int], BuiltSample] = {}
+        for slot, (dataset, number) in state["slots"].items():
+            address = SlotAddress(int(slot), dataset, number)
+            self._addresses[address.slot] = address
+            for index, built in self.processor.process(address).samples:
+                rebuilt[(address.slot, index)] = built
+
+        def waiting(ref) -> _Waiting:
+            ref = (int(ref[0]), int(ref[1]))
+            if ref not in rebuilt:
+                raise ValueError(f"sample {ref[1]} of slot {ref[0]} no longer builds: "
+                                 "the shards changed since the checkpoint")
+            return _Waiting(ref, rebuilt[ref])
+
+        self._shuffle.items = [waiting(ref) for ref in state["shuffle"]]
+        self._shuffle.insertions = state["shuffle_insertions"]
+        for ref in state["packer"]:
+            item = waiting(ref)
+            self._packer.add(item, item.built.num_tokens)
+        self._exhausted = state["exhausted"]
+        self.packs, self.tokens, self.cropped = state["packs"], state["tokens"], state["cropped"]
+        self.stats = SkipStats.from_state_dict(state["stats"])

@@ -1,0 +1,92 @@
+"""Byte codecs of the shard fields, with maintained libraries: numpy ``.npy``, PNG (Pillow), WAV
+(scipy.io.wavfile), JSON. Decoders turn any library failure into ``SampleError(corrupt_media)``;
+shape and dtype rules belong to the schema, not here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from scipy.io import wavfile
+
+from megatron_cosmos3.data.errors import BAD_METADATA, CORRUPT_MEDIA, SampleError
+
+# Everything a broken file can make these libraries raise; anything else is a bug, not bad data.
+_DECODE_ERRORS = (ValueError, OSError, EOFError, UnidentifiedImageError, SyntaxError, TypeError, KeyError,
+                  IndexError, MemoryError, struct.error)
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_npy(data: bytes, name: str) -> np.ndarray:
+    """An array from ``.npy`` bytes; pickled object arrays are refused (shards are untrusted)."""
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except _DECODE_ERRORS as error:
+        raise SampleError(CORRUPT_MEDIA,
+                          f"{name}: not a readable .npy array ({type(error).__name__}: {error})") from None
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes (lossless, so a decoded image equals what was written)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image), mode="RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from PNG/JPEG/... bytes (any mode Pillow reads is converted to RGB)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # Image.open is lazy: a truncated file fails only here
+            return np.array(image.convert("RGB"))  # a writable copy (torch refuses read-only arrays)
+    except _DECODE_ERRORS as error:
+        raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable image ({type(error).__name__}: {error})") from None
+
+
+def encode_wav(waveform: np.ndarray, sample_rate: int) -> bytes:
+    """(channels, samples) float in [-1, 1] -> 16-bit PCM WAV bytes; ``decode_wav`` gives the values
+    back within half a step (1 / 65536), clipped to [-1, 32767 / 32768]."""
+    pcm = np.clip(np.round(np.asarray(waveform, dtype=np.float64) * 32768.0), -32768, 32767).astype("<i2")
+    buffer = io.BytesIO()
+    wavfile.write(buffer, int(sample_rate), np.ascontiguousarray(pcm.T))
+    return buffer.getvalue()
+
+
+def decode_wav(data: bytes, name: str) -> tuple[np.ndarray, int]:
+    """(channels, samples) float32 in [-1, 1] and the sample rate in Hz from WAV bytes (PCM 8/16/32 bit or float)."""
+    try:
+        rate, samples = wavfile.read(io.BytesIO(data))
+    except _DECODE_ERRORS as error:
+        raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable WAV file ({type(error).__name__}: {error})") from None
+    samples = samples.reshape(len(samples), -1).T  # mono files come as (samples,)
+    if samples.dtype == np.uint8:
+        audio = (samples.astype(np.float32) - 128.0) / 128.0
+    elif np.issubdtype(samples.dtype, np.integer):
+        audio = samples.astype(np.float32) / float(-np.iinfo(samples.dtype).min)
+    else:
+        audio = samples.astype(np.float32)
+    return np.ascontiguousarray(audio), int(rate)
+
+
+def encode_json(document: dict) -> bytes:
+    return json.dumps(document, sort_keys=True).encode()
+
+
+def decode_json(data: bytes, name: str) -> dict:
+    """A JSON object; anything else (bad UTF-8, bad JSON, a list) is ``bad_metadata``."""
+    try:
+        document = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise SampleError(BAD_METADATA, f"{name}: not valid JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise SampleError(BAD_METADATA, f"{name}: expected a JSON object, got {type(document).__name__}")
+    return document

@@ -1,0 +1,301 @@
+"""The sample schema of the shards (version 1): one WebDataset sample = one ``Sample``.
+
+A sample is a group of tar members sharing a key (``<key>.<field>``). Fields:
+
+=====================  ===========================================================================
+field                  content
+=====================  ===========================================================================
+meta.json              required. JSON object: ``schema`` (= 1) and the keys listed below.
+image.png              a still picture, (H, W, 3) uint8 RGB, H and W >= 32.
+observation.png        the picture the Reasoner sees through the ViT (a policy's observation); when
+                       absent, the image or the video's first frame is used.
+video.npy              (T, H, W, 3) uint8 RGB frames, T >= 1, H and W >= 32; needs ``fps``.
+audio.wav              mono or stereo WAV (PCM or float), any rate (resampled to 48 kHz to encode).
+actions.npy            (N, dim) float pseudo-actions (``encoders/pseudo_actions.py``), step i from
+                       frame i to i + 1 at ``action_rate_hz``; needs ``embodiment``.
+video_latents.npy      pre-encoded video tokens (t*h*w, D) float16/32 (``encoders/video_vae.py``);
+                       needs ``video_latent_grid`` [t, h, w] and ``fps`` (of the source clip).
+image_latents.npy      pre-encoded image tokens (h*w, D); needs ``image_latent_grid`` [1, h, w].
+audio_latents.npy      pre-encoded audio tokens (n, D) at 25/s (``encoders/audio_vae.py``); needs
+                       ``audio_num_samples`` (48 kHz samples before padding).
+=====================  ===========================================================================
+
+``meta.json`` keys: ``caption``, ``instruction``, ``question``, ``answer`` (text; question and
+answer together), ``fps``, ``embodiment``, ``action_rate_hz``, ``video_latent_grid``,
+``image_latent_grid``, ``audio_num_samples``, ``duration_s``; ``timing`` (free-form timing
+metadata, e.g. event times in seconds from the first frame) and ``source`` (free-form provenance).
+All streams of a sample start at the same instant (the first video frame).
+
+Anything else is an ``extra_field``; a field missing what it needs, a ``missing_field``. Pixels
+and audio may come with their latents (latents win); a sample needs text or some media.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from megatron_cosmos3.data import media
+from megatron_cosmos3.data.errors import (
+    BAD_METADATA,
+    EXTRA_FIELD,
+    MISSING_FIELD,
+    NON_FINITE,
+    UNKNOWN_EMBODIMENT,
+    WRONG_DTYPE,
+    WRONG_SHAPE,
+    ZERO_LENGTH,
+    SampleError,
+)
+from megatron_cosmos3.encoders.audio_vae import num_audio_tokens
+from megatron_cosmos3.encoders.pseudo_actions import ACTION_LAYOUTS
+from megatron_cosmos3.encoders.video_vae import PIXELS_PER_TOKEN, largest_encodable_frame_count, num_latent_frames
+from megatron_cosmos3.tasks.registry import Modality
+
+SCHEMA_VERSION = 1
+FIELDS = ("meta.json", "image.png", "observation.png", "video.npy", "audio.wav", "actions.npy",
+          "video_latents.npy", "image_latents.npy", "audio_latents.npy")
+TEXT_KEYS = ("caption", "instruction", "question", "answer")
+META_KEYS = ("schema", *TEXT_KEYS, "fps", "embodiment", "action_rate_hz", "video_latent_grid", "image_latent_grid",
+             "audio_num_samples", "duration_s", "timing", "source")
+
+
+@dataclass
+class Sample:
+    """One decoded sample (shapes in the module table); None = absent."""
+
+    key: str
+    caption: str | None = None
+    instruction: str | None = None
+    question: str | None = None
+    answer: str | None = None
+    image: np.ndarray | None = None  # (H, W, 3) uint8
+    observation: np.ndarray | None = None  # (H, W, 3) uint8
+    video: np.ndarray | None = None  # (T, H, W, 3) uint8
+    fps: float | None = None
+    audio: np.ndarray | None = None  # (channels, samples) float32 in [-1, 1]
+    audio_sample_rate: int | None = None  # Hz
+    actions: np.ndarray | None = None  # (N, dim) float32
+    embodiment: str | None = None
+    action_rate_hz: float | None = None
+    video_latents: np.ndarray | None = None  # (t*h*w, D) float32
+    video_latent_grid: tuple[int, int, int] | None = None
+    image_latents: np.ndarray | None = None  # (h*w, D) float32
+    image_latent_grid: tuple[int, int, int] | None = None
+    audio_latents: np.ndarray | None = None  # (n, D) float32
+    audio_num_samples: int | None = None  # at 48 kHz
+    duration_s: float | None = None
+    timing: dict = field(default_factory=dict)
+    source: dict | str | None = None
+
+    @property
+    def modalities(self) -> frozenset[Modality]:
+        present = {
+            Modality.TEXT: any(getattr(self, k) for k in TEXT_KEYS),
+            Modality.IMAGE: self.image is not None or self.image_latents is not None,
+            Modality.VIDEO: self.video is not None or self.video_latents is not None,
+            Modality.AUDIO: self.audio is not None or self.audio_latents is not None,
+            Modality.ACTIONS: self.actions is not None,
+        }
+        return frozenset(m for m, ok in present.items() if ok)
+
+    @property
+    def latent_frames(self) -> int:
+        """Video latent frames this sample gives (0 without video)."""
+        if self.video_latent_grid is not None:
+            return self.video_latent_grid[0]
+        if self.video is not None:
+            return num_latent_frames(largest_encodable_frame_count(len(self.video)))
+        return 0
+
+
+@dataclass(frozen=True)
+class SchemaContext:
+    """What the model accepts; None = not checked (e.g. when writing shards).
+
+    embodiments: embodiment name -> action width. Default: the pseudo-action layouts.
+    video_token_dim / audio_latent_dim: widths of pre-encoded latents.
+    """
+
+    embodiments: Mapping[str, int] | None = None
+    video_token_dim: int | None = None
+    audio_latent_dim: int | None = None
+
+    def action_dim(self, embodiment: str) -> int | None:
+        known = self.embodiments if self.embodiments is not None else {k: v.dim for k, v in ACTION_LAYOUTS.items()}
+        return known.get(embodiment)
+
+
+# --- encoding (writers) ----------------------------------------------------------------------------
+
+
+def encode_sample(sample: Sample) -> dict[str, bytes | str]:
+    """The WebDataset dict ``{"__key__": key, "<field>": bytes}`` of a sample (no validation)."""
+    if not sample.key or "." in sample.key or "/" in sample.key:
+        raise ValueError(f"sample key {sample.key!r} must be non-empty without '.' or '/' (WebDataset splits on them)")
+    meta: dict = {"schema": SCHEMA_VERSION}
+    for name in (*TEXT_KEYS, "fps", "embodiment", "action_rate_hz", "audio_num_samples", "duration_s", "source"):
+        if getattr(sample, name) is not None:
+            meta[name] = getattr(sample, name)
+    for name in ("video_latent_grid", "image_latent_grid"):
+        if getattr(sample, name) is not None:
+            meta[name] = [int(x) for x in getattr(sample, name)]
+    if sample.timing:
+        meta["timing"] = sample.timing
+    out: dict[str, bytes | str] = {"__key__": sample.key, "meta.json": media.encode_json(meta)}
+    if sample.image is not None:
+        out["image.png"] = media.encode_png(sample.image)
+    if sample.observation is not None:
+        out["observation.png"] = media.encode_png(sample.observation)
+    if sample.video is not None:
+        out["video.npy"] = media.encode_npy(sample.video)
+    if sample.audio is not None:
+        out["audio.wav"] = media.encode_wav(sample.audio, sample.audio_sample_rate)
+    for name in ("actions", "video_latents", "image_latents", "audio_latents"):
+        if getattr(sample, name) is not None:
+            out[f"{name}.npy"] = media.encode_npy(getattr(sample, name))
+    return out
+
+
+# --- decoding with validation (the loader) ---------------------------------------------------------
+
+
+def _fail(reason: str, detail: str):
+    raise SampleError(reason, detail)
+
+
+def _positive_number(meta: dict, name: str, needed_by: str) -> float:
+    if name not in meta:
+        _fail(MISSING_FIELD, f"{needed_by} needs meta.json '{name}'")
+    value = meta[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        _fail(BAD_METADATA, f"meta.json '{name}' must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _grid(meta: dict, name: str, needed_by: str) -> tuple[int, int, int]:
+    if name not in meta:
+        _fail(MISSING_FIELD, f"{needed_by} needs meta.json '{name}'")
+    grid = meta[name]
+    if (not isinstance(grid, list) or len(grid) != 3
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in grid)):
+        _fail(BAD_METADATA, f"meta.json '{name}' must be 3 non-negative ints [t, h, w], got {grid!r}")
+    return tuple(grid)
+
+
+def _float_rows(array: np.ndarray, name: str, width: int | None, rows: int | None = None) -> np.ndarray:
+    """Checks a (rows, width) float array and returns it as float32."""
+    if array.dtype.kind != "f":
+        _fail(WRONG_DTYPE, f"{name} must hold floats, got dtype {array.dtype}")
+    wrong_width = width is not None and array.ndim == 2 and array.shape[1] != width
+    wrong_rows = rows is not None and array.ndim == 2 and array.shape[0] != rows
+    if array.ndim != 2 or wrong_width or wrong_rows:
+        want = f"({rows if rows is not None else 'n'}, {width if width is not None else 'd'})"
+        _fail(WRONG_SHAPE, f"{name} must have shape {want}, got {array.shape}")
+    if array.shape[0] == 0:
+        _fail(ZERO_LENGTH, f"{name} has no rows")
+    if not np.isfinite(array).all():
+        _fail(NON_FINITE, f"{name} holds {int((~np.isfinite(array)).sum())} NaN/inf values")
+    return array.astype(np.float32, copy=False)
+
+
+def _picture(data: bytes, name: str) -> np.ndarray:
+    image = media.decode_image(data, name)
+    if min(image.shape[:2]) < PIXELS_PER_TOKEN:
+        _fail(WRONG_SHAPE, f"{name} is {image.shape[1]}x{image.shape[0]}; both sides must be >= {PIXELS_PER_TOKEN} px")
+    return image
+
+
+def decode_sample(raw: Mapping[str, bytes], context: SchemaContext = SchemaContext()) -> Sample:
+    """A validated ``Sample`` from a WebDataset dict; ``SampleError`` naming the reason otherwise."""
+    key = str(raw.get("__key__", "?"))
+    files = {name: value for name, value in raw.items() if not name.startswith("__")}
+    extra = sorted(set(files) - set(FIELDS))
+    if extra:
+        _fail(EXTRA_FIELD, f"unknown field(s) {extra}; schema v{SCHEMA_VERSION} fields are {list(FIELDS)}")
+    if "meta.json" not in files:
+        _fail(MISSING_FIELD, "no meta.json")
+    meta = media.decode_json(files["meta.json"], "meta.json")
+    unknown = sorted(set(meta) - set(META_KEYS))
+    if unknown:
+        _fail(EXTRA_FIELD, f"unknown meta.json key(s) {unknown}")
+    if meta.get("schema") != SCHEMA_VERSION:
+        _fail(BAD_METADATA, f"meta.json 'schema' must be {SCHEMA_VERSION}, got {meta.get('schema')!r}")
+    sample = Sample(key=key, timing=meta.get("timing") or {}, source=meta.get("source"))
+    for name in TEXT_KEYS:
+        if name in meta:
+            if not isinstance(meta[name], str):
+                _fail(BAD_METADATA, f"meta.json '{name}' must be a string, got {type(meta[name]).__name__}")
+            setattr(sample, name, meta[name])
+    if (sample.question is None) != (sample.answer is None):
+        _fail(MISSING_FIELD, "meta.json 'question' and 'answer' come together")
+    if not isinstance(sample.timing, dict):
+        _fail(BAD_METADATA, f"meta.json 'timing' must be an object, got {type(sample.timing).__name__}")
+    if "duration_s" in meta:
+        sample.duration_s = _positive_number(meta, "duration_s", "duration_s")
+
+    if "image.png" in files:
+        sample.image = _picture(files["image.png"], "image.png")
+    if "observation.png" in files:
+        sample.observation = _picture(files["observation.png"], "observation.png")
+    if "video.npy" in files:
+        video = media.decode_npy(files["video.npy"], "video.npy")
+        if video.dtype != np.uint8:
+            _fail(WRONG_DTYPE, f"video.npy must be uint8 RGB, got dtype {video.dtype}")
+        if video.ndim != 4 or video.shape[-1] != 3:
+            _fail(WRONG_SHAPE, f"video.npy must have shape (T, H, W, 3), got {video.shape}")
+        if video.shape[0] == 0:
+            _fail(ZERO_LENGTH, "video.npy has 0 frames")
+        if min(video.shape[1:3]) < PIXELS_PER_TOKEN:
+            _fail(WRONG_SHAPE, f"video.npy frames are {video.shape[2]}x{video.shape[1]}; "
+                               f"both sides must be >= {PIXELS_PER_TOKEN} px")
+        sample.video = video
+    if "video.npy" in files or "video_latents.npy" in files:
+        sample.fps = _positive_number(meta, "fps", "a video")
+    if "audio.wav" in files:
+        audio, rate = media.decode_wav(files["audio.wav"], "audio.wav")
+        if audio.shape[0] not in (1, 2):
+            _fail(WRONG_SHAPE, f"audio.wav has {audio.shape[0]} channels; expected mono or stereo")
+        if audio.shape[1] == 0:
+            _fail(ZERO_LENGTH, "audio.wav has 0 samples")
+        if rate <= 0:
+            _fail(BAD_METADATA, f"audio.wav sample rate is {rate}")
+        if not np.isfinite(audio).all():
+            _fail(NON_FINITE, "audio.wav holds NaN/inf samples")
+        sample.audio, sample.audio_sample_rate = audio, rate
+    if "actions.npy" in files:
+        if not isinstance(meta.get("embodiment"), str):
+            _fail(MISSING_FIELD, f"actions.npy needs meta.json 'embodiment' (a string), got {meta.get('embodiment')!r}")
+        sample.embodiment = meta["embodiment"]
+        width = context.action_dim(sample.embodiment)
+        if width is None:
+            _fail(UNKNOWN_EMBODIMENT, f"embodiment {sample.embodiment!r} is not one the model knows")
+        sample.action_rate_hz = _positive_number(meta, "action_rate_hz", "actions.npy")
+        sample.actions = _float_rows(media.decode_npy(files["actions.npy"], "actions.npy"), "actions.npy", width)
+    elif "embodiment" in meta or "action_rate_hz" in meta:
+        _fail(MISSING_FIELD, "meta.json names an embodiment / action rate but the sample has no actions.npy")
+    for name, grid_key, width in (("video_latents", "video_latent_grid", context.video_token_dim),
+                                  ("image_latents", "image_latent_grid", context.video_token_dim)):
+        if f"{name}.npy" in files:
+            grid = _grid(meta, grid_key, f"{name}.npy")
+            if name == "image_latents" and grid[0] != 1:
+                _fail(BAD_METADATA, f"meta.json 'image_latent_grid' must have t = 1, got {list(grid)}")
+            values = media.decode_npy(files[f"{name}.npy"], f"{name}.npy")
+            setattr(sample, name, _float_rows(values, f"{name}.npy", width, rows=math.prod(grid)))
+            setattr(sample, grid_key, grid)
+    if "audio_latents.npy" in files:
+        count = meta.get("audio_num_samples")
+        if count is None:
+            _fail(MISSING_FIELD, "audio_latents.npy needs meta.json 'audio_num_samples'")
+        if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+            _fail(BAD_METADATA, f"meta.json 'audio_num_samples' must be a positive int, got {count!r}")
+        latents = _float_rows(media.decode_npy(files["audio_latents.npy"], "audio_latents.npy"), "audio_latents.npy",
+                              context.audio_latent_dim, rows=num_audio_tokens(count))
+        sample.audio_latents, sample.audio_num_samples = latents, count
+    if not sample.modalities:
+        _fail(MISSING_FIELD, "the sample has neither text nor media")
+    return sample
+

@@ -1,0 +1,114 @@
+"""One slot -> its packed-ready samples: read the shard, decode, assign tasks, build.
+
+This is the work a dataloader worker does (and what a resume redoes for the few slots still
+buffered). Its output for a slot is a pure function of the slot address and the config: the task
+of sample i of slot j is drawn from (seed, j, i), encoders are deterministic and run on one
+thread, so any process — worker or main — builds bit-identical samples.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_cosmos3.data.determinism import uniform
+from megatron_cosmos3.data.errors import (
+    INTERNAL_ERROR,
+    LOST_TO_TRUNCATION,
+    NO_TASK,
+    TRUNCATED_SHARD,
+    UNREADABLE_SHARD,
+    LoaderSetupError,
+    SampleError,
+    Skip,
+)
+from megatron_cosmos3.data.sample_builder import BuiltSample, SampleBuilder, picture_of
+from megatron_cosmos3.data.schedule import ShardSchedule, SlotAddress
+from megatron_cosmos3.data.schema import SchemaContext, decode_sample
+from megatron_cosmos3.data.shards import read_shard
+from megatron_cosmos3.tasks.mixture import TaskMixture
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardResult:
+    """What one slot gave: samples (by their index in the shard, skipped ones counted) and skips."""
+
+    address: SlotAddress
+    url: str
+    samples: list[tuple[int, BuiltSample]] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)
+
+
+class _SingleThread:
+    """Runs encoders on one intra-op thread, as dataloader workers do, so that a sample built in
+    the main process (0 workers, or a resume) is bit-identical to one built in a worker."""
+
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self.threads)
+
+
+class ShardProcessor:
+    """Turns slot addresses into ``ShardResult``s. ``builders`` has one SampleBuilder per dataset
+    of the schedule (their action statistics differ); they are made lazily in each process by
+    ``make_builders`` so that heavy encoders load in the worker that uses them."""
+
+    def __init__(self, schedule: ShardSchedule, mixture: TaskMixture, context: SchemaContext, seed: int,
+                 make_builders) -> None:
+        self.schedule, self.mixture, self.context, self.seed = schedule, mixture, context, seed
+        self._make_builders = make_builders
+        self._builders: list[SampleBuilder] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_builders": None}  # workers build their own encoders
+
+    def process(self, address: SlotAddress) -> ShardResult:
+        if self._builders is None:
+            self._builders = self._make_builders()
+        builder = self._builders[address.dataset]
+        info = self.schedule.shard(address)
+        result = ShardResult(address, info.url)
+        read, truncated = 0, False
+        with _SingleThread():
+            for index, raw in enumerate(read_shard(info.url)):
+                if isinstance(raw, Skip):
+                    if raw.reason == UNREADABLE_SHARD:  # the whole shard is lost: count its samples if known
+                        raw = Skip(raw.shard, raw.key, raw.reason, raw.detail, count=info.samples or 1)
+                    truncated = truncated or raw.reason == TRUNCATED_SHARD
+                    result.skips.append(raw)
+                    read += raw.reason != UNREADABLE_SHARD
+                    continue
+                read += 1
+                try:
+                    result.samples.append((index, self._build(builder, raw, address, index)))
+                except SampleError as error:
+                    result.skips.append(Skip(info.url, raw["__key__"], error.reason, error.detail))
+                except LoaderSetupError:
+                    raise
+                except Exception as error:  # noqa: BLE001 - one sample must not stop the run; logged in full
+                    log.exception("internal error on sample %s of %s", raw.get("__key__"), info.url)
+                    detail = f"{type(error).__name__}: {error}"
+                    result.skips.append(Skip(info.url, raw["__key__"], INTERNAL_ERROR, detail))
+        unreadable = any(s.reason == UNREADABLE_SHARD for s in result.skips)
+        if info.samples is not None and read < info.samples and not unreadable:
+            result.skips.append(Skip(info.url, "", LOST_TO_TRUNCATION,
+                                     f"the index lists {info.samples} samples, the shard gave {read}"
+                                     + (" before it ended" if truncated else ""), count=info.samples - read))
+        return result
+
+    def _build(self, builder: SampleBuilder, raw: dict, address: SlotAddress, index: int) -> BuiltSample:
+        sample = decode_sample(raw, self.context)
+        task = self.mixture.choose(sample.modalities, sample.latent_frames,
+                                   uniform(self.seed, "task", address.slot, index),
+                                   has_picture=picture_of(sample) is not None)
+        if task is None:
+            raise SampleError(NO_TASK, f"modalities {sorted(m.value for m in sample.modalities)} fit no task of the "
+                                       f"stage mixture {sorted(self.mixture.weights)}")
+        return builder.build(sample, task)

@@ -1,0 +1,94 @@
+"""Writing samples into WebDataset tar shards with an index (``index.json``: counts per shard).
+
+Each shard is written under a temporary name and renamed when complete, and the index is written
+last, atomically: a reader never sees half a shard listed. Tar member times are fixed, so the same
+samples give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+from webdataset.writer import TarWriter
+
+from megatron_cosmos3.data.errors import SampleError
+from megatron_cosmos3.data.schema import Sample, SchemaContext, decode_sample, encode_sample
+from megatron_cosmos3.data.shards import ShardIndex, ShardInfo
+
+
+class ShardWriter:
+    """Writes ``Sample``s into ``<directory>/<prefix>-000000.tar, ...`` and ``index.json``.
+
+    A shard is closed after ``max_samples_per_shard`` samples or once it exceeds
+    ``max_bytes_per_shard``. With ``validate`` (default) each sample is checked against the schema
+    (``context`` gives the model's widths) and a bad one is a ValueError: producers fix their data,
+    loaders skip it.
+    """
+
+    def __init__(self, directory: str | Path, prefix: str = "shard", max_samples_per_shard: int = 64,
+                 max_bytes_per_shard: int = 1 << 30, context: SchemaContext | None = None,
+                 validate: bool = True) -> None:
+        if max_samples_per_shard < 1 or max_bytes_per_shard < 1:
+            raise ValueError("max_samples_per_shard and max_bytes_per_shard must be >= 1")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.prefix, self.max_samples, self.max_bytes = prefix, max_samples_per_shard, max_bytes_per_shard
+        self.context, self.validate = context or SchemaContext(), validate
+        self._shards: list[ShardInfo] = []
+        self._tar: TarWriter | None = None
+        self._count = self._bytes = 0
+        self._modalities: Counter = Counter()
+        self._closed = False
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _path(self, number: int) -> Path:
+        return self.directory / f"{self.prefix}-{number:06d}.tar"
+
+    def write(self, sample: Sample) -> None:
+        """Adds one sample (validated unless ``validate=False``)."""
+        encoded = encode_sample(sample)
+        if self.validate:
+            try:
+                decode_sample(encoded, self.context)
+            except SampleError as error:
+                raise ValueError(f"sample {sample.key!r} does not follow the schema: {error}") from None
+        self.write_raw(encoded, sample.modalities)
+
+    def write_raw(self, encoded: dict, modalities=()) -> None:
+        """Adds an already-encoded WebDataset dict as is (no validation: for tools and tests)."""
+        if self._closed:
+            raise ValueError("ShardWriter is closed")
+        if self._tar is None:
+            path = self._path(len(self._shards))
+            self._tar = TarWriter(str(path.with_suffix(".tar.partial")), mtime=0.0, encoder=False)
+        self._bytes += self._tar.write(encoded)
+        self._count += 1
+        self._modalities.update(m.value if hasattr(m, "value") else str(m) for m in modalities)
+        if self._count >= self.max_samples or self._bytes >= self.max_bytes:
+            self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        path = self._path(len(self._shards))
+        os.replace(path.with_suffix(".tar.partial"), path)
+        modalities = dict(sorted(self._modalities.items()))
+        self._shards.append(ShardInfo(str(path), self._count, path.stat().st_size, modalities))
+        self._tar, self._count, self._bytes, self._modalities = None, 0, 0, Counter()
+
+    def close(self) -> ShardIndex:
+        """Finishes the last shard and writes the index; returns it."""
+        if not self._closed:
+            self._finish_shard()
+            self._closed = True
+            self.index = ShardIndex(tuple(self._shards))
+            self.index.save(self.directory)
+        return self.index

@@ -1,0 +1,187 @@
+"""Shards: where they are (index, URLs) and how one is read into raw samples.
+
+A dataset is a list of WebDataset tar shards. Each entry of a dataset's ``shards`` list is one of
+
+* a directory written by ``ShardWriter``: its ``index.json`` lists the shards and their sample
+  counts (so blends can weigh datasets by samples and truncated shards are counted exactly);
+* an ``index.json`` file;
+* a URL pattern WebDataset understands: a local path, ``file:``, ``http(s)://``, ``pipe:<command>``
+  (e.g. ``pipe:aws s3 cp s3://bucket/shard-{000000..000099}.tar -``), with brace expansion and
+  ``::`` between patterns. Opening goes through ``webdataset.gopen``.
+
+Reading (``read_shard``) streams the tar once, groups members into samples by key (WebDataset's
+``base_plus_ext`` rule), and reports shard-level damage as ``Skip`` records instead of raising.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import tempfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext
+
+from megatron_cosmos3.data.errors import EXTRA_FIELD, TRUNCATED_SHARD, UNREADABLE_SHARD, Skip
+
+INDEX_FILENAME = "index.json"
+_INDEX_VERSION = 1
+_TAR_BLOCK = 512
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard: its URL and, when an index says so, its sample count and size."""
+
+    url: str
+    samples: int | None = None
+    bytes: int | None = None
+    modalities: dict = field(default_factory=dict)  # modality -> samples having it
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """The index written beside a set of shards (``index.json``); URLs are relative to it."""
+
+    shards: tuple[ShardInfo, ...]
+    schema_version: int = 1
+
+    @property
+    def total_samples(self) -> int:
+        return sum(s.samples or 0 for s in self.shards)
+
+    def save(self, directory: str | Path) -> Path:
+        """Writes ``<directory>/index.json`` atomically; shard URLs are stored relative to it."""
+        directory = Path(directory)
+        document = {
+            "format_version": _INDEX_VERSION, "schema_version": self.schema_version,
+            "total_samples": self.total_samples,
+            "shards": [{"url": os.path.relpath(s.url, directory) if "://" not in s.url and not s.url.startswith("pipe:")
+                        else s.url, "samples": s.samples, "bytes": s.bytes, "modalities": s.modalities}
+                       for s in self.shards],
+        }
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{INDEX_FILENAME}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(document, f, indent=1)
+        os.replace(tmp, directory / INDEX_FILENAME)
+        return directory / INDEX_FILENAME
+
+    @classmethod
+    def load(cls, path: str | Path) -> ShardIndex:
+        """Reads an index (a directory means its ``index.json``); relative URLs resolve against it."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / INDEX_FILENAME
+        document = json.loads(path.read_text())
+        if document.get("format_version") != _INDEX_VERSION:
+            raise ValueError(f"{path}: format_version must be {_INDEX_VERSION}, got {document.get('format_version')!r}")
+
+        def resolve(url: str) -> str:
+            return url if "://" in url or url.startswith("pipe:") or os.path.isabs(url) else str(path.parent / url)
+
+        return cls(tuple(ShardInfo(resolve(s["url"]), s.get("samples"), s.get("bytes"), s.get("modalities") or {})
+                         for s in document["shards"]), document.get("schema_version", 1))
+
+
+def resolve_shards(entries: list[str]) -> list[ShardInfo]:
+    """Every shard of a dataset's ``shards`` entries (module docstring), in order."""
+    shards: list[ShardInfo] = []
+    for entry in entries:
+        if os.path.isdir(entry) or entry.endswith(".json"):
+            shards.extend(ShardIndex.load(entry).shards)
+        else:
+            shards.extend(ShardInfo(url) for url in expand_urls(entry))
+    return shards
+
+
+class _TailTracker:
+    """A read-only stream wrapper that remembers how the stream started and its last tar block:
+    a tar that ends without its all-zero end-of-archive block was cut at a member boundary, which
+    Python's tarfile treats as a normal end."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.head, self.tail = stream, b"", b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        if not self.head:
+            self.head = data[:8]
+        self.tail = (self.tail + data)[-_TAR_BLOCK:]
+        return data
+
+    @property
+    def compressed(self) -> bool:
+        return self.head.startswith(_COMPRESSED_MAGIC)  # the decompressor detects truncation itself
+
+    @property
+    def ended_cleanly(self) -> bool:
+        return self.compressed or self.tail == bytes(_TAR_BLOCK)
+
+
+def read_shard(url: str) -> Iterator[dict | Skip]:
+    """Yields the shard's samples in tar order as WebDataset dicts (``__key__`` plus one bytes
+    value per field), and ``Skip`` records for shard damage, never raising for bad data:
+
+    * the shard cannot be opened or is not a tar: one ``unreadable_shard``;
+    * the data ends inside a member, or the tar lacks its end-of-archive block: one
+      ``truncated_shard`` for the sample being read (it is dropped: it may miss fields);
+    * a member name repeated within a sample: that sample is an ``extra_field`` skip.
+    """
+    try:
+        raw = gopen(url, "rb")
+    except Exception as error:  # noqa: BLE001 - gopen raises anything from OSError to a pipe's ValueError
+        yield Skip(url, "", UNREADABLE_SHARD, f"cannot open: {type(error).__name__}: {error}")
+        return
+    stream = _TailTracker(raw)
+    current: dict | None = None
+    duplicate: str | None = None
+    try:
+        try:
+            archive = tarfile.open(fileobj=stream, mode="r|*")
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
+            yield Skip(url, "", UNREADABLE_SHARD, f"not a tar archive: {type(error).__name__}: {error}")
+            return
+        try:
+            for member in archive:
+                if not member.isreg():
+                    continue
+                key, suffix = base_plus_ext(member.name)
+                if key is None:
+                    continue  # a name without an extension belongs to no sample field
+                if current is None or key != current["__key__"]:
+                    if current is not None:
+                        yield _finished(url, current, duplicate)
+                    current, duplicate = {"__key__": key, "__url__": url}, None
+                data = archive.extractfile(member).read()
+                suffix = suffix.lower()
+                if suffix in current:
+                    duplicate = suffix
+                current[suffix] = data
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
+            yield Skip(url, current["__key__"] if current else "", TRUNCATED_SHARD,
+                       f"data ends inside a member: {type(error).__name__}: {error}")
+            return
+        if not stream.ended_cleanly:
+            yield Skip(url, current["__key__"] if current else "", TRUNCATED_SHARD,
+                       "the tar has no end-of-archive block: cut at a member boundary")
+            return
+        if current is not None:
+            yield _finished(url, current, duplicate)
+    finally:
+        try:
+            raw.close()
+        except Exception:  # noqa: BLE001 - a pipe that failed reports it on close; its data was judged above
+            pass
+
+
+def _finished(url: str, sample: dict, duplicate: str | None) -> dict | Skip:
+    if duplicate is not None:
+        return Skip(url, sample["__key__"], EXTRA_FIELD, f"field {duplicate!r} appears twice")
+    return sample

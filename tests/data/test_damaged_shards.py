@@ -1,0 +1,188 @@
+"""A deliberately damaged shard set streams through without a crash, and every bad sample or
+shard is skipped, counted per reason and per shard exactly, and logged; the error budget stops a
+run that reads too much bad data with a message that says what and where."""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import logging
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+from world_helpers import AUDIO_LATENT_DIM, VIDEO_LATENT_CHANNELS, data_config, model_config, tiny_world
+
+from megatron_cosmos3.data.config import ErrorBudgetConfig
+from megatron_cosmos3.data.errors import DataErrorBudgetExceeded, LoaderSetupError
+from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder
+from megatron_cosmos3.data.loader import PackedLoader
+from megatron_cosmos3.data.media import encode_json, encode_npy
+from megatron_cosmos3.data.schema import Sample, encode_sample
+from megatron_cosmos3.data.shard_writer import ShardWriter
+
+ENCODER = functools.partial(PooledLatentEncoder, VIDEO_LATENT_CHANNELS, AUDIO_LATENT_DIM)
+RNG = np.random.default_rng(0)
+
+
+def _clip(key: str) -> dict:
+    return encode_sample(Sample(
+        key=key, caption="a ball bounces", instruction="push the ball", fps=24.0,
+        video=RNG.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8),
+        audio=RNG.uniform(-0.5, 0.5, (2, 9600)).astype(np.float32), audio_sample_rate=48_000,
+        actions=RNG.normal(size=(2, 19)).astype(np.float32), embodiment="single_arm", action_rate_hz=10.0))
+
+
+def _latent(key: str) -> dict:
+    return encode_sample(Sample(key=key, caption="latent clip", fps=30.0, video_latent_grid=(2, 1, 1),
+                                video_latents=RNG.normal(size=(2, VIDEO_LATENT_CHANNELS * 4)).astype(np.float32)))
+
+
+def _text(key: str) -> dict:
+    return encode_sample(Sample(key=key, caption="just words", question="what?", answer="words"))
+
+
+def _meta(sample: dict, **changes) -> dict:
+    meta = json.loads(sample["meta.json"])
+    meta.update(changes)
+    meta = {k: v for k, v in meta.items() if v is not None}
+    return {**sample, "meta.json": encode_json(meta)}
+
+
+def _with(sample: dict, field: str, value: bytes) -> dict:
+    return {**sample, field: value}
+
+
+def _actions(values: np.ndarray) -> dict:
+    return _with(_clip("x"), "actions.npy", encode_npy(values))
+
+
+def _video(frames: np.ndarray) -> dict:
+    return _with(_clip("x"), "video.npy", encode_npy(frames))
+
+
+# Every kind of bad sample, with the reason the loader must give it.
+BAD_SAMPLES = {
+    "corrupt_png": ("corrupt_media", lambda: _with(_text("k"), "image.png", b"\x89PNG\r\n\x1a\nnot really")),
+    "corrupt_npy": ("corrupt_media", lambda: _with(_clip("k"), "video.npy", _clip("k")["video.npy"][:200])),
+    "corrupt_wav": ("corrupt_media", lambda: _with(_clip("k"), "audio.wav", b"RIFF\x00\x00")),
+    "no_meta": ("missing_field", lambda: {k: v for k, v in _clip("k").items() if k != "meta.json"}),
+    "video_without_fps": ("missing_field", lambda: _meta(_clip("k"), fps=None)),
+    "unknown_file": ("extra_field", lambda: _with(_clip("k"), "depth.npy", encode_npy(np.zeros(3)))),
+    "unknown_meta_key": ("extra_field", lambda: _meta(_clip("k"), colour="red")),
+    "meta_not_json": ("bad_metadata", lambda: {**_clip("k"), "meta.json": b"{not json"}),
+    "rgba_video": ("wrong_shape", lambda: _video(np.zeros((5, 32, 32, 4), np.uint8))),
+    "narrow_actions": ("wrong_shape", lambda: _actions(np.zeros((2, 18), np.float32))),
+    "float_video": ("wrong_dtype", lambda: _video(np.zeros((5, 32, 32, 3), np.float32))),
+    "int_actions": ("wrong_dtype", lambda: _actions(np.zeros((2, 19), np.int64))),
+    "nan_actions": ("non_finite", lambda: _actions(np.full((2, 19), np.nan, np.float32))),
+    "inf_actions": ("non_finite", lambda: _actions(np.full((2, 19), np.inf, np.float32))),
+    "empty_video": ("zero_length", lambda: _video(np.zeros((0, 32, 32, 3), np.uint8))),
+    "empty_actions": ("zero_length", lambda: _actions(np.zeros((0, 19), np.float32))),
+    "quadruped": ("unknown_embodiment", lambda: _meta(_clip("k"), embodiment="quadruped")),
+    "audio_only": ("no_task", lambda: {k: v for k, v in _clip("k").items() if k not in ("video.npy", "actions.npy")}
+                   | {"meta.json": encode_json({"schema": 1})}),
+}
+
+
+def _write(directory, samples: list[dict]) -> str:
+    with ShardWriter(directory, "part", max_samples_per_shard=100, validate=False) as writer:
+        for i, sample in enumerate(samples):
+            writer.write_raw({**sample, "__key__": f"s{i:03d}"})
+    return str(writer.index.shards[0].url)
+
+
+def _member_offsets(path: str) -> list[tuple[str, int, int]]:
+    with tarfile.open(path) as archive:
+        return [(m.name, m.offset_data, m.size) for m in archive.getmembers()]
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory):
+    """{directory: (shard url, expected Counter of skips)} and the expected number of usable samples."""
+    root = tmp_path_factory.mktemp("damaged")
+    expected, shards = {}, {}
+    mixed = [_clip("g"), _latent("g"), _text("g")] + [make() for _, make in BAD_SAMPLES.values()]
+    shards["mixed"] = _write(root / "mixed", mixed)
+    expected["mixed"] = Counter(reason for reason, _ in BAD_SAMPLES.values())
+
+    # Data ends inside sample 3's first member: samples 0-2 are used, 3 is the truncated one, 4 is lost.
+    url = _write(root / "cut_in_member", [_latent(str(i)) for i in range(5)])
+    name, offset, _ = next(m for m in _member_offsets(url) if m[0].startswith("s003."))
+    data = open(url, "rb").read()
+    open(url, "wb").write(data[: offset + 10])
+    shards["cut_in_member"], expected["cut_in_member"] = url, Counter(truncated_shard=1, lost_to_truncation=1)
+
+    # Cut cleanly after sample 2's last member, no end-of-archive block: 0-1 used, 2 truncated, 3-4 lost.
+    url = _write(root / "cut_at_member", [_latent(str(i)) for i in range(5)])
+    name, offset, size = [m for m in _member_offsets(url) if m[0].startswith("s002.")][-1]
+    data = open(url, "rb").read()
+    open(url, "wb").write(data[: offset + -(-size // 512) * 512])
+    shards["cut_at_member"], expected["cut_at_member"] = url, Counter(truncated_shard=1, lost_to_truncation=2)
+
+    url = _write(root / "not_a_tar", [_latent(str(i)) for i in range(4)])
+    open(url, "wb").write(b"garbage" * 1000)
+    shards["not_a_tar"], expected["not_a_tar"] = url, Counter(unreadable_shard=4)
+
+    url = _write(root / "missing", [_latent(str(i)) for i in range(4)])
+    (root / "missing" / url.rsplit("/", 1)[1]).unlink()
+    shards["missing"], expected["missing"] = url, Counter(unreadable_shard=4)
+
+    # A member repeated within a sample (written by hand: WebDataset writers cannot do it).
+    url = str(root / "duplicate.tar")
+    with tarfile.open(url, "w") as archive:
+        meta = b'{"schema": 1, "caption": "x"}'
+        members = [("a.meta.json", meta), ("a.meta.json", meta), ("b.meta.json", meta)]
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    shards["duplicate"], expected["duplicate"] = url, Counter(extra_field=1)
+
+    sources = [str(root / d) for d in ("mixed", "cut_in_member", "cut_at_member", "not_a_tar", "missing")] + [url]
+    used = 3 + 3 + 2 + 0 + 0 + 1
+    return sources, {shards[k]: expected[k] for k in shards}, used
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_damaged_shards_give_exact_skip_counts(damaged, workers, caplog):
+    sources, expected, used = damaged
+    config = data_config(sources, epochs=1, num_workers=workers, tokens_per_pack=4096)
+    with caplog.at_level(logging.WARNING):
+        with PackedLoader(config, model_config(), latent_encoder_factory=ENCODER) as loader:
+            packs = list(loader)
+    assert sum(p.num_samples for p in packs) == loader.stats.used == used
+    assert {shard: Counter(counts) for shard, counts in loader.stats.per_shard.items()} == expected
+    assert loader.stats.per_reason == sum(expected.values(), Counter())
+    assert loader.stats.filtered == 1 and loader.stats.errors == sum(expected.values(), Counter()).total() - 1
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    for shard in expected:
+        assert shard in logged, "every shard with skips is logged"
+
+
+def test_error_budget_stops_the_run_with_a_clear_message(damaged):
+    sources, _, _ = damaged
+    config = data_config(sources, epochs=1, error_budget=ErrorBudgetConfig(0.2, 10))
+    with PackedLoader(config, model_config(), latent_encoder_factory=ENCODER) as loader:
+        with pytest.raises(DataErrorBudgetExceeded) as raised:
+            list(loader)
+    message = str(raised.value)
+    assert "samples read are bad (budget 20.0%, data.error_budget.max_error_fraction)" in message
+    assert "skips: " in message and "worst shards: " in message
+
+
+def test_a_stage_that_can_use_nothing_stops_instead_of_reading_forever(damaged):
+    sources, _, _ = damaged
+    # No sample of the set holds a (readable) still image.
+    config = data_config(sources, tasks={"text_to_image": 1.0}, error_budget=ErrorBudgetConfig(1.0, 10))
+    with PackedLoader(config, model_config(), latent_encoder_factory=ENCODER) as loader:
+        with pytest.raises(DataErrorBudgetExceeded, match="none of the .* samples read is usable by this stage"):
+            next(loader)
+
+
+def test_raw_media_without_an_encoder_is_a_setup_error_not_a_skip():
+    config = data_config([str(tiny_world()["raw"])], tasks={"text_to_video": 1.0})
+    with PackedLoader(config, model_config()) as loader, pytest.raises(LoaderSetupError, match="no latent encoder"):
+        next(loader)

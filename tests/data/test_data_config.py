@@ -1,0 +1,51 @@
+"""The data config: the shipped YAML loads into typed dataclasses for every stage; inconsistent
+values are clear errors naming the field, before any worker starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfig
+
+YAML = Path(__file__).resolve().parents[2] / "configs" / "data" / "generated_world.yaml"
+
+
+def _load(*overrides: str) -> DataConfig:
+    merged = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(YAML).data,
+                             OmegaConf.from_dotlist(list(overrides)))
+    return OmegaConf.to_object(merged)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "midtrain", "posttrain"])
+def test_shipped_stages_validate(stage):
+    config = _load(f"stage={stage}")
+    config.validate()
+    assert isinstance(config.active_stage, MixtureConfig) and isinstance(config.datasets[0], DatasetConfig)
+
+
+def test_the_fingerprint_ignores_workers_but_not_the_mixture():
+    base = _load().fingerprint()
+    assert _load("num_workers=7").fingerprint() == base
+    assert _load("stages.pretrain.tasks.understanding=3.0").fingerprint() != base
+    assert _load("stages.midtrain.tasks.policy=3.0").fingerprint() == base, "inactive stages do not matter"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stage=warmup", "stage='warmup' is not one of stages"),
+    ("stages.pretrain.datasets.nowhere=1.0", "names unknown datasets"),
+    ("stages.pretrain.tasks.dancing=1.0", "unknown task 'dancing'"),
+    ("packing.max_sample_tokens=99999", "packing.max_sample_tokens=99999 must be in"),
+    ("epochs=1", None),
+    ("error_budget.max_error_fraction=1.5", "error_budget.max_error_fraction=1.5"),
+])
+def test_inconsistent_configs_are_refused(override, message):
+    config = _load(override)
+    if message is None:  # one active dataset: a finite stream is fine
+        config.validate()
+        config.stages["pretrain"].datasets["world_raw"] = 1.0
+        message = "epochs > 0"
+    with pytest.raises(ValueError, match=message):
+        config.validate()

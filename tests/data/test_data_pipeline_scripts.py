@@ -1,0 +1,104 @@
+"""The operator scripts of data_pipelines/: pre-encoding with the frozen VAEs gives exactly the
+VAEs' latents and a shard set the loader reads; a manifest of loose files becomes validated
+shards; the inspector counts usable and bad samples."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKLWan, AutoencoderOobleck
+from world_helpers import AUDIO_LATENT_DIM, VIDEO_LATENT_CHANNELS, data_config, load_script, model_config, tiny_world
+
+from megatron_cosmos3.data.latent_encoders import VAELatentEncoder, encodable_pixels
+from megatron_cosmos3.data.loader import PackedLoader
+from megatron_cosmos3.data.media import encode_npy, encode_png, encode_wav
+from megatron_cosmos3.data.schema import decode_sample
+from megatron_cosmos3.data.shards import ShardIndex, read_shard
+from megatron_cosmos3.encoders.audio_vae import AudioVAE
+from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
+from megatron_cosmos3.encoders.video_vae import VideoVAE
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def vae_folders(tmp_path_factory):
+    """Tiny random frozen VAEs with the real structure (16x spatial, 4x temporal; hop 1920)."""
+    root = tmp_path_factory.mktemp("vaes")
+    torch.manual_seed(0)
+    z = VIDEO_LATENT_CHANNELS
+    AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=z, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                     temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+                     patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=[0.1] * z,
+                     latents_std=[2.0] * z).save_pretrained(root / "video")
+    AutoencoderOobleck(encoder_hidden_size=2 * AUDIO_LATENT_DIM, downsampling_ratios=[2, 4, 5, 6, 8],
+                       channel_multiples=[1] * 5, decoder_channels=4, decoder_input_channels=AUDIO_LATENT_DIM,
+                       audio_channels=2, sampling_rate=48_000).save_pretrained(root / "audio")
+    return LatentEncoderConfig(online=True, video_vae_path=str(root / "video"), audio_vae_path=str(root / "audio"),
+                               dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def vae_latents(tmp_path_factory, vae_folders):
+    """The tiny world's raw shards pre-encoded by the VAEs, in shards of the same size."""
+    out = tmp_path_factory.mktemp("vae_latents")
+    encoder = VAELatentEncoder.from_config(vae_folders)
+    skipped = load_script("encode_shards").encode_shards(tiny_world()["raw"], out, encoder, shard_size=6)
+    assert not skipped
+    return out
+
+
+def test_pre_encoding_writes_the_vaes_latents_and_the_loader_reads_them(vae_latents, vae_folders):
+    raw, latent = tiny_world()["raw"], vae_latents
+    assert ShardIndex.load(latent).total_samples == ShardIndex.load(raw).total_samples
+    original = decode_sample(next(r for r in read_shard(ShardIndex.load(raw).shards[0].url)
+                                  if b"video.npy" in b"".join(k.encode() for k in r)))
+    encoded = next(decode_sample(r) for r in read_shard(ShardIndex.load(latent).shards[0].url)
+                   if r["__key__"] == original.key)
+    video_vae = VideoVAE.from_pretrained(vae_folders.video_vae_path)
+    want = video_vae.encode(encodable_pixels(original.video), original.fps)
+    assert encoded.video_latent_grid == want.grid_thw and np.array_equal(encoded.video_latents, want.tokens.numpy())
+    audio = AudioVAE.from_pretrained(vae_folders.audio_vae_path).encode(torch.from_numpy(original.audio), 48_000)
+    assert np.array_equal(encoded.audio_latents, audio.tokens.numpy())
+    np.testing.assert_array_equal(encoded.observation, original.video[0])
+    assert (latent / "action_stats.json").is_file()
+    with PackedLoader(data_config([str(latent)], epochs=1), model_config()) as loader:
+        assert sum(batch.num_samples for batch in loader) == loader.stats.used == 48
+
+
+def test_online_vae_encoding_in_workers_matches_the_pre_encoded_stream(vae_latents, vae_folders):
+    """Raw shards encoded by the frozen VAEs inside 2 workers give the packs the pre-encoded shards give."""
+    small = dict(shuffle_buffer=0, pool_size=4)
+    online = data_config([str(tiny_world()["raw"])], num_workers=2, encoders=vae_folders, **small)
+    offline = data_config([str(vae_latents)], **small)
+    with PackedLoader(online, model_config()) as a, PackedLoader(offline, model_config()) as b:
+        for _ in range(3):
+            x, y = next(a), next(b)
+            assert torch.equal(x.ar_token_ids, y.ar_token_ids) and torch.equal(x.dm_positions, y.dm_positions)
+            for key in x.dm_tokens:
+                torch.testing.assert_close(x.dm_tokens[key], y.dm_tokens[key], rtol=0, atol=0)
+
+
+def test_a_manifest_of_loose_files_becomes_validated_shards(tmp_path):
+    write_shards, inspect_shards = load_script("write_shards"), load_script("inspect_shards")
+    rng = np.random.default_rng(0)
+    (tmp_path / "clip.npy").write_bytes(encode_npy(rng.integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)))
+    (tmp_path / "clip.wav").write_bytes(encode_wav(rng.uniform(-1, 1, (1, 4410)).astype(np.float32), 44_100))
+    (tmp_path / "still.png").write_bytes(encode_png(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)))
+    (tmp_path / "bad.npy").write_bytes(encode_npy(np.zeros((2, 5), np.float32)))
+    entries = [
+        {"key": "clip", "caption": "a clip", "video": "clip.npy", "fps": 24, "audio": "clip.wav"},
+        {"key": "still", "caption": "a still", "image": "still.png"},
+        {"key": "no_fps", "caption": "x", "video": "clip.npy"},
+        {"key": "bad_actions", "caption": "x", "actions": "bad.npy", "embodiment": "single_arm", "action_rate_hz": 10},
+        {"key": "gone", "caption": "x", "image": "missing.png"},
+    ]
+    (tmp_path / "manifest.jsonl").write_text("\n".join(json.dumps(e) for e in entries))
+    index, skipped = write_shards.write_shards(tmp_path / "manifest.jsonl", tmp_path / "shards")
+    assert index.total_samples == 2 and skipped == {"missing_field": 1, "wrong_shape": 1, "unreadable_entry": 1}
+    usable, bad = inspect_shards.verify_shard(index.shards[0].url, index.shards[0].samples)
+    assert usable == 2 and not bad
+    assert inspect_shards.main([str(tmp_path / "shards"), "--verify"]) == 0
