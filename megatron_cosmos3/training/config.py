@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
+from megatron_cosmos3.data.config import DataConfig
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.training.flow_matching import FlowMatchingConfig
@@ -65,9 +66,9 @@ class SyntheticDataConfig:
 
         unknown = sorted(set(self.tasks) - set(TASKS))
         if unknown or not self.tasks:
-            raise ValueError(f"data.tasks: unknown tasks {unknown} (known: {list(TASKS)})")
+            raise ValueError(f"synthetic.tasks: unknown tasks {unknown} (known: {list(TASKS)})")
         if self.samples_per_pack < 1 or self.scale < 1:
-            raise ValueError(f"data: samples_per_pack={self.samples_per_pack} and scale={self.scale} must be >= 1")
+            raise ValueError(f"synthetic: samples_per_pack={self.samples_per_pack} and scale={self.scale} must be >= 1")
 
 
 @dataclass
@@ -117,7 +118,11 @@ class TrainConfig:
     model: MoTConfig = field(default_factory=MoTConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
-    data: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    # Where micro-batches come from: "shards" (the streaming loader over WebDataset shards,
+    # configured by ``data``) or "synthetic" (random packs with the real layout, ``synthetic``).
+    data_source: str = "synthetic"
+    data: DataConfig = field(default_factory=DataConfig)
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     parallel: ParallelSizes = field(default_factory=ParallelSizes)
@@ -133,6 +138,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.log_every < 1:
             raise ValueError(f"steps={self.steps} and log_every={self.log_every} must be >= 1")
+        if self.data_source not in ("synthetic", "shards"):
+            raise ValueError(f"data_source={self.data_source!r} is not one of ('synthetic', 'shards')")
+        if self.data_source == "shards":
+            if not self.data.stage:  # the data mixture follows the training stage unless set
+                self.data.stage = self.stage.name
+            self.data.validate()
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision={self.precision!r} is not one of ('fp32', 'bf16')")
         if self.recompute not in ("none", "selective", "full"):
@@ -140,6 +151,13 @@ class TrainConfig:
         clash = sorted(set(self.stage.new_embodiments) & set(self.model.embodiments))
         if clash:
             raise ValueError(f"stage.new_embodiments {clash} are already model.embodiments")
+
+
+def task_table(config: TrainConfig) -> list[str]:
+    """The tasks this run can train on, in a fixed order (the per-task metric slots)."""
+    if config.data_source == "shards":
+        return sorted(config.data.active_stage.tasks)
+    return list(config.synthetic.tasks)
 
 
 def load_config(yaml_path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:

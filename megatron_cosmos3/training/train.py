@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.model.attention import PackLayout
 from megatron_cosmos3.model.moe import set_aux_loss_scale
 from megatron_cosmos3.model.mot import MoTModel
@@ -32,11 +31,11 @@ from megatron_cosmos3.parallel.pipeline import PipelineStages, split_into_stages
 from megatron_cosmos3.parallel.pipeline_schedules import forward_backward
 from megatron_cosmos3.parallel.state import ParallelGroups, destroy_parallel, initialize_parallel
 from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel, finalize_tensor_parallel_grads
+from megatron_cosmos3.training.batches import MicroBatches
 from megatron_cosmos3.training.checkpoint import Checkpointer, latest_checkpoint
-from megatron_cosmos3.training.config import TrainConfig, flatten, load_config, to_yaml
+from megatron_cosmos3.training.config import TrainConfig, flatten, load_config, task_table, to_yaml
 from megatron_cosmos3.training.distributed import DistributedContext, init_distributed
 from megatron_cosmos3.training.flops import step_flops
-from megatron_cosmos3.training.flow_matching import add_flow_matching_noise
 from megatron_cosmos3.training.losses import loss_breakdown, mot_losses
 from megatron_cosmos3.training.metrics import MetricsWindow
 from megatron_cosmos3.training.precision import autocast
@@ -57,18 +56,6 @@ class Preempted(SystemExit):
     def __init__(self, step: int):
         super().__init__(REQUEUE_EXIT_CODE)
         self.step = step
-
-
-def micro_batch(config: TrainConfig, step: int, micro: int, data_rank: int, device: torch.device):
-    """The pack of one data-parallel rank at (step, micro-batch): a pure function of the seed, the
-    step and the micro-batch's place in the global batch (data_rank * micro_batches + micro). So a
-    resumed run sees exactly what an uninterrupted one would, and any layout with the same global
-    batch (e.g. DP=2 x 1 micro-batch, or DP=1 x 2) trains on the same packs."""
-    index = data_rank * config.optimizer.micro_batches_per_step + micro
-    g = torch.Generator().manual_seed(hash((config.seed, step, index)) % (2**63))
-    batch = random_pack(config.model, g, config.data.samples_per_pack, tuple(config.data.tasks), config.data.scale)
-    noised, targets = add_flow_matching_noise(batch, config.flow_matching, g)
-    return noised.to(device), {k: v.to(device) for k, v in targets.items()}
 
 
 def _matches(name: str, patterns) -> bool:
@@ -104,6 +91,7 @@ class Run:
     data_rank: int
     data_size: int
     stages: PipelineStages | None = None  # this rank's pipeline chunks when pipeline > 1
+    batches: MicroBatches | None = None
 
     @property
     def state_owner(self):
@@ -148,7 +136,8 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
                                 config.checkpoint.async_save, ctx.device.type)
     data_rank = groups.data_rank if groups is not None else 0
     data_size = groups.data_size if groups is not None else 1
-    return Run(config, ctx, groups, model, trained, optimizer, checkpointer, data_rank, data_size, stages)
+    batches = MicroBatches(config, data_rank, data_size, ctx.device)
+    return Run(config, ctx, groups, model, trained, optimizer, checkpointer, data_rank, data_size, stages, batches)
 
 
 def resume_or_initialise(run: Run) -> tuple[int, str | None]:
@@ -156,10 +145,11 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
     config = run.config
     latest = latest_checkpoint(config.checkpoint.directory) if config.checkpoint.resume else None
     if latest is not None:
-        per_rank = {"rng": torch.get_rng_state()}
+        per_rank = {"rng": torch.get_rng_state(), **run.batches.state()}
         meta = run.checkpointer.load(latest, run.state_owner, run.optimizer, per_rank)
         if "rng" in per_rank:
             torch.set_rng_state(per_rank["rng"])
+        run.batches.load_state(per_rank)
         if run.ctx.is_main:
             log.info("resumed from %s at step %d", latest, meta["step"])
         return meta["step"], meta.get("mlflow_run_id")
@@ -178,7 +168,7 @@ def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
     (on every rank). Three drivers, one result: the pipeline schedule, the context-parallel runner,
     or the model itself (DDP-wrapped when data parallel)."""
     config, ctx, opt = run.config, run.ctx, run.config.optimizer
-    micro_batches = [micro_batch(config, step, m, run.data_rank, ctx.device) for m in range(opt.micro_batches_per_step)]
+    micro_batches = [run.batches.get(step, m) for m in range(opt.micro_batches_per_step)]
     weight = opt.flow_matching_weight
     if run.stages is not None:
         reports = forward_backward(run.stages, micro_batches, partial(loss_breakdown, flow_matching_weight=weight),
@@ -234,6 +224,14 @@ def train(config: TrainConfig, ctx: DistributedContext) -> dict[str, float]:
 
 def _train(config: TrainConfig, ctx: DistributedContext, watcher: PreemptionWatcher) -> dict[str, float]:
     run = build_run(config, ctx)
+    try:
+        return _loop(run, watcher)
+    finally:
+        run.batches.close()
+
+
+def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
+    config, ctx = run.config, run.ctx
     start_step, run_id = resume_or_initialise(run)
     tracker = MLflowTracker(config.tracking.tracking_uri, config.tracking.experiment, config.tracking.run_name,
                             enabled=config.tracking.enabled and ctx.is_main, run_id=run_id)
@@ -243,7 +241,7 @@ def _train(config: TrainConfig, ctx: DistributedContext, watcher: PreemptionWatc
         tracker.set_tag("stage", config.stage.name)
 
     opt = config.optimizer
-    window = MetricsWindow(config.data.tasks, run.data_size, opt.flow_matching_weight, config.peak_flops_per_device)
+    window = MetricsWindow(task_table(config), run.data_size, opt.flow_matching_weight, config.peak_flops_per_device)
     metrics: dict[str, float] = {}
     nonfinite_in_a_row = 0
     for step in range(start_step, config.steps):
@@ -268,7 +266,7 @@ def _train(config: TrainConfig, ctx: DistributedContext, watcher: PreemptionWatc
 
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             eta = (config.steps - step - 1) * window.seconds_per_step()
-            metrics = window.reduce({"grad_norm": float(grad_norm), "lr": base_lr})
+            metrics = window.reduce({"grad_norm": float(grad_norm), "lr": base_lr, **run.batches.skip_counts()})
             if ctx.is_main:
                 tracker.log_metrics(metrics, step + 1)
                 log.info("step %d/%d  loss %.4f  ce %.4f  fm %.4f  grad_norm %.3f  lr %.2e  tokens/s %.0f  eta %.0fs",
@@ -281,7 +279,8 @@ def _train(config: TrainConfig, ctx: DistributedContext, watcher: PreemptionWatc
             tracker.set_tag("checkpoint", str(committed.resolve()))
         preempted = watcher.should_stop()
         if preempted or (step + 1) % config.checkpoint.save_every == 0 or step + 1 == config.steps:
-            run.checkpointer.save(step + 1, run.state_owner, run.optimizer, {"rng": torch.get_rng_state()},
+            run.checkpointer.save(step + 1, run.state_owner, run.optimizer,
+                                  {"rng": torch.get_rng_state(), **run.batches.state()},
                                   {"mlflow_run_id": tracker.run_id, "stage": config.stage.name,
                                    "config": to_yaml(config)})
         if preempted:

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = ["model.vocab_size=64", "model.hidden_size=32", "model.num_layers=4", "model.num_attention_heads=4",
         "model.num_kv_heads=2", "model.head_dim=8", "model.mrope_section=[2,1,1]", "model.ffn_hidden_size=64",
         "model.video_latent_channels=4", "model.audio_latent_dim=6", "model.timestep_embedding_dim=16",
-        "data.samples_per_pack=4", "data.scale=1", "log_every=1", "optimizer.warmup_steps=1",
+        "synthetic.samples_per_pack=4", "synthetic.scale=1", "log_every=1", "optimizer.warmup_steps=1",
         "checkpoint.save_every=2", "tracking.experiment=layouts"]
 
 

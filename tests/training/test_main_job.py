@@ -12,8 +12,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_trainer(tmp_path: Path, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """The README's main job (configs/tiny_cpu.yaml on generated-world shards), shortened."""
+    world = tmp_path / "world"
+    if not (world / "latent" / "index.json").exists():
+        subprocess.run([sys.executable, str(REPO / "data_pipelines/generate_world.py"), str(world), "--samples", "32",
+                        "--shard-size", "4", "--resolution", "32", "--latents", "pooled"], check=True,
+                       capture_output=True, timeout=300)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "megatron_cosmos3.training.train", "--config", str(REPO / "configs/tiny_cpu.yaml"),
+               f"data.datasets=[{{name: world, shards: [{world / 'latent'}]}}]", "data.packing.tokens_per_pack=768",
                f"checkpoint.directory={tmp_path / 'ckpt'}", f"tracking.tracking_uri={tmp_path / 'mlflow.db'}",
                "log_every=5", "checkpoint.save_every=10", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -35,10 +42,12 @@ def test_two_process_training_logs_to_mlflow_checkpoints_and_resumes(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(meta["mlflow_run_id"])
     assert run.data.params["model.hidden_size"] == "96"
-    assert run.data.params["data.samples_per_pack"] == "8"
+    assert run.data.params["data_source"] == "shards"
+    assert run.data.params["data.packing.tokens_per_pack"] == "768"
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [5, 10, 15, 20]
-    assert {"loss/ce", "loss/fm", "grad_norm", "lr", "throughput/tokens_per_s"} <= set(run.data.metrics)
+    assert {"loss/ce", "loss/fm", "grad_norm", "lr", "throughput/tokens_per_s", "data/samples_used"} <= set(
+        run.data.metrics)
 
     # Resume: the next launch continues from step 20 in the same MLflow run.
     second = run_trainer(tmp_path, "steps=30")

@@ -9,6 +9,7 @@ import torch
 
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.training import train as train_module
+from megatron_cosmos3.training.batches import MicroBatches
 from megatron_cosmos3.training.checkpoint import Checkpointer, latest_checkpoint
 from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.distributed import DistributedContext
@@ -17,7 +18,7 @@ CPU = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device
 TINY = ["model.vocab_size=64", "model.hidden_size=32", "model.num_layers=2", "model.num_attention_heads=4",
         "model.num_kv_heads=2", "model.head_dim=8", "model.mrope_section=[2,1,1]", "model.ffn_hidden_size=64",
         "model.video_latent_channels=4", "model.audio_latent_dim=6", "model.timestep_embedding_dim=16",
-        "data.samples_per_pack=4", "data.scale=1", "log_every=1", "optimizer.warmup_steps=2"]
+        "synthetic.samples_per_pack=4", "synthetic.scale=1", "log_every=1", "optimizer.warmup_steps=2"]
 
 
 def config_for(tmp_path, name, *overrides):
@@ -47,20 +48,20 @@ def test_preempted_and_resumed_run_gives_the_same_losses_and_weights_bit_for_bit
     straight = config_for(tmp_path, "straight", "steps=8", "checkpoint.save_every=100")
     train_module.train(straight, CPU)
 
-    real = train_module.micro_batch
+    real = MicroBatches.get
 
-    def signalled_during_step_4(config, step, micro, data_rank, device):
+    def signalled_during_step_4(self, step, micro):
         if step == 3:  # SLURM's warning signal arrives in the middle of step 4
             os.kill(os.getpid(), signal.SIGUSR1)
-        return real(config, step, micro, data_rank, device)
+        return real(self, step, micro)
 
-    monkeypatch.setattr(train_module, "micro_batch", signalled_during_step_4)
+    monkeypatch.setattr(MicroBatches, "get", signalled_during_step_4)
     interrupted = config_for(tmp_path, "resumed", "steps=8", "checkpoint.save_every=100")
     with pytest.raises(train_module.Preempted) as stop:
         train_module.train(interrupted, CPU)
     assert stop.value.code == 3 and stop.value.step == 4
     assert latest_checkpoint(interrupted.checkpoint.directory).name == "step_00000004"
-    monkeypatch.setattr(train_module, "micro_batch", real)
+    monkeypatch.setattr(MicroBatches, "get", real)
     second_half = interrupted
     train_module.train(second_half, CPU)  # resumes at step 4 from the committed checkpoint
     assert loss_history(tmp_path, "resumed") == loss_history(tmp_path, "straight")  # one MLflow run, continued
@@ -93,7 +94,7 @@ def test_stage_change_loads_weights_freezes_and_adds_an_embodiment(tmp_path):
 
     post = config_for(tmp_path, "post", "steps=2", "stage.name=posttrain", f"stage.init_from={mid.checkpoint.directory}",
                       "stage.new_embodiments={quadruped: {action_dim: 12, rate_hz: 20.0}}",
-                      "stage.freeze=[layers.*]", "data.tasks=[policy]")
+                      "stage.freeze=[layers.*]", "synthetic.tasks=[policy]")
     train_module.train(post, CPU)  # the embodiment now comes from the checkpoint, nothing missing
 
 
@@ -104,16 +105,16 @@ def test_stage_that_freezes_everything_is_a_clear_error(tmp_path):
 
 
 def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_path, monkeypatch):
-    real = train_module.micro_batch
+    real = MicroBatches.get
     poisoned_steps = {2, 5, 6, 7}
 
-    def poisoned(config, step, micro, data_rank, device):
-        batch, targets = real(config, step, micro, data_rank, device)
+    def poisoned(self, step, micro):
+        batch, targets = real(self, step, micro)
         if step in poisoned_steps:
             targets = {k: torch.full_like(v, float("inf")) for k, v in targets.items()}
         return batch, targets
 
-    monkeypatch.setattr(train_module, "micro_batch", poisoned)
+    monkeypatch.setattr(MicroBatches, "get", poisoned)
     config = config_for(tmp_path, "guarded", "steps=12", "optimizer.max_consecutive_nonfinite_steps=3")
     with pytest.raises(train_module.NonFiniteLossError, match="3 steps in a row .* step 8"):
         train_module.train(config, CPU)
@@ -135,7 +136,7 @@ def test_gradient_accumulation_equals_one_big_step(tmp_path):
 
     expected_grads = None
     for micro in range(2):
-        batch, targets = train_module.micro_batch(config, 0, micro, 0, CPU.device)
+        batch, targets = MicroBatches(config, 0, 1, CPU.device).get(0, micro)
         initial.zero_grad()
         mot_losses(initial, batch, targets).total.backward()
         grads = {n: (p.grad.clone() if p.grad is not None else None) for n, p in initial.named_parameters()}
