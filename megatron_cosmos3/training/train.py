@@ -40,6 +40,7 @@ from megatron_cosmos3.training.losses import loss_breakdown, mot_losses
 from megatron_cosmos3.training.metrics import MetricsWindow
 from megatron_cosmos3.training.precision import autocast
 from megatron_cosmos3.training.preemption import REQUEUE_EXIT_CODE, PreemptionWatcher
+from megatron_cosmos3.training.samples import write_generation_sample
 from megatron_cosmos3.training.schedule import learning_rate
 from megatron_cosmos3.training.tracking import MLflowTracker
 
@@ -92,6 +93,7 @@ class Run:
     data_size: int
     stages: PipelineStages | None = None  # this rank's pipeline chunks when pipeline > 1
     batches: MicroBatches | None = None
+    last_micro_batch: tuple | None = None  # (noised batch, targets) of the latest step, for samples
 
     @property
     def state_owner(self):
@@ -163,12 +165,28 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
     return 0, None
 
 
+def log_generation_sample(run: Run, tracker: MLflowTracker, step: int) -> None:
+    """Rank 0 denoises the latest pack's targets and logs them as an artifact, when it holds the
+    whole model (no tensor/pipeline/context/expert sharding: the sample runs on rank 0 alone)."""
+    sharded = run.model_parallel_size > 1 or run.config.parallel.expert > 1
+    if not run.ctx.is_main or not tracker.active or sharded or run.last_micro_batch is None:
+        return
+    batch, targets = run.last_micro_batch
+    if batch.num_dm_tokens == 0:
+        return
+    path = Path(run.config.checkpoint.directory) / "samples" / f"step_{step:08d}.npz"
+    with autocast(run.config.precision, run.ctx.device):
+        write_generation_sample(run.model, batch, targets, path, seed=step)
+    tracker.log_artifact(str(path), "samples")
+
+
 def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
     """Forward and backward of this step's micro-batches; returns whether every loss was finite
     (on every rank). Three drivers, one result: the pipeline schedule, the context-parallel runner,
     or the model itself (DDP-wrapped when data parallel)."""
     config, ctx, opt = run.config, run.ctx, run.config.optimizer
     micro_batches = [run.batches.get(step, m) for m in range(opt.micro_batches_per_step)]
+    run.last_micro_batch = micro_batches[0]
     weight = opt.flow_matching_weight
     if run.stages is not None:
         reports = forward_backward(run.stages, micro_batches, partial(loss_breakdown, flow_matching_weight=weight),
@@ -237,6 +255,10 @@ def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
                             enabled=config.tracking.enabled and ctx.is_main, run_id=run_id)
     if ctx.is_main and run_id is None:
         tracker.log_params(flatten(config))
+        resolved = Path(config.checkpoint.directory) / "config.yaml"
+        resolved.parent.mkdir(parents=True, exist_ok=True)
+        resolved.write_text(to_yaml(config))
+        tracker.log_artifact(str(resolved))
         tracker.set_tag("world_size", str(ctx.world_size))
         tracker.set_tag("stage", config.stage.name)
 
@@ -283,6 +305,7 @@ def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
                                   {"rng": torch.get_rng_state(), **run.batches.state()},
                                   {"mlflow_run_id": tracker.run_id, "stage": config.stage.name,
                                    "config": to_yaml(config)})
+            log_generation_sample(run, tracker, step + 1)
         if preempted:
             run.checkpointer.wait()
             if ctx.is_main:

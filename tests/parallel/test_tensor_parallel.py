@@ -75,3 +75,29 @@ def test_tp2_loss_gradients_and_steps_match_one_process(dtype):
             assert step_grads[worst] <= tolerance, (worst, step_grads[worst])
         worst = max(report["data"], key=report["data"].get)
         assert report["data"][worst] <= tolerance, (worst, report["data"][worst])
+
+
+def _ar_blind_under_tensor_parallel(rank, world_size):
+    from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
+    from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel
+
+    groups = initialize_parallel(ParallelSizes(tensor=world_size), CONFIG)
+    try:
+        torch.manual_seed(0)
+        model = apply_tensor_parallel(MoTModel(copy.deepcopy(CONFIG)), groups)
+        batch, _ = noised_pack(0)
+        changed = batch.replace(dm_tokens={k: v * 3 + 1 for k, v in batch.dm_tokens.items()},
+                                dm_timesteps=torch.where(batch.dm_noise_mask, torch.full_like(batch.dm_timesteps, 0.7),
+                                                         batch.dm_timesteps))
+        with torch.no_grad():
+            a, b = model(batch), model(changed)
+        return torch.equal(a.ar_hidden, b.ar_hidden), torch.equal(a.lm_logits, b.lm_logits), \
+            torch.equal(a.dm_hidden, b.dm_hidden)
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.multiprocess
+def test_reasoner_stays_blind_to_dm_inputs_under_tensor_parallel():
+    for ar_same, logits_same, dm_same in run_on_ranks(_ar_blind_under_tensor_parallel, 2):
+        assert ar_same and logits_same and not dm_same

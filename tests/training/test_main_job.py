@@ -44,6 +44,16 @@ def test_two_process_training_logs_to_mlflow_checkpoints_and_resumes(tmp_path):
     assert run.data.params["model.hidden_size"] == "96"
     assert run.data.params["data_source"] == "shards"
     assert run.data.params["data.packing.tokens_per_pack"] == "768"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.yaml" in artifacts
+    samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert samples and all(p.endswith(".npz") for p in samples)
+    local = client.download_artifacts(run.info.run_id, samples[-1], str(tmp_path / "downloaded"))
+    import numpy as np
+
+    with np.load(local) as sample:
+        generated = [k for k in sample.files if k.endswith("_generated")]
+        assert generated and all(np.isfinite(sample[k]).all() for k in generated)
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [5, 10, 15, 20]
     assert {"loss/ce", "loss/fm", "grad_norm", "lr", "throughput/tokens_per_s", "data/samples_used"} <= set(
