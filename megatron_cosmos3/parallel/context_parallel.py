@@ -139,26 +139,38 @@ def _rotary(model: MoTModel, positions: torch.Tensor, padding: int, dtype: torch
 
 
 def context_parallel_forward(model: MoTModel, batch: PackedBatch, group: dist.ProcessGroup,
-                             inner: AttentionBackend | None = None) -> tuple[MoTOutput, ContextShard]:
+                             inner: AttentionBackend | None = None,
+                             sequence_parallel: bool = False) -> tuple[MoTOutput, ContextShard]:
     """The model's forward pass on ``batch`` with its streams split over the CP ``group``.
 
     Every rank of ``group`` passes the same whole ``batch``. Returns this rank's ``MoTOutput`` — that
     of the single-process model restricted to the rows of ``shard.batch`` (hidden states, logits of
     its labelled rows, velocity predictions) — and the shard. ``inner`` defaults to the model's
     configured attention backend.
+
+    ``sequence_parallel``: ``group`` is the tensor-parallel group of a model whose megatron linears
+    run with sequence parallelism. The same row split then serves the norm/residual regions, but
+    the column-parallel QKV all-gathers the rows itself: queries and keys cover the whole padded
+    stream (so they are rotated with the whole stream's positions) and attention needs no exchange.
     """
-    shard = shard_pack(batch, dist.get_rank(group), dist.get_world_size(group))
+    size = dist.get_world_size(group)
+    shard = shard_pack(batch, dist.get_rank(group), size)
     local, layout = shard.batch, shard.layout
     device = model.embed_tokens.weight.device
-    attention = ContextParallelAttention(inner or attention_backend(model.config.attention_backend, device), group)
+    inner = inner or attention_backend(model.config.attention_backend, device)
+    attention = inner if sequence_parallel else ContextParallelAttention(inner, group)
+    # Rotary rows: this rank's (CP: q/k are rotated before the exchange) or the whole stream's (SP).
+    rotary_source = batch if sequence_parallel else local
+    ar_rotary_padding = (-batch.num_ar_tokens) % size if sequence_parallel else shard.ar_padding
+    dm_rotary_padding = (-batch.num_dm_tokens) % size if sequence_parallel else shard.dm_padding
 
     # The Reasoner pass over the AR chunk, then the Generator pass over the DM chunk (as MoTModel.forward).
     ar_hidden = _with_padding(model.embed_ar(local), shard.ar_padding)
-    ar_rope = _rotary(model, local.ar_positions, shard.ar_padding, ar_hidden.dtype)
+    ar_rope = _rotary(model, rotary_source.ar_positions, ar_rotary_padding, ar_hidden.dtype)
     # DeepStack rows index this rank's real AR rows, which come first (padding is at the end).
     ar_hidden, keys_values = run_reasoner(enumerate(model.layers), ar_hidden, ar_rope, layout, attention, local)
     dm_hidden = _with_padding(model.embed_dm(local), shard.dm_padding)
-    dm_rope = _rotary(model, local.dm_positions, shard.dm_padding, dm_hidden.dtype)
+    dm_rope = _rotary(model, rotary_source.dm_positions, dm_rotary_padding, dm_hidden.dtype)
     dm_hidden = run_generator(model.layers, dm_hidden, dm_rope, keys_values, layout, attention)
 
     ar_hidden = model.reasoner_norm(ar_hidden[: local.num_ar_tokens])
@@ -187,6 +199,21 @@ def context_parallel_losses(model: MoTModel, batch: PackedBatch, targets: dict[s
     """
     output, shard = context_parallel_forward(model, batch, group, inner)
     return loss_breakdown(output, shard.batch, shard.local_targets(targets), flow_matching_weight, group)
+
+
+def sequence_parallel_losses(model: MoTModel, batch: PackedBatch, targets: dict[str, torch.Tensor],
+                             tensor_group: dist.ProcessGroup, flow_matching_weight: float = 1.0) -> LossBreakdown:
+    """``mot_losses`` of ``batch`` under tensor + sequence parallelism (same batch on every TP rank).
+
+    ``total`` has the whole micro-batch's value and the gradient of this rank's share only: the
+    tensor-parallel linears and ``finalize_tensor_parallel_grads`` (a sum over the tensor group for
+    every replicated parameter) add the shares up.
+    """
+    output, shard = context_parallel_forward(model, batch, tensor_group, sequence_parallel=True)
+    losses = loss_breakdown(output, shard.batch, shard.local_targets(targets), flow_matching_weight, tensor_group)
+    share = losses.total / dist.get_world_size(tensor_group)  # loss_breakdown's gradient is size x share
+    losses.total = share + (losses.total - share).detach()
+    return losses
 
 
 def reduce_replicated_gradients(parameters, group: dist.ProcessGroup) -> None:

@@ -1,8 +1,10 @@
 """The one adaptation megatron-core's tensor-parallel layers need to run on CPU (gloo).
 
-Sequence parallelism all-gathers into megatron's global memory buffer, which always allocates on
-``torch.cuda.current_device()``. On a host without CUDA this module installs a buffer that allocates
-on the CPU instead; on GPUs it changes nothing. Everything else in megatron's TP linears (and the
+Sequence parallelism all-gathers into megatron's global memory buffer, and its reduce-scatter and
+gather mappings allocate their outputs, on ``torch.cuda.current_device()``. On a host without CUDA
+this module installs a buffer that allocates on the CPU, and gives ``tensor_parallel.mappings`` and
+``tensor_parallel.layers`` (whose sequence-parallel backward allocates the same way) a
+``torch`` whose ``cuda.current_device()`` names the CPU; on GPUs it changes nothing. Everything else in megatron's TP linears (and the
 process groups of ``parallel_state``) runs on gloo as is.
 
 Not usable on CPU at all, and therefore replaced by PyTorch-native pieces (see ``data_parallel.py``):
@@ -36,3 +38,24 @@ def install_cpu_memory_buffer() -> None:
             return buffer[:required].view(*tensor_shape)
 
     parallel_state._GLOBAL_MEMORY_BUFFER = CpuMemoryBuffer()
+
+    from megatron.core.tensor_parallel import layers, mappings
+
+    class _CpuCuda:
+        @staticmethod
+        def current_device() -> str:
+            return "cpu"
+
+        def __getattr__(self, name):
+            return getattr(torch.cuda, name)
+
+    class _TorchOnCpu:
+        """``torch`` for megatron's mappings module, with allocations "on the current CUDA device"
+        landing on the CPU."""
+
+        cuda = _CpuCuda()
+
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+    mappings.torch = layers.torch = _TorchOnCpu()

@@ -64,3 +64,6 @@ class ParallelSizes:
             require((data * self.context) % self.expert == 0,
                     f"data*context={data}*{self.context} is not divisible by expert={self.expert}")
         require(not self.sequence_parallel or self.tensor > 1, "sequence_parallel=True needs tensor > 1")
+        require(not (self.sequence_parallel and (self.context > 1 or self.pipeline > 1)),
+                f"sequence_parallel=True with context={self.context} or pipeline={self.pipeline} > 1 is not "
+                "supported yet")

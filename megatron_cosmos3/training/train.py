@@ -23,7 +23,11 @@ from megatron_cosmos3.model.attention import PackLayout
 from megatron_cosmos3.model.moe import set_aux_loss_scale
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import IGNORE_INDEX
-from megatron_cosmos3.parallel.context_parallel import context_parallel_losses, reduce_replicated_gradients
+from megatron_cosmos3.parallel.context_parallel import (
+    context_parallel_losses,
+    reduce_replicated_gradients,
+    sequence_parallel_losses,
+)
 from megatron_cosmos3.parallel.data_parallel import build_optimizer, wrap_data_parallel
 from megatron_cosmos3.parallel.expert_parallel import apply_expert_parallel, finalize_expert_grads
 from megatron_cosmos3.parallel.grad_norm import clip_grad_norm
@@ -128,7 +132,8 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
     # DDP overlaps the gradient reduce with backward when one forward call covers the step; the
     # pipeline schedule and the context-parallel runner drive the layers themselves, so there the
     # replicated gradients are averaged after backward instead (reduce_replicated_gradients).
-    plain = groups is None or (config.parallel.pipeline == 1 and config.parallel.context == 1)
+    plain = groups is None or (config.parallel.pipeline == 1 and config.parallel.context == 1
+                               and not config.parallel.sequence_parallel)
     trained = wrap_data_parallel(model, groups) if groups is not None and plain else model
     opt = config.optimizer
     optimizer = (build_optimizer(param_groups, groups, opt.lr, tuple(opt.betas), opt.weight_decay,
@@ -202,6 +207,8 @@ def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
                 with autocast(config.precision, ctx.device):
                     if config.parallel.context > 1 and run.groups is not None:
                         losses = context_parallel_losses(run.model, batch, targets, run.groups.context, weight)
+                    elif config.parallel.sequence_parallel and run.groups is not None:
+                        losses = sequence_parallel_losses(run.model, batch, targets, run.groups.tensor, weight)
                     else:
                         losses = mot_losses(run.trained, batch, targets, weight)
                 (losses.total / len(micro_batches)).backward()

@@ -101,3 +101,47 @@ def _ar_blind_under_tensor_parallel(rank, world_size):
 def test_reasoner_stays_blind_to_dm_inputs_under_tensor_parallel():
     for ar_same, logits_same, dm_same in run_on_ranks(_ar_blind_under_tensor_parallel, 2):
         assert ar_same and logits_same and not dm_same
+
+
+def _sequence_parallel_matches_one_process(rank, world_size, steps):
+    from megatron_cosmos3.parallel.context_parallel import sequence_parallel_losses
+    from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
+    from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel, finalize_tensor_parallel_grads
+    from megatron_cosmos3.testing.reference import compare_to_reference
+
+    groups = initialize_parallel(ParallelSizes(tensor=world_size, sequence_parallel=True), CONFIG)
+    try:
+        torch.manual_seed(0)
+        reference = MoTModel(copy.deepcopy(CONFIG)).double()
+        model = apply_tensor_parallel(copy.deepcopy(reference), groups)
+        optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (reference, model)]
+        report = {"losses": [], "grad": []}
+        for step in range(steps):
+            batch, targets = noised_pack(step)
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+            want = mot_losses(reference, batch, targets)
+            want.total.backward()
+            got = sequence_parallel_losses(model, batch, targets, groups.tensor)
+            got.total.backward()
+            finalize_tensor_parallel_grads(model, groups)
+            report["losses"].append((float(want.total.detach()), float(got.total.detach())))
+            report["grad"].append(compare_to_reference(model, reference, groups.tensor_rank, world_size))
+            for optimizer in optimizers:
+                optimizer.step()
+        report["data"] = compare_to_reference(model, reference, groups.tensor_rank, world_size, what="data")
+        return report
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.multiprocess
+def test_sequence_parallel_tp2_matches_one_process():
+    for report in run_on_ranks(_sequence_parallel_matches_one_process, 2, 3):
+        for want, got in report["losses"]:
+            assert got == pytest.approx(want, rel=1e-10)
+        for step_grads in report["grad"]:
+            worst = max(step_grads, key=step_grads.get)
+            assert step_grads[worst] <= 1e-10, (worst, step_grads[worst])
+        worst = max(report["data"], key=report["data"].get)
+        assert report["data"][worst] <= 1e-10, (worst, report["data"][worst])

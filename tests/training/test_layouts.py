@@ -61,11 +61,12 @@ def reference(tmp_path_factory):
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", [
     ["parallel.tensor=2", "optimizer.micro_batches_per_step=2"],
+    ["parallel.tensor=2", "parallel.sequence_parallel=true", "optimizer.micro_batches_per_step=2"],
     ["parallel.pipeline=2", "optimizer.micro_batches_per_step=2"],
     ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "optimizer.micro_batches_per_step=2"],
     ["parallel.context=2", "optimizer.micro_batches_per_step=2"],
     ["optimizer.micro_batches_per_step=1"],  # DP=2: one micro-batch per data-parallel rank
-], ids=["tp2", "pp2", "pp2-interleaved", "cp2", "dp2-zero"])
+], ids=["tp2", "tp2-sp", "pp2", "pp2-interleaved", "cp2", "dp2-zero"])
 def test_each_layout_trains_like_one_process(reference, layout):
     tmp_path, want = reference
     name = "-".join(part.split("=")[0].split(".")[-1] + part.split("=")[1] for part in layout)
