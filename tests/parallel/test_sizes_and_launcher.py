@@ -18,7 +18,7 @@ MODEL = MoTConfig(hidden_size=64, num_layers=4, num_attention_heads=4, num_kv_he
     (ParallelSizes(expert=2), 2, "expert=2 needs a mixture-of-experts model"),
     (ParallelSizes(sequence_parallel=True), 1, "sequence_parallel=True needs tensor > 1"),
     (ParallelSizes(tensor=0), 1, "tensor=0 must be an int >= 1"),
-    (ParallelSizes(tensor=2, context=2, sequence_parallel=True), 4, "sequence_parallel=True with context=2"),
+    (ParallelSizes(tensor=2, pipeline=2, sequence_parallel=True), 4, "sequence_parallel=True with context=1 or pipeline=2"),
 ])
 def test_invalid_layouts_name_the_offending_pair(sizes, world, message):
     with pytest.raises(ValueError, match=message):
