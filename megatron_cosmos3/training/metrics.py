@@ -70,6 +70,7 @@ class MetricsWindow:
             ce_sum, ce_count, fm_sum, fm_count = totals[4 + 4 * i: 8 + 4 * i]
             metrics[f"loss/{task}/ce"] = mean(ce_sum, ce_count)
             metrics[f"loss/{task}/fm"] = mean(fm_sum, fm_count)
+        metrics["memory/peak_mb"] = peak_memory_mb()
         if self.peak_flops_per_device > 0:
             metrics["throughput/mfu"] = self._flops / seconds / self.peak_flops_per_device
         return {k: v for k, v in metrics.items() if not math.isnan(v)}
@@ -77,3 +78,12 @@ class MetricsWindow:
 
 def _or_zero(value: float) -> float:
     return 0.0 if math.isnan(value) else value
+
+
+def peak_memory_mb() -> float:
+    """This process's peak memory: allocated GPU memory on CUDA, resident set size on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -294,14 +294,16 @@ def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
                     f"stopping (optimizer.max_consecutive_nonfinite_steps={opt.max_consecutive_nonfinite_steps})")
 
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            eta = (config.steps - step - 1) * window.seconds_per_step()
+            seconds_per_step = window.seconds_per_step()
+            eta = (config.steps - step - 1) * seconds_per_step
             metrics = window.reduce({"grad_norm": float(grad_norm), "lr": base_lr, **run.batches.skip_counts()})
             if ctx.is_main:
                 tracker.log_metrics(metrics, step + 1)
-                log.info("step %d/%d  loss %.4f  ce %.4f  fm %.4f  grad_norm %.3f  lr %.2e  tokens/s %.0f  eta %.0fs",
+                log.info("step %d/%d  loss %.4f  ce %.4f  fm %.4f  grad_norm %.3f  lr %.2e  tokens/s %.0f  "
+                         "step %.3fs  peak %.0f MB  eta %.0fs",
                          step + 1, config.steps, metrics["loss"], metrics.get("loss/ce", math.nan),
                          metrics.get("loss/fm", math.nan), metrics.get("grad_norm", math.nan), metrics["lr"],
-                         metrics["throughput/tokens_per_s"], eta)
+                         metrics["throughput/tokens_per_s"], seconds_per_step, metrics["memory/peak_mb"], eta)
             window.reset()
         committed = run.checkpointer.poll()
         if committed is not None and ctx.is_main:
