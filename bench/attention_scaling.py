@@ -21,8 +21,16 @@ import time
 import torch
 
 
-def measure(backend_name: str, tokens: int, sample_tokens: int, ar_fraction: float, heads: int,
-            kv_heads: int, head_dim: int, repeats: int) -> dict:
+def measure(
+    backend_name: str,
+    tokens: int,
+    sample_tokens: int,
+    ar_fraction: float,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    repeats: int,
+) -> dict:
     from megatron_cosmos3.model.attention import PackLayout, attention_backend
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,30 +84,71 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         name, tokens = args.child.split(":")
-        print(json.dumps(measure(name, int(tokens), args.sample_tokens, args.ar_fraction, args.heads,
-                                 args.kv_heads, args.head_dim, args.repeats)))
+        print(
+            json.dumps(
+                measure(
+                    name,
+                    int(tokens),
+                    args.sample_tokens,
+                    args.ar_fraction,
+                    args.heads,
+                    args.kv_heads,
+                    args.head_dim,
+                    args.repeats,
+                )
+            )
+        )
         return
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {platform.machine()} x{torch.get_num_threads()} threads"
-    print(f"device: {device}; torch {torch.__version__}; heads {args.heads}/{args.kv_heads}, head_dim {args.head_dim}; "
-          f"samples of {args.sample_tokens} tokens ({args.ar_fraction:.0%} AR); fwd+bwd, median of {args.repeats}")
-    print(f"{'tokens':>8} {args.backend + ' ms':>10} {args.backend + ' MB':>10} {'dense ms':>10} {'dense MB':>10} {'time ratio':>11}")
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU {platform.machine()} x{torch.get_num_threads()} threads"
+    )
+    print(
+        f"device: {device}; torch {torch.__version__}; heads {args.heads}/{args.kv_heads}, head_dim {args.head_dim}; "
+        f"samples of {args.sample_tokens} tokens ({args.ar_fraction:.0%} AR); fwd+bwd, median of {args.repeats}"
+    )
+    print(
+        f"{'tokens':>8} {args.backend + ' ms':>10} {args.backend + ' MB':>10} {'dense ms':>10} {'dense MB':>10} {'time ratio':>11}"
+    )
     for tokens in args.lengths:
         row = {}
         for name in (args.backend, "dense"):
             if name == "dense" and tokens > args.dense_max:
                 continue
-            child = subprocess.run([sys.executable, __file__, "--child", f"{name}:{tokens}",
-                                    "--sample-tokens", str(args.sample_tokens), "--ar-fraction", str(args.ar_fraction),
-                                    "--heads", str(args.heads), "--kv-heads", str(args.kv_heads),
-                                    "--head-dim", str(args.head_dim), "--repeats", str(args.repeats)],
-                                   capture_output=True, text=True, check=True)
+            child = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    f"{name}:{tokens}",
+                    "--sample-tokens",
+                    str(args.sample_tokens),
+                    "--ar-fraction",
+                    str(args.ar_fraction),
+                    "--heads",
+                    str(args.heads),
+                    "--kv-heads",
+                    str(args.kv_heads),
+                    "--head-dim",
+                    str(args.head_dim),
+                    "--repeats",
+                    str(args.repeats),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             row[name] = json.loads(child.stdout.strip().splitlines()[-1])
         fast, dense = row[args.backend], row.get("dense")
         cells = [f"{tokens:>8}", f"{fast['seconds'] * 1e3:>10.1f}", f"{fast['peak_mb']:>10.1f}"]
         if dense:
-            cells += [f"{dense['seconds'] * 1e3:>10.1f}", f"{dense['peak_mb']:>10.1f}",
-                      f"{dense['seconds'] / fast['seconds']:>10.1f}x"]
+            cells += [
+                f"{dense['seconds'] * 1e3:>10.1f}",
+                f"{dense['peak_mb']:>10.1f}",
+                f"{dense['seconds'] / fast['seconds']:>10.1f}x",
+            ]
         else:
             cells += [f"{'-':>10}", f"{'-':>10}", f"{'-':>11}"]
         print(" ".join(cells), flush=True)

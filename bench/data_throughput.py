@@ -57,22 +57,46 @@ def _tiny_vaes(root: Path, config: MoTConfig) -> LatentEncoderConfig:
     warnings.filterwarnings("ignore", message=".*weight_norm.*")
     torch.manual_seed(0)
     z = config.video_latent_channels
-    AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=z, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-                     temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
-                     patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=[0.0] * z,
-                     latents_std=[1.0] * z).save_pretrained(root / "video_vae")
-    AutoencoderOobleck(encoder_hidden_size=2 * config.audio_latent_dim, downsampling_ratios=[2, 4, 5, 6, 8],
-                       channel_multiples=[1] * 5, decoder_channels=4, decoder_input_channels=config.audio_latent_dim,
-                       audio_channels=2, sampling_rate=48_000).save_pretrained(root / "audio_vae")
+    AutoencoderKLWan(
+        base_dim=8,
+        decoder_base_dim=8,
+        z_dim=z,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_spatial=16,
+        scale_factor_temporal=4,
+        latents_mean=[0.0] * z,
+        latents_std=[1.0] * z,
+    ).save_pretrained(root / "video_vae")
+    AutoencoderOobleck(
+        encoder_hidden_size=2 * config.audio_latent_dim,
+        downsampling_ratios=[2, 4, 5, 6, 8],
+        channel_multiples=[1] * 5,
+        decoder_channels=4,
+        decoder_input_channels=config.audio_latent_dim,
+        audio_channels=2,
+        sampling_rate=48_000,
+    ).save_pretrained(root / "audio_vae")
     return LatentEncoderConfig(True, str(root / "video_vae"), str(root / "audio_vae"), "float32")
 
 
-def _config(shards: Path, workers: int, tokens_per_pack: int,
-            encoders: LatentEncoderConfig | None = None) -> DataConfig:
-    return DataConfig(datasets=[DatasetConfig("world", [str(shards)])],
-                      stages={"all": MixtureConfig({"world": 1.0}, {name: 1.0 for name in TASK_REGISTRY})}, stage="all",
-                      packing=PackingConfig(tokens_per_pack=tokens_per_pack, pool_size=64), shuffle_buffer=64,
-                      num_workers=workers, encoders=encoders or LatentEncoderConfig())
+def _config(
+    shards: Path, workers: int, tokens_per_pack: int, encoders: LatentEncoderConfig | None = None
+) -> DataConfig:
+    return DataConfig(
+        datasets=[DatasetConfig("world", [str(shards)])],
+        stages={"all": MixtureConfig({"world": 1.0}, {name: 1.0 for name in TASK_REGISTRY})},
+        stage="all",
+        packing=PackingConfig(tokens_per_pack=tokens_per_pack, pool_size=64),
+        shuffle_buffer=64,
+        num_workers=workers,
+        encoders=encoders or LatentEncoderConfig(),
+    )
 
 
 def measure(config: DataConfig, model: MoTConfig, packs: int, encoder_factory=None) -> dict[str, float]:
@@ -87,8 +111,13 @@ def measure(config: DataConfig, model: MoTConfig, packs: int, encoder_factory=No
             samples += batch.num_samples
             tokens += batch.num_ar_tokens + batch.num_dm_tokens
         seconds = time.perf_counter() - warm
-        return {"warmup_s": warm - start, "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
-                "packs_per_s": packs / seconds, "efficiency": loader.efficiency}
+        return {
+            "warmup_s": warm - start,
+            "samples_per_s": samples / seconds,
+            "tokens_per_s": tokens / seconds,
+            "packs_per_s": packs / seconds,
+            "efficiency": loader.efficiency,
+        }
 
 
 def training_step_seconds(model_config: MoTConfig, shards: Path, tokens_per_pack: int) -> float | None:
@@ -128,10 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     model = MoTConfig()  # the tiny MoT: byte vocabulary, 32-wide video tokens, 16-wide audio latents
     with tempfile.TemporaryDirectory(prefix="data_throughput_") as tmp:
         root = Path(tmp)
-        world = _script("generate_world").write_world(root / "world", args.samples, seed=0, shard_size=16,
-                                                      latents="pooled", workers=2,
-                                                      video_latent_channels=model.video_latent_channels,
-                                                      audio_latent_dim=model.audio_latent_dim)
+        world = _script("generate_world").write_world(
+            root / "world",
+            args.samples,
+            seed=0,
+            shard_size=16,
+            latents="pooled",
+            workers=2,
+            video_latent_channels=model.video_latent_channels,
+            audio_latent_dim=model.audio_latent_dim,
+        )
         vaes = _tiny_vaes(root, model)
         pooled = functools.partial(PooledLatentEncoder, model.video_latent_channels, model.audio_latent_dim)
         sources = {  # name: (shards, VAE config, encoder factory, packs timed)
@@ -139,28 +174,38 @@ def main(argv: list[str] | None = None) -> int:
             "raw media, pooled encoder": (world["raw"], None, pooled, args.packs),
             "raw media, tiny frozen VAEs": (world["raw"], vaes, None, args.vae_packs),
         }
-        print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread in the "
-              f"training process, python {platform.python_version()}, torch {torch.__version__}")
+        print(
+            f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread in the "
+            f"training process, python {platform.python_version()}, torch {torch.__version__}"
+        )
         print(f"# world: {args.samples} samples, 64x64 px, 2 s clips; packs of {args.tokens_per_pack} tokens")
-        print(f"{'source':30s} {'workers':>7s} {'warm-up s':>9s} {'samples/s':>10s} {'tokens/s':>10s} "
-              f"{'packs/s':>8s} {'fill':>6s}")
+        print(
+            f"{'source':30s} {'workers':>7s} {'warm-up s':>9s} {'samples/s':>10s} {'tokens/s':>10s} "
+            f"{'packs/s':>8s} {'fill':>6s}"
+        )
         best = {}
         for name, (shards, encoders, factory, packs) in sources.items():
             for workers in args.workers:
                 result = measure(_config(shards, workers, args.tokens_per_pack, encoders), model, packs, factory)
                 best[name] = max(best.get(name, 0.0), result["tokens_per_s"])
-                print(f"{name:30s} {workers:7d} {result['warmup_s']:9.2f} {result['samples_per_s']:10.1f} "
-                      f"{result['tokens_per_s']:10.0f} {result['packs_per_s']:8.2f} {result['efficiency']:6.1%}")
+                print(
+                    f"{name:30s} {workers:7d} {result['warmup_s']:9.2f} {result['samples_per_s']:10.1f} "
+                    f"{result['tokens_per_s']:10.0f} {result['packs_per_s']:8.2f} {result['efficiency']:6.1%}"
+                )
         step = training_step_seconds(model, world["latent"], args.tokens_per_pack)
         nano = H100_FLOPS / (6 * NANO_PARAMS)
         print(f"\n# one training step consumes one pack = {args.tokens_per_pack} tokens per DP rank (per micro-batch)")
         if step is not None:
-            print(f"# tiny MoT step on this CPU: {step:.3f} s -> needs {args.tokens_per_pack / step:,.0f} "
-                  "tokens/s per rank")
+            print(
+                f"# tiny MoT step on this CPU: {step:.3f} s -> needs {args.tokens_per_pack / step:,.0f} "
+                "tokens/s per rank"
+            )
         print(f"# Nano on one H100 at 530 TF/s (6 N FLOPs/token): needs ~{nano:,.0f} tokens/s per GPU")
         for name, tokens in best.items():
-            print(f"#   {name:30s} best {tokens:10,.0f} tokens/s = {tokens / nano:5.2f}x an H100's Nano appetite"
-                  + (f", {tokens * step / args.tokens_per_pack:5.1f}x the tiny CPU step" if step else ""))
+            print(
+                f"#   {name:30s} best {tokens:10,.0f} tokens/s = {tokens / nano:5.2f}x an H100's Nano appetite"
+                + (f", {tokens * step / args.tokens_per_pack:5.1f}x the tiny CPU step" if step else "")
+            )
     return 0
 
 

@@ -34,18 +34,38 @@ LINE = re.compile(r"step (\d+)/\d+ .* step ([0-9.]+)s\s+peak (\d+) MB")
 def run(nproc: int, extra: list[str], args, workdir: str) -> tuple[float, float]:
     head = args.hidden // 8
     spatial = (head // 2) * 20 // 64
-    overrides = [f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}", "model.num_attention_heads=8",
-                 "model.num_kv_heads=4", f"model.head_dim={head}",
-                 f"model.mrope_section=[{head // 2 - 2 * spatial},{spatial},{spatial}]",
-                 f"model.ffn_hidden_size={4 * args.hidden}", "data_source=synthetic", "synthetic.samples_per_pack=8",
-                 "synthetic.scale=2", "optimizer.micro_batches_per_step=2", f"steps={args.steps}",
-                 f"log_every={args.steps // 2}", "checkpoint.save_every=100000", "tracking.enabled=false",
-                 f"checkpoint.directory={workdir}/{abs(hash(tuple(extra)))}-{nproc}", *extra]
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-                if nproc > 1 else [sys.executable])
+    overrides = [
+        f"model.hidden_size={args.hidden}",
+        f"model.num_layers={args.layers}",
+        "model.num_attention_heads=8",
+        "model.num_kv_heads=4",
+        f"model.head_dim={head}",
+        f"model.mrope_section=[{head // 2 - 2 * spatial},{spatial},{spatial}]",
+        f"model.ffn_hidden_size={4 * args.hidden}",
+        "data_source=synthetic",
+        "synthetic.samples_per_pack=8",
+        "synthetic.scale=2",
+        "optimizer.micro_batches_per_step=2",
+        f"steps={args.steps}",
+        f"log_every={args.steps // 2}",
+        "checkpoint.save_every=100000",
+        "tracking.enabled=false",
+        f"checkpoint.directory={workdir}/{abs(hash(tuple(extra)))}-{nproc}",
+        *extra,
+    ]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc))}
-    result = subprocess.run([*launcher, "-m", "megatron_cosmos3.training.train", *overrides], env=env,
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [*launcher, "-m", "megatron_cosmos3.training.train", *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     last = [m for m in LINE.finditer(result.stderr + result.stdout)][-1]  # the second half: warm
     return float(last.group(2)), float(last.group(3))
 
@@ -56,9 +76,15 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {platform.machine()} x{os.cpu_count()} cores"
-    print(f"device: {device}; torch {torch.__version__}; hidden {args.hidden}, {args.layers} layers, "
-          f"global batch 2 packs of 8 synthetic samples; mean over the last {args.steps // 2} steps")
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU {platform.machine()} x{os.cpu_count()} cores"
+    )
+    print(
+        f"device: {device}; torch {torch.__version__}; hidden {args.hidden}, {args.layers} layers, "
+        f"global batch 2 packs of 8 synthetic samples; mean over the last {args.steps // 2} steps"
+    )
     print(f"{'layout':<22} {'ranks':>5} {'s/step':>8} {'vs baseline':>12} {'peak MB (rank 0)':>17}")
     baseline = None
     with tempfile.TemporaryDirectory() as workdir:

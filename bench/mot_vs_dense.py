@@ -71,10 +71,17 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     head_dim = args.hidden // args.heads
     spatial = (head_dim // 2) * 20 // 64  # Qwen3-VL's [24, 20, 20] split of 64 frequencies, scaled
-    config = MoTConfig(vocab_size=1024, hidden_size=args.hidden, num_layers=args.layers,
-                       num_attention_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=head_dim,
-                       mrope_section=[head_dim // 2 - 2 * spatial, spatial, spatial],
-                       ffn_hidden_size=4 * args.hidden, attention_backend=args.backend)
+    config = MoTConfig(
+        vocab_size=1024,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        head_dim=head_dim,
+        mrope_section=[head_dim // 2 - 2 * spatial, spatial, spatial],
+        ffn_hidden_size=4 * args.hidden,
+        attention_backend=args.backend,
+    )
     n_ar = int(args.sample_tokens * args.ar_fraction)
     lengths = [(n_ar, args.sample_tokens - n_ar)] * (args.tokens // args.sample_tokens)
     batch = pack_from_lengths(config, lengths, torch.Generator().manual_seed(0)).to(device)
@@ -83,8 +90,9 @@ def main() -> None:
     backend = attention_backend(args.backend, device)
 
     total = batch.num_ar_tokens + batch.num_dm_tokens
-    dense_layout = PackLayout.from_cu_seqlens(batch.ar_cu_seqlens + batch.dm_cu_seqlens,
-                                              torch.zeros_like(batch.ar_cu_seqlens))
+    dense_layout = PackLayout.from_cu_seqlens(
+        batch.ar_cu_seqlens + batch.dm_cu_seqlens, torch.zeros_like(batch.ar_cu_seqlens)
+    )
     dense_input = torch.randn(total, config.hidden_size, device=device, dtype=dtype, requires_grad=True)
     dense_rope = StreamRotary(*mot.rotary(torch.cat([batch.ar_positions, batch.dm_positions], 1), dtype))
 
@@ -111,13 +119,23 @@ def main() -> None:
     mot_layout = PackLayout.from_cu_seqlens(batch.ar_cu_seqlens, batch.dm_cu_seqlens)
     mot_flops = matmul + per_pair * attention_pairs(mot_layout)
     dense_flops = matmul + per_pair * attention_pairs(dense_layout)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    name = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    )
     print(f"device: {name}; torch {torch.__version__}; dtype {args.dtype}; backend {backend.name}")
-    print(f"model: hidden {args.hidden}, layers {args.layers}, heads {args.heads}/{args.kv_heads}; "
-          f"pack: {total} tokens in {len(lengths)} samples of {args.sample_tokens} ({n_ar} AR)")
+    print(
+        f"model: hidden {args.hidden}, layers {args.layers}, heads {args.heads}/{args.kv_heads}; "
+        f"pack: {total} tokens in {len(lengths)} samples of {args.sample_tokens} ({n_ar} AR)"
+    )
     print(f"MoT   fwd+bwd: {t_mot * 1e3:8.1f} ms  {total / t_mot:10.0f} tokens/s  {mot_flops / t_mot / 1e12:7.4f} TF/s")
-    print(f"dense fwd+bwd: {t_dense * 1e3:8.1f} ms  {total / t_dense:10.0f} tokens/s  {dense_flops / t_dense / 1e12:7.4f} TF/s")
-    print(f"ratio MoT/dense: tokens/s {t_dense / t_mot:.3f}   model TF/s {(mot_flops / t_mot) / (dense_flops / t_dense):.3f}   (goal >= 0.97)")
+    print(
+        f"dense fwd+bwd: {t_dense * 1e3:8.1f} ms  {total / t_dense:10.0f} tokens/s  {dense_flops / t_dense / 1e12:7.4f} TF/s"
+    )
+    print(
+        f"ratio MoT/dense: tokens/s {t_dense / t_mot:.3f}   model TF/s {(mot_flops / t_mot) / (dense_flops / t_dense):.3f}   (goal >= 0.97)"
+    )
 
 
 if __name__ == "__main__":

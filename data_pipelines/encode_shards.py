@@ -73,8 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         encoder = PooledLatentEncoder(args.video_latent_channels, args.audio_latent_dim)
     skipped = encode_shards(args.in_dir, args.out_dir, encoder, args.shard_size)
     index = ShardIndex.load(args.out_dir)
-    log.info("wrote %d samples in %d shards to %s; skipped %s", index.total_samples, len(index.shards), args.out_dir,
-             dict(skipped) or "none")
+    log.info(
+        "wrote %d samples in %d shards to %s; skipped %s",
+        index.total_samples,
+        len(index.shards),
+        args.out_dir,
+        dict(skipped) or "none",
+    )
     return 0
 
 

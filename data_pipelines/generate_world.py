@@ -44,9 +44,17 @@ def _generate(job):
     return generate_sample(config, seed, index)
 
 
-def write_world(out: str | Path, samples: int, seed: int = 0, config: WorldConfig | None = None,
-                shard_size: int = 32, latents: str = "none", video_latent_channels: int = 8,
-                audio_latent_dim: int = 16, workers: int = 1) -> dict[str, Path]:
+def write_world(
+    out: str | Path,
+    samples: int,
+    seed: int = 0,
+    config: WorldConfig | None = None,
+    shard_size: int = 32,
+    latents: str = "none",
+    video_latent_channels: int = 8,
+    audio_latent_dim: int = 16,
+    workers: int = 1,
+) -> dict[str, Path]:
     """Writes the world under ``out`` (module doc); returns {"raw": dir, "latent": dir (if asked)}."""
     out, config = Path(out), config or WorldConfig()
     dirs = {"raw": out / "raw"}
@@ -55,8 +63,12 @@ def write_world(out: str | Path, samples: int, seed: int = 0, config: WorldConfi
     if latents == "pooled":
         dirs["latent"] = out / "latent"
         encoder = PooledLatentEncoder(video_latent_channels, audio_latent_dim)
-        writers["latent"] = ShardWriter(dirs["latent"], "world", shard_size,
-                                        context=SchemaContext(None, video_latent_channels * 4, audio_latent_dim))
+        writers["latent"] = ShardWriter(
+            dirs["latent"],
+            "world",
+            shard_size,
+            context=SchemaContext(None, video_latent_channels * 4, audio_latent_dim),
+        )
     elif latents != "none":
         raise ValueError(f"latents must be 'none' or 'pooled', got {latents!r}")
     actions = defaultdict(list)
@@ -69,8 +81,12 @@ def write_world(out: str | Path, samples: int, seed: int = 0, config: WorldConfi
                 writers["latent"].write(latent_sample(sample, encoder))
             if sample.actions is not None:
                 actions[sample.embodiment].append(sample.actions)
-    stats = ActionStats({kind: EmbodimentActionStats.from_actions(kind, np.concatenate(chunks))
-                         for kind, chunks in sorted(actions.items())})
+    stats = ActionStats(
+        {
+            kind: EmbodimentActionStats.from_actions(kind, np.concatenate(chunks))
+            for kind, chunks in sorted(actions.items())
+        }
+    )
     for name, writer in writers.items():
         index = writer.close()
         if stats.embodiments:
@@ -102,14 +118,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=64, help="frame side in pixels (multiple of 32)")
     parser.add_argument("--duration", type=float, default=2.0, help="clip length in seconds")
     parser.add_argument("--latents", choices=["none", "pooled"], default="none")
-    parser.add_argument("--video-latent-channels", type=int, default=8,
-                        help="pooled video latent channels (a token has 4x as many features)")
+    parser.add_argument(
+        "--video-latent-channels",
+        type=int,
+        default=8,
+        help="pooled video latent channels (a token has 4x as many features)",
+    )
     parser.add_argument("--audio-latent-dim", type=int, default=16)
     parser.add_argument("--workers", type=int, default=1, help="processes generating samples")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    write_world(args.out, args.samples, args.seed, WorldConfig(resolution=args.resolution, duration_s=args.duration),
-                args.shard_size, args.latents, args.video_latent_channels, args.audio_latent_dim, args.workers)
+    write_world(
+        args.out,
+        args.samples,
+        args.seed,
+        WorldConfig(resolution=args.resolution, duration_s=args.duration),
+        args.shard_size,
+        args.latents,
+        args.video_latent_channels,
+        args.audio_latent_dim,
+        args.workers,
+    )
     return 0
 
 

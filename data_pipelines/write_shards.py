@@ -41,8 +41,9 @@ def manifest_sample(entry: dict, root: Path) -> dict:
     return sample
 
 
-def write_shards(manifest: str | Path, out_dir: str | Path, shard_size: int = 64,
-                 prefix: str = "data") -> tuple[ShardIndex, Counter]:
+def write_shards(
+    manifest: str | Path, out_dir: str | Path, shard_size: int = 64, prefix: str = "data"
+) -> tuple[ShardIndex, Counter]:
     """Writes the manifest's valid samples; returns the index and skip counts per reason."""
     manifest = Path(manifest)
     skipped: Counter = Counter()
@@ -71,8 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     index, skipped = write_shards(args.manifest, args.out_dir, args.shard_size, args.prefix)
-    log.info("wrote %d samples in %d shards to %s; skipped %s", index.total_samples, len(index.shards), args.out_dir,
-             dict(skipped) or "none")
+    log.info(
+        "wrote %d samples in %d shards to %s; skipped %s",
+        index.total_samples,
+        len(index.shards),
+        args.out_dir,
+        dict(skipped) or "none",
+    )
     return 0
 
 

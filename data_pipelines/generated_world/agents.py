@@ -37,17 +37,28 @@ class Wave:
     phases: tuple[float, ...]
 
     @classmethod
-    def random(cls, rng: np.random.Generator, low: float, high: float, components: int = 2,
-               frequency: tuple[float, float] = (0.2, 0.9)) -> Wave:
+    def random(
+        cls,
+        rng: np.random.Generator,
+        low: float,
+        high: float,
+        components: int = 2,
+        frequency: tuple[float, float] = (0.2, 0.9),
+    ) -> Wave:
         centre, half = (low + high) / 2, (high - low) / 2
         weights = rng.dirichlet(np.ones(components)) * half * rng.uniform(0.6, 1.0)
-        return cls(centre, tuple(weights), tuple(rng.uniform(*frequency, components)),
-                   tuple(rng.uniform(0, 2 * np.pi, components)))
+        return cls(
+            centre,
+            tuple(weights),
+            tuple(rng.uniform(*frequency, components)),
+            tuple(rng.uniform(0, 2 * np.pi, components)),
+        )
 
     def __call__(self, t: float | np.ndarray) -> np.ndarray:
         t = np.asarray(t, dtype=np.float64)[..., None]
-        return self.centre + (np.array(self.amplitudes) * np.sin(2 * np.pi * np.array(self.frequencies) * t
-                                                                  + np.array(self.phases))).sum(-1)
+        return self.centre + (
+            np.array(self.amplitudes) * np.sin(2 * np.pi * np.array(self.frequencies) * t + np.array(self.phases))
+        ).sum(-1)
 
     def rate(self, t: float | np.ndarray) -> np.ndarray:
         t = np.asarray(t, dtype=np.float64)[..., None]
@@ -105,6 +116,7 @@ class Agent:
                 centre = self.hand_centre(hand, t)
                 velocity = np.array([float(self.ego_rate(t) + hand.x.rate(t)), float(hand.z.rate(t))])
                 return centre, velocity, float(hand.radius(t))
+
             return effector
 
         return [make(hand) for hand in self.hands]
@@ -116,11 +128,15 @@ class Agent:
         hands = [_poses(self.ego(times) + h.x(times), h.z(times), h.tilt(times)) for h in self.hands]
         if self.kind == "single_arm":
             gripper = 1.0 - self.hands[0].closure(times)  # opening: 1 = open
-            return EmbodimentTrajectory("single_arm", {"ego": ego, "end_effector": hands[0]},
-                                        {"gripper": torch.from_numpy(gripper[:, None])})
+            return EmbodimentTrajectory(
+                "single_arm", {"ego": ego, "end_effector": hands[0]}, {"gripper": torch.from_numpy(gripper[:, None])}
+            )
         fingers = [torch.from_numpy(h.closure(times)[:, None] * FINGER_WEIGHTS) for h in self.hands]
-        return EmbodimentTrajectory("humanoid", {"ego": ego, "left_wrist": hands[0], "right_wrist": hands[1]},
-                                    {"left_fingers": fingers[0], "right_fingers": fingers[1]})
+        return EmbodimentTrajectory(
+            "humanoid",
+            {"ego": ego, "left_wrist": hands[0], "right_wrist": hands[1]},
+            {"left_fingers": fingers[0], "right_fingers": fingers[1]},
+        )
 
 
 def random_agent(kind: str, rng: np.random.Generator) -> Agent:

@@ -43,8 +43,11 @@ def clip_caption(colours: list[str], events: list[Event], embodiment: str | None
     if embodiment is not None:
         hits = [sum(e.kind == "effector" and e.ball == ball for e in events) for ball in range(len(colours))]
         struck = [f"the {colour} ball {times(n)}" for colour, n in zip(colours, hits) if n]
-        parts.append(f"{_EMBODIMENT_NAMES[embodiment]} hits {' and '.join(struck)}." if struck
-                     else f"{_EMBODIMENT_NAMES[embodiment]} moves but touches no ball.")
+        parts.append(
+            f"{_EMBODIMENT_NAMES[embodiment]} hits {' and '.join(struck)}."
+            if struck
+            else f"{_EMBODIMENT_NAMES[embodiment]} moves but touches no ball."
+        )
     return " ".join(parts)
 
 

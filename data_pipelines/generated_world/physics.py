@@ -55,8 +55,9 @@ class Simulation:
         return self.positions[int(round(time * PHYSICS_RATE))]
 
 
-def simulate(positions: np.ndarray, velocities: np.ndarray, radii: np.ndarray, duration_s: float,
-             effectors: list[Effector] = ()) -> Simulation:
+def simulate(
+    positions: np.ndarray, velocities: np.ndarray, radii: np.ndarray, duration_s: float, effectors: list[Effector] = ()
+) -> Simulation:
     """Runs the box for ``duration_s`` from initial (B, 2) positions and velocities."""
     p, v, r = positions.astype(np.float64).copy(), velocities.astype(np.float64).copy(), radii.astype(np.float64)
     mass = r**2

@@ -80,24 +80,43 @@ def generate_sample(config: WorldConfig, seed: int, index: int) -> Sample:
     if rng.random() < config.still_fraction:
         moment = float(rng.integers(0, int(config.duration_s * 24))) / 24  # a step time
         sim = simulate(positions, velocities, radii, moment)
-        return Sample(key=key, caption=captions.still_caption(colours, sim.at(moment)),
-                      image=canvas.draw(_discs(sim, colours, None, moment)),
-                      source={"world_seed": seed, "index": index})
+        return Sample(
+            key=key,
+            caption=captions.still_caption(colours, sim.at(moment)),
+            image=canvas.draw(_discs(sim, colours, None, moment)),
+            source={"world_seed": seed, "index": index},
+        )
 
     agent = None
     if rng.random() < config.agent_fraction:
         agent = random_agent(sorted(config.action_rates)[int(rng.integers(len(config.action_rates)))], rng)
     fps = float(config.fps_choices[int(rng.integers(len(config.fps_choices)))])
     sim = simulate(positions, velocities, radii, config.duration_s, agent.effectors() if agent else [])
-    frames = np.stack([canvas.draw(_discs(sim, colours, agent, k / fps))
-                       for k in range(int(round(config.duration_s * fps)) + 1)])
+    frames = np.stack(
+        [canvas.draw(_discs(sim, colours, agent, k / fps)) for k in range(int(round(config.duration_s * fps)) + 1)]
+    )
     sample = Sample(
-        key=key, video=frames, fps=fps,
-        audio=synthesize(sim.events, radii, config.duration_s, rng), audio_sample_rate=SAMPLE_RATE,
+        key=key,
+        video=frames,
+        fps=fps,
+        audio=synthesize(sim.events, radii, config.duration_s, rng),
+        audio_sample_rate=SAMPLE_RATE,
         caption=captions.clip_caption(colours, sim.events, agent.kind if agent else None, fps, config.duration_s),
-        duration_s=config.duration_s, source={"world_seed": seed, "index": index},
-        timing={"events": [{"time_s": round(e.time, 6), "kind": e.kind, "ball": colours[e.ball], "x": round(e.x, 4),
-                            "z": round(e.z, 4), "speed": round(e.speed, 4)} for e in sim.events]},
+        duration_s=config.duration_s,
+        source={"world_seed": seed, "index": index},
+        timing={
+            "events": [
+                {
+                    "time_s": round(e.time, 6),
+                    "kind": e.kind,
+                    "ball": colours[e.ball],
+                    "x": round(e.x, 4),
+                    "z": round(e.z, 4),
+                    "speed": round(e.speed, 4),
+                }
+                for e in sim.events
+            ]
+        },
     )
     if agent is not None:
         rate = config.action_rates[agent.kind]
@@ -107,13 +126,17 @@ def generate_sample(config: WorldConfig, seed: int, index: int) -> Sample:
         sample.embodiment, sample.action_rate_hz = agent.kind, rate
         # Pseudo-actions are relative: the absolute start state is what turns them back into poses.
         sample.timing["agent_start"] = {
-            "poses": {part: {"position": p.positions[0].tolist(), "quaternion_xyzw": p.rotations[0].tolist()}
-                      for part, p in trajectory.poses.items()},
-            "joints": {name: values[0].tolist() for name, values in trajectory.joints.items()}}
+            "poses": {
+                part: {"position": p.positions[0].tolist(), "quaternion_xyzw": p.rotations[0].tolist()}
+                for part, p in trajectory.poses.items()
+            },
+            "joints": {name: values[0].tolist() for name, values in trajectory.joints.items()},
+        }
         hand = agent.hands[0]
         opening = (1 - float(hand.closure(0.0)), 1 - float(hand.closure(config.duration_s)))
-        sample.instruction = captions.instruction(agent.kind, agent.hand_centre(hand, 0.0),
-                                                  agent.hand_centre(hand, config.duration_s), opening)
+        sample.instruction = captions.instruction(
+            agent.kind, agent.hand_centre(hand, 0.0), agent.hand_centre(hand, config.duration_s), opening
+        )
     if rng.random() < config.question_fraction:
         sample.question, sample.answer = captions.floor_question(colours, sim.events, rng)
     return sample

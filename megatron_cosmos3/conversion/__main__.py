@@ -36,30 +36,40 @@ def parse_size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m megatron_cosmos3.conversion",
-        description="Convert between Hugging Face Qwen3-VL folders and megatron_cosmos3 weights.")
+        description="Convert between Hugging Face Qwen3-VL folders and megatron_cosmos3 weights.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    dtype = dict(choices=sorted(_DTYPES),
-                 help="parameter dtype (default: the source's own, which keeps conversion exact)")
+    dtype = dict(
+        choices=sorted(_DTYPES), help="parameter dtype (default: the source's own, which keeps conversion exact)"
+    )
     shard = dict(type=parse_size, default=DEFAULT_MAX_SHARD_BYTES, help="largest shard file (default 5GiB)")
 
     imp = commands.add_parser(
-        "import", help="HF Qwen3-VL folder -> megatron_cosmos3 weights folder (both towers + ViT)",
+        "import",
+        help="HF Qwen3-VL folder -> megatron_cosmos3 weights folder (both towers + ViT)",
         description="Both towers start from the language model; the ViT, embeddings, final norm and LM head load "
-                    "too. Prints parameter counts.")
+        "too. Prints parameter counts.",
+    )
     imp.add_argument("hf_folder", help="folder with config.json and model*.safetensors (+ index)")
     imp.add_argument("out_folder", help="new or empty folder for model.yaml and the safetensors shards")
-    imp.add_argument("--config", help="model YAML (e.g. configs/model/nano.yaml) for the DM-stream settings; its "
-                                      "backbone dimensions must equal the checkpoint's")
+    imp.add_argument(
+        "--config",
+        help="model YAML (e.g. configs/model/nano.yaml) for the DM-stream settings; its "
+        "backbone dimensions must equal the checkpoint's",
+    )
     imp.add_argument("--dtype", **dtype)
     imp.add_argument("--max-shard-size", **shard)
 
     exp = commands.add_parser(
-        "export", help="megatron_cosmos3 weights folder -> HF Qwen3-VL folder (Reasoner + ViT)",
-        description="Writes what transformers' Qwen3VLForConditionalGeneration loads as is.")
+        "export",
+        help="megatron_cosmos3 weights folder -> HF Qwen3-VL folder (Reasoner + ViT)",
+        description="Writes what transformers' Qwen3VLForConditionalGeneration loads as is.",
+    )
     exp.add_argument("folder", help="folder written by 'import' (or save_mot_folder)")
     exp.add_argument("out_folder", help="new or empty folder for the Hugging Face checkpoint")
-    exp.add_argument("--copy-files-from",
-                     help="HF folder whose tokenizer/processor/chat-template/generation files to copy")
+    exp.add_argument(
+        "--copy-files-from", help="HF folder whose tokenizer/processor/chat-template/generation files to copy"
+    )
     exp.add_argument("--dtype", **dtype)
     exp.add_argument("--max-shard-size", **shard)
     return parser
@@ -79,8 +89,13 @@ def main(argv: list[str] | None = None) -> int:
             model, vision = load_mot_folder(args.folder, dtype=dtype)
             if vision is None:
                 raise ConversionError(f"{args.folder}: the model has no ViT ('vision' section); Qwen3-VL needs one")
-            export_qwen3_vl(model, vision, args.out_folder, max_shard_bytes=args.max_shard_size,
-                            copy_files_from=args.copy_files_from)
+            export_qwen3_vl(
+                model,
+                vision,
+                args.out_folder,
+                max_shard_bytes=args.max_shard_size,
+                copy_files_from=args.copy_files_from,
+            )
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -32,11 +32,16 @@ def _encode(vision: VisionEncoder | None, pixels, grid_thw, kind: str) -> tuple[
     return features, grids
 
 
-def understanding_batch(vision: VisionEncoder | None, input_ids: torch.Tensor,
-                        attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                        image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
-                        video_grid_thw: torch.Tensor | None = None,
-                        mm_token_type_ids: torch.Tensor | None = None) -> PackedBatch:
+def understanding_batch(
+    vision: VisionEncoder | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+    pixel_values_videos: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+    mm_token_type_ids: torch.Tensor | None = None,
+) -> PackedBatch:
     """A pack of B understanding samples from processor outputs (argument names as the processor's).
 
     input_ids / attention_mask / mm_token_type_ids: (B, L); pixel_values(_videos): (n_patches,
@@ -64,9 +69,12 @@ def understanding_batch(vision: VisionEncoder | None, input_ids: torch.Tensor,
             raise ValueError(f"{count} {name} placeholder tokens in input_ids but the ViT gave {have} {name} tokens")
         if features is not None:
             if joint is None:
-                joint = VisionFeatures(features.embeds.new_zeros(vision_kind.numel(), features.embeds.shape[1]),
-                                       features.deepstack.new_zeros(features.deepstack.shape[0], vision_kind.numel(),
-                                                                    features.deepstack.shape[2]))
+                joint = VisionFeatures(
+                    features.embeds.new_zeros(vision_kind.numel(), features.embeds.shape[1]),
+                    features.deepstack.new_zeros(
+                        features.deepstack.shape[0], vision_kind.numel(), features.deepstack.shape[2]
+                    ),
+                )
             joint.embeds[vision_kind == code] = features.embeds
             joint.deepstack[:, vision_kind == code] = features.deepstack
 
@@ -81,18 +89,27 @@ def understanding_batch(vision: VisionEncoder | None, input_ids: torch.Tensor,
         n_vision = int(is_vision.sum())
         rows = slice(offset, offset + n_vision)
         offset += n_vision
-        samples.append(PackedSample(
-            task="understanding", ar_token_ids=ids, ar_labels=torch.full_like(ids, IGNORE_INDEX),
-            ar_positions=pos.qwen3_vl_positions(row_kind, row_grids),
-            ar_vision_embeds=joint.embeds[rows] if n_vision else None,
-            ar_is_vision=is_vision if n_vision else None,
-            ar_deepstack_embeds=joint.deepstack[:, rows] if n_vision else None,
-        ))
+        samples.append(
+            PackedSample(
+                task="understanding",
+                ar_token_ids=ids,
+                ar_labels=torch.full_like(ids, IGNORE_INDEX),
+                ar_positions=pos.qwen3_vl_positions(row_kind, row_grids),
+                ar_vision_embeds=joint.embeds[rows] if n_vision else None,
+                ar_is_vision=is_vision if n_vision else None,
+                ar_deepstack_embeds=joint.deepstack[:, rows] if n_vision else None,
+            )
+        )
     return PackedBatch.from_samples(samples)
 
 
-def reasoner_logits(model: MoTModel, vision: VisionEncoder | None, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor | None = None, **vision_inputs) -> torch.Tensor:
+def reasoner_logits(
+    model: MoTModel,
+    vision: VisionEncoder | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    **vision_inputs,
+) -> torch.Tensor:
     """(B, L, vocab) next-token logits of the Reasoner for processor outputs (zeros at padding).
 
     ``vision_inputs``: ``pixel_values``, ``image_grid_thw``, ``pixel_values_videos``,

@@ -67,9 +67,12 @@ def hf_key(name: str) -> str | None:
     if match:
         return f"{LM}layers.{match[1]}.{match[2]}"
     if name.startswith("vision.vit."):
-        return VISION + name[len("vision.vit."):]
-    simple = {"embed_tokens.weight": f"{LM}embed_tokens.weight", "reasoner_norm.weight": f"{LM}norm.weight",
-              "lm_head.weight": "lm_head.weight"}
+        return VISION + name[len("vision.vit.") :]
+    simple = {
+        "embed_tokens.weight": f"{LM}embed_tokens.weight",
+        "reasoner_norm.weight": f"{LM}norm.weight",
+        "lm_head.weight": "lm_head.weight",
+    }
     if name not in simple:
         raise KeyError(f"no Qwen3-VL name rule for our tensor {name!r}")
     return simple[name]
@@ -105,8 +108,11 @@ def read_hf_config(folder: str | Path):
     except json.JSONDecodeError as error:
         raise ConversionError(f"{path}: not valid JSON ({error})") from None
     model_type = raw.get("model_type")
-    _require(model_type == MODEL_TYPE, path,
-             f"model_type={model_type!r}, expected {MODEL_TYPE!r}: not a Qwen3-VL (dense) checkpoint")
+    _require(
+        model_type == MODEL_TYPE,
+        path,
+        f"model_type={model_type!r}, expected {MODEL_TYPE!r}: not a Qwen3-VL (dense) checkpoint",
+    )
     return Qwen3VLConfig.from_pretrained(str(folder), local_files_only=True)
 
 
@@ -119,24 +125,42 @@ def mot_config_from_hf(hf_config, path: Path | str = "config.json", base: MoTCon
     _require(not text.attention_bias, path, "text_config.attention_bias=true is not supported (Qwen3-VL has none)")
     _require(text.hidden_act == "silu", path, f"text_config.hidden_act={text.hidden_act!r}, expected 'silu'")
     rope = dict(text.rope_parameters or {})
-    _require(rope.get("rope_type", "default") == "default", path,
-             f"text_config.rope_parameters.rope_type={rope.get('rope_type')!r}: only 'default' is supported")
+    _require(
+        rope.get("rope_type", "default") == "default",
+        path,
+        f"text_config.rope_parameters.rope_type={rope.get('rope_type')!r}: only 'default' is supported",
+    )
     vision_rope = dict(vis.rope_parameters or {})
     from_hf = dict(
-        vocab_size=text.vocab_size, hidden_size=text.hidden_size, num_layers=text.num_hidden_layers,
-        num_attention_heads=text.num_attention_heads, num_kv_heads=text.num_key_value_heads,
-        head_dim=text.head_dim, ffn_hidden_size=text.intermediate_size, rms_norm_eps=text.rms_norm_eps,
-        rope_theta=float(rope["rope_theta"]), mrope_section=list(rope.get("mrope_section", [24, 20, 20])),
+        vocab_size=text.vocab_size,
+        hidden_size=text.hidden_size,
+        num_layers=text.num_hidden_layers,
+        num_attention_heads=text.num_attention_heads,
+        num_kv_heads=text.num_key_value_heads,
+        head_dim=text.head_dim,
+        ffn_hidden_size=text.intermediate_size,
+        rms_norm_eps=text.rms_norm_eps,
+        rope_theta=float(rope["rope_theta"]),
+        mrope_section=list(rope.get("mrope_section", [24, 20, 20])),
         tie_word_embeddings=bool(hf_config.tie_word_embeddings),
         vision=VisionConfig(
-            depth=vis.depth, hidden_size=vis.hidden_size, intermediate_size=vis.intermediate_size,
-            num_heads=vis.num_heads, in_channels=vis.in_channels, patch_size=vis.patch_size,
-            temporal_patch_size=vis.temporal_patch_size, spatial_merge_size=vis.spatial_merge_size,
-            out_hidden_size=vis.out_hidden_size, num_position_embeddings=vis.num_position_embeddings,
-            deepstack_visual_indexes=list(vis.deepstack_visual_indexes), hidden_act=vis.hidden_act,
+            depth=vis.depth,
+            hidden_size=vis.hidden_size,
+            intermediate_size=vis.intermediate_size,
+            num_heads=vis.num_heads,
+            in_channels=vis.in_channels,
+            patch_size=vis.patch_size,
+            temporal_patch_size=vis.temporal_patch_size,
+            spatial_merge_size=vis.spatial_merge_size,
+            out_hidden_size=vis.out_hidden_size,
+            num_position_embeddings=vis.num_position_embeddings,
+            deepstack_visual_indexes=list(vis.deepstack_visual_indexes),
+            hidden_act=vis.hidden_act,
             rope_theta=float(vision_rope.get("rope_theta", 10_000.0)),
-            image_token_id=hf_config.image_token_id, video_token_id=hf_config.video_token_id,
-            vision_start_token_id=hf_config.vision_start_token_id, vision_end_token_id=hf_config.vision_end_token_id,
+            image_token_id=hf_config.image_token_id,
+            video_token_id=hf_config.video_token_id,
+            vision_start_token_id=hf_config.vision_start_token_id,
+            vision_end_token_id=hf_config.vision_end_token_id,
         ),
     )
     if base is not None:
@@ -145,8 +169,9 @@ def mot_config_from_hf(hf_config, path: Path | str = "config.json", base: MoTCon
             if key == "vision" and ours is not None:
                 for field in dataclasses.fields(VisionConfig):
                     a, b = getattr(ours, field.name), getattr(value, field.name)
-                    _require(a == b, path,
-                             f"the checkpoint has vision.{field.name}={b!r} but the given config has {a!r}")
+                    _require(
+                        a == b, path, f"the checkpoint has vision.{field.name}={b!r} but the given config has {a!r}"
+                    )
             else:
                 _require(ours == value, path, f"the checkpoint has {key}={value!r} but the given config has {ours!r}")
     try:
@@ -164,16 +189,28 @@ def hf_config_from_mot(config: MoTConfig, dtype: torch.dtype):
     v = config.vision
     hf = Qwen3VLConfig(
         text_config=dict(
-            vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
-            num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_kv_heads,
-            head_dim=config.head_dim, intermediate_size=config.ffn_hidden_size, rms_norm_eps=config.rms_norm_eps,
-            hidden_act="silu", attention_bias=False,
-            rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta,
-                             "mrope_section": list(config.mrope_section), "mrope_interleaved": True},
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            intermediate_size=config.ffn_hidden_size,
+            rms_norm_eps=config.rms_norm_eps,
+            hidden_act="silu",
+            attention_bias=False,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": config.rope_theta,
+                "mrope_section": list(config.mrope_section),
+                "mrope_interleaved": True,
+            },
         ),
         vision_config=hf_vision_config(v).to_dict(),
-        image_token_id=v.image_token_id, video_token_id=v.video_token_id,
-        vision_start_token_id=v.vision_start_token_id, vision_end_token_id=v.vision_end_token_id,
+        image_token_id=v.image_token_id,
+        video_token_id=v.video_token_id,
+        vision_start_token_id=v.vision_start_token_id,
+        vision_end_token_id=v.vision_end_token_id,
         tie_word_embeddings=config.tie_word_embeddings,
     )
     hf.architectures = ["Qwen3VLForConditionalGeneration"]
@@ -182,8 +219,9 @@ def hf_config_from_mot(config: MoTConfig, dtype: torch.dtype):
 
 
 # ---------------------------------------------------------------------------------------- build
-def build_empty(config: MoTConfig, dtype: torch.dtype = torch.float32,
-                device: torch.device | str = "cpu") -> tuple[MoTModel, VisionEncoder | None]:
+def build_empty(
+    config: MoTConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> tuple[MoTModel, VisionEncoder | None]:
     """Model and ViT allocated on ``device`` without initialisation (built on the meta device, so
     nothing is computed or copied twice); the rotary tables are real, the weights are not."""
     with torch.device("meta"):
@@ -196,8 +234,13 @@ def build_empty(config: MoTConfig, dtype: torch.dtype = torch.float32,
 
 
 # --------------------------------------------------------------------------------------- import
-def load_qwen3_vl(folder: str | Path, *, config: MoTConfig | None = None, dtype: torch.dtype | None = None,
-                  device: torch.device | str = "cpu") -> tuple[MoTModel, VisionEncoder]:
+def load_qwen3_vl(
+    folder: str | Path,
+    *,
+    config: MoTConfig | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[MoTModel, VisionEncoder]:
     """Imports a Hugging Face Qwen3-VL folder: returns (our MoT model, its ViT), in eval mode.
 
     Both towers hold the language model's weights. ``config`` (e.g. ``configs/model/nano.yaml``)
@@ -224,8 +267,15 @@ def load_qwen3_vl(folder: str | Path, *, config: MoTConfig | None = None, dtype:
 
 
 # --------------------------------------------------------------------------------------- export
-def export_qwen3_vl(model: MoTModel, vision: VisionEncoder, folder: str | Path, *, dtype: torch.dtype | None = None,
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, copy_files_from: str | Path | None = None) -> Path:
+def export_qwen3_vl(
+    model: MoTModel,
+    vision: VisionEncoder,
+    folder: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    copy_files_from: str | Path | None = None,
+) -> Path:
     """Writes the Reasoner, embeddings, LM head and ViT as a Hugging Face Qwen3-VL folder.
 
     ``dtype`` defaults to the model's; tensors are converted one shard at a time. ``copy_files_from``

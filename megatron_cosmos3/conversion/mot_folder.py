@@ -30,28 +30,38 @@ from megatron_cosmos3.model.mot import MoTModel
 CONFIG_FILE = "model.yaml"
 
 
-def save_mot_folder(model: MoTModel, vision: VisionEncoder | None, folder: str | Path, *,
-                    dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+def save_mot_folder(
+    model: MoTModel,
+    vision: VisionEncoder | None,
+    folder: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
     """Writes the config and every tensor of ``model`` and ``vision`` into a new or empty ``folder``."""
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
         raise ConversionError(f"{folder}: output folder is not empty")
-    planned = [PlannedTensor(name, tuple(t.shape), dtype or t.dtype, lambda t=t: t)
-               for name, t in named_tensors(model, vision).items()]
+    planned = [
+        PlannedTensor(name, tuple(t.shape), dtype or t.dtype, lambda t=t: t)
+        for name, t in named_tensors(model, vision).items()
+    ]
     write_sharded(folder, planned, max_shard_bytes)
     config = OmegaConf.create({"model": OmegaConf.structured(model.config)})
     (folder / CONFIG_FILE).write_text(OmegaConf.to_yaml(config))
     return folder
 
 
-def load_mot_folder(folder: str | Path, *, dtype: torch.dtype | None = None,
-                    device: torch.device | str = "cpu") -> tuple[MoTModel, VisionEncoder | None]:
+def load_mot_folder(
+    folder: str | Path, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> tuple[MoTModel, VisionEncoder | None]:
     """Reads a folder written by ``save_mot_folder`` (model and ViT in eval mode)."""
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file():
         raise ConversionError(f"{folder}: no {CONFIG_FILE}: not a megatron_cosmos3 weights folder")
     config = load_model_config(folder / CONFIG_FILE)
     model, vision = build_empty(config, dtype or tensor_dtype(folder, "embed_tokens.weight"), device)
-    load_into(folder, {name: [t] for name, t in named_tensors(model, vision).items()},
-              describe=f"the model of {CONFIG_FILE}")
+    load_into(
+        folder, {name: [t] for name, t in named_tensors(model, vision).items()}, describe=f"the model of {CONFIG_FILE}"
+    )
     return model.eval(), vision.eval() if vision is not None else None

@@ -20,9 +20,18 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 class ConversionError(ValueError):
@@ -96,8 +105,12 @@ def _stream_shard(path: Path, keys: list[str]) -> Iterator[tuple[str, str, torch
 
 
 @torch.no_grad()
-def load_into(folder: str | Path, targets: dict[str, list[torch.Tensor]], optional: frozenset[str] = frozenset(),
-              describe: str = "the model") -> None:
+def load_into(
+    folder: str | Path,
+    targets: dict[str, list[torch.Tensor]],
+    optional: frozenset[str] = frozenset(),
+    describe: str = "the model",
+) -> None:
     """Copies every tensor of ``folder`` into its pre-allocated ``targets[key]`` (each one of the
     list: a tensor may fill several parameters), streaming one tensor at a time.
 
@@ -112,8 +125,10 @@ def load_into(folder: str | Path, targets: dict[str, list[torch.Tensor]], option
             raise ConversionError(f"{folder / shard}: unexpected tensor {key!r}: {describe} has no such parameter")
         want = tuple(targets[key][0].shape)
         if tuple(tensor.shape) != want:
-            raise ConversionError(f"{folder / shard}: tensor {key!r} has shape {tuple(tensor.shape)}, but the "
-                                  f"config gives {describe} shape {want} there")
+            raise ConversionError(
+                f"{folder / shard}: tensor {key!r} has shape {tuple(tensor.shape)}, but the "
+                f"config gives {describe} shape {want} there"
+            )
         for target in targets[key]:
             target.copy_(tensor)
         seen.add(key)
@@ -138,8 +153,9 @@ class PlannedTensor:
         return int(torch.Size(self.shape).numel()) * torch.empty((), dtype=self.dtype).element_size()
 
 
-def write_sharded(folder: str | Path, tensors: list[PlannedTensor],
-                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
+def write_sharded(
+    folder: str | Path, tensors: list[PlannedTensor], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> list[Path]:
     """Writes ``tensors`` in order into shards of at most ``max_shard_bytes`` (a larger tensor gets a
     shard of its own) plus the index, or into one ``model.safetensors`` if they fit in one shard."""
     from safetensors.torch import save_file
@@ -154,8 +170,11 @@ def write_sharded(folder: str | Path, tensors: list[PlannedTensor],
             size = 0
         groups[-1].append(tensor)
         size += tensor.num_bytes
-    names = ([SINGLE_FILE] if len(groups) == 1 else
-             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    names = (
+        [SINGLE_FILE]
+        if len(groups) == 1
+        else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    )
     weight_map = {}
     for name, group in zip(names, groups):
         shard = {}

@@ -100,38 +100,51 @@ class DataConfig:
 
         names = [d.name for d in self.datasets]
         require(bool(names), "datasets is empty")
-        require(all(names) and len(set(names)) == len(names),
-                f"dataset names must be non-empty and distinct, got {names}")
+        require(
+            all(names) and len(set(names)) == len(names), f"dataset names must be non-empty and distinct, got {names}"
+        )
         for d in self.datasets:
             require(bool(d.shards), f"datasets[{d.name}].shards is empty")
         require(self.stage in self.stages, f"stage={self.stage!r} is not one of stages {sorted(self.stages)}")
         stage = self.stages[self.stage]
         unknown = sorted(set(stage.datasets) - set(names))
         require(not unknown, f"stages.{self.stage}.datasets names unknown datasets {unknown} (known: {names})")
-        require(any(w > 0 for w in stage.datasets.values()) and all(w >= 0 for w in stage.datasets.values()),
-                f"stages.{self.stage}.datasets needs non-negative weights, one positive, got {dict(stage.datasets)}")
+        require(
+            any(w > 0 for w in stage.datasets.values()) and all(w >= 0 for w in stage.datasets.values()),
+            f"stages.{self.stage}.datasets needs non-negative weights, one positive, got {dict(stage.datasets)}",
+        )
         try:
             TaskMixture(dict(stage.tasks))
         except ValueError as error:
             raise ValueError(f"data: stages.{self.stage}.tasks: {error}") from None
         p = self.packing
-        require(p.tokens_per_pack > 0 and p.pool_size > 0 and p.max_text_tokens > 0,
-                f"packing.tokens_per_pack={p.tokens_per_pack}, pool_size={p.pool_size} and "
-                f"max_text_tokens={p.max_text_tokens} must be > 0")
-        require(0 <= p.max_sample_tokens <= p.tokens_per_pack,
-                f"packing.max_sample_tokens={p.max_sample_tokens} must be in [0, tokens_per_pack={p.tokens_per_pack}]")
+        require(
+            p.tokens_per_pack > 0 and p.pool_size > 0 and p.max_text_tokens > 0,
+            f"packing.tokens_per_pack={p.tokens_per_pack}, pool_size={p.pool_size} and "
+            f"max_text_tokens={p.max_text_tokens} must be > 0",
+        )
+        require(
+            0 <= p.max_sample_tokens <= p.tokens_per_pack,
+            f"packing.max_sample_tokens={p.max_sample_tokens} must be in [0, tokens_per_pack={p.tokens_per_pack}]",
+        )
         require(p.max_samples_per_pack >= 0, f"packing.max_samples_per_pack={p.max_samples_per_pack} must be >= 0")
-        require(self.shuffle_buffer >= 0 and self.num_workers >= 0 and self.prefetch_factor >= 1,
-                f"shuffle_buffer={self.shuffle_buffer}, num_workers={self.num_workers} must be >= 0 and "
-                f"prefetch_factor={self.prefetch_factor} >= 1")
+        require(
+            self.shuffle_buffer >= 0 and self.num_workers >= 0 and self.prefetch_factor >= 1,
+            f"shuffle_buffer={self.shuffle_buffer}, num_workers={self.num_workers} must be >= 0 and "
+            f"prefetch_factor={self.prefetch_factor} >= 1",
+        )
         active = [d for d in self.datasets if stage.datasets.get(d.name, 0) > 0]
         require(self.epochs >= 0, f"epochs={self.epochs} must be >= 0")
-        require(self.epochs == 0 or (len(active) == 1 and not active[0].resample),
-                "epochs > 0 (a finite stream) needs exactly one active, non-resampled dataset")
+        require(
+            self.epochs == 0 or (len(active) == 1 and not active[0].resample),
+            "epochs > 0 (a finite stream) needs exactly one active, non-resampled dataset",
+        )
         budget = self.error_budget
-        require(0 <= budget.max_error_fraction <= 1 and budget.min_samples >= 0,
-                f"error_budget.max_error_fraction={budget.max_error_fraction} must be in [0, 1], "
-                f"min_samples={budget.min_samples} >= 0")
+        require(
+            0 <= budget.max_error_fraction <= 1 and budget.min_samples >= 0,
+            f"error_budget.max_error_fraction={budget.max_error_fraction} must be in [0, 1], "
+            f"min_samples={budget.min_samples} >= 0",
+        )
         require(self.vision == "patch", f"vision={self.vision!r}: only 'patch' (the ViT stand-in) is available")
         self.encoders.validate()
 

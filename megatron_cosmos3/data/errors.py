@@ -30,8 +30,21 @@ NON_FINITE = "non_finite"
 ZERO_LENGTH = "zero_length"
 UNKNOWN_EMBODIMENT = "unknown_embodiment"
 INTERNAL_ERROR = "internal_error"  # an unexpected exception while processing one sample (logged with traceback)
-ERROR_REASONS = (UNREADABLE_SHARD, TRUNCATED_SHARD, LOST_TO_TRUNCATION, CORRUPT_MEDIA, BAD_METADATA, MISSING_FIELD,
-                 EXTRA_FIELD, WRONG_SHAPE, WRONG_DTYPE, NON_FINITE, ZERO_LENGTH, UNKNOWN_EMBODIMENT, INTERNAL_ERROR)
+ERROR_REASONS = (
+    UNREADABLE_SHARD,
+    TRUNCATED_SHARD,
+    LOST_TO_TRUNCATION,
+    CORRUPT_MEDIA,
+    BAD_METADATA,
+    MISSING_FIELD,
+    EXTRA_FIELD,
+    WRONG_SHAPE,
+    WRONG_DTYPE,
+    NON_FINITE,
+    ZERO_LENGTH,
+    UNKNOWN_EMBODIMENT,
+    INTERNAL_ERROR,
+)
 # Filtered.
 NO_TASK = "no_task"
 TOO_LONG = "too_long"
@@ -98,6 +111,7 @@ class SkipStats:
     def summary(self, top_shards: int = 5) -> str:
         """One line per reason and the shards with most errors, for logs and error messages."""
         reasons = ", ".join(f"{r} {n}" for r, n in self.per_reason.most_common()) or "none"
+
         def bad(item) -> int:
             return sum(n for reason, n in item[1].items() if reason in ERROR_REASONS)
 
@@ -107,13 +121,19 @@ class SkipStats:
         return f"{counts}; skips: {reasons}" + (f"; worst shards: {shards}" if shards else "")
 
     def state_dict(self) -> dict:
-        return {"used": self.used, "per_reason": dict(self.per_reason),
-                "per_shard": {shard: dict(counts) for shard, counts in self.per_shard.items()}}
+        return {
+            "used": self.used,
+            "per_reason": dict(self.per_reason),
+            "per_shard": {shard: dict(counts) for shard, counts in self.per_shard.items()},
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict) -> SkipStats:
-        return cls(int(state["used"]), Counter(state["per_reason"]),
-                   {shard: Counter(counts) for shard, counts in state["per_shard"].items()})
+        return cls(
+            int(state["used"]),
+            Counter(state["per_reason"]),
+            {shard: Counter(counts) for shard, counts in state["per_shard"].items()},
+        )
 
 
 @dataclass(frozen=True)
@@ -126,16 +146,20 @@ class ErrorBudget:
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_error_fraction <= 1 or self.min_samples < 0:
-            raise ValueError(f"error budget: max_error_fraction={self.max_error_fraction} must be in [0, 1] "
-                             f"and min_samples={self.min_samples} >= 0")
+            raise ValueError(
+                f"error budget: max_error_fraction={self.max_error_fraction} must be in [0, 1] "
+                f"and min_samples={self.min_samples} >= 0"
+            )
 
     def check(self, stats: SkipStats) -> None:
         """Raises DataErrorBudgetExceeded, with the counts and the worst shards, if over budget —
         or if not one of ``min_samples`` samples read is usable (e.g. all filtered by the stage)."""
         if stats.seen >= self.min_samples and stats.used == 0:
-            raise DataErrorBudgetExceeded(f"none of the {stats.seen} samples read is usable by this stage. "
-                                          f"{stats.summary()}")
+            raise DataErrorBudgetExceeded(
+                f"none of the {stats.seen} samples read is usable by this stage. {stats.summary()}"
+            )
         if stats.seen >= self.min_samples and stats.error_fraction() > self.max_error_fraction:
             raise DataErrorBudgetExceeded(
                 f"data error budget exceeded: {stats.error_fraction():.1%} of {stats.seen} samples read are bad "
-                f"(budget {self.max_error_fraction:.1%}, data.error_budget.max_error_fraction). {stats.summary()}")
+                f"(budget {self.max_error_fraction:.1%}, data.error_budget.max_error_fraction). {stats.summary()}"
+            )

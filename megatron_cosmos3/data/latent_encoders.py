@@ -78,8 +78,9 @@ class VAELatentEncoder:
 
     def _need(self, vae, what: str):
         if vae is None:
-            raise LoaderSetupError(f"a sample holds raw {what} but no {what} VAE is configured "
-                                   f"(data.encoders.{what}_vae_path)")
+            raise LoaderSetupError(
+                f"a sample holds raw {what} but no {what} VAE is configured (data.encoders.{what}_vae_path)"
+            )
         return vae
 
     def encode_video(self, frames: np.ndarray, fps: float) -> VideoLatents:
@@ -163,8 +164,14 @@ def latent_sample(sample, encoder: LatentEncoder):
     ``observation`` so that tasks that show the Reasoner a picture still can."""
     from dataclasses import replace
 
-    picture = next((p for p in (sample.observation, sample.image,
-                                None if sample.video is None else sample.video[0]) if p is not None), None)
+    picture = next(
+        (
+            p
+            for p in (sample.observation, sample.image, None if sample.video is None else sample.video[0])
+            if p is not None
+        ),
+        None,
+    )
     out = replace(sample, image=None, video=None, audio=None, audio_sample_rate=None, observation=picture)
     if sample.video is not None:
         video = encoder.encode_video(sample.video, sample.fps)

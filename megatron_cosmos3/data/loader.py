@@ -72,8 +72,9 @@ def _action_stats(dataset) -> ActionStats | None:
     return None
 
 
-def _make_builders(model_config: MoTConfig, config: DataConfig, stats: list[ActionStats | None],
-                   latent_encoder_factory, tokenizer) -> list[SampleBuilder]:
+def _make_builders(
+    model_config: MoTConfig, config: DataConfig, stats: list[ActionStats | None], latent_encoder_factory, tokenizer
+) -> list[SampleBuilder]:
     """One SampleBuilder per active dataset; runs in each worker (encoders load there)."""
     encoder = latent_encoder_factory() if latent_encoder_factory is not None else None
     vision = PatchVisionFeatures(model_config.hidden_size)
@@ -91,24 +92,39 @@ class PackedLoader:
     tokenizer: default ``ByteTokenizer(model_config.vocab_size)``.
     """
 
-    def __init__(self, config: DataConfig, model_config: MoTConfig, dp_rank: int = 0, dp_world_size: int = 1, *,
-                 latent_encoder_factory=None, tokenizer=None) -> None:
+    def __init__(
+        self,
+        config: DataConfig,
+        model_config: MoTConfig,
+        dp_rank: int = 0,
+        dp_world_size: int = 1,
+        *,
+        latent_encoder_factory=None,
+        tokenizer=None,
+    ) -> None:
         config.validate()
         self.config, self.model_config = config, model_config
         self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
         stage = config.active_stage
         active = [d for d in config.datasets if stage.datasets.get(d.name, 0) > 0]
-        sources = [DatasetSource(d.name, tuple(resolve_shards(list(d.shards))), stage.datasets[d.name], d.resample)
-                   for d in active]
+        sources = [
+            DatasetSource(d.name, tuple(resolve_shards(list(d.shards))), stage.datasets[d.name], d.resample)
+            for d in active
+        ]
         self.schedule = ShardSchedule(sources, config.seed, dp_rank, dp_world_size, config.epochs)
         if latent_encoder_factory is None and config.encoders.online:
             latent_encoder_factory = functools.partial(VAELatentEncoder.from_config, config.encoders)
-        context = SchemaContext({name: e.action_dim for name, e in model_config.embodiments.items()},
-                                model_config.video_token_dim, model_config.audio_latent_dim)
-        make_builders = functools.partial(_make_builders, model_config, config, [_action_stats(d) for d in active],
-                                          latent_encoder_factory, tokenizer)
-        self.processor = ShardProcessor(self.schedule, TaskMixture(dict(stage.tasks)), context, config.seed,
-                                        make_builders)
+        context = SchemaContext(
+            {name: e.action_dim for name, e in model_config.embodiments.items()},
+            model_config.video_token_dim,
+            model_config.audio_latent_dim,
+        )
+        make_builders = functools.partial(
+            _make_builders, model_config, config, [_action_stats(d) for d in active], latent_encoder_factory, tokenizer
+        )
+        self.processor = ShardProcessor(
+            self.schedule, TaskMixture(dict(stage.tasks)), context, config.seed, make_builders
+        )
         self.budget = ErrorBudget(config.error_budget.max_error_fraction, config.error_budget.min_samples)
         self._fingerprint = config.fingerprint()
         self._reset(next_slot=0, counters=[0] * len(sources))
@@ -116,8 +132,9 @@ class PackedLoader:
     def _reset(self, next_slot: int, counters: list[int]) -> None:
         self.close()
         self._next_slot, self._counters = next_slot, list(counters)
-        self._shuffle: ShuffleBuffer[_Waiting] = ShuffleBuffer(self.config.shuffle_buffer, self.config.seed,
-                                                               self.dp_rank)
+        self._shuffle: ShuffleBuffer[_Waiting] = ShuffleBuffer(
+            self.config.shuffle_buffer, self.config.seed, self.dp_rank
+        )
         p = self.config.packing
         self._packer: Packer[_Waiting] = Packer(p.tokens_per_pack, p.pool_size, p.max_samples_per_pack)
         self._addresses: dict[int, SlotAddress] = {}
@@ -163,8 +180,14 @@ class PackedLoader:
         if result.skips:
             reasons = sorted({s.reason for s in result.skips})
             first = result.skips[0]
-            log.warning("shard %s: skipped %d sample(s) (%s); first: %s %s", result.url,
-                        sum(s.count for s in result.skips), ", ".join(reasons), first.key or "-", first.detail)
+            log.warning(
+                "shard %s: skipped %d sample(s) (%s); first: %s %s",
+                result.url,
+                sum(s.count for s in result.skips),
+                ", ".join(reasons),
+                first.key or "-",
+                first.detail,
+            )
         self._addresses[address.slot] = address
         for index, built in result.samples:
             self.stats.used += 1
@@ -214,7 +237,9 @@ class PackedLoader:
             "packer": [list(e.item.ref) for e in self._packer.pending],
             "slots": {str(slot): [a.dataset, a.shard_number] for slot, a in sorted(self._addresses.items())},
             "exhausted": self._exhausted,
-            "packs": self.packs, "tokens": self.tokens, "cropped": self.cropped,
+            "packs": self.packs,
+            "tokens": self.tokens,
+            "cropped": self.cropped,
             "stats": self.stats.state_dict(),
         }
 
@@ -222,20 +247,24 @@ class PackedLoader:
         """Continue exactly where ``state`` was taken. ValueError if it belongs to another data
         config, rank or number of data-parallel ranks."""
         if state.get("format_version") != STATE_FORMAT_VERSION:
-            raise ValueError(f"loader state format_version {state.get('format_version')!r}; "
-                             f"expected {STATE_FORMAT_VERSION}")
+            raise ValueError(
+                f"loader state format_version {state.get('format_version')!r}; expected {STATE_FORMAT_VERSION}"
+            )
         if state["dp_world_size"] != self.dp_world_size:
             raise ValueError(
                 f"loader state was saved with {state['dp_world_size']} data-parallel ranks; this run has "
                 f"{self.dp_world_size}. Each rank's shard split and sample order depend on the number of ranks, so "
                 f"resuming the data stream exactly is impossible. Resume with {state['dp_world_size']} data-parallel "
-                "ranks, or start a fresh data stream (do not load the loader state).")
+                "ranks, or start a fresh data stream (do not load the loader state)."
+            )
         if state["dp_rank"] != self.dp_rank:
             raise ValueError(f"loader state belongs to data-parallel rank {state['dp_rank']}, not {self.dp_rank}")
         if state["fingerprint"] != self._fingerprint:
-            raise ValueError("loader state was saved under a different data config (datasets, stage mixture, packing, "
-                             "shuffle or seed); the exact continuation does not exist. Restore that config or start a "
-                             "fresh data stream.")
+            raise ValueError(
+                "loader state was saved under a different data config (datasets, stage mixture, packing, "
+                "shuffle or seed); the exact continuation does not exist. Restore that config or start a "
+                "fresh data stream."
+            )
         self._reset(state["next_slot"], state["counters"])
         rebuilt: dict[tuple[int, int], BuiltSample] = {}
         for slot, (dataset, number) in state["slots"].items():
@@ -247,8 +276,9 @@ class PackedLoader:
         def waiting(ref) -> _Waiting:
             ref = (int(ref[0]), int(ref[1]))
             if ref not in rebuilt:
-                raise ValueError(f"sample {ref[1]} of slot {ref[0]} no longer builds: "
-                                 "the shards changed since the checkpoint")
+                raise ValueError(
+                    f"sample {ref[1]} of slot {ref[0]} no longer builds: the shards changed since the checkpoint"
+                )
             return _Waiting(ref, rebuilt[ref])
 
         self._shuffle.items = [waiting(ref) for ref in state["shuffle"]]

@@ -16,8 +16,18 @@ from scipy.io import wavfile
 from megatron_cosmos3.data.errors import BAD_METADATA, CORRUPT_MEDIA, SampleError
 
 # Everything a broken file can make these libraries raise; anything else is a bug, not bad data.
-_DECODE_ERRORS = (ValueError, OSError, EOFError, UnidentifiedImageError, SyntaxError, TypeError, KeyError,
-                  IndexError, MemoryError, struct.error)
+_DECODE_ERRORS = (
+    ValueError,
+    OSError,
+    EOFError,
+    UnidentifiedImageError,
+    SyntaxError,
+    TypeError,
+    KeyError,
+    IndexError,
+    MemoryError,
+    struct.error,
+)
 
 
 def encode_npy(array: np.ndarray) -> bytes:
@@ -31,8 +41,9 @@ def decode_npy(data: bytes, name: str) -> np.ndarray:
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except _DECODE_ERRORS as error:
-        raise SampleError(CORRUPT_MEDIA,
-                          f"{name}: not a readable .npy array ({type(error).__name__}: {error})") from None
+        raise SampleError(
+            CORRUPT_MEDIA, f"{name}: not a readable .npy array ({type(error).__name__}: {error})"
+        ) from None
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -28,8 +28,10 @@ class Packer(Generic[Item]):
 
     def __init__(self, tokens_per_pack: int, pool_size: int, max_samples_per_pack: int = 0) -> None:
         if tokens_per_pack < 1 or pool_size < 1 or max_samples_per_pack < 0:
-            raise ValueError(f"Packer: tokens_per_pack={tokens_per_pack} and pool_size={pool_size} must be >= 1, "
-                             f"max_samples_per_pack={max_samples_per_pack} >= 0")
+            raise ValueError(
+                f"Packer: tokens_per_pack={tokens_per_pack} and pool_size={pool_size} must be >= 1, "
+                f"max_samples_per_pack={max_samples_per_pack} >= 0"
+            )
         self.tokens_per_pack, self.pool_size, self.max_samples = tokens_per_pack, pool_size, max_samples_per_pack
         self.pending: list[PackEntry[Item]] = []
 

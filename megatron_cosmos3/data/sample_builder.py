@@ -63,9 +63,15 @@ def picture_of(sample: Sample) -> np.ndarray | None:
 class SampleBuilder:
     """Builds PackedSamples for one model (its vocabulary, stream widths and embodiments)."""
 
-    def __init__(self, model_config: MoTConfig, tokenizer: Tokenizer, vision: VisionFeaturizer,
-                 limits: BuildLimits, latent_encoder: LatentEncoder | None = None,
-                 action_stats: ActionStats | None = None) -> None:
+    def __init__(
+        self,
+        model_config: MoTConfig,
+        tokenizer: Tokenizer,
+        vision: VisionFeaturizer,
+        limits: BuildLimits,
+        latent_encoder: LatentEncoder | None = None,
+        action_stats: ActionStats | None = None,
+    ) -> None:
         self.config, self.tokenizer, self.vision, self.limits = model_config, tokenizer, vision, limits
         self.latent_encoder, self.action_stats = latent_encoder, action_stats
         vision_config = getattr(model_config, "vision", None)
@@ -89,9 +95,11 @@ class SampleBuilder:
             is_target.extend([target] * len(tokens))
             is_vision.extend([vision] * len(tokens))
 
-        prompt = {"caption": sample.caption or sample.instruction,
-                  "instruction": sample.instruction or sample.caption,
-                  "question": sample.question or DEFAULT_QUESTION}[task.prompt]
+        prompt = {
+            "caption": sample.caption or sample.instruction,
+            "instruction": sample.instruction or sample.caption,
+            "question": sample.question or DEFAULT_QUESTION,
+        }[task.prompt]
         add(self._text(prompt or ""))
         grids, embeds = [], None
         picture = picture_of(sample) if task.vit != "none" else None
@@ -115,9 +123,11 @@ class SampleBuilder:
 
     def _encoder(self) -> LatentEncoder:
         if self.latent_encoder is None:
-            raise LoaderSetupError("a sample holds raw media but the loader has no latent encoder (set "
-                                   "data.encoders.online with VAE paths, or pre-encode the shards with "
-                                   "data_pipelines/encode_shards.py)")
+            raise LoaderSetupError(
+                "a sample holds raw media but the loader has no latent encoder (set "
+                "data.encoders.online with VAE paths, or pre-encode the shards with "
+                "data_pipelines/encode_shards.py)"
+            )
         return self.latent_encoder
 
     def _streams(self, sample: Sample, task: TaskSpec) -> dict[str, Stream]:
@@ -146,8 +156,9 @@ class SampleBuilder:
             streams["audio"] = Stream("audio", values, (values.shape[0], 1, 1), pos.AUDIO_TOKENS_PER_SECOND)
         if "actions" in needed:
             values = self._normalized_actions(sample)
-            streams["actions"] = Stream(action_stream_key(sample.embodiment), values, (values.shape[0], 1, 1),
-                                        sample.action_rate_hz)
+            streams["actions"] = Stream(
+                action_stream_key(sample.embodiment), values, (values.shape[0], 1, 1), sample.action_rate_hz
+            )
         return streams
 
     def _normalized_actions(self, sample: Sample) -> torch.Tensor:
@@ -156,8 +167,9 @@ class SampleBuilder:
             return normalize_actions(actions, self.action_stats[sample.embodiment])
         if sample.embodiment not in self._unnormalized_warned:
             self._unnormalized_warned.add(sample.embodiment)
-            log.warning("no action statistics for embodiment %r: its actions enter the model unnormalised",
-                        sample.embodiment)
+            log.warning(
+                "no action statistics for embodiment %r: its actions enter the model unnormalised", sample.embodiment
+            )
         return actions
 
     def _fit(self, task: TaskSpec, streams: dict[str, Stream], n_ar: int, key: str) -> tuple[list, bool]:
@@ -165,8 +177,11 @@ class SampleBuilder:
         limit = self.limits.max_sample_tokens
 
         def spans_within(seconds: float | None):
-            cut = streams if seconds is None else {
-                name: s if name == "image" else s.first_seconds(seconds) for name, s in streams.items()}
+            cut = (
+                streams
+                if seconds is None
+                else {name: s if name == "image" else s.first_seconds(seconds) for name, s in streams.items()}
+            )
             try:
                 spans = dm_layout(task, cut)
             except ValueError:
@@ -200,17 +215,15 @@ class SampleBuilder:
         ids, labels, ar_positions, is_vision, embeds = self._ar_section(sample, task)
         spans, cropped = self._fit(task, self._streams(sample, task), len(ids), sample.key)
         offset = pos.next_start(ar_positions)
-        dm_positions = []
-        for piece, _ in spans:
-            t, h, w = piece.grid
-            if piece.key == "video":
-                fps = piece.tokens_per_second * pos.VIDEO_VAE_TEMPORAL_COMPRESSION
-                dm_positions.append(pos.dm_video_positions(offset, t, h, w, fps, piece.first_temporal_index))
-            else:
-                dm_positions.append(pos.dm_sequence_positions(offset, piece.num_tokens, piece.tokens_per_second,
-                                                              piece.first_temporal_index))
+        dm_positions = [
+            pos.dm_span_positions(offset, piece.key, piece.grid, piece.tokens_per_second, piece.first_temporal_index)
+            for piece, _ in spans
+        ]
         packed = PackedSample(
-            task=task.name, ar_token_ids=ids, ar_labels=labels, ar_positions=ar_positions,
+            task=task.name,
+            ar_token_ids=ids,
+            ar_labels=labels,
+            ar_positions=ar_positions,
             dm_streams=[(piece.key, piece.values.float()) for piece, _ in spans],
             dm_positions=torch.cat(dm_positions, dim=1) if dm_positions else None,
             dm_noise_mask=noise_mask(spans) if spans else None,

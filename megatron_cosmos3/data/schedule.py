@@ -56,8 +56,9 @@ class SlotAddress:
 class ShardSchedule:
     """The slot schedule of one data-parallel rank (module doc)."""
 
-    def __init__(self, sources: list[DatasetSource], seed: int, dp_rank: int, dp_world_size: int,
-                 epochs: int = 0) -> None:
+    def __init__(
+        self, sources: list[DatasetSource], seed: int, dp_rank: int, dp_world_size: int, epochs: int = 0
+    ) -> None:
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_world_size={dp_world_size})")
         self.sources = [s for s in sources if s.weight > 0]
@@ -70,12 +71,14 @@ class ShardSchedule:
             if not source.resample and len(source.shards) < dp_world_size:
                 raise ValueError(
                     f"dataset {source.name!r} has {len(source.shards)} shard(s) for {dp_world_size} data-parallel "
-                    f"ranks: every rank needs at least one per epoch. Write more, smaller shards or set resample: true")
+                    f"ranks: every rank needs at least one per epoch. Write more, smaller shards or set resample: true"
+                )
         means = [s.mean_samples_per_shard for s in self.sources]
         if any(m is None for m in means):
             if len(self.sources) > 1:
-                log.warning("some datasets have no index with sample counts: "
-                            "blend weights are per shard, not per sample")
+                log.warning(
+                    "some datasets have no index with sample counts: blend weights are per shard, not per sample"
+                )
             means = [1.0] * len(self.sources)
         shares = np.array([s.weight / m for s, m in zip(self.sources, means)])
         self._cumulative = np.cumsum(shares / shares.sum())
@@ -98,16 +101,18 @@ class ShardSchedule:
         if key not in self._orders:
             if len(self._orders) >= 8:
                 self._orders.pop(next(iter(self._orders)))
-            self._orders[key] = permutation(len(self.sources[dataset].shards), self.seed, "epoch",
-                                            self.sources[dataset].name, epoch)
+            self._orders[key] = permutation(
+                len(self.sources[dataset].shards), self.seed, "epoch", self.sources[dataset].name, epoch
+            )
         return self._orders[key]
 
     def shard(self, address: SlotAddress) -> ShardInfo:
         """The shard a slot reads."""
         source = self.sources[address.dataset]
         if source.resample:
-            return source.shards[randbelow(len(source.shards), self.seed, "resample", source.name, self.rank,
-                                           address.shard_number)]
+            return source.shards[
+                randbelow(len(source.shards), self.seed, "resample", source.name, self.rank, address.shard_number)
+            ]
         per_epoch = self.shards_per_epoch(address.dataset)
         epoch, position = divmod(address.shard_number, per_epoch)
         return source.shards[int(self._epoch_order(address.dataset, epoch)[position * self.world + self.rank])]

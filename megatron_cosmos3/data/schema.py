@@ -56,11 +56,31 @@ from megatron_cosmos3.encoders.video_vae import PIXELS_PER_TOKEN, largest_encoda
 from megatron_cosmos3.tasks.registry import Modality
 
 SCHEMA_VERSION = 1
-FIELDS = ("meta.json", "image.png", "observation.png", "video.npy", "audio.wav", "actions.npy",
-          "video_latents.npy", "image_latents.npy", "audio_latents.npy")
+FIELDS = (
+    "meta.json",
+    "image.png",
+    "observation.png",
+    "video.npy",
+    "audio.wav",
+    "actions.npy",
+    "video_latents.npy",
+    "image_latents.npy",
+    "audio_latents.npy",
+)
 TEXT_KEYS = ("caption", "instruction", "question", "answer")
-META_KEYS = ("schema", *TEXT_KEYS, "fps", "embodiment", "action_rate_hz", "video_latent_grid", "image_latent_grid",
-             "audio_num_samples", "duration_s", "timing", "source")
+META_KEYS = (
+    "schema",
+    *TEXT_KEYS,
+    "fps",
+    "embodiment",
+    "action_rate_hz",
+    "video_latent_grid",
+    "image_latent_grid",
+    "audio_num_samples",
+    "duration_s",
+    "timing",
+    "source",
+)
 
 
 @dataclass
@@ -180,8 +200,11 @@ def _grid(meta: dict, name: str, needed_by: str) -> tuple[int, int, int]:
     if name not in meta:
         _fail(MISSING_FIELD, f"{needed_by} needs meta.json '{name}'")
     grid = meta[name]
-    if (not isinstance(grid, list) or len(grid) != 3
-            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in grid)):
+    if (
+        not isinstance(grid, list)
+        or len(grid) != 3
+        or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in grid)
+    ):
         _fail(BAD_METADATA, f"meta.json '{name}' must be 3 non-negative ints [t, h, w], got {grid!r}")
     return tuple(grid)
 
@@ -250,8 +273,10 @@ def decode_sample(raw: Mapping[str, bytes], context: SchemaContext = SchemaConte
         if video.shape[0] == 0:
             _fail(ZERO_LENGTH, "video.npy has 0 frames")
         if min(video.shape[1:3]) < PIXELS_PER_TOKEN:
-            _fail(WRONG_SHAPE, f"video.npy frames are {video.shape[2]}x{video.shape[1]}; "
-                               f"both sides must be >= {PIXELS_PER_TOKEN} px")
+            _fail(
+                WRONG_SHAPE,
+                f"video.npy frames are {video.shape[2]}x{video.shape[1]}; both sides must be >= {PIXELS_PER_TOKEN} px",
+            )
         sample.video = video
     if "video.npy" in files or "video_latents.npy" in files:
         sample.fps = _positive_number(meta, "fps", "a video")
@@ -277,8 +302,10 @@ def decode_sample(raw: Mapping[str, bytes], context: SchemaContext = SchemaConte
         sample.actions = _float_rows(media.decode_npy(files["actions.npy"], "actions.npy"), "actions.npy", width)
     elif "embodiment" in meta or "action_rate_hz" in meta:
         _fail(MISSING_FIELD, "meta.json names an embodiment / action rate but the sample has no actions.npy")
-    for name, grid_key, width in (("video_latents", "video_latent_grid", context.video_token_dim),
-                                  ("image_latents", "image_latent_grid", context.video_token_dim)):
+    for name, grid_key, width in (
+        ("video_latents", "video_latent_grid", context.video_token_dim),
+        ("image_latents", "image_latent_grid", context.video_token_dim),
+    ):
         if f"{name}.npy" in files:
             grid = _grid(meta, grid_key, f"{name}.npy")
             if name == "image_latents" and grid[0] != 1:
@@ -292,10 +319,13 @@ def decode_sample(raw: Mapping[str, bytes], context: SchemaContext = SchemaConte
             _fail(MISSING_FIELD, "audio_latents.npy needs meta.json 'audio_num_samples'")
         if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
             _fail(BAD_METADATA, f"meta.json 'audio_num_samples' must be a positive int, got {count!r}")
-        latents = _float_rows(media.decode_npy(files["audio_latents.npy"], "audio_latents.npy"), "audio_latents.npy",
-                              context.audio_latent_dim, rows=num_audio_tokens(count))
+        latents = _float_rows(
+            media.decode_npy(files["audio_latents.npy"], "audio_latents.npy"),
+            "audio_latents.npy",
+            context.audio_latent_dim,
+            rows=num_audio_tokens(count),
+        )
         sample.audio_latents, sample.audio_num_samples = latents, count
     if not sample.modalities:
         _fail(MISSING_FIELD, "the sample has neither text nor media")
     return sample
-

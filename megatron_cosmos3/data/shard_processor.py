@@ -60,8 +60,9 @@ class ShardProcessor:
     of the schedule (their action statistics differ); they are made lazily in each process by
     ``make_builders`` so that heavy encoders load in the worker that uses them."""
 
-    def __init__(self, schedule: ShardSchedule, mixture: TaskMixture, context: SchemaContext, seed: int,
-                 make_builders) -> None:
+    def __init__(
+        self, schedule: ShardSchedule, mixture: TaskMixture, context: SchemaContext, seed: int, make_builders
+    ) -> None:
         self.schedule, self.mixture, self.context, self.seed = schedule, mixture, context, seed
         self._make_builders = make_builders
         self._builders: list[SampleBuilder] | None = None
@@ -98,17 +99,30 @@ class ShardProcessor:
                     result.skips.append(Skip(info.url, raw["__key__"], INTERNAL_ERROR, detail))
         unreadable = any(s.reason == UNREADABLE_SHARD for s in result.skips)
         if info.samples is not None and read < info.samples and not unreadable:
-            result.skips.append(Skip(info.url, "", LOST_TO_TRUNCATION,
-                                     f"the index lists {info.samples} samples, the shard gave {read}"
-                                     + (" before it ended" if truncated else ""), count=info.samples - read))
+            result.skips.append(
+                Skip(
+                    info.url,
+                    "",
+                    LOST_TO_TRUNCATION,
+                    f"the index lists {info.samples} samples, the shard gave {read}"
+                    + (" before it ended" if truncated else ""),
+                    count=info.samples - read,
+                )
+            )
         return result
 
     def _build(self, builder: SampleBuilder, raw: dict, address: SlotAddress, index: int) -> BuiltSample:
         sample = decode_sample(raw, self.context)
-        task = self.mixture.choose(sample.modalities, sample.latent_frames,
-                                   uniform(self.seed, "task", address.slot, index),
-                                   has_picture=picture_of(sample) is not None)
+        task = self.mixture.choose(
+            sample.modalities,
+            sample.latent_frames,
+            uniform(self.seed, "task", address.slot, index),
+            has_picture=picture_of(sample) is not None,
+        )
         if task is None:
-            raise SampleError(NO_TASK, f"modalities {sorted(m.value for m in sample.modalities)} fit no task of the "
-                                       f"stage mixture {sorted(self.mixture.weights)}")
+            raise SampleError(
+                NO_TASK,
+                f"modalities {sorted(m.value for m in sample.modalities)} fit no task of the "
+                f"stage mixture {sorted(self.mixture.weights)}",
+            )
         return builder.build(sample, task)

@@ -27,9 +27,15 @@ class ShardWriter:
     loaders skip it.
     """
 
-    def __init__(self, directory: str | Path, prefix: str = "shard", max_samples_per_shard: int = 64,
-                 max_bytes_per_shard: int = 1 << 30, context: SchemaContext | None = None,
-                 validate: bool = True) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        prefix: str = "shard",
+        max_samples_per_shard: int = 64,
+        max_bytes_per_shard: int = 1 << 30,
+        context: SchemaContext | None = None,
+        validate: bool = True,
+    ) -> None:
         if max_samples_per_shard < 1 or max_bytes_per_shard < 1:
             raise ValueError("max_samples_per_shard and max_bytes_per_shard must be >= 1")
         self.directory = Path(directory)

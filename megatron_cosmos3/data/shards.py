@@ -61,11 +61,20 @@ class ShardIndex:
         """Writes ``<directory>/index.json`` atomically; shard URLs are stored relative to it."""
         directory = Path(directory)
         document = {
-            "format_version": _INDEX_VERSION, "schema_version": self.schema_version,
+            "format_version": _INDEX_VERSION,
+            "schema_version": self.schema_version,
             "total_samples": self.total_samples,
-            "shards": [{"url": os.path.relpath(s.url, directory) if "://" not in s.url and not s.url.startswith("pipe:")
-                        else s.url, "samples": s.samples, "bytes": s.bytes, "modalities": s.modalities}
-                       for s in self.shards],
+            "shards": [
+                {
+                    "url": os.path.relpath(s.url, directory)
+                    if "://" not in s.url and not s.url.startswith("pipe:")
+                    else s.url,
+                    "samples": s.samples,
+                    "bytes": s.bytes,
+                    "modalities": s.modalities,
+                }
+                for s in self.shards
+            ],
         }
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{INDEX_FILENAME}.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
@@ -86,8 +95,13 @@ class ShardIndex:
         def resolve(url: str) -> str:
             return url if "://" in url or url.startswith("pipe:") or os.path.isabs(url) else str(path.parent / url)
 
-        return cls(tuple(ShardInfo(resolve(s["url"]), s.get("samples"), s.get("bytes"), s.get("modalities") or {})
-                         for s in document["shards"]), document.get("schema_version", 1))
+        return cls(
+            tuple(
+                ShardInfo(resolve(s["url"]), s.get("samples"), s.get("bytes"), s.get("modalities") or {})
+                for s in document["shards"]
+            ),
+            document.get("schema_version", 1),
+        )
 
 
 def resolve_shards(entries: list[str]) -> list[ShardInfo]:
@@ -165,12 +179,20 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
                     duplicate = suffix
                 current[suffix] = data
         except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
-            yield Skip(url, current["__key__"] if current else "", TRUNCATED_SHARD,
-                       f"data ends inside a member: {type(error).__name__}: {error}")
+            yield Skip(
+                url,
+                current["__key__"] if current else "",
+                TRUNCATED_SHARD,
+                f"data ends inside a member: {type(error).__name__}: {error}",
+            )
             return
         if not stream.ended_cleanly:
-            yield Skip(url, current["__key__"] if current else "", TRUNCATED_SHARD,
-                       "the tar has no end-of-archive block: cut at a member boundary")
+            yield Skip(
+                url,
+                current["__key__"] if current else "",
+                TRUNCATED_SHARD,
+                "the tar has no end-of-archive block: cut at a member boundary",
+            )
             return
         if current is not None:
             yield _finished(url, current, duplicate)

@@ -22,8 +22,9 @@ class SlotStream(IterableDataset):
     """ShardResults of the slots from ``start_slot`` (dataset counters ``counters`` there), pickled
     when produced in a worker process."""
 
-    def __init__(self, schedule: ShardSchedule, processor: ShardProcessor, start_slot: int,
-                 counters: list[int]) -> None:
+    def __init__(
+        self, schedule: ShardSchedule, processor: ShardProcessor, start_slot: int, counters: list[int]
+    ) -> None:
         super().__init__()
         self.schedule, self.processor, self.start_slot, self.counters = schedule, processor, start_slot, counters
 
@@ -38,7 +39,8 @@ class SlotStream(IterableDataset):
 
 def iterate_slots(stream: SlotStream, num_workers: int, prefetch_factor: int) -> Iterator[ShardResult]:
     """ShardResults in slot order, computed by ``num_workers`` DataLoader workers (0 = here)."""
-    loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
-                        prefetch_factor=prefetch_factor if num_workers else None)
+    loader = DataLoader(
+        stream, batch_size=None, num_workers=num_workers, prefetch_factor=prefetch_factor if num_workers else None
+    )
     for payload in loader:
         yield pickle.loads(payload) if isinstance(payload, bytes) else payload  # bytes: from our own workers

@@ -47,7 +47,11 @@ def build_sample(spec: SampleSpec, config: MoTConfig, generator: torch.Generator
     """A PackedSample with random contents laid out as ``[text, ViT, EOS, BOG | cond, noisy]``."""
     eos_id, bog_id = config.vocab_size - 2, config.vocab_size - 1
     text = _learnable_text(spec.text_tokens, config.vocab_size - 2, generator)
-    ids, position_parts, vision_flags = [text], [pos.text_positions(0, spec.text_tokens)], [torch.zeros(spec.text_tokens, dtype=torch.bool)]
+    ids, position_parts, vision_flags = (
+        [text],
+        [pos.text_positions(0, spec.text_tokens)],
+        [torch.zeros(spec.text_tokens, dtype=torch.bool)],
+    )
     start = pos.next_start(position_parts[0])
     vision_embeds = None
     if spec.vision_grid is not None:
@@ -74,13 +78,9 @@ def build_sample(spec: SampleSpec, config: MoTConfig, generator: torch.Generator
     for span in sorted(spec.dm_spans, key=lambda s: s.noisy):  # clean conditioning first
         width = _stream_width(span.stream, config)
         streams.append((span.stream, _learnable_latents(span.num_tokens, width, generator)))
-        t, h, w = span.grid
-        if span.stream == "video":
-            fps = span.tokens_per_second * pos.VIDEO_VAE_TEMPORAL_COMPRESSION
-            dm_positions.append(pos.dm_video_positions(dm_offset, t, h, w, fps, span.first_temporal_index))
-        else:
-            dm_positions.append(pos.dm_sequence_positions(dm_offset, span.num_tokens, span.tokens_per_second,
-                                                          span.first_temporal_index))
+        dm_positions.append(
+            pos.dm_span_positions(dm_offset, span.stream, span.grid, span.tokens_per_second, span.first_temporal_index)
+        )
         noise.append(torch.full((span.num_tokens,), span.noisy))
     is_vision = torch.cat(vision_flags)
     return PackedSample(
@@ -146,37 +146,55 @@ def random_sample_spec(task: str, config: MoTConfig, generator: torch.Generator,
     if task == "text_to_video":
         spec.dm_spans = [DMSpanSpec("video", (frames, h, w), video_tps, noisy=True)]
     elif task == "image_to_video":
-        spec.dm_spans = [DMSpanSpec("video", (1, h, w), video_tps, noisy=False),
-                         DMSpanSpec("video", (frames - 1, h, w), video_tps, noisy=True, first_temporal_index=1)]
+        spec.dm_spans = [
+            DMSpanSpec("video", (1, h, w), video_tps, noisy=False),
+            DMSpanSpec("video", (frames - 1, h, w), video_tps, noisy=True, first_temporal_index=1),
+        ]
     elif task == "video_to_audio":
         seconds = frames / video_tps
-        spec.dm_spans = [DMSpanSpec("video", (frames, h, w), video_tps, noisy=False),
-                         DMSpanSpec("audio", (max(1, round(seconds * pos.AUDIO_TOKENS_PER_SECOND / 4)), 1, 1),
-                                    pos.AUDIO_TOKENS_PER_SECOND / 4, noisy=True)]
+        spec.dm_spans = [
+            DMSpanSpec("video", (frames, h, w), video_tps, noisy=False),
+            DMSpanSpec(
+                "audio",
+                (max(1, round(seconds * pos.AUDIO_TOKENS_PER_SECOND / 4)), 1, 1),
+                pos.AUDIO_TOKENS_PER_SECOND / 4,
+                noisy=True,
+            ),
+        ]
     elif task == "forward_dynamics":
         past = max(1, frames // 2)
-        spec.dm_spans = [DMSpanSpec("video", (past, h, w), video_tps, noisy=False),
-                         DMSpanSpec(action_key, (draw(2, 4), 1, 1), action_rate, noisy=False),
-                         DMSpanSpec("video", (frames - past, h, w), video_tps, noisy=True, first_temporal_index=past)]
+        spec.dm_spans = [
+            DMSpanSpec("video", (past, h, w), video_tps, noisy=False),
+            DMSpanSpec(action_key, (draw(2, 4), 1, 1), action_rate, noisy=False),
+            DMSpanSpec("video", (frames - past, h, w), video_tps, noisy=True, first_temporal_index=past),
+        ]
     elif task == "policy":
         spec.vision_grid = (1, 1, draw(1, 2))
-        spec.dm_spans = [DMSpanSpec("video", (1, h, w), video_tps, noisy=False),
-                         DMSpanSpec(action_key, (draw(2, 6), 1, 1), action_rate, noisy=True)]
+        spec.dm_spans = [
+            DMSpanSpec("video", (1, h, w), video_tps, noisy=False),
+            DMSpanSpec(action_key, (draw(2, 6), 1, 1), action_rate, noisy=True),
+        ]
     else:
         raise ValueError(f"unknown task {task!r}; known: {TASKS}")
     return spec
 
 
-def random_pack(config: MoTConfig, generator: torch.Generator, num_samples: int = 4,
-                tasks: tuple[str, ...] = TASKS, scale: int = 1) -> PackedBatch:
+def random_pack(
+    config: MoTConfig, generator: torch.Generator, num_samples: int = 4, tasks: tuple[str, ...] = TASKS, scale: int = 1
+) -> PackedBatch:
     """A pack of ``num_samples`` random samples drawn uniformly from ``tasks``."""
-    specs = [random_sample_spec(tasks[int(torch.randint(0, len(tasks), (1,), generator=generator))], config, generator, scale)
-             for _ in range(num_samples)]
+    specs = [
+        random_sample_spec(
+            tasks[int(torch.randint(0, len(tasks), (1,), generator=generator))], config, generator, scale
+        )
+        for _ in range(num_samples)
+    ]
     return PackedBatch.from_samples([build_sample(spec, config, generator) for spec in specs])
 
 
-def pack_from_lengths(config: MoTConfig, lengths: list[tuple[int, int]], generator: torch.Generator,
-                      clean_fraction: float = 0.25) -> PackedBatch:
+def pack_from_lengths(
+    config: MoTConfig, lengths: list[tuple[int, int]], generator: torch.Generator, clean_fraction: float = 0.25
+) -> PackedBatch:
     """A pack whose sample i has exactly ``lengths[i] = (n_ar, n_dm)`` tokens (edge-case packs).
 
     The AR section is plain text with labels on every token; the DM section is one video-latent
@@ -185,9 +203,17 @@ def pack_from_lengths(config: MoTConfig, lengths: list[tuple[int, int]], generat
     samples = []
     for n_ar, n_dm in lengths:
         n_clean = int(n_dm * clean_fraction)
-        spans = [DMSpanSpec("video", (n, 1, 1), 6.0, noisy=noisy, first_temporal_index=first)
-                 for n, noisy, first in ((n_clean, False, 0), (n_dm - n_clean, True, n_clean)) if n]
-        spec = SampleSpec("understanding" if not n_dm else "text_to_video", n_ar, answer_tokens=n_ar,
-                          add_eos_bog=False, dm_spans=spans)
+        spans = [
+            DMSpanSpec("video", (n, 1, 1), 6.0, noisy=noisy, first_temporal_index=first)
+            for n, noisy, first in ((n_clean, False, 0), (n_dm - n_clean, True, n_clean))
+            if n
+        ]
+        spec = SampleSpec(
+            "understanding" if not n_dm else "text_to_video",
+            n_ar,
+            answer_tokens=n_ar,
+            add_eos_bog=False,
+            dm_spans=spans,
+        )
         samples.append(build_sample(spec, config, generator))
     return PackedBatch.from_samples(samples)

@@ -25,9 +25,9 @@ Conventions, shared by encode and decode:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from diffusers import AutoencoderKLWan
@@ -66,8 +66,7 @@ def num_latent_frames(num_frames: int) -> int:
         if num_frames > 1:
             hint = f" (crop to {largest_encodable_frame_count(num_frames)})"
         raise ValueError(
-            f"video has {num_frames} frames; the VAE encodes 1 + {VAE_TEMPORAL_FACTOR}k frames "
-            f"(1, 5, 9, 13, ...){hint}"
+            f"video has {num_frames} frames; the VAE encodes 1 + {VAE_TEMPORAL_FACTOR}k frames (1, 5, 9, 13, ...){hint}"
         )
     return 1 + (num_frames - 1) // VAE_TEMPORAL_FACTOR
 

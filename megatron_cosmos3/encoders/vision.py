@@ -35,11 +35,18 @@ class VisionFeatures:
 def hf_vision_config(config: VisionConfig):
     """The transformers ``Qwen3VLVisionConfig`` with the same dimensions."""
     return Qwen3VLVisionConfig(
-        depth=config.depth, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_heads=config.num_heads, in_channels=config.in_channels, patch_size=config.patch_size,
-        temporal_patch_size=config.temporal_patch_size, spatial_merge_size=config.spatial_merge_size,
-        out_hidden_size=config.out_hidden_size, num_position_embeddings=config.num_position_embeddings,
-        deepstack_visual_indexes=list(config.deepstack_visual_indexes), hidden_act=config.hidden_act,
+        depth=config.depth,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_heads=config.num_heads,
+        in_channels=config.in_channels,
+        patch_size=config.patch_size,
+        temporal_patch_size=config.temporal_patch_size,
+        spatial_merge_size=config.spatial_merge_size,
+        out_hidden_size=config.out_hidden_size,
+        num_position_embeddings=config.num_position_embeddings,
+        deepstack_visual_indexes=list(config.deepstack_visual_indexes),
+        hidden_act=config.hidden_act,
         rope_parameters={"rope_type": "axial", "rope_theta": config.rope_theta},
     )
 
@@ -72,16 +79,20 @@ class VisionEncoder(nn.Module):
         """pixel_values (n_patches, patch_dim) and grid_thw (n_items, 3) as the HF processor gives
         them (``pixel_values``/``image_grid_thw`` or ``pixel_values_videos``/``video_grid_thw``)."""
         if pixel_values.dim() != 2 or pixel_values.shape[1] != self.patch_dim:
-            raise ValueError(f"pixel_values must have shape (n_patches, {self.patch_dim}), "
-                             f"got {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"pixel_values must have shape (n_patches, {self.patch_dim}), got {tuple(pixel_values.shape)}"
+            )
         if int(grid_thw.prod(-1).sum()) != pixel_values.shape[0]:
-            raise ValueError(f"grid_thw {grid_thw.tolist()} covers {int(grid_thw.prod(-1).sum())} patches, "
-                             f"pixel_values has {pixel_values.shape[0]}")
+            raise ValueError(
+                f"grid_thw {grid_thw.tolist()} covers {int(grid_thw.prod(-1).sum())} patches, "
+                f"pixel_values has {pixel_values.shape[0]}"
+            )
         dtype = self.vit.patch_embed.proj.weight.dtype
         out = self.vit(pixel_values.to(dtype), grid_thw=grid_thw, return_dict=True)
         embeds = out.pooler_output
-        deepstack = (torch.stack(out.deepstack_features) if out.deepstack_features
-                     else embeds.new_zeros(0, *embeds.shape))
+        deepstack = (
+            torch.stack(out.deepstack_features) if out.deepstack_features else embeds.new_zeros(0, *embeds.shape)
+        )
         return VisionFeatures(embeds, deepstack)
 
     def materialize(self, device: torch.device | str) -> None:

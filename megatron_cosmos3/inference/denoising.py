@@ -26,8 +26,9 @@ def velocity(model: MoTModel, batch: PackedBatch, cache: ARPass) -> dict[str, to
 
 
 @torch.no_grad()
-def sample_dm_tokens(model: MoTModel, batch: PackedBatch, num_steps: int,
-                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def sample_dm_tokens(
+    model: MoTModel, batch: PackedBatch, num_steps: int, generator: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
     """Generates the noisy-target DM tokens of ``batch``; clean conditioning tokens are kept.
 
     Returns the final tokens per stream (the same keys and shapes as ``batch.dm_tokens``).
@@ -36,8 +37,10 @@ def sample_dm_tokens(model: MoTModel, batch: PackedBatch, num_steps: int,
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     cache = prefill(model, batch)
     noisy = {key: batch.dm_noise_mask[index][:, None] for key, index in batch.dm_token_index.items()}
-    tokens = {key: torch.where(noisy[key], torch.randn(x.shape, generator=generator).to(x), x)
-              for key, x in batch.dm_tokens.items()}
+    tokens = {
+        key: torch.where(noisy[key], torch.randn(x.shape, generator=generator).to(x), x)
+        for key, x in batch.dm_tokens.items()
+    }
     schedule = torch.linspace(1.0, 0.0, num_steps + 1)
     for t_now, t_next in zip(schedule[:-1], schedule[1:]):
         timesteps = torch.where(batch.dm_noise_mask, t_now.to(batch.dm_timesteps), torch.zeros_like(batch.dm_timesteps))

@@ -48,7 +48,7 @@ class PackLayout:
     dm_lengths: list[int]
 
     @classmethod
-    def from_cu_seqlens(cls, ar_cu_seqlens: torch.Tensor, dm_cu_seqlens: torch.Tensor) -> "PackLayout":
+    def from_cu_seqlens(cls, ar_cu_seqlens: torch.Tensor, dm_cu_seqlens: torch.Tensor) -> PackLayout:
         ar_lengths = (ar_cu_seqlens[1:] - ar_cu_seqlens[:-1]).tolist()
         dm_lengths = (dm_cu_seqlens[1:] - dm_cu_seqlens[:-1]).tolist()
         n_ar = int(ar_cu_seqlens[-1])
@@ -74,8 +74,7 @@ class PackLayout:
         """(n,) index of the sample each token of the ``"ar"`` or ``"dm"`` stream belongs to."""
         lengths = self.ar_lengths if stream == "ar" else self.dm_lengths
         device = self.ar_cu_seqlens.device
-        return torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                       torch.tensor(lengths, device=device))
+        return torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
 
 
 class AttentionBackend:
@@ -134,8 +133,11 @@ class SdpaVarlenAttention(AttentionBackend):
     @staticmethod
     def _sdpa(q, k, v, causal: bool) -> torch.Tensor:
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-            is_causal=causal, enable_gqa=q.shape[1] != k.shape[1],
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            is_causal=causal,
+            enable_gqa=q.shape[1] != k.shape[1],
         )
         return out[0].transpose(0, 1)
 
@@ -153,8 +155,9 @@ class SdpaVarlenAttention(AttentionBackend):
         for n_ar, n_dm in zip(layout.ar_lengths, layout.dm_lengths):
             if n_dm:
                 a, d = slice(ar_start, ar_start + n_ar), slice(dm_start, dm_start + n_dm)
-                outputs.append(self._sdpa(q_dm[d], torch.cat([k_ar[a], k_dm[d]]),
-                                          torch.cat([v_ar[a], v_dm[d]]), causal=False))
+                outputs.append(
+                    self._sdpa(q_dm[d], torch.cat([k_ar[a], k_dm[d]]), torch.cat([v_ar[a], v_dm[d]]), causal=False)
+                )
             ar_start += n_ar
             dm_start += n_dm
         return torch.cat(outputs) if outputs else q_dm.new_zeros(q_dm.shape)
@@ -175,8 +178,13 @@ class FlashVarlenAttention(AttentionBackend):
 
     def _call(self, q, k, v, cu_q, cu_k, lengths_q, lengths_k, causal):
         out = self._varlen(
-            q, k, v, cu_seqlens_q=cu_q.int(), cu_seqlens_k=cu_k.int(),
-            max_seqlen_q=max(lengths_q, default=0), max_seqlen_k=max(lengths_k, default=0),
+            q,
+            k,
+            v,
+            cu_seqlens_q=cu_q.int(),
+            cu_seqlens_k=cu_k.int(),
+            max_seqlen_q=max(lengths_q, default=0),
+            max_seqlen_k=max(lengths_k, default=0),
             causal=causal,
         )
         return out[0] if isinstance(out, tuple) else out  # flash-attention 3 also returns the LSE
@@ -184,8 +192,16 @@ class FlashVarlenAttention(AttentionBackend):
     def ar_attention(self, q_ar, k_ar, v_ar, layout):
         if q_ar.shape[0] == 0:
             return q_ar
-        return self._call(q_ar, k_ar, v_ar, layout.ar_cu_seqlens, layout.ar_cu_seqlens,
-                          layout.ar_lengths, layout.ar_lengths, causal=True)
+        return self._call(
+            q_ar,
+            k_ar,
+            v_ar,
+            layout.ar_cu_seqlens,
+            layout.ar_cu_seqlens,
+            layout.ar_lengths,
+            layout.ar_lengths,
+            causal=True,
+        )
 
     def dm_attention(self, q_dm, k_ar, v_ar, k_dm, v_dm, layout):
         if q_dm.shape[0] == 0:
@@ -193,8 +209,9 @@ class FlashVarlenAttention(AttentionBackend):
         k = torch.cat([k_ar, k_dm]).index_select(0, layout.kv_gather_index)
         v = torch.cat([v_ar, v_dm]).index_select(0, layout.kv_gather_index)
         kv_lengths = [a + d for a, d in zip(layout.ar_lengths, layout.dm_lengths)]
-        return self._call(q_dm, k, v, layout.dm_cu_seqlens, layout.kv_cu_seqlens,
-                          layout.dm_lengths, kv_lengths, causal=False)
+        return self._call(
+            q_dm, k, v, layout.dm_cu_seqlens, layout.kv_cu_seqlens, layout.dm_lengths, kv_lengths, causal=False
+        )
 
 
 @functools.cache

@@ -57,19 +57,35 @@ class VisionConfig:
             if not ok:
                 raise ValueError(f"VisionConfig: {message}")
 
-        for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
-                     "temporal_patch_size", "spatial_merge_size", "out_hidden_size", "num_position_embeddings"):
+        for name in (
+            "depth",
+            "hidden_size",
+            "intermediate_size",
+            "num_heads",
+            "in_channels",
+            "patch_size",
+            "temporal_patch_size",
+            "spatial_merge_size",
+            "out_hidden_size",
+            "num_position_embeddings",
+        ):
             value = getattr(self, name)
             require(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
-        require(self.hidden_size % self.num_heads == 0 and (self.hidden_size // self.num_heads) % 4 == 0,
-                f"hidden_size={self.hidden_size} / num_heads={self.num_heads} must be a multiple of 4 "
-                "(the 2-D rotary embedding splits each head over h and w)")
+        require(
+            self.hidden_size % self.num_heads == 0 and (self.hidden_size // self.num_heads) % 4 == 0,
+            f"hidden_size={self.hidden_size} / num_heads={self.num_heads} must be a multiple of 4 "
+            "(the 2-D rotary embedding splits each head over h and w)",
+        )
         side = round(self.num_position_embeddings**0.5)
-        require(side * side == self.num_position_embeddings,
-                f"num_position_embeddings={self.num_position_embeddings} must be a square number")
+        require(
+            side * side == self.num_position_embeddings,
+            f"num_position_embeddings={self.num_position_embeddings} must be a square number",
+        )
         indexes = list(self.deepstack_visual_indexes)
-        require(len(set(indexes)) == len(indexes) and all(0 <= i < self.depth for i in indexes),
-                f"deepstack_visual_indexes={indexes} must be distinct ViT blocks in [0, depth={self.depth})")
+        require(
+            len(set(indexes)) == len(indexes) and all(0 <= i < self.depth for i in indexes),
+            f"deepstack_visual_indexes={indexes} must be distinct ViT blocks in [0, depth={self.depth})",
+        )
 
 
 @dataclass
@@ -121,8 +137,16 @@ class MoTConfig:
             if not ok:
                 raise ValueError(f"MoTConfig: {message}")
 
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads",
-                     "num_kv_heads", "head_dim", "ffn_hidden_size", "timestep_embedding_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "num_kv_heads",
+            "head_dim",
+            "ffn_hidden_size",
+            "timestep_embedding_dim",
+        ):
             value = getattr(self, name)
             require(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
         require(
@@ -133,8 +157,7 @@ class MoTConfig:
         require(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for rotary embeddings")
         require(
             len(self.mrope_section) == 3 and sum(self.mrope_section) == self.head_dim // 2,
-            f"mrope_section={list(self.mrope_section)} must have 3 entries summing to "
-            f"head_dim/2={self.head_dim // 2}",
+            f"mrope_section={list(self.mrope_section)} must have 3 entries summing to head_dim/2={self.head_dim // 2}",
         )
         require(
             3 * max(self.mrope_section[1], self.mrope_section[2]) <= self.head_dim // 2,
@@ -143,26 +166,37 @@ class MoTConfig:
         )
         require(self.num_experts >= 0, f"num_experts={self.num_experts} must be >= 0")
         if self.num_experts:
-            require(0 < self.moe_top_k <= self.num_experts,
-                    f"moe_top_k={self.moe_top_k} must be in [1, num_experts={self.num_experts}]")
-            require(set(self.moe_towers) <= {"reasoner", "generator"} and len(self.moe_towers) > 0,
-                    f"moe_towers={list(self.moe_towers)} must name 'reasoner' and/or 'generator'")
-        require(self.timestep_embedding_dim % 2 == 0,
-                f"timestep_embedding_dim={self.timestep_embedding_dim} must be even")
+            require(
+                0 < self.moe_top_k <= self.num_experts,
+                f"moe_top_k={self.moe_top_k} must be in [1, num_experts={self.num_experts}]",
+            )
+            require(
+                set(self.moe_towers) <= {"reasoner", "generator"} and len(self.moe_towers) > 0,
+                f"moe_towers={list(self.moe_towers)} must name 'reasoner' and/or 'generator'",
+            )
+        require(
+            self.timestep_embedding_dim % 2 == 0, f"timestep_embedding_dim={self.timestep_embedding_dim} must be even"
+        )
         for name, emb in self.embodiments.items():
             require(emb.action_dim > 0, f"embodiments.{name}.action_dim must be > 0, got {emb.action_dim}")
             require(emb.rate_hz > 0, f"embodiments.{name}.rate_hz must be > 0, got {emb.rate_hz}")
         if self.vision is not None:
             v = self.vision
-            require(v.out_hidden_size == self.hidden_size,
-                    f"vision.out_hidden_size={v.out_hidden_size} must equal hidden_size={self.hidden_size}")
-            require(len(v.deepstack_visual_indexes) <= self.num_layers,
-                    f"vision.deepstack_visual_indexes has {len(v.deepstack_visual_indexes)} entries, "
-                    f"more than num_layers={self.num_layers} Reasoner layers to inject them into")
+            require(
+                v.out_hidden_size == self.hidden_size,
+                f"vision.out_hidden_size={v.out_hidden_size} must equal hidden_size={self.hidden_size}",
+            )
+            require(
+                len(v.deepstack_visual_indexes) <= self.num_layers,
+                f"vision.deepstack_visual_indexes has {len(v.deepstack_visual_indexes)} entries, "
+                f"more than num_layers={self.num_layers} Reasoner layers to inject them into",
+            )
             for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
                 value = getattr(v, name)
-                require(0 <= value < self.vocab_size,
-                        f"vision.{name}={value} is outside the vocabulary (vocab_size={self.vocab_size})")
+                require(
+                    0 <= value < self.vocab_size,
+                    f"vision.{name}={value} is outside the vocabulary (vocab_size={self.vocab_size})",
+                )
 
     @property
     def video_token_dim(self) -> int:

@@ -64,17 +64,24 @@ class DMStreamProjections(nn.Module):
 
     def _pair(self, key: str) -> tuple[nn.Linear, nn.Linear]:
         if key.startswith(ACTION_STREAM_PREFIX):
-            name = key[len(ACTION_STREAM_PREFIX):]
+            name = key[len(ACTION_STREAM_PREFIX) :]
             if name not in self.action_in:
-                raise KeyError(f"unknown embodiment {name!r} in DM stream {key!r}; registered: {sorted(self.action_in)}")
+                raise KeyError(
+                    f"unknown embodiment {name!r} in DM stream {key!r}; registered: {sorted(self.action_in)}"
+                )
             return self.action_in[name], self.action_out[name]
         if key not in self.media_in:
             known = sorted(self.media_in) + [action_stream_key(n) for n in sorted(self.action_in)]
             raise KeyError(f"unknown DM stream {key!r}; known streams: {known}")
         return self.media_in[key], self.media_out[key]
 
-    def embed(self, dm_tokens: dict[str, torch.Tensor], dm_token_index: dict[str, torch.Tensor],
-              num_dm_tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    def embed(
+        self,
+        dm_tokens: dict[str, torch.Tensor],
+        dm_token_index: dict[str, torch.Tensor],
+        num_dm_tokens: int,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
         """(num_dm_tokens, hidden): each stream projected and placed at its rows of the DM stream."""
         hidden = torch.zeros(num_dm_tokens, self.hidden_size, dtype=dtype, device=self._device())
         for key, values in dm_tokens.items():

@@ -45,8 +45,9 @@ class MoTLayer(nn.Module):
             return checkpoint(function, *args, use_reentrant=False)
         return function(*args)
 
-    def forward_ar(self, ar_hidden: torch.Tensor, ar_rope: StreamRotary, layout: PackLayout,
-                   attention: AttentionBackend):
+    def forward_ar(
+        self, ar_hidden: torch.Tensor, ar_rope: StreamRotary, layout: PackLayout, attention: AttentionBackend
+    ):
         """The Reasoner half: returns the new AR hidden states and this layer's AR keys/values.
 
         It never sees a DM tensor, which is what makes the reasoner blind to DM tokens.
@@ -60,8 +61,15 @@ class MoTLayer(nn.Module):
         ar_out = self.reasoner.finish(ar_hidden, self._attend(attention.ar_attention, q_ar, k_ar, v_ar, layout))
         return ar_out, k_ar, v_ar
 
-    def forward_dm(self, dm_hidden: torch.Tensor, dm_rope: StreamRotary, k_ar: torch.Tensor,
-                   v_ar: torch.Tensor, layout: PackLayout, attention: AttentionBackend) -> torch.Tensor:
+    def forward_dm(
+        self,
+        dm_hidden: torch.Tensor,
+        dm_rope: StreamRotary,
+        k_ar: torch.Tensor,
+        v_ar: torch.Tensor,
+        layout: PackLayout,
+        attention: AttentionBackend,
+    ) -> torch.Tensor:
         """The Generator half alone, against given (possibly cached) AR keys/values."""
         if self.recompute == "full" and torch.is_grad_enabled():
             return checkpoint(self._forward_dm, dm_hidden, dm_rope, k_ar, v_ar, layout, attention, use_reentrant=False)

@@ -64,8 +64,15 @@ class MoEMLP(nn.Module):
     forward's load-balancing loss (E * sum_i f_i * P_i, computed on this rank's tokens), whose
     gradient, scaled by ``aux_loss_weight``, rides along the output's backward."""
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int,
-                 normalize_top_k: bool = True, aux_loss_weight: float = 0.0):
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        normalize_top_k: bool = True,
+        aux_loss_weight: float = 0.0,
+    ):
         super().__init__()
         self.aux_loss_weight = aux_loss_weight
         # The factor the main loss is scaled by before backward (1 / accumulation steps), which
@@ -113,8 +120,9 @@ class MoEMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routed = self.route(x)
-        features, local_experts, handle = self.dispatcher.dispatch(x.index_select(0, routed.token_rows),
-                                                                   routed.experts, self.num_experts)
+        features, local_experts, handle = self.dispatcher.dispatch(
+            x.index_select(0, routed.token_rows), routed.experts, self.num_experts
+        )
         outputs = self.dispatcher.combine(self._experts(features, local_experts - self.expert_offset), handle)
         out = torch.zeros_like(x).index_add(0, routed.token_rows, outputs * routed.weights[:, None])
         if self.aux_loss_weight and torch.is_grad_enabled():

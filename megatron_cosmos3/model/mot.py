@@ -40,8 +40,14 @@ class MoTOutput:
     dm_predictions: dict[str, torch.Tensor]  # per DM stream: (n_k, d_k) velocity predictions
 
 
-def run_reasoner(layers: Iterable[tuple[int, MoTLayer]], hidden: torch.Tensor, rope: StreamRotary,
-                 layout: PackLayout, attention, batch: PackedBatch):
+def run_reasoner(
+    layers: Iterable[tuple[int, MoTLayer]],
+    hidden: torch.Tensor,
+    rope: StreamRotary,
+    layout: PackLayout,
+    attention,
+    batch: PackedBatch,
+):
     """The Reasoner halves of ``layers`` ((global index, layer) pairs, in order) on the AR stream.
 
     Returns the AR hidden states and each layer's AR keys/values. Shared by the full model, pipeline
@@ -59,8 +65,14 @@ def run_reasoner(layers: Iterable[tuple[int, MoTLayer]], hidden: torch.Tensor, r
     return hidden, keys_values
 
 
-def run_generator(layers: Iterable[MoTLayer], hidden: torch.Tensor, rope: StreamRotary,
-                  keys_values: list[tuple[torch.Tensor, torch.Tensor]], layout: PackLayout, attention) -> torch.Tensor:
+def run_generator(
+    layers: Iterable[MoTLayer],
+    hidden: torch.Tensor,
+    rope: StreamRotary,
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]],
+    layout: PackLayout,
+    attention,
+) -> torch.Tensor:
     """The Generator halves of ``layers`` on the DM stream, each against its layer's AR K/V."""
     for layer, (k_ar, v_ar) in zip(layers, keys_values, strict=True):
         hidden = layer.forward_dm(hidden, rope, k_ar, v_ar, layout, attention)

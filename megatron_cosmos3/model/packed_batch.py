@@ -104,7 +104,7 @@ class PackedBatch:
     def num_dm_tokens(self) -> int:
         return int(self.dm_noise_mask.numel())
 
-    def to(self, device: torch.device | str) -> "PackedBatch":
+    def to(self, device: torch.device | str) -> PackedBatch:
         def move(value):
             if isinstance(value, torch.Tensor):
                 return value.to(device, non_blocking=True)
@@ -114,11 +114,11 @@ class PackedBatch:
 
         return dataclasses.replace(self, **{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
-    def replace(self, **changes) -> "PackedBatch":
+    def replace(self, **changes) -> PackedBatch:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_samples(cls, samples: list[PackedSample]) -> "PackedBatch":
+    def from_samples(cls, samples: list[PackedSample]) -> PackedBatch:
         """Concatenates samples into the two-stream packed form, validating each one."""
         if not samples:
             raise ValueError("PackedBatch.from_samples: got no samples")
@@ -142,7 +142,11 @@ class PackedBatch:
             if sample.num_dm_tokens:
                 dm_positions.append(sample.dm_positions.float())
                 dm_noise.append(sample.dm_noise_mask.bool())
-            flags = sample.ar_is_vision if sample.ar_is_vision is not None else torch.zeros(sample.num_ar_tokens, dtype=torch.bool)
+            flags = (
+                sample.ar_is_vision
+                if sample.ar_is_vision is not None
+                else torch.zeros(sample.num_ar_tokens, dtype=torch.bool)
+            )
             is_vision.append(flags)
             if sample.ar_vision_embeds is not None:
                 vision_embeds.append(sample.ar_vision_embeds)
@@ -151,8 +155,9 @@ class PackedBatch:
         n_dm = dm_offset
         ar_is_vision = torch.cat(is_vision)
         if any(d is None for d in deepstack) and any(d is not None for d in deepstack):
-            raise ValueError("PackedBatch.from_samples: either every sample with ViT tokens carries "
-                             "ar_deepstack_embeds or none does")
+            raise ValueError(
+                "PackedBatch.from_samples: either every sample with ViT tokens carries ar_deepstack_embeds or none does"
+            )
         batch = cls(
             task_names=task_names,
             sample_task=torch.tensor([task_names.index(s.task) for s in samples], dtype=torch.long),
@@ -182,21 +187,39 @@ class PackedBatch:
                 raise ValueError(f"PackedBatch: {message}")
 
         require(s > 0, "a pack needs at least one sample")
-        require(self.ar_labels.shape == (n_ar,), f"ar_labels has shape {tuple(self.ar_labels.shape)}, expected ({n_ar},)")
-        require(self.ar_positions.shape == (3, n_ar), f"ar_positions has shape {tuple(self.ar_positions.shape)}, expected (3, {n_ar})")
-        require(self.dm_positions.shape == (3, n_dm), f"dm_positions has shape {tuple(self.dm_positions.shape)}, expected (3, {n_dm})")
-        require(self.dm_timesteps.shape == (n_dm,), f"dm_timesteps has shape {tuple(self.dm_timesteps.shape)}, expected ({n_dm},)")
-        for name, cu, total in (("ar_cu_seqlens", self.ar_cu_seqlens, n_ar), ("dm_cu_seqlens", self.dm_cu_seqlens, n_dm)):
+        require(
+            self.ar_labels.shape == (n_ar,), f"ar_labels has shape {tuple(self.ar_labels.shape)}, expected ({n_ar},)"
+        )
+        require(
+            self.ar_positions.shape == (3, n_ar),
+            f"ar_positions has shape {tuple(self.ar_positions.shape)}, expected (3, {n_ar})",
+        )
+        require(
+            self.dm_positions.shape == (3, n_dm),
+            f"dm_positions has shape {tuple(self.dm_positions.shape)}, expected (3, {n_dm})",
+        )
+        require(
+            self.dm_timesteps.shape == (n_dm,),
+            f"dm_timesteps has shape {tuple(self.dm_timesteps.shape)}, expected ({n_dm},)",
+        )
+        for name, cu, total in (
+            ("ar_cu_seqlens", self.ar_cu_seqlens, n_ar),
+            ("dm_cu_seqlens", self.dm_cu_seqlens, n_dm),
+        ):
             require(cu.shape == (s + 1,), f"{name} has shape {tuple(cu.shape)}, expected ({s + 1},)")
             require(int(cu[0]) == 0 and int(cu[-1]) == total, f"{name} must run from 0 to {total}, got {cu.tolist()}")
             require(bool((cu[1:] >= cu[:-1]).all()), f"{name} must be non-decreasing, got {cu.tolist()}")
-        require(self.dm_tokens.keys() == self.dm_token_index.keys(),
-                f"dm_tokens keys {sorted(self.dm_tokens)} differ from dm_token_index keys {sorted(self.dm_token_index)}")
+        require(
+            self.dm_tokens.keys() == self.dm_token_index.keys(),
+            f"dm_tokens keys {sorted(self.dm_tokens)} differ from dm_token_index keys {sorted(self.dm_token_index)}",
+        )
         covered = torch.zeros(n_dm, dtype=torch.long)
         for key, values in self.dm_tokens.items():
             index = self.dm_token_index[key]
-            require(values.dim() == 2 and values.shape[0] == index.numel(),
-                    f"dm_tokens[{key!r}] has shape {tuple(values.shape)} but {index.numel()} indices")
+            require(
+                values.dim() == 2 and values.shape[0] == index.numel(),
+                f"dm_tokens[{key!r}] has shape {tuple(values.shape)} but {index.numel()} indices",
+            )
             require(bool(torch.isfinite(values).all()), f"dm_tokens[{key!r}] holds NaN or inf")
             covered.index_add_(0, index.cpu(), torch.ones_like(index.cpu()))
         require(bool((covered == 1).all()), "every DM token must belong to exactly one dm_tokens stream")
@@ -213,17 +236,24 @@ class PackedBatch:
             first = int(sample[1:][broken][0])
             require(False, f"sample {first}: clean conditioning DM tokens must precede noisy targets")
         if self.ar_is_vision is not None:
-            require(self.ar_is_vision.shape == (n_ar,), f"ar_is_vision has shape {tuple(self.ar_is_vision.shape)}, expected ({n_ar},)")
+            require(
+                self.ar_is_vision.shape == (n_ar,),
+                f"ar_is_vision has shape {tuple(self.ar_is_vision.shape)}, expected ({n_ar},)",
+            )
             n_vision = int(self.ar_is_vision.sum())
-            require(self.ar_vision_embeds is not None and self.ar_vision_embeds.shape[0] == n_vision,
-                    f"ar_is_vision marks {n_vision} tokens but ar_vision_embeds has "
-                    f"{None if self.ar_vision_embeds is None else self.ar_vision_embeds.shape[0]} rows")
+            require(
+                self.ar_vision_embeds is not None and self.ar_vision_embeds.shape[0] == n_vision,
+                f"ar_is_vision marks {n_vision} tokens but ar_vision_embeds has "
+                f"{None if self.ar_vision_embeds is None else self.ar_vision_embeds.shape[0]} rows",
+            )
         if self.ar_deepstack_embeds is not None:
             require(self.ar_is_vision is not None, "ar_deepstack_embeds needs ar_is_vision and ar_vision_embeds")
             want = (int(self.ar_is_vision.sum()), self.ar_vision_embeds.shape[1])
             shape = tuple(self.ar_deepstack_embeds.shape)
-            require(len(shape) == 3 and shape[1:] == want,
-                    f"ar_deepstack_embeds has shape {shape}, expected (k, {want[0]}, {want[1]})")
+            require(
+                len(shape) == 3 and shape[1:] == want,
+                f"ar_deepstack_embeds has shape {shape}, expected (k, {want[0]}, {want[1]})",
+            )
 
 
 def _cumulative(lengths: list[int]) -> torch.Tensor:

@@ -78,12 +78,16 @@ def qwen3_vl_positions(token_kind: torch.Tensor, vision_grids: list[tuple[int, i
             continue
         grid = next(grids, None)
         if grid is None:
-            raise ValueError(f"qwen3_vl_positions: ViT run at tokens [{first}, {end}) has no grid left "
-                             f"({len(vision_grids)} grids given)")
+            raise ValueError(
+                f"qwen3_vl_positions: ViT run at tokens [{first}, {end}) has no grid left "
+                f"({len(vision_grids)} grids given)"
+            )
         t, h, w = (int(x) for x in grid)
         if t * h * w != end - first:
-            raise ValueError(f"qwen3_vl_positions: ViT run at tokens [{first}, {end}) has {end - first} "
-                             f"tokens but its grid {(t, h, w)} has {t * h * w}")
+            raise ValueError(
+                f"qwen3_vl_positions: ViT run at tokens [{first}, {end}) has {end - first} "
+                f"tokens but its grid {(t, h, w)} has {t * h * w}"
+            )
         parts.append(vision_grid_positions(start, t, h, w))
         start += max(h, w)
     if next(grids, None) is not None:
@@ -96,8 +100,9 @@ def next_start(positions: torch.Tensor, default: float = 0.0) -> float:
     return float(positions.max()) + 1.0 if positions.numel() else default
 
 
-def dm_video_positions(offset: float, grid_t: int, grid_h: int, grid_w: int, fps: float,
-                       first_frame: int = 0) -> torch.Tensor:
+def dm_video_positions(
+    offset: float, grid_t: int, grid_h: int, grid_w: int, fps: float, first_frame: int = 0
+) -> torch.Tensor:
     """(3, t*h*w) positions of video latent tokens; latent frame f sits at time f / TPS.
 
     ``first_frame`` lets a clip's later frames (e.g. the noisy part of image-to-video) keep the
@@ -105,13 +110,18 @@ def dm_video_positions(offset: float, grid_t: int, grid_h: int, grid_w: int, fps
     """
     delta_t = TPS_BASE / video_tokens_per_second(fps)
     frames = torch.arange(first_frame, first_frame + grid_t, dtype=torch.float32)
-    t, h, w = torch.meshgrid(frames * delta_t, torch.arange(grid_h, dtype=torch.float32),
-                             torch.arange(grid_w, dtype=torch.float32), indexing="ij")
+    t, h, w = torch.meshgrid(
+        frames * delta_t,
+        torch.arange(grid_h, dtype=torch.float32),
+        torch.arange(grid_w, dtype=torch.float32),
+        indexing="ij",
+    )
     return offset + torch.stack([t.flatten(), h.flatten(), w.flatten()])
 
 
-def dm_sequence_positions(offset: float, num_tokens: int, tokens_per_second: float,
-                          first_token: int = 0) -> torch.Tensor:
+def dm_sequence_positions(
+    offset: float, num_tokens: int, tokens_per_second: float, first_token: int = 0
+) -> torch.Tensor:
     """(3, n) positions of a 1-D temporal stream (audio latents, actions): token i at time i / TPS.
 
     The three axes move together, as for text, since these streams have no spatial extent.
@@ -120,3 +130,15 @@ def dm_sequence_positions(offset: float, num_tokens: int, tokens_per_second: flo
         raise ValueError(f"tokens_per_second must be > 0, got {tokens_per_second}")
     steps = torch.arange(first_token, first_token + num_tokens, dtype=torch.float32)
     return (offset + steps * (TPS_BASE / tokens_per_second)).expand(3, -1).clone()
+
+
+def dm_span_positions(
+    offset: float, stream: str, grid: tuple[int, int, int], tokens_per_second: float, first_temporal_index: int = 0
+) -> torch.Tensor:
+    """(3, t*h*w) positions of one DM span of ``stream``: a video-latent grid, or a 1-D temporal
+    stream (audio, actions; h = w = 1) whose ``tokens_per_second`` sets its time step."""
+    t, h, w = grid
+    if stream == "video":
+        fps = tokens_per_second * VIDEO_VAE_TEMPORAL_COMPRESSION
+        return dm_video_positions(offset, t, h, w, fps, first_temporal_index)
+    return dm_sequence_positions(offset, t * h * w, tokens_per_second, first_temporal_index)

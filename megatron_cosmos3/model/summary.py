@@ -39,11 +39,15 @@ class ParameterCounts:
         return self.qwen3_vl_equivalent + self.generator + self.dm_streams
 
     def table(self) -> str:
-        rows = [("vision (ViT + mergers)", self.vision), ("vocabulary (embeddings + LM head)", self.vocabulary),
-                ("reasoner tower", self.reasoner), ("generator tower", self.generator),
-                ("DM projections + timestep embedding", self.dm_streams),
-                ("Qwen3-VL equivalent (vision + vocabulary + reasoner)", self.qwen3_vl_equivalent),
-                ("total", self.total)]
+        rows = [
+            ("vision (ViT + mergers)", self.vision),
+            ("vocabulary (embeddings + LM head)", self.vocabulary),
+            ("reasoner tower", self.reasoner),
+            ("generator tower", self.generator),
+            ("DM projections + timestep embedding", self.dm_streams),
+            ("Qwen3-VL equivalent (vision + vocabulary + reasoner)", self.qwen3_vl_equivalent),
+            ("total", self.total),
+        ]
         return "\n".join(f"{name:<54} {count:>16,} ({count / 1e9:7.3f} B)" for name, count in rows)
 
 
@@ -79,7 +83,8 @@ def build_on_meta(config: MoTConfig) -> tuple[MoTModel, VisionEncoder | None]:
 
 def main(argv: list[str] | None = None) -> ParameterCounts:
     parser = argparse.ArgumentParser(
-        description="Build a model config on the meta device and print its parameter counts.")
+        description="Build a model config on the meta device and print its parameter counts."
+    )
     parser.add_argument("config", help="YAML file with a 'model:' section, e.g. configs/model/nano.yaml")
     args = parser.parse_args(argv)
     config = load_model_config(args.config)

@@ -72,8 +72,13 @@ class Tower(nn.Module):
         self.self_attn = AttentionProjections(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if mixture_of_experts:
-            self.mlp = MoEMLP(config.hidden_size, config.moe_ffn_hidden_size or config.ffn_hidden_size,
-                              config.num_experts, config.moe_top_k, aux_loss_weight=config.moe_aux_loss_weight)
+            self.mlp = MoEMLP(
+                config.hidden_size,
+                config.moe_ffn_hidden_size or config.ffn_hidden_size,
+                config.num_experts,
+                config.moe_top_k,
+                aux_loss_weight=config.moe_aux_loss_weight,
+            )
         else:
             self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size)
 

@@ -11,16 +11,22 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x, send_counts, recv_counts, group):
         ctx.send_counts, ctx.recv_counts, ctx.group = send_counts, recv_counts, group
         out = x.new_empty((sum(recv_counts), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv_counts, input_split_sizes=send_counts,
-                               group=group)
+        dist.all_to_all_single(
+            out, x.contiguous(), output_split_sizes=recv_counts, input_split_sizes=send_counts, group=group
+        )
         return out
 
     @staticmethod
     def backward(ctx, grad):
         # The gradient travels the same routes backwards: what was received is sent back.
         back = grad.new_empty((sum(ctx.send_counts), *grad.shape[1:]))
-        dist.all_to_all_single(back, grad.contiguous(), output_split_sizes=ctx.send_counts,
-                               input_split_sizes=ctx.recv_counts, group=ctx.group)
+        dist.all_to_all_single(
+            back,
+            grad.contiguous(),
+            output_split_sizes=ctx.send_counts,
+            input_split_sizes=ctx.recv_counts,
+            group=ctx.group,
+        )
         return back, None, None, None
 
 

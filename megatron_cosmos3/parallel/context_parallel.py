@@ -96,7 +96,7 @@ def _restrict(batch: PackedBatch, ar: slice, dm: slice) -> tuple[PackedBatch, di
     vision = {"ar_is_vision": None, "ar_vision_embeds": None, "ar_deepstack_embeds": None}
     if batch.ar_is_vision is not None and bool(batch.ar_is_vision[ar].any()):
         # ViT embeddings are stored in row order of the ViT rows: ours are a contiguous run of them.
-        first, stop = int(batch.ar_is_vision[:ar.start].sum()), int(batch.ar_is_vision[:ar.stop].sum())
+        first, stop = int(batch.ar_is_vision[: ar.start].sum()), int(batch.ar_is_vision[: ar.stop].sum())
         vision["ar_is_vision"] = batch.ar_is_vision[ar]
         vision["ar_vision_embeds"] = batch.ar_vision_embeds[first:stop]
         if batch.ar_deepstack_embeds is not None:
@@ -138,9 +138,13 @@ def _rotary(model: MoTModel, positions: torch.Tensor, padding: int, dtype: torch
     return StreamRotary(*model.rotary(_with_padding(positions, padding, dim=1), dtype))
 
 
-def context_parallel_forward(model: MoTModel, batch: PackedBatch, group: dist.ProcessGroup,
-                             inner: AttentionBackend | None = None,
-                             sequence_parallel: bool = False) -> tuple[MoTOutput, ContextShard]:
+def context_parallel_forward(
+    model: MoTModel,
+    batch: PackedBatch,
+    group: dist.ProcessGroup,
+    inner: AttentionBackend | None = None,
+    sequence_parallel: bool = False,
+) -> tuple[MoTOutput, ContextShard]:
     """The model's forward pass on ``batch`` with its streams split over the CP ``group``.
 
     Every rank of ``group`` passes the same whole ``batch``. Returns this rank's ``MoTOutput`` — that
@@ -187,9 +191,14 @@ def context_parallel_forward(model: MoTModel, batch: PackedBatch, group: dist.Pr
     return output, shard
 
 
-def context_parallel_losses(model: MoTModel, batch: PackedBatch, targets: dict[str, torch.Tensor],
-                            group: dist.ProcessGroup, flow_matching_weight: float = 1.0,
-                            inner: AttentionBackend | None = None) -> LossBreakdown:
+def context_parallel_losses(
+    model: MoTModel,
+    batch: PackedBatch,
+    targets: dict[str, torch.Tensor],
+    group: dist.ProcessGroup,
+    flow_matching_weight: float = 1.0,
+    inner: AttentionBackend | None = None,
+) -> LossBreakdown:
     """``mot_losses`` of the whole ``batch`` computed by the CP ``group`` (same batch and targets on
     every rank).
 
@@ -201,8 +210,13 @@ def context_parallel_losses(model: MoTModel, batch: PackedBatch, targets: dict[s
     return loss_breakdown(output, shard.batch, shard.local_targets(targets), flow_matching_weight, group)
 
 
-def sequence_parallel_losses(model: MoTModel, batch: PackedBatch, targets: dict[str, torch.Tensor],
-                             tensor_group: dist.ProcessGroup, flow_matching_weight: float = 1.0) -> LossBreakdown:
+def sequence_parallel_losses(
+    model: MoTModel,
+    batch: PackedBatch,
+    targets: dict[str, torch.Tensor],
+    tensor_group: dist.ProcessGroup,
+    flow_matching_weight: float = 1.0,
+) -> LossBreakdown:
     """``mot_losses`` of ``batch`` under tensor + sequence parallelism (same batch on every TP rank).
 
     ``total`` has the whole micro-batch's value and the gradient of this rank's share only: the

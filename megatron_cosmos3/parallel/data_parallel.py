@@ -33,8 +33,7 @@ def wrap_data_parallel(model: nn.Module, groups: ParallelGroups, bucket_cap_mb: 
 
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
     # Packs differ per rank in which DM streams they hold, so some heads go unused on some ranks.
-    return DistributedDataParallel(model, process_group=group, bucket_cap_mb=bucket_cap_mb,
-                                   find_unused_parameters=True)
+    return DistributedDataParallel(model, process_group=group, bucket_cap_mb=bucket_cap_mb, find_unused_parameters=True)
 
 
 class OptimizerGroup:
@@ -60,8 +59,14 @@ class OptimizerGroup:
             optimizer.step()
 
 
-def build_optimizer(params, groups: ParallelGroups, lr: float, betas: tuple[float, float] = (0.9, 0.95),
-                    weight_decay: float = 0.0, shard_state: bool = True):
+def build_optimizer(
+    params,
+    groups: ParallelGroups,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    weight_decay: float = 0.0,
+    shard_state: bool = True,
+):
     """AdamW whose state is sharded over the data-parallel ranks (``shard_state``), else plain AdamW.
 
     ``params``: parameters, or param-group dicts (extra keys such as ``lr_multiplier`` are kept).
@@ -83,8 +88,9 @@ def build_optimizer(params, groups: ParallelGroups, lr: float, betas: tuple[floa
     replicated, experts = split(False), split(True)
     kwargs = dict(lr=lr, betas=betas, weight_decay=weight_decay)
     if shard_state and torch.distributed.get_world_size(groups.data_and_context) > 1:
-        main = ZeroRedundancyOptimizer(replicated[0]["params"], optimizer_class=torch.optim.AdamW,
-                                       process_group=groups.data_and_context, **kwargs)
+        main = ZeroRedundancyOptimizer(
+            replicated[0]["params"], optimizer_class=torch.optim.AdamW, process_group=groups.data_and_context, **kwargs
+        )
         for group in replicated[0:1]:  # ZeRO takes the first group at construction, the rest added
             main.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
         for group in replicated[1:]:

@@ -47,8 +47,10 @@ def stage_layer_ranges(num_layers: int, pipeline: int, virtual_pipeline: int, pi
     if num_layers % stages:
         raise ValueError(f"num_layers={num_layers} is not divisible by pipeline*virtual_pipeline={stages}")
     per_stage = num_layers // stages
-    return [range(v * per_stage, (v + 1) * per_stage)
-            for v in (chunk * pipeline + pipeline_rank for chunk in range(virtual_pipeline))]
+    return [
+        range(v * per_stage, (v + 1) * per_stage)
+        for v in (chunk * pipeline + pipeline_rank for chunk in range(virtual_pipeline))
+    ]
 
 
 class MoTStage(nn.Module):
@@ -76,8 +78,9 @@ class MoTStage(nn.Module):
             self.generator_norm = model.generator_norm
             self.lm_head = model.lm_head
 
-    def forward(self, batch: PackedBatch, hidden: HiddenStreams | None,
-                layout: PackLayout) -> HiddenStreams | MoTOutput:
+    def forward(
+        self, batch: PackedBatch, hidden: HiddenStreams | None, layout: PackLayout
+    ) -> HiddenStreams | MoTOutput:
         """Runs this chunk on one micro-batch.
 
         ``hidden``: the previous stage's streams (None on the first stage, which embeds ``batch``).
@@ -96,18 +99,29 @@ class MoTStage(nn.Module):
             return ar, dm
         ar, dm = self.reasoner_norm(ar), self.generator_norm(dm)
         rows = (batch.ar_labels != IGNORE_INDEX).nonzero().squeeze(1)
-        return MoTOutput(ar_hidden=ar, dm_hidden=dm, layout=layout,
-                         lm_logits=MoTModel.lm_logits(self, ar.index_select(0, rows)), lm_logit_rows=rows,
-                         dm_predictions=MoTModel.dm_predictions(self, dm, batch))
+        return MoTOutput(
+            ar_hidden=ar,
+            dm_hidden=dm,
+            layout=layout,
+            lm_logits=MoTModel.lm_logits(self, ar.index_select(0, rows)),
+            lm_logit_rows=rows,
+            dm_predictions=MoTModel.dm_predictions(self, dm, batch),
+        )
 
 
 def split_model(model: MoTModel, sizes: ParallelSizes, pipeline_rank: int) -> list[MoTStage]:
     """The model chunks of ``pipeline_rank``, in chunk order (no process group needed)."""
     pipeline, virtual = sizes.pipeline, sizes.virtual_pipeline
     ranges = stage_layer_ranges(model.config.num_layers, pipeline, virtual, pipeline_rank)
-    return [MoTStage(model, layers, is_first=chunk * pipeline + pipeline_rank == 0,
-                     is_last=chunk * pipeline + pipeline_rank == pipeline * virtual - 1)
-            for chunk, layers in enumerate(ranges)]
+    return [
+        MoTStage(
+            model,
+            layers,
+            is_first=chunk * pipeline + pipeline_rank == 0,
+            is_last=chunk * pipeline + pipeline_rank == pipeline * virtual - 1,
+        )
+        for chunk, layers in enumerate(ranges)
+    ]
 
 
 def _canonical_names(model: nn.Module) -> dict[int, str]:
@@ -122,8 +136,9 @@ class PipelineStages:
     full model; ``parameters()`` is what this rank's optimizer steps.
     """
 
-    def __init__(self, chunks: list[MoTStage], groups: ParallelGroups, canonical_names: dict[int, str],
-                 shared_names: list[str]):
+    def __init__(
+        self, chunks: list[MoTStage], groups: ParallelGroups, canonical_names: dict[int, str], shared_names: list[str]
+    ):
         self.chunks = chunks
         self.groups = groups
         self.pipeline = groups.sizes.pipeline
@@ -200,6 +215,8 @@ def split_into_stages(model: MoTModel, groups: ParallelGroups) -> PipelineStages
     ends = {0, sizes.pipeline - 1}
     for name in shared:
         if holders[name] != ends:  # the embedding group holds exactly the first and the last stage
-            raise ValueError(f"parameter {name} is held by pipeline ranks {sorted(holders[name])}; only "
-                             f"parameters of the first and last stage ({sorted(ends)}) may be shared")
+            raise ValueError(
+                f"parameter {name} is held by pipeline ranks {sorted(holders[name])}; only "
+                f"parameters of the first and last stage ({sorted(ends)}) may be shared"
+            )
     return PipelineStages(split_model(model, sizes, groups.pipeline_rank), groups, names, shared)

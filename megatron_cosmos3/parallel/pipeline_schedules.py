@@ -95,13 +95,20 @@ class _Plan:
     def compute(self, backward: bool, chunk: int, microbatch: int) -> None:
         self.steps.append(Compute(backward, chunk, microbatch))
 
-    def exchange(self, send_activation: tuple[int, int] | None = None, send_gradient: tuple[int, int] | None = None,
-                 receive_activation: int | None = None, receive_gradient: int | None = None) -> None:
+    def exchange(
+        self,
+        send_activation: tuple[int, int] | None = None,
+        send_gradient: tuple[int, int] | None = None,
+        receive_activation: int | None = None,
+        receive_gradient: int | None = None,
+    ) -> None:
         """One batch of p2p ops. Sends name (chunk, micro-batch); receives name the chunk, and get the
         chunk's next micro-batch (every chunk runs forwards, and backwards, in micro-batch order)."""
         transfers = []
-        for what, send, receive in ((ACTIVATION, send_activation, receive_activation),
-                                    (GRADIENT, send_gradient, receive_gradient)):
+        for what, send, receive in (
+            (ACTIVATION, send_activation, receive_activation),
+            (GRADIENT, send_gradient, receive_gradient),
+        ):
             if send is not None:
                 transfers.append(Transfer(True, what, *send))
             if receive is not None:
@@ -144,16 +151,19 @@ def one_f_one_b(pipeline: int, rank: int, num_microbatches: int, forward_only: b
     return plan.steps
 
 
-def interleaved_one_f_one_b(pipeline: int, virtual_pipeline: int, rank: int, num_microbatches: int,
-                            forward_only: bool = False) -> list[Step]:
+def interleaved_one_f_one_b(
+    pipeline: int, virtual_pipeline: int, rank: int, num_microbatches: int, forward_only: bool = False
+) -> list[Step]:
     """Megatron's interleaved 1F1B: each rank runs ``virtual_pipeline`` chunks, cycling through them
     in groups of ``pipeline`` micro-batches (smaller bubble, more communication).
 
     Needs ``num_microbatches`` to be a multiple of ``pipeline`` (as Megatron's schedule does).
     """
     if num_microbatches % pipeline:
-        raise ValueError(f"interleaved pipeline schedule: num_microbatches={num_microbatches} is not a multiple "
-                         f"of pipeline={pipeline}")
+        raise ValueError(
+            f"interleaved pipeline schedule: num_microbatches={num_microbatches} is not a multiple "
+            f"of pipeline={pipeline}"
+        )
     p, v = pipeline, virtual_pipeline
     total = num_microbatches * v
     first_rank, last_rank = rank == 0, rank == p - 1
@@ -186,8 +196,11 @@ def interleaved_one_f_one_b(pipeline: int, virtual_pipeline: int, rank: int, num
         next_chunk = chunk_of(k + 1, True)
         receive = not (first_rank and next_chunk == 0) and k != total - 1
         if k == warmup - 1 and not forward_only and not all_warmup:
-            plan.exchange(send_activation=sent_activation(k), receive_activation=next_chunk if receive else None,
-                          receive_gradient=None if last_rank else v - 1)
+            plan.exchange(
+                send_activation=sent_activation(k),
+                receive_activation=next_chunk if receive else None,
+                receive_gradient=None if last_rank else v - 1,
+            )
         else:
             plan.exchange(send_activation=sent_activation(k), receive_activation=next_chunk if receive else None)
     for k in range(remaining):
@@ -210,9 +223,12 @@ def interleaved_one_f_one_b(pipeline: int, virtual_pipeline: int, rank: int, num
             next_backward_chunk = chunk_of(backward_k + 1, False)
         if k == remaining - 1:
             receive_activation = False
-        plan.exchange(send_activation=sent_activation(forward_k), send_gradient=sent_gradient(backward_k),
-                      receive_activation=next_forward_chunk if receive_activation else None,
-                      receive_gradient=next_backward_chunk if receive_gradient else None)
+        plan.exchange(
+            send_activation=sent_activation(forward_k),
+            send_gradient=sent_gradient(backward_k),
+            receive_activation=next_forward_chunk if receive_activation else None,
+            receive_gradient=next_backward_chunk if receive_gradient else None,
+        )
     if not forward_only:
         if all_warmup:
             plan.exchange(receive_gradient=None if last_rank else v - 1)
@@ -224,8 +240,9 @@ def interleaved_one_f_one_b(pipeline: int, virtual_pipeline: int, rank: int, num
     return plan.steps
 
 
-def schedule(pipeline: int, virtual_pipeline: int, rank: int, num_microbatches: int,
-             forward_only: bool = False) -> list[Step]:
+def schedule(
+    pipeline: int, virtual_pipeline: int, rank: int, num_microbatches: int, forward_only: bool = False
+) -> list[Step]:
     """The plan of ``rank``: interleaved 1F1B when ``virtual_pipeline > 1``, else 1F1B."""
     if num_microbatches < 1:
         raise ValueError(f"pipeline schedule: num_microbatches={num_microbatches} must be >= 1")
@@ -239,8 +256,14 @@ class _Executor:
 
     STREAMS = ("ar", "dm")
 
-    def __init__(self, stages: PipelineStages, microbatches: Sequence[MicroBatch], loss_fn: LossFunction,
-                 forward_only: bool, forward_context: ForwardContext):
+    def __init__(
+        self,
+        stages: PipelineStages,
+        microbatches: Sequence[MicroBatch],
+        loss_fn: LossFunction,
+        forward_only: bool,
+        forward_context: ForwardContext,
+    ):
         self.stages, self.microbatches, self.loss_fn, self.forward_only = stages, microbatches, loss_fn, forward_only
         self.forward_context = forward_context
         group, p, r = stages.groups.pipeline, stages.pipeline, stages.pipeline_rank
@@ -292,7 +315,8 @@ class _Executor:
         if not stage.is_first:
             inputs = self.inputs.pop((chunk, microbatch))
             self.input_grads[chunk, microbatch] = tuple(
-                x.grad if x.grad is not None else torch.zeros_like(x) for x in inputs)
+                x.grad if x.grad is not None else torch.zeros_like(x) for x in inputs
+            )
 
     def exchange(self, step: Exchange) -> None:
         ops, received = [], []
@@ -323,19 +347,27 @@ class _Executor:
 
     def _receive_buffers(self, microbatch: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.microbatches[microbatch][0]
-        return tuple(torch.empty(n, self.stages.hidden_size, dtype=self.stages.dtype, device=self.stages.device)
-                     for n in (batch.num_ar_tokens, batch.num_dm_tokens))
+        return tuple(
+            torch.empty(n, self.stages.hidden_size, dtype=self.stages.dtype, device=self.stages.device)
+            for n in (batch.num_ar_tokens, batch.num_dm_tokens)
+        )
 
     def _check_sendable(self, transfer: Transfer, tensors: tuple[torch.Tensor, ...]) -> None:
         for name, tensor in zip(self.STREAMS, tensors):
             if tensor.dtype != self.stages.dtype:
-                raise TypeError(f"pipeline: {transfer.what} of {name}_hidden (chunk {transfer.chunk}, micro-batch "
-                                f"{transfer.microbatch}) is {tensor.dtype}, but stages exchange {self.stages.dtype}")
+                raise TypeError(
+                    f"pipeline: {transfer.what} of {name}_hidden (chunk {transfer.chunk}, micro-batch "
+                    f"{transfer.microbatch}) is {tensor.dtype}, but stages exchange {self.stages.dtype}"
+                )
 
 
-def forward_backward(stages: PipelineStages, microbatches: Sequence[MicroBatch], loss_fn: LossFunction | None = None,
-                     forward_only: bool = False,
-                     forward_context: ForwardContext = contextlib.nullcontext) -> list[LossBreakdown]:
+def forward_backward(
+    stages: PipelineStages,
+    microbatches: Sequence[MicroBatch],
+    loss_fn: LossFunction | None = None,
+    forward_only: bool = False,
+    forward_context: ForwardContext = contextlib.nullcontext,
+) -> list[LossBreakdown]:
     """One step's forward and backward passes of ``microbatches`` through the pipeline.
 
     Every pipeline rank must pass the same micro-batches (same packs; the first stage reads the token

@@ -35,35 +35,55 @@ class ParallelSizes:
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, f"{name}={value!r} must be an int >= 1")
         model_parallel = self.tensor * self.pipeline * self.context
-        require(world_size % model_parallel == 0,
-                f"world_size={world_size} is not divisible by tensor*pipeline*context="
-                f"{self.tensor}*{self.pipeline}*{self.context}={model_parallel}")
-        require(model.num_attention_heads % self.tensor == 0,
-                f"num_attention_heads={model.num_attention_heads} is not divisible by tensor={self.tensor}")
-        require(model.num_kv_heads % self.tensor == 0,
-                f"num_kv_heads={model.num_kv_heads} is not divisible by tensor={self.tensor}")
-        require(model.ffn_hidden_size % self.tensor == 0,
-                f"ffn_hidden_size={model.ffn_hidden_size} is not divisible by tensor={self.tensor}")
+        require(
+            world_size % model_parallel == 0,
+            f"world_size={world_size} is not divisible by tensor*pipeline*context="
+            f"{self.tensor}*{self.pipeline}*{self.context}={model_parallel}",
+        )
+        require(
+            model.num_attention_heads % self.tensor == 0,
+            f"num_attention_heads={model.num_attention_heads} is not divisible by tensor={self.tensor}",
+        )
+        require(
+            model.num_kv_heads % self.tensor == 0,
+            f"num_kv_heads={model.num_kv_heads} is not divisible by tensor={self.tensor}",
+        )
+        require(
+            model.ffn_hidden_size % self.tensor == 0,
+            f"ffn_hidden_size={model.ffn_hidden_size} is not divisible by tensor={self.tensor}",
+        )
         stages = self.pipeline * self.virtual_pipeline
-        require(model.num_layers % stages == 0,
-                f"num_layers={model.num_layers} is not divisible by pipeline*virtual_pipeline="
-                f"{self.pipeline}*{self.virtual_pipeline}={stages}")
-        require(self.virtual_pipeline == 1 or self.pipeline > 1,
-                f"virtual_pipeline={self.virtual_pipeline} needs pipeline > 1")
+        require(
+            model.num_layers % stages == 0,
+            f"num_layers={model.num_layers} is not divisible by pipeline*virtual_pipeline="
+            f"{self.pipeline}*{self.virtual_pipeline}={stages}",
+        )
+        require(
+            self.virtual_pipeline == 1 or self.pipeline > 1,
+            f"virtual_pipeline={self.virtual_pipeline} needs pipeline > 1",
+        )
         # Context parallelism exchanges heads for sequence (all-to-all): local heads must split again.
-        require((model.num_attention_heads // self.tensor) % self.context == 0,
-                f"num_attention_heads/tensor={model.num_attention_heads // self.tensor} is not divisible by "
-                f"context={self.context}")
-        require((model.num_kv_heads // self.tensor) % self.context == 0,
-                f"num_kv_heads/tensor={model.num_kv_heads // self.tensor} is not divisible by context={self.context}")
+        require(
+            (model.num_attention_heads // self.tensor) % self.context == 0,
+            f"num_attention_heads/tensor={model.num_attention_heads // self.tensor} is not divisible by "
+            f"context={self.context}",
+        )
+        require(
+            (model.num_kv_heads // self.tensor) % self.context == 0,
+            f"num_kv_heads/tensor={model.num_kv_heads // self.tensor} is not divisible by context={self.context}",
+        )
         data = self.data(world_size)
         if self.expert > 1:
             require(num_experts > 0, f"expert={self.expert} needs a mixture-of-experts model (num_experts > 0)")
-            require(num_experts % self.expert == 0,
-                    f"num_experts={num_experts} is not divisible by expert={self.expert}")
-            require((data * self.context) % self.expert == 0,
-                    f"data*context={data}*{self.context} is not divisible by expert={self.expert}")
+            require(
+                num_experts % self.expert == 0, f"num_experts={num_experts} is not divisible by expert={self.expert}"
+            )
+            require(
+                (data * self.context) % self.expert == 0,
+                f"data*context={data}*{self.context} is not divisible by expert={self.expert}",
+            )
         require(not self.sequence_parallel or self.tensor > 1, "sequence_parallel=True needs tensor > 1")
-        require(not (self.sequence_parallel and (self.context > 1 or self.pipeline > 1)),
-                f"sequence_parallel=True with context={self.context} or pipeline={self.pipeline} > 1 is not "
-                "supported yet")
+        require(
+            not (self.sequence_parallel and (self.context > 1 or self.pipeline > 1)),
+            f"sequence_parallel=True with context={self.context} or pipeline={self.pipeline} > 1 is not supported yet",
+        )

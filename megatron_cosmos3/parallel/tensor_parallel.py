@@ -59,18 +59,36 @@ def _parallel_linear(full: nn.Linear, kind: str, groups: ParallelGroups, sequenc
     ModelParallelConfig, ColumnParallelLinear, RowParallelLinear, mark_sharded = _megatron_layers()
     tp, rank = groups.sizes.tensor, groups.tensor_rank
     on_gpu = full.weight.device.type == "cuda"
-    config = ModelParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel,
-                                 use_cpu_initialization=not on_gpu, perform_initialization=False,
-                                 params_dtype=full.weight.dtype)
+    config = ModelParallelConfig(
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=False,
+        params_dtype=full.weight.dtype,
+    )
     keep = lambda weight: None  # noqa: E731 — weights are copied from the built model below
     if kind == "column":
-        layer = _on_rows(ColumnParallelLinear)(full.in_features, full.out_features, config=config, init_method=keep,
-                                               bias=False, gather_output=False, tp_group=groups.tensor)
+        layer = _on_rows(ColumnParallelLinear)(
+            full.in_features,
+            full.out_features,
+            config=config,
+            init_method=keep,
+            bias=False,
+            gather_output=False,
+            tp_group=groups.tensor,
+        )
         shard = full.weight.detach().chunk(tp, dim=0)[rank]
     else:
-        layer = _on_rows(RowParallelLinear)(full.in_features, full.out_features, config=config, init_method=keep,
-                                            bias=False, input_is_parallel=True, skip_bias_add=False,
-                                            tp_group=groups.tensor)
+        layer = _on_rows(RowParallelLinear)(
+            full.in_features,
+            full.out_features,
+            config=config,
+            init_method=keep,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=groups.tensor,
+        )
         shard = full.weight.detach().chunk(tp, dim=1)[rank]
     with torch.no_grad():
         layer.weight.copy_(shard)
@@ -95,8 +113,9 @@ def apply_tensor_parallel(model: MoTModel, groups: ParallelGroups) -> MoTModel:
                     continue  # mixture-of-experts MLPs are split by expert parallelism instead
                 parent_name, child_name = path.split(".")
                 parent = tower.get_submodule(parent_name)
-                setattr(parent, child_name, _parallel_linear(getattr(parent, child_name), kind, groups,
-                                                             sequence_parallel))
+                setattr(
+                    parent, child_name, _parallel_linear(getattr(parent, child_name), kind, groups, sequence_parallel)
+                )
     return model
 
 
@@ -109,13 +128,17 @@ def finalize_tensor_parallel_grads(model: nn.Module, groups: ParallelGroups) -> 
     if groups.sizes.tensor == 1:
         return
     everything = groups.sizes.sequence_parallel
-    partial = [p.grad for name, p in model.named_parameters()
-               if p.grad is not None and not is_tensor_parallel(p)
-               and (everything or name.endswith(PARTIAL_UNDER_TENSOR_PARALLEL))]
+    partial = [
+        p.grad
+        for name, p in model.named_parameters()
+        if p.grad is not None
+        and not is_tensor_parallel(p)
+        and (everything or name.endswith(PARTIAL_UNDER_TENSOR_PARALLEL))
+    ]
     if partial:
         flat = torch.cat([g.reshape(-1) for g in partial])
         dist.all_reduce(flat, group=groups.tensor)
         offset = 0
         for grad in partial:
-            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
             offset += grad.numel()

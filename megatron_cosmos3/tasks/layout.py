@@ -37,8 +37,9 @@ class Stream:
     def __post_init__(self) -> None:
         t, h, w = self.grid
         if self.values.dim() != 2 or self.values.shape[0] != t * h * w:
-            raise ValueError(f"stream {self.key!r}: values of shape {tuple(self.values.shape)} "
-                             f"do not fit grid {self.grid}")
+            raise ValueError(
+                f"stream {self.key!r}: values of shape {tuple(self.values.shape)} do not fit grid {self.grid}"
+            )
         if self.tokens_per_second <= 0:
             raise ValueError(f"stream {self.key!r}: tokens_per_second must be > 0, got {self.tokens_per_second}")
 
@@ -60,8 +61,12 @@ class Stream:
         t, h, w = self.grid
         start, stop = max(0, start), min(t, stop)
         per_step = h * w
-        return replace(self, values=self.values[start * per_step : stop * per_step], grid=(stop - start, h, w),
-                       first_temporal_index=self.first_temporal_index + start)
+        return replace(
+            self,
+            values=self.values[start * per_step : stop * per_step],
+            grid=(stop - start, h, w),
+            first_temporal_index=self.first_temporal_index + start,
+        )
 
     def first_seconds(self, seconds: float) -> Stream:
         """The steps that start before ``seconds`` (at least one): a crop of the clip's beginning."""

@@ -26,11 +26,15 @@ class TaskMixture:
 
     def allowed(self, modalities: frozenset[Modality], latent_frames: int, has_picture: bool = True) -> list[TaskSpec]:
         """Tasks with positive weight that the sample can serve (``TaskSpec.allows``), in name order."""
-        return [get_task(name) for name, weight in sorted(self.weights.items())
-                if weight > 0 and get_task(name).allows(modalities, latent_frames, has_picture)]
+        return [
+            get_task(name)
+            for name, weight in sorted(self.weights.items())
+            if weight > 0 and get_task(name).allows(modalities, latent_frames, has_picture)
+        ]
 
-    def choose(self, modalities: frozenset[Modality], latent_frames: int, u: float,
-               has_picture: bool = True) -> TaskSpec | None:
+    def choose(
+        self, modalities: frozenset[Modality], latent_frames: int, u: float, has_picture: bool = True
+    ) -> TaskSpec | None:
         """The task for uniform draw ``u`` in [0, 1) (inverse CDF over the allowed tasks); None if none fits."""
         allowed = self.allowed(modalities, latent_frames, has_picture)
         if not allowed:

@@ -87,8 +87,10 @@ class TaskSpec:
             raise ValueError(f"task {self.name!r}: a task trains either an answer (AR) or DM targets, not both/neither")
         for role in self.dm:
             if Modality(role.stream) not in self.requires:
-                raise ValueError(f"task {self.name!r}: a DM span on {role.stream!r} needs {role.stream!r} "
-                                 f"in requires={set(self.requires)}")
+                raise ValueError(
+                    f"task {self.name!r}: a DM span on {role.stream!r} needs {role.stream!r} "
+                    f"in requires={set(self.requires)}"
+                )
 
     @property
     def has_dm(self) -> bool:
@@ -97,9 +99,11 @@ class TaskSpec:
     def allows(self, modalities: frozenset[Modality], latent_frames: int, has_picture: bool = True) -> bool:
         """Whether a sample with ``modalities``, ``latent_frames`` video latent frames and (or not)
         a picture for the ViT can be laid out as this task."""
-        return (self.requires <= modalities
-                and (Modality.VIDEO not in self.requires or latent_frames >= self.min_latent_frames)
-                and (self.vit != "required" or has_picture))
+        return (
+            self.requires <= modalities
+            and (Modality.VIDEO not in self.requires or latent_frames >= self.min_latent_frames)
+            and (self.vit != "required" or has_picture)
+        )
 
 
 DEFAULT_QUESTION = "Describe what happens."
@@ -111,26 +115,64 @@ TASK_REGISTRY: dict[str, TaskSpec] = {
     for spec in (
         TaskSpec("understanding", frozenset({_T}), "question", answer=True, vit="optional"),
         TaskSpec("text_to_image", frozenset({_T, _I}), "caption", dm=(DMRole("image", "all", True),)),
-        TaskSpec("text_to_video", frozenset({_T, _V}), "caption", dm=(DMRole("video", "all", True),),
-                 min_latent_frames=1),
-        TaskSpec("image_to_video", frozenset({_T, _V}), "caption",
-                 dm=(DMRole("video", "first_frame", False), DMRole("video", "after_first_frame", True)),
-                 min_latent_frames=2),
-        TaskSpec("video_to_audio", frozenset({_T, _V, _A}), "caption",
-                 dm=(DMRole("video", "all", False), DMRole("audio", "all", True)), min_latent_frames=1),
-        TaskSpec("text_to_audio_video", frozenset({_T, _V, _A}), "caption",
-                 dm=(DMRole("video", "all", True), DMRole("audio", "all", True)), min_latent_frames=1),
-        TaskSpec("forward_dynamics", frozenset({_T, _V, _ACT}), "instruction",
-                 dm=(DMRole("video", "past", False), DMRole("actions", "all", False), DMRole("video", "future", True)),
-                 min_latent_frames=2),
-        TaskSpec("inverse_dynamics", frozenset({_T, _V, _ACT}), "instruction",
-                 dm=(DMRole("video", "all", False), DMRole("actions", "all", True)), min_latent_frames=1),
-        TaskSpec("policy", frozenset({_T, _V, _ACT}), "instruction", vit="required",
-                 dm=(DMRole("video", "first_frame", False), DMRole("actions", "all", True)), min_latent_frames=1),
-        TaskSpec("policy_with_future", frozenset({_T, _V, _ACT}), "instruction", vit="required",
-                 dm=(DMRole("video", "first_frame", False), DMRole("actions", "all", True),
-                     DMRole("video", "after_first_frame", True)),
-                 min_latent_frames=2),
+        TaskSpec(
+            "text_to_video", frozenset({_T, _V}), "caption", dm=(DMRole("video", "all", True),), min_latent_frames=1
+        ),
+        TaskSpec(
+            "image_to_video",
+            frozenset({_T, _V}),
+            "caption",
+            dm=(DMRole("video", "first_frame", False), DMRole("video", "after_first_frame", True)),
+            min_latent_frames=2,
+        ),
+        TaskSpec(
+            "video_to_audio",
+            frozenset({_T, _V, _A}),
+            "caption",
+            dm=(DMRole("video", "all", False), DMRole("audio", "all", True)),
+            min_latent_frames=1,
+        ),
+        TaskSpec(
+            "text_to_audio_video",
+            frozenset({_T, _V, _A}),
+            "caption",
+            dm=(DMRole("video", "all", True), DMRole("audio", "all", True)),
+            min_latent_frames=1,
+        ),
+        TaskSpec(
+            "forward_dynamics",
+            frozenset({_T, _V, _ACT}),
+            "instruction",
+            dm=(DMRole("video", "past", False), DMRole("actions", "all", False), DMRole("video", "future", True)),
+            min_latent_frames=2,
+        ),
+        TaskSpec(
+            "inverse_dynamics",
+            frozenset({_T, _V, _ACT}),
+            "instruction",
+            dm=(DMRole("video", "all", False), DMRole("actions", "all", True)),
+            min_latent_frames=1,
+        ),
+        TaskSpec(
+            "policy",
+            frozenset({_T, _V, _ACT}),
+            "instruction",
+            vit="required",
+            dm=(DMRole("video", "first_frame", False), DMRole("actions", "all", True)),
+            min_latent_frames=1,
+        ),
+        TaskSpec(
+            "policy_with_future",
+            frozenset({_T, _V, _ACT}),
+            "instruction",
+            vit="required",
+            dm=(
+                DMRole("video", "first_frame", False),
+                DMRole("actions", "all", True),
+                DMRole("video", "after_first_frame", True),
+            ),
+            min_latent_frames=2,
+        ),
     )
 }
 

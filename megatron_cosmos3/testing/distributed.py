@@ -27,8 +27,9 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)  # several ranks share two cores
     result_path = Path(out_dir) / f"rank{rank}.pt"
     try:
@@ -49,8 +50,13 @@ def run_on_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 240.0)
     ``fn`` must be importable (a module-level function) and return something ``torch.save`` takes.
     """
     with tempfile.TemporaryDirectory() as out_dir:
-        context = mp.start_processes(_worker, args=(world_size, _free_port(), out_dir, fn, args),
-                                     nprocs=world_size, join=False, start_method="spawn")
+        context = mp.start_processes(
+            _worker,
+            args=(world_size, _free_port(), out_dir, fn, args),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
         deadline = time.monotonic() + timeout_s
         try:
             while not context.join(timeout=max(0.1, deadline - time.monotonic()), grace_period=5):
@@ -58,8 +64,9 @@ def run_on_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 240.0)
                     for process in context.processes:
                         if process.is_alive():
                             process.kill()
-                    raise TimeoutError(f"run_on_ranks: {fn.__name__} did not finish on {world_size} ranks "
-                                       f"in {timeout_s}s")
+                    raise TimeoutError(
+                        f"run_on_ranks: {fn.__name__} did not finish on {world_size} ranks in {timeout_s}s"
+                    )
         except (mp.ProcessRaisedException, mp.ProcessExitedException):
             pass  # torch has stopped the other ranks; the per-rank reports below say what happened
         results, errors = [], []

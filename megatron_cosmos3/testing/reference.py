@@ -10,8 +10,14 @@ import torch
 from torch import nn
 
 
-def reference_slice(reference: torch.Tensor, param: nn.Parameter, tensor_rank: int, tensor_size: int,
-                    expert_rank: int = 0, expert_size: int = 1) -> torch.Tensor:
+def reference_slice(
+    reference: torch.Tensor,
+    param: nn.Parameter,
+    tensor_rank: int,
+    tensor_size: int,
+    expert_rank: int = 0,
+    expert_size: int = 1,
+) -> torch.Tensor:
     if getattr(param, "tensor_model_parallel", False):
         return reference.chunk(tensor_size, dim=param.partition_dim)[tensor_rank]
     if getattr(param, "expert_parallel", False):
@@ -29,8 +35,15 @@ def relative_difference(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / norm)
 
 
-def compare_to_reference(model: nn.Module, reference: nn.Module, tensor_rank: int = 0, tensor_size: int = 1,
-                         what: str = "grad", expert_rank: int = 0, expert_size: int = 1) -> dict[str, float]:
+def compare_to_reference(
+    model: nn.Module,
+    reference: nn.Module,
+    tensor_rank: int = 0,
+    tensor_size: int = 1,
+    what: str = "grad",
+    expert_rank: int = 0,
+    expert_size: int = 1,
+) -> dict[str, float]:
     """{parameter name: max relative difference} of grads (``what="grad"``) or values (``"data"``)."""
     reference_params = dict(reference.named_parameters())
     differences = {}
@@ -42,5 +55,6 @@ def compare_to_reference(model: nn.Module, reference: nn.Module, tensor_rank: in
                 differences[name] = float("inf")
             continue
         differences[name] = relative_difference(
-            got, reference_slice(want, param, tensor_rank, tensor_size, expert_rank, expert_size))
+            got, reference_slice(want, param, tensor_rank, tensor_size, expert_rank, expert_size)
+        )
     return differences

@@ -69,8 +69,10 @@ class MicroBatches:
         if self.loader is None:
             return
         if LOADER_STATE not in per_rank:
-            raise ValueError("the checkpoint holds no data loader state for this rank (saved with another "
-                             "world size or with data_source=synthetic); resuming mid-epoch is impossible")
+            raise ValueError(
+                "the checkpoint holds no data loader state for this rank (saved with another "
+                "world size or with data_source=synthetic); resuming mid-epoch is impossible"
+            )
         self.loader.load_state_dict(json.loads(bytes(per_rank[LOADER_STATE].tolist()).decode()))
 
     def close(self) -> None:

@@ -65,8 +65,9 @@ class _PendingSave:
 class Checkpointer:
     """Saves and loads the training state of every rank (collective calls: all ranks call them)."""
 
-    def __init__(self, root: str | Path, keep_last: int = 2, groups=None, async_save: bool = True,
-                 device_type: str = "cpu"):
+    def __init__(
+        self, root: str | Path, keep_last: int = 2, groups=None, async_save: bool = True, device_type: str = "cpu"
+    ):
         self.root = Path(root)
         self.keep_last = keep_last
         self.async_save = async_save
@@ -95,8 +96,11 @@ class Checkpointer:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         self._barrier()
-        state = {**model_entries(model, self.meshes), **optimizer_entries(optimizer, model, self.meshes),
-                 **{f"rank{self.rank}/{k}": v for k, v in per_rank.items()}}
+        state = {
+            **model_entries(model, self.meshes),
+            **optimizer_entries(optimizer, model, self.meshes),
+            **{f"rank{self.rank}/{k}": v for k, v in per_rank.items()},
+        }
         writer = FileSystemWriter(str(staging))
         if self.async_save:
             future = dcp.async_save(state, storage_writer=writer, process_group=self.group)
@@ -136,8 +140,14 @@ class Checkpointer:
         return final
 
     # ------------------------------------------------------------------ load
-    def load(self, path: str | Path, model: nn.Module, optimizer=None, per_rank: dict[str, torch.Tensor] | None = None,
-             allow_missing: tuple[str, ...] = ()) -> dict:
+    def load(
+        self,
+        path: str | Path,
+        model: nn.Module,
+        optimizer=None,
+        per_rank: dict[str, torch.Tensor] | None = None,
+        allow_missing: tuple[str, ...] = (),
+    ) -> dict:
         """Loads in place whatever of model/optimizer/per-rank state this rank holds; returns meta.
 
         ``optimizer=None`` loads weights only (a new stage's fresh optimizer). Model parameters
@@ -150,15 +160,22 @@ class Checkpointer:
             raise FileNotFoundError(f"{path} is not a checkpoint folder (no .metadata index)")
         available = set(SafeFileSystemReader(str(path)).read_metadata().state_dict_metadata)
         model_state = model_entries(model, self.meshes)
-        missing = [k[len("model/"):] for k in model_state if k not in available]
+        missing = [k[len("model/") :] for k in model_state if k not in available]
         unexpected = [m for m in missing if not m.startswith(tuple(allow_missing))]
         if unexpected:
-            raise KeyError(f"checkpoint {path} lacks model parameters {unexpected[:8]}"
-                           f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)} in all)")
+            raise KeyError(
+                f"checkpoint {path} lacks model parameters {unexpected[:8]}"
+                f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)} in all)"
+            )
         state = {k: v for k, v in model_state.items() if k in available}
         if optimizer is not None:
-            state.update({k: v for k, v in optimizer_entries(optimizer, model, self.meshes, create_for=available).items()
-                          if k in available})
+            state.update(
+                {
+                    k: v
+                    for k, v in optimizer_entries(optimizer, model, self.meshes, create_for=available).items()
+                    if k in available
+                }
+            )
         # Per-rank entries (RNG, loader state) vary in size: allocate them as the index describes.
         index = SafeFileSystemReader(str(path)).read_metadata().state_dict_metadata
         for name in list(per_rank or {}):
@@ -167,6 +184,10 @@ class Checkpointer:
                 per_rank[name] = state[key] = torch.empty(tuple(index[key].size), dtype=index[key].properties.dtype)
             else:
                 del per_rank[name]
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)),
-                 planner=DefaultLoadPlanner(allow_partial_load=True), process_group=self.group)
+        dcp.load(
+            state,
+            storage_reader=SafeFileSystemReader(str(path)),
+            planner=DefaultLoadPlanner(allow_partial_load=True),
+            process_group=self.group,
+        )
         return read_meta(path)

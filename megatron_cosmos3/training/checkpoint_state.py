@@ -30,7 +30,7 @@ class ShardingMeshes:
     expert: object = None
 
     @classmethod
-    def from_groups(cls, groups, device_type: str) -> "ShardingMeshes":
+    def from_groups(cls, groups, device_type: str) -> ShardingMeshes:
         if groups is None:
             return cls()
         from torch.distributed.device_mesh import DeviceMesh
@@ -76,11 +76,15 @@ def optimizer_entries(optimizer, model: nn.Module, meshes: ShardingMeshes, creat
             for param in group["params"]:
                 state = inner.state[param]
                 if create_for is not None and not state and f"optimizer/{names[param]}/exp_avg" in create_for:
-                    state.update(exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param),
-                                 step=torch.zeros((), dtype=torch.float32))
+                    state.update(
+                        exp_avg=torch.zeros_like(param),
+                        exp_avg_sq=torch.zeros_like(param),
+                        step=torch.zeros((), dtype=torch.float32),
+                    )
                 for key in ADAM_STATE:
                     if key in state:
                         value = state[key]
                         entries[f"optimizer/{names[param]}/{key}"] = (
-                            value if key == "step" else as_global(value, param, meshes))
+                            value if key == "step" else as_global(value, param, meshes)
+                        )
     return entries

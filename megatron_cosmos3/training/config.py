@@ -42,14 +42,18 @@ class OptimizerConfig:
         if not 0 < self.decay_fraction <= 1:
             raise ValueError(f"optimizer.decay_fraction={self.decay_fraction} must be in (0, 1]")
         if self.micro_batches_per_step < 1 or self.max_consecutive_nonfinite_steps < 1:
-            raise ValueError(f"optimizer: micro_batches_per_step={self.micro_batches_per_step} and "
-                             f"max_consecutive_nonfinite_steps={self.max_consecutive_nonfinite_steps} must be >= 1")
+            raise ValueError(
+                f"optimizer: micro_batches_per_step={self.micro_batches_per_step} and "
+                f"max_consecutive_nonfinite_steps={self.max_consecutive_nonfinite_steps} must be >= 1"
+            )
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"optimizer: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optimizer.betas must be two values in [0, 1), got {list(self.betas)}")
         if self.warmup_steps < 0 or self.grad_clip <= 0:
-            raise ValueError(f"optimizer: warmup_steps={self.warmup_steps} must be >= 0 and grad_clip={self.grad_clip} > 0")
+            raise ValueError(
+                f"optimizer: warmup_steps={self.warmup_steps} must be >= 0 and grad_clip={self.grad_clip} > 0"
+            )
 
 
 @dataclass
@@ -57,8 +61,16 @@ class SyntheticDataConfig:
     """Random packs with the real layout (the backbone milestone's data; shards replace it)."""
 
     samples_per_pack: int = 8
-    tasks: list[str] = field(default_factory=lambda: ["understanding", "text_to_video", "image_to_video",
-                                                      "video_to_audio", "forward_dynamics", "policy"])
+    tasks: list[str] = field(
+        default_factory=lambda: [
+            "understanding",
+            "text_to_video",
+            "image_to_video",
+            "video_to_audio",
+            "forward_dynamics",
+            "policy",
+        ]
+    )
     scale: int = 2
 
     def __post_init__(self) -> None:
@@ -160,11 +172,11 @@ def task_table(config: TrainConfig) -> list[str]:
     return list(config.synthetic.tasks)
 
 
-def load_config(yaml_path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Schema defaults <- YAML file <- ``key=value`` overrides, validated into a TrainConfig."""
+def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Schema defaults <- YAML file(s), later ones winning <- ``key=value`` overrides, validated."""
     merged = OmegaConf.structured(TrainConfig)
-    if yaml_path:
-        merged = OmegaConf.merge(merged, OmegaConf.load(yaml_path))
+    for path in [yaml_path] if isinstance(yaml_path, str) else yaml_path or []:
+        merged = OmegaConf.merge(merged, OmegaConf.load(path))
     if overrides:
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
     return OmegaConf.to_object(merged)

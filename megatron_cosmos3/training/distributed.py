@@ -42,8 +42,9 @@ def init_distributed() -> DistributedContext:
     else:
         device = torch.device("cpu")
     if launched and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                rank=rank, world_size=world_size, init_method="env://")
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size, init_method="env://"
+        )
     return DistributedContext(rank, world_size, local_rank, device)
 
 

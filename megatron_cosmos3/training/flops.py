@@ -48,8 +48,12 @@ def attention_pairs(layout: PackLayout) -> int:
     return sum(a * (a + 1) // 2 + d * (a + d) for a, d in zip(layout.ar_lengths, layout.dm_lengths))
 
 
-def step_flops(model: MoTModel, layout: PackLayout, num_labelled_ar_tokens: int,
-               dm_stream_widths: dict[str, tuple[int, int]] | None = None) -> StepFlops:
+def step_flops(
+    model: MoTModel,
+    layout: PackLayout,
+    num_labelled_ar_tokens: int,
+    dm_stream_widths: dict[str, tuple[int, int]] | None = None,
+) -> StepFlops:
     """FLOPs of forward + backward on one pack.
 
     ``dm_stream_widths`` maps a DM stream key to (num tokens, token width) for its projections.
@@ -59,11 +63,17 @@ def step_flops(model: MoTModel, layout: PackLayout, num_labelled_ar_tokens: int,
     n_ar, n_dm = sum(layout.ar_lengths), sum(layout.dm_lengths)
     dm_projection = sum(2 * n * width * config.hidden_size for n, width in (dm_stream_widths or {}).values())
     timestep_mlp = _num_params(model.timestep_embedding.mlp) * n_dm
-    matmul = 6.0 * (towers["reasoner"] * n_ar + towers["generator"] * n_dm
-                    + config.vocab_size * config.hidden_size * num_labelled_ar_tokens
-                    + dm_projection + timestep_mlp)
+    matmul = 6.0 * (
+        towers["reasoner"] * n_ar
+        + towers["generator"] * n_dm
+        + config.vocab_size * config.hidden_size * num_labelled_ar_tokens
+        + dm_projection
+        + timestep_mlp
+    )
     per_pair = 12.0 * config.num_layers * config.num_attention_heads * config.head_dim
     tokens = n_ar + n_dm
-    megatron = (6.0 * (towers["reasoner"] + config.vocab_size * config.hidden_size) * tokens
-                + per_pair * tokens * (tokens + 1) / 2)
+    megatron = (
+        6.0 * (towers["reasoner"] + config.vocab_size * config.hidden_size) * tokens
+        + per_pair * tokens * (tokens + 1) / 2
+    )
     return StepFlops(matmul=matmul, attention=per_pair * attention_pairs(layout), megatron_convention=megatron)

@@ -39,8 +39,9 @@ def sample_timesteps(num: int, config: FlowMatchingConfig, generator: torch.Gene
     return shift_timesteps(torch.sigmoid(normal), config.shift)
 
 
-def add_flow_matching_noise(batch: PackedBatch, config: FlowMatchingConfig,
-                            generator: torch.Generator | None = None) -> tuple[PackedBatch, dict[str, torch.Tensor]]:
+def add_flow_matching_noise(
+    batch: PackedBatch, config: FlowMatchingConfig, generator: torch.Generator | None = None
+) -> tuple[PackedBatch, dict[str, torch.Tensor]]:
     """Noises the batch's noisy DM targets; returns the model input batch and velocity targets.
 
     ``batch.dm_tokens`` must hold clean data x0. The returned batch carries x_t and per-token

@@ -51,11 +51,12 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 def cross_entropy_per_token(output: MoTOutput, batch: PackedBatch):
     """(losses, rows): CE of every labelled AR position, and the rows they came from."""
     rows = output.lm_logit_rows
-    return F.cross_entropy(_at_least_fp32(output.lm_logits), batch.ar_labels.index_select(0, rows), reduction="none"), rows
+    return F.cross_entropy(
+        _at_least_fp32(output.lm_logits), batch.ar_labels.index_select(0, rows), reduction="none"
+    ), rows
 
 
-def flow_matching_per_token(predictions: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
-                            batch: PackedBatch):
+def flow_matching_per_token(predictions: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], batch: PackedBatch):
     """(losses, rows): per-token velocity MSE (mean over the token's dims) of noisy DM targets."""
     losses, rows = [], []
     for key, index in batch.dm_token_index.items():
@@ -73,7 +74,9 @@ def flow_matching_per_token(predictions: dict[str, torch.Tensor], targets: dict[
 def _per_task(batch: PackedBatch, sample_ids: torch.Tensor, losses: torch.Tensor, kind: str, into: dict) -> None:
     task_of_token = batch.sample_task.to(sample_ids.device).index_select(0, sample_ids)
     num_tasks = len(batch.task_names)
-    sums = torch.zeros(num_tasks, device=losses.device, dtype=losses.dtype).index_add_(0, task_of_token, losses.detach())
+    sums = torch.zeros(num_tasks, device=losses.device, dtype=losses.dtype).index_add_(
+        0, task_of_token, losses.detach()
+    )
     counts = torch.bincount(task_of_token, minlength=num_tasks)
     for i, task in enumerate(batch.task_names):
         into.setdefault(task, {})[f"{kind}_sum"] = sums[i]
@@ -85,8 +88,9 @@ def _mean(total: torch.Tensor, count: int) -> torch.Tensor:
     return total / count if count else total * 0.0
 
 
-def mot_losses(model: torch.nn.Module, batch: PackedBatch, targets: dict[str, torch.Tensor],
-               flow_matching_weight: float = 1.0) -> LossBreakdown:
+def mot_losses(
+    model: torch.nn.Module, batch: PackedBatch, targets: dict[str, torch.Tensor], flow_matching_weight: float = 1.0
+) -> LossBreakdown:
     """Runs the model (a MoTModel, or a wrapper such as DDP) on a noised batch; both objectives
     with their per-task parts."""
     output = model(batch)
@@ -99,8 +103,13 @@ def mot_losses(model: torch.nn.Module, batch: PackedBatch, targets: dict[str, to
     return losses
 
 
-def loss_breakdown(output: MoTOutput, batch: PackedBatch, targets: dict[str, torch.Tensor],
-                   flow_matching_weight: float = 1.0, group: dist.ProcessGroup | None = None) -> LossBreakdown:
+def loss_breakdown(
+    output: MoTOutput,
+    batch: PackedBatch,
+    targets: dict[str, torch.Tensor],
+    flow_matching_weight: float = 1.0,
+    group: dist.ProcessGroup | None = None,
+) -> LossBreakdown:
     """Both objectives of ``output`` (the model's output on ``batch``) with their per-task parts.
 
     ``group``: ranks that each hold a disjoint part of one micro-batch (context parallel; ``batch``
@@ -122,18 +131,31 @@ def loss_breakdown(output: MoTOutput, batch: PackedBatch, targets: dict[str, tor
         total = _group_mean(ce_sum, ce.numel(), fm_sum, fm.numel(), flow_matching_weight, group)
     return LossBreakdown(
         total=total,
-        ce_sum=ce_sum.detach(), ce_count=torch.tensor(ce.numel()),
-        fm_sum=fm_sum.detach(), fm_count=torch.tensor(fm.numel()),
+        ce_sum=ce_sum.detach(),
+        ce_count=torch.tensor(ce.numel()),
+        fm_sum=fm_sum.detach(),
+        fm_count=torch.tensor(fm.numel()),
         per_task=per_task,
     )
 
 
-def _group_mean(ce_sum: torch.Tensor, ce_count: int, fm_sum: torch.Tensor, fm_count: int,
-                flow_matching_weight: float, group: dist.ProcessGroup) -> torch.Tensor:
+def _group_mean(
+    ce_sum: torch.Tensor,
+    ce_count: int,
+    fm_sum: torch.Tensor,
+    fm_count: int,
+    flow_matching_weight: float,
+    group: dist.ProcessGroup,
+) -> torch.Tensor:
     # One all-reduce of [ce_sum, fm_sum, ce_count, fm_count]; float64 keeps the counts exact.
-    parts = torch.stack([ce_sum.detach().double(), fm_sum.detach().double(),
-                         torch.tensor(float(ce_count), dtype=torch.float64, device=ce_sum.device),
-                         torch.tensor(float(fm_count), dtype=torch.float64, device=ce_sum.device)])
+    parts = torch.stack(
+        [
+            ce_sum.detach().double(),
+            fm_sum.detach().double(),
+            torch.tensor(float(ce_count), dtype=torch.float64, device=ce_sum.device),
+            torch.tensor(float(fm_count), dtype=torch.float64, device=ce_sum.device),
+        ]
+    )
     dist.all_reduce(parts, group=group)
     group_ce_count, group_fm_count = int(parts[2]), int(parts[3])
     share = _mean(ce_sum, group_ce_count) + flow_matching_weight * _mean(fm_sum, group_fm_count)

@@ -20,8 +20,9 @@ class MetricsWindow:
     length even when its packs hold different tasks.
     """
 
-    def __init__(self, tasks: list[str], data_parallel_size: int, flow_matching_weight: float,
-                 peak_flops_per_device: float):
+    def __init__(
+        self, tasks: list[str], data_parallel_size: int, flow_matching_weight: float, peak_flops_per_device: float
+    ):
         self.tasks = list(tasks)
         self.data_parallel_size = data_parallel_size
         self.flow_matching_weight = flow_matching_weight
@@ -67,7 +68,7 @@ class MetricsWindow:
             **extra,
         }
         for i, task in enumerate(self.tasks):
-            ce_sum, ce_count, fm_sum, fm_count = totals[4 + 4 * i: 8 + 4 * i]
+            ce_sum, ce_count, fm_sum, fm_count = totals[4 + 4 * i : 8 + 4 * i]
             metrics[f"loss/{task}/ce"] = mean(ce_sum, ce_count)
             metrics[f"loss/{task}/fm"] = mean(fm_sum, fm_count)
         metrics["memory/peak_mb"] = peak_memory_mb()

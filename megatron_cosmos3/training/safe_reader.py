@@ -30,7 +30,9 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a weights-only load refuses")
+        raise pickle.UnpicklingError(
+            f"checkpoint metadata refers to {module}.{name}, which a weights-only load refuses"
+        )
 
 
 class SafeFileSystemReader(FileSystemReader):

@@ -17,8 +17,9 @@ from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import PackedBatch
 
 
-def write_generation_sample(model: MoTModel, batch: PackedBatch, targets: dict[str, torch.Tensor], path: Path,
-                            num_steps: int = 8, seed: int = 0) -> Path:
+def write_generation_sample(
+    model: MoTModel, batch: PackedBatch, targets: dict[str, torch.Tensor], path: Path, num_steps: int = 8, seed: int = 0
+) -> Path:
     """Denoises ``batch`` (a noised training pack) from pure noise and saves the result at ``path``."""
     was_training = model.training
     model.eval()

@@ -5,8 +5,15 @@ from __future__ import annotations
 import math
 
 
-def learning_rate(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int,
-                  schedule: str = "cosine", decay_fraction: float = 0.2) -> float:
+def learning_rate(
+    step: int,
+    total_steps: int,
+    lr: float,
+    min_lr: float,
+    warmup_steps: int,
+    schedule: str = "cosine",
+    decay_fraction: float = 0.2,
+) -> float:
     """The learning rate of 0-based ``step`` of ``total_steps``."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps

@@ -22,7 +22,7 @@ def _as_uri(tracking_uri: str) -> str:
 def _artifact_location(uri: str) -> str | None:
     # Keep a local store's artifacts beside its database rather than in the working directory.
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
     return None
 
 
@@ -35,8 +35,16 @@ class MLflowTracker:
     server answers again. One warning per outage.
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str, enabled: bool, run_id: str | None = None,
-                 retry_after_s: float = 30.0, max_buffered: int = 100_000):
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str,
+        enabled: bool,
+        run_id: str | None = None,
+        retry_after_s: float = 30.0,
+        max_buffered: int = 100_000,
+    ):
         self.run_id: str | None = None
         self.uri = ""
         self._client = None
@@ -57,13 +65,20 @@ class MLflowTracker:
             self._client = MlflowClient(tracking_uri=self.uri)
             if run_id is None:
                 found = self._client.get_experiment_by_name(experiment)
-                experiment_id = found.experiment_id if found else self._client.create_experiment(
-                    experiment, artifact_location=_artifact_location(self.uri))
+                experiment_id = (
+                    found.experiment_id
+                    if found
+                    else self._client.create_experiment(experiment, artifact_location=_artifact_location(self.uri))
+                )
                 run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
             self.run_id = run_id
         except Exception as error:  # noqa: BLE001 — any tracking failure must not stop training
-            log.warning("MLflow tracking unavailable at %s (%s: %s); training without it", self.uri,
-                        type(error).__name__, str(error).splitlines()[0][:200])
+            log.warning(
+                "MLflow tracking unavailable at %s (%s: %s); training without it",
+                self.uri,
+                type(error).__name__,
+                str(error).splitlines()[0][:200],
+            )
             self._client = None
 
     @property
@@ -80,8 +95,12 @@ class MLflowTracker:
             getattr(self._client, method)(self.run_id, *args, **kwargs)
         except Exception as error:  # noqa: BLE001
             if self._failing_since is None:
-                log.warning("MLflow tracking failed (%s: %s); buffering metrics and retrying every %.0fs",
-                            type(error).__name__, str(error).splitlines()[0][:200], self._retry_after_s)
+                log.warning(
+                    "MLflow tracking failed (%s: %s); buffering metrics and retrying every %.0fs",
+                    type(error).__name__,
+                    str(error).splitlines()[0][:200],
+                    self._retry_after_s,
+                )
             self._failing_since = time.monotonic()
             return False
         if self._failing_since is not None:
@@ -94,7 +113,7 @@ class MLflowTracker:
 
         items = [Param(k, v[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            self._call("log_batch", params=items[start:start + 100])
+            self._call("log_batch", params=items[start : start + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.active:
@@ -107,13 +126,14 @@ class MLflowTracker:
             overflow = len(self._pending) - self._max_buffered
             self.dropped_metrics += overflow
             del self._pending[:overflow]
-            log.warning("MLflow unreachable: dropped %d buffered metric values (%d so far)", overflow,
-                        self.dropped_metrics)
+            log.warning(
+                "MLflow unreachable: dropped %d buffered metric values (%d so far)", overflow, self.dropped_metrics
+            )
         while self._pending:
             batch = self._pending[:1000]  # MLflow caps a batch at 1000 metrics
             if not self._call("log_batch", metrics=batch):
                 return
-            del self._pending[:len(batch)]
+            del self._pending[: len(batch)]
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self._call("log_artifact", path, artifact_path)

@@ -51,6 +51,14 @@ from megatron_cosmos3.training.tracking import MLflowTracker
 log = logging.getLogger("megatron_cosmos3.train")
 
 
+# Dense bf16 peak FLOP/s per device (no sparsity), for MFU when the config leaves it at 0.
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "B200": 2250e12}
+
+
+def known_peak_flops(device_name: str) -> float:
+    return next((peak for name, peak in PEAK_BF16_FLOPS.items() if name in device_name), 0.0)
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -74,8 +82,14 @@ def stage_param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
         if _matches(name, config.stage.freeze):
             param.requires_grad_(False)
             continue
-        multiplier = next((m for pattern, m in config.stage.lr_multipliers.items()
-                           if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, f"*{pattern}*")), 1.0)
+        multiplier = next(
+            (
+                m
+                for pattern, m in config.stage.lr_multipliers.items()
+                if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, f"*{pattern}*")
+            ),
+            1.0,
+        )
         by_multiplier.setdefault(multiplier, []).append(param)
     if not by_multiplier:
         raise ValueError(f"stage.freeze={list(config.stage.freeze)} freezes every parameter: nothing to train")
@@ -111,7 +125,9 @@ class Run:
 
 
 def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
-    groups = initialize_parallel(config.parallel, config.model, config.model.num_experts) if ctx.world_size > 1 else None
+    groups = (
+        initialize_parallel(config.parallel, config.model, config.model.num_experts) if ctx.world_size > 1 else None
+    )
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = MoTModel(copy.deepcopy(config.model)).to(ctx.device)  # the model's config grows with embodiments
     for name, embodiment in config.stage.new_embodiments.items():
@@ -132,15 +148,19 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
     # DDP overlaps the gradient reduce with backward when one forward call covers the step; the
     # pipeline schedule and the context-parallel runner drive the layers themselves, so there the
     # replicated gradients are averaged after backward instead (reduce_replicated_gradients).
-    plain = groups is None or (config.parallel.pipeline == 1 and config.parallel.context == 1
-                               and not config.parallel.sequence_parallel)
+    plain = groups is None or (
+        config.parallel.pipeline == 1 and config.parallel.context == 1 and not config.parallel.sequence_parallel
+    )
     trained = wrap_data_parallel(model, groups) if groups is not None and plain else model
     opt = config.optimizer
-    optimizer = (build_optimizer(param_groups, groups, opt.lr, tuple(opt.betas), opt.weight_decay,
-                                 opt.shard_optimizer_state) if groups is not None else
-                 torch.optim.AdamW(param_groups, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay))
-    checkpointer = Checkpointer(config.checkpoint.directory, config.checkpoint.keep_last, groups,
-                                config.checkpoint.async_save, ctx.device.type)
+    optimizer = (
+        build_optimizer(param_groups, groups, opt.lr, tuple(opt.betas), opt.weight_decay, opt.shard_optimizer_state)
+        if groups is not None
+        else torch.optim.AdamW(param_groups, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
+    )
+    checkpointer = Checkpointer(
+        config.checkpoint.directory, config.checkpoint.keep_last, groups, config.checkpoint.async_save, ctx.device.type
+    )
     data_rank = groups.data_rank if groups is not None else 0
     data_size = groups.data_size if groups is not None else 1
     batches = MicroBatches(config, data_rank, data_size, ctx.device)
@@ -194,8 +214,12 @@ def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
     run.last_micro_batch = micro_batches[0]
     weight = opt.flow_matching_weight
     if run.stages is not None:
-        reports = forward_backward(run.stages, micro_batches, partial(loss_breakdown, flow_matching_weight=weight),
-                                   forward_context=lambda: autocast(config.precision, ctx.device))
+        reports = forward_backward(
+            run.stages,
+            micro_batches,
+            partial(loss_breakdown, flow_matching_weight=weight),
+            forward_context=lambda: autocast(config.precision, ctx.device),
+        )
         losses_of = dict(enumerate(reports)) if run.groups.is_last_stage else {}
     else:
         losses_of = {}
@@ -258,8 +282,13 @@ def _train(config: TrainConfig, ctx: DistributedContext, watcher: PreemptionWatc
 def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
     config, ctx = run.config, run.ctx
     start_step, run_id = resume_or_initialise(run)
-    tracker = MLflowTracker(config.tracking.tracking_uri, config.tracking.experiment, config.tracking.run_name,
-                            enabled=config.tracking.enabled and ctx.is_main, run_id=run_id)
+    tracker = MLflowTracker(
+        config.tracking.tracking_uri,
+        config.tracking.experiment,
+        config.tracking.run_name,
+        enabled=config.tracking.enabled and ctx.is_main,
+        run_id=run_id,
+    )
     if ctx.is_main and run_id is None:
         tracker.log_params(flatten(config))
         resolved = Path(config.checkpoint.directory) / "config.yaml"
@@ -270,12 +299,15 @@ def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
         tracker.set_tag("stage", config.stage.name)
 
     opt = config.optimizer
+    if config.peak_flops_per_device == 0 and ctx.device.type == "cuda":
+        config.peak_flops_per_device = known_peak_flops(torch.cuda.get_device_name(ctx.device))
     window = MetricsWindow(task_table(config), run.data_size, opt.flow_matching_weight, config.peak_flops_per_device)
     metrics: dict[str, float] = {}
     nonfinite_in_a_row = 0
     for step in range(start_step, config.steps):
-        base_lr = learning_rate(step, config.steps, opt.lr, opt.min_lr, opt.warmup_steps, opt.schedule,
-                                opt.decay_fraction)
+        base_lr = learning_rate(
+            step, config.steps, opt.lr, opt.min_lr, opt.warmup_steps, opt.schedule, opt.decay_fraction
+        )
         for group in run.optimizer.param_groups:
             group["lr"] = base_lr * group.get("lr_multiplier", 1.0)
         run.optimizer.zero_grad(set_to_none=True)
@@ -291,7 +323,8 @@ def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
             if nonfinite_in_a_row >= opt.max_consecutive_nonfinite_steps:
                 raise NonFiniteLossError(
                     f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last: step {step + 1}); "
-                    f"stopping (optimizer.max_consecutive_nonfinite_steps={opt.max_consecutive_nonfinite_steps})")
+                    f"stopping (optimizer.max_consecutive_nonfinite_steps={opt.max_consecutive_nonfinite_steps})"
+                )
 
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             seconds_per_step = window.seconds_per_step()
@@ -299,28 +332,44 @@ def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
             metrics = window.reduce({"grad_norm": float(grad_norm), "lr": base_lr, **run.batches.skip_counts()})
             if ctx.is_main:
                 tracker.log_metrics(metrics, step + 1)
-                log.info("step %d/%d  loss %.4f  ce %.4f  fm %.4f  grad_norm %.3f  lr %.2e  tokens/s %.0f  "
-                         "step %.3fs  peak %.0f MB  eta %.0fs",
-                         step + 1, config.steps, metrics["loss"], metrics.get("loss/ce", math.nan),
-                         metrics.get("loss/fm", math.nan), metrics.get("grad_norm", math.nan), metrics["lr"],
-                         metrics["throughput/tokens_per_s"], seconds_per_step, metrics["memory/peak_mb"], eta)
+                log.info(
+                    "step %d/%d  loss %.4f  ce %.4f  fm %.4f  grad_norm %.3f  lr %.2e  tokens/s %.0f  "
+                    "step %.3fs  peak %.0f MB  eta %.0fs",
+                    step + 1,
+                    config.steps,
+                    metrics["loss"],
+                    metrics.get("loss/ce", math.nan),
+                    metrics.get("loss/fm", math.nan),
+                    metrics.get("grad_norm", math.nan),
+                    metrics["lr"],
+                    metrics["throughput/tokens_per_s"],
+                    seconds_per_step,
+                    metrics["memory/peak_mb"],
+                    eta,
+                )
             window.reset()
         committed = run.checkpointer.poll()
         if committed is not None and ctx.is_main:
             tracker.set_tag("checkpoint", str(committed.resolve()))
         preempted = watcher.should_stop()
         if preempted or (step + 1) % config.checkpoint.save_every == 0 or step + 1 == config.steps:
-            run.checkpointer.save(step + 1, run.state_owner, run.optimizer,
-                                  {"rng": torch.get_rng_state(), **run.batches.state()},
-                                  {"mlflow_run_id": tracker.run_id, "stage": config.stage.name,
-                                   "config": to_yaml(config)})
+            run.checkpointer.save(
+                step + 1,
+                run.state_owner,
+                run.optimizer,
+                {"rng": torch.get_rng_state(), **run.batches.state()},
+                {"mlflow_run_id": tracker.run_id, "stage": config.stage.name, "config": to_yaml(config)},
+            )
             log_generation_sample(run, tracker, step + 1)
         if preempted:
             run.checkpointer.wait()
             if ctx.is_main:
                 tracker.set_tag("preempted_at_step", str(step + 1))
-                log.warning("preempted: checkpoint of step %d committed; exiting with code %d for requeue",
-                            step + 1, REQUEUE_EXIT_CODE)
+                log.warning(
+                    "preempted: checkpoint of step %d committed; exiting with code %d for requeue",
+                    step + 1,
+                    REQUEUE_EXIT_CODE,
+                )
             raise Preempted(step + 1)
     committed = run.checkpointer.wait()
     if ctx.is_main:
@@ -335,7 +384,9 @@ def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train the megatron_cosmos3 MoT (run under torchrun or srun).")
-    parser.add_argument("--config", help="YAML config file (e.g. configs/tiny_cpu.yaml)")
+    parser.add_argument("--config", action="append", default=[],
+                        help="YAML config file; repeat to layer files, later ones winning "
+                        "(e.g. --config configs/tiny_cpu.yaml --config configs/stages/midtrain.yaml)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. optimizer.lr=1e-3 steps=50")
     return parser.parse_args(argv)
@@ -351,8 +402,11 @@ def main(argv: list[str] | None = None) -> None:
 
     config.parallel.validate(int(os.environ.get("WORLD_SIZE", 1)), config.model, config.model.num_experts)
     ctx = init_distributed()
-    logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING,
-                        format=f"%(asctime)s [rank {ctx.rank}] %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if ctx.is_main else logging.WARNING,
+        format=f"%(asctime)s [rank {ctx.rank}] %(message)s",
+        datefmt="%H:%M:%S",
+    )
     if ctx.is_main:
         log.info("resolved config:\n%s", to_yaml(config))
     try:

@@ -20,17 +20,44 @@ PATCH_DIM = 3 * 2 * 16 * 16  # channels x temporal patch x 16 x 16
 def tiny_hf_config(tie_word_embeddings: bool = False, **text_changes):
     from transformers import Qwen3VLConfig
 
-    text = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2],
-                                 "mrope_interleaved": True})
+    text = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-6,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5e6,
+            "mrope_section": [4, 2, 2],
+            "mrope_interleaved": True,
+        },
+    )
     text.update(text_changes)
-    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                  num_position_embeddings=64, deepstack_visual_indexes=[0, 2], patch_size=16,
-                  spatial_merge_size=2, temporal_patch_size=2)
-    return Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
-                         vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
-                         tie_word_embeddings=tie_word_embeddings)
+    vision = dict(
+        depth=3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        num_position_embeddings=64,
+        deepstack_visual_indexes=[0, 2],
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    return Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+        tie_word_embeddings=tie_word_embeddings,
+    )
 
 
 def random_qwen3_vl(config, seed: int = 0):
@@ -79,8 +106,8 @@ def _pad_left(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.zeros(len(rows), length, dtype=torch.long)
     mask = torch.zeros(len(rows), length, dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, length - r.numel():] = r
-        mask[i, length - r.numel():] = 1
+        ids[i, length - r.numel() :] = r
+        mask[i, length - r.numel() :] = 1
     return ids, mask
 
 
@@ -102,19 +129,27 @@ def processor_like_inputs(kind: str, seed: int = 0) -> dict:
     if kind == "image":
         grids = torch.tensor([[1, 4, 6], [1, 6, 4], [1, 8, 10]])  # patches; tokens = t*h*w/4
         tokens = (grids.prod(-1) // 4).tolist()
-        rows = [torch.cat([_text(g, 5), _image_tokens(tokens[0]), _text(g, 4), _image_tokens(tokens[1]), _text(g, 3)]),
-                torch.cat([_text(g, 2), _image_tokens(tokens[2]), _text(g, 6)])]
+        rows = [
+            torch.cat([_text(g, 5), _image_tokens(tokens[0]), _text(g, 4), _image_tokens(tokens[1]), _text(g, 3)]),
+            torch.cat([_text(g, 2), _image_tokens(tokens[2]), _text(g, 6)]),
+        ]
         ids, mask = _pad_left(rows)
         pixels = torch.randn(int(grids.prod(-1).sum()), PATCH_DIM, generator=g)
         return _finish(ids, mask, pixel_values=pixels, image_grid_thw=grids)
     if kind == "video":
         video_grids = torch.tensor([[2, 4, 4], [3, 4, 6]])
         image_grid = torch.tensor([[1, 6, 6]])
-        rows = [torch.cat([_text(g, 4), _video_tokens(g, 2, 4), _text(g, 3), _image_tokens(9), _text(g, 2)]),
-                torch.cat([_text(g, 3), _video_tokens(g, 3, 6), _text(g, 5)])]
+        rows = [
+            torch.cat([_text(g, 4), _video_tokens(g, 2, 4), _text(g, 3), _image_tokens(9), _text(g, 2)]),
+            torch.cat([_text(g, 3), _video_tokens(g, 3, 6), _text(g, 5)]),
+        ]
         ids, mask = _pad_left(rows)
-        return _finish(ids, mask,
-                       pixel_values=torch.randn(36, PATCH_DIM, generator=g), image_grid_thw=image_grid,
-                       pixel_values_videos=torch.randn(int(video_grids.prod(-1).sum()), PATCH_DIM, generator=g),
-                       video_grid_thw=video_grids)
+        return _finish(
+            ids,
+            mask,
+            pixel_values=torch.randn(36, PATCH_DIM, generator=g),
+            image_grid_thw=image_grid,
+            pixel_values_videos=torch.randn(int(video_grids.prod(-1).sum()), PATCH_DIM, generator=g),
+            video_grid_thw=video_grids,
+        )
     raise ValueError(kind)

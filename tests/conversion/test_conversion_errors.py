@@ -71,8 +71,11 @@ def test_extra_tensor(folder):
 
 def test_shape_that_does_not_match_the_config(folder):
     edit_json(folder / "config.json", lambda c: c["text_config"].update(intermediate_size=96))
-    with pytest.raises(ConversionError, match=r"tensor 'model\.language_model\.layers\.\d\.mlp\.\w+_proj\.weight' "
-                                              r"has shape \(\d+, \d+\), but the config gives"):
+    with pytest.raises(
+        ConversionError,
+        match=r"tensor 'model\.language_model\.layers\.\d\.mlp\.\w+_proj\.weight' "
+        r"has shape \(\d+, \d+\), but the config gives",
+    ):
         load_qwen3_vl(folder)
 
 
@@ -112,11 +115,15 @@ def test_given_config_must_agree_with_the_checkpoint(folder):
 def test_hub_format_config_imports_the_same(folder, hf_folder):
     """Hub checkpoints were saved by transformers 4.57: rope_scaling + rope_theta, vision model_type
     'qwen3_vl', torch_dtype. They give the same model config."""
+
     def legacy(config):
         text = config["text_config"]
         rope = text.pop("rope_parameters")
-        text["rope_scaling"] = {"mrope_interleaved": True, "mrope_section": rope["mrope_section"],
-                                "rope_type": "default"}
+        text["rope_scaling"] = {
+            "mrope_interleaved": True,
+            "mrope_section": rope["mrope_section"],
+            "rope_type": "default",
+        }
         text["rope_theta"] = rope["rope_theta"]
         config["vision_config"]["model_type"] = "qwen3_vl"
         config["vision_config"].pop("rope_parameters")

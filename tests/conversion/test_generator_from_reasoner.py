@@ -33,8 +33,9 @@ def test_generator_equals_reasoner_after_import_and_diverges_after_a_dm_step(hf_
         before = reasoner_logits(model, vision, **text)
 
     g = torch.Generator().manual_seed(0)
-    batch, targets = add_flow_matching_noise(random_pack(model.config, g, num_samples=3, tasks=("text_to_video",)),
-                                             FlowMatchingConfig(), g)
+    batch, targets = add_flow_matching_noise(
+        random_pack(model.config, g, num_samples=3, tasks=("text_to_video",)), FlowMatchingConfig(), g
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = mot_losses(model, batch, targets)
     assert int(losses.fm_count) > 0

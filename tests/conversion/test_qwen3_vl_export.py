@@ -75,8 +75,10 @@ def test_weights_folder_keeps_both_towers(hf_folder, tmp_path):
 
 
 def test_command_line_round_trip(hf_folder, tmp_path, capsys):
-    assert cli(["import", str(hf_folder), str(tmp_path / "mot"), "--config", str(TINY_YAML),
-                "--max-shard-size", "60KB"]) == 0
+    assert (
+        cli(["import", str(hf_folder), str(tmp_path / "mot"), "--config", str(TINY_YAML), "--max-shard-size", "60KB"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "reasoner tower" in printed and "generator tower" in printed and "total" in printed
     assert cli(["export", str(tmp_path / "mot"), str(tmp_path / "hf"), "--copy-files-from", str(hf_folder)]) == 0

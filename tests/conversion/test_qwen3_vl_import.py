@@ -44,8 +44,12 @@ def test_positions_equal_qwen3_vl_get_rope_index(hf_model, converted, kind):
         want = torch.arange(mask.shape[1]).expand(3, *mask.shape)
     else:
         want, _ = hf_model.model.get_rope_index(
-            inputs["input_ids"], inputs["mm_token_type_ids"], inputs.get("image_grid_thw"),
-            inputs.get("video_grid_thw"), inputs["attention_mask"])
+            inputs["input_ids"],
+            inputs["mm_token_type_ids"],
+            inputs.get("image_grid_thw"),
+            inputs.get("video_grid_thw"),
+            inputs["attention_mask"],
+        )
     assert torch.equal(batch.ar_positions, want[:, mask].float())
 
 

@@ -28,16 +28,32 @@ RNG = np.random.default_rng(0)
 
 
 def _clip(key: str) -> dict:
-    return encode_sample(Sample(
-        key=key, caption="a ball bounces", instruction="push the ball", fps=24.0,
-        video=RNG.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8),
-        audio=RNG.uniform(-0.5, 0.5, (2, 9600)).astype(np.float32), audio_sample_rate=48_000,
-        actions=RNG.normal(size=(2, 19)).astype(np.float32), embodiment="single_arm", action_rate_hz=10.0))
+    return encode_sample(
+        Sample(
+            key=key,
+            caption="a ball bounces",
+            instruction="push the ball",
+            fps=24.0,
+            video=RNG.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8),
+            audio=RNG.uniform(-0.5, 0.5, (2, 9600)).astype(np.float32),
+            audio_sample_rate=48_000,
+            actions=RNG.normal(size=(2, 19)).astype(np.float32),
+            embodiment="single_arm",
+            action_rate_hz=10.0,
+        )
+    )
 
 
 def _latent(key: str) -> dict:
-    return encode_sample(Sample(key=key, caption="latent clip", fps=30.0, video_latent_grid=(2, 1, 1),
-                                video_latents=RNG.normal(size=(2, VIDEO_LATENT_CHANNELS * 4)).astype(np.float32)))
+    return encode_sample(
+        Sample(
+            key=key,
+            caption="latent clip",
+            fps=30.0,
+            video_latent_grid=(2, 1, 1),
+            video_latents=RNG.normal(size=(2, VIDEO_LATENT_CHANNELS * 4)).astype(np.float32),
+        )
+    )
 
 
 def _text(key: str) -> dict:
@@ -82,8 +98,13 @@ BAD_SAMPLES = {
     "empty_video": ("zero_length", lambda: _video(np.zeros((0, 32, 32, 3), np.uint8))),
     "empty_actions": ("zero_length", lambda: _actions(np.zeros((0, 19), np.float32))),
     "quadruped": ("unknown_embodiment", lambda: _meta(_clip("k"), embodiment="quadruped")),
-    "audio_only": ("no_task", lambda: {k: v for k, v in _clip("k").items() if k not in ("video.npy", "actions.npy")}
-                   | {"meta.json": encode_json({"schema": 1})}),
+    "audio_only": (
+        "no_task",
+        lambda: (
+            {k: v for k, v in _clip("k").items() if k not in ("video.npy", "actions.npy")}
+            | {"meta.json": encode_json({"schema": 1})}
+        ),
+    ),
 }
 
 

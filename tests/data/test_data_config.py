@@ -14,8 +14,9 @@ YAML = Path(__file__).resolve().parents[2] / "configs" / "data" / "generated_wor
 
 
 def _load(*overrides: str) -> DataConfig:
-    merged = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(YAML).data,
-                             OmegaConf.from_dotlist(list(overrides)))
+    merged = OmegaConf.merge(
+        OmegaConf.structured(DataConfig), OmegaConf.load(YAML).data, OmegaConf.from_dotlist(list(overrides))
+    )
     return OmegaConf.to_object(merged)
 
 
@@ -33,14 +34,17 @@ def test_the_fingerprint_ignores_workers_but_not_the_mixture():
     assert _load("stages.midtrain.tasks.policy=3.0").fingerprint() == base, "inactive stages do not matter"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("stage=warmup", "stage='warmup' is not one of stages"),
-    ("stages.pretrain.datasets.nowhere=1.0", "names unknown datasets"),
-    ("stages.pretrain.tasks.dancing=1.0", "unknown task 'dancing'"),
-    ("packing.max_sample_tokens=99999", "packing.max_sample_tokens=99999 must be in"),
-    ("epochs=1", None),
-    ("error_budget.max_error_fraction=1.5", "error_budget.max_error_fraction=1.5"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("stage=warmup", "stage='warmup' is not one of stages"),
+        ("stages.pretrain.datasets.nowhere=1.0", "names unknown datasets"),
+        ("stages.pretrain.tasks.dancing=1.0", "unknown task 'dancing'"),
+        ("packing.max_sample_tokens=99999", "packing.max_sample_tokens=99999 must be in"),
+        ("epochs=1", None),
+        ("error_budget.max_error_fraction=1.5", "error_budget.max_error_fraction=1.5"),
+    ],
+)
 def test_inconsistent_configs_are_refused(override, message):
     config = _load(override)
     if message is None:  # one active dataset: a finite stream is fine

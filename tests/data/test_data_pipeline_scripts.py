@@ -30,15 +30,34 @@ def vae_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("vaes")
     torch.manual_seed(0)
     z = VIDEO_LATENT_CHANNELS
-    AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=z, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-                     temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
-                     patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=[0.1] * z,
-                     latents_std=[2.0] * z).save_pretrained(root / "video")
-    AutoencoderOobleck(encoder_hidden_size=2 * AUDIO_LATENT_DIM, downsampling_ratios=[2, 4, 5, 6, 8],
-                       channel_multiples=[1] * 5, decoder_channels=4, decoder_input_channels=AUDIO_LATENT_DIM,
-                       audio_channels=2, sampling_rate=48_000).save_pretrained(root / "audio")
-    return LatentEncoderConfig(online=True, video_vae_path=str(root / "video"), audio_vae_path=str(root / "audio"),
-                               dtype="float32")
+    AutoencoderKLWan(
+        base_dim=8,
+        decoder_base_dim=8,
+        z_dim=z,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_spatial=16,
+        scale_factor_temporal=4,
+        latents_mean=[0.1] * z,
+        latents_std=[2.0] * z,
+    ).save_pretrained(root / "video")
+    AutoencoderOobleck(
+        encoder_hidden_size=2 * AUDIO_LATENT_DIM,
+        downsampling_ratios=[2, 4, 5, 6, 8],
+        channel_multiples=[1] * 5,
+        decoder_channels=4,
+        decoder_input_channels=AUDIO_LATENT_DIM,
+        audio_channels=2,
+        sampling_rate=48_000,
+    ).save_pretrained(root / "audio")
+    return LatentEncoderConfig(
+        online=True, video_vae_path=str(root / "video"), audio_vae_path=str(root / "audio"), dtype="float32"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +73,14 @@ def vae_latents(tmp_path_factory, vae_folders):
 def test_pre_encoding_writes_the_vaes_latents_and_the_loader_reads_them(vae_latents, vae_folders):
     raw, latent = tiny_world()["raw"], vae_latents
     assert ShardIndex.load(latent).total_samples == ShardIndex.load(raw).total_samples
-    original = decode_sample(next(r for r in read_shard(ShardIndex.load(raw).shards[0].url)
-                                  if b"video.npy" in b"".join(k.encode() for k in r)))
-    encoded = next(decode_sample(r) for r in read_shard(ShardIndex.load(latent).shards[0].url)
-                   if r["__key__"] == original.key)
+    original = decode_sample(
+        next(
+            r for r in read_shard(ShardIndex.load(raw).shards[0].url) if b"video.npy" in b"".join(k.encode() for k in r)
+        )
+    )
+    encoded = next(
+        decode_sample(r) for r in read_shard(ShardIndex.load(latent).shards[0].url) if r["__key__"] == original.key
+    )
     video_vae = VideoVAE.from_pretrained(vae_folders.video_vae_path)
     want = video_vae.encode(encodable_pixels(original.video), original.fps)
     assert encoded.video_latent_grid == want.grid_thw and np.array_equal(encoded.video_latents, want.tokens.numpy())

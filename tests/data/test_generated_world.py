@@ -49,7 +49,7 @@ def test_every_impact_sound_starts_at_its_collision(clips):
 
 def _height(frames: np.ndarray, colour) -> np.ndarray:
     """Per frame, the height (m, z up) of the centroid of the pixels of ``colour``."""
-    mask = (np.abs(frames.astype(int) - np.array(colour)).sum(-1) < 30)
+    mask = np.abs(frames.astype(int) - np.array(colour)).sum(-1) < 30
     rows = np.arange(frames.shape[1])[None, :, None]
     centroid_row = (mask * rows).sum((1, 2)) / np.maximum(mask.sum((1, 2)), 1)
     return 1 - (centroid_row + 0.5) / frames.shape[1]
@@ -81,10 +81,17 @@ def test_single_arm_actions_integrate_to_the_effector_the_video_shows(clips):
             return np.array([(cols.mean() + 0.5) / clip.video.shape[2], 1 - (rows.mean() + 0.5) / clip.video.shape[1]])
 
         start = clip.timing["agent_start"]
-        initial = EmbodimentTrajectory("single_arm", {
-            part: BodyPoses(torch.tensor([pose["position"]], dtype=torch.float64),
-                            torch.tensor([pose["quaternion_xyzw"]], dtype=torch.float64))
-            for part, pose in start["poses"].items()}, {"gripper": torch.tensor([start["joints"]["gripper"]])})
+        initial = EmbodimentTrajectory(
+            "single_arm",
+            {
+                part: BodyPoses(
+                    torch.tensor([pose["position"]], dtype=torch.float64),
+                    torch.tensor([pose["quaternion_xyzw"]], dtype=torch.float64),
+                )
+                for part, pose in start["poses"].items()
+            },
+            {"gripper": torch.tensor([start["joints"]["gripper"]])},
+        )
         assert np.abs(initial.poses["end_effector"].positions[0, [0, 2]].numpy() - seen(0)).max() < 1.5 / size
         path = decode_pseudo_actions(torch.from_numpy(clip.actions).double(), initial, strict=False)
         for seconds in (0.5, 1.0, 1.5, 2.0):

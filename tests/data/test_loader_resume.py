@@ -94,7 +94,7 @@ def test_each_epoch_deals_every_shard_to_exactly_one_rank():
     shards = tuple(ShardInfo(f"s{i}", 10) for i in range(10))
     per_rank = [_read(ShardSchedule([DatasetSource("d", shards, 1.0)], 0, rank, 3), 6) for rank in range(3)]
     for epoch in range(2):  # 10 // 3 = 3 shards per rank and epoch; one left over
-        read = [url for urls in per_rank for url in urls[epoch * 3:(epoch + 1) * 3]]
+        read = [url for urls in per_rank for url in urls[epoch * 3 : (epoch + 1) * 3]]
         assert len(set(read)) == 9
     assert per_rank[0][:3] != per_rank[0][3:], "each epoch is a new permutation"
 

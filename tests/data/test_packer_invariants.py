@@ -104,7 +104,7 @@ def _check_sample(batch: PackedBatch, i: int, has_dm: bool, answer: bool) -> Non
         return
     # Clean conditioning first, noisy targets after, all at timestep 0 until noise is added.
     noisy = batch.dm_noise_mask[d0:d1]
-    assert noisy.any() and not noisy[: int(noisy.int().argmax())].any() and noisy[int(noisy.int().argmax()):].all()
+    assert noisy.any() and not noisy[: int(noisy.int().argmax())].any() and noisy[int(noisy.int().argmax()) :].all()
     assert not batch.dm_timesteps[d0:d1].any()
     # The DM section starts after the AR section, every stream at the same offset.
     offset = float(batch.ar_positions[:, a0:a1].max()) + 1
@@ -178,11 +178,18 @@ def test_the_oldest_waiting_sample_always_goes_next():
 
 def _long_clip() -> Sample:
     rng = np.random.default_rng(0)
-    return Sample(key="long", caption="a long clip",
-                  video_latents=rng.normal(size=(40 * 4, VIDEO_DIM)).astype(np.float32), video_latent_grid=(40, 2, 2),
-                  fps=24.0, audio_latents=rng.normal(size=(167, AUDIO_LATENT_DIM)).astype(np.float32),
-                  audio_num_samples=167 * 1920, actions=rng.normal(size=(66, 19)).astype(np.float32),
-                  embodiment="single_arm", action_rate_hz=10.0)
+    return Sample(
+        key="long",
+        caption="a long clip",
+        video_latents=rng.normal(size=(40 * 4, VIDEO_DIM)).astype(np.float32),
+        video_latent_grid=(40, 2, 2),
+        fps=24.0,
+        audio_latents=rng.normal(size=(167, AUDIO_LATENT_DIM)).astype(np.float32),
+        audio_num_samples=167 * 1920,
+        actions=rng.normal(size=(66, 19)).astype(np.float32),
+        embodiment="single_arm",
+        action_rate_hz=10.0,
+    )
 
 
 @pytest.mark.parametrize("task", ["text_to_audio_video", "forward_dynamics", "image_to_video"])

@@ -16,19 +16,42 @@ from megatron_cosmos3.tasks.registry import Modality
 
 def _sample(key: str = "s0", seed: int = 0) -> Sample:
     rng = np.random.default_rng(seed)
-    return Sample(key=key, caption="a red ball", instruction="push it", question="how many?", answer="two",
-                  video=rng.integers(0, 256, (5, 32, 64, 3), dtype=np.uint8), fps=24.0,
-                  audio=rng.uniform(-1, 1, (2, 4800)).astype(np.float32), audio_sample_rate=48_000,
-                  actions=rng.normal(size=(3, 19)).astype(np.float32), embodiment="single_arm", action_rate_hz=10.0,
-                  image=rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), duration_s=0.2,
-                  timing={"events": [{"time_s": 0.1, "kind": "floor"}]}, source={"origin": "test"})
+    return Sample(
+        key=key,
+        caption="a red ball",
+        instruction="push it",
+        question="how many?",
+        answer="two",
+        video=rng.integers(0, 256, (5, 32, 64, 3), dtype=np.uint8),
+        fps=24.0,
+        audio=rng.uniform(-1, 1, (2, 4800)).astype(np.float32),
+        audio_sample_rate=48_000,
+        actions=rng.normal(size=(3, 19)).astype(np.float32),
+        embodiment="single_arm",
+        action_rate_hz=10.0,
+        image=rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+        duration_s=0.2,
+        timing={"events": [{"time_s": 0.1, "kind": "floor"}]},
+        source={"origin": "test"},
+    )
 
 
 def test_every_field_survives_encode_and_decode():
     sample = _sample()
     decoded = decode_sample(encode_sample(sample))
-    for name in ("caption", "instruction", "question", "answer", "fps", "audio_sample_rate", "embodiment",
-                 "action_rate_hz", "duration_s", "timing", "source"):
+    for name in (
+        "caption",
+        "instruction",
+        "question",
+        "answer",
+        "fps",
+        "audio_sample_rate",
+        "embodiment",
+        "action_rate_hz",
+        "duration_s",
+        "timing",
+        "source",
+    ):
         assert getattr(decoded, name) == getattr(sample, name), name
     for name in ("video", "actions", "image"):
         np.testing.assert_array_equal(getattr(decoded, name), getattr(sample, name))
@@ -38,8 +61,15 @@ def test_every_field_survives_encode_and_decode():
 
 
 def test_latent_fields_are_checked_against_the_model_widths():
-    sample = Sample(key="lat", caption="x", video_latents=np.zeros((8, 16), np.float16), video_latent_grid=(2, 2, 2),
-                    fps=30.0, audio_latents=np.zeros((3, 6), np.float32), audio_num_samples=4000)
+    sample = Sample(
+        key="lat",
+        caption="x",
+        video_latents=np.zeros((8, 16), np.float16),
+        video_latent_grid=(2, 2, 2),
+        fps=30.0,
+        audio_latents=np.zeros((3, 6), np.float32),
+        audio_num_samples=4000,
+    )
     decoded = decode_sample(encode_sample(sample), SchemaContext(video_token_dim=16, audio_latent_dim=6))
     assert decoded.video_latents.dtype == np.float32 and decoded.latent_frames == 2
     with pytest.raises(SampleError, match="wrong_shape"):
@@ -73,5 +103,7 @@ def test_file_and_pipe_urls_read_the_same_samples_as_paths():
     by_path = [raw["__key__"] for raw in read_shard(shard)]
     for url in (f"file://{shard}", f"pipe:cat {shard}"):
         assert [raw["__key__"] for raw in read_shard(url)] == by_path
-    assert [s.url for s in resolve_shards([shard.replace("000000", "{000000..000001}")])] == \
-        [shard, shard.replace("000000", "000001")]
+    assert [s.url for s in resolve_shards([shard.replace("000000", "{000000..000001}")])] == [
+        shard,
+        shard.replace("000000", "000001"),
+    ]

@@ -37,10 +37,20 @@ VIDEO_LATENT_CHANNELS, AUDIO_LATENT_DIM = 4, 6
 
 def model_config() -> MoTConfig:
     """The tiny model the loader packs for: byte vocabulary, small widths, both world embodiments."""
-    return MoTConfig(vocab_size=256, hidden_size=32, num_layers=1, num_attention_heads=4, num_kv_heads=2, head_dim=8,
-                     mrope_section=[2, 1, 1], ffn_hidden_size=64, video_latent_channels=VIDEO_LATENT_CHANNELS,
-                     audio_latent_dim=AUDIO_LATENT_DIM, timestep_embedding_dim=16,
-                     embodiments={"single_arm": EmbodimentConfig(19, 10.0), "humanoid": EmbodimentConfig(57, 30.0)})
+    return MoTConfig(
+        vocab_size=256,
+        hidden_size=32,
+        num_layers=1,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        mrope_section=[2, 1, 1],
+        ffn_hidden_size=64,
+        video_latent_channels=VIDEO_LATENT_CHANNELS,
+        audio_latent_dim=AUDIO_LATENT_DIM,
+        timestep_embedding_dim=16,
+        embodiments={"single_arm": EmbodimentConfig(19, 10.0), "humanoid": EmbodimentConfig(57, 30.0)},
+    )
 
 
 @functools.cache
@@ -51,27 +61,56 @@ def tiny_world(samples: int = 48, shard_size: int = 6) -> dict[str, Path]:
     generate_world = load_script("generate_world")
     root = Path(tempfile.mkdtemp(prefix="cosmos3_world_"))
     atexit.register(shutil.rmtree, root, True)
-    return generate_world.write_world(root, samples, seed=7, config=WorldConfig(resolution=32, duration_s=1.0),
-                                      shard_size=shard_size, latents="pooled",
-                                      video_latent_channels=VIDEO_LATENT_CHANNELS, audio_latent_dim=AUDIO_LATENT_DIM)
+    return generate_world.write_world(
+        root,
+        samples,
+        seed=7,
+        config=WorldConfig(resolution=32, duration_s=1.0),
+        shard_size=shard_size,
+        latents="pooled",
+        video_latent_channels=VIDEO_LATENT_CHANNELS,
+        audio_latent_dim=AUDIO_LATENT_DIM,
+    )
 
 
-def data_config(shards: list[str], *, tasks: dict[str, float] | None = None, tokens_per_pack: int = 1024,
-                num_workers: int = 0, shuffle_buffer: int = 16, pool_size: int = 24, epochs: int = 0,
-                **overrides) -> DataConfig:
+def data_config(
+    shards: list[str],
+    *,
+    tasks: dict[str, float] | None = None,
+    tokens_per_pack: int = 1024,
+    num_workers: int = 0,
+    shuffle_buffer: int = 16,
+    pool_size: int = 24,
+    epochs: int = 0,
+    **overrides,
+) -> DataConfig:
     """A one-dataset loader config over ``shards`` with every task (or ``tasks``) in its mixture."""
     return DataConfig(
         datasets=[DatasetConfig("world", list(shards))],
         stages={"pretrain": MixtureConfig({"world": 1.0}, tasks or {name: 1.0 for name in TASK_REGISTRY})},
-        stage="pretrain", packing=PackingConfig(tokens_per_pack=tokens_per_pack, pool_size=pool_size),
-        shuffle_buffer=shuffle_buffer, num_workers=num_workers, epochs=epochs, **overrides)
+        stage="pretrain",
+        packing=PackingConfig(tokens_per_pack=tokens_per_pack, pool_size=pool_size),
+        shuffle_buffer=shuffle_buffer,
+        num_workers=num_workers,
+        epochs=epochs,
+        **overrides,
+    )
 
 
 def assert_same_batch(a: PackedBatch, b: PackedBatch) -> None:
     """Bitwise equality of every field of two packs."""
     assert a.task_names == b.task_names
-    for name in ("sample_task", "ar_token_ids", "ar_labels", "ar_positions", "ar_cu_seqlens", "dm_cu_seqlens",
-                 "dm_positions", "dm_noise_mask", "dm_timesteps"):
+    for name in (
+        "sample_task",
+        "ar_token_ids",
+        "ar_labels",
+        "ar_positions",
+        "ar_cu_seqlens",
+        "dm_cu_seqlens",
+        "dm_positions",
+        "dm_noise_mask",
+        "dm_timesteps",
+    ):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert a.dm_tokens.keys() == b.dm_tokens.keys()
     for key in a.dm_tokens:

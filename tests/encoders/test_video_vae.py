@@ -94,8 +94,13 @@ def test_missing_folder_or_config_is_a_clear_error(tmp_path, wan_folder):
 
 
 def test_folder_of_another_model_is_refused(tmp_path):
-    AutoencoderOobleck(encoder_hidden_size=4, downsampling_ratios=[2], channel_multiples=[1], decoder_channels=2,
-                       decoder_input_channels=2).save_pretrained(tmp_path)
+    AutoencoderOobleck(
+        encoder_hidden_size=4,
+        downsampling_ratios=[2],
+        channel_multiples=[1],
+        decoder_channels=2,
+        decoder_input_channels=2,
+    ).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="_class_name='AutoencoderOobleck'"):
         VideoVAE.from_pretrained(tmp_path)
 
@@ -136,8 +141,13 @@ def test_vae_that_is_not_wan22_shaped_is_refused(tmp_path, wan_folder, changes, 
 
 @pytest.mark.parametrize(
     "thw, grid",
-    [((1, 32, 32), (1, 1, 1)), ((5, 32, 32), (2, 1, 1)), ((9, 32, 32), (3, 1, 1)),
-     ((1, 64, 96), (1, 2, 3)), ((5, 64, 96), (2, 2, 3))],
+    [
+        ((1, 32, 32), (1, 1, 1)),
+        ((5, 32, 32), (2, 1, 1)),
+        ((9, 32, 32), (3, 1, 1)),
+        ((1, 64, 96), (1, 2, 3)),
+        ((5, 64, 96), (2, 2, 3)),
+    ],
 )
 def test_token_count_and_grid(vae, thw, grid):
     latents = vae.encode(_video(*thw), fps=24.0)

@@ -15,7 +15,7 @@ def test_cached_denoising_step_equals_the_full_forward(tiny_config, generator, b
     model = MoTModel(tiny_config).eval()
     batch = random_pack(tiny_config, generator, num_samples=5)
     cache = prefill(model, batch)
-    for step in range(3):  # several steps against the same cache, as a sampler does
+    for _step in range(3):  # several steps against the same cache, as a sampler does
         noised, _ = add_flow_matching_noise(batch, FlowMatchingConfig(), generator)
         with torch.no_grad():
             full = model(noised)

@@ -41,7 +41,9 @@ def test_changing_dm_inputs_changes_no_ar_output_bit_for_bit(tiny_config, backen
     g = torch.Generator().manual_seed(99)
     changed = batch
     if change in ("latents", "everything"):
-        changed = changed.replace(dm_tokens={k: torch.randn(v.shape, generator=g) * 100 for k, v in batch.dm_tokens.items()})
+        changed = changed.replace(
+            dm_tokens={k: torch.randn(v.shape, generator=g) * 100 for k, v in batch.dm_tokens.items()}
+        )
     if change in ("noise_mask", "everything"):
         # Every DM token becomes a noisy target (a valid layout: no clean prefix at all).
         changed = changed.replace(dm_noise_mask=torch.ones_like(batch.dm_noise_mask))
@@ -83,8 +85,12 @@ def test_perturbing_one_sample_changes_no_other_sample(tiny_config, backend, per
     keep_dm[dm_rows] = False
     assert torch.equal(before.ar_hidden.cpu()[keep_ar], after.ar_hidden.cpu()[keep_ar])
     assert torch.equal(before.dm_hidden.cpu()[keep_dm], after.dm_hidden.cpu()[keep_dm])
-    perturbed_rows = torch.cat([before.ar_hidden.cpu()[~keep_ar] - after.ar_hidden.cpu()[~keep_ar],
-                                before.dm_hidden.cpu()[~keep_dm] - after.dm_hidden.cpu()[~keep_dm]])
+    perturbed_rows = torch.cat(
+        [
+            before.ar_hidden.cpu()[~keep_ar] - after.ar_hidden.cpu()[~keep_ar],
+            before.dm_hidden.cpu()[~keep_dm] - after.dm_hidden.cpu()[~keep_dm],
+        ]
+    )
     assert perturbed_rows.abs().max() > 0  # the perturbed sample itself did change
 
 
@@ -96,8 +102,9 @@ def test_packs_with_an_empty_stream_run_forward_and_backward(tiny_config, backen
 
     model = model_with_backend(tiny_config, backend)
     g = torch.Generator().manual_seed(0)
-    batch, targets = add_flow_matching_noise(random_pack(tiny_config, g, num_samples=3, tasks=tasks),
-                                             FlowMatchingConfig(), g)
+    batch, targets = add_flow_matching_noise(
+        random_pack(tiny_config, g, num_samples=3, tasks=tasks), FlowMatchingConfig(), g
+    )
     device = next(model.parameters()).device
     losses = mot_losses(model, batch.to(device), {k: v.to(device) for k, v in targets.items()})
     losses.total.backward()

@@ -31,8 +31,14 @@ FAST_BACKENDS = ["sdpa"] + (["flash"] if torch.cuda.is_available() else [])
 def random_qkv(layout: PackLayout, n_ar: int, n_dm: int, heads=4, kv_heads=2, dim=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     make = lambda n, h: torch.randn(n, h, dim, generator=g, dtype=torch.float64).requires_grad_()
-    return [make(n_ar, heads), make(n_ar, kv_heads), make(n_ar, kv_heads),
-            make(n_dm, heads), make(n_dm, kv_heads), make(n_dm, kv_heads)]
+    return [
+        make(n_ar, heads),
+        make(n_ar, kv_heads),
+        make(n_ar, kv_heads),
+        make(n_dm, heads),
+        make(n_dm, kv_heads),
+        make(n_dm, kv_heads),
+    ]
 
 
 def run_backend(backend, tensors, layout):
@@ -53,11 +59,11 @@ def test_dense_reference_matches_a_per_sample_loop_written_out():
     tensors = random_qkv(layout, 5, 5, heads=2, kv_heads=2)
     q_ar, k_ar, v_ar, q_dm, k_dm, v_dm = [t.detach() for t in tensors]
     out_ar, out_dm = run_backend(DenseMaskAttention(), [q_ar, k_ar, v_ar, q_dm, k_dm, v_dm], layout)
-    scale = 8 ** -0.5
-    for s, ((a0, a1), (d0, d1)) in enumerate([((0, 3), (0, 2)), ((3, 5), (2, 5))]):
+    scale = 8**-0.5
+    for _s, ((a0, a1), (d0, d1)) in enumerate([((0, 3), (0, 2)), ((3, 5), (2, 5))]):
         for i in range(a0, a1):  # AR query i sees AR keys a0..i of its sample
-            w = ((q_ar[i] * k_ar[a0:i + 1]).sum(-1) * scale).softmax(0)
-            assert torch.allclose(out_ar[i], (w[..., None] * v_ar[a0:i + 1]).sum(0))
+            w = ((q_ar[i] * k_ar[a0 : i + 1]).sum(-1) * scale).softmax(0)
+            assert torch.allclose(out_ar[i], (w[..., None] * v_ar[a0 : i + 1]).sum(0))
         keys = torch.cat([k_ar[a0:a1], k_dm[d0:d1]])
         values = torch.cat([v_ar[a0:a1], v_dm[d0:d1]])
         for i in range(d0, d1):  # DM query i sees every AR and DM key of its sample
@@ -103,7 +109,10 @@ def test_model_losses_and_gradients_match_dense_backend_on_random_packs(tiny_con
         model.zero_grad()
         loss = mot_losses(model, batch, targets)
         loss.total.backward()
-        results[name] = (loss.total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        results[name] = (
+            loss.total.detach(),
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+        )
     (want_loss, want_grads), (got_loss, got_grads) = results["dense"], results[backend_name]
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
     assert got_grads.keys() == want_grads.keys()
@@ -152,6 +161,7 @@ def test_sdpa_matches_dense_reference_on_any_pack_shape(lengths):
     layout = layout_of(lengths)
     n_ar, n_dm = sum(a for a, _ in lengths), sum(d for _, d in lengths)
     tensors = [t.detach() for t in random_qkv(layout, n_ar, n_dm)]
-    for got, want in zip(run_backend(SdpaVarlenAttention(), tensors, layout),
-                         run_backend(DenseMaskAttention(), tensors, layout)):
+    for got, want in zip(
+        run_backend(SdpaVarlenAttention(), tensors, layout), run_backend(DenseMaskAttention(), tensors, layout)
+    ):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

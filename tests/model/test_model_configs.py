@@ -26,8 +26,14 @@ def test_config_has_qwen3_vl_dimensions_and_sizes(name):
     config = load_model_config(CONFIGS / f"{name}.yaml")
     for key, value in expected.items():
         assert getattr(config, key) == value, key
-    assert (config.vocab_size, config.num_kv_heads, config.head_dim, config.rope_theta, config.mrope_section,
-            config.tie_word_embeddings) == (151936, 8, 128, 5e6, [24, 20, 20], False)
+    assert (
+        config.vocab_size,
+        config.num_kv_heads,
+        config.head_dim,
+        config.rope_theta,
+        config.mrope_section,
+        config.tie_word_embeddings,
+    ) == (151936, 8, 128, 5e6, [24, 20, 20], False)
     assert config.vision.depth == 27 and config.vision.deepstack_visual_indexes == [8, 16, 24]
 
     start = time.perf_counter()
@@ -68,10 +74,13 @@ def test_model_config_files_merge_into_the_training_config():
     assert isinstance(train.model.vision, VisionConfig)
 
 
-@pytest.mark.parametrize("vision, message", [
-    (dict(out_hidden_size=32), "vision.out_hidden_size=32 must equal hidden_size=64"),
-    (dict(image_token_id=400), r"vision.image_token_id=400 is outside the vocabulary \(vocab_size=320\)"),
-])
+@pytest.mark.parametrize(
+    "vision, message",
+    [
+        (dict(out_hidden_size=32), "vision.out_hidden_size=32 must equal hidden_size=64"),
+        (dict(image_token_id=400), r"vision.image_token_id=400 is outside the vocabulary \(vocab_size=320\)"),
+    ],
+)
 def test_vision_config_must_fit_the_backbone(vision, message):
     base = load_model_config(CONFIGS / "tiny.yaml")
     fields = {**vars(base.vision), **vision}
@@ -79,11 +88,16 @@ def test_vision_config_must_fit_the_backbone(vision, message):
         MoTConfig(**{**vars(base), "vision": VisionConfig(**fields)})
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(deepstack_visual_indexes=[0, 3]),
-     r"deepstack_visual_indexes=\[0, 3\] must be distinct ViT blocks in \[0, depth=3\)"),
-    (dict(num_position_embeddings=60), "num_position_embeddings=60 must be a square number"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            dict(deepstack_visual_indexes=[0, 3]),
+            r"deepstack_visual_indexes=\[0, 3\] must be distinct ViT blocks in \[0, depth=3\)",
+        ),
+        (dict(num_position_embeddings=60), "num_position_embeddings=60 must be a square number"),
+    ],
+)
 def test_invalid_vision_configs_are_clear_errors(changes, message):
     with pytest.raises(ValueError, match=message):
         VisionConfig(depth=3, **changes)

@@ -36,18 +36,27 @@ def test_noisy_before_clean_is_rejected(tiny_config, generator):
     batch = random_pack(tiny_config, generator, num_samples=3, tasks=("image_to_video",))
     mask = batch.dm_noise_mask.clone()
     first = int(batch.dm_cu_seqlens[1])
-    mask[first], mask[first + 1:int(batch.dm_cu_seqlens[2])] = True, False
+    mask[first], mask[first + 1 : int(batch.dm_cu_seqlens[2])] = True, False
     with pytest.raises(ValueError, match="sample 1: clean conditioning DM tokens must precede noisy targets"):
         batch.replace(dm_noise_mask=mask, dm_timesteps=torch.zeros_like(batch.dm_timesteps)).validate()
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda b: b.replace(ar_labels=b.ar_labels[:-1]), "ar_labels has shape"),
-    (lambda b: b.replace(dm_cu_seqlens=b.dm_cu_seqlens + 1), "dm_cu_seqlens must run from 0"),
-    (lambda b: b.replace(dm_timesteps=torch.ones_like(b.dm_timesteps)), "clean conditioning DM tokens must have timestep 0"),
-    (lambda b: b.replace(dm_tokens={k: v * float("nan") for k, v in b.dm_tokens.items()}), "holds NaN or inf"),
-    (lambda b: b.replace(dm_token_index={k: v[:-1] for k, v in b.dm_token_index.items()}), r"dm_tokens\[.*\] has shape"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda b: b.replace(ar_labels=b.ar_labels[:-1]), "ar_labels has shape"),
+        (lambda b: b.replace(dm_cu_seqlens=b.dm_cu_seqlens + 1), "dm_cu_seqlens must run from 0"),
+        (
+            lambda b: b.replace(dm_timesteps=torch.ones_like(b.dm_timesteps)),
+            "clean conditioning DM tokens must have timestep 0",
+        ),
+        (lambda b: b.replace(dm_tokens={k: v * float("nan") for k, v in b.dm_tokens.items()}), "holds NaN or inf"),
+        (
+            lambda b: b.replace(dm_token_index={k: v[:-1] for k, v in b.dm_token_index.items()}),
+            r"dm_tokens\[.*\] has shape",
+        ),
+    ],
+)
 def test_malformed_batches_name_the_field(tiny_config, generator, change, message):
     batch = random_pack(tiny_config, generator, num_samples=3, tasks=("image_to_video",))
     with pytest.raises(ValueError, match=message):

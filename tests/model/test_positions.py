@@ -13,8 +13,12 @@ def test_mrope_matches_transformers_qwen3_vl(head_dim, section):
     from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
 
-    hf_config = Qwen3VLTextConfig(hidden_size=head_dim * 2, num_attention_heads=2, head_dim=head_dim,
-                                  rope_parameters={"rope_type": "default", "rope_theta": 5e5, "mrope_section": section})
+    hf_config = Qwen3VLTextConfig(
+        hidden_size=head_dim * 2,
+        num_attention_heads=2,
+        head_dim=head_dim,
+        rope_parameters={"rope_type": "default", "rope_theta": 5e5, "mrope_section": section},
+    )
     reference = Qwen3VLTextRotaryEmbedding(hf_config)
     g = torch.Generator().manual_seed(0)
     positions = torch.randint(0, 4000, (3, 1, 50), generator=g)

@@ -21,11 +21,14 @@ def test_adjacent_image_and_video_runs_are_separate_grids():
     assert qwen3_vl_positions(torch.tensor([1, 1, 2, 2]), [(1, 1, 2), (1, 2, 1)])[0].tolist() == [0, 0, 2, 2]
 
 
-@pytest.mark.parametrize("grids, message", [
-    ([(1, 2, 2)], "has 6 tokens but its grid"),
-    ([], "has no grid left"),
-    ([(1, 2, 3), (1, 1, 1)], "2 grids given but fewer ViT runs"),
-])
+@pytest.mark.parametrize(
+    "grids, message",
+    [
+        ([(1, 2, 2)], "has 6 tokens but its grid"),
+        ([], "has no grid left"),
+        ([(1, 2, 3), (1, 1, 1)], "2 grids given but fewer ViT runs"),
+    ],
+)
 def test_grids_that_do_not_fit_the_tokens_are_clear_errors(grids, message):
     with pytest.raises(ValueError, match=message):
         qwen3_vl_positions(torch.tensor([0] + [1] * 6 + [0]), grids)

@@ -15,9 +15,19 @@ from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 from megatron_cosmos3.training.losses import mot_losses
 
-CONFIG = MoTConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=2, head_dim=8,
-                   mrope_section=[2, 1, 1], ffn_hidden_size=64, video_latent_channels=4, audio_latent_dim=6,
-                   timestep_embedding_dim=16)
+CONFIG = MoTConfig(
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=2,
+    num_attention_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mrope_section=[2, 1, 1],
+    ffn_hidden_size=64,
+    video_latent_channels=4,
+    audio_latent_dim=6,
+    timestep_embedding_dim=16,
+)
 
 # (n_ar, n_dm) per sample: odd stream lengths, samples with an empty AR or DM section, and packs whose
 # DM or AR stream is shorter than the CP size (a rank holds only a pad row of that stream).
@@ -89,8 +99,9 @@ def _cp_matches_one_process(rank, world_size, dtype, backend, steps):
         want, got = both(*step_pack(step))
         for optimizer in optimizers:
             optimizer.step()
-        report["steps"].append({"loss": (want.total.item(), got.total.item()),
-                                "data": compare_to_reference(model, reference, what="data")})
+        report["steps"].append(
+            {"loss": (want.total.item(), got.total.item()), "data": compare_to_reference(model, reference, what="data")}
+        )
     return report
 
 
@@ -157,8 +168,9 @@ def _ar_outputs_under_cp(rank, world_size):
                 output, shard = context_parallel_forward(model, b, dist.group.WORLD)
                 outputs.append((output.ar_hidden, cross_entropy_per_token(output, shard.batch)[0], output.dm_hidden))
         (hidden, ce, dm), (changed_hidden, changed_ce, changed_dm) = outputs
-        results.append((name, torch.equal(hidden, changed_hidden), torch.equal(ce, changed_ce),
-                        not torch.equal(dm, changed_dm)))
+        results.append(
+            (name, torch.equal(hidden, changed_hidden), torch.equal(ce, changed_ce), not torch.equal(dm, changed_dm))
+        )
     return results
 
 

@@ -14,9 +14,19 @@ from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 from megatron_cosmos3.training.losses import mot_losses
 
-CONFIG = MoTConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=2, head_dim=8,
-                   mrope_section=[2, 1, 1], ffn_hidden_size=64, video_latent_channels=4, audio_latent_dim=6,
-                   timestep_embedding_dim=16)
+CONFIG = MoTConfig(
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=2,
+    num_attention_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mrope_section=[2, 1, 1],
+    ffn_hidden_size=64,
+    video_latent_channels=4,
+    audio_latent_dim=6,
+    timestep_embedding_dim=16,
+)
 
 
 MOE_CONFIG = copy.deepcopy(CONFIG)
@@ -63,16 +73,21 @@ def _data_parallel_matches_one_process(rank, world_size, tensor, steps, expert=1
             finalize_tensor_parallel_grads(model, groups)
             finalize_expert_grads(model, groups)
             report["losses"].append((reference_total, float(loss.total.detach()), groups.data_rank))
-            report["grad"].append(compare_to_reference(model, reference, groups.tensor_rank, tensor,
-                                                       expert_rank=expert_rank, expert_size=expert))
+            report["grad"].append(
+                compare_to_reference(
+                    model, reference, groups.tensor_rank, tensor, expert_rank=expert_rank, expert_size=expert
+                )
+            )
             optimizer.step()
             reference_optimizer.step()
-        report["data"] = compare_to_reference(model, reference, groups.tensor_rank, tensor, what="data",
-                                              expert_rank=expert_rank, expert_size=expert)
+        report["data"] = compare_to_reference(
+            model, reference, groups.tensor_rank, tensor, what="data", expert_rank=expert_rank, expert_size=expert
+        )
         from megatron_cosmos3.training.checkpoint_state import local_optimizers
 
-        report["state_numel"] = sum(s["exp_avg"].numel() for o in local_optimizers(optimizer)
-                                    for s in o.state.values() if s)
+        report["state_numel"] = sum(
+            s["exp_avg"].numel() for o in local_optimizers(optimizer) for s in o.state.values() if s
+        )
         report["param_numel"] = sum(p.numel() for p in model.parameters())
         return report
     finally:
@@ -80,8 +95,9 @@ def _data_parallel_matches_one_process(rank, world_size, tensor, steps, expert=1
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("world_size, tensor, expert", [(2, 1, 1), (4, 2, 1), (2, 1, 2)],
-                         ids=["dp2", "tp2xdp2", "moe-ep2xdp2"])
+@pytest.mark.parametrize(
+    "world_size, tensor, expert", [(2, 1, 1), (4, 2, 1), (2, 1, 2)], ids=["dp2", "tp2xdp2", "moe-ep2xdp2"]
+)
 def test_data_parallel_with_sharded_optimizer_matches_one_process(world_size, tensor, expert):
     reports = run_on_ranks(_data_parallel_matches_one_process, world_size, tensor, 3, expert)
     for report in reports:

@@ -68,10 +68,15 @@ def _expert_parallel_matches_one_process(rank, world_size, steps):
             optimizer.step()
             reference_optimizer.step()
         local_experts = model.moe.gate_up_proj.shape[0]
-        values = max(relative_difference(p.data, dict(reference.named_parameters())[n].data[block]
-                                         if n.endswith(("gate_up_proj", "down_proj")) else
-                                         dict(reference.named_parameters())[n].data)
-                     for n, p in model.named_parameters())
+        values = max(
+            relative_difference(
+                p.data,
+                dict(reference.named_parameters())[n].data[block]
+                if n.endswith(("gate_up_proj", "down_proj"))
+                else dict(reference.named_parameters())[n].data,
+            )
+            for n, p in model.named_parameters()
+        )
         return worst, values, local_experts
     finally:
         destroy_parallel()

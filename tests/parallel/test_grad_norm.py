@@ -14,9 +14,19 @@ from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 from megatron_cosmos3.training.losses import mot_losses
 
-CONFIG = MoTConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=2, head_dim=8,
-                   mrope_section=[2, 1, 1], ffn_hidden_size=64, video_latent_channels=4, audio_latent_dim=6,
-                   timestep_embedding_dim=16)
+CONFIG = MoTConfig(
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=2,
+    num_attention_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mrope_section=[2, 1, 1],
+    ffn_hidden_size=64,
+    video_latent_channels=4,
+    audio_latent_dim=6,
+    timestep_embedding_dim=16,
+)
 
 
 def _norms_under_tensor_parallel(rank, world_size):

@@ -17,9 +17,19 @@ from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 
-CONFIG = MoTConfig(vocab_size=64, hidden_size=32, num_layers=4, num_attention_heads=4, num_kv_heads=2, head_dim=8,
-                   mrope_section=[2, 1, 1], ffn_hidden_size=64, video_latent_channels=4, audio_latent_dim=6,
-                   timestep_embedding_dim=16)
+CONFIG = MoTConfig(
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=4,
+    num_attention_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mrope_section=[2, 1, 1],
+    ffn_hidden_size=64,
+    video_latent_channels=4,
+    audio_latent_dim=6,
+    timestep_embedding_dim=16,
+)
 TOLERANCE = 1e-5  # fp32, norm-relative per parameter
 
 
@@ -205,8 +215,10 @@ def _pipeline_matches_one_process(rank, world_size, virtual, tied, microbatch_co
         torch.manual_seed(0)
         reference = MoTModel(config)
         stages = split_into_stages(copy.deepcopy(reference), groups)
-        optimizers = [torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-                      for params in (reference.parameters(), stages.parameters())]
+        optimizers = [
+            torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+            for params in (reference.parameters(), stages.parameters())
+        ]
         report = {"names": [name for name, _ in stages.named_parameters()], "losses": [], "grad": []}
         for step, count in enumerate(microbatch_counts):
             microbatches = [noised_pack(100 * step + m, config) for m in range(count)]
@@ -234,10 +246,13 @@ def _pipeline_matches_one_process(rank, world_size, virtual, tied, microbatch_co
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("virtual, tied, microbatch_counts", [
-    (1, True, (4, 3, 1)),  # 1F1B; 3 and 1 micro-batches: not a multiple of / fewer than the stages
-    (2, False, (4, 2, 6)),  # interleaved; 2 = pipeline: every forward is a warm-up forward
-])
+@pytest.mark.parametrize(
+    "virtual, tied, microbatch_counts",
+    [
+        (1, True, (4, 3, 1)),  # 1F1B; 3 and 1 micro-batches: not a multiple of / fewer than the stages
+        (2, False, (4, 2, 6)),  # interleaved; 2 = pipeline: every forward is a warm-up forward
+    ],
+)
 def test_pp2_loss_gradients_and_adamw_steps_match_one_process(virtual, tied, microbatch_counts):
     reports = run_on_ranks(_pipeline_matches_one_process, 2, virtual, tied, microbatch_counts)
     names = [set(r["names"]) for r in reports]
@@ -279,8 +294,9 @@ def _ar_outputs_under_pipeline(rank, world_size):
         batch, targets = microbatches[1]
         noisy = torch.ones_like(batch.dm_noise_mask)  # every DM token becomes a noisy target
         latents = {k: torch.randn(v.shape, generator=g) * 100 for k, v in batch.dm_tokens.items()}
-        changed = batch.replace(dm_tokens=latents, dm_noise_mask=noisy,
-                                dm_timesteps=torch.rand(batch.num_dm_tokens, generator=g))
+        changed = batch.replace(
+            dm_tokens=latents, dm_noise_mask=noisy, dm_timesteps=torch.rand(batch.num_dm_tokens, generator=g)
+        )
         changed.validate()
 
         def outputs(microbatches, precision="fp32"):
@@ -291,8 +307,13 @@ def _ar_outputs_under_pipeline(rank, world_size):
                 recorded.append((output.ar_hidden, ce, output.dm_hidden))
                 return loss_breakdown(output, batch, targets)
 
-            forward_backward(stages, microbatches, record, forward_only=True,
-                             forward_context=lambda: autocast(precision, torch.device("cpu")))
+            forward_backward(
+                stages,
+                microbatches,
+                record,
+                forward_only=True,
+                forward_context=lambda: autocast(precision, torch.device("cpu")),
+            )
             return recorded
 
         result = {}

@@ -4,22 +4,36 @@ from megatron_cosmos3.model.config import MoTConfig
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.testing.distributed import run_on_ranks
 
-MODEL = MoTConfig(hidden_size=64, num_layers=4, num_attention_heads=4, num_kv_heads=2, head_dim=16,
-                  ffn_hidden_size=128)
+MODEL = MoTConfig(hidden_size=64, num_layers=4, num_attention_heads=4, num_kv_heads=2, head_dim=16, ffn_hidden_size=128)
 
 
-@pytest.mark.parametrize("sizes, world, message", [
-    (ParallelSizes(tensor=2, pipeline=2), 6, r"world_size=6 is not divisible by tensor\*pipeline\*context=2\*2\*1=4"),
-    (ParallelSizes(tensor=4), 4, "num_kv_heads=2 is not divisible by tensor=4"),
-    (ParallelSizes(tensor=3), 3, "num_attention_heads=4 is not divisible by tensor=3"),
-    (ParallelSizes(pipeline=2, virtual_pipeline=4), 2, r"num_layers=4 is not divisible by pipeline\*virtual_pipeline"),
-    (ParallelSizes(virtual_pipeline=2), 1, "virtual_pipeline=2 needs pipeline > 1"),
-    (ParallelSizes(tensor=2, context=2), 4, "num_kv_heads/tensor=1 is not divisible by context=2"),
-    (ParallelSizes(expert=2), 2, "expert=2 needs a mixture-of-experts model"),
-    (ParallelSizes(sequence_parallel=True), 1, "sequence_parallel=True needs tensor > 1"),
-    (ParallelSizes(tensor=0), 1, "tensor=0 must be an int >= 1"),
-    (ParallelSizes(tensor=2, pipeline=2, sequence_parallel=True), 4, "sequence_parallel=True with context=1 or pipeline=2"),
-])
+@pytest.mark.parametrize(
+    "sizes, world, message",
+    [
+        (
+            ParallelSizes(tensor=2, pipeline=2),
+            6,
+            r"world_size=6 is not divisible by tensor\*pipeline\*context=2\*2\*1=4",
+        ),
+        (ParallelSizes(tensor=4), 4, "num_kv_heads=2 is not divisible by tensor=4"),
+        (ParallelSizes(tensor=3), 3, "num_attention_heads=4 is not divisible by tensor=3"),
+        (
+            ParallelSizes(pipeline=2, virtual_pipeline=4),
+            2,
+            r"num_layers=4 is not divisible by pipeline\*virtual_pipeline",
+        ),
+        (ParallelSizes(virtual_pipeline=2), 1, "virtual_pipeline=2 needs pipeline > 1"),
+        (ParallelSizes(tensor=2, context=2), 4, "num_kv_heads/tensor=1 is not divisible by context=2"),
+        (ParallelSizes(expert=2), 2, "expert=2 needs a mixture-of-experts model"),
+        (ParallelSizes(sequence_parallel=True), 1, "sequence_parallel=True needs tensor > 1"),
+        (ParallelSizes(tensor=0), 1, "tensor=0 must be an int >= 1"),
+        (
+            ParallelSizes(tensor=2, pipeline=2, sequence_parallel=True),
+            4,
+            "sequence_parallel=True with context=1 or pipeline=2",
+        ),
+    ],
+)
 def test_invalid_layouts_name_the_offending_pair(sizes, world, message):
     with pytest.raises(ValueError, match=message):
         sizes.validate(world, MODEL)

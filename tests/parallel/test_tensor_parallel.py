@@ -13,9 +13,19 @@ from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 from megatron_cosmos3.training.losses import mot_losses
 
-CONFIG = MoTConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=2, head_dim=8,
-                   mrope_section=[2, 1, 1], ffn_hidden_size=64, video_latent_channels=4, audio_latent_dim=6,
-                   timestep_embedding_dim=16)
+CONFIG = MoTConfig(
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=2,
+    num_attention_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mrope_section=[2, 1, 1],
+    ffn_hidden_size=64,
+    video_latent_channels=4,
+    audio_latent_dim=6,
+    timestep_embedding_dim=16,
+)
 
 
 def noised_pack(seed):
@@ -86,13 +96,17 @@ def _ar_blind_under_tensor_parallel(rank, world_size):
         torch.manual_seed(0)
         model = apply_tensor_parallel(MoTModel(copy.deepcopy(CONFIG)), groups)
         batch, _ = noised_pack(0)
-        changed = batch.replace(dm_tokens={k: v * 3 + 1 for k, v in batch.dm_tokens.items()},
-                                dm_timesteps=torch.where(batch.dm_noise_mask, torch.full_like(batch.dm_timesteps, 0.7),
-                                                         batch.dm_timesteps))
+        changed = batch.replace(
+            dm_tokens={k: v * 3 + 1 for k, v in batch.dm_tokens.items()},
+            dm_timesteps=torch.where(batch.dm_noise_mask, torch.full_like(batch.dm_timesteps, 0.7), batch.dm_timesteps),
+        )
         with torch.no_grad():
             a, b = model(batch), model(changed)
-        return torch.equal(a.ar_hidden, b.ar_hidden), torch.equal(a.lm_logits, b.lm_logits), \
-            torch.equal(a.dm_hidden, b.dm_hidden)
+        return (
+            torch.equal(a.ar_hidden, b.ar_hidden),
+            torch.equal(a.lm_logits, b.lm_logits),
+            torch.equal(a.dm_hidden, b.dm_hidden),
+        )
     finally:
         destroy_parallel()
 

@@ -23,8 +23,17 @@ def _streams(frames: int = 4) -> dict[str, Stream]:
 
 
 def test_registry_covers_the_design_table_and_the_synthetic_tasks():
-    design = {"understanding", "text_to_image", "text_to_video", "image_to_video", "video_to_audio",
-              "text_to_audio_video", "forward_dynamics", "inverse_dynamics", "policy"}
+    design = {
+        "understanding",
+        "text_to_image",
+        "text_to_video",
+        "image_to_video",
+        "video_to_audio",
+        "text_to_audio_video",
+        "forward_dynamics",
+        "inverse_dynamics",
+        "policy",
+    }
     assert design <= set(TASK_REGISTRY)
     assert set(synthetic_packs.TASKS) <= set(TASK_REGISTRY)
 
@@ -42,16 +51,19 @@ def test_every_layout_puts_clean_conditioning_before_noisy_targets(name):
     assert not mask[:first_noisy].any() and mask[first_noisy:].all()
 
 
-@pytest.mark.parametrize("name, clean, noisy", [
-    ("text_to_video", [], [("video", 0, 4)]),
-    ("image_to_video", [("video", 0, 1)], [("video", 1, 3)]),
-    ("video_to_audio", [("video", 0, 4)], [("audio", 0, 25)]),
-    ("text_to_audio_video", [], [("video", 0, 4), ("audio", 0, 25)]),
-    ("forward_dynamics", [("video", 0, 2), ("action/single_arm", 0, 10)], [("video", 2, 2)]),
-    ("inverse_dynamics", [("video", 0, 4)], [("action/single_arm", 0, 10)]),
-    ("policy", [("video", 0, 1)], [("action/single_arm", 0, 10)]),
-    ("policy_with_future", [("video", 0, 1)], [("action/single_arm", 0, 10), ("video", 1, 3)]),
-])
+@pytest.mark.parametrize(
+    "name, clean, noisy",
+    [
+        ("text_to_video", [], [("video", 0, 4)]),
+        ("image_to_video", [("video", 0, 1)], [("video", 1, 3)]),
+        ("video_to_audio", [("video", 0, 4)], [("audio", 0, 25)]),
+        ("text_to_audio_video", [], [("video", 0, 4), ("audio", 0, 25)]),
+        ("forward_dynamics", [("video", 0, 2), ("action/single_arm", 0, 10)], [("video", 2, 2)]),
+        ("inverse_dynamics", [("video", 0, 4)], [("action/single_arm", 0, 10)]),
+        ("policy", [("video", 0, 1)], [("action/single_arm", 0, 10)]),
+        ("policy_with_future", [("video", 0, 1)], [("action/single_arm", 0, 10), ("video", 1, 3)]),
+    ],
+)
 def test_noise_masks_select_the_task(name, clean, noisy):
     """(stream key, first temporal index, temporal steps) of every span, clean ones then noisy ones."""
     spans = dm_layout(TASK_REGISTRY[name], _streams())
@@ -74,8 +86,9 @@ def test_a_layout_refuses_a_clip_too_short_for_it():
 
 def test_task_specs_refuse_noisy_before_clean():
     with pytest.raises(ValueError, match="clean DM spans must precede"):
-        TaskSpec("bad", frozenset({T, V}), "caption",
-                 dm=(DMRole("video", "future", True), DMRole("video", "past", False)))
+        TaskSpec(
+            "bad", frozenset({T, V}), "caption", dm=(DMRole("video", "future", True), DMRole("video", "past", False))
+        )
 
 
 def test_first_seconds_cuts_every_stream_at_the_same_instant():

@@ -20,9 +20,19 @@ from megatron_cosmos3.training.checkpoint import Checkpointer, latest_checkpoint
 from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 from megatron_cosmos3.training.losses import mot_losses
 
-CONFIG = MoTConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=2, head_dim=8,
-                   mrope_section=[2, 1, 1], ffn_hidden_size=64, video_latent_channels=4, audio_latent_dim=6,
-                   timestep_embedding_dim=16)
+CONFIG = MoTConfig(
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=2,
+    num_attention_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mrope_section=[2, 1, 1],
+    ffn_hidden_size=64,
+    video_latent_channels=4,
+    audio_latent_dim=6,
+    timestep_embedding_dim=16,
+)
 
 
 def trained_model(steps=2):
@@ -96,8 +106,11 @@ def test_missing_parameters_are_named_unless_declared_new(tmp_path):
     with pytest.raises(KeyError, match="dm_streams.action_in.quadruped.weight"):
         loader.load(tmp_path / "step_00000001", grown)
     new_before = grown.dm_streams.action_in["quadruped"].weight.clone()
-    loader.load(tmp_path / "step_00000001", grown, allow_missing=("dm_streams.action_in.quadruped.",
-                                                                   "dm_streams.action_out.quadruped."))
+    loader.load(
+        tmp_path / "step_00000001",
+        grown,
+        allow_missing=("dm_streams.action_in.quadruped.", "dm_streams.action_out.quadruped."),
+    )
     assert torch.equal(grown.layers[1].generator.mlp.up_proj.weight, model.layers[1].generator.mlp.up_proj.weight)
     assert torch.equal(grown.dm_streams.action_in["quadruped"].weight, new_before)
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
@@ -169,8 +182,10 @@ def _save_under_tensor_parallel(rank, world_size, root):
                 p.copy_(reference_slice(ref[name], p, groups.tensor_rank, 2))
         for name, p in model.named_parameters():
             state = reference_optimizer.state[ref[name]]
-            optimizer.state[p] = {k: (v if k == "step" else reference_slice(v, p, groups.tensor_rank, 2)).clone()
-                                  for k, v in state.items()}
+            optimizer.state[p] = {
+                k: (v if k == "step" else reference_slice(v, p, groups.tensor_rank, 2)).clone()
+                for k, v in state.items()
+            }
         checkpointer = Checkpointer(root, groups=groups, async_save=True)
         checkpointer.save(2, model, optimizer, {}, {})
         checkpointer.wait()
@@ -189,8 +204,11 @@ def _load_under_data_parallel(rank, world_size, root):
         model = MoTModel(copy.deepcopy(CONFIG))
         optimizer = build_optimizer(model.parameters(), groups, lr=1e-2)  # ZeRO over 2 data ranks
         Checkpointer(root, groups=groups).load(latest_checkpoint(root), model, optimizer)
-        owned = {n: {k: v.clone() for k, v in optimizer.optim.state[p].items()}
-                 for n, p in model.named_parameters() if p in optimizer.optim.state}
+        owned = {
+            n: {k: v.clone() for k, v in optimizer.optim.state[p].items()}
+            for n, p in model.named_parameters()
+            if p in optimizer.optim.state
+        }
         return next_loss(model), owned
     finally:
         destroy_parallel()

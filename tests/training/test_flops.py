@@ -10,7 +10,7 @@ def test_attention_pairs_equal_the_allowed_entries_of_the_dense_masks():
     layout = PackLayout.from_cu_seqlens(torch.tensor([0, 5, 5, 12, 13]), torch.tensor([0, 3, 7, 7, 8]))
     # Count what the dense reference allows by probing it with one-hot values.
     allowed = 0
-    for stream, n_q in (("ar", 13), ("dm", 8)):
+    for stream, _n_q in (("ar", 13), ("dm", 8)):
         sample_q = layout.sample_ids(stream)
         if stream == "ar":
             idx = torch.arange(13)
@@ -29,6 +29,8 @@ def test_step_flops_follow_the_6n_plus_attention_rule(tiny_config):
     flops = step_flops(model, layout, num_labelled_ar_tokens=3)
     c = tiny_config
     timestep = sum(p.numel() for p in model.timestep_embedding.mlp.parameters()) * 6
-    assert flops.matmul == 6 * (towers["reasoner"] * 4 + towers["generator"] * 6 + c.vocab_size * c.hidden_size * 3 + timestep)
+    assert flops.matmul == 6 * (
+        towers["reasoner"] * 4 + towers["generator"] * 6 + c.vocab_size * c.hidden_size * 3 + timestep
+    )
     assert flops.attention == 12 * c.num_layers * c.num_attention_heads * c.head_dim * (10 + 6 * 10)
     assert flops.megatron_convention > flops.attention  # one causal sequence of 10 tokens: 55 pairs + LM head on all

@@ -14,23 +14,50 @@ from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.distributed import DistributedContext
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["model.vocab_size=64", "model.hidden_size=32", "model.num_layers=4", "model.num_attention_heads=4",
-        "model.num_kv_heads=2", "model.head_dim=8", "model.mrope_section=[2,1,1]", "model.ffn_hidden_size=64",
-        "model.video_latent_channels=4", "model.audio_latent_dim=6", "model.timestep_embedding_dim=16",
-        "synthetic.samples_per_pack=4", "synthetic.scale=1", "log_every=1", "optimizer.warmup_steps=1",
-        "checkpoint.save_every=2", "tracking.experiment=layouts"]
+TINY = [
+    "model.vocab_size=64",
+    "model.hidden_size=32",
+    "model.num_layers=4",
+    "model.num_attention_heads=4",
+    "model.num_kv_heads=2",
+    "model.head_dim=8",
+    "model.mrope_section=[2,1,1]",
+    "model.ffn_hidden_size=64",
+    "model.video_latent_channels=4",
+    "model.audio_latent_dim=6",
+    "model.timestep_embedding_dim=16",
+    "synthetic.samples_per_pack=4",
+    "synthetic.scale=1",
+    "log_every=1",
+    "optimizer.warmup_steps=1",
+    "checkpoint.save_every=2",
+    "tracking.experiment=layouts",
+]
 
 
 def overrides(tmp_path, name, *extra):
-    return TINY + [f"checkpoint.directory={tmp_path / name}", f"tracking.tracking_uri={tmp_path / 'mlflow.db'}",
-                   f"tracking.run_name={name}", *extra]
+    return TINY + [
+        f"checkpoint.directory={tmp_path / name}",
+        f"tracking.tracking_uri={tmp_path / 'mlflow.db'}",
+        f"tracking.run_name={name}",
+        *extra,
+    ]
 
 
 def torchrun(tmp_path, name, *extra):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               "-m", "megatron_cosmos3.training.train", *overrides(tmp_path, name, *extra)]
-    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            capture_output=True, text=True, timeout=300)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "megatron_cosmos3.training.train",
+        *overrides(tmp_path, name, *extra),
+    ]
+    result = subprocess.run(
+        command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -59,14 +86,18 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("layout", [
-    ["parallel.tensor=2", "optimizer.micro_batches_per_step=2"],
-    ["parallel.tensor=2", "parallel.sequence_parallel=true", "optimizer.micro_batches_per_step=2"],
-    ["parallel.pipeline=2", "optimizer.micro_batches_per_step=2"],
-    ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "optimizer.micro_batches_per_step=2"],
-    ["parallel.context=2", "optimizer.micro_batches_per_step=2"],
-    ["optimizer.micro_batches_per_step=1"],  # DP=2: one micro-batch per data-parallel rank
-], ids=["tp2", "tp2-sp", "pp2", "pp2-interleaved", "cp2", "dp2-zero"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["parallel.tensor=2", "optimizer.micro_batches_per_step=2"],
+        ["parallel.tensor=2", "parallel.sequence_parallel=true", "optimizer.micro_batches_per_step=2"],
+        ["parallel.pipeline=2", "optimizer.micro_batches_per_step=2"],
+        ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "optimizer.micro_batches_per_step=2"],
+        ["parallel.context=2", "optimizer.micro_batches_per_step=2"],
+        ["optimizer.micro_batches_per_step=1"],  # DP=2: one micro-batch per data-parallel rank
+    ],
+    ids=["tp2", "tp2-sp", "pp2", "pp2-interleaved", "cp2", "dp2-zero"],
+)
 def test_each_layout_trains_like_one_process(reference, layout):
     tmp_path, want = reference
     name = "-".join(part.split("=")[0].split(".")[-1] + part.split("=")[1] for part in layout)

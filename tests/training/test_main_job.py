@@ -15,14 +15,42 @@ def run_trainer(tmp_path: Path, *overrides: str, nproc: int = 2) -> subprocess.C
     """The README's main job (configs/tiny_cpu.yaml on generated-world shards), shortened."""
     world = tmp_path / "world"
     if not (world / "latent" / "index.json").exists():
-        subprocess.run([sys.executable, str(REPO / "data_pipelines/generate_world.py"), str(world), "--samples", "32",
-                        "--shard-size", "4", "--resolution", "32", "--latents", "pooled"], check=True,
-                       capture_output=True, timeout=300)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "megatron_cosmos3.training.train", "--config", str(REPO / "configs/tiny_cpu.yaml"),
-               f"data.datasets=[{{name: world, shards: [{world / 'latent'}]}}]", "data.packing.tokens_per_pack=768",
-               f"checkpoint.directory={tmp_path / 'ckpt'}", f"tracking.tracking_uri={tmp_path / 'mlflow.db'}",
-               "log_every=5", "checkpoint.save_every=10", *overrides]
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "data_pipelines/generate_world.py"),
+                str(world),
+                "--samples",
+                "32",
+                "--shard-size",
+                "4",
+                "--resolution",
+                "32",
+                "--latents",
+                "pooled",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "megatron_cosmos3.training.train",
+        "--config",
+        str(REPO / "configs/tiny_cpu.yaml"),
+        f"data.datasets=[{{name: world, shards: [{world / 'latent'}]}}]",
+        "data.packing.tokens_per_pack=768",
+        f"checkpoint.directory={tmp_path / 'ckpt'}",
+        f"tracking.tracking_uri={tmp_path / 'mlflow.db'}",
+        "log_every=5",
+        "checkpoint.save_every=10",
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
@@ -57,7 +85,8 @@ def test_two_process_training_logs_to_mlflow_checkpoints_and_resumes(tmp_path):
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [5, 10, 15, 20]
     assert {"loss/ce", "loss/fm", "grad_norm", "lr", "throughput/tokens_per_s", "data/samples_used"} <= set(
-        run.data.metrics)
+        run.data.metrics
+    )
 
     # Resume: the next launch continues from step 20 in the same MLflow run.
     second = run_trainer(tmp_path, "steps=30")
@@ -69,11 +98,26 @@ def test_two_process_training_logs_to_mlflow_checkpoints_and_resumes(tmp_path):
 
 def test_invalid_config_fails_before_any_process_group(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "megatron_cosmos3.training.train", "--config", str(REPO / "configs/tiny_cpu.yaml"),
-         "model.num_kv_heads=3"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "megatron_cosmos3.training.train",
+            "--config",
+            str(REPO / "configs/tiny_cpu.yaml"),
+            "model.num_kv_heads=3",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "num_attention_heads=4 must be a multiple of num_kv_heads=3" in result.stderr
     typo = subprocess.run(
         [sys.executable, "-m", "megatron_cosmos3.training.train", "optimizer.lrr=1"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert typo.returncode != 0 and "lrr" in typo.stderr

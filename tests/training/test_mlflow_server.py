@@ -12,10 +12,23 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["model.vocab_size=64", "model.hidden_size=32", "model.num_layers=2", "model.num_attention_heads=4",
-        "model.num_kv_heads=2", "model.head_dim=8", "model.mrope_section=[2,1,1]", "model.ffn_hidden_size=64",
-        "model.video_latent_channels=4", "model.audio_latent_dim=6", "model.timestep_embedding_dim=16",
-        "synthetic.samples_per_pack=4", "synthetic.scale=1", "log_every=1", "checkpoint.save_every=1000"]
+TINY = [
+    "model.vocab_size=64",
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_attention_heads=4",
+    "model.num_kv_heads=2",
+    "model.head_dim=8",
+    "model.mrope_section=[2,1,1]",
+    "model.ffn_hidden_size=64",
+    "model.video_latent_channels=4",
+    "model.audio_latent_dim=6",
+    "model.timestep_embedding_dim=16",
+    "synthetic.samples_per_pack=4",
+    "synthetic.scale=1",
+    "log_every=1",
+    "checkpoint.save_every=1000",
+]
 
 
 def free_port() -> int:
@@ -26,10 +39,26 @@ def free_port() -> int:
 
 def start_server(tmp_path: Path, port: int) -> subprocess.Popen:
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--default-artifact-root",
+            str(tmp_path / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:
@@ -54,12 +83,29 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
     port = free_port()
     server = start_server(tmp_path, port)
     try:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                   "-m", "megatron_cosmos3.training.train", *TINY, "steps=400",
-                   f"checkpoint.directory={tmp_path / 'ckpt'}", f"tracking.tracking_uri=http://127.0.0.1:{port}",
-                   "tracking.experiment=served", "tracking.run_name=tiny"]
-        training = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "megatron_cosmos3.training.train",
+            *TINY,
+            "steps=400",
+            f"checkpoint.directory={tmp_path / 'ckpt'}",
+            f"tracking.tracking_uri=http://127.0.0.1:{port}",
+            "tracking.experiment=served",
+            "tracking.run_name=tiny",
+        ]
+        training = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + 180
         run_id = None

@@ -23,30 +23,68 @@ CPU = DistributedContext(0, 1, 0, torch.device("cpu"))
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    subprocess.run([sys.executable, str(REPO / "data_pipelines/generate_world.py"), str(out), "--samples", "24",
-                    "--shard-size", "4", "--resolution", "32", "--duration", "1.0", "--latents", "pooled",
-                    "--video-latent-channels", "4", "--audio-latent-dim", "6"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "data_pipelines/generate_world.py"),
+            str(out),
+            "--samples",
+            "24",
+            "--shard-size",
+            "4",
+            "--resolution",
+            "32",
+            "--duration",
+            "1.0",
+            "--latents",
+            "pooled",
+            "--video-latent-channels",
+            "4",
+            "--audio-latent-dim",
+            "6",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return out / "latent"
 
 
 def shard_overrides(tmp_path, world, name, *extra):
-    return ["model.vocab_size=256", "model.hidden_size=32", "model.num_layers=2", "model.num_attention_heads=4",
-            "model.num_kv_heads=2", "model.head_dim=8", "model.mrope_section=[2,1,1]", "model.ffn_hidden_size=64",
-            "model.video_latent_channels=4", "model.audio_latent_dim=6", "model.timestep_embedding_dim=16",
-            "data_source=shards", f"data.datasets=[{{name: world, shards: [{world}]}}]",
-            "data.stages={pretrain: {datasets: {world: 1.0}, tasks: {understanding: 1.0, text_to_video: 1.0, "
-            "image_to_video: 1.0, video_to_audio: 1.0, forward_dynamics: 1.0, policy: 1.0}}}",
-            "data.packing.tokens_per_pack=768", "data.shuffle_buffer=8", "log_every=1", "optimizer.warmup_steps=1",
-            "checkpoint.save_every=100", f"checkpoint.directory={tmp_path / name}",
-            f"tracking.tracking_uri={tmp_path / 'mlflow.db'}", f"tracking.run_name={name}", *extra]
+    return [
+        "model.vocab_size=256",
+        "model.hidden_size=32",
+        "model.num_layers=2",
+        "model.num_attention_heads=4",
+        "model.num_kv_heads=2",
+        "model.head_dim=8",
+        "model.mrope_section=[2,1,1]",
+        "model.ffn_hidden_size=64",
+        "model.video_latent_channels=4",
+        "model.audio_latent_dim=6",
+        "model.timestep_embedding_dim=16",
+        "data_source=shards",
+        f"data.datasets=[{{name: world, shards: [{world}]}}]",
+        "data.stages={pretrain: {datasets: {world: 1.0}, tasks: {understanding: 1.0, text_to_video: 1.0, "
+        "image_to_video: 1.0, video_to_audio: 1.0, forward_dynamics: 1.0, policy: 1.0}}}",
+        "data.packing.tokens_per_pack=768",
+        "data.shuffle_buffer=8",
+        "log_every=1",
+        "optimizer.warmup_steps=1",
+        "checkpoint.save_every=100",
+        f"checkpoint.directory={tmp_path / name}",
+        f"tracking.tracking_uri={tmp_path / 'mlflow.db'}",
+        f"tracking.run_name={name}",
+        *extra,
+    ]
 
 
 def losses(tmp_path, name):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs(client.get_experiment_by_name("megatron_cosmos3").experiment_id,
-                              filter_string=f"attributes.run_name = '{name}'")
+    runs = client.search_runs(
+        client.get_experiment_by_name("megatron_cosmos3").experiment_id, filter_string=f"attributes.run_name = '{name}'"
+    )
     return sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, "loss"))
 
 
@@ -74,10 +112,19 @@ def test_preempted_mid_epoch_resumes_with_the_exact_next_pack(tmp_path, world, w
 
 @pytest.mark.multiprocess
 def test_two_processes_train_on_shards_and_log_data_counts(tmp_path, world):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               "-m", "megatron_cosmos3.training.train", *shard_overrides(tmp_path, world, "two", "steps=4")]
-    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            capture_output=True, text=True, timeout=300)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "megatron_cosmos3.training.train",
+        *shard_overrides(tmp_path, world, "two", "steps=4"),
+    ]
+    result = subprocess.run(
+        command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     from mlflow.tracking import MlflowClient
 

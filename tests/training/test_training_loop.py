@@ -15,24 +15,46 @@ from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.distributed import DistributedContext
 
 CPU = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-TINY = ["model.vocab_size=64", "model.hidden_size=32", "model.num_layers=2", "model.num_attention_heads=4",
-        "model.num_kv_heads=2", "model.head_dim=8", "model.mrope_section=[2,1,1]", "model.ffn_hidden_size=64",
-        "model.video_latent_channels=4", "model.audio_latent_dim=6", "model.timestep_embedding_dim=16",
-        "synthetic.samples_per_pack=4", "synthetic.scale=1", "log_every=1", "optimizer.warmup_steps=2"]
+TINY = [
+    "model.vocab_size=64",
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_attention_heads=4",
+    "model.num_kv_heads=2",
+    "model.head_dim=8",
+    "model.mrope_section=[2,1,1]",
+    "model.ffn_hidden_size=64",
+    "model.video_latent_channels=4",
+    "model.audio_latent_dim=6",
+    "model.timestep_embedding_dim=16",
+    "synthetic.samples_per_pack=4",
+    "synthetic.scale=1",
+    "log_every=1",
+    "optimizer.warmup_steps=2",
+]
 
 
 def config_for(tmp_path, name, *overrides):
-    return load_config(None, TINY + [f"checkpoint.directory={tmp_path / name / 'ckpt'}",
-                                     f"tracking.tracking_uri={tmp_path / 'mlflow.db'}",
-                                     f"tracking.run_name={name}", *overrides])
+    return load_config(
+        None,
+        TINY
+        + [
+            f"checkpoint.directory={tmp_path / name / 'ckpt'}",
+            f"tracking.tracking_uri={tmp_path / 'mlflow.db'}",
+            f"tracking.run_name={name}",
+            *overrides,
+        ],
+    )
 
 
 def loss_history(tmp_path, run_name):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs(client.get_experiment_by_name("megatron_cosmos3").experiment_id,
-                              filter_string=f"attributes.run_name = '{run_name}'")
+    runs = client.search_runs(
+        client.get_experiment_by_name("megatron_cosmos3").experiment_id,
+        filter_string=f"attributes.run_name = '{run_name}'",
+    )
     assert len(runs) == 1, f"expected one MLflow run named {run_name}, found {len(runs)}"
     return [(m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, "loss")]
 
@@ -40,7 +62,8 @@ def loss_history(tmp_path, run_name):
 def final_weights(config):
     model = MoTModel(copy.deepcopy(config.model))
     Checkpointer(config.checkpoint.directory, async_save=False).load(
-        latest_checkpoint(config.checkpoint.directory), model)
+        latest_checkpoint(config.checkpoint.directory), model
+    )
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
@@ -74,27 +97,42 @@ def test_stage_change_loads_weights_freezes_and_adds_an_embodiment(tmp_path):
     pre = config_for(tmp_path, "pre", "steps=3")
     train_module.train(pre, CPU)
     pre_weights = final_weights(pre)
-    mid = config_for(tmp_path, "mid", "steps=3", "stage.name=midtrain", f"stage.init_from={pre.checkpoint.directory}",
-                     "stage.freeze=[layers.*.reasoner.*,embed_tokens.*,lm_head.*,reasoner_norm.*]",
-                     "stage.new_embodiments={quadruped: {action_dim: 12, rate_hz: 20.0}}")
+    mid = config_for(
+        tmp_path,
+        "mid",
+        "steps=3",
+        "stage.name=midtrain",
+        f"stage.init_from={pre.checkpoint.directory}",
+        "stage.freeze=[layers.*.reasoner.*,embed_tokens.*,lm_head.*,reasoner_norm.*]",
+        "stage.new_embodiments={quadruped: {action_dim: 12, rate_hz: 20.0}}",
+    )
     train_module.train(mid, CPU)
     mid_model = MoTModel(copy.deepcopy(mid.model))
     mid_model.add_embodiment("quadruped", mid.stage.new_embodiments["quadruped"])
     meta = Checkpointer(mid.checkpoint.directory, async_save=False).load(
-        latest_checkpoint(mid.checkpoint.directory), mid_model)
+        latest_checkpoint(mid.checkpoint.directory), mid_model
+    )
     assert meta["step"] == 3 and meta["stage"] == "midtrain"  # a fresh stage counts its own steps
     mid_weights = dict(mid_model.named_parameters())
     for name, before in pre_weights.items():
         frozen = ".reasoner." in name or name.startswith(("embed_tokens", "lm_head", "reasoner_norm"))
         if frozen:
             assert torch.equal(mid_weights[name], before), f"frozen {name} changed"
-    assert not torch.equal(mid_weights["layers.0.generator.mlp.up_proj.weight"],
-                           pre_weights["layers.0.generator.mlp.up_proj.weight"])
+    assert not torch.equal(
+        mid_weights["layers.0.generator.mlp.up_proj.weight"], pre_weights["layers.0.generator.mlp.up_proj.weight"]
+    )
     assert "dm_streams.action_in.quadruped.weight" in mid_weights
 
-    post = config_for(tmp_path, "post", "steps=2", "stage.name=posttrain", f"stage.init_from={mid.checkpoint.directory}",
-                      "stage.new_embodiments={quadruped: {action_dim: 12, rate_hz: 20.0}}",
-                      "stage.freeze=[layers.*]", "synthetic.tasks=[policy]")
+    post = config_for(
+        tmp_path,
+        "post",
+        "steps=2",
+        "stage.name=posttrain",
+        f"stage.init_from={mid.checkpoint.directory}",
+        "stage.new_embodiments={quadruped: {action_dim: 12, rate_hz: 20.0}}",
+        "stage.freeze=[layers.*]",
+        "synthetic.tasks=[policy]",
+    )
     train_module.train(post, CPU)  # the embodiment now comes from the checkpoint, nothing missing
 
 
@@ -127,8 +165,15 @@ def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_pat
 
 def test_gradient_accumulation_equals_one_big_step(tmp_path):
     """Two micro-batches of accumulation give the mean of their gradients."""
-    config = config_for(tmp_path, "accumulate", "steps=1", "optimizer.micro_batches_per_step=2",
-                        "optimizer.warmup_steps=0", "optimizer.grad_clip=1e9", "checkpoint.async_save=false")
+    config = config_for(
+        tmp_path,
+        "accumulate",
+        "steps=1",
+        "optimizer.micro_batches_per_step=2",
+        "optimizer.warmup_steps=0",
+        "optimizer.grad_clip=1e9",
+        "checkpoint.async_save=false",
+    )
     run = train_module.build_run(config, CPU)
     initial = copy.deepcopy(run.model)
     train_module.train(config, CPU)
@@ -140,12 +185,21 @@ def test_gradient_accumulation_equals_one_big_step(tmp_path):
         initial.zero_grad()
         mot_losses(initial, batch, targets).total.backward()
         grads = {n: (p.grad.clone() if p.grad is not None else None) for n, p in initial.named_parameters()}
-        expected_grads = grads if expected_grads is None else {
-            n: (g if expected_grads[n] is None else expected_grads[n] if g is None else expected_grads[n] + g)
-            for n, g in grads.items()}
+        expected_grads = (
+            grads
+            if expected_grads is None
+            else {
+                n: (g if expected_grads[n] is None else expected_grads[n] if g is None else expected_grads[n] + g)
+                for n, g in grads.items()
+            }
+        )
     reference = copy.deepcopy(initial)
-    optimizer = torch.optim.AdamW(reference.parameters(), lr=config.optimizer.lr, betas=tuple(config.optimizer.betas),
-                                  weight_decay=config.optimizer.weight_decay)
+    optimizer = torch.optim.AdamW(
+        reference.parameters(),
+        lr=config.optimizer.lr,
+        betas=tuple(config.optimizer.betas),
+        weight_decay=config.optimizer.weight_decay,
+    )
     for n, p in reference.named_parameters():
         p.grad = None if expected_grads[n] is None else expected_grads[n] / 2
     optimizer.step()
