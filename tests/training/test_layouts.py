@@ -9,25 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, loss_history
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.distributed import DistributedContext
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
-    "model.vocab_size=64",
-    "model.hidden_size=32",
+    *TINY_MODEL,
     "model.num_layers=4",
-    "model.num_attention_heads=4",
-    "model.num_kv_heads=2",
-    "model.head_dim=8",
-    "model.mrope_section=[2,1,1]",
-    "model.ffn_hidden_size=64",
-    "model.video_latent_channels=4",
-    "model.audio_latent_dim=6",
-    "model.timestep_embedding_dim=16",
-    "synthetic.samples_per_pack=4",
-    "synthetic.scale=1",
+    *TINY_SYNTHETIC,
     "log_every=1",
     "optimizer.warmup_steps=1",
     "checkpoint.save_every=2",
@@ -63,13 +54,7 @@ def torchrun(tmp_path, name, *extra):
 
 
 def history_with_steps(tmp_path, name):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("layouts")
-    runs = client.search_runs(experiment.experiment_id, filter_string=f"attributes.run_name = '{name}'")
-    assert len(runs) == 1, f"{len(runs)} MLflow runs named {name}"
-    return sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, "loss"))
+    return loss_history(tmp_path / "mlflow.db", name, experiment="layouts")
 
 
 def history(tmp_path, name):

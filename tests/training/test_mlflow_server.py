@@ -11,21 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
-    "model.vocab_size=64",
-    "model.hidden_size=32",
-    "model.num_layers=2",
-    "model.num_attention_heads=4",
-    "model.num_kv_heads=2",
-    "model.head_dim=8",
-    "model.mrope_section=[2,1,1]",
-    "model.ffn_hidden_size=64",
-    "model.video_latent_channels=4",
-    "model.audio_latent_dim=6",
-    "model.timestep_embedding_dim=16",
-    "synthetic.samples_per_pack=4",
-    "synthetic.scale=1",
+    *TINY_MODEL,
+    *TINY_SYNTHETIC,
     "log_every=1",
     "checkpoint.save_every=1000",
 ]

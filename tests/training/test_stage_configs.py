@@ -9,12 +9,18 @@ from megatron_cosmos3.training.config import load_config, task_table
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("stage, starts_from, frozen", [
-    ("pretrain", "", []),
-    ("midtrain", "outputs/pretrain/checkpoints", []),
-    ("posttrain", "outputs/midtrain/checkpoints", ["layers.*.reasoner.*", "embed_tokens.*", "lm_head.*",
-                                                  "reasoner_norm.*"]),
-])
+@pytest.mark.parametrize(
+    "stage, starts_from, frozen",
+    [
+        ("pretrain", "", []),
+        ("midtrain", "outputs/pretrain/checkpoints", []),
+        (
+            "posttrain",
+            "outputs/midtrain/checkpoints",
+            ["layers.*.reasoner.*", "embed_tokens.*", "lm_head.*", "reasoner_norm.*"],
+        ),
+    ],
+)
 def test_stage_config_layers_over_the_base(stage, starts_from, frozen):
     config = load_config([str(REPO / "configs/tiny_cpu.yaml"), str(REPO / f"configs/stages/{stage}.yaml")])
     assert config.stage.name == config.data.stage == stage  # the data mixture follows the stage

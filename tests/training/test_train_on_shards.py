@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_cosmos3.testing.training import loss_history
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.batches import MicroBatches
 from megatron_cosmos3.training.checkpoint import latest_checkpoint
@@ -79,13 +80,7 @@ def shard_overrides(tmp_path, world, name, *extra):
 
 
 def losses(tmp_path, name):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs(
-        client.get_experiment_by_name("megatron_cosmos3").experiment_id, filter_string=f"attributes.run_name = '{name}'"
-    )
-    return sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, "loss"))
+    return loss_history(tmp_path / "mlflow.db", name)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

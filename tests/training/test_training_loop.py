@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, loss_history
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.batches import MicroBatches
 from megatron_cosmos3.training.checkpoint import Checkpointer, latest_checkpoint
@@ -16,19 +17,8 @@ from megatron_cosmos3.training.distributed import DistributedContext
 
 CPU = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 TINY = [
-    "model.vocab_size=64",
-    "model.hidden_size=32",
-    "model.num_layers=2",
-    "model.num_attention_heads=4",
-    "model.num_kv_heads=2",
-    "model.head_dim=8",
-    "model.mrope_section=[2,1,1]",
-    "model.ffn_hidden_size=64",
-    "model.video_latent_channels=4",
-    "model.audio_latent_dim=6",
-    "model.timestep_embedding_dim=16",
-    "synthetic.samples_per_pack=4",
-    "synthetic.scale=1",
+    *TINY_MODEL,
+    *TINY_SYNTHETIC,
     "log_every=1",
     "optimizer.warmup_steps=2",
 ]
@@ -47,16 +37,8 @@ def config_for(tmp_path, name, *overrides):
     )
 
 
-def loss_history(tmp_path, run_name):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs(
-        client.get_experiment_by_name("megatron_cosmos3").experiment_id,
-        filter_string=f"attributes.run_name = '{run_name}'",
-    )
-    assert len(runs) == 1, f"expected one MLflow run named {run_name}, found {len(runs)}"
-    return [(m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, "loss")]
+def run_losses(tmp_path, run_name):
+    return loss_history(tmp_path / "mlflow.db", run_name)
 
 
 def final_weights(config):
@@ -87,7 +69,7 @@ def test_preempted_and_resumed_run_gives_the_same_losses_and_weights_bit_for_bit
     monkeypatch.setattr(MicroBatches, "get", real)
     second_half = interrupted
     train_module.train(second_half, CPU)  # resumes at step 4 from the committed checkpoint
-    assert loss_history(tmp_path, "resumed") == loss_history(tmp_path, "straight")  # one MLflow run, continued
+    assert run_losses(tmp_path, "resumed") == run_losses(tmp_path, "straight")  # one MLflow run, continued
     want, got = final_weights(straight), final_weights(second_half)
     for name in want:
         assert torch.equal(want[name], got[name]), name

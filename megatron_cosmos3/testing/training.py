@@ -1,0 +1,34 @@
+"""Shared by the trainer tests: the tiny model as config overrides, and reading a run's loss curve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# A two-layer MoT small enough for multi-process runs of a few seconds (override num_layers to split).
+TINY_MODEL = [
+    "model.vocab_size=64",
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_attention_heads=4",
+    "model.num_kv_heads=2",
+    "model.head_dim=8",
+    "model.mrope_section=[2,1,1]",
+    "model.ffn_hidden_size=64",
+    "model.video_latent_channels=4",
+    "model.audio_latent_dim=6",
+    "model.timestep_embedding_dim=16",
+]
+TINY_SYNTHETIC = ["synthetic.samples_per_pack=4", "synthetic.scale=1"]
+
+
+def loss_history(tracking_db: Path, run_name: str, experiment: str = "megatron_cosmos3") -> list[tuple[int, float]]:
+    """(step, loss) of the one MLflow run called ``run_name`` in the SQLite store ``tracking_db``,
+    sorted by step (a step logged twice, by two resumed runs, appears twice)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tracking_db}")
+    runs = client.search_runs(
+        client.get_experiment_by_name(experiment).experiment_id, filter_string=f"attributes.run_name = '{run_name}'"
+    )
+    assert len(runs) == 1, f"expected one MLflow run named {run_name}, found {len(runs)}"
+    return sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, "loss"))
