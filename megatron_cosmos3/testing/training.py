@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megatron_cosmos3.model.config import MoTConfig
+
 # A two-layer MoT small enough for multi-process runs of a few seconds (override num_layers to split).
 TINY_MODEL = [
     "model.vocab_size=64",
@@ -18,6 +20,26 @@ TINY_MODEL = [
     "model.audio_latent_dim=6",
     "model.timestep_embedding_dim=16",
 ]
+
+
+def tiny_mot_config(**changes) -> MoTConfig:
+    """The same tiny model as a MoTConfig (equal to TINY_MODEL), for tests that build it directly."""
+    fields = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        mrope_section=[2, 1, 1],
+        ffn_hidden_size=64,
+        video_latent_channels=4,
+        audio_latent_dim=6,
+        timestep_embedding_dim=16,
+    )
+    return MoTConfig(**{**fields, **changes})
+
+
 TINY_SYNTHETIC = ["synthetic.samples_per_pack=4", "synthetic.scale=1"]
 
 

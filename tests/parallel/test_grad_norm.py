@@ -6,27 +6,15 @@ import pytest
 import torch
 
 from megatron_cosmos3.data.synthetic_packs import random_pack
-from megatron_cosmos3.model.config import MoTConfig
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.parallel.grad_norm import global_grad_norm
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.testing.distributed import run_on_ranks
+from megatron_cosmos3.testing.training import tiny_mot_config
 from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 from megatron_cosmos3.training.losses import mot_losses
 
-CONFIG = MoTConfig(
-    vocab_size=64,
-    hidden_size=32,
-    num_layers=2,
-    num_attention_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    mrope_section=[2, 1, 1],
-    ffn_hidden_size=64,
-    video_latent_channels=4,
-    audio_latent_dim=6,
-    timestep_embedding_dim=16,
-)
+CONFIG = tiny_mot_config()
 
 
 def _norms_under_tensor_parallel(rank, world_size):
