@@ -35,13 +35,13 @@ def overrides(tmp_path, name, *extra):
     ]
 
 
-def torchrun(tmp_path, name, *extra):
+def torchrun(tmp_path, name, *extra, nproc=2):
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
-        "--nproc-per-node=2",
+        f"--nproc-per-node={nproc}",
         "-m",
         "megatron_cosmos3.training.train",
         *overrides(tmp_path, name, *extra),
@@ -80,13 +80,15 @@ def reference(tmp_path_factory):
         ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "optimizer.micro_batches_per_step=2"],
         ["parallel.context=2", "optimizer.micro_batches_per_step=2"],
         ["optimizer.micro_batches_per_step=1"],  # DP=2: one micro-batch per data-parallel rank
+        ["parallel.tensor=2", "parallel.pipeline=2", "optimizer.micro_batches_per_step=2"],  # 4 ranks
     ],
-    ids=["tp2", "tp2-sp", "pp2", "pp2-interleaved", "cp2", "dp2-zero"],
+    ids=["tp2", "tp2-sp", "pp2", "pp2-interleaved", "cp2", "dp2-zero", "tp2xpp2"],
 )
 def test_each_layout_trains_like_one_process(reference, layout):
     tmp_path, want = reference
     name = "-".join(part.split("=")[0].split(".")[-1] + part.split("=")[1] for part in layout)
-    torchrun(tmp_path, name, "steps=3", *layout)
+    nproc = 4 if "parallel.pipeline=2" in layout and "parallel.tensor=2" in layout else 2
+    torchrun(tmp_path, name, "steps=3", *layout, nproc=nproc)
     assert history(tmp_path, name) == pytest.approx(want, rel=1e-5)
 
 
