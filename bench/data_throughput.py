@@ -35,6 +35,7 @@ from megatron_cosmos3.data.loader import PackedLoader  # noqa: E402
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig  # noqa: E402
 from megatron_cosmos3.model.config import MoTConfig  # noqa: E402
 from megatron_cosmos3.tasks.registry import TASK_REGISTRY  # noqa: E402
+from megatron_cosmos3.testing.tiny_vaes import tiny_oobleck_vae, tiny_wan_vae  # noqa: E402
 
 # Published-scale reference: Nano (8B) at 530 TF/s per H100 and 6 N FLOPs per token.
 NANO_PARAMS, H100_FLOPS = 8e9, 530e12
@@ -52,36 +53,9 @@ def _tiny_vaes(root: Path, config: MoTConfig) -> LatentEncoderConfig:
     """Random VAEs with Wan2.2's / Oobleck's structure and the model's latent widths."""
     import warnings
 
-    from diffusers import AutoencoderKLWan, AutoencoderOobleck
-
     warnings.filterwarnings("ignore", message=".*weight_norm.*")
-    torch.manual_seed(0)
-    z = config.video_latent_channels
-    AutoencoderKLWan(
-        base_dim=8,
-        decoder_base_dim=8,
-        z_dim=z,
-        dim_mult=[1, 2, 4, 4],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        is_residual=True,
-        in_channels=12,
-        out_channels=12,
-        patch_size=2,
-        scale_factor_spatial=16,
-        scale_factor_temporal=4,
-        latents_mean=[0.0] * z,
-        latents_std=[1.0] * z,
-    ).save_pretrained(root / "video_vae")
-    AutoencoderOobleck(
-        encoder_hidden_size=2 * config.audio_latent_dim,
-        downsampling_ratios=[2, 4, 5, 6, 8],
-        channel_multiples=[1] * 5,
-        decoder_channels=4,
-        decoder_input_channels=config.audio_latent_dim,
-        audio_channels=2,
-        sampling_rate=48_000,
-    ).save_pretrained(root / "audio_vae")
+    tiny_wan_vae(config.video_latent_channels).save_pretrained(root / "video_vae")
+    tiny_oobleck_vae(config.audio_latent_dim).save_pretrained(root / "audio_vae")
     return LatentEncoderConfig(True, str(root / "video_vae"), str(root / "audio_vae"), "float32")
 
 

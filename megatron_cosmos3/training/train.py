@@ -384,9 +384,13 @@ def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train the megatron_cosmos3 MoT (run under torchrun or srun).")
-    parser.add_argument("--config", action="append", default=[],
-                        help="YAML config file; repeat to layer files, later ones winning "
-                        "(e.g. --config configs/tiny_cpu.yaml --config configs/stages/midtrain.yaml)")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="YAML config file; repeat to layer files, later ones winning "
+        "(e.g. --config configs/tiny_cpu.yaml --config configs/stages/midtrain.yaml)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. optimizer.lr=1e-3 steps=50")
     return parser.parse_args(argv)

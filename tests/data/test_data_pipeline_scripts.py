@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKLWan, AutoencoderOobleck
 from world_helpers import AUDIO_LATENT_DIM, VIDEO_LATENT_CHANNELS, data_config, load_script, model_config, tiny_world
 
 from megatron_cosmos3.data.latent_encoders import VAELatentEncoder, encodable_pixels
@@ -20,6 +19,7 @@ from megatron_cosmos3.data.shards import ShardIndex, read_shard
 from megatron_cosmos3.encoders.audio_vae import AudioVAE
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
 from megatron_cosmos3.encoders.video_vae import VideoVAE
+from megatron_cosmos3.testing.tiny_vaes import tiny_oobleck_vae, tiny_wan_vae
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 
@@ -28,33 +28,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is 
 def vae_folders(tmp_path_factory):
     """Tiny random frozen VAEs with the real structure (16x spatial, 4x temporal; hop 1920)."""
     root = tmp_path_factory.mktemp("vaes")
-    torch.manual_seed(0)
     z = VIDEO_LATENT_CHANNELS
-    AutoencoderKLWan(
-        base_dim=8,
-        decoder_base_dim=8,
-        z_dim=z,
-        dim_mult=[1, 2, 4, 4],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        is_residual=True,
-        in_channels=12,
-        out_channels=12,
-        patch_size=2,
-        scale_factor_spatial=16,
-        scale_factor_temporal=4,
-        latents_mean=[0.1] * z,
-        latents_std=[2.0] * z,
-    ).save_pretrained(root / "video")
-    AutoencoderOobleck(
-        encoder_hidden_size=2 * AUDIO_LATENT_DIM,
-        downsampling_ratios=[2, 4, 5, 6, 8],
-        channel_multiples=[1] * 5,
-        decoder_channels=4,
-        decoder_input_channels=AUDIO_LATENT_DIM,
-        audio_channels=2,
-        sampling_rate=48_000,
-    ).save_pretrained(root / "audio")
+    tiny_wan_vae(z, latents_mean=[0.1] * z, latents_std=[2.0] * z).save_pretrained(root / "video")
+    tiny_oobleck_vae(AUDIO_LATENT_DIM).save_pretrained(root / "audio")
     return LatentEncoderConfig(
         online=True, video_vae_path=str(root / "video"), audio_vae_path=str(root / "audio"), dtype="float32"
     )

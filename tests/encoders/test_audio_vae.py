@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderOobleck
 
 from megatron_cosmos3.encoders.audio_vae import AudioLatents, AudioVAE, resample
+from megatron_cosmos3.testing.tiny_vaes import tiny_oobleck_vae
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 
@@ -19,18 +19,7 @@ LATENT_DIM = 4
 
 def _save_tiny_oobleck(folder, ratios=(2, 4, 5, 6, 8), **overrides) -> None:
     """A tiny Oobleck with the real hop (ratios multiply to 1920) at 48 kHz stereo."""
-    config = dict(
-        encoder_hidden_size=2 * LATENT_DIM,
-        downsampling_ratios=list(ratios),
-        channel_multiples=[1] * len(ratios),
-        decoder_channels=4,
-        decoder_input_channels=LATENT_DIM,
-        audio_channels=2,
-        sampling_rate=48_000,
-    )
-    config.update(overrides)
-    torch.manual_seed(0)
-    AutoencoderOobleck(**config).save_pretrained(folder)
+    tiny_oobleck_vae(LATENT_DIM, ratios, **overrides).save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from megatron_cosmos3.encoders.video_vae import (
     latents_to_tokens,
     tokens_to_latents,
 )
+from megatron_cosmos3.testing.tiny_vaes import tiny_wan_vae
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 
@@ -26,26 +27,10 @@ Z_DIM = 4
 def _tiny_wan(**overrides) -> AutoencoderKLWan:
     """Wan2.2 TI2V structure (patch_size 2 + residual blocks + 3 downsamples = 16x, 4x in time), tiny widths."""
     gen = torch.Generator().manual_seed(0)
-    config = dict(
-        base_dim=8,
-        decoder_base_dim=8,
-        z_dim=Z_DIM,
-        dim_mult=[1, 2, 4, 4],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        is_residual=True,
-        in_channels=12,
-        out_channels=12,
-        patch_size=2,
-        scale_factor_spatial=16,
-        scale_factor_temporal=4,
-        # Far from (0, 1) so a missing normalisation shows up in the tests.
-        latents_mean=(torch.randn(Z_DIM, generator=gen) * 3).tolist(),
-        latents_std=(torch.rand(Z_DIM, generator=gen) * 2 + 0.5).tolist(),
-    )
-    config.update(overrides)
-    torch.manual_seed(0)
-    return AutoencoderKLWan(**config)
+    # Far from (0, 1) so a missing normalisation shows up in the tests.
+    mean = (torch.randn(Z_DIM, generator=gen) * 3).tolist()
+    std = (torch.rand(Z_DIM, generator=gen) * 2 + 0.5).tolist()
+    return tiny_wan_vae(Z_DIM, latents_mean=mean, latents_std=std, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -15,21 +15,10 @@ from megatron_cosmos3.parallel.pipeline import split_model, stage_layer_ranges
 from megatron_cosmos3.parallel.pipeline_schedules import ACTIVATION, Compute, schedule
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.testing.distributed import run_on_ranks
+from megatron_cosmos3.testing.training import tiny_mot_config
 from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 
-CONFIG = MoTConfig(
-    vocab_size=64,
-    hidden_size=32,
-    num_layers=4,
-    num_attention_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    mrope_section=[2, 1, 1],
-    ffn_hidden_size=64,
-    video_latent_channels=4,
-    audio_latent_dim=6,
-    timestep_embedding_dim=16,
-)
+CONFIG = tiny_mot_config(num_layers=4)  # 4 layers: 2 stages x 2 virtual chunks
 TOLERANCE = 1e-5  # fp32, norm-relative per parameter
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_cosmos3.testing.training import loss_history
+from megatron_cosmos3.testing.training import TINY_MODEL, loss_history
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.batches import MicroBatches
 from megatron_cosmos3.training.checkpoint import latest_checkpoint
@@ -52,17 +52,8 @@ def world(tmp_path_factory):
 
 def shard_overrides(tmp_path, world, name, *extra):
     return [
-        "model.vocab_size=256",
-        "model.hidden_size=32",
-        "model.num_layers=2",
-        "model.num_attention_heads=4",
-        "model.num_kv_heads=2",
-        "model.head_dim=8",
-        "model.mrope_section=[2,1,1]",
-        "model.ffn_hidden_size=64",
-        "model.video_latent_channels=4",
-        "model.audio_latent_dim=6",
-        "model.timestep_embedding_dim=16",
+        *TINY_MODEL,
+        "model.vocab_size=256",  # the loader's byte tokenizer needs 256 ids
         "data_source=shards",
         f"data.datasets=[{{name: world, shards: [{world}]}}]",
         "data.stages={pretrain: {datasets: {world: 1.0}, tasks: {understanding: 1.0, text_to_video: 1.0, "
