@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from megatron_cosmos3.model.attention import PackLayout, attention_backend
+from megatron_cosmos3.model.attention import AttentionBackend, PackLayout, attention_backend
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
 from megatron_cosmos3.model.embeddings import DMStreamProjections, TimestepEmbedding
 from megatron_cosmos3.model.layer import MoTLayer, StreamRotary
@@ -38,6 +38,49 @@ class MoTOutput:
     lm_logits: torch.Tensor  # (n_labelled, vocab): only AR rows with a next-token label
     lm_logit_rows: torch.Tensor  # (n_labelled,) which AR rows those are
     dm_predictions: dict[str, torch.Tensor]  # per DM stream: (n_k, d_k) velocity predictions
+
+
+@dataclass
+class RankRows:
+    """The rows of one micro-batch that this rank runs through its layers, and how attention sees them.
+
+    Without a sequence split, the whole pack (``RankRows.whole``). Under context or sequence
+    parallelism (``parallel/context_parallel.py``), this rank's chunk of each stream: ``batch`` is the
+    pack restricted to the chunk's real rows, followed by ``ar_padding`` / ``dm_padding`` zero rows,
+    while ``layout`` is the whole padded pack's, which ``attention`` (an exchanging backend) runs on.
+    The full model, pipeline stages and the context-parallel runner all run a micro-batch through
+    ``MoTModel.embed_rows`` -> ``MoTModel.run_layers`` -> ``MoTModel.heads``.
+    """
+
+    batch: PackedBatch
+    layout: PackLayout  # what attention runs on
+    batch_layout: PackLayout  # the layout of ``batch`` itself (this rank's real rows)
+    attention: AttentionBackend
+    ar_rotary_positions: torch.Tensor  # (3, rows): the positions q/k rows are rotated with
+    dm_rotary_positions: torch.Tensor
+    ar_padding: int = 0
+    dm_padding: int = 0
+
+    @classmethod
+    def whole(cls, batch: PackedBatch, attention: AttentionBackend) -> RankRows:
+        layout = PackLayout.from_cu_seqlens(batch.ar_cu_seqlens, batch.dm_cu_seqlens)
+        return cls(batch, layout, layout, attention, batch.ar_positions, batch.dm_positions)
+
+    @property
+    def num_ar_rows(self) -> int:
+        """Rows of the AR hidden stream on this rank (real and padding)."""
+        return self.batch.num_ar_tokens + self.ar_padding
+
+    @property
+    def num_dm_rows(self) -> int:
+        return self.batch.num_dm_tokens + self.dm_padding
+
+
+def _with_padding(rows: torch.Tensor, padding: int) -> torch.Tensor:
+    """``rows`` followed by ``padding`` zero rows (padding rows enter with zero hidden states)."""
+    if not padding:
+        return rows
+    return torch.cat([rows, rows.new_zeros(padding, *rows.shape[1:])])
 
 
 def run_reasoner(
@@ -168,17 +211,46 @@ class MoTModel(nn.Module):
 
     def forward(self, batch: PackedBatch) -> MoTOutput:
         """Both passes and both heads (inside forward, so DDP-style wrappers see every parameter)."""
-        ar_pass = self.forward_ar(batch)
-        dm_hidden = self.forward_dm(batch, ar_pass)
+        rows = RankRows.whole(batch, self._attention())
+        ar, dm = self.run_layers(enumerate(self.layers), *self.embed_rows(rows), rows)
+        return self.heads(ar, dm, rows)
+
+    # ------------------------------------------------------------------ the three parts of a pass
+    # Each reads only attributes that a pipeline stage holding that part also has (MoTStage calls
+    # them on itself), so one implementation serves the model, the stages and the CP runner.
+    def embed_rows(self, rows: RankRows) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input hidden streams of ``rows``: (num_ar_rows, hidden), (num_dm_rows, hidden)."""
+        return _with_padding(self.embed_ar(rows.batch), rows.ar_padding), _with_padding(
+            self.embed_dm(rows.batch), rows.dm_padding
+        )
+
+    def run_layers(
+        self, layers: Iterable[tuple[int, MoTLayer]], ar: torch.Tensor, dm: torch.Tensor, rows: RankRows
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Reasoner halves of ``layers`` ((global index, layer), in order) on the AR stream, then
+        their Generator halves on the DM stream."""
+        layers = list(layers)
+        ar_rope = self._rotary(rows.ar_rotary_positions, ar.dtype)
+        dm_rope = self._rotary(rows.dm_rotary_positions, dm.dtype)
+        # DeepStack rows index this rank's real AR rows, which come first (padding is at the end).
+        ar, keys_values = run_reasoner(layers, ar, ar_rope, rows.layout, rows.attention, rows.batch)
+        dm = run_generator([layer for _, layer in layers], dm, dm_rope, keys_values, rows.layout, rows.attention)
+        return ar, dm
+
+    def heads(self, ar: torch.Tensor, dm: torch.Tensor, rows: RankRows) -> MoTOutput:
+        """Final norms and both heads on the real rows of ``rows`` (padding rows leave here)."""
+        batch = rows.batch
+        ar = self.reasoner_norm(ar[: batch.num_ar_tokens])
+        dm = self.generator_norm(dm[: batch.num_dm_tokens])
         # Only labelled rows go through the vocabulary projection: prompts and ViT tokens are free.
-        rows = (batch.ar_labels != IGNORE_INDEX).nonzero().squeeze(1)
+        labelled = (batch.ar_labels != IGNORE_INDEX).nonzero().squeeze(1)
         return MoTOutput(
-            ar_hidden=ar_pass.hidden,
-            dm_hidden=dm_hidden,
-            layout=ar_pass.layout,
-            lm_logits=self.lm_logits(ar_pass.hidden.index_select(0, rows)),
-            lm_logit_rows=rows,
-            dm_predictions=self.dm_predictions(dm_hidden, batch),
+            ar_hidden=ar,
+            dm_hidden=dm,
+            layout=rows.batch_layout,
+            lm_logits=self.lm_logits(ar.index_select(0, labelled)),
+            lm_logit_rows=labelled,
+            dm_predictions=self.dm_predictions(dm, batch),
         )
 
     # ------------------------------------------------------------------ heads

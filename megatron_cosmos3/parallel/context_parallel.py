@@ -32,16 +32,16 @@ the layers of the bare ``MoTModel`` one by one, so it cannot run inside a DDP wr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
 
 from megatron_cosmos3.model.attention import AttentionBackend, PackLayout, attention_backend
-from megatron_cosmos3.model.layer import StreamRotary
-from megatron_cosmos3.model.mot import MoTModel, MoTOutput, run_generator, run_reasoner
-from megatron_cosmos3.model.packed_batch import IGNORE_INDEX, PackedBatch
+from megatron_cosmos3.model.mot import MoTModel, MoTOutput, RankRows
+from megatron_cosmos3.model.packed_batch import PackedBatch
 from megatron_cosmos3.parallel.ulysses import ContextParallelAttention
-from megatron_cosmos3.training.losses import LossBreakdown, loss_breakdown
+from megatron_cosmos3.training.losses import LossBreakdown, LossFunction, loss_breakdown
 
 
 @dataclass
@@ -125,17 +125,64 @@ def shard_pack(batch: PackedBatch, rank: int, size: int) -> ContextShard:
     return ContextShard(local, padded_layout(batch, size), ar_padding, dm_padding, stream_rows)
 
 
-def _with_padding(rows: torch.Tensor, padding: int, dim: int = 0) -> torch.Tensor:
-    """``rows`` followed by ``padding`` zero rows along ``dim`` (zero hidden states, position 0)."""
-    if not padding:
-        return rows
-    shape = list(rows.shape)
-    shape[dim] = padding
-    return torch.cat([rows, rows.new_zeros(shape)], dim=dim)
+def _rotary_positions(positions: torch.Tensor, padding: int) -> torch.Tensor:
+    """(3, rows) positions followed by ``padding`` rows at position 0."""
+    return torch.cat([positions, positions.new_zeros(positions.shape[0], padding)], dim=1) if padding else positions
 
 
-def _rotary(model: MoTModel, positions: torch.Tensor, padding: int, dtype: torch.dtype) -> StreamRotary:
-    return StreamRotary(*model.rotary(_with_padding(positions, padding, dim=1), dtype))
+@dataclass
+class SequenceSplit:
+    """How every micro-batch's rows are split over ``group``, for the model, pipeline stages alike.
+
+    ``sequence_parallel=False``: ``group`` is the context-parallel group; attention exchanges
+    sequence for heads (Ulysses) around ``inner``. ``sequence_parallel=True``: ``group`` is the
+    tensor-parallel group of a model whose megatron linears run with sequence parallelism. The same
+    row split then serves the norm/residual regions, but the column-parallel QKV all-gathers the rows
+    itself: queries and keys cover the whole padded stream (so they are rotated with the whole
+    stream's positions) and attention needs no exchange.
+    """
+
+    group: dist.ProcessGroup
+    sequence_parallel: bool = False
+
+    def rows(self, batch: PackedBatch, inner: AttentionBackend) -> tuple[RankRows, ContextShard]:
+        """This rank's rows of ``batch`` (the same whole batch on every rank of the group)."""
+        size = dist.get_world_size(self.group)
+        shard = shard_pack(batch, dist.get_rank(self.group), size)
+        if self.sequence_parallel:
+            attention = inner
+            ar_positions = _rotary_positions(batch.ar_positions, (-batch.num_ar_tokens) % size)
+            dm_positions = _rotary_positions(batch.dm_positions, (-batch.num_dm_tokens) % size)
+        else:  # q/k are rotated on this rank's rows, before the exchange
+            attention = ContextParallelAttention(inner, self.group)
+            ar_positions = _rotary_positions(shard.batch.ar_positions, shard.ar_padding)
+            dm_positions = _rotary_positions(shard.batch.dm_positions, shard.dm_padding)
+        local = shard.batch
+        rows = RankRows(
+            batch=local,
+            layout=shard.layout,
+            batch_layout=PackLayout.from_cu_seqlens(local.ar_cu_seqlens, local.dm_cu_seqlens),
+            attention=attention,
+            ar_rotary_positions=ar_positions,
+            dm_rotary_positions=dm_positions,
+            ar_padding=shard.ar_padding,
+            dm_padding=shard.dm_padding,
+        )
+        return rows, shard
+
+    def losses(
+        self, loss_fn: LossFunction, output: MoTOutput, shard: ContextShard, targets: dict[str, torch.Tensor]
+    ) -> LossBreakdown:
+        """``loss_fn`` (e.g. ``loss_breakdown`` with a flow-matching weight) of the whole micro-batch,
+        from this rank's ``output`` and ``shard``; see ``context_parallel_losses`` and
+        ``sequence_parallel_losses`` for what ``total`` carries."""
+        losses = loss_fn(output, shard.batch, shard.local_targets(targets), group=self.group)
+        if self.sequence_parallel:
+            # loss_breakdown's gradient is size x this rank's share; the tensor-parallel linears and
+            # finalize_tensor_parallel_grads (a sum over the group) want the share itself.
+            share = losses.total / dist.get_world_size(self.group)
+            losses.total = share + (losses.total - share).detach()
+        return losses
 
 
 def context_parallel_forward(
@@ -145,50 +192,18 @@ def context_parallel_forward(
     inner: AttentionBackend | None = None,
     sequence_parallel: bool = False,
 ) -> tuple[MoTOutput, ContextShard]:
-    """The model's forward pass on ``batch`` with its streams split over the CP ``group``.
+    """The model's forward pass on ``batch`` with its streams split over ``group`` (see
+    ``SequenceSplit``).
 
     Every rank of ``group`` passes the same whole ``batch``. Returns this rank's ``MoTOutput`` — that
     of the single-process model restricted to the rows of ``shard.batch`` (hidden states, logits of
     its labelled rows, velocity predictions) — and the shard. ``inner`` defaults to the model's
     configured attention backend.
-
-    ``sequence_parallel``: ``group`` is the tensor-parallel group of a model whose megatron linears
-    run with sequence parallelism. The same row split then serves the norm/residual regions, but
-    the column-parallel QKV all-gathers the rows itself: queries and keys cover the whole padded
-    stream (so they are rotated with the whole stream's positions) and attention needs no exchange.
     """
-    size = dist.get_world_size(group)
-    shard = shard_pack(batch, dist.get_rank(group), size)
-    local, layout = shard.batch, shard.layout
-    device = model.embed_tokens.weight.device
-    inner = inner or attention_backend(model.config.attention_backend, device)
-    attention = inner if sequence_parallel else ContextParallelAttention(inner, group)
-    # Rotary rows: this rank's (CP: q/k are rotated before the exchange) or the whole stream's (SP).
-    rotary_source = batch if sequence_parallel else local
-    ar_rotary_padding = (-batch.num_ar_tokens) % size if sequence_parallel else shard.ar_padding
-    dm_rotary_padding = (-batch.num_dm_tokens) % size if sequence_parallel else shard.dm_padding
-
-    # The Reasoner pass over the AR chunk, then the Generator pass over the DM chunk (as MoTModel.forward).
-    ar_hidden = _with_padding(model.embed_ar(local), shard.ar_padding)
-    ar_rope = _rotary(model, rotary_source.ar_positions, ar_rotary_padding, ar_hidden.dtype)
-    # DeepStack rows index this rank's real AR rows, which come first (padding is at the end).
-    ar_hidden, keys_values = run_reasoner(enumerate(model.layers), ar_hidden, ar_rope, layout, attention, local)
-    dm_hidden = _with_padding(model.embed_dm(local), shard.dm_padding)
-    dm_rope = _rotary(model, rotary_source.dm_positions, dm_rotary_padding, dm_hidden.dtype)
-    dm_hidden = run_generator(model.layers, dm_hidden, dm_rope, keys_values, layout, attention)
-
-    ar_hidden = model.reasoner_norm(ar_hidden[: local.num_ar_tokens])
-    dm_hidden = model.generator_norm(dm_hidden[: local.num_dm_tokens])
-    rows = (local.ar_labels != IGNORE_INDEX).nonzero().squeeze(1)
-    output = MoTOutput(
-        ar_hidden=ar_hidden,
-        dm_hidden=dm_hidden,
-        layout=PackLayout.from_cu_seqlens(local.ar_cu_seqlens, local.dm_cu_seqlens),
-        lm_logits=model.lm_logits(ar_hidden.index_select(0, rows)),
-        lm_logit_rows=rows,
-        dm_predictions=model.dm_predictions(dm_hidden, local),
-    )
-    return output, shard
+    inner = inner or attention_backend(model.config.attention_backend, model.embed_tokens.weight.device)
+    rows, shard = SequenceSplit(group, sequence_parallel).rows(batch, inner)
+    ar, dm = model.run_layers(enumerate(model.layers), *model.embed_rows(rows), rows)
+    return model.heads(ar, dm, rows), shard
 
 
 def context_parallel_losses(
@@ -207,7 +222,8 @@ def context_parallel_losses(
     Sums, counts and per-task parts are this rank's share (they add up over the group).
     """
     output, shard = context_parallel_forward(model, batch, group, inner)
-    return loss_breakdown(output, shard.batch, shard.local_targets(targets), flow_matching_weight, group)
+    loss_fn = partial(loss_breakdown, flow_matching_weight=flow_matching_weight)
+    return SequenceSplit(group).losses(loss_fn, output, shard, targets)
 
 
 def sequence_parallel_losses(
@@ -224,10 +240,8 @@ def sequence_parallel_losses(
     every replicated parameter) add the shares up.
     """
     output, shard = context_parallel_forward(model, batch, tensor_group, sequence_parallel=True)
-    losses = loss_breakdown(output, shard.batch, shard.local_targets(targets), flow_matching_weight, tensor_group)
-    share = losses.total / dist.get_world_size(tensor_group)  # loss_breakdown's gradient is size x share
-    losses.total = share + (losses.total - share).detach()
-    return losses
+    loss_fn = partial(loss_breakdown, flow_matching_weight=flow_matching_weight)
+    return SequenceSplit(tensor_group, sequence_parallel=True).losses(loss_fn, output, shard, targets)
 
 
 def reduce_replicated_gradients(parameters, group: dist.ProcessGroup) -> None:

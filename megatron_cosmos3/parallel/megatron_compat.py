@@ -4,8 +4,8 @@ Sequence parallelism all-gathers into megatron's global memory buffer, and its r
 gather mappings allocate their outputs, on ``torch.cuda.current_device()``. On a host without CUDA
 this module installs a buffer that allocates on the CPU, and gives ``tensor_parallel.mappings`` and
 ``tensor_parallel.layers`` (whose sequence-parallel backward allocates the same way) a
-``torch`` whose ``cuda.current_device()`` names the CPU; on GPUs it changes nothing. Everything else in megatron's TP linears (and the
-process groups of ``parallel_state``) runs on gloo as is.
+``torch`` whose ``cuda.current_device()`` names the CPU; on GPUs it changes nothing. Everything
+else in megatron's TP linears (and the process groups of ``parallel_state``) runs on gloo as is.
 
 Not usable on CPU at all, and therefore replaced by PyTorch-native pieces (see ``data_parallel.py``):
 megatron's DistributedDataParallel and DistributedOptimizer (they allocate their contiguous grad

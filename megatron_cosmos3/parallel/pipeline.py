@@ -6,11 +6,12 @@ fork. With ``pipeline`` ranks and ``virtual_pipeline`` chunks per rank the layer
 of pipeline rank ``r`` is virtual stage ``c * pipeline + r``. Virtual stage 0 also holds the
 embeddings, the last one the final norms and both heads.
 
-A stage runs, for each of its layers, the Reasoner half and then the Generator half (the Generator
+A stage runs, for its layers, the Reasoner halves and then the Generator halves (the Generator
 half of layer i attends to layer i's AR keys/values, which live on the same stage). So between stages
 only the two hidden streams travel, ``(ar_hidden (n_ar, hidden), dm_hidden (n_dm, hidden))``, and
-their gradients. The packing metadata (cu_seqlens, positions, noise masks, DM token index, ...) is
-never sent: every pipeline rank reads the same micro-batches from its own data source, as Megatron
+their gradients; under context or sequence parallelism (a ``SequenceSplit``) only this rank's rows
+of them, as in Megatron. The packing metadata (cu_seqlens, positions, noise masks, DM token index,
+...) is never sent: every pipeline rank reads the same micro-batches from its own data source, as Megatron
 does for masks and position ids, and derives the shapes of what it receives from them.
 
 Parameters used at both ends of the pipeline — the DM stream projections (inputs embedded on the
@@ -30,9 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_cosmos3.model.attention import PackLayout, attention_backend
-from megatron_cosmos3.model.mot import MoTModel, MoTOutput, run_generator, run_reasoner
-from megatron_cosmos3.model.packed_batch import IGNORE_INDEX, PackedBatch
+from megatron_cosmos3.model.mot import MoTModel, MoTOutput, RankRows
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.parallel.state import ParallelGroups
 
@@ -60,6 +59,12 @@ class MoTStage(nn.Module):
     Holds the very modules of the model it was cut from (no copies), under the model's names.
     """
 
+    # MoTModel's own pass code, run on the stage: each part reads only attributes that a stage
+    # holding that part has (the embeddings on the first stage, norms and heads on the last).
+    embed_rows, embed_ar, embed_dm = MoTModel.embed_rows, MoTModel.embed_ar, MoTModel.embed_dm
+    run_layers, _rotary = MoTModel.run_layers, MoTModel._rotary
+    heads, lm_logits, dm_predictions = MoTModel.heads, MoTModel.lm_logits, MoTModel.dm_predictions
+
     def __init__(self, model: MoTModel, layers: range, is_first: bool, is_last: bool):
         super().__init__()
         self.config = model.config
@@ -78,35 +83,15 @@ class MoTStage(nn.Module):
             self.generator_norm = model.generator_norm
             self.lm_head = model.lm_head
 
-    def forward(
-        self, batch: PackedBatch, hidden: HiddenStreams | None, layout: PackLayout
-    ) -> HiddenStreams | MoTOutput:
-        """Runs this chunk on one micro-batch.
+    def forward(self, rows: RankRows, hidden: HiddenStreams | None) -> HiddenStreams | MoTOutput:
+        """Runs this chunk on one micro-batch (``rows``: what this rank runs of it, see ``RankRows``).
 
-        ``hidden``: the previous stage's streams (None on the first stage, which embeds ``batch``).
+        ``hidden``: the previous stage's streams (None on the first stage, which embeds the rows).
         Returns the streams for the next stage, or on the last stage the model's ``MoTOutput``.
         """
-        # The embedding and head code is MoTModel's own, called on this stage (same attribute names).
-        ar, dm = (MoTModel.embed_ar(self, batch), MoTModel.embed_dm(self, batch)) if self.is_first else hidden
-        attention = attention_backend(self.config.attention_backend, ar.device)
-        ar_rope = MoTModel._rotary(self, batch.ar_positions, ar.dtype)
-        dm_rope = MoTModel._rotary(self, batch.dm_positions, dm.dtype)
-        # The model's own layer loops, over this stage's layers only.
-        layers = [(i, self.layers[str(i)]) for i in self.layer_indices]
-        ar, keys_values = run_reasoner(layers, ar, ar_rope, layout, attention, batch)
-        dm = run_generator([layer for _, layer in layers], dm, dm_rope, keys_values, layout, attention)
-        if not self.is_last:
-            return ar, dm
-        ar, dm = self.reasoner_norm(ar), self.generator_norm(dm)
-        rows = (batch.ar_labels != IGNORE_INDEX).nonzero().squeeze(1)
-        return MoTOutput(
-            ar_hidden=ar,
-            dm_hidden=dm,
-            layout=layout,
-            lm_logits=MoTModel.lm_logits(self, ar.index_select(0, rows)),
-            lm_logit_rows=rows,
-            dm_predictions=MoTModel.dm_predictions(self, dm, batch),
-        )
+        ar, dm = self.embed_rows(rows) if self.is_first else hidden
+        ar, dm = self.run_layers([(i, self.layers[str(i)]) for i in self.layer_indices], ar, dm, rows)
+        return self.heads(ar, dm, rows) if self.is_last else (ar, dm)
 
 
 def split_model(model: MoTModel, sizes: ParallelSizes, pipeline_rank: int) -> list[MoTStage]:

@@ -37,17 +37,17 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from megatron_cosmos3.model.attention import PackLayout
-from megatron_cosmos3.model.mot import MoTOutput
+from megatron_cosmos3.model.attention import attention_backend
+from megatron_cosmos3.model.mot import RankRows
 from megatron_cosmos3.model.packed_batch import PackedBatch
+from megatron_cosmos3.parallel.context_parallel import ContextShard, SequenceSplit
 from megatron_cosmos3.parallel.pipeline import PipelineStages
-from megatron_cosmos3.training.losses import LossBreakdown, loss_breakdown
+from megatron_cosmos3.training.losses import LossBreakdown, LossFunction, loss_breakdown
 
 ACTIVATION, GRADIENT = "activation", "gradient"  # activations flow to the next stage, gradients back
 
 # A micro-batch as every pipeline rank reads it: the noised pack and its velocity targets.
 MicroBatch = tuple[PackedBatch, dict[str, torch.Tensor]]
-LossFunction = Callable[[MoTOutput, PackedBatch, dict[str, torch.Tensor]], LossBreakdown]
 ForwardContext = Callable[[], contextlib.AbstractContextManager]
 
 
@@ -263,14 +263,17 @@ class _Executor:
         loss_fn: LossFunction,
         forward_only: bool,
         forward_context: ForwardContext,
+        split: SequenceSplit | None,
     ):
         self.stages, self.microbatches, self.loss_fn, self.forward_only = stages, microbatches, loss_fn, forward_only
-        self.forward_context = forward_context
+        self.forward_context, self.split = forward_context, split
+        config = stages.chunks[0].config
+        self.attention = attention_backend(config.attention_backend, stages.device)
         group, p, r = stages.groups.pipeline, stages.pipeline, stages.pipeline_rank
         self.group = group
         self.next_rank = dist.get_global_rank(group, (r + 1) % p) if p > 1 else None
         self.previous_rank = dist.get_global_rank(group, (r - 1) % p) if p > 1 else None
-        self.layouts: dict[int, PackLayout] = {}
+        self._rows: dict[int, tuple[RankRows, ContextShard | None]] = {}
         self.inputs: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # received activations
         self.outputs: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # sent activations, or (loss,)
         self.output_grads: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
@@ -286,11 +289,15 @@ class _Executor:
             with torch.set_grad_enabled(not self.forward_only), self.forward_context():
                 self.forward(step.chunk, step.microbatch)
 
-    def layout(self, microbatch: int) -> PackLayout:
-        if microbatch not in self.layouts:
+    def rows(self, microbatch: int) -> tuple[RankRows, ContextShard | None]:
+        """What this rank runs of ``microbatch`` (all of it, or its share under ``split``)."""
+        if microbatch not in self._rows:
             batch = self.microbatches[microbatch][0]
-            self.layouts[microbatch] = PackLayout.from_cu_seqlens(batch.ar_cu_seqlens, batch.dm_cu_seqlens)
-        return self.layouts[microbatch]
+            if self.split is None:
+                self._rows[microbatch] = RankRows.whole(batch, self.attention), None
+            else:
+                self._rows[microbatch] = self.split.rows(batch, self.attention)
+        return self._rows[microbatch]
 
     def forward(self, chunk: int, microbatch: int) -> None:
         stage = self.stages.chunks[chunk]
@@ -298,11 +305,15 @@ class _Executor:
         hidden = None if stage.is_first else self.inputs[chunk, microbatch]
         if self.forward_only:
             self.inputs.pop((chunk, microbatch), None)
-        output = stage(batch, hidden, self.layout(microbatch))
+        rows, shard = self.rows(microbatch)
+        output = stage(rows, hidden)
         if not stage.is_last:
             self.outputs[chunk, microbatch] = output
             return
-        report = self.loss_fn(output, batch, targets)
+        if self.split is None:
+            report = self.loss_fn(output, batch, targets)
+        else:
+            report = self.split.losses(self.loss_fn, output, shard, targets)
         self.reports[microbatch] = dataclasses.replace(report, total=report.total.detach())
         if not self.forward_only:
             self.outputs[chunk, microbatch] = (report.total / len(self.microbatches),)
@@ -346,10 +357,10 @@ class _Executor:
                 self.output_grads[key] = tensors
 
     def _receive_buffers(self, microbatch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.microbatches[microbatch][0]
+        rows, _ = self.rows(microbatch)
         return tuple(
             torch.empty(n, self.stages.hidden_size, dtype=self.stages.dtype, device=self.stages.device)
-            for n in (batch.num_ar_tokens, batch.num_dm_tokens)
+            for n in (rows.num_ar_rows, rows.num_dm_rows)
         )
 
     def _check_sendable(self, transfer: Transfer, tensors: tuple[torch.Tensor, ...]) -> None:
@@ -367,6 +378,7 @@ def forward_backward(
     loss_fn: LossFunction | None = None,
     forward_only: bool = False,
     forward_context: ForwardContext = contextlib.nullcontext,
+    split: SequenceSplit | None = None,
 ) -> list[LossBreakdown]:
     """One step's forward and backward passes of ``microbatches`` through the pipeline.
 
@@ -378,12 +390,14 @@ def forward_backward(
     and the shared first/last-stage parameters are summed at the end (``finalize_grads``): call once
     per optimizer step. ``forward_context`` wraps each forward (and loss), never a backward: e.g.
     ``lambda: precision.autocast("bf16", device)``; the hidden streams stay in the parameters' dtype
-    (fp32 under bf16 autocast). Returns the per-micro-batch breakdowns (totals detached) on the last
-    pipeline rank, an empty list elsewhere.
+    (fp32 under bf16 autocast). ``split``: each micro-batch's rows are spread over a context-parallel
+    group, or over the tensor group under sequence parallelism; stages then exchange this rank's rows
+    only, and the losses are ``SequenceSplit.losses``. Returns the per-micro-batch breakdowns
+    (totals detached) on the last pipeline rank, an empty list elsewhere.
     """
     loss_fn = loss_fn or partial(loss_breakdown, flow_matching_weight=1.0)
     plan = schedule(stages.pipeline, stages.virtual_pipeline, stages.pipeline_rank, len(microbatches), forward_only)
-    executor = _Executor(stages, microbatches, loss_fn, forward_only, forward_context)
+    executor = _Executor(stages, microbatches, loss_fn, forward_only, forward_context, split)
     for step in plan:
         executor.run(step)
     if not forward_only:

@@ -12,6 +12,7 @@ accumulation steps. Under context parallelism one micro-batch is spread over a g
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -101,6 +102,11 @@ def mot_losses(
     # into the loss with weight zero (exact zeros, no numerical change).
     losses.total = losses.total + 0.0 * (output.ar_hidden.sum() + output.dm_hidden.sum())
     return losses
+
+
+# What turns a model output into losses: ``loss_breakdown`` with its flow-matching weight bound,
+# called as loss_fn(output, batch, targets[, group=...]).
+LossFunction = Callable[..., "LossBreakdown"]
 
 
 def loss_breakdown(

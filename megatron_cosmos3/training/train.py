@@ -24,6 +24,7 @@ from megatron_cosmos3.model.moe import set_aux_loss_scale
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import IGNORE_INDEX
 from megatron_cosmos3.parallel.context_parallel import (
+    SequenceSplit,
     context_parallel_losses,
     reduce_replicated_gradients,
     sequence_parallel_losses,
@@ -205,6 +206,18 @@ def log_generation_sample(run: Run, tracker: MLflowTracker, step: int) -> None:
     tracker.log_artifact(str(path), "samples")
 
 
+def sequence_split(run: Run) -> SequenceSplit | None:
+    """How each micro-batch's rows are spread over ranks: over the context group (Ulysses), over the
+    tensor group under sequence parallelism, or not at all."""
+    if run.groups is None:
+        return None
+    if run.config.parallel.context > 1:
+        return SequenceSplit(run.groups.context)
+    if run.config.parallel.sequence_parallel:
+        return SequenceSplit(run.groups.tensor, sequence_parallel=True)
+    return None
+
+
 def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
     """Forward and backward of this step's micro-batches; returns whether every loss was finite
     (on every rank). Three drivers, one result: the pipeline schedule, the context-parallel runner,
@@ -219,6 +232,7 @@ def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
             micro_batches,
             partial(loss_breakdown, flow_matching_weight=weight),
             forward_context=lambda: autocast(config.precision, ctx.device),
+            split=sequence_split(run),
         )
         losses_of = dict(enumerate(reports)) if run.groups.is_last_stage else {}
     else:

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from megatron_cosmos3.data.synthetic_packs import random_pack
-from megatron_cosmos3.model.attention import PackLayout
+from megatron_cosmos3.model.attention import attention_backend
 from megatron_cosmos3.model.config import MoTConfig
-from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.model.mot import MoTModel, RankRows
 from megatron_cosmos3.parallel.pipeline import split_model, stage_layer_ranges
 from megatron_cosmos3.parallel.pipeline_schedules import ACTIVATION, Compute, schedule
 from megatron_cosmos3.parallel.sizes import ParallelSizes
@@ -56,11 +56,11 @@ def test_chained_chunks_equal_the_model_and_keep_its_parameter_names():
     assert names == {name for name, _ in model.named_parameters()}
 
     batch, _ = noised_pack(seed=3)
-    layout = PackLayout.from_cu_seqlens(batch.ar_cu_seqlens, batch.dm_cu_seqlens)
+    rows = RankRows.whole(batch, attention_backend(model.config.attention_backend, torch.device("cpu")))
     with torch.no_grad():
         hidden = None
         for stage in virtual_stages:
-            hidden = stage(batch, hidden, layout)
+            hidden = stage(rows, hidden)
         want = model(batch)
     assert torch.equal(hidden.lm_logits, want.lm_logits)
     assert torch.equal(hidden.dm_hidden, want.dm_hidden)
@@ -326,3 +326,61 @@ def test_ar_outputs_stay_blind_to_dm_inputs_under_interleaved_pipeline():
     result = run_on_ranks(_ar_outputs_under_pipeline, 2)[-1]
     blind = {"ar_hidden_equal": True, "ce_equal": True, "dm_changed": True, "dm_untouched_elsewhere": True}
     assert result == {"fp32": blind, "bf16": blind}  # bf16: under autocast, streams still sent in fp32
+
+
+def _pipeline_with_sequence_split(rank, world_size, split_kind):
+    """PP=2 with each micro-batch's rows split over CP=2 (Ulysses) or TP=2 with sequence parallelism."""
+    from megatron_cosmos3.parallel.context_parallel import SequenceSplit, reduce_replicated_gradients
+    from megatron_cosmos3.parallel.pipeline import split_into_stages
+    from megatron_cosmos3.parallel.pipeline_schedules import forward_backward
+    from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
+    from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel, finalize_tensor_parallel_grads
+    from megatron_cosmos3.testing.reference import compare_to_reference
+    from megatron_cosmos3.training.losses import loss_breakdown
+
+    context = split_kind == "context"
+    sizes = (
+        ParallelSizes(pipeline=2, context=2) if context else ParallelSizes(pipeline=2, tensor=2, sequence_parallel=True)
+    )
+    groups = initialize_parallel(sizes, CONFIG)
+    try:
+        torch.manual_seed(0)
+        reference = MoTModel(copy.deepcopy(CONFIG))
+        model = apply_tensor_parallel(copy.deepcopy(reference), groups)
+        stages = split_into_stages(model, groups)
+        split = SequenceSplit(groups.context) if context else SequenceSplit(groups.tensor, sequence_parallel=True)
+        received = []  # the AR rows each non-first chunk gets from the previous stage
+        for chunk in stages.chunks:
+            chunk.register_forward_pre_hook(lambda _, args: received.append(args[1][0].shape[0]) if args[1] else None)
+        microbatches = [noised_pack(seed) for seed in (21, 22, 23)]
+        reference_losses = []
+        for batch, targets in microbatches:
+            loss = loss_breakdown(reference(batch), batch, targets).total
+            (loss / len(microbatches)).backward()
+            reference_losses.append(float(loss.detach()))
+        reports = forward_backward(stages, microbatches, split=split)
+        if context:
+            reduce_replicated_gradients(stages.parameters(), groups.data_and_context)
+        finalize_tensor_parallel_grads(model, groups)
+        return {
+            "losses": (reference_losses, [float(r.total) for r in reports]),
+            "grad": compare_to_reference(stages, reference, groups.tensor_rank, sizes.tensor),
+            "received": received,
+            "whole_ar_rows": [b.num_ar_tokens for b, _ in microbatches],
+            "pipeline_rank": groups.pipeline_rank,
+        }
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("split_kind", ["context", "sequence_parallel"])
+def test_pp2_with_rows_split_over_two_ranks_matches_one_process(split_kind):
+    reports = run_on_ranks(_pipeline_with_sequence_split, 4, split_kind)
+    for report in reports:
+        worst = max(report["grad"], key=report["grad"].get)
+        assert report["grad"][worst] <= TOLERANCE, (split_kind, worst, report["grad"][worst])
+        if report["pipeline_rank"] == 1:  # the last stage: losses, and only half the rows received
+            want, got = report["losses"]
+            assert got == pytest.approx(want, rel=TOLERANCE)
+            assert report["received"] == [-(-n // 2) for n in report["whole_ar_rows"]]

@@ -18,6 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = [
     *TINY_MODEL,
     "model.num_layers=4",
+    # 8 query / 4 KV heads: TP=2 x CP=2 still splits KV heads (Ulysses needs kv_heads/tp % cp == 0).
+    "model.num_attention_heads=8",
+    "model.num_kv_heads=4",
     *TINY_SYNTHETIC,
     "log_every=1",
     "optimizer.warmup_steps=1",
@@ -61,34 +64,74 @@ def history(tmp_path, name):
     return [value for _, value in history_with_steps(tmp_path, name)]
 
 
+# A mixture-of-experts model (both towers, 4 experts, top-2, balancing loss on) for the expert layouts.
+MOE = ["model.num_experts=4", "model.moe_top_k=2", "model.moe_aux_loss_weight=0.01"]
+
+
+def single_process_history(tmp_path, name, *extra):
+    """One process, two micro-batches per step: the global batch every layout below shares."""
+    config = load_config(None, overrides(tmp_path, name, "steps=3", "optimizer.micro_batches_per_step=2", *extra))
+    train_module.train(config, DistributedContext(0, 1, 0, torch.device("cpu")))
+    return history(tmp_path, name)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One process, two micro-batches per step: the global batch every layout below shares."""
     tmp_path = tmp_path_factory.mktemp("layouts")
-    config = load_config(None, overrides(tmp_path, "single", "steps=3", "optimizer.micro_batches_per_step=2"))
-    train_module.train(config, DistributedContext(0, 1, 0, torch.device("cpu")))
-    return tmp_path, history(tmp_path, "single")
+    return tmp_path, single_process_history(tmp_path, "single")
+
+
+@pytest.fixture(scope="module")
+def moe_reference(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("moe-layouts")
+    return tmp_path, single_process_history(tmp_path, "single-moe", *MOE)
+
+
+# (ranks, overrides): every layout's global batch is two micro-batches, as the reference's.
+LAYOUTS = {
+    "tp2": (2, ["parallel.tensor=2", "optimizer.micro_batches_per_step=2"]),
+    "tp2-sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "optimizer.micro_batches_per_step=2"]),
+    "pp2": (2, ["parallel.pipeline=2", "optimizer.micro_batches_per_step=2"]),
+    "pp2-interleaved": (
+        2,
+        ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "optimizer.micro_batches_per_step=2"],
+    ),
+    "cp2": (2, ["parallel.context=2", "optimizer.micro_batches_per_step=2"]),
+    "dp2-zero": (2, ["optimizer.micro_batches_per_step=1"]),  # one micro-batch per data-parallel rank
+    "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2", "optimizer.micro_batches_per_step=2"]),
+    "tp2xcp2": (4, ["parallel.tensor=2", "parallel.context=2", "optimizer.micro_batches_per_step=2"]),
+    "pp2xcp2": (4, ["parallel.pipeline=2", "parallel.context=2", "optimizer.micro_batches_per_step=2"]),
+    "tp2-spxpp2": (
+        4,
+        [
+            "parallel.tensor=2",
+            "parallel.sequence_parallel=true",
+            "parallel.pipeline=2",
+            "optimizer.micro_batches_per_step=2",
+        ],
+    ),
+}
+MOE_LAYOUTS = {
+    "ep2": (2, ["parallel.expert=2", "optimizer.micro_batches_per_step=1"]),  # EP over the 2 DP ranks
+    "ep2xpp2": (4, ["parallel.expert=2", "parallel.pipeline=2", "optimizer.micro_batches_per_step=1"]),
+}
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize(
-    "layout",
-    [
-        ["parallel.tensor=2", "optimizer.micro_batches_per_step=2"],
-        ["parallel.tensor=2", "parallel.sequence_parallel=true", "optimizer.micro_batches_per_step=2"],
-        ["parallel.pipeline=2", "optimizer.micro_batches_per_step=2"],
-        ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "optimizer.micro_batches_per_step=2"],
-        ["parallel.context=2", "optimizer.micro_batches_per_step=2"],
-        ["optimizer.micro_batches_per_step=1"],  # DP=2: one micro-batch per data-parallel rank
-        ["parallel.tensor=2", "parallel.pipeline=2", "optimizer.micro_batches_per_step=2"],  # 4 ranks
-    ],
-    ids=["tp2", "tp2-sp", "pp2", "pp2-interleaved", "cp2", "dp2-zero", "tp2xpp2"],
-)
-def test_each_layout_trains_like_one_process(reference, layout):
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_each_layout_trains_like_one_process(reference, name):
     tmp_path, want = reference
-    name = "-".join(part.split("=")[0].split(".")[-1] + part.split("=")[1] for part in layout)
-    nproc = 4 if "parallel.pipeline=2" in layout and "parallel.tensor=2" in layout else 2
+    nproc, layout = LAYOUTS[name]
     torchrun(tmp_path, name, "steps=3", *layout, nproc=nproc)
+    assert history(tmp_path, name) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", MOE_LAYOUTS)
+def test_each_expert_layout_trains_like_one_process(moe_reference, name):
+    tmp_path, want = moe_reference
+    nproc, layout = MOE_LAYOUTS[name]
+    torchrun(tmp_path, name, "steps=3", *MOE, *layout, nproc=nproc)
     assert history(tmp_path, name) == pytest.approx(want, rel=1e-5)
 
 
