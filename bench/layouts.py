@@ -18,6 +18,7 @@ import sys
 import tempfile
 
 import torch
+from harness import scaled_mrope_section
 
 LAYOUTS = {
     "1 process (baseline)": (1, []),
@@ -33,14 +34,14 @@ LINE = re.compile(r"step (\d+)/\d+ .* step ([0-9.]+)s\s+peak (\d+) MB")
 
 def run(nproc: int, extra: list[str], args, workdir: str) -> tuple[float, float]:
     head = args.hidden // 8
-    spatial = (head // 2) * 20 // 64
+    t, h, w = scaled_mrope_section(head)
     overrides = [
         f"model.hidden_size={args.hidden}",
         f"model.num_layers={args.layers}",
         "model.num_attention_heads=8",
         "model.num_kv_heads=4",
         f"model.head_dim={head}",
-        f"model.mrope_section=[{head // 2 - 2 * spatial},{spatial},{spatial}]",
+        f"model.mrope_section=[{t},{h},{w}]",
         f"model.ffn_hidden_size={4 * args.hidden}",
         "data_source=synthetic",
         "synthetic.samples_per_pack=8",

@@ -12,11 +12,10 @@ prints tokens/s and model TF/s, each counted with its own mask.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import time
 
 import torch
+from harness import device_description, scaled_mrope_section, timed
 from torch import nn
 
 from megatron_cosmos3.data.synthetic_packs import pack_from_lengths
@@ -43,16 +42,6 @@ class DenseBaseline(nn.Module):
         return self.norm(hidden)
 
 
-def timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=256)
@@ -70,7 +59,6 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     head_dim = args.hidden // args.heads
-    spatial = (head_dim // 2) * 20 // 64  # Qwen3-VL's [24, 20, 20] split of 64 frequencies, scaled
     config = MoTConfig(
         vocab_size=1024,
         hidden_size=args.hidden,
@@ -78,7 +66,7 @@ def main() -> None:
         num_attention_heads=args.heads,
         num_kv_heads=args.kv_heads,
         head_dim=head_dim,
-        mrope_section=[head_dim // 2 - 2 * spatial, spatial, spatial],
+        mrope_section=scaled_mrope_section(head_dim),
         ffn_hidden_size=4 * args.hidden,
         attention_backend=args.backend,
     )
@@ -119,23 +107,18 @@ def main() -> None:
     mot_layout = PackLayout.from_cu_seqlens(batch.ar_cu_seqlens, batch.dm_cu_seqlens)
     mot_flops = matmul + per_pair * attention_pairs(mot_layout)
     dense_flops = matmul + per_pair * attention_pairs(dense_layout)
-    name = (
-        torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
-    )
-    print(f"device: {name}; torch {torch.__version__}; dtype {args.dtype}; backend {backend.name}")
+    print(f"device: {device_description(device)}; dtype {args.dtype}; backend {backend.name}")
     print(
         f"model: hidden {args.hidden}, layers {args.layers}, heads {args.heads}/{args.kv_heads}; "
         f"pack: {total} tokens in {len(lengths)} samples of {args.sample_tokens} ({n_ar} AR)"
     )
-    print(f"MoT   fwd+bwd: {t_mot * 1e3:8.1f} ms  {total / t_mot:10.0f} tokens/s  {mot_flops / t_mot / 1e12:7.4f} TF/s")
-    print(
-        f"dense fwd+bwd: {t_dense * 1e3:8.1f} ms  {total / t_dense:10.0f} tokens/s  {dense_flops / t_dense / 1e12:7.4f} TF/s"
-    )
-    print(
-        f"ratio MoT/dense: tokens/s {t_dense / t_mot:.3f}   model TF/s {(mot_flops / t_mot) / (dense_flops / t_dense):.3f}   (goal >= 0.97)"
-    )
+    for name, seconds, flops in (("MoT", t_mot, mot_flops), ("dense", t_dense, dense_flops)):
+        print(
+            f"{name:<5} fwd+bwd: {seconds * 1e3:8.1f} ms  {total / seconds:10.0f} tokens/s  "
+            f"{flops / seconds / 1e12:7.4f} TF/s"
+        )
+    tflops_ratio = (mot_flops / t_mot) / (dense_flops / t_dense)
+    print(f"ratio MoT/dense: tokens/s {t_dense / t_mot:.3f}   model TF/s {tflops_ratio:.3f}   (goal >= 0.97)")
 
 
 if __name__ == "__main__":

@@ -177,6 +177,12 @@ class FlashVarlenAttention(AttentionBackend):
         self._varlen = flash_attn_varlen_func
 
     def _call(self, q, k, v, cu_q, cu_k, lengths_q, lengths_k, causal):
+        if torch.is_autocast_enabled(q.device.type):
+            # The kernels take half precision only, and autocast does not cast for them as it does
+            # for SDPA: under bf16 autocast q and k arrive in fp32 (the per-head RMSNorm multiplies
+            # by fp32 weights), so cast here to the autocast dtype.
+            dtype = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         out = self._varlen(
             q,
             k,

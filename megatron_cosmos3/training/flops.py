@@ -7,7 +7,8 @@ attention: 12 * L * heads * head_dim * P — P is the number of (query, key) pai
            n(n+1)/2 per sample's AR section (causal) and n_dm * (n_ar + n_dm) per DM section.
 
 ``megatron_convention`` is what Megatron-LM's counter reports for the same tokens: it knows no
-sample boundaries or towers, so it treats the pack as one causal sequence through one tower.
+sample boundaries or towers, so it treats the pack as one causal sequence through one tower
+(``megatron_lm_flops``: Megatron-LM's own formula, not 6N + pairs).
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ from dataclasses import dataclass
 from torch import nn
 
 from megatron_cosmos3.model.attention import PackLayout
+from megatron_cosmos3.model.config import MoTConfig
 from megatron_cosmos3.model.mot import MoTModel
+
+# Megatron-LM pads the vocabulary to a multiple of make_vocab_size_divisible_by (default 128) times
+# the tensor-parallel size; its FLOP counter uses the padded size. One GPU: TP = 1.
+MEGATRON_VOCAB_DIVISOR = 128
 
 
 @dataclass
@@ -48,6 +54,31 @@ def attention_pairs(layout: PackLayout) -> int:
     return sum(a * (a + 1) // 2 + d * (a + d) for a, d in zip(layout.ar_lengths, layout.dm_lengths))
 
 
+def megatron_lm_flops(config: MoTConfig, seq_length: int, batch_size: int = 1) -> float:
+    """Megatron-LM's ``num_floating_point_operations`` for a plain GPT with the Reasoner tower's shape.
+
+    The formula of NVIDIA/Megatron-LM ``megatron/training/training.py`` (``transformer_flops``, read at
+    commit 001b00c), evaluated for what a Qwen3 tower is: grouped-query attention, SwiGLU,
+    no MLA/MTP/linear attention. Per token, 3 (fwd + 2 bwd GEMMs) x 2 (FMA) x
+      per layer: hidden * (q + 2 kv projection widths)  + q * hidden (out proj)
+                 + q * seq_length / 2 * 2   (QK^T and AV, half the square: the causal mask)
+                 + 3 * ffn * hidden          (SwiGLU: the h -> 2 ffn and ffn -> h GEMMs)
+      once:      hidden * padded vocab       (logits of every token)
+    MoE layers count top_k experts of moe_ffn_hidden_size instead of the dense MLP (router not
+    counted); norms, embeddings lookups and rotary are not counted at all.
+    """
+    c = config
+    query, key_value = c.num_attention_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    projections = c.hidden_size * (query + 2 * key_value) + query * c.hidden_size
+    core_attention = query * seq_length  # two matmuls (QK^T, AV) over half the square: 2 * s / 2
+    moe = c.num_experts and "reasoner" in c.moe_towers
+    mlp_width = (c.moe_ffn_hidden_size or c.ffn_hidden_size) * c.moe_top_k if moe else c.ffn_hidden_size
+    mlp = 3 * mlp_width * c.hidden_size
+    padded_vocab = -(-c.vocab_size // MEGATRON_VOCAB_DIVISOR) * MEGATRON_VOCAB_DIVISOR
+    logits = c.hidden_size * padded_vocab
+    return 6.0 * batch_size * seq_length * (c.num_layers * (projections + core_attention + mlp) + logits)
+
+
 def step_flops(
     model: MoTModel,
     layout: PackLayout,
@@ -71,9 +102,9 @@ def step_flops(
         + timestep_mlp
     )
     per_pair = 12.0 * config.num_layers * config.num_attention_heads * config.head_dim
-    tokens = n_ar + n_dm
-    megatron = (
-        6.0 * (towers["reasoner"] + config.vocab_size * config.hidden_size) * tokens
-        + per_pair * tokens * (tokens + 1) / 2
+    return StepFlops(
+        matmul=matmul,
+        attention=per_pair * attention_pairs(layout),
+        # Megatron-LM sees the pack as one sequence (batch 1) of all its tokens.
+        megatron_convention=megatron_lm_flops(config, seq_length=n_ar + n_dm),
     )
-    return StepFlops(matmul=matmul, attention=per_pair * attention_pairs(layout), megatron_convention=megatron)

@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.model.attention import (
     DenseMaskAttention,
+    FlashVarlenAttention,
     PackLayout,
     SdpaVarlenAttention,
     attention_backend,
@@ -145,6 +146,23 @@ def test_only_the_dense_reference_builds_an_n_by_n_tensor(backend, builds_n_by_n
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="attention_backend='nope'"):
         attention_backend("nope")
+
+
+def test_flash_backend_hands_the_kernel_the_autocast_dtype():
+    """Under bf16 autocast the model's q/k are fp32 (per-head RMSNorm): the half-precision-only
+    kernel must receive bf16, as autocast gives SDPA. Checked with a stand-in kernel on the CPU."""
+    seen = []
+
+    def varlen_kernel(q, k, v, **_):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return q
+
+    layout = layout_of([(3, 2), (2, 3)])
+    tensors = [t.detach().float() for t in random_qkv(layout, 5, 5)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        run_backend(FlashVarlenAttention(varlen_kernel), tensors, layout)
+    run_backend(FlashVarlenAttention(varlen_kernel), tensors, layout)  # no autocast: left as they are
+    assert seen == [(torch.bfloat16,) * 3] * 2 + [(torch.float32,) * 3] * 2
 
 
 def test_flash_backend_falls_back_to_sdpa_without_cuda(caplog):

@@ -1,8 +1,14 @@
+from pathlib import Path
+
 import torch
 
 from megatron_cosmos3.model.attention import PackLayout
+from megatron_cosmos3.model.config import load_model_config
 from megatron_cosmos3.model.mot import MoTModel
-from megatron_cosmos3.training.flops import attention_pairs, step_flops, tower_parameter_counts
+from megatron_cosmos3.testing.training import tiny_mot_config
+from megatron_cosmos3.training.flops import attention_pairs, megatron_lm_flops, step_flops, tower_parameter_counts
+
+NANO = Path(__file__).resolve().parents[2] / "configs" / "model" / "nano.yaml"
 
 
 def test_attention_pairs_equal_the_allowed_entries_of_the_dense_masks():
@@ -33,4 +39,31 @@ def test_step_flops_follow_the_6n_plus_attention_rule(tiny_config):
         towers["reasoner"] * 4 + towers["generator"] * 6 + c.vocab_size * c.hidden_size * 3 + timestep
     )
     assert flops.attention == 12 * c.num_layers * c.num_attention_heads * c.head_dim * (10 + 6 * 10)
-    assert flops.megatron_convention > flops.attention  # one causal sequence of 10 tokens: 55 pairs + LM head on all
+    assert flops.megatron_convention == megatron_lm_flops(c, seq_length=10)  # the pack as one sequence
+
+
+# Megatron-LM's num_floating_point_operations (megatron/training/training.py) for a GQA SwiGLU GPT,
+# written out by hand: batch * s * [3*2*h*(3*ffn)*L + L*3*2*(h*(q + k + v) + q*s/2*2 + q*h) + 3*2*h*V],
+# q = heads*d, k = v = kv_heads*d, V the vocabulary padded to a multiple of 128.
+
+
+def test_megatron_convention_matches_megatron_lms_formula_on_the_tiny_model():
+    # hidden 32, 2 layers, 4 heads / 2 KV heads of 8, FFN 64, vocab 64 (padded to 128), s = 10.
+    by_hand = (
+        1 * 10 * (6 * 32 * (3 * 64) * 2 + 2 * 6 * (32 * (32 + 16 + 16) + 32 * 10 / 2 * 2 + 32 * 32) + 6 * 32 * 128)
+    )
+    assert by_hand == 1_390_080
+    assert megatron_lm_flops(tiny_mot_config(), seq_length=10) == by_hand
+
+
+def test_megatron_convention_counts_top_k_experts_of_a_moe_reasoner():
+    config = tiny_mot_config(num_experts=4, moe_top_k=2, moe_ffn_hidden_size=16)
+    by_hand = 2 * 10 * (6 * 32 * (3 * 16 * 2) * 2 + 2 * 6 * (32 * 64 + 32 * 10 + 32 * 32) + 6 * 32 * 128)
+    assert megatron_lm_flops(config, seq_length=10, batch_size=2) == by_hand
+
+
+def test_megatron_convention_of_nano_on_a_16k_pack():
+    # hidden 4096, 36 layers, 32 heads / 8 KV heads of 128, FFN 12288, vocab 151936 (= 1187 * 128).
+    per_token = 6 * (36 * (4096 * (4096 + 1024 + 1024) + 4096 * 16384 + 4096 * 4096 + 3 * 12288 * 4096) + 4096 * 151936)
+    assert per_token * 16384 == 981_468_746_612_736
+    assert megatron_lm_flops(load_model_config(NANO), seq_length=16384) == per_token * 16384
