@@ -109,9 +109,9 @@ def main() -> None:
         f"device: {device}; torch {torch.__version__}; heads {args.heads}/{args.kv_heads}, head_dim {args.head_dim}; "
         f"samples of {args.sample_tokens} tokens ({args.ar_fraction:.0%} AR); fwd+bwd, median of {args.repeats}"
     )
-    print(
-        f"{'tokens':>8} {args.backend + ' ms':>10} {args.backend + ' MB':>10} {'dense ms':>10} {'dense MB':>10} {'time ratio':>11}"
-    )
+    backend = args.backend
+    header = f"{'tokens':>8} {backend + ' ms':>10} {backend + ' MB':>10} {'dense ms':>10} {'dense MB':>10}"
+    print(f"{header} {'time ratio':>11}")
     for tokens in args.lengths:
         row = {}
         for name in (args.backend, "dense"):

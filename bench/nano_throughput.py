@@ -45,7 +45,7 @@ from megatron_cosmos3.model.config import MoTConfig, load_model_config
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import IGNORE_INDEX
 from megatron_cosmos3.parallel.grad_norm import clip_grad_norm
-from megatron_cosmos3.training.flops import StepFlops, step_flops, tower_parameter_counts
+from megatron_cosmos3.training.flops import FlopCounter, StepFlops
 from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 from megatron_cosmos3.training.losses import mot_losses
 from megatron_cosmos3.training.precision import autocast
@@ -96,10 +96,10 @@ def noised_pack(config: MoTConfig, args: argparse.Namespace, device: torch.devic
     return batch.to(device), {key: value.to(device) for key, value in targets.items()}
 
 
-def flops_of(model: MoTModel, batch) -> StepFlops:
+def flops_of(counter: FlopCounter, batch) -> StepFlops:
     layout = PackLayout.from_cu_seqlens(batch.ar_cu_seqlens, batch.dm_cu_seqlens)
     labelled = int((batch.ar_labels != IGNORE_INDEX).sum())
-    return step_flops(model, layout, labelled, {key: tuple(v.shape) for key, v in batch.dm_tokens.items()})
+    return counter.step(layout, labelled, {key: tuple(v.shape) for key, v in batch.dm_tokens.items()})
 
 
 def measure(config: MoTConfig, args: argparse.Namespace, device: torch.device, precision: str) -> dict:
@@ -131,16 +131,17 @@ def measure(config: MoTConfig, args: argparse.Namespace, device: torch.device, p
     for _ in range(args.steps):
         fwd_bwd.append(timed(forward_backward, device))
         opt.append(timed(optimizer_step, device))
+    counter = FlopCounter(config)
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
-        "tower_parameters": tower_parameter_counts(model),
+        "tower_parameters": counter.towers,
         "tokens": batch.num_ar_tokens + batch.num_dm_tokens,
         "ar_tokens": batch.num_ar_tokens,
         "backend": attention_backend(config.attention_backend, device).name,
         "fwd_bwd_s": statistics.median(fwd_bwd),
         "optimizer_s": statistics.median(opt),
         "peak_gib": peak_memory_gib(device),
-        "flops": flops_of(model, batch),
+        "flops": flops_of(counter, batch),
     }
 
 

@@ -13,12 +13,15 @@ sample boundaries or towers, so it treats the pack as one causal sequence throug
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from megatron_cosmos3.model.attention import PackLayout
 from megatron_cosmos3.model.config import MoTConfig
+from megatron_cosmos3.model.moe import MoEMLP
 from megatron_cosmos3.model.mot import MoTModel
 
 # Megatron-LM pads the vocabulary to a multiple of make_vocab_size_divisible_by (default 128) times
@@ -41,11 +44,21 @@ def _num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def tower_parameter_counts(model: MoTModel) -> dict[str, int]:
-    """Parameters of the Reasoner and Generator towers over all layers (no embeddings/heads)."""
+def _active_params(module: nn.Module) -> float:
+    """Parameters one token's matmuls use: a mixture-of-experts MLP counts its router and top_k of
+    its experts (what Megatron-LM and torchtitan count), everything else in full."""
+    experts = [m for m in module.modules() if isinstance(m, MoEMLP)]
+    inactive = sum((m.gate_up_proj.numel() + m.down_proj.numel()) * (1 - m.top_k / m.num_experts) for m in experts)
+    return _num_params(module) - inactive
+
+
+def tower_parameter_counts(model: MoTModel) -> dict[str, float]:
+    """Parameters each token uses in the Reasoner and Generator towers over all layers, final norm
+    included (no embeddings/heads). ``model`` must be whole: not sharded by tensor or expert
+    parallelism (``FlopCounter`` builds one on the meta device)."""
     return {
-        "reasoner": sum(_num_params(layer.reasoner) for layer in model.layers) + _num_params(model.reasoner_norm),
-        "generator": sum(_num_params(layer.generator) for layer in model.layers) + _num_params(model.generator_norm),
+        "reasoner": sum(_active_params(layer.reasoner) for layer in model.layers) + _num_params(model.reasoner_norm),
+        "generator": sum(_active_params(layer.generator) for layer in model.layers) + _num_params(model.generator_norm),
     }
 
 
@@ -79,32 +92,44 @@ def megatron_lm_flops(config: MoTConfig, seq_length: int, batch_size: int = 1) -
     return 6.0 * batch_size * seq_length * (c.num_layers * (projections + core_attention + mlp) + logits)
 
 
-def step_flops(
-    model: MoTModel,
-    layout: PackLayout,
-    num_labelled_ar_tokens: int,
-    dm_stream_widths: dict[str, tuple[int, int]] | None = None,
-) -> StepFlops:
-    """FLOPs of forward + backward on one pack.
+class FlopCounter:
+    """Model FLOPs of training steps for one model config.
 
-    ``dm_stream_widths`` maps a DM stream key to (num tokens, token width) for its projections.
+    Parameter counts come from the whole model built once on the meta device (no memory), so every
+    rank counts the unsharded model whatever its tensor, expert or pipeline shard holds.
     """
-    config = model.config
-    towers = tower_parameter_counts(model)
-    n_ar, n_dm = sum(layout.ar_lengths), sum(layout.dm_lengths)
-    dm_projection = sum(2 * n * width * config.hidden_size for n, width in (dm_stream_widths or {}).values())
-    timestep_mlp = _num_params(model.timestep_embedding.mlp) * n_dm
-    matmul = 6.0 * (
-        towers["reasoner"] * n_ar
-        + towers["generator"] * n_dm
-        + config.vocab_size * config.hidden_size * num_labelled_ar_tokens
-        + dm_projection
-        + timestep_mlp
-    )
-    per_pair = 12.0 * config.num_layers * config.num_attention_heads * config.head_dim
-    return StepFlops(
-        matmul=matmul,
-        attention=per_pair * attention_pairs(layout),
-        # Megatron-LM sees the pack as one sequence (batch 1) of all its tokens.
-        megatron_convention=megatron_lm_flops(config, seq_length=n_ar + n_dm),
-    )
+
+    def __init__(self, config: MoTConfig):
+        with torch.device("meta"):
+            model = MoTModel(copy.deepcopy(config))
+        self.config = config
+        self.towers = tower_parameter_counts(model)
+        self.timestep_mlp = _num_params(model.timestep_embedding.mlp)
+
+    def step(
+        self,
+        layout: PackLayout,
+        num_labelled_ar_tokens: int,
+        dm_stream_widths: dict[str, tuple[int, int]] | None = None,
+    ) -> StepFlops:
+        """FLOPs of forward + backward on one pack.
+
+        ``dm_stream_widths`` maps a DM stream key to (num tokens, token width) for its projections.
+        """
+        config = self.config
+        n_ar, n_dm = sum(layout.ar_lengths), sum(layout.dm_lengths)
+        dm_projection = sum(2 * n * width * config.hidden_size for n, width in (dm_stream_widths or {}).values())
+        matmul = 6.0 * (
+            self.towers["reasoner"] * n_ar
+            + self.towers["generator"] * n_dm
+            + config.vocab_size * config.hidden_size * num_labelled_ar_tokens
+            + dm_projection
+            + self.timestep_mlp * n_dm
+        )
+        per_pair = 12.0 * config.num_layers * config.num_attention_heads * config.head_dim
+        return StepFlops(
+            matmul=matmul,
+            attention=per_pair * attention_pairs(layout),
+            # Megatron-LM sees the pack as one sequence (batch 1) of all its tokens.
+            megatron_convention=megatron_lm_flops(config, seq_length=n_ar + n_dm),
+        )

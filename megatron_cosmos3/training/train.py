@@ -40,7 +40,7 @@ from megatron_cosmos3.training.batches import MicroBatches
 from megatron_cosmos3.training.checkpoint import Checkpointer, latest_checkpoint
 from megatron_cosmos3.training.config import TrainConfig, flatten, load_config, task_table, to_yaml
 from megatron_cosmos3.training.distributed import DistributedContext, init_distributed
-from megatron_cosmos3.training.flops import step_flops
+from megatron_cosmos3.training.flops import FlopCounter
 from megatron_cosmos3.training.losses import loss_breakdown, mot_losses
 from megatron_cosmos3.training.metrics import MetricsWindow
 from megatron_cosmos3.training.precision import autocast
@@ -112,6 +112,7 @@ class Run:
     data_size: int
     stages: PipelineStages | None = None  # this rank's pipeline chunks when pipeline > 1
     batches: MicroBatches | None = None
+    flops: FlopCounter | None = None
     last_micro_batch: tuple | None = None  # (noised batch, targets) of the latest step, for samples
 
     @property
@@ -165,7 +166,10 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
     data_rank = groups.data_rank if groups is not None else 0
     data_size = groups.data_size if groups is not None else 1
     batches = MicroBatches(config, data_rank, data_size, ctx.device)
-    return Run(config, ctx, groups, model, trained, optimizer, checkpointer, data_rank, data_size, stages, batches)
+    flops = FlopCounter(model.config)
+    return Run(
+        config, ctx, groups, model, trained, optimizer, checkpointer, data_rank, data_size, stages, batches, flops
+    )
 
 
 def resume_or_initialise(run: Run) -> tuple[int, str | None]:
@@ -255,7 +259,7 @@ def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
     for m, (batch, _) in enumerate(micro_batches):
         layout = PackLayout.from_cu_seqlens(batch.ar_cu_seqlens, batch.dm_cu_seqlens)
         labelled = int((batch.ar_labels != IGNORE_INDEX).sum())
-        flops = step_flops(run.model, layout, labelled, {k: tuple(v.shape) for k, v in batch.dm_tokens.items()})
+        flops = run.flops.step(layout, labelled, {k: tuple(v.shape) for k, v in batch.dm_tokens.items()})
         # Per device: model-parallel ranks share one micro-batch's FLOPs.
         window.add(losses_of.get(m), batch.num_ar_tokens + batch.num_dm_tokens, flops.total / run.model_parallel_size)
     if run.groups is not None:

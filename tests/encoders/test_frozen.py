@@ -9,6 +9,7 @@ import pickle
 import pytest
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
 from torch import nn
 
 from megatron_cosmos3.encoders.frozen import (
@@ -115,7 +116,7 @@ def test_latent_encoder_config_is_an_omegaconf_structured_config():
     assert isinstance(encoders, LatentEncoderConfig)
     encoders.validate()
     assert encoders.online and encoders.torch_dtype == torch.float32
-    with pytest.raises(Exception):  # typed: a string is not a bool
+    with pytest.raises(ValidationError):  # typed: a string is not a bool
         OmegaConf.merge(schema, OmegaConf.from_dotlist(["online=maybe"]))
 
 

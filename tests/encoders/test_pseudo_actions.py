@@ -200,7 +200,8 @@ BAD_TRAJECTORIES = {
             "ego",
             rotations=_with_value(ARM_MATRICES.poses["ego"].rotations, 2, torch.diag(torch.tensor([1.0, 1, -1]))),
         ),
-        r"poses\['ego'\]\.rotations must hold rotation matrices .*det \+1\); matrix at index \(2,\) is \[\[1\.0, 0\.0, 0\.0\]",
+        r"poses\['ego'\]\.rotations must hold rotation matrices .*det \+1\); "
+        r"matrix at index \(2,\) is \[\[1\.0, 0\.0, 0\.0\]",
     ),
     "scaled matrix": (
         _replace(ARM_MATRICES, "end_effector", rotations=1.01 * ARM_MATRICES.poses["end_effector"].rotations),

@@ -6,7 +6,7 @@ from megatron_cosmos3.model.attention import PackLayout
 from megatron_cosmos3.model.config import load_model_config
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.testing.training import tiny_mot_config
-from megatron_cosmos3.training.flops import attention_pairs, megatron_lm_flops, step_flops, tower_parameter_counts
+from megatron_cosmos3.training.flops import FlopCounter, attention_pairs, megatron_lm_flops, tower_parameter_counts
 
 NANO = Path(__file__).resolve().parents[2] / "configs" / "model" / "nano.yaml"
 
@@ -32,7 +32,7 @@ def test_step_flops_follow_the_6n_plus_attention_rule(tiny_config):
     per_layer = sum(p.numel() for p in model.layers[0].reasoner.parameters())
     assert towers["reasoner"] == towers["generator"] == tiny_config.num_layers * per_layer + tiny_config.hidden_size
     layout = PackLayout.from_cu_seqlens(torch.tensor([0, 4]), torch.tensor([0, 6]))
-    flops = step_flops(model, layout, num_labelled_ar_tokens=3)
+    flops = FlopCounter(tiny_config).step(layout, num_labelled_ar_tokens=3)
     c = tiny_config
     timestep = sum(p.numel() for p in model.timestep_embedding.mlp.parameters()) * 6
     assert flops.matmul == 6 * (
@@ -67,3 +67,16 @@ def test_megatron_convention_of_nano_on_a_16k_pack():
     per_token = 6 * (36 * (4096 * (4096 + 1024 + 1024) + 4096 * 16384 + 4096 * 4096 + 3 * 12288 * 4096) + 4096 * 151936)
     assert per_token * 16384 == 981_468_746_612_736
     assert megatron_lm_flops(load_model_config(NANO), seq_length=16384) == per_token * 16384
+
+
+def test_a_token_counts_top_k_experts_and_every_rank_counts_the_whole_model():
+    dense, moe = tiny_mot_config(), tiny_mot_config(num_experts=4, moe_top_k=2, moe_ffn_hidden_size=16)
+    model = MoTModel(moe)
+    expert = moe.hidden_size * 16 * 3  # one SwiGLU expert: gate, up, down
+    per_layer_total = sum(p.numel() for p in model.layers[0].reasoner.parameters())
+    towers = FlopCounter(moe).towers
+    # Each token runs through 2 of the 4 experts: the 2 others' weights are no FLOPs of its own.
+    assert towers["reasoner"] == moe.num_layers * (per_layer_total - 2 * expert) + moe.hidden_size
+    assert towers == tower_parameter_counts(model)
+    # Counted from the config alone, so a tensor-parallel shard counts what one process counts.
+    assert FlopCounter(dense).towers == tower_parameter_counts(MoTModel(dense))
