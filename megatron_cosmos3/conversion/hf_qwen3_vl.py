@@ -252,7 +252,7 @@ def load_qwen3_vl(
     mot_config = mot_config_from_hf(read_hf_config(folder), folder / "config.json", config)
     dtype = dtype or tensor_dtype(folder, f"{LM}embed_tokens.weight")
     model, vision = build_empty(mot_config, dtype, device)
-    model.init_weights(model.dm_streams, model.timestep_embedding)  # NOT_IN_QWEN3_VL: fresh weights
+    model.reset_parameters(model.dm_streams, model.timestep_embedding)  # NOT_IN_QWEN3_VL: fresh weights
     targets: dict[str, list[torch.Tensor]] = {}
     for name, tensor in named_tensors(model, vision).items():
         key = hf_key(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -133,6 +134,9 @@ class MoTModel(nn.Module):
     def __init__(self, config: MoTConfig):
         super().__init__()
         self.config = config
+        # Drawn first, from the global CPU generator: ``torch.manual_seed`` makes a model reproducible,
+        # built eagerly or on the meta device alike (see ``reset_parameters``).
+        self.init_seed = int(torch.randint(0, 2**62, (), device="cpu"))
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.dm_streams = DMStreamProjections(config)
         self.timestep_embedding = TimestepEmbedding(config.timestep_embedding_dim, config.hidden_size)
@@ -141,37 +145,58 @@ class MoTModel(nn.Module):
         self.reasoner_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.generator_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.apply(self._init_weights)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.reset_parameters()
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=self.config.init_std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, MoEMLP):
-            for experts in (module.gate_up_proj, module.down_proj):
-                nn.init.normal_(experts, std=self.config.init_std)
+    def reset_parameters(self, *modules: nn.Module) -> None:
+        """Initialises the parameters of ``modules`` (submodules of this model; default: all of it).
 
-    def init_weights(self, *modules: nn.Module) -> None:
-        """Initialises the parameters of ``modules`` (submodules of this model) as at construction."""
-        for module in modules:
-            module.apply(self._init_weights)
+        Each parameter is drawn from its own generator, seeded by ``init_seed`` and the parameter's
+        name, so its values depend on nothing else on the rank: a pipeline rank that materialises
+        only its own stage (``materialize``) holds exactly its part of the model built whole.
+        Parameters still on the meta device are skipped.
+        """
+        wanted = {id(p) for m in modules for p in m.parameters()} if modules else None
+        seen = set()
+        for module_name, module in self.named_modules():
+            for param_name, param in module.named_parameters(recurse=False):
+                if id(param) in seen or param.is_meta or (wanted is not None and id(param) not in wanted):
+                    continue
+                seen.add(id(param))
+                name = f"{module_name}.{param_name}" if module_name else param_name
+                seed = (self.init_seed + zlib.crc32(name.encode())) % 2**63
+                generator = torch.Generator(device=param.device).manual_seed(seed)
+                with torch.no_grad():
+                    self._initialise(name, module, param_name, param, generator)
 
-    def materialize(self, device: torch.device | str) -> None:
-        """Allocates a model built on the meta device on ``device``, parameters left uninitialised
-        (a checkpoint or ``init_weights`` fills them): only the rotary tables are computed and
-        tied weights re-tied, so no second copy of the model is ever made."""
-        self.to_empty(device=device)
+    def _initialise(self, name: str, module: nn.Module, param_name: str, param: nn.Parameter, generator) -> None:
+        if isinstance(module, RMSNorm):
+            param.fill_(1.0)
+        elif param_name == "bias":
+            param.zero_()
+        elif isinstance(module, (nn.Linear, nn.Embedding, MoEMLP)):
+            param.normal_(0.0, self.config.init_std, generator=generator)
+        else:  # a new kind of module must say how it starts, rather than keep torch's default
+            raise TypeError(f"no initialisation rule for parameter {name} of {type(module).__name__}")
+
+    def materialize(self, device: torch.device | str, *modules: nn.Module) -> None:
+        """Allocates a model built on the meta device on ``device`` — all of it, or only ``modules``
+        (e.g. this rank's pipeline stages) — parameters left uninitialised (a checkpoint or
+        ``reset_parameters`` fills them): only the rotary tables are computed and tied weights
+        re-tied, so no second copy of the model is ever made."""
+        for module in modules or (self,):
+            module.to_empty(device=device)
         self.rotary.reset_buffers(device)
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight  # to_empty unties them
+        if self.config.tie_word_embeddings:  # to_empty unties them: keep the allocated one
+            embedding, head = self.embed_tokens.weight, self.lm_head.weight
+            self.embed_tokens.weight = self.lm_head.weight = head if embedding.is_meta else embedding
 
     def add_embodiment(self, name: str, embodiment: EmbodimentConfig) -> None:
         """Adds a new embodiment's action projections; every existing weight stays as it is."""
         self.dm_streams.add_embodiment(name, embodiment)
         self.config.embodiments[name] = embodiment
+        self.reset_parameters(self.dm_streams.action_in[name], self.dm_streams.action_out[name])
 
     # ------------------------------------------------------------------ passes
     def _attention(self):

@@ -107,6 +107,8 @@ def apply_tensor_parallel(model: MoTModel, groups: ParallelGroups) -> MoTModel:
 
         install_cpu_memory_buffer()
     for layer in model.layers:
+        if next(layer.parameters()).is_meta:
+            continue  # another pipeline rank's layer: never allocated here (train.build_model)
         for tower in (layer.reasoner, layer.generator):
             for path, kind in [(p, "column") for p in COLUMN_PARALLEL] + [(p, "row") for p in ROW_PARALLEL]:
                 if path.startswith("mlp.") and not isinstance(tower.mlp, SwiGLU):

@@ -32,7 +32,7 @@ from megatron_cosmos3.parallel.context_parallel import (
 from megatron_cosmos3.parallel.data_parallel import build_optimizer, wrap_data_parallel
 from megatron_cosmos3.parallel.expert_parallel import apply_expert_parallel, finalize_expert_grads
 from megatron_cosmos3.parallel.grad_norm import clip_grad_norm
-from megatron_cosmos3.parallel.pipeline import PipelineStages, split_into_stages
+from megatron_cosmos3.parallel.pipeline import PipelineStages, split_into_stages, split_model
 from megatron_cosmos3.parallel.pipeline_schedules import forward_backward
 from megatron_cosmos3.parallel.state import ParallelGroups, destroy_parallel, initialize_parallel
 from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel, finalize_tensor_parallel_grads
@@ -126,14 +126,28 @@ class Run:
         return sizes.tensor * sizes.pipeline * sizes.context if self.groups is not None else 1
 
 
+def build_model(config: TrainConfig, groups: ParallelGroups | None, device: torch.device) -> MoTModel:
+    """The model with this rank's part allocated and initialised: built on the meta device, then
+    only this rank's pipeline chunks (all of it without pipeline parallelism) are materialised, so no
+    rank ever holds the whole model. Every parameter's initial values depend only on the seed and
+    its name (``MoTModel.reset_parameters``): the same on every rank and for every layout."""
+    torch.manual_seed(config.seed)
+    with torch.device("meta"):
+        model = MoTModel(copy.deepcopy(config.model))  # the model's config grows with embodiments
+        for name, embodiment in config.stage.new_embodiments.items():
+            model.add_embodiment(name, embodiment)
+    pipelined = groups is not None and config.parallel.pipeline > 1
+    owned = split_model(model, config.parallel, groups.pipeline_rank) if pipelined else []
+    model.materialize(device, *owned)
+    model.reset_parameters(*owned)
+    return model
+
+
 def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
     groups = (
         initialize_parallel(config.parallel, config.model, config.model.num_experts) if ctx.world_size > 1 else None
     )
-    torch.manual_seed(config.seed)  # identical initial weights on every rank
-    model = MoTModel(copy.deepcopy(config.model)).to(ctx.device)  # the model's config grows with embodiments
-    for name, embodiment in config.stage.new_embodiments.items():
-        model.add_embodiment(name, embodiment)
+    model = build_model(config, groups, ctx.device)
     for layer in model.layers:
         layer.set_recompute(config.recompute)
     # Each micro-batch backpropagates loss / micro_batches: the MoE balancing gradient follows.

@@ -384,3 +384,29 @@ def test_pp2_with_rows_split_over_two_ranks_matches_one_process(split_kind):
             want, got = report["losses"]
             assert got == pytest.approx(want, rel=TOLERANCE)
             assert report["received"] == [-(-n // 2) for n in report["whole_ar_rows"]]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_rank_materialises_only_its_stages_with_the_whole_models_values(tied):
+    config = copy.deepcopy(CONFIG)
+    config.tie_word_embeddings = tied
+    torch.manual_seed(5)
+    whole = MoTModel(copy.deepcopy(config))
+    values = dict(whole.named_parameters())
+    sizes = ParallelSizes(pipeline=2, virtual_pipeline=2)
+    for rank in range(2):
+        torch.manual_seed(5)
+        with torch.device("meta"):
+            model = MoTModel(copy.deepcopy(config))
+        chunks = split_model(model, sizes, rank)
+        model.materialize("cpu", *chunks)
+        model.reset_parameters(*chunks)
+        held = {id(p) for chunk in chunks for p in chunk.parameters()}
+        for name, param in model.named_parameters():
+            if id(param) in held:
+                assert torch.equal(param, values[name]), name
+            else:  # another rank's layer: never allocated here
+                assert param.is_meta, name
+        # The last stage's LM head stays tied to (is) the embedding weight it shares with stage 0.
+        assert (model.lm_head.weight is model.embed_tokens.weight) == tied
+    assert any(p.is_meta for p in model.parameters()) and not any(p.is_meta for p in whole.parameters())
