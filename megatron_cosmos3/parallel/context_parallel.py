@@ -21,6 +21,10 @@ output: about 4·N·hidden/cp elements per layer, plus the AR K/V once more for 
 limit is cp <= kv_heads per TP rank, which ``ParallelSizes.validate`` checks; ring (or a Ulysses x
 ring hybrid) is the extension beyond that.
 
+**Mixture of experts.** The load-balancing loss is that of the whole micro-batch: the MoE layers
+sum their routing statistics over the CP group and leave the pad rows out (``MoEMLP.balance_over``);
+under sequence parallelism they see the whole stream already (gathered), and leave out its padding.
+
 **Gradients.** Parameters are replicated over the CP ranks; each rank backpropagates cp x its share
 of the micro-batch loss (Megatron's convention), so gradients are *averaged* over CP, and in a full
 job over ``ParallelGroups.data_and_context`` — exactly what DDP over that group (``data_parallel.py``)
@@ -38,6 +42,7 @@ import torch.distributed as dist
 
 from megatron_cosmos3.model.attention import AttentionBackend, PackLayout, attention_backend
 from megatron_cosmos3.model.layer import StreamRotary
+from megatron_cosmos3.model.moe import MoEMLP
 from megatron_cosmos3.model.mot import MoTModel, MoTOutput, run_generator, run_reasoner
 from megatron_cosmos3.model.packed_batch import IGNORE_INDEX, PackedBatch
 from megatron_cosmos3.parallel.ulysses import ContextParallelAttention
@@ -138,6 +143,14 @@ def _rotary(model: MoTModel, positions: torch.Tensor, padding: int, dtype: torch
     return StreamRotary(*model.rotary(_with_padding(positions, padding, dim=1), dtype))
 
 
+def _balance_experts_over(model: MoTModel, group: dist.ProcessGroup | None, ar_rows: int, dm_rows: int) -> None:
+    """Tells every MoE layer which of its input rows are real tokens and over which group they add up."""
+    for layer in model.layers:
+        for tower, rows in ((layer.reasoner, ar_rows), (layer.generator, dm_rows)):
+            if isinstance(tower.mlp, MoEMLP):
+                tower.mlp.balance_over(group, rows)
+
+
 def context_parallel_forward(
     model: MoTModel,
     batch: PackedBatch,
@@ -167,6 +180,10 @@ def context_parallel_forward(
     rotary_source = batch if sequence_parallel else local
     ar_rotary_padding = (-batch.num_ar_tokens) % size if sequence_parallel else shard.ar_padding
     dm_rotary_padding = (-batch.num_dm_tokens) % size if sequence_parallel else shard.dm_padding
+    if sequence_parallel:  # the MoE layers gather the whole padded stream: its real rows come first
+        _balance_experts_over(model, None, batch.num_ar_tokens, batch.num_dm_tokens)
+    else:
+        _balance_experts_over(model, group, local.num_ar_tokens, local.num_dm_tokens)
 
     # The Reasoner pass over the AR chunk, then the Generator pass over the DM chunk (as MoTModel.forward).
     ar_hidden = _with_padding(model.embed_ar(local), shard.ar_padding)
