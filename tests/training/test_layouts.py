@@ -108,3 +108,32 @@ def test_saved_with_tp2_resumes_with_dp2_and_with_one_process(reference):
         losses.setdefault(step, []).append(value)
     assert losses[1] == pytest.approx([want[0]], rel=1e-5) and losses[2] == pytest.approx([want[1]], rel=1e-5)
     assert losses[3] == pytest.approx([want[2], want[2]], rel=1e-5)
+
+
+MOE = ["model.num_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden_size=16", "model.moe_aux_loss_weight=0.1"]
+
+
+@pytest.fixture(scope="module")
+def moe_reference(tmp_path_factory):
+    """The single-process run of a model with MoE MLPs in both towers (balancing loss on)."""
+    tmp_path = tmp_path_factory.mktemp("moe_layouts")
+    config = load_config(None, overrides(tmp_path, "moe-single", "steps=3", "optimizer.micro_batches_per_step=2", *MOE))
+    train_module.train(config, DistributedContext(0, 1, 0, torch.device("cpu")))
+    return tmp_path, history(tmp_path, "moe-single")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["parallel.tensor=2"],
+        ["parallel.tensor=2", "parallel.sequence_parallel=true"],
+        ["parallel.context=2"],
+    ],
+    ids=["tp2", "tp2-sp", "cp2"],
+)
+def test_mixture_of_experts_trains_like_one_process(moe_reference, layout):
+    tmp_path, want = moe_reference
+    name = "moe-" + "-".join(part.split("=")[0].split(".")[-1] + part.split("=")[1] for part in layout)
+    torchrun(tmp_path, name, "steps=3", "optimizer.micro_batches_per_step=2", *MOE, *layout)
+    assert history(tmp_path, name) == pytest.approx(want, rel=1e-5)
