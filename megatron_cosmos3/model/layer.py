@@ -10,15 +10,19 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_cosmos3.model.attention import AttentionBackend, PackLayout
 from megatron_cosmos3.model.config import MoTConfig
+from megatron_cosmos3.model.moe import WHOLE_INPUT, TokenBalance
 from megatron_cosmos3.model.tower import Tower
 
 
 @dataclass
 class StreamRotary:
-    """Per-token (cos, sin) of one token stream, computed once per forward and shared by layers."""
+    """Per-token (cos, sin) of one token stream, computed once per forward and shared by layers,
+    and which of its rows a mixture-of-experts MLP balances over (``TokenBalance``). Passed into
+    each layer call, so recomputation in backward sees the same."""
 
     cos: torch.Tensor
     sin: torch.Tensor
+    balance: TokenBalance = WHOLE_INPUT
 
 
 class MoTLayer(nn.Module):
@@ -58,7 +62,8 @@ class MoTLayer(nn.Module):
 
     def _forward_ar(self, ar_hidden, ar_rope, layout, attention):
         q_ar, k_ar, v_ar = self.reasoner.attention_inputs(ar_hidden, ar_rope.cos, ar_rope.sin)
-        ar_out = self.reasoner.finish(ar_hidden, self._attend(attention.ar_attention, q_ar, k_ar, v_ar, layout))
+        attended = self._attend(attention.ar_attention, q_ar, k_ar, v_ar, layout)
+        ar_out = self.reasoner.finish(ar_hidden, attended, ar_rope.balance)
         return ar_out, k_ar, v_ar
 
     def forward_dm(
@@ -78,4 +83,4 @@ class MoTLayer(nn.Module):
     def _forward_dm(self, dm_hidden, dm_rope, k_ar, v_ar, layout, attention):
         q_dm, k_dm, v_dm = self.generator.attention_inputs(dm_hidden, dm_rope.cos, dm_rope.sin)
         attended = self._attend(attention.dm_attention, q_dm, k_ar, v_ar, k_dm, v_dm, layout)
-        return self.generator.finish(dm_hidden, attended)
+        return self.generator.finish(dm_hidden, attended, dm_rope.balance)

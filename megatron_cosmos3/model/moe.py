@@ -4,7 +4,12 @@ Switch-Transformer load-balancing loss.
 Expert weights are stored as 3-D tensors like Hugging Face's Qwen3-VL-MoE (``gate_up_proj``
 (E, 2*ffn, hidden), ``down_proj`` (E, hidden, ffn)) so conversion is a rename. With expert
 parallelism the module holds only ``num_local_experts`` of them and an ``ExpertDispatcher`` moves
-tokens to the rank that owns their expert and back; without it, dispatch is local.
+tokens to the rank that owns their expert and back; without it, dispatch is local. With tensor
+parallelism each rank holds a slice of every expert's FFN units, and a ``tensor_parallel`` region
+(``parallel/tensor_parallel.py``) gives the router every token and sums the partial outputs.
+
+Runners that split one micro-batch's tokens over ranks (context parallelism) or pad them pass a
+``TokenBalance`` so that the load-balancing loss is that of the whole micro-batch.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -39,6 +45,37 @@ class LocalDispatcher:
         return outputs
 
 
+@dataclass(frozen=True)
+class TokenBalance:
+    """Which tokens one MoE call's balancing loss averages over.
+
+    ``rows``: only the first ``rows`` rows of the input are real tokens (None: all; the rest is a
+    runner's padding). ``group``: the micro-batch is split over these ranks (None: all of it is
+    here); counts, probability sums and token counts are then summed over it, so every rank gets
+    the whole micro-batch's loss, with group-size x this rank's share as its gradient (the
+    convention of ``loss_breakdown(group=...)``). Passed with each call, not kept on the module, so
+    activation recomputation and interleaved pipeline micro-batches see their own.
+    """
+
+    group: dist.ProcessGroup | None = None
+    rows: int | None = None
+
+
+WHOLE_INPUT = TokenBalance()
+
+
+class WholeExperts:
+    """No tensor parallelism: this rank routes its own tokens through whole experts."""
+
+    aux_gradient_share = 1.0  # of the balancing gradient this rank injects (the rest comes from its peers)
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def leave(self, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+
 class _AttachAuxLoss(torch.autograd.Function):
     """Identity on the MLP output whose backward also sends ``weight`` into the auxiliary loss.
 
@@ -61,8 +98,13 @@ class _AttachAuxLoss(torch.autograd.Function):
 
 class MoEMLP(nn.Module):
     """Top-k routed SwiGLU experts. Input and output (n, hidden); ``aux_loss`` holds the last
-    forward's load-balancing loss (E * sum_i f_i * P_i, computed on this rank's tokens), whose
-    gradient, scaled by ``aux_loss_weight``, rides along the output's backward."""
+    forward's load-balancing loss (E * sum_i f_i * P_i over the micro-batch, see ``TokenBalance``),
+    whose gradient, scaled by ``aux_loss_weight``, rides along the output's backward."""
+
+    # Where each expert weight keeps its FFN units (dim) and how many blocks are stacked along it:
+    # gate_up_proj is [gate; up], so a split over FFN units takes a slice of each half (megatron's
+    # partition_stride), and checkpoints describe it as (E, 2, ffn, hidden) so any split can load it.
+    FFN_LAYOUT = {"gate_up_proj": (1, 2), "down_proj": (2, 1)}
 
     def __init__(
         self,
@@ -88,25 +130,45 @@ class MoEMLP(nn.Module):
         for weight in (self.gate_up_proj, self.down_proj):
             nn.init.normal_(weight, std=0.02)
         self.dispatcher = LocalDispatcher()
+        self.tensor_parallel = WholeExperts()
         self.aux_loss: torch.Tensor | None = None
 
     @property
     def num_local_experts(self) -> int:
         return self.gate_up_proj.shape[0]
 
-    def route(self, x: torch.Tensor) -> RoutedTokens:
-        probs = F.softmax(self.router(x).float(), dim=-1)
+    def route(self, x: torch.Tensor, balance: TokenBalance = WHOLE_INPUT) -> RoutedTokens:
+        # Routing in fp32 at least (bf16 logits tie and flip top-k choices); fp64 stays fp64.
+        probs = F.softmax(self.router(x).to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
         top_p, top_e = probs.topk(self.top_k, dim=-1)
         if self.normalize_top_k:
             top_p = top_p / top_p.sum(dim=-1, keepdim=True)
-        # Load balancing (Switch Transformer eq. 4-6): fraction of routed copies per expert times
-        # the mean router probability, scaled so a perfectly uniform router scores 1.
-        counts = torch.bincount(top_e.reshape(-1), minlength=self.num_experts).to(probs.dtype)
-        fraction = counts / max(1, top_e.numel())
-        self.aux_loss = self.num_experts * (fraction * probs.mean(dim=0)).sum() if x.shape[0] else probs.sum() * 0
+        self.aux_loss = self._balancing_loss(probs, top_e, balance)
         experts, order = top_e.reshape(-1).sort(stable=True)
         rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)[order]
         return RoutedTokens(rows, experts, top_p.reshape(-1)[order].to(x.dtype))
+
+    def _balancing_loss(self, probs: torch.Tensor, top_e: torch.Tensor, balance: TokenBalance) -> torch.Tensor:
+        """Switch Transformer eq. 4-6: fraction of routed copies per expert times the mean router
+        probability, scaled so a perfectly uniform router scores 1."""
+        rows = probs.shape[0] if balance.rows is None else balance.rows
+        probs, top_e = probs[:rows], top_e[:rows]
+        counts = torch.bincount(top_e.reshape(-1), minlength=self.num_experts).to(probs.dtype)
+        prob_sums = probs.sum(dim=0)
+        if balance.group is None:
+            return self._switch_loss(counts, prob_sums, rows)
+        stats = torch.cat([counts, prob_sums.detach(), prob_sums.new_tensor([rows])])
+        dist.all_reduce(stats, group=balance.group)
+        counts, tokens = stats[: self.num_experts], int(stats[-1])
+        whole = self._switch_loss(counts, stats[self.num_experts : -1], tokens)
+        share = self._switch_loss(counts, prob_sums, tokens) * dist.get_world_size(balance.group)
+        return share + (whole - share).detach()
+
+    def _switch_loss(self, counts: torch.Tensor, prob_sums: torch.Tensor, tokens: int) -> torch.Tensor:
+        """E * sum_i (counts_i / (tokens * k)) * (prob_sums_i / tokens); 0 (still in the graph) for no tokens."""
+        if tokens == 0:
+            return prob_sums.sum() * 0
+        return self.num_experts * (counts * prob_sums).sum() / (tokens * tokens * self.top_k)
 
     def _experts(self, features: torch.Tensor, local_experts: torch.Tensor) -> torch.Tensor:
         """SwiGLU of each row through its local expert; rows must be sorted by expert."""
@@ -118,16 +180,18 @@ class MoEMLP(nn.Module):
                 outputs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
         return torch.cat(outputs) if outputs else features.new_zeros(0, self.down_proj.shape[1])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        routed = self.route(x)
+    def forward(self, x: torch.Tensor, balance: TokenBalance = WHOLE_INPUT) -> torch.Tensor:
+        x = self.tensor_parallel.enter(x)  # under tensor parallelism: every token of the group
+        routed = self.route(x, balance)
         features, local_experts, handle = self.dispatcher.dispatch(
             x.index_select(0, routed.token_rows), routed.experts, self.num_experts
         )
         outputs = self.dispatcher.combine(self._experts(features, local_experts - self.expert_offset), handle)
         out = torch.zeros_like(x).index_add(0, routed.token_rows, outputs * routed.weights[:, None])
         if self.aux_loss_weight and torch.is_grad_enabled():
-            out = _AttachAuxLoss.apply(out, self.aux_loss, self.aux_loss_weight * self.aux_loss_scale)
-        return out
+            weight = self.aux_loss_weight * self.aux_loss_scale * self.tensor_parallel.aux_gradient_share
+            out = _AttachAuxLoss.apply(out, self.aux_loss, weight)
+        return self.tensor_parallel.leave(out)  # partial sums of the experts' FFN slices, added up
 
 
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:

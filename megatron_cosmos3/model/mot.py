@@ -13,7 +13,7 @@ from megatron_cosmos3.model.attention import AttentionBackend, PackLayout, atten
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
 from megatron_cosmos3.model.embeddings import DMStreamProjections, TimestepEmbedding
 from megatron_cosmos3.model.layer import MoTLayer, StreamRotary
-from megatron_cosmos3.model.moe import MoEMLP
+from megatron_cosmos3.model.moe import WHOLE_INPUT, MoEMLP, TokenBalance
 from megatron_cosmos3.model.packed_batch import IGNORE_INDEX, PackedBatch
 from megatron_cosmos3.model.rope import MultimodalRotaryEmbedding
 from megatron_cosmos3.model.tower import RMSNorm
@@ -61,6 +61,9 @@ class RankRows:
     dm_rotary_positions: torch.Tensor
     ar_padding: int = 0
     dm_padding: int = 0
+    # Which rows of each stream a mixture-of-experts MLP balances over, and over which group.
+    ar_balance: TokenBalance = WHOLE_INPUT
+    dm_balance: TokenBalance = WHOLE_INPUT
 
     @classmethod
     def whole(cls, batch: PackedBatch, attention: AttentionBackend) -> RankRows:
@@ -202,9 +205,9 @@ class MoTModel(nn.Module):
     def _attention(self):
         return attention_backend(self.config.attention_backend, self.embed_tokens.weight.device)
 
-    def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> StreamRotary:
+    def _rotary(self, positions: torch.Tensor, dtype: torch.dtype, balance: TokenBalance = WHOLE_INPUT) -> StreamRotary:
         cos, sin = self.rotary(positions, dtype)
-        return StreamRotary(cos, sin)
+        return StreamRotary(cos, sin, balance)
 
     def embed_ar(self, batch: PackedBatch) -> torch.Tensor:
         hidden = self.embed_tokens(batch.ar_token_ids)
@@ -255,8 +258,8 @@ class MoTModel(nn.Module):
         """The Reasoner halves of ``layers`` ((global index, layer), in order) on the AR stream, then
         their Generator halves on the DM stream."""
         layers = list(layers)
-        ar_rope = self._rotary(rows.ar_rotary_positions, ar.dtype)
-        dm_rope = self._rotary(rows.dm_rotary_positions, dm.dtype)
+        ar_rope = self._rotary(rows.ar_rotary_positions, ar.dtype, rows.ar_balance)
+        dm_rope = self._rotary(rows.dm_rotary_positions, dm.dtype, rows.dm_balance)
         # DeepStack rows index this rank's real AR rows, which come first (padding is at the end).
         ar, keys_values = run_reasoner(layers, ar, ar_rope, rows.layout, rows.attention, rows.batch)
         dm = run_generator([layer for _, layer in layers], dm, dm_rope, keys_values, rows.layout, rows.attention)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_cosmos3.model.config import MoTConfig
-from megatron_cosmos3.model.moe import MoEMLP
+from megatron_cosmos3.model.moe import WHOLE_INPUT, MoEMLP, TokenBalance
 from megatron_cosmos3.model.rope import apply_rotary
 
 
@@ -85,7 +85,11 @@ class Tower(nn.Module):
     def attention_inputs(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         return self.self_attn.qkv(self.input_layernorm(hidden), cos, sin)
 
-    def finish(self, hidden: torch.Tensor, attention_out: torch.Tensor) -> torch.Tensor:
-        """Output projection and MLP, each with its residual; attention_out is (n, heads, d)."""
+    def finish(
+        self, hidden: torch.Tensor, attention_out: torch.Tensor, balance: TokenBalance = WHOLE_INPUT
+    ) -> torch.Tensor:
+        """Output projection and MLP, each with its residual; attention_out is (n, heads, d).
+        ``balance``: the stream's tokens as a mixture-of-experts MLP balances over them."""
         hidden = hidden + self.self_attn.o_proj(attention_out.flatten(1))
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        mlp_input = self.post_attention_layernorm(hidden)
+        return hidden + (self.mlp(mlp_input, balance) if isinstance(self.mlp, MoEMLP) else self.mlp(mlp_input))

@@ -21,6 +21,10 @@ output: about 4·N·hidden/cp elements per layer, plus the AR K/V once more for 
 limit is cp <= kv_heads per TP rank, which ``ParallelSizes.validate`` checks; ring (or a Ulysses x
 ring hybrid) is the extension beyond that.
 
+**Mixture of experts.** The load-balancing loss is that of the whole micro-batch: the MoE layers
+sum their routing statistics over the CP group and leave the pad rows out (``TokenBalance``);
+under sequence parallelism they see the whole stream already (gathered), and leave out its padding.
+
 **Gradients.** Parameters are replicated over the CP ranks; each rank backpropagates cp x its share
 of the micro-batch loss (Megatron's convention), so gradients are *averaged* over CP, and in a full
 job over ``ParallelGroups.data_and_context`` — exactly what DDP over that group (``data_parallel.py``)
@@ -38,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_cosmos3.model.attention import AttentionBackend, PackLayout, attention_backend
+from megatron_cosmos3.model.moe import TokenBalance
 from megatron_cosmos3.model.mot import MoTModel, MoTOutput, RankRows
 from megatron_cosmos3.model.packed_batch import PackedBatch
 from megatron_cosmos3.parallel.ulysses import ContextParallelAttention
@@ -149,15 +154,19 @@ class SequenceSplit:
         """This rank's rows of ``batch`` (the same whole batch on every rank of the group)."""
         size = dist.get_world_size(self.group)
         shard = shard_pack(batch, dist.get_rank(self.group), size)
+        local = shard.batch
         if self.sequence_parallel:
             attention = inner
             ar_positions = _rotary_positions(batch.ar_positions, (-batch.num_ar_tokens) % size)
             dm_positions = _rotary_positions(batch.dm_positions, (-batch.num_dm_tokens) % size)
+            # MoE layers gather the whole padded stream: its real rows come first.
+            ar_balance, dm_balance = TokenBalance(rows=batch.num_ar_tokens), TokenBalance(rows=batch.num_dm_tokens)
         else:  # q/k are rotated on this rank's rows, before the exchange
             attention = ContextParallelAttention(inner, self.group)
-            ar_positions = _rotary_positions(shard.batch.ar_positions, shard.ar_padding)
-            dm_positions = _rotary_positions(shard.batch.dm_positions, shard.dm_padding)
-        local = shard.batch
+            ar_positions = _rotary_positions(local.ar_positions, shard.ar_padding)
+            dm_positions = _rotary_positions(local.dm_positions, shard.dm_padding)
+            ar_balance = TokenBalance(self.group, local.num_ar_tokens)
+            dm_balance = TokenBalance(self.group, local.num_dm_tokens)
         rows = RankRows(
             batch=local,
             layout=shard.layout,
@@ -167,6 +176,8 @@ class SequenceSplit:
             dm_rotary_positions=dm_positions,
             ar_padding=shard.ar_padding,
             dm_padding=shard.dm_padding,
+            ar_balance=ar_balance,
+            dm_balance=dm_balance,
         )
         return rows, shard
 

@@ -64,13 +64,21 @@ def apply_expert_parallel(model: nn.Module, groups: ParallelGroups) -> nn.Module
         per_rank = moe.num_experts // size
         block = slice(rank * per_rank, (rank + 1) * per_rank)
         for name in EXPERT_PARAMETERS:
-            full = getattr(moe, name)
-            local = nn.Parameter(full.detach()[block].clone(), requires_grad=full.requires_grad)
+            local = replace_parameter(moe, name, getattr(moe, name).detach()[block])
             local.expert_parallel = True  # excluded from DDP; reduced by finalize_expert_grads
-            setattr(moe, name, local)
         moe.expert_offset = rank * per_rank
         moe.dispatcher = AllToAllDispatcher(groups.expert)
     return model
+
+
+def replace_parameter(module: nn.Module, name: str, data: torch.Tensor) -> nn.Parameter:
+    """Swaps ``module.<name>`` for a parameter holding a copy of ``data`` (a shard of it), keeping
+    ``requires_grad`` and the attributes other parallelisms marked it with; returns the new one."""
+    full = getattr(module, name)
+    local = nn.Parameter(data.clone(), requires_grad=full.requires_grad)
+    local.__dict__.update(full.__dict__)
+    setattr(module, name, local)
+    return local
 
 
 def expert_parameter_names(model: nn.Module) -> list[str]:

@@ -17,21 +17,25 @@ def global_grad_norm(parameters, groups=None) -> torch.Tensor:
     """
     parameters = list(parameters.parameters() if isinstance(parameters, nn.Module) else parameters)
     replicated = torch.zeros((), dtype=torch.float64)
-    tensor_sharded = torch.zeros((), dtype=torch.float64)
+    # [sharded over the tensor group only, over tensor and expert groups (experts under TP)]
+    tensor_sharded = torch.zeros(2, dtype=torch.float64)
     expert_sharded = torch.zeros((), dtype=torch.float64)
     for param in parameters:
         if param.grad is None:
             continue
         square = param.grad.detach().double().square().sum().cpu()
+        expert = getattr(param, "expert_parallel", False)
         if getattr(param, "tensor_model_parallel", False):
-            tensor_sharded += square
-        elif getattr(param, "expert_parallel", False):
+            tensor_sharded[int(expert)] += square
+        elif expert:
             expert_sharded += square
         else:
             replicated += square
+    if groups is not None and groups.sizes.tensor > 1:
+        dist.all_reduce(tensor_sharded, group=groups.tensor)
+    expert_sharded = expert_sharded + tensor_sharded[1]
+    tensor_sharded = tensor_sharded[0]
     if groups is not None:
-        if groups.sizes.tensor > 1:
-            dist.all_reduce(tensor_sharded, group=groups.tensor)
         if groups.sizes.expert > 1:
             dist.all_reduce(expert_sharded, group=groups.expert)
         if groups.sizes.pipeline > 1:  # each stage holds other layers

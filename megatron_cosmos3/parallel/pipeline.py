@@ -152,6 +152,10 @@ class PipelineStages:
     def parameters(self) -> Iterator[nn.Parameter]:
         return (p for _, p in self.named_parameters())
 
+    def modules(self) -> Iterator[nn.Module]:
+        for chunk in self.chunks:
+            yield from chunk.modules()
+
     def train(self, mode: bool = True) -> PipelineStages:
         for chunk in self.chunks:
             chunk.train(mode)

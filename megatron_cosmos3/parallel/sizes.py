@@ -72,6 +72,12 @@ class ParallelSizes:
             (model.num_kv_heads // self.tensor) % self.context == 0,
             f"num_kv_heads/tensor={model.num_kv_heads // self.tensor} is not divisible by context={self.context}",
         )
+        if num_experts > 0:  # expert tensor parallelism splits every expert's FFN units like the MLP's
+            moe_ffn = model.moe_ffn_hidden_size or model.ffn_hidden_size
+            require(
+                moe_ffn % self.tensor == 0,
+                f"moe_ffn_hidden_size={moe_ffn} (num_experts={num_experts}) is not divisible by tensor={self.tensor}",
+            )
         data = self.data(world_size)
         if self.expert > 1:
             require(num_experts > 0, f"expert={self.expert} needs a mixture-of-experts model (num_experts > 0)")

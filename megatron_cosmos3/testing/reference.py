@@ -1,13 +1,16 @@
 """Compare a parallel model with the single-process reference, parameter by parameter.
 
-A sharded parameter (megatron's ``tensor_model_parallel`` attribute) is compared with the matching
-slice of the reference tensor; a replicated one with the whole tensor.
+A sharded parameter (megatron's ``tensor_model_parallel`` attribute, an expert-parallel block, or
+both) is compared with the matching slice of the reference tensor; a replicated one with the whole
+tensor.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from megatron_cosmos3.parallel.tensor_parallel import tensor_shard
 
 
 def reference_slice(
@@ -18,10 +21,10 @@ def reference_slice(
     expert_rank: int = 0,
     expert_size: int = 1,
 ) -> torch.Tensor:
-    if getattr(param, "tensor_model_parallel", False):
-        return reference.chunk(tensor_size, dim=param.partition_dim)[tensor_rank]
     if getattr(param, "expert_parallel", False):
-        return reference.chunk(expert_size, dim=0)[expert_rank]
+        reference = reference.chunk(expert_size, dim=0)[expert_rank]
+    if getattr(param, "tensor_model_parallel", False):
+        reference = tensor_shard(reference, param.partition_dim, tensor_rank, tensor_size, param.partition_stride)
     return reference
 
 

@@ -2,7 +2,10 @@
 
 Every entry is keyed by the parameter's fully qualified name, never by rank. A tensor-parallel shard
 is a DTensor over the tensor group (``Shard(partition_dim)``), an expert-parallel block a DTensor over
-the expert group (``Shard(0)``), anything else a plain tensor that every holder writes identically.
+the expert group (``Shard(0)``), an expert block split over FFN units both (a 2-D mesh), anything
+else a plain tensor that every holder writes identically. A parameter whose FFN dim stacks blocks
+(``MoEMLP.FFN_LAYOUT``: gate_up_proj is [gate; up]) is described with the blocks apart, as
+(E, 2, ffn, hidden) in every layout, since a tensor-parallel rank holds a slice of each block.
 torch.distributed.checkpoint then reshards on load: a run saved with TP=2 loads with TP=1, DP=2 or
 TP=2 again, and ZeRO-sharded optimizer state follows the parameters to whichever rank now owns them.
 
@@ -28,6 +31,7 @@ class ShardingMeshes:
 
     tensor: object = None
     expert: object = None
+    expert_tensor: object = None  # (expert, tensor): expert blocks split over FFN units
 
     @classmethod
     def from_groups(cls, groups, device_type: str) -> ShardingMeshes:
@@ -38,14 +42,42 @@ class ShardingMeshes:
         def mesh(group):
             return DeviceMesh.from_group(group, device_type) if dist.get_world_size(group) > 1 else None
 
-        return cls(tensor=mesh(groups.tensor), expert=mesh(groups.expert))
+        meshes = cls(tensor=mesh(groups.tensor), expert=mesh(groups.expert))
+        if meshes.tensor is not None and meshes.expert is not None:
+            # Row e: the tensor group of expert rank e (global ranks), gathered over the expert group.
+            rows = [None] * dist.get_world_size(groups.expert)
+            dist.all_gather_object(rows, dist.get_process_group_ranks(groups.tensor), group=groups.expert)
+            meshes.expert_tensor = DeviceMesh.from_group(
+                [groups.expert, groups.tensor], device_type, torch.tensor(rows), mesh_dim_names=("expert", "tensor")
+            )
+        return meshes
 
 
-def as_global(local: torch.Tensor, param: nn.Parameter, meshes: ShardingMeshes):
-    """Wraps this rank's piece of a parameter-shaped tensor so that it describes the global tensor."""
-    if getattr(param, "tensor_model_parallel", False) and meshes.tensor is not None:
-        return DTensor.from_local(local, meshes.tensor, [Shard(param.partition_dim)], run_check=False)
-    if getattr(param, "expert_parallel", False) and meshes.expert is not None:
+def stacked_blocks(model: nn.Module) -> dict[nn.Parameter, tuple[int, int]]:
+    """{parameter: (dim, blocks)} for parameters whose FFN dim stacks several blocks."""
+    return {
+        getattr(module, name): (dim, blocks)
+        for module in model.modules()
+        for name, (dim, blocks) in getattr(module, "FFN_LAYOUT", {}).items()
+        if blocks > 1
+    }
+
+
+def as_global(local: torch.Tensor, param: nn.Parameter, meshes: ShardingMeshes, stacked: tuple[int, int] | None = None):
+    """Wraps this rank's piece of a parameter-shaped tensor so that it describes the global tensor.
+    ``stacked``: (dim, blocks) when ``dim`` stacks blocks (see the module docstring)."""
+    tensor_dim = getattr(param, "partition_dim", None)
+    if stacked is not None:
+        dim, blocks = stacked
+        local = local.unflatten(dim, (blocks, -1))  # a view: loading into it fills the parameter
+        tensor_dim = dim + 1
+    tensor = getattr(param, "tensor_model_parallel", False) and meshes.tensor is not None
+    expert = getattr(param, "expert_parallel", False) and meshes.expert is not None
+    if tensor and expert:
+        return DTensor.from_local(local, meshes.expert_tensor, [Shard(0), Shard(tensor_dim)], run_check=False)
+    if tensor:
+        return DTensor.from_local(local, meshes.tensor, [Shard(tensor_dim)], run_check=False)
+    if expert:
         return DTensor.from_local(local, meshes.expert, [Shard(0)], run_check=False)
     return local
 
@@ -62,7 +94,8 @@ def local_optimizers(optimizer) -> list[torch.optim.Optimizer]:
 
 
 def model_entries(model: nn.Module, meshes: ShardingMeshes) -> dict:
-    return {f"model/{name}": as_global(p.data, p, meshes) for name, p in model.named_parameters()}
+    stacked = stacked_blocks(model)
+    return {f"model/{name}": as_global(p.data, p, meshes, stacked.get(p)) for name, p in model.named_parameters()}
 
 
 def optimizer_entries(optimizer, model: nn.Module, meshes: ShardingMeshes, create_for: set[str] | None = None) -> dict:
@@ -70,6 +103,7 @@ def optimizer_entries(optimizer, model: nn.Module, meshes: ShardingMeshes, creat
     optimizer (whose state is created lazily), ``create_for`` names the checkpoint keys to allocate
     empty state for: parameters that had state when saved."""
     names = {p: name for name, p in model.named_parameters()}
+    stacked = stacked_blocks(model)
     entries = {}
     for inner in local_optimizers(optimizer):
         for group in inner.param_groups:
@@ -85,6 +119,6 @@ def optimizer_entries(optimizer, model: nn.Module, meshes: ShardingMeshes, creat
                     if key in state:
                         value = state[key]
                         entries[f"optimizer/{names[param]}/{key}"] = (
-                            value if key == "step" else as_global(value, param, meshes)
+                            value if key == "step" else as_global(value, param, meshes, stacked.get(param))
                         )
     return entries

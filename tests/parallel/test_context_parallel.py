@@ -236,3 +236,53 @@ def test_shards_hold_every_row_once_and_pad_into_an_isolated_sample(size):
             assert pad_rows < size and chunk.pop() * size == getattr(batch, f"num_{stream}_tokens") + pad_rows
         has_padding = any(s.ar_padding or s.dm_padding for s in shards)
         assert layout.num_samples == batch.num_samples + has_padding, name
+
+
+MOE_CONFIG = tiny_mot_config(num_experts=4, moe_top_k=2, moe_ffn_hidden_size=16, moe_aux_loss_weight=0.1)
+
+
+def _cp_with_experts_matches_one_process(rank, world_size, dtype):
+    import torch.distributed as dist
+
+    from megatron_cosmos3.model.moe import MoEMLP
+    from megatron_cosmos3.parallel.context_parallel import context_parallel_losses, reduce_replicated_gradients
+    from megatron_cosmos3.testing.reference import compare_to_reference
+
+    def aux_losses(model):
+        return [float(m.aux_loss.detach()) for m in model.modules() if isinstance(m, MoEMLP)]
+
+    torch.manual_seed(0)
+    reference = MoTModel(copy.deepcopy(MOE_CONFIG)).to(dtype)
+    model = copy.deepcopy(reference)
+    report = {}
+    # Odd stream lengths: some ranks hold pad rows, which the balancing loss leaves out.
+    for name, batch, targets in equivalence_packs()[1:4]:
+        for m in (reference, model):
+            m.zero_grad(set_to_none=True)
+        want = mot_losses(reference, batch, targets)
+        want.total.backward()
+        got = context_parallel_losses(model, batch, targets, dist.group.WORLD)
+        got.total.backward()
+        reduce_replicated_gradients(model.parameters(), dist.group.WORLD)
+        report[name] = {
+            "loss": (want.total.item(), got.total.item()),
+            "aux": (aux_losses(reference), aux_losses(model)),
+            "grad": compare_to_reference(model, reference),
+        }
+    return report
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cp2_with_experts_matches_one_process_in_loss_balancing_loss_and_gradients(dtype):
+    """The balancing loss is that of the whole micro-batch on every rank (not of the rank's tokens),
+    and its gradient comes out right after the CP gradient average."""
+    tolerance = TOLERANCE[dtype]
+    for report in run_on_ranks(_cp_with_experts_matches_one_process, 2, dtype):
+        for name, pack in report.items():
+            want, got = pack["loss"]
+            assert got == pytest.approx(want, rel=tolerance), name
+            want_aux, got_aux = pack["aux"]
+            assert len(want_aux) == 2 * MOE_CONFIG.num_layers and got_aux == pytest.approx(want_aux, rel=tolerance)
+            assert pack["grad"]["layers.0.generator.mlp.router.weight"] <= tolerance, name
+            assert worst(pack["grad"])[1] <= tolerance, (name, worst(pack["grad"]))

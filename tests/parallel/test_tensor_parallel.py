@@ -1,4 +1,4 @@
-"""Tensor parallelism (megatron-core column/row-parallel linears) equals one process."""
+"""Tensor parallelism (megatron-core column/row-parallel linears, experts split over FFN units) equals one process."""
 
 import copy
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from megatron_cosmos3.data.synthetic_packs import random_pack
+from megatron_cosmos3.model.moe import MoEMLP
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.testing.distributed import run_on_ranks
@@ -14,6 +15,8 @@ from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow
 from megatron_cosmos3.training.losses import mot_losses
 
 CONFIG = tiny_mot_config()
+# Mixture-of-experts MLPs in both towers (expert tensor parallelism), with the balancing loss on.
+MOE_CONFIG = tiny_mot_config(num_experts=4, moe_top_k=2, moe_ffn_hidden_size=16, moe_aux_loss_weight=0.1)
 
 
 def noised_pack(seed):
@@ -21,18 +24,23 @@ def noised_pack(seed):
     return add_flow_matching_noise(random_pack(CONFIG, g, num_samples=5), FlowMatchingConfig(), g)
 
 
-def _tensor_parallel_matches_one_process(rank, world_size, steps, dtype):
+def aux_losses(model):
+    """The balancing loss of every MoE layer in the last forward."""
+    return [float(m.aux_loss.detach()) for m in model.modules() if isinstance(m, MoEMLP)]
+
+
+def _tensor_parallel_matches_one_process(rank, world_size, steps, dtype, config=CONFIG):
     from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
     from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel, finalize_tensor_parallel_grads
     from megatron_cosmos3.testing.reference import compare_to_reference
 
-    groups = initialize_parallel(ParallelSizes(tensor=world_size), CONFIG)
+    groups = initialize_parallel(ParallelSizes(tensor=world_size), config, config.num_experts)
     try:
         torch.manual_seed(0)
-        reference = MoTModel(copy.deepcopy(CONFIG)).to(dtype)
+        reference = MoTModel(copy.deepcopy(config)).to(dtype)
         model = apply_tensor_parallel(copy.deepcopy(reference), groups)
         optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (reference, model)]
-        report = {"losses": [], "grad": [], "data": None, "sharded": 0}
+        report = {"losses": [], "aux": [], "grad": [], "data": None, "sharded": 0}
         for step in range(steps):
             batch, targets = noised_pack(step)
             losses = []
@@ -43,12 +51,13 @@ def _tensor_parallel_matches_one_process(rank, world_size, steps, dtype):
                 losses.append(float(loss.total.detach()))
             finalize_tensor_parallel_grads(model, groups)
             report["losses"].append(losses)
+            report["aux"].append((aux_losses(reference), aux_losses(model)))
             report["grad"].append(compare_to_reference(model, reference, groups.tensor_rank, world_size))
             for optimizer in optimizers:
                 optimizer.step()
         report["data"] = compare_to_reference(model, reference, groups.tensor_rank, world_size, what="data")
         report["sharded"] = sum(getattr(p, "tensor_model_parallel", False) for p in model.parameters())
-        report["local_heads"] = model.layers[0].generator.self_attn.q_proj.weight.shape[0] // CONFIG.head_dim
+        report["local_heads"] = model.layers[0].generator.self_attn.q_proj.weight.shape[0] // config.head_dim
         return report
     finally:
         destroy_parallel()
@@ -75,14 +84,42 @@ def test_tp2_loss_gradients_and_steps_match_one_process(dtype):
         assert report["data"][worst] <= tolerance, (worst, report["data"][worst])
 
 
-def _ar_blind_under_tensor_parallel(rank, world_size):
+# MoE: fp64 shows the math is exact; fp32 compares one step: the gradients (same parameters) to 1e-5,
+# the values after one AdamW step looser, since AdamW's first update is ~lr x sign(gradient) and an
+# expert weight element whose gradient is ~1e-9 gets its sign from summation-order noise (measured:
+# 2.5e-4 norm-relative on a gate_up_proj slice).
+MOE_TOLERANCE = {torch.float64: (2, 1e-10, 1e-10), torch.float32: (1, 1e-5, 1e-3)}  # steps, grads, values
+
+
+def assert_moe_matches(report, dtype):
+    _, grad_tolerance, data_tolerance = MOE_TOLERANCE[dtype]
+    for (want, got), (want_aux, got_aux), grads in zip(report["losses"], report["aux"], report["grad"]):
+        assert got == pytest.approx(want, rel=grad_tolerance)
+        assert len(want_aux) == MOE_CONFIG.num_layers * 2 and got_aux == pytest.approx(want_aux, rel=grad_tolerance)
+        worst = max(grads, key=grads.get)
+        assert grads[worst] <= grad_tolerance, (worst, grads[worst])
+    worst = max(report["data"], key=report["data"].get)
+    assert report["data"][worst] <= data_tolerance, (worst, report["data"][worst])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_tp2_with_experts_split_over_ffn_units_matches_one_process(dtype):
+    steps = MOE_TOLERANCE[dtype][0]
+    for report in run_on_ranks(_tensor_parallel_matches_one_process, 2, steps, dtype, MOE_CONFIG):
+        # Per tower: q, k, v, o linears and the two expert weights (a slice of each expert's FFN units).
+        assert report["sharded"] == MOE_CONFIG.num_layers * 2 * 6
+        assert_moe_matches(report, dtype)
+
+
+def _ar_blind_under_tensor_parallel(rank, world_size, config=CONFIG):
     from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
     from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel
 
-    groups = initialize_parallel(ParallelSizes(tensor=world_size), CONFIG)
+    groups = initialize_parallel(ParallelSizes(tensor=world_size), config, config.num_experts)
     try:
         torch.manual_seed(0)
-        model = apply_tensor_parallel(MoTModel(copy.deepcopy(CONFIG)), groups)
+        model = apply_tensor_parallel(MoTModel(copy.deepcopy(config)), groups)
         batch, _ = noised_pack(0)
         changed = batch.replace(
             dm_tokens={k: v * 3 + 1 for k, v in batch.dm_tokens.items()},
@@ -100,24 +137,25 @@ def _ar_blind_under_tensor_parallel(rank, world_size):
 
 
 @pytest.mark.multiprocess
-def test_reasoner_stays_blind_to_dm_inputs_under_tensor_parallel():
-    for ar_same, logits_same, dm_same in run_on_ranks(_ar_blind_under_tensor_parallel, 2):
+@pytest.mark.parametrize("config", [CONFIG, MOE_CONFIG], ids=["dense", "moe"])
+def test_reasoner_stays_blind_to_dm_inputs_under_tensor_parallel(config):
+    for ar_same, logits_same, dm_same in run_on_ranks(_ar_blind_under_tensor_parallel, 2, config):
         assert ar_same and logits_same and not dm_same
 
 
-def _sequence_parallel_matches_one_process(rank, world_size, steps):
+def _sequence_parallel_matches_one_process(rank, world_size, steps, dtype=torch.float64, config=CONFIG):
     from megatron_cosmos3.parallel.context_parallel import sequence_parallel_losses
     from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
     from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel, finalize_tensor_parallel_grads
     from megatron_cosmos3.testing.reference import compare_to_reference
 
-    groups = initialize_parallel(ParallelSizes(tensor=world_size, sequence_parallel=True), CONFIG)
+    groups = initialize_parallel(ParallelSizes(tensor=world_size, sequence_parallel=True), config, config.num_experts)
     try:
         torch.manual_seed(0)
-        reference = MoTModel(copy.deepcopy(CONFIG)).double()
+        reference = MoTModel(copy.deepcopy(config)).to(dtype)
         model = apply_tensor_parallel(copy.deepcopy(reference), groups)
         optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (reference, model)]
-        report = {"losses": [], "grad": []}
+        report = {"losses": [], "aux": [], "grad": []}
         for step in range(steps):
             batch, targets = noised_pack(step)
             for optimizer in optimizers:
@@ -128,6 +166,7 @@ def _sequence_parallel_matches_one_process(rank, world_size, steps):
             got.total.backward()
             finalize_tensor_parallel_grads(model, groups)
             report["losses"].append((float(want.total.detach()), float(got.total.detach())))
+            report["aux"].append((aux_losses(reference), aux_losses(model)))
             report["grad"].append(compare_to_reference(model, reference, groups.tensor_rank, world_size))
             for optimizer in optimizers:
                 optimizer.step()
@@ -147,3 +186,12 @@ def test_sequence_parallel_tp2_matches_one_process():
             assert step_grads[worst] <= 1e-10, (worst, step_grads[worst])
         worst = max(report["data"], key=report["data"].get)
         assert report["data"][worst] <= 1e-10, (worst, report["data"][worst])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sequence_parallel_tp2_with_experts_matches_one_process(dtype):
+    # The packs' streams have odd lengths: the gathered stream ends in a pad row the balancing loss skips.
+    steps = MOE_TOLERANCE[dtype][0]
+    for report in run_on_ranks(_sequence_parallel_matches_one_process, 2, steps, dtype, MOE_CONFIG):
+        assert_moe_matches(report, dtype)

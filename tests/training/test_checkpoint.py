@@ -22,11 +22,12 @@ from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow
 from megatron_cosmos3.training.losses import mot_losses
 
 CONFIG = tiny_mot_config()
+MOE_CONFIG = tiny_mot_config(num_experts=4, moe_top_k=2, moe_ffn_hidden_size=16)
 
 
-def trained_model(steps=2):
+def trained_model(steps=2, config=CONFIG):
     torch.manual_seed(0)
-    model = MoTModel(copy.deepcopy(CONFIG))
+    model = MoTModel(copy.deepcopy(config))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for step in range(steps):
         g = torch.Generator().manual_seed(step)
@@ -233,3 +234,61 @@ def test_saved_with_tp2_loads_with_tp1_and_with_dp2_zero(tmp_path):
         assert state.keys() == want_state.keys(), name
         for key in want_state:
             assert torch.equal(state[key], want_state[key]), (name, key)
+
+
+def _moe_round_trip_under_tp2_times_ep2(rank, world_size, source, target):
+    from megatron_cosmos3.parallel.data_parallel import build_optimizer
+    from megatron_cosmos3.parallel.expert_parallel import apply_expert_parallel
+    from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
+    from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel
+    from megatron_cosmos3.testing.reference import reference_slice
+    from megatron_cosmos3.training.checkpoint_state import local_optimizers
+
+    groups = initialize_parallel(ParallelSizes(tensor=2, expert=2), MOE_CONFIG, MOE_CONFIG.num_experts)
+    try:
+        reference, reference_optimizer = trained_model(config=MOE_CONFIG)
+        torch.manual_seed(123)
+        model = apply_expert_parallel(apply_tensor_parallel(MoTModel(copy.deepcopy(MOE_CONFIG)), groups), groups)
+        optimizer = build_optimizer(model.parameters(), groups, lr=1e-2)
+        checkpointer = Checkpointer(source, groups=groups, async_save=False)
+        checkpointer.load(latest_checkpoint(source), model, optimizer)
+        ref = dict(reference.named_parameters())
+        expert_rank = torch.distributed.get_rank(groups.expert)
+
+        def want(name, param, value):
+            return reference_slice(value, param, groups.tensor_rank, 2, expert_rank, 2)
+
+        mismatched = [n for n, p in model.named_parameters() if not torch.equal(p, want(n, p, ref[n]))]
+        names = {p: n for n, p in model.named_parameters()}
+        for inner in local_optimizers(optimizer):
+            for param, state in inner.state.items():
+                name, want_state = names[param], reference_optimizer.state[ref[names[param]]]
+                if state.keys() != want_state.keys():
+                    mismatched.append(f"{name}: {sorted(state)} != {sorted(want_state)}")
+                for key in set(state) & {"exp_avg", "exp_avg_sq"}:
+                    if not torch.equal(state[key], want(name, param, want_state[key])):
+                        mismatched.append(f"{name}/{key}")
+        Checkpointer(target, groups=groups, async_save=False).save(3, model, optimizer, {}, {})
+        return mismatched
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.multiprocess
+def test_moe_saved_with_tp1_loads_under_tp2_times_ep2_and_back(tmp_path):
+    """Experts split over FFN units (gate_up_proj: a slice of each of its gate and up halves) and over
+    expert ranks describe the same global tensors as one process's, in both directions."""
+    source, target = str(tmp_path / "tp1"), str(tmp_path / "tp2xep2")
+    reference, reference_optimizer = trained_model(config=MOE_CONFIG)
+    Checkpointer(source, async_save=False).save(2, reference, reference_optimizer, {}, {})
+    for mismatched in run_on_ranks(_moe_round_trip_under_tp2_times_ep2, 4, source, target):
+        assert mismatched == []
+    single = MoTModel(copy.deepcopy(MOE_CONFIG))
+    single_optimizer = torch.optim.AdamW(single.parameters(), lr=1e-2)
+    Checkpointer(target, async_save=False).load(latest_checkpoint(target), single, single_optimizer)
+    for (name, a), b in zip(reference.named_parameters(), single.parameters()):
+        assert torch.equal(a, b), name
+        want_state, got_state = reference_optimizer.state[a], single_optimizer.state[b]
+        assert want_state.keys() == got_state.keys(), name
+        for key in want_state:
+            assert torch.equal(want_state[key], got_state[key]), (name, key)

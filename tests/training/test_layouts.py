@@ -65,7 +65,7 @@ def history(tmp_path, name):
 
 
 # A mixture-of-experts model (both towers, 4 experts, top-2, balancing loss on) for the expert layouts.
-MOE = ["model.num_experts=4", "model.moe_top_k=2", "model.moe_aux_loss_weight=0.01"]
+MOE = ["model.num_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden_size=16", "model.moe_aux_loss_weight=0.1"]
 
 
 def single_process_history(tmp_path, name, *extra):
@@ -114,6 +114,13 @@ LAYOUTS = {
 MOE_LAYOUTS = {
     "ep2": (2, ["parallel.expert=2", "optimizer.micro_batches_per_step=1"]),  # EP over the 2 DP ranks
     "ep2xpp2": (4, ["parallel.expert=2", "parallel.pipeline=2", "optimizer.micro_batches_per_step=1"]),
+    # Experts split over tensor ranks (FFN units), with and without sequence parallelism.
+    "moe-tp2": (2, ["parallel.tensor=2", "optimizer.micro_batches_per_step=2"]),
+    "moe-tp2-sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "optimizer.micro_batches_per_step=2"]),
+    "moe-tp2xep2": (4, ["parallel.tensor=2", "parallel.expert=2", "optimizer.micro_batches_per_step=1"]),
+    # The balancing loss summed over the CP group, in the plain runner and between pipeline stages.
+    "moe-cp2": (2, ["parallel.context=2", "optimizer.micro_batches_per_step=2"]),
+    "moe-cp2xpp2": (4, ["parallel.context=2", "parallel.pipeline=2", "optimizer.micro_batches_per_step=2"]),
 }
 
 
