@@ -1,4 +1,4 @@
-"""Step time and peak memory per rank of the trainer under each parallel layout (2 ranks).
+"""Step time and peak memory per rank of the trainer under each parallel layout (2 or 4 ranks).
 
 Every layout trains the same tiny MoT on the same global batch (2 packs per step) for a few steps;
 the single-process run is the baseline measured in the same invocation. Peak memory is rank 0's
@@ -28,6 +28,10 @@ LAYOUTS = {
     "PP=2 (1F1B)": (2, ["parallel.pipeline=2"]),
     "PP=2 x VPP=2": (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]),
     "CP=2": (2, ["parallel.context=2"]),
+    "TP=2 x PP=2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
+    "TP=2 x CP=2": (4, ["parallel.tensor=2", "parallel.context=2"]),
+    "PP=2 x CP=2": (4, ["parallel.pipeline=2", "parallel.context=2"]),
+    "TP=2 + SP x PP=2": (4, ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.pipeline=2"]),
 }
 LINE = re.compile(r"step (\d+)/\d+ .* step ([0-9.]+)s\s+peak (\d+) MB")
 
