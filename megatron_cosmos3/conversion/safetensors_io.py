@@ -9,7 +9,7 @@ writing holds at most one shard's worth of converted tensors.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,15 +83,18 @@ def tensor_dtype(folder: str | Path, key: str) -> torch.dtype:
         return _DTYPES[handle.get_slice(key).get_dtype()]
 
 
-def iter_tensors(folder: str | Path) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """Yields (shard file name, key, tensor) for every tensor of the folder, one at a time.
+def iter_tensors(folder: str | Path, only: Collection[str] | None = None) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """Yields (shard file name, key, tensor) for every tensor of the folder — or only those whose
+    key is in ``only`` (other shards are not even opened) — one at a time.
 
     Every shard is checked before its first tensor is read: a missing, truncated or corrupt file,
     or a tensor the index places in a shard that lacks it, is a ConversionError naming both.
     """
     folder = Path(folder)
     for shard, keys in sorted(shard_map(folder).items()):
-        yield from _stream_shard(folder / shard, keys)
+        wanted = keys if only is None else [key for key in keys if key in only]
+        if wanted:
+            yield from _stream_shard(folder / shard, wanted)
 
 
 def _stream_shard(path: Path, keys: list[str]) -> Iterator[tuple[str, str, torch.Tensor]]:

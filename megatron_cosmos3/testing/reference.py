@@ -10,22 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megatron_cosmos3.parallel.tensor_parallel import tensor_shard
-
-
-def reference_slice(
-    reference: torch.Tensor,
-    param: nn.Parameter,
-    tensor_rank: int,
-    tensor_size: int,
-    expert_rank: int = 0,
-    expert_size: int = 1,
-) -> torch.Tensor:
-    if getattr(param, "expert_parallel", False):
-        reference = reference.chunk(expert_size, dim=0)[expert_rank]
-    if getattr(param, "tensor_model_parallel", False):
-        reference = tensor_shard(reference, param.partition_dim, tensor_rank, tensor_size, param.partition_stride)
-    return reference
+from megatron_cosmos3.parallel.sharding import local_part
 
 
 def relative_difference(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -58,6 +43,6 @@ def compare_to_reference(
                 differences[name] = float("inf")
             continue
         differences[name] = relative_difference(
-            got, reference_slice(want, param, tensor_rank, tensor_size, expert_rank, expert_size)
+            got, local_part(want, param, tensor_rank, tensor_size, expert_rank, expert_size)
         )
     return differences

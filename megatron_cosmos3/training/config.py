@@ -111,8 +111,9 @@ class StageConfig:
     """One training stage (pre-, mid- or post-training) on top of the model and data config.
 
     ``init_from`` starts the stage from another stage's checkpoint (a checkpoint folder, or a
-    checkpoint directory whose latest is taken): weights only, fresh optimizer and step 0. It is
-    ignored once this stage has checkpoints of its own (a resume). Parameter patterns are
+    checkpoint directory whose latest is taken) or from a weights folder (``python -m
+    megatron_cosmos3.conversion import`` of a Qwen3-VL model): weights only, fresh optimizer and
+    step 0. It is ignored once this stage has checkpoints of its own (a resume). Parameter patterns are
     fnmatch-style on parameter names, e.g. ``layers.*.reasoner.*``.
     """
 

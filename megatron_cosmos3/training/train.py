@@ -48,6 +48,7 @@ from megatron_cosmos3.training.preemption import REQUEUE_EXIT_CODE, PreemptionWa
 from megatron_cosmos3.training.samples import write_generation_sample
 from megatron_cosmos3.training.schedule import learning_rate
 from megatron_cosmos3.training.tracking import MLflowTracker
+from megatron_cosmos3.training.weights_folder import is_weights_folder, load_weights_folder
 
 log = logging.getLogger("megatron_cosmos3.train")
 
@@ -201,9 +202,12 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
         return meta["step"], meta.get("mlflow_run_id")
     if config.stage.init_from:
         source = Path(config.stage.init_from)
-        source = latest_checkpoint(source) or source
         new = tuple(f"dm_streams.action_{d}.{name}." for name in config.stage.new_embodiments for d in ("in", "out"))
-        run.checkpointer.load(source, run.state_owner, optimizer=None, allow_missing=new)
+        if is_weights_folder(source):  # e.g. Qwen3-VL imported by `python -m megatron_cosmos3.conversion import`
+            load_weights_folder(source, run.state_owner, config.model, run.groups, allow_missing=new)
+        else:
+            source = latest_checkpoint(source) or source
+            run.checkpointer.load(source, run.state_owner, optimizer=None, allow_missing=new)
         if run.ctx.is_main:
             log.info("stage %s starts from the weights of %s", config.stage.name, source)
     return 0, None

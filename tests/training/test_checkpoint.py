@@ -163,18 +163,17 @@ def _save_under_tensor_parallel(rank, world_size, root):
         torch.manual_seed(0)
         model = apply_tensor_parallel(MoTModel(copy.deepcopy(CONFIG)), groups)
         # Give the TP model exactly the reference's weights and optimizer state, sharded.
-        from megatron_cosmos3.testing.reference import reference_slice
+        from megatron_cosmos3.parallel.sharding import local_part
 
         optimizer = build_optimizer(model.parameters(), groups, lr=1e-2)
         ref = dict(reference.named_parameters())
         with torch.no_grad():
             for name, p in model.named_parameters():
-                p.copy_(reference_slice(ref[name], p, groups.tensor_rank, 2))
+                p.copy_(local_part(ref[name], p, groups.tensor_rank, 2))
         for name, p in model.named_parameters():
             state = reference_optimizer.state[ref[name]]
             optimizer.state[p] = {
-                k: (v if k == "step" else reference_slice(v, p, groups.tensor_rank, 2)).clone()
-                for k, v in state.items()
+                k: (v if k == "step" else local_part(v, p, groups.tensor_rank, 2)).clone() for k, v in state.items()
             }
         checkpointer = Checkpointer(root, groups=groups, async_save=True)
         checkpointer.save(2, model, optimizer, {}, {})
@@ -239,9 +238,9 @@ def test_saved_with_tp2_loads_with_tp1_and_with_dp2_zero(tmp_path):
 def _moe_round_trip_under_tp2_times_ep2(rank, world_size, source, target):
     from megatron_cosmos3.parallel.data_parallel import build_optimizer
     from megatron_cosmos3.parallel.expert_parallel import apply_expert_parallel
+    from megatron_cosmos3.parallel.sharding import local_part
     from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
     from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel
-    from megatron_cosmos3.testing.reference import reference_slice
     from megatron_cosmos3.training.checkpoint_state import local_optimizers
 
     groups = initialize_parallel(ParallelSizes(tensor=2, expert=2), MOE_CONFIG, MOE_CONFIG.num_experts)
@@ -256,7 +255,7 @@ def _moe_round_trip_under_tp2_times_ep2(rank, world_size, source, target):
         expert_rank = torch.distributed.get_rank(groups.expert)
 
         def want(name, param, value):
-            return reference_slice(value, param, groups.tensor_rank, 2, expert_rank, 2)
+            return local_part(value, param, groups.tensor_rank, 2, expert_rank, 2)
 
         mismatched = [n for n, p in model.named_parameters() if not torch.equal(p, want(n, p, ref[n]))]
         names = {p: n for n, p in model.named_parameters()}

@@ -1,0 +1,91 @@
+"""Starting a stage from a weights folder: what ``python -m megatron_cosmos3.conversion import`` writes
+from a Hugging Face Qwen3-VL folder (``model.yaml`` + safetensors under our parameter names).
+
+``stage.init_from`` may name such a folder instead of a checkpoint. Each rank reads only the tensors
+of the parameters it holds (its pipeline stages) and keeps its own part of each (tensor-parallel
+slice, expert block: ``parallel.sharding.local_part``), so every layout starts from the same
+weights. The ViT's tensors (``vision.*``) are not the trainer's: the loader brings ViT embeddings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_cosmos3.conversion.mot_folder import CONFIG_FILE
+from megatron_cosmos3.conversion.safetensors_io import iter_tensors, shard_map
+from megatron_cosmos3.model.config import MoTConfig, load_model_config
+from megatron_cosmos3.parallel.sharding import local_part
+from megatron_cosmos3.parallel.state import ParallelGroups
+
+# What the weights must have been trained with to mean the same thing in this run's model (the
+# shapes alone do not show rotary, normalisation or tying, and a different top-k changes the MLPs).
+ARCHITECTURE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_attention_heads",
+    "num_kv_heads",
+    "head_dim",
+    "ffn_hidden_size",
+    "rms_norm_eps",
+    "rope_theta",
+    "mrope_section",
+    "tie_word_embeddings",
+    "num_experts",
+    "moe_top_k",
+    "moe_ffn_hidden_size",
+    "moe_towers",
+)
+
+
+def is_weights_folder(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def check_architecture(folder: Path, model: MoTConfig) -> None:
+    """Raises ValueError naming the first field where the folder's model differs from this run's."""
+    saved = load_model_config(folder / CONFIG_FILE)
+    for name in ARCHITECTURE_FIELDS:
+        ours, theirs = getattr(model, name), getattr(saved, name)
+        if (list(ours) if isinstance(ours, list) else ours) != (list(theirs) if isinstance(theirs, list) else theirs):
+            raise ValueError(
+                f"stage.init_from={folder}: model.{name}={ours!r}, but the weights were saved with {name}={theirs!r} "
+                f"({folder / CONFIG_FILE})"
+            )
+
+
+@torch.no_grad()
+def load_weights_folder(
+    folder: str | Path,
+    owner: nn.Module,
+    model: MoTConfig,
+    groups: ParallelGroups | None,
+    allow_missing: tuple[str, ...] = (),
+) -> None:
+    """Fills the parameters ``owner`` holds (a model, or a rank's pipeline stages, named as the full
+    model) from ``folder``. Parameters the folder lacks are an error naming them, unless their name
+    starts with one of ``allow_missing`` (e.g. the projections of an embodiment this stage adds)."""
+    folder = Path(folder)
+    check_architecture(folder, model)
+    held = dict(owner.named_parameters())
+    stored = {key for keys in shard_map(folder).values() for key in keys}
+    missing = sorted(name for name in held if name not in stored and not name.startswith(tuple(allow_missing)))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise KeyError(f"stage.init_from={folder}: the weights lack parameter {missing[0]!r}{more}")
+    tensor_rank, tensor_size = (groups.tensor_rank, groups.sizes.tensor) if groups is not None else (0, 1)
+    expert_size = groups.sizes.expert if groups is not None else 1
+    expert_rank = dist.get_rank(groups.expert) if expert_size > 1 else 0
+    for shard, key, full in iter_tensors(folder, only=held.keys()):
+        param = held[key]
+        part = local_part(full, param, tensor_rank, tensor_size, expert_rank, expert_size)
+        if part.shape != param.shape:
+            raise ValueError(
+                f"stage.init_from={folder / shard}: tensor {key!r} has shape {tuple(full.shape)}; this run's "
+                f"model needs {tuple(param.shape)} of it on this rank"
+            )
+        param.copy_(part)

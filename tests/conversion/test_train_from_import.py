@@ -1,0 +1,132 @@
+"""A training stage starts from an imported Qwen3-VL: ``stage.init_from`` names the weights folder that
+``python -m megatron_cosmos3.conversion import`` wrote, in one process and under TP=2 and PP=3."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_cosmos3.conversion.__main__ import main as conversion_main
+from megatron_cosmos3.conversion.mot_folder import CONFIG_FILE, load_mot_folder
+from megatron_cosmos3.testing.distributed import run_on_ranks
+from megatron_cosmos3.testing.training import TINY_SYNTHETIC
+from megatron_cosmos3.training.config import load_config
+from megatron_cosmos3.training.distributed import DistributedContext
+
+
+@pytest.fixture(scope="module")
+def imported(hf_folder, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("imported") / "weights"
+    assert conversion_main(["import", str(hf_folder), str(folder)]) == 0
+    return folder
+
+
+def stage_config(folder: Path, workdir: Path, *extra: str):
+    """The model section comes from the folder's own model.yaml, layered under the run's settings."""
+    return load_config(
+        [str(folder / CONFIG_FILE)],
+        [
+            *TINY_SYNTHETIC,
+            "data_source=synthetic",
+            "steps=1",
+            "tracking.enabled=false",
+            f"checkpoint.directory={workdir}",
+            f"stage.init_from={folder}",
+            "stage.name=midtrain",
+            *extra,
+        ],
+    )
+
+
+def initialised_parts(config, rank: int = 0, world_size: int = 1) -> dict:
+    """{name: (this rank's tensor, the folder's tensor cut to this rank's part)} after initialisation."""
+    from megatron_cosmos3.parallel.sharding import local_part
+    from megatron_cosmos3.training.train import build_run, resume_or_initialise
+
+    run = build_run(config, DistributedContext(rank, world_size, 0, torch.device("cpu")))
+    try:
+        assert resume_or_initialise(run) == (0, None)
+        want, _ = load_mot_folder(config.stage.init_from)
+        reference = dict(want.named_parameters())
+        groups = run.groups
+        tensor_rank, tensor_size = (groups.tensor_rank, groups.sizes.tensor) if groups else (0, 1)
+        return {
+            name: (param.detach().clone(), local_part(reference[name].detach(), param, tensor_rank, tensor_size))
+            for name, param in run.state_owner.named_parameters()
+        }
+    finally:
+        run.batches.close()
+
+
+def test_one_process_starts_from_the_imported_weights(imported, tmp_path):
+    parts = initialised_parts(stage_config(imported, tmp_path))
+    assert len(parts) == len(dict(load_mot_folder(imported)[0].named_parameters()))
+    assert all(torch.equal(got, want) for got, want in parts.values())
+    # The Reasoner and the Generator both start from Qwen3-VL's language model.
+    assert torch.equal(*parts["layers.1.reasoner.mlp.down_proj.weight"])
+    assert torch.equal(
+        parts["layers.1.reasoner.mlp.down_proj.weight"][0], parts["layers.1.generator.mlp.down_proj.weight"][0]
+    )
+
+
+def _parts_on_rank(rank, world_size, folder, workdir, layout):
+    from megatron_cosmos3.parallel.state import destroy_parallel
+
+    try:
+        parts = initialised_parts(stage_config(Path(folder), Path(workdir) / str(rank), *layout), rank, world_size)
+        return {name: (tuple(got.shape), torch.equal(got, want)) for name, (got, want) in parts.items()}
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    "layout, ranks", [(["parallel.tensor=2"], 2), (["parallel.pipeline=3"], 3)], ids=["tp2", "pp3"]
+)
+def test_every_rank_starts_from_its_part_of_the_imported_weights(imported, tmp_path, layout, ranks):
+    reports = run_on_ranks(_parts_on_rank, ranks, str(imported), str(tmp_path), layout)
+    for report in reports:
+        assert report and all(equal for _, equal in report.values()), [n for n, (_, eq) in report.items() if not eq]
+    held = [set(report) for report in reports]
+    full = dict(load_mot_folder(imported)[0].named_parameters())
+    if "parallel.tensor=2" in layout:  # both ranks hold every parameter, half of each projection
+        assert held[0] == held[1] == set(full)
+        assert reports[0]["layers.0.reasoner.self_attn.q_proj.weight"][0] == (32, 64)
+    else:  # each pipeline rank holds (and read) only its own layer
+        assert set.union(*held) == set(full)
+        assert [{n.split(".")[1] for n in names if n.startswith("layers.")} for names in held] == [{"0"}, {"1"}, {"2"}]
+
+
+def test_a_folder_of_another_architecture_is_refused_by_field(imported, tmp_path):
+    config = stage_config(imported, tmp_path)
+    changed = copy.deepcopy(config)
+    changed.model.rope_theta = 10_000.0
+    from megatron_cosmos3.training.train import build_run, resume_or_initialise
+
+    run = build_run(changed, DistributedContext(0, 1, 0, torch.device("cpu")))
+    try:
+        with pytest.raises(
+            ValueError, match=r"model.rope_theta=10000.0, but the weights were saved with rope_theta=5000000.0"
+        ):
+            resume_or_initialise(run)
+    finally:
+        run.batches.close()
+
+
+def test_missing_parameters_are_named_unless_a_new_embodiment_brings_them(imported, tmp_path):
+    from megatron_cosmos3.training.train import build_run, resume_or_initialise
+    from megatron_cosmos3.training.weights_folder import load_weights_folder
+
+    config = stage_config(imported, tmp_path, "stage.new_embodiments={gripper: {action_dim: 7, rate_hz: 10.0}}")
+    run = build_run(config, DistributedContext(0, 1, 0, torch.device("cpu")))
+    try:
+        resume_or_initialise(run)  # the gripper's projections are new: fresh weights, no error
+        with pytest.raises(
+            KeyError, match=r"the weights lack parameter 'dm_streams.action_in.gripper.bias' and 3 more"
+        ):
+            load_weights_folder(imported, run.model, run.model.config, None)
+    finally:
+        run.batches.close()
