@@ -32,6 +32,7 @@ LAYOUTS = {
     "TP=2 x CP=2": (4, ["parallel.tensor=2", "parallel.context=2"]),
     "PP=2 x CP=2": (4, ["parallel.pipeline=2", "parallel.context=2"]),
     "TP=2 + SP x PP=2": (4, ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.pipeline=2"]),
+    "TP=2 + SP x CP=2": (4, ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.context=2"]),
 }
 LINE = re.compile(r"step (\d+)/\d+ .* step ([0-9.]+)s\s+peak (\d+) MB")
 

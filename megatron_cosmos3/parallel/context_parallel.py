@@ -135,38 +135,55 @@ def _rotary_positions(positions: torch.Tensor, padding: int) -> torch.Tensor:
     return torch.cat([positions, positions.new_zeros(positions.shape[0], padding)], dim=1) if padding else positions
 
 
+def _part_rows(num_rows: int, part: int, parts: int, multiple: int) -> tuple[slice, int]:
+    """(real rows, pad rows) of part ``part`` of ``parts`` equal parts of a stream of ``num_rows``
+    padded to a multiple of ``multiple`` (itself a multiple of ``parts``)."""
+    per_part = -(-num_rows // multiple) * multiple // parts
+    start, stop = part * per_part, (part + 1) * per_part
+    real = slice(min(start, num_rows), min(stop, num_rows))
+    return real, per_part - (real.stop - real.start)
+
+
 @dataclass
 class SequenceSplit:
-    """How every micro-batch's rows are split over ``group``, for the model, pipeline stages alike.
+    """How every micro-batch's rows are split over ranks, for the model and pipeline stages alike.
 
-    ``sequence_parallel=False``: ``group`` is the context-parallel group; attention exchanges
-    sequence for heads (Ulysses) around ``inner``. ``sequence_parallel=True``: ``group`` is the
-    tensor-parallel group of a model whose megatron linears run with sequence parallelism. The same
-    row split then serves the norm/residual regions, but the column-parallel QKV all-gathers the rows
-    itself: queries and keys cover the whole padded stream (so they are rotated with the whole
-    stream's positions) and attention needs no exchange.
+    ``group``: the ranks that each hold a disjoint, contiguous part of one micro-batch's rows (group
+    rank order = row order). ``context``: the context-parallel group among them, whose ranks trade
+    sequence for heads around the attention (Ulysses); None without context parallelism.
+    ``sequence_parallel``: the model's megatron linears run with sequence parallelism over the
+    tensor-parallel ranks inside ``group`` — then ``group`` is Megatron's tensor-and-context group
+    (tensor rank fastest), so the tensor ranks of one context rank hold consecutive parts of that
+    context rank's chunk. The column-parallel QKV and the MoE layers all-gather the tensor ranks'
+    rows themselves: queries and keys cover the context chunk (rotated with its positions), and
+    without context parallelism attention needs no exchange at all.
     """
 
     group: dist.ProcessGroup
+    context: dist.ProcessGroup | None = None
     sequence_parallel: bool = False
+
+    @property
+    def context_size(self) -> int:
+        return dist.get_world_size(self.context) if self.context is not None else 1
 
     def rows(self, batch: PackedBatch, inner: AttentionBackend) -> tuple[RankRows, ContextShard]:
         """This rank's rows of ``batch`` (the same whole batch on every rank of the group)."""
-        size = dist.get_world_size(self.group)
-        shard = shard_pack(batch, dist.get_rank(self.group), size)
+        size, rank, cp = dist.get_world_size(self.group), dist.get_rank(self.group), self.context_size
+        shard = shard_pack(batch, rank, size)
         local = shard.batch
-        if self.sequence_parallel:
-            attention = inner
-            ar_positions = _rotary_positions(batch.ar_positions, (-batch.num_ar_tokens) % size)
-            dm_positions = _rotary_positions(batch.dm_positions, (-batch.num_dm_tokens) % size)
-            # MoE layers gather the whole padded stream: its real rows come first.
-            ar_balance, dm_balance = TokenBalance(rows=batch.num_ar_tokens), TokenBalance(rows=batch.num_dm_tokens)
+        attention = ContextParallelAttention(inner, self.context) if self.context is not None else inner
+        if self.sequence_parallel:  # q/k and MoE inputs: this rank's context chunk (gathered over TP)
+            chunk = rank // (size // cp)
+            ar_rows, ar_pad = _part_rows(batch.num_ar_tokens, chunk, cp, size)
+            dm_rows, dm_pad = _part_rows(batch.num_dm_tokens, chunk, cp, size)
+            ar_positions = _rotary_positions(batch.ar_positions[:, ar_rows], ar_pad)
+            dm_positions = _rotary_positions(batch.dm_positions[:, dm_rows], dm_pad)
+            ar_real, dm_real = ar_rows.stop - ar_rows.start, dm_rows.stop - dm_rows.start
         else:  # q/k are rotated on this rank's rows, before the exchange
-            attention = ContextParallelAttention(inner, self.group)
             ar_positions = _rotary_positions(local.ar_positions, shard.ar_padding)
             dm_positions = _rotary_positions(local.dm_positions, shard.dm_padding)
-            ar_balance = TokenBalance(self.group, local.num_ar_tokens)
-            dm_balance = TokenBalance(self.group, local.num_dm_tokens)
+            ar_real, dm_real = local.num_ar_tokens, local.num_dm_tokens
         rows = RankRows(
             batch=local,
             layout=shard.layout,
@@ -176,8 +193,9 @@ class SequenceSplit:
             dm_rotary_positions=dm_positions,
             ar_padding=shard.ar_padding,
             dm_padding=shard.dm_padding,
-            ar_balance=ar_balance,
-            dm_balance=dm_balance,
+            # A MoE layer's input: real rows first, then padding; its statistics add up over CP.
+            ar_balance=TokenBalance(self.context, ar_real),
+            dm_balance=TokenBalance(self.context, dm_real),
         )
         return rows, shard
 
@@ -185,15 +203,48 @@ class SequenceSplit:
         self, loss_fn: LossFunction, output: MoTOutput, shard: ContextShard, targets: dict[str, torch.Tensor]
     ) -> LossBreakdown:
         """``loss_fn`` (e.g. ``loss_breakdown`` with a flow-matching weight) of the whole micro-batch,
-        from this rank's ``output`` and ``shard``; see ``context_parallel_losses`` and
-        ``sequence_parallel_losses`` for what ``total`` carries."""
+        from this rank's ``output`` and ``shard``: ``total`` has the whole micro-batch's value, and
+        cp x the gradient of this rank's share (see ``context_parallel_losses`` and
+        ``sequence_parallel_losses``)."""
         losses = loss_fn(output, shard.batch, shard.local_targets(targets), group=self.group)
         if self.sequence_parallel:
-            # loss_breakdown's gradient is size x this rank's share; the tensor-parallel linears and
-            # finalize_tensor_parallel_grads (a sum over the group) want the share itself.
-            share = losses.total / dist.get_world_size(self.group)
-            losses.total = share + (losses.total - share).detach()
+            # loss_breakdown's gradient is size x this rank's share. The tensor ranks' shares are
+            # summed (megatron's linears, finalize_tensor_parallel_grads), the context ranks'
+            # averaged (reduce_replicated_gradients), so keep cp x the share.
+            scaled = losses.total / dist.get_world_size(self.group) * self.context_size
+            losses.total = scaled + (losses.total - scaled).detach()
         return losses
+
+
+def split_forward(
+    model: MoTModel, batch: PackedBatch, split: SequenceSplit, inner: AttentionBackend | None = None
+) -> tuple[MoTOutput, ContextShard]:
+    """The model's forward pass on ``batch`` with its rows split as ``split`` says.
+
+    Every rank of ``split.group`` passes the same whole ``batch``. Returns this rank's ``MoTOutput``
+    — that of the single-process model restricted to the rows of ``shard.batch`` (hidden states,
+    logits of its labelled rows, velocity predictions) — and the shard. ``inner`` defaults to the
+    model's configured attention backend.
+    """
+    inner = inner or attention_backend(model.config.attention_backend, model.embed_tokens.weight.device)
+    rows, shard = split.rows(batch, inner)
+    ar, dm = model.run_layers(enumerate(model.layers), *model.embed_rows(rows), rows)
+    return model.heads(ar, dm, rows), shard
+
+
+def split_losses(
+    model: MoTModel,
+    batch: PackedBatch,
+    targets: dict[str, torch.Tensor],
+    split: SequenceSplit,
+    flow_matching_weight: float = 1.0,
+    inner: AttentionBackend | None = None,
+) -> LossBreakdown:
+    """``mot_losses`` of the whole ``batch`` computed by the ranks of ``split.group`` (same batch and
+    targets on every rank); ``total`` as ``SequenceSplit.losses`` says."""
+    output, shard = split_forward(model, batch, split, inner)
+    loss_fn = partial(loss_breakdown, flow_matching_weight=flow_matching_weight)
+    return split.losses(loss_fn, output, shard, targets)
 
 
 def context_parallel_forward(
@@ -203,18 +254,10 @@ def context_parallel_forward(
     inner: AttentionBackend | None = None,
     sequence_parallel: bool = False,
 ) -> tuple[MoTOutput, ContextShard]:
-    """The model's forward pass on ``batch`` with its streams split over ``group`` (see
-    ``SequenceSplit``).
-
-    Every rank of ``group`` passes the same whole ``batch``. Returns this rank's ``MoTOutput`` — that
-    of the single-process model restricted to the rows of ``shard.batch`` (hidden states, logits of
-    its labelled rows, velocity predictions) — and the shard. ``inner`` defaults to the model's
-    configured attention backend.
-    """
-    inner = inner or attention_backend(model.config.attention_backend, model.embed_tokens.weight.device)
-    rows, shard = SequenceSplit(group, sequence_parallel).rows(batch, inner)
-    ar, dm = model.run_layers(enumerate(model.layers), *model.embed_rows(rows), rows)
-    return model.heads(ar, dm, rows), shard
+    """``split_forward`` with the rows split over the CP ``group`` (Ulysses), or with
+    ``sequence_parallel`` over the tensor group of a sequence-parallel model."""
+    split = SequenceSplit(group, sequence_parallel=True) if sequence_parallel else SequenceSplit(group, context=group)
+    return split_forward(model, batch, split, inner)
 
 
 def context_parallel_losses(
@@ -232,9 +275,7 @@ def context_parallel_losses(
     after ``reduce_replicated_gradients`` (an average) every rank holds the single-process gradient.
     Sums, counts and per-task parts are this rank's share (they add up over the group).
     """
-    output, shard = context_parallel_forward(model, batch, group, inner)
-    loss_fn = partial(loss_breakdown, flow_matching_weight=flow_matching_weight)
-    return SequenceSplit(group).losses(loss_fn, output, shard, targets)
+    return split_losses(model, batch, targets, SequenceSplit(group, context=group), flow_matching_weight, inner)
 
 
 def sequence_parallel_losses(
@@ -250,9 +291,8 @@ def sequence_parallel_losses(
     tensor-parallel linears and ``finalize_tensor_parallel_grads`` (a sum over the tensor group for
     every replicated parameter) add the shares up.
     """
-    output, shard = context_parallel_forward(model, batch, tensor_group, sequence_parallel=True)
-    loss_fn = partial(loss_breakdown, flow_matching_weight=flow_matching_weight)
-    return SequenceSplit(tensor_group, sequence_parallel=True).losses(loss_fn, output, shard, targets)
+    split = SequenceSplit(tensor_group, sequence_parallel=True)
+    return split_losses(model, batch, targets, split, flow_matching_weight)
 
 
 def reduce_replicated_gradients(parameters, group: dist.ProcessGroup) -> None:

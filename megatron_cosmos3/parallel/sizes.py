@@ -89,9 +89,3 @@ class ParallelSizes:
                 f"data*context={data}*{self.context} is not divisible by expert={self.expert}",
             )
         require(not self.sequence_parallel or self.tensor > 1, "sequence_parallel=True needs tensor > 1")
-        # Both split one micro-batch's rows, over different groups; nesting the two splits (Megatron
-        # does) is not built: use context parallelism for long sequences, SP to save TP activations.
-        require(
-            not (self.sequence_parallel and self.context > 1),
-            f"sequence_parallel=True with context={self.context} > 1 is not supported: choose one of them",
-        )

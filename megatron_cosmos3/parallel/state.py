@@ -28,6 +28,7 @@ class ParallelGroups:
     tensor: dist.ProcessGroup
     pipeline: dist.ProcessGroup
     context: dist.ProcessGroup
+    tensor_and_context: dist.ProcessGroup  # tensor rank fastest: one micro-batch's rows under SP x CP
     data: dist.ProcessGroup  # data-parallel ranks only
     data_and_context: dist.ProcessGroup  # where replicated gradients are reduced (DP x CP)
     expert: dist.ProcessGroup
@@ -69,6 +70,7 @@ def initialize_parallel(sizes: ParallelSizes, model: MoTConfig, num_experts: int
         tensor=ps.get_tensor_model_parallel_group(),
         pipeline=ps.get_pipeline_model_parallel_group(),
         context=ps.get_context_parallel_group(),
+        tensor_and_context=ps.get_tensor_and_context_parallel_group(),
         data=ps.get_data_parallel_group(),
         data_and_context=ps.get_data_parallel_group(with_context_parallel=True),
         expert=ps.get_expert_model_parallel_group(),

@@ -23,12 +23,7 @@ from megatron_cosmos3.model.attention import PackLayout
 from megatron_cosmos3.model.moe import set_aux_loss_scale
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import IGNORE_INDEX
-from megatron_cosmos3.parallel.context_parallel import (
-    SequenceSplit,
-    context_parallel_losses,
-    reduce_replicated_gradients,
-    sequence_parallel_losses,
-)
+from megatron_cosmos3.parallel.context_parallel import SequenceSplit, reduce_replicated_gradients, split_losses
 from megatron_cosmos3.parallel.data_parallel import build_optimizer, wrap_data_parallel
 from megatron_cosmos3.parallel.expert_parallel import apply_expert_parallel, finalize_expert_grads
 from megatron_cosmos3.parallel.grad_norm import clip_grad_norm
@@ -233,10 +228,12 @@ def sequence_split(run: Run) -> SequenceSplit | None:
     tensor group under sequence parallelism, or not at all."""
     if run.groups is None:
         return None
-    if run.config.parallel.context > 1:
-        return SequenceSplit(run.groups.context)
-    if run.config.parallel.sequence_parallel:
-        return SequenceSplit(run.groups.tensor, sequence_parallel=True)
+    groups, sizes = run.groups, run.config.parallel
+    if sizes.sequence_parallel:  # the rows of a context chunk are split again over its tensor ranks
+        context = groups.context if sizes.context > 1 else None
+        return SequenceSplit(groups.tensor_and_context, context=context, sequence_parallel=True)
+    if sizes.context > 1:
+        return SequenceSplit(groups.context, context=groups.context)
     return None
 
 
@@ -248,13 +245,14 @@ def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
     micro_batches = [run.batches.get(step, m) for m in range(opt.micro_batches_per_step)]
     run.last_micro_batch = micro_batches[0]
     weight = opt.flow_matching_weight
+    split = sequence_split(run)
     if run.stages is not None:
         reports = forward_backward(
             run.stages,
             micro_batches,
             partial(loss_breakdown, flow_matching_weight=weight),
             forward_context=lambda: autocast(config.precision, ctx.device),
-            split=sequence_split(run),
+            split=split,
         )
         losses_of = dict(enumerate(reports)) if run.groups.is_last_stage else {}
     else:
@@ -265,10 +263,8 @@ def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
             sync = run.trained.no_sync() if (not last and hasattr(run.trained, "no_sync")) else contextlib.nullcontext()
             with sync:
                 with autocast(config.precision, ctx.device):
-                    if config.parallel.context > 1 and run.groups is not None:
-                        losses = context_parallel_losses(run.model, batch, targets, run.groups.context, weight)
-                    elif config.parallel.sequence_parallel and run.groups is not None:
-                        losses = sequence_parallel_losses(run.model, batch, targets, run.groups.tensor, weight)
+                    if split is not None:  # context and/or sequence parallel: this rank's rows
+                        losses = split_losses(run.model, batch, targets, split, weight)
                     else:
                         losses = mot_losses(run.trained, batch, targets, weight)
                 (losses.total / len(micro_batches)).backward()

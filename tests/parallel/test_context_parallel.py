@@ -286,3 +286,60 @@ def test_cp2_with_experts_matches_one_process_in_loss_balancing_loss_and_gradien
             assert len(want_aux) == 2 * MOE_CONFIG.num_layers and got_aux == pytest.approx(want_aux, rel=tolerance)
             assert pack["grad"]["layers.0.generator.mlp.router.weight"] <= tolerance, name
             assert worst(pack["grad"])[1] <= tolerance, (name, worst(pack["grad"]))
+
+
+# Sequence parallelism inside context parallelism: 8 query / 4 KV heads so that TP=2 x CP=2 still
+# splits the KV heads; experts in both towers (FFN units split over TP, balancing loss over CP).
+SP_CP_CONFIG = tiny_mot_config(
+    num_attention_heads=8, num_kv_heads=4, num_experts=4, moe_top_k=2, moe_ffn_hidden_size=16, moe_aux_loss_weight=0.1
+)
+
+
+def _sp_times_cp_matches_one_process(rank, world_size):
+    from megatron_cosmos3.model.moe import MoEMLP
+    from megatron_cosmos3.parallel.context_parallel import SequenceSplit, reduce_replicated_gradients, split_losses
+    from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
+    from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel, finalize_tensor_parallel_grads
+    from megatron_cosmos3.testing.reference import compare_to_reference
+
+    config = dataclasses.replace(SP_CP_CONFIG, attention_backend="dense")
+    sizes = ParallelSizes(tensor=2, context=2, sequence_parallel=True)
+    groups = initialize_parallel(sizes, config, config.num_experts)
+    try:
+        torch.manual_seed(0)
+        reference = MoTModel(copy.deepcopy(config)).double()
+        model = apply_tensor_parallel(copy.deepcopy(reference), groups)
+        split = SequenceSplit(groups.tensor_and_context, context=groups.context, sequence_parallel=True)
+        report = {}
+        g = torch.Generator().manual_seed(3)
+        packs = [("random", *noised(random_pack(config, g, num_samples=5), g))]
+        packs += [(f"lengths{n}", *noised(pack_from_lengths(config, n, g), g)) for n in EDGE_LENGTHS[:2]]
+        for name, batch, targets in packs:
+            for m in (reference, model):
+                m.zero_grad(set_to_none=True)
+            want = mot_losses(reference, batch, targets)
+            want.total.backward()
+            got = split_losses(model, batch, targets, split)
+            got.total.backward()
+            reduce_replicated_gradients(model.parameters(), groups.data_and_context)
+            finalize_tensor_parallel_grads(model, groups)
+            aux = [[float(m.aux_loss) for m in net.modules() if isinstance(m, MoEMLP)] for net in (reference, model)]
+            report[name] = {
+                "loss": (want.total.item(), got.total.item()),
+                "aux": aux,
+                "grad": compare_to_reference(model, reference, groups.tensor_rank, sizes.tensor),
+            }
+        return report
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.multiprocess
+def test_sequence_parallel_inside_context_parallel_matches_one_process():
+    """TP=2 with SP x CP=2 on 4 ranks: each rank holds a quarter of each stream's rows; fp64, exact."""
+    for report in run_on_ranks(_sp_times_cp_matches_one_process, 4):
+        for name, pack in report.items():
+            want, got = pack["loss"]
+            assert got == pytest.approx(want, rel=1e-10), name
+            assert pack["aux"][1] == pytest.approx(pack["aux"][0], rel=1e-10), name
+            assert worst(pack["grad"])[1] <= 1e-10, (name, worst(pack["grad"]))

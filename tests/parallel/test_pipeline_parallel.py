@@ -348,7 +348,11 @@ def _pipeline_with_sequence_split(rank, world_size, split_kind):
         reference = MoTModel(copy.deepcopy(CONFIG))
         model = apply_tensor_parallel(copy.deepcopy(reference), groups)
         stages = split_into_stages(model, groups)
-        split = SequenceSplit(groups.context) if context else SequenceSplit(groups.tensor, sequence_parallel=True)
+        split = (
+            SequenceSplit(groups.context, context=groups.context)
+            if context
+            else SequenceSplit(groups.tensor, sequence_parallel=True)
+        )
         received = []  # the AR rows each non-first chunk gets from the previous stage
         for chunk in stages.chunks:
             chunk.register_forward_pre_hook(lambda _, args: received.append(args[1][0].shape[0]) if args[1] else None)

@@ -34,13 +34,6 @@ def test_invalid_layouts_name_the_offending_pair(sizes, world, message):
         sizes.validate(world, MODEL)
 
 
-def test_sequence_parallel_with_context_parallel_is_refused():
-    model = MoTConfig(hidden_size=64, num_layers=4, num_attention_heads=8, num_kv_heads=4, head_dim=16)
-    with pytest.raises(ValueError, match="sequence_parallel=True with context=2 > 1 is not supported"):
-        ParallelSizes(tensor=2, context=2, sequence_parallel=True).validate(4, model)
-    ParallelSizes(tensor=2, pipeline=2, sequence_parallel=True).validate(4, model)  # SP x PP is a layout
-
-
 def test_valid_layout_derives_data_parallel_size():
     sizes = ParallelSizes(tensor=2, pipeline=2)
     sizes.validate(8, MODEL)

@@ -101,6 +101,15 @@ LAYOUTS = {
     "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2", "optimizer.micro_batches_per_step=2"]),
     "tp2xcp2": (4, ["parallel.tensor=2", "parallel.context=2", "optimizer.micro_batches_per_step=2"]),
     "pp2xcp2": (4, ["parallel.pipeline=2", "parallel.context=2", "optimizer.micro_batches_per_step=2"]),
+    "tp2-spxcp2": (
+        4,
+        [
+            "parallel.tensor=2",
+            "parallel.sequence_parallel=true",
+            "parallel.context=2",
+            "optimizer.micro_batches_per_step=2",
+        ],
+    ),
     "tp2-spxpp2": (
         4,
         [
