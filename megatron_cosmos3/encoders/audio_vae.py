@@ -25,12 +25,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderOobleck
 from scipy.signal import resample_poly
+
+if TYPE_CHECKING:  # diffusers takes seconds to import: only a process that loads a VAE pays for it
+    from diffusers import AutoencoderOobleck
 
 from megatron_cosmos3.encoders.frozen import FrozenPretrained, load_local_diffusers, read_diffusers_config
 
@@ -132,6 +135,8 @@ class AudioVAE(FrozenPretrained):
         """
         config = read_diffusers_config(path, "AutoencoderOobleck")
         _check_config(config, path)
+        from diffusers import AutoencoderOobleck
+
         return cls(load_local_diffusers(AutoencoderOobleck, path, dtype=dtype, device=device))
 
     @torch.no_grad()

@@ -28,9 +28,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKLWan
+
+if TYPE_CHECKING:  # diffusers takes seconds to import: only a process that loads a VAE pays for it
+    from diffusers import AutoencoderKLWan
 
 from megatron_cosmos3.encoders.frozen import FrozenPretrained, load_local_diffusers, read_diffusers_config
 
@@ -158,6 +161,8 @@ class VideoVAE(FrozenPretrained):
         """
         config = read_diffusers_config(path, "AutoencoderKLWan")
         _check_architecture(config, path)
+        from diffusers import AutoencoderKLWan
+
         return cls(load_local_diffusers(AutoencoderKLWan, path, dtype=dtype, device=device))
 
     @torch.no_grad()
