@@ -29,8 +29,9 @@ under sequence parallelism they see the whole stream already (gathered), and lea
 of the micro-batch loss (Megatron's convention), so gradients are *averaged* over CP, and in a full
 job over ``ParallelGroups.data_and_context`` — exactly what DDP over that group (``data_parallel.py``)
 and ``finalize_expert_grads`` already do: summed over CP, averaged over DP micro-batches.
-``reduce_replicated_gradients`` is that all-reduce for a runner not under DDP. The CP runner calls
-the layers of the bare ``MoTModel`` one by one, so it cannot run inside a DDP wrapper's forward.
+The CP runner calls the layers of the bare ``MoTModel`` one by one, so it cannot run inside a DDP
+wrapper's forward: ``data_parallel.GradientReducer`` does that average, overlapped with the last
+backward as DDP does (``reduce_replicated_gradients`` without overlap).
 """
 
 from __future__ import annotations
@@ -293,29 +294,3 @@ def sequence_parallel_losses(
     """
     split = SequenceSplit(tensor_group, sequence_parallel=True)
     return split_losses(model, batch, targets, split, flow_matching_weight)
-
-
-def reduce_replicated_gradients(parameters, group: dist.ProcessGroup) -> None:
-    """Averages the gradients of parameters replicated over ``group``, as DDP would.
-
-    ``group``: the CP group, or ``ParallelGroups.data_and_context`` in a CP x DP job (the CP loss
-    carries the factor cp, so the average is a sum over CP and a mean over DP micro-batches).
-    Expert-parallel parameters differ between ranks of that group and are skipped
-    (``finalize_expert_grads`` reduces them). A parameter no rank of the group used keeps
-    ``grad=None``, as in one process (so AdamW skips it); one used on some ranks only counts as zero
-    on the others.
-    """
-    params = [p for p in parameters if p.requires_grad and not getattr(p, "expert_parallel", False)]
-    if not params:
-        return
-    size = dist.get_world_size(group)
-    used = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
-    dist.all_reduce(used, op=dist.ReduceOp.MAX, group=group)
-    live = [p for p, was_used in zip(params, used.tolist()) if was_used]
-    for dtype in dict.fromkeys(p.dtype for p in live):  # one flat all-reduce per dtype
-        same = [p for p in live if p.dtype == dtype]
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in same])
-        dist.all_reduce(flat, group=group)
-        flat /= size
-        for p, grad in zip(same, flat.split([p.numel() for p in same])):
-            p.grad = grad.view_as(p)

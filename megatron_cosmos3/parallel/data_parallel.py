@@ -100,3 +100,111 @@ def build_optimizer(
     if not experts:
         return main
     return OptimizerGroup([main, torch.optim.AdamW(experts, **kwargs)])
+
+
+class GradientReducer:
+    """Averages the gradients of replicated parameters over ``group`` for drivers that DDP cannot
+    wrap (the pipeline schedule, the context/sequence-parallel runners call the layers themselves),
+    overlapped with the last backward pass as DDP and Megatron's DDP do.
+
+    Parameters are bucketed (about ``bucket_mb`` each, one dtype, in reverse order: roughly the order
+    backward produces them). ``arm(params)`` before the last backward that touches ``params`` (the
+    last micro-batch's; per model chunk under pipelining): from then on, each bucket whose parameters
+    have all received their gradient is all-reduced asynchronously while backward goes on. Buckets
+    start strictly in bucket order, so every rank issues the same collectives in the same order even
+    when ranks use different parameters (packs differ in their DM streams). ``finish`` starts the
+    buckets that never completed (parameters the last micro-batch did not use, or ``late`` ones),
+    waits for all, and writes the averages back.
+
+    ``grad=None`` keeps one-process semantics: a parameter that no rank of the group used keeps
+    ``None`` (so AdamW skips it); one used on some ranks only counts as zero on the others. ``late``
+    parameters are reduced at ``finish`` only, from their gradients at that time (e.g. the pipeline's
+    first/last-stage parameters, whose gradients are summed over the embedding group after the
+    schedule). Expert-parallel parameters are not replicated and are left alone.
+    """
+
+    def __init__(self, parameters, group, bucket_mb: float = 25.0, late=()):
+        self.group = group
+        self.size = torch.distributed.get_world_size(group)
+        late_ids = {id(p) for p in late}
+        params = [p for p in parameters if p.requires_grad and not getattr(p, "expert_parallel", False)]
+        self.params = list(dict.fromkeys(params))
+        self.buckets: list[list[nn.Parameter]] = []
+        limit = bucket_mb * 2**20
+        for late_bucket in (False, True):
+            current, size, dtype = [], 0, None
+            for p in reversed(self.params):
+                if (id(p) in late_ids) != late_bucket:
+                    continue
+                if current and (size + p.numel() * p.element_size() > limit or p.dtype != dtype):
+                    self.buckets.append(current)
+                    current, size = [], 0
+                current.append(p)
+                size += p.numel() * p.element_size()
+                dtype = p.dtype
+            if current:
+                self.buckets.append(current)
+        self.late = {i for i, bucket in enumerate(self.buckets) if id(bucket[0]) in late_ids}
+        self._bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_gradient) for p in self.params]
+        self._reset()
+
+    def _reset(self) -> None:
+        self._armed: set[int] = set()
+        self._pending = [len(bucket) for bucket in self.buckets]
+        self._next = 0  # the first bucket not started yet
+        self._in_flight: list[tuple[torch.Tensor, object]] = []
+
+    def arm(self, parameters=None) -> None:
+        """The next backward is the last one for ``parameters`` (default: all of them) this step."""
+        params = self.params if parameters is None else parameters
+        self._armed.update(id(p) for p in params if id(p) in self._bucket_of)
+
+    def _on_gradient(self, param: nn.Parameter) -> None:
+        key = id(param)
+        if key not in self._armed:
+            return
+        self._armed.discard(key)  # a later accumulation in the same step would be a misuse of arm
+        self._pending[self._bucket_of[key]] -= 1
+        while self._next < len(self.buckets) and self._pending[self._next] == 0 and self._next not in self.late:
+            self._start_next()
+
+    def _start_next(self) -> None:
+        bucket = self.buckets[self._next]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
+        self._in_flight.append((flat, torch.distributed.all_reduce(flat, group=self.group, async_op=True)))
+        self._next += 1
+
+    def finish(self) -> None:
+        """Completes the step's reduction (collective on ``group``: every rank calls it)."""
+        while self._next < len(self.buckets):
+            self._start_next()
+        # After the buckets: the same order of collectives on every rank.
+        used = torch.tensor([p.grad is not None for p in self.params], dtype=torch.int32, device=self._device())
+        torch.distributed.all_reduce(used, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        used_anywhere = {id(p) for p, flag in zip(self.params, used.tolist()) if flag}
+        for bucket, (flat, work) in zip(self.buckets, self._in_flight, strict=True):
+            work.wait()
+            flat /= self.size
+            for p, grad in zip(bucket, flat.split([p.numel() for p in bucket])):
+                p.grad = grad.view_as(p) if id(p) in used_anywhere else None
+        self._reset()
+
+    def _device(self) -> torch.device:
+        return self.params[0].device if self.params else torch.device("cpu")
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+def reduce_replicated_gradients(parameters, group) -> None:
+    """Averages the gradients of parameters replicated over ``group`` after backward, as DDP would
+    (``GradientReducer`` without overlap): e.g. over the CP group, or ``data_and_context`` in a
+    CP x DP job (the CP loss carries the factor cp, so the average is a sum over CP and a mean over
+    DP micro-batches)."""
+    reducer = GradientReducer(parameters, group)
+    try:
+        reducer.finish()
+    finally:
+        reducer.close()

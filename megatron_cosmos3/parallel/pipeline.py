@@ -141,6 +141,11 @@ class PipelineStages:
         shared = set(self._shared_names)
         return [p for name, p in self.named_parameters() if self.pipeline_rank == 0 or name not in shared]
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """This rank's copies of parameters held by both the first and the last stage."""
+        held = dict(self.named_parameters())
+        return [held[name] for name in self._shared_names if name in held]
+
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         seen = set()
         for chunk in self.chunks:
@@ -168,8 +173,7 @@ class PipelineStages:
         """Sums the gradients of parameters held by both the first and the last stage, so every copy
         has the full gradient. A parameter no copy used keeps grad None (as in one process). Call once
         per optimizer step, after the last backward (``forward_backward`` does)."""
-        held = dict(self.named_parameters())
-        shared = [held[name] for name in self._shared_names if name in held]
+        shared = self.shared_parameters()
         if not shared:
             return
         group = self.groups.embedding

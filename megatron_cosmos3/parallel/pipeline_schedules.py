@@ -264,9 +264,11 @@ class _Executor:
         forward_only: bool,
         forward_context: ForwardContext,
         split: SequenceSplit | None,
+        before_last_backward: Callable[[int], None] | None,
     ):
         self.stages, self.microbatches, self.loss_fn, self.forward_only = stages, microbatches, loss_fn, forward_only
         self.forward_context, self.split = forward_context, split
+        self.before_last_backward = before_last_backward
         config = stages.chunks[0].config
         self.attention = attention_backend(config.attention_backend, stages.device)
         group, p, r = stages.groups.pipeline, stages.pipeline, stages.pipeline_rank
@@ -320,6 +322,8 @@ class _Executor:
 
     def backward(self, chunk: int, microbatch: int) -> None:
         stage = self.stages.chunks[chunk]
+        if microbatch == len(self.microbatches) - 1 and self.before_last_backward is not None:
+            self.before_last_backward(chunk)  # e.g. let the gradient reduction of this chunk start
         outputs = self.outputs.pop((chunk, microbatch))
         grads = None if stage.is_last else self.output_grads.pop((chunk, microbatch))
         torch.autograd.backward(outputs, grad_tensors=grads)
@@ -379,6 +383,7 @@ def forward_backward(
     forward_only: bool = False,
     forward_context: ForwardContext = contextlib.nullcontext,
     split: SequenceSplit | None = None,
+    before_last_backward: Callable[[int], None] | None = None,
 ) -> list[LossBreakdown]:
     """One step's forward and backward passes of ``microbatches`` through the pipeline.
 
@@ -392,12 +397,13 @@ def forward_backward(
     ``lambda: precision.autocast("bf16", device)``; the hidden streams stay in the parameters' dtype
     (fp32 under bf16 autocast). ``split``: each micro-batch's rows are spread over a context-parallel
     group, or over the tensor group under sequence parallelism; stages then exchange this rank's rows
-    only, and the losses are ``SequenceSplit.losses``. Returns the per-micro-batch breakdowns
+    only, and the losses are ``SequenceSplit.losses``. ``before_last_backward(chunk)`` is called before
+    each chunk's last backward of the step (``GradientReducer.arm``). Returns the per-micro-batch breakdowns
     (totals detached) on the last pipeline rank, an empty list elsewhere.
     """
     loss_fn = loss_fn or partial(loss_breakdown, flow_matching_weight=1.0)
     plan = schedule(stages.pipeline, stages.virtual_pipeline, stages.pipeline_rank, len(microbatches), forward_only)
-    executor = _Executor(stages, microbatches, loss_fn, forward_only, forward_context, split)
+    executor = _Executor(stages, microbatches, loss_fn, forward_only, forward_context, split, before_last_backward)
     for step in plan:
         executor.run(step)
     if not forward_only:

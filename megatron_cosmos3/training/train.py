@@ -17,14 +17,15 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from megatron_cosmos3.model.attention import PackLayout
 from megatron_cosmos3.model.moe import set_aux_loss_scale
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import IGNORE_INDEX
-from megatron_cosmos3.parallel.context_parallel import SequenceSplit, reduce_replicated_gradients, split_losses
-from megatron_cosmos3.parallel.data_parallel import build_optimizer, wrap_data_parallel
+from megatron_cosmos3.parallel.context_parallel import SequenceSplit, split_losses
+from megatron_cosmos3.parallel.data_parallel import GradientReducer, build_optimizer, wrap_data_parallel
 from megatron_cosmos3.parallel.expert_parallel import apply_expert_parallel, finalize_expert_grads
 from megatron_cosmos3.parallel.grad_norm import clip_grad_norm
 from megatron_cosmos3.parallel.pipeline import PipelineStages, split_into_stages, split_model
@@ -109,6 +110,9 @@ class Run:
     stages: PipelineStages | None = None  # this rank's pipeline chunks when pipeline > 1
     batches: MicroBatches | None = None
     flops: FlopCounter | None = None
+    # Averages replicated gradients over data x context overlapped with backward where DDP cannot
+    # wrap the driver (pipeline schedule, context/sequence-parallel runners); None otherwise.
+    reducer: GradientReducer | None = None
     last_micro_batch: tuple | None = None  # (noised batch, targets) of the latest step, for samples
 
     @property
@@ -164,6 +168,11 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
         config.parallel.pipeline == 1 and config.parallel.context == 1 and not config.parallel.sequence_parallel
     )
     trained = wrap_data_parallel(model, groups) if groups is not None and plain else model
+    reducer = None
+    if groups is not None and not plain and dist.get_world_size(groups.data_and_context) > 1:
+        owner = stages if stages is not None else model
+        late = stages.shared_parameters() if stages is not None else ()
+        reducer = GradientReducer(owner.parameters(), groups.data_and_context, late=late)
     opt = config.optimizer
     optimizer = (
         build_optimizer(param_groups, groups, opt.lr, tuple(opt.betas), opt.weight_decay, opt.shard_optimizer_state)
@@ -178,7 +187,19 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
     batches = MicroBatches(config, data_rank, data_size, ctx.device)
     flops = FlopCounter(model.config)
     return Run(
-        config, ctx, groups, model, trained, optimizer, checkpointer, data_rank, data_size, stages, batches, flops
+        config,
+        ctx,
+        groups,
+        model,
+        trained,
+        optimizer,
+        checkpointer,
+        data_rank,
+        data_size,
+        stages,
+        batches,
+        flops,
+        reducer,
     )
 
 
@@ -253,6 +274,9 @@ def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
             partial(loss_breakdown, flow_matching_weight=weight),
             forward_context=lambda: autocast(config.precision, ctx.device),
             split=split,
+            before_last_backward=(lambda chunk: run.reducer.arm(run.stages.chunks[chunk].parameters()))
+            if run.reducer is not None
+            else None,
         )
         losses_of = dict(enumerate(reports)) if run.groups.is_last_stage else {}
     else:
@@ -267,6 +291,8 @@ def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
                         losses = split_losses(run.model, batch, targets, split, weight)
                     else:
                         losses = mot_losses(run.trained, batch, targets, weight)
+                if last and run.reducer is not None:
+                    run.reducer.arm()  # buckets are all-reduced as this backward completes them
                 (losses.total / len(micro_batches)).backward()
             losses_of[m] = losses
     finite = all(bool(torch.isfinite(losses.total.detach())) for losses in losses_of.values())
@@ -286,8 +312,8 @@ def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
 def finish_gradients(run: Run) -> torch.Tensor:
     """Completes the gradients of replicated and sharded parameters and clips; returns the norm."""
     if run.groups is not None:
-        if run.trained is run.model:  # no DDP: average replicated gradients over data(-and-context)
-            reduce_replicated_gradients(run.state_owner.parameters(), run.groups.data_and_context)
+        if run.reducer is not None:  # no DDP: the average over data x context, started in backward
+            run.reducer.finish()
         finalize_tensor_parallel_grads(run.model, run.groups)
         finalize_expert_grads(run.model, run.groups)
     counted = run.stages.norm_parameters() if run.stages is not None else None
@@ -309,6 +335,8 @@ def _train(config: TrainConfig, ctx: DistributedContext, watcher: PreemptionWatc
         return _loop(run, watcher)
     finally:
         run.batches.close()
+        if run.reducer is not None:
+            run.reducer.close()
 
 
 def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:

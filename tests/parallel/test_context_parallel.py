@@ -55,7 +55,8 @@ def step_pack(step):
 def _cp_matches_one_process(rank, world_size, dtype, backend, steps):
     import torch.distributed as dist
 
-    from megatron_cosmos3.parallel.context_parallel import context_parallel_losses, reduce_replicated_gradients
+    from megatron_cosmos3.parallel.context_parallel import context_parallel_losses
+    from megatron_cosmos3.parallel.data_parallel import reduce_replicated_gradients
     from megatron_cosmos3.testing.reference import compare_to_reference
 
     context = dist.group.WORLD  # the whole world is one CP group (CP x DP below uses initialize_parallel)
@@ -174,7 +175,8 @@ def test_changing_dm_inputs_changes_no_ar_output_bit_for_bit_under_cp2():
 
 
 def _cp_times_dp_matches_one_process(rank, world_size, steps):
-    from megatron_cosmos3.parallel.context_parallel import context_parallel_losses, reduce_replicated_gradients
+    from megatron_cosmos3.parallel.context_parallel import context_parallel_losses
+    from megatron_cosmos3.parallel.data_parallel import reduce_replicated_gradients
     from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
     from megatron_cosmos3.testing.reference import compare_to_reference
 
@@ -245,7 +247,8 @@ def _cp_with_experts_matches_one_process(rank, world_size, dtype):
     import torch.distributed as dist
 
     from megatron_cosmos3.model.moe import MoEMLP
-    from megatron_cosmos3.parallel.context_parallel import context_parallel_losses, reduce_replicated_gradients
+    from megatron_cosmos3.parallel.context_parallel import context_parallel_losses
+    from megatron_cosmos3.parallel.data_parallel import reduce_replicated_gradients
     from megatron_cosmos3.testing.reference import compare_to_reference
 
     def aux_losses(model):
@@ -297,7 +300,8 @@ SP_CP_CONFIG = tiny_mot_config(
 
 def _sp_times_cp_matches_one_process(rank, world_size):
     from megatron_cosmos3.model.moe import MoEMLP
-    from megatron_cosmos3.parallel.context_parallel import SequenceSplit, reduce_replicated_gradients, split_losses
+    from megatron_cosmos3.parallel.context_parallel import SequenceSplit, split_losses
+    from megatron_cosmos3.parallel.data_parallel import reduce_replicated_gradients
     from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
     from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel, finalize_tensor_parallel_grads
     from megatron_cosmos3.testing.reference import compare_to_reference

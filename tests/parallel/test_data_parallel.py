@@ -127,3 +127,52 @@ def test_a_rank_whose_pack_has_no_dm_targets_does_not_hang_ddp():
     """Rank 0 trains on text only: the generator is reachable from its outputs but not its loss."""
     grads = run_on_ranks(_ranks_with_and_without_dm_targets, 2, timeout_s=120)
     assert grads[0] == grads[1] > 0  # rank 1's generator gradient, averaged onto both
+
+
+def _reducer_averages_while_backward_runs(rank, world_size):
+    import torch.distributed as dist
+
+    from megatron_cosmos3.parallel.data_parallel import GradientReducer
+
+    torch.manual_seed(0)
+    # Six parameters; rank 0 never uses "b", no rank uses "c", "late" is reduced at finish only.
+    params = {name: torch.nn.Parameter(torch.randn(64, 64)) for name in ("a", "b", "c", "d", "e", "late")}
+    reducer = GradientReducer(params.values(), dist.group.WORLD, bucket_mb=64 * 64 * 4 / 2**20, late=[params["late"]])
+    g = torch.Generator().manual_seed(10 + rank)
+    inputs = [torch.randn(64, generator=g) for _ in range(2)]
+
+    def loss_of(x):
+        used = ["a", "d", "e", "late"] + (["b"] if rank == 1 else [])
+        return sum((params[n] @ x).square().sum() * (i + 1) for i, n in enumerate(used))
+
+    loss_of(inputs[0]).backward()  # the first micro-batch: gradients accumulate, nothing is sent
+    assert reducer._next == 0
+    reducer.arm()
+    loss_of(inputs[1]).backward()
+    local = {n: (p.grad.clone() if p.grad is not None else None) for n, p in params.items()}
+    started_before_finish = reducer._next
+    reducer.finish()
+    reducer.close()
+    return {
+        "local": local,
+        "reduced": {n: p.grad for n, p in params.items()},
+        "started_before_finish": started_before_finish,
+        "buckets": len(reducer.buckets),
+    }
+
+
+@pytest.mark.multiprocess
+def test_gradient_reducer_averages_like_ddp_and_starts_buckets_during_backward():
+    reports = run_on_ranks(_reducer_averages_while_backward_runs, 2)
+    for report in reports:
+        assert report["buckets"] == 6  # one parameter per bucket at this bucket size
+        # Buckets in reverse parameter order: [e], [d], [c], [b], [a], [late]. "e" and "d" start as
+        # the backward completes them; "c" is used by no rank, so it and the buckets after it
+        # (kept in order on every rank) wait for finish.
+        assert report["started_before_finish"] == 2
+        reduced = report["reduced"]
+        assert reduced["c"] is None  # used by no rank: stays None, as in one process
+        for name in ("a", "b", "d", "e", "late"):
+            parts = [r["local"][name] if r["local"][name] is not None else torch.zeros(64, 64) for r in reports]
+            assert torch.allclose(reduced[name], sum(parts) / 2, rtol=1e-6, atol=1e-6), name
+    assert reports[0]["local"]["b"] is None and reports[0]["reduced"]["b"] is not None

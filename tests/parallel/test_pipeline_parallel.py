@@ -330,7 +330,8 @@ def test_ar_outputs_stay_blind_to_dm_inputs_under_interleaved_pipeline():
 
 def _pipeline_with_sequence_split(rank, world_size, split_kind):
     """PP=2 with each micro-batch's rows split over CP=2 (Ulysses) or TP=2 with sequence parallelism."""
-    from megatron_cosmos3.parallel.context_parallel import SequenceSplit, reduce_replicated_gradients
+    from megatron_cosmos3.parallel.context_parallel import SequenceSplit
+    from megatron_cosmos3.parallel.data_parallel import reduce_replicated_gradients
     from megatron_cosmos3.parallel.pipeline import split_into_stages
     from megatron_cosmos3.parallel.pipeline_schedules import forward_backward
     from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
