@@ -42,6 +42,10 @@ class ParallelGroups:
     # of the pipeline (DM stream projections, tied word embeddings) have their gradients summed.
     # None on the other stages.
     embedding: dist.ProcessGroup | None = None
+    # Every rank that trains on this rank's data (its tensor, context and pipeline peers, Megatron's
+    # model-parallel ranks plus CP), and the global rank among them that reads it and shares it.
+    same_data: dist.ProcessGroup | None = None
+    data_reader: int = 0
 
     @property
     def is_first_stage(self) -> bool:
@@ -81,7 +85,22 @@ def initialize_parallel(sizes: ParallelSizes, model: MoTConfig, num_experts: int
         data_rank=ps.get_data_parallel_rank(),
         data_size=ps.get_data_parallel_world_size(),
         embedding=ps.get_embedding_group(check_initialized=False),
+        **_same_data_group(ps.get_data_parallel_rank()),
     )
+
+
+def _same_data_group(data_rank: int) -> dict:
+    """The group of ranks with ``data_rank`` (collective: every rank creates every such group, in
+    data-rank order), and its lowest global rank — tensor, context and pipeline rank 0 — as reader."""
+    data_ranks: list[int] = [0] * dist.get_world_size()
+    dist.all_gather_object(data_ranks, data_rank)
+    mine = {}
+    for rank_of_data in sorted(set(data_ranks)):
+        members = [r for r, d in enumerate(data_ranks) if d == rank_of_data]
+        group = dist.new_group(members)
+        if rank_of_data == data_rank:
+            mine = {"same_data": group, "data_reader": members[0]}
+    return mine
 
 
 def destroy_parallel() -> None:

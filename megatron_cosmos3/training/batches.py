@@ -1,8 +1,10 @@
 """Where each step's micro-batches come from, and how that position is checkpointed.
 
-``shards``: the streaming PackedLoader over WebDataset shards (one per data-parallel rank; ranks
-that share a data rank — tensor, pipeline and context parallel — read identical streams). Its
-state goes into the checkpoint per rank, so a resumed run continues with the exact next pack.
+``shards``: the streaming PackedLoader over WebDataset shards, one per data-parallel rank: of the
+ranks that share a data rank (tensor, pipeline and context parallel peers), one reads and
+broadcasts each pack to the others (Megatron broadcasts over the tensor group the same way), so
+shard decoding and packing run once per data rank, not once per GPU. The reader's loader state goes
+into the checkpoint, so a resumed run continues with the exact next pack.
 ``synthetic``: random packs with the real layout, a pure function of (seed, step, index).
 
 Either way the flow-matching noise of micro-batch ``index`` of ``step`` is drawn from a generator
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 
 import torch
+import torch.distributed as dist
 
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.training.config import TrainConfig
@@ -28,10 +31,22 @@ def _generator(config: TrainConfig, step: int, index: int) -> torch.Generator:
 
 
 class MicroBatches:
-    def __init__(self, config: TrainConfig, data_rank: int, data_size: int, device: torch.device):
+    """``share``: (group, reader's global rank) of the ranks that train on this data rank; None in
+    one process. Only the reader builds a loader; every rank of the group calls ``get`` in step."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        data_rank: int,
+        data_size: int,
+        device: torch.device,
+        share: tuple[dist.ProcessGroup, int] | None = None,
+    ):
         self.config, self.data_rank, self.device = config, data_rank, device
         self.loader = None
-        if config.data_source == "shards":
+        shards = config.data_source == "shards"
+        self.share = share if shards and share is not None and dist.get_world_size(share[0]) > 1 else None
+        if shards and (self.share is None or dist.get_rank() == self.share[1]):
             from megatron_cosmos3.data.loader import PackedLoader
 
             self.loader = PackedLoader(config.data, config.model, data_rank, data_size)
@@ -41,13 +56,22 @@ class MicroBatches:
         config = self.config
         index = self.data_rank * config.optimizer.micro_batches_per_step + micro
         g = _generator(config, step, index)
-        if self.loader is not None:
+        if self.share is not None:  # the reader's next pack, on every rank of the group
+            group, reader = self.share
+            sent = [next(self.loader) if self.loader is not None else None]
+            dist.broadcast_object_list(sent, src=reader, group=group, device=self._share_device())
+            batch = sent[0]
+        elif self.loader is not None:
             batch = next(self.loader)
         else:
             s = config.synthetic
             batch = random_pack(config.model, g, s.samples_per_pack, tuple(s.tasks), s.scale)
         noised, targets = add_flow_matching_noise(batch, config.flow_matching, g)
         return noised.to(self.device), {k: v.to(self.device) for k, v in targets.items()}
+
+    def _share_device(self) -> torch.device | None:
+        """NCCL moves the pickled pack through the GPU; gloo through host memory."""
+        return self.device if self.device.type == "cuda" else None
 
     def skip_counts(self) -> dict[str, float]:
         """Samples used and skipped per reason so far (this rank), for the metrics."""
@@ -66,7 +90,7 @@ class MicroBatches:
         return {LOADER_STATE: torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone()}
 
     def load_state(self, per_rank: dict[str, torch.Tensor]) -> None:
-        if self.loader is None:
+        if self.loader is None:  # synthetic packs, or a rank that receives its packs
             return
         if LOADER_STATE not in per_rank:
             raise ValueError(

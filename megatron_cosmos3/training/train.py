@@ -184,7 +184,8 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
     )
     data_rank = groups.data_rank if groups is not None else 0
     data_size = groups.data_size if groups is not None else 1
-    batches = MicroBatches(config, data_rank, data_size, ctx.device)
+    share = (groups.same_data, groups.data_reader) if groups is not None else None
+    batches = MicroBatches(config, data_rank, data_size, ctx.device, share)
     flops = FlopCounter(model.config)
     return Run(
         config,

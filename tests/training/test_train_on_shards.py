@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.testing.training import TINY_MODEL, loss_history
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.batches import MicroBatches
@@ -119,3 +120,65 @@ def test_two_processes_train_on_shards_and_log_data_counts(tmp_path, world):
     assert run.data.metrics["data/samples_used"] > 0
     assert run.data.params["data_source"] == "shards"
     assert len(losses(tmp_path, "two")) == 4
+
+
+def _packs_under_tensor_parallel(rank, world_size, overrides):
+    from megatron_cosmos3.parallel.sizes import ParallelSizes
+    from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
+
+    config = load_config(None, overrides)
+    groups = initialize_parallel(ParallelSizes(tensor=2), config.model)
+    batches = MicroBatches(
+        config, groups.data_rank, groups.data_size, torch.device("cpu"), (groups.same_data, groups.data_reader)
+    )
+    try:
+        packs = [batches.get(step, 0) for step in range(3)]
+        return {
+            "reads": batches.loader is not None,
+            "tokens": [batch.ar_token_ids for batch, _ in packs],
+            "targets": [targets for _, targets in packs],
+            "state": set(batches.state()),
+        }
+    finally:
+        batches.close()
+        destroy_parallel()
+
+
+@pytest.mark.multiprocess
+def test_tensor_parallel_peers_share_one_reader_of_the_shards(tmp_path, world):
+    overrides = shard_overrides(tmp_path, world, "shared")
+    reports = run_on_ranks(_packs_under_tensor_parallel, 2, overrides)
+    assert [r["reads"] for r in reports] == [True, False]  # one loader (and its workers) per data rank
+    assert [r["state"] for r in reports] == [{"loader"}, set()]  # the reader checkpoints the position
+    alone = MicroBatches(load_config(None, overrides), 0, 1, torch.device("cpu"))
+    try:
+        for step in range(3):
+            batch, targets = alone.get(step, 0)
+            for report in reports:  # the same packs, and the same noise drawn from them, as one process
+                assert torch.equal(report["tokens"][step], batch.ar_token_ids)
+                assert report["targets"][step].keys() == targets.keys()
+                assert all(torch.equal(report["targets"][step][k], targets[k]) for k in targets)
+    finally:
+        alone.close()
+
+
+@pytest.mark.multiprocess
+def test_tensor_parallel_training_on_shards_follows_one_process(tmp_path, world):
+    train_module.train(load_config(None, shard_overrides(tmp_path, world, "one", "steps=3")), CPU)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "megatron_cosmos3.training.train",
+        *shard_overrides(tmp_path, world, "tp2", "steps=3", "parallel.tensor=2"),
+    ]
+    result = subprocess.run(
+        command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    want, got = losses(tmp_path, "one"), losses(tmp_path, "tp2")
+    assert [step for step, _ in got] == [step for step, _ in want] == [1, 2, 3]
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], rel=1e-5)
