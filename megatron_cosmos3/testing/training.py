@@ -1,7 +1,11 @@
-"""Shared by the trainer tests: the tiny model as config overrides, and reading a run's loss curve."""
+"""Shared by the trainer tests: the tiny model as config overrides, launching the trainer under
+torchrun, and reading a run's loss curve."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from megatron_cosmos3.model.config import MoTConfig
@@ -54,3 +58,28 @@ def loss_history(tracking_db: Path, run_name: str, experiment: str = "megatron_c
     )
     assert len(runs) == 1, f"expected one MLflow run named {run_name}, found {len(runs)}"
     return sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, "loss"))
+
+
+def trainer_command(nproc: int, *args: str) -> list[str]:
+    """The command that runs the training entry point under torchrun on ``nproc`` local processes."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "megatron_cosmos3.training.train",
+        *args,
+    ]
+
+
+# One thread per rank: several gloo ranks share a 2-core CI machine.
+TRAINER_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun_trainer(cwd: Path, nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs the trainer under torchrun to the end (stdout/stderr captured); the caller checks it."""
+    return subprocess.run(
+        trainer_command(nproc, *args), cwd=cwd, env=TRAINER_ENV, capture_output=True, text=True, timeout=timeout
+    )

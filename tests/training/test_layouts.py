@@ -1,15 +1,12 @@
 """The trainer under every parallel layout follows the single-process run, and resumes across layouts."""
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, loss_history
+from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, loss_history, torchrun_trainer
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.distributed import DistributedContext
@@ -39,19 +36,7 @@ def overrides(tmp_path, name, *extra):
 
 
 def torchrun(tmp_path, name, *extra, nproc=2):
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "megatron_cosmos3.training.train",
-        *overrides(tmp_path, name, *extra),
-    ]
-    result = subprocess.run(
-        command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
-    )
+    result = torchrun_trainer(tmp_path, nproc, *overrides(tmp_path, name, *extra))
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 

@@ -1,12 +1,13 @@
 """The main job for real: torchrun with 2 gloo processes, MLflow run, committed checkpoint, resume."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from megatron_cosmos3.testing.training import torchrun_trainer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,14 +34,9 @@ def run_trainer(tmp_path: Path, *overrides: str, nproc: int = 2) -> subprocess.C
             capture_output=True,
             timeout=300,
         )
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "megatron_cosmos3.training.train",
+    return torchrun_trainer(
+        tmp_path,
+        nproc,
         "--config",
         str(REPO / "configs/tiny_cpu.yaml"),
         f"data.datasets=[{{name: world, shards: [{world / 'latent'}]}}]",
@@ -50,9 +46,7 @@ def run_trainer(tmp_path: Path, *overrides: str, nproc: int = 2) -> subprocess.C
         "log_every=5",
         "checkpoint.save_every=10",
         *overrides,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    )
 
 
 @pytest.mark.multiprocess

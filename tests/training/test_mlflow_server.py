@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC
+from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TRAINER_ENV, trainer_command
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
@@ -74,25 +74,19 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
     port = free_port()
     server = start_server(tmp_path, port)
     try:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            "-m",
-            "megatron_cosmos3.training.train",
+        command = trainer_command(
+            2,
             *TINY,
             "steps=400",
             f"checkpoint.directory={tmp_path / 'ckpt'}",
             f"tracking.tracking_uri=http://127.0.0.1:{port}",
             "tracking.experiment=served",
             "tracking.run_name=tiny",
-        ]
+        )
         training = subprocess.Popen(
             command,
             cwd=tmp_path,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            env=TRAINER_ENV,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megatron_cosmos3.testing.distributed import run_on_ranks
-from megatron_cosmos3.testing.training import TINY_MODEL, loss_history
+from megatron_cosmos3.testing.training import TINY_MODEL, loss_history, torchrun_trainer
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.batches import MicroBatches
 from megatron_cosmos3.training.checkpoint import latest_checkpoint
@@ -99,19 +99,7 @@ def test_preempted_mid_epoch_resumes_with_the_exact_next_pack(tmp_path, world, w
 
 @pytest.mark.multiprocess
 def test_two_processes_train_on_shards_and_log_data_counts(tmp_path, world):
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "-m",
-        "megatron_cosmos3.training.train",
-        *shard_overrides(tmp_path, world, "two", "steps=4"),
-    ]
-    result = subprocess.run(
-        command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
-    )
+    result = torchrun_trainer(tmp_path, 2, *shard_overrides(tmp_path, world, "two", "steps=4"))
     assert result.returncode == 0, result.stderr[-3000:]
     from mlflow.tracking import MlflowClient
 
@@ -165,19 +153,7 @@ def test_tensor_parallel_peers_share_one_reader_of_the_shards(tmp_path, world):
 @pytest.mark.multiprocess
 def test_tensor_parallel_training_on_shards_follows_one_process(tmp_path, world):
     train_module.train(load_config(None, shard_overrides(tmp_path, world, "one", "steps=3")), CPU)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "-m",
-        "megatron_cosmos3.training.train",
-        *shard_overrides(tmp_path, world, "tp2", "steps=3", "parallel.tensor=2"),
-    ]
-    result = subprocess.run(
-        command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
-    )
+    result = torchrun_trainer(tmp_path, 2, *shard_overrides(tmp_path, world, "tp2", "steps=3", "parallel.tensor=2"))
     assert result.returncode == 0, result.stderr[-3000:]
     want, got = losses(tmp_path, "one"), losses(tmp_path, "tp2")
     assert [step for step, _ in got] == [step for step, _ in want] == [1, 2, 3]
