@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from megatron_cosmos3.data.determinism import hash64
+from megatron_cosmos3.data.tokenizer import TOKENIZER_FILE, TokenizerConfig
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
 from megatron_cosmos3.tasks.mixture import TaskMixture
 
@@ -76,6 +78,7 @@ class DataConfig:
         the same for every value, so it may change between a save and a resume.
     epochs: 0 = endless (training); N = N passes over a single, non-resampled dataset.
     vision: "patch" = the weight-free ViT stand-in (``data/vision_features.py``).
+    tokenizer: bytes (default) or a local Hugging Face tokenizer (``data/tokenizer.py``).
     """
 
     datasets: list[DatasetConfig] = field(default_factory=list)
@@ -90,6 +93,7 @@ class DataConfig:
     error_budget: ErrorBudgetConfig = field(default_factory=ErrorBudgetConfig)
     encoders: LatentEncoderConfig = field(default_factory=LatentEncoderConfig)
     vision: str = "patch"
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
     def validate(self) -> None:
         """ValueError naming the field for any inconsistency."""
@@ -146,6 +150,11 @@ class DataConfig:
             f"min_samples={budget.min_samples} >= 0",
         )
         require(self.vision == "patch", f"vision={self.vision!r}: only 'patch' (the ViT stand-in) is available")
+        tokenizer_file = Path(self.tokenizer.path) / TOKENIZER_FILE
+        require(
+            not self.tokenizer.path or tokenizer_file.is_file(),
+            f"tokenizer.path={self.tokenizer.path!r} holds no {TOKENIZER_FILE} (a local Hugging Face tokenizer folder)",
+        )
         self.encoders.validate()
 
     @property

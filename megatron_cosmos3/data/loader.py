@@ -40,7 +40,7 @@ from megatron_cosmos3.data.shard_processor import ShardProcessor, ShardResult
 from megatron_cosmos3.data.shards import resolve_shards
 from megatron_cosmos3.data.shuffle import ShuffleBuffer
 from megatron_cosmos3.data.slot_stream import SlotStream, iterate_slots
-from megatron_cosmos3.data.tokenizer import ByteTokenizer
+from megatron_cosmos3.data.tokenizer import build_tokenizer
 from megatron_cosmos3.data.vision_features import PatchVisionFeatures
 from megatron_cosmos3.encoders.action_normalization import ACTION_STATS_FILENAME, ActionStats
 from megatron_cosmos3.model.config import MoTConfig
@@ -79,7 +79,7 @@ def _make_builders(
     encoder = latent_encoder_factory() if latent_encoder_factory is not None else None
     vision = PatchVisionFeatures(model_config.hidden_size)
     limits = BuildLimits(config.packing.sample_token_limit, config.packing.max_text_tokens)
-    tokenizer = tokenizer or ByteTokenizer(model_config.vocab_size)
+    tokenizer = tokenizer or build_tokenizer(config.tokenizer, model_config.vocab_size)
     return [SampleBuilder(model_config, tokenizer, vision, limits, encoder, s) for s in stats]
 
 
@@ -89,7 +89,7 @@ class PackedLoader:
 
     latent_encoder_factory: a picklable callable returning a ``LatentEncoder`` for raw media
         (default: the frozen VAEs of ``config.encoders`` when ``online``, else none).
-    tokenizer: default ``ByteTokenizer(model_config.vocab_size)``.
+    tokenizer: default: the one ``config.tokenizer`` names (``data/tokenizer.py``).
     """
 
     def __init__(
