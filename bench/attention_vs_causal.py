@@ -2,16 +2,19 @@
 
 The asymmetric attention is what every MoT layer runs: ``ar_attention`` (AR queries, causal over
 their sample's AR keys) and ``dm_attention`` (DM queries over their sample's [AR, DM] keys), called
-as the model calls them, through the model's backend (``flash`` varlen on CUDA when flash-attention
-is installed, else ``sdpa``). The baseline is what a plain decoder runs on the same tokens and
-sample boundaries: each sample one causal sequence. Its candidates, all timed in the same run, the
-fastest taken: flash-attention's varlen kernel with causal=True (FA3 and/or FA2, whichever are
-installed), and torch SDPA with is_causal per sample under its flash and cuDNN backends (on CPU:
-SDPA's own choice). Each kernel's FLOPs are counted with its own mask: 12·H·d per allowed (q, k)
-pair for fwd+bwd (4·H·d forward, twice that backward), the attention term of
-``training/flops.py``. Goal (parallelism issue): asymmetric TF/s >= 0.90 x causal TF/s.
+as the model calls them, through the model's backend (``--backend``, default the config's: ``flash``
+varlen on CUDA when flash-attention is installed, else ``sdpa``), and on CUDA also through ``flex``
+(FlexAttention block masks, no extra package) and ``sdpa``. The baseline is what a plain decoder
+runs on the same tokens and sample boundaries: each sample one causal sequence. Its candidates, all
+timed in the same run, the fastest taken: flash-attention's varlen kernel with causal=True (FA3
+and/or FA2, whichever are installed), FlexAttention with a block-causal mask, and torch SDPA with
+is_causal per sample under its flash and cuDNN backends (on CPU: SDPA's own choice). Each kernel's
+FLOPs are counted with its own mask: 12·H·d per allowed (q, k) pair for fwd+bwd (4·H·d forward,
+twice that backward), the attention term of ``training/flops.py``. Goal (parallelism issue):
+asymmetric TF/s >= 0.90 x causal TF/s.
 
-Nano head shapes (configs/model/nano.yaml: 32 query / 8 KV heads of 128) on a 16k pack, on a GPU:
+Nano head shapes (configs/model/nano.yaml: 32 query / 8 KV heads of 128) on a 16k pack, on a GPU
+(``--backend flex`` where flash-attention is not installed):
     python bench/attention_vs_causal.py
 Tiny, on a CPU (seconds):
     python bench/attention_vs_causal.py --heads 4 --kv-heads 2 --head-dim 32 --tokens 1024 --repeats 3
@@ -30,6 +33,7 @@ from harness import add_pack_and_head_arguments, device_description, median_seco
 
 from megatron_cosmos3.model.attention import (
     FlashVarlenAttention,
+    FlexPackAttention,
     PackLayout,
     SdpaVarlenAttention,
     attention_backend,
@@ -56,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_pack_and_head_arguments(parser)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--backend", help="the model's attention backend (default: the config's)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
     return parser.parse_args(argv)
@@ -119,6 +124,7 @@ def causal_candidates(layout: PackLayout, heads, kv_heads, head_dim, like, devic
         except ImportError:
             continue
         kernels.append(causal_kernel(f"{label} varlen causal", FlashVarlenAttention(varlen).ar_attention, *shapes))
+    kernels.append(causal_kernel("flex block-causal", FlexPackAttention(device).ar_attention, *shapes))
     sdpa = SdpaVarlenAttention().ar_attention
     for label, kernel in (("flash", SDPBackend.FLASH_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION)):
         context = lambda kernel=kernel: sdpa_kernel(kernel)
@@ -130,8 +136,9 @@ def causal_candidates(layout: PackLayout, heads, kv_heads, head_dim, like, devic
 
 
 def asymmetric_candidates(layout: PackLayout, heads, kv_heads, head_dim, like, device, model_backend) -> list[Kernel]:
-    """The model's backend first (the one the goal is about), then ``sdpa`` on CUDA for comparison."""
-    names = [model_backend.name] + (["sdpa"] if device.type == "cuda" and model_backend.name != "sdpa" else [])
+    """The model's backend first (the one the goal is about), then ``flex`` and ``sdpa`` on CUDA."""
+    others = ["flex", "sdpa"] if device.type == "cuda" else []
+    names = [model_backend.name] + [name for name in others if name != model_backend.name]
     return [
         asymmetric_kernel(
             f"asymmetric ({name})", attention_backend(name, device), layout, heads, kv_heads, head_dim, like
@@ -177,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     head_dim = args.head_dim or config.head_dim
     like = {"device": device, "dtype": dtype}
     asymmetric_layout, causal_layout = pack_layouts(args, device)
-    model_backend = attention_backend(config.attention_backend, device)
+    model_backend = attention_backend(args.backend or config.attention_backend, device)
     shapes = (heads, kv_heads, head_dim, like, device)
     print(f"device: {device_description(device)}; dtype {dtype}; heads {heads}/{kv_heads} of {head_dim}")
     print(
@@ -190,12 +197,12 @@ def main(argv: list[str] | None = None) -> None:
         "causal": causal_candidates(causal_layout, *shapes),
     }
     measured = measure_and_print(groups, heads * head_dim, device, args)
-    asymmetric, asymmetric_tflops = measured["asymmetric"][0]  # the model's backend, unless it failed
     best_causal, causal_tflops = max(measured["causal"], key=lambda entry: entry[1])
-    print(
-        f"ratio {asymmetric.name} / best causal ({best_causal.name}): TF/s "
-        f"{asymmetric_tflops / causal_tflops:.3f} (goal >= {GOAL_RATIO})"
-    )
+    for asymmetric, asymmetric_tflops in measured["asymmetric"]:  # the model's backend first
+        print(
+            f"ratio {asymmetric.name} / best causal ({best_causal.name}): TF/s "
+            f"{asymmetric_tflops / causal_tflops:.3f} (goal >= {GOAL_RATIO})"
+        )
 
 
 if __name__ == "__main__":

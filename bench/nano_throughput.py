@@ -61,7 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, help="override hidden_size")
     parser.add_argument("--ffn", type=int, help="override ffn_hidden_size")
     parser.add_argument("--vocab", type=int, help="override vocab_size")
-    parser.add_argument("--backend", help="attention backend (default: the config's; flash falls back to sdpa)")
+    parser.add_argument(
+        "--backend", help="attention backend (default: the config's; flash falls back to sdpa; flex needs no package)"
+    )
     parser.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
     parser.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")

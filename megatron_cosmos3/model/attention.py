@@ -13,7 +13,9 @@ Nothing attends across samples. Every backend implements the same two methods on
 * ``dense`` — materialises the masks; the reference of the tests, never used for training;
 * ``sdpa`` — varlen by slicing each sample and calling ``scaled_dot_product_attention`` (CPU/GPU),
   no N x N mask ever;
-* ``flash`` — flash-attention's varlen kernels over the whole pack (GPU), with ``cu_seqlens``.
+* ``flash`` — flash-attention's varlen kernels over the whole pack (GPU), with ``cu_seqlens``;
+* ``flex`` — PyTorch's FlexAttention over the whole pack, the rule as a block-sparse mask (GPU:
+  Triton-compiled, no extra package; CPU: forward only, torch has no CPU backward for it).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +92,16 @@ class AttentionBackend:
     def dm_attention(self, q_dm, k_ar, v_ar, k_dm, v_dm, layout: PackLayout) -> torch.Tensor:
         """Bidirectional attention of DM queries over [AR_s, DM_s] keys/values of their sample."""
         raise NotImplementedError
+
+
+def _in_autocast_dtype(q, k, v):
+    """q, k, v in the autocast dtype when autocast is on. Kernels outside autocast's op list (flash,
+    flex) get no cast from it, while under bf16 autocast q and k arrive in fp32 (the per-head RMSNorm
+    multiplies by fp32 weights) and v in bf16."""
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        return q.to(dtype), k.to(dtype), v.to(dtype)
+    return q, k, v
 
 
 def _repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -177,12 +190,7 @@ class FlashVarlenAttention(AttentionBackend):
         self._varlen = flash_attn_varlen_func
 
     def _call(self, q, k, v, cu_q, cu_k, lengths_q, lengths_k, causal):
-        if torch.is_autocast_enabled(q.device.type):
-            # The kernels take half precision only, and autocast does not cast for them as it does
-            # for SDPA: under bf16 autocast q and k arrive in fp32 (the per-head RMSNorm multiplies
-            # by fp32 weights), so cast here to the autocast dtype.
-            dtype = torch.get_autocast_dtype(q.device.type)
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        q, k, v = _in_autocast_dtype(q, k, v)
         out = self._varlen(
             q,
             k,
@@ -220,6 +228,74 @@ class FlashVarlenAttention(AttentionBackend):
         )
 
 
+class FlexPackAttention(AttentionBackend):
+    """FlexAttention (``torch.nn.attention.flex_attention``) over the whole pack: one fused kernel
+    per half, the rule given as a mask function of (query row, key row) that the block mask turns
+    into block sparsity. Blocks the rule forbids entirely (other samples, the causal future of AR)
+    are skipped, so the work follows the (q, k) pairs the mask allows, as in flash varlen, without
+    the DM half's K/V gather. Compiled (Triton) on GPU; on CPU torch runs its forward only.
+
+    The block masks are built once per pack layout and shared by every layer's call.
+    """
+
+    name = "flex"
+
+    def __init__(self, device: torch.device | str):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        self._create_block_mask = create_block_mask
+        on_gpu = torch.device(device).type == "cuda"
+        # Pack lengths change every micro-batch: compile for dynamic shapes once.
+        self._flex = torch.compile(flex_attention, dynamic=True) if on_gpu else flex_attention
+        self._layout: PackLayout | None = None
+        self._masks = None
+
+    def _block_masks(self, layout: PackLayout, device: torch.device):
+        if layout is not self._layout:  # a new micro-batch: its masks, for every layer
+            ar_sample, dm_sample = layout.sample_ids("ar").to(device), layout.sample_ids("dm").to(device)
+            kv_sample = torch.cat([ar_sample, dm_sample])
+            n_ar, n_dm = ar_sample.numel(), dm_sample.numel()
+
+            def ar_rule(batch, head, q, k):
+                return (ar_sample[q] == ar_sample[k]) & (k <= q)
+
+            def dm_rule(batch, head, q, k):
+                return dm_sample[q] == kv_sample[k]
+
+            build = functools.partial(self._create_block_mask, B=None, H=None, device=device)
+            self._masks = (
+                build(ar_rule, Q_LEN=n_ar, KV_LEN=n_ar) if n_ar else None,
+                build(dm_rule, Q_LEN=n_dm, KV_LEN=n_ar + n_dm) if n_dm else None,
+            )
+            self._layout = layout
+        return self._masks
+
+    def _attend(self, q, k, v, block_mask) -> torch.Tensor:
+        q, k, v = _in_autocast_dtype(q, k, v)
+        with warnings.catch_warnings():  # CPU: the unfused forward is the point (tests, references)
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            out = self._flex(
+                q.transpose(0, 1)[None],
+                k.transpose(0, 1)[None],
+                v.transpose(0, 1)[None],
+                block_mask=block_mask,
+                enable_gqa=q.shape[1] != k.shape[1],
+            )
+        return out[0].transpose(0, 1)
+
+    def ar_attention(self, q_ar, k_ar, v_ar, layout):
+        if q_ar.shape[0] == 0:
+            return q_ar
+        ar_mask, _ = self._block_masks(layout, q_ar.device)
+        return self._attend(q_ar, k_ar, v_ar, ar_mask)
+
+    def dm_attention(self, q_dm, k_ar, v_ar, k_dm, v_dm, layout):
+        if q_dm.shape[0] == 0:
+            return q_dm
+        _, dm_mask = self._block_masks(layout, q_dm.device)
+        return self._attend(q_dm, torch.cat([k_ar, k_dm]), torch.cat([v_ar, v_dm]), dm_mask)
+
+
 @functools.cache
 def _warn_once(message: str) -> None:
     log.warning(message)
@@ -248,4 +324,6 @@ def attention_backend(name: str, device: torch.device | str = "cpu") -> Attentio
         except ImportError:
             _warn_once("attention backend 'flash': flash-attn is not installed; using 'sdpa'")
             return SdpaVarlenAttention()
-    raise ValueError(f"attention_backend={name!r} is not one of 'dense', 'sdpa', 'flash'")
+    if name == "flex":
+        return FlexPackAttention(device)
+    raise ValueError(f"attention_backend={name!r} is not one of 'dense', 'sdpa', 'flash', 'flex'")

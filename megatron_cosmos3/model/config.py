@@ -117,7 +117,7 @@ class MoTConfig:
     )
     timestep_embedding_dim: int = 64
     # "sdpa" (varlen via per-sample SDPA, CPU and GPU), "flash" (flash-attn varlen, GPU),
-    # "dense" (a dense-mask reference for tests).
+    # "dense" (a dense-mask reference for tests), "flex" (FlexAttention block masks; GPU, CPU forward only).
     attention_backend: str = "sdpa"
     # Mixture of experts (Qwen3-VL-MoE style): 0 = dense SwiGLU MLPs. moe_towers says which towers
     # route their MLP through experts; moe_ffn_hidden_size 0 = ffn_hidden_size per expert.

@@ -10,6 +10,7 @@ from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.model.attention import (
     DenseMaskAttention,
     FlashVarlenAttention,
+    FlexPackAttention,
     PackLayout,
     SdpaVarlenAttention,
     attention_backend,
@@ -26,7 +27,8 @@ EDGE_CASE_PACKS = {
     "many_tiny_samples": [(1 + i % 3, i % 2) for i in range(40)],
     "mixed": [(3, 0), (0, 4), (1, 1), (9, 17), (2, 1)],
 }
-FAST_BACKENDS = ["sdpa"] + (["flash"] if torch.cuda.is_available() else [])
+# Backends checked in outputs and gradients; flex's backward needs a GPU (torch has none on CPU).
+FAST_BACKENDS = ["sdpa"] + (["flash", "flex"] if torch.cuda.is_available() else [])
 
 
 def random_qkv(layout: PackLayout, n_ar: int, n_dm: int, heads=4, kv_heads=2, dim=8, seed=0):
@@ -78,11 +80,11 @@ def test_backend_matches_dense_reference_outputs_and_gradients(backend_name, cas
     lengths = EDGE_CASE_PACKS[case]
     layout = layout_of(lengths)
     n_ar, n_dm = sum(a for a, _ in lengths), sum(d for _, d in lengths)
-    device = "cuda" if backend_name == "flash" else "cpu"
+    device = "cuda" if backend_name in ("flash", "flex") else "cpu"
     reference_inputs = random_qkv(layout, n_ar, n_dm)
     reference = run_backend(DenseMaskAttention(), reference_inputs, layout)
     inputs = random_qkv(layout, n_ar, n_dm)
-    if device == "cuda":  # flash kernels need half precision; compare at bf16 tolerance
+    if device == "cuda":  # GPU kernels in half precision; compare at bf16 tolerance
         inputs = [t.detach().to(device, torch.bfloat16).requires_grad_() for t in inputs]
         layout = PackLayout.from_cu_seqlens(layout.ar_cu_seqlens.to(device), layout.dm_cu_seqlens.to(device))
     outputs = run_backend(attention_backend(backend_name, device), inputs, layout)
@@ -183,3 +185,42 @@ def test_sdpa_matches_dense_reference_on_any_pack_shape(lengths):
         run_backend(SdpaVarlenAttention(), tensors, layout), run_backend(DenseMaskAttention(), tensors, layout)
     ):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", list(EDGE_CASE_PACKS))
+def test_flex_forward_matches_dense_reference_on_cpu(case):
+    """FlexAttention's block masks encode the same rule (its backward is checked on GPU only)."""
+    lengths = EDGE_CASE_PACKS[case]
+    layout = layout_of(lengths)
+    n_ar, n_dm = sum(a for a, _ in lengths), sum(d for _, d in lengths)
+    tensors = [t.detach() for t in random_qkv(layout, n_ar, n_dm)]
+    for got, want in zip(
+        run_backend(FlexPackAttention("cpu"), tensors, layout), run_backend(DenseMaskAttention(), tensors, layout)
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_flex_builds_its_masks_once_per_pack(monkeypatch):
+    backend = FlexPackAttention("cpu")
+    built = []
+    real = backend._create_block_mask
+    backend._create_block_mask = lambda *args, **kwargs: built.append(kwargs["Q_LEN"]) or real(*args, **kwargs)
+    first, second = layout_of([(3, 2), (2, 3)]), layout_of([(4, 1)])
+    with torch.no_grad():
+        for layout, (n_ar, n_dm) in ((first, (5, 5)), (first, (5, 5)), (second, (4, 1))):
+            tensors = [t.detach() for t in random_qkv(layout, n_ar, n_dm)]
+            run_backend(backend, tensors, layout)  # a second layer's call on ``first`` reuses its masks
+    assert built == [5, 5, 4, 1]
+
+
+def test_model_with_flex_backend_matches_dense_forward(tiny_config):
+    g = torch.Generator().manual_seed(3)
+    batch, targets = add_flow_matching_noise(random_pack(tiny_config, g, num_samples=4), FlowMatchingConfig(), g)
+    torch.manual_seed(0)
+    model = MoTModel(tiny_config)
+    losses = {}
+    with torch.no_grad():
+        for name in ("dense", "flex"):
+            model.config.attention_backend = name
+            losses[name] = mot_losses(model, batch, targets).total
+    torch.testing.assert_close(losses["flex"], losses["dense"], rtol=1e-5, atol=1e-6)
