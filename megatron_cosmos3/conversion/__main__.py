@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from megatron_cosmos3.conversion.hf_qwen3_vl import export_qwen3_vl, load_qwen3_vl
+from megatron_cosmos3.conversion.hf_qwen3_vl import copy_support_files, export_qwen3_vl, load_qwen3_vl
 from megatron_cosmos3.conversion.mot_folder import load_mot_folder, save_mot_folder
 from megatron_cosmos3.conversion.safetensors_io import DEFAULT_MAX_SHARD_BYTES, ConversionError
 from megatron_cosmos3.model.config import load_model_config
@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             config = load_model_config(args.config) if args.config else None
             model, vision = load_qwen3_vl(args.hf_folder, config=config, dtype=dtype)
             save_mot_folder(model, vision, args.out_folder, max_shard_bytes=args.max_shard_size)
+            # The tokenizer travels with the weights: data.tokenizer.path can name this folder.
+            copy_support_files(args.hf_folder, args.out_folder)
             print(count_parameters(model, vision).table())
         else:
             model, vision = load_mot_folder(args.folder, dtype=dtype)

@@ -298,8 +298,17 @@ def export_qwen3_vl(
     write_sharded(folder, planned, max_shard_bytes)
     hf_config.save_pretrained(str(folder))
     if copy_files_from is not None:
-        for path in sorted(Path(copy_files_from).iterdir()):
-            is_weights = path.name.endswith(_WEIGHT_SUFFIXES) or path.name.endswith(".index.json")
-            if path.is_file() and path.name != "config.json" and not is_weights:
-                shutil.copy2(path, folder / path.name)
+        copy_support_files(copy_files_from, folder)
     return folder
+
+
+def copy_support_files(source: str | Path, folder: str | Path) -> list[str]:
+    """Copies the files of a Hugging Face folder that are neither weights nor ``config.json``
+    (tokenizer, processor, chat template, generation defaults) into ``folder``; returns their names."""
+    copied = []
+    for path in sorted(Path(source).iterdir()):
+        is_weights = path.name.endswith(_WEIGHT_SUFFIXES) or path.name.endswith(".index.json")
+        if path.is_file() and path.name != "config.json" and not is_weights:
+            shutil.copy2(path, Path(folder) / path.name)
+            copied.append(path.name)
+    return copied

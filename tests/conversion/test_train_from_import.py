@@ -61,6 +61,12 @@ def initialised_parts(config, rank: int = 0, world_size: int = 1) -> dict:
         run.batches.close()
 
 
+def test_the_import_carries_the_tokenizer_and_other_support_files(hf_folder, imported):
+    names = {p.name for p in hf_folder.iterdir()}
+    support = {n for n in names if n != "config.json" and not n.endswith((".safetensors", ".index.json"))}
+    assert "generation_config.json" in support and support <= {p.name for p in imported.iterdir()}
+
+
 def test_one_process_starts_from_the_imported_weights(imported, tmp_path):
     parts = initialised_parts(stage_config(imported, tmp_path))
     assert len(parts) == len(dict(load_mot_folder(imported)[0].named_parameters()))
