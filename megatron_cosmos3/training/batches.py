@@ -23,8 +23,6 @@ from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.training.config import TrainConfig
 from megatron_cosmos3.training.flow_matching import add_flow_matching_noise
 
-LOADER_STATE = "loader"
-
 
 def _generator(config: TrainConfig, step: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash((config.seed, step, index)) % (2**63))
@@ -82,22 +80,28 @@ class MicroBatches:
         counts.update({f"data/skipped/{reason}": float(n) for reason, n in stats.per_reason.items()})
         return counts
 
+    def state_key(self) -> str:
+        """The checkpoint key of this data rank's loader position: keyed by data rank, not by global
+        rank, so a run resumed with other tensor/pipeline/context sizes (same data ranks) finds it."""
+        return f"data{self.data_rank}/loader"
+
     def state(self) -> dict[str, torch.Tensor]:
-        """Per-rank checkpoint entries (JSON bytes as a uint8 tensor: no pickle in checkpoints)."""
+        """Checkpoint entries under their own keys (JSON bytes as a uint8 tensor: no pickle in
+        checkpoints); only the rank that reads for this data rank has one."""
         if self.loader is None:
             return {}
         blob = json.dumps(self.loader.state_dict()).encode()
-        return {LOADER_STATE: torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone()}
+        return {self.state_key(): torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone()}
 
-    def load_state(self, per_rank: dict[str, torch.Tensor]) -> None:
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
         if self.loader is None:  # synthetic packs, or a rank that receives its packs
             return
-        if LOADER_STATE not in per_rank:
+        if self.state_key() not in state:
             raise ValueError(
-                "the checkpoint holds no data loader state for this rank (saved with another "
-                "world size or with data_source=synthetic); resuming mid-epoch is impossible"
+                f"the checkpoint holds no loader position for data rank {self.data_rank} (saved with "
+                "fewer data-parallel ranks or with data_source=synthetic); resuming mid-epoch is impossible"
             )
-        self.loader.load_state_dict(json.loads(bytes(per_rank[LOADER_STATE].tolist()).decode()))
+        self.loader.load_state_dict(json.loads(bytes(state[self.state_key()].tolist()).decode()))
 
     def close(self) -> None:
         if self.loader is not None:

@@ -88,8 +88,20 @@ class Checkpointer:
             dist.barrier(group=self.group)
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, model: nn.Module, optimizer, per_rank: dict[str, torch.Tensor], meta: dict) -> None:
-        """Starts saving; returns once the state is staged in host memory (async) or written (sync)."""
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer,
+        per_rank: dict[str, torch.Tensor],
+        meta: dict,
+        named: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Starts saving; returns once the state is staged in host memory (async) or written (sync).
+
+        ``per_rank`` entries are stored under this rank's number (RNG state); ``named`` ones under
+        the caller's own keys, which must be unique across ranks (a data rank's loader position,
+        written by the one rank that reads for it), so another layout can find them."""
         self.wait()
         staging = self.root / f".step_{step:08d}.partial"
         if self.rank == 0:
@@ -100,6 +112,7 @@ class Checkpointer:
             **model_entries(model, self.meshes),
             **optimizer_entries(optimizer, model, self.meshes),
             **{f"rank{self.rank}/{k}": v for k, v in per_rank.items()},
+            **(named or {}),
         }
         writer = FileSystemWriter(str(staging))
         if self.async_save:
@@ -147,13 +160,15 @@ class Checkpointer:
         optimizer=None,
         per_rank: dict[str, torch.Tensor] | None = None,
         allow_missing: tuple[str, ...] = (),
+        named: dict[str, torch.Tensor] | None = None,
     ) -> dict:
         """Loads in place whatever of model/optimizer/per-rank state this rank holds; returns meta.
 
         ``optimizer=None`` loads weights only (a new stage's fresh optimizer). Model parameters
         absent from the checkpoint are an error naming them, unless their name starts with one of
         ``allow_missing`` (e.g. the projections of an embodiment added since). Per-rank entries that
-        are absent (another world size) are dropped from ``per_rank``.
+        are absent (another world size) are dropped from ``per_rank``; ``named`` entries (keys as
+        saved) are filled in place of their values, or dropped when absent.
         """
         path = Path(path)
         if not (path / ".metadata").is_file():
@@ -178,12 +193,13 @@ class Checkpointer:
             )
         # Per-rank entries (RNG, loader state) vary in size: allocate them as the index describes.
         index = SafeFileSystemReader(str(path)).read_metadata().state_dict_metadata
-        for name in list(per_rank or {}):
-            key = f"rank{self.rank}/{name}"
-            if key in available:
-                per_rank[name] = state[key] = torch.empty(tuple(index[key].size), dtype=index[key].properties.dtype)
-            else:
-                del per_rank[name]
+        for entries, key_of in ((per_rank, lambda name: f"rank{self.rank}/{name}"), (named, lambda name: name)):
+            for name in list(entries or {}):
+                key = key_of(name)
+                if key in available:
+                    entries[name] = state[key] = torch.empty(tuple(index[key].size), dtype=index[key].properties.dtype)
+                else:
+                    del entries[name]
         dcp.load(
             state,
             storage_reader=SafeFileSystemReader(str(path)),

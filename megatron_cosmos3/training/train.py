@@ -209,11 +209,11 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
     config = run.config
     latest = latest_checkpoint(config.checkpoint.directory) if config.checkpoint.resume else None
     if latest is not None:
-        per_rank = {"rng": torch.get_rng_state(), **run.batches.state()}
-        meta = run.checkpointer.load(latest, run.state_owner, run.optimizer, per_rank)
+        per_rank, data_state = {"rng": torch.get_rng_state()}, run.batches.state()
+        meta = run.checkpointer.load(latest, run.state_owner, run.optimizer, per_rank, named=data_state)
         if "rng" in per_rank:
             torch.set_rng_state(per_rank["rng"])
-        run.batches.load_state(per_rank)
+        run.batches.load_state(data_state)
         if run.ctx.is_main:
             log.info("resumed from %s at step %d", latest, meta["step"])
         return meta["step"], meta.get("mlflow_run_id")
@@ -418,8 +418,9 @@ def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
                 step + 1,
                 run.state_owner,
                 run.optimizer,
-                {"rng": torch.get_rng_state(), **run.batches.state()},
+                {"rng": torch.get_rng_state()},
                 {"mlflow_run_id": tracker.run_id, "stage": config.stage.name, "config": to_yaml(config)},
+                named=run.batches.state(),
             )
             log_generation_sample(run, tracker, step + 1)
         if preempted:

@@ -137,7 +137,7 @@ def test_tensor_parallel_peers_share_one_reader_of_the_shards(tmp_path, world):
     overrides = shard_overrides(tmp_path, world, "shared")
     reports = run_on_ranks(_packs_under_tensor_parallel, 2, overrides)
     assert [r["reads"] for r in reports] == [True, False]  # one loader (and its workers) per data rank
-    assert [r["state"] for r in reports] == [{"loader"}, set()]  # the reader checkpoints the position
+    assert [r["state"] for r in reports] == [{"data0/loader"}, set()]  # the reader checkpoints the position
     alone = MicroBatches(load_config(None, overrides), 0, 1, torch.device("cpu"))
     try:
         for step in range(3):
@@ -157,4 +157,19 @@ def test_tensor_parallel_training_on_shards_follows_one_process(tmp_path, world)
     assert result.returncode == 0, result.stderr[-3000:]
     want, got = losses(tmp_path, "one"), losses(tmp_path, "tp2")
     assert [step for step, _ in got] == [step for step, _ in want] == [1, 2, 3]
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], rel=1e-5)
+
+
+@pytest.mark.multiprocess
+def test_a_run_on_shards_resumes_mid_epoch_under_another_tensor_parallel_size(tmp_path, world):
+    """Saved with TP=2 x DP=2 (readers: global ranks 0 and 2), resumed with DP=2 alone (readers 0
+    and 1): each data rank's loader position is found by data rank and the stream goes on exactly."""
+    straight = torchrun_trainer(tmp_path, 2, *shard_overrides(tmp_path, world, "straight", "steps=3"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = torchrun_trainer(tmp_path, 4, *shard_overrides(tmp_path, world, "switch", "steps=2", "parallel.tensor=2"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = torchrun_trainer(tmp_path, 2, *shard_overrides(tmp_path, world, "switch", "steps=3"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    want, got = losses(tmp_path, "straight"), losses(tmp_path, "switch")
+    assert [step for step, _ in got] == [1, 2, 3]
     assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], rel=1e-5)
