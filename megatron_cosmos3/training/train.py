@@ -162,8 +162,8 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
         param_groups = [{**g, "params": [p for p in g["params"] if id(p) in owned]} for g in param_groups]
         param_groups = [g for g in param_groups if g["params"]]
     # DDP overlaps the gradient reduce with backward when one forward call covers the step; the
-    # pipeline schedule and the context-parallel runner drive the layers themselves, so there the
-    # replicated gradients are averaged after backward instead (reduce_replicated_gradients).
+    # pipeline schedule and the context/sequence-parallel runners drive the layers themselves, so
+    # there the GradientReducer does the same average, started from parameter hooks.
     plain = groups is None or (
         config.parallel.pipeline == 1 and config.parallel.context == 1 and not config.parallel.sequence_parallel
     )
@@ -188,19 +188,19 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
     batches = MicroBatches(config, data_rank, data_size, ctx.device, share)
     flops = FlopCounter(model.config)
     return Run(
-        config,
-        ctx,
-        groups,
-        model,
-        trained,
-        optimizer,
-        checkpointer,
-        data_rank,
-        data_size,
-        stages,
-        batches,
-        flops,
-        reducer,
+        config=config,
+        ctx=ctx,
+        groups=groups,
+        model=model,
+        trained=trained,
+        optimizer=optimizer,
+        checkpointer=checkpointer,
+        data_rank=data_rank,
+        data_size=data_size,
+        stages=stages,
+        batches=batches,
+        flops=flops,
+        reducer=reducer,
     )
 
 
