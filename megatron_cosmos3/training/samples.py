@@ -17,10 +17,11 @@ from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import PackedBatch
 
 
-def write_generation_sample(
-    model: MoTModel, batch: PackedBatch, targets: dict[str, torch.Tensor], path: Path, num_steps: int = 8, seed: int = 0
-) -> Path:
-    """Denoises ``batch`` (a noised training pack) from pure noise and saves the result at ``path``."""
+def generation_sample(
+    model: MoTModel, batch: PackedBatch, targets: dict[str, torch.Tensor], num_steps: int = 8, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Denoises ``batch`` (a noised training pack) from pure noise: per DM stream, the generated
+    tokens, the data they should match, and the noise mask."""
     was_training = model.training
     model.eval()
     try:
@@ -37,6 +38,10 @@ def write_generation_sample(
         arrays[f"{name}_generated"] = tokens.float().cpu().numpy()
         arrays[f"{name}_data"] = data.float().cpu().numpy()
         arrays[f"{name}_noise_mask"] = batch.dm_noise_mask[index].cpu().numpy()
+    return arrays
+
+
+def save_sample(arrays: dict[str, np.ndarray], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **arrays)
     return path

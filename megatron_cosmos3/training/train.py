@@ -41,7 +41,7 @@ from megatron_cosmos3.training.losses import loss_breakdown, mot_losses
 from megatron_cosmos3.training.metrics import MetricsWindow
 from megatron_cosmos3.training.precision import autocast
 from megatron_cosmos3.training.preemption import REQUEUE_EXIT_CODE, PreemptionWatcher
-from megatron_cosmos3.training.samples import write_generation_sample
+from megatron_cosmos3.training.samples import generation_sample, save_sample
 from megatron_cosmos3.training.schedule import learning_rate
 from megatron_cosmos3.training.tracking import MLflowTracker
 from megatron_cosmos3.training.weights_folder import is_weights_folder, load_weights_folder
@@ -231,18 +231,31 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
 
 
 def log_generation_sample(run: Run, tracker: MLflowTracker, step: int) -> None:
-    """Rank 0 denoises the latest pack's targets and logs them as an artifact, when it holds the
-    whole model (no tensor/pipeline/context/expert sharding: the sample runs on rank 0 alone)."""
-    sharded = run.model_parallel_size > 1 or run.config.parallel.expert > 1
-    if not run.ctx.is_main or not tracker.active or sharded or run.last_micro_batch is None:
+    """Denoises the latest pack's targets and logs them from rank 0 as an artifact.
+
+    Under tensor or expert parallelism every rank takes part (their layers exchange activations in
+    each forward, so all must run the same calls); layouts that split the layers or the sequence
+    (pipeline, context, sequence parallel) log no sample yet.
+    """
+    sizes = run.config.parallel
+    if not run.config.tracking.enabled or run.last_micro_batch is None:
+        return
+    if sizes.pipeline > 1 or sizes.context > 1 or sizes.sequence_parallel:
+        return
+    together = run.groups is not None and (sizes.tensor > 1 or sizes.expert > 1)
+    if not (together or run.ctx.is_main):
         return
     batch, targets = run.last_micro_batch
-    if batch.num_dm_tokens == 0:
+    has_targets = torch.tensor([float(batch.num_dm_tokens > 0)])
+    if together:  # skip on every rank, or on none
+        dist.all_reduce(has_targets, op=dist.ReduceOp.MIN)
+    if not has_targets.item():
         return
-    path = Path(run.config.checkpoint.directory) / "samples" / f"step_{step:08d}.npz"
     with autocast(run.config.precision, run.ctx.device):
-        write_generation_sample(run.model, batch, targets, path, seed=step)
-    tracker.log_artifact(str(path), "samples")
+        arrays = generation_sample(run.model, batch, targets, seed=step)
+    if run.ctx.is_main and tracker.active:
+        path = save_sample(arrays, Path(run.config.checkpoint.directory) / "samples" / f"step_{step:08d}.npz")
+        tracker.log_artifact(str(path), "samples")
 
 
 def sequence_split(run: Run) -> SequenceSplit | None:

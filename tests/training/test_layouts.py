@@ -3,6 +3,7 @@
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,6 +119,29 @@ MOE_LAYOUTS = {
 }
 
 
+def check_generation_samples(tmp_path, name, layout, reference_name):
+    """Layouts whose forward runs whole on each rank (DP, TP, EP) log rank 0's generation sample at
+    each checkpoint, equal to the single-process one (the same first micro-batch and seed); those that
+    split the layers or the sequence log none."""
+    samples = sorted(p.name for p in (tmp_path / name / "samples").glob("*.npz"))
+    split = any(part.split("=")[0] in SPLITTING and part.split("=")[1] not in ("1", "false") for part in layout)
+    if split:
+        assert samples == []
+        return
+    assert samples == ["step_00000002.npz", "step_00000003.npz"]
+    for sample in samples:
+        got, want = (
+            np.load(tmp_path / name / "samples" / sample),
+            np.load(tmp_path / reference_name / "samples" / sample),
+        )
+        assert sorted(got.files) == sorted(want.files)
+        for key in want.files:
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-3, atol=1e-4, err_msg=f"{name} {sample} {key}")
+
+
+SPLITTING = ("parallel.pipeline", "parallel.context", "parallel.sequence_parallel")
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_each_layout_trains_like_one_process(reference, name):
@@ -125,6 +149,7 @@ def test_each_layout_trains_like_one_process(reference, name):
     nproc, layout = LAYOUTS[name]
     torchrun(tmp_path, name, "steps=3", *layout, nproc=nproc)
     assert history(tmp_path, name) == pytest.approx(want, rel=1e-5)
+    check_generation_samples(tmp_path, name, layout, "single")
 
 
 @pytest.mark.multiprocess
@@ -134,6 +159,7 @@ def test_each_expert_layout_trains_like_one_process(moe_reference, name):
     nproc, layout = MOE_LAYOUTS[name]
     torchrun(tmp_path, name, "steps=3", *MOE, *layout, nproc=nproc)
     assert history(tmp_path, name) == pytest.approx(want, rel=1e-5)
+    check_generation_samples(tmp_path, name, layout, "single-moe")
 
 
 @pytest.mark.multiprocess
