@@ -4,7 +4,7 @@ Every layout trains the same tiny MoT on the same global batch (2 packs per step
 the single-process run is the baseline measured in the same invocation. Peak memory is rank 0's
 resident set (CPU) or allocated memory (GPU).
 
-    python bench/layouts.py [--steps 20] [--hidden 128] [--layers 4]
+    python bench/layouts.py [--steps 20] [--hidden 128] [--layers 4] [--only "PP=2 (1F1B)" "TP=2"]
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import tempfile
 import torch
 from harness import scaled_mrope_section
 
+BASELINE = "1 process (baseline)"
 LAYOUTS = {
-    "1 process (baseline)": (1, []),
+    BASELINE: (1, []),
     "DP=2 + ZeRO": (2, ["optimizer.micro_batches_per_step=1"]),
     "TP=2": (2, ["parallel.tensor=2"]),
     "TP=2 + SP": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--only", nargs="+", choices=list(LAYOUTS), help="these layouts (the baseline always runs)")
     args = parser.parse_args()
     device = (
         torch.cuda.get_device_name()
@@ -94,7 +96,9 @@ def main() -> None:
     print(f"{'layout':<22} {'ranks':>5} {'s/step':>8} {'vs baseline':>12} {'peak MB (rank 0)':>17}")
     baseline = None
     with tempfile.TemporaryDirectory() as workdir:
-        for name, (nproc, extra) in LAYOUTS.items():
+        chosen = [name for name in LAYOUTS if args.only is None or name in args.only or name == BASELINE]
+        for name in chosen:
+            nproc, extra = LAYOUTS[name]
             seconds, peak = run(nproc, extra, args, workdir)
             baseline = baseline or seconds
             print(f"{name:<22} {nproc:>5} {seconds:>8.3f} {seconds / baseline:>11.2f}x {peak:>17.0f}", flush=True)
