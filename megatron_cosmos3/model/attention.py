@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
+ATTENTION_BACKENDS = ("dense", "sdpa", "flash", "flex")
+
 
 @dataclass
 class PackLayout:
@@ -326,4 +328,4 @@ def attention_backend(name: str, device: torch.device | str = "cpu") -> Attentio
             return SdpaVarlenAttention()
     if name == "flex":
         return FlexPackAttention(device)
-    raise ValueError(f"attention_backend={name!r} is not one of 'dense', 'sdpa', 'flash', 'flex'")
+    raise ValueError(f"attention_backend={name!r} is not one of {ATTENTION_BACKENDS}")

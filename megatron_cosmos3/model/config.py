@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_cosmos3.model.attention import ATTENTION_BACKENDS
+
 # The FPS rule: one second of real time spans TPS_BASE temporal position units in every stream
 # (24 fps video, 4x temporally compressed by the VAE -> 6 latent frames per second).
 TPS_BASE = 6.0
@@ -163,6 +165,10 @@ class MoTConfig:
             3 * max(self.mrope_section[1], self.mrope_section[2]) <= self.head_dim // 2,
             f"mrope_section={list(self.mrope_section)}: the interleaved h/w frequencies "
             f"do not fit in head_dim/2={self.head_dim // 2}",
+        )
+        require(
+            self.attention_backend in ATTENTION_BACKENDS,
+            f"attention_backend={self.attention_backend!r} is not one of {ATTENTION_BACKENDS}",
         )
         require(self.num_experts >= 0, f"num_experts={self.num_experts} must be >= 0")
         if self.num_experts:
