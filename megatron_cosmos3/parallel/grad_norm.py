@@ -16,21 +16,17 @@ def global_grad_norm(parameters, groups=None) -> torch.Tensor:
     equals the single-process norm.
     """
     parameters = list(parameters.parameters() if isinstance(parameters, nn.Module) else parameters)
-    replicated = torch.zeros((), dtype=torch.float64)
-    # [sharded over the tensor group only, over tensor and expert groups (experts under TP)]
-    tensor_sharded = torch.zeros(2, dtype=torch.float64)
-    expert_sharded = torch.zeros((), dtype=torch.float64)
-    for param in parameters:
-        if param.grad is None:
-            continue
-        square = param.grad.detach().double().square().sum().cpu()
+    # Sums of squares by how the parameter is split: [replicated, tensor only, tensor and expert
+    # (experts under TP), expert only], accumulated on the gradients' device and read back once.
+    with_grad = [p for p in parameters if p.grad is not None]
+    device = with_grad[0].grad.device if with_grad else torch.device("cpu")
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    for param in with_grad:
         expert = getattr(param, "expert_parallel", False)
-        if getattr(param, "tensor_model_parallel", False):
-            tensor_sharded[int(expert)] += square
-        elif expert:
-            expert_sharded += square
-        else:
-            replicated += square
+        kind = (1 + int(expert)) if getattr(param, "tensor_model_parallel", False) else (3 if expert else 0)
+        sums[kind] += param.grad.detach().double().square().sum()
+    sums = sums.cpu()  # the collectives below are host-side (gloo; see training/distributed.py)
+    replicated, tensor_sharded, expert_sharded = sums[0], sums[1:3].clone(), sums[3]
     if groups is not None and groups.sizes.tensor > 1:
         dist.all_reduce(tensor_sharded, group=groups.tensor)
     expert_sharded = expert_sharded + tensor_sharded[1]

@@ -33,7 +33,7 @@ def _launcher_env() -> tuple[int, int, int] | None:
 
 
 def init_distributed() -> DistributedContext:
-    """Initialises the default process group (NCCL on GPUs, gloo on CPUs); single process if unlaunched."""
+    """Initialises the default process group (NCCL + gloo on GPUs, gloo on CPUs); single process if unlaunched."""
     launched = _launcher_env()
     rank, world_size, local_rank = launched or (0, 1, 0)
     if torch.cuda.is_available():
@@ -42,9 +42,11 @@ def init_distributed() -> DistributedContext:
     else:
         device = torch.device("cpu")
     if launched and not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size, init_method="env://"
-        )
+        # On GPUs, CUDA tensors go through NCCL and the small host-side collectives (metric sums,
+        # finiteness flags, grad-norm partial sums, pickled packs and loader state) through gloo:
+        # NCCL takes no CPU tensors. Every group made later inherits both.
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, init_method="env://")
     return DistributedContext(rank, world_size, local_rank, device)
 
 
