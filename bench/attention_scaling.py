@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 import time
 
 import torch
+from harness import device_description
 
 
 def measure(
@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child is None and any(tokens < args.sample_tokens for tokens in args.lengths):
+        parser.error(f"--lengths {args.lengths}: each pack needs at least one sample of {args.sample_tokens} tokens")
     if args.child:
         name, tokens = args.child.split(":")
         print(
@@ -100,13 +102,9 @@ def main() -> None:
         )
         return
 
-    device = (
-        torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"CPU {platform.machine()} x{torch.get_num_threads()} threads"
-    )
+    device = device_description(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     print(
-        f"device: {device}; torch {torch.__version__}; heads {args.heads}/{args.kv_heads}, head_dim {args.head_dim}; "
+        f"device: {device}; heads {args.heads}/{args.kv_heads}, head_dim {args.head_dim}; "
         f"samples of {args.sample_tokens} tokens ({args.ar_fraction:.0%} AR); fwd+bwd, median of {args.repeats}"
     )
     backend = args.backend

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import subprocess
 import sys
 import tempfile
 
 import torch
-from harness import scaled_mrope_section
+from harness import device_description, scaled_mrope_section
 
 BASELINE = "1 process (baseline)"
 LAYOUTS = {
@@ -84,13 +83,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--only", nargs="+", choices=list(LAYOUTS), help="these layouts (the baseline always runs)")
     args = parser.parse_args()
-    device = (
-        torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"CPU {platform.machine()} x{os.cpu_count()} cores"
-    )
+    # The ranks run in their own processes: the machine's cores, not this process's threads, count.
+    device = device_description(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     print(
-        f"device: {device}; torch {torch.__version__}; hidden {args.hidden}, {args.layers} layers, "
+        f"device: {device}; {os.cpu_count()} cores; hidden {args.hidden}, {args.layers} layers, "
         f"global batch 2 packs of 8 synthetic samples; mean over the last {args.steps // 2} steps"
     )
     print(f"{'layout':<22} {'ranks':>5} {'s/step':>8} {'vs baseline':>12} {'peak MB (rank 0)':>17}")

@@ -17,6 +17,7 @@ from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfi
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
 from megatron_cosmos3.model.packed_batch import PackedBatch
 from megatron_cosmos3.tasks.registry import TASK_REGISTRY
+from megatron_cosmos3.testing.training import tiny_mot_config
 
 DATA_PIPELINES = Path(__file__).resolve().parents[2] / "data_pipelines"
 # data_pipelines/ is a folder of operator scripts: the world package sits beside them.
@@ -36,19 +37,12 @@ VIDEO_LATENT_CHANNELS, AUDIO_LATENT_DIM = 4, 6
 
 
 def model_config() -> MoTConfig:
-    """The tiny model the loader packs for: byte vocabulary, small widths, both world embodiments."""
-    return MoTConfig(
+    """The tiny model the loader packs for: byte vocabulary, one layer, both world embodiments."""
+    return tiny_mot_config(
         vocab_size=256,
-        hidden_size=32,
         num_layers=1,
-        num_attention_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        mrope_section=[2, 1, 1],
-        ffn_hidden_size=64,
         video_latent_channels=VIDEO_LATENT_CHANNELS,
         audio_latent_dim=AUDIO_LATENT_DIM,
-        timestep_embedding_dim=16,
         embodiments={"single_arm": EmbodimentConfig(19, 10.0), "humanoid": EmbodimentConfig(57, 30.0)},
     )
 
