@@ -46,6 +46,7 @@ from megatron_cosmos3.model.attention import AttentionBackend, PackLayout, atten
 from megatron_cosmos3.model.moe import TokenBalance
 from megatron_cosmos3.model.mot import MoTModel, MoTOutput, RankRows
 from megatron_cosmos3.model.packed_batch import PackedBatch
+from megatron_cosmos3.parallel.state import ParallelGroups
 from megatron_cosmos3.parallel.ulysses import ContextParallelAttention
 from megatron_cosmos3.training.losses import LossBreakdown, LossFunction, loss_breakdown
 
@@ -215,6 +216,21 @@ class SequenceSplit:
             scaled = losses.total / dist.get_world_size(self.group) * self.context_size
             losses.total = scaled + (losses.total - scaled).detach()
         return losses
+
+
+def sequence_split(groups: ParallelGroups | None) -> SequenceSplit | None:
+    """How the layout of ``groups`` spreads each micro-batch's rows over ranks: over the context
+    group (Ulysses), over the tensor group under sequence parallelism (and over both inside each
+    context chunk), or not at all (None)."""
+    if groups is None:
+        return None
+    sizes = groups.sizes
+    if sizes.sequence_parallel:  # the rows of a context chunk are split again over its tensor ranks
+        context = groups.context if sizes.context > 1 else None
+        return SequenceSplit(groups.tensor_and_context, context=context, sequence_parallel=True)
+    if sizes.context > 1:
+        return SequenceSplit(groups.context, context=groups.context)
+    return None
 
 
 def split_forward(

@@ -24,7 +24,7 @@ from megatron_cosmos3.model.attention import PackLayout
 from megatron_cosmos3.model.moe import set_aux_loss_scale
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import IGNORE_INDEX
-from megatron_cosmos3.parallel.context_parallel import SequenceSplit, split_losses
+from megatron_cosmos3.parallel.context_parallel import sequence_split, split_losses
 from megatron_cosmos3.parallel.data_parallel import GradientReducer, build_optimizer, wrap_data_parallel
 from megatron_cosmos3.parallel.expert_parallel import apply_expert_parallel, finalize_expert_grads
 from megatron_cosmos3.parallel.grad_norm import clip_grad_norm
@@ -258,20 +258,6 @@ def log_generation_sample(run: Run, tracker: MLflowTracker, step: int) -> None:
         tracker.log_artifact(str(path), "samples")
 
 
-def sequence_split(run: Run) -> SequenceSplit | None:
-    """How each micro-batch's rows are spread over ranks: over the context group (Ulysses), over the
-    tensor group under sequence parallelism, or not at all."""
-    if run.groups is None:
-        return None
-    groups, sizes = run.groups, run.config.parallel
-    if sizes.sequence_parallel:  # the rows of a context chunk are split again over its tensor ranks
-        context = groups.context if sizes.context > 1 else None
-        return SequenceSplit(groups.tensor_and_context, context=context, sequence_parallel=True)
-    if sizes.context > 1:
-        return SequenceSplit(groups.context, context=groups.context)
-    return None
-
-
 def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
     """Forward and backward of this step's micro-batches; returns whether every loss was finite
     (on every rank). Three drivers, one result: the pipeline schedule, the context-parallel runner,
@@ -280,7 +266,7 @@ def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
     micro_batches = [run.batches.get(step, m) for m in range(opt.micro_batches_per_step)]
     run.last_micro_batch = micro_batches[0]
     weight = opt.flow_matching_weight
-    split = sequence_split(run)
+    split = sequence_split(run.groups)
     if run.stages is not None:
         reports = forward_backward(
             run.stages,
