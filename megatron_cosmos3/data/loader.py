@@ -41,7 +41,7 @@ from megatron_cosmos3.data.shards import resolve_shards
 from megatron_cosmos3.data.shuffle import ShuffleBuffer
 from megatron_cosmos3.data.slot_stream import SlotStream, iterate_slots
 from megatron_cosmos3.data.tokenizer import build_tokenizer
-from megatron_cosmos3.data.vision_features import PatchVisionFeatures
+from megatron_cosmos3.data.vision_features import vision_featurizer
 from megatron_cosmos3.encoders.action_normalization import ACTION_STATS_FILENAME, ActionStats
 from megatron_cosmos3.model.config import MoTConfig
 from megatron_cosmos3.model.packed_batch import PackedBatch
@@ -77,7 +77,7 @@ def _make_builders(
 ) -> list[SampleBuilder]:
     """One SampleBuilder per active dataset; runs in each worker (encoders load there)."""
     encoder = latent_encoder_factory() if latent_encoder_factory is not None else None
-    vision = PatchVisionFeatures(model_config.hidden_size)
+    vision = vision_featurizer(config.vision, model_config)
     limits = BuildLimits(config.packing.sample_token_limit, config.packing.max_text_tokens)
     tokenizer = tokenizer or build_tokenizer(config.tokenizer, model_config.vocab_size)
     return [SampleBuilder(model_config, tokenizer, vision, limits, encoder, s) for s in stats]

@@ -85,7 +85,7 @@ class SampleBuilder:
         return self.tokenizer.encode(text)[: self.limits.max_text_tokens]
 
     def _ar_section(self, sample: Sample, task: TaskSpec):
-        """ids (n,), labels (n,), positions (3, n), is_vision (n,) and ViT embeddings (or None)."""
+        """ids (n,), labels (n,), positions (3, n), is_vision (n,) and the picture's PictureTokens (or None)."""
         ids: list[int] = []
         is_target: list[bool] = []  # answer tokens: the ones next-token cross-entropy predicts
         is_vision: list[bool] = []
@@ -101,12 +101,12 @@ class SampleBuilder:
             "question": sample.question or DEFAULT_QUESTION,
         }[task.prompt]
         add(self._text(prompt or ""))
-        grids, embeds = [], None
+        grids, tokens = [], None
         picture = picture_of(sample) if task.vit != "none" else None
         if picture is not None:
-            grid, embeds = self.vision(picture)
-            grids.append(grid)
-            add([self.vision_token_id] * embeds.shape[0], vision=True)
+            tokens = self.vision(picture)
+            grids.append(tokens.grid)
+            add([self.vision_token_id] * (tokens.grid[0] * tokens.grid[1] * tokens.grid[2]), vision=True)
         if task.answer:
             answer = sample.answer if sample.question is not None else (sample.caption or sample.instruction)
             add(self._text(answer) + [self.tokenizer.eos_id], target=True)
@@ -117,7 +117,7 @@ class SampleBuilder:
         labels = torch.full_like(ids_t, IGNORE_INDEX)
         next_is_target = torch.tensor(is_target[1:], dtype=torch.bool)
         labels[:-1][next_is_target] = ids_t[1:][next_is_target]  # token i predicts answer token i + 1
-        return ids_t, labels, pos.qwen3_vl_positions(vision_t, grids), vision_t, embeds
+        return ids_t, labels, pos.qwen3_vl_positions(vision_t, grids), vision_t, tokens
 
     # --- DM streams ----------------------------------------------------------------------------------
 
@@ -212,13 +212,14 @@ class SampleBuilder:
 
     def build(self, sample: Sample, task: TaskSpec) -> BuiltSample:
         """The PackedSample of ``sample`` laid out as ``task`` (which must allow it)."""
-        ids, labels, ar_positions, is_vision, embeds = self._ar_section(sample, task)
+        ids, labels, ar_positions, is_vision, picture = self._ar_section(sample, task)
         spans, cropped = self._fit(task, self._streams(sample, task), len(ids), sample.key)
         offset = pos.next_start(ar_positions)
         dm_positions = [
             pos.dm_span_positions(offset, piece.key, piece.grid, piece.tokens_per_second, piece.first_temporal_index)
             for piece, _ in spans
         ]
+        pixels = picture.pixels if picture is not None else None
         packed = PackedSample(
             task=task.name,
             ar_token_ids=ids,
@@ -227,8 +228,10 @@ class SampleBuilder:
             dm_streams=[(piece.key, piece.values.float()) for piece, _ in spans],
             dm_positions=torch.cat(dm_positions, dim=1) if dm_positions else None,
             dm_noise_mask=noise_mask(spans) if spans else None,
-            ar_vision_embeds=embeds,
-            ar_is_vision=is_vision if embeds is not None else None,
+            ar_vision_embeds=picture.embeds if picture is not None else None,
+            ar_is_vision=is_vision if picture is not None else None,
+            vision_pixels=pixels,
+            vision_grid_thw=torch.tensor([picture.patch_grid]) if pixels is not None else None,
         )
         n_dm = sum(piece.num_tokens for piece, _ in spans)
         return BuiltSample(packed, len(ids) + n_dm, cropped)

@@ -43,8 +43,10 @@ class SampleSpec:
     dm_spans: list[DMSpanSpec] = field(default_factory=list)
 
 
-def build_sample(spec: SampleSpec, config: MoTConfig, generator: torch.Generator) -> PackedSample:
-    """A PackedSample with random contents laid out as ``[text, ViT, EOS, BOG | cond, noisy]``."""
+def build_sample(spec: SampleSpec, config: MoTConfig, generator: torch.Generator, pixels: bool = False) -> PackedSample:
+    """A PackedSample with random contents laid out as ``[text, ViT, EOS, BOG | cond, noisy]``.
+    ``pixels``: the ViT rows come as random pictures for the model's own ViT (``config.vision``)
+    instead of random embeddings."""
     eos_id, bog_id = config.vocab_size - 2, config.vocab_size - 1
     text = _learnable_text(spec.text_tokens, config.vocab_size - 2, generator)
     ids, position_parts, vision_flags = (
@@ -53,14 +55,21 @@ def build_sample(spec: SampleSpec, config: MoTConfig, generator: torch.Generator
         [torch.zeros(spec.text_tokens, dtype=torch.bool)],
     )
     start = pos.next_start(position_parts[0])
-    vision_embeds = None
+    vision_embeds = vision_pixels = patch_grid = None
     if spec.vision_grid is not None:
         grid_positions = pos.vision_grid_positions(start, *spec.vision_grid)
         n_vision = grid_positions.shape[1]
         ids.append(torch.zeros(n_vision, dtype=torch.long))
         position_parts.append(grid_positions)
         vision_flags.append(torch.ones(n_vision, dtype=torch.bool))
-        vision_embeds = torch.randn(n_vision, config.hidden_size, generator=generator)
+        if pixels:  # normalised pixel values lie in [-1, 1]
+            vit, (t, h, w) = config.vision, spec.vision_grid
+            m = vit.spatial_merge_size
+            patch_grid = torch.tensor([[t, h * m, w * m]])
+            patch_dim = vit.in_channels * vit.temporal_patch_size * vit.patch_size**2
+            vision_pixels = torch.rand(n_vision * m * m, patch_dim, generator=generator) * 2 - 1
+        else:
+            vision_embeds = torch.randn(n_vision, config.hidden_size, generator=generator)
         start = pos.next_start(grid_positions)
     if spec.dm_spans and spec.add_eos_bog:
         ids.append(torch.tensor([eos_id, bog_id]))
@@ -93,6 +102,8 @@ def build_sample(spec: SampleSpec, config: MoTConfig, generator: torch.Generator
         dm_noise_mask=torch.cat(noise) if noise else None,
         ar_vision_embeds=vision_embeds,
         ar_is_vision=is_vision if bool(is_vision.any()) else None,
+        vision_pixels=vision_pixels,
+        vision_grid_thw=patch_grid,
     )
 
 
@@ -180,16 +191,22 @@ def random_sample_spec(task: str, config: MoTConfig, generator: torch.Generator,
 
 
 def random_pack(
-    config: MoTConfig, generator: torch.Generator, num_samples: int = 4, tasks: tuple[str, ...] = TASKS, scale: int = 1
+    config: MoTConfig,
+    generator: torch.Generator,
+    num_samples: int = 4,
+    tasks: tuple[str, ...] = TASKS,
+    scale: int = 1,
+    pixels: bool = False,
 ) -> PackedBatch:
-    """A pack of ``num_samples`` random samples drawn uniformly from ``tasks``."""
+    """A pack of ``num_samples`` random samples drawn uniformly from ``tasks`` (``pixels``: see
+    ``build_sample``)."""
     specs = [
         random_sample_spec(
             tasks[int(torch.randint(0, len(tasks), (1,), generator=generator))], config, generator, scale
         )
         for _ in range(num_samples)
     ]
-    return PackedBatch.from_samples([build_sample(spec, config, generator) for spec in specs])
+    return PackedBatch.from_samples([build_sample(spec, config, generator, pixels) for spec in specs])
 
 
 def pack_from_lengths(

@@ -1,28 +1,75 @@
-"""Pictures -> Reasoner ViT tokens (``PackedSample.ar_vision_embeds``) for the loader.
+"""Pictures -> what the packer puts in the ViT token rows of a sample (``data.vision`` picks which).
 
-``VisionFeaturizer`` is what the packer needs: one picture in, its merged token grid and one
-embedding per token out. The grid follows Qwen3-VL (16x16 patches merged 2x2: one token per 32x32
-pixels). ``PatchVisionFeatures`` is a weight-free stand-in — a fixed random projection of each
-32x32 patch's pooled colours — used by the CPU demo and tests until the loader runs Qwen3-VL's
-ViT (``encoders/vision.py``) on pixels; it keeps the layout, token counts and positions exact.
+A ``VisionFeaturizer`` takes one picture and returns ``PictureTokens``: its merged token grid (one
+Reasoner token per 32x32 pixels: 16x16 patches merged 2x2, as Qwen3-VL) and either
+
+* ``pixels`` — ``ViTPixels`` (``data.vision=vit``): the picture cut into the ViT's input rows
+  (``encoders.vision.image_patches``, exactly what Qwen3-VL's processor makes); the model's own ViT
+  encodes them in the training step, so the ViT trains with the towers; or
+* ``embeds`` — ``PatchVisionFeatures`` (``data.vision=patch``): a weight-free stand-in, a fixed
+  random projection of each 32x32 patch's pooled colours, for runs without a ViT (the CPU demo).
+
+Both centre-crop the picture to whole tokens, so the layout, token counts and positions are the same.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from megatron_cosmos3.data.config import VISION_KINDS
+from megatron_cosmos3.data.errors import WRONG_SHAPE, SampleError
 from megatron_cosmos3.encoders.video_vae import PIXELS_PER_TOKEN
+from megatron_cosmos3.model.config import VisionConfig
 
 _POOL = 4  # each 32x32 patch is pooled to 4x4 cells x 3 colours = 48 features
 
 
+@dataclass
+class PictureTokens:
+    grid: tuple[int, int, int]  # (1, h, w) Reasoner tokens, row-major
+    embeds: torch.Tensor | None = None  # (h * w, hidden): ready-made token embeddings
+    pixels: torch.Tensor | None = None  # (n_patches, patch_dim): the ViT's input rows
+    patch_grid: tuple[int, int, int] | None = None  # (1, 2h, 2w): the ViT's patch grid of ``pixels``
+
+
 class VisionFeaturizer(Protocol):
-    def __call__(self, picture: np.ndarray) -> tuple[tuple[int, int, int], torch.Tensor]:
-        """(H, W, 3) uint8 -> grid (1, h, w) and embeddings (h * w, hidden), row-major."""
+    def __call__(self, picture: np.ndarray) -> PictureTokens:
+        """(H, W, 3) uint8 -> its ViT tokens (module doc)."""
         ...
+
+
+def crop_to_tokens(picture: np.ndarray) -> np.ndarray:
+    """The centre of ``picture`` cut to whole 32x32-pixel tokens."""
+    h, w = picture.shape[0] // PIXELS_PER_TOKEN, picture.shape[1] // PIXELS_PER_TOKEN
+    if h == 0 or w == 0:
+        size = f"{picture.shape[0]}x{picture.shape[1]}"
+        raise SampleError(WRONG_SHAPE, f"a picture of {size} pixels is smaller than one ViT token")
+    top, left = (picture.shape[0] - h * PIXELS_PER_TOKEN) // 2, (picture.shape[1] - w * PIXELS_PER_TOKEN) // 2
+    return picture[top : top + h * PIXELS_PER_TOKEN, left : left + w * PIXELS_PER_TOKEN]
+
+
+class ViTPixels:
+    """The ViT's input rows of each picture (``data.vision=vit``)."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        if config.patch_size * config.spatial_merge_size != PIXELS_PER_TOKEN:
+            raise ValueError(
+                f"model.vision: patch_size*spatial_merge_size={config.patch_size * config.spatial_merge_size}, "
+                f"but the data's ViT tokens are {PIXELS_PER_TOKEN}x{PIXELS_PER_TOKEN} pixels"
+            )
+        self.config = config
+
+    def __call__(self, picture: np.ndarray) -> PictureTokens:
+        from megatron_cosmos3.encoders.vision import image_patches  # transformers: only when used
+
+        pixels, patch_grid = image_patches(crop_to_tokens(picture), self.config)
+        m = self.config.spatial_merge_size
+        grid = (patch_grid[0], patch_grid[1] // m, patch_grid[2] // m)
+        return PictureTokens(grid, pixels=pixels, patch_grid=patch_grid)
 
 
 class PatchVisionFeatures:
@@ -34,11 +81,21 @@ class PatchVisionFeatures:
         self.hidden_size = hidden_size
         self._projection = torch.randn(features, hidden_size, generator=generator) / features**0.5
 
-    def __call__(self, picture: np.ndarray) -> tuple[tuple[int, int, int], torch.Tensor]:
-        h, w = picture.shape[0] // PIXELS_PER_TOKEN, picture.shape[1] // PIXELS_PER_TOKEN
-        top, left = (picture.shape[0] - h * PIXELS_PER_TOKEN) // 2, (picture.shape[1] - w * PIXELS_PER_TOKEN) // 2
-        crop = picture[top : top + h * PIXELS_PER_TOKEN, left : left + w * PIXELS_PER_TOKEN]
+    def __call__(self, picture: np.ndarray) -> PictureTokens:
+        crop = crop_to_tokens(picture)
+        h, w = crop.shape[0] // PIXELS_PER_TOKEN, crop.shape[1] // PIXELS_PER_TOKEN
         pixels = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 127.5 - 1.0
         pooled = torch.nn.functional.avg_pool2d(pixels, PIXELS_PER_TOKEN // _POOL)  # (3, 4h, 4w)
         patches = pooled.reshape(3, h, _POOL, w, _POOL).permute(1, 3, 0, 2, 4).reshape(h * w, -1)
-        return (1, h, w), patches @ self._projection
+        return PictureTokens((1, h, w), embeds=patches @ self._projection)
+
+
+def vision_featurizer(kind: str, model_config) -> VisionFeaturizer:
+    """The featurizer ``data.vision`` names for ``model_config``."""
+    if kind == "vit":
+        if model_config.vision is None:
+            raise ValueError("data.vision=vit needs model.vision (the ViT's config)")
+        return ViTPixels(model_config.vision)
+    if kind == "patch":
+        return PatchVisionFeatures(model_config.hidden_size)
+    raise ValueError(f"data.vision={kind!r}: expected one of {list(VISION_KINDS)}")

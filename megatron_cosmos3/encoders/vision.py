@@ -10,12 +10,16 @@ network), built from our typed ``VisionConfig``; weights come from a Qwen3-VL ch
 * every 2x2 block of patches merged by an MLP into one token of the Reasoner's hidden size;
 * DeepStack: the outputs of a few intermediate blocks, merged by their own MLPs, which the Reasoner
   adds to the ViT token rows after its first layers (``PackedBatch.ar_deepstack_embeds``).
+
+``image_patches`` is the processor's half for one picture: the pixel rows the ViT takes, laid out
+exactly as transformers' Qwen2-VL image processor (which Qwen3-VL uses) lays them out.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
@@ -30,6 +34,33 @@ class VisionFeatures:
 
     embeds: torch.Tensor  # (n_tokens, out_hidden): one row per merged 2x2 patch block
     deepstack: torch.Tensor  # (k, n_tokens, out_hidden), k = len(deepstack_visual_indexes)
+
+
+# Qwen3-VL's preprocessor_config.json: pixels scaled to [0, 1], then normalised by mean and std 0.5.
+IMAGE_MEAN = IMAGE_STD = 0.5
+
+
+def image_patches(picture: np.ndarray, config: VisionConfig) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """One (H, W, 3) uint8 picture -> (pixel rows (n_patches, patch_dim) float32, patch grid (1, gh, gw)).
+
+    H and W must be multiples of ``patch_size * spatial_merge_size`` (the caller crops or resizes).
+    Each row is one patch, channel-major, the still picture repeated over ``temporal_patch_size``
+    frames; rows are ordered so that every ``spatial_merge_size``-square block of patches (one
+    Reasoner token) is consecutive, blocks in row-major order.
+    """
+    p, m, t = config.patch_size, config.spatial_merge_size, config.temporal_patch_size
+    height, width = picture.shape[0], picture.shape[1]
+    if picture.ndim != 3 or picture.shape[2] != config.in_channels or height % (p * m) or width % (p * m):
+        raise ValueError(
+            f"image_patches: picture of shape {tuple(picture.shape)}; need (H, W, {config.in_channels}) with H and W "
+            f"multiples of patch_size*spatial_merge_size={p * m}"
+        )
+    pixels = torch.from_numpy(np.ascontiguousarray(picture)).permute(2, 0, 1).float()
+    pixels = (pixels / 255.0 - IMAGE_MEAN) / IMAGE_STD
+    gh, gw = height // p, width // p
+    blocks = pixels.reshape(config.in_channels, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)
+    rows = blocks[:, :, :, :, :, None].expand(*blocks.shape[:5], t, p, p)  # (gh/m, gw/m, m, m, C, t, p, p)
+    return rows.reshape(gh * gw, config.in_channels * t * p * p).contiguous(), (1, gh, gw)
 
 
 def hf_vision_config(config: VisionConfig):
@@ -99,5 +130,9 @@ class VisionEncoder(nn.Module):
         """Allocates an encoder built on the meta device, weights left for a checkpoint to fill;
         only the rotary table (a non-persistent buffer) is recomputed."""
         self.to_empty(device=device)
+        self.reset_buffers(device)
+
+    def reset_buffers(self, device: torch.device | str) -> None:
+        """Recomputes the rotary table, which ``to_empty`` leaves uninitialised."""
         with torch.device("cpu"):  # the table as transformers computes it, then moved
             self.vit.rotary_pos_emb = Qwen3VLVisionRotaryEmbedding(self.vit.config).to(device)

@@ -150,6 +150,7 @@ class MoTModel(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.vision = None  # the ViT, when the model trains its own (add_vision_encoder)
         self.reset_parameters()
 
     def reset_parameters(self, *modules: nn.Module) -> None:
@@ -174,11 +175,11 @@ class MoTModel(nn.Module):
                     self._initialise(name, module, param_name, param, generator)
 
     def _initialise(self, name: str, module: nn.Module, param_name: str, param: nn.Parameter, generator) -> None:
-        if isinstance(module, RMSNorm):
-            param.fill_(1.0)
+        if isinstance(module, (RMSNorm, nn.LayerNorm)):
+            param.fill_(1.0) if param_name == "weight" else param.zero_()
         elif param_name == "bias":
             param.zero_()
-        elif isinstance(module, (nn.Linear, nn.Embedding, MoEMLP)):
+        elif isinstance(module, (nn.Linear, nn.Embedding, MoEMLP, nn.Conv3d)):  # Conv3d: the ViT's patches
             param.normal_(0.0, self.config.init_std, generator=generator)
         else:  # a new kind of module must say how it starts, rather than keep torch's default
             raise TypeError(f"no initialisation rule for parameter {name} of {type(module).__name__}")
@@ -191,9 +192,46 @@ class MoTModel(nn.Module):
         for module in modules or (self,):
             module.to_empty(device=device)
         self.rotary.reset_buffers(device)
+        if self.vision is not None and not self.vision.vit.patch_embed.proj.weight.is_meta:
+            self.vision.reset_buffers(device)
         if self.config.tie_word_embeddings:  # to_empty unties them: keep the allocated one
             embedding, head = self.embed_tokens.weight, self.lm_head.weight
             self.embed_tokens.weight = self.lm_head.weight = head if embedding.is_meta else embedding
+
+    def add_vision_encoder(self) -> None:
+        """Gives the model its own ViT (``config.vision``), which then trains with it: packs that carry
+        pictures (``PackedBatch.vision_pixels``) are encoded inside the forward pass. Its parameters
+        are ``vision.vit.*``, the names of a weights folder written by the conversion."""
+        if self.config.vision is None:
+            raise ValueError("model.vision is not set: a model without a ViT config cannot run a ViT")
+        from megatron_cosmos3.encoders.vision import VisionEncoder  # transformers: only when used
+
+        self.vision = VisionEncoder(self.config.vision)
+        if not self.vision.vit.patch_embed.proj.weight.is_meta:
+            self.reset_parameters(self.vision)
+
+    def encode_vision(self, batch: PackedBatch) -> PackedBatch:
+        """``batch`` with its pictures (``vision_pixels``) replaced by this model's ViT tokens and
+        DeepStack features; a batch without pictures is returned as is. Runs on the whole pack,
+        before any split of its rows over ranks."""
+        if batch.vision_pixels is None:
+            return batch
+        if self.vision is None:
+            raise ValueError(
+                "the pack carries pictures (vision_pixels) but the model has no ViT: train with data.vision=vit "
+                "(MoTModel.add_vision_encoder)"
+            )
+        features = self.vision(batch.vision_pixels, batch.vision_grid_thw)
+        n_vision = int(batch.ar_is_vision.sum())
+        if features.embeds.shape[0] != n_vision:
+            raise ValueError(
+                f"the ViT made {features.embeds.shape[0]} tokens of vision_grid_thw={batch.vision_grid_thw.tolist()}, "
+                f"but ar_is_vision marks {n_vision} rows"
+            )
+        deepstack = features.deepstack if features.deepstack.shape[0] else None
+        return batch.replace(
+            ar_vision_embeds=features.embeds, ar_deepstack_embeds=deepstack, vision_pixels=None, vision_grid_thw=None
+        )
 
     def add_embodiment(self, name: str, embodiment: EmbodimentConfig) -> None:
         """Adds a new embodiment's action projections; every existing weight stays as it is."""
@@ -224,6 +262,7 @@ class MoTModel(nn.Module):
 
     def forward_ar(self, batch: PackedBatch, layout: PackLayout | None = None) -> ARPass:
         """Runs only the AR stream through the Reasoner towers."""
+        batch = self.encode_vision(batch)
         layout = layout or PackLayout.from_cu_seqlens(batch.ar_cu_seqlens, batch.dm_cu_seqlens)
         hidden = self.embed_ar(batch)
         rope = self._rotary(batch.ar_positions, hidden.dtype)
@@ -239,7 +278,7 @@ class MoTModel(nn.Module):
 
     def forward(self, batch: PackedBatch) -> MoTOutput:
         """Both passes and both heads (inside forward, so DDP-style wrappers see every parameter)."""
-        rows = RankRows.whole(batch, self._attention())
+        rows = RankRows.whole(self.encode_vision(batch), self._attention())
         ar, dm = self.run_layers(enumerate(self.layers), *self.embed_rows(rows), rows)
         return self.heads(ar, dm, rows)
 

@@ -24,7 +24,10 @@ timestep 0.
 ViT tokens: ``ar_is_vision`` marks the AR rows whose embeddings come from the vision encoder
 (``ar_vision_embeds``, in row order) instead of the vocabulary. ``ar_deepstack_embeds`` (optional,
 Qwen3-VL's DeepStack) holds k more feature sets for the same rows; set i is added to those rows'
-hidden states after Reasoner layer i.
+hidden states after Reasoner layer i. A pack may instead carry the pictures themselves —
+``vision_pixels`` (the ViT's input rows, ``encoders.vision.image_patches``) and ``vision_grid_thw``
+(one patch grid per picture, in row order) — which the model's own ViT turns into those embeddings
+(``MoTModel.encode_vision``) inside the training step, so the ViT trains with the rest.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ class PackedSample:
     ar_vision_embeds: torch.Tensor | None = None  # (n_vision, hidden) for ViT positions
     ar_is_vision: torch.Tensor | None = None  # (n_ar,) bool
     ar_deepstack_embeds: torch.Tensor | None = None  # (k, n_vision, hidden), DeepStack features
+    vision_pixels: torch.Tensor | None = None  # (n_patches, patch_dim): ViT input instead of embeds
+    vision_grid_thw: torch.Tensor | None = None  # (n_pictures, 3) int64 patch grids of vision_pixels
 
     @property
     def num_ar_tokens(self) -> int:
@@ -91,6 +96,8 @@ class PackedBatch:
     ar_vision_embeds: torch.Tensor | None = None  # (n_vision, hidden)
     ar_is_vision: torch.Tensor | None = None  # (n_ar,) bool
     ar_deepstack_embeds: torch.Tensor | None = None  # (k, n_vision, hidden)
+    vision_pixels: torch.Tensor | None = None  # (n_patches, patch_dim), until the ViT encodes them
+    vision_grid_thw: torch.Tensor | None = None  # (n_pictures, 3) int64
 
     @property
     def num_samples(self) -> int:
@@ -127,6 +134,7 @@ class PackedBatch:
         token_values: dict[str, list[torch.Tensor]] = {}
         token_index: dict[str, list[torch.Tensor]] = {}
         dm_positions, dm_noise, vision_embeds, is_vision, deepstack = [], [], [], [], []
+        pixels, grids = [], []
         dm_offset = 0
         for i, sample in enumerate(samples):
             _validate_sample(i, sample)
@@ -151,9 +159,14 @@ class PackedBatch:
             if sample.ar_vision_embeds is not None:
                 vision_embeds.append(sample.ar_vision_embeds)
                 deepstack.append(sample.ar_deepstack_embeds)
+            if sample.vision_pixels is not None:
+                pixels.append(sample.vision_pixels.float())
+                grids.append(sample.vision_grid_thw.long().reshape(-1, 3))
 
         n_dm = dm_offset
         ar_is_vision = torch.cat(is_vision)
+        if vision_embeds and pixels:
+            raise ValueError("PackedBatch.from_samples: samples carry ViT embeddings and pixels: one kind per pack")
         if any(d is None for d in deepstack) and any(d is not None for d in deepstack):
             raise ValueError(
                 "PackedBatch.from_samples: either every sample with ViT tokens carries ar_deepstack_embeds or none does"
@@ -174,6 +187,8 @@ class PackedBatch:
             ar_vision_embeds=torch.cat(vision_embeds) if vision_embeds else None,
             ar_is_vision=ar_is_vision if bool(ar_is_vision.any()) else None,
             ar_deepstack_embeds=torch.cat(deepstack, dim=1) if deepstack and deepstack[0] is not None else None,
+            vision_pixels=torch.cat(pixels) if pixels else None,
+            vision_grid_thw=torch.cat(grids) if grids else None,
         )
         batch.validate()
         return batch
@@ -241,10 +256,29 @@ class PackedBatch:
                 f"ar_is_vision has shape {tuple(self.ar_is_vision.shape)}, expected ({n_ar},)",
             )
             n_vision = int(self.ar_is_vision.sum())
+            if self.vision_pixels is None:
+                require(
+                    self.ar_vision_embeds is not None and self.ar_vision_embeds.shape[0] == n_vision,
+                    f"ar_is_vision marks {n_vision} tokens but ar_vision_embeds has "
+                    f"{None if self.ar_vision_embeds is None else self.ar_vision_embeds.shape[0]} rows",
+                )
+        if self.vision_pixels is not None:
+            require(self.ar_is_vision is not None, "vision_pixels needs ar_is_vision (the rows the ViT fills)")
+            require(self.ar_vision_embeds is None, "a pack carries vision_pixels or ar_vision_embeds, not both")
+            grid = self.vision_grid_thw
             require(
-                self.ar_vision_embeds is not None and self.ar_vision_embeds.shape[0] == n_vision,
-                f"ar_is_vision marks {n_vision} tokens but ar_vision_embeds has "
-                f"{None if self.ar_vision_embeds is None else self.ar_vision_embeds.shape[0]} rows",
+                grid is not None and grid.dim() == 2 and grid.shape[1] == 3,
+                f"vision_grid_thw must have shape (n_pictures, 3), got {None if grid is None else tuple(grid.shape)}",
+            )
+            patches = int(grid.prod(-1).sum())
+            require(
+                self.vision_pixels.dim() == 2 and self.vision_pixels.shape[0] == patches,
+                f"vision_grid_thw covers {patches} patches, vision_pixels has shape {tuple(self.vision_pixels.shape)}",
+            )
+            require(
+                patches % n_vision == 0,
+                f"vision_pixels has {patches} patches for the {n_vision} ViT tokens of ar_is_vision (not a whole "
+                "number of patches per token)",
             )
         if self.ar_deepstack_embeds is not None:
             require(self.ar_is_vision is not None, "ar_deepstack_embeds needs ar_is_vision and ar_vision_embeds")

@@ -100,8 +100,12 @@ def _restrict(batch: PackedBatch, ar: slice, dm: slice) -> tuple[PackedBatch, di
         return cu.clamp(rows.start, rows.stop) - rows.start
 
     stream_rows = {key: (index >= dm.start) & (index < dm.stop) for key, index in batch.dm_token_index.items()}
-    vision = {"ar_is_vision": None, "ar_vision_embeds": None, "ar_deepstack_embeds": None}
-    if batch.ar_is_vision is not None and bool(batch.ar_is_vision[ar].any()):
+    # Pictures never reach a part: the ViT encodes the whole pack first (MoTModel.encode_vision);
+    # a stage that does not embed (pipeline) gets a part without ViT features, which it never reads.
+    vision = dict.fromkeys(
+        ("ar_is_vision", "ar_vision_embeds", "ar_deepstack_embeds", "vision_pixels", "vision_grid_thw")
+    )
+    if batch.ar_is_vision is not None and bool(batch.ar_is_vision[ar].any()) and batch.vision_pixels is None:
         # ViT embeddings are stored in row order of the ViT rows: ours are a contiguous run of them.
         first, stop = int(batch.ar_is_vision[: ar.start].sum()), int(batch.ar_is_vision[: ar.stop].sum())
         vision["ar_is_vision"] = batch.ar_is_vision[ar]
@@ -244,7 +248,7 @@ def split_forward(
     model's configured attention backend.
     """
     inner = inner or attention_backend(model.config.attention_backend, model.embed_tokens.weight.device)
-    rows, shard = split.rows(batch, inner)
+    rows, shard = split.rows(model.encode_vision(batch), inner)
     ar, dm = model.run_layers(enumerate(model.layers), *model.embed_rows(rows), rows)
     return model.heads(ar, dm, rows), shard
 

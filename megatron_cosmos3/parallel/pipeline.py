@@ -62,6 +62,7 @@ class MoTStage(nn.Module):
     # MoTModel's own pass code, run on the stage: each part reads only attributes that a stage
     # holding that part has (the embeddings on the first stage, norms and heads on the last).
     embed_rows, embed_ar, embed_dm = MoTModel.embed_rows, MoTModel.embed_ar, MoTModel.embed_dm
+    encode_vision = MoTModel.encode_vision
     run_layers, _rotary = MoTModel.run_layers, MoTModel._rotary
     heads, lm_logits, dm_predictions = MoTModel.heads, MoTModel.lm_logits, MoTModel.dm_predictions
 
@@ -73,6 +74,9 @@ class MoTStage(nn.Module):
         self.rotary = model.rotary  # buffers only: every stage computes its own rotary tables
         # Keyed by the global layer index, so names stay "layers.<i>...." as in the full model.
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layers})
+        # The ViT runs where the pack enters (its DeepStack layers must be in this chunk too:
+        # TrainConfig.validate), so no stage ever sends pictures or ViT features on.
+        self.vision = model.vision if is_first else None
         if is_first:
             self.embed_tokens = model.embed_tokens
             self.timestep_embedding = model.timestep_embedding

@@ -291,10 +291,11 @@ class _Executor:
             with torch.set_grad_enabled(not self.forward_only), self.forward_context():
                 self.forward(step.chunk, step.microbatch)
 
-    def rows(self, microbatch: int) -> tuple[RankRows, ContextShard | None]:
-        """What this rank runs of ``microbatch`` (all of it, or its share under ``split``)."""
-        if microbatch not in self._rows:
-            batch = self.microbatches[microbatch][0]
+    def rows(self, microbatch: int, batch: PackedBatch | None = None) -> tuple[RankRows, ContextShard | None]:
+        """What this rank runs of ``microbatch`` (all of it, or its share under ``split``); ``batch``
+        replaces the micro-batch's pack (the first stage's, with its pictures encoded)."""
+        if microbatch not in self._rows or batch is not None:
+            batch = batch if batch is not None else self.microbatches[microbatch][0]
             if self.split is None:
                 self._rows[microbatch] = RankRows.whole(batch, self.attention), None
             else:
@@ -307,7 +308,10 @@ class _Executor:
         hidden = None if stage.is_first else self.inputs[chunk, microbatch]
         if self.forward_only:
             self.inputs.pop((chunk, microbatch), None)
-        rows, shard = self.rows(microbatch)
+        # The first stage's ViT encodes the pack's pictures in this forward, so they train; later
+        # stages only read the pack's layout and positions.
+        encoded = stage.encode_vision(batch) if stage.is_first and batch.vision_pixels is not None else None
+        rows, shard = self.rows(microbatch, encoded)
         output = stage(rows, hidden)
         if not stage.is_last:
             self.outputs[chunk, microbatch] = output

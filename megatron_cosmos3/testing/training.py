@@ -26,6 +26,27 @@ TINY_MODEL = [
 ]
 
 
+# A two-block ViT for the tiny model (out_hidden_size = its hidden size; placeholder ids inside its
+# vocabulary), one DeepStack set: with data.vision=vit the trainer trains it with the towers.
+TINY_VISION = dict(
+    depth=2,
+    hidden_size=16,
+    intermediate_size=32,
+    num_heads=2,
+    out_hidden_size=32,
+    num_position_embeddings=16,
+    deepstack_visual_indexes=[0],
+    image_token_id=56,
+    video_token_id=57,
+    vision_start_token_id=58,
+    vision_end_token_id=59,
+)
+TINY_VIT = [
+    "data.vision=vit",
+    *(f"model.vision.{k}={str(v).replace(' ', '')}" for k, v in TINY_VISION.items()),
+]
+
+
 def tiny_mot_config(**changes) -> MoTConfig:
     """The same tiny model as a MoTConfig (equal to TINY_MODEL), for tests that build it directly."""
     fields = dict(

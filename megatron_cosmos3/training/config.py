@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
-from megatron_cosmos3.data.config import DataConfig
+from megatron_cosmos3.data.config import VISION_KINDS, DataConfig
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.training.flow_matching import FlowMatchingConfig
@@ -164,6 +164,30 @@ class TrainConfig:
         clash = sorted(set(self.stage.new_embodiments) & set(self.model.embodiments))
         if clash:
             raise ValueError(f"stage.new_embodiments {clash} are already model.embodiments")
+        if self.data.vision not in VISION_KINDS:
+            raise ValueError(f"data.vision={self.data.vision!r} is not one of {list(VISION_KINDS)}")
+        if self.trains_vision:
+            self._check_vision()
+
+    @property
+    def trains_vision(self) -> bool:
+        """The model holds its own ViT, which encodes the packs' pictures in the step and trains."""
+        return self.data.vision == "vit"
+
+    def _check_vision(self) -> None:
+        if self.model.vision is None:
+            raise ValueError("data.vision=vit trains the model's own ViT, but model.vision (its config) is not set")
+        # The ViT runs on the first pipeline chunk; its DeepStack features join the Reasoner after
+        # layers 0..k-1, so those layers must be there too (no stage sends ViT features on).
+        k = len(self.model.vision.deepstack_visual_indexes)
+        stages = self.parallel.pipeline * self.parallel.virtual_pipeline
+        first_chunk = self.model.num_layers // stages
+        if stages > 1 and first_chunk < k:
+            raise ValueError(
+                f"data.vision=vit: the ViT's {k} DeepStack feature sets join Reasoner layers 0..{k - 1}, which must "
+                f"all be in the first pipeline chunk, but num_layers={self.model.num_layers} over "
+                f"parallel.pipeline*virtual_pipeline={stages} gives it {first_chunk}"
+            )
 
 
 def task_table(config: TrainConfig) -> list[str]:

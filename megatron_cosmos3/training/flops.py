@@ -6,6 +6,11 @@ matmuls:   6 * N_tower * tokens — each token pays for the parameters of the to
 attention: 12 * L * heads * head_dim * P — P is the number of (query, key) pairs the mask allows:
            n(n+1)/2 per sample's AR section (causal) and n_dm * (n_ar + n_dm) per DM section.
 
+vision:    when the model trains its own ViT, the same rule over its patches: 6 * N_blocks per patch
+           (patch embedding and ViT blocks), 6 * N_mergers per Reasoner token (merger and DeepStack
+           mergers), and 12 * depth * width * P over the (query, key) pairs within each picture
+           (bidirectional). A frozen ViT (first in the graph: no backward at all) counts 2 for 6.
+
 ``megatron_convention`` is what Megatron-LM's counter reports for the same tokens: it knows no
 sample boundaries or towers, so it treats the pack as one causal sequence through one tower
 (``megatron_lm_flops``: Megatron-LM's own formula, not 6N + pairs).
@@ -99,22 +104,36 @@ class FlopCounter:
     rank counts the unsharded model whatever its tensor, expert or pipeline shard holds.
     """
 
-    def __init__(self, config: MoTConfig):
+    def __init__(self, config: MoTConfig, vision: nn.Module | None = None):
+        """``vision``: the model's own ViT (``MoTModel.vision``, any device, meta included), if it has one."""
         with torch.device("meta"):
             model = MoTModel(copy.deepcopy(config))
         self.config = config
         self.towers = tower_parameter_counts(model)
         self.timestep_mlp = _num_params(model.timestep_embedding.mlp)
+        self.vision = None
+        if vision is not None:
+            vit = vision.vit
+            trainable = any(p.requires_grad for p in vision.parameters())
+            self.vision = {
+                "per_patch": _num_params(vit.patch_embed) + _num_params(vit.blocks),
+                "per_token": _num_params(vit.merger) + _num_params(vit.deepstack_merger_list),
+                "per_pair": 12.0 * len(vit.blocks) * vision.config.hidden_size,
+                "merge": vision.config.spatial_merge_size**2,
+                "passes": 3 if trainable else 1,  # forward + 2 backward GEMMs, or forward only
+            }
 
     def step(
         self,
         layout: PackLayout,
         num_labelled_ar_tokens: int,
         dm_stream_widths: dict[str, tuple[int, int]] | None = None,
+        vision_grid_thw: torch.Tensor | None = None,
     ) -> StepFlops:
         """FLOPs of forward + backward on one pack.
 
         ``dm_stream_widths`` maps a DM stream key to (num tokens, token width) for its projections.
+        ``vision_grid_thw``: the patch grids of the pack's pictures, which the model's ViT encodes.
         """
         config = self.config
         n_ar, n_dm = sum(layout.ar_lengths), sum(layout.dm_lengths)
@@ -127,9 +146,17 @@ class FlopCounter:
             + self.timestep_mlp * n_dm
         )
         per_pair = 12.0 * config.num_layers * config.num_attention_heads * config.head_dim
+        attention = per_pair * attention_pairs(layout)
+        if vision_grid_thw is not None and self.vision is not None:
+            vit, grids = self.vision, vision_grid_thw.tolist()
+            patches = sum(t * h * w for t, h, w in grids)
+            pairs = sum(t * (h * w) ** 2 for t, h, w in grids)  # ViT attention: within each frame
+            scale = vit["passes"] / 3
+            matmul += scale * 6.0 * (vit["per_patch"] * patches + vit["per_token"] * patches // vit["merge"])
+            attention += scale * vit["per_pair"] * pairs
         return StepFlops(
             matmul=matmul,
-            attention=per_pair * attention_pairs(layout),
+            attention=attention,
             # Megatron-LM sees the pack as one sequence (batch 1) of all its tokens.
             megatron_convention=megatron_lm_flops(config, seq_length=n_ar + n_dm),
         )

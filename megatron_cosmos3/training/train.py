@@ -136,6 +136,8 @@ def build_model(config: TrainConfig, groups: ParallelGroups | None, device: torc
         model = MoTModel(copy.deepcopy(config.model))  # the model's config grows with embodiments
         for name, embodiment in config.stage.new_embodiments.items():
             model.add_embodiment(name, embodiment)
+        if config.trains_vision:
+            model.add_vision_encoder()
     pipelined = groups is not None and config.parallel.pipeline > 1
     owned = split_model(model, config.parallel, groups.pipeline_rank) if pipelined else []
     model.materialize(device, *owned)
@@ -186,7 +188,7 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
     data_size = groups.data_size if groups is not None else 1
     share = (groups.same_data, groups.data_reader) if groups is not None else None
     batches = MicroBatches(config, data_rank, data_size, ctx.device, share)
-    flops = FlopCounter(model.config)
+    flops = FlopCounter(model.config, vision=model.vision)
     return Run(
         config=config,
         ctx=ctx,
@@ -299,7 +301,8 @@ def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
     for m, (batch, _) in enumerate(micro_batches):
         layout = PackLayout.from_cu_seqlens(batch.ar_cu_seqlens, batch.dm_cu_seqlens)
         labelled = int((batch.ar_labels != IGNORE_INDEX).sum())
-        flops = run.flops.step(layout, labelled, {k: tuple(v.shape) for k, v in batch.dm_tokens.items()})
+        widths = {k: tuple(v.shape) for k, v in batch.dm_tokens.items()}
+        flops = run.flops.step(layout, labelled, widths, batch.vision_grid_thw)
         # Per device: model-parallel ranks share one micro-batch's FLOPs.
         window.add(losses_of.get(m), batch.num_ar_tokens + batch.num_dm_tokens, flops.total / run.model_parallel_size)
     if run.groups is not None:

@@ -4,11 +4,13 @@ from a Hugging Face Qwen3-VL folder (``model.yaml`` + safetensors under our para
 ``stage.init_from`` may name such a folder instead of a checkpoint. Each rank reads only the tensors
 of the parameters it holds (its pipeline stages) and keeps its own part of each (tensor-parallel
 slice, expert block: ``parallel.sharding.local_part``), so every layout starts from the same
-weights. The ViT's tensors (``vision.*``) are not the trainer's: the loader brings ViT embeddings.
+weights. The ViT's tensors (``vision.vit.*``) are read when the run trains the model's own ViT
+(``data.vision=vit``; its first pipeline stage holds it), and left alone otherwise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -46,11 +48,19 @@ def is_weights_folder(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
-def check_architecture(folder: Path, model: MoTConfig) -> None:
-    """Raises ValueError naming the first field where the folder's model differs from this run's."""
+def check_architecture(folder: Path, model: MoTConfig, vision: bool = False) -> None:
+    """Raises ValueError naming the first field where the folder's model differs from this run's
+    (``vision``: the ViT's config too, for a run that loads the ViT)."""
     saved = load_model_config(folder / CONFIG_FILE)
-    for name in ARCHITECTURE_FIELDS:
-        ours, theirs = getattr(model, name), getattr(saved, name)
+    pairs = [(name, getattr(model, name), getattr(saved, name)) for name in ARCHITECTURE_FIELDS]
+    if vision:
+        if saved.vision is None:
+            raise ValueError(f"stage.init_from={folder}: this run trains a ViT, but the weights have none")
+        pairs += [
+            (f"vision.{f.name}", getattr(model.vision, f.name), getattr(saved.vision, f.name))
+            for f in dataclasses.fields(model.vision)
+        ]
+    for name, ours, theirs in pairs:
         if (list(ours) if isinstance(ours, list) else ours) != (list(theirs) if isinstance(theirs, list) else theirs):
             raise ValueError(
                 f"stage.init_from={folder}: model.{name}={ours!r}, but the weights were saved with {name}={theirs!r} "
@@ -70,8 +80,8 @@ def load_weights_folder(
     model) from ``folder``. Parameters the folder lacks are an error naming them, unless their name
     starts with one of ``allow_missing`` (e.g. the projections of an embodiment this stage adds)."""
     folder = Path(folder)
-    check_architecture(folder, model)
     held = dict(owner.named_parameters())
+    check_architecture(folder, model, vision=any(name.startswith("vision.") for name in held))
     stored = {key for keys in shard_map(folder).values() for key in keys}
     missing = sorted(name for name in held if name not in stored and not name.startswith(tuple(allow_missing)))
     if missing:

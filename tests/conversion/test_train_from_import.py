@@ -49,8 +49,9 @@ def initialised_parts(config, rank: int = 0, world_size: int = 1) -> dict:
     run = build_run(config, DistributedContext(rank, world_size, 0, torch.device("cpu")))
     try:
         assert resume_or_initialise(run) == (0, None)
-        want, _ = load_mot_folder(config.stage.init_from)
+        want, vision = load_mot_folder(config.stage.init_from)
         reference = dict(want.named_parameters())
+        reference.update({f"vision.{name}": param for name, param in vision.named_parameters()})
         groups = run.groups
         tensor_rank, tensor_size = (groups.tensor_rank, groups.sizes.tensor) if groups else (0, 1)
         return {
@@ -71,6 +72,11 @@ def test_one_process_starts_from_the_imported_weights(imported, tmp_path):
     parts = initialised_parts(stage_config(imported, tmp_path))
     assert len(parts) == len(dict(load_mot_folder(imported)[0].named_parameters()))
     assert all(torch.equal(got, want) for got, want in parts.values())
+    # A run that trains its own ViT starts it from Qwen3-VL's too.
+    with_vit = initialised_parts(stage_config(imported, tmp_path / "vit", "data.vision=vit"))
+    vit = {name for name in with_vit if name.startswith("vision.vit.")}
+    assert vit and len(with_vit) == len(parts) + len(vit)
+    assert all(torch.equal(got, want) for got, want in with_vit.values())
     # The Reasoner and the Generator both start from Qwen3-VL's language model.
     assert torch.equal(*parts["layers.1.reasoner.mlp.down_proj.weight"])
     assert torch.equal(
@@ -90,7 +96,9 @@ def _parts_on_rank(rank, world_size, folder, workdir, layout):
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
-    "layout, ranks", [(["parallel.tensor=2"], 2), (["parallel.pipeline=3"], 3)], ids=["tp2", "pp3"]
+    "layout, ranks",
+    [(["parallel.tensor=2"], 2), (["parallel.pipeline=3"], 3), (["parallel.tensor=2", "data.vision=vit"], 2)],
+    ids=["tp2", "pp3", "tp2-vit"],
 )
 def test_every_rank_starts_from_its_part_of_the_imported_weights(imported, tmp_path, layout, ranks):
     reports = run_on_ranks(_parts_on_rank, ranks, str(imported), str(tmp_path), layout)
@@ -98,6 +106,8 @@ def test_every_rank_starts_from_its_part_of_the_imported_weights(imported, tmp_p
         assert report and all(equal for _, equal in report.values()), [n for n, (_, eq) in report.items() if not eq]
     held = [set(report) for report in reports]
     full = dict(load_mot_folder(imported)[0].named_parameters())
+    if "data.vision=vit" in layout:  # and the whole ViT on each tensor rank
+        full.update({f"vision.{n}": p for n, p in load_mot_folder(imported)[1].named_parameters()})
     if "parallel.tensor=2" in layout:  # both ranks hold every parameter, half of each projection
         assert held[0] == held[1] == set(full)
         assert reports[0]["layers.0.reasoner.self_attn.q_proj.weight"][0] == (32, 64)
@@ -116,6 +126,16 @@ def test_a_folder_of_another_architecture_is_refused_by_field(imported, tmp_path
     try:
         with pytest.raises(
             ValueError, match=r"model.rope_theta=10000.0, but the weights were saved with rope_theta=5000000.0"
+        ):
+            resume_or_initialise(run)
+    finally:
+        run.batches.close()
+    changed = stage_config(imported, tmp_path, "data.vision=vit", "model.vision.rope_theta=100.0")
+    run = build_run(changed, DistributedContext(0, 1, 0, torch.device("cpu")))
+    try:
+        with pytest.raises(
+            ValueError,
+            match=r"model.vision.rope_theta=100.0, but the weights were saved with vision.rope_theta=10000.0",
         ):
             resume_or_initialise(run)
     finally:

@@ -110,6 +110,6 @@ def assert_same_batch(a: PackedBatch, b: PackedBatch) -> None:
     for key in a.dm_tokens:
         assert torch.equal(a.dm_tokens[key], b.dm_tokens[key]), key
         assert torch.equal(a.dm_token_index[key], b.dm_token_index[key]), key
-    for name in ("ar_vision_embeds", "ar_is_vision"):
+    for name in ("ar_vision_embeds", "ar_is_vision", "vision_pixels", "vision_grid_thw"):
         x, y = getattr(a, name), getattr(b, name)
         assert (x is None and y is None) or torch.equal(x, y), name

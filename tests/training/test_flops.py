@@ -1,11 +1,12 @@
 from pathlib import Path
 
+import pytest
 import torch
 
 from megatron_cosmos3.model.attention import PackLayout
 from megatron_cosmos3.model.config import load_model_config
 from megatron_cosmos3.model.mot import MoTModel
-from megatron_cosmos3.testing.training import tiny_mot_config
+from megatron_cosmos3.testing.training import TINY_VISION, tiny_mot_config
 from megatron_cosmos3.training.flops import FlopCounter, attention_pairs, megatron_lm_flops, tower_parameter_counts
 
 NANO = Path(__file__).resolve().parents[2] / "configs" / "model" / "nano.yaml"
@@ -80,3 +81,35 @@ def test_a_token_counts_top_k_experts_and_every_rank_counts_the_whole_model():
     assert towers == tower_parameter_counts(model)
     # Counted from the config alone, so a tensor-parallel shard counts what one process counts.
     assert FlopCounter(dense).towers == tower_parameter_counts(MoTModel(dense))
+
+
+def test_a_trained_vits_flops_match_what_torch_counts_for_its_forward_and_backward():
+    """6 N per patch (and per merged token for the mergers) plus the within-picture attention pairs,
+    against torch's own count of every matmul, convolution and attention kernel the ViT runs forward
+    and backward. What torch does not count — biases, LayerNorm weights — keeps the two ~1% apart."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_cosmos3.encoders.vision import VisionEncoder
+    from megatron_cosmos3.model.config import VisionConfig
+
+    # TINY_VISION (placeholder ids in the tiny vocabulary), four times as wide: the biases and norms
+    # torch does not count are then a small part of the weights.
+    vision = VisionConfig(**{**TINY_VISION, "hidden_size": 64, "intermediate_size": 256, "num_heads": 4})
+    config = tiny_mot_config(vision=vision)
+    vit = VisionEncoder(vision)
+    vit.vit.config._attn_implementation = "eager"  # torch's counter misses the CPU SDPA kernel
+    grids = torch.tensor([[1, 4, 6], [1, 2, 2], [2, 4, 4]])  # two pictures and a two-step clip
+    pixels = torch.randn(int(grids.prod(-1).sum()), vit.patch_dim, requires_grad=True)  # 6N: input grads too
+    with FlopCounterMode(display=False) as counted:
+        features = vit(pixels, grids)
+        (features.embeds.sum() + features.deepstack.sum()).backward()
+
+    layout = PackLayout.from_cu_seqlens(torch.tensor([0, 4]), torch.tensor([0, 0]))
+    counter = FlopCounter(config, vision=vit)
+    with_vit, without = counter.step(layout, 0, vision_grid_thw=grids), counter.step(layout, 0)
+    ours = with_vit.total - without.total
+    assert ours == pytest.approx(counted.get_total_flops(), rel=0.01)
+
+    vit.requires_grad_(False)  # frozen: forward only
+    frozen = FlopCounter(config, vision=vit).step(layout, 0, vision_grid_thw=grids).total - without.total
+    assert frozen == pytest.approx(ours / 3)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, loss_history, torchrun_trainer
+from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TINY_VIT, loss_history, torchrun_trainer
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.distributed import DistributedContext
@@ -68,6 +68,12 @@ def reference(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def vit_reference(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("vit-layouts")
+    return tmp_path, single_process_history(tmp_path, "single-vit", *TINY_VIT)
+
+
+@pytest.fixture(scope="module")
 def moe_reference(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("moe-layouts")
     return tmp_path, single_process_history(tmp_path, "single-moe", *MOE)
@@ -118,6 +124,18 @@ MOE_LAYOUTS = {
     "moe-cp2xpp2": (4, ["parallel.context=2", "parallel.pipeline=2", "optimizer.micro_batches_per_step=2"]),
 }
 
+# The model's own ViT (data.vision=vit): replicated over data, tensor and context ranks, on the first
+# pipeline stage only; every pack's pictures encoded in the step.
+VIT_LAYOUTS = {
+    "vit-dp2-zero": (2, ["optimizer.micro_batches_per_step=1"]),
+    "vit-tp2-sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "optimizer.micro_batches_per_step=2"]),
+    "vit-cp2": (2, ["parallel.context=2", "optimizer.micro_batches_per_step=2"]),
+    "vit-pp2-interleaved": (
+        2,
+        ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "optimizer.micro_batches_per_step=2"],
+    ),
+}
+
 
 def check_generation_samples(tmp_path, name, layout, reference_name):
     """Layouts whose forward runs whole on each rank (DP, TP, EP) log rank 0's generation sample at
@@ -142,24 +160,24 @@ def check_generation_samples(tmp_path, name, layout, reference_name):
 SPLITTING = ("parallel.pipeline", "parallel.context", "parallel.sequence_parallel")
 
 
-@pytest.mark.multiprocess
-@pytest.mark.parametrize("name", LAYOUTS)
-def test_each_layout_trains_like_one_process(reference, name):
-    tmp_path, want = reference
-    nproc, layout = LAYOUTS[name]
-    torchrun(tmp_path, name, "steps=3", *layout, nproc=nproc)
-    assert history(tmp_path, name) == pytest.approx(want, rel=1e-5)
-    check_generation_samples(tmp_path, name, layout, "single")
+# Each layout family against its own single-process run: (reference fixture, its run, model overrides).
+FAMILIES = {
+    "dense": ("reference", "single", [], LAYOUTS),
+    "moe": ("moe_reference", "single-moe", MOE, MOE_LAYOUTS),
+    "vit": ("vit_reference", "single-vit", TINY_VIT, VIT_LAYOUTS),
+}
+CASES = [(family, name) for family, (*_, layouts) in FAMILIES.items() for name in layouts]
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("name", MOE_LAYOUTS)
-def test_each_expert_layout_trains_like_one_process(moe_reference, name):
-    tmp_path, want = moe_reference
-    nproc, layout = MOE_LAYOUTS[name]
-    torchrun(tmp_path, name, "steps=3", *MOE, *layout, nproc=nproc)
+@pytest.mark.parametrize("family, name", CASES, ids=[name for _, name in CASES])
+def test_each_layout_trains_like_one_process(request, family, name):
+    fixture, reference_run, model, layouts = FAMILIES[family]
+    tmp_path, want = request.getfixturevalue(fixture)
+    nproc, layout = layouts[name]
+    torchrun(tmp_path, name, "steps=3", *model, *layout, nproc=nproc)
     assert history(tmp_path, name) == pytest.approx(want, rel=1e-5)
-    check_generation_samples(tmp_path, name, layout, "single-moe")
+    check_generation_samples(tmp_path, name, layout, reference_run)
 
 
 @pytest.mark.multiprocess

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_cosmos3.model.mot import MoTModel
-from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, loss_history
+from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TINY_VIT, loss_history
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.batches import MicroBatches
 from megatron_cosmos3.training.checkpoint import Checkpointer, latest_checkpoint
@@ -188,3 +188,56 @@ def test_gradient_accumulation_equals_one_big_step(tmp_path):
     got = final_weights(config)
     for n, p in reference.named_parameters():
         torch.testing.assert_close(got[n], p.detach(), rtol=1e-6, atol=1e-7, msg=n)
+
+
+def vit_weights(config):
+    """Every weight of the latest checkpoint of a run that trains its own ViT."""
+    model = MoTModel(copy.deepcopy(config.model))
+    model.add_vision_encoder()
+    Checkpointer(config.checkpoint.directory, async_save=False).load(
+        latest_checkpoint(config.checkpoint.directory), model
+    )
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def test_the_models_own_vit_trains_resumes_exactly_and_a_stage_can_freeze_it(tmp_path):
+    straight = config_for(tmp_path, "vit-straight", *TINY_VIT, "steps=4", "checkpoint.save_every=100")
+    train_module.train(straight, CPU)
+    train_module.train(config_for(tmp_path, "vit-resumed", *TINY_VIT, "steps=2", "checkpoint.save_every=2"), CPU)
+    resumed = config_for(tmp_path, "vit-resumed", *TINY_VIT, "steps=4", "checkpoint.save_every=100")
+    train_module.train(resumed, CPU)
+    assert run_losses(tmp_path, "vit-resumed") == run_losses(tmp_path, "vit-straight")
+    want, got = vit_weights(straight), vit_weights(resumed)
+    assert any(name.startswith("vision.vit.") for name in want)
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+    torch.manual_seed(straight.seed)
+    initial = MoTModel(copy.deepcopy(straight.model))
+    initial.add_vision_encoder()
+    assert not torch.equal(initial.vision.vit.merger.linear_fc2.weight, want["vision.vit.merger.linear_fc2.weight"])
+
+    frozen = config_for(
+        tmp_path,
+        "vit-frozen",
+        *TINY_VIT,
+        "steps=2",
+        "stage.name=midtrain",
+        f"stage.init_from={straight.checkpoint.directory}",
+        "stage.freeze=[vision.*]",
+    )
+    train_module.train(frozen, CPU)
+    after = vit_weights(frozen)
+    assert all(torch.equal(after[name], want[name]) for name in want if name.startswith("vision."))
+    assert not torch.equal(after["layers.0.reasoner.mlp.up_proj.weight"], want["layers.0.reasoner.mlp.up_proj.weight"])
+
+
+def test_training_the_vit_needs_its_config_and_its_deepstack_layers_on_the_first_stage():
+    with pytest.raises(ValueError, match=r"data.vision=vit trains the model's own ViT, but model.vision"):
+        load_config(None, [*TINY, "data.vision=vit"])
+    with pytest.raises(ValueError, match=r"data.vision='clip' is not one of \['patch', 'vit'\]"):
+        load_config(None, [*TINY, "data.vision=clip"])
+    two_sets = [*TINY_VIT, "model.vision.deepstack_visual_indexes=[0,1]"]
+    with pytest.raises(ValueError, match=r"2 DeepStack feature sets join Reasoner layers 0..1, .* gives it 1"):
+        load_config(None, [*TINY, *two_sets, "parallel.pipeline=2"])
+    load_config(None, [*TINY, *two_sets, "parallel.tensor=2"])  # no pipeline: nothing to check

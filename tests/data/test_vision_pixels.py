@@ -1,0 +1,48 @@
+"""``data.vision=vit``: the loader packs each picture as the ViT's pixel rows (for the model's own ViT),
+in the very layout the stand-in features get: same tokens, positions and ViT rows, pack for pack."""
+
+import dataclasses
+
+import pytest
+from world_helpers import assert_same_batch, data_config, model_config, tiny_world
+
+from megatron_cosmos3.data.loader import PackedLoader
+from megatron_cosmos3.model.config import VisionConfig
+from megatron_cosmos3.testing.training import TINY_VISION
+
+VIT_MODEL = dataclasses.replace(model_config(), vision=VisionConfig(**TINY_VISION))
+
+
+def first_packs(vision: str, count: int = 6):
+    with PackedLoader(data_config([str(tiny_world()["latent"])], vision=vision), VIT_MODEL) as loader:
+        return [next(loader) for _ in range(count)]
+
+
+def test_pixel_packs_have_the_layout_of_feature_packs_and_four_patches_per_token():
+    with_pixels, with_features = first_packs("vit"), first_packs("patch")
+    pictures = 0
+    for vit, patch in zip(with_pixels, with_features, strict=True):
+        assert vit.ar_vision_embeds is None
+        assert_same_batch(vit.replace(vision_pixels=None, vision_grid_thw=None), patch.replace(ar_vision_embeds=None))
+        if vit.ar_is_vision is None:
+            assert vit.vision_pixels is None
+            continue
+        tokens = int(vit.ar_is_vision.sum())
+        merge = VIT_MODEL.vision.spatial_merge_size
+        assert vit.vision_pixels.shape == (tokens * merge * merge, 3 * 2 * 16 * 16)
+        assert int((vit.vision_grid_thw.prod(-1) // merge**2).sum()) == tokens
+        assert float(vit.vision_pixels.min()) >= -1.0 and float(vit.vision_pixels.max()) <= 1.0
+        pictures += vit.vision_grid_thw.shape[0]
+    assert pictures > 0  # the comparison saw pictures
+
+
+def test_vit_pixels_need_a_vit_config_in_the_model():
+    config = data_config([str(tiny_world()["latent"])], vision="vit")
+    with pytest.raises(ValueError, match=r"data.vision=vit needs model.vision"):
+        with PackedLoader(config, model_config()) as loader:
+            next(loader)
+
+
+def test_an_unknown_vision_kind_is_refused_by_field():
+    with pytest.raises(ValueError, match=r"data: vision='siglip': expected one of \['patch', 'vit'\]"):
+        data_config([str(tiny_world()["latent"])], vision="siglip").validate()

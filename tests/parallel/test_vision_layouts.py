@@ -1,0 +1,105 @@
+"""The model's own ViT under every layout that splits the model or the sequence: the loss and every
+parameter's gradient (the ViT's included) equal one process doing the same gradient accumulation.
+
+The ViT is replicated where it runs: on every tensor and context rank (each encodes the whole pack,
+before its rows are split) and on the first pipeline stage only."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from megatron_cosmos3.data.synthetic_packs import random_pack
+from megatron_cosmos3.model.config import VisionConfig
+from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.parallel.sizes import ParallelSizes
+from megatron_cosmos3.testing.distributed import run_on_ranks
+from megatron_cosmos3.testing.training import TINY_VISION, tiny_mot_config
+from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
+
+# 4 layers (pipeline chunks of 1 still hold the one DeepStack layer); 8 / 4 heads so that TP x CP
+# splits the KV heads.
+CONFIG = tiny_mot_config(num_layers=4, num_attention_heads=8, num_kv_heads=4, vision=VisionConfig(**TINY_VISION))
+TOLERANCE = 1e-5  # fp32, norm-relative per parameter
+LAYOUTS = {
+    "tp2": (2, ParallelSizes(tensor=2)),
+    "tp2-sp": (2, ParallelSizes(tensor=2, sequence_parallel=True)),
+    "cp2": (2, ParallelSizes(context=2)),
+    "pp2": (2, ParallelSizes(pipeline=2)),
+    "pp2-interleaved": (2, ParallelSizes(pipeline=2, virtual_pipeline=2)),
+    "tp2-sp-x-pp2": (4, ParallelSizes(tensor=2, pipeline=2, sequence_parallel=True)),
+    "pp2-x-cp2": (4, ParallelSizes(pipeline=2, context=2)),
+}
+
+
+def picture_packs():
+    """Two noised micro-batches (a multiple of the pipeline size) with pictures in most samples."""
+    packs = []
+    for seed in (11, 12):
+        g = torch.Generator().manual_seed(seed)
+        batch = random_pack(CONFIG, g, num_samples=5, tasks=("understanding", "policy", "text_to_video"), pixels=True)
+        packs.append(add_flow_matching_noise(batch, FlowMatchingConfig(), g))
+    return packs
+
+
+def _gradients_against_one_process(rank, world_size, name):
+    from megatron_cosmos3.parallel.context_parallel import sequence_split, split_losses
+    from megatron_cosmos3.parallel.data_parallel import reduce_replicated_gradients
+    from megatron_cosmos3.parallel.pipeline import split_into_stages
+    from megatron_cosmos3.parallel.pipeline_schedules import forward_backward
+    from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
+    from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel, finalize_tensor_parallel_grads
+    from megatron_cosmos3.testing.reference import compare_to_reference
+    from megatron_cosmos3.training.losses import loss_breakdown, mot_losses
+
+    sizes = LAYOUTS[name][1]
+    groups = initialize_parallel(sizes, CONFIG)
+    try:
+        torch.manual_seed(0)
+        reference = MoTModel(copy.deepcopy(CONFIG))
+        reference.add_vision_encoder()
+        model = apply_tensor_parallel(copy.deepcopy(reference), groups)
+        microbatches = picture_packs()
+        want = []
+        for batch, targets in microbatches:
+            loss = loss_breakdown(reference(batch), batch, targets).total
+            (loss / len(microbatches)).backward()
+            want.append(float(loss.detach()))
+
+        split = sequence_split(groups)
+        if sizes.pipeline > 1:
+            owner = split_into_stages(model, groups)
+            got = [float(report.total) for report in forward_backward(owner, microbatches, split=split)]
+        else:
+            owner, got = model, []
+            for batch, targets in microbatches:
+                losses = split_losses(model, batch, targets, split) if split else mot_losses(model, batch, targets)
+                (losses.total / len(microbatches)).backward()
+                got.append(float(losses.total.detach()))
+        if sizes.context > 1:
+            reduce_replicated_gradients(owner.parameters(), groups.data_and_context)
+        finalize_tensor_parallel_grads(model, groups)
+        return {
+            "losses": (want, got),
+            "grad": compare_to_reference(owner, reference, groups.tensor_rank, sizes.tensor),
+            "holds_vit": any(n.startswith("vision.vit.") for n, _ in owner.named_parameters()),
+            "first_stage": groups.pipeline_rank == 0,
+            "last_stage": groups.is_last_stage,
+        }
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_vit_and_towers_get_the_gradients_of_one_process(name):
+    reports = run_on_ranks(_gradients_against_one_process, LAYOUTS[name][0], name)
+    for report in reports:
+        assert report["holds_vit"] == report["first_stage"]  # only where the pack enters
+        worst = max(report["grad"], key=report["grad"].get)
+        assert report["grad"][worst] <= TOLERANCE, (name, worst, report["grad"][worst])
+        if report["last_stage"]:
+            want, got = report["losses"]
+            assert got == pytest.approx(want, rel=TOLERANCE)
