@@ -62,12 +62,12 @@ def build_sample(spec: SampleSpec, config: MoTConfig, generator: torch.Generator
         ids.append(torch.zeros(n_vision, dtype=torch.long))
         position_parts.append(grid_positions)
         vision_flags.append(torch.ones(n_vision, dtype=torch.bool))
-        if pixels:  # normalised pixel values lie in [-1, 1]
+        if pixels:  # raw uint8 values, as the loader packs them
             vit, (t, h, w) = config.vision, spec.vision_grid
             m = vit.spatial_merge_size
             patch_grid = torch.tensor([[t, h * m, w * m]])
             patch_dim = vit.in_channels * vit.temporal_patch_size * vit.patch_size**2
-            vision_pixels = torch.rand(n_vision * m * m, patch_dim, generator=generator) * 2 - 1
+            vision_pixels = torch.randint(0, 256, (n_vision * m * m, patch_dim), generator=generator).to(torch.uint8)
         else:
             vision_embeds = torch.randn(n_vision, config.hidden_size, generator=generator)
         start = pos.next_start(grid_positions)

@@ -12,7 +12,9 @@ network), built from our typed ``VisionConfig``; weights come from a Qwen3-VL ch
   adds to the ViT token rows after its first layers (``PackedBatch.ar_deepstack_embeds``).
 
 ``image_patches`` is the processor's half for one picture: the pixel rows the ViT takes, laid out
-exactly as transformers' Qwen2-VL image processor (which Qwen3-VL uses) lays them out.
+exactly as transformers' Qwen2-VL image processor (which Qwen3-VL uses) lays them out, but kept as
+uint8 — a quarter of the processor's float32 in loader queues and pack broadcasts; the encoder
+normalises them on its own device (``normalize_pixels``).
 """
 
 from __future__ import annotations
@@ -40,8 +42,15 @@ class VisionFeatures:
 IMAGE_MEAN = IMAGE_STD = 0.5
 
 
+def normalize_pixels(rows: torch.Tensor) -> torch.Tensor:
+    """uint8 pixel rows -> the processor's float32 values; float rows (already normalised) pass."""
+    if rows.dtype != torch.uint8:
+        return rows
+    return (rows.float() / 255.0 - IMAGE_MEAN) / IMAGE_STD
+
+
 def image_patches(picture: np.ndarray, config: VisionConfig) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """One (H, W, 3) uint8 picture -> (pixel rows (n_patches, patch_dim) float32, patch grid (1, gh, gw)).
+    """One (H, W, 3) uint8 picture -> (pixel rows (n_patches, patch_dim) uint8, patch grid (1, gh, gw)).
 
     H and W must be multiples of ``patch_size * spatial_merge_size`` (the caller crops or resizes).
     Each row is one patch, channel-major, the still picture repeated over ``temporal_patch_size``
@@ -55,8 +64,7 @@ def image_patches(picture: np.ndarray, config: VisionConfig) -> tuple[torch.Tens
             f"image_patches: picture of shape {tuple(picture.shape)}; need (H, W, {config.in_channels}) with H and W "
             f"multiples of patch_size*spatial_merge_size={p * m}"
         )
-    pixels = torch.from_numpy(np.ascontiguousarray(picture)).permute(2, 0, 1).float()
-    pixels = (pixels / 255.0 - IMAGE_MEAN) / IMAGE_STD
+    pixels = torch.from_numpy(np.ascontiguousarray(picture, dtype=np.uint8)).permute(2, 0, 1)
     gh, gw = height // p, width // p
     blocks = pixels.reshape(config.in_channels, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)
     rows = blocks[:, :, :, :, :, None].expand(*blocks.shape[:5], t, p, p)  # (gh/m, gw/m, m, m, C, t, p, p)
@@ -108,7 +116,8 @@ class VisionEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> VisionFeatures:
         """pixel_values (n_patches, patch_dim) and grid_thw (n_items, 3) as the HF processor gives
-        them (``pixel_values``/``image_grid_thw`` or ``pixel_values_videos``/``video_grid_thw``)."""
+        them (``pixel_values``/``image_grid_thw`` or ``pixel_values_videos``/``video_grid_thw``), or
+        as uint8 rows (``image_patches``), normalised here."""
         if pixel_values.dim() != 2 or pixel_values.shape[1] != self.patch_dim:
             raise ValueError(
                 f"pixel_values must have shape (n_patches, {self.patch_dim}), got {tuple(pixel_values.shape)}"
@@ -119,7 +128,7 @@ class VisionEncoder(nn.Module):
                 f"pixel_values has {pixel_values.shape[0]}"
             )
         dtype = self.vit.patch_embed.proj.weight.dtype
-        out = self.vit(pixel_values.to(dtype), grid_thw=grid_thw, return_dict=True)
+        out = self.vit(normalize_pixels(pixel_values).to(dtype), grid_thw=grid_thw, return_dict=True)
         embeds = out.pooler_output
         deepstack = (
             torch.stack(out.deepstack_features) if out.deepstack_features else embeds.new_zeros(0, *embeds.shape)

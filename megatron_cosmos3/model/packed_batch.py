@@ -65,7 +65,7 @@ class PackedSample:
     ar_vision_embeds: torch.Tensor | None = None  # (n_vision, hidden) for ViT positions
     ar_is_vision: torch.Tensor | None = None  # (n_ar,) bool
     ar_deepstack_embeds: torch.Tensor | None = None  # (k, n_vision, hidden), DeepStack features
-    vision_pixels: torch.Tensor | None = None  # (n_patches, patch_dim): ViT input instead of embeds
+    vision_pixels: torch.Tensor | None = None  # (n_patches, patch_dim) uint8 (or normalised float): ViT input
     vision_grid_thw: torch.Tensor | None = None  # (n_pictures, 3) int64 patch grids of vision_pixels
 
     @property
@@ -96,7 +96,7 @@ class PackedBatch:
     ar_vision_embeds: torch.Tensor | None = None  # (n_vision, hidden)
     ar_is_vision: torch.Tensor | None = None  # (n_ar,) bool
     ar_deepstack_embeds: torch.Tensor | None = None  # (k, n_vision, hidden)
-    vision_pixels: torch.Tensor | None = None  # (n_patches, patch_dim), until the ViT encodes them
+    vision_pixels: torch.Tensor | None = None  # (n_patches, patch_dim) uint8 or float, until the ViT encodes them
     vision_grid_thw: torch.Tensor | None = None  # (n_pictures, 3) int64
 
     @property
@@ -160,11 +160,15 @@ class PackedBatch:
                 vision_embeds.append(sample.ar_vision_embeds)
                 deepstack.append(sample.ar_deepstack_embeds)
             if sample.vision_pixels is not None:
-                pixels.append(sample.vision_pixels.float())
+                pixels.append(sample.vision_pixels)
                 grids.append(sample.vision_grid_thw.long().reshape(-1, 3))
 
         n_dm = dm_offset
         ar_is_vision = torch.cat(is_vision)
+        if len({p.dtype for p in pixels}) > 1:  # raw uint8 and processor floats must not mix
+            raise ValueError(
+                f"PackedBatch.from_samples: vision_pixels of dtypes {sorted({str(p.dtype) for p in pixels})}"
+            )
         if vision_embeds and pixels:
             raise ValueError("PackedBatch.from_samples: samples carry ViT embeddings and pixels: one kind per pack")
         if any(d is None for d in deepstack) and any(d is not None for d in deepstack):

@@ -4,6 +4,7 @@ in the very layout the stand-in features get: same tokens, positions and ViT row
 import dataclasses
 
 import pytest
+import torch
 from world_helpers import assert_same_batch, data_config, model_config, tiny_world
 
 from megatron_cosmos3.data.loader import PackedLoader
@@ -31,7 +32,7 @@ def test_pixel_packs_have_the_layout_of_feature_packs_and_four_patches_per_token
         merge = VIT_MODEL.vision.spatial_merge_size
         assert vit.vision_pixels.shape == (tokens * merge * merge, 3 * 2 * 16 * 16)
         assert int((vit.vision_grid_thw.prod(-1) // merge**2).sum()) == tokens
-        assert float(vit.vision_pixels.min()) >= -1.0 and float(vit.vision_pixels.max()) <= 1.0
+        assert vit.vision_pixels.dtype == torch.uint8
         pictures += vit.vision_grid_thw.shape[0]
     assert pictures > 0  # the comparison saw pictures
 
