@@ -8,6 +8,8 @@ with Euler steps on the noisy targets only; clean conditioning tokens stay as gi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from megatron_cosmos3.model.mot import ARPass, MoTModel
@@ -27,15 +29,23 @@ def velocity(model: MoTModel, batch: PackedBatch, cache: ARPass) -> dict[str, to
 
 @torch.no_grad()
 def sample_dm_tokens(
-    model: MoTModel, batch: PackedBatch, num_steps: int, generator: torch.Generator | None = None
+    model: MoTModel,
+    batch: PackedBatch,
+    num_steps: int,
+    generator: torch.Generator | None = None,
+    velocity_of: Callable[[PackedBatch], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Generates the noisy-target DM tokens of ``batch``; clean conditioning tokens are kept.
 
-    Returns the final tokens per stream (the same keys and shapes as ``batch.dm_tokens``).
+    ``velocity_of``: each step's velocities from a full pass instead of the AR cache (a model split
+    over ranks: ``layout_velocity``). Returns the final tokens per stream (the same keys and shapes
+    as ``batch.dm_tokens``).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    cache = prefill(model, batch)
+    if velocity_of is None:
+        cache = prefill(model, batch)
+        velocity_of = lambda step: velocity(model, step, cache)  # noqa: E731
     noisy = {key: batch.dm_noise_mask[index][:, None] for key, index in batch.dm_token_index.items()}
     tokens = {
         key: torch.where(noisy[key], torch.randn(x.shape, generator=generator).to(x), x)
@@ -45,6 +55,6 @@ def sample_dm_tokens(
     for t_now, t_next in zip(schedule[:-1], schedule[1:]):
         timesteps = torch.where(batch.dm_noise_mask, t_now.to(batch.dm_timesteps), torch.zeros_like(batch.dm_timesteps))
         step = batch.replace(dm_tokens=tokens, dm_timesteps=timesteps)
-        v = velocity(model, step, cache)
+        v = velocity_of(step)
         tokens = {key: torch.where(noisy[key], x - (t_now - t_next) * v[key], x) for key, x in tokens.items()}
     return tokens

@@ -157,15 +157,18 @@ def interleaved_one_f_one_b(
     """Megatron's interleaved 1F1B: each rank runs ``virtual_pipeline`` chunks, cycling through them
     in groups of ``pipeline`` micro-batches (smaller bubble, more communication).
 
-    Needs ``num_microbatches`` to be a multiple of ``pipeline`` (as Megatron's schedule does).
+    Training needs ``num_microbatches`` to be a multiple of ``pipeline`` (as Megatron's schedule
+    does); forward-only passes (evaluation, sampling) take any number: the last group is smaller.
     """
-    if num_microbatches % pipeline:
+    if num_microbatches % pipeline and not forward_only:
         raise ValueError(
             f"interleaved pipeline schedule: num_microbatches={num_microbatches} is not a multiple "
             f"of pipeline={pipeline}"
         )
     p, v = pipeline, virtual_pipeline
     total = num_microbatches * v
+    full = (num_microbatches // p) * p * v  # steps in whole groups of p micro-batches
+    tail = num_microbatches % p  # micro-batches of the last, smaller group (forward-only)
     first_rank, last_rank = rank == 0, rank == p - 1
     all_warmup = not forward_only and num_microbatches == p
     if forward_only or all_warmup:
@@ -175,11 +178,11 @@ def interleaved_one_f_one_b(
     remaining = total - warmup
 
     def chunk_of(k: int, forward: bool) -> int:
-        chunk = (k % (p * v)) // p
+        chunk = (k % (p * v)) // p if k < full or not tail else (k - full) // tail
         return chunk if forward else v - 1 - chunk
 
     def microbatch_of(k: int) -> int:
-        return (k // (p * v)) * p + k % p
+        return (k // (p * v)) * p + k % p if k < full or not tail else num_microbatches - tail + (k - full) % tail
 
     def sent_activation(k: int) -> tuple[int, int] | None:
         chunk = chunk_of(k, True)

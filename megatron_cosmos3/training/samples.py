@@ -13,19 +13,25 @@ import numpy as np
 import torch
 
 from megatron_cosmos3.inference.denoising import sample_dm_tokens
+from megatron_cosmos3.inference.layout_velocity import Velocity
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import PackedBatch
 
 
 def generation_sample(
-    model: MoTModel, batch: PackedBatch, targets: dict[str, torch.Tensor], num_steps: int = 8, seed: int = 0
+    model: MoTModel,
+    batch: PackedBatch,
+    targets: dict[str, torch.Tensor],
+    num_steps: int = 8,
+    seed: int = 0,
+    velocity_of: Velocity | None = None,
 ) -> dict[str, np.ndarray]:
     """Denoises ``batch`` (a noised training pack) from pure noise: per DM stream, the generated
-    tokens, the data they should match, and the noise mask."""
+    tokens, the data they should match, and the noise mask. ``velocity_of``: see ``sample_dm_tokens``."""
     was_training = model.training
     model.eval()
     try:
-        generated = sample_dm_tokens(model, batch, num_steps, torch.Generator().manual_seed(seed))
+        generated = sample_dm_tokens(model, batch, num_steps, torch.Generator().manual_seed(seed), velocity_of)
     finally:
         model.train(was_training)
     arrays = {}

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_cosmos3.inference.layout_velocity import layout_velocity
 from megatron_cosmos3.model.attention import PackLayout
 from megatron_cosmos3.model.moe import set_aux_loss_scale
 from megatron_cosmos3.model.mot import MoTModel
@@ -235,16 +236,16 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
 def log_generation_sample(run: Run, tracker: MLflowTracker, step: int) -> None:
     """Denoises the latest pack's targets and logs them from rank 0 as an artifact.
 
-    Under tensor or expert parallelism every rank takes part (their layers exchange activations in
-    each forward, so all must run the same calls); layouts that split the layers or the sequence
-    (pipeline, context, sequence parallel) log no sample yet.
+    Under model or expert parallelism every rank takes part (their layers exchange activations in
+    each forward, so all must run the same calls); where the layout splits the layers or the rows
+    (pipeline, context, sequence parallel) each step is a full pass through the layout's driver
+    (``layout_velocity``), elsewhere the sampler keeps the AR cache.
     """
     sizes = run.config.parallel
     if not run.config.tracking.enabled or run.last_micro_batch is None:
         return
-    if sizes.pipeline > 1 or sizes.context > 1 or sizes.sequence_parallel:
-        return
-    together = run.groups is not None and (sizes.tensor > 1 or sizes.expert > 1)
+    split = sizes.pipeline > 1 or sizes.context > 1 or sizes.sequence_parallel
+    together = run.groups is not None and (sizes.tensor > 1 or sizes.expert > 1 or split)
     if not (together or run.ctx.is_main):
         return
     batch, targets = run.last_micro_batch
@@ -253,8 +254,9 @@ def log_generation_sample(run: Run, tracker: MLflowTracker, step: int) -> None:
         dist.all_reduce(has_targets, op=dist.ReduceOp.MIN)
     if not has_targets.item():
         return
+    velocity_of = layout_velocity(run.model, run.stages, run.groups, targets) if split else None
     with autocast(run.config.precision, run.ctx.device):
-        arrays = generation_sample(run.model, batch, targets, seed=step)
+        arrays = generation_sample(run.model, batch, targets, seed=step, velocity_of=velocity_of)
     if run.ctx.is_main and tracker.active:
         path = save_sample(arrays, Path(run.config.checkpoint.directory) / "samples" / f"step_{step:08d}.npz")
         tracker.log_artifact(str(path), "samples")

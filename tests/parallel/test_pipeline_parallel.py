@@ -171,9 +171,12 @@ def test_one_f_one_b_plans_pair_every_transfer_without_deadlock(pipeline, forwar
 def test_interleaved_plans_pair_every_transfer_without_deadlock(pipeline, virtual, forward_only):
     for groups in (1, 2, 3):
         simulate(pipeline, virtual, groups * pipeline, forward_only)
+    if forward_only:  # evaluation and sampling: any number of micro-batches (e.g. one)
+        for num_microbatches in range(1, 3 * pipeline):
+            simulate(pipeline, virtual, num_microbatches, forward_only)
 
 
-def test_interleaved_schedule_rejects_microbatches_not_multiple_of_pipeline():
+def test_interleaved_training_schedule_rejects_microbatches_not_multiple_of_pipeline():
     with pytest.raises(ValueError, match="num_microbatches=3 is not a multiple of pipeline=2"):
         schedule(2, 2, 0, 3)
     with pytest.raises(ValueError, match="num_microbatches=0 must be >= 1"):
