@@ -135,6 +135,15 @@ class VisionEncoder(nn.Module):
         )
         return VisionFeatures(embeds, deepstack)
 
+    def set_recompute(self, mode: str) -> None:
+        """``"full"``: every ViT block's activations are recomputed in backward (transformers'
+        gradient checkpointing, non-reentrant); ``"none"`` and ``"selective"`` keep them (selective
+        recomputation is the towers' core attention only)."""
+        if mode == "full":
+            self.vit.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            self.vit.activation_checkpointing_disable()
+
     def materialize(self, device: torch.device | str) -> None:
         """Allocates an encoder built on the meta device, weights left for a checkpoint to fill;
         only the rotary table (a non-persistent buffer) is recomputed."""

@@ -153,6 +153,8 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
     model = build_model(config, groups, ctx.device)
     for layer in model.layers:
         layer.set_recompute(config.recompute)
+    if model.vision is not None:
+        model.vision.set_recompute(config.recompute)
     # Each micro-batch backpropagates loss / micro_batches: the MoE balancing gradient follows.
     set_aux_loss_scale(model, 1.0 / config.optimizer.micro_batches_per_step)
     if groups is not None:

@@ -97,3 +97,26 @@ def test_pictures_without_a_vit_or_with_the_wrong_grid_are_named_errors():
     both = batch.replace(ar_vision_embeds=torch.zeros(int(batch.ar_is_vision.sum()), CONFIG.hidden_size))
     with pytest.raises(ValueError, match="vision_pixels or ar_vision_embeds, not both"):
         both.validate()
+
+
+def test_full_recompute_keeps_no_vit_block_activations_and_gives_the_same_gradients():
+    batch, targets = picture_pack()
+    gradients, saved = [], []
+    for mode in ("none", "full"):
+        model = model_with_vit()
+        model.vision.set_recompute(mode)
+        count = [0]
+
+        def keep(tensor, count=count):
+            count[0] += 1
+            return tensor
+
+        # Tensors autograd keeps for backward outside any checkpointed block (a checkpoint keeps
+        # only its inputs and recomputes the rest in backward).
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            features = model.vision(batch.vision_pixels, batch.vision_grid_thw)
+        saved.append(count[0])
+        (features.embeds.square().sum() + features.deepstack.square().sum()).backward()
+        gradients.append({n: p.grad for n, p in model.vision.named_parameters()})
+    assert saved[1] < saved[0] / 2, saved
+    assert all(torch.equal(gradients[0][n], gradients[1][n]) for n in gradients[0])
