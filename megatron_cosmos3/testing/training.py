@@ -68,9 +68,11 @@ def tiny_mot_config(**changes) -> MoTConfig:
 TINY_SYNTHETIC = ["synthetic.samples_per_pack=4", "synthetic.scale=1"]
 
 
-def loss_history(tracking_db: Path, run_name: str, experiment: str = "megatron_cosmos3") -> list[tuple[int, float]]:
-    """(step, loss) of the one MLflow run called ``run_name`` in the SQLite store ``tracking_db``,
-    sorted by step (a step logged twice, by two resumed runs, appears twice)."""
+def loss_history(
+    tracking_db: Path, run_name: str, experiment: str = "megatron_cosmos3", metric: str = "loss"
+) -> list[tuple[int, float]]:
+    """(step, value) of ``metric`` of the one MLflow run called ``run_name`` in the SQLite store
+    ``tracking_db``, sorted by step (a step logged twice, by two resumed runs, appears twice)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tracking_db}")
@@ -78,7 +80,7 @@ def loss_history(tracking_db: Path, run_name: str, experiment: str = "megatron_c
         client.get_experiment_by_name(experiment).experiment_id, filter_string=f"attributes.run_name = '{run_name}'"
     )
     assert len(runs) == 1, f"expected one MLflow run named {run_name}, found {len(runs)}"
-    return sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, "loss"))
+    return sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, metric))
 
 
 def trainer_command(nproc: int, *args: str) -> list[str]:

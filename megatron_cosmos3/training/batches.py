@@ -14,6 +14,7 @@ does not depend on the layout.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
@@ -107,3 +108,36 @@ class MicroBatches:
     def close(self) -> None:
         if self.loader is not None:
             self.loader.close()
+
+
+def held_out_share(config: TrainConfig, data_size: int) -> int:
+    """Held-out packs per data rank; a count the data ranks cannot share evenly is an error."""
+    if config.eval.micro_batches % data_size:
+        raise ValueError(
+            f"eval.micro_batches={config.eval.micro_batches} is not divisible by the {data_size} data-parallel ranks"
+        )
+    return config.eval.micro_batches // data_size
+
+
+def held_out_batches(
+    config: TrainConfig,
+    data_rank: int,
+    data_size: int,
+    device: torch.device,
+    share: tuple[dist.ProcessGroup, int] | None = None,
+) -> list[tuple]:
+    """This data rank's share of the ``eval.micro_batches`` held-out packs (``EvalConfig``), noised:
+    read through the same machinery as the training packs (one reader per data rank, broadcast to
+    its peers), from the held-out shards or, with synthetic data, from a seed of their own."""
+    per_rank = held_out_share(config, data_size)
+    held_out = dataclasses.replace(
+        config,
+        data=config.held_out_data() if config.data_source == "shards" else config.data,
+        seed=config.seed + 1,  # synthetic packs and flow-matching noise of their own
+        optimizer=dataclasses.replace(config.optimizer, micro_batches_per_step=per_rank),
+    )
+    batches = MicroBatches(held_out, data_rank, data_size, device, share)
+    try:
+        return [batches.get(0, micro) for micro in range(per_rank)]
+    finally:
+        batches.close()

@@ -6,11 +6,12 @@ every rank at once, not a hang inside a collective.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
-from megatron_cosmos3.data.config import VISION_KINDS, DataConfig
+from megatron_cosmos3.data.config import VISION_KINDS, DataConfig, DatasetConfig, MixtureConfig
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.training.flow_matching import FlowMatchingConfig
@@ -127,6 +128,27 @@ class StageConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out loss every ``every`` steps (0 = never) and at the last step, logged as ``eval/*``.
+
+    ``micro_batches`` packs in all, split over the data-parallel ranks, read once and evaluated again
+    each time, so the numbers are comparable over the run (and, with synthetic data, across layouts:
+    the same packs, the same flow-matching noise).
+    With data_source=shards they come from ``datasets`` — held-out shard sets, packed with the
+    training data's settings and the stage's task mixture, weighted equally; with synthetic data,
+    from their own seed.
+    """
+
+    every: int = 0
+    micro_batches: int = 2
+    datasets: list[DatasetConfig] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.micro_batches < 1:
+            raise ValueError(f"eval: every={self.every} must be >= 0 and micro_batches={self.micro_batches} >= 1")
+
+
+@dataclass
 class TrainConfig:
     model: MoTConfig = field(default_factory=MoTConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -138,6 +160,7 @@ class TrainConfig:
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelSizes = field(default_factory=ParallelSizes)
     stage: StageConfig = field(default_factory=StageConfig)
     precision: str = "fp32"  # or "bf16": bf16 compute, fp32 main weights
@@ -164,10 +187,23 @@ class TrainConfig:
         clash = sorted(set(self.stage.new_embodiments) & set(self.model.embodiments))
         if clash:
             raise ValueError(f"stage.new_embodiments {clash} are already model.embodiments")
+        if self.eval.every and self.data_source == "shards":
+            self.held_out_data().validate()
         if self.data.vision not in VISION_KINDS:
             raise ValueError(f"data.vision={self.data.vision!r} is not one of {list(VISION_KINDS)}")
         if self.trains_vision:
             self._check_vision()
+
+    def held_out_data(self) -> DataConfig:
+        """The loader config of the held-out packs (``EvalConfig``): the training data's settings
+        over ``eval.datasets``, in one pass of the stage's task mixture."""
+        if not self.eval.datasets:
+            raise ValueError("eval.every > 0 with data_source=shards needs eval.datasets (held-out shard sets)")
+        names = [d.name for d in self.eval.datasets]
+        mixture = MixtureConfig({name: 1.0 for name in names}, dict(self.data.active_stage.tasks))
+        return dataclasses.replace(
+            self.data, datasets=list(self.eval.datasets), stages={self.data.stage: mixture}, epochs=0
+        )
 
     @property
     def trains_vision(self) -> bool:

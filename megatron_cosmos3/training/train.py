@@ -33,12 +33,12 @@ from megatron_cosmos3.parallel.pipeline import PipelineStages, split_into_stages
 from megatron_cosmos3.parallel.pipeline_schedules import forward_backward
 from megatron_cosmos3.parallel.state import ParallelGroups, destroy_parallel, initialize_parallel
 from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel, finalize_tensor_parallel_grads
-from megatron_cosmos3.training.batches import MicroBatches
+from megatron_cosmos3.training.batches import MicroBatches, held_out_batches, held_out_share
 from megatron_cosmos3.training.checkpoint import Checkpointer, latest_checkpoint
 from megatron_cosmos3.training.config import TrainConfig, flatten, load_config, task_table, to_yaml
 from megatron_cosmos3.training.distributed import DistributedContext, init_distributed
 from megatron_cosmos3.training.flops import FlopCounter
-from megatron_cosmos3.training.losses import loss_breakdown, mot_losses
+from megatron_cosmos3.training.losses import LossBreakdown, loss_breakdown, mot_losses
 from megatron_cosmos3.training.metrics import MetricsWindow
 from megatron_cosmos3.training.precision import autocast
 from megatron_cosmos3.training.preemption import REQUEUE_EXIT_CODE, PreemptionWatcher
@@ -115,6 +115,9 @@ class Run:
     # wrap the driver (pipeline schedule, context/sequence-parallel runners); None otherwise.
     reducer: GradientReducer | None = None
     last_micro_batch: tuple | None = None  # (noised batch, targets) of the latest step, for samples
+    # (group, reader rank) of the ranks that share this data rank's packs; None in one process.
+    data_share: tuple | None = None
+    held_out: list | None = None  # the held-out packs, read at the first evaluation
 
     @property
     def state_owner(self):
@@ -189,6 +192,8 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
     )
     data_rank = groups.data_rank if groups is not None else 0
     data_size = groups.data_size if groups is not None else 1
+    if config.eval.every:
+        held_out_share(config, data_size)  # before any step, not at the first evaluation
     share = (groups.same_data, groups.data_reader) if groups is not None else None
     batches = MicroBatches(config, data_rank, data_size, ctx.device, share)
     flops = FlopCounter(model.config, vision=model.vision)
@@ -206,6 +211,7 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
         batches=batches,
         flops=flops,
         reducer=reducer,
+        data_share=share,
     )
 
 
@@ -264,43 +270,55 @@ def log_generation_sample(run: Run, tracker: MLflowTracker, step: int) -> None:
         tracker.log_artifact(str(path), "samples")
 
 
-def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
-    """Forward and backward of this step's micro-batches; returns whether every loss was finite
-    (on every rank). Three drivers, one result: the pipeline schedule, the context-parallel runner,
-    or the model itself (DDP-wrapped when data parallel)."""
-    config, ctx, opt = run.config, run.ctx, run.config.optimizer
-    micro_batches = [run.batches.get(step, m) for m in range(opt.micro_batches_per_step)]
-    run.last_micro_batch = micro_batches[0]
-    weight = opt.flow_matching_weight
+def run_micro_batches(run: Run, micro_batches: list, forward_only: bool = False) -> dict[int, LossBreakdown]:
+    """This rank's losses of ``micro_batches``, and their backward unless ``forward_only``: {micro-batch
+    index: LossBreakdown} where this rank computes losses (the last pipeline stage). Three drivers,
+    one result: the pipeline schedule, the context/sequence-parallel runner, or the model itself
+    (DDP-wrapped when data parallel and training)."""
+    config, ctx = run.config, run.ctx
+    weight = config.optimizer.flow_matching_weight
     split = sequence_split(run.groups)
+    forward_context = lambda: autocast(config.precision, ctx.device)  # noqa: E731
     if run.stages is not None:
+        arm = None
+        if run.reducer is not None and not forward_only:
+            arm = lambda chunk: run.reducer.arm(run.stages.chunks[chunk].parameters())  # noqa: E731
         reports = forward_backward(
             run.stages,
             micro_batches,
             partial(loss_breakdown, flow_matching_weight=weight),
-            forward_context=lambda: autocast(config.precision, ctx.device),
+            forward_only=forward_only,
+            forward_context=forward_context,
             split=split,
-            before_last_backward=(lambda chunk: run.reducer.arm(run.stages.chunks[chunk].parameters()))
-            if run.reducer is not None
-            else None,
+            before_last_backward=arm,
         )
-        losses_of = dict(enumerate(reports)) if run.groups.is_last_stage else {}
-    else:
-        losses_of = {}
-        for m, (batch, targets) in enumerate(micro_batches):
-            last = m == len(micro_batches) - 1
-            # DDP reduces gradients once, after the last micro-batch.
-            sync = run.trained.no_sync() if (not last and hasattr(run.trained, "no_sync")) else contextlib.nullcontext()
-            with sync:
-                with autocast(config.precision, ctx.device):
-                    if split is not None:  # context and/or sequence parallel: this rank's rows
-                        losses = split_losses(run.model, batch, targets, split, weight)
-                    else:
-                        losses = mot_losses(run.trained, batch, targets, weight)
+        return dict(enumerate(reports)) if run.groups.is_last_stage else {}
+    losses_of = {}
+    for m, (batch, targets) in enumerate(micro_batches):
+        last = m == len(micro_batches) - 1
+        # DDP reduces gradients once, after the last micro-batch.
+        deferred = not last and not forward_only and hasattr(run.trained, "no_sync")
+        sync = run.trained.no_sync() if deferred else contextlib.nullcontext()
+        with sync, torch.set_grad_enabled(not forward_only):
+            with forward_context():
+                if split is not None:  # context and/or sequence parallel: this rank's rows
+                    losses = split_losses(run.model, batch, targets, split, weight)
+                else:
+                    losses = mot_losses(run.model if forward_only else run.trained, batch, targets, weight)
+            if not forward_only:
                 if last and run.reducer is not None:
                     run.reducer.arm()  # buckets are all-reduced as this backward completes them
                 (losses.total / len(micro_batches)).backward()
-            losses_of[m] = losses
+        losses_of[m] = losses
+    return losses_of
+
+
+def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
+    """Forward and backward of this step's micro-batches; returns whether every loss was finite
+    (on every rank)."""
+    micro_batches = [run.batches.get(step, m) for m in range(run.config.optimizer.micro_batches_per_step)]
+    run.last_micro_batch = micro_batches[0]
+    losses_of = run_micro_batches(run, micro_batches)
     finite = all(bool(torch.isfinite(losses.total.detach())) for losses in losses_of.values())
     for m, (batch, _) in enumerate(micro_batches):
         layout = PackLayout.from_cu_seqlens(batch.ar_cu_seqlens, batch.dm_cu_seqlens)
@@ -314,6 +332,24 @@ def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
         torch.distributed.all_reduce(flag)  # only the last pipeline stage sees losses
         finite = not bool(flag.item())
     return finite
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    """Collective: the held-out losses (``EvalConfig``) of the current weights, as ``eval/*`` metrics.
+    The held-out packs are read at the first call and kept."""
+    if run.held_out is None:
+        run.held_out = held_out_batches(run.config, run.data_rank, run.data_size, run.ctx.device, run.data_share)
+    config = run.config
+    window = MetricsWindow(task_table(config), run.data_size, config.optimizer.flow_matching_weight, 0.0)
+    run.state_owner.eval()
+    try:
+        losses_of = run_micro_batches(run, run.held_out, forward_only=True)
+    finally:
+        run.state_owner.train()
+    for m, (batch, _) in enumerate(run.held_out):
+        window.add(losses_of.get(m), batch.num_ar_tokens + batch.num_dm_tokens, 0.0)
+    metrics = window.reduce({})
+    return {f"eval/{name}": value for name, value in metrics.items() if name == "loss" or name.startswith("loss/")}
 
 
 def finish_gradients(run: Run) -> torch.Tensor:
@@ -415,6 +451,18 @@ def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
                     eta,
                 )
             window.reset()
+        if config.eval.every and ((step + 1) % config.eval.every == 0 or step + 1 == config.steps):
+            held_out = evaluate(run)
+            if ctx.is_main:
+                tracker.log_metrics(held_out, step + 1)
+                log.info(
+                    "step %d/%d  eval loss %.4f  ce %.4f  fm %.4f",
+                    step + 1,
+                    config.steps,
+                    held_out["eval/loss"],
+                    held_out.get("eval/loss/ce", math.nan),
+                    held_out.get("eval/loss/fm", math.nan),
+                )
         committed = run.checkpointer.poll()
         if committed is not None and ctx.is_main:
             tracker.set_tag("checkpoint", str(committed.resolve()))

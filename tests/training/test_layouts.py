@@ -24,6 +24,7 @@ TINY = [
     "optimizer.warmup_steps=1",
     "checkpoint.save_every=2",
     "tracking.experiment=layouts",
+    "eval.every=3",  # the held-out loss at the last step, through each layout's forward-only driver
 ]
 
 
@@ -46,8 +47,8 @@ def history_with_steps(tmp_path, name):
     return loss_history(tmp_path / "mlflow.db", name, experiment="layouts")
 
 
-def history(tmp_path, name):
-    return [value for _, value in history_with_steps(tmp_path, name)]
+def history(tmp_path, name, metric="loss"):
+    return [value for _, value in loss_history(tmp_path / "mlflow.db", name, "layouts", metric)]
 
 
 # A mixture-of-experts model (both towers, 4 experts, top-2, balancing loss on) for the expert layouts.
@@ -171,6 +172,8 @@ def test_each_layout_trains_like_one_process(request, family, name):
     nproc, layout = layouts[name]
     torchrun(tmp_path, name, "steps=3", *model, *layout, nproc=nproc)
     assert history(tmp_path, name) == pytest.approx(want, rel=1e-5)
+    held_out = history(tmp_path, name, "eval/loss")
+    assert len(held_out) == 1 and held_out == pytest.approx(history(tmp_path, reference_run, "eval/loss"), rel=1e-5)
     check_generation_samples(tmp_path, name, reference_run)
 
 

@@ -152,11 +152,18 @@ def test_tensor_parallel_peers_share_one_reader_of_the_shards(tmp_path, world):
 
 @pytest.mark.multiprocess
 def test_tensor_parallel_training_on_shards_follows_one_process(tmp_path, world):
-    train_module.train(load_config(None, shard_overrides(tmp_path, world, "one", "steps=3")), CPU)
-    result = torchrun_trainer(tmp_path, 2, *shard_overrides(tmp_path, world, "tp2", "steps=3", "parallel.tensor=2"))
+    """With a held-out loss on shard sets of its own (here the same files, read by a second loader:
+    its reader broadcasts the held-out packs to the tensor peer as the training reader does)."""
+    held_out = ["eval.every=2", f"eval.datasets=[{{name: held_out, shards: [{world}]}}]"]
+    train_module.train(load_config(None, shard_overrides(tmp_path, world, "one", "steps=3", *held_out)), CPU)
+    tp2 = shard_overrides(tmp_path, world, "tp2", "steps=3", "parallel.tensor=2", *held_out)
+    result = torchrun_trainer(tmp_path, 2, *tp2)
     assert result.returncode == 0, result.stderr[-3000:]
     want, got = losses(tmp_path, "one"), losses(tmp_path, "tp2")
     assert [step for step, _ in got] == [step for step, _ in want] == [1, 2, 3]
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], rel=1e-5)
+    want, got = (loss_history(tmp_path / "mlflow.db", name, metric="eval/loss") for name in ("one", "tp2"))
+    assert [step for step, _ in got] == [step for step, _ in want] == [2, 3]
     assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], rel=1e-5)
 
 

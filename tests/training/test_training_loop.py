@@ -3,6 +3,7 @@
 import copy
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,3 +242,55 @@ def test_training_the_vit_needs_its_config_and_its_deepstack_layers_on_the_first
     with pytest.raises(ValueError, match=r"2 DeepStack feature sets join Reasoner layers 0..1, .* gives it 1"):
         load_config(None, [*TINY, *two_sets, "parallel.pipeline=2"])
     load_config(None, [*TINY, *two_sets, "parallel.tensor=2"])  # no pipeline: nothing to check
+
+
+def test_held_out_loss_is_logged_changes_no_training_step_and_equals_a_recomputation(tmp_path):
+    from megatron_cosmos3.training.batches import held_out_batches
+    from megatron_cosmos3.training.losses import loss_breakdown
+
+    plain = config_for(tmp_path, "no-eval", "steps=4", "checkpoint.save_every=2")
+    train_module.train(plain, CPU)
+    evaluated = config_for(tmp_path, "eval", "steps=4", "checkpoint.save_every=2", "eval.every=2")
+    train_module.train(evaluated, CPU)
+    assert run_losses(tmp_path, "eval") == run_losses(tmp_path, "no-eval")  # evaluation changes nothing
+    logged = loss_history(tmp_path / "mlflow.db", "eval", metric="eval/loss")
+    assert [step for step, _ in logged] == [2, 4]
+
+    packs = held_out_batches(evaluated, 0, 1, torch.device("cpu"))
+    assert len(packs) == evaluated.eval.micro_batches
+    model = MoTModel(copy.deepcopy(evaluated.model))
+    weight = evaluated.optimizer.flow_matching_weight
+    for step, value in logged:  # the weights of that step's checkpoint on the same packs
+        Checkpointer(evaluated.checkpoint.directory, async_save=False).load(
+            Path(evaluated.checkpoint.directory) / f"step_{step:08d}", model
+        )
+        ce_sum = ce_count = fm_sum = fm_count = 0.0
+        with torch.no_grad():
+            for batch, targets in packs:
+                losses = loss_breakdown(model(batch), batch, targets, weight)
+                ce_sum, ce_count = ce_sum + float(losses.ce_sum), ce_count + float(losses.ce_count)
+                fm_sum, fm_count = fm_sum + float(losses.fm_sum), fm_count + float(losses.fm_count)
+        assert value == pytest.approx(ce_sum / ce_count + weight * fm_sum / fm_count, rel=1e-6)
+    assert logged[1][1] != logged[0][1]  # the weights changed in between
+
+
+def test_evaluation_settings_are_validated_by_field(tmp_path):
+    from megatron_cosmos3.training.batches import held_out_share
+
+    with pytest.raises(ValueError, match=r"eval: every=-1 must be >= 0 and micro_batches=2 >= 1"):
+        load_config(None, [*TINY, "eval.every=-1"])
+    three = load_config(None, [*TINY, "eval.every=5", "eval.micro_batches=3"])
+    assert held_out_share(three, 3) == 1
+    with pytest.raises(ValueError, match=r"eval.micro_batches=3 is not divisible by the 2 data-parallel ranks"):
+        held_out_share(three, 2)
+    with pytest.raises(ValueError, match=r"eval.every > 0 with data_source=shards needs eval.datasets"):
+        load_config(
+            None,
+            [
+                *TINY,
+                "eval.every=10",
+                "data_source=shards",
+                f"data.datasets=[{{name: train, shards: [{tmp_path}]}}]",
+                "data.stages={pretrain: {datasets: {train: 1.0}, tasks: {understanding: 1.0}}}",
+            ],
+        )
