@@ -175,8 +175,8 @@ class MoTModel(nn.Module):
                     self._initialise(name, module, param_name, param, generator)
 
     def _initialise(self, name: str, module: nn.Module, param_name: str, param: nn.Parameter, generator) -> None:
-        if isinstance(module, (RMSNorm, nn.LayerNorm)):
-            param.fill_(1.0) if param_name == "weight" else param.zero_()
+        if isinstance(module, (RMSNorm, nn.LayerNorm)) and param_name == "weight":
+            param.fill_(1.0)
         elif param_name == "bias":
             param.zero_()
         elif isinstance(module, (nn.Linear, nn.Embedding, MoEMLP, nn.Conv3d)):  # Conv3d: the ViT's patches
@@ -192,7 +192,7 @@ class MoTModel(nn.Module):
         for module in modules or (self,):
             module.to_empty(device=device)
         self.rotary.reset_buffers(device)
-        if self.vision is not None and not self.vision.vit.patch_embed.proj.weight.is_meta:
+        if self.vision is not None and not next(self.vision.parameters()).is_meta:  # allocated just now
             self.vision.reset_buffers(device)
         if self.config.tie_word_embeddings:  # to_empty unties them: keep the allocated one
             embedding, head = self.embed_tokens.weight, self.lm_head.weight
@@ -207,8 +207,7 @@ class MoTModel(nn.Module):
         from megatron_cosmos3.encoders.vision import VisionEncoder  # transformers: only when used
 
         self.vision = VisionEncoder(self.config.vision)
-        if not self.vision.vit.patch_embed.proj.weight.is_meta:
-            self.reset_parameters(self.vision)
+        self.reset_parameters(self.vision)  # skipped on the meta device
 
     def encode_vision(self, batch: PackedBatch) -> PackedBatch:
         """``batch`` with its pictures (``vision_pixels``) replaced by this model's ViT tokens and
