@@ -98,6 +98,9 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.vit = Qwen3VLVisionModel(hf_vision_config(config))
+        # How a pack's pictures are shared out over ranks (parallel/vision_parallel.PictureSharing);
+        # None: this rank encodes them all.
+        self.sharing = None
 
     @property
     def patch_dim(self) -> int:

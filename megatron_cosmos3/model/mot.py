@@ -220,7 +220,11 @@ class MoTModel(nn.Module):
                 "the pack carries pictures (vision_pixels) but the model has no ViT: train with data.vision=vit "
                 "(MoTModel.add_vision_encoder)"
             )
-        features = self.vision(batch.vision_pixels, batch.vision_grid_thw)
+        if self.vision.sharing is None:
+            features = self.vision(batch.vision_pixels, batch.vision_grid_thw)
+        else:  # this rank encodes its share of the pictures, then all are gathered
+            merge = self.config.vision.spatial_merge_size**2
+            features = self.vision.sharing.encode(self.vision, batch.vision_pixels, batch.vision_grid_thw, merge)
         n_vision = int(batch.ar_is_vision.sum())
         if features.embeds.shape[0] != n_vision:
             raise ValueError(

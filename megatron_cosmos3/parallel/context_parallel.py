@@ -105,8 +105,10 @@ def _restrict(batch: PackedBatch, ar: slice, dm: slice) -> tuple[PackedBatch, di
     vision = dict.fromkeys(
         ("ar_is_vision", "ar_vision_embeds", "ar_deepstack_embeds", "vision_pixels", "vision_grid_thw")
     )
-    if batch.ar_is_vision is not None and bool(batch.ar_is_vision[ar].any()) and batch.vision_pixels is None:
-        # ViT embeddings are stored in row order of the ViT rows: ours are a contiguous run of them.
+    if batch.ar_is_vision is not None and batch.vision_pixels is None:
+        # ViT embeddings are stored in row order of the ViT rows: ours are a contiguous run of them
+        # (maybe none: the empty slice still ties this part's graph to the whole pack's features,
+        # whose backward may hold a collective every rank must join; see parallel/vision_parallel.py).
         first, stop = int(batch.ar_is_vision[: ar.start].sum()), int(batch.ar_is_vision[: ar.stop].sum())
         vision["ar_is_vision"] = batch.ar_is_vision[ar]
         vision["ar_vision_embeds"] = batch.ar_vision_embeds[first:stop]

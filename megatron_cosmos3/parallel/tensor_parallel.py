@@ -39,6 +39,8 @@ from megatron_cosmos3.parallel.state import ParallelGroups
 COLUMN_PARALLEL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
 PARTIAL_UNDER_TENSOR_PARALLEL = ("self_attn.q_norm.weight", "self_attn.k_norm.weight", "mlp.router.weight")
+# The ViT: each tensor rank encodes its share of a pack's pictures (parallel/vision_parallel.py).
+SHARED_OUT_PICTURES = ("vision.",)
 
 
 def _megatron_layers():
@@ -204,7 +206,7 @@ def finalize_tensor_parallel_grads(model: nn.Module, groups: ParallelGroups) -> 
         for name, p in model.named_parameters()
         if p.grad is not None
         and not is_tensor_parallel(p)
-        and (everything or name.endswith(PARTIAL_UNDER_TENSOR_PARALLEL))
+        and (everything or name.endswith(PARTIAL_UNDER_TENSOR_PARALLEL) or name.startswith(SHARED_OUT_PICTURES))
     ]
     if partial:
         flat = torch.cat([g.reshape(-1) for g in partial])

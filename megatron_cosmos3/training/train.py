@@ -33,6 +33,7 @@ from megatron_cosmos3.parallel.pipeline import PipelineStages, split_into_stages
 from megatron_cosmos3.parallel.pipeline_schedules import forward_backward
 from megatron_cosmos3.parallel.state import ParallelGroups, destroy_parallel, initialize_parallel
 from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel, finalize_tensor_parallel_grads
+from megatron_cosmos3.parallel.vision_parallel import PictureSharing
 from megatron_cosmos3.training.batches import MicroBatches, held_out_batches, held_out_share
 from megatron_cosmos3.training.checkpoint import Checkpointer, latest_checkpoint
 from megatron_cosmos3.training.config import TrainConfig, flatten, load_config, task_table, to_yaml
@@ -163,6 +164,8 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
     if groups is not None:
         apply_tensor_parallel(model, groups)
         apply_expert_parallel(model, groups)
+        if model.vision is not None:  # tensor and context ranks encode a share of each pack's pictures
+            model.vision.sharing = PictureSharing.of(groups)
     param_groups = stage_param_groups(model, config)
     stages = split_into_stages(model, groups) if groups is not None and config.parallel.pipeline > 1 else None
     if stages is not None:  # this rank trains (and checkpoints) only its own chunks

@@ -1,8 +1,8 @@
 """The model's own ViT under every layout that splits the model or the sequence: the loss and every
 parameter's gradient (the ViT's included) equal one process doing the same gradient accumulation.
 
-The ViT is replicated where it runs: on every tensor and context rank (each encodes the whole pack,
-before its rows are split) and on the first pipeline stage only."""
+The ViT runs on the first pipeline stage only; there the tensor and context ranks holding the pack
+each encode a share of its pictures (parallel/vision_parallel.py) before its rows are split."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import copy
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from megatron_cosmos3.data.synthetic_packs import random_pack
+from megatron_cosmos3.data.synthetic_packs import SampleSpec, build_sample, random_pack, random_sample_spec
 from megatron_cosmos3.model.config import VisionConfig
 from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.model.packed_batch import PackedBatch
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.testing.training import TINY_VISION, tiny_mot_config
@@ -35,13 +37,15 @@ LAYOUTS = {
 
 
 def picture_packs():
-    """Two noised micro-batches (a multiple of the pipeline size) with pictures in most samples."""
-    packs = []
-    for seed in (11, 12):
-        g = torch.Generator().manual_seed(seed)
-        batch = random_pack(CONFIG, g, num_samples=5, tasks=("understanding", "policy", "text_to_video"), pixels=True)
-        packs.append(add_flow_matching_noise(batch, FlowMatchingConfig(), g))
-    return packs
+    """Two noised micro-batches (a multiple of the pipeline size): one with pictures in most samples,
+    one with a single picture (so some rank has none to encode)."""
+    g = torch.Generator().manual_seed(13)  # five pictures
+    many = random_pack(CONFIG, g, num_samples=6, tasks=("understanding", "policy", "text_to_video"), pixels=True)
+    specs = [random_sample_spec("text_to_video", CONFIG, g) for _ in range(3)]
+    specs.append(SampleSpec("understanding", 8, answer_tokens=4, vision_grid=(1, 2, 1)))
+    one = PackedBatch.from_samples([build_sample(spec, CONFIG, g, pixels=True) for spec in specs])
+    assert many.vision_grid_thw.shape[0] >= 4 and one.vision_grid_thw.shape[0] == 1
+    return [add_flow_matching_noise(batch, FlowMatchingConfig(), g) for batch in (many, one)]
 
 
 def _gradients_against_one_process(rank, world_size, name):
@@ -51,6 +55,7 @@ def _gradients_against_one_process(rank, world_size, name):
     from megatron_cosmos3.parallel.pipeline_schedules import forward_backward
     from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
     from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel, finalize_tensor_parallel_grads
+    from megatron_cosmos3.parallel.vision_parallel import PictureSharing
     from megatron_cosmos3.testing.reference import compare_to_reference
     from megatron_cosmos3.training.losses import loss_breakdown, mot_losses
 
@@ -61,6 +66,9 @@ def _gradients_against_one_process(rank, world_size, name):
         reference = MoTModel(copy.deepcopy(CONFIG))
         reference.add_vision_encoder()
         model = apply_tensor_parallel(copy.deepcopy(reference), groups)
+        model.vision.sharing = PictureSharing.of(groups)
+        encoded = []  # pictures this rank's ViT encoded, per call
+        model.vision.register_forward_hook(lambda _, args, __: encoded.append(args[1].shape[0]))
         microbatches = picture_packs()
         want = []
         for batch, targets in microbatches:
@@ -86,6 +94,9 @@ def _gradients_against_one_process(rank, world_size, name):
             "grad": compare_to_reference(owner, reference, groups.tensor_rank, sizes.tensor),
             "holds_vit": any(n.startswith("vision.vit.") for n, _ in owner.named_parameters()),
             "first_stage": groups.pipeline_rank == 0,
+            "encoded": sum(encoded),
+            "pictures": sum(batch.vision_grid_thw.shape[0] for batch, _ in microbatches),
+            "sharing": dist.get_world_size(groups.tensor_and_context),
             "last_stage": groups.is_last_stage,
         }
     finally:
@@ -103,3 +114,16 @@ def test_vit_and_towers_get_the_gradients_of_one_process(name):
         if report["last_stage"]:
             want, got = report["losses"]
             assert got == pytest.approx(want, rel=TOLERANCE)
+    # The first stage's tensor x context ranks share out the pictures: each encoded once in all.
+    first = [report for report in reports if report["first_stage"]]
+    assert sum(report["encoded"] for report in first) == first[0]["pictures"] * len(first) // first[0]["sharing"]
+    if first[0]["sharing"] > 1:
+        assert all(report["encoded"] < report["pictures"] for report in first)
+
+
+def test_pictures_go_whole_to_the_least_loaded_rank_largest_first():
+    from megatron_cosmos3.parallel.vision_parallel import assign_pictures
+
+    assert assign_pictures([16, 4, 4, 8, 4], 2) == [0, 1, 1, 1, 0]  # loads 20 and 16
+    assert assign_pictures([4], 4) == [0]  # ranks 1-3 encode nothing (and still join the gather)
+    assert assign_pictures([], 2) == []
