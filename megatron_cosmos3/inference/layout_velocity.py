@@ -19,7 +19,13 @@ import torch.distributed as dist
 
 from megatron_cosmos3.model.mot import MoTModel, MoTOutput
 from megatron_cosmos3.model.packed_batch import PackedBatch
-from megatron_cosmos3.parallel.context_parallel import SequenceSplit, sequence_split, shard_pack, split_forward
+from megatron_cosmos3.parallel.context_parallel import (
+    ContextShard,
+    SequenceSplit,
+    sequence_split,
+    shard_pack,
+    split_forward,
+)
 from megatron_cosmos3.parallel.pipeline import PipelineStages
 from megatron_cosmos3.parallel.pipeline_schedules import forward_backward
 from megatron_cosmos3.parallel.state import ParallelGroups
@@ -28,10 +34,12 @@ from megatron_cosmos3.training.losses import loss_breakdown
 Velocity = Callable[[PackedBatch], dict[str, torch.Tensor]]
 
 
-def _whole_streams(batch: PackedBatch, local: dict[str, torch.Tensor], split: SequenceSplit) -> dict[str, torch.Tensor]:
-    """This rank's predictions (its rows of each stream) -> every stream's predictions, on every rank
-    of ``split.group``."""
-    shard = shard_pack(batch, dist.get_rank(split.group), dist.get_world_size(split.group))
+def _whole_streams(
+    batch: PackedBatch, local: dict[str, torch.Tensor], split: SequenceSplit, shard: ContextShard | None = None
+) -> dict[str, torch.Tensor]:
+    """This rank's predictions (the rows of each stream that ``shard`` holds; computed when not given)
+    -> every stream's predictions, on every rank of ``split.group``."""
+    shard = shard or shard_pack(batch, dist.get_rank(split.group), dist.get_world_size(split.group))
     whole = {}
     for key, rows in shard.dm_stream_rows.items():
         prediction = local[key]
@@ -50,8 +58,8 @@ def layout_velocity(
     split = sequence_split(groups)
 
     def through_split(batch: PackedBatch) -> dict[str, torch.Tensor]:
-        output, _ = split_forward(model, batch, split)
-        return _whole_streams(batch, output.dm_predictions, split)
+        output, shard = split_forward(model, batch, split)
+        return _whole_streams(batch, output.dm_predictions, split, shard)
 
     def through_pipeline(batch: PackedBatch) -> dict[str, torch.Tensor]:
         outputs: list[MoTOutput] = []
