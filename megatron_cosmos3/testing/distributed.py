@@ -3,10 +3,15 @@
 Every multi-process test goes through ``run_on_ranks``: one launcher, one timeout, one way to see a
 failing rank's traceback. Nothing hangs: a rank that does not finish in time is killed and the
 call raises.
+
+Ranks are forked from a fork server that has imported torch and this package once (the first call
+starts it): a fresh interpreter per rank would spend seconds importing them again on every call.
+Each rank takes the caller's environment and the tests' numerical settings, not the server's.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
 import tempfile
@@ -19,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megatron_cosmos3.testing.numerics import use_test_numerics
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -26,11 +33,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+# Imported once by the fork server, so that a forked rank starts in milliseconds: the libraries
+# every rank needs and the modules that import the heavy ones (megatron-core, transformers).
+_FORK_SERVER_PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "megatron_cosmos3.model.mot",
+    "megatron_cosmos3.parallel.state",
+    "megatron_cosmos3.training.train",
+]
+
+
+def _worker(
+    rank: int, world_size: int, port: int, out_dir: str, environment: dict, fn: Callable, args: tuple
+) -> None:
+    os.environ.clear()
+    os.environ.update(environment)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
     )
-    torch.set_num_threads(1)  # several ranks share two cores
+    use_test_numerics()  # the same settings as the process that compares the results
     result_path = Path(out_dir) / f"rank{rank}.pt"
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -49,13 +71,14 @@ def run_on_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 240.0)
 
     ``fn`` must be importable (a module-level function) and return something ``torch.save`` takes.
     """
+    multiprocessing.set_forkserver_preload(_FORK_SERVER_PRELOAD)  # read when the server starts
     with tempfile.TemporaryDirectory() as out_dir:
         context = mp.start_processes(
             _worker,
-            args=(world_size, _free_port(), out_dir, fn, args),
+            args=(world_size, _free_port(), out_dir, dict(os.environ), fn, args),
             nprocs=world_size,
             join=False,
-            start_method="spawn",
+            start_method="forkserver",
         )
         deadline = time.monotonic() + timeout_s
         try:

@@ -1,14 +1,15 @@
-"""Shared by the trainer tests: the tiny model as config overrides, launching the trainer under
-torchrun, and reading a run's loss curve."""
+"""Shared by the trainer tests: the tiny model as config overrides, launching the trainer (under
+torchrun, or on ranks forked by ``run_on_ranks``), and reading a run's loss curve."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from megatron_cosmos3.model.config import MoTConfig
+from megatron_cosmos3.testing.distributed import run_on_ranks
+from megatron_cosmos3.testing.numerics import child_environment
 
 # A two-layer MoT small enough for multi-process runs of a few seconds (override num_layers to split).
 TINY_MODEL = [
@@ -97,8 +98,9 @@ def trainer_command(nproc: int, *args: str) -> list[str]:
     ]
 
 
-# One thread per rank: several gloo ranks share a 2-core CI machine.
-TRAINER_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# The tests' thread count per rank: several gloo ranks share a 2-core CI machine, and the trainers'
+# results are compared with the pytest process's.
+TRAINER_ENV = child_environment()
 
 
 def torchrun_trainer(cwd: Path, nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -106,3 +108,16 @@ def torchrun_trainer(cwd: Path, nproc: int, *args: str, timeout: float = 300) ->
     return subprocess.run(
         trainer_command(nproc, *args), cwd=cwd, env=TRAINER_ENV, capture_output=True, text=True, timeout=timeout
     )
+
+
+def _train_on_rank(rank: int, world_size: int, argv: list[str]) -> None:
+    from megatron_cosmos3.training.train import main
+
+    main(argv)
+
+
+def train_on_ranks(nproc: int, *args: str, timeout: float = 300) -> None:
+    """Runs the trainer's entry point with ``args`` on ``nproc`` gloo ranks, as torchrun would (the
+    same environment variables, ``train.main``), but forked by ``run_on_ranks`` instead of started
+    as new interpreters: no imports per rank. Raises with every failing rank's traceback."""
+    run_on_ranks(_train_on_rank, nproc, list(args), timeout_s=timeout)

@@ -16,6 +16,7 @@ from megatron_cosmos3.model.config import EmbodimentConfig
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.testing.distributed import run_on_ranks
+from megatron_cosmos3.testing.numerics import child_environment
 from megatron_cosmos3.testing.training import tiny_mot_config
 from megatron_cosmos3.training.checkpoint import Checkpointer, latest_checkpoint
 from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
@@ -124,6 +125,8 @@ def test_metadata_that_would_run_code_is_refused(tmp_path):
 KILLED_DURING_SAVE = textwrap.dedent("""
     import copy, os, signal, sys, torch
     sys.path.insert(0, {tests!r})
+    from megatron_cosmos3.testing.numerics import use_test_numerics
+    use_test_numerics()  # the test compares these weights with its own
     from test_checkpoint import CONFIG, trained_model
     from megatron_cosmos3.training.checkpoint import Checkpointer
     model, optimizer = trained_model()
@@ -141,7 +144,9 @@ KILLED_DURING_SAVE = textwrap.dedent("""
 def test_hard_kill_during_an_async_save_leaves_the_previous_checkpoint_latest(tmp_path):
     root = tmp_path / "ckpt"
     script = KILLED_DURING_SAVE.format(tests=os.path.dirname(__file__), root=str(root))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=child_environment(), capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
     assert latest_checkpoint(root).name == "step_00000001"
     model, _ = trained_model()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TINY_VIT, loss_history, torchrun_trainer
+from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TINY_VIT, loss_history, train_on_ranks
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.distributed import DistributedContext
@@ -37,10 +37,8 @@ def overrides(tmp_path, name, *extra):
     ]
 
 
-def torchrun(tmp_path, name, *extra, nproc=2):
-    result = torchrun_trainer(tmp_path, nproc, *overrides(tmp_path, name, *extra))
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+def train(tmp_path, name, *extra, nproc=2):
+    train_on_ranks(nproc, *overrides(tmp_path, name, *extra))
 
 
 def history_with_steps(tmp_path, name):
@@ -170,7 +168,7 @@ def test_each_layout_trains_like_one_process(request, family, name):
     fixture, reference_run, model, layouts = FAMILIES[family]
     tmp_path, want = request.getfixturevalue(fixture)
     nproc, layout = layouts[name]
-    torchrun(tmp_path, name, "steps=3", *model, *layout, nproc=nproc)
+    train(tmp_path, name, "steps=3", *model, *layout, nproc=nproc)
     assert history(tmp_path, name) == pytest.approx(want, rel=1e-5)
     held_out = history(tmp_path, name, "eval/loss")
     assert len(held_out) == 1 and held_out == pytest.approx(history(tmp_path, reference_run, "eval/loss"), rel=1e-5)
@@ -180,10 +178,10 @@ def test_each_layout_trains_like_one_process(request, family, name):
 @pytest.mark.multiprocess
 def test_saved_with_tp2_resumes_with_dp2_and_with_one_process(reference):
     tmp_path, want = reference
-    torchrun(tmp_path, "tp2-then", "steps=2", "parallel.tensor=2", "optimizer.micro_batches_per_step=2")
+    train(tmp_path, "tp2-then", "steps=2", "parallel.tensor=2", "optimizer.micro_batches_per_step=2")
     for name in ("dp2-resumed", "single-resumed"):
         shutil.copytree(tmp_path / "tp2-then", tmp_path / name)
-    torchrun(tmp_path, "dp2-resumed", "steps=3", "optimizer.micro_batches_per_step=1")
+    train(tmp_path, "dp2-resumed", "steps=3", "optimizer.micro_batches_per_step=1")
     config = load_config(None, overrides(tmp_path, "single-resumed", "steps=3", "optimizer.micro_batches_per_step=2"))
     train_module.train(config, DistributedContext(0, 1, 0, torch.device("cpu")))
     # Both resumed runs continue the MLflow run of the checkpoint they resumed: steps 1-2 under
