@@ -172,7 +172,8 @@ class SafeFileSystemReader(FileSystemReader):
         per_file: dict[str, list[str]] = {}
         for item in plan.items:
             if item.type == LoadItemType.BYTE_IO:  # validate_metadata refuses these already
-                raise UnsafeCheckpointError(f"checkpoint {self.folder}: item {item.dest_index.fqn!r} would be unpickled")
+                fqn = item.dest_index.fqn
+                raise UnsafeCheckpointError(f"checkpoint {self.folder}: item {fqn!r} would be unpickled")
             per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item.dest_index.fqn)
         for name, items in per_file.items():
             shown = ", ".join(sorted(set(items))[:3]) + (" ..." if len(set(items)) > 3 else "")
@@ -192,7 +193,9 @@ def validate_metadata(metadata, folder: Path) -> None:
     for index, info in (metadata.storage_data or {}).items():
         name = getattr(info, "relative_path", None)
         if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
-            raise UnsafeCheckpointError(f"checkpoint {folder}: item {index.fqn!r} is stored at {name!r}, not a file of the folder")
+            raise UnsafeCheckpointError(
+                f"checkpoint {folder}: item {index.fqn!r} is stored at {name!r}, not a file of the folder"
+            )
         if getattr(info, "transform_descriptors", None):
             raise UnsafeCheckpointError(
                 f"checkpoint {folder}: item {index.fqn!r} needs storage transforms {info.transform_descriptors}, "

@@ -263,7 +263,10 @@ def _resume(run: Run, found: Inventory) -> tuple[Path, dict] | None:
             meta["step"],
         )
         return candidate, meta
-    raise ResumeError(f"cannot resume from checkpoint.directory={found.root}: {problem}, and no older checkpoint verifies. {found.describe()}.")
+    raise ResumeError(
+        f"cannot resume from checkpoint.directory={found.root}: {problem}, and no older checkpoint verifies. "
+        f"{found.describe()}."
+    )
 
 
 def resume_or_initialise(run: Run) -> tuple[int, str | None]:

@@ -1,7 +1,9 @@
 """The training loop in one process: exact resume, stages, the non-finite guard, accumulation."""
 
 import copy
+import logging
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -294,3 +296,91 @@ def test_evaluation_settings_are_validated_by_field(tmp_path):
                 "data.stages={pretrain: {datasets: {train: 1.0}, tasks: {understanding: 1.0}}}",
             ],
         )
+
+
+def _truncate_a_shard_file(root: Path) -> None:
+    shard = max((root / "step_00000004").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+# Damage to the latest checkpoint (step 4 of a run that also kept step 2) -> where a fallback resumes.
+DAMAGES = {
+    "meta_json_missing": (lambda root: (root / "step_00000004" / "meta.json").unlink(), "step_00000002"),
+    "latest_names_a_missing_step": (lambda root: (root / "latest").write_text("step_00000006"), "step_00000004"),
+    "truncated_shard_file": (_truncate_a_shard_file, "step_00000002"),
+}
+
+
+def test_a_damaged_latest_checkpoint_never_restarts_from_step_0_nor_deletes_an_intact_one(tmp_path, caplog):
+    from megatron_cosmos3.training.checkpoint import ResumeError
+    from megatron_cosmos3.training.safe_reader import verify_checkpoint
+
+    constant = "optimizer.schedule=constant"  # the run to step 4 and the one to step 5 share their schedule
+    straight = config_for(tmp_path, "straight", constant, "steps=5", "checkpoint.save_every=100")
+    train_module.train(straight, CPU)
+    base = config_for(tmp_path, "base", constant, "steps=4", "checkpoint.save_every=2")
+    train_module.train(base, CPU)
+    for name, (damage, newest_intact) in DAMAGES.items():
+        root = tmp_path / name / "ckpt"
+        shutil.copytree(base.checkpoint.directory, root)
+        damage(root)
+        with pytest.raises(ResumeError, match=r"cannot resume .* committed checkpoints in .*: step_00000002") as error:
+            train_module.train(config_for(tmp_path, name, constant, "steps=5", "checkpoint.save_every=2"), CPU)
+        assert "checkpoint.fallback_to_verified=true" in str(error.value)
+        verify_checkpoint(root / "step_00000002")  # nothing was pruned, nothing overwritten
+        assert sorted(p.name for p in root.glob("step_*")) == ["step_00000002", "step_00000004"]
+
+        caplog.clear()
+        fallback = config_for(tmp_path, name, constant, "steps=5", "checkpoint.fallback_to_verified=true")
+        with caplog.at_level(logging.WARNING):
+            train_module.train(fallback, CPU)
+        assert f"RESUMING FROM {root / newest_intact}" in caplog.text, name
+        want, got = final_weights(straight), final_weights(fallback)
+        for key in want:
+            assert torch.equal(want[key], got[key]), (name, key)
+
+    # Starting over where checkpoints are takes an explicit setting; older ones survive until pruned.
+    fresh = [f"checkpoint.directory={base.checkpoint.directory}", "checkpoint.resume=false", "steps=1"]
+    with pytest.raises(ResumeError, match="checkpoint.allow_fresh_start=true"):
+        train_module.train(config_for(tmp_path, "base", *fresh), CPU)
+    train_module.train(config_for(tmp_path, "base", *fresh, "checkpoint.allow_fresh_start=true"), CPU)
+    root = Path(base.checkpoint.directory)
+    assert latest_checkpoint(root).name == "step_00000001"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000001", "step_00000002", "step_00000004"]
+
+
+def test_a_second_trainer_on_a_locked_run_folder_refuses_and_a_stale_lock_is_taken_over(tmp_path, caplog):
+    import json
+    import socket
+    import subprocess
+
+    from megatron_cosmos3.training.run_lock import LOCK_FILE, RunFolderLock, RunFolderLocked
+
+    config = config_for(tmp_path, "locked", "steps=1")
+    root = Path(config.checkpoint.directory)
+    holder = RunFolderLock(root, job_id="job-17")
+    holder.acquire()
+    with pytest.raises(RunFolderLocked, match=rf"in use by another trainer: pid {os.getpid()} on host .* job job-17"):
+        train_module.train(config, CPU)
+    assert not list(root.glob("step_*")) and not list(root.glob(".step_*"))  # it wrote nothing
+    holder.release()
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    owner = {"host": socket.gethostname(), "pid": gone.pid, "process_start": "1", "job_id": "job-16", "since": "x"}
+    (root / LOCK_FILE).write_text(json.dumps(owner))
+    with caplog.at_level(logging.WARNING):
+        train_module.train(config, CPU)
+    assert f"taking over the stale lock {root / LOCK_FILE} of pid {gone.pid}" in caplog.text
+    assert not (root / LOCK_FILE).exists()  # released at exit
+    # A recycled pid (ours, started at another time) is not the owner either.
+    (root / LOCK_FILE).write_text(json.dumps({**owner, "pid": os.getpid(), "process_start": "0"}))
+    RunFolderLock(root).acquire()
+
+
+def test_paths_are_checked_by_field_before_any_process_group(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match=r"checkpoint.directory='.*a_file' exists and is not a directory"):
+        load_config(None, [*TINY, f"checkpoint.directory={tmp_path / 'a_file'}"])
+    with pytest.raises(ValueError, match=r"stage.init_from='.*nowhere' does not exist"):
+        load_config(None, [*TINY, f"stage.init_from={tmp_path / 'nowhere'}"])
