@@ -360,7 +360,8 @@ def test_a_second_trainer_on_a_locked_run_folder_refuses_and_a_stale_lock_is_tak
     root = Path(config.checkpoint.directory)
     holder = RunFolderLock(root, job_id="job-17")
     holder.acquire()
-    with pytest.raises(RunFolderLocked, match=rf"in use by another trainer: pid {os.getpid()} on host .* \(job job-17, since"):
+    refusal = rf"in use by another trainer: pid {os.getpid()} on host .* \(job job-17, since"
+    with pytest.raises(RunFolderLocked, match=refusal):
         train_module.train(config, CPU)
     assert not list(root.glob("step_*")) and not list(root.glob(".step_*"))  # it wrote nothing
     holder.release()
@@ -384,3 +385,71 @@ def test_paths_are_checked_by_field_before_any_process_group(tmp_path):
         load_config(None, [*TINY, f"checkpoint.directory={tmp_path / 'a_file'}"])
     with pytest.raises(ValueError, match=r"stage.init_from='.*nowhere' does not exist"):
         load_config(None, [*TINY, f"stage.init_from={tmp_path / 'nowhere'}"])
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.multiprocess
+def test_workers_die_with_a_killed_torchrun_and_the_restart_resumes_bit_exact(tmp_path):
+    """kill -9 of torchrun alone (its workers run in sessions of their own): the workers die with
+    it, the lock they leave is stale, and the restarted job takes it over and resumes exactly."""
+    import random
+    import subprocess
+    import time
+
+    from megatron_cosmos3.testing.training import TRAINER_ENV, trainer_command, torchrun_trainer
+
+    steps = ["steps=10", "checkpoint.save_every=1", "optimizer.schedule=constant"]
+    straight = config_for(tmp_path, "straight", *steps)
+    train_module.train(straight, CPU)
+    killed = config_for(tmp_path, "killed", *steps)
+    args = [*TINY, *steps, f"checkpoint.directory={killed.checkpoint.directory}"]
+    args += [f"tracking.tracking_uri={tmp_path / 'mlflow.db'}", "tracking.run_name=killed"]
+    root = Path(killed.checkpoint.directory)
+    launcher = subprocess.Popen(
+        trainer_command(1, *args), cwd=tmp_path, env=TRAINER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (root / "latest").exists() and time.monotonic() < deadline and launcher.poll() is None:
+            time.sleep(0.05)
+        time.sleep(random.uniform(0.0, 0.3))  # anywhere in a step or a save
+        workers = _children(launcher.pid)
+        assert workers and launcher.poll() is None, "the run ended before it could be killed"
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 20
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(w) for w in workers), "torchrun's workers outlived it"
+    finally:
+        launcher.kill()
+        launcher.stderr.close()
+    stopped_at = latest_checkpoint(root).name
+    assert stopped_at != "step_00000010"
+    restart = torchrun_trainer(tmp_path, 1, *args)
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    assert "taking over the stale lock" in restart.stderr
+    assert f"resumed from {root / stopped_at}" in restart.stderr
+    want, got = final_weights(straight), final_weights(killed)
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
