@@ -114,8 +114,6 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint: save_every={self.save_every} and keep_last={self.keep_last} must be >= 1")
         if not self.directory:
             raise ValueError("checkpoint.directory must be set")
-        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
-            raise ValueError(f"checkpoint.directory={self.directory!r} exists and is not a directory")
 
 
 @dataclass
@@ -205,8 +203,6 @@ class TrainConfig:
             raise ValueError(f"precision={self.precision!r} is not one of ('fp32', 'bf16')")
         if self.recompute not in ("none", "selective", "full"):
             raise ValueError(f"recompute={self.recompute!r} is not one of ('none', 'selective', 'full')")
-        if self.stage.init_from and not os.path.exists(self.stage.init_from):
-            raise ValueError(f"stage.init_from={self.stage.init_from!r} does not exist")
         clash = sorted(set(self.stage.new_embodiments) & set(self.model.embodiments))
         if clash:
             raise ValueError(f"stage.new_embodiments {clash} are already model.embodiments")
@@ -216,6 +212,19 @@ class TrainConfig:
             raise ValueError(f"data.vision={self.data.vision!r} is not one of {list(VISION_KINDS)}")
         if self.trains_vision:
             self._check_vision()
+
+    def check_paths(self) -> None:
+        """ValueError naming the field for a path this run cannot use. Called by ``main`` before
+        any process group starts (not at load: a config may be written before its data exists)."""
+        directory = self.checkpoint.directory
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise ValueError(f"checkpoint.directory={directory!r} exists and is not a directory")
+        if self.stage.init_from and not os.path.exists(self.stage.init_from):
+            raise ValueError(f"stage.init_from={self.stage.init_from!r} does not exist")
+        if self.data_source == "shards":
+            self.data.check_paths()
+            if self.eval.every:
+                self.held_out_data().check_paths("eval")
 
     def held_out_data(self) -> DataConfig:
         """The loader config of the held-out packs (``EvalConfig``): the training data's settings

@@ -583,6 +583,7 @@ def main(argv: list[str] | None = None) -> None:
     import os
 
     config.parallel.validate(int(os.environ.get("WORLD_SIZE", 1)), config.model, config.model.num_experts)
+    config.check_paths()
     ctx = init_distributed()
     logging.basicConfig(
         level=logging.INFO if ctx.is_main else logging.WARNING,

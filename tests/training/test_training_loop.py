@@ -379,12 +379,26 @@ def test_a_second_trainer_on_a_locked_run_folder_refuses_and_a_stale_lock_is_tak
     RunFolderLock(root).acquire()
 
 
-def test_paths_are_checked_by_field_before_any_process_group(tmp_path):
+def test_paths_are_checked_by_field_before_any_process_group(tmp_path, monkeypatch):
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(ValueError, match=r"checkpoint.directory='.*a_file' exists and is not a directory"):
-        load_config(None, [*TINY, f"checkpoint.directory={tmp_path / 'a_file'}"])
-    with pytest.raises(ValueError, match=r"stage.init_from='.*nowhere' does not exist"):
-        load_config(None, [*TINY, f"stage.init_from={tmp_path / 'nowhere'}"])
+    (tmp_path / "no_index").mkdir()
+    shards = ["data_source=shards", "data.stages={pretrain: {datasets: {w: 1.0}, tasks: {understanding: 1.0}}}"]
+    cases = {
+        r"checkpoint.directory='.*a_file' exists and is not a directory": [f"checkpoint.directory={tmp_path / 'a_file'}"],
+        r"stage.init_from='.*nowhere' does not exist": [f"stage.init_from={tmp_path / 'nowhere'}"],
+        r"data.datasets\[w\].shards\[0\]='.*nowhere': does not exist": [
+            *shards,
+            f"data.datasets=[{{name: w, shards: [{tmp_path / 'nowhere'}]}}]",
+        ],
+        r"data.datasets\[w\].shards\[0\]='.*no_index': the directory has no index.json": [
+            *shards,
+            f"data.datasets=[{{name: w, shards: [{tmp_path / 'no_index'}]}}]",
+        ],
+    }
+    monkeypatch.setattr(train_module, "init_distributed", lambda: pytest.fail("a process group was started"))
+    for message, overrides in cases.items():
+        with pytest.raises(ValueError, match=message):
+            train_module.main([*TINY, *overrides])
 
 
 def _children(pid: int) -> list[int]:
