@@ -96,6 +96,10 @@ def _float64_latent(value: float) -> dict:
     return _with(_latent("k"), "video_latents.npy", encode_npy(np.full((2, VIDEO_LATENT_CHANNELS * 4), value)))
 
 
+DEEP_JSON = b'{"a":' * 10**5 + b"1" + b"}" * 10**5
+BOMB_PNG = _png_header_claiming(10**5, 10**5)
+
+
 # Every kind of bad sample, with the reason the loader must give it.
 BAD_SAMPLES = {
     "corrupt_png": ("corrupt_media", lambda: _with(_text("k"), "image.png", b"\x89PNG\r\n\x1a\nnot really")),
@@ -123,8 +127,8 @@ BAD_SAMPLES = {
     "action_rate_1e-9": ("out_of_range", lambda: _meta(_clip("k"), action_rate_hz=1e-9)),
     "latent_grid_side_2e9": ("out_of_range", lambda: _meta(_latent("k"), video_latent_grid=[2, 1, 2_000_000_000])),
     # Library failures on untrusted bytes are data reasons, not internal errors.
-    "json_nested_too_deep": ("bad_metadata", lambda: {**_text("k"), "meta.json": b'{"a":' * 100_000 + b"1" + b"}" * 100_000}),
-    "png_decompression_bomb": ("corrupt_media", lambda: _with(_text("k"), "image.png", _png_header_claiming(10**5, 10**5))),
+    "json_nested_too_deep": ("bad_metadata", lambda: _with(_text("k"), "meta.json", DEEP_JSON)),
+    "png_decompression_bomb": ("corrupt_media", lambda: _with(_text("k"), "image.png", BOMB_PNG)),
     "caption_lone_surrogate": ("bad_metadata", lambda: _meta(_text("k"), caption="bad \ud800 text")),
     "audio_only": (
         "no_task",

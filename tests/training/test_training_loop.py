@@ -384,7 +384,9 @@ def test_paths_are_checked_by_field_before_any_process_group(tmp_path, monkeypat
     (tmp_path / "no_index").mkdir()
     shards = ["data_source=shards", "data.stages={pretrain: {datasets: {w: 1.0}, tasks: {understanding: 1.0}}}"]
     cases = {
-        r"checkpoint.directory='.*a_file' exists and is not a directory": [f"checkpoint.directory={tmp_path / 'a_file'}"],
+        r"checkpoint.directory='.*a_file' exists and is not a directory": [
+            f"checkpoint.directory={tmp_path / 'a_file'}"
+        ],
         r"stage.init_from='.*nowhere' does not exist": [f"stage.init_from={tmp_path / 'nowhere'}"],
         r"data.datasets\[w\].shards\[0\]='.*nowhere': does not exist": [
             *shards,
