@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from megatron_cosmos3.data.determinism import hash64
+from megatron_cosmos3.data.shards import local_entry_problem
 from megatron_cosmos3.data.tokenizer import TOKENIZER_FILE, TokenizerConfig
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
 from megatron_cosmos3.tasks.mixture import TaskMixture
@@ -114,6 +115,7 @@ class DataConfig:
         )
         for d in self.datasets:
             require(bool(d.shards), f"datasets[{d.name}].shards is empty")
+
         require(self.stage in self.stages, f"stage={self.stage!r} is not one of stages {sorted(self.stages)}")
         stage = self.stages[self.stage]
         unknown = sorted(set(stage.datasets) - set(names))
@@ -161,6 +163,17 @@ class DataConfig:
             f"tokenizer.path={self.tokenizer.path!r} holds no {TOKENIZER_FILE} (a local Hugging Face tokenizer folder)",
         )
         self.encoders.validate()
+
+    def check_paths(self, field_prefix: str = "data") -> None:
+        """ValueError naming the field for a local shard path or action-stats file that cannot be
+        read (called before any process group starts, not at load: a config may predate its data)."""
+        for d in self.datasets:
+            for j, entry in enumerate(d.shards):
+                problem = local_entry_problem(entry)
+                if problem is not None:
+                    raise ValueError(f"{field_prefix}.datasets[{d.name}].shards[{j}]={entry!r}: {problem}")
+            if d.action_stats not in ("auto", "") and not Path(d.action_stats).is_file():
+                raise ValueError(f"{field_prefix}.datasets[{d.name}].action_stats={d.action_stats!r} is not a file")
 
     @property
     def active_stage(self) -> MixtureConfig:

@@ -20,6 +20,13 @@ from dataclasses import dataclass, field
 UNREADABLE_SHARD = "unreadable_shard"
 TRUNCATED_SHARD = "truncated_shard"
 LOST_TO_TRUNCATION = "lost_to_truncation"
+# Shard integrity: a damaged member header (the rest of the shard after it is lost: one skip for the
+# sample being read, plus lost_to_truncation when the index says how many were never reached); a
+# sample key seen earlier in the same shard (the repeat is skipped); an index that lists fewer
+# samples than the shard holds (one per shard; its samples are still used).
+DAMAGED_SHARD = "damaged_shard"
+DUPLICATE_KEY = "duplicate_key"
+INDEX_MISMATCH = "index_mismatch"
 CORRUPT_MEDIA = "corrupt_media"
 BAD_METADATA = "bad_metadata"
 MISSING_FIELD = "missing_field"
@@ -27,13 +34,18 @@ EXTRA_FIELD = "extra_field"
 WRONG_SHAPE = "wrong_shape"
 WRONG_DTYPE = "wrong_dtype"
 NON_FINITE = "non_finite"
+OUT_OF_RANGE = "out_of_range"  # a value outside what the model represents or what is physically sensible
 ZERO_LENGTH = "zero_length"
 UNKNOWN_EMBODIMENT = "unknown_embodiment"
-INTERNAL_ERROR = "internal_error"  # an unexpected exception while processing one sample (logged with traceback)
+# An unexpected exception while processing one sample (logged with traceback): a bug, never bad data.
+INTERNAL_ERROR = "internal_error"
 ERROR_REASONS = (
     UNREADABLE_SHARD,
     TRUNCATED_SHARD,
     LOST_TO_TRUNCATION,
+    DAMAGED_SHARD,
+    DUPLICATE_KEY,
+    INDEX_MISMATCH,
     CORRUPT_MEDIA,
     BAD_METADATA,
     MISSING_FIELD,
@@ -41,6 +53,7 @@ ERROR_REASONS = (
     WRONG_SHAPE,
     WRONG_DTYPE,
     NON_FINITE,
+    OUT_OF_RANGE,
     ZERO_LENGTH,
     UNKNOWN_EMBODIMENT,
     INTERNAL_ERROR,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -26,7 +27,11 @@ _DECODE_ERRORS = (
     KeyError,
     IndexError,
     MemoryError,
+    OverflowError,
+    RecursionError,
     struct.error,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,  # raised as an error below: a header claiming a huge picture
 )
 
 
@@ -56,9 +61,11 @@ def encode_png(image: np.ndarray) -> bytes:
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB from PNG/JPEG/... bytes (any mode Pillow reads is converted to RGB)."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # Image.open is lazy: a truncated file fails only here
-            return np.array(image.convert("RGB"))  # a writable copy (torch refuses read-only arrays)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()  # Image.open is lazy: a truncated file fails only here
+                return np.array(image.convert("RGB"))  # a writable copy (torch refuses read-only arrays)
     except _DECODE_ERRORS as error:
         raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable image ({type(error).__name__}: {error})") from None
 
@@ -96,7 +103,7 @@ def decode_json(data: bytes, name: str) -> dict:
     """A JSON object; anything else (bad UTF-8, bad JSON, a list) is ``bad_metadata``."""
     try:
         document = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:  # RecursionError: nested too deep
         raise SampleError(BAD_METADATA, f"{name}: not valid JSON ({error})") from None
     if not isinstance(document, dict):
         raise SampleError(BAD_METADATA, f"{name}: expected a JSON object, got {type(document).__name__}")

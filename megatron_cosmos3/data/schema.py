@@ -28,6 +28,15 @@ All streams of a sample start at the same instant (the first video frame).
 
 Anything else is an ``extra_field``; a field missing what it needs, a ``missing_field``. Pixels
 and audio may come with their latents (latents win); a sample needs text or some media.
+
+Ranges (``out_of_range`` outside them; the bounds are the constants below): ``fps`` in
+FPS_RANGE and ``action_rate_hz`` in ACTION_RATE_RANGE_HZ (they set the temporal RoPE step, 6 units
+per second: 1e-9 fps would put frames 1e11 units apart, 1e12 fps all at 0), ``duration_s`` in
+DURATION_RANGE_S, latent grid sides and ``audio_num_samples`` at most MAX_GRID_SIDE and
+MAX_AUDIO_SAMPLES, the WAV rate in AUDIO_RATE_RANGE_HZ. Float arrays (actions, latents) may be
+float16/32/64; after the cast to float32 every value must be finite and within MAX_ABS_VALUE (so
+its square, in the flow-matching loss, is finite too). Text must be valid Unicode (no lone
+surrogates: it is encoded to UTF-8 for the tokenizer).
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from megatron_cosmos3.data.errors import (
     EXTRA_FIELD,
     MISSING_FIELD,
     NON_FINITE,
+    OUT_OF_RANGE,
     UNKNOWN_EMBODIMENT,
     WRONG_DTYPE,
     WRONG_SHAPE,
@@ -56,6 +66,14 @@ from megatron_cosmos3.encoders.video_vae import PIXELS_PER_TOKEN, largest_encoda
 from megatron_cosmos3.tasks.registry import Modality
 
 SCHEMA_VERSION = 1
+# Physically sensible ranges, inclusive (module docstring).
+FPS_RANGE = (0.1, 1000.0)
+ACTION_RATE_RANGE_HZ = (0.1, 1000.0)
+DURATION_RANGE_S = (1e-3, 86_400.0)
+AUDIO_RATE_RANGE_HZ = (1_000, 768_000)
+MAX_GRID_SIDE = 65_536
+MAX_AUDIO_SAMPLES = 48_000 * 86_400
+MAX_ABS_VALUE = 1e6
 FIELDS = (
     "meta.json",
     "image.png",
@@ -187,12 +205,14 @@ def _fail(reason: str, detail: str):
     raise SampleError(reason, detail)
 
 
-def _positive_number(meta: dict, name: str, needed_by: str) -> float:
+def _positive_number(meta: dict, name: str, needed_by: str, bounds: tuple[float, float]) -> float:
     if name not in meta:
         _fail(MISSING_FIELD, f"{needed_by} needs meta.json '{name}'")
     value = meta[name]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         _fail(BAD_METADATA, f"meta.json '{name}' must be a positive number, got {value!r}")
+    if not bounds[0] <= value <= bounds[1]:
+        _fail(OUT_OF_RANGE, f"meta.json '{name}'={value!r} is outside [{bounds[0]}, {bounds[1]}]")
     return float(value)
 
 
@@ -206,6 +226,8 @@ def _grid(meta: dict, name: str, needed_by: str) -> tuple[int, int, int]:
         or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in grid)
     ):
         _fail(BAD_METADATA, f"meta.json '{name}' must be 3 non-negative ints [t, h, w], got {grid!r}")
+    if max(grid) > MAX_GRID_SIDE:
+        _fail(OUT_OF_RANGE, f"meta.json '{name}'={grid} has a side above {MAX_GRID_SIDE}")
     return tuple(grid)
 
 
@@ -222,7 +244,12 @@ def _float_rows(array: np.ndarray, name: str, width: int | None, rows: int | Non
         _fail(ZERO_LENGTH, f"{name} has no rows")
     if not np.isfinite(array).all():
         _fail(NON_FINITE, f"{name} holds {int((~np.isfinite(array)).sum())} NaN/inf values")
-    return array.astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):
+        values = array.astype(np.float32, copy=False)
+    largest = float(np.abs(values).max())  # inf when a float64 value does not fit float32
+    if not largest <= MAX_ABS_VALUE:
+        _fail(OUT_OF_RANGE, f"{name} holds a value of magnitude {np.abs(array).max():.3g} (> {MAX_ABS_VALUE:g})")
+    return values
 
 
 def _picture(data: bytes, name: str) -> np.ndarray:
@@ -252,13 +279,17 @@ def decode_sample(raw: Mapping[str, bytes], context: SchemaContext = SchemaConte
         if name in meta:
             if not isinstance(meta[name], str):
                 _fail(BAD_METADATA, f"meta.json '{name}' must be a string, got {type(meta[name]).__name__}")
+            try:
+                meta[name].encode("utf-8")
+            except UnicodeEncodeError as error:
+                _fail(BAD_METADATA, f"meta.json '{name}' is not valid Unicode ({error.reason} at {error.start})")
             setattr(sample, name, meta[name])
     if (sample.question is None) != (sample.answer is None):
         _fail(MISSING_FIELD, "meta.json 'question' and 'answer' come together")
     if not isinstance(sample.timing, dict):
         _fail(BAD_METADATA, f"meta.json 'timing' must be an object, got {type(sample.timing).__name__}")
     if "duration_s" in meta:
-        sample.duration_s = _positive_number(meta, "duration_s", "duration_s")
+        sample.duration_s = _positive_number(meta, "duration_s", "duration_s", DURATION_RANGE_S)
 
     if "image.png" in files:
         sample.image = _picture(files["image.png"], "image.png")
@@ -279,7 +310,7 @@ def decode_sample(raw: Mapping[str, bytes], context: SchemaContext = SchemaConte
             )
         sample.video = video
     if "video.npy" in files or "video_latents.npy" in files:
-        sample.fps = _positive_number(meta, "fps", "a video")
+        sample.fps = _positive_number(meta, "fps", "a video", FPS_RANGE)
     if "audio.wav" in files:
         audio, rate = media.decode_wav(files["audio.wav"], "audio.wav")
         if audio.shape[0] not in (1, 2):
@@ -288,6 +319,8 @@ def decode_sample(raw: Mapping[str, bytes], context: SchemaContext = SchemaConte
             _fail(ZERO_LENGTH, "audio.wav has 0 samples")
         if rate <= 0:
             _fail(BAD_METADATA, f"audio.wav sample rate is {rate}")
+        if not AUDIO_RATE_RANGE_HZ[0] <= rate <= AUDIO_RATE_RANGE_HZ[1]:
+            _fail(OUT_OF_RANGE, f"audio.wav sample rate {rate} Hz is outside {list(AUDIO_RATE_RANGE_HZ)}")
         if not np.isfinite(audio).all():
             _fail(NON_FINITE, "audio.wav holds NaN/inf samples")
         sample.audio, sample.audio_sample_rate = audio, rate
@@ -298,7 +331,7 @@ def decode_sample(raw: Mapping[str, bytes], context: SchemaContext = SchemaConte
         width = context.action_dim(sample.embodiment)
         if width is None:
             _fail(UNKNOWN_EMBODIMENT, f"embodiment {sample.embodiment!r} is not one the model knows")
-        sample.action_rate_hz = _positive_number(meta, "action_rate_hz", "actions.npy")
+        sample.action_rate_hz = _positive_number(meta, "action_rate_hz", "actions.npy", ACTION_RATE_RANGE_HZ)
         sample.actions = _float_rows(media.decode_npy(files["actions.npy"], "actions.npy"), "actions.npy", width)
     elif "embodiment" in meta or "action_rate_hz" in meta:
         _fail(MISSING_FIELD, "meta.json names an embodiment / action rate but the sample has no actions.npy")
@@ -319,6 +352,8 @@ def decode_sample(raw: Mapping[str, bytes], context: SchemaContext = SchemaConte
             _fail(MISSING_FIELD, "audio_latents.npy needs meta.json 'audio_num_samples'")
         if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
             _fail(BAD_METADATA, f"meta.json 'audio_num_samples' must be a positive int, got {count!r}")
+        if count > MAX_AUDIO_SAMPLES:
+            _fail(OUT_OF_RANGE, f"meta.json 'audio_num_samples'={count} is above {MAX_AUDIO_SAMPLES} (24 h at 48 kHz)")
         latents = _float_rows(
             media.decode_npy(files["audio_latents.npy"], "audio_latents.npy"),
             "audio_latents.npy",

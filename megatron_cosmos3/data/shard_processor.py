@@ -15,6 +15,8 @@ import torch
 
 from megatron_cosmos3.data.determinism import uniform
 from megatron_cosmos3.data.errors import (
+    DAMAGED_SHARD,
+    INDEX_MISMATCH,
     INTERNAL_ERROR,
     LOST_TO_TRUNCATION,
     NO_TASK,
@@ -82,7 +84,7 @@ class ShardProcessor:
                 if isinstance(raw, Skip):
                     if raw.reason == UNREADABLE_SHARD:  # the whole shard is lost: count its samples if known
                         raw = Skip(raw.shard, raw.key, raw.reason, raw.detail, count=info.samples or 1)
-                    truncated = truncated or raw.reason == TRUNCATED_SHARD
+                    truncated = truncated or raw.reason in (TRUNCATED_SHARD, DAMAGED_SHARD)
                     result.skips.append(raw)
                     read += raw.reason != UNREADABLE_SHARD
                     continue
@@ -109,6 +111,9 @@ class ShardProcessor:
                     count=info.samples - read,
                 )
             )
+        if info.samples is not None and read > info.samples:
+            detail = f"the index lists {info.samples} samples, the shard holds {read}"
+            result.skips.append(Skip(info.url, "", INDEX_MISMATCH, detail))
         return result
 
     def _build(self, builder: SampleBuilder, raw: dict, address: SlotAddress, index: int) -> BuiltSample:

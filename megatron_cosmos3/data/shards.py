@@ -28,7 +28,14 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
-from megatron_cosmos3.data.errors import EXTRA_FIELD, TRUNCATED_SHARD, UNREADABLE_SHARD, Skip
+from megatron_cosmos3.data.errors import (
+    DAMAGED_SHARD,
+    DUPLICATE_KEY,
+    EXTRA_FIELD,
+    TRUNCATED_SHARD,
+    UNREADABLE_SHARD,
+    Skip,
+)
 
 INDEX_FILENAME = "index.json"
 _INDEX_VERSION = 1
@@ -104,6 +111,20 @@ class ShardIndex:
         )
 
 
+def local_entry_problem(entry: str) -> str | None:
+    """Why a ``shards`` entry that names local files cannot be read, or None (URLs and pipes are not
+    checked here: they fail, counted, when read)."""
+    if "://" in entry or entry.startswith("pipe:"):
+        return None
+    entry = entry.removeprefix("file:")
+    if os.path.isdir(entry):
+        return None if os.path.isfile(os.path.join(entry, INDEX_FILENAME)) else f"the directory has no {INDEX_FILENAME}"
+    paths = expand_urls(entry)
+    if not any(os.path.exists(path) for path in paths):
+        return "does not exist" if len(paths) == 1 else f"none of its {len(paths)} paths exists"
+    return None
+
+
 def resolve_shards(entries: list[str]) -> list[ShardInfo]:
     """Every shard of a dataset's ``shards`` entries (module docstring), in order."""
     shards: list[ShardInfo] = []
@@ -146,7 +167,11 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
     * the shard cannot be opened or is not a tar: one ``unreadable_shard``;
     * the data ends inside a member, or the tar lacks its end-of-archive block: one
       ``truncated_shard`` for the sample being read (it is dropped: it may miss fields);
-    * a member name repeated within a sample: that sample is an ``extra_field`` skip.
+    * a member name repeated within a sample: that sample is an ``extra_field`` skip;
+    * a sample key seen earlier in the shard: the repeat is a ``duplicate_key`` skip;
+    * a member header that is not a tar header (tarfile then ends the archive quietly): the rest
+      of the stream is read, and if it holds anything but zeros the sample being read is a
+      ``damaged_shard`` skip and nothing after it is read (compressed or not).
     """
     try:
         raw = gopen(url, "rb")
@@ -156,6 +181,7 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
     stream = _TailTracker(raw)
     current: dict | None = None
     duplicate: str | None = None
+    seen: set[str] = set()
     try:
         try:
             archive = tarfile.open(fileobj=stream, mode="r|*")
@@ -171,19 +197,28 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
                     continue  # a name without an extension belongs to no sample field
                 if current is None or key != current["__key__"]:
                     if current is not None:
-                        yield _finished(url, current, duplicate)
+                        yield _finished(url, current, duplicate, seen)
                     current, duplicate = {"__key__": key, "__url__": url}, None
                 data = archive.extractfile(member).read()
                 suffix = suffix.lower()
                 if suffix in current:
                     duplicate = suffix
                 current[suffix] = data
+            leftover = _nonzero_rest(archive)
         except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
             yield Skip(
                 url,
                 current["__key__"] if current else "",
                 TRUNCATED_SHARD,
                 f"data ends inside a member: {type(error).__name__}: {error}",
+            )
+            return
+        if leftover:
+            yield Skip(
+                url,
+                current["__key__"] if current else "",
+                DAMAGED_SHARD,
+                f"a damaged member header after this sample: {leftover} bytes of the shard after it are unreadable",
             )
             return
         if not stream.ended_cleanly:
@@ -195,7 +230,7 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
             )
             return
         if current is not None:
-            yield _finished(url, current, duplicate)
+            yield _finished(url, current, duplicate, seen)
     finally:
         try:
             raw.close()
@@ -203,7 +238,24 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
             pass
 
 
-def _finished(url: str, sample: dict, duplicate: str | None) -> dict | Skip:
+def _nonzero_rest(archive: tarfile.TarFile) -> int:
+    """Reads the tar stream to its end after tarfile stopped; returns the number of bytes after the
+    first non-zero one (0 when only end-of-archive blocks and padding follow, as they should)."""
+    stream, rest, found = archive.fileobj, 0, False
+    while chunk := stream.read(1 << 20):
+        if found:
+            rest += len(chunk)
+        elif chunk.count(0) != len(chunk):
+            found = True
+            rest += len(chunk.lstrip(b"\0"))
+    return rest
+
+
+def _finished(url: str, sample: dict, duplicate: str | None, seen: set[str]) -> dict | Skip:
+    key = sample["__key__"]
+    if key in seen:
+        return Skip(url, key, DUPLICATE_KEY, f"sample key {key!r} appears earlier in the shard; the repeat is skipped")
+    seen.add(key)
     if duplicate is not None:
-        return Skip(url, sample["__key__"], EXTRA_FIELD, f"field {duplicate!r} appears twice")
+        return Skip(url, key, EXTRA_FIELD, f"field {duplicate!r} appears twice")
     return sample

@@ -7,6 +7,12 @@ loader state), plus ``meta.json`` (step, MLflow run, resolved config). It is wri
 does ``latest`` name it. A crash or a kill mid-save therefore leaves the previous checkpoint as the
 one resumed, and the half-written folder is swept away on the next start.
 
+Every checkpoint carries ``checksums.json`` (sha256 of each file, see ``safe_reader.py``), checked
+on load. A resume never starts over silently: ``inventory`` finds what ``latest`` names, and a
+missing, damaged or unverifiable latest checkpoint is an error listing the committed ones (or, with
+``checkpoint.fallback_to_verified``, a loud fallback to the newest that verifies). Pruning after a
+commit removes only checkpoints older than the one just committed, which is whole by construction.
+
 Saving is asynchronous: tensors are copied to host memory before ``save`` returns, training goes on,
 and a background thread writes them; ``poll`` (each step) or ``wait`` commits the finished save.
 Checkpoint traffic runs on a process group of its own so it never interleaves with training
@@ -26,11 +32,20 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from megatron_cosmos3.training.checkpoint_state import ShardingMeshes, model_entries, optimizer_entries
-from megatron_cosmos3.training.safe_reader import SafeFileSystemReader
+from megatron_cosmos3.training.safe_reader import (
+    CheckpointCorruptError,
+    ChecksummedFileSystemWriter,
+    SafeFileSystemReader,
+    UnsafeCheckpointError,
+    check_file,
+    check_sizes,
+    read_manifest,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +66,69 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def read_meta(path: str | Path) -> dict:
-    return json.loads((Path(path) / "meta.json").read_text())
+    """The checkpoint's meta.json, checked against its manifest; CheckpointCorruptError otherwise."""
+    path = Path(path)
+    check_file(path, "meta.json", read_manifest(path), "step, MLflow run, config")
+    try:
+        return json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointCorruptError(f"checkpoint {path}: meta.json is unreadable ({error})") from None
+
+
+def step_of(path: Path) -> int | None:
+    """N of a ``step_<N>`` folder name, else None."""
+    name = path.name
+    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else None
+
+
+class ResumeError(RuntimeError):
+    """The run folder holds checkpoints but none that this run may resume from as configured."""
+
+
+@dataclass
+class Inventory:
+    """What a run folder holds. ``latest``: the committed checkpoint ``latest`` names; ``problem``:
+    why there is none although the folder holds step folders (None when all is well or empty)."""
+
+    root: Path
+    latest: Path | None
+    committed: list[Path]  # step folders with meta.json, oldest first
+    damaged: list[Path]  # step folders without meta.json
+    problem: str | None
+
+    @property
+    def empty(self) -> bool:
+        return not self.committed and not self.damaged
+
+    def describe(self) -> str:
+        found = ", ".join(p.name for p in self.committed) or "none"
+        damaged = f"; without meta.json: {', '.join(p.name for p in self.damaged)}" if self.damaged else ""
+        return f"committed checkpoints in {self.root}: {found}{damaged}"
+
+
+def inventory(root: str | Path) -> Inventory:
+    root = Path(root)
+    folders = sorted((p for p in root.glob("step_*") if p.is_dir() and step_of(p) is not None), key=step_of)
+    committed = [p for p in folders if (p / "meta.json").is_file()]
+    damaged = [p for p in folders if p not in committed]
+    pointer, latest, problem = root / LATEST, None, None
+    if pointer.is_file():
+        try:
+            name = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            name, problem = "", f"{pointer} is unreadable ({error})"
+        target = root / name if name else None
+        if problem is None and (target is None or step_of(target) is None or "/" in name):
+            problem = f"{pointer} names {name!r}, which is not a checkpoint folder"
+        elif problem is None and not target.is_dir():
+            problem = f"{pointer} names {name}, which does not exist"
+        elif problem is None and not (target / "meta.json").is_file():
+            problem = f"{pointer} names {name}, which has no meta.json (damaged)"
+        elif problem is None:
+            latest = target
+    elif folders:
+        problem = f"the folder holds checkpoint folders but no {LATEST} file"
+    return Inventory(root, latest, committed, damaged, problem)
 
 
 @dataclass
@@ -114,7 +191,7 @@ class Checkpointer:
             **{f"rank{self.rank}/{k}": v for k, v in per_rank.items()},
             **(named or {}),
         }
-        writer = FileSystemWriter(str(staging))
+        writer = ChecksummedFileSystemWriter(str(staging))
         if self.async_save:
             future = dcp.async_save(state, storage_writer=writer, process_group=self.group)
             self._pending = _PendingSave(future, step, staging, meta)
@@ -138,19 +215,28 @@ class Checkpointer:
 
     def _commit(self, pending: _PendingSave) -> Path:
         final = step_dir(self.root, pending.step)
-        # The coordinator's save finishes last (it writes the index after every rank's data), so
-        # rank 0 alone can commit without waiting for the others.
+        # The coordinator's save finishes last (it writes the index after every rank's data and
+        # checksums), so rank 0 alone can commit without waiting for the others.
         if self.rank == 0:
             (pending.staging / "meta.json").write_text(json.dumps({"step": pending.step, **pending.meta}, indent=2))
+            write_manifest(pending.staging)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(pending.staging, final)
             pointer = self.root / f".{LATEST}.tmp"
             pointer.write_text(final.name)
             os.replace(pointer, self.root / LATEST)
-            for old in sorted(self.root.glob("step_*"))[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            self._prune(pending.step)
             log.info("checkpoint committed: %s", final)
         return final
+
+    def _prune(self, committed: int) -> None:
+        """Keeps the checkpoint just committed and the keep_last - 1 before it; never touches a newer
+        one (left by another timeline: a fallback resume or a fresh start)."""
+        older = sorted(
+            (p for p in self.root.glob("step_*") if step_of(p) is not None and step_of(p) < committed), key=step_of
+        )
+        for old in older[: max(0, len(older) - (self.keep_last - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
 
     # ------------------------------------------------------------------ load
     def load(
@@ -173,7 +259,11 @@ class Checkpointer:
         path = Path(path)
         if not (path / ".metadata").is_file():
             raise FileNotFoundError(f"{path} is not a checkpoint folder (no .metadata index)")
-        available = set(SafeFileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        check_sizes(path)  # a missing or truncated file fails here, before any weight is touched
+        meta = read_meta(path) if (path / "meta.json").is_file() else {}
+        reader = SafeFileSystemReader(str(path))
+        index = reader.read_metadata().state_dict_metadata
+        available = set(index)
         model_state = model_entries(model, self.meshes)
         missing = [k[len("model/") :] for k in model_state if k not in available]
         unexpected = [m for m in missing if not m.startswith(tuple(allow_missing))]
@@ -192,7 +282,6 @@ class Checkpointer:
                 }
             )
         # Per-rank entries (RNG, loader state) vary in size: allocate them as the index describes.
-        index = SafeFileSystemReader(str(path)).read_metadata().state_dict_metadata
         for entries, key_of in ((per_rank, lambda name: f"rank{self.rank}/{name}"), (named, lambda name: name)):
             for name in list(entries or {}):
                 key = key_of(name)
@@ -200,10 +289,17 @@ class Checkpointer:
                     entries[name] = state[key] = torch.empty(tuple(index[key].size), dtype=index[key].properties.dtype)
                 else:
                     del entries[name]
-        dcp.load(
-            state,
-            storage_reader=SafeFileSystemReader(str(path)),
-            planner=DefaultLoadPlanner(allow_partial_load=True),
-            process_group=self.group,
-        )
-        return read_meta(path)
+        try:
+            dcp.load(
+                state,
+                storage_reader=reader,
+                planner=DefaultLoadPlanner(allow_partial_load=True),
+                process_group=self.group,
+            )
+        except CheckpointException as error:  # a rank's own error, not "ranks: dict_keys([0])"
+            for failure in error.failures.values():
+                cause = failure[0] if isinstance(failure, tuple) else failure
+                if isinstance(cause, (CheckpointCorruptError, UnsafeCheckpointError)):
+                    raise cause from error
+            raise CheckpointCorruptError(f"checkpoint {path} could not be read: {error}") from error
+        return meta

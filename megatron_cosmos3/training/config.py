@@ -7,6 +7,7 @@ every rank at once, not a hang inside a collective.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
@@ -86,15 +87,33 @@ class SyntheticDataConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Where checkpoints go and how a run resumes (``training/checkpoint.py``).
+
+    A resume never starts over silently: when ``directory`` holds checkpoints but the one ``latest``
+    names is missing, damaged or fails its checksums, the run stops with the list of committed
+    checkpoints, unless ``fallback_to_verified`` lets it resume from the newest one that verifies.
+    Starting at step 0 in a folder that holds checkpoints (``resume=false``) needs
+    ``allow_fresh_start=true``. ``directory`` is locked for the run (``run.lock``): a second trainer
+    on the same folder refuses to start.
+    """
+
     directory: str = "outputs/checkpoints"
     save_every: int = 100  # steps; the last step is always saved
     keep_last: int = 2
     resume: bool = True  # continue from the latest committed checkpoint in ``directory`` if any
     async_save: bool = True  # write in the background while training goes on
+    # If the latest checkpoint is unusable, resume from the newest older one that verifies (logged
+    # as a warning) instead of stopping.
+    fallback_to_verified: bool = False
+    # With resume=false, start at step 0 even though ``directory`` holds checkpoints (newer ones are
+    # kept; older ones are pruned as this run commits its own).
+    allow_fresh_start: bool = False
 
     def __post_init__(self) -> None:
         if self.save_every < 1 or self.keep_last < 1:
             raise ValueError(f"checkpoint: save_every={self.save_every} and keep_last={self.keep_last} must be >= 1")
+        if not self.directory:
+            raise ValueError("checkpoint.directory must be set")
 
 
 @dataclass
@@ -193,6 +212,19 @@ class TrainConfig:
             raise ValueError(f"data.vision={self.data.vision!r} is not one of {list(VISION_KINDS)}")
         if self.trains_vision:
             self._check_vision()
+
+    def check_paths(self) -> None:
+        """ValueError naming the field for a path this run cannot use. Called by ``main`` before
+        any process group starts (not at load: a config may be written before its data exists)."""
+        directory = self.checkpoint.directory
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise ValueError(f"checkpoint.directory={directory!r} exists and is not a directory")
+        if self.stage.init_from and not os.path.exists(self.stage.init_from):
+            raise ValueError(f"stage.init_from={self.stage.init_from!r} does not exist")
+        if self.data_source == "shards":
+            self.data.check_paths()
+            if self.eval.every:
+                self.held_out_data().check_paths("eval")
 
     def held_out_data(self) -> DataConfig:
         """The loader config of the held-out packs (``EvalConfig``): the training data's settings

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +18,7 @@ class DistributedContext:
     world_size: int
     local_rank: int
     device: torch.device
+    job_id: str = ""  # SLURM's job id or torchrun's run id: who holds the run folder's lock
 
     @property
     def is_main(self) -> bool:
@@ -32,10 +36,33 @@ def _launcher_env() -> tuple[int, int, int] | None:
     return None
 
 
+log = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_launcher() -> None:
+    """Under torchrun, asks Linux to SIGKILL this worker when its launcher dies. torchrun starts
+    each worker in a session of its own, so a ``kill -9`` of torchrun alone would leave the workers
+    training and checkpointing into a folder that a restarted job is using."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    except (OSError, AttributeError) as error:  # not Linux: the run-folder lock still guards the folder
+        log.warning("cannot tie this worker's life to torchrun's (%s)", error)
+        return
+    if os.getppid() != parent:  # the launcher died before the request was made
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def init_distributed() -> DistributedContext:
     """Initialises the default process group (NCCL + gloo on GPUs, gloo on CPUs); single process if unlaunched."""
     launched = _launcher_env()
     rank, world_size, local_rank = launched or (0, 1, 0)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker
+        die_with_launcher()
+    job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "")
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -47,7 +74,7 @@ def init_distributed() -> DistributedContext:
         # NCCL takes no CPU tensors. Every group made later inherits both.
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, init_method="env://")
-    return DistributedContext(rank, world_size, local_rank, device)
+    return DistributedContext(rank, world_size, local_rank, device, job_id)
 
 
 def barrier() -> None:

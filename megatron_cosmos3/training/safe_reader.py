@@ -1,17 +1,38 @@
-"""Reading torch.distributed.checkpoint folders without executing pickled code.
+"""Reading torch.distributed.checkpoint folders without executing pickled code, and verifying them.
 
 DCP stores tensors as raw bytes but its ``.metadata`` index as a pickle, and its stock reader
 unpickles it with no restriction: a crafted checkpoint could run code on load. This reader accepts
-only the handful of classes DCP's metadata is made of and refuses anything else, naming it.
+only the handful of classes DCP's metadata is made of and refuses anything else, naming it. The
+index may also declare an item as *bytes*, which DCP's planner would ``torch.load`` without
+``weights_only``: every item must be a tensor (our checkpoints hold nothing else; the loader
+position is JSON in a uint8 tensor), and every storage record a plain file of the folder.
+
+Checksums: ``ChecksummedFileSystemWriter`` hashes (sha256) the files each rank wrote, in its write
+thread, into ``__<rank>_checksums.json``; the commit merges them with ``.metadata`` and
+``meta.json`` into ``checksums.json``. On load each rank verifies ``.metadata`` and the files it
+reads before reading them, so a flipped or truncated byte is an error naming the checkpoint, the
+file and the items it holds, never a silently different weight.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import logging
 import pickle
+from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadItemType
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "checksums.json"
+RANK_MANIFEST_SUFFIX = "checksums.json"  # __<rank>_checksums.json, merged into MANIFEST at commit
+METADATA = ".metadata"
 
 _ALLOWED = {
     ("torch", "Size"),
@@ -24,27 +45,159 @@ _ALLOWED = {
 _ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata",)
 
 
+class CheckpointCorruptError(RuntimeError):
+    """A checkpoint file differs from what was written (checksum, size) or is missing."""
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint asks for something a tensors-only, no-pickle load refuses."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED or module in _ALLOWED_MODULES:
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise pickle.UnpicklingError(
-            f"checkpoint metadata refers to {module}.{name}, which a weights-only load refuses"
-        )
+        raise UnsafeCheckpointError(f"checkpoint metadata refers to {module}.{name}, which a weights-only load refuses")
+
+
+def file_record(path: Path) -> dict:
+    """{"bytes": size, "sha256": hex digest} of one file."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"bytes": path.stat().st_size, "sha256": digest}
+
+
+def write_manifest(folder: Path, extra: tuple[str, ...] = (METADATA, "meta.json")) -> None:
+    """Merges the per-rank checksum files of ``folder`` with the records of ``extra`` into MANIFEST."""
+    files = {}
+    for part in sorted(folder.glob(f"__*_{RANK_MANIFEST_SUFFIX}")):
+        files.update(json.loads(part.read_text()))
+        part.unlink()
+    files.update({name: file_record(folder / name) for name in extra if (folder / name).is_file()})
+    (folder / MANIFEST).write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1, sort_keys=True))
+
+
+def read_manifest(folder: Path) -> dict[str, dict] | None:
+    """{file name: record} of a checkpoint, or None for one written before checksums existed."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointCorruptError(f"checkpoint {folder}: {MANIFEST} is unreadable ({error})") from None
+
+
+def check_file(folder: Path, name: str, manifest: dict[str, dict] | None, holds: str = "", full: bool = True) -> None:
+    """Raises CheckpointCorruptError unless ``folder/name`` matches its manifest record (size only
+    unless ``full``). ``holds`` says what the file holds, for the message."""
+    if manifest is None:
+        return
+    what = f"checkpoint {folder}: file {name}{f' ({holds})' if holds else ''}"
+    record = manifest.get(name)
+    if record is None:
+        raise CheckpointCorruptError(f"{what} is not in its {MANIFEST}")
+    path = Path(folder) / name
+    if not path.is_file():
+        raise CheckpointCorruptError(f"{what} is missing")
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        raise CheckpointCorruptError(f"{what} has {size} bytes, {record['bytes']} were written (truncated or damaged)")
+    if full and file_record(path)["sha256"] != record["sha256"]:
+        raise CheckpointCorruptError(f"{what} does not match its sha256 checksum: the data was damaged after saving")
+
+
+def check_sizes(folder: Path) -> None:
+    """Cheap structural check of a checkpoint folder: every file of its manifest is there, whole."""
+    manifest = read_manifest(folder)
+    for name in sorted(manifest or {}):
+        check_file(Path(folder), name, manifest, full=False)
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Reads and checks every file of the checkpoint's manifest (CheckpointCorruptError otherwise)."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise CheckpointCorruptError(f"checkpoint {folder} has no {MANIFEST}: it cannot be verified")
+    for name in sorted(manifest):
+        check_file(Path(folder), name, manifest)
+
+
+class ChecksummedFileSystemWriter(FileSystemWriter):
+    """FileSystemWriter that records the sha256 of the files this rank wrote, in its write thread."""
+
+    def write_data(self, plan, planner):
+        future = super().write_data(plan, planner)
+        results = future.wait()  # the stock writer finishes before returning its future
+        folder = Path(self.path)
+        names = sorted({result.storage_data.relative_path for result in results})
+        records = {name: file_record(folder / name) for name in names}
+        (folder / f"{plan.storage_data.prefix}{RANK_MANIFEST_SUFFIX}").write_text(json.dumps(records))
+        return future
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """FileSystemReader whose metadata is unpickled through an allow-list."""
+    """FileSystemReader whose metadata is unpickled through an allow-list, whose items must all be
+    tensors stored in plain files of the folder, and whose files are checked against checksums."""
+
+    def __init__(self, path, *args, **kwargs):
+        super().__init__(path, *args, **kwargs)
+        self.folder = Path(path)
+        self.manifest = read_manifest(self.folder)
+        if self.manifest is None:
+            log.warning("checkpoint %s has no %s (saved before checksums): its files are not verified", path, MANIFEST)
+        self._verified: set[str] = set()
+
+    def _check(self, name: str, holds: str = "") -> None:
+        if name not in self._verified:
+            check_file(self.folder, name, self.manifest, holds)
+            self._verified.add(name)
 
     def read_metadata(self, *args, **kwargs):
         path = self._get_metadata_path(kwargs.get("rank"))
+        self._check(Path(path).name, "the index of every item")
         with self.fs.create_stream(path, "rb") as stream:
             metadata = _MetadataUnpickler(io.BytesIO(stream.read())).load()
+        validate_metadata(metadata, self.folder)
         if getattr(metadata, "storage_meta", None) is None:
             from torch.distributed.checkpoint.metadata import StorageMeta
 
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+    def read_data(self, plan, planner):
+        per_file: dict[str, list[str]] = {}
+        for item in plan.items:
+            if item.type == LoadItemType.BYTE_IO:  # validate_metadata refuses these already
+                fqn = item.dest_index.fqn
+                raise UnsafeCheckpointError(f"checkpoint {self.folder}: item {fqn!r} would be unpickled")
+            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item.dest_index.fqn)
+        for name, items in per_file.items():
+            shown = ", ".join(sorted(set(items))[:3]) + (" ..." if len(set(items)) > 3 else "")
+            self._check(name, f"items {shown}")
+        return super().read_data(plan, planner)
+
+
+def validate_metadata(metadata, folder: Path) -> None:
+    """Refuses every item kind but tensors (a bytes item is unpickled by DCP's planner), storage
+    records outside the folder, and storage transforms (extensions), naming the item."""
+    for key, item in metadata.state_dict_metadata.items():
+        if not isinstance(item, TensorStorageMetadata):
+            raise UnsafeCheckpointError(
+                f"checkpoint {folder}: item {key!r} is stored as {type(item).__name__}, not a tensor; loading it "
+                "would unpickle it, which a tensors-only load refuses"
+            )
+    for index, info in (metadata.storage_data or {}).items():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+            raise UnsafeCheckpointError(
+                f"checkpoint {folder}: item {index.fqn!r} is stored at {name!r}, not a file of the folder"
+            )
+        if getattr(info, "transform_descriptors", None):
+            raise UnsafeCheckpointError(
+                f"checkpoint {folder}: item {index.fqn!r} needs storage transforms {info.transform_descriptors}, "
+                "which this reader does not run"
+            )

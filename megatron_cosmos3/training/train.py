@@ -35,7 +35,7 @@ from megatron_cosmos3.parallel.state import ParallelGroups, destroy_parallel, in
 from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel, finalize_tensor_parallel_grads
 from megatron_cosmos3.parallel.vision_parallel import PictureSharing
 from megatron_cosmos3.training.batches import MicroBatches, held_out_batches, held_out_share
-from megatron_cosmos3.training.checkpoint import Checkpointer, latest_checkpoint
+from megatron_cosmos3.training.checkpoint import Checkpointer, Inventory, ResumeError, inventory, latest_checkpoint
 from megatron_cosmos3.training.config import TrainConfig, flatten, load_config, task_table, to_yaml
 from megatron_cosmos3.training.distributed import DistributedContext, init_distributed
 from megatron_cosmos3.training.flops import FlopCounter
@@ -43,6 +43,8 @@ from megatron_cosmos3.training.losses import LossBreakdown, loss_breakdown, mot_
 from megatron_cosmos3.training.metrics import MetricsWindow
 from megatron_cosmos3.training.precision import autocast
 from megatron_cosmos3.training.preemption import REQUEUE_EXIT_CODE, PreemptionWatcher
+from megatron_cosmos3.training.run_lock import lock_run_folder
+from megatron_cosmos3.training.safe_reader import CheckpointCorruptError
 from megatron_cosmos3.training.samples import generation_sample, save_sample
 from megatron_cosmos3.training.schedule import learning_rate
 from megatron_cosmos3.training.tracking import MLflowTracker
@@ -218,19 +220,71 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
     )
 
 
+def _load_full_state(run: Run, path: Path) -> dict:
+    per_rank, data_state = {"rng": torch.get_rng_state()}, run.batches.state()
+    meta = run.checkpointer.load(path, run.state_owner, run.optimizer, per_rank, named=data_state)
+    if "rng" in per_rank:
+        torch.set_rng_state(per_rank["rng"])
+    run.batches.load_state(data_state)
+    return meta
+
+
+def _resume(run: Run, found: Inventory) -> tuple[Path, dict] | None:
+    """Loads the checkpoint a resume must continue from (``CheckpointConfig``); None for a fresh
+    start (an empty folder). ResumeError when the folder's checkpoints cannot be resumed as configured."""
+    settings = run.config.checkpoint
+    problem = found.problem
+    if problem is None and found.latest is not None:
+        try:
+            return found.latest, _load_full_state(run, found.latest)
+        except CheckpointCorruptError as error:
+            problem = str(error)
+    if problem is None:
+        return None  # nothing was ever saved here
+    if not settings.fallback_to_verified:
+        raise ResumeError(
+            f"cannot resume from checkpoint.directory={found.root}: {problem}. {found.describe()}. Set "
+            "checkpoint.fallback_to_verified=true to resume from the newest of them that verifies, or "
+            "checkpoint.resume=false checkpoint.allow_fresh_start=true to start over."
+        )
+    for candidate in reversed(found.committed):
+        if candidate == found.latest and found.problem is None:
+            continue  # the one that just failed
+        try:
+            meta = _load_full_state(run, candidate)
+        except CheckpointCorruptError as error:
+            log.warning("checkpoint.fallback_to_verified: %s does not verify either: %s", candidate, error)
+            continue
+        log.warning(
+            "checkpoint.fallback_to_verified: the latest checkpoint is unusable (%s); RESUMING FROM %s (step %d), "
+            "the newest checkpoint that verifies",
+            problem,
+            candidate,
+            meta["step"],
+        )
+        return candidate, meta
+    raise ResumeError(
+        f"cannot resume from checkpoint.directory={found.root}: {problem}, and no older checkpoint verifies. "
+        f"{found.describe()}."
+    )
+
+
 def resume_or_initialise(run: Run) -> tuple[int, str | None]:
     """Loads this stage's latest checkpoint (full state), else the previous stage's weights."""
     config = run.config
-    latest = latest_checkpoint(config.checkpoint.directory) if config.checkpoint.resume else None
-    if latest is not None:
-        per_rank, data_state = {"rng": torch.get_rng_state()}, run.batches.state()
-        meta = run.checkpointer.load(latest, run.state_owner, run.optimizer, per_rank, named=data_state)
-        if "rng" in per_rank:
-            torch.set_rng_state(per_rank["rng"])
-        run.batches.load_state(data_state)
-        if run.ctx.is_main:
-            log.info("resumed from %s at step %d", latest, meta["step"])
-        return meta["step"], meta.get("mlflow_run_id")
+    found = inventory(config.checkpoint.directory)
+    if config.checkpoint.resume:
+        resumed = _resume(run, found)
+        if resumed is not None:
+            path, meta = resumed
+            if run.ctx.is_main:
+                log.info("resumed from %s at step %d", path, meta["step"])
+            return meta["step"], meta.get("mlflow_run_id")
+    elif not found.empty and not config.checkpoint.allow_fresh_start:
+        raise ResumeError(
+            f"checkpoint.resume=false, but checkpoint.directory={found.root} holds checkpoints ({found.describe()}); "
+            "starting over there needs checkpoint.allow_fresh_start=true (or use another directory)"
+        )
     if config.stage.init_from:
         source = Path(config.stage.init_from)
         new = tuple(f"dm_streams.action_{d}.{name}." for name in config.stage.new_embodiments for d in ("in", "out"))
@@ -376,13 +430,18 @@ def train(config: TrainConfig, ctx: DistributedContext) -> dict[str, float]:
 
 
 def _train(config: TrainConfig, ctx: DistributedContext, watcher: PreemptionWatcher) -> dict[str, float]:
-    run = build_run(config, ctx)
+    lock = lock_run_folder(config.checkpoint.directory, ctx.job_id, ctx.is_main)  # before anything is written
     try:
-        return _loop(run, watcher)
+        run = build_run(config, ctx)
+        try:
+            return _loop(run, watcher)
+        finally:
+            run.batches.close()
+            if run.reducer is not None:
+                run.reducer.close()
     finally:
-        run.batches.close()
-        if run.reducer is not None:
-            run.reducer.close()
+        if lock is not None:
+            lock.release()
 
 
 def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
@@ -524,6 +583,7 @@ def main(argv: list[str] | None = None) -> None:
     import os
 
     config.parallel.validate(int(os.environ.get("WORLD_SIZE", 1)), config.model, config.model.num_experts)
+    config.check_paths()
     ctx = init_distributed()
     logging.basicConfig(
         level=logging.INFO if ctx.is_main else logging.WARNING,

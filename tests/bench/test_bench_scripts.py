@@ -47,3 +47,8 @@ def test_attention_vs_causal_counts_each_masks_pairs_on_the_same_samples():
     assert re.search(r"^asymmetric \(sdpa\)\s+25,632\s", out, flags=re.M)
     assert re.search(r"^sdpa is_causal per sample\s+16,512\s", out, flags=re.M)
     assert "ratio asymmetric (sdpa) / best causal" in out
+
+
+def test_checkpoint_checksum_bench_saves_and_loads_both_ways():
+    out = run_script("checkpoint_checksums.py", "--megabytes", "16", "--repeats", "1")
+    assert "| save |" in out and "| load |" in out

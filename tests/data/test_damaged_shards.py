@@ -5,10 +5,13 @@ run that reads too much bad data with a message that says what and where."""
 from __future__ import annotations
 
 import functools
+import gzip
 import io
 import json
 import logging
+import struct
 import tarfile
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -79,6 +82,24 @@ def _video(frames: np.ndarray) -> dict:
     return _with(_clip("x"), "video.npy", encode_npy(frames))
 
 
+def _png_header_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims a picture of width x height (a decompression bomb), and no data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def _float64_latent(value: float) -> dict:
+    return _with(_latent("k"), "video_latents.npy", encode_npy(np.full((2, VIDEO_LATENT_CHANNELS * 4), value)))
+
+
+DEEP_JSON = b'{"a":' * 10**5 + b"1" + b"}" * 10**5
+BOMB_PNG = _png_header_claiming(10**5, 10**5)
+
+
 # Every kind of bad sample, with the reason the loader must give it.
 BAD_SAMPLES = {
     "corrupt_png": ("corrupt_media", lambda: _with(_text("k"), "image.png", b"\x89PNG\r\n\x1a\nnot really")),
@@ -98,6 +119,17 @@ BAD_SAMPLES = {
     "empty_video": ("zero_length", lambda: _video(np.zeros((0, 32, 32, 3), np.uint8))),
     "empty_actions": ("zero_length", lambda: _actions(np.zeros((0, 19), np.float32))),
     "quadruped": ("unknown_embodiment", lambda: _meta(_clip("k"), embodiment="quadruped")),
+    # Values float32 cannot hold (inf after the cast) and rates that put positions nowhere near 0..300.
+    "float64_actions_beyond_float32": ("out_of_range", lambda: _actions(np.full((2, 19), 1e300))),
+    "float64_latents_beyond_float32": ("out_of_range", lambda: _float64_latent(-1e39)),
+    "fps_1e-9": ("out_of_range", lambda: _meta(_clip("k"), fps=1e-9)),
+    "fps_1e12": ("out_of_range", lambda: _meta(_latent("k"), fps=1e12)),
+    "action_rate_1e-9": ("out_of_range", lambda: _meta(_clip("k"), action_rate_hz=1e-9)),
+    "latent_grid_side_2e9": ("out_of_range", lambda: _meta(_latent("k"), video_latent_grid=[2, 1, 2_000_000_000])),
+    # Library failures on untrusted bytes are data reasons, not internal errors.
+    "json_nested_too_deep": ("bad_metadata", lambda: _with(_text("k"), "meta.json", DEEP_JSON)),
+    "png_decompression_bomb": ("corrupt_media", lambda: _with(_text("k"), "image.png", BOMB_PNG)),
+    "caption_lone_surrogate": ("bad_metadata", lambda: _meta(_text("k"), caption="bad \ud800 text")),
     "audio_only": (
         "no_task",
         lambda: (
@@ -163,8 +195,47 @@ def damaged(tmp_path_factory):
     shards["duplicate"], expected["duplicate"] = url, Counter(extra_field=1)
 
     sources = [str(root / d) for d in ("mixed", "cut_in_member", "cut_at_member", "not_a_tar", "missing")] + [url]
-    used = 3 + 3 + 2 + 0 + 0 + 1
+
+    # The same sample key twice, apart: the repeat is skipped.
+    url = str(root / "duplicate_key.tar")
+    open(url, "wb").write(_tar_bytes([_text("a"), _text("b"), _text("a")]))
+    shards["duplicate_key"], expected["duplicate_key"] = url, Counter(duplicate_key=1)
+    sources.append(url)
+
+    # A destroyed member header (sample 2's first), uncompressed and gzipped, read without an index:
+    # sample 0 is used, sample 1 (which may lack members after the damage) is the damaged one.
+    for name, compress in (("damaged_header.tar", bytes), ("damaged_header.tar.gz", gzip.compress)):
+        data = bytearray(_tar_bytes([_text(str(i)) for i in range(4)]))
+        offset = next(m.offset for m in tarfile.open(fileobj=io.BytesIO(data)) if m.name.startswith("2."))
+        data[offset : offset + 512] = b"\xa5" * 512
+        url = str(root / name)
+        open(url, "wb").write(compress(bytes(data)))
+        shards[name], expected[name] = url, Counter(damaged_shard=1)
+        sources.append(url)
+
+    # An index that lists fewer samples than the shard holds: reported once, the samples are used.
+    _write(root / "short_index", [_text(str(i)) for i in range(3)])
+    index = json.loads((root / "short_index" / "index.json").read_text())
+    index["shards"][0]["samples"] = 2
+    (root / "short_index" / "index.json").write_text(json.dumps(index))
+    shards["short_index"] = str(root / "short_index" / index["shards"][0]["url"])
+    expected["short_index"] = Counter(index_mismatch=1)
+    sources.append(str(root / "short_index"))
+
+    used = 3 + 3 + 2 + 0 + 0 + 1 + 2 + 1 + 1 + 3
     return sources, {shards[k]: expected[k] for k in shards}, used
+
+
+def _tar_bytes(samples: list[dict]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for sample in samples:
+            for field, payload in sample.items():
+                if not field.startswith("__"):
+                    info = tarfile.TarInfo(f"{sample['__key__']}.{field}")
+                    info.size = len(payload)
+                    archive.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -178,6 +249,7 @@ def test_damaged_shards_give_exact_skip_counts(damaged, workers, caplog):
     assert {shard: Counter(counts) for shard, counts in loader.stats.per_shard.items()} == expected
     assert loader.stats.per_reason == sum(expected.values(), Counter())
     assert loader.stats.filtered == 1 and loader.stats.errors == sum(expected.values(), Counter()).total() - 1
+    assert "internal_error" not in loader.stats.per_reason
     logged = "\n".join(r.getMessage() for r in caplog.records)
     for shard in expected:
         assert shard in logged, "every shard with skips is logged"

@@ -1,8 +1,11 @@
-"""Checkpoints: atomic commit, asynchronous save, resharding across layouts, weights-only safety."""
+"""Checkpoints: atomic commit, asynchronous save, resharding across layouts, weights-only safety,
+checksums."""
 
 import copy
+import io
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +24,13 @@ from megatron_cosmos3.testing.training import tiny_mot_config
 from megatron_cosmos3.training.checkpoint import Checkpointer, latest_checkpoint
 from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 from megatron_cosmos3.training.losses import mot_losses
+from megatron_cosmos3.training.safe_reader import (
+    MANIFEST,
+    CheckpointCorruptError,
+    UnsafeCheckpointError,
+    file_record,
+    verify_checkpoint,
+)
 
 CONFIG = tiny_mot_config()
 MOE_CONFIG = tiny_mot_config(num_experts=4, moe_top_k=2, moe_ffn_hidden_size=16)
@@ -108,18 +118,86 @@ def test_missing_parameters_are_named_unless_declared_new(tmp_path):
         loader.load(tmp_path, grown)
 
 
+def reseal(folder):
+    """Rewrites the checksum manifest to match the folder's files: what a crafted checkpoint does."""
+    names = [p.name for p in folder.iterdir() if p.name != MANIFEST]
+    manifest = {"algorithm": "sha256", "files": {name: file_record(folder / name) for name in names}}
+    (folder / MANIFEST).write_text(__import__("json").dumps(manifest))
+
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, ("touch " + self.marker,))
+
+
 def test_metadata_that_would_run_code_is_refused(tmp_path):
     model, _ = trained_model(steps=0)
     Checkpointer(tmp_path, async_save=False).save(1, model, None, {}, {})
-
-    class Exploit:
-        def __reduce__(self):
-            return (os.system, ("touch " + str(tmp_path / "pwned"),))
-
-    (tmp_path / "step_00000001" / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    folder = tmp_path / "step_00000001"
+    (folder / ".metadata").write_bytes(pickle.dumps(Exploit(tmp_path / "pwned")))
+    fresh = MoTModel(copy.deepcopy(CONFIG))
+    with pytest.raises(CheckpointCorruptError, match=r"file \.metadata .* were written"):
+        Checkpointer(tmp_path, async_save=False).load(folder, fresh)
+    reseal(folder)  # checksums that match are no licence to run code
     with pytest.raises(pickle.UnpicklingError, match="refuses"):
-        Checkpointer(tmp_path, async_save=False).load(tmp_path / "step_00000001", MoTModel(copy.deepcopy(CONFIG)))
+        Checkpointer(tmp_path, async_save=False).load(folder, fresh)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_an_item_declared_as_bytes_is_refused_and_its_payload_never_runs(tmp_path):
+    """A .metadata made only of DCP's own classes may declare an item as bytes, which DCP's planner
+    would torch.load without weights_only."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    model, _ = trained_model(steps=0)
+    Checkpointer(tmp_path, async_save=False).save(1, model, None, {}, {})
+    folder = tmp_path / "step_00000001"
+    marker = tmp_path / "pwned"
+    payload = io.BytesIO()
+    torch.save(Exploit(marker), payload)
+    (folder / "__0_1.distcp").write_bytes(payload.getvalue())
+    metadata = pickle.loads((folder / ".metadata").read_bytes())
+    key = "model/lm_head.weight"
+    metadata.state_dict_metadata[key] = BytesStorageMetadata()
+    metadata.storage_data = {i: v for i, v in metadata.storage_data.items() if i.fqn != key}
+    metadata.storage_data[MetadataIndex(key)] = _StorageInfo("__0_1.distcp", 0, len(payload.getvalue()))
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    reseal(folder)
+    with pytest.raises(UnsafeCheckpointError, match=r"item 'model/lm_head.weight' is stored as BytesStorageMetadata"):
+        Checkpointer(tmp_path, async_save=False).load(folder, MoTModel(copy.deepcopy(CONFIG)))
+    assert not marker.exists()
+    torch.load(folder / "__0_1.distcp", weights_only=False)  # control: a plain torch.load runs it
+    assert marker.exists()
+
+
+def test_a_flipped_or_cut_byte_in_any_checkpoint_file_is_caught_naming_the_file(tmp_path):
+    model, optimizer = trained_model(steps=1)
+    Checkpointer(tmp_path / "good", async_save=False).save(1, model, optimizer, {"rng": torch.get_rng_state()}, {})
+    good = tmp_path / "good" / "step_00000001"
+    verify_checkpoint(good)
+    files = sorted(__import__("json").loads((good / MANIFEST).read_text())["files"])
+    assert ".metadata" in files and "meta.json" in files and any(f.endswith(".distcp") for f in files)
+    for name in files:
+        for damage in ("flip", "cut"):
+            folder = tmp_path / f"{damage}{name}"
+            shutil.copytree(good, folder)
+            data = bytearray((folder / name).read_bytes())
+            if damage == "flip":
+                data[len(data) // 2] ^= 0x01
+            else:
+                del data[len(data) // 2 :]
+            (folder / name).write_bytes(bytes(data))
+            fresh = MoTModel(copy.deepcopy(CONFIG))
+            with pytest.raises(CheckpointCorruptError, match=rf"checkpoint {folder}: file {name}\b"):
+                Checkpointer(tmp_path / "good", async_save=False).load(
+                    folder, fresh, torch.optim.AdamW(fresh.parameters()), {"rng": torch.get_rng_state()}
+                )
+            with pytest.raises(CheckpointCorruptError, match=name):
+                verify_checkpoint(folder)
 
 
 KILLED_DURING_SAVE = textwrap.dedent("""

@@ -1,7 +1,9 @@
 """The training loop in one process: exact resume, stages, the non-finite guard, accumulation."""
 
 import copy
+import logging
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -294,3 +296,176 @@ def test_evaluation_settings_are_validated_by_field(tmp_path):
                 "data.stages={pretrain: {datasets: {train: 1.0}, tasks: {understanding: 1.0}}}",
             ],
         )
+
+
+def _truncate_a_shard_file(root: Path) -> None:
+    shard = max((root / "step_00000004").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+# Damage to the latest checkpoint (step 4 of a run that also kept step 2) -> where a fallback resumes.
+DAMAGES = {
+    "meta_json_missing": (lambda root: (root / "step_00000004" / "meta.json").unlink(), "step_00000002"),
+    "latest_names_a_missing_step": (lambda root: (root / "latest").write_text("step_00000006"), "step_00000004"),
+    "truncated_shard_file": (_truncate_a_shard_file, "step_00000002"),
+}
+
+
+def test_a_damaged_latest_checkpoint_never_restarts_from_step_0_nor_deletes_an_intact_one(tmp_path, caplog):
+    from megatron_cosmos3.training.checkpoint import ResumeError
+    from megatron_cosmos3.training.safe_reader import verify_checkpoint
+
+    constant = "optimizer.schedule=constant"  # the run to step 4 and the one to step 5 share their schedule
+    straight = config_for(tmp_path, "straight", constant, "steps=5", "checkpoint.save_every=100")
+    train_module.train(straight, CPU)
+    base = config_for(tmp_path, "base", constant, "steps=4", "checkpoint.save_every=2")
+    train_module.train(base, CPU)
+    for name, (damage, newest_intact) in DAMAGES.items():
+        root = tmp_path / name / "ckpt"
+        shutil.copytree(base.checkpoint.directory, root)
+        damage(root)
+        with pytest.raises(ResumeError, match=r"cannot resume .* committed checkpoints in .*: step_00000002") as error:
+            train_module.train(config_for(tmp_path, name, constant, "steps=5", "checkpoint.save_every=2"), CPU)
+        assert "checkpoint.fallback_to_verified=true" in str(error.value)
+        verify_checkpoint(root / "step_00000002")  # nothing was pruned, nothing overwritten
+        assert sorted(p.name for p in root.glob("step_*")) == ["step_00000002", "step_00000004"]
+
+        caplog.clear()
+        fallback = config_for(tmp_path, name, constant, "steps=5", "checkpoint.fallback_to_verified=true")
+        with caplog.at_level(logging.WARNING):
+            train_module.train(fallback, CPU)
+        assert f"RESUMING FROM {root / newest_intact}" in caplog.text, name
+        want, got = final_weights(straight), final_weights(fallback)
+        for key in want:
+            assert torch.equal(want[key], got[key]), (name, key)
+
+    # Starting over where checkpoints are takes an explicit setting; older ones survive until pruned.
+    fresh = [f"checkpoint.directory={base.checkpoint.directory}", "checkpoint.resume=false", "steps=1"]
+    with pytest.raises(ResumeError, match="checkpoint.allow_fresh_start=true"):
+        train_module.train(config_for(tmp_path, "base", *fresh), CPU)
+    train_module.train(config_for(tmp_path, "base", *fresh, "checkpoint.allow_fresh_start=true"), CPU)
+    root = Path(base.checkpoint.directory)
+    assert latest_checkpoint(root).name == "step_00000001"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000001", "step_00000002", "step_00000004"]
+
+
+def test_a_second_trainer_on_a_locked_run_folder_refuses_and_a_stale_lock_is_taken_over(tmp_path, caplog):
+    import json
+    import socket
+    import subprocess
+
+    from megatron_cosmos3.training.run_lock import LOCK_FILE, RunFolderLock, RunFolderLocked
+
+    config = config_for(tmp_path, "locked", "steps=1")
+    root = Path(config.checkpoint.directory)
+    holder = RunFolderLock(root, job_id="job-17")
+    holder.acquire()
+    refusal = rf"in use by another trainer: pid {os.getpid()} on host .* \(job job-17, since"
+    with pytest.raises(RunFolderLocked, match=refusal):
+        train_module.train(config, CPU)
+    assert not list(root.glob("step_*")) and not list(root.glob(".step_*"))  # it wrote nothing
+    holder.release()
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    owner = {"host": socket.gethostname(), "pid": gone.pid, "process_start": "1", "job_id": "job-16", "since": "x"}
+    (root / LOCK_FILE).write_text(json.dumps(owner))
+    with caplog.at_level(logging.WARNING):
+        train_module.train(config, CPU)
+    assert f"taking over the stale lock {root / LOCK_FILE} of pid {gone.pid}" in caplog.text
+    assert not (root / LOCK_FILE).exists()  # released at exit
+    # A recycled pid (ours, started at another time) is not the owner either.
+    (root / LOCK_FILE).write_text(json.dumps({**owner, "pid": os.getpid(), "process_start": "0"}))
+    RunFolderLock(root).acquire()
+
+
+def test_paths_are_checked_by_field_before_any_process_group(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "no_index").mkdir()
+    shards = ["data_source=shards", "data.stages={pretrain: {datasets: {w: 1.0}, tasks: {understanding: 1.0}}}"]
+    cases = {
+        r"checkpoint.directory='.*a_file' exists and is not a directory": [
+            f"checkpoint.directory={tmp_path / 'a_file'}"
+        ],
+        r"stage.init_from='.*nowhere' does not exist": [f"stage.init_from={tmp_path / 'nowhere'}"],
+        r"data.datasets\[w\].shards\[0\]='.*nowhere': does not exist": [
+            *shards,
+            f"data.datasets=[{{name: w, shards: [{tmp_path / 'nowhere'}]}}]",
+        ],
+        r"data.datasets\[w\].shards\[0\]='.*no_index': the directory has no index.json": [
+            *shards,
+            f"data.datasets=[{{name: w, shards: [{tmp_path / 'no_index'}]}}]",
+        ],
+    }
+    monkeypatch.setattr(train_module, "init_distributed", lambda: pytest.fail("a process group was started"))
+    for message, overrides in cases.items():
+        with pytest.raises(ValueError, match=message):
+            train_module.main([*TINY, *overrides])
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.multiprocess
+def test_workers_die_with_a_killed_torchrun_and_the_restart_resumes_bit_exact(tmp_path):
+    """kill -9 of torchrun alone (its workers run in sessions of their own): the workers die with
+    it, the lock they leave is stale, and the restarted job takes it over and resumes exactly."""
+    import random
+    import subprocess
+    import time
+
+    from megatron_cosmos3.testing.training import TRAINER_ENV, trainer_command, torchrun_trainer
+
+    steps = ["steps=10", "checkpoint.save_every=1", "optimizer.schedule=constant"]
+    straight = config_for(tmp_path, "straight", *steps)
+    train_module.train(straight, CPU)
+    killed = config_for(tmp_path, "killed", *steps)
+    args = [*TINY, *steps, f"checkpoint.directory={killed.checkpoint.directory}"]
+    args += [f"tracking.tracking_uri={tmp_path / 'mlflow.db'}", "tracking.run_name=killed"]
+    root = Path(killed.checkpoint.directory)
+    launcher = subprocess.Popen(
+        trainer_command(1, *args), cwd=tmp_path, env=TRAINER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (root / "latest").exists() and time.monotonic() < deadline and launcher.poll() is None:
+            time.sleep(0.05)
+        time.sleep(random.uniform(0.0, 0.3))  # anywhere in a step or a save
+        workers = _children(launcher.pid)
+        assert workers and launcher.poll() is None, "the run ended before it could be killed"
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 20
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(w) for w in workers), "torchrun's workers outlived it"
+    finally:
+        launcher.kill()
+        launcher.stderr.close()
+    stopped_at = latest_checkpoint(root).name
+    assert stopped_at != "step_00000010"
+    restart = torchrun_trainer(tmp_path, 1, *args)
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    assert "taking over the stale lock" in restart.stderr
+    assert f"resumed from {root / stopped_at}" in restart.stderr
+    want, got = final_weights(straight), final_weights(killed)
+    for name in want:
+        assert torch.equal(want[name], got[name]), name

@@ -1,0 +1,153 @@
+"""One trainer per run folder: a lock file in ``checkpoint.directory`` held by rank 0 for the run.
+
+``run.lock`` is created atomically (``O_CREAT | O_EXCL``) and names its owner: host, pid, the
+process's start time (so a recycled pid is not mistaken for the owner), job id and when it started.
+A second trainer finds it and refuses to start, naming the owner. A lock whose owner is gone is
+stale: on the same host, a pid that no longer runs (or runs another process) is taken over with a
+warning. A lock from another host cannot be checked from here; the message says which file to
+delete once that trainer is known to be gone. Take-overs are serialised by ``flock`` on a guard
+file, so two trainers that find the same stale lock cannot both take it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "run.lock"
+
+
+class RunFolderLocked(RuntimeError):
+    """Another trainer holds the run folder."""
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None where /proc has none."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
+
+
+def _alive(owner: dict) -> bool:
+    """Whether the lock's owner still runs; True when it cannot be told (another host)."""
+    if owner.get("host") != socket.gethostname():
+        return True
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it runs
+    started = owner.get("process_start")
+    return started is None or _process_start(pid) in (None, started)
+
+
+class RunFolderLock:
+    """The lock of one run folder (not re-entrant; ``acquire`` once, ``release`` at exit)."""
+
+    def __init__(self, folder: str | Path, job_id: str = "") -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self.job_id = job_id
+        self.owner = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "process_start": _process_start(os.getpid()),
+            "job_id": job_id,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        self.held = False
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.owner, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def _read(self) -> dict | None:
+        for _ in range(20):  # a lock being written this instant: its owner is mid-write
+            try:
+                return json.loads(self.path.read_text())
+            except FileNotFoundError:
+                return None
+            except (OSError, ValueError):
+                time.sleep(0.05)
+        return {"unreadable": True}
+
+    def acquire(self) -> None:
+        """Takes the lock, taking over a stale one with a warning; RunFolderLocked if it is held."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        while not self._create():
+            owner = self._read()
+            if owner is None:
+                continue  # released meanwhile: try again
+            if owner.get("unreadable") or _alive(owner):
+                who = (
+                    "an unreadable lock file"
+                    if owner.get("unreadable")
+                    else f"pid {owner.get('pid')} on host {owner.get('host')} (job {owner.get('job_id') or '-'}, "
+                    f"since {owner.get('since')})"
+                )
+                raise RunFolderLocked(
+                    f"checkpoint.directory={self.folder} is in use by another trainer: {who}. Two trainers on one "
+                    f"run folder would overwrite each other's checkpoints. If that trainer is gone, delete {self.path}."
+                )
+            self._take_over(owner)
+        self.held = True
+
+    def _take_over(self, stale: dict) -> None:
+        with open(self.folder / f".{LOCK_FILE}.guard", "w") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            if self._read() == stale:  # nobody took it over before us
+                log.warning(
+                    "taking over the stale lock %s of pid %s on %s (job %s, since %s): that process is gone",
+                    self.path,
+                    stale.get("pid"),
+                    stale.get("host"),
+                    stale.get("job_id") or "-",
+                    stale.get("since"),
+                )
+                self.path.unlink()
+
+    def release(self) -> None:
+        if self.held and self._read() == self.owner:
+            self.path.unlink()
+        self.held = False
+
+
+def lock_run_folder(folder: str | Path, job_id: str, is_main: bool) -> RunFolderLock | None:
+    """Collective: rank 0 takes the folder's lock; every rank raises RunFolderLocked if it could not.
+    Returns the lock on rank 0 (release it at exit), None elsewhere."""
+    lock, refusal = None, None
+    if is_main:
+        lock = RunFolderLock(folder, job_id)
+        try:
+            lock.acquire()
+        except RunFolderLocked as error:
+            lock, refusal = None, str(error)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [refusal]
+        dist.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal is not None:
+        raise RunFolderLocked(refusal)
+    return lock
