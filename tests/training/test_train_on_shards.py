@@ -1,17 +1,22 @@
 """Training on generated-world shards: the loader's position is checkpointed, so a preempted run
 resumes mid-epoch with exactly the next pack, and two processes train from the same shards."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from megatron_cosmos3.data.media import encode_json
+from megatron_cosmos3.data.schema import Sample, encode_sample
+from megatron_cosmos3.data.shard_writer import ShardWriter
 from megatron_cosmos3.testing.distributed import run_on_ranks
-from megatron_cosmos3.testing.training import TINY_MODEL, loss_history, torchrun_trainer
+from megatron_cosmos3.testing.training import TINY_MODEL, loss_history, torchrun_trainer, train_on_ranks
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.batches import MicroBatches
 from megatron_cosmos3.training.checkpoint import latest_checkpoint
@@ -97,15 +102,42 @@ def test_preempted_mid_epoch_resumes_with_the_exact_next_pack(tmp_path, world, w
     assert losses(tmp_path, "resumed") == losses(tmp_path, "straight")  # bit for bit, steps 1-6
 
 
+def _damaged_dataset(directory: Path) -> Path:
+    """Two shards (one per data rank), each a usable latent clip of the world's widths and a bad one:
+    an absurd frame rate (out_of_range), a caption with a lone surrogate (bad_metadata)."""
+    rng = np.random.default_rng(0)
+
+    def clip(key: str, **meta) -> dict:
+        latents = rng.normal(size=(2, 4 * 4)).astype(np.float32)  # 4 latent channels, 2x2 patches
+        sample = encode_sample(
+            Sample(key=key, caption="a clip", fps=24.0, video_latent_grid=(2, 1, 1), video_latents=latents)
+        )
+        return {**sample, "meta.json": encode_json({**json.loads(sample["meta.json"]), **meta})}
+
+    with ShardWriter(directory, "damaged", max_samples_per_shard=2, validate=False) as writer:
+        for sample in (clip("good0"), clip("fast", fps=1e-9), clip("good1"), clip("text", caption="bad \ud800")):
+            writer.write_raw(sample)
+    return directory
+
+
 @pytest.mark.multiprocess
 def test_two_processes_train_on_shards_and_log_data_counts(tmp_path, world):
-    result = torchrun_trainer(tmp_path, 2, *shard_overrides(tmp_path, world, "two", "steps=4"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    damaged = _damaged_dataset(tmp_path / "damaged")
+    mixed = [
+        f"data.datasets=[{{name: world, shards: [{world}]}}, {{name: damaged, shards: [{damaged}]}}]",
+        "data.stages={pretrain: {datasets: {world: 1.0, damaged: 1.0}, tasks: {text_to_video: 1.0}}}",
+        "data.error_budget.max_error_fraction=0.5",  # half of the damaged set is bad by design
+    ]
+    train_on_ranks(2, *shard_overrides(tmp_path, world, "two", "steps=4", *mixed))
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.search_runs(client.get_experiment_by_name("megatron_cosmos3").experiment_id)[0]
     assert run.data.metrics["data/samples_used"] > 0
+    # Bad samples are skipped and counted per reason (each time a pass over the data reads them),
+    # summed over the data ranks, and training goes on.
+    assert run.data.metrics["data/skipped/out_of_range"] > 0
+    assert run.data.metrics["data/skipped/bad_metadata"] > 0
     assert run.data.params["data_source"] == "shards"
     assert len(losses(tmp_path, "two")) == 4
 
