@@ -34,12 +34,15 @@ def _free_port() -> int:
 
 
 # Imported once by the fork server, so that a forked rank starts in milliseconds: the libraries
-# every rank needs and the modules that import the heavy ones (megatron-core, transformers).
+# every rank needs, including those the trainer imports late (megatron-core at process-group set-up,
+# which compiles its fused kernels' wrappers on import; MLflow's SQLite store on rank 0).
 _FORK_SERVER_PRELOAD = [
     "torch",
     "torch.distributed",
-    "megatron_cosmos3.model.mot",
-    "megatron_cosmos3.parallel.state",
+    "megatron.core.parallel_state",
+    "megatron.core.tensor_parallel",
+    "mlflow.tracking",
+    "mlflow.store.tracking.sqlalchemy_store",
     "megatron_cosmos3.training.train",
 ]
 
@@ -47,6 +50,9 @@ _FORK_SERVER_PRELOAD = [
 def _worker(
     rank: int, world_size: int, port: int, out_dir: str, environment: dict, fn: Callable, args: tuple
 ) -> None:
+    # A forked rank inherits the fork server's start method: its own children (data-loader workers)
+    # must start as they would in a process torchrun started, not through a fork server of its own.
+    multiprocessing.set_start_method(None, force=True)
     os.environ.clear()
     os.environ.update(environment)
     os.environ.update(
