@@ -4,7 +4,7 @@ A ``VisionFeaturizer`` takes one picture and returns ``PictureTokens``: its merg
 Reasoner token per 32x32 pixels: 16x16 patches merged 2x2, as Qwen3-VL) and either
 
 * ``pixels`` — ``ViTPixels`` (``data.vision=vit``): the picture cut into the ViT's input rows
-  (``encoders.vision.image_patches``, exactly what Qwen3-VL's processor makes); the model's own ViT
+  (``model.vision.image_patches``, exactly what Qwen3-VL's processor makes); the model's own ViT
   encodes them in the training step, so the ViT trains with the towers; or
 * ``embeds`` — ``PatchVisionFeatures`` (``data.vision=patch``): a weight-free stand-in, a fixed
   random projection of each 32x32 patch's pooled colours, for runs without a ViT (the CPU demo).
@@ -64,7 +64,7 @@ class ViTPixels:
         self.config = config
 
     def __call__(self, picture: np.ndarray) -> PictureTokens:
-        from megatron_cosmos3.encoders.vision import image_patches  # transformers: only when used
+        from megatron_cosmos3.model.vision import image_patches  # transformers: only when used
 
         pixels, patch_grid = image_patches(crop_to_tokens(picture), self.config)
         m = self.config.spatial_merge_size

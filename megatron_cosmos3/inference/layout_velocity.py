@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from megatron_cosmos3.model.mot import MoTModel, MoTOutput
 from megatron_cosmos3.model.packed_batch import PackedBatch
+from megatron_cosmos3.objectives.losses import loss_breakdown
 from megatron_cosmos3.parallel.context_parallel import (
     ContextShard,
     SequenceSplit,
@@ -29,7 +30,6 @@ from megatron_cosmos3.parallel.context_parallel import (
 from megatron_cosmos3.parallel.pipeline import PipelineStages
 from megatron_cosmos3.parallel.pipeline_schedules import forward_backward
 from megatron_cosmos3.parallel.state import ParallelGroups
-from megatron_cosmos3.training.losses import loss_breakdown
 
 Velocity = Callable[[PackedBatch], dict[str, torch.Tensor]]
 

@@ -46,9 +46,9 @@ from megatron_cosmos3.model.attention import AttentionBackend, PackLayout, atten
 from megatron_cosmos3.model.moe import TokenBalance
 from megatron_cosmos3.model.mot import MoTModel, MoTOutput, RankRows
 from megatron_cosmos3.model.packed_batch import PackedBatch
+from megatron_cosmos3.objectives.losses import LossBreakdown, LossFunction, loss_breakdown
 from megatron_cosmos3.parallel.state import ParallelGroups
 from megatron_cosmos3.parallel.ulysses import ContextParallelAttention
-from megatron_cosmos3.training.losses import LossBreakdown, LossFunction, loss_breakdown
 
 
 @dataclass

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_cosmos3.data.synthetic_packs import random_pack
+from megatron_cosmos3.objectives.flow_matching import add_flow_matching_noise
 from megatron_cosmos3.training.config import TrainConfig
-from megatron_cosmos3.training.flow_matching import add_flow_matching_noise
 
 
 def _generator(config: TrainConfig, step: int, index: int) -> torch.Generator:

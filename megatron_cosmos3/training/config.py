@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 
 from megatron_cosmos3.data.config import VISION_KINDS, DataConfig, DatasetConfig, MixtureConfig
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
+from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig
 from megatron_cosmos3.parallel.sizes import ParallelSizes
-from megatron_cosmos3.training.flow_matching import FlowMatchingConfig
 
 SCHEDULES = ("cosine", "wsd", "constant")
 

@@ -20,11 +20,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, latest_checkpoint
+from megatron_cosmos3.checkpoint.weights_folder import is_weights_folder, load_weights_folder
 from megatron_cosmos3.inference.layout_velocity import layout_velocity
 from megatron_cosmos3.model.attention import PackLayout
 from megatron_cosmos3.model.moe import set_aux_loss_scale
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import IGNORE_INDEX
+from megatron_cosmos3.objectives.losses import LossBreakdown, loss_breakdown, mot_losses
 from megatron_cosmos3.parallel.context_parallel import sequence_split, split_losses
 from megatron_cosmos3.parallel.data_parallel import GradientReducer, build_optimizer, wrap_data_parallel
 from megatron_cosmos3.parallel.expert_parallel import apply_expert_parallel, finalize_expert_grads
@@ -35,18 +38,15 @@ from megatron_cosmos3.parallel.state import ParallelGroups, destroy_parallel, in
 from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel, finalize_tensor_parallel_grads
 from megatron_cosmos3.parallel.vision_parallel import PictureSharing
 from megatron_cosmos3.training.batches import MicroBatches, held_out_batches, held_out_share
-from megatron_cosmos3.training.checkpoint import Checkpointer, latest_checkpoint
 from megatron_cosmos3.training.config import TrainConfig, flatten, load_config, task_table, to_yaml
 from megatron_cosmos3.training.distributed import DistributedContext, init_distributed
 from megatron_cosmos3.training.flops import FlopCounter
-from megatron_cosmos3.training.losses import LossBreakdown, loss_breakdown, mot_losses
 from megatron_cosmos3.training.metrics import MetricsWindow
 from megatron_cosmos3.training.precision import autocast
 from megatron_cosmos3.training.preemption import REQUEUE_EXIT_CODE, PreemptionWatcher
 from megatron_cosmos3.training.samples import generation_sample, save_sample
 from megatron_cosmos3.training.schedule import learning_rate
 from megatron_cosmos3.training.tracking import MLflowTracker
-from megatron_cosmos3.training.weights_folder import is_weights_folder, load_weights_folder
 
 log = logging.getLogger("megatron_cosmos3.train")
 

@@ -143,8 +143,8 @@ def test_a_folder_of_another_architecture_is_refused_by_field(imported, tmp_path
 
 
 def test_missing_parameters_are_named_unless_a_new_embodiment_brings_them(imported, tmp_path):
+    from megatron_cosmos3.checkpoint.weights_folder import load_weights_folder
     from megatron_cosmos3.training.train import build_run, resume_or_initialise
-    from megatron_cosmos3.training.weights_folder import load_weights_folder
 
     config = stage_config(imported, tmp_path, "stage.new_embodiments={gripper: {action_dim: 7, rate_hz: 10.0}}")
     run = build_run(config, DistributedContext(0, 1, 0, torch.device("cpu")))

@@ -8,12 +8,12 @@ import torch
 
 from megatron_cosmos3.data.synthetic_packs import pack_from_lengths, random_pack
 from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
+from megatron_cosmos3.objectives.losses import mot_losses
 from megatron_cosmos3.parallel.context_parallel import shard_pack
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.testing.training import tiny_mot_config
-from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
-from megatron_cosmos3.training.losses import mot_losses
 
 CONFIG = tiny_mot_config()
 
@@ -142,8 +142,8 @@ def changed_dm_inputs(batch, g):
 def _ar_outputs_under_cp(rank, world_size):
     import torch.distributed as dist
 
+    from megatron_cosmos3.objectives.losses import cross_entropy_per_token
     from megatron_cosmos3.parallel.context_parallel import context_parallel_forward
-    from megatron_cosmos3.training.losses import cross_entropy_per_token
 
     torch.manual_seed(0)
     model = MoTModel(copy.deepcopy(CONFIG))

@@ -5,13 +5,13 @@ import torch
 
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.model.mot import MoTModel
-from megatron_cosmos3.training.flow_matching import (
+from megatron_cosmos3.objectives.flow_matching import (
     FlowMatchingConfig,
     add_flow_matching_noise,
     sample_timesteps,
     shift_timesteps,
 )
-from megatron_cosmos3.training.losses import flow_matching_per_token, mot_losses
+from megatron_cosmos3.objectives.losses import flow_matching_per_token, mot_losses
 
 TASKS_WITH_CONDITIONING = ("image_to_video", "video_to_audio", "forward_dynamics", "policy")
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_cosmos3.checkpoint.checkpointer import latest_checkpoint
 from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.testing.training import TINY_MODEL, loss_history, torchrun_trainer
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.batches import MicroBatches
-from megatron_cosmos3.training.checkpoint import latest_checkpoint
 from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.distributed import DistributedContext
 

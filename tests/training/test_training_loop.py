@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, latest_checkpoint
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TINY_VIT, loss_history
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.batches import MicroBatches
-from megatron_cosmos3.training.checkpoint import Checkpointer, latest_checkpoint
 from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.distributed import DistributedContext
 
@@ -160,7 +160,7 @@ def test_gradient_accumulation_equals_one_big_step(tmp_path):
     run = train_module.build_run(config, CPU)
     initial = copy.deepcopy(run.model)
     train_module.train(config, CPU)
-    from megatron_cosmos3.training.losses import mot_losses
+    from megatron_cosmos3.objectives.losses import mot_losses
 
     expected_grads = None
     for micro in range(2):
@@ -245,8 +245,8 @@ def test_training_the_vit_needs_its_config_and_its_deepstack_layers_on_the_first
 
 
 def test_held_out_loss_is_logged_changes_no_training_step_and_equals_a_recomputation(tmp_path):
+    from megatron_cosmos3.objectives.losses import loss_breakdown
     from megatron_cosmos3.training.batches import held_out_batches
-    from megatron_cosmos3.training.losses import loss_breakdown
 
     plain = config_for(tmp_path, "no-eval", "steps=4", "checkpoint.save_every=2")
     train_module.train(plain, CPU)

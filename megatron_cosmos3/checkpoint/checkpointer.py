@@ -29,8 +29,8 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from megatron_cosmos3.training.checkpoint_state import ShardingMeshes, model_entries, optimizer_entries
-from megatron_cosmos3.training.safe_reader import SafeFileSystemReader
+from megatron_cosmos3.checkpoint.safe_reader import SafeFileSystemReader
+from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes, model_entries, optimizer_entries
 
 log = logging.getLogger(__name__)
 
