@@ -52,11 +52,11 @@ def initialised_parts(config, rank: int = 0, world_size: int = 1) -> dict:
         want, vision = load_mot_folder(config.stage.init_from)
         reference = dict(want.named_parameters())
         reference.update({f"vision.{name}": param for name, param in vision.named_parameters()})
-        groups = run.groups
+        groups = run.plan.groups
         tensor_rank, tensor_size = (groups.tensor_rank, groups.sizes.tensor) if groups else (0, 1)
         return {
             name: (param.detach().clone(), local_part(reference[name].detach(), param, tensor_rank, tensor_size))
-            for name, param in run.state_owner.named_parameters()
+            for name, param in run.plan.state_owner.named_parameters()
         }
     finally:
         run.batches.close()
