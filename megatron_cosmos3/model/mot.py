@@ -217,7 +217,7 @@ class MoTModel(nn.Module):
             return batch
         if self.vision is None:
             raise ValueError(
-                "the pack carries pictures (vision_pixels) but the model has no ViT: train with data.vision=vit "
+                "the pack carries pictures (vision_pixels) but the model has no ViT: set model.vision "
                 "(MoTModel.add_vision_encoder)"
             )
         if self.vision.sharing is None:

@@ -34,16 +34,6 @@ class LossBreakdown:
     # task -> {"ce_sum", "ce_count", "fm_sum", "fm_count"} (detached)
     per_task: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
-    def task_means(self) -> dict[str, float]:
-        """{"<task>/ce": mean, "<task>/fm": mean} for tasks that had tokens of that kind."""
-        means = {}
-        for task, parts in self.per_task.items():
-            for kind in ("ce", "fm"):
-                count = float(parts[f"{kind}_count"])
-                if count:
-                    means[f"{task}/{kind}"] = float(parts[f"{kind}_sum"]) / count
-        return means
-
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     # Losses of bf16/fp16 activations are taken in fp32; fp64 (equivalence tests) stays fp64.

@@ -92,10 +92,6 @@ class TaskSpec:
                     f"in requires={set(self.requires)}"
                 )
 
-    @property
-    def has_dm(self) -> bool:
-        return bool(self.dm)
-
     def allows(self, modalities: frozenset[Modality], latent_frames: int, has_picture: bool = True) -> bool:
         """Whether a sample with ``modalities``, ``latent_frames`` video latent frames and (or not)
         a picture for the ViT can be laid out as this task."""

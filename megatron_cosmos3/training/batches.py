@@ -64,7 +64,7 @@ class MicroBatches:
             batch = next(self.loader)
         else:
             s = config.synthetic
-            pixels = config.data.vision == "vit"  # pictures for the model's own ViT
+            pixels = config.trains_vision  # pictures for the model's own ViT
             batch = random_pack(config.model, g, s.samples_per_pack, tuple(s.tasks), s.scale, pixels)
         noised, targets = add_flow_matching_noise(batch, config.flow_matching, g)
         return noised.to(self.device), {k: v.to(self.device) for k, v in targets.items()}

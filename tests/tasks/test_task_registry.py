@@ -41,7 +41,7 @@ def test_registry_covers_the_design_table_and_the_synthetic_tasks():
 @pytest.mark.parametrize("name", sorted(TASK_REGISTRY))
 def test_every_layout_puts_clean_conditioning_before_noisy_targets(name):
     task = TASK_REGISTRY[name]
-    if not task.has_dm:
+    if not task.dm:
         assert task.answer
         return
     spans = dm_layout(task, _streams())
