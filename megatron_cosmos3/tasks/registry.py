@@ -1,4 +1,5 @@
-"""The task registry: every task is a layout of one sample's tokens and a noise mask (DESIGN.md §3).
+"""The task registry: every task is a layout of one sample's tokens and a noise mask
+(docs/DESIGN.md, "Tasks are data").
 
 A task says which modalities a sample must have, what text the Reasoner reads (and whether it is
 trained on an answer), whether the Reasoner also sees a picture through the ViT, and how the DM

@@ -1,4 +1,4 @@
-"""The task registry: every task of DESIGN.md §3 is a layout with clean conditioning before noisy
+"""The task registry: every task of docs/DESIGN.md is a layout with clean conditioning before noisy
 targets; the mixture assigns only tasks a sample's modalities allow, in proportion to the weights."""
 
 from __future__ import annotations
