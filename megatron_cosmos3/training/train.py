@@ -1,7 +1,8 @@
 """The training entry point: ``python -m megatron_cosmos3.training.train [--config FILE] [key=value ...]``.
 
-Run under ``torchrun`` (or ``srun``), one process per device. Read top to bottom: config -> process
-groups -> model (stage, parallelism) and optimizer -> resume -> loop -> checkpoint.
+Run under ``torchrun`` (or ``srun``), one process per device. Read top to bottom: config -> parallel
+plan (``parallel/plan.py``: layout, driver, gradients) -> model and optimizer -> resume -> loop ->
+checkpoint. Nothing here branches on the parallel layout; the plan does.
 """
 
 from __future__ import annotations
