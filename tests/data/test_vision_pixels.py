@@ -23,10 +23,14 @@ def test_pixel_packs_have_the_layout_of_feature_packs_and_four_patches_per_token
     pictures = 0
     for vit, patch in zip(with_pixels, with_features, strict=True):
         assert vit.ar_vision_embeds is None
-        assert_same_batch(vit.replace(vision_pixels=None, vision_grid_thw=None), patch.replace(ar_vision_embeds=None))
+        # The ViT rows hold the ViT's image token; the stand-in (a model without a ViT config) has none.
+        ids = vit.ar_token_ids if vit.ar_is_vision is None else vit.ar_token_ids.masked_fill(vit.ar_is_vision, 0)
+        vit_layout = vit.replace(ar_token_ids=ids, vision_pixels=None, vision_grid_thw=None)
+        assert_same_batch(vit_layout, patch.replace(ar_vision_embeds=None))
         if vit.ar_is_vision is None:
             assert vit.vision_pixels is None
             continue
+        assert bool((vit.ar_token_ids[vit.ar_is_vision] == VIT_MODEL.vision.image_token_id).all())
         tokens = int(vit.ar_is_vision.sum())
         merge = VIT_MODEL.vision.spatial_merge_size
         assert vit.vision_pixels.shape == (tokens * merge * merge, 3 * 2 * 16 * 16)
