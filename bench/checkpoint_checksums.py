@@ -21,7 +21,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
-from megatron_cosmos3.training.safe_reader import ChecksummedFileSystemWriter, SafeFileSystemReader, write_manifest
+from megatron_cosmos3.checkpoint.safe_reader import ChecksummedFileSystemWriter, SafeFileSystemReader, write_manifest
 
 
 def state_of(megabytes: int) -> dict[str, torch.Tensor]:
@@ -56,7 +56,7 @@ def main() -> None:
     import logging
     import warnings
 
-    logging.getLogger("megatron_cosmos3.training.safe_reader").setLevel(logging.ERROR)
+    logging.getLogger("megatron_cosmos3.checkpoint.safe_reader").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     state = state_of(args.megabytes)
     root = Path(tempfile.mkdtemp(prefix="ckpt_bench_"))

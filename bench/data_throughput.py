@@ -98,8 +98,8 @@ def training_step_seconds(model_config: MoTConfig, shards: Path, tokens_per_pack
     """Seconds of one forward + backward + optimizer step of the tiny MoT on one pack (this CPU)."""
     try:
         from megatron_cosmos3.model.mot import MoTModel
-        from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
-        from megatron_cosmos3.training.losses import mot_losses
+        from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
+        from megatron_cosmos3.objectives.losses import mot_losses
     except ImportError:
         return None
     with PackedLoader(_config(shards, 0, tokens_per_pack), model_config) as loader:

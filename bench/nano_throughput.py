@@ -44,10 +44,10 @@ from megatron_cosmos3.model.attention import PackLayout, attention_backend
 from megatron_cosmos3.model.config import MoTConfig, load_model_config
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import IGNORE_INDEX
+from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
+from megatron_cosmos3.objectives.losses import mot_losses
 from megatron_cosmos3.parallel.grad_norm import clip_grad_norm
 from megatron_cosmos3.training.flops import FlopCounter, StepFlops
-from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
-from megatron_cosmos3.training.losses import mot_losses
 from megatron_cosmos3.training.precision import autocast
 from megatron_cosmos3.training.train import known_peak_flops
 

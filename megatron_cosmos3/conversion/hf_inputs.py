@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from megatron_cosmos3.encoders.vision import VisionEncoder, VisionFeatures
 from megatron_cosmos3.model import positions as pos
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import IGNORE_INDEX, PackedBatch, PackedSample
+from megatron_cosmos3.model.vision import VisionEncoder, VisionFeatures
 
 TEXT, IMAGE, VIDEO = 0, 1, 2  # the processor's mm_token_type_ids values
 

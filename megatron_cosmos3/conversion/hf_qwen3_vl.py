@@ -32,9 +32,9 @@ from megatron_cosmos3.conversion.safetensors_io import (
     tensor_dtype,
     write_sharded,
 )
-from megatron_cosmos3.encoders.vision import VisionEncoder, hf_vision_config
 from megatron_cosmos3.model.config import MoTConfig, VisionConfig
 from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.model.vision import VisionEncoder, hf_vision_config
 
 MODEL_TYPE = "qwen3_vl"
 LM = "model.language_model."

@@ -23,9 +23,9 @@ from megatron_cosmos3.conversion.safetensors_io import (
     tensor_dtype,
     write_sharded,
 )
-from megatron_cosmos3.encoders.vision import VisionEncoder
 from megatron_cosmos3.model.config import load_model_config
 from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.model.vision import VisionEncoder
 
 CONFIG_FILE = "model.yaml"
 

@@ -70,9 +70,6 @@ class ErrorBudgetConfig:
     min_samples: int = 200
 
 
-VISION_KINDS = ("patch", "vit")  # data/vision_features.py
-
-
 @dataclass
 class DataConfig:
     """The loader: datasets, stage mixtures, packing, shuffling, workers, error budget, encoders.
@@ -81,9 +78,6 @@ class DataConfig:
     num_workers: dataloader worker processes (0 = in the training process); the sample stream is
         the same for every value, so it may change between a save and a resume.
     epochs: 0 = endless (training); N = N passes over a single, non-resampled dataset.
-    vision: "vit" = pictures go into the pack as the ViT's pixel rows and the model's own ViT (model.vision)
-        encodes and trains in the step; "patch" = the weight-free ViT stand-in, no ViT in the model
-        (``data/vision_features.py``).
     tokenizer: bytes (default) or a local Hugging Face tokenizer (``data/tokenizer.py``).
     """
 
@@ -98,7 +92,6 @@ class DataConfig:
     epochs: int = 0
     error_budget: ErrorBudgetConfig = field(default_factory=ErrorBudgetConfig)
     encoders: LatentEncoderConfig = field(default_factory=LatentEncoderConfig)
-    vision: str = "patch"
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
     def validate(self) -> None:
@@ -156,7 +149,6 @@ class DataConfig:
             f"error_budget.max_error_fraction={budget.max_error_fraction} must be in [0, 1], "
             f"min_samples={budget.min_samples} >= 0",
         )
-        require(self.vision in VISION_KINDS, f"vision={self.vision!r}: expected one of {list(VISION_KINDS)}")
         tokenizer_file = Path(self.tokenizer.path) / TOKENIZER_FILE
         require(
             not self.tokenizer.path or tokenizer_file.is_file(),

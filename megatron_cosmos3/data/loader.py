@@ -77,7 +77,7 @@ def _make_builders(
 ) -> list[SampleBuilder]:
     """One SampleBuilder per active dataset; runs in each worker (encoders load there)."""
     encoder = latent_encoder_factory() if latent_encoder_factory is not None else None
-    vision = vision_featurizer(config.vision, model_config)
+    vision = vision_featurizer(model_config)
     limits = BuildLimits(config.packing.sample_token_limit, config.packing.max_text_tokens)
     tokenizer = tokenizer or build_tokenizer(config.tokenizer, model_config.vocab_size)
     return [SampleBuilder(model_config, tokenizer, vision, limits, encoder, s) for s in stats]

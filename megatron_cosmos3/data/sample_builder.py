@@ -4,7 +4,7 @@ Layout ``[prompt, ViT, EOS, BOG | clean conditioning DM, noisy DM targets]`` (un
 ``[question, ViT, answer, EOS]`` with cross-entropy on the answer and its EOS). Positions come
 from ``model/positions.py``: Qwen3-VL's rule for the AR section, the FPS rule for the DM section,
 whose streams all start at the first free unit after the AR section. Timesteps are left to the
-batch (zeros: ``training/flow_matching.py`` draws them and adds the noise).
+batch (zeros: ``objectives/flow_matching.py`` draws them and adds the noise).
 
 Over-long samples are cropped in time: every temporal stream (video latent frames, audio tokens,
 actions) keeps the steps that start in the clip's first D seconds — the same D for all, so the

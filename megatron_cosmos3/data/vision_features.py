@@ -1,13 +1,13 @@
-"""Pictures -> what the packer puts in the ViT token rows of a sample (``data.vision`` picks which).
+"""Pictures -> what the packer puts in the ViT token rows of a sample (``model.vision`` picks which).
 
 A ``VisionFeaturizer`` takes one picture and returns ``PictureTokens``: its merged token grid (one
 Reasoner token per 32x32 pixels: 16x16 patches merged 2x2, as Qwen3-VL) and either
 
-* ``pixels`` — ``ViTPixels`` (``data.vision=vit``): the picture cut into the ViT's input rows
-  (``encoders.vision.image_patches``, exactly what Qwen3-VL's processor makes); the model's own ViT
+* ``pixels`` — ``ViTPixels`` (``model.vision`` set): the picture cut into the ViT's input rows
+  (``model.vision.image_patches``, exactly what Qwen3-VL's processor makes); the model's own ViT
   encodes them in the training step, so the ViT trains with the towers; or
-* ``embeds`` — ``PatchVisionFeatures`` (``data.vision=patch``): a weight-free stand-in, a fixed
-  random projection of each 32x32 patch's pooled colours, for runs without a ViT (the CPU demo).
+* ``embeds`` — ``PatchVisionFeatures`` (``model.vision=null``): a weight-free stand-in, a fixed
+  random projection of each 32x32 patch's pooled colours, for models without a ViT.
 
 Both centre-crop the picture to whole tokens, so the layout, token counts and positions are the same.
 """
@@ -20,7 +20,6 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from megatron_cosmos3.data.config import VISION_KINDS
 from megatron_cosmos3.data.errors import WRONG_SHAPE, SampleError
 from megatron_cosmos3.encoders.video_vae import PIXELS_PER_TOKEN
 from megatron_cosmos3.model.config import VisionConfig
@@ -53,7 +52,7 @@ def crop_to_tokens(picture: np.ndarray) -> np.ndarray:
 
 
 class ViTPixels:
-    """The ViT's input rows of each picture (``data.vision=vit``)."""
+    """The ViT's input rows of each picture (a model with ``model.vision``)."""
 
     def __init__(self, config: VisionConfig) -> None:
         if config.patch_size * config.spatial_merge_size != PIXELS_PER_TOKEN:
@@ -64,7 +63,7 @@ class ViTPixels:
         self.config = config
 
     def __call__(self, picture: np.ndarray) -> PictureTokens:
-        from megatron_cosmos3.encoders.vision import image_patches  # transformers: only when used
+        from megatron_cosmos3.model.vision import image_patches  # transformers: only when used
 
         pixels, patch_grid = image_patches(crop_to_tokens(picture), self.config)
         m = self.config.spatial_merge_size
@@ -90,12 +89,8 @@ class PatchVisionFeatures:
         return PictureTokens((1, h, w), embeds=patches @ self._projection)
 
 
-def vision_featurizer(kind: str, model_config) -> VisionFeaturizer:
-    """The featurizer ``data.vision`` names for ``model_config``."""
-    if kind == "vit":
-        if model_config.vision is None:
-            raise ValueError("data.vision=vit needs model.vision (the ViT's config)")
+def vision_featurizer(model_config) -> VisionFeaturizer:
+    """The ViT's pixel rows when the model has its own ViT (``model_config.vision``), else the stand-in."""
+    if model_config.vision is not None:
         return ViTPixels(model_config.vision)
-    if kind == "patch":
-        return PatchVisionFeatures(model_config.hidden_size)
-    raise ValueError(f"data.vision={kind!r}: expected one of {list(VISION_KINDS)}")
+    return PatchVisionFeatures(model_config.hidden_size)

@@ -38,8 +38,8 @@ def sample_dm_tokens(
     """Generates the noisy-target DM tokens of ``batch``; clean conditioning tokens are kept.
 
     ``velocity_of``: each step's velocities from a full pass instead of the AR cache (a model split
-    over ranks: ``layout_velocity``). Returns the final tokens per stream (the same keys and shapes
-    as ``batch.dm_tokens``).
+    over ranks: ``ParallelPlan.velocity``). Returns the final tokens per stream (the same keys and
+    shapes as ``batch.dm_tokens``).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")

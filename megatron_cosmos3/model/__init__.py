@@ -1,1 +1,1 @@
-"""The Mixture-of-Transformers backbone: plain PyTorch math, no process groups."""
+"""The Mixture-of-Transformers backbone and its trained ViT: plain PyTorch math, no process groups."""

@@ -204,7 +204,7 @@ class MoTModel(nn.Module):
         are ``vision.vit.*``, the names of a weights folder written by the conversion."""
         if self.config.vision is None:
             raise ValueError("model.vision is not set: a model without a ViT config cannot run a ViT")
-        from megatron_cosmos3.encoders.vision import VisionEncoder  # transformers: only when used
+        from megatron_cosmos3.model.vision import VisionEncoder  # transformers: only when used
 
         self.vision = VisionEncoder(self.config.vision)
         self.reset_parameters(self.vision)  # skipped on the meta device
@@ -217,7 +217,7 @@ class MoTModel(nn.Module):
             return batch
         if self.vision is None:
             raise ValueError(
-                "the pack carries pictures (vision_pixels) but the model has no ViT: train with data.vision=vit "
+                "the pack carries pictures (vision_pixels) but the model has no ViT: set model.vision "
                 "(MoTModel.add_vision_encoder)"
             )
         if self.vision.sharing is None:

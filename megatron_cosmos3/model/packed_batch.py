@@ -25,7 +25,7 @@ ViT tokens: ``ar_is_vision`` marks the AR rows whose embeddings come from the vi
 (``ar_vision_embeds``, in row order) instead of the vocabulary. ``ar_deepstack_embeds`` (optional,
 Qwen3-VL's DeepStack) holds k more feature sets for the same rows; set i is added to those rows'
 hidden states after Reasoner layer i. A pack may instead carry the pictures themselves —
-``vision_pixels`` (the ViT's input rows, ``encoders.vision.image_patches``) and ``vision_grid_thw``
+``vision_pixels`` (the ViT's input rows, ``model.vision.image_patches``) and ``vision_grid_thw``
 (one patch grid per picture, in row order) — which the model's own ViT turns into those embeddings
 (``MoTModel.encode_vision``) inside the training step, so the ViT trains with the rest.
 """

@@ -27,11 +27,6 @@ def video_tokens_per_second(fps: float) -> float:
     return fps / VIDEO_VAE_TEMPORAL_COMPRESSION
 
 
-def temporal_position(offset: float, time_s: torch.Tensor | float) -> torch.Tensor | float:
-    """The temporal rotary position of an instant ``time_s`` seconds into a sample's DM section."""
-    return offset + TPS_BASE * time_s
-
-
 def text_positions(start: float, num_tokens: int) -> torch.Tensor:
     """(3, num_tokens): all three axes advance together, like a 1-D rotary embedding."""
     steps = start + torch.arange(num_tokens, dtype=torch.float32)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from megatron_cosmos3.encoders.vision import VisionEncoder
 from megatron_cosmos3.model.config import MoTConfig, load_model_config
 from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.model.vision import VisionEncoder
 
 
 @dataclass

@@ -46,9 +46,9 @@ from megatron_cosmos3.model.attention import AttentionBackend, PackLayout, atten
 from megatron_cosmos3.model.moe import TokenBalance
 from megatron_cosmos3.model.mot import MoTModel, MoTOutput, RankRows
 from megatron_cosmos3.model.packed_batch import PackedBatch
+from megatron_cosmos3.objectives.losses import LossBreakdown, LossFunction, loss_breakdown
 from megatron_cosmos3.parallel.state import ParallelGroups
 from megatron_cosmos3.parallel.ulysses import ContextParallelAttention
-from megatron_cosmos3.training.losses import LossBreakdown, LossFunction, loss_breakdown
 
 
 @dataclass
@@ -99,7 +99,7 @@ def _restrict(batch: PackedBatch, ar: slice, dm: slice) -> tuple[PackedBatch, di
     def clip(cu: torch.Tensor, rows: slice) -> torch.Tensor:
         return cu.clamp(rows.start, rows.stop) - rows.start
 
-    stream_rows = {key: (index >= dm.start) & (index < dm.stop) for key, index in batch.dm_token_index.items()}
+    stream_rows = _stream_rows(batch, dm)
     # Pictures never reach a part: the ViT encodes the whole pack first (MoTModel.encode_vision);
     # a stage that does not embed (pipeline) gets a part without ViT features, which it never reads.
     vision = dict.fromkeys(
@@ -128,6 +128,15 @@ def _restrict(batch: PackedBatch, ar: slice, dm: slice) -> tuple[PackedBatch, di
         **vision,
     )
     return local, stream_rows
+
+
+def _stream_rows(batch: PackedBatch, dm: slice) -> dict[str, torch.Tensor]:
+    return {key: (index >= dm.start) & (index < dm.stop) for key, index in batch.dm_token_index.items()}
+
+
+def stream_rows(batch: PackedBatch, rank: int, size: int) -> dict[str, torch.Tensor]:
+    """``shard_pack(batch, rank, size).dm_stream_rows`` without cutting the pack."""
+    return _stream_rows(batch, _chunk(batch.num_dm_tokens, rank, size)[0])
 
 
 def shard_pack(batch: PackedBatch, rank: int, size: int) -> ContextShard:
@@ -212,8 +221,8 @@ class SequenceSplit:
     ) -> LossBreakdown:
         """``loss_fn`` (e.g. ``loss_breakdown`` with a flow-matching weight) of the whole micro-batch,
         from this rank's ``output`` and ``shard``: ``total`` has the whole micro-batch's value, and
-        cp x the gradient of this rank's share (see ``context_parallel_losses`` and
-        ``sequence_parallel_losses``)."""
+        cp x the gradient of this rank's share under context parallelism; under sequence parallelism
+        (tensor ranks) cp x the share too, the tensor ranks' shares being summed."""
         losses = loss_fn(output, shard.batch, shard.local_targets(targets), group=self.group)
         if self.sequence_parallel:
             # loss_breakdown's gradient is size x this rank's share. The tensor ranks' shares are
@@ -260,59 +269,16 @@ def split_losses(
     batch: PackedBatch,
     targets: dict[str, torch.Tensor],
     split: SequenceSplit,
-    flow_matching_weight: float = 1.0,
+    loss_fn: LossFunction | None = None,
     inner: AttentionBackend | None = None,
 ) -> LossBreakdown:
-    """``mot_losses`` of the whole ``batch`` computed by the ranks of ``split.group`` (same batch and
-    targets on every rank); ``total`` as ``SequenceSplit.losses`` says."""
+    """``loss_fn`` (default: ``loss_breakdown`` with flow-matching weight 1) of the whole ``batch``,
+    computed by the ranks of ``split.group`` (same batch and targets on every rank).
+
+    ``total`` has the single-process value on every rank and, as ``SequenceSplit.losses`` says, the
+    gradient that the gradient reduction of the layout (an average over context, a sum over tensor
+    ranks) turns into the single-process gradient. Sums, counts and per-task parts are this rank's
+    share (they add up over the group).
+    """
     output, shard = split_forward(model, batch, split, inner)
-    loss_fn = partial(loss_breakdown, flow_matching_weight=flow_matching_weight)
-    return split.losses(loss_fn, output, shard, targets)
-
-
-def context_parallel_forward(
-    model: MoTModel,
-    batch: PackedBatch,
-    group: dist.ProcessGroup,
-    inner: AttentionBackend | None = None,
-    sequence_parallel: bool = False,
-) -> tuple[MoTOutput, ContextShard]:
-    """``split_forward`` with the rows split over the CP ``group`` (Ulysses), or with
-    ``sequence_parallel`` over the tensor group of a sequence-parallel model."""
-    split = SequenceSplit(group, sequence_parallel=True) if sequence_parallel else SequenceSplit(group, context=group)
-    return split_forward(model, batch, split, inner)
-
-
-def context_parallel_losses(
-    model: MoTModel,
-    batch: PackedBatch,
-    targets: dict[str, torch.Tensor],
-    group: dist.ProcessGroup,
-    flow_matching_weight: float = 1.0,
-    inner: AttentionBackend | None = None,
-) -> LossBreakdown:
-    """``mot_losses`` of the whole ``batch`` computed by the CP ``group`` (same batch and targets on
-    every rank).
-
-    ``total`` has the single-process value on every rank and cp x the gradient of this rank's share;
-    after ``reduce_replicated_gradients`` (an average) every rank holds the single-process gradient.
-    Sums, counts and per-task parts are this rank's share (they add up over the group).
-    """
-    return split_losses(model, batch, targets, SequenceSplit(group, context=group), flow_matching_weight, inner)
-
-
-def sequence_parallel_losses(
-    model: MoTModel,
-    batch: PackedBatch,
-    targets: dict[str, torch.Tensor],
-    tensor_group: dist.ProcessGroup,
-    flow_matching_weight: float = 1.0,
-) -> LossBreakdown:
-    """``mot_losses`` of ``batch`` under tensor + sequence parallelism (same batch on every TP rank).
-
-    ``total`` has the whole micro-batch's value and the gradient of this rank's share only: the
-    tensor-parallel linears and ``finalize_tensor_parallel_grads`` (a sum over the tensor group for
-    every replicated parameter) add the shares up.
-    """
-    split = SequenceSplit(tensor_group, sequence_parallel=True)
-    return split_losses(model, batch, targets, split, flow_matching_weight)
+    return split.losses(loss_fn or partial(loss_breakdown, flow_matching_weight=1.0), output, shard, targets)

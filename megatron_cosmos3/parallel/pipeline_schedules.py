@@ -40,9 +40,9 @@ import torch.distributed as dist
 from megatron_cosmos3.model.attention import attention_backend
 from megatron_cosmos3.model.mot import RankRows
 from megatron_cosmos3.model.packed_batch import PackedBatch
+from megatron_cosmos3.objectives.losses import LossBreakdown, LossFunction, loss_breakdown
 from megatron_cosmos3.parallel.context_parallel import ContextShard, SequenceSplit
 from megatron_cosmos3.parallel.pipeline import PipelineStages
-from megatron_cosmos3.training.losses import LossBreakdown, LossFunction, loss_breakdown
 
 ACTIVATION, GRADIENT = "activation", "gradient"  # activations flow to the next stage, gradients back
 

@@ -48,10 +48,6 @@ class ParallelGroups:
     data_reader: int = 0
 
     @property
-    def is_first_stage(self) -> bool:
-        return self.pipeline_rank == 0
-
-    @property
     def is_last_stage(self) -> bool:
         return self.pipeline_rank == self.sizes.pipeline - 1
 

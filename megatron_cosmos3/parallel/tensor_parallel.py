@@ -172,7 +172,7 @@ def apply_tensor_parallel(model: MoTModel, groups: ParallelGroups) -> MoTModel:
         return model
     sequence_parallel = groups.sizes.sequence_parallel
     if sequence_parallel:
-        from megatron_cosmos3.parallel.megatron_compat import install_cpu_memory_buffer
+        from megatron_cosmos3.parallel.megatron_on_cpu import install_cpu_memory_buffer
 
         install_cpu_memory_buffer()
     for layer in model.layers:

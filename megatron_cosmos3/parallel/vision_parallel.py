@@ -82,7 +82,7 @@ class PictureSharing:
     def encode(self, encoder, pixels: torch.Tensor, grid_thw: torch.Tensor, merge: int):
         """``encoder(pixels, grid_thw) -> VisionFeatures`` on this rank's pictures, gathered into the
         whole pack's ``VisionFeatures``."""
-        from megatron_cosmos3.encoders.vision import VisionFeatures
+        from megatron_cosmos3.model.vision import VisionFeatures
 
         patches = grid_thw.prod(-1).tolist()
         tokens = [n // merge for n in patches]

@@ -1,4 +1,5 @@
-"""Tasks: each task is a layout of a sample's tokens and a noise mask (DESIGN.md §3)."""
+"""Tasks: each task is a layout of a sample's tokens and a noise mask (docs/DESIGN.md, "Tasks are
+data")."""
 
 from megatron_cosmos3.tasks.layout import Stream, dm_layout, noise_mask, past_frames
 from megatron_cosmos3.tasks.mixture import TaskMixture

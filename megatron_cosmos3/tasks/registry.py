@@ -1,4 +1,5 @@
-"""The task registry: every task is a layout of one sample's tokens and a noise mask (DESIGN.md §3).
+"""The task registry: every task is a layout of one sample's tokens and a noise mask
+(docs/DESIGN.md, "Tasks are data").
 
 A task says which modalities a sample must have, what text the Reasoner reads (and whether it is
 trained on an answer), whether the Reasoner also sees a picture through the ViT, and how the DM
@@ -91,10 +92,6 @@ class TaskSpec:
                     f"task {self.name!r}: a DM span on {role.stream!r} needs {role.stream!r} "
                     f"in requires={set(self.requires)}"
                 )
-
-    @property
-    def has_dm(self) -> bool:
-        return bool(self.dm)
 
     def allows(self, modalities: frozenset[Modality], latent_frames: int, has_picture: bool = True) -> bool:
         """Whether a sample with ``modalities``, ``latent_frames`` video latent frames and (or not)

@@ -28,7 +28,7 @@ TINY_MODEL = [
 
 
 # A two-block ViT for the tiny model (out_hidden_size = its hidden size; placeholder ids inside its
-# vocabulary), one DeepStack set: with data.vision=vit the trainer trains it with the towers.
+# vocabulary), one DeepStack set: with model.vision set the trainer trains it with the towers.
 TINY_VISION = dict(
     depth=2,
     hidden_size=16,
@@ -43,7 +43,6 @@ TINY_VISION = dict(
     vision_end_token_id=59,
 )
 TINY_VIT = [
-    "data.vision=vit",
     *(f"model.vision.{k}={str(v).replace(' ', '')}" for k, v in TINY_VISION.items()),
 ]
 

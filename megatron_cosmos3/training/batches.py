@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_cosmos3.data.synthetic_packs import random_pack
+from megatron_cosmos3.objectives.flow_matching import add_flow_matching_noise
 from megatron_cosmos3.training.config import TrainConfig
-from megatron_cosmos3.training.flow_matching import add_flow_matching_noise
 
 
 def _generator(config: TrainConfig, step: int, index: int) -> torch.Generator:
@@ -64,7 +64,7 @@ class MicroBatches:
             batch = next(self.loader)
         else:
             s = config.synthetic
-            pixels = config.data.vision == "vit"  # pictures for the model's own ViT
+            pixels = config.trains_vision  # pictures for the model's own ViT
             batch = random_pack(config.model, g, s.samples_per_pack, tuple(s.tasks), s.scale, pixels)
         noised, targets = add_flow_matching_noise(batch, config.flow_matching, g)
         return noised.to(self.device), {k: v.to(self.device) for k, v in targets.items()}

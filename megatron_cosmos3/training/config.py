@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
-from megatron_cosmos3.data.config import VISION_KINDS, DataConfig, DatasetConfig, MixtureConfig
+from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfig
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
+from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig
 from megatron_cosmos3.parallel.sizes import ParallelSizes
-from megatron_cosmos3.training.flow_matching import FlowMatchingConfig
 
 SCHEDULES = ("cosine", "wsd", "constant")
 
@@ -87,7 +87,7 @@ class SyntheticDataConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Where checkpoints go and how a run resumes (``training/checkpoint.py``).
+    """Where checkpoints go and how a run resumes (``checkpoint/checkpointer.py``, ``checkpoint/resume.py``).
 
     A resume never starts over silently: when ``directory`` holds checkpoints but the one ``latest``
     names is missing, damaged or fails its checksums, the run stops with the list of committed
@@ -208,8 +208,6 @@ class TrainConfig:
             raise ValueError(f"stage.new_embodiments {clash} are already model.embodiments")
         if self.eval.every and self.data_source == "shards":
             self.held_out_data().validate()
-        if self.data.vision not in VISION_KINDS:
-            raise ValueError(f"data.vision={self.data.vision!r} is not one of {list(VISION_KINDS)}")
         if self.trains_vision:
             self._check_vision()
 
@@ -239,12 +237,12 @@ class TrainConfig:
 
     @property
     def trains_vision(self) -> bool:
-        """The model holds its own ViT, which encodes the packs' pictures in the step and trains."""
-        return self.data.vision == "vit"
+        """The model holds its own ViT, which encodes the packs' pictures in the step and trains:
+        exactly when ``model.vision`` (the ViT's config) is set. Without it the loader puts the
+        weight-free stand-in features into the ViT rows (``data/vision_features.py``)."""
+        return self.model.vision is not None
 
     def _check_vision(self) -> None:
-        if self.model.vision is None:
-            raise ValueError("data.vision=vit trains the model's own ViT, but model.vision (its config) is not set")
         # The ViT runs on the first pipeline chunk; its DeepStack features join the Reasoner after
         # layers 0..k-1, so those layers must be there too (no stage sends ViT features on).
         k = len(self.model.vision.deepstack_visual_indexes)
@@ -252,7 +250,7 @@ class TrainConfig:
         first_chunk = self.model.num_layers // stages
         if stages > 1 and first_chunk < k:
             raise ValueError(
-                f"data.vision=vit: the ViT's {k} DeepStack feature sets join Reasoner layers 0..{k - 1}, which must "
+                f"model.vision: the ViT's {k} DeepStack feature sets join Reasoner layers 0..{k - 1}, which must "
                 f"all be in the first pipeline chunk, but num_layers={self.model.num_layers} over "
                 f"parallel.pipeline*virtual_pipeline={stages} gives it {first_chunk}"
             )
@@ -265,13 +263,30 @@ def task_table(config: TrainConfig) -> list[str]:
     return list(config.synthetic.tasks)
 
 
+# Keys that no longer exist, and what says the same now: a clear error instead of OmegaConf's.
+REMOVED_KEYS = {
+    "data.vision": "the model trains its own ViT exactly when model.vision (the ViT's config) is set; "
+    "model.vision=null keeps the weight-free stand-in features",
+}
+
+
+def _refuse_removed_keys(node, source: str) -> None:
+    for key, instead in REMOVED_KEYS.items():
+        if OmegaConf.select(node, key, default=None) is not None:
+            raise ValueError(f"{key} (in {source}) is no longer a setting: {instead}")
+
+
 def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Schema defaults <- YAML file(s), later ones winning <- ``key=value`` overrides, validated."""
     merged = OmegaConf.structured(TrainConfig)
     for path in [yaml_path] if isinstance(yaml_path, str) else yaml_path or []:
-        merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        layer = OmegaConf.load(path)
+        _refuse_removed_keys(layer, path)
+        merged = OmegaConf.merge(merged, layer)
     if overrides:
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        layer = OmegaConf.from_dotlist(list(overrides))
+        _refuse_removed_keys(layer, "the overrides")
+        merged = OmegaConf.merge(merged, layer)
     return OmegaConf.to_object(merged)
 
 

@@ -7,8 +7,8 @@ import time
 
 import torch
 
+from megatron_cosmos3.objectives.losses import LossBreakdown
 from megatron_cosmos3.training.distributed import all_reduce_sum
-from megatron_cosmos3.training.losses import LossBreakdown
 
 _PARTS = ("ce_sum", "ce_count", "fm_sum", "fm_count")
 

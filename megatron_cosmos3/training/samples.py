@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from megatron_cosmos3.inference.denoising import sample_dm_tokens
-from megatron_cosmos3.inference.layout_velocity import Velocity
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import PackedBatch
+from megatron_cosmos3.parallel.plan import Velocity
 
 
 def generation_sample(

@@ -1,13 +1,13 @@
 """The training entry point: ``python -m megatron_cosmos3.training.train [--config FILE] [key=value ...]``.
 
-Run under ``torchrun`` (or ``srun``), one process per device. Read top to bottom: config -> process
-groups -> model (stage, parallelism) and optimizer -> resume -> loop -> checkpoint.
+Run under ``torchrun`` (or ``srun``), one process per device. Read top to bottom: config -> parallel
+plan (``parallel/plan.py``: layout, driver, gradients) -> model and optimizer -> resume -> loop ->
+checkpoint. Nothing here branches on the parallel layout; the plan does.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import fnmatch
 import logging
@@ -17,38 +17,29 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from megatron_cosmos3.inference.layout_velocity import layout_velocity
+from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, inventory, latest_checkpoint
+from megatron_cosmos3.checkpoint.resume import resume_from
+from megatron_cosmos3.checkpoint.weights_folder import is_weights_folder, load_weights_folder
 from megatron_cosmos3.model.attention import PackLayout
 from megatron_cosmos3.model.moe import set_aux_loss_scale
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import IGNORE_INDEX
-from megatron_cosmos3.parallel.context_parallel import sequence_split, split_losses
-from megatron_cosmos3.parallel.data_parallel import GradientReducer, build_optimizer, wrap_data_parallel
-from megatron_cosmos3.parallel.expert_parallel import apply_expert_parallel, finalize_expert_grads
-from megatron_cosmos3.parallel.grad_norm import clip_grad_norm
-from megatron_cosmos3.parallel.pipeline import PipelineStages, split_into_stages, split_model
-from megatron_cosmos3.parallel.pipeline_schedules import forward_backward
-from megatron_cosmos3.parallel.state import ParallelGroups, destroy_parallel, initialize_parallel
-from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel, finalize_tensor_parallel_grads
-from megatron_cosmos3.parallel.vision_parallel import PictureSharing
+from megatron_cosmos3.objectives.losses import LossBreakdown, loss_breakdown
+from megatron_cosmos3.parallel.plan import ParallelPlan
+from megatron_cosmos3.parallel.state import destroy_parallel
 from megatron_cosmos3.training.batches import MicroBatches, held_out_batches, held_out_share
-from megatron_cosmos3.training.checkpoint import Checkpointer, Inventory, ResumeError, inventory, latest_checkpoint
 from megatron_cosmos3.training.config import TrainConfig, flatten, load_config, task_table, to_yaml
 from megatron_cosmos3.training.distributed import DistributedContext, init_distributed
 from megatron_cosmos3.training.flops import FlopCounter
-from megatron_cosmos3.training.losses import LossBreakdown, loss_breakdown, mot_losses
 from megatron_cosmos3.training.metrics import MetricsWindow
 from megatron_cosmos3.training.precision import autocast
 from megatron_cosmos3.training.preemption import REQUEUE_EXIT_CODE, PreemptionWatcher
 from megatron_cosmos3.training.run_lock import lock_run_folder
-from megatron_cosmos3.training.safe_reader import CheckpointCorruptError
 from megatron_cosmos3.training.samples import generation_sample, save_sample
 from megatron_cosmos3.training.schedule import learning_rate
 from megatron_cosmos3.training.tracking import MLflowTracker
-from megatron_cosmos3.training.weights_folder import is_weights_folder, load_weights_folder
 
 log = logging.getLogger("megatron_cosmos3.train")
 
@@ -104,40 +95,21 @@ class Run:
 
     config: TrainConfig
     ctx: DistributedContext
-    groups: ParallelGroups | None
+    plan: ParallelPlan  # this rank's layout and driver: the only owner of parallel state
     model: MoTModel
-    trained: nn.Module  # the model as the loss sees it (DDP-wrapped when data parallel)
     optimizer: object
     checkpointer: Checkpointer
-    data_rank: int
-    data_size: int
-    stages: PipelineStages | None = None  # this rank's pipeline chunks when pipeline > 1
-    batches: MicroBatches | None = None
-    flops: FlopCounter | None = None
-    # Averages replicated gradients over data x context overlapped with backward where DDP cannot
-    # wrap the driver (pipeline schedule, context/sequence-parallel runners); None otherwise.
-    reducer: GradientReducer | None = None
+    batches: MicroBatches
+    flops: FlopCounter
     last_micro_batch: tuple | None = None  # (noised batch, targets) of the latest step, for samples
-    # (group, reader rank) of the ranks that share this data rank's packs; None in one process.
-    data_share: tuple | None = None
     held_out: list | None = None  # the held-out packs, read at the first evaluation
 
-    @property
-    def state_owner(self):
-        """What this rank checkpoints: its pipeline chunks, or the whole (maybe sharded) model."""
-        return self.stages if self.stages is not None else self.model
 
-    @property
-    def model_parallel_size(self) -> int:
-        sizes = self.config.parallel
-        return sizes.tensor * sizes.pipeline * sizes.context if self.groups is not None else 1
-
-
-def build_model(config: TrainConfig, groups: ParallelGroups | None, device: torch.device) -> MoTModel:
+def build_model(config: TrainConfig, plan: ParallelPlan, device: torch.device) -> MoTModel:
     """The model with this rank's part allocated and initialised: built on the meta device, then
-    only this rank's pipeline chunks (all of it without pipeline parallelism) are materialised, so no
-    rank ever holds the whole model. Every parameter's initial values depend only on the seed and
-    its name (``MoTModel.reset_parameters``): the same on every rank and for every layout."""
+    ``plan.allocate`` materialises only this rank's part, so no rank ever holds the whole model. Every
+    parameter's initial values depend only on the seed and its name (``MoTModel.reset_parameters``):
+    the same on every rank and for every layout."""
     torch.manual_seed(config.seed)
     with torch.device("meta"):
         model = MoTModel(copy.deepcopy(config.model))  # the model's config grows with embodiments
@@ -145,229 +117,97 @@ def build_model(config: TrainConfig, groups: ParallelGroups | None, device: torc
             model.add_embodiment(name, embodiment)
         if config.trains_vision:
             model.add_vision_encoder()
-    pipelined = groups is not None and config.parallel.pipeline > 1
-    owned = split_model(model, config.parallel, groups.pipeline_rank) if pipelined else []
-    model.materialize(device, *owned)
-    model.reset_parameters(*owned)
+    plan.allocate(model, device)
     return model
 
 
 def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
-    groups = (
-        initialize_parallel(config.parallel, config.model, config.model.num_experts) if ctx.world_size > 1 else None
-    )
-    model = build_model(config, groups, ctx.device)
+    plan = ParallelPlan.create(config.parallel, config.model, ctx.world_size)
+    model = build_model(config, plan, ctx.device)
     for layer in model.layers:
         layer.set_recompute(config.recompute)
     if model.vision is not None:
         model.vision.set_recompute(config.recompute)
     # Each micro-batch backpropagates loss / micro_batches: the MoE balancing gradient follows.
     set_aux_loss_scale(model, 1.0 / config.optimizer.micro_batches_per_step)
-    if groups is not None:
-        apply_tensor_parallel(model, groups)
-        apply_expert_parallel(model, groups)
-        if model.vision is not None:  # tensor and context ranks encode a share of each pack's pictures
-            model.vision.sharing = PictureSharing.of(groups)
-    param_groups = stage_param_groups(model, config)
-    stages = split_into_stages(model, groups) if groups is not None and config.parallel.pipeline > 1 else None
-    if stages is not None:  # this rank trains (and checkpoints) only its own chunks
-        owned = {id(p) for p in stages.parameters()}
-        param_groups = [{**g, "params": [p for p in g["params"] if id(p) in owned]} for g in param_groups]
-        param_groups = [g for g in param_groups if g["params"]]
-    # DDP overlaps the gradient reduce with backward when one forward call covers the step; the
-    # pipeline schedule and the context/sequence-parallel runners drive the layers themselves, so
-    # there the GradientReducer does the same average, started from parameter hooks.
-    plain = groups is None or (
-        config.parallel.pipeline == 1 and config.parallel.context == 1 and not config.parallel.sequence_parallel
-    )
-    trained = wrap_data_parallel(model, groups) if groups is not None and plain else model
-    reducer = None
-    if groups is not None and not plain and dist.get_world_size(groups.data_and_context) > 1:
-        owner = stages if stages is not None else model
-        late = stages.shared_parameters() if stages is not None else ()
-        reducer = GradientReducer(owner.parameters(), groups.data_and_context, late=late)
+    param_groups = plan.apply(model, partial(stage_param_groups, config=config))
     opt = config.optimizer
-    optimizer = (
-        build_optimizer(param_groups, groups, opt.lr, tuple(opt.betas), opt.weight_decay, opt.shard_optimizer_state)
-        if groups is not None
-        else torch.optim.AdamW(param_groups, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
+    optimizer = plan.build_optimizer(
+        param_groups, opt.lr, tuple(opt.betas), opt.weight_decay, opt.shard_optimizer_state
     )
     checkpointer = Checkpointer(
-        config.checkpoint.directory, config.checkpoint.keep_last, groups, config.checkpoint.async_save, ctx.device.type
+        config.checkpoint.directory,
+        config.checkpoint.keep_last,
+        plan.groups,
+        config.checkpoint.async_save,
+        ctx.device.type,
     )
-    data_rank = groups.data_rank if groups is not None else 0
-    data_size = groups.data_size if groups is not None else 1
     if config.eval.every:
-        held_out_share(config, data_size)  # before any step, not at the first evaluation
-    share = (groups.same_data, groups.data_reader) if groups is not None else None
-    batches = MicroBatches(config, data_rank, data_size, ctx.device, share)
+        held_out_share(config, plan.data_size)  # before any step, not at the first evaluation
+    batches = MicroBatches(config, plan.data_rank, plan.data_size, ctx.device, plan.data_share)
     flops = FlopCounter(model.config, vision=model.vision)
-    return Run(
-        config=config,
-        ctx=ctx,
-        groups=groups,
-        model=model,
-        trained=trained,
-        optimizer=optimizer,
-        checkpointer=checkpointer,
-        data_rank=data_rank,
-        data_size=data_size,
-        stages=stages,
-        batches=batches,
-        flops=flops,
-        reducer=reducer,
-        data_share=share,
-    )
+    return Run(config, ctx, plan, model, optimizer, checkpointer, batches, flops)
 
 
 def _load_full_state(run: Run, path: Path) -> dict:
+    """Loads everything a resume restores (weights, optimizer, RNG, loader position); returns meta."""
     per_rank, data_state = {"rng": torch.get_rng_state()}, run.batches.state()
-    meta = run.checkpointer.load(path, run.state_owner, run.optimizer, per_rank, named=data_state)
+    meta = run.checkpointer.load(path, run.plan.state_owner, run.optimizer, per_rank, named=data_state)
     if "rng" in per_rank:
         torch.set_rng_state(per_rank["rng"])
     run.batches.load_state(data_state)
     return meta
 
 
-def _resume(run: Run, found: Inventory) -> tuple[Path, dict] | None:
-    """Loads the checkpoint a resume must continue from (``CheckpointConfig``); None for a fresh
-    start (an empty folder). ResumeError when the folder's checkpoints cannot be resumed as configured."""
-    settings = run.config.checkpoint
-    problem = found.problem
-    if problem is None and found.latest is not None:
-        try:
-            return found.latest, _load_full_state(run, found.latest)
-        except CheckpointCorruptError as error:
-            problem = str(error)
-    if problem is None:
-        return None  # nothing was ever saved here
-    if not settings.fallback_to_verified:
-        raise ResumeError(
-            f"cannot resume from checkpoint.directory={found.root}: {problem}. {found.describe()}. Set "
-            "checkpoint.fallback_to_verified=true to resume from the newest of them that verifies, or "
-            "checkpoint.resume=false checkpoint.allow_fresh_start=true to start over."
-        )
-    for candidate in reversed(found.committed):
-        if candidate == found.latest and found.problem is None:
-            continue  # the one that just failed
-        try:
-            meta = _load_full_state(run, candidate)
-        except CheckpointCorruptError as error:
-            log.warning("checkpoint.fallback_to_verified: %s does not verify either: %s", candidate, error)
-            continue
-        log.warning(
-            "checkpoint.fallback_to_verified: the latest checkpoint is unusable (%s); RESUMING FROM %s (step %d), "
-            "the newest checkpoint that verifies",
-            problem,
-            candidate,
-            meta["step"],
-        )
-        return candidate, meta
-    raise ResumeError(
-        f"cannot resume from checkpoint.directory={found.root}: {problem}, and no older checkpoint verifies. "
-        f"{found.describe()}."
-    )
-
-
 def resume_or_initialise(run: Run) -> tuple[int, str | None]:
     """Loads this stage's latest checkpoint (full state), else the previous stage's weights."""
     config = run.config
-    found = inventory(config.checkpoint.directory)
-    if config.checkpoint.resume:
-        resumed = _resume(run, found)
-        if resumed is not None:
-            path, meta = resumed
-            if run.ctx.is_main:
-                log.info("resumed from %s at step %d", path, meta["step"])
-            return meta["step"], meta.get("mlflow_run_id")
-    elif not found.empty and not config.checkpoint.allow_fresh_start:
-        raise ResumeError(
-            f"checkpoint.resume=false, but checkpoint.directory={found.root} holds checkpoints ({found.describe()}); "
-            "starting over there needs checkpoint.allow_fresh_start=true (or use another directory)"
-        )
+    resumed = resume_from(inventory(config.checkpoint.directory), config.checkpoint, partial(_load_full_state, run))
+    if resumed is not None:
+        path, meta = resumed
+        if run.ctx.is_main:
+            log.info("resumed from %s at step %d", path, meta["step"])
+        return meta["step"], meta.get("mlflow_run_id")
     if config.stage.init_from:
         source = Path(config.stage.init_from)
         new = tuple(f"dm_streams.action_{d}.{name}." for name in config.stage.new_embodiments for d in ("in", "out"))
         if is_weights_folder(source):  # e.g. Qwen3-VL imported by `python -m megatron_cosmos3.conversion import`
-            load_weights_folder(source, run.state_owner, config.model, run.groups, allow_missing=new)
+            load_weights_folder(source, run.plan.state_owner, config.model, run.plan.groups, allow_missing=new)
         else:
             source = latest_checkpoint(source) or source
-            run.checkpointer.load(source, run.state_owner, optimizer=None, allow_missing=new)
+            run.checkpointer.load(source, run.plan.state_owner, optimizer=None, allow_missing=new)
         if run.ctx.is_main:
             log.info("stage %s starts from the weights of %s", config.stage.name, source)
     return 0, None
 
 
 def log_generation_sample(run: Run, tracker: MLflowTracker, step: int) -> None:
-    """Denoises the latest pack's targets and logs them from rank 0 as an artifact.
-
-    Under model or expert parallelism every rank takes part (their layers exchange activations in
-    each forward, so all must run the same calls); where the layout splits the layers or the rows
-    (pipeline, context, sequence parallel) each step is a full pass through the layout's driver
-    (``layout_velocity``), elsewhere the sampler keeps the AR cache.
-    """
-    sizes = run.config.parallel
+    """Denoises the latest pack's targets and logs them from rank 0 as an artifact. The plan says
+    which ranks take part (``ParallelPlan.samples_here``) and, where the model is split by layers or
+    rows, gives each denoising step's velocities through its driver (``ParallelPlan.velocity``);
+    elsewhere the sampler keeps the AR cache."""
     if not run.config.tracking.enabled or run.last_micro_batch is None:
         return
-    split = sizes.pipeline > 1 or sizes.context > 1 or sizes.sequence_parallel
-    together = run.groups is not None and (sizes.tensor > 1 or sizes.expert > 1 or split)
-    if not (together or run.ctx.is_main):
-        return
     batch, targets = run.last_micro_batch
-    has_targets = torch.tensor([float(batch.num_dm_tokens > 0)])
-    if together:  # skip on every rank, or on none
-        dist.all_reduce(has_targets, op=dist.ReduceOp.MIN)
-    if not has_targets.item():
+    if not run.plan.samples_here(run.ctx.is_main, has_targets=batch.num_dm_tokens > 0):
         return
-    velocity_of = layout_velocity(run.model, run.stages, run.groups, targets) if split else None
     with autocast(run.config.precision, run.ctx.device):
-        arrays = generation_sample(run.model, batch, targets, seed=step, velocity_of=velocity_of)
+        arrays = generation_sample(run.model, batch, targets, seed=step, velocity_of=run.plan.velocity(targets))
     if run.ctx.is_main and tracker.active:
         path = save_sample(arrays, Path(run.config.checkpoint.directory) / "samples" / f"step_{step:08d}.npz")
         tracker.log_artifact(str(path), "samples")
 
 
 def run_micro_batches(run: Run, micro_batches: list, forward_only: bool = False) -> dict[int, LossBreakdown]:
-    """This rank's losses of ``micro_batches``, and their backward unless ``forward_only``: {micro-batch
-    index: LossBreakdown} where this rank computes losses (the last pipeline stage). Three drivers,
-    one result: the pipeline schedule, the context/sequence-parallel runner, or the model itself
-    (DDP-wrapped when data parallel and training)."""
-    config, ctx = run.config, run.ctx
-    weight = config.optimizer.flow_matching_weight
-    split = sequence_split(run.groups)
-    forward_context = lambda: autocast(config.precision, ctx.device)  # noqa: E731
-    if run.stages is not None:
-        arm = None
-        if run.reducer is not None and not forward_only:
-            arm = lambda chunk: run.reducer.arm(run.stages.chunks[chunk].parameters())  # noqa: E731
-        reports = forward_backward(
-            run.stages,
-            micro_batches,
-            partial(loss_breakdown, flow_matching_weight=weight),
-            forward_only=forward_only,
-            forward_context=forward_context,
-            split=split,
-            before_last_backward=arm,
-        )
-        return dict(enumerate(reports)) if run.groups.is_last_stage else {}
-    losses_of = {}
-    for m, (batch, targets) in enumerate(micro_batches):
-        last = m == len(micro_batches) - 1
-        # DDP reduces gradients once, after the last micro-batch.
-        deferred = not last and not forward_only and hasattr(run.trained, "no_sync")
-        sync = run.trained.no_sync() if deferred else contextlib.nullcontext()
-        with sync, torch.set_grad_enabled(not forward_only):
-            with forward_context():
-                if split is not None:  # context and/or sequence parallel: this rank's rows
-                    losses = split_losses(run.model, batch, targets, split, weight)
-                else:
-                    losses = mot_losses(run.model if forward_only else run.trained, batch, targets, weight)
-            if not forward_only:
-                if last and run.reducer is not None:
-                    run.reducer.arm()  # buckets are all-reduced as this backward completes them
-                (losses.total / len(micro_batches)).backward()
-        losses_of[m] = losses
-    return losses_of
+    """This rank's losses of ``micro_batches`` through the plan's driver (``ParallelPlan.run``), and
+    their backward unless ``forward_only``."""
+    config = run.config
+    return run.plan.run(
+        micro_batches,
+        partial(loss_breakdown, flow_matching_weight=config.optimizer.flow_matching_weight),
+        forward_only=forward_only,
+        forward_context=lambda: autocast(config.precision, run.ctx.device),
+    )
 
 
 def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
@@ -383,41 +223,29 @@ def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
         widths = {k: tuple(v.shape) for k, v in batch.dm_tokens.items()}
         flops = run.flops.step(layout, labelled, widths, batch.vision_grid_thw)
         # Per device: model-parallel ranks share one micro-batch's FLOPs.
-        window.add(losses_of.get(m), batch.num_ar_tokens + batch.num_dm_tokens, flops.total / run.model_parallel_size)
-    if run.groups is not None:
-        flag = torch.tensor([0.0 if finite else 1.0])
-        torch.distributed.all_reduce(flag)  # only the last pipeline stage sees losses
-        finite = not bool(flag.item())
-    return finite
+        window.add(
+            losses_of.get(m), batch.num_ar_tokens + batch.num_dm_tokens, flops.total / run.plan.model_parallel_size
+        )
+    return run.plan.everywhere(finite)  # only the last pipeline stage sees losses
 
 
 def evaluate(run: Run) -> dict[str, float]:
     """Collective: the held-out losses (``EvalConfig``) of the current weights, as ``eval/*`` metrics.
     The held-out packs are read at the first call and kept."""
     if run.held_out is None:
-        run.held_out = held_out_batches(run.config, run.data_rank, run.data_size, run.ctx.device, run.data_share)
+        plan = run.plan
+        run.held_out = held_out_batches(run.config, plan.data_rank, plan.data_size, run.ctx.device, plan.data_share)
     config = run.config
-    window = MetricsWindow(task_table(config), run.data_size, config.optimizer.flow_matching_weight, 0.0)
-    run.state_owner.eval()
+    window = MetricsWindow(task_table(config), run.plan.data_size, config.optimizer.flow_matching_weight, 0.0)
+    run.plan.state_owner.eval()
     try:
         losses_of = run_micro_batches(run, run.held_out, forward_only=True)
     finally:
-        run.state_owner.train()
+        run.plan.state_owner.train()
     for m, (batch, _) in enumerate(run.held_out):
         window.add(losses_of.get(m), batch.num_ar_tokens + batch.num_dm_tokens, 0.0)
     metrics = window.reduce({})
     return {f"eval/{name}": value for name, value in metrics.items() if name == "loss" or name.startswith("loss/")}
-
-
-def finish_gradients(run: Run) -> torch.Tensor:
-    """Completes the gradients of replicated and sharded parameters and clips; returns the norm."""
-    if run.groups is not None:
-        if run.reducer is not None:  # no DDP: the average over data x context, started in backward
-            run.reducer.finish()
-        finalize_tensor_parallel_grads(run.model, run.groups)
-        finalize_expert_grads(run.model, run.groups)
-    counted = run.stages.norm_parameters() if run.stages is not None else None
-    return clip_grad_norm(run.state_owner.parameters(), run.config.optimizer.grad_clip, run.groups, counted)
 
 
 def train(config: TrainConfig, ctx: DistributedContext) -> dict[str, float]:
@@ -437,8 +265,7 @@ def _train(config: TrainConfig, ctx: DistributedContext, watcher: PreemptionWatc
             return _loop(run, watcher)
         finally:
             run.batches.close()
-            if run.reducer is not None:
-                run.reducer.close()
+            run.plan.close()
     finally:
         if lock is not None:
             lock.release()
@@ -466,7 +293,9 @@ def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
     opt = config.optimizer
     if config.peak_flops_per_device == 0 and ctx.device.type == "cuda":
         config.peak_flops_per_device = known_peak_flops(torch.cuda.get_device_name(ctx.device))
-    window = MetricsWindow(task_table(config), run.data_size, opt.flow_matching_weight, config.peak_flops_per_device)
+    window = MetricsWindow(
+        task_table(config), run.plan.data_size, opt.flow_matching_weight, config.peak_flops_per_device
+    )
     metrics: dict[str, float] = {}
     nonfinite_in_a_row = 0
     for step in range(start_step, config.steps):
@@ -477,7 +306,7 @@ def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
             group["lr"] = base_lr * group.get("lr_multiplier", 1.0)
         run.optimizer.zero_grad(set_to_none=True)
         finite = forward_backward_step(run, step, window)
-        grad_norm = finish_gradients(run)
+        grad_norm = run.plan.finish_gradients(opt.grad_clip)
         if finite and torch.isfinite(grad_norm):
             run.optimizer.step()
             nonfinite_in_a_row = 0
@@ -532,7 +361,7 @@ def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
         if preempted or (step + 1) % config.checkpoint.save_every == 0 or step + 1 == config.steps:
             run.checkpointer.save(
                 step + 1,
-                run.state_owner,
+                run.plan.state_owner,
                 run.optimizer,
                 {"rng": torch.get_rng_state()},
                 {"mlflow_run_id": tracker.run_id, "stage": config.stage.name, "config": to_yaml(config)},
@@ -595,8 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train(config, ctx)
     finally:
-        if ctx.world_size > 1:
-            destroy_parallel()
+        destroy_parallel()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

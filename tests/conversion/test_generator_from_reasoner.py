@@ -6,8 +6,8 @@ from qwen3_vl_tiny import TINY_YAML, processor_like_inputs
 from megatron_cosmos3.conversion import load_qwen3_vl, reasoner_logits
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.model.config import load_model_config
-from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
-from megatron_cosmos3.training.losses import mot_losses
+from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
+from megatron_cosmos3.objectives.losses import mot_losses
 
 
 def tower_pairs(model):

@@ -52,11 +52,11 @@ def initialised_parts(config, rank: int = 0, world_size: int = 1) -> dict:
         want, vision = load_mot_folder(config.stage.init_from)
         reference = dict(want.named_parameters())
         reference.update({f"vision.{name}": param for name, param in vision.named_parameters()})
-        groups = run.groups
+        groups = run.plan.groups
         tensor_rank, tensor_size = (groups.tensor_rank, groups.sizes.tensor) if groups else (0, 1)
         return {
             name: (param.detach().clone(), local_part(reference[name].detach(), param, tensor_rank, tensor_size))
-            for name, param in run.state_owner.named_parameters()
+            for name, param in run.plan.state_owner.named_parameters()
         }
     finally:
         run.batches.close()
@@ -69,11 +69,11 @@ def test_the_import_carries_the_tokenizer_and_other_support_files(hf_folder, imp
 
 
 def test_one_process_starts_from_the_imported_weights(imported, tmp_path):
-    parts = initialised_parts(stage_config(imported, tmp_path))
+    parts = initialised_parts(stage_config(imported, tmp_path, "model.vision=null"))
     assert len(parts) == len(dict(load_mot_folder(imported)[0].named_parameters()))
     assert all(torch.equal(got, want) for got, want in parts.values())
     # A run that trains its own ViT starts it from Qwen3-VL's too.
-    with_vit = initialised_parts(stage_config(imported, tmp_path / "vit", "data.vision=vit"))
+    with_vit = initialised_parts(stage_config(imported, tmp_path / "vit"))
     vit = {name for name in with_vit if name.startswith("vision.vit.")}
     assert vit and len(with_vit) == len(parts) + len(vit)
     assert all(torch.equal(got, want) for got, want in with_vit.values())
@@ -97,7 +97,11 @@ def _parts_on_rank(rank, world_size, folder, workdir, layout):
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "layout, ranks",
-    [(["parallel.tensor=2"], 2), (["parallel.pipeline=3"], 3), (["parallel.tensor=2", "data.vision=vit"], 2)],
+    [
+        (["parallel.tensor=2", "model.vision=null"], 2),
+        (["parallel.pipeline=3", "model.vision=null"], 3),
+        (["parallel.tensor=2"], 2),
+    ],
     ids=["tp2", "pp3", "tp2-vit"],
 )
 def test_every_rank_starts_from_its_part_of_the_imported_weights(imported, tmp_path, layout, ranks):
@@ -106,7 +110,7 @@ def test_every_rank_starts_from_its_part_of_the_imported_weights(imported, tmp_p
         assert report and all(equal for _, equal in report.values()), [n for n, (_, eq) in report.items() if not eq]
     held = [set(report) for report in reports]
     full = dict(load_mot_folder(imported)[0].named_parameters())
-    if "data.vision=vit" in layout:  # and the whole ViT on each tensor rank
+    if "model.vision=null" not in layout:  # and the whole ViT on each tensor rank
         full.update({f"vision.{n}": p for n, p in load_mot_folder(imported)[1].named_parameters()})
     if "parallel.tensor=2" in layout:  # both ranks hold every parameter, half of each projection
         assert held[0] == held[1] == set(full)
@@ -117,7 +121,7 @@ def test_every_rank_starts_from_its_part_of_the_imported_weights(imported, tmp_p
 
 
 def test_a_folder_of_another_architecture_is_refused_by_field(imported, tmp_path):
-    config = stage_config(imported, tmp_path)
+    config = stage_config(imported, tmp_path, "model.vision=null")
     changed = copy.deepcopy(config)
     changed.model.rope_theta = 10_000.0
     from megatron_cosmos3.training.train import build_run, resume_or_initialise
@@ -130,7 +134,7 @@ def test_a_folder_of_another_architecture_is_refused_by_field(imported, tmp_path
             resume_or_initialise(run)
     finally:
         run.batches.close()
-    changed = stage_config(imported, tmp_path, "data.vision=vit", "model.vision.rope_theta=100.0")
+    changed = stage_config(imported, tmp_path, "model.vision.rope_theta=100.0")
     run = build_run(changed, DistributedContext(0, 1, 0, torch.device("cpu")))
     try:
         with pytest.raises(
@@ -143,10 +147,12 @@ def test_a_folder_of_another_architecture_is_refused_by_field(imported, tmp_path
 
 
 def test_missing_parameters_are_named_unless_a_new_embodiment_brings_them(imported, tmp_path):
+    from megatron_cosmos3.checkpoint.weights_folder import load_weights_folder
     from megatron_cosmos3.training.train import build_run, resume_or_initialise
-    from megatron_cosmos3.training.weights_folder import load_weights_folder
 
-    config = stage_config(imported, tmp_path, "stage.new_embodiments={gripper: {action_dim: 7, rate_hz: 10.0}}")
+    config = stage_config(
+        imported, tmp_path, "model.vision=null", "stage.new_embodiments={gripper: {action_dim: 7, rate_hz: 10.0}}"
+    )
     run = build_run(config, DistributedContext(0, 1, 0, torch.device("cpu")))
     try:
         resume_or_initialise(run)  # the gripper's projections are new: fresh weights, no error

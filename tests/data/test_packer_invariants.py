@@ -157,7 +157,7 @@ def test_packs_of_random_sample_mixes_keep_every_invariant(mix):
         batch = PackedBatch.from_samples([built[i][1].sample for i in order])  # validates the layout
         for slot, i in enumerate(order):
             task, b, source = built[i]
-            _check_sample(batch, slot, task.has_dm, task.answer)
+            _check_sample(batch, slot, bool(task.dm), task.answer)
             _check_fps_rule(b.sample, source)
             assert int(batch.ar_cu_seqlens[slot + 1] - batch.ar_cu_seqlens[slot]) == built[i][1].sample.num_ar_tokens
             assert int(batch.dm_cu_seqlens[slot + 1] - batch.dm_cu_seqlens[slot]) == built[i][1].sample.num_dm_tokens

@@ -1,9 +1,8 @@
-"""``data.vision=vit``: the loader packs each picture as the ViT's pixel rows (for the model's own ViT),
+"""``model.vision`` set: the loader packs each picture as the ViT's pixel rows (for the model's own ViT),
 in the very layout the stand-in features get: same tokens, positions and ViT rows, pack for pack."""
 
 import dataclasses
 
-import pytest
 import torch
 from world_helpers import assert_same_batch, data_config, model_config, tiny_world
 
@@ -14,20 +13,24 @@ from megatron_cosmos3.testing.training import TINY_VISION
 VIT_MODEL = dataclasses.replace(model_config(), vision=VisionConfig(**TINY_VISION))
 
 
-def first_packs(vision: str, count: int = 6):
-    with PackedLoader(data_config([str(tiny_world()["latent"])], vision=vision), VIT_MODEL) as loader:
+def first_packs(model, count: int = 6):
+    with PackedLoader(data_config([str(tiny_world()["latent"])]), model) as loader:
         return [next(loader) for _ in range(count)]
 
 
 def test_pixel_packs_have_the_layout_of_feature_packs_and_four_patches_per_token():
-    with_pixels, with_features = first_packs("vit"), first_packs("patch")
+    with_pixels, with_features = first_packs(VIT_MODEL), first_packs(model_config())
     pictures = 0
     for vit, patch in zip(with_pixels, with_features, strict=True):
         assert vit.ar_vision_embeds is None
-        assert_same_batch(vit.replace(vision_pixels=None, vision_grid_thw=None), patch.replace(ar_vision_embeds=None))
+        # The ViT rows hold the ViT's image token; the stand-in (a model without a ViT config) has none.
+        ids = vit.ar_token_ids if vit.ar_is_vision is None else vit.ar_token_ids.masked_fill(vit.ar_is_vision, 0)
+        vit_layout = vit.replace(ar_token_ids=ids, vision_pixels=None, vision_grid_thw=None)
+        assert_same_batch(vit_layout, patch.replace(ar_vision_embeds=None))
         if vit.ar_is_vision is None:
             assert vit.vision_pixels is None
             continue
+        assert bool((vit.ar_token_ids[vit.ar_is_vision] == VIT_MODEL.vision.image_token_id).all())
         tokens = int(vit.ar_is_vision.sum())
         merge = VIT_MODEL.vision.spatial_merge_size
         assert vit.vision_pixels.shape == (tokens * merge * merge, 3 * 2 * 16 * 16)
@@ -35,15 +38,3 @@ def test_pixel_packs_have_the_layout_of_feature_packs_and_four_patches_per_token
         assert vit.vision_pixels.dtype == torch.uint8
         pictures += vit.vision_grid_thw.shape[0]
     assert pictures > 0  # the comparison saw pictures
-
-
-def test_vit_pixels_need_a_vit_config_in_the_model():
-    config = data_config([str(tiny_world()["latent"])], vision="vit")
-    with pytest.raises(ValueError, match=r"data.vision=vit needs model.vision"):
-        with PackedLoader(config, model_config()) as loader:
-            next(loader)
-
-
-def test_an_unknown_vision_kind_is_refused_by_field():
-    with pytest.raises(ValueError, match=r"data: vision='siglip': expected one of \['patch', 'vit'\]"):
-        data_config([str(tiny_world()["latent"])], vision="siglip").validate()

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from megatron_cosmos3.encoders.vision import image_patches, normalize_pixels
 from megatron_cosmos3.model.config import VisionConfig
+from megatron_cosmos3.model.vision import image_patches, normalize_pixels
 from megatron_cosmos3.testing.training import TINY_VISION
 
 CONFIG = VisionConfig(**TINY_VISION)

@@ -6,7 +6,7 @@ import torch
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.inference.denoising import prefill, sample_dm_tokens, velocity
 from megatron_cosmos3.model.mot import MoTModel
-from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
+from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 
 
 @pytest.mark.parametrize("backend", ["dense", "sdpa"])

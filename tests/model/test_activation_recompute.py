@@ -6,8 +6,8 @@ import torch
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.model.attention import SdpaVarlenAttention
 from megatron_cosmos3.model.mot import MoTModel
-from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
-from megatron_cosmos3.training.losses import mot_losses
+from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
+from megatron_cosmos3.objectives.losses import mot_losses
 
 
 class CountingAttention(SdpaVarlenAttention):

@@ -5,8 +5,8 @@ import torch
 
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.model.mot import MoTModel
-from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
-from megatron_cosmos3.training.losses import cross_entropy_per_token
+from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
+from megatron_cosmos3.objectives.losses import cross_entropy_per_token
 
 BACKENDS = ["dense", "sdpa"] + (["flash"] if torch.cuda.is_available() else [])
 
@@ -98,7 +98,7 @@ def test_perturbing_one_sample_changes_no_other_sample(tiny_config, backend, per
 @pytest.mark.parametrize("tasks", [("understanding",), ("text_to_video",)], ids=["no_dm_at_all", "dm_heavy"])
 def test_packs_with_an_empty_stream_run_forward_and_backward(tiny_config, backend, tasks):
     from megatron_cosmos3.data.synthetic_packs import random_pack
-    from megatron_cosmos3.training.losses import mot_losses
+    from megatron_cosmos3.objectives.losses import mot_losses
 
     model = model_with_backend(tiny_config, backend)
     g = torch.Generator().manual_seed(0)

@@ -16,8 +16,8 @@ from megatron_cosmos3.model.attention import (
     attention_backend,
 )
 from megatron_cosmos3.model.mot import MoTModel
-from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
-from megatron_cosmos3.training.losses import mot_losses
+from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
+from megatron_cosmos3.objectives.losses import mot_losses
 
 EDGE_CASE_PACKS = {
     "no_dm_section": [(7, 0), (5, 6)],

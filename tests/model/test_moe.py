@@ -68,8 +68,8 @@ def test_balancing_loss_gradient_rides_along_the_output_backward():
 def test_mot_with_moe_generator_trains_and_keeps_the_reasoner_blind(tiny_config):
     from megatron_cosmos3.data.synthetic_packs import random_pack
     from megatron_cosmos3.model.mot import MoTModel
-    from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
-    from megatron_cosmos3.training.losses import mot_losses
+    from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
+    from megatron_cosmos3.objectives.losses import mot_losses
 
     tiny_config.num_experts, tiny_config.moe_top_k, tiny_config.moe_towers = 4, 2, ["generator"]
     g = torch.Generator().manual_seed(0)

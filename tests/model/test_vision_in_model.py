@@ -1,4 +1,4 @@
-"""The model's own ViT (``data.vision=vit``): packs carry pictures, the forward pass encodes them.
+"""The model's own ViT (``model.vision`` set): packs carry pictures, the forward pass encodes them.
 
 Reference: the same ViT run on its own (``VisionEncoder``, checked against transformers' Qwen3-VL in
 tests/conversion) and its tokens fed to the model as ready-made embeddings."""
@@ -11,9 +11,9 @@ import torch
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.model.config import VisionConfig
 from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
+from megatron_cosmos3.objectives.losses import mot_losses
 from megatron_cosmos3.testing.training import TINY_VISION, tiny_mot_config
-from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
-from megatron_cosmos3.training.losses import mot_losses
 
 CONFIG = tiny_mot_config(vision=VisionConfig(**TINY_VISION))
 
@@ -86,7 +86,7 @@ def test_built_on_meta_and_materialised_the_vit_equals_the_eager_one():
 def test_pictures_without_a_vit_or_with_the_wrong_grid_are_named_errors():
     batch, _ = picture_pack()
     with pytest.raises(
-        ValueError, match=r"carries pictures \(vision_pixels\) but the model has no ViT: train with data.vision=vit"
+        ValueError, match=r"carries pictures \(vision_pixels\) but the model has no ViT: set model.vision"
     ):
         MoTModel(copy.deepcopy(CONFIG))(batch)
     with pytest.raises(ValueError, match="model.vision is not set"):

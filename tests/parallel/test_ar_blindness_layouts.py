@@ -14,10 +14,10 @@ import torch
 
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.testing.training import tiny_mot_config
-from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 
 # Experts in both towers; 8 / 4 heads so that TP=2 x CP=2 still splits the KV heads.
 CONFIG = tiny_mot_config(num_attention_heads=8, num_kv_heads=4, num_experts=4, moe_top_k=2, moe_ffn_hidden_size=16)
@@ -49,11 +49,11 @@ def _layout_forward(model, groups):
     this rank's stages, the context/sequence-parallel runner, or the (DDP-wrapped) model. Returns a
     function of a pack and its targets giving this rank's output (None on pipeline ranks without
     the last stage)."""
+    from megatron_cosmos3.objectives.losses import loss_breakdown
     from megatron_cosmos3.parallel.context_parallel import sequence_split, split_forward
     from megatron_cosmos3.parallel.data_parallel import wrap_data_parallel
     from megatron_cosmos3.parallel.pipeline import split_into_stages
     from megatron_cosmos3.parallel.pipeline_schedules import forward_backward
-    from megatron_cosmos3.training.losses import loss_breakdown
 
     split = sequence_split(groups)
     if groups.sizes.pipeline > 1:

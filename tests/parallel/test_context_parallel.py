@@ -8,12 +8,12 @@ import torch
 
 from megatron_cosmos3.data.synthetic_packs import pack_from_lengths, random_pack
 from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
+from megatron_cosmos3.objectives.losses import mot_losses
 from megatron_cosmos3.parallel.context_parallel import shard_pack
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.testing.training import tiny_mot_config
-from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
-from megatron_cosmos3.training.losses import mot_losses
 
 CONFIG = tiny_mot_config()
 
@@ -55,7 +55,7 @@ def step_pack(step):
 def _cp_matches_one_process(rank, world_size, dtype, backend, steps):
     import torch.distributed as dist
 
-    from megatron_cosmos3.parallel.context_parallel import context_parallel_losses
+    from megatron_cosmos3.parallel.context_parallel import SequenceSplit, split_losses
     from megatron_cosmos3.parallel.data_parallel import reduce_replicated_gradients
     from megatron_cosmos3.testing.reference import compare_to_reference
 
@@ -70,7 +70,7 @@ def _cp_matches_one_process(rank, world_size, dtype, backend, steps):
             m.zero_grad(set_to_none=True)
         want = mot_losses(reference, batch, targets)
         want.total.backward()
-        got = context_parallel_losses(model, batch, targets, context)
+        got = split_losses(model, batch, targets, SequenceSplit(context, context=context))
         got.total.backward()
         reduce_replicated_gradients(model.parameters(), context)
         return want, got
@@ -142,8 +142,8 @@ def changed_dm_inputs(batch, g):
 def _ar_outputs_under_cp(rank, world_size):
     import torch.distributed as dist
 
-    from megatron_cosmos3.parallel.context_parallel import context_parallel_forward
-    from megatron_cosmos3.training.losses import cross_entropy_per_token
+    from megatron_cosmos3.objectives.losses import cross_entropy_per_token
+    from megatron_cosmos3.parallel.context_parallel import SequenceSplit, split_forward
 
     torch.manual_seed(0)
     model = MoTModel(copy.deepcopy(CONFIG))
@@ -154,7 +154,7 @@ def _ar_outputs_under_cp(rank, world_size):
         outputs = []
         with torch.no_grad():
             for b in (batch, changed):
-                output, shard = context_parallel_forward(model, b, dist.group.WORLD)
+                output, shard = split_forward(model, b, SequenceSplit(dist.group.WORLD, context=dist.group.WORLD))
                 outputs.append((output.ar_hidden, cross_entropy_per_token(output, shard.batch)[0], output.dm_hidden))
         (hidden, ce, dm), (changed_hidden, changed_ce, changed_dm) = outputs
         results.append(
@@ -175,7 +175,7 @@ def test_changing_dm_inputs_changes_no_ar_output_bit_for_bit_under_cp2():
 
 
 def _cp_times_dp_matches_one_process(rank, world_size, steps):
-    from megatron_cosmos3.parallel.context_parallel import context_parallel_losses
+    from megatron_cosmos3.parallel.context_parallel import SequenceSplit, split_losses
     from megatron_cosmos3.parallel.data_parallel import reduce_replicated_gradients
     from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
     from megatron_cosmos3.testing.reference import compare_to_reference
@@ -193,7 +193,9 @@ def _cp_times_dp_matches_one_process(rank, world_size, steps):
             # One process: the mean over the DP micro-batches, as DDP averages their gradients.
             for data_rank in range(groups.data_size):
                 (mot_losses(reference, *step_pack(10 * step + data_rank)).total / groups.data_size).backward()
-            losses = context_parallel_losses(model, *step_pack(10 * step + groups.data_rank), groups.context)
+            losses = split_losses(
+                model, *step_pack(10 * step + groups.data_rank), SequenceSplit(groups.context, context=groups.context)
+            )
             losses.total.backward()
             reduce_replicated_gradients(model.parameters(), groups.data_and_context)
             grad = compare_to_reference(model, reference)
@@ -247,7 +249,7 @@ def _cp_with_experts_matches_one_process(rank, world_size, dtype):
     import torch.distributed as dist
 
     from megatron_cosmos3.model.moe import MoEMLP
-    from megatron_cosmos3.parallel.context_parallel import context_parallel_losses
+    from megatron_cosmos3.parallel.context_parallel import SequenceSplit, split_losses
     from megatron_cosmos3.parallel.data_parallel import reduce_replicated_gradients
     from megatron_cosmos3.testing.reference import compare_to_reference
 
@@ -264,7 +266,7 @@ def _cp_with_experts_matches_one_process(rank, world_size, dtype):
             m.zero_grad(set_to_none=True)
         want = mot_losses(reference, batch, targets)
         want.total.backward()
-        got = context_parallel_losses(model, batch, targets, dist.group.WORLD)
+        got = split_losses(model, batch, targets, SequenceSplit(dist.group.WORLD, context=dist.group.WORLD))
         got.total.backward()
         reduce_replicated_gradients(model.parameters(), dist.group.WORLD)
         report[name] = {

@@ -8,11 +8,11 @@ import torch
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.model.moe import set_aux_loss_scale
 from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
+from megatron_cosmos3.objectives.losses import mot_losses
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.testing.training import tiny_mot_config
-from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
-from megatron_cosmos3.training.losses import mot_losses
 
 CONFIG = tiny_mot_config()
 
@@ -71,7 +71,7 @@ def _data_parallel_matches_one_process(rank, world_size, tensor, steps, expert=1
         report["data"] = compare_to_reference(
             model, reference, groups.tensor_rank, tensor, what="data", expert_rank=expert_rank, expert_size=expert
         )
-        from megatron_cosmos3.training.checkpoint_state import local_optimizers
+        from megatron_cosmos3.checkpoint.sharded_state import local_optimizers
 
         report["state_numel"] = sum(
             s["exp_avg"].numel() for o in local_optimizers(optimizer) for s in o.state.values() if s

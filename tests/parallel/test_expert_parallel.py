@@ -99,6 +99,8 @@ def _tp_times_ep_matches_one_process(rank, world_size, steps, tensor=2, expert=2
     from megatron_cosmos3.data.synthetic_packs import random_pack
     from megatron_cosmos3.model.moe import set_aux_loss_scale
     from megatron_cosmos3.model.mot import MoTModel
+    from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
+    from megatron_cosmos3.objectives.losses import mot_losses
     from megatron_cosmos3.parallel.data_parallel import wrap_data_parallel
     from megatron_cosmos3.parallel.expert_parallel import apply_expert_parallel, finalize_expert_grads
     from megatron_cosmos3.parallel.grad_norm import global_grad_norm
@@ -106,8 +108,6 @@ def _tp_times_ep_matches_one_process(rank, world_size, steps, tensor=2, expert=2
     from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel, finalize_tensor_parallel_grads
     from megatron_cosmos3.testing.reference import compare_to_reference
     from megatron_cosmos3.testing.training import tiny_mot_config
-    from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
-    from megatron_cosmos3.training.losses import mot_losses
 
     config = tiny_mot_config(num_experts=NUM_EXPERTS, moe_top_k=2, moe_ffn_hidden_size=16, moe_aux_loss_weight=0.1)
 

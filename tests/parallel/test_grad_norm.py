@@ -7,12 +7,12 @@ import torch
 
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
+from megatron_cosmos3.objectives.losses import mot_losses
 from megatron_cosmos3.parallel.grad_norm import global_grad_norm
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.testing.training import tiny_mot_config
-from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
-from megatron_cosmos3.training.losses import mot_losses
 
 CONFIG = tiny_mot_config()
 

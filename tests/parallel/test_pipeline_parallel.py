@@ -11,12 +11,12 @@ from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.model.attention import attention_backend
 from megatron_cosmos3.model.config import MoTConfig
 from megatron_cosmos3.model.mot import MoTModel, RankRows
+from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 from megatron_cosmos3.parallel.pipeline import split_model, stage_layer_ranges
 from megatron_cosmos3.parallel.pipeline_schedules import ACTIVATION, Compute, schedule
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.testing.training import tiny_mot_config
-from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 
 CONFIG = tiny_mot_config(num_layers=4)  # 4 layers: 2 stages x 2 virtual chunks
 TOLERANCE = 1e-5  # fp32, norm-relative per parameter
@@ -69,11 +69,11 @@ def test_chained_chunks_equal_the_model_and_keep_its_parameter_names():
 
 
 def test_one_stage_pipeline_is_gradient_accumulation_of_the_mean_micro_batch_loss():
+    from megatron_cosmos3.objectives.losses import loss_breakdown
     from megatron_cosmos3.parallel.pipeline import split_into_stages
     from megatron_cosmos3.parallel.pipeline_schedules import forward_backward
     from megatron_cosmos3.parallel.state import ParallelGroups
     from megatron_cosmos3.testing.reference import compare_to_reference
-    from megatron_cosmos3.training.losses import loss_breakdown
 
     torch.manual_seed(0)
     reference = MoTModel(copy.deepcopy(CONFIG))
@@ -194,11 +194,11 @@ def test_one_f_one_b_warms_up_pipeline_minus_rank_minus_one_forwards():
 
 # ---------------------------------------------------------------- real ranks (gloo)
 def _pipeline_matches_one_process(rank, world_size, virtual, tied, microbatch_counts):
+    from megatron_cosmos3.objectives.losses import loss_breakdown
     from megatron_cosmos3.parallel.pipeline import split_into_stages
     from megatron_cosmos3.parallel.pipeline_schedules import forward_backward
     from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
     from megatron_cosmos3.testing.reference import compare_to_reference
-    from megatron_cosmos3.training.losses import loss_breakdown
 
     config = copy.deepcopy(CONFIG)
     config.tie_word_embeddings = tied
@@ -271,10 +271,10 @@ def test_pp2_loss_gradients_and_adamw_steps_match_one_process(virtual, tied, mic
 
 
 def _ar_outputs_under_pipeline(rank, world_size):
+    from megatron_cosmos3.objectives.losses import cross_entropy_per_token, loss_breakdown
     from megatron_cosmos3.parallel.pipeline import split_into_stages
     from megatron_cosmos3.parallel.pipeline_schedules import forward_backward
     from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
-    from megatron_cosmos3.training.losses import cross_entropy_per_token, loss_breakdown
     from megatron_cosmos3.training.precision import autocast
 
     groups = initialize_parallel(ParallelSizes(pipeline=world_size, virtual_pipeline=2), CONFIG)
@@ -333,6 +333,7 @@ def test_ar_outputs_stay_blind_to_dm_inputs_under_interleaved_pipeline():
 
 def _pipeline_with_sequence_split(rank, world_size, split_kind):
     """PP=2 with each micro-batch's rows split over CP=2 (Ulysses) or TP=2 with sequence parallelism."""
+    from megatron_cosmos3.objectives.losses import loss_breakdown
     from megatron_cosmos3.parallel.context_parallel import SequenceSplit
     from megatron_cosmos3.parallel.data_parallel import reduce_replicated_gradients
     from megatron_cosmos3.parallel.pipeline import split_into_stages
@@ -340,7 +341,6 @@ def _pipeline_with_sequence_split(rank, world_size, split_kind):
     from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
     from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel, finalize_tensor_parallel_grads
     from megatron_cosmos3.testing.reference import compare_to_reference
-    from megatron_cosmos3.training.losses import loss_breakdown
 
     context = split_kind == "context"
     sizes = (

@@ -8,11 +8,11 @@ import torch
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.model.moe import MoEMLP
 from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
+from megatron_cosmos3.objectives.losses import mot_losses
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.testing.training import tiny_mot_config
-from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
-from megatron_cosmos3.training.losses import mot_losses
 
 CONFIG = tiny_mot_config()
 # Mixture-of-experts MLPs in both towers (expert tensor parallelism), with the balancing loss on.
@@ -144,7 +144,7 @@ def test_reasoner_stays_blind_to_dm_inputs_under_tensor_parallel(config):
 
 
 def _sequence_parallel_matches_one_process(rank, world_size, steps, dtype=torch.float64, config=CONFIG):
-    from megatron_cosmos3.parallel.context_parallel import sequence_parallel_losses
+    from megatron_cosmos3.parallel.context_parallel import SequenceSplit, split_losses
     from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
     from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel, finalize_tensor_parallel_grads
     from megatron_cosmos3.testing.reference import compare_to_reference
@@ -162,7 +162,7 @@ def _sequence_parallel_matches_one_process(rank, world_size, steps, dtype=torch.
                 optimizer.zero_grad()
             want = mot_losses(reference, batch, targets)
             want.total.backward()
-            got = sequence_parallel_losses(model, batch, targets, groups.tensor)
+            got = split_losses(model, batch, targets, SequenceSplit(groups.tensor, sequence_parallel=True))
             got.total.backward()
             finalize_tensor_parallel_grads(model, groups)
             report["losses"].append((float(want.total.detach()), float(got.total.detach())))

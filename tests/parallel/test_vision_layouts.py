@@ -16,10 +16,10 @@ from megatron_cosmos3.data.synthetic_packs import SampleSpec, build_sample, rand
 from megatron_cosmos3.model.config import VisionConfig
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import PackedBatch
+from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.testing.training import TINY_VISION, tiny_mot_config
-from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 
 # 4 layers (pipeline chunks of 1 still hold the one DeepStack layer); 8 / 4 heads so that TP x CP
 # splits the KV heads.
@@ -49,6 +49,7 @@ def picture_packs():
 
 
 def _gradients_against_one_process(rank, world_size, name):
+    from megatron_cosmos3.objectives.losses import loss_breakdown, mot_losses
     from megatron_cosmos3.parallel.context_parallel import sequence_split, split_losses
     from megatron_cosmos3.parallel.data_parallel import reduce_replicated_gradients
     from megatron_cosmos3.parallel.pipeline import split_into_stages
@@ -57,7 +58,6 @@ def _gradients_against_one_process(rank, world_size, name):
     from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel, finalize_tensor_parallel_grads
     from megatron_cosmos3.parallel.vision_parallel import PictureSharing
     from megatron_cosmos3.testing.reference import compare_to_reference
-    from megatron_cosmos3.training.losses import loss_breakdown, mot_losses
 
     sizes = LAYOUTS[name][1]
     groups = initialize_parallel(sizes, CONFIG)

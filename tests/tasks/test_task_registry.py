@@ -1,4 +1,4 @@
-"""The task registry: every task of DESIGN.md §3 is a layout with clean conditioning before noisy
+"""The task registry: every task of docs/DESIGN.md is a layout with clean conditioning before noisy
 targets; the mixture assigns only tasks a sample's modalities allow, in proportion to the weights."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def test_registry_covers_the_design_table_and_the_synthetic_tasks():
 @pytest.mark.parametrize("name", sorted(TASK_REGISTRY))
 def test_every_layout_puts_clean_conditioning_before_noisy_targets(name):
     task = TASK_REGISTRY[name]
-    if not task.has_dm:
+    if not task.dm:
         assert task.answer
         return
     spans = dm_layout(task, _streams())

@@ -14,23 +14,23 @@ import textwrap
 import pytest
 import torch
 
-from megatron_cosmos3.data.synthetic_packs import random_pack
-from megatron_cosmos3.model.config import EmbodimentConfig
-from megatron_cosmos3.model.mot import MoTModel
-from megatron_cosmos3.parallel.sizes import ParallelSizes
-from megatron_cosmos3.testing.distributed import run_on_ranks
-from megatron_cosmos3.testing.numerics import child_environment
-from megatron_cosmos3.testing.training import tiny_mot_config
-from megatron_cosmos3.training.checkpoint import Checkpointer, latest_checkpoint
-from megatron_cosmos3.training.flow_matching import FlowMatchingConfig, add_flow_matching_noise
-from megatron_cosmos3.training.losses import mot_losses
-from megatron_cosmos3.training.safe_reader import (
+from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, latest_checkpoint
+from megatron_cosmos3.checkpoint.safe_reader import (
     MANIFEST,
     CheckpointCorruptError,
     UnsafeCheckpointError,
     file_record,
     verify_checkpoint,
 )
+from megatron_cosmos3.data.synthetic_packs import random_pack
+from megatron_cosmos3.model.config import EmbodimentConfig
+from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
+from megatron_cosmos3.objectives.losses import mot_losses
+from megatron_cosmos3.parallel.sizes import ParallelSizes
+from megatron_cosmos3.testing.distributed import run_on_ranks
+from megatron_cosmos3.testing.numerics import child_environment
+from megatron_cosmos3.testing.training import tiny_mot_config
 
 CONFIG = tiny_mot_config()
 MOE_CONFIG = tiny_mot_config(num_experts=4, moe_top_k=2, moe_ffn_hidden_size=16)
@@ -206,7 +206,7 @@ KILLED_DURING_SAVE = textwrap.dedent("""
     from megatron_cosmos3.testing.numerics import use_test_numerics
     use_test_numerics()  # the test compares these weights with its own
     from test_checkpoint import CONFIG, trained_model
-    from megatron_cosmos3.training.checkpoint import Checkpointer
+    from megatron_cosmos3.checkpoint.checkpointer import Checkpointer
     model, optimizer = trained_model()
     checkpointer = Checkpointer({root!r}, async_save=True)
     checkpointer.save(1, model, optimizer, {{}}, {{}})
@@ -319,12 +319,12 @@ def test_saved_with_tp2_loads_with_tp1_and_with_dp2_zero(tmp_path):
 
 
 def _moe_round_trip_under_tp2_times_ep2(rank, world_size, source, target):
+    from megatron_cosmos3.checkpoint.sharded_state import local_optimizers
     from megatron_cosmos3.parallel.data_parallel import build_optimizer
     from megatron_cosmos3.parallel.expert_parallel import apply_expert_parallel
     from megatron_cosmos3.parallel.sharding import local_part
     from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
     from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel
-    from megatron_cosmos3.training.checkpoint_state import local_optimizers
 
     groups = initialize_parallel(ParallelSizes(tensor=2, expert=2), MOE_CONFIG, MOE_CONFIG.num_experts)
     try:

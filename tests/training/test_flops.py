@@ -89,8 +89,8 @@ def test_a_trained_vits_flops_match_what_torch_counts_for_its_forward_and_backwa
     and backward. What torch does not count — biases, LayerNorm weights — keeps the two ~1% apart."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from megatron_cosmos3.encoders.vision import VisionEncoder
     from megatron_cosmos3.model.config import VisionConfig
+    from megatron_cosmos3.model.vision import VisionEncoder
 
     # TINY_VISION (placeholder ids in the tiny vocabulary), four times as wide: the biases and norms
     # torch does not count are then a small part of the weights.

@@ -123,7 +123,7 @@ MOE_LAYOUTS = {
     "moe-cp2xpp2": (4, ["parallel.context=2", "parallel.pipeline=2", "optimizer.micro_batches_per_step=2"]),
 }
 
-# The model's own ViT (data.vision=vit): replicated over data, tensor and context ranks, on the first
+# The model's own ViT (model.vision set): replicated over data, tensor and context ranks, on the first
 # pipeline stage only; every pack's pictures encoded in the step.
 VIT_LAYOUTS = {
     "vit-dp2-zero": (2, ["optimizer.micro_batches_per_step=1"]),

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_cosmos3.checkpoint.checkpointer import latest_checkpoint
 from megatron_cosmos3.data.media import encode_json
 from megatron_cosmos3.data.schema import Sample, encode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter
@@ -19,7 +20,6 @@ from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.testing.training import TINY_MODEL, loss_history, train_on_ranks
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.batches import MicroBatches
-from megatron_cosmos3.training.checkpoint import latest_checkpoint
 from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.distributed import DistributedContext
 

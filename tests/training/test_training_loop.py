@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, latest_checkpoint
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TINY_VIT, loss_history
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.batches import MicroBatches
-from megatron_cosmos3.training.checkpoint import Checkpointer, latest_checkpoint
 from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.distributed import DistributedContext
 
@@ -162,7 +162,7 @@ def test_gradient_accumulation_equals_one_big_step(tmp_path):
     run = train_module.build_run(config, CPU)
     initial = copy.deepcopy(run.model)
     train_module.train(config, CPU)
-    from megatron_cosmos3.training.losses import mot_losses
+    from megatron_cosmos3.objectives.losses import mot_losses
 
     expected_grads = None
     for micro in range(2):
@@ -236,9 +236,9 @@ def test_the_models_own_vit_trains_resumes_exactly_and_a_stage_can_freeze_it(tmp
 
 
 def test_training_the_vit_needs_its_config_and_its_deepstack_layers_on_the_first_stage():
-    with pytest.raises(ValueError, match=r"data.vision=vit trains the model's own ViT, but model.vision"):
+    with pytest.raises(ValueError, match=r"data.vision .* no longer a setting: .* when model.vision .* is set"):
         load_config(None, [*TINY, "data.vision=vit"])
-    with pytest.raises(ValueError, match=r"data.vision='clip' is not one of \['patch', 'vit'\]"):
+    with pytest.raises(ValueError, match=r"data.vision \(in the overrides\) is no longer a setting"):
         load_config(None, [*TINY, "data.vision=clip"])
     two_sets = [*TINY_VIT, "model.vision.deepstack_visual_indexes=[0,1]"]
     with pytest.raises(ValueError, match=r"2 DeepStack feature sets join Reasoner layers 0..1, .* gives it 1"):
@@ -247,8 +247,8 @@ def test_training_the_vit_needs_its_config_and_its_deepstack_layers_on_the_first
 
 
 def test_held_out_loss_is_logged_changes_no_training_step_and_equals_a_recomputation(tmp_path):
+    from megatron_cosmos3.objectives.losses import loss_breakdown
     from megatron_cosmos3.training.batches import held_out_batches
-    from megatron_cosmos3.training.losses import loss_breakdown
 
     plain = config_for(tmp_path, "no-eval", "steps=4", "checkpoint.save_every=2")
     train_module.train(plain, CPU)
@@ -312,8 +312,8 @@ DAMAGES = {
 
 
 def test_a_damaged_latest_checkpoint_never_restarts_from_step_0_nor_deletes_an_intact_one(tmp_path, caplog):
-    from megatron_cosmos3.training.checkpoint import ResumeError
-    from megatron_cosmos3.training.safe_reader import verify_checkpoint
+    from megatron_cosmos3.checkpoint.checkpointer import ResumeError
+    from megatron_cosmos3.checkpoint.safe_reader import verify_checkpoint
 
     constant = "optimizer.schedule=constant"  # the run to step 4 and the one to step 5 share their schedule
     straight = config_for(tmp_path, "straight", constant, "steps=5", "checkpoint.save_every=100")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -32,16 +33,6 @@ class LossBreakdown:
     fm_count: torch.Tensor
     # task -> {"ce_sum", "ce_count", "fm_sum", "fm_count"} (detached)
     per_task: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-
-    def task_means(self) -> dict[str, float]:
-        """{"<task>/ce": mean, "<task>/fm": mean} for tasks that had tokens of that kind."""
-        means = {}
-        for task, parts in self.per_task.items():
-            for kind in ("ce", "fm"):
-                count = float(parts[f"{kind}_count"])
-                if count:
-                    means[f"{task}/{kind}"] = float(parts[f"{kind}_sum"]) / count
-        return means
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -94,8 +85,15 @@ def mot_losses(
 ) -> LossBreakdown:
     """Runs the model (a MoTModel, or a wrapper such as DDP) on a noised batch; both objectives
     with their per-task parts."""
+    return model_losses(model, batch, targets, partial(loss_breakdown, flow_matching_weight=flow_matching_weight))
+
+
+def model_losses(
+    model: torch.nn.Module, batch: PackedBatch, targets: dict[str, torch.Tensor], loss_fn: LossFunction
+) -> LossBreakdown:
+    """``loss_fn`` of the model's output on ``batch`` (``mot_losses`` with any loss function)."""
     output = model(batch)
-    losses = loss_breakdown(output, batch, targets, flow_matching_weight)
+    losses = loss_fn(output, batch, targets)
     # DDP (find_unused_parameters) waits for a gradient of every parameter reachable from the
     # forward's outputs. A pack without DM targets (or labels) leaves dm_hidden (or ar_hidden) out
     # of the loss, so those gradients would never come and the ranks would hang: tie every output

@@ -5,7 +5,7 @@ from a Hugging Face Qwen3-VL folder (``model.yaml`` + safetensors under our para
 of the parameters it holds (its pipeline stages) and keeps its own part of each (tensor-parallel
 slice, expert block: ``parallel.sharding.local_part``), so every layout starts from the same
 weights. The ViT's tensors (``vision.vit.*``) are read when the run trains the model's own ViT
-(``data.vision=vit``; its first pipeline stage holds it), and left alone otherwise.
+(``model.vision`` set; its first pipeline stage holds it), and left alone otherwise.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Sharded, reshardable checkpoints: saved asynchronously, committed atomically, keep-last-N.
 
 A checkpoint is the folder ``step_<N>``: torch.distributed.checkpoint shards of the global state
-described in ``checkpoint_state.py`` (model, AdamW state, and per-rank entries such as RNG and data
+described in ``sharded_state.py`` (model, AdamW state, and per-rank entries such as RNG and data
 loader state), plus ``meta.json`` (step, MLflow run, resolved config). It is written under
 ``.step_<N>.partial`` and renamed only once every rank's data and the index are on disk; only then
 does ``latest`` name it. A crash or a kill mid-save therefore leaves the previous checkpoint as the
@@ -35,8 +35,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from megatron_cosmos3.training.checkpoint_state import ShardingMeshes, model_entries, optimizer_entries
-from megatron_cosmos3.training.safe_reader import (
+from megatron_cosmos3.checkpoint.safe_reader import (
     CheckpointCorruptError,
     ChecksummedFileSystemWriter,
     SafeFileSystemReader,
@@ -46,6 +45,7 @@ from megatron_cosmos3.training.safe_reader import (
     read_manifest,
     write_manifest,
 )
+from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes, model_entries, optimizer_entries
 
 log = logging.getLogger(__name__)
 

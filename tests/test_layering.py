@@ -1,0 +1,75 @@
+"""Packages import downward only (docs/DESIGN.md, "Layers"): a lower layer never imports a higher one,
+and packages of one layer never import each other. Checked on the source (every ``import``, also
+inside functions), so a lazy import cannot hide an upward dependency."""
+
+import ast
+from pathlib import Path
+
+import megatron_cosmos3
+
+# Lowest first. model <- objectives <- parallel <- checkpoint/inference <- training; data is
+# independent of training and of the parallel machinery.
+LAYERS = [
+    {"model", "encoders", "tasks"},
+    {"objectives", "data", "conversion"},
+    {"parallel"},
+    {"checkpoint", "inference"},
+    {"training"},
+    {"testing"},
+]
+LAYER_OF = {package: level for level, packages in enumerate(LAYERS) for package in packages}
+ROOT = Path(megatron_cosmos3.__file__).parent
+
+
+def imported_packages(path: Path) -> set[str]:
+    """The megatron_cosmos3 packages that the module at ``path`` imports."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "megatron_cosmos3" and len(parts) > 1 and parts[1] in LAYER_OF:
+                found.add(parts[1])
+    return found
+
+
+def violations(root: Path = ROOT) -> list[str]:
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if len(relative.parts) < 2:  # the package's own __init__
+            continue
+        package = relative.parts[0]
+        for other in sorted(imported_packages(path) - {package}):
+            if LAYER_OF[other] >= LAYER_OF[package]:
+                bad.append(f"{relative} (layer {LAYER_OF[package]}) imports {other} (layer {LAYER_OF[other]})")
+    return bad
+
+
+def test_every_package_has_a_layer():
+    packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    assert packages == set(LAYER_OF)
+
+
+def test_packages_import_downward_only():
+    assert violations() == []
+
+
+def test_an_upward_import_is_caught(tmp_path):
+    """Control: the check sees an upward import, also a lazy one inside a function."""
+    for package in LAYER_OF:
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / "model" / "bad.py").write_text(
+        "def f():\n    from megatron_cosmos3.training.train import main\n    import megatron_cosmos3.parallel\n"
+    )
+    (tmp_path / "data" / "sideways.py").write_text("from megatron_cosmos3 import conversion\n")
+    assert violations(tmp_path) == [
+        "data/sideways.py (layer 1) imports conversion (layer 1)",
+        "model/bad.py (layer 0) imports parallel (layer 2)",
+        "model/bad.py (layer 0) imports training (layer 4)",
+    ]
