@@ -8,9 +8,9 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo_root/launch/setup_env.sh"
 cd "$repo_root"
 run() { echo "== $*" >&2; "$@"; }
-run env -u OMP_NUM_THREADS python -m pytest -q -p no:cacheprovider --reverse "$@"
-run env OMP_NUM_THREADS=1 python -m pytest -q -p no:cacheprovider "$@"
-run env OMP_NUM_THREADS=2 python -m pytest -q -p no:cacheprovider "$@"
+run env -u OMP_NUM_THREADS python -m pytest -n 2 --dist worksteal -q -p no:cacheprovider --reverse "$@"
+run env OMP_NUM_THREADS=1 python -m pytest -n 2 --dist worksteal -q -p no:cacheprovider "$@"
+run env OMP_NUM_THREADS=2 python -m pytest -n 2 --dist worksteal -q -p no:cacheprovider "$@"
 for file in $(find tests -name 'test_*.py' | sort); do
-  run env -u OMP_NUM_THREADS python -m pytest -q -p no:cacheprovider "$file" "$@"
+  run env -u OMP_NUM_THREADS python -m pytest -n 2 --dist worksteal -q -p no:cacheprovider "$file" "$@"
 done

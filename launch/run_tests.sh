@@ -5,4 +5,5 @@ set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo_root/launch/setup_env.sh"
 cd "$repo_root"
-exec python -m pytest --durations=15 "$@"
+# Two pytest workers: tests compute on one intra-op thread each, so one process would leave a core idle.
+exec python -m pytest -n "${PYTEST_WORKERS:-2}" --dist worksteal --durations=15 "$@"
