@@ -16,6 +16,7 @@ file and the items it holds, never a silently different weight.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import io
 import json
@@ -53,10 +54,21 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint asks for something a tensors-only, no-pickle load refuses."""
 
 
+def _enum_member(cls, name: str):
+    """What ``getattr`` may do in checkpoint metadata: name a member of an allowed Enum. Python
+    3.11.0-3.11.4 pickle Enum members as ``getattr(EnumClass, name)`` (e.g. DCP's
+    ``_MEM_FORMAT_ENCODING``); any other use of ``getattr`` is refused."""
+    if isinstance(cls, enum.EnumMeta) and isinstance(name, str) and name in cls.__members__:
+        return cls[name]
+    raise UnsafeCheckpointError(f"checkpoint metadata calls getattr({cls!r}, {name!r}), which a weights-only load refuses")
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED or module in _ALLOWED_MODULES:
             return super().find_class(module, name)
+        if (module, name) == ("builtins", "getattr"):
+            return _enum_member
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise UnsafeCheckpointError(f"checkpoint metadata refers to {module}.{name}, which a weights-only load refuses")

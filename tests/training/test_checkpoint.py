@@ -2,6 +2,7 @@
 checksums."""
 
 import copy
+import enum
 import io
 import os
 import pickle
@@ -145,6 +146,43 @@ def test_metadata_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="refuses"):
         Checkpointer(tmp_path, async_save=False).load(folder, fresh)
     assert not (tmp_path / "pwned").exists()
+
+
+class _EnumsByName(pickle.Pickler):
+    """Pickles Enum members as Python 3.11.0-3.11.4 do: ``getattr(EnumClass, name)``."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, enum.Enum):
+            return getattr, (type(obj), obj.name)
+        return NotImplemented
+
+
+class _GetattrOnAClass:
+    def __reduce__(self):
+        from torch.distributed.checkpoint.metadata import Metadata
+
+        return getattr, (Metadata, "__init__")
+
+
+def test_metadata_may_name_enum_members_but_getattr_reaches_nothing_else(tmp_path):
+    model, _ = trained_model(steps=0)
+    Checkpointer(tmp_path, async_save=False).save(1, model, None, {}, {})
+    folder = tmp_path / "step_00000001"
+    metadata = pickle.loads((folder / ".metadata").read_bytes())
+    by_name = io.BytesIO()
+    _EnumsByName(by_name).dump(metadata)
+    assert b"getattr" in by_name.getvalue()  # the enum members really go through getattr
+    (folder / ".metadata").write_bytes(by_name.getvalue())
+    reseal(folder)
+    restored = MoTModel(copy.deepcopy(CONFIG))
+    Checkpointer(tmp_path, async_save=False).load(folder, restored)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), restored.parameters()))
+
+    metadata.planner_data = _GetattrOnAClass()
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    reseal(folder)
+    with pytest.raises(UnsafeCheckpointError, match=r"getattr\(<class .*Metadata'>, '__init__'\)"):
+        Checkpointer(tmp_path, async_save=False).load(folder, MoTModel(copy.deepcopy(CONFIG)))
 
 
 def test_an_item_declared_as_bytes_is_refused_and_its_payload_never_runs(tmp_path):
