@@ -11,7 +11,7 @@ import torch
 from generated_world.render import BALL_COLOURS, EFFECTOR_COLOUR  # noqa: E402
 from generated_world.sound import SAMPLE_RATE  # noqa: E402
 from generated_world.world import WorldConfig, generate_sample  # noqa: E402
-from world_helpers import tiny_world  # noqa: F401 - also puts data_pipelines/ on sys.path
+from world_helpers import tiny_world  # noqa: F401 - a fixture
 
 from megatron_cosmos3.data.schema import decode_sample, encode_sample
 from megatron_cosmos3.data.shards import ShardIndex, read_shard

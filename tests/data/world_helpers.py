@@ -19,9 +19,7 @@ from megatron_cosmos3.model.packed_batch import PackedBatch
 from megatron_cosmos3.tasks.registry import TASK_REGISTRY
 from megatron_cosmos3.testing.training import tiny_mot_config
 
-DATA_PIPELINES = Path(__file__).resolve().parents[2] / "data_pipelines"
-# data_pipelines/ is a folder of operator scripts: the world package sits beside them.
-sys.path.insert(0, str(DATA_PIPELINES))
+DATA_PIPELINES = Path(__file__).resolve().parents[2] / "data_pipelines"  # on sys.path: tests/data/conftest.py
 
 
 def load_script(name: str):
