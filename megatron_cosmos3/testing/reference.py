@@ -16,7 +16,8 @@ from megatron_cosmos3.parallel.sharding import local_part
 # A parameter whose reference gradient (or value) is below this fraction of the whole model's is
 # compared against that floor instead of its own norm: a gradient that is zero in exact arithmetic
 # (the Reasoner's q_norm when a sample's only AR token attends to itself alone) comes out as rounding
-# noise (~1e-11 to 1e-8, larger in larger matrices) on both sides, and noise divided by noise is no relative error.
+# noise (~1e-11 to 1e-8, larger in larger matrices) on both sides, and noise over noise is no
+# relative error.
 NEGLIGIBLE_FRACTION = 1e-3
 
 
