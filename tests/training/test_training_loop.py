@@ -445,7 +445,7 @@ def test_workers_die_with_a_killed_torchrun_and_the_restart_resumes_bit_exact(tm
         trainer_command(1, *args), cwd=tmp_path, env=TRAINER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while not (root / "latest").exists() and time.monotonic() < deadline and launcher.poll() is None:
             time.sleep(0.05)
         time.sleep(random.uniform(0.0, 0.3))  # anywhere in a step or a save
