@@ -3,9 +3,6 @@ tools (Debian's ffmpeg, installed by launch/setup_env.sh), Python's ``wave`` and
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 import wave
 from fractions import Fraction
 
@@ -14,38 +11,7 @@ import pytest
 from PIL import Image
 
 from megatron_cosmos3.data.media_writers import encode_mp4, even_size, exact_rate, write_mp4, write_png, write_wav
-
-FFPROBE, FFMPEG = shutil.which("ffprobe"), shutil.which("ffmpeg")
-pytestmark = pytest.mark.skipif(
-    FFPROBE is None or FFMPEG is None, reason="needs the ffmpeg command-line tools (launch/setup_env.sh installs them)"
-)
-
-
-def ffprobe_streams(path) -> dict[str, dict]:
-    """Stream facts by codec type, frames counted by decoding (not the container's claim)."""
-    out = subprocess.run(
-        [FFPROBE, "-v", "error", "-count_frames", "-show_streams", "-of", "json", str(path)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return {s["codec_type"]: s for s in json.loads(out)["streams"]}
-
-
-def ffmpeg_frames(path, height: int, width: int) -> np.ndarray:
-    """Every decoded frame as (T, H, W, 3) uint8 RGB."""
-    raw = subprocess.run(
-        [FFMPEG, "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
-        check=True,
-        capture_output=True,
-    ).stdout
-    return np.frombuffer(raw, np.uint8).reshape(-1, height, width, 3)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
-
+from megatron_cosmos3.testing.media_probe import ffmpeg_frames, ffprobe_streams, psnr
 
 def smooth_clip(frames: int, height: int, width: int) -> np.ndarray:
     """Colour gradients with a bright square moving across: what video codecs are built for. The square
