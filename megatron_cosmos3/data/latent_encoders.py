@@ -42,6 +42,7 @@ from megatron_cosmos3.encoders.video_vae import (
 
 
 class LatentEncoder(Protocol):
+    kind: str  # the ``encoders.kind`` that builds it
     video_token_dim: int
     audio_latent_dim: int
 
@@ -125,6 +126,8 @@ def encodable_pixels(frames: np.ndarray) -> torch.Tensor:
 class VAELatentEncoder:
     """The frozen VAEs; either may be None when the data has no such media."""
 
+    kind = "vae"
+
     def __init__(self, video_vae=None, audio_vae=None) -> None:
         self.video_vae, self.audio_vae = video_vae, audio_vae
         self.video_token_dim = video_vae.token_dim if video_vae is not None else 0
@@ -196,6 +199,8 @@ def _unprojection(projection: torch.Tensor, shared: torch.Tensor, scale: float) 
 
 class PooledLatentEncoder:
     """Analytic latents with the VAEs' grids and rates (module doc); deterministic given ``seed``."""
+
+    kind = "pooled"
 
     def __init__(self, video_latent_channels: int, audio_latent_dim: int, seed: int = 0) -> None:
         generator = torch.Generator().manual_seed(seed)

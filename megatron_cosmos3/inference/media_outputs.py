@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_cosmos3.data.latent_encoders import LatentEncoder, PooledLatentEncoder
+from megatron_cosmos3.data.latent_encoders import LatentEncoder
 from megatron_cosmos3.data.media_writers import exact_rate, write_mp4, write_png, write_wav
 from megatron_cosmos3.encoders.audio_vae import CHANNELS, SAMPLE_RATE, AudioLatents
 from megatron_cosmos3.encoders.pseudo_actions import (
@@ -101,12 +101,24 @@ def write_generated_sample(
     conditioning trajectory); None = every part at the origin, unrotated, joints at 0.
     Raises ValueError naming the field for a sample with nothing in it or ill-formed pieces.
     """
+    # Every piece is checked before anything is decoded or written: a bad sample leaves no files.
     if all(x is None for x in (sample.video, sample.audio, sample.actions, sample.text)):
         raise ValueError("sample has no video, audio, actions or text to write")
+    if sample.video is not None:
+        if sample.video.fps is None and sample.video.grid_thw[0] != 1:
+            raise ValueError(
+                f"video.fps is None (an image) but video.grid_thw={tuple(sample.video.grid_thw)} has "
+                f"{sample.video.grid_thw[0]} latent frames"
+            )
+        if sample.video.fps is not None:
+            exact_rate(sample.video.fps, "video.fps")
+    actions = None if sample.actions is None else _checked_actions(sample)
+    if sample.text is not None and not isinstance(sample.text, str):
+        raise ValueError(f"text must be a str, got {type(sample.text).__name__}")
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, tuple[Path, dict]] = {}  # file name -> (path, media facts)
-
     waveform = None
     if sample.audio is not None:
         waveform = decoder.decode_audio(sample.audio)
@@ -114,26 +126,19 @@ def write_generated_sample(
     if sample.video is not None:
         frames = decoder.decode_video(sample.video)
         if sample.video.fps is None:
-            if frames.shape[0] != 1:
-                raise ValueError(
-                    f"video.fps is None (an image) but video.grid_thw={tuple(sample.video.grid_thw)} has "
-                    f"{sample.video.grid_thw[0]} latent frames"
-                )
             written["image.png"] = (write_png(out / "image.png", frames[0]), _image_facts(frames[0]))
         else:
             path = write_mp4(out / "video.mp4", frames, sample.video.fps, audio=waveform)
             written["video.mp4"] = (path, _video_facts(frames, sample.video.fps, waveform))
-    if sample.actions is not None:
-        written.update(_write_actions(out, sample, start))
+    if actions is not None:
+        written.update(_write_actions(out, actions, sample.embodiment, sample.action_rate_hz, start))
     if sample.text is not None:
-        if not isinstance(sample.text, str):
-            raise ValueError(f"text must be a str, got {type(sample.text).__name__}")
         path = out / "text.json"
         path.write_text(json.dumps({"text": sample.text}, ensure_ascii=False, indent=2) + "\n")
         written["text.json"] = (path, {"characters": len(sample.text)})
 
     common = asdict(record) | {
-        "decoder": "pooled" if isinstance(decoder, PooledLatentEncoder) else "vae",
+        "decoder": decoder.kind,
         "sample_files": sorted(written),
     }
     for name, (path, facts) in written.items():
@@ -188,7 +193,9 @@ def _video_facts(frames: np.ndarray, fps: float, waveform: np.ndarray | None) ->
 def origin_state(kind: str, dtype: torch.dtype = torch.float64) -> EmbodimentTrajectory:
     """One frame of embodiment ``kind`` with every part at the origin, unrotated, and joints at 0."""
     layout = get_layout(kind)
-    poses = {part: BodyPoses(torch.zeros(1, 3, dtype=dtype), torch.eye(3, dtype=dtype)[None]) for part in layout.pose_parts}
+    poses = {
+        part: BodyPoses(torch.zeros(1, 3, dtype=dtype), torch.eye(3, dtype=dtype)[None]) for part in layout.pose_parts
+    }
     joints = {name: torch.zeros(1, width, dtype=dtype) for name, width in layout.joint_parts}
     return EmbodimentTrajectory(kind, poses, joints)
 
@@ -205,7 +212,8 @@ def integrate_actions(
     return decode_pseudo_actions(actions, start, strict=False)
 
 
-def _write_actions(out: Path, sample: GeneratedSample, start: EmbodimentTrajectory | None) -> dict:
+def _checked_actions(sample: GeneratedSample) -> torch.Tensor:
+    """The sample's actions as a CPU tensor, with its embodiment and rate checked (ValueError naming them)."""
     actions = sample.actions
     if isinstance(actions, np.ndarray):
         actions = torch.from_numpy(actions)
@@ -219,29 +227,34 @@ def _write_actions(out: Path, sample: GeneratedSample, start: EmbodimentTrajecto
     rate = sample.action_rate_hz
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
         raise ValueError(f"action_rate_hz must be a number > 0, got {rate!r}")
+    layout = ACTION_LAYOUTS.get(sample.embodiment)
+    if layout is not None and actions.shape[1] != layout.dim:
+        raise ValueError(
+            f"actions of embodiment {layout.name!r} must have {layout.dim} dims, got shape {tuple(actions.shape)}"
+        )
+    return actions.detach().cpu()
+
+
+def _write_actions(
+    out: Path, actions: torch.Tensor, embodiment: str, rate: float, start: EmbodimentTrajectory | None
+) -> dict:
     steps, dim = actions.shape
-    facts = {
-        "embodiment": sample.embodiment,
-        "steps": steps,
-        "dim": dim,
-        "rate_hz": float(rate),
-        "duration_s": steps / rate,
-    }
-    actions = actions.detach().cpu()
+    facts = {"embodiment": embodiment, "steps": steps, "dim": dim, "rate_hz": float(rate), "duration_s": steps / rate}
     written = {}
     path = out / "actions.npy"
     np.save(path, actions.float().numpy())
-    layout = ACTION_LAYOUTS.get(sample.embodiment)
+    layout = ACTION_LAYOUTS.get(embodiment)
     if layout is None:  # a raw-action embodiment: its dimensions mean what its dataset says
         written["actions.npy"] = (path, facts | {"kind": "raw actions", "units": "the dataset's"})
         written["actions_plot.png"] = (
-            _plot_dimensions(actions.double().numpy(), rate, sample.embodiment, out / "actions_plot.png"),
+            _plot_dimensions(actions.double().numpy(), rate, embodiment, out / "actions_plot.png"),
             facts | {"plot": "every action dimension over time (s)"},
         )
         return written
-    if dim != layout.dim:
-        raise ValueError(f"actions of embodiment {layout.name!r} must have {layout.dim} dims, got shape {(steps, dim)}")
-    written["actions.npy"] = (path, facts | {"kind": "pseudo-actions", "fields": {f.name: [f.start, f.stop] for f in layout.fields}})
+    written["actions.npy"] = (
+        path,
+        facts | {"kind": "pseudo-actions", "fields": {f.name: [f.start, f.stop] for f in layout.fields}},
+    )
     trajectory = integrate_actions(actions.double(), layout.name, start)
     poses = np.stack([_homogeneous(trajectory.poses[part]) for part in layout.pose_parts], axis=1)
     pose_facts = facts | {
@@ -257,7 +270,7 @@ def _write_actions(out: Path, sample: GeneratedSample, start: EmbodimentTrajecto
         np.save(out / "joints.npy", joints)
         written["joints.npy"] = (out / "joints.npy", facts | {"frames": steps + 1, "joints": dict(layout.joint_parts)})
     written["poses_plot.png"] = (
-        _plot_poses(poses, layout.pose_parts, rate, sample.embodiment, out / "poses_plot.png"),
+        _plot_poses(poses, layout.pose_parts, rate, embodiment, out / "poses_plot.png"),
         pose_facts | {"plot": "position components over time (s) and the 3-D path of every part"},
     )
     return written

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 
 
-
 def _tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:  # a failure, not a skip: the tests that use it are the only check of our mp4 files

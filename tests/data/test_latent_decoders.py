@@ -27,9 +27,9 @@ VIDEO_CHANNELS, AUDIO_DIM = 4, 8  # the tiny VAEs' widths
 @pytest.fixture(scope="module")
 def vae_config(tmp_path_factory) -> LatentEncoderConfig:
     root = tmp_path_factory.mktemp("vaes")
-    tiny_wan_vae(VIDEO_CHANNELS, latents_mean=[0.1] * VIDEO_CHANNELS, latents_std=[2.0] * VIDEO_CHANNELS).save_pretrained(
-        root / "video"
-    )
+    tiny_wan_vae(
+        VIDEO_CHANNELS, latents_mean=[0.1] * VIDEO_CHANNELS, latents_std=[2.0] * VIDEO_CHANNELS
+    ).save_pretrained(root / "video")
     tiny_oobleck_vae(AUDIO_DIM).save_pretrained(root / "audio")
     return LatentEncoderConfig(video_vae_path=str(root / "video"), audio_vae_path=str(root / "audio"), dtype="float32")
 
@@ -67,7 +67,9 @@ def test_vae_decoding_gives_frames_and_waveform_of_the_encoded_shape_and_duratio
 
 
 def test_vae_widths_that_differ_from_the_model_are_an_error_naming_both(vae_config):
-    with pytest.raises(ValueError, match=r"encoders.video_vae_path=.* width 16; the model's video tokens have width 32"):
+    with pytest.raises(
+        ValueError, match=r"encoders.video_vae_path=.* width 16; the model's video tokens have width 32"
+    ):
         latent_encoder_from_config(vae_config, 8, AUDIO_DIM)
 
 

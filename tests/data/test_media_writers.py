@@ -13,6 +13,7 @@ from PIL import Image
 from megatron_cosmos3.data.media_writers import encode_mp4, even_size, exact_rate, write_mp4, write_png, write_wav
 from megatron_cosmos3.testing.media_probe import ffmpeg_frames, ffprobe_streams, psnr
 
+
 def smooth_clip(frames: int, height: int, width: int) -> np.ndarray:
     """Colour gradients with a bright square moving across: what video codecs are built for. The square
     sits on even rows and columns, so yuv420p's 2x2 colour samples never straddle its edge."""
@@ -93,7 +94,10 @@ def test_png_round_trips_exactly(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(frames=np.zeros((2, 8, 8, 3), np.float32)), "frames must have dtype uint8 \\(values 0-255\\), got dtype float32"),
+        (
+            dict(frames=np.zeros((2, 8, 8, 3), np.float32)),
+            "frames must have dtype uint8 \\(values 0-255\\), got dtype float32",
+        ),
         (dict(frames=np.zeros((2, 8, 8), np.uint8)), r"frames must have shape \(T, H, W, 3\), got shape \(2, 8, 8\)"),
         (dict(frames=np.zeros((0, 8, 8, 3), np.uint8)), r"frames is empty: shape \(0, 8, 8, 3\)"),
         (dict(fps=0), "fps must be a finite number > 0, got 0"),

@@ -81,7 +81,10 @@ def known_trajectory(kind: str, frames: int = 21) -> EmbodimentTrajectory:
     if kind == "single_arm":
         joints["gripper"] = (0.08 * (1 - t))[:, None]
     else:
-        joints = {f"{side}_fingers": torch.outer(t, torch.linspace(0, 1.2, 15, dtype=torch.float64)) for side in ("left", "right")}
+        joints = {
+            f"{side}_fingers": torch.outer(t, torch.linspace(0, 1.2, 15, dtype=torch.float64))
+            for side in ("left", "right")
+        }
     return EmbodimentTrajectory(kind, poses, joints)
 
 
@@ -166,14 +169,21 @@ def test_plots_are_pictures_of_the_data(tmp_path, decoder):
     actions = encode_pseudo_actions(trajectory)
     plots = []
     for name, steps in (("a", actions), ("b", actions.flip(0))):
-        files = write_generated_sample(tmp_path / name, GeneratedSample(actions=steps, embodiment="single_arm", action_rate_hz=10.0), RECORD, decoder)
+        files = write_generated_sample(
+            tmp_path / name,
+            GeneratedSample(actions=steps, embodiment="single_arm", action_rate_hz=10.0),
+            RECORD,
+            decoder,
+        )
         with Image.open(files["poses_plot.png"]) as png:
             plots.append(np.array(png.convert("RGB")))
     assert plots[0].shape == plots[1].shape and plots[0].std() > 10  # not a blank canvas
     assert (plots[0] != plots[1]).any()  # control: other actions, another picture
 
     raw = np.random.default_rng(0).standard_normal((20, 7)).astype(np.float32)
-    files = write_generated_sample(tmp_path / "raw", GeneratedSample(actions=raw, embodiment="aloha_joints", action_rate_hz=50.0), RECORD, decoder)
+    files = write_generated_sample(
+        tmp_path / "raw", GeneratedSample(actions=raw, embodiment="aloha_joints", action_rate_hz=50.0), RECORD, decoder
+    )
     assert set(files) == {"actions.npy", "actions_plot.png"}
     np.testing.assert_array_equal(np.load(files["actions.npy"]), raw)
     with Image.open(files["actions_plot.png"]) as png:
@@ -189,30 +199,54 @@ def test_a_generated_image_is_a_png_of_the_decoded_picture(tmp_path, decoder):
     assert set(files) == {"image.png"}
     with Image.open(files["image.png"]) as png:
         np.testing.assert_array_equal(np.array(png.convert("RGB")), decoder.decode_video(latents)[0])
-    assert json.loads(sidecar_path(files["image.png"]).read_text())["media"] == {"height": 64, "width": 64, "format": "png rgb8"}
+    assert json.loads(sidecar_path(files["image.png"]).read_text())["media"] == {
+        "height": 64,
+        "width": 64,
+        "format": "png rgb8",
+    }
 
 
 @pytest.mark.parametrize(
     "sample, message",
     [
         (GeneratedSample(), "sample has no video, audio, actions or text"),
-        (GeneratedSample(actions=torch.zeros(5, 18), embodiment="single_arm", action_rate_hz=10.0), r"must have 19 dims, got shape \(5, 18\)"),
-        (GeneratedSample(actions=torch.zeros(5, 19), action_rate_hz=10.0), "actions need an embodiment name, got embodiment=None"),
-        (GeneratedSample(actions=torch.zeros(5, 19), embodiment="single_arm", action_rate_hz=0), "action_rate_hz must be a number > 0, got 0"),
-        (GeneratedSample(actions=torch.zeros(5, 19, dtype=torch.long), embodiment="single_arm", action_rate_hz=10.0), r"actions must be a float \(steps, dim\) tensor, got shape \(5, 19\), dtype torch.int64"),
-        (GeneratedSample(actions=torch.zeros(0, 19), embodiment="single_arm", action_rate_hz=10.0), r"actions is empty: shape \(0, 19\)"),
+        (
+            GeneratedSample(actions=torch.zeros(5, 18), embodiment="single_arm", action_rate_hz=10.0),
+            r"must have 19 dims, got shape \(5, 18\)",
+        ),
+        (
+            GeneratedSample(actions=torch.zeros(5, 19), action_rate_hz=10.0),
+            "actions need an embodiment name, got embodiment=None",
+        ),
+        (
+            GeneratedSample(actions=torch.zeros(5, 19), embodiment="single_arm", action_rate_hz=0),
+            "action_rate_hz must be a number > 0, got 0",
+        ),
+        (
+            GeneratedSample(actions=torch.zeros(5, 19, dtype=torch.long), embodiment="single_arm", action_rate_hz=10.0),
+            r"actions must be a float \(steps, dim\) tensor, got shape \(5, 19\), dtype torch.int64",
+        ),
+        (
+            GeneratedSample(actions=torch.zeros(0, 19), embodiment="single_arm", action_rate_hz=10.0),
+            r"actions is empty: shape \(0, 19\)",
+        ),
         (GeneratedSample(text=b"bytes"), "text must be a str, got bytes"),
     ],
 )
-def test_bad_samples_are_a_clear_error(tmp_path, decoder, sample, message):
+def test_bad_samples_are_a_clear_error_and_leave_no_files(tmp_path, decoder, sample, message):
+    if sample.actions is not None:  # a good piece beside the bad one: nothing of it may be written either
+        sample.audio = decoder.encode_audio(np.zeros((2, 4800), np.float32), 48_000)
     with pytest.raises(ValueError, match=message):
-        write_generated_sample(tmp_path, sample, RECORD, decoder)
+        write_generated_sample(tmp_path / "out", sample, RECORD, decoder)
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_video_latents_are_a_clear_error(tmp_path, decoder):
     clip = decoder.encode_video(np.zeros((5, 32, 32, 3), np.uint8), 24.0)
     still = type(clip)(clip.tokens, clip.grid_thw, None)
-    with pytest.raises(ValueError, match=r"video.fps is None \(an image\) but video.grid_thw=\(2, 1, 1\) has 2 latent frames"):
+    with pytest.raises(
+        ValueError, match=r"video.fps is None \(an image\) but video.grid_thw=\(2, 1, 1\) has 2 latent frames"
+    ):
         write_generated_sample(tmp_path, GeneratedSample(video=still), RECORD, decoder)
     negative = type(clip)(clip.tokens, clip.grid_thw, -24.0)
     with pytest.raises(ValueError, match="fps must be a finite number > 0, got -24.0"):
