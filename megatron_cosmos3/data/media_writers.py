@@ -11,7 +11,8 @@ video, issue 17). Each ``encode_*`` returns the file's bytes; each ``write_*`` w
   ``Fraction`` to state it outright. Frame ``i`` has timestamp ``i / fps``. ``yuv420p`` needs even
   sizes: an odd height or width gets one extra row or column, a copy of the last one, so no source
   pixel is lost (the file is that much larger; ``even_size`` says the written size).
-  Audio, when given, is AAC at its sample rate, as long as the waveform given.
+  Audio, when given, is AAC at its sample rate, as long as the waveform given, clipped to [-1, 1]
+  as the WAV is.
 - **WAV**: 16-bit PCM (``data/media.py``, ``encode_wav``), values clipped to [-1, 1).
 - **PNG**: 8-bit RGB, lossless.
 
@@ -22,6 +23,7 @@ argument and its value.
 from __future__ import annotations
 
 import io
+import numbers
 from fractions import Fraction
 from pathlib import Path
 
@@ -34,11 +36,11 @@ AUDIO_BITRATE = 192_000  # bits per second of AAC stereo: transparent for most l
 
 def exact_rate(fps: float | Fraction, name: str = "fps") -> Fraction:
     """``fps`` as the fraction the container stores (module doc); ValueError unless finite and > 0."""
-    if isinstance(fps, bool) or not isinstance(fps, (int, float, Fraction)):
+    if isinstance(fps, bool) or not isinstance(fps, numbers.Real):
         raise ValueError(f"{name} must be a number, got {fps!r}")
     if not np.isfinite(float(fps)) or fps <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {fps!r}")
-    rate = Fraction(fps).limit_denominator(1001)
+    rate = (fps if isinstance(fps, Fraction) else Fraction(float(fps))).limit_denominator(1001)
     if rate <= 0:
         raise ValueError(f"{name}={fps!r} is too small to store as a frame rate")
     return rate
@@ -107,7 +109,7 @@ def encode_mp4(
     if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
         raise ValueError(f"crf must be an integer in 0..51, got {crf!r}")
     if audio is not None:
-        audio = check_waveform(audio, sample_rate)
+        audio = np.clip(check_waveform(audio, sample_rate), -1.0, 1.0)
     height, width = even_size(*frames.shape[1:3])
     if (height, width) != frames.shape[1:3]:
         pad = ((0, 0), (0, height - frames.shape[1]), (0, width - frames.shape[2]), (0, 0))

@@ -48,6 +48,9 @@ def test_mp4_decodes_back_with_ffmpeg_to_its_frames_and_rate(tmp_path, fps, stor
 def test_ntsc_rate_as_a_float_is_stored_as_30000_over_1001():
     assert exact_rate(30000 / 1001) == Fraction(30000, 1001)
     assert exact_rate(Fraction(30000, 1001)) == Fraction(30000, 1001)
+    assert exact_rate(np.float32(12.5)) == Fraction(25, 2) and exact_rate(np.int64(24)) == 24
+    with pytest.raises(ValueError, match="fps must be a number, got '24'"):
+        exact_rate("24")
 
 
 def test_odd_sizes_are_padded_to_even_with_every_source_pixel_kept(tmp_path):
