@@ -28,7 +28,7 @@ from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TINY_VISION, TINY_VIT, tiny_mot_config
 from megatron_cosmos3.testing.training import train_on_ranks
 
-STEPS = 2
+STEPS = 1
 CHARACTERS = "abcdefghij "
 
 
@@ -78,18 +78,23 @@ def run(tmp_path_factory):
         "stage.new_embodiments.quadruped.rate_hz=5.0",
         f"checkpoint.directory={root / 'checkpoints'}",
     )
-    return root, stats
+    return root, stats, listing(root / "checkpoints")
+
+
+def listing(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under ``folder`` with its size and modification time."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
 @pytest.fixture(scope="module")
 def trained(run):
-    root, _ = run
+    root, *_ = run
     return load_trained_model(root / "checkpoints")
 
 
 @pytest.fixture(scope="module")
 def release(run, trained):
-    root, _ = run
+    root, *_ = run
     return write_release_folder(trained, root / "release", max_shard_bytes=40_000)
 
 
@@ -104,7 +109,8 @@ def saved_global_tensors(step_folder: Path, tmp_path: Path) -> dict[str, torch.T
 
 
 def test_loads_in_one_process_as_saved_under_tp2(run, trained, tmp_path):
-    root, stats = run
+    root, stats, before = run
+    assert listing(root / "checkpoints") == before  # loading wrote nothing
     assert trained.step == STEPS and trained.source == root / "checkpoints" / f"step_{STEPS:08d}"
     assert trained.plan.groups is None and not torch.distributed.is_initialized()
     model = trained.model
@@ -136,7 +142,7 @@ def _load_on_rank(rank: int, world_size: int, path: str) -> dict:
 
 
 def test_loads_under_tp2_each_rank_its_shard(run, trained):
-    root, _ = run
+    root, *_ = run
     ranks = run_on_ranks(_load_on_rank, 2, str(root / "checkpoints"), timeout_s=120)
     whole = dict(trained.model.named_parameters())
     sharded = 0
@@ -150,7 +156,7 @@ def test_loads_under_tp2_each_rank_its_shard(run, trained):
 
 
 def test_release_folder_gives_the_same_model_and_sample(run, trained, release):
-    root, stats = run
+    root, stats, _ = run
     again = load_trained_model(release)
     assert again.step == STEPS and again.source == release and again.is_release
     assert again.model.config == trained.model.config
@@ -206,7 +212,7 @@ def hf_inputs() -> dict:
 def test_hf_export_loads_in_transformers_with_the_reasoner_logits(run, trained, tmp_path):
     from transformers import Qwen3VLForConditionalGeneration
 
-    root, _ = run
+    root, *_ = run
     out = write_hf_folder(trained, tmp_path / "hf")
     assert (out / "tokenizer.json").is_file()  # the run's tokenizer came along
     hf = Qwen3VLForConditionalGeneration.from_pretrained(str(out)).eval()
@@ -220,7 +226,7 @@ def test_hf_export_loads_in_transformers_with_the_reasoner_logits(run, trained, 
 
 
 def test_command_line_exports_a_checkpoint_and_says_when_there_is_no_vit(run, tmp_path, capsys):
-    root, _ = run
+    root, *_ = run
     hf, release = tmp_path / "hf", tmp_path / "release"
     assert convert(["export", str(root / "checkpoints"), str(hf), "--release", str(release)]) == 0
     assert (hf / "config.json").is_file() and (release / "config.yaml").is_file()
@@ -239,7 +245,7 @@ def copy_step(trained, tmp_path) -> Path:
 
 
 def test_named_errors(run, trained, release, tmp_path):
-    root, _ = run
+    root, *_ = run
     with pytest.raises(CheckpointLoadError, match=f"checkpoint path {tmp_path / 'nowhere'} does not exist"):
         load_trained_model(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
@@ -250,15 +256,21 @@ def test_named_errors(run, trained, release, tmp_path):
     partial = Path(shutil.copytree(trained.source, tmp_path / "run" / f".step_{STEPS:08d}.partial"))
     with pytest.raises(IncompleteCheckpointError, match=r"is an incomplete save \(a .partial folder"):
         load_trained_model(partial)
-    with pytest.raises(IncompleteCheckpointError, match=r"holds only an incomplete save \(.step_00000002.partial\)"):
+    with pytest.raises(IncompleteCheckpointError, match=rf"holds only an incomplete save \(\.step_{STEPS:08d}\.partial\)"):
         load_trained_model(tmp_path / "run")
     (partial / "meta.json").unlink()
-    bare = partial.rename(tmp_path / "run" / "step_00000002")
+    bare = partial.rename(tmp_path / "run" / f"step_{STEPS:08d}")
     with pytest.raises(IncompleteCheckpointError, match="has no meta.json: its save never committed"):
         find_checkpoint(bare)
     (tmp_path / "run" / "latest").write_text("step_00000009")
     with pytest.raises(CheckpointLoadError, match="names step_00000009, which does not exist"):
         load_trained_model(tmp_path / "run")
+    # Beside a committed checkpoint, a stale .partial folder is left alone (read-only), not swept as resume does.
+    shutil.copytree(trained.source, tmp_path / "run2" / trained.source.name)
+    (tmp_path / "run2" / "latest").write_text(trained.source.name)
+    (tmp_path / "run2" / ".step_00000004.partial").mkdir()
+    assert load_trained_model(tmp_path / "run2").source == tmp_path / "run2" / trained.source.name
+    assert (tmp_path / "run2" / ".step_00000004.partial").is_dir()
 
     # A flipped byte in a weights file: the checksum names the file.
     damaged = copy_step(trained, tmp_path / "damaged")
