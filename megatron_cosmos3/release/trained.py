@@ -31,7 +31,7 @@ from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes
 from megatron_cosmos3.checkpoint.weights_folder import is_weights_folder, load_weights_folder
 from megatron_cosmos3.conversion.mot_folder import CONFIG_FILE
 from megatron_cosmos3.data.loader import dataset_action_stats
-from megatron_cosmos3.data.tokenizer import Tokenizer, build_tokenizer
+from megatron_cosmos3.data.tokenizer import TOKENIZER_FILE, Tokenizer, build_tokenizer
 from megatron_cosmos3.encoders.action_normalization import ActionStats
 from megatron_cosmos3.model.config import load_model_config
 from megatron_cosmos3.model.mot import MoTModel
@@ -142,6 +142,8 @@ def _release_config(folder: Path) -> tuple[TrainConfig, int | None]:
     if not (folder / RELEASE_CONFIG).is_file():
         config = TrainConfig()
         config.model = load_model_config(folder / CONFIG_FILE)
+        if (folder / TOKENIZER_FILE).is_file():  # import copies the Qwen3-VL tokenizer beside the weights
+            config.data.tokenizer.path = str(folder)
         return config, info.get("step")
     raw = OmegaConf.load(folder / RELEASE_CONFIG)
     tokenizer = OmegaConf.select(raw, "data.tokenizer.path", default="")

@@ -127,18 +127,30 @@ def test_loads_in_one_process_as_saved_under_tp2(run, trained, tmp_path):
     assert sorted(saved) == sorted(params)
     for name, param in params.items():
         assert torch.equal(param, saved[name].view(param.shape)), name
-    # Control: training moved the weights away from the initialisation of the same seed.
+    # Control: training moved the weights away from their initialisation (the run's seed draws it).
+    torch.manual_seed(trained.config.seed)
     fresh = MoTModel(model.config)
     assert not torch.equal(fresh.layers[0].generator.mlp.up_proj.weight, model.layers[0].generator.mlp.up_proj.weight)
 
 
-def _load_on_rank(rank: int, world_size: int, path: str) -> dict:
+def fixed_batch(config):
+    """Samples with DM targets and pictures for the ViT: policy and image-to-video ones."""
+    return random_pack(config, torch.Generator().manual_seed(3), 3, ("policy", "image_to_video"), pixels=True)
+
+
+def sample(model, batch):
+    return sample_dm_tokens(model, batch, 3, torch.Generator().manual_seed(5))
+
+
+def _load_on_rank(rank: int, world_size: int, path: str) -> tuple[dict, dict]:
     trained = load_trained_model(path, parallel=ParallelSizes(tensor=2))
     assert trained.plan.groups is not None
+
     def split_dim(param):
         return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
 
-    return {name: (p.detach().clone(), split_dim(p)) for name, p in trained.model.named_parameters()}
+    held = {name: (p.detach().clone(), split_dim(p)) for name, p in trained.model.named_parameters()}
+    return held, sample(trained.model, fixed_batch(trained.model.config))
 
 
 def test_loads_under_tp2_each_rank_its_shard(run, trained):
@@ -146,7 +158,11 @@ def test_loads_under_tp2_each_rank_its_shard(run, trained):
     ranks = run_on_ranks(_load_on_rank, 2, str(root / "checkpoints"), timeout_s=120)
     whole = dict(trained.model.named_parameters())
     sharded = 0
-    for rank, held in enumerate(ranks):
+    one_process = sample(trained.model, fixed_batch(trained.model.config))
+    for rank, (held, generated) in enumerate(ranks):
+        # Generation under TP=2 gives the one-process sample (to float tolerance: sums split over ranks).
+        for key, tokens in one_process.items():
+            torch.testing.assert_close(generated[key], tokens, rtol=1e-4, atol=1e-5)
         assert sorted(held) == sorted(whole)
         for name, (local, dim) in held.items():
             want = whole[name] if dim is None else torch.chunk(whole[name], 2, dim=dim)[rank]
@@ -167,21 +183,15 @@ def test_release_folder_gives_the_same_model_and_sample(run, trained, release):
     assert again.action_stats == {"robots": stats}
     assert (release / "tokenizer.json").is_file() and again.tokenizer().encode("a b") == [2, 12, 3]
 
-    batch = random_pack(
-        trained.model.config, torch.Generator().manual_seed(3), 3, ("policy", "image_to_video"), pixels=True
-    )
-
-    def sample(model):
-        return sample_dm_tokens(model, batch, 3, torch.Generator().manual_seed(5))
-
-    want, got = sample(trained.model), sample(again.model)
+    batch = fixed_batch(trained.model.config)
+    want, got = sample(trained.model, batch), sample(again.model, batch)
     assert sorted(want) == sorted(got) == sorted(batch.dm_tokens) and any(k.startswith("action/") for k in want)
     for key, tokens in want.items():
         assert torch.equal(tokens, got[key]), key
     # Control: a changed Generator weight changes the sample, so the comparison can fail.
     with torch.no_grad():
         again.model.layers[0].generator.mlp.up_proj.weight.add_(0.1)
-    assert not torch.equal(want["video"], sample(again.model)["video"])
+    assert not torch.equal(want["video"], sample(again.model, batch)["video"])
 
     # The release's weights are an ordinary weights folder too.
     model, vision = load_mot_folder(release)
@@ -256,7 +266,8 @@ def test_named_errors(run, trained, release, tmp_path):
     partial = Path(shutil.copytree(trained.source, tmp_path / "run" / f".step_{STEPS:08d}.partial"))
     with pytest.raises(IncompleteCheckpointError, match=r"is an incomplete save \(a .partial folder"):
         load_trained_model(partial)
-    with pytest.raises(IncompleteCheckpointError, match=rf"holds only an incomplete save \(\.step_{STEPS:08d}\.partial\)"):
+    only_partial = rf"holds only an incomplete save \(\.step_{STEPS:08d}\.partial\)"
+    with pytest.raises(IncompleteCheckpointError, match=only_partial):
         load_trained_model(tmp_path / "run")
     (partial / "meta.json").unlink()
     bare = partial.rename(tmp_path / "run" / f"step_{STEPS:08d}")
