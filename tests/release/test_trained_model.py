@@ -242,9 +242,12 @@ def test_command_line_exports_a_checkpoint_and_says_when_there_is_no_vit(run, tm
     assert (hf / "config.json").is_file() and (release / "config.yaml").is_file()
     assert json.loads((release / "release.json").read_text())["step"] == STEPS
 
+    # A weights folder as import writes it (model.yaml, safetensors, the tokenizer beside them), without a ViT.
     no_vit = save_mot_folder(MoTModel(tiny_mot_config()), None, tmp_path / "no-vit")
+    shutil.copy(root / "tokenizer" / "tokenizer.json", no_vit)
     trained = load_trained_model(no_vit)
     assert trained.step is None and trained.model.vision is None
+    assert trained.config.data.tokenizer.path == str(no_vit)
     assert convert(["export", str(no_vit), str(tmp_path / "hf2"), "--release", str(tmp_path / "release2")]) == 2
     assert "the run trained no ViT (model.vision is not set)" in capsys.readouterr().err
     assert (tmp_path / "release2" / "model.yaml").is_file()  # the release was written all the same
