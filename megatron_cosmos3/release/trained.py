@@ -26,7 +26,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from megatron_cosmos3.checkpoint.checkpointer import inventory, load_state, read_meta
-from megatron_cosmos3.checkpoint.safe_reader import verify_checkpoint
+from megatron_cosmos3.checkpoint.safe_reader import MANIFEST, verify_checkpoint
 from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes
 from megatron_cosmos3.checkpoint.weights_folder import is_weights_folder, load_weights_folder
 from megatron_cosmos3.conversion.mot_folder import CONFIG_FILE
@@ -136,16 +136,24 @@ def _checkpoint_config(folder: Path) -> tuple[TrainConfig, int]:
 def _release_config(folder: Path) -> tuple[TrainConfig, int | None]:
     """The release folder's config (paths it stores relative to itself resolved), or, for a
     weights folder ``conversion import`` wrote, the default config around its ``model.yaml``."""
-    if (folder / "checksums.json").is_file():
+    if (folder / MANIFEST).is_file():
         verify_checkpoint(folder)
     info = json.loads((folder / RELEASE_INFO).read_text()) if (folder / RELEASE_INFO).is_file() else {}
+    if info and not (folder / RELEASE_CONFIG).is_file():
+        raise CheckpointLoadError(
+            f"release folder {folder}: no {RELEASE_CONFIG} (the run's resolved training config), which loading needs "
+            "to lay out generation as training did"
+        )
     if not (folder / RELEASE_CONFIG).is_file():
         config = TrainConfig()
         config.model = load_model_config(folder / CONFIG_FILE)
         if (folder / TOKENIZER_FILE).is_file():  # import copies the Qwen3-VL tokenizer beside the weights
             config.data.tokenizer.path = str(folder)
         return config, info.get("step")
-    raw = OmegaConf.load(folder / RELEASE_CONFIG)
+    try:
+        raw = OmegaConf.load(folder / RELEASE_CONFIG)
+    except Exception as error:  # a YAML or OmegaConf error: name the file
+        raise CheckpointLoadError(f"{folder / RELEASE_CONFIG}: not a valid training config: {error}") from None
     tokenizer = OmegaConf.select(raw, "data.tokenizer.path", default="")
     if tokenizer and not Path(tokenizer).is_absolute():
         raw.data.tokenizer.path = str(folder / tokenizer)

@@ -312,3 +312,10 @@ def test_named_errors(run, trained, release, tmp_path):
     (no_config / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointLoadError, match="meta.json has no 'config'"):
         load_trained_model(no_config)
+    no_config = Path(shutil.copytree(release, tmp_path / "no-config-release"))
+    (no_config / "config.yaml").unlink()
+    manifest = json.loads((no_config / MANIFEST).read_text())
+    del manifest["files"]["config.yaml"]
+    (no_config / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointLoadError, match="no-config-release: no config.yaml"):
+        load_trained_model(no_config)
