@@ -130,7 +130,14 @@ def _checkpoint_config(folder: Path) -> tuple[TrainConfig, int]:
             f"checkpoint {folder}: meta.json has no 'config' (the run's resolved training config), which loading "
             "needs to rebuild the model as trained"
         )
-    return config_from_yaml(meta["config"], f"{folder / 'meta.json'} 'config'"), int(meta["step"])
+    return _parse_config(meta["config"], f"{folder / 'meta.json'} 'config'"), int(meta["step"])
+
+
+def _parse_config(text: str, source: str) -> TrainConfig:
+    try:
+        return config_from_yaml(text, source)
+    except ValueError as error:
+        raise CheckpointLoadError(str(error)) from None
 
 
 def _release_config(folder: Path) -> tuple[TrainConfig, int | None]:
@@ -161,7 +168,7 @@ def _release_config(folder: Path) -> tuple[TrainConfig, int | None]:
         stats = dataset.get("action_stats", "auto")
         if stats not in ("", "auto") and not Path(stats).is_absolute():
             dataset.action_stats = str(folder / stats)
-    return config_from_yaml(OmegaConf.to_yaml(raw), str(folder / RELEASE_CONFIG)), info.get("step")
+    return _parse_config(OmegaConf.to_yaml(raw), str(folder / RELEASE_CONFIG)), info.get("step")
 
 
 def _action_stats(config: TrainConfig) -> dict[str, ActionStats]:

@@ -297,9 +297,7 @@ def config_from_yaml(text: str, source: str) -> TrainConfig:
         layer = OmegaConf.create(text)
         _refuse_removed_keys(layer, source)
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), layer))
-    except Exception as error:  # OmegaConf's own errors name the key; say where the config came from
-        if isinstance(error, ValueError) and source in str(error):
-            raise
+    except Exception as error:  # YAML, OmegaConf and validation errors name the key; add where it came from
         raise ValueError(f"{source}: not a valid training config: {error}") from None
 
 

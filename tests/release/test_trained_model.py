@@ -253,6 +253,14 @@ def test_command_line_exports_a_checkpoint_and_says_when_there_is_no_vit(run, tm
     assert (tmp_path / "release2" / "model.yaml").is_file()  # the release was written all the same
 
 
+def rewrite_meta(folder: Path, meta: dict) -> None:
+    """Replaces meta.json and its checksum record."""
+    (folder / "meta.json").write_text(json.dumps(meta))
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"]["meta.json"] = file_record(folder / "meta.json")
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
 def copy_step(trained, tmp_path) -> Path:
     return Path(shutil.copytree(trained.source, tmp_path / trained.source.name))
 
@@ -302,15 +310,14 @@ def test_named_errors(run, trained, release, tmp_path):
     with pytest.raises(CheckpointCorruptError, match=f"file {shard.name} does not match its sha256 checksum"):
         load_trained_model(damaged_release)
 
-    # meta.json without the config (its checksum updated, so only the config is missing).
+    # meta.json without the config, or with a bad one (its checksum updated, so only the config is wrong).
     no_config = copy_step(trained, tmp_path / "no-config")
     meta = json.loads((no_config / "meta.json").read_text())
-    del meta["config"]
-    (no_config / "meta.json").write_text(json.dumps(meta))
-    manifest = json.loads((no_config / MANIFEST).read_text())
-    manifest["files"]["meta.json"] = file_record(no_config / "meta.json")
-    (no_config / MANIFEST).write_text(json.dumps(manifest))
+    rewrite_meta(no_config, {k: v for k, v in meta.items() if k != "config"})
     with pytest.raises(CheckpointLoadError, match="meta.json has no 'config'"):
+        load_trained_model(no_config)
+    rewrite_meta(no_config, {**meta, "config": meta["config"].replace("hidden_size: 32", "hidden_size: -32", 1)})
+    with pytest.raises(CheckpointLoadError, match=r"meta.json 'config': not a valid training config: .*hidden_size"):
         load_trained_model(no_config)
     no_config = Path(shutil.copytree(release, tmp_path / "no-config-release"))
     (no_config / "config.yaml").unlink()
