@@ -102,7 +102,7 @@ def prompt_batch(
             task="understanding",
             ar_token_ids=ids,
             ar_labels=torch.full_like(ids, IGNORE_INDEX),
-            ar_positions=pos.qwen3_vl_positions(is_vision, []),
+            ar_positions=pos.text_positions(0.0, ids.numel()),
         )
         if tokens is not None:
             is_vision[ids.numel() - int(np.prod(tokens.grid)) :] = True
