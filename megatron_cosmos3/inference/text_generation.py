@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ class TextSampling:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not isinstance(self.max_new_tokens, Integral) or self.max_new_tokens < 1:
             raise ValueError(f"TextSampling.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
             raise ValueError(f"TextSampling.temperature must be a finite number >= 0, got {self.temperature!r}")
@@ -82,6 +83,7 @@ def prompt_batch(
     if not prompts:
         raise ValueError("prompt_batch: prompts is empty")
     placeholder = config.vision.image_token_id if config.vision is not None else 0
+    featurize = vision or vision_featurizer(config)
     samples = []
     for i, prompt in enumerate(prompts):
         ids = torch.as_tensor(prompt.token_ids, dtype=torch.long).reshape(-1)
@@ -90,27 +92,28 @@ def prompt_batch(
                 f"prompts[{i}].token_ids must lie in [0, vocab_size={config.vocab_size}), "
                 f"got ids from {int(ids.min())} to {int(ids.max())}"
             )
-        grids, tokens = [], None
-        if prompt.picture is not None:
-            tokens = (vision or vision_featurizer(config))(prompt.picture)
-            grids.append(tokens.grid)
-            ids = torch.cat([ids, torch.full((int(np.prod(tokens.grid)),), placeholder, dtype=torch.long)])
-        if ids.numel() == 0:
+        picture = featurize(prompt.picture) if prompt.picture is not None else None
+        n_vision = int(np.prod(picture.grid)) if picture is not None else 0
+        if ids.numel() + n_vision == 0:
             raise ValueError(f"prompts[{i}] has no tokens: give token_ids or a picture")
-        is_vision = torch.zeros(ids.numel(), dtype=torch.bool)
-        sample = PackedSample(
-            task="understanding",
-            ar_token_ids=ids,
-            ar_labels=torch.full_like(ids, IGNORE_INDEX),
-            ar_positions=pos.text_positions(0.0, ids.numel()),
+        is_vision = torch.arange(ids.numel() + n_vision) >= ids.numel()
+        ids = torch.cat([ids, torch.full((n_vision,), placeholder, dtype=torch.long)])
+        labels = torch.full_like(ids, IGNORE_INDEX)  # a prompt has no next-token targets
+        if picture is None:  # text only: every axis counts tokens
+            samples.append(PackedSample("understanding", ids, labels, pos.text_positions(0.0, ids.numel())))
+            continue
+        samples.append(
+            PackedSample(
+                task="understanding",
+                ar_token_ids=ids,
+                ar_labels=labels,
+                ar_positions=pos.qwen3_vl_positions(is_vision, [picture.grid]),
+                ar_vision_embeds=picture.embeds,
+                ar_is_vision=is_vision,
+                vision_pixels=picture.pixels,
+                vision_grid_thw=torch.tensor([picture.patch_grid]) if picture.pixels is not None else None,
+            )
         )
-        if tokens is not None:
-            is_vision[ids.numel() - int(np.prod(tokens.grid)) :] = True
-            sample.ar_positions = pos.qwen3_vl_positions(is_vision, grids)
-            sample.ar_is_vision, sample.ar_vision_embeds, sample.vision_pixels = is_vision, tokens.embeds, tokens.pixels
-            if tokens.pixels is not None:
-                sample.vision_grid_thw = torch.tensor([tokens.patch_grid])
-        samples.append(sample)
     return PackedBatch.from_samples(samples)
 
 
@@ -121,7 +124,8 @@ def choose_tokens(logits: torch.Tensor, sampling: TextSampling, uniforms: torch.
     if sampling.greedy:
         return logits.argmax(dim=-1)
     if uniforms is None or uniforms.shape != logits.shape[:1]:
-        raise ValueError(f"choose_tokens: sampling needs one uniform per row ({logits.shape[0]},), got {uniforms}")
+        got = None if uniforms is None else tuple(uniforms.shape)
+        raise ValueError(f"choose_tokens: sampling needs uniforms of shape ({logits.shape[0]},), got {got}")
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
     probs, order = probs.sort(dim=-1, descending=True)
     # A token is in the nucleus if the more likely tokens before it hold less than top_p; the most
@@ -136,8 +140,8 @@ def choose_tokens(logits: torch.Tensor, sampling: TextSampling, uniforms: torch.
 
 
 def _seeds(seeds: int | Sequence[int], count: int) -> list[int]:
-    if isinstance(seeds, int):
-        return [seeds + i for i in range(count)]
+    if isinstance(seeds, Integral):
+        return [int(seeds) + i for i in range(count)]
     seeds = [int(s) for s in seeds]
     if len(seeds) != count:
         raise ValueError(f"generate_text: seeds has {len(seeds)} entries for {count} prompts (one per prompt)")
@@ -149,11 +153,11 @@ def _eos_ids(eos_ids: int | Iterable[int] | None, tokenizer: Tokenizer | None, v
         if tokenizer is None:
             raise ValueError("generate_text: eos_ids is None and no tokenizer gives one (pass eos_ids=() for none)")
         eos_ids = tokenizer.eos_id
-    ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
-    bad = [i for i in ids if not (isinstance(i, int) and 0 <= i < vocab_size)]
+    ids = [eos_ids] if isinstance(eos_ids, Integral) else list(eos_ids)
+    bad = [i for i in ids if not (isinstance(i, Integral) and 0 <= i < vocab_size)]
     if bad:
         raise ValueError(f"generate_text: eos_ids must be token ids in [0, {vocab_size}), got {bad}")
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor([int(i) for i in ids], dtype=torch.long)
 
 
 @torch.no_grad()
