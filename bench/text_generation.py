@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from harness import device_description, scaled_mrope_section, timed
+from harness import add_small_model_arguments, device_description, small_model_config, timed
 
 from megatron_cosmos3.inference.text_generation import TextPrompt, TextSampling, generate_text, prompt_batch
 from megatron_cosmos3.model.config import MoTConfig
@@ -47,13 +47,7 @@ def measure(model: MoTModel, config: MoTConfig, prompts: list[list[int]], new_to
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=32)
-    parser.add_argument("--ffn", type=int, default=1024)
-    parser.add_argument("--vocab", type=int, default=4096)
+    add_small_model_arguments(parser)
     parser.add_argument("--prompt-tokens", type=int, default=512, help="tokens of the longest prompt")
     parser.add_argument("--samples", type=int, default=4, help="prompts, of lengths evenly from half to all")
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -62,31 +56,23 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    config = MoTConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_kv_heads=args.kv_heads,
-        head_dim=args.head_dim,
-        mrope_section=scaled_mrope_section(args.head_dim),
-        ffn_hidden_size=args.ffn,
-        attention_backend="flash" if device.type == "cuda" else "sdpa",
-        init_std=0.5 / args.hidden**0.5,
+    config = small_model_config(
+        args, attention_backend="flash" if device.type == "cuda" else "sdpa", init_std=0.5 / args.hidden**0.5
     )
     torch.manual_seed(0)
     with torch.device(device):
         model = MoTModel(config).eval()
     g = torch.Generator().manual_seed(0)
     lengths = torch.linspace(args.prompt_tokens // 2, args.prompt_tokens, args.samples).long().tolist()
-    prompts = [torch.randint(0, args.vocab, (n,), generator=g).tolist() for n in lengths]
+    prompts = [torch.randint(0, config.vocab_size, (n,), generator=g).tolist() for n in lengths]
 
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
         prefill_s, cached, cached_s, uncached, uncached_s = measure(model, config, prompts, args.new_tokens, device)
     print(f"device: {device_description(device)}; {'bf16 autocast' if args.autocast else 'fp32'}")
     print(
-        f"model: hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} heads x {args.head_dim}, "
-        f"FFN {args.ffn}, vocab {args.vocab}; prompts {lengths} tokens, {args.new_tokens} new tokens each"
+        f"model: hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} heads x {config.head_dim}, "
+        f"FFN {config.ffn_hidden_size}, vocab {config.vocab_size}; prompts {lengths} tokens, "
+        f"{args.new_tokens} new tokens each"
     )
     print(f"prefill ms: {prefill_s * 1e3:.1f}")
     # The cached run's first token comes from its prefill; the other steps each decode one token.

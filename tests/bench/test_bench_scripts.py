@@ -57,8 +57,8 @@ def test_checkpoint_checksum_bench_saves_and_loads_both_ways():
 def test_text_generation_bench_times_cached_and_uncached_decoding_of_the_same_tokens():
     out = run_script(
         "text_generation.py",
-        *("--hidden", "32", "--layers", "1", "--heads", "4", "--kv-heads", "2", "--head-dim", "8", "--ffn", "64"),
-        *("--vocab", "128", "--prompt-tokens", "16", "--samples", "2", "--new-tokens", "4"),
+        *("--hidden", "32", "--layers", "1", "--heads", "4", "--kv-heads", "2"),
+        *("--prompt-tokens", "16", "--samples", "2", "--new-tokens", "4"),
     )
     assert "prompts [8, 16] tokens, 4 new tokens each" in out
     assert "cached per-token ms" in out and "uncached per-token ms" in out
