@@ -9,6 +9,7 @@ from megatron_cosmos3.data.tokenizer import ByteTokenizer
 from megatron_cosmos3.inference.text_generation import (
     TextPrompt,
     TextSampling,
+    choose_tokens,
     generate_text,
     prompt_batch,
 )
@@ -68,33 +69,54 @@ def with_tokens(batch: PackedBatch, new: list[list[int]]) -> PackedBatch:
     )
 
 
-def uncached_greedy(model: MoTModel, batch: PackedBatch, steps: int) -> list[list[int]]:
+def uncached(model: MoTModel, batch: PackedBatch, sampling: TextSampling, seeds: list[int]) -> list[list[int]]:
     """The reference: each step runs the whole pack of prompts + tokens so far through the model
-    (``forward``, no cache) and takes each sample's argmax after its last token."""
+    (``forward``, no cache) and chooses each sample's token from the logits after its last token
+    (sampling: one uniform per step from the sample's own seeded generator)."""
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
     new = [[] for _ in range(batch.num_samples)]
-    for _ in range(steps):
+    for _ in range(sampling.max_new_tokens):
         grown = with_tokens(batch, new)
         grown.validate()
         with torch.no_grad():
             hidden = model(grown).ar_hidden
         logits = model.lm_logits(hidden[grown.ar_cu_seqlens[1:] - 1])
-        for tokens, token in zip(new, logits.argmax(-1).tolist()):
+        uniforms = None if sampling.greedy else torch.stack([torch.rand((), generator=g) for g in generators])
+        for tokens, token in zip(new, choose_tokens(logits, sampling, uniforms).tolist()):
             tokens.append(token)
     return new
 
 
-@pytest.mark.parametrize("backend, vision", [("dense", False), ("sdpa", False), ("sdpa", True)])
-def test_cached_generation_equals_the_uncached_full_forward(backend, vision):
+@pytest.mark.parametrize(
+    "backend, vision, changes",
+    [("dense", False, {}), ("sdpa", False, {}), ("sdpa", True, {}), ("sdpa", False, dict(num_experts=4))],
+    ids=["dense", "sdpa", "own-vit", "moe"],
+)
+def test_cached_generation_equals_the_uncached_full_forward(backend, vision, changes):
     """Prefill once + one token per step against the cache gives, step for step, what running the
-    whole growing sequence through the model gives; with the weight-free picture tokens or the
-    model's own ViT (DeepStack included)."""
-    model = tiny_model(backend, vision)
+    whole growing sequence through the model gives; with the weight-free picture tokens, the
+    model's own ViT (DeepStack included), or mixture-of-experts towers."""
+    model = tiny_model(backend, vision, **changes)
     batch = prompt_batch(model.config, PROMPTS)
     assert (batch.vision_pixels is not None) == vision
-    got = generate_text(model, batch, TextSampling(max_new_tokens=NEW_TOKENS), eos_ids=())
-    want = uncached_greedy(model, batch, NEW_TOKENS)
-    assert [g.token_ids for g in got] == want
-    assert all(len(set(tokens)) >= 3 for tokens in want)  # a real sequence, not one token repeated
+    seeds = [3, 1, 4, 1]
+    samplings = [TextSampling(NEW_TOKENS), TextSampling(NEW_TOKENS, temperature=0.8, top_p=0.9)]
+    for sampling in samplings[:1] if vision else samplings:  # the ViT's own pass is the slow part
+        got = generate_text(model, batch, sampling, eos_ids=(), seeds=seeds)
+        want = uncached(model, batch, sampling, seeds)
+        assert [g.token_ids for g in got] == want
+        assert all(len(set(tokens)) >= 3 for tokens in want)  # a real sequence, not one token repeated
+
+
+def test_generation_never_runs_the_generator():
+    """The Reasoner alone generates text: no Generator tower module runs, in prefill or decoding."""
+    model = tiny_model()
+    calls = []
+    for layer in model.layers:
+        for module in layer.generator.modules():
+            module.register_forward_pre_hook(lambda *_: calls.append(1))
+    generate_text(model, PROMPTS, TextSampling(NEW_TOKENS), eos_ids=())
+    assert calls == []
 
 
 def test_decode_step_logits_equal_the_full_forward():
