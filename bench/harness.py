@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_cosmos3.model.config import MoTConfig
+
 NANO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model" / "nano.yaml"
 
 
@@ -83,3 +85,27 @@ def sample_lengths(args: argparse.Namespace) -> list[tuple[int, int]]:
     sample_tokens = args.tokens // args.samples
     n_ar = int(sample_tokens * args.ar_fraction)
     return [(n_ar, sample_tokens - n_ar)] * args.samples
+
+
+def add_small_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the CPU-sized scripts' model: width, depth and heads (``small_model_config``)."""
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+
+
+def small_model_config(args: argparse.Namespace, **fields) -> MoTConfig:
+    """The model those flags describe: head_dim = hidden / heads, FFN 4 x hidden, a 1024 vocabulary."""
+    head_dim = args.hidden // args.heads
+    shape = dict(
+        vocab_size=1024,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        head_dim=head_dim,
+        mrope_section=scaled_mrope_section(head_dim),
+        ffn_hidden_size=4 * args.hidden,
+    )
+    return MoTConfig(**{**shape, **fields})

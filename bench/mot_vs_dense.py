@@ -15,7 +15,7 @@ import argparse
 import statistics
 
 import torch
-from harness import device_description, scaled_mrope_section, timed
+from harness import add_small_model_arguments, device_description, small_model_config, timed
 from torch import nn
 
 from megatron_cosmos3.data.synthetic_packs import pack_from_lengths
@@ -44,10 +44,7 @@ class DenseBaseline(nn.Module):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=4)
+    add_small_model_arguments(parser)
     parser.add_argument("--tokens", type=int, default=4096, help="packed tokens per step")
     parser.add_argument("--sample-tokens", type=int, default=512, help="tokens per sample")
     parser.add_argument("--ar-fraction", type=float, default=0.25)
@@ -58,18 +55,7 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
-    head_dim = args.hidden // args.heads
-    config = MoTConfig(
-        vocab_size=1024,
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_kv_heads=args.kv_heads,
-        head_dim=head_dim,
-        mrope_section=scaled_mrope_section(head_dim),
-        ffn_hidden_size=4 * args.hidden,
-        attention_backend=args.backend,
-    )
+    config = small_model_config(args, attention_backend=args.backend)
     n_ar = int(args.sample_tokens * args.ar_fraction)
     lengths = [(n_ar, args.sample_tokens - n_ar)] * (args.tokens // args.sample_tokens)
     batch = pack_from_lengths(config, lengths, torch.Generator().manual_seed(0)).to(device)

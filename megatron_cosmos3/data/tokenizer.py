@@ -7,8 +7,8 @@ they are 0xFE and 0xFF, two bytes that never occur in UTF-8, so no text can forg
 
 ``HFTokenizer`` is the tokenizer of a model converted from Qwen3-VL: the ``tokenizer.json`` of a
 local Hugging Face folder (the Qwen3-VL folder itself, or an exported one), read with the
-``tokenizers`` library, behind the same three members. ``build_tokenizer`` picks one from
-``data.tokenizer``.
+``tokenizers`` library, behind the same members (``encode``, EOS, BOG, and ``decode`` for generated
+text). ``build_tokenizer`` picks one from ``data.tokenizer``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def decode(self, ids: list[int]) -> str: ...
+
 
 class ByteTokenizer:
     """UTF-8 bytes as ids; EOS = vocab_size - 2, BOG = vocab_size - 1 (see module doc)."""
@@ -36,6 +38,10 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of byte ids; EOS, BOG and invalid UTF-8 (a model's mistakes) become U+FFFD."""
+        return bytes(i if i < 256 else 0xFF for i in ids).decode("utf-8", errors="replace")
 
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -87,6 +93,11 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of ``ids``; special tokens (and ids beyond the tokenizer's, e.g. BOG) are left out."""
+        size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        return self._tokenizer.decode([i for i in ids if i < size], skip_special_tokens=True)
 
 
 def build_tokenizer(config: TokenizerConfig, vocab_size: int) -> Tokenizer:

@@ -8,7 +8,8 @@ The whole attention rule of the model, per sample of a pack:
 * DM queries attend **bidirectionally to concat(AR, DM) keys/values of the same sample**.
 
 Nothing attends across samples. Every backend implements the same two methods on the same
-``PackLayout``; they differ only in kernels:
+``PackLayout``; they differ only in kernels. Text generation adds a third, ``ar_decode_attention``:
+one new AR query per sequence over that sequence's cached AR keys/values (``model/kv_cache.py``).
 
 * ``dense`` — materialises the masks; the reference of the tests, never used for training;
 * ``sdpa`` — varlen by slicing each sample and calling ``scaled_dot_product_attention`` (CPU/GPU),
@@ -95,6 +96,23 @@ class AttentionBackend:
         """Bidirectional attention of DM queries over [AR_s, DM_s] keys/values of their sample."""
         raise NotImplementedError
 
+    def ar_decode_attention(self, q, k_cache, v_cache, lengths) -> torch.Tensor:
+        """Text generation's step (``model/kv_cache.py``): the one new AR query of each sequence,
+        q (S, heads, d), over the first ``lengths[s]`` rows of its own cache row, k/v_cache
+        (S, capacity, kv_heads, d); the new token's own key is already among them. Being the last
+        token, it is allowed every filled row: the causal rule. Every backend shares this SDPA call
+        with a length mask (one query per sequence: no varlen kernel is needed); ``dense`` states it."""
+        filled = torch.arange(k_cache.shape[1], device=q.device)[None, :] < lengths[:, None]  # (S, capacity)
+        q, k, v = _in_autocast_dtype(q, k_cache, v_cache)
+        out = F.scaled_dot_product_attention(
+            q[:, :, None],
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=filled[:, None, None, :],
+            enable_gqa=q.shape[1] != k.shape[2],
+        )
+        return out[:, :, 0]
+
 
 def _in_autocast_dtype(q, k, v):
     """q, k, v in the autocast dtype when autocast is on. Kernels outside autocast's op list (flash,
@@ -133,6 +151,14 @@ class DenseMaskAttention(AttentionBackend):
         sample_k = torch.cat([layout.sample_ids("ar"), sample_q])
         allowed = sample_q[:, None] == sample_k[None, :]
         return _masked_softmax_attention(q_dm, torch.cat([k_ar, k_dm]), torch.cat([v_ar, v_dm]), allowed)
+
+    def ar_decode_attention(self, q, k_cache, v_cache, lengths):
+        filled = torch.arange(k_cache.shape[1], device=q.device)[None, :] < lengths[:, None]
+        k, v = _repeat_kv(k_cache.flatten(0, 1), q.shape[1]), _repeat_kv(v_cache.flatten(0, 1), q.shape[1])
+        k, v = k.unflatten(0, k_cache.shape[:2]), v.unflatten(0, v_cache.shape[:2])
+        scores = torch.einsum("shd,sthd->sht", q, k) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(~filled[:, None, :], float("-inf"))
+        return torch.einsum("sht,sthd->shd", scores.softmax(dim=-1), v)
 
 
 class SdpaVarlenAttention(AttentionBackend):

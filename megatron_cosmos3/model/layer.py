@@ -66,6 +66,17 @@ class MoTLayer(nn.Module):
         ar_out = self.reasoner.finish(ar_hidden, attended, ar_rope.balance)
         return ar_out, k_ar, v_ar
 
+    def decode_ar(
+        self, ar_hidden: torch.Tensor, ar_rope: StreamRotary, cache, index: int, attention: AttentionBackend
+    ) -> torch.Tensor:
+        """The Reasoner half for one new AR token per sequence (ar_hidden (S, hidden)): its key/value
+        joins layer ``index`` of ``cache`` (a ``ReasonerCache``) and it attends over its sequence's
+        cached tokens. Inference only; like ``forward_ar`` it never sees a DM tensor."""
+        q_ar, k_ar, v_ar = self.reasoner.attention_inputs(ar_hidden, ar_rope.cos, ar_rope.sin)
+        k_cache, v_cache = cache.write(index, k_ar, v_ar)
+        attended = attention.ar_decode_attention(q_ar, k_cache, v_cache, cache.lengths + 1)
+        return self.reasoner.finish(ar_hidden, attended, ar_rope.balance)
+
     def forward_dm(
         self,
         dm_hidden: torch.Tensor,

@@ -12,6 +12,7 @@ from torch import nn
 from megatron_cosmos3.model.attention import AttentionBackend, PackLayout, attention_backend
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
 from megatron_cosmos3.model.embeddings import DMStreamProjections, TimestepEmbedding
+from megatron_cosmos3.model.kv_cache import ReasonerCache
 from megatron_cosmos3.model.layer import MoTLayer, StreamRotary
 from megatron_cosmos3.model.moe import WHOLE_INPUT, MoEMLP, TokenBalance
 from megatron_cosmos3.model.packed_batch import IGNORE_INDEX, PackedBatch
@@ -271,6 +272,25 @@ class MoTModel(nn.Module):
         rope = self._rotary(batch.ar_positions, hidden.dtype)
         hidden, keys_values = run_reasoner(enumerate(self.layers), hidden, rope, layout, self._attention(), batch)
         return ARPass(self.reasoner_norm(hidden), keys_values, layout)
+
+    def decode_ar(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: ReasonerCache) -> torch.Tensor:
+        """One text-generation step: the next AR token of each of the cache's S sequences,
+        token_ids (S,) at positions (3, S), through the Reasoner towers against ``cache``, which
+        takes their keys/values. Returns their final-normed hidden states (S, hidden)."""
+        if token_ids.shape != (cache.num_sequences,) or positions.shape != (3, cache.num_sequences):
+            raise ValueError(
+                f"decode_ar: token_ids {tuple(token_ids.shape)} and positions {tuple(positions.shape)} do not "
+                f"match the cache's {cache.num_sequences} sequences ((S,) and (3, S))"
+            )
+        if not cache.has_room():
+            raise ValueError(f"decode_ar: a sequence of the cache is full (capacity={cache.capacity})")
+        hidden = self.embed_tokens(token_ids)
+        rope = self._rotary(positions, hidden.dtype)
+        attention = self._attention()
+        for index, layer in enumerate(self.layers):
+            hidden = layer.decode_ar(hidden, rope, cache, index, attention)
+        cache.advance()
+        return self.reasoner_norm(hidden)
 
     def forward_dm(self, batch: PackedBatch, ar_pass: ARPass) -> torch.Tensor:
         """Runs only the DM stream through the Generator towers against the AR pass's K/V."""

@@ -52,3 +52,14 @@ def test_attention_vs_causal_counts_each_masks_pairs_on_the_same_samples():
 def test_checkpoint_checksum_bench_saves_and_loads_both_ways():
     out = run_script("checkpoint_checksums.py", "--megabytes", "16", "--repeats", "1")
     assert "| save |" in out and "| load |" in out
+
+
+def test_text_generation_bench_times_cached_and_uncached_decoding_of_the_same_tokens():
+    out = run_script(
+        "text_generation.py",
+        *("--hidden", "32", "--layers", "1", "--heads", "4", "--kv-heads", "2"),
+        *("--prompt-tokens", "16", "--samples", "2", "--new-tokens", "4"),
+    )
+    assert "prompts [8, 16] tokens, 4 new tokens each" in out
+    assert "cached per-token ms" in out and "uncached per-token ms" in out
+    assert "cached and uncached tokens agree: yes" in out

@@ -1,6 +1,6 @@
 """A tiny random Qwen3-VL, built and saved with transformers (no hub access), and inputs for it.
 
-Shared by the conversion tests (fixtures in conftest.py).
+Shared by the conversion and inference tests (their conftest.py files import the fixtures below).
 
 Its dimensions are those of ``configs/model/tiny.yaml``; it is saved in several safetensors shards
 with an index, like the real checkpoints.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 TINY_YAML = Path(__file__).resolve().parents[2] / "configs" / "model" / "tiny.yaml"
@@ -153,3 +154,16 @@ def processor_like_inputs(kind: str, seed: int = 0) -> dict:
             video_grid_thw=video_grids,
         )
     raise ValueError(kind)
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory) -> Path:
+    """The tiny random Qwen3-VL saved in >= 2 safetensors shards plus the index (fp32)."""
+    return save_sharded(random_qwen3_vl(tiny_hf_config()), tmp_path_factory.mktemp("qwen3_vl_tiny"))
+
+
+@pytest.fixture(scope="session")
+def hf_model(hf_folder):
+    from transformers import Qwen3VLForConditionalGeneration
+
+    return Qwen3VLForConditionalGeneration.from_pretrained(str(hf_folder)).eval()

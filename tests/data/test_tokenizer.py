@@ -18,13 +18,14 @@ SPECIAL = ["<|im_end|>", "<|extra|>"]
 
 @pytest.fixture(scope="module")
 def tokenizer_folder(tmp_path_factory) -> Path:
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {"[UNK]": 0, **{token: 1 + i for i, token in enumerate(SPECIAL)}}
     vocab.update({c: len(SPECIAL) + 1 + i for i, c in enumerate(CHARACTERS)})
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tokenizer.add_special_tokens(SPECIAL)
+    tokenizer.decoder = decoders.Fuse()  # characters back into one string
     folder = tmp_path_factory.mktemp("tokenizer")
     tokenizer.save(str(folder / "tokenizer.json"))
     return folder
@@ -39,6 +40,14 @@ def test_ids_eos_and_bog_come_from_the_tokenizer_file(tokenizer_folder):
     assert tokenizer.bog_id == 3 + len(CHARACTERS)  # the first id after the tokenizer's own
     named = build_tokenizer(TokenizerConfig(str(tokenizer_folder), bog_token="<|extra|>"), vocab_size=256)
     assert named.bog_id == 2
+
+
+def test_decode_gives_back_the_text_without_special_tokens(tokenizer_folder):
+    """Generated ids decode to their text; EOS and the BOG id (beyond the tokenizer's) are left out."""
+    tokenizer = build_tokenizer(TokenizerConfig(str(tokenizer_folder)), vocab_size=256)
+    ids = tokenizer.encode("a red ball")
+    assert tokenizer.decode(ids + [tokenizer.eos_id, tokenizer.bog_id]) == "a red ball"
+    assert tokenizer.decode(ids[:5]) == "a red"
 
 
 @pytest.mark.parametrize(
