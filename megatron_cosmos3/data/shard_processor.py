@@ -63,9 +63,16 @@ class ShardProcessor:
     ``make_builders`` so that heavy encoders load in the worker that uses them."""
 
     def __init__(
-        self, schedule: ShardSchedule, mixture: TaskMixture, context: SchemaContext, seed: int, make_builders
+        self,
+        schedule: ShardSchedule,
+        mixture: TaskMixture,
+        context: SchemaContext,
+        seed: int,
+        make_builders,
+        prompt_dropout: float = 0.0,
     ) -> None:
         self.schedule, self.mixture, self.context, self.seed = schedule, mixture, context, seed
+        self.prompt_dropout = prompt_dropout
         self._make_builders = make_builders
         self._builders: list[SampleBuilder] | None = None
 
@@ -130,4 +137,5 @@ class ShardProcessor:
                 f"modalities {sorted(m.value for m in sample.modalities)} fit no task of the "
                 f"stage mixture {sorted(self.mixture.weights)}",
             )
-        return builder.build(sample, task)
+        drop = bool(task.dm) and uniform(self.seed, "drop_prompt", address.slot, index) < self.prompt_dropout
+        return builder.build(sample, task, drop_prompt=drop)
