@@ -130,7 +130,8 @@ def generate(
     for request in requests:
         _check_trained(request, model, trained_tasks)
     prepared = [prepare_request(request, builder) for request in requests]
-    device = next(model.parameters()).device
+    owner = plan.state_owner if plan is not None and plan.model is not None else model
+    device = next(p.device for p in owner.parameters() if not p.is_meta)  # a pipeline rank holds its chunks
     results: list[GeneratedSample | None] = [None] * len(prepared)
     was_training = model.training
     model.eval()
