@@ -62,10 +62,15 @@ class GeneratedSample:
         }
 
 
-def _check_trained(request: GenerationRequest, model: MoTModel, trained_tasks: Collection[str] | None) -> None:
+def _check_trained(request: GenerationRequest, trained_tasks: Collection[str] | None) -> None:
     if trained_tasks is not None and request.task not in trained_tasks:
         raise ValueError(f"task {request.task!r}: the model was not trained for it (trained: {sorted(trained_tasks)})")
-    if request.embodiment is not None and request.embodiment not in model.config.embodiments:
+
+
+def _check_heads(prepared: PreparedRequest, model: MoTModel) -> None:
+    request = prepared.request
+    uses_actions = any(role.stream == "actions" for role in prepared.task.dm)
+    if uses_actions and request.embodiment not in model.config.embodiments:
         raise ValueError(
             f"task {request.task!r}: the model has no action head for embodiment {request.embodiment!r} "
             f"(it has {sorted(model.config.embodiments)})"
@@ -128,8 +133,10 @@ def generate(
     ValueError naming the task and the problem for a request that cannot be generated.
     """
     for request in requests:
-        _check_trained(request, model, trained_tasks)
+        _check_trained(request, trained_tasks)
     prepared = [prepare_request(request, builder) for request in requests]
+    for p in prepared:
+        _check_heads(p, model)
     owner = plan.state_owner if plan is not None and plan.model is not None else model
     device = next(p.device for p in owner.parameters() if not p.is_meta)  # a pipeline rank holds its chunks
     results: list[GeneratedSample | None] = [None] * len(prepared)

@@ -123,7 +123,10 @@ def _error(request: GenerationRequest, message: str) -> ValueError:
 def _num_frames(request: GenerationRequest) -> int | None:
     """Pixel frames of the clip asked for (module doc), or None when the request names no length."""
     if request.num_frames is not None:
-        num_latent_frames(request.num_frames)  # ValueError unless 1 + 4k
+        try:
+            num_latent_frames(request.num_frames)  # ValueError unless 1 + 4k
+        except ValueError as error:
+            raise _error(request, f"num_frames={request.num_frames}: {error}") from None
         return request.num_frames
     if request.duration_s is not None:
         if not request.duration_s > 0:
