@@ -31,6 +31,7 @@ from megatron_cosmos3.data.schedule import ShardSchedule, SlotAddress
 from megatron_cosmos3.data.schema import SchemaContext, decode_sample
 from megatron_cosmos3.data.shards import read_shard
 from megatron_cosmos3.tasks.mixture import TaskMixture
+from megatron_cosmos3.tasks.registry import TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -137,5 +138,11 @@ class ShardProcessor:
                 f"modalities {sorted(m.value for m in sample.modalities)} fit no task of the "
                 f"stage mixture {sorted(self.mixture.weights)}",
             )
-        drop = bool(task.dm) and uniform(self.seed, "drop_prompt", address.slot, index) < self.prompt_dropout
+        drop = drops_prompt(task, self.prompt_dropout, self.seed, address.slot, index)
         return builder.build(sample, task, drop_prompt=drop)
+
+
+def drops_prompt(task: TaskSpec, rate: float, seed: int, slot: int, index: int) -> bool:
+    """Whether sample ``index`` of ``slot`` is built without its prompt (``DataConfig.prompt_dropout``):
+    a draw from (seed, slot, index) below ``rate``, for tasks with DM targets only."""
+    return bool(task.dm) and uniform(seed, "drop_prompt", slot, index) < rate
