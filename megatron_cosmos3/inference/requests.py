@@ -35,7 +35,7 @@ from megatron_cosmos3.inference.solvers import SamplerConfig
 from megatron_cosmos3.model.config import MoTConfig
 from megatron_cosmos3.model.packed_batch import action_stream_key
 from megatron_cosmos3.tasks.layout import past_frames
-from megatron_cosmos3.tasks.registry import Modality, TaskSpec, get_task
+from megatron_cosmos3.tasks.registry import TaskSpec, get_task
 
 DEFAULT_FPS = 24.0
 # Latent frames a clean video span takes of a clip of T latent frames.
@@ -199,7 +199,8 @@ class _Streams:
         else:
             raise _error(request, "the clip length is needed: set num_frames or duration_s")
         if t < self.task.min_latent_frames:
-            raise _error(request, f"{frames} frames make {t} latent frames; the task needs {self.task.min_latent_frames}")
+            need = self.task.min_latent_frames
+            raise _error(request, f"{frames} frames make {t} latent frames; the task needs {need}")
         tokens = torch.zeros(t * h * w, self.config.video_token_dim)
         if given is not None:
             keep = _CONDITIONING_FRAMES[part](t)
@@ -214,7 +215,8 @@ class _Streams:
         if embodiment is None:
             raise _error(request, "needs an embodiment (whose actions the task generates or conditions on)")
         if embodiment not in self.config.embodiments:
-            raise _error(request, f"unknown embodiment {embodiment!r}; the model knows {sorted(self.config.embodiments)}")
+            known = sorted(self.config.embodiments)
+            raise _error(request, f"unknown embodiment {embodiment!r}; the model knows {known}")
         spec = self.config.embodiments[embodiment]
         if "actions" in self.clean:
             if request.actions is None:
@@ -235,7 +237,7 @@ def prepare_request(request: GenerationRequest, builder: SampleBuilder) -> Prepa
     task = get_task(request.task)
     if not task.dm:
         raise _error(request, "has no DM targets to generate (text generation is the Reasoner's)")
-    request.sampler  # noqa: B018 - validates solver, steps and shift
+    _ = request.sampler  # validates solver, steps and shift
     streams = _Streams(request, task, builder)
     sample = Sample(key=f"request_{request.seed}", caption=request.prompt, instruction=request.prompt)
     if task.vit == "required":
@@ -269,16 +271,14 @@ def prepare_request(request: GenerationRequest, builder: SampleBuilder) -> Prepa
             sample.audio_latents, audio_samples = latents.tokens.numpy(), latents.num_samples
         else:
             audio_samples = round(duration * SAMPLE_RATE)
-            sample.audio_latents = np.zeros((num_audio_tokens(audio_samples), builder.config.audio_latent_dim), np.float32)
+            shape = (num_audio_tokens(audio_samples), builder.config.audio_latent_dim)
+            sample.audio_latents = np.zeros(shape, np.float32)
         sample.audio_num_samples = audio_samples
         outputs["audio"] = "audio"
     if "actions" in needed:
         actions, rate = streams.actions(duration)
         sample.actions, sample.embodiment, sample.action_rate_hz = actions.numpy(), request.embodiment, rate
         outputs["actions"] = action_stream_key(request.embodiment)
-    missing = task.requires - sample.modalities - {Modality.TEXT}
-    if missing:
-        raise _error(request, f"needs {sorted(m.value for m in missing)}")
     outputs = {name: key for name, key in outputs.items() if name in streams.noisy}
     conditional = builder.build(sample, task)
     unconditional = builder.build(sample, task, drop_prompt=True)
