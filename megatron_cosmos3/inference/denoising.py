@@ -115,7 +115,7 @@ def sample_dm_tokens(
         _same_dm_section(batch, unconditional)
         plain = _velocity_field(model, unconditional, velocity_of)
         scale = torch.as_tensor(guidance, dtype=torch.float32).expand(batch.num_samples)
-        weights = {key: scale[sample_rows(batch, key)][:, None] for key in batch.dm_tokens}
+        weights = {key: scale[sample_rows(batch, key)][:, None].to(x) for key, x in batch.dm_tokens.items()}
 
         def field(tokens: State, t: float) -> State:  # noqa: F811 - the guided field replaces the plain one
             v_cond, v_uncond = conditional(tokens, t), plain(tokens, t)

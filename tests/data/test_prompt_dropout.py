@@ -2,8 +2,10 @@
 configured rate — the unconditional model classifier-free guidance needs — deterministically, for
 tasks with DM targets only, and counted by the loader."""
 
+import json
+
 import pytest
-from world_helpers import data_config, model_config, tiny_world
+from world_helpers import assert_same_batch, data_config, model_config, tiny_world
 
 from megatron_cosmos3.data.loader import PackedLoader
 from megatron_cosmos3.data.shard_processor import drops_prompt
@@ -54,6 +56,21 @@ def test_the_loader_builds_dropped_samples_without_their_prompt_and_counts_them(
         assert seen == 0
     else:
         assert 0 < seen < loader.stats.used
+
+
+def test_a_resumed_stream_drops_the_same_prompts():
+    config = data_config([str(tiny_world()["latent"])], prompt_dropout=0.5)
+    with PackedLoader(config, model_config()) as loader:
+        whole = [next(loader) for _ in range(6)]
+        dropped = loader.prompts_dropped
+    with PackedLoader(config, model_config()) as loader:
+        [next(loader) for _ in range(3)]
+        state = json.loads(json.dumps(loader.state_dict()))  # what a checkpoint stores
+    with PackedLoader(config, model_config()) as loader:
+        loader.load_state_dict(state)
+        for want in whole[3:]:
+            assert_same_batch(next(loader), want)
+        assert loader.prompts_dropped == dropped > 0
 
 
 def test_prompt_dropout_is_validated_and_changes_the_stream_fingerprint():

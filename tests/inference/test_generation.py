@@ -10,7 +10,13 @@ import torch
 from megatron_cosmos3.encoders.action_normalization import denormalize_actions
 from megatron_cosmos3.encoders.audio_vae import AudioLatents
 from megatron_cosmos3.encoders.video_vae import VideoLatents
-from megatron_cosmos3.inference.denoising import initial_noise, prefill, sample_dm_tokens, velocity
+from megatron_cosmos3.inference.denoising import (
+    full_forward_velocity,
+    initial_noise,
+    prefill,
+    sample_dm_tokens,
+    velocity,
+)
 from megatron_cosmos3.inference.generation import generate
 from megatron_cosmos3.inference.requests import prepare_request
 from megatron_cosmos3.inference.solvers import SamplerConfig
@@ -56,14 +62,45 @@ EXPECTED = {
 }
 
 
+def traced(velocity_of, log):
+    """``velocity_of`` recording what each evaluation was given and returned."""
+
+    def run(batch):
+        out = velocity_of(batch)
+        log.append((batch.dm_tokens, batch.dm_timesteps, out))
+        return out
+
+    return run
+
+
 @pytest.mark.parametrize("task", GENERATION_TASKS)
 def test_cached_sampling_equals_uncached_full_forward_sampling(task, model, builder):
     # Heun and guidance: both AR caches (prompt and dropped prompt) serve every evaluation; another
     # task shares the pack.
     other = "text_to_audio_video" if task != "text_to_audio_video" else "policy"
     requests = [request_for(task, seed=1, solver="heun"), request_for(other, seed=2, solver="heun")]
-    cached = generate(model, requests, builder)
-    uncached = generate(model, requests, builder, cached=False)
+    ar_passes = []
+    hook = model.layers[0].reasoner.input_layernorm.register_forward_pre_hook(lambda *_: ar_passes.append(1))
+    try:
+        cached = generate(model, requests, builder)
+        assert len(ar_passes) == 2  # one prefill with the prompt, one without: not one per step
+        uncached = generate(model, requests, builder, cached=False)
+        assert len(ar_passes) == 2 + 2 * SamplerConfig("heun", 3).num_evaluations
+    finally:
+        hook.remove()
+
+    # Step for step: every evaluation of the cached sampler sees and returns what the full pass does.
+    _, conditional, _ = packs(builder, requests)
+    cache = prefill(model, conditional)
+    with_cache, without = [], []
+    sampler, seeds = SamplerConfig("heun", 3), [1, 2]
+    sample_dm_tokens(model, conditional, sampler, seeds, traced(lambda b: velocity(model, b, cache), with_cache))
+    sample_dm_tokens(model, conditional, sampler, seeds, traced(full_forward_velocity(model), without))
+    assert len(with_cache) == len(without) == sampler.num_evaluations
+    for (tokens, t, v), (tokens_full, t_full, v_full) in zip(with_cache, without):
+        assert torch.equal(t, t_full)
+        for key in tokens:
+            assert torch.equal(tokens[key], tokens_full[key]) and torch.equal(v[key], v_full[key]), key
     noisy = {role.stream for role in get_task(task).dm if role.noisy}
     assert set(cached[0].latents) == noisy
     for name, latents in cached[0].latents.items():
