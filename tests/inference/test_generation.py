@@ -138,6 +138,18 @@ def test_conditioning_stays_and_generated_actions_are_unnormalised(model, builde
     assert not torch.allclose(scaled, plain)
 
 
+@pytest.mark.parametrize(("seconds", "fps"), [(2.0, 24.0), (1.3, 30.0), (0.5, 8.0)])
+def test_audio_lasts_as_long_as_the_video_it_is_generated_with(seconds, fps, builder):
+    request = request_for("text_to_audio_video", num_frames=None, duration_s=seconds, fps=fps, resolution=(32, 32))
+    prepared = prepare_request(request, builder)
+    frames = 1 + 4 * (prepared.video_grid[0] - 1)
+    assert abs(frames / fps - seconds) <= 2 / fps  # the nearest 1 + 4k frames
+    video_s, audio_s = frames / fps, prepared.audio_num_samples / 48_000
+    assert abs(audio_s - video_s) < 0.04  # within one audio latent
+    audio_tokens = dict(prepared.conditional.sample.dm_streams)["audio"].shape[0]
+    assert audio_tokens == -(-prepared.audio_num_samples // 1920)
+
+
 def packs(builder, requests):
     prepared = [prepare_request(r, builder) for r in requests]
     conditional = PackedBatch.from_samples([p.conditional.sample for p in prepared])
