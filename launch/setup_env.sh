@@ -6,6 +6,13 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${COSMOS3_VENV:-$repo_root/.venv}"
 python_bin="${PYTHON:-python3}"
 
+# ffmpeg's command-line tools (ffprobe, ffmpeg): the independent decoder the media tests check our
+# mp4 files with (the package itself writes them with PyAV's own FFmpeg).
+if ! command -v ffprobe >/dev/null 2>&1; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null
+fi
+
 if [ ! -x "$venv/bin/python" ]; then
   "$python_bin" -m venv "$venv"
 fi

@@ -7,16 +7,20 @@ from pathlib import Path
 
 import megatron_cosmos3
 
-# Lowest first. model <- objectives <- parallel <- checkpoint/inference <- training; data is
-# independent of training and of the parallel machinery.
+# Lowest first. model <- objectives <- parallel <- checkpoint/inference <- training <- release; data
+# is independent of training and of the parallel machinery.
 LAYERS = [
     {"model", "encoders", "tasks"},
     {"objectives", "data", "conversion"},
     {"parallel"},
     {"checkpoint", "inference"},
     {"training"},
+    {"release"},
     {"testing"},
 ]
+# ``python -m`` entry points that only forward to a command living higher up (nothing imports them):
+# file -> the one module it may import from above.
+FORWARDERS = {"conversion/__main__.py": "megatron_cosmos3.release.convert_cli"}
 LAYER_OF = {package: level for level, packages in enumerate(LAYERS) for package in packages}
 ROOT = Path(megatron_cosmos3.__file__).parent
 
@@ -37,6 +41,22 @@ def imported_packages(path: Path) -> set[str]:
     return found
 
 
+def forwards_only(path: Path, target: str) -> bool:
+    """The module is a docstring, ``import sys``, ``from <target> import main`` and the
+    ``if __name__ == "__main__": sys.exit(main())`` guard: nothing else."""
+    body = ast.parse(path.read_text()).body
+    allowed = (
+        lambda node: isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant),
+        lambda node: isinstance(node, ast.Import) and [a.name for a in node.names] == ["sys"],
+        lambda node: isinstance(node, ast.ImportFrom)
+        and node.module == target
+        and [a.name for a in node.names] == ["main"],
+        lambda node: isinstance(node, ast.If)
+        and ast.unparse(node) == "if __name__ == '__main__':\n    sys.exit(main())",
+    )
+    return all(any(rule(node) for rule in allowed) for node in body)
+
+
 def violations(root: Path = ROOT) -> list[str]:
     bad = []
     for path in sorted(root.rglob("*.py")):
@@ -44,6 +64,8 @@ def violations(root: Path = ROOT) -> list[str]:
         if len(relative.parts) < 2:  # the package's own __init__
             continue
         package = relative.parts[0]
+        if str(relative) in FORWARDERS and forwards_only(path, FORWARDERS[str(relative)]):
+            continue
         for other in sorted(imported_packages(path) - {package}):
             if LAYER_OF[other] >= LAYER_OF[package]:
                 bad.append(f"{relative} (layer {LAYER_OF[package]}) imports {other} (layer {LAYER_OF[other]})")
@@ -72,4 +94,19 @@ def test_an_upward_import_is_caught(tmp_path):
         "data/sideways.py (layer 1) imports conversion (layer 1)",
         "model/bad.py (layer 0) imports parallel (layer 2)",
         "model/bad.py (layer 0) imports training (layer 4)",
+    ]
+
+
+def test_a_forwarding_entry_point_may_only_forward(tmp_path):
+    """Control: the forwarding entry point is exempt only while it does nothing but forward."""
+    for package in LAYER_OF:
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    shim = tmp_path / "conversion" / "__main__.py"
+    shim.write_text((ROOT / "conversion" / "__main__.py").read_text())
+    assert violations(tmp_path) == []
+    shim.write_text(shim.read_text() + "from megatron_cosmos3.training.train import main as train\n")
+    assert violations(tmp_path) == [
+        "conversion/__main__.py (layer 1) imports release (layer 5)",
+        "conversion/__main__.py (layer 1) imports training (layer 4)",
     ]

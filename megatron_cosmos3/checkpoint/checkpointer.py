@@ -248,58 +248,77 @@ class Checkpointer:
         allow_missing: tuple[str, ...] = (),
         named: dict[str, torch.Tensor] | None = None,
     ) -> dict:
-        """Loads in place whatever of model/optimizer/per-rank state this rank holds; returns meta.
+        """Loads in place whatever of model/optimizer/per-rank state this rank holds; returns meta
+        (``load_state`` over this checkpointer's sharding meshes and process group)."""
+        return load_state(path, model, self.meshes, self.group, optimizer, per_rank, self.rank, allow_missing, named)
 
-        ``optimizer=None`` loads weights only (a new stage's fresh optimizer). Model parameters
-        absent from the checkpoint are an error naming them, unless their name starts with one of
-        ``allow_missing`` (e.g. the projections of an embodiment added since). Per-rank entries that
-        are absent (another world size) are dropped from ``per_rank``; ``named`` entries (keys as
-        saved) are filled in place of their values, or dropped when absent.
-        """
-        path = Path(path)
-        if not (path / ".metadata").is_file():
-            raise FileNotFoundError(f"{path} is not a checkpoint folder (no .metadata index)")
-        check_sizes(path)  # a missing or truncated file fails here, before any weight is touched
-        meta = read_meta(path) if (path / "meta.json").is_file() else {}
-        reader = SafeFileSystemReader(str(path))
-        index = reader.read_metadata().state_dict_metadata
-        available = set(index)
-        model_state = model_entries(model, self.meshes)
-        missing = [k[len("model/") :] for k in model_state if k not in available]
-        unexpected = [m for m in missing if not m.startswith(tuple(allow_missing))]
-        if unexpected:
-            raise KeyError(
-                f"checkpoint {path} lacks model parameters {unexpected[:8]}"
-                f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)} in all)"
-            )
-        state = {k: v for k, v in model_state.items() if k in available}
-        if optimizer is not None:
-            state.update(
-                {
-                    k: v
-                    for k, v in optimizer_entries(optimizer, model, self.meshes, create_for=available).items()
-                    if k in available
-                }
-            )
-        # Per-rank entries (RNG, loader state) vary in size: allocate them as the index describes.
-        for entries, key_of in ((per_rank, lambda name: f"rank{self.rank}/{name}"), (named, lambda name: name)):
-            for name in list(entries or {}):
-                key = key_of(name)
-                if key in available:
-                    entries[name] = state[key] = torch.empty(tuple(index[key].size), dtype=index[key].properties.dtype)
-                else:
-                    del entries[name]
-        try:
-            dcp.load(
-                state,
-                storage_reader=reader,
-                planner=DefaultLoadPlanner(allow_partial_load=True),
-                process_group=self.group,
-            )
-        except CheckpointException as error:  # a rank's own error, not "ranks: dict_keys([0])"
-            for failure in error.failures.values():
-                cause = failure[0] if isinstance(failure, tuple) else failure
-                if isinstance(cause, (CheckpointCorruptError, UnsafeCheckpointError)):
-                    raise cause from error
-            raise CheckpointCorruptError(f"checkpoint {path} could not be read: {error}") from error
-        return meta
+
+def load_state(
+    path: str | Path,
+    model: nn.Module,
+    meshes: ShardingMeshes,
+    group=None,
+    optimizer=None,
+    per_rank: dict[str, torch.Tensor] | None = None,
+    rank: int = 0,
+    allow_missing: tuple[str, ...] = (),
+    named: dict[str, torch.Tensor] | None = None,
+) -> dict:
+    """Loads the checkpoint folder ``path`` into what this rank holds, reading only (nothing in or
+    beside the folder is written): collective over ``group`` when torch.distributed is initialised,
+    a plain read in one process. Returns its meta.json (empty if it has none).
+
+    ``optimizer=None`` loads weights only (a new stage's fresh optimizer, or inference). Model
+    parameters absent from the checkpoint are an error naming them, unless their name starts with
+    one of ``allow_missing`` (e.g. the projections of an embodiment added since). Per-rank entries
+    (stored under rank ``rank``) that are absent (another world size) are dropped from
+    ``per_rank``; ``named`` entries (keys as saved) are filled in place of their values, or dropped
+    when absent. Every file read is checked against the checkpoint's checksums first.
+    """
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder (no .metadata index)")
+    check_sizes(path)  # a missing or truncated file fails here, before any weight is touched
+    meta = read_meta(path) if (path / "meta.json").is_file() else {}
+    reader = SafeFileSystemReader(str(path))
+    index = reader.read_metadata().state_dict_metadata
+    available = set(index)
+    model_state = model_entries(model, meshes)
+    missing = [k[len("model/") :] for k in model_state if k not in available]
+    unexpected = [m for m in missing if not m.startswith(tuple(allow_missing))]
+    if unexpected:
+        raise KeyError(
+            f"checkpoint {path} lacks model parameters {unexpected[:8]}"
+            f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)} in all)"
+        )
+    state = {k: v for k, v in model_state.items() if k in available}
+    if optimizer is not None:
+        state.update(
+            {
+                k: v
+                for k, v in optimizer_entries(optimizer, model, meshes, create_for=available).items()
+                if k in available
+            }
+        )
+    # Per-rank entries (RNG, loader state) vary in size: allocate them as the index describes.
+    for entries, key_of in ((per_rank, lambda name: f"rank{rank}/{name}"), (named, lambda name: name)):
+        for name in list(entries or {}):
+            key = key_of(name)
+            if key in available:
+                entries[name] = state[key] = torch.empty(tuple(index[key].size), dtype=index[key].properties.dtype)
+            else:
+                del entries[name]
+    try:
+        dcp.load(
+            state,
+            storage_reader=reader,
+            planner=DefaultLoadPlanner(allow_partial_load=True),
+            process_group=group,
+        )
+    except CheckpointException as error:  # a rank's own error, not "ranks: dict_keys([0])"
+        for failure in error.failures.values():
+            cause = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(cause, (CheckpointCorruptError, UnsafeCheckpointError)):
+                raise cause from error
+        raise CheckpointCorruptError(f"checkpoint {path} could not be read: {error}") from error
+    return meta

@@ -302,13 +302,14 @@ def export_qwen3_vl(
     return folder
 
 
-def copy_support_files(source: str | Path, folder: str | Path) -> list[str]:
+def copy_support_files(source: str | Path, folder: str | Path, skip: tuple[str, ...] = ()) -> list[str]:
     """Copies the files of a Hugging Face folder that are neither weights nor ``config.json``
-    (tokenizer, processor, chat template, generation defaults) into ``folder``; returns their names."""
+    (tokenizer, processor, chat template, generation defaults) into ``folder``; returns their names.
+    ``skip``: further names not to copy (files the destination writes itself)."""
     copied = []
     for path in sorted(Path(source).iterdir()):
         is_weights = path.name.endswith(_WEIGHT_SUFFIXES) or path.name.endswith(".index.json")
-        if path.is_file() and path.name != "config.json" and not is_weights:
+        if path.is_file() and path.name not in ("config.json", *skip) and not is_weights:
             shutil.copy2(path, Path(folder) / path.name)
             copied.append(path.name)
     return copied

@@ -59,7 +59,7 @@ class _Waiting:
     built: BuiltSample
 
 
-def _action_stats(dataset) -> ActionStats | None:
+def dataset_action_stats(dataset) -> ActionStats | None:
     """The dataset's action statistics (``DatasetConfig.action_stats``)."""
     if dataset.action_stats == "":
         return None
@@ -120,7 +120,12 @@ class PackedLoader:
             model_config.audio_latent_dim,
         )
         make_builders = functools.partial(
-            _make_builders, model_config, config, [_action_stats(d) for d in active], latent_encoder_factory, tokenizer
+            _make_builders,
+            model_config,
+            config,
+            [dataset_action_stats(d) for d in active],
+            latent_encoder_factory,
+            tokenizer,
         )
         self.processor = ShardProcessor(
             self.schedule, TaskMixture(dict(stage.tasks)), context, config.seed, make_builders, config.prompt_dropout

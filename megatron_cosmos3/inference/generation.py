@@ -1,5 +1,5 @@
-"""Generation in every DM mode: requests in, latents of the encoders' own types out
-(docs/DESIGN.md, "Generation").
+"""Generation in every DM mode: requests in, latents of the encoders' own types out, ready for
+``inference/media_outputs.py`` (docs/DESIGN.md, "Generation").
 
 ``generate`` prepares each request through the training data path (``inference/requests.py``),
 packs requests that share a solver, step count and shift into one pack where they fit (the data
@@ -22,44 +22,45 @@ from megatron_cosmos3.encoders.action_normalization import denormalize_actions
 from megatron_cosmos3.encoders.audio_vae import AudioLatents
 from megatron_cosmos3.encoders.video_vae import VideoLatents
 from megatron_cosmos3.inference.denoising import full_forward_velocity, sample_dm_tokens, sample_rows
+from megatron_cosmos3.inference.media_outputs import GeneratedSample, GenerationRecord
 from megatron_cosmos3.inference.requests import GenerationRequest, PreparedRequest, prepare_request
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import PackedBatch
 from megatron_cosmos3.parallel.plan import ParallelPlan
 
-GeneratedLatents = VideoLatents | AudioLatents | torch.Tensor
-
-
 @dataclass
-class GeneratedSample:
-    """One request's result.
-
-    latents: per registry stream the task generates —
-        "video": ``VideoLatents`` of the whole clip (conditioning frames included, so it plays from
-        its first frame), with its grid and fps; "image": ``VideoLatents`` of one frame, fps None;
-        "audio": ``AudioLatents`` (``num_samples`` at 48 kHz: the clip's duration);
-        "actions": (steps, dim) float32 pseudo-actions of ``request.embodiment``, un-normalised
-        with the run's action statistics where training normalised them.
+class GenerationResult:
+    """One request's result: ``sample`` holds what ``media_outputs.write_generated_sample`` writes —
+    ``video``: ``VideoLatents`` of the whole clip (conditioning frames included, so it plays from its
+    first frame) with its fps, or of a generated image (one latent frame, fps None); ``audio``:
+    ``AudioLatents`` (``num_samples`` at 48 kHz: the clip's duration); ``actions``: (steps, dim)
+    float32 of ``embodiment`` at ``action_rate_hz``, un-normalised with the run's action statistics
+    where training normalised them. Only the streams the task generates are set.
     """
 
     request: GenerationRequest
-    latents: dict[str, GeneratedLatents]
+    sample: GeneratedSample
 
-    @property
-    def sidecar(self) -> dict:
-        """What a sidecar JSON records of how the sample was made."""
+    def record(
+        self, checkpoint: str, checkpoint_step: int | None = None, conditioning: dict[str, str] | None = None
+    ) -> GenerationRecord:
+        """The sidecar record of how the sample was made (``conditioning``: role -> input file)."""
         r = self.request
-        return {
-            "task": r.task,
-            "prompt": r.prompt,
-            "seed": r.seed,
-            "solver": r.solver,
-            "steps": r.steps,
-            "guidance": r.guidance,
-            "shift": r.shift,
-            "embodiment": r.embodiment,
-            "fps": r.fps if "video" in self.latents else None,
-        }
+        settings = {"shift": r.shift, "fps": r.fps, "embodiment": r.embodiment}
+        if r.duration_s is not None or r.num_frames is not None:
+            settings.update(duration_s=r.duration_s, num_frames=r.num_frames)
+        return GenerationRecord(
+            task=r.task,
+            prompt=r.prompt,
+            seed=r.seed,
+            solver=r.solver,
+            steps=r.steps,
+            guidance=r.guidance,
+            checkpoint=checkpoint,
+            checkpoint_step=checkpoint_step,
+            conditioning=dict(conditioning or {}),
+            settings=settings,
+        )
 
 
 def _check_trained(request: GenerationRequest, trained_tasks: Collection[str] | None) -> None:
@@ -94,22 +95,22 @@ def _packs(prepared: list[PreparedRequest], tokens_per_pack: int | None) -> list
     return packs
 
 
-def _outputs(prepared: PreparedRequest, batch: PackedBatch, tokens: dict, index: int, builder: SampleBuilder):
-    request, latents = prepared.request, {}
+def _result(prepared: PreparedRequest, batch: PackedBatch, tokens: dict, index: int, builder: SampleBuilder):
+    """Sample ``index`` of the pack's generated streams, as the encoders' types."""
+    request, sample = prepared.request, GeneratedSample()
     for name, key in prepared.outputs.items():
         rows = tokens[key][sample_rows(batch, key) == index].float().cpu()
-        if name == "video":
-            latents[name] = VideoLatents(rows, prepared.video_grid, request.fps)
-        elif name == "image":
-            latents[name] = VideoLatents(rows, prepared.video_grid, None)
+        if name in ("video", "image"):
+            sample.video = VideoLatents(rows, prepared.video_grid, request.fps if name == "video" else None)
         elif name == "audio":
-            latents[name] = AudioLatents(rows, prepared.audio_num_samples)
+            sample.audio = AudioLatents(rows, prepared.audio_num_samples)
         else:
             stats = builder.action_stats
             if stats is not None and request.embodiment in stats.embodiments:
                 rows = denormalize_actions(rows, stats[request.embodiment])
-            latents[name] = rows
-    return GeneratedSample(request, latents)
+            sample.actions, sample.embodiment = rows, request.embodiment
+            sample.action_rate_hz = builder.config.embodiments[request.embodiment].rate_hz
+    return GenerationResult(request, sample)
 
 
 @torch.no_grad()
@@ -122,7 +123,7 @@ def generate(
     cached: bool = True,
     tokens_per_pack: int | None = None,
     trained_tasks: Collection[str] | None = None,
-) -> list[GeneratedSample]:
+) -> list[GenerationResult]:
     """Generates every request (in order); see the module doc.
 
     builder: the run's ``SampleBuilder`` (``requests.generation_builder``). plan: the layout of a
@@ -139,7 +140,7 @@ def generate(
         _check_heads(p, model)
     owner = plan.state_owner if plan is not None and plan.model is not None else model
     device = next(p.device for p in owner.parameters() if not p.is_meta)  # a pipeline rank holds its chunks
-    results: list[GeneratedSample | None] = [None] * len(prepared)
+    results: list[GenerationResult | None] = [None] * len(prepared)
     was_training = model.training
     model.eval()
     try:
@@ -160,7 +161,7 @@ def generate(
                 model, batch, chosen[0].request.sampler, seeds, velocity_of, unconditional, guidance
             )
             for index, (i, p) in enumerate(zip(members, chosen)):
-                results[i] = _outputs(p, batch, tokens, index, builder)
+                results[i] = _result(p, batch, tokens, index, builder)
     finally:
         model.train(was_training)
     return results

@@ -290,6 +290,17 @@ def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] |
     return OmegaConf.to_object(merged)
 
 
+def config_from_yaml(text: str, source: str) -> TrainConfig:
+    """A config saved with ``to_yaml`` (a checkpoint's meta.json, a release folder), validated;
+    ValueError naming ``source`` and the problem otherwise."""
+    try:
+        layer = OmegaConf.create(text)
+        _refuse_removed_keys(layer, source)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), layer))
+    except Exception as error:  # YAML, OmegaConf and validation errors name the key; add where it came from
+        raise ValueError(f"{source}: not a valid training config: {error}") from None
+
+
 def to_yaml(config: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 

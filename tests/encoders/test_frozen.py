@@ -125,6 +125,8 @@ def test_latent_encoder_config_is_an_omegaconf_structured_config():
     [
         (LatentEncoderConfig(dtype="fp8"), "encoders.dtype='fp8'"),
         (LatentEncoderConfig(online=True), "online=true needs"),
+        (LatentEncoderConfig(kind="wan"), "encoders.kind='wan'"),
+        (LatentEncoderConfig(kind="pooled", online=True, video_vae_path="/v"), "kind='pooled' with encoders.online"),
     ],
 )
 def test_latent_encoder_config_validation_names_the_field(cfg, message):

@@ -48,8 +48,11 @@ def builder():
     return generation_setup(CONFIG, action_stats())
 
 
-def values(latents) -> torch.Tensor:
-    return latents if isinstance(latents, torch.Tensor) else latents.tokens
+def streams(result) -> dict[str, torch.Tensor]:
+    """The generated values of a result, by stream ("video" also holds a generated image)."""
+    sample = result.sample
+    pieces = {"video": sample.video, "audio": sample.audio, "actions": sample.actions}
+    return {k: v if isinstance(v, torch.Tensor) else v.tokens for k, v in pieces.items() if v is not None}
 
 
 # The shapes request_for asks for: 64x32 pixels (2x1 tokens), 5 frames at 8 fps (2 latent frames,
@@ -102,38 +105,43 @@ def test_cached_sampling_equals_uncached_full_forward_sampling(task, model, buil
         for key in tokens:
             assert torch.equal(tokens[key], tokens_full[key]) and torch.equal(v[key], v_full[key]), key
     noisy = {role.stream for role in get_task(task).dm if role.noisy}
-    assert set(cached[0].latents) == noisy
-    for name, latents in cached[0].latents.items():
-        assert EXPECTED[name](latents), (name, latents)
+    sample = cached[0].sample
+    for name in noisy:
+        piece = {"image": sample.video, "video": sample.video, "audio": sample.audio, "actions": sample.actions}[name]
+        assert EXPECTED[name](piece), (name, piece)
+    assert set(streams(cached[0])) == {"video" if name == "image" else name for name in noisy}
+    if "actions" in noisy:
+        assert (sample.embodiment, sample.action_rate_hz) == (EMBODIMENT, 10.0)
     for got, want in zip(cached, uncached):
-        assert got.latents.keys() == want.latents.keys()
-        for name in got.latents:
-            assert torch.equal(values(got.latents[name]), values(want.latents[name])), (got.request.task, name)
-            assert torch.isfinite(values(got.latents[name])).all()
-    reseeded = generate(model, [request_for(task, seed=7, solver="heun")], builder)[0]
-    assert all(not torch.equal(values(reseeded.latents[n]), values(cached[0].latents[n])) for n in noisy)
-    assert cached[0].sidecar == {
-        "task": task,
-        "prompt": requests[0].prompt,
-        "seed": 1,
-        "solver": "heun",
-        "steps": 3,
-        "guidance": 2.0,
-        "shift": 1.0,
-        "embodiment": EMBODIMENT,
-        "fps": 8.0 if "video" in noisy else None,
-    }
+        assert streams(got).keys() == streams(want).keys()
+        for name, generated in streams(got).items():
+            assert torch.equal(generated, streams(want)[name]), (got.request.task, name)
+            assert torch.isfinite(generated).all()
+    reseeded = streams(generate(model, [request_for(task, seed=7, solver="heun")], builder)[0])
+    assert all(not torch.equal(reseeded[name], streams(cached[0])[name]) for name in reseeded)
+    record = cached[0].record("ckpt/step_00000010", 10, {"image": "first.png"})
+    assert (record.task, record.prompt, record.seed, record.solver, record.steps, record.guidance) == (
+        task,
+        requests[0].prompt,
+        1,
+        "heun",
+        3,
+        2.0,
+    )
+    assert (record.checkpoint, record.checkpoint_step) == ("ckpt/step_00000010", 10)
+    assert record.conditioning == {"image": "first.png"}
+    assert record.settings["shift"] == 1.0 and record.settings["fps"] == 8.0
 
 
 def test_conditioning_stays_and_generated_actions_are_unnormalised(model, builder):
     request = request_for("image_to_video", seed=3)
     prepared = prepare_request(request, builder)
-    out = generate(model, [request], builder)[0].latents["video"]
+    out = generate(model, [request], builder)[0].sample.video
     first_frame = prepared.conditional.sample.dm_streams[0][1]  # the clean span: the image's latent frame
     assert torch.equal(out.tokens[: first_frame.shape[0]], first_frame)
     # Policy generates actions from noise alone: with statistics they come out un-normalised.
-    plain = generate(model, [request_for("policy", seed=4)], generation_setup(CONFIG))[0].latents["actions"]
-    scaled = generate(model, [request_for("policy", seed=4)], builder)[0].latents["actions"]
+    plain = generate(model, [request_for("policy", seed=4)], generation_setup(CONFIG))[0].sample.actions
+    scaled = generate(model, [request_for("policy", seed=4)], builder)[0].sample.actions
     assert torch.allclose(scaled, denormalize_actions(plain, builder.action_stats[EMBODIMENT]), atol=1e-5)
     assert not torch.allclose(scaled, plain)
 
@@ -211,9 +219,9 @@ def test_a_samples_noise_and_result_do_not_depend_on_its_pack_company(model, bui
     by_itself = generate(model, [alone], builder)[0]
     together = generate(model, company, builder)[1]
     one_per_pack = generate(model, company, builder, tokens_per_pack=1)[1]
-    for name in by_itself.latents:
-        assert torch.allclose(values(together.latents[name]), values(by_itself.latents[name]), atol=1e-5)
-        assert torch.equal(values(one_per_pack.latents[name]), values(by_itself.latents[name]))
+    for name, want in streams(by_itself).items():
+        assert torch.allclose(streams(together)[name], want, atol=1e-5)
+        assert torch.equal(streams(one_per_pack)[name], want)
 
 
 @pytest.mark.parametrize(
@@ -272,7 +280,7 @@ def _generate_under_layouts(rank, world_size):
             plan.allocate(model, torch.device("cpu"))
             plan.apply(model, lambda m: [{"params": list(m.parameters())}])
             out = generate(model, layout_requests(), generation_setup(CONFIG, action_stats()), plan=plan)
-            results[name] = [{k: values(v) for k, v in sample.latents.items()} for sample in out]
+            results[name] = [streams(result) for result in out]
         finally:
             plan.close()
             destroy_parallel()
@@ -281,7 +289,7 @@ def _generate_under_layouts(rank, world_size):
 
 @pytest.mark.multiprocess
 def test_generation_under_tensor_and_pipeline_parallelism_equals_one_process(model, builder):
-    want = [{k: values(v) for k, v in s.latents.items()} for s in generate(model, layout_requests(), builder)]
+    want = [streams(result) for result in generate(model, layout_requests(), builder)]
     for rank_results in run_on_ranks(_generate_under_layouts, 2):
         for name, samples in rank_results.items():
             for got, expected in zip(samples, want, strict=True):
