@@ -3,6 +3,7 @@ uncached full-forward sampling, classifier-free guidance, per-sample seeds, name
 same samples from a model split over two ranks."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -156,6 +157,21 @@ def test_audio_lasts_as_long_as_the_video_it_is_generated_with(seconds, fps, bui
     assert abs(audio_s - video_s) < 0.04  # within one audio latent
     audio_tokens = dict(prepared.conditional.sample.dm_streams)["audio"].shape[0]
     assert audio_tokens == -(-prepared.audio_num_samples // 1920)
+
+
+def test_results_write_as_media_with_their_record(tmp_path, model, builder):
+    from megatron_cosmos3.inference.media_outputs import sidecar_path, write_generated_sample
+
+    requests = [request_for("text_to_audio_video", seed=1), request_for("text_to_image", seed=2)]
+    wanted = [{"video.mp4", "audio.wav"}, {"image.png"}]
+    for i, (result, names) in enumerate(zip(generate(model, requests, builder), wanted)):
+        files = write_generated_sample(tmp_path / str(i), result.sample, result.record("ckpt", 3), builder.latent_encoder)
+        assert set(files) == names
+        meta = json.loads(sidecar_path(files[min(names)]).read_text())
+        assert (meta["task"], meta["seed"], meta["checkpoint_step"]) == (result.request.task, i + 1, 3)
+    video = json.loads(sidecar_path(tmp_path / "0" / "video.mp4").read_text())["media"]
+    assert (video["frame_count"], video["fps"]) == (5, 8.0)
+    assert abs(video["audio"]["duration_s"] - video["duration_s"]) < 0.04
 
 
 def packs(builder, requests):
