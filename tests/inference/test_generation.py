@@ -165,7 +165,8 @@ def test_results_write_as_media_with_their_record(tmp_path, model, builder):
     requests = [request_for("text_to_audio_video", seed=1), request_for("text_to_image", seed=2)]
     wanted = [{"video.mp4", "audio.wav"}, {"image.png"}]
     for i, (result, names) in enumerate(zip(generate(model, requests, builder), wanted)):
-        files = write_generated_sample(tmp_path / str(i), result.sample, result.record("ckpt", 3), builder.latent_encoder)
+        record = result.record("ckpt", 3)
+        files = write_generated_sample(tmp_path / str(i), result.sample, record, builder.latent_encoder)
         assert set(files) == names
         meta = json.loads(sidecar_path(files[min(names)]).read_text())
         assert (meta["task"], meta["seed"], meta["checkpoint_step"]) == (result.request.task, i + 1, 3)
