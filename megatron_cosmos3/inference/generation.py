@@ -28,6 +28,7 @@ from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import PackedBatch
 from megatron_cosmos3.parallel.plan import ParallelPlan
 
+
 @dataclass
 class GenerationResult:
     """One request's result: ``sample`` holds what ``media_outputs.write_generated_sample`` writes —
