@@ -17,6 +17,7 @@ steps at their embodiment's rate, as the training data lays them out.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 
@@ -238,6 +239,10 @@ def prepare_request(request: GenerationRequest, builder: SampleBuilder) -> Prepa
     if not task.dm:
         raise _error(request, "has no DM targets to generate (text generation is the Reasoner's)")
     _ = request.sampler  # validates solver, steps and shift
+    if not (math.isfinite(request.fps) and request.fps > 0):
+        raise _error(request, f"fps must be a positive number, got {request.fps!r}")
+    if not math.isfinite(request.guidance):
+        raise _error(request, f"guidance must be a finite number, got {request.guidance!r}")
     streams = _Streams(request, task, builder)
     sample = Sample(key=f"request_{request.seed}", caption=request.prompt, instruction=request.prompt)
     if task.vit == "required":
