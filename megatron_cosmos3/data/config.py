@@ -79,6 +79,9 @@ class DataConfig:
         the same for every value, so it may change between a save and a resume.
     epochs: 0 = endless (training); N = N passes over a single, non-resampled dataset.
     tokenizer: bytes (default) or a local Hugging Face tokenizer (``data/tokenizer.py``).
+    prompt_dropout: the probability that a sample of a generation task (one with DM targets) is
+        built with an empty prompt, which trains the unconditional model classifier-free guidance
+        needs (docs/DESIGN.md, "Generation"); drawn from (seed, slot, index), so a resume is exact.
     """
 
     datasets: list[DatasetConfig] = field(default_factory=list)
@@ -93,6 +96,7 @@ class DataConfig:
     error_budget: ErrorBudgetConfig = field(default_factory=ErrorBudgetConfig)
     encoders: LatentEncoderConfig = field(default_factory=LatentEncoderConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    prompt_dropout: float = 0.0
 
     def validate(self) -> None:
         """ValueError naming the field for any inconsistency."""
@@ -143,6 +147,9 @@ class DataConfig:
             self.epochs == 0 or (len(active) == 1 and not active[0].resample),
             "epochs > 0 (a finite stream) needs exactly one active, non-resampled dataset",
         )
+        require(
+            0.0 <= self.prompt_dropout <= 1.0, f"prompt_dropout={self.prompt_dropout!r} must be in [0, 1]"
+        )
         budget = self.error_budget
         require(
             0 <= budget.max_error_fraction <= 1 and budget.min_samples >= 0,
@@ -178,4 +185,6 @@ class DataConfig:
         for name in ("num_workers", "prefetch_factor", "error_budget"):
             decisive.pop(name)
         decisive["stages"] = {self.stage: decisive["stages"][self.stage]}  # other stages do not matter
+        if not self.prompt_dropout:  # loader states saved before the field existed still resume
+            decisive.pop("prompt_dropout")
         return hash64(json.dumps(decisive, sort_keys=True))

@@ -128,7 +128,7 @@ class PackedLoader:
             tokenizer,
         )
         self.processor = ShardProcessor(
-            self.schedule, TaskMixture(dict(stage.tasks)), context, config.seed, make_builders
+            self.schedule, TaskMixture(dict(stage.tasks)), context, config.seed, make_builders, config.prompt_dropout
         )
         self.budget = ErrorBudget(config.error_budget.max_error_fraction, config.error_budget.min_samples)
         self._fingerprint = config.fingerprint()
@@ -145,7 +145,7 @@ class PackedLoader:
         self._addresses: dict[int, SlotAddress] = {}
         self._exhausted = False
         self.stats = SkipStats()
-        self.packs = self.tokens = self.cropped = 0
+        self.packs = self.tokens = self.cropped = self.prompts_dropped = 0
         self.last_pack: list[tuple[int, int]] = []
 
     # --- streaming -------------------------------------------------------------------------------
@@ -197,6 +197,7 @@ class PackedLoader:
         for index, built in result.samples:
             self.stats.used += 1
             self.cropped += built.cropped
+            self.prompts_dropped += built.prompt_dropped
             leaving = self._shuffle.push(_Waiting((address.slot, index), built))
             if leaving is not None:
                 self._packer.add(leaving, leaving.built.num_tokens)
@@ -245,6 +246,7 @@ class PackedLoader:
             "packs": self.packs,
             "tokens": self.tokens,
             "cropped": self.cropped,
+            "prompts_dropped": self.prompts_dropped,
             "stats": self.stats.state_dict(),
         }
 
@@ -293,4 +295,5 @@ class PackedLoader:
             self._packer.add(item, item.built.num_tokens)
         self._exhausted = state["exhausted"]
         self.packs, self.tokens, self.cropped = state["packs"], state["tokens"], state["cropped"]
+        self.prompts_dropped = state.get("prompts_dropped", 0)  # absent from states saved before it existed
         self.stats = SkipStats.from_state_dict(state["stats"])

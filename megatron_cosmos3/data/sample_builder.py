@@ -49,6 +49,7 @@ class BuiltSample:
     sample: PackedSample
     num_tokens: int
     cropped: bool
+    prompt_dropped: bool = False
 
 
 def picture_of(sample: Sample) -> np.ndarray | None:
@@ -84,8 +85,9 @@ class SampleBuilder:
     def _text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)[: self.limits.max_text_tokens]
 
-    def _ar_section(self, sample: Sample, task: TaskSpec):
-        """ids (n,), labels (n,), positions (3, n), is_vision (n,) and the picture's PictureTokens (or None)."""
+    def _ar_section(self, sample: Sample, task: TaskSpec, drop_prompt: bool = False):
+        """ids (n,), labels (n,), positions (3, n), is_vision (n,) and the picture's PictureTokens (or None).
+        ``drop_prompt``: the prompt is empty; the rest of the layout (ViT, EOS, BOG) stays."""
         ids: list[int] = []
         is_target: list[bool] = []  # answer tokens: the ones next-token cross-entropy predicts
         is_vision: list[bool] = []
@@ -100,7 +102,7 @@ class SampleBuilder:
             "instruction": sample.instruction or sample.caption,
             "question": sample.question or DEFAULT_QUESTION,
         }[task.prompt]
-        add(self._text(prompt or ""))
+        add(self._text("" if drop_prompt else prompt or ""))
         grids, tokens = [], None
         picture = picture_of(sample) if task.vit != "none" else None
         if picture is not None:
@@ -210,9 +212,13 @@ class SampleBuilder:
 
     # --- the whole sample ------------------------------------------------------------------------------
 
-    def build(self, sample: Sample, task: TaskSpec) -> BuiltSample:
-        """The PackedSample of ``sample`` laid out as ``task`` (which must allow it)."""
-        ids, labels, ar_positions, is_vision, picture = self._ar_section(sample, task)
+    def build(self, sample: Sample, task: TaskSpec, drop_prompt: bool = False) -> BuiltSample:
+        """The PackedSample of ``sample`` laid out as ``task`` (which must allow it). ``drop_prompt``:
+        with an empty prompt, for the unconditional model of classifier-free guidance; only a task
+        with DM targets drops it (an understanding sample's question is what its answer answers)."""
+        if drop_prompt and not task.dm:
+            raise ValueError(f"task {task.name!r} has no DM targets: its prompt is never dropped")
+        ids, labels, ar_positions, is_vision, picture = self._ar_section(sample, task, drop_prompt)
         spans, cropped = self._fit(task, self._streams(sample, task), len(ids), sample.key)
         offset = pos.next_start(ar_positions)
         dm_positions = [
@@ -234,4 +240,4 @@ class SampleBuilder:
             vision_grid_thw=torch.tensor([picture.patch_grid]) if pixels is not None else None,
         )
         n_dm = sum(piece.num_tokens for piece, _ in spans)
-        return BuiltSample(packed, len(ids) + n_dm, cropped)
+        return BuiltSample(packed, len(ids) + n_dm, cropped, drop_prompt)

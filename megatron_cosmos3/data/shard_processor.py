@@ -31,6 +31,7 @@ from megatron_cosmos3.data.schedule import ShardSchedule, SlotAddress
 from megatron_cosmos3.data.schema import SchemaContext, decode_sample
 from megatron_cosmos3.data.shards import read_shard
 from megatron_cosmos3.tasks.mixture import TaskMixture
+from megatron_cosmos3.tasks.registry import TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,16 @@ class ShardProcessor:
     ``make_builders`` so that heavy encoders load in the worker that uses them."""
 
     def __init__(
-        self, schedule: ShardSchedule, mixture: TaskMixture, context: SchemaContext, seed: int, make_builders
+        self,
+        schedule: ShardSchedule,
+        mixture: TaskMixture,
+        context: SchemaContext,
+        seed: int,
+        make_builders,
+        prompt_dropout: float = 0.0,
     ) -> None:
         self.schedule, self.mixture, self.context, self.seed = schedule, mixture, context, seed
+        self.prompt_dropout = prompt_dropout
         self._make_builders = make_builders
         self._builders: list[SampleBuilder] | None = None
 
@@ -130,4 +138,11 @@ class ShardProcessor:
                 f"modalities {sorted(m.value for m in sample.modalities)} fit no task of the "
                 f"stage mixture {sorted(self.mixture.weights)}",
             )
-        return builder.build(sample, task)
+        drop = drops_prompt(task, self.prompt_dropout, self.seed, address.slot, index)
+        return builder.build(sample, task, drop_prompt=drop)
+
+
+def drops_prompt(task: TaskSpec, rate: float, seed: int, slot: int, index: int) -> bool:
+    """Whether sample ``index`` of ``slot`` is built without its prompt (``DataConfig.prompt_dropout``):
+    a draw from (seed, slot, index) below ``rate``, for tasks with DM targets only."""
+    return bool(task.dm) and uniform(seed, "drop_prompt", slot, index) < rate

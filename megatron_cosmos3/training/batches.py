@@ -78,7 +78,7 @@ class MicroBatches:
         if self.loader is None:
             return {}
         stats = self.loader.stats
-        counts = {"data/samples_used": float(stats.used)}
+        counts = {"data/samples_used": float(stats.used), "data/prompts_dropped": float(self.loader.prompts_dropped)}
         counts.update({f"data/skipped/{reason}": float(n) for reason, n in stats.per_reason.items()})
         return counts
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from megatron_cosmos3.inference.denoising import sample_dm_tokens
+from megatron_cosmos3.inference.solvers import SamplerConfig
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import PackedBatch
 from megatron_cosmos3.parallel.plan import Velocity
@@ -26,12 +27,14 @@ def generation_sample(
     seed: int = 0,
     velocity_of: Velocity | None = None,
 ) -> dict[str, np.ndarray]:
-    """Denoises ``batch`` (a noised training pack) from pure noise: per DM stream, the generated
-    tokens, the data they should match, and the noise mask. ``velocity_of``: see ``sample_dm_tokens``."""
+    """Denoises ``batch`` (a noised training pack) from pure noise with Euler steps, sample i
+    seeded by ``seed + i``: per DM stream, the generated tokens, the data they should match, and the
+    noise mask. ``velocity_of``: see ``sample_dm_tokens``."""
     was_training = model.training
     model.eval()
     try:
-        generated = sample_dm_tokens(model, batch, num_steps, torch.Generator().manual_seed(seed), velocity_of)
+        seeds = [seed + i for i in range(batch.num_samples)]
+        generated = sample_dm_tokens(model, batch, SamplerConfig("euler", num_steps), seeds, velocity_of)
     finally:
         model.train(was_training)
     arrays = {}

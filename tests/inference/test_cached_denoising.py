@@ -5,6 +5,7 @@ import torch
 
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.inference.denoising import prefill, sample_dm_tokens, velocity
+from megatron_cosmos3.inference.solvers import SamplerConfig
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 
@@ -39,12 +40,14 @@ def test_prefill_does_not_run_the_generator(tiny_config, generator):
 def test_sampler_keeps_clean_conditioning_and_generates_only_noisy_targets(tiny_config, generator):
     model = MoTModel(tiny_config).eval()
     batch = random_pack(tiny_config, generator, num_samples=4, tasks=("image_to_video", "policy"))
-    out = sample_dm_tokens(model, batch, num_steps=4, generator=generator)
+    out = sample_dm_tokens(model, batch, SamplerConfig("heun", num_steps=4), seeds=range(batch.num_samples))
     for key, values in batch.dm_tokens.items():
         clean = ~batch.dm_noise_mask[batch.dm_token_index[key]]
         assert out[key].shape == values.shape
         assert torch.equal(out[key][clean], values[clean])
         assert not torch.equal(out[key][~clean], values[~clean])
         assert torch.isfinite(out[key]).all()
-    with pytest.raises(ValueError, match="num_steps must be >= 1"):
-        sample_dm_tokens(model, batch, num_steps=0)
+    with pytest.raises(ValueError, match="num_steps must be an int >= 1, got 0"):
+        SamplerConfig(num_steps=0)
+    with pytest.raises(ValueError, match="seeds: 3 seeds for a pack of 4 samples"):
+        sample_dm_tokens(model, batch, SamplerConfig(), seeds=[0, 1, 2])

@@ -14,6 +14,7 @@ from megatron_cosmos3.conversion.mot_folder import load_mot_folder, save_mot_fol
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.encoders.action_normalization import ActionStats, EmbodimentActionStats
 from megatron_cosmos3.inference.denoising import sample_dm_tokens
+from megatron_cosmos3.inference.solvers import SamplerConfig
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.release.convert_cli import main as convert
@@ -142,7 +143,7 @@ def fixed_batch(config):
 
 
 def sample(model, batch):
-    return sample_dm_tokens(model, batch, 3, torch.Generator().manual_seed(5))
+    return sample_dm_tokens(model, batch, SamplerConfig("euler", 3), seeds=[5 + i for i in range(batch.num_samples)])
 
 
 def _load_on_rank(rank: int, world_size: int, path: str) -> tuple[dict, dict]:

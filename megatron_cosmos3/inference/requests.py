@@ -1,0 +1,291 @@
+"""Generation requests -> the packed samples the sampler denoises (docs/DESIGN.md, "Generation").
+
+A ``GenerationRequest`` names a task of ``tasks/registry.py`` and gives what its layout conditions
+on. ``prepare_request`` turns it into a ``data.schema.Sample`` — conditioning streams encoded by the
+run's latent encoder, every noisy span a placeholder of zeros of the right shape — and builds it
+with the training data path's own ``SampleBuilder``, twice: with the prompt, and with it dropped
+(the unconditional pass of classifier-free guidance, laid out as training dropped it). Nothing here
+branches on task names: which inputs are needed and which spans are placeholders is read from the
+task's ``DMRole`` spans.
+
+Clip length: the target's video latent frames T come from ``num_frames`` (1 + 4k pixel frames), else
+``duration_s`` (the nearest 1 + 4k frames at ``fps``), else the given video (its length when it is
+the whole conditioning, twice it when it is the past of a forward-dynamics clip). The clip lasts
+D = frames / fps; audio gets ceil(25 D) tokens (round(48000 D) samples) and actions round(rate D)
+steps at their embodiment's rate, as the training data lays them out.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megatron_cosmos3.data.latent_encoders import LatentEncoder, encodable_pixels
+from megatron_cosmos3.data.sample_builder import BuildLimits, BuiltSample, SampleBuilder
+from megatron_cosmos3.data.schema import Sample
+from megatron_cosmos3.data.tokenizer import Tokenizer
+from megatron_cosmos3.data.vision_features import vision_featurizer
+from megatron_cosmos3.encoders.action_normalization import ActionStats
+from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, num_audio_tokens
+from megatron_cosmos3.encoders.video_vae import PIXELS_PER_TOKEN, VAE_TEMPORAL_FACTOR, num_latent_frames
+from megatron_cosmos3.inference.solvers import SamplerConfig
+from megatron_cosmos3.model.config import MoTConfig
+from megatron_cosmos3.model.packed_batch import action_stream_key
+from megatron_cosmos3.tasks.layout import past_frames
+from megatron_cosmos3.tasks.registry import TaskSpec, get_task
+
+DEFAULT_FPS = 24.0
+# Latent frames a clean video span takes of a clip of T latent frames.
+_CONDITIONING_FRAMES = {"all": lambda t: t, "first_frame": lambda t: 1, "past": past_frames}
+# The clip length (latent frames) a given video of c latent frames implies, where it can.
+_LENGTH_FROM_CONDITIONING = {"all": lambda c: c, "past": lambda c: 2 * c}
+
+
+@dataclass
+class GenerationRequest:
+    """One sample to generate.
+
+    task: a task of ``tasks/registry.py`` with DM targets. prompt: the caption / instruction.
+    image: (H, W, 3) uint8 — the first frame a clip continues, and the observation a policy sees.
+    video: (T, H, W, 3) uint8 at ``fps`` — the conditioning clip (all of it, or its past).
+    audio / audio_sample_rate: (channels, samples) float32 at that rate — conditioning audio.
+    actions: (N, dim) float32 pseudo-actions of ``embodiment``, un-normalised — conditioning actions.
+    embodiment: whose actions are conditioned on or generated.
+    duration_s / num_frames / fps: the length of the clip (module doc); num_frames wins.
+    resolution: (height, width) in pixels, multiples of 32; default: that of the given picture.
+    seed, steps, solver, guidance, shift: the sampler (``SamplerConfig``; classifier-free guidance
+        scale, 1 = conditional only).
+    """
+
+    task: str
+    prompt: str = ""
+    image: np.ndarray | None = None
+    video: np.ndarray | None = None
+    fps: float = DEFAULT_FPS
+    audio: np.ndarray | None = None
+    audio_sample_rate: int | None = None
+    actions: np.ndarray | None = None
+    embodiment: str | None = None
+    duration_s: float | None = None
+    num_frames: int | None = None
+    resolution: tuple[int, int] | None = None
+    seed: int = 0
+    steps: int = 8
+    solver: str = "euler"
+    guidance: float = 1.0
+    shift: float = 1.0
+
+    @property
+    def sampler(self) -> SamplerConfig:
+        return SamplerConfig(self.solver, self.steps, self.shift)
+
+
+@dataclass
+class PreparedRequest:
+    """A request built as the training data path builds a sample.
+
+    conditional / unconditional: the sample with its prompt and with the prompt dropped.
+    outputs: per registry stream with noisy rows ("image", "video", "audio", "actions"), the
+        model's stream key. video_grid: (T, h, w) of the whole clip; audio_num_samples at 48 kHz.
+    """
+
+    request: GenerationRequest
+    task: TaskSpec
+    conditional: BuiltSample
+    unconditional: BuiltSample
+    outputs: dict[str, str]
+    video_grid: tuple[int, int, int] | None
+    audio_num_samples: int | None
+
+
+def generation_builder(
+    model_config: MoTConfig,
+    tokenizer: Tokenizer,
+    latent_encoder: LatentEncoder | None = None,
+    action_stats: ActionStats | None = None,
+    max_text_tokens: int = 256,
+) -> SampleBuilder:
+    """The training path's ``SampleBuilder`` for generation: the same tokenizer, ViT input, latent
+    encoder and action statistics as the run, and no crop (a request is generated whole)."""
+    limits = BuildLimits(max_sample_tokens=sys.maxsize, max_text_tokens=max_text_tokens)
+    return SampleBuilder(
+        model_config, tokenizer, vision_featurizer(model_config), limits, latent_encoder, action_stats
+    )
+
+
+def _error(request: GenerationRequest, message: str) -> ValueError:
+    return ValueError(f"task {request.task!r}: {message}")
+
+
+def _num_frames(request: GenerationRequest) -> int | None:
+    """Pixel frames of the clip asked for (module doc), or None when the request names no length."""
+    if request.num_frames is not None:
+        try:
+            num_latent_frames(request.num_frames)  # ValueError unless 1 + 4k
+        except ValueError as error:
+            raise _error(request, f"num_frames={request.num_frames}: {error}") from None
+        return request.num_frames
+    if request.duration_s is not None:
+        if not request.duration_s > 0:
+            raise _error(request, f"duration_s must be > 0, got {request.duration_s!r}")
+        return 1 + VAE_TEMPORAL_FACTOR * max(0, round((request.duration_s * request.fps - 1) / VAE_TEMPORAL_FACTOR))
+    return None
+
+
+class _Streams:
+    """The DM streams of one request, as a ``Sample``'s fields."""
+
+    def __init__(self, request: GenerationRequest, task: TaskSpec, builder: SampleBuilder) -> None:
+        self.request, self.task, self.builder = request, task, builder
+        self.config = builder.config
+        self.clean = {role.stream: role.part for role in task.dm if not role.noisy}
+        self.noisy = {role.stream for role in task.dm if role.noisy}
+
+    def encoder(self) -> LatentEncoder:
+        if self.builder.latent_encoder is None:
+            raise _error(self.request, "conditioning on pictures needs a latent encoder (the run's VAEs)")
+        return self.builder.latent_encoder
+
+    def conditioning_pictures(self) -> np.ndarray | None:
+        """(T, H, W, 3) the frames a clean video span is encoded from: the video, else the image."""
+        request = self.request
+        if request.video is not None:
+            return request.video
+        if request.image is not None and self.clean.get("video") == "first_frame":
+            return request.image[None]
+        return None
+
+    def grid_hw(self, frames: np.ndarray | None) -> tuple[int, int]:
+        request = self.request
+        size = None if frames is None else tuple(encodable_pixels(frames[:1]).shape[2:])
+        if request.resolution is not None:
+            height, width = request.resolution
+            if height <= 0 or width <= 0 or height % PIXELS_PER_TOKEN or width % PIXELS_PER_TOKEN:
+                raise _error(request, f"resolution={request.resolution} must be positive multiples of 32 pixels")
+            if size is not None and size != (height, width):
+                raise _error(request, f"resolution={request.resolution} differs from the given pictures' {size}")
+            size = (height, width)
+        if size is None:
+            raise _error(request, "resolution (height, width) is needed: no picture gives it")
+        return size[0] // PIXELS_PER_TOKEN, size[1] // PIXELS_PER_TOKEN
+
+    def video(self) -> tuple[torch.Tensor, tuple[int, int, int], float]:
+        """The whole clip's tokens (conditioning frames encoded, the rest zeros), grid, duration."""
+        request = self.request
+        part = self.clean.get("video")
+        pictures = self.conditioning_pictures() if part is not None else None
+        if part is not None and pictures is None:
+            need = "image or video" if part == "first_frame" else "video"
+            raise _error(request, f"needs a conditioning {need} (its {part!r} video frames are clean)")
+        h, w = self.grid_hw(pictures)
+        given = None
+        if pictures is not None:
+            given = self.encoder().encode_video(pictures, request.fps)
+            if given.tokens.shape[1] != self.config.video_token_dim:
+                raise _error(
+                    request,
+                    f"the latent encoder makes {given.tokens.shape[1]}-wide video tokens; the model takes "
+                    f"{self.config.video_token_dim}",
+                )
+        frames = _num_frames(request)
+        if frames is not None:
+            t = num_latent_frames(frames)
+        elif given is not None and part in _LENGTH_FROM_CONDITIONING:
+            t = _LENGTH_FROM_CONDITIONING[part](given.grid_thw[0])
+            frames = 1 + VAE_TEMPORAL_FACTOR * (t - 1)
+        else:
+            raise _error(request, "the clip length is needed: set num_frames or duration_s")
+        if t < self.task.min_latent_frames:
+            need = self.task.min_latent_frames
+            raise _error(request, f"{frames} frames make {t} latent frames; the task needs {need}")
+        tokens = torch.zeros(t * h * w, self.config.video_token_dim)
+        if given is not None:
+            keep = _CONDITIONING_FRAMES[part](t)
+            if given.grid_thw[0] < keep:
+                raise _error(request, f"the conditioning video gives {given.grid_thw[0]} latent frames; {keep} needed")
+            tokens[: keep * h * w] = given.tokens[: keep * h * w]
+        return tokens, (t, h, w), frames / request.fps
+
+    def actions(self, duration_s: float) -> tuple[torch.Tensor, float]:
+        request = self.request
+        embodiment = request.embodiment
+        if embodiment is None:
+            raise _error(request, "needs an embodiment (whose actions the task generates or conditions on)")
+        if embodiment not in self.config.embodiments:
+            known = sorted(self.config.embodiments)
+            raise _error(request, f"unknown embodiment {embodiment!r}; the model knows {known}")
+        spec = self.config.embodiments[embodiment]
+        if "actions" in self.clean:
+            if request.actions is None:
+                raise _error(request, "needs conditioning actions (actions with their embodiment)")
+            actions = np.asarray(request.actions, dtype=np.float32)
+            if actions.ndim != 2 or actions.shape[1] != spec.action_dim or actions.shape[0] == 0:
+                raise _error(
+                    request, f"actions of shape {actions.shape}; embodiment {embodiment!r} takes (n, {spec.action_dim})"
+                )
+            return torch.from_numpy(actions), spec.rate_hz
+        return torch.zeros(max(1, round(duration_s * spec.rate_hz)), spec.action_dim), spec.rate_hz
+
+
+def prepare_request(request: GenerationRequest, builder: SampleBuilder) -> PreparedRequest:
+    """The request as the training path's samples (module doc). ValueError naming the task and the
+    problem: an unknown task or one without DM targets, a missing conditioning input, an unknown
+    embodiment, a bad length or resolution, a bad sampler setting."""
+    task = get_task(request.task)
+    if not task.dm:
+        raise _error(request, "has no DM targets to generate (text generation is the Reasoner's)")
+    _ = request.sampler  # validates solver, steps and shift
+    if not (math.isfinite(request.fps) and request.fps > 0):
+        raise _error(request, f"fps must be a positive number, got {request.fps!r}")
+    if not math.isfinite(request.guidance):
+        raise _error(request, f"guidance must be a finite number, got {request.guidance!r}")
+    streams = _Streams(request, task, builder)
+    sample = Sample(key=f"request_{request.seed}", caption=request.prompt, instruction=request.prompt)
+    if task.vit == "required":
+        if request.image is None:
+            raise _error(request, "needs an image: the observation the Reasoner sees")
+        sample.observation = request.image
+    outputs: dict[str, str] = {}
+    video_grid, audio_samples = None, None
+    needed = {role.stream for role in task.dm}
+    duration = None
+    if "video" in needed:
+        tokens, video_grid, duration = streams.video()
+        sample.video_latents, sample.video_latent_grid, sample.fps = tokens.numpy(), video_grid, request.fps
+        outputs["video"] = "video"
+    if "image" in needed:
+        h, w = streams.grid_hw(None)
+        video_grid = (1, h, w)
+        sample.image_latents = np.zeros((h * w, builder.config.video_token_dim), np.float32)
+        sample.image_latent_grid = video_grid
+        outputs["image"] = "video"
+    if duration is None:
+        frames = _num_frames(request)
+        if frames is None and not needed <= {"image"}:
+            raise _error(request, "the clip length is needed: set num_frames or duration_s")
+        duration = (frames or 1) / request.fps
+    if "audio" in needed:
+        if "audio" in streams.clean:
+            if request.audio is None or request.audio_sample_rate is None:
+                raise _error(request, "needs conditioning audio (audio with audio_sample_rate)")
+            latents = streams.encoder().encode_audio(request.audio, request.audio_sample_rate)
+            sample.audio_latents, audio_samples = latents.tokens.numpy(), latents.num_samples
+        else:
+            audio_samples = round(duration * SAMPLE_RATE)
+            shape = (num_audio_tokens(audio_samples), builder.config.audio_latent_dim)
+            sample.audio_latents = np.zeros(shape, np.float32)
+        sample.audio_num_samples = audio_samples
+        outputs["audio"] = "audio"
+    if "actions" in needed:
+        actions, rate = streams.actions(duration)
+        sample.actions, sample.embodiment, sample.action_rate_hz = actions.numpy(), request.embodiment, rate
+        outputs["actions"] = action_stream_key(request.embodiment)
+    outputs = {name: key for name, key in outputs.items() if name in streams.noisy}
+    conditional = builder.build(sample, task)
+    unconditional = builder.build(sample, task, drop_prompt=True)
+    return PreparedRequest(request, task, conditional, unconditional, outputs, video_grid, audio_samples)
+

@@ -1,0 +1,316 @@
+"""Generation in every DM mode: requests built through the data path, cached sampling equal to
+uncached full-forward sampling, classifier-free guidance, per-sample seeds, named errors, and the
+same samples from a model split over two ranks."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from megatron_cosmos3.encoders.action_normalization import denormalize_actions
+from megatron_cosmos3.encoders.audio_vae import AudioLatents
+from megatron_cosmos3.encoders.video_vae import VideoLatents
+from megatron_cosmos3.inference.denoising import (
+    full_forward_velocity,
+    initial_noise,
+    prefill,
+    sample_dm_tokens,
+    velocity,
+)
+from megatron_cosmos3.inference.generation import generate
+from megatron_cosmos3.inference.requests import prepare_request
+from megatron_cosmos3.inference.solvers import SamplerConfig
+from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.model.packed_batch import PackedBatch
+from megatron_cosmos3.parallel.sizes import ParallelSizes
+from megatron_cosmos3.tasks.registry import get_task
+from megatron_cosmos3.testing.distributed import run_on_ranks
+from megatron_cosmos3.testing.generation import (
+    EMBODIMENT,
+    GENERATION_TASKS,
+    action_stats,
+    generation_config,
+    generation_setup,
+    request_for,
+)
+
+CONFIG = generation_config()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return MoTModel(copy.deepcopy(CONFIG)).eval()
+
+
+@pytest.fixture(scope="module")
+def builder():
+    return generation_setup(CONFIG, action_stats())
+
+
+def streams(result) -> dict[str, torch.Tensor]:
+    """The generated values of a result, by stream ("video" also holds a generated image)."""
+    sample = result.sample
+    pieces = {"video": sample.video, "audio": sample.audio, "actions": sample.actions}
+    return {k: v if isinstance(v, torch.Tensor) else v.tokens for k, v in pieces.items() if v is not None}
+
+
+# The shapes request_for asks for: 64x32 pixels (2x1 tokens), 5 frames at 8 fps (2 latent frames,
+# 0.625 s: 16 audio tokens of 30000 samples, 6 single-arm actions at 10 Hz).
+EXPECTED = {
+    "video": lambda x: isinstance(x, VideoLatents) and x.grid_thw == (2, 2, 1) and x.fps == 8.0,
+    "image": lambda x: isinstance(x, VideoLatents) and x.grid_thw == (1, 2, 1) and x.fps is None,
+    "audio": lambda x: isinstance(x, AudioLatents) and x.tokens.shape == (16, 6) and x.num_samples == 30000,
+    "actions": lambda x: isinstance(x, torch.Tensor) and x.shape == (6, 19),
+}
+
+
+def traced(velocity_of, log):
+    """``velocity_of`` recording what each evaluation was given and returned."""
+
+    def run(batch):
+        out = velocity_of(batch)
+        log.append((batch.dm_tokens, batch.dm_timesteps, out))
+        return out
+
+    return run
+
+
+@pytest.mark.parametrize("task", GENERATION_TASKS)
+def test_cached_sampling_equals_uncached_full_forward_sampling(task, model, builder):
+    # Heun and guidance: both AR caches (prompt and dropped prompt) serve every evaluation; another
+    # task shares the pack.
+    other = "text_to_audio_video" if task != "text_to_audio_video" else "policy"
+    requests = [request_for(task, seed=1, solver="heun"), request_for(other, seed=2, solver="heun")]
+    ar_passes = []
+    hook = model.layers[0].reasoner.input_layernorm.register_forward_pre_hook(lambda *_: ar_passes.append(1))
+    try:
+        cached = generate(model, requests, builder)
+        assert len(ar_passes) == 2  # one prefill with the prompt, one without: not one per step
+        uncached = generate(model, requests, builder, cached=False)
+        assert len(ar_passes) == 2 + 2 * SamplerConfig("heun", 3).num_evaluations
+    finally:
+        hook.remove()
+
+    # Step for step: every evaluation of the cached sampler sees and returns what the full pass does.
+    _, conditional, _ = packs(builder, requests)
+    cache = prefill(model, conditional)
+    with_cache, without = [], []
+    sampler, seeds = SamplerConfig("heun", 3), [1, 2]
+    sample_dm_tokens(model, conditional, sampler, seeds, traced(lambda b: velocity(model, b, cache), with_cache))
+    sample_dm_tokens(model, conditional, sampler, seeds, traced(full_forward_velocity(model), without))
+    assert len(with_cache) == len(without) == sampler.num_evaluations
+    for (tokens, t, v), (tokens_full, t_full, v_full) in zip(with_cache, without):
+        assert torch.equal(t, t_full)
+        for key in tokens:
+            assert torch.equal(tokens[key], tokens_full[key]) and torch.equal(v[key], v_full[key]), key
+    noisy = {role.stream for role in get_task(task).dm if role.noisy}
+    sample = cached[0].sample
+    for name in noisy:
+        piece = {"image": sample.video, "video": sample.video, "audio": sample.audio, "actions": sample.actions}[name]
+        assert EXPECTED[name](piece), (name, piece)
+    assert set(streams(cached[0])) == {"video" if name == "image" else name for name in noisy}
+    if "actions" in noisy:
+        assert (sample.embodiment, sample.action_rate_hz) == (EMBODIMENT, 10.0)
+    for got, want in zip(cached, uncached):
+        assert streams(got).keys() == streams(want).keys()
+        for name, generated in streams(got).items():
+            assert torch.equal(generated, streams(want)[name]), (got.request.task, name)
+            assert torch.isfinite(generated).all()
+    reseeded = streams(generate(model, [request_for(task, seed=7, solver="heun")], builder)[0])
+    assert all(not torch.equal(reseeded[name], streams(cached[0])[name]) for name in reseeded)
+    record = cached[0].record("ckpt/step_00000010", 10, {"image": "first.png"})
+    assert (record.task, record.prompt, record.seed, record.solver, record.steps, record.guidance) == (
+        task,
+        requests[0].prompt,
+        1,
+        "heun",
+        3,
+        2.0,
+    )
+    assert (record.checkpoint, record.checkpoint_step) == ("ckpt/step_00000010", 10)
+    assert record.conditioning == {"image": "first.png"}
+    assert record.settings["shift"] == 1.0 and record.settings["fps"] == 8.0
+
+
+def test_conditioning_stays_and_generated_actions_are_unnormalised(model, builder):
+    request = request_for("image_to_video", seed=3)
+    prepared = prepare_request(request, builder)
+    out = generate(model, [request], builder)[0].sample.video
+    first_frame = prepared.conditional.sample.dm_streams[0][1]  # the clean span: the image's latent frame
+    assert torch.equal(out.tokens[: first_frame.shape[0]], first_frame)
+    # Policy generates actions from noise alone: with statistics they come out un-normalised.
+    plain = generate(model, [request_for("policy", seed=4)], generation_setup(CONFIG))[0].sample.actions
+    scaled = generate(model, [request_for("policy", seed=4)], builder)[0].sample.actions
+    assert torch.allclose(scaled, denormalize_actions(plain, builder.action_stats[EMBODIMENT]), atol=1e-5)
+    assert not torch.allclose(scaled, plain)
+
+
+@pytest.mark.parametrize(("seconds", "fps"), [(2.0, 24.0), (1.3, 30.0), (0.5, 8.0)])
+def test_audio_lasts_as_long_as_the_video_it_is_generated_with(seconds, fps, builder):
+    request = request_for("text_to_audio_video", num_frames=None, duration_s=seconds, fps=fps, resolution=(32, 32))
+    prepared = prepare_request(request, builder)
+    frames = 1 + 4 * (prepared.video_grid[0] - 1)
+    assert abs(frames / fps - seconds) <= 2 / fps  # the nearest 1 + 4k frames
+    video_s, audio_s = frames / fps, prepared.audio_num_samples / 48_000
+    assert abs(audio_s - video_s) < 0.04  # within one audio latent
+    audio_tokens = dict(prepared.conditional.sample.dm_streams)["audio"].shape[0]
+    assert audio_tokens == -(-prepared.audio_num_samples // 1920)
+
+
+def test_results_write_as_media_with_their_record(tmp_path, model, builder):
+    from megatron_cosmos3.inference.media_outputs import sidecar_path, write_generated_sample
+
+    requests = [request_for("text_to_audio_video", seed=1), request_for("text_to_image", seed=2)]
+    wanted = [{"video.mp4", "audio.wav"}, {"image.png"}]
+    for i, (result, names) in enumerate(zip(generate(model, requests, builder), wanted)):
+        record = result.record("ckpt", 3)
+        files = write_generated_sample(tmp_path / str(i), result.sample, record, builder.latent_encoder)
+        assert set(files) == names
+        meta = json.loads(sidecar_path(files[min(names)]).read_text())
+        assert (meta["task"], meta["seed"], meta["checkpoint_step"]) == (result.request.task, i + 1, 3)
+    video = json.loads(sidecar_path(tmp_path / "0" / "video.mp4").read_text())["media"]
+    assert (video["frame_count"], video["fps"]) == (5, 8.0)
+    assert abs(video["audio"]["duration_s"] - video["duration_s"]) < 0.04
+
+
+def packs(builder, requests):
+    prepared = [prepare_request(r, builder) for r in requests]
+    conditional = PackedBatch.from_samples([p.conditional.sample for p in prepared])
+    unconditional = PackedBatch.from_samples([p.unconditional.sample for p in prepared])
+    return prepared, conditional, unconditional
+
+
+def rows_of(batch, tokens, index):
+    owner = torch.repeat_interleave(torch.arange(batch.num_samples), batch.dm_cu_seqlens.diff())
+    rows = {k: v[owner[batch.dm_token_index[k]] == index] for k, v in tokens.items()}
+    return {k: v for k, v in rows.items() if v.shape[0]}
+
+
+def test_guidance_one_is_the_conditional_prediction_and_zero_the_unconditional(model, builder):
+    prepared, conditional, unconditional = packs(builder, [request_for("text_to_video"), request_for("policy")])
+    # The unconditional pass keeps the layout: the same AR section without the prompt, the same DM section.
+    for p in prepared:
+        with_prompt, without = p.conditional.sample, p.unconditional.sample
+        prompt = len(builder.tokenizer.encode(p.request.prompt))
+        assert torch.equal(without.ar_token_ids, with_prompt.ar_token_ids[prompt:])
+        assert [k for k, _ in without.dm_streams] == [k for k, _ in with_prompt.dm_streams]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(without.dm_streams, with_prompt.dm_streams))
+    sampler, seeds = SamplerConfig("heun", 3), [5, 6]
+    guided = sample_dm_tokens(model, conditional, sampler, seeds, unconditional=unconditional, guidance=[1.0, 0.0])
+    cond_only = sample_dm_tokens(model, conditional, sampler, seeds)
+    uncond_only = sample_dm_tokens(model, unconditional, sampler, seeds)
+    for key, want in rows_of(conditional, cond_only, 0).items():
+        assert torch.equal(rows_of(conditional, guided, 0)[key], want)
+    for key, want in rows_of(conditional, uncond_only, 1).items():
+        assert torch.equal(rows_of(conditional, guided, 1)[key], want)
+    assert not torch.equal(cond_only["video"], uncond_only["video"])  # the prompt matters: not vacuous
+
+    # One Euler step from t = 1 to 0: x0 = noise - (v_u + g (v_c - v_u)).
+    noise = initial_noise(conditional, seeds)
+    ones = torch.where(conditional.dm_noise_mask, 1.0, 0.0)
+    v_c = velocity(model, conditional.replace(dm_tokens=noise, dm_timesteps=ones), prefill(model, conditional))
+    v_u = velocity(model, unconditional.replace(dm_tokens=noise, dm_timesteps=ones), prefill(model, unconditional))
+    one_step = sample_dm_tokens(model, conditional, SamplerConfig("euler", 1), seeds, None, unconditional, 2.5)
+    for key in noise:
+        moving = conditional.dm_noise_mask[conditional.dm_token_index[key]][:, None]
+        want = torch.where(moving, noise[key] - (v_u[key] + 2.5 * (v_c[key] - v_u[key])), noise[key])
+        assert torch.allclose(one_step[key], want, atol=1e-6)
+
+
+def test_a_samples_noise_and_result_do_not_depend_on_its_pack_company(model, builder):
+    alone = request_for("text_to_audio_video", seed=11)
+    company = [request_for("policy", seed=12), alone, request_for("forward_dynamics", seed=13)]
+    _, single, _ = packs(builder, [alone])
+    _, shared, _ = packs(builder, company)
+    noise_alone = rows_of(single, initial_noise(single, [11]), 0)
+    noise_shared = rows_of(shared, initial_noise(shared, [12, 11, 13]), 1)
+    assert noise_alone.keys() == noise_shared.keys()
+    for key in noise_alone:
+        assert torch.equal(noise_alone[key], noise_shared[key])
+    reseeded = rows_of(single, initial_noise(single, [99]), 0)
+    assert not torch.equal(reseeded["video"], noise_alone["video"])
+    assert not torch.equal(noise_alone["video"][:2], noise_alone["video"][2:])  # rows draw their own noise
+
+    by_itself = generate(model, [alone], builder)[0]
+    together = generate(model, company, builder)[1]
+    one_per_pack = generate(model, company, builder, tokens_per_pack=1)[1]
+    for name, want in streams(by_itself).items():
+        assert torch.allclose(streams(together)[name], want, atol=1e-5)
+        assert torch.equal(streams(one_per_pack)[name], want)
+
+
+@pytest.mark.parametrize(
+    ("task", "changes", "message"),
+    [
+        ("nope", {}, "unknown task 'nope'"),
+        ("understanding", {}, "task 'understanding': has no DM targets"),
+        ("image_to_video", {"image": None, "video": None}, "task 'image_to_video': needs a conditioning image or"),
+        ("video_to_audio", {"video": None}, "task 'video_to_audio': needs a conditioning video"),
+        ("policy", {"image": None}, "task 'policy': needs an image: the observation"),
+        ("policy", {"embodiment": None}, "task 'policy': needs an embodiment"),
+        ("inverse_dynamics", {"embodiment": "tripod"}, "unknown embodiment 'tripod'; the model knows \\['single_arm"),
+        ("forward_dynamics", {"actions": None}, "task 'forward_dynamics': needs conditioning actions"),
+        ("forward_dynamics", {"actions": torch.zeros(6, 5).numpy()}, "actions of shape \\(6, 5\\); embodiment"),
+        ("text_to_video", {"resolution": None}, "task 'text_to_video': resolution \\(height, width\\) is needed"),
+        ("text_to_image", {"resolution": (60, 32)}, "resolution=\\(60, 32\\) must be positive multiples of 32"),
+        ("text_to_video", {"num_frames": None}, "task 'text_to_video': the clip length is needed"),
+        ("text_to_video", {"num_frames": 6}, "task 'text_to_video': num_frames=6: video has 6 frames"),
+        ("image_to_video", {"num_frames": 1}, "1 frames make 1 latent frames; the task needs 2"),
+        ("text_to_video", {"solver": "rk4"}, "solver must be one of"),
+        ("text_to_video", {"fps": 0.0}, "task 'text_to_video': fps must be a positive number, got 0.0"),
+        ("text_to_video", {"guidance": float("nan")}, "task 'text_to_video': guidance must be a finite number"),
+    ],
+)
+def test_bad_requests_are_named(task, changes, message, model, builder):
+    with pytest.raises(ValueError, match=message):
+        generate(model, [request_for(task, **changes)], builder)
+
+
+def test_tasks_the_model_was_not_trained_for_are_refused(builder):
+    with pytest.raises(ValueError, match="task 'policy': the model was not trained for it"):
+        generate(MoTModel(copy.deepcopy(CONFIG)), [request_for("policy")], builder, trained_tasks={"text_to_video"})
+    headless = MoTModel(generation_config(embodiments={}))
+    with pytest.raises(ValueError, match="task 'policy': the model has no action head for embodiment 'single_arm'"):
+        generate(headless, [request_for("policy")], builder)
+
+
+LAYOUTS = {"tp2": ParallelSizes(tensor=2), "pp2": ParallelSizes(pipeline=2)}
+
+
+def layout_requests():
+    """Every kind of stream (image, video, audio, actions; clean and noisy) and a ViT picture."""
+    tasks = ("text_to_image", "text_to_audio_video", "forward_dynamics", "policy_with_future")
+    return [request_for(task, seed=i, solver="heun", steps=2) for i, task in enumerate(tasks)]
+
+
+def _generate_under_layouts(rank, world_size):
+    from megatron_cosmos3.parallel.plan import ParallelPlan
+    from megatron_cosmos3.parallel.state import destroy_parallel
+
+    results = {}
+    for name, sizes in LAYOUTS.items():
+        plan = ParallelPlan.create(sizes, CONFIG, world_size)
+        try:
+            torch.manual_seed(0)  # the model's init seed, as the one-process model's
+            with torch.device("meta"):
+                model = MoTModel(copy.deepcopy(CONFIG))
+            plan.allocate(model, torch.device("cpu"))
+            plan.apply(model, lambda m: [{"params": list(m.parameters())}])
+            out = generate(model, layout_requests(), generation_setup(CONFIG, action_stats()), plan=plan)
+            results[name] = [streams(result) for result in out]
+        finally:
+            plan.close()
+            destroy_parallel()
+    return results
+
+
+@pytest.mark.multiprocess
+def test_generation_under_tensor_and_pipeline_parallelism_equals_one_process(model, builder):
+    want = [streams(result) for result in generate(model, layout_requests(), builder)]
+    for rank_results in run_on_ranks(_generate_under_layouts, 2):
+        for name, samples in rank_results.items():
+            for got, expected in zip(samples, want, strict=True):
+                for key in expected:
+                    assert torch.allclose(got[key], expected[key], atol=1e-4), (name, key)
