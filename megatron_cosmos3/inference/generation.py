@@ -18,15 +18,17 @@ import torch
 
 from megatron_cosmos3.data.packer import Packer
 from megatron_cosmos3.data.sample_builder import SampleBuilder
-from megatron_cosmos3.encoders.action_normalization import denormalize_actions
-from megatron_cosmos3.encoders.audio_vae import AudioLatents
-from megatron_cosmos3.encoders.video_vae import VideoLatents
+from megatron_cosmos3.encoders.action_normalization import ActionStats, denormalize_actions
+from megatron_cosmos3.encoders.audio_vae import HOP, AudioLatents
+from megatron_cosmos3.encoders.video_vae import VAE_TEMPORAL_FACTOR, VideoLatents
 from megatron_cosmos3.inference.denoising import full_forward_velocity, sample_dm_tokens, sample_rows
 from megatron_cosmos3.inference.media_outputs import GeneratedSample, GenerationRecord
-from megatron_cosmos3.inference.requests import GenerationRequest, PreparedRequest, prepare_request
+from megatron_cosmos3.inference.requests import DEFAULT_FPS, GenerationRequest, PreparedRequest, prepare_request
+from megatron_cosmos3.model.config import TPS_BASE, MoTConfig
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import PackedBatch
 from megatron_cosmos3.parallel.plan import ParallelPlan
+from megatron_cosmos3.tasks.registry import get_task
 
 
 @dataclass
@@ -64,6 +66,90 @@ class GenerationResult:
         )
 
 
+@dataclass
+class SampleStreams:
+    """What one packed sample generates and how its rows become media (``generated_sample``).
+
+    outputs: per registry stream with noisy rows ("image", "video", "audio", "actions"), the model's
+    stream key. video_grid: (T, h, w) latent grid of the whole clip (conditioning frames included);
+    fps: its frame rate (an image has none). audio_num_samples: the audio's length at 48 kHz.
+    embodiment / action_rate_hz: whose actions, sampled how often.
+    """
+
+    outputs: dict[str, str]
+    video_grid: tuple[int, int, int] | None = None
+    fps: float | None = None
+    audio_num_samples: int | None = None
+    embodiment: str | None = None
+    action_rate_hz: float | None = None
+
+
+def generated_sample(
+    streams: SampleStreams,
+    batch: PackedBatch,
+    tokens: dict[str, torch.Tensor],
+    index: int,
+    action_stats: ActionStats | None = None,
+) -> GeneratedSample:
+    """Sample ``index`` of ``batch``, its DM streams at ``tokens`` (``sample_dm_tokens``' output), as
+    the encoders' types: every row of each output stream (clean conditioning frames included, so a
+    clip plays from its first frame); actions un-normalised with ``action_stats`` where they hold the
+    embodiment's."""
+    sample = GeneratedSample()
+    for name, key in streams.outputs.items():
+        rows = tokens[key][sample_rows(batch, key) == index].float().cpu()
+        if name in ("video", "image"):
+            sample.video = VideoLatents(rows, streams.video_grid, streams.fps if name == "video" else None)
+        elif name == "audio":
+            sample.audio = AudioLatents(rows, streams.audio_num_samples)
+        else:
+            if action_stats is not None and streams.embodiment in action_stats.embodiments:
+                rows = denormalize_actions(rows, action_stats[streams.embodiment])
+            sample.actions, sample.embodiment = rows, streams.embodiment
+            sample.action_rate_hz = streams.action_rate_hz
+    return sample
+
+
+def packed_sample_streams(batch: PackedBatch, index: int, config: MoTConfig) -> SampleStreams:
+    """The ``SampleStreams`` of sample ``index`` of a pack made by the data path (a training or
+    held-out pack), read from the pack itself: its task's noisy streams (``tasks/registry.py``), the
+    video grid from its rows' (t, h, w) positions and the frame rate from their temporal step (one
+    latent frame every 4 frames, TPS_BASE units per second: docs/DESIGN.md, "The packed batch"),
+    the audio's length from its tokens (one per ``HOP`` samples), the embodiment from its action
+    stream and that embodiment's rate from ``config``."""
+    task = get_task(batch.task_names[int(batch.sample_task[index])])
+    noisy = {role.stream for role in task.dm if role.noisy}
+    first, last = int(batch.dm_cu_seqlens[index]), int(batch.dm_cu_seqlens[index + 1])
+    streams = SampleStreams({})
+    for key, rows in batch.dm_token_index.items():
+        rows = rows.cpu()
+        rows = rows[(rows >= first) & (rows < last)]
+        if not rows.numel():
+            continue
+        positions = batch.dm_positions[:, rows].cpu()
+        if key == "video":
+            h, w = positions[1].unique().numel(), positions[2].unique().numel()
+            times = positions[0].unique()
+            streams.video_grid = (rows.numel() // (h * w), h, w)
+            if "video" in noisy:
+                streams.outputs["video"] = key
+                step = float(times[1] - times[0]) if times.numel() > 1 else None
+                fps = VAE_TEMPORAL_FACTOR * TPS_BASE / step if step else DEFAULT_FPS
+                streams.fps = round(fps, 3)  # undoes the float32 positions' rounding: 29.97, not 29.969997
+            elif "image" in noisy:
+                streams.outputs["image"] = key
+        elif key == "audio":
+            streams.audio_num_samples = rows.numel() * HOP
+            if "audio" in noisy:
+                streams.outputs["audio"] = key
+        else:
+            streams.embodiment = key.removeprefix("action/")
+            streams.action_rate_hz = config.embodiments[streams.embodiment].rate_hz
+            if "actions" in noisy:
+                streams.outputs["actions"] = key
+    return streams
+
+
 def _check_trained(request: GenerationRequest, trained_tasks: Collection[str] | None) -> None:
     if trained_tasks is not None and request.task not in trained_tasks:
         raise ValueError(f"task {request.task!r}: the model was not trained for it (trained: {sorted(trained_tasks)})")
@@ -98,20 +184,17 @@ def _packs(prepared: list[PreparedRequest], tokens_per_pack: int | None) -> list
 
 def _result(prepared: PreparedRequest, batch: PackedBatch, tokens: dict, index: int, builder: SampleBuilder):
     """Sample ``index`` of the pack's generated streams, as the encoders' types."""
-    request, sample = prepared.request, GeneratedSample()
-    for name, key in prepared.outputs.items():
-        rows = tokens[key][sample_rows(batch, key) == index].float().cpu()
-        if name in ("video", "image"):
-            sample.video = VideoLatents(rows, prepared.video_grid, request.fps if name == "video" else None)
-        elif name == "audio":
-            sample.audio = AudioLatents(rows, prepared.audio_num_samples)
-        else:
-            stats = builder.action_stats
-            if stats is not None and request.embodiment in stats.embodiments:
-                rows = denormalize_actions(rows, stats[request.embodiment])
-            sample.actions, sample.embodiment = rows, request.embodiment
-            sample.action_rate_hz = builder.config.embodiments[request.embodiment].rate_hz
-    return GenerationResult(request, sample)
+    request = prepared.request
+    embodiment = request.embodiment if "actions" in prepared.outputs else None
+    streams = SampleStreams(
+        prepared.outputs,
+        prepared.video_grid,
+        request.fps,
+        prepared.audio_num_samples,
+        embodiment,
+        builder.config.embodiments[embodiment].rate_hz if embodiment is not None else None,
+    )
+    return GenerationResult(request, generated_sample(streams, batch, tokens, index, builder.action_stats))
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_cosmos3.encoders.action_normalization import denormalize_actions
-from megatron_cosmos3.encoders.audio_vae import AudioLatents
+from megatron_cosmos3.encoders.audio_vae import HOP, AudioLatents
 from megatron_cosmos3.encoders.video_vae import VideoLatents
 from megatron_cosmos3.inference.denoising import (
     full_forward_velocity,
@@ -18,7 +18,7 @@ from megatron_cosmos3.inference.denoising import (
     sample_dm_tokens,
     velocity,
 )
-from megatron_cosmos3.inference.generation import generate
+from megatron_cosmos3.inference.generation import generate, packed_sample_streams
 from megatron_cosmos3.inference.requests import prepare_request
 from megatron_cosmos3.inference.solvers import SamplerConfig
 from megatron_cosmos3.model.mot import MoTModel
@@ -314,3 +314,21 @@ def test_generation_under_tensor_and_pipeline_parallelism_equals_one_process(mod
             for got, expected in zip(samples, want, strict=True):
                 for key in expected:
                     assert torch.allclose(got[key], expected[key], atol=1e-4), (name, key)
+
+
+@pytest.mark.parametrize("fps", [8.0, 29.97])
+def test_a_packed_samples_streams_read_from_the_pack_are_its_requests(fps, builder):
+    """``packed_sample_streams`` (what training's held-out samples use: a pack has no request) reads
+    from the pack alone the outputs, grid, frame rate, audio length and embodiment the request made."""
+    prepared = [prepare_request(request_for(task, fps=fps), builder) for task in GENERATION_TASKS]
+    batch = PackedBatch.from_samples([p.conditional.sample for p in prepared])
+    for index, p in enumerate(prepared):
+        got = packed_sample_streams(batch, index, CONFIG)
+        assert got.outputs == p.outputs, p.request.task
+        if {"video", "image"} & set(p.outputs):
+            assert got.video_grid == p.video_grid, p.request.task
+            assert got.fps == (fps if "video" in p.outputs else got.fps), p.request.task
+        if "audio" in p.outputs:  # the pack holds whole 40 ms tokens
+            assert 0 <= got.audio_num_samples - p.audio_num_samples < HOP, p.request.task
+        if "actions" in p.outputs:
+            assert (got.embodiment, got.action_rate_hz) == (EMBODIMENT, CONFIG.embodiments[EMBODIMENT].rate_hz)
