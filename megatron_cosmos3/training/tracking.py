@@ -138,6 +138,10 @@ class MLflowTracker:
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self._call("log_artifact", path, artifact_path)
 
+    def log_artifacts(self, directory: str, artifact_path: str | None = None) -> None:
+        """Every file under ``directory``, under ``artifact_path`` in the run's artifacts."""
+        self._call("log_artifacts", directory, artifact_path)
+
     def set_tag(self, key: str, value: str) -> None:
         self._call("set_tag", key, value)
 

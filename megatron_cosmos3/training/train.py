@@ -22,6 +22,8 @@ from torch import nn
 from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, inventory, latest_checkpoint
 from megatron_cosmos3.checkpoint.resume import resume_from
 from megatron_cosmos3.checkpoint.weights_folder import is_weights_folder, load_weights_folder
+from megatron_cosmos3.data.latent_encoders import latent_encoder_from_config
+from megatron_cosmos3.data.tokenizer import build_tokenizer
 from megatron_cosmos3.model.attention import PackLayout
 from megatron_cosmos3.model.moe import set_aux_loss_scale
 from megatron_cosmos3.model.mot import MoTModel
@@ -37,7 +39,14 @@ from megatron_cosmos3.training.metrics import MetricsWindow
 from megatron_cosmos3.training.precision import autocast
 from megatron_cosmos3.training.preemption import REQUEUE_EXIT_CODE, PreemptionWatcher
 from megatron_cosmos3.training.run_lock import lock_run_folder
-from megatron_cosmos3.training.samples import generation_sample, save_sample
+from megatron_cosmos3.training.samples import (
+    HeldOutSet,
+    choose_held_out_samples,
+    generate_held_out,
+    has_held_out_data,
+    held_out_sample_packs,
+    write_held_out,
+)
 from megatron_cosmos3.training.schedule import learning_rate
 from megatron_cosmos3.training.tracking import MLflowTracker
 
@@ -101,7 +110,7 @@ class Run:
     checkpointer: Checkpointer
     batches: MicroBatches
     flops: FlopCounter
-    last_micro_batch: tuple | None = None  # (noised batch, targets) of the latest step, for samples
+    held_out_samples: HeldOutSet | None = None  # the fixed generation samples, chosen at the first save
     held_out: list | None = None  # the held-out packs, read at the first evaluation
 
 
@@ -181,21 +190,40 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
     return 0, None
 
 
-def log_generation_sample(run: Run, tracker: MLflowTracker, step: int) -> None:
-    """Denoises the latest pack's targets and logs them from rank 0 as an artifact. The plan says
-    which ranks take part (``ParallelPlan.samples_here``) and, where the model is split by layers or
-    rows, gives each denoising step's velocities through its driver (``ParallelPlan.velocity``);
-    elsewhere the sampler keeps the AR cache."""
-    if not run.config.tracking.enabled or run.last_micro_batch is None:
+def log_generation_samples(run: Run, tracker: MLflowTracker, step: int) -> None:
+    """Generates the fixed held-out samples (``training/samples.py``: one per task with DM targets)
+    with the current weights; rank 0 writes them as media under ``<checkpoint.directory>/samples/
+    step_<N>/<task>/`` and logs each folder as the MLflow artifacts ``samples/step_<N>/<task>``.
+    The plan says which ranks take part (``ParallelPlan.samples_here``) and, where the model is split
+    by layers or rows, gives each denoising step's velocities through its driver
+    (``ParallelPlan.velocity``); elsewhere the sampler keeps the AR cache."""
+    config = run.config
+    if not config.tracking.enabled or not has_held_out_data(config):
         return
-    batch, targets = run.last_micro_batch
-    if not run.plan.samples_here(run.ctx.is_main, has_targets=batch.num_dm_tokens > 0):
+    if not run.plan.samples_here(run.ctx.is_main, has_targets=True):
         return
-    with autocast(run.config.precision, run.ctx.device):
-        arrays = generation_sample(run.model, batch, targets, seed=step, velocity_of=run.plan.velocity(targets))
-    if run.ctx.is_main and tracker.active:
-        path = save_sample(arrays, Path(run.config.checkpoint.directory) / "samples" / f"step_{step:08d}.npz")
-        tracker.log_artifact(str(path), "samples")
+    if run.held_out_samples is None:
+        packs = [batch for batch, _ in held_out_sample_packs(config, run.ctx.device, run.plan.data_share)]
+        tokenizer = None
+        if config.data_source == "shards":
+            tokenizer = build_tokenizer(config.data.tokenizer, run.model.config.vocab_size)
+        run.held_out_samples = choose_held_out_samples(packs, run.model.config, config.seed, tokenizer)
+    held_out = run.held_out_samples
+    if not held_out.samples:  # the same packs on every rank: all skip together
+        return
+    with autocast(config.precision, run.ctx.device):
+        generated = generate_held_out(run.model, held_out, run.plan, action_stats=None)
+    if not run.ctx.is_main:
+        return
+    name = f"step_{step:08d}"
+    out = Path(config.checkpoint.directory) / "samples" / name
+    model_config = run.model.config
+    decoder = latent_encoder_from_config(
+        config.data.encoders, model_config.video_latent_channels, model_config.audio_latent_dim
+    )
+    checkpoint = str(Path(config.checkpoint.directory) / name)
+    for task, folder in write_held_out(out, held_out, generated, decoder, checkpoint, step).items():
+        tracker.log_artifacts(str(folder), f"samples/{name}/{task}")
 
 
 def run_micro_batches(run: Run, micro_batches: list, forward_only: bool = False) -> dict[int, LossBreakdown]:
@@ -214,7 +242,6 @@ def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
     """Forward and backward of this step's micro-batches; returns whether every loss was finite
     (on every rank)."""
     micro_batches = [run.batches.get(step, m) for m in range(run.config.optimizer.micro_batches_per_step)]
-    run.last_micro_batch = micro_batches[0]
     losses_of = run_micro_batches(run, micro_batches)
     finite = all(bool(torch.isfinite(losses.total.detach())) for losses in losses_of.values())
     for m, (batch, _) in enumerate(micro_batches):
@@ -367,7 +394,7 @@ def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
                 {"mlflow_run_id": tracker.run_id, "stage": config.stage.name, "config": to_yaml(config)},
                 named=run.batches.state(),
             )
-            log_generation_sample(run, tracker, step + 1)
+            log_generation_samples(run, tracker, step + 1)
         if preempted:
             run.checkpointer.wait()
             if ctx.is_main:

@@ -1,0 +1,91 @@
+"""Generated media during training: the fixed held-out samples, decoded and logged to MLflow at
+every checkpoint save (docs/DESIGN.md, "Generated media during training")."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_cosmos3.model.packed_batch import PackedBatch
+from megatron_cosmos3.tasks.registry import get_task
+from megatron_cosmos3.testing.media_probe import ffprobe_streams
+from megatron_cosmos3.testing.training import TINY_MODEL
+from megatron_cosmos3.training import train as train_module
+from megatron_cosmos3.training.config import load_config
+from megatron_cosmos3.training.distributed import DistributedContext
+from megatron_cosmos3.training.samples import LATENTS_FILE, choose_held_out_samples, held_out_sample_packs
+
+CPU = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+TINY = [
+    *TINY_MODEL,
+    "synthetic.samples_per_pack=4",
+    "synthetic.scale=1",
+    "synthetic.tasks=[text_to_video,video_to_audio,policy]",
+    "eval.micro_batches=1",
+    "optimizer.warmup_steps=1",
+    "checkpoint.save_every=1",
+    "checkpoint.async_save=false",
+    "data.encoders.kind=pooled",
+]
+
+
+def config_for(tmp_path, *overrides):
+    return load_config(
+        None,
+        TINY
+        + [
+            f"checkpoint.directory={tmp_path / 'ckpt'}",
+            f"tracking.tracking_uri={tmp_path / 'mlflow.db'}",
+            "tracking.run_name=media",
+            *overrides,
+        ],
+    )
+
+
+def artifact_root(tmp_path) -> Path:
+    """The local folder of the one MLflow run's artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("megatron_cosmos3").experiment_id])
+    return Path(run.info.artifact_uri.removeprefix("file://"))
+
+
+def test_training_logs_decoded_media_of_a_fixed_held_out_set_that_survives_resume(tmp_path):
+    train_module.train(config_for(tmp_path, "steps=1"), CPU)
+    train_module.train(config_for(tmp_path, "steps=2"), CPU)  # resumes from step 1, same MLflow run
+    # The set, chosen independently here: the first sample of each DM task in the held-out pack.
+    (pack, _), = held_out_sample_packs(config_for(tmp_path, "steps=2"), torch.device("cpu"))
+    want = {}
+    for i in range(pack.num_samples):
+        want.setdefault(pack.task_names[int(pack.sample_task[i])], i)
+    assert set(want) == {"text_to_video", "video_to_audio", "policy"}, "the seed's held-out pack lacks a task"
+
+    root = artifact_root(tmp_path)
+    steps = ["step_00000001", "step_00000002"]
+    assert sorted(p.name for p in (root / "samples").iterdir()) == steps
+    records = {}
+    for step in steps:
+        folder = root / "samples" / step
+        assert sorted(p.name for p in folder.iterdir()) == sorted(want), step
+        for task, index in want.items():
+            meta = json.loads(next((folder / task).glob("*.meta.json")).read_text())
+            assert meta["task"] == task and meta["checkpoint_step"] == int(step[5:])
+            assert meta["conditioning"] == {"held_out": f"pack 0, sample {index}"}
+            records.setdefault(task, []).append((meta["prompt"], meta["seed"]))
+        # The clip decodes with an independent decoder to the frames and rate its latents hold.
+        latents = np.load(folder / "text_to_video" / LATENTS_FILE)["video"]
+        facts = json.loads((folder / "text_to_video" / "video.meta.json").read_text())["media"]
+        video = ffprobe_streams(folder / "text_to_video" / "video.mp4")["video"]
+        latent_frames = latents.shape[0] // ((facts["height"] // 32) * (facts["width"] // 32))
+        assert int(video["nb_read_frames"]) == facts["frame_count"] == 1 + 4 * (latent_frames - 1)
+        assert video["r_frame_rate"] == facts["fps_fraction"] and facts["fps"] in (16.0, 24.0, 30.0)
+        assert {"audio.wav", "audio.meta.json", LATENTS_FILE} <= {p.name for p in (folder / "video_to_audio").iterdir()}
+        assert {"actions.npy", "poses_plot.png"} <= {p.name for p in (folder / "policy").iterdir()}
+    # The same samples (prompt, seed, source) at every save, before and after the resume.
+    assert all(len(set(r)) == 1 for r in records.values()), records
+    # The generated latents change with the weights.
+    first, last = (np.load(root / "samples" / s / "text_to_video" / LATENTS_FILE)["video"] for s in steps)
+    assert first.shape == last.shape and not np.allclose(first, last)
