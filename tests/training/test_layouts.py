@@ -11,6 +11,7 @@ from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TINY_V
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.distributed import DistributedContext
+from megatron_cosmos3.training.samples import LATENTS_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
@@ -22,7 +23,8 @@ TINY = [
     *TINY_SYNTHETIC,
     "log_every=1",
     "optimizer.warmup_steps=1",
-    "checkpoint.save_every=2",
+    "checkpoint.save_every=3",  # one save, with its generation samples, at the last step
+    "data.encoders.kind=pooled",  # the samples' latents decode to media
     "tracking.experiment=layouts",
     "eval.every=3",  # the held-out loss at the last step, through each layout's forward-only driver
 ]
@@ -137,20 +139,20 @@ VIT_LAYOUTS = {
 
 
 def check_generation_samples(tmp_path, name, reference_name):
-    """Every layout logs rank 0's generation sample at each checkpoint, equal to the single-process
-    one (the same first micro-batch and seed): cached sampling where each rank runs the whole
-    forward (DP, TP, EP), a full pass through the layout's driver per step where the layers or the
-    rows are split (PP, CP, SP)."""
-    samples = sorted(p.name for p in (tmp_path / name / "samples").glob("*.npz"))
-    assert samples == ["step_00000002.npz", "step_00000003.npz"]
-    for sample in samples:
-        got, want = (
-            np.load(tmp_path / name / "samples" / sample),
-            np.load(tmp_path / reference_name / "samples" / sample),
-        )
+    """Every layout logs rank 0's generation samples (the fixed held-out set, one per task) at each
+    checkpoint, equal to the single-process ones (the same held-out packs and seeds): cached sampling
+    where each rank runs the whole forward (DP, TP, EP), a full pass through the layout's driver per
+    step where the layers or the rows are split (PP, CP, SP)."""
+    got_root, want_root = (tmp_path / run / "samples" for run in (name, reference_name))
+    assert sorted(p.name for p in got_root.iterdir()) == ["step_00000003"]
+    tasks = sorted(p.name for p in (want_root / "step_00000003").iterdir())
+    assert tasks and sorted(p.name for p in (got_root / "step_00000003").iterdir()) == tasks
+    for task in tasks:
+        got, want = (np.load(root / "step_00000003" / task / LATENTS_FILE) for root in (got_root, want_root))
         assert sorted(got.files) == sorted(want.files)
         for key in want.files:
-            np.testing.assert_allclose(got[key], want[key], rtol=1e-3, atol=1e-4, err_msg=f"{name} {sample} {key}")
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-3, atol=1e-4, err_msg=f"{name} {task} {key}")
+        assert any((got_root / "step_00000003" / task).glob("*.meta.json")), f"{name} {task}: no media written"
 
 
 # Each layout family against its own single-process run: (reference fixture, its run, model overrides).
