@@ -222,8 +222,10 @@ def log_generation_samples(run: Run, tracker: MLflowTracker, step: int) -> None:
         config.data.encoders, model_config.video_latent_channels, model_config.audio_latent_dim
     )
     checkpoint = str(Path(config.checkpoint.directory) / name)
-    for task, folder in write_held_out(out, held_out, generated, decoder, checkpoint, step).items():
+    folders = write_held_out(out, held_out, generated, decoder, checkpoint, step)
+    for task, folder in folders.items():
         tracker.log_artifacts(str(folder), f"samples/{name}/{task}")
+    log.info("step %d: generation samples (%s) in %s", step, ", ".join(folders), out)
 
 
 def run_micro_batches(run: Run, micro_batches: list, forward_only: bool = False) -> dict[int, LossBreakdown]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_cosmos3.testing.media_probe import ffprobe_streams
 from megatron_cosmos3.testing.training import torchrun_trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,6 +41,9 @@ def run_trainer(tmp_path: Path, *overrides: str, nproc: int = 2) -> subprocess.C
         "--config",
         str(REPO / "configs/tiny_cpu.yaml"),
         f"data.datasets=[{{name: world, shards: [{world / 'latent'}]}}]",
+        # The generation samples' held-out packs: the same small world here, no held-out loss.
+        f"eval.datasets=[{{name: heldout, shards: [{world / 'latent'}]}}]",
+        "eval.every=0",
         "data.packing.tokens_per_pack=768",
         f"checkpoint.directory={tmp_path / 'ckpt'}",
         f"tracking.tracking_uri={tmp_path / 'mlflow.db'}",
@@ -68,14 +72,14 @@ def test_two_process_training_logs_to_mlflow_checkpoints_and_resumes(tmp_path):
     assert run.data.params["data.packing.tokens_per_pack"] == "768"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts
+    # At each save, the held-out samples as media (pooled latents decoded), one folder per task.
     samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
-    assert samples and all(p.endswith(".npz") for p in samples)
-    local = client.download_artifacts(run.info.run_id, samples[-1], str(tmp_path / "downloaded"))
-    import numpy as np
-
-    with np.load(local) as sample:
-        generated = [k for k in sample.files if k.endswith("_generated")]
-        assert generated and all(np.isfinite(sample[k]).all() for k in generated)
+    assert samples == ["samples/step_00000005", "samples/step_00000010"]
+    tasks = {a.path.rsplit("/", 1)[1] for a in client.list_artifacts(run.info.run_id, samples[-1])}
+    assert tasks and "understanding" not in tasks
+    local = Path(client.download_artifacts(run.info.run_id, samples[-1], str(tmp_path / "downloaded")))
+    videos = list(local.glob("*/video.mp4"))
+    assert videos and all(int(ffprobe_streams(v)["video"]["nb_read_frames"]) > 1 for v in videos)
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [5, 10]
     assert {"loss/ce", "loss/fm", "grad_norm", "lr", "throughput/tokens_per_s", "data/samples_used"} <= set(
