@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on one machine: sets up the environment if needed, then trains the tiny MoT with
 # 2 data-parallel processes on CPU (gloo) on generated-world shards — MLflow run and sharded
-# checkpoints under outputs/demo.
+# checkpoints under outputs/demo — and generates a few clips with sound and a policy trajectory plot
+# from the trained checkpoint (outputs/demo/generated).
 # Extra arguments are config overrides, e.g.: bash launch/train_demo.sh steps=100 optimizer.lr=1e-3
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -11,8 +12,17 @@ cd "$repo_root"
 if [ ! -f outputs/world/latent/index.json ]; then
   python data_pipelines/generate_world.py outputs/world --samples 256 --latents pooled --workers 2
 fi
+# A held-out world (another seed): held-out loss, generation samples, and the inputs generated from.
+if [ ! -f outputs/world-heldout/latent/index.json ]; then
+  python data_pipelines/generate_world.py outputs/world-heldout --samples 32 --seed 1 --latents pooled
+fi
 nproc="${NPROC_PER_NODE:-2}"
 # One intra-op thread per process: 2 processes on a 2-core box must not oversubscribe it.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec torchrun --standalone --nproc-per-node "$nproc" -m megatron_cosmos3.training.train \
+torchrun --standalone --nproc-per-node "$nproc" -m megatron_cosmos3.training.train \
   --config configs/tiny_cpu.yaml "$@"
+# What the trained model makes from held-out inputs: text->audio+video, image->video, video->audio
+# and a policy trajectory (data_pipelines/export_requests.py writes the request file).
+python data_pipelines/export_requests.py outputs/world-heldout/raw outputs/demo/requests
+cosmos3-generate --checkpoint outputs/demo/checkpoints --requests outputs/demo/requests/requests.jsonl \
+  --out outputs/demo/generated
