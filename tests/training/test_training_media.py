@@ -5,17 +5,14 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
-from megatron_cosmos3.model.packed_batch import PackedBatch
-from megatron_cosmos3.tasks.registry import get_task
 from megatron_cosmos3.testing.media_probe import ffprobe_streams
 from megatron_cosmos3.testing.training import TINY_MODEL
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.distributed import DistributedContext
-from megatron_cosmos3.training.samples import LATENTS_FILE, choose_held_out_samples, held_out_sample_packs
+from megatron_cosmos3.training.samples import LATENTS_FILE, held_out_sample_packs
 
 CPU = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 TINY = [
@@ -57,7 +54,7 @@ def test_training_logs_decoded_media_of_a_fixed_held_out_set_that_survives_resum
     train_module.train(config_for(tmp_path, "steps=1"), CPU)
     train_module.train(config_for(tmp_path, "steps=2"), CPU)  # resumes from step 1, same MLflow run
     # The set, chosen independently here: the first sample of each DM task in the held-out pack.
-    (pack, _), = held_out_sample_packs(config_for(tmp_path, "steps=2"), torch.device("cpu"))
+    ((pack, _),) = held_out_sample_packs(config_for(tmp_path, "steps=2"), torch.device("cpu"))
     want = {}
     for i in range(pack.num_samples):
         want.setdefault(pack.task_names[int(pack.sample_task[i])], i)
