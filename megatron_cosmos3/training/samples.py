@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from megatron_cosmos3.data.latent_encoders import LatentEncoder
+from megatron_cosmos3.data.loader import dataset_action_stats
 from megatron_cosmos3.data.tokenizer import Tokenizer
 from megatron_cosmos3.encoders.action_normalization import ActionStats
 from megatron_cosmos3.inference.denoising import sample_dm_tokens, sample_rows
@@ -58,11 +59,12 @@ class HeldOutSample:
 @dataclass
 class HeldOutSet:
     """The fixed set: the held-out packs, the samples chosen from them, and the seed: sample i of a
-    pack is generated from ``seed + i``."""
+    pack is generated from ``seed + i``; ``action_stats`` un-normalise generated actions."""
 
     packs: list[PackedBatch]
     samples: list[HeldOutSample]
     seed: int
+    action_stats: ActionStats | None = None
 
 
 def held_out_sample_packs(config: TrainConfig, device: torch.device, share=None) -> list[tuple]:
@@ -79,6 +81,14 @@ def has_held_out_data(config: TrainConfig) -> bool:
     return config.data_source != "shards" or bool(config.eval.datasets)
 
 
+def held_out_action_stats(config: TrainConfig) -> ActionStats | None:
+    """The statistics the held-out actions were normalised with: those of the one held-out dataset;
+    None with synthetic data or several datasets (a packed sample does not say which it came from)."""
+    if config.data_source != "shards" or len(config.eval.datasets) != 1:
+        return None
+    return dataset_action_stats(config.eval.datasets[0])
+
+
 def _prompt(batch: PackedBatch, index: int, tokenizer: Tokenizer | None) -> str:
     """The AR text of a sample with DM targets: its text rows before the closing EOS and BOG."""
     rows = slice(int(batch.ar_cu_seqlens[index]), int(batch.ar_cu_seqlens[index + 1]))
@@ -90,7 +100,11 @@ def _prompt(batch: PackedBatch, index: int, tokenizer: Tokenizer | None) -> str:
 
 
 def choose_held_out_samples(
-    packs: list[PackedBatch], config: MoTConfig, seed: int, tokenizer: Tokenizer | None = None
+    packs: list[PackedBatch],
+    config: MoTConfig,
+    seed: int,
+    tokenizer: Tokenizer | None = None,
+    action_stats: ActionStats | None = None,
 ) -> HeldOutSet:
     """The first sample of each task with DM targets, in pack order; sorted by task name."""
     chosen: dict[str, HeldOutSample] = {}
@@ -101,7 +115,7 @@ def choose_held_out_samples(
                 continue
             streams = packed_sample_streams(batch, index, config)
             chosen[task] = HeldOutSample(task, p, index, seed + index, _prompt(batch, index, tokenizer), streams)
-    return HeldOutSet(packs, [chosen[task] for task in sorted(chosen)], seed)
+    return HeldOutSet(packs, [chosen[task] for task in sorted(chosen)], seed, action_stats)
 
 
 @torch.no_grad()
@@ -109,7 +123,6 @@ def generate_held_out(
     model: MoTModel,
     held_out: HeldOutSet,
     plan: ParallelPlan | None = None,
-    action_stats: ActionStats | None = None,
     num_steps: int = SAMPLE_STEPS,
 ) -> list[tuple[GeneratedSample, dict[str, np.ndarray]]]:
     """Per chosen sample (in order): its ``GeneratedSample`` and its generated latent tokens by
@@ -133,7 +146,7 @@ def generate_held_out(
                     name: tokens[key][sample_rows(batch, key) == c.index].float().cpu().numpy()
                     for name, key in c.streams.outputs.items()
                 }
-                results[n] = (generated_sample(c.streams, batch, tokens, c.index, action_stats), latents)
+                results[n] = (generated_sample(c.streams, batch, tokens, c.index, held_out.action_stats), latents)
     finally:
         model.train(was_training)
     return [results[n] for n in range(len(chosen))]

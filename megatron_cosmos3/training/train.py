@@ -44,6 +44,7 @@ from megatron_cosmos3.training.samples import (
     choose_held_out_samples,
     generate_held_out,
     has_held_out_data,
+    held_out_action_stats,
     held_out_sample_packs,
     write_held_out,
 )
@@ -207,12 +208,13 @@ def log_generation_samples(run: Run, tracker: MLflowTracker, step: int) -> None:
         tokenizer = None
         if config.data_source == "shards":
             tokenizer = build_tokenizer(config.data.tokenizer, run.model.config.vocab_size)
-        run.held_out_samples = choose_held_out_samples(packs, run.model.config, config.seed, tokenizer)
+        stats = held_out_action_stats(config)
+        run.held_out_samples = choose_held_out_samples(packs, run.model.config, config.seed, tokenizer, stats)
     held_out = run.held_out_samples
     if not held_out.samples:  # the same packs on every rank: all skip together
         return
     with autocast(config.precision, run.ctx.device):
-        generated = generate_held_out(run.model, held_out, run.plan, action_stats=None)
+        generated = generate_held_out(run.model, held_out, run.plan)
     if not run.ctx.is_main:
         return
     name = f"step_{step:08d}"
