@@ -154,6 +154,8 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
     )
     if config.eval.every:
         held_out_share(config, plan.data_size)  # before any step, not at the first evaluation
+    if config.tracking.enabled and not has_held_out_data(config) and ctx.is_main:
+        log.warning("no generation samples: data_source=shards and no held-out shards (eval.datasets)")
     batches = MicroBatches(config, plan.data_rank, plan.data_size, ctx.device, plan.data_share)
     flops = FlopCounter(model.config, vision=model.vision)
     return Run(config, ctx, plan, model, optimizer, checkpointer, batches, flops)
