@@ -124,6 +124,9 @@ class TrackingConfig:
     experiment: str = "megatron_cosmos3"
     run_name: str = "tiny-mot"
     enabled: bool = True
+    # At each checkpoint save, generate the fixed held-out samples and log them as media
+    # (training/samples.py); false skips them (e.g. tests of other things).
+    generation_samples: bool = True
 
 
 @dataclass

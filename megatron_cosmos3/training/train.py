@@ -154,7 +154,8 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
     )
     if config.eval.every:
         held_out_share(config, plan.data_size)  # before any step, not at the first evaluation
-    if config.tracking.enabled and not has_held_out_data(config) and ctx.is_main:
+    wants_samples = config.tracking.enabled and config.tracking.generation_samples
+    if wants_samples and not has_held_out_data(config) and ctx.is_main:
         log.warning("no generation samples: data_source=shards and no held-out shards (eval.datasets)")
     batches = MicroBatches(config, plan.data_rank, plan.data_size, ctx.device, plan.data_share)
     flops = FlopCounter(model.config, vision=model.vision)
@@ -201,7 +202,8 @@ def log_generation_samples(run: Run, tracker: MLflowTracker, step: int) -> None:
     by layers or rows, gives each denoising step's velocities through its driver
     (``ParallelPlan.velocity``); elsewhere the sampler keeps the AR cache."""
     config = run.config
-    if not config.tracking.enabled or not has_held_out_data(config):
+    tracking = config.tracking
+    if not (tracking.enabled and tracking.generation_samples and has_held_out_data(config)):
         return
     if not run.plan.samples_here(run.ctx.is_main, has_targets=True):
         return

@@ -24,6 +24,7 @@ TINY = [
     *TINY_SYNTHETIC,
     "log_every=1",
     "optimizer.warmup_steps=2",
+    "tracking.generation_samples=false",  # tests/training/test_training_media.py tests them
 ]
 
 
