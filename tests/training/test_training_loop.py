@@ -432,7 +432,7 @@ def test_workers_die_with_a_killed_torchrun_and_the_restart_resumes_bit_exact(tm
     import subprocess
     import time
 
-    from megatron_cosmos3.testing.training import TRAINER_ENV, trainer_command, torchrun_trainer
+    from megatron_cosmos3.testing.training import TRAINER_ENV, torchrun_trainer, trainer_command
 
     steps = ["steps=10", "checkpoint.save_every=1", "optimizer.schedule=constant"]
     straight = config_for(tmp_path, "straight", *steps)
