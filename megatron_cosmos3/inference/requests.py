@@ -90,7 +90,7 @@ class PreparedRequest:
 
     conditional / unconditional: the sample with its prompt and with the prompt dropped.
     outputs: per registry stream with noisy rows ("image", "video", "audio", "actions"), the
-        model's stream key. video_grid: (T, h, w) of the whole clip; audio_num_samples at 48 kHz.
+        model's stream key; also "video" where only the audio is generated (the clip it sounds in). video_grid: (T, h, w) of the whole clip; audio_num_samples at 48 kHz.
     """
 
     request: GenerationRequest
@@ -304,7 +304,9 @@ def prepare_request(request: GenerationRequest, builder: SampleBuilder) -> Prepa
         actions, rate = streams.actions(duration)
         sample.actions, sample.embodiment, sample.action_rate_hz = actions.numpy(), request.embodiment, rate
         outputs["actions"] = action_stream_key(request.embodiment)
-    outputs = {name: key for name, key in outputs.items() if name in streams.noisy}
+    # The generated streams, and a generated sound's clip: video->audio gives the clip with its new sound.
+    delivered = streams.noisy | ({"video"} if "audio" in streams.noisy else set())
+    outputs = {name: key for name, key in outputs.items() if name in delivered}
     conditional = builder.build(sample, task)
     unconditional = builder.build(sample, task, drop_prompt=True)
     return PreparedRequest(request, task, conditional, unconditional, outputs, video_grid, audio_samples)
