@@ -233,3 +233,17 @@ def test_a_task_the_checkpoint_was_not_trained_for_is_refused(checkpoint, inputs
     specs = read_requests(write_requests(inputs, [REQUESTS[0]]))
     with pytest.raises(RequestError, match="task 'text_to_image': the checkpoint was not trained for it"):
         run_requests(trained, specs, tmp_path, None, write=True)
+
+
+def test_the_release_folder_generates_what_the_checkpoint_does(checkpoint, inputs, tmp_path):
+    """``cosmos3-convert release`` of the checkpoint, then the same request from both (the folder
+    is read without torch.distributed.checkpoint): the same actions, bit for bit."""
+    from megatron_cosmos3.release.convert_cli import main as convert
+
+    assert convert(["release", str(checkpoint), str(tmp_path / "release")]) == 0
+    policy = next(r for r in REQUESTS if r["task"] == "policy")
+    requests = str(write_requests(inputs, [{**policy, "name": "policy"}]))
+    for source, out in ((checkpoint, "from-checkpoint"), (tmp_path / "release", "from-release")):
+        assert main(["--checkpoint", str(source), "--requests", requests, "--out", str(tmp_path / out)]) == 0
+    want = np.load(tmp_path / "from-checkpoint" / "policy" / "actions.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "from-release" / "policy" / "actions.npy"), want)
