@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Write the generated world: WebDataset shards of physically consistent samples (see
-``generated_world/world.py``), deterministic given the seed.
+``megatron_cosmos3/world/world.py``), deterministic given the seed.
 
     python data_pipelines/generate_world.py OUT [--samples 256] [--seed 0] [--latents pooled]
 
@@ -23,14 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # generated_world/ beside this script
-
-from generated_world.world import WorldConfig, generate_sample  # noqa: E402
-
 from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder, latent_sample  # noqa: E402
 from megatron_cosmos3.data.schema import SchemaContext  # noqa: E402
 from megatron_cosmos3.data.shard_writer import ShardWriter  # noqa: E402
 from megatron_cosmos3.encoders.action_normalization import ActionStats, EmbodimentActionStats  # noqa: E402
+from megatron_cosmos3.world.world import WorldConfig, generate_sample  # noqa: E402
 
 log = logging.getLogger("generate_world")
 

@@ -12,7 +12,7 @@ import megatron_cosmos3
 LAYERS = [
     {"model", "encoders", "tasks"},
     {"objectives", "data", "conversion"},
-    {"parallel"},
+    {"parallel", "world"},
     {"checkpoint", "inference"},
     {"training"},
     {"release"},

@@ -8,14 +8,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from generated_world.render import BALL_COLOURS, EFFECTOR_COLOUR  # noqa: E402
-from generated_world.sound import SAMPLE_RATE  # noqa: E402
-from generated_world.world import WorldConfig, generate_sample  # noqa: E402
 from world_helpers import tiny_world  # noqa: F401 - a fixture
 
 from megatron_cosmos3.data.schema import decode_sample, encode_sample
 from megatron_cosmos3.data.shards import ShardIndex, read_shard
 from megatron_cosmos3.encoders.pseudo_actions import BodyPoses, EmbodimentTrajectory, decode_pseudo_actions
+from megatron_cosmos3.world.render import BALL_COLOURS, EFFECTOR_COLOUR
+from megatron_cosmos3.world.sound import SAMPLE_RATE
+from megatron_cosmos3.world.world import WorldConfig, generate_sample
 
 CONFIG = WorldConfig()  # the demo's world: 64x64, 2 s
 

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from generated_world import captions
-from generated_world.agents import Agent, random_agent
-from generated_world.physics import Simulation, simulate
-from generated_world.render import BALL_COLOURS, EFFECTOR_COLOUR, HAND_COLOUR, Canvas, Disc
-from generated_world.sound import SAMPLE_RATE, synthesize
 from megatron_cosmos3.data.schema import Sample
 from megatron_cosmos3.encoders.pseudo_actions import encode_pseudo_actions
+from megatron_cosmos3.world import captions
+from megatron_cosmos3.world.agents import Agent, random_agent
+from megatron_cosmos3.world.physics import Simulation, simulate
+from megatron_cosmos3.world.render import BALL_COLOURS, EFFECTOR_COLOUR, HAND_COLOUR, Canvas, Disc
+from megatron_cosmos3.world.sound import SAMPLE_RATE, synthesize
 
 
 @dataclass(frozen=True)

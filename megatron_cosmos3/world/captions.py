@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from generated_world.physics import Event
+from megatron_cosmos3.world.physics import Event
 
 _NUMBERS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 _EMBODIMENT_NAMES = {"single_arm": "A single-arm robot", "humanoid": "A humanoid"}
