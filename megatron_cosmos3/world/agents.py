@@ -10,6 +10,13 @@ its range, so position and velocity are exact at any time and stay inside the bo
   whose tilt is the end-effector rotation.
 * ``humanoid``: the ego walks along the floor (x between 0.3 and 0.7); the two wrists are discs
   left and right of it; each hand's closure sets its 15 finger joints and its radius.
+* ``planar_pusher`` (held out of pre- and mid-training, for the transfer experiment): a disc on a
+  gantry, free in x and z; its ego pose is the pusher itself and its ``extension`` joint (1 = out)
+  sets its radius. 10-D pseudo-actions at 20 Hz.
+
+``EMBODIMENT_RATES`` is every embodiment's action rate; ``effector_discs`` reads the effectors back
+from any trajectory (recorded or integrated from actions), ``planned_trajectory`` makes the poses
+that put an embodiment's acting effector on a planned path (the environment's experts).
 
 Only the effectors are bodies in the scene — drawn, colliding, pushing balls; the arm's links and
 the humanoid's torso are not modelled (nothing in the picture can pass through them).
@@ -25,6 +32,10 @@ import torch
 from megatron_cosmos3.encoders.pseudo_actions import BodyPoses, EmbodimentTrajectory
 
 FINGER_WEIGHTS = np.linspace(0.6, 1.2, 15)  # radians per unit of hand closure, base to tip
+EMBODIMENT_RATES = {"single_arm": 10.0, "humanoid": 30.0, "planar_pusher": 20.0}  # poses per second
+# Effector radius (m) closed / open: gripper opening, hand opening (1 - closure), pusher extension.
+EFFECTOR_RADII = {"single_arm": (0.04, 0.07), "humanoid": (0.035, 0.055), "planar_pusher": (0.045, 0.07)}
+WRIST_OFFSET = 0.15  # m: where a planned humanoid's wrists sit either side of its ego
 
 
 @dataclass(frozen=True)
@@ -72,9 +83,16 @@ def _y_rotation_quaternions(angle: np.ndarray) -> np.ndarray:
     return np.stack([np.zeros_like(half), np.sin(half), np.zeros_like(half), np.cos(half)], axis=-1)
 
 
-def _poses(x: np.ndarray, z: np.ndarray, angle: np.ndarray) -> BodyPoses:
+def _y_rotation_matrices(angle: np.ndarray) -> np.ndarray:
+    """(T,) angles about +y -> (T, 3, 3) rotation matrices."""
+    c, s, zero, one = np.cos(angle), np.sin(angle), np.zeros_like(angle), np.ones_like(angle)
+    return np.stack([np.stack([c, zero, s], -1), np.stack([zero, one, zero], -1), np.stack([-s, zero, c], -1)], -2)
+
+
+def _poses(x: np.ndarray, z: np.ndarray, angle: np.ndarray, matrices: bool = False) -> BodyPoses:
     positions = np.stack([x, np.zeros_like(x), z], axis=-1)
-    return BodyPoses(torch.from_numpy(positions), torch.from_numpy(_y_rotation_quaternions(angle)))
+    rotations = _y_rotation_matrices(angle) if matrices else _y_rotation_quaternions(angle)
+    return BodyPoses(torch.from_numpy(positions), torch.from_numpy(rotations))
 
 
 @dataclass(frozen=True)
@@ -131,6 +149,11 @@ class Agent:
             return EmbodimentTrajectory(
                 "single_arm", {"ego": ego, "end_effector": hands[0]}, {"gripper": torch.from_numpy(gripper[:, None])}
             )
+        if self.kind == "planar_pusher":
+            extension = 1.0 - self.hands[0].closure(times)
+            return EmbodimentTrajectory(
+                "planar_pusher", {"ego": hands[0]}, {"extension": torch.from_numpy(extension[:, None])}
+            )
         fingers = [torch.from_numpy(h.closure(times)[:, None] * FINGER_WEIGHTS) for h in self.hands]
         return EmbodimentTrajectory(
             "humanoid",
@@ -140,14 +163,76 @@ class Agent:
 
 
 def random_agent(kind: str, rng: np.random.Generator) -> Agent:
-    """A seeded ``single_arm`` or ``humanoid`` (module doc for their ranges)."""
+    """A seeded ``single_arm``, ``humanoid`` or ``planar_pusher`` (module doc for their ranges)."""
     closure = lambda: Wave.random(rng, 0.0, 1.0, 1, (0.3, 1.0))  # noqa: E731
     tilt = lambda: Wave.random(rng, -0.6, 0.6, 1)  # noqa: E731
+    _check_kind(kind)
+    radii = EFFECTOR_RADII[kind]
     if kind == "single_arm":
-        hand = Hand(Wave.random(rng, -0.33, 0.33), Wave.random(rng, 0.1, 0.6), tilt(), closure(), 0.04, 0.07)
+        hand = Hand(Wave.random(rng, -0.33, 0.33), Wave.random(rng, 0.1, 0.6), tilt(), closure(), *radii)
         return Agent(kind, None, [hand])
     if kind == "humanoid":
-        left = Hand(Wave.random(rng, -0.25, -0.08), Wave.random(rng, 0.1, 0.7), tilt(), closure(), 0.035, 0.055)
-        right = Hand(Wave.random(rng, 0.08, 0.25), Wave.random(rng, 0.1, 0.7), tilt(), closure(), 0.035, 0.055)
+        left = Hand(Wave.random(rng, -0.25, -0.08), Wave.random(rng, 0.1, 0.7), tilt(), closure(), *radii)
+        right = Hand(Wave.random(rng, 0.08, 0.25), Wave.random(rng, 0.1, 0.7), tilt(), closure(), *radii)
         return Agent(kind, Wave.random(rng, 0.3, 0.7, 1, (0.1, 0.4)), [left, right])
-    raise ValueError(f"the generated world has no embodiment {kind!r}; it has single_arm and humanoid")
+    hand = Hand(Wave.random(rng, -0.38, 0.38), Wave.random(rng, 0.1, 0.75), tilt(), closure(), *radii)
+    return Agent(kind, None, [hand])
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in EMBODIMENT_RATES:
+        raise ValueError(f"the generated world has no embodiment {kind!r}; it has {sorted(EMBODIMENT_RATES)}")
+
+
+def _radius(kind: str, opening: np.ndarray) -> np.ndarray:
+    closed, open_ = EFFECTOR_RADII[kind]
+    return closed + (open_ - closed) * np.clip(opening, 0.0, 1.0)
+
+
+def effector_discs(trajectory: EmbodimentTrajectory) -> tuple[np.ndarray, np.ndarray]:
+    """The effectors of any trajectory of a world embodiment: centres (T, H, 2) as (x, z) m and radii
+    (T, H) m, the acting effector first (the end effector, the right wrist, the pusher)."""
+    kind = trajectory.kind
+    _check_kind(kind)
+    xz = lambda part: trajectory.poses[part].positions[..., [0, 2]].double().numpy()  # noqa: E731
+    if kind == "single_arm":
+        parts, openings = ["end_effector"], [trajectory.joints["gripper"][..., 0]]
+    elif kind == "humanoid":
+        parts = ["right_wrist", "left_wrist"]
+        weights = torch.from_numpy(FINGER_WEIGHTS)
+        openings = [1.0 - (trajectory.joints[f"{side}_fingers"] / weights).mean(-1) for side in ("right", "left")]
+    else:
+        parts, openings = ["ego"], [trajectory.joints["extension"][..., 0]]
+    centres = np.stack([xz(part) for part in parts], axis=-2)
+    radii = np.stack([_radius(kind, opening.double().numpy()) for opening in openings], axis=-1)
+    return centres, radii
+
+
+def planned_trajectory(kind: str, centres: np.ndarray, opening: float = 1.0) -> EmbodimentTrajectory:
+    """Poses (rotation matrices, no tilt) that put ``kind``'s acting effector at ``centres`` (T, 2)
+    with the given opening; a humanoid's ego walks to stay beside its right wrist and its left wrist
+    waits near the ceiling, out of the balls' way."""
+    _check_kind(kind)
+    x, z = centres[:, 0], centres[:, 1]
+    zero, ones = np.zeros_like(x), np.ones_like(x)
+    if kind == "single_arm":
+        return EmbodimentTrajectory(
+            kind,
+            {"ego": _poses(np.full_like(x, 0.5), zero, zero, True), "end_effector": _poses(x, z, zero, True)},
+            {"gripper": torch.from_numpy(opening * ones[:, None])},
+        )
+    if kind == "humanoid":
+        ego = np.clip(x - WRIST_OFFSET, 0.25, 0.75)
+        fingers = torch.from_numpy((1.0 - opening) * ones[:, None] * FINGER_WEIGHTS)
+        return EmbodimentTrajectory(
+            kind,
+            {
+                "ego": _poses(ego, zero, zero, True),
+                "left_wrist": _poses(ego - WRIST_OFFSET, np.full_like(x, 0.85), zero, True),
+                "right_wrist": _poses(x, z, zero, True),
+            },
+            {"left_fingers": fingers, "right_fingers": fingers.clone()},
+        )
+    return EmbodimentTrajectory(
+        kind, {"ego": _poses(x, z, zero, True)}, {"extension": torch.from_numpy(opening * ones[:, None])}
+    )

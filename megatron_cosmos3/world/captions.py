@@ -8,7 +8,7 @@ import numpy as np
 from megatron_cosmos3.world.physics import Event
 
 _NUMBERS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
-_EMBODIMENT_NAMES = {"single_arm": "A single-arm robot", "humanoid": "A humanoid"}
+_EMBODIMENT_NAMES = {"single_arm": "A single-arm robot", "humanoid": "A humanoid", "planar_pusher": "A planar pusher"}
 
 
 def number(n: int) -> str:
@@ -71,6 +71,9 @@ def instruction(embodiment: str, start: np.ndarray, end: np.ndarray, opening: tu
     grip = "opening" if opening[1] > opening[0] else "closing"
     if embodiment == "single_arm":
         return f"Move the gripper {horizontal} and {vertical}, {grip} it, and push any ball in the way."
+    if embodiment == "planar_pusher":
+        reach = "extending" if opening[1] > opening[0] else "retracting"
+        return f"Move the pusher {horizontal} and {vertical}, {reach} it, and push any ball in the way."
     return f"Walk and move the hands {horizontal} and {vertical}, {grip} them, and push any ball in the way."
 
 

@@ -44,11 +44,13 @@ Effector = Callable[[float], tuple[np.ndarray, np.ndarray, float]]
 
 @dataclass
 class Simulation:
-    """States at every physics step: positions (steps + 1, B, 2), the events in time order."""
+    """States at every physics step: positions (steps + 1, B, 2), the events in time order, and the
+    velocities (B, 2) after the last step (where a continued run starts)."""
 
     positions: np.ndarray
     radii: np.ndarray
     events: list[Event]
+    final_velocities: np.ndarray
 
     def at(self, time: float) -> np.ndarray:
         """(B, 2) ball centres at ``time`` seconds (a step time)."""
@@ -80,7 +82,7 @@ def simulate(
             for i in range(len(r)):
                 _push(i, e, centre, velocity, radius, p, v, r, time, events)
         history[step] = p
-    return Simulation(history, r, events)
+    return Simulation(history, r, events, v)
 
 
 def _bounce(speed: float, restitution: float) -> float:

@@ -19,27 +19,35 @@ import numpy as np
 from megatron_cosmos3.data.schema import Sample
 from megatron_cosmos3.encoders.pseudo_actions import encode_pseudo_actions
 from megatron_cosmos3.world import captions
-from megatron_cosmos3.world.agents import Agent, random_agent
+from megatron_cosmos3.world.agents import EMBODIMENT_RATES, Agent, random_agent
 from megatron_cosmos3.world.physics import Simulation, simulate
-from megatron_cosmos3.world.render import BALL_COLOURS, EFFECTOR_COLOUR, HAND_COLOUR, Canvas, Disc
+from megatron_cosmos3.world.render import BALL_COLOURS, EMBODIMENT_COLOURS, Canvas, Disc
 from megatron_cosmos3.world.sound import SAMPLE_RATE, synthesize
 
 
 @dataclass(frozen=True)
 class WorldConfig:
     """resolution: frame side in pixels (a multiple of 32). duration_s: clip length; frames, audio
-    and poses all span it exactly. action_rates: embodiment -> poses per second."""
+    and poses all span it exactly. action_rates: embodiment -> poses per second. embodiments: the
+    ones that act in the clips — the held-out ``planar_pusher`` is left out of pre- and
+    mid-training data by default (docs/DESIGN.md, "The generated world")."""
 
     resolution: int = 64
     duration_s: float = 2.0
     fps_choices: tuple[float, ...] = (16.0, 24.0, 30.0)
-    action_rates: dict = field(default_factory=lambda: {"single_arm": 10.0, "humanoid": 30.0})
+    action_rates: dict = field(default_factory=lambda: dict(EMBODIMENT_RATES))
+    embodiments: tuple[str, ...] = ("single_arm", "humanoid")
     still_fraction: float = 0.15
     agent_fraction: float = 0.7
     question_fraction: float = 0.3
     max_balls: int = 3
 
     def __post_init__(self) -> None:
+        unknown = [kind for kind in self.embodiments if kind not in self.action_rates]
+        if unknown or not self.embodiments:
+            raise ValueError(
+                f"embodiments={list(self.embodiments)} must be a non-empty subset of {sorted(self.action_rates)}"
+            )
         if self.resolution % 32 or self.resolution <= 0:
             raise ValueError(f"resolution={self.resolution} must be a positive multiple of 32")
         for rate in (*self.fps_choices, *self.action_rates.values()):
@@ -62,7 +70,7 @@ def _start_state(rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.n
 def _discs(sim: Simulation, colours: list[str], agent: Agent | None, time: float) -> list[Disc]:
     discs = [Disc(x, z, r, BALL_COLOURS[c]) for (x, z), r, c in zip(sim.at(time), sim.radii, colours)]
     if agent is not None:
-        colour = EFFECTOR_COLOUR if agent.kind == "single_arm" else HAND_COLOUR
+        colour = EMBODIMENT_COLOURS[agent.kind]
         for hand in agent.hands:
             x, z = agent.hand_centre(hand, time)
             discs.append(Disc(float(x), float(z), float(hand.radius(time)), colour))
@@ -89,7 +97,7 @@ def generate_sample(config: WorldConfig, seed: int, index: int) -> Sample:
 
     agent = None
     if rng.random() < config.agent_fraction:
-        agent = random_agent(sorted(config.action_rates)[int(rng.integers(len(config.action_rates)))], rng)
+        agent = random_agent(sorted(config.embodiments)[int(rng.integers(len(config.embodiments)))], rng)
     fps = float(config.fps_choices[int(rng.integers(len(config.fps_choices)))])
     sim = simulate(positions, velocities, radii, config.duration_s, agent.effectors() if agent else [])
     frames = np.stack(
