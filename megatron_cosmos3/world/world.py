@@ -12,47 +12,16 @@ is. Everything is a pure function of (seed, index, config).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from megatron_cosmos3.data.schema import Sample
 from megatron_cosmos3.encoders.pseudo_actions import encode_pseudo_actions
 from megatron_cosmos3.world import captions
-from megatron_cosmos3.world.agents import EMBODIMENT_RATES, Agent, random_agent
+from megatron_cosmos3.world.agents import Agent, random_agent
+from megatron_cosmos3.world.config import WorldConfig
 from megatron_cosmos3.world.physics import Simulation, simulate
 from megatron_cosmos3.world.render import BALL_COLOURS, EMBODIMENT_COLOURS, Canvas, Disc
 from megatron_cosmos3.world.sound import SAMPLE_RATE, synthesize
-
-
-@dataclass(frozen=True)
-class WorldConfig:
-    """resolution: frame side in pixels (a multiple of 32). duration_s: clip length; frames, audio
-    and poses all span it exactly. action_rates: embodiment -> poses per second. embodiments: the
-    ones that act in the clips — the held-out ``planar_pusher`` is left out of pre- and
-    mid-training data by default (docs/DESIGN.md, "The generated world")."""
-
-    resolution: int = 64
-    duration_s: float = 2.0
-    fps_choices: tuple[float, ...] = (16.0, 24.0, 30.0)
-    action_rates: dict = field(default_factory=lambda: dict(EMBODIMENT_RATES))
-    embodiments: tuple[str, ...] = ("single_arm", "humanoid")
-    still_fraction: float = 0.15
-    agent_fraction: float = 0.7
-    question_fraction: float = 0.3
-    max_balls: int = 3
-
-    def __post_init__(self) -> None:
-        unknown = [kind for kind in self.embodiments if kind not in self.action_rates]
-        if unknown or not self.embodiments:
-            raise ValueError(
-                f"embodiments={list(self.embodiments)} must be a non-empty subset of {sorted(self.action_rates)}"
-            )
-        if self.resolution % 32 or self.resolution <= 0:
-            raise ValueError(f"resolution={self.resolution} must be a positive multiple of 32")
-        for rate in (*self.fps_choices, *self.action_rates.values()):
-            if (rate * self.duration_s) % 1:
-                raise ValueError(f"duration_s={self.duration_s} must hold a whole number of frames/poses at {rate}/s")
 
 
 def _start_state(rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
