@@ -111,20 +111,22 @@ class StepResult:
 
 
 class _EffectorPath:
-    """A physics effector moving linearly between poses ``1 / rate`` s apart: t -> (centre, velocity, radius)."""
+    """A physics effector moving linearly between poses ``1 / rate`` s apart: t -> (centre, velocity,
+    radius), tabulated at every physics step of the chunk."""
 
     def __init__(self, centres: np.ndarray, radii: np.ndarray, rate: float) -> None:
-        self.centres, self.radii, self.rate = centres, radii, rate
-
-    def segment(self, time: float) -> tuple[int, float]:
-        index = min(int(time * self.rate), len(self.centres) - 2)
-        return index, time * self.rate - index
+        steps = int(round((len(centres) - 1) * PHYSICS_RATE / rate))
+        scaled = np.arange(steps + 1) * (rate / PHYSICS_RATE)
+        index = np.minimum(scaled.astype(int), len(centres) - 2)
+        fraction = (scaled - index)[:, None]
+        moves = centres[index + 1] - centres[index]
+        self.centres = centres[index] + moves * fraction
+        self.velocities = moves * rate
+        self.radii = (radii[index] + (radii[index + 1] - radii[index]) * fraction[:, 0]).tolist()
 
     def __call__(self, time: float):
-        k, fraction = self.segment(time)
-        step = self.centres[k + 1] - self.centres[k]
-        radius = self.radii[k] + (self.radii[k + 1] - self.radii[k]) * fraction
-        return self.centres[k] + step * fraction, step * self.rate, float(radius)
+        step = int(round(time * PHYSICS_RATE))
+        return self.centres[step], self.velocities[step], self.radii[step]
 
 
 def _whole_steps(rate: float, what: str) -> int:
@@ -247,7 +249,7 @@ class WorldEnvironment:
             effectors = zip(np.clip(centres[0], 0.0, 1.0), radii[0])
         else:
             time = (frame * self.steps_per_frame - state.step) / PHYSICS_RATE
-            effectors = [path(time)[::2] for path in paths]
+            effectors = [path(time)[::2] for path in paths]  # a frame time is a physics step time
         tint = EMBODIMENT_COLOURS[self.embodiment]
         discs += [Disc(float(centre[0]), float(centre[1]), float(radius), tint) for centre, radius in effectors]
         return self.canvas.draw(discs)
