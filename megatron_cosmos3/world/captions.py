@@ -51,6 +51,13 @@ def clip_caption(colours: list[str], events: list[Event], embodiment: str | None
     return " ".join(parts)
 
 
+def task_caption(embodiment: str, instruction: str, success: bool) -> str:
+    """What an expert demonstration shows: the embodiment doing (or attempting) the instruction."""
+    goal = instruction[0].lower() + instruction[1:]
+    verb = "does as told" if success else "tries but does not finish in time"
+    return f"{_EMBODIMENT_NAMES[embodiment]} {verb}: {goal}"
+
+
 def _where(x: float, z: float) -> str:
     side = "on the left" if x < 1 / 3 else "on the right" if x > 2 / 3 else "in the middle"
     height = "near the floor" if z < 1 / 3 else "near the top" if z > 2 / 3 else "halfway up"

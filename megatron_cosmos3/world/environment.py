@@ -182,7 +182,7 @@ class WorldEnvironment:
         if self.task_kind == "push_to_region":
             region = str(rng.choice(list(REGIONS)))
             away = 1.0 if region == "left" else -1.0  # from the region towards the box's other side
-            target_x = 0.5 + away * rng.uniform(-0.15, 0.0)
+            target_x = 0.5 + away * rng.uniform(-0.15, -0.05)
             distractor_x = 0.5 + away * rng.uniform(0.32, 0.42)
             self.task = Task(self.task_kind, 0, colours, region)
             positions = np.array([[target_x, radii[0]], [distractor_x, radii[1]]])

@@ -7,7 +7,10 @@ at the collision times, records the embodiment's poses at its action rate (pose 
 and turns them into pseudo-actions (``timing.agent_start`` keeps the absolute start state that
 integrates them back into poses), and describes it all in a caption, an instruction and,
 sometimes, a question. A *still* is one picture of the box with a caption saying where each ball
-is. Everything is a pure function of (seed, index, config).
+is. A *demonstration* (``config.demonstration_fraction`` of the samples) is an environment episode
+(``world/environment.py``) of ``duration_s`` in which the scripted expert (``world/experts.py``)
+solves a task: the same fields as a clip, the task's instruction, and ``timing.task``. Everything is
+a pure function of (seed, index, config).
 """
 
 from __future__ import annotations
@@ -15,13 +18,93 @@ from __future__ import annotations
 import numpy as np
 
 from megatron_cosmos3.data.schema import Sample
-from megatron_cosmos3.encoders.pseudo_actions import encode_pseudo_actions
+from megatron_cosmos3.encoders.pseudo_actions import EmbodimentTrajectory, encode_pseudo_actions
+from megatron_cosmos3.encoders.rotations import matrix_to_quaternion
 from megatron_cosmos3.world import captions
 from megatron_cosmos3.world.agents import Agent, random_agent
 from megatron_cosmos3.world.config import WorldConfig
-from megatron_cosmos3.world.physics import Simulation, simulate
+from megatron_cosmos3.world.environment import TASKS, WorldEnvironment
+from megatron_cosmos3.world.experts import Expert
+from megatron_cosmos3.world.physics import Event, Simulation, simulate
 from megatron_cosmos3.world.render import BALL_COLOURS, EMBODIMENT_COLOURS, Canvas, Disc
 from megatron_cosmos3.world.sound import SAMPLE_RATE, synthesize
+
+_DEMONSTRATION_STREAM = 1
+CHUNK_S = 0.5  # seconds of actions per expert chunk in a demonstration (receding horizon)
+
+
+def _event_records(events: list[Event], colours: list[str]) -> list[dict]:
+    return [
+        {
+            "time_s": round(e.time, 6),
+            "kind": e.kind,
+            "ball": colours[e.ball],
+            "x": round(e.x, 4),
+            "z": round(e.z, 4),
+            "speed": round(e.speed, 4),
+        }
+        for e in events
+    ]
+
+
+def agent_start_record(trajectory: EmbodimentTrajectory) -> dict:
+    """``timing.agent_start``: the absolute first pose of every part (position, xyzw quaternion) and
+    the first joint values — pseudo-actions are relative, this is what integrates them into poses."""
+    poses = {}
+    for part, p in trajectory.poses.items():
+        rotation = p.rotations[0]
+        quaternion = matrix_to_quaternion(rotation) if rotation.shape == (3, 3) else rotation
+        poses[part] = {"position": p.positions[0].tolist(), "quaternion_xyzw": quaternion.tolist()}
+    return {"poses": poses, "joints": {name: values[0].tolist() for name, values in trajectory.joints.items()}}
+
+
+def demonstration_sample(config: WorldConfig, seed: int, index: int) -> Sample:
+    """The expert solving a drawn task with a drawn embodiment of ``config.embodiments`` (module doc)."""
+    rng = np.random.default_rng([seed, index, _DEMONSTRATION_STREAM])
+    rng.random()  # the draw that chose a demonstration
+    kind = sorted(config.embodiments)[int(rng.integers(len(config.embodiments)))]
+    task = TASKS[int(rng.integers(len(TASKS)))]
+    fps = float(config.fps_choices[int(rng.integers(len(config.fps_choices)))])
+    env = WorldEnvironment(task, kind, config, fps=fps, horizon_s=config.duration_s)
+    episode = int(rng.integers(2**31))
+    observation = env.reset(episode)
+    expert, start = Expert(env), env.state.pose
+    frames, audio, actions, events = [observation.frames], [], [], []
+    total = int(round(config.duration_s * env.rate))
+    while len(actions) < total:
+        chunk = expert.act(env.state, min(int(CHUNK_S * env.rate), total - len(actions)))
+        result = env.step(chunk)
+        frames.append(result.frames)
+        audio.append(result.audio)
+        actions.extend(chunk)
+        events.extend(result.events)
+    colours = list(env.task.colours)
+    return Sample(
+        key=f"world-{seed:04d}-{index:07d}",
+        video=np.concatenate(frames),
+        fps=fps,
+        audio=np.concatenate(audio, axis=1),
+        audio_sample_rate=SAMPLE_RATE,
+        caption=captions.clip_caption(colours, events, None, fps, config.duration_s)
+        + " "
+        + captions.task_caption(kind, observation.instruction, env.task.success(env.state)),
+        instruction=observation.instruction,
+        actions=np.stack(actions).astype(np.float32),
+        embodiment=kind,
+        action_rate_hz=env.rate,
+        duration_s=config.duration_s,
+        source={"world_seed": seed, "index": index, "episode_seed": episode},
+        timing={
+            "events": _event_records(events, colours),
+            "agent_start": agent_start_record(start),
+            "task": {
+                "kind": task,
+                "ball": colours[env.task.ball],
+                "region": env.task.region,
+                "success": env.task.success(env.state),
+            },
+        },
+    )
 
 
 def _start_state(rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -48,6 +131,9 @@ def _discs(sim: Simulation, colours: list[str], agent: Agent | None, time: float
 
 def generate_sample(config: WorldConfig, seed: int, index: int) -> Sample:
     """Sample ``index`` of world ``seed`` (module doc)."""
+    draw = np.random.default_rng([seed, index, _DEMONSTRATION_STREAM]).random()  # leaves the other draws as they were
+    if draw < config.demonstration_fraction:
+        return demonstration_sample(config, seed, index)
     rng = np.random.default_rng([seed, index])
     key = f"world-{seed:04d}-{index:07d}"
     count = int(rng.integers(1, config.max_balls + 1))
@@ -81,19 +167,7 @@ def generate_sample(config: WorldConfig, seed: int, index: int) -> Sample:
         caption=captions.clip_caption(colours, sim.events, agent.kind if agent else None, fps, config.duration_s),
         duration_s=config.duration_s,
         source={"world_seed": seed, "index": index},
-        timing={
-            "events": [
-                {
-                    "time_s": round(e.time, 6),
-                    "kind": e.kind,
-                    "ball": colours[e.ball],
-                    "x": round(e.x, 4),
-                    "z": round(e.z, 4),
-                    "speed": round(e.speed, 4),
-                }
-                for e in sim.events
-            ]
-        },
+        timing={"events": _event_records(sim.events, colours)},
     )
     if agent is not None:
         rate = config.action_rates[agent.kind]
@@ -101,14 +175,7 @@ def generate_sample(config: WorldConfig, seed: int, index: int) -> Sample:
         trajectory = agent.trajectory(times)
         sample.actions = encode_pseudo_actions(trajectory).numpy().astype(np.float32)
         sample.embodiment, sample.action_rate_hz = agent.kind, rate
-        # Pseudo-actions are relative: the absolute start state is what turns them back into poses.
-        sample.timing["agent_start"] = {
-            "poses": {
-                part: {"position": p.positions[0].tolist(), "quaternion_xyzw": p.rotations[0].tolist()}
-                for part, p in trajectory.poses.items()
-            },
-            "joints": {name: values[0].tolist() for name, values in trajectory.joints.items()},
-        }
+        sample.timing["agent_start"] = agent_start_record(trajectory)
         hand = agent.hands[0]
         opening = (1 - float(hand.closure(0.0)), 1 - float(hand.closure(config.duration_s)))
         sample.instruction = captions.instruction(
