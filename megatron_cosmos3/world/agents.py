@@ -236,3 +236,19 @@ def planned_trajectory(kind: str, centres: np.ndarray, opening: float = 1.0) -> 
     return EmbodimentTrajectory(
         kind, {"ego": _poses(x, z, zero, True)}, {"extension": torch.from_numpy(opening * ones[:, None])}
     )
+
+
+def joined(first: EmbodimentTrajectory, then: EmbodimentTrajectory) -> EmbodimentTrajectory:
+    """``first``'s frames followed by ``then``'s (same kind and rotation format): a pose and a plan
+    from it, ready for ``encode_pseudo_actions``."""
+    return EmbodimentTrajectory(
+        first.kind,
+        {
+            part: BodyPoses(
+                torch.cat([poses.positions, then.poses[part].positions], -2),
+                torch.cat([poses.rotations, then.poses[part].rotations], -3 if poses.rotations.shape[-1] == 3 else -2),
+            )
+            for part, poses in first.poses.items()
+        },
+        {name: torch.cat([values, then.joints[name]], -2) for name, values in first.joints.items()},
+    )

@@ -17,10 +17,9 @@ It replans every chunk (receding horizon). The plan, for a ball resting or slidi
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from megatron_cosmos3.encoders.pseudo_actions import BodyPoses, EmbodimentTrajectory, encode_pseudo_actions
-from megatron_cosmos3.world.agents import effector_discs, planned_trajectory
+from megatron_cosmos3.encoders.pseudo_actions import encode_pseudo_actions
+from megatron_cosmos3.world.agents import effector_discs, joined, planned_trajectory
 from megatron_cosmos3.world.environment import REGIONS, REST_SPEED, WorldEnvironment, WorldState
 from megatron_cosmos3.world.physics import BOX, EFFECTOR_RESTITUTION, SOUND_SPEED, WALL_RESTITUTION
 
@@ -47,20 +46,6 @@ def _slide(x: float, vx: float, radius: float, dt: float) -> tuple[float, float]
     return x, vx
 
 
-def _concatenated(a: EmbodimentTrajectory, b: EmbodimentTrajectory) -> EmbodimentTrajectory:
-    return EmbodimentTrajectory(
-        a.kind,
-        {
-            part: BodyPoses(
-                torch.cat([a.poses[part].positions, b.poses[part].positions], -2),
-                torch.cat([a.poses[part].rotations, b.poses[part].rotations], -3),
-            )
-            for part in a.poses
-        },
-        {name: torch.cat([a.joints[name], b.joints[name]], -2) for name in a.joints},
-    )
-
-
 class Expert:
     """The scripted expert of ``env``'s task and embodiment: ``act(state, steps)`` -> (steps, dim)
     float64 pseudo-actions (module doc)."""
@@ -84,7 +69,7 @@ class Expert:
             path.append(effector)
             x, vx = after
         planned = planned_trajectory(self.env.embodiment, np.stack(path))
-        return encode_pseudo_actions(_concatenated(state.pose, planned)).numpy()
+        return encode_pseudo_actions(joined(state.pose, planned)).numpy()
 
     def _push(self, effector, latched, x, vx, x_next, radius, contact, rate):
         side = -1.0 if self.env.task.region == "left" else 1.0  # direction of the push
