@@ -16,9 +16,10 @@ a pure function of (seed, index, config).
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from megatron_cosmos3.data.schema import Sample
-from megatron_cosmos3.encoders.pseudo_actions import EmbodimentTrajectory, encode_pseudo_actions
+from megatron_cosmos3.encoders.pseudo_actions import BodyPoses, EmbodimentTrajectory, encode_pseudo_actions
 from megatron_cosmos3.encoders.rotations import matrix_to_quaternion
 from megatron_cosmos3.world import captions
 from megatron_cosmos3.world.agents import Agent, random_agent
@@ -56,6 +57,22 @@ def agent_start_record(trajectory: EmbodimentTrajectory) -> dict:
         quaternion = matrix_to_quaternion(rotation) if rotation.shape == (3, 3) else rotation
         poses[part] = {"position": p.positions[0].tolist(), "quaternion_xyzw": quaternion.tolist()}
     return {"poses": poses, "joints": {name: values[0].tolist() for name, values in trajectory.joints.items()}}
+
+
+def agent_start_trajectory(kind: str, record: dict) -> EmbodimentTrajectory:
+    """The one-frame float64 start state an ``agent_start_record`` describes: what a sample's
+    pseudo-actions integrate from (``decode_pseudo_actions``)."""
+    return EmbodimentTrajectory(
+        kind,
+        {
+            part: BodyPoses(
+                torch.tensor([pose["position"]], dtype=torch.float64),
+                torch.tensor([pose["quaternion_xyzw"]], dtype=torch.float64),
+            )
+            for part, pose in record["poses"].items()
+        },
+        {name: torch.tensor([values], dtype=torch.float64) for name, values in record["joints"].items()},
+    )
 
 
 def demonstration_sample(config: WorldConfig, seed: int, index: int) -> Sample:

@@ -11,8 +11,6 @@ import torch
 
 from megatron_cosmos3.data.schema import decode_sample, encode_sample
 from megatron_cosmos3.encoders.pseudo_actions import (
-    BodyPoses,
-    EmbodimentTrajectory,
     decode_pseudo_actions,
     encode_pseudo_actions,
     get_layout,
@@ -23,7 +21,7 @@ from megatron_cosmos3.world.environment import TASKS, Task, WorldEnvironment, Wo
 from megatron_cosmos3.world.experts import Expert
 from megatron_cosmos3.world.render import EMBODIMENT_COLOURS
 from megatron_cosmos3.world.sound import SAMPLE_RATE
-from megatron_cosmos3.world.world import demonstration_sample, generate_sample
+from megatron_cosmos3.world.world import agent_start_trajectory, demonstration_sample, generate_sample
 
 WORLD = WorldConfig(resolution=32)
 EMBODIMENTS = sorted(EMBODIMENT_RATES)
@@ -153,28 +151,16 @@ def test_demonstrations_are_samples_whose_actions_integrate_to_the_expert_poses(
             env.step(expert.act(env.state, steps))
             taken += steps
             poses.append((taken, env.state.pose))
-        integrated = decode_pseudo_actions(torch.from_numpy(sample.actions).double(), _start(sample))
+        integrated = decode_pseudo_actions(
+            torch.from_numpy(sample.actions).double(),
+            agent_start_trajectory(sample.embodiment, sample.timing["agent_start"]),
+        )
         for step, pose in poses:
             for part, truth in pose.poses.items():
                 got = integrated.poses[part].positions[step]
                 assert torch.allclose(got, truth.positions[0], atol=1e-4), (sample.embodiment, part, step)
         assert sample.timing["task"]["success"] == env.task.success(env.state)
     assert seen == set(EMBODIMENTS)
-
-
-def _start(sample) -> EmbodimentTrajectory:
-    start = sample.timing["agent_start"]
-    return EmbodimentTrajectory(
-        sample.embodiment,
-        {
-            part: BodyPoses(
-                torch.tensor([pose["position"]], dtype=torch.float64),
-                torch.tensor([pose["quaternion_xyzw"]], dtype=torch.float64),
-            )
-            for part, pose in start["poses"].items()
-        },
-        {name: torch.tensor([values], dtype=torch.float64) for name, values in start["joints"].items()},
-    )
 
 
 def test_the_held_out_embodiment_stays_out_of_the_default_world():
