@@ -10,6 +10,8 @@ wall stops it — which a wall does when the ball arrives slower than ``physics.
   centre lies in the third and it is at rest (speed below ``REST_SPEED``).
 * ``stop_ball``: one ball slides along the floor at 0.4-0.7 m/s. "Stop the blue ball." Success: it
   is at rest, anywhere.
+* ``separate_balls``: two balls rest 0.2-0.24 m apart (surface to surface) in the middle. "Separate
+  the red and green balls." Success: their centres at least ``SEPARATION`` apart, both at rest.
 
 Actions are the embodiment's pseudo-actions (``encoders/pseudo_actions.py``) at its rate
 (``agents.EMBODIMENT_RATES``), the units and rate of the training data. ``step`` integrates a chunk
@@ -34,9 +36,10 @@ from megatron_cosmos3.world.physics import PHYSICS_RATE, Event, simulate
 from megatron_cosmos3.world.render import BALL_COLOURS, EMBODIMENT_COLOURS, Canvas, Disc
 from megatron_cosmos3.world.sound import RING_S, SAMPLE_RATE, synthesize
 
-TASKS = ("push_to_region", "stop_ball")
+TASKS = ("push_to_region", "stop_ball", "separate_balls")
 REGIONS = {"left": (0.0, 1.0 / 3.0), "right": (2.0 / 3.0, 1.0)}  # thirds of the box, x in metres
 REST_SPEED = 0.05  # m/s: a ball slower than this is at rest
+SEPARATION = 0.5  # m between the centres of separated balls
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,15 @@ class Task:
         colour = self.colours[self.ball]
         if self.kind == "push_to_region":
             return f"Push the {colour} ball into the {self.region} third of the box."
+        if self.kind == "separate_balls":
+            return f"Separate the {self.colours[0]} and {self.colours[1]} balls."
         return f"Stop the {colour} ball."
 
     def success(self, state: WorldState) -> bool:
         """The goal holds in ``state`` (module doc)."""
+        if self.kind == "separate_balls":
+            resting = bool((np.hypot(*state.velocities.T) < REST_SPEED).all())
+            return resting and bool(abs(state.positions[0, 0] - state.positions[1, 0]) >= SEPARATION)
         if float(np.hypot(*state.velocities[self.ball])) >= REST_SPEED:
             return False
         if self.kind == "stop_ball":
@@ -186,6 +194,12 @@ class WorldEnvironment:
             distractor_x = 0.5 + away * rng.uniform(0.32, 0.42)
             self.task = Task(self.task_kind, 0, colours, region)
             positions = np.array([[target_x, radii[0]], [distractor_x, radii[1]]])
+            velocities = np.zeros((2, 2))
+        elif self.task_kind == "separate_balls":
+            self.task = Task(self.task_kind, 0, colours)
+            left = rng.uniform(0.38, 0.46)
+            right = left + radii.sum() + rng.uniform(0.2, 0.24)
+            positions = np.array([[left, radii[0]], [right, radii[1]]])  # the colours are drawn: either on the left
             velocities = np.zeros((2, 2))
         else:
             self.task = Task(self.task_kind, 0, colours[:1])

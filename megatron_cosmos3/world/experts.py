@@ -9,6 +9,7 @@ It replans every chunk (receding horizon). The plan, for a ball resting or slidi
 * ``push_to_region``: rise above the ball, come down behind it (on the side away from the region)
   at its height, then push at ``PUSH_SPEED``; the ball leaves at (1 + 0.8) x that, below
   ``SOUND_SPEED``, slides to the region's wall and stops there.
+* ``separate_balls``: the same push, of the left ball towards the left wall.
 * ``stop_ball``: get ahead of the sliding ball, come down in its path at its height moving with it,
   then move at ``e / (1 + e)`` of its speed (e = ``EFFECTOR_RESTITUTION``): the ball catching up
   leaves the contact at rest.
@@ -20,7 +21,7 @@ import numpy as np
 
 from megatron_cosmos3.encoders.pseudo_actions import encode_pseudo_actions
 from megatron_cosmos3.world.agents import effector_discs, joined, planned_trajectory
-from megatron_cosmos3.world.environment import REGIONS, REST_SPEED, WorldEnvironment, WorldState
+from megatron_cosmos3.world.environment import REGIONS, REST_SPEED, SEPARATION, WorldEnvironment, WorldState
 from megatron_cosmos3.world.physics import BOX, EFFECTOR_RESTITUTION, SOUND_SPEED, WALL_RESTITUTION
 
 MAX_SPEED = 1.2  # m/s: effector travel
@@ -58,9 +59,16 @@ class Expert:
         centres, radii = effector_discs(state.pose)
         effector, reach = np.clip(centres[0, 0], 0.0, 1.0), float(radii[0, 0])
         ball = task.ball
+        if task.kind == "separate_balls":  # push the left ball to the left wall
+            ball = int(np.argmin(state.positions[:, 0]))
+            other = float(state.positions[1 - ball, 0])
+            self._side, self._finished = -1.0, lambda x: abs(x - other) >= SEPARATION
+        elif task.kind == "push_to_region":
+            low, high = REGIONS[task.region]
+            self._side, self._finished = (-1.0 if task.region == "left" else 1.0), lambda x: low <= x <= high
         x, vx = float(state.positions[ball, 0]), float(state.velocities[ball, 0])
         radius = float(state.radii[ball])
-        control = self._push if task.kind == "push_to_region" else self._catch
+        control = self._catch if task.kind == "stop_ball" else self._push
         latched = None  # once a push or a catch starts it runs to the end of the chunk
         path = []
         for _ in range(steps):
@@ -72,11 +80,10 @@ class Expert:
         return encode_pseudo_actions(joined(state.pose, planned)).numpy()
 
     def _push(self, effector, latched, x, vx, x_next, radius, contact, rate):
-        side = -1.0 if self.env.task.region == "left" else 1.0  # direction of the push
+        side = self._side  # direction of the push
         if latched is not None:
             return effector + np.array([side * PUSH_SPEED / rate, 0.0]), latched
-        low, high = REGIONS[self.env.task.region]
-        if abs(vx) >= REST_SPEED or low <= x <= high:
+        if abs(vx) >= REST_SPEED or self._finished(x):
             return effector, None  # sliding after the push, or done: wait
         behind_x = x - side * (contact + GAP)
         behind = (effector[0] - x) * side  # < -contact: on the far side from the region, clear of the ball
