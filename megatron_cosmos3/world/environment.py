@@ -209,7 +209,8 @@ class WorldEnvironment:
             velocities = np.array([[speed, 0.0]])
         start = np.array([[rng.uniform(0.25, 0.75), rng.uniform(0.55, 0.75)]])
         self.state = WorldState(0, positions, velocities, radii, planned_trajectory(self.embodiment, start))
-        return Observation(self._render(self.state, None, 0)[None], self.task.instruction, self.state)
+        frame = self._render(positions, radii, zip(*self.state.effectors()))
+        return Observation(frame[None], self.task.instruction, self.state)
 
     def step(self, actions) -> StepResult:
         """Executes a (K, dim) chunk of pseudo-actions (module doc); ValueError on a wrong chunk."""
@@ -233,10 +234,11 @@ class WorldEnvironment:
         sim = simulate(state.positions, state.velocities, state.radii, steps / PHYSICS_RATE, paths)
         first = state.step // self.steps_per_frame + 1
         last = (state.step + steps) // self.steps_per_frame
-        frames = [
-            self._render_at(sim.positions[k * self.steps_per_frame - state.step], paths, k, state)
-            for k in range(first, last + 1)
-        ]
+        frames = []
+        for frame in range(first, last + 1):
+            step = frame * self.steps_per_frame - state.step  # a frame time is a physics step time
+            effectors = [path(step / PHYSICS_RATE)[::2] for path in paths]
+            frames.append(self._render(sim.positions[step], state.radii, effectors))
         frames = (
             np.stack(frames) if frames else np.zeros((0, self.world.resolution, self.world.resolution, 3), np.uint8)
         )
@@ -252,18 +254,9 @@ class WorldEnvironment:
 
     # -- media -----------------------------------------------------------------------------------
 
-    def _render(self, state: WorldState, paths, frame: int) -> np.ndarray:
-        return self._render_at(state.positions, paths, frame, state)
-
-    def _render_at(self, positions: np.ndarray, paths, frame: int, state: WorldState) -> np.ndarray:
-        colour = BALL_COLOURS
-        discs = [Disc(x, z, r, colour[c]) for (x, z), r, c in zip(positions, state.radii, self.task.colours)]
-        if paths is None:
-            centres, radii = effector_discs(state.pose)
-            effectors = zip(np.clip(centres[0], 0.0, 1.0), radii[0])
-        else:
-            time = (frame * self.steps_per_frame - state.step) / PHYSICS_RATE
-            effectors = [path(time)[::2] for path in paths]  # a frame time is a physics step time
+    def _render(self, positions: np.ndarray, radii: np.ndarray, effectors) -> np.ndarray:
+        """A frame of the balls at ``positions`` and the effectors, an iterable of (centre, radius)."""
+        discs = [Disc(x, z, r, BALL_COLOURS[c]) for (x, z), r, c in zip(positions, radii, self.task.colours)]
         tint = EMBODIMENT_COLOURS[self.embodiment]
         discs += [Disc(float(centre[0]), float(centre[1]), float(radius), tint) for centre, radius in effectors]
         return self.canvas.draw(discs)

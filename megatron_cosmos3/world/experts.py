@@ -17,6 +17,8 @@ It replans every chunk (receding horizon). The plan, for a ball resting or slidi
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from megatron_cosmos3.encoders.pseudo_actions import encode_pseudo_actions
@@ -58,17 +60,17 @@ class Expert:
         task, rate = self.env.task, self.env.rate
         centres, radii = effector_discs(state.pose)
         effector, reach = np.clip(centres[0, 0], 0.0, 1.0), float(radii[0, 0])
-        ball = task.ball
+        ball, control = task.ball, self._catch
         if task.kind == "separate_balls":  # push the left ball to the left wall
             ball = int(np.argmin(state.positions[:, 0]))
             other = float(state.positions[1 - ball, 0])
-            self._side, self._finished = -1.0, lambda x: abs(x - other) >= SEPARATION
+            control = functools.partial(self._push, -1.0, lambda x: abs(x - other) >= SEPARATION)
         elif task.kind == "push_to_region":
             low, high = REGIONS[task.region]
-            self._side, self._finished = (-1.0 if task.region == "left" else 1.0), lambda x: low <= x <= high
+            side = -1.0 if task.region == "left" else 1.0
+            control = functools.partial(self._push, side, lambda x: low <= x <= high)
         x, vx = float(state.positions[ball, 0]), float(state.velocities[ball, 0])
         radius = float(state.radii[ball])
-        control = self._catch if task.kind == "stop_ball" else self._push
         latched = None  # once a push or a catch starts it runs to the end of the chunk
         path = []
         for _ in range(steps):
@@ -79,11 +81,11 @@ class Expert:
         planned = planned_trajectory(self.env.embodiment, np.stack(path))
         return encode_pseudo_actions(joined(state.pose, planned)).numpy()
 
-    def _push(self, effector, latched, x, vx, x_next, radius, contact, rate):
-        side = self._side  # direction of the push
+    def _push(self, side, finished, effector, latched, x, vx, x_next, radius, contact, rate):
+        """Push towards ``side`` (-1 left, +1 right) until ``finished(ball x)``."""
         if latched is not None:
             return effector + np.array([side * PUSH_SPEED / rate, 0.0]), latched
-        if abs(vx) >= REST_SPEED or self._finished(x):
+        if abs(vx) >= REST_SPEED or finished(x):
             return effector, None  # sliding after the push, or done: wait
         behind_x = x - side * (contact + GAP)
         behind = (effector[0] - x) * side  # < -contact: on the far side from the region, clear of the ball
