@@ -5,11 +5,15 @@ and expert demonstrations are shard samples whose actions integrate to the exper
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from megatron_cosmos3.data.schema import decode_sample, encode_sample
+from megatron_cosmos3.data.shards import ShardIndex, read_shard
 from megatron_cosmos3.encoders.pseudo_actions import (
     decode_pseudo_actions,
     encode_pseudo_actions,
@@ -203,3 +207,21 @@ def test_bad_settings_and_chunks_are_named():
         env.step(np.zeros((2, 19)))
     with pytest.raises(ValueError, match="finite, got nan"):
         env.step(np.full((2, 57), np.nan))
+
+
+def test_generate_world_writes_demonstrations_of_the_embodiments_asked_for(tmp_path):
+    """The command: ``--demonstrations`` and ``--embodiments`` reach the shards (the held-out pusher's own data)."""
+    path = Path(__file__).resolve().parents[2] / "data_pipelines" / "generate_world.py"
+    spec = importlib.util.spec_from_file_location("generate_world", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # data_pipelines/ holds scripts, not a package
+    argv = [str(tmp_path), "--samples", "6", "--resolution", "32", "--duration", "0.5", "--shard-size", "6"]
+    assert script.main([*argv, "--demonstrations", "0.5", "--embodiments", "planar_pusher"]) == 0
+    shard = ShardIndex.load(tmp_path / "raw").shards[0]
+    samples = [decode_sample(raw) for raw in read_shard(shard.url)]
+    demonstrations = [s for s in samples if "task" in (s.timing or {})]
+    assert 0 < len(demonstrations) < len(samples)
+    assert {s.embodiment for s in samples} <= {"planar_pusher", None}
+    for sample in demonstrations:
+        env = WorldEnvironment(sample.timing["task"]["kind"], "planar_pusher", WORLD)
+        assert sample.instruction == env.reset(sample.source["episode_seed"]).instruction
