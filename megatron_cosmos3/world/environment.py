@@ -19,7 +19,9 @@ of K of them from the current pose into K poses (``decode_pseudo_actions``, non-
 6D may be degenerate), moves each effector linearly between them (centres clipped to the box), runs
 the physics for K / rate seconds and returns the frames (at ``fps``, the world's resolution) whose
 times fall in the chunk, the stereo audio of the chunk, the new state and whether the episode is
-done (success, or ``horizon_s`` reached). Everything is a pure function of the seed and the actions.
+done (success, or ``horizon_s`` reached). Stepping on after a success is allowed (a demonstration
+fills its clip so), past the horizon it is an error. Everything is a pure function of the seed and
+the actions.
 """
 
 from __future__ import annotations
