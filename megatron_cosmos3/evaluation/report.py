@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 REFERENCES = ("model", "oracle", "chance")
 # MLflow's metric-name alphabet; "/" nests names in its UI.
@@ -38,6 +40,23 @@ class MetricRow:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{self.name}.{reference} must be a number, got {value!r}")
             object.__setattr__(self, reference, float(value))
+
+    @classmethod
+    def measure(
+        cls,
+        name: str,
+        score: Callable[[Any], float],
+        model: Any,
+        oracle: Any,
+        chance: Any,
+        unit: str = "",
+        higher_is_better: bool = True,
+        note: str = "",
+    ) -> MetricRow:
+        """The row of one metric: ``score`` (a prediction -> its value against the truth it
+        closes over) applied alike to the model's prediction, the oracle's (the truth, or the true
+        media where the metric reads media) and chance's (a random or untrained prediction)."""
+        return cls(name, score(model), score(oracle), score(chance), unit, higher_is_better, note)
 
 
 @dataclass
