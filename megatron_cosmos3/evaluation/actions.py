@@ -58,7 +58,9 @@ def action_error(predicted: np.ndarray, true: np.ndarray, scale: np.ndarray) -> 
         raise ValueError(f"predicted has shape {predicted.shape} but true has shape {true.shape}; they must match")
     scale = np.asarray(scale, dtype=np.float64)
     if scale.shape != (flat_true.shape[1],) or not np.isfinite(scale).all() or (scale <= 0).any():
-        raise ValueError(f"scale must be {flat_true.shape[1]} positive finite values (one per dim), got {scale.tolist()}")
+        raise ValueError(
+            f"scale must be {flat_true.shape[1]} positive finite values (one per dim), got {scale.tolist()}"
+        )
     difference = flat_predicted - flat_true
     return ActionError(
         per_dim_rmse=np.sqrt((difference**2).mean(axis=0)) / scale,

@@ -53,7 +53,9 @@ class SuccessRate:
             raise ValueError("episodes is empty: a success rate needs at least one episode")
         seeds = [e.seed for e in episodes]
         if len(set(seeds)) != len(seeds):
-            raise ValueError(f"episodes repeat seeds {sorted({s for s in seeds if seeds.count(s) > 1})}: each counts once")
+            raise ValueError(
+                f"episodes repeat seeds {sorted({s for s in seeds if seeds.count(s) > 1})}: each counts once"
+            )
         successes = sum(bool(e.success) for e in episodes)
         low, high = wilson_interval(successes, len(episodes), confidence)
         return cls(successes, len(episodes), successes / len(episodes), low, high, confidence)

@@ -14,7 +14,9 @@ from megatron_cosmos3.evaluation.closed_loop import Episode, SuccessRate, wilson
 @pytest.mark.parametrize("confidence", [0.9, 0.95])
 def test_wilson_interval_equals_scipy(successes, trials, confidence):
     expected = binomtest(successes, trials).proportion_ci(confidence_level=confidence, method="wilson")
-    np.testing.assert_allclose(wilson_interval(successes, trials, confidence), (expected.low, expected.high), atol=1e-12)
+    np.testing.assert_allclose(
+        wilson_interval(successes, trials, confidence), (expected.low, expected.high), atol=1e-12
+    )
 
 
 def test_oracle_is_perfect_and_random_is_near_its_rate():

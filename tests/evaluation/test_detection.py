@@ -55,7 +55,9 @@ def test_truth_scores_zero_late_moved_and_recoloured_clips_worse(world_detector,
     truth = world_detector.detect(clip.frames)
     oracle = position_error(truth, truth)
     assert oracle.mean_m == 0.0 and oracle.missed == oracle.extra == 0
-    np.testing.assert_allclose(truth.positions[:, [truth.colours.index(c) for c in clip.colours]], clip.centres, atol=0.5 * PIXEL_M)
+    np.testing.assert_allclose(
+        truth.positions[:, [truth.colours.index(c) for c in clip.colours]], clip.centres, atol=0.5 * PIXEL_M
+    )
 
     late = position_error(world_detector.detect(np.concatenate([clip.frames[:1], clip.frames[:-1]])), truth)
     assert late.mean_m > 0.01 and late.missed == late.extra == 0
@@ -92,6 +94,9 @@ def test_bad_input_is_refused_by_name(world_detector):
         BallDetector(BALL_COLOURS, box_m=-1, min_radius_m=0.05)
     with pytest.raises(ValueError, match="RGB triples"):
         BallDetector({"red": (300, 0, 0)}, box_m=1.0, min_radius_m=0.05)
-    one, two = world_detector.detect(np.zeros((1, 32, 32, 3), np.uint8)), world_detector.detect(np.zeros((2, 32, 32, 3), np.uint8))
+    one, two = (
+        world_detector.detect(np.zeros((1, 32, 32, 3), np.uint8)),
+        world_detector.detect(np.zeros((2, 32, 32, 3), np.uint8)),
+    )
     with pytest.raises(ValueError, match=r"predicted detections of shape \(2, 4, 2\) differ from true \(1, 4, 2\)"):
         position_error(two, one)

@@ -18,8 +18,13 @@ def test_ssim_and_psnr_equal_scikit_image_per_frame(world_clips):
     for predicted in (noisy, true[::-1].copy()):
         reference = [
             structural_similarity(
-                predicted[t], true[t], channel_axis=-1, gaussian_weights=True, sigma=1.5,
-                use_sample_covariance=False, data_range=255,
+                predicted[t],
+                true[t],
+                channel_axis=-1,
+                gaussian_weights=True,
+                sigma=1.5,
+                use_sample_covariance=False,
+                data_range=255,
             )  # fmt: skip
             for t in range(len(true))
         ]
@@ -49,7 +54,11 @@ def test_truth_is_perfect_noise_is_chance_and_a_late_clip_is_worse(world_clips):
         (np.zeros((2, 16, 16, 3), np.float32), np.zeros((2, 16, 16, 3), np.uint8), "predicted must have dtype uint8"),
         (np.zeros((2, 16, 16, 3), np.uint8), np.zeros((2, 16, 16), np.uint8), r"true must have shape \(T, H, W, 3\)"),
         (np.zeros((0, 16, 16, 3), np.uint8), np.zeros((0, 16, 16, 3), np.uint8), "predicted is empty"),
-        (np.zeros((2, 16, 16, 3), np.uint8), np.zeros((3, 16, 16, 3), np.uint8), r"predicted has shape \(2, 16, 16, 3\)"),
+        (
+            np.zeros((2, 16, 16, 3), np.uint8),
+            np.zeros((3, 16, 16, 3), np.uint8),
+            r"predicted has shape \(2, 16, 16, 3\)",
+        ),
         (np.zeros((1, 8, 8, 3), np.uint8), np.zeros((1, 8, 8, 3), np.uint8), "smaller than the SSIM window"),
     ],
 )
