@@ -50,13 +50,13 @@ def audio_rows(
 ) -> list[MetricRow]:
     """Onset rows of predicted ``(channels, samples)`` audio against the simulated collision times;
     the oracle is the true audio through the same detector (the detector's own floor)."""
-
-    def onsets(waveform: np.ndarray):
-        return onset_error(detect_onsets(waveform, sample_rate), collision_times_s, tolerance_s)
-
+    found = [
+        onset_error(detect_onsets(waveform, sample_rate), collision_times_s, tolerance_s)
+        for waveform in (model, true, chance)
+    ]
     return [
-        MetricRow.measure(f"{task}/onset_error_ms", lambda w: onsets(w).mean_abs_ms, model, true, chance, "ms", False),
-        MetricRow.measure(f"{task}/onset_f1", lambda w: onsets(w).f1, model, true, chance),
+        MetricRow(f"{task}/onset_error_ms", *(f.mean_abs_ms for f in found), "ms", False),
+        MetricRow(f"{task}/onset_f1", *(f.f1 for f in found)),
     ]
 
 
@@ -66,27 +66,10 @@ def action_rows(
     """The mean over dimensions of the per-dimension RMSE in units of ``scale``, and the worst
     dimension's; ``scale_is`` says which scale (e.g. "dataset std", "true spread")."""
     note = f"per-dim RMSE / {scale_is}"
+    errors = [action_error(actions, true, scale) for actions in (model, true, chance)]
     return [
-        MetricRow.measure(
-            f"{task}/action_rmse",
-            lambda p: action_error(p, true, scale).mean_rmse,
-            model,
-            true,
-            chance,
-            "std",
-            False,
-            note,
-        ),  # fmt: skip
-        MetricRow.measure(
-            f"{task}/action_rmse_worst_dim",
-            lambda p: float(action_error(p, true, scale).per_dim_rmse.max()),
-            model,
-            true,
-            chance,
-            "std",
-            False,
-            note,
-        ),  # fmt: skip
+        MetricRow(f"{task}/action_rmse", *(e.mean_rmse for e in errors), "std", False, note),
+        MetricRow(f"{task}/action_rmse_worst_dim", *(float(e.per_dim_rmse.max()) for e in errors), "std", False, note),
     ]
 
 
