@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from generated_world.sound import SAMPLE_RATE
 
+from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder
 from megatron_cosmos3.evaluation.audio import detect_onsets, onset_error, resolvable_onsets
 
 
@@ -21,6 +22,22 @@ def test_onsets_are_found_at_the_collision_times(world_clips):
         assert np.abs(found.errors_ms).max() < 3.0  # the hop is 2 ms
         matched += found.matched
     assert matched >= 12
+
+
+def test_onsets_survive_a_pooled_latent_round_trip_to_within_a_hop(world_clips):
+    encoder = PooledLatentEncoder(video_latent_channels=24, audio_latent_dim=16)
+    matched = missed = false_onsets = 0
+    for clip in world_clips:
+        decoded = encoder.decode_audio(encoder.encode_audio(clip.audio, SAMPLE_RATE))
+        found = onset_error(detect_onsets(decoded, SAMPLE_RATE), resolvable_onsets(clip.event_times), 0.05)
+        # The decoder keeps one band energy per 40 ms hop: an onset moves to within a hop of its time.
+        assert np.abs(found.errors_ms).max() <= 40.0
+        matched, missed, false_onsets = (
+            matched + found.matched,
+            missed + found.missed,
+            false_onsets + found.false_onsets,
+        )
+    assert matched >= 0.7 * (matched + missed) and matched >= 0.75 * (matched + false_onsets)
 
 
 def test_truth_is_perfect_late_sound_and_shifted_onsets_are_worse(world_clips):
