@@ -1,6 +1,7 @@
 """The report rows of each task, every metric measured alike for the model, the oracle and chance
-(docs/DESIGN.md, "Evaluation"). Each builder takes the three predictions and the truth; the
-eval command and the trainer's periodic eval call these, so a task's rows are defined once."""
+(docs/DESIGN.md, "Evaluation"). Each builder takes the model's and chance's predictions, then the
+truth (which the oracle predicts) or, for closed loop, the expert's episodes; the eval command and
+the trainer's periodic eval call these, so a task's rows are defined once."""
 
 from __future__ import annotations
 
@@ -74,14 +75,15 @@ def action_rows(
 
 
 def closed_loop_rows(
-    task: str, model: Sequence[Episode], oracle: Sequence[Episode], chance: Sequence[Episode]
+    task: str, model: Sequence[Episode], chance: Sequence[Episode], expert: Sequence[Episode]
 ) -> list[MetricRow]:
     """Success rate and its Wilson bounds; the oracle is the scripted expert, chance a random policy."""
-    rates = [SuccessRate.of(episodes) for episodes in (model, oracle, chance)]
+    rates = [SuccessRate.of(episodes) for episodes in (model, expert, chance)]
+    wilson = f"Wilson {rates[0].confidence:g}"
     return [
         MetricRow(f"{task}/success_rate", *(r.rate for r in rates)),
-        MetricRow(f"{task}/success_low", *(r.low for r in rates), note=f"Wilson {rates[0].confidence:g}"),
-        MetricRow(f"{task}/success_high", *(r.high for r in rates), note=f"Wilson {rates[0].confidence:g}"),
+        MetricRow(f"{task}/success_low", *(r.low for r in rates), note=wilson),
+        MetricRow(f"{task}/success_high", *(r.high for r in rates), note=wilson),
     ]
 
 

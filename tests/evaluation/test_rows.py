@@ -57,7 +57,7 @@ def test_every_task_has_oracle_best_chance_worst(world_detector, world_clips):
     expert = [Episode(s, True) for s in range(10)]
     policy = [Episode(s, s % 2 == 0) for s in range(10)]
     flailing = [Episode(s, s == 3) for s in range(10)]
-    for row in closed_loop_rows("policy", policy, expert, flailing):
+    for row in closed_loop_rows("policy", policy, flailing, expert):
         report.add(row)
     answers = ["One.", "Two.", "No."]
     for row in understanding_rows("understanding", ["1", "2", "3"], ["4", "4", "4"], answers):
