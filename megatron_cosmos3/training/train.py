@@ -35,7 +35,7 @@ from megatron_cosmos3.training.distributed import DistributedContext, init_distr
 from megatron_cosmos3.training.flops import FlopCounter
 from megatron_cosmos3.training.metrics import MetricsWindow
 from megatron_cosmos3.training.precision import autocast
-from megatron_cosmos3.training.preemption import REQUEUE_EXIT_CODE, PreemptionWatcher
+from megatron_cosmos3.training.preemption import FINISHED, PREEMPTED, PreemptionWatcher, write_status
 from megatron_cosmos3.training.run_lock import lock_run_folder
 from megatron_cosmos3.training.samples import generation_sample, save_sample
 from megatron_cosmos3.training.schedule import learning_rate
@@ -57,11 +57,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Preempted(SystemExit):
-    """Raised after the preemption checkpoint is committed; exits with REQUEUE_EXIT_CODE."""
+    """Raised once the preemption checkpoint of ``step`` is committed (or, signalled before the first
+    step, with ``step == start_step`` and nothing new to save); the process exits with code 0
+    (``training/preemption.py``)."""
 
-    def __init__(self, step: int):
-        super().__init__(REQUEUE_EXIT_CODE)
-        self.step = step
+    def __init__(self, step: int, start_step: int):
+        super().__init__(0)
+        self.step, self.start_step = step, start_step
 
 
 def _matches(name: str, patterns) -> bool:
@@ -248,21 +250,24 @@ def evaluate(run: Run) -> dict[str, float]:
     return {f"eval/{name}": value for name, value in metrics.items() if name == "loss" or name.startswith("loss/")}
 
 
-def train(config: TrainConfig, ctx: DistributedContext) -> dict[str, float]:
-    """Runs the stage to ``config.steps``; raises ``Preempted`` after checkpointing on a signal."""
+def train(config: TrainConfig, ctx: DistributedContext, status_file: str | None = None) -> dict[str, float]:
+    """Runs the stage to ``config.steps``; raises ``Preempted`` after checkpointing on a signal.
+    With ``status_file``, rank 0 writes the outcome there (``training/preemption.py``)."""
     watcher = PreemptionWatcher()
     try:
-        return _train(config, ctx, watcher)
+        return _train(config, ctx, watcher, status_file)
     finally:
         watcher.close()
 
 
-def _train(config: TrainConfig, ctx: DistributedContext, watcher: PreemptionWatcher) -> dict[str, float]:
+def _train(
+    config: TrainConfig, ctx: DistributedContext, watcher: PreemptionWatcher, status_file: str | None
+) -> dict[str, float]:
     lock = lock_run_folder(config.checkpoint.directory, ctx.job_id, ctx.is_main)  # before anything is written
     try:
         run = build_run(config, ctx)
         try:
-            return _loop(run, watcher)
+            return _loop(run, watcher, status_file)
         finally:
             run.batches.close()
             run.plan.close()
@@ -271,9 +276,24 @@ def _train(config: TrainConfig, ctx: DistributedContext, watcher: PreemptionWatc
             lock.release()
 
 
-def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
+def _stop_for_preemption(run: Run, watcher: PreemptionWatcher, step: int, start_step: int, status_file) -> None:
+    """Raises ``Preempted`` on every rank, after rank 0 logged one line and wrote the outcome."""
+    if run.ctx.is_main:
+        signal_name = watcher.signal_name or "a preemption signal on another rank"
+        if step > start_step:
+            log.warning("preempted (%s): checkpoint of step %d committed; stopping", signal_name, step)
+        else:  # a time limit shorter than the signal lead plus start-up: a requeue would repeat it
+            log.warning("preempted (%s) before the first step of this attempt (step %d): no progress", signal_name, step)
+        if status_file:
+            write_status(status_file, PREEMPTED, step, start_step)
+    raise Preempted(step, start_step)
+
+
+def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) -> dict[str, float]:
     config, ctx = run.config, run.ctx
     start_step, run_id = resume_or_initialise(run)
+    if watcher.should_stop():  # signalled during start-up: the resumed checkpoint is the state
+        _stop_for_preemption(run, watcher, start_step, start_step, status_file)
     tracker = MLflowTracker(
         config.tracking.tracking_uri,
         config.tracking.experiment,
@@ -372,12 +392,7 @@ def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
             run.checkpointer.wait()
             if ctx.is_main:
                 tracker.set_tag("preempted_at_step", str(step + 1))
-                log.warning(
-                    "preempted: checkpoint of step %d committed; exiting with code %d for requeue",
-                    step + 1,
-                    REQUEUE_EXIT_CODE,
-                )
-            raise Preempted(step + 1)
+            _stop_for_preemption(run, watcher, step + 1, start_step, status_file)
     committed = run.checkpointer.wait()
     if ctx.is_main:
         if committed is not None:
@@ -386,6 +401,8 @@ def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
         tracker.finish()
         if tracker.run_id:
             log.info("MLflow run %s; browse with: mlflow ui --backend-store-uri %s", tracker.run_id, tracker.uri)
+        if status_file:
+            write_status(status_file, FINISHED, config.steps, start_step)
     return metrics
 
 
@@ -399,6 +416,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(e.g. --config configs/tiny_cpu.yaml --config configs/stages/midtrain.yaml)",
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--status-file",
+        default=None,
+        help="rank 0 writes the outcome here, one line '<finished|preempted> <step> <start_step>' "
+        "(slurm/train.sbatch requeues a preempted attempt that made progress)",
+    )
     parser.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. optimizer.lr=1e-3 steps=50")
     return parser.parse_args(argv)
 
@@ -422,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     if ctx.is_main:
         log.info("resolved config:\n%s", to_yaml(config))
     try:
-        train(config, ctx)
+        train(config, ctx, args.status_file)
     finally:
         destroy_parallel()
         if torch.distributed.is_initialized():

@@ -66,12 +66,14 @@ def test_preempted_and_resumed_run_gives_the_same_losses_and_weights_bit_for_bit
     monkeypatch.setattr(MicroBatches, "get", signalled_during_step_4)
     interrupted = config_for(tmp_path, "resumed", "steps=8", "checkpoint.save_every=100")
     with pytest.raises(train_module.Preempted) as stop:
-        train_module.train(interrupted, CPU)
-    assert stop.value.code == 3 and stop.value.step == 4
+        train_module.train(interrupted, CPU, status_file=str(tmp_path / "status"))
+    assert stop.value.code == 0 and (stop.value.step, stop.value.start_step) == (4, 0)
+    assert (tmp_path / "status").read_text() == "preempted 4 0\n"
     assert latest_checkpoint(interrupted.checkpoint.directory).name == "step_00000004"
     monkeypatch.setattr(MicroBatches, "get", real)
     second_half = interrupted
-    train_module.train(second_half, CPU)  # resumes at step 4 from the committed checkpoint
+    train_module.train(second_half, CPU, status_file=str(tmp_path / "status"))  # resumes at step 4
+    assert (tmp_path / "status").read_text() == "finished 8 4\n"
     assert run_losses(tmp_path, "resumed") == run_losses(tmp_path, "straight")  # one MLflow run, continued
     want, got = final_weights(straight), final_weights(second_half)
     for name in want:
@@ -403,19 +405,6 @@ def test_paths_are_checked_by_field_before_any_process_group(tmp_path, monkeypat
             train_module.main([*TINY, *overrides])
 
 
-def _children(pid: int) -> list[int]:
-    """Live processes whose parent is ``pid`` (Linux /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -432,7 +421,7 @@ def test_workers_die_with_a_killed_torchrun_and_the_restart_resumes_bit_exact(tm
     import subprocess
     import time
 
-    from megatron_cosmos3.testing.training import TRAINER_ENV, trainer_command, torchrun_trainer
+    from megatron_cosmos3.testing.training import TRAINER_ENV, child_processes, trainer_command, torchrun_trainer
 
     steps = ["steps=10", "checkpoint.save_every=1", "optimizer.schedule=constant"]
     straight = config_for(tmp_path, "straight", *steps)
@@ -449,7 +438,7 @@ def test_workers_die_with_a_killed_torchrun_and_the_restart_resumes_bit_exact(tm
         while not (root / "latest").exists() and time.monotonic() < deadline and launcher.poll() is None:
             time.sleep(0.05)
         time.sleep(random.uniform(0.0, 0.3))  # anywhere in a step or a save
-        workers = _children(launcher.pid)
+        workers = child_processes(launcher.pid)
         assert workers and launcher.poll() is None, "the run ended before it could be killed"
         launcher.kill()
         launcher.wait()
