@@ -15,6 +15,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,9 +77,10 @@ class LocalSlurmCluster:
             raise ClusterUnavailable("no munge user (install the munge package)") from error
         binaries = {name: _find(name) for name in (*DAEMONS, *COMMANDS, "mungekey")}
         self.binaries = binaries
-        for sub in ("munge", "state", "spool", "log"):
+        for sub in ("state", "spool", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        munge = self.root / "munge"
+        # munged runs as the munge user, who cannot enter the test's private temporary folders.
+        munge = self.munge_dir = Path(tempfile.mkdtemp(prefix="cosmos3-munge-"))
         key = munge / "munge.key"
         subprocess.run([binaries["mungekey"], "--create", "--keyfile", str(key)], check=True, capture_output=True)
         owner = pwd.getpwnam("munge")
@@ -93,8 +95,7 @@ class LocalSlurmCluster:
              f"--pid-file={munge}/munged.pid", f"--seed-file={munge}/munged.seed", f"--log-file={munge}/munged.log"],
             user=owner,
         )
-        self._wait(lambda: self.socket.exists(), timeout, "munged", munge / "munged.log")
-        os.chmod(munge, 0o755)  # the socket must be reachable; the key stays 0600
+        self._wait(lambda: self.socket.exists(), timeout, "munged", self.root / "log" / "munged.out")
         self._daemon([binaries["slurmctld"], "-D", "-i", "-f", str(self.conf)])
         self._wait(self._controller_up, timeout, "slurmctld", self.root / "log" / "slurmctld.log")
         self._daemon([binaries["slurmd"], "-D", "-f", str(self.conf)])
@@ -178,10 +179,18 @@ class LocalSlurmCluster:
         state = self._scontrol("show", "node", self.node).stdout
         return "State=IDLE" in state
 
-    def command(self, name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        """Runs one of the SLURM commands (``sbatch``, ``scontrol``, ...) against this cluster."""
+    def command(
+        self, name: str, *args: str, check: bool = True, env: dict | None = None, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess:
+        """Runs one of the SLURM commands (``sbatch``, ``scontrol``, ...) against this cluster, in
+        ``env`` (default: this environment) plus the cluster's ``SLURM_CONF``."""
         done = subprocess.run(
-            [self.binaries[name], *args], env=self.env, capture_output=True, text=True, timeout=60
+            [self.binaries[name], *args],
+            env={**(env or os.environ), "SLURM_CONF": str(self.conf)},
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         if check and done.returncode != 0:
             raise RuntimeError(f"{name} {' '.join(args)} failed: {done.stderr}")
@@ -193,6 +202,12 @@ class LocalSlurmCluster:
         return Job(job_id, fields.get("JobState", ""), int(fields.get("Restarts", 0)), fields.get("ExitCode", ""), fields)
 
     def stop(self) -> None:
+        """Cancels every job (a job step's slurmstepd would outlive the daemons), then stops them."""
+        if self._processes and all(p.poll() is None for p in self._processes):
+            self.command("scancel", "--partition=debug", check=False)
+            deadline = time.monotonic() + 60
+            while self.command("squeue", "-h", check=False).stdout.strip() and time.monotonic() < deadline:
+                time.sleep(0.5)
         for process in reversed(self._processes):
             if process.poll() is None:
                 process.terminate()
@@ -202,6 +217,8 @@ class LocalSlurmCluster:
                     process.kill()
                     process.wait()
         self._processes.clear()
+        if getattr(self, "munge_dir", None) is not None:
+            shutil.rmtree(self.munge_dir, ignore_errors=True)
 
 
 def slurm_available() -> str | None:

@@ -36,6 +36,11 @@ def _launcher_env() -> tuple[int, int, int] | None:
     return None
 
 
+def launcher_run_id() -> str:
+    """SLURM's job id (kept by a requeued job), else torchrun's run id, else empty."""
+    return os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "")
+
+
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
@@ -62,7 +67,7 @@ def init_distributed() -> DistributedContext:
     rank, world_size, local_rank = launched or (0, 1, 0)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker
         die_with_launcher()
-    job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "")
+    job_id = launcher_run_id()
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

@@ -31,7 +31,7 @@ from megatron_cosmos3.parallel.plan import ParallelPlan
 from megatron_cosmos3.parallel.state import destroy_parallel
 from megatron_cosmos3.training.batches import MicroBatches, held_out_batches, held_out_share
 from megatron_cosmos3.training.config import TrainConfig, flatten, load_config, task_table, to_yaml
-from megatron_cosmos3.training.distributed import DistributedContext, init_distributed
+from megatron_cosmos3.training.distributed import DistributedContext, init_distributed, launcher_run_id
 from megatron_cosmos3.training.flops import FlopCounter
 from megatron_cosmos3.training.metrics import MetricsWindow
 from megatron_cosmos3.training.precision import autocast
@@ -253,6 +253,7 @@ def evaluate(run: Run) -> dict[str, float]:
 def train(config: TrainConfig, ctx: DistributedContext, status_file: str | None = None) -> dict[str, float]:
     """Runs the stage to ``config.steps``; raises ``Preempted`` after checkpointing on a signal.
     With ``status_file``, rank 0 writes the outcome there (``training/preemption.py``)."""
+    config.name_run(ctx.job_id)  # where main() has not named the run already
     watcher = PreemptionWatcher()
     try:
         return _train(config, ctx, watcher, status_file)
@@ -435,6 +436,7 @@ def main(argv: list[str] | None = None) -> None:
     import os
 
     config.parallel.validate(int(os.environ.get("WORLD_SIZE", 1)), config.model, config.model.num_experts)
+    config.name_run(launcher_run_id())
     config.check_paths()
     ctx = init_distributed()
     logging.basicConfig(

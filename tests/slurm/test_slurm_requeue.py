@@ -1,0 +1,151 @@
+"""slurm/train.sbatch on a real single-node SLURM cluster that the test starts (munged, slurmctld,
+slurmd): preempted once by ``scancel --signal=USR1 --batch`` and once by its time limit's warning
+signal, requeued by SLURM each time, it resumes from the checkpoint of the signal's step and ends
+with the losses of an uninterrupted run (docs/DESIGN.md, "Preemption and requeue")."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_cosmos3.testing.slurm_cluster import ClusterUnavailable, LocalSlurmCluster
+from megatron_cosmos3.testing.training import TINY_MODEL, TRAINER_ENV, loss_history, train_on_ranks
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 240
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = LocalSlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except ClusterUnavailable as reason:
+        pytest.skip(f"no local SLURM cluster: {reason}")
+    yield cluster
+    cluster.stop()
+
+
+def _world(tmp_path: Path) -> Path:
+    """Two shards of four generated-world clips: one per data rank."""
+    subprocess.run(
+        [sys.executable, str(REPO / "data_pipelines/generate_world.py"), str(tmp_path / "world"), "--samples", "8"]
+        + ["--shard-size", "4", "--resolution", "32", "--duration", "1.0", "--latents", "pooled"]
+        + ["--video-latent-channels", "4", "--audio-latent-dim", "6"],
+        check=True,
+        capture_output=True,
+        env=TRAINER_ENV,
+    )
+    return tmp_path / "world" / "latent"
+
+
+def _overrides(tmp_path: Path, world: Path, name: str) -> list[str]:
+    return [
+        *TINY_MODEL,
+        "model.vocab_size=256",  # the loader's byte tokenizer needs 256 ids
+        "data_source=shards",
+        f"data.datasets=[{{name: world, shards: [{world}]}}]",
+        "data.stages={pretrain: {datasets: {world: 1.0}, tasks: {understanding: 1.0, text_to_video: 1.0, "
+        "forward_dynamics: 1.0, policy: 1.0}}}",
+        "data.packing.tokens_per_pack=384",
+        "data.shuffle_buffer=8",
+        "data.num_workers=1",  # loader workers: SLURM signals them too
+        f"steps={STEPS}",
+        "log_every=1",
+        "optimizer.warmup_steps=1",
+        "checkpoint.save_every=1000",  # only the preemption checkpoints (and the last step)
+        f"checkpoint.directory={tmp_path / name}",
+        f"tracking.tracking_uri={tmp_path / 'mlflow.db'}",
+        f"tracking.run_name={name}",
+    ]
+
+
+def _wait(what: str, condition, timeout: float, log: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}; job log:\n{log.read_text()[-4000:] if log.exists() else '-'}")
+
+
+def _steps_logged(log: Path, attempt: int) -> list[int]:
+    """The training steps the given attempt logged so far."""
+    text = log.read_text() if log.exists() else ""
+    parts = re.split(r"=== job \d+ attempt (\d+) ", text)
+    steps = []
+    for number, body in zip(parts[1::2], parts[2::2]):
+        if int(number) == attempt:
+            steps += [int(s) for s in re.findall(rf"\] step (\d+)/{STEPS} ", body)]
+    return steps
+
+
+def _requeued_and_released(cluster: LocalSlurmCluster, job_id: str, restarts: int, log: Path, *changes) -> None:
+    """Waits until SLURM requeued the job ``restarts`` times, then lets it start in 3 s instead of
+    SLURM's two minutes (not in the second of the requeue: its credential is revoked until then),
+    with ``changes`` (``scontrol update`` fields)."""
+    _wait(f"requeue {restarts}", lambda: cluster.job(job_id).restarts == restarts, 300, log)
+    if changes:
+        cluster.command("scontrol", "update", f"JobId={job_id}", *changes)
+    cluster.command("scontrol", "update", f"JobId={job_id}", "StartTime=now+3", check=False)  # if still pending
+
+
+@pytest.mark.multiprocess
+def test_sbatch_job_preempted_by_scancel_and_by_its_time_limit_resumes_to_the_uninterrupted_losses(
+    cluster, tmp_path
+):
+    world = _world(tmp_path)
+    log, job_dir = tmp_path / "job.out", tmp_path / "elsewhere"
+    job_dir.mkdir()
+    env = {
+        **TRAINER_ENV,
+        "NPROC_PER_NODE": "2",
+        "COSMOS3_STATUS_DIR": str(tmp_path / "status"),
+        "COSMOS3_ACTIVATE": str(Path(sys.executable).parent / "activate"),
+    }
+    # Submitted from another folder; a generous limit whose warning (300 s ahead) is due only once
+    # the test lowers the limit in the second attempt.
+    submitted = cluster.command(
+        "sbatch",
+        "--time=30",
+        "--signal=B:USR1@300",
+        f"--output={log}",
+        str(REPO / "slurm/train.sbatch"),
+        *_overrides(tmp_path, world, "job"),
+        env=env,
+        cwd=job_dir,
+    )
+    job_id = submitted.stdout.split()[-1]
+    try:
+        # Attempt 1: the batch script alone gets USR1 and passes it to the trainers.
+        _wait("attempt 1 to train", lambda: len(_steps_logged(log, 1)) >= 3, 400, log)
+        cluster.command("scancel", "--signal=USR1", "--batch", job_id)
+        _requeued_and_released(cluster, job_id, 1, log)
+        # Attempt 2: the time limit's warning signal, due as soon as the limit is lowered to 5 minutes.
+        _wait("attempt 2 to train", lambda: _steps_logged(log, 2), 400, log)
+        cluster.command("scontrol", "update", f"JobId={job_id}", "TimeLimit=5")
+        _requeued_and_released(cluster, job_id, 2, log, "TimeLimit=30")  # attempt 3 runs to the end
+        _wait("the job to end", lambda: cluster.job(job_id).state in ("COMPLETED", "FAILED", "CANCELLED"), 600, log)
+    finally:
+        cluster.command("scancel", job_id, check=False)
+    text = log.read_text()
+    job = cluster.job(job_id)
+    assert job.state == "COMPLETED" and job.restarts == 2, text[-4000:]
+
+    preempted = [int(s) for s in re.findall(r"preempted \(SIGUSR1\): checkpoint of step (\d+) committed", text)]
+    assert len(preempted) == 2 and 0 < preempted[0] < preempted[1] < STEPS, text[-4000:]
+    for attempt, step in zip((1, 2), preempted):
+        assert max(_steps_logged(log, attempt)) == step  # it stopped after the step it checkpointed
+        assert f"resumed from {tmp_path / 'job' / f'step_{step:08d}'} at step {step}" in text
+    assert "DataLoader worker" not in text and "Traceback" not in text, text[-4000:]
+    assert f"attempt 3: finished at step {STEPS}" in text
+
+    train_on_ranks(2, *_overrides(tmp_path, world, "straight"))
+    straight, job_losses = loss_history(tmp_path / "mlflow.db", "straight"), loss_history(tmp_path / "mlflow.db", "job")
+    assert job_losses == straight  # every step, bit for bit, in one MLflow run continued over attempts
