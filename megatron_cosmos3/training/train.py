@@ -12,6 +12,7 @@ import copy
 import fnmatch
 import logging
 import math
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,7 +34,7 @@ from megatron_cosmos3.training.batches import MicroBatches, held_out_batches, he
 from megatron_cosmos3.training.config import TrainConfig, flatten, load_config, task_table, to_yaml
 from megatron_cosmos3.training.distributed import DistributedContext, init_distributed, launcher_run_id
 from megatron_cosmos3.training.flops import FlopCounter
-from megatron_cosmos3.training.metrics import MetricsWindow
+from megatron_cosmos3.training.metrics import PHASES, MetricsWindow
 from megatron_cosmos3.training.precision import autocast
 from megatron_cosmos3.training.preemption import FINISHED, PREEMPTED, PreemptionWatcher, write_status
 from megatron_cosmos3.training.run_lock import lock_run_folder
@@ -64,6 +65,10 @@ class Preempted(SystemExit):
     def __init__(self, step: int, start_step: int):
         super().__init__(0)
         self.step, self.start_step = step, start_step
+
+
+def _value(metrics: dict[str, float], name: str) -> str:
+    return f"{metrics[name]:.4f}" if name in metrics else "-"
 
 
 def _matches(name: str, patterns) -> bool:
@@ -215,9 +220,13 @@ def run_micro_batches(run: Run, micro_batches: list, forward_only: bool = False)
 def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
     """Forward and backward of this step's micro-batches; returns whether every loss was finite
     (on every rank)."""
+    started = time.perf_counter()
     micro_batches = [run.batches.get(step, m) for m in range(run.config.optimizer.micro_batches_per_step)]
+    window.timed("data_wait", time.perf_counter() - started)
     run.last_micro_batch = micro_batches[0]
+    started = time.perf_counter()
     losses_of = run_micro_batches(run, micro_batches)
+    window.timed("forward_backward", time.perf_counter() - started)
     finite = all(bool(torch.isfinite(losses.total.detach())) for losses in losses_of.values())
     for m, (batch, _) in enumerate(micro_batches):
         layout = PackLayout.from_cu_seqlens(batch.ar_cu_seqlens, batch.dm_cu_seqlens)
@@ -302,11 +311,13 @@ def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) 
         enabled=config.tracking.enabled and ctx.is_main,
         run_id=run_id,
     )
-    if ctx.is_main and run_id is None:
-        tracker.log_params(flatten(config))
-        resolved = Path(config.checkpoint.directory) / "config.yaml"
+    resolved = Path(config.checkpoint.directory) / "config.yaml"
+    if ctx.is_main:  # saved with the run on every attempt; named in one line, printed by --print-config
         resolved.parent.mkdir(parents=True, exist_ok=True)
         resolved.write_text(to_yaml(config))
+        log.info("run %s: resolved config in %s", config.tracking.run_name, resolved)
+    if ctx.is_main and run_id is None:
+        tracker.log_params(flatten(config))
         tracker.log_artifact(str(resolved))
         tracker.set_tag("world_size", str(ctx.world_size))
         tracker.set_tag("stage", config.stage.name)
@@ -327,6 +338,7 @@ def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) 
             group["lr"] = base_lr * group.get("lr_multiplier", 1.0)
         run.optimizer.zero_grad(set_to_none=True)
         finite = forward_backward_step(run, step, window)
+        started = time.perf_counter()
         grad_norm = run.plan.finish_gradients(opt.grad_clip)
         if finite and torch.isfinite(grad_norm):
             run.optimizer.step()
@@ -340,6 +352,7 @@ def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) 
                     f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last: step {step + 1}); "
                     f"stopping (optimizer.max_consecutive_nonfinite_steps={opt.max_consecutive_nonfinite_steps})"
                 )
+        window.timed("optimizer", time.perf_counter() - started)
 
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             seconds_per_step = window.seconds_per_step()
@@ -348,17 +361,18 @@ def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) 
             if ctx.is_main:
                 tracker.log_metrics(metrics, step + 1)
                 log.info(
-                    "step %d/%d  loss %.4f  ce %.4f  fm %.4f  grad_norm %.3f  lr %.2e  tokens/s %.0f  "
-                    "step %.3fs  peak %.0f MB  eta %.0fs",
+                    "step %d/%d  loss %.4f  ce %s  fm %s  grad_norm %.3f  lr %.2e  tokens/s %.0f  step %.3fs "
+                    "(data %.3f  fwd+bwd %.3f  optim %.3f  ckpt %.3f)  peak %.0f MB  eta %.0fs",
                     step + 1,
                     config.steps,
                     metrics["loss"],
-                    metrics.get("loss/ce", math.nan),
-                    metrics.get("loss/fm", math.nan),
+                    _value(metrics, "loss/ce"),  # "-": no such tokens in the window's packs
+                    _value(metrics, "loss/fm"),
                     metrics.get("grad_norm", math.nan),
                     metrics["lr"],
                     metrics["throughput/tokens_per_s"],
                     seconds_per_step,
+                    *(metrics[f"time/{phase}_s"] for phase in PHASES),
                     metrics["memory/peak_mb"],
                     eta,
                 )
@@ -378,6 +392,7 @@ def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) 
         committed = run.checkpointer.poll()
         if committed is not None and ctx.is_main:
             tracker.set_tag("checkpoint", str(committed.resolve()))
+        started = time.perf_counter()
         preempted = watcher.should_stop()
         if preempted or (step + 1) % config.checkpoint.save_every == 0 or step + 1 == config.steps:
             run.checkpointer.save(
@@ -389,6 +404,7 @@ def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) 
                 named=run.batches.state(),
             )
             log_generation_sample(run, tracker, step + 1)
+        window.timed("checkpoint", time.perf_counter() - started)  # what saving blocked of the step
         if preempted:
             run.checkpointer.wait()
             if ctx.is_main:
@@ -439,13 +455,9 @@ def main(argv: list[str] | None = None) -> None:
     config.name_run(launcher_run_id())
     config.check_paths()
     ctx = init_distributed()
-    logging.basicConfig(
-        level=logging.INFO if ctx.is_main else logging.WARNING,
-        format=f"%(asctime)s [rank {ctx.rank}] %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    if ctx.is_main:
-        log.info("resolved config:\n%s", to_yaml(config))
+    # Libraries say only warnings; this package's progress lines come from rank 0 alone.
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {ctx.rank}] %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("megatron_cosmos3").setLevel(logging.INFO if ctx.is_main else logging.WARNING)
     try:
         train(config, ctx, args.status_file)
     finally:

@@ -1,6 +1,7 @@
 """The main job for real: torchrun with 2 gloo processes, MLflow run, committed checkpoint, resume."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,14 @@ def test_two_process_training_logs_to_mlflow_checkpoints_and_resumes(tmp_path):
     assert {"loss/ce", "loss/fm", "grad_norm", "lr", "throughput/tokens_per_s", "data/samples_used"} <= set(
         run.data.metrics
     )
+    # The step-time breakdown, per step, as the log line shows it.
+    phases = ("data_wait", "forward_backward", "optimizer", "checkpoint")
+    assert {f"time/{phase}_s" for phase in phases} | {"time/data_wait_share"} <= set(run.data.metrics)
+    assert run.data.metrics["time/forward_backward_s"] > 0
+    assert re.search(r"step 10/10 .* \(data [\d.]+  fwd\+bwd [\d.]+  optim [\d.]+  ckpt [\d.]+\)", first.stderr)
+    # What an operator reads: the resolved config named once (saved with the run), no library chatter.
+    assert first.stderr.count("resolved config in") == 1 and (tmp_path / "ckpt" / "config.yaml").is_file()
+    assert "Detected Megatron Core" not in first.stderr and "ce nan" not in first.stderr
 
     # Resume: the next launch continues from step 10 in the same MLflow run.
     second = run_trainer(tmp_path, "steps=15")
