@@ -118,6 +118,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Process-group set-up (``training/distributed.py``)."""
+
+    init_timeout_s: float = 600.0  # how long the rendezvous and every collective wait
+    preflight_timeout_s: float = 60.0  # how long the launch check waits for every rank to answer
+
+    def __post_init__(self) -> None:
+        if self.init_timeout_s <= 0 or self.preflight_timeout_s <= 0:
+            raise ValueError(
+                f"distributed: init_timeout_s={self.init_timeout_s} and "
+                f"preflight_timeout_s={self.preflight_timeout_s} must be > 0"
+            )
+
+
+@dataclass
 class TrackingConfig:
     # Any MLflow tracking URI (http://host:5000, sqlite:///...); a bare path is a local SQLite
     # store, the default, which needs no server.
@@ -182,6 +197,7 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelSizes = field(default_factory=ParallelSizes)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     stage: StageConfig = field(default_factory=StageConfig)
     precision: str = "fp32"  # or "bf16": bf16 compute, fp32 main weights
     recompute: str = "none"  # activation recomputation: "none", "selective" or "full"

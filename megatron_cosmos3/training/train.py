@@ -32,7 +32,7 @@ from megatron_cosmos3.parallel.plan import ParallelPlan
 from megatron_cosmos3.parallel.state import destroy_parallel
 from megatron_cosmos3.training.batches import MicroBatches, held_out_batches, held_out_share
 from megatron_cosmos3.training.config import TrainConfig, flatten, load_config, task_table, to_yaml
-from megatron_cosmos3.training.distributed import DistributedContext, init_distributed, launcher_run_id
+from megatron_cosmos3.training.distributed import DistributedContext, init_distributed, launcher_run_id, preflight
 from megatron_cosmos3.training.flops import FlopCounter
 from megatron_cosmos3.training.metrics import PHASES, MetricsWindow
 from megatron_cosmos3.training.precision import autocast
@@ -454,11 +454,14 @@ def main(argv: list[str] | None = None) -> None:
     config.parallel.validate(int(os.environ.get("WORLD_SIZE", 1)), config.model, config.model.num_experts)
     config.name_run(launcher_run_id())
     config.check_paths()
-    ctx = init_distributed()
+    ctx = init_distributed(config.distributed.init_timeout_s)
     # Libraries say only warnings; this package's progress lines come from rank 0 alone.
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {ctx.rank}] %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("megatron_cosmos3").setLevel(logging.INFO if ctx.is_main else logging.WARNING)
     try:
+        layout = preflight(ctx, config.distributed.preflight_timeout_s)
+        if ctx.is_main:
+            log.info("preflight: %s", layout)
         train(config, ctx, args.status_file)
     finally:
         destroy_parallel()
