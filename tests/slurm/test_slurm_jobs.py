@@ -31,17 +31,24 @@ def cluster(tmp_path_factory):
     cluster.stop()
 
 
-def _world(tmp_path: Path) -> Path:
-    """Two shards of four generated-world clips: one per data rank."""
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """A generated world of two shards of four clips (one per data rank): raw/ and pooled latent/."""
+    out = tmp_path_factory.mktemp("world")
     subprocess.run(
-        [sys.executable, str(REPO / "data_pipelines/generate_world.py"), str(tmp_path / "world"), "--samples", "8"]
+        [sys.executable, str(REPO / "data_pipelines/generate_world.py"), str(out), "--samples", "8"]
         + ["--shard-size", "4", "--resolution", "32", "--duration", "1.0", "--latents", "pooled"]
         + ["--video-latent-channels", "4", "--audio-latent-dim", "6"],
         check=True,
         capture_output=True,
         env=TRAINER_ENV,
     )
-    return tmp_path / "world" / "latent"
+    return out
+
+
+def _job_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The submitter's environment: the tests' thread settings and this interpreter's venv."""
+    return {**TRAINER_ENV, "COSMOS3_ACTIVATE": str(Path(sys.executable).parent / "activate"), **extra}
 
 
 def _overrides(tmp_path: Path, world: Path, name: str) -> list[str]:
@@ -98,17 +105,12 @@ def _requeued_and_released(cluster: LocalSlurmCluster, job_id: str, restarts: in
 
 @pytest.mark.multiprocess
 def test_sbatch_job_preempted_by_scancel_and_by_its_time_limit_resumes_to_the_uninterrupted_losses(
-    cluster, tmp_path
+    cluster, world, tmp_path
 ):
-    world = _world(tmp_path)
+    world = world / "latent"
     log, job_dir = tmp_path / "job.out", tmp_path / "elsewhere"
     job_dir.mkdir()
-    env = {
-        **TRAINER_ENV,
-        "NPROC_PER_NODE": "2",
-        "COSMOS3_STATUS_DIR": str(tmp_path / "status"),
-        "COSMOS3_ACTIVATE": str(Path(sys.executable).parent / "activate"),
-    }
+    env = _job_env(tmp_path, NPROC_PER_NODE="2", COSMOS3_STATUS_DIR=str(tmp_path / "status"))
     # Submitted from another folder; a generous limit whose warning (300 s ahead) is due only once
     # the test lowers the limit in the second attempt.
     submitted = cluster.command(
@@ -149,3 +151,30 @@ def test_sbatch_job_preempted_by_scancel_and_by_its_time_limit_resumes_to_the_un
     train_on_ranks(2, *_overrides(tmp_path, world, "straight"))
     straight, job_losses = loss_history(tmp_path / "mlflow.db", "straight"), loss_history(tmp_path / "mlflow.db", "job")
     assert job_losses == straight  # every step, bit for bit, in one MLflow run continued over attempts
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_preprocessing_array_job_writes_the_shards_of_one_process(cluster, world, tmp_path):
+    args = [str(world / "raw"), "--encoder", "pooled", "--video-latent-channels", "4", "--audio-latent-dim", "6"]
+    args += ["--shard-size", "3"]  # two pieces per input shard: 3 + 1 samples
+    log = tmp_path / "encode-%a.out"
+    submitted = cluster.command(
+        "sbatch", "--array=0-1", f"--output={log}", str(REPO / "slurm/preprocess.sbatch"),
+        args[0], str(tmp_path / "array"), *args[1:], env=_job_env(tmp_path), cwd=tmp_path,
+    )
+    job_id = submitted.stdout.split()[-1]
+    subprocess.run(
+        [sys.executable, str(REPO / "data_pipelines/encode_shards.py"), args[0], str(tmp_path / "one"), *args[1:]],
+        check=True, capture_output=True, env=TRAINER_ENV,
+    )
+    logs = lambda: "\n".join(p.read_text() for p in tmp_path.glob("encode-*.out"))  # noqa: E731
+    _wait("the array job", lambda: not cluster.command("squeue", "-h", "-j", job_id).stdout.strip(), 300, log)
+    one, array = _files(tmp_path / "one"), _files(tmp_path / "array")
+    assert sorted(one) == [
+        "action_stats.json", "index.json", "latent-000000-000000.tar", "latent-000000-000001.tar",
+        "latent-000001-000000.tar", "latent-000001-000001.tar",
+    ], logs()
+    assert array == one, logs()  # every shard and the index, byte for byte
