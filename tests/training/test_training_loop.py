@@ -80,6 +80,24 @@ def test_preempted_and_resumed_run_gives_the_same_losses_and_weights_bit_for_bit
         assert torch.equal(want[name], got[name]), name
 
 
+def test_a_signal_before_the_first_step_stops_with_no_progress_and_no_new_checkpoint(tmp_path, monkeypatch):
+    """The time limit shorter than the signal lead plus start-up: the attempt reports no progress
+    (slurm/train.sbatch then ends the job instead of requeuing it forever)."""
+    real = train_module.resume_or_initialise
+
+    def signalled_during_start_up(run):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return real(run)
+
+    monkeypatch.setattr(train_module, "resume_or_initialise", signalled_during_start_up)
+    config = config_for(tmp_path, "start_up", "steps=4")
+    with pytest.raises(train_module.Preempted) as stop:
+        train_module.train(config, CPU, status_file=str(tmp_path / "status"))
+    assert (stop.value.step, stop.value.start_step) == (0, 0)
+    assert (tmp_path / "status").read_text() == "preempted 0 0\n"
+    assert latest_checkpoint(config.checkpoint.directory) is None
+
+
 def test_stage_change_loads_weights_freezes_and_adds_an_embodiment(tmp_path):
     pre = config_for(tmp_path, "pre", "steps=3")
     train_module.train(pre, CPU)
