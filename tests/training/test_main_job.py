@@ -102,7 +102,7 @@ def test_two_process_training_logs_to_mlflow_checkpoints_and_resumes(tmp_path):
 def test_invalid_config_fails_before_any_process_group(monkeypatch):
     from megatron_cosmos3.training import train as train_module
 
-    monkeypatch.setattr(train_module, "init_distributed", lambda: pytest.fail("a process group was started"))
+    monkeypatch.setattr(train_module, "init_distributed", lambda *_: pytest.fail("a process group was started"))
     with pytest.raises(ValueError, match="num_attention_heads=4 must be a multiple of num_kv_heads=3"):
         train_module.main(["--config", str(REPO / "configs/tiny_cpu.yaml"), "model.num_kv_heads=3"])
     with pytest.raises(Exception, match="lrr"):
