@@ -90,6 +90,7 @@ def test_two_process_training_logs_to_mlflow_checkpoints_and_resumes(tmp_path):
     # What an operator reads: the resolved config named once (saved with the run), no library chatter.
     assert first.stderr.count("resolved config in") == 1 and (tmp_path / "ckpt" / "config.yaml").is_file()
     assert "Detected Megatron Core" not in first.stderr and "ce nan" not in first.stderr
+    assert "Creating initial MLflow database tables" not in first.stderr + first.stdout
 
     # Resume: the next launch continues from step 10 in the same MLflow run.
     second = run_trainer(tmp_path, "steps=15")
