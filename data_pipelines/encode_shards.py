@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         encoder = PooledLatentEncoder(args.video_latent_channels, args.audio_latent_dim)
     skipped = encode_shards(args.in_dir, args.out_dir, encoder, args.shard_size, args.task, args.tasks)
-    log.info("task %d/%d wrote its part of %s; skipped %s", args.task, args.tasks, args.out_dir, dict(skipped) or "none")
+    log.info(
+        "task %d/%d wrote its part of %s; skipped %s", args.task, args.tasks, args.out_dir, dict(skipped) or "none"
+    )
     if (args.out_dir / "index.json").is_file() and not (args.out_dir / PARTS).exists():
         index = ShardIndex.load(args.out_dir)
         log.info("%s: %d samples in %d shards", args.out_dir, index.total_samples, len(index.shards))

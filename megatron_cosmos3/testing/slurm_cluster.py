@@ -91,8 +91,16 @@ class LocalSlurmCluster:
         self.socket = munge / "munge.socket"
         self._write_conf()
         self._daemon(
-            [binaries["munged"], "--foreground", "--force", f"--key-file={key}", f"--socket={self.socket}",
-             f"--pid-file={munge}/munged.pid", f"--seed-file={munge}/munged.seed", f"--log-file={munge}/munged.log"],
+            [
+                binaries["munged"],
+                "--foreground",
+                "--force",
+                f"--key-file={key}",
+                f"--socket={self.socket}",
+                f"--pid-file={munge}/munged.pid",
+                f"--seed-file={munge}/munged.seed",
+                f"--log-file={munge}/munged.log",
+            ],
             user=owner,
         )
         self._wait(lambda: self.socket.exists(), timeout, "munged", self.root / "log" / "munged.out")
@@ -145,9 +153,11 @@ class LocalSlurmCluster:
         log = open(self.root / "log" / f"{Path(command[0]).name}.out", "ab")
         preexec = None
         if user is not None:
+
             def preexec():
                 os.setgid(user.pw_gid)
                 os.setuid(user.pw_uid)
+
         self._processes.append(
             subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, preexec_fn=preexec)
         )
@@ -199,7 +209,9 @@ class LocalSlurmCluster:
     def job(self, job_id: str) -> Job:
         out = self.command("scontrol", "show", "job", "-o", job_id).stdout.strip()
         fields = dict(part.split("=", 1) for part in out.split() if "=" in part)
-        return Job(job_id, fields.get("JobState", ""), int(fields.get("Restarts", 0)), fields.get("ExitCode", ""), fields)
+        return Job(
+            job_id, fields.get("JobState", ""), int(fields.get("Restarts", 0)), fields.get("ExitCode", ""), fields
+        )
 
     def stop(self) -> None:
         """Cancels every job (a job step's slurmstepd would outlive the daemons), then stops them."""
@@ -223,5 +235,7 @@ class LocalSlurmCluster:
 
 def slurm_available() -> str | None:
     """None when the SLURM and munge binaries are installed, else why not."""
-    missing = [name for name in (*DAEMONS, *COMMANDS) if shutil.which(name) is None and not Path(f"/usr/sbin/{name}").exists()]
+    missing = [
+        name for name in (*DAEMONS, *COMMANDS) if shutil.which(name) is None and not Path(f"/usr/sbin/{name}").exists()
+    ]
     return f"not installed: {', '.join(missing)}" if missing else None

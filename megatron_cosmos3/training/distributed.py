@@ -82,7 +82,9 @@ def init_distributed(timeout_s: float | None = None) -> DistributedContext:
         # NCCL takes no CPU tensors. Every group made later inherits both.
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, init_method="env://", timeout=timeout)
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=world_size, init_method="env://", timeout=timeout
+        )
     return DistributedContext(rank, world_size, local_rank, device, job_id)
 
 
@@ -144,4 +146,5 @@ def preflight(ctx: DistributedContext, timeout_s: float) -> str:
     backend = dist.get_backend() if dist.is_initialized() else "none"
     env = {k: v for k, v in sorted(os.environ.items()) if k in LAUNCH_ENV or k.startswith(LAUNCH_ENV_PREFIXES)}
     settings = " ".join(f"{k}={v}" for k, v in env.items())
-    return f"world {ctx.world_size} on {len(by_host)} node(s), backend {backend}, device {ctx.device.type}: {layout}; {settings}"
+    where = f"world {ctx.world_size} on {len(by_host)} node(s), backend {backend}, device {ctx.device.type}"
+    return f"{where}: {layout}; {settings}"

@@ -293,7 +293,9 @@ def _stop_for_preemption(run: Run, watcher: PreemptionWatcher, step: int, start_
         if step > start_step:
             log.warning("preempted (%s): checkpoint of step %d committed; stopping", signal_name, step)
         else:  # a time limit shorter than the signal lead plus start-up: a requeue would repeat it
-            log.warning("preempted (%s) before the first step of this attempt (step %d): no progress", signal_name, step)
+            log.warning(
+                "preempted (%s) before the first step of this attempt (step %d): no progress", signal_name, step
+            )
         if status_file:
             write_status(status_file, PREEMPTED, step, start_step)
     raise Preempted(step, start_step)

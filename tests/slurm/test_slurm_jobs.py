@@ -169,19 +169,32 @@ def test_preprocessing_array_job_writes_the_shards_of_one_process(cluster, world
     args += ["--shard-size", "3"]  # two pieces per input shard: 3 + 1 samples
     log = tmp_path / "encode-%a.out"
     submitted = cluster.command(
-        "sbatch", "--array=0-1", f"--output={log}", str(REPO / "slurm/preprocess.sbatch"),
-        args[0], str(tmp_path / "array"), *args[1:], env=_job_env(tmp_path), cwd=tmp_path,
+        "sbatch",
+        "--array=0-1",
+        f"--output={log}",
+        str(REPO / "slurm/preprocess.sbatch"),
+        args[0],
+        str(tmp_path / "array"),
+        *args[1:],
+        env=_job_env(tmp_path),
+        cwd=tmp_path,
     )
     job_id = submitted.stdout.split()[-1]
     subprocess.run(
         [sys.executable, str(REPO / "data_pipelines/encode_shards.py"), args[0], str(tmp_path / "one"), *args[1:]],
-        check=True, capture_output=True, env=TRAINER_ENV,
+        check=True,
+        capture_output=True,
+        env=TRAINER_ENV,
     )
     logs = lambda: "\n".join(p.read_text() for p in tmp_path.glob("encode-*.out"))  # noqa: E731
     _wait("the array job", lambda: not cluster.command("squeue", "-h", "-j", job_id).stdout.strip(), 300, log)
     one, array = _files(tmp_path / "one"), _files(tmp_path / "array")
     assert sorted(one) == [
-        "action_stats.json", "index.json", "latent-000000-000000.tar", "latent-000000-000001.tar",
-        "latent-000001-000000.tar", "latent-000001-000001.tar",
+        "action_stats.json",
+        "index.json",
+        "latent-000000-000000.tar",
+        "latent-000000-000001.tar",
+        "latent-000001-000000.tar",
+        "latent-000001-000001.tar",
     ], logs()
     assert array == one, logs()  # every shard and the index, byte for byte

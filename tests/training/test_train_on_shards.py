@@ -3,7 +3,6 @@ resumes mid-epoch with exactly the next pack, and two processes train from the s
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path

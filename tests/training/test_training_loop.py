@@ -439,7 +439,7 @@ def test_workers_die_with_a_killed_torchrun_and_the_restart_resumes_bit_exact(tm
     import subprocess
     import time
 
-    from megatron_cosmos3.testing.training import TRAINER_ENV, child_processes, trainer_command, torchrun_trainer
+    from megatron_cosmos3.testing.training import TRAINER_ENV, child_processes, torchrun_trainer, trainer_command
 
     steps = ["steps=10", "checkpoint.save_every=1", "optimizer.schedule=constant"]
     straight = config_for(tmp_path, "straight", *steps)
@@ -476,3 +476,38 @@ def test_workers_die_with_a_killed_torchrun_and_the_restart_resumes_bit_exact(tm
     want, got = final_weights(straight), final_weights(killed)
     for name in want:
         assert torch.equal(want[name], got[name]), name
+
+
+@pytest.mark.multiprocess
+def test_sigterm_to_plain_torchrun_checkpoints_every_rank_after_one_step_and_reports_preempted(tmp_path):
+    """Without SLURM: torchrun passes SIGTERM on to its workers, which checkpoint after the same
+    step within torchrun's grace period and write the outcome line."""
+    import re
+    import subprocess
+
+    from megatron_cosmos3.testing.training import TRAINER_ENV, trainer_command
+
+    root, status = tmp_path / "ckpt", tmp_path / "status"
+    args = [*TINY, "steps=100000", "checkpoint.save_every=100000", f"checkpoint.directory={root}"]
+    args += [f"tracking.tracking_uri={tmp_path / 'mlflow.db'}", "--status-file", str(status)]
+    launcher = subprocess.Popen(
+        trainer_command(2, *args),
+        cwd=tmp_path,
+        env=TRAINER_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in launcher.stderr:  # rank 0 logs every step (log_every=1)
+            if re.search(r"\] step 3/100000 ", line):
+                break
+        launcher.send_signal(signal.SIGTERM)
+        rest = launcher.stderr.read()
+        launcher.wait(timeout=120)
+    finally:
+        launcher.kill()
+    outcome, step, start_step = status.read_text().split()
+    assert outcome == "preempted" and int(step) >= 3 and start_step == "0", rest[-3000:]
+    assert f"preempted (SIGTERM): checkpoint of step {step} committed" in rest
+    assert latest_checkpoint(root).name == f"step_{int(step):08d}"
