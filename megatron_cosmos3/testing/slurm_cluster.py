@@ -151,16 +151,8 @@ class LocalSlurmCluster:
 
     def _daemon(self, command: list[str], user=None) -> None:
         log = open(self.root / "log" / f"{Path(command[0]).name}.out", "ab")
-        preexec = None
-        if user is not None:
-
-            def preexec():
-                os.setgid(user.pw_gid)
-                os.setuid(user.pw_uid)
-
-        self._processes.append(
-            subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, preexec_fn=preexec)
-        )
+        as_user = {} if user is None else {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+        self._processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, **as_user))
         log.close()
 
     def _wait(self, ready, timeout: float, name: str, log: Path) -> None:
@@ -231,11 +223,3 @@ class LocalSlurmCluster:
         self._processes.clear()
         if getattr(self, "munge_dir", None) is not None:
             shutil.rmtree(self.munge_dir, ignore_errors=True)
-
-
-def slurm_available() -> str | None:
-    """None when the SLURM and munge binaries are installed, else why not."""
-    missing = [
-        name for name in (*DAEMONS, *COMMANDS) if shutil.which(name) is None and not Path(f"/usr/sbin/{name}").exists()
-    ]
-    return f"not installed: {', '.join(missing)}" if missing else None
