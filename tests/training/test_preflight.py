@@ -22,7 +22,7 @@ def _answer(rank: int, world_size: int) -> str:
 
 def _rank_2_silent(rank: int, world_size: int) -> str:
     if rank == 2:
-        time.sleep(8)  # e.g. a node still loading, or lost
+        time.sleep(5)  # e.g. a node still loading, or lost
     return preflight(_context(rank, world_size), timeout_s=2)
 
 
