@@ -100,13 +100,18 @@ def _requeued_and_released(cluster: LocalSlurmCluster, job_id: str, restarts: in
     """Waits until SLURM requeued the job ``restarts`` times, then lets it start in 3 s instead of
     SLURM's two minutes (not in the second of the requeue: its credential is revoked until then),
     with ``changes`` (``scontrol update`` fields)."""
-    _wait(f"requeue {restarts}", lambda: cluster.job(job_id).restarts == restarts, 300, log)
+    def requeued() -> bool:
+        job = cluster.job(job_id)
+        return job.restarts == restarts and job.state == "PENDING"  # the restart counts before it pends
+
+    _wait(f"requeue {restarts}", requeued, 300, log)
     if changes:
         cluster.command("scontrol", "update", f"JobId={job_id}", *changes)
     cluster.command("scontrol", "update", f"JobId={job_id}", "StartTime=now+3", check=False)  # if still pending
 
 
 @pytest.mark.multiprocess
+@pytest.mark.timeout(900)  # three attempts' start-ups: minutes on a busy 2-core machine
 def test_sbatch_job_preempted_by_scancel_and_by_its_time_limit_resumes_to_the_uninterrupted_losses(
     cluster, world, tmp_path
 ):
