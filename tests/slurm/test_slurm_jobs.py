@@ -100,6 +100,7 @@ def _requeued_and_released(cluster: LocalSlurmCluster, job_id: str, restarts: in
     """Waits until SLURM requeued the job ``restarts`` times, then lets it start in 3 s instead of
     SLURM's two minutes (not in the second of the requeue: its credential is revoked until then),
     with ``changes`` (``scontrol update`` fields)."""
+
     def requeued() -> bool:
         job = cluster.job(job_id)
         return job.restarts == restarts and job.state == "PENDING"  # the restart counts before it pends
