@@ -14,5 +14,7 @@ fi
 nproc="${NPROC_PER_NODE:-2}"
 # One intra-op thread per process: 2 processes on a 2-core box must not oversubscribe it.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# The demo's own folder, named here (not in the config): running it again resumes it.
 exec torchrun --standalone --nproc-per-node "$nproc" -m megatron_cosmos3.training.train \
-  --config configs/tiny_cpu.yaml "$@"
+  --config configs/tiny_cpu.yaml checkpoint.directory=outputs/demo/checkpoints \
+  tracking.tracking_uri=outputs/demo/mlflow.db tracking.run_name=tiny-mot-cpu "$@"

@@ -53,59 +53,64 @@ class RequestError(ValueError):
     """A request that cannot be generated: names the request, the field and the value."""
 
 
+# What a request may say besides its generation settings: conditioning files, text sampling, name.
+INPUT_FILES = ("image", "video", "audio", "actions")
+TEXT_SETTINGS = {f.name: f.default for f in fields(TextSampling)}
+# GenerationRequest fields a user gives as values (its arrays come from INPUT_FILES).
+SETTINGS = tuple(f.name for f in fields(GenerationRequest) if f.name not in (*INPUT_FILES, "audio_sample_rate"))
+
+
 @dataclass
 class RequestSpec:
-    """One request as the user wrote it (flags or a JSONL line); paths still unread.
+    """One request as the user wrote it (flags or a JSONL line), files still unread.
 
-    Generation (DM tasks): the ``GenerationRequest`` fields, with ``image``/``video``/``audio``/
-    ``actions`` as file paths. Text (``understanding``): ``prompt`` is the question, ``image`` an
-    optional picture; ``max_new_tokens``, ``temperature``, ``top_p`` choose the tokens.
-    ``name``: the output subfolder.
+    settings: ``GenerationRequest`` fields (task, prompt, embodiment, length, resolution, sampler) —
+    for ``understanding`` the prompt is the question — and the ``TextSampling`` fields
+    (max_new_tokens, temperature, top_p). files: role (``INPUT_FILES``) -> path, relative ones
+    resolved against ``base``. name: the output subfolder.
     """
 
-    task: str
-    prompt: str = ""
-    image: str | None = None
-    video: str | None = None
-    audio: str | None = None
-    actions: str | None = None
-    embodiment: str | None = None
-    duration_s: float | None = None
-    num_frames: int | None = None
-    fps: float | None = None
-    resolution: tuple[int, int] | None = None
-    seed: int = 0
-    steps: int = 8
-    solver: str = "euler"
-    guidance: float = 1.0
-    shift: float = 1.0
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
+    settings: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)
     name: str | None = None
-    base: Path = field(default=Path("."), repr=False)  # relative paths are relative to it
+    base: Path = Path(".")
+
+    @property
+    def task(self) -> str:
+        return self.settings["task"]
 
     @classmethod
-    def from_json(cls, document: Any, where: str, base: Path) -> RequestSpec:
-        if not isinstance(document, dict):
-            raise RequestError(f"{where}: a request is a JSON object, got {type(document).__name__}")
-        known = {f.name for f in fields(cls)} - {"base"}
-        unknown = sorted(set(document) - known)
+    def from_mapping(cls, values: Any, where: str, base: Path = Path(".")) -> RequestSpec:
+        """From a JSON object or the flags (unset ones None); unknown keys and a missing task are
+        errors naming them."""
+        if not isinstance(values, dict):
+            raise RequestError(f"{where}: a request is a JSON object, got {type(values).__name__}")
+        known = {*SETTINGS, *TEXT_SETTINGS, *INPUT_FILES, "name"}
+        unknown = sorted(set(values) - known)
         if unknown:
             raise RequestError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
-        if "task" not in document:
+        given = {key: value for key, value in values.items() if value is not None}
+        if "task" not in given:
             raise RequestError(f"{where}: no 'task' (one of {sorted(TASK_REGISTRY)})")
-        values = dict(document)
-        if values.get("resolution") is not None:
-            values["resolution"] = _resolution(values["resolution"], f"{where}: resolution")
-        return cls(**values, base=base)
+        if "resolution" in given:
+            given["resolution"] = _resolution(given["resolution"], f"{where}: resolution")
+        files = {role: str(given.pop(role)) for role in INPUT_FILES if role in given}
+        return cls(given, files, given.pop("name", None), base)
 
     def path(self, role: str) -> Path | None:
-        value = getattr(self, role)
-        return None if value is None else self.base / value
+        return self.base / self.files[role] if role in self.files else None
 
     def conditioning(self) -> dict[str, str]:
-        return {role: str(self.path(role)) for role in ("image", "video", "audio", "actions") if getattr(self, role)}
+        return {role: str(self.path(role)) for role in self.files}
+
+    def generation_settings(self) -> dict[str, Any]:
+        return {key: value for key, value in self.settings.items() if key in SETTINGS}
+
+    def text_sampling(self, where: str) -> TextSampling:
+        try:
+            return TextSampling(**{key: v for key, v in self.settings.items() if key in TEXT_SETTINGS})
+        except (TypeError, ValueError) as error:
+            raise RequestError(f"{where}: {error}") from None
 
 
 def _resolution(value: Any, where: str) -> tuple[int, int]:
@@ -151,35 +156,24 @@ def read_input(role: str, path: Path, where: str):
         raise RequestError(f"{where}: {error}") from None
 
 
-def generation_request(spec: RequestSpec, where: str) -> tuple[GenerationRequest, float | None]:
-    """The sampler's request for ``spec`` with its files read."""
+def generation_request(spec: RequestSpec, where: str) -> GenerationRequest:
+    """The sampler's request for ``spec`` with its files read (a video file's frame rate is the
+    clip's unless the request gives one)."""
     inputs: dict[str, Any] = {}
-    video_fps = None
-    if spec.image:
-        inputs["image"] = read_input("image", spec.path("image"), where)
-    if spec.video:
-        inputs["video"], video_fps = read_input("video", spec.path("video"), where)
-    if spec.audio:
-        inputs["audio"], inputs["audio_sample_rate"] = read_input("audio", spec.path("audio"), where)
-    if spec.actions:
-        inputs["actions"] = read_input("actions", spec.path("actions"), where)
-    fps = spec.fps or video_fps
-    request = GenerationRequest(
-        spec.task,
-        prompt=spec.prompt,
-        embodiment=spec.embodiment,
-        duration_s=spec.duration_s,
-        num_frames=spec.num_frames,
-        resolution=spec.resolution,
-        seed=spec.seed,
-        steps=spec.steps,
-        solver=spec.solver,
-        guidance=spec.guidance,
-        shift=spec.shift,
-        **({"fps": fps} if fps else {}),
-        **inputs,
-    )
-    return request, video_fps
+    for role in spec.files:
+        value = read_input(role, spec.path(role), where)
+        if role == "video":
+            inputs["video"], fps = value
+            if fps and "fps" not in spec.settings:
+                inputs["fps"] = fps
+        elif role == "audio":
+            inputs["audio"], inputs["audio_sample_rate"] = value
+        else:
+            inputs[role] = value
+    try:
+        return GenerationRequest(**spec.generation_settings(), **inputs)
+    except TypeError as error:
+        raise RequestError(f"{where}: {error}") from None
 
 
 def merged_action_stats(trained: TrainedModel, dataset: str | None) -> ActionStats | None:
@@ -225,9 +219,7 @@ def run_requests(trained: TrainedModel, specs: list[RequestSpec], out: Path, act
         where = f"request {names[i]}"
         _trained_check(spec, trained, where)
         (text if spec.task in TEXT_TASKS else dm).append(i)
-    requests, fps_of = {}, {}
-    for i in dm:
-        requests[i], fps_of[i] = generation_request(specs[i], f"request {names[i]}")
+    requests = {i: generation_request(specs[i], f"request {names[i]}") for i in dm}
     folders = []
     try:
         results = (
@@ -245,18 +237,17 @@ def run_requests(trained: TrainedModel, specs: list[RequestSpec], out: Path, act
             folders.append(out / names[i])
     for i in text:
         spec = specs[i]
-        picture = read_input("image", spec.path("image"), f"request {names[i]}") if spec.image else None
-        try:
-            sampling = TextSampling(spec.max_new_tokens, spec.temperature, spec.top_p)
-        except ValueError as error:
-            raise RequestError(f"request {names[i]}: {error}") from None
-        prompt = TextPrompt(tokenizer.encode(spec.prompt), picture)
-        (generated,) = generate_text(model, [prompt], sampling, seeds=spec.seed, tokenizer=tokenizer)
+        where = f"request {names[i]}"
+        picture = read_input("image", spec.path("image"), where) if "image" in spec.files else None
+        sampling = spec.text_sampling(where)
+        question, seed = spec.settings.get("prompt", ""), spec.settings.get("seed", 0)
+        prompt = TextPrompt(tokenizer.encode(question), picture)
+        (generated,) = generate_text(model, [prompt], sampling, seeds=seed, tokenizer=tokenizer)
         if write:
             record = GenerationRecord(
                 spec.task,
-                spec.prompt,
-                spec.seed,
+                question,
+                seed,
                 "greedy" if sampling.greedy else "nucleus",
                 len(generated.token_ids),
                 1.0,
@@ -289,7 +280,7 @@ def read_requests(path: Path) -> list[RequestSpec]:
             document = json.loads(line)
         except json.JSONDecodeError as error:
             raise RequestError(f"{where}: not JSON ({error})") from None
-        specs.append(RequestSpec.from_json(document, where, path.parent))
+        specs.append(RequestSpec.from_mapping(document, where, path.parent))
     if not specs:
         raise RequestError(f"--requests {str(path)!r} holds no request")
     return specs
@@ -357,12 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
 def specs_from_args(args: argparse.Namespace) -> list[RequestSpec]:
     if args.requests is not None:
         return read_requests(args.requests)
-    values = {
-        f.name: getattr(args, f.name) for f in fields(RequestSpec) if f.name not in ("base",) and hasattr(args, f.name)
-    }
-    if values["resolution"] is not None:
-        values["resolution"] = _resolution(values["resolution"], "--resolution")
-    return [RequestSpec(**values)]
+    known = {*SETTINGS, *TEXT_SETTINGS, *INPUT_FILES, "name"}
+    return [RequestSpec.from_mapping({k: v for k, v in vars(args).items() if k in known}, "the flags")]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -247,3 +247,14 @@ def test_the_release_folder_generates_what_the_checkpoint_does(checkpoint, input
         assert main(["--checkpoint", str(source), "--requests", requests, "--out", str(tmp_path / out)]) == 0
     want = np.load(tmp_path / "from-checkpoint" / "policy" / "actions.npy")
     np.testing.assert_array_equal(np.load(tmp_path / "from-release" / "policy" / "actions.npy"), want)
+
+
+def test_one_request_from_the_flags(checkpoint, inputs, tmp_path):
+    argv = ["--checkpoint", str(checkpoint), "--out", str(tmp_path), "--task", "inverse_dynamics", "--prompt", "push"]
+    argv += ["--video", str(inputs / "clip.mp4"), "--embodiment", "single_arm", "--solver", "heun", "--seed", "4"]
+    assert main(argv) == 0
+    folder = tmp_path / "000_inverse_dynamics"
+    assert np.load(folder / "actions.npy").shape == (11, ARM_DIM)  # 9 frames at the clip's 8 fps, 10 Hz
+    meta = json.loads((folder / "actions.meta.json").read_text())
+    assert (meta["solver"], meta["seed"], meta["settings"]["fps"]) == ("heun", 4, FPS)
+    assert meta["conditioning"] == {"video": str(inputs / "clip.mp4")}
