@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "data_pipelines"))
 
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfig, PackingConfig  # noqa: E402
 from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder  # noqa: E402

@@ -57,7 +57,9 @@ def main() -> None:
     torch.manual_seed(0)
     model = MoTModel(config).to(device).eval()
     builder = generation_builder(
-        config, ByteTokenizer(config.vocab_size), PooledLatentEncoder(config.video_latent_channels, config.audio_latent_dim)
+        config,
+        ByteTokenizer(config.vocab_size),
+        PooledLatentEncoder(config.video_latent_channels, config.audio_latent_dim),
     )
     request = GenerationRequest(
         "text_to_audio_video",
@@ -81,8 +83,10 @@ def main() -> None:
     whole_uncached = timed(lambda: generate(model, [request], builder, cached=False), device)
 
     print(f"{n_ar} AR + {n_dm} DM tokens (AR share {n_ar / (n_ar + n_dm):.1%}); {args.steps} {args.solver} steps")
-    print("| date | device | model | AR + DM tokens | prefill ms | step ms cached | step ms uncached | "
-          "step ratio uncached/cached | generate s cached | generate s uncached |")
+    print(
+        "| date | device | model | AR + DM tokens | prefill ms | step ms cached | step ms uncached | "
+        "step ratio uncached/cached | generate s cached | generate s uncached |"
+    )
     print(
         f"| {date.today()} | {device_description(device)} | {Path(args.config).stem} | {n_ar} + {n_dm} | "
         f"{prefill_s * 1e3:.1f} | {cached_s * 1e3:.1f} | {uncached_s * 1e3:.1f} | {uncached_s / cached_s:.2f} | "

@@ -9,11 +9,18 @@ latents (``megatron_cosmos3.data.latent_encoders.latent_sample``: the frozen VAE
 diffusers folders, or the pooled stand-in), keeps text, actions, timing and the ViT picture, and
 writes ``OUT_DIR`` shards with their index; ``action_stats.json`` is copied. Samples that fail the
 schema are skipped, counted per reason and logged, exactly as the loader would.
+
+Split over processes (``--task I --tasks N``, e.g. a SLURM array: ``slurm/preprocess.sbatch``): task
+I encodes input shards I, I+N, ...; input shard n becomes ``latent-<n>-<k>.tar`` (k counting its
+``--shard-size`` pieces) with a part index in ``OUT_DIR/.parts/``, and whichever task finishes last
+writes ``index.json`` over all parts in input order. So the output does not depend on N: any split
+writes the files one process writes, byte for byte.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import shutil
 import sys
@@ -33,13 +40,24 @@ from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
 log = logging.getLogger("encode_shards")
 
 
-def encode_shards(in_dir: str | Path, out_dir: str | Path, encoder, shard_size: int = 64) -> Counter:
-    """Writes the latent copy of ``in_dir`` into ``out_dir``; returns skip counts per reason."""
+PARTS = ".parts"
+
+
+def encode_shards(
+    in_dir: str | Path, out_dir: str | Path, encoder, shard_size: int = 64, task: int = 0, tasks: int = 1
+) -> Counter:
+    """Writes task ``task`` of ``tasks``'s part of the latent copy of ``in_dir`` into ``out_dir``
+    (module doc), and the index once every part is there; returns skip counts per reason."""
+    if not 0 <= task < tasks:
+        raise ValueError(f"--task={task} must be in [0, --tasks={tasks})")
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     skipped: Counter = Counter()
     context = SchemaContext(None, encoder.video_token_dim or None, encoder.audio_latent_dim or None)
-    with ShardWriter(out_dir, "latent", shard_size, context=context) as writer, torch.inference_mode():
-        for shard in ShardIndex.load(in_dir).shards:
+    inputs = ShardIndex.load(in_dir).shards
+    for number in range(task, len(inputs), tasks):
+        shard = inputs[number]
+        writer = ShardWriter(out_dir, f"latent-{number:06d}", shard_size, context=context, write_index=False)
+        with writer, torch.inference_mode():
             for raw in read_shard(shard.url):
                 try:
                     if isinstance(raw, Skip):
@@ -49,9 +67,26 @@ def encode_shards(in_dir: str | Path, out_dir: str | Path, encoder, shard_size: 
                     skipped[error.reason] += 1
                     key = raw.get("__key__", "-") if isinstance(raw, dict) else raw.key
                     log.warning("%s: skipping %s: %s", shard.url, key, error)
-    if (in_dir / ACTION_STATS_FILENAME).is_file():
-        shutil.copyfile(in_dir / ACTION_STATS_FILENAME, out_dir / ACTION_STATS_FILENAME)
+        (out_dir / PARTS / f"{number:06d}").mkdir(parents=True, exist_ok=True)
+        writer.index.save(out_dir / PARTS / f"{number:06d}")
+    _index_when_complete(in_dir, out_dir, len(inputs))
     return skipped
+
+
+def _index_when_complete(in_dir: Path, out_dir: Path, parts: int) -> None:
+    """Writes ``index.json`` (and copies the action statistics) once all ``parts`` are written; the
+    check is serialised by a lock, so exactly one of the tasks that finish together does it."""
+    (out_dir / PARTS).mkdir(parents=True, exist_ok=True)
+    with open(out_dir / PARTS / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        folders = [out_dir / PARTS / f"{n:06d}" for n in range(parts)]
+        if (out_dir / "index.json").exists() or not all((f / "index.json").is_file() for f in folders):
+            return
+        shards = [info for folder in folders for info in ShardIndex.load(folder).shards]
+        if (in_dir / ACTION_STATS_FILENAME).is_file():
+            shutil.copyfile(in_dir / ACTION_STATS_FILENAME, out_dir / ACTION_STATS_FILENAME)
+        ShardIndex(tuple(shards)).save(out_dir)
+    shutil.rmtree(out_dir / PARTS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,22 +99,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", help="VAE dtype: float32, bfloat16 or float16")
     parser.add_argument("--video-latent-channels", type=int, default=8, help="pooled encoder only")
     parser.add_argument("--audio-latent-dim", type=int, default=16, help="pooled encoder only")
-    parser.add_argument("--shard-size", type=int, default=64)
+    parser.add_argument("--shard-size", type=int, default=64, help="samples per output shard, per input shard")
+    parser.add_argument("--task", type=int, default=0, help="this process's part (e.g. $SLURM_ARRAY_TASK_ID)")
+    parser.add_argument("--tasks", type=int, default=1, help="how many parts (e.g. $SLURM_ARRAY_TASK_COUNT)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.encoder == "vae":
         encoder = VAELatentEncoder.from_config(LatentEncoderConfig(True, args.video_vae, args.audio_vae, args.dtype))
     else:
         encoder = PooledLatentEncoder(args.video_latent_channels, args.audio_latent_dim)
-    skipped = encode_shards(args.in_dir, args.out_dir, encoder, args.shard_size)
-    index = ShardIndex.load(args.out_dir)
+    skipped = encode_shards(args.in_dir, args.out_dir, encoder, args.shard_size, args.task, args.tasks)
     log.info(
-        "wrote %d samples in %d shards to %s; skipped %s",
-        index.total_samples,
-        len(index.shards),
-        args.out_dir,
-        dict(skipped) or "none",
+        "task %d/%d wrote its part of %s; skipped %s", args.task, args.tasks, args.out_dir, dict(skipped) or "none"
     )
+    if (args.out_dir / "index.json").is_file() and not (args.out_dir / PARTS).exists():
+        index = ShardIndex.load(args.out_dir)
+        log.info("%s: %d samples in %d shards", args.out_dir, index.total_samples, len(index.shards))
     return 0
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Write the generated world: WebDataset shards of physically consistent samples (see
-``generated_world/world.py``), deterministic given the seed.
+``megatron_cosmos3/world/world.py``), deterministic given the seed.
 
     python data_pipelines/generate_world.py OUT [--samples 256] [--seed 0] [--latents pooled]
+        [--demonstrations 0.2] [--embodiments single_arm humanoid]
 
 writes ``OUT/raw/`` — video (.npy frames), stereo 48 kHz audio (.wav), pseudo-actions, captions —
 with ``index.json`` and ``action_stats.json``; with ``--latents pooled`` also ``OUT/latent/``: the
@@ -23,14 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # generated_world/ beside this script
-
-from generated_world.world import WorldConfig, generate_sample  # noqa: E402
-
 from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder, latent_sample  # noqa: E402
 from megatron_cosmos3.data.schema import SchemaContext  # noqa: E402
 from megatron_cosmos3.data.shard_writer import ShardWriter  # noqa: E402
 from megatron_cosmos3.encoders.action_normalization import ActionStats, EmbodimentActionStats  # noqa: E402
+from megatron_cosmos3.world.world import WorldConfig, generate_sample  # noqa: E402
 
 log = logging.getLogger("generate_world")
 
@@ -126,13 +124,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--audio-latent-dim", type=int, default=16)
     parser.add_argument("--workers", type=int, default=1, help="processes generating samples")
+    parser.add_argument(
+        "--demonstrations", type=float, default=0.0, help="fraction of samples that are expert demonstrations"
+    )
+    parser.add_argument(
+        "--embodiments",
+        nargs="+",
+        default=list(WorldConfig.embodiments),
+        help="embodiments acting in the clips (planar_pusher is held out by default)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     write_world(
         args.out,
         args.samples,
         args.seed,
-        WorldConfig(resolution=args.resolution, duration_s=args.duration),
+        WorldConfig(
+            resolution=args.resolution,
+            duration_s=args.duration,
+            embodiments=tuple(args.embodiments),
+            demonstration_fraction=args.demonstrations,
+        ),
         args.shard_size,
         args.latents,
         args.video_latent_channels,

@@ -26,3 +26,13 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
+
+# The SLURM test (tests/slurm) starts a one-node cluster: Debian's slurm-wlm and munge, installed once
+# where apt-get and root are at hand; elsewhere that test is skipped with the reason.
+if ! command -v slurmctld >/dev/null 2>&1 && ! [ -x /usr/sbin/slurmctld ] || ! [ -x /usr/sbin/munged ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+  else
+    echo "setup_env: slurm-wlm and munge are not installed (needs root and apt-get); tests/slurm will be skipped" >&2
+  fi
+fi

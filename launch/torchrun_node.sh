@@ -2,10 +2,18 @@
 # One node of a multi-node torchrun job (DGX: 8 GPUs per node). Run it on every node with the same
 # MASTER_ADDR (first node), NNODES and a per-node NODE_RANK; extra args go to the trainer.
 #   MASTER_ADDR=node0 NNODES=2 NODE_RANK=0 bash launch/torchrun_node.sh --config configs/tiny_cpu.yaml
+# Variables and torchrun's own options: MASTER_ADDR:MASTER_PORT = --rdzv-endpoint, NNODES = --nnodes,
+# NODE_RANK = --node-rank, NPROC_PER_NODE = --nproc-per-node, RDZV_ID = --rdzv-id.
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 : "${MASTER_ADDR:?set MASTER_ADDR to the first node}"
+# Preemption (docs/DESIGN.md, "Preemption and requeue"): the trainers handle SIGUSR1 and SIGTERM;
+# torchrun would die of SIGUSR1, so it ignores it. Under SLURM every process of the job gets the
+# signal itself, so torchrun ignores SIGTERM too instead of tearing the trainers down mid-checkpoint;
+# elsewhere a SIGTERM to torchrun is how the trainers hear of it.
+trap '' USR1
+if [ -n "${SLURM_JOB_ID:-}" ]; then trap '' TERM; fi
 exec torchrun --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" \
   --nproc-per-node "${NPROC_PER_NODE:-8}" --rdzv-backend c10d \
   --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "${RDZV_ID:-megatron_cosmos3}" \

@@ -19,8 +19,10 @@ fi
 nproc="${NPROC_PER_NODE:-2}"
 # One intra-op thread per process: 2 processes on a 2-core box must not oversubscribe it.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# The demo's own folder, named here (not in the config): running it again resumes it.
 torchrun --standalone --nproc-per-node "$nproc" -m megatron_cosmos3.training.train \
-  --config configs/tiny_cpu.yaml "$@"
+  --config configs/tiny_cpu.yaml checkpoint.directory=outputs/demo/checkpoints \
+  tracking.tracking_uri=outputs/demo/mlflow.db tracking.run_name=tiny-mot-cpu "$@"
 # What the trained model makes from held-out inputs: text->audio+video, image->video, video->audio
 # and a policy trajectory (data_pipelines/export_requests.py writes the request file).
 python data_pipelines/export_requests.py outputs/world-heldout/raw outputs/demo/requests

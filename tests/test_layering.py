@@ -8,11 +8,13 @@ from pathlib import Path
 import megatron_cosmos3
 
 # Lowest first. model <- objectives <- parallel <- checkpoint/inference <- training <- release; data
-# is independent of training and of the parallel machinery.
+# is independent of training and of the parallel machinery; evaluation (metrics) sits beside parallel,
+# under everything that runs a model, so the trainer and an eval command can both use it; the generated
+# world (and its environment) sits there too: whatever runs a model in it lives higher up.
 LAYERS = [
     {"model", "encoders", "tasks"},
     {"objectives", "data", "conversion"},
-    {"parallel"},
+    {"parallel", "evaluation", "world"},
     {"checkpoint", "inference"},
     {"training"},
     {"release"},

@@ -60,7 +60,9 @@ def _enum_member(cls, name: str):
     ``_MEM_FORMAT_ENCODING``); any other use of ``getattr`` is refused."""
     if isinstance(cls, enum.EnumMeta) and isinstance(name, str) and name in cls.__members__:
         return cls[name]
-    raise UnsafeCheckpointError(f"checkpoint metadata calls getattr({cls!r}, {name!r}), which a weights-only load refuses")
+    raise UnsafeCheckpointError(
+        f"checkpoint metadata calls getattr({cls!r}, {name!r}), which a weights-only load refuses"
+    )
 
 
 class _MetadataUnpickler(pickle.Unpickler):

@@ -24,7 +24,8 @@ class ShardWriter:
     A shard is closed after ``max_samples_per_shard`` samples or once it exceeds
     ``max_bytes_per_shard``. With ``validate`` (default) each sample is checked against the schema
     (``context`` gives the model's widths) and a bad one is a ValueError: producers fix their data,
-    loaders skip it.
+    loaders skip it. ``write_index=False`` leaves ``index.json`` to the caller (``close`` still
+    returns the index), for several writers filling one folder.
     """
 
     def __init__(
@@ -35,13 +36,14 @@ class ShardWriter:
         max_bytes_per_shard: int = 1 << 30,
         context: SchemaContext | None = None,
         validate: bool = True,
+        write_index: bool = True,
     ) -> None:
         if max_samples_per_shard < 1 or max_bytes_per_shard < 1:
             raise ValueError("max_samples_per_shard and max_bytes_per_shard must be >= 1")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.prefix, self.max_samples, self.max_bytes = prefix, max_samples_per_shard, max_bytes_per_shard
-        self.context, self.validate = context or SchemaContext(), validate
+        self.context, self.validate, self.write_index = context or SchemaContext(), validate, write_index
         self._shards: list[ShardInfo] = []
         self._tar: TarWriter | None = None
         self._count = self._bytes = 0
@@ -96,5 +98,6 @@ class ShardWriter:
             self._finish_shard()
             self._closed = True
             self.index = ShardIndex(tuple(self._shards))
-            self.index.save(self.directory)
+            if self.write_index:  # else the caller indexes these shards with others (one folder, many writers)
+                self.index.save(self.directory)
         return self.index

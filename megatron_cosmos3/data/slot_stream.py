@@ -5,17 +5,31 @@ requests to its workers round-robin and returns their answers in request order, 
 process receives slot ``start``, ``start + 1``, ... exactly as with N = 0 (everything in the
 training process). A worker's answer is one pickled ``ShardResult``: one transfer per shard instead
 of one shared-memory handle per tensor.
+
+Workers ignore the preemption signals (``PREEMPTION_SIGNALS``): SLURM signals every process of a
+job, and a worker that died of it would crash the trainer before it could checkpoint; the trainer
+decides when to stop and then shuts its workers down (docs/DESIGN.md, "Preemption and requeue").
 """
 
 from __future__ import annotations
 
 import pickle
+import signal
 from collections.abc import Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megatron_cosmos3.data.schedule import ShardSchedule
 from megatron_cosmos3.data.shard_processor import ShardProcessor, ShardResult
+
+# The signals that ask a trainer to checkpoint and stop (training/preemption.py handles them).
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_preemption_signals(worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn``: this process ignores ``PREEMPTION_SIGNALS`` (module doc)."""
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class SlotStream(IterableDataset):
@@ -40,7 +54,11 @@ class SlotStream(IterableDataset):
 def iterate_slots(stream: SlotStream, num_workers: int, prefetch_factor: int) -> Iterator[ShardResult]:
     """ShardResults in slot order, computed by ``num_workers`` DataLoader workers (0 = here)."""
     loader = DataLoader(
-        stream, batch_size=None, num_workers=num_workers, prefetch_factor=prefetch_factor if num_workers else None
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        prefetch_factor=prefetch_factor if num_workers else None,
+        worker_init_fn=ignore_preemption_signals,
     )
     for payload in loader:
         yield pickle.loads(payload) if isinstance(payload, bytes) else payload  # bytes: from our own workers

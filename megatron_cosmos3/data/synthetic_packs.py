@@ -135,11 +135,13 @@ def _stream_width(stream: str, config: MoTConfig) -> int:
     return config.embodiments[embodiment].action_dim
 
 
+# The default mixture of random packs; every registry task can be drawn (SUPPORTED_TASKS).
 TASKS = ("understanding", "text_to_video", "image_to_video", "video_to_audio", "forward_dynamics", "policy")
+SUPPORTED_TASKS = (*TASKS, "text_to_image", "text_to_audio_video", "inverse_dynamics", "policy_with_future")
 
 
 def random_sample_spec(task: str, config: MoTConfig, generator: torch.Generator, scale: int = 1) -> SampleSpec:
-    """A random sample of ``task`` (one of TASKS); ``scale`` multiplies the section lengths."""
+    """A random sample of ``task`` (one of SUPPORTED_TASKS); ``scale`` multiplies the section lengths."""
 
     def draw(low: int, high: int) -> int:
         return int(torch.randint(low * scale, high * scale + 1, (1,), generator=generator))
@@ -161,16 +163,23 @@ def random_sample_spec(task: str, config: MoTConfig, generator: torch.Generator,
             DMSpanSpec("video", (1, h, w), video_tps, noisy=False),
             DMSpanSpec("video", (frames - 1, h, w), video_tps, noisy=True, first_temporal_index=1),
         ]
-    elif task == "video_to_audio":
+    elif task in ("video_to_audio", "text_to_audio_video"):
         seconds = frames / video_tps
         spec.dm_spans = [
-            DMSpanSpec("video", (frames, h, w), video_tps, noisy=False),
+            DMSpanSpec("video", (frames, h, w), video_tps, noisy=task == "text_to_audio_video"),
             DMSpanSpec(
                 "audio",
                 (max(1, round(seconds * pos.AUDIO_TOKENS_PER_SECOND / 4)), 1, 1),
                 pos.AUDIO_TOKENS_PER_SECOND / 4,
                 noisy=True,
             ),
+        ]
+    elif task == "text_to_image":
+        spec.dm_spans = [DMSpanSpec("video", (1, h, w), video_tps, noisy=True)]
+    elif task == "inverse_dynamics":
+        spec.dm_spans = [
+            DMSpanSpec("video", (frames, h, w), video_tps, noisy=False),
+            DMSpanSpec(action_key, (draw(2, 6), 1, 1), action_rate, noisy=True),
         ]
     elif task == "forward_dynamics":
         past = max(1, frames // 2)
@@ -179,14 +188,16 @@ def random_sample_spec(task: str, config: MoTConfig, generator: torch.Generator,
             DMSpanSpec(action_key, (draw(2, 4), 1, 1), action_rate, noisy=False),
             DMSpanSpec("video", (frames - past, h, w), video_tps, noisy=True, first_temporal_index=past),
         ]
-    elif task == "policy":
+    elif task in ("policy", "policy_with_future"):
         spec.vision_grid = (1, 1, draw(1, 2))
         spec.dm_spans = [
             DMSpanSpec("video", (1, h, w), video_tps, noisy=False),
             DMSpanSpec(action_key, (draw(2, 6), 1, 1), action_rate, noisy=True),
         ]
+        if task == "policy_with_future":
+            spec.dm_spans.append(DMSpanSpec("video", (frames - 1, h, w), video_tps, noisy=True, first_temporal_index=1))
     else:
-        raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+        raise ValueError(f"unknown task {task!r}; known: {SUPPORTED_TASKS}")
     return spec
 
 

@@ -26,7 +26,11 @@ single_arm     ego 9, end_effector 9, gripper 1                                 
 humanoid       ego 9, left_wrist 9, right_wrist 9, left_fingers 15, right_fingers 15      57
 vehicle        ego 9                                                                        9
 camera         ego 9                                                                        9
+planar_pusher  ego 9, extension 1                                                          10
 =============  ========================================================================  ====
+
+``planar_pusher`` is the generated world's held-out embodiment (``world/agents.py``): a disc on a
+gantry whose ego pose is the pusher itself, and whose ``extension`` in [0, 1] sets its radius.
 """
 
 from __future__ import annotations
@@ -122,6 +126,7 @@ ACTION_LAYOUTS: dict[str, ActionLayout] = {
         ActionLayout("humanoid", (EGO, "left_wrist", "right_wrist"), (("left_fingers", 15), ("right_fingers", 15))),
         ActionLayout("vehicle", (EGO,)),
         ActionLayout("camera", (EGO,)),
+        ActionLayout("planar_pusher", (EGO,), (("extension", 1),)),
     )
 }
 

@@ -38,7 +38,8 @@ class GenerationResult:
     first frame) with its fps, or of a generated image (one latent frame, fps None); ``audio``:
     ``AudioLatents`` (``num_samples`` at 48 kHz: the clip's duration); ``actions``: (steps, dim)
     float32 of ``embodiment`` at ``action_rate_hz``, un-normalised with the run's action statistics
-    where training normalised them. Only the streams the task generates are set.
+    where training normalised them. Only the streams the task generates are set, and the clip a
+    generated sound belongs to (video->audio: the conditioning clip, to play with its new sound).
     """
 
     request: GenerationRequest

@@ -90,7 +90,7 @@ class PreparedRequest:
 
     conditional / unconditional: the sample with its prompt and with the prompt dropped.
     outputs: per registry stream with noisy rows ("image", "video", "audio", "actions"), the
-        model's stream key. video_grid: (T, h, w) of the whole clip; audio_num_samples at 48 kHz.
+        model's stream key; also "video" where only the audio is generated (the clip it sounds in). video_grid: (T, h, w) of the whole clip; audio_num_samples at 48 kHz.
     """
 
     request: GenerationRequest
@@ -112,9 +112,29 @@ def generation_builder(
     """The training path's ``SampleBuilder`` for generation: the same tokenizer, ViT input, latent
     encoder and action statistics as the run, and no crop (a request is generated whole)."""
     limits = BuildLimits(max_sample_tokens=sys.maxsize, max_text_tokens=max_text_tokens)
-    return SampleBuilder(
-        model_config, tokenizer, vision_featurizer(model_config), limits, latent_encoder, action_stats
-    )
+    return SampleBuilder(model_config, tokenizer, vision_featurizer(model_config), limits, latent_encoder, action_stats)
+
+
+def required_inputs(task: TaskSpec) -> list[str]:
+    """What a request of ``task`` must give besides its prompt, read from its spans as
+    ``prepare_request`` reads them, e.g. ["image (first frame)", "embodiment", "duration"]."""
+    clean = {role.stream: role.part for role in task.dm if not role.noisy}
+    streams = {role.stream for role in task.dm}
+    needs = []
+    if clean.get("video") == "first_frame":
+        needs.append("image (first frame" + (", the observation)" if task.vit == "required" else ")"))
+    elif "video" in clean:
+        needs.append(f"video ({clean['video']} frames)")
+    elif task.vit == "required":
+        needs.append("image (the observation)")
+    needs += [stream for stream in ("audio", "actions") if stream in clean]
+    if "actions" in streams:
+        needs.append("embodiment")
+    if "video" in streams and clean.get("video") not in _LENGTH_FROM_CONDITIONING:
+        needs.append("duration")
+    if streams & {"image", "video"} and "video" not in clean:
+        needs.append("resolution")
+    return needs
 
 
 def _error(request: GenerationRequest, message: str) -> ValueError:
@@ -284,8 +304,9 @@ def prepare_request(request: GenerationRequest, builder: SampleBuilder) -> Prepa
         actions, rate = streams.actions(duration)
         sample.actions, sample.embodiment, sample.action_rate_hz = actions.numpy(), request.embodiment, rate
         outputs["actions"] = action_stream_key(request.embodiment)
-    outputs = {name: key for name, key in outputs.items() if name in streams.noisy}
+    # The generated streams, and a generated sound's clip: video->audio gives the clip with its new sound.
+    delivered = streams.noisy | ({"video"} if "audio" in streams.noisy else set())
+    outputs = {name: key for name, key in outputs.items() if name in delivered}
     conditional = builder.build(sample, task)
     unconditional = builder.build(sample, task, drop_prompt=True)
     return PreparedRequest(request, task, conditional, unconditional, outputs, video_grid, audio_samples)
-

@@ -12,7 +12,6 @@ from torch import nn
 
 from megatron_cosmos3.parallel.sharding import local_part
 
-
 # A parameter whose reference gradient (or value) is below this fraction of the whole model's is
 # compared against that floor instead of its own norm: a gradient that is zero in exact arithmetic
 # (the Reasoner's q_norm when a sample's only AR token attends to itself alone) comes out as rounding

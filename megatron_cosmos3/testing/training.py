@@ -109,6 +109,19 @@ def torchrun_trainer(cwd: Path, nproc: int, *args: str, timeout: float = 300) ->
     )
 
 
+def child_processes(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
 def _train_on_rank(rank: int, world_size: int, argv: list[str]) -> None:
     from megatron_cosmos3.training.train import main
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
@@ -76,11 +77,11 @@ class SyntheticDataConfig:
     scale: int = 2
 
     def __post_init__(self) -> None:
-        from megatron_cosmos3.data.synthetic_packs import TASKS
+        from megatron_cosmos3.data.synthetic_packs import SUPPORTED_TASKS
 
-        unknown = sorted(set(self.tasks) - set(TASKS))
+        unknown = sorted(set(self.tasks) - set(SUPPORTED_TASKS))
         if unknown or not self.tasks:
-            raise ValueError(f"synthetic.tasks: unknown tasks {unknown} (known: {list(TASKS)})")
+            raise ValueError(f"synthetic.tasks: unknown tasks {unknown} (known: {list(SUPPORTED_TASKS)})")
         if self.samples_per_pack < 1 or self.scale < 1:
             raise ValueError(f"synthetic: samples_per_pack={self.samples_per_pack} and scale={self.scale} must be >= 1")
 
@@ -94,10 +95,12 @@ class CheckpointConfig:
     checkpoints, unless ``fallback_to_verified`` lets it resume from the newest one that verifies.
     Starting at step 0 in a folder that holds checkpoints (``resume=false``) needs
     ``allow_fresh_start=true``. ``directory`` is locked for the run (``run.lock``): a second trainer
-    on the same folder refuses to start.
+    on the same folder refuses to start. Left empty, it is the run's own folder
+    (``TrainConfig.name_run``): a run resumes another run's checkpoints only when told to by an
+    explicit ``directory``.
     """
 
-    directory: str = "outputs/checkpoints"
+    directory: str = ""  # empty: <runs_root>/<tracking.run_name>/checkpoints
     save_every: int = 100  # steps; the last step is always saved
     keep_last: int = 2
     resume: bool = True  # continue from the latest committed checkpoint in ``directory`` if any
@@ -112,8 +115,21 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         if self.save_every < 1 or self.keep_last < 1:
             raise ValueError(f"checkpoint: save_every={self.save_every} and keep_last={self.keep_last} must be >= 1")
-        if not self.directory:
-            raise ValueError("checkpoint.directory must be set")
+
+
+@dataclass
+class DistributedConfig:
+    """Process-group set-up (``training/distributed.py``)."""
+
+    init_timeout_s: float = 600.0  # how long the rendezvous and every collective wait
+    preflight_timeout_s: float = 60.0  # how long the launch check waits for every rank to answer
+
+    def __post_init__(self) -> None:
+        if self.init_timeout_s <= 0 or self.preflight_timeout_s <= 0:
+            raise ValueError(
+                f"distributed: init_timeout_s={self.init_timeout_s} and "
+                f"preflight_timeout_s={self.preflight_timeout_s} must be > 0"
+            )
 
 
 @dataclass
@@ -122,7 +138,7 @@ class TrackingConfig:
     # store, the default, which needs no server.
     tracking_uri: str = "outputs/mlflow.db"
     experiment: str = "megatron_cosmos3"
-    run_name: str = "tiny-mot"
+    run_name: str = ""  # the run's name (and folder); empty: from the launcher's job id (TrainConfig.name_run)
     enabled: bool = True
     # At each checkpoint save, generate the fixed held-out samples and log them as media
     # (training/samples.py); false skips them (e.g. tests of other things).
@@ -184,11 +200,14 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelSizes = field(default_factory=ParallelSizes)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     stage: StageConfig = field(default_factory=StageConfig)
     precision: str = "fp32"  # or "bf16": bf16 compute, fp32 main weights
     recompute: str = "none"  # activation recomputation: "none", "selective" or "full"
     steps: int = 200
     log_every: int = 10
+    # Runs without an explicit checkpoint.directory write under <runs_root>/<tracking.run_name>/.
+    runs_root: str = "outputs/runs"
     seed: int = 1234
     # Peak dense bf16 FLOP/s of one device, for MFU; 0 = unknown (CPU), MFU not reported.
     peak_flops_per_device: float = 0.0
@@ -213,6 +232,16 @@ class TrainConfig:
             self.held_out_data().validate()
         if self.trains_vision:
             self._check_vision()
+
+    def name_run(self, launcher_run_id: str) -> None:
+        """Names the run where the config leaves it open: ``tracking.run_name`` from the launcher's
+        id (SLURM's job id: a requeued job keeps its name and resumes; torchrun's run id), and
+        ``checkpoint.directory`` as the run's own folder ``<runs_root>/<run name>/checkpoints``, so a
+        run with no overrides never resumes nor overwrites another run's checkpoints."""
+        if not self.tracking.run_name:  # one process launched by hand: named by its start time
+            self.tracking.run_name = f"job-{launcher_run_id}" if launcher_run_id else time.strftime("run-%Y%m%d-%H%M%S")
+        if not self.checkpoint.directory:
+            self.checkpoint.directory = os.path.join(self.runs_root, self.tracking.run_name, "checkpoints")
 
     def check_paths(self) -> None:
         """ValueError naming the field for a path this run cannot use. Called by ``main`` before

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import datetime
 import logging
 import os
 import signal
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +38,11 @@ def _launcher_env() -> tuple[int, int, int] | None:
     return None
 
 
+def launcher_run_id() -> str:
+    """SLURM's job id (kept by a requeued job), else torchrun's run id, else empty."""
+    return os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "")
+
+
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
@@ -56,13 +63,14 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def init_distributed() -> DistributedContext:
-    """Initialises the default process group (NCCL + gloo on GPUs, gloo on CPUs); single process if unlaunched."""
+def init_distributed(timeout_s: float | None = None) -> DistributedContext:
+    """Initialises the default process group (NCCL + gloo on GPUs, gloo on CPUs); single process if
+    unlaunched. ``timeout_s``: how long its collectives (and the rendezvous) wait, default torch's."""
     launched = _launcher_env()
     rank, world_size, local_rank = launched or (0, 1, 0)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker
         die_with_launcher()
-    job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "")
+    job_id = launcher_run_id()
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -73,7 +81,10 @@ def init_distributed() -> DistributedContext:
         # finiteness flags, grad-norm partial sums, pickled packs and loader state) through gloo:
         # NCCL takes no CPU tensors. Every group made later inherits both.
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, init_method="env://")
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=world_size, init_method="env://", timeout=timeout
+        )
     return DistributedContext(rank, world_size, local_rank, device, job_id)
 
 
@@ -87,3 +98,53 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values)
     return values
+
+
+# The launch settings worth a line in the log: rendezvous, the collective libraries, threads, devices.
+LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_NODELIST")
+LAUNCH_ENV_PREFIXES = ("NCCL_", "GLOO_", "TORCH_NCCL_", "TORCH_DISTRIBUTED_")
+
+
+class PreflightError(RuntimeError):
+    """Not every rank answered the launch check in time; the message names the silent ranks."""
+
+
+def _ranges(ranks: list[int]) -> str:
+    spans, start = [], ranks[0]
+    for previous, rank in zip(ranks, ranks[1:] + [None]):
+        if rank != previous + 1:
+            spans.append(f"{start}-{previous}" if previous != start else f"{start}")
+            start = rank
+    return ",".join(spans)
+
+
+def preflight(ctx: DistributedContext, timeout_s: float) -> str:
+    """Collective launch check, before any work: every rank must answer a barrier within
+    ``timeout_s`` (else ``PreflightError``, naming the ranks that did not), then one all-reduce on
+    the training device must sum to the world size. Returns the layout and launch environment as
+    one line (rank 0 logs it)."""
+    hosts = [socket.gethostname()]
+    if dist.is_initialized() and ctx.world_size > 1:
+        # monitored_barrier is gloo's: on GPUs it runs on a gloo group of its own.
+        group = dist.new_group(backend="gloo") if ctx.device.type == "cuda" else None
+        try:
+            dist.monitored_barrier(group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+        except RuntimeError as error:
+            raise PreflightError(
+                f"preflight: not every rank answered within distributed.preflight_timeout_s={timeout_s}: {error}"
+            ) from error
+        hosts = [None] * ctx.world_size
+        dist.all_gather_object(hosts, socket.gethostname())
+        ones = torch.ones(1, device=ctx.device)
+        dist.all_reduce(ones)
+        if int(ones.item()) != ctx.world_size:
+            raise PreflightError(f"preflight: an all-reduce of ones over {ctx.world_size} ranks gave {ones.item()}")
+    by_host: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        by_host.setdefault(host, []).append(rank)
+    layout = "; ".join(f"{host} ranks {_ranges(ranks)}" for host, ranks in by_host.items())
+    backend = dist.get_backend() if dist.is_initialized() else "none"
+    env = {k: v for k, v in sorted(os.environ.items()) if k in LAUNCH_ENV or k.startswith(LAUNCH_ENV_PREFIXES)}
+    settings = " ".join(f"{k}={v}" for k, v in env.items())
+    where = f"world {ctx.world_size} on {len(by_host)} node(s), backend {backend}, device {ctx.device.type}"
+    return f"{where}: {layout}; {settings}"

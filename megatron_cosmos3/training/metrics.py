@@ -11,6 +11,8 @@ from megatron_cosmos3.objectives.losses import LossBreakdown
 from megatron_cosmos3.training.distributed import all_reduce_sum
 
 _PARTS = ("ce_sum", "ce_count", "fm_sum", "fm_count")
+# Where a step's wall time goes (``MetricsWindow.timed``), logged as time/<phase>_s per step.
+PHASES = ("data_wait", "forward_backward", "optimizer", "checkpoint")
 
 
 class MetricsWindow:
@@ -33,7 +35,13 @@ class MetricsWindow:
         self._sums = torch.zeros(4 + 4 * len(self.tasks), dtype=torch.float64)
         self._tokens, self._flops, self.steps = 0, 0.0, 0
         self.skipped_steps = 0
+        self._phase_seconds, self._optimizer_steps = dict.fromkeys(PHASES, 0.0), 0
         self._start = time.perf_counter()
+
+    def timed(self, phase: str, seconds: float) -> None:
+        """Adds ``seconds`` of this rank's wall time to ``phase`` (one of ``PHASES``)."""
+        self._phase_seconds[phase] += seconds
+        self._optimizer_steps += phase == "optimizer"  # timed once per step
 
     def add(self, losses: LossBreakdown | None, tokens: int, flops: float) -> None:
         """One micro-batch; ``losses`` is None on ranks that compute none (early pipeline stages)."""
@@ -72,6 +80,10 @@ class MetricsWindow:
             metrics[f"loss/{task}/ce"] = mean(ce_sum, ce_count)
             metrics[f"loss/{task}/fm"] = mean(fm_sum, fm_count)
         metrics["memory/peak_mb"] = peak_memory_mb()
+        steps = max(1, self._optimizer_steps)
+        for phase, spent in self._phase_seconds.items():  # this rank's, per optimizer step (rank 0 logs)
+            metrics[f"time/{phase}_s"] = spent / steps
+        metrics["time/data_wait_share"] = self._phase_seconds["data_wait"] / seconds
         if self.peak_flops_per_device > 0:
             metrics["throughput/mfu"] = self._flops / seconds / self.peak_flops_per_device
         return {k: v for k, v in metrics.items() if not math.isnan(v)}

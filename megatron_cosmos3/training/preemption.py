@@ -1,41 +1,51 @@
-"""Graceful preemption: a signal asks for a checkpoint at the end of the current step, then exit.
+"""Graceful preemption: a signal asks for a checkpoint at the end of the current step, then a clean stop.
 
-SLURM sends SIGUSR1 ahead of the time limit when the job asks for it (``#SBATCH --signal=B:USR1@120``),
-and SIGTERM on preemption/cancel; torchrun forwards SIGTERM to its workers. Ranks may receive the
-signal at slightly different moments, so the decision to stop is all-reduced every step: every
-rank stops after the same step and writes the same checkpoint.
+SIGUSR1 or SIGTERM reaches every trainer process (docs/DESIGN.md, "Preemption and requeue"): under
+SLURM the batch script forwards its ``--signal=B:USR1@<lead>`` warning to every process of the job
+step, and SLURM's own preemption or cancel sends SIGTERM to all of them; under plain torchrun, a
+SIGTERM to torchrun is forwarded to its workers. Data-loader workers ignore both
+(``data/slot_stream.py``). Ranks may receive the signal at slightly different moments, so the
+decision to stop is all-reduced every step: every rank stops after the same step and writes the
+same checkpoint.
+
+A stopped run exits with code 0 (a launcher's exit-code mapping cannot lose the outcome) and, when
+asked (``--status-file``), rank 0 writes the outcome as one line: ``<outcome> <step> <start_step>``
+with outcome ``finished`` or ``preempted``; ``step`` is the step of the last committed checkpoint
+and ``start_step`` the step this attempt started from. ``slurm/train.sbatch`` requeues only a
+preempted attempt that made progress (``step > start_step``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from megatron_cosmos3.data.slot_stream import PREEMPTION_SIGNALS
+
 log = logging.getLogger(__name__)
 
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-# The exit code a preempted run ends with; slurm/train.sbatch requeues the job when it sees it.
-REQUEUE_EXIT_CODE = 3
+FINISHED, PREEMPTED = "finished", "preempted"
 
 
 class PreemptionWatcher:
     def __init__(self):
-        self._requested = False
+        self.signal_name: str | None = None  # the first preemption signal received, if any
         self._previous = {}
         for sig in PREEMPTION_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if not self._requested:
-            log.warning("received %s: will checkpoint after this step and exit", signal.Signals(signum).name)
-        self._requested = True
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
 
     def should_stop(self) -> bool:
         """Collective: True on every rank if any rank was signalled."""
-        flag = torch.tensor([1.0 if self._requested else 0.0])
+        flag = torch.tensor([0.0 if self.signal_name is None else 1.0])
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -43,3 +53,12 @@ class PreemptionWatcher:
     def close(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def write_status(path: str | Path, outcome: str, step: int, start_step: int) -> None:
+    """Writes the run's outcome line (module doc) atomically: a reader never sees half a line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(f"{outcome} {step} {start_step}\n")
+    os.replace(partial, path)

@@ -60,6 +60,7 @@ class MLflowTracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
         from mlflow.tracking import MlflowClient
 
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its store set-up chatter on every attempt
         self.uri = _as_uri(tracking_uri)
         try:
             self._client = MlflowClient(tracking_uri=self.uri)

@@ -12,6 +12,7 @@ import copy
 import fnmatch
 import logging
 import math
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,11 +34,11 @@ from megatron_cosmos3.parallel.plan import ParallelPlan
 from megatron_cosmos3.parallel.state import destroy_parallel
 from megatron_cosmos3.training.batches import MicroBatches, held_out_batches, held_out_share
 from megatron_cosmos3.training.config import TrainConfig, flatten, load_config, task_table, to_yaml
-from megatron_cosmos3.training.distributed import DistributedContext, init_distributed
+from megatron_cosmos3.training.distributed import DistributedContext, init_distributed, launcher_run_id, preflight
 from megatron_cosmos3.training.flops import FlopCounter
-from megatron_cosmos3.training.metrics import MetricsWindow
+from megatron_cosmos3.training.metrics import PHASES, MetricsWindow
 from megatron_cosmos3.training.precision import autocast
-from megatron_cosmos3.training.preemption import REQUEUE_EXIT_CODE, PreemptionWatcher
+from megatron_cosmos3.training.preemption import FINISHED, PREEMPTED, PreemptionWatcher, write_status
 from megatron_cosmos3.training.run_lock import lock_run_folder
 from megatron_cosmos3.training.samples import (
     HeldOutSet,
@@ -67,11 +68,17 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Preempted(SystemExit):
-    """Raised after the preemption checkpoint is committed; exits with REQUEUE_EXIT_CODE."""
+    """Raised once the preemption checkpoint of ``step`` is committed (or, signalled before the first
+    step, with ``step == start_step`` and nothing new to save); the process exits with code 0
+    (``training/preemption.py``)."""
 
-    def __init__(self, step: int):
-        super().__init__(REQUEUE_EXIT_CODE)
-        self.step = step
+    def __init__(self, step: int, start_step: int):
+        super().__init__(0)
+        self.step, self.start_step = step, start_step
+
+
+def _value(metrics: dict[str, float], name: str) -> str:
+    return f"{metrics[name]:.4f}" if name in metrics else "-"
 
 
 def _matches(name: str, patterns) -> bool:
@@ -249,8 +256,12 @@ def run_micro_batches(run: Run, micro_batches: list, forward_only: bool = False)
 def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
     """Forward and backward of this step's micro-batches; returns whether every loss was finite
     (on every rank)."""
+    started = time.perf_counter()
     micro_batches = [run.batches.get(step, m) for m in range(run.config.optimizer.micro_batches_per_step)]
+    window.timed("data_wait", time.perf_counter() - started)
+    started = time.perf_counter()
     losses_of = run_micro_batches(run, micro_batches)
+    window.timed("forward_backward", time.perf_counter() - started)
     finite = all(bool(torch.isfinite(losses.total.detach())) for losses in losses_of.values())
     for m, (batch, _) in enumerate(micro_batches):
         layout = PackLayout.from_cu_seqlens(batch.ar_cu_seqlens, batch.dm_cu_seqlens)
@@ -283,21 +294,25 @@ def evaluate(run: Run) -> dict[str, float]:
     return {f"eval/{name}": value for name, value in metrics.items() if name == "loss" or name.startswith("loss/")}
 
 
-def train(config: TrainConfig, ctx: DistributedContext) -> dict[str, float]:
-    """Runs the stage to ``config.steps``; raises ``Preempted`` after checkpointing on a signal."""
+def train(config: TrainConfig, ctx: DistributedContext, status_file: str | None = None) -> dict[str, float]:
+    """Runs the stage to ``config.steps``; raises ``Preempted`` after checkpointing on a signal.
+    With ``status_file``, rank 0 writes the outcome there (``training/preemption.py``)."""
+    config.name_run(ctx.job_id)  # where main() has not named the run already
     watcher = PreemptionWatcher()
     try:
-        return _train(config, ctx, watcher)
+        return _train(config, ctx, watcher, status_file)
     finally:
         watcher.close()
 
 
-def _train(config: TrainConfig, ctx: DistributedContext, watcher: PreemptionWatcher) -> dict[str, float]:
+def _train(
+    config: TrainConfig, ctx: DistributedContext, watcher: PreemptionWatcher, status_file: str | None
+) -> dict[str, float]:
     lock = lock_run_folder(config.checkpoint.directory, ctx.job_id, ctx.is_main)  # before anything is written
     try:
         run = build_run(config, ctx)
         try:
-            return _loop(run, watcher)
+            return _loop(run, watcher, status_file)
         finally:
             run.batches.close()
             run.plan.close()
@@ -306,9 +321,26 @@ def _train(config: TrainConfig, ctx: DistributedContext, watcher: PreemptionWatc
             lock.release()
 
 
-def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
+def _stop_for_preemption(run: Run, watcher: PreemptionWatcher, step: int, start_step: int, status_file) -> None:
+    """Raises ``Preempted`` on every rank, after rank 0 logged one line and wrote the outcome."""
+    if run.ctx.is_main:
+        signal_name = watcher.signal_name or "a preemption signal on another rank"
+        if step > start_step:
+            log.warning("preempted (%s): checkpoint of step %d committed; stopping", signal_name, step)
+        else:  # a time limit shorter than the signal lead plus start-up: a requeue would repeat it
+            log.warning(
+                "preempted (%s) before the first step of this attempt (step %d): no progress", signal_name, step
+            )
+        if status_file:
+            write_status(status_file, PREEMPTED, step, start_step)
+    raise Preempted(step, start_step)
+
+
+def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) -> dict[str, float]:
     config, ctx = run.config, run.ctx
     start_step, run_id = resume_or_initialise(run)
+    if watcher.should_stop():  # signalled during start-up: the resumed checkpoint is the state
+        _stop_for_preemption(run, watcher, start_step, start_step, status_file)
     tracker = MLflowTracker(
         config.tracking.tracking_uri,
         config.tracking.experiment,
@@ -316,11 +348,13 @@ def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
         enabled=config.tracking.enabled and ctx.is_main,
         run_id=run_id,
     )
-    if ctx.is_main and run_id is None:
-        tracker.log_params(flatten(config))
-        resolved = Path(config.checkpoint.directory) / "config.yaml"
+    resolved = Path(config.checkpoint.directory) / "config.yaml"
+    if ctx.is_main:  # saved with the run on every attempt; named in one line, printed by --print-config
         resolved.parent.mkdir(parents=True, exist_ok=True)
         resolved.write_text(to_yaml(config))
+        log.info("run %s: resolved config in %s", config.tracking.run_name, resolved)
+    if ctx.is_main and run_id is None:
+        tracker.log_params(flatten(config))
         tracker.log_artifact(str(resolved))
         tracker.set_tag("world_size", str(ctx.world_size))
         tracker.set_tag("stage", config.stage.name)
@@ -341,6 +375,7 @@ def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
             group["lr"] = base_lr * group.get("lr_multiplier", 1.0)
         run.optimizer.zero_grad(set_to_none=True)
         finite = forward_backward_step(run, step, window)
+        started = time.perf_counter()
         grad_norm = run.plan.finish_gradients(opt.grad_clip)
         if finite and torch.isfinite(grad_norm):
             run.optimizer.step()
@@ -354,6 +389,7 @@ def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
                     f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last: step {step + 1}); "
                     f"stopping (optimizer.max_consecutive_nonfinite_steps={opt.max_consecutive_nonfinite_steps})"
                 )
+        window.timed("optimizer", time.perf_counter() - started)
 
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             seconds_per_step = window.seconds_per_step()
@@ -362,17 +398,18 @@ def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
             if ctx.is_main:
                 tracker.log_metrics(metrics, step + 1)
                 log.info(
-                    "step %d/%d  loss %.4f  ce %.4f  fm %.4f  grad_norm %.3f  lr %.2e  tokens/s %.0f  "
-                    "step %.3fs  peak %.0f MB  eta %.0fs",
+                    "step %d/%d  loss %.4f  ce %s  fm %s  grad_norm %.3f  lr %.2e  tokens/s %.0f  step %.3fs "
+                    "(data %.3f  fwd+bwd %.3f  optim %.3f  ckpt %.3f)  peak %.0f MB  eta %.0fs",
                     step + 1,
                     config.steps,
                     metrics["loss"],
-                    metrics.get("loss/ce", math.nan),
-                    metrics.get("loss/fm", math.nan),
+                    _value(metrics, "loss/ce"),  # "-": no such tokens in the window's packs
+                    _value(metrics, "loss/fm"),
                     metrics.get("grad_norm", math.nan),
                     metrics["lr"],
                     metrics["throughput/tokens_per_s"],
                     seconds_per_step,
+                    *(metrics[f"time/{phase}_s"] for phase in PHASES),
                     metrics["memory/peak_mb"],
                     eta,
                 )
@@ -392,6 +429,7 @@ def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
         committed = run.checkpointer.poll()
         if committed is not None and ctx.is_main:
             tracker.set_tag("checkpoint", str(committed.resolve()))
+        started = time.perf_counter()
         preempted = watcher.should_stop()
         if preempted or (step + 1) % config.checkpoint.save_every == 0 or step + 1 == config.steps:
             run.checkpointer.save(
@@ -403,16 +441,12 @@ def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
                 named=run.batches.state(),
             )
             log_generation_samples(run, tracker, step + 1)
+        window.timed("checkpoint", time.perf_counter() - started)  # what saving blocked of the step
         if preempted:
             run.checkpointer.wait()
             if ctx.is_main:
                 tracker.set_tag("preempted_at_step", str(step + 1))
-                log.warning(
-                    "preempted: checkpoint of step %d committed; exiting with code %d for requeue",
-                    step + 1,
-                    REQUEUE_EXIT_CODE,
-                )
-            raise Preempted(step + 1)
+            _stop_for_preemption(run, watcher, step + 1, start_step, status_file)
     committed = run.checkpointer.wait()
     if ctx.is_main:
         if committed is not None:
@@ -421,6 +455,8 @@ def _loop(run: Run, watcher: PreemptionWatcher) -> dict[str, float]:
         tracker.finish()
         if tracker.run_id:
             log.info("MLflow run %s; browse with: mlflow ui --backend-store-uri %s", tracker.run_id, tracker.uri)
+        if status_file:
+            write_status(status_file, FINISHED, config.steps, start_step)
     return metrics
 
 
@@ -434,6 +470,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(e.g. --config configs/tiny_cpu.yaml --config configs/stages/midtrain.yaml)",
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--status-file",
+        default=None,
+        help="rank 0 writes the outcome here, one line '<finished|preempted> <step> <start_step>' "
+        "(slurm/train.sbatch requeues a preempted attempt that made progress)",
+    )
     parser.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. optimizer.lr=1e-3 steps=50")
     return parser.parse_args(argv)
 
@@ -447,17 +489,17 @@ def main(argv: list[str] | None = None) -> None:
     import os
 
     config.parallel.validate(int(os.environ.get("WORLD_SIZE", 1)), config.model, config.model.num_experts)
+    config.name_run(launcher_run_id())
     config.check_paths()
-    ctx = init_distributed()
-    logging.basicConfig(
-        level=logging.INFO if ctx.is_main else logging.WARNING,
-        format=f"%(asctime)s [rank {ctx.rank}] %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    if ctx.is_main:
-        log.info("resolved config:\n%s", to_yaml(config))
+    ctx = init_distributed(config.distributed.init_timeout_s)
+    # Libraries say only warnings; this package's progress lines come from rank 0 alone.
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {ctx.rank}] %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("megatron_cosmos3").setLevel(logging.INFO if ctx.is_main else logging.WARNING)
     try:
-        train(config, ctx)
+        layout = preflight(ctx, config.distributed.preflight_timeout_s)
+        if ctx.is_main:
+            log.info("preflight: %s", layout)
+        train(config, ctx, args.status_file)
     finally:
         destroy_parallel()
         if torch.distributed.is_initialized():

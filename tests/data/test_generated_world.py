@@ -8,14 +8,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from generated_world.render import BALL_COLOURS, EFFECTOR_COLOUR  # noqa: E402
-from generated_world.sound import SAMPLE_RATE  # noqa: E402
-from generated_world.world import WorldConfig, generate_sample  # noqa: E402
 from world_helpers import tiny_world  # noqa: F401 - a fixture
 
 from megatron_cosmos3.data.schema import decode_sample, encode_sample
 from megatron_cosmos3.data.shards import ShardIndex, read_shard
-from megatron_cosmos3.encoders.pseudo_actions import BodyPoses, EmbodimentTrajectory, decode_pseudo_actions
+from megatron_cosmos3.encoders.pseudo_actions import decode_pseudo_actions
+from megatron_cosmos3.world.render import BALL_COLOURS, EFFECTOR_COLOUR
+from megatron_cosmos3.world.sound import SAMPLE_RATE
+from megatron_cosmos3.world.world import WorldConfig, agent_start_trajectory, generate_sample
 
 CONFIG = WorldConfig()  # the demo's world: 64x64, 2 s
 
@@ -80,18 +80,7 @@ def test_single_arm_actions_integrate_to_the_effector_the_video_shows(clips):
             rows, cols = np.nonzero(np.abs(clip.video[frame].astype(int) - np.array(EFFECTOR_COLOUR)).sum(-1) < 12)
             return np.array([(cols.mean() + 0.5) / clip.video.shape[2], 1 - (rows.mean() + 0.5) / clip.video.shape[1]])
 
-        start = clip.timing["agent_start"]
-        initial = EmbodimentTrajectory(
-            "single_arm",
-            {
-                part: BodyPoses(
-                    torch.tensor([pose["position"]], dtype=torch.float64),
-                    torch.tensor([pose["quaternion_xyzw"]], dtype=torch.float64),
-                )
-                for part, pose in start["poses"].items()
-            },
-            {"gripper": torch.tensor([start["joints"]["gripper"]])},
-        )
+        initial = agent_start_trajectory("single_arm", clip.timing["agent_start"])
         assert np.abs(initial.poses["end_effector"].positions[0, [0, 2]].numpy() - seen(0)).max() < 1.5 / size
         path = decode_pseudo_actions(torch.from_numpy(clip.actions).double(), initial, strict=False)
         for seconds in (0.5, 1.0, 1.5, 2.0):

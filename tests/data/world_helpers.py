@@ -19,7 +19,7 @@ from megatron_cosmos3.model.packed_batch import PackedBatch
 from megatron_cosmos3.tasks.registry import TASK_REGISTRY
 from megatron_cosmos3.testing.training import tiny_mot_config
 
-DATA_PIPELINES = Path(__file__).resolve().parents[2] / "data_pipelines"  # on sys.path: tests/data/conftest.py
+DATA_PIPELINES = Path(__file__).resolve().parents[2] / "data_pipelines"
 
 
 def load_script(name: str):
@@ -48,7 +48,7 @@ def model_config() -> MoTConfig:
 @functools.cache
 def tiny_world(samples: int = 48, shard_size: int = 6) -> dict[str, Path]:
     """A 32x32, 1 s generated world: {"raw": dir, "latent": dir} (pooled latents), once per process."""
-    from generated_world.world import WorldConfig
+    from megatron_cosmos3.world.world import WorldConfig
 
     generate_world = load_script("generate_world")
     root = Path(tempfile.mkdtemp(prefix="cosmos3_world_"))

@@ -52,6 +52,7 @@ def test_layout_dimensions_and_field_order():
         "humanoid": 57,
         "vehicle": 9,
         "camera": 9,
+        "planar_pusher": 10,
     }
     humanoid = ACTION_LAYOUTS["humanoid"].slices
     assert humanoid["left_wrist.rotation_6d"] == slice(12, 18)

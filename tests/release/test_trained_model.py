@@ -26,8 +26,14 @@ from megatron_cosmos3.release.trained import (
     load_trained_model,
 )
 from megatron_cosmos3.testing.distributed import run_on_ranks
-from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TINY_VISION, TINY_VIT, tiny_mot_config
-from megatron_cosmos3.testing.training import train_on_ranks
+from megatron_cosmos3.testing.training import (
+    TINY_MODEL,
+    TINY_SYNTHETIC,
+    TINY_VISION,
+    TINY_VIT,
+    tiny_mot_config,
+    train_on_ranks,
+)
 
 # Every test here shares the checkpoint a module fixture trains on two forked ranks.
 pytestmark = pytest.mark.multiprocess

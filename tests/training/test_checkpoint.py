@@ -188,8 +188,8 @@ def test_metadata_may_name_enum_members_but_getattr_reaches_nothing_else(tmp_pat
 def test_an_item_declared_as_bytes_is_refused_and_its_payload_never_runs(tmp_path):
     """A .metadata made only of DCP's own classes may declare an item as bytes, which DCP's planner
     would torch.load without weights_only."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
     from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
     model, _ = trained_model(steps=0)
     Checkpointer(tmp_path, async_save=False).save(1, model, None, {}, {})

@@ -1,6 +1,7 @@
 """The main job for real: torchrun with 2 gloo processes, MLflow run, committed checkpoint, resume."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,15 @@ def test_two_process_training_logs_to_mlflow_checkpoints_and_resumes(tmp_path):
     assert {"loss/ce", "loss/fm", "grad_norm", "lr", "throughput/tokens_per_s", "data/samples_used"} <= set(
         run.data.metrics
     )
+    # The step-time breakdown, per step, as the log line shows it.
+    phases = ("data_wait", "forward_backward", "optimizer", "checkpoint")
+    assert {f"time/{phase}_s" for phase in phases} | {"time/data_wait_share"} <= set(run.data.metrics)
+    assert run.data.metrics["time/forward_backward_s"] > 0
+    assert re.search(r"step 10/10 .* \(data [\d.]+  fwd\+bwd [\d.]+  optim [\d.]+  ckpt [\d.]+\)", first.stderr)
+    # What an operator reads: the resolved config named once (saved with the run), no library chatter.
+    assert first.stderr.count("resolved config in") == 1 and (tmp_path / "ckpt" / "config.yaml").is_file()
+    assert "Detected Megatron Core" not in first.stderr and "ce nan" not in first.stderr
+    assert "Creating initial MLflow database tables" not in first.stderr + first.stdout
 
     # Resume: the next launch continues from step 10 in the same MLflow run.
     second = run_trainer(tmp_path, "steps=15")
@@ -97,7 +107,7 @@ def test_two_process_training_logs_to_mlflow_checkpoints_and_resumes(tmp_path):
 def test_invalid_config_fails_before_any_process_group(monkeypatch):
     from megatron_cosmos3.training import train as train_module
 
-    monkeypatch.setattr(train_module, "init_distributed", lambda: pytest.fail("a process group was started"))
+    monkeypatch.setattr(train_module, "init_distributed", lambda *_: pytest.fail("a process group was started"))
     with pytest.raises(ValueError, match="num_attention_heads=4 must be a multiple of num_kv_heads=3"):
         train_module.main(["--config", str(REPO / "configs/tiny_cpu.yaml"), "model.num_kv_heads=3"])
     with pytest.raises(Exception, match="lrr"):

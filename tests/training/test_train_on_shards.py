@@ -3,7 +3,6 @@ resumes mid-epoch with exactly the next pack, and two processes train from the s
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from megatron_cosmos3.data.media import encode_json
 from megatron_cosmos3.data.schema import Sample, encode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter
 from megatron_cosmos3.testing.distributed import run_on_ranks
-from megatron_cosmos3.testing.training import TINY_MODEL, loss_history, train_on_ranks
+from megatron_cosmos3.testing.training import TINY_MODEL, child_processes, loss_history, train_on_ranks
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.batches import MicroBatches
 from megatron_cosmos3.training.config import load_config
@@ -88,8 +87,11 @@ def test_preempted_mid_epoch_resumes_with_the_exact_next_pack(tmp_path, world, w
     real = MicroBatches.get
 
     def signalled(self, step, micro):
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGUSR1)
+        if step == 2:  # as SLURM does: every process of the job, the loader's workers included
+            loader_workers = child_processes(os.getpid())
+            assert len(loader_workers) >= workers, loader_workers  # the signal must reach them
+            for name in ("USR1", "TERM"):  # from another process, as slurmstepd (not from their parent)
+                subprocess.run(["kill", "-s", name, str(os.getpid()), *map(str, loader_workers)], check=True)
         return real(self, step, micro)
 
     monkeypatch.setattr(MicroBatches, "get", signalled)

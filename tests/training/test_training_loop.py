@@ -67,16 +67,36 @@ def test_preempted_and_resumed_run_gives_the_same_losses_and_weights_bit_for_bit
     monkeypatch.setattr(MicroBatches, "get", signalled_during_step_4)
     interrupted = config_for(tmp_path, "resumed", "steps=8", "checkpoint.save_every=100")
     with pytest.raises(train_module.Preempted) as stop:
-        train_module.train(interrupted, CPU)
-    assert stop.value.code == 3 and stop.value.step == 4
+        train_module.train(interrupted, CPU, status_file=str(tmp_path / "status"))
+    assert stop.value.code == 0 and (stop.value.step, stop.value.start_step) == (4, 0)
+    assert (tmp_path / "status").read_text() == "preempted 4 0\n"
     assert latest_checkpoint(interrupted.checkpoint.directory).name == "step_00000004"
     monkeypatch.setattr(MicroBatches, "get", real)
     second_half = interrupted
-    train_module.train(second_half, CPU)  # resumes at step 4 from the committed checkpoint
+    train_module.train(second_half, CPU, status_file=str(tmp_path / "status"))  # resumes at step 4
+    assert (tmp_path / "status").read_text() == "finished 8 4\n"
     assert run_losses(tmp_path, "resumed") == run_losses(tmp_path, "straight")  # one MLflow run, continued
     want, got = final_weights(straight), final_weights(second_half)
     for name in want:
         assert torch.equal(want[name], got[name]), name
+
+
+def test_a_signal_before_the_first_step_stops_with_no_progress_and_no_new_checkpoint(tmp_path, monkeypatch):
+    """The time limit shorter than the signal lead plus start-up: the attempt reports no progress
+    (slurm/train.sbatch then ends the job instead of requeuing it forever)."""
+    real = train_module.resume_or_initialise
+
+    def signalled_during_start_up(run):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return real(run)
+
+    monkeypatch.setattr(train_module, "resume_or_initialise", signalled_during_start_up)
+    config = config_for(tmp_path, "start_up", "steps=4")
+    with pytest.raises(train_module.Preempted) as stop:
+        train_module.train(config, CPU, status_file=str(tmp_path / "status"))
+    assert (stop.value.step, stop.value.start_step) == (0, 0)
+    assert (tmp_path / "status").read_text() == "preempted 0 0\n"
+    assert latest_checkpoint(config.checkpoint.directory) is None
 
 
 def test_stage_change_loads_weights_freezes_and_adds_an_embodiment(tmp_path):
@@ -398,23 +418,10 @@ def test_paths_are_checked_by_field_before_any_process_group(tmp_path, monkeypat
             f"data.datasets=[{{name: w, shards: [{tmp_path / 'no_index'}]}}]",
         ],
     }
-    monkeypatch.setattr(train_module, "init_distributed", lambda: pytest.fail("a process group was started"))
+    monkeypatch.setattr(train_module, "init_distributed", lambda *_: pytest.fail("a process group was started"))
     for message, overrides in cases.items():
         with pytest.raises(ValueError, match=message):
             train_module.main([*TINY, *overrides])
-
-
-def _children(pid: int) -> list[int]:
-    """Live processes whose parent is ``pid`` (Linux /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
 
 
 def _alive(pid: int) -> bool:
@@ -433,7 +440,7 @@ def test_workers_die_with_a_killed_torchrun_and_the_restart_resumes_bit_exact(tm
     import subprocess
     import time
 
-    from megatron_cosmos3.testing.training import TRAINER_ENV, trainer_command, torchrun_trainer
+    from megatron_cosmos3.testing.training import TRAINER_ENV, child_processes, torchrun_trainer, trainer_command
 
     steps = ["steps=10", "checkpoint.save_every=1", "optimizer.schedule=constant"]
     straight = config_for(tmp_path, "straight", *steps)
@@ -450,7 +457,7 @@ def test_workers_die_with_a_killed_torchrun_and_the_restart_resumes_bit_exact(tm
         while not (root / "latest").exists() and time.monotonic() < deadline and launcher.poll() is None:
             time.sleep(0.05)
         time.sleep(random.uniform(0.0, 0.3))  # anywhere in a step or a save
-        workers = _children(launcher.pid)
+        workers = child_processes(launcher.pid)
         assert workers and launcher.poll() is None, "the run ended before it could be killed"
         launcher.kill()
         launcher.wait()
@@ -470,3 +477,38 @@ def test_workers_die_with_a_killed_torchrun_and_the_restart_resumes_bit_exact(tm
     want, got = final_weights(straight), final_weights(killed)
     for name in want:
         assert torch.equal(want[name], got[name]), name
+
+
+@pytest.mark.multiprocess
+def test_sigterm_to_plain_torchrun_checkpoints_every_rank_after_one_step_and_reports_preempted(tmp_path):
+    """Without SLURM: torchrun passes SIGTERM on to its workers, which checkpoint after the same
+    step within torchrun's grace period and write the outcome line."""
+    import re
+    import subprocess
+
+    from megatron_cosmos3.testing.training import TRAINER_ENV, trainer_command
+
+    root, status = tmp_path / "ckpt", tmp_path / "status"
+    args = [*TINY, "steps=100000", "checkpoint.save_every=100000", f"checkpoint.directory={root}"]
+    args += [f"tracking.tracking_uri={tmp_path / 'mlflow.db'}", "--status-file", str(status)]
+    launcher = subprocess.Popen(
+        trainer_command(2, *args),
+        cwd=tmp_path,
+        env=TRAINER_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in launcher.stderr:  # rank 0 logs every step (log_every=1)
+            if re.search(r"\] step 3/100000 ", line):
+                break
+        launcher.send_signal(signal.SIGTERM)
+        rest = launcher.stderr.read()
+        launcher.wait(timeout=120)
+    finally:
+        launcher.kill()
+    outcome, step, start_step = status.read_text().split()
+    assert outcome == "preempted" and int(step) >= 3 and start_step == "0", rest[-3000:]
+    assert f"preempted (SIGTERM): checkpoint of step {step} committed" in rest
+    assert latest_checkpoint(root).name == f"step_{int(step):08d}"

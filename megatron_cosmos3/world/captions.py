@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from generated_world.physics import Event
+from megatron_cosmos3.world.physics import Event
 
 _NUMBERS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
-_EMBODIMENT_NAMES = {"single_arm": "A single-arm robot", "humanoid": "A humanoid"}
+_EMBODIMENT_NAMES = {"single_arm": "A single-arm robot", "humanoid": "A humanoid", "planar_pusher": "A planar pusher"}
 
 
 def number(n: int) -> str:
@@ -51,6 +51,13 @@ def clip_caption(colours: list[str], events: list[Event], embodiment: str | None
     return " ".join(parts)
 
 
+def task_caption(embodiment: str, instruction: str, success: bool) -> str:
+    """What an expert demonstration shows: the embodiment doing (or attempting) the instruction."""
+    goal = instruction[0].lower() + instruction[1:]
+    verb = "does as told" if success else "tries but does not finish in time"
+    return f"{_EMBODIMENT_NAMES[embodiment]} {verb}: {goal}"
+
+
 def _where(x: float, z: float) -> str:
     side = "on the left" if x < 1 / 3 else "on the right" if x > 2 / 3 else "in the middle"
     height = "near the floor" if z < 1 / 3 else "near the top" if z > 2 / 3 else "halfway up"
@@ -71,6 +78,9 @@ def instruction(embodiment: str, start: np.ndarray, end: np.ndarray, opening: tu
     grip = "opening" if opening[1] > opening[0] else "closing"
     if embodiment == "single_arm":
         return f"Move the gripper {horizontal} and {vertical}, {grip} it, and push any ball in the way."
+    if embodiment == "planar_pusher":
+        reach = "extending" if opening[1] > opening[0] else "retracting"
+        return f"Move the pusher {horizontal} and {vertical}, {reach} it, and push any ball in the way."
     return f"Walk and move the hands {horizontal} and {vertical}, {grip} them, and push any ball in the way."
 
 

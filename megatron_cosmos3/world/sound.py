@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from generated_world.physics import Event
+from megatron_cosmos3.world.physics import Event
 
 SAMPLE_RATE = 48_000
 RING_S = 0.2  # seconds each impact sound lasts

@@ -13,6 +13,8 @@ import numpy as np
 BALL_COLOURS = {"red": (220, 50, 47), "blue": (38, 110, 210), "green": (60, 170, 70), "yellow": (235, 195, 40)}
 EFFECTOR_COLOUR = (70, 70, 80)
 HAND_COLOUR = (225, 150, 110)
+PUSHER_COLOUR = (120, 60, 150)
+EMBODIMENT_COLOURS = {"single_arm": EFFECTOR_COLOUR, "humanoid": HAND_COLOUR, "planar_pusher": PUSHER_COLOUR}
 MARK_COLOUR = (250, 250, 250)
 
 

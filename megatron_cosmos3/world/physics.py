@@ -23,6 +23,7 @@ EFFECTOR_RESTITUTION = 0.8
 SOUND_SPEED = 0.3  # m/s: slower impacts are resting contact, silent and not events
 CONTACT_S = 0.05  # a repeat impact of the same pair within this time is the same contact, one event
 BOX = 1.0
+_AXES = np.eye(2)
 
 
 @dataclass
@@ -44,11 +45,13 @@ Effector = Callable[[float], tuple[np.ndarray, np.ndarray, float]]
 
 @dataclass
 class Simulation:
-    """States at every physics step: positions (steps + 1, B, 2), the events in time order."""
+    """States at every physics step: positions (steps + 1, B, 2), the events in time order, and the
+    velocities (B, 2) after the last step (where a continued run starts)."""
 
     positions: np.ndarray
     radii: np.ndarray
     events: list[Event]
+    final_velocities: np.ndarray
 
     def at(self, time: float) -> np.ndarray:
         """(B, 2) ball centres at ``time`` seconds (a step time)."""
@@ -60,7 +63,7 @@ def simulate(
 ) -> Simulation:
     """Runs the box for ``duration_s`` from initial (B, 2) positions and velocities."""
     p, v, r = positions.astype(np.float64).copy(), velocities.astype(np.float64).copy(), radii.astype(np.float64)
-    mass = r**2
+    mass, ball_radius = r**2, r.tolist()
     dt = 1.0 / PHYSICS_RATE
     steps = int(round(duration_s * PHYSICS_RATE))
     history = np.empty((steps + 1, len(r), 2))
@@ -71,7 +74,9 @@ def simulate(
         v[:, 1] -= GRAVITY * dt
         p += v * dt
         for i in range(len(r)):
-            _walls(i, p, v, r, time, events)
+            x, z = p[i].tolist()
+            if not (ball_radius[i] <= x <= BOX - ball_radius[i] and ball_radius[i] <= z <= BOX - ball_radius[i]):
+                _walls(i, p, v, r, time, events)  # only near a wall: the loop is the generator's hot spot
         for i in range(len(r)):
             for j in range(i + 1, len(r)):
                 _ball_pair(i, j, p, v, r, mass, time, events)
@@ -80,7 +85,7 @@ def simulate(
             for i in range(len(r)):
                 _push(i, e, centre, velocity, radius, p, v, r, time, events)
         history[step] = p
-    return Simulation(history, r, events)
+    return Simulation(history, r, events, v)
 
 
 def _bounce(speed: float, restitution: float) -> float:
@@ -93,14 +98,22 @@ def _walls(i, p, v, r, time, events) -> None:
         if p[i, axis] < r[i] and v[i, axis] < 0:
             speed = -v[i, axis]
             p[i, axis], v[i, axis] = r[i], _bounce(speed, WALL_RESTITUTION)
-            _record(events, time, p[i] - np.eye(2)[axis] * r[i], speed, low_kind, i)
+            _record(events, time, p[i] - _AXES[axis] * r[i], speed, low_kind, i)
         elif p[i, axis] > BOX - r[i] and v[i, axis] > 0:
             speed = v[i, axis]
             p[i, axis], v[i, axis] = BOX - r[i], -_bounce(speed, WALL_RESTITUTION)
-            _record(events, time, p[i] + np.eye(2)[axis] * r[i], speed, high_kind, i)
+            _record(events, time, p[i] + _AXES[axis] * r[i], speed, high_kind, i)
+
+
+def _apart(a: np.ndarray, b: np.ndarray, reach: float) -> bool:
+    """Surely farther apart than ``reach`` (a cheap float test before the exact one)."""
+    (ax, az), (bx, bz) = a.tolist(), b.tolist()
+    return (ax - bx) ** 2 + (az - bz) ** 2 > reach * reach * (1.0 + 1e-9)
 
 
 def _ball_pair(i, j, p, v, r, mass, time, events) -> None:
+    if _apart(p[i], p[j], float(r[i] + r[j])):
+        return
     offset = p[j] - p[i]
     distance = float(np.hypot(*offset))
     if distance >= r[i] + r[j] or distance == 0.0:
@@ -120,6 +133,8 @@ def _ball_pair(i, j, p, v, r, mass, time, events) -> None:
 
 
 def _push(i, e, centre, velocity, radius, p, v, r, time, events) -> None:
+    if _apart(p[i], np.asarray(centre), float(r[i] + radius)):
+        return
     offset = p[i] - centre
     distance = float(np.hypot(*offset))
     if distance >= r[i] + radius or distance == 0.0:

@@ -1,0 +1,103 @@
+"""The evaluation report: every metric's value with two reference rows measured by the same code,
+the oracle (ground truth through the metric: the best possible) and chance (a random or untrained
+prediction), serialisable to JSON and flattenable to MLflow metric names (docs/DESIGN.md,
+"Evaluation")."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+REFERENCES = ("model", "oracle", "chance")
+# MLflow's metric-name alphabet; "/" nests names in its UI.
+_NAME = re.compile(r"^[A-Za-z0-9_\-./ ]+$")
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """One metric of one task: ``name`` like ``forward_dynamics/psnr_db``; ``model``, ``oracle``
+    and ``chance`` its value for the evaluated model and the two references (NaN: not measured);
+    ``unit`` for people; ``higher_is_better`` says which way is good; ``note`` what the
+    references were (e.g. "scale: dataset std")."""
+
+    name: str
+    model: float
+    oracle: float
+    chance: float
+    unit: str = ""
+    higher_is_better: bool = True
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name or not _NAME.match(self.name) or self.name.startswith("/") or "//" in self.name:
+            raise ValueError(f"metric name {self.name!r} must be letters, digits, '_-./ ', in '/'-separated parts")
+        for reference in REFERENCES:
+            value = getattr(self, reference)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{self.name}.{reference} must be a number, got {value!r}")
+            object.__setattr__(self, reference, float(value))
+
+    @classmethod
+    def measure(
+        cls,
+        name: str,
+        score: Callable[[Any], float],
+        model: Any,
+        oracle: Any,
+        chance: Any,
+        unit: str = "",
+        higher_is_better: bool = True,
+        note: str = "",
+    ) -> MetricRow:
+        """The row of one metric: ``score`` (a prediction -> its value against the truth it
+        closes over) applied alike to the model's prediction, the oracle's (the truth, or the true
+        media where the metric reads media) and chance's (a random or untrained prediction)."""
+        return cls(name, score(model), score(oracle), score(chance), unit, higher_is_better, note)
+
+
+@dataclass
+class EvalReport:
+    """Rows in the order added; ``meta`` says what was evaluated (checkpoint, step, seeds ...)."""
+
+    rows: list[MetricRow] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    def add(self, row: MetricRow) -> MetricRow:
+        if any(r.name == row.name for r in self.rows):
+            raise ValueError(f"the report already has a metric named {row.name!r}")
+        self.rows.append(row)
+        return row
+
+    def __getitem__(self, name: str) -> MetricRow:
+        for row in self.rows:
+            if row.name == name:
+                return row
+        raise KeyError(f"no metric {name!r} in the report; it has {[r.name for r in self.rows]}")
+
+    def to_json(self) -> str:
+        """Standard JSON: a value not measured (NaN) or unbounded (inf) is written as null."""
+        clean = lambda v: v if isinstance(v, float) and math.isfinite(v) else None  # noqa: E731
+        rows = [{k: clean(v) if k in REFERENCES else v for k, v in asdict(row).items()} for row in self.rows]
+        return json.dumps({"meta": self.meta, "rows": rows}, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> EvalReport:
+        data = json.loads(text)
+        rows = [
+            MetricRow(**{k: (float("nan") if v is None else v) if k in REFERENCES else v for k, v in row.items()})
+            for row in data["rows"]
+        ]
+        return cls(rows, data.get("meta", {}))
+
+    def mlflow_metrics(self, prefix: str = "eval") -> dict[str, float]:
+        """``{prefix}/{name}/{model|oracle|chance}`` -> value, finite values only (MLflow's log_batch)."""
+        return {
+            f"{prefix}/{row.name}/{reference}": getattr(row, reference)
+            for row in self.rows
+            for reference in REFERENCES
+            if math.isfinite(getattr(row, reference))
+        }

@@ -1,0 +1,376 @@
+"""``cosmos3-generate``: videos, sounds, trajectories and text from a trained checkpoint
+(docs/DESIGN.md, "Generation").
+
+    cosmos3-generate --checkpoint outputs/demo/checkpoints --task text_to_audio_video \\
+        --prompt "a red ball bounces" --duration 2 --resolution 64x64 --out generated/
+    cosmos3-generate --checkpoint CKPT --requests requests.jsonl --out generated/
+    torchrun --nproc-per-node 2 -m megatron_cosmos3.release.generate_cli --tensor-parallel 2 ...
+
+One request comes from the flags, or many from a JSONL file (one object per line, keys as the flags
+in snake_case; relative paths are relative to the file's folder). The checkpoint is a ``step_<N>``
+folder, a checkpoint directory (its ``latest``) or a release folder, saved under any layout
+(``release.trained.load_trained_model``). Every request's files go to ``OUT/<name>/`` (default
+name ``NNN_<task>``) as ``inference.media_outputs.write_generated_sample`` writes them, each with
+its sidecar JSON. Under ``torchrun`` every rank runs the model's part under ``--tensor-parallel``
+and rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import textwrap
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron_cosmos3.data.errors import SampleError
+from megatron_cosmos3.data.latent_encoders import latent_encoder_from_config
+from megatron_cosmos3.data.media import decode_image, decode_npy, decode_video_file, decode_wav
+from megatron_cosmos3.encoders.action_normalization import ActionStats
+from megatron_cosmos3.inference.generation import generate
+from megatron_cosmos3.inference.media_outputs import GeneratedSample, GenerationRecord, write_generated_sample
+from megatron_cosmos3.inference.requests import GenerationRequest, generation_builder, required_inputs
+from megatron_cosmos3.inference.solvers import SOLVERS
+from megatron_cosmos3.inference.text_generation import TextPrompt, TextSampling, generate_text
+from megatron_cosmos3.parallel.sizes import ParallelSizes
+from megatron_cosmos3.release.trained import CheckpointLoadError, TrainedModel, load_trained_model
+from megatron_cosmos3.tasks.registry import TASK_REGISTRY
+from megatron_cosmos3.training.distributed import init_distributed
+
+log = logging.getLogger("cosmos3-generate")
+
+TEXT_TASKS = tuple(name for name, spec in TASK_REGISTRY.items() if not spec.dm)
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov")
+
+
+class RequestError(ValueError):
+    """A request that cannot be generated: names the request, the field and the value."""
+
+
+# What a request may say besides its generation settings: conditioning files, text sampling, name.
+INPUT_FILES = ("image", "video", "audio", "actions")
+TEXT_SETTINGS = {f.name: f.default for f in fields(TextSampling)}
+# GenerationRequest fields a user gives as values (its arrays come from INPUT_FILES).
+SETTINGS = tuple(f.name for f in fields(GenerationRequest) if f.name not in (*INPUT_FILES, "audio_sample_rate"))
+
+
+@dataclass
+class RequestSpec:
+    """One request as the user wrote it (flags or a JSONL line), files still unread.
+
+    settings: ``GenerationRequest`` fields (task, prompt, embodiment, length, resolution, sampler) —
+    for ``understanding`` the prompt is the question — and the ``TextSampling`` fields
+    (max_new_tokens, temperature, top_p). files: role (``INPUT_FILES``) -> path, relative ones
+    resolved against ``base``. name: the output subfolder.
+    """
+
+    settings: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)
+    name: str | None = None
+    base: Path = Path(".")
+
+    @property
+    def task(self) -> str:
+        return self.settings["task"]
+
+    @classmethod
+    def from_mapping(cls, values: Any, where: str, base: Path = Path(".")) -> RequestSpec:
+        """From a JSON object or the flags (unset ones None); unknown keys and a missing task are
+        errors naming them."""
+        if not isinstance(values, dict):
+            raise RequestError(f"{where}: a request is a JSON object, got {type(values).__name__}")
+        known = {*SETTINGS, *TEXT_SETTINGS, *INPUT_FILES, "name"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise RequestError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+        given = {key: value for key, value in values.items() if value is not None}
+        if "task" not in given:
+            raise RequestError(f"{where}: no 'task' (one of {sorted(TASK_REGISTRY)})")
+        if "resolution" in given:
+            given["resolution"] = _resolution(given["resolution"], f"{where}: resolution")
+        files = {role: str(given.pop(role)) for role in INPUT_FILES if role in given}
+        return cls(given, files, given.pop("name", None), base)
+
+    def path(self, role: str) -> Path | None:
+        return self.base / self.files[role] if role in self.files else None
+
+    def conditioning(self) -> dict[str, str]:
+        return {role: str(self.path(role)) for role in self.files}
+
+    def generation_settings(self) -> dict[str, Any]:
+        return {key: value for key, value in self.settings.items() if key in SETTINGS}
+
+    def text_sampling(self, where: str) -> TextSampling:
+        try:
+            return TextSampling(**{key: v for key, v in self.settings.items() if key in TEXT_SETTINGS})
+        except (TypeError, ValueError) as error:
+            raise RequestError(f"{where}: {error}") from None
+
+
+def _resolution(value: Any, where: str) -> tuple[int, int]:
+    """'64x48', [64, 48] or (64, 48) -> (height, width)."""
+    try:
+        parts = value.lower().split("x") if isinstance(value, str) else list(value)
+        height, width = (int(part) for part in parts)
+        return height, width
+    except (TypeError, ValueError, AttributeError):
+        raise RequestError(f"{where}={value!r}: expected HEIGHTxWIDTH, e.g. 64x64") from None
+
+
+def read_input(role: str, path: Path, where: str):
+    """The conditioning input ``role`` from ``path``: image (H, W, 3) uint8; video (frames, fps or
+    None); audio (waveform, sample rate); actions (N, dim) float32."""
+    if not path.is_file():
+        raise RequestError(f"{where}: {role}={str(path)!r} is not a file")
+    data, name = path.read_bytes(), str(path)
+    suffix = path.suffix.lower()
+    try:
+        if role == "image":
+            return decode_image(data, name)
+        if role == "video":
+            if suffix == ".npy":
+                frames = decode_npy(data, name)
+                if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+                    raise RequestError(
+                        f"{where}: video {name} holds {frames.dtype} {frames.shape}; want (T, H, W, 3) uint8"
+                    )
+                return frames, None
+            if suffix in VIDEO_SUFFIXES:
+                return decode_video_file(data, name)
+            raise RequestError(f"{where}: video {name}: want .npy or one of {VIDEO_SUFFIXES}")
+        if role == "audio":
+            if suffix != ".wav":
+                raise RequestError(f"{where}: audio {name}: want a .wav file")
+            return decode_wav(data, name)
+        actions = decode_npy(data, name)
+        if actions.ndim != 2 or not np.issubdtype(actions.dtype, np.floating):
+            raise RequestError(f"{where}: actions {name} holds {actions.dtype} {actions.shape}; want (N, dim) floats")
+        return actions.astype(np.float32)
+    except SampleError as error:
+        raise RequestError(f"{where}: {error}") from None
+
+
+def generation_request(spec: RequestSpec, where: str) -> GenerationRequest:
+    """The sampler's request for ``spec`` with its files read (a video file's frame rate is the
+    clip's unless the request gives one)."""
+    inputs: dict[str, Any] = {}
+    for role in spec.files:
+        value = read_input(role, spec.path(role), where)
+        if role == "video":
+            inputs["video"], fps = value
+            if fps and "fps" not in spec.settings:
+                inputs["fps"] = fps
+        elif role == "audio":
+            inputs["audio"], inputs["audio_sample_rate"] = value
+        else:
+            inputs[role] = value
+    try:
+        return GenerationRequest(**spec.generation_settings(), **inputs)
+    except TypeError as error:
+        raise RequestError(f"{where}: {error}") from None
+
+
+def merged_action_stats(trained: TrainedModel, dataset: str | None) -> ActionStats | None:
+    """One embodiment -> statistics map for the builder: ``dataset``'s, or for each embodiment the
+    first dataset (in config order) that has it."""
+    if dataset is not None:
+        if dataset not in trained.action_stats:
+            raise RequestError(
+                f"--action-stats {dataset!r}: no such dataset with statistics; have {sorted(trained.action_stats)}"
+            )
+        return trained.action_stats[dataset]
+    merged = {}
+    for stats in trained.action_stats.values():
+        for kind, embodiment in stats.embodiments.items():
+            merged.setdefault(kind, embodiment)
+    return ActionStats(merged) if merged else None
+
+
+def _trained_check(spec: RequestSpec, trained: TrainedModel, where: str) -> None:
+    if spec.task not in TASK_REGISTRY:
+        raise RequestError(f"{where}: unknown task {spec.task!r}; known tasks: {sorted(TASK_REGISTRY)}")
+    if spec.task not in trained.tasks:
+        raise RequestError(
+            f"{where}: task {spec.task!r}: the checkpoint was not trained for it (trained: {sorted(trained.tasks)})"
+        )
+
+
+def run_requests(trained: TrainedModel, specs: list[RequestSpec], out: Path, action_stats: str | None, write: bool):
+    """Generates ``specs`` (collective under a plan) and, where ``write``, writes each one's folder.
+    Returns the folders (empty where not ``write``)."""
+    config = trained.config
+    tokenizer = trained.tokenizer()
+    model = trained.model
+    decoder = latent_encoder_from_config(
+        config.data.encoders, model.config.video_latent_channels, model.config.audio_latent_dim
+    )
+    builder = generation_builder(model.config, tokenizer, decoder, merged_action_stats(trained, action_stats))
+    names = [spec.name or f"{i:03d}_{spec.task}" for i, spec in enumerate(specs)]
+    if len(set(names)) != len(names):
+        raise RequestError(f"two requests write to the same folder: names {names}")
+    dm, text = [], []
+    for i, spec in enumerate(specs):
+        where = f"request {names[i]}"
+        _trained_check(spec, trained, where)
+        (text if spec.task in TEXT_TASKS else dm).append(i)
+    requests = {i: generation_request(specs[i], f"request {names[i]}") for i in dm}
+    folders = []
+    try:
+        results = (
+            generate(model, [requests[i] for i in dm], builder, plan=trained.plan, trained_tasks=trained.tasks)
+            if dm
+            else []
+        )
+    except ValueError as error:
+        raise RequestError(str(error)) from None
+    step = trained.step
+    for i, result in zip(dm, results):
+        if write:
+            record = result.record(str(trained.source), step, specs[i].conditioning())
+            write_generated_sample(out / names[i], result.sample, record, decoder)
+            folders.append(out / names[i])
+    for i in text:
+        spec = specs[i]
+        where = f"request {names[i]}"
+        picture = read_input("image", spec.path("image"), where) if "image" in spec.files else None
+        sampling = spec.text_sampling(where)
+        question, seed = spec.settings.get("prompt", ""), spec.settings.get("seed", 0)
+        prompt = TextPrompt(tokenizer.encode(question), picture)
+        (generated,) = generate_text(model, [prompt], sampling, seeds=seed, tokenizer=tokenizer)
+        if write:
+            record = GenerationRecord(
+                spec.task,
+                question,
+                seed,
+                "greedy" if sampling.greedy else "nucleus",
+                len(generated.token_ids),
+                1.0,
+                str(trained.source),
+                step,
+                spec.conditioning(),
+                {
+                    "max_new_tokens": sampling.max_new_tokens,
+                    "temperature": sampling.temperature,
+                    "top_p": sampling.top_p,
+                    "stopped_at_eos": generated.stopped_at_eos,
+                    "token_ids": generated.token_ids,
+                },
+            )
+            write_generated_sample(out / names[i], GeneratedSample(text=generated.text), record, decoder)
+            folders.append(out / names[i])
+    return folders
+
+
+def read_requests(path: Path) -> list[RequestSpec]:
+    """The requests of a JSONL file (blank lines and lines starting with '#' skipped)."""
+    if not path.is_file():
+        raise RequestError(f"--requests {str(path)!r} is not a file")
+    specs = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        where = f"{path}:{number}"
+        try:
+            document = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise RequestError(f"{where}: not JSON ({error})") from None
+        specs.append(RequestSpec.from_mapping(document, where, path.parent))
+    if not specs:
+        raise RequestError(f"--requests {str(path)!r} holds no request")
+    return specs
+
+
+def task_table() -> str:
+    """The --help epilog: every task and what a request of it needs."""
+    lines = ["tasks (and what each needs besides --prompt):"]
+    for name, spec in TASK_REGISTRY.items():
+        needs = required_inputs(spec) if spec.dm else ["optional --image; the prompt is the question"]
+        lines.append(f"  {name:<22} {', '.join(needs) or '-'}")
+    lines.append(
+        textwrap.dedent(
+            """
+            flags for the inputs: image -> --image, video -> --video (.mp4/.webm/.mkv/.mov or a
+            (T, H, W, 3) uint8 .npy with --fps), audio -> --audio (.wav), actions -> --actions
+            ((N, dim) .npy, physical units), embodiment -> --embodiment, duration -> --duration or
+            --num-frames (1 + 4k), resolution -> --resolution HxW (multiples of 32). A task the
+            checkpoint was not trained for is refused."""
+        )
+    )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cosmos3-generate",
+        description="Generate from a trained megatron_cosmos3 checkpoint in every mode it was trained for.",
+        epilog=task_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="a step_<N> folder, a checkpoint directory or a release folder"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="folder for the outputs (one subfolder per request)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--task", choices=sorted(TASK_REGISTRY), help="one request from the flags below")
+    which.add_argument("--requests", type=Path, help="a JSONL file of requests (keys as these flags, snake_case)")
+    parser.add_argument("--prompt", default="", help="caption, instruction or question")
+    parser.add_argument("--image", help="conditioning image / observation (png, jpg)")
+    parser.add_argument("--video", help="conditioning video (.mp4/.webm/.mkv/.mov, or .npy frames)")
+    parser.add_argument("--audio", help="conditioning audio (.wav)")
+    parser.add_argument("--actions", help="conditioning actions, (N, dim) .npy in physical units")
+    parser.add_argument("--embodiment", help="whose actions are conditioned on or generated")
+    parser.add_argument("--duration", dest="duration_s", type=float, help="clip length in seconds")
+    parser.add_argument("--num-frames", type=int, help="clip length in frames (1 + 4k); wins over --duration")
+    parser.add_argument("--fps", type=float, help="frame rate (default: the conditioning video's, else 24)")
+    parser.add_argument(
+        "--resolution", help="HEIGHTxWIDTH in pixels, multiples of 32 (default: the conditioning picture's)"
+    )
+    parser.add_argument("--steps", type=int, default=8, help="denoising steps (default 8)")
+    parser.add_argument("--solver", choices=SOLVERS, default="euler")
+    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--shift", type=float, default=1.0, help="timestep shift (1 = none)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="text: most tokens generated")
+    parser.add_argument("--temperature", type=float, default=0.0, help="text: 0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="text: nucleus probability")
+    parser.add_argument("--name", help="output subfolder (default NNN_<task>)")
+    parser.add_argument("--action-stats", help="the dataset whose action statistics un-normalise actions")
+    parser.add_argument("--tensor-parallel", type=int, default=1, help="under torchrun: tensor-parallel ranks")
+    return parser
+
+
+def specs_from_args(args: argparse.Namespace) -> list[RequestSpec]:
+    if args.requests is not None:
+        return read_requests(args.requests)
+    known = {*SETTINGS, *TEXT_SETTINGS, *INPUT_FILES, "name"}
+    return [RequestSpec.from_mapping({k: v for k, v in vars(args).items() if k in known}, "the flags")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ctx = init_distributed()
+    try:
+        specs = specs_from_args(args)
+        parallel = ParallelSizes(tensor=args.tensor_parallel)
+        trained = load_trained_model(args.checkpoint, device=ctx.device, parallel=parallel)
+        folders = run_requests(trained, specs, args.out, args.action_stats, write=ctx.is_main)
+    except (RequestError, CheckpointLoadError, ValueError) as error:  # bad requests, inputs or checkpoints
+        print(f"cosmos3-generate: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    for folder in folders:
+        log.info("wrote %s", folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""What a generated world holds: picture size, clip length, frame and action rates, which
+embodiments act, and the mix of stills, clips and expert demonstrations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_cosmos3.world.agents import EMBODIMENT_RATES
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """resolution: frame side in pixels (a multiple of 32). duration_s: clip length; frames, audio
+    and poses all span it exactly. action_rates: embodiment -> poses per second. embodiments: the
+    ones that act in the clips — the held-out ``planar_pusher`` is left out of pre- and
+    mid-training data by default (docs/DESIGN.md, "The generated world"). demonstration_fraction:
+    the share of samples that are an expert solving an environment task (``world/demonstrations.py``)
+    instead of a random-motion clip or a still."""
+
+    resolution: int = 64
+    duration_s: float = 2.0
+    fps_choices: tuple[float, ...] = (16.0, 24.0, 30.0)
+    action_rates: dict = field(default_factory=lambda: dict(EMBODIMENT_RATES))
+    embodiments: tuple[str, ...] = ("single_arm", "humanoid")
+    still_fraction: float = 0.15
+    agent_fraction: float = 0.7
+    question_fraction: float = 0.3
+    max_balls: int = 3
+    demonstration_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        unknown = [kind for kind in self.embodiments if kind not in self.action_rates]
+        if unknown or not self.embodiments:
+            raise ValueError(
+                f"embodiments={list(self.embodiments)} must be a non-empty subset of {sorted(self.action_rates)}"
+            )
+        if not 0.0 <= self.demonstration_fraction <= 1.0:
+            raise ValueError(f"demonstration_fraction={self.demonstration_fraction} must be in [0, 1]")
+        if self.resolution % 32 or self.resolution <= 0:
+            raise ValueError(f"resolution={self.resolution} must be a positive multiple of 32")
+        for rate in (*self.fps_choices, *self.action_rates.values()):
+            if (rate * self.duration_s) % 1:
+                raise ValueError(f"duration_s={self.duration_s} must hold a whole number of frames/poses at {rate}/s")

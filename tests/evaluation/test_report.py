@@ -1,0 +1,53 @@
+"""The report: rows measured by one scoring function for model, oracle and chance; JSON that round
+trips (NaN and inf as null); MLflow names ``eval/<task>/<metric>/<reference>``; bad names refused."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from megatron_cosmos3.evaluation.closed_loop import Episode, SuccessRate
+from megatron_cosmos3.evaluation.report import EvalReport, MetricRow
+from megatron_cosmos3.evaluation.video import psnr, ssim
+
+
+def test_rows_are_measured_alike_and_survive_json_and_mlflow(world_clips):
+    true = world_clips[1].frames
+    late = np.concatenate([true[:1], true[:-1]])
+    noise = np.random.default_rng(0).integers(0, 256, true.shape, dtype=np.uint8)
+    report = EvalReport(meta={"checkpoint": "step-100", "seeds": [0, 1]})
+    report.add(MetricRow.measure("forward_dynamics/ssim", lambda p: ssim(p, true), late, true, noise))
+    report.add(MetricRow.measure("forward_dynamics/psnr_db", lambda p: psnr(p, true), late, true, noise, unit="dB"))
+    success = SuccessRate.of([Episode(0, True), Episode(1, False)])
+    report.add(MetricRow("policy/closed_loop_success", success.rate, 1.0, float("nan"), note="chance: not run"))
+    row = report["forward_dynamics/ssim"]
+    assert row.oracle == pytest.approx(1.0) and row.chance < row.model < row.oracle
+
+    text = report.to_json()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    back = EvalReport.from_json(text)
+    assert back.meta == report.meta and [r.name for r in back.rows] == [r.name for r in report.rows]
+    assert back["forward_dynamics/psnr_db"] == report["forward_dynamics/psnr_db"]
+    assert math.isnan(back["policy/closed_loop_success"].chance)
+
+    metrics = report.mlflow_metrics()
+    assert metrics["eval/forward_dynamics/ssim/oracle"] == pytest.approx(1.0)
+    assert metrics["eval/policy/closed_loop_success/model"] == 0.5
+    assert "eval/policy/closed_loop_success/chance" not in metrics  # not measured: not logged
+    assert len(metrics) == 3 + 3 + 2
+
+
+def test_bad_rows_are_refused_by_name():
+    with pytest.raises(ValueError, match="metric name 'psnr\\?' must be"):
+        MetricRow("psnr?", 1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="video/psnr.model must be a number, got 'high'"):
+        MetricRow("video/psnr", "high", 1.0, 1.0)
+    report = EvalReport()
+    report.add(MetricRow("video/psnr", 1.0, 2.0, 0.0))
+    with pytest.raises(ValueError, match="already has a metric named 'video/psnr'"):
+        report.add(MetricRow("video/psnr", 1.0, 2.0, 0.0))
+    with pytest.raises(KeyError, match="no metric 'video/ssim'"):
+        report["video/ssim"]

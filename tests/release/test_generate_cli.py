@@ -1,0 +1,260 @@
+"""``cosmos3-generate`` end to end on a tiny checkpoint trained under TP=2 on every task: each mode's
+files with the right shape, duration, frame rate and sample rate (read back with ffprobe/ffmpeg and
+``wave``), the same outputs from one process and from torchrun with TP=2, ``--help`` and the named
+errors."""
+
+import json
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_cosmos3.data.media_writers import write_mp4, write_png, write_wav
+from megatron_cosmos3.inference.requests import required_inputs
+from megatron_cosmos3.release.generate_cli import RequestError, main, read_requests, run_requests
+from megatron_cosmos3.release.trained import load_trained_model
+from megatron_cosmos3.tasks.registry import TASK_REGISTRY
+from megatron_cosmos3.testing.media_probe import ffmpeg_frames, ffprobe_streams
+from megatron_cosmos3.testing.numerics import child_environment
+from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, train_on_ranks
+
+pytestmark = pytest.mark.multiprocess
+
+FPS = 8.0
+HEIGHT, WIDTH = 64, 32
+ARM_DIM, ARM_RATE = 19, 10.0
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """The tiny model trained one step under TP=2 on random packs of every task, pooled latents."""
+    root = tmp_path_factory.mktemp("generate-cli")
+    train_on_ranks(
+        2,
+        *TINY_MODEL,
+        "model.vocab_size=260",  # the byte tokenizer's 256 bytes + EOS + BOG
+        *TINY_SYNTHETIC,
+        f"synthetic.tasks=[{','.join(TASK_REGISTRY)}]",
+        "data.encoders.kind=pooled",
+        "parallel.tensor=2",
+        "steps=1",
+        "optimizer.micro_batches_per_step=1",
+        "checkpoint.async_save=false",
+        "tracking.enabled=false",
+        f"checkpoint.directory={root / 'checkpoints'}",
+    )
+    return root / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """Conditioning files: a picture, a 9-frame clip at 8 fps (mp4), a sound, single-arm actions."""
+    folder = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (9, HEIGHT, WIDTH, 3), dtype=np.uint8)
+    write_png(folder / "first.png", frames[0])
+    write_mp4(folder / "clip.mp4", frames, FPS)
+    write_wav(folder / "sound.wav", 0.1 * rng.standard_normal((1, 22050)).astype(np.float32), 44100)
+    np.save(folder / "arm.npy", rng.normal(size=(6, ARM_DIM)).astype(np.float32))
+    return folder
+
+
+REQUESTS = [
+    {"task": "text_to_image", "prompt": "a red ball", "resolution": [HEIGHT, WIDTH]},
+    {"task": "text_to_video", "prompt": "a red ball rolls", "duration_s": 1.0, "fps": FPS, "resolution": "64x32"},
+    {"task": "image_to_video", "prompt": "it rolls on", "image": "first.png", "duration_s": 1.0, "fps": FPS},
+    {"task": "video_to_audio", "prompt": "the sound of it", "video": "clip.mp4"},
+    {
+        "task": "text_to_audio_video",
+        "prompt": "two balls collide",
+        "duration_s": 1.0,
+        "fps": FPS,
+        "resolution": [HEIGHT, WIDTH],
+        "solver": "heun",
+        "guidance": 2.0,
+        "steps": 3,
+    },
+    {
+        "task": "forward_dynamics",
+        "prompt": "push",
+        "video": "clip.mp4",
+        "actions": "arm.npy",
+        "embodiment": "single_arm",
+    },
+    {"task": "inverse_dynamics", "prompt": "push", "video": "clip.mp4", "embodiment": "single_arm"},
+    {"task": "policy", "prompt": "push the ball", "image": "first.png", "embodiment": "single_arm", "duration_s": 1.0},
+    {
+        "task": "policy_with_future",
+        "prompt": "push the ball",
+        "image": "first.png",
+        "embodiment": "single_arm",
+        "duration_s": 1.0,
+        "fps": FPS,
+        "seed": 3,
+    },
+    {"task": "understanding", "prompt": "what moves?", "image": "first.png", "max_new_tokens": 5},
+]
+
+
+def write_requests(folder: Path, requests: list[dict]) -> Path:
+    path = folder / "requests.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    return path
+
+
+def video_facts(path: Path) -> tuple[int, float, tuple[int, int]]:
+    video = ffprobe_streams(path)["video"]
+    num, den = (int(x) for x in video["r_frame_rate"].split("/"))
+    return int(video["nb_read_frames"]), num / den, (int(video["height"]), int(video["width"]))
+
+
+def wav_facts(path: Path) -> tuple[int, int, float]:
+    with wave.open(str(path)) as w:
+        return w.getframerate(), w.getnchannels(), w.getnframes() / w.getframerate()
+
+
+@pytest.fixture(scope="module")
+def generated(checkpoint, inputs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("generated")
+    argv = ["--checkpoint", str(checkpoint), "--requests", str(write_requests(inputs, REQUESTS)), "--out", str(out)]
+    assert main(argv) == 0
+    return out
+
+
+def test_every_mode_writes_media_of_the_right_shape_duration_and_rate(generated, checkpoint, inputs):
+    folders = {p.name for p in generated.iterdir()}
+    assert folders == {f"{i:03d}_{r['task']}" for i, r in enumerate(REQUESTS)}
+    out = {r["task"]: generated / f"{i:03d}_{r['task']}" for i, r in enumerate(REQUESTS)}
+    step_folder = checkpoint / "step_00000001"
+
+    from PIL import Image
+
+    assert np.asarray(Image.open(out["text_to_image"] / "image.png")).shape == (HEIGHT, WIDTH, 3)
+    # 1 s at 8 fps: 1 + 4k frames nearest 8 -> 9; the conditioning clip has 9 frames.
+    for task in ("text_to_video", "image_to_video", "video_to_audio", "text_to_audio_video", "policy_with_future"):
+        frames, fps, size = video_facts(out[task] / "video.mp4")
+        assert (frames, size) == (9, (HEIGHT, WIDTH)) and fps == pytest.approx(FPS), task
+        assert len(ffmpeg_frames(out[task] / "video.mp4", HEIGHT, WIDTH)) == 9, task  # decodes back
+    # Audio where it is generated: 48 kHz stereo, as long as the clip (9 / 8 s) within one latent (40 ms).
+    for task in ("video_to_audio", "text_to_audio_video"):
+        rate, channels, seconds = wav_facts(out[task] / "audio.wav")
+        assert (rate, channels) == (48000, 2) and seconds == pytest.approx(9 / FPS, abs=0.04), task
+        muxed = ffprobe_streams(out[task] / "video.mp4")["audio"]
+        assert float(muxed["duration"]) == pytest.approx(9 / FPS, abs=0.04), task
+    # Actions at the arm's rate for the clip's length; integrated poses and their plot.
+    for task, steps in (("policy", 10), ("policy_with_future", round(9 / FPS * ARM_RATE)), ("inverse_dynamics", 11)):
+        actions = np.load(out[task] / "actions.npy")
+        assert actions.shape == (steps, ARM_DIM) and np.isfinite(actions).all(), task
+        assert np.load(out[task] / "poses.npy").shape[0] == steps + 1
+        assert (out[task] / "poses_plot.png").stat().st_size > 0
+    text = json.loads((out["understanding"] / "text.json").read_text())
+    assert isinstance(text["text"], str)
+    # Sidecars say how each was made.
+    meta = json.loads((out["text_to_audio_video"] / "video.meta.json").read_text())
+    assert (meta["task"], meta["solver"], meta["steps"], meta["guidance"]) == ("text_to_audio_video", "heun", 3, 2.0)
+    assert meta["checkpoint"] == str(step_folder) and meta["checkpoint_step"] == 1
+    assert json.loads((out["policy"] / "actions.meta.json").read_text())["conditioning"] == {
+        "image": str(inputs / "first.png")
+    }
+
+
+def test_tensor_parallel_under_torchrun_equals_one_process(generated, checkpoint, inputs, tmp_path):
+    """The checkpoint saved under TP=2 and loaded in one process (the ``generated`` fixture) gives
+    what two torchrun ranks give with TP=2."""
+    chosen = [r for r in REQUESTS if r["task"] in ("text_to_audio_video", "policy", "understanding")]
+    names = {r["task"]: f"{REQUESTS.index(r):03d}_{r['task']}" for r in chosen}
+    lines = [{**r, "name": names[r["task"]]} for r in chosen]
+    requests = write_requests(tmp_path, lines)
+    for name in ("first.png",):
+        (tmp_path / name).write_bytes((inputs / name).read_bytes())
+    out = tmp_path / "tp2"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += ["-m", "megatron_cosmos3.release.generate_cli", "--tensor-parallel", "2"]
+    command += ["--checkpoint", str(checkpoint), "--requests", str(requests), "--out", str(out)]
+    result = subprocess.run(command, env=child_environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = {task: generated / name for task, name in names.items()}
+    two = {task: out / name for task, name in names.items()}
+    np.testing.assert_allclose(
+        np.load(two["policy"] / "actions.npy"), np.load(one["policy"] / "actions.npy"), rtol=1e-4, atol=1e-5
+    )
+    a, b = (
+        ffmpeg_frames(two["text_to_audio_video"] / "video.mp4", HEIGHT, WIDTH),
+        ffmpeg_frames(one["text_to_audio_video"] / "video.mp4", HEIGHT, WIDTH),
+    )
+    assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 2
+    rate_a, _, len_a = wav_facts(two["text_to_audio_video"] / "audio.wav")
+    assert (rate_a, len_a) == wav_facts(one["text_to_audio_video"] / "audio.wav")[::2]
+    assert json.loads((two["understanding"] / "text.json").read_text()) == json.loads(
+        (one["understanding"] / "text.json").read_text()
+    )
+
+
+def test_help_lists_every_task_and_what_it_needs(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for name, spec in TASK_REGISTRY.items():
+        line = next(line for line in text.splitlines() if line.strip().startswith(name + " "))
+        for need in required_inputs(spec):
+            assert need in line, (name, need)
+
+
+@pytest.mark.parametrize(
+    "request_, message",
+    [
+        ({"task": "image_to_video", "prompt": "x", "duration_s": 1.0}, "needs a conditioning image or video"),
+        (
+            {"task": "policy", "image": "first.png", "embodiment": "octopus", "duration_s": 1.0},
+            "unknown embodiment 'octopus'",
+        ),
+        ({"task": "policy", "image": "first.png", "duration_s": 1.0}, "needs an embodiment"),
+        ({"task": "video_to_audio", "video": "missing.mp4"}, "video='"),
+        ({"task": "text_to_video", "resolution": [64, 32]}, "clip length is needed"),
+        ({"task": "dream", "prompt": "x"}, "unknown task 'dream'"),
+        ({"task": "text_to_image", "colour": "red"}, "unknown field(s) ['colour']"),
+    ],
+)
+def test_a_bad_request_is_a_clear_error_and_writes_nothing(checkpoint, inputs, tmp_path, capsys, request_, message):
+    (tmp_path / "first.png").write_bytes((inputs / "first.png").read_bytes())
+    requests = write_requests(tmp_path, [request_])
+    assert main(["--checkpoint", str(checkpoint), "--requests", str(requests), "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_task_the_checkpoint_was_not_trained_for_is_refused(checkpoint, inputs, tmp_path):
+    trained = load_trained_model(checkpoint)
+    trained.config.synthetic.tasks = ["understanding", "text_to_video"]
+    specs = read_requests(write_requests(inputs, [REQUESTS[0]]))
+    with pytest.raises(RequestError, match="task 'text_to_image': the checkpoint was not trained for it"):
+        run_requests(trained, specs, tmp_path, None, write=True)
+
+
+def test_the_release_folder_generates_what_the_checkpoint_does(checkpoint, inputs, tmp_path):
+    """``cosmos3-convert release`` of the checkpoint, then the same request from both (the folder
+    is read without torch.distributed.checkpoint): the same actions, bit for bit."""
+    from megatron_cosmos3.release.convert_cli import main as convert
+
+    assert convert(["release", str(checkpoint), str(tmp_path / "release")]) == 0
+    policy = next(r for r in REQUESTS if r["task"] == "policy")
+    requests = str(write_requests(inputs, [{**policy, "name": "policy"}]))
+    for source, out in ((checkpoint, "from-checkpoint"), (tmp_path / "release", "from-release")):
+        assert main(["--checkpoint", str(source), "--requests", requests, "--out", str(tmp_path / out)]) == 0
+    want = np.load(tmp_path / "from-checkpoint" / "policy" / "actions.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "from-release" / "policy" / "actions.npy"), want)
+
+
+def test_one_request_from_the_flags(checkpoint, inputs, tmp_path):
+    argv = ["--checkpoint", str(checkpoint), "--out", str(tmp_path), "--task", "inverse_dynamics", "--prompt", "push"]
+    argv += ["--video", str(inputs / "clip.mp4"), "--embodiment", "single_arm", "--solver", "heun", "--seed", "4"]
+    assert main(argv) == 0
+    folder = tmp_path / "000_inverse_dynamics"
+    assert np.load(folder / "actions.npy").shape == (11, ARM_DIM)  # 9 frames at the clip's 8 fps, 10 Hz
+    meta = json.loads((folder / "actions.meta.json").read_text())
+    assert (meta["solver"], meta["seed"], meta["settings"]["fps"]) == ("heun", 4, FPS)
+    assert meta["conditioning"] == {"video": str(inputs / "clip.mp4")}

@@ -1,0 +1,206 @@
+"""slurm/train.sbatch on a real single-node SLURM cluster that the test starts (munged, slurmctld,
+slurmd): preempted once by ``scancel --signal=USR1 --batch`` and once by its time limit's warning
+signal, requeued by SLURM each time, it resumes from the checkpoint of the signal's step and ends
+with the losses of an uninterrupted run (docs/DESIGN.md, "Preemption and requeue"); the preprocessing
+array job writes the shards one process writes. Skipped, with the reason, where the daemons cannot
+start (not root, packages missing)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from megatron_cosmos3.testing.slurm_cluster import ClusterUnavailable, LocalSlurmCluster
+from megatron_cosmos3.testing.training import TINY_MODEL, TRAINER_ENV, loss_history, train_on_ranks
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 240
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = LocalSlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except ClusterUnavailable as reason:
+        pytest.skip(f"no local SLURM cluster: {reason}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """A generated world of two shards of four clips (one per data rank): raw/ and pooled latent/."""
+    out = tmp_path_factory.mktemp("world")
+    subprocess.run(
+        [sys.executable, str(REPO / "data_pipelines/generate_world.py"), str(out), "--samples", "8"]
+        + ["--shard-size", "4", "--resolution", "32", "--duration", "1.0", "--latents", "pooled"]
+        + ["--video-latent-channels", "4", "--audio-latent-dim", "6"],
+        check=True,
+        capture_output=True,
+        env=TRAINER_ENV,
+    )
+    return out
+
+
+def _job_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The submitter's environment: the tests' thread settings and this interpreter's venv."""
+    return {**TRAINER_ENV, "COSMOS3_ACTIVATE": str(Path(sys.executable).parent / "activate"), **extra}
+
+
+def _overrides(tmp_path: Path, world: Path, name: str) -> list[str]:
+    return [
+        *TINY_MODEL,
+        "model.vocab_size=256",  # the loader's byte tokenizer needs 256 ids
+        "data_source=shards",
+        f"data.datasets=[{{name: world, shards: [{world}]}}]",
+        "data.stages={pretrain: {datasets: {world: 1.0}, tasks: {understanding: 1.0, text_to_video: 1.0, "
+        "forward_dynamics: 1.0, policy: 1.0}}}",
+        "data.packing.tokens_per_pack=384",
+        "data.shuffle_buffer=8",
+        "data.num_workers=1",  # loader workers: SLURM signals them too
+        f"steps={STEPS}",
+        "log_every=1",
+        "optimizer.warmup_steps=1",
+        "checkpoint.save_every=1000",  # only the preemption checkpoints (and the last step)
+        f"checkpoint.directory={tmp_path / name}",
+        f"tracking.tracking_uri={tmp_path / f'{name}.db'}",  # one store per run: they run at the same time
+        f"tracking.run_name={name}",
+    ]
+
+
+def _wait(what: str, condition, timeout: float, log: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}; job log:\n{log.read_text()[-4000:] if log.exists() else '-'}")
+
+
+def _steps_logged(log: Path, attempt: int) -> list[int]:
+    """The training steps the given attempt logged so far."""
+    text = log.read_text() if log.exists() else ""
+    parts = re.split(r"=== job \d+ attempt (\d+) ", text)
+    steps = []
+    for number, body in zip(parts[1::2], parts[2::2]):
+        if int(number) == attempt:
+            steps += [int(s) for s in re.findall(rf"\] step (\d+)/{STEPS} ", body)]
+    return steps
+
+
+def _requeued_and_released(cluster: LocalSlurmCluster, job_id: str, restarts: int, log: Path, *changes) -> None:
+    """Waits until SLURM requeued the job ``restarts`` times, then lets it start in 3 s instead of
+    SLURM's two minutes (not in the second of the requeue: its credential is revoked until then),
+    with ``changes`` (``scontrol update`` fields)."""
+
+    def requeued() -> bool:
+        job = cluster.job(job_id)
+        return job.restarts == restarts and job.state == "PENDING"  # the restart counts before it pends
+
+    _wait(f"requeue {restarts}", requeued, 300, log)
+    if changes:
+        cluster.command("scontrol", "update", f"JobId={job_id}", *changes)
+    cluster.command("scontrol", "update", f"JobId={job_id}", "StartTime=now+3", check=False)  # if still pending
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(900)  # three attempts' start-ups: minutes on a busy 2-core machine
+def test_sbatch_job_preempted_by_scancel_and_by_its_time_limit_resumes_to_the_uninterrupted_losses(
+    cluster, world, tmp_path
+):
+    world = world / "latent"
+    log, job_dir = tmp_path / "job.out", tmp_path / "elsewhere"
+    job_dir.mkdir()
+    env = _job_env(tmp_path, NPROC_PER_NODE="2", COSMOS3_STATUS_DIR=str(tmp_path / "status"))
+    # Submitted from another folder; a generous limit whose warning (300 s ahead) is due only once
+    # the test lowers the limit in the second attempt.
+    submitted = cluster.command(
+        "sbatch",
+        "--time=30",
+        "--signal=B:USR1@300",
+        f"--output={log}",
+        str(REPO / "slurm/train.sbatch"),
+        *_overrides(tmp_path, world, "job"),
+        env=env,
+        cwd=job_dir,
+    )
+    job_id = submitted.stdout.split()[-1]
+    # The uninterrupted run, meanwhile (the job mostly waits for SLURM): forked ranks, no interpreter start-up.
+    pool = ThreadPoolExecutor(1)
+    reference = pool.submit(train_on_ranks, 2, *_overrides(tmp_path, world, "straight"))
+    pool.shutdown(wait=False)
+    try:
+        # Attempt 1: the batch script alone gets USR1 and passes it to the trainers.
+        _wait("attempt 1 to train", lambda: len(_steps_logged(log, 1)) >= 3, 400, log)
+        cluster.command("scancel", "--signal=USR1", "--batch", job_id)
+        _requeued_and_released(cluster, job_id, 1, log)
+        # Attempt 2: the time limit's warning signal, due as soon as the limit is lowered to 5 minutes.
+        _wait("attempt 2 to train", lambda: _steps_logged(log, 2), 400, log)
+        cluster.command("scontrol", "update", f"JobId={job_id}", "TimeLimit=5")
+        _requeued_and_released(cluster, job_id, 2, log, "TimeLimit=30")  # attempt 3 runs to the end
+        _wait("the job to end", lambda: cluster.job(job_id).state in ("COMPLETED", "FAILED", "CANCELLED"), 600, log)
+    finally:
+        cluster.command("scancel", job_id, check=False)
+    text = log.read_text()
+    job = cluster.job(job_id)
+    assert job.state == "COMPLETED" and job.restarts == 2, text[-4000:]
+
+    preempted = [int(s) for s in re.findall(r"preempted \(SIGUSR1\): checkpoint of step (\d+) committed", text)]
+    assert len(preempted) == 2 and 0 < preempted[0] < preempted[1] < STEPS, text[-4000:]
+    for attempt, step in zip((1, 2), preempted):
+        assert max(_steps_logged(log, attempt)) == step  # it stopped after the step it checkpointed
+        assert f"resumed from {tmp_path / 'job' / f'step_{step:08d}'} at step {step}" in text
+    assert "DataLoader worker" not in text and "Traceback" not in text, text[-4000:]
+    assert f"attempt 3: finished at step {STEPS}" in text
+
+    reference.result()
+    straight, job_losses = loss_history(tmp_path / "straight.db", "straight"), loss_history(tmp_path / "job.db", "job")
+    assert job_losses == straight  # every step, bit for bit, in one MLflow run continued over attempts
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_preprocessing_array_job_writes_the_shards_of_one_process(cluster, world, tmp_path):
+    args = [str(world / "raw"), "--encoder", "pooled", "--video-latent-channels", "4", "--audio-latent-dim", "6"]
+    args += ["--shard-size", "3"]  # two pieces per input shard: 3 + 1 samples
+    log = tmp_path / "encode-%a.out"
+    submitted = cluster.command(
+        "sbatch",
+        "--array=0-1",
+        f"--output={log}",
+        str(REPO / "slurm/preprocess.sbatch"),
+        args[0],
+        str(tmp_path / "array"),
+        *args[1:],
+        env=_job_env(tmp_path),
+        cwd=tmp_path,
+    )
+    job_id = submitted.stdout.split()[-1]
+    subprocess.run(
+        [sys.executable, str(REPO / "data_pipelines/encode_shards.py"), args[0], str(tmp_path / "one"), *args[1:]],
+        check=True,
+        capture_output=True,
+        env=TRAINER_ENV,
+    )
+    logs = lambda: "\n".join(p.read_text() for p in tmp_path.glob("encode-*.out"))  # noqa: E731
+    _wait("the array job", lambda: not cluster.command("squeue", "-h", "-j", job_id).stdout.strip(), 300, log)
+    one, array = _files(tmp_path / "one"), _files(tmp_path / "array")
+    assert sorted(one) == [
+        "action_stats.json",
+        "index.json",
+        "latent-000000-000000.tar",
+        "latent-000000-000001.tar",
+        "latent-000001-000000.tar",
+        "latent-000001-000001.tar",
+    ], logs()
+    assert array == one, logs()  # every shard and the index, byte for byte

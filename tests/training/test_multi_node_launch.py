@@ -1,0 +1,60 @@
+"""launch/torchrun_node.sh as two nodes on 127.0.0.1 (node ranks 0 and 1, one process each, c10d
+rendezvous) trains exactly as one node with two processes."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TRAINER_ENV, loss_history, train_on_ranks
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _overrides(tmp_path: Path, name: str) -> list[str]:
+    return [
+        *TINY_MODEL,
+        *TINY_SYNTHETIC,
+        "steps=4",
+        "log_every=1",
+        "optimizer.warmup_steps=1",
+        f"checkpoint.directory={tmp_path / name}",
+        f"tracking.tracking_uri={tmp_path / 'mlflow.db'}",
+        f"tracking.run_name={name}",
+    ]
+
+
+@pytest.mark.multiprocess
+def test_two_node_launch_on_localhost_equals_one_node(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **TRAINER_ENV,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{TRAINER_ENV.get('PATH', '')}",  # torchrun
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "NNODES": "2",
+        "NPROC_PER_NODE": "1",
+        "RDZV_ID": f"two-nodes-{port}",
+    }
+    nodes = [
+        subprocess.Popen(
+            ["bash", str(REPO / "launch/torchrun_node.sh"), *_overrides(tmp_path, "two_nodes")],
+            env={**env, "NODE_RANK": str(rank)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    errors = [node.communicate(timeout=300)[1] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(e[-3000:] for e in errors)
+
+    train_on_ranks(2, *_overrides(tmp_path, "one_node"))
+    two_nodes = loss_history(tmp_path / "mlflow.db", "two_nodes")
+    assert [step for step, _ in two_nodes] == [1, 2, 3, 4]
+    assert two_nodes == loss_history(tmp_path / "mlflow.db", "one_node")

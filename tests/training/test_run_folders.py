@@ -1,0 +1,54 @@
+"""Every run writes under its own folder unless told otherwise (``TrainConfig.name_run``): a job with
+no overrides never resumes nor touches another job's checkpoints."""
+
+from pathlib import Path
+
+import torch
+
+from megatron_cosmos3.checkpoint.checkpointer import latest_checkpoint
+from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC
+from megatron_cosmos3.training import train as train_module
+from megatron_cosmos3.training.config import load_config
+from megatron_cosmos3.training.distributed import DistributedContext
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _job(job_id: str) -> DistributedContext:
+    return DistributedContext(0, 1, 0, torch.device("cpu"), job_id=job_id)
+
+
+def test_the_demo_config_names_no_folder_so_each_job_gets_its_own():
+    first, second = load_config(str(REPO / "configs/tiny_cpu.yaml")), load_config(str(REPO / "configs/tiny_cpu.yaml"))
+    assert first.checkpoint.directory == "" and first.tracking.run_name == ""
+    first.name_run("101")
+    second.name_run("102")
+    assert first.tracking.run_name == "job-101"
+    assert first.checkpoint.directory == "outputs/runs/job-101/checkpoints"
+    assert second.checkpoint.directory == "outputs/runs/job-102/checkpoints"
+    named = load_config(None, ["tracking.run_name=ablation", "runs_root=/scratch/runs"])
+    named.name_run("103")  # a given name wins over the job id
+    assert named.checkpoint.directory == "/scratch/runs/ablation/checkpoints"
+    explicit = load_config(None, ["checkpoint.directory=/shared/ckpt"])
+    explicit.name_run("104")  # resuming another folder is this explicit setting
+    assert explicit.checkpoint.directory == "/shared/ckpt" and explicit.tracking.run_name == "job-104"
+
+
+def test_a_job_without_overrides_neither_resumes_nor_touches_another_jobs_folder(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)  # the default runs_root and MLflow store are relative to it
+    overrides = [*TINY_MODEL, *TINY_SYNTHETIC, "steps=2", "log_every=1"]
+    train_module.train(load_config(None, overrides), _job("7"))
+    first = tmp_path / "outputs/runs/job-7/checkpoints"
+    before = {p: p.stat().st_mtime_ns for p in first.rglob("*")}
+    assert latest_checkpoint(first).name == "step_00000002"
+
+    with caplog.at_level("INFO", logger="megatron_cosmos3.train"):
+        train_module.train(load_config(None, overrides), _job("8"))
+    assert "resumed from" not in caplog.text  # a fresh run, not job 7's continuation
+    assert latest_checkpoint(tmp_path / "outputs/runs/job-8/checkpoints").name == "step_00000002"
+    assert {p: p.stat().st_mtime_ns for p in first.rglob("*")} == before
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="megatron_cosmos3.train"):  # the control: the same job resumes
+        train_module.train(load_config(None, [*overrides[:-2], "steps=3", "log_every=1"]), _job("7"))
+    assert f"resumed from {Path('outputs/runs/job-7/checkpoints/step_00000002')} at step 2" in caplog.text
