@@ -23,7 +23,13 @@ from megatron_cosmos3.encoders.audio_vae import HOP, AudioLatents
 from megatron_cosmos3.encoders.video_vae import VAE_TEMPORAL_FACTOR, VideoLatents
 from megatron_cosmos3.inference.denoising import full_forward_velocity, sample_dm_tokens, sample_rows
 from megatron_cosmos3.inference.media_outputs import GeneratedSample, GenerationRecord
-from megatron_cosmos3.inference.requests import DEFAULT_FPS, GenerationRequest, PreparedRequest, prepare_request
+from megatron_cosmos3.inference.requests import (
+    DEFAULT_FPS,
+    GenerationRequest,
+    PreparedRequest,
+    delivered_streams,
+    prepare_request,
+)
 from megatron_cosmos3.model.config import TPS_BASE, MoTConfig
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import PackedBatch
@@ -71,9 +77,10 @@ class GenerationResult:
 class SampleStreams:
     """What one packed sample generates and how its rows become media (``generated_sample``).
 
-    outputs: per registry stream with noisy rows ("image", "video", "audio", "actions"), the model's
-    stream key. video_grid: (T, h, w) latent grid of the whole clip (conditioning frames included);
-    fps: its frame rate (an image has none). audio_num_samples: the audio's length at 48 kHz.
+    outputs: per registry stream delivered ("image", "video", "audio", "actions":
+    ``requests.delivered_streams``), the model's stream key. video_grid: (T, h, w) latent grid of
+    the whole clip (conditioning frames included); fps: its frame rate (an image has none).
+    audio_num_samples: the audio's length at 48 kHz.
     embodiment / action_rate_hz: whose actions, sampled how often.
     """
 
@@ -113,13 +120,13 @@ def generated_sample(
 
 def packed_sample_streams(batch: PackedBatch, index: int, config: MoTConfig) -> SampleStreams:
     """The ``SampleStreams`` of sample ``index`` of a pack made by the data path (a training or
-    held-out pack), read from the pack itself: its task's noisy streams (``tasks/registry.py``), the
-    video grid from its rows' (t, h, w) positions and the frame rate from their temporal step (one
-    latent frame every 4 frames, TPS_BASE units per second: docs/DESIGN.md, "The packed batch"),
-    the audio's length from its tokens (one per ``HOP`` samples), the embodiment from its action
-    stream and that embodiment's rate from ``config``."""
+    held-out pack), read from the pack itself: the streams its task delivers
+    (``requests.delivered_streams``), the video grid from its rows' (t, h, w) positions and the
+    frame rate from their temporal step (one latent frame every 4 frames, TPS_BASE units per second:
+    docs/DESIGN.md, "The packed batch"), the audio's length from its tokens (one per ``HOP``
+    samples), the embodiment from its action stream and that embodiment's rate from ``config``."""
     task = get_task(batch.task_names[int(batch.sample_task[index])])
-    noisy = {role.stream for role in task.dm if role.noisy}
+    delivered = delivered_streams(task)
     first, last = int(batch.dm_cu_seqlens[index]), int(batch.dm_cu_seqlens[index + 1])
     streams = SampleStreams({})
     for key, rows in batch.dm_token_index.items():
@@ -132,21 +139,21 @@ def packed_sample_streams(batch: PackedBatch, index: int, config: MoTConfig) -> 
             h, w = positions[1].unique().numel(), positions[2].unique().numel()
             times = positions[0].unique()
             streams.video_grid = (rows.numel() // (h * w), h, w)
-            if "video" in noisy:
+            if "video" in delivered:
                 streams.outputs["video"] = key
                 step = float(times[1] - times[0]) if times.numel() > 1 else None
                 fps = VAE_TEMPORAL_FACTOR * TPS_BASE / step if step else DEFAULT_FPS
                 streams.fps = round(fps, 3)  # undoes the float32 positions' rounding: 29.97, not 29.969997
-            elif "image" in noisy:
+            elif "image" in delivered:
                 streams.outputs["image"] = key
         elif key == "audio":
             streams.audio_num_samples = rows.numel() * HOP
-            if "audio" in noisy:
+            if "audio" in delivered:
                 streams.outputs["audio"] = key
         else:
             streams.embodiment = key.removeprefix("action/")
             streams.action_rate_hz = config.embodiments[streams.embodiment].rate_hz
-            if "actions" in noisy:
+            if "actions" in delivered:
                 streams.outputs["actions"] = key
     return streams
 

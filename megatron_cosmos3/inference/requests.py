@@ -251,6 +251,13 @@ class _Streams:
         return torch.zeros(max(1, round(duration_s * spec.rate_hz)), spec.action_dim), spec.rate_hz
 
 
+def delivered_streams(task: TaskSpec) -> set[str]:
+    """The registry streams a generated sample of ``task`` delivers: the generated ones, and a
+    generated sound's clip (video->audio gives the clip with its new sound)."""
+    noisy = {role.stream for role in task.dm if role.noisy}
+    return noisy | ({"video"} if "audio" in noisy else set())
+
+
 def prepare_request(request: GenerationRequest, builder: SampleBuilder) -> PreparedRequest:
     """The request as the training path's samples (module doc). ValueError naming the task and the
     problem: an unknown task or one without DM targets, a missing conditioning input, an unknown
@@ -304,8 +311,7 @@ def prepare_request(request: GenerationRequest, builder: SampleBuilder) -> Prepa
         actions, rate = streams.actions(duration)
         sample.actions, sample.embodiment, sample.action_rate_hz = actions.numpy(), request.embodiment, rate
         outputs["actions"] = action_stream_key(request.embodiment)
-    # The generated streams, and a generated sound's clip: video->audio gives the clip with its new sound.
-    delivered = streams.noisy | ({"video"} if "audio" in streams.noisy else set())
+    delivered = delivered_streams(task)
     outputs = {name: key for name, key in outputs.items() if name in delivered}
     conditional = builder.build(sample, task)
     unconditional = builder.build(sample, task, drop_prompt=True)

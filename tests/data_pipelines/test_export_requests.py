@@ -18,7 +18,8 @@ sys.path.insert(0, str(REPO / "data_pipelines"))
 
 from export_requests import TASKS, export_requests, main, world_samples  # noqa: E402
 from generate_world import write_world  # noqa: E402
-from generated_world.world import WorldConfig  # noqa: E402
+
+from megatron_cosmos3.world.config import WorldConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
