@@ -6,13 +6,6 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${COSMOS3_VENV:-$repo_root/.venv}"
 python_bin="${PYTHON:-python3}"
 
-# ffmpeg's command-line tools (ffprobe, ffmpeg): the independent decoder the media tests check our
-# mp4 files with (the package itself writes them with PyAV's own FFmpeg).
-if ! command -v ffprobe >/dev/null 2>&1; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null
-fi
-
 if [ ! -x "$venv/bin/python" ]; then
   "$python_bin" -m venv "$venv"
 fi
@@ -27,12 +20,21 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 export PATH="$venv/bin:$PATH"
 
-# The SLURM test (tests/slurm) starts a one-node cluster: Debian's slurm-wlm and munge, installed once
-# where apt-get and root are at hand; elsewhere that test is skipped with the reason.
-if ! command -v slurmctld >/dev/null 2>&1 && ! [ -x /usr/sbin/slurmctld ] || ! [ -x /usr/sbin/munged ]; then
+# System packages the tests use, installed once where root and apt-get are at hand: ffmpeg's
+# ffprobe/ffmpeg (the independent decoder the media tests read our mp4 files back with; the package
+# writes them with PyAV's own FFmpeg) and slurm-wlm + munge (tests/slurm starts a one-node cluster;
+# without them that test is skipped with the reason).
+media=() cluster=()
+command -v ffprobe >/dev/null 2>&1 || media+=(ffmpeg)
+{ [ -x /usr/sbin/slurmctld ] || command -v slurmctld >/dev/null 2>&1; } || cluster+=(slurm-wlm)
+[ -x /usr/sbin/munged ] || cluster+=(munge)
+if [ $((${#media[@]} + ${#cluster[@]})) -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+    apt-get update -qq
+    export DEBIAN_FRONTEND=noninteractive
+    [ ${#media[@]} -eq 0 ] || apt-get install -y -qq --no-install-recommends "${media[@]}" >/dev/null
+    [ ${#cluster[@]} -eq 0 ] || apt-get install -y -qq "${cluster[@]}" >/dev/null
   else
-    echo "setup_env: slurm-wlm and munge are not installed (needs root and apt-get); tests/slurm will be skipped" >&2
+    echo "setup_env: ${media[*]} ${cluster[*]} not installed (needs root and apt-get)" >&2
   fi
 fi
