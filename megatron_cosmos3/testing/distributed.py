@@ -47,9 +47,7 @@ _FORK_SERVER_PRELOAD = [
 ]
 
 
-def _worker(
-    rank: int, world_size: int, port: int, out_dir: str, environment: dict, fn: Callable, args: tuple
-) -> None:
+def _worker(rank: int, world_size: int, port: int, out_dir: str, environment: dict, fn: Callable, args: tuple) -> None:
     # A forked rank inherits the fork server's start method: its own children (data-loader workers)
     # must start as they would in a process torchrun started, not through a fork server of its own.
     multiprocessing.set_start_method(None, force=True)
@@ -61,15 +59,26 @@ def _worker(
     use_test_numerics()  # the same settings as the process that compares the results
     result_path = Path(out_dir) / f"rank{rank}.pt"
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        try:
+            dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        except dist.DistNetworkError as error:
+            if "EADDRINUSE" in str(error):  # another process took the port after it was chosen
+                torch.save({"ok": False, "error": traceback.format_exc(), "port_taken": True}, result_path)
+            raise
         result = fn(rank, world_size, *args)
         torch.save({"ok": True, "result": result}, result_path)
     except BaseException:  # noqa: BLE001 — report every failure to the parent
-        torch.save({"ok": False, "error": traceback.format_exc()}, result_path)
+        if not result_path.exists():
+            torch.save({"ok": False, "error": traceback.format_exc()}, result_path)
         raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# A port is chosen free, then bound by rank 0's store a moment later; with several test workers
+# another process can take it in between. Nothing of ``fn`` has run then, so the ranks start again.
+_PORT_ATTEMPTS = 3
 
 
 def run_on_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 240.0) -> list:
@@ -78,6 +87,18 @@ def run_on_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 240.0)
     ``fn`` must be importable (a module-level function) and return something ``torch.save`` takes.
     """
     multiprocessing.set_forkserver_preload(_FORK_SERVER_PRELOAD)  # read when the server starts
+    for attempt in range(_PORT_ATTEMPTS):
+        reports = _launch(fn, world_size, args, timeout_s)
+        if not any(report.get("port_taken") for report in reports) or attempt == _PORT_ATTEMPTS - 1:
+            break
+    errors = [f"--- rank {rank} ---\n{report['error']}" for rank, report in enumerate(reports) if not report["ok"]]
+    if errors:
+        raise RuntimeError("run_on_ranks failed:\n" + "\n".join(errors))
+    return [report["result"] for report in reports]
+
+
+def _launch(fn: Callable, world_size: int, args: tuple, timeout_s: float) -> list[dict]:
+    """One start of the ranks on a fresh port: each rank's report ({"ok", "result" | "error"})."""
     with tempfile.TemporaryDirectory() as out_dir:
         context = mp.start_processes(
             _worker,
@@ -97,15 +118,11 @@ def run_on_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 240.0)
                         f"run_on_ranks: {fn.__name__} did not finish on {world_size} ranks in {timeout_s}s"
                     )
         except (mp.ProcessRaisedException, mp.ProcessExitedException):
-            pass  # torch has stopped the other ranks; the per-rank reports below say what happened
-        results, errors = [], []
+            pass  # torch has stopped the other ranks; the per-rank reports say what happened
+        reports = []
         for rank in range(world_size):
             path = Path(out_dir) / f"rank{rank}.pt"
-            report = torch.load(path, weights_only=False) if path.exists() else {"ok": False, "error": "no report"}
-            if report["ok"]:
-                results.append(report["result"])
-            else:
-                errors.append(f"--- rank {rank} ---\n{report['error']}")
-        if errors:
-            raise RuntimeError("run_on_ranks failed:\n" + "\n".join(errors))
-        return results
+            reports.append(
+                torch.load(path, weights_only=False) if path.exists() else {"ok": False, "error": "no report"}
+            )
+        return reports

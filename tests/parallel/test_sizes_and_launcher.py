@@ -62,6 +62,23 @@ def test_launcher_runs_real_gloo_ranks_and_reports_failures():
         run_on_ranks(_fail_on_rank_one, 2)
 
 
+@pytest.mark.multiprocess
+def test_a_rendezvous_port_taken_before_the_ranks_bind_it_is_replaced(monkeypatch):
+    """Another process listens on the chosen port (as a concurrent test can, between choosing and
+    binding): the ranks start again on a new port."""
+    import socket
+
+    from megatron_cosmos3.testing import distributed
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = [taken.getsockname()[1], distributed._free_port()]
+        monkeypatch.setattr(distributed, "_free_port", lambda: ports.pop(0))
+        assert run_on_ranks(_rank_and_sum, 2, 0) == [(0, 1.0), (1, 1.0)]
+        assert ports == []
+
+
 def _group_coordinates(rank, world_size):
     from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
 
