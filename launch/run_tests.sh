@@ -5,5 +5,7 @@ set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo_root/launch/setup_env.sh"
 cd "$repo_root"
-# Two pytest workers: tests compute on one intra-op thread each, so one process would leave a core idle.
-exec python -m pytest -n "${PYTEST_WORKERS:-2}" --dist worksteal --durations=15 "$@"
+# Three pytest workers on two cores: tests compute on one intra-op thread each, and the long ones spend
+# much of their time waiting (torchrun and daemon start-up, a live server, SLURM's scheduling): with two
+# workers the suite used about half of the machine's CPU time (user+sys / wall).
+exec python -m pytest -n "${PYTEST_WORKERS:-3}" --dist worksteal --durations=15 "$@"
