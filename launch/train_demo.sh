@@ -12,9 +12,10 @@ cd "$repo_root"
 if [ ! -f outputs/world/latent/index.json ]; then
   python data_pipelines/generate_world.py outputs/world --samples 256 --latents pooled --workers 2
 fi
-# A held-out world (another seed): held-out loss, generation samples, and the inputs generated from.
+# A held-out world (another seed; 4 shards, so each data rank reads some): held-out loss,
+# generation samples, and the inputs generated from.
 if [ ! -f outputs/world-heldout/latent/index.json ]; then
-  python data_pipelines/generate_world.py outputs/world-heldout --samples 32 --seed 1 --latents pooled
+  python data_pipelines/generate_world.py outputs/world-heldout --samples 32 --shard-size 8 --seed 1 --latents pooled
 fi
 nproc="${NPROC_PER_NODE:-2}"
 # One intra-op thread per process: 2 processes on a 2-core box must not oversubscribe it.
