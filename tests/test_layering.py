@@ -7,7 +7,7 @@ from pathlib import Path
 
 import megatron_cosmos3
 
-# Lowest first. model <- objectives <- parallel <- checkpoint/inference <- training <- release; data
+# Lowest first. model <- objectives <- parallel <- checkpoint/inference <- eval_suite <- training <- release; data
 # is independent of training and of the parallel machinery; evaluation (metrics) sits beside parallel,
 # under everything that runs a model, so the trainer and an eval command can both use it; the generated
 # world (and its environment) sits there too: whatever runs a model in it lives higher up.
@@ -16,6 +16,7 @@ LAYERS = [
     {"objectives", "data", "conversion"},
     {"parallel", "evaluation", "world"},
     {"checkpoint", "inference"},
+    {"eval_suite"},
     {"training"},
     {"release"},
     {"testing"},
@@ -95,7 +96,7 @@ def test_an_upward_import_is_caught(tmp_path):
     assert violations(tmp_path) == [
         "data/sideways.py (layer 1) imports conversion (layer 1)",
         "model/bad.py (layer 0) imports parallel (layer 2)",
-        "model/bad.py (layer 0) imports training (layer 4)",
+        "model/bad.py (layer 0) imports training (layer 5)",
     ]
 
 
@@ -109,6 +110,6 @@ def test_a_forwarding_entry_point_may_only_forward(tmp_path):
     assert violations(tmp_path) == []
     shim.write_text(shim.read_text() + "from megatron_cosmos3.training.train import main as train\n")
     assert violations(tmp_path) == [
-        "conversion/__main__.py (layer 1) imports release (layer 5)",
-        "conversion/__main__.py (layer 1) imports training (layer 4)",
+        "conversion/__main__.py (layer 1) imports release (layer 6)",
+        "conversion/__main__.py (layer 1) imports training (layer 5)",
     ]
