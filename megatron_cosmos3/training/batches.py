@@ -130,14 +130,19 @@ def held_out_batches(
     read through the same machinery as the training packs (one reader per data rank, broadcast to
     its peers), from the held-out shards or, with synthetic data, from a seed of their own."""
     per_rank = held_out_share(config, data_size)
-    held_out = dataclasses.replace(
-        config,
-        data=config.held_out_data() if config.data_source == "shards" else config.data,
-        seed=config.seed + 1,  # synthetic packs and flow-matching noise of their own
-        optimizer=dataclasses.replace(config.optimizer, micro_batches_per_step=per_rank),
-    )
-    batches = MicroBatches(held_out, data_rank, data_size, device, share)
+    batches = MicroBatches(held_out_config(config, per_rank), data_rank, data_size, device, share)
     try:
         return [batches.get(0, micro) for micro in range(per_rank)]
     finally:
         batches.close()
+
+
+def held_out_config(config: TrainConfig, per_rank: int) -> TrainConfig:
+    """The run's config reading ``per_rank`` held-out packs as one step's micro-batches: the held-out
+    shards, or synthetic packs and flow-matching noise of a seed of their own."""
+    return dataclasses.replace(
+        config,
+        data=config.held_out_data() if config.data_source == "shards" else config.data,
+        seed=config.seed + 1,
+        optimizer=dataclasses.replace(config.optimizer, micro_batches_per_step=per_rank),
+    )

@@ -13,6 +13,7 @@ import fnmatch
 import logging
 import math
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -47,6 +48,7 @@ from megatron_cosmos3.training.samples import (
     has_held_out_data,
     held_out_action_stats,
     held_out_sample_packs,
+    trained_dm_tasks,
     write_held_out,
 )
 from megatron_cosmos3.training.schedule import learning_rate
@@ -215,12 +217,15 @@ def log_generation_samples(run: Run, tracker: MLflowTracker, step: int) -> None:
     if not run.plan.samples_here(run.ctx.is_main, has_targets=True):
         return
     if run.held_out_samples is None:
-        packs = [batch for batch, _ in held_out_sample_packs(config, run.ctx.device, run.plan.data_share)]
         tokenizer = None
         if config.data_source == "shards":
             tokenizer = build_tokenizer(config.data.tokenizer, run.model.config.vocab_size)
         stats = held_out_action_stats(config)
-        run.held_out_samples = choose_held_out_samples(packs, run.model.config, config.seed, tokenizer, stats)
+        with closing(held_out_sample_packs(config, run.ctx.device, run.plan.data_share)) as packs:
+            wanted = trained_dm_tasks(config)
+            run.held_out_samples = choose_held_out_samples(
+                packs, run.model.config, config.seed, wanted, tokenizer, stats
+            )
     held_out = run.held_out_samples
     if not held_out.samples:  # the same packs on every rank: all skip together
         return

@@ -12,7 +12,12 @@ from megatron_cosmos3.testing.training import TINY_MODEL
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.distributed import DistributedContext
-from megatron_cosmos3.training.samples import LATENTS_FILE, held_out_sample_packs
+from megatron_cosmos3.training.samples import (
+    LATENTS_FILE,
+    choose_held_out_samples,
+    held_out_sample_packs,
+    trained_dm_tasks,
+)
 
 CPU = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 TINY = [
@@ -53,12 +58,12 @@ def artifact_root(tmp_path) -> Path:
 def test_training_logs_decoded_media_of_a_fixed_held_out_set_that_survives_resume(tmp_path):
     train_module.train(config_for(tmp_path, "steps=1"), CPU)
     train_module.train(config_for(tmp_path, "steps=2"), CPU)  # resumes from step 1, same MLflow run
-    # The set, chosen independently here: the first sample of each DM task in the held-out pack.
-    ((pack, _),) = held_out_sample_packs(config_for(tmp_path, "steps=2"), torch.device("cpu"))
+    # The set, chosen independently here: the first sample of each DM task in the held-out packs.
     want = {}
-    for i in range(pack.num_samples):
-        want.setdefault(pack.task_names[int(pack.sample_task[i])], i)
-    assert set(want) == {"text_to_video", "video_to_audio", "policy"}, "the seed's held-out pack lacks a task"
+    for p, pack in enumerate(held_out_sample_packs(config_for(tmp_path, "steps=2"), torch.device("cpu"), limit=8)):
+        for i in range(pack.num_samples):
+            want.setdefault(pack.task_names[int(pack.sample_task[i])], (p, i))
+    assert set(want) == {"text_to_video", "video_to_audio", "policy"}, "the seed's held-out packs lack a task"
 
     root = artifact_root(tmp_path)
     steps = ["step_00000001", "step_00000002"]
@@ -67,10 +72,10 @@ def test_training_logs_decoded_media_of_a_fixed_held_out_set_that_survives_resum
     for step in steps:
         folder = root / "samples" / step
         assert sorted(p.name for p in folder.iterdir()) == sorted(want), step
-        for task, index in want.items():
+        for task, (pack, index) in want.items():
             meta = json.loads(next((folder / task).glob("*.meta.json")).read_text())
             assert meta["task"] == task and meta["checkpoint_step"] == int(step[5:])
-            assert meta["conditioning"] == {"held_out": f"pack 0, sample {index}"}
+            assert meta["conditioning"] == {"held_out": f"pack {pack}, sample {index}"}
             records.setdefault(task, []).append((meta["prompt"], meta["seed"]))
         # The clip decodes with an independent decoder to the frames and rate its latents hold.
         latents = np.load(folder / "text_to_video" / LATENTS_FILE)["video"]
@@ -86,3 +91,27 @@ def test_training_logs_decoded_media_of_a_fixed_held_out_set_that_survives_resum
     # The generated latents change with the weights.
     first, last = (np.load(root / "samples" / s / "text_to_video" / LATENTS_FILE)["video"] for s in steps)
     assert first.shape == last.shape and not np.allclose(first, last)
+
+
+def test_the_set_reads_held_out_packs_until_every_trained_task_has_a_sample(tmp_path):
+    """One sample per pack and three tasks: the first held-out pack (all ``eval.micro_batches`` reads
+    for the loss) holds one task, yet every trained DM task gets its first sample; reading stops once
+    all are found, and a task the packs never hold ends the search at its bound without one."""
+    config = config_for(tmp_path, "steps=1", "synthetic.samples_per_pack=1")
+    assert trained_dm_tasks(config) == ["text_to_video", "video_to_audio", "policy"]
+    packs = list(held_out_sample_packs(config, torch.device("cpu"), limit=12))
+    first = {}
+    for p, pack in enumerate(packs):
+        first.setdefault(pack.task_names[int(pack.sample_task[0])], p)
+    assert set(first) == set(trained_dm_tasks(config)) and max(first.values()) > 0, first
+
+    read = []
+    counted = (read.append(p) or pack for p, pack in enumerate(packs))
+    chosen = choose_held_out_samples(counted, config.model, 5, trained_dm_tasks(config))
+    assert {s.task: s.pack for s in chosen.samples} == first
+    assert [s.task for s in chosen.samples] == sorted(first)
+    assert len(read) == max(first.values()) + 1, "reading goes on past the last missing task"
+    assert sorted(chosen.packs) == sorted(set(first.values())), "a pack with no chosen sample is kept"
+
+    never = choose_held_out_samples(iter(packs), config.model, 5, [*trained_dm_tasks(config), "forward_dynamics"])
+    assert [s.task for s in never.samples] == sorted(first)
