@@ -6,6 +6,30 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${COSMOS3_VENV:-$repo_root/.venv}"
 python_bin="${PYTHON:-python3}"
 
+# System packages the tests use, installed once where root and apt-get are at hand: ffmpeg's
+# ffprobe/ffmpeg (the independent decoder the media tests read our mp4 files back with; the package
+# writes them with PyAV's own FFmpeg) and slurm-wlm + munge (tests/slurm starts a one-node cluster;
+# without them that test is skipped with the reason). They install in the background while pip
+# installs the Python packages: on a fresh machine both are minutes of mostly waiting.
+media=() cluster=()
+command -v ffprobe >/dev/null 2>&1 || media+=(ffmpeg)
+{ [ -x /usr/sbin/slurmctld ] || command -v slurmctld >/dev/null 2>&1; } || cluster+=(slurm-wlm)
+[ -x /usr/sbin/munged ] || cluster+=(munge)
+system_packages=""
+if [ $((${#media[@]} + ${#cluster[@]})) -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (
+      apt-get update -qq
+      export DEBIAN_FRONTEND=noninteractive
+      [ ${#media[@]} -eq 0 ] || apt-get install -y -qq --no-install-recommends "${media[@]}" >/dev/null
+      [ ${#cluster[@]} -eq 0 ] || apt-get install -y -qq "${cluster[@]}" >/dev/null
+    ) &
+    system_packages=$!
+  else
+    echo "setup_env: ${media[*]} ${cluster[*]} not installed (needs root and apt-get)" >&2
+  fi
+fi
+
 if [ ! -x "$venv/bin/python" ]; then
   "$python_bin" -m venv "$venv"
 fi
@@ -20,21 +44,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 export PATH="$venv/bin:$PATH"
 
-# System packages the tests use, installed once where root and apt-get are at hand: ffmpeg's
-# ffprobe/ffmpeg (the independent decoder the media tests read our mp4 files back with; the package
-# writes them with PyAV's own FFmpeg) and slurm-wlm + munge (tests/slurm starts a one-node cluster;
-# without them that test is skipped with the reason).
-media=() cluster=()
-command -v ffprobe >/dev/null 2>&1 || media+=(ffmpeg)
-{ [ -x /usr/sbin/slurmctld ] || command -v slurmctld >/dev/null 2>&1; } || cluster+=(slurm-wlm)
-[ -x /usr/sbin/munged ] || cluster+=(munge)
-if [ $((${#media[@]} + ${#cluster[@]})) -gt 0 ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq
-    export DEBIAN_FRONTEND=noninteractive
-    [ ${#media[@]} -eq 0 ] || apt-get install -y -qq --no-install-recommends "${media[@]}" >/dev/null
-    [ ${#cluster[@]} -eq 0 ] || apt-get install -y -qq "${cluster[@]}" >/dev/null
-  else
-    echo "setup_env: ${media[*]} ${cluster[*]} not installed (needs root and apt-get)" >&2
-  fi
+if [ -n "$system_packages" ] && ! wait "$system_packages"; then
+  echo "setup_env: installing ${media[*]} ${cluster[*]} with apt-get failed" >&2
+  return 1 2>/dev/null || exit 1
 fi
