@@ -35,3 +35,36 @@ def tiny_config() -> MoTConfig:
 @pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` start first, spread over the xdist workers: the test command's
+    ``--dist worksteal`` hands each worker one contiguous slice of this order and steals from the
+    slices' ends, so a slow test left at the end of a slice would run alone at the end of the suite.
+    Each slow module goes whole (its module fixtures, e.g. a SLURM cluster, start once) to the front
+    of the slice with the least slow work so far; the other tests keep their order."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    slow: dict[str, list] = {}
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            slow.setdefault(item.module.__name__, []).append(item)
+    if not slow:
+        return
+    chosen = {id(item) for module in slow.values() for item in module}
+    rest = [item for item in items if id(item) not in chosen]
+    # The slices worksteal's first schedule cuts: each worker in turn takes remaining // workers_left.
+    sizes, remaining = [], len(items)
+    for left in range(workers, 0, -1):
+        sizes.append(remaining // left)
+        remaining -= sizes[-1]
+    fronts: list[list] = [[] for _ in range(workers)]
+    for module in sorted(slow.values(), key=len, reverse=True):
+        fronts[min(range(workers), key=lambda w: len(fronts[w]))].extend(module)
+    order = []
+    for front, size in zip(fronts, sizes):
+        order += front
+        take = max(0, size - len(front))
+        order += rest[:take]
+        del rest[:take]
+    items[:] = order + rest

@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.signal import resample_poly
 
 if TYPE_CHECKING:  # diffusers takes seconds to import: only a process that loads a VAE pays for it
     from diffusers import AutoencoderOobleck
@@ -77,6 +76,8 @@ def resample(waveform: torch.Tensor, from_rate: int, to_rate: int) -> torch.Tens
         raise ValueError(f"sample rates must be positive, got {from_rate} -> {to_rate}")
     if from_rate == to_rate:
         return waveform
+    from scipy.signal import resample_poly  # seconds of import: only where audio is resampled
+
     g = math.gcd(int(from_rate), int(to_rate))
     out = resample_poly(waveform.detach().cpu().double().numpy(), to_rate // g, from_rate // g, axis=-1)
     return torch.from_numpy(np.ascontiguousarray(out)).to(device=waveform.device, dtype=waveform.dtype)

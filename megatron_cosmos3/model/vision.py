@@ -24,8 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
-from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel, Qwen3VLVisionRotaryEmbedding
 
 from megatron_cosmos3.model.config import VisionConfig
 
@@ -73,6 +71,10 @@ def image_patches(picture: np.ndarray, config: VisionConfig) -> tuple[torch.Tens
 
 def hf_vision_config(config: VisionConfig):
     """The transformers ``Qwen3VLVisionConfig`` with the same dimensions."""
+    # transformers is imported where a ViT is built: importing it costs every process that imports
+    # this module (checkpoints, conversion, the trainer) seconds of start-up, with or without a ViT.
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
+
     return Qwen3VLVisionConfig(
         depth=config.depth,
         hidden_size=config.hidden_size,
@@ -96,6 +98,8 @@ class VisionEncoder(nn.Module):
 
     def __init__(self, config: VisionConfig):
         super().__init__()
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
         self.config = config
         self.vit = Qwen3VLVisionModel(hf_vision_config(config))
         # How a pack's pictures are shared out over ranks (parallel/vision_parallel.PictureSharing);
@@ -155,5 +159,7 @@ class VisionEncoder(nn.Module):
 
     def reset_buffers(self, device: torch.device | str) -> None:
         """Recomputes the rotary table, which ``to_empty`` leaves uninitialised."""
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionRotaryEmbedding
+
         with torch.device("cpu"):  # the table as transformers computes it, then moved
             self.vit.rotary_pos_emb = Qwen3VLVisionRotaryEmbedding(self.vit.config).to(device)
