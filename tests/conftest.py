@@ -42,13 +42,15 @@ def pytest_collection_modifyitems(config, items):
     """Tests marked ``slow`` start first, spread over the xdist workers: the test command's
     ``--dist worksteal`` hands each worker one contiguous slice of this order and steals from the
     slices' ends, so a slow test left at the end of a slice would run alone at the end of the suite.
-    Each slow module goes whole (its module fixtures, e.g. a SLURM cluster, start once) to the front
-    of the slice with the least slow work so far; the other tests keep their order."""
+    Slow tests go to the fronts of the slices in turn, those sharing a module fixture (e.g. a SLURM
+    cluster, started once per worker) together; the other tests keep their order."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     slow: dict[str, list] = {}
     for item in items:
         if item.get_closest_marker("slow") is not None:
-            slow.setdefault(item.module.__name__, []).append(item)
+            definitions = getattr(item, "_fixtureinfo", None)
+            scopes = {d.scope for defs in definitions.name2fixturedefs.values() for d in defs} if definitions else ()
+            slow.setdefault(item.module.__name__ if "module" in scopes else item.nodeid, []).append(item)
     if not slow:
         return
     chosen = {id(item) for module in slow.values() for item in module}
@@ -59,8 +61,8 @@ def pytest_collection_modifyitems(config, items):
         sizes.append(remaining // left)
         remaining -= sizes[-1]
     fronts: list[list] = [[] for _ in range(workers)]
-    for module in sorted(slow.values(), key=len, reverse=True):
-        fronts[min(range(workers), key=lambda w: len(fronts[w]))].extend(module)
+    for group in sorted(slow.values(), key=len, reverse=True):
+        fronts[min(range(workers), key=lambda w: len(fronts[w]))].extend(group)
     order = []
     for front, size in zip(fronts, sizes):
         order += front

@@ -51,11 +51,12 @@ def forwards_only(path: Path, target: str) -> bool:
     allowed = (
         lambda node: isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant),
         lambda node: isinstance(node, ast.Import) and [a.name for a in node.names] == ["sys"],
-        lambda node: isinstance(node, ast.ImportFrom)
-        and node.module == target
-        and [a.name for a in node.names] == ["main"],
-        lambda node: isinstance(node, ast.If)
-        and ast.unparse(node) == "if __name__ == '__main__':\n    sys.exit(main())",
+        lambda node: (
+            isinstance(node, ast.ImportFrom) and node.module == target and [a.name for a in node.names] == ["main"]
+        ),
+        lambda node: (
+            isinstance(node, ast.If) and ast.unparse(node) == "if __name__ == '__main__':\n    sys.exit(main())"
+        ),
     )
     return all(any(rule(node) for rule in allowed) for node in body)
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -26,6 +28,7 @@ def run_script(name: str, *args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_nano_throughput_runs_a_training_step_per_layer_count():
     out = run_script(
         "nano_throughput.py",

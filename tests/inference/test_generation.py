@@ -307,6 +307,7 @@ def _generate_under_layouts(rank, world_size):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_generation_under_tensor_and_pipeline_parallelism_equals_one_process(model, builder):
     want = [streams(result) for result in generate(model, layout_requests(), builder)]

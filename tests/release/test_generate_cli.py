@@ -161,6 +161,7 @@ def test_every_mode_writes_media_of_the_right_shape_duration_and_rate(generated,
     }
 
 
+@pytest.mark.slow
 def test_tensor_parallel_under_torchrun_equals_one_process(generated, checkpoint, inputs, tmp_path):
     """The checkpoint saved under TP=2 and loaded in one process (the ``generated`` fixture) gives
     what two torchrun ranks give with TP=2."""

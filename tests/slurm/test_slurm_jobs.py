@@ -21,6 +21,7 @@ from megatron_cosmos3.testing.training import TINY_MODEL, TRAINER_ENV, loss_hist
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 240
+pytestmark = pytest.mark.slow  # minutes of SLURM scheduling: start first, beside the rest
 
 
 @pytest.fixture(scope="module")

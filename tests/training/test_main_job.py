@@ -56,6 +56,7 @@ def run_trainer(tmp_path: Path, *overrides: str, nproc: int = 2) -> subprocess.C
     )
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_process_training_logs_to_mlflow_checkpoints_and_resumes(tmp_path):
     first = run_trainer(tmp_path, "steps=10")

@@ -76,6 +76,7 @@ def stop_server(server: subprocess.Popen) -> None:
     server.wait(timeout=30)
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_training(tmp_path):
     from mlflow.tracking import MlflowClient

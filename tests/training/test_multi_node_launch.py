@@ -27,6 +27,7 @@ def _overrides(tmp_path: Path, name: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_node_launch_on_localhost_equals_one_node(tmp_path):
     with socket.socket() as s:

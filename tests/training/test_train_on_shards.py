@@ -79,6 +79,7 @@ def losses(tmp_path, name):
     return loss_history(tmp_path / "mlflow.db", name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_preempted_mid_epoch_resumes_with_the_exact_next_pack(tmp_path, world, workers, monkeypatch):
     straight = load_config(None, shard_overrides(tmp_path, world, "straight", "steps=6", f"data.num_workers={workers}"))
@@ -122,6 +123,7 @@ def _damaged_dataset(directory: Path) -> Path:
     return directory
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_train_on_shards_and_log_data_counts(tmp_path, world):
     damaged = _damaged_dataset(tmp_path / "damaged")

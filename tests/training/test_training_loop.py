@@ -432,6 +432,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_workers_die_with_a_killed_torchrun_and_the_restart_resumes_bit_exact(tmp_path):
     """kill -9 of torchrun alone (its workers run in sessions of their own): the workers die with
@@ -479,6 +480,7 @@ def test_workers_die_with_a_killed_torchrun_and_the_restart_resumes_bit_exact(tm
         assert torch.equal(want[name], got[name]), name
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_sigterm_to_plain_torchrun_checkpoints_every_rank_after_one_step_and_reports_preempted(tmp_path):
     """Without SLURM: torchrun passes SIGTERM on to its workers, which checkpoint after the same
