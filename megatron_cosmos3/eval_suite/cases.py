@@ -31,10 +31,10 @@ import numpy as np
 
 from megatron_cosmos3.data.schema import Sample
 from megatron_cosmos3.encoders.video_vae import VAE_TEMPORAL_FACTOR, num_latent_frames
+from megatron_cosmos3.eval_suite.config import SuiteConfig
 from megatron_cosmos3.evaluation.audio import resolvable_onsets
 from megatron_cosmos3.evaluation.detection import BallDetector
 from megatron_cosmos3.evaluation.text_to_video import balls_in_caption
-from megatron_cosmos3.eval_suite.config import SuiteConfig
 from megatron_cosmos3.inference.requests import GenerationRequest
 from megatron_cosmos3.tasks.layout import past_frames
 from megatron_cosmos3.world.render import BALL_COLOURS, EMBODIMENT_COLOURS
@@ -128,15 +128,16 @@ def _fits(task: str, sample: Sample, embodiments: Collection[str]) -> bool:
     return bool(sample.caption)
 
 
-def held_out_cases(config: SuiteConfig, tasks: Collection[str], embodiments: Collection[str]) -> dict[str, list[Case]]:
+def held_out_cases(
+    config: SuiteConfig, tasks: Collection[str], embodiments: Collection[str], search: int = MAX_SAMPLES_SEARCHED
+) -> dict[str, list[Case]]:
     """``config.cases_per_task`` cases of each of ``tasks`` (in ``config.tasks`` order) from the
     held-out world ``config.world_seed``; action tasks only for ``embodiments`` (those the model has
-    heads for). ValueError naming the task when the first ``MAX_SAMPLES_SEARCHED`` samples hold too
-    few cases of it."""
+    heads for). ValueError naming the task when the first ``search`` samples hold too few cases."""
     world = config.world()
     wanted = [task for task in config.tasks if task in tasks]
     cases: dict[str, list[Case]] = {task: [] for task in wanted}
-    for index in range(MAX_SAMPLES_SEARCHED):
+    for index in range(search):
         if all(len(found) == config.cases_per_task for found in cases.values()):
             break
         sample = generate_sample(world, config.world_seed, index)
@@ -146,7 +147,7 @@ def held_out_cases(config: SuiteConfig, tasks: Collection[str], embodiments: Col
     short = {task: len(found) for task, found in cases.items() if len(found) < config.cases_per_task}
     if short:
         raise ValueError(
-            f"eval suite: world_seed={config.world_seed}: the first {MAX_SAMPLES_SEARCHED} samples hold too few cases "
+            f"eval suite: world_seed={config.world_seed}: the first {search} samples hold too few cases "
             f"(found {short}, cases_per_task={config.cases_per_task}; action tasks need an embodiment among "
             f"{sorted(embodiments)})"
         )

@@ -66,9 +66,7 @@ def predict(
     """Per task, one ``Prediction`` per case, in order. ``plan``: the layout the model is split
     under (None: whole on this rank); collective where it splits the model."""
     dm = [case for task, found in cases.items() if task != "understanding" for case in found]
-    results = generate(
-        model, [case.request(config) for case in dm], builder, plan=plan, trained_tasks=trained_tasks
-    )
+    results = generate(model, [case.request(config) for case in dm], builder, plan=plan, trained_tasks=trained_tasks)
     predictions: dict[str, list[Prediction]] = {task: [] for task in cases}
     for case, result in zip(dm, results):
         sample, prediction = result.sample, Prediction()

@@ -57,9 +57,7 @@ def _audio(task: str, cases: Sequence[Case], model, chance, tolerance_s: float) 
     return audio_rows(task, joined["model"], joined["chance"], joined["true"], SAMPLE_RATE, times, tolerance_s)
 
 
-def _actions(
-    task: str, cases: Sequence[Case], model, chance, action_stats: ActionStats | None
-) -> list[MetricRow]:
+def _actions(task: str, cases: Sequence[Case], model, chance, action_stats: ActionStats | None) -> list[MetricRow]:
     rows = []
     for embodiment in sorted({case.sample.embodiment for case in cases}):
         parts: dict[str, list[np.ndarray]] = {"model": [], "chance": [], "true": []}

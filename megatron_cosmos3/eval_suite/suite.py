@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
 from megatron_cosmos3.data.latent_encoders import LatentEncoder, latent_encoder_from_config
 from megatron_cosmos3.data.sample_builder import SampleBuilder
 from megatron_cosmos3.data.tokenizer import Tokenizer
 from megatron_cosmos3.encoders.action_normalization import ActionStats
+from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
 from megatron_cosmos3.eval_suite.cases import ACTION_TASKS, Case, held_out_cases
 from megatron_cosmos3.eval_suite.config import SuiteConfig
 from megatron_cosmos3.eval_suite.predictions import Prediction, predict, untrained_model
@@ -84,7 +84,9 @@ class EvalSuite:
     ) -> EvalSuite:
         """The suite for a run's model: its latent encoder (``encoders``, the run's
         ``data.encoders``) and the generation builder over its tokenizer and statistics."""
-        decoder = latent_encoder_from_config(encoders, model.config.video_latent_channels, model.config.audio_latent_dim)
+        decoder = latent_encoder_from_config(
+            encoders, model.config.video_latent_channels, model.config.audio_latent_dim
+        )
         builder = generation_builder(model.config, tokenizer, decoder, action_stats)
         return cls(config, model, builder, decoder, tokenizer, trained_tasks, action_stats)
 

@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", required=True, type=Path, help="folder for report.json and media/")
     parser.add_argument("--config", help="the suite's YAML config (eval_suite.config.SuiteConfig)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (a bare path: a local SQLite store); none: no MLflow")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (a bare path: a local SQLite store); none: no MLflow"
+    )
     parser.add_argument("--experiment", default="megatron_cosmos3", help="MLflow experiment")
     parser.add_argument("--run-name", help="MLflow run name (default: eval-<checkpoint folder>)")
     parser.add_argument("--action-stats", help="the dataset whose action statistics un-normalise actions")
@@ -105,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ctx = init_distributed()
     try:
-        trained = load_trained_model(args.checkpoint, device=ctx.device, parallel=ParallelSizes(tensor=args.tensor_parallel))
+        trained = load_trained_model(
+            args.checkpoint, device=ctx.device, parallel=ParallelSizes(tensor=args.tensor_parallel)
+        )
         result = evaluate_checkpoint(trained, suite_config, args.action_stats)
     except (RequestError, CheckpointLoadError, ValueError) as error:
         print(f"cosmos3-eval: error: {error}", file=sys.stderr)
@@ -121,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         run_id = log_to_mlflow(result, args.out, args, trained.step, suite_config.media)
         log.info("MLflow run %s at %s", run_id, args.tracking_uri)
     for row in result.report.rows:
-        log.info("%-45s model %10.4g  oracle %10.4g  chance %10.4g %s", row.name, row.model, row.oracle, row.chance, row.unit)
+        log.info(
+            "%-45s model %10.4g  oracle %10.4g  chance %10.4g %s", row.name, row.model, row.oracle, row.chance, row.unit
+        )
     return 0
 
 
