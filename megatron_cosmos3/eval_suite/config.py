@@ -34,8 +34,11 @@ class SuiteConfig:
     whole latent frames). steps, solver, guidance, shift: the sampler; seed: the first case's
     sampler seed (case i uses seed + i). max_new_tokens: the understanding answers' length.
     chance_seed: the initialisation seed of the untrained model whose predictions are the chance
-    row. onset_tolerance_s: how far a sound onset may be from its collision to count. media: write
-    side-by-side predicted | true clips (the command; the trainer never does)."""
+    row. onset_tolerance_s: how far a sound onset may be from its collision to count.
+    demonstration_fraction: the share of held-out samples that are expert demonstrations of the
+    environment's tasks (``world.world.demonstration_sample``: the policy's instructions and actions
+    are then an expert's) instead of random-motion clips. media: write side-by-side predicted | true
+    clips (the command; the trainer never does)."""
 
     tasks: list[str] = field(default_factory=lambda: list(SUITE_TASKS))
     world_seed: int = 9001
@@ -51,6 +54,7 @@ class SuiteConfig:
     max_new_tokens: int = 8
     chance_seed: int = 7
     onset_tolerance_s: float = 0.05
+    demonstration_fraction: float = 0.0
     media: bool = True
 
     def __post_init__(self) -> None:
@@ -89,6 +93,7 @@ class SuiteConfig:
                 still_fraction=0.0,
                 agent_fraction=0.8,
                 question_fraction=0.5,
+                demonstration_fraction=self.demonstration_fraction,
             )
         except ValueError as error:
             raise ValueError(f"eval suite: {error}") from None

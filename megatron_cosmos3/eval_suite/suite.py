@@ -66,10 +66,12 @@ class EvalSuite:
         self.trained_tasks = list(trained_tasks)
         self.action_stats = action_stats
         self.skipped = {task: "not trained" for task in config.tasks if task not in self.trained_tasks}
-        if any(task in ACTION_TASKS for task in config.tasks) and not model.config.embodiments:
-            self.skipped.update({task: "no action heads" for task in config.tasks if task in ACTION_TASKS})
+        embodiments = sorted(set(model.config.embodiments) & set(config.world().embodiments))
+        if not embodiments:
+            for task in (t for t in config.tasks if t in ACTION_TASKS and t not in self.skipped):
+                self.skipped[task] = f"no action head for an embodiment of the world ({model.config.embodiments})"
         tasks = [task for task in config.tasks if task not in self.skipped]
-        self.cases = held_out_cases(config, tasks, model.config.embodiments)
+        self.cases = held_out_cases(config, tasks, embodiments)
         self._chance: dict[str, list[Prediction]] | None = None
 
     @classmethod

@@ -16,6 +16,7 @@ from megatron_cosmos3.eval_suite.scoring import task_rows
 from megatron_cosmos3.evaluation.video import PSNR_MAX_DB
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.testing.training import TINY_MODEL, loss_history, tiny_mot_config
+from megatron_cosmos3.world.environment import TASKS
 
 CASES = SuiteConfig(cases_per_task=2)
 EMBODIMENTS = ("single_arm", "humanoid")
@@ -71,6 +72,10 @@ def test_held_out_cases_carry_their_truth_and_are_deterministic(cases):
     assert cases["forward_dynamics"][0].first_scored_frame == 1 and cases["text_to_video"][0].first_scored_frame == 0
     request = cases["forward_dynamics"][0].request(CASES)
     assert len(request.video) == 1 and request.num_frames == len(cases["forward_dynamics"][0].frames)
+    (demo,) = held_out_cases(SuiteConfig(cases_per_task=1, demonstration_fraction=1.0), ["policy"], EMBODIMENTS)[
+        "policy"
+    ]
+    assert demo.sample.timing["task"]["kind"] in TASKS  # an expert's episode: a task's instruction and actions
     with pytest.raises(ValueError, match="too few cases"):
         held_out_cases(CASES, ["policy"], ["planar_pusher_v2"], search=3)
 
