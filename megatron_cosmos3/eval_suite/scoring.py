@@ -16,11 +16,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from megatron_cosmos3.encoders.action_normalization import ActionStats
+from megatron_cosmos3.encoders.action_normalization import STD_FLOOR, ActionStats
+from megatron_cosmos3.encoders.pseudo_actions import get_layout
 from megatron_cosmos3.eval_suite.cases import ACTION_TASKS, Case, world_detector
 from megatron_cosmos3.eval_suite.config import SuiteConfig
 from megatron_cosmos3.eval_suite.predictions import Prediction
-from megatron_cosmos3.evaluation.actions import spread_of
 from megatron_cosmos3.evaluation.report import MetricRow
 from megatron_cosmos3.evaluation.rows import action_rows, audio_rows, text_to_video_rows, understanding_rows, video_rows
 from megatron_cosmos3.world.sound import SAMPLE_RATE
@@ -57,6 +57,20 @@ def _audio(task: str, cases: Sequence[Case], model, chance, tolerance_s: float) 
     return audio_rows(task, joined["model"], joined["chance"], joined["true"], SAMPLE_RATE, times, tolerance_s)
 
 
+def action_scale(embodiment: str, action_stats: ActionStats | None) -> tuple[np.ndarray, str, str]:
+    """(per-dimension scale, what it is, the rows' unit) of the action error: the scale that normalised training
+    — the dataset std (``action_stats``), the 6D rotation dimensions in their own unit, 1, as
+    normalisation leaves them — or, where training had no statistics, the raw units the model learnt
+    (a few cases' own spread is 0 on the dimensions the world never moves, which would blow any
+    error up)."""
+    dim = get_layout(embodiment).dim
+    if action_stats is None or embodiment not in action_stats.embodiments:
+        return np.ones(dim), "raw units (no action statistics)", "raw"
+    scale = np.maximum(np.asarray(action_stats[embodiment].std, dtype=np.float64), STD_FLOOR)
+    scale[list(get_layout(embodiment).rotation_6d_dims)] = 1.0
+    return scale, "dataset std; 6D rotation dims: 1", "std"
+
+
 def _actions(task: str, cases: Sequence[Case], model, chance, action_stats: ActionStats | None) -> list[MetricRow]:
     rows = []
     for embodiment in sorted({case.sample.embodiment for case in cases}):
@@ -69,11 +83,10 @@ def _actions(task: str, cases: Sequence[Case], model, chance, action_stats: Acti
             for name, actions in (("model", m.actions), ("chance", c.actions), ("true", true)):
                 parts[name].append(actions[:n])
         joined = {name: np.concatenate(a) for name, a in parts.items()}
-        if action_stats is not None and embodiment in action_stats.embodiments:
-            scale, scale_is = np.asarray(action_stats[embodiment].std), "dataset std"
-        else:
-            scale, scale_is = spread_of(joined["true"]), "true spread"
-        rows += action_rows(f"{task}/{embodiment}", joined["model"], joined["chance"], joined["true"], scale, scale_is)
+        scale, scale_is, unit = action_scale(embodiment, action_stats)
+        rows += action_rows(
+            f"{task}/{embodiment}", joined["model"], joined["chance"], joined["true"], scale, scale_is, unit
+        )
     return rows
 
 

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_cosmos3.encoders.action_normalization import STD_FLOOR, ActionStats, EmbodimentActionStats
+from megatron_cosmos3.encoders.pseudo_actions import get_layout
 from megatron_cosmos3.eval_suite.cases import held_out_cases
 from megatron_cosmos3.eval_suite.config import SUITE_TASKS, SuiteConfig, load_suite_config
 from megatron_cosmos3.eval_suite.predictions import Prediction, untrained_model
-from megatron_cosmos3.eval_suite.scoring import task_rows
+from megatron_cosmos3.eval_suite.scoring import action_scale, task_rows
 from megatron_cosmos3.evaluation.video import PSNR_MAX_DB
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.testing.training import TINY_MODEL, loss_history, tiny_mot_config
@@ -120,6 +122,19 @@ def test_the_truth_scores_the_oracle_row_and_a_corrupted_prediction_scores_worse
             if metric in ("psnr_db", "ssim", "action_rmse", "accuracy", "onset_error_ms"):
                 sign = 1 if row.higher_is_better else -1
                 assert sign * bad.model < sign * row.oracle, bad.name
+
+
+def test_action_errors_are_in_the_unit_training_normalised_with(cases):
+    actions = np.concatenate([c.sample.actions for c in cases["policy"] if c.sample.embodiment == "single_arm"])
+    actions = actions + np.random.default_rng(0).normal(0, 0.1, actions.shape).astype(np.float32)
+    stats = EmbodimentActionStats.from_actions("single_arm", actions)
+    scale, _, unit = action_scale("single_arm", ActionStats({"single_arm": stats}))
+    rotation = list(get_layout("single_arm").rotation_6d_dims)
+    moving = [d for d in range(19) if d not in rotation]
+    assert unit == "std" and (scale[rotation] == 1.0).all()
+    np.testing.assert_allclose(scale[moving], np.maximum(np.array(stats.std)[moving], STD_FLOOR))
+    scale, _, unit = action_scale("humanoid", None)  # no statistics: the raw units the model learnt
+    assert unit == "raw" and scale.shape == (57,) and (scale == 1.0).all()
 
 
 def test_the_chance_model_is_a_fresh_init_of_the_seed_and_leaves_the_rng_alone():
