@@ -81,6 +81,11 @@ def predict(
     if questions:
         prompts = [TextPrompt(tokenizer.encode(case.sample.question), case.frames[0]) for case in questions]
         sampling = TextSampling(max_new_tokens=config.max_new_tokens)
-        answers = generate_text(model, prompts, sampling, seeds=config.seed, tokenizer=tokenizer)
+        was_training = model.training  # the trainer's model answers as it is served
+        model.eval()
+        try:
+            answers = generate_text(model, prompts, sampling, seeds=config.seed, tokenizer=tokenizer)
+        finally:
+            model.train(was_training)
         predictions["understanding"] = [Prediction(text=answer.text) for answer in answers]
     return predictions
