@@ -1,11 +1,9 @@
 """``cosmos3-eval`` on the tiny checkpoint trained under TP=2: the JSON report holds every suite task
 with its oracle and chance rows and reads back, the oracle rows score perfectly where the metric
-allows, MLflow gets the same numbers, the media are predicted | true side by side, torchrun with
-TP=2 gives the report of one process, and bad config values are errors naming them."""
+allows, MLflow gets the same numbers, the media are predicted | true side by side, two ranks with TP=2
+give the report of one process, and bad config values are errors naming them."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +13,8 @@ from megatron_cosmos3.eval_suite.config import SUITE_TASKS
 from megatron_cosmos3.evaluation.report import REFERENCES, EvalReport
 from megatron_cosmos3.evaluation.video import PSNR_MAX_DB
 from megatron_cosmos3.release.eval_cli import REPORT_FILE, main
+from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.testing.media_probe import ffprobe_streams
-from megatron_cosmos3.testing.numerics import child_environment
 
 pytestmark = pytest.mark.multiprocess
 
@@ -100,12 +98,15 @@ def test_media_put_the_prediction_beside_the_truth_with_the_sound(evaluated):
     assert set(answer) == {"question", "predicted", "true"} and answer["question"].startswith("How many")
 
 
-def test_tensor_parallel_under_torchrun_gives_the_report_of_one_process(evaluated, tiny_tp2_checkpoint, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    command += ["-m", "megatron_cosmos3.release.eval_cli", "--tensor-parallel", "2"]
-    command += ["--checkpoint", str(tiny_tp2_checkpoint), "--out", str(tmp_path), *SUITE, "media=false"]
-    result = subprocess.run(command, env=child_environment(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+def _eval_on_rank(rank: int, world_size: int, argv: list[str]) -> int:
+    return main(argv)
+
+
+def test_tensor_parallel_on_two_ranks_gives_the_report_of_one_process(evaluated, tiny_tp2_checkpoint, tmp_path):
+    """The command on two gloo ranks with TP=2, launched as torchrun launches it (its environment
+    variables, ``main``) but forked by ``run_on_ranks``: no interpreter start-up per rank."""
+    argv = ["--tensor-parallel", "2", "--checkpoint", str(tiny_tp2_checkpoint), "--out", str(tmp_path)]
+    assert run_on_ranks(_eval_on_rank, 2, [*argv, *SUITE, "media=false"]) == [0, 0]
     one, two = read_report(evaluated / "out"), read_report(tmp_path)
     assert two.meta == one.meta and [r.name for r in two.rows] == [r.name for r in one.rows]
     for a, b in zip(one.rows, two.rows):
