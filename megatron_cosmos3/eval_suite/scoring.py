@@ -26,21 +26,21 @@ from megatron_cosmos3.evaluation.rows import action_rows, audio_rows, text_to_vi
 from megatron_cosmos3.world.sound import SAMPLE_RATE
 
 
-def _scored_frames(case: Case, prediction: Prediction) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted, true) frames the model generated, cut to a common length."""
+def _scored_frames(case: Case, *predictions: Prediction) -> list[np.ndarray]:
+    """The frames the model generated — each prediction's, then the truth's — cut to one length."""
     start = case.first_scored_frame
-    predicted, true = prediction.frames[start:], case.frames[start:]
-    if predicted.shape[1:] != true.shape[1:]:
-        raise ValueError(f"{case.name}: predicted frames of {predicted.shape[1:]} for a truth of {true.shape[1:]}")
-    n = min(len(predicted), len(true))
-    return predicted[:n], true[:n]
+    clips = [p.frames[start:] for p in predictions] + [case.frames[start:]]
+    for clip in clips[:-1]:
+        if clip.shape[1:] != clips[-1].shape[1:]:
+            raise ValueError(f"{case.name}: predicted frames of {clip.shape[1:]} for a truth of {clips[-1].shape[1:]}")
+    n = min(len(clip) for clip in clips)
+    return [clip[:n] for clip in clips]
 
 
 def _video(task: str, cases: Sequence[Case], model: Sequence[Prediction], chance: Sequence[Prediction], detector):
-    pairs = [_scored_frames(case, p) for case, p in zip(cases, model)]
-    chance_frames = [_scored_frames(case, p)[0] for case, p in zip(cases, chance)]
-    true = np.concatenate([t for _, t in pairs])
-    return video_rows(task, np.concatenate([p for p, _ in pairs]), np.concatenate(chance_frames), true, detector)
+    cut = [_scored_frames(case, m, c) for case, m, c in zip(cases, model, chance)]
+    model_frames, chance_frames, true = (np.concatenate(part) for part in zip(*cut))
+    return video_rows(task, model_frames, chance_frames, true, detector)
 
 
 def _audio(task: str, cases: Sequence[Case], model, chance, tolerance_s: float) -> list[MetricRow]:
