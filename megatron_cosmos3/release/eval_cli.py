@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from megatron_cosmos3.eval_suite.config import SUITE_TASKS, load_suite_config
+from megatron_cosmos3.eval_suite.config import SUITE_TASKS, SuiteConfig, load_suite_config
 from megatron_cosmos3.eval_suite.media import write_media
-from megatron_cosmos3.eval_suite.suite import EvalSuite
+from megatron_cosmos3.eval_suite.suite import EvalSuite, SuiteResult
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.release.generate_cli import RequestError, merged_action_stats
 from megatron_cosmos3.release.trained import CheckpointLoadError, TrainedModel, load_trained_model
@@ -61,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def evaluate_checkpoint(trained: TrainedModel, suite_config, action_stats: str | None = None):
+def evaluate_checkpoint(
+    trained: TrainedModel, suite_config: SuiteConfig, action_stats: str | None = None
+) -> SuiteResult:
     """The suite's result for ``trained`` (collective under its plan)."""
     suite = EvalSuite.for_run(
         suite_config,
@@ -75,7 +78,7 @@ def evaluate_checkpoint(trained: TrainedModel, suite_config, action_stats: str |
     return suite.evaluate(trained.model, trained.plan, meta)
 
 
-def write_outputs(result, out: Path, media: bool) -> Path:
+def write_outputs(result: SuiteResult, out: Path, media: bool) -> Path:
     """``out/report.json`` and, with ``media``, ``out/media/``; returns the report's path."""
     out.mkdir(parents=True, exist_ok=True)
     report = out / REPORT_FILE
@@ -85,12 +88,17 @@ def write_outputs(result, out: Path, media: bool) -> Path:
     return report
 
 
-def log_to_mlflow(result, out: Path, args: argparse.Namespace, step: int | None, media: bool) -> str | None:
+def log_to_mlflow(
+    result: SuiteResult, out: Path, args: argparse.Namespace, step: int | None, suite_config: SuiteConfig
+) -> str | None:
+    """One MLflow run: the suite's settings as params, the report's metrics at the checkpoint's
+    step, the report and media as artifacts; returns its id (None where MLflow is unreachable)."""
     name = args.run_name or f"eval-{Path(result.report.meta['checkpoint']).name}"
     tracker = MLflowTracker(args.tracking_uri, args.experiment, name, enabled=True)
+    tracker.log_params({f"suite.{key}": str(value) for key, value in asdict(suite_config).items()})
     tracker.log_metrics(result.report.mlflow_metrics(), step or 0)
     tracker.log_artifact(str(out / REPORT_FILE))
-    if media:
+    if suite_config.media:
         tracker.log_artifacts(str(out / "media"), "media")
     tracker.set_tag("checkpoint", result.report.meta["checkpoint"])
     tracker.finish()
@@ -122,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     report = write_outputs(result, args.out, suite_config.media)
     log.info("wrote %s", report)
     if args.tracking_uri:
-        run_id = log_to_mlflow(result, args.out, args, trained.step, suite_config.media)
+        run_id = log_to_mlflow(result, args.out, args, trained.step, suite_config)
         log.info("MLflow run %s at %s", run_id, args.tracking_uri)
     for row in result.report.rows:
         log.info(

@@ -72,6 +72,7 @@ def test_mlflow_gets_the_reports_metrics_at_the_checkpoints_step(evaluated):
     client = MlflowClient(tracking_uri=f"sqlite:///{evaluated / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("megatron_cosmos3").experiment_id])
     assert run.info.run_name == "eval-tiny"
+    assert (run.data.params["suite.steps"], run.data.params["suite.cases_per_task"]) == ("2", "1")
     logged = {name: client.get_metric_history(run.info.run_id, name) for name in run.data.metrics}
     want = report.mlflow_metrics()
     assert set(logged) == set(want) and all(name.split("/")[-1] in REFERENCES for name in want)
