@@ -17,10 +17,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from megatron_cosmos3.encoders.action_normalization import STD_FLOOR, ActionStats
-from megatron_cosmos3.encoders.pseudo_actions import get_layout
 from megatron_cosmos3.eval_suite.cases import ACTION_TASKS, Case, world_detector
 from megatron_cosmos3.eval_suite.config import SuiteConfig
 from megatron_cosmos3.eval_suite.predictions import Prediction
+from megatron_cosmos3.evaluation.actions import spread_of
 from megatron_cosmos3.evaluation.report import MetricRow
 from megatron_cosmos3.evaluation.rows import action_rows, audio_rows, text_to_video_rows, understanding_rows, video_rows
 from megatron_cosmos3.world.sound import SAMPLE_RATE
@@ -57,18 +57,22 @@ def _audio(task: str, cases: Sequence[Case], model, chance, tolerance_s: float) 
     return audio_rows(task, joined["model"], joined["chance"], joined["true"], SAMPLE_RATE, times, tolerance_s)
 
 
-def action_scale(embodiment: str, action_stats: ActionStats | None) -> tuple[np.ndarray, str, str]:
-    """(per-dimension scale, what it is, the rows' unit) of the action error: the scale that normalised training
-    — the dataset std (``action_stats``), the 6D rotation dimensions in their own unit, 1, as
-    normalisation leaves them — or, where training had no statistics, the raw units the model learnt
-    (a few cases' own spread is 0 on the dimensions the world never moves, which would blow any
-    error up)."""
-    dim = get_layout(embodiment).dim
-    if action_stats is None or embodiment not in action_stats.embodiments:
-        return np.ones(dim), "raw units (no action statistics)", "raw"
-    scale = np.maximum(np.asarray(action_stats[embodiment].std, dtype=np.float64), STD_FLOOR)
-    scale[list(get_layout(embodiment).rotation_6d_dims)] = 1.0
-    return scale, "dataset std; 6D rotation dims: 1", "std"
+def action_scale(
+    action_stats: ActionStats | None, embodiment: str, true: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """The unit of the action error per dimension: the run's action std of ``embodiment`` (what
+    normalised training), else the true actions' own spread (``evaluation.actions.spread_of``);
+    which dimensions are measured: those that move in that data (a dimension constant there, e.g.
+    the y of a world seen from the side or an arm that never tilts, has no unit); a note saying
+    both. The same rule as the closed-loop runner's action error."""
+    if action_stats is not None and embodiment in action_stats.embodiments:
+        scale, scale_is = np.asarray(action_stats[embodiment].std, dtype=np.float64), "dataset std"
+    else:
+        scale, scale_is = spread_of(true), "true spread"
+    moving = scale > STD_FLOOR
+    if not moving.any():
+        raise ValueError(f"no action dimension of {embodiment!r} moves in the data ({scale_is}): nothing to measure")
+    return scale[moving], moving, f"{scale_is}; {int(moving.sum())} of {len(scale)} dims (those that move)"
 
 
 def _actions(task: str, cases: Sequence[Case], model, chance, action_stats: ActionStats | None) -> list[MetricRow]:
@@ -83,10 +87,9 @@ def _actions(task: str, cases: Sequence[Case], model, chance, action_stats: Acti
             for name, actions in (("model", m.actions), ("chance", c.actions), ("true", true)):
                 parts[name].append(actions[:n])
         joined = {name: np.concatenate(a) for name, a in parts.items()}
-        scale, scale_is, unit = action_scale(embodiment, action_stats)
-        rows += action_rows(
-            f"{task}/{embodiment}", joined["model"], joined["chance"], joined["true"], scale, scale_is, unit
-        )
+        scale, moving, scale_is = action_scale(action_stats, embodiment, joined["true"])
+        model_, chance_, true_ = (joined[name][:, moving] for name in ("model", "chance", "true"))
+        rows += action_rows(f"{task}/{embodiment}", model_, chance_, true_, scale, scale_is)
     return rows
 
 

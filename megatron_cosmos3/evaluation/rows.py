@@ -62,22 +62,15 @@ def audio_rows(
 
 
 def action_rows(
-    task: str,
-    model: np.ndarray,
-    chance: np.ndarray,
-    true: np.ndarray,
-    scale: np.ndarray,
-    scale_is: str,
-    unit: str = "std",
+    task: str, model: np.ndarray, chance: np.ndarray, true: np.ndarray, scale: np.ndarray, scale_is: str
 ) -> list[MetricRow]:
     """The mean over dimensions of the per-dimension RMSE in units of ``scale``, and the worst
-    dimension's; ``scale_is`` says which scale (e.g. "dataset std", "true spread"), ``unit`` names
-    it in the rows."""
+    dimension's; ``scale_is`` says which scale (e.g. "dataset std", "true spread")."""
     note = f"per-dim RMSE / {scale_is}"
     errors = [action_error(actions, true, scale) for actions in (model, true, chance)]
     return [
-        MetricRow(f"{task}/action_rmse", *(e.mean_rmse for e in errors), unit, False, note),
-        MetricRow(f"{task}/action_rmse_worst_dim", *(float(e.per_dim_rmse.max()) for e in errors), unit, False, note),
+        MetricRow(f"{task}/action_rmse", *(e.mean_rmse for e in errors), "std", False, note),
+        MetricRow(f"{task}/action_rmse_worst_dim", *(float(e.per_dim_rmse.max()) for e in errors), "std", False, note),
     ]
 
 

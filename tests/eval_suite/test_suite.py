@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from megatron_cosmos3.encoders.action_normalization import STD_FLOOR, ActionStats, EmbodimentActionStats
-from megatron_cosmos3.encoders.pseudo_actions import get_layout
 from megatron_cosmos3.eval_suite.cases import held_out_cases
 from megatron_cosmos3.eval_suite.config import SUITE_TASKS, SuiteConfig, load_suite_config
 from megatron_cosmos3.eval_suite.predictions import Prediction, untrained_model
 from megatron_cosmos3.eval_suite.scoring import action_scale, task_rows
+from megatron_cosmos3.evaluation.actions import spread_of
 from megatron_cosmos3.evaluation.video import PSNR_MAX_DB
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.testing.training import TINY_MODEL, loss_history, tiny_mot_config
@@ -124,17 +124,17 @@ def test_the_truth_scores_the_oracle_row_and_a_corrupted_prediction_scores_worse
                 assert sign * bad.model < sign * row.oracle, bad.name
 
 
-def test_action_errors_are_in_the_unit_training_normalised_with(cases):
-    actions = np.concatenate([c.sample.actions for c in cases["policy"] if c.sample.embodiment == "single_arm"])
-    actions = actions + np.random.default_rng(0).normal(0, 0.1, actions.shape).astype(np.float32)
-    stats = EmbodimentActionStats.from_actions("single_arm", actions)
-    scale, _, unit = action_scale("single_arm", ActionStats({"single_arm": stats}))
-    rotation = list(get_layout("single_arm").rotation_6d_dims)
-    moving = [d for d in range(19) if d not in rotation]
-    assert unit == "std" and (scale[rotation] == 1.0).all()
-    np.testing.assert_allclose(scale[moving], np.maximum(np.array(stats.std)[moving], STD_FLOOR))
-    scale, _, unit = action_scale("humanoid", None)  # no statistics: the raw units the model learnt
-    assert unit == "raw" and scale.shape == (57,) and (scale == 1.0).all()
+def test_action_errors_are_in_the_unit_training_normalised_with_over_the_dims_that_move(cases):
+    true = np.concatenate([c.sample.actions for c in cases["policy"] if c.sample.embodiment == "single_arm"])
+    noisy = true + np.random.default_rng(0).normal(0, 0.1, true.shape).astype(np.float32)
+    noisy[:, 3] = 0.5  # a dimension that never moves in the data
+    stats = EmbodimentActionStats.from_actions("single_arm", noisy)
+    scale, moving, note = action_scale(ActionStats({"single_arm": stats}), "single_arm", true)
+    assert not moving[3] and moving.sum() == 18 and note.startswith("dataset std")
+    np.testing.assert_allclose(scale, np.array(stats.std)[moving])
+    scale, moving, note = action_scale(None, "single_arm", true)  # no statistics: the truth's own spread
+    np.testing.assert_allclose(scale, spread_of(true)[moving])
+    assert (spread_of(true)[~moving] <= STD_FLOOR).all() and note.startswith("true spread")
 
 
 def test_the_chance_model_is_a_fresh_init_of_the_seed_and_leaves_the_rng_alone():
