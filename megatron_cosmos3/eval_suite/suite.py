@@ -129,9 +129,11 @@ class EvalSuite:
         for task, found in cases.items():
             for row in task_rows(task, found, predictions[task], chance[task], self.config, self.action_stats):
                 report.add(row)
-        # CLOSED LOOP (issue #14): the closed-loop episode runner (eval_suite/closed_loop.py) adds its
-        # success-rate rows here, `evaluation.rows.closed_loop_rows(task, model, random, expert)` per
-        # environment task: the lead wires it at merge.
+        # CLOSED LOOP (issue #14), wired at merge: the closed-loop runner (eval_suite/closed_loop.py,
+        # `closed_loop_rows_for(model, self.builder, self.config.world(), task, embodiment, seeds,
+        # plan=plan, trained_tasks=self.trained_tasks, ...)`) adds its rows here for each environment
+        # task and embodiment of the config (its episodes seeded from `world_seed`), so the command and
+        # the trainer's periodic eval report them with the open-loop rows.
         return SuiteResult(report, cases, predictions, chance)
 
     def meta(self, cases: dict[str, list[Case]], skipped: dict[str, str], extra: dict | None) -> dict:
