@@ -29,3 +29,8 @@ torchrun --standalone --nproc-per-node "$nproc" -m megatron_cosmos3.training.tra
 python data_pipelines/export_requests.py outputs/world-heldout/raw outputs/demo/requests
 cosmos3-generate --checkpoint outputs/demo/checkpoints --requests outputs/demo/requests/requests.jsonl \
   --out outputs/demo/generated
+# The trained model measured in a held-out world (docs/DESIGN.md, "Evaluation"): outputs/demo/eval/
+# report.json (every metric beside its oracle and chance rows), side-by-side clips in media/, and the
+# eval/* metrics in the demo's MLflow store.
+cosmos3-eval --checkpoint outputs/demo/checkpoints --out outputs/demo/eval --config configs/eval/suite.yaml \
+  --tracking-uri outputs/demo/mlflow.db --experiment megatron_cosmos3-demo --run-name tiny-mot-cpu-eval

@@ -22,7 +22,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -160,6 +160,16 @@ class ActionStats:
             return cls({kind: EmbodimentActionStats.from_json(kind, e) for kind, e in document["embodiments"].items()})
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: malformed action statistics: {error!r}") from error
+
+
+def merge_action_stats(stats: Iterable[ActionStats | None]) -> ActionStats | None:
+    """One embodiment -> statistics map over several datasets: for each embodiment, the first
+    dataset (in the given order) that has it; None when none has any."""
+    merged: dict[str, EmbodimentActionStats] = {}
+    for dataset in stats:
+        for kind, embodiment in (dataset.embodiments.items() if dataset is not None else ()):
+            merged.setdefault(kind, embodiment)
+    return ActionStats(merged) if merged else None
 
 
 def _center_and_scale(

@@ -32,7 +32,7 @@ import torch
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.latent_encoders import latent_encoder_from_config
 from megatron_cosmos3.data.media import decode_image, decode_npy, decode_video_file, decode_wav
-from megatron_cosmos3.encoders.action_normalization import ActionStats
+from megatron_cosmos3.encoders.action_normalization import ActionStats, merge_action_stats
 from megatron_cosmos3.inference.generation import generate
 from megatron_cosmos3.inference.media_outputs import GeneratedSample, GenerationRecord, write_generated_sample
 from megatron_cosmos3.inference.requests import GenerationRequest, generation_builder, required_inputs
@@ -185,11 +185,7 @@ def merged_action_stats(trained: TrainedModel, dataset: str | None) -> ActionSta
                 f"--action-stats {dataset!r}: no such dataset with statistics; have {sorted(trained.action_stats)}"
             )
         return trained.action_stats[dataset]
-    merged = {}
-    for stats in trained.action_stats.values():
-        for kind, embodiment in stats.embodiments.items():
-            merged.setdefault(kind, embodiment)
-    return ActionStats(merged) if merged else None
+    return merge_action_stats(trained.action_stats.values())
 
 
 def _trained_check(spec: RequestSpec, trained: TrainedModel, where: str) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from omegaconf import OmegaConf
 
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfig
+from megatron_cosmos3.eval_suite.config import SuiteConfig
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
 from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig
 from megatron_cosmos3.parallel.sizes import ParallelSizes
@@ -180,6 +181,10 @@ class EvalConfig:
     every: int = 0
     micro_batches: int = 2
     datasets: list[DatasetConfig] = field(default_factory=list)
+    # The evaluation suite (``eval_suite``), run beside the held-out losses when set: the model in
+    # the held-out generated world, logged as eval/<task>/<metric>/<model|oracle|chance>
+    # (docs/DESIGN.md, "Evaluation"). Off (null) by default; ``eval.suite={}`` takes its defaults.
+    suite: SuiteConfig | None = None
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.micro_batches < 1:

@@ -25,7 +25,11 @@ from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, inventory, la
 from megatron_cosmos3.checkpoint.resume import resume_from
 from megatron_cosmos3.checkpoint.weights_folder import is_weights_folder, load_weights_folder
 from megatron_cosmos3.data.latent_encoders import latent_encoder_from_config
+from megatron_cosmos3.data.loader import dataset_action_stats
 from megatron_cosmos3.data.tokenizer import build_tokenizer
+from megatron_cosmos3.encoders.action_normalization import merge_action_stats
+from megatron_cosmos3.eval_suite.suite import EvalSuite
+from megatron_cosmos3.evaluation.report import EvalReport
 from megatron_cosmos3.model.attention import PackLayout
 from megatron_cosmos3.model.moe import set_aux_loss_scale
 from megatron_cosmos3.model.mot import MoTModel
@@ -122,6 +126,7 @@ class Run:
     flops: FlopCounter
     held_out_samples: HeldOutSet | None = None  # the fixed generation samples, chosen at the first save
     held_out: list | None = None  # the held-out packs, read at the first evaluation
+    suite: EvalSuite | None = None  # the evaluation suite (eval.suite), built at its first run
 
 
 def build_model(config: TrainConfig, plan: ParallelPlan, device: torch.device) -> MoTModel:
@@ -299,6 +304,34 @@ def evaluate(run: Run) -> dict[str, float]:
     return {f"eval/{name}": value for name, value in metrics.items() if name == "loss" or name.startswith("loss/")}
 
 
+def evaluate_suite(run: Run, tracker: MLflowTracker, step: int) -> EvalReport | None:
+    """The evaluation suite (``eval.suite``) on the current weights, beside the held-out losses:
+    rank 0 logs its metrics as ``eval/<task>/<metric>/<model|oracle|chance>`` and its report as
+    the artifact ``eval_suite/step_<N>/report.json`` (also under ``<checkpoint.directory>/eval_suite/``).
+    The ranks the plan names take part (``ParallelPlan.samples_here``, as for generation samples);
+    the cases, the truth and the untrained model's chance predictions are made once per run."""
+    config = run.config
+    if config.eval.suite is None or not run.plan.samples_here(run.ctx.is_main, has_targets=True):
+        return None
+    if run.suite is None:
+        stats = None
+        if config.data_source == "shards":
+            stats = merge_action_stats(dataset_action_stats(dataset) for dataset in config.data.datasets)
+        tokenizer = build_tokenizer(config.data.tokenizer, run.model.config.vocab_size)
+        run.suite = EvalSuite.for_run(
+            config.eval.suite, run.model, tokenizer, config.data.encoders, task_table(config), stats
+        )
+    with autocast(config.precision, run.ctx.device):
+        result = run.suite.evaluate(run.model, run.plan, {"step": step, "run": config.tracking.run_name})
+    if run.ctx.is_main:
+        tracker.log_metrics(result.report.mlflow_metrics("eval"), step)
+        path = Path(config.checkpoint.directory) / "eval_suite" / f"step_{step:08d}" / "report.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(result.report.to_json())
+        tracker.log_artifact(str(path), f"eval_suite/step_{step:08d}")
+    return result.report
+
+
 def train(config: TrainConfig, ctx: DistributedContext, status_file: str | None = None) -> dict[str, float]:
     """Runs the stage to ``config.steps``; raises ``Preempted`` after checkpointing on a signal.
     With ``status_file``, rank 0 writes the outcome there (``training/preemption.py``)."""
@@ -431,6 +464,7 @@ def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) 
                     held_out.get("eval/loss/ce", math.nan),
                     held_out.get("eval/loss/fm", math.nan),
                 )
+            evaluate_suite(run, tracker, step + 1)
         committed = run.checkpointer.poll()
         if committed is not None and ctx.is_main:
             tracker.set_tag("checkpoint", str(committed.resolve()))

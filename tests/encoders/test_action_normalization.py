@@ -12,6 +12,7 @@ from megatron_cosmos3.encoders.action_normalization import (
     ActionStats,
     EmbodimentActionStats,
     denormalize_actions,
+    merge_action_stats,
     normalize_actions,
 )
 from megatron_cosmos3.encoders.pseudo_actions import ACTION_LAYOUTS
@@ -132,3 +133,14 @@ def test_malformed_stats_and_misuse_raise_clear_errors(tmp_path):
         normalize_actions(torch.zeros(4, 9), stats, mode="quantile")
     with pytest.raises(ValueError, match=r"actions for kind 'camera' must have shape \(N>0, 9\), got \(0, 9\)"):
         EmbodimentActionStats.from_actions("camera", np.zeros((0, 9)))
+
+
+def test_merged_statistics_take_each_embodiment_from_the_first_dataset_that_has_it():
+    arm_a = EmbodimentActionStats.from_actions("single_arm", sample_actions("single_arm", seed=1))
+    arm_b = EmbodimentActionStats.from_actions("single_arm", sample_actions("single_arm", seed=2))
+    humanoid = EmbodimentActionStats.from_actions("humanoid", sample_actions("humanoid", seed=3))
+    merged = merge_action_stats(
+        [None, ActionStats({"single_arm": arm_a}), ActionStats({"single_arm": arm_b, "humanoid": humanoid})]
+    )
+    assert merged["single_arm"] is arm_a and merged["humanoid"] is humanoid
+    assert merge_action_stats([None, ActionStats({})]) is None

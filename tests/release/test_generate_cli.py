@@ -19,7 +19,6 @@ from megatron_cosmos3.release.trained import load_trained_model
 from megatron_cosmos3.tasks.registry import TASK_REGISTRY
 from megatron_cosmos3.testing.media_probe import ffmpeg_frames, ffprobe_streams
 from megatron_cosmos3.testing.numerics import child_environment
-from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, train_on_ranks
 
 pytestmark = pytest.mark.multiprocess
 
@@ -29,24 +28,9 @@ ARM_DIM, ARM_RATE = 19, 10.0
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def checkpoint(tiny_tp2_checkpoint) -> Path:
     """The tiny model trained one step under TP=2 on random packs of every task, pooled latents."""
-    root = tmp_path_factory.mktemp("generate-cli")
-    train_on_ranks(
-        2,
-        *TINY_MODEL,
-        "model.vocab_size=260",  # the byte tokenizer's 256 bytes + EOS + BOG
-        *TINY_SYNTHETIC,
-        f"synthetic.tasks=[{','.join(TASK_REGISTRY)}]",
-        "data.encoders.kind=pooled",
-        "parallel.tensor=2",
-        "steps=1",
-        "optimizer.micro_batches_per_step=1",
-        "checkpoint.async_save=false",
-        "tracking.enabled=false",
-        f"checkpoint.directory={root / 'checkpoints'}",
-    )
-    return root / "checkpoints"
+    return tiny_tp2_checkpoint
 
 
 @pytest.fixture(scope="module")

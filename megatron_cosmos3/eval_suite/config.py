@@ -1,0 +1,114 @@
+"""What the evaluation suite runs (docs/DESIGN.md, "Evaluation"): which tasks, how many held-out
+cases of which held-out world, the sampler, and whether media are written. A typed dataclass like
+the training configs, loadable from YAML with dotlist overrides and validated once; the trainer
+holds one as ``eval.suite``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from omegaconf import OmegaConf
+
+from megatron_cosmos3.inference.solvers import SOLVERS
+from megatron_cosmos3.world.config import WorldConfig
+
+# The tasks the suite measures, in report order; each needs the world's truth of its kind.
+SUITE_TASKS = (
+    "forward_dynamics",
+    "image_to_video",
+    "video_to_audio",
+    "inverse_dynamics",
+    "policy",
+    "text_to_video",
+    "understanding",
+)
+
+
+@dataclass
+class SuiteConfig:
+    """tasks: which of ``SUITE_TASKS`` to measure (a task the checkpoint did not train is skipped
+    and named in the report's meta). world_seed: the held-out world the cases come from (not a
+    training world's seed). cases_per_task: held-out cases per task. resolution (pixels, a multiple
+    of 32), duration_s and fps: the held-out clips (duration_s x fps a multiple of 4: 1 + 4k frames,
+    whole latent frames). steps, solver, guidance, shift: the sampler; seed: the first case's
+    sampler seed (case i uses seed + i). max_new_tokens: the understanding answers' length.
+    chance_seed: the initialisation seed of the untrained model whose predictions are the chance
+    row. onset_tolerance_s: how far a sound onset may be from its collision to count.
+    demonstration_fraction: the share of held-out samples that are expert demonstrations of the
+    environment's tasks (``world.world.demonstration_sample``: the policy's instructions and actions
+    are then an expert's) instead of random-motion clips. media: write side-by-side predicted | true
+    clips (the command; the trainer never does)."""
+
+    tasks: list[str] = field(default_factory=lambda: list(SUITE_TASKS))
+    world_seed: int = 9001
+    cases_per_task: int = 2
+    resolution: int = 64
+    duration_s: float = 0.5
+    fps: float = 16.0
+    steps: int = 8
+    solver: str = "euler"
+    guidance: float = 1.0
+    shift: float = 1.0
+    seed: int = 0
+    max_new_tokens: int = 8
+    chance_seed: int = 7
+    onset_tolerance_s: float = 0.05
+    demonstration_fraction: float = 0.0
+    media: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [task for task in self.tasks if task not in SUITE_TASKS]
+        if unknown or not self.tasks:
+            raise ValueError(f"eval suite: tasks={list(self.tasks)}: must be a non-empty subset of {list(SUITE_TASKS)}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"eval suite: tasks={list(self.tasks)} names a task twice")
+        for name in ("cases_per_task", "steps", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"eval suite: {name}={value!r} must be an integer >= 1")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"eval suite: solver={self.solver!r} is not one of {SOLVERS}")
+        for name in ("guidance", "shift", "onset_tolerance_s", "fps", "duration_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value >= 0 if name == "guidance" else value > 0)):
+                raise ValueError(f"eval suite: {name}={value!r} must be a finite number > 0 (guidance: >= 0)")
+        frames = self.duration_s * self.fps
+        if abs(frames - round(frames)) > 1e-9 or round(frames) % 4:
+            raise ValueError(
+                f"eval suite: duration_s={self.duration_s} x fps={self.fps} = {frames:g} frame steps must be a "
+                "multiple of 4 (clips of 1 + 4k frames: whole latent frames)"
+            )
+        self.world()  # the world validates resolution and the action rates' whole steps
+
+    def world(self) -> WorldConfig:
+        """The held-out world's settings: the suite's clip size, length and frame rate, every
+        embodiment acting (a model is measured on those it has heads for)."""
+        try:
+            return WorldConfig(
+                resolution=self.resolution,
+                duration_s=self.duration_s,
+                fps_choices=(self.fps,),
+                embodiments=("single_arm", "humanoid", "planar_pusher"),
+                still_fraction=0.0,
+                agent_fraction=0.8,
+                question_fraction=0.5,
+                demonstration_fraction=self.demonstration_fraction,
+            )
+        except ValueError as error:
+            raise ValueError(f"eval suite: {error}") from None
+
+
+def load_suite_config(yaml_path: str | None = None, overrides: list[str] | None = None) -> SuiteConfig:
+    """Defaults <- the YAML file <- ``key=value`` overrides, validated (ValueError naming the field)."""
+    merged = OmegaConf.structured(SuiteConfig)
+    try:
+        if yaml_path:
+            merged = OmegaConf.merge(merged, OmegaConf.load(yaml_path))
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)
+    except ValueError:
+        raise
+    except Exception as error:  # an OmegaConf type or key error names the key
+        raise ValueError(f"eval suite config{f' {yaml_path}' if yaml_path else ''}: {error}") from None

@@ -1,0 +1,150 @@
+"""The evaluation suite: held-out world cases -> the model's, the oracle's and chance's predictions
+-> one ``EvalReport`` (docs/DESIGN.md, "Evaluation").
+
+``EvalSuite(config, model_config, ...)`` draws the cases once; ``evaluate(model, plan)`` runs the
+model on them and scores every task. The chance predictions come from an untrained model of the
+same config (``predictions.untrained_model``, seeded by ``config.chance_seed``) run by the same
+code; they and the truth do not change during a run, so they are computed at the first call and
+kept (the trainer's periodic eval pays for them once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import torch
+
+from megatron_cosmos3.data.latent_encoders import LatentEncoder, latent_encoder_from_config
+from megatron_cosmos3.data.sample_builder import SampleBuilder
+from megatron_cosmos3.data.tokenizer import Tokenizer
+from megatron_cosmos3.encoders.action_normalization import ActionStats
+from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
+from megatron_cosmos3.eval_suite.cases import ACTION_TASKS, Case, held_out_cases
+from megatron_cosmos3.eval_suite.config import SuiteConfig
+from megatron_cosmos3.eval_suite.predictions import Prediction, predict, untrained_model
+from megatron_cosmos3.eval_suite.scoring import task_rows
+from megatron_cosmos3.evaluation.report import EvalReport
+from megatron_cosmos3.inference.requests import generation_builder
+from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.parallel.plan import ParallelPlan
+
+
+@dataclass
+class SuiteResult:
+    """The report and what it measured: the cases and each model's predictions, per task."""
+
+    report: EvalReport
+    cases: dict[str, list[Case]]
+    model: dict[str, list[Prediction]]
+    chance: dict[str, list[Prediction]]
+
+
+class EvalSuite:
+    """The suite for one model config (module doc).
+
+    builder / decoder / tokenizer: the run's ``SampleBuilder`` (``inference.requests.
+    generation_builder``), latent encoder (whose decoder makes the media) and tokenizer.
+    trained_tasks: the tasks the checkpoint trained; the configured tasks outside them are skipped
+    (named in the report's meta). action_stats: the run's statistics, whose std is the action
+    error's unit where they cover the embodiment. ``understanding`` needs the Reasoner whole on the
+    rank: a plan that splits the model by layers or rows skips it (named likewise).
+    """
+
+    def __init__(
+        self,
+        config: SuiteConfig,
+        model: MoTModel,
+        builder: SampleBuilder,
+        decoder: LatentEncoder,
+        tokenizer: Tokenizer,
+        trained_tasks: Collection[str],
+        action_stats: ActionStats | None = None,
+    ) -> None:
+        self.config = config
+        self.builder, self.decoder, self.tokenizer = builder, decoder, tokenizer
+        self.trained_tasks = list(trained_tasks)
+        self.action_stats = action_stats
+        self.skipped = {task: "not trained" for task in config.tasks if task not in self.trained_tasks}
+        embodiments = sorted(set(model.config.embodiments) & set(config.world().embodiments))
+        if not embodiments:
+            for task in (t for t in config.tasks if t in ACTION_TASKS and t not in self.skipped):
+                self.skipped[task] = f"no action head for an embodiment of the world ({model.config.embodiments})"
+        tasks = [task for task in config.tasks if task not in self.skipped]
+        self.cases = held_out_cases(config, tasks, embodiments)
+        self._chance: dict[str, list[Prediction]] | None = None
+
+    @classmethod
+    def for_run(
+        cls,
+        config: SuiteConfig,
+        model: MoTModel,
+        tokenizer: Tokenizer,
+        encoders: LatentEncoderConfig,
+        trained_tasks: Collection[str],
+        action_stats: ActionStats | None = None,
+    ) -> EvalSuite:
+        """The suite for a run's model: its latent encoder (``encoders``, the run's
+        ``data.encoders``) and the generation builder over its tokenizer and statistics."""
+        decoder = latent_encoder_from_config(
+            encoders, model.config.video_latent_channels, model.config.audio_latent_dim
+        )
+        builder = generation_builder(model.config, tokenizer, decoder, action_stats)
+        return cls(config, model, builder, decoder, tokenizer, trained_tasks, action_stats)
+
+    def _run(self, model: MoTModel, cases: dict[str, list[Case]], plan: ParallelPlan | None):
+        return predict(
+            model,
+            cases,
+            self.config,
+            self.builder,
+            self.decoder,
+            self.tokenizer,
+            plan=plan,
+            trained_tasks=self.trained_tasks,
+        )
+
+    def chance(self, model: MoTModel, cases: dict[str, list[Case]]) -> dict[str, list[Prediction]]:
+        """The untrained model's predictions (computed once; every rank alike)."""
+        if self._chance is None:
+            device = next(p.device for p in model.parameters() if not p.is_meta)
+            fresh = untrained_model(model, self.config.chance_seed, device)
+            self._chance = self._run(fresh, cases, None)
+            del fresh
+        return self._chance
+
+    @torch.no_grad()
+    def evaluate(self, model: MoTModel, plan: ParallelPlan | None = None, meta: dict | None = None) -> SuiteResult:
+        """The report of ``model`` (this rank's part under ``plan``; collective where the plan
+        splits the model: every rank of it calls). ``meta`` is added to the report's meta."""
+        cases = dict(self.cases)
+        skipped = dict(self.skipped)
+        splits_rows = plan is not None and (plan.stages is not None or plan.split is not None)
+        if splits_rows and "understanding" in cases:  # text generation keeps the whole Reasoner on a rank
+            del cases["understanding"]
+            skipped["understanding"] = "the plan splits the model by layers or rows"
+        predictions = self._run(model, cases, plan)
+        chance = self.chance(model, cases)
+        report = EvalReport(meta=self.meta(cases, skipped, meta))
+        for task, found in cases.items():
+            for row in task_rows(task, found, predictions[task], chance[task], self.config, self.action_stats):
+                report.add(row)
+        # CLOSED LOOP (issue #14), wired at merge: the closed-loop runner (eval_suite/closed_loop.py,
+        # `closed_loop_rows_for(model, self.builder, self.config.world(), task, embodiment, seeds,
+        # plan=plan, trained_tasks=self.trained_tasks, ...)`) adds its rows here for each environment
+        # task and embodiment of the config (its episodes seeded from `world_seed`), so the command and
+        # the trainer's periodic eval report them with the open-loop rows.
+        return SuiteResult(report, cases, predictions, chance)
+
+    def meta(self, cases: dict[str, list[Case]], skipped: dict[str, str], extra: dict | None) -> dict:
+        c = self.config
+        return {
+            "world_seed": c.world_seed,
+            "cases": {task: [case.index for case in found] for task, found in cases.items()},
+            "sampler": {"solver": c.solver, "steps": c.steps, "guidance": c.guidance, "shift": c.shift, "seed": c.seed},
+            "clips": {"resolution": c.resolution, "duration_s": c.duration_s, "fps": c.fps},
+            "chance": f"an untrained model of the same config, init seed {c.chance_seed}",
+            "oracle": "the world's truth through the same metric",
+            "skipped_tasks": skipped,
+            **(extra or {}),
+        }

@@ -1,0 +1,143 @@
+"""``cosmos3-eval``: a trained checkpoint measured in the generated world (docs/DESIGN.md,
+"Evaluation").
+
+    cosmos3-eval --checkpoint outputs/demo/checkpoints --out eval/ [--config suite.yaml] [steps=4 ...]
+    torchrun --nproc-per-node 2 -m megatron_cosmos3.release.eval_cli --tensor-parallel 2 ...
+
+The checkpoint is a ``step_<N>`` folder, a checkpoint directory (its ``latest``) or a release
+folder, saved under any layout (``release.trained.load_trained_model``); the suite's settings come
+from ``eval_suite.config.SuiteConfig``: its defaults, then ``--config`` YAML, then ``key=value``
+overrides. Writes ``OUT/report.json`` (``evaluation.report.EvalReport``: every metric with its
+oracle and chance rows) and, unless ``media=false``, ``OUT/media/<task>/<case>/`` (predicted |
+true side by side: ``eval_suite.media``); with ``--tracking-uri``, the report's metrics as
+``eval/<task>/<metric>/<model|oracle|chance>`` at the checkpoint's step, and the report and media
+as artifacts, in one MLflow run. Under ``torchrun`` every rank runs its part of the model under
+``--tensor-parallel`` and rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from megatron_cosmos3.eval_suite.config import SUITE_TASKS, SuiteConfig, load_suite_config
+from megatron_cosmos3.eval_suite.media import write_media
+from megatron_cosmos3.eval_suite.suite import EvalSuite, SuiteResult
+from megatron_cosmos3.parallel.sizes import ParallelSizes
+from megatron_cosmos3.release.generate_cli import RequestError, merged_action_stats
+from megatron_cosmos3.release.trained import CheckpointLoadError, TrainedModel, load_trained_model
+from megatron_cosmos3.training.distributed import init_distributed
+from megatron_cosmos3.training.tracking import MLflowTracker
+
+log = logging.getLogger("cosmos3-eval")
+REPORT_FILE = "report.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cosmos3-eval",
+        description="Measure a trained megatron_cosmos3 checkpoint in the generated world: a JSON report with "
+        "oracle and chance rows, MLflow metrics and side-by-side media.",
+        epilog=f"suite tasks: {', '.join(SUITE_TASKS)}. Overrides are eval_suite.config.SuiteConfig keys, "
+        "e.g. tasks=[policy,understanding] cases_per_task=4 steps=16 media=false",
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="a step_<N> folder, a checkpoint directory or a release folder"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="folder for report.json and media/")
+    parser.add_argument("--config", help="the suite's YAML config (eval_suite.config.SuiteConfig)")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (a bare path: a local SQLite store); none: no MLflow"
+    )
+    parser.add_argument("--experiment", default="megatron_cosmos3", help="MLflow experiment")
+    parser.add_argument("--run-name", help="MLflow run name (default: eval-<checkpoint folder>)")
+    parser.add_argument("--action-stats", help="the dataset whose action statistics un-normalise actions")
+    parser.add_argument("--tensor-parallel", type=int, default=1, help="under torchrun: tensor-parallel ranks")
+    parser.add_argument("overrides", nargs="*", help="suite config overrides, key=value")
+    return parser
+
+
+def evaluate_checkpoint(
+    trained: TrainedModel, suite_config: SuiteConfig, action_stats: str | None = None
+) -> SuiteResult:
+    """The suite's result for ``trained`` (collective under its plan)."""
+    suite = EvalSuite.for_run(
+        suite_config,
+        trained.model,
+        trained.tokenizer(),
+        trained.config.data.encoders,
+        trained.tasks,
+        merged_action_stats(trained, action_stats),
+    )
+    meta = {"checkpoint": str(trained.source), "step": trained.step}
+    return suite.evaluate(trained.model, trained.plan, meta)
+
+
+def write_outputs(result: SuiteResult, out: Path, media: bool) -> Path:
+    """``out/report.json`` and, with ``media``, ``out/media/``; returns the report's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    report = out / REPORT_FILE
+    report.write_text(result.report.to_json())
+    if media:
+        write_media(out / "media", result.cases, result.model)
+    return report
+
+
+def log_to_mlflow(
+    result: SuiteResult, out: Path, args: argparse.Namespace, step: int | None, suite_config: SuiteConfig
+) -> str | None:
+    """One MLflow run: the suite's settings as params, the report's metrics at the checkpoint's
+    step, the report and media as artifacts; returns its id (None where MLflow is unreachable)."""
+    name = args.run_name or f"eval-{Path(result.report.meta['checkpoint']).name}"
+    tracker = MLflowTracker(args.tracking_uri, args.experiment, name, enabled=True)
+    tracker.log_params({f"suite.{key}": str(value) for key, value in asdict(suite_config).items()})
+    tracker.log_metrics(result.report.mlflow_metrics(), step or 0)
+    tracker.log_artifact(str(out / REPORT_FILE))
+    if suite_config.media:
+        tracker.log_artifacts(str(out / "media"), "media")
+    tracker.set_tag("checkpoint", result.report.meta["checkpoint"])
+    tracker.finish()
+    return tracker.run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        suite_config = load_suite_config(args.config, args.overrides)  # before any process group
+    except (ValueError, OSError) as error:
+        print(f"cosmos3-eval: error: {error}", file=sys.stderr)
+        return 2
+    ctx = init_distributed()
+    try:
+        trained = load_trained_model(
+            args.checkpoint, device=ctx.device, parallel=ParallelSizes(tensor=args.tensor_parallel)
+        )
+        result = evaluate_checkpoint(trained, suite_config, args.action_stats)
+    except (RequestError, CheckpointLoadError, ValueError) as error:
+        print(f"cosmos3-eval: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if not ctx.is_main:
+        return 0
+    report = write_outputs(result, args.out, suite_config.media)
+    log.info("wrote %s", report)
+    if args.tracking_uri:
+        run_id = log_to_mlflow(result, args.out, args, trained.step, suite_config)
+        log.info("MLflow run %s at %s", run_id, args.tracking_uri)
+    for row in result.report.rows:
+        log.info(
+            "%-45s model %10.4g  oracle %10.4g  chance %10.4g %s", row.name, row.model, row.oracle, row.chance, row.unit
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The evaluation suite's parts: its config refuses bad values by name, the held-out cases carry
+their truth, the truth scored through the suite is the oracle row while a corrupted prediction
+scores worse, the chance model is a seeded fresh init, and the trainer's periodic eval logs the
+suite's metrics to MLflow (docs/DESIGN.md, "Evaluation")."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_cosmos3.encoders.action_normalization import STD_FLOOR, ActionStats, EmbodimentActionStats
+from megatron_cosmos3.eval_suite.cases import held_out_cases
+from megatron_cosmos3.eval_suite.config import SUITE_TASKS, SuiteConfig, load_suite_config
+from megatron_cosmos3.eval_suite.predictions import Prediction, untrained_model
+from megatron_cosmos3.eval_suite.scoring import action_scale, task_rows
+from megatron_cosmos3.evaluation.actions import spread_of
+from megatron_cosmos3.evaluation.video import PSNR_MAX_DB
+from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.testing.training import TINY_MODEL, loss_history, tiny_mot_config
+from megatron_cosmos3.world.environment import TASKS
+
+CASES = SuiteConfig(cases_per_task=2)
+EMBODIMENTS = ("single_arm", "humanoid")
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return held_out_cases(CASES, SUITE_TASKS, EMBODIMENTS)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"cases_per_task": 0}, "cases_per_task=0"),
+        ({"steps": -1}, "steps=-1"),
+        ({"tasks": ["policy", "dance"]}, "tasks=['policy', 'dance']"),
+        ({"tasks": []}, "tasks=[]"),
+        ({"solver": "rk4"}, "solver='rk4'"),
+        ({"duration_s": 0.3}, "duration_s=0.3 x fps=16.0"),
+        ({"resolution": 48}, "resolution=48"),
+        ({"guidance": float("nan")}, "guidance=nan"),
+    ],
+)
+def test_a_bad_config_value_is_an_error_naming_the_field_and_value(change, message):
+    with pytest.raises(ValueError, match="eval suite") as error:
+        SuiteConfig(**change)
+    assert message in str(error.value)
+
+
+def test_the_config_loads_from_yaml_and_overrides(tmp_path):
+    path = tmp_path / "suite.yaml"
+    path.write_text("tasks: [policy, understanding]\nsteps: 3\n")
+    config = load_suite_config(str(path), ["cases_per_task=4"])
+    assert (config.tasks, config.steps, config.cases_per_task) == (["policy", "understanding"], 3, 4)
+    path.write_text("colour: red\n")
+    with pytest.raises(ValueError, match="colour"):
+        load_suite_config(str(path))
+    with pytest.raises(ValueError, match="steps"):
+        load_suite_config(None, ["steps=many"])
+
+
+def test_held_out_cases_carry_their_truth_and_are_deterministic(cases):
+    assert list(cases) == list(SUITE_TASKS) and all(len(found) == 2 for found in cases.values())
+    again = held_out_cases(CASES, ["policy"], EMBODIMENTS)["policy"]
+    assert [c.index for c in again] == [c.index for c in cases["policy"]]
+    np.testing.assert_array_equal(again[0].sample.actions, cases["policy"][0].sample.actions)
+    for task in ("forward_dynamics", "inverse_dynamics", "policy"):
+        assert all(c.sample.embodiment in EMBODIMENTS and c.sample.actions is not None for c in cases[task])
+    assert all(len(c.collision_times_s) > 0 for c in cases["video_to_audio"])
+    assert all(c.sample.question and c.sample.answer for c in cases["understanding"])
+    assert all(c.asked for c in cases["text_to_video"])
+    # The frames a model generates: after the past (1 latent frame of 3) or the first frame.
+    assert cases["forward_dynamics"][0].first_scored_frame == 1 and cases["text_to_video"][0].first_scored_frame == 0
+    request = cases["forward_dynamics"][0].request(CASES)
+    assert len(request.video) == 1 and request.num_frames == len(cases["forward_dynamics"][0].frames)
+    (demo,) = held_out_cases(SuiteConfig(cases_per_task=1, demonstration_fraction=1.0), ["policy"], EMBODIMENTS)[
+        "policy"
+    ]
+    assert demo.sample.timing["task"]["kind"] in TASKS  # an expert's episode: a task's instruction and actions
+    with pytest.raises(ValueError, match="too few cases"):
+        held_out_cases(CASES, ["policy"], ["planar_pusher_v2"], search=3)
+
+
+def truth(case) -> Prediction:
+    s = case.sample
+    return Prediction(s.video, float(s.fps), s.audio.astype(np.float32), s.actions, s.answer)
+
+
+def corrupted(case, rng) -> Prediction:
+    """Frames one step late, actions negated, sound 30 ms late, a wrong answer."""
+    s = case.sample
+    late = np.concatenate([s.video[:1], s.video[:-1]])
+    audio = np.concatenate([np.zeros((2, 1440), np.float32), s.audio[:, :-1440].astype(np.float32)], axis=1)
+    return Prediction(late, float(s.fps), audio, -s.actions, "seventeen")
+
+
+def noise(case, rng) -> Prediction:
+    s = case.sample
+    return Prediction(
+        rng.integers(0, 256, s.video.shape, dtype=np.uint8),
+        float(s.fps),
+        rng.uniform(-0.5, 0.5, s.audio.shape).astype(np.float32),
+        rng.normal(size=s.actions.shape).astype(np.float32) if s.actions is not None else None,
+        "blue",
+    )
+
+
+def test_the_truth_scores_the_oracle_row_and_a_corrupted_prediction_scores_worse(cases):
+    rng = np.random.default_rng(0)
+    best = {"psnr_db": PSNR_MAX_DB, "ssim": 1.0, "position_error_m": 0.0, "balls_missed": 0.0, "action_rmse": 0.0}
+    best.update(action_rmse_worst_dim=0.0, right_colours=1.0, right_colours_and_counts=1.0, accuracy=1.0)
+    for task, found in cases.items():
+        chance = [noise(c, rng) for c in found]
+        exact = task_rows(task, found, [truth(c) for c in found], chance, CASES)
+        worse = task_rows(task, found, [corrupted(c, rng) for c in found], chance, CASES)
+        for row, bad in zip(exact, worse):
+            metric = row.name.rsplit("/", 1)[1]
+            assert row.model == pytest.approx(row.oracle), row.name  # the truth through the metric is the oracle
+            if metric in best:
+                assert row.oracle == best[metric], row.name
+            if metric in ("psnr_db", "ssim", "action_rmse", "accuracy", "onset_error_ms"):
+                sign = 1 if row.higher_is_better else -1
+                assert sign * bad.model < sign * row.oracle, bad.name
+
+
+def test_action_errors_are_in_the_unit_training_normalised_with_over_the_dims_that_move(cases):
+    true = np.concatenate([c.sample.actions for c in cases["policy"] if c.sample.embodiment == "single_arm"])
+    noisy = true + np.random.default_rng(0).normal(0, 0.1, true.shape).astype(np.float32)
+    noisy[:, 3] = 0.5  # a dimension that never moves in the data
+    stats = EmbodimentActionStats.from_actions("single_arm", noisy)
+    scale, moving, note = action_scale(ActionStats({"single_arm": stats}), "single_arm", true)
+    assert not moving[3] and moving.sum() == 18 and note.startswith("dataset std")
+    np.testing.assert_allclose(scale, np.array(stats.std)[moving])
+    scale, moving, note = action_scale(None, "single_arm", true)  # no statistics: the truth's own spread
+    np.testing.assert_allclose(scale, spread_of(true)[moving])
+    assert (spread_of(true)[~moving] <= STD_FLOOR).all() and note.startswith("true spread")
+
+
+def test_the_chance_model_is_a_fresh_init_of_the_seed_and_leaves_the_rng_alone():
+    model = MoTModel(tiny_mot_config())
+    state = torch.get_rng_state()
+    a, b, other = untrained_model(model, 7), untrained_model(model, 7), untrained_model(model, 8)
+    assert torch.equal(torch.get_rng_state(), state)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    assert any(not torch.equal(p, r) for p, r in zip(a.parameters(), other.parameters()))
+    assert not a.training and not any(p.requires_grad for p in a.parameters())
+
+
+def test_periodic_eval_in_training_logs_the_suite_metrics(tmp_path):
+    from megatron_cosmos3.training import train as train_module
+    from megatron_cosmos3.training.config import load_config
+    from megatron_cosmos3.training.distributed import DistributedContext
+
+    overrides = [
+        *TINY_MODEL,
+        "model.vocab_size=260",
+        "synthetic.samples_per_pack=4",
+        "synthetic.scale=1",
+        "synthetic.tasks=[understanding,policy]",
+        "steps=1",
+        "eval.every=1",
+        "eval.micro_batches=1",
+        "eval.suite.tasks=[policy,inverse_dynamics,understanding]",
+        "eval.suite.cases_per_task=1",
+        "eval.suite.steps=2",
+        "eval.suite.max_new_tokens=3",
+        "tracking.generation_samples=false",
+        "checkpoint.async_save=false",
+        "data.encoders.kind=pooled",
+        f"checkpoint.directory={tmp_path / 'ckpt'}",
+        f"tracking.tracking_uri={tmp_path / 'mlflow.db'}",
+        "tracking.run_name=suite",
+    ]
+    cpu = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    train_module.train(load_config(None, overrides), cpu)
+    db = tmp_path / "mlflow.db"
+    for reference in ("model", "oracle", "chance"):
+        history = loss_history(db, "suite", metric=f"eval/policy/single_arm/action_rmse/{reference}")
+        assert [step for step, _ in history] == [1], reference
+    assert loss_history(db, "suite", metric="eval/policy/single_arm/action_rmse/oracle")[0][1] == 0.0
+    assert loss_history(db, "suite", metric="eval/understanding/accuracy/oracle") == [(1, 1.0)]
+    assert [step for step, _ in loss_history(db, "suite", metric="eval/loss")] == [1]  # beside the held-out loss
+    from megatron_cosmos3.evaluation.report import EvalReport
+
+    report = EvalReport.from_json((tmp_path / "ckpt" / "eval_suite" / "step_00000001" / "report.json").read_text())
+    assert report.meta["skipped_tasks"] == {"inverse_dynamics": "not trained"}
+    assert report.meta["step"] == 1

@@ -1,0 +1,143 @@
+"""``cosmos3-eval`` on the tiny checkpoint trained under TP=2: the JSON report holds every suite task
+with its oracle and chance rows and reads back, the oracle rows score perfectly where the metric
+allows, MLflow gets the same numbers, the media are predicted | true side by side, two ranks with TP=2
+give the report of one process, and bad config values are errors naming them."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_cosmos3.eval_suite.config import SUITE_TASKS
+from megatron_cosmos3.evaluation.report import REFERENCES, EvalReport
+from megatron_cosmos3.evaluation.video import PSNR_MAX_DB
+from megatron_cosmos3.release.eval_cli import REPORT_FILE, main
+from megatron_cosmos3.testing.distributed import run_on_ranks
+from megatron_cosmos3.testing.media_probe import ffprobe_streams
+
+pytestmark = pytest.mark.multiprocess
+
+SUITE = ["steps=2", "cases_per_task=1", "max_new_tokens=4"]
+# Where the truth through the metric is the best value (the onset error's floor is the detector's own).
+ORACLE = {
+    "psnr_db": PSNR_MAX_DB,
+    "ssim": 1.0,
+    "position_error_m": 0.0,
+    "balls_missed": 0.0,
+    "onset_f1": 1.0,
+    "action_rmse": 0.0,
+    "action_rmse_worst_dim": 0.0,
+    "right_colours": 1.0,
+    "right_colours_and_counts": 1.0,
+    "accuracy": 1.0,
+}
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_tp2_checkpoint, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("eval-cli")
+    argv = ["--checkpoint", str(tiny_tp2_checkpoint), "--out", str(folder / "out"), *SUITE]
+    argv += ["--tracking-uri", str(folder / "mlflow.db"), "--run-name", "eval-tiny"]
+    assert main(argv) == 0
+    return folder
+
+
+def read_report(out: Path) -> EvalReport:
+    return EvalReport.from_json((out / REPORT_FILE).read_text())
+
+
+def test_the_report_has_every_task_with_oracle_and_chance_rows_and_reads_back(evaluated, tiny_tp2_checkpoint):
+    text = (evaluated / "out" / REPORT_FILE).read_text()
+    report = EvalReport.from_json(text)
+    assert report.to_json() == text
+    assert {row.name.split("/")[0] for row in report.rows} == set(SUITE_TASKS)
+    assert report.meta["step"] == 1 and report.meta["checkpoint"] == str(tiny_tp2_checkpoint / "step_00000001")
+    assert report.meta["skipped_tasks"] == {}
+    for row in report.rows:
+        metric = row.name.rsplit("/", 1)[1]
+        assert np.isfinite(row.model) and np.isfinite(row.oracle), row.name
+        assert np.isfinite(row.chance) or metric == "onset_error_ms", row.name  # no onset matched: unmeasured
+        if metric in ORACLE:
+            assert row.oracle == ORACLE[metric], row.name
+    assert report["video_to_audio/onset_error_ms"].oracle < 3.0
+    # The chance row is another model (a fresh init), not the checkpoint again.
+    assert report["policy/single_arm/action_rmse"].chance != report["policy/single_arm/action_rmse"].model
+
+
+def test_mlflow_gets_the_reports_metrics_at_the_checkpoints_step(evaluated):
+    from mlflow.tracking import MlflowClient
+
+    report = read_report(evaluated / "out")
+    client = MlflowClient(tracking_uri=f"sqlite:///{evaluated / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("megatron_cosmos3").experiment_id])
+    assert run.info.run_name == "eval-tiny"
+    assert (run.data.params["suite.steps"], run.data.params["suite.cases_per_task"]) == ("2", "1")
+    logged = {name: client.get_metric_history(run.info.run_id, name) for name in run.data.metrics}
+    want = report.mlflow_metrics()
+    assert set(logged) == set(want) and all(name.split("/")[-1] in REFERENCES for name in want)
+    for name, history in logged.items():
+        assert [(m.step, m.value) for m in history] == [(1, pytest.approx(want[name]))], name
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    assert EvalReport.from_json((artifacts / REPORT_FILE).read_text()).rows == report.rows
+
+
+def test_media_put_the_prediction_beside_the_truth_with_the_sound(evaluated):
+    media = evaluated / "out" / "media"
+    report = read_report(evaluated / "out")
+    for task in ("forward_dynamics", "image_to_video", "video_to_audio", "text_to_video"):
+        (index,) = report.meta["cases"][task]
+        streams = ffprobe_streams(media / task / f"{task}_{index:05d}" / "side_by_side.mp4")
+        video = streams["video"]
+        assert (int(video["width"]), int(video["height"]), int(video["nb_read_frames"])) == (128, 64, 9), task
+        assert int(streams["audio"]["channels"]) == 2, task
+    (index,) = report.meta["cases"]["policy"]
+    actions = np.load(media / "policy" / f"policy_{index:05d}" / "actions.npz")
+    assert actions["predicted"].shape[1] == actions["true"].shape[1] == 19
+    (index,) = report.meta["cases"]["understanding"]
+    answer = json.loads((media / "understanding" / f"understanding_{index:05d}" / "answer.json").read_text())
+    assert set(answer) == {"question", "predicted", "true"} and answer["question"].startswith("How many")
+
+
+def _eval_on_rank(rank: int, world_size: int, argv: list[str]) -> int:
+    return main(argv)
+
+
+def test_tensor_parallel_on_two_ranks_gives_the_report_of_one_process(evaluated, tiny_tp2_checkpoint, tmp_path):
+    """The command on two gloo ranks with TP=2, launched as torchrun launches it (its environment
+    variables, ``main``) but forked by ``run_on_ranks``: no interpreter start-up per rank."""
+    argv = ["--tensor-parallel", "2", "--checkpoint", str(tiny_tp2_checkpoint), "--out", str(tmp_path)]
+    assert run_on_ranks(_eval_on_rank, 2, [*argv, *SUITE, "media=false"]) == [0, 0]
+    one, two = read_report(evaluated / "out"), read_report(tmp_path)
+    assert two.meta == one.meta and [r.name for r in two.rows] == [r.name for r in one.rows]
+    for a, b in zip(one.rows, two.rows):
+        for reference in REFERENCES:
+            x, y = getattr(a, reference), getattr(b, reference)
+            assert (np.isnan(x) and np.isnan(y)) or y == pytest.approx(x, rel=1e-4, abs=1e-6), (a.name, reference)
+    assert not (tmp_path / "media").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["steps=0"], "steps=0"),
+        (["tasks=[policy,juggling]"], "tasks=['policy', 'juggling']"),
+        (["resolution=50"], "resolution=50"),
+        (["duration_s=0.3"], "duration_s=0.3"),
+        (["colour=red"], "colour"),
+    ],
+)
+def test_a_bad_config_value_is_an_error_naming_it(tiny_tp2_checkpoint, tmp_path, capsys, overrides, message):
+    argv = ["--checkpoint", str(tiny_tp2_checkpoint), "--out", str(tmp_path / "out"), *overrides]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_yaml_config_is_read_and_a_missing_checkpoint_named(tmp_path, capsys):
+    config = tmp_path / "suite.yaml"
+    config.write_text("cases_per_task: -2\n")
+    assert main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "out"), "--config", str(config)]) == 2
+    assert "cases_per_task=-2" in capsys.readouterr().err
+    assert main(["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 2
+    assert str(tmp_path / "nothing") in capsys.readouterr().err
