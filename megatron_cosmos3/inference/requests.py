@@ -90,7 +90,8 @@ class PreparedRequest:
 
     conditional / unconditional: the sample with its prompt and with the prompt dropped.
     outputs: per registry stream with noisy rows ("image", "video", "audio", "actions"), the
-        model's stream key; also "video" where only the audio is generated (the clip it sounds in). video_grid: (T, h, w) of the whole clip; audio_num_samples at 48 kHz.
+        model's stream key; also "video" where only the audio is generated (the clip it sounds in).
+    video_grid: (T, h, w) of the whole clip; audio_num_samples at 48 kHz.
     """
 
     request: GenerationRequest
