@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import logging
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -120,16 +120,9 @@ SMOKE = Sizes(
 )
 
 
-def _generate_world_script():
-    spec = importlib.util.spec_from_file_location("generate_world", REPO / "data_pipelines" / "generate_world.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
 def write_worlds(out: Path, sizes: Sizes) -> dict[str, Path]:
-    """The three worlds' latent shard folders (step 1 of the module doc), written unless present."""
-    script = _generate_world_script()
+    """The three worlds' latent shard folders (step 1 of the module doc), written unless present by
+``data_pipelines/generate_world.py`` (its own process: its worker pool imports it by name)."""
     common = ["--latents", "pooled", "--resolution", str(sizes.resolution), "--duration", str(sizes.duration_s)]
     common += ["--shard-size", "16", "--workers", str(sizes.workers)]
     worlds = {
@@ -142,7 +135,8 @@ def write_worlds(out: Path, sizes: Sizes) -> dict[str, Path]:
         folder = out / "worlds" / name
         if not (folder / "latent" / "index.json").is_file():
             log.info("world %s: %s samples", name, samples)
-            script.main([str(folder), "--samples", samples, *common, *extra])
+            command = [sys.executable, str(REPO / "data_pipelines" / "generate_world.py"), str(folder)]
+            subprocess.run([*command, "--samples", samples, *common, *extra], check=True)
         folders[name] = folder / "latent"
     return folders
 
