@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import logging
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -84,7 +84,6 @@ class Sizes:
     horizon_s: float = 4.0
     sampler_steps: int = 8
     model: tuple[str, ...] = ()
-    workers: int = 2
 
 
 # The experiment at the size of the README's result: about 30 minutes on an idle 2-core CPU.
@@ -116,15 +115,22 @@ SMOKE = Sizes(
         "model.vision.depth=1",
         "model.vision.deepstack_visual_indexes=[0]",
     ),
-    workers=1,
 )
+
+
+def _generate_world_script():
+    spec = importlib.util.spec_from_file_location("generate_world", REPO / "data_pipelines" / "generate_world.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
 
 
 def write_worlds(out: Path, sizes: Sizes) -> dict[str, Path]:
     """The three worlds' latent shard folders (step 1 of the module doc), written unless present by
-``data_pipelines/generate_world.py`` (its own process: its worker pool imports it by name)."""
+    ``data_pipelines/generate_world.py`` in this process (one worker: a pool would import the script
+    by name)."""
     common = ["--latents", "pooled", "--resolution", str(sizes.resolution), "--duration", str(sizes.duration_s)]
-    common += ["--shard-size", "16", "--workers", str(sizes.workers)]
+    common += ["--shard-size", "16"]
     worlds = {
         "clips": [str(sizes.clip_samples), "--seed", "0"],
         "demos": [str(sizes.demo_samples), "--seed", "1", "--demonstrations", str(sizes.demonstration_fraction)],
@@ -135,8 +141,8 @@ def write_worlds(out: Path, sizes: Sizes) -> dict[str, Path]:
         folder = out / "worlds" / name
         if not (folder / "latent" / "index.json").is_file():
             log.info("world %s: %s samples", name, samples)
-            command = [sys.executable, str(REPO / "data_pipelines" / "generate_world.py"), str(folder)]
-            subprocess.run([*command, "--samples", samples, *common, *extra], check=True)
+            generate_world = _generate_world_script()
+            generate_world.main([str(folder), "--samples", samples, *common, *extra])
         folders[name] = folder / "latent"
     return folders
 
@@ -173,7 +179,9 @@ def train_stage(
         ]
     log.info("%s -> %s (%d steps)", stage, directory, steps)
     started = time.monotonic()
-    train_main(["--config", str(BASE_CONFIG), "--config", str(REPO / "configs" / "stages" / f"{stage}.yaml"), *overrides])
+    train_main(
+        ["--config", str(BASE_CONFIG), "--config", str(REPO / "configs" / "stages" / f"{stage}.yaml"), *overrides]
+    )
     log.info("%s done in %.0f s", stage, time.monotonic() - started)
     return directory
 
@@ -321,8 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     sizes = SMOKE if args.smoke else FULL
-    changes = {"seeds": tuple(args.seeds) if args.seeds else None, "posttrain_steps": args.posttrain_steps,
-               "episodes": args.episodes}
+    changes = {
+        "seeds": tuple(args.seeds) if args.seeds else None,
+        "posttrain_steps": args.posttrain_steps,
+        "episodes": args.episodes,
+    }
     sizes = replace(sizes, **{k: v for k, v in changes.items() if v is not None})
     result = run_experiment(args.out, sizes, " ".join(["python", "launch/transfer_experiment.py", *sys.argv[1:]]))
     print(markdown(result), end="")

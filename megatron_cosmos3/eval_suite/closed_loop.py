@@ -19,8 +19,9 @@ of the seeds:
 
 Besides success, the model's chunks are compared open-loop with the expert's and the random
 policy's at the same states (``references``): the executed part of each chunk, in units of the
-dataset's action std (``evaluation.actions``), over the dimensions that move in that data. ``closed_loop_rows_for`` does all of it for one
-task and embodiment and returns the report rows; ``write_episode_mp4`` writes an episode to watch.
+dataset's action std (``evaluation.actions``), over the dimensions that move in that data.
+``closed_loop_rows_for`` does all of it for one task and embodiment and returns the report rows;
+``write_episode_mp4`` writes an episode to watch.
 """
 
 from __future__ import annotations
@@ -200,9 +201,7 @@ def run_episodes(
     live = list(range(len(seeds)))
     round_ = 0
     while live:
-        decisions = [
-            Decision(envs[i], seeds[i], round_, frames[i][-1][-1], runs[i].instruction) for i in live
-        ]
+        decisions = [Decision(envs[i], seeds[i], round_, frames[i][-1][-1], runs[i].instruction) for i in live]
         chunks = policy.act(decisions)
         for name, reference in references.items():
             for i, chunk in zip(live, reference.act(decisions)):
@@ -211,8 +210,10 @@ def run_episodes(
         for i, chunk in zip(live, chunks):
             chunk = np.asarray(chunk, dtype=np.float64)
             if chunk.ndim != 2 or len(chunk) < execute:
-                raise ValueError(f"episode {seeds[i]}: the policy gave a chunk of shape {chunk.shape}; "
-                                 f"{execute} actions are executed per chunk")
+                raise ValueError(
+                    f"episode {seeds[i]}: the policy gave a chunk of shape {chunk.shape}; "
+                    f"{execute} actions are executed per chunk"
+                )
             run = runs[i]
             run.chunks.append(chunk)
             run.states.append(envs[i].state)
@@ -304,8 +305,13 @@ def closed_loop_rows_for(
     common = dict(execute=execute, horizon_s=horizon_s, fps=fps, record_media=record)
     runs = {
         "model": run_episodes(
-            policies["model"], task, embodiment, seeds, world,
-            references={"expert": policies["expert"], "random": policies["random"]}, **common,
+            policies["model"],
+            task,
+            embodiment,
+            seeds,
+            world,
+            references={"expert": policies["expert"], "random": policies["random"]},
+            **common,
         ),
         "expert": run_episodes(policies["expert"], task, embodiment, seeds, world, **common),
         "random": run_episodes(policies["random"], task, embodiment, seeds, world, **common),
@@ -320,6 +326,7 @@ def closed_loop_rows_for(
     rows += action_rows(name, executed[:, moving], chance[:, moving], expert[:, moving], scale, scale_is)
     if record:
         for who, found in runs.items():
-            write_episode_mp4(Path(media_dir) / f"{embodiment}_{task}_seed{found[0].episode.seed}_{who}.mp4",
-                              found[0], fps)
+            write_episode_mp4(
+                Path(media_dir) / f"{embodiment}_{task}_seed{found[0].episode.seed}_{who}.mp4", found[0], fps
+            )
     return rows

@@ -50,8 +50,17 @@ def builder():
 
 def _model_runs(model, builder, seeds, record_media=False):
     policy = ModelPolicy(model, builder, chunk_s=WORLD.duration_s, steps=2)
-    return run_episodes(policy, "stop_ball", PUSHER, seeds, WORLD, execute=EXECUTE, horizon_s=1.0,
-                        references={"expert": ExpertPolicy(EXECUTE)}, record_media=record_media)
+    return run_episodes(
+        policy,
+        "stop_ball",
+        PUSHER,
+        seeds,
+        WORLD,
+        execute=EXECUTE,
+        horizon_s=1.0,
+        references={"expert": ExpertPolicy(EXECUTE)},
+        record_media=record_media,
+    )
 
 
 def test_the_runner_is_deterministic_given_the_seeds(model, builder):
