@@ -17,8 +17,10 @@ of the seeds:
 * ``RandomPolicy``: the training clips' own motion (``world.agents.random_agent`` seeded by the
   episode), played chunk after chunk whatever happens: chance.
 
-Besides success, the model's chunks are compared open-loop with the expert's and the random
-policy's at the same states (``references``): the executed part of each chunk, in units of the
+Besides success, the model's and the random policy's chunks are compared open-loop with the
+expert's at the states of the expert's own episodes (``references``: asked, never executed; on the
+model's own states the expert's answer would be a recovery no demonstration shows): the executed
+part of each chunk, in units of the
 dataset's action std (``evaluation.actions``), over the dimensions that move in that data.
 ``closed_loop_rows_for`` does all of it for one task and embodiment and returns the report rows;
 ``write_episode_mp4`` writes an episode to watch.
@@ -278,12 +280,13 @@ def closed_loop_rows_for(
 ) -> list[MetricRow]:
     """The closed-loop rows of ``task`` for ``embodiment`` over one episode per seed, named
     ``closed_loop/<embodiment>/<task>/...``: success rate and its Wilson bounds (model; oracle = the
-    expert; chance = the random policy) and the action error of the model's executed chunks against
-    the expert's at the same states (chance: the random policy's there), in units of the dataset's
-    std. ``execute_s``: seconds of each chunk executed; ``fps``: the frames the policy sees (default
-    the world's first frame rate); ``chunk_s``: the clip each request asks for
-    (default ``world.duration_s``, the training clips'). ``media_dir``: the first seed's episode of
-    each policy as ``<embodiment>_<task>_seed<N>_<policy>.mp4``. Collective under ``plan``."""
+    expert; chance = the random policy) and the action error of the model's chunks against the
+    expert's at the states of the expert's episodes (chance: the random policy's there), the part
+    executed, in units of the dataset's std. ``execute_s``: seconds of each chunk executed; ``fps``:
+    the frames the policy sees (default the world's first frame rate); ``chunk_s``: the clip each
+    request asks for (default ``world.duration_s``, the training clips'). ``media_dir``: the first
+    seed's episode of each policy as ``<embodiment>_<task>_seed<N>_<policy>.mp4``. Collective under
+    ``plan``."""
     rate = float(world.action_rates[embodiment])
     execute = max(1, int(round(execute_s * rate)))
     policies = {
@@ -304,26 +307,28 @@ def closed_loop_rows_for(
     fps = float(fps if fps is not None else world.fps_choices[0])
     common = dict(execute=execute, horizon_s=horizon_s, fps=fps, record_media=record)
     runs = {
-        "model": run_episodes(
-            policies["model"],
+        "model": run_episodes(policies["model"], task, embodiment, seeds, world, **common),
+        "expert": run_episodes(
+            policies["expert"],
             task,
             embodiment,
             seeds,
             world,
-            references={"expert": policies["expert"], "random": policies["random"]},
+            references={"model": policies["model"], "random": policies["random"]},
             **common,
         ),
-        "expert": run_episodes(policies["expert"], task, embodiment, seeds, world, **common),
         "random": run_episodes(policies["random"], task, embodiment, seeds, world, **common),
     }
     name = f"closed_loop/{embodiment}/{task}"
     episodes = {who: [run.episode for run in found] for who, found in runs.items()}
     rows = closed_loop_rows(name, episodes["model"], episodes["random"], episodes["expert"])
-    executed = np.concatenate([chunk[:execute] for run in runs["model"] for chunk in run.chunks])
-    expert = np.concatenate([chunk for run in runs["model"] for chunk in run.references["expert"]])
-    chance = np.concatenate([chunk for run in runs["model"] for chunk in run.references["random"]])
+    # Open loop on the expert's states (the demonstrations' distribution): where the model's own
+    # episodes wander off, the expert's answer is a recovery no demonstration shows.
+    expert = np.concatenate([chunk[:execute] for run in runs["expert"] for chunk in run.chunks])
+    predicted = np.concatenate([chunk for run in runs["expert"] for chunk in run.references["model"]])
+    chance = np.concatenate([chunk for run in runs["expert"] for chunk in run.references["random"]])
     scale, moving, scale_is = action_scale(builder, embodiment, expert)
-    rows += action_rows(name, executed[:, moving], chance[:, moving], expert[:, moving], scale, scale_is)
+    rows += action_rows(name, predicted[:, moving], chance[:, moving], expert[:, moving], scale, scale_is)
     if record:
         for who, found in runs.items():
             write_episode_mp4(
