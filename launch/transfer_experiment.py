@@ -15,12 +15,14 @@ with two embodiments' actions learn a new robot faster than one pre-trained with
    projections added as ``stage.new_embodiments``), once per seed.
 4. Closed loop (``eval_suite.closed_loop.closed_loop_rows_for``): every post-trained model drives the
    pusher in the same seeded episodes of every task; success with its Wilson interval and the
-   action error against the expert at the same states, beside the expert's and a random policy's.
+   action error against the expert on the expert's own episodes, beside the expert's and a random
+   policy's.
 
-Writes ``OUT/transfer.json`` and ``OUT/transfer.md`` (per seed, mean ± std over seeds, pooled
-success with its Wilson interval), the first episode of each model as mp4 under ``OUT/media``.
-Stages whose checkpoints are complete and worlds already written are reused, so a stopped run goes
-on where it was. Every stage trains in this process (one process, the trainer's own ``main``).
+Writes ``OUT/transfer-K<K>.json`` and ``.md`` (per seed, mean ± std over seeds, pooled success with
+its Wilson interval), the first episode of each model as mp4 under ``OUT/media``. Stages whose
+checkpoints are complete and worlds already written are reused, so a stopped run goes on where it
+was and another K reuses the worlds, pre- and mid-training. Every stage trains in this process
+(one process, the trainer's own ``main``).
 """
 
 from __future__ import annotations
@@ -282,7 +284,7 @@ def markdown(result: dict) -> str:
 
 
 def run_experiment(out: str | Path, sizes: Sizes, command: str = "") -> dict:
-    """Steps 1-4 of the module doc under ``out``; returns the result written to ``transfer.json``."""
+    """Steps 1-4 of the module doc under ``out``; returns the result written to ``transfer-K<K>.json``."""
     out = Path(out)
     started = time.monotonic()
     worlds = write_worlds(out, sizes)
@@ -295,14 +297,14 @@ def run_experiment(out: str | Path, sizes: Sizes, command: str = "") -> dict:
         for seed in sizes.seeds:
             directory = train_stage(
                 "posttrain",
-                out / "posttrain" / f"{start}-seed{seed}",
+                out / "posttrain" / f"{start}-K{sizes.posttrain_steps}-seed{seed}",
                 worlds["pusher"],
                 sizes.posttrain_steps,
                 sizes,
                 init_from=checkpoint,
                 seed=seed,
             )
-            media = out / "media" / start if seed == sizes.seeds[0] else None
+            media = out / "media" / f"{start}-K{sizes.posttrain_steps}" if seed == sizes.seeds[0] else None
             log.info("closed loop: %s, seed %d", start, seed)
             runs.append({"start": start, "seed": seed, "rows": evaluate(directory, sizes, media)})
     result = {
@@ -314,8 +316,9 @@ def run_experiment(out: str | Path, sizes: Sizes, command: str = "") -> dict:
         "runs": runs,
     }
     result["summary"] = summarise(runs, sizes)
-    (out / "transfer.json").write_text(json.dumps(result, indent=2))
-    (out / "transfer.md").write_text(markdown(result))
+    name = f"transfer-K{sizes.posttrain_steps}"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{name}.md").write_text(markdown(result))
     return result
 
 

@@ -28,7 +28,7 @@ def _script():
 def test_the_transfer_experiment_runs_end_to_end_at_smoke_size(tmp_path):
     script = _script()
     script.main([str(tmp_path), "--smoke"])
-    result = json.loads((tmp_path / "transfer.json").read_text())
+    result = json.loads((tmp_path / "transfer-K1.json").read_text())
     assert [(run["start"], run["seed"]) for run in result["runs"]] == [("pretrained", 0), ("midtrained", 0)]
     for run in result["runs"]:
         names = {row["name"] for row in run["rows"]}
@@ -36,13 +36,13 @@ def test_the_transfer_experiment_runs_end_to_end_at_smoke_size(tmp_path):
         assert "closed_loop/planar_pusher/push_to_region/action_rmse" in names
     summary = result["summary"]
     assert summary["expert"]["action_rmse_mean"] == 0.0 and summary["pretrained"]["episodes"] == 2
-    table = (tmp_path / "transfer.md").read_text()
+    table = (tmp_path / "transfer-K1.md").read_text()
     assert "| pretrained |" in table and "| midtrained |" in table and "K = 1" in table
     # Each post-trained model started from its own stage and learnt the pusher's head on its data.
-    post = load_trained_model(tmp_path / "posttrain" / "midtrained-seed0")
+    post = load_trained_model(tmp_path / "posttrain" / "midtrained-K1-seed0")
     assert "planar_pusher" in post.model.config.embodiments and post.step == 1
     assert post.config.stage.init_from == str(tmp_path / "midtrain")
-    assert (tmp_path / "media" / "midtrained" / "planar_pusher_push_to_region_seed10000_model.mp4").stat().st_size
+    assert (tmp_path / "media" / "midtrained-K1" / "planar_pusher_push_to_region_seed10000_model.mp4").stat().st_size
     # A finished stage is reused, not trained again: its checkpoints stay as they were.
     before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "pretrain").rglob("*"))
     sizes = script.SMOKE
