@@ -20,8 +20,8 @@ of the seeds:
 Besides success, the model's and the random policy's chunks are compared open-loop with the
 expert's at the states of the expert's own episodes (``references``: asked, never executed; on the
 model's own states the expert's answer would be a recovery no demonstration shows): the executed
-part of each chunk, in units of the
-dataset's action std (``evaluation.actions``), over the dimensions that move in that data.
+part of each chunk, in units of the dataset's action std (``evaluation.actions``), over the
+dimensions that move in that data.
 ``closed_loop_rows_for`` does all of it for one task and embodiment and returns the report rows;
 ``write_episode_mp4`` writes an episode to watch.
 """
@@ -198,12 +198,13 @@ def run_episodes(
     runs = [EpisodeRun(Episode(seed, False), o.instruction, execute) for seed, o in zip(seeds, observations)]
     for run in runs:
         run.references = {name: [] for name in references}
-    frames = [[o.frames] for o in observations]
+    latest = [o.frames[-1] for o in observations]
+    frames = [[o.frames] for o in observations]  # kept only for record_media
     audio: list[list[np.ndarray]] = [[] for _ in seeds]
     live = list(range(len(seeds)))
     round_ = 0
     while live:
-        decisions = [Decision(envs[i], seeds[i], round_, frames[i][-1][-1], runs[i].instruction) for i in live]
+        decisions = [Decision(envs[i], seeds[i], round_, latest[i], runs[i].instruction) for i in live]
         chunks = policy.act(decisions)
         for name, reference in references.items():
             for i, chunk in zip(live, reference.act(decisions)):
@@ -221,8 +222,10 @@ def run_episodes(
             run.states.append(envs[i].state)
             result = envs[i].step(chunk[:execute])
             if len(result.frames):
+                latest[i] = result.frames[-1]
+            if record_media:
                 frames[i].append(result.frames)
-            audio[i].append(result.audio)
+                audio[i].append(result.audio)
             run.episode = Episode(seeds[i], result.success, run.episode.steps + execute)
             if not result.done:
                 still.append(i)
