@@ -9,8 +9,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 from megatron_cosmos3.release.trained import load_trained_model
 
 SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "transfer_experiment.py"
@@ -24,7 +22,6 @@ def _script():
     return module
 
 
-@pytest.mark.slow
 def test_the_transfer_experiment_runs_end_to_end_at_smoke_size(tmp_path):
     script = _script()
     script.main([str(tmp_path), "--smoke"])
