@@ -15,9 +15,7 @@ from megatron_cosmos3.checkpoint.safe_reader import CheckpointCorruptError
 log = logging.getLogger(__name__)
 
 
-def resume_from(
-    found: Inventory, settings, load: Callable[[Path], dict]
-) -> tuple[Path, dict] | None:
+def resume_from(found: Inventory, settings, load: Callable[[Path], dict]) -> tuple[Path, dict] | None:
     """Loads (``load(path) -> meta``) the checkpoint of ``found`` this run continues from, as the
     ``CheckpointConfig`` ``settings`` say; None for a fresh start. Raises ResumeError otherwise."""
     if not settings.resume:

@@ -147,9 +147,7 @@ class DataConfig:
             self.epochs == 0 or (len(active) == 1 and not active[0].resample),
             "epochs > 0 (a finite stream) needs exactly one active, non-resampled dataset",
         )
-        require(
-            0.0 <= self.prompt_dropout <= 1.0, f"prompt_dropout={self.prompt_dropout!r} must be in [0, 1]"
-        )
+        require(0.0 <= self.prompt_dropout <= 1.0, f"prompt_dropout={self.prompt_dropout!r} must be in [0, 1]")
         budget = self.error_budget
         require(
             0 <= budget.max_error_fraction <= 1 and budget.min_samples >= 0,

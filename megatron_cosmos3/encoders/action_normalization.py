@@ -167,7 +167,7 @@ def merge_action_stats(stats: Iterable[ActionStats | None]) -> ActionStats | Non
     dataset (in the given order) that has it; None when none has any."""
     merged: dict[str, EmbodimentActionStats] = {}
     for dataset in stats:
-        for kind, embodiment in (dataset.embodiments.items() if dataset is not None else ()):
+        for kind, embodiment in dataset.embodiments.items() if dataset is not None else ():
             merged.setdefault(kind, embodiment)
     return ActionStats(merged) if merged else None
 

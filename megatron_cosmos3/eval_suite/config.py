@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from megatron_cosmos3.inference.solvers import SOLVERS
 from megatron_cosmos3.world.config import WorldConfig
+from megatron_cosmos3.world.environment import TASKS as ENVIRONMENT_TASKS
 
 # The tasks the suite measures, in report order; each needs the world's truth of its kind.
 SUITE_TASKS = (
@@ -38,7 +39,11 @@ class SuiteConfig:
     demonstration_fraction: the share of held-out samples that are expert demonstrations of the
     environment's tasks (``world.world.demonstration_sample``: the policy's instructions and actions
     are then an expert's) instead of random-motion clips. media: write side-by-side predicted | true
-    clips (the command; the trainer never does)."""
+    clips (the command; the trainer never does). closed_loop_episodes: seeded episodes (seeds
+    ``world_seed + i``) of each of ``closed_loop_tasks`` (the environment's ``TASKS``) per
+    embodiment the model acts for, driven by the model's ``policy`` generations
+    (``eval_suite/closed_loop.py``); 0: no closed loop. closed_loop_horizon_s: an episode's length
+    at most."""
 
     tasks: list[str] = field(default_factory=lambda: list(SUITE_TASKS))
     world_seed: int = 9001
@@ -56,6 +61,9 @@ class SuiteConfig:
     onset_tolerance_s: float = 0.05
     demonstration_fraction: float = 0.0
     media: bool = True
+    closed_loop_episodes: int = 0
+    closed_loop_tasks: list[str] = field(default_factory=lambda: list(ENVIRONMENT_TASKS))
+    closed_loop_horizon_s: float = 4.0
 
     def __post_init__(self) -> None:
         unknown = [task for task in self.tasks if task not in SUITE_TASKS]
@@ -63,13 +71,22 @@ class SuiteConfig:
             raise ValueError(f"eval suite: tasks={list(self.tasks)}: must be a non-empty subset of {list(SUITE_TASKS)}")
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"eval suite: tasks={list(self.tasks)} names a task twice")
+        bad = [task for task in self.closed_loop_tasks if task not in ENVIRONMENT_TASKS]
+        if bad or len(set(self.closed_loop_tasks)) != len(self.closed_loop_tasks):
+            raise ValueError(
+                f"eval suite: closed_loop_tasks={list(self.closed_loop_tasks)}: must name each of "
+                f"{list(ENVIRONMENT_TASKS)} at most once"
+            )
+        episodes = self.closed_loop_episodes
+        if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 0:
+            raise ValueError(f"eval suite: closed_loop_episodes={episodes!r} must be an integer >= 0")
         for name in ("cases_per_task", "steps", "max_new_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"eval suite: {name}={value!r} must be an integer >= 1")
         if self.solver not in SOLVERS:
             raise ValueError(f"eval suite: solver={self.solver!r} is not one of {SOLVERS}")
-        for name in ("guidance", "shift", "onset_tolerance_s", "fps", "duration_s"):
+        for name in ("guidance", "shift", "onset_tolerance_s", "fps", "duration_s", "closed_loop_horizon_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and (value >= 0 if name == "guidance" else value > 0)):
                 raise ValueError(f"eval suite: {name}={value!r} must be a finite number > 0 (guidance: >= 0)")

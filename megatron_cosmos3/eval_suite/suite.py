@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -21,10 +22,11 @@ from megatron_cosmos3.data.tokenizer import Tokenizer
 from megatron_cosmos3.encoders.action_normalization import ActionStats
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
 from megatron_cosmos3.eval_suite.cases import ACTION_TASKS, Case, held_out_cases
+from megatron_cosmos3.eval_suite.closed_loop import closed_loop_rows_for
 from megatron_cosmos3.eval_suite.config import SuiteConfig
 from megatron_cosmos3.eval_suite.predictions import Prediction, predict, untrained_model
 from megatron_cosmos3.eval_suite.scoring import task_rows
-from megatron_cosmos3.evaluation.report import EvalReport
+from megatron_cosmos3.evaluation.report import EvalReport, MetricRow
 from megatron_cosmos3.inference.requests import generation_builder
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.parallel.plan import ParallelPlan
@@ -114,9 +116,16 @@ class EvalSuite:
         return self._chance
 
     @torch.no_grad()
-    def evaluate(self, model: MoTModel, plan: ParallelPlan | None = None, meta: dict | None = None) -> SuiteResult:
+    def evaluate(
+        self,
+        model: MoTModel,
+        plan: ParallelPlan | None = None,
+        meta: dict | None = None,
+        media_dir: str | Path | None = None,
+    ) -> SuiteResult:
         """The report of ``model`` (this rank's part under ``plan``; collective where the plan
-        splits the model: every rank of it calls). ``meta`` is added to the report's meta."""
+        splits the model: every rank of it calls). ``meta`` is added to the report's meta;
+        ``media_dir``: where the closed-loop episodes' mp4 files go (one rank's)."""
         cases = dict(self.cases)
         skipped = dict(self.skipped)
         splits_rows = plan is not None and (plan.stages is not None or plan.split is not None)
@@ -125,16 +134,51 @@ class EvalSuite:
             skipped["understanding"] = "the plan splits the model by layers or rows"
         predictions = self._run(model, cases, plan)
         chance = self.chance(model, cases)
+        closed_loop = self.closed_loop(model, plan, media_dir, skipped)
         report = EvalReport(meta=self.meta(cases, skipped, meta))
         for task, found in cases.items():
             for row in task_rows(task, found, predictions[task], chance[task], self.config, self.action_stats):
                 report.add(row)
-        # CLOSED LOOP (issue #14), wired at merge: the closed-loop runner (eval_suite/closed_loop.py,
-        # `closed_loop_rows_for(model, self.builder, self.config.world(), task, embodiment, seeds,
-        # plan=plan, trained_tasks=self.trained_tasks, ...)`) adds its rows here for each environment
-        # task and embodiment of the config (its episodes seeded from `world_seed`), so the command and
-        # the trainer's periodic eval report them with the open-loop rows.
+        for row in closed_loop:
+            report.add(row)
         return SuiteResult(report, cases, predictions, chance)
+
+    def closed_loop(
+        self, model: MoTModel, plan: ParallelPlan | None, media_dir: str | Path | None, skipped: dict[str, str]
+    ) -> list[MetricRow]:
+        """The closed-loop rows (``eval_suite/closed_loop.py``) of every configured environment task
+        for every embodiment the model acts for; a reason in ``skipped`` where there are none."""
+        c = self.config
+        if not c.closed_loop_episodes:
+            return []
+        if "policy" not in self.trained_tasks:
+            skipped["closed_loop"] = "the checkpoint did not train the policy task"
+            return []
+        world = c.world()
+        embodiments = sorted(set(model.config.embodiments) & set(world.embodiments))
+        if not embodiments:
+            skipped["closed_loop"] = f"no action head for an embodiment of the world ({model.config.embodiments})"
+            return []
+        seeds = [c.world_seed + i for i in range(c.closed_loop_episodes)]
+        rows = []
+        for embodiment in embodiments:
+            for task in c.closed_loop_tasks:
+                rows += closed_loop_rows_for(
+                    model,
+                    self.builder,
+                    world,
+                    task,
+                    embodiment,
+                    seeds,
+                    horizon_s=c.closed_loop_horizon_s,
+                    steps=c.steps,
+                    solver=c.solver,
+                    guidance=c.guidance,
+                    plan=plan,
+                    trained_tasks=self.trained_tasks,
+                    media_dir=media_dir,
+                )
+        return rows
 
     def meta(self, cases: dict[str, list[Case]], skipped: dict[str, str], extra: dict | None) -> dict:
         c = self.config

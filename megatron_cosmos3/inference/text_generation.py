@@ -196,9 +196,12 @@ def generate_text(
     )
     # Each sequence's next position: one past its largest so far, the same on all three axes.
     sample = prefill.layout.sample_ids("ar")
-    next_position = torch.full((count,), float("-inf"), device=device).scatter_reduce(
-        0, sample, batch.ar_positions.to(device).amax(dim=0), "amax"
-    ) + 1
+    next_position = (
+        torch.full((count,), float("-inf"), device=device).scatter_reduce(
+            0, sample, batch.ar_positions.to(device).amax(dim=0), "amax"
+        )
+        + 1
+    )
 
     tokens: list[list[int]] = [[] for _ in range(count)]
     stopped = [False] * count

@@ -63,9 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_checkpoint(
-    trained: TrainedModel, suite_config: SuiteConfig, action_stats: str | None = None
+    trained: TrainedModel,
+    suite_config: SuiteConfig,
+    action_stats: str | None = None,
+    media_dir: Path | None = None,
 ) -> SuiteResult:
-    """The suite's result for ``trained`` (collective under its plan)."""
+    """The suite's result for ``trained`` (collective under its plan); ``media_dir``: where this
+    rank writes the closed-loop episodes (rank 0's ``OUT/media/closed_loop``)."""
     suite = EvalSuite.for_run(
         suite_config,
         trained.model,
@@ -75,7 +79,7 @@ def evaluate_checkpoint(
         merged_action_stats(trained, action_stats),
     )
     meta = {"checkpoint": str(trained.source), "step": trained.step}
-    return suite.evaluate(trained.model, trained.plan, meta)
+    return suite.evaluate(trained.model, trained.plan, meta, media_dir)
 
 
 def write_outputs(result: SuiteResult, out: Path, media: bool) -> Path:
@@ -118,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         trained = load_trained_model(
             args.checkpoint, device=ctx.device, parallel=ParallelSizes(tensor=args.tensor_parallel)
         )
-        result = evaluate_checkpoint(trained, suite_config, args.action_stats)
+        episodes = args.out / "media" / "closed_loop" if suite_config.media and ctx.is_main else None
+        result = evaluate_checkpoint(trained, suite_config, args.action_stats, episodes)
     except (RequestError, CheckpointLoadError, ValueError) as error:
         print(f"cosmos3-eval: error: {error}", file=sys.stderr)
         return 2

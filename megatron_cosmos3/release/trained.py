@@ -214,4 +214,3 @@ def load_trained_model(
         load_state(source, owner, ShardingMeshes.from_groups(plan.groups, device.type))
     model.eval().requires_grad_(False)
     return TrainedModel(model, config, step, source, plan, _action_stats(config))
-

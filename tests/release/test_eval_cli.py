@@ -19,6 +19,8 @@ from megatron_cosmos3.testing.media_probe import ffprobe_streams
 pytestmark = pytest.mark.multiprocess
 
 SUITE = ["steps=2", "cases_per_task=1", "max_new_tokens=4"]
+# One closed-loop episode of one environment task per embodiment: the model's policy in the world.
+CLOSED_LOOP = ["closed_loop_episodes=1", "closed_loop_tasks=[stop_ball]"]
 # Where the truth through the metric is the best value (the onset error's floor is the detector's own).
 ORACLE = {
     "psnr_db": PSNR_MAX_DB,
@@ -37,7 +39,7 @@ ORACLE = {
 @pytest.fixture(scope="module")
 def evaluated(tiny_tp2_checkpoint, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("eval-cli")
-    argv = ["--checkpoint", str(tiny_tp2_checkpoint), "--out", str(folder / "out"), *SUITE]
+    argv = ["--checkpoint", str(tiny_tp2_checkpoint), "--out", str(folder / "out"), *SUITE, *CLOSED_LOOP]
     argv += ["--tracking-uri", str(folder / "mlflow.db"), "--run-name", "eval-tiny"]
     assert main(argv) == 0
     return folder
@@ -51,7 +53,7 @@ def test_the_report_has_every_task_with_oracle_and_chance_rows_and_reads_back(ev
     text = (evaluated / "out" / REPORT_FILE).read_text()
     report = EvalReport.from_json(text)
     assert report.to_json() == text
-    assert {row.name.split("/")[0] for row in report.rows} == set(SUITE_TASKS)
+    assert {row.name.split("/")[0] for row in report.rows} == {*SUITE_TASKS, "closed_loop"}
     assert report.meta["step"] == 1 and report.meta["checkpoint"] == str(tiny_tp2_checkpoint / "step_00000001")
     assert report.meta["skipped_tasks"] == {}
     for row in report.rows:
@@ -107,7 +109,7 @@ def test_tensor_parallel_on_two_ranks_gives_the_report_of_one_process(evaluated,
     """The command on two gloo ranks with TP=2, launched as torchrun launches it (its environment
     variables, ``main``) but forked by ``run_on_ranks``: no interpreter start-up per rank."""
     argv = ["--tensor-parallel", "2", "--checkpoint", str(tiny_tp2_checkpoint), "--out", str(tmp_path)]
-    assert run_on_ranks(_eval_on_rank, 2, [*argv, *SUITE, "media=false"]) == [0, 0]
+    assert run_on_ranks(_eval_on_rank, 2, [*argv, *SUITE, *CLOSED_LOOP, "media=false"]) == [0, 0]
     one, two = read_report(evaluated / "out"), read_report(tmp_path)
     assert two.meta == one.meta and [r.name for r in two.rows] == [r.name for r in one.rows]
     for a, b in zip(one.rows, two.rows):
@@ -141,3 +143,22 @@ def test_a_yaml_config_is_read_and_a_missing_checkpoint_named(tmp_path, capsys):
     assert "cases_per_task=-2" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 2
     assert str(tmp_path / "nothing") in capsys.readouterr().err
+
+
+def test_closed_loop_rows_put_the_models_policy_beside_the_expert_and_a_random_one(evaluated, tiny_tp2_checkpoint):
+    """Every embodiment the model acts for drives the environment in closed loop: success with its
+    Wilson bounds (oracle: the scripted expert, which solves the episode) and the open-loop action
+    error on the expert's states; each policy's episode is an mp4 with its sound."""
+    from megatron_cosmos3.release.trained import load_trained_model
+
+    report = read_report(evaluated / "out")
+    embodiments = sorted(load_trained_model(tiny_tp2_checkpoint).model.config.embodiments)
+    assert embodiments
+    for embodiment in embodiments:
+        name = f"closed_loop/{embodiment}/stop_ball"
+        success = report[f"{name}/success_rate"]
+        assert success.oracle == 1.0 and report[f"{name}/success_low"].oracle < 1.0
+        assert report[f"{name}/action_rmse"].oracle == 0.0 and report[f"{name}/action_rmse"].chance > 0
+        for who in ("model", "expert", "random"):
+            (clip,) = (evaluated / "out" / "media" / "closed_loop").glob(f"{embodiment}_stop_ball_seed*_{who}.mp4")
+            assert int(ffprobe_streams(clip)["video"]["nb_read_frames"]) > 1 and "audio" in ffprobe_streams(clip)

@@ -1,0 +1,134 @@
+"""Closed-loop episodes (docs/DESIGN.md, "Evaluation"): the runner is a pure function of the seeds,
+the expert's episodes succeed and the random policy's fail when run through it, a model's episode is
+exactly its chunks stepped by hand, and the report rows put the model between its references."""
+
+from __future__ import annotations
+
+import copy
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from megatron_cosmos3.encoders.action_normalization import ActionStats, EmbodimentActionStats
+from megatron_cosmos3.eval_suite.closed_loop import (
+    ExpertPolicy,
+    ModelPolicy,
+    RandomPolicy,
+    closed_loop_rows_for,
+    run_episodes,
+    write_episode_mp4,
+)
+from megatron_cosmos3.model.config import EmbodimentConfig
+from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.testing.generation import generation_config, generation_setup
+from megatron_cosmos3.world.config import WorldConfig
+from megatron_cosmos3.world.environment import TASKS, WorldEnvironment
+from megatron_cosmos3.world.experts import Expert
+
+WORLD = WorldConfig(resolution=32, duration_s=1.0)
+PUSHER = "planar_pusher"
+EXECUTE = 10  # 0.5 s of the pusher's 20 Hz actions
+CONFIG = generation_config(embodiments={PUSHER: EmbodimentConfig(10, 20.0)})
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return MoTModel(copy.deepcopy(CONFIG)).eval()
+
+
+@pytest.fixture(scope="module")
+def builder():
+    """The pusher's statistics from expert chunks, so generated actions are un-normalised with them."""
+    env = WorldEnvironment("push_to_region", PUSHER, WORLD)
+    env.reset(0)
+    actions = Expert(env).act(env.state, 40)
+    return generation_setup(CONFIG, ActionStats({PUSHER: EmbodimentActionStats.from_actions(PUSHER, actions)}))
+
+
+def _model_runs(model, builder, seeds, record_media=False):
+    policy = ModelPolicy(model, builder, chunk_s=WORLD.duration_s, steps=2)
+    return run_episodes(
+        policy,
+        "stop_ball",
+        PUSHER,
+        seeds,
+        WORLD,
+        execute=EXECUTE,
+        horizon_s=1.0,
+        references={"expert": ExpertPolicy(EXECUTE)},
+        record_media=record_media,
+    )
+
+
+def test_the_runner_is_deterministic_given_the_seeds(model, builder):
+    first, again, other = (_model_runs(model, builder, seeds) for seeds in ([3, 4], [3, 4], [5, 4]))
+    for a, b in zip(first, again):
+        assert a.episode == b.episode and len(a.chunks) == len(b.chunks) == 2
+        assert all(np.array_equal(x, y) for x, y in zip(a.chunks, b.chunks))
+        assert all(np.array_equal(x, y) for x, y in zip(a.references["expert"], b.references["expert"]))
+    # Control: another seed is another episode; an episode does not depend on the others beside it.
+    assert not np.array_equal(first[0].chunks[0], other[0].chunks[0])
+    assert all(np.array_equal(x, y) for x, y in zip(first[1].chunks, other[1].chunks))
+
+
+def test_a_models_episode_is_its_chunks_stepped_by_hand(model, builder):
+    (run,) = _model_runs(model, builder, [7], record_media=True)
+    assert run.chunks[0].shape == (round(20 * 17 / 16), 10)  # the request's clip: 17 frames at 16 fps
+    env = WorldEnvironment("stop_ball", PUSHER, WORLD, horizon_s=1.0)
+    frames, audio = [env.reset(7).frames], []
+    for chunk, state in zip(run.chunks, run.states):
+        assert np.array_equal(env.state.positions, state.positions)
+        result = env.step(chunk[:EXECUTE])
+        frames.append(result.frames)
+        audio.append(result.audio)
+    assert result.done and result.success == run.episode.success and run.episode.steps == 2 * EXECUTE
+    assert np.array_equal(np.concatenate(frames), run.frames) and np.array_equal(np.concatenate(audio, 1), run.audio)
+    # Control: one action changed is another episode.
+    env.reset(7)
+    changed = run.chunks[0][:EXECUTE].copy()
+    changed[0, 0] += 0.05
+    assert not np.array_equal(env.step(changed).frames, run.frames[1 : 1 + 8])
+
+
+def test_the_expert_succeeds_and_the_random_policy_fails_through_the_runner():
+    seeds = [100, 101, 102, 103]
+    for task in TASKS:
+        expert = run_episodes(ExpertPolicy(EXECUTE), task, PUSHER, seeds, WORLD, execute=EXECUTE)
+        random = run_episodes(RandomPolicy(EXECUTE), task, PUSHER, seeds, WORLD, execute=EXECUTE)
+        assert all(run.episode.success for run in expert), (task, [run.episode for run in expert])
+        assert sum(run.episode.success for run in random) <= 1, (task, [run.episode for run in random])
+        assert [run.episode.seed for run in expert] == seeds
+
+
+def test_closed_loop_rows_and_media(model, builder, tmp_path):
+    rows = {
+        row.name.removeprefix(f"closed_loop/{PUSHER}/push_to_region/"): row
+        for row in closed_loop_rows_for(
+            model, builder, WORLD, "push_to_region", PUSHER, [11, 12], horizon_s=3.0, steps=2, media_dir=tmp_path
+        )
+    }
+    assert set(rows) == {"success_rate", "success_low", "success_high", "action_rmse", "action_rmse_worst_dim"}
+    success = rows["success_rate"]
+    assert success.oracle == 1.0 and success.model == 0.0 and success.chance == 0.0
+    assert rows["success_low"].oracle > 0.3 and rows["success_high"].model < 0.9  # Wilson, 2 episodes
+    error = rows["action_rmse"]
+    assert error.oracle == 0.0 and error.model > 0.5 and error.chance > 0.5  # an untrained model is far off
+    assert "dataset std" in error.note
+    for who in ("model", "expert", "random"):
+        with av.open(str(tmp_path / f"{PUSHER}_push_to_region_seed11_{who}.mp4")) as container:
+            assert sum(1 for _ in container.decode(video=0)) > 16 and container.streams.audio
+
+
+def test_bad_runs_are_refused_naming_the_problem(model, builder):
+    with pytest.raises(ValueError, match="seeds=.*distinct"):
+        run_episodes(ExpertPolicy(EXECUTE), "stop_ball", PUSHER, [1, 1], WORLD, execute=EXECUTE)
+    with pytest.raises(ValueError, match="execute=0"):
+        run_episodes(ExpertPolicy(EXECUTE), "stop_ball", PUSHER, [1], WORLD, execute=0)
+    with pytest.raises(ValueError, match=r"chunk of shape \(5, 10\); 10 actions are executed"):
+        run_episodes(ExpertPolicy(5), "stop_ball", PUSHER, [1], WORLD, execute=EXECUTE)
+    (run,) = run_episodes(ExpertPolicy(EXECUTE), "stop_ball", PUSHER, [1], WORLD, execute=EXECUTE)
+    with pytest.raises(ValueError, match="no recorded media"):
+        write_episode_mp4("unused.mp4", run, 16.0)
