@@ -1,0 +1,280 @@
+"""DeepSpeed as the second engine: ZeRO-1/2/3 over the data ranks behind the parallel plan's
+interface, so the one training loop drives either engine (docs/DESIGN.md, "The DeepSpeed engine").
+
+``DeepSpeedPlan`` answers the calls the loop makes of a ``ParallelPlan`` (``allocate``, ``apply``,
+``build_optimizer``, ``run``, ``optimizer_step``, ``everywhere``, who is who); the DeepSpeed engine
+does the gradient reduction, clipping and the (sharded) AdamW step. ``DeepSpeedCheckpointer``
+answers the ``Checkpointer``'s calls: DeepSpeed's ``save_checkpoint``/``load_checkpoint`` for the
+weights and optimizer state, plus this project's per-rank RNG and loader state, committed in the same
+``step_<N>`` folders, ``meta.json``, checksums and ``latest`` pointer.
+
+DeepSpeed is imported only here, and only when ``engine=deepspeed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, _PendingSave, read_meta
+from megatron_cosmos3.checkpoint.safe_reader import (
+    RANK_MANIFEST_SUFFIX,
+    CheckpointCorruptError,
+    file_record,
+    verify_checkpoint,
+)
+from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.objectives.losses import LossBreakdown, LossFunction, model_losses
+from megatron_cosmos3.training.config import TrainConfig
+from megatron_cosmos3.training.deepspeed_config import deepspeed_config
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "deepspeed_config.json"  # the translated config, beside config.yaml in the run folder
+ENGINE_TAG = "deepspeed"  # DeepSpeed's own files live in step_<N>/deepspeed/
+TRAINER_STATE = "trainer_state_rank{rank}.pt"  # this project's per-rank state: RNG and loader position
+
+
+def without_shared_memory_op() -> None:
+    """Keeps DeepSpeed's communication set-up on the CPU accelerator from compiling its shared-memory
+    op (``deepspeed_shm_comm``: g++ for minutes, and a killed build leaves a lock in the torch
+    extensions folder that hangs every later start).
+
+    ``deepspeed.comm``'s ``TorchBackend`` builds that op whenever ``deepspeed.ops.__compatible_ops__``
+    says it can; it serves only ``inference_all_reduce`` (tensor-parallel inference), never training
+    collectives, which go through torch.distributed (gloo) either way. Marking it incompatible in
+    that dict, which DeepSpeed caches once per process for this purpose, makes ``build_shm_op``
+    return None. Call before ``deepspeed.init_distributed`` / ``deepspeed.initialize``."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+class DeepSpeedPlan:
+    """The DeepSpeed engine behind the parallel plan's interface (see the module docstring).
+
+    Every rank is a data rank holding the whole model (sharded by ZeRO inside DeepSpeed): no
+    megatron-core groups (``groups`` is None), each rank reads its own packs."""
+
+    groups = None
+    data_share = None
+    model_parallel_size = 1
+
+    def __init__(self, config: TrainConfig, world_size: int):
+        self.config = config
+        self.world_size = world_size
+        self.model: MoTModel | None = None
+        self.engine = None  # deepspeed.DeepSpeedEngine, from build_optimizer
+        self.ds_config: dict | None = None
+
+    @classmethod
+    def create(cls, config: TrainConfig, world_size: int) -> DeepSpeedPlan:
+        return cls(config, world_size)
+
+    @property
+    def data_rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def data_size(self) -> int:
+        return self.world_size
+
+    @property
+    def state_owner(self) -> nn.Module:
+        """The model itself (DeepSpeed wraps it; under ZeRO-3 its parameters are partitioned)."""
+        return self.model
+
+    @property
+    def zero_stage(self) -> int:
+        return self.config.deepspeed.zero_stage
+
+    def allocate(self, model: MoTModel, device: torch.device) -> None:
+        """Every rank materialises the whole model; DeepSpeed partitions it in ``build_optimizer``."""
+        model.materialize(device)
+        model.reset_parameters()
+
+    def apply(self, model: MoTModel, trainable) -> list[dict]:
+        self.model = model
+        return trainable(model)
+
+    def build_optimizer(self, param_groups: list[dict], *_ignored) -> object:
+        """Starts the DeepSpeed engine over ``param_groups`` and returns its (ZeRO) optimizer. The
+        learning rate, betas and weight decay come from the translated config (``deepspeed_config``),
+        made from the same ``optimizer`` section the positional arguments repeat."""
+        without_shared_memory_op()
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.ds_config = deepspeed_config(self.config, self.data_size)
+        self.engine, optimizer, _, _ = deepspeed.initialize(
+            model=self.model, model_parameters=param_groups, config=self.ds_config, dist_init_required=False
+        )
+        if self.data_rank == 0:  # saved with the run on every attempt, beside config.yaml
+            path = self.write_config(self.config.checkpoint.directory)
+            log.info("engine=deepspeed (ZeRO-%d): translated config in %s", self.zero_stage, path)
+        return optimizer
+
+    def write_config(self, folder: str | Path) -> Path:
+        """Writes the translated DeepSpeed config into ``folder`` (rank 0 calls it); returns the file."""
+        path = Path(folder) / CONFIG_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.ds_config, indent=2, sort_keys=True) + "\n")
+        return path
+
+    # -- the driver -----------------------------------------------------------------------------
+    def run(
+        self,
+        micro_batches: Sequence,
+        loss_fn: LossFunction,
+        forward_only: bool = False,
+        forward_context=contextlib.nullcontext,
+    ) -> dict[int, LossBreakdown]:
+        """As ``ParallelPlan.run``: every micro-batch's losses, and the backward of ``total /
+        len(micro_batches)`` through the engine (which accumulates; ``optimizer_step`` reduces)."""
+        losses_of = {}
+        for m, (batch, targets) in enumerate(micro_batches):
+            with torch.set_grad_enabled(not forward_only):
+                with forward_context():
+                    losses = model_losses(self.engine, batch, targets, loss_fn)
+                if not forward_only:
+                    self._backward(losses.total / len(micro_batches))
+            losses_of[m] = losses
+        return losses_of
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """``loss``'s gradients into the engine, reaching ZeRO's reduction in the same parameter order
+        on every rank.
+
+        ZeRO-1/2 reduce gradients in buckets filled in the order the backward produces them, and
+        that order (and which parameters get one at all) depends on the pack: a pack without audio
+        never reaches the audio projections. Ranks with different packs would then all-reduce
+        mismatched buckets (a gloo size error, or silently mixed gradients). So the gradients are
+        computed first (``torch.autograd.grad``, which fires no ZeRO hook; zeros for unused
+        parameters) and handed to the engine by the backward of sum(p * g) in the model's parameter
+        order: exactly g for every p, in one order everywhere. ZeRO-3 sorts each bucket by
+        parameter id before reducing, and its parameters are not whole outside the forward, so
+        there the loss goes to the engine's backward as it is."""
+        if self.zero_stage == 3:
+            self.engine.backward(loss, scale_wrt_gas=False)
+            return
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        surrogate = sum(
+            (p * (g if g is not None else torch.zeros_like(p))).sum() for p, g in zip(params, grads)
+        )
+        self.engine.backward(surrogate, scale_wrt_gas=False)
+
+    def everywhere(self, flag: bool) -> bool:
+        """Collective: whether ``flag`` holds on every rank."""
+        if not dist.is_initialized() or self.world_size == 1:
+            return flag
+        failed = torch.tensor([0.0 if flag else 1.0])
+        dist.all_reduce(failed)
+        return not bool(failed.item())
+
+    def optimizer_step(self, optimizer, max_norm: float, finite: bool) -> tuple[torch.Tensor, bool]:
+        """The engine's step: reduces (ZeRO) the accumulated gradients, clips them to the configured
+        norm (``max_norm``, the same value) and updates, unless a gradient is not finite (DeepSpeed
+        skips that update). Returns (norm before clipping, whether the weights changed).
+
+        A non-finite loss (``finite`` False on some rank) makes its gradients non-finite too, so the
+        engine skips that update as well; the step is still taken so that the engine's gradient
+        buffers are cleared for the next one."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = torch.tensor(float("nan") if norm is None else float(norm))
+        return norm, finite and self.engine.was_step_applied()
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()
+
+    # -- generation -----------------------------------------------------------------------------
+    def samples_here(self, is_main: bool, has_targets: bool) -> bool:
+        """Under ZeRO-3 every forward gathers parameters from every rank, so all ranks denoise
+        together (and all skip when a pack lacks targets); otherwise rank 0 alone."""
+        if self.zero_stage == 3 and self.world_size > 1:
+            return self.everywhere(has_targets)
+        return is_main and has_targets
+
+    def velocity(self, targets):
+        return None  # the whole model runs on every rank: the cached sampler runs it
+
+
+class DeepSpeedCheckpointer(Checkpointer):
+    """``Checkpointer`` whose weights and optimizer state go through DeepSpeed's save/load
+    (``step_<N>/deepspeed/``, DeepSpeed's layout and its ``zero_to_fp32.py``), with this project's
+    per-rank RNG and loader state beside them (``trainer_state_rank<r>.pt``, tensors only) and the
+    same commit: ``.step_<N>.partial`` renamed when whole, ``meta.json``, checksums, ``latest``.
+    Saving is synchronous (DeepSpeed writes before it returns)."""
+
+    def __init__(self, root: str | Path, keep_last: int, plan: DeepSpeedPlan):
+        super().__init__(root, keep_last, groups=None, async_save=False)
+        self.plan = plan
+
+    def save(self, step, model, optimizer, per_rank, meta, named=None) -> None:
+        self.wait()
+        staging = self.root / f".step_{step:08d}.partial"
+        if self.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self._barrier()
+        self.plan.engine.save_checkpoint(str(staging), tag=ENGINE_TAG, client_state={}, save_latest=False)
+        state = {"per_rank": dict(per_rank), "named": dict(named or {})}
+        torch.save(state, staging / TRAINER_STATE.format(rank=self.rank))
+        self._barrier()  # every rank's files are on disk before rank 0 checksums and commits them
+        if self.rank == 0:  # every file (DeepSpeed's too) checksummed: a damaged one is found before loading
+            records = {str(p.relative_to(staging)): file_record(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+            (staging / f"__0_{RANK_MANIFEST_SUFFIX}").write_text(json.dumps(records))
+        self._commit(_PendingSave(None, step, staging, meta))
+        self._barrier()
+
+    def load(self, path, model, optimizer=None, per_rank=None, allow_missing=(), named=None) -> dict:
+        """Loads a checkpoint this engine saved: DeepSpeed's weights (and optimizer state unless
+        ``optimizer`` is None) into the engine, then this rank's RNG (``per_rank``) and the loader
+        positions (``named``, found in whichever rank's file holds them) in place. Every file is
+        checked against the checksums first (DeepSpeed's own loader unpickles: trusted folders only)."""
+        path = Path(path)
+        if not (path / ENGINE_TAG).is_dir():
+            raise CheckpointCorruptError(
+                f"checkpoint {path} was not written by engine=deepspeed (no {ENGINE_TAG}/ folder); convert it "
+                "with `python -m megatron_cosmos3.conversion` or resume it with engine=megatron"
+            )
+        verify_checkpoint(path)
+        meta = read_meta(path)
+        engine = self.plan.engine
+        engine.load_checkpoint(
+            str(path),
+            tag=ENGINE_TAG,
+            load_optimizer_states=optimizer is not None,
+            load_lr_scheduler_states=False,
+            load_module_only=optimizer is None,
+        )
+        mine = path / TRAINER_STATE.format(rank=self.rank)
+        if per_rank is not None:
+            saved = torch.load(mine, weights_only=True)["per_rank"] if mine.is_file() else {}
+            for name in list(per_rank):
+                if name in saved:
+                    per_rank[name] = saved[name]
+                else:
+                    del per_rank[name]
+        if named:
+            found = {}
+            for part in sorted(path.glob(TRAINER_STATE.format(rank="*"))):
+                found.update(torch.load(part, weights_only=True)["named"])
+            for name in list(named):
+                if name in found:
+                    named[name] = found[name]
+                else:
+                    del named[name]
+        return meta

@@ -1,0 +1,161 @@
+"""engine=deepspeed: ZeRO-1/2/3 on 2 gloo ranks trains like one process of the Megatron-style engine,
+stops and resumes exactly, and never compiles a DeepSpeed op (docs/DESIGN.md, "The DeepSpeed engine").
+
+DeepSpeed's import is slow, so one ``run_on_ranks`` call runs every multi-process check in the same
+two ranks: the three ZeRO stages and an interrupted ZeRO-2 run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_cosmos3.checkpoint.checkpointer import load_state
+from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes
+from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.testing.distributed import run_on_ranks
+from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, loss_history
+from megatron_cosmos3.training import train as train_module
+from megatron_cosmos3.training.config import load_config
+from megatron_cosmos3.training.distributed import DistributedContext
+
+pytest.importorskip("deepspeed")
+
+EXPERIMENT = "deepspeed"
+# Packs of these tasks reach every trainable parameter in every step; the audio and action
+# projections, which none of them reaches, are frozen. (Where no pack of a step reaches a
+# parameter, torch's AdamW skips it but DeepSpeed's flat partitions step it with a zero gradient:
+# docs/DESIGN.md, "The DeepSpeed engine".)
+COMMON = [
+    *TINY_MODEL,
+    *TINY_SYNTHETIC,
+    "synthetic.tasks=[understanding,text_to_video,image_to_video]",
+    "stage.freeze=[dm_streams.media_*.audio.*,dm_streams.action_*]",
+    "log_every=1",
+    "optimizer.warmup_steps=1",
+    "steps=3",
+    "checkpoint.async_save=false",
+    "tracking.generation_samples=false",
+    f"tracking.experiment={EXPERIMENT}",
+]
+STAGES = (1, 2, 3)
+FROZEN = ("dm_streams.action_", "dm_streams.media_in.audio.", "dm_streams.media_out.audio.")
+
+
+def overrides(root: Path, name: str, *extra: str) -> list[str]:
+    return [
+        *COMMON,
+        f"checkpoint.directory={root / name}",
+        f"tracking.tracking_uri={root / 'mlflow.db'}",
+        f"tracking.run_name={name}",
+        *extra,
+    ]
+
+
+def history(root: Path, name: str, metric: str = "loss") -> list[float]:
+    return [value for _, value in loss_history(root / "mlflow.db", name, EXPERIMENT, metric)]
+
+
+def _train(root: Path, name: str, *extra: str) -> None:
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    config = load_config(None, overrides(root, name, *extra))
+    train_module.train(config, DistributedContext(rank, world, rank, torch.device("cpu")))
+
+
+def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
+    """Every ZeRO stage for 3 steps, and ZeRO-2 stopped after 2 steps then resumed to 3; rank 0
+    returns each run's final weights read back from its DeepSpeed checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    weights = {}
+    for stage in STAGES:
+        _train(root, f"zero{stage}", "engine=deepspeed", f"deepspeed.zero_stage={stage}")
+        if rank == 0:
+            step = root / f"zero{stage}" / "step_00000003"
+            weights[stage] = get_fp32_state_dict_from_zero_checkpoint(str(step), tag="deepspeed")
+    _train(root, "resumed", "engine=deepspeed", "deepspeed.zero_stage=2", "steps=2")
+    _train(root, "resumed", "engine=deepspeed", "deepspeed.zero_stage=2")
+    return weights
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The one-process Megatron-style reference (two micro-batches per step: the global batch of
+    two data ranks with one each) and the DeepSpeed runs, with an empty torch extensions folder that
+    holds a stale build lock of every op: a build attempted anywhere would wait on it forever."""
+    root = tmp_path_factory.mktemp("deepspeed")
+    config = load_config(None, overrides(root, "single", "optimizer.micro_batches_per_step=2"))
+    train_module.train(config, DistributedContext(0, 1, 0, torch.device("cpu")))
+    extensions = root / "torch_extensions"
+    for op in ("deepspeed_shm_comm", "cpu_adam", "fused_adam"):
+        (extensions / op).mkdir(parents=True)
+        (extensions / op / "lock").touch()
+    before = sorted(str(p.relative_to(extensions)) for p in extensions.rglob("*"))
+    old = os.environ.get("TORCH_EXTENSIONS_DIR")
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions)
+    try:
+        (weights,) = run_on_ranks(_deepspeed_runs, 2, root, timeout_s=400)[:1]
+    finally:
+        if old is None:
+            del os.environ["TORCH_EXTENSIONS_DIR"]
+        else:
+            os.environ["TORCH_EXTENSIONS_DIR"] = old
+    after = sorted(str(p.relative_to(extensions)) for p in extensions.rglob("*"))
+    return root, weights, before, after
+
+
+def _weights(root: Path, checkpoint: str | None = None) -> dict[str, torch.Tensor]:
+    """The tiny model's initial weights, or those of the Megatron-style ``checkpoint``."""
+    config = load_config(None, overrides(root, "single"))
+    with torch.device("meta"):
+        model = MoTModel(config.model)
+    model.materialize(torch.device("cpu"))
+    model.reset_parameters()
+    if checkpoint is not None:
+        load_state(root / checkpoint, model, ShardingMeshes())
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("stage", STAGES)
+def test_zero_stage_trains_like_one_process(runs, stage):
+    root, weights, _, _ = runs
+    assert history(root, f"zero{stage}") == pytest.approx(history(root, "single"), rel=1e-5)
+    assert history(root, f"zero{stage}", "grad_norm") == pytest.approx(history(root, "single", "grad_norm"), rel=1e-5)
+    want, initial, got = _weights(root, "single/step_00000003"), _weights(root), weights[stage]
+    frozen = {name for name in want if name.startswith(FROZEN)}
+    # DeepSpeed's fp32 weights: every trained one (ZeRO-3 also keeps the frozen ones).
+    assert set(want) - frozen <= set(got) <= set(want)
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, want[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    q = "layers.0.generator.self_attn.q_proj.weight"  # the comparison is of trained weights
+    assert not torch.allclose(want[q], initial[q], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.multiprocess
+def test_stop_and_resume_equals_an_uninterrupted_run(runs):
+    root, *_ = runs
+    resumed = loss_history(root / "mlflow.db", "resumed", EXPERIMENT)
+    assert [step for step, _ in resumed] == [1, 2, 3]  # one MLflow run, continued
+    assert [value for _, value in resumed] == history(root, "zero2")  # bit for bit
+    saved = sorted(p.name for p in (root / "resumed").glob("step_*"))
+    assert saved == ["step_00000002", "step_00000003"]
+
+
+@pytest.mark.multiprocess
+def test_no_op_is_compiled(runs):
+    """The shared-memory op (and every other) stays unbuilt: the stale locks were never waited on
+    (the runs finished) and nothing was added to the extensions folder."""
+    _, _, before, after = runs
+    assert after == before
+
+
+@pytest.mark.multiprocess
+def test_the_translated_config_is_saved_with_the_run(runs):
+    root, *_ = runs
+    saved = json.loads((root / "zero3" / "deepspeed_config.json").read_text())
+    assert saved["zero_optimization"]["stage"] == 3
+    assert saved["train_batch_size"] == 2 and saved["gradient_accumulation_steps"] == 1
