@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,13 +23,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, _PendingSave, read_meta
+from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, _PendingSave, load_state, read_meta
 from megatron_cosmos3.checkpoint.safe_reader import (
     RANK_MANIFEST_SUFFIX,
     CheckpointCorruptError,
     file_record,
     verify_checkpoint,
 )
+from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.objectives.losses import LossBreakdown, LossFunction, model_losses
 from megatron_cosmos3.training.config import TrainConfig
@@ -41,6 +41,12 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "deepspeed_config.json"  # the translated config, beside config.yaml in the run folder
 ENGINE_TAG = "deepspeed"  # DeepSpeed's own files live in step_<N>/deepspeed/
 TRAINER_STATE = "trainer_state_rank{rank}.pt"  # this project's per-rank state: RNG and loader position
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def is_deepspeed_checkpoint(path: str | Path) -> bool:
+    """Whether the checkpoint folder ``path`` was written by ``engine=deepspeed``."""
+    return (Path(path) / ENGINE_TAG).is_dir()
 
 
 def without_shared_memory_op() -> None:
@@ -199,6 +205,93 @@ class DeepSpeedPlan:
         if self.engine is not None:
             self.engine.destroy()
 
+    # -- switching engines ----------------------------------------------------------------------
+    def replica(self) -> tuple[MoTModel, torch.optim.AdamW]:
+        """A plain, whole copy of the model on the CPU, with torch's AdamW over the parameters this
+        engine trains (in the same groups): the Megatron-style engine's state in one process."""
+        from megatron_cosmos3.parallel.plan import ParallelPlan
+        from megatron_cosmos3.parallel.sizes import ParallelSizes
+        from megatron_cosmos3.training.train import build_model, stage_param_groups
+
+        model = build_model(self.config, ParallelPlan(ParallelSizes()), torch.device("cpu"))
+        opt = self.config.optimizer
+        groups = stage_param_groups(model, self.config)
+        return model, torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
+
+    def _check_switchable(self) -> None:
+        if self.zero_stage == 3:
+            raise ValueError(
+                "deepspeed.zero_stage=3: switching engines (a Megatron-style checkpoint in or out) is done under "
+                "ZeRO-1 or 2; convert there, then change the stage (DeepSpeed loads its own checkpoints across stages "
+                "only through its universal checkpoint)"
+            )
+
+    def _link_optimizer_state(self) -> None:
+        """Makes every flat fp32 partition's AdamW state exist (torch creates it lazily, at the first
+        step) and links each parameter's slice of it, so DeepSpeed's ``safe_*_full_optimizer_state``
+        reach it; relinked because loading a checkpoint replaces the state's tensors."""
+        zero = self.engine.optimizer
+        inner = zero.optimizer
+        for group in inner.param_groups:
+            for flat in group["params"]:
+                state = inner.state[flat]
+                if not state:
+                    state.update(
+                        step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat)
+                    )
+        zero._hp_optimizer_states_linked = False  # DeepSpeed links once, after its first step
+        zero._lazy_init_hp_params_optimizer_state()
+
+    def load_replica(self, model: MoTModel, optimizer: torch.optim.AdamW | None) -> None:
+        """Sets the engine's weights (working copy and fp32 master) and, with ``optimizer``, its AdamW
+        moments and step from a ``replica`` (ZeRO-1/2; every rank holds the whole working copy)."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        self._check_switchable()
+        self._link_optimizer_state()
+        source = dict(model.named_parameters())
+        steps = set()
+        for name, param in self.model.named_parameters():
+            value = source[name].detach()
+            with torch.no_grad():
+                param.copy_(value)
+            if not param.requires_grad:
+                continue
+            safe_set_full_fp32_param(param, value)
+            state = optimizer.state.get(source[name], {}) if optimizer is not None else {}
+            for key in ADAM_MOMENTS:
+                if key in state:
+                    safe_set_full_optimizer_state(param, state[key], key)
+            if "step" in state:
+                steps.add(float(state["step"]))
+        if len(steps) > 1:
+            raise ValueError(f"the checkpoint's parameters have taken different numbers of AdamW steps {sorted(steps)}")
+        if steps:  # DeepSpeed keeps one step count per flat partition
+            (step,) = steps
+            for state in self.engine.optimizer.optimizer.state.values():
+                state["step"] = torch.tensor(step, dtype=torch.float32)
+
+    def replica_of_engine(self) -> tuple[MoTModel, torch.optim.AdamW]:
+        """The engine's fp32 weights, AdamW moments and step as a ``replica`` (ZeRO-1/2)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        self._check_switchable()
+        self._link_optimizer_state()
+        model, optimizer = self.replica()
+        target = dict(model.named_parameters())
+        inner = self.engine.optimizer.optimizer
+        step = next((state["step"] for state in inner.state.values() if "step" in state), None)
+        for name, param in self.model.named_parameters():
+            copy = target[name]
+            with torch.no_grad():
+                copy.copy_(safe_get_full_fp32_param(param) if param.requires_grad else param.detach())
+            if param.requires_grad and step is not None and float(step) > 0:  # an engine that has stepped
+                state = optimizer.state[copy]
+                for key in ADAM_MOMENTS:
+                    state[key] = safe_get_full_optimizer_state(param, key).detach().clone().cpu()
+                state["step"] = step.detach().clone().cpu()
+        return model, optimizer
+
     # -- generation -----------------------------------------------------------------------------
     def samples_here(self, is_main: bool, has_targets: bool) -> bool:
         """Under ZeRO-3 every forward gathers parameters from every rank, so all ranks denoise
@@ -223,12 +316,7 @@ class DeepSpeedCheckpointer(Checkpointer):
         self.plan = plan
 
     def save(self, step, model, optimizer, per_rank, meta, named=None) -> None:
-        self.wait()
-        staging = self.root / f".step_{step:08d}.partial"
-        if self.rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        self._barrier()
+        staging = self._new_staging(step)
         self.plan.engine.save_checkpoint(str(staging), tag=ENGINE_TAG, client_state={}, save_latest=False)
         state = {"per_rank": dict(per_rank), "named": dict(named or {})}
         torch.save(state, staging / TRAINER_STATE.format(rank=self.rank))
@@ -245,11 +333,8 @@ class DeepSpeedCheckpointer(Checkpointer):
         positions (``named``, found in whichever rank's file holds them) in place. Every file is
         checked against the checksums first (DeepSpeed's own loader unpickles: trusted folders only)."""
         path = Path(path)
-        if not (path / ENGINE_TAG).is_dir():
-            raise CheckpointCorruptError(
-                f"checkpoint {path} was not written by engine=deepspeed (no {ENGINE_TAG}/ folder); convert it "
-                "with `python -m megatron_cosmos3.conversion` or resume it with engine=megatron"
-            )
+        if not is_deepspeed_checkpoint(path):
+            return self._load_megatron_style(path, optimizer, per_rank, allow_missing, named)
         verify_checkpoint(path)
         meta = read_meta(path)
         engine = self.plan.engine
@@ -278,3 +363,55 @@ class DeepSpeedCheckpointer(Checkpointer):
                 else:
                     del named[name]
         return meta
+
+    def _load_megatron_style(self, path: Path, optimizer, per_rank, allow_missing, named) -> dict:
+        """The engine switch: a checkpoint of the Megatron-style engine, of any layout (its entries
+        describe global tensors), is read into a whole replica and handed to the engine
+        (``DeepSpeedPlan.load_replica``), RNG and loader state as saved."""
+        model, adam = self.plan.replica()
+        meta = load_state(
+            path,
+            model,
+            ShardingMeshes(),
+            self.group,
+            adam if optimizer is not None else None,
+            per_rank,
+            self.rank,
+            allow_missing,
+            named,
+        )
+        self.plan.load_replica(model, adam if optimizer is not None else None)
+        return meta
+
+    def save_megatron_style(self, root: str | Path, step: int, per_rank, meta: dict, named=None) -> Path:
+        """Writes the engine's state as a checkpoint of the Megatron-style engine under ``root``
+        (``step_<N>``, committed as that engine commits): the other direction of the switch."""
+        model, adam = self.plan.replica_of_engine()
+        target = Checkpointer(root, self.keep_last, groups=None, async_save=False)
+        target.save(step, model, adam, per_rank, meta, named)
+        return Path(root) / f"step_{step:08d}"
+
+
+def convert_checkpoint(config: TrainConfig, ctx, source: str | Path, target_root: str | Path) -> Path:
+    """Converts the checkpoint folder ``source`` between the engines: a DeepSpeed one (ZeRO-1/2,
+    saved on this many ranks) into a Megatron-style one, or a Megatron-style one into a DeepSpeed
+    one, committed as ``target_root/step_<N>`` with the same step, RNG, loader state and meta.
+    Collective on the ranks of an ``engine=deepspeed`` run of ``config`` (``ctx``)."""
+    import copy
+
+    from megatron_cosmos3.training.train import build_run
+
+    config = copy.deepcopy(config)
+    config.engine, config.checkpoint.directory = "deepspeed", str(target_root)
+    run = build_run(config, ctx)
+    try:
+        per_rank, named = {"rng": torch.get_rng_state()}, run.batches.state()
+        meta = run.checkpointer.load(source, run.plan.state_owner, run.optimizer, per_rank, named=named)
+        step, rest = meta["step"], {k: v for k, v in meta.items() if k != "step"}
+        if is_deepspeed_checkpoint(source):
+            return run.checkpointer.save_megatron_style(target_root, step, per_rank, rest, named)
+        run.checkpointer.save(step, run.plan.state_owner, run.optimizer, per_rank, rest, named)
+        return Path(target_root) / f"step_{step:08d}"
+    finally:
+        run.batches.close()
+        run.plan.close()

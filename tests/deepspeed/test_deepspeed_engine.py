@@ -2,10 +2,11 @@
 stops and resumes exactly, and never compiles a DeepSpeed op (docs/DESIGN.md, "The DeepSpeed engine").
 
 DeepSpeed's import is slow, so one ``run_on_ranks`` call runs every multi-process check in the same
-two ranks: the three ZeRO stages and an interrupted ZeRO-2 run."""
+two ranks: the three ZeRO stages, ZeRO-2 stopped after step 2 and resumed."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -22,7 +23,8 @@ from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.distributed import DistributedContext
 
-pytest.importorskip("deepspeed")
+# Not imported here (seconds): the ranks import it.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 
 EXPERIMENT = "deepspeed"
 # Packs of these tasks reach every trainable parameter in every step; the audio and action
@@ -59,26 +61,40 @@ def history(root: Path, name: str, metric: str = "loss") -> list[float]:
     return [value for _, value in loss_history(root / "mlflow.db", name, EXPERIMENT, metric)]
 
 
-def _train(root: Path, name: str, *extra: str) -> None:
+def _context() -> DistributedContext:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    config = load_config(None, overrides(root, name, *extra))
-    train_module.train(config, DistributedContext(rank, world, rank, torch.device("cpu")))
+    return DistributedContext(rank, world, rank, torch.device("cpu"))
+
+
+def _train(root: Path, name: str, *extra: str) -> dict[str, float]:
+    return train_module.train(load_config(None, overrides(root, name, *extra)), _context())
+
+
+def _switch_engines(root: Path) -> float:
+    """The one-process run's step-2 checkpoint converted to DeepSpeed (ZeRO-1) and back; then the
+    DeepSpeed run continues from the converted one. Returns its step-3 loss."""
+    from megatron_cosmos3.training.deepspeed_engine import convert_checkpoint
+
+    config = load_config(None, overrides(root, "switched", "engine=deepspeed", "tracking.enabled=false"))
+    converted = convert_checkpoint(config, _context(), root / "single" / "step_00000002", root / "switched")
+    convert_checkpoint(config, _context(), converted, root / "switched-back")
+    return _train(root, "switched", "engine=deepspeed", "tracking.enabled=false")["loss"]
 
 
 def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
-    """Every ZeRO stage for 3 steps, and ZeRO-2 stopped after 2 steps then resumed to 3; rank 0
-    returns each run's final weights read back from its DeepSpeed checkpoint."""
+    """Every ZeRO stage for 3 steps, ZeRO-2 stopped after 2 steps and resumed to 3; rank 0 returns
+    each run's final weights read back from its DeepSpeed checkpoint."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     weights = {}
     for stage in STAGES:
+        if stage == 2:  # stopped after step 2 (a resume at step 2 of a 3-step run), then resumed
+            _train(root, "zero2", "engine=deepspeed", "deepspeed.zero_stage=2", "steps=2")
         _train(root, f"zero{stage}", "engine=deepspeed", f"deepspeed.zero_stage={stage}")
         if rank == 0:
             step = root / f"zero{stage}" / "step_00000003"
             weights[stage] = get_fp32_state_dict_from_zero_checkpoint(str(step), tag="deepspeed")
-    _train(root, "resumed", "engine=deepspeed", "deepspeed.zero_stage=2", "steps=2")
-    _train(root, "resumed", "engine=deepspeed", "deepspeed.zero_stage=2")
-    return weights
+    return {"weights": weights, "switched_loss": _switch_engines(root)}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +103,8 @@ def runs(tmp_path_factory):
     two data ranks with one each) and the DeepSpeed runs, with an empty torch extensions folder that
     holds a stale build lock of every op: a build attempted anywhere would wait on it forever."""
     root = tmp_path_factory.mktemp("deepspeed")
-    config = load_config(None, overrides(root, "single", "optimizer.micro_batches_per_step=2"))
+    # Saved at step 2 too: the engine switch starts there.
+    config = load_config(None, overrides(root, "single", "optimizer.micro_batches_per_step=2", "checkpoint.save_every=2"))
     train_module.train(config, DistributedContext(0, 1, 0, torch.device("cpu")))
     extensions = root / "torch_extensions"
     for op in ("deepspeed_shm_comm", "cpu_adam", "fused_adam"):
@@ -97,14 +114,14 @@ def runs(tmp_path_factory):
     old = os.environ.get("TORCH_EXTENSIONS_DIR")
     os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions)
     try:
-        (weights,) = run_on_ranks(_deepspeed_runs, 2, root, timeout_s=400)[:1]
+        results = run_on_ranks(_deepspeed_runs, 2, root, timeout_s=400)[0]
     finally:
         if old is None:
             del os.environ["TORCH_EXTENSIONS_DIR"]
         else:
             os.environ["TORCH_EXTENSIONS_DIR"] = old
     after = sorted(str(p.relative_to(extensions)) for p in extensions.rglob("*"))
-    return root, weights, before, after
+    return root, results, before, after
 
 
 def _weights(root: Path, checkpoint: str | None = None) -> dict[str, torch.Tensor]:
@@ -122,26 +139,32 @@ def _weights(root: Path, checkpoint: str | None = None) -> dict[str, torch.Tenso
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("stage", STAGES)
 def test_zero_stage_trains_like_one_process(runs, stage):
-    root, weights, _, _ = runs
+    root, results, _, _ = runs
+    weights = results["weights"]
     assert history(root, f"zero{stage}") == pytest.approx(history(root, "single"), rel=1e-5)
     assert history(root, f"zero{stage}", "grad_norm") == pytest.approx(history(root, "single", "grad_norm"), rel=1e-5)
     want, initial, got = _weights(root, "single/step_00000003"), _weights(root), weights[stage]
     frozen = {name for name in want if name.startswith(FROZEN)}
     # DeepSpeed's fp32 weights: every trained one (ZeRO-3 also keeps the frozen ones).
     assert set(want) - frozen <= set(got) <= set(want)
+    # Adam divides by sqrt(v): a gradient component near zero carries its last-bit rounding (ZeRO-3
+    # reduce-scatters in another order) into a weight change of a few 1e-6, far below lr = 3e-3.
     for name, tensor in got.items():
-        torch.testing.assert_close(tensor, want[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(tensor, want[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
     q = "layers.0.generator.self_attn.q_proj.weight"  # the comparison is of trained weights
     assert not torch.allclose(want[q], initial[q], rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.multiprocess
 def test_stop_and_resume_equals_an_uninterrupted_run(runs):
+    """ZeRO-2 stopped after step 2 and resumed continues bit for bit as the uninterrupted ZeRO-1 run
+    (the two stages sum the same two gradients: their runs are identical), in one MLflow run."""
     root, *_ = runs
-    resumed = loss_history(root / "mlflow.db", "resumed", EXPERIMENT)
-    assert [step for step, _ in resumed] == [1, 2, 3]  # one MLflow run, continued
-    assert [value for _, value in resumed] == history(root, "zero2")  # bit for bit
-    saved = sorted(p.name for p in (root / "resumed").glob("step_*"))
+    resumed = loss_history(root / "mlflow.db", "zero2", EXPERIMENT)
+    assert [step for step, _ in resumed] == [1, 2, 3]
+    for metric in ("loss", "grad_norm"):
+        assert history(root, "zero2", metric) == history(root, "zero1", metric)
+    saved = sorted(p.name for p in (root / "zero2").glob("step_*"))
     assert saved == ["step_00000002", "step_00000003"]
 
 
@@ -159,3 +182,38 @@ def test_the_translated_config_is_saved_with_the_run(runs):
     saved = json.loads((root / "zero3" / "deepspeed_config.json").read_text())
     assert saved["zero_optimization"]["stage"] == 3
     assert saved["train_batch_size"] == 2 and saved["gradient_accumulation_steps"] == 1
+
+
+def _megatron_state(root: Path, checkpoint: str) -> tuple[dict, dict]:
+    """(weights, AdamW state by parameter name) of a Megatron-style checkpoint."""
+    config = load_config(None, overrides(root, "single"))
+    with torch.device("meta"):
+        model = MoTModel(config.model)
+    model.materialize(torch.device("cpu"))
+    optimizer = torch.optim.AdamW(train_module.stage_param_groups(model, config))
+    load_state(root / checkpoint, model, ShardingMeshes(), optimizer=optimizer)
+    names = {p: name for name, p in model.named_parameters()}
+    return dict(model.named_parameters()), {names[p]: state for p, state in optimizer.state.items()}
+
+
+@pytest.mark.multiprocess
+def test_megatron_to_deepspeed_and_back_is_bit_identical(runs):
+    root, *_ = runs
+    (weights, adam), (back_weights, back_adam) = (
+        _megatron_state(root, name) for name in ("single/step_00000002", "switched-back/step_00000002")
+    )
+    assert sorted(back_weights) == sorted(weights) and sorted(back_adam) == sorted(adam) and adam
+    for name, tensor in weights.items():
+        assert torch.equal(back_weights[name], tensor), name
+    for name, state in adam.items():
+        assert sorted(back_adam[name]) == ["exp_avg", "exp_avg_sq", "step"]
+        for key, value in state.items():
+            assert torch.equal(back_adam[name][key], value), (name, key)
+    assert float(adam["embed_tokens.weight"]["step"]) == 2
+
+
+@pytest.mark.multiprocess
+def test_a_run_switched_to_deepspeed_continues_like_the_unswitched_one(runs):
+    root, results, *_ = runs
+    assert results["switched_loss"] == pytest.approx(history(root, "single")[2], rel=1e-5)
+    assert results["switched_loss"] != pytest.approx(history(root, "single")[1], rel=1e-3)  # step 3, not 2
