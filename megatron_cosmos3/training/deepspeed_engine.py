@@ -33,6 +33,7 @@ from megatron_cosmos3.checkpoint.safe_reader import (
 from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.objectives.losses import LossBreakdown, LossFunction, model_losses
+from megatron_cosmos3.parallel.deepspeed_comm import start_deepspeed_comm
 from megatron_cosmos3.training.config import TrainConfig
 from megatron_cosmos3.training.deepspeed_config import deepspeed_config
 
@@ -47,23 +48,6 @@ ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 def is_deepspeed_checkpoint(path: str | Path) -> bool:
     """Whether the checkpoint folder ``path`` was written by ``engine=deepspeed``."""
     return (Path(path) / ENGINE_TAG).is_dir()
-
-
-def without_shared_memory_op() -> None:
-    """Keeps DeepSpeed's communication set-up on the CPU accelerator from compiling its shared-memory
-    op (``deepspeed_shm_comm``: g++ for minutes, and a killed build leaves a lock in the torch
-    extensions folder that hangs every later start).
-
-    ``deepspeed.comm``'s ``TorchBackend`` builds that op whenever ``deepspeed.ops.__compatible_ops__``
-    says it can; it serves only ``inference_all_reduce`` (tensor-parallel inference), never training
-    collectives, which go through torch.distributed (gloo) either way. Marking it incompatible in
-    that dict, which DeepSpeed caches once per process for this purpose, makes ``build_shm_op``
-    return None. Call before ``deepspeed.init_distributed`` / ``deepspeed.initialize``."""
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() == "cpu":
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 class DeepSpeedPlan:
@@ -117,7 +101,7 @@ class DeepSpeedPlan:
         """Starts the DeepSpeed engine over ``param_groups`` and returns its (ZeRO) optimizer. The
         learning rate, betas and weight decay come from the translated config (``deepspeed_config``),
         made from the same ``optimizer`` section the positional arguments repeat."""
-        without_shared_memory_op()
+        start_deepspeed_comm()
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
