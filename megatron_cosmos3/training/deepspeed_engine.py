@@ -399,3 +399,35 @@ def convert_checkpoint(config: TrainConfig, ctx, source: str | Path, target_root
     finally:
         run.batches.close()
         run.plan.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``torchrun --nproc-per-node N -m megatron_cosmos3.training.deepspeed_engine --config FILE SOURCE
+    TARGET [key=value ...]``: ``convert_checkpoint`` on the N ranks of the DeepSpeed run (N: the
+    world size the DeepSpeed checkpoint was saved with, or will be resumed with)."""
+    import argparse
+
+    from megatron_cosmos3.training.config import load_config
+    from megatron_cosmos3.training.distributed import init_distributed
+
+    parser = argparse.ArgumentParser(
+        description="Convert a checkpoint folder between engine=megatron and engine=deepspeed (ZeRO-1/2)."
+    )
+    parser.add_argument("--config", action="append", default=[], help="the run's YAML config; repeat to layer")
+    parser.add_argument("source", help="a step_<N> checkpoint folder of either engine")
+    parser.add_argument("target", help="the checkpoint directory the converted step_<N> is committed in")
+    parser.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. deepspeed.zero_stage=2")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, [*args.overrides, "engine=deepspeed"])
+    ctx = init_distributed(config.distributed.init_timeout_s)
+    try:
+        converted = convert_checkpoint(config, ctx, args.source, args.target)
+        if ctx.is_main:
+            print(f"converted {args.source} -> {converted}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
