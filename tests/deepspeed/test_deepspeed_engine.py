@@ -24,7 +24,10 @@ from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.distributed import DistributedContext
 
 # Not imported here (seconds): the ranks import it.
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"),
+    pytest.mark.slow,  # the shared runs take over 20 s
+]
 
 EXPERIMENT = "deepspeed"
 # Packs of these tasks reach every trainable parameter in every step; the audio and action
@@ -41,6 +44,7 @@ COMMON = [
     "steps=3",
     "checkpoint.async_save=false",
     "tracking.generation_samples=false",
+    "eval.every=3",  # the held-out loss at the last step, through the engine's forward-only driver
     f"tracking.experiment={EXPERIMENT}",
 ]
 STAGES = (1, 2, 3)
@@ -143,6 +147,9 @@ def test_zero_stage_trains_like_one_process(runs, stage):
     weights = results["weights"]
     assert history(root, f"zero{stage}") == pytest.approx(history(root, "single"), rel=1e-5)
     assert history(root, f"zero{stage}", "grad_norm") == pytest.approx(history(root, "single", "grad_norm"), rel=1e-5)
+    # The held-out loss after the last step (ZeRO-2 also logged one when it stopped at step 2).
+    (want_eval,) = history(root, "single", "eval/loss")
+    assert history(root, f"zero{stage}", "eval/loss")[-1] == pytest.approx(want_eval, rel=1e-5)
     want, initial, got = _weights(root, "single/step_00000003"), _weights(root), weights[stage]
     frozen = {name for name in want if name.startswith(FROZEN)}
     # DeepSpeed's fp32 weights: every trained one (ZeRO-3 also keeps the frozen ones).
