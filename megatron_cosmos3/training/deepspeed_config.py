@@ -62,17 +62,24 @@ def check_engine_mix(engine: str, sizes: ParallelSizes, settings: DeepSpeedConfi
     refused = _deepspeed_refuses(sizes, settings.zero_stage)
     if refused:
         raise ValueError(f"engine=deepspeed: {refused}; use engine=megatron for this layout")
-    for name in ("tensor", "pipeline", "context", "expert"):
+    if sizes.context > 1 and settings.zero_stage == 3:
+        raise ValueError(
+            f"engine=deepspeed: parallel.context={sizes.context} with deepspeed.zero_stage=3: the Ulysses row split "
+            "runs the model's layers itself, outside the engine's ZeRO-3 parameter gathering; use zero_stage 1 or 2"
+        )
+    for name in ("tensor", "pipeline", "expert"):
         value = getattr(sizes, name)
         if value > 1:
             raise ValueError(
                 f"engine=deepspeed with parallel.{name}={value}: the DeepSpeed engine shards over the data ranks "
-                "only (ZeRO); use engine=megatron for tensor, pipeline, context or expert parallelism"
+                "(ZeRO) and splits rows over the context ranks (Ulysses) only; use engine=megatron for tensor, "
+                "pipeline or expert parallelism"
             )
 
 
-def deepspeed_config(config: TrainConfig, data_size: int) -> dict:
-    """The DeepSpeed config dict of ``config`` on ``data_size`` data-parallel ranks.
+def deepspeed_config(config: TrainConfig, zero_ranks: int) -> dict:
+    """The DeepSpeed config dict of ``config`` with ZeRO over ``zero_ranks`` ranks (every rank: the
+    data ranks, times the context ranks that share each one's packs).
 
     One micro-batch is one pack; the trainer feeds ``optimizer.micro_batches_per_step`` of them per
     rank and step, and calls ``engine.step()`` once per step (``managed_gradient_accumulation``
@@ -86,7 +93,7 @@ def deepspeed_config(config: TrainConfig, data_size: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": opt.micro_batches_per_step,
-        "train_batch_size": opt.micro_batches_per_step * data_size,
+        "train_batch_size": opt.micro_batches_per_step * zero_ranks,  # DeepSpeed's count: micro x gas x ranks
         "managed_gradient_accumulation": False,
         "gradient_clipping": opt.grad_clip,
         "optimizer": {

@@ -33,6 +33,7 @@ from megatron_cosmos3.checkpoint.safe_reader import (
 from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.objectives.losses import LossBreakdown, LossFunction, model_losses
+from megatron_cosmos3.parallel.context_parallel import split_losses
 from megatron_cosmos3.parallel.deepspeed_comm import start_deepspeed_comm
 from megatron_cosmos3.training.config import TrainConfig
 from megatron_cosmos3.training.deepspeed_config import deepspeed_config
@@ -53,31 +54,53 @@ def is_deepspeed_checkpoint(path: str | Path) -> bool:
 class DeepSpeedPlan:
     """The DeepSpeed engine behind the parallel plan's interface (see the module docstring).
 
-    Every rank is a data rank holding the whole model (sharded by ZeRO inside DeepSpeed): no
-    megatron-core groups (``groups`` is None), each rank reads its own packs."""
+    Every rank holds the whole model (sharded by ZeRO inside DeepSpeed). Without context
+    parallelism every rank is a data rank reading its own packs and there are no megatron-core
+    groups (``groups`` is None); with ``parallel.context`` > 1 the context ranks of a data rank share
+    its packs and split each one's rows, DeepSpeed-Ulysses exchanging them around the attention
+    (``parallel/ulysses.py``, ``DeepSpeedUlyssesAttention``); ZeRO then shards over every rank,
+    which averages the gradients over data x context as the context split expects."""
 
-    groups = None
-    data_share = None
-    model_parallel_size = 1
-
-    def __init__(self, config: TrainConfig, world_size: int):
+    def __init__(self, config: TrainConfig, world_size: int, groups=None):
         self.config = config
         self.world_size = world_size
+        self.groups = groups  # megatron-core's groups when parallel.context > 1
+        self.split = None
+        if groups is not None:
+            from megatron_cosmos3.parallel.context_parallel import SequenceSplit
+
+            self.split = SequenceSplit(groups.context, context=groups.context, deepspeed_ulysses=True)
         self.model: MoTModel | None = None
         self.engine = None  # deepspeed.DeepSpeedEngine, from build_optimizer
         self.ds_config: dict | None = None
 
     @classmethod
     def create(cls, config: TrainConfig, world_size: int) -> DeepSpeedPlan:
-        return cls(config, world_size)
+        """Collective: with context parallelism, creates the groups (megatron-core's parallel state)."""
+        if config.parallel.context == 1 or world_size == 1:
+            return cls(config, world_size)
+        from megatron_cosmos3.parallel.state import initialize_parallel
+
+        return cls(config, world_size, initialize_parallel(config.parallel, config.model, config.model.num_experts))
 
     @property
     def data_rank(self) -> int:
+        if self.groups is not None:
+            return self.groups.data_rank
         return dist.get_rank() if dist.is_initialized() else 0
 
     @property
     def data_size(self) -> int:
-        return self.world_size
+        return self.groups.data_size if self.groups is not None else self.world_size
+
+    @property
+    def data_share(self) -> tuple | None:
+        """(group, reader rank) of the context ranks that train on this data rank's packs."""
+        return (self.groups.same_data, self.groups.data_reader) if self.groups is not None else None
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.config.parallel.context if self.groups is not None else 1
 
     @property
     def state_owner(self) -> nn.Module:
@@ -105,7 +128,7 @@ class DeepSpeedPlan:
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        self.ds_config = deepspeed_config(self.config, self.data_size)
+        self.ds_config = deepspeed_config(self.config, self.world_size)
         self.engine, optimizer, _, _ = deepspeed.initialize(
             model=self.model, model_parameters=param_groups, config=self.ds_config, dist_init_required=False
         )
@@ -135,7 +158,10 @@ class DeepSpeedPlan:
         for m, (batch, targets) in enumerate(micro_batches):
             with torch.set_grad_enabled(not forward_only):
                 with forward_context():
-                    losses = model_losses(self.engine, batch, targets, loss_fn)
+                    if self.split is not None:  # this rank's rows; the loss is the whole micro-batch's
+                        losses = split_losses(self.model, batch, targets, self.split, loss_fn)
+                    else:
+                        losses = model_losses(self.engine, batch, targets, loss_fn)
                 if not forward_only:
                     self._backward(losses.total / len(micro_batches))
             losses_of[m] = losses
@@ -188,6 +214,10 @@ class DeepSpeedPlan:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.destroy()
+        if self.groups is not None:  # the next run in this process creates its own
+            from megatron_cosmos3.parallel.state import destroy_parallel
+
+            destroy_parallel()
 
     # -- switching engines ----------------------------------------------------------------------
     def replica(self) -> tuple[MoTModel, torch.optim.AdamW]:
@@ -282,7 +312,7 @@ class DeepSpeedPlan:
         together (and all skip when a pack lacks targets); otherwise rank 0 alone."""
         if self.zero_stage == 3 and self.world_size > 1:
             return self.everywhere(has_targets)
-        return is_main and has_targets
+        return is_main and has_targets  # the whole model on rank 0: the cached sampler, no row split
 
     def velocity(self, targets):
         return None  # the whole model runs on every rank: the cached sampler runs it

@@ -24,10 +24,10 @@ def test_every_entry_comes_from_the_training_config():
         "optimizer.weight_decay=0.1",
         "precision=bf16",
     )
-    translated = deepspeed_config(train, data_size=4)
+    translated = deepspeed_config(train, zero_ranks=4)
     assert translated["gradient_accumulation_steps"] == 3
     assert translated["train_micro_batch_size_per_gpu"] == 1  # one pack per micro-batch
-    assert translated["train_batch_size"] == 12  # micro-batches x data ranks
+    assert translated["train_batch_size"] == 12  # micro-batches x ranks
     assert translated["managed_gradient_accumulation"] is False  # the trainer's step is the boundary
     assert translated["gradient_clipping"] == 0.5
     assert translated["optimizer"] == {
@@ -42,7 +42,7 @@ def test_every_entry_comes_from_the_training_config():
 
 def test_stage_offload_and_precision_follow_their_settings():
     translated = deepspeed_config(
-        config("engine=deepspeed", "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true"), data_size=2
+        config("engine=deepspeed", "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true"), zero_ranks=2
     )
     assert translated["zero_optimization"] == {
         "stage": 3,
@@ -51,7 +51,7 @@ def test_stage_offload_and_precision_follow_their_settings():
     }
     assert translated["zero_force_ds_cpu_optimizer"] is False  # torch's AdamW, no compiled CPU Adam
     assert translated["bf16"] == {"enabled": False}
-    assert deepspeed_config(config("engine=deepspeed"), data_size=2)["zero_optimization"]["stage"] == 1
+    assert deepspeed_config(config("engine=deepspeed"), zero_ranks=2)["zero_optimization"]["stage"] == 1
 
 
 @pytest.mark.parametrize(
@@ -61,7 +61,7 @@ def test_stage_offload_and_precision_follow_their_settings():
         (["parallel.pipeline=2", "deepspeed.zero_stage=2"], "parallel.pipeline=2 with deepspeed.zero_stage=2"),
         (["parallel.pipeline=2", "deepspeed.zero_stage=3"], "parallel.pipeline=2 with deepspeed.zero_stage=3"),
         (["parallel.tensor=2", "deepspeed.zero_stage=1"], "engine=deepspeed with parallel.tensor=2"),
-        (["parallel.context=2"], "engine=deepspeed with parallel.context=2"),
+        (["parallel.context=2", "deepspeed.zero_stage=3"], "parallel.context=2 with deepspeed.zero_stage=3"),
         (["model.num_experts=4", "parallel.expert=2"], "engine=deepspeed with parallel.expert=2"),
     ],
 )
@@ -72,6 +72,11 @@ def test_unsupported_mixes_are_refused_naming_the_pair(overrides, named):
 
 def test_the_same_layouts_stay_valid_for_the_megatron_engine():
     assert config("parallel.tensor=2", "parallel.pipeline=2", "deepspeed.zero_stage=3").engine == "megatron"
+
+
+def test_ulysses_context_parallelism_is_accepted_with_zero_1_and_2():
+    for stage in (1, 2):
+        assert config("engine=deepspeed", "parallel.context=2", f"deepspeed.zero_stage={stage}").parallel.context == 2
 
 
 @pytest.mark.parametrize(

@@ -98,6 +98,9 @@ def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
         if rank == 0:
             step = root / f"zero{stage}" / "step_00000003"
             weights[stage] = get_fp32_state_dict_from_zero_checkpoint(str(step), tag="deepspeed")
+    # DeepSpeed-Ulysses: both ranks split each pack's rows (one data rank with two micro-batches).
+    ulysses = ("engine=deepspeed", "deepspeed.zero_stage=2", "parallel.context=2", "optimizer.micro_batches_per_step=2")
+    _train(root, "ulysses", *ulysses)
     return {"weights": weights, "switched_loss": _switch_engines(root)}
 
 
@@ -224,3 +227,11 @@ def test_a_run_switched_to_deepspeed_continues_like_the_unswitched_one(runs):
     root, results, *_ = runs
     assert results["switched_loss"] == pytest.approx(history(root, "single")[2], rel=1e-5)
     assert results["switched_loss"] != pytest.approx(history(root, "single")[1], rel=1e-3)  # step 3, not 2
+
+
+@pytest.mark.multiprocess
+def test_deepspeed_ulysses_trains_like_one_process(runs):
+    """parallel.context=2 under engine=deepspeed: DistributedAttention exchanges each pack's rows."""
+    root, *_ = runs
+    for metric in ("loss", "grad_norm", "eval/loss"):
+        assert history(root, "ulysses", metric) == pytest.approx(history(root, "single", metric), rel=1e-5), metric
