@@ -2,13 +2,15 @@
 stops and resumes exactly, and never compiles a DeepSpeed op (docs/DESIGN.md, "The DeepSpeed engine").
 
 DeepSpeed's import is slow, so one ``run_on_ranks`` call runs every multi-process check in the same
-two ranks: the three ZeRO stages, ZeRO-2 stopped after step 2 and resumed."""
+two ranks: the three ZeRO stages (ZeRO-2 preempted and resumed), DeepSpeed-Ulysses, the engine
+switch."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -70,8 +72,33 @@ def _context() -> DistributedContext:
     return DistributedContext(rank, world, rank, torch.device("cpu"))
 
 
-def _train(root: Path, name: str, *extra: str) -> dict[str, float]:
-    return train_module.train(load_config(None, overrides(root, name, *extra)), _context())
+def _train(root: Path, name: str, *extra: str, status_file: str | None = None) -> dict[str, float]:
+    return train_module.train(load_config(None, overrides(root, name, *extra)), _context(), status_file)
+
+
+def _preempted_then_resumed(root: Path, name: str, *extra: str) -> list[str]:
+    """The run signalled (SIGUSR1, on rank 1 only) during step 2, then started again; the outcome
+    lines rank 0 wrote after each attempt."""
+    from megatron_cosmos3.training.batches import MicroBatches
+
+    status, outcomes = root / f"{name}.status", []
+    real = MicroBatches.get
+
+    def signalled_during_step_2(self, step, micro):
+        if step == 1 and torch.distributed.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(self, step, micro)
+
+    MicroBatches.get = signalled_during_step_2
+    try:
+        _train(root, name, *extra, status_file=str(status))
+    except train_module.Preempted:
+        outcomes.append(status.read_text() if torch.distributed.get_rank() == 0 else "")
+    finally:
+        MicroBatches.get = real
+    _train(root, name, *extra, status_file=str(status))
+    outcomes.append(status.read_text() if torch.distributed.get_rank() == 0 else "")
+    return outcomes
 
 
 def _switch_engines(root: Path) -> float:
@@ -86,22 +113,25 @@ def _switch_engines(root: Path) -> float:
 
 
 def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
-    """Every ZeRO stage for 3 steps, ZeRO-2 stopped after 2 steps and resumed to 3; rank 0 returns
-    each run's final weights read back from its DeepSpeed checkpoint."""
+    """Every ZeRO stage for 3 steps (ZeRO-2 preempted during step 2 and resumed), DeepSpeed-Ulysses
+    and the engine switch; rank 0 returns each stage's final weights read back from its DeepSpeed
+    checkpoint and the outcome lines of the preempted run."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    weights = {}
+    weights, outcomes = {}, []
     for stage in STAGES:
-        if stage == 2:  # stopped after step 2 (a resume at step 2 of a 3-step run), then resumed
-            _train(root, "zero2", "engine=deepspeed", "deepspeed.zero_stage=2", "steps=2")
-        _train(root, f"zero{stage}", "engine=deepspeed", f"deepspeed.zero_stage={stage}")
+        settings = ("engine=deepspeed", f"deepspeed.zero_stage={stage}")
+        if stage == 2:
+            outcomes = _preempted_then_resumed(root, "zero2", *settings)
+        else:
+            _train(root, f"zero{stage}", *settings)
         if rank == 0:
             step = root / f"zero{stage}" / "step_00000003"
             weights[stage] = get_fp32_state_dict_from_zero_checkpoint(str(step), tag="deepspeed")
     # DeepSpeed-Ulysses: both ranks split each pack's rows (one data rank with two micro-batches).
     ulysses = ("engine=deepspeed", "deepspeed.zero_stage=2", "parallel.context=2", "optimizer.micro_batches_per_step=2")
     _train(root, "ulysses", *ulysses)
-    return {"weights": weights, "switched_loss": _switch_engines(root)}
+    return {"weights": weights, "switched_loss": _switch_engines(root), "outcomes": outcomes}
 
 
 @pytest.fixture(scope="module")
@@ -166,10 +196,12 @@ def test_zero_stage_trains_like_one_process(runs, stage):
 
 
 @pytest.mark.multiprocess
-def test_stop_and_resume_equals_an_uninterrupted_run(runs):
-    """ZeRO-2 stopped after step 2 and resumed continues bit for bit as the uninterrupted ZeRO-1 run
+def test_preempted_and_resumed_equals_an_uninterrupted_run(runs):
+    """ZeRO-2 signalled on one rank during step 2 checkpoints step 2 on every rank and stops (the
+    outcome file says so); started again, it continues bit for bit as the uninterrupted ZeRO-1 run
     (the two stages sum the same two gradients: their runs are identical), in one MLflow run."""
-    root, *_ = runs
+    root, results, *_ = runs
+    assert results["outcomes"] == ["preempted 2 0\n", "finished 3 2\n"]
     resumed = loss_history(root / "mlflow.db", "zero2", EXPERIMENT)
     assert [step for step, _ in resumed] == [1, 2, 3]
     for metric in ("loss", "grad_norm"):
