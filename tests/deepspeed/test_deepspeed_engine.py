@@ -121,6 +121,8 @@ def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
     weights, outcomes = {}, []
     for stage in STAGES:
         settings = ("engine=deepspeed", f"deepspeed.zero_stage={stage}")
+        if stage == 3:  # with the optimizer state offloaded to host memory (torch's AdamW there too)
+            settings += ("deepspeed.offload_optimizer=true",)
         if stage == 2:
             outcomes = _preempted_then_resumed(root, "zero2", *settings)
         else:
@@ -223,6 +225,7 @@ def test_the_translated_config_is_saved_with_the_run(runs):
     root, *_ = runs
     saved = json.loads((root / "zero3" / "deepspeed_config.json").read_text())
     assert saved["zero_optimization"]["stage"] == 3
+    assert saved["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
     assert saved["train_batch_size"] == 2 and saved["gradient_accumulation_steps"] == 1
 
 
