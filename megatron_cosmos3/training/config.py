@@ -257,6 +257,14 @@ class TrainConfig:
             raise ValueError(f"checkpoint.directory={directory!r} exists and is not a directory")
         if self.stage.init_from and not os.path.exists(self.stage.init_from):
             raise ValueError(f"stage.init_from={self.stage.init_from!r} does not exist")
+        if self.engine == "deepspeed" and self.stage.init_from:
+            from megatron_cosmos3.checkpoint.weights_folder import is_weights_folder
+
+            if is_weights_folder(self.stage.init_from):  # its loader writes the module, not ZeRO's masters
+                raise ValueError(
+                    f"stage.init_from={self.stage.init_from!r} is a weights folder, which engine=deepspeed does not "
+                    "start from; start the stage with engine=megatron (its checkpoints switch to DeepSpeed)"
+                )
         if self.data_source == "shards":
             self.data.check_paths()
             if self.eval.every:

@@ -86,3 +86,14 @@ def test_ulysses_context_parallelism_is_accepted_with_zero_1_and_2():
 def test_bad_values_name_the_field(overrides, named):
     with pytest.raises(ValueError, match=named):
         config(*overrides)
+
+
+def test_a_weights_folder_start_is_refused_by_name_before_any_process_group(tmp_path):
+    from megatron_cosmos3.conversion.mot_folder import CONFIG_FILE
+
+    (tmp_path / CONFIG_FILE).write_text("{}")
+    train = config("engine=deepspeed", f"stage.init_from={tmp_path}", f"checkpoint.directory={tmp_path / 'run'}")
+    with pytest.raises(ValueError, match=r"stage\.init_from=.* is a weights folder, which engine=deepspeed"):
+        train.check_paths()
+    train.engine = "megatron"
+    train.check_paths()  # the Megatron-style engine starts from it
