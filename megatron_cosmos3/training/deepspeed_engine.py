@@ -8,7 +8,8 @@ answers the ``Checkpointer``'s calls: DeepSpeed's ``save_checkpoint``/``load_che
 weights and optimizer state, plus this project's per-rank RNG and loader state, committed in the same
 ``step_<N>`` folders, ``meta.json``, checksums and ``latest`` pointer.
 
-DeepSpeed is imported only here, and only when ``engine=deepspeed``.
+DeepSpeed is imported only when ``engine=deepspeed`` (here, in ``parallel/deepspeed_comm.py`` and
+for DeepSpeed-Ulysses in ``parallel/ulysses.py``).
 """
 
 from __future__ import annotations
@@ -177,9 +178,11 @@ class DeepSpeedPlan:
         mismatched buckets (a gloo size error, or silently mixed gradients). So the gradients are
         computed first (``torch.autograd.grad``, which fires no ZeRO hook; zeros for unused
         parameters) and handed to the engine by the backward of sum(p * g) in the model's parameter
-        order: exactly g for every p, in one order everywhere. ZeRO-3 sorts each bucket by
-        parameter id before reducing, and its parameters are not whole outside the forward, so
-        there the loss goes to the engine's backward as it is."""
+        order: exactly g for every p, in one order everywhere. ZeRO-3's parameters are not whole
+        outside the forward, so there the loss goes to the engine's backward as it is: DeepSpeed
+        sorts each bucket by parameter id, which keeps ranks in step while their packs reach the
+        same parameters (what tests/deepspeed covers); packs that reach different ones are the
+        Megatron-style engine's or ZeRO-1/2's."""
         if self.zero_stage == 3:
             self.engine.backward(loss, scale_wrt_gas=False)
             return
