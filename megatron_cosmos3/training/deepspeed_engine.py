@@ -157,6 +157,7 @@ class DeepSpeedPlan:
         len(micro_batches)`` through the engine (which accumulates; ``optimizer_step`` reduces)."""
         losses_of = {}
         for m, (batch, targets) in enumerate(micro_batches):
+            self._check_same_modules(batch)
             with torch.set_grad_enabled(not forward_only):
                 with forward_context():
                     if self.split is not None:  # this rank's rows; the loss is the whole micro-batch's
@@ -167,6 +168,25 @@ class DeepSpeedPlan:
                     self._backward(losses.total / len(micro_batches))
             losses_of[m] = losses
         return losses_of
+
+    def _check_same_modules(self, batch) -> None:
+        """Under ZeRO-3 each module's parameters are gathered from every rank as the forward enters
+        it, so every rank's micro-batch must reach the same stream projections (and the ViT); a
+        mismatch would be a collective of different sizes (a crash, or a hang under NCCL). Collective:
+        raises the same RuntimeError on every rank, naming each rank's streams."""
+        if self.zero_stage != 3 or self.world_size == 1:
+            return
+        streams = sorted(key for key, tokens in batch.dm_tokens.items() if tokens.shape[0] > 0)
+        if batch.vision_pixels is not None and batch.vision_pixels.shape[0] > 0:
+            streams.append("vision")
+        everyone = [None] * self.world_size
+        dist.all_gather_object(everyone, streams)
+        if any(ranks != everyone[0] for ranks in everyone):
+            raise RuntimeError(
+                "deepspeed.zero_stage=3 needs every rank's micro-batch to reach the same stream projections, but the "
+                f"ranks' packs hold {dict(enumerate(everyone))}; use deepspeed.zero_stage 1 or 2 for this data "
+                "(docs/DESIGN.md, \"The DeepSpeed engine\")"
+            )
 
     def _backward(self, loss: torch.Tensor) -> None:
         """``loss``'s gradients into the engine, reaching ZeRO's reduction in the same parameter order

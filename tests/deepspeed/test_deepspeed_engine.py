@@ -133,7 +133,22 @@ def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
     # DeepSpeed-Ulysses: both ranks split each pack's rows (one data rank with two micro-batches).
     ulysses = ("engine=deepspeed", "deepspeed.zero_stage=2", "parallel.context=2", "optimizer.micro_batches_per_step=2")
     _train(root, "ulysses", *ulysses)
-    return {"weights": weights, "switched_loss": _switch_engines(root), "outcomes": outcomes}
+    return {
+        "weights": weights,
+        "switched_loss": _switch_engines(root),
+        "outcomes": outcomes,
+        "zero3_mixed_packs": _zero3_with_packs_of_different_streams(root),
+    }
+
+
+def _zero3_with_packs_of_different_streams(root: Path) -> str:
+    """ZeRO-3 where the two ranks' first packs hold different streams: the error, on every rank."""
+    every_task = "synthetic.tasks=[understanding,text_to_video,image_to_video,video_to_audio,forward_dynamics,policy]"
+    try:
+        _train(root, "zero3-mixed", "engine=deepspeed", "deepspeed.zero_stage=3", every_task, "stage.freeze=[]")
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +285,14 @@ def test_deepspeed_ulysses_trains_like_one_process(runs):
     root, *_ = runs
     for metric in ("loss", "grad_norm", "eval/loss"):
         assert history(root, "ulysses", metric) == pytest.approx(history(root, "single", metric), rel=1e-5), metric
+
+
+@pytest.mark.multiprocess
+def test_zero3_refuses_packs_that_reach_different_modules_by_name(runs):
+    """Under ZeRO-3 the forward gathers each module's parameters from every rank: ranks whose packs
+    reach different stream projections get a clear error (on every rank) instead of a mismatched
+    collective."""
+    _, results, *_ = runs
+    message = results["zero3_mixed_packs"]
+    assert message.startswith("deepspeed.zero_stage=3 needs every rank's micro-batch to reach the same stream")
+    assert "'audio'" in message and "use deepspeed.zero_stage 1 or 2" in message
