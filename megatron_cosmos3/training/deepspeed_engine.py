@@ -27,7 +27,6 @@ from torch import nn
 from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, _PendingSave, load_state, read_meta
 from megatron_cosmos3.checkpoint.safe_reader import (
     RANK_MANIFEST_SUFFIX,
-    CheckpointCorruptError,
     file_record,
     verify_checkpoint,
 )

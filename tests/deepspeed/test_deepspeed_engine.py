@@ -158,7 +158,8 @@ def runs(tmp_path_factory):
     holds a stale build lock of every op: a build attempted anywhere would wait on it forever."""
     root = tmp_path_factory.mktemp("deepspeed")
     # Saved at step 2 too: the engine switch starts there.
-    config = load_config(None, overrides(root, "single", "optimizer.micro_batches_per_step=2", "checkpoint.save_every=2"))
+    single = overrides(root, "single", "optimizer.micro_batches_per_step=2", "checkpoint.save_every=2")
+    config = load_config(None, single)
     train_module.train(config, DistributedContext(0, 1, 0, torch.device("cpu")))
     extensions = root / "torch_extensions"
     for op in ("deepspeed_shm_comm", "cpu_adam", "fused_adam"):
