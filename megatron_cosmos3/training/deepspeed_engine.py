@@ -220,6 +220,12 @@ class DeepSpeedPlan:
         dist.all_reduce(failed)
         return not bool(failed.item())
 
+    def weights_written(self) -> None:
+        """The model's parameters were written in place (a weights folder, ZeRO-1/2: every rank holds
+        them whole): ZeRO's fp32 master copies are refreshed from them, or the first step would
+        undo the load."""
+        self.engine.optimizer.refresh_fp32_params()
+
     def optimizer_step(self, optimizer, max_norm: float, finite: bool) -> tuple[torch.Tensor, bool]:
         """The engine's step: reduces (ZeRO) the accumulated gradients, clips them to the configured
         norm (``max_norm``, the same value) and updates, unless a gradient is not finite (DeepSpeed

@@ -88,12 +88,12 @@ def test_bad_values_name_the_field(overrides, named):
         config(*overrides)
 
 
-def test_a_weights_folder_start_is_refused_by_name_before_any_process_group(tmp_path):
+def test_a_weights_folder_start_under_zero3_is_refused_by_name_before_any_process_group(tmp_path):
     from megatron_cosmos3.conversion.mot_folder import CONFIG_FILE
 
     (tmp_path / CONFIG_FILE).write_text("{}")
-    train = config("engine=deepspeed", f"stage.init_from={tmp_path}", f"checkpoint.directory={tmp_path / 'run'}")
-    with pytest.raises(ValueError, match=r"stage\.init_from=.* is a weights folder, which engine=deepspeed"):
+    paths = (f"stage.init_from={tmp_path}", f"checkpoint.directory={tmp_path / 'run'}")
+    train = config("engine=deepspeed", "deepspeed.zero_stage=3", *paths)
+    with pytest.raises(ValueError, match=r"stage\.init_from=.* is a weights folder, which engine=deepspeed with "):
         train.check_paths()
-    train.engine = "megatron"
-    train.check_paths()  # the Megatron-style engine starts from it
+    config("engine=deepspeed", "deepspeed.zero_stage=2", *paths).check_paths()  # ZeRO-1/2 start from it

@@ -130,6 +130,8 @@ def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
         if rank == 0:
             step = root / f"zero{stage}" / "step_00000003"
             weights[stage] = get_fp32_state_dict_from_zero_checkpoint(str(step), tag="deepspeed")
+    # A stage started from a weights folder (ZeRO's fp32 masters follow the loaded weights).
+    _train(root, "zero2-from-weights", "engine=deepspeed", "deepspeed.zero_stage=2", *from_weights(root))
     # DeepSpeed-Ulysses: both ranks split each pack's rows (one data rank with two micro-batches).
     ulysses = ("engine=deepspeed", "deepspeed.zero_stage=2", "parallel.context=2", "optimizer.micro_batches_per_step=2")
     _train(root, "ulysses", *ulysses)
@@ -161,6 +163,9 @@ def runs(tmp_path_factory):
     single = overrides(root, "single", "optimizer.micro_batches_per_step=2", "checkpoint.save_every=2")
     config = load_config(None, single)
     train_module.train(config, DistributedContext(0, 1, 0, torch.device("cpu")))
+    _write_weights_folder(root / "weights")
+    reference = overrides(root, "single-from-weights", "optimizer.micro_batches_per_step=2", *from_weights(root))
+    train_module.train(load_config(None, reference), DistributedContext(0, 1, 0, torch.device("cpu")))
     extensions = root / "torch_extensions"
     for op in ("deepspeed_shm_comm", "cpu_adam", "fused_adam"):
         (extensions / op).mkdir(parents=True)
@@ -177,6 +182,26 @@ def runs(tmp_path_factory):
             os.environ["TORCH_EXTENSIONS_DIR"] = old
     after = sorted(str(p.relative_to(extensions)) for p in extensions.rglob("*"))
     return root, results, before, after
+
+
+def from_weights(root: Path) -> tuple[str, ...]:
+    """The overrides of a 2-step stage started from the weights folder."""
+    return (f"stage.init_from={root / 'weights'}", "steps=2")
+
+
+def _write_weights_folder(folder: Path) -> None:
+    """The tiny model with weights other than the seed's, as a weights folder (what an import writes)."""
+    from megatron_cosmos3.conversion.mot_folder import save_mot_folder
+
+    with torch.device("meta"):
+        model = MoTModel(load_config(None, COMMON).model)
+    model.materialize(torch.device("cpu"))
+    model.reset_parameters()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=g), alpha=0.05)
+    save_mot_folder(model, None, folder)
 
 
 def _weights(root: Path, checkpoint: str | None = None) -> dict[str, torch.Tensor]:
@@ -297,3 +322,11 @@ def test_zero3_refuses_packs_that_reach_different_modules_by_name(runs):
     message = results["zero3_mixed_packs"]
     assert message.startswith("deepspeed.zero_stage=3 needs every rank's micro-batch to reach the same stream")
     assert "'audio'" in message and "use deepspeed.zero_stage 1 or 2" in message
+
+
+@pytest.mark.multiprocess
+def test_a_stage_starts_from_a_weights_folder_like_one_process(runs):
+    root, *_ = runs
+    want = history(root, "single-from-weights")
+    assert history(root, "zero2-from-weights") == pytest.approx(want, rel=1e-5)
+    assert want[0] != pytest.approx(history(root, "single")[0], rel=1e-3)  # the folder's weights, not the seed's
