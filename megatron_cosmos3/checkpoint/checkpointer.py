@@ -179,12 +179,7 @@ class Checkpointer:
         ``per_rank`` entries are stored under this rank's number (RNG state); ``named`` ones under
         the caller's own keys, which must be unique across ranks (a data rank's loader position,
         written by the one rank that reads for it), so another layout can find them."""
-        self.wait()
-        staging = self.root / f".step_{step:08d}.partial"
-        if self.rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        self._barrier()
+        staging = self._new_staging(step)
         state = {
             **model_entries(model, self.meshes),
             **optimizer_entries(optimizer, model, self.meshes),
@@ -198,6 +193,16 @@ class Checkpointer:
         else:
             dcp.save(state, storage_writer=writer, process_group=self.group)
             self._commit(_PendingSave(None, step, staging, meta))
+
+    def _new_staging(self, step: int) -> Path:
+        """Collective: waits for the save in flight, then an empty ``.step_<N>.partial`` folder."""
+        self.wait()
+        staging = self.root / f".step_{step:08d}.partial"
+        if self.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self._barrier()
+        return staging
 
     def poll(self) -> Path | None:
         """Commits a finished background save; returns its folder, or None if none finished."""

@@ -48,7 +48,7 @@ from megatron_cosmos3.model.mot import MoTModel, MoTOutput, RankRows
 from megatron_cosmos3.model.packed_batch import PackedBatch
 from megatron_cosmos3.objectives.losses import LossBreakdown, LossFunction, loss_breakdown
 from megatron_cosmos3.parallel.state import ParallelGroups
-from megatron_cosmos3.parallel.ulysses import ContextParallelAttention
+from megatron_cosmos3.parallel.ulysses import ContextParallelAttention, DeepSpeedUlyssesAttention
 
 
 @dataclass
@@ -179,6 +179,9 @@ class SequenceSplit:
     group: dist.ProcessGroup
     context: dist.ProcessGroup | None = None
     sequence_parallel: bool = False
+    # The Ulysses exchange through DeepSpeed's DistributedAttention (``DeepSpeedUlyssesAttention``)
+    # instead of this package's all-to-all; the same rows, layout and results.
+    deepspeed_ulysses: bool = False
 
     @property
     def context_size(self) -> int:
@@ -189,7 +192,10 @@ class SequenceSplit:
         size, rank, cp = dist.get_world_size(self.group), dist.get_rank(self.group), self.context_size
         shard = shard_pack(batch, rank, size)
         local = shard.batch
-        attention = ContextParallelAttention(inner, self.context) if self.context is not None else inner
+        attention = inner
+        if self.context is not None:
+            exchange = DeepSpeedUlyssesAttention if self.deepspeed_ulysses else ContextParallelAttention
+            attention = exchange(inner, self.context)
         if self.sequence_parallel:  # q/k and MoE inputs: this rank's context chunk (gathered over TP)
             chunk = rank // (size // cp)
             ar_rows, ar_pad = _part_rows(batch.num_ar_tokens, chunk, cp, size)

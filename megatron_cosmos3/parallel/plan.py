@@ -207,6 +207,20 @@ class ParallelPlan:
         counted = self.stages.norm_parameters() if self.stages is not None else None
         return clip_grad_norm(self.state_owner.parameters(), max_norm, self.groups, counted)
 
+    def weights_written(self) -> None:
+        """Told that the model's parameters were written in place (a stage starting from a weights
+        folder); the optimizer reads them as they are, so nothing follows here."""
+
+    def optimizer_step(self, optimizer, max_norm: float, finite: bool) -> tuple[torch.Tensor, bool]:
+        """Completes and clips the gradients (``finish_gradients``) and steps ``optimizer`` when the
+        loss was ``finite`` on every rank and so is the norm; returns (norm before clipping, whether
+        it stepped). Every rank sees the same norm and flag, so every rank skips together."""
+        norm = self.finish_gradients(max_norm)
+        stepped = finite and bool(torch.isfinite(norm))
+        if stepped:
+            optimizer.step()
+        return norm, stepped
+
     def close(self) -> None:
         if self.reducer is not None:
             self.reducer.close()

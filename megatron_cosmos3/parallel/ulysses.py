@@ -76,3 +76,51 @@ class ContextParallelAttention(AttentionBackend):
         k_ar, v_ar = sequence_to_heads([k_ar, v_ar], self.group)
         q_dm, k_dm, v_dm = sequence_to_heads([q_dm, k_dm, v_dm], self.group)
         return heads_to_sequence(self.inner.dm_attention(q_dm, k_ar, v_ar, k_dm, v_dm, layout), self.group)
+
+
+class DeepSpeedUlyssesAttention(AttentionBackend):
+    """The same exchange through DeepSpeed-Ulysses itself: ``deepspeed.sequence.layer.
+    DistributedAttention`` around the inner backend (a drop-in for ``ContextParallelAttention``).
+
+    DeepSpeed exchanges one (query, key, value) triple, laid out (sequence, batch, heads, d). The AR
+    call is one triple of AR tensors only, so DM keys and values never reach the AR attention pool.
+    The DM call sends the keys and values as [this rank's AR chunk, its DM chunk]; after the
+    exchange the local attention takes the streams apart again (every rank's chunks of a stream have
+    the same length) and calls the inner ``dm_attention`` on the whole pack's layout.
+    """
+
+    name = "deepspeed_ulysses"
+
+    def __init__(self, inner: AttentionBackend, group: dist.ProcessGroup):
+        from deepspeed.sequence.layer import DistributedAttention
+
+        from megatron_cosmos3.parallel.deepspeed_comm import start_deepspeed_comm
+
+        start_deepspeed_comm()
+        self.inner = inner
+        self.size = dist.get_world_size(group)
+        # (sequence, batch=1, heads, d): heads scattered (2), sequence gathered (0).
+        self._ar = DistributedAttention(self._ar_local, group, scatter_idx=2, gather_idx=0)
+        self._dm = DistributedAttention(self._dm_local, group, scatter_idx=2, gather_idx=0)
+
+    def _ar_local(self, q, k, v, layout: PackLayout) -> torch.Tensor:
+        return self.inner.ar_attention(q[:, 0], k[:, 0], v[:, 0], layout).unsqueeze(1)
+
+    def _dm_local(self, q, keys, values, num_ar_local: int, layout: PackLayout) -> torch.Tensor:
+        def streams(x):  # [AR_0, DM_0, AR_1, DM_1, ...] by rank -> (whole AR stream, whole DM stream)
+            blocks = x[:, 0].unflatten(0, (self.size, -1))
+            return blocks[:, :num_ar_local].flatten(0, 1), blocks[:, num_ar_local:].flatten(0, 1)
+
+        (k_ar, k_dm), (v_ar, v_dm) = streams(keys), streams(values)
+        return self.inner.dm_attention(q[:, 0], k_ar, v_ar, k_dm, v_dm, layout).unsqueeze(1)
+
+    def ar_attention(self, q_ar, k_ar, v_ar, layout: PackLayout) -> torch.Tensor:
+        batch_dim = 1
+        out = self._ar(q_ar.unsqueeze(1), k_ar.unsqueeze(1), v_ar.unsqueeze(1), batch_dim, None, layout)
+        return out[:, 0]
+
+    def dm_attention(self, q_dm, k_ar, v_ar, k_dm, v_dm, layout: PackLayout) -> torch.Tensor:
+        keys = torch.cat([k_ar, k_dm]).unsqueeze(1)
+        values = torch.cat([v_ar, v_dm]).unsqueeze(1)
+        out = self._dm(q_dm.unsqueeze(1), keys, values, 1, None, k_ar.shape[0], layout)
+        return out[:, 0]

@@ -18,6 +18,7 @@ from megatron_cosmos3.eval_suite.config import SuiteConfig
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
 from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig
 from megatron_cosmos3.parallel.sizes import ParallelSizes
+from megatron_cosmos3.training.deepspeed_config import DeepSpeedConfig, check_engine_mix
 
 SCHEDULES = ("cosine", "wsd", "constant")
 
@@ -205,6 +206,10 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelSizes = field(default_factory=ParallelSizes)
+    # Who shards and steps the model: "megatron" (parallel/plan.py: TP/PP/CP/EP/DP, ZeRO-1) or
+    # "deepspeed" (training/deepspeed_engine.py: ZeRO-1/2/3 over the data ranks, ``deepspeed``).
+    engine: str = "megatron"
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     stage: StageConfig = field(default_factory=StageConfig)
     precision: str = "fp32"  # or "bf16": bf16 compute, fp32 main weights
@@ -230,6 +235,7 @@ class TrainConfig:
             raise ValueError(f"precision={self.precision!r} is not one of ('fp32', 'bf16')")
         if self.recompute not in ("none", "selective", "full"):
             raise ValueError(f"recompute={self.recompute!r} is not one of ('none', 'selective', 'full')")
+        check_engine_mix(self.engine, self.parallel, self.deepspeed)
         clash = sorted(set(self.stage.new_embodiments) & set(self.model.embodiments))
         if clash:
             raise ValueError(f"stage.new_embodiments {clash} are already model.embodiments")
@@ -256,6 +262,15 @@ class TrainConfig:
             raise ValueError(f"checkpoint.directory={directory!r} exists and is not a directory")
         if self.stage.init_from and not os.path.exists(self.stage.init_from):
             raise ValueError(f"stage.init_from={self.stage.init_from!r} does not exist")
+        if self.engine == "deepspeed" and self.deepspeed.zero_stage == 3 and self.stage.init_from:
+            from megatron_cosmos3.checkpoint.weights_folder import is_weights_folder
+
+            if is_weights_folder(self.stage.init_from):  # its loader fills whole parameters, ZeRO-3's are split
+                raise ValueError(
+                    f"stage.init_from={self.stage.init_from!r} is a weights folder, which engine=deepspeed with "
+                    "deepspeed.zero_stage=3 does not start from; start the stage with zero_stage 1 or 2 (or "
+                    "engine=megatron)"
+                )
         if self.data_source == "shards":
             self.data.check_paths()
             if self.eval.every:

@@ -118,7 +118,7 @@ class Run:
 
     config: TrainConfig
     ctx: DistributedContext
-    plan: ParallelPlan  # this rank's layout and driver: the only owner of parallel state
+    plan: ParallelPlan  # this rank's layout and driver (or the DeepSpeedPlan): the only owner of parallel state
     model: MoTModel
     optimizer: object
     checkpointer: Checkpointer
@@ -145,8 +145,32 @@ def build_model(config: TrainConfig, plan: ParallelPlan, device: torch.device) -
     return model
 
 
+def build_plan(config: TrainConfig, ctx: DistributedContext):
+    """The engine's plan: ``ParallelPlan`` (Megatron-style layouts) or, with ``engine=deepspeed``,
+    ``DeepSpeedPlan`` (ZeRO; ``training/deepspeed_engine.py``), which answers the same calls."""
+    if config.engine == "deepspeed":
+        from megatron_cosmos3.training.deepspeed_engine import DeepSpeedPlan
+
+        return DeepSpeedPlan.create(config, ctx.world_size)
+    return ParallelPlan.create(config.parallel, config.model, ctx.world_size)
+
+
+def build_checkpointer(config: TrainConfig, ctx: DistributedContext, plan) -> Checkpointer:
+    if config.engine == "deepspeed":
+        from megatron_cosmos3.training.deepspeed_engine import DeepSpeedCheckpointer
+
+        return DeepSpeedCheckpointer(config.checkpoint.directory, config.checkpoint.keep_last, plan)
+    return Checkpointer(
+        config.checkpoint.directory,
+        config.checkpoint.keep_last,
+        plan.groups,
+        config.checkpoint.async_save,
+        ctx.device.type,
+    )
+
+
 def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
-    plan = ParallelPlan.create(config.parallel, config.model, ctx.world_size)
+    plan = build_plan(config, ctx)
     model = build_model(config, plan, ctx.device)
     for layer in model.layers:
         layer.set_recompute(config.recompute)
@@ -159,13 +183,7 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
     optimizer = plan.build_optimizer(
         param_groups, opt.lr, tuple(opt.betas), opt.weight_decay, opt.shard_optimizer_state
     )
-    checkpointer = Checkpointer(
-        config.checkpoint.directory,
-        config.checkpoint.keep_last,
-        plan.groups,
-        config.checkpoint.async_save,
-        ctx.device.type,
-    )
+    checkpointer = build_checkpointer(config, ctx, plan)
     if config.eval.every:
         held_out_share(config, plan.data_size)  # before any step, not at the first evaluation
     wants_samples = config.tracking.enabled and config.tracking.generation_samples
@@ -200,6 +218,7 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
         new = tuple(f"dm_streams.action_{d}.{name}." for name in config.stage.new_embodiments for d in ("in", "out"))
         if is_weights_folder(source):  # e.g. Qwen3-VL imported by `python -m megatron_cosmos3.conversion import`
             load_weights_folder(source, run.plan.state_owner, config.model, run.plan.groups, allow_missing=new)
+            run.plan.weights_written()
         else:
             source = latest_checkpoint(source) or source
             run.checkpointer.load(source, run.plan.state_owner, optimizer=None, allow_missing=new)
@@ -414,9 +433,8 @@ def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) 
         run.optimizer.zero_grad(set_to_none=True)
         finite = forward_backward_step(run, step, window)
         started = time.perf_counter()
-        grad_norm = run.plan.finish_gradients(opt.grad_clip)
-        if finite and torch.isfinite(grad_norm):
-            run.optimizer.step()
+        grad_norm, stepped = run.plan.optimizer_step(run.optimizer, opt.grad_clip, finite)
+        if stepped:
             nonfinite_in_a_row = 0
         else:  # every rank sees the same all-reduced norm, so every rank skips together
             nonfinite_in_a_row += 1

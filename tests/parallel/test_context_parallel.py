@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import importlib.util
 
 import pytest
 import torch
@@ -52,7 +53,7 @@ def step_pack(step):
     return noised(random_pack(CONFIG, g, num_samples=4), g)
 
 
-def _cp_matches_one_process(rank, world_size, dtype, backend, steps):
+def _cp_matches_one_process(rank, world_size, dtype, backend, steps, deepspeed_ulysses=False):
     import torch.distributed as dist
 
     from megatron_cosmos3.parallel.context_parallel import SequenceSplit, split_losses
@@ -70,7 +71,8 @@ def _cp_matches_one_process(rank, world_size, dtype, backend, steps):
             m.zero_grad(set_to_none=True)
         want = mot_losses(reference, batch, targets)
         want.total.backward()
-        got = split_losses(model, batch, targets, SequenceSplit(context, context=context))
+        split = SequenceSplit(context, context=context, deepspeed_ulysses=deepspeed_ulysses)
+        got = split_losses(model, batch, targets, split)
         got.total.backward()
         reduce_replicated_gradients(model.parameters(), context)
         return want, got
@@ -139,7 +141,7 @@ def changed_dm_inputs(batch, g):
     )
 
 
-def _ar_outputs_under_cp(rank, world_size):
+def _ar_outputs_under_cp(rank, world_size, deepspeed_ulysses=False):
     import torch.distributed as dist
 
     from megatron_cosmos3.objectives.losses import cross_entropy_per_token
@@ -154,7 +156,8 @@ def _ar_outputs_under_cp(rank, world_size):
         outputs = []
         with torch.no_grad():
             for b in (batch, changed):
-                output, shard = split_forward(model, b, SequenceSplit(dist.group.WORLD, context=dist.group.WORLD))
+                split = SequenceSplit(dist.group.WORLD, context=dist.group.WORLD, deepspeed_ulysses=deepspeed_ulysses)
+                output, shard = split_forward(model, b, split)
                 outputs.append((output.ar_hidden, cross_entropy_per_token(output, shard.batch)[0], output.dm_hidden))
         (hidden, ce, dm), (changed_hidden, changed_ce, changed_dm) = outputs
         results.append(
@@ -165,13 +168,51 @@ def _ar_outputs_under_cp(rank, world_size):
 
 @pytest.mark.multiprocess
 def test_changing_dm_inputs_changes_no_ar_output_bit_for_bit_under_cp2():
-    reports = run_on_ranks(_ar_outputs_under_cp, 2)
+    check_ar_blindness(run_on_ranks(_ar_outputs_under_cp, 2))
+
+
+def check_ar_blindness(reports):
     for rank_results in reports:
         for name, same_hidden, same_ce, _ in rank_results:
             assert same_hidden and same_ce, name
     # The control: the DM side saw the change (on some rank), so the comparison above is not vacuous.
     for i, (name, *_rest) in enumerate(reports[0]):
         assert any(rank_results[i][3] for rank_results in reports), name
+
+
+def _under_deepspeed_ulysses(rank, world_size):
+    """Both checks above with DeepSpeed's DistributedAttention doing the exchange (one start of the
+    ranks: DeepSpeed's import is slow), and the exchange those splits use."""
+    import torch.distributed as dist
+
+    from megatron_cosmos3.model.attention import attention_backend
+    from megatron_cosmos3.parallel.context_parallel import SequenceSplit
+
+    split = SequenceSplit(dist.group.WORLD, context=dist.group.WORLD, deepspeed_ulysses=True)
+    rows, _ = split.rows(step_pack(0)[0], attention_backend("dense"))
+    return (
+        _cp_matches_one_process(rank, world_size, torch.float64, "dense", 1, deepspeed_ulysses=True),
+        _ar_outputs_under_cp(rank, world_size, deepspeed_ulysses=True),
+        type(rows.attention).__name__,
+    )
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_deepspeed_ulysses_matches_one_process_and_keeps_the_reasoner_blind():
+    """DeepSpeed-Ulysses around the varlen attention on 2 ranks: packs of several samples (and the
+    edge cases) give the one-process loss and gradients, fp64 exactly, and an AdamW step; changing
+    every DM input changes no AR output."""
+    reports = run_on_ranks(_under_deepspeed_ulysses, 2)
+    assert {exchange for *_, exchange in reports} == {"DeepSpeedUlyssesAttention"}
+    for name in reports[0][0]["packs"]:
+        for report, *_ in reports:
+            want, got = report["packs"][name]["loss"]
+            assert got == pytest.approx(want, rel=TOLERANCE[torch.float64]), name
+            assert worst(report["packs"][name]["grad"])[1] <= TOLERANCE[torch.float64], name
+    for report, *_ in reports:
+        assert worst(report["steps"][0]["data"])[1] <= STEP_TOLERANCE[torch.float64]
+    check_ar_blindness([blindness for _, blindness, _ in reports])
 
 
 def _cp_times_dp_matches_one_process(rank, world_size, steps):

@@ -1,0 +1,491 @@
+"""DeepSpeed as the second engine: ZeRO-1/2/3 over the data ranks behind the parallel plan's
+interface, so the one training loop drives either engine (docs/DESIGN.md, "The DeepSpeed engine").
+
+``DeepSpeedPlan`` answers the calls the loop makes of a ``ParallelPlan`` (``allocate``, ``apply``,
+``build_optimizer``, ``run``, ``optimizer_step``, ``everywhere``, who is who); the DeepSpeed engine
+does the gradient reduction, clipping and the (sharded) AdamW step. ``DeepSpeedCheckpointer``
+answers the ``Checkpointer``'s calls: DeepSpeed's ``save_checkpoint``/``load_checkpoint`` for the
+weights and optimizer state, plus this project's per-rank RNG and loader state, committed in the same
+``step_<N>`` folders, ``meta.json``, checksums and ``latest`` pointer.
+
+DeepSpeed is imported only when ``engine=deepspeed`` (here, in ``parallel/deepspeed_comm.py`` and
+for DeepSpeed-Ulysses in ``parallel/ulysses.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, _PendingSave, load_state, read_meta
+from megatron_cosmos3.checkpoint.safe_reader import (
+    RANK_MANIFEST_SUFFIX,
+    file_record,
+    verify_checkpoint,
+)
+from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes
+from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.objectives.losses import LossBreakdown, LossFunction, model_losses
+from megatron_cosmos3.parallel.context_parallel import split_losses
+from megatron_cosmos3.parallel.deepspeed_comm import start_deepspeed_comm
+from megatron_cosmos3.training.config import TrainConfig
+from megatron_cosmos3.training.deepspeed_config import deepspeed_config
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "deepspeed_config.json"  # the translated config, beside config.yaml in the run folder
+ENGINE_TAG = "deepspeed"  # DeepSpeed's own files live in step_<N>/deepspeed/
+TRAINER_STATE = "trainer_state_rank{rank}.pt"  # this project's per-rank state: RNG and loader position
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def is_deepspeed_checkpoint(path: str | Path) -> bool:
+    """Whether the checkpoint folder ``path`` was written by ``engine=deepspeed``."""
+    return (Path(path) / ENGINE_TAG).is_dir()
+
+
+class DeepSpeedPlan:
+    """The DeepSpeed engine behind the parallel plan's interface (see the module docstring).
+
+    Every rank holds the whole model (sharded by ZeRO inside DeepSpeed). Without context
+    parallelism every rank is a data rank reading its own packs and there are no megatron-core
+    groups (``groups`` is None); with ``parallel.context`` > 1 the context ranks of a data rank share
+    its packs and split each one's rows, DeepSpeed-Ulysses exchanging them around the attention
+    (``parallel/ulysses.py``, ``DeepSpeedUlyssesAttention``); ZeRO then shards over every rank,
+    which averages the gradients over data x context as the context split expects."""
+
+    def __init__(self, config: TrainConfig, world_size: int, groups=None):
+        self.config = config
+        self.world_size = world_size
+        self.groups = groups  # megatron-core's groups when parallel.context > 1
+        self.split = None
+        if groups is not None:
+            from megatron_cosmos3.parallel.context_parallel import SequenceSplit
+
+            self.split = SequenceSplit(groups.context, context=groups.context, deepspeed_ulysses=True)
+        self.model: MoTModel | None = None
+        self.engine = None  # deepspeed.DeepSpeedEngine, from build_optimizer
+        self.ds_config: dict | None = None
+
+    @classmethod
+    def create(cls, config: TrainConfig, world_size: int) -> DeepSpeedPlan:
+        """Collective: with context parallelism, creates the groups (megatron-core's parallel state)."""
+        if config.parallel.context == 1 or world_size == 1:
+            return cls(config, world_size)
+        from megatron_cosmos3.parallel.state import initialize_parallel
+
+        return cls(config, world_size, initialize_parallel(config.parallel, config.model, config.model.num_experts))
+
+    @property
+    def data_rank(self) -> int:
+        if self.groups is not None:
+            return self.groups.data_rank
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def data_size(self) -> int:
+        return self.groups.data_size if self.groups is not None else self.world_size
+
+    @property
+    def data_share(self) -> tuple | None:
+        """(group, reader rank) of the context ranks that train on this data rank's packs."""
+        return (self.groups.same_data, self.groups.data_reader) if self.groups is not None else None
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.config.parallel.context if self.groups is not None else 1
+
+    @property
+    def state_owner(self) -> nn.Module:
+        """The model itself (DeepSpeed wraps it; under ZeRO-3 its parameters are partitioned)."""
+        return self.model
+
+    @property
+    def zero_stage(self) -> int:
+        return self.config.deepspeed.zero_stage
+
+    def allocate(self, model: MoTModel, device: torch.device) -> None:
+        """Every rank materialises the whole model; DeepSpeed partitions it in ``build_optimizer``."""
+        model.materialize(device)
+        model.reset_parameters()
+
+    def apply(self, model: MoTModel, trainable) -> list[dict]:
+        self.model = model
+        return trainable(model)
+
+    def build_optimizer(self, param_groups: list[dict], *_ignored) -> object:
+        """Starts the DeepSpeed engine over ``param_groups`` and returns its (ZeRO) optimizer. The
+        learning rate, betas and weight decay come from the translated config (``deepspeed_config``),
+        made from the same ``optimizer`` section the positional arguments repeat."""
+        start_deepspeed_comm()
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.ds_config = deepspeed_config(self.config, self.world_size)
+        self.engine, optimizer, _, _ = deepspeed.initialize(
+            model=self.model, model_parameters=param_groups, config=self.ds_config, dist_init_required=False
+        )
+        if self.data_rank == 0:  # saved with the run on every attempt, beside config.yaml
+            path = self.write_config(self.config.checkpoint.directory)
+            log.info("engine=deepspeed (ZeRO-%d): translated config in %s", self.zero_stage, path)
+        return optimizer
+
+    def write_config(self, folder: str | Path) -> Path:
+        """Writes the translated DeepSpeed config into ``folder`` (rank 0 calls it); returns the file."""
+        path = Path(folder) / CONFIG_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.ds_config, indent=2, sort_keys=True) + "\n")
+        return path
+
+    # -- the driver -----------------------------------------------------------------------------
+    def run(
+        self,
+        micro_batches: Sequence,
+        loss_fn: LossFunction,
+        forward_only: bool = False,
+        forward_context=contextlib.nullcontext,
+    ) -> dict[int, LossBreakdown]:
+        """As ``ParallelPlan.run``: every micro-batch's losses, and the backward of ``total /
+        len(micro_batches)`` through the engine (which accumulates; ``optimizer_step`` reduces)."""
+        losses_of = {}
+        for m, (batch, targets) in enumerate(micro_batches):
+            self._check_same_modules(batch)
+            with torch.set_grad_enabled(not forward_only):
+                with forward_context():
+                    if self.split is not None:  # this rank's rows; the loss is the whole micro-batch's
+                        losses = split_losses(self.model, batch, targets, self.split, loss_fn)
+                    else:
+                        losses = model_losses(self.engine, batch, targets, loss_fn)
+                if not forward_only:
+                    self._backward(losses.total / len(micro_batches))
+            losses_of[m] = losses
+        return losses_of
+
+    def _check_same_modules(self, batch) -> None:
+        """Under ZeRO-3 each module's parameters are gathered from every rank as the forward enters
+        it, so every rank's micro-batch must reach the same stream projections (and the ViT); a
+        mismatch would be a collective of different sizes (a crash, or a hang under NCCL). Collective:
+        raises the same RuntimeError on every rank, naming each rank's streams."""
+        if self.zero_stage != 3 or self.world_size == 1:
+            return
+        streams = sorted(key for key, tokens in batch.dm_tokens.items() if tokens.shape[0] > 0)
+        if batch.vision_pixels is not None and batch.vision_pixels.shape[0] > 0:
+            streams.append("vision")
+        everyone = [None] * self.world_size
+        dist.all_gather_object(everyone, streams)
+        if any(ranks != everyone[0] for ranks in everyone):
+            raise RuntimeError(
+                "deepspeed.zero_stage=3 needs every rank's micro-batch to reach the same stream projections, but the "
+                f"ranks' packs hold {dict(enumerate(everyone))}; use deepspeed.zero_stage 1 or 2 for this data "
+                "(docs/DESIGN.md, \"The DeepSpeed engine\")"
+            )
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """``loss``'s gradients into the engine, reaching ZeRO's reduction in the same parameter order
+        on every rank.
+
+        ZeRO-1/2 reduce gradients in buckets filled in the order the backward produces them, and
+        that order (and which parameters get one at all) depends on the pack: a pack without audio
+        never reaches the audio projections. Ranks with different packs would then all-reduce
+        mismatched buckets (a gloo size error, or silently mixed gradients). So the gradients are
+        computed first (``torch.autograd.grad``, which fires no ZeRO hook; zeros for unused
+        parameters) and handed to the engine by the backward of sum(p * g) in the model's parameter
+        order: exactly g for every p, in one order everywhere. ZeRO-3's parameters are not whole
+        outside the forward, so there the loss goes to the engine's backward as it is: DeepSpeed
+        sorts each bucket by parameter id, which keeps ranks in step while their packs reach the
+        same parameters (what tests/deepspeed covers); packs that reach different ones are the
+        Megatron-style engine's or ZeRO-1/2's."""
+        if self.zero_stage == 3:
+            self.engine.backward(loss, scale_wrt_gas=False)
+            return
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        surrogate = sum(
+            (p * (g if g is not None else torch.zeros_like(p))).sum() for p, g in zip(params, grads)
+        )
+        self.engine.backward(surrogate, scale_wrt_gas=False)
+
+    def everywhere(self, flag: bool) -> bool:
+        """Collective: whether ``flag`` holds on every rank."""
+        if not dist.is_initialized() or self.world_size == 1:
+            return flag
+        failed = torch.tensor([0.0 if flag else 1.0])
+        dist.all_reduce(failed)
+        return not bool(failed.item())
+
+    def weights_written(self) -> None:
+        """The model's parameters were written in place (a weights folder, ZeRO-1/2: every rank holds
+        them whole): ZeRO's fp32 master copies are refreshed from them, or the first step would
+        undo the load."""
+        self.engine.optimizer.refresh_fp32_params()
+
+    def optimizer_step(self, optimizer, max_norm: float, finite: bool) -> tuple[torch.Tensor, bool]:
+        """The engine's step: reduces (ZeRO) the accumulated gradients, clips them to the configured
+        norm (``max_norm``, the same value) and updates, unless a gradient is not finite (DeepSpeed
+        skips that update). Returns (norm before clipping, whether the weights changed).
+
+        A non-finite loss (``finite`` False on some rank) makes its gradients non-finite too, so the
+        engine skips that update as well; the step is still taken so that the engine's gradient
+        buffers are cleared for the next one."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = torch.tensor(float("nan") if norm is None else float(norm))
+        return norm, finite and self.engine.was_step_applied()
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()
+        if self.groups is not None:  # the next run in this process creates its own
+            from megatron_cosmos3.parallel.state import destroy_parallel
+
+            destroy_parallel()
+
+    # -- switching engines ----------------------------------------------------------------------
+    def replica(self) -> tuple[MoTModel, torch.optim.AdamW]:
+        """A plain, whole copy of the model on the CPU, with torch's AdamW over the parameters this
+        engine trains (in the same groups): the Megatron-style engine's state in one process."""
+        from megatron_cosmos3.parallel.plan import ParallelPlan
+        from megatron_cosmos3.parallel.sizes import ParallelSizes
+        from megatron_cosmos3.training.train import build_model, stage_param_groups
+
+        model = build_model(self.config, ParallelPlan(ParallelSizes()), torch.device("cpu"))
+        opt = self.config.optimizer
+        groups = stage_param_groups(model, self.config)
+        return model, torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
+
+    def _check_switchable(self) -> None:
+        if self.zero_stage == 3:
+            raise ValueError(
+                "deepspeed.zero_stage=3: switching engines (a Megatron-style checkpoint in or out) is done under "
+                "ZeRO-1 or 2; convert there, then change the stage (DeepSpeed loads its own checkpoints across stages "
+                "only through its universal checkpoint)"
+            )
+
+    def _link_optimizer_state(self) -> None:
+        """Makes every flat fp32 partition's AdamW state exist (torch creates it lazily, at the first
+        step) and links each parameter's slice of it, so DeepSpeed's ``safe_*_full_optimizer_state``
+        reach it; relinked because loading a checkpoint replaces the state's tensors."""
+        zero = self.engine.optimizer
+        inner = zero.optimizer
+        for group in inner.param_groups:
+            for flat in group["params"]:
+                state = inner.state[flat]
+                if not state:
+                    state.update(
+                        step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat)
+                    )
+        zero._hp_optimizer_states_linked = False  # DeepSpeed links once, after its first step
+        zero._lazy_init_hp_params_optimizer_state()
+
+    def load_replica(self, model: MoTModel, optimizer: torch.optim.AdamW | None) -> None:
+        """Sets the engine's weights (working copy and fp32 master) and, with ``optimizer``, its AdamW
+        moments and step from a ``replica`` (ZeRO-1/2; every rank holds the whole working copy)."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        self._check_switchable()
+        self._link_optimizer_state()
+        source = dict(model.named_parameters())
+        steps = set()
+        for name, param in self.model.named_parameters():
+            value = source[name].detach()
+            with torch.no_grad():
+                param.copy_(value)
+            if not param.requires_grad:
+                continue
+            safe_set_full_fp32_param(param, value)
+            state = optimizer.state.get(source[name], {}) if optimizer is not None else {}
+            for key in ADAM_MOMENTS:
+                if key in state:
+                    safe_set_full_optimizer_state(param, state[key], key)
+            if "step" in state:
+                steps.add(float(state["step"]))
+        if len(steps) > 1:
+            raise ValueError(f"the checkpoint's parameters have taken different numbers of AdamW steps {sorted(steps)}")
+        if steps:  # DeepSpeed keeps one step count per flat partition
+            (step,) = steps
+            for state in self.engine.optimizer.optimizer.state.values():
+                state["step"] = torch.tensor(step, dtype=torch.float32)
+
+    def replica_of_engine(self) -> tuple[MoTModel, torch.optim.AdamW]:
+        """The engine's fp32 weights, AdamW moments and step as a ``replica`` (ZeRO-1/2)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        self._check_switchable()
+        self._link_optimizer_state()
+        model, optimizer = self.replica()
+        target = dict(model.named_parameters())
+        inner = self.engine.optimizer.optimizer
+        step = next((state["step"] for state in inner.state.values() if "step" in state), None)
+        for name, param in self.model.named_parameters():
+            copy = target[name]
+            with torch.no_grad():
+                copy.copy_(safe_get_full_fp32_param(param) if param.requires_grad else param.detach())
+            if param.requires_grad and step is not None and float(step) > 0:  # an engine that has stepped
+                state = optimizer.state[copy]
+                for key in ADAM_MOMENTS:
+                    state[key] = safe_get_full_optimizer_state(param, key).detach().clone().cpu()
+                state["step"] = step.detach().clone().cpu()
+        return model, optimizer
+
+    # -- generation -----------------------------------------------------------------------------
+    def samples_here(self, is_main: bool, has_targets: bool) -> bool:
+        """Under ZeRO-3 every forward gathers parameters from every rank, so all ranks denoise
+        together (and all skip when a pack lacks targets); otherwise rank 0 alone."""
+        if self.zero_stage == 3 and self.world_size > 1:
+            return self.everywhere(has_targets)
+        return is_main and has_targets  # the whole model on rank 0: the cached sampler, no row split
+
+    def velocity(self, targets):
+        return None  # the whole model runs on every rank: the cached sampler runs it
+
+
+class DeepSpeedCheckpointer(Checkpointer):
+    """``Checkpointer`` whose weights and optimizer state go through DeepSpeed's save/load
+    (``step_<N>/deepspeed/``, DeepSpeed's layout and its ``zero_to_fp32.py``), with this project's
+    per-rank RNG and loader state beside them (``trainer_state_rank<r>.pt``, tensors only) and the
+    same commit: ``.step_<N>.partial`` renamed when whole, ``meta.json``, checksums, ``latest``.
+    Saving is synchronous (DeepSpeed writes before it returns)."""
+
+    def __init__(self, root: str | Path, keep_last: int, plan: DeepSpeedPlan):
+        super().__init__(root, keep_last, groups=None, async_save=False)
+        self.plan = plan
+
+    def save(self, step, model, optimizer, per_rank, meta, named=None) -> None:
+        staging = self._new_staging(step)
+        self.plan.engine.save_checkpoint(str(staging), tag=ENGINE_TAG, client_state={}, save_latest=False)
+        state = {"per_rank": dict(per_rank), "named": dict(named or {})}
+        torch.save(state, staging / TRAINER_STATE.format(rank=self.rank))
+        self._barrier()  # every rank's files are on disk before rank 0 checksums and commits them
+        if self.rank == 0:  # every file (DeepSpeed's too) checksummed: a damaged one is found before loading
+            records = {str(p.relative_to(staging)): file_record(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+            (staging / f"__0_{RANK_MANIFEST_SUFFIX}").write_text(json.dumps(records))
+        self._commit(_PendingSave(None, step, staging, meta))
+        self._barrier()
+
+    def load(self, path, model, optimizer=None, per_rank=None, allow_missing=(), named=None) -> dict:
+        """Loads a checkpoint this engine saved: DeepSpeed's weights (and optimizer state unless
+        ``optimizer`` is None) into the engine, then this rank's RNG (``per_rank``) and the loader
+        positions (``named``, found in whichever rank's file holds them) in place. Every file is
+        checked against the checksums first (DeepSpeed's own loader unpickles: trusted folders only)."""
+        path = Path(path)
+        if not is_deepspeed_checkpoint(path):
+            return self._load_megatron_style(path, optimizer, per_rank, allow_missing, named)
+        verify_checkpoint(path)
+        meta = read_meta(path)
+        engine = self.plan.engine
+        engine.load_checkpoint(
+            str(path),
+            tag=ENGINE_TAG,
+            load_optimizer_states=optimizer is not None,
+            load_lr_scheduler_states=False,
+            load_module_only=optimizer is None,
+        )
+        mine = path / TRAINER_STATE.format(rank=self.rank)
+        if per_rank is not None:
+            saved = torch.load(mine, weights_only=True)["per_rank"] if mine.is_file() else {}
+            for name in list(per_rank):
+                if name in saved:
+                    per_rank[name] = saved[name]
+                else:
+                    del per_rank[name]
+        if named:
+            found = {}
+            for part in sorted(path.glob(TRAINER_STATE.format(rank="*"))):
+                found.update(torch.load(part, weights_only=True)["named"])
+            for name in list(named):
+                if name in found:
+                    named[name] = found[name]
+                else:
+                    del named[name]
+        return meta
+
+    def _load_megatron_style(self, path: Path, optimizer, per_rank, allow_missing, named) -> dict:
+        """The engine switch: a checkpoint of the Megatron-style engine, of any layout (its entries
+        describe global tensors), is read into a whole replica and handed to the engine
+        (``DeepSpeedPlan.load_replica``), RNG and loader state as saved."""
+        model, adam = self.plan.replica()
+        meta = load_state(
+            path,
+            model,
+            ShardingMeshes(),
+            self.group,
+            adam if optimizer is not None else None,
+            per_rank,
+            self.rank,
+            allow_missing,
+            named,
+        )
+        self.plan.load_replica(model, adam if optimizer is not None else None)
+        return meta
+
+    def save_megatron_style(self, root: str | Path, step: int, per_rank, meta: dict, named=None) -> Path:
+        """Writes the engine's state as a checkpoint of the Megatron-style engine under ``root``
+        (``step_<N>``, committed as that engine commits): the other direction of the switch."""
+        model, adam = self.plan.replica_of_engine()
+        target = Checkpointer(root, self.keep_last, groups=None, async_save=False)
+        target.save(step, model, adam, per_rank, meta, named)
+        return Path(root) / f"step_{step:08d}"
+
+
+def convert_checkpoint(config: TrainConfig, ctx, source: str | Path, target_root: str | Path) -> Path:
+    """Converts the checkpoint folder ``source`` between the engines: a DeepSpeed one (ZeRO-1/2,
+    saved on this many ranks) into a Megatron-style one, or a Megatron-style one into a DeepSpeed
+    one, committed as ``target_root/step_<N>`` with the same step, RNG, loader state and meta.
+    Collective on the ranks of an ``engine=deepspeed`` run of ``config`` (``ctx``)."""
+    import copy
+
+    from megatron_cosmos3.training.train import build_run
+
+    config = copy.deepcopy(config)
+    config.engine, config.checkpoint.directory = "deepspeed", str(target_root)
+    run = build_run(config, ctx)
+    try:
+        per_rank, named = {"rng": torch.get_rng_state()}, run.batches.state()
+        meta = run.checkpointer.load(source, run.plan.state_owner, run.optimizer, per_rank, named=named)
+        step, rest = meta["step"], {k: v for k, v in meta.items() if k != "step"}
+        if is_deepspeed_checkpoint(source):
+            return run.checkpointer.save_megatron_style(target_root, step, per_rank, rest, named)
+        run.checkpointer.save(step, run.plan.state_owner, run.optimizer, per_rank, rest, named)
+        return Path(target_root) / f"step_{step:08d}"
+    finally:
+        run.batches.close()
+        run.plan.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``torchrun --nproc-per-node N -m megatron_cosmos3.training.deepspeed_engine --config FILE SOURCE
+    TARGET [key=value ...]``: ``convert_checkpoint`` on the N ranks of the DeepSpeed run (N: the
+    world size the DeepSpeed checkpoint was saved with, or will be resumed with)."""
+    import argparse
+
+    from megatron_cosmos3.training.config import load_config
+    from megatron_cosmos3.training.distributed import init_distributed
+
+    parser = argparse.ArgumentParser(
+        description="Convert a checkpoint folder between engine=megatron and engine=deepspeed (ZeRO-1/2)."
+    )
+    parser.add_argument("--config", action="append", default=[], help="the run's YAML config; repeat to layer")
+    parser.add_argument("source", help="a step_<N> checkpoint folder of either engine")
+    parser.add_argument("target", help="the checkpoint directory the converted step_<N> is committed in")
+    parser.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. deepspeed.zero_stage=2")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, [*args.overrides, "engine=deepspeed"])
+    ctx = init_distributed(config.distributed.init_timeout_s)
+    try:
+        converted = convert_checkpoint(config, ctx, args.source, args.target)
+        if ctx.is_main:
+            print(f"converted {args.source} -> {converted}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

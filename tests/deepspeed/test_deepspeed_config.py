@@ -1,0 +1,99 @@
+"""The DeepSpeed config is translated from the one training config, and option mixes the engines cannot
+run are refused while the config loads (before any process group), naming the pair."""
+
+import pytest
+
+from megatron_cosmos3.testing.training import TINY_MODEL
+from megatron_cosmos3.training.config import load_config
+from megatron_cosmos3.training.deepspeed_config import deepspeed_config
+
+
+def config(*overrides):
+    return load_config(None, [*TINY_MODEL, "model.num_layers=4", *overrides])
+
+
+def test_every_entry_comes_from_the_training_config():
+    train = config(
+        "engine=deepspeed",
+        "deepspeed.zero_stage=2",
+        "optimizer.micro_batches_per_step=3",
+        "optimizer.grad_clip=0.5",
+        "optimizer.lr=2e-4",
+        "optimizer.min_lr=1e-5",
+        "optimizer.betas=[0.8,0.9]",
+        "optimizer.weight_decay=0.1",
+        "precision=bf16",
+    )
+    translated = deepspeed_config(train, zero_ranks=4)
+    assert translated["gradient_accumulation_steps"] == 3
+    assert translated["train_micro_batch_size_per_gpu"] == 1  # one pack per micro-batch
+    assert translated["train_batch_size"] == 12  # micro-batches x ranks
+    assert translated["managed_gradient_accumulation"] is False  # the trainer's step is the boundary
+    assert translated["gradient_clipping"] == 0.5
+    assert translated["optimizer"] == {
+        "type": "AdamW",
+        "params": {"lr": 2e-4, "betas": [0.8, 0.9], "eps": 1e-8, "weight_decay": 0.1, "torch_adam": True},
+    }
+    assert "scheduler" not in translated  # the loop sets the rate from training/schedule.py
+    assert translated["bf16"] == {"enabled": True}
+    assert translated["zero_optimization"] == {"stage": 2}
+    assert "offload_optimizer" not in translated["zero_optimization"]
+
+
+def test_stage_offload_and_precision_follow_their_settings():
+    translated = deepspeed_config(
+        config("engine=deepspeed", "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true"), zero_ranks=2
+    )
+    assert translated["zero_optimization"] == {
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu"},
+        "overlap_comm": False,
+    }
+    assert translated["zero_force_ds_cpu_optimizer"] is False  # torch's AdamW, no compiled CPU Adam
+    assert translated["bf16"] == {"enabled": False}
+    assert deepspeed_config(config("engine=deepspeed"), zero_ranks=2)["zero_optimization"]["stage"] == 1
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["parallel.tensor=2", "deepspeed.zero_stage=3"], "parallel.tensor=2 with deepspeed.zero_stage=3"),
+        (["parallel.pipeline=2", "deepspeed.zero_stage=2"], "parallel.pipeline=2 with deepspeed.zero_stage=2"),
+        (["parallel.pipeline=2", "deepspeed.zero_stage=3"], "parallel.pipeline=2 with deepspeed.zero_stage=3"),
+        (["parallel.tensor=2", "deepspeed.zero_stage=1"], "engine=deepspeed with parallel.tensor=2"),
+        (["parallel.context=2", "deepspeed.zero_stage=3"], "parallel.context=2 with deepspeed.zero_stage=3"),
+        (["model.num_experts=4", "parallel.expert=2"], "engine=deepspeed with parallel.expert=2"),
+    ],
+)
+def test_unsupported_mixes_are_refused_naming_the_pair(overrides, named):
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+        config("engine=deepspeed", *overrides)
+
+
+def test_the_same_layouts_stay_valid_for_the_megatron_engine():
+    assert config("parallel.tensor=2", "parallel.pipeline=2", "deepspeed.zero_stage=3").engine == "megatron"
+
+
+def test_ulysses_context_parallelism_is_accepted_with_zero_1_and_2():
+    for stage in (1, 2):
+        assert config("engine=deepspeed", "parallel.context=2", f"deepspeed.zero_stage={stage}").parallel.context == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [(["engine=fsdp"], "engine='fsdp'"), (["engine=deepspeed", "deepspeed.zero_stage=4"], "deepspeed.zero_stage=4")],
+)
+def test_bad_values_name_the_field(overrides, named):
+    with pytest.raises(ValueError, match=named):
+        config(*overrides)
+
+
+def test_a_weights_folder_start_under_zero3_is_refused_by_name_before_any_process_group(tmp_path):
+    from megatron_cosmos3.conversion.mot_folder import CONFIG_FILE
+
+    (tmp_path / CONFIG_FILE).write_text("{}")
+    paths = (f"stage.init_from={tmp_path}", f"checkpoint.directory={tmp_path / 'run'}")
+    train = config("engine=deepspeed", "deepspeed.zero_stage=3", *paths)
+    with pytest.raises(ValueError, match=r"stage\.init_from=.* is a weights folder, which engine=deepspeed with "):
+        train.check_paths()
+    config("engine=deepspeed", "deepspeed.zero_stage=2", *paths).check_paths()  # ZeRO-1/2 start from it

@@ -1,0 +1,332 @@
+"""engine=deepspeed: ZeRO-1/2/3 on 2 gloo ranks trains like one process of the Megatron-style engine,
+stops and resumes exactly, and never compiles a DeepSpeed op (docs/DESIGN.md, "The DeepSpeed engine").
+
+DeepSpeed's import is slow, so one ``run_on_ranks`` call runs every multi-process check in the same
+two ranks: the three ZeRO stages (ZeRO-2 preempted and resumed), DeepSpeed-Ulysses, the engine
+switch."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_cosmos3.checkpoint.checkpointer import load_state
+from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes
+from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.testing.distributed import run_on_ranks
+from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, loss_history
+from megatron_cosmos3.training import train as train_module
+from megatron_cosmos3.training.config import load_config
+from megatron_cosmos3.training.distributed import DistributedContext
+
+# Not imported here (seconds): the ranks import it.
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"),
+    pytest.mark.slow,  # the shared runs take over 20 s
+]
+
+EXPERIMENT = "deepspeed"
+# Packs of these tasks reach every trainable parameter in every step; the audio and action
+# projections, which none of them reaches, are frozen. (Where no pack of a step reaches a
+# parameter, torch's AdamW skips it but DeepSpeed's flat partitions step it with a zero gradient:
+# docs/DESIGN.md, "The DeepSpeed engine".)
+COMMON = [
+    *TINY_MODEL,
+    *TINY_SYNTHETIC,
+    "synthetic.tasks=[understanding,text_to_video,image_to_video]",
+    "stage.freeze=[dm_streams.media_*.audio.*,dm_streams.action_*]",
+    "log_every=1",
+    "optimizer.warmup_steps=1",
+    "steps=3",
+    "checkpoint.async_save=false",
+    "tracking.generation_samples=false",
+    "eval.every=3",  # the held-out loss at the last step, through the engine's forward-only driver
+    f"tracking.experiment={EXPERIMENT}",
+]
+STAGES = (1, 2, 3)
+FROZEN = ("dm_streams.action_", "dm_streams.media_in.audio.", "dm_streams.media_out.audio.")
+
+
+def overrides(root: Path, name: str, *extra: str) -> list[str]:
+    return [
+        *COMMON,
+        f"checkpoint.directory={root / name}",
+        f"tracking.tracking_uri={root / 'mlflow.db'}",
+        f"tracking.run_name={name}",
+        *extra,
+    ]
+
+
+def history(root: Path, name: str, metric: str = "loss") -> list[float]:
+    return [value for _, value in loss_history(root / "mlflow.db", name, EXPERIMENT, metric)]
+
+
+def _context() -> DistributedContext:
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return DistributedContext(rank, world, rank, torch.device("cpu"))
+
+
+def _train(root: Path, name: str, *extra: str, status_file: str | None = None) -> dict[str, float]:
+    return train_module.train(load_config(None, overrides(root, name, *extra)), _context(), status_file)
+
+
+def _preempted_then_resumed(root: Path, name: str, *extra: str) -> list[str]:
+    """The run signalled (SIGUSR1, on rank 1 only) during step 2, then started again; the outcome
+    lines rank 0 wrote after each attempt."""
+    from megatron_cosmos3.training.batches import MicroBatches
+
+    status, outcomes = root / f"{name}.status", []
+    real = MicroBatches.get
+
+    def signalled_during_step_2(self, step, micro):
+        if step == 1 and torch.distributed.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(self, step, micro)
+
+    MicroBatches.get = signalled_during_step_2
+    try:
+        _train(root, name, *extra, status_file=str(status))
+    except train_module.Preempted:
+        outcomes.append(status.read_text() if torch.distributed.get_rank() == 0 else "")
+    finally:
+        MicroBatches.get = real
+    _train(root, name, *extra, status_file=str(status))
+    outcomes.append(status.read_text() if torch.distributed.get_rank() == 0 else "")
+    return outcomes
+
+
+def _switch_engines(root: Path) -> float:
+    """The one-process run's step-2 checkpoint converted to DeepSpeed (ZeRO-1) and back; then the
+    DeepSpeed run continues from the converted one. Returns its step-3 loss."""
+    from megatron_cosmos3.training.deepspeed_engine import convert_checkpoint
+
+    config = load_config(None, overrides(root, "switched", "engine=deepspeed", "tracking.enabled=false"))
+    converted = convert_checkpoint(config, _context(), root / "single" / "step_00000002", root / "switched")
+    convert_checkpoint(config, _context(), converted, root / "switched-back")
+    return _train(root, "switched", "engine=deepspeed", "tracking.enabled=false")["loss"]
+
+
+def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
+    """Every ZeRO stage for 3 steps (ZeRO-2 preempted during step 2 and resumed), DeepSpeed-Ulysses
+    and the engine switch; rank 0 returns each stage's final weights read back from its DeepSpeed
+    checkpoint and the outcome lines of the preempted run."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    weights, outcomes = {}, []
+    for stage in STAGES:
+        settings = ("engine=deepspeed", f"deepspeed.zero_stage={stage}")
+        if stage == 3:  # with the optimizer state offloaded to host memory (torch's AdamW there too)
+            settings += ("deepspeed.offload_optimizer=true",)
+        if stage == 2:
+            outcomes = _preempted_then_resumed(root, "zero2", *settings)
+        else:
+            _train(root, f"zero{stage}", *settings)
+        if rank == 0:
+            step = root / f"zero{stage}" / "step_00000003"
+            weights[stage] = get_fp32_state_dict_from_zero_checkpoint(str(step), tag="deepspeed")
+    # A stage started from a weights folder (ZeRO's fp32 masters follow the loaded weights).
+    _train(root, "zero2-from-weights", "engine=deepspeed", "deepspeed.zero_stage=2", *from_weights(root))
+    # DeepSpeed-Ulysses: both ranks split each pack's rows (one data rank with two micro-batches).
+    ulysses = ("engine=deepspeed", "deepspeed.zero_stage=2", "parallel.context=2", "optimizer.micro_batches_per_step=2")
+    _train(root, "ulysses", *ulysses)
+    return {
+        "weights": weights,
+        "switched_loss": _switch_engines(root),
+        "outcomes": outcomes,
+        "zero3_mixed_packs": _zero3_with_packs_of_different_streams(root),
+    }
+
+
+def _zero3_with_packs_of_different_streams(root: Path) -> str:
+    """ZeRO-3 where the two ranks' first packs hold different streams: the error, on every rank."""
+    every_task = "synthetic.tasks=[understanding,text_to_video,image_to_video,video_to_audio,forward_dynamics,policy]"
+    try:
+        _train(root, "zero3-mixed", "engine=deepspeed", "deepspeed.zero_stage=3", every_task, "stage.freeze=[]")
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The one-process Megatron-style reference (two micro-batches per step: the global batch of
+    two data ranks with one each) and the DeepSpeed runs, with an empty torch extensions folder that
+    holds a stale build lock of every op: a build attempted anywhere would wait on it forever."""
+    root = tmp_path_factory.mktemp("deepspeed")
+    # Saved at step 2 too: the engine switch starts there.
+    single = overrides(root, "single", "optimizer.micro_batches_per_step=2", "checkpoint.save_every=2")
+    config = load_config(None, single)
+    train_module.train(config, DistributedContext(0, 1, 0, torch.device("cpu")))
+    _write_weights_folder(root / "weights")
+    reference = overrides(root, "single-from-weights", "optimizer.micro_batches_per_step=2", *from_weights(root))
+    train_module.train(load_config(None, reference), DistributedContext(0, 1, 0, torch.device("cpu")))
+    extensions = root / "torch_extensions"
+    for op in ("deepspeed_shm_comm", "cpu_adam", "fused_adam"):
+        (extensions / op).mkdir(parents=True)
+        (extensions / op / "lock").touch()
+    before = sorted(str(p.relative_to(extensions)) for p in extensions.rglob("*"))
+    old = os.environ.get("TORCH_EXTENSIONS_DIR")
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions)
+    try:
+        results = run_on_ranks(_deepspeed_runs, 2, root, timeout_s=400)[0]
+    finally:
+        if old is None:
+            del os.environ["TORCH_EXTENSIONS_DIR"]
+        else:
+            os.environ["TORCH_EXTENSIONS_DIR"] = old
+    after = sorted(str(p.relative_to(extensions)) for p in extensions.rglob("*"))
+    return root, results, before, after
+
+
+def from_weights(root: Path) -> tuple[str, ...]:
+    """The overrides of a 2-step stage started from the weights folder."""
+    return (f"stage.init_from={root / 'weights'}", "steps=2")
+
+
+def _write_weights_folder(folder: Path) -> None:
+    """The tiny model with weights other than the seed's, as a weights folder (what an import writes)."""
+    from megatron_cosmos3.conversion.mot_folder import save_mot_folder
+
+    with torch.device("meta"):
+        model = MoTModel(load_config(None, COMMON).model)
+    model.materialize(torch.device("cpu"))
+    model.reset_parameters()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=g), alpha=0.05)
+    save_mot_folder(model, None, folder)
+
+
+def _weights(root: Path, checkpoint: str | None = None) -> dict[str, torch.Tensor]:
+    """The tiny model's initial weights, or those of the Megatron-style ``checkpoint``."""
+    config = load_config(None, overrides(root, "single"))
+    with torch.device("meta"):
+        model = MoTModel(config.model)
+    model.materialize(torch.device("cpu"))
+    model.reset_parameters()
+    if checkpoint is not None:
+        load_state(root / checkpoint, model, ShardingMeshes())
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("stage", STAGES)
+def test_zero_stage_trains_like_one_process(runs, stage):
+    root, results, _, _ = runs
+    weights = results["weights"]
+    assert history(root, f"zero{stage}") == pytest.approx(history(root, "single"), rel=1e-5)
+    assert history(root, f"zero{stage}", "grad_norm") == pytest.approx(history(root, "single", "grad_norm"), rel=1e-5)
+    # The held-out loss after the last step (ZeRO-2 also logged one when it stopped at step 2).
+    (want_eval,) = history(root, "single", "eval/loss")
+    assert history(root, f"zero{stage}", "eval/loss")[-1] == pytest.approx(want_eval, rel=1e-5)
+    want, initial, got = _weights(root, "single/step_00000003"), _weights(root), weights[stage]
+    frozen = {name for name in want if name.startswith(FROZEN)}
+    # DeepSpeed's fp32 weights: every trained one (ZeRO-3 also keeps the frozen ones).
+    assert set(want) - frozen <= set(got) <= set(want)
+    # Adam divides by sqrt(v): a gradient component near zero carries its last-bit rounding (ZeRO-3
+    # reduce-scatters in another order) into a weight change of a few 1e-6, far below lr = 3e-3.
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, want[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    q = "layers.0.generator.self_attn.q_proj.weight"  # the comparison is of trained weights
+    assert not torch.allclose(want[q], initial[q], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.multiprocess
+def test_preempted_and_resumed_equals_an_uninterrupted_run(runs):
+    """ZeRO-2 signalled on one rank during step 2 checkpoints step 2 on every rank and stops (the
+    outcome file says so); started again, it continues bit for bit as the uninterrupted ZeRO-1 run
+    (the two stages sum the same two gradients: their runs are identical), in one MLflow run."""
+    root, results, *_ = runs
+    assert results["outcomes"] == ["preempted 2 0\n", "finished 3 2\n"]
+    resumed = loss_history(root / "mlflow.db", "zero2", EXPERIMENT)
+    assert [step for step, _ in resumed] == [1, 2, 3]
+    for metric in ("loss", "grad_norm"):
+        assert history(root, "zero2", metric) == history(root, "zero1", metric)
+    saved = sorted(p.name for p in (root / "zero2").glob("step_*"))
+    assert saved == ["step_00000002", "step_00000003"]
+
+
+@pytest.mark.multiprocess
+def test_no_op_is_compiled(runs):
+    """The shared-memory op (and every other) stays unbuilt: the stale locks were never waited on
+    (the runs finished) and nothing was added to the extensions folder."""
+    _, _, before, after = runs
+    assert after == before
+
+
+@pytest.mark.multiprocess
+def test_the_translated_config_is_saved_with_the_run(runs):
+    root, *_ = runs
+    saved = json.loads((root / "zero3" / "deepspeed_config.json").read_text())
+    assert saved["zero_optimization"]["stage"] == 3
+    assert saved["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert saved["train_batch_size"] == 2 and saved["gradient_accumulation_steps"] == 1
+
+
+def _megatron_state(root: Path, checkpoint: str) -> tuple[dict, dict]:
+    """(weights, AdamW state by parameter name) of a Megatron-style checkpoint."""
+    config = load_config(None, overrides(root, "single"))
+    with torch.device("meta"):
+        model = MoTModel(config.model)
+    model.materialize(torch.device("cpu"))
+    optimizer = torch.optim.AdamW(train_module.stage_param_groups(model, config))
+    load_state(root / checkpoint, model, ShardingMeshes(), optimizer=optimizer)
+    names = {p: name for name, p in model.named_parameters()}
+    return dict(model.named_parameters()), {names[p]: state for p, state in optimizer.state.items()}
+
+
+@pytest.mark.multiprocess
+def test_megatron_to_deepspeed_and_back_is_bit_identical(runs):
+    root, *_ = runs
+    (weights, adam), (back_weights, back_adam) = (
+        _megatron_state(root, name) for name in ("single/step_00000002", "switched-back/step_00000002")
+    )
+    assert sorted(back_weights) == sorted(weights) and sorted(back_adam) == sorted(adam) and adam
+    for name, tensor in weights.items():
+        assert torch.equal(back_weights[name], tensor), name
+    for name, state in adam.items():
+        assert sorted(back_adam[name]) == ["exp_avg", "exp_avg_sq", "step"]
+        for key, value in state.items():
+            assert torch.equal(back_adam[name][key], value), (name, key)
+    assert float(adam["embed_tokens.weight"]["step"]) == 2
+
+
+@pytest.mark.multiprocess
+def test_a_run_switched_to_deepspeed_continues_like_the_unswitched_one(runs):
+    root, results, *_ = runs
+    assert results["switched_loss"] == pytest.approx(history(root, "single")[2], rel=1e-5)
+    assert results["switched_loss"] != pytest.approx(history(root, "single")[1], rel=1e-3)  # step 3, not 2
+
+
+@pytest.mark.multiprocess
+def test_deepspeed_ulysses_trains_like_one_process(runs):
+    """parallel.context=2 under engine=deepspeed: DistributedAttention exchanges each pack's rows."""
+    root, *_ = runs
+    for metric in ("loss", "grad_norm", "eval/loss"):
+        assert history(root, "ulysses", metric) == pytest.approx(history(root, "single", metric), rel=1e-5), metric
+
+
+@pytest.mark.multiprocess
+def test_zero3_refuses_packs_that_reach_different_modules_by_name(runs):
+    """Under ZeRO-3 the forward gathers each module's parameters from every rank: ranks whose packs
+    reach different stream projections get a clear error (on every rank) instead of a mismatched
+    collective."""
+    _, results, *_ = runs
+    message = results["zero3_mixed_packs"]
+    assert message.startswith("deepspeed.zero_stage=3 needs every rank's micro-batch to reach the same stream")
+    assert "'audio'" in message and "use deepspeed.zero_stage 1 or 2" in message
+
+
+@pytest.mark.multiprocess
+def test_a_stage_starts_from_a_weights_folder_like_one_process(runs):
+    root, *_ = runs
+    want = history(root, "single-from-weights")
+    assert history(root, "zero2-from-weights") == pytest.approx(want, rel=1e-5)
+    assert want[0] != pytest.approx(history(root, "single")[0], rel=1e-3)  # the folder's weights, not the seed's
