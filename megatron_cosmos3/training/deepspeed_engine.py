@@ -184,7 +184,7 @@ class DeepSpeedPlan:
             raise RuntimeError(
                 "deepspeed.zero_stage=3 needs every rank's micro-batch to reach the same stream projections, but the "
                 f"ranks' packs hold {dict(enumerate(everyone))}; use deepspeed.zero_stage 1 or 2 for this data "
-                "(docs/DESIGN.md, \"The DeepSpeed engine\")"
+                '(docs/DESIGN.md, "The DeepSpeed engine")'
             )
 
     def _backward(self, loss: torch.Tensor) -> None:
@@ -207,9 +207,7 @@ class DeepSpeedPlan:
             return
         params = [p for p in self.model.parameters() if p.requires_grad]
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        surrogate = sum(
-            (p * (g if g is not None else torch.zeros_like(p))).sum() for p, g in zip(params, grads)
-        )
+        surrogate = sum((p * (g if g is not None else torch.zeros_like(p))).sum() for p, g in zip(params, grads))
         self.engine.backward(surrogate, scale_wrt_gas=False)
 
     def everywhere(self, flag: bool) -> bool:
