@@ -127,8 +127,9 @@ def _stream_seconds(stream, container, origin_s: float) -> float | None:
 
 def _video_window(container, stream, targets: np.ndarray, origin_s: float, rate: float, name: str) -> np.ndarray:
     """The frames shown at ``targets`` (seconds from the origin), decoded from the keyframe before."""
-    seek_to = math.floor((targets[0] + origin_s) / stream.time_base)
-    container.seek(max(seek_to, 0), stream=stream, backward=True, any_frame=False)
+    if targets[0] > 0:  # a fresh container reads from the start: no seek (a stream without frames cannot seek)
+        seek_to = math.floor((targets[0] + origin_s) / stream.time_base)
+        container.seek(max(seek_to, 0), stream=stream, backward=True, any_frame=False)
     times, frames, end = [], [], math.inf
     for frame in container.decode(stream):
         if frame.pts is None:

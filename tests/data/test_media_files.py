@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from megatron_cosmos3.data.clips import MediaConfig, bucket_for, choose_window
+from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.media import encode_json
 from megatron_cosmos3.data.media_writers import encode_mp4
 from megatron_cosmos3.data.schema import decode_sample
@@ -102,10 +103,9 @@ def test_rotated_video_is_turned_upright_as_ffmpeg_shows_it(tmp_path):
     command = ["ffmpeg", "-loglevel", "error", "-y", "-i", str(tmp_path / "flat.mp4"), "-c", "copy"]
     subprocess.run([*command, "-metadata:s:v:0", "rotate=90", str(tmp_path / "turned.mp4")], check=True)
     ours = decode_sample(_raw("video.mp4", (tmp_path / "turned.mp4").read_bytes(), fps=10)).video
+    to_rgb = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
     shown = subprocess.run(
-        ["ffmpeg", "-loglevel", "error", "-i", str(tmp_path / "turned.mp4"), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
-        check=True,
-        capture_output=True,
+        ["ffmpeg", "-loglevel", "error", "-i", str(tmp_path / "turned.mp4"), *to_rgb], check=True, capture_output=True
     ).stdout
     reference = np.frombuffer(shown, np.uint8).reshape(-1, 64, 32, 3)
     assert ours.shape == reference.shape == (4, 64, 32, 3)
@@ -155,10 +155,9 @@ def test_audio_files_decode_to_48k_stereo(tmp_path, suffix):
     tone = (0.5 * np.sin(2 * math.pi * 440 * np.arange(rate) / rate)).astype(np.float32)
     path = tmp_path / f"tone.{suffix}"
     codec = {"m4a": ["-c:a", "aac"], "opus": ["-c:a", "libopus", "-ar", "48000"]}.get(suffix, [])
+    raw_input = ["-f", "f32le", "-ar", str(rate), "-ac", "1", "-i", "-"]
     subprocess.run(
-        ["ffmpeg", "-loglevel", "error", "-y", "-f", "f32le", "-ar", str(rate), "-ac", "1", "-i", "-", *codec, str(path)],
-        input=tone.tobytes(),
-        check=True,
+        ["ffmpeg", "-loglevel", "error", "-y", *raw_input, *codec, str(path)], input=tone.tobytes(), check=True
     )
     sample = decode_sample(_raw(f"audio.{suffix}", path.read_bytes()))
     seconds = sample.audio.shape[1] / sample.audio_sample_rate
@@ -190,3 +189,9 @@ def test_bucket_and_window_rules():
     assert choose_window(0.8, random, 0.5).duration_s == 0.8  # shorter than a clip: taken whole
     with pytest.raises(ValueError, match="media.resolution_buckets entry '64-64'"):
         MediaConfig(resolution_buckets=["64-64"]).validate()
+
+
+def test_an_undecodable_codec_is_named_in_the_skip_reason():
+    data = encode_mp4(_source_frames(3), 10).replace(b"avc1", b"zzzz")
+    with pytest.raises(SampleError, match="unsupported_codec: video.mp4: FFmpeg has no decoder .* 'zzzz'"):
+        decode_sample(_raw("video.mp4", data))
