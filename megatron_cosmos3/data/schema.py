@@ -29,7 +29,9 @@ audio_latents.npy      pre-encoded audio tokens (n, D) at 25/s (``encoders/audio
 ``meta.json`` keys: ``caption``, ``instruction``, ``question``, ``answer`` (text; question and
 answer together), ``fps``, ``embodiment``, ``action_rate_hz``, ``video_latent_grid``,
 ``image_latent_grid``, ``audio_num_samples``, ``duration_s``; ``timing`` (free-form timing
-metadata, e.g. event times in seconds from the first frame) and ``source`` (free-form provenance).
+metadata, e.g. event times in seconds from the first frame), ``source`` (free-form provenance) and
+``caption_segments`` (timed captions, ``[{"start_s", "end_s", "text"}]``: a clip keeps the segments
+it overlaps, clipped and shifted to its start, and its caption is their texts joined).
 All streams of a sample start at the same instant (the first video frame).
 
 Decoding cuts the clip ``data.media`` asks for (``data/clips.py``): a window of the sample (video
@@ -117,6 +119,7 @@ META_KEYS = (
     "audio_num_samples",
     "duration_s",
     "timing",
+    "caption_segments",
     "source",
 )
 
@@ -147,6 +150,8 @@ class Sample:
     audio_num_samples: int | None = None  # at 48 kHz
     duration_s: float | None = None
     timing: dict = field(default_factory=dict)
+    # Timed captions: (start_s, end_s, text), seconds from the first frame; a clip keeps those it overlaps.
+    caption_segments: list[tuple[float, float, str]] = field(default_factory=list)
     source: dict | str | None = None
 
     @property
@@ -209,6 +214,8 @@ def encode_sample(sample: Sample, video_format: str = "npy") -> dict[str, bytes 
             meta[name] = [int(x) for x in getattr(sample, name)]
     if sample.timing:
         meta["timing"] = sample.timing
+    if sample.caption_segments:
+        meta["caption_segments"] = [{"start_s": a, "end_s": b, "text": t} for a, b, t in sample.caption_segments]
     out: dict[str, bytes | str] = {"__key__": sample.key, "meta.json": media.encode_json(meta)}
     if sample.image is not None:
         out["image.png"] = media.encode_png(sample.image)
@@ -333,6 +340,23 @@ def _cut_samples(values: np.ndarray, rate: float, window: Window) -> np.ndarray:
     return values[first : first + math.ceil(window.duration_s * rate - 1e-6)]
 
 
+def _segments(value) -> list[tuple[float, float, str]]:
+    """``caption_segments``: a list of {"start_s", "end_s", "text"} with 0 <= start < end."""
+    segments = []
+    for i, item in enumerate(value if isinstance(value, list) else [None]):
+        ok = isinstance(item, dict) and set(item) == {"start_s", "end_s", "text"} and isinstance(item["text"], str)
+        times = [item.get("start_s"), item.get("end_s")] if ok else []
+        ok = ok and all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in times)
+        if not ok or not 0 <= times[0] < times[1]:
+            _fail(
+                BAD_METADATA,
+                f"meta.json 'caption_segments'[{i}] must be {{start_s, end_s, text}} with 0 <= start_s < end_s, "
+                f"got {item!r}",
+            )
+        segments.append((float(times[0]), float(times[1]), item["text"]))
+    return segments
+
+
 def decode_sample(
     raw: Mapping[str, bytes],
     context: SchemaContext = SchemaContext(),
@@ -450,9 +474,18 @@ def decode_sample(
             if len(actions) == 0:
                 _fail(ZERO_LENGTH, f"actions.npy has no step in the clip {window}")
         sample.actions = actions
+    if "caption_segments" in meta:
+        sample.caption_segments = _segments(meta["caption_segments"])
     if window is not None and (window.start_s > 0 or clip.clip_seconds > 0):
         sample.duration_s = window.duration_s
         sample.timing = {**sample.timing, "clip_start_s": window.start_s}
+        sample.caption_segments = [
+            (max(a, window.start_s) - window.start_s, min(b, window.end_s) - window.start_s, text)
+            for a, b, text in sample.caption_segments
+            if a < window.end_s and b > window.start_s
+        ]
+    if sample.caption_segments:  # the clip is described by what is said of its own seconds
+        sample.caption = " ".join(text for _, _, text in sample.caption_segments)
     for name, grid_key, width in (
         ("video_latents", "video_latent_grid", context.video_token_dim),
         ("image_latents", "image_latent_grid", context.video_token_dim),

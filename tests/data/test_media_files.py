@@ -22,7 +22,7 @@ from megatron_cosmos3.data.clips import MediaConfig, bucket_for, choose_window
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.media import encode_json
 from megatron_cosmos3.data.media_writers import encode_mp4
-from megatron_cosmos3.data.schema import decode_sample
+from megatron_cosmos3.data.schema import Sample, decode_sample, encode_sample
 
 SOURCE_FPS = 60
 SIDE = 32
@@ -195,3 +195,40 @@ def test_an_undecodable_codec_is_named_in_the_skip_reason():
     data = encode_mp4(_source_frames(3), 10).replace(b"avc1", b"zzzz")
     with pytest.raises(SampleError, match="unsupported_codec: video.mp4: FFmpeg has no decoder .* 'zzzz'"):
         decode_sample(_raw("video.mp4", data))
+
+
+SEGMENTS = [(0.0, 1.5, "a red ball rolls"), (1.5, 2.2, "it hits the wall"), (2.2, 4.0, "it rests")]
+
+
+@pytest.mark.parametrize("clip_start, draws", [("grid", [0.1, 0.3, 0.6, 0.9]), ("random", [0.37, 0.81])])
+def test_clips_of_a_long_video_carry_exactly_their_windows_captions_and_actions(clip_start, draws):
+    fps = 10  # frames and actions both at 10 per second: frame i and action i start together
+    actions = np.repeat(np.arange(40, dtype=np.float32)[:, None], 19, axis=1)  # row i holds i
+    long = Sample(
+        key="long",
+        video=_source_frames(40),
+        fps=fps,
+        actions=actions,
+        embodiment="single_arm",
+        action_rate_hz=10.0,
+        caption_segments=SEGMENTS,
+    )
+    raw = encode_sample(long, video_format="mp4")
+    whole = decode_sample(raw)
+    assert len(whole.video) == 40 and whole.caption == "a red ball rolls it hits the wall it rests"
+    starts = []
+    for draw in draws:
+        clip = decode_sample(raw, media_config=MediaConfig(clip_seconds=1.0, clip_start=clip_start), draw=draw)
+        start = clip.timing["clip_start_s"]
+        first = round(start * fps)
+        assert start == pytest.approx(first / fps)  # on the action grid
+        np.testing.assert_array_equal(clip.actions[:, 0], np.arange(first, first + 10))
+        np.testing.assert_array_equal(clip.video, whole.video[first : first + 10])
+        kept = [
+            (max(a, start) - start, min(b, start + 1) - start, t) for a, b, t in SEGMENTS if a < start + 1 and b > start
+        ]
+        assert [t for *_, t in clip.caption_segments] == [t for *_, t in kept]
+        assert np.allclose([s[:2] for s in clip.caption_segments], [s[:2] for s in kept])
+        assert clip.caption == " ".join(t for *_, t in kept)
+        starts.append(start)
+    assert starts == ([0.0, 1.0, 2.0, 3.0] if clip_start == "grid" else [pytest.approx(1.1), pytest.approx(2.4)])
