@@ -29,10 +29,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+from megatron_cosmos3.data.clips import MediaConfig  # noqa: E402
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfig, PackingConfig  # noqa: E402
 from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder  # noqa: E402
 from megatron_cosmos3.data.loader import PackedLoader  # noqa: E402
-from megatron_cosmos3.data.shards import ShardIndex  # noqa: E402
+from megatron_cosmos3.data.schema import decode_sample  # noqa: E402
+from megatron_cosmos3.data.shards import ShardIndex, read_shard  # noqa: E402
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig  # noqa: E402
 from megatron_cosmos3.model.config import MoTConfig  # noqa: E402
 from megatron_cosmos3.tasks.registry import TASK_REGISTRY  # noqa: E402
@@ -93,6 +95,19 @@ def measure(config: DataConfig, model: MoTConfig, packs: int, encoder_factory=No
             "packs_per_s": packs / seconds,
             "efficiency": loader.efficiency,
         }
+
+
+def decode_cpu_ms(shards: Path, media: MediaConfig, repeats: int = 3) -> float:
+    """CPU milliseconds (this process's, so other jobs on the machine do not count) to read and
+    decode one sample of ``shards`` with ``media``'s clip, best of ``repeats`` passes."""
+    raws = [raw for shard in ShardIndex.load(shards).shards for raw in read_shard(shard.url)]
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        for index, raw in enumerate(raws):
+            decode_sample(raw, media_config=media, draw=(index * 0.618) % 1.0)
+        best = min(best, (time.process_time() - start) / len(raws) * 1e3)
+    return best
 
 
 def training_step_seconds(model_config: MoTConfig, shards: Path, tokens_per_pack: int) -> float | None:
@@ -169,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
             index = ShardIndex.load(folder)
             per_clip = sum(shard.bytes for shard in index.shards) / index.total_samples
             print(f"# shard bytes per clip, {name:12s}: {per_clip:12,.0f}")
+        clips = {"whole 2 s clip": MediaConfig(), "1 s window at 12 fps": MediaConfig(fps=12, clip_seconds=1.0)}
+        for clip, media in clips.items():
+            for name in ("raw npy+wav", "raw mp4"):
+                print(f"# decode CPU ms per sample, {name:12s}, {clip:20s}: {decode_cpu_ms(folders[name], media):7.2f}")
         print(
             f"{'source':30s} {'workers':>7s} {'warm-up s':>9s} {'samples/s':>10s} {'tokens/s':>10s} "
             f"{'packs/s':>8s} {'fill':>6s}"
