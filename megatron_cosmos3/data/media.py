@@ -1,5 +1,5 @@
 """Byte codecs of the shard fields, with maintained libraries: numpy ``.npy``, PNG (Pillow), WAV
-(scipy.io.wavfile), JSON, and whole video files (PyAV, for generation's conditioning clips).
+(scipy.io.wavfile) and JSON; video and compressed audio files are ``data/media_files.py``'s (PyAV).
 Decoders turn any library failure into ``SampleError(corrupt_media)``; shape and dtype rules belong
 to the schema, not here.
 """
@@ -109,22 +109,3 @@ def decode_json(data: bytes, name: str) -> dict:
     if not isinstance(document, dict):
         raise SampleError(BAD_METADATA, f"{name}: expected a JSON object, got {type(document).__name__}")
     return document
-
-
-def decode_video_file(data: bytes, name: str) -> tuple[np.ndarray, float]:
-    """(T, H, W, 3) uint8 RGB frames and the frame rate of a whole video file (mp4, webm, mkv, ...):
-    every frame of its first video stream, in presentation order."""
-    import av  # imported here: only generation's conditioning clips need it
-
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            if not container.streams.video:
-                raise SampleError(CORRUPT_MEDIA, f"{name}: has no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-    except (av.error.FFmpegError, *DECODE_ERRORS) as error:
-        raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable video ({type(error).__name__}: {error})") from None
-    if not frames or not rate:
-        raise SampleError(CORRUPT_MEDIA, f"{name}: no decodable frames or no frame rate")
-    return np.stack(frames), float(rate)

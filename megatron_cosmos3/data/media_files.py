@@ -92,6 +92,13 @@ def decode_media_file(
     return out
 
 
+def decode_video_file(data: bytes, name: str) -> tuple[np.ndarray, float]:
+    """(T, H, W, 3) uint8 RGB frames and the frame rate of a whole video file (mp4, webm, mkv, ...)
+    at its own rate and size, upright: generation's conditioning clips."""
+    decoded = decode_media_file(data, name, MediaConfig(), lambda seconds: Window(0.0, seconds), True, False)
+    return decoded.frames, decoded.fps
+
+
 def _decode(container, video, audio, name: str, media: MediaConfig, window_for) -> DecodedMedia:
     if video is not None:
         origin_s = float((video.start_time or 0) * video.time_base)
@@ -206,4 +213,4 @@ def _codec_tag(data: bytes, container) -> str:
     return "a codec unknown to FFmpeg"
 
 
-__all__ = ["AUDIO_SUFFIXES", "SAMPLE_RATE", "VIDEO_SUFFIXES", "DecodedMedia", "decode_media_file"]
+__all__ = ["AUDIO_SUFFIXES", "SAMPLE_RATE", "VIDEO_SUFFIXES", "DecodedMedia", "decode_media_file", "decode_video_file"]
