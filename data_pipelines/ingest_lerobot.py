@@ -148,10 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     common = (args.root, args.out_dir, args.embodiment, args.camera, args.action_key, args.shard_size)
-    if args.processes:
-        skipped = run_split(ingest_lerobot, args.processes, *common)
-    else:
-        skipped = ingest_lerobot(*common, args.task, args.tasks)
+    skipped = run_split(ingest_lerobot, args.processes, args.task, args.tasks, *common)
     log.info("wrote %s; skipped %s", args.out_dir, dict(skipped) or "none")
     return 0
 

@@ -120,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     common = (args.in_dir, args.out_dir, args.captions, args.shard_size)
-    if args.processes:
-        skipped = run_split(ingest_videos, args.processes, *common)
-    else:
-        skipped = ingest_videos(*common, args.task, args.tasks)
+    skipped = run_split(ingest_videos, args.processes, args.task, args.tasks, *common)
     log.info("wrote %s; skipped %s", args.out_dir, dict(skipped) or "none")
     return 0
 

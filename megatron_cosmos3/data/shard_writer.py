@@ -164,13 +164,14 @@ def index_when_complete(out_dir: str | Path, parts: int, copy_from: Path | None 
     return True
 
 
-def run_split(function: Callable[..., Counter], processes: int, *args) -> Counter:
-    """``function(*args, task, processes)`` for every task in ``processes`` local processes (a
-    ``write_parts`` writer, e.g. ``data_pipelines/ingest_videos.py``); their skip counts summed."""
-    if processes < 1:
-        raise ValueError(f"processes={processes} must be >= 1")
-    if processes == 1:
-        return function(*args, 0, 1)
+def run_split(function: Callable[..., Counter], processes: int, task: int, tasks: int, *args) -> Counter:
+    """``function(*args, task, tasks)`` — one task of a SLURM array — or, with ``processes`` > 0,
+    every task of ``processes`` in that many local processes (a ``write_parts`` writer, e.g.
+    ``data_pipelines/ingest_videos.py``); the skip counts, summed."""
+    if processes < 0:
+        raise ValueError(f"processes={processes} must be >= 0 (0: run task {task} of {tasks} here)")
+    if processes <= 1:
+        return function(*args, *((task, tasks) if processes == 0 else (0, 1)))
     with Pool(processes) as pool:
-        counts = pool.starmap(function, [(*args, task, processes) for task in range(processes)])
+        counts = pool.starmap(function, [(*args, index, processes) for index in range(processes)])
     return sum(counts, Counter())
