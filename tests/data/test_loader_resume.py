@@ -57,7 +57,7 @@ def test_raw_media_stream_resumes_too(video_format):
 
     encoder = functools.partial(PooledLatentEncoder, VIDEO_LATENT_CHANNELS, AUDIO_LATENT_DIM)
     if video_format == "mp4":
-        shards = [str(tiny_world(24, 6, "mp4")["raw"])]
+        shards = [str(tiny_world(12, 6, "mp4")["raw"])]
         config = data_config(shards, num_workers=2, media=MediaConfig(fps=12, clip_seconds=0.5))
     else:
         config = data_config([str(tiny_world()["raw"])], num_workers=2)
