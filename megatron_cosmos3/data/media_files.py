@@ -123,13 +123,20 @@ def _decode(container, video, audio, name: str, media: MediaConfig, window_for) 
 
 
 def _stream_seconds(stream, container, origin_s: float) -> float | None:
-    """The stream's duration in seconds from the origin: its own, else the container's."""
+    """The stream's duration in seconds from the origin: its own, else the container's, else (a
+    file written to a pipe declares none) the end of its last packet, read without decoding."""
     if stream.duration is not None:
         start = float((stream.start_time or 0) * stream.time_base)
         return start - origin_s + float(stream.duration * stream.time_base)
     if container.duration is not None:
         return container.duration / 1_000_000 - origin_s
-    return None
+    end = None
+    for packet in container.demux(stream):
+        if packet.pts is not None:
+            packet_end = float((packet.pts + (packet.duration or 0)) * stream.time_base)
+            end = packet_end if end is None else max(end, packet_end)
+    container.seek(0, stream=stream)
+    return None if end is None else end - origin_s
 
 
 def _video_window(container, stream, targets: np.ndarray, origin_s: float, rate: float, name: str) -> np.ndarray:

@@ -456,6 +456,9 @@ def decode_sample(
             files[audio_field], audio_field, clip, (lambda _: window) if window else window_for, False, True
         )
         window = decoded.window
+        if decoded.audio is None:  # the file ends before the clip starts
+            seconds = decoded.audio_duration_s
+            _fail(DURATION_MISMATCH, f"{audio_field} lasts {seconds:.3f} s; the clip is {window}")
         sample.audio, sample.audio_sample_rate = _check_audio(decoded.audio, SAMPLE_RATE, audio_field)
         durations[audio_field] = decoded.audio_duration_s
     # Checked where a compressed file is involved: the npy/WAV shards written before it keep loading.

@@ -20,7 +20,7 @@ from PIL import Image
 
 from megatron_cosmos3.data.clips import MediaConfig, bucket_for, choose_window
 from megatron_cosmos3.data.errors import SampleError
-from megatron_cosmos3.data.media import encode_json
+from megatron_cosmos3.data.media import encode_json, encode_npy
 from megatron_cosmos3.data.media_writers import encode_mp4
 from megatron_cosmos3.data.schema import Sample, decode_sample, encode_sample
 
@@ -232,3 +232,18 @@ def test_clips_of_a_long_video_carry_exactly_their_windows_captions_and_actions(
         assert clip.caption == " ".join(t for *_, t in kept)
         starts.append(start)
     assert starts == ([0.0, 1.0, 2.0, 3.0] if clip_start == "grid" else [pytest.approx(1.1), pytest.approx(2.4)])
+
+
+def test_an_audio_file_without_a_declared_duration_is_measured_and_checked_against_the_video():
+    rate = 44_100
+    tone = (0.5 * np.sin(2 * math.pi * 440 * np.arange(rate) / rate)).astype(np.float32)
+    piped = subprocess.run(  # written to a pipe: the FLAC header cannot say how long it is
+        ["ffmpeg", "-loglevel", "error", "-f", "f32le", "-ar", str(rate), "-ac", "1", "-i", "-", "-f", "flac", "-"],
+        input=tone.tobytes(),
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert decode_sample(_raw("audio.flac", piped)).audio.shape == (2, 48_000)
+    with_video = {**_raw("audio.flac", piped, fps=10), "video.npy": encode_npy(np.zeros((30, 32, 32, 3), np.uint8))}
+    with pytest.raises(SampleError, match="duration_mismatch: audio.flac lasts 1.000 s, video.npy 3.000 s"):
+        decode_sample(with_video)
