@@ -6,7 +6,8 @@
 
 Reads every shard of ``IN_DIR`` (its ``index.json``), replaces video, image and audio by their
 latents (``megatron_cosmos3.data.latent_encoders.latent_sample``: the frozen VAEs from local
-diffusers folders, or the pooled stand-in), keeps text, actions, timing and the ViT picture, and
+diffusers folders, or the pooled stand-in), keeps text, actions (of any embodiment: raw actions of a
+LeRobot dataset's robot too), timing and the ViT picture, and
 writes ``OUT_DIR`` shards with their index; ``action_stats.json`` is copied. Samples that fail the
 schema are skipped, counted per reason and logged, exactly as the loader would.
 
@@ -45,7 +46,8 @@ def encode_shards(
     (module doc), and the index once every part is there; returns skip counts per reason."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     skipped: Counter = Counter()
-    context = SchemaContext(None, encoder.video_token_dim or None, encoder.audio_latent_dim or None)
+    # Actions pass through unchanged, so any embodiment is kept (raw actions of a dataset's robot too).
+    context = SchemaContext(None, encoder.video_token_dim or None, encoder.audio_latent_dim or None, True)
     inputs = ShardIndex.load(in_dir).shards
 
     def encode_part(number: int, writer: ShardWriter) -> None:
@@ -55,7 +57,7 @@ def encode_shards(
                 try:
                     if isinstance(raw, Skip):
                         raise SampleError(raw.reason, raw.detail)
-                    writer.write(latent_sample(decode_sample(raw, SchemaContext()), encoder))
+                    writer.write(latent_sample(decode_sample(raw, SchemaContext(any_embodiment=True)), encoder))
                 except SampleError as error:
                     skipped[error.reason] += 1
                     key = raw.get("__key__", "-") if isinstance(raw, dict) else raw.key

@@ -186,6 +186,9 @@ class SchemaContext:
     embodiments: Mapping[str, int] | None = None
     video_token_dim: int | None = None
     audio_latent_dim: int | None = None
+    # Tools that carry actions through without training on them (pre-encoding) accept any
+    # embodiment at any width; the loader never does.
+    any_embodiment: bool = False
 
     def action_dim(self, embodiment: str) -> int | None:
         known = self.embodiments if self.embodiments is not None else {k: v.dim for k, v in ACTION_LAYOUTS.items()}
@@ -409,7 +412,7 @@ def decode_sample(
             _fail(MISSING_FIELD, f"actions.npy needs meta.json 'embodiment' (a string), got {meta.get('embodiment')!r}")
         sample.embodiment = meta["embodiment"]
         width = context.action_dim(sample.embodiment)
-        if width is None:
+        if width is None and not context.any_embodiment:
             _fail(UNKNOWN_EMBODIMENT, f"embodiment {sample.embodiment!r} is not one the model knows")
         sample.action_rate_hz = _positive_number(meta, "action_rate_hz", "actions.npy", ACTION_RATE_RANGE_HZ)
         actions = _float_rows(media.decode_npy(files["actions.npy"], "actions.npy"), "actions.npy", width)

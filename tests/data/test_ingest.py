@@ -132,6 +132,17 @@ def test_lerobot_episodes_become_shards_with_frames_and_actions_aligned(lerobot,
     assert all(p.dm_tokens["action/toy_arm"].shape[1] == WIDTH for p in packs)
     assert sum(len(p.dm_tokens["action/toy_arm"]) for p in packs) == 3 * FRAMES
 
+    # Pre-encoding reads the mp4 shards as the loader does (the pooled stand-in for the VAEs).
+    encode_shards = load_script("encode_shards")
+    assert not encode_shards.encode_shards(tmp_path / "one", tmp_path / "latent", encoder())
+    latent = [
+        decode_sample(raw, context) for s in ShardIndex.load(tmp_path / "latent").shards for raw in read_shard(s.url)
+    ]
+    assert [s.video_latent_grid[0] for s in latent] == [whole.latent_frames] * 3 and latent[1].actions.shape == (
+        FRAMES,
+        WIDTH,
+    )
+
 
 def test_a_split_over_processes_writes_what_one_process_writes(lerobot, tmp_path):
     root, _ = lerobot
