@@ -11,8 +11,9 @@ raw actions (the ``--action-key`` column, one row per frame: row i is the comman
 i + 1, the schema's rule) as ``actions.npy`` under the embodiment ``--embodiment``, which the model
 must register with that width (``model.embodiments``), ``fps`` and ``action_rate_hz`` the dataset's
 rate, the episode's task text as its ``instruction``. The loader cuts clips from episodes with their
-actions (``data.media.clip_seconds``). Normalisation statistics: ``compute_action_stats.py`` on the
-output. An episode whose frame timestamps are not ``i / fps`` or whose actions and video lengths
+actions (``data.media.clip_seconds``). Action statistics are kept per pseudo-action layout
+(``encoders/action_normalization.py``), so raw actions enter the model unnormalised (the loader
+warns once); statistics for raw layouts are not written yet. An episode whose frame timestamps are not ``i / fps`` or whose actions and video lengths
 disagree is skipped, counted and logged. Split over tasks or local processes exactly as
 ``ingest_videos.py`` (the output does not depend on it). The v3.0 layout (many episodes per file) is
 not read yet.
