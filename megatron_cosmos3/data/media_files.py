@@ -83,6 +83,8 @@ def decode_media_file(
                         UNSUPPORTED_CODEC,
                         f"{name}: FFmpeg has no decoder for its {stream.type} stream ({_codec_tag(data, container)})",
                     )
+                if stream is not None:  # one decoding thread: the loader's workers are the parallelism
+                    stream.codec_context.thread_count = 1
             out = _decode(container, video if want_video else None, audio, name, media, window_for)
     except SampleError:
         raise
