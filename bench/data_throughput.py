@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=96, help="samples in the generated world")
     parser.add_argument("--packs", type=int, default=40, help="packs timed per configuration")
-    parser.add_argument("--vae-packs", type=int, default=4, help="packs timed with online VAE encoding (slow)")
+    parser.add_argument(
+        "--vae-packs", type=int, default=4, help="packs timed with online VAE encoding (slow; 0 = skip those rows)"
+    )
     parser.add_argument("--tokens-per-pack", type=int, default=4096)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args(argv)
@@ -174,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             "raw npy+wav, tiny frozen VAEs": (world["raw"], vaes, None, args.vae_packs),
             "raw mp4, tiny frozen VAEs": (mp4_world["raw"], vaes, None, args.vae_packs),
         }
+        sources = {name: source for name, source in sources.items() if source[3] > 0}
         print(
             f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread in the "
             f"training process, python {platform.python_version()}, torch {torch.__version__}"
