@@ -13,10 +13,11 @@ must register with that width (``model.embodiments``), ``fps`` and ``action_rate
 rate, the episode's task text as its ``instruction``. The loader cuts clips from episodes with their
 actions (``data.media.clip_seconds``). Action statistics are kept per pseudo-action layout
 (``encoders/action_normalization.py``), so raw actions enter the model unnormalised (the loader
-warns once); statistics for raw layouts are not written yet. An episode whose frame timestamps are not ``i / fps`` or whose actions and video lengths
-disagree is skipped, counted and logged. Split over tasks or local processes exactly as
-``ingest_videos.py`` (the output does not depend on it). The v3.0 layout (many episodes per file) is
-not read yet.
+warns once); statistics for raw layouts are not written yet. An episode whose frame timestamps are
+not ``i / fps`` or whose action rows disagree with its ``length`` is skipped, counted and logged, as
+is one the loader could not read (checked as ``ingest_videos.py`` checks a video). Split over tasks or
+local processes exactly as ``ingest_videos.py`` (the output does not depend on it). The v3.0 layout
+(many episodes per file) is not read yet.
 """
 
 from __future__ import annotations
