@@ -182,3 +182,59 @@ def test_a_folder_of_videos_with_captions_becomes_shards(tmp_path):
     )
     assert clip.timing["clip_start_s"] == 2.0 and clip.caption == "bright"
     assert math.isclose(clip.caption_segments[0][1], 1.0)
+
+
+def test_a_lerobot_v3_dataset_gives_each_episode_its_rows_and_video_segment(tmp_path):
+    """v3.0: two episodes share one parquet file and one mp4; each sample holds only its own rows
+    and its own frames (episode 1's first frame is frame FRAMES of the shared video)."""
+    root, camera = tmp_path / "arm_v3", "observation.images.top"
+    info = {
+        "codebase_version": "v3.0",
+        "fps": FPS,
+        "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+        "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4",
+        "features": {
+            camera: {"dtype": "video", "shape": [32, 32, 3]},
+            "action": {"dtype": "float32", "shape": [WIDTH]},
+            "timestamp": {"dtype": "float32", "shape": [1]},
+            "episode_index": {"dtype": "int64", "shape": [1]},
+        },
+    }
+    (root / "meta" / "episodes" / "chunk-000").mkdir(parents=True)
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    rows = np.zeros((2 * FRAMES, WIDTH), np.float32)
+    rows[:, 1] = np.arange(2 * FRAMES)  # the global frame number
+    table = pa.table(
+        {
+            "action": pa.array(list(rows), type=pa.list_(pa.float32())),
+            "timestamp": pa.array(np.tile(np.arange(FRAMES) / FPS, 2), type=pa.float32()),
+            "episode_index": np.repeat([0, 1], FRAMES),
+            "index": np.arange(2 * FRAMES),
+        }
+    )
+    (root / "data" / "chunk-000").mkdir(parents=True)
+    pq.write_table(table, root / "data" / "chunk-000" / "file-000.parquet")
+    video = root / "videos" / camera / "chunk-000" / "file-000.mp4"
+    video.parent.mkdir(parents=True)
+    video.write_bytes(encode_mp4(_frames(0, 2 * FRAMES), FPS, crf=4, keyframe_interval=5))
+    episodes = {
+        "episode_index": [0, 1],
+        "tasks": [["push left"], ["push right"]],
+        "length": [FRAMES, FRAMES],
+        "data/chunk_index": [0, 0],
+        "data/file_index": [0, 0],
+        "dataset_from_index": [0, FRAMES],
+        "dataset_to_index": [FRAMES, 2 * FRAMES],
+        f"videos/{camera}/chunk_index": [0, 0],
+        f"videos/{camera}/file_index": [0, 0],
+        f"videos/{camera}/from_timestamp": [0.0, FRAMES / FPS],
+        f"videos/{camera}/to_timestamp": [FRAMES / FPS, 2 * FRAMES / FPS],
+    }
+    pq.write_table(pa.table(episodes), root / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
+    assert not load_script("ingest_lerobot").ingest_lerobot(root, tmp_path / "out", "toy_arm")
+    index = ShardIndex.load(tmp_path / "out")
+    second = decode_sample(list(read_shard(index.shards[0].url))[1], SchemaContext({"toy_arm": WIDTH}))
+    assert second.instruction == "push right" and len(second.video) == len(second.actions) == FRAMES
+    np.testing.assert_array_equal(second.actions[:, 1], np.arange(FRAMES, 2 * FRAMES))
+    brightness = second.video[:, :, 0, 0].mean(axis=1).astype(float)
+    np.testing.assert_allclose(brightness, 10 * np.arange(FRAMES, 2 * FRAMES), atol=3)
