@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Loader + packer throughput: samples/s and tokens/s with 0, 1 and 2 dataloader workers, from raw
-media (encoded online: the weight-free pooled encoder, and tiny frozen VAEs) and from pre-encoded
-latents, set against what one training step consumes.
+media (``.npy`` frames + WAV, or mp4 with its AAC audio muxed in; encoded online: the weight-free
+pooled encoder, and tiny frozen VAEs) and from pre-encoded latents, set against what one training
+step consumes; and the shard bytes per clip of each.
 
     python bench/data_throughput.py [--samples 96] [--packs 40] [--vae-packs 4] [--tokens-per-pack 4096]
 
@@ -28,9 +29,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+from megatron_cosmos3.data.clips import MediaConfig  # noqa: E402
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfig, PackingConfig  # noqa: E402
 from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder  # noqa: E402
 from megatron_cosmos3.data.loader import PackedLoader  # noqa: E402
+from megatron_cosmos3.data.schema import decode_sample  # noqa: E402
+from megatron_cosmos3.data.shards import ShardIndex, read_shard  # noqa: E402
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig  # noqa: E402
 from megatron_cosmos3.model.config import MoTConfig  # noqa: E402
 from megatron_cosmos3.tasks.registry import TASK_REGISTRY  # noqa: E402
@@ -93,6 +97,19 @@ def measure(config: DataConfig, model: MoTConfig, packs: int, encoder_factory=No
         }
 
 
+def decode_cpu_ms(shards: Path, media: MediaConfig, repeats: int = 3) -> float:
+    """CPU milliseconds (this process's, so other jobs on the machine do not count) to read and
+    decode one sample of ``shards`` with ``media``'s clip, best of ``repeats`` passes."""
+    raws = [raw for shard in ShardIndex.load(shards).shards for raw in read_shard(shard.url)]
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        for index, raw in enumerate(raws):
+            decode_sample(raw, media_config=media, draw=(index * 0.618) % 1.0)
+        best = min(best, (time.process_time() - start) / len(raws) * 1e3)
+    return best
+
+
 def training_step_seconds(model_config: MoTConfig, shards: Path, tokens_per_pack: int) -> float | None:
     """Seconds of one forward + backward + optimizer step of the tiny MoT on one pack (this CPU)."""
     try:
@@ -122,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=96, help="samples in the generated world")
     parser.add_argument("--packs", type=int, default=40, help="packs timed per configuration")
-    parser.add_argument("--vae-packs", type=int, default=4, help="packs timed with online VAE encoding (slow)")
+    parser.add_argument(
+        "--vae-packs", type=int, default=4, help="packs timed with online VAE encoding (slow; 0 = skip those rows)"
+    )
     parser.add_argument("--tokens-per-pack", type=int, default=4096)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args(argv)
@@ -140,18 +159,38 @@ def main(argv: list[str] | None = None) -> int:
             video_latent_channels=model.video_latent_channels,
             audio_latent_dim=model.audio_latent_dim,
         )
+        mp4_world = _script("generate_world").write_world(
+            root / "world_mp4",
+            args.samples,
+            seed=0,
+            shard_size=16,
+            workers=2,
+            video_format="mp4",
+        )
         vaes = _tiny_vaes(root, model)
         pooled = functools.partial(PooledLatentEncoder, model.video_latent_channels, model.audio_latent_dim)
         sources = {  # name: (shards, VAE config, encoder factory, packs timed)
             "latents (pre-encoded)": (world["latent"], None, None, args.packs),
-            "raw media, pooled encoder": (world["raw"], None, pooled, args.packs),
-            "raw media, tiny frozen VAEs": (world["raw"], vaes, None, args.vae_packs),
+            "raw npy+wav, pooled encoder": (world["raw"], None, pooled, args.packs),
+            "raw mp4, pooled encoder": (mp4_world["raw"], None, pooled, args.packs),
+            "raw npy+wav, tiny frozen VAEs": (world["raw"], vaes, None, args.vae_packs),
+            "raw mp4, tiny frozen VAEs": (mp4_world["raw"], vaes, None, args.vae_packs),
         }
+        sources = {name: source for name, source in sources.items() if source[3] > 0}
         print(
             f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread in the "
             f"training process, python {platform.python_version()}, torch {torch.__version__}"
         )
         print(f"# world: {args.samples} samples, 64x64 px, 2 s clips; packs of {args.tokens_per_pack} tokens")
+        folders = {"raw npy+wav": world["raw"], "raw mp4": mp4_world["raw"], "latents": world["latent"]}
+        for name, folder in folders.items():
+            index = ShardIndex.load(folder)
+            per_clip = sum(shard.bytes for shard in index.shards) / index.total_samples
+            print(f"# shard bytes per clip, {name:12s}: {per_clip:12,.0f}")
+        clips = {"whole 2 s clip": MediaConfig(), "1 s window at 12 fps": MediaConfig(fps=12, clip_seconds=1.0)}
+        for clip, media in clips.items():
+            for name in ("raw npy+wav", "raw mp4"):
+                print(f"# decode CPU ms per sample, {name:12s}, {clip:20s}: {decode_cpu_ms(folders[name], media):7.2f}")
         print(
             f"{'source':30s} {'workers':>7s} {'warm-up s':>9s} {'samples/s':>10s} {'tokens/s':>10s} "
             f"{'packs/s':>8s} {'fill':>6s}"

@@ -6,7 +6,8 @@
 
 Reads every shard of ``IN_DIR`` (its ``index.json``), replaces video, image and audio by their
 latents (``megatron_cosmos3.data.latent_encoders.latent_sample``: the frozen VAEs from local
-diffusers folders, or the pooled stand-in), keeps text, actions, timing and the ViT picture, and
+diffusers folders, or the pooled stand-in), keeps text, actions (of any embodiment: raw actions of a
+LeRobot dataset's robot too), timing and the ViT picture, and
 writes ``OUT_DIR`` shards with their index; ``action_stats.json`` is copied. Samples that fail the
 schema are skipped, counted per reason and logged, exactly as the loader would.
 
@@ -20,9 +21,7 @@ writes the files one process writes, byte for byte.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import logging
-import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 from megatron_cosmos3.data.errors import SampleError, Skip
 from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder, VAELatentEncoder, latent_sample
 from megatron_cosmos3.data.schema import SchemaContext, decode_sample
-from megatron_cosmos3.data.shard_writer import ShardWriter
+from megatron_cosmos3.data.shard_writer import PARTS, ShardWriter, write_parts
 from megatron_cosmos3.data.shards import ShardIndex, read_shard
 from megatron_cosmos3.encoders.action_normalization import ACTION_STATS_FILENAME
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
@@ -40,53 +39,33 @@ from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
 log = logging.getLogger("encode_shards")
 
 
-PARTS = ".parts"
-
-
 def encode_shards(
     in_dir: str | Path, out_dir: str | Path, encoder, shard_size: int = 64, task: int = 0, tasks: int = 1
 ) -> Counter:
     """Writes task ``task`` of ``tasks``'s part of the latent copy of ``in_dir`` into ``out_dir``
     (module doc), and the index once every part is there; returns skip counts per reason."""
-    if not 0 <= task < tasks:
-        raise ValueError(f"--task={task} must be in [0, --tasks={tasks})")
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     skipped: Counter = Counter()
-    context = SchemaContext(None, encoder.video_token_dim or None, encoder.audio_latent_dim or None)
+    # Actions pass through unchanged, so any embodiment is kept (raw actions of a dataset's robot too).
+    context = SchemaContext(None, encoder.video_token_dim or None, encoder.audio_latent_dim or None, True)
     inputs = ShardIndex.load(in_dir).shards
-    for number in range(task, len(inputs), tasks):
+
+    def encode_part(number: int, writer: ShardWriter) -> None:
         shard = inputs[number]
-        writer = ShardWriter(out_dir, f"latent-{number:06d}", shard_size, context=context, write_index=False)
-        with writer, torch.inference_mode():
+        with torch.inference_mode():
             for raw in read_shard(shard.url):
                 try:
                     if isinstance(raw, Skip):
                         raise SampleError(raw.reason, raw.detail)
-                    writer.write(latent_sample(decode_sample(raw, SchemaContext()), encoder))
+                    writer.write(latent_sample(decode_sample(raw, SchemaContext(any_embodiment=True)), encoder))
                 except SampleError as error:
                     skipped[error.reason] += 1
                     key = raw.get("__key__", "-") if isinstance(raw, dict) else raw.key
                     log.warning("%s: skipping %s: %s", shard.url, key, error)
-        (out_dir / PARTS / f"{number:06d}").mkdir(parents=True, exist_ok=True)
-        writer.index.save(out_dir / PARTS / f"{number:06d}")
-    _index_when_complete(in_dir, out_dir, len(inputs))
+
+    stats = (ACTION_STATS_FILENAME,)
+    write_parts(out_dir, "latent", len(inputs), encode_part, task, tasks, shard_size, context, True, in_dir, stats)
     return skipped
-
-
-def _index_when_complete(in_dir: Path, out_dir: Path, parts: int) -> None:
-    """Writes ``index.json`` (and copies the action statistics) once all ``parts`` are written; the
-    check is serialised by a lock, so exactly one of the tasks that finish together does it."""
-    (out_dir / PARTS).mkdir(parents=True, exist_ok=True)
-    with open(out_dir / PARTS / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        folders = [out_dir / PARTS / f"{n:06d}" for n in range(parts)]
-        if (out_dir / "index.json").exists() or not all((f / "index.json").is_file() for f in folders):
-            return
-        shards = [info for folder in folders for info in ShardIndex.load(folder).shards]
-        if (in_dir / ACTION_STATS_FILENAME).is_file():
-            shutil.copyfile(in_dir / ACTION_STATS_FILENAME, out_dir / ACTION_STATS_FILENAME)
-        ShardIndex(tuple(shards)).save(out_dir)
-    shutil.rmtree(out_dir / PARTS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,13 +3,16 @@
 ``megatron_cosmos3/world/world.py``), deterministic given the seed.
 
     python data_pipelines/generate_world.py OUT [--samples 256] [--seed 0] [--latents pooled]
-        [--demonstrations 0.2] [--embodiments single_arm humanoid]
+        [--demonstrations 0.2] [--embodiments single_arm humanoid] [--video-format mp4]
 
-writes ``OUT/raw/`` — video (.npy frames), stereo 48 kHz audio (.wav), pseudo-actions, captions —
-with ``index.json`` and ``action_stats.json``; with ``--latents pooled`` also ``OUT/latent/``: the
-same samples with pixels and audio replaced by the weight-free pooled latents
-(``megatron_cosmos3/data/latent_encoders.py``) at the tiny model's widths, the cheap demo input.
-For latents from the real frozen VAEs, run ``encode_shards.py`` on ``OUT/raw``.
+writes ``OUT/raw/`` — video (.npy frames, or with ``--video-format mp4`` an H.264 mp4 with the
+stereo 48 kHz audio muxed in as AAC: what real corpora store, about 50x smaller), stereo 48 kHz audio
+(.wav, beside .npy video), pseudo-actions, captions — with ``index.json`` and ``action_stats.json``;
+with ``--latents pooled`` also ``OUT/latent/``: the same samples with pixels and audio replaced by
+the weight-free pooled latents (``megatron_cosmos3/data/latent_encoders.py``) at the tiny model's
+widths, the cheap demo input. With mp4 the latents are encoded from the mp4 as the loader decodes
+it, so the path real video takes is the one the latents went through. For latents from the real
+frozen VAEs, run ``encode_shards.py`` on ``OUT/raw``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 
 from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder, latent_sample  # noqa: E402
-from megatron_cosmos3.data.schema import SchemaContext  # noqa: E402
+from megatron_cosmos3.data.schema import SchemaContext, decode_sample, encode_sample  # noqa: E402
 from megatron_cosmos3.data.shard_writer import ShardWriter  # noqa: E402
 from megatron_cosmos3.encoders.action_normalization import ActionStats, EmbodimentActionStats  # noqa: E402
 from megatron_cosmos3.world.world import WorldConfig, generate_sample  # noqa: E402
@@ -38,8 +41,13 @@ def _one_thread() -> None:
 
 
 def _generate(job):
-    config, seed, index = job
-    return generate_sample(config, seed, index)
+    """One sample, its raw shard fields and the sample its latents are encoded from: the mp4 as
+    the loader decodes it, or the generated sample itself."""
+    config, seed, index, video_format = job
+    sample = generate_sample(config, seed, index)
+    raw = encode_sample(sample, video_format)
+    decoded = decode_sample(raw) if video_format == "mp4" else sample  # also validates the mp4
+    return sample, raw, decoded
 
 
 def write_world(
@@ -52,8 +60,12 @@ def write_world(
     video_latent_channels: int = 8,
     audio_latent_dim: int = 16,
     workers: int = 1,
+    video_format: str = "npy",
 ) -> dict[str, Path]:
-    """Writes the world under ``out`` (module doc); returns {"raw": dir, "latent": dir (if asked)}."""
+    """Writes the world under ``out`` (module doc); returns {"raw": dir, "latent": dir (if asked)}.
+    ``video_format``: "npy" (raw frames + WAV) or "mp4" (H.264 + AAC)."""
+    if video_format not in ("npy", "mp4"):
+        raise ValueError(f"video_format must be 'npy' or 'mp4', got {video_format!r}")
     out, config = Path(out), config or WorldConfig()
     dirs = {"raw": out / "raw"}
     writers = {"raw": ShardWriter(dirs["raw"], "world", shard_size)}
@@ -70,13 +82,16 @@ def write_world(
     elif latents != "none":
         raise ValueError(f"latents must be 'none' or 'pooled', got {latents!r}")
     actions = defaultdict(list)
-    jobs = [(config, seed, index) for index in range(samples)]
+    jobs = [(config, seed, index, video_format) for index in range(samples)]
     _one_thread()
     with Pool(workers, initializer=_one_thread) if workers > 1 else _InProcess() as pool:
-        for sample in pool.imap(_generate, jobs, chunksize=4):
-            writers["raw"].write(sample)
+        for sample, raw, decoded in pool.imap(_generate, jobs, chunksize=4):
+            if video_format == "npy":
+                writers["raw"].write(sample)
+            else:  # validated by its decode in the worker
+                writers["raw"].write_raw(raw, decoded.modalities)
             if encoder is not None:
-                writers["latent"].write(latent_sample(sample, encoder))
+                writers["latent"].write(latent_sample(decoded, encoder))
             if sample.actions is not None:
                 actions[sample.embodiment].append(sample.actions)
     stats = ActionStats(
@@ -125,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--audio-latent-dim", type=int, default=16)
     parser.add_argument("--workers", type=int, default=1, help="processes generating samples")
     parser.add_argument(
+        "--video-format",
+        choices=["npy", "mp4"],
+        default="npy",
+        help="raw video as .npy frames + .wav, or mp4 (H.264 with the AAC audio muxed in)",
+    )
+    parser.add_argument(
         "--demonstrations", type=float, default=0.0, help="fraction of samples that are expert demonstrations"
     )
     parser.add_argument(
@@ -150,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         args.video_latent_channels,
         args.audio_latent_dim,
         args.workers,
+        args.video_format,
     )
     return 0
 

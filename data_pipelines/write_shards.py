@@ -5,9 +5,10 @@
 
 One JSON object per manifest line: ``key`` (no '.' or '/'), the ``meta.json`` keys of the schema
 (``caption``, ``fps``, ``embodiment``, ``action_rate_hz``, ``timing``, ...) and file paths (relative
-to the manifest) for the media fields: ``image`` / ``observation`` (.png), ``video`` (.npy),
-``audio`` (.wav), ``actions`` (.npy), ``video_latents`` / ``image_latents`` / ``audio_latents``
-(.npy). Files are stored as they are; each sample is checked with the loader's own decoder
+to the manifest) for the media fields: ``image`` / ``observation`` (.png, .jpg, .webp), ``video``
+(.npy, .mp4, .webm, .mkv), ``audio`` (.wav, .flac, .mp3, .m4a, .aac, .opus), ``actions`` (.npy),
+``video_latents`` / ``image_latents`` / ``audio_latents`` (.npy); the file's suffix names the field
+(``video: a.mp4`` -> ``video.mp4``). Files are stored as they are; each sample is checked with the loader's own decoder
 (``megatron_cosmos3/data/schema.py``), and a bad one is skipped, counted and logged, not written.
 """
 
@@ -27,16 +28,18 @@ from megatron_cosmos3.data.shard_writer import ShardWriter
 from megatron_cosmos3.data.shards import ShardIndex
 
 log = logging.getLogger("write_shards")
-_MEDIA = {name.split(".")[0]: name for name in FIELDS if name != "meta.json"}
+_MEDIA = sorted({name.split(".")[0] for name in FIELDS if name != "meta.json"})
 
 
 def manifest_sample(entry: dict, root: Path) -> dict:
     """The WebDataset dict of one manifest entry (files read as bytes, the rest into meta.json)."""
     entry = dict(entry)
     sample = {"__key__": str(entry.pop("key"))}
-    for name, field in _MEDIA.items():
+    for name in _MEDIA:
         if name in entry:
-            sample[field] = (root / entry.pop(name)).read_bytes()
+            path = root / entry.pop(name)
+            suffix = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
+            sample[f"{name}.{suffix}"] = path.read_bytes()  # a suffix the schema lacks is its extra_field
     sample["meta.json"] = encode_json({"schema": SCHEMA_VERSION, **entry})
     return sample
 

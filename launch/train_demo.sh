@@ -8,14 +8,17 @@ set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo_root/launch/setup_env.sh"
 cd "$repo_root"
-# The generated world the demo trains on: written once (about half a minute), then reused.
+# The generated world the demo trains on, as mp4 clips with their sound muxed in (the path real
+# video takes; the pooled latents are encoded from the decoded mp4): written once (about a minute),
+# then reused.
 if [ ! -f outputs/world/latent/index.json ]; then
-  python data_pipelines/generate_world.py outputs/world --samples 256 --latents pooled --workers 2
+  python data_pipelines/generate_world.py outputs/world --samples 256 --latents pooled --workers 2 --video-format mp4
 fi
 # A held-out world (another seed; 4 shards, so each data rank reads some): held-out loss,
 # generation samples, and the inputs generated from.
 if [ ! -f outputs/world-heldout/latent/index.json ]; then
-  python data_pipelines/generate_world.py outputs/world-heldout --samples 32 --shard-size 8 --seed 1 --latents pooled
+  python data_pipelines/generate_world.py outputs/world-heldout --samples 32 --shard-size 8 --seed 1 --latents pooled \
+    --video-format mp4
 fi
 nproc="${NPROC_PER_NODE:-2}"
 # One intra-op thread per process: 2 processes on a 2-core box must not oversubscribe it.

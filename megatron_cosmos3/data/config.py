@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from megatron_cosmos3.data.clips import MediaConfig
 from megatron_cosmos3.data.determinism import hash64
 from megatron_cosmos3.data.shards import local_entry_problem
 from megatron_cosmos3.data.tokenizer import TOKENIZER_FILE, TokenizerConfig
@@ -79,6 +80,8 @@ class DataConfig:
         the same for every value, so it may change between a save and a resume.
     epochs: 0 = endless (training); N = N passes over a single, non-resampled dataset.
     tokenizer: bytes (default) or a local Hugging Face tokenizer (``data/tokenizer.py``).
+    media: how clips are cut from media (frame rate, resolution buckets, clip length:
+        ``data/clips.py``); the default takes whole samples at their own rate and size.
     prompt_dropout: the probability that a sample of a generation task (one with DM targets) is
         built with an empty prompt, which trains the unconditional model classifier-free guidance
         needs (docs/DESIGN.md, "Generation"); drawn from (seed, slot, index), so a resume is exact.
@@ -97,6 +100,7 @@ class DataConfig:
     encoders: LatentEncoderConfig = field(default_factory=LatentEncoderConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     prompt_dropout: float = 0.0
+    media: MediaConfig = field(default_factory=MediaConfig)
 
     def validate(self) -> None:
         """ValueError naming the field for any inconsistency."""
@@ -160,6 +164,10 @@ class DataConfig:
             f"tokenizer.path={self.tokenizer.path!r} holds no {TOKENIZER_FILE} (a local Hugging Face tokenizer folder)",
         )
         self.encoders.validate()
+        try:
+            self.media.validate()
+        except ValueError as error:
+            raise ValueError(f"data: {error}") from None
 
     def check_paths(self, field_prefix: str = "data") -> None:
         """ValueError naming the field for a local shard path or action-stats file that cannot be
@@ -185,4 +193,6 @@ class DataConfig:
         decisive["stages"] = {self.stage: decisive["stages"][self.stage]}  # other stages do not matter
         if not self.prompt_dropout:  # loader states saved before the field existed still resume
             decisive.pop("prompt_dropout")
+        if self.media == MediaConfig():  # nor those saved before media clips existed
+            decisive.pop("media")
         return hash64(json.dumps(decisive, sort_keys=True))

@@ -37,6 +37,12 @@ NON_FINITE = "non_finite"
 OUT_OF_RANGE = "out_of_range"  # a value outside what the model represents or what is physically sensible
 ZERO_LENGTH = "zero_length"
 UNKNOWN_EMBODIMENT = "unknown_embodiment"
+# Compressed media (``data/media_files.py``): a file without the video or audio stream its field
+# needs; a stream FFmpeg has no decoder for (the detail names the codec); audio and video whose
+# durations differ by more than ``data.media.av_tolerance_s``.
+MISSING_STREAM = "missing_stream"
+UNSUPPORTED_CODEC = "unsupported_codec"
+DURATION_MISMATCH = "duration_mismatch"
 # An unexpected exception while processing one sample (logged with traceback): a bug, never bad data.
 INTERNAL_ERROR = "internal_error"
 ERROR_REASONS = (
@@ -56,6 +62,9 @@ ERROR_REASONS = (
     OUT_OF_RANGE,
     ZERO_LENGTH,
     UNKNOWN_EMBODIMENT,
+    MISSING_STREAM,
+    UNSUPPORTED_CODEC,
+    DURATION_MISMATCH,
     INTERNAL_ERROR,
 )
 # Filtered.

@@ -128,7 +128,13 @@ class PackedLoader:
             tokenizer,
         )
         self.processor = ShardProcessor(
-            self.schedule, TaskMixture(dict(stage.tasks)), context, config.seed, make_builders, config.prompt_dropout
+            self.schedule,
+            TaskMixture(dict(stage.tasks)),
+            context,
+            config.seed,
+            make_builders,
+            config.prompt_dropout,
+            config.media,
         )
         self.budget = ErrorBudget(config.error_budget.max_error_fraction, config.error_budget.min_samples)
         self._fingerprint = config.fingerprint()

@@ -1,5 +1,5 @@
 """Byte codecs of the shard fields, with maintained libraries: numpy ``.npy``, PNG (Pillow), WAV
-(scipy.io.wavfile), JSON, and whole video files (PyAV, for generation's conditioning clips).
+(scipy.io.wavfile) and JSON; video and compressed audio files are ``data/media_files.py``'s (PyAV).
 Decoders turn any library failure into ``SampleError(corrupt_media)``; shape and dtype rules belong
 to the schema, not here.
 """
@@ -18,7 +18,7 @@ from scipy.io import wavfile
 from megatron_cosmos3.data.errors import BAD_METADATA, CORRUPT_MEDIA, SampleError
 
 # Everything a broken file can make these libraries raise; anything else is a bug, not bad data.
-_DECODE_ERRORS = (
+DECODE_ERRORS = (
     ValueError,
     OSError,
     EOFError,
@@ -46,7 +46,7 @@ def decode_npy(data: bytes, name: str) -> np.ndarray:
     """An array from ``.npy`` bytes; pickled object arrays are refused (shards are untrusted)."""
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
-    except _DECODE_ERRORS as error:
+    except DECODE_ERRORS as error:
         raise SampleError(
             CORRUPT_MEDIA, f"{name}: not a readable .npy array ({type(error).__name__}: {error})"
         ) from None
@@ -67,7 +67,7 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
             with Image.open(io.BytesIO(data)) as image:
                 image.load()  # Image.open is lazy: a truncated file fails only here
                 return np.array(image.convert("RGB"))  # a writable copy (torch refuses read-only arrays)
-    except _DECODE_ERRORS as error:
+    except DECODE_ERRORS as error:
         raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable image ({type(error).__name__}: {error})") from None
 
 
@@ -84,7 +84,7 @@ def decode_wav(data: bytes, name: str) -> tuple[np.ndarray, int]:
     """(channels, samples) float32 in [-1, 1] and the sample rate in Hz from WAV bytes (PCM 8/16/32 bit or float)."""
     try:
         rate, samples = wavfile.read(io.BytesIO(data))
-    except _DECODE_ERRORS as error:
+    except DECODE_ERRORS as error:
         raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable WAV file ({type(error).__name__}: {error})") from None
     samples = samples.reshape(len(samples), -1).T  # mono files come as (samples,)
     if samples.dtype == np.uint8:
@@ -109,22 +109,3 @@ def decode_json(data: bytes, name: str) -> dict:
     if not isinstance(document, dict):
         raise SampleError(BAD_METADATA, f"{name}: expected a JSON object, got {type(document).__name__}")
     return document
-
-
-def decode_video_file(data: bytes, name: str) -> tuple[np.ndarray, float]:
-    """(T, H, W, 3) uint8 RGB frames and the frame rate of a whole video file (mp4, webm, mkv, ...):
-    every frame of its first video stream, in presentation order."""
-    import av  # imported here: only generation's conditioning clips need it
-
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            if not container.streams.video:
-                raise SampleError(CORRUPT_MEDIA, f"{name}: has no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-    except (av.error.FFmpegError, *_DECODE_ERRORS) as error:
-        raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable video ({type(error).__name__}: {error})") from None
-    if not frames or not rate:
-        raise SampleError(CORRUPT_MEDIA, f"{name}: no decodable frames or no frame rate")
-    return np.stack(frames), float(rate)

@@ -96,11 +96,14 @@ def encode_mp4(
     audio: np.ndarray | None = None,
     sample_rate: int = 48_000,
     crf: int = 18,
+    keyframe_interval: int | None = None,
 ) -> bytes:
     """``(T, H, W, 3)`` uint8 RGB frames at ``fps`` (and ``(channels, samples)`` float audio at
     ``sample_rate`` Hz, muxed in) -> mp4 bytes: H.264 ``yuv420p`` + AAC (module doc).
 
     ``crf``: x264 constant quality, 0 (lossless luma) to 51 (worst); 18 is visually lossless.
+    ``keyframe_interval``: frames between keyframes (None: x264's default, 250); a reader seeks
+    to a keyframe, so long videos cut into clips want short intervals.
     """
     import av  # PyAV loads FFmpeg's libraries: only a process that writes video pays for it
 
@@ -108,6 +111,10 @@ def encode_mp4(
     rate = exact_rate(fps)
     if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
         raise ValueError(f"crf must be an integer in 0..51, got {crf!r}")
+    if keyframe_interval is not None and (
+        isinstance(keyframe_interval, bool) or not isinstance(keyframe_interval, int) or keyframe_interval < 1
+    ):
+        raise ValueError(f"keyframe_interval must be a positive integer, got {keyframe_interval!r}")
     if audio is not None:
         audio = np.clip(check_waveform(audio, sample_rate), -1.0, 1.0)
     height, width = even_size(*frames.shape[1:3])
@@ -120,7 +127,7 @@ def encode_mp4(
         video = container.add_stream("libx264", rate=rate)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         video.time_base = 1 / rate  # pts = frame index
-        video.options = {"crf": str(crf)}
+        video.options = {"crf": str(crf)} | ({"g": str(keyframe_interval)} if keyframe_interval else {})
         sound = None
         if audio is not None:
             layout = "stereo" if audio.shape[0] == 2 else "mono"

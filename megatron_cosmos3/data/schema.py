@@ -6,11 +6,17 @@ A sample is a group of tar members sharing a key (``<key>.<field>``). Fields:
 field                  content
 =====================  ===========================================================================
 meta.json              required. JSON object: ``schema`` (= 1) and the keys listed below.
-image.png              a still picture, (H, W, 3) uint8 RGB, H and W >= 32.
+image.png              a still picture, (H, W, 3) uint8 RGB, H and W >= 32; or ``image.jpg``,
+                       ``image.webp``.
 observation.png        the picture the Reasoner sees through the ViT (a policy's observation); when
-                       absent, the image or the video's first frame is used.
+                       absent, the image or the video's first frame is used (also ``.jpg``, ``.webp``).
 video.npy              (T, H, W, 3) uint8 RGB frames, T >= 1, H and W >= 32; needs ``fps``.
-audio.wav              mono or stereo WAV (PCM or float), any rate (resampled to 48 kHz to encode).
+video.mp4              a video file (also ``video.webm``, ``video.mkv``; ``data/media_files.py``):
+                       its frame rate and duration from the file, its audio stream used as the
+                       sample's audio when there is no audio file. One video field per sample.
+audio.wav              mono or stereo WAV (PCM or float), any rate (resampled to 48 kHz to encode);
+                       or an ``audio.flac``, ``.mp3``, ``.m4a``, ``.aac``, ``.opus`` file (decoded to
+                       48 kHz stereo). One audio field per sample.
 actions.npy            (N, dim) float pseudo-actions (``encoders/pseudo_actions.py``), step i from
                        frame i to i + 1 at ``action_rate_hz``; needs ``embodiment``.
 video_latents.npy      pre-encoded video tokens (t*h*w, D) float16/32 (``encoders/video_vae.py``);
@@ -23,8 +29,16 @@ audio_latents.npy      pre-encoded audio tokens (n, D) at 25/s (``encoders/audio
 ``meta.json`` keys: ``caption``, ``instruction``, ``question``, ``answer`` (text; question and
 answer together), ``fps``, ``embodiment``, ``action_rate_hz``, ``video_latent_grid``,
 ``image_latent_grid``, ``audio_num_samples``, ``duration_s``; ``timing`` (free-form timing
-metadata, e.g. event times in seconds from the first frame) and ``source`` (free-form provenance).
+metadata, e.g. event times in seconds from the first frame), ``source`` (free-form provenance) and
+``caption_segments`` (timed captions, ``[{"start_s", "end_s", "text"}]``: a clip keeps the segments
+it overlaps, clipped and shifted to its start, and its caption is their texts joined).
 All streams of a sample start at the same instant (the first video frame).
+
+Decoding cuts the clip ``data.media`` asks for (``data/clips.py``): a window of the sample (video
+frames picked at the target frame rate, fitted into a resolution bucket; audio and actions cut to
+the same window) — by default the whole sample at its own rate and size. Audio and video whose
+durations differ by more than ``media.av_tolerance_s`` are a ``duration_mismatch`` (checked where
+a compressed file is involved; npy/WAV shards of any lengths written before keep loading).
 
 Anything else is an ``extra_field``; a field missing what it needs, a ``missing_field``. Pixels
 and audio may come with their latents (latents win); a sample needs text or some media.
@@ -48,8 +62,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatron_cosmos3.data import media
+from megatron_cosmos3.data.clips import MediaConfig, Window, choose_window, fit_to_bucket, pick_frames, target_times
 from megatron_cosmos3.data.errors import (
     BAD_METADATA,
+    DURATION_MISMATCH,
     EXTRA_FIELD,
     MISSING_FIELD,
     NON_FINITE,
@@ -60,7 +76,8 @@ from megatron_cosmos3.data.errors import (
     ZERO_LENGTH,
     SampleError,
 )
-from megatron_cosmos3.encoders.audio_vae import num_audio_tokens
+from megatron_cosmos3.data.media_files import AUDIO_SUFFIXES, VIDEO_SUFFIXES, decode_media_file
+from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, num_audio_tokens
 from megatron_cosmos3.encoders.pseudo_actions import ACTION_LAYOUTS
 from megatron_cosmos3.encoders.video_vae import PIXELS_PER_TOKEN, largest_encodable_frame_count, num_latent_frames
 from megatron_cosmos3.tasks.registry import Modality
@@ -74,12 +91,17 @@ AUDIO_RATE_RANGE_HZ = (1_000, 768_000)
 MAX_GRID_SIDE = 65_536
 MAX_AUDIO_SAMPLES = 48_000 * 86_400
 MAX_ABS_VALUE = 1e6
+PICTURE_SUFFIXES = ("png", "jpg", "webp")
+IMAGE_FIELDS = tuple(f"image.{suffix}" for suffix in PICTURE_SUFFIXES)
+OBSERVATION_FIELDS = tuple(f"observation.{suffix}" for suffix in PICTURE_SUFFIXES)
+VIDEO_FIELDS = ("video.npy", *(f"video.{suffix}" for suffix in VIDEO_SUFFIXES))
+AUDIO_FIELDS = ("audio.wav", *(f"audio.{suffix}" for suffix in AUDIO_SUFFIXES))
 FIELDS = (
     "meta.json",
-    "image.png",
-    "observation.png",
-    "video.npy",
-    "audio.wav",
+    *IMAGE_FIELDS,
+    *OBSERVATION_FIELDS,
+    *VIDEO_FIELDS,
+    *AUDIO_FIELDS,
     "actions.npy",
     "video_latents.npy",
     "image_latents.npy",
@@ -97,6 +119,7 @@ META_KEYS = (
     "audio_num_samples",
     "duration_s",
     "timing",
+    "caption_segments",
     "source",
 )
 
@@ -127,6 +150,8 @@ class Sample:
     audio_num_samples: int | None = None  # at 48 kHz
     duration_s: float | None = None
     timing: dict = field(default_factory=dict)
+    # Timed captions: (start_s, end_s, text), seconds from the first frame; a clip keeps those it overlaps.
+    caption_segments: list[tuple[float, float, str]] = field(default_factory=list)
     source: dict | str | None = None
 
     @property
@@ -161,6 +186,9 @@ class SchemaContext:
     embodiments: Mapping[str, int] | None = None
     video_token_dim: int | None = None
     audio_latent_dim: int | None = None
+    # Tools that carry actions through without training on them (pre-encoding) accept any
+    # embodiment at any width; the loader never does.
+    any_embodiment: bool = False
 
     def action_dim(self, embodiment: str) -> int | None:
         known = self.embodiments if self.embodiments is not None else {k: v.dim for k, v in ACTION_LAYOUTS.items()}
@@ -170,10 +198,16 @@ class SchemaContext:
 # --- encoding (writers) ----------------------------------------------------------------------------
 
 
-def encode_sample(sample: Sample) -> dict[str, bytes | str]:
-    """The WebDataset dict ``{"__key__": key, "<field>": bytes}`` of a sample (no validation)."""
+def encode_sample(sample: Sample, video_format: str = "npy") -> dict[str, bytes | str]:
+    """The WebDataset dict ``{"__key__": key, "<field>": bytes}`` of a sample (no validation).
+    ``video_format``: "npy" (raw frames, audio as WAV) or "mp4" (H.264 with the audio muxed in as
+    AAC, ``data/media_writers.py``: 50-100x smaller, not bit-exact)."""
+    from megatron_cosmos3.data.media_writers import encode_mp4  # writes through PyAV: imported when asked
+
     if not sample.key or "." in sample.key or "/" in sample.key:
         raise ValueError(f"sample key {sample.key!r} must be non-empty without '.' or '/' (WebDataset splits on them)")
+    if video_format not in ("npy", "mp4"):
+        raise ValueError(f"video_format must be 'npy' or 'mp4', got {video_format!r}")
     meta: dict = {"schema": SCHEMA_VERSION}
     for name in (*TEXT_KEYS, "fps", "embodiment", "action_rate_hz", "audio_num_samples", "duration_s", "source"):
         if getattr(sample, name) is not None:
@@ -183,14 +217,19 @@ def encode_sample(sample: Sample) -> dict[str, bytes | str]:
             meta[name] = [int(x) for x in getattr(sample, name)]
     if sample.timing:
         meta["timing"] = sample.timing
+    if sample.caption_segments:
+        meta["caption_segments"] = [{"start_s": a, "end_s": b, "text": t} for a, b, t in sample.caption_segments]
     out: dict[str, bytes | str] = {"__key__": sample.key, "meta.json": media.encode_json(meta)}
     if sample.image is not None:
         out["image.png"] = media.encode_png(sample.image)
     if sample.observation is not None:
         out["observation.png"] = media.encode_png(sample.observation)
-    if sample.video is not None:
+    muxed = video_format == "mp4" and sample.video is not None
+    if muxed:
+        out["video.mp4"] = encode_mp4(sample.video, sample.fps, sample.audio, sample.audio_sample_rate or 48_000)
+    elif sample.video is not None:
         out["video.npy"] = media.encode_npy(sample.video)
-    if sample.audio is not None:
+    if sample.audio is not None and not muxed:
         out["audio.wav"] = media.encode_wav(sample.audio, sample.audio_sample_rate)
     for name in ("actions", "video_latents", "image_latents", "audio_latents"):
         if getattr(sample, name) is not None:
@@ -253,14 +292,84 @@ def _float_rows(array: np.ndarray, name: str, width: int | None, rows: int | Non
 
 
 def _picture(data: bytes, name: str) -> np.ndarray:
-    image = media.decode_image(data, name)
+    return _picture_size(media.decode_image(data, name), name)
+
+
+def _picture_size(image: np.ndarray, name: str) -> np.ndarray:
     if min(image.shape[:2]) < PIXELS_PER_TOKEN:
         _fail(WRONG_SHAPE, f"{name} is {image.shape[1]}x{image.shape[0]}; both sides must be >= {PIXELS_PER_TOKEN} px")
     return image
 
 
-def decode_sample(raw: Mapping[str, bytes], context: SchemaContext = SchemaContext()) -> Sample:
-    """A validated ``Sample`` from a WebDataset dict; ``SampleError`` naming the reason otherwise."""
+def _one_of(files: Mapping[str, bytes], fields: tuple[str, ...], what: str) -> str | None:
+    present = [name for name in fields if name in files]
+    if len(present) > 1:
+        _fail(EXTRA_FIELD, f"a sample holds one {what}, got {present}")
+    return present[0] if present else None
+
+
+def _check_frames(video: np.ndarray, name: str) -> np.ndarray:
+    if video.dtype != np.uint8:
+        _fail(WRONG_DTYPE, f"{name} must be uint8 RGB, got dtype {video.dtype}")
+    if video.ndim != 4 or video.shape[-1] != 3:
+        _fail(WRONG_SHAPE, f"{name} must have shape (T, H, W, 3), got {video.shape}")
+    if video.shape[0] == 0:
+        _fail(ZERO_LENGTH, f"{name} has 0 frames")
+    if min(video.shape[1:3]) < PIXELS_PER_TOKEN:
+        _fail(
+            WRONG_SHAPE,
+            f"{name} frames are {video.shape[2]}x{video.shape[1]}; both sides must be >= {PIXELS_PER_TOKEN} px",
+        )
+    return video
+
+
+def _check_audio(audio: np.ndarray, rate: int, name: str) -> tuple[np.ndarray, int]:
+    if audio.shape[0] not in (1, 2):
+        _fail(WRONG_SHAPE, f"{name} has {audio.shape[0]} channels; expected mono or stereo")
+    if audio.shape[1] == 0:
+        _fail(ZERO_LENGTH, f"{name} has 0 samples")
+    if rate <= 0:
+        _fail(BAD_METADATA, f"{name} sample rate is {rate}")
+    if not AUDIO_RATE_RANGE_HZ[0] <= rate <= AUDIO_RATE_RANGE_HZ[1]:
+        _fail(OUT_OF_RANGE, f"{name} sample rate {rate} Hz is outside {list(AUDIO_RATE_RANGE_HZ)}")
+    if not np.isfinite(audio).all():
+        _fail(NON_FINITE, f"{name} holds NaN/inf samples")
+    return audio, rate
+
+
+def _cut_samples(values: np.ndarray, rate: float, window: Window) -> np.ndarray:
+    """The rows of a stream sampled at ``rate`` per second (row i at i / rate) inside ``window``."""
+    first = round(window.start_s * rate)
+    return values[first : first + math.ceil(window.duration_s * rate - 1e-6)]
+
+
+def _segments(value) -> list[tuple[float, float, str]]:
+    """``caption_segments``: a list of {"start_s", "end_s", "text"} with 0 <= start < end."""
+    segments = []
+    for i, item in enumerate(value if isinstance(value, list) else [None]):
+        ok = isinstance(item, dict) and set(item) == {"start_s", "end_s", "text"} and isinstance(item["text"], str)
+        times = [item.get("start_s"), item.get("end_s")] if ok else []
+        ok = ok and all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in times)
+        if not ok or not 0 <= times[0] < times[1]:
+            _fail(
+                BAD_METADATA,
+                f"meta.json 'caption_segments'[{i}] must be {{start_s, end_s, text}} with 0 <= start_s < end_s, "
+                f"got {item!r}",
+            )
+        segments.append((float(times[0]), float(times[1]), item["text"]))
+    return segments
+
+
+def decode_sample(
+    raw: Mapping[str, bytes],
+    context: SchemaContext = SchemaContext(),
+    media_config: MediaConfig | None = None,
+    draw: float = 0.0,
+) -> Sample:
+    """A validated ``Sample`` from a WebDataset dict; ``SampleError`` naming the reason otherwise.
+    ``media_config`` says which clip to cut (``data/clips.py``; default: the whole sample at its own
+    rate and size) and ``draw`` in [0, 1) where a random clip starts."""
+    clip = media_config or MediaConfig()
     key = str(raw.get("__key__", "?"))
     files = {name: value for name, value in raw.items() if not name.startswith("__")}
     extra = sorted(set(files) - set(FIELDS))
@@ -291,50 +400,98 @@ def decode_sample(raw: Mapping[str, bytes], context: SchemaContext = SchemaConte
     if "duration_s" in meta:
         sample.duration_s = _positive_number(meta, "duration_s", "duration_s", DURATION_RANGE_S)
 
-    if "image.png" in files:
-        sample.image = _picture(files["image.png"], "image.png")
-    if "observation.png" in files:
-        sample.observation = _picture(files["observation.png"], "observation.png")
-    if "video.npy" in files:
-        video = media.decode_npy(files["video.npy"], "video.npy")
-        if video.dtype != np.uint8:
-            _fail(WRONG_DTYPE, f"video.npy must be uint8 RGB, got dtype {video.dtype}")
-        if video.ndim != 4 or video.shape[-1] != 3:
-            _fail(WRONG_SHAPE, f"video.npy must have shape (T, H, W, 3), got {video.shape}")
-        if video.shape[0] == 0:
-            _fail(ZERO_LENGTH, "video.npy has 0 frames")
-        if min(video.shape[1:3]) < PIXELS_PER_TOKEN:
-            _fail(
-                WRONG_SHAPE,
-                f"video.npy frames are {video.shape[2]}x{video.shape[1]}; both sides must be >= {PIXELS_PER_TOKEN} px",
-            )
-        sample.video = video
-    if "video.npy" in files or "video_latents.npy" in files:
-        sample.fps = _positive_number(meta, "fps", "a video", FPS_RANGE)
-    if "audio.wav" in files:
-        audio, rate = media.decode_wav(files["audio.wav"], "audio.wav")
-        if audio.shape[0] not in (1, 2):
-            _fail(WRONG_SHAPE, f"audio.wav has {audio.shape[0]} channels; expected mono or stereo")
-        if audio.shape[1] == 0:
-            _fail(ZERO_LENGTH, "audio.wav has 0 samples")
-        if rate <= 0:
-            _fail(BAD_METADATA, f"audio.wav sample rate is {rate}")
-        if not AUDIO_RATE_RANGE_HZ[0] <= rate <= AUDIO_RATE_RANGE_HZ[1]:
-            _fail(OUT_OF_RANGE, f"audio.wav sample rate {rate} Hz is outside {list(AUDIO_RATE_RANGE_HZ)}")
-        if not np.isfinite(audio).all():
-            _fail(NON_FINITE, "audio.wav holds NaN/inf samples")
-        sample.audio, sample.audio_sample_rate = audio, rate
+    buckets = clip.buckets()
+    for attribute, fields in (("image", IMAGE_FIELDS), ("observation", OBSERVATION_FIELDS)):
+        name = _one_of(files, fields, attribute)
+        if name is not None:
+            picture = fit_to_bucket(_picture(files[name], name)[None], buckets)[0]
+            setattr(sample, attribute, _picture_size(picture, name))
+    actions = None
     if "actions.npy" in files:
         if not isinstance(meta.get("embodiment"), str):
             _fail(MISSING_FIELD, f"actions.npy needs meta.json 'embodiment' (a string), got {meta.get('embodiment')!r}")
         sample.embodiment = meta["embodiment"]
         width = context.action_dim(sample.embodiment)
-        if width is None:
+        if width is None and not context.any_embodiment:
             _fail(UNKNOWN_EMBODIMENT, f"embodiment {sample.embodiment!r} is not one the model knows")
         sample.action_rate_hz = _positive_number(meta, "action_rate_hz", "actions.npy", ACTION_RATE_RANGE_HZ)
-        sample.actions = _float_rows(media.decode_npy(files["actions.npy"], "actions.npy"), "actions.npy", width)
+        actions = _float_rows(media.decode_npy(files["actions.npy"], "actions.npy"), "actions.npy", width)
     elif "embodiment" in meta or "action_rate_hz" in meta:
         _fail(MISSING_FIELD, "meta.json names an embodiment / action rate but the sample has no actions.npy")
+    step_s = 1.0 / sample.action_rate_hz if actions is not None else None
+
+    def window_for(duration_s: float) -> Window:
+        return choose_window(duration_s, clip, draw, step_s)
+
+    window, durations = None, {}
+    video_field = _one_of(files, VIDEO_FIELDS, "video")
+    audio_field = _one_of(files, AUDIO_FIELDS, "audio")
+    if video_field == "video.npy":
+        video = _check_frames(media.decode_npy(files[video_field], video_field), video_field)
+        source_fps = _positive_number(meta, "fps", "a video", FPS_RANGE)
+        durations["video"] = len(video) / source_fps
+        window = window_for(durations["video"])
+        sample.fps = clip.fps or source_fps
+        picked = pick_frames(
+            np.arange(len(video)) / source_fps, target_times(window, sample.fps), durations["video"], video_field
+        )
+        if len(picked) != len(video) or (picked != np.arange(len(video))).any():
+            video = video[picked]
+        sample.video = _check_frames(fit_to_bucket(video, buckets), video_field)
+    elif video_field is not None:
+        decoded = decode_media_file(files[video_field], video_field, clip, window_for, True, audio_field is None)
+        window, sample.fps = decoded.window, decoded.fps
+        sample.video = _check_frames(decoded.frames, video_field)
+        durations["video"] = decoded.video_duration_s
+        if decoded.audio is not None:
+            sample.audio, sample.audio_sample_rate = decoded.audio, SAMPLE_RATE
+            durations[f"{video_field}'s audio"] = decoded.audio_duration_s
+    if "video_latents.npy" in files:
+        sample.fps = _positive_number(meta, "fps", "a video", FPS_RANGE)
+    if audio_field == "audio.wav":
+        audio, rate = _check_audio(*media.decode_wav(files[audio_field], audio_field), audio_field)
+        durations[audio_field] = audio.shape[1] / rate
+        window = window or window_for(durations[audio_field])
+        sample.audio = _check_audio(np.ascontiguousarray(_cut_samples(audio.T, rate, window).T), rate, audio_field)[0]
+        sample.audio_sample_rate = rate
+    elif audio_field is not None:
+        decoded = decode_media_file(
+            files[audio_field], audio_field, clip, (lambda _: window) if window else window_for, False, True
+        )
+        window = decoded.window
+        if decoded.audio is None:  # the file ends before the clip starts
+            seconds = decoded.audio_duration_s
+            _fail(DURATION_MISMATCH, f"{audio_field} lasts {seconds:.3f} s; the clip is {window}")
+        sample.audio, sample.audio_sample_rate = _check_audio(decoded.audio, SAMPLE_RATE, audio_field)
+        durations[audio_field] = decoded.audio_duration_s
+    # Checked where a compressed file is involved: the npy/WAV shards written before it keep loading.
+    compressed = video_field not in (None, "video.npy") or audio_field not in (None, "audio.wav")
+    if compressed and "video" in durations and len(durations) > 1:
+        other, seconds = next((n, d) for n, d in durations.items() if n != "video")
+        if seconds is not None and abs(seconds - durations["video"]) > clip.av_tolerance_s:
+            _fail(
+                DURATION_MISMATCH,
+                f"{other} lasts {seconds:.3f} s, {video_field} {durations['video']:.3f} s "
+                f"(more than media.av_tolerance_s={clip.av_tolerance_s} apart)",
+            )
+    if actions is not None:
+        if window is not None:
+            actions = _cut_samples(actions, sample.action_rate_hz, window)
+            if len(actions) == 0:
+                _fail(ZERO_LENGTH, f"actions.npy has no step in the clip {window}")
+        sample.actions = actions
+    if "caption_segments" in meta:
+        sample.caption_segments = _segments(meta["caption_segments"])
+    if window is not None and (window.start_s > 0 or clip.clip_seconds > 0):
+        sample.duration_s = window.duration_s
+        sample.timing = {**sample.timing, "clip_start_s": window.start_s}
+        sample.caption_segments = [
+            (max(a, window.start_s) - window.start_s, min(b, window.end_s) - window.start_s, text)
+            for a, b, text in sample.caption_segments
+            if a < window.end_s and b > window.start_s
+        ]
+    if sample.caption_segments:  # the clip is described by what is said of its own seconds
+        sample.caption = " ".join(text for _, _, text in sample.caption_segments)
     for name, grid_key, width in (
         ("video_latents", "video_latent_grid", context.video_token_dim),
         ("image_latents", "image_latent_grid", context.video_token_dim),

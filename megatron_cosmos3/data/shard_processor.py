@@ -1,4 +1,5 @@
-"""One slot -> its packed-ready samples: read the shard, decode, assign tasks, build.
+"""One slot -> its packed-ready samples: read the shard, decode (cutting the configured clip), assign
+tasks, build.
 
 This is the work a dataloader worker does (and what a resume redoes for the few slots still
 buffered). Its output for a slot is a pure function of the slot address and the config: the task
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_cosmos3.data.clips import MediaConfig
 from megatron_cosmos3.data.determinism import uniform
 from megatron_cosmos3.data.errors import (
     DAMAGED_SHARD,
@@ -71,9 +73,10 @@ class ShardProcessor:
         seed: int,
         make_builders,
         prompt_dropout: float = 0.0,
+        media: MediaConfig | None = None,
     ) -> None:
         self.schedule, self.mixture, self.context, self.seed = schedule, mixture, context, seed
-        self.prompt_dropout = prompt_dropout
+        self.prompt_dropout, self.media = prompt_dropout, media or MediaConfig()
         self._make_builders = make_builders
         self._builders: list[SampleBuilder] | None = None
 
@@ -125,7 +128,8 @@ class ShardProcessor:
         return result
 
     def _build(self, builder: SampleBuilder, raw: dict, address: SlotAddress, index: int) -> BuiltSample:
-        sample = decode_sample(raw, self.context)
+        # The clip of a long sample starts at a draw from (seed, slot, index): a resume cuts the same one.
+        sample = decode_sample(raw, self.context, self.media, uniform(self.seed, "clip", address.slot, index))
         task = self.mixture.choose(
             sample.modalities,
             sample.latent_frames,

@@ -7,8 +7,12 @@ samples give byte-identical shards.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 from collections import Counter
+from collections.abc import Callable
+from multiprocessing import Pool
 from pathlib import Path
 
 from webdataset.writer import TarWriter
@@ -101,3 +105,73 @@ class ShardWriter:
             if self.write_index:  # else the caller indexes these shards with others (one folder, many writers)
                 self.index.save(self.directory)
         return self.index
+
+
+PARTS = ".parts"
+
+
+def write_parts(
+    out_dir: str | Path,
+    prefix: str,
+    parts: int,
+    write_part: Callable[[int, ShardWriter], None],
+    task: int = 0,
+    tasks: int = 1,
+    shard_size: int = 64,
+    context: SchemaContext | None = None,
+    validate: bool = True,
+    copy_from: Path | None = None,
+    files: tuple = (),
+) -> Path:
+    """Writes task ``task`` of ``tasks``'s share of ``parts`` numbered parts, and the index once all
+    are there, so the output does not depend on the split (a SLURM array, local processes).
+
+    Task I writes parts I, I+N, ...: part n goes through ``write_part(n, writer)`` into
+    ``<prefix>-<n>-<k>.tar`` (k counting its ``shard_size`` pieces) with a part index in
+    ``out_dir/.parts/``; whichever task finishes last writes ``index.json`` over all parts in order
+    (serialised by a lock), copying ``files`` from ``copy_from`` beside it. Any split writes the
+    files one process writes, byte for byte."""
+    if not 0 <= task < tasks:
+        raise ValueError(f"task={task} must be in [0, tasks={tasks})")
+    out_dir = Path(out_dir)
+    for number in range(task, parts, tasks):
+        with ShardWriter(
+            out_dir, f"{prefix}-{number:06d}", shard_size, context=context, validate=validate, write_index=False
+        ) as writer:
+            write_part(number, writer)
+        (out_dir / PARTS / f"{number:06d}").mkdir(parents=True, exist_ok=True)
+        writer.index.save(out_dir / PARTS / f"{number:06d}")
+    index_when_complete(out_dir, parts, copy_from, files)
+    return out_dir
+
+
+def index_when_complete(out_dir: str | Path, parts: int, copy_from: Path | None = None, files: tuple = ()) -> bool:
+    """Writes ``index.json`` over the ``parts`` part indexes under ``out_dir/.parts`` once all are
+    written (copying ``files`` from ``copy_from``) and removes them; True if this call did it."""
+    out_dir = Path(out_dir)
+    (out_dir / PARTS).mkdir(parents=True, exist_ok=True)
+    with open(out_dir / PARTS / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        folders = [out_dir / PARTS / f"{n:06d}" for n in range(parts)]
+        if (out_dir / "index.json").exists() or not all((f / "index.json").is_file() for f in folders):
+            return False
+        shards = [info for folder in folders for info in ShardIndex.load(folder).shards]
+        for name in files:
+            if copy_from is not None and (copy_from / name).is_file():
+                shutil.copyfile(copy_from / name, out_dir / name)
+        ShardIndex(tuple(shards)).save(out_dir)
+    shutil.rmtree(out_dir / PARTS)
+    return True
+
+
+def run_split(function: Callable[..., Counter], processes: int, task: int, tasks: int, *args) -> Counter:
+    """``function(*args, task, tasks)`` — one task of a SLURM array — or, with ``processes`` > 0,
+    every task of ``processes`` in that many local processes (a ``write_parts`` writer, e.g.
+    ``data_pipelines/ingest_videos.py``); the skip counts, summed."""
+    if processes < 0:
+        raise ValueError(f"processes={processes} must be >= 0 (0: run task {task} of {tasks} here)")
+    if processes <= 1:
+        return function(*args, *((task, tasks) if processes == 0 else (0, 1)))
+    with Pool(processes) as pool:
+        counts = pool.starmap(function, [(*args, index, processes) for index in range(processes)])
+    return sum(counts, Counter())

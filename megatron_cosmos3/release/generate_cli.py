@@ -31,7 +31,8 @@ import torch
 
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.latent_encoders import latent_encoder_from_config
-from megatron_cosmos3.data.media import decode_image, decode_npy, decode_video_file, decode_wav
+from megatron_cosmos3.data.media import decode_image, decode_npy, decode_wav
+from megatron_cosmos3.data.media_files import decode_video_file
 from megatron_cosmos3.encoders.action_normalization import ActionStats, merge_action_stats
 from megatron_cosmos3.inference.generation import generate
 from megatron_cosmos3.inference.media_outputs import GeneratedSample, GenerationRecord, write_generated_sample

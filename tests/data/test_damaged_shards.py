@@ -14,6 +14,7 @@ import tarfile
 import zlib
 from collections import Counter
 
+import av
 import numpy as np
 import pytest
 from world_helpers import AUDIO_LATENT_DIM, VIDEO_LATENT_CHANNELS, data_config, model_config, tiny_world
@@ -45,6 +46,47 @@ def _clip(key: str) -> dict:
             action_rate_hz=10.0,
         )
     )
+
+
+def _mp4_clip(key: str, frames: int = 5, audio_samples: int = 9600) -> dict:
+    """``_clip`` stored as mp4 (H.264 with its audio muxed in as AAC)."""
+    return encode_sample(
+        Sample(
+            key=key,
+            caption="a ball bounces",
+            fps=24.0,
+            video=RNG.integers(0, 256, (frames, 32, 32, 3), dtype=np.uint8),
+            audio=RNG.uniform(-0.5, 0.5, (2, audio_samples)).astype(np.float32),
+            audio_sample_rate=48_000,
+        ),
+        video_format="mp4",
+    )
+
+
+def _audio_only_mp4() -> bytes:
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=48_000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 4800), np.float32), format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 48_000, 0
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+def _frameless_mkv() -> bytes:
+    """A readable Matroska file (its sound is there) whose video track holds no frame."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="matroska") as container:
+        video = container.add_stream("libx264", rate=24)
+        video.width = video.height = 32
+        sound = container.add_stream("aac", rate=48_000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 4800), np.float32), format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 48_000, 0
+        container.mux(sound.encode(frame))
+        container.mux(sound.encode(None))
+        container.mux(video.encode(None))
+    return buffer.getvalue()
 
 
 def _latent(key: str) -> dict:
@@ -130,6 +172,14 @@ BAD_SAMPLES = {
     "json_nested_too_deep": ("bad_metadata", lambda: _with(_text("k"), "meta.json", DEEP_JSON)),
     "png_decompression_bomb": ("corrupt_media", lambda: _with(_text("k"), "image.png", BOMB_PNG)),
     "caption_lone_surrogate": ("bad_metadata", lambda: _meta(_text("k"), caption="bad \ud800 text")),
+    # Compressed media: broken, cut short, without a picture or a frame, a codec FFmpeg cannot decode,
+    # sound much longer than the picture.
+    "corrupt_mp4": ("corrupt_media", lambda: _with(_mp4_clip("k"), "video.mp4", b"\x00\x00\x00\x18ftypmp42" * 40)),
+    "truncated_mp4": ("corrupt_media", lambda: _with(_mp4_clip("k"), "video.mp4", _mp4_clip("k")["video.mp4"][:900])),
+    "mp4_without_video": ("missing_stream", lambda: _with(_text("k"), "video.mp4", _audio_only_mp4())),
+    "mkv_without_frames": ("zero_length", lambda: _with(_text("k"), "video.mkv", _frameless_mkv())),
+    "mp4_unknown_codec": ("unsupported_codec", lambda: _unknown_codec(_mp4_clip("k"))),
+    "mp4_sound_longer": ("duration_mismatch", lambda: _mp4_clip("k", frames=5, audio_samples=48_000)),
     "audio_only": (
         "no_task",
         lambda: (
@@ -138,6 +188,11 @@ BAD_SAMPLES = {
         ),
     ),
 }
+
+
+def _unknown_codec(sample: dict) -> dict:
+    """The mp4 with its H.264 sample entry renamed to a four-character code no decoder knows."""
+    return _with(sample, "video.mp4", sample["video.mp4"].replace(b"avc1", b"zzzz"))
 
 
 def _write(directory, samples: list[dict]) -> str:
@@ -157,7 +212,8 @@ def damaged(tmp_path_factory):
     """{directory: (shard url, expected Counter of skips)} and the expected number of usable samples."""
     root = tmp_path_factory.mktemp("damaged")
     expected, shards = {}, {}
-    mixed = [_clip("g"), _latent("g"), _text("g")] + [make() for _, make in BAD_SAMPLES.values()]
+    good = [_clip("g"), _latent("g"), _text("g"), _mp4_clip("g")]
+    mixed = good + [make() for _, make in BAD_SAMPLES.values()]
     shards["mixed"] = _write(root / "mixed", mixed)
     expected["mixed"] = Counter(reason for reason, _ in BAD_SAMPLES.values())
 
@@ -222,7 +278,7 @@ def damaged(tmp_path_factory):
     expected["short_index"] = Counter(index_mismatch=1)
     sources.append(str(root / "short_index"))
 
-    used = 3 + 3 + 2 + 0 + 0 + 1 + 2 + 1 + 1 + 3
+    used = 4 + 3 + 2 + 0 + 0 + 1 + 2 + 1 + 1 + 3
     return sources, {shards[k]: expected[k] for k in shards}, used
 
 

@@ -53,3 +53,17 @@ def test_inconsistent_configs_are_refused(override, message):
         message = "epochs > 0"
     with pytest.raises(ValueError, match=message):
         config.validate()
+
+
+def test_media_clips_load_from_overrides_validate_and_change_the_fingerprint():
+    config = _load("media.fps=12", "media.clip_seconds=2.0", "media.resolution_buckets=[64x64,64x112]")
+    config.validate()
+    assert config.media.buckets() == [(64, 64), (64, 112)]
+    assert config.fingerprint() != _load().fingerprint()
+    for override, message in [
+        ("media.clip_start=middle", "data: media.clip_start='middle'; expected one of"),
+        ("media.fps=-1", "data: media.fps=-1.0 must be 0"),
+        ("media.resolution_buckets=[64]", "data: media.resolution_buckets entry '64' must be 'HxW'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            _load(override).validate()

@@ -44,16 +44,23 @@ def test_resume_continues_with_exactly_the_next_pack(reference, workers_before, 
     assert state["shuffle"] or state["packer"], "resumed mid-stream, with samples waiting in the buffers"
 
 
-def test_raw_media_stream_resumes_too():
-    """Raw shards encoded on the fly (pooled encoder, 2 workers) resume as exactly as latents."""
+@pytest.mark.parametrize("video_format", ["npy", "mp4"])
+def test_raw_media_stream_resumes_too(video_format):
+    """Raw shards encoded on the fly (pooled encoder, 2 workers) resume as exactly as latents; mp4
+    shards too, cut into random half-second clips at 12 fps (the clip drawn from the slot address)."""
     import functools
 
     from world_helpers import AUDIO_LATENT_DIM, VIDEO_LATENT_CHANNELS
 
+    from megatron_cosmos3.data.clips import MediaConfig
     from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder
 
     encoder = functools.partial(PooledLatentEncoder, VIDEO_LATENT_CHANNELS, AUDIO_LATENT_DIM)
-    config = data_config([str(tiny_world()["raw"])], num_workers=2)
+    if video_format == "mp4":
+        shards = [str(tiny_world(12, 6, "mp4")["raw"])]
+        config = data_config(shards, num_workers=2, media=MediaConfig(fps=12, clip_seconds=0.5))
+    else:
+        config = data_config([str(tiny_world()["raw"])], num_workers=2)
 
     def run(count, state=None):
         with PackedLoader(config, model_config(), latent_encoder_factory=encoder) as loader:

@@ -46,8 +46,9 @@ def model_config() -> MoTConfig:
 
 
 @functools.cache
-def tiny_world(samples: int = 48, shard_size: int = 6) -> dict[str, Path]:
-    """A 32x32, 1 s generated world: {"raw": dir, "latent": dir} (pooled latents), once per process."""
+def tiny_world(samples: int = 48, shard_size: int = 6, video_format: str = "npy") -> dict[str, Path]:
+    """A 32x32, 1 s generated world: {"raw": dir, "latent": dir} (pooled latents), once per process;
+    ``video_format="mp4"``: raw video as mp4 with its audio muxed in."""
     from megatron_cosmos3.world.world import WorldConfig
 
     generate_world = load_script("generate_world")
@@ -62,6 +63,7 @@ def tiny_world(samples: int = 48, shard_size: int = 6) -> dict[str, Path]:
         latents="pooled",
         video_latent_channels=VIDEO_LATENT_CHANNELS,
         audio_latent_dim=AUDIO_LATENT_DIM,
+        video_format=video_format,
     )
 
 

@@ -33,6 +33,8 @@ def run_trainer(tmp_path: Path, *overrides: str, nproc: int = 2) -> subprocess.C
                 "32",
                 "--latents",
                 "pooled",
+                "--video-format",  # as launch/train_demo.sh: mp4 with its sound, latents from the decoded mp4
+                "mp4",
             ],
             check=True,
             capture_output=True,

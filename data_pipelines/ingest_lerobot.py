@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""A LeRobot-format robot dataset (parquet + mp4 per camera; v2.x and v3.0 layouts) -> shards.
+
+    python data_pipelines/ingest_lerobot.py ROOT OUT_DIR --embodiment NAME [--camera KEY]
+        [--action-key action] [--shard-size 64] [--task I --tasks N | --processes P]
+
+LeRobot's layout (``meta/info.json``: ``codebase_version``, ``fps``, ``data_path`` and ``video_path``
+templates, ``features``; v2: ``meta/episodes.jsonl`` (``episode_index``, ``tasks``, ``length``), one
+parquet and one mp4 per camera per episode; v3: ``meta/episodes/chunk-*/file-*.parquet`` with the
+same keys plus ``data/chunk_index``, ``data/file_index`` and ``videos/<camera>/{chunk_index,
+file_index, from_timestamp}``, many episodes per parquet and mp4, an episode's video being its
+segment): each episode becomes one sample — the camera's mp4 (``video.mp4``: v2's file as it is,
+v3's segment cut and encoded again, H.264 crf 18, since a cut between keyframes cannot be copied), its
+raw actions (the ``--action-key`` column, one row per frame: row i is the command from frame i to
+i + 1, the schema's rule) as ``actions.npy`` under the embodiment ``--embodiment``, which the model
+must register with that width (``model.embodiments``), ``fps`` and ``action_rate_hz`` the dataset's
+rate, the episode's task text as its ``instruction``. The loader cuts clips from episodes with their
+actions (``data.media.clip_seconds``). Action statistics are kept per pseudo-action layout
+(``encoders/action_normalization.py``), so raw actions enter the model unnormalised (the loader
+warns once); statistics for raw layouts are not written yet. An episode whose frame timestamps are
+not ``i / fps`` or whose action rows disagree with its ``length`` is skipped, counted and logged, as
+is one the loader could not read (checked as ``ingest_videos.py`` checks a video). Split over tasks or
+local processes exactly as ``ingest_videos.py`` (the output does not depend on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from megatron_cosmos3.data.clips import MediaConfig, Window
+from megatron_cosmos3.data.errors import BAD_METADATA, SampleError
+from megatron_cosmos3.data.media import encode_json, encode_npy
+from megatron_cosmos3.data.media_files import decode_media_file
+from megatron_cosmos3.data.media_writers import encode_mp4
+from megatron_cosmos3.data.schema import SCHEMA_VERSION, SchemaContext, decode_sample
+from megatron_cosmos3.data.shard_writer import ShardWriter, run_split, write_parts
+
+log = logging.getLogger("ingest_lerobot")
+CHECK = MediaConfig(clip_seconds=1.0, clip_start="first")
+# Frame timestamps may differ from i / fps by this much (LeRobot stores them as float32).
+TIMESTAMP_TOLERANCE_S = 1e-3
+
+
+def read_info(root: Path) -> dict:
+    """``meta/info.json``; ValueError naming the file for a layout this reader does not know."""
+    info = json.loads((root / "meta" / "info.json").read_text())
+    version = str(info.get("codebase_version", ""))
+    if not version.startswith(("v2.", "v3.")):
+        raise ValueError(
+            f"{root / 'meta' / 'info.json'}: codebase_version={version!r}; this reader knows v2.x and v3.x"
+        )
+    return info
+
+
+def is_v3(info: dict) -> bool:
+    return str(info["codebase_version"]).startswith("v3.")
+
+
+def episodes_of(root: Path, info: dict) -> list[dict]:
+    """Every episode's metadata, by index: ``meta/episodes.jsonl`` (v2) or the rows of
+    ``meta/episodes/chunk-*/file-*.parquet`` (v3)."""
+    if is_v3(info):
+        files = sorted((root / "meta" / "episodes").rglob("*.parquet"))
+        episodes = [row for path in files for row in pq.read_table(path).to_pylist()]
+    else:
+        lines = (root / "meta" / "episodes.jsonl").read_text().splitlines()
+        episodes = [json.loads(line) for line in lines if line.strip()]
+    return sorted(episodes, key=lambda e: e["episode_index"])
+
+
+def _episode_rows(root: Path, info: dict, episode: dict):
+    """The episode's frames (a parquet table): its own file (v2), or its rows of a shared one (v3)."""
+    index = int(episode["episode_index"])
+    if not is_v3(info):
+        where = {"episode_chunk": index // int(info.get("chunks_size", 1000)), "episode_index": index}
+        return pq.read_table(root / info["data_path"].format(**where))
+    where = {"chunk_index": episode["data/chunk_index"], "file_index": episode["data/file_index"]}
+    table = pq.read_table(root / info["data_path"].format(**where))
+    keep = np.asarray(table.column("episode_index").to_pylist()) == index
+    return table.filter(keep)
+
+
+def _episode_video(root: Path, info: dict, episode: dict, camera: str, frames: int, fps: float) -> bytes:
+    """The camera's mp4 of the episode: its own file (v2), or its segment of a shared one (v3),
+    decoded at the dataset's rate and encoded again (H.264 crf 18: a cut between keyframes cannot
+    be copied)."""
+    index = int(episode["episode_index"])
+    if not is_v3(info):
+        where = {"episode_chunk": index // int(info.get("chunks_size", 1000)), "episode_index": index}
+        return (root / info["video_path"].format(**where, video_key=camera)).read_bytes()
+    where = {
+        "chunk_index": episode[f"videos/{camera}/chunk_index"],
+        "file_index": episode[f"videos/{camera}/file_index"],
+    }
+    path = root / info["video_path"].format(**where, video_key=camera)
+    start = float(episode[f"videos/{camera}/from_timestamp"])
+    decoded = decode_media_file(
+        path.read_bytes(), str(path), MediaConfig(fps=fps), lambda _: Window(start, frames / fps), True, False
+    )
+    return encode_mp4(decoded.frames, fps)
+
+
+def episode_sample(root: Path, info: dict, episode: dict, camera: str, action_key: str, embodiment: str) -> dict:
+    """The WebDataset dict of one episode (module doc)."""
+    index = int(episode["episode_index"])
+    table = _episode_rows(root, info, episode)
+    actions = np.stack([np.asarray(row, dtype=np.float32) for row in table.column(action_key).to_pylist()])
+    length = episode.get("length")
+    if length is not None and len(actions) != int(length):
+        raise SampleError(BAD_METADATA, f"episode {index}: {len(actions)} action rows, its length is {length}")
+    fps = float(info["fps"])
+    if "timestamp" in table.column_names:
+        stamps = np.asarray(table.column("timestamp").to_pylist(), dtype=np.float64)
+        late = np.abs(stamps - np.arange(len(stamps)) / fps)
+        if late.max() > TIMESTAMP_TOLERANCE_S:
+            frame = int(np.argmax(late))
+            detail = f"episode {index}: frame {frame} is stamped {stamps[frame]:.4f} s, not {frame / fps:.4f} s"
+            raise SampleError(BAD_METADATA, detail)
+    tasks = episode.get("tasks") or []
+    meta = {
+        "schema": SCHEMA_VERSION,
+        "fps": fps,
+        "embodiment": embodiment,
+        "action_rate_hz": fps,
+        "source": {"dataset": root.name, "episode_index": index, "camera": camera},
+    }
+    if tasks:
+        meta["instruction"] = " ".join(tasks)
+    return {
+        "__key__": f"episode_{index:08d}",
+        "meta.json": encode_json(meta),
+        "video.mp4": _episode_video(root, info, episode, camera, len(actions), fps),
+        "actions.npy": encode_npy(actions),
+    }
+
+
+def ingest_lerobot(
+    root: str | Path,
+    out_dir: str | Path,
+    embodiment: str,
+    camera: str = "",
+    action_key: str = "action",
+    shard_size: int = 64,
+    task: int = 0,
+    tasks: int = 1,
+) -> Counter:
+    """Writes task ``task`` of ``tasks``'s parts of the shards of the dataset at ``root`` (module
+    doc); returns skip counts per reason."""
+    root = Path(root)
+    info = read_info(root)
+    features = info["features"]
+    cameras = [key for key, feature in features.items() if feature.get("dtype") == "video"]
+    camera = camera or (cameras[0] if cameras else "")
+    if camera not in cameras:
+        raise ValueError(f"--camera={camera!r} is not a video feature of {root}: {cameras}")
+    if action_key not in features:
+        raise ValueError(f"--action-key={action_key!r} is not a feature of {root}: {sorted(features)}")
+    width = int(np.prod(features[action_key]["shape"]))
+    context = SchemaContext({embodiment: width})
+    episodes = episodes_of(root, info)
+    skipped: Counter = Counter()
+
+    def write_part(part: int, writer: ShardWriter) -> None:
+        for episode in episodes[part * shard_size : (part + 1) * shard_size]:
+            try:
+                raw = episode_sample(root, info, episode, camera, action_key, embodiment)
+                checked = decode_sample(raw, context, CHECK)
+            except SampleError as error:
+                skipped[error.reason] += 1
+                log.warning("%s episode %s: skipped: %s", root, episode.get("episode_index"), error)
+                continue
+            writer.write_raw(raw, checked.modalities)
+
+    parts = -(-len(episodes) // shard_size)
+    write_parts(out_dir, "episodes", parts, write_part, task, tasks, shard_size, context, validate=False)
+    return skipped
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", type=Path, help="the LeRobot dataset folder (meta/, data/, videos/)")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--embodiment", required=True, help="the registered embodiment its actions train")
+    parser.add_argument("--camera", default="", help="video feature key (default: the first)")
+    parser.add_argument("--action-key", default="action")
+    parser.add_argument("--shard-size", type=int, default=64, help="episodes per shard")
+    parser.add_argument("--task", type=int, default=0)
+    parser.add_argument("--tasks", type=int, default=1)
+    parser.add_argument("--processes", type=int, default=0, help="split over P local processes instead")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    common = (args.root, args.out_dir, args.embodiment, args.camera, args.action_key, args.shard_size)
+    skipped = run_split(ingest_lerobot, args.processes, args.task, args.tasks, *common)
+    log.info("wrote %s; skipped %s", args.out_dir, dict(skipped) or "none")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""A folder of videos and their captions -> WebDataset shards, checked against the sample schema.
+
+    python data_pipelines/ingest_videos.py IN_DIR OUT_DIR [--captions captions.jsonl] [--shard-size 64]
+        [--task I --tasks N | --processes P]
+
+Every video file under ``IN_DIR`` (``.mp4``, ``.webm``, ``.mkv``; sorted by relative path) becomes
+one sample that stores the file as it is (``video.<suffix>``, its sound inside: no re-encoding).
+Its caption, the first found of: the ``--captions`` JSONL line ``{"file": "<relative path>",
+"caption": "...", "segments": [{"start_s", "end_s", "text"}]}``; a sidecar ``<stem>.json`` with
+the same keys; a sidecar ``<stem>.txt`` (the caption). Timed ``segments`` become the sample's
+``caption_segments``: long videos stay whole and the loader cuts clips with the segments of their
+window (``data.media.clip_seconds``, docs/DESIGN.md "Real media").
+
+Each sample is checked as the loader reads it (its container, streams, durations and first second
+decoded); a bad one is skipped, counted per reason and logged. Videos go into parts of
+``--shard-size``; part n is written by task n mod N (a SLURM array's ``--task/--tasks``, or
+``--processes P`` local processes), and the last task to finish writes the index: the output is the
+same, byte for byte, for any split (``megatron_cosmos3/data/shard_writer.py``, ``write_parts``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+from megatron_cosmos3.data.clips import MediaConfig
+from megatron_cosmos3.data.errors import SampleError
+from megatron_cosmos3.data.media import encode_json
+from megatron_cosmos3.data.media_files import VIDEO_SUFFIXES
+from megatron_cosmos3.data.schema import SCHEMA_VERSION, decode_sample
+from megatron_cosmos3.data.shard_writer import ShardWriter, run_split, write_parts
+
+log = logging.getLogger("ingest_videos")
+# What a sample is checked with before it is written: the whole file's structure, one second decoded.
+CHECK = MediaConfig(clip_seconds=1.0, clip_start="first")
+
+
+def find_videos(in_dir: Path) -> list[Path]:
+    """Video files under ``in_dir``, by relative path."""
+    return sorted(p for p in in_dir.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in VIDEO_SUFFIXES)
+
+
+def caption_of(video: Path, in_dir: Path, listed: dict[str, dict]) -> dict:
+    """The meta.json text keys of ``video``: ``caption`` and ``caption_segments`` (module doc)."""
+    entry = listed.get(video.relative_to(in_dir).as_posix())
+    if entry is None and video.with_suffix(".json").is_file():
+        entry = json.loads(video.with_suffix(".json").read_text())
+    if entry is None and video.with_suffix(".txt").is_file():
+        entry = {"caption": video.with_suffix(".txt").read_text().strip()}
+    meta = {}
+    if entry and entry.get("caption"):
+        meta["caption"] = entry["caption"]
+    if entry and entry.get("segments"):
+        meta["caption_segments"] = entry["segments"]
+    return meta
+
+
+def video_sample(number: int, video: Path, in_dir: Path, listed: dict[str, dict]) -> dict:
+    """The WebDataset dict of video ``number``: its key names it (unique: the number leads)."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", video.relative_to(in_dir).with_suffix("").as_posix())
+    meta = {"schema": SCHEMA_VERSION, **caption_of(video, in_dir, listed), "source": {"file": str(video.name)}}
+    return {
+        "__key__": f"{number:08d}_{name}"[:120],
+        "meta.json": encode_json(meta),
+        f"video.{video.suffix.lower().lstrip('.')}": video.read_bytes(),
+    }
+
+
+def ingest_videos(
+    in_dir: str | Path,
+    out_dir: str | Path,
+    captions: str | Path | None = None,
+    shard_size: int = 64,
+    task: int = 0,
+    tasks: int = 1,
+) -> Counter:
+    """Writes task ``task`` of ``tasks``'s parts of the shards of ``in_dir`` (module doc); returns
+    skip counts per reason."""
+    in_dir = Path(in_dir)
+    listed = {}
+    if captions:
+        for line in Path(captions).read_text().splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                listed[entry["file"]] = entry
+    videos = find_videos(in_dir)
+    skipped: Counter = Counter()
+
+    def write_part(part: int, writer: ShardWriter) -> None:
+        for number in range(part * shard_size, min((part + 1) * shard_size, len(videos))):
+            raw = video_sample(number, videos[number], in_dir, listed)
+            try:
+                checked = decode_sample(raw, media_config=CHECK)
+            except SampleError as error:
+                skipped[error.reason] += 1
+                log.warning("%s: skipped: %s", videos[number], error)
+                continue
+            writer.write_raw(raw, checked.modalities)
+
+    parts = -(-len(videos) // shard_size)
+    write_parts(out_dir, "videos", parts, write_part, task, tasks, shard_size, validate=False)
+    return skipped
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("in_dir", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--captions", type=Path, default=None, help="JSONL of {file, caption, segments}")
+    parser.add_argument("--shard-size", type=int, default=64, help="videos per shard")
+    parser.add_argument("--task", type=int, default=0, help="this process's part (e.g. $SLURM_ARRAY_TASK_ID)")
+    parser.add_argument("--tasks", type=int, default=1, help="how many parts (e.g. $SLURM_ARRAY_TASK_COUNT)")
+    parser.add_argument("--processes", type=int, default=0, help="split over P local processes instead")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    common = (args.in_dir, args.out_dir, args.captions, args.shard_size)
+    skipped = run_split(ingest_videos, args.processes, args.task, args.tasks, *common)
+    log.info("wrote %s; skipped %s", args.out_dir, dict(skipped) or "none")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""What a training clip is cut from a sample's media: the window, the frame times, the picture size.
+
+``MediaConfig`` (``data.media``) says the frame rate clips are sampled at, the resolution buckets
+pictures are fitted into and how long a clip is; the functions below turn it into numbers, the same
+for every source (``video.npy`` frames or a compressed file, docs/DESIGN.md, "Real media"):
+
+- ``choose_window``: a clip of ``clip_seconds`` at a random start or on a grid, from a draw in
+  [0, 1) (the loader draws it from (seed, slot, index), so a resume cuts the same clip), snapped
+  to the action grid when the sample has actions so that action step 0 starts at the first frame;
+- ``target_times`` / ``pick_frames``: the frame shown at each target time ``start + k / fps`` is
+  the last one whose timestamp is at or before it (so variable-frame-rate video is sampled by its
+  timestamps); a target past the end of the last frame is a truncated video;
+- ``fit_to_bucket``: the bucket of nearest aspect ratio, the picture scaled to cover it
+  (antialiased bilinear) and centre-cropped; tokens per sample follow from the bucket size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from megatron_cosmos3.data.errors import CORRUPT_MEDIA, ZERO_LENGTH, SampleError
+
+CLIP_STARTS = ("random", "grid", "first")
+# Timestamps within this of a target count as at it: containers round times to their time base
+# (WebM: 1 ms), so a frame meant for t may carry t + 0.5 ms.
+TIME_TOLERANCE_S = 1e-3
+
+
+@dataclass
+class MediaConfig:
+    """How clips are cut and sampled (module doc).
+
+    fps: the frame rate video is sampled at by frame selection (0 = the source's own rate).
+    resolution_buckets: "HxW" picture sizes, e.g. ["64x64", "64x96"]; each video or image is fitted
+        into the one of nearest aspect ratio (empty = the source size).
+    clip_seconds: clip length cut from longer media (0 = the whole sample).
+    clip_start: "random" (any start), "grid" (a random multiple of clip_seconds) or "first".
+    av_tolerance_s: the largest difference between a sample's audio and video durations; beyond it
+        the sample is skipped as ``duration_mismatch``.
+    """
+
+    fps: float = 0.0
+    resolution_buckets: list[str] = field(default_factory=list)
+    clip_seconds: float = 0.0
+    clip_start: str = "random"
+    av_tolerance_s: float = 0.1
+
+    def validate(self) -> None:
+        """ValueError naming the field and its value."""
+        if not (self.fps == 0 or 0.1 <= self.fps <= 1000):
+            raise ValueError(f"media.fps={self.fps!r} must be 0 (the source's rate) or in [0.1, 1000]")
+        if not (self.clip_seconds >= 0 and math.isfinite(self.clip_seconds)):
+            raise ValueError(f"media.clip_seconds={self.clip_seconds!r} must be >= 0 (0 = whole samples)")
+        if self.clip_start not in CLIP_STARTS:
+            raise ValueError(f"media.clip_start={self.clip_start!r}; expected one of {list(CLIP_STARTS)}")
+        if not self.av_tolerance_s >= 0:
+            raise ValueError(f"media.av_tolerance_s={self.av_tolerance_s!r} must be >= 0")
+        self.buckets()
+
+    def buckets(self) -> list[tuple[int, int]]:
+        """The buckets as (height, width) pairs; ValueError naming a malformed one."""
+        out = []
+        for text in self.resolution_buckets:
+            parts = str(text).lower().split("x")
+            if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+                raise ValueError(f"media.resolution_buckets entry {text!r} must be 'HxW' with positive integers")
+            out.append((int(parts[0]), int(parts[1])))
+        return out
+
+
+@dataclass(frozen=True)
+class Window:
+    """A clip: ``duration_s`` seconds from ``start_s`` (seconds from the sample's first frame)."""
+
+    start_s: float
+    duration_s: float
+
+    @property
+    def end_s(self) -> float:
+        return self.start_s + self.duration_s
+
+
+def choose_window(duration_s: float, config: MediaConfig, draw: float, step_s: float | None = None) -> Window:
+    """The clip of a sample lasting ``duration_s`` (module doc). ``step_s``: starts are multiples of
+    it (the action period), so every stream's step 0 begins at the clip's start."""
+    length = config.clip_seconds
+    if length <= 0 or length >= duration_s - TIME_TOLERANCE_S:
+        return Window(0.0, duration_s)
+    if config.clip_start == "first":
+        start = 0.0
+    elif config.clip_start == "grid":
+        start = math.floor(draw * math.floor((duration_s + TIME_TOLERANCE_S) / length)) * length
+    else:
+        start = draw * (duration_s - length)
+    if step_s:
+        start = math.floor(start / step_s + 1e-9) * step_s
+    return Window(start, length)
+
+
+def target_times(window: Window, fps: float) -> np.ndarray:
+    """``start + k / fps`` for every k with k / fps inside the window (float64 seconds)."""
+    count = math.ceil(window.duration_s * fps - 1e-6)
+    if count <= 0:
+        raise SampleError(ZERO_LENGTH, f"a {window.duration_s:.4g} s clip holds no frame at {fps:g} fps")
+    return window.start_s + np.arange(count, dtype=np.float64) / fps
+
+
+def pick_frames(times: np.ndarray, targets: np.ndarray, end_s: float, name: str) -> np.ndarray:
+    """Index of the frame shown at each target: the last with ``times <= target`` (within
+    TIME_TOLERANCE_S). ``times`` ascending (seconds), ``end_s`` when the last frame stops showing."""
+    if len(times) == 0:
+        raise SampleError(ZERO_LENGTH, f"{name} has no frames")
+    late = targets >= end_s - TIME_TOLERANCE_S / 2
+    if late.any():
+        raise SampleError(
+            CORRUPT_MEDIA,
+            f"{name}: its frames end at {end_s:.3f} s but the clip needs one at {targets[late][0]:.3f} s (truncated?)",
+        )
+    index = np.searchsorted(times, targets + TIME_TOLERANCE_S, side="right") - 1
+    return np.maximum(index, 0)  # a first frame stamped a little after 0 shows from the start
+
+
+def bucket_for(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest (in log ratio) to ``height x width``; first wins ties."""
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda hw: abs(math.log(hw[1] / hw[0]) - aspect))
+
+
+def fit_to_bucket(frames: np.ndarray, buckets: list[tuple[int, int]]) -> np.ndarray:
+    """``(T, H, W, 3)`` uint8 -> ``(T, h, w, 3)`` in the nearest bucket (module doc); unchanged
+    without buckets or when already that size."""
+    if not buckets:
+        return frames
+    height, width = frames.shape[1:3]
+    target_h, target_w = bucket_for(height, width, buckets)
+    if (height, width) == (target_h, target_w):
+        return frames
+    scale = max(target_h / height, target_w / width)
+    covered_h, covered_w = max(target_h, round(height * scale)), max(target_w, round(width * scale))
+    pixels = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    resized = torch.nn.functional.interpolate(
+        pixels, size=(covered_h, covered_w), mode="bilinear", antialias=True, align_corners=False
+    )
+    top, left = (covered_h - target_h) // 2, (covered_w - target_w) // 2
+    cropped = resized[:, :, top : top + target_h, left : left + target_w]
+    return cropped.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()

@@ -1,0 +1,240 @@
+"""Ingestion (docs/DESIGN.md, "Real media"): a folder of videos with captions, and a LeRobot v2.1
+dataset written by the test in LeRobot's documented layout, become shards the loader reads — episodes
+to packs with frames and actions aligned — and a split over local processes writes the same bytes
+as one process."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from world_helpers import data_config, load_script
+
+from megatron_cosmos3.data.clips import MediaConfig
+from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder
+from megatron_cosmos3.data.loader import PackedLoader
+from megatron_cosmos3.data.media_writers import encode_mp4
+from megatron_cosmos3.data.schema import SchemaContext, decode_sample
+from megatron_cosmos3.data.shards import ShardIndex, read_shard
+from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
+
+FPS, FRAMES, WIDTH = 10, 12, 6
+
+
+def _frames(first: int, count: int) -> np.ndarray:
+    """Frame i shows the number i as the brightness of a smooth ramp: any frame tells its index."""
+    ramp = np.linspace(0, 1, 32)[None, :, None]
+    return np.stack(
+        [np.broadcast_to((10 * i + 40 * ramp) % 256, (32, 32, 3)) for i in range(first, first + count)]
+    ).astype(np.uint8)
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def lerobot(tmp_path_factory):
+    """Three episodes of a 6-D arm, one camera, LeRobot v2.1 (meta/info.json, episodes.jsonl,
+    tasks.jsonl, data/chunk-000/episode_*.parquet, videos/chunk-000/<camera>/episode_*.mp4)."""
+    root = tmp_path_factory.mktemp("lerobot") / "arm_push"
+    camera = "observation.images.top"
+    info = {
+        "codebase_version": "v2.1",
+        "robot_type": "toy_arm",
+        "fps": FPS,
+        "chunks_size": 1000,
+        "total_episodes": 3,
+        "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+        "video_path": "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4",
+        "features": {
+            camera: {"dtype": "video", "shape": [32, 32, 3], "names": ["height", "width", "channel"]},
+            "action": {"dtype": "float32", "shape": [WIDTH], "names": None},
+            "observation.state": {"dtype": "float32", "shape": [WIDTH], "names": None},
+            "timestamp": {"dtype": "float32", "shape": [1], "names": None},
+            "frame_index": {"dtype": "int64", "shape": [1], "names": None},
+            "episode_index": {"dtype": "int64", "shape": [1], "names": None},
+            "index": {"dtype": "int64", "shape": [1], "names": None},
+            "task_index": {"dtype": "int64", "shape": [1], "names": None},
+        },
+    }
+    (root / "meta").mkdir(parents=True)
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    tasks = ["push the cube left", "push the cube right"]
+    (root / "meta" / "tasks.jsonl").write_text(
+        "\n".join(json.dumps({"task_index": i, "task": t}) for i, t in enumerate(tasks))
+    )
+    episodes, actions = [], {}
+    for episode in range(3):
+        episodes.append({"episode_index": episode, "tasks": [tasks[episode % 2]], "length": FRAMES})
+        # action row i holds (episode, i, ...): each row says which frame it belongs to
+        rows = np.zeros((FRAMES, WIDTH), np.float32)
+        rows[:, 0], rows[:, 1] = episode, np.arange(FRAMES)
+        actions[episode] = rows
+        table = pa.table(
+            {
+                "action": pa.array(list(rows), type=pa.list_(pa.float32())),
+                "observation.state": pa.array(list(rows * 0.5), type=pa.list_(pa.float32())),
+                "timestamp": pa.array(np.arange(FRAMES) / FPS, type=pa.float32()),
+                "frame_index": np.arange(FRAMES),
+                "episode_index": np.full(FRAMES, episode),
+                "index": episode * FRAMES + np.arange(FRAMES),
+                "task_index": np.full(FRAMES, episode % 2),
+            }
+        )
+        (root / "data" / "chunk-000").mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, root / "data" / "chunk-000" / f"episode_{episode:06d}.parquet")
+        video = root / "videos" / "chunk-000" / camera / f"episode_{episode:06d}.mp4"
+        video.parent.mkdir(parents=True, exist_ok=True)
+        video.write_bytes(encode_mp4(_frames(0, FRAMES), FPS, crf=4, keyframe_interval=4))
+    (root / "meta" / "episodes.jsonl").write_text("\n".join(json.dumps(e) for e in episodes))
+    return root, actions
+
+
+def test_lerobot_episodes_become_shards_with_frames_and_actions_aligned(lerobot, tmp_path):
+    root, actions = lerobot
+    ingest = load_script("ingest_lerobot")
+    skipped = ingest.ingest_lerobot(root, tmp_path / "one", "toy_arm", shard_size=2)
+    assert not skipped
+    index = ShardIndex.load(tmp_path / "one")
+    assert index.total_samples == 3 and len(index.shards) == 2
+    context = SchemaContext({"toy_arm": WIDTH})
+    raws = [raw for shard in index.shards for raw in read_shard(shard.url)]
+    whole = decode_sample(raws[1], context)
+    assert whole.instruction == "push the cube right" and whole.fps == FPS and whole.embodiment == "toy_arm"
+    np.testing.assert_array_equal(whole.actions, actions[1])
+    assert len(whole.video) == FRAMES
+    # A half-second clip: its first frame and its first action row are the same instant.
+    clip = decode_sample(raws[2], context, MediaConfig(clip_seconds=0.5), draw=0.8)
+    first = round(clip.timing["clip_start_s"] * FPS)
+    assert first > 0 and len(clip.video) == len(clip.actions) == 5
+    np.testing.assert_array_equal(clip.actions[:, 1], np.arange(first, first + 5))
+    brightness = clip.video[:, :, 0, 0].mean(axis=1).astype(float)  # the ramp's dark end: 10 * index
+    np.testing.assert_allclose(brightness, 10 * np.arange(first, first + 5), atol=3)
+
+    # Episodes -> packs: the registered embodiment's action stream reaches the packer.
+    model = MoTConfig(
+        vocab_size=256,
+        num_layers=1,
+        video_latent_channels=4,
+        audio_latent_dim=8,
+        embodiments={"toy_arm": EmbodimentConfig(WIDTH, FPS)},
+    )
+    config = data_config([str(tmp_path / "one")], tasks={"inverse_dynamics": 1.0}, epochs=1, shuffle_buffer=0)
+    encoder = lambda: PooledLatentEncoder(4, 8)  # noqa: E731
+    with PackedLoader(config, model, latent_encoder_factory=encoder) as loader:
+        packs = list(loader)
+    assert sum(p.num_samples for p in packs) == 3
+    assert all(p.dm_tokens["action/toy_arm"].shape[1] == WIDTH for p in packs)
+    assert sum(len(p.dm_tokens["action/toy_arm"]) for p in packs) == 3 * FRAMES
+
+    # Pre-encoding reads the mp4 shards as the loader does (the pooled stand-in for the VAEs).
+    encode_shards = load_script("encode_shards")
+    assert not encode_shards.encode_shards(tmp_path / "one", tmp_path / "latent", encoder())
+    latent = [
+        decode_sample(raw, context) for s in ShardIndex.load(tmp_path / "latent").shards for raw in read_shard(s.url)
+    ]
+    assert [s.video_latent_grid[0] for s in latent] == [whole.latent_frames] * 3 and latent[1].actions.shape == (
+        FRAMES,
+        WIDTH,
+    )
+
+
+def test_a_split_over_processes_writes_what_one_process_writes(lerobot, tmp_path):
+    root, _ = lerobot
+    ingest = load_script("ingest_lerobot")
+    ingest.main([str(root), str(tmp_path / "one"), "--embodiment", "toy_arm", "--shard-size", "1"])
+    ingest.main(
+        [str(root), str(tmp_path / "split"), "--embodiment", "toy_arm", "--shard-size", "1", "--processes", "2"]
+    )
+    one, split = _files(tmp_path / "one"), _files(tmp_path / "split")
+    assert len(one) == 4 and one.keys() == split.keys()
+    assert {k: v for k, v in one.items() if k != "index.json"} == {k: v for k, v in split.items() if k != "index.json"}
+    strip = lambda index: [(s["url"].split("/")[-1], s["samples"]) for s in json.loads(index)["shards"]]  # noqa: E731
+    assert strip(one["index.json"]) == strip(split["index.json"])
+
+
+def test_a_folder_of_videos_with_captions_becomes_shards(tmp_path):
+    ingest = load_script("ingest_videos")
+    folder = tmp_path / "videos"
+    (folder / "street").mkdir(parents=True)
+    (folder / "a.mp4").write_bytes(encode_mp4(_frames(0, 20), FPS))
+    (folder / "a.txt").write_text("a ramp brightens\n")
+    (folder / "street" / "b.mp4").write_bytes(encode_mp4(_frames(5, 30), FPS))
+    segments = [{"start_s": 0.0, "end_s": 1.5, "text": "dim"}, {"start_s": 1.5, "end_s": 3.0, "text": "bright"}]
+    (folder / "street" / "b.json").write_text(json.dumps({"caption": "a street", "segments": segments}))
+    (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" * 10)
+    listed = tmp_path / "captions.jsonl"
+    listed.write_text(json.dumps({"file": "a.mp4", "caption": "listed wins over the sidecar"}))
+    skipped = ingest.ingest_videos(folder, tmp_path / "shards", listed, shard_size=8)
+    assert skipped == {"corrupt_media": 1}
+    index = ShardIndex.load(tmp_path / "shards")
+    samples = {raw["__key__"]: raw for shard in index.shards for raw in read_shard(shard.url)}
+    assert sorted(samples) == ["00000000_a", "00000002_street_b"]  # broken.mp4 (number 1) was skipped
+    a = decode_sample(samples["00000000_a"])
+    assert a.caption == "listed wins over the sidecar" and len(a.video) == 20
+    clip = decode_sample(
+        samples["00000002_street_b"], media_config=MediaConfig(clip_seconds=1.0, clip_start="grid"), draw=0.9
+    )
+    assert clip.timing["clip_start_s"] == 2.0 and clip.caption == "bright"
+    assert math.isclose(clip.caption_segments[0][1], 1.0)
+
+
+def test_a_lerobot_v3_dataset_gives_each_episode_its_rows_and_video_segment(tmp_path):
+    """v3.0: two episodes share one parquet file and one mp4; each sample holds only its own rows
+    and its own frames (episode 1's first frame is frame FRAMES of the shared video)."""
+    root, camera = tmp_path / "arm_v3", "observation.images.top"
+    info = {
+        "codebase_version": "v3.0",
+        "fps": FPS,
+        "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+        "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4",
+        "features": {
+            camera: {"dtype": "video", "shape": [32, 32, 3]},
+            "action": {"dtype": "float32", "shape": [WIDTH]},
+            "timestamp": {"dtype": "float32", "shape": [1]},
+            "episode_index": {"dtype": "int64", "shape": [1]},
+        },
+    }
+    (root / "meta" / "episodes" / "chunk-000").mkdir(parents=True)
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    rows = np.zeros((2 * FRAMES, WIDTH), np.float32)
+    rows[:, 1] = np.arange(2 * FRAMES)  # the global frame number
+    table = pa.table(
+        {
+            "action": pa.array(list(rows), type=pa.list_(pa.float32())),
+            "timestamp": pa.array(np.tile(np.arange(FRAMES) / FPS, 2), type=pa.float32()),
+            "episode_index": np.repeat([0, 1], FRAMES),
+            "index": np.arange(2 * FRAMES),
+        }
+    )
+    (root / "data" / "chunk-000").mkdir(parents=True)
+    pq.write_table(table, root / "data" / "chunk-000" / "file-000.parquet")
+    video = root / "videos" / camera / "chunk-000" / "file-000.mp4"
+    video.parent.mkdir(parents=True)
+    video.write_bytes(encode_mp4(_frames(0, 2 * FRAMES), FPS, crf=4, keyframe_interval=5))
+    episodes = {
+        "episode_index": [0, 1],
+        "tasks": [["push left"], ["push right"]],
+        "length": [FRAMES, FRAMES],
+        "data/chunk_index": [0, 0],
+        "data/file_index": [0, 0],
+        "dataset_from_index": [0, FRAMES],
+        "dataset_to_index": [FRAMES, 2 * FRAMES],
+        f"videos/{camera}/chunk_index": [0, 0],
+        f"videos/{camera}/file_index": [0, 0],
+        f"videos/{camera}/from_timestamp": [0.0, FRAMES / FPS],
+        f"videos/{camera}/to_timestamp": [FRAMES / FPS, 2 * FRAMES / FPS],
+    }
+    pq.write_table(pa.table(episodes), root / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
+    assert not load_script("ingest_lerobot").ingest_lerobot(root, tmp_path / "out", "toy_arm")
+    index = ShardIndex.load(tmp_path / "out")
+    second = decode_sample(list(read_shard(index.shards[0].url))[1], SchemaContext({"toy_arm": WIDTH}))
+    assert second.instruction == "push right" and len(second.video) == len(second.actions) == FRAMES
+    np.testing.assert_array_equal(second.actions[:, 1], np.arange(FRAMES, 2 * FRAMES))
+    brightness = second.video[:, :, 0, 0].mean(axis=1).astype(float)
+    np.testing.assert_allclose(brightness, 10 * np.arange(FRAMES, 2 * FRAMES), atol=3)

@@ -1,0 +1,249 @@
+"""Real media in the shards (docs/DESIGN.md, "Real media"): video files decode to the frames shown at
+the target frame rate's timestamps (checked against the known source frames, PSNR >= 35 dB), a seeked
+window equals the same window of a full decode, a click in the audio stays at its frame's time after
+decode, cut and resample, rotation and variable frame rates follow the file's metadata and
+timestamps, compressed audio files and jpg/webp pictures decode, and pictures fit the nearest
+resolution bucket. Files are written by the test (PyAV, Debian's ffmpeg as an independent writer
+and reader)."""
+
+from __future__ import annotations
+
+import io
+import math
+import subprocess
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from megatron_cosmos3.data.clips import MediaConfig, bucket_for, choose_window
+from megatron_cosmos3.data.errors import SampleError
+from megatron_cosmos3.data.media import encode_json, encode_npy
+from megatron_cosmos3.data.media_writers import encode_mp4
+from megatron_cosmos3.data.schema import Sample, decode_sample, encode_sample
+
+SOURCE_FPS = 60
+SIDE = 32
+
+
+def _source_frames(count: int, fps: float = SOURCE_FPS) -> np.ndarray:
+    """Smooth, nearly grey frames (so 4:2:0 chroma keeps them) that differ clearly from one frame to
+    the next: a diagonal wave whose phase moves with the frame index, lightly tinted."""
+    y, x = np.mgrid[0:SIDE, 0:SIDE] / SIDE
+    frames = []
+    for index in range(count):
+        phase = 2 * math.pi * index / 7.3
+        base = 0.5 + 0.35 * np.sin(2 * math.pi * (x + 0.5 * y) + phase)
+        frames.append(base[..., None] * np.array([1.0, 0.9, 0.8]) + np.array([0.0, 0.05, 0.1]))
+    return np.round(np.stack(frames) * 255).astype(np.uint8)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 100.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def _raw(field: str, data: bytes, **meta) -> dict:
+    return {"__key__": "k", "meta.json": encode_json({"schema": 1, "caption": "a wave", **meta}), field: data}
+
+
+@pytest.fixture(scope="module")
+def one_second():
+    frames = _source_frames(SOURCE_FPS)
+    return frames, encode_mp4(frames, SOURCE_FPS, crf=4)
+
+
+@pytest.mark.parametrize("fps", [12.5, 16, 24, 29.97, 30])
+def test_video_decodes_to_the_frames_shown_at_the_target_times(one_second, fps):
+    source, data = one_second
+    sample = decode_sample(_raw("video.mp4", data), media_config=MediaConfig(fps=fps))
+    times = np.arange(math.ceil(1.0 * fps - 1e-6)) / fps
+    assert len(sample.video) == len(times) and sample.fps == fps
+    shown = np.floor(times * SOURCE_FPS + 1e-9).astype(int)  # the source frame on screen at each time
+    for frame, index in zip(sample.video, shown):
+        assert _psnr(frame, source[index]) >= 35
+        assert _psnr(frame, source[index + 1]) < 35  # control: the next frame is told apart
+
+
+def test_a_seeked_window_equals_that_window_of_a_full_decode():
+    frames = _source_frames(60, fps=30)
+    data = encode_mp4(frames, 30, crf=10, keyframe_interval=8)
+    whole = decode_sample(_raw("video.mp4", data)).video
+    config = MediaConfig(clip_seconds=0.5, clip_start="random")
+    clip = decode_sample(_raw("video.mp4", data), media_config=config, draw=0.6)
+    start = clip.timing["clip_start_s"]
+    first = math.floor(start * 30 + 1e-9)  # the frame on screen at the window's start
+    assert first % 8 != 0 and len(clip.video) == 15  # the window starts between keyframes
+    np.testing.assert_array_equal(clip.video, whole[first : first + 15])
+    assert len(whole) == 60 and _psnr(whole[first], frames[first]) >= 35
+
+
+def test_a_click_stays_at_its_frame_after_decode_cut_and_resample():
+    fps, rate, click_frame = 24, 44_100, 30
+    audio = np.zeros((1, 2 * rate), np.float32)
+    click = round(click_frame / fps * rate)
+    audio[0, click : click + 20] = 0.9
+    data = encode_mp4(_source_frames(48, fps), fps, audio=audio, sample_rate=rate)
+    config = MediaConfig(clip_seconds=1.0)
+    sample = decode_sample(_raw("video.mp4", data), media_config=config, draw=0.7)
+    start = sample.timing["clip_start_s"]
+    assert start > 0 and sample.audio_sample_rate == 48_000 and sample.audio.shape == (2, 48_000)
+    np.testing.assert_array_equal(sample.audio[0], sample.audio[1])  # mono duplicated
+    heard = start + np.argmax(np.abs(sample.audio[0])) / 48_000
+    assert abs(heard - click_frame / fps) < 1 / fps
+    assert len(sample.video) == fps  # the frames of the same window
+
+
+def test_rotated_video_is_turned_upright_as_ffmpeg_shows_it(tmp_path):
+    frames = np.zeros((4, 32, 64, 3), np.uint8)
+    frames[:, :8, :8] = 255  # a white top-left corner
+    (tmp_path / "flat.mp4").write_bytes(encode_mp4(frames, 10, crf=4))
+    command = ["ffmpeg", "-loglevel", "error", "-y", "-i", str(tmp_path / "flat.mp4"), "-c", "copy"]
+    subprocess.run([*command, "-metadata:s:v:0", "rotate=90", str(tmp_path / "turned.mp4")], check=True)
+    ours = decode_sample(_raw("video.mp4", (tmp_path / "turned.mp4").read_bytes(), fps=10)).video
+    to_rgb = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+    shown = subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-i", str(tmp_path / "turned.mp4"), *to_rgb], check=True, capture_output=True
+    ).stdout
+    reference = np.frombuffer(shown, np.uint8).reshape(-1, 64, 32, 3)
+    assert ours.shape == reference.shape == (4, 64, 32, 3)
+    assert _psnr(ours, reference) >= 40 and ours[0, -1, 0, 0] > 200  # the corner is now bottom-left
+
+
+def test_variable_frame_rate_video_is_sampled_by_its_timestamps():
+    stamps_ms = [0, 100, 150, 400, 450, 900]  # the frame shown at t is the last stamped at or before t
+    frames = _source_frames(len(stamps_ms))
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width = stream.height = SIDE
+        stream.pix_fmt, stream.time_base, stream.options = "yuv420p", Fraction(1, 1000), {"crf": "4"}
+        stream.codec_context.time_base = Fraction(1, 1000)  # the encoder keeps the frames' own stamps
+        for stamp, picture in zip(stamps_ms, frames):
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+            frame.pts, frame.time_base = stamp, Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    sample = decode_sample(_raw("video.mp4", buffer.getvalue()), media_config=MediaConfig(fps=10))
+    shown = [np.searchsorted(stamps_ms, t, side="right") - 1 for t in range(0, len(sample.video) * 100, 100)]
+    assert len(sample.video) >= 7 and shown[:7] == [0, 1, 2, 2, 3, 4, 4]
+    for frame, index in zip(sample.video, shown):
+        assert _psnr(frame, frames[index]) >= 35
+
+
+@pytest.mark.parametrize("suffix", ["webm", "mkv"])
+def test_webm_and_mkv_videos_decode(tmp_path, suffix):
+    frames = _source_frames(12)
+    codec = ["-c:v", "libvpx-vp9", "-crf", "10", "-b:v", "0"] if suffix == "webm" else ["-c:v", "ffv1"]
+    raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", "12", "-i", "-"]
+    path = tmp_path / f"clip.{suffix}"
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-y", *raw_input, *codec, "-pix_fmt", "yuv444p", str(path)],
+        input=frames.tobytes(),
+        check=True,
+    )
+    sample = decode_sample(_raw(f"video.{suffix}", path.read_bytes()))
+    assert sample.fps == 12 and len(sample.video) == 12
+    assert min(_psnr(a, b) for a, b in zip(sample.video, frames)) >= 35
+
+
+@pytest.mark.parametrize("suffix", ["flac", "mp3", "m4a", "opus", "wav"])
+def test_audio_files_decode_to_48k_stereo(tmp_path, suffix):
+    rate = 44_100
+    tone = (0.5 * np.sin(2 * math.pi * 440 * np.arange(rate) / rate)).astype(np.float32)
+    path = tmp_path / f"tone.{suffix}"
+    codec = {"m4a": ["-c:a", "aac"], "opus": ["-c:a", "libopus", "-ar", "48000"]}.get(suffix, [])
+    raw_input = ["-f", "f32le", "-ar", str(rate), "-ac", "1", "-i", "-"]
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-y", *raw_input, *codec, str(path)], input=tone.tobytes(), check=True
+    )
+    sample = decode_sample(_raw(f"audio.{suffix}", path.read_bytes()))
+    seconds = sample.audio.shape[1] / sample.audio_sample_rate
+    assert sample.audio.shape[0] in (1, 2) and abs(seconds - 1.0) < 0.06
+    spectrum = np.abs(np.fft.rfft(sample.audio[0]))
+    assert abs(np.argmax(spectrum) / seconds - 440) < 3
+    if suffix != "wav":  # WAV stays at its own rate (the encoder resamples it), compressed files are 48 kHz stereo
+        assert sample.audio_sample_rate == 48_000 and sample.audio.shape[0] == 2
+
+
+@pytest.mark.parametrize("suffix", ["jpg", "webp", "png"])
+def test_pictures_decode_and_fit_the_nearest_bucket(suffix):
+    picture = _source_frames(1)[0].repeat(3, axis=0).repeat(5, axis=1)[:, :160]  # 96 x 160
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format={"jpg": "JPEG"}.get(suffix, suffix.upper()), quality=95)
+    plain = decode_sample(_raw(f"image.{suffix}", buffer.getvalue()))
+    assert plain.image.shape == (96, 160, 3) and _psnr(plain.image, picture) >= 35
+    config = MediaConfig(resolution_buckets=["32x32", "32x64", "64x32"])
+    fitted = decode_sample(_raw(f"image.{suffix}", buffer.getvalue()), media_config=config)
+    assert fitted.image.shape == (32, 64, 3)  # 160 / 96 = 1.67 is nearest 2 (log ratio)
+
+
+def test_bucket_and_window_rules():
+    assert bucket_for(720, 1280, [(64, 64), (64, 112), (112, 64)]) == (64, 112)
+    config = MediaConfig(clip_seconds=1.0, clip_start="grid")
+    assert [choose_window(3.5, config, d).start_s for d in (0.0, 0.34, 0.67, 0.99)] == [0.0, 1.0, 2.0, 2.0]
+    random = MediaConfig(clip_seconds=1.0)
+    assert choose_window(3.0, random, 0.5, step_s=0.3).start_s == pytest.approx(0.9)  # on the action grid
+    assert choose_window(0.8, random, 0.5).duration_s == 0.8  # shorter than a clip: taken whole
+    with pytest.raises(ValueError, match="media.resolution_buckets entry '64-64'"):
+        MediaConfig(resolution_buckets=["64-64"]).validate()
+
+
+def test_an_undecodable_codec_is_named_in_the_skip_reason():
+    data = encode_mp4(_source_frames(3), 10).replace(b"avc1", b"zzzz")
+    with pytest.raises(SampleError, match="unsupported_codec: video.mp4: FFmpeg has no decoder .* 'zzzz'"):
+        decode_sample(_raw("video.mp4", data))
+
+
+SEGMENTS = [(0.0, 1.5, "a red ball rolls"), (1.5, 2.2, "it hits the wall"), (2.2, 4.0, "it rests")]
+
+
+@pytest.mark.parametrize("clip_start, draws", [("grid", [0.1, 0.3, 0.6, 0.9]), ("random", [0.37, 0.81])])
+def test_clips_of_a_long_video_carry_exactly_their_windows_captions_and_actions(clip_start, draws):
+    fps = 10  # frames and actions both at 10 per second: frame i and action i start together
+    actions = np.repeat(np.arange(40, dtype=np.float32)[:, None], 19, axis=1)  # row i holds i
+    long = Sample(
+        key="long",
+        video=_source_frames(40),
+        fps=fps,
+        actions=actions,
+        embodiment="single_arm",
+        action_rate_hz=10.0,
+        caption_segments=SEGMENTS,
+    )
+    raw = encode_sample(long, video_format="mp4")
+    whole = decode_sample(raw)
+    assert len(whole.video) == 40 and whole.caption == "a red ball rolls it hits the wall it rests"
+    starts = []
+    for draw in draws:
+        clip = decode_sample(raw, media_config=MediaConfig(clip_seconds=1.0, clip_start=clip_start), draw=draw)
+        start = clip.timing["clip_start_s"]
+        first = round(start * fps)
+        assert start == pytest.approx(first / fps)  # on the action grid
+        np.testing.assert_array_equal(clip.actions[:, 0], np.arange(first, first + 10))
+        np.testing.assert_array_equal(clip.video, whole.video[first : first + 10])
+        kept = [
+            (max(a, start) - start, min(b, start + 1) - start, t) for a, b, t in SEGMENTS if a < start + 1 and b > start
+        ]
+        assert [t for *_, t in clip.caption_segments] == [t for *_, t in kept]
+        assert np.allclose([s[:2] for s in clip.caption_segments], [s[:2] for s in kept])
+        assert clip.caption == " ".join(t for *_, t in kept)
+        starts.append(start)
+    assert starts == ([0.0, 1.0, 2.0, 3.0] if clip_start == "grid" else [pytest.approx(1.1), pytest.approx(2.4)])
+
+
+def test_an_audio_file_without_a_declared_duration_is_measured_and_checked_against_the_video():
+    rate = 44_100
+    tone = (0.5 * np.sin(2 * math.pi * 440 * np.arange(rate) / rate)).astype(np.float32)
+    piped = subprocess.run(  # written to a pipe: the FLAC header cannot say how long it is
+        ["ffmpeg", "-loglevel", "error", "-f", "f32le", "-ar", str(rate), "-ac", "1", "-i", "-", "-f", "flac", "-"],
+        input=tone.tobytes(),
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert decode_sample(_raw("audio.flac", piped)).audio.shape == (2, 48_000)
+    with_video = {**_raw("audio.flac", piped, fps=10), "video.npy": encode_npy(np.zeros((30, 32, 32, 3), np.uint8))}
+    with pytest.raises(SampleError, match="duration_mismatch: audio.flac lasts 1.000 s, video.npy 3.000 s"):
+        decode_sample(with_video)
