@@ -48,10 +48,7 @@ class MicroBatches:
         if shards and (self.share is None or dist.get_rank() == self.share[1]):
             from megatron_cosmos3.data.loader import PackedLoader
 
-            # The stage's data may hold the embodiments it adds (a post-training stage's new robot).
-            embodiments = {**config.model.embodiments, **config.stage.new_embodiments}
-            model = dataclasses.replace(config.model, embodiments=embodiments)
-            self.loader = PackedLoader(config.data, model, data_rank, data_size)
+            self.loader = PackedLoader(config.data, config.stage_model, data_rank, data_size)
 
     def get(self, step: int, micro: int):
         """(noised PackedBatch on the device, velocity targets) of one micro-batch."""

@@ -288,6 +288,13 @@ class TrainConfig:
         )
 
     @property
+    def stage_model(self) -> MoTConfig:
+        """The model this stage trains, as its data sees it: ``model`` with the embodiments the stage
+        adds (``stage.new_embodiments``: a post-training stage's new robot), the action streams its
+        shards may hold. ``train.build_model`` grows the model itself the same way."""
+        return dataclasses.replace(self.model, embodiments={**self.model.embodiments, **self.stage.new_embodiments})
+
+    @property
     def trains_vision(self) -> bool:
         """The model holds its own ViT, which encodes the packs' pictures in the step and trains:
         exactly when ``model.vision`` (the ViT's config) is set. Without it the loader puts the
