@@ -1,19 +1,24 @@
 """Per-embodiment normalisation of pseudo-actions, with statistics stored beside the dataset.
 
 Translations (metres per step) and joint values live on very different scales across robots,
-cars and cameras; each embodiment's projection sees them standardised. The 6D rotation dims are
-deliberately left as they are: they are components of unit vectors, already in [-1, 1], and
-keeping them untouched makes normalize -> denormalize exact for them (bit for bit in value), so a
-decoded rotation is never perturbed by normalisation round-off.
+cars and cameras; each embodiment's projection sees them standardised — the 6D rotation dims too.
+They are components of unit vectors, but a per-step rotation is close to the identity: in the
+generated world a single arm's first component varies by a std of 0.0085 around 0.99. Left raw,
+that signal sits 100x below the flow-matching noise (std 1), and a trained policy's rotation
+components came out 10-170 dataset stds off while every standardised dim was within a few
+(docs/DESIGN.md, "Action normalisation").
 
 File format (``<dataset>/action_stats.json``)::
 
-    {"format_version": 1,
+    {"format_version": 2,
      "embodiments": {"single_arm": {"count": N, "mean": [...19], "std": [...19],
                                     "q01": [...19] | null, "q99": [...19] | null,
+                                    "rotation_6d": "standardised" | "raw",
                                     "fields": {"ego.translation": [0, 3], ...}}, ...}}
 
 ``fields`` is informational (for people reading the file); loading checks it against the layout.
+Format 1 (written before rotations were standardised) is read with ``rotation_6d: "raw"``, so a
+model trained on such statistics un-normalises its actions as it learned them.
 """
 
 from __future__ import annotations
@@ -46,7 +51,9 @@ ACTION_STATS_FILENAME = "action_stats.json"
 # would blow rounding noise up to huge values. 1e-6 is far below any real per-step motion
 # (a micrometre, a microradian) yet keeps the result finite.
 STD_FLOOR = 1e-6
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+ROTATION_6D_MODES = ("standardised", "raw")
 
 NormalizationMode = Literal["mean_std", "quantile"]
 
@@ -66,6 +73,8 @@ class EmbodimentActionStats:
 
     count: number of action vectors measured. mean/std: per dim (population std).
     q01/q99: optional 1st/99th percentiles, needed only for ``mode="quantile"``.
+    rotation_6d: "standardised" (like every other dim) or "raw" (left as they are: statistics of
+    format 1, module doc).
     """
 
     kind: str
@@ -74,9 +83,12 @@ class EmbodimentActionStats:
     std: tuple[float, ...]
     q01: tuple[float, ...] | None = None
     q99: tuple[float, ...] | None = None
+    rotation_6d: str = "standardised"
 
     def __post_init__(self) -> None:
         dim = get_layout(self.kind).dim
+        if self.rotation_6d not in ROTATION_6D_MODES:
+            raise ValueError(f"{self.kind}.rotation_6d={self.rotation_6d!r} is not one of {ROTATION_6D_MODES}")
         # Accept lists (as read from JSON) but store tuples, so the dataclass stays immutable.
         for name in ("mean", "std", "q01", "q99"):
             value = getattr(self, name)
@@ -108,15 +120,17 @@ class EmbodimentActionStats:
             "std": list(self.std),
             "q01": None if self.q01 is None else list(self.q01),
             "q99": None if self.q99 is None else list(self.q99),
+            "rotation_6d": self.rotation_6d,
             "fields": {name: [s.start, s.stop] for name, s in get_layout(self.kind).slices.items()},
         }
 
     @classmethod
-    def from_json(cls, kind: str, entry: Mapping) -> EmbodimentActionStats:
+    def from_json(cls, kind: str, entry: Mapping, format_version: int = _FORMAT_VERSION) -> EmbodimentActionStats:
         expected = {name: [s.start, s.stop] for name, s in get_layout(kind).slices.items()}
         if "fields" in entry and entry["fields"] != expected:
             raise ValueError(f"{kind}.fields {entry['fields']} do not match the current layout {expected}")
-        return cls(kind, int(entry["count"]), entry["mean"], entry["std"], entry.get("q01"), entry.get("q99"))
+        rotation = "raw" if format_version == 1 else entry["rotation_6d"]
+        return cls(kind, int(entry["count"]), entry["mean"], entry["std"], entry.get("q01"), entry.get("q99"), rotation)
 
 
 @dataclass(frozen=True)
@@ -152,12 +166,12 @@ class ActionStats:
         if path.is_dir():
             path = path / ACTION_STATS_FILENAME
         document = json.loads(path.read_text())
-        if document.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: format_version must be {_FORMAT_VERSION}, got {document.get('format_version')!r}"
-            )
+        version = document.get("format_version")
+        if version not in _READABLE_VERSIONS:
+            raise ValueError(f"{path}: format_version must be one of {_READABLE_VERSIONS}, got {version!r}")
         try:
-            return cls({kind: EmbodimentActionStats.from_json(kind, e) for kind, e in document["embodiments"].items()})
+            embodiments = document["embodiments"].items()
+            return cls({kind: EmbodimentActionStats.from_json(kind, e, version) for kind, e in embodiments})
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: malformed action statistics: {error!r}") from error
 
@@ -175,7 +189,8 @@ def merge_action_stats(stats: Iterable[ActionStats | None]) -> ActionStats | Non
 def _center_and_scale(
     actions: torch.Tensor, stats: EmbodimentActionStats, mode: NormalizationMode, std_floor: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dim affine ``normalized = (x - center) / scale``; rotation dims get (0, 1)."""
+    """Per-dim affine ``normalized = (x - center) / scale``; rotation dims get (0, 1) where the
+    statistics keep them raw."""
     if actions.shape[-1:] != (stats.dim,):
         raise ValueError(
             f"actions for kind {stats.kind!r} must have shape (..., {stats.dim}), got {tuple(actions.shape)}"
@@ -190,8 +205,9 @@ def _center_and_scale(
         center, scale = (low + high) / 2, np.maximum(high - low, std_floor) / 2
     else:
         raise ValueError(f"mode must be 'mean_std' or 'quantile', got {mode!r}")
-    rotation = list(get_layout(stats.kind).rotation_6d_dims)
-    center[rotation], scale[rotation] = 0.0, 1.0
+    if stats.rotation_6d == "raw":
+        rotation = list(get_layout(stats.kind).rotation_6d_dims)
+        center[rotation], scale[rotation] = 0.0, 1.0
     return tuple(torch.as_tensor(v, dtype=actions.dtype, device=actions.device) for v in (center, scale))
 
 
@@ -202,7 +218,7 @@ def normalize_actions(
     mode: NormalizationMode = "mean_std",
     std_floor: float = STD_FLOOR,
 ) -> torch.Tensor:
-    """``(..., dim)`` pseudo-actions -> normalised, same shape and dtype; rotation dims unchanged."""
+    """``(..., dim)`` pseudo-actions -> normalised, same shape and dtype (module doc)."""
     center, scale = _center_and_scale(actions, stats, mode, std_floor)
     return (actions - center) / scale
 

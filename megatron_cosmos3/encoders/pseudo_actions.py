@@ -115,7 +115,7 @@ class ActionLayout:
 
     @property
     def rotation_6d_dims(self) -> tuple[int, ...]:
-        """Indices of every 6D rotation component (normalisation leaves these untouched)."""
+        """Indices of every 6D rotation component."""
         return tuple(i for f in self.fields if f.name.endswith(".rotation_6d") for i in range(f.start, f.stop))
 
 

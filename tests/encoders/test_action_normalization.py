@@ -1,10 +1,12 @@
-"""Action normalisation: standardises translations/joints, leaves 6D rotations exact, persists to JSON."""
+"""Action normalisation: standardises every dim (6D rotations too; raw in format-1 files), persists to JSON."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
+from scipy.spatial.transform import Rotation
 
 from megatron_cosmos3.encoders.action_normalization import (
     ACTION_STATS_FILENAME,
@@ -16,6 +18,7 @@ from megatron_cosmos3.encoders.action_normalization import (
     normalize_actions,
 )
 from megatron_cosmos3.encoders.pseudo_actions import ACTION_LAYOUTS
+from megatron_cosmos3.encoders.rotations import matrix_to_rotation_6d
 
 
 def sample_actions(kind: str, n: int = 500, seed: int = 0) -> np.ndarray:
@@ -43,35 +46,49 @@ def test_from_actions_measures_mean_std_and_percentiles(kind):
 
 @pytest.mark.parametrize("mode", ["mean_std", "quantile"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_round_trip_is_exact_on_rotation_dims_and_close_elsewhere(mode, dtype):
+def test_round_trip_is_close_on_every_dim(mode, dtype):
     kind = "humanoid"
     actions = torch.tensor(sample_actions(kind, seed=1), dtype=dtype)
     stats = EmbodimentActionStats.from_actions(kind, actions.double().numpy())
     normalized = normalize_actions(actions, stats, mode=mode)
     restored = denormalize_actions(normalized, stats, mode=mode)
     assert normalized.dtype == dtype and restored.shape == actions.shape
-    rotation = list(ACTION_LAYOUTS[kind].rotation_6d_dims)
-    assert torch.equal(normalized[:, rotation], actions[:, rotation]), "normalisation must not touch 6D rotations"
-    assert torch.equal(restored[:, rotation], actions[:, rotation]), "6D rotations must round-trip exactly"
     # Absolute error ~ eps * |mean| (means here reach 5) where x - mean cancels.
     torch.testing.assert_close(
         restored, actions, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-6 if dtype == torch.float32 else 0
     )
 
 
+def test_rotations_near_the_identity_are_standardised_and_raw_statistics_leave_them_exact():
+    """Per-step rotations sit near the identity (first 6D component ~1, the rest ~0): standardised
+    they span the noise's scale; statistics marked raw (format 1) leave them bit for bit."""
+    kind = "single_arm"
+    rng = np.random.default_rng(5)
+    angles = rng.normal(scale=0.05, size=(400, 3))
+    near_identity = matrix_to_rotation_6d(torch.tensor(Rotation.from_rotvec(angles).as_matrix()))
+    actions = torch.tensor(sample_actions(kind, n=400, seed=5))
+    for name, part in ACTION_LAYOUTS[kind].slices.items():
+        if name.endswith(".rotation_6d"):
+            actions[:, part] = near_identity
+    rotation = list(ACTION_LAYOUTS[kind].rotation_6d_dims)
+    stats = EmbodimentActionStats.from_actions(kind, actions.numpy())
+    standardised = normalize_actions(actions, stats)[:, rotation]
+    torch.testing.assert_close(standardised.std(0, unbiased=False), torch.ones(len(rotation), dtype=torch.float64))
+    raw = dataclasses.replace(stats, rotation_6d="raw")
+    assert torch.equal(normalize_actions(actions, raw)[:, rotation], actions[:, rotation])
+    assert torch.equal(denormalize_actions(actions, raw)[:, rotation], actions[:, rotation])
+
+
 def test_mean_std_mode_standardises_and_quantile_mode_maps_percentiles_to_unit_range():
     kind = "single_arm"
     actions = torch.tensor(sample_actions(kind, seed=2))
     stats = EmbodimentActionStats.from_actions(kind, actions.numpy())
-    other = [i for i in range(19) if i not in ACTION_LAYOUTS[kind].rotation_6d_dims]
-    standardized = normalize_actions(actions, stats)[:, other]
-    torch.testing.assert_close(standardized.mean(0), torch.zeros(len(other), dtype=torch.float64), atol=1e-9, rtol=0)
-    torch.testing.assert_close(
-        standardized.std(0, unbiased=False), torch.ones(len(other), dtype=torch.float64), atol=1e-9, rtol=0
-    )
+    standardized = normalize_actions(actions, stats)
+    torch.testing.assert_close(standardized.mean(0), torch.zeros(19, dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(standardized.std(0, unbiased=False), torch.ones(19, dtype=torch.float64), atol=1e-9, rtol=0)
     percentiles = torch.tensor([stats.q01, stats.q99], dtype=torch.float64)
-    mapped = normalize_actions(percentiles, stats, mode="quantile")[:, other]
-    torch.testing.assert_close(mapped, torch.tensor([[-1.0], [1.0]], dtype=torch.float64).expand(2, len(other)))
+    mapped = normalize_actions(percentiles, stats, mode="quantile")
+    torch.testing.assert_close(mapped, torch.tensor([[-1.0], [1.0]], dtype=torch.float64).expand(2, 19))
 
 
 def test_constant_dims_use_the_std_floor_instead_of_dividing_by_zero():
@@ -103,6 +120,17 @@ def test_save_and_load_round_trip_next_to_the_dataset(tmp_path):
     assert loaded["single_arm"].q01 is None
     document = json.loads(written.read_text())
     assert document["embodiments"]["vehicle"]["fields"]["ego.rotation_6d"] == [3, 9]
+    assert document["format_version"] == 2 and document["embodiments"]["vehicle"]["rotation_6d"] == "standardised"
+
+
+def test_format_1_statistics_load_with_raw_rotations(tmp_path):
+    """A file written before rotations were standardised keeps un-normalising a model trained on it
+    the way it learned: rotation dims raw, everything else as before."""
+    stats = EmbodimentActionStats.from_actions("vehicle", sample_actions("vehicle", seed=6))
+    document = json.loads(ActionStats({"vehicle": stats}).save(tmp_path / "v2.json").read_text())
+    del document["embodiments"]["vehicle"]["rotation_6d"]
+    loaded = ActionStats.load(_write(tmp_path / "v1.json", {**document, "format_version": 1}))
+    assert loaded["vehicle"] == dataclasses.replace(stats, rotation_6d="raw")
 
 
 def _write(path, document):
@@ -114,13 +142,20 @@ def test_malformed_stats_and_misuse_raise_clear_errors(tmp_path):
     stats = EmbodimentActionStats.from_actions("vehicle", sample_actions("vehicle"), quantiles=False)
     good = json.loads(ActionStats({"vehicle": stats}).save(tmp_path / "good.json").read_text())
 
-    with pytest.raises(ValueError, match=r"format_version must be 1, got 7"):
+    with pytest.raises(ValueError, match=r"format_version must be one of \(1, 2\), got 7"):
         ActionStats.load(_write(tmp_path / "v7.json", {**good, "format_version": 7}))
     short = {**good, "embodiments": {"vehicle": {**good["embodiments"]["vehicle"], "mean": [0.0] * 8}}}
     with pytest.raises(
         ValueError, match=r"short\.json: malformed action statistics: .*vehicle\.mean must have 9 values, got 8"
     ):
         ActionStats.load(_write(tmp_path / "short.json", short))
+    with pytest.raises(ValueError, match=r"vehicle\.rotation_6d='sideways' is not one of \('standardised', 'raw'\)"):
+        ActionStats.load(
+            _write(
+                tmp_path / "sideways.json",
+                {**good, "embodiments": {"vehicle": {**good["embodiments"]["vehicle"], "rotation_6d": "sideways"}}},
+            )
+        )
     with pytest.raises(ValueError, match=r"unknown embodiment kind 'boat'"):
         ActionStats.load(
             _write(tmp_path / "boat.json", {**good, "embodiments": {"boat": good["embodiments"]["vehicle"]}})
