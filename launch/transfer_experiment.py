@@ -43,7 +43,7 @@ import torch
 
 from megatron_cosmos3.checkpoint.checkpointer import inventory
 from megatron_cosmos3.data.latent_encoders import latent_encoder_from_config
-from megatron_cosmos3.eval_suite.closed_loop import closed_loop_rows_for
+from megatron_cosmos3.eval_suite.closed_loop import ReferenceCache, closed_loop_rows_for
 from megatron_cosmos3.evaluation.closed_loop import wilson_interval
 from megatron_cosmos3.inference.requests import generation_builder
 from megatron_cosmos3.release.generate_cli import merged_action_stats
@@ -188,8 +188,9 @@ def train_stage(
     return directory
 
 
-def evaluate(checkpoints: Path, sizes: Sizes, media_dir: Path | None) -> list[dict]:
-    """Closed-loop rows of the post-trained model at ``checkpoints`` for every task, as dicts."""
+def evaluate(checkpoints: Path, sizes: Sizes, media_dir: Path | None, references: ReferenceCache) -> list[dict]:
+    """Closed-loop rows of the post-trained model at ``checkpoints`` for every task, as dicts; the
+    expert's and the random policy's episodes come from ``references`` (the same for every model)."""
     trained = load_trained_model(checkpoints)
     model = trained.model
     encoder = latent_encoder_from_config(
@@ -211,6 +212,7 @@ def evaluate(checkpoints: Path, sizes: Sizes, media_dir: Path | None) -> list[di
             steps=sizes.sampler_steps,
             trained_tasks=trained.tasks,
             media_dir=media_dir,
+            cache=references,
         )
     return [asdict(row) for row in rows]
 
@@ -292,7 +294,7 @@ def run_experiment(out: str | Path, sizes: Sizes, command: str = "") -> dict:
     midtrained = train_stage(
         "midtrain", out / "midtrain", worlds["demos"], sizes.midtrain_steps, sizes, init_from=pretrained
     )
-    runs = []
+    runs, references = [], ReferenceCache()
     for start, checkpoint in zip(STARTS, (pretrained, midtrained)):
         for seed in sizes.seeds:
             directory = train_stage(
@@ -306,7 +308,7 @@ def run_experiment(out: str | Path, sizes: Sizes, command: str = "") -> dict:
             )
             media = out / "media" / f"{start}-K{sizes.posttrain_steps}" if seed == sizes.seeds[0] else None
             log.info("closed loop: %s, seed %d", start, seed)
-            runs.append({"start": start, "seed": seed, "rows": evaluate(directory, sizes, media)})
+            runs.append({"start": start, "seed": seed, "rows": evaluate(directory, sizes, media, references)})
     result = {
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -23,7 +23,9 @@ model's own states the expert's answer would be a recovery no demonstration show
 part of each chunk, in units of the dataset's action std (``evaluation.actions``), over the
 dimensions that move in that data.
 ``closed_loop_rows_for`` does all of it for one task and embodiment and returns the report rows;
-``write_episode_mp4`` writes an episode to watch.
+the expert's and the random policy's episodes do not depend on the model, so a ``ReferenceCache``
+(one per suite) runs them once and later evaluations ask only the model. ``write_episode_mp4``
+writes an episode to watch.
 """
 
 from __future__ import annotations
@@ -157,14 +159,17 @@ class ModelPolicy:
 class EpisodeRun:
     """One episode as it ran: the ``Episode`` (seed, success, actions executed), the instruction,
     each chunk the policy gave and the state it was given in, ``execute`` actions of each executed;
-    ``references``: per reference policy, its chunk at each of those states (never executed);
-    ``frames`` (T, H, W, 3) uint8 and ``audio`` (2, samples) at 48 kHz when recorded."""
+    ``decisions``: what the policy was asked each round (the environment in them has moved on since:
+    only its fixed settings — rate, embodiment — still hold); ``references``: per reference policy,
+    its chunk at each of those states (never executed); ``frames`` (T, H, W, 3) uint8 and ``audio``
+    (2, samples) at 48 kHz when recorded."""
 
     episode: Episode
     instruction: str
     execute: int
     chunks: list[np.ndarray] = field(default_factory=list)
     states: list[WorldState] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
     references: dict[str, list[np.ndarray]] = field(default_factory=dict)
     frames: np.ndarray | None = None
     audio: np.ndarray | None = None
@@ -204,6 +209,7 @@ def run_episodes(
     round_ = 0
     while live:
         decisions = [Decision(envs[i], seeds[i], round_, latest[i], runs[i].instruction) for i in live]
+        decision_of = dict(zip(live, decisions))
         chunks = policy.act(decisions)
         for name, reference in references.items():
             for i, chunk in zip(live, reference.act(decisions)):
@@ -219,6 +225,7 @@ def run_episodes(
             run = runs[i]
             run.chunks.append(chunk)
             run.states.append(envs[i].state)
+            run.decisions.append(decision_of[i])
             result = envs[i].step(chunk[:execute])
             if len(result.frames):
                 latest[i] = result.frames[-1]
@@ -243,6 +250,64 @@ def write_episode_mp4(path: str | Path, run: EpisodeRun, fps: float) -> Path:
     return write_mp4(path, run.frames, fps, run.audio, SAMPLE_RATE)
 
 
+def chunks_at_decisions(policy: Policy, runs: Sequence[EpisodeRun], execute: int) -> list[list[np.ndarray]]:
+    """``policy``'s chunk (its first ``execute`` actions) at every decision of ``runs``, per run,
+    asked round by round with the episodes live in that round together, as ``run_episodes`` asks a
+    reference: the same requests in the same packs."""
+    answers: list[list[np.ndarray]] = [[] for _ in runs]
+    for round_ in range(max(len(run.decisions) for run in runs)):
+        live = [i for i, run in enumerate(runs) if round_ < len(run.decisions)]
+        chunks = policy.act([runs[i].decisions[round_] for i in live])
+        for i, chunk in zip(live, chunks):
+            answers[i].append(np.asarray(chunk[:execute], dtype=np.float64))
+    return answers
+
+
+@dataclass
+class ReferenceEpisodes:
+    """The episodes of one task and embodiment that do not depend on the model: the expert's (with
+    the random policy's chunks at its states as ``references["random"]``) and the random policy's."""
+
+    expert: list[EpisodeRun]
+    random: list[EpisodeRun]
+
+
+class ReferenceCache:
+    """``ReferenceEpisodes`` by everything they depend on (the world, task, embodiment, seeds, chunk
+    executed, horizon, frame rate, whether media is recorded), run on first use: a suite evaluated
+    every ``eval.every`` steps runs its expert and random episodes once."""
+
+    def __init__(self) -> None:
+        self._episodes: dict[tuple, ReferenceEpisodes] = {}
+
+    def __len__(self) -> int:
+        return len(self._episodes)
+
+    def get(
+        self,
+        world: WorldConfig,
+        task: str,
+        embodiment: str,
+        seeds: Sequence[int],
+        *,
+        execute: int,
+        horizon_s: float,
+        fps: float,
+        record_media: bool,
+    ) -> ReferenceEpisodes:
+        key = (repr(world), task, embodiment, tuple(seeds), execute, horizon_s, fps, record_media)
+        if key not in self._episodes:
+            common = dict(execute=execute, horizon_s=horizon_s, fps=fps, record_media=record_media)
+            random = RandomPolicy(execute)
+            expert = run_episodes(
+                ExpertPolicy(execute), task, embodiment, seeds, world, references={"random": random}, **common
+            )
+            self._episodes[key] = ReferenceEpisodes(
+                expert, run_episodes(random, task, embodiment, seeds, world, **common)
+            )
+        return self._episodes[key]
+
+
 def closed_loop_rows_for(
     model: MoTModel,
     builder: SampleBuilder,
@@ -261,6 +326,7 @@ def closed_loop_rows_for(
     plan: ParallelPlan | None = None,
     trained_tasks: Collection[str] | None = None,
     media_dir: str | Path | None = None,
+    cache: ReferenceCache | None = None,
 ) -> list[MetricRow]:
     """The closed-loop rows of ``task`` for ``embodiment`` over one episode per seed, named
     ``closed_loop/<embodiment>/<task>/...``: success rate and its Wilson bounds (model; oracle = the
@@ -269,48 +335,50 @@ def closed_loop_rows_for(
     executed, in units of the dataset's std. ``execute_s``: seconds of each chunk executed; ``fps``:
     the frames the policy sees (default the world's first frame rate); ``chunk_s``: the clip each
     request asks for (default ``world.duration_s``, the training clips'). ``media_dir``: the first
-    seed's episode of each policy as ``<embodiment>_<task>_seed<N>_<policy>.mp4``. Collective under
-    ``plan``."""
+    seed's episode of each policy as ``<embodiment>_<task>_seed<N>_<policy>.mp4``. ``cache``: where
+    the expert's and the random policy's episodes are kept between calls (default: run them here).
+    Collective under ``plan``."""
     rate = float(world.action_rates[embodiment])
     execute = max(1, int(round(execute_s * rate)))
-    policies = {
-        "model": ModelPolicy(
-            model,
-            builder,
-            chunk_s=chunk_s if chunk_s is not None else world.duration_s,
-            steps=steps,
-            solver=solver,
-            guidance=guidance,
-            plan=plan,
-            trained_tasks=trained_tasks,
-        ),
-        "expert": ExpertPolicy(execute),
-        "random": RandomPolicy(execute),
-    }
+    model_policy = ModelPolicy(
+        model,
+        builder,
+        chunk_s=chunk_s if chunk_s is not None else world.duration_s,
+        steps=steps,
+        solver=solver,
+        guidance=guidance,
+        plan=plan,
+        trained_tasks=trained_tasks,
+    )
     record = media_dir is not None
     fps = float(fps if fps is not None else world.fps_choices[0])
-    common = dict(execute=execute, horizon_s=horizon_s, fps=fps, record_media=record)
+    references = (cache or ReferenceCache()).get(
+        world, task, embodiment, seeds, execute=execute, horizon_s=horizon_s, fps=fps, record_media=record
+    )
     runs = {
-        "model": run_episodes(policies["model"], task, embodiment, seeds, world, **common),
-        "expert": run_episodes(
-            policies["expert"],
+        "model": run_episodes(
+            model_policy,
             task,
             embodiment,
             seeds,
             world,
-            references={"model": policies["model"], "random": policies["random"]},
-            **common,
+            execute=execute,
+            horizon_s=horizon_s,
+            fps=fps,
+            record_media=record,
         ),
-        "random": run_episodes(policies["random"], task, embodiment, seeds, world, **common),
+        "expert": references.expert,
+        "random": references.random,
     }
     name = f"closed_loop/{embodiment}/{task}"
     episodes = {who: [run.episode for run in found] for who, found in runs.items()}
     rows = closed_loop_rows(name, episodes["model"], episodes["random"], episodes["expert"])
     # Open loop on the expert's states (the demonstrations' distribution): where the model's own
     # episodes wander off, the expert's answer is a recovery no demonstration shows.
-    expert = np.concatenate([chunk[:execute] for run in runs["expert"] for chunk in run.chunks])
-    predicted = np.concatenate([chunk for run in runs["expert"] for chunk in run.references["model"]])
-    chance = np.concatenate([chunk for run in runs["expert"] for chunk in run.references["random"]])
+    expert = np.concatenate([chunk[:execute] for run in references.expert for chunk in run.chunks])
+    asked = chunks_at_decisions(model_policy, references.expert, execute)
+    predicted = np.concatenate([chunk for chunks in asked for chunk in chunks])
+    chance = np.concatenate([chunk for run in references.expert for chunk in run.references["random"]])
     # The suite's unit: the dataset std, else the expert's own spread, over the dims that move.
     scale, moving, scale_is = action_scale(builder.action_stats, embodiment, expert)
     rows += action_rows(name, predicted[:, moving], chance[:, moving], expert[:, moving], scale, scale_is)

@@ -22,7 +22,7 @@ from megatron_cosmos3.data.tokenizer import Tokenizer
 from megatron_cosmos3.encoders.action_normalization import ActionStats
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
 from megatron_cosmos3.eval_suite.cases import ACTION_TASKS, Case, held_out_cases
-from megatron_cosmos3.eval_suite.closed_loop import closed_loop_rows_for
+from megatron_cosmos3.eval_suite.closed_loop import ReferenceCache, closed_loop_rows_for
 from megatron_cosmos3.eval_suite.config import SuiteConfig
 from megatron_cosmos3.eval_suite.predictions import Prediction, predict, untrained_model
 from megatron_cosmos3.eval_suite.scoring import task_rows
@@ -75,6 +75,7 @@ class EvalSuite:
         tasks = [task for task in config.tasks if task not in self.skipped]
         self.cases = held_out_cases(config, tasks, embodiments)
         self._chance: dict[str, list[Prediction]] | None = None
+        self._closed_loop_references = ReferenceCache()  # the expert's and random episodes, run once
 
     @classmethod
     def for_run(
@@ -177,6 +178,7 @@ class EvalSuite:
                     plan=plan,
                     trained_tasks=self.trained_tasks,
                     media_dir=media_dir,
+                    cache=self._closed_loop_references,
                 )
         return rows
 

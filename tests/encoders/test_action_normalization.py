@@ -85,7 +85,9 @@ def test_mean_std_mode_standardises_and_quantile_mode_maps_percentiles_to_unit_r
     stats = EmbodimentActionStats.from_actions(kind, actions.numpy())
     standardized = normalize_actions(actions, stats)
     torch.testing.assert_close(standardized.mean(0), torch.zeros(19, dtype=torch.float64), atol=1e-9, rtol=0)
-    torch.testing.assert_close(standardized.std(0, unbiased=False), torch.ones(19, dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(
+        standardized.std(0, unbiased=False), torch.ones(19, dtype=torch.float64), atol=1e-9, rtol=0
+    )
     percentiles = torch.tensor([stats.q01, stats.q99], dtype=torch.float64)
     mapped = normalize_actions(percentiles, stats, mode="quantile")
     torch.testing.assert_close(mapped, torch.tensor([[-1.0], [1.0]], dtype=torch.float64).expand(2, 19))

@@ -16,6 +16,8 @@ from megatron_cosmos3.eval_suite.closed_loop import (
     ExpertPolicy,
     ModelPolicy,
     RandomPolicy,
+    ReferenceCache,
+    chunks_at_decisions,
     closed_loop_rows_for,
     run_episodes,
     write_episode_mp4,
@@ -120,6 +122,37 @@ def test_closed_loop_rows_and_media(model, builder, tmp_path):
     for who in ("model", "expert", "random"):
         with av.open(str(tmp_path / f"{PUSHER}_push_to_region_seed11_{who}.mp4")) as container:
             assert sum(1 for _ in container.decode(video=0)) > 16 and container.streams.audio
+
+
+def test_cached_reference_episodes_give_the_rows_of_a_fresh_run(model, builder):
+    """The expert's and the random episodes run once per cache; the model asked at the cached
+    decisions answers exactly what it answers as a reference inside the expert's episodes."""
+    cache, seeds = ReferenceCache(), [21, 22]
+    call = dict(horizon_s=1.0, steps=2)
+    fresh = closed_loop_rows_for(model, builder, WORLD, "stop_ball", PUSHER, seeds, **call)
+    first = closed_loop_rows_for(model, builder, WORLD, "stop_ball", PUSHER, seeds, **call, cache=cache)
+    cached = cache.get(WORLD, "stop_ball", PUSHER, seeds, execute=EXECUTE, horizon_s=1.0, fps=16.0, record_media=False)
+    again = closed_loop_rows_for(model, builder, WORLD, "stop_ball", PUSHER, seeds, **call, cache=cache)
+    assert fresh == first == again and len(cache) == 1
+    assert (
+        cache.get(WORLD, "stop_ball", PUSHER, seeds, execute=EXECUTE, horizon_s=1.0, fps=16.0, record_media=False)
+        is cached
+    )
+    policy = ModelPolicy(model, builder, chunk_s=WORLD.duration_s, steps=2)
+    inside = run_episodes(
+        ExpertPolicy(EXECUTE),
+        "stop_ball",
+        PUSHER,
+        seeds,
+        WORLD,
+        execute=EXECUTE,
+        horizon_s=1.0,
+        references={"model": policy},
+    )
+    asked = chunks_at_decisions(policy, cached.expert, EXECUTE)
+    assert [len(chunks) for chunks in asked] == [len(run.references["model"]) for run in inside] == [2, 2]
+    for run, chunks in zip(inside, asked):
+        assert all(np.array_equal(a, b) for a, b in zip(run.references["model"], chunks))
 
 
 def test_bad_runs_are_refused_naming_the_problem(model, builder):
