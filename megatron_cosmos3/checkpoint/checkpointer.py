@@ -2,7 +2,7 @@
 
 A checkpoint is the folder ``step_<N>``: torch.distributed.checkpoint shards of the global state
 described in ``sharded_state.py`` (model, AdamW state, and per-rank entries such as RNG and data
-loader state), plus ``meta.json`` (step, MLflow run, resolved config). It is written under
+loader state), plus ``meta.json`` (step, MLflow run, resolved config, action statistics). It is written under
 ``.step_<N>.partial`` and renamed only once every rank's data and the index are on disk; only then
 does ``latest`` name it. A crash or a kill mid-save therefore leaves the previous checkpoint as the
 one resumed, and the half-written folder is swept away on the next start.

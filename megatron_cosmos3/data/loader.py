@@ -59,6 +59,20 @@ class _Waiting:
     built: BuiltSample
 
 
+def datasets_action_stats(datasets) -> dict[str, ActionStats]:
+    """Dataset name -> its action statistics (``dataset_action_stats``), in the given order, for
+    the datasets that have some. ValueError naming the dataset and file for one that cannot be read."""
+    found = {}
+    for dataset in datasets:
+        try:
+            stats = dataset_action_stats(dataset)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"data.datasets[{dataset.name}].action_stats={dataset.action_stats!r}: {error}") from None
+        if stats is not None:
+            found[dataset.name] = stats
+    return found
+
+
 def dataset_action_stats(dataset) -> ActionStats | None:
     """The dataset's action statistics (``DatasetConfig.action_stats``)."""
     if dataset.action_stats == "":

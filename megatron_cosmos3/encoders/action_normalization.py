@@ -144,18 +144,33 @@ class ActionStats:
             raise ValueError(f"no action statistics for kind {kind!r}; have {sorted(self.embodiments)}")
         return self.embodiments[kind]
 
+    def to_document(self) -> dict:
+        """The JSON document ``save`` writes (module doc)."""
+        return {
+            "format_version": _FORMAT_VERSION,
+            "embodiments": {kind: s.to_json() for kind, s in sorted(self.embodiments.items())},
+        }
+
+    @classmethod
+    def from_document(cls, document: Mapping, source: str) -> ActionStats:
+        """Statistics from a document of any readable format; ``source`` names it in errors."""
+        version = document.get("format_version")
+        if version not in _READABLE_VERSIONS:
+            raise ValueError(f"{source}: format_version must be one of {_READABLE_VERSIONS}, got {version!r}")
+        try:
+            embodiments = document["embodiments"].items()
+            return cls({kind: EmbodimentActionStats.from_json(kind, e, version) for kind, e in embodiments})
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{source}: malformed action statistics: {error!r}") from error
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON atomically (a reader never sees half a file); a directory gets the default name."""
         path = Path(path)
         if path.is_dir():
             path = path / ACTION_STATS_FILENAME
-        document = {
-            "format_version": _FORMAT_VERSION,
-            "embodiments": {kind: s.to_json() for kind, s in sorted(self.embodiments.items())},
-        }
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
-            json.dump(document, f, indent=1)
+            json.dump(self.to_document(), f, indent=1)
         os.replace(tmp, path)
         return path
 
@@ -165,15 +180,7 @@ class ActionStats:
         path = Path(path)
         if path.is_dir():
             path = path / ACTION_STATS_FILENAME
-        document = json.loads(path.read_text())
-        version = document.get("format_version")
-        if version not in _READABLE_VERSIONS:
-            raise ValueError(f"{path}: format_version must be one of {_READABLE_VERSIONS}, got {version!r}")
-        try:
-            embodiments = document["embodiments"].items()
-            return cls({kind: EmbodimentActionStats.from_json(kind, e, version) for kind, e in embodiments})
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{path}: malformed action statistics: {error!r}") from error
+        return cls.from_document(json.loads(path.read_text()), str(path))
 
 
 def merge_action_stats(stats: Iterable[ActionStats | None]) -> ActionStats | None:

@@ -30,7 +30,7 @@ from megatron_cosmos3.checkpoint.safe_reader import MANIFEST, verify_checkpoint
 from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes
 from megatron_cosmos3.checkpoint.weights_folder import is_weights_folder, load_weights_folder
 from megatron_cosmos3.conversion.mot_folder import CONFIG_FILE
-from megatron_cosmos3.data.loader import dataset_action_stats
+from megatron_cosmos3.data.loader import datasets_action_stats
 from megatron_cosmos3.data.tokenizer import TOKENIZER_FILE, Tokenizer, build_tokenizer
 from megatron_cosmos3.encoders.action_normalization import ActionStats
 from megatron_cosmos3.model.config import load_model_config
@@ -123,14 +123,27 @@ def find_checkpoint(path: str | Path) -> Path:
     raise CheckpointLoadError(f"{path} is not a checkpoint: it has no .metadata, latest or {CONFIG_FILE} ({expected})")
 
 
-def _checkpoint_config(folder: Path) -> tuple[TrainConfig, int]:
+def _checkpoint_config(folder: Path) -> tuple[TrainConfig, int, dict[str, ActionStats]]:
+    """The run's config, step and action statistics: those saved in meta.json (what the run
+    normalised with, wherever the checkpoint is read from), else — a checkpoint saved before they
+    were — the datasets' files the config names."""
     meta = read_meta(folder)  # checked against checksums.json
     if "config" not in meta:
         raise CheckpointLoadError(
             f"checkpoint {folder}: meta.json has no 'config' (the run's resolved training config), which loading "
             "needs to rebuild the model as trained"
         )
-    return _parse_config(meta["config"], f"{folder / 'meta.json'} 'config'"), int(meta["step"])
+    config = _parse_config(meta["config"], f"{folder / 'meta.json'} 'config'")
+    if "action_stats" not in meta:
+        return config, int(meta["step"]), _action_stats(config)
+    try:
+        stats = {
+            name: ActionStats.from_document(document, f"{folder / 'meta.json'} action_stats[{name}]")
+            for name, document in meta["action_stats"].items()
+        }
+    except (AttributeError, ValueError) as error:
+        raise CheckpointLoadError(f"checkpoint {folder}: {error}") from None
+    return config, int(meta["step"]), stats
 
 
 def _parse_config(text: str, source: str) -> TrainConfig:
@@ -172,17 +185,10 @@ def _release_config(folder: Path) -> tuple[TrainConfig, int | None]:
 
 
 def _action_stats(config: TrainConfig) -> dict[str, ActionStats]:
-    found = {}
-    for dataset in config.data.datasets:
-        try:
-            stats = dataset_action_stats(dataset)
-        except (OSError, ValueError) as error:
-            raise CheckpointLoadError(
-                f"data.datasets[{dataset.name}].action_stats={dataset.action_stats!r}: {error}"
-            ) from None
-        if stats is not None:
-            found[dataset.name] = stats
-    return found
+    try:
+        return datasets_action_stats(config.data.datasets)
+    except ValueError as error:
+        raise CheckpointLoadError(str(error)) from None
 
 
 def load_trained_model(
@@ -199,7 +205,11 @@ def load_trained_model(
     """
     source = find_checkpoint(path)
     release = is_weights_folder(source)
-    config, step = _release_config(source) if release else _checkpoint_config(source)
+    if release:
+        config, step = _release_config(source)
+        action_stats = _action_stats(config)
+    else:
+        config, step, action_stats = _checkpoint_config(source)
     device = torch.device(device)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     config.parallel = parallel or ParallelSizes()
@@ -213,4 +223,4 @@ def load_trained_model(
     else:
         load_state(source, owner, ShardingMeshes.from_groups(plan.groups, device.type))
     model.eval().requires_grad_(False)
-    return TrainedModel(model, config, step, source, plan, _action_stats(config))
+    return TrainedModel(model, config, step, source, plan, action_stats)

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -25,9 +25,9 @@ from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, inventory, la
 from megatron_cosmos3.checkpoint.resume import resume_from
 from megatron_cosmos3.checkpoint.weights_folder import is_weights_folder, load_weights_folder
 from megatron_cosmos3.data.latent_encoders import latent_encoder_from_config
-from megatron_cosmos3.data.loader import dataset_action_stats
+from megatron_cosmos3.data.loader import datasets_action_stats
 from megatron_cosmos3.data.tokenizer import build_tokenizer
-from megatron_cosmos3.encoders.action_normalization import merge_action_stats
+from megatron_cosmos3.encoders.action_normalization import ActionStats, merge_action_stats
 from megatron_cosmos3.eval_suite.suite import EvalSuite
 from megatron_cosmos3.evaluation.report import EvalReport
 from megatron_cosmos3.model.attention import PackLayout
@@ -127,6 +127,8 @@ class Run:
     held_out_samples: HeldOutSet | None = None  # the fixed generation samples, chosen at the first save
     held_out: list | None = None  # the held-out packs, read at the first evaluation
     suite: EvalSuite | None = None  # the evaluation suite (eval.suite), built at its first run
+    # dataset name -> the action statistics its actions are normalised with (saved in each checkpoint)
+    action_stats: dict[str, ActionStats] = field(default_factory=dict)
 
 
 def build_model(config: TrainConfig, plan: ParallelPlan, device: torch.device) -> MoTModel:
@@ -191,7 +193,8 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
         log.warning("no generation samples: data_source=shards and no held-out shards (eval.datasets)")
     batches = MicroBatches(config, plan.data_rank, plan.data_size, ctx.device, plan.data_share)
     flops = FlopCounter(model.config, vision=model.vision)
-    return Run(config, ctx, plan, model, optimizer, checkpointer, batches, flops)
+    stats = datasets_action_stats(config.data.datasets)
+    return Run(config, ctx, plan, model, optimizer, checkpointer, batches, flops, action_stats=stats)
 
 
 def _load_full_state(run: Run, path: Path) -> dict:
@@ -333,9 +336,7 @@ def evaluate_suite(run: Run, tracker: MLflowTracker, step: int) -> EvalReport | 
     if config.eval.suite is None or not run.plan.samples_here(run.ctx.is_main, has_targets=True):
         return None
     if run.suite is None:
-        stats = None
-        if config.data_source == "shards":
-            stats = merge_action_stats(dataset_action_stats(dataset) for dataset in config.data.datasets)
+        stats = merge_action_stats(run.action_stats.values()) if config.data_source == "shards" else None
         tokenizer = build_tokenizer(config.data.tokenizer, run.model.config.vocab_size)
         run.suite = EvalSuite.for_run(
             config.eval.suite, run.model, tokenizer, config.data.encoders, task_table(config), stats
@@ -494,7 +495,12 @@ def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) 
                 run.plan.state_owner,
                 run.optimizer,
                 {"rng": torch.get_rng_state()},
-                {"mlflow_run_id": tracker.run_id, "stage": config.stage.name, "config": to_yaml(config)},
+                {
+                    "mlflow_run_id": tracker.run_id,
+                    "stage": config.stage.name,
+                    "config": to_yaml(config),
+                    "action_stats": {name: stats.to_document() for name, stats in run.action_stats.items()},
+                },
                 named=run.batches.state(),
             )
             log_generation_samples(run, tracker, step + 1)

@@ -181,6 +181,23 @@ def test_loads_under_tp2_each_rank_its_shard(run, trained):
     assert sharded > 0
 
 
+def test_the_checkpoint_carries_the_action_statistics_it_trained_with(run):
+    """Loading needs no dataset: the statistics saved in meta.json win over the file the config
+    names, here re-measured after the run (and then gone), as a dataset's file changes or moves."""
+    root, stats, _ = run
+    file = root / "robot_stats.json"
+    original = file.read_bytes()
+    arm = EmbodimentActionStats("single_arm", 7, [0.0] * 19, [2.0] * 19)
+    try:
+        ActionStats({"single_arm": arm}).save(file)
+        remeasured = load_trained_model(root / "checkpoints")
+        file.unlink()
+        moved = load_trained_model(root / "checkpoints")
+    finally:
+        file.write_bytes(original)
+    assert remeasured.action_stats == moved.action_stats == {"robots": stats}
+
+
 def test_release_folder_gives_the_same_model_and_sample(run, trained, release):
     root, stats, _ = run
     again = load_trained_model(release)
