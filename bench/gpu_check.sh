@@ -184,7 +184,7 @@ step() {
 }
 
 if [[ $run_tests -eq 1 ]]; then
-    step "GPU tests (tests/gpu)" 200 "$python" -m pytest -q -m gpu tests/gpu -rs -p no:cacheprovider
+    step "GPU tests (tests/gpu)" 180 "$python" -m pytest -q -m gpu tests/gpu -rs -p no:cacheprovider
 fi
 
 if [[ $run_bench -eq 1 ]]; then
@@ -198,10 +198,10 @@ if [[ $run_bench -eq 1 ]]; then
     step "Nano-width step, bf16 ($backend attention, $linear_impl linears)" 100 \
         "$python" bench/nano_throughput.py "${nano[@]}" --backend "$backend" --linear-impl "$linear_impl" --precision bf16
     if [[ "$fp8" == "yes" ]]; then
-        step "Nano-width step, fp8 (TE linears)" 90 \
+        step "Nano-width step, fp8 (TE linears)" 80 \
             "$python" bench/nano_throughput.py "${nano[@]}" --backend "$backend" --linear-impl te --precision fp8
     fi
-    step "Asymmetric attention vs the best causal kernel" 80 \
+    step "Asymmetric attention vs the best causal kernel" 120 \
         "$python" bench/attention_vs_causal.py "${attention[@]}" --backend "$backend"
 fi
 

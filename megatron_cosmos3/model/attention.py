@@ -445,7 +445,7 @@ class TEFusedAttention(AttentionBackend):
             max_seqlen_kv=call.max_seqlen_kv,
             attn_mask_type=call.mask_type,
         )
-        return out.view(q.shape[0], q.shape[1], -1)  # TE returns (t, heads * d)
+        return out.reshape(q.shape[0], q.shape[1], -1)  # TE returns (t, heads * d)
 
     def ar_attention(self, q_ar, k_ar, v_ar, layout):
         if q_ar.shape[0] == 0:
