@@ -123,12 +123,13 @@ def _fp8_enabled() -> bool:
     return FP8GlobalStateManager.is_fp8_enabled()
 
 
-def _te_on_rows(layer_class, kind: str, tp: int, sequence_parallel: bool):
-    """A TE linear on [tokens, features] rows. Under fp8 the rows are padded with zeros to a multiple
-    of ``FP8_ROW_MULTIPLE`` and the padding cut from the output. Under sequence parallelism the
-    row-parallel input holds ``tp`` blocks (one per rank, gathered) and the column-parallel output
-    too, so each block is padded and cut alike: every rank's block keeps its place. An empty stream
-    (a pack without DM rows) goes through ``F.linear``: zero rows need no kernel, nor any collective."""
+def te_on_rows(layer_class, kind: str, tp: int, sequence_parallel: bool, padding_on=_fp8_enabled):
+    """A TE linear on [tokens, features] rows. While ``padding_on()`` (fp8 autocast) the rows are
+    padded with zeros to a multiple of ``FP8_ROW_MULTIPLE`` and the padding cut from the output.
+    Under sequence parallelism the row-parallel input holds ``tp`` blocks (one per rank, gathered)
+    and the column-parallel output too, so each block is padded and cut alike: every rank's block
+    keeps its place. An empty stream (a pack without DM rows) goes through ``F.linear``: zero rows
+    need no kernel, nor any collective."""
     blocks_in = tp if sequence_parallel and kind == "row" else 1
     blocks_out = tp if sequence_parallel and kind == "column" else 1
 
@@ -137,7 +138,7 @@ def _te_on_rows(layer_class, kind: str, tp: int, sequence_parallel: bool):
             if x.shape[0] == 0:
                 return torch.nn.functional.linear(x, self.weight)
             n = x.shape[0] // blocks_in
-            pad = -n % FP8_ROW_MULTIPLE if _fp8_enabled() else 0
+            pad = -n % FP8_ROW_MULTIPLE if padding_on() else 0
             if not pad:
                 return super().forward(x)
             padded = torch.nn.functional.pad(x.view(blocks_in, n, x.shape[1]), (0, 0, 0, pad)).flatten(0, 1)
@@ -157,8 +158,8 @@ def _parallel_linear(
         te_column, te_row = _megatron_te_layers()
         config = te_layer_config(full, tp, sequence_parallel, model_config)
         te_only = {"is_expert": False}
-        on_rows = {"column": _te_on_rows(te_column, "column", tp, sequence_parallel)}
-        on_rows["row"] = _te_on_rows(te_row, "row", tp, sequence_parallel)
+        on_rows = {"column": te_on_rows(te_column, "column", tp, sequence_parallel)}
+        on_rows["row"] = te_on_rows(te_row, "row", tp, sequence_parallel)
     else:
         config = ModelParallelConfig(
             tensor_model_parallel_size=tp,
@@ -257,7 +258,7 @@ def _split_experts(moe: MoEMLP, groups: ParallelGroups, sequence_parallel: bool)
 def _te_linear(full: nn.Linear, kind: str) -> nn.Module:
     """``full`` as one tensor rank's Transformer Engine linear, its weight copied."""
     te = import_transformer_engine()
-    layer = _te_on_rows(te.Linear, kind, 1, False)(
+    layer = te_on_rows(te.Linear, kind, 1, False)(
         full.in_features, full.out_features, bias=False, params_dtype=full.weight.dtype, device=full.weight.device
     )
     with torch.no_grad():
