@@ -393,15 +393,16 @@ class TEFusedAttention(AttentionBackend):
       [AR_s, DM_s] runs (K and V gathered into that order, as for ``flash``), ``attn_mask_type="padding"``.
 
     THD has no unfused TE kernel, so fp32 tensors are refused (``precision: bf16`` or ``fp8``). The
-    ``DotProductAttention`` modules are made per (heads, kv heads, head dim) on first use; with heads
-    as this rank holds them, so ``tp_size`` stays 1.
+    ``DotProductAttention`` modules hold no weights and no per-layer state (fp8 attention is off), so
+    one per (heads, kv heads, head dim, mask) serves every layer and every forward; with heads as this
+    rank holds them, so ``tp_size`` stays 1.
     """
 
     name = "te"
+    _modules: dict[tuple, torch.nn.Module] = {}  # shared: a backend is made per forward
 
     def __init__(self, te_module):
         self._te = te_module
-        self._modules: dict[tuple, torch.nn.Module] = {}
         self._layout: PackLayout | None = None
         self._calls: tuple[VarlenCall, VarlenCall] | None = None
 

@@ -53,12 +53,20 @@ def test_te_is_missing_on_cpu_because_of_the_device():
 
 
 @pytest.mark.skipif(te_is_importable(), reason="transformer_engine imports here")
-def test_te_is_missing_on_cuda_when_its_import_fails():
-    """The branch a CUDA machine without TE takes (the device string is enough to reach it)."""
+def test_on_cuda_without_te_the_switches_fall_back_naming_the_failed_import(caplog):
+    """The branch a CUDA machine without TE takes (the device string is enough to reach it: nothing
+    touches the GPU before TE imports), for both falling-back switches."""
     reason = transformer_engine_missing("cuda")
     assert reason.startswith("transformer_engine does not import (ModuleNotFoundError: ")
     with pytest.raises(ImportError):
         import_transformer_engine()
+    with caplog.at_level(logging.WARNING, logger="megatron_cosmos3.model.transformer_engine"):
+        assert select_linear_impl("te", "cuda") == "torch"
+        assert isinstance(attention_backend("te", "cuda"), SdpaVarlenAttention)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"model.linear_impl='te': {reason}; using 'torch' linears",
+        f"attention backend 'te': {reason}; using 'sdpa'",
+    ]
 
 
 def test_linear_impl_te_falls_back_to_torch_with_one_warning_line(caplog):

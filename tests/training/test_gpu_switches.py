@@ -10,7 +10,7 @@ import torch
 
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.model.mot import MoTModel
-from megatron_cosmos3.model.transformer_engine import warn_once
+from megatron_cosmos3.model.transformer_engine import transformer_engine_missing, warn_once
 from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 from megatron_cosmos3.objectives.losses import mot_losses
 from megatron_cosmos3.parallel.plan import ParallelPlan
@@ -70,6 +70,12 @@ def test_fp8_without_cuda_is_an_error_before_the_first_step(tmp_path):
     with pytest.raises(ValueError, match=r"precision='fp8'.*needs CUDA \(device is cpu\)"):
         autocast("fp8", torch.device("cpu"))
     check_precision("bf16", torch.device("cpu"))  # the others pass anywhere
+
+
+@pytest.mark.skipif(transformer_engine_missing("cuda") is None, reason="transformer_engine imports here")
+def test_fp8_on_cuda_without_te_is_an_error_naming_the_failed_import():
+    with pytest.raises(ValueError, match=r"precision='fp8' .* but transformer_engine does not import \(ModuleNotFound"):
+        check_precision("fp8", torch.device("cuda"))
 
 
 def test_te_switches_fall_back_on_cpu_to_the_same_model(tiny_config, caplog):
