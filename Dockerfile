@@ -1,12 +1,13 @@
 # GPU image for DGX nodes (docs/DESIGN.md, "GPU fast paths"). For CPU-only machines use
 # launch/setup_env.sh instead.
 #
-# Base: NGC PyTorch 25.11 — Python 3.12, CUDA 13.0.2, PyTorch 2.10.0a0 (nv25.11), Transformer
-# Engine 2.9.0, flash-attention 2 — the base megatron-core 0.16.1's own CI builds on
-# (docker/.ngc_version.dev at its core_v0.16.1 tag), and TE 2.9 is inside megatron-core 0.16's range
-# (>=2.9.0a0,<2.12). The versions are read again at build time below: a base with others fails the
-# build instead of training with them. The tag is pinned; pin the digest too where the registry is
-# reachable (FROM nvcr.io/nvidia/pytorch:25.11-py3@sha256:...).
+# Base: NGC PyTorch 25.11 — Python 3.12, CUDA 13.0.2, PyTorch 2.10.0a0 (nv25.11) and Transformer
+# Engine 2.9.0, as reported by users of this tag; it is the base megatron-core 0.16.1's own CI builds
+# on (docker/.ngc_version.dev at its core_v0.16.1 tag), and TE 2.9 lies in megatron-core 0.16's range
+# (>=2.9.0a0,<2.12). Whether the image carries apex is not settled by those reports: it is checked
+# below, and built when missing. The versions are read again at build time (launch/gpu_imports.py): a
+# base with others fails the build instead of training with them. The tag is pinned; pin the digest
+# too where the registry is reachable (FROM nvcr.io/nvidia/pytorch:25.11-py3@sha256:...).
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.11-py3
 FROM ${BASE_IMAGE}
 
