@@ -32,8 +32,10 @@ def main() -> None:
         flash = version("flash_attn")
     except PackageNotFoundError:
         flash = "absent (the flash backend falls back to sdpa)"
-    print(f"GPU paths import: torch {torch.__version__} | transformer_engine {te} | megatron-core {core} | "
-          f"flash_attn {flash} | apex {version('apex')}")
+    print(
+        f"GPU paths import: torch {torch.__version__} | transformer_engine {te} | megatron-core {core} | "
+        f"flash_attn {flash} | apex {version('apex')}"
+    )
 
 
 if __name__ == "__main__":

@@ -110,7 +110,8 @@ class ParallelPlan:
         """
         self.model = model
         groups = self.groups
-        device = next(p.device for p in model.parameters() if not p.is_meta)  # pipeline ranks hold some layers only
+        # A pipeline rank holds some layers only: its device is that of any parameter it allocated.
+        device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
         apply_tensor_parallel(model, groups, select_linear_impl(model.config.linear_impl, device))
         if groups is not None:
             apply_expert_parallel(model, groups)
