@@ -4,13 +4,15 @@ The asymmetric attention is what every MoT layer runs: ``ar_attention`` (AR quer
 their sample's AR keys) and ``dm_attention`` (DM queries over their sample's [AR, DM] keys), called
 as the model calls them, through the model's backend (``--backend``, default the config's: ``flash``
 varlen on CUDA when flash-attention is installed, else ``sdpa``), and on CUDA also through ``flex``
-(FlexAttention block masks, no extra package) and ``sdpa``. The baseline is what a plain decoder
-runs on the same tokens and sample boundaries: each sample one causal sequence. Its candidates, all
-timed in the same run, the fastest taken: flash-attention's varlen kernel with causal=True (FA3
-and/or FA2, whichever are installed), FlexAttention with a block-causal mask, and torch SDPA with
-is_causal per sample under its flash and cuDNN backends (on CPU: SDPA's own choice). Each kernel's
-FLOPs are counted with its own mask: 12·H·d per allowed (q, k) pair for fwd+bwd (4·H·d forward,
-twice that backward), the attention term of ``training/flops.py``. Goal (parallelism issue):
+(FlexAttention block masks, no extra package), ``sdpa`` and, where Transformer Engine is installed,
+``te`` (its fused THD attention). The baseline is what a plain decoder runs on the same tokens and
+sample boundaries: each sample one causal sequence. Its candidates, all timed in the same run, the
+fastest taken: flash-attention's varlen kernel with causal=True (FA3 and/or FA2, whichever are
+installed), Transformer Engine's THD attention (``padding_causal``), FlexAttention with a
+block-causal mask, and torch SDPA with is_causal per sample under its flash and cuDNN backends (on
+CPU: SDPA's own choice). Each kernel's FLOPs are counted with its own mask: 12·H·d per allowed
+(q, k) pair for fwd+bwd (4·H·d forward, twice that backward), the attention term of
+``training/flops.py``. Goal (parallelism issue):
 asymmetric TF/s >= 0.90 x causal TF/s.
 
 Nano head shapes (configs/model/nano.yaml: 32 query / 8 KV heads of 128) on a 16k pack, on a GPU
@@ -39,6 +41,7 @@ from megatron_cosmos3.model.attention import (
     attention_backend,
 )
 from megatron_cosmos3.model.config import load_model_config
+from megatron_cosmos3.model.transformer_engine import transformer_engine_missing
 from megatron_cosmos3.training.flops import attention_pairs
 
 GOAL_RATIO = 0.90
@@ -125,6 +128,9 @@ def causal_candidates(layout: PackLayout, heads, kv_heads, head_dim, like, devic
             continue
         kernels.append(causal_kernel(f"{label} varlen causal", FlashVarlenAttention(varlen).ar_attention, *shapes))
     kernels.append(causal_kernel("flex block-causal", FlexPackAttention(device).ar_attention, *shapes))
+    if transformer_engine_missing(device) is None:
+        te_causal = attention_backend("te", device).ar_attention
+        kernels.append(causal_kernel("Transformer Engine THD padding_causal", te_causal, *shapes))
     sdpa = SdpaVarlenAttention().ar_attention
     for label, kernel in (("flash", SDPBackend.FLASH_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION)):
         context = lambda kernel=kernel: sdpa_kernel(kernel)
@@ -136,8 +142,10 @@ def causal_candidates(layout: PackLayout, heads, kv_heads, head_dim, like, devic
 
 
 def asymmetric_candidates(layout: PackLayout, heads, kv_heads, head_dim, like, device, model_backend) -> list[Kernel]:
-    """The model's backend first (the one the goal is about), then ``flex`` and ``sdpa`` on CUDA."""
-    others = ["flex", "sdpa"] if device.type == "cuda" else []
+    """The model's backend first (the one the goal is about), then ``te`` (where Transformer Engine
+    runs), ``flex`` and ``sdpa`` on CUDA."""
+    others = [] if transformer_engine_missing(device) else ["te"]
+    others += ["flex", "sdpa"] if device.type == "cuda" else []
     names = [model_backend.name] + [name for name in others if name != model_backend.name]
     return [
         asymmetric_kernel(
@@ -166,7 +174,7 @@ def measure_and_print(groups: dict[str, list[Kernel]], heads_times_dim: int, dev
         for kernel in kernels:
             try:
                 seconds = fwd_bwd_seconds(kernel, device, args.warmup, args.repeats)
-            except RuntimeError as error:  # a kernel this GPU, dtype or head layout does not support
+            except (RuntimeError, AssertionError, ValueError) as error:  # this GPU, dtype or head layout: not supported
                 print(f"{kernel.name:<52} unavailable: {str(error).splitlines()[0][:100]}")
                 continue
             tflops = 12.0 * heads_times_dim * kernel.pairs / seconds / 1e12

@@ -11,7 +11,10 @@ Printed per layer count: parameters, step time (forward + backward, optimizer), 
 memory, model TF/s counted by ``training/flops.py`` (6·N of the tower each token uses + 12·L·H·d·P,
 P the pairs the mask allows), TF/s under Megatron-LM's own formula for the same tokens (the pack as
 one causal sequence through one tower, ``megatron_lm_flops``), and MFU against the device's dense
-bf16 peak. ``--layers 4 6 8`` measures each count in turn and stops at the first that does not fit.
+bf16 peak (also under ``--precision fp8``: the same peak, so fp8's gain shows as MFU above bf16's).
+``--layers 4 6 8`` measures each count in turn and stops at the first that does not fit.
+``--linear-impl te --backend te`` runs Transformer Engine's linears and fused attention where TE is
+installed (``--precision fp8`` needs them).
 
 On one H100 (80 GB):
     python bench/nano_throughput.py --layers 4 5 6
@@ -44,9 +47,11 @@ from megatron_cosmos3.model.attention import PackLayout, attention_backend
 from megatron_cosmos3.model.config import MoTConfig, load_model_config
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import IGNORE_INDEX
+from megatron_cosmos3.model.transformer_engine import select_linear_impl
 from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 from megatron_cosmos3.objectives.losses import mot_losses
 from megatron_cosmos3.parallel.grad_norm import clip_grad_norm
+from megatron_cosmos3.parallel.tensor_parallel import apply_tensor_parallel
 from megatron_cosmos3.training.flops import FlopCounter, StepFlops
 from megatron_cosmos3.training.precision import autocast
 from megatron_cosmos3.training.train import known_peak_flops
@@ -66,7 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
-    parser.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--precision", choices=["bf16", "fp32", "fp8"], help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument(
+        "--linear-impl", choices=["torch", "te"], help="the towers' linears (default: the config's; te needs TE)"
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     return parser.parse_args(argv)
@@ -83,6 +91,7 @@ def model_config(args: argparse.Namespace, num_layers: int) -> MoTConfig:
         "ffn_hidden_size": args.ffn,
         "vocab_size": args.vocab,
         "attention_backend": args.backend,
+        "linear_impl": args.linear_impl,
     }
     changes = {name: value for name, value in overrides.items() if value is not None}
     if args.head_dim is not None:
@@ -108,6 +117,8 @@ def measure(config: MoTConfig, args: argparse.Namespace, device: torch.device, p
     """Median seconds of forward + backward and of the optimizer step, peak memory, FLOPs."""
     with torch.device(device):  # initialise on the device: Nano's weights take long to init on a CPU
         model = MoTModel(config)
+    linear_impl = select_linear_impl(config.linear_impl, device)
+    apply_tensor_parallel(model, None, linear_impl)  # one tensor rank: only the linears' kind changes
     for layer in model.layers:
         layer.set_recompute(args.recompute)
     # fused AdamW: one kernel over all parameters on CUDA, as a tuned trainer would run it.
@@ -140,6 +151,7 @@ def measure(config: MoTConfig, args: argparse.Namespace, device: torch.device, p
         "tokens": batch.num_ar_tokens + batch.num_dm_tokens,
         "ar_tokens": batch.num_ar_tokens,
         "backend": attention_backend(config.attention_backend, device).name,
+        "linear_impl": linear_impl,
         "fwd_bwd_s": statistics.median(fwd_bwd),
         "optimizer_s": statistics.median(opt),
         "peak_gib": peak_memory_gib(device),
@@ -153,7 +165,7 @@ def report(config: MoTConfig, result: dict, peak_flops: float) -> None:
     towers = result["tower_parameters"]
     print(
         f"layers {config.num_layers}: {result['parameters']:,} parameters "
-        f"(per tower {towers['reasoner']:,}); backend {result['backend']}; "
+        f"(per tower {towers['reasoner']:,}); backend {result['backend']}; linears {result['linear_impl']}; "
         f"pack {tokens} tokens ({result['ar_tokens']} AR)"
     )
     print(

@@ -9,10 +9,12 @@ python_bin="${PYTHON:-python3}"
 # System packages the tests use, installed once where root and apt-get are at hand: ffmpeg's
 # ffprobe/ffmpeg (the independent decoder the media tests read our mp4 files back with; the package
 # writes them with PyAV's own FFmpeg) and slurm-wlm + munge (tests/slurm starts a one-node cluster;
-# without them that test is skipped with the reason). They install in the background while pip
-# installs the Python packages: on a fresh machine both are minutes of mostly waiting.
+# without them that test is skipped with the reason), and shellcheck (tests/bench/test_gpu_check.py
+# lints bench/gpu_check.sh). They install in the background while pip installs the Python packages:
+# on a fresh machine both are minutes of mostly waiting.
 media=() cluster=()
 command -v ffprobe >/dev/null 2>&1 || media+=(ffmpeg)
+command -v shellcheck >/dev/null 2>&1 || media+=(shellcheck)
 { [ -x /usr/sbin/slurmctld ] || command -v slurmctld >/dev/null 2>&1; } || cluster+=(slurm-wlm)
 [ -x /usr/sbin/munged ] || cluster+=(munge)
 system_packages=""

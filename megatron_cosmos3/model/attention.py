@@ -16,13 +16,14 @@ one new AR query per sequence over that sequence's cached AR keys/values (``mode
   no N x N mask ever;
 * ``flash`` — flash-attention's varlen kernels over the whole pack (GPU), with ``cu_seqlens``;
 * ``flex`` — PyTorch's FlexAttention over the whole pack, the rule as a block-sparse mask (GPU:
-  Triton-compiled, no extra package; CPU: forward only, torch has no CPU backward for it).
+  Triton-compiled, no extra package; CPU: forward only, torch has no CPU backward for it);
+* ``te`` — Transformer Engine's fused attention in THD form with separate q and kv ``cu_seqlens``
+  (GPU, bf16/fp16; ``TEFusedAttention`` states the exact arguments).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -30,9 +31,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from megatron_cosmos3.model.transformer_engine import import_transformer_engine, transformer_engine_missing, warn_once
 
-ATTENTION_BACKENDS = ("dense", "sdpa", "flash", "flex")
+ATTENTION_BACKENDS = ("dense", "sdpa", "flash", "flex", "te")
 
 
 @dataclass
@@ -324,9 +325,138 @@ class FlexPackAttention(AttentionBackend):
         return self._attend(q_dm, torch.cat([k_ar, k_dm]), torch.cat([v_ar, v_dm]), dm_mask)
 
 
-@functools.cache
-def _warn_once(message: str) -> None:
-    log.warning(message)
+@dataclass
+class VarlenCall:
+    """The arguments of one varlen kernel call for one half of the rule: queries and keys/values in
+    THD form (rows of all samples, sample after sample) and their boundaries.
+
+    ``kv_index`` picks the key/value rows, in order, from the keys/values the half is given
+    (``None``: take them as they are). Samples with no query row are left out, so no kernel ever
+    sees an empty query sequence.
+    """
+
+    cu_seqlens_q: torch.Tensor  # (S'+1,) int32
+    cu_seqlens_kv: torch.Tensor  # (S'+1,) int32
+    max_seqlen_q: int
+    max_seqlen_kv: int
+    kv_index: torch.Tensor | None
+    mask_type: str  # Transformer Engine's attn_mask_type
+
+    @staticmethod
+    def _boundaries(lengths: list[int], device) -> torch.Tensor:
+        return torch.tensor([0] + lengths, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
+
+    @classmethod
+    def ar_half(cls, layout: PackLayout) -> VarlenCall:
+        """AR queries causally over the AR keys of their own sample: q and kv are the same rows,
+        ``cu_seqlens_q == cu_seqlens_kv`` = the AR boundaries, mask ``padding_causal`` (each segment
+        its own sequence; top-left causal, which equals bottom-right because q and kv lengths agree)."""
+        device = layout.ar_cu_seqlens.device
+        lengths = [n for n in layout.ar_lengths if n]
+        cu = cls._boundaries(lengths, device)
+        return cls(cu, cu, max(lengths, default=0), max(lengths, default=0), None, "padding_causal")
+
+    @classmethod
+    def dm_half(cls, layout: PackLayout) -> VarlenCall:
+        """DM queries over [AR_s, DM_s] of their own sample, bidirectionally: ``cu_seqlens_q`` = the DM
+        boundaries, ``cu_seqlens_kv`` = the boundaries of the per-sample [AR_s, DM_s] runs that
+        ``kv_index`` gathers from cat(AR keys, DM keys); mask ``padding`` (no causal part: every query
+        sees its whole kv segment, nothing outside it)."""
+        device = layout.ar_cu_seqlens.device
+        n_ar = sum(layout.ar_lengths)
+        q_lengths, kv_lengths, pieces = [], [], []
+        a0 = d0 = 0
+        for n_a, n_d in zip(layout.ar_lengths, layout.dm_lengths):
+            if n_d:  # a sample without DM rows has no DM query: its AR keys join no DM call
+                q_lengths.append(n_d)
+                kv_lengths.append(n_a + n_d)
+                pieces += [torch.arange(a0, a0 + n_a), torch.arange(n_ar + d0, n_ar + d0 + n_d)]
+            a0, d0 = a0 + n_a, d0 + n_d
+        index = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+        return cls(
+            cls._boundaries(q_lengths, device),
+            cls._boundaries(kv_lengths, device),
+            max(q_lengths, default=0),
+            max(kv_lengths, default=0),
+            index.to(device),
+            "padding",
+        )
+
+
+class TEFusedAttention(AttentionBackend):
+    """Transformer Engine's ``DotProductAttention`` in THD form (GPU; bf16/fp16), imported lazily.
+
+    One call per half over the whole pack, with the arguments ``VarlenCall`` builds once per layout:
+
+    * AR: ``cu_seqlens_q = cu_seqlens_kv`` = the AR sample boundaries, ``attn_mask_type="padding_causal"``;
+    * DM: ``cu_seqlens_q`` = the DM boundaries, ``cu_seqlens_kv`` = the boundaries of the per-sample
+      [AR_s, DM_s] runs (K and V gathered into that order, as for ``flash``), ``attn_mask_type="padding"``.
+
+    THD has no unfused TE kernel, so fp32 tensors are refused (``precision: bf16`` or ``fp8``). The
+    ``DotProductAttention`` modules hold no weights and no per-layer state (fp8 attention is off), so
+    one per (heads, kv heads, head dim, mask) serves every layer and every forward; with heads as this
+    rank holds them, so ``tp_size`` stays 1.
+    """
+
+    name = "te"
+    _modules: dict[tuple, torch.nn.Module] = {}  # shared: a backend is made per forward
+
+    def __init__(self, te_module):
+        self._te = te_module
+        self._layout: PackLayout | None = None
+        self._calls: tuple[VarlenCall, VarlenCall] | None = None
+
+    def _varlen_calls(self, layout: PackLayout) -> tuple[VarlenCall, VarlenCall]:
+        if layout is not self._layout:  # a new micro-batch: its arguments, for every layer
+            self._calls = (VarlenCall.ar_half(layout), VarlenCall.dm_half(layout))
+            self._layout = layout
+        return self._calls
+
+    def _module(self, heads: int, kv_heads: int, dim: int, mask_type: str):
+        key = (heads, kv_heads, dim, mask_type)
+        if key not in self._modules:
+            self._modules[key] = self._te.DotProductAttention(
+                num_attention_heads=heads,
+                kv_channels=dim,
+                num_gqa_groups=kv_heads,
+                attention_dropout=0.0,
+                qkv_format="thd",
+                attn_mask_type=mask_type,
+                attention_type="self" if mask_type == "padding_causal" else "cross",
+            )
+        return self._modules[key]
+
+    def _attend(self, q, k, v, call: VarlenCall) -> torch.Tensor:
+        q, k, v = _in_autocast_dtype(q, k, v)
+        if q.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"attention_backend='te' runs bf16/fp16 tensors (THD has no fp32 kernel), got {q.dtype}: "
+                "use precision=bf16 or fp8"
+            )
+        if call.kv_index is not None:
+            k, v = k.index_select(0, call.kv_index), v.index_select(0, call.kv_index)
+        out = self._module(q.shape[1], k.shape[1], q.shape[2], call.mask_type)(
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            qkv_format="thd",
+            cu_seqlens_q=call.cu_seqlens_q,
+            cu_seqlens_kv=call.cu_seqlens_kv,
+            max_seqlen_q=call.max_seqlen_q,
+            max_seqlen_kv=call.max_seqlen_kv,
+            attn_mask_type=call.mask_type,
+        )
+        return out.reshape(q.shape[0], q.shape[1], -1)  # TE returns (t, heads * d)
+
+    def ar_attention(self, q_ar, k_ar, v_ar, layout):
+        if q_ar.shape[0] == 0:
+            return q_ar
+        return self._attend(q_ar, k_ar, v_ar, self._varlen_calls(layout)[0])
+
+    def dm_attention(self, q_dm, k_ar, v_ar, k_dm, v_dm, layout):
+        if q_dm.shape[0] == 0:
+            return q_dm
+        return self._attend(q_dm, torch.cat([k_ar, k_dm]), torch.cat([v_ar, v_dm]), self._varlen_calls(layout)[1])
 
 
 def _import_flash_varlen():
@@ -345,13 +475,19 @@ def attention_backend(name: str, device: torch.device | str = "cpu") -> Attentio
         return SdpaVarlenAttention()
     if name == "flash":
         if torch.device(device).type != "cuda":
-            _warn_once(f"attention backend 'flash' needs CUDA (device is {device}); using 'sdpa'")
+            warn_once(f"attention backend 'flash' needs CUDA (device is {device}); using 'sdpa'")
             return SdpaVarlenAttention()
         try:
             return FlashVarlenAttention(_import_flash_varlen())
         except ImportError:
-            _warn_once("attention backend 'flash': flash-attn is not installed; using 'sdpa'")
+            warn_once("attention backend 'flash': flash-attn is not installed; using 'sdpa'")
             return SdpaVarlenAttention()
     if name == "flex":
         return FlexPackAttention(device)
+    if name == "te":
+        missing = transformer_engine_missing(device)
+        if missing is not None:
+            warn_once(f"attention backend 'te': {missing}; using 'sdpa'")
+            return SdpaVarlenAttention()
+        return TEFusedAttention(import_transformer_engine())
     raise ValueError(f"attention_backend={name!r} is not one of {ATTENTION_BACKENDS}")

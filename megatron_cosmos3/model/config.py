@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_cosmos3.model.attention import ATTENTION_BACKENDS
+from megatron_cosmos3.model.transformer_engine import LINEAR_IMPLS
 
 # The FPS rule: one second of real time spans TPS_BASE temporal position units in every stream
 # (24 fps video, 4x temporally compressed by the VAE -> 6 latent frames per second).
@@ -119,8 +120,13 @@ class MoTConfig:
     )
     timestep_embedding_dim: int = 64
     # "sdpa" (varlen via per-sample SDPA, CPU and GPU), "flash" (flash-attn varlen, GPU),
-    # "dense" (a dense-mask reference for tests), "flex" (FlexAttention block masks; GPU, CPU forward only).
+    # "dense" (a dense-mask reference for tests), "flex" (FlexAttention block masks; GPU, CPU forward only),
+    # "te" (Transformer Engine's fused THD attention; GPU, bf16/fp8). GPU-only ones fall back to "sdpa" elsewhere.
     attention_backend: str = "sdpa"
+    # The towers' QKV/output/MLP linears: "torch" (nn.Linear; megatron-core's parallel linears under TP)
+    # or "te" (Transformer Engine's; megatron-core's TE linears under TP). "te" falls back to "torch"
+    # with a warning where CUDA or TE is missing (docs/DESIGN.md, "GPU fast paths").
+    linear_impl: str = "torch"
     # Mixture of experts (Qwen3-VL-MoE style): 0 = dense SwiGLU MLPs. moe_towers says which towers
     # route their MLP through experts; moe_ffn_hidden_size 0 = ffn_hidden_size per expert.
     num_experts: int = 0
@@ -170,6 +176,7 @@ class MoTConfig:
             self.attention_backend in ATTENTION_BACKENDS,
             f"attention_backend={self.attention_backend!r} is not one of {ATTENTION_BACKENDS}",
         )
+        require(self.linear_impl in LINEAR_IMPLS, f"linear_impl={self.linear_impl!r} is not one of {LINEAR_IMPLS}")
         require(self.num_experts >= 0, f"num_experts={self.num_experts} must be >= 0")
         if self.num_experts:
             require(

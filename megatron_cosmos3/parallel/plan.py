@@ -6,9 +6,9 @@ process: callers never ask whether there are groups). It owns three things, in t
 torchtitan's ``parallelize_*`` and Megatron-Core's ``get_forward_backward_func``:
 
 * **layout** — ``allocate`` materialises this rank's pipeline chunks of a meta-device model;
-  ``apply`` shards it (tensor, expert, the ViT's pictures), keeps this rank's pipeline chunks, and
-  attaches the data-parallel gradient average (DDP, or the bucketed ``GradientReducer`` where the
-  driver calls the layers itself);
+  ``apply`` gives the towers their linears (``model.linear_impl``), shards it (tensor, expert, the
+  ViT's pictures), keeps this rank's pipeline chunks, and attaches the data-parallel gradient
+  average (DDP, or the bucketed ``GradientReducer`` where the driver calls the layers itself);
 * **the driver** — ``run(micro_batches, loss_fn, forward_only)``: one process (DDP-wrapped when data
   parallel), the pipeline schedule, or the context/sequence-parallel row split. Training, held-out
   evaluation and generation sampling (``velocity``) all go through it;
@@ -28,6 +28,7 @@ from torch import nn
 from megatron_cosmos3.model.config import MoTConfig
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import PackedBatch
+from megatron_cosmos3.model.transformer_engine import select_linear_impl
 from megatron_cosmos3.objectives.losses import LossBreakdown, LossFunction, loss_breakdown, model_losses
 from megatron_cosmos3.parallel.context_parallel import sequence_split, split_losses, stream_rows
 from megatron_cosmos3.parallel.data_parallel import GradientReducer, build_optimizer, wrap_data_parallel
@@ -109,8 +110,10 @@ class ParallelPlan:
         """
         self.model = model
         groups = self.groups
+        # A pipeline rank holds some layers only: its device is that of any parameter it allocated.
+        device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+        apply_tensor_parallel(model, groups, select_linear_impl(model.config.linear_impl, device))
         if groups is not None:
-            apply_tensor_parallel(model, groups)
             apply_expert_parallel(model, groups)
             if model.vision is not None:  # tensor and context ranks encode a share of each pack's pictures
                 model.vision.sharing = PictureSharing.of(groups)

@@ -18,6 +18,12 @@ whole token set on every rank (the sequence-parallel shards all-gathered first),
 expert outputs are all-reduced (reduce-scattered under sequence parallelism). Expert parallelism
 then spreads the experts over the data/context ranks with the same tensor rank.
 
+With ``model.linear_impl: te`` (where CUDA and Transformer Engine are present) the same projections
+become TE linears: megatron-core's ``TEColumnParallelLinear`` / ``TERowParallelLinear`` under TP
+(TE does the sequence-parallel all-gather / reduce-scatter itself), ``te.pytorch.Linear`` in one
+tensor rank; same shapes and parameter names, so checkpoints interchange with ``torch``
+(docs/DESIGN.md, "GPU fast paths").
+
 Parameters that stay replicated get partial gradients in three cases, which
 ``finalize_tensor_parallel_grads`` sums over the tensor group: the per-head q/k norms (each rank
 only sees its own heads), the MoE routers (each rank weights only its partial expert outputs), and —
@@ -34,6 +40,7 @@ from torch import nn
 from megatron_cosmos3.model.moe import MoEMLP
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.tower import SwiGLU
+from megatron_cosmos3.model.transformer_engine import import_transformer_engine
 from megatron_cosmos3.parallel.state import ParallelGroups
 
 COLUMN_PARALLEL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
@@ -54,6 +61,39 @@ def _megatron_layers():
     return ModelParallelConfig, ColumnParallelLinear, RowParallelLinear, set_tensor_model_parallel_attributes
 
 
+def _megatron_te_layers():
+    from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
+
+    return TEColumnParallelLinear, TERowParallelLinear
+
+
+def te_layer_config(full: nn.Linear, tp: int, sequence_parallel: bool, model_config):
+    """The megatron-core ``TransformerConfig`` its TE linears read (they need more than
+    ``ModelParallelConfig``). ``disable_parameter_transpose_cache``: megatron's schedules tell a TE
+    linear which micro-batch is the first of a step (to cache its fp8 weight copy); ours do not, and
+    a cached copy would outlive the optimizer step, so TE casts the weight on every call."""
+    import warnings
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    with warnings.catch_warnings():  # megatron-core's deprecation notes about settings we leave alone
+        warnings.simplefilter("ignore", UserWarning)
+        return TransformerConfig(
+            num_layers=1,
+            hidden_size=model_config.hidden_size,
+            num_attention_heads=model_config.num_attention_heads,
+            num_query_groups=model_config.num_kv_heads,
+            kv_channels=model_config.head_dim,
+            ffn_hidden_size=model_config.ffn_hidden_size,
+            tensor_model_parallel_size=tp,
+            sequence_parallel=sequence_parallel,
+            use_cpu_initialization=full.weight.device.type != "cuda",
+            perform_initialization=False,
+            params_dtype=full.weight.dtype,
+            disable_parameter_transpose_cache=True,
+        )
+
+
 def tensor_shard(full: torch.Tensor, dim: int, rank: int, size: int, stride: int = 1) -> torch.Tensor:
     """Rank ``rank``'s shard of ``full`` along ``dim`` among ``size`` ranks. With ``stride`` s, ``dim``
     holds s stacked blocks (e.g. [gate; up]) and the shard is the rank's slice of each, in order
@@ -66,27 +106,73 @@ def _on_rows(layer_class):
 
     class RowsAdapter(layer_class):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out, _ = super().forward(x.unsqueeze(1))
-            return out.squeeze(1)
+            out = super().forward(x.unsqueeze(1))
+            return (out[0] if isinstance(out, tuple) else out).squeeze(1)  # megatron's: (out, bias)
 
     RowsAdapter.__name__ = RowsAdapter.__qualname__ = f"{layer_class.__name__}OnRows"
     return RowsAdapter
 
 
-def _parallel_linear(full: nn.Linear, kind: str, groups: ParallelGroups, sequence_parallel: bool) -> nn.Module:
+# TE's fp8 GEMMs take a multiple of 8 rows (16 here, as Megatron pads); packs have any number.
+FP8_ROW_MULTIPLE = 16
+
+
+def _fp8_enabled() -> bool:
+    from transformer_engine.pytorch.quantization import FP8GlobalStateManager  # type: ignore[import-not-found]
+
+    return FP8GlobalStateManager.is_fp8_enabled()
+
+
+def te_on_rows(layer_class, kind: str, tp: int, sequence_parallel: bool, padding_on=_fp8_enabled):
+    """A TE linear on [tokens, features] rows. While ``padding_on()`` (fp8 autocast) the rows are
+    padded with zeros to a multiple of ``FP8_ROW_MULTIPLE`` and the padding cut from the output.
+    Under sequence parallelism the row-parallel input holds ``tp`` blocks (one per rank, gathered)
+    and the column-parallel output too, so each block is padded and cut alike: every rank's block
+    keeps its place. An empty stream (a pack without DM rows) goes through ``F.linear``: zero rows
+    need no kernel, nor any collective."""
+    blocks_in = tp if sequence_parallel and kind == "row" else 1
+    blocks_out = tp if sequence_parallel and kind == "column" else 1
+
+    class TERows(_on_rows(layer_class)):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] == 0:
+                return torch.nn.functional.linear(x, self.weight)
+            n = x.shape[0] // blocks_in
+            pad = -n % FP8_ROW_MULTIPLE if padding_on() else 0
+            if not pad:
+                return super().forward(x)
+            padded = torch.nn.functional.pad(x.view(blocks_in, n, x.shape[1]), (0, 0, 0, pad)).flatten(0, 1)
+            out = super().forward(padded)
+            return out.view(blocks_out, n + pad, out.shape[-1])[:, :n].flatten(0, 1)
+
+    TERows.__name__ = TERows.__qualname__ = f"{layer_class.__name__}OnRows"
+    return TERows
+
+
+def _parallel_linear(
+    full: nn.Linear, kind: str, groups: ParallelGroups, sequence_parallel: bool, linear_impl: str, model_config
+) -> nn.Module:
     ModelParallelConfig, ColumnParallelLinear, RowParallelLinear, mark_sharded = _megatron_layers()
     tp, rank = groups.sizes.tensor, groups.tensor_rank
-    on_gpu = full.weight.device.type == "cuda"
-    config = ModelParallelConfig(
-        tensor_model_parallel_size=tp,
-        sequence_parallel=sequence_parallel,
-        use_cpu_initialization=not on_gpu,
-        perform_initialization=False,
-        params_dtype=full.weight.dtype,
-    )
+    if linear_impl == "te":
+        te_column, te_row = _megatron_te_layers()
+        config = te_layer_config(full, tp, sequence_parallel, model_config)
+        te_only = {"is_expert": False}
+        on_rows = {"column": te_on_rows(te_column, "column", tp, sequence_parallel)}
+        on_rows["row"] = te_on_rows(te_row, "row", tp, sequence_parallel)
+    else:
+        config = ModelParallelConfig(
+            tensor_model_parallel_size=tp,
+            sequence_parallel=sequence_parallel,
+            use_cpu_initialization=full.weight.device.type != "cuda",
+            perform_initialization=False,
+            params_dtype=full.weight.dtype,
+        )
+        te_only = {}
+        on_rows = {"column": _on_rows(ColumnParallelLinear), "row": _on_rows(RowParallelLinear)}
     keep = lambda weight: None  # noqa: E731 — weights are copied from the built model below
     if kind == "column":
-        layer = _on_rows(ColumnParallelLinear)(
+        layer = on_rows["column"](
             full.in_features,
             full.out_features,
             config=config,
@@ -94,10 +180,11 @@ def _parallel_linear(full: nn.Linear, kind: str, groups: ParallelGroups, sequenc
             bias=False,
             gather_output=False,
             tp_group=groups.tensor,
+            **te_only,
         )
         shard = full.weight.detach().chunk(tp, dim=0)[rank]
     else:
-        layer = _on_rows(RowParallelLinear)(
+        layer = on_rows["row"](
             full.in_features,
             full.out_features,
             config=config,
@@ -106,12 +193,14 @@ def _parallel_linear(full: nn.Linear, kind: str, groups: ParallelGroups, sequenc
             input_is_parallel=True,
             skip_bias_add=False,
             tp_group=groups.tensor,
+            **te_only,
         )
         shard = full.weight.detach().chunk(tp, dim=1)[rank]
     with torch.no_grad():
         layer.weight.copy_(shard)
-    # Megatron marks shards only when it initialises them itself; ours come from the built model.
-    mark_sharded(layer.weight, is_parallel=True, dim=0 if kind == "column" else 1, stride=1)
+    # Megatron marks shards only when it initialises them itself (TE always does); ours come from the built model.
+    if not hasattr(layer.weight, "tensor_model_parallel"):
+        mark_sharded(layer.weight, is_parallel=True, dim=0 if kind == "column" else 1, stride=1)
     return layer.to(full.weight.device)
 
 
@@ -166,9 +255,38 @@ def _split_experts(moe: MoEMLP, groups: ParallelGroups, sequence_parallel: bool)
     moe.tensor_parallel = ExpertTensorParallel(groups.tensor, sequence_parallel)
 
 
-def apply_tensor_parallel(model: MoTModel, groups: ParallelGroups) -> MoTModel:
-    """Shards both towers of every layer in place over ``groups.tensor``; returns the model."""
-    if groups.sizes.tensor == 1:
+def _te_linear(full: nn.Linear, kind: str) -> nn.Module:
+    """``full`` as one tensor rank's Transformer Engine linear, its weight copied."""
+    te = import_transformer_engine()
+    layer = te_on_rows(te.Linear, kind, 1, False)(
+        full.in_features, full.out_features, bias=False, params_dtype=full.weight.dtype, device=full.weight.device
+    )
+    with torch.no_grad():
+        layer.weight.copy_(full.weight)
+    return layer
+
+
+def _tower_linears(model: MoTModel):
+    """(parent module, child name, "column" | "row") of every tower projection this rank holds;
+    mixture-of-experts MLPs keep their experts (split by ``_split_experts``)."""
+    for layer in model.layers:
+        if next(layer.parameters()).is_meta:
+            continue  # another pipeline rank's layer: never allocated here (train.build_model)
+        for tower in (layer.reasoner, layer.generator):
+            for path, kind in [(p, "column") for p in COLUMN_PARALLEL] + [(p, "row") for p in ROW_PARALLEL]:
+                if path.startswith("mlp.") and not isinstance(tower.mlp, SwiGLU):
+                    continue
+                parent_name, child_name = path.split(".")
+                yield tower.get_submodule(parent_name), child_name, kind
+
+
+def apply_tensor_parallel(model: MoTModel, groups: ParallelGroups | None, linear_impl: str = "torch") -> MoTModel:
+    """Shards both towers of every layer in place over ``groups.tensor`` (None: one process), with
+    ``linear_impl``'s linears (``select_linear_impl`` chose it for this device); returns the model."""
+    if groups is None or groups.sizes.tensor == 1:
+        if linear_impl == "te":
+            for parent, child_name, kind in _tower_linears(model):
+                setattr(parent, child_name, _te_linear(getattr(parent, child_name), kind))
         return model
     sequence_parallel = groups.sizes.sequence_parallel
     if sequence_parallel:
@@ -177,18 +295,13 @@ def apply_tensor_parallel(model: MoTModel, groups: ParallelGroups) -> MoTModel:
         install_cpu_memory_buffer()
     for layer in model.layers:
         if next(layer.parameters()).is_meta:
-            continue  # another pipeline rank's layer: never allocated here (train.build_model)
+            continue
         for tower in (layer.reasoner, layer.generator):
             if isinstance(tower.mlp, MoEMLP):
                 _split_experts(tower.mlp, groups, sequence_parallel)
-            for path, kind in [(p, "column") for p in COLUMN_PARALLEL] + [(p, "row") for p in ROW_PARALLEL]:
-                if path.startswith("mlp.") and not isinstance(tower.mlp, SwiGLU):
-                    continue  # the experts are split above
-                parent_name, child_name = path.split(".")
-                parent = tower.get_submodule(parent_name)
-                setattr(
-                    parent, child_name, _parallel_linear(getattr(parent, child_name), kind, groups, sequence_parallel)
-                )
+    for parent, child_name, kind in _tower_linears(model):
+        full = getattr(parent, child_name)
+        setattr(parent, child_name, _parallel_linear(full, kind, groups, sequence_parallel, linear_impl, model.config))
     return model
 
 

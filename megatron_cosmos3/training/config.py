@@ -19,6 +19,7 @@ from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
 from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.training.deepspeed_config import DeepSpeedConfig, check_engine_mix
+from megatron_cosmos3.training.precision import PRECISIONS
 
 SCHEDULES = ("cosine", "wsd", "constant")
 
@@ -212,7 +213,9 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     stage: StageConfig = field(default_factory=StageConfig)
-    precision: str = "fp32"  # or "bf16": bf16 compute, fp32 main weights
+    # "fp32", "bf16" (bf16 compute, fp32 main weights) or "fp8" (bf16, and Transformer Engine's fp8
+    # matmuls in the TE linears: model.linear_impl=te; CUDA only, an error elsewhere).
+    precision: str = "fp32"
     recompute: str = "none"  # activation recomputation: "none", "selective" or "full"
     steps: int = 200
     log_every: int = 10
@@ -231,8 +234,7 @@ class TrainConfig:
             if not self.data.stage:  # the data mixture follows the training stage unless set
                 self.data.stage = self.stage.name
             self.data.validate()
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision={self.precision!r} is not one of ('fp32', 'bf16')")
+        self._check_gpu_paths()
         if self.recompute not in ("none", "selective", "full"):
             raise ValueError(f"recompute={self.recompute!r} is not one of ('none', 'selective', 'full')")
         check_engine_mix(self.engine, self.parallel, self.deepspeed)
@@ -243,6 +245,33 @@ class TrainConfig:
             self.held_out_data().validate()
         if self.trains_vision:
             self._check_vision()
+
+    def _check_gpu_paths(self) -> None:
+        """The precision and GPU-path switches that cannot work together, on any machine (whether
+        CUDA and Transformer Engine are present is checked when the run starts: ``check_precision``)."""
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not one of {PRECISIONS}")
+        if self.model.attention_backend == "te" and self.precision == "fp32":
+            raise ValueError(
+                "model.attention_backend='te' runs bf16 (TE's THD attention has no fp32 kernel), but "
+                "precision='fp32'; use precision=bf16 or fp8"
+            )
+        if self.model.linear_impl == "te" and self.engine != "megatron":
+            raise ValueError(
+                f"model.linear_impl='te' is applied by engine=megatron's parallel plan, got engine={self.engine!r}"
+            )
+        if self.precision != "fp8":
+            return
+        if self.model.linear_impl != "te":
+            raise ValueError(
+                f"precision='fp8' quantizes Transformer Engine linears only, but model.linear_impl="
+                f"{self.model.linear_impl!r}; set model.linear_impl=te"
+            )
+        if self.recompute == "full":  # "selective" recomputes only the attention, which is not fp8
+            raise ValueError(
+                "precision='fp8' with recompute='full': torch's activation checkpointing recomputes the TE linears "
+                "outside TE's fp8 autocast, so backward would see other numerics; use recompute=selective or none"
+            )
 
     def name_run(self, launcher_run_id: str) -> None:
         """Names the run where the config leaves it open: ``tracking.run_name`` from the launcher's

@@ -42,7 +42,7 @@ from megatron_cosmos3.training.config import TrainConfig, flatten, load_config, 
 from megatron_cosmos3.training.distributed import DistributedContext, init_distributed, launcher_run_id, preflight
 from megatron_cosmos3.training.flops import FlopCounter
 from megatron_cosmos3.training.metrics import PHASES, MetricsWindow
-from megatron_cosmos3.training.precision import autocast
+from megatron_cosmos3.training.precision import autocast, check_precision
 from megatron_cosmos3.training.preemption import FINISHED, PREEMPTED, PreemptionWatcher, write_status
 from megatron_cosmos3.training.run_lock import lock_run_folder
 from megatron_cosmos3.training.samples import (
@@ -172,6 +172,7 @@ def build_checkpointer(config: TrainConfig, ctx: DistributedContext, plan) -> Ch
 
 
 def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
+    check_precision(config.precision, ctx.device)  # fp8 without CUDA and TE: an error before any group
     plan = build_plan(config, ctx)
     model = build_model(config, plan, ctx.device)
     for layer in model.layers:
