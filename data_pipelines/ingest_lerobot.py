@@ -15,9 +15,11 @@ raw actions (the ``--action-key`` column, one row per frame: row i is the comman
 i + 1, the schema's rule) as ``actions.npy`` under the embodiment ``--embodiment``, which the model
 must register with that width (``model.embodiments``), ``fps`` and ``action_rate_hz`` the dataset's
 rate, the episode's task text as its ``instruction``. The loader cuts clips from episodes with their
-actions (``data.media.clip_seconds``). Action statistics are kept per pseudo-action layout
-(``encoders/action_normalization.py``), so raw actions enter the model unnormalised (the loader
-warns once); statistics for raw layouts are not written yet. An episode whose frame timestamps are
+actions (``data.media.clip_seconds``). ``action_stats.json`` beside the index holds the per-dim
+statistics (mean, std, 1st/99th percentiles) of every action row of the written episodes, as a raw
+layout (``encoders/action_normalization.py``): the loader normalises the actions with it and
+generation un-normalises them. It is computed from the shards by whichever task writes the index,
+so a split computes what one process does. An episode whose frame timestamps are
 not ``i / fps`` or whose action rows disagree with its ``length`` is skipped, counted and logged, as
 is one the loader could not read (checked as ``ingest_videos.py`` checks a video). Split over tasks or
 local processes exactly as ``ingest_videos.py`` (the output does not depend on it).
@@ -41,7 +43,7 @@ from megatron_cosmos3.data.media import encode_json, encode_npy
 from megatron_cosmos3.data.media_files import decode_media_file
 from megatron_cosmos3.data.media_writers import encode_mp4
 from megatron_cosmos3.data.schema import SCHEMA_VERSION, SchemaContext, decode_sample
-from megatron_cosmos3.data.shard_writer import ShardWriter, run_split, write_parts
+from megatron_cosmos3.data.shard_writer import ShardWriter, run_split, write_action_stats, write_parts
 
 log = logging.getLogger("ingest_lerobot")
 CHECK = MediaConfig(clip_seconds=1.0, clip_start="first")
@@ -180,7 +182,9 @@ def ingest_lerobot(
             writer.write_raw(raw, checked.modalities)
 
     parts = -(-len(episodes) // shard_size)
-    write_parts(out_dir, "episodes", parts, write_part, task, tasks, shard_size, context, validate=False)
+    write_parts(
+        out_dir, "episodes", parts, write_part, task, tasks, shard_size, context, False, finish=write_action_stats(True)
+    )
     return skipped
 
 

@@ -1,4 +1,4 @@
-"""Per-embodiment normalisation of pseudo-actions, with statistics stored beside the dataset.
+"""Per-embodiment normalisation of actions, with statistics stored beside the dataset.
 
 Translations (metres per step) and joint values live on very different scales across robots,
 cars and cameras; each embodiment's projection sees them standardised. The 6D rotation dims are
@@ -11,9 +11,16 @@ File format (``<dataset>/action_stats.json``)::
     {"format_version": 1,
      "embodiments": {"single_arm": {"count": N, "mean": [...19], "std": [...19],
                                     "q01": [...19] | null, "q99": [...19] | null,
-                                    "fields": {"ego.translation": [0, 3], ...}}, ...}}
+                                    "fields": {"ego.translation": [0, 3], ...}},
+                     "so100": {"layout": "raw", "count": N, "mean": [...6], ..., "fields": {"raw": [0, 6]}}}}
 
 ``fields`` is informational (for people reading the file); loading checks it against the layout.
+
+Raw layouts: an embodiment whose actions are a dataset's own columns (a LeRobot robot's joint
+commands, registered in ``model.embodiments`` under any name) has no pseudo-action layout. Its entry
+says ``"layout": "raw"``, its width is that of its ``mean``, its ``fields`` are ``{"raw": [0, dim]}``,
+and every dim is normalised (none is a rotation the code knows of). ``data_pipelines/ingest_lerobot.py``
+writes such entries.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from megatron_cosmos3.encoders.pseudo_actions import get_layout
 
 __all__ = [
     "ACTION_STATS_FILENAME",
+    "RAW_LAYOUT",
     "STD_FLOOR",
     "ActionStats",
     "EmbodimentActionStats",
@@ -60,12 +68,17 @@ def _as_floats(values, name: str, dim: int) -> tuple[float, ...]:
     return values
 
 
+RAW_LAYOUT = "raw"
+
+
 @dataclass(frozen=True)
 class EmbodimentActionStats:
-    """Statistics of one embodiment's pseudo-actions, one value per action dim.
+    """Statistics of one embodiment's actions, one value per action dim.
 
     count: number of action vectors measured. mean/std: per dim (population std).
     q01/q99: optional 1st/99th percentiles, needed only for ``mode="quantile"``.
+    raw: the actions are a dataset's own columns, not the pseudo-action layout of ``kind`` (module
+    doc): any width, no rotation dims.
     """
 
     kind: str
@@ -74,9 +87,12 @@ class EmbodimentActionStats:
     std: tuple[float, ...]
     q01: tuple[float, ...] | None = None
     q99: tuple[float, ...] | None = None
+    raw: bool = False
 
     def __post_init__(self) -> None:
-        dim = get_layout(self.kind).dim
+        dim = len(tuple(self.mean)) if self.raw else get_layout(self.kind).dim
+        if dim == 0:
+            raise ValueError(f"{self.kind}.mean must have at least one value")
         # Accept lists (as read from JSON) but store tuples, so the dataclass stays immutable.
         for name in ("mean", "std", "q01", "q99"):
             value = getattr(self, name)
@@ -91,32 +107,61 @@ class EmbodimentActionStats:
     def dim(self) -> int:
         return len(self.mean)
 
+    @property
+    def rotation_6d_dims(self) -> tuple[int, ...]:
+        """The dims normalisation leaves as they are: the layout's 6D rotations; none when raw."""
+        return () if self.raw else get_layout(self.kind).rotation_6d_dims
+
     @classmethod
-    def from_actions(cls, kind: str, actions, *, quantiles: bool = True) -> EmbodimentActionStats:
-        """Measure ``(N, layout.dim)`` actions (numpy or torch), accumulating in float64."""
+    def from_actions(cls, kind: str, actions, *, quantiles: bool = True, raw: bool = False) -> EmbodimentActionStats:
+        """Measure ``(N, dim)`` actions (numpy or torch), accumulating in float64; ``dim`` is the
+        layout's, or any width when ``raw``."""
         values = np.asarray(actions, dtype=np.float64)
-        dim = get_layout(kind).dim
+        if raw:  # any width the dataset has
+            dim = values.shape[1] if values.ndim == 2 and values.shape[1] > 0 else "D>0"
+        else:
+            dim = get_layout(kind).dim
         if values.ndim != 2 or values.shape[1] != dim or values.shape[0] == 0:
             raise ValueError(f"actions for kind {kind!r} must have shape (N>0, {dim}), got {values.shape}")
         q01, q99 = np.quantile(values, (0.01, 0.99), axis=0) if quantiles else (None, None)
-        return cls(kind, len(values), values.mean(0), values.std(0), q01, q99)
+        return cls(kind, len(values), values.mean(0), values.std(0), q01, q99, raw)
+
+    @property
+    def fields(self) -> dict[str, list[int]]:
+        """Field name -> [start, stop] of the layout (``{"raw": [0, dim]}`` for a raw one)."""
+        if self.raw:
+            return {RAW_LAYOUT: [0, self.dim]}
+        return {name: [s.start, s.stop] for name, s in get_layout(self.kind).slices.items()}
 
     def to_json(self) -> dict:
-        return {
+        entry = {"layout": RAW_LAYOUT} if self.raw else {}
+        return entry | {
             "count": self.count,
             "mean": list(self.mean),
             "std": list(self.std),
             "q01": None if self.q01 is None else list(self.q01),
             "q99": None if self.q99 is None else list(self.q99),
-            "fields": {name: [s.start, s.stop] for name, s in get_layout(self.kind).slices.items()},
+            "fields": self.fields,
         }
 
     @classmethod
     def from_json(cls, kind: str, entry: Mapping) -> EmbodimentActionStats:
-        expected = {name: [s.start, s.stop] for name, s in get_layout(kind).slices.items()}
+        layout = entry.get("layout")
+        if layout not in (None, RAW_LAYOUT):
+            raise ValueError(f"{kind}.layout must be {RAW_LAYOUT!r} or absent (pseudo-actions), got {layout!r}")
+        stats = cls(
+            kind,
+            int(entry["count"]),
+            entry["mean"],
+            entry["std"],
+            entry.get("q01"),
+            entry.get("q99"),
+            layout is not None,
+        )
+        expected = stats.fields
         if "fields" in entry and entry["fields"] != expected:
             raise ValueError(f"{kind}.fields {entry['fields']} do not match the current layout {expected}")
-        return cls(kind, int(entry["count"]), entry["mean"], entry["std"], entry.get("q01"), entry.get("q99"))
+        return stats
 
 
 @dataclass(frozen=True)
@@ -190,7 +235,7 @@ def _center_and_scale(
         center, scale = (low + high) / 2, np.maximum(high - low, std_floor) / 2
     else:
         raise ValueError(f"mode must be 'mean_std' or 'quantile', got {mode!r}")
-    rotation = list(get_layout(stats.kind).rotation_6d_dims)
+    rotation = list(stats.rotation_6d_dims)
     center[rotation], scale[rotation] = 0.0, 1.0
     return tuple(torch.as_tensor(v, dtype=actions.dtype, device=actions.device) for v in (center, scale))
 
@@ -202,7 +247,7 @@ def normalize_actions(
     mode: NormalizationMode = "mean_std",
     std_floor: float = STD_FLOOR,
 ) -> torch.Tensor:
-    """``(..., dim)`` pseudo-actions -> normalised, same shape and dtype; rotation dims unchanged."""
+    """``(..., dim)`` actions -> normalised, same shape and dtype; rotation dims unchanged."""
     center, scale = _center_and_scale(actions, stats, mode, std_floor)
     return (actions - center) / scale
 

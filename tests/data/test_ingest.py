@@ -20,6 +20,9 @@ from megatron_cosmos3.data.loader import PackedLoader
 from megatron_cosmos3.data.media_writers import encode_mp4
 from megatron_cosmos3.data.schema import SchemaContext, decode_sample
 from megatron_cosmos3.data.shards import ShardIndex, read_shard
+from megatron_cosmos3.encoders.action_normalization import STD_FLOOR, ActionStats
+from megatron_cosmos3.inference.denoising import sample_rows
+from megatron_cosmos3.inference.generation import generated_sample, packed_sample_streams
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
 
 FPS, FRAMES, WIDTH = 10, 12, 6
@@ -71,8 +74,10 @@ def lerobot(tmp_path_factory):
     episodes, actions = [], {}
     for episode in range(3):
         episodes.append({"episode_index": episode, "tasks": [tasks[episode % 2]], "length": FRAMES})
-        # action row i holds (episode, i, ...): each row says which frame it belongs to
-        rows = np.zeros((FRAMES, WIDTH), np.float32)
+        # action row i holds (episode, i, ...): each row says which frame it belongs to; the other
+        # joints move on scales from 1e-2 to 1e2 (what normalisation is for)
+        rows = np.random.default_rng(episode).normal(size=(FRAMES, WIDTH)).astype(np.float32)
+        rows *= np.logspace(-2, 2, WIDTH, dtype=np.float32)
         rows[:, 0], rows[:, 1] = episode, np.arange(FRAMES)
         actions[episode] = rows
         table = pa.table(
@@ -116,7 +121,17 @@ def test_lerobot_episodes_become_shards_with_frames_and_actions_aligned(lerobot,
     brightness = clip.video[:, :, 0, 0].mean(axis=1).astype(float)  # the ramp's dark end: 10 * index
     np.testing.assert_allclose(brightness, 10 * np.arange(first, first + 5), atol=3)
 
-    # Episodes -> packs: the registered embodiment's action stream reaches the packer.
+    # The raw layout's statistics over every action row of the dataset, as numpy measures them.
+    stats = ActionStats.load(tmp_path / "one")["toy_arm"]
+    every = np.concatenate([actions[e] for e in range(3)]).astype(np.float64)
+    assert stats.raw and stats.count == 3 * FRAMES and stats.rotation_6d_dims == ()
+    np.testing.assert_allclose(stats.mean, every.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats.std, every.std(0), rtol=1e-12)
+    np.testing.assert_allclose(stats.q01, np.quantile(every, 0.01, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats.q99, np.quantile(every, 0.99, axis=0), rtol=1e-12)
+
+    # Episodes -> packs: the registered embodiment's action stream reaches the packer, normalised
+    # with the statistics beside the shards ("auto"); generation un-normalises it back.
     model = MoTConfig(
         vocab_size=256,
         num_layers=1,
@@ -131,6 +146,21 @@ def test_lerobot_episodes_become_shards_with_frames_and_actions_aligned(lerobot,
     assert sum(p.num_samples for p in packs) == 3
     assert all(p.dm_tokens["action/toy_arm"].shape[1] == WIDTH for p in packs)
     assert sum(len(p.dm_tokens["action/toy_arm"]) for p in packs) == 3 * FRAMES
+    scale = np.maximum(np.array(stats.std), STD_FLOOR)
+    seen = set()
+    for pack in packs:
+        for n in range(pack.num_samples):
+            rows = pack.dm_tokens["action/toy_arm"][sample_rows(pack, "action/toy_arm") == n].numpy()
+            episode = round(rows[0, 0] * scale[0] + stats.mean[0])
+            expected = (actions[episode] - np.array(stats.mean)) / scale
+            np.testing.assert_allclose(rows, expected, rtol=1e-5, atol=1e-5)
+            assert np.abs(rows).max() < 5  # every joint on the same scale, the 1e2 one too
+            back = generated_sample(
+                packed_sample_streams(pack, n, model), pack, pack.dm_tokens, n, ActionStats({"toy_arm": stats})
+            )
+            np.testing.assert_allclose(back.actions.numpy(), actions[episode], rtol=1e-5, atol=1e-4)
+            seen.add(episode)
+    assert seen == {0, 1, 2}
 
     # Pre-encoding reads the mp4 shards as the loader does (the pooled stand-in for the VAEs).
     encode_shards = load_script("encode_shards")
@@ -152,7 +182,7 @@ def test_a_split_over_processes_writes_what_one_process_writes(lerobot, tmp_path
         [str(root), str(tmp_path / "split"), "--embodiment", "toy_arm", "--shard-size", "1", "--processes", "2"]
     )
     one, split = _files(tmp_path / "one"), _files(tmp_path / "split")
-    assert len(one) == 4 and one.keys() == split.keys()
+    assert len(one) == 5 and one.keys() == split.keys() and "action_stats.json" in one
     assert {k: v for k, v in one.items() if k != "index.json"} == {k: v for k, v in split.items() if k != "index.json"}
     strip = lambda index: [(s["url"].split("/")[-1], s["samples"]) for s in json.loads(index)["shards"]]  # noqa: E731
     assert strip(one["index.json"]) == strip(split["index.json"])
