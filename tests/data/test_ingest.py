@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from scipy.spatial.transform import Rotation
 from world_helpers import data_config, load_script
 
 from megatron_cosmos3.data.clips import MediaConfig
@@ -26,6 +27,8 @@ from megatron_cosmos3.inference.generation import generated_sample, packed_sampl
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
 
 FPS, FRAMES, WIDTH = 10, 12, 6
+EULER_NAMES = ["eef_x", "eef_y", "eef_z", "eef_roll", "eef_pitch", "eef_yaw", "gripper"]
+QUATERNION_NAMES = ["gripper_opening", "qw", "x", "qx", "y", "qy", "z", "qz"]
 
 
 def _frames(first: int, count: int) -> np.ndarray:
@@ -58,6 +61,10 @@ def lerobot(tmp_path_factory):
             camera: {"dtype": "video", "shape": [32, 32, 3], "names": ["height", "width", "channel"]},
             "action": {"dtype": "float32", "shape": [WIDTH], "names": None},
             "observation.state": {"dtype": "float32", "shape": [WIDTH], "names": None},
+            # the end effector's pose, named as LeRobot exports name it: Euler angles in one
+            # feature, a quaternion (components in another order) in the other
+            "observation.eef": {"dtype": "float32", "shape": [7], "names": EULER_NAMES},
+            "observation.pose": {"dtype": "float32", "shape": [8], "names": {"axes": QUATERNION_NAMES}},
             "timestamp": {"dtype": "float32", "shape": [1], "names": None},
             "frame_index": {"dtype": "int64", "shape": [1], "names": None},
             "episode_index": {"dtype": "int64", "shape": [1], "names": None},
@@ -71,8 +78,19 @@ def lerobot(tmp_path_factory):
     (root / "meta" / "tasks.jsonl").write_text(
         "\n".join(json.dumps({"task_index": i, "task": t}) for i, t in enumerate(tasks))
     )
-    episodes, actions = [], {}
+    episodes, actions, poses = [], {}, {}
     for episode in range(3):
+        rng = np.random.default_rng(10 + episode)
+        positions = np.cumsum(rng.normal(scale=0.02, size=(FRAMES, 3)), axis=0) + [0.4, 0.0, 0.3]
+        hand = [Rotation.random(random_state=episode)]
+        for turn in Rotation.from_rotvec(rng.normal(scale=0.2, size=(FRAMES - 1, 3))):
+            hand.append(hand[-1] * turn)
+        hand = Rotation.concatenate(hand)
+        gripper = rng.uniform(0, 1, FRAMES)
+        euler = np.concatenate([positions, hand.as_euler("xyz"), gripper[:, None]], axis=1).astype(np.float32)
+        x, y, z, w = hand.as_quat().T
+        quaternion = np.stack([gripper, w, positions[:, 0], x, positions[:, 1], y, positions[:, 2], z], 1)
+        poses[episode] = (euler, quaternion.astype(np.float32))
         episodes.append({"episode_index": episode, "tasks": [tasks[episode % 2]], "length": FRAMES})
         # action row i holds (episode, i, ...): each row says which frame it belongs to; the other
         # joints move on scales from 1e-2 to 1e2 (what normalisation is for)
@@ -84,6 +102,8 @@ def lerobot(tmp_path_factory):
             {
                 "action": pa.array(list(rows), type=pa.list_(pa.float32())),
                 "observation.state": pa.array(list(rows * 0.5), type=pa.list_(pa.float32())),
+                "observation.eef": pa.array(list(poses[episode][0]), type=pa.list_(pa.float32())),
+                "observation.pose": pa.array(list(poses[episode][1]), type=pa.list_(pa.float32())),
                 "timestamp": pa.array(np.arange(FRAMES) / FPS, type=pa.float32()),
                 "frame_index": np.arange(FRAMES),
                 "episode_index": np.full(FRAMES, episode),
@@ -97,11 +117,11 @@ def lerobot(tmp_path_factory):
         video.parent.mkdir(parents=True, exist_ok=True)
         video.write_bytes(encode_mp4(_frames(0, FRAMES), FPS, crf=4, keyframe_interval=4))
     (root / "meta" / "episodes.jsonl").write_text("\n".join(json.dumps(e) for e in episodes))
-    return root, actions
+    return root, actions, poses
 
 
 def test_lerobot_episodes_become_shards_with_frames_and_actions_aligned(lerobot, tmp_path):
-    root, actions = lerobot
+    root, actions, _ = lerobot
     ingest = load_script("ingest_lerobot")
     skipped = ingest.ingest_lerobot(root, tmp_path / "one", "toy_arm", shard_size=2)
     assert not skipped
@@ -175,7 +195,7 @@ def test_lerobot_episodes_become_shards_with_frames_and_actions_aligned(lerobot,
 
 
 def test_a_split_over_processes_writes_what_one_process_writes(lerobot, tmp_path):
-    root, _ = lerobot
+    root, _, _ = lerobot
     ingest = load_script("ingest_lerobot")
     ingest.main([str(root), str(tmp_path / "one"), "--embodiment", "toy_arm", "--shard-size", "1"])
     ingest.main(
@@ -268,3 +288,51 @@ def test_a_lerobot_v3_dataset_gives_each_episode_its_rows_and_video_segment(tmp_
     np.testing.assert_array_equal(second.actions[:, 1], np.arange(FRAMES, 2 * FRAMES))
     brightness = second.video[:, :, 0, 0].mean(axis=1).astype(float)
     np.testing.assert_allclose(brightness, 10 * np.arange(FRAMES, 2 * FRAMES), atol=3)
+
+
+def _scipy_pseudo_actions(positions: np.ndarray, hand: Rotation, gripper: np.ndarray) -> np.ndarray:
+    """The single_arm pseudo-actions of a fixed-base arm, from scipy (docs/DESIGN.md, the brief's
+    "Pseudo-actions"): ego step = identity; hand step = T_i^-1 T_i+1 as (translation, first two
+    columns of the rotation); the gripper value reached."""
+    steps = len(positions) - 1
+    relative = hand[:-1].inv() * hand[1:]
+    ego = np.tile([0, 0, 0, 1, 0, 0, 0, 1, 0], (steps, 1))
+    moved = hand[:-1].inv().apply(positions[1:] - positions[:-1])
+    six = relative.as_matrix()[:, :, :2].transpose(0, 2, 1).reshape(steps, 6)
+    return np.concatenate([ego, moved, six, gripper[1:, None]], axis=1)
+
+
+def test_end_effector_poses_become_single_arm_pseudo_actions(lerobot, tmp_path):
+    """Euler angles and a quaternion (its components named in another order) give the
+    pseudo-actions scipy computes; the statistics are the pseudo-action layout's; bad names are
+    errors that name the feature."""
+    root, _, poses = lerobot
+    ingest = load_script("ingest_lerobot")
+    assert not ingest.ingest_lerobot(root, tmp_path / "euler", "", eef_key="observation.eef")
+    ingest.main([str(root), str(tmp_path / "quaternion"), "--eef-key", "observation.pose", "--processes", "2"])
+    context = SchemaContext({"single_arm": 19})
+    for name in ("euler", "quaternion"):
+        samples = [
+            decode_sample(r, context) for s in ShardIndex.load(tmp_path / name).shards for r in read_shard(s.url)
+        ]
+        for episode, sample in enumerate(samples):
+            euler = poses[episode][0].astype(np.float64)
+            hand = Rotation.from_euler("xyz", euler[:, 3:6])
+            expected = _scipy_pseudo_actions(euler[:, :3], hand, euler[:, 6])
+            assert sample.embodiment == "single_arm" and sample.actions.shape == (FRAMES - 1, 19)
+            assert len(sample.video) == FRAMES
+            np.testing.assert_allclose(sample.actions, expected, atol=2e-5)
+        stats = ActionStats.load(tmp_path / name)["single_arm"]
+        assert not stats.raw and stats.count == 3 * (FRAMES - 1)
+        every = np.concatenate([s.actions for s in samples]).astype(np.float64)
+        np.testing.assert_allclose(stats.mean, every.mean(0), rtol=1e-12, atol=1e-15)
+
+    features = json.loads((root / "meta" / "info.json").read_text())["features"]
+    with pytest.raises(ValueError, match=r"--eef-key='observation.nope' is not a feature"):
+        ingest.ingest_lerobot(root, tmp_path / "bad", "", eef_key="observation.nope")
+    with pytest.raises(ValueError, match=r"--eef-key='observation.eef': needs one rotation, named qx qy qz qw"):
+        ingest.eef_pose_of(features, "observation.eef", ["x", "y", "z", "a", "b", "c", "gripper"])
+    with pytest.raises(ValueError, match=r"--eef-key='observation.state': the feature names no components"):
+        ingest.eef_pose_of(features, "observation.state")
+    with pytest.raises(ValueError, match=r"--embodiment='toy_arm': end-effector poses become 'single_arm'"):
+        ingest.ingest_lerobot(root, tmp_path / "bad", "toy_arm", eef_key="observation.eef")
