@@ -16,10 +16,13 @@ from scipy.spatial.transform import Rotation
 from world_helpers import data_config, load_script
 
 from megatron_cosmos3.data.clips import MediaConfig
-from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder
+from megatron_cosmos3.data.determinism import uniform
+from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder, latent_sample
 from megatron_cosmos3.data.loader import PackedLoader
+from megatron_cosmos3.data.media import encode_npy
 from megatron_cosmos3.data.media_writers import encode_mp4
 from megatron_cosmos3.data.schema import SchemaContext, decode_sample
+from megatron_cosmos3.data.shard_writer import ShardWriter
 from megatron_cosmos3.data.shards import ShardIndex, read_shard
 from megatron_cosmos3.encoders.action_normalization import STD_FLOOR, ActionStats
 from megatron_cosmos3.inference.denoising import sample_rows
@@ -336,3 +339,63 @@ def test_end_effector_poses_become_single_arm_pseudo_actions(lerobot, tmp_path):
         ingest.eef_pose_of(features, "observation.state")
     with pytest.raises(ValueError, match=r"--embodiment='toy_arm': end-effector poses become 'single_arm'"):
         ingest.ingest_lerobot(root, tmp_path / "bad", "toy_arm", eef_key="observation.eef")
+
+
+def test_clips_cut_before_pre_encoding_equal_the_clips_the_loader_cuts(tmp_path):
+    """encode_shards --clip-seconds: a 3 s mp4 (with its sound), actions and timed captions become
+    three 1 s grid clips (or seeded random ones), each the latents of the clip the loader cuts on
+    the fly for the same window (here reached by another draw), with its captions and actions."""
+    seconds, rate = 3, 48_000
+    audio = np.zeros((2, seconds * rate), np.float32)
+    audio[:, :: rate // 4] = 0.9  # a click every 0.25 s
+    steps = np.zeros((seconds * FPS, 9), np.float32)
+    steps[:, 0] = np.arange(seconds * FPS)  # step i says which it is
+    long = {
+        "__key__": "long",
+        "meta.json": json.dumps(
+            {
+                "schema": 1,
+                "fps": FPS,
+                "embodiment": "camera",
+                "action_rate_hz": FPS,
+                "caption_segments": [
+                    {"start_s": 0.0, "end_s": 1.4, "text": "dim"},
+                    {"start_s": 1.4, "end_s": 3.0, "text": "bright"},
+                ],
+            }
+        ).encode(),
+        "video.mp4": encode_mp4(_frames(0, seconds * FPS), FPS, audio, rate, keyframe_interval=5),
+        "actions.npy": encode_npy(steps),
+    }
+    with ShardWriter(tmp_path / "raw", "raw", 8) as writer:
+        writer.write_raw(long)
+    encode_shards = load_script("encode_shards")
+    encoder = PooledLatentEncoder(4, 8)
+    grid = MediaConfig(clip_seconds=1.0, clip_start="grid")
+    assert not encode_shards.encode_shards(tmp_path / "raw", tmp_path / "grid", encoder, media=grid)
+    context = SchemaContext(None, encoder.video_token_dim, encoder.audio_latent_dim)
+    clips = [decode_sample(r, context) for s in ShardIndex.load(tmp_path / "grid").shards for r in read_shard(s.url)]
+    assert [c.key for c in clips] == ["long-0000", "long-0001", "long-0002"]
+    for k, clip in enumerate(clips):
+        on_the_fly = latent_sample(decode_sample(long, SchemaContext(), grid, draw=k / 3 + 0.2), encoder)
+        assert clip.timing == on_the_fly.timing == {"clip_start_s": float(k), "source_duration_s": 3.0}
+        np.testing.assert_array_equal(clip.actions[:, 0], np.arange(10 * k, 10 * k + 10))
+        for name in ("actions", "video_latents", "audio_latents"):
+            np.testing.assert_array_equal(getattr(clip, name), getattr(on_the_fly, name))
+        assert clip.caption_segments == on_the_fly.caption_segments and clip.caption == on_the_fly.caption
+    assert [c.caption for c in clips] == ["dim", "dim bright", "bright"]
+    assert not np.array_equal(clips[0].video_latents, clips[1].video_latents)  # a control: the windows differ
+
+    # Random clips: the draws come from (seed, input shard, sample, k), as the loader's from (seed, slot, index).
+    shuffled = MediaConfig(clip_seconds=1.0, clip_start="random")
+    encode_shards.main(
+        [str(tmp_path / "raw"), str(tmp_path / "random"), "--encoder", "pooled", "--video-latent-channels", "4"]
+        + ["--audio-latent-dim", "8", "--clip-seconds", "1", "--clip-start", "random", "--clips-per-sample", "2"]
+        + ["--seed", "7"]
+    )
+    clips = [decode_sample(r, context) for s in ShardIndex.load(tmp_path / "random").shards for r in read_shard(s.url)]
+    assert len(clips) == 2 and clips[0].timing["clip_start_s"] != clips[1].timing["clip_start_s"]
+    for k, clip in enumerate(clips):
+        on_the_fly = latent_sample(decode_sample(long, SchemaContext(), shuffled, uniform(7, "clip", 0, 0, k)), encoder)
+        assert clip.timing == on_the_fly.timing
+        np.testing.assert_array_equal(clip.video_latents, on_the_fly.video_latents)
