@@ -220,7 +220,10 @@ def episode_sample(
         raise SampleError(BAD_METADATA, f"episode {index}: {len(rows)} {column} rows, its length is {length}")
     if eef is not None and len(rows) < 2:
         raise SampleError(BAD_METADATA, f"episode {index}: {len(rows)} frame(s); pseudo-actions need 2")
-    actions = eef_pseudo_actions(rows, eef) if eef else rows.astype(np.float32)
+    try:  # a pose that is no rotation (a zero quaternion, NaN) is the episode's fault, not the run's
+        actions = eef_pseudo_actions(rows, eef) if eef else rows.astype(np.float32)
+    except ValueError as error:
+        raise SampleError(BAD_METADATA, f"episode {index}: {eef.feature if eef else column}: {error}") from None
     fps = float(info["fps"])
     if "timestamp" in table.column_names:
         stamps = np.asarray(table.column("timestamp").to_pylist(), dtype=np.float64)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -339,6 +340,18 @@ def test_end_effector_poses_become_single_arm_pseudo_actions(lerobot, tmp_path):
         ingest.eef_pose_of(features, "observation.state")
     with pytest.raises(ValueError, match=r"--embodiment='toy_arm': end-effector poses become 'single_arm'"):
         ingest.ingest_lerobot(root, tmp_path / "bad", "toy_arm", eef_key="observation.eef")
+    # An episode with a zero quaternion is skipped and counted, the others written.
+    shutil.copytree(root, tmp_path / "broken_root")
+    episode_0 = tmp_path / "broken_root" / "data" / "chunk-000" / "episode_000000.parquet"
+    broken = poses[0][1].copy()
+    broken[3, [1, 3, 5, 7]] = 0.0
+    table = pq.read_table(episode_0)
+    column = table.column_names.index("observation.pose")
+    pq.write_table(
+        table.set_column(column, "observation.pose", pa.array(list(broken), pa.list_(pa.float32()))), episode_0
+    )
+    skipped = ingest.ingest_lerobot(tmp_path / "broken_root", tmp_path / "broken", "", eef_key="observation.pose")
+    assert skipped == {"bad_metadata": 1} and ShardIndex.load(tmp_path / "broken").total_samples == 2
 
 
 def test_clips_cut_before_pre_encoding_equal_the_clips_the_loader_cuts(tmp_path):
