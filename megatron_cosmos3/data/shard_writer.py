@@ -171,9 +171,10 @@ def index_when_complete(
         for name in files:
             if copy_from is not None and (copy_from / name).is_file():
                 shutil.copyfile(copy_from / name, out_dir / name)
+        index = ShardIndex(tuple(shards))
         if finish is not None:
-            finish(out_dir, ShardIndex(tuple(shards)))
-        ShardIndex(tuple(shards)).save(out_dir)
+            finish(out_dir, index)
+        index.save(out_dir)
     shutil.rmtree(out_dir / PARTS)
     return True
 
