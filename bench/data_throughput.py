@@ -12,11 +12,20 @@ after a warm-up pack (worker start and buffer fill, reported apart); the world i
 so a run longer than the world re-reads shards (decoding and encoding them again). One DP rank's loader is
 measured; every rank runs its own. A training step consumes one pack (``tokens_per_pack`` tokens)
 per DP rank per micro-batch: the loader keeps up when its packs/s exceeds the steps/s.
+
+What one training step consumes, in clips/s and tokens/s, on packs of this world (pre-encoded):
+the tiny MoT on this CPU, forward + backward + AdamW, measured in the same run; and Nano
+(``configs/model/nano.yaml``, its ViT left out: the packs carry the weight-free stand-in) on one
+H100 at the project's goal of 530 TF/s, COMPUTED, not measured: ``training/flops.py``'s count of
+Nano over the same packs' layouts, divided into 530 TF/s. Token counts are those of this data path
+(byte-level text, so AR text runs ~4x longer than Qwen's tokens would; the DM tokens of a clip are
+what Nano's VAE grid and 2x2 patches give).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib.util
 import platform
@@ -36,12 +45,14 @@ from megatron_cosmos3.data.loader import PackedLoader  # noqa: E402
 from megatron_cosmos3.data.schema import decode_sample  # noqa: E402
 from megatron_cosmos3.data.shards import ShardIndex, read_shard  # noqa: E402
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig  # noqa: E402
-from megatron_cosmos3.model.config import MoTConfig  # noqa: E402
+from megatron_cosmos3.model.config import MoTConfig, load_model_config  # noqa: E402
 from megatron_cosmos3.tasks.registry import TASK_REGISTRY  # noqa: E402
 from megatron_cosmos3.testing.tiny_vaes import tiny_oobleck_vae, tiny_wan_vae  # noqa: E402
+from megatron_cosmos3.training.flops import FlopCounter  # noqa: E402
 
-# Published-scale reference: Nano (8B) at 530 TF/s per H100 and 6 N FLOPs per token.
-NANO_PARAMS, H100_FLOPS = 8e9, 530e12
+sys.path.insert(0, str(REPO / "bench"))
+from harness import NANO_CONFIG  # noqa: E402
+from nano_throughput import GOAL_TFLOPS, flops_of  # noqa: E402
 
 
 def _script(name: str):
@@ -110,16 +121,19 @@ def decode_cpu_ms(shards: Path, media: MediaConfig, repeats: int = 3) -> float:
     return best
 
 
-def training_step_seconds(model_config: MoTConfig, shards: Path, tokens_per_pack: int) -> float | None:
-    """Seconds of one forward + backward + optimizer step of the tiny MoT on one pack (this CPU)."""
-    try:
-        from megatron_cosmos3.model.mot import MoTModel
-        from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
-        from megatron_cosmos3.objectives.losses import mot_losses
-    except ImportError:
-        return None
+def step_packs(model_config: MoTConfig, shards: Path, tokens_per_pack: int, count: int = 4) -> list:
+    """The first ``count`` packs of ``shards``: what the step measurements below consume."""
     with PackedLoader(_config(shards, 0, tokens_per_pack), model_config) as loader:
-        batches = [next(loader) for _ in range(4)]
+        return [next(loader) for _ in range(count)]
+
+
+def training_step_seconds(model_config: MoTConfig, batches: list) -> float:
+    """Seconds of one forward + backward + optimizer step of the tiny MoT on one pack (this CPU),
+    the best over ``batches`` after the first."""
+    from megatron_cosmos3.model.mot import MoTModel
+    from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
+    from megatron_cosmos3.objectives.losses import mot_losses
+
     torch.manual_seed(0)
     model = MoTModel(model_config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -133,6 +147,15 @@ def training_step_seconds(model_config: MoTConfig, shards: Path, tokens_per_pack
         optimizer.step()
         times.append(time.perf_counter() - start)
     return min(times[1:])
+
+
+def nano_pack_seconds(batches: list) -> float:
+    """Seconds Nano takes per pack of ``batches`` (mean) at GOAL_TFLOPS on one GPU: COMPUTED from
+    ``training/flops.py``'s count (module doc), not measured."""
+    nano = dataclasses.replace(load_model_config(NANO_CONFIG), vision=None)
+    counter = FlopCounter(nano)
+    flops = sum(flops_of(counter, batch).total for batch in batches) / len(batches)
+    return flops / (GOAL_TFLOPS * 1e12)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,25 +222,30 @@ def main(argv: list[str] | None = None) -> int:
         for name, (shards, encoders, factory, packs) in sources.items():
             for workers in args.workers:
                 result = measure(_config(shards, workers, args.tokens_per_pack, encoders), model, packs, factory)
-                best[name] = max(best.get(name, 0.0), result["tokens_per_s"])
+                best[name] = max(best.get(name, 0.0), result["samples_per_s"])
                 print(
                     f"{name:30s} {workers:7d} {result['warmup_s']:9.2f} {result['samples_per_s']:10.1f} "
                     f"{result['tokens_per_s']:10.0f} {result['packs_per_s']:8.2f} {result['efficiency']:6.1%}"
                 )
-        step = training_step_seconds(model, world["latent"], args.tokens_per_pack)
-        nano = H100_FLOPS / (6 * NANO_PARAMS)
-        print(f"\n# one training step consumes one pack = {args.tokens_per_pack} tokens per DP rank (per micro-batch)")
-        if step is not None:
+        batches = step_packs(model, world["latent"], args.tokens_per_pack)
+        clips = sum(b.num_samples for b in batches) / len(batches)
+        tokens = sum(b.num_ar_tokens + b.num_dm_tokens for b in batches) / len(batches)
+        consumers = {
+            "tiny MoT, this CPU (measured)": training_step_seconds(model, batches),
+            f"Nano, one H100 at {GOAL_TFLOPS:.0f} TF/s (computed)": nano_pack_seconds(batches),
+        }
+        print(
+            f"\n# what one training step consumes: one pack per DP rank per micro-batch; these packs hold "
+            f"{clips:.1f} clips, {tokens:,.0f} tokens"
+        )
+        for consumer, seconds in consumers.items():
             print(
-                f"# tiny MoT step on this CPU: {step:.3f} s -> needs {args.tokens_per_pack / step:,.0f} "
-                "tokens/s per rank"
+                f"# {consumer:40s} {seconds:8.4f} s per pack -> {clips / seconds:9,.1f} clips/s, "
+                f"{tokens / seconds:11,.0f} tokens/s"
             )
-        print(f"# Nano on one H100 at 530 TF/s (6 N FLOPs/token): needs ~{nano:,.0f} tokens/s per GPU")
-        for name, tokens in best.items():
-            print(
-                f"#   {name:30s} best {tokens:10,.0f} tokens/s = {tokens / nano:5.2f}x an H100's Nano appetite"
-                + (f", {tokens * step / args.tokens_per_pack:5.1f}x the tiny CPU step" if step else "")
-            )
+        for name, best_clips in best.items():
+            ratios = ", ".join(f"{best_clips * s / clips:6.2f}x {c.split(',')[0]}" for c, s in consumers.items())
+            print(f"#   {name:30s} best {best_clips:8.1f} clips/s = {ratios}'s need")
     return 0
 
 

@@ -3,6 +3,8 @@
 
     python data_pipelines/encode_shards.py IN_DIR OUT_DIR --video-vae VAE_DIR --audio-vae VAE_DIR
     python data_pipelines/encode_shards.py IN_DIR OUT_DIR --encoder pooled     # weight-free stand-in
+    python data_pipelines/encode_shards.py IN_DIR OUT_DIR ... --clip-seconds 2 [--clip-start random
+        --clips-per-sample 4 --seed 0] [--fps 16 --resolution-buckets 256x256,256x448]
 
 Reads every shard of ``IN_DIR`` (its ``index.json``), replaces video, image and audio by their
 latents (``megatron_cosmos3.data.latent_encoders.latent_sample``: the frozen VAEs from local
@@ -10,6 +12,16 @@ diffusers folders, or the pooled stand-in), keeps text, actions (of any embodime
 LeRobot dataset's robot too), timing and the ViT picture, and
 writes ``OUT_DIR`` shards with their index; ``action_stats.json`` is copied. Samples that fail the
 schema are skipped, counted per reason and logged, exactly as the loader would.
+
+Clipping (``--clip-seconds S``): long samples are cut into clips before encoding, by the loader's own
+cutting (``data/clips.py``, ``schema.decode_sample`` with a ``data.media`` config and a draw): with
+``--clip-start grid`` every clip of the grid of S-second clips (``clips.grid_draws``), with
+``random`` ``--clips-per-sample`` clips whose draws come from (``--seed``, input shard, sample, k).
+A clip keeps the caption segments, audio and actions of its window (``timing.clip_start_s`` and
+``timing.source_duration_s`` say where it was cut) and is keyed ``<key>-<k>``; a pre-encoded clip
+is the latents of the clip the loader cuts on the fly with the same window. ``--fps`` and
+``--resolution-buckets`` are ``data.media``'s frame rate and buckets (the video VAE then sees what
+training would have seen); a sample shorter than S stays whole.
 
 Split over processes (``--task I --tasks N``, e.g. a SLURM array: ``slurm/preprocess.sbatch``): task
 I encodes input shards I, I+N, ...; input shard n becomes ``latent-<n>-<k>.tar`` (k counting its
@@ -28,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_cosmos3.data.clips import MediaConfig, grid_draws
+from megatron_cosmos3.data.determinism import uniform
 from megatron_cosmos3.data.errors import SampleError, Skip
 from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder, VAELatentEncoder, latent_sample
 from megatron_cosmos3.data.schema import SchemaContext, decode_sample
@@ -39,11 +53,44 @@ from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
 log = logging.getLogger("encode_shards")
 
 
+def clips_of(raw: dict, context: SchemaContext, media: MediaConfig, clips_per_sample: int, seed: int, where: tuple):
+    """Yields the clips pre-encoding cuts from one WebDataset sample (module doc), as decoded
+    ``Sample``s, one at a time (a long video's clips are never all in memory): the whole sample
+    without ``media.clip_seconds``; every grid clip; or ``clips_per_sample`` random ones drawn from
+    (seed, *where, k). SampleError as ``decode_sample`` raises it."""
+    if media.clip_seconds <= 0:
+        yield decode_sample(raw, context, media)
+    elif media.clip_start == "random":
+        for k in range(clips_per_sample):
+            yield decode_sample(raw, context, media, uniform(seed, "clip", *where, k))
+    else:
+        first = decode_sample(raw, context, media, 0.0)
+        yield first
+        source_s = first.timing.get("source_duration_s")
+        for draw in grid_draws(source_s, media)[1:] if source_s else []:
+            yield decode_sample(raw, context, media, draw)
+
+
 def encode_shards(
-    in_dir: str | Path, out_dir: str | Path, encoder, shard_size: int = 64, task: int = 0, tasks: int = 1
+    in_dir: str | Path,
+    out_dir: str | Path,
+    encoder,
+    shard_size: int = 64,
+    task: int = 0,
+    tasks: int = 1,
+    media: MediaConfig | None = None,
+    clips_per_sample: int = 1,
+    seed: int = 0,
 ) -> Counter:
     """Writes task ``task`` of ``tasks``'s part of the latent copy of ``in_dir`` into ``out_dir``
-    (module doc), and the index once every part is there; returns skip counts per reason."""
+    (module doc), each sample cut into clips by ``media`` (``clips_of``), and the index once every
+    part is there; returns skip counts per reason."""
+    media = media or MediaConfig()
+    media.validate()
+    if media.clip_start == "first" and media.clip_seconds > 0:
+        raise ValueError("--clip-start='first' cuts one clip; use 'grid' (every clip) or 'random'")
+    if clips_per_sample < 1:
+        raise ValueError(f"--clips-per-sample={clips_per_sample} must be >= 1")
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     skipped: Counter = Counter()
     # Actions pass through unchanged, so any embodiment is kept (raw actions of a dataset's robot too).
@@ -53,11 +100,16 @@ def encode_shards(
     def encode_part(number: int, writer: ShardWriter) -> None:
         shard = inputs[number]
         with torch.inference_mode():
-            for raw in read_shard(shard.url):
+            for index, raw in enumerate(read_shard(shard.url)):
                 try:
                     if isinstance(raw, Skip):
                         raise SampleError(raw.reason, raw.detail)
-                    writer.write(latent_sample(decode_sample(raw, SchemaContext(any_embodiment=True)), encoder))
+                    clips = clips_of(
+                        raw, SchemaContext(any_embodiment=True), media, clips_per_sample, seed, (number, index)
+                    )
+                    for k, clip in enumerate(clips):
+                        clip.key = clip.key if media.clip_seconds <= 0 else f"{clip.key}-{k:04d}"
+                        writer.write(latent_sample(clip, encoder))
                 except SampleError as error:
                     skipped[error.reason] += 1
                     key = raw.get("__key__", "-") if isinstance(raw, dict) else raw.key
@@ -79,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--video-latent-channels", type=int, default=8, help="pooled encoder only")
     parser.add_argument("--audio-latent-dim", type=int, default=16, help="pooled encoder only")
     parser.add_argument("--shard-size", type=int, default=64, help="samples per output shard, per input shard")
+    parser.add_argument("--clip-seconds", type=float, default=0.0, help="cut clips this long (0: whole samples)")
+    parser.add_argument("--clip-start", choices=["grid", "random"], default="grid", help="every grid clip, or random")
+    parser.add_argument("--clips-per-sample", type=int, default=1, help="random clips per sample")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random clips' draws")
+    parser.add_argument("--fps", type=float, default=0.0, help="frame rate clips are sampled at (0: the source's)")
+    parser.add_argument("--resolution-buckets", default="", help="comma-separated HxW buckets (data.media's)")
     parser.add_argument("--task", type=int, default=0, help="this process's part (e.g. $SLURM_ARRAY_TASK_ID)")
     parser.add_argument("--tasks", type=int, default=1, help="how many parts (e.g. $SLURM_ARRAY_TASK_COUNT)")
     args = parser.parse_args(argv)
@@ -87,7 +145,19 @@ def main(argv: list[str] | None = None) -> int:
         encoder = VAELatentEncoder.from_config(LatentEncoderConfig(True, args.video_vae, args.audio_vae, args.dtype))
     else:
         encoder = PooledLatentEncoder(args.video_latent_channels, args.audio_latent_dim)
-    skipped = encode_shards(args.in_dir, args.out_dir, encoder, args.shard_size, args.task, args.tasks)
+    buckets = [b for b in args.resolution_buckets.split(",") if b]
+    media = MediaConfig(args.fps, buckets, args.clip_seconds, args.clip_start)
+    skipped = encode_shards(
+        args.in_dir,
+        args.out_dir,
+        encoder,
+        args.shard_size,
+        args.task,
+        args.tasks,
+        media,
+        args.clips_per_sample,
+        args.seed,
+    )
     log.info(
         "task %d/%d wrote its part of %s; skipped %s", args.task, args.tasks, args.out_dir, dict(skipped) or "none"
     )

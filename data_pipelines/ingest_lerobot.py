@@ -3,6 +3,7 @@
 
     python data_pipelines/ingest_lerobot.py ROOT OUT_DIR --embodiment NAME [--camera KEY]
         [--action-key action] [--shard-size 64] [--task I --tasks N | --processes P]
+    python data_pipelines/ingest_lerobot.py ROOT OUT_DIR --eef-key observation.state [--eef-names x,y,z,...]
 
 LeRobot's layout (``meta/info.json``: ``codebase_version``, ``fps``, ``data_path`` and ``video_path``
 templates, ``features``; v2: ``meta/episodes.jsonl`` (``episode_index``, ``tasks``, ``length``), one
@@ -15,9 +16,22 @@ raw actions (the ``--action-key`` column, one row per frame: row i is the comman
 i + 1, the schema's rule) as ``actions.npy`` under the embodiment ``--embodiment``, which the model
 must register with that width (``model.embodiments``), ``fps`` and ``action_rate_hz`` the dataset's
 rate, the episode's task text as its ``instruction``. The loader cuts clips from episodes with their
-actions (``data.media.clip_seconds``). Action statistics are kept per pseudo-action layout
-(``encoders/action_normalization.py``), so raw actions enter the model unnormalised (the loader
-warns once); statistics for raw layouts are not written yet. An episode whose frame timestamps are
+actions (``data.media.clip_seconds``). ``action_stats.json`` beside the index holds the per-dim
+statistics (mean, std, 1st/99th percentiles) of every action row of the written episodes, as a raw
+layout (``encoders/action_normalization.py``): the loader normalises the actions with it and
+generation un-normalises them. It is computed from the shards by whichever task writes the index,
+so a split computes what one process does.
+
+Pseudo-actions from end-effector poses (``--eef-key FEATURE``): instead of the raw action column,
+the feature holding the end effector's absolute pose and gripper per frame (a fixed-base arm: the
+base is the world frame) becomes the ``single_arm`` pseudo-actions of ``encoders/pseudo_actions.py``
+(relative SE(3) steps, 6D rotations, the gripper value reached; T frames give T - 1 steps, step i
+from frame i to i + 1), with pseudo-action statistics. Its components are found by name (the
+feature's ``names`` in ``info.json``, or ``--eef-names``; each name's last ``_``/``.``-separated word,
+lower case): the position ``x``, ``y``, ``z`` (metres), one rotation — ``qx qy qz qw`` (quaternion),
+``roll pitch yaw`` (radians about the fixed x, y, z axes), or ``rx ry rz`` (rotation vector) — and
+the one name containing ``gripper``. A name missing, twice, or a feature that is not there is a
+ValueError naming the feature. An episode whose frame timestamps are
 not ``i / fps`` or whose action rows disagree with its ``length`` is skipped, counted and logged, as
 is one the loader could not read (checked as ``ingest_videos.py`` checks a video). Split over tasks or
 local processes exactly as ``ingest_videos.py`` (the output does not depend on it).
@@ -28,12 +42,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 
 from megatron_cosmos3.data.clips import MediaConfig, Window
 from megatron_cosmos3.data.errors import BAD_METADATA, SampleError
@@ -41,12 +58,93 @@ from megatron_cosmos3.data.media import encode_json, encode_npy
 from megatron_cosmos3.data.media_files import decode_media_file
 from megatron_cosmos3.data.media_writers import encode_mp4
 from megatron_cosmos3.data.schema import SCHEMA_VERSION, SchemaContext, decode_sample
-from megatron_cosmos3.data.shard_writer import ShardWriter, run_split, write_parts
+from megatron_cosmos3.data.shard_writer import ShardWriter, run_split, write_action_stats, write_parts
+from megatron_cosmos3.encoders.pseudo_actions import (
+    EGO,
+    BodyPoses,
+    EmbodimentTrajectory,
+    encode_pseudo_actions,
+    get_layout,
+)
+from megatron_cosmos3.encoders.rotations import euler_xyz_to_matrix, quaternion_to_matrix, rotation_vector_to_matrix
 
 log = logging.getLogger("ingest_lerobot")
 CHECK = MediaConfig(clip_seconds=1.0, clip_start="first")
 # Frame timestamps may differ from i / fps by this much (LeRobot stores them as float32).
 TIMESTAMP_TOLERANCE_S = 1e-3
+EEF_EMBODIMENT = "single_arm"  # the pseudo-action layout an end effector's poses become
+POSITION_NAMES = ("x", "y", "z")
+ROTATION_FORMS = {  # the names of each rotation form's components -> their matrices
+    "quaternion": (("qx", "qy", "qz", "qw"), quaternion_to_matrix),
+    "euler_xyz": (("roll", "pitch", "yaw"), euler_xyz_to_matrix),
+    "rotation_vector": (("rx", "ry", "rz"), rotation_vector_to_matrix),
+}
+
+
+@dataclass(frozen=True)
+class EefPose:
+    """Where an end effector's pose and gripper sit in a feature's columns (module doc)."""
+
+    feature: str
+    position: tuple[int, ...]
+    rotation_form: str  # a ROTATION_FORMS key
+    rotation: tuple[int, ...]
+    gripper: int
+
+
+def _feature_names(feature: dict) -> list[str] | None:
+    """A LeRobot feature's component names: ``names`` as a list, or its one list in a dict
+    (``{"motors": [...]}``)."""
+    names = feature.get("names")
+    if isinstance(names, dict) and len(names) == 1:
+        names = next(iter(names.values()))
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
+def eef_pose_of(features: dict, key: str, names: list[str] | None = None) -> EefPose:
+    """The columns of feature ``key`` that hold the end effector's pose and gripper, by name
+    (``names`` overrides the feature's own); ValueError naming the feature otherwise."""
+    if key not in features:
+        raise ValueError(f"--eef-key={key!r} is not a feature of the dataset: {sorted(features)}")
+    names = names or _feature_names(features[key])
+    width = int(np.prod(features[key].get("shape", [0])))
+    if not names:
+        raise ValueError(f"--eef-key={key!r}: the feature names no components; give them with --eef-names")
+    if len(names) != width:
+        raise ValueError(f"--eef-key={key!r}: {len(names)} names {names} for a feature of width {width}")
+    words = [re.split(r"[._]", name.lower())[-1] for name in names]
+
+    def column(word: str) -> int:
+        found = [i for i, w in enumerate(words) if w == word]
+        if len(found) != 1:
+            raise ValueError(f"--eef-key={key!r}: needs exactly one component named {word!r}, names are {names}")
+        return found[0]
+
+    forms = [form for form, (wanted, _) in ROTATION_FORMS.items() if set(wanted) <= set(words)]
+    if len(forms) != 1:
+        options = "; ".join(f"{' '.join(w)} ({form})" for form, (w, _) in ROTATION_FORMS.items())
+        raise ValueError(f"--eef-key={key!r}: needs one rotation, named {options}; names are {names}")
+    grippers = [i for i, name in enumerate(names) if "gripper" in name.lower()]
+    if len(grippers) != 1:
+        raise ValueError(f"--eef-key={key!r}: needs exactly one component named *gripper*, names are {names}")
+    rotation = tuple(column(w) for w in ROTATION_FORMS[forms[0]][0])
+    return EefPose(key, tuple(column(w) for w in POSITION_NAMES), forms[0], rotation, grippers[0])
+
+
+def eef_pseudo_actions(states: np.ndarray, eef: EefPose) -> np.ndarray:
+    """``(T, width)`` rows of the pose feature -> ``(T - 1, 19)`` float32 ``single_arm``
+    pseudo-actions of a fixed-base arm (the base is the world frame)."""
+    values = torch.from_numpy(np.asarray(states, dtype=np.float64))
+    frames = len(values)
+    to_matrix = ROTATION_FORMS[eef.rotation_form][1]
+    hand = BodyPoses(values[:, list(eef.position)], to_matrix(values[:, list(eef.rotation)], name=eef.feature))
+    base = BodyPoses(
+        torch.zeros(frames, 3, dtype=torch.float64), torch.eye(3, dtype=torch.float64).expand(frames, 3, 3)
+    )
+    trajectory = EmbodimentTrajectory(
+        EEF_EMBODIMENT, {EGO: base, "end_effector": hand}, {"gripper": values[:, [eef.gripper]]}
+    )
+    return encode_pseudo_actions(trajectory).numpy().astype(np.float32)
 
 
 def read_info(root: Path) -> dict:
@@ -108,14 +206,24 @@ def _episode_video(root: Path, info: dict, episode: dict, camera: str, frames: i
     return encode_mp4(decoded.frames, fps)
 
 
-def episode_sample(root: Path, info: dict, episode: dict, camera: str, action_key: str, embodiment: str) -> dict:
-    """The WebDataset dict of one episode (module doc)."""
+def episode_sample(
+    root: Path, info: dict, episode: dict, camera: str, action_key: str, embodiment: str, eef: EefPose | None = None
+) -> dict:
+    """The WebDataset dict of one episode (module doc): its raw ``action_key`` rows, or the
+    pseudo-actions of its end-effector poses when ``eef`` says where they are."""
     index = int(episode["episode_index"])
     table = _episode_rows(root, info, episode)
-    actions = np.stack([np.asarray(row, dtype=np.float32) for row in table.column(action_key).to_pylist()])
+    column = eef.feature if eef else action_key
+    rows = np.stack([np.asarray(row, dtype=np.float64) for row in table.column(column).to_pylist()])
     length = episode.get("length")
-    if length is not None and len(actions) != int(length):
-        raise SampleError(BAD_METADATA, f"episode {index}: {len(actions)} action rows, its length is {length}")
+    if length is not None and len(rows) != int(length):
+        raise SampleError(BAD_METADATA, f"episode {index}: {len(rows)} {column} rows, its length is {length}")
+    if eef is not None and len(rows) < 2:
+        raise SampleError(BAD_METADATA, f"episode {index}: {len(rows)} frame(s); pseudo-actions need 2")
+    try:  # a pose that is no rotation (a zero quaternion, NaN) is the episode's fault, not the run's
+        actions = eef_pseudo_actions(rows, eef) if eef else rows.astype(np.float32)
+    except ValueError as error:
+        raise SampleError(BAD_METADATA, f"episode {index}: {eef.feature if eef else column}: {error}") from None
     fps = float(info["fps"])
     if "timestamp" in table.column_names:
         stamps = np.asarray(table.column("timestamp").to_pylist(), dtype=np.float64)
@@ -137,7 +245,7 @@ def episode_sample(root: Path, info: dict, episode: dict, camera: str, action_ke
     return {
         "__key__": f"episode_{index:08d}",
         "meta.json": encode_json(meta),
-        "video.mp4": _episode_video(root, info, episode, camera, len(actions), fps),
+        "video.mp4": _episode_video(root, info, episode, camera, len(rows), fps),
         "actions.npy": encode_npy(actions),
     }
 
@@ -149,11 +257,15 @@ def ingest_lerobot(
     camera: str = "",
     action_key: str = "action",
     shard_size: int = 64,
+    eef_key: str = "",
+    eef_names: tuple[str, ...] = (),
     task: int = 0,
     tasks: int = 1,
 ) -> Counter:
     """Writes task ``task`` of ``tasks``'s parts of the shards of the dataset at ``root`` (module
-    doc); returns skip counts per reason."""
+    doc): raw ``action_key`` actions under ``embodiment``, or with ``eef_key`` the ``single_arm``
+    pseudo-actions of that feature's end-effector poses (``eef_names`` overriding its names);
+    returns skip counts per reason."""
     root = Path(root)
     info = read_info(root)
     features = info["features"]
@@ -161,9 +273,19 @@ def ingest_lerobot(
     camera = camera or (cameras[0] if cameras else "")
     if camera not in cameras:
         raise ValueError(f"--camera={camera!r} is not a video feature of {root}: {cameras}")
-    if action_key not in features:
+    eef = eef_pose_of(features, eef_key, list(eef_names)) if eef_key else None
+    if eef is not None:
+        if embodiment not in ("", EEF_EMBODIMENT):
+            raise ValueError(
+                f"--embodiment={embodiment!r}: end-effector poses become {EEF_EMBODIMENT!r} pseudo-actions"
+            )
+        embodiment, width = EEF_EMBODIMENT, get_layout(EEF_EMBODIMENT).dim
+    elif not embodiment:
+        raise ValueError("--embodiment is needed for raw actions (or --eef-key for pseudo-actions)")
+    elif action_key not in features:
         raise ValueError(f"--action-key={action_key!r} is not a feature of {root}: {sorted(features)}")
-    width = int(np.prod(features[action_key]["shape"]))
+    else:
+        width = int(np.prod(features[action_key]["shape"]))
     context = SchemaContext({embodiment: width})
     episodes = episodes_of(root, info)
     skipped: Counter = Counter()
@@ -171,7 +293,7 @@ def ingest_lerobot(
     def write_part(part: int, writer: ShardWriter) -> None:
         for episode in episodes[part * shard_size : (part + 1) * shard_size]:
             try:
-                raw = episode_sample(root, info, episode, camera, action_key, embodiment)
+                raw = episode_sample(root, info, episode, camera, action_key, embodiment, eef)
                 checked = decode_sample(raw, context, CHECK)
             except SampleError as error:
                 skipped[error.reason] += 1
@@ -180,7 +302,18 @@ def ingest_lerobot(
             writer.write_raw(raw, checked.modalities)
 
     parts = -(-len(episodes) // shard_size)
-    write_parts(out_dir, "episodes", parts, write_part, task, tasks, shard_size, context, validate=False)
+    write_parts(
+        out_dir,
+        "episodes",
+        parts,
+        write_part,
+        task,
+        tasks,
+        shard_size,
+        context,
+        False,
+        finish=write_action_stats(not eef),
+    )
     return skipped
 
 
@@ -188,16 +321,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path, help="the LeRobot dataset folder (meta/, data/, videos/)")
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--embodiment", required=True, help="the registered embodiment its actions train")
+    parser.add_argument("--embodiment", default="", help="the registered embodiment its raw actions train")
     parser.add_argument("--camera", default="", help="video feature key (default: the first)")
     parser.add_argument("--action-key", default="action")
+    parser.add_argument("--eef-key", default="", help="feature of end-effector poses -> single_arm pseudo-actions")
+    parser.add_argument("--eef-names", default="", help="comma-separated component names of --eef-key")
     parser.add_argument("--shard-size", type=int, default=64, help="episodes per shard")
     parser.add_argument("--task", type=int, default=0)
     parser.add_argument("--tasks", type=int, default=1)
     parser.add_argument("--processes", type=int, default=0, help="split over P local processes instead")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    common = (args.root, args.out_dir, args.embodiment, args.camera, args.action_key, args.shard_size)
+    names = tuple(n.strip() for n in args.eef_names.split(",") if n.strip())
+    common = (
+        args.root,
+        args.out_dir,
+        args.embodiment,
+        args.camera,
+        args.action_key,
+        args.shard_size,
+        args.eef_key,
+        names,
+    )
     skipped = run_split(ingest_lerobot, args.processes, args.task, args.tasks, *common)
     log.info("wrote %s; skipped %s", args.out_dir, dict(skipped) or "none")
     return 0

@@ -7,6 +7,7 @@ for every source (``video.npy`` frames or a compressed file, docs/DESIGN.md, "Re
 - ``choose_window``: a clip of ``clip_seconds`` at a random start or on a grid, from a draw in
   [0, 1) (the loader draws it from (seed, slot, index), so a resume cuts the same clip), snapped
   to the action grid when the sample has actions so that action step 0 starts at the first frame;
+  ``grid_draws`` gives one draw per grid clip (pre-encoding cuts every one of them);
 - ``target_times`` / ``pick_frames``: the frame shown at each target time ``start + k / fps`` is
   the last one whose timestamp is at or before it (so variable-frame-rate video is sampled by its
   timestamps); a target past the end of the last frame is a truncated video;
@@ -93,12 +94,25 @@ def choose_window(duration_s: float, config: MediaConfig, draw: float, step_s: f
     if config.clip_start == "first":
         start = 0.0
     elif config.clip_start == "grid":
-        start = math.floor(draw * math.floor((duration_s + TIME_TOLERANCE_S) / length)) * length
+        start = math.floor(draw * _grid_cells(duration_s, length)) * length
     else:
         start = draw * (duration_s - length)
     if step_s:
         start = math.floor(start / step_s + 1e-9) * step_s
     return Window(start, length)
+
+
+def _grid_cells(duration_s: float, length: float) -> int:
+    return math.floor((duration_s + TIME_TOLERANCE_S) / length)
+
+
+def grid_draws(duration_s: float, config: MediaConfig) -> list[float]:
+    """One draw per clip of the grid ``choose_window`` cuts a ``duration_s`` sample into, in order
+    (draw k gives the clip starting at ``k * clip_seconds``); one draw (the whole sample) when no
+    clip is shorter than it."""
+    length = config.clip_seconds
+    cells = _grid_cells(duration_s, length) if 0 < length < duration_s - TIME_TOLERANCE_S else 1
+    return [(k + 0.5) / cells for k in range(cells)]
 
 
 def target_times(window: Window, fps: float) -> np.ndarray:

@@ -420,7 +420,11 @@ def decode_sample(
         _fail(MISSING_FIELD, "meta.json names an embodiment / action rate but the sample has no actions.npy")
     step_s = 1.0 / sample.action_rate_hz if actions is not None else None
 
+    source_s = None  # how long the uncut sample lasts (recorded with a cut clip)
+
     def window_for(duration_s: float) -> Window:
+        nonlocal source_s
+        source_s = duration_s
         return choose_window(duration_s, clip, draw, step_s)
 
     window, durations = None, {}
@@ -484,7 +488,7 @@ def decode_sample(
         sample.caption_segments = _segments(meta["caption_segments"])
     if window is not None and (window.start_s > 0 or clip.clip_seconds > 0):
         sample.duration_s = window.duration_s
-        sample.timing = {**sample.timing, "clip_start_s": window.start_s}
+        sample.timing = {**sample.timing, "clip_start_s": window.start_s, "source_duration_s": source_s}
         sample.caption_segments = [
             (max(a, window.start_s) - window.start_s, min(b, window.end_s) - window.start_s, text)
             for a, b, text in sample.caption_segments

@@ -10,16 +10,19 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from multiprocessing import Pool
 from pathlib import Path
 
+import numpy as np
 from webdataset.writer import TarWriter
 
-from megatron_cosmos3.data.errors import SampleError
+from megatron_cosmos3.data.errors import SampleError, Skip
+from megatron_cosmos3.data.media import decode_json, decode_npy
 from megatron_cosmos3.data.schema import Sample, SchemaContext, decode_sample, encode_sample
-from megatron_cosmos3.data.shards import ShardIndex, ShardInfo
+from megatron_cosmos3.data.shards import ShardIndex, ShardInfo, read_shard
+from megatron_cosmos3.encoders.action_normalization import ActionStats, EmbodimentActionStats
 
 
 class ShardWriter:
@@ -122,6 +125,7 @@ def write_parts(
     validate: bool = True,
     copy_from: Path | None = None,
     files: tuple = (),
+    finish: Callable[[Path, ShardIndex], None] | None = None,
 ) -> Path:
     """Writes task ``task`` of ``tasks``'s share of ``parts`` numbered parts, and the index once all
     are there, so the output does not depend on the split (a SLURM array, local processes).
@@ -129,8 +133,9 @@ def write_parts(
     Task I writes parts I, I+N, ...: part n goes through ``write_part(n, writer)`` into
     ``<prefix>-<n>-<k>.tar`` (k counting its ``shard_size`` pieces) with a part index in
     ``out_dir/.parts/``; whichever task finishes last writes ``index.json`` over all parts in order
-    (serialised by a lock), copying ``files`` from ``copy_from`` beside it. Any split writes the
-    files one process writes, byte for byte."""
+    (serialised by a lock), copying ``files`` from ``copy_from`` beside it and first calling
+    ``finish(out_dir, index)`` for what is computed over the whole output (e.g.
+    ``write_action_stats``). Any split writes the files one process writes, byte for byte."""
     if not 0 <= task < tasks:
         raise ValueError(f"task={task} must be in [0, tasks={tasks})")
     out_dir = Path(out_dir)
@@ -141,13 +146,20 @@ def write_parts(
             write_part(number, writer)
         (out_dir / PARTS / f"{number:06d}").mkdir(parents=True, exist_ok=True)
         writer.index.save(out_dir / PARTS / f"{number:06d}")
-    index_when_complete(out_dir, parts, copy_from, files)
+    index_when_complete(out_dir, parts, copy_from, files, finish)
     return out_dir
 
 
-def index_when_complete(out_dir: str | Path, parts: int, copy_from: Path | None = None, files: tuple = ()) -> bool:
+def index_when_complete(
+    out_dir: str | Path,
+    parts: int,
+    copy_from: Path | None = None,
+    files: tuple = (),
+    finish: Callable[[Path, ShardIndex], None] | None = None,
+) -> bool:
     """Writes ``index.json`` over the ``parts`` part indexes under ``out_dir/.parts`` once all are
-    written (copying ``files`` from ``copy_from``) and removes them; True if this call did it."""
+    written (copying ``files`` from ``copy_from``, then ``finish(out_dir, index)``: the index is
+    written last, so a reader that sees it sees the rest) and removes them; True if this call did it."""
     out_dir = Path(out_dir)
     (out_dir / PARTS).mkdir(parents=True, exist_ok=True)
     with open(out_dir / PARTS / ".lock", "w") as lock:
@@ -159,7 +171,10 @@ def index_when_complete(out_dir: str | Path, parts: int, copy_from: Path | None 
         for name in files:
             if copy_from is not None and (copy_from / name).is_file():
                 shutil.copyfile(copy_from / name, out_dir / name)
-        ShardIndex(tuple(shards)).save(out_dir)
+        index = ShardIndex(tuple(shards))
+        if finish is not None:
+            finish(out_dir, index)
+        index.save(out_dir)
     shutil.rmtree(out_dir / PARTS)
     return True
 
@@ -175,3 +190,38 @@ def run_split(function: Callable[..., Counter], processes: int, task: int, tasks
     with Pool(processes) as pool:
         counts = pool.starmap(function, [(*args, index, processes) for index in range(processes)])
     return sum(counts, Counter())
+
+
+def shard_action_stats(shards: Sequence[ShardInfo], raw: bool, quantiles: bool = True) -> ActionStats | None:
+    """Per-embodiment statistics of every ``actions.npy`` in ``shards`` (all rows of every sample,
+    in shard order; ``EmbodimentActionStats.from_actions``), None when no sample has actions.
+    ``raw``: the actions are a dataset's own columns (a raw layout), not pseudo-actions. The shards
+    are the writer's own, so every sample is valid; a ``Skip`` is an error."""
+    rows: dict[str, list[np.ndarray]] = defaultdict(list)
+    for shard in shards:
+        for sample in read_shard(shard.url):
+            if isinstance(sample, Skip):
+                raise ValueError(f"{shard.url}: {sample.reason}: {sample.detail}")
+            if "actions.npy" in sample:
+                embodiment = decode_json(sample["meta.json"], "meta.json")["embodiment"]
+                rows[embodiment].append(decode_npy(sample["actions.npy"], "actions.npy"))
+    if not rows:
+        return None
+    return ActionStats(
+        {
+            kind: EmbodimentActionStats.from_actions(kind, np.concatenate(chunks), quantiles=quantiles, raw=raw)
+            for kind, chunks in sorted(rows.items())
+        }
+    )
+
+
+def write_action_stats(raw: bool) -> Callable[[Path, ShardIndex], None]:
+    """A ``write_parts`` ``finish``: ``action_stats.json`` of the written shards beside their index
+    (``shard_action_stats``), so it is computed over the whole dataset whatever the split."""
+
+    def finish(out_dir: Path, index: ShardIndex) -> None:
+        stats = shard_action_stats(index.shards, raw)
+        if stats is not None:
+            stats.save(out_dir)
+
+    return finish

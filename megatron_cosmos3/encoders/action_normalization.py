@@ -1,4 +1,4 @@
-"""Per-embodiment normalisation of pseudo-actions, with statistics stored beside the dataset.
+"""Per-embodiment normalisation of actions, with statistics stored beside the dataset.
 
 Translations (metres per step) and joint values live on very different scales across robots,
 cars and cameras; each embodiment's projection sees them standardised — the 6D rotation dims too.
@@ -14,11 +14,18 @@ File format (``<dataset>/action_stats.json``)::
      "embodiments": {"single_arm": {"count": N, "mean": [...19], "std": [...19],
                                     "q01": [...19] | null, "q99": [...19] | null,
                                     "rotation_6d": "standardised" | "raw",
-                                    "fields": {"ego.translation": [0, 3], ...}}, ...}}
+                                    "fields": {"ego.translation": [0, 3], ...}},
+                     "so100": {"layout": "raw", "count": N, "mean": [...6], ..., "fields": {"raw": [0, 6]}}}}
 
 ``fields`` is informational (for people reading the file); loading checks it against the layout.
 Format 1 (written before rotations were standardised) is read with ``rotation_6d: "raw"``, so a
 model trained on such statistics un-normalises its actions as it learned them.
+
+Raw layouts: an embodiment whose actions are a dataset's own columns (a LeRobot robot's joint
+commands, registered in ``model.embodiments`` under any name) has no pseudo-action layout. Its entry
+says ``"layout": "raw"``, its width is that of its ``mean``, its ``fields`` are ``{"raw": [0, dim]}``,
+and every dim is normalised (none is a rotation the code knows of). ``data_pipelines/ingest_lerobot.py``
+writes such entries.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from megatron_cosmos3.encoders.pseudo_actions import get_layout
 
 __all__ = [
     "ACTION_STATS_FILENAME",
+    "RAW_LAYOUT",
     "STD_FLOOR",
     "ActionStats",
     "EmbodimentActionStats",
@@ -67,14 +75,19 @@ def _as_floats(values, name: str, dim: int) -> tuple[float, ...]:
     return values
 
 
+RAW_LAYOUT = "raw"
+
+
 @dataclass(frozen=True)
 class EmbodimentActionStats:
-    """Statistics of one embodiment's pseudo-actions, one value per action dim.
+    """Statistics of one embodiment's actions, one value per action dim.
 
     count: number of action vectors measured. mean/std: per dim (population std).
     q01/q99: optional 1st/99th percentiles, needed only for ``mode="quantile"``.
     rotation_6d: "standardised" (like every other dim) or "raw" (left as they are: statistics of
     format 1, module doc).
+    raw: the actions are a dataset's own columns, not the pseudo-action layout of ``kind`` (module
+    doc): any width, no rotation dims.
     """
 
     kind: str
@@ -84,9 +97,12 @@ class EmbodimentActionStats:
     q01: tuple[float, ...] | None = None
     q99: tuple[float, ...] | None = None
     rotation_6d: str = "standardised"
+    raw: bool = False
 
     def __post_init__(self) -> None:
-        dim = get_layout(self.kind).dim
+        dim = len(tuple(self.mean)) if self.raw else get_layout(self.kind).dim
+        if dim == 0:
+            raise ValueError(f"{self.kind}.mean must have at least one value")
         if self.rotation_6d not in ROTATION_6D_MODES:
             raise ValueError(f"{self.kind}.rotation_6d={self.rotation_6d!r} is not one of {ROTATION_6D_MODES}")
         # Accept lists (as read from JSON) but store tuples, so the dataclass stays immutable.
@@ -103,34 +119,63 @@ class EmbodimentActionStats:
     def dim(self) -> int:
         return len(self.mean)
 
+    @property
+    def rotation_6d_dims(self) -> tuple[int, ...]:
+        """The layout's 6D rotation dims (none when raw): left as they are where ``rotation_6d`` is raw."""
+        return () if self.raw else get_layout(self.kind).rotation_6d_dims
+
     @classmethod
-    def from_actions(cls, kind: str, actions, *, quantiles: bool = True) -> EmbodimentActionStats:
-        """Measure ``(N, layout.dim)`` actions (numpy or torch), accumulating in float64."""
+    def from_actions(cls, kind: str, actions, *, quantiles: bool = True, raw: bool = False) -> EmbodimentActionStats:
+        """Measure ``(N, dim)`` actions (numpy or torch), accumulating in float64; ``dim`` is the
+        layout's, or any width when ``raw``."""
         values = np.asarray(actions, dtype=np.float64)
-        dim = get_layout(kind).dim
+        if raw:  # any width the dataset has
+            dim = values.shape[1] if values.ndim == 2 and values.shape[1] > 0 else "D>0"
+        else:
+            dim = get_layout(kind).dim
         if values.ndim != 2 or values.shape[1] != dim or values.shape[0] == 0:
             raise ValueError(f"actions for kind {kind!r} must have shape (N>0, {dim}), got {values.shape}")
         q01, q99 = np.quantile(values, (0.01, 0.99), axis=0) if quantiles else (None, None)
-        return cls(kind, len(values), values.mean(0), values.std(0), q01, q99)
+        return cls(kind, len(values), values.mean(0), values.std(0), q01, q99, raw=raw)
+
+    @property
+    def fields(self) -> dict[str, list[int]]:
+        """Field name -> [start, stop] of the layout (``{"raw": [0, dim]}`` for a raw one)."""
+        if self.raw:
+            return {RAW_LAYOUT: [0, self.dim]}
+        return {name: [s.start, s.stop] for name, s in get_layout(self.kind).slices.items()}
 
     def to_json(self) -> dict:
-        return {
+        entry = {"layout": RAW_LAYOUT} if self.raw else {}
+        return entry | {
             "count": self.count,
             "mean": list(self.mean),
             "std": list(self.std),
             "q01": None if self.q01 is None else list(self.q01),
             "q99": None if self.q99 is None else list(self.q99),
             "rotation_6d": self.rotation_6d,
-            "fields": {name: [s.start, s.stop] for name, s in get_layout(self.kind).slices.items()},
+            "fields": self.fields,
         }
 
     @classmethod
     def from_json(cls, kind: str, entry: Mapping, format_version: int = _FORMAT_VERSION) -> EmbodimentActionStats:
-        expected = {name: [s.start, s.stop] for name, s in get_layout(kind).slices.items()}
+        layout = entry.get("layout")
+        if layout not in (None, RAW_LAYOUT):
+            raise ValueError(f"{kind}.layout must be {RAW_LAYOUT!r} or absent (pseudo-actions), got {layout!r}")
+        stats = cls(
+            kind,
+            int(entry["count"]),
+            entry["mean"],
+            entry["std"],
+            entry.get("q01"),
+            entry.get("q99"),
+            rotation_6d="raw" if format_version == 1 else entry["rotation_6d"],
+            raw=layout is not None,
+        )
+        expected = stats.fields
         if "fields" in entry and entry["fields"] != expected:
             raise ValueError(f"{kind}.fields {entry['fields']} do not match the current layout {expected}")
-        rotation = "raw" if format_version == 1 else entry["rotation_6d"]
-        return cls(kind, int(entry["count"]), entry["mean"], entry["std"], entry.get("q01"), entry.get("q99"), rotation)
+        return stats
 
 
 @dataclass(frozen=True)
@@ -213,7 +258,7 @@ def _center_and_scale(
     else:
         raise ValueError(f"mode must be 'mean_std' or 'quantile', got {mode!r}")
     if stats.rotation_6d == "raw":
-        rotation = list(get_layout(stats.kind).rotation_6d_dims)
+        rotation = list(stats.rotation_6d_dims)
         center[rotation], scale[rotation] = 0.0, 1.0
     return tuple(torch.as_tensor(v, dtype=actions.dtype, device=actions.device) for v in (center, scale))
 
@@ -225,7 +270,7 @@ def normalize_actions(
     mode: NormalizationMode = "mean_std",
     std_floor: float = STD_FLOOR,
 ) -> torch.Tensor:
-    """``(..., dim)`` pseudo-actions -> normalised, same shape and dtype (module doc)."""
+    """``(..., dim)`` actions -> normalised, same shape and dtype (module doc)."""
     center, scale = _center_and_scale(actions, stats, mode, std_floor)
     return (actions - center) / scale
 

@@ -21,10 +21,12 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "euler_xyz_to_matrix",
     "matrix_to_quaternion",
     "matrix_to_rotation_6d",
     "quaternion_to_matrix",
     "rotation_6d_to_matrix",
+    "rotation_vector_to_matrix",
 ]
 
 
@@ -76,6 +78,49 @@ def quaternion_to_matrix(quaternions: torch.Tensor, *, name: str = "quaternions"
         (2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)),
     )
     return torch.stack([torch.stack(row, dim=-1) for row in rows], dim=-2)
+
+
+def euler_xyz_to_matrix(angles: torch.Tensor, *, name: str = "angles") -> torch.Tensor:
+    """``(..., 3)`` (roll, pitch, yaw) radians about the fixed x, y, z axes, in that order
+    (extrinsic; scipy's ``from_euler("xyz", ...)``) -> ``(..., 3, 3)``: ``Rz(yaw) Ry(pitch) Rx(roll)``."""
+    _require_trailing_shape(angles, name, (3,))
+    _require_finite(angles, name, event_dims=1)
+    half_sin, half_cos = torch.sin(angles / 2), torch.cos(angles / 2)
+    zero = torch.zeros_like(angles[..., 0])
+    # One quaternion per axis, composed z * y * x (the last applied leftmost).
+    x, y, z = (
+        torch.stack([half_sin[..., i] if j == i else zero for j in range(3)] + [half_cos[..., i]], dim=-1)
+        for i in range(3)
+    )
+    return quaternion_to_matrix(_quaternion_product(z, _quaternion_product(y, x)), name=name)
+
+
+def rotation_vector_to_matrix(rotation_vectors: torch.Tensor, *, name: str = "rotation_vectors") -> torch.Tensor:
+    """``(..., 3)`` axis * angle (radians; scipy's ``from_rotvec``) -> ``(..., 3, 3)``."""
+    _require_trailing_shape(rotation_vectors, name, (3,))
+    _require_finite(rotation_vectors, name, event_dims=1)
+    angle = torch.linalg.vector_norm(rotation_vectors, dim=-1, keepdim=True)
+    # sin(angle / 2) / angle without 0 / 0: its Taylor series below 1e-4 rad (error < 1e-17).
+    small = angle < 1e-4
+    safe = torch.where(small, torch.ones_like(angle), angle)
+    scale = torch.where(small, 0.5 - angle * angle / 48, torch.sin(safe / 2) / safe)
+    quaternions = torch.cat([rotation_vectors * scale, torch.cos(angle / 2)], dim=-1)
+    return quaternion_to_matrix(quaternions, name=name)
+
+
+def _quaternion_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Hamilton product of xyzw quaternions: the rotation ``b`` then ``a``."""
+    ax, ay, az, aw = a.unbind(-1)
+    bx, by, bz, bw = b.unbind(-1)
+    return torch.stack(
+        (
+            aw * bx + ax * bw + ay * bz - az * by,
+            aw * by - ax * bz + ay * bw + az * bx,
+            aw * bz + ax * by - ay * bx + az * bw,
+            aw * bw - ax * bx - ay * by - az * bz,
+        ),
+        dim=-1,
+    )
 
 
 def matrix_to_quaternion(matrices: torch.Tensor, *, name: str = "matrices") -> torch.Tensor:

@@ -7,22 +7,32 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from scipy.spatial.transform import Rotation
 from world_helpers import data_config, load_script
 
 from megatron_cosmos3.data.clips import MediaConfig
-from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder
+from megatron_cosmos3.data.determinism import uniform
+from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder, latent_sample
 from megatron_cosmos3.data.loader import PackedLoader
+from megatron_cosmos3.data.media import encode_npy
 from megatron_cosmos3.data.media_writers import encode_mp4
 from megatron_cosmos3.data.schema import SchemaContext, decode_sample
+from megatron_cosmos3.data.shard_writer import ShardWriter
 from megatron_cosmos3.data.shards import ShardIndex, read_shard
+from megatron_cosmos3.encoders.action_normalization import STD_FLOOR, ActionStats
+from megatron_cosmos3.inference.denoising import sample_rows
+from megatron_cosmos3.inference.generation import generated_sample, packed_sample_streams
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
 
 FPS, FRAMES, WIDTH = 10, 12, 6
+EULER_NAMES = ["eef_x", "eef_y", "eef_z", "eef_roll", "eef_pitch", "eef_yaw", "gripper"]
+QUATERNION_NAMES = ["gripper_opening", "qw", "x", "qx", "y", "qy", "z", "qz"]
 
 
 def _frames(first: int, count: int) -> np.ndarray:
@@ -55,6 +65,10 @@ def lerobot(tmp_path_factory):
             camera: {"dtype": "video", "shape": [32, 32, 3], "names": ["height", "width", "channel"]},
             "action": {"dtype": "float32", "shape": [WIDTH], "names": None},
             "observation.state": {"dtype": "float32", "shape": [WIDTH], "names": None},
+            # the end effector's pose, named as LeRobot exports name it: Euler angles in one
+            # feature, a quaternion (components in another order) in the other
+            "observation.eef": {"dtype": "float32", "shape": [7], "names": EULER_NAMES},
+            "observation.pose": {"dtype": "float32", "shape": [8], "names": {"axes": QUATERNION_NAMES}},
             "timestamp": {"dtype": "float32", "shape": [1], "names": None},
             "frame_index": {"dtype": "int64", "shape": [1], "names": None},
             "episode_index": {"dtype": "int64", "shape": [1], "names": None},
@@ -68,17 +82,32 @@ def lerobot(tmp_path_factory):
     (root / "meta" / "tasks.jsonl").write_text(
         "\n".join(json.dumps({"task_index": i, "task": t}) for i, t in enumerate(tasks))
     )
-    episodes, actions = [], {}
+    episodes, actions, poses = [], {}, {}
     for episode in range(3):
+        rng = np.random.default_rng(10 + episode)
+        positions = np.cumsum(rng.normal(scale=0.02, size=(FRAMES, 3)), axis=0) + [0.4, 0.0, 0.3]
+        hand = [Rotation.random(random_state=episode)]
+        for turn in Rotation.from_rotvec(rng.normal(scale=0.2, size=(FRAMES - 1, 3))):
+            hand.append(hand[-1] * turn)
+        hand = Rotation.concatenate(hand)
+        gripper = rng.uniform(0, 1, FRAMES)
+        euler = np.concatenate([positions, hand.as_euler("xyz"), gripper[:, None]], axis=1).astype(np.float32)
+        x, y, z, w = hand.as_quat().T
+        quaternion = np.stack([gripper, w, positions[:, 0], x, positions[:, 1], y, positions[:, 2], z], 1)
+        poses[episode] = (euler, quaternion.astype(np.float32))
         episodes.append({"episode_index": episode, "tasks": [tasks[episode % 2]], "length": FRAMES})
-        # action row i holds (episode, i, ...): each row says which frame it belongs to
-        rows = np.zeros((FRAMES, WIDTH), np.float32)
+        # action row i holds (episode, i, ...): each row says which frame it belongs to; the other
+        # joints move on scales from 1e-2 to 1e2 (what normalisation is for)
+        rows = np.random.default_rng(episode).normal(size=(FRAMES, WIDTH)).astype(np.float32)
+        rows *= np.logspace(-2, 2, WIDTH, dtype=np.float32)
         rows[:, 0], rows[:, 1] = episode, np.arange(FRAMES)
         actions[episode] = rows
         table = pa.table(
             {
                 "action": pa.array(list(rows), type=pa.list_(pa.float32())),
                 "observation.state": pa.array(list(rows * 0.5), type=pa.list_(pa.float32())),
+                "observation.eef": pa.array(list(poses[episode][0]), type=pa.list_(pa.float32())),
+                "observation.pose": pa.array(list(poses[episode][1]), type=pa.list_(pa.float32())),
                 "timestamp": pa.array(np.arange(FRAMES) / FPS, type=pa.float32()),
                 "frame_index": np.arange(FRAMES),
                 "episode_index": np.full(FRAMES, episode),
@@ -92,11 +121,11 @@ def lerobot(tmp_path_factory):
         video.parent.mkdir(parents=True, exist_ok=True)
         video.write_bytes(encode_mp4(_frames(0, FRAMES), FPS, crf=4, keyframe_interval=4))
     (root / "meta" / "episodes.jsonl").write_text("\n".join(json.dumps(e) for e in episodes))
-    return root, actions
+    return root, actions, poses
 
 
 def test_lerobot_episodes_become_shards_with_frames_and_actions_aligned(lerobot, tmp_path):
-    root, actions = lerobot
+    root, actions, _ = lerobot
     ingest = load_script("ingest_lerobot")
     skipped = ingest.ingest_lerobot(root, tmp_path / "one", "toy_arm", shard_size=2)
     assert not skipped
@@ -116,7 +145,17 @@ def test_lerobot_episodes_become_shards_with_frames_and_actions_aligned(lerobot,
     brightness = clip.video[:, :, 0, 0].mean(axis=1).astype(float)  # the ramp's dark end: 10 * index
     np.testing.assert_allclose(brightness, 10 * np.arange(first, first + 5), atol=3)
 
-    # Episodes -> packs: the registered embodiment's action stream reaches the packer.
+    # The raw layout's statistics over every action row of the dataset, as numpy measures them.
+    stats = ActionStats.load(tmp_path / "one")["toy_arm"]
+    every = np.concatenate([actions[e] for e in range(3)]).astype(np.float64)
+    assert stats.raw and stats.count == 3 * FRAMES and stats.rotation_6d_dims == ()
+    np.testing.assert_allclose(stats.mean, every.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats.std, every.std(0), rtol=1e-12)
+    np.testing.assert_allclose(stats.q01, np.quantile(every, 0.01, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats.q99, np.quantile(every, 0.99, axis=0), rtol=1e-12)
+
+    # Episodes -> packs: the registered embodiment's action stream reaches the packer, normalised
+    # with the statistics beside the shards ("auto"); generation un-normalises it back.
     model = MoTConfig(
         vocab_size=256,
         num_layers=1,
@@ -131,6 +170,21 @@ def test_lerobot_episodes_become_shards_with_frames_and_actions_aligned(lerobot,
     assert sum(p.num_samples for p in packs) == 3
     assert all(p.dm_tokens["action/toy_arm"].shape[1] == WIDTH for p in packs)
     assert sum(len(p.dm_tokens["action/toy_arm"]) for p in packs) == 3 * FRAMES
+    scale = np.maximum(np.array(stats.std), STD_FLOOR)
+    seen = set()
+    for pack in packs:
+        for n in range(pack.num_samples):
+            rows = pack.dm_tokens["action/toy_arm"][sample_rows(pack, "action/toy_arm") == n].numpy()
+            episode = round(rows[0, 0] * scale[0] + stats.mean[0])
+            expected = (actions[episode] - np.array(stats.mean)) / scale
+            np.testing.assert_allclose(rows, expected, rtol=1e-5, atol=1e-5)
+            assert np.abs(rows).max() < 5  # every joint on the same scale, the 1e2 one too
+            back = generated_sample(
+                packed_sample_streams(pack, n, model), pack, pack.dm_tokens, n, ActionStats({"toy_arm": stats})
+            )
+            np.testing.assert_allclose(back.actions.numpy(), actions[episode], rtol=1e-5, atol=1e-4)
+            seen.add(episode)
+    assert seen == {0, 1, 2}
 
     # Pre-encoding reads the mp4 shards as the loader does (the pooled stand-in for the VAEs).
     encode_shards = load_script("encode_shards")
@@ -145,14 +199,14 @@ def test_lerobot_episodes_become_shards_with_frames_and_actions_aligned(lerobot,
 
 
 def test_a_split_over_processes_writes_what_one_process_writes(lerobot, tmp_path):
-    root, _ = lerobot
+    root, _, _ = lerobot
     ingest = load_script("ingest_lerobot")
     ingest.main([str(root), str(tmp_path / "one"), "--embodiment", "toy_arm", "--shard-size", "1"])
     ingest.main(
         [str(root), str(tmp_path / "split"), "--embodiment", "toy_arm", "--shard-size", "1", "--processes", "2"]
     )
     one, split = _files(tmp_path / "one"), _files(tmp_path / "split")
-    assert len(one) == 4 and one.keys() == split.keys()
+    assert len(one) == 5 and one.keys() == split.keys() and "action_stats.json" in one
     assert {k: v for k, v in one.items() if k != "index.json"} == {k: v for k, v in split.items() if k != "index.json"}
     strip = lambda index: [(s["url"].split("/")[-1], s["samples"]) for s in json.loads(index)["shards"]]  # noqa: E731
     assert strip(one["index.json"]) == strip(split["index.json"])
@@ -238,3 +292,123 @@ def test_a_lerobot_v3_dataset_gives_each_episode_its_rows_and_video_segment(tmp_
     np.testing.assert_array_equal(second.actions[:, 1], np.arange(FRAMES, 2 * FRAMES))
     brightness = second.video[:, :, 0, 0].mean(axis=1).astype(float)
     np.testing.assert_allclose(brightness, 10 * np.arange(FRAMES, 2 * FRAMES), atol=3)
+
+
+def _scipy_pseudo_actions(positions: np.ndarray, hand: Rotation, gripper: np.ndarray) -> np.ndarray:
+    """The single_arm pseudo-actions of a fixed-base arm, from scipy (docs/DESIGN.md, the brief's
+    "Pseudo-actions"): ego step = identity; hand step = T_i^-1 T_i+1 as (translation, first two
+    columns of the rotation); the gripper value reached."""
+    steps = len(positions) - 1
+    relative = hand[:-1].inv() * hand[1:]
+    ego = np.tile([0, 0, 0, 1, 0, 0, 0, 1, 0], (steps, 1))
+    moved = hand[:-1].inv().apply(positions[1:] - positions[:-1])
+    six = relative.as_matrix()[:, :, :2].transpose(0, 2, 1).reshape(steps, 6)
+    return np.concatenate([ego, moved, six, gripper[1:, None]], axis=1)
+
+
+def test_end_effector_poses_become_single_arm_pseudo_actions(lerobot, tmp_path):
+    """Euler angles and a quaternion (its components named in another order) give the
+    pseudo-actions scipy computes; the statistics are the pseudo-action layout's; bad names are
+    errors that name the feature."""
+    root, _, poses = lerobot
+    ingest = load_script("ingest_lerobot")
+    assert not ingest.ingest_lerobot(root, tmp_path / "euler", "", eef_key="observation.eef")
+    ingest.main([str(root), str(tmp_path / "quaternion"), "--eef-key", "observation.pose", "--processes", "2"])
+    context = SchemaContext({"single_arm": 19})
+    for name in ("euler", "quaternion"):
+        samples = [
+            decode_sample(r, context) for s in ShardIndex.load(tmp_path / name).shards for r in read_shard(s.url)
+        ]
+        for episode, sample in enumerate(samples):
+            euler = poses[episode][0].astype(np.float64)
+            hand = Rotation.from_euler("xyz", euler[:, 3:6])
+            expected = _scipy_pseudo_actions(euler[:, :3], hand, euler[:, 6])
+            assert sample.embodiment == "single_arm" and sample.actions.shape == (FRAMES - 1, 19)
+            assert len(sample.video) == FRAMES
+            np.testing.assert_allclose(sample.actions, expected, atol=2e-5)
+        stats = ActionStats.load(tmp_path / name)["single_arm"]
+        assert not stats.raw and stats.count == 3 * (FRAMES - 1)
+        every = np.concatenate([s.actions for s in samples]).astype(np.float64)
+        np.testing.assert_allclose(stats.mean, every.mean(0), rtol=1e-12, atol=1e-15)
+
+    features = json.loads((root / "meta" / "info.json").read_text())["features"]
+    with pytest.raises(ValueError, match=r"--eef-key='observation.nope' is not a feature"):
+        ingest.ingest_lerobot(root, tmp_path / "bad", "", eef_key="observation.nope")
+    with pytest.raises(ValueError, match=r"--eef-key='observation.eef': needs one rotation, named qx qy qz qw"):
+        ingest.eef_pose_of(features, "observation.eef", ["x", "y", "z", "a", "b", "c", "gripper"])
+    with pytest.raises(ValueError, match=r"--eef-key='observation.state': the feature names no components"):
+        ingest.eef_pose_of(features, "observation.state")
+    with pytest.raises(ValueError, match=r"--embodiment='toy_arm': end-effector poses become 'single_arm'"):
+        ingest.ingest_lerobot(root, tmp_path / "bad", "toy_arm", eef_key="observation.eef")
+    # An episode with a zero quaternion is skipped and counted, the others written.
+    shutil.copytree(root, tmp_path / "broken_root")
+    episode_0 = tmp_path / "broken_root" / "data" / "chunk-000" / "episode_000000.parquet"
+    broken = poses[0][1].copy()
+    broken[3, [1, 3, 5, 7]] = 0.0
+    table = pq.read_table(episode_0)
+    column = table.column_names.index("observation.pose")
+    pq.write_table(
+        table.set_column(column, "observation.pose", pa.array(list(broken), pa.list_(pa.float32()))), episode_0
+    )
+    skipped = ingest.ingest_lerobot(tmp_path / "broken_root", tmp_path / "broken", "", eef_key="observation.pose")
+    assert skipped == {"bad_metadata": 1} and ShardIndex.load(tmp_path / "broken").total_samples == 2
+
+
+def test_clips_cut_before_pre_encoding_equal_the_clips_the_loader_cuts(tmp_path):
+    """encode_shards --clip-seconds: a 3 s mp4 (with its sound), actions and timed captions become
+    three 1 s grid clips (or seeded random ones), each the latents of the clip the loader cuts on
+    the fly for the same window (here reached by another draw), with its captions and actions."""
+    seconds, rate = 3, 48_000
+    audio = np.zeros((2, seconds * rate), np.float32)
+    audio[:, :: rate // 4] = 0.9  # a click every 0.25 s
+    steps = np.zeros((seconds * FPS, 9), np.float32)
+    steps[:, 0] = np.arange(seconds * FPS)  # step i says which it is
+    long = {
+        "__key__": "long",
+        "meta.json": json.dumps(
+            {
+                "schema": 1,
+                "fps": FPS,
+                "embodiment": "camera",
+                "action_rate_hz": FPS,
+                "caption_segments": [
+                    {"start_s": 0.0, "end_s": 1.4, "text": "dim"},
+                    {"start_s": 1.4, "end_s": 3.0, "text": "bright"},
+                ],
+            }
+        ).encode(),
+        "video.mp4": encode_mp4(_frames(0, seconds * FPS), FPS, audio, rate, keyframe_interval=5),
+        "actions.npy": encode_npy(steps),
+    }
+    with ShardWriter(tmp_path / "raw", "raw", 8) as writer:
+        writer.write_raw(long)
+    encode_shards = load_script("encode_shards")
+    encoder = PooledLatentEncoder(4, 8)
+    grid = MediaConfig(clip_seconds=1.0, clip_start="grid")
+    assert not encode_shards.encode_shards(tmp_path / "raw", tmp_path / "grid", encoder, media=grid)
+    context = SchemaContext(None, encoder.video_token_dim, encoder.audio_latent_dim)
+    clips = [decode_sample(r, context) for s in ShardIndex.load(tmp_path / "grid").shards for r in read_shard(s.url)]
+    assert [c.key for c in clips] == ["long-0000", "long-0001", "long-0002"]
+    for k, clip in enumerate(clips):
+        on_the_fly = latent_sample(decode_sample(long, SchemaContext(), grid, draw=k / 3 + 0.2), encoder)
+        assert clip.timing == on_the_fly.timing == {"clip_start_s": float(k), "source_duration_s": 3.0}
+        np.testing.assert_array_equal(clip.actions[:, 0], np.arange(10 * k, 10 * k + 10))
+        for name in ("actions", "video_latents", "audio_latents"):
+            np.testing.assert_array_equal(getattr(clip, name), getattr(on_the_fly, name))
+        assert clip.caption_segments == on_the_fly.caption_segments and clip.caption == on_the_fly.caption
+    assert [c.caption for c in clips] == ["dim", "dim bright", "bright"]
+    assert not np.array_equal(clips[0].video_latents, clips[1].video_latents)  # a control: the windows differ
+
+    # Random clips: the draws come from (seed, input shard, sample, k), as the loader's from (seed, slot, index).
+    shuffled = MediaConfig(clip_seconds=1.0, clip_start="random")
+    encode_shards.main(
+        [str(tmp_path / "raw"), str(tmp_path / "random"), "--encoder", "pooled", "--video-latent-channels", "4"]
+        + ["--audio-latent-dim", "8", "--clip-seconds", "1", "--clip-start", "random", "--clips-per-sample", "2"]
+        + ["--seed", "7"]
+    )
+    clips = [decode_sample(r, context) for s in ShardIndex.load(tmp_path / "random").shards for r in read_shard(s.url)]
+    assert len(clips) == 2 and clips[0].timing["clip_start_s"] != clips[1].timing["clip_start_s"]
+    for k, clip in enumerate(clips):
+        on_the_fly = latent_sample(decode_sample(long, SchemaContext(), shuffled, uniform(7, "clip", 0, 0, k)), encoder)
+        assert clip.timing == on_the_fly.timing
+        np.testing.assert_array_equal(clip.video_latents, on_the_fly.video_latents)

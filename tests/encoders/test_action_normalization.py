@@ -181,3 +181,25 @@ def test_merged_statistics_take_each_embodiment_from_the_first_dataset_that_has_
     )
     assert merged["single_arm"] is arm_a and merged["humanoid"] is humanoid
     assert merge_action_stats([None, ActionStats({})]) is None
+
+
+def test_a_raw_layout_has_any_width_normalises_every_dim_and_survives_json(tmp_path):
+    """A dataset's own action columns (raw layout): no pseudo-action layout, so even a name that
+    is not a kind and dims where a layout would keep rotations are standardised."""
+    actions = sample_actions("single_arm", seed=5)[:, :7]  # dims 3-6 would be rotations in single_arm
+    stats = EmbodimentActionStats.from_actions("so100", actions, raw=True)
+    assert stats.dim == 7 and stats.rotation_6d_dims == () and stats.fields == {"raw": [0, 7]}
+    normalized = normalize_actions(torch.tensor(actions), stats)
+    torch.testing.assert_close(normalized.mean(0), torch.zeros(7, dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(normalized.std(0, unbiased=False), torch.ones(7, dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(denormalize_actions(normalized, stats), torch.tensor(actions), rtol=1e-12, atol=1e-12)
+
+    written = ActionStats({"so100": stats}).save(tmp_path)
+    assert json.loads(written.read_text())["embodiments"]["so100"]["layout"] == "raw"
+    assert ActionStats.load(tmp_path) == ActionStats({"so100": stats})
+    document = json.loads(written.read_text())
+    document["embodiments"]["so100"]["layout"] = "joints"
+    with pytest.raises(ValueError, match=r"so100\.layout must be 'raw' or absent \(pseudo-actions\), got 'joints'"):
+        ActionStats.load(_write(tmp_path / "joints.json", document))
+    with pytest.raises(ValueError, match=r"actions for kind 'so100' must have shape \(N>0, D>0\), got \(4,\)"):
+        EmbodimentActionStats.from_actions("so100", np.zeros(4), raw=True)

@@ -8,10 +8,12 @@ from hypothesis import strategies as st
 from scipy.spatial.transform import Rotation
 
 from megatron_cosmos3.encoders.rotations import (
+    euler_xyz_to_matrix,
     matrix_to_quaternion,
     matrix_to_rotation_6d,
     quaternion_to_matrix,
     rotation_6d_to_matrix,
+    rotation_vector_to_matrix,
 )
 
 DTYPES = [torch.float64, torch.float32]
@@ -169,3 +171,15 @@ def test_bad_inputs_raise_errors_that_name_the_input():
         matrix_to_quaternion(torch.zeros(2, 3, 4))
     with pytest.raises(ValueError, match="floating-point"):
         rotation_6d_to_matrix(torch.ones(6, dtype=torch.int64))
+
+
+def test_euler_angles_and_rotation_vectors_agree_with_scipy():
+    rotations = random_rotations(100, seed=7)
+    angles = rotations.as_euler("xyz")
+    got = euler_xyz_to_matrix(torch.tensor(angles))
+    np.testing.assert_allclose(got.numpy(), Rotation.from_euler("xyz", angles).as_matrix(), atol=1e-12)
+    vectors = np.concatenate([rotations.as_rotvec(), [[0.0, 0.0, 0.0], [3e-5, -1e-5, 2e-5], [0.0, 0.0, np.pi]]])
+    got = rotation_vector_to_matrix(torch.tensor(vectors))
+    np.testing.assert_allclose(got.numpy(), Rotation.from_rotvec(vectors).as_matrix(), atol=1e-12)
+    with pytest.raises(ValueError, match=r"roll_pitch_yaw must have shape \(\.\.\., 3\), got \(2, 4\)"):
+        euler_xyz_to_matrix(torch.zeros(2, 4), name="roll_pitch_yaw")
