@@ -78,6 +78,7 @@ class Tower(nn.Module):
                 config.num_experts,
                 config.moe_top_k,
                 aux_loss_weight=config.moe_aux_loss_weight,
+                expert_impl=config.moe_expert_impl,
             )
         else:
             self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size)
