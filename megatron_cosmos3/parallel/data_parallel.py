@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from megatron_cosmos3.parallel.state import ParallelGroups
 
@@ -34,6 +35,35 @@ def wrap_data_parallel(model: nn.Module, groups: ParallelGroups, bucket_cap_mb: 
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
     # Packs differ per rank in which DM streams they hold, so some heads go unused on some ranks.
     return DistributedDataParallel(model, process_group=group, bucket_cap_mb=bucket_cap_mb, find_unused_parameters=True)
+
+
+# AdamW kernels: "fused" (torch's one-kernel-per-step fused AdamW; CPU and CUDA in torch 2.13),
+# "foreach" (multi-tensor ops), "loop" (per parameter, torch's reference), "auto" (fused where the
+# parameters' device has it, else foreach). docs/DESIGN.md, "Fused kernels".
+ADAMW_IMPLS = ("auto", "fused", "foreach", "loop")
+
+
+def adamw(params, implementation: str = "auto", **options) -> torch.optim.AdamW:
+    """``torch.optim.AdamW(params, **options)`` with the kernel ``implementation`` names."""
+    params = list(params)
+    return torch.optim.AdamW(params, **options, **adamw_kernel(params, implementation))
+
+
+def adamw_kernel(params, implementation: str) -> dict:
+    """AdamW's kernel options (``fused``/``foreach``) for ``implementation`` and these parameters
+    (a list of tensors or of param-group dicts); "fused" on a device without the kernel is an error."""
+    if implementation not in ADAMW_IMPLS:
+        raise ValueError(f"optimizer.implementation={implementation!r} is not one of {ADAMW_IMPLS}")
+    if implementation == "loop":
+        return {"foreach": False, "fused": False}
+    if implementation == "foreach":
+        return {"foreach": True, "fused": False}
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    devices = {p.device.type for p in tensors}
+    fusable = devices <= set(_get_fused_kernels_supported_devices()) and all(p.is_floating_point() for p in tensors)
+    if implementation == "fused" and not fusable:
+        raise ValueError(f"optimizer.implementation='fused': torch has no fused AdamW for devices {sorted(devices)}")
+    return {"foreach": not fusable, "fused": fusable}
 
 
 class OptimizerGroup:
@@ -66,12 +96,13 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     weight_decay: float = 0.0,
     shard_state: bool = True,
+    implementation: str = "auto",
 ):
     """AdamW whose state is sharded over the data-parallel ranks (``shard_state``), else plain AdamW.
 
     ``params``: parameters, or param-group dicts (extra keys such as ``lr_multiplier`` are kept).
     Expert-parallel parameters are already sharded (each rank holds its own experts) and get a
-    local AdamW of their own.
+    local AdamW of their own. ``implementation``: the AdamW kernel (``ADAMW_IMPLS``).
     """
     param_groups = list(params)
     if param_groups and not isinstance(param_groups[0], dict):
@@ -86,7 +117,7 @@ def build_optimizer(
         return selected
 
     replicated, experts = split(False), split(True)
-    kwargs = dict(lr=lr, betas=betas, weight_decay=weight_decay)
+    kwargs = dict(lr=lr, betas=betas, weight_decay=weight_decay, **adamw_kernel(param_groups, implementation))
     if shard_state and torch.distributed.get_world_size(groups.data_and_context) > 1:
         main = ZeroRedundancyOptimizer(
             replicated[0]["params"], optimizer_class=torch.optim.AdamW, process_group=groups.data_and_context, **kwargs

@@ -30,7 +30,7 @@ from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import PackedBatch
 from megatron_cosmos3.objectives.losses import LossBreakdown, LossFunction, loss_breakdown, model_losses
 from megatron_cosmos3.parallel.context_parallel import sequence_split, split_losses, stream_rows
-from megatron_cosmos3.parallel.data_parallel import GradientReducer, build_optimizer, wrap_data_parallel
+from megatron_cosmos3.parallel.data_parallel import GradientReducer, adamw, build_optimizer, wrap_data_parallel
 from megatron_cosmos3.parallel.expert_parallel import apply_expert_parallel, finalize_expert_grads
 from megatron_cosmos3.parallel.grad_norm import clip_grad_norm
 from megatron_cosmos3.parallel.pipeline import PipelineStages, split_into_stages, split_model
@@ -131,12 +131,19 @@ class ParallelPlan:
         return param_groups
 
     def build_optimizer(
-        self, param_groups: list[dict], lr: float, betas: tuple[float, float], weight_decay: float, shard_state: bool
+        self,
+        param_groups: list[dict],
+        lr: float,
+        betas: tuple[float, float],
+        weight_decay: float,
+        shard_state: bool,
+        implementation: str = "auto",
     ):
-        """AdamW over ``param_groups``; its state sharded over the data ranks when ``shard_state``."""
+        """AdamW over ``param_groups``; its state sharded over the data ranks when ``shard_state``;
+        ``implementation``: its kernel (``data_parallel.ADAMW_IMPLS``)."""
         if self.groups is None:
-            return torch.optim.AdamW(param_groups, lr=lr, betas=betas, weight_decay=weight_decay)
-        return build_optimizer(param_groups, self.groups, lr, betas, weight_decay, shard_state)
+            return adamw(param_groups, implementation, lr=lr, betas=betas, weight_decay=weight_decay)
+        return build_optimizer(param_groups, self.groups, lr, betas, weight_decay, shard_state, implementation)
 
     # -- the driver -----------------------------------------------------------------------------
     def run(

@@ -181,7 +181,7 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
     param_groups = plan.apply(model, partial(stage_param_groups, config=config))
     opt = config.optimizer
     optimizer = plan.build_optimizer(
-        param_groups, opt.lr, tuple(opt.betas), opt.weight_decay, opt.shard_optimizer_state
+        param_groups, opt.lr, tuple(opt.betas), opt.weight_decay, opt.shard_optimizer_state, opt.implementation
     )
     checkpointer = build_checkpointer(config, ctx, plan)
     if config.eval.every:
