@@ -24,8 +24,16 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from megatron_cosmos3.parallel.state import ParallelGroups
 
 
-def wrap_data_parallel(model: nn.Module, groups: ParallelGroups, bucket_cap_mb: float = 25.0) -> nn.Module:
-    """DDP over the data(-and-context) group; the model itself when that group has one rank."""
+def wrap_data_parallel(
+    model: nn.Module, groups: ParallelGroups, bucket_cap_mb: float = 25.0, find_unused_parameters: bool = True
+) -> nn.Module:
+    """DDP over the data(-and-context) group; the model itself when that group has one rank.
+
+    ``find_unused_parameters``: whether some step can leave a trained parameter out of the graph
+    (packs differ in which DM streams they hold: ``training/unused_parameters.py`` decides it from
+    the config); without, DDP skips its per-step graph search. Not ``static_graph``: the set of
+    parameters a step uses changes with its pack whenever that search is needed.
+    """
     group = groups.data_and_context
     if torch.distributed.get_world_size(group) == 1:
         return model
@@ -33,8 +41,9 @@ def wrap_data_parallel(model: nn.Module, groups: ParallelGroups, bucket_cap_mb: 
     from megatron_cosmos3.parallel.expert_parallel import expert_parameter_names
 
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
-    # Packs differ per rank in which DM streams they hold, so some heads go unused on some ranks.
-    return DistributedDataParallel(model, process_group=group, bucket_cap_mb=bucket_cap_mb, find_unused_parameters=True)
+    return DistributedDataParallel(
+        model, process_group=group, bucket_cap_mb=bucket_cap_mb, find_unused_parameters=find_unused_parameters
+    )
 
 
 # AdamW kernels: "fused" (torch's one-kernel-per-step fused AdamW; CPU and CUDA in torch 2.13),

@@ -100,12 +100,19 @@ class ParallelPlan:
         model.materialize(device, *owned)
         model.reset_parameters(*owned)
 
-    def apply(self, model: MoTModel, trainable: Callable[[nn.Module], list[dict]]) -> list[dict]:
+    def apply(
+        self,
+        model: MoTModel,
+        trainable: Callable[[nn.Module], list[dict]],
+        unused: Callable[[nn.Module], list[str]] | None = None,
+    ) -> list[dict]:
         """Lays ``model`` out on this rank and returns this rank's optimizer groups.
 
         ``trainable(model)`` freezes what should not train and groups the rest (dicts with
         ``params``); it runs after the tensor and expert sharding (so it sees the sharded
         parameters) and before the data-parallel average is attached (which skips frozen ones).
+        ``unused(model)``: the trained parameters a step may leave out of the graph (None: any may),
+        so DDP searches for unused ones only where some may be.
         """
         self.model = model
         groups = self.groups
@@ -124,7 +131,11 @@ class ParallelPlan:
         # pipeline schedule and the row-split runner drive the layers themselves, so there the
         # GradientReducer does the same average, started from parameter hooks.
         whole_forward = self.stages is None and self.split is None
-        self.trained = wrap_data_parallel(model, groups) if groups is not None and whole_forward else model
+        if groups is not None and whole_forward:
+            find_unused = unused is None or bool(unused(model))
+            self.trained = wrap_data_parallel(model, groups, find_unused_parameters=find_unused)
+        else:
+            self.trained = model
         if groups is not None and not whole_forward and dist.get_world_size(groups.data_and_context) > 1:
             late = self.stages.shared_parameters() if self.stages is not None else ()
             self.reducer = GradientReducer(self.state_owner.parameters(), groups.data_and_context, late=late)
