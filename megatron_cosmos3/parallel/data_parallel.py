@@ -46,6 +46,81 @@ def wrap_data_parallel(
     )
 
 
+def megatron_ddp_config(bucket_cap_mb: float = 25.0, overlap_grad_reduce: bool = True):
+    """megatron-core's ``DistributedDataParallelConfig`` for this project's semantics: gradient
+    buffers in the parameters' dtype (fp32 main weights), an average over the data-and-context
+    ranks (each gradient pre-scaled by 1/size, then summed: as torch's DDP), all-reduce (the
+    optimizer state is sharded by ``build_optimizer``, not by megatron's distributed optimizer) and
+    buckets of about ``bucket_cap_mb`` of fp32 gradients. ``overlap_grad_reduce``: reduce each
+    bucket as backward fills it; megatron allows it only where every step uses the same parameters."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=False,  # the parameters are fp32 already; fp64 ones (tests) stay fp64
+        overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=False,
+        bucket_size=int(bucket_cap_mb * 2**20) // 4,  # in parameters (fp32)
+        average_in_collective=False,
+    )
+
+
+class MegatronGradients:
+    """megatron-core's ``DistributedDataParallel`` behind the plan's gradient interface.
+
+    Its backward hooks add every gradient into a contiguous buffer (one per dtype), bucket by bucket, and
+    reduce the buckets (overlapped with backward when ``overlap``). ``finish`` then gives each
+    replicated parameter ``grad`` = a view of its reduced slice, so tensor-parallel finalisation,
+    the norm, clipping, ZeRO-1 AdamW and checkpoints see what torch's DDP leaves. One-process
+    semantics as ``GradientReducer``: a parameter no rank used this step keeps ``grad=None``.
+    Expert-parallel parameters are left out (``finalize_expert_grads`` reduces them).
+
+    On a CPU it runs on gloo through ``megatron_on_cpu.install_cpu_data_parallel`` (the same code as
+    on GPUs, where it is the fast path: one contiguous buffer, few large collectives).
+    """
+
+    def __init__(self, model: nn.Module, groups: ParallelGroups, bucket_cap_mb: float = 25.0, overlap: bool = True):
+        from megatron_cosmos3.parallel.megatron_on_cpu import install_cpu_data_parallel
+
+        install_cpu_data_parallel()  # its buffers on the CPU where there is no CUDA (gloo)
+        from megatron.core.distributed import DistributedDataParallel as MegatronDDP
+        from megatron.core.transformer import TransformerConfig
+
+        self.group = groups.data_and_context
+        experts = [p for p in model.parameters() if getattr(p, "expert_parallel", False) and p.requires_grad]
+        for param in experts:  # megatron wraps every trainable parameter: hide the experts meanwhile
+            param.requires_grad_(False)
+        try:
+            # DDP reads only calculate_per_token_loss (False: the loss is a mean) from the model config.
+            config = TransformerConfig(num_layers=1, hidden_size=1, num_attention_heads=1)
+            self.ddp = MegatronDDP(config, megatron_ddp_config(bucket_cap_mb, overlap), model)
+        finally:
+            for param in experts:
+                param.requires_grad_(True)
+        self.params = list(self.ddp.params_with_grad)
+        self._used: set[int] = set()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._mark_used) for p in self.params]
+
+    def _mark_used(self, param: nn.Parameter) -> None:
+        self._used.add(id(param))
+
+    def start_step(self) -> None:
+        """Before the first backward of a step: empties the gradient buffers."""
+        self.ddp.zero_grad_buffer()
+        self._used.clear()
+
+    def finish(self) -> None:
+        """Completes the reduction (collective over the data-and-context group) and sets the grads."""
+        self.ddp.finish_grad_sync()
+        used = torch.tensor([id(p) in self._used for p in self.params], dtype=torch.int32, device=self.params[0].device)
+        torch.distributed.all_reduce(used, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        for param, flag in zip(self.params, used.tolist()):
+            param.grad = param.main_grad.view_as(param) if flag else None
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
 # AdamW kernels: "fused" (torch's one-kernel-per-step fused AdamW; CPU and CUDA in torch 2.13),
 # "foreach" (multi-tensor ops), "loop" (per parameter, torch's reference), "auto" (fused where the
 # parameters' device has it, else foreach). docs/DESIGN.md, "Fused kernels".

@@ -242,6 +242,10 @@ class TrainConfig:
         if self.recompute not in ("none", "selective", "full"):
             raise ValueError(f"recompute={self.recompute!r} is not one of ('none', 'selective', 'full')")
         check_engine_mix(self.engine, self.parallel, self.deepspeed)
+        if self.engine != "megatron" and self.parallel.ddp_impl != "torch":
+            raise ValueError(
+                f"parallel.ddp_impl={self.parallel.ddp_impl!r} is engine=megatron's; engine={self.engine!r}"
+            )
         clash = sorted(set(self.stage.new_embodiments) & set(self.model.embodiments))
         if clash:
             raise ValueError(f"stage.new_embodiments {clash} are already model.embodiments")
