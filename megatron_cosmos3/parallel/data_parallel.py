@@ -111,6 +111,8 @@ class MegatronGradients:
     def finish(self) -> None:
         """Completes the reduction (collective over the data-and-context group) and sets the grads."""
         self.ddp.finish_grad_sync()
+        if not self.params:  # nothing replicated trains here (a frozen stage, experts only)
+            return
         used = torch.tensor([id(p) in self._used for p in self.params], dtype=torch.int32, device=self.params[0].device)
         torch.distributed.all_reduce(used, op=torch.distributed.ReduceOp.MAX, group=self.group)
         for param, flag in zip(self.params, used.tolist()):
