@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_cosmos3.model.attention import ATTENTION_BACKENDS
+from megatron_cosmos3.model.moe import EXPERT_IMPLS
 from megatron_cosmos3.model.transformer_engine import LINEAR_IMPLS
 
 # The FPS rule: one second of real time spans TPS_BASE temporal position units in every stream
@@ -134,6 +135,9 @@ class MoTConfig:
     moe_ffn_hidden_size: int = 0
     moe_towers: list[str] = field(default_factory=lambda: ["reasoner", "generator"])
     moe_aux_loss_weight: float = 0.01  # load-balancing loss coefficient (per MoE layer)
+    # "grouped": experts as grouped GEMMs, no host sync per layer; "loop": one expert at a time
+    # (the reference). docs/DESIGN.md, "Mixture of experts".
+    moe_expert_impl: str = "grouped"
     # The understanding ViT (Qwen3-VL's); None = ViT embeddings, if any, come with the batch.
     vision: VisionConfig | None = None
 
@@ -187,6 +191,10 @@ class MoTConfig:
                 set(self.moe_towers) <= {"reasoner", "generator"} and len(self.moe_towers) > 0,
                 f"moe_towers={list(self.moe_towers)} must name 'reasoner' and/or 'generator'",
             )
+        require(
+            self.moe_expert_impl in EXPERT_IMPLS,
+            f"moe_expert_impl={self.moe_expert_impl!r} is not one of {EXPERT_IMPLS}",
+        )
         require(
             self.timestep_embedding_dim % 2 == 0, f"timestep_embedding_dim={self.timestep_embedding_dim} must be even"
         )

@@ -10,6 +10,11 @@ parallelism each rank holds a slice of every expert's FFN units, and a ``tensor_
 
 Runners that split one micro-batch's tokens over ranks (context parallelism) or pad them pass a
 ``TokenBalance`` so that the load-balancing loss is that of the whole micro-batch.
+
+The experts run as two grouped GEMMs over the rows sorted by expert (``expert_impl="grouped"``,
+torch's ``grouped_mm`` with per-expert offsets computed on the device: no host synchronisation), or
+as a Python loop over experts (``"loop"``, the reference; it reads the per-expert counts back to the
+host in every layer). docs/DESIGN.md, "Mixture of experts".
 """
 
 from __future__ import annotations
@@ -20,6 +25,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+EXPERT_IMPLS = ("grouped", "loop")
+# What torch's grouped GEMM accepts (it refuses float64; those experts loop). On CUDA only bf16 on
+# sm90+ takes its sync-free kernel: other dtypes/GPUs go through torch's own per-group fallback.
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+HAS_GROUPED_MM = hasattr(F, "grouped_mm")  # public since torch 2.9; an older GPU image loops
 
 
 @dataclass
@@ -96,6 +107,54 @@ class _AttachAuxLoss(torch.autograd.Function):
         return grad_output, torch.full_like(aux_loss, ctx.weight), None
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` runs in: autocast's where it is on (what ``F.linear`` would use)."""
+    kind = x.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
+def looped_experts(
+    features: torch.Tensor, ends: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+) -> torch.Tensor:
+    """SwiGLU of each row through its expert, one expert at a time. ``features`` (n, hidden) sorted
+    by expert, ``ends`` (E,) where each expert's rows end, weights (E, 2*ffn, hidden) and (E, hidden, ffn)."""
+    counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()  # read on the host
+    outputs = []
+    for e, rows in enumerate(features.split(counts)):
+        if rows.shape[0]:
+            gate, up = F.linear(rows, gate_up_proj[e]).chunk(2, dim=-1)
+            outputs.append(F.linear(F.silu(gate) * up, down_proj[e]))
+    return torch.cat(outputs) if outputs else features.new_zeros(0, down_proj.shape[1])
+
+
+def grouped_experts(
+    features: torch.Tensor, ends: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+) -> torch.Tensor:
+    """``looped_experts`` as two grouped GEMMs: every expert's rows in one call, the group ends
+    stay on the device. Only where ``grouped_mm_takes`` the dtype and widths."""
+    dtype = compute_dtype(features)  # grouped_mm ignores autocast: cast as F.linear would
+    hidden = F.grouped_mm(features.to(dtype), gate_up_proj.to(dtype).transpose(1, 2), offs=ends)
+    gate, up = hidden.chunk(2, dim=-1)
+    # Its CPU backward refuses an expanded (stride-0) gradient; the product's is a real tensor.
+    return F.grouped_mm(F.silu(gate) * up, down_proj.to(dtype).transpose(1, 2), offs=ends)
+
+
+def grouped_mm_takes(dtype: torch.dtype, hidden_size: int, ffn_size: int) -> bool:
+    """Whether torch's grouped GEMM runs these experts: a dtype it has a kernel for, and rows whose
+    strides are multiples of 16 bytes (it refuses others, on CPU too)."""
+    aligned = all(size * dtype.itemsize % 16 == 0 for size in (hidden_size, ffn_size))
+    return HAS_GROUPED_MM and dtype in GROUPED_MM_DTYPES and aligned
+
+
+def expert_ends(sorted_experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(num_experts,) int32: where each expert's rows end in ``sorted_experts`` (ascending ids in
+    [0, num_experts)), found on the device (``bincount`` would read the largest id back on CUDA)."""
+    bounds = torch.arange(1, num_experts + 1, device=sorted_experts.device, dtype=sorted_experts.dtype)
+    return torch.searchsorted(sorted_experts, bounds, out_int32=True)
+
+
 class MoEMLP(nn.Module):
     """Top-k routed SwiGLU experts. Input and output (n, hidden); ``aux_loss`` holds the last
     forward's load-balancing loss (E * sum_i f_i * P_i over the micro-batch, see ``TokenBalance``),
@@ -114,8 +173,13 @@ class MoEMLP(nn.Module):
         top_k: int,
         normalize_top_k: bool = True,
         aux_loss_weight: float = 0.0,
+        expert_impl: str = "grouped",
     ):
         super().__init__()
+        if expert_impl not in EXPERT_IMPLS:
+            raise ValueError(f"moe_expert_impl={expert_impl!r} is not one of {EXPERT_IMPLS}")
+        # "grouped" loops anyway where grouped_mm refuses (float64, unaligned widths: grouped_mm_takes).
+        self.expert_impl = expert_impl
         self.aux_loss_weight = aux_loss_weight
         # The factor the main loss is scaled by before backward (1 / accumulation steps), which
         # the injected balancing gradient must follow; see set_aux_loss_scale.
@@ -153,7 +217,8 @@ class MoEMLP(nn.Module):
         probability, scaled so a perfectly uniform router scores 1."""
         rows = probs.shape[0] if balance.rows is None else balance.rows
         probs, top_e = probs[:rows], top_e[:rows]
-        counts = torch.bincount(top_e.reshape(-1), minlength=self.num_experts).to(probs.dtype)
+        chosen = top_e.reshape(-1)  # counted on the device: no host read (unlike bincount on CUDA)
+        counts = probs.new_zeros(self.num_experts).index_add_(0, chosen, probs.new_ones(chosen.shape))
         prob_sums = probs.sum(dim=0)
         if balance.group is None:
             return self._switch_loss(counts, prob_sums, rows)
@@ -172,13 +237,11 @@ class MoEMLP(nn.Module):
 
     def _experts(self, features: torch.Tensor, local_experts: torch.Tensor) -> torch.Tensor:
         """SwiGLU of each row through its local expert; rows must be sorted by expert."""
-        counts = torch.bincount(local_experts, minlength=self.num_local_experts).tolist()
-        outputs = []
-        for e, rows in enumerate(features.split(counts)):
-            if rows.shape[0]:
-                gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)
-                outputs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
-        return torch.cat(outputs) if outputs else features.new_zeros(0, self.down_proj.shape[1])
+        ends = expert_ends(local_experts, self.num_local_experts)
+        hidden_size, ffn_size = self.down_proj.shape[1:]
+        grouped = self.expert_impl == "grouped" and grouped_mm_takes(compute_dtype(features), hidden_size, ffn_size)
+        run = grouped_experts if grouped else looped_experts
+        return run(features, ends, self.gate_up_proj, self.down_proj)
 
     def forward(self, x: torch.Tensor, balance: TokenBalance = WHOLE_INPUT) -> torch.Tensor:
         x = self.tensor_parallel.enter(x)  # under tensor parallelism: every token of the group

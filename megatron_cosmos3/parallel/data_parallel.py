@@ -19,12 +19,21 @@ import torch
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from megatron_cosmos3.parallel.state import ParallelGroups
 
 
-def wrap_data_parallel(model: nn.Module, groups: ParallelGroups, bucket_cap_mb: float = 25.0) -> nn.Module:
-    """DDP over the data(-and-context) group; the model itself when that group has one rank."""
+def wrap_data_parallel(
+    model: nn.Module, groups: ParallelGroups, bucket_cap_mb: float = 25.0, find_unused_parameters: bool = True
+) -> nn.Module:
+    """DDP over the data(-and-context) group; the model itself when that group has one rank.
+
+    ``find_unused_parameters``: whether some step can leave a trained parameter out of the graph
+    (packs differ in which DM streams they hold: ``training/unused_parameters.py`` decides it from
+    the config); without, DDP skips its per-step graph search. Not ``static_graph``: the set of
+    parameters a step uses changes with its pack whenever that search is needed.
+    """
     group = groups.data_and_context
     if torch.distributed.get_world_size(group) == 1:
         return model
@@ -32,8 +41,115 @@ def wrap_data_parallel(model: nn.Module, groups: ParallelGroups, bucket_cap_mb: 
     from megatron_cosmos3.parallel.expert_parallel import expert_parameter_names
 
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
-    # Packs differ per rank in which DM streams they hold, so some heads go unused on some ranks.
-    return DistributedDataParallel(model, process_group=group, bucket_cap_mb=bucket_cap_mb, find_unused_parameters=True)
+    return DistributedDataParallel(
+        model, process_group=group, bucket_cap_mb=bucket_cap_mb, find_unused_parameters=find_unused_parameters
+    )
+
+
+def megatron_ddp_config(bucket_cap_mb: float = 25.0, overlap_grad_reduce: bool = True):
+    """megatron-core's ``DistributedDataParallelConfig`` for this project's semantics: gradient
+    buffers in the parameters' dtype (fp32 main weights), an average over the data-and-context
+    ranks (each gradient pre-scaled by 1/size, then summed: as torch's DDP), all-reduce (the
+    optimizer state is sharded by ``build_optimizer``, not by megatron's distributed optimizer) and
+    buckets of about ``bucket_cap_mb`` of fp32 gradients. ``overlap_grad_reduce``: reduce each
+    bucket as backward fills it; megatron allows it only where every step uses the same parameters."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=False,  # the parameters are fp32 already; fp64 ones (tests) stay fp64
+        overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=False,
+        bucket_size=int(bucket_cap_mb * 2**20) // 4,  # in parameters (fp32)
+        average_in_collective=False,
+    )
+
+
+class MegatronGradients:
+    """megatron-core's ``DistributedDataParallel`` behind the plan's gradient interface.
+
+    Its backward hooks add every gradient into a contiguous buffer (one per dtype), bucket by bucket, and
+    reduce the buckets (overlapped with backward when ``overlap``). ``finish`` then gives each
+    replicated parameter ``grad`` = a view of its reduced slice, so tensor-parallel finalisation,
+    the norm, clipping, ZeRO-1 AdamW and checkpoints see what torch's DDP leaves. One-process
+    semantics as ``GradientReducer``: a parameter no rank used this step keeps ``grad=None``.
+    Expert-parallel parameters are left out (``finalize_expert_grads`` reduces them).
+
+    On a CPU it runs on gloo through ``megatron_on_cpu.install_cpu_data_parallel`` (the same code as
+    on GPUs, where it is the fast path: one contiguous buffer, few large collectives).
+    """
+
+    def __init__(self, model: nn.Module, groups: ParallelGroups, bucket_cap_mb: float = 25.0, overlap: bool = True):
+        from megatron_cosmos3.parallel.megatron_on_cpu import install_cpu_data_parallel
+
+        install_cpu_data_parallel()  # its buffers on the CPU where there is no CUDA (gloo)
+        from megatron.core.distributed import DistributedDataParallel as MegatronDDP
+        from megatron.core.transformer import TransformerConfig
+
+        self.group = groups.data_and_context
+        experts = [p for p in model.parameters() if getattr(p, "expert_parallel", False) and p.requires_grad]
+        for param in experts:  # megatron wraps every trainable parameter: hide the experts meanwhile
+            param.requires_grad_(False)
+        try:
+            # DDP reads only calculate_per_token_loss (False: the loss is a mean) from the model config.
+            config = TransformerConfig(num_layers=1, hidden_size=1, num_attention_heads=1)
+            self.ddp = MegatronDDP(config, megatron_ddp_config(bucket_cap_mb, overlap), model)
+        finally:
+            for param in experts:
+                param.requires_grad_(True)
+        self.params = list(self.ddp.params_with_grad)
+        self._used: set[int] = set()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._mark_used) for p in self.params]
+
+    def _mark_used(self, param: nn.Parameter) -> None:
+        self._used.add(id(param))
+
+    def start_step(self) -> None:
+        """Before the first backward of a step: empties the gradient buffers."""
+        self.ddp.zero_grad_buffer()
+        self._used.clear()
+
+    def finish(self) -> None:
+        """Completes the reduction (collective over the data-and-context group) and sets the grads."""
+        self.ddp.finish_grad_sync()
+        if not self.params:  # nothing replicated trains here (a frozen stage, experts only)
+            return
+        used = torch.tensor([id(p) in self._used for p in self.params], dtype=torch.int32, device=self.params[0].device)
+        torch.distributed.all_reduce(used, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        for param, flag in zip(self.params, used.tolist()):
+            param.grad = param.main_grad.view_as(param) if flag else None
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+# AdamW kernels: "fused" (torch's one-kernel-per-step fused AdamW; CPU and CUDA in torch 2.13),
+# "foreach" (multi-tensor ops), "loop" (per parameter, torch's reference), "auto" (fused where the
+# parameters' device has it, else foreach). docs/DESIGN.md, "Fused kernels".
+ADAMW_IMPLS = ("auto", "fused", "foreach", "loop")
+
+
+def adamw(params, implementation: str = "auto", **options) -> torch.optim.AdamW:
+    """``torch.optim.AdamW(params, **options)`` with the kernel ``implementation`` names."""
+    params = list(params)
+    return torch.optim.AdamW(params, **options, **adamw_kernel(params, implementation))
+
+
+def adamw_kernel(params, implementation: str) -> dict:
+    """AdamW's kernel options (``fused``/``foreach``) for ``implementation`` and these parameters
+    (a list of tensors or of param-group dicts); "fused" on a device without the kernel is an error."""
+    if implementation not in ADAMW_IMPLS:
+        raise ValueError(f"optimizer.implementation={implementation!r} is not one of {ADAMW_IMPLS}")
+    if implementation == "loop":
+        return {"foreach": False, "fused": False}
+    if implementation == "foreach":
+        return {"foreach": True, "fused": False}
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    devices = {p.device.type for p in tensors}
+    fusable = devices <= set(_get_fused_kernels_supported_devices()) and all(p.is_floating_point() for p in tensors)
+    if implementation == "fused" and not fusable:
+        raise ValueError(f"optimizer.implementation='fused': torch has no fused AdamW for devices {sorted(devices)}")
+    return {"foreach": not fusable, "fused": fusable}
 
 
 class OptimizerGroup:
@@ -66,12 +182,13 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     weight_decay: float = 0.0,
     shard_state: bool = True,
+    implementation: str = "auto",
 ):
     """AdamW whose state is sharded over the data-parallel ranks (``shard_state``), else plain AdamW.
 
     ``params``: parameters, or param-group dicts (extra keys such as ``lr_multiplier`` are kept).
     Expert-parallel parameters are already sharded (each rank holds its own experts) and get a
-    local AdamW of their own.
+    local AdamW of their own. ``implementation``: the AdamW kernel (``ADAMW_IMPLS``).
     """
     param_groups = list(params)
     if param_groups and not isinstance(param_groups[0], dict):
@@ -86,7 +203,7 @@ def build_optimizer(
         return selected
 
     replicated, experts = split(False), split(True)
-    kwargs = dict(lr=lr, betas=betas, weight_decay=weight_decay)
+    kwargs = dict(lr=lr, betas=betas, weight_decay=weight_decay, **adamw_kernel(param_groups, implementation))
     if shard_state and torch.distributed.get_world_size(groups.data_and_context) > 1:
         main = ZeroRedundancyOptimizer(
             replicated[0]["params"], optimizer_class=torch.optim.AdamW, process_group=groups.data_and_context, **kwargs

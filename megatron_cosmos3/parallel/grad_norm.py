@@ -1,4 +1,8 @@
-"""The global gradient norm of a model whose parameters may be sharded, and clipping by it."""
+"""The global gradient norm of a model whose parameters may be sharded, and clipping by it.
+
+Both use torch's multi-tensor (``_foreach``) kernels: one launch per group of gradients of one
+device and dtype instead of a few per parameter (what ``torch.nn.utils.clip_grad_norm_`` does).
+"""
 
 from __future__ import annotations
 
@@ -20,11 +24,12 @@ def global_grad_norm(parameters, groups=None) -> torch.Tensor:
     # (experts under TP), expert only], accumulated on the gradients' device and read back once.
     with_grad = [p for p in parameters if p.grad is not None]
     device = with_grad[0].grad.device if with_grad else torch.device("cpu")
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    by_kind: list[list[torch.Tensor]] = [[], [], [], []]
     for param in with_grad:
         expert = getattr(param, "expert_parallel", False)
         kind = (1 + int(expert)) if getattr(param, "tensor_model_parallel", False) else (3 if expert else 0)
-        sums[kind] += param.grad.detach().double().square().sum()
+        by_kind[kind].append(param.grad.detach())
+    sums = torch.stack([sum_of_squares(grads, device) for grads in by_kind])
     sums = sums.cpu()  # the collectives below are host-side (gloo; see training/distributed.py)
     replicated, tensor_sharded, expert_sharded = sums[0], sums[1:3].clone(), sums[3]
     if groups is not None and groups.sizes.tensor > 1:
@@ -41,6 +46,15 @@ def global_grad_norm(parameters, groups=None) -> torch.Tensor:
     return (replicated + tensor_sharded + expert_sharded).sqrt()
 
 
+def sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """sum over ``tensors`` of their squared entries, in float64 (0 for none): foreach norms, each
+    taken in float64 as the per-entry sum was, then squared and added."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
+    return torch.stack(norms).square().sum()
+
+
 def clip_grad_norm(parameters, max_norm: float, groups=None, norm_parameters=None) -> torch.Tensor:
     """Scales the gradients of ``parameters`` so the global norm is at most ``max_norm``; returns
     the norm before. ``norm_parameters`` (default: ``parameters``) are those counted in the norm."""
@@ -48,7 +62,7 @@ def clip_grad_norm(parameters, max_norm: float, groups=None, norm_parameters=Non
     norm = global_grad_norm(parameters if norm_parameters is None else norm_parameters, groups)
     scale = max_norm / (float(norm) + 1e-6)
     if scale < 1.0 and torch.isfinite(norm):
-        for param in parameters:
-            if param.grad is not None:
-                param.grad.mul_(scale)
+        grads = [param.grad for param in parameters if param.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale)
     return norm.float()

@@ -31,7 +31,13 @@ from megatron_cosmos3.model.packed_batch import PackedBatch
 from megatron_cosmos3.model.transformer_engine import select_linear_impl
 from megatron_cosmos3.objectives.losses import LossBreakdown, LossFunction, loss_breakdown, model_losses
 from megatron_cosmos3.parallel.context_parallel import sequence_split, split_losses, stream_rows
-from megatron_cosmos3.parallel.data_parallel import GradientReducer, build_optimizer, wrap_data_parallel
+from megatron_cosmos3.parallel.data_parallel import (
+    GradientReducer,
+    MegatronGradients,
+    adamw,
+    build_optimizer,
+    wrap_data_parallel,
+)
 from megatron_cosmos3.parallel.expert_parallel import apply_expert_parallel, finalize_expert_grads
 from megatron_cosmos3.parallel.grad_norm import clip_grad_norm
 from megatron_cosmos3.parallel.pipeline import PipelineStages, split_into_stages, split_model
@@ -56,6 +62,7 @@ class ParallelPlan:
         self.stages: PipelineStages | None = None  # this rank's pipeline chunks when pipeline > 1
         self.trained: nn.Module | None = None  # what the loss runs: DDP-wrapped when it can be
         self.reducer: GradientReducer | None = None  # the data x context average where DDP cannot wrap
+        self.megatron: MegatronGradients | None = None  # parallel.ddp_impl=megatron: its DDP's gradients
 
     @classmethod
     def create(cls, sizes: ParallelSizes, model: MoTConfig, world_size: int) -> ParallelPlan:
@@ -101,12 +108,19 @@ class ParallelPlan:
         model.materialize(device, *owned)
         model.reset_parameters(*owned)
 
-    def apply(self, model: MoTModel, trainable: Callable[[nn.Module], list[dict]]) -> list[dict]:
+    def apply(
+        self,
+        model: MoTModel,
+        trainable: Callable[[nn.Module], list[dict]],
+        unused: Callable[[nn.Module], list[str]] | None = None,
+    ) -> list[dict]:
         """Lays ``model`` out on this rank and returns this rank's optimizer groups.
 
         ``trainable(model)`` freezes what should not train and groups the rest (dicts with
         ``params``); it runs after the tensor and expert sharding (so it sees the sharded
         parameters) and before the data-parallel average is attached (which skips frozen ones).
+        ``unused(model)``: the trained parameters a step may leave out of the graph (None: any may),
+        so DDP searches for unused ones only where some may be.
         """
         self.model = model
         groups = self.groups
@@ -127,19 +141,33 @@ class ParallelPlan:
         # pipeline schedule and the row-split runner drive the layers themselves, so there the
         # GradientReducer does the same average, started from parameter hooks.
         whole_forward = self.stages is None and self.split is None
-        self.trained = wrap_data_parallel(model, groups) if groups is not None and whole_forward else model
+        self.trained = model
+        if groups is not None and whole_forward and dist.get_world_size(groups.data_and_context) > 1:
+            may_be_unused = unused is None or bool(unused(model))
+            if self.sizes.ddp_impl == "megatron":  # megatron overlaps only where every step uses every parameter
+                self.megatron = MegatronGradients(model, groups, overlap=not may_be_unused)
+                self.trained = self.megatron.ddp
+            else:
+                self.trained = wrap_data_parallel(model, groups, find_unused_parameters=may_be_unused)
         if groups is not None and not whole_forward and dist.get_world_size(groups.data_and_context) > 1:
             late = self.stages.shared_parameters() if self.stages is not None else ()
             self.reducer = GradientReducer(self.state_owner.parameters(), groups.data_and_context, late=late)
         return param_groups
 
     def build_optimizer(
-        self, param_groups: list[dict], lr: float, betas: tuple[float, float], weight_decay: float, shard_state: bool
+        self,
+        param_groups: list[dict],
+        lr: float,
+        betas: tuple[float, float],
+        weight_decay: float,
+        shard_state: bool,
+        implementation: str = "auto",
     ):
-        """AdamW over ``param_groups``; its state sharded over the data ranks when ``shard_state``."""
+        """AdamW over ``param_groups``; its state sharded over the data ranks when ``shard_state``;
+        ``implementation``: its kernel (``data_parallel.ADAMW_IMPLS``)."""
         if self.groups is None:
-            return torch.optim.AdamW(param_groups, lr=lr, betas=betas, weight_decay=weight_decay)
-        return build_optimizer(param_groups, self.groups, lr, betas, weight_decay, shard_state)
+            return adamw(param_groups, implementation, lr=lr, betas=betas, weight_decay=weight_decay)
+        return build_optimizer(param_groups, self.groups, lr, betas, weight_decay, shard_state, implementation)
 
     # -- the driver -----------------------------------------------------------------------------
     def run(
@@ -156,6 +184,8 @@ class ParallelPlan:
         ``forward_context`` wraps each forward and loss, never a backward (e.g. autocast)."""
         if self.stages is not None:
             return self._run_pipeline(micro_batches, loss_fn, forward_only, forward_context)
+        if self.megatron is not None and not forward_only:
+            self.megatron.start_step()
         losses_of = {}
         for m, (batch, targets) in enumerate(micro_batches):
             last = m == len(micro_batches) - 1
@@ -205,6 +235,8 @@ class ParallelPlan:
         if self.groups is not None:
             if self.reducer is not None:  # no DDP: the average over data x context, started in backward
                 self.reducer.finish()
+            if self.megatron is not None:  # megatron's DDP: its buffers' averages become the grads
+                self.megatron.finish()
             finalize_tensor_parallel_grads(self.model, self.groups)
             finalize_expert_grads(self.model, self.groups)
         counted = self.stages.norm_parameters() if self.stages is not None else None
@@ -227,6 +259,8 @@ class ParallelPlan:
     def close(self) -> None:
         if self.reducer is not None:
             self.reducer.close()
+        if self.megatron is not None:
+            self.megatron.close()
 
     # -- generation -----------------------------------------------------------------------------
     def samples_here(self, is_main: bool, has_targets: bool) -> bool:

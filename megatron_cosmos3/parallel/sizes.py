@@ -10,6 +10,10 @@ from dataclasses import dataclass
 
 from megatron_cosmos3.model.config import MoTConfig
 
+# Who averages the replicated gradients over the data ranks: torch's DDP (any device) or
+# megatron-core's DistributedDataParallel (contiguous gradient buffers; CUDA only).
+DDP_IMPLS = ("torch", "megatron")
+
 
 @dataclass
 class ParallelSizes:
@@ -19,6 +23,7 @@ class ParallelSizes:
     context: int = 1
     expert: int = 1
     sequence_parallel: bool = False  # shard norm/residual regions over the tensor-parallel ranks
+    ddp_impl: str = "torch"  # DDP_IMPLS; docs/DESIGN.md, "The parallel plan"
 
     def data(self, world_size: int) -> int:
         """Data-parallel size: what remains of the world after the model-parallel dimensions."""
@@ -89,3 +94,10 @@ class ParallelSizes:
                 f"data*context={data}*{self.context} is not divisible by expert={self.expert}",
             )
         require(not self.sequence_parallel or self.tensor > 1, "sequence_parallel=True needs tensor > 1")
+        require(self.ddp_impl in DDP_IMPLS, f"ddp_impl={self.ddp_impl!r} is not one of {DDP_IMPLS}")
+        # Pipeline stages and row splits call the layers themselves: there GradientReducer averages.
+        require(
+            self.ddp_impl == "torch" or (self.pipeline == 1 and self.context == 1 and not self.sequence_parallel),
+            f"ddp_impl='megatron' wraps one whole forward per micro-batch; pipeline={self.pipeline}, "
+            f"context={self.context}, sequence_parallel={self.sequence_parallel} need ddp_impl='torch'",
+        )

@@ -17,6 +17,7 @@ from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfi
 from megatron_cosmos3.eval_suite.config import SuiteConfig
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
 from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig
+from megatron_cosmos3.parallel.data_parallel import ADAMW_IMPLS
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.training.deepspeed_config import DeepSpeedConfig, check_engine_mix
 from megatron_cosmos3.training.precision import PRECISIONS
@@ -39,12 +40,17 @@ class OptimizerConfig:
     flow_matching_weight: float = 1.0
     micro_batches_per_step: int = 1  # gradient accumulation
     shard_optimizer_state: bool = True  # ZeRO-1 over the data-parallel ranks
+    # AdamW's kernel: auto (torch's fused AdamW where the device has it, else foreach), fused,
+    # foreach, loop. docs/DESIGN.md, "Fused kernels".
+    implementation: str = "auto"
     # Stop after this many steps in a row skipped for a non-finite loss or gradient.
     max_consecutive_nonfinite_steps: int = 5
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optimizer.schedule={self.schedule!r} is not one of {SCHEDULES}")
+        if self.implementation not in ADAMW_IMPLS:
+            raise ValueError(f"optimizer.implementation={self.implementation!r} is not one of {ADAMW_IMPLS}")
         if not 0 < self.decay_fraction <= 1:
             raise ValueError(f"optimizer.decay_fraction={self.decay_fraction} must be in (0, 1]")
         if self.micro_batches_per_step < 1 or self.max_consecutive_nonfinite_steps < 1:
@@ -238,6 +244,10 @@ class TrainConfig:
         if self.recompute not in ("none", "selective", "full"):
             raise ValueError(f"recompute={self.recompute!r} is not one of ('none', 'selective', 'full')")
         check_engine_mix(self.engine, self.parallel, self.deepspeed)
+        if self.engine != "megatron" and self.parallel.ddp_impl != "torch":
+            raise ValueError(
+                f"parallel.ddp_impl={self.parallel.ddp_impl!r} is engine=megatron's; engine={self.engine!r}"
+            )
         clash = sorted(set(self.stage.new_embodiments) & set(self.model.embodiments))
         if clash:
             raise ValueError(f"stage.new_embodiments {clash} are already model.embodiments")

@@ -116,7 +116,8 @@ class DeepSpeedPlan:
         model.materialize(device)
         model.reset_parameters()
 
-    def apply(self, model: MoTModel, trainable) -> list[dict]:
+    def apply(self, model: MoTModel, trainable, unused=None) -> list[dict]:
+        """``unused`` (which parameters a step may leave out) is for DDP; DeepSpeed's engine reduces itself."""
         self.model = model
         return trainable(model)
 

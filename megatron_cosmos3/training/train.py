@@ -57,6 +57,7 @@ from megatron_cosmos3.training.samples import (
 )
 from megatron_cosmos3.training.schedule import learning_rate
 from megatron_cosmos3.training.tracking import MLflowTracker
+from megatron_cosmos3.training.unused_parameters import possibly_unused
 
 log = logging.getLogger("megatron_cosmos3.train")
 
@@ -181,10 +182,11 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
         model.vision.set_recompute(config.recompute)
     # Each micro-batch backpropagates loss / micro_batches: the MoE balancing gradient follows.
     set_aux_loss_scale(model, 1.0 / config.optimizer.micro_batches_per_step)
-    param_groups = plan.apply(model, partial(stage_param_groups, config=config))
+    unused = partial(possibly_unused, tasks=task_table(config))  # DDP's find_unused_parameters only if some may be
+    param_groups = plan.apply(model, partial(stage_param_groups, config=config), unused)
     opt = config.optimizer
     optimizer = plan.build_optimizer(
-        param_groups, opt.lr, tuple(opt.betas), opt.weight_decay, opt.shard_optimizer_state
+        param_groups, opt.lr, tuple(opt.betas), opt.weight_decay, opt.shard_optimizer_state, opt.implementation
     )
     checkpointer = build_checkpointer(config, ctx, plan)
     if config.eval.every:

@@ -1,5 +1,6 @@
 """Data parallelism (DDP + sharded optimizer state), alone and under tensor parallelism, equals one process."""
 
+import contextlib
 import copy
 
 import pytest
@@ -176,3 +177,102 @@ def test_gradient_reducer_averages_like_ddp_and_starts_buckets_during_backward()
             parts = [r["local"][name] if r["local"][name] is not None else torch.zeros(64, 64) for r in reports]
             assert torch.allclose(reduced[name], sum(parts) / 2, rtol=1e-6, atol=1e-6), name
     assert reports[0]["local"]["b"] is None and reports[0]["reduced"]["b"] is not None
+
+
+def _megatron_ddp_against_torch_ddp(rank, world_size):
+    """Two steps of two micro-batches through torch's DDP and megatron-core's (MegatronGradients),
+    fp64, the same packs per rank: rank 0's packs hold no DM targets, so parameters go unused on one
+    rank (the action heads on both). Then megatron with overlapped buckets on packs that use every
+    trained parameter. Returns both sets of gradients per step."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from megatron_cosmos3.parallel.data_parallel import MegatronGradients
+    from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
+
+    groups = initialize_parallel(ParallelSizes(), CONFIG)
+    try:
+        torch.manual_seed(0)
+        reference = MoTModel(copy.deepcopy(CONFIG)).double()
+        model = copy.deepcopy(reference)
+        torch_ddp = DistributedDataParallel(
+            reference, process_group=groups.data_and_context, find_unused_parameters=True
+        )
+        megatron = MegatronGradients(model, groups, overlap=False)
+
+        def steps(wrapped, start_step, tasks):
+            grads = []
+            for step in range(2):
+                wrapped.module.zero_grad(set_to_none=True)
+                if start_step is not None:
+                    start_step()
+                for micro in range(2):
+                    g = torch.Generator().manual_seed(100 * step + 10 * micro + rank)
+                    batch, targets = add_flow_matching_noise(
+                        random_pack(CONFIG, g, 3, tasks=tasks), FlowMatchingConfig(), g
+                    )
+                    sync = wrapped.no_sync() if micro == 0 else contextlib.nullcontext()
+                    with sync:
+                        (mot_losses(wrapped, batch, targets).total / 2).backward()
+                grads.append(
+                    {n: None if p.grad is None else p.grad.clone() for n, p in wrapped.module.named_parameters()}
+                )
+                if start_step is not None:
+                    megatron.finish()
+                    grads[-1] = {
+                        n: None if p.grad is None else p.grad.clone() for n, p in wrapped.module.named_parameters()
+                    }
+            return grads
+
+        tasks = ("understanding",) if rank == 0 else ("video_to_audio", "text_to_video")
+        report = {"torch": steps(torch_ddp, None, tasks), "megatron": steps(megatron.ddp, megatron.start_step, tasks)}
+        megatron.close()
+        # Overlapped buckets: every step uses every trained parameter (the action heads frozen).
+        torch.manual_seed(0)
+        overlapped = MoTModel(copy.deepcopy(CONFIG)).double()
+        for name, param in overlapped.named_parameters():
+            param.requires_grad_(not name.startswith("dm_streams.action_"))
+        megatron = MegatronGradients(overlapped, groups, overlap=True)
+        report["overlapped"] = steps(megatron.ddp, megatron.start_step, ("video_to_audio",))
+        report["overlapped_buckets"] = len(megatron.ddp.bucket_groups)
+        return report
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.multiprocess
+def test_megatron_ddp_gives_torch_ddps_gradients_and_none_where_no_rank_used_a_parameter():
+    reports = run_on_ranks(_megatron_ddp_against_torch_ddp, 2)
+    for report in reports:
+        for want, got in zip(report["torch"], report["megatron"], strict=True):
+            assert want.keys() == got.keys()
+            for name in want:
+                assert (want[name] is None) == (got[name] is None), name
+                if want[name] is not None:
+                    torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=1e-15, msg=name)
+        last = report["torch"][-1]
+        assert last["dm_streams.action_in.single_arm.weight"] is None  # no rank used it
+        assert last["layers.0.generator.self_attn.q_proj.weight"].abs().sum() > 0  # rank 1 did
+    for step in range(2):  # overlapped: the same average on both ranks, every trained parameter set
+        a, b = (report["overlapped"][step] for report in reports)
+        for name in a:
+            assert (a[name] is None) == name.startswith("dm_streams.action_"), name
+            if a[name] is not None:
+                assert torch.equal(a[name], b[name]), name
+    assert reports[0]["torch"][0]["embed_tokens.weight"] is not None
+
+
+def test_megatron_ddp_settings_translate_and_bad_choices_are_named():
+    from megatron_cosmos3.parallel.data_parallel import megatron_ddp_config
+    from megatron_cosmos3.training.config import load_config
+
+    settings = megatron_ddp_config(bucket_cap_mb=4.0, overlap_grad_reduce=True)
+    assert settings.overlap_grad_reduce and not settings.use_distributed_optimizer
+    assert settings.bucket_size == 2**20 and not settings.grad_reduce_in_fp32 and not settings.average_in_collective
+    assert not megatron_ddp_config(overlap_grad_reduce=False).overlap_grad_reduce
+    with pytest.raises(ValueError, match="ddp_impl='nccl' is not one of"):
+        ParallelSizes(ddp_impl="nccl").validate(2, CONFIG)
+    with pytest.raises(ValueError, match="ddp_impl='megatron' wraps one whole forward per micro-batch; pipeline=2"):
+        ParallelSizes(ddp_impl="megatron", pipeline=2).validate(2, CONFIG)
+    ParallelSizes(ddp_impl="megatron", tensor=2).validate(4, CONFIG)
+    with pytest.raises(ValueError, match="parallel.ddp_impl='megatron' is engine=megatron's; engine='deepspeed'"):
+        load_config(None, ["engine=deepspeed", "parallel.ddp_impl=megatron"])

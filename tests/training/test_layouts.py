@@ -91,6 +91,8 @@ LAYOUTS = {
     ),
     "cp2": (2, ["parallel.context=2", "optimizer.micro_batches_per_step=2"]),
     "dp2-zero": (2, ["optimizer.micro_batches_per_step=1"]),  # one micro-batch per data-parallel rank
+    # megatron-core's DistributedDataParallel averaging the gradients (on gloo through megatron_on_cpu).
+    "dp2-megatron": (2, ["parallel.ddp_impl=megatron", "optimizer.micro_batches_per_step=1"]),
     "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2", "optimizer.micro_batches_per_step=2"]),
     "tp2xcp2": (4, ["parallel.tensor=2", "parallel.context=2", "optimizer.micro_batches_per_step=2"]),
     "pp2xcp2": (4, ["parallel.pipeline=2", "parallel.context=2", "optimizer.micro_batches_per_step=2"]),
