@@ -1,6 +1,5 @@
 """Nano / Super / tiny model configs: Qwen3-VL dimensions, instant meta-device build, parameter counts."""
 
-import time
 from pathlib import Path
 
 import pytest
@@ -36,9 +35,10 @@ def test_config_has_qwen3_vl_dimensions_and_sizes(name):
     ) == (151936, 8, 128, 5e6, [24, 20, 20], False)
     assert config.vision.depth == 27 and config.vision.deepstack_visual_indexes == [8, 16, 24]
 
-    start = time.perf_counter()
     model, vision = build_on_meta(config)
-    assert time.perf_counter() - start < 5.0, "building on the meta device must be instant"
+    # Nothing allocated: every tensor is a meta tensor (how long the build takes is a benchmark's business).
+    tensors = [*model.parameters(), *model.buffers(), *vision.parameters(), *vision.buffers()]
+    assert tensors and all(t.is_meta for t in tensors)
     counts = count_parameters(model, vision)
     assert counts.reasoner == counts.generator
     assert counts.qwen3_vl_equivalent == pytest.approx(size, rel=2e-3)
