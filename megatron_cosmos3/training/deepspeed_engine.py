@@ -156,7 +156,7 @@ class DeepSpeedPlan:
         len(micro_batches)`` through the engine (which accumulates; ``optimizer_step`` reduces)."""
         losses_of = {}
         for m, (batch, targets) in enumerate(micro_batches):
-            self._check_same_modules(batch)
+            batch, targets = self._every_module(batch, targets)
             with torch.set_grad_enabled(not forward_only):
                 with forward_context():
                     if self.split is not None:  # this rank's rows; the loss is the whole micro-batch's
@@ -168,24 +168,17 @@ class DeepSpeedPlan:
             losses_of[m] = losses
         return losses_of
 
-    def _check_same_modules(self, batch) -> None:
-        """Under ZeRO-3 each module's parameters are gathered from every rank as the forward enters
-        it, so every rank's micro-batch must reach the same stream projections (and the ViT); a
-        mismatch would be a collective of different sizes (a crash, or a hang under NCCL). Collective:
-        raises the same RuntimeError on every rank, naming each rank's streams."""
-        if self.zero_stage != 3 or self.world_size == 1:
-            return
-        streams = sorted(key for key, tokens in batch.dm_tokens.items() if tokens.shape[0] > 0)
-        if batch.vision_pixels is not None and batch.vision_pixels.shape[0] > 0:
-            streams.append("vision")
-        everyone = [None] * self.world_size
-        dist.all_gather_object(everyone, streams)
-        if any(ranks != everyone[0] for ranks in everyone):
-            raise RuntimeError(
-                "deepspeed.zero_stage=3 needs every rank's micro-batch to reach the same stream projections, but the "
-                f"ranks' packs hold {dict(enumerate(everyone))}; use deepspeed.zero_stage 1 or 2 for this data "
-                '(docs/DESIGN.md, "The DeepSpeed engine")'
-            )
+    def _every_module(self, batch, targets):
+        """Under ZeRO-3, the micro-batch padded so that the forward enters every stream projection
+        and the ViT on every rank, in one order (``MoTModel.with_every_module``): ZeRO-3 gathers a
+        module's parameters from every rank as the forward enters it, and reduces their gradients in
+        the order the backward produces them, so ranks whose packs hold different streams would
+        otherwise run mismatched collectives. The padding changes no loss; the modules a pack does
+        not reach get exactly zero gradient (which DeepSpeed steps, as it steps every parameter)."""
+        if self.zero_stage != 3:
+            return batch, targets
+        batch = self.model.with_every_module(batch)
+        return batch, {key: targets.get(key, values) for key, values in batch.dm_tokens.items()}
 
     def _backward(self, loss: torch.Tensor) -> None:
         """``loss``'s gradients into the engine, reaching ZeRO's reduction in the same parameter order
@@ -198,10 +191,10 @@ class DeepSpeedPlan:
         computed first (``torch.autograd.grad``, which fires no ZeRO hook; zeros for unused
         parameters) and handed to the engine by the backward of sum(p * g) in the model's parameter
         order: exactly g for every p, in one order everywhere. ZeRO-3's parameters are not whole
-        outside the forward, so there the loss goes to the engine's backward as it is: DeepSpeed
-        sorts each bucket by parameter id, which keeps ranks in step while their packs reach the
-        same parameters (what tests/deepspeed covers); packs that reach different ones are the
-        Megatron-style engine's or ZeRO-1/2's."""
+        outside the forward, so there the loss goes to the engine's backward as it is: every rank's
+        forward entered the same modules in the same order (``_every_module``), so every parameter
+        gets its gradient in the same order everywhere, and DeepSpeed sorts each bucket by
+        parameter id."""
         if self.zero_stage == 3:
             self.engine.backward(loss, scale_wrt_gas=False)
             return
