@@ -211,11 +211,15 @@ class DeepSpeedPlan:
         dist.all_reduce(failed)
         return not bool(failed.item())
 
-    def weights_written(self) -> None:
-        """The model's parameters were written in place (a weights folder, ZeRO-1/2: every rank holds
-        them whole): ZeRO's fp32 master copies are refreshed from them, or the first step would
-        undo the load."""
-        self.engine.optimizer.refresh_fp32_params()
+    @contextlib.contextmanager
+    def writing_weights(self):
+        """Yields a whole replica (``replica``) for a stage's starting weights (a weights folder) to
+        be written into, then hands them to the engine (``load_replica``): its working copy and its
+        fp32 masters, which ZeRO-3 holds only in partitions and which would otherwise undo the load at
+        the first step. Collective."""
+        model, _ = self.replica()
+        yield model
+        self.load_replica(model, None)
 
     def optimizer_step(self, optimizer, max_norm: float, finite: bool) -> tuple[torch.Tensor, bool]:
         """The engine's step: reduces (ZeRO) the accumulated gradients, clips them to the configured
@@ -251,74 +255,106 @@ class DeepSpeedPlan:
         groups = stage_param_groups(model, self.config)
         return model, torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
 
-    def _check_switchable(self) -> None:
-        if self.zero_stage == 3:
-            raise ValueError(
-                "deepspeed.zero_stage=3: switching engines (a Megatron-style checkpoint in or out) is done under "
-                "ZeRO-1 or 2; convert there, then change the stage (DeepSpeed loads its own checkpoints across stages "
-                "only through its universal checkpoint)"
-            )
+    def _flat_partitions(self) -> list[torch.Tensor]:
+        """The engine's flat fp32 master partitions, the tensors its inner AdamW steps."""
+        zero = self.engine.optimizer
+        if self.zero_stage == 3:  # its sub-groups take turns in the inner optimizer's param_groups
+            return list(zero.fp32_partitioned_groups_flat)
+        return [flat for group in zero.optimizer.param_groups for flat in group["params"]]
 
     def _link_optimizer_state(self) -> None:
         """Makes every flat fp32 partition's AdamW state exist (torch creates it lazily, at the first
-        step) and links each parameter's slice of it, so DeepSpeed's ``safe_*_full_optimizer_state``
-        reach it; relinked because loading a checkpoint replaces the state's tensors."""
+        step) so that DeepSpeed's ``safe_*_optimizer_state`` reach it; under ZeRO-1/2 each
+        parameter's slice of it is (re)linked, because loading a checkpoint replaces the state's
+        tensors (ZeRO-3 looks its slices up on every call)."""
         zero = self.engine.optimizer
         inner = zero.optimizer
-        for group in inner.param_groups:
-            for flat in group["params"]:
-                state = inner.state[flat]
-                if not state:
-                    state.update(
-                        step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat)
-                    )
-        zero._hp_optimizer_states_linked = False  # DeepSpeed links once, after its first step
-        zero._lazy_init_hp_params_optimizer_state()
+        for flat in self._flat_partitions():
+            state = inner.state[flat]
+            if not state:
+                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+        if self.zero_stage != 3:
+            zero._hp_optimizer_states_linked = False  # DeepSpeed links once, after its first step
+            zero._lazy_init_hp_params_optimizer_state()
+
+    def _local_part(self, param: nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+        """ZeRO-3: this rank's partition of the whole tensor ``full`` of ``param`` (the last one
+        padded with zeros to the partition size, as ZeRO-3 pads it)."""
+        size, rank = param.ds_tensor.numel(), dist.get_rank()
+        flat = full.detach().reshape(-1)
+        flat = torch.nn.functional.pad(flat, (0, size * self.world_size - flat.numel()))
+        return flat.narrow(0, size * rank, size)
+
+    def _set_full(self, param: nn.Parameter, value: torch.Tensor, state: dict) -> None:
+        """Sets ``param``'s working copy, and if it trains its fp32 master and the AdamW moments in
+        ``state``, from whole tensors."""
+        from deepspeed.utils import (
+            safe_set_full_fp32_param,
+            safe_set_full_optimizer_state,
+            safe_set_local_fp32_param,
+            safe_set_local_optimizer_state,
+        )
+
+        with torch.no_grad():
+            if self.zero_stage == 3:  # each rank holds its partition only
+                param.ds_tensor.copy_(self._local_part(param, value))
+            else:
+                param.copy_(value)
+        if not param.requires_grad:
+            return
+        if self.zero_stage == 3:  # DeepSpeed's full setters do not pad the last partition
+            safe_set_local_fp32_param(param, self._local_part(param, value).float())
+            for key in ADAM_MOMENTS:
+                if key in state:
+                    safe_set_local_optimizer_state(param, self._local_part(param, state[key]), key)
+            return
+        safe_set_full_fp32_param(param, value)
+        for key in ADAM_MOMENTS:
+            if key in state:
+                safe_set_full_optimizer_state(param, state[key], key)
+
+    def _working_copy(self, param: nn.Parameter) -> torch.Tensor:
+        """``param``'s whole working copy (collective under ZeRO-3)."""
+        if self.zero_stage != 3:
+            return param.detach()
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            return param.detach().clone()
 
     def load_replica(self, model: MoTModel, optimizer: torch.optim.AdamW | None) -> None:
         """Sets the engine's weights (working copy and fp32 master) and, with ``optimizer``, its AdamW
-        moments and step from a ``replica`` (ZeRO-1/2; every rank holds the whole working copy)."""
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        self._check_switchable()
+        moments and step from a ``replica`` (every ZeRO stage; collective under ZeRO-3)."""
         self._link_optimizer_state()
         source = dict(model.named_parameters())
         steps = set()
         for name, param in self.model.named_parameters():
-            value = source[name].detach()
-            with torch.no_grad():
-                param.copy_(value)
-            if not param.requires_grad:
-                continue
-            safe_set_full_fp32_param(param, value)
-            state = optimizer.state.get(source[name], {}) if optimizer is not None else {}
-            for key in ADAM_MOMENTS:
-                if key in state:
-                    safe_set_full_optimizer_state(param, state[key], key)
+            state = optimizer.state.get(source[name], {}) if optimizer is not None and param.requires_grad else {}
+            self._set_full(param, source[name].detach(), state)
             if "step" in state:
                 steps.add(float(state["step"]))
         if len(steps) > 1:
             raise ValueError(f"the checkpoint's parameters have taken different numbers of AdamW steps {sorted(steps)}")
         if steps:  # DeepSpeed keeps one step count per flat partition
             (step,) = steps
-            for state in self.engine.optimizer.optimizer.state.values():
-                state["step"] = torch.tensor(step, dtype=torch.float32)
+            for flat in self._flat_partitions():
+                self.engine.optimizer.optimizer.state[flat]["step"] = torch.tensor(step, dtype=torch.float32)
 
     def replica_of_engine(self) -> tuple[MoTModel, torch.optim.AdamW]:
-        """The engine's fp32 weights, AdamW moments and step as a ``replica`` (ZeRO-1/2)."""
+        """The engine's fp32 weights, AdamW moments and step as a ``replica`` (every ZeRO stage;
+        collective under ZeRO-3)."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-        self._check_switchable()
         self._link_optimizer_state()
         model, optimizer = self.replica()
         target = dict(model.named_parameters())
         inner = self.engine.optimizer.optimizer
-        step = next((state["step"] for state in inner.state.values() if "step" in state), None)
+        step = inner.state[self._flat_partitions()[0]]["step"]
         for name, param in self.model.named_parameters():
             copy = target[name]
             with torch.no_grad():
-                copy.copy_(safe_get_full_fp32_param(param) if param.requires_grad else param.detach())
-            if param.requires_grad and step is not None and float(step) > 0:  # an engine that has stepped
+                copy.copy_(safe_get_full_fp32_param(param) if param.requires_grad else self._working_copy(param))
+            if param.requires_grad and float(step) > 0:  # an engine that has stepped
                 state = optimizer.state[copy]
                 for key in ADAM_MOMENTS:
                     state[key] = safe_get_full_optimizer_state(param, key).detach().clone().cpu()
@@ -426,9 +462,10 @@ class DeepSpeedCheckpointer(Checkpointer):
 
 
 def convert_checkpoint(config: TrainConfig, ctx, source: str | Path, target_root: str | Path) -> Path:
-    """Converts the checkpoint folder ``source`` between the engines: a DeepSpeed one (ZeRO-1/2,
-    saved on this many ranks) into a Megatron-style one, or a Megatron-style one into a DeepSpeed
-    one, committed as ``target_root/step_<N>`` with the same step, RNG, loader state and meta.
+    """Converts the checkpoint folder ``source`` between the engines: a DeepSpeed one (any ZeRO
+    stage, saved on this many ranks with ``config``'s stage) into a Megatron-style one, or a
+    Megatron-style one into a DeepSpeed one, committed as ``target_root/step_<N>`` with the same
+    step, RNG, loader state and meta.
     Collective on the ranks of an ``engine=deepspeed`` run of ``config`` (``ctx``)."""
     import copy
 
@@ -460,7 +497,7 @@ def main(argv: list[str] | None = None) -> None:
     from megatron_cosmos3.training.distributed import init_distributed
 
     parser = argparse.ArgumentParser(
-        description="Convert a checkpoint folder between engine=megatron and engine=deepspeed (ZeRO-1/2)."
+        description="Convert a checkpoint folder between engine=megatron and engine=deepspeed (ZeRO-1/2/3)."
     )
     parser.add_argument("--config", action="append", default=[], help="the run's YAML config; repeat to layer")
     parser.add_argument("source", help="a step_<N> checkpoint folder of either engine")

@@ -105,14 +105,18 @@ def _preempted_then_resumed(root: Path, name: str, *extra: str) -> list[str]:
 
 
 def _switch_engines(root: Path) -> float:
-    """The one-process run's step-2 checkpoint converted to DeepSpeed (ZeRO-1) and back; then the
-    DeepSpeed run continues from the converted one. Returns its step-3 loss."""
+    """The one-process run's step-2 checkpoint converted to DeepSpeed ZeRO-1 and back, that one to
+    ZeRO-3 and back; then a ZeRO-3 run continues from the converted one. Returns its step-3 loss."""
     from megatron_cosmos3.training.deepspeed_engine import convert_checkpoint
 
-    config = load_config(None, overrides(root, "switched", "engine=deepspeed", "tracking.enabled=false"))
-    converted = convert_checkpoint(config, _context(), root / "single" / "step_00000002", root / "switched")
-    convert_checkpoint(config, _context(), converted, root / "switched-back")
-    return _train(root, "switched", "engine=deepspeed", "tracking.enabled=false")["loss"]
+    def convert(source: Path, target: str, zero_stage: int) -> Path:
+        settings = ("engine=deepspeed", f"deepspeed.zero_stage={zero_stage}", "tracking.enabled=false")
+        config = load_config(None, overrides(root, target, *settings))
+        return convert_checkpoint(config, _context(), source, root / target)
+
+    back = convert(convert(root / "single" / "step_00000002", "switched", 1), "switched-back", 1)
+    convert(convert(back, "switched3", 3), "switched3-back", 3)
+    return _train(root, "switched3", "engine=deepspeed", "deepspeed.zero_stage=3", "tracking.enabled=false")["loss"]
 
 
 def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
@@ -133,8 +137,8 @@ def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
         if rank == 0:
             step = root / f"zero{stage}" / "step_00000003"
             weights[stage] = get_fp32_state_dict_from_zero_checkpoint(str(step), tag="deepspeed")
-    # A stage started from a weights folder (ZeRO's fp32 masters follow the loaded weights).
-    _train(root, "zero2-from-weights", "engine=deepspeed", "deepspeed.zero_stage=2", *from_weights(root))
+    # A stage started from a weights folder (ZeRO-3's partitions and fp32 masters follow the loaded weights).
+    _train(root, "zero3-from-weights", "engine=deepspeed", "deepspeed.zero_stage=3", *from_weights(root))
     # DeepSpeed-Ulysses: both ranks split each pack's rows (one data rank with two micro-batches).
     ulysses = ("engine=deepspeed", "deepspeed.zero_stage=2", "parallel.context=2", "optimizer.micro_batches_per_step=2")
     _train(root, "ulysses", *ulysses)
@@ -275,10 +279,12 @@ def _megatron_state(root: Path, checkpoint: str) -> tuple[dict, dict]:
 
 
 @pytest.mark.multiprocess
-def test_megatron_to_deepspeed_and_back_is_bit_identical(runs):
+@pytest.mark.parametrize("back", ["switched-back", "switched3-back"])
+def test_megatron_to_deepspeed_and_back_is_bit_identical(runs, back):
+    """Through ZeRO-1, and through ZeRO-3 (whose partitions of odd-sized tensors are padded)."""
     root, *_ = runs
     (weights, adam), (back_weights, back_adam) = (
-        _megatron_state(root, name) for name in ("single/step_00000002", "switched-back/step_00000002")
+        _megatron_state(root, name) for name in ("single/step_00000002", f"{back}/step_00000002")
     )
     assert sorted(back_weights) == sorted(weights) and sorted(back_adam) == sorted(adam) and adam
     for name, tensor in weights.items():
@@ -325,5 +331,5 @@ def test_the_ranks_packs_hold_different_streams():
 def test_a_stage_starts_from_a_weights_folder_like_one_process(runs):
     root, *_ = runs
     want = history(root, "single-from-weights")
-    assert history(root, "zero2-from-weights") == pytest.approx(want, rel=1e-5)
+    assert history(root, "zero3-from-weights") == pytest.approx(want, rel=1e-5)
     assert want[0] != pytest.approx(history(root, "single")[0], rel=1e-3)  # the folder's weights, not the seed's
