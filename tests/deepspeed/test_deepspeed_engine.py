@@ -2,8 +2,10 @@
 stops and resumes exactly, and never compiles a DeepSpeed op (docs/DESIGN.md, "The DeepSpeed engine").
 
 DeepSpeed's import is slow, so one ``run_on_ranks`` call runs every multi-process check in the same
-two ranks: the three ZeRO stages (ZeRO-2 preempted and resumed), DeepSpeed-Ulysses, the engine
-switch."""
+two ranks: the three ZeRO stages on packs whose streams differ between the ranks (ZeRO-2 preempted
+and resumed, ZeRO-3 writing generation samples), a ZeRO-3 stage from a weights folder,
+DeepSpeed-Ulysses, bf16 (ZeRO-2, writing generation samples) and the engine switch through ZeRO-1
+and ZeRO-3."""
 
 from __future__ import annotations
 
@@ -53,6 +55,8 @@ COMMON = [
     f"tracking.experiment={EXPERIMENT}",
 ]
 STAGES = (1, 2, 3)
+BF16 = ("precision=bf16", "steps=2")
+SAMPLES = ("tracking.generation_samples=true",)
 FROZEN = ("dm_streams.action_in.single_arm.", "dm_streams.action_out.single_arm.")
 
 
@@ -128,8 +132,9 @@ def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
     weights, outcomes = {}, []
     for stage in STAGES:
         settings = ("engine=deepspeed", f"deepspeed.zero_stage={stage}")
-        if stage == 3:  # with the optimizer state offloaded to host memory (torch's AdamW there too)
-            settings += ("deepspeed.offload_optimizer=true",)
+        if stage == 3:  # with the optimizer state offloaded to host memory (torch's AdamW there too),
+            # and the generation samples at its save (every rank denoises under ZeRO-3)
+            settings += ("deepspeed.offload_optimizer=true", *SAMPLES)
         if stage == 2:
             outcomes = _preempted_then_resumed(root, "zero2", *settings)
         else:
@@ -142,10 +147,19 @@ def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
     # DeepSpeed-Ulysses: both ranks split each pack's rows (one data rank with two micro-batches).
     ulysses = ("engine=deepspeed", "deepspeed.zero_stage=2", "parallel.context=2", "optimizer.micro_batches_per_step=2")
     _train(root, "ulysses", *ulysses)
+    # bf16 under ZeRO-2, with the generation samples at its save (rank 0 denoises alone).
+    _train(root, "zero2-bf16", "engine=deepspeed", "deepspeed.zero_stage=2", *BF16, *SAMPLES)
+    bf16 = {}
+    if rank == 0:
+        step = root / "zero2-bf16" / "step_00000002"
+        bf16["masters"] = get_fp32_state_dict_from_zero_checkpoint(str(step), tag="deepspeed")
+        saved = torch.load(step / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)
+        bf16["working"] = saved["module"]
     return {
         "weights": weights,
         "switched_loss": _switch_engines(root),
         "outcomes": outcomes,
+        "bf16": bf16,
     }
 
 
@@ -162,6 +176,8 @@ def runs(tmp_path_factory):
     _write_weights_folder(root / "weights")
     reference = overrides(root, "single-from-weights", "optimizer.micro_batches_per_step=2", *from_weights(root))
     train_module.train(load_config(None, reference), DistributedContext(0, 1, 0, torch.device("cpu")))
+    bf16 = overrides(root, "single-bf16", "optimizer.micro_batches_per_step=2", *BF16)
+    train_module.train(load_config(None, bf16), DistributedContext(0, 1, 0, torch.device("cpu")))
     extensions = root / "torch_extensions"
     for op in ("deepspeed_shm_comm", "cpu_adam", "fused_adam"):
         (extensions / op).mkdir(parents=True)
@@ -333,3 +349,42 @@ def test_a_stage_starts_from_a_weights_folder_like_one_process(runs):
     want = history(root, "single-from-weights")
     assert history(root, "zero3-from-weights") == pytest.approx(want, rel=1e-5)
     assert want[0] != pytest.approx(history(root, "single")[0], rel=1e-3)  # the folder's weights, not the seed's
+
+
+@pytest.mark.multiprocess
+def test_bf16_computes_in_bf16_on_fp32_masters_and_follows_the_megatron_style_bf16_run(runs):
+    """precision=bf16 under ZeRO-2: the engine's working weights are bf16 (what the forward runs
+    on), its masters fp32 (holding what bf16 cannot), and its losses follow the Megatron-style
+    engine's bf16 run (fp32 weights under bf16 autocast)."""
+    root, results, *_ = runs
+    masters, working = results["bf16"]["masters"], results["bf16"]["working"]
+    q = "layers.0.generator.self_attn.q_proj.weight"
+    assert working[q].dtype == torch.bfloat16 and masters[q].dtype == torch.float32
+    for name, master in masters.items():  # the working copy is the master rounded to bf16
+        assert torch.equal(working[name], master.to(torch.bfloat16)), name
+    assert not torch.equal(masters[q], masters[q].to(torch.bfloat16).float())  # more than bf16 holds
+    # bf16 keeps 8 significant bits (relative rounding 2^-9 = 2e-3 per value). The loss, a mean
+    # over every token, averages the roundings out: here the two engines' bf16 losses differed by
+    # 2e-6 (step 1) and 1.1e-4 (step 2, after one update on weights DeepSpeed rounds to bf16 and the
+    # other engine does not), their gradient norms by 1e-3. Ten times that is the bound.
+    assert history(root, "zero2-bf16") == pytest.approx(history(root, "single-bf16"), rel=1e-3)
+    want_norms = history(root, "single-bf16", "grad_norm")
+    assert history(root, "zero2-bf16", "grad_norm") == pytest.approx(want_norms, rel=1e-2)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", ["zero3", "zero2-bf16"])
+def test_generation_samples_are_written_at_the_save(runs, name):
+    """Under ZeRO-3 (every rank denoises) and ZeRO-1/2 (rank 0 alone): one folder per task the run
+    trains with DM targets, each with its generated latents, finite."""
+    import numpy as np
+
+    from megatron_cosmos3.training.samples import trained_dm_tasks
+
+    root, *_ = runs
+    steps = 2 if name.endswith("bf16") else 3
+    folder = root / name / "samples" / f"step_{steps:08d}"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(trained_dm_tasks(load_config(None, COMMON)))
+    for task in folder.iterdir():
+        with np.load(task / "latents.npz") as latents:
+            assert latents.files and all(np.isfinite(latents[key]).all() for key in latents.files), task
