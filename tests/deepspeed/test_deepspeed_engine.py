@@ -5,13 +5,14 @@ DeepSpeed's import is slow, so one ``run_on_ranks`` call runs every multi-proces
 two ranks: the three ZeRO stages on packs whose streams differ between the ranks (ZeRO-2 preempted
 and resumed, ZeRO-3 writing generation samples), a ZeRO-3 stage from a weights folder,
 DeepSpeed-Ulysses, bf16 (ZeRO-2, writing generation samples) and the engine switch through ZeRO-1
-and ZeRO-3."""
+and ZeRO-3; then one rank continues the switched checkpoint (another world size)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -163,6 +164,13 @@ def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
     }
 
 
+def _on_one_rank(rank: int, world_size: int, root: Path) -> float:
+    """The Megatron-style step-2 checkpoint converted back from 2-rank ZeRO-3 (a copy of
+    switched3-back), continued by a 1-rank ZeRO-3 run with both micro-batches; its step-3 loss."""
+    settings = ("engine=deepspeed", "deepspeed.zero_stage=3", "optimizer.micro_batches_per_step=2")
+    return _train(root, "one-rank", *settings, "tracking.enabled=false", "eval.every=0")["loss"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The one-process Megatron-style reference (two micro-batches per step: the global batch of
@@ -187,6 +195,8 @@ def runs(tmp_path_factory):
     os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions)
     try:
         results = run_on_ranks(_deepspeed_runs, 2, root, timeout_s=400)[0]
+        shutil.copytree(root / "switched3-back", root / "one-rank")
+        results["one_rank_loss"] = run_on_ranks(_on_one_rank, 1, root, timeout_s=200)[0]
     finally:
         if old is None:
             del os.environ["TORCH_EXTENSIONS_DIR"]
@@ -317,6 +327,15 @@ def test_a_run_switched_to_deepspeed_continues_like_the_unswitched_one(runs):
     root, results, *_ = runs
     assert results["switched_loss"] == pytest.approx(history(root, "single")[2], rel=1e-5)
     assert results["switched_loss"] != pytest.approx(history(root, "single")[1], rel=1e-3)  # step 3, not 2
+
+
+@pytest.mark.multiprocess
+def test_a_deepspeed_checkpoint_continues_on_another_world_size_through_the_converter(runs):
+    """2-rank ZeRO-3 -> Megatron-style (convert_checkpoint) -> resumed by 1 rank: the unswitched
+    run's step 3 (the global batch is the same two packs)."""
+    root, results, *_ = runs
+    assert results["one_rank_loss"] == pytest.approx(history(root, "single")[2], rel=1e-5)
+    assert results["one_rank_loss"] != pytest.approx(history(root, "single")[1], rel=1e-3)  # step 3, not 2
 
 
 @pytest.mark.multiprocess
