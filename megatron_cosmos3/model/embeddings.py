@@ -62,6 +62,13 @@ class DMStreamProjections(nn.Module):
             nn.init.normal_(layer.weight, std=self.init_std)
             nn.init.zeros_(layer.bias)
 
+    def stream_widths(self) -> dict[str, int]:
+        """Every stream key this model projects -> its width, in one fixed order (media, then the
+        embodiments as registered)."""
+        widths = {key: layer.in_features for key, layer in self.media_in.items()}
+        widths.update({action_stream_key(name): layer.in_features for name, layer in self.action_in.items()})
+        return widths
+
     def _pair(self, key: str) -> tuple[nn.Linear, nn.Linear]:
         if key.startswith(ACTION_STREAM_PREFIX):
             name = key[len(ACTION_STREAM_PREFIX) :]

@@ -221,6 +221,8 @@ class MoTModel(nn.Module):
                 "the pack carries pictures (vision_pixels) but the model has no ViT: set model.vision "
                 "(MoTModel.add_vision_encoder)"
             )
+        if batch.vision_pixels.shape[0] == 0:  # an empty picture set (with_every_module): the ViT still runs
+            return self._blank_vision(batch)
         if self.vision.sharing is None:
             features = self.vision(batch.vision_pixels, batch.vision_grid_thw)
         else:  # this rank encodes its share of the pictures, then all are gathered
@@ -236,6 +238,25 @@ class MoTModel(nn.Module):
         return batch.replace(
             ar_vision_embeds=features.embeds, ar_deepstack_embeds=deepstack, vision_pixels=None, vision_grid_thw=None
         )
+
+    def _blank_vision(self, batch: PackedBatch) -> PackedBatch:
+        """``batch`` (no ViT rows) after its ViT ran on one blank picture of which no token is kept:
+        the ViT's parameters are in the step's graph with exactly zero gradient."""
+        m = self.config.vision.spatial_merge_size
+        grid = torch.tensor([[1, m, m]], device=batch.vision_pixels.device)
+        features = self.vision(batch.vision_pixels.new_zeros(m * m, self.vision.patch_dim), grid)
+        deepstack = features.deepstack[:, :0] if features.deepstack.shape[0] else None
+        kept = dict(ar_vision_embeds=features.embeds[:0], ar_deepstack_embeds=deepstack)
+        return batch.replace(**kept, vision_pixels=None, vision_grid_thw=None)
+
+    def with_every_module(self, batch: PackedBatch) -> PackedBatch:
+        """``batch`` padded so that this model's forward on it calls every DM stream projection and
+        (with a ViT) the ViT, in one fixed order, whatever the pack holds: empty streams and an empty
+        picture set, which change no loss and give the modules they reach exactly zero gradient.
+        ZeRO-3 gathers each module's parameters as the forward enters it, so its ranks must all
+        enter the same modules (docs/DESIGN.md, "The DeepSpeed engine")."""
+        patch_dim = self.vision.patch_dim if self.vision is not None else None
+        return batch.with_every_stream(self.dm_streams.stream_widths(), patch_dim)
 
     def add_embodiment(self, name: str, embodiment: EmbodimentConfig) -> None:
         """Adds a new embodiment's action projections; every existing weight stays as it is."""

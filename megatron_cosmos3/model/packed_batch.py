@@ -124,6 +124,29 @@ class PackedBatch:
     def replace(self, **changes) -> PackedBatch:
         return dataclasses.replace(self, **changes)
 
+    def with_every_stream(self, stream_widths: dict[str, int], patch_dim: int | None = None) -> PackedBatch:
+        """The same pack holding every stream of ``stream_widths`` (key -> width), in that order,
+        with zero rows where it has none of them, and with ``patch_dim`` an (empty) picture set where
+        it carries no pictures: a model run on it calls every stream projection (and its ViT) whatever
+        the pack holds (``MoTModel.with_every_module``). The tokens, their rows and the losses are
+        unchanged; only the order of the stream keys may differ."""
+        unknown = sorted(set(self.dm_tokens) - set(stream_widths))
+        if unknown:
+            raise ValueError(
+                f"PackedBatch.with_every_stream: the pack's streams {unknown} are not in {list(stream_widths)}"
+            )
+        like, rows = self.dm_timesteps, self.dm_noise_mask.new_zeros(0, dtype=torch.long)
+        tokens = {key: self.dm_tokens.get(key, like.new_zeros(0, width)) for key, width in stream_widths.items()}
+        index = {key: self.dm_token_index.get(key, rows) for key in stream_widths}
+        changes = dict(dm_tokens=tokens, dm_token_index=index)
+        if patch_dim is not None and self.vision_pixels is None and self.ar_vision_embeds is None:
+            changes.update(
+                vision_pixels=torch.zeros(0, patch_dim, dtype=torch.uint8, device=like.device),
+                vision_grid_thw=torch.zeros(0, 3, dtype=torch.long, device=like.device),
+                ar_is_vision=torch.zeros_like(self.ar_token_ids, dtype=torch.bool),
+            )
+        return self.replace(**changes)
+
     @classmethod
     def from_samples(cls, samples: list[PackedSample]) -> PackedBatch:
         """Concatenates samples into the two-stream packed form, validating each one."""
@@ -280,7 +303,7 @@ class PackedBatch:
                 f"vision_grid_thw covers {patches} patches, vision_pixels has shape {tuple(self.vision_pixels.shape)}",
             )
             require(
-                patches % n_vision == 0,
+                patches == 0 if n_vision == 0 else patches % n_vision == 0,
                 f"vision_pixels has {patches} patches for the {n_vision} ViT tokens of ar_is_vision (not a whole "
                 "number of patches per token)",
             )

@@ -242,9 +242,11 @@ class ParallelPlan:
         counted = self.stages.norm_parameters() if self.stages is not None else None
         return clip_grad_norm(self.state_owner.parameters(), max_norm, self.groups, counted)
 
-    def weights_written(self) -> None:
-        """Told that the model's parameters were written in place (a stage starting from a weights
-        folder); the optimizer reads them as they are, so nothing follows here."""
+    @contextlib.contextmanager
+    def writing_weights(self):
+        """Yields the module whose parameters a stage's starting weights (a weights folder) are
+        written into in place: this rank's ``state_owner``; the optimizer reads them as they are."""
+        yield self.state_owner
 
     def optimizer_step(self, optimizer, max_norm: float, finite: bool) -> tuple[torch.Tensor, bool]:
         """Completes and clips the gradients (``finish_gradients``) and steps ``optimizer`` when the

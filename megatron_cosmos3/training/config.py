@@ -301,15 +301,6 @@ class TrainConfig:
             raise ValueError(f"checkpoint.directory={directory!r} exists and is not a directory")
         if self.stage.init_from and not os.path.exists(self.stage.init_from):
             raise ValueError(f"stage.init_from={self.stage.init_from!r} does not exist")
-        if self.engine == "deepspeed" and self.deepspeed.zero_stage == 3 and self.stage.init_from:
-            from megatron_cosmos3.checkpoint.weights_folder import is_weights_folder
-
-            if is_weights_folder(self.stage.init_from):  # its loader fills whole parameters, ZeRO-3's are split
-                raise ValueError(
-                    f"stage.init_from={self.stage.init_from!r} is a weights folder, which engine=deepspeed with "
-                    "deepspeed.zero_stage=3 does not start from; start the stage with zero_stage 1 or 2 (or "
-                    "engine=megatron)"
-                )
         if self.data_source == "shards":
             self.data.check_paths()
             if self.eval.every:

@@ -157,7 +157,7 @@ class DeepSpeedPlan:
         len(micro_batches)`` through the engine (which accumulates; ``optimizer_step`` reduces)."""
         losses_of = {}
         for m, (batch, targets) in enumerate(micro_batches):
-            self._check_same_modules(batch)
+            batch, targets = self._every_module(batch, targets)
             with torch.set_grad_enabled(not forward_only):
                 with forward_context():
                     if self.split is not None:  # this rank's rows; the loss is the whole micro-batch's
@@ -169,24 +169,17 @@ class DeepSpeedPlan:
             losses_of[m] = losses
         return losses_of
 
-    def _check_same_modules(self, batch) -> None:
-        """Under ZeRO-3 each module's parameters are gathered from every rank as the forward enters
-        it, so every rank's micro-batch must reach the same stream projections (and the ViT); a
-        mismatch would be a collective of different sizes (a crash, or a hang under NCCL). Collective:
-        raises the same RuntimeError on every rank, naming each rank's streams."""
-        if self.zero_stage != 3 or self.world_size == 1:
-            return
-        streams = sorted(key for key, tokens in batch.dm_tokens.items() if tokens.shape[0] > 0)
-        if batch.vision_pixels is not None and batch.vision_pixels.shape[0] > 0:
-            streams.append("vision")
-        everyone = [None] * self.world_size
-        dist.all_gather_object(everyone, streams)
-        if any(ranks != everyone[0] for ranks in everyone):
-            raise RuntimeError(
-                "deepspeed.zero_stage=3 needs every rank's micro-batch to reach the same stream projections, but the "
-                f"ranks' packs hold {dict(enumerate(everyone))}; use deepspeed.zero_stage 1 or 2 for this data "
-                '(docs/DESIGN.md, "The DeepSpeed engine")'
-            )
+    def _every_module(self, batch, targets):
+        """Under ZeRO-3, the micro-batch padded so that the forward enters every stream projection
+        and the ViT on every rank, in one order (``MoTModel.with_every_module``): ZeRO-3 gathers a
+        module's parameters from every rank as the forward enters it, and reduces their gradients in
+        the order the backward produces them, so ranks whose packs hold different streams would
+        otherwise run mismatched collectives. The padding changes no loss; the modules a pack does
+        not reach get exactly zero gradient (which DeepSpeed steps, as it steps every parameter)."""
+        if self.zero_stage != 3:
+            return batch, targets
+        batch = self.model.with_every_module(batch)
+        return batch, {key: targets.get(key, values) for key, values in batch.dm_tokens.items()}
 
     def _backward(self, loss: torch.Tensor) -> None:
         """``loss``'s gradients into the engine, reaching ZeRO's reduction in the same parameter order
@@ -199,10 +192,10 @@ class DeepSpeedPlan:
         computed first (``torch.autograd.grad``, which fires no ZeRO hook; zeros for unused
         parameters) and handed to the engine by the backward of sum(p * g) in the model's parameter
         order: exactly g for every p, in one order everywhere. ZeRO-3's parameters are not whole
-        outside the forward, so there the loss goes to the engine's backward as it is: DeepSpeed
-        sorts each bucket by parameter id, which keeps ranks in step while their packs reach the
-        same parameters (what tests/deepspeed covers); packs that reach different ones are the
-        Megatron-style engine's or ZeRO-1/2's."""
+        outside the forward, so there the loss goes to the engine's backward as it is: every rank's
+        forward entered the same modules in the same order (``_every_module``), so every parameter
+        gets its gradient in the same order everywhere, and DeepSpeed sorts each bucket by
+        parameter id."""
         if self.zero_stage == 3:
             self.engine.backward(loss, scale_wrt_gas=False)
             return
@@ -219,11 +212,15 @@ class DeepSpeedPlan:
         dist.all_reduce(failed)
         return not bool(failed.item())
 
-    def weights_written(self) -> None:
-        """The model's parameters were written in place (a weights folder, ZeRO-1/2: every rank holds
-        them whole): ZeRO's fp32 master copies are refreshed from them, or the first step would
-        undo the load."""
-        self.engine.optimizer.refresh_fp32_params()
+    @contextlib.contextmanager
+    def writing_weights(self):
+        """Yields a whole replica (``replica``) for a stage's starting weights (a weights folder) to
+        be written into, then hands them to the engine (``load_replica``): its working copy and its
+        fp32 masters, which ZeRO-3 holds only in partitions and which would otherwise undo the load at
+        the first step. Collective."""
+        model, _ = self.replica()
+        yield model
+        self.load_replica(model, None)
 
     def optimizer_step(self, optimizer, max_norm: float, finite: bool) -> tuple[torch.Tensor, bool]:
         """The engine's step: reduces (ZeRO) the accumulated gradients, clips them to the configured
@@ -259,74 +256,106 @@ class DeepSpeedPlan:
         groups = stage_param_groups(model, self.config)
         return model, torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
 
-    def _check_switchable(self) -> None:
-        if self.zero_stage == 3:
-            raise ValueError(
-                "deepspeed.zero_stage=3: switching engines (a Megatron-style checkpoint in or out) is done under "
-                "ZeRO-1 or 2; convert there, then change the stage (DeepSpeed loads its own checkpoints across stages "
-                "only through its universal checkpoint)"
-            )
+    def _flat_partitions(self) -> list[torch.Tensor]:
+        """The engine's flat fp32 master partitions, the tensors its inner AdamW steps."""
+        zero = self.engine.optimizer
+        if self.zero_stage == 3:  # its sub-groups take turns in the inner optimizer's param_groups
+            return list(zero.fp32_partitioned_groups_flat)
+        return [flat for group in zero.optimizer.param_groups for flat in group["params"]]
 
     def _link_optimizer_state(self) -> None:
         """Makes every flat fp32 partition's AdamW state exist (torch creates it lazily, at the first
-        step) and links each parameter's slice of it, so DeepSpeed's ``safe_*_full_optimizer_state``
-        reach it; relinked because loading a checkpoint replaces the state's tensors."""
+        step) so that DeepSpeed's ``safe_*_optimizer_state`` reach it; under ZeRO-1/2 each
+        parameter's slice of it is (re)linked, because loading a checkpoint replaces the state's
+        tensors (ZeRO-3 looks its slices up on every call)."""
         zero = self.engine.optimizer
         inner = zero.optimizer
-        for group in inner.param_groups:
-            for flat in group["params"]:
-                state = inner.state[flat]
-                if not state:
-                    state.update(
-                        step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat)
-                    )
-        zero._hp_optimizer_states_linked = False  # DeepSpeed links once, after its first step
-        zero._lazy_init_hp_params_optimizer_state()
+        for flat in self._flat_partitions():
+            state = inner.state[flat]
+            if not state:
+                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+        if self.zero_stage != 3:
+            zero._hp_optimizer_states_linked = False  # DeepSpeed links once, after its first step
+            zero._lazy_init_hp_params_optimizer_state()
+
+    def _local_part(self, param: nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+        """ZeRO-3: this rank's partition of the whole tensor ``full`` of ``param`` (the last one
+        padded with zeros to the partition size, as ZeRO-3 pads it)."""
+        size, rank = param.ds_tensor.numel(), dist.get_rank()
+        flat = full.detach().reshape(-1)
+        flat = torch.nn.functional.pad(flat, (0, size * self.world_size - flat.numel()))
+        return flat.narrow(0, size * rank, size)
+
+    def _set_full(self, param: nn.Parameter, value: torch.Tensor, state: dict) -> None:
+        """Sets ``param``'s working copy, and if it trains its fp32 master and the AdamW moments in
+        ``state``, from whole tensors."""
+        from deepspeed.utils import (
+            safe_set_full_fp32_param,
+            safe_set_full_optimizer_state,
+            safe_set_local_fp32_param,
+            safe_set_local_optimizer_state,
+        )
+
+        with torch.no_grad():
+            if self.zero_stage == 3:  # each rank holds its partition only
+                param.ds_tensor.copy_(self._local_part(param, value))
+            else:
+                param.copy_(value)
+        if not param.requires_grad:
+            return
+        if self.zero_stage == 3:  # DeepSpeed's full setters do not pad the last partition
+            safe_set_local_fp32_param(param, self._local_part(param, value).float())
+            for key in ADAM_MOMENTS:
+                if key in state:
+                    safe_set_local_optimizer_state(param, self._local_part(param, state[key]), key)
+            return
+        safe_set_full_fp32_param(param, value)
+        for key in ADAM_MOMENTS:
+            if key in state:
+                safe_set_full_optimizer_state(param, state[key], key)
+
+    def _working_copy(self, param: nn.Parameter) -> torch.Tensor:
+        """``param``'s whole working copy (collective under ZeRO-3)."""
+        if self.zero_stage != 3:
+            return param.detach()
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            return param.detach().clone()
 
     def load_replica(self, model: MoTModel, optimizer: torch.optim.AdamW | None) -> None:
         """Sets the engine's weights (working copy and fp32 master) and, with ``optimizer``, its AdamW
-        moments and step from a ``replica`` (ZeRO-1/2; every rank holds the whole working copy)."""
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        self._check_switchable()
+        moments and step from a ``replica`` (every ZeRO stage; collective under ZeRO-3)."""
         self._link_optimizer_state()
         source = dict(model.named_parameters())
         steps = set()
         for name, param in self.model.named_parameters():
-            value = source[name].detach()
-            with torch.no_grad():
-                param.copy_(value)
-            if not param.requires_grad:
-                continue
-            safe_set_full_fp32_param(param, value)
-            state = optimizer.state.get(source[name], {}) if optimizer is not None else {}
-            for key in ADAM_MOMENTS:
-                if key in state:
-                    safe_set_full_optimizer_state(param, state[key], key)
+            state = optimizer.state.get(source[name], {}) if optimizer is not None and param.requires_grad else {}
+            self._set_full(param, source[name].detach(), state)
             if "step" in state:
                 steps.add(float(state["step"]))
         if len(steps) > 1:
             raise ValueError(f"the checkpoint's parameters have taken different numbers of AdamW steps {sorted(steps)}")
         if steps:  # DeepSpeed keeps one step count per flat partition
             (step,) = steps
-            for state in self.engine.optimizer.optimizer.state.values():
-                state["step"] = torch.tensor(step, dtype=torch.float32)
+            for flat in self._flat_partitions():
+                self.engine.optimizer.optimizer.state[flat]["step"] = torch.tensor(step, dtype=torch.float32)
 
     def replica_of_engine(self) -> tuple[MoTModel, torch.optim.AdamW]:
-        """The engine's fp32 weights, AdamW moments and step as a ``replica`` (ZeRO-1/2)."""
+        """The engine's fp32 weights, AdamW moments and step as a ``replica`` (every ZeRO stage;
+        collective under ZeRO-3)."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-        self._check_switchable()
         self._link_optimizer_state()
         model, optimizer = self.replica()
         target = dict(model.named_parameters())
         inner = self.engine.optimizer.optimizer
-        step = next((state["step"] for state in inner.state.values() if "step" in state), None)
+        step = inner.state[self._flat_partitions()[0]]["step"]
         for name, param in self.model.named_parameters():
             copy = target[name]
             with torch.no_grad():
-                copy.copy_(safe_get_full_fp32_param(param) if param.requires_grad else param.detach())
-            if param.requires_grad and step is not None and float(step) > 0:  # an engine that has stepped
+                copy.copy_(safe_get_full_fp32_param(param) if param.requires_grad else self._working_copy(param))
+            if param.requires_grad and float(step) > 0:  # an engine that has stepped
                 state = optimizer.state[copy]
                 for key in ADAM_MOMENTS:
                     state[key] = safe_get_full_optimizer_state(param, key).detach().clone().cpu()
@@ -434,9 +463,10 @@ class DeepSpeedCheckpointer(Checkpointer):
 
 
 def convert_checkpoint(config: TrainConfig, ctx, source: str | Path, target_root: str | Path) -> Path:
-    """Converts the checkpoint folder ``source`` between the engines: a DeepSpeed one (ZeRO-1/2,
-    saved on this many ranks) into a Megatron-style one, or a Megatron-style one into a DeepSpeed
-    one, committed as ``target_root/step_<N>`` with the same step, RNG, loader state and meta.
+    """Converts the checkpoint folder ``source`` between the engines: a DeepSpeed one (any ZeRO
+    stage, saved on this many ranks with ``config``'s stage) into a Megatron-style one, or a
+    Megatron-style one into a DeepSpeed one, committed as ``target_root/step_<N>`` with the same
+    step, RNG, loader state and meta.
     Collective on the ranks of an ``engine=deepspeed`` run of ``config`` (``ctx``)."""
     import copy
 
@@ -468,7 +498,7 @@ def main(argv: list[str] | None = None) -> None:
     from megatron_cosmos3.training.distributed import init_distributed
 
     parser = argparse.ArgumentParser(
-        description="Convert a checkpoint folder between engine=megatron and engine=deepspeed (ZeRO-1/2)."
+        description="Convert a checkpoint folder between engine=megatron and engine=deepspeed (ZeRO-1/2/3)."
     )
     parser.add_argument("--config", action="append", default=[], help="the run's YAML config; repeat to layer")
     parser.add_argument("source", help="a step_<N> checkpoint folder of either engine")

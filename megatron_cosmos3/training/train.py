@@ -223,8 +223,8 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
         source = Path(config.stage.init_from)
         new = tuple(f"dm_streams.action_{d}.{name}." for name in config.stage.new_embodiments for d in ("in", "out"))
         if is_weights_folder(source):  # e.g. Qwen3-VL imported by `python -m megatron_cosmos3.conversion import`
-            load_weights_folder(source, run.plan.state_owner, config.model, run.plan.groups, allow_missing=new)
-            run.plan.weights_written()
+            with run.plan.writing_weights() as owner:
+                load_weights_folder(source, owner, config.model, run.plan.groups, allow_missing=new)
         else:
             source = latest_checkpoint(source) or source
             run.checkpointer.load(source, run.plan.state_owner, optimizer=None, allow_missing=new)

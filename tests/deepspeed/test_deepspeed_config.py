@@ -86,14 +86,3 @@ def test_ulysses_context_parallelism_is_accepted_with_zero_1_and_2():
 def test_bad_values_name_the_field(overrides, named):
     with pytest.raises(ValueError, match=named):
         config(*overrides)
-
-
-def test_a_weights_folder_start_under_zero3_is_refused_by_name_before_any_process_group(tmp_path):
-    from megatron_cosmos3.conversion.mot_folder import CONFIG_FILE
-
-    (tmp_path / CONFIG_FILE).write_text("{}")
-    paths = (f"stage.init_from={tmp_path}", f"checkpoint.directory={tmp_path / 'run'}")
-    train = config("engine=deepspeed", "deepspeed.zero_stage=3", *paths)
-    with pytest.raises(ValueError, match=r"stage\.init_from=.* is a weights folder, which engine=deepspeed with "):
-        train.check_paths()
-    config("engine=deepspeed", "deepspeed.zero_stage=2", *paths).check_paths()  # ZeRO-1/2 start from it

@@ -120,3 +120,38 @@ def test_full_recompute_keeps_no_vit_block_activations_and_gives_the_same_gradie
         gradients.append({n: p.grad for n, p in model.vision.named_parameters()})
     assert saved[1] < saved[0] / 2, saved
     assert all(torch.equal(gradients[0][n], gradients[1][n]) for n in gradients[0])
+
+
+@pytest.mark.parametrize("tasks", [("text_to_video",), ("understanding", "policy")])
+def test_a_pack_padded_for_every_module_gives_its_losses_and_a_zero_gradient_elsewhere(tasks):
+    """``MoTModel.with_every_module`` (what ZeRO-3 runs): a pack without audio, actions or pictures
+    (or with some) padded with empty streams and an empty picture set has the same losses and
+    gradients, and every parameter it did not reach (each stream projection, the ViT) now takes part
+    with a gradient of exactly zero."""
+    g = torch.Generator().manual_seed(7)
+    batch, targets = add_flow_matching_noise(random_pack(CONFIG, g, 3, tasks, pixels=True), FlowMatchingConfig(), g)
+    grads, losses = [], []
+    for pad in (False, True):
+        model = model_with_vit()
+        run, run_targets = batch, targets
+        if pad:
+            run = model.with_every_module(batch)
+            run.validate()
+            run_targets = {key: targets.get(key, values) for key, values in run.dm_tokens.items()}
+            assert list(run.dm_tokens) == ["video", "audio", "action/single_arm", "action/humanoid"]
+        loss = mot_losses(model, run, run_targets)
+        loss.total.backward()
+        losses.append(loss)
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    (plain, padded), (plain_loss, padded_loss) = grads, losses
+    # The flow-matching sum runs over the streams in another order: equal to rounding.
+    torch.testing.assert_close(padded_loss.total, plain_loss.total, rtol=1e-6, atol=0)
+    assert all(grad is not None for grad in padded.values()), [n for n, grad in padded.items() if grad is None]
+    unreached = {n for n, grad in plain.items() if grad is None}
+    assert any(n.startswith("dm_streams.") for n in unreached)  # the padding had modules to reach
+    assert any(n.startswith("vision.") for n in unreached) == (tasks == ("text_to_video",))
+    for name, grad in padded.items():
+        if name in unreached:
+            assert not grad.any(), name
+        else:
+            torch.testing.assert_close(grad, plain[name], rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
