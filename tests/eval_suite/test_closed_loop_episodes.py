@@ -50,8 +50,7 @@ def builder():
     return generation_setup(CONFIG, ActionStats({PUSHER: EmbodimentActionStats.from_actions(PUSHER, actions)}))
 
 
-def _model_runs(model, builder, seeds, record_media=False):
-    policy = ModelPolicy(model, builder, chunk_s=WORLD.duration_s, steps=2)
+def _stop_ball_runs(policy, references, seeds, record_media=False):
     return run_episodes(
         policy,
         "stop_ball",
@@ -60,9 +59,14 @@ def _model_runs(model, builder, seeds, record_media=False):
         WORLD,
         execute=EXECUTE,
         horizon_s=1.0,
-        references={"expert": ExpertPolicy(EXECUTE)},
+        references=references,
         record_media=record_media,
     )
+
+
+def _model_runs(model, builder, seeds, record_media=False):
+    policy = ModelPolicy(model, builder, chunk_s=WORLD.duration_s, steps=2)
+    return _stop_ball_runs(policy, {"expert": ExpertPolicy(EXECUTE)}, seeds, record_media)
 
 
 def test_the_runner_is_deterministic_given_the_seeds(model, builder):
@@ -139,16 +143,7 @@ def test_cached_reference_episodes_give_the_rows_of_a_fresh_run(model, builder):
         is cached
     )
     policy = ModelPolicy(model, builder, chunk_s=WORLD.duration_s, steps=2)
-    inside = run_episodes(
-        ExpertPolicy(EXECUTE),
-        "stop_ball",
-        PUSHER,
-        seeds,
-        WORLD,
-        execute=EXECUTE,
-        horizon_s=1.0,
-        references={"model": policy},
-    )
+    inside = _stop_ball_runs(ExpertPolicy(EXECUTE), {"model": policy}, seeds)
     asked = chunks_at_decisions(policy, cached.expert, EXECUTE)
     assert [len(chunks) for chunks in asked] == [len(run.references["model"]) for run in inside] == [2, 2]
     for run, chunks in zip(inside, asked):
