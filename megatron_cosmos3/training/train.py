@@ -17,6 +17,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,7 +29,6 @@ from megatron_cosmos3.data.latent_encoders import latent_encoder_from_config
 from megatron_cosmos3.data.loader import dataset_action_stats
 from megatron_cosmos3.data.tokenizer import build_tokenizer
 from megatron_cosmos3.encoders.action_normalization import merge_action_stats
-from megatron_cosmos3.eval_suite.suite import EvalSuite
 from megatron_cosmos3.evaluation.report import EvalReport
 from megatron_cosmos3.model.attention import PackLayout
 from megatron_cosmos3.model.moe import set_aux_loss_scale
@@ -57,6 +57,9 @@ from megatron_cosmos3.training.samples import (
 )
 from megatron_cosmos3.training.schedule import learning_rate
 from megatron_cosmos3.training.tracking import MLflowTracker
+
+if TYPE_CHECKING:  # imported where a run evaluates its suite: a quarter of every trainer's start-up
+    from megatron_cosmos3.eval_suite.suite import EvalSuite
 
 log = logging.getLogger("megatron_cosmos3.train")
 
@@ -333,6 +336,8 @@ def evaluate_suite(run: Run, tracker: MLflowTracker, step: int) -> EvalReport | 
     if config.eval.suite is None or not run.plan.samples_here(run.ctx.is_main, has_targets=True):
         return None
     if run.suite is None:
+        from megatron_cosmos3.eval_suite.suite import EvalSuite
+
         stats = None
         if config.data_source == "shards":
             stats = merge_action_stats(dataset_action_stats(dataset) for dataset in config.data.datasets)
