@@ -40,9 +40,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # resolving "torch" through other packages could fetch a CUDA build.
   "$venv/bin/python" -m pip install --quiet "torch==2.13.0"
   # The rest with uv, several times faster than pip here (parallel downloads, no bytecode compiled
-  # up front); pip where uv cannot install (uv reads no pip configuration, e.g. a private index).
+  # up front), trusting the system's certificates as pip does (a proxy's CA; UV_NATIVE_TLS: older
+  # uv); pip where uv cannot install (uv reads no pip configuration, e.g. a private index).
   if ! { "$venv/bin/python" -m pip install --quiet uv &&
-    "$venv/bin/python" -m uv pip install --quiet --python "$venv/bin/python" -e "$repo_root[dev]"; }; then
+    UV_SYSTEM_CERTS=1 UV_NATIVE_TLS=1 \
+      "$venv/bin/python" -m uv pip install --quiet --python "$venv/bin/python" -e "$repo_root[dev]"; }; then
     echo "setup_env: uv could not install the package; using pip" >&2
     "$venv/bin/python" -m pip install --quiet -e "$repo_root[dev]"
   fi
