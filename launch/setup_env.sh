@@ -38,10 +38,18 @@ fi
 stamp="$venv/.megatron_cosmos3-installed"
 want="$(sha256sum "$repo_root/pyproject.toml" | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  "$venv/bin/python" -m pip install --quiet --upgrade pip
-  # The CPU wheel first: resolving "torch" through other packages could fetch a CUDA build.
+  # The CPU wheel first, with pip and its configuration (where the machine keeps that wheel):
+  # resolving "torch" through other packages could fetch a CUDA build.
   "$venv/bin/python" -m pip install --quiet "torch==2.13.0"
-  "$venv/bin/python" -m pip install --quiet -e "$repo_root[dev]"
+  # The rest with uv, several times faster than pip here (parallel downloads, no bytecode compiled
+  # up front), trusting the system's certificates as pip does (a proxy's CA; UV_NATIVE_TLS: older
+  # uv); pip where uv cannot install (uv reads no pip configuration, e.g. a private index).
+  if ! { "$venv/bin/python" -m pip install --quiet uv &&
+    UV_SYSTEM_CERTS=1 UV_NATIVE_TLS=1 \
+      "$venv/bin/python" -m uv pip install --quiet --python "$venv/bin/python" -e "$repo_root[dev]"; }; then
+    echo "setup_env: uv could not install the package; using pip" >&2
+    "$venv/bin/python" -m pip install --quiet -e "$repo_root[dev]"
+  fi
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

@@ -17,6 +17,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,7 +29,6 @@ from megatron_cosmos3.data.latent_encoders import latent_encoder_from_config
 from megatron_cosmos3.data.loader import datasets_action_stats
 from megatron_cosmos3.data.tokenizer import build_tokenizer
 from megatron_cosmos3.encoders.action_normalization import ActionStats, merge_action_stats
-from megatron_cosmos3.eval_suite.suite import EvalSuite
 from megatron_cosmos3.evaluation.report import EvalReport
 from megatron_cosmos3.model.attention import PackLayout
 from megatron_cosmos3.model.moe import set_aux_loss_scale
@@ -58,6 +58,9 @@ from megatron_cosmos3.training.samples import (
 from megatron_cosmos3.training.schedule import learning_rate
 from megatron_cosmos3.training.tracking import MLflowTracker
 from megatron_cosmos3.training.unused_parameters import possibly_unused
+
+if TYPE_CHECKING:  # imported where a run evaluates its suite: a quarter of every trainer's start-up
+    from megatron_cosmos3.eval_suite.suite import EvalSuite
 
 log = logging.getLogger("megatron_cosmos3.train")
 
@@ -339,6 +342,8 @@ def evaluate_suite(run: Run, tracker: MLflowTracker, step: int) -> EvalReport | 
     if config.eval.suite is None or not run.plan.samples_here(run.ctx.is_main, has_targets=True):
         return None
     if run.suite is None:
+        from megatron_cosmos3.eval_suite.suite import EvalSuite
+
         stats = merge_action_stats(run.action_stats.values()) if config.data_source == "shards" else None
         tokenizer = build_tokenizer(config.data.tokenizer, run.model.config.vocab_size)
         run.suite = EvalSuite.for_run(
@@ -552,7 +557,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.print_config:
         print(to_yaml(config))
         return
+    import gc
     import os
+
+    # The imported libraries live as long as the process: the collector need not walk them again,
+    # in any full collection nor at exit (a second of CPU per rank with torch and MLflow loaded).
+    gc.freeze()
 
     config.parallel.validate(int(os.environ.get("WORLD_SIZE", 1)), config.model, config.model.num_experts)
     config.name_run(launcher_run_id())
