@@ -7,5 +7,6 @@ source "$repo_root/launch/setup_env.sh"
 cd "$repo_root"
 # Three pytest workers on two cores: tests compute on one intra-op thread each, and the long ones spend
 # much of their time waiting (torchrun and daemon start-up, a live server, SLURM's scheduling): with two
-# workers the suite used about half of the machine's CPU time (user+sys / wall).
+# workers the suite used about half of the machine's CPU time (user+sys / wall); four were slower
+# than three (725 s against 643 s of tests on a quiet machine, 2026-11-30).
 exec python -m pytest -n "${PYTEST_WORKERS:-3}" --dist worksteal --durations=15 "$@"
