@@ -53,10 +53,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
-# Let Python cache each module's bytecode on first import. Containers often set
-# PYTHONDONTWRITEBYTECODE (the image of this project's development machines does), and uv installs no bytecode: then every
-# interpreter, torchrun rank and pytest worker compiled megatron-core, MLflow, DeepSpeed and this
-# package from source again. Importing the trainer took 29.5 s of CPU that way against 10.9 s
+# Let Python cache each module's bytecode on first import. Container images often set
+# PYTHONDONTWRITEBYTECODE (this project's development image does) and uv installs no bytecode: then
+# every interpreter, torchrun rank and pytest worker compiled megatron-core, MLflow, DeepSpeed and
+# this package from source again. Importing the trainer took 29.5 s of CPU that way against 10.9 s
 # with the cache (2 cores, 2026-11-30). The cache lands in .venv and in git-ignored __pycache__/.
 unset PYTHONDONTWRITEBYTECODE
 
