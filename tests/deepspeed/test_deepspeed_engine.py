@@ -23,7 +23,7 @@ from megatron_cosmos3.checkpoint.checkpointer import load_state
 from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.testing.distributed import run_on_ranks
-from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, loss_history
+from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, loss_history, tracking_store
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.distributed import DistributedContext
@@ -65,7 +65,7 @@ def overrides(root: Path, name: str, *extra: str) -> list[str]:
     return [
         *COMMON,
         f"checkpoint.directory={root / name}",
-        f"tracking.tracking_uri={root / 'mlflow.db'}",
+        f"tracking.tracking_uri={tracking_store(root)}",
         f"tracking.run_name={name}",
         *extra,
     ]

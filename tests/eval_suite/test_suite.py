@@ -17,7 +17,7 @@ from megatron_cosmos3.eval_suite.scoring import action_scale, task_rows
 from megatron_cosmos3.evaluation.actions import spread_of
 from megatron_cosmos3.evaluation.video import PSNR_MAX_DB
 from megatron_cosmos3.model.mot import MoTModel
-from megatron_cosmos3.testing.training import TINY_MODEL, loss_history, tiny_mot_config
+from megatron_cosmos3.testing.training import TINY_MODEL, loss_history, tiny_mot_config, tracking_store
 from megatron_cosmos3.world.environment import TASKS
 
 CASES = SuiteConfig(cases_per_task=2)
@@ -170,7 +170,7 @@ def test_periodic_eval_in_training_logs_the_suite_metrics(tmp_path):
         "checkpoint.async_save=false",
         "data.encoders.kind=pooled",
         f"checkpoint.directory={tmp_path / 'ckpt'}",
-        f"tracking.tracking_uri={tmp_path / 'mlflow.db'}",
+        f"tracking.tracking_uri={tracking_store(tmp_path)}",
         "tracking.run_name=suite",
     ]
     cpu = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

@@ -15,6 +15,7 @@ from megatron_cosmos3.evaluation.video import PSNR_MAX_DB
 from megatron_cosmos3.release.eval_cli import REPORT_FILE, main
 from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.testing.media_probe import ffprobe_streams
+from megatron_cosmos3.testing.training import tracking_store
 
 pytestmark = pytest.mark.multiprocess
 
@@ -40,7 +41,7 @@ ORACLE = {
 def evaluated(tiny_tp2_checkpoint, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("eval-cli")
     argv = ["--checkpoint", str(tiny_tp2_checkpoint), "--out", str(folder / "out"), *SUITE, *CLOSED_LOOP]
-    argv += ["--tracking-uri", str(folder / "mlflow.db"), "--run-name", "eval-tiny"]
+    argv += ["--tracking-uri", str(tracking_store(folder)), "--run-name", "eval-tiny"]
     assert main(argv) == 0
     return folder
 

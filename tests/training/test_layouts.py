@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TINY_VIT, loss_history, train_on_ranks
+from megatron_cosmos3.testing.training import (
+    TINY_MODEL,
+    TINY_SYNTHETIC,
+    TINY_VIT,
+    loss_history,
+    tracking_store,
+    train_on_ranks,
+)
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.distributed import DistributedContext
@@ -33,7 +40,7 @@ TINY = [
 def overrides(tmp_path, name, *extra):
     return TINY + [
         f"checkpoint.directory={tmp_path / name}",
-        f"tracking.tracking_uri={tmp_path / 'mlflow.db'}",
+        f"tracking.tracking_uri={tracking_store(tmp_path)}",
         f"tracking.run_name={name}",
         *extra,
     ]

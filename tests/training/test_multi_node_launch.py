@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TRAINER_ENV, loss_history, train_on_ranks
+from megatron_cosmos3.testing.training import (
+    TINY_MODEL,
+    TINY_SYNTHETIC,
+    TRAINER_ENV,
+    loss_history,
+    tracking_store,
+    train_on_ranks,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,7 +29,7 @@ def _overrides(tmp_path: Path, name: str) -> list[str]:
         "log_every=1",
         "optimizer.warmup_steps=1",
         f"checkpoint.directory={tmp_path / name}",
-        f"tracking.tracking_uri={tmp_path / 'mlflow.db'}",
+        f"tracking.tracking_uri={tracking_store(tmp_path)}",
         f"tracking.run_name={name}",
     ]
 

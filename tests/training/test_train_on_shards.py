@@ -16,7 +16,7 @@ from megatron_cosmos3.data.media import encode_json
 from megatron_cosmos3.data.schema import Sample, encode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter
 from megatron_cosmos3.testing.distributed import run_on_ranks
-from megatron_cosmos3.testing.training import TINY_MODEL, child_processes, loss_history, train_on_ranks
+from megatron_cosmos3.testing.training import TINY_MODEL, child_processes, loss_history, tracking_store, train_on_ranks
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.batches import MicroBatches
 from megatron_cosmos3.training.config import load_config
@@ -69,7 +69,7 @@ def shard_overrides(tmp_path, world, name, *extra):
         "optimizer.warmup_steps=1",
         "checkpoint.save_every=100",
         f"checkpoint.directory={tmp_path / name}",
-        f"tracking.tracking_uri={tmp_path / 'mlflow.db'}",
+        f"tracking.tracking_uri={tracking_store(tmp_path)}",
         f"tracking.run_name={name}",
         *extra,
     ]

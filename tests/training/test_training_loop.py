@@ -12,7 +12,7 @@ import torch
 
 from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, latest_checkpoint
 from megatron_cosmos3.model.mot import MoTModel
-from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TINY_VIT, loss_history
+from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TINY_VIT, loss_history, tracking_store
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.batches import MicroBatches
 from megatron_cosmos3.training.config import load_config
@@ -34,7 +34,7 @@ def config_for(tmp_path, name, *overrides):
         TINY
         + [
             f"checkpoint.directory={tmp_path / name / 'ckpt'}",
-            f"tracking.tracking_uri={tmp_path / 'mlflow.db'}",
+            f"tracking.tracking_uri={tracking_store(tmp_path)}",
             f"tracking.run_name={name}",
             *overrides,
         ],
@@ -448,7 +448,7 @@ def test_workers_die_with_a_killed_torchrun_and_the_restart_resumes_bit_exact(tm
     train_module.train(straight, CPU)
     killed = config_for(tmp_path, "killed", *steps)
     args = [*TINY, *steps, f"checkpoint.directory={killed.checkpoint.directory}"]
-    args += [f"tracking.tracking_uri={tmp_path / 'mlflow.db'}", "tracking.run_name=killed"]
+    args += [f"tracking.tracking_uri={tracking_store(tmp_path)}", "tracking.run_name=killed"]
     root = Path(killed.checkpoint.directory)
     launcher = subprocess.Popen(
         trainer_command(1, *args), cwd=tmp_path, env=TRAINER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -492,7 +492,7 @@ def test_sigterm_to_plain_torchrun_checkpoints_every_rank_after_one_step_and_rep
 
     root, status = tmp_path / "ckpt", tmp_path / "status"
     args = [*TINY, "steps=100000", "checkpoint.save_every=100000", f"checkpoint.directory={root}"]
-    args += [f"tracking.tracking_uri={tmp_path / 'mlflow.db'}", "--status-file", str(status)]
+    args += [f"tracking.tracking_uri={tracking_store(tmp_path)}", "--status-file", str(status)]
     launcher = subprocess.Popen(
         trainer_command(2, *args),
         cwd=tmp_path,

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from megatron_cosmos3.testing.media_probe import ffprobe_streams
-from megatron_cosmos3.testing.training import TINY_MODEL
+from megatron_cosmos3.testing.training import TINY_MODEL, tracking_store
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.distributed import DistributedContext
@@ -39,7 +39,7 @@ def config_for(tmp_path, *overrides):
         TINY
         + [
             f"checkpoint.directory={tmp_path / 'ckpt'}",
-            f"tracking.tracking_uri={tmp_path / 'mlflow.db'}",
+            f"tracking.tracking_uri={tracking_store(tmp_path)}",
             "tracking.run_name=media",
             *overrides,
         ],
