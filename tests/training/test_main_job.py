@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from megatron_cosmos3.testing.media_probe import ffprobe_streams
-from megatron_cosmos3.testing.training import torchrun_trainer, tracking_store
+from megatron_cosmos3.testing.training import torchrun_trainer
 from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.samples import trained_dm_tasks
 
@@ -51,7 +51,7 @@ def run_trainer(tmp_path: Path, *overrides: str, nproc: int = 2) -> subprocess.C
         "eval.every=0",
         "data.packing.tokens_per_pack=768",
         f"checkpoint.directory={tmp_path / 'ckpt'}",
-        f"tracking.tracking_uri={tracking_store(tmp_path)}",
+        f"tracking.tracking_uri={tmp_path / 'mlflow.db'}",
         "log_every=5",
         "checkpoint.save_every=5",
         *overrides,
