@@ -23,7 +23,7 @@ from megatron_cosmos3.data.config import ErrorBudgetConfig
 from megatron_cosmos3.data.errors import DataErrorBudgetExceeded, LoaderSetupError
 from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder
 from megatron_cosmos3.data.loader import PackedLoader
-from megatron_cosmos3.data.media import encode_json, encode_npy
+from megatron_cosmos3.data.media import encode_json, encode_npy, encode_wav
 from megatron_cosmos3.data.schema import Sample, encode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter
 
@@ -138,6 +138,15 @@ def _float64_latent(value: float) -> dict:
     return _with(_latent("k"), "video_latents.npy", encode_npy(np.full((2, VIDEO_LATENT_CHANNELS * 4), value)))
 
 
+def _wav_declaring(extra_bytes: int) -> dict:
+    """``_clip`` whose WAV header declares ``extra_bytes`` more sample data than the file holds."""
+    sample = _clip("k")
+    wav = bytearray(sample["audio.wav"])
+    at = wav.index(b"data") + 4
+    wav[at : at + 4] = struct.pack("<I", struct.unpack("<I", wav[at : at + 4])[0] + extra_bytes)
+    return _with(sample, "audio.wav", bytes(wav))
+
+
 DEEP_JSON = b'{"a":' * 10**5 + b"1" + b"}" * 10**5
 BOMB_PNG = _png_header_claiming(10**5, 10**5)
 
@@ -147,6 +156,10 @@ BAD_SAMPLES = {
     "corrupt_png": ("corrupt_media", lambda: _with(_text("k"), "image.png", b"\x89PNG\r\n\x1a\nnot really")),
     "corrupt_npy": ("corrupt_media", lambda: _with(_clip("k"), "video.npy", _clip("k")["video.npy"][:200])),
     "corrupt_wav": ("corrupt_media", lambda: _with(_clip("k"), "audio.wav", b"RIFF\x00\x00")),
+    # A WAV header that declares more samples than follow it (a cut file, or a lying header), and one
+    # with no samples at all.
+    "wav_cut_short": ("corrupt_media", lambda: _wav_declaring(4000)),
+    "wav_without_samples": ("zero_length", lambda: _with(_clip("k"), "audio.wav", encode_wav(np.zeros((1, 0)), 48_000))),
     "no_meta": ("missing_field", lambda: {k: v for k, v in _clip("k").items() if k != "meta.json"}),
     "video_without_fps": ("missing_field", lambda: _meta(_clip("k"), fps=None)),
     "unknown_file": ("extra_field", lambda: _with(_clip("k"), "depth.npy", encode_npy(np.zeros(3)))),

@@ -168,6 +168,21 @@ def test_audio_files_decode_to_48k_stereo(tmp_path, suffix):
         assert sample.audio_sample_rate == 48_000 and sample.audio.shape[0] == 2
 
 
+def test_a_wav_written_to_a_pipe_is_read_to_its_end():
+    """A writer that cannot seek back leaves the data size "unknown" (0xFFFFFFFF); ffmpeg writes one."""
+    tone = (0.25 * np.sin(2 * math.pi * 440 * np.arange(4410) / 44_100)).astype(np.float32)
+    raw_input = ["-f", "f32le", "-ar", "44100", "-ac", "1", "-i", "-"]
+    piped = subprocess.run(
+        ["ffmpeg", "-loglevel", "error", *raw_input, "-f", "wav", "-c:a", "pcm_s16le", "-"],
+        input=tone.tobytes(),
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert piped[piped.index(b"data") + 4 :][:4] == b"\xff\xff\xff\xff"
+    sample = decode_sample(_raw("audio.wav", piped))
+    assert sample.audio.shape == (1, 4410) and np.abs(sample.audio[0] - tone).max() <= 1 / 32768
+
+
 @pytest.mark.parametrize("suffix", ["jpg", "webp", "png"])
 def test_pictures_decode_and_fit_the_nearest_bucket(suffix):
     picture = _source_frames(1)[0].repeat(3, axis=0).repeat(5, axis=1)[:, :160]  # 96 x 160
