@@ -41,6 +41,9 @@ AUDIO_SUFFIXES = ("flac", "mp3", "m4a", "aac", "opus")
 # Decoded from this long before an audio window, and thrown away: a frame of a transform codec
 # (AAC, Opus, MP3) is only exact after its predecessor.
 AUDIO_PREROLL_S = 0.1
+# Decoded audio may end this much (or one codec frame) before the duration its stream declares; a
+# stream that stops earlier inside the clip is a cut file, not a short one.
+AUDIO_END_TOLERANCE_S = 0.1
 
 
 @dataclass
@@ -71,6 +74,11 @@ def decode_media_file(
 
     try:
         with av.open(io.BytesIO(data), metadata_errors="ignore") as container:
+            if not container.streams:
+                raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable media file (no stream found)")
+            missing = _missing_box_bytes(data) if container.format.name.startswith("mov") else 0
+            if missing:  # FFmpeg reads what is there: a cut index loses streams, cut data loses frames
+                raise SampleError(CORRUPT_MEDIA, f"{name}: truncated file: its boxes declare {missing} bytes more than it holds")
             video = container.streams.video[0] if container.streams.video else None
             audio = container.streams.audio[0] if container.streams.audio and want_audio else None
             if want_video and video is None:
@@ -120,7 +128,7 @@ def _decode(container, video, audio, name: str, media: MediaConfig, window_for) 
             raise SampleError(ZERO_LENGTH, f"{name}: its audio stream has no duration")
         result = DecodedMedia(window_for(audio_s), audio_duration_s=audio_s)
     if audio is not None and result.audio_duration_s and result.window.start_s < result.audio_duration_s:
-        result.audio = _audio_window(container, audio, result.window, origin_s, name)
+        result.audio = _audio_window(container, audio, result.window, origin_s, result.audio_duration_s, name)
     return result
 
 
@@ -180,8 +188,9 @@ def _to_rgb(frames: list, picked: np.ndarray) -> np.ndarray:
     return np.stack([converted[int(i)] for i in picked])
 
 
-def _audio_window(container, stream, window: Window, origin_s: float, name: str) -> np.ndarray:
-    """``(2, samples)`` float32 at 48 kHz covering ``window`` (shorter where the stream ends)."""
+def _audio_window(container, stream, window: Window, origin_s: float, declared_s: float, name: str) -> np.ndarray:
+    """``(2, samples)`` float32 at 48 kHz covering ``window`` (shorter where the stream ends, at
+    ``declared_s``; ``corrupt_media`` where its data ends earlier, see AUDIO_END_TOLERANCE_S)."""
     import av
 
     rate = stream.rate
@@ -208,10 +217,36 @@ def _audio_window(container, stream, window: Window, origin_s: float, name: str)
     if begin < 0:  # the stream starts after the window does: the missing start is silence
         waveform, begin = np.pad(waveform, ((0, 0), (-begin, 0))), 0
     cut = waveform[:, begin : begin + round(window.duration_s * rate)]
+    ends_s = window.start_s + cut.shape[1] / rate
+    frame_s = (stream.codec_context.frame_size or 0) / rate
+    if ends_s < min(window.end_s, declared_s) - max(AUDIO_END_TOLERANCE_S, frame_s):
+        raise SampleError(
+            CORRUPT_MEDIA,
+            f"{name}: its audio data ends at {ends_s:.3f} s but the stream declares {declared_s:.3f} s (truncated?)",
+        )
     if cut.shape[1] == 0:
         raise SampleError(ZERO_LENGTH, f"{name}: no audio samples in the clip {window}")
     stereo = to_stereo_48k(torch.from_numpy(np.ascontiguousarray(cut, dtype=np.float32)), rate)
     return np.ascontiguousarray(stereo.numpy())
+
+
+def _missing_box_bytes(data: bytes) -> int:
+    """How many bytes an MP4/MOV file's top-level boxes declare beyond its end (0 when complete)."""
+    offset = 0
+    while offset < len(data):
+        if offset + 8 > len(data):
+            return offset + 8 - len(data)
+        size = int.from_bytes(data[offset : offset + 4], "big")
+        if size == 1:  # a 64-bit size follows the type
+            if offset + 16 > len(data):
+                return offset + 16 - len(data)
+            size = int.from_bytes(data[offset + 8 : offset + 16], "big")
+        if size == 0:  # the last box, to the end of the file
+            return 0
+        if size < 8:  # not a box size: FFmpeg judges the file
+            return 0
+        offset += size
+    return offset - len(data)
 
 
 def _codec_tag(data: bytes, container) -> str:

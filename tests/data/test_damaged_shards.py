@@ -89,6 +89,32 @@ def _frameless_mkv() -> bytes:
     return buffer.getvalue()
 
 
+def _mp3(seconds: float) -> bytes:
+    """A mono 48 kHz tone as MP3 (LAME writes its length into an Info header)."""
+    rate, buffer = 48_000, io.BytesIO()
+    with av.open(buffer, "w", format="mp3") as container:
+        stream = container.add_stream("libmp3lame", rate=rate, layout="mono")
+        tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(round(seconds * rate)) / rate)
+        frame = av.AudioFrame.from_ndarray(tone[None].astype(np.float32), format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = rate, 0
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+def _cut_mp3_clip() -> dict:
+    """A 1 s clip whose MP3 sound is cut at 40 %: its header still declares 1 s."""
+    sample = {k: v for k, v in _video(RNG.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)).items() if k != "audio.wav"}
+    whole = _mp3(1.0)
+    return _with(sample, "audio.mp3", whole[: len(whole) * 2 // 5])
+
+
+def _mp4_cut_in_its_index() -> dict:
+    """``_mp4_clip`` cut 300 bytes into its index (``moov``, written last): one stream is still listed."""
+    sample = _mp4_clip("k")
+    return _with(sample, "video.mp4", sample["video.mp4"][: sample["video.mp4"].index(b"moov") + 300])
+
+
 def _latent(key: str) -> dict:
     return encode_sample(
         Sample(
@@ -189,6 +215,8 @@ BAD_SAMPLES = {
     # sound much longer than the picture.
     "corrupt_mp4": ("corrupt_media", lambda: _with(_mp4_clip("k"), "video.mp4", b"\x00\x00\x00\x18ftypmp42" * 40)),
     "truncated_mp4": ("corrupt_media", lambda: _with(_mp4_clip("k"), "video.mp4", _mp4_clip("k")["video.mp4"][:900])),
+    "mp4_cut_in_its_index": ("corrupt_media", _mp4_cut_in_its_index),
+    "mp3_cut_short": ("corrupt_media", _cut_mp3_clip),
     "mp4_without_video": ("missing_stream", lambda: _with(_text("k"), "video.mp4", _audio_only_mp4())),
     "mkv_without_frames": ("zero_length", lambda: _with(_text("k"), "video.mkv", _frameless_mkv())),
     "mp4_unknown_codec": ("unsupported_codec", lambda: _unknown_codec(_mp4_clip("k"))),
