@@ -89,7 +89,8 @@ def decode_wav(data: bytes, name: str) -> tuple[np.ndarray, int]:
     missing = _missing_wav_bytes(data)
     if missing:
         raise SampleError(
-            CORRUPT_MEDIA, f"{name}: truncated WAV file: its header declares {missing} more bytes of samples than it holds"
+            CORRUPT_MEDIA,
+            f"{name}: truncated WAV file: its header declares {missing} more bytes of samples than it holds",
         )
     try:
         with warnings.catch_warnings():

@@ -78,7 +78,9 @@ def decode_media_file(
                 raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable media file (no stream found)")
             missing = _missing_box_bytes(data) if container.format.name.startswith("mov") else 0
             if missing:  # FFmpeg reads what is there: a cut index loses streams, cut data loses frames
-                raise SampleError(CORRUPT_MEDIA, f"{name}: truncated file: its boxes declare {missing} bytes more than it holds")
+                raise SampleError(
+                    CORRUPT_MEDIA, f"{name}: truncated file: its boxes declare {missing} bytes more than it holds"
+                )
             video = container.streams.video[0] if container.streams.video else None
             audio = container.streams.audio[0] if container.streams.audio and want_audio else None
             if want_video and video is None:

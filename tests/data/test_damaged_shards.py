@@ -104,7 +104,9 @@ def _mp3(seconds: float) -> bytes:
 
 def _cut_mp3_clip() -> dict:
     """A 1 s clip whose MP3 sound is cut at 40 %: its header still declares 1 s."""
-    sample = {k: v for k, v in _video(RNG.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)).items() if k != "audio.wav"}
+    sample = {
+        k: v for k, v in _video(RNG.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)).items() if k != "audio.wav"
+    }
     whole = _mp3(1.0)
     return _with(sample, "audio.mp3", whole[: len(whole) * 2 // 5])
 
@@ -185,7 +187,10 @@ BAD_SAMPLES = {
     # A WAV header that declares more samples than follow it (a cut file, or a lying header), and one
     # with no samples at all.
     "wav_cut_short": ("corrupt_media", lambda: _wav_declaring(4000)),
-    "wav_without_samples": ("zero_length", lambda: _with(_clip("k"), "audio.wav", encode_wav(np.zeros((1, 0)), 48_000))),
+    "wav_without_samples": (
+        "zero_length",
+        lambda: _with(_clip("k"), "audio.wav", encode_wav(np.zeros((1, 0)), 48_000)),
+    ),
     "no_meta": ("missing_field", lambda: {k: v for k, v in _clip("k").items() if k != "meta.json"}),
     "video_without_fps": ("missing_field", lambda: _meta(_clip("k"), fps=None)),
     "unknown_file": ("extra_field", lambda: _with(_clip("k"), "depth.npy", encode_npy(np.zeros(3)))),
@@ -299,6 +304,33 @@ def damaged(tmp_path_factory):
     shards["duplicate_key"], expected["duplicate_key"] = url, Counter(duplicate_key=1)
     sources.append(url)
 
+    # Members a reader must not trust: names that climb out or are absolute, links (the sample they
+    # belong to is skipped; directories are ignored); "d" is used.
+    url = str(root / "unsafe_members.tar")
+    meta = _text("x")["meta.json"]
+    with tarfile.open(url, "w") as archive:
+        for name, kind in [
+            ("../a", None),
+            ("/abs/b", None),
+            ("c", tarfile.SYMTYPE),
+            ("e", tarfile.LNKTYPE),
+            ("dir", "d"),
+            ("dir/d", None),
+        ]:
+            info = tarfile.TarInfo(name if kind == "d" else f"{name}.meta.json")
+            if kind == "d":
+                info.type = tarfile.DIRTYPE
+                archive.addfile(info)
+                continue
+            if kind is not None:
+                info.type, info.linkname = kind, "/etc/passwd"
+                archive.addfile(info)
+                continue
+            info.size = len(meta)
+            archive.addfile(info, io.BytesIO(meta))
+    shards["unsafe_members"], expected["unsafe_members"] = url, Counter(unsafe_member=4)
+    sources.append(url)
+
     # A destroyed member header (sample 2's first), uncompressed and gzipped, read without an index:
     # sample 0 is used, sample 1 (which may lack members after the damage) is the damaged one.
     for name, compress in (("damaged_header.tar", bytes), ("damaged_header.tar.gz", gzip.compress)):
@@ -319,7 +351,7 @@ def damaged(tmp_path_factory):
     expected["short_index"] = Counter(index_mismatch=1)
     sources.append(str(root / "short_index"))
 
-    used = 4 + 3 + 2 + 0 + 0 + 1 + 2 + 1 + 1 + 3
+    used = 4 + 3 + 2 + 0 + 0 + 1 + 2 + 1 + 1 + 1 + 3
     return sources, {shards[k]: expected[k] for k in shards}, used
 
 
