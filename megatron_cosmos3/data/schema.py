@@ -204,8 +204,12 @@ def encode_sample(sample: Sample, video_format: str = "npy") -> dict[str, bytes 
     AAC, ``data/media_writers.py``: 50-100x smaller, not bit-exact)."""
     from megatron_cosmos3.data.media_writers import encode_mp4  # writes through PyAV: imported when asked
 
-    if not sample.key or "." in sample.key or "/" in sample.key:
-        raise ValueError(f"sample key {sample.key!r} must be non-empty without '.' or '/' (WebDataset splits on them)")
+    parts = str(sample.key).split("/")
+    if not parts[-1] or "." in parts[-1] or not parts[0] or ".." in parts:
+        raise ValueError(
+            f"sample key {sample.key!r} must be a relative path without '..' whose last part is non-empty and "
+            "without '.' (WebDataset splits the field off at the first '.' after the last '/')"
+        )
     if video_format not in ("npy", "mp4"):
         raise ValueError(f"video_format must be 'npy' or 'mp4', got {video_format!r}")
     meta: dict = {"schema": SCHEMA_VERSION}
