@@ -37,7 +37,8 @@ All streams of a sample start at the same instant (the first video frame).
 Decoding cuts the clip ``data.media`` asks for (``data/clips.py``): a window of the sample (video
 frames picked at the target frame rate, fitted into a resolution bucket; audio and actions cut to
 the same window) — by default the whole sample at its own rate and size. Audio and video whose
-durations differ by more than ``media.av_tolerance_s`` are a ``duration_mismatch`` (checked where
+durations differ by more than ``media.av_tolerance_s`` are a ``duration_mismatch``, and so are
+actions whose steps span more than that and one step more or less than a video file (checked where
 a compressed file is involved; npy/WAV shards of any lengths written before keep loading).
 
 Anything else is an ``extra_field``; a field missing what it needs, a ``missing_field``. Pixels
@@ -481,6 +482,17 @@ def decode_sample(
                 DURATION_MISMATCH,
                 f"{other} lasts {seconds:.3f} s, {video_field} {durations['video']:.3f} s "
                 f"(more than media.av_tolerance_s={clip.av_tolerance_s} apart)",
+            )
+    if actions is not None and video_field not in (None, "video.npy"):
+        # Row i is the step from frame i to i + 1: rows span the video within a step (T frames may
+        # give T - 1 steps); a video at another rate or length than its actions says is not this episode.
+        actions_s = len(actions) / sample.action_rate_hz
+        if abs(actions_s - durations["video"]) > clip.av_tolerance_s + 1.0 / sample.action_rate_hz:
+            _fail(
+                DURATION_MISMATCH,
+                f"actions.npy spans {actions_s:.3f} s ({len(actions)} steps at {sample.action_rate_hz:g} Hz), "
+                f"{video_field} {durations['video']:.3f} s (more than media.av_tolerance_s={clip.av_tolerance_s} "
+                "and a step apart)",
             )
     if actions is not None:
         if window is not None:

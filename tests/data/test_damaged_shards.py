@@ -63,6 +63,12 @@ def _mp4_clip(key: str, frames: int = 5, audio_samples: int = 9600) -> dict:
     )
 
 
+def _mp4_actions(actions: np.ndarray) -> dict:
+    """``_mp4_clip`` (0.21 s) with ``actions`` at 10 Hz."""
+    sample = _meta(_mp4_clip("k"), embodiment="single_arm", action_rate_hz=10.0)
+    return _with(sample, "actions.npy", encode_npy(actions))
+
+
 def _audio_only_mp4() -> bytes:
     buffer = io.BytesIO()
     with av.open(buffer, "w", format="mp4") as container:
@@ -226,6 +232,8 @@ BAD_SAMPLES = {
     "mkv_without_frames": ("zero_length", lambda: _with(_text("k"), "video.mkv", _frameless_mkv())),
     "mp4_unknown_codec": ("unsupported_codec", lambda: _unknown_codec(_mp4_clip("k"))),
     "mp4_sound_longer": ("duration_mismatch", lambda: _mp4_clip("k", frames=5, audio_samples=48_000)),
+    # 3 s of actions for 0.2 s of video: a video at another rate or length than the episode's
+    "mp4_actions_longer": ("duration_mismatch", lambda: _mp4_actions(np.zeros((30, 19), np.float32))),
     "audio_only": (
         "no_task",
         lambda: (
