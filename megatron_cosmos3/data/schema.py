@@ -50,8 +50,8 @@ per second: 1e-9 fps would put frames 1e11 units apart, 1e12 fps all at 0), ``du
 DURATION_RANGE_S, latent grid sides and ``audio_num_samples`` at most MAX_GRID_SIDE and
 MAX_AUDIO_SAMPLES, the WAV rate in AUDIO_RATE_RANGE_HZ. Float arrays (actions, latents) may be
 float16/32/64; after the cast to float32 every value must be finite and within MAX_ABS_VALUE (so
-its square, in the flow-matching loss, is finite too). Text must be valid Unicode (no lone
-surrogates: it is encoded to UTF-8 for the tokenizer).
+its square, in the flow-matching loss, is finite too); so must every audio sample, of any file.
+Text must be valid Unicode (no lone surrogates: it is encoded to UTF-8 for the tokenizer).
 """
 
 from __future__ import annotations
@@ -339,6 +339,8 @@ def _check_audio(audio: np.ndarray, rate: int, name: str) -> tuple[np.ndarray, i
         _fail(OUT_OF_RANGE, f"{name} sample rate {rate} Hz is outside {list(AUDIO_RATE_RANGE_HZ)}")
     if not np.isfinite(audio).all():
         _fail(NON_FINITE, f"{name} holds NaN/inf samples")
+    if not float(np.abs(audio).max()) <= MAX_ABS_VALUE:  # full scale is 1: this is no sound, and overflows encoders
+        _fail(OUT_OF_RANGE, f"{name} holds a sample of magnitude {np.abs(audio).max():.3g} (> {MAX_ABS_VALUE:g})")
     return audio, rate
 
 
@@ -453,7 +455,7 @@ def decode_sample(
         sample.video = _check_frames(decoded.frames, video_field)
         durations["video"] = decoded.video_duration_s
         if decoded.audio is not None:
-            sample.audio, sample.audio_sample_rate = decoded.audio, SAMPLE_RATE
+            sample.audio, sample.audio_sample_rate = _check_audio(decoded.audio, SAMPLE_RATE, f"{video_field}'s audio")
             durations[f"{video_field}'s audio"] = decoded.audio_duration_s
     if "video_latents.npy" in files:
         sample.fps = _positive_number(meta, "fps", "a video", FPS_RANGE)

@@ -17,6 +17,7 @@ from collections import Counter
 import av
 import numpy as np
 import pytest
+from scipy.io import wavfile
 from world_helpers import AUDIO_LATENT_DIM, VIDEO_LATENT_CHANNELS, data_config, model_config, tiny_world
 
 from megatron_cosmos3.data.config import ErrorBudgetConfig
@@ -67,6 +68,27 @@ def _mp4_actions(actions: np.ndarray) -> dict:
     """``_mp4_clip`` (0.21 s) with ``actions`` at 10 Hz."""
     sample = _meta(_mp4_clip("k"), embodiment="single_arm", action_rate_hz=10.0)
     return _with(sample, "actions.npy", encode_npy(actions))
+
+
+def _mkv_with_float_sound(peak: float) -> bytes:
+    """A 1 s Matroska video whose float PCM sound (a tone) has one sample set to ``peak``."""
+    sound = (0.3 * np.sin(np.arange(48_000) / 10)).astype(np.float32)
+    sound[1000] = peak
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="matroska") as container:
+        video = container.add_stream("libx264", rate=24)
+        video.width = video.height = 32
+        audio = container.add_stream("pcm_f32le", rate=48_000, layout="mono")
+        for i in range(24):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 10 * i, np.uint8), format="rgb24")
+            frame.pts = i
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+        frame = av.AudioFrame.from_ndarray(sound[None], format="flt", layout="mono")
+        frame.sample_rate, frame.pts = 48_000, 0
+        container.mux(audio.encode(frame))
+        container.mux(audio.encode(None))
+    return buffer.getvalue()
 
 
 def _audio_only_mp4() -> bytes:
@@ -172,6 +194,12 @@ def _float64_latent(value: float) -> dict:
     return _with(_latent("k"), "video_latents.npy", encode_npy(np.full((2, VIDEO_LATENT_CHANNELS * 4), value)))
 
 
+def _float_wav(samples: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    wavfile.write(buffer, 48_000, samples.T)
+    return buffer.getvalue()
+
+
 def _wav_declaring(extra_bytes: int) -> dict:
     """``_clip`` whose WAV header declares ``extra_bytes`` more sample data than the file holds."""
     sample = _clip("k")
@@ -232,6 +260,12 @@ BAD_SAMPLES = {
     "mkv_without_frames": ("zero_length", lambda: _with(_text("k"), "video.mkv", _frameless_mkv())),
     "mp4_unknown_codec": ("unsupported_codec", lambda: _unknown_codec(_mp4_clip("k"))),
     "mp4_sound_longer": ("duration_mismatch", lambda: _mp4_clip("k", frames=5, audio_samples=48_000)),
+    # Sound no encoder can take: NaN in a video file's float PCM, a float WAV sample at 1e30.
+    "mkv_sound_nan": ("non_finite", lambda: _with(_text("k"), "video.mkv", _mkv_with_float_sound(np.nan))),
+    "wav_sample_1e30": (
+        "out_of_range",
+        lambda: _with(_clip("k"), "audio.wav", _float_wav(np.full((1, 9600), 1e30, np.float32))),
+    ),
     # 3 s of actions for 0.2 s of video: a video at another rate or length than the episode's
     "mp4_actions_longer": ("duration_mismatch", lambda: _mp4_actions(np.zeros((30, 19), np.float32))),
     "audio_only": (
