@@ -9,8 +9,9 @@ for every source (``video.npy`` frames or a compressed file, docs/DESIGN.md, "Re
   to the action grid when the sample has actions so that action step 0 starts at the first frame;
   ``grid_draws`` gives one draw per grid clip (pre-encoding cuts every one of them);
 - ``target_times`` / ``pick_frames``: the frame shown at each target time ``start + k / fps`` is
-  the last one whose timestamp is at or before it (so variable-frame-rate video is sampled by its
-  timestamps); a target past the end of the last frame is a truncated video;
+  the last one whose timestamp is at or before it, to within half the container's time base (so
+  variable-frame-rate video is sampled by its timestamps); a target past the end of the last frame
+  is a truncated video;
 - ``fit_to_bucket``: the bucket of nearest aspect ratio, the picture scaled to cover it
   (antialiased bilinear) and centre-cropped; tokens per sample follow from the bucket size.
 """
@@ -26,8 +27,8 @@ import torch
 from megatron_cosmos3.data.errors import CORRUPT_MEDIA, ZERO_LENGTH, SampleError
 
 CLIP_STARTS = ("random", "grid", "first")
-# Timestamps within this of a target count as at it: containers round times to their time base
-# (WebM: 1 ms), so a frame meant for t may carry t + 0.5 ms.
+# Durations within this of a clip length count as equal: containers round times to their time base
+# (WebM: 1 ms). Frame timestamps are judged by their own stream's base (``timestamp_tolerance``).
 TIME_TOLERANCE_S = 1e-3
 
 
@@ -123,18 +124,28 @@ def target_times(window: Window, fps: float) -> np.ndarray:
     return window.start_s + np.arange(count, dtype=np.float64) / fps
 
 
-def pick_frames(times: np.ndarray, targets: np.ndarray, end_s: float, name: str) -> np.ndarray:
+def timestamp_tolerance(time_base: float) -> float:
+    """How far after a target a frame's timestamp may be and still count as at it: half the
+    container's time base (its rounding; WebM's 1 ms base stores a frame meant for t as up to
+    t + 0.5 ms), not more, so that a 23.976 fps frame 0.04 ms after a 24 fps target is not shown early."""
+    return float(time_base) / 2 + 1e-9
+
+
+def pick_frames(
+    times: np.ndarray, targets: np.ndarray, end_s: float, name: str, tolerance_s: float = 1e-9
+) -> np.ndarray:
     """Index of the frame shown at each target: the last with ``times <= target`` (within
-    TIME_TOLERANCE_S). ``times`` ascending (seconds), ``end_s`` when the last frame stops showing."""
+    ``tolerance_s``, see ``timestamp_tolerance``). ``times`` ascending (seconds), ``end_s`` when the
+    last frame stops showing."""
     if len(times) == 0:
         raise SampleError(ZERO_LENGTH, f"{name} has no frames")
-    late = targets >= end_s - TIME_TOLERANCE_S / 2
+    late = targets >= end_s - tolerance_s
     if late.any():
         raise SampleError(
             CORRUPT_MEDIA,
             f"{name}: its frames end at {end_s:.3f} s but the clip needs one at {targets[late][0]:.3f} s (truncated?)",
         )
-    index = np.searchsorted(times, targets + TIME_TOLERANCE_S, side="right") - 1
+    index = np.searchsorted(times, targets + tolerance_s, side="right") - 1
     return np.maximum(index, 0)  # a first frame stamped a little after 0 shows from the start
 
 

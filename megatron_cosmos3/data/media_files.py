@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 from megatron_cosmos3.data.clips import (
-    TIME_TOLERANCE_S,
     MediaConfig,
     Window,
     fit_to_bucket,
     pick_frames,
     target_times,
+    timestamp_tolerance,
 )
 from megatron_cosmos3.data.errors import CORRUPT_MEDIA, MISSING_STREAM, UNSUPPORTED_CODEC, ZERO_LENGTH, SampleError
 from megatron_cosmos3.data.media import DECODE_ERRORS
@@ -157,15 +157,16 @@ def _video_window(container, stream, targets: np.ndarray, origin_s: float, rate:
         seek_to = math.floor((targets[0] + origin_s) / stream.time_base)
         container.seek(max(seek_to, 0), stream=stream, backward=True, any_frame=False)
     times, frames, end = [], [], math.inf
+    tolerance = timestamp_tolerance(stream.time_base)
     for frame in container.decode(stream):
         if frame.pts is None:
             continue
         t = float(frame.pts * stream.time_base) - origin_s
         if times and t <= times[-1]:
             continue  # a repeated timestamp: the first frame holds it
-        if t > targets[-1] + TIME_TOLERANCE_S:
+        if t > targets[-1] + tolerance:
             break
-        if t <= targets[0] + TIME_TOLERANCE_S:
+        if t <= targets[0] + tolerance:
             times, frames = [], []  # this frame supersedes every earlier one
         times.append(t)
         frames.append(frame)
@@ -173,7 +174,7 @@ def _video_window(container, stream, targets: np.ndarray, origin_s: float, rate:
         if frames:
             last = frames[-1]
             end = times[-1] + (float(last.duration * stream.time_base) if last.duration else 1.0 / rate)
-    return _to_rgb(frames, pick_frames(np.asarray(times), targets, end, name))
+    return _to_rgb(frames, pick_frames(np.asarray(times), targets, end, name, tolerance))
 
 
 def _to_rgb(frames: list, picked: np.ndarray) -> np.ndarray:
