@@ -14,7 +14,8 @@ video.npy              (T, H, W, 3) uint8 RGB frames, T >= 1, H and W >= 32; nee
 video.mp4              a video file (also ``video.webm``, ``video.mkv``; ``data/media_files.py``):
                        its frame rate and duration from the file, its audio stream used as the
                        sample's audio when there is no audio file. One video field per sample.
-audio.wav              mono or stereo WAV (PCM or float), any rate (resampled to 48 kHz to encode);
+audio.wav              WAV (PCM or float), any rate (resampled to 48 kHz to encode); more than two
+                       channels are downmixed to 48 kHz stereo by FFmpeg, as compressed files are;
                        or an ``audio.flac``, ``.mp3``, ``.m4a``, ``.aac``, ``.opus`` file (decoded to
                        48 kHz stereo). One audio field per sample.
 actions.npy            (N, dim) float pseudo-actions (``encoders/pseudo_actions.py``), step i from
@@ -459,13 +460,14 @@ def decode_sample(
             durations[f"{video_field}'s audio"] = decoded.audio_duration_s
     if "video_latents.npy" in files:
         sample.fps = _positive_number(meta, "fps", "a video", FPS_RANGE)
-    if audio_field == "audio.wav":
-        audio, rate = _check_audio(*media.decode_wav(files[audio_field], audio_field), audio_field)
+    wav = media.decode_wav(files[audio_field], audio_field) if audio_field == "audio.wav" else None
+    if wav is not None and wav[0].shape[0] <= 2:
+        audio, rate = _check_audio(*wav, audio_field)
         durations[audio_field] = audio.shape[1] / rate
         window = window or window_for(durations[audio_field])
         sample.audio = _check_audio(np.ascontiguousarray(_cut_samples(audio.T, rate, window).T), rate, audio_field)[0]
         sample.audio_sample_rate = rate
-    elif audio_field is not None:
+    elif audio_field is not None:  # a compressed file, or surround WAV: FFmpeg downmixes it as theirs to stereo
         decoded = decode_media_file(
             files[audio_field], audio_field, clip, (lambda _: window) if window else window_for, False, True
         )

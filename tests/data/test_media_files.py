@@ -17,6 +17,7 @@ import av
 import numpy as np
 import pytest
 from PIL import Image
+from scipy.io import wavfile
 
 from megatron_cosmos3.data.clips import MediaConfig, bucket_for, choose_window
 from megatron_cosmos3.data.errors import SampleError
@@ -199,6 +200,22 @@ def test_a_wav_written_to_a_pipe_is_read_to_its_end():
     assert piped[piped.index(b"data") + 4 :][:4] == b"\xff\xff\xff\xff"
     sample = decode_sample(_raw("audio.wav", piped))
     assert sample.audio.shape == (1, 4410) and np.abs(sample.audio[0] - tone).max() <= 1 / 32768
+
+
+def test_a_surround_wav_is_downmixed_to_stereo_as_a_surround_flac_is(tmp_path):
+    """6 channels (5.1): the same FFmpeg downmix for the WAV as for compressed files, not a skip."""
+    tone = 0.2 * np.sin(2 * math.pi * np.outer(np.arange(1, 7) * 110, np.arange(4800) / 48_000))  # a tone per channel
+    pcm = np.round(tone.T * 32767).astype("<i2")
+    buffer = io.BytesIO()
+    wavfile.write(buffer, 48_000, pcm)
+    (tmp_path / "six.wav").write_bytes(buffer.getvalue())
+    command = ["ffmpeg", "-loglevel", "error", "-y", "-i", str(tmp_path / "six.wav"), str(tmp_path / "six.flac")]
+    subprocess.run(command, check=True)
+    wav = decode_sample(_raw("audio.wav", buffer.getvalue()))
+    flac = decode_sample(_raw("audio.flac", (tmp_path / "six.flac").read_bytes()))
+    assert wav.audio.shape == flac.audio.shape == (2, 4800) and wav.audio_sample_rate == 48_000
+    np.testing.assert_allclose(wav.audio, flac.audio, atol=1e-6)
+    assert np.abs(wav.audio[0] - wav.audio[1]).max() > 0.05  # left and right hold different channels
 
 
 @pytest.mark.parametrize("suffix", ["jpg", "webp", "png"])
