@@ -255,17 +255,22 @@ def test_a_folder_of_videos_with_captions_becomes_shards(tmp_path):
     segments = [{"start_s": 0.0, "end_s": 1.5, "text": "dim"}, {"start_s": 1.5, "end_s": 3.0, "text": "bright"}]
     (folder / "street" / "b.json").write_text(json.dumps({"caption": "a street", "segments": segments}))
     (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" * 10)
+    # Sidecars that lose their video, not the run: Latin-1 text, a JSON list.
+    (folder / "latin.mp4").write_bytes((folder / "a.mp4").read_bytes())
+    (folder / "latin.txt").write_bytes("un caf\u00e9".encode("latin-1"))
+    (folder / "listy.mp4").write_bytes((folder / "a.mp4").read_bytes())
+    (folder / "listy.json").write_text('["a caption"]')
     listed = tmp_path / "captions.jsonl"
     listed.write_text(json.dumps({"file": "a.mp4", "caption": "listed wins over the sidecar"}))
     skipped = ingest.ingest_videos(folder, tmp_path / "shards", listed, shard_size=8)
-    assert skipped == {"corrupt_media": 1}
+    assert skipped == {"corrupt_media": 1, "bad_metadata": 2}
     index = ShardIndex.load(tmp_path / "shards")
     samples = {raw["__key__"]: raw for shard in index.shards for raw in read_shard(shard.url)}
-    assert sorted(samples) == ["00000000_a", "00000002_street_b"]  # broken.mp4 (number 1) was skipped
+    assert sorted(samples) == ["00000000_a", "00000004_street_b"]  # broken, latin, listy (1-3) were skipped
     a = decode_sample(samples["00000000_a"])
     assert a.caption == "listed wins over the sidecar" and len(a.video) == 20
     clip = decode_sample(
-        samples["00000002_street_b"], media_config=MediaConfig(clip_seconds=1.0, clip_start="grid"), draw=0.9
+        samples["00000004_street_b"], media_config=MediaConfig(clip_seconds=1.0, clip_start="grid"), draw=0.9
     )
     assert clip.timing["clip_start_s"] == 2.0 and clip.caption == "bright"
     assert math.isclose(clip.caption_segments[0][1], 1.0)
