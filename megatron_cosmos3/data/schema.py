@@ -389,7 +389,7 @@ def decode_sample(
     unknown = sorted(set(meta) - set(META_KEYS))
     if unknown:
         _fail(EXTRA_FIELD, f"unknown meta.json key(s) {unknown}")
-    if meta.get("schema") != SCHEMA_VERSION:
+    if meta.get("schema") != SCHEMA_VERSION or isinstance(meta.get("schema"), bool):
         _fail(BAD_METADATA, f"meta.json 'schema' must be {SCHEMA_VERSION}, got {meta.get('schema')!r}")
     sample = Sample(key=key, timing=meta.get("timing") or {}, source=meta.get("source"))
     for name in TEXT_KEYS:
@@ -453,6 +453,8 @@ def decode_sample(
     elif video_field is not None:
         decoded = decode_media_file(files[video_field], video_field, clip, window_for, True, audio_field is None)
         window, sample.fps = decoded.window, decoded.fps
+        if not FPS_RANGE[0] <= sample.fps <= FPS_RANGE[1]:  # the file's own rate sets the RoPE step
+            _fail(OUT_OF_RANGE, f"{video_field} runs at {sample.fps:g} fps, outside [{FPS_RANGE[0]}, {FPS_RANGE[1]}]")
         sample.video = _check_frames(decoded.frames, video_field)
         durations["video"] = decoded.video_duration_s
         if decoded.audio is not None:

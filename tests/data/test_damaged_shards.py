@@ -13,6 +13,7 @@ import struct
 import tarfile
 import zlib
 from collections import Counter
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -25,6 +26,7 @@ from megatron_cosmos3.data.errors import DataErrorBudgetExceeded, LoaderSetupErr
 from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder
 from megatron_cosmos3.data.loader import PackedLoader
 from megatron_cosmos3.data.media import encode_json, encode_npy, encode_wav
+from megatron_cosmos3.data.media_writers import encode_mp4
 from megatron_cosmos3.data.schema import Sample, encode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter
 
@@ -244,6 +246,11 @@ BAD_SAMPLES = {
     "float64_latents_beyond_float32": ("out_of_range", lambda: _float64_latent(-1e39)),
     "fps_1e-9": ("out_of_range", lambda: _meta(_clip("k"), fps=1e-9)),
     "fps_1e12": ("out_of_range", lambda: _meta(_latent("k"), fps=1e12)),
+    "mp4_at_0.05_fps": (
+        "out_of_range",
+        lambda: _with(_text("k"), "video.mp4", encode_mp4(np.zeros((2, 32, 32, 3), np.uint8), Fraction(1, 20))),
+    ),
+    "schema_true": ("bad_metadata", lambda: _meta(_text("k"), schema=True)),
     "action_rate_1e-9": ("out_of_range", lambda: _meta(_clip("k"), action_rate_hz=1e-9)),
     "latent_grid_side_2e9": ("out_of_range", lambda: _meta(_latent("k"), video_latent_grid=[2, 1, 2_000_000_000])),
     # Library failures on untrusted bytes are data reasons, not internal errors.
