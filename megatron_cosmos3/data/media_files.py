@@ -76,11 +76,10 @@ def decode_media_file(
         with av.open(io.BytesIO(data), metadata_errors="ignore") as container:
             if not container.streams:
                 raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable media file (no stream found)")
-            missing = _missing_box_bytes(data) if container.format.name.startswith("mov") else 0
+            missing = _missing_bytes(data, container.format.name)
             if missing:  # FFmpeg reads what is there: a cut index loses streams, cut data loses frames
-                raise SampleError(
-                    CORRUPT_MEDIA, f"{name}: truncated file: its boxes declare {missing} bytes more than it holds"
-                )
+                detail = f"{name}: truncated file: it declares {missing} bytes more than it holds"
+                raise SampleError(CORRUPT_MEDIA, detail)
             video = container.streams.video[0] if container.streams.video else None
             audio = container.streams.audio[0] if container.streams.audio and want_audio else None
             if want_video and video is None:
@@ -231,6 +230,41 @@ def _audio_window(container, stream, window: Window, origin_s: float, declared_s
         raise SampleError(ZERO_LENGTH, f"{name}: no audio samples in the clip {window}")
     stereo = to_stereo_48k(torch.from_numpy(np.ascontiguousarray(cut, dtype=np.float32)), rate)
     return np.ascontiguousarray(stereo.numpy())
+
+
+def _missing_bytes(data: bytes, format_name: str) -> int:
+    """How many bytes the container's own structure declares beyond the end of ``data``: MP4/MOV
+    top-level boxes, the Matroska/WebM segment (0 for other formats: FFmpeg judges them)."""
+    if format_name.startswith("mov"):
+        return _missing_box_bytes(data)
+    if format_name.startswith("matroska"):
+        return _missing_segment_bytes(data)
+    return 0
+
+
+def _ebml_number(data: bytes, offset: int) -> tuple[int, int, bool] | None:
+    """An EBML variable-length number at ``offset``: (value, length, all value bits set), or None
+    where the data ends first or no length marker is found."""
+    if offset >= len(data) or data[offset] == 0:
+        return None
+    length = 9 - data[offset].bit_length()
+    if offset + length > len(data):
+        return None
+    value = int.from_bytes(data[offset : offset + length], "big") & ((1 << (7 * length)) - 1)
+    return value, length, value == (1 << (7 * length)) - 1
+
+
+def _missing_segment_bytes(data: bytes) -> int:
+    """How many bytes a Matroska/WebM file's segment declares beyond its end (0 when complete, or
+    of unknown size as a live stream writes it)."""
+    offset = 0
+    for _ in range(2):  # the EBML header, then the segment
+        element = _ebml_number(data, offset)
+        size = _ebml_number(data, offset + element[1]) if element else None
+        if size is None or size[2]:  # too short to judge, or a size left unknown: FFmpeg decides
+            return 0
+        offset += element[1] + size[1] + size[0]
+    return max(offset - len(data), 0)
 
 
 def _missing_box_bytes(data: bytes) -> int:

@@ -241,6 +241,20 @@ def test_bucket_and_window_rules():
         MediaConfig(resolution_buckets=["64-64"]).validate()
 
 
+@pytest.mark.parametrize("suffix", ["mkv", "webm"])
+def test_a_cut_file_is_corrupt_even_where_the_clip_lies_in_its_intact_part(tmp_path, suffix):
+    """FFmpeg decodes what is there: a Matroska/WebM file cut at 80 % still gives its first half
+    second, so the cut is found from the size its segment declares."""
+    raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", "24", "-i", "-"]
+    command = ["ffmpeg", "-loglevel", "error", "-y", *raw_input, str(tmp_path / f"clip.{suffix}")]
+    subprocess.run(command, input=_source_frames(48).tobytes(), check=True)
+    data = (tmp_path / f"clip.{suffix}").read_bytes()
+    first_half_second = MediaConfig(clip_seconds=0.5, clip_start="first")
+    assert len(decode_sample(_raw(f"video.{suffix}", data), media_config=first_half_second).video) == 12
+    with pytest.raises(SampleError, match=f"corrupt_media: video.{suffix}: truncated file"):
+        decode_sample(_raw(f"video.{suffix}", data[: len(data) * 4 // 5]), media_config=first_half_second)
+
+
 def test_an_undecodable_codec_is_named_in_the_skip_reason():
     data = encode_mp4(_source_frames(3), 10).replace(b"avc1", b"zzzz")
     with pytest.raises(SampleError, match="unsupported_codec: video.mp4: FFmpeg has no decoder .* 'zzzz'"):
