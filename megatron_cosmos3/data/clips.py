@@ -9,9 +9,9 @@ for every source (``video.npy`` frames or a compressed file, docs/DESIGN.md, "Re
   to the action grid when the sample has actions so that action step 0 starts at the first frame;
   ``grid_draws`` gives one draw per grid clip (pre-encoding cuts every one of them);
 - ``target_times`` / ``pick_frames``: the frame shown at each target time ``start + k / fps`` is
-  the last one whose timestamp is at or before it, to within half the container's time base (so
-  variable-frame-rate video is sampled by its timestamps); a target past the end of the last frame
-  is a truncated video;
+  the last one whose timestamp is at or before it, to within half the container's time base (at
+  most 1 ms; so variable-frame-rate video is sampled by its timestamps); a target past the end of
+  the last frame is a truncated video;
 - ``fit_to_bucket``: the bucket of nearest aspect ratio, the picture scaled to cover it
   (antialiased bilinear) and centre-cropped; tokens per sample follow from the bucket size.
 """
@@ -127,8 +127,9 @@ def target_times(window: Window, fps: float) -> np.ndarray:
 def timestamp_tolerance(time_base: float) -> float:
     """How far after a target a frame's timestamp may be and still count as at it: half the
     container's time base (its rounding; WebM's 1 ms base stores a frame meant for t as up to
-    t + 0.5 ms), not more, so that a 23.976 fps frame 0.04 ms after a 24 fps target is not shown early."""
-    return float(time_base) / 2 + 1e-9
+    t + 0.5 ms), so that a 23.976 fps frame 0.04 ms after a 24 fps target (base 1/24000) is not
+    shown early; at most TIME_TOLERANCE_S (a base of one frame period stores exact frame times)."""
+    return min(float(time_base) / 2, TIME_TOLERANCE_S) + 1e-9
 
 
 def pick_frames(

@@ -68,14 +68,19 @@ def test_video_decodes_to_the_frames_shown_at_the_target_times(one_second, fps):
         assert _psnr(frame, source[index + 1]) < 35  # control: the next frame is told apart
 
 
-@pytest.mark.parametrize("rate, fps", [("24000/1001", 24), ("60000/1001", 30), ("25", 24)])
-def test_ntsc_and_pal_rates_are_sampled_by_the_last_frame_at_or_before_each_target(tmp_path, rate, fps):
+@pytest.mark.parametrize(
+    "rate, fps, timescale",
+    [("24000/1001", 24, "24000"), ("60000/1001", 30, "60000"), ("25", 24, "12800"), ("10", 30, "10")],
+)
+def test_ntsc_and_pal_rates_are_sampled_by_the_last_frame_at_or_before_each_target(tmp_path, rate, fps, timescale):
     """A 23.976 fps frame k lies k * 0.04 ms after the 24 fps target k: the frame on screen there is
-    k - 1 (an ffmpeg-written mp4, 1 s; the PAL row is a control with no near coincidence)."""
+    k - 1 (an ffmpeg-written mp4, 1 s). Controls: PAL, with no near coincidence; a 10 fps file whose
+    time base is one frame period (its times are exact: no half-period leeway)."""
     source_fps = float(Fraction(rate))
     frames = _source_frames(math.ceil(source_fps) + 1)
     raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", rate, "-i", "-"]
     command = ["ffmpeg", "-loglevel", "error", "-y", *raw_input, "-c:v", "libx264", "-crf", "4", "-pix_fmt", "yuv420p"]
+    command += ["-video_track_timescale", timescale]
     subprocess.run([*command, str(tmp_path / "clip.mp4")], input=frames.tobytes(), check=True)
     first_second = MediaConfig(fps=fps, clip_seconds=1.0, clip_start="first")
     sample = decode_sample(_raw("video.mp4", (tmp_path / "clip.mp4").read_bytes()), media_config=first_second)
