@@ -260,8 +260,8 @@ def episode_sample(
             BAD_METADATA, f"episode {index}: {column} rows are not one width of numbers ({error})"
         ) from None
     length = episode.get("length")
-    if length is not None and len(rows) != int(length):
-        raise SampleError(BAD_METADATA, f"episode {index}: {len(rows)} {column} rows, its length is {length}")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or len(rows) != length):
+        raise SampleError(BAD_METADATA, f"episode {index}: {len(rows)} {column} rows, its length is {length!r}")
     if eef is not None and len(rows) < 2:
         raise SampleError(BAD_METADATA, f"episode {index}: {len(rows)} frame(s); pseudo-actions need 2")
     try:  # a pose that is no rotation (a zero quaternion, NaN) is the episode's fault, not the run's
@@ -272,6 +272,7 @@ def episode_sample(
     if "timestamp" in table.column_names:
         stamps = np.asarray(table.column("timestamp").to_pylist(), dtype=np.float64)
         late = np.abs(stamps - np.arange(len(stamps)) / fps)
+        late[~np.isfinite(late)] = np.inf  # a NaN or missing stamp is no i / fps either
         if late.max() > TIMESTAMP_TOLERANCE_S:
             frame = int(np.argmax(late))
             detail = f"episode {index}: frame {frame} is stamped {stamps[frame]:.4f} s, not {frame / fps:.4f} s"

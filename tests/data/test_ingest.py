@@ -215,13 +215,13 @@ def test_a_split_over_processes_writes_what_one_process_writes(lerobot, tmp_path
 def test_damaged_lerobot_episodes_are_skipped_and_counted_and_a_broken_dataset_is_a_clear_error(lerobot, tmp_path):
     """One bad episode is a counted skip, never the end of the ingestion: a missing parquet, a video
     at another rate than info.json's (its frames last a third of the episode), no frames at all, an
-    unreadable parquet. A dataset whose metadata is broken is a setup error naming file and value."""
+    unreadable parquet, a NaN timestamp. A dataset whose metadata is broken is a setup error naming file and value."""
     ingest = load_script("ingest_lerobot")
     root = tmp_path / "arm_push"
     shutil.copytree(lerobot[0], root)
     data, videos = root / "data" / "chunk-000", root / "videos" / "chunk-000" / "observation.images.top"
     lines = (root / "meta" / "episodes.jsonl").read_text().splitlines()
-    for episode in (3, 4):  # copies of episode 2, to damage
+    for episode in (3, 4, 5):  # copies of episode 2, to damage
         shutil.copy(data / "episode_000002.parquet", data / f"episode_{episode:06d}.parquet")
         shutil.copy(videos / "episode_000002.mp4", videos / f"episode_{episode:06d}.mp4")
         lines.append(json.dumps({"episode_index": episode, "tasks": ["push"], "length": FRAMES}))
@@ -231,8 +231,19 @@ def test_damaged_lerobot_episodes_are_skipped_and_counted_and_a_broken_dataset_i
     empty = pq.read_table(data / "episode_000003.parquet").slice(0, 0)
     pq.write_table(empty, data / "episode_000003.parquet")
     (data / "episode_000004.parquet").write_bytes(b"PAR1 not a parquet")
+    table = pq.read_table(data / "episode_000005.parquet")
+    stamps = pa.array(np.where(np.arange(FRAMES) == 4, np.nan, np.arange(FRAMES) / FPS), type=pa.float32())
+    pq.write_table(
+        table.set_column(table.column_names.index("timestamp"), "timestamp", stamps), data / "episode_000005.parquet"
+    )
     skipped = ingest.ingest_lerobot(root, tmp_path / "out", "toy_arm")
-    assert skipped == {"missing_field": 1, "duration_mismatch": 1, "zero_length": 1, "corrupt_media": 1}
+    assert skipped == {
+        "missing_field": 1,
+        "duration_mismatch": 1,
+        "zero_length": 1,
+        "corrupt_media": 1,
+        "bad_metadata": 1,
+    }
     assert ShardIndex.load(tmp_path / "out").total_samples == 1  # episode 2
 
     info = json.loads((root / "meta" / "info.json").read_text())
