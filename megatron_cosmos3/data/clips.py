@@ -30,6 +30,8 @@ CLIP_STARTS = ("random", "grid", "first")
 # Durations within this of a clip length count as equal: containers round times to their time base
 # (WebM: 1 ms). Frame timestamps are judged by their own stream's base (``timestamp_tolerance``).
 TIME_TOLERANCE_S = 1e-3
+# How many bytes of float pixels ``fit_to_bucket`` converts at once.
+FIT_BYTES = 256 << 20
 
 
 @dataclass
@@ -167,10 +169,15 @@ def fit_to_bucket(frames: np.ndarray, buckets: list[tuple[int, int]]) -> np.ndar
         return frames
     scale = max(target_h / height, target_w / width)
     covered_h, covered_w = max(target_h, round(height * scale)), max(target_w, round(width * scale))
-    pixels = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    resized = torch.nn.functional.interpolate(
-        pixels, size=(covered_h, covered_w), mode="bilinear", antialias=True, align_corners=False
-    )
     top, left = (covered_h - target_h) // 2, (covered_w - target_w) // 2
-    cropped = resized[:, :, top : top + target_h, left : left + target_w]
-    return cropped.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    out = np.empty((len(frames), target_h, target_w, 3), np.uint8)
+    # A few frames at a time: float copies of a whole 4K clip (12 bytes a pixel) would not fit in memory.
+    step = max(1, FIT_BYTES // (height * width * 3 * 4))
+    for first in range(0, len(frames), step):
+        pixels = torch.from_numpy(np.ascontiguousarray(frames[first : first + step])).permute(0, 3, 1, 2).float()
+        resized = torch.nn.functional.interpolate(
+            pixels, size=(covered_h, covered_w), mode="bilinear", antialias=True, align_corners=False
+        )
+        cropped = resized[:, :, top : top + target_h, left : left + target_w]
+        out[first : first + step] = cropped.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out

@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 from scipy.io import wavfile
 
-from megatron_cosmos3.data.clips import MediaConfig, bucket_for, choose_window
+from megatron_cosmos3.data import clips
+from megatron_cosmos3.data.clips import MediaConfig, bucket_for, choose_window, fit_to_bucket
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.media import encode_json, encode_npy
 from megatron_cosmos3.data.media_writers import encode_mp4
@@ -258,6 +259,17 @@ def test_a_cut_file_is_corrupt_even_where_the_clip_lies_in_its_intact_part(tmp_p
     assert len(decode_sample(_raw(f"video.{suffix}", data), media_config=first_half_second).video) == 12
     with pytest.raises(SampleError, match=f"corrupt_media: video.{suffix}: truncated file"):
         decode_sample(_raw(f"video.{suffix}", data[: len(data) * 4 // 5]), media_config=first_half_second)
+
+
+def test_fitting_a_clip_a_few_frames_at_a_time_gives_the_frames_a_whole_fit_gives(monkeypatch):
+    """fit_to_bucket bounds its float copy (clips.FIT_BYTES: a 4K clip at once would not fit in
+    memory); the bucket's pixels do not depend on how many frames go through together."""
+    frames = np.random.default_rng(0).integers(0, 256, (7, 45, 80, 3), dtype=np.uint8)
+    buckets = [(32, 32), (32, 64)]
+    whole = fit_to_bucket(frames, buckets)
+    monkeypatch.setattr(clips, "FIT_BYTES", 2 * 45 * 80 * 3 * 4)  # two frames at a time
+    assert whole.shape == (7, 32, 64, 3) and np.array_equal(fit_to_bucket(frames, buckets), whole)
+    assert np.array_equal(fit_to_bucket(frames[3:4], buckets)[0], whole[3])
 
 
 def test_an_undecodable_codec_is_named_in_the_skip_reason():
