@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from megatron_cosmos3.data.clips import (
     MediaConfig,
@@ -112,6 +113,9 @@ def decode_video_file(data: bytes, name: str) -> tuple[np.ndarray, float]:
 
 def _decode(container, video, audio, name: str, media: MediaConfig, window_for) -> DecodedMedia:
     if video is not None:
+        width, height = video.codec_context.width, video.codec_context.height
+        if width * height > Image.MAX_IMAGE_PIXELS:  # the limit pictures have (a decompression bomb)
+            raise SampleError(CORRUPT_MEDIA, f"{name}: {width}x{height} frames exceed {Image.MAX_IMAGE_PIXELS} pixels")
         origin_s = float((video.start_time or 0) * video.time_base)
         rate = float(video.average_rate or video.guessed_rate or 0) or None
         video_s = _stream_seconds(video, container, origin_s)

@@ -272,6 +272,15 @@ def test_fitting_a_clip_a_few_frames_at_a_time_gives_the_frames_a_whole_fit_give
     assert np.array_equal(fit_to_bucket(frames[3:4], buckets)[0], whole[3])
 
 
+def test_video_frames_above_the_picture_pixel_limit_are_refused_before_decoding(monkeypatch):
+    """A header may claim frames of any size (a decompression bomb): videos obey Pillow's limit too."""
+    data = encode_mp4(_source_frames(2), 10)
+    assert len(decode_sample(_raw("video.mp4", data)).video) == 2
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", SIDE * SIDE - 1)
+    with pytest.raises(SampleError, match=f"corrupt_media: video.mp4: {SIDE}x{SIDE} frames exceed"):
+        decode_sample(_raw("video.mp4", data))
+
+
 def test_an_undecodable_codec_is_named_in_the_skip_reason():
     data = encode_mp4(_source_frames(3), 10).replace(b"avc1", b"zzzz")
     with pytest.raises(SampleError, match="unsupported_codec: video.mp4: FFmpeg has no decoder .* 'zzzz'"):
