@@ -49,15 +49,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from megatron_cosmos3.data.clips import MediaConfig, Window
-from megatron_cosmos3.data.errors import BAD_METADATA, SampleError
+from megatron_cosmos3.data.errors import BAD_METADATA, CORRUPT_MEDIA, MISSING_FIELD, ZERO_LENGTH, SampleError
 from megatron_cosmos3.data.media import encode_json, encode_npy
 from megatron_cosmos3.data.media_files import decode_media_file
 from megatron_cosmos3.data.media_writers import encode_mp4
-from megatron_cosmos3.data.schema import SCHEMA_VERSION, SchemaContext, decode_sample
+from megatron_cosmos3.data.schema import FPS_RANGE, SCHEMA_VERSION, SchemaContext, decode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter, run_split, write_action_stats, write_parts
 from megatron_cosmos3.encoders.pseudo_actions import (
     EGO,
@@ -155,6 +156,9 @@ def read_info(root: Path) -> dict:
         raise ValueError(
             f"{root / 'meta' / 'info.json'}: codebase_version={version!r}; this reader knows v2.x and v3.x"
         )
+    fps = info.get("fps")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not FPS_RANGE[0] <= fps <= FPS_RANGE[1]:
+        raise ValueError(f"{root / 'meta' / 'info.json'}: fps={fps!r} must be a number in {list(FPS_RANGE)}")
     return info
 
 
@@ -169,9 +173,35 @@ def episodes_of(root: Path, info: dict) -> list[dict]:
         files = sorted((root / "meta" / "episodes").rglob("*.parquet"))
         episodes = [row for path in files for row in pq.read_table(path).to_pylist()]
     else:
-        lines = (root / "meta" / "episodes.jsonl").read_text().splitlines()
-        episodes = [json.loads(line) for line in lines if line.strip()]
+        path = root / "meta" / "episodes.jsonl"
+        episodes = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                episodes.append(json.loads(line))
+            except ValueError as error:
+                raise ValueError(f"{path}, line {number}: not JSON ({error})") from None
+    seen: set[int] = set()
+    for episode in episodes:
+        index = episode.get("episode_index") if isinstance(episode, dict) else None
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ValueError(f"{root / 'meta'}: an episode's episode_index={index!r} must be an int >= 0")
+        if index in seen:
+            raise ValueError(f"{root / 'meta'}: episode_index={index} is listed twice")
+        seen.add(index)
     return sorted(episodes, key=lambda e: e["episode_index"])
+
+
+def _read_episode_file(path: Path, index: int, read):
+    """``read(path)``; a missing file is the episode's ``missing_field``, an unreadable one its
+    ``corrupt_media`` (one lost episode is counted, not the end of the run)."""
+    if not path.is_file():
+        raise SampleError(MISSING_FIELD, f"episode {index}: {path} does not exist")
+    try:
+        return read(path)
+    except (OSError, pa.ArrowException) as error:
+        raise SampleError(CORRUPT_MEDIA, f"episode {index}: {path}: {type(error).__name__}: {error}") from None
 
 
 def _episode_rows(root: Path, info: dict, episode: dict):
@@ -179,9 +209,9 @@ def _episode_rows(root: Path, info: dict, episode: dict):
     index = int(episode["episode_index"])
     if not is_v3(info):
         where = {"episode_chunk": index // int(info.get("chunks_size", 1000)), "episode_index": index}
-        return pq.read_table(root / info["data_path"].format(**where))
+        return _read_episode_file(root / info["data_path"].format(**where), index, pq.read_table)
     where = {"chunk_index": episode["data/chunk_index"], "file_index": episode["data/file_index"]}
-    table = pq.read_table(root / info["data_path"].format(**where))
+    table = _read_episode_file(root / info["data_path"].format(**where), index, pq.read_table)
     keep = np.asarray(table.column("episode_index").to_pylist()) == index
     return table.filter(keep)
 
@@ -193,7 +223,7 @@ def _episode_video(root: Path, info: dict, episode: dict, camera: str, frames: i
     index = int(episode["episode_index"])
     if not is_v3(info):
         where = {"episode_chunk": index // int(info.get("chunks_size", 1000)), "episode_index": index}
-        return (root / info["video_path"].format(**where, video_key=camera)).read_bytes()
+        return _read_episode_file(root / info["video_path"].format(**where, video_key=camera), index, Path.read_bytes)
     where = {
         "chunk_index": episode[f"videos/{camera}/chunk_index"],
         "file_index": episode[f"videos/{camera}/file_index"],
@@ -201,7 +231,12 @@ def _episode_video(root: Path, info: dict, episode: dict, camera: str, frames: i
     path = root / info["video_path"].format(**where, video_key=camera)
     start = float(episode[f"videos/{camera}/from_timestamp"])
     decoded = decode_media_file(
-        path.read_bytes(), str(path), MediaConfig(fps=fps), lambda _: Window(start, frames / fps), True, False
+        _read_episode_file(path, index, Path.read_bytes),
+        str(path),
+        MediaConfig(fps=fps),
+        lambda _: Window(start, frames / fps),
+        True,
+        False,
     )
     return encode_mp4(decoded.frames, fps)
 
@@ -214,10 +249,19 @@ def episode_sample(
     index = int(episode["episode_index"])
     table = _episode_rows(root, info, episode)
     column = eef.feature if eef else action_key
-    rows = np.stack([np.asarray(row, dtype=np.float64) for row in table.column(column).to_pylist()])
+    if table.num_rows == 0:
+        raise SampleError(ZERO_LENGTH, f"episode {index}: no frames")
+    if column not in table.column_names:
+        raise SampleError(MISSING_FIELD, f"episode {index}: its parquet has no {column!r} column")
+    try:
+        rows = np.stack([np.asarray(row, dtype=np.float64) for row in table.column(column).to_pylist()])
+    except (TypeError, ValueError) as error:  # a null row, rows of different widths, text
+        raise SampleError(
+            BAD_METADATA, f"episode {index}: {column} rows are not one width of numbers ({error})"
+        ) from None
     length = episode.get("length")
-    if length is not None and len(rows) != int(length):
-        raise SampleError(BAD_METADATA, f"episode {index}: {len(rows)} {column} rows, its length is {length}")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or len(rows) != length):
+        raise SampleError(BAD_METADATA, f"episode {index}: {len(rows)} {column} rows, its length is {length!r}")
     if eef is not None and len(rows) < 2:
         raise SampleError(BAD_METADATA, f"episode {index}: {len(rows)} frame(s); pseudo-actions need 2")
     try:  # a pose that is no rotation (a zero quaternion, NaN) is the episode's fault, not the run's
@@ -228,11 +272,14 @@ def episode_sample(
     if "timestamp" in table.column_names:
         stamps = np.asarray(table.column("timestamp").to_pylist(), dtype=np.float64)
         late = np.abs(stamps - np.arange(len(stamps)) / fps)
+        late[~np.isfinite(late)] = np.inf  # a NaN or missing stamp is no i / fps either
         if late.max() > TIMESTAMP_TOLERANCE_S:
             frame = int(np.argmax(late))
             detail = f"episode {index}: frame {frame} is stamped {stamps[frame]:.4f} s, not {frame / fps:.4f} s"
             raise SampleError(BAD_METADATA, detail)
     tasks = episode.get("tasks") or []
+    if not isinstance(tasks, list) or not all(isinstance(task, str) for task in tasks):
+        raise SampleError(BAD_METADATA, f"episode {index}: tasks={tasks!r} must be a list of strings")
     meta = {
         "schema": SCHEMA_VERSION,
         "fps": fps,

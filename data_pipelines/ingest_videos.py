@@ -30,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 from megatron_cosmos3.data.clips import MediaConfig
-from megatron_cosmos3.data.errors import SampleError
+from megatron_cosmos3.data.errors import BAD_METADATA, SampleError
 from megatron_cosmos3.data.media import encode_json
 from megatron_cosmos3.data.media_files import VIDEO_SUFFIXES
 from megatron_cosmos3.data.schema import SCHEMA_VERSION, decode_sample
@@ -49,10 +49,17 @@ def find_videos(in_dir: Path) -> list[Path]:
 def caption_of(video: Path, in_dir: Path, listed: dict[str, dict]) -> dict:
     """The meta.json text keys of ``video``: ``caption`` and ``caption_segments`` (module doc)."""
     entry = listed.get(video.relative_to(in_dir).as_posix())
-    if entry is None and video.with_suffix(".json").is_file():
-        entry = json.loads(video.with_suffix(".json").read_text())
-    if entry is None and video.with_suffix(".txt").is_file():
-        entry = {"caption": video.with_suffix(".txt").read_text().strip()}
+    sidecar = video.with_suffix(".json") if entry is None and video.with_suffix(".json").is_file() else None
+    try:  # a broken sidecar loses its video (counted), not the run
+        if sidecar is not None:
+            entry = json.loads(sidecar.read_text(encoding="utf-8"))
+        if entry is None and video.with_suffix(".txt").is_file():
+            sidecar = video.with_suffix(".txt")
+            entry = {"caption": sidecar.read_text(encoding="utf-8").strip()}
+    except ValueError as error:  # not UTF-8 (UnicodeDecodeError) or not JSON
+        raise SampleError(BAD_METADATA, f"{sidecar}: not a UTF-8 caption file ({error})") from None
+    if entry is not None and not isinstance(entry, dict):
+        raise SampleError(BAD_METADATA, f"{sidecar}: expected a JSON object, got {type(entry).__name__}")
     meta = {}
     if entry and entry.get("caption"):
         meta["caption"] = entry["caption"]
@@ -85,17 +92,22 @@ def ingest_videos(
     in_dir = Path(in_dir)
     listed = {}
     if captions:
-        for line in Path(captions).read_text().splitlines():
+        for number, line in enumerate(Path(captions).read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
-                entry = json.loads(line)
-                listed[entry["file"]] = entry
+                try:
+                    entry = json.loads(line)
+                    listed[entry["file"]] = entry
+                except (ValueError, TypeError, KeyError) as error:
+                    raise ValueError(
+                        f"--captions={captions}, line {number}: not {{'file': ..., ...}} ({error!r})"
+                    ) from None
     videos = find_videos(in_dir)
     skipped: Counter = Counter()
 
     def write_part(part: int, writer: ShardWriter) -> None:
         for number in range(part * shard_size, min((part + 1) * shard_size, len(videos))):
-            raw = video_sample(number, videos[number], in_dir, listed)
             try:
+                raw = video_sample(number, videos[number], in_dir, listed)
                 checked = decode_sample(raw, media_config=CHECK)
             except SampleError as error:
                 skipped[error.reason] += 1

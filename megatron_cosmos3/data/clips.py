@@ -9,8 +9,9 @@ for every source (``video.npy`` frames or a compressed file, docs/DESIGN.md, "Re
   to the action grid when the sample has actions so that action step 0 starts at the first frame;
   ``grid_draws`` gives one draw per grid clip (pre-encoding cuts every one of them);
 - ``target_times`` / ``pick_frames``: the frame shown at each target time ``start + k / fps`` is
-  the last one whose timestamp is at or before it (so variable-frame-rate video is sampled by its
-  timestamps); a target past the end of the last frame is a truncated video;
+  the last one whose timestamp is at or before it, to within half the container's time base (at
+  most 1 ms; so variable-frame-rate video is sampled by its timestamps); a target past the end of
+  the last frame is a truncated video;
 - ``fit_to_bucket``: the bucket of nearest aspect ratio, the picture scaled to cover it
   (antialiased bilinear) and centre-cropped; tokens per sample follow from the bucket size.
 """
@@ -26,9 +27,11 @@ import torch
 from megatron_cosmos3.data.errors import CORRUPT_MEDIA, ZERO_LENGTH, SampleError
 
 CLIP_STARTS = ("random", "grid", "first")
-# Timestamps within this of a target count as at it: containers round times to their time base
-# (WebM: 1 ms), so a frame meant for t may carry t + 0.5 ms.
+# Durations within this of a clip length count as equal: containers round times to their time base
+# (WebM: 1 ms). Frame timestamps are judged by their own stream's base (``timestamp_tolerance``).
 TIME_TOLERANCE_S = 1e-3
+# How many bytes of float pixels ``fit_to_bucket`` converts at once.
+FIT_BYTES = 256 << 20
 
 
 @dataclass
@@ -123,18 +126,29 @@ def target_times(window: Window, fps: float) -> np.ndarray:
     return window.start_s + np.arange(count, dtype=np.float64) / fps
 
 
-def pick_frames(times: np.ndarray, targets: np.ndarray, end_s: float, name: str) -> np.ndarray:
+def timestamp_tolerance(time_base: float) -> float:
+    """How far after a target a frame's timestamp may be and still count as at it: half the
+    container's time base (its rounding; WebM's 1 ms base stores a frame meant for t as up to
+    t + 0.5 ms), so that a 23.976 fps frame 0.04 ms after a 24 fps target (base 1/24000) is not
+    shown early; at most TIME_TOLERANCE_S (a base of one frame period stores exact frame times)."""
+    return min(float(time_base) / 2, TIME_TOLERANCE_S) + 1e-9
+
+
+def pick_frames(
+    times: np.ndarray, targets: np.ndarray, end_s: float, name: str, tolerance_s: float = 1e-9
+) -> np.ndarray:
     """Index of the frame shown at each target: the last with ``times <= target`` (within
-    TIME_TOLERANCE_S). ``times`` ascending (seconds), ``end_s`` when the last frame stops showing."""
+    ``tolerance_s``, see ``timestamp_tolerance``). ``times`` ascending (seconds), ``end_s`` when the
+    last frame stops showing."""
     if len(times) == 0:
         raise SampleError(ZERO_LENGTH, f"{name} has no frames")
-    late = targets >= end_s - TIME_TOLERANCE_S / 2
+    late = targets >= end_s - tolerance_s
     if late.any():
         raise SampleError(
             CORRUPT_MEDIA,
             f"{name}: its frames end at {end_s:.3f} s but the clip needs one at {targets[late][0]:.3f} s (truncated?)",
         )
-    index = np.searchsorted(times, targets + TIME_TOLERANCE_S, side="right") - 1
+    index = np.searchsorted(times, targets + tolerance_s, side="right") - 1
     return np.maximum(index, 0)  # a first frame stamped a little after 0 shows from the start
 
 
@@ -155,10 +169,15 @@ def fit_to_bucket(frames: np.ndarray, buckets: list[tuple[int, int]]) -> np.ndar
         return frames
     scale = max(target_h / height, target_w / width)
     covered_h, covered_w = max(target_h, round(height * scale)), max(target_w, round(width * scale))
-    pixels = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    resized = torch.nn.functional.interpolate(
-        pixels, size=(covered_h, covered_w), mode="bilinear", antialias=True, align_corners=False
-    )
     top, left = (covered_h - target_h) // 2, (covered_w - target_w) // 2
-    cropped = resized[:, :, top : top + target_h, left : left + target_w]
-    return cropped.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    out = np.empty((len(frames), target_h, target_w, 3), np.uint8)
+    # A few frames at a time: float copies of a whole 4K clip (12 bytes a pixel) would not fit in memory.
+    step = max(1, FIT_BYTES // (height * width * 3 * 4))
+    for first in range(0, len(frames), step):
+        pixels = torch.from_numpy(np.ascontiguousarray(frames[first : first + step])).permute(0, 3, 1, 2).float()
+        resized = torch.nn.functional.interpolate(
+            pixels, size=(covered_h, covered_w), mode="bilinear", antialias=True, align_corners=False
+        )
+        cropped = resized[:, :, top : top + target_h, left : left + target_w]
+        out[first : first + step] = cropped.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out

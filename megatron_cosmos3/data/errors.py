@@ -23,9 +23,11 @@ LOST_TO_TRUNCATION = "lost_to_truncation"
 # Shard integrity: a damaged member header (the rest of the shard after it is lost: one skip for the
 # sample being read, plus lost_to_truncation when the index says how many were never reached); a
 # sample key seen earlier in the same shard (the repeat is skipped); an index that lists fewer
-# samples than the shard holds (one per shard; its samples are still used).
+# samples than the shard holds (one per shard; its samples are still used); a sample with a member
+# that is a link or a device, or whose name is absolute or climbs out with "..".
 DAMAGED_SHARD = "damaged_shard"
 DUPLICATE_KEY = "duplicate_key"
+UNSAFE_MEMBER = "unsafe_member"
 INDEX_MISMATCH = "index_mismatch"
 CORRUPT_MEDIA = "corrupt_media"
 BAD_METADATA = "bad_metadata"
@@ -51,6 +53,7 @@ ERROR_REASONS = (
     LOST_TO_TRUNCATION,
     DAMAGED_SHARD,
     DUPLICATE_KEY,
+    UNSAFE_MEMBER,
     INDEX_MISMATCH,
     CORRUPT_MEDIA,
     BAD_METADATA,

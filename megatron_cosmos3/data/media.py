@@ -17,6 +17,8 @@ from scipy.io import wavfile
 
 from megatron_cosmos3.data.errors import BAD_METADATA, CORRUPT_MEDIA, SampleError
 
+# The data size a WAV writer that cannot seek back (a pipe) leaves in the header: "read to the end".
+STREAMED_WAV_SIZE = 0xFFFFFFFF
 # Everything a broken file can make these libraries raise; anything else is a bug, not bad data.
 DECODE_ERRORS = (
     ValueError,
@@ -81,12 +83,22 @@ def encode_wav(waveform: np.ndarray, sample_rate: int) -> bytes:
 
 
 def decode_wav(data: bytes, name: str) -> tuple[np.ndarray, int]:
-    """(channels, samples) float32 in [-1, 1] and the sample rate in Hz from WAV bytes (PCM 8/16/32 bit or float)."""
+    """(channels, samples) float32 in [-1, 1] and the sample rate in Hz from WAV bytes (PCM 8/16/24/32
+    bit or float). A data chunk shorter than its header declares is a truncated file
+    (``corrupt_media``), unless the size is ``STREAMED_WAV_SIZE`` (written to a pipe: read to the end)."""
+    missing = _missing_wav_bytes(data)
+    if missing:
+        raise SampleError(
+            CORRUPT_MEDIA,
+            f"{name}: truncated WAV file: its header declares {missing} more bytes of samples than it holds",
+        )
     try:
-        rate, samples = wavfile.read(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", wavfile.WavFileWarning)  # judged above: a streamed size reads to the end
+            rate, samples = wavfile.read(io.BytesIO(data))
     except DECODE_ERRORS as error:
         raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable WAV file ({type(error).__name__}: {error})") from None
-    samples = samples.reshape(len(samples), -1).T  # mono files come as (samples,)
+    samples = (samples if samples.ndim == 2 else samples[:, None]).T  # mono files come as (samples,)
     if samples.dtype == np.uint8:
         audio = (samples.astype(np.float32) - 128.0) / 128.0
     elif np.issubdtype(samples.dtype, np.integer):
@@ -94,6 +106,21 @@ def decode_wav(data: bytes, name: str) -> tuple[np.ndarray, int]:
     else:
         audio = samples.astype(np.float32)
     return np.ascontiguousarray(audio), int(rate)
+
+
+def _missing_wav_bytes(data: bytes) -> int:
+    """How many bytes the first ``data`` chunk declares beyond the end of the file (0 when complete,
+    streamed, RF64 (its sizes live in the ``ds64`` chunk) or not a RIFF file: the reader judges those)."""
+    if data[:4] not in (b"RIFF", b"RIFX") or data[8:12] != b"WAVE":
+        return 0
+    order = "<" if data[:4] == b"RIFF" else ">"
+    offset = 12
+    while offset + 8 <= len(data):
+        chunk, size = data[offset : offset + 4], struct.unpack(order + "I", data[offset + 4 : offset + 8])[0]
+        if chunk == b"data":
+            return 0 if size == STREAMED_WAV_SIZE else max(size - (len(data) - offset - 8), 0)
+        offset += 8 + size + (size & 1)  # chunks are padded to an even size
+    return 0
 
 
 def encode_json(document: dict) -> bytes:

@@ -23,14 +23,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from megatron_cosmos3.data.clips import (
-    TIME_TOLERANCE_S,
     MediaConfig,
     Window,
     fit_to_bucket,
     pick_frames,
     target_times,
+    timestamp_tolerance,
 )
 from megatron_cosmos3.data.errors import CORRUPT_MEDIA, MISSING_STREAM, UNSUPPORTED_CODEC, ZERO_LENGTH, SampleError
 from megatron_cosmos3.data.media import DECODE_ERRORS
@@ -41,6 +42,9 @@ AUDIO_SUFFIXES = ("flac", "mp3", "m4a", "aac", "opus")
 # Decoded from this long before an audio window, and thrown away: a frame of a transform codec
 # (AAC, Opus, MP3) is only exact after its predecessor.
 AUDIO_PREROLL_S = 0.1
+# Decoded audio may end this much (or one codec frame) before the duration its stream declares; a
+# stream that stops earlier inside the clip is a cut file, not a short one.
+AUDIO_END_TOLERANCE_S = 0.1
 
 
 @dataclass
@@ -71,6 +75,12 @@ def decode_media_file(
 
     try:
         with av.open(io.BytesIO(data), metadata_errors="ignore") as container:
+            if not container.streams:
+                raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable media file (no stream found)")
+            missing = _missing_bytes(data, container.format.name)
+            if missing:  # FFmpeg reads what is there: a cut index loses streams, cut data loses frames
+                detail = f"{name}: truncated file: it declares {missing} bytes more than it holds"
+                raise SampleError(CORRUPT_MEDIA, detail)
             video = container.streams.video[0] if container.streams.video else None
             audio = container.streams.audio[0] if container.streams.audio and want_audio else None
             if want_video and video is None:
@@ -103,6 +113,9 @@ def decode_video_file(data: bytes, name: str) -> tuple[np.ndarray, float]:
 
 def _decode(container, video, audio, name: str, media: MediaConfig, window_for) -> DecodedMedia:
     if video is not None:
+        width, height = video.codec_context.width, video.codec_context.height
+        if width * height > Image.MAX_IMAGE_PIXELS:  # the limit pictures have (a decompression bomb)
+            raise SampleError(CORRUPT_MEDIA, f"{name}: {width}x{height} frames exceed {Image.MAX_IMAGE_PIXELS} pixels")
         origin_s = float((video.start_time or 0) * video.time_base)
         rate = float(video.average_rate or video.guessed_rate or 0) or None
         video_s = _stream_seconds(video, container, origin_s)
@@ -120,7 +133,7 @@ def _decode(container, video, audio, name: str, media: MediaConfig, window_for) 
             raise SampleError(ZERO_LENGTH, f"{name}: its audio stream has no duration")
         result = DecodedMedia(window_for(audio_s), audio_duration_s=audio_s)
     if audio is not None and result.audio_duration_s and result.window.start_s < result.audio_duration_s:
-        result.audio = _audio_window(container, audio, result.window, origin_s, name)
+        result.audio = _audio_window(container, audio, result.window, origin_s, result.audio_duration_s, name)
     return result
 
 
@@ -147,15 +160,16 @@ def _video_window(container, stream, targets: np.ndarray, origin_s: float, rate:
         seek_to = math.floor((targets[0] + origin_s) / stream.time_base)
         container.seek(max(seek_to, 0), stream=stream, backward=True, any_frame=False)
     times, frames, end = [], [], math.inf
+    tolerance = timestamp_tolerance(stream.time_base)
     for frame in container.decode(stream):
         if frame.pts is None:
             continue
         t = float(frame.pts * stream.time_base) - origin_s
         if times and t <= times[-1]:
             continue  # a repeated timestamp: the first frame holds it
-        if t > targets[-1] + TIME_TOLERANCE_S:
+        if t > targets[-1] + tolerance:
             break
-        if t <= targets[0] + TIME_TOLERANCE_S:
+        if t <= targets[0] + tolerance:
             times, frames = [], []  # this frame supersedes every earlier one
         times.append(t)
         frames.append(frame)
@@ -163,7 +177,7 @@ def _video_window(container, stream, targets: np.ndarray, origin_s: float, rate:
         if frames:
             last = frames[-1]
             end = times[-1] + (float(last.duration * stream.time_base) if last.duration else 1.0 / rate)
-    return _to_rgb(frames, pick_frames(np.asarray(times), targets, end, name))
+    return _to_rgb(frames, pick_frames(np.asarray(times), targets, end, name, tolerance))
 
 
 def _to_rgb(frames: list, picked: np.ndarray) -> np.ndarray:
@@ -180,8 +194,9 @@ def _to_rgb(frames: list, picked: np.ndarray) -> np.ndarray:
     return np.stack([converted[int(i)] for i in picked])
 
 
-def _audio_window(container, stream, window: Window, origin_s: float, name: str) -> np.ndarray:
-    """``(2, samples)`` float32 at 48 kHz covering ``window`` (shorter where the stream ends)."""
+def _audio_window(container, stream, window: Window, origin_s: float, declared_s: float, name: str) -> np.ndarray:
+    """``(2, samples)`` float32 at 48 kHz covering ``window`` (shorter where the stream ends, at
+    ``declared_s``; ``corrupt_media`` where its data ends earlier, see AUDIO_END_TOLERANCE_S)."""
     import av
 
     rate = stream.rate
@@ -208,10 +223,71 @@ def _audio_window(container, stream, window: Window, origin_s: float, name: str)
     if begin < 0:  # the stream starts after the window does: the missing start is silence
         waveform, begin = np.pad(waveform, ((0, 0), (-begin, 0))), 0
     cut = waveform[:, begin : begin + round(window.duration_s * rate)]
+    ends_s = window.start_s + cut.shape[1] / rate
+    frame_s = (stream.codec_context.frame_size or 0) / rate
+    if ends_s < min(window.end_s, declared_s) - max(AUDIO_END_TOLERANCE_S, frame_s):
+        raise SampleError(
+            CORRUPT_MEDIA,
+            f"{name}: its audio data ends at {ends_s:.3f} s but the stream declares {declared_s:.3f} s (truncated?)",
+        )
     if cut.shape[1] == 0:
         raise SampleError(ZERO_LENGTH, f"{name}: no audio samples in the clip {window}")
     stereo = to_stereo_48k(torch.from_numpy(np.ascontiguousarray(cut, dtype=np.float32)), rate)
     return np.ascontiguousarray(stereo.numpy())
+
+
+def _missing_bytes(data: bytes, format_name: str) -> int:
+    """How many bytes the container's own structure declares beyond the end of ``data``: MP4/MOV
+    top-level boxes, the Matroska/WebM segment (0 for other formats: FFmpeg judges them)."""
+    if format_name.startswith("mov"):
+        return _missing_box_bytes(data)
+    if format_name.startswith("matroska"):
+        return _missing_segment_bytes(data)
+    return 0
+
+
+def _ebml_number(data: bytes, offset: int) -> tuple[int, int, bool] | None:
+    """An EBML variable-length number at ``offset``: (value, length, all value bits set), or None
+    where the data ends first or no length marker is found."""
+    if offset >= len(data) or data[offset] == 0:
+        return None
+    length = 9 - data[offset].bit_length()
+    if offset + length > len(data):
+        return None
+    value = int.from_bytes(data[offset : offset + length], "big") & ((1 << (7 * length)) - 1)
+    return value, length, value == (1 << (7 * length)) - 1
+
+
+def _missing_segment_bytes(data: bytes) -> int:
+    """How many bytes a Matroska/WebM file's segment declares beyond its end (0 when complete, or
+    of unknown size as a live stream writes it)."""
+    offset = 0
+    for _ in range(2):  # the EBML header, then the segment
+        element = _ebml_number(data, offset)
+        size = _ebml_number(data, offset + element[1]) if element else None
+        if size is None or size[2]:  # too short to judge, or a size left unknown: FFmpeg decides
+            return 0
+        offset += element[1] + size[1] + size[0]
+    return max(offset - len(data), 0)
+
+
+def _missing_box_bytes(data: bytes) -> int:
+    """How many bytes an MP4/MOV file's top-level boxes declare beyond its end (0 when complete)."""
+    offset = 0
+    while offset < len(data):
+        if offset + 8 > len(data):
+            return offset + 8 - len(data)
+        size = int.from_bytes(data[offset : offset + 4], "big")
+        if size == 1:  # a 64-bit size follows the type
+            if offset + 16 > len(data):
+                return offset + 16 - len(data)
+            size = int.from_bytes(data[offset + 8 : offset + 16], "big")
+        if size == 0:  # the last box, to the end of the file
+            return 0
+        if size < 8:  # not a box size: FFmpeg judges the file
+            return 0
+        offset += size
+    return offset - len(data)
 
 
 def _codec_tag(data: bytes, container) -> str:

@@ -14,7 +14,8 @@ video.npy              (T, H, W, 3) uint8 RGB frames, T >= 1, H and W >= 32; nee
 video.mp4              a video file (also ``video.webm``, ``video.mkv``; ``data/media_files.py``):
                        its frame rate and duration from the file, its audio stream used as the
                        sample's audio when there is no audio file. One video field per sample.
-audio.wav              mono or stereo WAV (PCM or float), any rate (resampled to 48 kHz to encode);
+audio.wav              WAV (PCM or float), any rate (resampled to 48 kHz to encode); more than two
+                       channels are downmixed to 48 kHz stereo by FFmpeg, as compressed files are;
                        or an ``audio.flac``, ``.mp3``, ``.m4a``, ``.aac``, ``.opus`` file (decoded to
                        48 kHz stereo). One audio field per sample.
 actions.npy            (N, dim) float pseudo-actions (``encoders/pseudo_actions.py``), step i from
@@ -37,7 +38,8 @@ All streams of a sample start at the same instant (the first video frame).
 Decoding cuts the clip ``data.media`` asks for (``data/clips.py``): a window of the sample (video
 frames picked at the target frame rate, fitted into a resolution bucket; audio and actions cut to
 the same window) — by default the whole sample at its own rate and size. Audio and video whose
-durations differ by more than ``media.av_tolerance_s`` are a ``duration_mismatch`` (checked where
+durations differ by more than ``media.av_tolerance_s`` are a ``duration_mismatch``, and so are
+actions whose steps span more than that and one step more or less than a video file (checked where
 a compressed file is involved; npy/WAV shards of any lengths written before keep loading).
 
 Anything else is an ``extra_field``; a field missing what it needs, a ``missing_field``. Pixels
@@ -49,8 +51,8 @@ per second: 1e-9 fps would put frames 1e11 units apart, 1e12 fps all at 0), ``du
 DURATION_RANGE_S, latent grid sides and ``audio_num_samples`` at most MAX_GRID_SIDE and
 MAX_AUDIO_SAMPLES, the WAV rate in AUDIO_RATE_RANGE_HZ. Float arrays (actions, latents) may be
 float16/32/64; after the cast to float32 every value must be finite and within MAX_ABS_VALUE (so
-its square, in the flow-matching loss, is finite too). Text must be valid Unicode (no lone
-surrogates: it is encoded to UTF-8 for the tokenizer).
+its square, in the flow-matching loss, is finite too); so must every audio sample, of any file.
+Text must be valid Unicode (no lone surrogates: it is encoded to UTF-8 for the tokenizer).
 """
 
 from __future__ import annotations
@@ -204,8 +206,12 @@ def encode_sample(sample: Sample, video_format: str = "npy") -> dict[str, bytes 
     AAC, ``data/media_writers.py``: 50-100x smaller, not bit-exact)."""
     from megatron_cosmos3.data.media_writers import encode_mp4  # writes through PyAV: imported when asked
 
-    if not sample.key or "." in sample.key or "/" in sample.key:
-        raise ValueError(f"sample key {sample.key!r} must be non-empty without '.' or '/' (WebDataset splits on them)")
+    parts = str(sample.key).split("/")
+    if not parts[-1] or "." in parts[-1] or not parts[0] or ".." in parts:
+        raise ValueError(
+            f"sample key {sample.key!r} must be a relative path without '..' whose last part is non-empty and "
+            "without '.' (WebDataset splits the field off at the first '.' after the last '/')"
+        )
     if video_format not in ("npy", "mp4"):
         raise ValueError(f"video_format must be 'npy' or 'mp4', got {video_format!r}")
     meta: dict = {"schema": SCHEMA_VERSION}
@@ -334,6 +340,8 @@ def _check_audio(audio: np.ndarray, rate: int, name: str) -> tuple[np.ndarray, i
         _fail(OUT_OF_RANGE, f"{name} sample rate {rate} Hz is outside {list(AUDIO_RATE_RANGE_HZ)}")
     if not np.isfinite(audio).all():
         _fail(NON_FINITE, f"{name} holds NaN/inf samples")
+    if not float(np.abs(audio).max()) <= MAX_ABS_VALUE:  # full scale is 1: this is no sound, and overflows encoders
+        _fail(OUT_OF_RANGE, f"{name} holds a sample of magnitude {np.abs(audio).max():.3g} (> {MAX_ABS_VALUE:g})")
     return audio, rate
 
 
@@ -381,7 +389,7 @@ def decode_sample(
     unknown = sorted(set(meta) - set(META_KEYS))
     if unknown:
         _fail(EXTRA_FIELD, f"unknown meta.json key(s) {unknown}")
-    if meta.get("schema") != SCHEMA_VERSION:
+    if meta.get("schema") != SCHEMA_VERSION or isinstance(meta.get("schema"), bool):
         _fail(BAD_METADATA, f"meta.json 'schema' must be {SCHEMA_VERSION}, got {meta.get('schema')!r}")
     sample = Sample(key=key, timing=meta.get("timing") or {}, source=meta.get("source"))
     for name in TEXT_KEYS:
@@ -445,20 +453,23 @@ def decode_sample(
     elif video_field is not None:
         decoded = decode_media_file(files[video_field], video_field, clip, window_for, True, audio_field is None)
         window, sample.fps = decoded.window, decoded.fps
+        if not FPS_RANGE[0] <= sample.fps <= FPS_RANGE[1]:  # the file's own rate sets the RoPE step
+            _fail(OUT_OF_RANGE, f"{video_field} runs at {sample.fps:g} fps, outside [{FPS_RANGE[0]}, {FPS_RANGE[1]}]")
         sample.video = _check_frames(decoded.frames, video_field)
         durations["video"] = decoded.video_duration_s
         if decoded.audio is not None:
-            sample.audio, sample.audio_sample_rate = decoded.audio, SAMPLE_RATE
+            sample.audio, sample.audio_sample_rate = _check_audio(decoded.audio, SAMPLE_RATE, f"{video_field}'s audio")
             durations[f"{video_field}'s audio"] = decoded.audio_duration_s
     if "video_latents.npy" in files:
         sample.fps = _positive_number(meta, "fps", "a video", FPS_RANGE)
-    if audio_field == "audio.wav":
-        audio, rate = _check_audio(*media.decode_wav(files[audio_field], audio_field), audio_field)
+    wav = media.decode_wav(files[audio_field], audio_field) if audio_field == "audio.wav" else None
+    if wav is not None and wav[0].shape[0] <= 2:
+        audio, rate = _check_audio(*wav, audio_field)
         durations[audio_field] = audio.shape[1] / rate
         window = window or window_for(durations[audio_field])
         sample.audio = _check_audio(np.ascontiguousarray(_cut_samples(audio.T, rate, window).T), rate, audio_field)[0]
         sample.audio_sample_rate = rate
-    elif audio_field is not None:
+    elif audio_field is not None:  # a compressed file, or surround WAV: FFmpeg downmixes it as theirs to stereo
         decoded = decode_media_file(
             files[audio_field], audio_field, clip, (lambda _: window) if window else window_for, False, True
         )
@@ -477,6 +488,17 @@ def decode_sample(
                 DURATION_MISMATCH,
                 f"{other} lasts {seconds:.3f} s, {video_field} {durations['video']:.3f} s "
                 f"(more than media.av_tolerance_s={clip.av_tolerance_s} apart)",
+            )
+    if actions is not None and video_field not in (None, "video.npy"):
+        # Row i is the step from frame i to i + 1: rows span the video within a step (T frames may
+        # give T - 1 steps); a video at another rate or length than its actions says is not this episode.
+        actions_s = len(actions) / sample.action_rate_hz
+        if abs(actions_s - durations["video"]) > clip.av_tolerance_s + 1.0 / sample.action_rate_hz:
+            _fail(
+                DURATION_MISMATCH,
+                f"actions.npy spans {actions_s:.3f} s ({len(actions)} steps at {sample.action_rate_hz:g} Hz), "
+                f"{video_field} {durations['video']:.3f} s (more than media.av_tolerance_s={clip.av_tolerance_s} "
+                "and a step apart)",
             )
     if actions is not None:
         if window is not None:

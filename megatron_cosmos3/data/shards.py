@@ -34,6 +34,7 @@ from megatron_cosmos3.data.errors import (
     EXTRA_FIELD,
     TRUNCATED_SHARD,
     UNREADABLE_SHARD,
+    UNSAFE_MEMBER,
     Skip,
 )
 
@@ -169,6 +170,8 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
       ``truncated_shard`` for the sample being read (it is dropped: it may miss fields);
     * a member name repeated within a sample: that sample is an ``extra_field`` skip;
     * a sample key seen earlier in the shard: the repeat is a ``duplicate_key`` skip;
+    * a member that is a link or a device, or named by an absolute path or with a ``..`` component:
+      its sample is an ``unsafe_member`` skip (directories are ignored);
     * a member header that is not a tar header (tarfile then ends the archive quietly): the rest
       of the stream is read, and if it holds anything but zeros the sample being read is a
       ``damaged_shard`` skip and nothing after it is read (compressed or not).
@@ -181,6 +184,7 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
     stream = _TailTracker(raw)
     current: dict | None = None
     duplicate: str | None = None
+    unsafe: str | None = None
     seen: set[str] = set()
     try:
         try:
@@ -190,15 +194,19 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
             return
         try:
             for member in archive:
-                if not member.isreg():
+                if member.isdir():
                     continue
                 key, suffix = base_plus_ext(member.name)
                 if key is None:
                     continue  # a name without an extension belongs to no sample field
                 if current is None or key != current["__key__"]:
                     if current is not None:
-                        yield _finished(url, current, duplicate, seen)
-                    current, duplicate = {"__key__": key, "__url__": url}, None
+                        yield _finished(url, current, duplicate, unsafe, seen)
+                    current, duplicate, unsafe = {"__key__": key, "__url__": url}, None, None
+                problem = _member_problem(member)
+                if problem is not None:
+                    unsafe = unsafe or problem
+                    continue
                 data = archive.extractfile(member).read()
                 suffix = suffix.lower()
                 if suffix in current:
@@ -230,7 +238,7 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
             )
             return
         if current is not None:
-            yield _finished(url, current, duplicate, seen)
+            yield _finished(url, current, duplicate, unsafe, seen)
     finally:
         try:
             raw.close()
@@ -251,11 +259,23 @@ def _nonzero_rest(archive: tarfile.TarFile) -> int:
     return rest
 
 
-def _finished(url: str, sample: dict, duplicate: str | None, seen: set[str]) -> dict | Skip:
+def _member_problem(member: tarfile.TarInfo) -> str | None:
+    """Why a member cannot be part of a sample (``read_shard``), or None for a plain file."""
+    if not member.isreg():
+        kind = "a symbolic link" if member.issym() else "a hard link" if member.islnk() else "not a regular file"
+        return f"member {member.name!r} is {kind}"
+    if member.name.startswith("/") or ".." in member.name.split("/"):
+        return f"member name {member.name!r} is absolute or climbs out with '..'"
+    return None
+
+
+def _finished(url: str, sample: dict, duplicate: str | None, unsafe: str | None, seen: set[str]) -> dict | Skip:
     key = sample["__key__"]
     if key in seen:
         return Skip(url, key, DUPLICATE_KEY, f"sample key {key!r} appears earlier in the shard; the repeat is skipped")
     seen.add(key)
+    if unsafe is not None:
+        return Skip(url, key, UNSAFE_MEMBER, unsafe)
     if duplicate is not None:
         return Skip(url, key, EXTRA_FIELD, f"field {duplicate!r} appears twice")
     return sample

@@ -13,17 +13,20 @@ import struct
 import tarfile
 import zlib
 from collections import Counter
+from fractions import Fraction
 
 import av
 import numpy as np
 import pytest
+from scipy.io import wavfile
 from world_helpers import AUDIO_LATENT_DIM, VIDEO_LATENT_CHANNELS, data_config, model_config, tiny_world
 
 from megatron_cosmos3.data.config import ErrorBudgetConfig
 from megatron_cosmos3.data.errors import DataErrorBudgetExceeded, LoaderSetupError
 from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder
 from megatron_cosmos3.data.loader import PackedLoader
-from megatron_cosmos3.data.media import encode_json, encode_npy
+from megatron_cosmos3.data.media import encode_json, encode_npy, encode_wav
+from megatron_cosmos3.data.media_writers import encode_mp4
 from megatron_cosmos3.data.schema import Sample, encode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter
 
@@ -63,6 +66,33 @@ def _mp4_clip(key: str, frames: int = 5, audio_samples: int = 9600) -> dict:
     )
 
 
+def _mp4_actions(actions: np.ndarray) -> dict:
+    """``_mp4_clip`` (0.21 s) with ``actions`` at 10 Hz."""
+    sample = _meta(_mp4_clip("k"), embodiment="single_arm", action_rate_hz=10.0)
+    return _with(sample, "actions.npy", encode_npy(actions))
+
+
+def _mkv_with_float_sound(peak: float) -> bytes:
+    """A 1 s Matroska video whose float PCM sound (a tone) has one sample set to ``peak``."""
+    sound = (0.3 * np.sin(np.arange(48_000) / 10)).astype(np.float32)
+    sound[1000] = peak
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="matroska") as container:
+        video = container.add_stream("libx264", rate=24)
+        video.width = video.height = 32
+        audio = container.add_stream("pcm_f32le", rate=48_000, layout="mono")
+        for i in range(24):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 10 * i, np.uint8), format="rgb24")
+            frame.pts = i
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+        frame = av.AudioFrame.from_ndarray(sound[None], format="flt", layout="mono")
+        frame.sample_rate, frame.pts = 48_000, 0
+        container.mux(audio.encode(frame))
+        container.mux(audio.encode(None))
+    return buffer.getvalue()
+
+
 def _audio_only_mp4() -> bytes:
     buffer = io.BytesIO()
     with av.open(buffer, "w", format="mp4") as container:
@@ -87,6 +117,34 @@ def _frameless_mkv() -> bytes:
         container.mux(sound.encode(None))
         container.mux(video.encode(None))
     return buffer.getvalue()
+
+
+def _mp3(seconds: float) -> bytes:
+    """A mono 48 kHz tone as MP3 (LAME writes its length into an Info header)."""
+    rate, buffer = 48_000, io.BytesIO()
+    with av.open(buffer, "w", format="mp3") as container:
+        stream = container.add_stream("libmp3lame", rate=rate, layout="mono")
+        tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(round(seconds * rate)) / rate)
+        frame = av.AudioFrame.from_ndarray(tone[None].astype(np.float32), format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = rate, 0
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+def _cut_mp3_clip() -> dict:
+    """A 1 s clip whose MP3 sound is cut at 40 %: its header still declares 1 s."""
+    sample = {
+        k: v for k, v in _video(RNG.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)).items() if k != "audio.wav"
+    }
+    whole = _mp3(1.0)
+    return _with(sample, "audio.mp3", whole[: len(whole) * 2 // 5])
+
+
+def _mp4_cut_in_its_index() -> dict:
+    """``_mp4_clip`` cut 300 bytes into its index (``moov``, written last): one stream is still listed."""
+    sample = _mp4_clip("k")
+    return _with(sample, "video.mp4", sample["video.mp4"][: sample["video.mp4"].index(b"moov") + 300])
 
 
 def _latent(key: str) -> dict:
@@ -138,6 +196,21 @@ def _float64_latent(value: float) -> dict:
     return _with(_latent("k"), "video_latents.npy", encode_npy(np.full((2, VIDEO_LATENT_CHANNELS * 4), value)))
 
 
+def _float_wav(samples: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    wavfile.write(buffer, 48_000, samples.T)
+    return buffer.getvalue()
+
+
+def _wav_declaring(extra_bytes: int) -> dict:
+    """``_clip`` whose WAV header declares ``extra_bytes`` more sample data than the file holds."""
+    sample = _clip("k")
+    wav = bytearray(sample["audio.wav"])
+    at = wav.index(b"data") + 4
+    wav[at : at + 4] = struct.pack("<I", struct.unpack("<I", wav[at : at + 4])[0] + extra_bytes)
+    return _with(sample, "audio.wav", bytes(wav))
+
+
 DEEP_JSON = b'{"a":' * 10**5 + b"1" + b"}" * 10**5
 BOMB_PNG = _png_header_claiming(10**5, 10**5)
 
@@ -147,6 +220,13 @@ BAD_SAMPLES = {
     "corrupt_png": ("corrupt_media", lambda: _with(_text("k"), "image.png", b"\x89PNG\r\n\x1a\nnot really")),
     "corrupt_npy": ("corrupt_media", lambda: _with(_clip("k"), "video.npy", _clip("k")["video.npy"][:200])),
     "corrupt_wav": ("corrupt_media", lambda: _with(_clip("k"), "audio.wav", b"RIFF\x00\x00")),
+    # A WAV header that declares more samples than follow it (a cut file, or a lying header), and one
+    # with no samples at all.
+    "wav_cut_short": ("corrupt_media", lambda: _wav_declaring(4000)),
+    "wav_without_samples": (
+        "zero_length",
+        lambda: _with(_clip("k"), "audio.wav", encode_wav(np.zeros((1, 0)), 48_000)),
+    ),
     "no_meta": ("missing_field", lambda: {k: v for k, v in _clip("k").items() if k != "meta.json"}),
     "video_without_fps": ("missing_field", lambda: _meta(_clip("k"), fps=None)),
     "unknown_file": ("extra_field", lambda: _with(_clip("k"), "depth.npy", encode_npy(np.zeros(3)))),
@@ -166,6 +246,11 @@ BAD_SAMPLES = {
     "float64_latents_beyond_float32": ("out_of_range", lambda: _float64_latent(-1e39)),
     "fps_1e-9": ("out_of_range", lambda: _meta(_clip("k"), fps=1e-9)),
     "fps_1e12": ("out_of_range", lambda: _meta(_latent("k"), fps=1e12)),
+    "mp4_at_0.05_fps": (
+        "out_of_range",
+        lambda: _with(_text("k"), "video.mp4", encode_mp4(np.zeros((2, 32, 32, 3), np.uint8), Fraction(1, 20))),
+    ),
+    "schema_true": ("bad_metadata", lambda: _meta(_text("k"), schema=True)),
     "action_rate_1e-9": ("out_of_range", lambda: _meta(_clip("k"), action_rate_hz=1e-9)),
     "latent_grid_side_2e9": ("out_of_range", lambda: _meta(_latent("k"), video_latent_grid=[2, 1, 2_000_000_000])),
     # Library failures on untrusted bytes are data reasons, not internal errors.
@@ -176,10 +261,20 @@ BAD_SAMPLES = {
     # sound much longer than the picture.
     "corrupt_mp4": ("corrupt_media", lambda: _with(_mp4_clip("k"), "video.mp4", b"\x00\x00\x00\x18ftypmp42" * 40)),
     "truncated_mp4": ("corrupt_media", lambda: _with(_mp4_clip("k"), "video.mp4", _mp4_clip("k")["video.mp4"][:900])),
+    "mp4_cut_in_its_index": ("corrupt_media", _mp4_cut_in_its_index),
+    "mp3_cut_short": ("corrupt_media", _cut_mp3_clip),
     "mp4_without_video": ("missing_stream", lambda: _with(_text("k"), "video.mp4", _audio_only_mp4())),
     "mkv_without_frames": ("zero_length", lambda: _with(_text("k"), "video.mkv", _frameless_mkv())),
     "mp4_unknown_codec": ("unsupported_codec", lambda: _unknown_codec(_mp4_clip("k"))),
     "mp4_sound_longer": ("duration_mismatch", lambda: _mp4_clip("k", frames=5, audio_samples=48_000)),
+    # Sound no encoder can take: NaN in a video file's float PCM, a float WAV sample at 1e30.
+    "mkv_sound_nan": ("non_finite", lambda: _with(_text("k"), "video.mkv", _mkv_with_float_sound(np.nan))),
+    "wav_sample_1e30": (
+        "out_of_range",
+        lambda: _with(_clip("k"), "audio.wav", _float_wav(np.full((1, 9600), 1e30, np.float32))),
+    ),
+    # 3 s of actions for 0.2 s of video: a video at another rate or length than the episode's
+    "mp4_actions_longer": ("duration_mismatch", lambda: _mp4_actions(np.zeros((30, 19), np.float32))),
     "audio_only": (
         "no_task",
         lambda: (
@@ -258,6 +353,33 @@ def damaged(tmp_path_factory):
     shards["duplicate_key"], expected["duplicate_key"] = url, Counter(duplicate_key=1)
     sources.append(url)
 
+    # Members a reader must not trust: names that climb out or are absolute, links (the sample they
+    # belong to is skipped; directories are ignored); "d" is used.
+    url = str(root / "unsafe_members.tar")
+    meta = _text("x")["meta.json"]
+    with tarfile.open(url, "w") as archive:
+        for name, kind in [
+            ("../a", None),
+            ("/abs/b", None),
+            ("c", tarfile.SYMTYPE),
+            ("e", tarfile.LNKTYPE),
+            ("dir", "d"),
+            ("dir/d", None),
+        ]:
+            info = tarfile.TarInfo(name if kind == "d" else f"{name}.meta.json")
+            if kind == "d":
+                info.type = tarfile.DIRTYPE
+                archive.addfile(info)
+                continue
+            if kind is not None:
+                info.type, info.linkname = kind, "/etc/passwd"
+                archive.addfile(info)
+                continue
+            info.size = len(meta)
+            archive.addfile(info, io.BytesIO(meta))
+    shards["unsafe_members"], expected["unsafe_members"] = url, Counter(unsafe_member=4)
+    sources.append(url)
+
     # A destroyed member header (sample 2's first), uncompressed and gzipped, read without an index:
     # sample 0 is used, sample 1 (which may lack members after the damage) is the damaged one.
     for name, compress in (("damaged_header.tar", bytes), ("damaged_header.tar.gz", gzip.compress)):
@@ -278,7 +400,7 @@ def damaged(tmp_path_factory):
     expected["short_index"] = Counter(index_mismatch=1)
     sources.append(str(root / "short_index"))
 
-    used = 4 + 3 + 2 + 0 + 0 + 1 + 2 + 1 + 1 + 3
+    used = 4 + 3 + 2 + 0 + 0 + 1 + 2 + 1 + 1 + 1 + 3
     return sources, {shards[k]: expected[k] for k in shards}, used
 
 

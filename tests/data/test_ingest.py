@@ -212,6 +212,50 @@ def test_a_split_over_processes_writes_what_one_process_writes(lerobot, tmp_path
     assert strip(one["index.json"]) == strip(split["index.json"])
 
 
+def test_damaged_lerobot_episodes_are_skipped_and_counted_and_a_broken_dataset_is_a_clear_error(lerobot, tmp_path):
+    """One bad episode is a counted skip, never the end of the ingestion: a missing parquet, a video
+    at another rate than info.json's (its frames last a third of the episode), no frames at all, an
+    unreadable parquet, a NaN timestamp. A dataset whose metadata is broken is a setup error naming file and value."""
+    ingest = load_script("ingest_lerobot")
+    root = tmp_path / "arm_push"
+    shutil.copytree(lerobot[0], root)
+    data, videos = root / "data" / "chunk-000", root / "videos" / "chunk-000" / "observation.images.top"
+    lines = (root / "meta" / "episodes.jsonl").read_text().splitlines()
+    for episode in (3, 4, 5):  # copies of episode 2, to damage
+        shutil.copy(data / "episode_000002.parquet", data / f"episode_{episode:06d}.parquet")
+        shutil.copy(videos / "episode_000002.mp4", videos / f"episode_{episode:06d}.mp4")
+        lines.append(json.dumps({"episode_index": episode, "tasks": ["push"], "length": FRAMES}))
+    (root / "meta" / "episodes.jsonl").write_text("\n".join(lines))
+    (data / "episode_000000.parquet").unlink()
+    (videos / "episode_000001.mp4").write_bytes(encode_mp4(_frames(0, FRAMES), 3 * FPS))
+    empty = pq.read_table(data / "episode_000003.parquet").slice(0, 0)
+    pq.write_table(empty, data / "episode_000003.parquet")
+    (data / "episode_000004.parquet").write_bytes(b"PAR1 not a parquet")
+    table = pq.read_table(data / "episode_000005.parquet")
+    stamps = pa.array(np.where(np.arange(FRAMES) == 4, np.nan, np.arange(FRAMES) / FPS), type=pa.float32())
+    pq.write_table(
+        table.set_column(table.column_names.index("timestamp"), "timestamp", stamps), data / "episode_000005.parquet"
+    )
+    skipped = ingest.ingest_lerobot(root, tmp_path / "out", "toy_arm")
+    assert skipped == {
+        "missing_field": 1,
+        "duration_mismatch": 1,
+        "zero_length": 1,
+        "corrupt_media": 1,
+        "bad_metadata": 1,
+    }
+    assert ShardIndex.load(tmp_path / "out").total_samples == 1  # episode 2
+
+    info = json.loads((root / "meta" / "info.json").read_text())
+    (root / "meta" / "info.json").write_text(json.dumps({**info, "fps": "ten"}))
+    with pytest.raises(ValueError, match="info.json: fps='ten' must be a number"):
+        ingest.ingest_lerobot(root, tmp_path / "out2", "toy_arm")
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    (root / "meta" / "episodes.jsonl").write_text("\n".join([*lines, lines[0]]))
+    with pytest.raises(ValueError, match="episode_index=0 is listed twice"):
+        ingest.ingest_lerobot(root, tmp_path / "out3", "toy_arm")
+
+
 def test_a_folder_of_videos_with_captions_becomes_shards(tmp_path):
     ingest = load_script("ingest_videos")
     folder = tmp_path / "videos"
@@ -222,17 +266,22 @@ def test_a_folder_of_videos_with_captions_becomes_shards(tmp_path):
     segments = [{"start_s": 0.0, "end_s": 1.5, "text": "dim"}, {"start_s": 1.5, "end_s": 3.0, "text": "bright"}]
     (folder / "street" / "b.json").write_text(json.dumps({"caption": "a street", "segments": segments}))
     (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" * 10)
+    # Sidecars that lose their video, not the run: Latin-1 text, a JSON list.
+    (folder / "latin.mp4").write_bytes((folder / "a.mp4").read_bytes())
+    (folder / "latin.txt").write_bytes("un caf\u00e9".encode("latin-1"))
+    (folder / "listy.mp4").write_bytes((folder / "a.mp4").read_bytes())
+    (folder / "listy.json").write_text('["a caption"]')
     listed = tmp_path / "captions.jsonl"
     listed.write_text(json.dumps({"file": "a.mp4", "caption": "listed wins over the sidecar"}))
     skipped = ingest.ingest_videos(folder, tmp_path / "shards", listed, shard_size=8)
-    assert skipped == {"corrupt_media": 1}
+    assert skipped == {"corrupt_media": 1, "bad_metadata": 2}
     index = ShardIndex.load(tmp_path / "shards")
     samples = {raw["__key__"]: raw for shard in index.shards for raw in read_shard(shard.url)}
-    assert sorted(samples) == ["00000000_a", "00000002_street_b"]  # broken.mp4 (number 1) was skipped
+    assert sorted(samples) == ["00000000_a", "00000004_street_b"]  # broken, latin, listy (1-3) were skipped
     a = decode_sample(samples["00000000_a"])
     assert a.caption == "listed wins over the sidecar" and len(a.video) == 20
     clip = decode_sample(
-        samples["00000002_street_b"], media_config=MediaConfig(clip_seconds=1.0, clip_start="grid"), draw=0.9
+        samples["00000004_street_b"], media_config=MediaConfig(clip_seconds=1.0, clip_start="grid"), draw=0.9
     )
     assert clip.timing["clip_start_s"] == 2.0 and clip.caption == "bright"
     assert math.isclose(clip.caption_segments[0][1], 1.0)

@@ -17,8 +17,10 @@ import av
 import numpy as np
 import pytest
 from PIL import Image
+from scipy.io import wavfile
 
-from megatron_cosmos3.data.clips import MediaConfig, bucket_for, choose_window
+from megatron_cosmos3.data import clips
+from megatron_cosmos3.data.clips import MediaConfig, bucket_for, choose_window, fit_to_bucket
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.media import encode_json, encode_npy
 from megatron_cosmos3.data.media_writers import encode_mp4
@@ -65,6 +67,29 @@ def test_video_decodes_to_the_frames_shown_at_the_target_times(one_second, fps):
     for frame, index in zip(sample.video, shown):
         assert _psnr(frame, source[index]) >= 35
         assert _psnr(frame, source[index + 1]) < 35  # control: the next frame is told apart
+
+
+@pytest.mark.parametrize(
+    "rate, fps, timescale",
+    [("24000/1001", 24, "24000"), ("60000/1001", 30, "60000"), ("25", 24, "12800"), ("10", 30, "10")],
+)
+def test_ntsc_and_pal_rates_are_sampled_by_the_last_frame_at_or_before_each_target(tmp_path, rate, fps, timescale):
+    """A 23.976 fps frame k lies k * 0.04 ms after the 24 fps target k: the frame on screen there is
+    k - 1 (an ffmpeg-written mp4, 1 s). Controls: PAL, with no near coincidence; a 10 fps file whose
+    time base is one frame period (its times are exact: no half-period leeway)."""
+    source_fps = float(Fraction(rate))
+    frames = _source_frames(math.ceil(source_fps) + 1)
+    raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", rate, "-i", "-"]
+    command = ["ffmpeg", "-loglevel", "error", "-y", *raw_input, "-c:v", "libx264", "-crf", "4", "-pix_fmt", "yuv420p"]
+    command += ["-video_track_timescale", timescale]
+    subprocess.run([*command, str(tmp_path / "clip.mp4")], input=frames.tobytes(), check=True)
+    first_second = MediaConfig(fps=fps, clip_seconds=1.0, clip_start="first")
+    sample = decode_sample(_raw("video.mp4", (tmp_path / "clip.mp4").read_bytes()), media_config=first_second)
+    shown = np.floor(np.arange(fps) / fps * source_fps + 1e-9).astype(int)
+    assert len(sample.video) == fps
+    for frame, index in zip(sample.video, shown):
+        assert _psnr(frame, frames[index]) >= 35
+        assert _psnr(frame, frames[index + 1]) < 35  # control: not the frame that follows a moment later
 
 
 def test_a_seeked_window_equals_that_window_of_a_full_decode():
@@ -168,6 +193,37 @@ def test_audio_files_decode_to_48k_stereo(tmp_path, suffix):
         assert sample.audio_sample_rate == 48_000 and sample.audio.shape[0] == 2
 
 
+def test_a_wav_written_to_a_pipe_is_read_to_its_end():
+    """A writer that cannot seek back leaves the data size "unknown" (0xFFFFFFFF); ffmpeg writes one."""
+    tone = (0.25 * np.sin(2 * math.pi * 440 * np.arange(4410) / 44_100)).astype(np.float32)
+    raw_input = ["-f", "f32le", "-ar", "44100", "-ac", "1", "-i", "-"]
+    piped = subprocess.run(
+        ["ffmpeg", "-loglevel", "error", *raw_input, "-f", "wav", "-c:a", "pcm_s16le", "-"],
+        input=tone.tobytes(),
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert piped[piped.index(b"data") + 4 :][:4] == b"\xff\xff\xff\xff"
+    sample = decode_sample(_raw("audio.wav", piped))
+    assert sample.audio.shape == (1, 4410) and np.abs(sample.audio[0] - tone).max() <= 1 / 32768
+
+
+def test_a_surround_wav_is_downmixed_to_stereo_as_a_surround_flac_is(tmp_path):
+    """6 channels (5.1): the same FFmpeg downmix for the WAV as for compressed files, not a skip."""
+    tone = 0.2 * np.sin(2 * math.pi * np.outer(np.arange(1, 7) * 110, np.arange(4800) / 48_000))  # a tone per channel
+    pcm = np.round(tone.T * 32767).astype("<i2")
+    buffer = io.BytesIO()
+    wavfile.write(buffer, 48_000, pcm)
+    (tmp_path / "six.wav").write_bytes(buffer.getvalue())
+    command = ["ffmpeg", "-loglevel", "error", "-y", "-i", str(tmp_path / "six.wav"), str(tmp_path / "six.flac")]
+    subprocess.run(command, check=True)
+    wav = decode_sample(_raw("audio.wav", buffer.getvalue()))
+    flac = decode_sample(_raw("audio.flac", (tmp_path / "six.flac").read_bytes()))
+    assert wav.audio.shape == flac.audio.shape == (2, 4800) and wav.audio_sample_rate == 48_000
+    np.testing.assert_allclose(wav.audio, flac.audio, atol=1e-6)
+    assert np.abs(wav.audio[0] - wav.audio[1]).max() > 0.05  # left and right hold different channels
+
+
 @pytest.mark.parametrize("suffix", ["jpg", "webp", "png"])
 def test_pictures_decode_and_fit_the_nearest_bucket(suffix):
     picture = _source_frames(1)[0].repeat(3, axis=0).repeat(5, axis=1)[:, :160]  # 96 x 160
@@ -189,6 +245,40 @@ def test_bucket_and_window_rules():
     assert choose_window(0.8, random, 0.5).duration_s == 0.8  # shorter than a clip: taken whole
     with pytest.raises(ValueError, match="media.resolution_buckets entry '64-64'"):
         MediaConfig(resolution_buckets=["64-64"]).validate()
+
+
+@pytest.mark.parametrize("suffix", ["mkv", "webm"])
+def test_a_cut_file_is_corrupt_even_where_the_clip_lies_in_its_intact_part(tmp_path, suffix):
+    """FFmpeg decodes what is there: a Matroska/WebM file cut at 80 % still gives its first half
+    second, so the cut is found from the size its segment declares."""
+    raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", "24", "-i", "-"]
+    command = ["ffmpeg", "-loglevel", "error", "-y", *raw_input, str(tmp_path / f"clip.{suffix}")]
+    subprocess.run(command, input=_source_frames(48).tobytes(), check=True)
+    data = (tmp_path / f"clip.{suffix}").read_bytes()
+    first_half_second = MediaConfig(clip_seconds=0.5, clip_start="first")
+    assert len(decode_sample(_raw(f"video.{suffix}", data), media_config=first_half_second).video) == 12
+    with pytest.raises(SampleError, match=f"corrupt_media: video.{suffix}: truncated file"):
+        decode_sample(_raw(f"video.{suffix}", data[: len(data) * 4 // 5]), media_config=first_half_second)
+
+
+def test_fitting_a_clip_a_few_frames_at_a_time_gives_the_frames_a_whole_fit_gives(monkeypatch):
+    """fit_to_bucket bounds its float copy (clips.FIT_BYTES: a 4K clip at once would not fit in
+    memory); the bucket's pixels do not depend on how many frames go through together."""
+    frames = np.random.default_rng(0).integers(0, 256, (7, 45, 80, 3), dtype=np.uint8)
+    buckets = [(32, 32), (32, 64)]
+    whole = fit_to_bucket(frames, buckets)
+    monkeypatch.setattr(clips, "FIT_BYTES", 2 * 45 * 80 * 3 * 4)  # two frames at a time
+    assert whole.shape == (7, 32, 64, 3) and np.array_equal(fit_to_bucket(frames, buckets), whole)
+    assert np.array_equal(fit_to_bucket(frames[3:4], buckets)[0], whole[3])
+
+
+def test_video_frames_above_the_picture_pixel_limit_are_refused_before_decoding(monkeypatch):
+    """A header may claim frames of any size (a decompression bomb): videos obey Pillow's limit too."""
+    data = encode_mp4(_source_frames(2), 10)
+    assert len(decode_sample(_raw("video.mp4", data)).video) == 2
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", SIDE * SIDE - 1)
+    with pytest.raises(SampleError, match=f"corrupt_media: video.mp4: {SIDE}x{SIDE} frames exceed"):
+        decode_sample(_raw("video.mp4", data))
 
 
 def test_an_undecodable_codec_is_named_in_the_skip_reason():

@@ -107,3 +107,16 @@ def test_file_and_pipe_urls_read_the_same_samples_as_paths():
         shard,
         shard.replace("000000", "000001"),
     ]
+
+
+def test_keys_with_folders_are_written_and_read_back_and_unsafe_keys_are_refused(tmp_path):
+    """WebDataset keys may hold folders (``clips/a``, ``v1.2/b``): whatever the reader accepts, the
+    writer writes back (pre-encoding rewrites the keys it read); absolute or climbing keys are refused."""
+    keys = ["clips/a", "v1.2/b", "c"]
+    with ShardWriter(tmp_path / "out", "part") as writer:
+        for key in keys:
+            writer.write(Sample(key=key, caption="words"))
+    assert [raw["__key__"] for raw in read_shard(writer.index.shards[0].url)] == keys
+    for bad in ("", "a.b", "clips/", "/abs/a", "../a", "x/../../a"):
+        with pytest.raises(ValueError, match="sample key"):
+            encode_sample(Sample(key=bad, caption="words"))
