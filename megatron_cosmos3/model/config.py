@@ -12,6 +12,9 @@ from megatron_cosmos3.model.transformer_engine import LINEAR_IMPLS
 # The FPS rule: one second of real time spans TPS_BASE temporal position units in every stream
 # (24 fps video, 4x temporally compressed by the VAE -> 6 latent frames per second).
 TPS_BASE = 6.0
+# Latent cells per video token, each side: the one size the data path, the VAEs' token layout and
+# the decoders know (encoders/video_vae.py TOKEN_PATCH, checked equal in tests/model/test_config.py).
+VIDEO_PATCH_SIZE = 2
 
 
 @dataclass
@@ -158,9 +161,20 @@ class MoTConfig:
             "head_dim",
             "ffn_hidden_size",
             "timestep_embedding_dim",
+            "video_latent_channels",
+            "audio_latent_dim",
         ):
             value = getattr(self, name)
             require(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            require(value > 0, f"{name} must be > 0, got {value!r}")
+        require(
+            self.video_patch_size == VIDEO_PATCH_SIZE,
+            f"video_patch_size={self.video_patch_size}: video tokens are {VIDEO_PATCH_SIZE}x{VIDEO_PATCH_SIZE} "
+            "patches of VAE latents (32x32 pixels) everywhere they are made and decoded "
+            "(encoders/video_vae.py TOKEN_PATCH); no other size is supported",
+        )
         require(
             self.num_attention_heads % self.num_kv_heads == 0,
             f"num_attention_heads={self.num_attention_heads} must be a multiple of "
@@ -170,6 +184,9 @@ class MoTConfig:
         require(
             len(self.mrope_section) == 3 and sum(self.mrope_section) == self.head_dim // 2,
             f"mrope_section={list(self.mrope_section)} must have 3 entries summing to head_dim/2={self.head_dim // 2}",
+        )
+        require(
+            min(self.mrope_section) >= 0, f"mrope_section={list(self.mrope_section)} must not have a negative entry"
         )
         require(
             3 * max(self.mrope_section[1], self.mrope_section[2]) <= self.head_dim // 2,
@@ -182,6 +199,7 @@ class MoTConfig:
         )
         require(self.linear_impl in LINEAR_IMPLS, f"linear_impl={self.linear_impl!r} is not one of {LINEAR_IMPLS}")
         require(self.num_experts >= 0, f"num_experts={self.num_experts} must be >= 0")
+        require(self.moe_ffn_hidden_size >= 0, f"moe_ffn_hidden_size={self.moe_ffn_hidden_size} must be >= 0")
         if self.num_experts:
             require(
                 0 < self.moe_top_k <= self.num_experts,

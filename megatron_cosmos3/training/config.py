@@ -244,6 +244,9 @@ class TrainConfig:
         if self.recompute not in ("none", "selective", "full"):
             raise ValueError(f"recompute={self.recompute!r} is not one of ('none', 'selective', 'full')")
         check_engine_mix(self.engine, self.parallel, self.deepspeed)
+        # Sizes the model can never be split by (heads, KV heads, FFN units, layers, experts) are
+        # refused here by name; the world size is checked at launch (train.main), before any group.
+        self.parallel.validate_for_model(self.model, self.model.num_experts)
         if self.engine != "megatron" and self.parallel.ddp_impl != "torch":
             raise ValueError(
                 f"parallel.ddp_impl={self.parallel.ddp_impl!r} is engine=megatron's; engine={self.engine!r}"
