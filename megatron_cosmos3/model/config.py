@@ -108,8 +108,10 @@ class MoTConfig:
     ffn_hidden_size: int = 128
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
-    # Qwen3-VL's interleaved 3-axis rotary split (t, h, w) of the head_dim/2 frequencies.
-    mrope_section: list[int] = field(default_factory=lambda: [4, 2, 2])
+    # Qwen3-VL's interleaved 3-axis rotary split (t, h, w) of the head_dim/2 frequencies; empty =
+    # Qwen3-VL's own split scaled to this head_dim (``scaled_mrope_section``; [4, 2, 2] at 16). Read
+    # it through ``rope_sections``.
+    mrope_section: list[int] = field(default_factory=list)
     tie_word_embeddings: bool = False
     init_std: float = 0.02
     # DM token streams. A video token is a 2x2 patch of VAE latents (32x32 pixels overall).
@@ -181,17 +183,15 @@ class MoTConfig:
             f"num_kv_heads={self.num_kv_heads} (grouped-query attention)",
         )
         require(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for rotary embeddings")
+        sections = self.rope_sections
         require(
-            len(self.mrope_section) == 3 and sum(self.mrope_section) == self.head_dim // 2,
-            f"mrope_section={list(self.mrope_section)} must have 3 entries summing to head_dim/2={self.head_dim // 2}",
+            len(sections) == 3 and sum(sections) == self.head_dim // 2,
+            f"mrope_section={sections} must have 3 entries summing to head_dim/2={self.head_dim // 2}",
         )
+        require(min(sections) >= 0, f"mrope_section={sections} must not have a negative entry")
         require(
-            min(self.mrope_section) >= 0, f"mrope_section={list(self.mrope_section)} must not have a negative entry"
-        )
-        require(
-            3 * max(self.mrope_section[1], self.mrope_section[2]) <= self.head_dim // 2,
-            f"mrope_section={list(self.mrope_section)}: the interleaved h/w frequencies "
-            f"do not fit in head_dim/2={self.head_dim // 2}",
+            3 * max(sections[1], sections[2]) <= self.head_dim // 2,
+            f"mrope_section={sections}: the interleaved h/w frequencies do not fit in head_dim/2={self.head_dim // 2}",
         )
         require(
             self.attention_backend in ATTENTION_BACKENDS,
@@ -238,8 +238,20 @@ class MoTConfig:
                 )
 
     @property
+    def rope_sections(self) -> list[int]:
+        """The (t, h, w) rotary split in use: ``mrope_section``, or the scaled default when empty."""
+        return list(self.mrope_section) or scaled_mrope_section(self.head_dim)
+
+    @property
     def video_token_dim(self) -> int:
         return self.video_latent_channels * self.video_patch_size**2
+
+
+def scaled_mrope_section(head_dim: int) -> list[int]:
+    """Qwen3-VL's (t, h, w) split [24, 20, 20] of 64 rotary frequencies, scaled to ``head_dim / 2``
+    (h and w rounded down, t the rest): [24, 20, 20] at 128, [6, 3, 3] at 24, [4, 2, 2] at 16."""
+    spatial = (head_dim // 2) * 20 // 64
+    return [head_dim // 2 - 2 * spatial, spatial, spatial]
 
 
 def load_model_config(path: str | Path) -> MoTConfig:
