@@ -52,6 +52,7 @@ def check_architecture(folder: Path, model: MoTConfig, vision: bool = False) -> 
     """Raises ValueError naming the first field where the folder's model differs from this run's
     (``vision``: the ViT's config too, for a run that loads the ViT)."""
     saved = load_model_config(folder / CONFIG_FILE)
+
     def value(config: MoTConfig, name: str):
         return config.rope_sections if name == "mrope_section" else getattr(config, name)  # empty: the default
 

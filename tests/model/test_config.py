@@ -16,7 +16,10 @@ from megatron_cosmos3.model.mot import MoTModel
         ),
         ({"hidden_size": 0}, "hidden_size must be a positive int, got 0"),
         ({"embodiments": {"arm": EmbodimentConfig(action_dim=0)}}, "embodiments.arm.action_dim must be > 0"),
-        ({"head_dim": 24, "mrope_section": [4, 2, 2]}, r"mrope_section=\[4, 2, 2\] must have 3 entries summing to head_dim/2=12"),
+        (
+            {"head_dim": 24, "mrope_section": [4, 2, 2]},
+            r"mrope_section=\[4, 2, 2\] must have 3 entries summing to head_dim/2=12",
+        ),
         ({"attention_backend": "flash2"}, r"attention_backend='flash2' is not one of \('dense', 'sdpa'"),
         ({"video_patch_size": 1}, r"video_patch_size=1: video tokens are 2x2 patches of VAE latents"),
         ({"video_latent_channels": 0}, "video_latent_channels must be a positive int, got 0"),
