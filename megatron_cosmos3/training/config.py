@@ -335,6 +335,10 @@ class TrainConfig:
         return self.model.vision is not None
 
     def _check_vision(self) -> None:
+        from megatron_cosmos3.data.vision_features import check_vit_token_size
+
+        if self.data_source == "shards" or self.eval.suite is not None:  # pictures cut on the data's grid
+            check_vit_token_size(self.model.vision)
         # The ViT runs on the first pipeline chunk; its DeepStack features join the Reasoner after
         # layers 0..k-1, so those layers must be there too (no stage sends ViT features on).
         k = len(self.model.vision.deepstack_visual_indexes)
