@@ -70,7 +70,10 @@ class EvalSuite:
         self.skipped = {task: "not trained" for task in config.tasks if task not in self.trained_tasks}
         # The world acts at the model's rates: the truth's actions are sampled as the model's are.
         self.action_rates = model_action_rates(model.config)
-        self.world = config.world(self.action_rates)
+        try:
+            self.world = config.world(self.action_rates)
+        except ValueError as error:  # name where a rate the world cannot hold comes from
+            raise ValueError(f"{error} (model.embodiments' rate_hz: {self.action_rates})") from None
         embodiments = sorted(set(model.config.embodiments) & set(self.world.embodiments))
         if not embodiments:
             for task in (t for t in config.tasks if t in ACTION_TASKS and t not in self.skipped):

@@ -206,6 +206,8 @@ def test_the_held_out_world_acts_at_the_model_embodiments_rates():
     assert suite.world.action_rates["single_arm"] == 20.0
     model = MoTModel(tiny_mot_config(vocab_size=260, embodiments={"humanoid": EmbodimentConfig(57, 15.0)}))
     with pytest.raises(
-        ValueError, match=r"eval suite: duration_s=0.5 must hold a whole number of frames/poses at 15.0"
+        ValueError,
+        match=r"duration_s=0.5 must hold a whole number of frames/poses at 15.0/s "
+        r"\(model.embodiments' rate_hz: \{'humanoid': 15.0\}\)",
     ):
         EvalSuite.for_run(config, model, ByteTokenizer(260), LatentEncoderConfig(kind="pooled"), ["policy"])
