@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_cosmos3.model.config import MoTConfig
+from megatron_cosmos3.model.config import MoTConfig, scaled_mrope_section
 
 NANO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model" / "nano.yaml"
 
@@ -59,12 +59,6 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def scaled_mrope_section(head_dim: int) -> list[int]:
-    """Qwen3-VL's (t, h, w) split [24, 20, 20] of 64 rotary frequencies, scaled to head_dim / 2."""
-    spatial = (head_dim // 2) * 20 // 64
-    return [head_dim // 2 - 2 * spatial, spatial, spatial]
 
 
 def add_pack_and_head_arguments(parser: argparse.ArgumentParser) -> None:

@@ -52,7 +52,11 @@ def check_architecture(folder: Path, model: MoTConfig, vision: bool = False) -> 
     """Raises ValueError naming the first field where the folder's model differs from this run's
     (``vision``: the ViT's config too, for a run that loads the ViT)."""
     saved = load_model_config(folder / CONFIG_FILE)
-    pairs = [(name, getattr(model, name), getattr(saved, name)) for name in ARCHITECTURE_FIELDS]
+
+    def value(config: MoTConfig, name: str):
+        return config.rope_sections if name == "mrope_section" else getattr(config, name)  # empty: the default
+
+    pairs = [(name, value(model, name), value(saved, name)) for name in ARCHITECTURE_FIELDS]
     if vision:
         if saved.vision is None:
             raise ValueError(f"stage.init_from={folder}: this run trains a ViT, but the weights have none")

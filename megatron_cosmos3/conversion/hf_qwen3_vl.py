@@ -173,6 +173,7 @@ def mot_config_from_hf(hf_config, path: Path | str = "config.json", base: MoTCon
                         a == b, path, f"the checkpoint has vision.{field.name}={b!r} but the given config has {a!r}"
                     )
             else:
+                ours = base.rope_sections if key == "mrope_section" else ours  # empty: the scaled default
                 _require(ours == value, path, f"the checkpoint has {key}={value!r} but the given config has {ours!r}")
     try:
         return dataclasses.replace(base or MoTConfig(), **from_hf)
@@ -202,7 +203,7 @@ def hf_config_from_mot(config: MoTConfig, dtype: torch.dtype):
             rope_parameters={
                 "rope_type": "default",
                 "rope_theta": config.rope_theta,
-                "mrope_section": list(config.mrope_section),
+                "mrope_section": config.rope_sections,
                 "mrope_interleaved": True,
             },
         ),

@@ -51,15 +51,22 @@ def crop_to_tokens(picture: np.ndarray) -> np.ndarray:
     return picture[top : top + h * PIXELS_PER_TOKEN, left : left + w * PIXELS_PER_TOKEN]
 
 
+def check_vit_token_size(config: VisionConfig) -> None:
+    """ValueError naming the fields unless a merged ViT token covers the data's PIXELS_PER_TOKEN
+    square (pictures are cut on that grid): run when the training config loads and here."""
+    if config.patch_size * config.spatial_merge_size != PIXELS_PER_TOKEN:
+        raise ValueError(
+            f"model.vision: patch_size*spatial_merge_size={config.patch_size}*{config.spatial_merge_size}="
+            f"{config.patch_size * config.spatial_merge_size}, but the data's ViT tokens are "
+            f"{PIXELS_PER_TOKEN}x{PIXELS_PER_TOKEN} pixels"
+        )
+
+
 class ViTPixels:
     """The ViT's input rows of each picture (a model with ``model.vision``)."""
 
     def __init__(self, config: VisionConfig) -> None:
-        if config.patch_size * config.spatial_merge_size != PIXELS_PER_TOKEN:
-            raise ValueError(
-                f"model.vision: patch_size*spatial_merge_size={config.patch_size * config.spatial_merge_size}, "
-                f"but the data's ViT tokens are {PIXELS_PER_TOKEN}x{PIXELS_PER_TOKEN} pixels"
-            )
+        check_vit_token_size(config)
         self.config = config
 
     def __call__(self, picture: np.ndarray) -> PictureTokens:

@@ -90,7 +90,13 @@ def token_grid(num_frames: int, height: int, width: int) -> tuple[int, int, int]
 
 
 def latents_to_tokens(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, t, 2h, 2w) latents -> (B, t*h*w, C*4) tokens (2x2 patchify, layout in module doc)."""
+    """(B, C, t, 2h, 2w) latents -> (B, t*h*w, C*4) tokens (2x2 patchify, layout in module doc).
+    ValueError naming the shape when the latent height or width is not a multiple of 2."""
+    if latents.dim() != 5 or latents.shape[3] % TOKEN_PATCH or latents.shape[4] % TOKEN_PATCH:
+        raise ValueError(
+            f"latents of shape {tuple(latents.shape)}: expected (B, C, t, H, W) with H and W multiples of "
+            f"{TOKEN_PATCH} (a token is a {TOKEN_PATCH}x{TOKEN_PATCH} patch of latents)"
+        )
     b, c, t, hh, ww = latents.shape
     h, w = hh // TOKEN_PATCH, ww // TOKEN_PATCH
     x = latents.reshape(b, c, t, h, TOKEN_PATCH, w, TOKEN_PATCH)
@@ -99,8 +105,14 @@ def latents_to_tokens(latents: torch.Tensor) -> torch.Tensor:
 
 
 def tokens_to_latents(tokens: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
-    """(B, t*h*w, C*4) tokens -> (B, C, t, 2h, 2w) latents; exact inverse of ``latents_to_tokens``."""
+    """(B, t*h*w, C*4) tokens -> (B, C, t, 2h, 2w) latents; exact inverse of ``latents_to_tokens``.
+    ValueError naming the shapes when the tokens do not fit the grid or are not C*4 wide."""
     t, h, w = grid_thw
+    if tokens.dim() != 3 or tokens.shape[1] != t * h * w or tokens.shape[2] % TOKEN_PATCH**2:
+        raise ValueError(
+            f"tokens of shape {tuple(tokens.shape)} do not fit grid {tuple(grid_thw)}: expected "
+            f"(B, {t * h * w}, C*{TOKEN_PATCH**2})"
+        )
     b, n, d = tokens.shape
     c = d // (TOKEN_PATCH * TOKEN_PATCH)
     x = tokens.reshape(b, t, h, w, c, TOKEN_PATCH, TOKEN_PATCH)

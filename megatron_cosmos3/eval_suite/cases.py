@@ -24,7 +24,7 @@ understanding      the question, the first frame                      the answer
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,12 +129,17 @@ def _fits(task: str, sample: Sample, embodiments: Collection[str]) -> bool:
 
 
 def held_out_cases(
-    config: SuiteConfig, tasks: Collection[str], embodiments: Collection[str], search: int = MAX_SAMPLES_SEARCHED
+    config: SuiteConfig,
+    tasks: Collection[str],
+    embodiments: Collection[str],
+    search: int = MAX_SAMPLES_SEARCHED,
+    action_rates: Mapping[str, float] | None = None,
 ) -> dict[str, list[Case]]:
     """``config.cases_per_task`` cases of each of ``tasks`` (in ``config.tasks`` order) from the
     held-out world ``config.world_seed``; action tasks only for ``embodiments`` (those the model has
-    heads for). ValueError naming the task when the first ``search`` samples hold too few cases."""
-    world = config.world()
+    heads for), their actions at ``action_rates`` (the model's, ``SuiteConfig.world``). ValueError
+    naming the task when the first ``search`` samples hold too few cases."""
+    world = config.world(action_rates)
     wanted = [task for task in config.tasks if task in tasks]
     cases: dict[str, list[Case]] = {task: [] for task in wanted}
     for index in range(search):

@@ -6,11 +6,13 @@ holds one as ``eval.suite``."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
 from megatron_cosmos3.inference.solvers import SOLVERS
+from megatron_cosmos3.world.agents import EMBODIMENT_RATES
 from megatron_cosmos3.world.config import WorldConfig
 from megatron_cosmos3.world.environment import TASKS as ENVIRONMENT_TASKS
 
@@ -98,14 +100,17 @@ class SuiteConfig:
             )
         self.world()  # the world validates resolution and the action rates' whole steps
 
-    def world(self) -> WorldConfig:
+    def world(self, action_rates: Mapping[str, float] | None = None) -> WorldConfig:
         """The held-out world's settings: the suite's clip size, length and frame rate, every
-        embodiment acting (a model is measured on those it has heads for)."""
+        embodiment acting (a model is measured on those it has heads for). ``action_rates``: the
+        model's rates where they differ from the world's own (``model_action_rates``), so its
+        actions and the truth's are sampled alike."""
         try:
             return WorldConfig(
                 resolution=self.resolution,
                 duration_s=self.duration_s,
                 fps_choices=(self.fps,),
+                action_rates={**EMBODIMENT_RATES, **(action_rates or {})},
                 embodiments=("single_arm", "humanoid", "planar_pusher"),
                 still_fraction=0.0,
                 agent_fraction=0.8,
@@ -114,6 +119,12 @@ class SuiteConfig:
             )
         except ValueError as error:
             raise ValueError(f"eval suite: {error}") from None
+
+
+def model_action_rates(model_config) -> dict[str, float]:
+    """The action rate of each embodiment of ``model_config`` (a ``MoTConfig``) that the world
+    knows: a model generates actions at its configured rate, so the held-out world is sampled there."""
+    return {name: float(e.rate_hz) for name, e in model_config.embodiments.items() if name in EMBODIMENT_RATES}
 
 
 def load_suite_config(yaml_path: str | None = None, overrides: list[str] | None = None) -> SuiteConfig:

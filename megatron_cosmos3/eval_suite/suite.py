@@ -23,7 +23,7 @@ from megatron_cosmos3.encoders.action_normalization import ActionStats
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
 from megatron_cosmos3.eval_suite.cases import ACTION_TASKS, Case, held_out_cases
 from megatron_cosmos3.eval_suite.closed_loop import ReferenceCache, closed_loop_rows_for
-from megatron_cosmos3.eval_suite.config import SuiteConfig
+from megatron_cosmos3.eval_suite.config import SuiteConfig, model_action_rates
 from megatron_cosmos3.eval_suite.predictions import Prediction, predict, untrained_model
 from megatron_cosmos3.eval_suite.scoring import task_rows
 from megatron_cosmos3.evaluation.report import EvalReport, MetricRow
@@ -68,12 +68,18 @@ class EvalSuite:
         self.trained_tasks = list(trained_tasks)
         self.action_stats = action_stats
         self.skipped = {task: "not trained" for task in config.tasks if task not in self.trained_tasks}
-        embodiments = sorted(set(model.config.embodiments) & set(config.world().embodiments))
+        # The world acts at the model's rates: the truth's actions are sampled as the model's are.
+        self.action_rates = model_action_rates(model.config)
+        try:
+            self.world = config.world(self.action_rates)
+        except ValueError as error:  # name where a rate the world cannot hold comes from
+            raise ValueError(f"{error} (model.embodiments' rate_hz: {self.action_rates})") from None
+        embodiments = sorted(set(model.config.embodiments) & set(self.world.embodiments))
         if not embodiments:
             for task in (t for t in config.tasks if t in ACTION_TASKS and t not in self.skipped):
                 self.skipped[task] = f"no action head for an embodiment of the world ({model.config.embodiments})"
         tasks = [task for task in config.tasks if task not in self.skipped]
-        self.cases = held_out_cases(config, tasks, embodiments)
+        self.cases = held_out_cases(config, tasks, embodiments, action_rates=self.action_rates)
         self._chance: dict[str, list[Prediction]] | None = None
         self._closed_loop_references = ReferenceCache()  # the expert's and random episodes, run once
 
@@ -155,7 +161,7 @@ class EvalSuite:
         if "policy" not in self.trained_tasks:
             skipped["closed_loop"] = "the checkpoint did not train the policy task"
             return []
-        world = c.world()
+        world = self.world
         embodiments = sorted(set(model.config.embodiments) & set(world.embodiments))
         if not embodiments:
             skipped["closed_loop"] = f"no action head for an embodiment of the world ({model.config.embodiments})"

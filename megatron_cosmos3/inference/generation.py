@@ -20,7 +20,7 @@ from megatron_cosmos3.data.packer import Packer
 from megatron_cosmos3.data.sample_builder import SampleBuilder
 from megatron_cosmos3.encoders.action_normalization import ActionStats, denormalize_actions
 from megatron_cosmos3.encoders.audio_vae import HOP, AudioLatents
-from megatron_cosmos3.encoders.video_vae import VAE_TEMPORAL_FACTOR, VideoLatents
+from megatron_cosmos3.encoders.video_vae import VideoLatents
 from megatron_cosmos3.inference.denoising import full_forward_velocity, sample_dm_tokens, sample_rows
 from megatron_cosmos3.inference.media_outputs import GeneratedSample, GenerationRecord
 from megatron_cosmos3.inference.requests import (
@@ -30,9 +30,10 @@ from megatron_cosmos3.inference.requests import (
     delivered_streams,
     prepare_request,
 )
-from megatron_cosmos3.model.config import TPS_BASE, MoTConfig
+from megatron_cosmos3.model.config import MoTConfig
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import PackedBatch
+from megatron_cosmos3.model.positions import video_fps_from_times
 from megatron_cosmos3.parallel.plan import ParallelPlan
 from megatron_cosmos3.tasks.registry import get_task
 
@@ -141,9 +142,8 @@ def packed_sample_streams(batch: PackedBatch, index: int, config: MoTConfig) -> 
             streams.video_grid = (rows.numel() // (h * w), h, w)
             if "video" in delivered:
                 streams.outputs["video"] = key
-                step = float(times[1] - times[0]) if times.numel() > 1 else None
-                fps = VAE_TEMPORAL_FACTOR * TPS_BASE / step if step else DEFAULT_FPS
-                streams.fps = round(fps, 3)  # undoes the float32 positions' rounding: 29.97, not 29.969997
+                fps = video_fps_from_times(times)
+                streams.fps = DEFAULT_FPS if fps is None else fps
             elif "image" in delivered:
                 streams.outputs["image"] = key
         elif key == "audio":

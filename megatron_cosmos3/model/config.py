@@ -12,6 +12,9 @@ from megatron_cosmos3.model.transformer_engine import LINEAR_IMPLS
 # The FPS rule: one second of real time spans TPS_BASE temporal position units in every stream
 # (24 fps video, 4x temporally compressed by the VAE -> 6 latent frames per second).
 TPS_BASE = 6.0
+# Latent cells per video token, each side: the one size the data path, the VAEs' token layout and
+# the decoders know (encoders/video_vae.py TOKEN_PATCH, checked equal in tests/model/test_config.py).
+VIDEO_PATCH_SIZE = 2
 
 
 @dataclass
@@ -105,8 +108,10 @@ class MoTConfig:
     ffn_hidden_size: int = 128
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
-    # Qwen3-VL's interleaved 3-axis rotary split (t, h, w) of the head_dim/2 frequencies.
-    mrope_section: list[int] = field(default_factory=lambda: [4, 2, 2])
+    # Qwen3-VL's interleaved 3-axis rotary split (t, h, w) of the head_dim/2 frequencies; empty =
+    # Qwen3-VL's own split scaled to this head_dim (``scaled_mrope_section``; [4, 2, 2] at 16). Read
+    # it through ``rope_sections``.
+    mrope_section: list[int] = field(default_factory=list)
     tie_word_embeddings: bool = False
     init_std: float = 0.02
     # DM token streams. A video token is a 2x2 patch of VAE latents (32x32 pixels overall).
@@ -158,23 +163,35 @@ class MoTConfig:
             "head_dim",
             "ffn_hidden_size",
             "timestep_embedding_dim",
+            "video_latent_channels",
+            "audio_latent_dim",
         ):
             value = getattr(self, name)
             require(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            require(value > 0, f"{name} must be > 0, got {value!r}")
+        require(
+            self.video_patch_size == VIDEO_PATCH_SIZE,
+            f"video_patch_size={self.video_patch_size}: video tokens are {VIDEO_PATCH_SIZE}x{VIDEO_PATCH_SIZE} "
+            "patches of VAE latents (32x32 pixels) everywhere they are made and decoded "
+            "(encoders/video_vae.py TOKEN_PATCH); no other size is supported",
+        )
         require(
             self.num_attention_heads % self.num_kv_heads == 0,
             f"num_attention_heads={self.num_attention_heads} must be a multiple of "
             f"num_kv_heads={self.num_kv_heads} (grouped-query attention)",
         )
         require(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for rotary embeddings")
+        sections = self.rope_sections
         require(
-            len(self.mrope_section) == 3 and sum(self.mrope_section) == self.head_dim // 2,
-            f"mrope_section={list(self.mrope_section)} must have 3 entries summing to head_dim/2={self.head_dim // 2}",
+            len(sections) == 3 and sum(sections) == self.head_dim // 2,
+            f"mrope_section={sections} must have 3 entries summing to head_dim/2={self.head_dim // 2}",
         )
+        require(min(sections) >= 0, f"mrope_section={sections} must not have a negative entry")
         require(
-            3 * max(self.mrope_section[1], self.mrope_section[2]) <= self.head_dim // 2,
-            f"mrope_section={list(self.mrope_section)}: the interleaved h/w frequencies "
-            f"do not fit in head_dim/2={self.head_dim // 2}",
+            3 * max(sections[1], sections[2]) <= self.head_dim // 2,
+            f"mrope_section={sections}: the interleaved h/w frequencies do not fit in head_dim/2={self.head_dim // 2}",
         )
         require(
             self.attention_backend in ATTENTION_BACKENDS,
@@ -182,6 +199,7 @@ class MoTConfig:
         )
         require(self.linear_impl in LINEAR_IMPLS, f"linear_impl={self.linear_impl!r} is not one of {LINEAR_IMPLS}")
         require(self.num_experts >= 0, f"num_experts={self.num_experts} must be >= 0")
+        require(self.moe_ffn_hidden_size >= 0, f"moe_ffn_hidden_size={self.moe_ffn_hidden_size} must be >= 0")
         if self.num_experts:
             require(
                 0 < self.moe_top_k <= self.num_experts,
@@ -220,8 +238,20 @@ class MoTConfig:
                 )
 
     @property
+    def rope_sections(self) -> list[int]:
+        """The (t, h, w) rotary split in use: ``mrope_section``, or the scaled default when empty."""
+        return list(self.mrope_section) or scaled_mrope_section(self.head_dim)
+
+    @property
     def video_token_dim(self) -> int:
         return self.video_latent_channels * self.video_patch_size**2
+
+
+def scaled_mrope_section(head_dim: int) -> list[int]:
+    """Qwen3-VL's (t, h, w) split [24, 20, 20] of 64 rotary frequencies, scaled to ``head_dim / 2``
+    (h and w rounded down, t the rest): [24, 20, 20] at 128, [6, 3, 3] at 24, [4, 2, 2] at 16."""
+    spatial = (head_dim // 2) * 20 // 64
+    return [head_dim // 2 - 2 * spatial, spatial, spatial]
 
 
 def load_model_config(path: str | Path) -> MoTConfig:

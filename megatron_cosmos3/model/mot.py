@@ -144,7 +144,7 @@ class MoTModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.dm_streams = DMStreamProjections(config)
         self.timestep_embedding = TimestepEmbedding(config.timestep_embedding_dim, config.hidden_size)
-        self.rotary = MultimodalRotaryEmbedding(config.head_dim, config.rope_theta, config.mrope_section)
+        self.rotary = MultimodalRotaryEmbedding(config.head_dim, config.rope_theta, config.rope_sections)
         self.layers = nn.ModuleList(MoTLayer(config) for _ in range(config.num_layers))
         self.reasoner_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.generator_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

@@ -114,6 +114,26 @@ def dm_video_positions(
     return offset + torch.stack([t.flatten(), h.flatten(), w.flatten()])
 
 
+def video_fps_from_times(frame_times: torch.Tensor) -> float | None:
+    """The frame rate of a clip read back from its latent frames' temporal positions (ascending,
+    distinct, frame 0 first, as ``dm_video_positions`` made them); None for a single frame.
+
+    Float32 positions past a few hundred units carry too little of the step for ``24 / step`` to
+    give the rate to three decimals (60 fps after a 200-token prompt reads 60.001), so the rate is
+    measured over the whole clip and the shortest rounding (0 to 3 decimals) whose positions are
+    bit for bit these ones is returned: any rate of up to three decimals comes back exactly."""
+    times = frame_times.detach().cpu().float()
+    if times.numel() < 2:
+        return None
+    span = float(times[-1]) - float(times[0])
+    measured = VIDEO_VAE_TEMPORAL_COMPRESSION * TPS_BASE * (times.numel() - 1) / span
+    for digits in range(4):
+        candidate = round(measured, digits)
+        if candidate > 0 and torch.equal(dm_video_positions(float(times[0]), times.numel(), 1, 1, candidate)[0], times):
+            return candidate
+    return round(measured, 3)
+
+
 def dm_sequence_positions(
     offset: float, num_tokens: int, tokens_per_second: float, first_token: int = 0
 ) -> torch.Tensor:

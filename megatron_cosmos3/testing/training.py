@@ -15,6 +15,8 @@ from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.testing.numerics import child_environment
 
 # A two-layer MoT small enough for multi-process runs of a few seconds (override num_layers to split).
+# No mrope_section: the rotary split follows head_dim (``scaled_mrope_section``: [2, 1, 1] at 8), so
+# a test may change head_dim alone.
 TINY_MODEL = [
     "model.vocab_size=64",
     "model.hidden_size=32",
@@ -22,7 +24,6 @@ TINY_MODEL = [
     "model.num_attention_heads=4",
     "model.num_kv_heads=2",
     "model.head_dim=8",
-    "model.mrope_section=[2,1,1]",
     "model.ffn_hidden_size=64",
     "model.video_latent_channels=4",
     "model.audio_latent_dim=6",
@@ -59,7 +60,6 @@ def tiny_mot_config(**changes) -> MoTConfig:
         num_attention_heads=4,
         num_kv_heads=2,
         head_dim=8,
-        mrope_section=[2, 1, 1],
         ffn_hidden_size=64,
         video_latent_channels=4,
         audio_latent_dim=6,

@@ -244,6 +244,9 @@ class TrainConfig:
         if self.recompute not in ("none", "selective", "full"):
             raise ValueError(f"recompute={self.recompute!r} is not one of ('none', 'selective', 'full')")
         check_engine_mix(self.engine, self.parallel, self.deepspeed)
+        # Sizes the model can never be split by (heads, KV heads, FFN units, layers, experts) are
+        # refused here by name; the world size is checked at launch (train.main), before any group.
+        self.parallel.validate_for_model(self.model, self.model.num_experts)
         if self.engine != "megatron" and self.parallel.ddp_impl != "torch":
             raise ValueError(
                 f"parallel.ddp_impl={self.parallel.ddp_impl!r} is engine=megatron's; engine={self.engine!r}"
@@ -332,6 +335,10 @@ class TrainConfig:
         return self.model.vision is not None
 
     def _check_vision(self) -> None:
+        from megatron_cosmos3.data.vision_features import check_vit_token_size
+
+        if self.data_source == "shards" or self.eval.suite is not None:  # pictures cut on the data's grid
+            check_vit_token_size(self.model.vision)
         # The ViT runs on the first pipeline chunk; its DeepStack features join the Reasoner after
         # layers 0..k-1, so those layers must be there too (no stage sends ViT features on).
         k = len(self.model.vision.deepstack_visual_indexes)

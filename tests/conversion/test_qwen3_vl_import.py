@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from qwen3_vl_tiny import TINY_YAML, processor_like_inputs
+from qwen3_vl_tiny import TINY_YAML, processor_like_inputs, random_qwen3_vl, tiny_hf_config
 
 from megatron_cosmos3.conversion import load_qwen3_vl, reasoner_logits, understanding_batch
 from megatron_cosmos3.model.config import load_model_config
@@ -21,9 +21,32 @@ def test_imported_config_is_the_tiny_yaml(converted):
     assert vision.config == model.config.vision
 
 
+# Another shape: head_dim 24 != hidden/heads = 16, one KV head (MQA), tied embeddings, an odd vocabulary.
+ODD_SHAPE = dict(
+    vocab_size=331,
+    num_key_value_heads=1,
+    head_dim=24,
+    rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 3, 3], "mrope_interleaved": True},
+)
+
+
+@pytest.fixture(scope="module")
+def odd_shape(tmp_path_factory):
+    """(transformers' model, our import of it) at ODD_SHAPE."""
+    hf = random_qwen3_vl(tiny_hf_config(tie_word_embeddings=True, **ODD_SHAPE), seed=1)
+    folder = tmp_path_factory.mktemp("qwen3_vl_odd")
+    hf.save_pretrained(str(folder))
+    return hf, load_qwen3_vl(folder)
+
+
+@pytest.mark.parametrize("shape", ["tiny", "odd"])
 @pytest.mark.parametrize("kind", ["text", "image", "video"])
-def test_reasoner_reproduces_transformers_logits(hf_model, converted, kind):
-    model, vision = converted
+def test_reasoner_reproduces_transformers_logits(request, shape, kind):
+    if shape == "tiny":
+        hf_model, (model, vision) = request.getfixturevalue("hf_model"), request.getfixturevalue("converted")
+    else:
+        hf_model, (model, vision) = request.getfixturevalue("odd_shape")
+        assert model.config.tie_word_embeddings and model.config.head_dim * 4 != model.config.hidden_size
     inputs = processor_like_inputs(kind)
     with torch.no_grad():
         want = hf_model(**inputs).logits

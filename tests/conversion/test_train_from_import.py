@@ -162,3 +162,25 @@ def test_missing_parameters_are_named_unless_a_new_embodiment_brings_them(import
             load_weights_folder(imported, run.model, run.model.config, None)
     finally:
         run.batches.close()
+
+
+def test_an_empty_mrope_section_is_the_scaled_default_on_both_sides_of_the_comparison(imported, hf_folder):
+    """A config that leaves mrope_section empty means the head_dim's scaled Qwen3-VL split: it
+    matches a folder or a checkpoint that spells that split out, and another split is refused."""
+    import dataclasses
+
+    from megatron_cosmos3.checkpoint.weights_folder import check_architecture
+    from megatron_cosmos3.conversion.hf_qwen3_vl import mot_config_from_hf, read_hf_config
+    from megatron_cosmos3.conversion.safetensors_io import ConversionError
+    from megatron_cosmos3.model.config import load_model_config
+
+    saved = load_model_config(imported / CONFIG_FILE)
+    assert saved.mrope_section == [4, 2, 2]
+    check_architecture(imported, dataclasses.replace(saved, mrope_section=[]))
+    with pytest.raises(ValueError, match=r"model.mrope_section=\[6, 1, 1\], but the weights were saved with"):
+        check_architecture(imported, dataclasses.replace(saved, mrope_section=[6, 1, 1]))
+    hf_config = read_hf_config(hf_folder)
+    base = dataclasses.replace(saved, mrope_section=[])
+    assert mot_config_from_hf(hf_config, base=base).mrope_section == [4, 2, 2]
+    with pytest.raises(ConversionError, match=r"mrope_section=\[4, 2, 2\] but the given config has \[6, 1, 1\]"):
+        mot_config_from_hf(hf_config, base=dataclasses.replace(base, mrope_section=[6, 1, 1]))

@@ -161,6 +161,13 @@ def test_patchify_round_trip_is_exact():
     tokens = latents_to_tokens(latents)
     assert tokens.shape == (2, 3 * 2 * 3, Z_DIM * 4)
     assert torch.equal(tokens_to_latents(tokens, (3, 2, 3)), latents)
+    # Latents of an odd height or width have no whole 2x2 patches; tokens must fit their grid.
+    with pytest.raises(ValueError, match=r"latents of shape \(2, 3, 3, 5, 6\): .* multiples of 2"):
+        latents_to_tokens(torch.randn(2, 3, 3, 5, 6))
+    with pytest.raises(ValueError, match=r"tokens of shape \(2, 18, 16\) do not fit grid \(3, 2, 2\)"):
+        tokens_to_latents(tokens, (3, 2, 2))
+    with pytest.raises(ValueError, match=r"tokens of shape \(1, 4, 6\) do not fit grid \(1, 2, 2\)"):
+        tokens_to_latents(torch.randn(1, 4, 6), (1, 2, 2))
 
 
 def test_image_is_a_one_frame_video_without_fps(vae):

@@ -187,3 +187,27 @@ def test_periodic_eval_in_training_logs_the_suite_metrics(tmp_path):
     report = EvalReport.from_json((tmp_path / "ckpt" / "eval_suite" / "step_00000001" / "report.json").read_text())
     assert report.meta["skipped_tasks"] == {"inverse_dynamics": "not trained"}
     assert report.meta["step"] == 1
+
+
+def test_the_held_out_world_acts_at_the_model_embodiments_rates():
+    """A model whose single arm acts at 20 Hz (the world's default is 10) is measured on truth
+    sampled at 20 Hz, in the open-loop cases and the closed-loop world alike; a rate the clip cannot
+    hold whole is refused naming it."""
+    from megatron_cosmos3.data.tokenizer import ByteTokenizer
+    from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
+    from megatron_cosmos3.eval_suite.suite import EvalSuite
+    from megatron_cosmos3.model.config import EmbodimentConfig
+
+    config = SuiteConfig(cases_per_task=1, tasks=["policy"], closed_loop_episodes=1)
+    model = MoTModel(tiny_mot_config(vocab_size=260, embodiments={"single_arm": EmbodimentConfig(19, 20.0)}))
+    suite = EvalSuite.for_run(config, model, ByteTokenizer(260), LatentEncoderConfig(kind="pooled"), ["policy"])
+    (case,) = suite.cases["policy"]
+    assert case.sample.action_rate_hz == 20.0 and len(case.sample.actions) == round(config.duration_s * 20)
+    assert suite.world.action_rates["single_arm"] == 20.0
+    model = MoTModel(tiny_mot_config(vocab_size=260, embodiments={"humanoid": EmbodimentConfig(57, 15.0)}))
+    with pytest.raises(
+        ValueError,
+        match=r"duration_s=0.5 must hold a whole number of frames/poses at 15.0/s "
+        r"\(model.embodiments' rate_hz: \{'humanoid': 15.0\}\)",
+    ):
+        EvalSuite.for_run(config, model, ByteTokenizer(260), LatentEncoderConfig(kind="pooled"), ["policy"])

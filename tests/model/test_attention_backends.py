@@ -74,16 +74,21 @@ def test_dense_reference_matches_a_per_sample_loop_written_out():
             assert torch.allclose(out_dm[i], (w[..., None] * values).sum(0))
 
 
+# (query heads, KV heads, head_dim): GQA 2 at 8, MQA with 6 query heads at 24, MHA at 40.
+HEAD_SHAPES = [(4, 2, 8), (6, 1, 24), (3, 3, 40)]
+
+
 @pytest.mark.parametrize("backend_name", FAST_BACKENDS)
 @pytest.mark.parametrize("case", list(EDGE_CASE_PACKS))
-def test_backend_matches_dense_reference_outputs_and_gradients(backend_name, case):
+@pytest.mark.parametrize("heads", HEAD_SHAPES, ids=lambda h: "x".join(map(str, h)))
+def test_backend_matches_dense_reference_outputs_and_gradients(backend_name, case, heads):
     lengths = EDGE_CASE_PACKS[case]
     layout = layout_of(lengths)
     n_ar, n_dm = sum(a for a, _ in lengths), sum(d for _, d in lengths)
     device = "cuda" if backend_name in ("flash", "flex") else "cpu"
-    reference_inputs = random_qkv(layout, n_ar, n_dm)
+    reference_inputs = random_qkv(layout, n_ar, n_dm, *heads)
     reference = run_backend(DenseMaskAttention(), reference_inputs, layout)
-    inputs = random_qkv(layout, n_ar, n_dm)
+    inputs = random_qkv(layout, n_ar, n_dm, *heads)
     if device == "cuda":  # GPU kernels in half precision; compare at bf16 tolerance
         inputs = [t.detach().to(device, torch.bfloat16).requires_grad_() for t in inputs]
         layout = PackLayout.from_cu_seqlens(layout.ar_cu_seqlens.to(device), layout.dm_cu_seqlens.to(device))

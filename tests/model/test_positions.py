@@ -8,7 +8,9 @@ from megatron_cosmos3.model.config import TPS_BASE
 from megatron_cosmos3.model.rope import MultimodalRotaryEmbedding
 
 
-@pytest.mark.parametrize("head_dim, section", [(128, [24, 20, 20]), (16, [4, 2, 2]), (64, [16, 8, 8])])
+@pytest.mark.parametrize(
+    "head_dim, section", [(128, [24, 20, 20]), (16, [4, 2, 2]), (64, [16, 8, 8]), (24, [6, 3, 3]), (80, [16, 12, 12])]
+)
 def test_mrope_matches_transformers_qwen3_vl(head_dim, section):
     from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
@@ -85,3 +87,18 @@ def test_invalid_rates_are_clear_errors():
         pos.video_tokens_per_second(0)
     with pytest.raises(ValueError, match="tokens_per_second must be > 0"):
         pos.dm_sequence_positions(0.0, 3, -1.0)
+
+
+@pytest.mark.parametrize("fps", [60.0, 120.0, 29.97, 12.5, 7.0, 30.0])
+def test_a_clips_frame_rate_reads_back_exactly_from_its_positions_after_any_prompt(fps):
+    """Generated samples take their frame rate from the pack's positions: exact for any rate of up
+    to three decimals and any prompt length, where 24 / (t1 - t0) of float32 positions is not."""
+    naive_misses = 0
+    for offset in (0.0, 17.0, 133.0, 300.0, 509.0):
+        for frames in (2, 5):
+            times = pos.dm_video_positions(offset, frames, 2, 3, fps)[0].unique()
+            assert pos.video_fps_from_times(times) == fps, (offset, frames)
+            naive_misses += round(4 * TPS_BASE / float(times[1] - times[0]), 3) != fps
+    if fps >= 60:  # the control: the step alone loses the rate after a long enough prompt
+        assert naive_misses > 0
+    assert pos.video_fps_from_times(pos.dm_video_positions(40.0, 1, 2, 2, fps)[0].unique()) is None

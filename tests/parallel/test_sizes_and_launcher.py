@@ -34,6 +34,23 @@ def test_invalid_layouts_name_the_offending_pair(sizes, world, message):
         sizes.validate(world, MODEL)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.tensor=3", "model.num_attention_heads=6"], "num_kv_heads=2 is not divisible by tensor=3"),
+        (["parallel.tensor=2", "model.ffn_hidden_size=63"], "ffn_hidden_size=63 is not divisible by tensor=2"),
+        (["parallel.pipeline=2", "model.num_layers=3"], r"num_layers=3 is not divisible by pipeline\*virtual_pipeline"),
+    ],
+)
+def test_a_layout_the_model_can_never_take_is_refused_when_the_config_loads(overrides, message):
+    """Before any launch or world size: the training config itself refuses it, naming field and value."""
+    from megatron_cosmos3.testing.training import TINY_MODEL
+    from megatron_cosmos3.training.config import load_config
+
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [*TINY_MODEL, *overrides])
+
+
 def test_valid_layout_derives_data_parallel_size():
     sizes = ParallelSizes(tensor=2, pipeline=2)
     sizes.validate(8, MODEL)

@@ -19,9 +19,16 @@ CONFIG = tiny_mot_config()
 MOE_CONFIG = tiny_mot_config(num_experts=4, moe_top_k=2, moe_ffn_hidden_size=16, moe_aux_loss_weight=0.1)
 
 
-def noised_pack(seed):
+# Another shape: 3 query heads per KV head, head_dim 24 (not a power of two), an odd number of
+# layers, widths that are not multiples of 64.
+ODD_CONFIG = tiny_mot_config(
+    hidden_size=40, num_layers=3, num_attention_heads=6, num_kv_heads=2, head_dim=24, ffn_hidden_size=50
+)
+
+
+def noised_pack(seed, config=CONFIG):
     g = torch.Generator().manual_seed(seed)
-    return add_flow_matching_noise(random_pack(CONFIG, g, num_samples=5), FlowMatchingConfig(), g)
+    return add_flow_matching_noise(random_pack(config, g, num_samples=5), FlowMatchingConfig(), g)
 
 
 def aux_losses(model):
@@ -42,7 +49,7 @@ def _tensor_parallel_matches_one_process(rank, world_size, steps, dtype, config=
         optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (reference, model)]
         report = {"losses": [], "aux": [], "grad": [], "data": None, "sharded": 0}
         for step in range(steps):
-            batch, targets = noised_pack(step)
+            batch, targets = noised_pack(step, config)
             losses = []
             for m, optimizer in zip((reference, model), optimizers):
                 optimizer.zero_grad()
@@ -69,12 +76,16 @@ GRADIENT_TOLERANCE = {torch.float64: 1e-10, torch.float32: 5e-5}
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_tp2_loss_gradients_and_steps_match_one_process(dtype):
+@pytest.mark.parametrize(
+    "dtype, config",
+    [(torch.float64, CONFIG), (torch.float32, CONFIG), (torch.float64, ODD_CONFIG)],
+    ids=["fp64", "fp32", "odd"],
+)
+def test_tp2_loss_gradients_and_steps_match_one_process(dtype, config):
     tolerance = GRADIENT_TOLERANCE[dtype]
-    for report in run_on_ranks(_tensor_parallel_matches_one_process, 2, 3, dtype):
-        assert report["sharded"] == CONFIG.num_layers * 2 * 7  # 7 linears per tower, 2 towers per layer
-        assert report["local_heads"] == CONFIG.num_attention_heads // 2
+    for report in run_on_ranks(_tensor_parallel_matches_one_process, 2, 3, dtype, config):
+        assert report["sharded"] == config.num_layers * 2 * 7  # 7 linears per tower, 2 towers per layer
+        assert report["local_heads"] == config.num_attention_heads // 2
         for reference_loss, parallel_loss in report["losses"]:
             assert parallel_loss == pytest.approx(reference_loss, rel=1e-5)
         for step_grads in report["grad"]:
@@ -120,7 +131,7 @@ def _ar_blind_under_tensor_parallel(rank, world_size, config=CONFIG):
     try:
         torch.manual_seed(0)
         model = apply_tensor_parallel(MoTModel(copy.deepcopy(config)), groups)
-        batch, _ = noised_pack(0)
+        batch, _ = noised_pack(0, config)
         changed = batch.replace(
             dm_tokens={k: v * 3 + 1 for k, v in batch.dm_tokens.items()},
             dm_timesteps=torch.where(batch.dm_noise_mask, torch.full_like(batch.dm_timesteps, 0.7), batch.dm_timesteps),
@@ -157,7 +168,7 @@ def _sequence_parallel_matches_one_process(rank, world_size, steps, dtype=torch.
         optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (reference, model)]
         report = {"losses": [], "aux": [], "grad": []}
         for step in range(steps):
-            batch, targets = noised_pack(step)
+            batch, targets = noised_pack(step, config)
             for optimizer in optimizers:
                 optimizer.zero_grad()
             want = mot_losses(reference, batch, targets)

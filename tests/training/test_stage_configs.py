@@ -32,3 +32,15 @@ def test_stage_config_layers_over_the_base(stage, starts_from, frozen):
 def test_unknown_task_in_a_stage_mixture_is_named():
     with pytest.raises(ValueError, match="stages.pretrain.tasks"):
         load_config(str(REPO / "configs/tiny_cpu.yaml"), ["data.stages.pretrain.tasks={juggling: 1.0}"])
+
+
+def test_a_vit_whose_tokens_do_not_cover_the_datas_picture_grid_is_refused_when_the_config_loads():
+    """Pictures are cut into 32x32-pixel ViT tokens: a ViT of 14-pixel patches merged 2x2 can never
+    read them (synthetic packs carry their own random pixels, so only shards and the suite refuse)."""
+    from megatron_cosmos3.testing.training import TINY_MODEL, TINY_VIT
+
+    odd_vit = [*TINY_MODEL, *TINY_VIT, "model.vocab_size=64", "model.vision.patch_size=14"]
+    with pytest.raises(ValueError, match=r"model.vision: patch_size\*spatial_merge_size=14\*2=28, but the data's"):
+        load_config(None, [*odd_vit, "eval.suite={}"])
+    load_config(None, odd_vit)  # synthetic packs: nothing cuts pictures
+    load_config(None, [*odd_vit, "model.vision.patch_size=8", "model.vision.spatial_merge_size=4", "eval.suite={}"])
