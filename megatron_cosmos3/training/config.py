@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfig
 from megatron_cosmos3.eval_suite.config import SuiteConfig
-from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
+from megatron_cosmos3.model.config import VIDEO_PATCH_SIZE, EmbodimentConfig, MoTConfig
 from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig
 from megatron_cosmos3.parallel.data_parallel import ADAMW_IMPLS
 from megatron_cosmos3.parallel.sizes import ParallelSizes
@@ -258,6 +258,18 @@ class TrainConfig:
             self.held_out_data().validate()
         if self.trains_vision:
             self._check_vision()
+        self._check_video_patch_size()
+
+    def _check_video_patch_size(self) -> None:
+        """Shards' media and the eval suite's world become video tokens through the VAEs' 2x2 latent
+        patches (docs/DESIGN.md, "Model shapes"); synthetic packs are made at the model's own width."""
+        media = self.data_source == "shards" or self.eval.suite is not None
+        if media and self.model.video_patch_size != VIDEO_PATCH_SIZE:
+            raise ValueError(
+                f"model.video_patch_size={self.model.video_patch_size}: video tokens made from media are "
+                f"{VIDEO_PATCH_SIZE}x{VIDEO_PATCH_SIZE} patches of VAE latents (32x32 pixels; encoders/video_vae.py "
+                "TOKEN_PATCH), and this run reads shards or evaluates the suite; only synthetic runs take another size"
+            )
 
     def _check_gpu_paths(self) -> None:
         """The precision and GPU-path switches that cannot work together, on any machine (whether

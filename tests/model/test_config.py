@@ -21,7 +21,7 @@ from megatron_cosmos3.model.mot import MoTModel
             r"mrope_section=\[4, 2, 2\] must have 3 entries summing to head_dim/2=12",
         ),
         ({"attention_backend": "flash2"}, r"attention_backend='flash2' is not one of \('dense', 'sdpa'"),
-        ({"video_patch_size": 1}, r"video_patch_size=1: video tokens are 2x2 patches of VAE latents"),
+        ({"video_patch_size": 0}, "video_patch_size must be a positive int, got 0"),
         ({"video_latent_channels": 0}, "video_latent_channels must be a positive int, got 0"),
         ({"head_dim": 16, "mrope_section": [5, -1, 4]}, r"mrope_section=\[5, -1, 4\] must not have a negative entry"),
         ({"moe_ffn_hidden_size": -8}, "moe_ffn_hidden_size=-8 must be >= 0"),
