@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,6 +200,9 @@ class MoTConfig:
         require(
             self.timestep_embedding_dim % 2 == 0, f"timestep_embedding_dim={self.timestep_embedding_dim} must be even"
         )
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            require(value > 0 and math.isfinite(value), f"{name}={value!r} must be a finite number > 0")
         for name, emb in self.embodiments.items():
             require(emb.action_dim > 0, f"embodiments.{name}.action_dim must be > 0, got {emb.action_dim}")
             require(emb.rate_hz > 0, f"embodiments.{name}.rate_hz must be > 0, got {emb.rate_hz}")

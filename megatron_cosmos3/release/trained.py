@@ -25,11 +25,17 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from megatron_cosmos3.checkpoint.checkpointer import inventory, load_state, read_meta
-from megatron_cosmos3.checkpoint.safe_reader import MANIFEST, verify_checkpoint
+from megatron_cosmos3.checkpoint.checkpointer import CheckpointMismatchError, inventory, load_state, read_meta
+from megatron_cosmos3.checkpoint.safe_reader import (
+    MANIFEST,
+    CheckpointCorruptError,
+    UnsafeCheckpointError,
+    verify_checkpoint,
+)
 from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes
 from megatron_cosmos3.checkpoint.weights_folder import is_weights_folder, load_weights_folder
 from megatron_cosmos3.conversion.mot_folder import CONFIG_FILE
+from megatron_cosmos3.conversion.safetensors_io import ConversionError
 from megatron_cosmos3.data.loader import datasets_action_stats
 from megatron_cosmos3.data.tokenizer import TOKENIZER_FILE, Tokenizer, build_tokenizer
 from megatron_cosmos3.encoders.action_normalization import ActionStats
@@ -52,6 +58,17 @@ class CheckpointLoadError(ValueError):
 
 class IncompleteCheckpointError(CheckpointLoadError):
     """A checkpoint whose save never committed (``.step_<N>.partial``, or no meta.json)."""
+
+
+# What loading a trained model raises for a path or file it cannot use, each naming the file: the
+# commands print it as one error line (exit code 2) instead of a traceback.
+LOAD_ERRORS = (
+    CheckpointLoadError,
+    CheckpointMismatchError,
+    CheckpointCorruptError,
+    UnsafeCheckpointError,
+    ConversionError,
+)
 
 
 @dataclass
@@ -106,7 +123,7 @@ def find_checkpoint(path: str | Path) -> Path:
         raise CheckpointLoadError(f"{path} is a file, not a checkpoint ({expected})")
     if is_weights_folder(path):
         return path
-    if (path / ".metadata").is_file():
+    if (path / ".metadata").is_file() or (path / "meta.json").is_file():  # the loader names a missing index
         if not (path / "meta.json").is_file():
             raise IncompleteCheckpointError(f"checkpoint {path} has no meta.json: its save never committed")
         return path

@@ -7,6 +7,7 @@ every rank at once, not a hang inside a collective.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -62,6 +63,9 @@ class OptimizerConfig:
             raise ValueError(f"optimizer: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optimizer.betas must be two values in [0, 1), got {list(self.betas)}")
+        for name in ("weight_decay", "flow_matching_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optimizer.{name}={getattr(self, name)} must be >= 0")
         if self.warmup_steps < 0 or self.grad_clip <= 0:
             raise ValueError(
                 f"optimizer: warmup_steps={self.warmup_steps} must be >= 0 and grad_clip={self.grad_clip} > 0"
@@ -248,6 +252,13 @@ class TrainConfig:
             raise ValueError(
                 f"parallel.ddp_impl={self.parallel.ddp_impl!r} is engine=megatron's; engine={self.engine!r}"
             )
+        negative = {pattern: m for pattern, m in self.stage.lr_multipliers.items() if m < 0}
+        if negative:
+            raise ValueError(f"stage.lr_multipliers {negative}: a learning-rate multiplier must be >= 0")
+        if self.peak_flops_per_device < 0:
+            raise ValueError(f"peak_flops_per_device={self.peak_flops_per_device} must be >= 0 (0: unknown)")
+        if self.tracking.enabled and not self.tracking.tracking_uri:
+            raise ValueError("tracking.tracking_uri is empty; name an MLflow URI or path, or set tracking.enabled=false")
         clash = sorted(set(self.stage.new_embodiments) & set(self.model.embodiments))
         if clash:
             raise ValueError(f"stage.new_embodiments {clash} are already model.embodiments")
@@ -365,6 +376,24 @@ def _refuse_removed_keys(node, source: str) -> None:
             raise ValueError(f"{key} (in {source}) is no longer a setting: {instead}")
 
 
+def _refuse_non_finite(node, source: str) -> None:
+    """ValueError naming the key of the first NaN or infinite number in ``node`` (an OmegaConf tree):
+    no setting of this tree means anything at NaN or infinity, and the dataclasses' range checks
+    (``lr > 0``, ``grad_clip > 0``) let NaN through, since every comparison with it is false."""
+
+    def walk(key: str, value) -> None:
+        if isinstance(value, dict):
+            for name, item in value.items():
+                walk(f"{key}.{name}" if key else str(name), item)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(f"{key}[{i}]", item)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key}={value} (in {source}) must be a finite number")
+
+    walk("", OmegaConf.to_container(node, resolve=True))
+
+
 def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Schema defaults <- YAML file(s), later ones winning <- ``key=value`` overrides, validated."""
     merged = OmegaConf.structured(TrainConfig)
@@ -372,10 +401,12 @@ def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] |
         layer = OmegaConf.load(path)
         _refuse_removed_keys(layer, path)
         merged = OmegaConf.merge(merged, layer)
+        _refuse_non_finite(merged, path)
     if overrides:
         layer = OmegaConf.from_dotlist(list(overrides))
         _refuse_removed_keys(layer, "the overrides")
         merged = OmegaConf.merge(merged, layer)
+        _refuse_non_finite(merged, "the overrides")
     return OmegaConf.to_object(merged)
 
 
@@ -385,7 +416,9 @@ def config_from_yaml(text: str, source: str) -> TrainConfig:
     try:
         layer = OmegaConf.create(text)
         _refuse_removed_keys(layer, source)
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), layer))
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), layer)
+        _refuse_non_finite(merged, source)
+        return OmegaConf.to_object(merged)
     except Exception as error:  # YAML, OmegaConf and validation errors name the key; add where it came from
         raise ValueError(f"{source}: not a valid training config: {error}") from None
 
