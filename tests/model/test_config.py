@@ -14,6 +14,8 @@ from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
         ({"hidden_size": 0}, "hidden_size must be a positive int, got 0"),
         ({"embodiments": {"arm": EmbodimentConfig(action_dim=0)}}, "embodiments.arm.action_dim must be > 0"),
         ({"attention_backend": "flash2"}, r"attention_backend='flash2' is not one of \('dense', 'sdpa'"),
+        ({"rms_norm_eps": -1e-6}, r"rms_norm_eps=-1e-06 must be a finite number > 0"),
+        ({"rope_theta": 0.0}, r"rope_theta=0.0 must be a finite number > 0"),
     ],
 )
 def test_invalid_model_configs_are_clear_errors(changes, message):

@@ -32,3 +32,30 @@ def test_stage_config_layers_over_the_base(stage, starts_from, frozen):
 def test_unknown_task_in_a_stage_mixture_is_named():
     with pytest.raises(ValueError, match="stages.pretrain.tasks"):
         load_config(str(REPO / "configs/tiny_cpu.yaml"), ["data.stages.pretrain.tasks={juggling: 1.0}"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # NaN passes every range check written as a comparison (nan <= 0 is false): refused by key.
+        ("optimizer.lr=nan", r"optimizer.lr=nan \(in the overrides\) must be a finite number"),
+        ("optimizer.grad_clip=.inf", r"optimizer.grad_clip=inf \(in the overrides\) must be a finite number"),
+        ("stage.lr_multipliers={'layers.*': nan}", r"stage.lr_multipliers.layers.\*=nan .* must be a finite number"),
+        ("model.embodiments.arm.rate_hz=nan", r"model.embodiments.arm.rate_hz=nan"),
+        ("optimizer.weight_decay=-0.1", r"optimizer.weight_decay=-0.1 must be >= 0"),
+        ("optimizer.flow_matching_weight=-1", r"optimizer.flow_matching_weight=-1.0 must be >= 0"),
+        ("stage.lr_multipliers={'layers.*': -2}", r"a learning-rate multiplier must be >= 0"),
+        ("tracking.tracking_uri=''", r"tracking.tracking_uri is empty"),
+        ("steps=abc", r"steps"),
+    ],
+)
+def test_bad_values_are_named_before_anything_starts(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(str(REPO / "configs/tiny_cpu.yaml"), [override])
+
+
+def test_a_non_finite_value_in_a_yaml_file_names_the_file(tmp_path):
+    layer = tmp_path / "bad.yaml"
+    layer.write_text("optimizer:\n  min_lr: .nan\n")
+    with pytest.raises(ValueError, match=rf"optimizer.min_lr=nan \(in {layer}\)"):
+        load_config([str(REPO / "configs/tiny_cpu.yaml"), str(layer)])
