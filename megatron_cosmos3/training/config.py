@@ -258,7 +258,7 @@ class TrainConfig:
         if self.peak_flops_per_device < 0:
             raise ValueError(f"peak_flops_per_device={self.peak_flops_per_device} must be >= 0 (0: unknown)")
         if self.tracking.enabled and not self.tracking.tracking_uri:
-            raise ValueError("tracking.tracking_uri is empty; name an MLflow URI or path, or set tracking.enabled=false")
+            raise ValueError("tracking.tracking_uri is empty; name an MLflow URI or a path, or tracking.enabled=false")
         clash = sorted(set(self.stage.new_embodiments) & set(self.model.embodiments))
         if clash:
             raise ValueError(f"stage.new_embodiments {clash} are already model.embodiments")

@@ -86,11 +86,13 @@ class RunFolderLock:
     def _read(self) -> dict | None:
         for _ in range(20):  # a lock being written this instant: its owner is mid-write
             try:
-                return json.loads(self.path.read_text())
+                owner = json.loads(self.path.read_text())
             except FileNotFoundError:
                 return None
             except (OSError, ValueError):
                 time.sleep(0.05)
+                continue
+            return owner if isinstance(owner, dict) else {"unreadable": True}  # JSON, but no owner record
         return {"unreadable": True}
 
     def acquire(self) -> None:

@@ -422,7 +422,10 @@ CRAFTED_META = {
     "no step": ({}, r"meta.json step=None: must be an int >= 0"),
     "a negative step": ({"step": -3}, r"meta.json step=-3"),
     "a newer format": ({"step": 1, "format_version": 99}, r"meta.json format_version=99: this code reads format"),
-    "a run id that is a number": ({"step": 1, "mlflow_run_id": 12}, r"meta.json mlflow_run_id=12: must be a string or null"),
+    "a run id that is a number": (
+        {"step": 1, "mlflow_run_id": 12},
+        r"meta.json mlflow_run_id=12: must be a string or null",
+    ),
     "a config that is not text": ({"step": 1, "config": 5}, r"meta.json config=5: must be a string"),
 }
 

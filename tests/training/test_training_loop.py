@@ -398,6 +398,15 @@ def test_a_second_trainer_on_a_locked_run_folder_refuses_and_a_stale_lock_is_tak
     # A recycled pid (ours, started at another time) is not the owner either.
     (root / LOCK_FILE).write_text(json.dumps({**owner, "pid": os.getpid(), "process_start": "0"}))
     RunFolderLock(root).acquire()
+    # A lock from another host cannot be checked from here, and a file that is not an owner record
+    # cannot be judged: both refuse, naming the file to delete once that trainer is known to be gone.
+    (root / LOCK_FILE).write_text(json.dumps({**owner, "host": "node-that-is-not-this-one", "pid": os.getpid()}))
+    with pytest.raises(RunFolderLocked, match=rf"on host node-that-is-not-this-one .* delete {root / LOCK_FILE}"):
+        RunFolderLock(root).acquire()
+    for crafted in ("[1, 2]", '"x"', ""):  # "": killed between creating the file and writing it
+        (root / LOCK_FILE).write_text(crafted)
+        with pytest.raises(RunFolderLocked, match=rf"an unreadable lock file. .* delete {root / LOCK_FILE}"):
+            RunFolderLock(root).acquire()
 
 
 def test_paths_are_checked_by_field_before_any_process_group(tmp_path, monkeypatch):
