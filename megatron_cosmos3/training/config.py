@@ -316,6 +316,24 @@ class TrainConfig:
             self.data.check_paths()
             if self.eval.every:
                 self.held_out_data().check_paths("eval")
+            self._check_action_stats()
+
+    def _check_action_stats(self) -> None:
+        """ValueError naming the dataset, its statistics file and the embodiment where the file's
+        width differs from the embodiment's ``action_dim`` in this stage's model (every action of
+        that dataset would otherwise fail to normalise, one skipped sample at a time)."""
+        from megatron_cosmos3.data.loader import datasets_action_stats
+
+        embodiments = self.stage_model.embodiments
+        found = datasets_action_stats(self.data.datasets)  # a malformed file: ValueError naming it
+        for dataset in self.data.datasets:
+            stats = found.get(dataset.name)
+            for kind, entry in (stats.embodiments if stats is not None else {}).items():
+                if kind in embodiments and entry.dim != embodiments[kind].action_dim:
+                    raise ValueError(
+                        f"data.datasets[{dataset.name}].action_stats={dataset.action_stats!r}: '{kind}' has "
+                        f"{entry.dim} dims, but model.embodiments.{kind}.action_dim={embodiments[kind].action_dim}"
+                    )
 
     def held_out_data(self) -> DataConfig:
         """The loader config of the held-out packs (``EvalConfig``): the training data's settings

@@ -1,6 +1,7 @@
 """The training loop in one process: exact resume, stages, the non-finite guard, accumulation."""
 
 import copy
+import json
 import logging
 import os
 import shutil
@@ -427,6 +428,20 @@ def test_paths_are_checked_by_field_before_any_process_group(tmp_path, monkeypat
             f"data.datasets=[{{name: w, shards: [{tmp_path / 'no_index'}]}}]",
         ],
     }
+    # Action statistics whose width is not the embodiment's, or that are not statistics at all.
+    (tmp_path / "indexed").mkdir()
+    (tmp_path / "indexed" / "index.json").write_text("{}")
+    raw = {"layout": "raw", "count": 3, "mean": [0.0] * 5, "std": [1.0] * 5, "rotation_6d": "standardised"}
+    (tmp_path / "narrow.json").write_text(json.dumps({"format_version": 2, "embodiments": {"so100": raw}}))
+    (tmp_path / "list.json").write_text("[]")
+    dataset = f"data.datasets=[{{name: w, shards: [{tmp_path / 'indexed'}], action_stats: {tmp_path}/%s}}]"
+    so100 = "model.embodiments={so100: {action_dim: 6, rate_hz: 30}}"
+    cases[r"data.datasets\[w\].action_stats='.*narrow.json': 'so100' has 5 dims, but .*so100.action_dim=6"] = [
+        *shards,
+        so100,
+        dataset % "narrow.json",
+    ]
+    cases[r"data.datasets\[w\].action_stats='.*list.json': .* holds a JSON list"] = [*shards, dataset % "list.json"]
     monkeypatch.setattr(train_module, "init_distributed", lambda *_: pytest.fail("a process group was started"))
     for message, overrides in cases.items():
         with pytest.raises(ValueError, match=message):
