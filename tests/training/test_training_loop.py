@@ -325,8 +325,20 @@ def _truncate_a_shard_file(root: Path) -> None:
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
 
 
+def _meta_json_of_a_later_step(root: Path) -> None:
+    """Crafted, checksums rewritten to match: before meta.json was checked, the resumed run took
+    step 6 for its own and, asked for 5 steps, trained none and reported itself finished."""
+    from megatron_cosmos3.checkpoint.safe_reader import MANIFEST, write_manifest
+
+    folder = root / "step_00000004"
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "step": 6}))
+    write_manifest(folder, extra=tuple(p.name for p in folder.iterdir() if p.name != MANIFEST))
+
+
 # Damage to the latest checkpoint (step 4 of a run that also kept step 2) -> where a fallback resumes.
 DAMAGES = {
+    "meta_json_of_a_later_step": (_meta_json_of_a_later_step, "step_00000002"),
     "meta_json_missing": (lambda root: (root / "step_00000004" / "meta.json").unlink(), "step_00000002"),
     "latest_names_a_missing_step": (lambda root: (root / "latest").write_text("step_00000006"), "step_00000004"),
     "truncated_shard_file": (_truncate_a_shard_file, "step_00000002"),
