@@ -6,6 +6,7 @@ every rank at once, not a hang inside a collective.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -439,6 +440,34 @@ def config_from_yaml(text: str, source: str) -> TrainConfig:
         return OmegaConf.to_object(merged)
     except Exception as error:  # YAML, OmegaConf and validation errors name the key; add where it came from
         raise ValueError(f"{source}: not a valid training config: {error}") from None
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute against the current directory; "", URLs and pipes unchanged."""
+    if not path or "://" in path or path.startswith("pipe:"):
+        return path
+    if path.startswith("file:"):
+        return "file:" + os.path.abspath(path.removeprefix("file:"))
+    return os.path.abspath(path)
+
+
+def with_absolute_paths(config: TrainConfig) -> TrainConfig:
+    """A copy whose local file paths (tokenizer, VAEs, shards, action statistics, init_from, the
+    run folders) are absolute: what a checkpoint records, so that ``cosmos3-generate`` or a later
+    stage run from another directory reads the files this run read (docs/DESIGN.md, "Checkpoints")."""
+    config = copy.deepcopy(config)
+    data = config.data
+    data.tokenizer.path = _absolute(data.tokenizer.path)
+    data.encoders.video_vae_path = _absolute(data.encoders.video_vae_path)
+    data.encoders.audio_vae_path = _absolute(data.encoders.audio_vae_path)
+    for dataset in [*data.datasets, *config.eval.datasets]:
+        dataset.shards = [_absolute(entry) for entry in dataset.shards]
+        if dataset.action_stats not in ("", "auto"):
+            dataset.action_stats = _absolute(dataset.action_stats)
+    config.stage.init_from = _absolute(config.stage.init_from)
+    config.checkpoint.directory = _absolute(config.checkpoint.directory)
+    config.runs_root = _absolute(config.runs_root)
+    return config
 
 
 def to_yaml(config: TrainConfig) -> str:

@@ -38,7 +38,14 @@ from megatron_cosmos3.objectives.losses import LossBreakdown, loss_breakdown
 from megatron_cosmos3.parallel.plan import ParallelPlan
 from megatron_cosmos3.parallel.state import destroy_parallel
 from megatron_cosmos3.training.batches import MicroBatches, held_out_batches, held_out_share
-from megatron_cosmos3.training.config import TrainConfig, flatten, load_config, task_table, to_yaml
+from megatron_cosmos3.training.config import (
+    TrainConfig,
+    flatten,
+    load_config,
+    task_table,
+    to_yaml,
+    with_absolute_paths,
+)
 from megatron_cosmos3.training.distributed import DistributedContext, init_distributed, launcher_run_id, preflight
 from megatron_cosmos3.training.flops import FlopCounter
 from megatron_cosmos3.training.metrics import PHASES, MetricsWindow
@@ -415,9 +422,10 @@ def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) 
         run_id=run_id,
     )
     resolved = Path(config.checkpoint.directory) / "config.yaml"
+    recorded = to_yaml(with_absolute_paths(config))  # found again from any directory
     if ctx.is_main:  # saved with the run on every attempt; named in one line, printed by --print-config
         resolved.parent.mkdir(parents=True, exist_ok=True)
-        resolved.write_text(to_yaml(config))
+        resolved.write_text(recorded)
         log.info("run %s: resolved config in %s", config.tracking.run_name, resolved)
     if ctx.is_main and run_id is None:
         tracker.log_params(flatten(config))
@@ -506,7 +514,7 @@ def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) 
                 {
                     "mlflow_run_id": tracker.run_id,
                     "stage": config.stage.name,
-                    "config": to_yaml(config),
+                    "config": recorded,
                     "action_stats": {name: stats.to_document() for name, stats in run.action_stats.items()},
                 },
                 named=run.batches.state(),
