@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -42,9 +43,11 @@ class MLflowTracker:
     meanwhile are kept (metrics up to ``max_buffered`` values, the oldest dropped beyond that,
     with a count) and delivered in order once the server answers again — also when it never
     answered at start: the run is created at the first call that reaches it (``run_id`` None until
-    then; a resumed run passes the id it saved and continues that run). An artifact is not kept
-    (its file stays on disk, named in a warning). A request the server refuses (HTTP 4xx) is
-    dropped with a warning instead of retried forever. One warning per outage.
+    then; a resumed run passes the id it saved and continues that run). What is still undelivered
+    when the attempt ends (``finish``, ``suspend``) is written to ``spool`` (JSON, in the run
+    folder), and the next tracker given that file (the resumed attempt) delivers it first. An
+    artifact is not kept (its file stays on disk, named in a warning). A request the server refuses
+    (HTTP 4xx) is dropped with a warning instead of retried forever. One warning per outage.
     """
 
     def __init__(
@@ -56,17 +59,23 @@ class MLflowTracker:
         run_id: str | None = None,
         retry_after_s: float = 30.0,
         max_buffered: int = 100_000,
+        spool: str | Path | None = None,
     ):
         self.run_id: str | None = run_id
+        # This continues an MLflow run of an earlier attempt (its id given, or its spool read):
+        # its params are there, or on their way.
+        self.continued = run_id is not None
         self.uri = ""
         self._client = None
         self._experiment, self._run_name = experiment, run_name
         self._failing_since: float | None = None
+        self._last_attempt = False  # at the end of an attempt: one more try, whatever the back-off
         self._retry_after_s = retry_after_s
-        self._params: list = []  # mlflow Param objects not yet delivered
+        self._params: dict[str, str] = {}  # not yet delivered (MLflow refuses one key twice in a batch)
         self._tags: dict[str, str] = {}
         self._pending: list = []  # mlflow Metric objects not yet delivered
         self._max_buffered = max_buffered
+        self._spool = Path(spool) if spool else None
         self.dropped_metrics = 0
         if not enabled:
             return
@@ -82,6 +91,7 @@ class MLflowTracker:
         except Exception as error:  # noqa: BLE001 — a URI no client can be made for: train without it
             log.warning("MLflow tracking unusable at %s (%s: %s); training without it", self.uri, *_brief(error))
             return
+        self._read_spool()
         self._start_run()
 
     @property
@@ -90,6 +100,8 @@ class MLflowTracker:
         return self._client is not None
 
     def _backing_off(self) -> bool:
+        if self._last_attempt:
+            return False
         return self._failing_since is not None and time.monotonic() - self._failing_since < self._retry_after_s
 
     def _failed(self, error: Exception) -> None:
@@ -101,6 +113,7 @@ class MLflowTracker:
                 self._retry_after_s,
             )
         self._failing_since = time.monotonic()
+        self._last_attempt = False  # one failure ends it: the server is still down
 
     def _answered(self) -> None:
         if self._failing_since is not None:
@@ -145,12 +158,14 @@ class MLflowTracker:
 
     def _flush(self) -> None:
         """Delivers what is kept, in the order it was logged by kind: params, tags, metrics."""
-        from mlflow.entities import RunTag
+        from mlflow.entities import Param, RunTag
 
         while self._params:
-            if not self._call("log_batch", params=self._params[:100]):  # MLflow caps a batch at 100 params
+            batch = list(self._params.items())[:100]  # MLflow caps a batch at 100 params
+            if not self._call("log_batch", params=[Param(k, v) for k, v in batch]):
                 return
-            del self._params[:100]
+            for key, _ in batch:
+                del self._params[key]
         if self._tags:
             if not self._call("log_batch", tags=[RunTag(k, v) for k, v in self._tags.items()]):
                 return
@@ -161,12 +176,14 @@ class MLflowTracker:
                 return
             del self._pending[: len(batch)]
 
+    @property
+    def undelivered(self) -> bool:
+        return bool(self._params or self._tags or self._pending)
+
     def log_params(self, params: dict[str, str]) -> None:
         if not self.active:
             return
-        from mlflow.entities import Param
-
-        self._params += [Param(k, v[:6000]) for k, v in params.items()]
+        self._params.update({k: v[:6000] for k, v in params.items()})
         self._flush()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -203,20 +220,72 @@ class MLflowTracker:
             log.warning("MLflow: %s not uploaded (the server is failing); it stays on disk", path)
 
     def finish(self, status: str = "FINISHED") -> None:
+        """The end of the run: delivers what is kept and ends the run with ``status``; what the
+        server does not take is spooled (``suspend``) and the run left open."""
         if not self.active:
             return
-        self._failing_since = None  # one last attempt to deliver what is kept
+        self._last_attempt = True
         self._flush()
-        if not (self._params or self._tags or self._pending):
+        if not self.undelivered:
             self._call("set_terminated", status)
-        else:
+        self._last_attempt = False
+        self.suspend()
+
+    def suspend(self) -> None:
+        """The end of an attempt that a later one continues (preempted, failed): one last delivery,
+        then what remains goes to the spool file for the next attempt (a warning where there is none)."""
+        if not self.active:
+            return
+        self._last_attempt = True
+        self._flush()
+        self._last_attempt = False
+        if not self.undelivered:
+            return
+        counts = (len(self._params), len(self._tags), len(self._pending))
+        if self._spool is None:
             log.warning(
-                "MLflow: %d params, %d tags and %d metric values could not be delivered to %s",
-                len(self._params),
-                len(self._tags),
-                len(self._pending),
-                self.uri,
+                "MLflow: %d params, %d tags and %d metric values could not be delivered to %s", *counts, self.uri
             )
+            return
+        document = {
+            "run_id": self.run_id,
+            "params": self._params,
+            "tags": self._tags,
+            "metrics": [[m.key, m.value, m.timestamp, m.step] for m in self._pending],
+        }
+        partial = self._spool.with_name(self._spool.name + ".tmp")
+        partial.write_text(json.dumps(document))
+        os.replace(partial, self._spool)
+        log.warning(
+            "MLflow: %d params, %d tags and %d metric values not delivered to %s are kept in %s; the next attempt "
+            "on this run folder delivers them",
+            *counts,
+            self.uri,
+            self._spool,
+        )
+
+    def _read_spool(self) -> None:
+        """Takes over what the previous attempt could not deliver (``suspend``), ahead of this one's."""
+        if self._spool is None or not self._spool.is_file():
+            return
+        from mlflow.entities import Metric
+
+        try:
+            kept = json.loads(self._spool.read_text())
+            run_id = kept["run_id"]
+            params, tags = {str(k): str(v) for k, v in kept["params"].items()}, dict(kept["tags"])
+            metrics = [Metric(str(k), float(v), int(t), int(s)) for k, v, t, s in kept["metrics"]]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            log.warning("MLflow: %s is unreadable (%s); its values are not delivered", self._spool, error)
+            return
+        self.continued = True
+        if self.run_id is None and isinstance(run_id, str):
+            self.run_id = run_id  # created after the checkpoint this attempt resumed from was saved
+        self._params = {**params, **self._params}
+        self._tags = {**tags, **self._tags}
+        self._pending = metrics + self._pending
+        self._spool.unlink()
+        log.warning("MLflow: delivering %d metric values kept by the previous attempt", len(metrics))
 
 
 def _brief(error: Exception) -> tuple[str, str]:

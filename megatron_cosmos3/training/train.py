@@ -409,6 +409,10 @@ def _stop_for_preemption(run: Run, watcher: PreemptionWatcher, step: int, start_
     raise Preempted(step, start_step)
 
 
+# In the run folder: what MLflow did not take before an attempt ended, delivered by the next one.
+MLFLOW_SPOOL = "mlflow_undelivered.json"
+
+
 def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) -> dict[str, float]:
     config, ctx = run.config, run.ctx
     start_step, run_id = resume_or_initialise(run)
@@ -420,6 +424,7 @@ def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) 
         config.tracking.run_name,
         enabled=config.tracking.enabled and ctx.is_main,
         run_id=run_id,
+        spool=Path(config.checkpoint.directory) / MLFLOW_SPOOL if ctx.is_main else None,
     )
     resolved = Path(config.checkpoint.directory) / "config.yaml"
     recorded = to_yaml(with_absolute_paths(config))  # found again from any directory
@@ -427,12 +432,29 @@ def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) 
         resolved.parent.mkdir(parents=True, exist_ok=True)
         resolved.write_text(recorded)
         log.info("run %s: resolved config in %s", config.tracking.run_name, resolved)
-    if ctx.is_main and run_id is None:
+    if ctx.is_main and not tracker.continued:  # a new MLflow run
         tracker.log_params(flatten(config))
         tracker.log_artifact(str(resolved))
         tracker.set_tag("world_size", str(ctx.world_size))
         tracker.set_tag("stage", config.stage.name)
 
+    try:
+        return _steps(run, tracker, watcher, start_step, status_file, recorded)
+    except BaseException:  # preempted or failed: a later attempt delivers what MLflow has not taken
+        tracker.suspend()
+        raise
+
+
+def _steps(
+    run: Run,
+    tracker: MLflowTracker,
+    watcher: PreemptionWatcher,
+    start_step: int,
+    status_file: str | None,
+    recorded: str,
+) -> dict[str, float]:
+    """The training steps of ``_loop`` from ``start_step``; ``recorded``: the config checkpoints record."""
+    config, ctx = run.config, run.ctx
     opt = config.optimizer
     if config.peak_flops_per_device == 0 and ctx.device.type == "cuda":
         config.peak_flops_per_device = known_peak_flops(torch.cuda.get_device_name(ctx.device))

@@ -98,10 +98,21 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
     early.set_tag("stage", "pretrain")
     early.log_metrics({"loss": 2.0}, 1)
     assert early.active and early.run_id is None
+    # An attempt that ends while the server is down spools what it kept; the next one delivers it.
+    spool = tmp_path / "undelivered.json"
+    ended = MLflowTracker(f"http://127.0.0.1:{port}", "early", "spooled", enabled=True, retry_after_s=0, spool=spool)
+    ended.log_params({"steps": "3"})
+    ended.log_metrics({"loss": 3.0}, 1)
+    ended.suspend()
+    assert spool.is_file()
     server = start_server(tmp_path, port)
     early.log_metrics({"loss": 1.5}, 2)
     early.finish()
     assert early.run_id is not None
+    resumed = MLflowTracker(f"http://127.0.0.1:{port}", "early", "spooled", enabled=True, retry_after_s=0, spool=spool)
+    assert resumed.continued and not spool.exists()
+    resumed.log_metrics({"loss": 2.5}, 2)
+    resumed.finish()
     try:
         command = trainer_command(
             2,
@@ -149,3 +160,7 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
     assert kept.info.run_name == "before-server" and kept.info.status == "FINISHED"
     assert kept.data.params == {"model.hidden_size": "32"} and kept.data.tags["stage"] == "pretrain"
     assert [(m.step, m.value) for m in stored.get_metric_history(early.run_id, "loss")] == [(1, 2.0), (2, 1.5)]
+    spooled = stored.get_run(resumed.run_id)
+    assert spooled.info.run_name == "spooled" and spooled.info.status == "FINISHED"
+    assert spooled.data.params == {"steps": "3"}
+    assert [(m.step, m.value) for m in stored.get_metric_history(resumed.run_id, "loss")] == [(1, 3.0), (2, 2.5)]

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -66,17 +67,25 @@ def test_preempted_and_resumed_run_gives_the_same_losses_and_weights_bit_for_bit
         return real(self, step, micro)
 
     monkeypatch.setattr(MicroBatches, "get", signalled_during_step_4)
-    interrupted = config_for(tmp_path, "resumed", "steps=8", "checkpoint.save_every=100")
+    # The first attempt's MLflow server is down (nothing listens on the port): what it logged waits
+    # in the run folder's spool, and the resumed attempt delivers it to the run, ahead of its own.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        down = f"tracking.tracking_uri=http://127.0.0.1:{closed.getsockname()[1]}"
+    interrupted = config_for(tmp_path, "resumed", "steps=8", "checkpoint.save_every=100", down)
     with pytest.raises(train_module.Preempted) as stop:
         train_module.train(interrupted, CPU, status_file=str(tmp_path / "status"))
     assert stop.value.code == 0 and (stop.value.step, stop.value.start_step) == (4, 0)
     assert (tmp_path / "status").read_text() == "preempted 4 0\n"
     assert latest_checkpoint(interrupted.checkpoint.directory).name == "step_00000004"
+    spool = Path(interrupted.checkpoint.directory) / train_module.MLFLOW_SPOOL
+    assert spool.is_file()
     monkeypatch.setattr(MicroBatches, "get", real)
-    second_half = interrupted
+    second_half = config_for(tmp_path, "resumed", "steps=8", "checkpoint.save_every=100")  # the server is back
     train_module.train(second_half, CPU, status_file=str(tmp_path / "status"))  # resumes at step 4
     assert (tmp_path / "status").read_text() == "finished 8 4\n"
     assert run_losses(tmp_path, "resumed") == run_losses(tmp_path, "straight")  # one MLflow run, continued
+    assert not spool.exists()
     want, got = final_weights(straight), final_weights(second_half)
     for name in want:
         assert torch.equal(want[name], got[name]), name
