@@ -233,9 +233,18 @@ def load_model_config(path: str | Path) -> MoTConfig:
 
     The same file merges into a training config as is, since its one top-level key is ``model``.
     """
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
-    raw = OmegaConf.load(path)
-    if "model" not in raw:
-        raise ValueError(f"{path}: expected a top-level 'model:' section, found keys {sorted(raw)}")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MoTConfig), raw.model))
+    try:
+        raw = OmegaConf.load(path)
+    except OSError:
+        raise
+    except Exception as error:  # YAML syntax: name the file
+        raise ValueError(f"{path}: not YAML ({type(error).__name__}: {error})") from None
+    if not isinstance(raw, DictConfig) or "model" not in raw:
+        found = sorted(map(str, raw)) if isinstance(raw, DictConfig) else type(raw).__name__
+        raise ValueError(f"{path}: expected a top-level 'model:' section, found {found}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MoTConfig), raw.model))
+    except Exception as error:  # OmegaConf's errors name the key, validation the value: add the file
+        raise ValueError(f"{path}: not a valid model config: {error}") from None

@@ -175,7 +175,7 @@ def _release_config(folder: Path) -> tuple[TrainConfig, int | None]:
     weights folder ``conversion import`` wrote, the default config around its ``model.yaml``."""
     if (folder / MANIFEST).is_file():
         verify_checkpoint(folder)
-    info = json.loads((folder / RELEASE_INFO).read_text()) if (folder / RELEASE_INFO).is_file() else {}
+    info = _release_info(folder)
     if info and not (folder / RELEASE_CONFIG).is_file():
         raise CheckpointLoadError(
             f"release folder {folder}: no {RELEASE_CONFIG} (the run's resolved training config), which loading needs "
@@ -199,6 +199,22 @@ def _release_config(folder: Path) -> tuple[TrainConfig, int | None]:
         if stats not in ("", "auto") and not Path(stats).is_absolute():
             dataset.action_stats = str(folder / stats)
     return _parse_config(OmegaConf.to_yaml(raw), str(folder / RELEASE_CONFIG)), info.get("step")
+
+
+def _release_info(folder: Path) -> dict:
+    """``release.json`` ({"step": N, "source": ...}), {} where there is none; CheckpointLoadError
+    naming the file for one that is not such an object."""
+    path = folder / RELEASE_INFO
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointLoadError(f"{path}: unreadable ({error})") from None
+    step = info.get("step") if isinstance(info, dict) else None
+    if not isinstance(info, dict) or not (step is None or (type(step) is int and step >= 0)):
+        raise CheckpointLoadError(f"{path}: expected an object with an int 'step' >= 0, got {info!r:.200}")
+    return info
 
 
 def _action_stats(config: TrainConfig) -> dict[str, ActionStats]:
