@@ -217,6 +217,13 @@ def test_a_crafted_weights_folder_is_refused_naming_the_file(imported, tmp_path)
             tensors["embed_tokens.weight"] = tensors["embed_tokens.weight"].to(torch.int64)
         save_file(tensors, str(shard), metadata={"format": "pt"})
 
+    from megatron_cosmos3.release.trained import RELEASE_INFO, CheckpointLoadError, load_trained_model
+
+    for name, info in (("info_list", "[1]"), ("info_text", "{step"), ("info_step", '{"step": "abc"}')):
+        folder = crafted(name, lambda f, info=info: (f / RELEASE_INFO).write_text(info))
+        with pytest.raises(CheckpointLoadError, match=rf"{folder / RELEASE_INFO}: (unreadable|expected an object)"):
+            load_trained_model(folder)
+
     assert (imported / SINGLE_FILE).is_file() or (imported / INDEX_FILE).is_file()
     folder = crafted("integers", integer_embedding)
     with pytest.raises(CheckpointMismatchError, match=r"tensor 'embed_tokens.weight' is stored as torch.int64"):
