@@ -229,7 +229,7 @@ class MLflowTracker:
         if not self.undelivered:
             self._call("set_terminated", status)
         self._last_attempt = False
-        self.suspend()
+        self._keep_the_rest()
 
     def suspend(self) -> None:
         """The end of an attempt that a later one continues (preempted, failed): one last delivery,
@@ -239,6 +239,9 @@ class MLflowTracker:
         self._last_attempt = True
         self._flush()
         self._last_attempt = False
+        self._keep_the_rest()
+
+    def _keep_the_rest(self) -> None:
         if not self.undelivered:
             return
         counts = (len(self._params), len(self._tags), len(self._pending))
