@@ -381,7 +381,8 @@ def train(config: TrainConfig, ctx: DistributedContext, status_file: str | None 
 def _train(
     config: TrainConfig, ctx: DistributedContext, watcher: PreemptionWatcher, status_file: str | None
 ) -> dict[str, float]:
-    lock = lock_run_folder(config.checkpoint.directory, ctx.job_id, ctx.is_main)  # before anything is written
+    # Before anything is written.
+    lock = lock_run_folder(config.checkpoint.directory, ctx.job_id, ctx.is_main, ctx.slurm_attempt)
     try:
         run = build_run(config, ctx)
         try:

@@ -425,6 +425,17 @@ def test_a_second_trainer_on_a_locked_run_folder_refuses_and_a_stale_lock_is_tak
     (root / LOCK_FILE).write_text(json.dumps({**owner, "host": "node-that-is-not-this-one", "pid": os.getpid()}))
     with pytest.raises(RunFolderLocked, match=rf"on host node-that-is-not-this-one .* delete {root / LOCK_FILE}"):
         RunFolderLock(root).acquire()
+    # Except an earlier attempt of this same SLURM job (requeued after a hard kill, now on another node).
+    requeued = {**owner, "host": "node-that-is-not-this-one", "job_id": "4242", "slurm_attempt": 0}
+    (root / LOCK_FILE).write_text(json.dumps(requeued))
+    with pytest.raises(RunFolderLocked, match="in use by another trainer"):  # the same attempt: not stale
+        RunFolderLock(root, job_id="4242", slurm_attempt=0).acquire()
+    with pytest.raises(RunFolderLocked, match="in use by another trainer"):  # another job
+        RunFolderLock(root, job_id="4343", slurm_attempt=1).acquire()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        RunFolderLock(root, job_id="4242", slurm_attempt=1).acquire()
+    assert "an earlier attempt of this SLURM job" in caplog.text
     for crafted in ("[1, 2]", '"x"', ""):  # "": killed between creating the file and writing it
         (root / LOCK_FILE).write_text(crafted)
         with pytest.raises(RunFolderLocked, match=rf"an unreadable lock file. .* delete {root / LOCK_FILE}"):
