@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, inventory, latest_checkpoint
+from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, ResumeError, inventory
 from megatron_cosmos3.checkpoint.resume import resume_from
 from megatron_cosmos3.checkpoint.weights_folder import is_weights_folder, load_weights_folder
 from megatron_cosmos3.data.latent_encoders import latent_encoder_from_config
@@ -236,7 +236,10 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
             with run.plan.writing_weights() as owner:
                 load_weights_folder(source, owner, config.model, run.plan.groups, allow_missing=new)
         else:
-            source = latest_checkpoint(source) or source
+            found = inventory(source)  # a checkpoint directory: its latest; a step folder: itself
+            if found.problem is not None:
+                raise ResumeError(f"stage.init_from={source}: {found.problem}. {found.describe()}")
+            source = found.latest or source
             run.checkpointer.load(source, run.plan.state_owner, optimizer=None, allow_missing=new)
         if run.ctx.is_main:
             log.info("stage %s starts from the weights of %s", config.stage.name, source)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, latest_checkpoint
+from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, ResumeError, latest_checkpoint
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TINY_VIT, loss_history
 from megatron_cosmos3.training import train as train_module
@@ -113,6 +113,11 @@ def test_stage_change_loads_weights_freezes_and_adds_an_embodiment(tmp_path):
     pre = config_for(tmp_path, "pre", "steps=3")
     train_module.train(pre, CPU)
     pre_weights = final_weights(pre)
+    # A previous stage whose latest pointer is broken is named, not read as "no .metadata index".
+    broken = shutil.copytree(pre.checkpoint.directory, tmp_path / "broken")
+    (broken / "latest").write_text("step_00000009")
+    with pytest.raises(ResumeError, match=rf"stage.init_from={broken}: .*names step_00000009, which does not exist"):
+        train_module.train(config_for(tmp_path, "from_broken", "steps=1", f"stage.init_from={broken}"), CPU)
     mid = config_for(
         tmp_path,
         "mid",
