@@ -448,7 +448,7 @@ class DeepSpeedCheckpointer(Checkpointer):
         """Loads a checkpoint this engine saved: DeepSpeed's weights (and optimizer state unless
         ``optimizer`` is None) into the engine, then this rank's RNG (``per_rank``) and the loader
         positions (``named``, found in whichever rank's file holds them) in place. Every file is
-        checked against the checksums first (DeepSpeed's own loader unpickles: trusted folders only)."""
+        checked against the checksums first; DeepSpeed's files are unpickled weights-only (``weights_only_loads``)."""
         path = Path(path)
         if not is_deepspeed_checkpoint(path):
             return self._load_megatron_style(path, optimizer, per_rank, allow_missing, named)
