@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ LATEST = "latest"
 # meta.json's "format_version": what this code writes and reads. A checkpoint without one predates
 # it (read as 1); a newer one is refused by name rather than half-understood.
 FORMAT_VERSION = 1
+SUPERSEDED = ".superseded"  # step folders a later save of the same step would have replaced
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -275,7 +277,8 @@ class Checkpointer:
             meta = {**pending.meta, "step": pending.step, "format_version": FORMAT_VERSION}
             (pending.staging / "meta.json").write_text(json.dumps(meta, indent=2))
             write_manifest(pending.staging)
-            shutil.rmtree(final, ignore_errors=True)
+            if final.exists():
+                self._set_aside(final)
             os.replace(pending.staging, final)
             pointer = self.root / f".{LATEST}.tmp"
             pointer.write_text(final.name)
@@ -283,6 +286,15 @@ class Checkpointer:
             self._prune(pending.step)
             log.info("checkpoint committed: %s", final)
         return final
+
+    def _set_aside(self, folder: Path) -> None:
+        """Moves a step folder this save would replace (another timeline's: a fallback resume, a
+        fresh start, a ``latest`` naming an older step) under ``.superseded/``: nothing is deleted
+        but by keep-last pruning."""
+        aside = self.root / SUPERSEDED / f"{folder.name}.{time.time_ns()}"
+        aside.parent.mkdir(exist_ok=True)
+        os.replace(folder, aside)
+        log.warning("checkpoint %s already existed (another timeline): moved to %s, not overwritten", folder, aside)
 
     def _prune(self, committed: int) -> None:
         """Keeps the checkpoint just committed and the keep_last - 1 before it; never touches a newer

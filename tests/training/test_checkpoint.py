@@ -4,6 +4,7 @@ checksums."""
 import copy
 import enum
 import io
+import json
 import os
 import pickle
 import shutil
@@ -80,6 +81,16 @@ def test_async_save_commits_atomically_and_keeps_the_last_n(tmp_path):
     for name, p in fresh.named_parameters():
         assert torch.equal(p, saved[2][name]), name  # the values at save time, not the later ones
     assert per_rank["rng"].dtype == torch.uint8 and per_rank["rng"].numel() > 0
+
+    # Another timeline saving step 3 again (resumed from step 2: a fallback, a fresh start, a latest
+    # naming an older step) sets the intact step 3 aside instead of deleting it.
+    (tmp_path / "latest").write_text("step_00000002")
+    Checkpointer(tmp_path, keep_last=2, async_save=False).save(3, fresh, None, {}, {"note": "y"})
+    (aside,) = (tmp_path / ".superseded").iterdir()
+    assert aside.name.startswith("step_00000003.") and json.loads((aside / "meta.json").read_text())["note"] == "x"
+    verify_checkpoint(aside)
+    assert latest_checkpoint(tmp_path).name == "step_00000003"
+    assert json.loads((tmp_path / "step_00000003" / "meta.json").read_text())["note"] == "y"
 
 
 def test_optimizer_state_round_trips_and_training_continues_identically(tmp_path):
