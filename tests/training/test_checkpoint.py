@@ -489,6 +489,15 @@ def test_a_truncated_shard_or_a_missing_index_with_resealed_checksums_names_the_
     reseal(cut)  # checksums of the damaged file: only the index's offsets can tell
     with pytest.raises(CheckpointCorruptError, match=rf"item '.*' lies at bytes \d+..\d+ of file {shard.name}, which"):
         Checkpointer(tmp_path / "good", async_save=False).load(cut, MoTModel(copy.deepcopy(CONFIG)))
+    # An index that declares a tensor of a terabyte (the loader would allocate it before reading).
+    huge = tmp_path / "huge" / "step_00000001"
+    shutil.copytree(good, huge)
+    metadata = pickle.loads((huge / ".metadata").read_bytes())
+    metadata.state_dict_metadata["model/lm_head.weight"].size = torch.Size([2**20, 2**20])
+    (huge / ".metadata").write_bytes(pickle.dumps(metadata))
+    reseal(huge)
+    with pytest.raises(CheckpointCorruptError, match=r"'model/lm_head.weight' declares size \(1048576, 1048576\)"):
+        Checkpointer(tmp_path / "good", async_save=False).load(huge, MoTModel(copy.deepcopy(CONFIG)))
     no_index = tmp_path / "no_index" / "step_00000001"
     shutil.copytree(good, no_index)
     (no_index / ".metadata").unlink()
