@@ -417,9 +417,14 @@ def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] |
     """Schema defaults <- YAML file(s), later ones winning <- ``key=value`` overrides, validated."""
     merged = OmegaConf.structured(TrainConfig)
     for path in [yaml_path] if isinstance(yaml_path, str) else yaml_path or []:
-        layer = OmegaConf.load(path)
-        _refuse_removed_keys(layer, path)
-        merged = OmegaConf.merge(merged, layer)
+        try:
+            layer = OmegaConf.load(path)
+            _refuse_removed_keys(layer, path)
+            merged = OmegaConf.merge(merged, layer)
+        except OSError:
+            raise
+        except Exception as error:  # YAML syntax, an unknown key, a wrong type: name the file too
+            raise ValueError(f"{path}: {type(error).__name__}: {error}") from None
         _refuse_non_finite(merged, path)
     if overrides:
         layer = OmegaConf.from_dotlist(list(overrides))

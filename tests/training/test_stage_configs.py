@@ -54,8 +54,14 @@ def test_bad_values_are_named_before_anything_starts(override, message):
         load_config(str(REPO / "configs/tiny_cpu.yaml"), [override])
 
 
-def test_a_non_finite_value_in_a_yaml_file_names_the_file(tmp_path):
+def test_a_bad_value_in_a_yaml_file_names_the_file(tmp_path):
     layer = tmp_path / "bad.yaml"
-    layer.write_text("optimizer:\n  min_lr: .nan\n")
-    with pytest.raises(ValueError, match=rf"optimizer.min_lr=nan \(in {layer}\)"):
-        load_config([str(REPO / "configs/tiny_cpu.yaml"), str(layer)])
+    for text, message in (
+        ("optimizer:\n  min_lr: .nan\n", r"optimizer.min_lr=nan \(in {layer}\)"),
+        ("optimizer:\n  lrr: 1\n", r"{layer}: ConfigKeyError: Key 'lrr' not in 'OptimizerConfig'"),
+        ("steps: [1, 2]\n", r"{layer}: ValidationError: .* could not be converted to Integer"),
+        ("steps: {{{: [\n", r"{layer}: ParserError"),
+    ):
+        layer.write_text(text)
+        with pytest.raises(ValueError, match=message.format(layer=layer)):
+            load_config([str(REPO / "configs/tiny_cpu.yaml"), str(layer)])
