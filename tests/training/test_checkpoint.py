@@ -468,13 +468,13 @@ def test_a_checkpoint_of_another_model_shape_or_integer_weights_is_refused_namin
     shape = r"model/layers.0.reasoner.mlp.gate_proj.weight has shape \(64, 32\) there, .* gives it \(48, 32\)"
     with pytest.raises(CheckpointMismatchError, match=shape):
         Checkpointer(tmp_path, async_save=False).load(folder, narrower)
-    # The index says the embedding was saved as int64 (a float width would convert, as bf16 does).
+    # The index says the embedding was saved as int32 (a float width would convert, as bf16 does).
     metadata = pickle.loads((folder / ".metadata").read_bytes())
     item = metadata.state_dict_metadata["model/embed_tokens.weight"]
-    item.properties = TensorProperties(dtype=torch.int64)
+    item.properties = TensorProperties(dtype=torch.int32)
     (folder / ".metadata").write_bytes(pickle.dumps(metadata))
     reseal(folder)
-    with pytest.raises(CheckpointMismatchError, match=r"model/embed_tokens.weight is stored as torch.int64"):
+    with pytest.raises(CheckpointMismatchError, match=r"model/embed_tokens.weight is stored as torch.int32"):
         Checkpointer(tmp_path, async_save=False).load(folder, MoTModel(copy.deepcopy(CONFIG)))
 
 
