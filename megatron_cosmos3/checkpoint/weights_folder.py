@@ -11,6 +11,7 @@ weights. The ViT's tensors (``vision.vit.*``) are read when the run trains the m
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import torch
@@ -23,6 +24,8 @@ from megatron_cosmos3.conversion.safetensors_io import iter_tensors, shard_map
 from megatron_cosmos3.model.config import MoTConfig, load_model_config
 from megatron_cosmos3.parallel.sharding import local_part
 from megatron_cosmos3.parallel.state import ParallelGroups
+
+log = logging.getLogger(__name__)
 
 # What the weights must have been trained with to mean the same thing in this run's model (the
 # shapes alone do not show rotary, normalisation or tying, and a different top-k changes the MLPs).
@@ -88,6 +91,12 @@ def load_weights_folder(
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise MissingParametersError(f"stage.init_from={folder}: the weights lack parameter {missing[0]!r}{more}")
+    whole = groups is None or groups.sizes.pipeline == 1  # else other stages hold the rest
+    vision = any(name.startswith("vision.") for name in held)
+    unused = sorted(k for k in stored - held.keys() if whole and (vision or not k.startswith("vision.")))
+    if unused:  # e.g. an embodiment this model lacks: not an error, but never silent
+        more = f" and {len(unused) - 1} more" if len(unused) > 1 else ""
+        log.warning("weights folder %s: %r%s match no parameter of this model: not loaded", folder, unused[0], more)
     tensor_rank, tensor_size = (groups.tensor_rank, groups.sizes.tensor) if groups is not None else (0, 1)
     expert_size = groups.sizes.expert if groups is not None else 1
     expert_rank = dist.get_rank(groups.expert) if expert_size > 1 else 0

@@ -164,7 +164,7 @@ def test_missing_parameters_are_named_unless_a_new_embodiment_brings_them(import
         run.batches.close()
 
 
-def test_a_crafted_weights_folder_is_refused_naming_the_file(imported, tmp_path):
+def test_a_crafted_weights_folder_is_refused_naming_the_file(imported, tmp_path, caplog):
     """Its model.yaml (unknown key, wrong type, not YAML), its index (a shard outside the folder, a
     weight map of another shape) and its tensors (integers where the model holds floats)."""
     import json
@@ -223,6 +223,17 @@ def test_a_crafted_weights_folder_is_refused_naming_the_file(imported, tmp_path)
         folder = crafted(name, lambda f, info=info: (f / RELEASE_INFO).write_text(info))
         with pytest.raises(CheckpointLoadError, match=rf"{folder / RELEASE_INFO}: (unreadable|expected an object)"):
             load_trained_model(folder)
+
+    def extra_tensor(folder):
+        tensors = load_file(str(folder / SINGLE_FILE))
+        tensors["dm_streams.action_in.octopus.weight"] = torch.zeros(2, 2)
+        save_file(tensors, str(folder / SINGLE_FILE), metadata={"format": "pt"})
+
+    folder = crafted("extra", extra_tensor)  # loads, but says what it left out (the ViT's tensors: by design)
+    with caplog.at_level("WARNING", logger="megatron_cosmos3.checkpoint.weights_folder"):
+        load_weights_folder(folder, MoTModel(copy.deepcopy(config)), config, None)
+    assert "'dm_streams.action_in.octopus.weight' match no parameter of this model" in caplog.text
+    assert "vision." not in caplog.text
 
     assert (imported / SINGLE_FILE).is_file() or (imported / INDEX_FILE).is_file()
     folder = crafted("integers", integer_embedding)
