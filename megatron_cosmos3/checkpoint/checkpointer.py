@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,10 @@ from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes, model_entr
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+# meta.json's "format_version": what this code writes and reads. A checkpoint without one predates
+# it (read as 1); a newer one is refused by name rather than half-understood.
+FORMAT_VERSION = 1
+SUPERSEDED = ".superseded"  # step folders a later save of the same step would have replaced
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -66,19 +71,65 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def read_meta(path: str | Path) -> dict:
-    """The checkpoint's meta.json, checked against its manifest; CheckpointCorruptError otherwise."""
+    """The checkpoint's meta.json, checked against its manifest and ``check_meta``;
+    CheckpointCorruptError otherwise."""
     path = Path(path)
     check_file(path, "meta.json", read_manifest(path), "step, MLflow run, config")
     try:
-        return json.loads((path / "meta.json").read_text())
+        meta = json.loads((path / "meta.json").read_text())
     except (OSError, ValueError) as error:
         raise CheckpointCorruptError(f"checkpoint {path}: meta.json is unreadable ({error})") from None
+    check_meta(meta, path)
+    return meta
+
+
+# meta.json fields besides "step": their JSON types (None: may be null).
+_JSON_NAMES = {str: "a string", dict: "an object", type(None): "null"}
+_META_TYPES = {"mlflow_run_id": (str, type(None)), "stage": (str,), "config": (str,), "action_stats": (dict,)}
+
+
+def check_meta(meta, path: Path) -> None:
+    """CheckpointCorruptError naming the file, the field and its value unless ``meta`` is what
+    ``Checkpointer`` writes: a JSON object of a known ``format_version`` whose ``step`` is an int
+    >= 0 equal to the N of a ``step_<N>`` folder, and whose other fields have their types."""
+    where = f"checkpoint {path}: meta.json"
+    if not isinstance(meta, dict):
+        raise CheckpointCorruptError(f"{where} holds a JSON {type(meta).__name__}, not an object")
+    version = meta.get("format_version", 1)
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointCorruptError(
+            f"{where} format_version={version!r}: this code reads format versions 1..{FORMAT_VERSION} "
+            "(a checkpoint written by a newer version of the framework, or a damaged one)"
+        )
+    step = meta.get("step")
+    if type(step) is not int or step < 0:
+        raise CheckpointCorruptError(f"{where} step={step!r}: must be an int >= 0")
+    named = step_of(path)
+    if named is not None and named != step:
+        raise CheckpointCorruptError(f"{where} step={step} does not match its folder {path.name} (step {named})")
+    for field, types in _META_TYPES.items():
+        if field in meta and not isinstance(meta[field], types):
+            raise CheckpointCorruptError(
+                f"{where} {field}={meta[field]!r}: must be {' or '.join(_JSON_NAMES[t] for t in types)}"
+            )
 
 
 def step_of(path: Path) -> int | None:
     """N of a ``step_<N>`` folder name, else None."""
     name = path.name
     return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else None
+
+
+class CheckpointMismatchError(ValueError):
+    """A whole checkpoint that does not fit this model: a parameter of another shape or kind of
+    dtype (a checkpoint of another model config), named with both shapes."""
+
+
+class MissingParametersError(CheckpointMismatchError, KeyError):
+    """The checkpoint lacks parameters this model has."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
 
 
 class ResumeError(RuntimeError):
@@ -223,9 +274,11 @@ class Checkpointer:
         # The coordinator's save finishes last (it writes the index after every rank's data and
         # checksums), so rank 0 alone can commit without waiting for the others.
         if self.rank == 0:
-            (pending.staging / "meta.json").write_text(json.dumps({"step": pending.step, **pending.meta}, indent=2))
+            meta = {**pending.meta, "step": pending.step, "format_version": FORMAT_VERSION}
+            (pending.staging / "meta.json").write_text(json.dumps(meta, indent=2))
             write_manifest(pending.staging)
-            shutil.rmtree(final, ignore_errors=True)
+            if final.exists():
+                self._set_aside(final)
             os.replace(pending.staging, final)
             pointer = self.root / f".{LATEST}.tmp"
             pointer.write_text(final.name)
@@ -233,6 +286,15 @@ class Checkpointer:
             self._prune(pending.step)
             log.info("checkpoint committed: %s", final)
         return final
+
+    def _set_aside(self, folder: Path) -> None:
+        """Moves a step folder this save would replace (another timeline's: a fallback resume, a
+        fresh start, a ``latest`` naming an older step) under ``.superseded/``: nothing is deleted
+        but by keep-last pruning."""
+        aside = self.root / SUPERSEDED / f"{folder.name}.{time.time_ns()}"
+        aside.parent.mkdir(exist_ok=True)
+        os.replace(folder, aside)
+        log.warning("checkpoint %s already existed (another timeline): moved to %s, not overwritten", folder, aside)
 
     def _prune(self, committed: int) -> None:
         """Keeps the checkpoint just committed and the keep_last - 1 before it; never touches a newer
@@ -258,6 +320,24 @@ class Checkpointer:
         return load_state(path, model, self.meshes, self.group, optimizer, per_rank, self.rank, allow_missing, named)
 
 
+def check_fits(path: Path, index: dict, state: dict) -> None:
+    """CheckpointMismatchError naming the first entry of ``state`` whose saved global shape differs
+    from this model's, or that was saved as integers or booleans where this model holds floats
+    (float widths convert on load: bf16 weights load into an fp32 model)."""
+    for key, tensor in state.items():
+        saved = index[key]
+        if tuple(saved.size) != tuple(tensor.shape):
+            raise CheckpointMismatchError(
+                f"checkpoint {path}: {key} has shape {tuple(saved.size)} there, but this model's config gives it "
+                f"{tuple(tensor.shape)} (a checkpoint of another model shape)"
+            )
+        stored = saved.properties.dtype
+        if tensor.is_floating_point() and not (stored.is_floating_point or stored.is_complex):
+            raise CheckpointMismatchError(
+                f"checkpoint {path}: {key} is stored as {stored}, but this model holds {tensor.dtype} there"
+            )
+
+
 def load_state(
     path: str | Path,
     model: nn.Module,
@@ -281,9 +361,11 @@ def load_state(
     when absent. Every file read is checked against the checkpoint's checksums first.
     """
     path = Path(path)
-    if not (path / ".metadata").is_file():
-        raise FileNotFoundError(f"{path} is not a checkpoint folder (no .metadata index)")
     check_sizes(path)  # a missing or truncated file fails here, before any weight is touched
+    if not (path / ".metadata").is_file():
+        if (path / "meta.json").is_file():  # committed, so the index was there once
+            raise CheckpointCorruptError(f"checkpoint {path}: file .metadata (the index of every item) is missing")
+        raise FileNotFoundError(f"{path} is not a checkpoint folder (no .metadata index)")
     meta = read_meta(path) if (path / "meta.json").is_file() else {}
     reader = SafeFileSystemReader(str(path))
     index = reader.read_metadata().state_dict_metadata
@@ -292,7 +374,7 @@ def load_state(
     missing = [k[len("model/") :] for k in model_state if k not in available]
     unexpected = [m for m in missing if not m.startswith(tuple(allow_missing))]
     if unexpected:
-        raise KeyError(
+        raise MissingParametersError(
             f"checkpoint {path} lacks model parameters {unexpected[:8]}"
             f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)} in all)"
         )
@@ -305,6 +387,7 @@ def load_state(
                 if k in available
             }
         )
+    check_fits(path, index, state)
     # Per-rank entries (RNG, loader state) vary in size: allocate them as the index describes.
     for entries, key_of in ((per_rank, lambda name: f"rank{rank}/{name}"), (named, lambda name: name)):
         for name in list(entries or {}):

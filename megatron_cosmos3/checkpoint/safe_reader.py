@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import pickle
 from pathlib import Path
 
@@ -214,4 +215,38 @@ def validate_metadata(metadata, folder: Path) -> None:
             raise UnsafeCheckpointError(
                 f"checkpoint {folder}: item {index.fqn!r} needs storage transforms {info.transform_descriptors}, "
                 "which this reader does not run"
+            )
+    check_storage_bounds(metadata, folder)
+
+
+def check_storage_bounds(metadata, folder: Path) -> None:
+    """CheckpointCorruptError naming the item and the file for a storage record that lies outside
+    its file (a missing or truncated file whose checksums were rewritten, or an index that lies):
+    DCP would otherwise fail deep inside a read with no file named."""
+    sizes: dict[str, int | None] = {}
+    stored: dict[str, int] = {}  # bytes of each item's records
+    for index, info in (metadata.storage_data or {}).items():
+        name, offset, length = info.relative_path, getattr(info, "offset", None), getattr(info, "length", None)
+        if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
+            raise CheckpointCorruptError(
+                f"checkpoint {folder}: item {index.fqn!r} has storage offset={offset!r}, length={length!r} in {name}"
+            )
+        if name not in sizes:
+            sizes[name] = (folder / name).stat().st_size if (folder / name).is_file() else None
+        if sizes[name] is None:
+            raise CheckpointCorruptError(f"checkpoint {folder}: file {name} (item {index.fqn!r}) is missing")
+        if offset + length > sizes[name]:
+            raise CheckpointCorruptError(
+                f"checkpoint {folder}: item {index.fqn!r} lies at bytes {offset}..{offset + length} of file {name}, "
+                f"which has {sizes[name]} bytes (truncated or damaged)"
+            )
+        stored[index.fqn] = stored.get(index.fqn, 0) + length
+    # A tensor's records hold at least its bytes: an index declaring more would have the loader
+    # allocate what it says (a crafted size of terabytes) before any byte is read.
+    for key, item in metadata.state_dict_metadata.items():
+        declared = math.prod(item.size) * item.properties.dtype.itemsize
+        if declared > stored.get(key, 0):
+            raise CheckpointCorruptError(
+                f"checkpoint {folder}: item {key!r} declares size {tuple(item.size)} ({declared} bytes), but its "
+                f"records hold {stored.get(key, 0)} bytes"
             )

@@ -11,17 +11,21 @@ weights. The ViT's tensors (``vision.vit.*``) are read when the run trains the m
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_cosmos3.checkpoint.checkpointer import CheckpointMismatchError, MissingParametersError
 from megatron_cosmos3.conversion.mot_folder import CONFIG_FILE
 from megatron_cosmos3.conversion.safetensors_io import iter_tensors, shard_map
 from megatron_cosmos3.model.config import MoTConfig, load_model_config
 from megatron_cosmos3.parallel.sharding import local_part
 from megatron_cosmos3.parallel.state import ParallelGroups
+
+log = logging.getLogger(__name__)
 
 # What the weights must have been trained with to mean the same thing in this run's model (the
 # shapes alone do not show rotary, normalisation or tying, and a different top-k changes the MLPs).
@@ -90,12 +94,23 @@ def load_weights_folder(
     missing = sorted(name for name in held if name not in stored and not name.startswith(tuple(allow_missing)))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise KeyError(f"stage.init_from={folder}: the weights lack parameter {missing[0]!r}{more}")
+        raise MissingParametersError(f"stage.init_from={folder}: the weights lack parameter {missing[0]!r}{more}")
+    whole = groups is None or groups.sizes.pipeline == 1  # else other stages hold the rest
+    vision = any(name.startswith("vision.") for name in held)
+    unused = sorted(k for k in stored - held.keys() if whole and (vision or not k.startswith("vision.")))
+    if unused:  # e.g. an embodiment this model lacks: not an error, but never silent
+        more = f" and {len(unused) - 1} more" if len(unused) > 1 else ""
+        log.warning("weights folder %s: %r%s match no parameter of this model: not loaded", folder, unused[0], more)
     tensor_rank, tensor_size = (groups.tensor_rank, groups.sizes.tensor) if groups is not None else (0, 1)
     expert_size = groups.sizes.expert if groups is not None else 1
     expert_rank = dist.get_rank(groups.expert) if expert_size > 1 else 0
     for shard, key, full in iter_tensors(folder, only=held.keys()):
         param = held[key]
+        if not full.is_floating_point():  # float widths convert; integers are not weights of this model
+            raise CheckpointMismatchError(
+                f"stage.init_from={folder / shard}: tensor {key!r} is stored as {full.dtype}, but this run's model "
+                f"holds {param.dtype} there"
+            )
         part = local_part(full, param, tensor_rank, tensor_size, expert_rank, expert_size)
         if part.shape != param.shape:
             raise ValueError(

@@ -47,8 +47,13 @@ def shard_map(folder: str | Path) -> dict[str, list[str]]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise ConversionError(f"{index}: not a safetensors index with a 'weight_map' ({error})") from None
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index}: 'weight_map' must map tensor names to shard files")
         shards: dict[str, list[str]] = {}
         for key, shard in weight_map.items():
+            # A shard is a file of the folder: never a path that leads out of it.
+            if not isinstance(shard, str) or not shard or Path(shard).name != shard or shard.startswith("."):
+                raise ConversionError(f"{index}: tensor {key!r} is mapped to {shard!r}, not a file of the folder")
             shards.setdefault(shard, []).append(key)
         return shards
     if (folder / SINGLE_FILE).is_file():

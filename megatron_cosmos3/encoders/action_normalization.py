@@ -114,6 +114,11 @@ class EmbodimentActionStats:
             raise ValueError(f"{self.kind}: q01 and q99 must be given together")
         if min(self.std) < 0:
             raise ValueError(f"{self.kind}.std must be >= 0, got {list(self.std)}")
+        if self.q01 is not None and any(low > high for low, high in zip(self.q01, self.q99)):
+            wrong = [i for i, (low, high) in enumerate(zip(self.q01, self.q99)) if low > high]
+            raise ValueError(f"{self.kind}: q01 > q99 in dims {wrong} (the quantile scale would be negative)")
+        if self.count < 0:
+            raise ValueError(f"{self.kind}.count must be >= 0, got {self.count}")
 
     @property
     def dim(self) -> int:
@@ -199,12 +204,16 @@ class ActionStats:
     @classmethod
     def from_document(cls, document: Mapping, source: str) -> ActionStats:
         """Statistics from a document of any readable format; ``source`` names it in errors."""
+        if not isinstance(document, Mapping):
+            raise ValueError(f"{source}: holds a JSON {type(document).__name__}, not an object of action statistics")
         version = document.get("format_version")
         if version not in _READABLE_VERSIONS:
             raise ValueError(f"{source}: format_version must be one of {_READABLE_VERSIONS}, got {version!r}")
+        embodiments = document.get("embodiments")
+        if not isinstance(embodiments, Mapping) or not all(isinstance(e, Mapping) for e in embodiments.values()):
+            raise ValueError(f"{source}: 'embodiments' must be an object of objects (kind -> statistics)")
         try:
-            embodiments = document["embodiments"].items()
-            return cls({kind: EmbodimentActionStats.from_json(kind, e, version) for kind, e in embodiments})
+            return cls({kind: EmbodimentActionStats.from_json(kind, e, version) for kind, e in embodiments.items()})
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{source}: malformed action statistics: {error!r}") from error
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,9 +171,6 @@ class MoTConfig:
         ):
             value = getattr(self, name)
             require(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
-        for name in ("rms_norm_eps", "rope_theta"):
-            value = getattr(self, name)
-            require(value > 0, f"{name} must be > 0, got {value!r}")
         require(
             isinstance(self.video_patch_size, int) and self.video_patch_size > 0,
             f"video_patch_size must be a positive int, got {self.video_patch_size!r}",
@@ -216,6 +214,9 @@ class MoTConfig:
         require(
             self.timestep_embedding_dim % 2 == 0, f"timestep_embedding_dim={self.timestep_embedding_dim} must be even"
         )
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            require(value > 0 and math.isfinite(value), f"{name}={value!r} must be a finite number > 0")
         for name, emb in self.embodiments.items():
             require(emb.action_dim > 0, f"embodiments.{name}.action_dim must be > 0, got {emb.action_dim}")
             require(emb.rate_hz > 0, f"embodiments.{name}.rate_hz must be > 0, got {emb.rate_hz}")
@@ -259,9 +260,18 @@ def load_model_config(path: str | Path) -> MoTConfig:
 
     The same file merges into a training config as is, since its one top-level key is ``model``.
     """
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
-    raw = OmegaConf.load(path)
-    if "model" not in raw:
-        raise ValueError(f"{path}: expected a top-level 'model:' section, found keys {sorted(raw)}")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MoTConfig), raw.model))
+    try:
+        raw = OmegaConf.load(path)
+    except OSError:
+        raise
+    except Exception as error:  # YAML syntax: name the file
+        raise ValueError(f"{path}: not YAML ({type(error).__name__}: {error})") from None
+    if not isinstance(raw, DictConfig) or "model" not in raw:
+        found = sorted(map(str, raw)) if isinstance(raw, DictConfig) else type(raw).__name__
+        raise ValueError(f"{path}: expected a top-level 'model:' section, found {found}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MoTConfig), raw.model))
+    except Exception as error:  # OmegaConf's errors name the key, validation the value: add the file
+        raise ValueError(f"{path}: not a valid model config: {error}") from None

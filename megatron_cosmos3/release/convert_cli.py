@@ -21,7 +21,6 @@ import time
 
 import torch
 
-from megatron_cosmos3.checkpoint.safe_reader import CheckpointCorruptError
 from megatron_cosmos3.checkpoint.weights_folder import is_weights_folder
 from megatron_cosmos3.conversion.hf_qwen3_vl import copy_support_files, export_qwen3_vl, load_qwen3_vl
 from megatron_cosmos3.conversion.mot_folder import load_mot_folder, save_mot_folder
@@ -29,7 +28,7 @@ from megatron_cosmos3.conversion.safetensors_io import DEFAULT_MAX_SHARD_BYTES, 
 from megatron_cosmos3.model.config import load_model_config
 from megatron_cosmos3.model.summary import count_parameters
 from megatron_cosmos3.release.export import write_hf_folder, write_release_folder
-from megatron_cosmos3.release.trained import CheckpointLoadError, load_trained_model
+from megatron_cosmos3.release.trained import LOAD_ERRORS, load_trained_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -141,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             print(count_parameters(model, vision).table())
         else:
             _export(args, dtype)
-    except (ConversionError, CheckpointLoadError, CheckpointCorruptError) as error:
+    except LOAD_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"{args.command}: wrote {args.out_folder} in {time.perf_counter() - start:.1f} s")

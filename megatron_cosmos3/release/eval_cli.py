@@ -30,7 +30,7 @@ from megatron_cosmos3.eval_suite.media import write_media
 from megatron_cosmos3.eval_suite.suite import EvalSuite, SuiteResult
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.release.generate_cli import RequestError, merged_action_stats
-from megatron_cosmos3.release.trained import CheckpointLoadError, TrainedModel, load_trained_model
+from megatron_cosmos3.release.trained import LOAD_ERRORS, TrainedModel, load_trained_model
 from megatron_cosmos3.training.distributed import init_distributed
 from megatron_cosmos3.training.tracking import MLflowTracker
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         episodes = args.out / "media" / "closed_loop" if suite_config.media and ctx.is_main else None
         result = evaluate_checkpoint(trained, suite_config, args.action_stats, episodes)
-    except (RequestError, CheckpointLoadError, ValueError) as error:
+    except (RequestError, *LOAD_ERRORS, ValueError) as error:
         print(f"cosmos3-eval: error: {error}", file=sys.stderr)
         return 2
     finally:

@@ -40,7 +40,7 @@ from megatron_cosmos3.inference.requests import GenerationRequest, generation_bu
 from megatron_cosmos3.inference.solvers import SOLVERS
 from megatron_cosmos3.inference.text_generation import TextPrompt, TextSampling, generate_text
 from megatron_cosmos3.parallel.sizes import ParallelSizes
-from megatron_cosmos3.release.trained import CheckpointLoadError, TrainedModel, load_trained_model
+from megatron_cosmos3.release.trained import LOAD_ERRORS, TrainedModel, load_trained_model
 from megatron_cosmos3.tasks.registry import TASK_REGISTRY
 from megatron_cosmos3.training.distributed import init_distributed
 
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         parallel = ParallelSizes(tensor=args.tensor_parallel)
         trained = load_trained_model(args.checkpoint, device=ctx.device, parallel=parallel)
         folders = run_requests(trained, specs, args.out, args.action_stats, write=ctx.is_main)
-    except (RequestError, CheckpointLoadError, ValueError) as error:  # bad requests, inputs or checkpoints
+    except (RequestError, *LOAD_ERRORS, ValueError) as error:  # bad requests, inputs or checkpoints
         print(f"cosmos3-generate: error: {error}", file=sys.stderr)
         return 2
     finally:

@@ -25,11 +25,17 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from megatron_cosmos3.checkpoint.checkpointer import inventory, load_state, read_meta
-from megatron_cosmos3.checkpoint.safe_reader import MANIFEST, verify_checkpoint
+from megatron_cosmos3.checkpoint.checkpointer import CheckpointMismatchError, inventory, load_state, read_meta
+from megatron_cosmos3.checkpoint.safe_reader import (
+    MANIFEST,
+    CheckpointCorruptError,
+    UnsafeCheckpointError,
+    verify_checkpoint,
+)
 from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes
 from megatron_cosmos3.checkpoint.weights_folder import is_weights_folder, load_weights_folder
 from megatron_cosmos3.conversion.mot_folder import CONFIG_FILE
+from megatron_cosmos3.conversion.safetensors_io import ConversionError
 from megatron_cosmos3.data.loader import datasets_action_stats
 from megatron_cosmos3.data.tokenizer import TOKENIZER_FILE, Tokenizer, build_tokenizer
 from megatron_cosmos3.encoders.action_normalization import ActionStats
@@ -52,6 +58,17 @@ class CheckpointLoadError(ValueError):
 
 class IncompleteCheckpointError(CheckpointLoadError):
     """A checkpoint whose save never committed (``.step_<N>.partial``, or no meta.json)."""
+
+
+# What loading a trained model raises for a path or file it cannot use, each naming the file: the
+# commands print it as one error line (exit code 2) instead of a traceback.
+LOAD_ERRORS = (
+    CheckpointLoadError,
+    CheckpointMismatchError,
+    CheckpointCorruptError,
+    UnsafeCheckpointError,
+    ConversionError,
+)
 
 
 @dataclass
@@ -106,7 +123,7 @@ def find_checkpoint(path: str | Path) -> Path:
         raise CheckpointLoadError(f"{path} is a file, not a checkpoint ({expected})")
     if is_weights_folder(path):
         return path
-    if (path / ".metadata").is_file():
+    if (path / ".metadata").is_file() or (path / "meta.json").is_file():  # the loader names a missing index
         if not (path / "meta.json").is_file():
             raise IncompleteCheckpointError(f"checkpoint {path} has no meta.json: its save never committed")
         return path
@@ -158,7 +175,7 @@ def _release_config(folder: Path) -> tuple[TrainConfig, int | None]:
     weights folder ``conversion import`` wrote, the default config around its ``model.yaml``."""
     if (folder / MANIFEST).is_file():
         verify_checkpoint(folder)
-    info = json.loads((folder / RELEASE_INFO).read_text()) if (folder / RELEASE_INFO).is_file() else {}
+    info = _release_info(folder)
     if info and not (folder / RELEASE_CONFIG).is_file():
         raise CheckpointLoadError(
             f"release folder {folder}: no {RELEASE_CONFIG} (the run's resolved training config), which loading needs "
@@ -182,6 +199,22 @@ def _release_config(folder: Path) -> tuple[TrainConfig, int | None]:
         if stats not in ("", "auto") and not Path(stats).is_absolute():
             dataset.action_stats = str(folder / stats)
     return _parse_config(OmegaConf.to_yaml(raw), str(folder / RELEASE_CONFIG)), info.get("step")
+
+
+def _release_info(folder: Path) -> dict:
+    """``release.json`` ({"step": N, "source": ...}), {} where there is none; CheckpointLoadError
+    naming the file for one that is not such an object."""
+    path = folder / RELEASE_INFO
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointLoadError(f"{path}: unreadable ({error})") from None
+    step = info.get("step") if isinstance(info, dict) else None
+    if not isinstance(info, dict) or not (step is None or (type(step) is int and step >= 0)):
+        raise CheckpointLoadError(f"{path}: expected an object with an int 'step' >= 0, got {info!r:.200}")
+    return info
 
 
 def _action_stats(config: TrainConfig) -> dict[str, ActionStats]:

@@ -6,7 +6,9 @@ every rank at once, not a hang inside a collective.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -62,6 +64,9 @@ class OptimizerConfig:
             raise ValueError(f"optimizer: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optimizer.betas must be two values in [0, 1), got {list(self.betas)}")
+        for name in ("weight_decay", "flow_matching_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optimizer.{name}={getattr(self, name)} must be >= 0")
         if self.warmup_steps < 0 or self.grad_clip <= 0:
             raise ValueError(
                 f"optimizer: warmup_steps={self.warmup_steps} must be >= 0 and grad_clip={self.grad_clip} > 0"
@@ -251,6 +256,13 @@ class TrainConfig:
             raise ValueError(
                 f"parallel.ddp_impl={self.parallel.ddp_impl!r} is engine=megatron's; engine={self.engine!r}"
             )
+        negative = {pattern: m for pattern, m in self.stage.lr_multipliers.items() if m < 0}
+        if negative:
+            raise ValueError(f"stage.lr_multipliers {negative}: a learning-rate multiplier must be >= 0")
+        if self.peak_flops_per_device < 0:
+            raise ValueError(f"peak_flops_per_device={self.peak_flops_per_device} must be >= 0 (0: unknown)")
+        if self.tracking.enabled and not self.tracking.tracking_uri:
+            raise ValueError("tracking.tracking_uri is empty; name an MLflow URI or a path, or tracking.enabled=false")
         clash = sorted(set(self.stage.new_embodiments) & set(self.model.embodiments))
         if clash:
             raise ValueError(f"stage.new_embodiments {clash} are already model.embodiments")
@@ -320,6 +332,24 @@ class TrainConfig:
             self.data.check_paths()
             if self.eval.every:
                 self.held_out_data().check_paths("eval")
+            self._check_action_stats()
+
+    def _check_action_stats(self) -> None:
+        """ValueError naming the dataset, its statistics file and the embodiment where the file's
+        width differs from the embodiment's ``action_dim`` in this stage's model (every action of
+        that dataset would otherwise fail to normalise, one skipped sample at a time)."""
+        from megatron_cosmos3.data.loader import datasets_action_stats
+
+        embodiments = self.stage_model.embodiments
+        found = datasets_action_stats(self.data.datasets)  # a malformed file: ValueError naming it
+        for dataset in self.data.datasets:
+            stats = found.get(dataset.name)
+            for kind, entry in (stats.embodiments if stats is not None else {}).items():
+                if kind in embodiments and entry.dim != embodiments[kind].action_dim:
+                    raise ValueError(
+                        f"data.datasets[{dataset.name}].action_stats={dataset.action_stats!r}: '{kind}' has "
+                        f"{entry.dim} dims, but model.embodiments.{kind}.action_dim={embodiments[kind].action_dim}"
+                    )
 
     def held_out_data(self) -> DataConfig:
         """The loader config of the held-out packs (``EvalConfig``): the training data's settings
@@ -384,17 +414,42 @@ def _refuse_removed_keys(node, source: str) -> None:
             raise ValueError(f"{key} (in {source}) is no longer a setting: {instead}")
 
 
+def _refuse_non_finite(node, source: str) -> None:
+    """ValueError naming the key of the first NaN or infinite number in ``node`` (an OmegaConf tree):
+    no setting of this tree means anything at NaN or infinity, and the dataclasses' range checks
+    (``lr > 0``, ``grad_clip > 0``) let NaN through, since every comparison with it is false."""
+
+    def walk(key: str, value) -> None:
+        if isinstance(value, dict):
+            for name, item in value.items():
+                walk(f"{key}.{name}" if key else str(name), item)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(f"{key}[{i}]", item)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key}={value} (in {source}) must be a finite number")
+
+    walk("", OmegaConf.to_container(node, resolve=True))
+
+
 def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Schema defaults <- YAML file(s), later ones winning <- ``key=value`` overrides, validated."""
     merged = OmegaConf.structured(TrainConfig)
     for path in [yaml_path] if isinstance(yaml_path, str) else yaml_path or []:
-        layer = OmegaConf.load(path)
-        _refuse_removed_keys(layer, path)
-        merged = OmegaConf.merge(merged, layer)
+        try:
+            layer = OmegaConf.load(path)
+            _refuse_removed_keys(layer, path)
+            merged = OmegaConf.merge(merged, layer)
+        except OSError:
+            raise
+        except Exception as error:  # YAML syntax, an unknown key, a wrong type: name the file too
+            raise ValueError(f"{path}: {type(error).__name__}: {error}") from None
+        _refuse_non_finite(merged, path)
     if overrides:
         layer = OmegaConf.from_dotlist(list(overrides))
         _refuse_removed_keys(layer, "the overrides")
         merged = OmegaConf.merge(merged, layer)
+        _refuse_non_finite(merged, "the overrides")
     return OmegaConf.to_object(merged)
 
 
@@ -404,9 +459,39 @@ def config_from_yaml(text: str, source: str) -> TrainConfig:
     try:
         layer = OmegaConf.create(text)
         _refuse_removed_keys(layer, source)
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), layer))
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), layer)
+        _refuse_non_finite(merged, source)
+        return OmegaConf.to_object(merged)
     except Exception as error:  # YAML, OmegaConf and validation errors name the key; add where it came from
         raise ValueError(f"{source}: not a valid training config: {error}") from None
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute against the current directory; "", URLs and pipes unchanged."""
+    if not path or "://" in path or path.startswith("pipe:"):
+        return path
+    if path.startswith("file:"):
+        return "file:" + os.path.abspath(path.removeprefix("file:"))
+    return os.path.abspath(path)
+
+
+def with_absolute_paths(config: TrainConfig) -> TrainConfig:
+    """A copy whose local file paths (tokenizer, VAEs, shards, action statistics, init_from, the
+    run folders) are absolute: what a checkpoint records, so that ``cosmos3-generate`` or a later
+    stage run from another directory reads the files this run read (docs/DESIGN.md, "Checkpoints")."""
+    config = copy.deepcopy(config)
+    data = config.data
+    data.tokenizer.path = _absolute(data.tokenizer.path)
+    data.encoders.video_vae_path = _absolute(data.encoders.video_vae_path)
+    data.encoders.audio_vae_path = _absolute(data.encoders.audio_vae_path)
+    for dataset in [*data.datasets, *config.eval.datasets]:
+        dataset.shards = [_absolute(entry) for entry in dataset.shards]
+        if dataset.action_stats not in ("", "auto"):
+            dataset.action_stats = _absolute(dataset.action_stats)
+    config.stage.init_from = _absolute(config.stage.init_from)
+    config.checkpoint.directory = _absolute(config.checkpoint.directory)
+    config.runs_root = _absolute(config.runs_root)
+    return config
 
 
 def to_yaml(config: TrainConfig) -> str:

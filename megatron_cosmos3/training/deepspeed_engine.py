@@ -27,6 +27,7 @@ from torch import nn
 from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, _PendingSave, load_state, read_meta
 from megatron_cosmos3.checkpoint.safe_reader import (
     RANK_MANIFEST_SUFFIX,
+    UnsafeCheckpointError,
     file_record,
     verify_checkpoint,
 )
@@ -374,6 +375,52 @@ class DeepSpeedPlan:
         return None  # the whole model runs on every rank: the cached sampler runs it
 
 
+def _deepspeed_checkpoint_classes() -> list:
+    """The classes DeepSpeed's own checkpoint files hold besides tensors and plain data (measured on
+    ZeRO-1/2/3 in fp32 and bf16): the ZeRO stage enum, the loss scaler's state and the addresses of
+    parameter fragments. Nothing with behaviour on unpickling."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+class WeightsOnlyCheckpointEngine:
+    """DeepSpeed's checkpoint engine with ``load`` through torch's weights-only unpickler (the stock
+    one passes ``weights_only=False``: a crafted file would run code on every rank). Everything else
+    is the engine's own."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location=None):
+        import pickle
+
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_classes()):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as error:
+                reason = next((line for line in str(error).splitlines() if "GLOBAL" in line), str(error)[:300])
+                raise UnsafeCheckpointError(
+                    f"checkpoint file {path} refers to code, which a weights-only load refuses: {reason.strip()}"
+                ) from None
+
+
+@contextlib.contextmanager
+def weights_only_loads(engine):
+    """Within: ``engine.load_checkpoint`` unpickles no code (``WeightsOnlyCheckpointEngine``)."""
+    stock = engine.checkpoint_engine
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(stock)
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = stock
+
+
 class DeepSpeedCheckpointer(Checkpointer):
     """``Checkpointer`` whose weights and optimizer state go through DeepSpeed's save/load
     (``step_<N>/deepspeed/``, DeepSpeed's layout and its ``zero_to_fp32.py``), with this project's
@@ -401,20 +448,21 @@ class DeepSpeedCheckpointer(Checkpointer):
         """Loads a checkpoint this engine saved: DeepSpeed's weights (and optimizer state unless
         ``optimizer`` is None) into the engine, then this rank's RNG (``per_rank``) and the loader
         positions (``named``, found in whichever rank's file holds them) in place. Every file is
-        checked against the checksums first (DeepSpeed's own loader unpickles: trusted folders only)."""
+        checked against the checksums first; DeepSpeed's files are unpickled weights-only (``weights_only_loads``)."""
         path = Path(path)
         if not is_deepspeed_checkpoint(path):
             return self._load_megatron_style(path, optimizer, per_rank, allow_missing, named)
         verify_checkpoint(path)
         meta = read_meta(path)
         engine = self.plan.engine
-        engine.load_checkpoint(
-            str(path),
-            tag=ENGINE_TAG,
-            load_optimizer_states=optimizer is not None,
-            load_lr_scheduler_states=False,
-            load_module_only=optimizer is None,
-        )
+        with weights_only_loads(engine):
+            engine.load_checkpoint(
+                str(path),
+                tag=ENGINE_TAG,
+                load_optimizer_states=optimizer is not None,
+                load_lr_scheduler_states=False,
+                load_module_only=optimizer is None,
+            )
         mine = path / TRAINER_STATE.format(rank=self.rank)
         if per_rank is not None:
             saved = torch.load(mine, weights_only=True)["per_rank"] if mine.is_file() else {}

@@ -21,6 +21,7 @@ class DistributedContext:
     local_rank: int
     device: torch.device
     job_id: str = ""  # SLURM's job id or torchrun's run id: who holds the run folder's lock
+    slurm_attempt: int | None = None  # SLURM's restart count of the job (0 first), None outside SLURM
 
     @property
     def is_main(self) -> bool:
@@ -36,6 +37,14 @@ def _launcher_env() -> tuple[int, int, int] | None:
             raise RuntimeError("srun launch: set MASTER_ADDR to the first node (see slurm/train.sbatch)")
         return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), int(os.environ["SLURM_LOCALID"])
     return None
+
+
+def slurm_attempt() -> int | None:
+    """How often SLURM has restarted (requeued) this job: 0 on its first run; None outside SLURM."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        return None
+    count = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return int(count) if count.isdigit() else 0
 
 
 def launcher_run_id() -> str:
@@ -85,7 +94,7 @@ def init_distributed(timeout_s: float | None = None) -> DistributedContext:
         dist.init_process_group(
             backend=backend, rank=rank, world_size=world_size, init_method="env://", timeout=timeout
         )
-    return DistributedContext(rank, world_size, local_rank, device, job_id)
+    return DistributedContext(rank, world_size, local_rank, device, job_id, slurm_attempt())
 
 
 def barrier() -> None:

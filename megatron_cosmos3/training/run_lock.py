@@ -5,8 +5,11 @@ process's start time (so a recycled pid is not mistaken for the owner), job id a
 A second trainer finds it and refuses to start, naming the owner. A lock whose owner is gone is
 stale: on the same host, a pid that no longer runs (or runs another process) is taken over with a
 warning. A lock from another host cannot be checked from here; the message says which file to
-delete once that trainer is known to be gone. Take-overs are serialised by ``flock`` on a guard
-file, so two trainers that find the same stale lock cannot both take it.
+delete once that trainer is known to be gone. One exception: a lock of an earlier attempt of the same
+SLURM job (same job id, lower restart count) is stale wherever it was taken — SLURM runs one attempt
+of a job at a time, and a requeued job that was hard-killed often restarts on another node.
+Take-overs are serialised by ``flock`` on a guard file, so two trainers that find the same stale
+lock cannot both take it.
 """
 
 from __future__ import annotations
@@ -39,10 +42,13 @@ def _process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
 
 
-def _alive(owner: dict) -> bool:
-    """Whether the lock's owner still runs; True when it cannot be told (another host)."""
+def _alive(owner: dict, job_id: str = "", slurm_attempt: int | None = None) -> bool:
+    """Whether the lock's owner still runs; True when it cannot be told (another host), unless the
+    owner was an earlier attempt of this SLURM job (``job_id``, ``slurm_attempt``)."""
     if owner.get("host") != socket.gethostname():
-        return True
+        earlier = owner.get("slurm_attempt")
+        same_job = slurm_attempt is not None and job_id and owner.get("job_id") == job_id
+        return not (same_job and type(earlier) is int and earlier < slurm_attempt)
     pid = owner.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return False
@@ -59,15 +65,17 @@ def _alive(owner: dict) -> bool:
 class RunFolderLock:
     """The lock of one run folder (not re-entrant; ``acquire`` once, ``release`` at exit)."""
 
-    def __init__(self, folder: str | Path, job_id: str = "") -> None:
+    def __init__(self, folder: str | Path, job_id: str = "", slurm_attempt: int | None = None) -> None:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_FILE
         self.job_id = job_id
+        self.slurm_attempt = slurm_attempt
         self.owner = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "process_start": _process_start(os.getpid()),
             "job_id": job_id,
+            "slurm_attempt": slurm_attempt,
             "since": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         self.held = False
@@ -86,11 +94,13 @@ class RunFolderLock:
     def _read(self) -> dict | None:
         for _ in range(20):  # a lock being written this instant: its owner is mid-write
             try:
-                return json.loads(self.path.read_text())
+                owner = json.loads(self.path.read_text())
             except FileNotFoundError:
                 return None
             except (OSError, ValueError):
                 time.sleep(0.05)
+                continue
+            return owner if isinstance(owner, dict) else {"unreadable": True}  # JSON, but no owner record
         return {"unreadable": True}
 
     def acquire(self) -> None:
@@ -100,7 +110,7 @@ class RunFolderLock:
             owner = self._read()
             if owner is None:
                 continue  # released meanwhile: try again
-            if owner.get("unreadable") or _alive(owner):
+            if owner.get("unreadable") or _alive(owner, self.job_id, self.slurm_attempt):
                 who = (
                     "an unreadable lock file"
                     if owner.get("unreadable")
@@ -119,12 +129,16 @@ class RunFolderLock:
             fcntl.flock(guard, fcntl.LOCK_EX)
             if self._read() == stale:  # nobody took it over before us
                 log.warning(
-                    "taking over the stale lock %s of pid %s on %s (job %s, since %s): that process is gone",
+                    "taking over the stale lock %s of pid %s on %s (job %s, attempt %s, since %s): %s",
                     self.path,
                     stale.get("pid"),
                     stale.get("host"),
                     stale.get("job_id") or "-",
+                    stale.get("slurm_attempt"),
                     stale.get("since"),
+                    "an earlier attempt of this SLURM job"
+                    if stale.get("host") != socket.gethostname()
+                    else "that process is gone",
                 )
                 self.path.unlink()
 
@@ -134,12 +148,14 @@ class RunFolderLock:
         self.held = False
 
 
-def lock_run_folder(folder: str | Path, job_id: str, is_main: bool) -> RunFolderLock | None:
+def lock_run_folder(
+    folder: str | Path, job_id: str, is_main: bool, slurm_attempt: int | None = None
+) -> RunFolderLock | None:
     """Collective: rank 0 takes the folder's lock; every rank raises RunFolderLocked if it could not.
     Returns the lock on rank 0 (release it at exit), None elsewhere."""
     lock, refusal = None, None
     if is_main:
-        lock = RunFolderLock(folder, job_id)
+        lock = RunFolderLock(folder, job_id, slurm_attempt)
         try:
             lock.acquire()
         except RunFolderLocked as error:

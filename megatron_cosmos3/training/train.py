@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, inventory, latest_checkpoint
+from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, ResumeError, inventory
 from megatron_cosmos3.checkpoint.resume import resume_from
 from megatron_cosmos3.checkpoint.weights_folder import is_weights_folder, load_weights_folder
 from megatron_cosmos3.data.latent_encoders import latent_encoder_from_config
@@ -38,7 +38,14 @@ from megatron_cosmos3.objectives.losses import LossBreakdown, loss_breakdown
 from megatron_cosmos3.parallel.plan import ParallelPlan
 from megatron_cosmos3.parallel.state import destroy_parallel
 from megatron_cosmos3.training.batches import MicroBatches, held_out_batches, held_out_share
-from megatron_cosmos3.training.config import TrainConfig, flatten, load_config, task_table, to_yaml
+from megatron_cosmos3.training.config import (
+    TrainConfig,
+    flatten,
+    load_config,
+    task_table,
+    to_yaml,
+    with_absolute_paths,
+)
 from megatron_cosmos3.training.distributed import DistributedContext, init_distributed, launcher_run_id, preflight
 from megatron_cosmos3.training.flops import FlopCounter
 from megatron_cosmos3.training.metrics import PHASES, MetricsWindow
@@ -229,7 +236,10 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
             with run.plan.writing_weights() as owner:
                 load_weights_folder(source, owner, config.model, run.plan.groups, allow_missing=new)
         else:
-            source = latest_checkpoint(source) or source
+            found = inventory(source)  # a checkpoint directory: its latest; a step folder: itself
+            if found.problem is not None:
+                raise ResumeError(f"stage.init_from={source}: {found.problem}. {found.describe()}")
+            source = found.latest or source
             run.checkpointer.load(source, run.plan.state_owner, optimizer=None, allow_missing=new)
         if run.ctx.is_main:
             log.info("stage %s starts from the weights of %s", config.stage.name, source)
@@ -374,7 +384,8 @@ def train(config: TrainConfig, ctx: DistributedContext, status_file: str | None 
 def _train(
     config: TrainConfig, ctx: DistributedContext, watcher: PreemptionWatcher, status_file: str | None
 ) -> dict[str, float]:
-    lock = lock_run_folder(config.checkpoint.directory, ctx.job_id, ctx.is_main)  # before anything is written
+    # Before anything is written.
+    lock = lock_run_folder(config.checkpoint.directory, ctx.job_id, ctx.is_main, ctx.slurm_attempt)
     try:
         run = build_run(config, ctx)
         try:
@@ -402,6 +413,10 @@ def _stop_for_preemption(run: Run, watcher: PreemptionWatcher, step: int, start_
     raise Preempted(step, start_step)
 
 
+# In the run folder: what MLflow did not take before an attempt ended, delivered by the next one.
+MLFLOW_SPOOL = "mlflow_undelivered.json"
+
+
 def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) -> dict[str, float]:
     config, ctx = run.config, run.ctx
     start_step, run_id = resume_or_initialise(run)
@@ -413,18 +428,37 @@ def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) 
         config.tracking.run_name,
         enabled=config.tracking.enabled and ctx.is_main,
         run_id=run_id,
+        spool=Path(config.checkpoint.directory) / MLFLOW_SPOOL if ctx.is_main else None,
     )
     resolved = Path(config.checkpoint.directory) / "config.yaml"
+    recorded = to_yaml(with_absolute_paths(config))  # found again from any directory
     if ctx.is_main:  # saved with the run on every attempt; named in one line, printed by --print-config
         resolved.parent.mkdir(parents=True, exist_ok=True)
-        resolved.write_text(to_yaml(config))
+        resolved.write_text(recorded)
         log.info("run %s: resolved config in %s", config.tracking.run_name, resolved)
-    if ctx.is_main and run_id is None:
+    if ctx.is_main and not tracker.continued:  # a new MLflow run
         tracker.log_params(flatten(config))
         tracker.log_artifact(str(resolved))
         tracker.set_tag("world_size", str(ctx.world_size))
         tracker.set_tag("stage", config.stage.name)
 
+    try:
+        return _steps(run, tracker, watcher, start_step, status_file, recorded)
+    except BaseException:  # preempted or failed: a later attempt delivers what MLflow has not taken
+        tracker.suspend()
+        raise
+
+
+def _steps(
+    run: Run,
+    tracker: MLflowTracker,
+    watcher: PreemptionWatcher,
+    start_step: int,
+    status_file: str | None,
+    recorded: str,
+) -> dict[str, float]:
+    """The training steps of ``_loop`` from ``start_step``; ``recorded``: the config checkpoints record."""
+    config, ctx = run.config, run.ctx
     opt = config.optimizer
     if config.peak_flops_per_device == 0 and ctx.device.type == "cuda":
         config.peak_flops_per_device = known_peak_flops(torch.cuda.get_device_name(ctx.device))
@@ -506,7 +540,7 @@ def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) 
                 {
                     "mlflow_run_id": tracker.run_id,
                     "stage": config.stage.name,
-                    "config": to_yaml(config),
+                    "config": recorded,
                     "action_stats": {name: stats.to_document() for name, stats in run.action_stats.items()},
                 },
                 named=run.batches.state(),

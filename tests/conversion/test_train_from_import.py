@@ -184,3 +184,80 @@ def test_an_empty_mrope_section_is_the_scaled_default_on_both_sides_of_the_compa
     assert mot_config_from_hf(hf_config, base=base).mrope_section == [4, 2, 2]
     with pytest.raises(ConversionError, match=r"mrope_section=\[4, 2, 2\] but the given config has \[6, 1, 1\]"):
         mot_config_from_hf(hf_config, base=dataclasses.replace(base, mrope_section=[6, 1, 1]))
+
+
+def test_a_crafted_weights_folder_is_refused_naming_the_file(imported, tmp_path, caplog):
+    """Its model.yaml (unknown key, wrong type, not YAML), its index (a shard outside the folder, a
+    weight map of another shape) and its tensors (integers where the model holds floats)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from megatron_cosmos3.checkpoint.checkpointer import CheckpointMismatchError
+    from megatron_cosmos3.checkpoint.weights_folder import load_weights_folder
+    from megatron_cosmos3.conversion.safetensors_io import INDEX_FILE, SINGLE_FILE, ConversionError
+    from megatron_cosmos3.model.config import load_model_config
+    from megatron_cosmos3.model.mot import MoTModel
+
+    config = load_model_config(imported / CONFIG_FILE)
+    config.vision = None
+
+    def crafted(name, change):
+        folder = shutil.copytree(imported, tmp_path / name)
+        change(folder)
+        return folder
+
+    text = (imported / CONFIG_FILE).read_text()
+    for name, yaml, message in (
+        ("unknown_key", text + "  bogus: 3\n", r"not a valid model config: Key 'bogus' not in 'MoTConfig'"),
+        ("wrong_type", text.replace("num_layers: 3", "num_layers: abc"), r"not a valid model config: Value 'abc'"),
+        ("not_yaml", "{{{: [", r"not YAML \(ParserError"),
+    ):
+        folder = crafted(name, lambda f, yaml=yaml: (f / CONFIG_FILE).write_text(yaml))
+        with pytest.raises(ValueError, match=rf"{folder / CONFIG_FILE}: {message}"):
+            load_weights_folder(folder, MoTModel(copy.deepcopy(config)), config, None)
+
+    def index_of(weight_map):
+        def change(folder):
+            (folder / INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
+
+        return change
+
+    for name, weight_map, message in (
+        ("escape", {"embed_tokens.weight": f"../{imported.name}/x.safetensors"}, r"not a file of the folder"),
+        ("rows", [["embed_tokens.weight", "x.safetensors"]], r"'weight_map' must map tensor names to shard files"),
+    ):
+        folder = crafted(name, index_of(weight_map))
+        with pytest.raises(ConversionError, match=rf"{folder / INDEX_FILE}: .*{message}"):
+            load_weights_folder(folder, MoTModel(copy.deepcopy(config)), config, None)
+
+    def integer_embedding(folder):
+        shard = next(p for p in folder.glob("model*.safetensors") if p.name != INDEX_FILE)
+        tensors = load_file(str(shard))
+        if "embed_tokens.weight" in tensors:
+            tensors["embed_tokens.weight"] = tensors["embed_tokens.weight"].to(torch.int64)
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+
+    from megatron_cosmos3.release.trained import RELEASE_INFO, CheckpointLoadError, load_trained_model
+
+    for name, info in (("info_list", "[1]"), ("info_text", "{step"), ("info_step", '{"step": "abc"}')):
+        folder = crafted(name, lambda f, info=info: (f / RELEASE_INFO).write_text(info))
+        with pytest.raises(CheckpointLoadError, match=rf"{folder / RELEASE_INFO}: (unreadable|expected an object)"):
+            load_trained_model(folder)
+
+    def extra_tensor(folder):
+        tensors = load_file(str(folder / SINGLE_FILE))
+        tensors["dm_streams.action_in.octopus.weight"] = torch.zeros(2, 2)
+        save_file(tensors, str(folder / SINGLE_FILE), metadata={"format": "pt"})
+
+    folder = crafted("extra", extra_tensor)  # loads, but says what it left out (the ViT's tensors: by design)
+    with caplog.at_level("WARNING", logger="megatron_cosmos3.checkpoint.weights_folder"):
+        load_weights_folder(folder, MoTModel(copy.deepcopy(config)), config, None)
+    assert "'dm_streams.action_in.octopus.weight' match no parameter of this model" in caplog.text
+    assert "vision." not in caplog.text
+
+    assert (imported / SINGLE_FILE).is_file() or (imported / INDEX_FILE).is_file()
+    folder = crafted("integers", integer_embedding)
+    with pytest.raises(CheckpointMismatchError, match=r"tensor 'embed_tokens.weight' is stored as torch.int64"):
+        load_weights_folder(folder, MoTModel(copy.deepcopy(config)), config, None)

@@ -407,3 +407,45 @@ def test_generation_samples_are_written_at_the_save(runs, name):
     for task in folder.iterdir():
         with np.load(task / "latents.npz") as latents:
             assert latents.files and all(np.isfinite(latents[key]).all() for key in latents.files), task
+
+
+@pytest.mark.multiprocess
+def test_deepspeeds_own_files_load_without_unpickling_code(runs, tmp_path):
+    """DeepSpeed's loader would torch.load its files with weights_only=False: resumes read them
+    through WeightsOnlyCheckpointEngine instead (the resumed runs above do), which loads every file
+    of ZeRO-1/2/3 and bf16 as the stock loader does and refuses one that would run code."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from megatron_cosmos3.checkpoint.safe_reader import UnsafeCheckpointError
+    from megatron_cosmos3.training.deepspeed_engine import WeightsOnlyCheckpointEngine
+
+    root, *_ = runs
+    stock, safe = TorchCheckpointEngine(), WeightsOnlyCheckpointEngine(TorchCheckpointEngine())
+    files = sorted(root.glob("*/step_*/deepspeed/*.pt"))
+    assert {p.parts[-4] for p in files} >= {"zero1", "zero2", "zero3", "zero2-bf16"}, files
+
+    def same(a, b) -> bool:
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        if isinstance(a, dict):
+            return type(a) is type(b) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)):
+            return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+        if hasattr(a, "__dict__") and not isinstance(a, type):
+            return type(a) is type(b) and same(vars(a), vars(b))
+        return a == b
+
+    for path in files:
+        assert same(safe.load(str(path)), stock.load(str(path))), path
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    crafted = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": RunsCode()}, crafted)
+    with pytest.raises(UnsafeCheckpointError, match=rf"{crafted} refers to code, .*GLOBAL posix.system"):
+        safe.load(str(crafted))
+    assert not (tmp_path / "pwned").exists()
+    stock.load(str(crafted))  # control: DeepSpeed's own loader runs it
+    assert (tmp_path / "pwned").exists()

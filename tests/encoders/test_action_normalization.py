@@ -162,6 +162,21 @@ def test_malformed_stats_and_misuse_raise_clear_errors(tmp_path):
         ActionStats.load(
             _write(tmp_path / "boat.json", {**good, "embodiments": {"boat": good["embodiments"]["vehicle"]}})
         )
+    # Crafted documents: JSON of another shape, quantiles crossed, a negative count.
+    entry = good["embodiments"]["vehicle"]
+    for name, document, message in (
+        ("list", [], r"list\.json: holds a JSON list, not an object of action statistics"),
+        ("rows", {**good, "embodiments": [entry]}, r"rows\.json: 'embodiments' must be an object of objects"),
+        ("entry", {**good, "embodiments": {"vehicle": [1]}}, r"entry\.json: 'embodiments' must be an object"),
+        (
+            "crossed",
+            {**good, "embodiments": {"vehicle": {**entry, "q01": [1.0] * 9, "q99": [0.0] * 9}}},
+            r"crossed\.json: malformed .*vehicle: q01 > q99 in dims \[0, 1,",
+        ),
+        ("count", {**good, "embodiments": {"vehicle": {**entry, "count": -5}}}, r"vehicle\.count must be >= 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ActionStats.load(_write(tmp_path / f"{name}.json", document))
     with pytest.raises(ValueError, match=r"no action statistics for kind 'camera'; have \['vehicle'\]"):
         ActionStats({"vehicle": stats})["camera"]
     with pytest.raises(ValueError, match=r"actions for kind 'vehicle' must have shape \(\.\.\., 9\), got \(4, 19\)"):

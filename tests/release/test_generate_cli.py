@@ -4,6 +4,7 @@ files with the right shape, duration, frame rate and sample rate (read back with
 errors."""
 
 import json
+import re
 import subprocess
 import sys
 import wave
@@ -243,3 +244,72 @@ def test_one_request_from_the_flags(checkpoint, inputs, tmp_path):
     meta = json.loads((folder / "actions.meta.json").read_text())
     assert (meta["solver"], meta["seed"], meta["settings"]["fps"]) == ("heun", 4, FPS)
     assert meta["conditioning"] == {"video": str(inputs / "clip.mp4")}
+
+
+class _RunsCode:
+    """What a crafted .metadata holds: unpickling it runs a shell command."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch " + self.marker,))
+
+
+def test_a_damaged_or_crafted_checkpoint_is_one_error_line_in_every_command(checkpoint, tmp_path, capsys):
+    """A flipped byte (CheckpointCorruptError), a .metadata that would run code (an unpickling
+    error) and a meta.json of another step: each command exits 2 with the reason on one line,
+    no traceback, nothing written, nothing executed."""
+    import pickle
+    import shutil
+
+    from megatron_cosmos3.checkpoint.safe_reader import MANIFEST, file_record
+    from megatron_cosmos3.release.convert_cli import main as convert
+    from megatron_cosmos3.release.eval_cli import main as evaluate
+    from megatron_cosmos3.release.trained import find_checkpoint
+
+    source = find_checkpoint(checkpoint)
+    marker = tmp_path / "pwned"
+
+    def flip(folder):
+        shard = next(folder.glob("*.distcp"))
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 1
+        shard.write_bytes(bytes(data))
+
+    def resealed(change):
+        def damage(folder):
+            change(folder)
+            files = {p.name: file_record(p) for p in folder.iterdir() if p.name != MANIFEST}
+            (folder / MANIFEST).write_text(json.dumps({"algorithm": "sha256", "files": files}))
+
+        return damage
+
+    damages = {
+        "flipped": (flip, r"does not match its sha256 checksum"),
+        "code": (
+            resealed(lambda f: (f / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))),
+            r"posix.system, which a weights-only load refuses",
+        ),
+        "step": (
+            resealed(lambda f: (f / "meta.json").write_text(json.dumps({"step": 9}))),
+            rf"meta.json step=9 does not match its folder {source.name}",
+        ),
+    }
+    for name, (damage, message) in damages.items():
+        folder = tmp_path / name / source.name
+        shutil.copytree(source, folder)
+        damage(folder)
+        out = tmp_path / name / "out"
+        for command, argv in (
+            (main, ["--checkpoint", str(folder), "--task", "text_to_image", "--prompt", "x", "--out", str(out)]),
+            (evaluate, ["--checkpoint", str(folder), "--out", str(out)]),
+            (convert, ["release", str(folder), str(out)]),
+        ):
+            assert command(argv) == 2, (name, command.__module__)
+            error = capsys.readouterr().err
+            assert re.search(message, error) and "Traceback" not in error, (name, command.__module__, error)
+            assert not out.exists(), (name, command.__module__)
+    assert not marker.exists()

@@ -4,6 +4,7 @@ checksums."""
 import copy
 import enum
 import io
+import json
 import os
 import pickle
 import shutil
@@ -80,6 +81,16 @@ def test_async_save_commits_atomically_and_keeps_the_last_n(tmp_path):
     for name, p in fresh.named_parameters():
         assert torch.equal(p, saved[2][name]), name  # the values at save time, not the later ones
     assert per_rank["rng"].dtype == torch.uint8 and per_rank["rng"].numel() > 0
+
+    # Another timeline saving step 3 again (resumed from step 2: a fallback, a fresh start, a latest
+    # naming an older step) sets the intact step 3 aside instead of deleting it.
+    (tmp_path / "latest").write_text("step_00000002")
+    Checkpointer(tmp_path, keep_last=2, async_save=False).save(3, fresh, None, {}, {"note": "y"})
+    (aside,) = (tmp_path / ".superseded").iterdir()
+    assert aside.name.startswith("step_00000003.") and json.loads((aside / "meta.json").read_text())["note"] == "x"
+    verify_checkpoint(aside)
+    assert latest_checkpoint(tmp_path).name == "step_00000003"
+    assert json.loads((tmp_path / "step_00000003" / "meta.json").read_text())["note"] == "y"
 
 
 def test_optimizer_state_round_trips_and_training_continues_identically(tmp_path):
@@ -412,3 +423,84 @@ def test_moe_saved_with_tp1_loads_under_tp2_times_ep2_and_back(tmp_path):
         assert want_state.keys() == got_state.keys(), name
         for key in want_state:
             assert torch.equal(want_state[key], got_state[key]), (name, key)
+
+
+# meta.json rewritten (and resealed, as a crafted checkpoint is) -> what the error names.
+CRAFTED_META = {
+    "a JSON list": ([1], r"meta.json holds a JSON list, not an object"),
+    "a step of another folder": ({"step": 7}, r"meta.json step=7 does not match its folder step_00000001 \(step 1\)"),
+    "a step that is text": ({"step": "abc"}, r"meta.json step='abc': must be an int >= 0"),
+    "no step": ({}, r"meta.json step=None: must be an int >= 0"),
+    "a negative step": ({"step": -3}, r"meta.json step=-3"),
+    "a newer format": ({"step": 1, "format_version": 99}, r"meta.json format_version=99: this code reads format"),
+    "a run id that is a number": (
+        {"step": 1, "mlflow_run_id": 12},
+        r"meta.json mlflow_run_id=12: must be a string or null",
+    ),
+    "a config that is not text": ({"step": 1, "config": 5}, r"meta.json config=5: must be a string"),
+}
+
+
+def test_a_meta_json_that_does_not_describe_its_checkpoint_is_refused_naming_the_field(tmp_path):
+    model, _ = trained_model(steps=0)
+    Checkpointer(tmp_path / "good", async_save=False).save(1, model, None, {}, {"mlflow_run_id": None})
+    good = tmp_path / "good" / "step_00000001"
+    meta = __import__("json").loads((good / "meta.json").read_text())
+    assert meta["step"] == 1 and meta["format_version"] == 1  # what is written
+    for case, (document, message) in CRAFTED_META.items():
+        folder = tmp_path / case / "step_00000001"
+        shutil.copytree(good, folder)
+        (folder / "meta.json").write_text(__import__("json").dumps(document))
+        reseal(folder)
+        with pytest.raises(CheckpointCorruptError, match=rf"checkpoint {folder}: {message}"):
+            Checkpointer(tmp_path / "good", async_save=False).load(folder, MoTModel(copy.deepcopy(CONFIG)))
+
+
+def test_a_checkpoint_of_another_model_shape_or_integer_weights_is_refused_naming_the_parameter(tmp_path):
+    from torch.distributed.checkpoint.metadata import TensorProperties
+
+    from megatron_cosmos3.checkpoint.checkpointer import CheckpointMismatchError
+
+    model, _ = trained_model(steps=0)
+    Checkpointer(tmp_path, async_save=False).save(1, model, None, {}, {})
+    folder = tmp_path / "step_00000001"
+    narrower = MoTModel(copy.deepcopy(tiny_mot_config(ffn_hidden_size=48)))
+    shape = r"model/layers.0.reasoner.mlp.gate_proj.weight has shape \(64, 32\) there, .* gives it \(48, 32\)"
+    with pytest.raises(CheckpointMismatchError, match=shape):
+        Checkpointer(tmp_path, async_save=False).load(folder, narrower)
+    # The index says the embedding was saved as int32 (a float width would convert, as bf16 does).
+    metadata = pickle.loads((folder / ".metadata").read_bytes())
+    item = metadata.state_dict_metadata["model/embed_tokens.weight"]
+    item.properties = TensorProperties(dtype=torch.int32)
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    reseal(folder)
+    with pytest.raises(CheckpointMismatchError, match=r"model/embed_tokens.weight is stored as torch.int32"):
+        Checkpointer(tmp_path, async_save=False).load(folder, MoTModel(copy.deepcopy(CONFIG)))
+
+
+def test_a_truncated_shard_or_a_missing_index_with_resealed_checksums_names_the_file(tmp_path):
+    model, _ = trained_model(steps=0)
+    Checkpointer(tmp_path / "good", async_save=False).save(1, model, None, {}, {})
+    good = tmp_path / "good" / "step_00000001"
+    cut = tmp_path / "cut" / "step_00000001"
+    shutil.copytree(good, cut)
+    shard = next(cut.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    reseal(cut)  # checksums of the damaged file: only the index's offsets can tell
+    with pytest.raises(CheckpointCorruptError, match=rf"item '.*' lies at bytes \d+..\d+ of file {shard.name}, which"):
+        Checkpointer(tmp_path / "good", async_save=False).load(cut, MoTModel(copy.deepcopy(CONFIG)))
+    # An index that declares a tensor of a terabyte (the loader would allocate it before reading).
+    huge = tmp_path / "huge" / "step_00000001"
+    shutil.copytree(good, huge)
+    metadata = pickle.loads((huge / ".metadata").read_bytes())
+    metadata.state_dict_metadata["model/lm_head.weight"].size = torch.Size([2**20, 2**20])
+    (huge / ".metadata").write_bytes(pickle.dumps(metadata))
+    reseal(huge)
+    with pytest.raises(CheckpointCorruptError, match=r"'model/lm_head.weight' declares size \(1048576, 1048576\)"):
+        Checkpointer(tmp_path / "good", async_save=False).load(huge, MoTModel(copy.deepcopy(CONFIG)))
+    no_index = tmp_path / "no_index" / "step_00000001"
+    shutil.copytree(good, no_index)
+    (no_index / ".metadata").unlink()
+    (no_index / MANIFEST).unlink()  # a committed folder (meta.json) without its index: damaged, not foreign
+    with pytest.raises(CheckpointCorruptError, match=r"file .metadata \(the index of every item\) is missing"):
+        Checkpointer(tmp_path / "good", async_save=False).load(no_index, MoTModel(copy.deepcopy(CONFIG)))

@@ -1,4 +1,5 @@
-"""A real MLflow tracking server on 127.0.0.1 receives the run; stopping it mid-run stops nothing."""
+"""A real MLflow tracking server on 127.0.0.1 receives the run; stopping it mid-run stops nothing; what is
+logged before it is up is delivered once it answers."""
 
 import os
 import re
@@ -87,8 +88,31 @@ STEPS, STOP_AFTER = 40, 2
 def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_training(tmp_path):
     from mlflow.tracking import MlflowClient
 
+    from megatron_cosmos3.training.tracking import MLflowTracker
+
     port = free_port()
+    # A tracker that starts while the server is not up yet keeps what it is given and creates its
+    # run, and delivers everything, once the server answers.
+    early = MLflowTracker(f"http://127.0.0.1:{port}", "early", "before-server", enabled=True, retry_after_s=0)
+    early.log_params({"model.hidden_size": "32"})
+    early.set_tag("stage", "pretrain")
+    early.log_metrics({"loss": 2.0}, 1)
+    assert early.active and early.run_id is None
+    # An attempt that ends while the server is down spools what it kept; the next one delivers it.
+    spool = tmp_path / "undelivered.json"
+    ended = MLflowTracker(f"http://127.0.0.1:{port}", "early", "spooled", enabled=True, retry_after_s=0, spool=spool)
+    ended.log_params({"steps": "3"})
+    ended.log_metrics({"loss": 3.0}, 1)
+    ended.suspend()
+    assert spool.is_file()
     server = start_server(tmp_path, port)
+    early.log_metrics({"loss": 1.5}, 2)
+    early.finish()
+    assert early.run_id is not None
+    resumed = MLflowTracker(f"http://127.0.0.1:{port}", "early", "spooled", enabled=True, retry_after_s=0, spool=spool)
+    assert resumed.continued and not spool.exists()
+    resumed.log_metrics({"loss": 2.5}, 2)
+    resumed.finish()
     try:
         command = trainer_command(
             2,
@@ -132,3 +156,11 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
     assert run.data.params["parallel.tensor"] == "1"
     history = sorted(m.step for m in stored.get_metric_history(run.info.run_id, "loss"))
     assert history[:STOP_AFTER] == list(range(1, STOP_AFTER + 1)) and max(history) < STEPS, history
+    kept = stored.get_run(early.run_id)
+    assert kept.info.run_name == "before-server" and kept.info.status == "FINISHED"
+    assert kept.data.params == {"model.hidden_size": "32"} and kept.data.tags["stage"] == "pretrain"
+    assert [(m.step, m.value) for m in stored.get_metric_history(early.run_id, "loss")] == [(1, 2.0), (2, 1.5)]
+    spooled = stored.get_run(resumed.run_id)
+    assert spooled.info.run_name == "spooled" and spooled.info.status == "FINISHED"
+    assert spooled.data.params == {"steps": "3"}
+    assert [(m.step, m.value) for m in stored.get_metric_history(resumed.run_id, "loss")] == [(1, 3.0), (2, 2.5)]

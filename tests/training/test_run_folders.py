@@ -1,6 +1,7 @@
 """Every run writes under its own folder unless told otherwise (``TrainConfig.name_run``): a job with
 no overrides never resumes nor touches another job's checkpoints."""
 
+import json
 from pathlib import Path
 
 import torch
@@ -8,7 +9,7 @@ import torch
 from megatron_cosmos3.checkpoint.checkpointer import latest_checkpoint
 from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC
 from megatron_cosmos3.training import train as train_module
-from megatron_cosmos3.training.config import load_config
+from megatron_cosmos3.training.config import config_from_yaml, load_config
 from megatron_cosmos3.training.distributed import DistributedContext
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,11 +37,20 @@ def test_the_demo_config_names_no_folder_so_each_job_gets_its_own():
 
 def test_a_job_without_overrides_neither_resumes_nor_touches_another_jobs_folder(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)  # the default runs_root and MLflow store are relative to it
+    # A relative data path (unread by synthetic packs) is recorded absolute: found from any directory.
+    relative = ["data.datasets=[{name: w, shards: [shards/w], action_stats: stats/w.json}]"]
+    (tmp_path / "stats").mkdir()
+    (tmp_path / "stats/w.json").write_text(json.dumps({"format_version": 2, "embodiments": {}}))
     overrides = [*TINY_MODEL, *TINY_SYNTHETIC, "steps=2", "log_every=1"]
-    train_module.train(load_config(None, overrides), _job("7"))
+    train_module.train(load_config(None, [*overrides, *relative]), _job("7"))
     first = tmp_path / "outputs/runs/job-7/checkpoints"
     before = {p: p.stat().st_mtime_ns for p in first.rglob("*")}
     assert latest_checkpoint(first).name == "step_00000002"
+    meta = json.loads((latest_checkpoint(first) / "meta.json").read_text())
+    for recorded in (config_from_yaml(meta["config"], "meta"), load_config(str(first / "config.yaml"))):
+        (dataset,) = recorded.data.datasets
+        assert dataset.shards == [str(tmp_path / "shards/w")] and dataset.action_stats == str(tmp_path / "stats/w.json")
+        assert recorded.checkpoint.directory == str(first) and recorded.runs_root == str(tmp_path / "outputs/runs")
 
     with caplog.at_level("INFO", logger="megatron_cosmos3.train"):
         train_module.train(load_config(None, overrides), _job("8"))

@@ -73,3 +73,36 @@ def test_another_video_patch_size_trains_on_synthetic_packs_and_is_refused_where
     assert config.model.video_token_dim == config.model.video_latent_channels
     metrics = train_module.train(config, DistributedContext(0, 1, 0, torch.device("cpu")))
     assert torch.isfinite(torch.tensor(metrics["loss"]))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # NaN passes every range check written as a comparison (nan <= 0 is false): refused by key.
+        ("optimizer.lr=nan", r"optimizer.lr=nan \(in the overrides\) must be a finite number"),
+        ("optimizer.grad_clip=.inf", r"optimizer.grad_clip=inf \(in the overrides\) must be a finite number"),
+        ("stage.lr_multipliers={'layers.*': nan}", r"stage.lr_multipliers.layers.\*=nan .* must be a finite number"),
+        ("model.embodiments.arm.rate_hz=nan", r"model.embodiments.arm.rate_hz=nan"),
+        ("optimizer.weight_decay=-0.1", r"optimizer.weight_decay=-0.1 must be >= 0"),
+        ("optimizer.flow_matching_weight=-1", r"optimizer.flow_matching_weight=-1.0 must be >= 0"),
+        ("stage.lr_multipliers={'layers.*': -2}", r"a learning-rate multiplier must be >= 0"),
+        ("tracking.tracking_uri=''", r"tracking.tracking_uri is empty"),
+        ("steps=abc", r"steps"),
+    ],
+)
+def test_bad_values_are_named_before_anything_starts(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(str(REPO / "configs/tiny_cpu.yaml"), [override])
+
+
+def test_a_bad_value_in_a_yaml_file_names_the_file(tmp_path):
+    layer = tmp_path / "bad.yaml"
+    for text, message in (
+        ("optimizer:\n  min_lr: .nan\n", r"optimizer.min_lr=nan \(in {layer}\)"),
+        ("optimizer:\n  lrr: 1\n", r"{layer}: ConfigKeyError: Key 'lrr' not in 'OptimizerConfig'"),
+        ("steps: [1, 2]\n", r"{layer}: ValidationError: .* could not be converted to Integer"),
+        ("steps: {{{: [\n", r"{layer}: ParserError"),
+    ):
+        layer.write_text(text)
+        with pytest.raises(ValueError, match=message.format(layer=layer)):
+            load_config([str(REPO / "configs/tiny_cpu.yaml"), str(layer)])

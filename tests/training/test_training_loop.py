@@ -1,16 +1,18 @@
 """The training loop in one process: exact resume, stages, the non-finite guard, accumulation."""
 
 import copy
+import json
 import logging
 import os
 import shutil
 import signal
+import socket
 from pathlib import Path
 
 import pytest
 import torch
 
-from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, latest_checkpoint
+from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, ResumeError, latest_checkpoint
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TINY_VIT, loss_history, tracking_store
 from megatron_cosmos3.training import train as train_module
@@ -65,17 +67,25 @@ def test_preempted_and_resumed_run_gives_the_same_losses_and_weights_bit_for_bit
         return real(self, step, micro)
 
     monkeypatch.setattr(MicroBatches, "get", signalled_during_step_4)
-    interrupted = config_for(tmp_path, "resumed", "steps=8", "checkpoint.save_every=100")
+    # The first attempt's MLflow server is down (nothing listens on the port): what it logged waits
+    # in the run folder's spool, and the resumed attempt delivers it to the run, ahead of its own.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        down = f"tracking.tracking_uri=http://127.0.0.1:{closed.getsockname()[1]}"
+    interrupted = config_for(tmp_path, "resumed", "steps=8", "checkpoint.save_every=100", down)
     with pytest.raises(train_module.Preempted) as stop:
         train_module.train(interrupted, CPU, status_file=str(tmp_path / "status"))
     assert stop.value.code == 0 and (stop.value.step, stop.value.start_step) == (4, 0)
     assert (tmp_path / "status").read_text() == "preempted 4 0\n"
     assert latest_checkpoint(interrupted.checkpoint.directory).name == "step_00000004"
+    spool = Path(interrupted.checkpoint.directory) / train_module.MLFLOW_SPOOL
+    assert spool.is_file()
     monkeypatch.setattr(MicroBatches, "get", real)
-    second_half = interrupted
+    second_half = config_for(tmp_path, "resumed", "steps=8", "checkpoint.save_every=100")  # the server is back
     train_module.train(second_half, CPU, status_file=str(tmp_path / "status"))  # resumes at step 4
     assert (tmp_path / "status").read_text() == "finished 8 4\n"
     assert run_losses(tmp_path, "resumed") == run_losses(tmp_path, "straight")  # one MLflow run, continued
+    assert not spool.exists()
     want, got = final_weights(straight), final_weights(second_half)
     for name in want:
         assert torch.equal(want[name], got[name]), name
@@ -103,6 +113,11 @@ def test_stage_change_loads_weights_freezes_and_adds_an_embodiment(tmp_path):
     pre = config_for(tmp_path, "pre", "steps=3")
     train_module.train(pre, CPU)
     pre_weights = final_weights(pre)
+    # A previous stage whose latest pointer is broken is named, not read as "no .metadata index".
+    broken = shutil.copytree(pre.checkpoint.directory, tmp_path / "broken")
+    (broken / "latest").write_text("step_00000009")
+    with pytest.raises(ResumeError, match=rf"stage.init_from={broken}: .*names step_00000009, which does not exist"):
+        train_module.train(config_for(tmp_path, "from_broken", "steps=1", f"stage.init_from={broken}"), CPU)
     mid = config_for(
         tmp_path,
         "mid",
@@ -324,8 +339,20 @@ def _truncate_a_shard_file(root: Path) -> None:
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
 
 
+def _meta_json_of_a_later_step(root: Path) -> None:
+    """Crafted, checksums rewritten to match: before meta.json was checked, the resumed run took
+    step 6 for its own and, asked for 5 steps, trained none and reported itself finished."""
+    from megatron_cosmos3.checkpoint.safe_reader import MANIFEST, write_manifest
+
+    folder = root / "step_00000004"
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "step": 6}))
+    write_manifest(folder, extra=tuple(p.name for p in folder.iterdir() if p.name != MANIFEST))
+
+
 # Damage to the latest checkpoint (step 4 of a run that also kept step 2) -> where a fallback resumes.
 DAMAGES = {
+    "meta_json_of_a_later_step": (_meta_json_of_a_later_step, "step_00000002"),
     "meta_json_missing": (lambda root: (root / "step_00000004" / "meta.json").unlink(), "step_00000002"),
     "latest_names_a_missing_step": (lambda root: (root / "latest").write_text("step_00000006"), "step_00000004"),
     "truncated_shard_file": (_truncate_a_shard_file, "step_00000002"),
@@ -398,6 +425,26 @@ def test_a_second_trainer_on_a_locked_run_folder_refuses_and_a_stale_lock_is_tak
     # A recycled pid (ours, started at another time) is not the owner either.
     (root / LOCK_FILE).write_text(json.dumps({**owner, "pid": os.getpid(), "process_start": "0"}))
     RunFolderLock(root).acquire()
+    # A lock from another host cannot be checked from here, and a file that is not an owner record
+    # cannot be judged: both refuse, naming the file to delete once that trainer is known to be gone.
+    (root / LOCK_FILE).write_text(json.dumps({**owner, "host": "node-that-is-not-this-one", "pid": os.getpid()}))
+    with pytest.raises(RunFolderLocked, match=rf"on host node-that-is-not-this-one .* delete {root / LOCK_FILE}"):
+        RunFolderLock(root).acquire()
+    # Except an earlier attempt of this same SLURM job (requeued after a hard kill, now on another node).
+    requeued = {**owner, "host": "node-that-is-not-this-one", "job_id": "4242", "slurm_attempt": 0}
+    (root / LOCK_FILE).write_text(json.dumps(requeued))
+    with pytest.raises(RunFolderLocked, match="in use by another trainer"):  # the same attempt: not stale
+        RunFolderLock(root, job_id="4242", slurm_attempt=0).acquire()
+    with pytest.raises(RunFolderLocked, match="in use by another trainer"):  # another job
+        RunFolderLock(root, job_id="4343", slurm_attempt=1).acquire()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        RunFolderLock(root, job_id="4242", slurm_attempt=1).acquire()
+    assert "an earlier attempt of this SLURM job" in caplog.text
+    for crafted in ("[1, 2]", '"x"', ""):  # "": killed between creating the file and writing it
+        (root / LOCK_FILE).write_text(crafted)
+        with pytest.raises(RunFolderLocked, match=rf"an unreadable lock file. .* delete {root / LOCK_FILE}"):
+            RunFolderLock(root).acquire()
 
 
 def test_paths_are_checked_by_field_before_any_process_group(tmp_path, monkeypatch):
@@ -418,6 +465,20 @@ def test_paths_are_checked_by_field_before_any_process_group(tmp_path, monkeypat
             f"data.datasets=[{{name: w, shards: [{tmp_path / 'no_index'}]}}]",
         ],
     }
+    # Action statistics whose width is not the embodiment's, or that are not statistics at all.
+    (tmp_path / "indexed").mkdir()
+    (tmp_path / "indexed" / "index.json").write_text("{}")
+    raw = {"layout": "raw", "count": 3, "mean": [0.0] * 5, "std": [1.0] * 5, "rotation_6d": "standardised"}
+    (tmp_path / "narrow.json").write_text(json.dumps({"format_version": 2, "embodiments": {"so100": raw}}))
+    (tmp_path / "list.json").write_text("[]")
+    dataset = f"data.datasets=[{{name: w, shards: [{tmp_path / 'indexed'}], action_stats: {tmp_path}/%s}}]"
+    so100 = "model.embodiments={so100: {action_dim: 6, rate_hz: 30}}"
+    cases[r"data.datasets\[w\].action_stats='.*narrow.json': 'so100' has 5 dims, but .*so100.action_dim=6"] = [
+        *shards,
+        so100,
+        dataset % "narrow.json",
+    ]
+    cases[r"data.datasets\[w\].action_stats='.*list.json': .* holds a JSON list"] = [*shards, dataset % "list.json"]
     monkeypatch.setattr(train_module, "init_distributed", lambda *_: pytest.fail("a process group was started"))
     for message, overrides in cases.items():
         with pytest.raises(ValueError, match=message):
