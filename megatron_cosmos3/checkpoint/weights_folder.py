@@ -52,9 +52,9 @@ def is_weights_folder(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
-def check_architecture(folder: Path, model: MoTConfig, vision: bool = False) -> None:
+def check_architecture(folder: Path, model: MoTConfig, vision: bool = False, field: str = "stage.init_from") -> None:
     """Raises ValueError naming the first field where the folder's model differs from this run's
-    (``vision``: the ViT's config too, for a run that loads the ViT)."""
+    (``vision``: the ViT's config too, for a run that loads the ViT); ``field``: what named the folder."""
     saved = load_model_config(folder / CONFIG_FILE)
 
     def value(config: MoTConfig, name: str):
@@ -63,7 +63,7 @@ def check_architecture(folder: Path, model: MoTConfig, vision: bool = False) -> 
     pairs = [(name, value(model, name), value(saved, name)) for name in ARCHITECTURE_FIELDS]
     if vision:
         if saved.vision is None:
-            raise ValueError(f"stage.init_from={folder}: this run trains a ViT, but the weights have none")
+            raise ValueError(f"{field}={folder}: this model has a ViT, but the weights have none")
         pairs += [
             (f"vision.{f.name}", getattr(model.vision, f.name), getattr(saved.vision, f.name))
             for f in dataclasses.fields(model.vision)
@@ -71,7 +71,7 @@ def check_architecture(folder: Path, model: MoTConfig, vision: bool = False) -> 
     for name, ours, theirs in pairs:
         if (list(ours) if isinstance(ours, list) else ours) != (list(theirs) if isinstance(theirs, list) else theirs):
             raise ValueError(
-                f"stage.init_from={folder}: model.{name}={ours!r}, but the weights were saved with {name}={theirs!r} "
+                f"{field}={folder}: model.{name}={ours!r}, but the weights were saved with {name}={theirs!r} "
                 f"({folder / CONFIG_FILE})"
             )
 
@@ -83,18 +83,20 @@ def load_weights_folder(
     model: MoTConfig,
     groups: ParallelGroups | None,
     allow_missing: tuple[str, ...] = (),
+    field: str = "stage.init_from",
 ) -> None:
     """Fills the parameters ``owner`` holds (a model, or a rank's pipeline stages, named as the full
     model) from ``folder``. Parameters the folder lacks are an error naming them, unless their name
-    starts with one of ``allow_missing`` (e.g. the projections of an embodiment this stage adds)."""
+    starts with one of ``allow_missing`` (e.g. the projections of an embodiment this stage adds).
+    Errors start with ``field=folder``: the setting or argument that named the folder."""
     folder = Path(folder)
     held = dict(owner.named_parameters())
-    check_architecture(folder, model, vision=any(name.startswith("vision.") for name in held))
+    check_architecture(folder, model, vision=any(name.startswith("vision.") for name in held), field=field)
     stored = {key for keys in shard_map(folder).values() for key in keys}
     missing = sorted(name for name in held if name not in stored and not name.startswith(tuple(allow_missing)))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise MissingParametersError(f"stage.init_from={folder}: the weights lack parameter {missing[0]!r}{more}")
+        raise MissingParametersError(f"{field}={folder}: the weights lack parameter {missing[0]!r}{more}")
     whole = groups is None or groups.sizes.pipeline == 1  # else other stages hold the rest
     vision = any(name.startswith("vision.") for name in held)
     unused = sorted(k for k in stored - held.keys() if whole and (vision or not k.startswith("vision.")))
@@ -108,13 +110,13 @@ def load_weights_folder(
         param = held[key]
         if not full.is_floating_point():  # float widths convert; integers are not weights of this model
             raise CheckpointMismatchError(
-                f"stage.init_from={folder / shard}: tensor {key!r} is stored as {full.dtype}, but this run's model "
+                f"{field}={folder / shard}: tensor {key!r} is stored as {full.dtype}, but this run's model "
                 f"holds {param.dtype} there"
             )
         part = local_part(full, param, tensor_rank, tensor_size, expert_rank, expert_size)
         if part.shape != param.shape:
             raise ValueError(
-                f"stage.init_from={folder / shard}: tensor {key!r} has shape {tuple(full.shape)}; this run's "
+                f"{field}={folder / shard}: tensor {key!r} has shape {tuple(full.shape)}; this run's "
                 f"model needs {tuple(param.shape)} of it on this rank"
             )
         param.copy_(part)

@@ -252,7 +252,7 @@ def load_trained_model(
     plan.apply(model, lambda _: [])  # nothing trains: no optimizer groups
     owner = plan.state_owner
     if release:
-        load_weights_folder(source, owner, config.model, plan.groups)
+        load_weights_folder(source, owner, config.model, plan.groups, field="checkpoint")
     else:
         load_state(source, owner, ShardingMeshes.from_groups(plan.groups, device.type))
     model.eval().requires_grad_(False)

@@ -353,3 +353,20 @@ def test_named_errors(run, trained, release, tmp_path):
     (no_config / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointLoadError, match="no-config-release: no config.yaml"):
         load_trained_model(no_config)
+
+
+def test_a_release_folder_missing_a_tensor_is_named_as_the_checkpoint_given(release, tmp_path):
+    """The error names what the user passed (the commands' --checkpoint), not a training setting."""
+    from megatron_cosmos3.checkpoint.checkpointer import MissingParametersError
+    from megatron_cosmos3.conversion.safetensors_io import INDEX_FILE
+
+    crafted = shutil.copytree(release, tmp_path / "release")
+    index = json.loads((crafted / INDEX_FILE).read_text())
+    dropped = sorted(index["weight_map"])[0]
+    del index["weight_map"][dropped]
+    (crafted / INDEX_FILE).write_text(json.dumps(index))
+    manifest = json.loads((crafted / MANIFEST).read_text())  # resealed: crafted, not damaged
+    manifest["files"][INDEX_FILE] = file_record(crafted / INDEX_FILE)
+    (crafted / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(MissingParametersError, match=rf"^checkpoint={crafted}: the weights lack parameter '{dropped}'"):
+        load_trained_model(crafted)
