@@ -60,6 +60,24 @@ class IncompleteCheckpointError(CheckpointLoadError):
     """A checkpoint whose save never committed (``.step_<N>.partial``, or no meta.json)."""
 
 
+class NonFiniteWeightsError(ValueError):
+    """Weights holding NaN or inf (a run that diverged, or a crafted file): a model that can only
+    generate NaN, refused when it loads instead of writing NaN media."""
+
+
+def require_finite_weights(model: torch.nn.Module, source: Path) -> None:
+    """Raises NonFiniteWeightsError on every rank when any rank's part holds NaN or inf (collective
+    inside a process group, so no rank goes on alone into the next collective)."""
+    bad = next((name for name, param in model.named_parameters() if not torch.isfinite(param).all()), None)
+    device = next(model.parameters()).device  # NCCL reduces on the GPU
+    found = torch.tensor([bad is not None], dtype=torch.int32, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+    if found.item():
+        where = f"parameter {bad!r} holds NaN or inf values" if bad else "another rank's part holds NaN or inf values"
+        raise NonFiniteWeightsError(f"checkpoint={source}: {where}; these weights can only generate NaN")
+
+
 # What loading a trained model raises for a path or file it cannot use, each naming the file: the
 # commands print it as one error line (exit code 2) instead of a traceback.
 LOAD_ERRORS = (
@@ -68,6 +86,7 @@ LOAD_ERRORS = (
     CheckpointCorruptError,
     UnsafeCheckpointError,
     ConversionError,
+    NonFiniteWeightsError,
 )
 
 
@@ -234,7 +253,8 @@ def load_trained_model(
     its part under ``parallel`` (default: no model parallelism, the whole model on every rank);
     the plan is created here, as training creates it. Read-only. Raises CheckpointLoadError for a
     path that is not a checkpoint or lacks its config, IncompleteCheckpointError for a save that
-    never committed, ``CheckpointCorruptError`` for a file that fails its checksum.
+    never committed, ``CheckpointCorruptError`` for a file that fails its checksum,
+    ``NonFiniteWeightsError`` for weights holding NaN or inf.
     """
     source = find_checkpoint(path)
     release = is_weights_folder(source)
@@ -255,5 +275,6 @@ def load_trained_model(
         load_weights_folder(source, owner, config.model, plan.groups, field="checkpoint")
     else:
         load_state(source, owner, ShardingMeshes.from_groups(plan.groups, device.type))
+    require_finite_weights(owner, source)
     model.eval().requires_grad_(False)
     return TrainedModel(model, config, step, source, plan, action_stats)

@@ -370,3 +370,24 @@ def test_a_release_folder_missing_a_tensor_is_named_as_the_checkpoint_given(rele
     (crafted / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(MissingParametersError, match=rf"^checkpoint={crafted}: the weights lack parameter '{dropped}'"):
         load_trained_model(crafted)
+
+
+def test_a_release_folder_with_nan_weights_is_refused_naming_the_parameter(release, tmp_path):
+    """Weights that can only generate NaN (a diverged run, a crafted file) are refused at load, and
+    the commands print it as one line: NonFiniteWeightsError is one of LOAD_ERRORS."""
+    from safetensors.torch import load_file, save_file
+
+    from megatron_cosmos3.release.trained import LOAD_ERRORS, NonFiniteWeightsError
+
+    crafted = shutil.copytree(release, tmp_path / "release")
+    shard = sorted(crafted.glob("model*.safetensors"))[0]
+    tensors = load_file(str(shard))
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    manifest = json.loads((crafted / MANIFEST).read_text())  # resealed: crafted, not damaged
+    manifest["files"][shard.name] = file_record(shard)
+    (crafted / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(NonFiniteWeightsError, match=rf"^checkpoint={crafted}: parameter '{name}' holds NaN or inf"):
+        load_trained_model(crafted)
+    assert issubclass(NonFiniteWeightsError, LOAD_ERRORS)
