@@ -136,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     log.info("wrote %s", report)
     if args.tracking_uri:
         run_id = log_to_mlflow(result, args.out, args, trained.step, suite_config)
-        log.info("MLflow run %s at %s", run_id, args.tracking_uri)
+        if run_id is None:  # the tracker has warned why; the report is on disk either way
+            log.warning("no MLflow run at %s: the report stays in %s only", args.tracking_uri, args.out)
+        else:
+            log.info("MLflow run %s at %s", run_id, args.tracking_uri)
     for row in result.report.rows:
         log.info(
             "%-45s model %10.4g  oracle %10.4g  chance %10.4g %s", row.name, row.model, row.oracle, row.chance, row.unit
