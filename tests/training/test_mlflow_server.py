@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TRAINER_ENV, trainer_command
+from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TRAINER_ENV, tracking_store, trainer_command
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
@@ -30,7 +30,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# Start-up (imports, schema migrations, the web app) takes ~20 s on a quiet 2-core machine and
+# Start-up (imports, the web app) takes ~20 s on a quiet 2-core machine and
 # several times that while the other test worker trains; a slow start is waited for as long as
 # the server lives, a dead one fails at once with its log.
 SERVER_START_LIMIT_S = 360
@@ -49,7 +49,7 @@ def start_server(tmp_path: Path, port: int) -> subprocess.Popen:
             "--port",
             str(port),
             "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
+            f"sqlite:///{tracking_store(tmp_path / 'server')}",  # made with its schema: no migrations
             "--default-artifact-root",
             str(tmp_path / "artifacts"),
             "--workers",
@@ -150,7 +150,7 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
     assert "MLflow tracking failed" in output
     assert f"step {STEPS}/{STEPS}" in output and "checkpoint:" in output
     # What the server received before the outage is in its store: the params and the first steps.
-    stored = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'server.db'}")
+    stored = MlflowClient(tracking_uri=f"sqlite:///{tracking_store(tmp_path / 'server')}")
     (run,) = stored.search_runs(stored.get_experiment_by_name("served").experiment_id)
     assert run.data.params["model.hidden_size"] == "32"
     assert run.data.params["parallel.tensor"] == "1"
