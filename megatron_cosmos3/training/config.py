@@ -275,8 +275,7 @@ class TrainConfig:
     def _check_video_patch_size(self) -> None:
         """Shards' media and the eval suite's world become video tokens through the VAEs' 2x2 latent
         patches (docs/DESIGN.md, "Model shapes"); synthetic packs are made at the model's own width."""
-        media = self.data_source == "shards" or self.eval.suite is not None
-        if media and self.model.video_patch_size != VIDEO_PATCH_SIZE:
+        if self.reads_media and self.model.video_patch_size != VIDEO_PATCH_SIZE:
             raise ValueError(
                 f"model.video_patch_size={self.model.video_patch_size}: video tokens made from media are "
                 f"{VIDEO_PATCH_SIZE}x{VIDEO_PATCH_SIZE} patches of VAE latents (32x32 pixels; encoders/video_vae.py "
@@ -370,6 +369,12 @@ class TrainConfig:
         return dataclasses.replace(self.model, embodiments={**self.model.embodiments, **self.stage.new_embodiments})
 
     @property
+    def reads_media(self) -> bool:
+        """Shards or the eval suite's world turn media into tokens (synthetic packs are made at the
+        model's own widths): their pictures and video tokens follow the data path's fixed grids."""
+        return self.data_source == "shards" or self.eval.suite is not None
+
+    @property
     def trains_vision(self) -> bool:
         """The model holds its own ViT, which encodes the packs' pictures in the step and trains:
         exactly when ``model.vision`` (the ViT's config) is set. Without it the loader puts the
@@ -379,7 +384,7 @@ class TrainConfig:
     def _check_vision(self) -> None:
         from megatron_cosmos3.data.vision_features import check_vit_token_size
 
-        if self.data_source == "shards" or self.eval.suite is not None:  # pictures cut on the data's grid
+        if self.reads_media:  # pictures cut on the data's grid
             check_vit_token_size(self.model.vision)
         # The ViT runs on the first pipeline chunk; its DeepStack features join the Reasoner after
         # layers 0..k-1, so those layers must be there too (no stage sends ViT features on).
