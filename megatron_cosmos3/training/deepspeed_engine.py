@@ -15,8 +15,10 @@ for DeepSpeed-Ulysses in ``parallel/ulysses.py``).
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import logging
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -383,7 +385,16 @@ def _deepspeed_checkpoint_classes() -> list:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [ZeroStageEnum, LossScaler, fragment_address]
+    # Python 3.11.0-3.11.4 pickle an enum member as getattr(EnumClass, name): the file then names
+    # the builtin getattr, which stands for the member lookup below and nothing else.
+    return [ZeroStageEnum, LossScaler, fragment_address, (_enum_member, "builtins.getattr")]
+
+
+def _enum_member(cls, name: str):
+    """``getattr`` as an enum member's pickle uses it, for allowlisted enum classes only."""
+    if not (isinstance(cls, type) and issubclass(cls, enum.Enum)) or name not in cls.__members__:
+        raise pickle.UnpicklingError(f"GLOBAL getattr({cls!r}, {name!r}) is not an enum member")
+    return cls[name]
 
 
 class WeightsOnlyCheckpointEngine:
@@ -398,8 +409,6 @@ class WeightsOnlyCheckpointEngine:
         return getattr(self._inner, name)
 
     def load(self, path: str, map_location=None):
-        import pickle
-
         with torch.serialization.safe_globals(_deepspeed_checkpoint_classes()):
             try:
                 return torch.load(path, map_location=map_location, weights_only=True)

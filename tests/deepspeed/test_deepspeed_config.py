@@ -2,6 +2,7 @@
 run are refused while the config loads (before any process group), naming the pair."""
 
 import pytest
+import torch
 
 from megatron_cosmos3.testing.training import TINY_MODEL
 from megatron_cosmos3.training.config import load_config
@@ -86,3 +87,31 @@ def test_ulysses_context_parallelism_is_accepted_with_zero_1_and_2():
 def test_bad_values_name_the_field(overrides, named):
     with pytest.raises(ValueError, match=named):
         config(*overrides)
+
+
+class _ByName:
+    """Pickles as ``getattr(owner, name)``, as Python 3.11.0-3.11.4 pickle an enum member."""
+
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return getattr, (self.owner, self.name)
+
+
+def test_deepspeed_files_load_enum_members_pickled_by_name_and_nothing_else_through_getattr(tmp_path):
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from megatron_cosmos3.checkpoint.safe_reader import UnsafeCheckpointError
+    from megatron_cosmos3.training.deepspeed_engine import WeightsOnlyCheckpointEngine
+
+    engine = WeightsOnlyCheckpointEngine(None)
+    member = tmp_path / "member.pt"
+    torch.save({"zero_stage": _ByName(ZeroStageEnum, "gradients")}, member)
+    assert engine.load(str(member)) == {"zero_stage": ZeroStageEnum.gradients}
+    method = tmp_path / "method.pt"
+    torch.save({"x": _ByName(LossScaler, "update_scale")}, method)
+    with pytest.raises(UnsafeCheckpointError, match="is not an enum member"):
+        engine.load(str(method))
