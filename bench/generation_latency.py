@@ -59,7 +59,7 @@ def main() -> None:
     builder = generation_builder(
         config,
         ByteTokenizer(config.vocab_size),
-        PooledLatentEncoder(config.video_latent_channels, config.audio_latent_dim),
+        PooledLatentEncoder(config.video_latent_channels, config.audio_latent_dim, 0, config.video_patch_size),
     )
     request = GenerationRequest(
         "text_to_audio_video",

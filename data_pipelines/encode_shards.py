@@ -94,7 +94,8 @@ def encode_shards(
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     skipped: Counter = Counter()
     # Actions pass through unchanged, so any embodiment is kept (raw actions of a dataset's robot too).
-    context = SchemaContext(None, encoder.video_token_dim or None, encoder.audio_latent_dim or None, True)
+    patch = encoder.video_patch_size
+    context = SchemaContext(None, encoder.video_token_dim or None, encoder.audio_latent_dim or None, True, patch)
     inputs = ShardIndex.load(in_dir).shards
 
     def encode_part(number: int, writer: ShardWriter) -> None:
@@ -105,7 +106,12 @@ def encode_shards(
                     if isinstance(raw, Skip):
                         raise SampleError(raw.reason, raw.detail)
                     clips = clips_of(
-                        raw, SchemaContext(any_embodiment=True), media, clips_per_sample, seed, (number, index)
+                        raw,
+                        SchemaContext(any_embodiment=True, video_patch_size=patch),
+                        media,
+                        clips_per_sample,
+                        seed,
+                        (number, index),
                     )
                     for k, clip in enumerate(clips):
                         clip.key = clip.key if media.clip_seconds <= 0 else f"{clip.key}-{k:04d}"
@@ -130,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", help="VAE dtype: float32, bfloat16 or float16")
     parser.add_argument("--video-latent-channels", type=int, default=8, help="pooled encoder only")
     parser.add_argument("--audio-latent-dim", type=int, default=16, help="pooled encoder only")
+    parser.add_argument(
+        "--video-patch-size",
+        type=int,
+        default=2,
+        help="latent cells per video token, each side (model.video_patch_size)",
+    )
     parser.add_argument("--shard-size", type=int, default=64, help="samples per output shard, per input shard")
     parser.add_argument("--clip-seconds", type=float, default=0.0, help="cut clips this long (0: whole samples)")
     parser.add_argument("--clip-start", choices=["grid", "random"], default="grid", help="every grid clip, or random")
@@ -142,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.encoder == "vae":
-        encoder = VAELatentEncoder.from_config(LatentEncoderConfig(True, args.video_vae, args.audio_vae, args.dtype))
+        config = LatentEncoderConfig(True, args.video_vae, args.audio_vae, args.dtype)
+        encoder = VAELatentEncoder.from_config(config, args.video_patch_size)
     else:
-        encoder = PooledLatentEncoder(args.video_latent_channels, args.audio_latent_dim)
+        encoder = PooledLatentEncoder(args.video_latent_channels, args.audio_latent_dim, 0, args.video_patch_size)
     buckets = [b for b in args.resolution_buckets.split(",") if b]
     media = MediaConfig(args.fps, buckets, args.clip_seconds, args.clip_start)
     skipped = encode_shards(

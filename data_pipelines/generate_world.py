@@ -61,9 +61,11 @@ def write_world(
     audio_latent_dim: int = 16,
     workers: int = 1,
     video_format: str = "npy",
+    video_patch_size: int = 2,
 ) -> dict[str, Path]:
     """Writes the world under ``out`` (module doc); returns {"raw": dir, "latent": dir (if asked)}.
-    ``video_format``: "npy" (raw frames + WAV) or "mp4" (H.264 + AAC)."""
+    ``video_format``: "npy" (raw frames + WAV) or "mp4" (H.264 + AAC). ``video_patch_size``: the
+    pooled latents' token patch (the model's ``video_patch_size``; recorded in each sample)."""
     if video_format not in ("npy", "mp4"):
         raise ValueError(f"video_format must be 'npy' or 'mp4', got {video_format!r}")
     out, config = Path(out), config or WorldConfig()
@@ -72,12 +74,12 @@ def write_world(
     encoder = None
     if latents == "pooled":
         dirs["latent"] = out / "latent"
-        encoder = PooledLatentEncoder(video_latent_channels, audio_latent_dim)
+        encoder = PooledLatentEncoder(video_latent_channels, audio_latent_dim, 0, video_patch_size)
         writers["latent"] = ShardWriter(
             dirs["latent"],
             "world",
             shard_size,
-            context=SchemaContext(None, video_latent_channels * 4, audio_latent_dim),
+            context=SchemaContext(None, encoder.video_token_dim, audio_latent_dim, video_patch_size=video_patch_size),
         )
     elif latents != "none":
         raise ValueError(f"latents must be 'none' or 'pooled', got {latents!r}")
@@ -135,7 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         "--video-latent-channels",
         type=int,
         default=8,
-        help="pooled video latent channels (a token has 4x as many features)",
+        help="pooled video latent channels (a token has video_patch_size**2 x as many features)",
+    )
+    parser.add_argument(
+        "--video-patch-size",
+        type=int,
+        default=2,
+        help="latent cells per video token, each side (model.video_patch_size)",
     )
     parser.add_argument("--audio-latent-dim", type=int, default=16)
     parser.add_argument("--workers", type=int, default=1, help="processes generating samples")
@@ -172,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         args.audio_latent_dim,
         args.workers,
         args.video_format,
+        args.video_patch_size,
     )
     return 0
 

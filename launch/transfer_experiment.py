@@ -194,7 +194,10 @@ def evaluate(checkpoints: Path, sizes: Sizes, media_dir: Path | None, references
     trained = load_trained_model(checkpoints)
     model = trained.model
     encoder = latent_encoder_from_config(
-        trained.config.data.encoders, model.config.video_latent_channels, model.config.audio_latent_dim
+        trained.config.data.encoders,
+        model.config.video_latent_channels,
+        model.config.audio_latent_dim,
+        model.config.video_patch_size,
     )
     builder = generation_builder(model.config, trained.tokenizer(), encoder, merged_action_stats(trained, None))
     world = WorldConfig(resolution=sizes.resolution, duration_s=sizes.duration_s)

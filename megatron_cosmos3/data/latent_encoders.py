@@ -9,15 +9,17 @@ are turned back into media by the encoder that made the training latents
   ``encoders/audio_vae.py``) loaded from local folders — the real thing, online in the loader's
   workers or offline in ``data_pipelines/encode_shards.py``;
 * ``PooledLatentEncoder``: an analytic stand-in with no weights, for the CPU demo and benchmarks:
-  the same token grids and rates as the VAEs (one video token per 4 frames x 32 x 32 pixels, 25
-  audio tokens per second), its values fixed random projections of pooled colours, motion and
-  band energies. It keeps what a world model needs to see (where things are, when they collide),
-  not what a decoder needs to reconstruct pixels. Its decoder is a least-squares inverse: blocky
-  frames and band-shaped noise (``PooledLatentEncoder.decode_video`` / ``decode_audio`` say what
-  comes back and what cannot).
+  the same token grids and rates as the VAEs (one video token per 4 frames x 16p x 16p pixels for
+  a token patch of p latent cells, 25 audio tokens per second), its values fixed random
+  projections of pooled colours, motion and band energies. It keeps what a world model needs to
+  see (where things are, when they collide), not what a decoder needs to reconstruct pixels. Its
+  decoder is a least-squares inverse: blocky frames and band-shaped noise
+  (``PooledLatentEncoder.decode_video`` / ``decode_audio`` say what comes back and what cannot).
 
 Frame counts and sizes the VAE cannot take are cut here, the data transform's job: a clip keeps
-its first ``1 + 4k`` frames and its centre ``32·m x 32·n`` pixels.
+its first ``1 + 4k`` frames and its centre ``16p·m x 16p·n`` pixels. The token patch ``p`` is the
+model config's ``video_patch_size`` (``latent_encoder_from_config`` takes it; docs/DESIGN.md,
+"Model shapes"); each encoder carries it as ``video_patch_size``.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ from megatron_cosmos3.data.errors import LoaderSetupError
 from megatron_cosmos3.encoders.audio_vae import HOP, AudioLatents, num_audio_tokens, to_stereo_48k
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
 from megatron_cosmos3.encoders.video_vae import (
-    PIXELS_PER_TOKEN,
+    TOKEN_PATCH,
     VAE_SPATIAL_FACTOR,
     VAE_TEMPORAL_FACTOR,
     VideoLatents,
     largest_encodable_frame_count,
     latents_to_tokens,
+    pixels_per_token,
     tokens_to_latents,
 )
 
@@ -44,6 +47,7 @@ from megatron_cosmos3.encoders.video_vae import (
 class LatentEncoder(Protocol):
     kind: str  # the ``encoders.kind`` that builds it
     video_token_dim: int
+    video_patch_size: int  # latent cells per video token, each side
     audio_latent_dim: int
 
     def encode_video(self, frames: np.ndarray, fps: float) -> VideoLatents: ...
@@ -53,7 +57,7 @@ class LatentEncoder(Protocol):
     def encode_audio(self, waveform: np.ndarray, sample_rate: int) -> AudioLatents: ...
 
     def decode_video(self, latents: VideoLatents) -> np.ndarray:
-        """Latent tokens -> ``(1 + 4(t-1), 32h, 32w, 3)`` uint8 RGB frames (one frame for an image)."""
+        """Latent tokens -> ``(1 + 4(t-1), 16p h, 16p w, 3)`` uint8 RGB frames (one frame for an image)."""
         ...
 
     def decode_audio(self, latents: AudioLatents) -> np.ndarray:
@@ -62,19 +66,21 @@ class LatentEncoder(Protocol):
 
 
 def latent_encoder_from_config(
-    config: LatentEncoderConfig, video_latent_channels: int, audio_latent_dim: int
+    config: LatentEncoderConfig, video_latent_channels: int, audio_latent_dim: int, video_patch_size: int
 ) -> LatentEncoder:
-    """The encoder (and so the decoder) ``config.kind`` names, at the model's latent widths.
+    """The encoder (and so the decoder) ``config.kind`` names, at the model's latent widths and
+    video token patch.
 
-    ``video_latent_channels`` / ``audio_latent_dim``: the model config's widths; a VAE whose widths
-    differ is a ValueError naming both (its latents could not be the ones the model learnt).
+    ``video_latent_channels`` / ``audio_latent_dim`` / ``video_patch_size``: the model config's; a
+    VAE whose widths differ is a ValueError naming both (its latents could not be the ones the
+    model learnt).
     """
     config.validate()
     if config.kind == "pooled":
-        return PooledLatentEncoder(video_latent_channels, audio_latent_dim, config.pooled_seed)
-    encoder = VAELatentEncoder.from_config(config)
+        return PooledLatentEncoder(video_latent_channels, audio_latent_dim, config.pooled_seed, video_patch_size)
+    encoder = VAELatentEncoder.from_config(config, video_patch_size)
     for what, vae, width in (
-        ("video", encoder.video_vae, video_latent_channels * 4),
+        ("video", encoder.video_vae, video_latent_channels * video_patch_size**2),
         ("audio", encoder.audio_vae, audio_latent_dim),
     ):
         if vae is not None and vae.token_dim != width:
@@ -113,11 +119,18 @@ def pixels_to_frames(pixels: torch.Tensor) -> np.ndarray:
     return values.to(torch.uint8).permute(1, 2, 3, 0).contiguous().numpy()
 
 
-def encodable_pixels(frames: np.ndarray) -> torch.Tensor:
+def encodable_pixels(frames: np.ndarray, video_patch_size: int = TOKEN_PATCH) -> torch.Tensor:
     """(T, H, W, 3) uint8 -> (3, T', H', W') float32 in [-1, 1]: the first T' = 1 + 4k frames and
-    the centre H' x W' pixels, multiples of 32."""
+    the centre H' x W' pixels, multiples of ``pixels_per_token(video_patch_size)`` (32 at 2).
+    ValueError naming the size when a side is smaller than one token."""
+    side = pixels_per_token(video_patch_size)
+    if min(frames.shape[1:3]) < side:
+        raise ValueError(
+            f"frames of {frames.shape[2]}x{frames.shape[1]} pixels are smaller than one video token "
+            f"({side}x{side} pixels at video_patch_size={video_patch_size})"
+        )
     t = largest_encodable_frame_count(frames.shape[0])
-    h, w = (size // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN for size in frames.shape[1:3])
+    h, w = (size // side * side for size in frames.shape[1:3])
     top, left = (frames.shape[1] - h) // 2, (frames.shape[2] - w) // 2
     clip = torch.from_numpy(np.ascontiguousarray(frames[:t, top : top + h, left : left + w]))
     return clip.permute(3, 0, 1, 2).float() / 127.5 - 1.0
@@ -130,18 +143,24 @@ class VAELatentEncoder:
 
     def __init__(self, video_vae=None, audio_vae=None) -> None:
         self.video_vae, self.audio_vae = video_vae, audio_vae
+        self.video_patch_size = video_vae.patch if video_vae is not None else TOKEN_PATCH
         self.video_token_dim = video_vae.token_dim if video_vae is not None else 0
         self.audio_latent_dim = audio_vae.token_dim if audio_vae is not None else 0
 
     @classmethod
-    def from_config(cls, config: LatentEncoderConfig) -> VAELatentEncoder:
-        """Loads the VAEs named by ``config`` (local diffusers folders) on CPU."""
+    def from_config(cls, config: LatentEncoderConfig, video_patch_size: int = TOKEN_PATCH) -> VAELatentEncoder:
+        """Loads the VAEs named by ``config`` (local diffusers folders) on CPU; video tokens of
+        ``video_patch_size`` latent cells (the model config's)."""
         from megatron_cosmos3.encoders.audio_vae import AudioVAE
         from megatron_cosmos3.encoders.video_vae import VideoVAE
 
         config.validate()
         dtype = config.torch_dtype
-        video = VideoVAE.from_pretrained(config.video_vae_path, dtype=dtype) if config.video_vae_path else None
+        video = (
+            VideoVAE.from_pretrained(config.video_vae_path, dtype=dtype, patch=video_patch_size)
+            if config.video_vae_path
+            else None
+        )
         audio = AudioVAE.from_pretrained(config.audio_vae_path, dtype=dtype) if config.audio_vae_path else None
         return cls(video, audio)
 
@@ -152,10 +171,11 @@ class VAELatentEncoder:
         return vae
 
     def encode_video(self, frames: np.ndarray, fps: float) -> VideoLatents:
-        return self._need(self.video_vae, "video").encode(encodable_pixels(frames), fps)
+        return self._need(self.video_vae, "video").encode(encodable_pixels(frames, self.video_patch_size), fps)
 
     def encode_image(self, image: np.ndarray) -> VideoLatents:
-        return self._need(self.video_vae, "video").encode_image(encodable_pixels(image[None])[:, 0])
+        pixels = encodable_pixels(image[None], self.video_patch_size)[:, 0]
+        return self._need(self.video_vae, "video").encode_image(pixels)
 
     def encode_audio(self, waveform: np.ndarray, sample_rate: int) -> AudioLatents:
         return self._need(self.audio_vae, "audio").encode(torch.from_numpy(waveform), sample_rate)
@@ -202,10 +222,14 @@ class PooledLatentEncoder:
 
     kind = "pooled"
 
-    def __init__(self, video_latent_channels: int, audio_latent_dim: int, seed: int = 0) -> None:
+    def __init__(
+        self, video_latent_channels: int, audio_latent_dim: int, seed: int = 0, video_patch_size: int = TOKEN_PATCH
+    ) -> None:
         generator = torch.Generator().manual_seed(seed)
+        pixels_per_token(video_patch_size)  # checks it
         self.video_latent_channels = video_latent_channels
-        self.video_token_dim = video_latent_channels * 4
+        self.video_patch_size = video_patch_size
+        self.video_token_dim = video_latent_channels * video_patch_size**2
         self.audio_latent_dim = audio_latent_dim
         # Orthogonal columns keep unit-variance features at unit variance.
         self._video_projection = _orthonormal(_VIDEO_FEATURES, video_latent_channels, generator)
@@ -218,7 +242,7 @@ class PooledLatentEncoder:
         self._audio_unprojection = _unprojection(self._audio_projection, ears_alike, 1.0)
 
     def _frame_groups(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(3, 1 + 4k, H, W) -> (t, 24, 2h, 2w) cell features, t = 1 + k (Wan's first frame alone)."""
+        """(3, 1 + 4k, H, W) -> (t, 24, H/16, W/16) cell features, t = 1 + k (Wan's first frame alone)."""
         later = list(pixels[:, 1:].split(VAE_TEMPORAL_FACTOR, dim=1)) if pixels.shape[1] > 1 else []
         groups = [pixels[:, :1]] + later
         features = []
@@ -233,17 +257,18 @@ class PooledLatentEncoder:
         return torch.stack(features)
 
     def _video_tokens(self, pixels: torch.Tensor, fps: float | None) -> VideoLatents:
-        features = self._frame_groups(pixels)  # (t, 24, 2h, 2w)
+        p = self.video_patch_size
+        features = self._frame_groups(pixels)  # (t, 24, p*h, p*w)
         latents = torch.einsum("tfyx,fc->ctyx", features * 2.0, self._video_projection)
-        tokens = latents_to_tokens(latents.unsqueeze(0))[0].contiguous()
+        tokens = latents_to_tokens(latents.unsqueeze(0), p)[0].contiguous()
         t, _, hh, ww = features.shape
-        return VideoLatents(tokens, (t, hh // 2, ww // 2), fps)
+        return VideoLatents(tokens, (t, hh // p, ww // p), fps)
 
     def encode_video(self, frames: np.ndarray, fps: float) -> VideoLatents:
-        return self._video_tokens(encodable_pixels(frames), fps)
+        return self._video_tokens(encodable_pixels(frames, self.video_patch_size), fps)
 
     def encode_image(self, image: np.ndarray) -> VideoLatents:
-        return self._video_tokens(encodable_pixels(image[None]), None)
+        return self._video_tokens(encodable_pixels(image[None], self.video_patch_size), None)
 
     def encode_audio(self, waveform: np.ndarray, sample_rate: int) -> AudioLatents:
         audio = to_stereo_48k(torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)), sample_rate)
@@ -273,18 +298,20 @@ class PooledLatentEncoder:
         anything that changes within a group other than linearly.
         """
         _check_video_latents(latents, self.video_token_dim)
-        t, h, w = latents.grid_thw
-        cells = tokens_to_latents(latents.tokens.detach().float().cpu()[None], latents.grid_thw)[0]  # (C, t, 2h, 2w)
-        features = torch.einsum("ctyx,cf->tfyx", cells, self._video_unprojection)  # (t, 24, 2h, 2w)
+        t = latents.grid_thw[0]
+        tokens = latents.tokens.detach().float().cpu()[None]
+        cells = tokens_to_latents(tokens, latents.grid_thw, self.video_patch_size)[0]  # (C, t, p*h, p*w)
+        features = torch.einsum("ctyx,cf->tfyx", cells, self._video_unprojection)  # (t, 24, ch, cw)
+        ch, cw = features.shape[2:]
         # Feature c * 4 + dy * 2 + dx of cell (y, x) is channel c of sub-block (2y + dy, 2x + dx).
-        blocks = features.reshape(t, _VIDEO_CHANNELS, 2, 2, 2 * h, 2 * w).permute(0, 1, 4, 2, 5, 3)
-        blocks = blocks.reshape(t, _VIDEO_CHANNELS, 4 * h, 4 * w)
+        blocks = features.reshape(t, _VIDEO_CHANNELS, 2, 2, ch, cw).permute(0, 1, 4, 2, 5, 3)
+        blocks = blocks.reshape(t, _VIDEO_CHANNELS, 2 * ch, 2 * cw)
         mean, change = blocks[:, :3], blocks[:, 3:]
         # Group 0 is the first frame alone; each later group ramps linearly over its 4 frames, so its
         # mean is ``mean`` and its last minus first frame is ``change``.
         ramp = torch.linspace(-0.5, 0.5, VAE_TEMPORAL_FACTOR)
         groups = [mean[:1]] + [mean[g] + ramp[:, None, None, None] * change[g] for g in range(1, t)]
-        frames = torch.cat(groups).permute(1, 0, 2, 3)  # (3, T, 4h, 4w)
+        frames = torch.cat(groups).permute(1, 0, 2, 3)  # (3, T, 2ch, 2cw)
         pixels = frames.repeat_interleave(_SUB_BLOCK, dim=2).repeat_interleave(_SUB_BLOCK, dim=3)
         return pixels_to_frames(pixels)
 
@@ -341,6 +368,8 @@ def latent_sample(sample, encoder: LatentEncoder):
     if sample.image is not None:
         image = encoder.encode_image(sample.image)
         out.image_latents, out.image_latent_grid = image.tokens.numpy(), tuple(image.grid_thw)
+    if sample.video is not None or sample.image is not None:
+        out.video_patch_size = encoder.video_patch_size  # recorded: a model of another patch refuses them
     if sample.audio is not None:
         audio = encoder.encode_audio(sample.audio, sample.audio_sample_rate)
         out.audio_latents, out.audio_num_samples = audio.tokens.numpy(), audio.num_samples

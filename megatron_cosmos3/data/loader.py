@@ -127,11 +127,14 @@ class PackedLoader:
         ]
         self.schedule = ShardSchedule(sources, config.seed, dp_rank, dp_world_size, config.epochs)
         if latent_encoder_factory is None and config.encoders.online:
-            latent_encoder_factory = functools.partial(VAELatentEncoder.from_config, config.encoders)
+            latent_encoder_factory = functools.partial(
+                VAELatentEncoder.from_config, config.encoders, model_config.video_patch_size
+            )
         context = SchemaContext(
             {name: e.action_dim for name, e in model_config.embodiments.items()},
             model_config.video_token_dim,
             model_config.audio_latent_dim,
+            video_patch_size=model_config.video_patch_size,
         )
         make_builders = functools.partial(
             _make_builders,

@@ -75,6 +75,12 @@ class SampleBuilder:
     ) -> None:
         self.config, self.tokenizer, self.vision, self.limits = model_config, tokenizer, vision, limits
         self.latent_encoder, self.action_stats = latent_encoder, action_stats
+        patch = None if latent_encoder is None else latent_encoder.video_patch_size
+        if patch is not None and patch != model_config.video_patch_size:
+            raise LoaderSetupError(
+                f"the latent encoder makes video tokens of {patch}x{patch} latent cells (video_patch_size={patch}), "
+                f"but model.video_patch_size={model_config.video_patch_size}"
+            )
         vision_config = getattr(model_config, "vision", None)
         # The AR id under each ViT token is a placeholder the embeddings replace.
         self.vision_token_id = vision_config.image_token_id if vision_config is not None else 0

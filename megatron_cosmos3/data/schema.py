@@ -6,11 +6,13 @@ A sample is a group of tar members sharing a key (``<key>.<field>``). Fields:
 field                  content
 =====================  ===========================================================================
 meta.json              required. JSON object: ``schema`` (= 1) and the keys listed below.
-image.png              a still picture, (H, W, 3) uint8 RGB, H and W >= 32; or ``image.jpg``,
+image.png              a still picture, (H, W, 3) uint8 RGB, H and W >= one video token (32 px at
+                       the default ``video_patch_size`` 2: ``16 * video_patch_size``); or ``image.jpg``,
                        ``image.webp``.
-observation.png        the picture the Reasoner sees through the ViT (a policy's observation); when
-                       absent, the image or the video's first frame is used (also ``.jpg``, ``.webp``).
-video.npy              (T, H, W, 3) uint8 RGB frames, T >= 1, H and W >= 32; needs ``fps``.
+observation.png        the picture the Reasoner sees through the ViT (a policy's observation), H and W
+                       >= one ViT token (32 px); when absent, the image or the video's first frame
+                       is used (also ``.jpg``, ``.webp``).
+video.npy              (T, H, W, 3) uint8 RGB frames, T >= 1, H and W >= one video token; needs ``fps``.
 video.mp4              a video file (also ``video.webm``, ``video.mkv``; ``data/media_files.py``):
                        its frame rate and duration from the file, its audio stream used as the
                        sample's audio when there is no audio file. One video field per sample.
@@ -21,7 +23,8 @@ audio.wav              WAV (PCM or float), any rate (resampled to 48 kHz to enco
 actions.npy            (N, dim) float pseudo-actions (``encoders/pseudo_actions.py``), step i from
                        frame i to i + 1 at ``action_rate_hz``; needs ``embodiment``.
 video_latents.npy      pre-encoded video tokens (t*h*w, D) float16/32 (``encoders/video_vae.py``);
-                       needs ``video_latent_grid`` [t, h, w] and ``fps`` (of the source clip).
+                       needs ``video_latent_grid`` [t, h, w] and ``fps`` (of the source clip);
+                       ``video_patch_size`` records the token patch they were made with (absent: 2).
 image_latents.npy      pre-encoded image tokens (h*w, D); needs ``image_latent_grid`` [1, h, w].
 audio_latents.npy      pre-encoded audio tokens (n, D) at 25/s (``encoders/audio_vae.py``); needs
                        ``audio_num_samples`` (48 kHz samples before padding).
@@ -29,7 +32,7 @@ audio_latents.npy      pre-encoded audio tokens (n, D) at 25/s (``encoders/audio
 
 ``meta.json`` keys: ``caption``, ``instruction``, ``question``, ``answer`` (text; question and
 answer together), ``fps``, ``embodiment``, ``action_rate_hz``, ``video_latent_grid``,
-``image_latent_grid``, ``audio_num_samples``, ``duration_s``; ``timing`` (free-form timing
+``image_latent_grid``, ``video_patch_size``, ``audio_num_samples``, ``duration_s``; ``timing`` (free-form timing
 metadata, e.g. event times in seconds from the first frame), ``source`` (free-form provenance) and
 ``caption_segments`` (timed captions, ``[{"start_s", "end_s", "text"}]``: a clip keeps the segments
 it overlaps, clipped and shifted to its start, and its caption is their texts joined).
@@ -53,6 +56,10 @@ MAX_AUDIO_SAMPLES, the WAV rate in AUDIO_RATE_RANGE_HZ. Float arrays (actions, l
 float16/32/64; after the cast to float32 every value must be finite and within MAX_ABS_VALUE (so
 its square, in the flow-matching loss, is finite too); so must every audio sample, of any file.
 Text must be valid Unicode (no lone surrogates: it is encoded to UTF-8 for the tokenizer).
+
+Video and image latents made with another token patch than the model's (``SchemaContext.video_patch_size``,
+the model config's ``video_patch_size``) are not a bad sample but a run set up wrong: a
+``LoaderSetupError`` naming both sizes stops it (docs/DESIGN.md, "Model shapes").
 """
 
 from __future__ import annotations
@@ -76,12 +83,19 @@ from megatron_cosmos3.data.errors import (
     WRONG_DTYPE,
     WRONG_SHAPE,
     ZERO_LENGTH,
+    LoaderSetupError,
     SampleError,
 )
 from megatron_cosmos3.data.media_files import AUDIO_SUFFIXES, VIDEO_SUFFIXES, decode_media_file
+from megatron_cosmos3.data.vision_features import VIT_PIXELS_PER_TOKEN
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, num_audio_tokens
 from megatron_cosmos3.encoders.pseudo_actions import ACTION_LAYOUTS
-from megatron_cosmos3.encoders.video_vae import PIXELS_PER_TOKEN, largest_encodable_frame_count, num_latent_frames
+from megatron_cosmos3.encoders.video_vae import (
+    TOKEN_PATCH,
+    largest_encodable_frame_count,
+    num_latent_frames,
+    pixels_per_token,
+)
 from megatron_cosmos3.tasks.registry import Modality
 
 SCHEMA_VERSION = 1
@@ -118,6 +132,7 @@ META_KEYS = (
     "action_rate_hz",
     "video_latent_grid",
     "image_latent_grid",
+    "video_patch_size",
     "audio_num_samples",
     "duration_s",
     "timing",
@@ -148,6 +163,7 @@ class Sample:
     video_latent_grid: tuple[int, int, int] | None = None
     image_latents: np.ndarray | None = None  # (h*w, D) float32
     image_latent_grid: tuple[int, int, int] | None = None
+    video_patch_size: int | None = None  # the token patch video/image latents were made with
     audio_latents: np.ndarray | None = None  # (n, D) float32
     audio_num_samples: int | None = None  # at 48 kHz
     duration_s: float | None = None
@@ -183,6 +199,8 @@ class SchemaContext:
 
     embodiments: embodiment name -> action width. Default: the pseudo-action layouts.
     video_token_dim / audio_latent_dim: widths of pre-encoded latents.
+    video_patch_size: latent cells per video token, each side (the model config's): the smallest
+        picture or frame side is one token, and pre-encoded latents must have been made with it.
     """
 
     embodiments: Mapping[str, int] | None = None
@@ -191,6 +209,7 @@ class SchemaContext:
     # Tools that carry actions through without training on them (pre-encoding) accept any
     # embodiment at any width; the loader never does.
     any_embodiment: bool = False
+    video_patch_size: int = TOKEN_PATCH
 
     def action_dim(self, embodiment: str) -> int | None:
         known = self.embodiments if self.embodiments is not None else {k: v.dim for k, v in ACTION_LAYOUTS.items()}
@@ -221,6 +240,8 @@ def encode_sample(sample: Sample, video_format: str = "npy") -> dict[str, bytes 
     for name in ("video_latent_grid", "image_latent_grid"):
         if getattr(sample, name) is not None:
             meta[name] = [int(x) for x in getattr(sample, name)]
+    if sample.video_patch_size is not None:
+        meta["video_patch_size"] = int(sample.video_patch_size)
     if sample.timing:
         meta["timing"] = sample.timing
     if sample.caption_segments:
@@ -276,6 +297,21 @@ def _grid(meta: dict, name: str, needed_by: str) -> tuple[int, int, int]:
     return tuple(grid)
 
 
+def _latent_patch(meta: dict, key: str, model_patch: int) -> int:
+    """The token patch a sample's video/image latents were made with (meta.json ``video_patch_size``,
+    2 where absent: shards written before it was recorded); LoaderSetupError unless ``model_patch``."""
+    patch = meta.get("video_patch_size", TOKEN_PATCH)
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
+        _fail(BAD_METADATA, f"meta.json 'video_patch_size' must be a positive int, got {patch!r}")
+    if patch != model_patch:
+        raise LoaderSetupError(
+            f"sample {key!r}: its video latents were made with video_patch_size={patch} "
+            f"({patch}x{patch} latent cells per token), but model.video_patch_size={model_patch}; "
+            "encode the shards again at the model's size (data_pipelines/encode_shards.py --video-patch-size)"
+        )
+    return patch
+
+
 def _float_rows(array: np.ndarray, name: str, width: int | None, rows: int | None = None) -> np.ndarray:
     """Checks a (rows, width) float array and returns it as float32."""
     if array.dtype.kind != "f":
@@ -297,13 +333,13 @@ def _float_rows(array: np.ndarray, name: str, width: int | None, rows: int | Non
     return values
 
 
-def _picture(data: bytes, name: str) -> np.ndarray:
-    return _picture_size(media.decode_image(data, name), name)
+def _picture(data: bytes, name: str, side: int) -> np.ndarray:
+    return _picture_size(media.decode_image(data, name), name, side)
 
 
-def _picture_size(image: np.ndarray, name: str) -> np.ndarray:
-    if min(image.shape[:2]) < PIXELS_PER_TOKEN:
-        _fail(WRONG_SHAPE, f"{name} is {image.shape[1]}x{image.shape[0]}; both sides must be >= {PIXELS_PER_TOKEN} px")
+def _picture_size(image: np.ndarray, name: str, side: int) -> np.ndarray:
+    if min(image.shape[:2]) < side:
+        _fail(WRONG_SHAPE, f"{name} is {image.shape[1]}x{image.shape[0]}; both sides must be >= {side} px (one token)")
     return image
 
 
@@ -314,17 +350,17 @@ def _one_of(files: Mapping[str, bytes], fields: tuple[str, ...], what: str) -> s
     return present[0] if present else None
 
 
-def _check_frames(video: np.ndarray, name: str) -> np.ndarray:
+def _check_frames(video: np.ndarray, name: str, side: int) -> np.ndarray:
     if video.dtype != np.uint8:
         _fail(WRONG_DTYPE, f"{name} must be uint8 RGB, got dtype {video.dtype}")
     if video.ndim != 4 or video.shape[-1] != 3:
         _fail(WRONG_SHAPE, f"{name} must have shape (T, H, W, 3), got {video.shape}")
     if video.shape[0] == 0:
         _fail(ZERO_LENGTH, f"{name} has 0 frames")
-    if min(video.shape[1:3]) < PIXELS_PER_TOKEN:
+    if min(video.shape[1:3]) < side:
         _fail(
             WRONG_SHAPE,
-            f"{name} frames are {video.shape[2]}x{video.shape[1]}; both sides must be >= {PIXELS_PER_TOKEN} px",
+            f"{name} frames are {video.shape[2]}x{video.shape[1]}; both sides must be >= {side} px (one video token)",
         )
     return video
 
@@ -409,11 +445,14 @@ def decode_sample(
         sample.duration_s = _positive_number(meta, "duration_s", "duration_s", DURATION_RANGE_S)
 
     buckets = clip.buckets()
+    side = pixels_per_token(context.video_patch_size)
     for attribute, fields in (("image", IMAGE_FIELDS), ("observation", OBSERVATION_FIELDS)):
         name = _one_of(files, fields, attribute)
         if name is not None:
-            picture = fit_to_bucket(_picture(files[name], name)[None], buckets)[0]
-            setattr(sample, attribute, _picture_size(picture, name))
+            # An image becomes video tokens; an observation only ViT tokens, whatever the video patch.
+            least = side if attribute == "image" else VIT_PIXELS_PER_TOKEN
+            picture = fit_to_bucket(_picture(files[name], name, least)[None], buckets)[0]
+            setattr(sample, attribute, _picture_size(picture, name, least))
     actions = None
     if "actions.npy" in files:
         if not isinstance(meta.get("embodiment"), str):
@@ -439,7 +478,7 @@ def decode_sample(
     video_field = _one_of(files, VIDEO_FIELDS, "video")
     audio_field = _one_of(files, AUDIO_FIELDS, "audio")
     if video_field == "video.npy":
-        video = _check_frames(media.decode_npy(files[video_field], video_field), video_field)
+        video = _check_frames(media.decode_npy(files[video_field], video_field), video_field, side)
         source_fps = _positive_number(meta, "fps", "a video", FPS_RANGE)
         durations["video"] = len(video) / source_fps
         window = window_for(durations["video"])
@@ -449,13 +488,13 @@ def decode_sample(
         )
         if len(picked) != len(video) or (picked != np.arange(len(video))).any():
             video = video[picked]
-        sample.video = _check_frames(fit_to_bucket(video, buckets), video_field)
+        sample.video = _check_frames(fit_to_bucket(video, buckets), video_field, side)
     elif video_field is not None:
         decoded = decode_media_file(files[video_field], video_field, clip, window_for, True, audio_field is None)
         window, sample.fps = decoded.window, decoded.fps
         if not FPS_RANGE[0] <= sample.fps <= FPS_RANGE[1]:  # the file's own rate sets the RoPE step
             _fail(OUT_OF_RANGE, f"{video_field} runs at {sample.fps:g} fps, outside [{FPS_RANGE[0]}, {FPS_RANGE[1]}]")
-        sample.video = _check_frames(decoded.frames, video_field)
+        sample.video = _check_frames(decoded.frames, video_field, side)
         durations["video"] = decoded.video_duration_s
         if decoded.audio is not None:
             sample.audio, sample.audio_sample_rate = _check_audio(decoded.audio, SAMPLE_RATE, f"{video_field}'s audio")
@@ -518,6 +557,10 @@ def decode_sample(
         ]
     if sample.caption_segments:  # the clip is described by what is said of its own seconds
         sample.caption = " ".join(text for _, _, text in sample.caption_segments)
+    if "video_latents.npy" in files or "image_latents.npy" in files:
+        sample.video_patch_size = _latent_patch(meta, key, context.video_patch_size)
+    elif "video_patch_size" in meta:
+        _fail(MISSING_FIELD, "meta.json names a video_patch_size but the sample has no video or image latents")
     for name, grid_key, width in (
         ("video_latents", "video_latent_grid", context.video_token_dim),
         ("image_latents", "image_latent_grid", context.video_token_dim),

@@ -21,9 +21,11 @@ import numpy as np
 import torch
 
 from megatron_cosmos3.data.errors import WRONG_SHAPE, SampleError
-from megatron_cosmos3.encoders.video_vae import PIXELS_PER_TOKEN
 from megatron_cosmos3.model.config import VisionConfig
 
+# One Reasoner token per 32x32 pixels (Qwen3-VL: 16x16 patches merged 2x2): the ViT's own grid,
+# whatever the video token patch of the Generator's latents (encoders/video_vae.py).
+VIT_PIXELS_PER_TOKEN = 32
 _POOL = 4  # each 32x32 patch is pooled to 4x4 cells x 3 colours = 48 features
 
 
@@ -43,22 +45,22 @@ class VisionFeaturizer(Protocol):
 
 def crop_to_tokens(picture: np.ndarray) -> np.ndarray:
     """The centre of ``picture`` cut to whole 32x32-pixel tokens."""
-    h, w = picture.shape[0] // PIXELS_PER_TOKEN, picture.shape[1] // PIXELS_PER_TOKEN
+    h, w = picture.shape[0] // VIT_PIXELS_PER_TOKEN, picture.shape[1] // VIT_PIXELS_PER_TOKEN
     if h == 0 or w == 0:
         size = f"{picture.shape[0]}x{picture.shape[1]}"
         raise SampleError(WRONG_SHAPE, f"a picture of {size} pixels is smaller than one ViT token")
-    top, left = (picture.shape[0] - h * PIXELS_PER_TOKEN) // 2, (picture.shape[1] - w * PIXELS_PER_TOKEN) // 2
-    return picture[top : top + h * PIXELS_PER_TOKEN, left : left + w * PIXELS_PER_TOKEN]
+    top, left = (picture.shape[0] - h * VIT_PIXELS_PER_TOKEN) // 2, (picture.shape[1] - w * VIT_PIXELS_PER_TOKEN) // 2
+    return picture[top : top + h * VIT_PIXELS_PER_TOKEN, left : left + w * VIT_PIXELS_PER_TOKEN]
 
 
 def check_vit_token_size(config: VisionConfig) -> None:
-    """ValueError naming the fields unless a merged ViT token covers the data's PIXELS_PER_TOKEN
+    """ValueError naming the fields unless a merged ViT token covers the data's VIT_PIXELS_PER_TOKEN
     square (pictures are cut on that grid): run when the training config loads and here."""
-    if config.patch_size * config.spatial_merge_size != PIXELS_PER_TOKEN:
+    if config.patch_size * config.spatial_merge_size != VIT_PIXELS_PER_TOKEN:
         raise ValueError(
             f"model.vision: patch_size*spatial_merge_size={config.patch_size}*{config.spatial_merge_size}="
             f"{config.patch_size * config.spatial_merge_size}, but the data's ViT tokens are "
-            f"{PIXELS_PER_TOKEN}x{PIXELS_PER_TOKEN} pixels"
+            f"{VIT_PIXELS_PER_TOKEN}x{VIT_PIXELS_PER_TOKEN} pixels"
         )
 
 
@@ -89,9 +91,9 @@ class PatchVisionFeatures:
 
     def __call__(self, picture: np.ndarray) -> PictureTokens:
         crop = crop_to_tokens(picture)
-        h, w = crop.shape[0] // PIXELS_PER_TOKEN, crop.shape[1] // PIXELS_PER_TOKEN
+        h, w = crop.shape[0] // VIT_PIXELS_PER_TOKEN, crop.shape[1] // VIT_PIXELS_PER_TOKEN
         pixels = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 127.5 - 1.0
-        pooled = torch.nn.functional.avg_pool2d(pixels, PIXELS_PER_TOKEN // _POOL)  # (3, 4h, 4w)
+        pooled = torch.nn.functional.avg_pool2d(pixels, VIT_PIXELS_PER_TOKEN // _POOL)  # (3, 4h, 4w)
         patches = pooled.reshape(3, h, _POOL, w, _POOL).permute(1, 3, 0, 2, 4).reshape(h * w, -1)
         return PictureTokens((1, h, w), embeds=patches @ self._projection)
 

@@ -1,8 +1,10 @@
-"""Frozen Wan2.2-style video VAE: pixels <-> normalised latent tokens of 32x32 pixels each.
+"""Frozen Wan2.2-style video VAE: pixels <-> normalised latent tokens of ``16p x 16p`` pixels each.
 
 The VAE (diffusers ``AutoencoderKLWan``, as in Wan2.2 TI2V: ``patch_size=2``, residual blocks,
-``z_dim=48``) compresses 4x in time and 16x16 in space. Its latent is then patchified 2x2, so one
-token covers 4 frames x 32 x 32 pixels and has ``z_dim * 4`` features (192 for Wan2.2).
+``z_dim=48``) compresses 4x in time and 16x16 in space. Its latent is then patchified ``p x p``
+(the token patch: the model config's ``video_patch_size``, 2 by default as in Wan2.2), so one token
+covers 4 frames x 16p x 16p pixels (32 x 32 at p = 2) and has ``z_dim * p**2`` features (192 for
+Wan2.2 at p = 2). Every function and class below takes ``p``; the model config is its one source.
 
 Conventions, shared by encode and decode:
 
@@ -12,11 +14,11 @@ Conventions, shared by encode and decode:
   clip must have ``T = 1 + 4k`` frames and gives ``1 + k`` latent frames. Other counts are a
   ``ValueError`` (the VAE itself would silently drop the trailing frames): choosing *which* frames
   to keep is the clip sampler's job; ``largest_encodable_frame_count`` tells it how many.
-- **Size**: ``H`` and ``W`` must be multiples of 32 (``ValueError`` otherwise); resizing or
+- **Size**: ``H`` and ``W`` must be multiples of ``16p`` (``ValueError`` otherwise); resizing or
   cropping is the data transform's job, not the encoder's.
-- **Tokens**: ``(N, z_dim * 4)`` with ``N = t * h * w`` and token grid ``(t, h, w) =
-  (1 + (T - 1) / 4, H / 32, W / 32)``, flattened row-major over ``(t, h, w)``. Feature index
-  ``c * 4 + dy * 2 + dx`` holds latent channel ``c`` at sub-position ``(dy, dx)`` of the 2x2 patch.
+- **Tokens**: ``(N, z_dim * p**2)`` with ``N = t * h * w`` and token grid ``(t, h, w) =
+  (1 + (T - 1) / 4, H / 16p, W / 16p)``, flattened row-major over ``(t, h, w)``. Feature index
+  ``(c * p + dy) * p + dx`` holds latent channel ``c`` at sub-position ``(dy, dx)`` of the patch.
 - **Normalisation**: tokens are normalised latents ``(z - latents_mean[c]) / latents_std[c]`` with
   the per-channel statistics from the checkpoint's config, so they are near unit scale for flow
   matching. Encoding takes the posterior mean (deterministic, so online and offline encoding of
@@ -39,15 +41,22 @@ from megatron_cosmos3.encoders.frozen import FrozenPretrained, load_local_diffus
 
 VAE_TEMPORAL_FACTOR = 4  # frames per latent frame (after the first)
 VAE_SPATIAL_FACTOR = 16  # pixels per latent cell, each side
-TOKEN_PATCH = 2  # latent cells per token, each side
-PIXELS_PER_TOKEN = VAE_SPATIAL_FACTOR * TOKEN_PATCH  # 32
+# Latent cells per token, each side, where no model config says (Wan2.2's; the tools' default).
+TOKEN_PATCH = 2
+
+
+def pixels_per_token(patch: int) -> int:
+    """Pixels per video token, each side, for a token patch of ``patch`` latent cells (32 at 2)."""
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
+        raise ValueError(f"video_patch_size must be a positive int, got {patch!r}")
+    return VAE_SPATIAL_FACTOR * patch
 
 
 @dataclass(frozen=True)
 class VideoLatents:
     """One clip's latent tokens.
 
-    tokens: (t * h * w, z_dim * 4) float32 normalised latents, row-major over the grid.
+    tokens: (t * h * w, z_dim * p**2) float32 normalised latents, row-major over the grid.
     grid_thw: token grid (t, h, w).
     fps: frame rate of the source clip in frames per second; ``None`` for a still image.
     """
@@ -81,43 +90,49 @@ def largest_encodable_frame_count(num_frames: int) -> int:
     return 1 + (num_frames - 1) // VAE_TEMPORAL_FACTOR * VAE_TEMPORAL_FACTOR
 
 
-def token_grid(num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-    """Token grid (t, h, w) of a ``(3, num_frames, height, width)`` clip; ValueError if not encodable."""
+def token_grid(num_frames: int, height: int, width: int, patch: int = TOKEN_PATCH) -> tuple[int, int, int]:
+    """Token grid (t, h, w) of a ``(3, num_frames, height, width)`` clip cut into tokens of ``patch``
+    latent cells; ValueError if not encodable."""
+    side = pixels_per_token(patch)
     for name, size in (("height", height), ("width", width)):
-        if size <= 0 or size % PIXELS_PER_TOKEN != 0:
-            raise ValueError(f"video {name} is {size}; it must be a positive multiple of {PIXELS_PER_TOKEN}")
-    return num_latent_frames(num_frames), height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
+        if size <= 0 or size % side != 0:
+            raise ValueError(
+                f"video {name} is {size}; it must be a positive multiple of {side} (video_patch_size={patch})"
+            )
+    return num_latent_frames(num_frames), height // side, width // side
 
 
-def latents_to_tokens(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, t, 2h, 2w) latents -> (B, t*h*w, C*4) tokens (2x2 patchify, layout in module doc).
-    ValueError naming the shape when the latent height or width is not a multiple of 2."""
-    if latents.dim() != 5 or latents.shape[3] % TOKEN_PATCH or latents.shape[4] % TOKEN_PATCH:
+def latents_to_tokens(latents: torch.Tensor, patch: int = TOKEN_PATCH) -> torch.Tensor:
+    """(B, C, t, p*h, p*w) latents -> (B, t*h*w, C*p*p) tokens (p x p patchify, layout in module doc).
+    ValueError naming the shape when the latent height or width is not a multiple of p."""
+    pixels_per_token(patch)  # checks patch
+    if latents.dim() != 5 or latents.shape[3] % patch or latents.shape[4] % patch:
         raise ValueError(
             f"latents of shape {tuple(latents.shape)}: expected (B, C, t, H, W) with H and W multiples of "
-            f"{TOKEN_PATCH} (a token is a {TOKEN_PATCH}x{TOKEN_PATCH} patch of latents)"
+            f"{patch} (a token is a {patch}x{patch} patch of latents)"
         )
     b, c, t, hh, ww = latents.shape
-    h, w = hh // TOKEN_PATCH, ww // TOKEN_PATCH
-    x = latents.reshape(b, c, t, h, TOKEN_PATCH, w, TOKEN_PATCH)
+    h, w = hh // patch, ww // patch
+    x = latents.reshape(b, c, t, h, patch, w, patch)
     x = x.permute(0, 2, 3, 5, 1, 4, 6)  # b, t, h, w, c, dy, dx
-    return x.reshape(b, t * h * w, c * TOKEN_PATCH * TOKEN_PATCH)
+    return x.reshape(b, t * h * w, c * patch * patch)
 
 
-def tokens_to_latents(tokens: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
-    """(B, t*h*w, C*4) tokens -> (B, C, t, 2h, 2w) latents; exact inverse of ``latents_to_tokens``.
-    ValueError naming the shapes when the tokens do not fit the grid or are not C*4 wide."""
+def tokens_to_latents(tokens: torch.Tensor, grid_thw: tuple[int, int, int], patch: int = TOKEN_PATCH) -> torch.Tensor:
+    """(B, t*h*w, C*p*p) tokens -> (B, C, t, p*h, p*w) latents; exact inverse of ``latents_to_tokens``.
+    ValueError naming the shapes when the tokens do not fit the grid or are not C*p*p wide."""
+    pixels_per_token(patch)
     t, h, w = grid_thw
-    if tokens.dim() != 3 or tokens.shape[1] != t * h * w or tokens.shape[2] % TOKEN_PATCH**2:
+    if tokens.dim() != 3 or tokens.shape[1] != t * h * w or tokens.shape[2] % patch**2:
         raise ValueError(
             f"tokens of shape {tuple(tokens.shape)} do not fit grid {tuple(grid_thw)}: expected "
-            f"(B, {t * h * w}, C*{TOKEN_PATCH**2})"
+            f"(B, {t * h * w}, C*{patch**2}) (video_patch_size={patch})"
         )
     b, n, d = tokens.shape
-    c = d // (TOKEN_PATCH * TOKEN_PATCH)
-    x = tokens.reshape(b, t, h, w, c, TOKEN_PATCH, TOKEN_PATCH)
+    c = d // (patch * patch)
+    x = tokens.reshape(b, t, h, w, c, patch, patch)
     x = x.permute(0, 4, 1, 2, 5, 3, 6)  # b, c, t, h, dy, w, dx
-    return x.reshape(b, c, t, h * TOKEN_PATCH, w * TOKEN_PATCH)
+    return x.reshape(b, c, t, h * patch, w * patch)
 
 
 def _check_architecture(config: dict, path: str | Path) -> None:
@@ -150,23 +165,31 @@ def _check_architecture(config: dict, path: str | Path) -> None:
 
 
 class VideoVAE(FrozenPretrained):
-    """Frozen Wan2.2-style video VAE producing 32x32-pixel latent tokens (see module doc)."""
+    """Frozen Wan2.2-style video VAE producing tokens of ``patch x patch`` latent cells (module doc)."""
 
-    def __init__(self, vae: AutoencoderKLWan) -> None:
+    def __init__(self, vae: AutoencoderKLWan, patch: int = TOKEN_PATCH) -> None:
         super().__init__(vae)
+        self.patch = patch
+        self.pixels_per_token = pixels_per_token(patch)
         config = vae.config
         # (1, C, 1, 1, 1) to broadcast over (B, C, t, h, w) latents; kept float32 on CPU and moved
         # per call, so they follow the VAE wherever FrozenPretrained.to puts it.
         self._mean = torch.tensor(config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self._std = torch.tensor(config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self.z_dim: int = config.z_dim
-        self.token_dim: int = config.z_dim * TOKEN_PATCH * TOKEN_PATCH
+        self.token_dim: int = config.z_dim * patch * patch
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        patch: int = TOKEN_PATCH,
     ) -> VideoVAE:
-        """Load a local diffusers ``AutoencoderKLWan`` folder (config.json + safetensors), frozen.
+        """Load a local diffusers ``AutoencoderKLWan`` folder (config.json + safetensors), frozen,
+        making tokens of ``patch x patch`` latent cells.
 
         Raises FileNotFoundError for a missing folder/config/weights, ValueError for a folder of
         another class or a VAE that is not 4x temporal / 16x spatial with per-channel statistics.
@@ -175,11 +198,11 @@ class VideoVAE(FrozenPretrained):
         _check_architecture(config, path)
         from diffusers import AutoencoderKLWan
 
-        return cls(load_local_diffusers(AutoencoderKLWan, path, dtype=dtype, device=device))
+        return cls(load_local_diffusers(AutoencoderKLWan, path, dtype=dtype, device=device), patch)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, fps: float) -> VideoLatents:
-        """Encode one clip ``(3, T, H, W)`` in [-1, 1] (T = 1 + 4k, H, W multiples of 32)."""
+        """Encode one clip ``(3, T, H, W)`` in [-1, 1] (T = 1 + 4k, H, W multiples of ``pixels_per_token``)."""
         if video.dim() != 4:
             raise ValueError(f"expected one clip of shape (3, T, H, W), got shape {tuple(video.shape)}")
         return self.encode_batch(video.unsqueeze(0), fps)[0]
@@ -206,18 +229,18 @@ class VideoVAE(FrozenPretrained):
         rates = [float(fps)] * batch if isinstance(fps, (int, float)) else [float(r) for r in fps]
         if len(rates) != batch:
             raise ValueError(f"got {len(rates)} fps values for {batch} clips")
-        grid = token_grid(*videos.shape[2:])
+        grid = token_grid(*videos.shape[2:], self.patch)
 
         vae = self.module
         x = videos.to(device=self.device, dtype=self.dtype)
         latents = vae.encode(x).latent_dist.mode().float()
         latents = (latents - self._mean.to(latents.device)) / self._std.to(latents.device)
-        tokens = latents_to_tokens(latents)
+        tokens = latents_to_tokens(latents, self.patch)
         return [VideoLatents(tokens[i], grid, rate) for i, rate in enumerate(rates)]
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
-        """Decode ``(t*h*w, z_dim*4)`` tokens on grid ``(t, h, w)`` -> ``(3, 1 + 4(t-1), 32h, 32w)``.
+        """Decode ``(t*h*w, token_dim)`` tokens on grid ``(t, h, w)`` -> ``(3, 1 + 4(t-1), 16p h, 16p w)``.
 
         Returns float32 pixels in [-1, 1].
         """
@@ -227,6 +250,7 @@ class VideoVAE(FrozenPretrained):
                 f"tokens of shape {tuple(tokens.shape)} do not fit grid {tuple(grid_thw)}: "
                 f"expected ({t * h * w}, {self.token_dim})"
             )
-        latents = tokens_to_latents(tokens.unsqueeze(0).to(device=self.device, dtype=torch.float32), grid_thw)
+        latents = tokens.unsqueeze(0).to(device=self.device, dtype=torch.float32)
+        latents = tokens_to_latents(latents, grid_thw, self.patch)
         latents = latents * self._std.to(latents.device) + self._mean.to(latents.device)
         return self.module.decode(latents.to(self.dtype)).sample[0].float()

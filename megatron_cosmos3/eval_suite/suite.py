@@ -21,6 +21,7 @@ from megatron_cosmos3.data.sample_builder import SampleBuilder
 from megatron_cosmos3.data.tokenizer import Tokenizer
 from megatron_cosmos3.encoders.action_normalization import ActionStats
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
+from megatron_cosmos3.encoders.video_vae import pixels_per_token
 from megatron_cosmos3.eval_suite.cases import ACTION_TASKS, Case, held_out_cases
 from megatron_cosmos3.eval_suite.closed_loop import ReferenceCache, closed_loop_rows_for
 from megatron_cosmos3.eval_suite.config import SuiteConfig, model_action_rates
@@ -67,6 +68,12 @@ class EvalSuite:
         self.builder, self.decoder, self.tokenizer = builder, decoder, tokenizer
         self.trained_tasks = list(trained_tasks)
         self.action_stats = action_stats
+        side = pixels_per_token(model.config.video_patch_size)
+        if config.resolution % side:  # generated frames would be cut smaller than the truth's
+            raise ValueError(
+                f"eval suite: resolution={config.resolution} is not a multiple of the model's video token "
+                f"({side} pixels at model.video_patch_size={model.config.video_patch_size})"
+            )
         self.skipped = {task: "not trained" for task in config.tasks if task not in self.trained_tasks}
         # The world acts at the model's rates: the truth's actions are sampled as the model's are.
         self.action_rates = model_action_rates(model.config)
@@ -96,7 +103,7 @@ class EvalSuite:
         """The suite for a run's model: its latent encoder (``encoders``, the run's
         ``data.encoders``) and the generation builder over its tokenizer and statistics."""
         decoder = latent_encoder_from_config(
-            encoders, model.config.video_latent_channels, model.config.audio_latent_dim
+            encoders, model.config.video_latent_channels, model.config.audio_latent_dim, model.config.video_patch_size
         )
         builder = generation_builder(model.config, tokenizer, decoder, action_stats)
         return cls(config, model, builder, decoder, tokenizer, trained_tasks, action_stats)

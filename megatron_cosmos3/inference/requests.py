@@ -31,7 +31,7 @@ from megatron_cosmos3.data.tokenizer import Tokenizer
 from megatron_cosmos3.data.vision_features import vision_featurizer
 from megatron_cosmos3.encoders.action_normalization import ActionStats
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, num_audio_tokens
-from megatron_cosmos3.encoders.video_vae import PIXELS_PER_TOKEN, VAE_TEMPORAL_FACTOR, num_latent_frames
+from megatron_cosmos3.encoders.video_vae import VAE_TEMPORAL_FACTOR, num_latent_frames, pixels_per_token
 from megatron_cosmos3.inference.solvers import SamplerConfig
 from megatron_cosmos3.model.config import MoTConfig
 from megatron_cosmos3.model.packed_batch import action_stream_key
@@ -56,7 +56,8 @@ class GenerationRequest:
     actions: (N, dim) float32 pseudo-actions of ``embodiment``, un-normalised — conditioning actions.
     embodiment: whose actions are conditioned on or generated.
     duration_s / num_frames / fps: the length of the clip (module doc); num_frames wins.
-    resolution: (height, width) in pixels, multiples of 32; default: that of the given picture.
+    resolution: (height, width) in pixels, multiples of one video token (``16 * model.video_patch_size``:
+        32 at 2); default: that of the given picture, cut to whole tokens.
     seed, steps, solver, guidance, shift: the sampler (``SamplerConfig``; classifier-free guidance
         scale, 1 = conditional only).
     """
@@ -181,18 +182,31 @@ class _Streams:
         return None
 
     def grid_hw(self, frames: np.ndarray | None) -> tuple[int, int]:
+        """The token grid's (h, w): of the pictures cut to whole tokens, else of ``resolution``, in
+        tokens of the model's ``video_patch_size``."""
         request = self.request
-        size = None if frames is None else tuple(encodable_pixels(frames[:1]).shape[2:])
+        patch = self.config.video_patch_size
+        side = pixels_per_token(patch)
+        size = None
+        if frames is not None:
+            try:
+                size = tuple(encodable_pixels(frames[:1], patch).shape[2:])
+            except ValueError as error:
+                raise _error(request, f"the conditioning picture: {error}") from None
         if request.resolution is not None:
             height, width = request.resolution
-            if height <= 0 or width <= 0 or height % PIXELS_PER_TOKEN or width % PIXELS_PER_TOKEN:
-                raise _error(request, f"resolution={request.resolution} must be positive multiples of 32 pixels")
+            if height <= 0 or width <= 0 or height % side or width % side:
+                raise _error(
+                    request,
+                    f"resolution={request.resolution} must be positive multiples of {side} pixels "
+                    f"(one video token at model.video_patch_size={patch})",
+                )
             if size is not None and size != (height, width):
                 raise _error(request, f"resolution={request.resolution} differs from the given pictures' {size}")
             size = (height, width)
         if size is None:
             raise _error(request, "resolution (height, width) is needed: no picture gives it")
-        return size[0] // PIXELS_PER_TOKEN, size[1] // PIXELS_PER_TOKEN
+        return size[0] // side, size[1] // side
 
     def video(self) -> tuple[torch.Tensor, tuple[int, int, int], float]:
         """The whole clip's tokens (conditioning frames encoded, the rest zeros), grid, duration."""

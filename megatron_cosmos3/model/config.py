@@ -13,10 +13,9 @@ from megatron_cosmos3.model.transformer_engine import LINEAR_IMPLS
 # The FPS rule: one second of real time spans TPS_BASE temporal position units in every stream
 # (24 fps video, 4x temporally compressed by the VAE -> 6 latent frames per second).
 TPS_BASE = 6.0
-# Latent cells per video token, each side: the one size the data path, the VAEs' token layout and
-# the decoders know (encoders/video_vae.py TOKEN_PATCH, checked equal in tests/model/test_config.py).
-# The model itself takes any size (its projections are video_latent_channels * size**2 wide); a run
-# that makes or decodes video tokens from media refuses another (TrainConfig).
+# Latent cells per video token, each side, by default (Wan2.2's; encoders/video_vae.py TOKEN_PATCH,
+# checked equal in tests/model/test_config.py). Any size works: MoTConfig.video_patch_size is the one
+# source the encoders, the shard schema, generation requests and the decoders read it from.
 VIDEO_PATCH_SIZE = 2
 
 
@@ -117,9 +116,10 @@ class MoTConfig:
     mrope_section: list[int] = field(default_factory=list)
     tie_word_embeddings: bool = False
     init_std: float = 0.02
-    # DM token streams. A video token is a 2x2 patch of VAE latents (32x32 pixels overall).
+    # DM token streams. A video token is a video_patch_size x video_patch_size patch of VAE latents
+    # (16 * video_patch_size pixels each side: 32x32 at 2).
     video_latent_channels: int = 8
-    video_patch_size: int = 2
+    video_patch_size: int = VIDEO_PATCH_SIZE
     audio_latent_dim: int = 16
     embodiments: dict[str, EmbodimentConfig] = field(
         default_factory=lambda: {

@@ -205,7 +205,10 @@ def run_requests(trained: TrainedModel, specs: list[RequestSpec], out: Path, act
     tokenizer = trained.tokenizer()
     model = trained.model
     decoder = latent_encoder_from_config(
-        config.data.encoders, model.config.video_latent_channels, model.config.audio_latent_dim
+        config.data.encoders,
+        model.config.video_latent_channels,
+        model.config.audio_latent_dim,
+        model.config.video_patch_size,
     )
     builder = generation_builder(model.config, tokenizer, decoder, merged_action_stats(trained, action_stats))
     names = [spec.name or f"{i:03d}_{spec.task}" for i, spec in enumerate(specs)]
@@ -295,8 +298,8 @@ def task_table() -> str:
             flags for the inputs: image -> --image, video -> --video (.mp4/.webm/.mkv/.mov or a
             (T, H, W, 3) uint8 .npy with --fps), audio -> --audio (.wav), actions -> --actions
             ((N, dim) .npy, physical units), embodiment -> --embodiment, duration -> --duration or
-            --num-frames (1 + 4k), resolution -> --resolution HxW (multiples of 32). A task the
-            checkpoint was not trained for is refused."""
+            --num-frames (1 + 4k), resolution -> --resolution HxW (whole video tokens: multiples of
+            16 x model.video_patch_size). A task the checkpoint was not trained for is refused."""
         )
     )
     return "\n".join(lines)
@@ -326,7 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-frames", type=int, help="clip length in frames (1 + 4k); wins over --duration")
     parser.add_argument("--fps", type=float, help="frame rate (default: the conditioning video's, else 24)")
     parser.add_argument(
-        "--resolution", help="HEIGHTxWIDTH in pixels, multiples of 32 (default: the conditioning picture's)"
+        "--resolution",
+        help="HEIGHTxWIDTH in pixels, multiples of 16 x model.video_patch_size (32 by default; default: the "
+        "conditioning picture's)",
     )
     parser.add_argument("--steps", type=int, default=8, help="denoising steps (default 8)")
     parser.add_argument("--solver", choices=SOLVERS, default="euler")

@@ -33,7 +33,7 @@ def action_stats(seed: int = 0) -> ActionStats:
 
 def generation_setup(config: MoTConfig, stats: ActionStats | None = None) -> SampleBuilder:
     """The data path's builder for ``config``: byte tokenizer, pooled latents, ``stats``."""
-    encoder = PooledLatentEncoder(config.video_latent_channels, config.audio_latent_dim)
+    encoder = PooledLatentEncoder(config.video_latent_channels, config.audio_latent_dim, 0, config.video_patch_size)
     return generation_builder(config, ByteTokenizer(config.vocab_size), encoder, stats)
 
 

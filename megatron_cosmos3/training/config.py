@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfig
 from megatron_cosmos3.eval_suite.config import SuiteConfig
-from megatron_cosmos3.model.config import VIDEO_PATCH_SIZE, EmbodimentConfig, MoTConfig
+from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
 from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig
 from megatron_cosmos3.parallel.data_parallel import ADAMW_IMPLS
 from megatron_cosmos3.parallel.sizes import ParallelSizes
@@ -270,17 +270,6 @@ class TrainConfig:
             self.held_out_data().validate()
         if self.trains_vision:
             self._check_vision()
-        self._check_video_patch_size()
-
-    def _check_video_patch_size(self) -> None:
-        """Shards' media and the eval suite's world become video tokens through the VAEs' 2x2 latent
-        patches (docs/DESIGN.md, "Model shapes"); synthetic packs are made at the model's own width."""
-        if self.reads_media and self.model.video_patch_size != VIDEO_PATCH_SIZE:
-            raise ValueError(
-                f"model.video_patch_size={self.model.video_patch_size}: video tokens made from media are "
-                f"{VIDEO_PATCH_SIZE}x{VIDEO_PATCH_SIZE} patches of VAE latents (32x32 pixels; encoders/video_vae.py "
-                "TOKEN_PATCH), and this run reads shards or evaluates the suite; only synthetic runs take another size"
-            )
 
     def _check_gpu_paths(self) -> None:
         """The precision and GPU-path switches that cannot work together, on any machine (whether
@@ -371,7 +360,7 @@ class TrainConfig:
     @property
     def reads_media(self) -> bool:
         """Shards or the eval suite's world turn media into tokens (synthetic packs are made at the
-        model's own widths): their pictures and video tokens follow the data path's fixed grids."""
+        model's own widths): their pictures follow the ViT's fixed grid."""
         return self.data_source == "shards" or self.eval.suite is not None
 
     @property

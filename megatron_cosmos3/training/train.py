@@ -280,7 +280,10 @@ def log_generation_samples(run: Run, tracker: MLflowTracker, step: int) -> None:
     out = Path(config.checkpoint.directory) / "samples" / name
     model_config = run.model.config
     decoder = latent_encoder_from_config(
-        config.data.encoders, model_config.video_latent_channels, model_config.audio_latent_dim
+        config.data.encoders,
+        model_config.video_latent_channels,
+        model_config.audio_latent_dim,
+        model_config.video_patch_size,
     )
     checkpoint = str(Path(config.checkpoint.directory) / name)
     folders = write_held_out(out, held_out, generated, decoder, checkpoint, step)

@@ -16,7 +16,7 @@ from megatron_cosmos3.data.latent_encoders import (
 )
 from megatron_cosmos3.encoders.audio_vae import AudioLatents
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
-from megatron_cosmos3.encoders.video_vae import VideoLatents
+from megatron_cosmos3.encoders.video_vae import VideoLatents, tokens_to_latents
 from megatron_cosmos3.testing.tiny_vaes import tiny_oobleck_vae, tiny_wan_vae
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
@@ -49,7 +49,7 @@ def blocky_clip(frames: int, height: int, width: int, block: int, seed: int = 0)
 
 
 def test_vae_decoding_gives_frames_and_waveform_of_the_encoded_shape_and_duration(vae_config):
-    encoder = latent_encoder_from_config(vae_config, VIDEO_CHANNELS, AUDIO_DIM)
+    encoder = latent_encoder_from_config(vae_config, VIDEO_CHANNELS, AUDIO_DIM, 2)
     assert isinstance(encoder, VAELatentEncoder)
     clip = blocky_clip(9, 64, 96, 16)
     latents = encoder.encode_video(clip, 12.5)
@@ -70,7 +70,7 @@ def test_vae_widths_that_differ_from_the_model_are_an_error_naming_both(vae_conf
     with pytest.raises(
         ValueError, match=r"encoders.video_vae_path=.* width 16; the model's video tokens have width 32"
     ):
-        latent_encoder_from_config(vae_config, 8, AUDIO_DIM)
+        latent_encoder_from_config(vae_config, 8, AUDIO_DIM, 2)
 
 
 def test_decoding_without_the_vae_is_an_error_naming_the_config_field():
@@ -83,14 +83,31 @@ def test_decoding_without_the_vae_is_an_error_naming_the_config_field():
 
 
 @pytest.mark.parametrize("channels", [8, 32])  # the tiny model's (narrower than a cell's 24 features) and wider
-def test_pooled_flat_colour_clip_comes_back_its_colour(channels):
-    encoder = latent_encoder_from_config(LatentEncoderConfig(kind="pooled"), channels, 16)
+@pytest.mark.parametrize("patch", [1, 2, 4])
+def test_pooled_flat_colour_clip_comes_back_its_colour(channels, patch):
+    encoder = latent_encoder_from_config(LatentEncoderConfig(kind="pooled"), channels, 16, patch)
     assert isinstance(encoder, PooledLatentEncoder)
-    clip = np.empty((9, 64, 96, 3), np.uint8)
+    clip = np.empty((9, 64, 128, 3), np.uint8)
     clip[...] = (200, 50, 120)
-    frames = encoder.decode_video(encoder.encode_video(clip, 24.0))
+    latents = encoder.encode_video(clip, 24.0)
+    assert latents.grid_thw == (3, 4 // patch, 8 // patch) and latents.tokens.shape[1] == channels * patch**2
+    frames = encoder.decode_video(latents)
     assert frames.shape == clip.shape
     assert np.abs(frames.astype(int) - clip).max() <= 1
+    # The same cells whatever the patch: the patch only groups them into tokens.
+    reference = PooledLatentEncoder(channels, 16, 0, 1).encode_video(clip, 24.0)
+    cells = tokens_to_latents(latents.tokens[None], latents.grid_thw, patch)
+    assert torch.equal(cells, tokens_to_latents(reference.tokens[None], reference.grid_thw, 1))
+    # A picture smaller than one token of this patch is refused, naming both.
+    with pytest.raises(ValueError, match=rf"smaller than one video token \({16 * patch}x{16 * patch} pixels"):
+        encoder.encode_image(np.zeros((16 * patch - 8, 64, 3), np.uint8))
+
+
+def test_the_vae_encoder_makes_and_decodes_tokens_of_the_models_patch(vae_config):
+    encoder = latent_encoder_from_config(vae_config, VIDEO_CHANNELS, AUDIO_DIM, 1)
+    assert encoder.video_patch_size == 1 and encoder.video_token_dim == VIDEO_CHANNELS
+    latents = encoder.encode_video(blocky_clip(5, 48, 32, 16), 12.5)
+    assert latents.grid_thw == (2, 3, 2) and encoder.decode_video(latents).shape == (5, 48, 32, 3)
 
 
 def test_pooled_video_inverse_is_exact_for_what_it_keeps_and_loses_the_rest():

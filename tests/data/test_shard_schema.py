@@ -3,11 +3,13 @@ them; shards are reproducible; any URL WebDataset opens (file:, pipe:) reads the
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from world_helpers import tiny_world
 
-from megatron_cosmos3.data.errors import SampleError
+from megatron_cosmos3.data.errors import LoaderSetupError, SampleError
 from megatron_cosmos3.data.schema import Sample, SchemaContext, decode_sample, encode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter
 from megatron_cosmos3.data.shards import ShardIndex, read_shard, resolve_shards
@@ -74,6 +76,33 @@ def test_latent_fields_are_checked_against_the_model_widths():
     assert decoded.video_latents.dtype == np.float32 and decoded.latent_frames == 2
     with pytest.raises(SampleError, match="wrong_shape"):
         decode_sample(encode_sample(sample), SchemaContext(video_token_dim=32))
+
+
+def test_latents_record_their_token_patch_and_a_model_of_another_refuses_them_naming_both():
+    """Width alone cannot tell patches apart (4 channels x 2x2 = 16 channels x 1x1): the patch is recorded."""
+    sample = Sample(
+        key="lat", caption="x", video_latents=np.zeros((8, 16), np.float32), video_latent_grid=(2, 2, 2), fps=30.0
+    )
+    for patch in (1, 4):
+        written = encode_sample(replace(sample, video_patch_size=patch))
+        decoded = decode_sample(written, SchemaContext(video_token_dim=16, video_patch_size=patch))
+        assert decoded.video_patch_size == patch
+        with pytest.raises(LoaderSetupError, match=rf"'lat'.*video_patch_size={patch} .*model.video_patch_size=2"):
+            decode_sample(written, SchemaContext(video_token_dim=16))
+    # Shards written before the patch was recorded hold 2x2 patches.
+    assert decode_sample(encode_sample(sample), SchemaContext(video_token_dim=16)).video_patch_size == 2
+    with pytest.raises(LoaderSetupError, match=r"video_patch_size=2 .*model.video_patch_size=1"):
+        decode_sample(encode_sample(sample), SchemaContext(video_token_dim=16, video_patch_size=1))
+
+
+@pytest.mark.parametrize("patch", [1, 4])
+def test_the_smallest_picture_is_one_video_token_of_the_models_patch(patch):
+    side = 16 * patch
+    small = Sample(key="s", caption="x", image=np.zeros((side - 8, 64, 3), np.uint8))
+    with pytest.raises(SampleError, match=rf"image.png is 64x{side - 8}; both sides must be >= {side} px"):
+        decode_sample(encode_sample(small), SchemaContext(video_patch_size=patch))
+    fits = Sample(key="s", caption="x", video=np.zeros((1, side, 64, 3), np.uint8), fps=10.0)
+    assert decode_sample(encode_sample(fits), SchemaContext(video_patch_size=patch)).video.shape == (1, side, 64, 3)
 
 
 def test_shard_writer_counts_samples_per_shard_and_is_reproducible(tmp_path):

@@ -170,6 +170,40 @@ def test_patchify_round_trip_is_exact():
         tokens_to_latents(torch.randn(1, 4, 6), (1, 2, 2))
 
 
+@pytest.mark.parametrize("patch", [1, 2, 3, 4])
+def test_patchify_round_trips_and_keeps_the_documented_layout_at_every_patch_size(patch):
+    latents = torch.randn(2, Z_DIM, 3, 2 * patch, 3 * patch)
+    tokens = latents_to_tokens(latents, patch)
+    assert tokens.shape == (2, 3 * 2 * 3, Z_DIM * patch * patch)
+    assert torch.equal(tokens_to_latents(tokens, (3, 2, 3), patch), latents)
+    # Feature (c * p + dy) * p + dx of token (t, h, w) is channel c at latent cell (p*h + dy, p*w + dx):
+    # an independent loop over the module doc's rule.
+    for b, t, h, w, c, dy, dx in [(0, 0, 0, 0, 0, 0, 0), (1, 2, 1, 2, 3, patch - 1, 0), (0, 1, 0, 1, 2, 0, patch - 1)]:
+        token = tokens[b, (t * 2 + h) * 3 + w]
+        assert token[(c * patch + dy) * patch + dx] == latents[b, c, t, patch * h + dy, patch * w + dx]
+    if patch > 1:  # a latent side that is not whole patches is refused, naming the size
+        with pytest.raises(ValueError, match=rf"multiples of {patch} \(a token is a {patch}x{patch} patch"):
+            latents_to_tokens(torch.randn(1, Z_DIM, 1, patch + 1, patch), patch)
+    with pytest.raises(ValueError, match=r"video_patch_size must be a positive int, got 0"):
+        latents_to_tokens(latents, 0)
+
+
+@pytest.mark.parametrize("patch", [1, 4])
+def test_the_vae_makes_and_decodes_tokens_of_its_patch(wan_folder, patch):
+    vae = VideoVAE.from_pretrained(wan_folder, patch=patch)
+    side = 16 * patch
+    video = _video(5, 2 * side, 3 * side)
+    latents = vae.encode(video, fps=24.0)
+    assert latents.grid_thw == (2, 2, 3) and latents.tokens.shape == (12, Z_DIM * patch * patch)
+    raw = vae.module.encode(video[None]).latent_dist.mode()  # (1, C, t, 2p, 3p)
+    mean = torch.tensor(vae.module.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.module.config.latents_std).view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(latents.tokens, latents_to_tokens((raw - mean) / std, patch)[0], atol=1e-5, rtol=0)
+    assert vae.decode(latents.tokens, latents.grid_thw).shape == (3, 5, 2 * side, 3 * side)
+    with pytest.raises(ValueError, match=rf"video height is {side + 8}; it must be a positive multiple of {side}"):
+        vae.encode(_video(1, side + 8, side), fps=24.0)
+
+
 def test_image_is_a_one_frame_video_without_fps(vae):
     image = _video(1, 32, 64)[:, 0]
     as_image = vae.encode_image(image)

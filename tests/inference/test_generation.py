@@ -255,7 +255,11 @@ def test_a_samples_noise_and_result_do_not_depend_on_its_pack_company(model, bui
         ("forward_dynamics", {"actions": None}, "task 'forward_dynamics': needs conditioning actions"),
         ("forward_dynamics", {"actions": torch.zeros(6, 5).numpy()}, "actions of shape \\(6, 5\\); embodiment"),
         ("text_to_video", {"resolution": None}, "task 'text_to_video': resolution \\(height, width\\) is needed"),
-        ("text_to_image", {"resolution": (60, 32)}, "resolution=\\(60, 32\\) must be positive multiples of 32"),
+        (
+            "text_to_image",
+            {"resolution": (60, 32)},
+            "resolution=\\(60, 32\\) must be positive multiples of 32 pixels \\(one video token",
+        ),
         ("text_to_video", {"num_frames": None}, "task 'text_to_video': the clip length is needed"),
         ("text_to_video", {"num_frames": 6}, "task 'text_to_video': num_frames=6: video has 6 frames"),
         ("image_to_video", {"num_frames": 1}, "1 frames make 1 latent frames; the task needs 2"),

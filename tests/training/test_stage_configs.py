@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 
 from megatron_cosmos3.training.config import load_config, task_table
 
@@ -45,34 +44,6 @@ def test_a_vit_whose_tokens_do_not_cover_the_datas_picture_grid_is_refused_when_
         load_config(None, [*odd_vit, "eval.suite={}"])
     load_config(None, odd_vit)  # synthetic packs: nothing cuts pictures
     load_config(None, [*odd_vit, "model.vision.patch_size=8", "model.vision.spatial_merge_size=4", "eval.suite={}"])
-
-
-def test_another_video_patch_size_trains_on_synthetic_packs_and_is_refused_where_media_make_the_tokens(tmp_path):
-    """The model's projections take any patch size; the VAEs' token layout (2x2 latent cells) is
-    the only one shards and the eval suite make, so those runs refuse another when the config loads."""
-    from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC
-    from megatron_cosmos3.training import train as train_module
-    from megatron_cosmos3.training.distributed import DistributedContext
-
-    patch1 = [*TINY_MODEL, *TINY_SYNTHETIC, "model.video_patch_size=1"]
-    message = r"model.video_patch_size=1: video tokens made from media are 2x2 patches"
-    with pytest.raises(ValueError, match=message):
-        load_config(None, [*patch1, "eval.suite={}"])
-    with pytest.raises(ValueError, match=message):
-        load_config(str(REPO / "configs/tiny_cpu.yaml"), ["model.video_patch_size=1"])  # shards
-    config = load_config(
-        None,
-        [
-            *patch1,
-            "steps=1",
-            "tracking.enabled=false",
-            "tracking.generation_samples=false",
-            f"checkpoint.directory={tmp_path / 'run'}",
-        ],
-    )
-    assert config.model.video_token_dim == config.model.video_latent_channels
-    metrics = train_module.train(config, DistributedContext(0, 1, 0, torch.device("cpu")))
-    assert torch.isfinite(torch.tensor(metrics["loss"]))
 
 
 @pytest.mark.parametrize(

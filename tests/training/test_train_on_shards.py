@@ -212,3 +212,60 @@ def test_a_run_on_shards_resumes_mid_epoch_under_another_tensor_parallel_size(tm
     want, got = losses(tmp_path, "straight"), losses(tmp_path, "switch")
     assert [step for step, _ in got] == [1, 2, 3]
     assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], rel=1e-5)
+
+
+def write_world(out: Path, *flags: str) -> Path:
+    """A generated world's pooled-latent shards at the tiny model's widths (``data_pipelines/generate_world.py``)."""
+    script = str(REPO / "data_pipelines/generate_world.py")
+    widths = ["--video-latent-channels", "4", "--audio-latent-dim", "6", "--latents", "pooled"]
+    subprocess.run([sys.executable, script, str(out), *widths, *flags], check=True, capture_output=True)
+    return out / "latent"
+
+
+@pytest.mark.parametrize("patch", [1, 4])
+def test_another_video_patch_size_trains_on_shards_generates_and_evaluates(tmp_path, world, patch):
+    """The token patch comes from model.video_patch_size wherever media become tokens: shards
+    written at it train, cosmos3-generate makes a clip of the asked size (tokens of 16*patch pixels)
+    and cosmos3-eval measures it; shards of another patch are an error naming both sizes."""
+    from megatron_cosmos3.data.errors import LoaderSetupError
+    from megatron_cosmos3.release import eval_cli, generate_cli
+    from megatron_cosmos3.testing.media_probe import ffprobe_streams
+
+    side = 16 * patch  # pixels per video token
+    flags = ["--samples", "4", "--shard-size", "4", "--resolution", "64", "--duration", "0.5"]
+    shards = write_world(tmp_path / "world", *flags, "--video-patch-size", str(patch))
+    overrides = [
+        *TINY_MODEL,
+        "model.vocab_size=260",  # the byte tokenizer's 256 bytes + EOS + BOG (the commands' tokenizer)
+        f"model.video_patch_size={patch}",
+        "data_source=shards",
+        f"data.datasets=[{{name: world, shards: [{shards}]}}]",
+        "data.stages={pretrain: {datasets: {world: 1.0}, tasks: {text_to_video: 1.0}}}",
+        "data.encoders.kind=pooled",
+        "data.num_workers=0",
+        "data.packing.tokens_per_pack=512",
+        "steps=1",
+        "tracking.enabled=false",
+        "tracking.generation_samples=false",
+        f"checkpoint.directory={tmp_path / 'run'}",
+    ]
+    metrics = train_module.train(load_config(None, overrides), CPU)
+    assert np.isfinite(metrics["loss"])
+
+    out = tmp_path / "generated"
+    argv = ["--checkpoint", str(tmp_path / "run"), "--out", str(out), "--task", "text_to_video", "--prompt", "a ball"]
+    assert generate_cli.main([*argv, "--num-frames", "5", "--resolution", f"{3 * side}x{side}", "--steps", "1"]) == 0
+    (folder,) = out.iterdir()
+    video = ffprobe_streams(folder / "video.mp4")["video"]
+    assert (int(video["height"]), int(video["width"]), int(video["nb_read_frames"])) == (3 * side, side, 5)
+
+    suite = ["tasks=[text_to_video]", "cases_per_task=1", "steps=1", "media=false", "duration_s=0.5"]
+    assert eval_cli.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "eval"), *suite]) == 0
+    report = json.loads((tmp_path / "eval" / eval_cli.REPORT_FILE).read_text())
+    assert any(row["name"].startswith("text_to_video/") for row in report["rows"]), report
+
+    # The module's world was written at the default patch (2): this model refuses it, naming both.
+    elsewhere = [f"data.datasets=[{{name: world, shards: [{world}]}}]", f"checkpoint.directory={tmp_path / 'other'}"]
+    config = load_config(None, [*overrides, *elsewhere])
+    with pytest.raises(LoaderSetupError, match=rf"video_patch_size=2 .*but model.video_patch_size={patch}"):
+        train_module.train(config, CPU)
