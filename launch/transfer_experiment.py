@@ -199,7 +199,8 @@ def evaluate(checkpoints: Path, sizes: Sizes, media_dir: Path | None, references
         model.config.audio_latent_dim,
         model.config.video_patch_size,
     )
-    builder = generation_builder(model.config, trained.tokenizer(), encoder, merged_action_stats(trained, None))
+    stats, max_text = merged_action_stats(trained, None), trained.config.data.packing.max_text_tokens
+    builder = generation_builder(model.config, trained.tokenizer(), encoder, stats, max_text_tokens=max_text)
     world = WorldConfig(resolution=sizes.resolution, duration_s=sizes.duration_s)
     seeds = [EPISODE_SEED + i for i in range(sizes.episodes)]
     rows = []

@@ -262,6 +262,16 @@ class _Streams:
                 raise _error(
                     request, f"actions of shape {actions.shape}; embodiment {embodiment!r} takes (n, {spec.action_dim})"
                 )
+            # The actions span the clip, as in training: a step and a frame of slack (a clip of T
+            # frames lasts T / fps, its actions' steps start at frames 0 .. T - 1).
+            span = actions.shape[0] / spec.rate_hz
+            if abs(span - duration_s) > 1.0 / spec.rate_hz + 1.0 / request.fps:
+                raise _error(
+                    request,
+                    f"the actions span {span:.3f} s ({actions.shape[0]} steps at {spec.rate_hz:g} Hz, "
+                    f"embodiment {embodiment!r}) but the clip lasts {duration_s:.3f} s; give "
+                    f"{round(duration_s * spec.rate_hz)} steps, or a clip length (num_frames or duration_s) they span",
+                )
             return torch.from_numpy(actions), spec.rate_hz
         return torch.zeros(max(1, round(duration_s * spec.rate_hz)), spec.action_dim), spec.rate_hz
 

@@ -210,7 +210,10 @@ def run_requests(trained: TrainedModel, specs: list[RequestSpec], out: Path, act
         model.config.audio_latent_dim,
         model.config.video_patch_size,
     )
-    builder = generation_builder(model.config, tokenizer, decoder, merged_action_stats(trained, action_stats))
+    # Prompts are cut where training cut every text (docs/DESIGN.md, "Generation").
+    max_text = config.data.packing.max_text_tokens
+    stats = merged_action_stats(trained, action_stats)
+    builder = generation_builder(model.config, tokenizer, decoder, stats, max_text_tokens=max_text)
     names = [spec.name or f"{i:03d}_{spec.task}" for i, spec in enumerate(specs)]
     if len(set(names)) != len(names):
         raise RequestError(f"two requests write to the same folder: names {names}")
@@ -219,6 +222,15 @@ def run_requests(trained: TrainedModel, specs: list[RequestSpec], out: Path, act
         where = f"request {names[i]}"
         _trained_check(spec, trained, where)
         (text if spec.task in TEXT_TASKS else dm).append(i)
+        length = len(tokenizer.encode(spec.settings.get("prompt", "")))
+        if length > max_text:
+            log.warning(
+                "%s: its prompt of %d tokens is cut to the first %d (the run's data.packing.max_text_tokens, "
+                "where training cut every text)",
+                where,
+                length,
+                max_text,
+            )
     requests = {i: generation_request(specs[i], f"request {names[i]}") for i in dm}
     folders = []
     try:
@@ -241,7 +253,7 @@ def run_requests(trained: TrainedModel, specs: list[RequestSpec], out: Path, act
         picture = read_input("image", spec.path("image"), where) if "image" in spec.files else None
         sampling = spec.text_sampling(where)
         question, seed = spec.settings.get("prompt", ""), spec.settings.get("seed", 0)
-        prompt = TextPrompt(tokenizer.encode(question), picture)
+        prompt = TextPrompt(tokenizer.encode(question)[:max_text], picture)
         (generated,) = generate_text(model, [prompt], sampling, seeds=seed, tokenizer=tokenizer)
         if write:
             record = GenerationRecord(

@@ -254,6 +254,12 @@ def test_a_samples_noise_and_result_do_not_depend_on_its_pack_company(model, bui
         ("inverse_dynamics", {"embodiment": "tripod"}, "unknown embodiment 'tripod'; the model knows \\['single_arm"),
         ("forward_dynamics", {"actions": None}, "task 'forward_dynamics': needs conditioning actions"),
         ("forward_dynamics", {"actions": torch.zeros(6, 5).numpy()}, "actions of shape \\(6, 5\\); embodiment"),
+        (  # the actions of another clip than the one asked for (0.625 s: 6 steps at 10 Hz)
+            "forward_dynamics",
+            {"actions": torch.zeros(20, 19).numpy()},
+            "span 2.000 s \\(20 steps at 10 Hz, embodiment 'single_arm'\\) but the clip lasts 0.625 s; give 6",
+        ),
+        ("forward_dynamics", {"actions": torch.zeros(2, 19).numpy()}, "the actions span 0.200 s \\(2 steps"),
         ("text_to_video", {"resolution": None}, "task 'text_to_video': resolution \\(height, width\\) is needed"),
         (
             "text_to_image",

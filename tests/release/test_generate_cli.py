@@ -43,7 +43,7 @@ def inputs(tmp_path_factory) -> Path:
     write_png(folder / "first.png", frames[0])
     write_mp4(folder / "clip.mp4", frames, FPS)
     write_wav(folder / "sound.wav", 0.1 * rng.standard_normal((1, 22050)).astype(np.float32), 44100)
-    np.save(folder / "arm.npy", rng.normal(size=(6, ARM_DIM)).astype(np.float32))
+    np.save(folder / "arm.npy", rng.normal(size=(26, ARM_DIM)).astype(np.float32))  # the 21-frame clip at 8 fps
     return folder
 
 
@@ -244,6 +244,26 @@ def test_one_request_from_the_flags(checkpoint, inputs, tmp_path):
     meta = json.loads((folder / "actions.meta.json").read_text())
     assert (meta["solver"], meta["seed"], meta["settings"]["fps"]) == ("heun", 4, FPS)
     assert meta["conditioning"] == {"video": str(inputs / "clip.mp4")}
+
+
+def test_a_prompt_longer_than_the_runs_text_budget_is_cut_where_training_cut_it(checkpoint, inputs, tmp_path, caplog):
+    """data.packing.max_text_tokens capped every text in training; the command cuts prompts there
+    (not at a fixed length), and says so."""
+    trained = load_trained_model(checkpoint)
+    trained.config.data.packing.max_text_tokens = 8  # the byte tokenizer: 8 characters
+    image = str(inputs / "first.png")
+
+    def actions(prompt: str, name: str) -> np.ndarray:
+        request = {"task": "policy", "prompt": prompt, "image": image, "embodiment": "single_arm", "name": name}
+        specs = read_requests(write_requests(tmp_path, [{**request, "duration_s": 0.5, "steps": 2}]))
+        run_requests(trained, specs, tmp_path, None, write=True)
+        return np.load(tmp_path / name / "actions.npy")
+
+    with caplog.at_level("WARNING", logger="cosmos3-generate"):
+        cut = actions("push it!" + "x" * 40, "long")
+    assert "request long: its prompt of 48 tokens is cut to the first 8" in caplog.text
+    assert np.array_equal(actions("push it!" + "y" * 40, "other_tail"), cut)
+    assert not np.array_equal(actions("pull it!" + "x" * 40, "other_head"), cut)  # control: within the budget
 
 
 class _RunsCode:
