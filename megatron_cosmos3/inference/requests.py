@@ -26,7 +26,7 @@ import torch
 
 from megatron_cosmos3.data.latent_encoders import LatentEncoder, encodable_pixels
 from megatron_cosmos3.data.sample_builder import BuildLimits, BuiltSample, SampleBuilder
-from megatron_cosmos3.data.schema import Sample
+from megatron_cosmos3.data.schema import FPS_RANGE, Sample
 from megatron_cosmos3.data.tokenizer import Tokenizer
 from megatron_cosmos3.data.vision_features import vision_featurizer
 from megatron_cosmos3.encoders.action_normalization import ActionStats
@@ -293,6 +293,8 @@ def prepare_request(request: GenerationRequest, builder: SampleBuilder) -> Prepa
     _ = request.sampler  # validates solver, steps and shift
     if not (math.isfinite(request.fps) and request.fps > 0):
         raise _error(request, f"fps must be a positive number, got {request.fps!r}")
+    if not FPS_RANGE[0] <= request.fps <= FPS_RANGE[1]:  # the rates training data may have (the RoPE step)
+        raise _error(request, f"fps={request.fps!r} is outside [{FPS_RANGE[0]}, {FPS_RANGE[1]}], the shards' range")
     if not math.isfinite(request.guidance):
         raise _error(request, f"guidance must be a finite number, got {request.guidance!r}")
     streams = _Streams(request, task, builder)

@@ -271,6 +271,7 @@ def test_a_samples_noise_and_result_do_not_depend_on_its_pack_company(model, bui
         ("image_to_video", {"num_frames": 1}, "1 frames make 1 latent frames; the task needs 2"),
         ("text_to_video", {"solver": "rk4"}, "solver must be one of"),
         ("text_to_video", {"fps": 0.0}, "task 'text_to_video': fps must be a positive number, got 0.0"),
+        ("text_to_video", {"fps": 1e6}, "task 'text_to_video': fps=1000000.0 is outside \\[0.1, 1000.0\\]"),
         ("text_to_video", {"guidance": float("nan")}, "task 'text_to_video': guidance must be a finite number"),
     ],
 )
