@@ -333,7 +333,8 @@ def test_generation_under_tensor_and_pipeline_parallelism_equals_one_process(mod
 def test_a_packed_samples_streams_read_from_the_pack_are_its_requests(fps, builder):
     """``packed_sample_streams`` (what training's held-out samples use: a pack has no request) reads
     from the pack alone the outputs, grid, frame rate, audio length and embodiment the request made."""
-    prepared = [prepare_request(request_for(task, fps=fps), builder) for task in GENERATION_TASKS]
+    actions = torch.zeros(round(5 / fps * 10), 19).numpy()  # forward dynamics: actions spanning the 5 frames
+    prepared = [prepare_request(request_for(task, fps=fps, actions=actions), builder) for task in GENERATION_TASKS]
     batch = PackedBatch.from_samples([p.conditional.sample for p in prepared])
     for index, p in enumerate(prepared):
         got = packed_sample_streams(batch, index, CONFIG)
