@@ -223,7 +223,7 @@ def write_world(out: Path, *flags: str) -> Path:
 
 
 @pytest.mark.parametrize("patch", [1, 4])
-def test_another_video_patch_size_trains_on_shards_generates_and_evaluates(tmp_path, world, patch):
+def test_another_video_patch_size_trains_on_shards_generates_and_evaluates(tmp_path, world, patch, capsys):
     """The token patch comes from model.video_patch_size wherever media become tokens: shards
     written at it train, cosmos3-generate makes a clip of the asked size (tokens of 16*patch pixels)
     and cosmos3-eval measures it; shards of another patch are an error naming both sizes."""
@@ -263,6 +263,14 @@ def test_another_video_patch_size_trains_on_shards_generates_and_evaluates(tmp_p
     assert eval_cli.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "eval"), *suite]) == 0
     report = json.loads((tmp_path / "eval" / eval_cli.REPORT_FILE).read_text())
     assert any(row["name"].startswith("text_to_video/") for row in report["rows"]), report
+    if patch == 4:  # held-out clips of 96 pixels are not whole 64-pixel tokens
+        assert (
+            eval_cli.main(
+                ["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "e96"), *suite, "resolution=96"]
+            )
+            == 2
+        )
+        assert "resolution=96 is not a multiple of the model's video token (64 pixels" in capsys.readouterr().err
 
     # The module's world was written at the default patch (2): this model refuses it, naming both.
     elsewhere = [f"data.datasets=[{{name: world, shards: [{world}]}}]", f"checkpoint.directory={tmp_path / 'other'}"]
