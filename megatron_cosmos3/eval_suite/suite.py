@@ -31,6 +31,7 @@ from megatron_cosmos3.evaluation.report import EvalReport, MetricRow
 from megatron_cosmos3.inference.requests import generation_builder
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.parallel.plan import ParallelPlan
+from megatron_cosmos3.world.environment import WorldEnvironment
 
 
 @dataclass
@@ -85,6 +86,8 @@ class EvalSuite:
         if not embodiments:
             for task in (t for t in config.tasks if t in ACTION_TASKS and t not in self.skipped):
                 self.skipped[task] = f"no action head for an embodiment of the world ({model.config.embodiments})"
+        if config.closed_loop_episodes and "policy" in self.trained_tasks:
+            self._check_environments(embodiments)
         tasks = [task for task in config.tasks if task not in self.skipped]
         self.cases = held_out_cases(config, tasks, embodiments, action_rates=self.action_rates)
         self._chance: dict[str, list[Prediction]] | None = None
@@ -156,6 +159,19 @@ class EvalSuite:
         for row in closed_loop:
             report.add(row)
         return SuiteResult(report, cases, predictions, chance)
+
+    def _check_environments(self, embodiments: list[str]) -> None:
+        """ValueError naming the embodiment and the rates where its closed-loop episodes cannot run
+        (the environment steps actions and frames on its physics grid), before any model runs."""
+        for embodiment in embodiments:
+            for task in self.config.closed_loop_tasks:
+                try:
+                    WorldEnvironment(task, embodiment, self.world, horizon_s=self.config.closed_loop_horizon_s)
+                except ValueError as error:
+                    raise ValueError(
+                        f"eval suite: closed loop of {embodiment!r}: {error} (model.embodiments' rate_hz: "
+                        f"{self.action_rates}, the suite's fps={self.config.fps:g}; closed_loop_episodes=0 skips it)"
+                    ) from None
 
     def closed_loop(
         self, model: MoTModel, plan: ParallelPlan | None, media_dir: str | Path | None, skipped: dict[str, str]

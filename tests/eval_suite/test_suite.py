@@ -211,3 +211,11 @@ def test_the_held_out_world_acts_at_the_model_embodiments_rates():
         r"\(model.embodiments' rate_hz: \{'humanoid': 15.0\}\)",
     ):
         EvalSuite.for_run(config, model, ByteTokenizer(260), LatentEncoderConfig(kind="pooled"), ["policy"])
+    # 0.4 s holds 25 Hz whole, but the closed-loop world steps its physics at 960 Hz, which 25 Hz
+    # does not divide: refused before any model runs, naming the embodiment (open loop alone runs).
+    model = MoTModel(tiny_mot_config(vocab_size=260, embodiments={"humanoid": EmbodimentConfig(57, 25.0)}))
+    config = SuiteConfig(cases_per_task=1, tasks=["policy"], fps=20.0, duration_s=0.4, closed_loop_episodes=1)
+    with pytest.raises(ValueError, match=r"closed loop of 'humanoid': action rate=25 must divide the physics rate"):
+        EvalSuite.for_run(config, model, ByteTokenizer(260), LatentEncoderConfig(kind="pooled"), ["policy"])
+    config.closed_loop_episodes = 0
+    EvalSuite.for_run(config, model, ByteTokenizer(260), LatentEncoderConfig(kind="pooled"), ["policy"])
