@@ -4,6 +4,7 @@ shards; the inspector counts usable and bad samples."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -79,6 +80,19 @@ def test_online_vae_encoding_in_workers_matches_the_pre_encoded_stream(vae_laten
             assert torch.equal(x.ar_token_ids, y.ar_token_ids) and torch.equal(x.dm_positions, y.dm_positions)
             for key in x.dm_tokens:
                 torch.testing.assert_close(x.dm_tokens[key], y.dm_tokens[key], rtol=0, atol=0)
+
+
+def test_online_vae_encoding_makes_tokens_of_the_models_patch(vae_folders):
+    """The loader's VAEs take the model's video_patch_size (one source): patch-1 tokens of 16x16 pixels."""
+    config = dataclasses.replace(model_config(), video_patch_size=1)
+    tasks = {"text_to_video": 1.0}
+    online = data_config([str(tiny_world()["raw"])], tasks=tasks, encoders=vae_folders, shuffle_buffer=0, pool_size=1)
+    with PackedLoader(online, config) as loader:
+        pack = next(loader)
+    video = pack.dm_tokens["video"]
+    assert video.shape[1] == VIDEO_LATENT_CHANNELS  # 2x2 tokens of the 32x32 world: C * 1 * 1 wide
+    encoder = VAELatentEncoder.from_config(vae_folders, 1)
+    assert encoder.video_token_dim == VIDEO_LATENT_CHANNELS and encoder.video_vae.pixels_per_token == 16
 
 
 def test_a_manifest_of_loose_files_becomes_validated_shards(tmp_path):
