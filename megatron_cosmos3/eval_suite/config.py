@@ -35,7 +35,8 @@ class SuiteConfig:
     training world's seed). cases_per_task: held-out cases per task. resolution (pixels, a multiple
     of 32 and of the model's video token, ``16 * model.video_patch_size``), duration_s and fps:
     the held-out clips (duration_s x fps a multiple of 4: 1 + 4k frames, whole latent frames).
-    steps, solver, guidance, shift: the sampler; seed: the first case's sampler seed (case i uses seed + i). max_new_tokens: the understanding answers' length.
+    steps, solver, guidance, shift: the sampler; seed: the first case's sampler seed (case i uses
+    seed + i). max_new_tokens: the understanding answers' length.
     chance_seed: the initialisation seed of the untrained model whose predictions are the chance
     row. onset_tolerance_s: how far a sound onset may be from its collision to count.
     demonstration_fraction: the share of held-out samples that are expert demonstrations of the
