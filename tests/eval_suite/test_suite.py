@@ -5,6 +5,8 @@ suite's metrics to MLflow (docs/DESIGN.md, "Evaluation")."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -219,3 +221,16 @@ def test_the_held_out_world_acts_at_the_model_embodiments_rates():
         EvalSuite.for_run(config, model, ByteTokenizer(260), LatentEncoderConfig(kind="pooled"), ["policy"])
     config.closed_loop_episodes = 0
     EvalSuite.for_run(config, model, ByteTokenizer(260), LatentEncoderConfig(kind="pooled"), ["policy"])
+
+
+def test_held_out_clips_must_be_whole_video_tokens_of_the_models_patch():
+    from megatron_cosmos3.data.tokenizer import ByteTokenizer
+    from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
+    from megatron_cosmos3.eval_suite.suite import EvalSuite
+
+    model = MoTModel(tiny_mot_config(vocab_size=260, video_patch_size=4))
+    encoders, config = LatentEncoderConfig(kind="pooled"), SuiteConfig(cases_per_task=1, tasks=["text_to_video"])
+    with pytest.raises(ValueError, match=r"resolution=96 is not a multiple of the model's video token \(64 pixels"):
+        EvalSuite.for_run(replace(config, resolution=96), model, ByteTokenizer(260), encoders, ["text_to_video"])
+    suite = EvalSuite.for_run(replace(config, resolution=128), model, ByteTokenizer(260), encoders, ["text_to_video"])
+    assert suite.decoder.video_patch_size == 4 and suite.builder.config.video_patch_size == 4

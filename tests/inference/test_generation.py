@@ -346,3 +346,22 @@ def test_a_packed_samples_streams_read_from_the_pack_are_its_requests(fps, build
             assert 0 <= got.audio_num_samples - p.audio_num_samples < HOP, p.request.task
         if "actions" in p.outputs:
             assert (got.embodiment, got.action_rate_hz) == (EMBODIMENT, CONFIG.embodiments[EMBODIMENT].rate_hz)
+
+
+def test_another_video_patch_size_cuts_requests_into_its_tokens():
+    """At model.video_patch_size=4 a token is 64x64 pixels: a clip is asked and decoded in those,
+    a conditioning picture is cut to them, and a resolution or picture of fewer is named."""
+    config = generation_config(video_patch_size=4)
+    torch.manual_seed(0)
+    model, builder = MoTModel(config).eval(), generation_setup(config)
+    picture = torch.zeros(150, 70, 3, dtype=torch.uint8).numpy()  # cut to 128x64: 2x1 tokens
+    asked = request_for("text_to_video", resolution=(128, 64))
+    continued = request_for("image_to_video", image=picture, video=None, resolution=None)
+    for result in generate(model, [asked, continued], builder):
+        video = result.sample.video
+        assert video.grid_thw == (2, 2, 1) and video.tokens.shape[1] == config.video_latent_channels * 16
+        assert builder.latent_encoder.decode_video(video).shape == (5, 128, 64, 3)
+    with pytest.raises(ValueError, match=r"resolution=\(96, 64\) must be positive multiples of 64 pixels"):
+        generate(model, [request_for("text_to_video", resolution=(96, 64))], builder)
+    with pytest.raises(ValueError, match=r"frames of 32x64 pixels are smaller than one video token \(64x64"):
+        generate(model, [request_for("image_to_video", video=None, resolution=None)], builder)  # a 64x32 picture
