@@ -79,7 +79,8 @@ def predict(
         predictions[case.task].append(prediction)
     questions = cases.get("understanding", [])
     if questions:
-        prompts = [TextPrompt(tokenizer.encode(case.sample.question), case.frames[0]) for case in questions]
+        cut = builder.limits.max_text_tokens  # where the builder cuts every text, as training did
+        prompts = [TextPrompt(tokenizer.encode(case.sample.question)[:cut], case.frames[0]) for case in questions]
         sampling = TextSampling(max_new_tokens=config.max_new_tokens)
         was_training = model.training  # the trainer's model answers as it is served
         model.eval()

@@ -102,13 +102,15 @@ class EvalSuite:
         encoders: LatentEncoderConfig,
         trained_tasks: Collection[str],
         action_stats: ActionStats | None = None,
+        max_text_tokens: int = 256,
     ) -> EvalSuite:
         """The suite for a run's model: its latent encoder (``encoders``, the run's
-        ``data.encoders``) and the generation builder over its tokenizer and statistics."""
+        ``data.encoders``) and the generation builder over its tokenizer and statistics, cutting
+        captions and questions at ``max_text_tokens`` (the run's ``data.packing.max_text_tokens``)."""
         decoder = latent_encoder_from_config(
             encoders, model.config.video_latent_channels, model.config.audio_latent_dim, model.config.video_patch_size
         )
-        builder = generation_builder(model.config, tokenizer, decoder, action_stats)
+        builder = generation_builder(model.config, tokenizer, decoder, action_stats, max_text_tokens)
         return cls(config, model, builder, decoder, tokenizer, trained_tasks, action_stats)
 
     def _run(self, model: MoTModel, cases: dict[str, list[Case]], plan: ParallelPlan | None):

@@ -77,6 +77,7 @@ def evaluate_checkpoint(
         trained.config.data.encoders,
         trained.tasks,
         merged_action_stats(trained, action_stats),
+        trained.config.data.packing.max_text_tokens,
     )
     meta = {"checkpoint": str(trained.source), "step": trained.step}
     return suite.evaluate(trained.model, trained.plan, meta, media_dir)

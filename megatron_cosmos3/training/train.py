@@ -360,7 +360,13 @@ def evaluate_suite(run: Run, tracker: MLflowTracker, step: int) -> EvalReport | 
         stats = merge_action_stats(run.action_stats.values()) if config.data_source == "shards" else None
         tokenizer = build_tokenizer(config.data.tokenizer, run.model.config.vocab_size)
         run.suite = EvalSuite.for_run(
-            config.eval.suite, run.model, tokenizer, config.data.encoders, task_table(config), stats
+            config.eval.suite,
+            run.model,
+            tokenizer,
+            config.data.encoders,
+            task_table(config),
+            stats,
+            config.data.packing.max_text_tokens,
         )
     with autocast(config.precision, run.ctx.device):
         result = run.suite.evaluate(run.model, run.plan, {"step": step, "run": config.tracking.run_name})

@@ -234,3 +234,20 @@ def test_held_out_clips_must_be_whole_video_tokens_of_the_models_patch():
         EvalSuite.for_run(replace(config, resolution=96), model, ByteTokenizer(260), encoders, ["text_to_video"])
     suite = EvalSuite.for_run(replace(config, resolution=128), model, ByteTokenizer(260), encoders, ["text_to_video"])
     assert suite.decoder.video_patch_size == 4 and suite.builder.config.video_patch_size == 4
+
+
+def test_captions_are_cut_where_the_run_cut_its_texts():
+    """The suite's requests cut captions at the run's data.packing.max_text_tokens, as training did."""
+    from megatron_cosmos3.data.tokenizer import ByteTokenizer
+    from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
+    from megatron_cosmos3.eval_suite.suite import EvalSuite
+    from megatron_cosmos3.inference.requests import prepare_request
+
+    model, config = MoTModel(tiny_mot_config(vocab_size=260)), SuiteConfig(cases_per_task=1, tasks=["text_to_video"])
+    for cut in (4, 256):
+        suite = EvalSuite.for_run(
+            config, model, ByteTokenizer(260), LatentEncoderConfig(kind="pooled"), ["text_to_video"], None, cut
+        )
+        (case,) = suite.cases["text_to_video"]
+        built = prepare_request(case.request(config), suite.builder).conditional.sample
+        assert built.num_ar_tokens == min(cut, len(case.sample.caption.encode())) + 2  # + EOS, BOG
