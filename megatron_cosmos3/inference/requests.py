@@ -295,8 +295,8 @@ def prepare_request(request: GenerationRequest, builder: SampleBuilder) -> Prepa
         raise _error(request, f"fps must be a positive number, got {request.fps!r}")
     if not FPS_RANGE[0] <= request.fps <= FPS_RANGE[1]:  # the rates training data may have (the RoPE step)
         raise _error(request, f"fps={request.fps!r} is outside [{FPS_RANGE[0]}, {FPS_RANGE[1]}], the shards' range")
-    if not math.isfinite(request.guidance):
-        raise _error(request, f"guidance must be a finite number, got {request.guidance!r}")
+    if not (math.isfinite(request.guidance) and request.guidance >= 0):  # as the eval suite's: 0 = unconditional
+        raise _error(request, f"guidance must be a finite number >= 0, got {request.guidance!r}")
     streams = _Streams(request, task, builder)
     sample = Sample(key=f"request_{request.seed}", caption=request.prompt, instruction=request.prompt)
     if task.vit == "required":

@@ -273,6 +273,7 @@ def test_a_samples_noise_and_result_do_not_depend_on_its_pack_company(model, bui
         ("text_to_video", {"fps": 0.0}, "task 'text_to_video': fps must be a positive number, got 0.0"),
         ("text_to_video", {"fps": 1e6}, "task 'text_to_video': fps=1000000.0 is outside \\[0.1, 1000.0\\]"),
         ("text_to_video", {"guidance": float("nan")}, "task 'text_to_video': guidance must be a finite number"),
+        ("text_to_video", {"guidance": -1.0}, "task 'text_to_video': guidance must be a finite number >= 0, got -1.0"),
     ],
 )
 def test_bad_requests_are_named(task, changes, message, model, builder):
