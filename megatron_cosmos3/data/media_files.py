@@ -4,7 +4,7 @@ the audio stream inside them, and audio files (``flac``, ``mp3``, ``m4a``/``aac`
 Only the clip's window is decoded (docs/DESIGN.md, "Real media"): the container seeks to the last
 keyframe at or before the window, frames are decoded up to the last target time, and only the
 frames picked (``data/clips.py``, ``pick_frames``: the frame shown at each target time, by its
-timestamp) are converted to RGB, turned upright by the stream's rotation (the display matrix) and
+timestamp) are converted to RGB, shown as the display matrix says (turned, mirrored) and
 fitted into the resolution bucket. Audio is decoded from a little before the window (an AAC or Opus
 frame needs its predecessor), cut at the window by timestamp and brought to 48 kHz stereo (mono
 duplicated) by the audio encoder's own resampler (``encoders/audio_vae.py``, ``to_stereo_48k``).
@@ -189,9 +189,33 @@ def _to_rgb(frames: list, picked: np.ndarray) -> np.ndarray:
     for index in np.unique(picked):
         frame = frames[index]
         rgb = reformatter.reformat(frame, format="rgb24").to_ndarray()
-        turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise quarter turns (display matrix)
-        converted[int(index)] = np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb
+        matrix = frame.side_data.get("DISPLAYMATRIX")
+        converted[int(index)] = _upright(rgb, np.frombuffer(bytes(matrix), np.int32)) if matrix is not None else rgb
     return np.stack([converted[int(i)] for i in picked])
+
+
+def _upright(rgb: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` pixels as FFmpeg's player shows them under a display matrix (9 int32, 16.16
+    fixed point): the quarter turns, flips and turned flips of ``ffmpeg``'s autorotate, decided as
+    it decides them (its rotation angle rounded to a degree, then the signs of the matrix).
+    Other angles (rare: FFmpeg rotates by them with black corners) are left unrotated."""
+    a, b, c, d = (float(matrix[i]) for i in (0, 1, 3, 4))
+    if math.hypot(a, c) == 0 or math.hypot(b, d) == 0:  # no rotation can be read from it (FFmpeg: NaN)
+        return rgb
+    theta = round(math.degrees(math.atan2(b / math.hypot(b, d), a / math.hypot(a, c))))
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+    if theta == 90:  # "transpose=cclock_flip" (a mirrored turn), else "transpose=clock"
+        shown = rgb.transpose(1, 0, 2) if c > 0 else np.rot90(rgb, k=-1)
+    elif theta == 180:  # "hflip" and / or "vflip"
+        shown = rgb[:, ::-1] if a < 0 else rgb
+        shown = shown[::-1] if d < 0 else shown
+    elif theta == 270:  # "transpose=clock_flip", else "transpose=cclock"
+        shown = rgb[::-1, ::-1].transpose(1, 0, 2) if c < 0 else np.rot90(rgb, k=1)
+    elif theta == 0:  # "vflip" when mirrored top to bottom
+        shown = rgb[::-1] if d < 0 else rgb
+    else:
+        shown = rgb
+    return shown if shown is rgb else np.ascontiguousarray(shown)
 
 
 def _audio_window(container, stream, window: Window, origin_s: float, declared_s: float, name: str) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import subprocess
 from fractions import Fraction
 
@@ -135,6 +136,41 @@ def test_rotated_video_is_turned_upright_as_ffmpeg_shows_it(tmp_path):
     reference = np.frombuffer(shown, np.uint8).reshape(-1, 64, 32, 3)
     assert ours.shape == reference.shape == (4, 64, 32, 3)
     assert _psnr(ours, reference) >= 40 and ours[0, -1, 0, 0] > 200  # the corner is now bottom-left
+
+
+def _with_display_matrix(data: bytes, matrix: tuple[int, ...]) -> bytes:
+    """The mp4 with its video track's header matrix (tkhd, version 0) replaced: the display matrix
+    FFmpeg reads (a, b, u, c, d, v, x, y, w; 16.16 fixed point, w 2.30)."""
+    at = data.index(b"tkhd") + 4 + 4 + 5 * 4 + 8 + 8  # version/flags, times, track id, duration, layer..volume
+    return data[:at] + struct.pack(">9i", *matrix) + data[at + 36 :]
+
+
+ONE, W = 1 << 16, 1 << 30
+
+
+@pytest.mark.parametrize(
+    "matrix",
+    [
+        (-ONE, 0, 0, 0, ONE, 0, 0, 0, W),  # mirrored left to right
+        (ONE, 0, 0, 0, -ONE, 0, 0, 0, W),  # mirrored top to bottom
+        (0, ONE, 0, ONE, 0, 0, 0, 0, W),  # a quarter turn and a mirror (a transpose)
+        (0, -ONE, 0, -ONE, 0, 0, 0, 0, W),  # the other turn and mirror
+        (0, -ONE, 0, ONE, 0, 0, 0, 0, W),  # a plain quarter turn: the control
+    ],
+    ids=["hflip", "vflip", "transpose", "antitranspose", "turn"],
+)
+def test_a_mirroring_display_matrix_is_applied_as_ffmpeg_shows_it(tmp_path, matrix):
+    frames = np.zeros((2, 32, 64, 3), np.uint8)
+    frames[:, :8, :8] = 255  # a white top-left corner
+    frames[:, :8, -8:, 0] = 255  # a red top-right corner: every mirror and turn moves them apart
+    path = tmp_path / "shown.mp4"
+    path.write_bytes(_with_display_matrix(encode_mp4(frames, 10, crf=4), matrix))
+    ours = decode_sample(_raw("video.mp4", path.read_bytes())).video
+    to_rgb = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+    shown = subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(path), *to_rgb], check=True, capture_output=True)
+    reference = np.frombuffer(shown.stdout, np.uint8).reshape(ours.shape)
+    assert _psnr(ours, reference) >= 40
+    assert _psnr(ours, np.ascontiguousarray(reference[:, ::-1, ::-1])) < 20  # control: not turned half way
 
 
 def test_variable_frame_rate_video_is_sampled_by_its_timestamps():
