@@ -58,7 +58,7 @@ from megatron_cosmos3.data.errors import BAD_METADATA, CORRUPT_MEDIA, MISSING_FI
 from megatron_cosmos3.data.media import encode_json, encode_npy
 from megatron_cosmos3.data.media_files import decode_media_file
 from megatron_cosmos3.data.media_writers import encode_mp4
-from megatron_cosmos3.data.schema import FPS_RANGE, SCHEMA_VERSION, SchemaContext, decode_sample
+from megatron_cosmos3.data.schema import FPS_RANGE, SCHEMA_VERSION, SchemaContext, blank_text, decode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter, run_split, write_action_stats, write_parts
 from megatron_cosmos3.encoders.pseudo_actions import (
     EGO,
@@ -287,6 +287,7 @@ def episode_sample(
         "action_rate_hz": fps,
         "source": {"dataset": root.name, "episode_index": index, "camera": camera},
     }
+    tasks = [task for task in tasks if not blank_text(task)]  # a blank task text is no instruction
     if tasks:
         meta["instruction"] = " ".join(tasks)
     return {

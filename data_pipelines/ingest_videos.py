@@ -33,7 +33,7 @@ from megatron_cosmos3.data.clips import MediaConfig
 from megatron_cosmos3.data.errors import BAD_METADATA, SampleError
 from megatron_cosmos3.data.media import encode_json
 from megatron_cosmos3.data.media_files import VIDEO_SUFFIXES
-from megatron_cosmos3.data.schema import SCHEMA_VERSION, decode_sample
+from megatron_cosmos3.data.schema import SCHEMA_VERSION, blank_text, decode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter, run_split, write_parts
 
 log = logging.getLogger("ingest_videos")
@@ -61,8 +61,9 @@ def caption_of(video: Path, in_dir: Path, listed: dict[str, dict]) -> dict:
     if entry is not None and not isinstance(entry, dict):
         raise SampleError(BAD_METADATA, f"{sidecar}: expected a JSON object, got {type(entry).__name__}")
     meta = {}
-    if entry and entry.get("caption"):
-        meta["caption"] = entry["caption"]
+    caption = entry.get("caption") if entry else None
+    if caption and not (isinstance(caption, str) and blank_text(caption)):  # a blank caption is none
+        meta["caption"] = caption
     if entry and entry.get("segments"):
         meta["caption_segments"] = entry["segments"]
     return meta

@@ -52,12 +52,14 @@ DURATION_RANGE_S, latent grid sides and ``audio_num_samples`` at most MAX_GRID_S
 MAX_AUDIO_SAMPLES, the WAV rate in AUDIO_RATE_RANGE_HZ. Float arrays (actions, latents) may be
 float16/32/64; after the cast to float32 every value must be finite and within MAX_ABS_VALUE (so
 its square, in the flow-matching loss, is finite too); so must every audio sample, of any file.
-Text must be valid Unicode (no lone surrogates: it is encoded to UTF-8 for the tokenizer).
+Text must be valid Unicode (no lone surrogates: it is encoded to UTF-8 for the tokenizer); a text
+of only whitespace or control characters (``blank_text``) is no text, as if the key were absent.
 """
 
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -93,6 +95,8 @@ AUDIO_RATE_RANGE_HZ = (1_000, 768_000)
 MAX_GRID_SIDE = 65_536
 MAX_AUDIO_SAMPLES = 48_000 * 86_400
 MAX_ABS_VALUE = 1e6
+# Unicode categories of characters that say nothing (``blank_text``): control, format, separators.
+BLANK_CATEGORIES = ("Cc", "Cf", "Zs", "Zl", "Zp")
 PICTURE_SUFFIXES = ("png", "jpg", "webp")
 IMAGE_FIELDS = tuple(f"image.{suffix}" for suffix in PICTURE_SUFFIXES)
 OBSERVATION_FIELDS = tuple(f"observation.{suffix}" for suffix in PICTURE_SUFFIXES)
@@ -364,8 +368,16 @@ def _segments(value) -> list[tuple[float, float, str]]:
                 f"meta.json 'caption_segments'[{i}] must be {{start_s, end_s, text}} with 0 <= start_s < end_s, "
                 f"got {item!r}",
             )
-        segments.append((float(times[0]), float(times[1]), item["text"]))
+        if not blank_text(item["text"]):  # a blank segment says nothing of its seconds
+            segments.append((float(times[0]), float(times[1]), item["text"]))
     return segments
+
+
+def blank_text(text: str) -> bool:
+    """Whether a text says nothing: only whitespace, control and invisible format characters (a
+    zero-width space). Such a caption, instruction or task text is no text: the sample is read as
+    one without it, by the loader and by every tool that writes shards."""
+    return all(char.isspace() or unicodedata.category(char) in BLANK_CATEGORIES for char in text)
 
 
 def decode_sample(
@@ -400,7 +412,7 @@ def decode_sample(
                 meta[name].encode("utf-8")
             except UnicodeEncodeError as error:
                 _fail(BAD_METADATA, f"meta.json '{name}' is not valid Unicode ({error.reason} at {error.start})")
-            setattr(sample, name, meta[name])
+            setattr(sample, name, None if blank_text(meta[name]) else meta[name])
     if (sample.question is None) != (sample.answer is None):
         _fail(MISSING_FIELD, "meta.json 'question' and 'answer' come together")
     if not isinstance(sample.timing, dict):

@@ -257,6 +257,8 @@ BAD_SAMPLES = {
     "json_nested_too_deep": ("bad_metadata", lambda: _with(_text("k"), "meta.json", DEEP_JSON)),
     "png_decompression_bomb": ("corrupt_media", lambda: _with(_text("k"), "image.png", BOMB_PNG)),
     "caption_lone_surrogate": ("bad_metadata", lambda: _meta(_text("k"), caption="bad \ud800 text")),
+    # Text of only whitespace and control characters is no text: a sample of nothing else is empty.
+    "caption_blank": ("missing_field", lambda: _meta(_text("k"), caption=" \t\u200b", question=None, answer=None)),
     # Compressed media: broken, cut short, without a picture or a frame, a codec FFmpeg cannot decode,
     # sound much longer than the picture.
     "corrupt_mp4": ("corrupt_media", lambda: _with(_mp4_clip("k"), "video.mp4", b"\x00\x00\x00\x18ftypmp42" * 40)),
