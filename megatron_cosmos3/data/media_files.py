@@ -77,7 +77,7 @@ def decode_media_file(
         with av.open(io.BytesIO(data), metadata_errors="ignore") as container:
             if not container.streams:
                 raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable media file (no stream found)")
-            missing = _missing_bytes(data, container.format.name)
+            missing = _missing_bytes(data, container)
             if missing:  # FFmpeg reads what is there: a cut index loses streams, cut data loses frames
                 detail = f"{name}: truncated file: it declares {missing} bytes more than it holds"
                 raise SampleError(CORRUPT_MEDIA, detail)
@@ -260,12 +260,13 @@ def _audio_window(container, stream, window: Window, origin_s: float, declared_s
     return np.ascontiguousarray(stereo.numpy())
 
 
-def _missing_bytes(data: bytes, format_name: str) -> int:
-    """How many bytes the container's own structure declares beyond the end of ``data``: MP4/MOV
-    top-level boxes, the Matroska/WebM segment (0 for other formats: FFmpeg judges them)."""
-    if format_name.startswith("mov"):
-        return _missing_box_bytes(data)
-    if format_name.startswith("matroska"):
+def _missing_bytes(data: bytes, container) -> int:
+    """How many bytes the container's own structure declares beyond the end of ``data``: the MP4/MOV
+    index and the samples it lists, the Matroska/WebM segment (0 for other formats: FFmpeg judges
+    them). Bytes after the last box or the segment (a tool's junk, padding) are no part of it."""
+    if container.format.name.startswith("mov"):
+        return max(_missing_box_bytes(data), _missing_sample_bytes(data, container))
+    if container.format.name.startswith("matroska"):
         return _missing_segment_bytes(data)
     return 0
 
@@ -295,23 +296,42 @@ def _missing_segment_bytes(data: bytes) -> int:
     return max(offset - len(data), 0)
 
 
+# Top-level MP4/MOV boxes that hold the index (the whole one, a fragment's): cut, frames are lost.
+INDEX_BOXES = (b"moov", b"moof")
+# How many of a stream's last samples (in time) are checked against the end of the file (a cut
+# loses the last samples of every stream; checking all of an hour's 100k samples would cost 0.2 s).
+LAST_SAMPLES = 64
+
+
 def _missing_box_bytes(data: bytes) -> int:
-    """How many bytes an MP4/MOV file's top-level boxes declare beyond its end (0 when complete)."""
+    """How many bytes an MP4/MOV index box (``INDEX_BOXES``) at the top level declares beyond the
+    end of the file (0 when complete). Another box that runs past the end, or a partial header, is
+    what follows the file (a player plays it: FFmpeg stops reading there)."""
     offset = 0
-    while offset < len(data):
-        if offset + 8 > len(data):
-            return offset + 8 - len(data)
+    while offset + 8 <= len(data):
         size = int.from_bytes(data[offset : offset + 4], "big")
+        kind = data[offset + 4 : offset + 8]
         if size == 1:  # a 64-bit size follows the type
             if offset + 16 > len(data):
-                return offset + 16 - len(data)
+                return offset + 16 - len(data) if kind in INDEX_BOXES else 0
             size = int.from_bytes(data[offset + 8 : offset + 16], "big")
-        if size == 0:  # the last box, to the end of the file
+        if size == 0 or size < 8:  # the last box, to the end of the file; or not a box: FFmpeg judges
             return 0
-        if size < 8:  # not a box size: FFmpeg judges the file
-            return 0
+        if offset + size > len(data):
+            return offset + size - len(data) if kind in INDEX_BOXES else 0
         offset += size
-    return offset - len(data)
+    return 0
+
+
+def _missing_sample_bytes(data: bytes, container) -> int:
+    """How many bytes past the end of the file the index places the last samples of any stream (a
+    file cut inside its sample data; 0 when they are all there)."""
+    end = 0
+    for stream in container.streams:
+        entries = stream.index_entries
+        for entry in entries[max(len(entries) - LAST_SAMPLES, 0) :]:
+            end = max(end, entry.pos + entry.size)
+    return max(end - len(data), 0)
 
 
 def _codec_tag(data: bytes, container) -> str:

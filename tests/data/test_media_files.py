@@ -297,6 +297,23 @@ def test_a_cut_file_is_corrupt_even_where_the_clip_lies_in_its_intact_part(tmp_p
         decode_sample(_raw(f"video.{suffix}", data[: len(data) * 4 // 5]), media_config=first_half_second)
 
 
+@pytest.mark.parametrize("junk", [b"\n", b"\x00\x00\x00", b"appended by a tool\n" * 4, bytes(range(256))])
+def test_junk_after_an_mp4_is_not_a_cut_file(one_second, tmp_path, junk):
+    """Bytes after the last box (a tool's trailer, a newline, noise) are no part of the file: FFmpeg
+    plays all its frames, and so does the loader. Control: a file whose index comes first (faststart)
+    cut inside its sample data is still a cut file."""
+    _, data = one_second
+    whole = decode_sample(_raw("video.mp4", data)).video
+    np.testing.assert_array_equal(decode_sample(_raw("video.mp4", data + junk)).video, whole)
+    (tmp_path / "clip.mp4").write_bytes(data)
+    command = ["ffmpeg", "-loglevel", "error", "-i", str(tmp_path / "clip.mp4"), "-c", "copy", "-movflags"]
+    subprocess.run([*command, "+faststart", str(tmp_path / "fast.mp4")], check=True)
+    fast = (tmp_path / "fast.mp4").read_bytes()
+    assert fast.index(b"moov") < fast.index(b"mdat")
+    with pytest.raises(SampleError, match="corrupt_media: video.mp4: truncated file"):
+        decode_sample(_raw("video.mp4", fast[: len(fast) * 4 // 5] + junk))
+
+
 def test_fitting_a_clip_a_few_frames_at_a_time_gives_the_frames_a_whole_fit_gives(monkeypatch):
     """fit_to_bucket bounds its float copy (clips.FIT_BYTES: a 4K clip at once would not fit in
     memory); the bucket's pixels do not depend on how many frames go through together."""
