@@ -37,10 +37,12 @@ All streams of a sample start at the same instant (the first video frame).
 
 Decoding cuts the clip ``data.media`` asks for (``data/clips.py``): a window of the sample (video
 frames picked at the target frame rate, fitted into a resolution bucket; audio and actions cut to
-the same window) — by default the whole sample at its own rate and size. Audio and video whose
-durations differ by more than ``media.av_tolerance_s`` are a ``duration_mismatch``, and so are
-actions whose steps span more than that and one step more or less than a video file (checked where
-a compressed file is involved; npy/WAV shards of any lengths written before keep loading).
+the same window) — by default the whole sample at its own rate and size. Streams whose lengths
+say the sample lasts more than ``media.av_tolerance_s`` apart are a ``duration_mismatch``, in every
+member kind (``_check_spans``): a file's declared duration; T frames of ``video.npy`` last
+(T - 1) / fps to T / fps; a WAV or ``audio_num_samples`` its samples; t video latent frames
+4(t - 1) / fps to 4t / fps (the encoder crops up to 3 frames); N action steps N -+ 1 steps. So a
+frame or a step of difference, as npy/WAV shards written before have, still loads.
 
 Anything else is an ``extra_field``; a field missing what it needs, a ``missing_field``. Pixels
 and audio may come with their latents (latents win); a sample needs text or some media.
@@ -83,7 +85,12 @@ from megatron_cosmos3.data.errors import (
 from megatron_cosmos3.data.media_files import AUDIO_SUFFIXES, VIDEO_SUFFIXES, decode_media_file
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, num_audio_tokens
 from megatron_cosmos3.encoders.pseudo_actions import ACTION_LAYOUTS
-from megatron_cosmos3.encoders.video_vae import PIXELS_PER_TOKEN, largest_encodable_frame_count, num_latent_frames
+from megatron_cosmos3.encoders.video_vae import (
+    PIXELS_PER_TOKEN,
+    VAE_TEMPORAL_FACTOR,
+    largest_encodable_frame_count,
+    num_latent_frames,
+)
 from megatron_cosmos3.tasks.registry import Modality
 
 SCHEMA_VERSION = 1
@@ -373,6 +380,26 @@ def _segments(value) -> list[tuple[float, float, str]]:
     return segments
 
 
+def _check_spans(spans: dict[str, tuple[float, float]], tolerance_s: float) -> None:
+    """``duration_mismatch`` naming the first two streams whose lengths say the sample lasts more
+    than ``tolerance_s`` apart. ``spans``: stream -> (shortest, longest) seconds its length allows
+    (a file's declared duration; T frames (T - 1) / fps to T / fps; N action steps N -+ 1 steps), so
+    only a clear disagreement is one: npy/WAV shards written before this check keep loading."""
+    items = list(spans.items())
+    for i, (name, (low, high)) in enumerate(items):
+        for other, (other_low, other_high) in items[:i]:
+            if max(low, other_low) - min(high, other_high) > tolerance_s:
+                _fail(
+                    DURATION_MISMATCH,
+                    f"{name} lasts {_seconds(low, high)}, {other} {_seconds(other_low, other_high)} "
+                    f"(more than media.av_tolerance_s={tolerance_s} apart)",
+                )
+
+
+def _seconds(low: float, high: float) -> str:
+    return f"{low:.3f} s" if math.isclose(low, high, abs_tol=5e-4) else f"{low:.3f}-{high:.3f} s"
+
+
 def blank_text(text: str) -> bool:
     """Whether a text says nothing: only whitespace, control and invisible format characters (a
     zero-width space). Such a caption, instruction or task text is no text: the sample is read as
@@ -447,18 +474,22 @@ def decode_sample(
         source_s = duration_s
         return choose_window(duration_s, clip, draw, step_s)
 
-    window, durations = None, {}
+    window = None
+    spans: dict[str, tuple[float, float]] = {}  # what each stream's length says the sample lasts (_check_spans)
     video_field = _one_of(files, VIDEO_FIELDS, "video")
     audio_field = _one_of(files, AUDIO_FIELDS, "audio")
     if video_field == "video.npy":
         video = _check_frames(media.decode_npy(files[video_field], video_field), video_field)
         source_fps = _positive_number(meta, "fps", "a video", FPS_RANGE)
-        durations["video"] = len(video) / source_fps
-        window = window_for(durations["video"])
-        sample.fps = clip.fps or source_fps
-        picked = pick_frames(
-            np.arange(len(video)) / source_fps, target_times(window, sample.fps), durations["video"], video_field
+        seconds = len(video) / source_fps
+        # T frames last from the last frame's instant, (T - 1) / fps, to the end of its showing, T / fps.
+        spans[f"{video_field} ({len(video)} frames at {source_fps:g} fps)"] = (
+            (len(video) - 1) / source_fps,
+            seconds,
         )
+        window = window_for(seconds)
+        sample.fps = clip.fps or source_fps
+        picked = pick_frames(np.arange(len(video)) / source_fps, target_times(window, sample.fps), seconds, video_field)
         if len(picked) != len(video) or (picked != np.arange(len(video))).any():
             video = video[picked]
         sample.video = _check_frames(fit_to_bucket(video, buckets), video_field)
@@ -468,17 +499,25 @@ def decode_sample(
         if not FPS_RANGE[0] <= sample.fps <= FPS_RANGE[1]:  # the file's own rate sets the RoPE step
             _fail(OUT_OF_RANGE, f"{video_field} runs at {sample.fps:g} fps, outside [{FPS_RANGE[0]}, {FPS_RANGE[1]}]")
         sample.video = _check_frames(decoded.frames, video_field)
-        durations["video"] = decoded.video_duration_s
+        spans[video_field] = (decoded.video_duration_s, decoded.video_duration_s)
         if decoded.audio is not None:
             sample.audio, sample.audio_sample_rate = _check_audio(decoded.audio, SAMPLE_RATE, f"{video_field}'s audio")
-            durations[f"{video_field}'s audio"] = decoded.audio_duration_s
+            if decoded.audio_duration_s is not None:
+                spans[f"{video_field}'s audio"] = (decoded.audio_duration_s, decoded.audio_duration_s)
     if "video_latents.npy" in files:
         sample.fps = _positive_number(meta, "fps", "a video", FPS_RANGE)
+        latent_frames = _grid(meta, "video_latent_grid", "video_latents.npy")[0]
+        if latent_frames:  # t latent frames encode 4(t - 1) + 1 frames, of a clip cropped from up to 3 more
+            frames = VAE_TEMPORAL_FACTOR * (latent_frames - 1)
+            name = f"video_latents.npy ({latent_frames} latent frames at {sample.fps:g} fps)"
+            spans[name] = (frames / sample.fps, (frames + VAE_TEMPORAL_FACTOR) / sample.fps)
     wav = media.decode_wav(files[audio_field], audio_field) if audio_field == "audio.wav" else None
     if wav is not None and wav[0].shape[0] <= 2:
         audio, rate = _check_audio(*wav, audio_field)
-        durations[audio_field] = audio.shape[1] / rate
-        window = window or window_for(durations[audio_field])
+        seconds = audio.shape[1] / rate
+        spans[audio_field] = (seconds, seconds)
+        _check_spans(spans, clip.av_tolerance_s)  # before the cut: a short file is no short clip
+        window = window or window_for(seconds)
         sample.audio = _check_audio(np.ascontiguousarray(_cut_samples(audio.T, rate, window).T), rate, audio_field)[0]
         sample.audio_sample_rate = rate
     elif audio_field is not None:  # a compressed file, or surround WAV: FFmpeg downmixes it as theirs to stereo
@@ -490,28 +529,17 @@ def decode_sample(
             seconds = decoded.audio_duration_s
             _fail(DURATION_MISMATCH, f"{audio_field} lasts {seconds:.3f} s; the clip is {window}")
         sample.audio, sample.audio_sample_rate = _check_audio(decoded.audio, SAMPLE_RATE, audio_field)
-        durations[audio_field] = decoded.audio_duration_s
-    # Checked where a compressed file is involved: the npy/WAV shards written before it keep loading.
-    compressed = video_field not in (None, "video.npy") or audio_field not in (None, "audio.wav")
-    if compressed and "video" in durations and len(durations) > 1:
-        other, seconds = next((n, d) for n, d in durations.items() if n != "video")
-        if seconds is not None and abs(seconds - durations["video"]) > clip.av_tolerance_s:
-            _fail(
-                DURATION_MISMATCH,
-                f"{other} lasts {seconds:.3f} s, {video_field} {durations['video']:.3f} s "
-                f"(more than media.av_tolerance_s={clip.av_tolerance_s} apart)",
-            )
-    if actions is not None and video_field not in (None, "video.npy"):
+        if decoded.audio_duration_s is not None:
+            spans[audio_field] = (decoded.audio_duration_s, decoded.audio_duration_s)
+    if actions is not None:
         # Row i is the step from frame i to i + 1: rows span the video within a step (T frames may
         # give T - 1 steps); a video at another rate or length than its actions says is not this episode.
-        actions_s = len(actions) / sample.action_rate_hz
-        if abs(actions_s - durations["video"]) > clip.av_tolerance_s + 1.0 / sample.action_rate_hz:
-            _fail(
-                DURATION_MISMATCH,
-                f"actions.npy spans {actions_s:.3f} s ({len(actions)} steps at {sample.action_rate_hz:g} Hz), "
-                f"{video_field} {durations['video']:.3f} s (more than media.av_tolerance_s={clip.av_tolerance_s} "
-                "and a step apart)",
-            )
+        step = 1.0 / sample.action_rate_hz
+        spans[f"actions.npy ({len(actions)} steps at {sample.action_rate_hz:g} Hz)"] = (
+            (len(actions) - 1) * step,
+            (len(actions) + 1) * step,
+        )
+    _check_spans(spans, clip.av_tolerance_s)
     if actions is not None:
         if window is not None:
             actions = _cut_samples(actions, sample.action_rate_hz, window)
@@ -556,6 +584,8 @@ def decode_sample(
             rows=num_audio_tokens(count),
         )
         sample.audio_latents, sample.audio_num_samples = latents, count
+        spans[f"audio_latents.npy ({count} samples at {SAMPLE_RATE} Hz)"] = (count / SAMPLE_RATE, count / SAMPLE_RATE)
+        _check_spans(spans, clip.av_tolerance_s)
     if not sample.modalities:
         _fail(MISSING_FIELD, "the sample has neither text nor media")
     return sample

@@ -29,6 +29,7 @@ from megatron_cosmos3.data.media import encode_json, encode_npy, encode_wav
 from megatron_cosmos3.data.media_writers import encode_mp4
 from megatron_cosmos3.data.schema import Sample, encode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter
+from megatron_cosmos3.encoders.audio_vae import num_audio_tokens
 
 ENCODER = functools.partial(PooledLatentEncoder, VIDEO_LATENT_CHANNELS, AUDIO_LATENT_DIM)
 RNG = np.random.default_rng(0)
@@ -159,6 +160,13 @@ def _latent(key: str) -> dict:
     )
 
 
+def _latents_with_long_sound() -> dict:
+    """``_latent`` (2 latent frames at 30 fps: at most 0.27 s) with 2 s of audio latents."""
+    count = 96_000
+    rows = RNG.normal(size=(num_audio_tokens(count), AUDIO_LATENT_DIM)).astype(np.float32)
+    return _meta(_with(_latent("k"), "audio_latents.npy", encode_npy(rows)), audio_num_samples=count)
+
+
 def _text(key: str) -> dict:
     return encode_sample(Sample(key=key, caption="just words", question="what?", answer="words"))
 
@@ -277,6 +285,14 @@ BAD_SAMPLES = {
     ),
     # 3 s of actions for 0.2 s of video: a video at another rate or length than the episode's
     "mp4_actions_longer": ("duration_mismatch", lambda: _mp4_actions(np.zeros((30, 19), np.float32))),
+    # The same for raw frames, WAV and latents, where lengths disagree by far more than a frame or a
+    # step (npy/WAV shards written before the check, a frame or a step apart, keep loading).
+    "npy_wav_much_longer": (
+        "duration_mismatch",
+        lambda: _with(_clip("k"), "audio.wav", encode_wav(np.zeros((1, 48_000)), 48_000)),
+    ),
+    "npy_actions_longer": ("duration_mismatch", lambda: _actions(np.zeros((30, 19), np.float32))),
+    "latents_audio_longer": ("duration_mismatch", _latents_with_long_sound),
     "audio_only": (
         "no_task",
         lambda: (
