@@ -388,5 +388,8 @@ def test_an_audio_file_without_a_declared_duration_is_measured_and_checked_again
     ).stdout
     assert decode_sample(_raw("audio.flac", piped)).audio.shape == (2, 48_000)
     with_video = {**_raw("audio.flac", piped, fps=10), "video.npy": encode_npy(np.zeros((30, 32, 32, 3), np.uint8))}
-    with pytest.raises(SampleError, match=r"duration_mismatch: audio.flac lasts 1.000 s, video.npy \(30 frames at 10 fps\) 2.900-3.000 s"):
+    with pytest.raises(
+        SampleError,
+        match=r"duration_mismatch: audio.flac lasts 1.000 s, video.npy \(30 frames at 10 fps\) 2.900-3.000 s",
+    ):
         decode_sample(with_video)
