@@ -173,6 +173,54 @@ def test_a_mirroring_display_matrix_is_applied_as_ffmpeg_shows_it(tmp_path, matr
     assert _psnr(ours, np.ascontiguousarray(reference[:, ::-1, ::-1])) < 20  # control: not turned half way
 
 
+def _ffmpeg_rgb(path) -> np.ndarray:
+    """Every frame of a video file as the ffmpeg command decodes it: flat rgb24 bytes."""
+    shown = subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+        check=True,
+        capture_output=True,
+    )
+    return np.frombuffer(shown.stdout, np.uint8)
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuv420p10le", "yuv422p10le"])
+def test_ten_bit_colour_at_sharp_chroma_edges_is_the_ffmpeg_commands(tmp_path, pix_fmt):
+    """Blocks of unrelated colours (chroma edges everywhere), 10-bit 4:2:0 and 4:2:2 (PyAV's bare
+    swscale context was up to ~85 levels off the command there)."""
+    blocks = np.random.default_rng(1).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    frames = np.repeat(np.kron(blocks, np.ones((8, 8, 1), np.uint8))[None], 2, axis=0)
+    raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", "48x48", "-r", "10", "-i", "-"]
+    command = ["ffmpeg", "-loglevel", "error", "-y", *raw_input, "-c:v", "libx264", "-crf", "0", "-pix_fmt", pix_fmt]
+    subprocess.run([*command, str(tmp_path / "blocks.mp4")], input=frames.tobytes(), check=True)
+    ours = decode_sample(_raw("video.mp4", (tmp_path / "blocks.mp4").read_bytes())).video
+    np.testing.assert_array_equal(ours, _ffmpeg_rgb(tmp_path / "blocks.mp4").reshape(ours.shape))
+
+
+def test_a_stream_whose_resolution_changes_keeps_its_first_size_as_ffmpeg_does(tmp_path):
+    """MJPEG frames of 64x48, then 96x64, in one Matroska stream: the ffmpeg command scales the
+    later frames to the first size; so does the loader (a clip of frames of two sizes was refused)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="matroska") as container:
+        stream = container.add_stream("mjpeg", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        stream.codec_context.time_base = Fraction(1, 10)
+        larger = av.CodecContext.create("mjpeg", "w")
+        larger.width, larger.height, larger.pix_fmt, larger.time_base = 96, 64, "yuvj420p", Fraction(1, 10)
+        for index in range(6):
+            encoder, (height, width) = (stream.codec_context, (48, 64)) if index < 3 else (larger, (64, 96))
+            y, x = np.mgrid[0:height, 0:width]
+            picture = np.stack([x * 255 // width, y * 255 // height, np.full_like(x, 40 * index)], -1)
+            frame = av.VideoFrame.from_ndarray(picture.astype(np.uint8), format="rgb24").reformat(format="yuvj420p")
+            frame.pts, frame.time_base = index, Fraction(1, 10)
+            for packet in encoder.encode(frame):
+                packet.stream, packet.pts, packet.dts, packet.time_base = stream, index, index, Fraction(1, 10)
+                container.mux(packet)
+    (tmp_path / "grows.mkv").write_bytes(buffer.getvalue())
+    ours = decode_sample(_raw("video.mkv", buffer.getvalue())).video
+    assert ours.shape == (6, 48, 64, 3)
+    np.testing.assert_array_equal(ours, _ffmpeg_rgb(tmp_path / "grows.mkv").reshape(ours.shape))
+
+
 def test_variable_frame_rate_video_is_sampled_by_its_timestamps():
     stamps_ms = [0, 100, 150, 400, 450, 900]  # the frame shown at t is the last stamped at or before t
     frames = _source_frames(len(stamps_ms))
