@@ -114,7 +114,7 @@ def decode_video_file(data: bytes, name: str) -> tuple[np.ndarray, float]:
 
 def _decode(container, video, audio, name: str, media: MediaConfig, window_for) -> DecodedMedia:
     if video is not None:
-        width, height = video.codec_context.width, video.codec_context.height
+        width, height = _display_size(video)
         if width * height > Image.MAX_IMAGE_PIXELS:  # the limit pictures have (a decompression bomb)
             raise SampleError(CORRUPT_MEDIA, f"{name}: {width}x{height} frames exceed {Image.MAX_IMAGE_PIXELS} pixels")
         origin_s = float((video.start_time or 0) * video.time_base)
@@ -136,6 +136,17 @@ def _decode(container, video, audio, name: str, media: MediaConfig, window_for) 
     if audio is not None and result.audio_duration_s and result.window.start_s < result.audio_duration_s:
         result.audio = _audio_window(container, audio, result.window, origin_s, result.audio_duration_s, name)
     return result
+
+
+def _display_size(stream) -> tuple[int, int]:
+    """(width, height) of the stream's pictures as a player shows them: its first frame's size,
+    wider or narrower by its sample aspect ratio (anamorphic video: 720x480 stored at 32:27 shows
+    as 853x480), which the container or else the codec declares."""
+    width, height = stream.codec_context.width, stream.codec_context.height
+    ratio = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    if ratio and ratio > 0 and ratio != 1:
+        width = max(1, round(width * ratio))
+    return width, height
 
 
 def _stream_seconds(stream, container, origin_s: float) -> float | None:

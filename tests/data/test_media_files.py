@@ -221,6 +221,19 @@ def test_a_stream_whose_resolution_changes_keeps_its_first_size_as_ffmpeg_does(t
     np.testing.assert_array_equal(ours, _ffmpeg_rgb(tmp_path / "grows.mkv").reshape(ours.shape))
 
 
+def test_anamorphic_video_is_shown_at_its_display_size(tmp_path):
+    """Pixels 3:2 wide (a sample aspect ratio, as DVD and HDV video store them): a player shows the
+    32x32 storage as 48x32; the loader gives what the ffmpeg command gives scaled by the ratio."""
+    raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", "10", "-i", "-"]
+    command = ["ffmpeg", "-loglevel", "error", "-y", *raw_input, "-vf", "setsar=3/2", "-c:v", "libx264", "-crf", "4"]
+    subprocess.run([*command, str(tmp_path / "wide.mp4")], input=_source_frames(3).tobytes(), check=True)
+    ours = decode_sample(_raw("video.mp4", (tmp_path / "wide.mp4").read_bytes())).video
+    shown = ["ffmpeg", "-loglevel", "error", "-i", str(tmp_path / "wide.mp4"), "-vf", "scale=iw*sar:ih:flags=bicubic"]
+    reference = subprocess.run([*shown, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], check=True, capture_output=True)
+    assert ours.shape == (3, SIDE, SIDE * 3 // 2, 3)
+    np.testing.assert_array_equal(ours, np.frombuffer(reference.stdout, np.uint8).reshape(ours.shape))
+
+
 def test_variable_frame_rate_video_is_sampled_by_its_timestamps():
     stamps_ms = [0, 100, 150, 400, 450, 900]  # the frame shown at t is the last stamped at or before t
     frames = _source_frames(len(stamps_ms))
