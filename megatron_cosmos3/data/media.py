@@ -12,7 +12,7 @@ import struct
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy.io import wavfile
 
 from megatron_cosmos3.data.errors import BAD_METADATA, CORRUPT_MEDIA, SampleError
@@ -62,15 +62,30 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB from PNG/JPEG/... bytes (any mode Pillow reads is converted to RGB)."""
+    """(H, W, 3) uint8 RGB from PNG/JPEG/... bytes, as a viewer shows the picture: turned and
+    mirrored by its EXIF orientation, 16-bit grey scaled to 8 bits (Pillow's own conversion clips it
+    at 255), any other mode Pillow reads converted to RGB (alpha dropped); an animation's first frame."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 image.load()  # Image.open is lazy: a truncated file fails only here
-                return np.array(image.convert("RGB"))  # a writable copy (torch refuses read-only arrays)
+                return _viewed_rgb(image)
     except DECODE_ERRORS as error:
         raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable image ({type(error).__name__}: {error})") from None
+
+
+def _viewed_rgb(image: Image.Image) -> np.ndarray:
+    """``decode_image``'s pixels of a loaded picture: a writable (H, W, 3) uint8 array."""
+    try:
+        image = ImageOps.exif_transpose(image)
+    except DECODE_ERRORS:  # an unreadable orientation tag: shown as stored, as viewers do
+        pass
+    if image.mode.startswith("I"):  # 16-bit (or 32-bit integer) grey: 0..65535 -> 0..255
+        grey = np.asarray(image, dtype=np.float64)
+        grey = np.clip(np.round(grey / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.array(image.convert("RGB"))  # a copy: torch refuses read-only arrays
 
 
 def encode_wav(waveform: np.ndarray, sample_rate: int) -> bytes:

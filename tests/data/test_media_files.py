@@ -333,6 +333,41 @@ def test_pictures_decode_and_fit_the_nearest_bucket(suffix):
     assert fitted.image.shape == (32, 64, 3)  # 160 / 96 = 1.67 is nearest 2 (log ratio)
 
 
+# EXIF orientation -> how a viewer turns the stored picture (the TIFF/EXIF specification's table).
+VIEWED = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, k=-1),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, k=1),
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(VIEWED))
+def test_a_pictures_exif_orientation_is_applied_as_a_viewer_shows_it(orientation):
+    stored = np.zeros((32, 48, 3), np.uint8)
+    stored[:4, :4], stored[:4, -4:], stored[-4:, :4] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    picture = Image.fromarray(stored)
+    exif = picture.getexif()
+    exif[0x0112] = orientation  # the Orientation tag
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", exif=exif)  # lossless: the turned pixels compare exactly
+    viewed = decode_sample(_raw("image.png", buffer.getvalue())).image
+    np.testing.assert_array_equal(viewed, VIEWED[orientation](stored))
+
+
+def test_a_16_bit_grey_picture_keeps_its_tones():
+    """Pillow reads it as mode I;16 and its own RGB conversion clips every value above 255."""
+    ramp = np.linspace(0, 65535, 32 * 48).reshape(32, 48).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")
+    image = decode_sample(_raw("image.png", buffer.getvalue())).image
+    np.testing.assert_array_equal(image, np.repeat(np.round(ramp / 257).astype(np.uint8)[..., None], 3, axis=2))
+
+
 def test_bucket_and_window_rules():
     assert bucket_for(720, 1280, [(64, 64), (64, 112), (112, 64)]) == (64, 112)
     config = MediaConfig(clip_seconds=1.0, clip_start="grid")
