@@ -19,6 +19,9 @@ from megatron_cosmos3.data.errors import BAD_METADATA, CORRUPT_MEDIA, SampleErro
 
 # The data size a WAV writer that cannot seek back (a pipe) leaves in the header: "read to the end".
 STREAMED_WAV_SIZE = 0xFFFFFFFF
+# WAV sample encodings scipy reads (PCM, IEEE float); others (mu-law, A-law, ADPCM, ...) FFmpeg decodes.
+PCM_WAV_ENCODINGS = (0x0001, 0x0003)
+WAVE_FORMAT_EXTENSIBLE = 0xFFFE
 # Everything a broken file can make these libraries raise; anything else is a bug, not bad data.
 DECODE_ERRORS = (
     ValueError,
@@ -101,7 +104,7 @@ def decode_wav(data: bytes, name: str) -> tuple[np.ndarray, int]:
     """(channels, samples) float32 in [-1, 1] and the sample rate in Hz from WAV bytes (PCM 8/16/24/32
     bit or float). A data chunk shorter than its header declares is a truncated file
     (``corrupt_media``), unless the size is ``STREAMED_WAV_SIZE`` (written to a pipe: read to the end)."""
-    missing = _missing_wav_bytes(data)
+    missing = missing_wav_bytes(data)
     if missing:
         raise SampleError(
             CORRUPT_MEDIA,
@@ -123,7 +126,25 @@ def decode_wav(data: bytes, name: str) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(audio), int(rate)
 
 
-def _missing_wav_bytes(data: bytes) -> int:
+def wav_encoding(data: bytes) -> int | None:
+    """The sample encoding a WAV file's ``fmt`` chunk names (its format tag; for
+    WAVE_FORMAT_EXTENSIBLE the sub-format's), or None where no ``fmt`` chunk is found."""
+    if data[:4] not in (b"RIFF", b"RIFX") or data[8:12] != b"WAVE":
+        return None
+    order = "<" if data[:4] == b"RIFF" else ">"
+    offset = 12
+    while offset + 10 <= len(data):
+        chunk, size = data[offset : offset + 4], struct.unpack(order + "I", data[offset + 4 : offset + 8])[0]
+        if chunk == b"fmt ":
+            tag = struct.unpack(order + "H", data[offset + 8 : offset + 10])[0]
+            if tag == WAVE_FORMAT_EXTENSIBLE and size >= 26 and offset + 34 <= len(data):
+                tag = struct.unpack(order + "H", data[offset + 32 : offset + 34])[0]  # the sub-format GUID's start
+            return tag
+        offset += 8 + size + (size & 1)
+    return None
+
+
+def missing_wav_bytes(data: bytes) -> int:
     """How many bytes the first ``data`` chunk declares beyond the end of the file (0 when complete,
     streamed, RF64 (its sizes live in the ``ds64`` chunk) or not a RIFF file: the reader judges those)."""
     if data[:4] not in (b"RIFF", b"RIFX") or data[8:12] != b"WAVE":

@@ -1,5 +1,5 @@
 """Compressed media in the shards, decoded with PyAV: video files (``mp4``, ``webm``, ``mkv``) with
-the audio stream inside them, and audio files (``flac``, ``mp3``, ``m4a``/``aac``, ``opus``).
+the audio stream inside them, and audio files (``flac``, ``mp3``, ``m4a``/``aac``, ``opus``, ``ogg``).
 
 Only the clip's window is decoded (docs/DESIGN.md, "Real media"): the container seeks to the last
 keyframe at or before the window, frames are decoded up to the last target time, and only the
@@ -35,11 +35,11 @@ from megatron_cosmos3.data.clips import (
     timestamp_tolerance,
 )
 from megatron_cosmos3.data.errors import CORRUPT_MEDIA, MISSING_STREAM, UNSUPPORTED_CODEC, ZERO_LENGTH, SampleError
-from megatron_cosmos3.data.media import DECODE_ERRORS
+from megatron_cosmos3.data.media import DECODE_ERRORS, missing_wav_bytes
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, to_stereo_48k
 
 VIDEO_SUFFIXES = ("mp4", "webm", "mkv")
-AUDIO_SUFFIXES = ("flac", "mp3", "m4a", "aac", "opus")
+AUDIO_SUFFIXES = ("flac", "mp3", "m4a", "aac", "opus", "ogg")
 # Decoded from this long before an audio window, and thrown away: a frame of a transform codec
 # (AAC, Opus, MP3) is only exact after its predecessor.
 AUDIO_PREROLL_S = 0.1
@@ -129,12 +129,16 @@ def _decode(container, video, audio, name: str, media: MediaConfig, window_for) 
         result = DecodedMedia(window, fit_to_bucket(frames, media.buckets()), fps, None, video_s, audio_s)
     else:
         origin_s = float((audio.start_time or 0) * audio.time_base)
+        fresh = audio.duration is not None or container.duration is not None  # nothing demuxed yet
         audio_s = _stream_seconds(audio, container, origin_s)
         if not audio_s:
             raise SampleError(ZERO_LENGTH, f"{name}: its audio stream has no duration")
         result = DecodedMedia(window_for(audio_s), audio_duration_s=audio_s)
     if audio is not None and result.audio_duration_s and result.window.start_s < result.audio_duration_s:
-        result.audio = _audio_window(container, audio, result.window, origin_s, result.audio_duration_s, name)
+        read_from_start = video is None and fresh and result.window.start_s <= AUDIO_PREROLL_S
+        result.audio = _audio_window(
+            container, audio, result.window, origin_s, result.audio_duration_s, name, not read_from_start
+        )
     return result
 
 
@@ -259,23 +263,30 @@ def _upright(rgb: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return shown if shown is rgb else np.ascontiguousarray(shown)
 
 
-def _audio_window(container, stream, window: Window, origin_s: float, declared_s: float, name: str) -> np.ndarray:
+def _audio_window(
+    container, stream, window: Window, origin_s: float, declared_s: float, name: str, seek: bool = True
+) -> np.ndarray:
     """``(2, samples)`` float32 at 48 kHz covering ``window`` (shorter where the stream ends, at
-    ``declared_s``; ``corrupt_media`` where its data ends earlier, see AUDIO_END_TOLERANCE_S)."""
+    ``declared_s``; ``corrupt_media`` where its data ends earlier, see AUDIO_END_TOLERANCE_S).
+    ``seek=False``: the container has read nothing yet and the window starts within the preroll, so
+    it decodes from its start (a FLAC of a few samples has no seek point: FFmpeg refuses to seek)."""
     import av
 
     rate = stream.rate
     layout = "mono" if stream.channels == 1 else "stereo"
     start = max(window.start_s - AUDIO_PREROLL_S, 0.0)
-    container.seek(max(math.floor((start + origin_s) / stream.time_base), 0), stream=stream, backward=True)
+    if seek:
+        container.seek(max(math.floor((start + origin_s) / stream.time_base), 0), stream=stream, backward=True)
     resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
     first_sample, chunks, decoded = None, [], 0
     last_needed = math.ceil((window.end_s + origin_s) * rate)
     for frame in container.decode(stream):
-        if frame.pts is None:
-            continue
         if first_sample is None:
+            if frame.pts is None:  # not placed yet: nothing to cut by
+                continue
             first_sample = round(float(frame.pts * stream.time_base) * rate)
+        # Sound is contiguous: a frame without a timestamp (a WAV of ADPCM blocks stamps every other
+        # one) follows its predecessor; skipping it lost half the sound.
         for out in resampler.resample(frame):
             chunks.append(out.to_ndarray())
             decoded += chunks[-1].shape[1]
@@ -303,12 +314,14 @@ def _audio_window(container, stream, window: Window, origin_s: float, declared_s
 
 def _missing_bytes(data: bytes, container) -> int:
     """How many bytes the container's own structure declares beyond the end of ``data``: the MP4/MOV
-    index and the samples it lists, the Matroska/WebM segment (0 for other formats: FFmpeg judges
-    them). Bytes after the last box or the segment (a tool's junk, padding) are no part of it."""
+    index and the samples it lists, the Matroska/WebM segment, the WAV data chunk (0 for other
+    formats: FFmpeg judges them). Bytes after the last box or the segment (a tool's junk, padding) are no part of it."""
     if container.format.name.startswith("mov"):
         return max(_missing_box_bytes(data), _missing_sample_bytes(data, container))
     if container.format.name.startswith("matroska"):
         return _missing_segment_bytes(data)
+    if container.format.name == "wav":
+        return missing_wav_bytes(data)
     return 0
 
 

@@ -15,9 +15,10 @@ video.mp4              a video file (also ``video.webm``, ``video.mkv``; ``data/
                        its frame rate and duration from the file, its audio stream used as the
                        sample's audio when there is no audio file. One video field per sample.
 audio.wav              WAV (PCM or float), any rate (resampled to 48 kHz to encode); more than two
-                       channels are downmixed to 48 kHz stereo by FFmpeg, as compressed files are;
-                       or an ``audio.flac``, ``.mp3``, ``.m4a``, ``.aac``, ``.opus`` file (decoded to
-                       48 kHz stereo). One audio field per sample.
+                       channels, or another encoding (mu-law, A-law, ADPCM), are decoded to 48 kHz
+                       stereo by FFmpeg, as compressed files are;
+                       or an ``audio.flac``, ``.mp3``, ``.m4a``, ``.aac``, ``.opus``, ``.ogg`` file
+                       (decoded to 48 kHz stereo). One audio field per sample.
 actions.npy            (N, dim) float pseudo-actions (``encoders/pseudo_actions.py``), step i from
                        frame i to i + 1 at ``action_rate_hz``; needs ``embodiment``.
 video_latents.npy      pre-encoded video tokens (t*h*w, D) float16/32 (``encoders/video_vae.py``);
@@ -511,7 +512,9 @@ def decode_sample(
             frames = VAE_TEMPORAL_FACTOR * (latent_frames - 1)
             name = f"video_latents.npy ({latent_frames} latent frames at {sample.fps:g} fps)"
             spans[name] = (frames / sample.fps, (frames + VAE_TEMPORAL_FACTOR) / sample.fps)
-    wav = media.decode_wav(files[audio_field], audio_field) if audio_field == "audio.wav" else None
+    wav = None
+    if audio_field == "audio.wav" and media.wav_encoding(files[audio_field]) in (*media.PCM_WAV_ENCODINGS, None):
+        wav = media.decode_wav(files[audio_field], audio_field)
     if wav is not None and wav[0].shape[0] <= 2:
         audio, rate = _check_audio(*wav, audio_field)
         seconds = audio.shape[1] / rate
@@ -520,7 +523,7 @@ def decode_sample(
         window = window or window_for(seconds)
         sample.audio = _check_audio(np.ascontiguousarray(_cut_samples(audio.T, rate, window).T), rate, audio_field)[0]
         sample.audio_sample_rate = rate
-    elif audio_field is not None:  # a compressed file, or surround WAV: FFmpeg downmixes it as theirs to stereo
+    elif audio_field is not None:  # a compressed file, surround or mu-law/A-law/ADPCM WAV: FFmpeg's, 48 kHz stereo
         decoded = decode_media_file(
             files[audio_field], audio_field, clip, (lambda _: window) if window else window_for, False, True
         )

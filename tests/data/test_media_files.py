@@ -271,12 +271,13 @@ def test_webm_and_mkv_videos_decode(tmp_path, suffix):
     assert min(_psnr(a, b) for a, b in zip(sample.video, frames)) >= 35
 
 
-@pytest.mark.parametrize("suffix", ["flac", "mp3", "m4a", "opus", "wav"])
+@pytest.mark.parametrize("suffix", ["flac", "mp3", "m4a", "opus", "ogg", "wav"])
 def test_audio_files_decode_to_48k_stereo(tmp_path, suffix):
     rate = 44_100
     tone = (0.5 * np.sin(2 * math.pi * 440 * np.arange(rate) / rate)).astype(np.float32)
     path = tmp_path / f"tone.{suffix}"
-    codec = {"m4a": ["-c:a", "aac"], "opus": ["-c:a", "libopus", "-ar", "48000"]}.get(suffix, [])
+    codec = {"m4a": ["-c:a", "aac"], "opus": ["-c:a", "libopus", "-ar", "48000"], "ogg": ["-c:a", "libvorbis"]}
+    codec = codec.get(suffix, [])
     raw_input = ["-f", "f32le", "-ar", str(rate), "-ac", "1", "-i", "-"]
     subprocess.run(
         ["ffmpeg", "-loglevel", "error", "-y", *raw_input, *codec, str(path)], input=tone.tobytes(), check=True
@@ -288,6 +289,31 @@ def test_audio_files_decode_to_48k_stereo(tmp_path, suffix):
     assert abs(np.argmax(spectrum) / seconds - 440) < 3
     if suffix != "wav":  # WAV stays at its own rate (the encoder resamples it), compressed files are 48 kHz stereo
         assert sample.audio_sample_rate == 48_000 and sample.audio.shape[0] == 2
+
+
+@pytest.mark.parametrize("codec", ["pcm_mulaw", "adpcm_ms"])
+def test_a_wav_of_another_encoding_is_decoded_by_ffmpeg(tmp_path, codec):
+    """mu-law (telephony corpora) and ADPCM WAVs, which scipy cannot read, decode as compressed files
+    do, all of their sound (an ADPCM WAV stamps every other block: unstamped blocks were dropped)."""
+    rate = 16_000
+    tone = (0.5 * np.sin(2 * math.pi * 440 * np.arange(rate) / rate)).astype(np.float32)
+    raw_input = ["-f", "f32le", "-ar", str(rate), "-ac", "1", "-i", "-"]
+    path = tmp_path / "tone.wav"
+    command = ["ffmpeg", "-loglevel", "error", *raw_input, "-c:a", codec, str(path)]
+    subprocess.run(command, input=tone.tobytes(), check=True)
+    sample = decode_sample(_raw("audio.wav", path.read_bytes()))
+    assert sample.audio_sample_rate == 48_000 and sample.audio.shape[0] == 2
+    assert abs(sample.audio.shape[1] / 48_000 - 1.0) < 0.03  # ADPCM pads its last block
+    expected = np.sin(2 * math.pi * 440 * np.arange(48_000) / 48_000)
+    assert np.corrcoef(sample.audio[0, 2000:46_000], expected[2000:46_000])[0, 1] > 0.99
+
+
+def test_a_flac_of_one_sample_decodes(tmp_path):
+    """FFmpeg cannot seek in it (no seek point): read from its start, as a fresh file is."""
+    command = ["ffmpeg", "-loglevel", "error", "-f", "f32le", "-ar", "48000", "-ac", "1", "-i", "-"]
+    subprocess.run([*command, str(tmp_path / "one.flac")], input=np.float32(0.25).tobytes(), check=True)
+    sample = decode_sample(_raw("audio.flac", (tmp_path / "one.flac").read_bytes()))
+    assert sample.audio.shape == (2, 1) and abs(float(sample.audio[0, 0]) - 0.25) < 0.05
 
 
 def test_a_wav_written_to_a_pipe_is_read_to_its_end():
