@@ -125,7 +125,8 @@ def _decode(container, video, audio, name: str, media: MediaConfig, window_for) 
         audio_s = _stream_seconds(audio, container, origin_s) if audio is not None else None
         window = window_for(video_s)
         fps = media.fps or rate
-        frames = _video_window(container, video, target_times(window, fps), origin_s, rate, name, (width, height))
+        targets = target_times(window, fps)
+        frames = _video_window(container, video, targets, origin_s, rate, name, (width, height), video_s)
         result = DecodedMedia(window, fit_to_bucket(frames, media.buckets()), fps, None, video_s, audio_s)
     else:
         origin_s = float((audio.start_time or 0) * audio.time_base)
@@ -171,10 +172,20 @@ def _stream_seconds(stream, container, origin_s: float) -> float | None:
 
 
 def _video_window(
-    container, stream, targets: np.ndarray, origin_s: float, rate: float, name: str, size: tuple[int, int]
+    container,
+    stream,
+    targets: np.ndarray,
+    origin_s: float,
+    rate: float,
+    name: str,
+    size: tuple[int, int],
+    declared_s: float,
 ) -> np.ndarray:
     """The frames shown at ``targets`` (seconds from the origin), decoded from the keyframe before,
-    as ``size`` (width, height) RGB (``_to_rgb``)."""
+    as ``size`` (width, height) RGB (``_to_rgb``). The last frame shows until the stream's declared
+    end ``declared_s`` where that is less than a frame period after it (an edit list that starts
+    between two frames: FFmpeg drops the partly shown one and the stream lasts that much longer);
+    frames that stop earlier are a cut file."""
     if targets[0] > 0:  # a fresh container reads from the start: no seek (a stream without frames cannot seek)
         seek_to = math.floor((targets[0] + origin_s) / stream.time_base)
         container.seek(max(seek_to, 0), stream=stream, backward=True, any_frame=False)
@@ -196,6 +207,8 @@ def _video_window(
         if frames:
             last = frames[-1]
             end = times[-1] + (float(last.duration * stream.time_base) if last.duration else 1.0 / rate)
+            if end < declared_s < end + 1.0 / rate:
+                end = declared_s
     return _to_rgb(frames, pick_frames(np.asarray(times), targets, end, name, tolerance), size)
 
 

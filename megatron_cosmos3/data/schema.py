@@ -503,8 +503,8 @@ def decode_sample(
         spans[video_field] = (decoded.video_duration_s, decoded.video_duration_s)
         if decoded.audio is not None:
             sample.audio, sample.audio_sample_rate = _check_audio(decoded.audio, SAMPLE_RATE, f"{video_field}'s audio")
-            if decoded.audio_duration_s is not None:
-                spans[f"{video_field}'s audio"] = (decoded.audio_duration_s, decoded.audio_duration_s)
+        if decoded.audio_duration_s is not None:  # also where its sound ends before the clip: not a silent clip
+            spans[f"{video_field}'s audio"] = (decoded.audio_duration_s, decoded.audio_duration_s)
     if "video_latents.npy" in files:
         sample.fps = _positive_number(meta, "fps", "a video", FPS_RANGE)
         latent_frames = _grid(meta, "video_latent_grid", "video_latents.npy")[0]

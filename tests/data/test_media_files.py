@@ -234,6 +234,30 @@ def test_anamorphic_video_is_shown_at_its_display_size(tmp_path):
     np.testing.assert_array_equal(ours, np.frombuffer(reference.stdout, np.uint8).reshape(ours.shape))
 
 
+def test_an_edit_list_starting_between_frames_keeps_its_last_frame_to_the_declared_end(tmp_path):
+    """A stream copied from 0.3 s (an edit list into a 24 fps track): FFmpeg drops the partly shown
+    frame, so the stream declares 1.7 s while its 40 frames last 1.667 s. It is no cut file: the
+    frames are the ffmpeg command's, the last one held to the end."""
+    frames = _source_frames(48, fps=24)
+    (tmp_path / "whole.mp4").write_bytes(encode_mp4(frames, 24, crf=4, keyframe_interval=12))
+    command = ["ffmpeg", "-loglevel", "error", "-ss", "0.3", "-i", str(tmp_path / "whole.mp4"), "-c", "copy"]
+    subprocess.run([*command, str(tmp_path / "cut.mp4")], check=True)
+    ours = decode_sample(_raw("video.mp4", (tmp_path / "cut.mp4").read_bytes())).video
+    reference = _ffmpeg_rgb(tmp_path / "cut.mp4").reshape(-1, SIDE, SIDE, 3)
+    assert len(reference) == 40 and len(ours) == 41  # ceil(1.7 s x 24 fps) targets
+    np.testing.assert_array_equal(ours[:40], reference)
+    np.testing.assert_array_equal(ours[40], reference[39])
+
+
+def test_a_clip_after_the_end_of_a_video_files_sound_is_a_mismatch_not_a_silent_clip():
+    """2 s of frames, 1.5 s of sound: the clip of the last half second had no sound and was used as
+    a silent video; the lengths disagree, whichever clip is cut."""
+    data = encode_mp4(_source_frames(48, fps=24), 24, audio=np.zeros((1, 36_000), np.float32), sample_rate=24_000)
+    last = MediaConfig(clip_seconds=0.5, clip_start="grid")
+    with pytest.raises(SampleError, match="duration_mismatch: video.mp4's audio lasts 1.500 s, video.mp4 2.000 s"):
+        decode_sample(_raw("video.mp4", data), media_config=last, draw=0.99)
+
+
 def test_variable_frame_rate_video_is_sampled_by_its_timestamps():
     stamps_ms = [0, 100, 150, 400, 450, 900]  # the frame shown at t is the last stamped at or before t
     frames = _source_frames(len(stamps_ms))
