@@ -4,6 +4,7 @@ run that reads too much bad data with a message that says what and where."""
 
 from __future__ import annotations
 
+import bz2
 import functools
 import gzip
 import io
@@ -409,6 +410,14 @@ def damaged(tmp_path_factory):
         shards[name], expected[name] = url, Counter(damaged_shard=1)
         sources.append(url)
 
+    # Compressed in several streams (cat a.gz b.gz, bgzip, pbzip2), split inside a sample: every
+    # sample is read (tarfile's own decompression stopped after the first stream, silently).
+    for name, compress in (("multi_member.tar.gz", gzip.compress), ("multi_stream.tar.bz2", bz2.compress)):
+        data = _tar_bytes([_text(str(i)) for i in range(4)])
+        url = str(root / name)
+        open(url, "wb").write(compress(data[:1700]) + compress(data[1700:]))
+        sources.append(url)
+
     # An index that lists fewer samples than the shard holds: reported once, the samples are used.
     _write(root / "short_index", [_text(str(i)) for i in range(3)])
     index = json.loads((root / "short_index" / "index.json").read_text())
@@ -418,7 +427,7 @@ def damaged(tmp_path_factory):
     expected["short_index"] = Counter(index_mismatch=1)
     sources.append(str(root / "short_index"))
 
-    used = 4 + 3 + 2 + 0 + 0 + 1 + 2 + 1 + 1 + 1 + 3
+    used = 4 + 3 + 2 + 0 + 0 + 1 + 2 + 1 + 1 + 1 + 4 + 4 + 3
     return sources, {shards[k]: expected[k] for k in shards}, used
 
 
