@@ -150,7 +150,7 @@ def eef_pseudo_actions(states: np.ndarray, eef: EefPose) -> np.ndarray:
 
 def read_info(root: Path) -> dict:
     """``meta/info.json``; ValueError naming the file for a layout this reader does not know."""
-    info = json.loads((root / "meta" / "info.json").read_text())
+    info = json.loads((root / "meta" / "info.json").read_text(encoding="utf-8-sig"))
     version = str(info.get("codebase_version", ""))
     if not version.startswith(("v2.", "v3.")):
         raise ValueError(
@@ -175,7 +175,7 @@ def episodes_of(root: Path, info: dict) -> list[dict]:
     else:
         path = root / "meta" / "episodes.jsonl"
         episodes = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
             if not line.strip():
                 continue
             try:

@@ -52,10 +52,10 @@ def caption_of(video: Path, in_dir: Path, listed: dict[str, dict]) -> dict:
     sidecar = video.with_suffix(".json") if entry is None and video.with_suffix(".json").is_file() else None
     try:  # a broken sidecar loses its video (counted), not the run
         if sidecar is not None:
-            entry = json.loads(sidecar.read_text(encoding="utf-8"))
+            entry = json.loads(sidecar.read_text(encoding="utf-8-sig"))  # a BOM (Windows editors) is no text
         if entry is None and video.with_suffix(".txt").is_file():
             sidecar = video.with_suffix(".txt")
-            entry = {"caption": sidecar.read_text(encoding="utf-8").strip()}
+            entry = {"caption": sidecar.read_text(encoding="utf-8-sig").strip()}
     except ValueError as error:  # not UTF-8 (UnicodeDecodeError) or not JSON
         raise SampleError(BAD_METADATA, f"{sidecar}: not a UTF-8 caption file ({error})") from None
     if entry is not None and not isinstance(entry, dict):
@@ -93,7 +93,7 @@ def ingest_videos(
     in_dir = Path(in_dir)
     listed = {}
     if captions:
-        for number, line in enumerate(Path(captions).read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(Path(captions).read_text(encoding="utf-8-sig").splitlines(), 1):
             if line.strip():
                 try:
                     entry = json.loads(line)

@@ -279,20 +279,24 @@ def test_a_folder_of_videos_with_captions_becomes_shards(tmp_path):
     (folder / "quiet.mp4").write_bytes((folder / "a.mp4").read_bytes())
     blank = {"caption": " \t\u200b", "segments": [{"start_s": 0.0, "end_s": 0.5, "text": "\n "}]}
     (folder / "quiet.json").write_text(json.dumps(blank))
+    # A sidecar saved with a byte order mark (Windows editors): its caption, without the mark.
+    (folder / "bom.mp4").write_bytes((folder / "a.mp4").read_bytes())
+    (folder / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"caption": "marked"}).encode())
     listed = tmp_path / "captions.jsonl"
     listed.write_text(json.dumps({"file": "a.mp4", "caption": "listed wins over the sidecar"}))
     skipped = ingest.ingest_videos(folder, tmp_path / "shards", listed, shard_size=8)
     assert skipped == {"corrupt_media": 1, "bad_metadata": 2}
     index = ShardIndex.load(tmp_path / "shards")
     samples = {raw["__key__"]: raw for shard in index.shards for raw in read_shard(shard.url)}
-    assert sorted(samples) == ["00000000_a", "00000004_quiet", "00000005_street_b"]  # 1-3 were skipped
+    assert sorted(samples) == ["00000000_a", "00000001_bom", "00000005_quiet", "00000006_street_b"]
     a = decode_sample(samples["00000000_a"])
     assert a.caption == "listed wins over the sidecar" and len(a.video) == 20
-    assert "caption" not in json.loads(samples["00000004_quiet"]["meta.json"])
-    quiet = decode_sample(samples["00000004_quiet"])
+    assert decode_sample(samples["00000001_bom"]).caption == "marked"
+    assert "caption" not in json.loads(samples["00000005_quiet"]["meta.json"])
+    quiet = decode_sample(samples["00000005_quiet"])
     assert quiet.caption is None and quiet.caption_segments == [] and Modality.TEXT not in quiet.modalities
     clip = decode_sample(
-        samples["00000005_street_b"], media_config=MediaConfig(clip_seconds=1.0, clip_start="grid"), draw=0.9
+        samples["00000006_street_b"], media_config=MediaConfig(clip_seconds=1.0, clip_start="grid"), draw=0.9
     )
     assert clip.timing["clip_start_s"] == 2.0 and clip.caption == "bright"
     assert math.isclose(clip.caption_segments[0][1], 1.0)
