@@ -4,7 +4,7 @@
     python data_pipelines/ingest_videos.py IN_DIR OUT_DIR [--captions captions.jsonl] [--shard-size 64]
         [--task I --tasks N | --processes P]
 
-Every video file under ``IN_DIR`` (``.mp4``, ``.webm``, ``.mkv``; sorted by relative path) becomes
+Every video file under ``IN_DIR`` (``.mp4``, ``.mov``, ``.webm``, ``.mkv``; sorted by relative path) becomes
 one sample that stores the file as it is (``video.<suffix>``, its sound inside: no re-encoding).
 Its caption, the first found of: the ``--captions`` JSONL line ``{"file": "<relative path>",
 "caption": "...", "segments": [{"start_s", "end_s", "text"}]}``; a sidecar ``<stem>.json`` with

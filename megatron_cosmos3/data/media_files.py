@@ -1,5 +1,6 @@
-"""Compressed media in the shards, decoded with PyAV: video files (``mp4``, ``webm``, ``mkv``) with
-the audio stream inside them, and audio files (``flac``, ``mp3``, ``m4a``/``aac``, ``opus``, ``ogg``).
+"""Compressed media in the shards, decoded with PyAV: video files (``mp4``, ``mov``, ``webm``,
+``mkv``) with the audio stream inside them, and audio files (``flac``, ``mp3``, ``m4a``/``aac``,
+``opus``, ``ogg``).
 
 Only the clip's window is decoded (docs/DESIGN.md, "Real media"): the container seeks to the last
 keyframe at or before the window, frames are decoded up to the last target time, and only the
@@ -38,7 +39,7 @@ from megatron_cosmos3.data.errors import CORRUPT_MEDIA, MISSING_STREAM, UNSUPPOR
 from megatron_cosmos3.data.media import DECODE_ERRORS, missing_wav_bytes
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, to_stereo_48k
 
-VIDEO_SUFFIXES = ("mp4", "webm", "mkv")
+VIDEO_SUFFIXES = ("mp4", "mov", "webm", "mkv")
 AUDIO_SUFFIXES = ("flac", "mp3", "m4a", "aac", "opus", "ogg")
 # Decoded from this long before an audio window, and thrown away: a frame of a transform codec
 # (AAC, Opus, MP3) is only exact after its predecessor.

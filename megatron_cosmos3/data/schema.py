@@ -11,7 +11,7 @@ image.png              a still picture, (H, W, 3) uint8 RGB, H and W >= 32; or `
 observation.png        the picture the Reasoner sees through the ViT (a policy's observation); when
                        absent, the image or the video's first frame is used (also ``.jpg``, ``.webp``).
 video.npy              (T, H, W, 3) uint8 RGB frames, T >= 1, H and W >= 32; needs ``fps``.
-video.mp4              a video file (also ``video.webm``, ``video.mkv``; ``data/media_files.py``):
+video.mp4              a video file (also ``video.mov``, ``.webm``, ``.mkv``; ``data/media_files.py``):
                        its frame rate and duration from the file, its audio stream used as the
                        sample's audio when there is no audio file. One video field per sample.
 audio.wav              WAV (PCM or float), any rate (resampled to 48 kHz to encode); more than two

@@ -279,10 +279,11 @@ def test_variable_frame_rate_video_is_sampled_by_its_timestamps():
         assert _psnr(frame, frames[index]) >= 35
 
 
-@pytest.mark.parametrize("suffix", ["webm", "mkv"])
-def test_webm_and_mkv_videos_decode(tmp_path, suffix):
+@pytest.mark.parametrize("suffix", ["webm", "mkv", "mov"])
+def test_webm_mkv_and_mov_videos_decode(tmp_path, suffix):
     frames = _source_frames(12)
-    codec = ["-c:v", "libvpx-vp9", "-crf", "10", "-b:v", "0"] if suffix == "webm" else ["-c:v", "ffv1"]
+    codec = {"webm": ["-c:v", "libvpx-vp9", "-crf", "10", "-b:v", "0"], "mkv": ["-c:v", "ffv1"]}
+    codec = codec.get(suffix, ["-c:v", "libx264", "-crf", "4"])
     raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", "12", "-i", "-"]
     path = tmp_path / f"clip.{suffix}"
     subprocess.run(
