@@ -187,30 +187,49 @@ def _video_window(
     end ``declared_s`` where that is less than a frame period after it (an edit list that starts
     between two frames: FFmpeg drops the partly shown one and the stream lasts that much longer);
     frames that stop earlier are a cut file."""
-    if targets[0] > 0:  # a fresh container reads from the start: no seek (a stream without frames cannot seek)
-        seek_to = math.floor((targets[0] + origin_s) / stream.time_base)
-        container.seek(max(seek_to, 0), stream=stream, backward=True, any_frame=False)
-    times, frames, end = [], [], math.inf
     tolerance = timestamp_tolerance(stream.time_base)
+    lead_s, fresh = (int(stream.codec_context.has_b_frames) + 2) / rate, True
+    while True:
+        # The keyframe to decode from must be shown at or before the window: seeking by decoding time
+        # can land on one shown after it (B-frames), whose leading frames (open GOP: shown before it,
+        # referring to the GOP before) the decoder drops. Then the search starts further back.
+        seek_s = targets[0] - lead_s
+        if seek_s > 0 or not fresh:  # a fresh container reads from the start (a stream without frames cannot seek)
+            seek_to = max(math.floor((max(seek_s, 0.0) + origin_s) / stream.time_base), stream.start_time or 0)
+            container.seek(seek_to, stream=stream, backward=True, any_frame=False)
+        times, frames, ended, key_s = _decode_frames(container, stream, targets, origin_s, tolerance)
+        if seek_s <= 0 or (key_s is not None and key_s <= targets[0] + tolerance):
+            break
+        lead_s, fresh = lead_s * 4, False
+    end = math.inf
+    if ended and frames:  # the stream ended: its last frame shows for its duration (a frame period if unstated)
+        last = frames[-1]
+        end = times[-1] + (float(last.duration * stream.time_base) if last.duration else 1.0 / rate)
+        if end < declared_s < end + 1.0 / rate:
+            end = declared_s
+    return _to_rgb(frames, pick_frames(np.asarray(times), targets, end, name, tolerance), size)
+
+
+def _decode_frames(container, stream, targets: np.ndarray, origin_s: float, tolerance: float):
+    """Decodes from where the container stands to the last target: (times, frames) from the last
+    frame at or before the first target on, whether the stream ended (no frame past the last
+    target), and the time of the first keyframe decoded (None without one)."""
+    times, frames, key_s = [], [], None
     for frame in container.decode(stream):
         if frame.pts is None:
             continue
         t = float(frame.pts * stream.time_base) - origin_s
+        if key_s is None and frame.key_frame:
+            key_s = t
         if times and t <= times[-1]:
             continue  # a repeated timestamp: the first frame holds it
         if t > targets[-1] + tolerance:
-            break
+            return times, frames, False, key_s
         if t <= targets[0] + tolerance:
             times, frames = [], []  # this frame supersedes every earlier one
         times.append(t)
         frames.append(frame)
-    else:  # the stream ended: its last frame shows for its duration (one frame period if unstated)
-        if frames:
-            last = frames[-1]
-            end = times[-1] + (float(last.duration * stream.time_base) if last.duration else 1.0 / rate)
-            if end < declared_s < end + 1.0 / rate:
-                end = declared_s
-    return _to_rgb(frames, pick_frames(np.asarray(times), targets, end, name, tolerance), size)
+    return times, frames, True, key_s
 
 
 def _to_rgb(frames: list, picked: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -106,6 +106,25 @@ def test_a_seeked_window_equals_that_window_of_a_full_decode():
     assert len(whole) == 60 and _psnr(whole[first], frames[first]) >= 35
 
 
+def test_a_window_in_an_open_gops_leading_frames_equals_that_window_of_a_full_decode(tmp_path):
+    """Open GOPs with B-frames (keyframes every 12, shown 4 frames after they are decoded): a window
+    from frame 23 seeked by decoding time to the keyframe of frame 24, whose leading frames the
+    decoder drops, and frame 24 stood in for frame 23. Seeking starts further back until the
+    keyframe decoded from is shown at or before the window."""
+    frames = _source_frames(48, fps=24)
+    raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", "24", "-i", "-"]
+    gop = ["-c:v", "libx264", "-crf", "4", "-bf", "3", "-x264-params", "open_gop=1:keyint=12:min-keyint=12:scenecut=0"]
+    command = ["ffmpeg", "-loglevel", "error", "-y", *raw_input, *gop, "-pix_fmt", "yuv420p"]
+    subprocess.run([*command, str(tmp_path / "open.mp4")], input=frames.tobytes(), check=True)
+    data = (tmp_path / "open.mp4").read_bytes()
+    whole = decode_sample(_raw("video.mp4", data)).video
+    config = MediaConfig(clip_seconds=0.5, clip_start="random")
+    clip = decode_sample(_raw("video.mp4", data), media_config=config, draw=23.5 / 24 / 1.5)
+    assert math.floor(clip.timing["clip_start_s"] * 24) == 23 and len(clip.video) == 12
+    np.testing.assert_array_equal(clip.video, whole[23:35])
+    assert _psnr(clip.video[0], frames[23]) >= 35
+
+
 def test_a_click_stays_at_its_frame_after_decode_cut_and_resample():
     fps, rate, click_frame = 24, 44_100, 30
     audio = np.zeros((1, 2 * rate), np.float32)
