@@ -126,10 +126,18 @@ def decode_wav(data: bytes, name: str) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(audio), int(rate)
 
 
+def scipy_reads_wav(data: bytes) -> bool:
+    """Whether ``decode_wav`` (scipy) reads a WAV file: RIFF/RIFX of PCM or float samples, or bytes
+    it judges itself (no ``fmt`` chunk found: a broken file). RF64 (the 64-bit WAV FFmpeg writes
+    for long recordings: scipy fails on it with an internal error) and other encodings (mu-law,
+    A-law, ADPCM) are FFmpeg's (``data/media_files.py``)."""
+    return data[:4] != b"RF64" and wav_encoding(data) in (*PCM_WAV_ENCODINGS, None)
+
+
 def wav_encoding(data: bytes) -> int | None:
     """The sample encoding a WAV file's ``fmt`` chunk names (its format tag; for
     WAVE_FORMAT_EXTENSIBLE the sub-format's), or None where no ``fmt`` chunk is found."""
-    if data[:4] not in (b"RIFF", b"RIFX") or data[8:12] != b"WAVE":
+    if data[:4] not in (b"RIFF", b"RIFX", b"RF64") or data[8:12] != b"WAVE":
         return None
     order = "<" if data[:4] == b"RIFF" else ">"
     offset = 12

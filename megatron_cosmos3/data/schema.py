@@ -15,8 +15,8 @@ video.mp4              a video file (also ``video.mov``, ``.webm``, ``.mkv``; ``
                        its frame rate and duration from the file, its audio stream used as the
                        sample's audio when there is no audio file. One video field per sample.
 audio.wav              WAV (PCM or float), any rate (resampled to 48 kHz to encode); more than two
-                       channels, or another encoding (mu-law, A-law, ADPCM), are decoded to 48 kHz
-                       stereo by FFmpeg, as compressed files are;
+                       channels, another encoding (mu-law, A-law, ADPCM) or RF64, are decoded to
+                       48 kHz stereo by FFmpeg, as compressed files are;
                        or an ``audio.flac``, ``.mp3``, ``.m4a``, ``.aac``, ``.opus``, ``.ogg`` file
                        (decoded to 48 kHz stereo). One audio field per sample.
 actions.npy            (N, dim) float pseudo-actions (``encoders/pseudo_actions.py``), step i from
@@ -513,7 +513,7 @@ def decode_sample(
             name = f"video_latents.npy ({latent_frames} latent frames at {sample.fps:g} fps)"
             spans[name] = (frames / sample.fps, (frames + VAE_TEMPORAL_FACTOR) / sample.fps)
     wav = None
-    if audio_field == "audio.wav" and media.wav_encoding(files[audio_field]) in (*media.PCM_WAV_ENCODINGS, None):
+    if audio_field == "audio.wav" and media.scipy_reads_wav(files[audio_field]):
         wav = media.decode_wav(files[audio_field], audio_field)
     if wav is not None and wav[0].shape[0] <= 2:
         audio, rate = _check_audio(*wav, audio_field)
@@ -523,7 +523,7 @@ def decode_sample(
         window = window or window_for(seconds)
         sample.audio = _check_audio(np.ascontiguousarray(_cut_samples(audio.T, rate, window).T), rate, audio_field)[0]
         sample.audio_sample_rate = rate
-    elif audio_field is not None:  # a compressed file, surround or mu-law/A-law/ADPCM WAV: FFmpeg's, 48 kHz stereo
+    elif audio_field is not None:  # a compressed file, a WAV scipy cannot read or surround: FFmpeg's, 48 kHz stereo
         decoded = decode_media_file(
             files[audio_field], audio_field, clip, (lambda _: window) if window else window_for, False, True
         )

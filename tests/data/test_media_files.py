@@ -335,15 +335,17 @@ def test_audio_files_decode_to_48k_stereo(tmp_path, suffix):
         assert sample.audio_sample_rate == 48_000 and sample.audio.shape[0] == 2
 
 
-@pytest.mark.parametrize("codec", ["pcm_mulaw", "adpcm_ms"])
+@pytest.mark.parametrize("codec", ["pcm_mulaw", "adpcm_ms", "rf64"])
 def test_a_wav_of_another_encoding_is_decoded_by_ffmpeg(tmp_path, codec):
-    """mu-law (telephony corpora) and ADPCM WAVs, which scipy cannot read, decode as compressed files
-    do, all of their sound (an ADPCM WAV stamps every other block: unstamped blocks were dropped)."""
+    """mu-law (telephony corpora), ADPCM and RF64 (64-bit sizes, long recordings) WAVs, which scipy
+    cannot read (RF64: an UnboundLocalError inside it), decode as compressed files do, all of their
+    sound (an ADPCM WAV stamps every other block: unstamped blocks were dropped)."""
     rate = 16_000
     tone = (0.5 * np.sin(2 * math.pi * 440 * np.arange(rate) / rate)).astype(np.float32)
     raw_input = ["-f", "f32le", "-ar", str(rate), "-ac", "1", "-i", "-"]
     path = tmp_path / "tone.wav"
-    command = ["ffmpeg", "-loglevel", "error", *raw_input, "-c:a", codec, str(path)]
+    encoding = ["-c:a", "pcm_s16le", "-rf64", "always"] if codec == "rf64" else ["-c:a", codec]
+    command = ["ffmpeg", "-loglevel", "error", *raw_input, *encoding, str(path)]
     subprocess.run(command, input=tone.tobytes(), check=True)
     sample = decode_sample(_raw("audio.wav", path.read_bytes()))
     assert sample.audio_sample_rate == 48_000 and sample.audio.shape[0] == 2
