@@ -42,8 +42,8 @@ the same window) — by default the whole sample at its own rate and size. Strea
 say the sample lasts more than ``media.av_tolerance_s`` apart are a ``duration_mismatch``, in every
 member kind (``_check_spans``): a file's declared duration; T frames of ``video.npy`` last
 (T - 1) / fps to T / fps; a WAV or ``audio_num_samples`` its samples; t video latent frames
-4(t - 1) / fps to 4t / fps (the encoder crops up to 3 frames); N action steps N -+ 1 steps. So a
-frame or a step of difference, as npy/WAV shards written before have, still loads.
+4(t - 1) / fps to 4t / fps (the encoder crops up to 3 frames); N action steps N - 1 to N + 1
+steps. So a frame or a step of difference, as npy/WAV shards written before have, still loads.
 
 Anything else is an ``extra_field``; a field missing what it needs, a ``missing_field``. Pixels
 and audio may come with their latents (latents win); a sample needs text or some media.
@@ -384,8 +384,8 @@ def _segments(value) -> list[tuple[float, float, str]]:
 def _check_spans(spans: dict[str, tuple[float, float]], tolerance_s: float) -> None:
     """``duration_mismatch`` naming the first two streams whose lengths say the sample lasts more
     than ``tolerance_s`` apart. ``spans``: stream -> (shortest, longest) seconds its length allows
-    (a file's declared duration; T frames (T - 1) / fps to T / fps; N action steps N -+ 1 steps), so
-    only a clear disagreement is one: npy/WAV shards written before this check keep loading."""
+    (a file's declared duration; T frames (T - 1) / fps to T / fps; N action steps N - 1 to N + 1
+    steps), so only a clear disagreement is one: npy/WAV shards written before keep loading."""
     items = list(spans.items())
     for i, (name, (low, high)) in enumerate(items):
         for other, (other_low, other_high) in items[:i]:
