@@ -30,6 +30,7 @@ from PIL import Image
 from megatron_cosmos3.data.clips import (
     MediaConfig,
     Window,
+    check_clip_bytes,
     fit_to_bucket,
     pick_frames,
     target_times,
@@ -127,6 +128,7 @@ def _decode(container, video, audio, name: str, media: MediaConfig, window_for) 
         window = window_for(video_s)
         fps = media.fps or rate
         targets = target_times(window, fps)
+        check_clip_bytes(len(targets), height, width, name)
         frames = _video_window(container, video, targets, origin_s, rate, name, (width, height), video_s)
         result = DecodedMedia(window, fit_to_bucket(frames, media.buckets()), fps, None, video_s, audio_s)
     else:

@@ -69,7 +69,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatron_cosmos3.data import media
-from megatron_cosmos3.data.clips import MediaConfig, Window, choose_window, fit_to_bucket, pick_frames, target_times
+from megatron_cosmos3.data.clips import (
+    MediaConfig,
+    Window,
+    check_clip_bytes,
+    choose_window,
+    fit_to_bucket,
+    pick_frames,
+    target_times,
+)
 from megatron_cosmos3.data.errors import (
     BAD_METADATA,
     DURATION_MISMATCH,
@@ -490,7 +498,9 @@ def decode_sample(
         )
         window = window_for(seconds)
         sample.fps = clip.fps or source_fps
-        picked = pick_frames(np.arange(len(video)) / source_fps, target_times(window, sample.fps), seconds, video_field)
+        targets = target_times(window, sample.fps)
+        check_clip_bytes(len(targets), *video.shape[1:3], video_field)
+        picked = pick_frames(np.arange(len(video)) / source_fps, targets, seconds, video_field)
         if len(picked) != len(video) or (picked != np.arange(len(video))).any():
             video = video[picked]
         sample.video = _check_frames(fit_to_bucket(video, buckets), video_field)

@@ -502,6 +502,31 @@ def test_video_frames_above_the_picture_pixel_limit_are_refused_before_decoding(
         decode_sample(_raw("video.mp4", data))
 
 
+def test_a_clip_too_large_to_hold_is_refused_before_decoding(monkeypatch):
+    """A 3 KB Matroska file whose last frame is stamped an hour after its first: 90,000 frames at
+    its 25 fps. Over clips.MAX_CLIP_BYTES a sample is out_of_range, for files and video.npy alike,
+    before any frame is converted; a cut clip of it is not (control)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="matroska") as container:
+        stream = container.add_stream("mjpeg", rate=25)
+        stream.width, stream.height, stream.pix_fmt = SIDE, SIDE, "yuvj420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for index, stamp_ms in enumerate([0, 40, 80, 3_600_000]):
+            picture = av.VideoFrame.from_ndarray(_source_frames(4)[index], format="rgb24").reformat(format="yuvj420p")
+            picture.pts, picture.time_base = index, Fraction(1, 1000)
+            for packet in stream.codec_context.encode(picture):
+                packet.stream, packet.pts, packet.dts, packet.time_base = stream, stamp_ms, stamp_ms, Fraction(1, 1000)
+                container.mux(packet)
+    monkeypatch.setattr(clips, "MAX_CLIP_BYTES", 1 << 20)
+    with pytest.raises(SampleError, match=r"out_of_range: video.mkv: the clip is 90001 frames of 32x32 \(0.3 GiB"):
+        decode_sample(_raw("video.mkv", buffer.getvalue()))
+    one_second = MediaConfig(clip_seconds=1.0, clip_start="first")
+    assert len(decode_sample(_raw("video.mkv", buffer.getvalue()), media_config=one_second).video) == 25
+    frames = encode_npy(_source_frames(2))
+    with pytest.raises(SampleError, match="out_of_range: video.npy: the clip is 2000 frames of 32x32"):
+        decode_sample(_raw("video.npy", frames, fps=1), media_config=MediaConfig(fps=1000))
+
+
 def test_an_undecodable_codec_is_named_in_the_skip_reason():
     data = encode_mp4(_source_frames(3), 10).replace(b"avc1", b"zzzz")
     with pytest.raises(SampleError, match="unsupported_codec: video.mp4: FFmpeg has no decoder .* 'zzzz'"):
