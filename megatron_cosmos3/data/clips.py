@@ -32,9 +32,10 @@ CLIP_STARTS = ("random", "grid", "first")
 TIME_TOLERANCE_S = 1e-3
 # How many bytes of float pixels ``fit_to_bucket`` converts at once.
 FIT_BYTES = 256 << 20
-# The most bytes of RGB frames one clip may be decoded to, checked before decoding: a 3 KB file can
-# declare an hour of frames (a frame at 0 s and one at 3600 s: 90,000 targets at 25 fps), a whole
-# long video is no training clip. Above it a sample is ``out_of_range``: cut with clip_seconds.
+# The most bytes one clip's frames (RGB) or sound (float, 48 kHz stereo) may decode to, checked
+# before decoding: a 3 KB file can declare an hour of frames (a frame at 0 s and one at 3600 s:
+# 90,000 targets at 25 fps), and a whole long video or recording is no training clip. Above it a
+# sample is ``out_of_range``: cut long media with clip_seconds.
 MAX_CLIP_BYTES = 8 << 30
 
 
@@ -130,14 +131,14 @@ def target_times(window: Window, fps: float) -> np.ndarray:
     return window.start_s + np.arange(count, dtype=np.float64) / fps
 
 
-def check_clip_bytes(frames: int, height: int, width: int, name: str) -> None:
-    """``out_of_range`` where ``frames`` RGB frames of ``height x width`` exceed MAX_CLIP_BYTES."""
-    size = frames * height * width * 3
+def check_clip_bytes(size: int, what: str, name: str) -> None:
+    """``out_of_range`` where a clip's decoded ``size`` bytes (``what``: "N frames of WxH") exceed
+    MAX_CLIP_BYTES."""
     if size > MAX_CLIP_BYTES:
         raise SampleError(
             OUT_OF_RANGE,
-            f"{name}: the clip is {frames} frames of {width}x{height} ({size / 2**30:.1f} GiB of RGB, above "
-            f"clips.MAX_CLIP_BYTES={MAX_CLIP_BYTES}); cut long videos into clips with media.clip_seconds",
+            f"{name}: the clip is {what} ({size / 2**30:.1f} GiB decoded, above clips.MAX_CLIP_BYTES="
+            f"{MAX_CLIP_BYTES}); cut long media into clips with media.clip_seconds",
         )
 
 

@@ -128,7 +128,7 @@ def _decode(container, video, audio, name: str, media: MediaConfig, window_for) 
         window = window_for(video_s)
         fps = media.fps or rate
         targets = target_times(window, fps)
-        check_clip_bytes(len(targets), height, width, name)
+        check_clip_bytes(len(targets) * height * width * 3, f"{len(targets)} frames of {width}x{height}", name)
         frames = _video_window(container, video, targets, origin_s, rate, name, (width, height), video_s)
         result = DecodedMedia(window, fit_to_bucket(frames, media.buckets()), fps, None, video_s, audio_s)
     else:
@@ -308,6 +308,8 @@ def _audio_window(
     import av
 
     rate = stream.rate
+    seconds = min(window.duration_s, declared_s - window.start_s)
+    check_clip_bytes(math.ceil(seconds * max(rate, SAMPLE_RATE)) * 2 * 4, f"{seconds:.1f} s of sound", name)
     layout = "mono" if stream.channels == 1 else "stereo"
     start = max(window.start_s - AUDIO_PREROLL_S, 0.0)
     if seek:

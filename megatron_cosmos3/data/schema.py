@@ -499,7 +499,8 @@ def decode_sample(
         window = window_for(seconds)
         sample.fps = clip.fps or source_fps
         targets = target_times(window, sample.fps)
-        check_clip_bytes(len(targets), *video.shape[1:3], video_field)
+        height, width = video.shape[1:3]
+        check_clip_bytes(len(targets) * height * width * 3, f"{len(targets)} frames of {width}x{height}", video_field)
         picked = pick_frames(np.arange(len(video)) / source_fps, targets, seconds, video_field)
         if len(picked) != len(video) or (picked != np.arange(len(video))).any():
             video = video[picked]

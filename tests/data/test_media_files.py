@@ -504,8 +504,8 @@ def test_video_frames_above_the_picture_pixel_limit_are_refused_before_decoding(
 
 def test_a_clip_too_large_to_hold_is_refused_before_decoding(monkeypatch):
     """A 3 KB Matroska file whose last frame is stamped an hour after its first: 90,000 frames at
-    its 25 fps. Over clips.MAX_CLIP_BYTES a sample is out_of_range, for files and video.npy alike,
-    before any frame is converted; a cut clip of it is not (control)."""
+    its 25 fps. Over clips.MAX_CLIP_BYTES a sample is out_of_range, for files, video.npy and sound
+    alike, before anything is decoded; a cut clip of it is not (control)."""
     buffer = io.BytesIO()
     with av.open(buffer, "w", format="matroska") as container:
         stream = container.add_stream("mjpeg", rate=25)
@@ -518,13 +518,23 @@ def test_a_clip_too_large_to_hold_is_refused_before_decoding(monkeypatch):
                 packet.stream, packet.pts, packet.dts, packet.time_base = stream, stamp_ms, stamp_ms, Fraction(1, 1000)
                 container.mux(packet)
     monkeypatch.setattr(clips, "MAX_CLIP_BYTES", 1 << 20)
-    with pytest.raises(SampleError, match=r"out_of_range: video.mkv: the clip is 90001 frames of 32x32 \(0.3 GiB"):
+    too_large = r"out_of_range: video.mkv: the clip is 90001 frames of 32x32 \(0.3 GiB decoded"
+    with pytest.raises(SampleError, match=too_large):
         decode_sample(_raw("video.mkv", buffer.getvalue()))
     one_second = MediaConfig(clip_seconds=1.0, clip_start="first")
     assert len(decode_sample(_raw("video.mkv", buffer.getvalue()), media_config=one_second).video) == 25
     frames = encode_npy(_source_frames(2))
     with pytest.raises(SampleError, match="out_of_range: video.npy: the clip is 2000 frames of 32x32"):
         decode_sample(_raw("video.npy", frames, fps=1), media_config=MediaConfig(fps=1000))
+    sound = subprocess.run(  # 3 s: 1.1 MB as float 48 kHz stereo
+        ["ffmpeg", "-loglevel", "error", "-f", "f32le", "-ar", "48000", "-ac", "1", "-i", "-", "-f", "flac", "-"],
+        input=np.zeros(3 * 48_000, np.float32).tobytes(),
+        capture_output=True,
+        check=True,
+    ).stdout
+    with pytest.raises(SampleError, match="out_of_range: audio.flac: the clip is 3.0 s of sound"):
+        decode_sample(_raw("audio.flac", sound))
+    assert decode_sample(_raw("audio.flac", sound), media_config=one_second).audio.shape == (2, 48_000)
 
 
 def test_an_undecodable_codec_is_named_in_the_skip_reason():
