@@ -17,6 +17,9 @@ from scipy.io import wavfile
 
 from megatron_cosmos3.data.errors import BAD_METADATA, CORRUPT_MEDIA, SampleError
 
+# The sample rates sound may have, inclusive (schema's range, checked on every file before decoding):
+# 1 Hz or 10 MHz is no recording, and resampling it to 48 kHz costs seconds.
+AUDIO_RATE_RANGE_HZ = (1_000, 768_000)
 # The data size a WAV writer that cannot seek back (a pipe) leaves in the header: "read to the end".
 STREAMED_WAV_SIZE = 0xFFFFFFFF
 # WAV sample encodings scipy reads (PCM, IEEE float); others (mu-law, A-law, ADPCM, ...) FFmpeg decodes.

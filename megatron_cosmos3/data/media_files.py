@@ -36,8 +36,15 @@ from megatron_cosmos3.data.clips import (
     target_times,
     timestamp_tolerance,
 )
-from megatron_cosmos3.data.errors import CORRUPT_MEDIA, MISSING_STREAM, UNSUPPORTED_CODEC, ZERO_LENGTH, SampleError
-from megatron_cosmos3.data.media import DECODE_ERRORS, missing_wav_bytes
+from megatron_cosmos3.data.errors import (
+    CORRUPT_MEDIA,
+    MISSING_STREAM,
+    OUT_OF_RANGE,
+    UNSUPPORTED_CODEC,
+    ZERO_LENGTH,
+    SampleError,
+)
+from megatron_cosmos3.data.media import AUDIO_RATE_RANGE_HZ, DECODE_ERRORS, missing_wav_bytes
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, to_stereo_48k
 
 VIDEO_SUFFIXES = ("mp4", "mov", "webm", "mkv")
@@ -308,6 +315,8 @@ def _audio_window(
     import av
 
     rate = stream.rate
+    if not AUDIO_RATE_RANGE_HZ[0] <= rate <= AUDIO_RATE_RANGE_HZ[1]:  # as a WAV's, before resampling it
+        raise SampleError(OUT_OF_RANGE, f"{name}: its sound is at {rate} Hz, outside {list(AUDIO_RATE_RANGE_HZ)}")
     seconds = min(window.duration_s, declared_s - window.start_s)
     check_clip_bytes(math.ceil(seconds * max(rate, SAMPLE_RATE)) * 2 * 4, f"{seconds:.1f} s of sound", name)
     layout = "mono" if stream.channels == 1 else "stereo"

@@ -52,7 +52,7 @@ Ranges (``out_of_range`` outside them; the bounds are the constants below): ``fp
 FPS_RANGE and ``action_rate_hz`` in ACTION_RATE_RANGE_HZ (they set the temporal RoPE step, 6 units
 per second: 1e-9 fps would put frames 1e11 units apart, 1e12 fps all at 0), ``duration_s`` in
 DURATION_RANGE_S, latent grid sides and ``audio_num_samples`` at most MAX_GRID_SIDE and
-MAX_AUDIO_SAMPLES, the WAV rate in AUDIO_RATE_RANGE_HZ. Float arrays (actions, latents) may be
+MAX_AUDIO_SAMPLES, the sample rate of any sound in AUDIO_RATE_RANGE_HZ. Float arrays (actions, latents) may be
 float16/32/64; after the cast to float32 every value must be finite and within MAX_ABS_VALUE (so
 its square, in the flow-matching loss, is finite too); so must every audio sample, of any file.
 Text must be valid Unicode (no lone surrogates: it is encoded to UTF-8 for the tokenizer); a text
@@ -91,6 +91,7 @@ from megatron_cosmos3.data.errors import (
     ZERO_LENGTH,
     SampleError,
 )
+from megatron_cosmos3.data.media import AUDIO_RATE_RANGE_HZ
 from megatron_cosmos3.data.media_files import AUDIO_SUFFIXES, VIDEO_SUFFIXES, decode_media_file
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, num_audio_tokens
 from megatron_cosmos3.encoders.pseudo_actions import ACTION_LAYOUTS
@@ -107,7 +108,6 @@ SCHEMA_VERSION = 1
 FPS_RANGE = (0.1, 1000.0)
 ACTION_RATE_RANGE_HZ = (0.1, 1000.0)
 DURATION_RANGE_S = (1e-3, 86_400.0)
-AUDIO_RATE_RANGE_HZ = (1_000, 768_000)
 MAX_GRID_SIDE = 65_536
 MAX_AUDIO_SAMPLES = 48_000 * 86_400
 MAX_ABS_VALUE = 1e6

@@ -362,6 +362,14 @@ def test_a_flac_of_one_sample_decodes(tmp_path):
     assert sample.audio.shape == (2, 1) and abs(float(sample.audio[0, 0]) - 0.25) < 0.05
 
 
+def test_a_compressed_file_at_a_rate_no_recording_has_is_out_of_range(tmp_path):
+    """As a WAV's: a 500 Hz FLAC (or 1 Hz: seconds of resampling to 48 kHz) is refused before decoding."""
+    command = ["ffmpeg", "-loglevel", "error", "-f", "f32le", "-ar", "500", "-ac", "1", "-i", "-"]
+    subprocess.run([*command, str(tmp_path / "low.flac")], input=np.zeros(500, np.float32).tobytes(), check=True)
+    with pytest.raises(SampleError, match=r"out_of_range: audio.flac: its sound is at 500 Hz, outside \[1000, "):
+        decode_sample(_raw("audio.flac", (tmp_path / "low.flac").read_bytes()))
+
+
 def test_a_wav_written_to_a_pipe_is_read_to_its_end():
     """A writer that cannot seek back leaves the data size "unknown" (0xFFFFFFFF); ffmpeg writes one."""
     tone = (0.25 * np.sin(2 * math.pi * 440 * np.arange(4410) / 44_100)).astype(np.float32)
