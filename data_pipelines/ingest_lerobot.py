@@ -58,7 +58,7 @@ from megatron_cosmos3.data.errors import BAD_METADATA, CORRUPT_MEDIA, MISSING_FI
 from megatron_cosmos3.data.media import encode_json, encode_npy
 from megatron_cosmos3.data.media_files import decode_media_file
 from megatron_cosmos3.data.media_writers import encode_mp4
-from megatron_cosmos3.data.schema import FPS_RANGE, SCHEMA_VERSION, SchemaContext, decode_sample
+from megatron_cosmos3.data.schema import FPS_RANGE, SCHEMA_VERSION, SchemaContext, blank_text, decode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter, run_split, write_action_stats, write_parts
 from megatron_cosmos3.encoders.pseudo_actions import (
     EGO,
@@ -150,7 +150,7 @@ def eef_pseudo_actions(states: np.ndarray, eef: EefPose) -> np.ndarray:
 
 def read_info(root: Path) -> dict:
     """``meta/info.json``; ValueError naming the file for a layout this reader does not know."""
-    info = json.loads((root / "meta" / "info.json").read_text())
+    info = json.loads((root / "meta" / "info.json").read_text(encoding="utf-8-sig"))
     version = str(info.get("codebase_version", ""))
     if not version.startswith(("v2.", "v3.")):
         raise ValueError(
@@ -175,7 +175,7 @@ def episodes_of(root: Path, info: dict) -> list[dict]:
     else:
         path = root / "meta" / "episodes.jsonl"
         episodes = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -287,6 +287,7 @@ def episode_sample(
         "action_rate_hz": fps,
         "source": {"dataset": root.name, "episode_index": index, "camera": camera},
     }
+    tasks = [task for task in tasks if not blank_text(task)]  # a blank task text is no instruction
     if tasks:
         meta["instruction"] = " ".join(tasks)
     return {

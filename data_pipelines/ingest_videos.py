@@ -4,7 +4,7 @@
     python data_pipelines/ingest_videos.py IN_DIR OUT_DIR [--captions captions.jsonl] [--shard-size 64]
         [--task I --tasks N | --processes P]
 
-Every video file under ``IN_DIR`` (``.mp4``, ``.webm``, ``.mkv``; sorted by relative path) becomes
+Every video file under ``IN_DIR`` (``.mp4``, ``.mov``, ``.webm``, ``.mkv``; sorted by relative path) becomes
 one sample that stores the file as it is (``video.<suffix>``, its sound inside: no re-encoding).
 Its caption, the first found of: the ``--captions`` JSONL line ``{"file": "<relative path>",
 "caption": "...", "segments": [{"start_s", "end_s", "text"}]}``; a sidecar ``<stem>.json`` with
@@ -33,7 +33,7 @@ from megatron_cosmos3.data.clips import MediaConfig
 from megatron_cosmos3.data.errors import BAD_METADATA, SampleError
 from megatron_cosmos3.data.media import encode_json
 from megatron_cosmos3.data.media_files import VIDEO_SUFFIXES
-from megatron_cosmos3.data.schema import SCHEMA_VERSION, decode_sample
+from megatron_cosmos3.data.schema import SCHEMA_VERSION, blank_text, decode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter, run_split, write_parts
 
 log = logging.getLogger("ingest_videos")
@@ -52,17 +52,18 @@ def caption_of(video: Path, in_dir: Path, listed: dict[str, dict]) -> dict:
     sidecar = video.with_suffix(".json") if entry is None and video.with_suffix(".json").is_file() else None
     try:  # a broken sidecar loses its video (counted), not the run
         if sidecar is not None:
-            entry = json.loads(sidecar.read_text(encoding="utf-8"))
+            entry = json.loads(sidecar.read_text(encoding="utf-8-sig"))  # a BOM (Windows editors) is no text
         if entry is None and video.with_suffix(".txt").is_file():
             sidecar = video.with_suffix(".txt")
-            entry = {"caption": sidecar.read_text(encoding="utf-8").strip()}
+            entry = {"caption": sidecar.read_text(encoding="utf-8-sig").strip()}
     except ValueError as error:  # not UTF-8 (UnicodeDecodeError) or not JSON
         raise SampleError(BAD_METADATA, f"{sidecar}: not a UTF-8 caption file ({error})") from None
     if entry is not None and not isinstance(entry, dict):
         raise SampleError(BAD_METADATA, f"{sidecar}: expected a JSON object, got {type(entry).__name__}")
     meta = {}
-    if entry and entry.get("caption"):
-        meta["caption"] = entry["caption"]
+    caption = entry.get("caption") if entry else None
+    if caption and not (isinstance(caption, str) and blank_text(caption)):  # a blank caption is none
+        meta["caption"] = caption
     if entry and entry.get("segments"):
         meta["caption_segments"] = entry["segments"]
     return meta
@@ -92,7 +93,7 @@ def ingest_videos(
     in_dir = Path(in_dir)
     listed = {}
     if captions:
-        for number, line in enumerate(Path(captions).read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(Path(captions).read_text(encoding="utf-8-sig").splitlines(), 1):
             if line.strip():
                 try:
                     entry = json.loads(line)

@@ -51,7 +51,7 @@ def write_shards(
     manifest = Path(manifest)
     skipped: Counter = Counter()
     with ShardWriter(out_dir, prefix, shard_size) as writer:
-        for number, line in enumerate(manifest.read_text().splitlines(), 1):
+        for number, line in enumerate(manifest.read_text(encoding="utf-8-sig").splitlines(), 1):
             if not line.strip():
                 continue
             try:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from megatron_cosmos3.data.errors import CORRUPT_MEDIA, ZERO_LENGTH, SampleError
+from megatron_cosmos3.data.errors import CORRUPT_MEDIA, OUT_OF_RANGE, ZERO_LENGTH, SampleError
 
 CLIP_STARTS = ("random", "grid", "first")
 # Durations within this of a clip length count as equal: containers round times to their time base
@@ -32,6 +32,11 @@ CLIP_STARTS = ("random", "grid", "first")
 TIME_TOLERANCE_S = 1e-3
 # How many bytes of float pixels ``fit_to_bucket`` converts at once.
 FIT_BYTES = 256 << 20
+# The most bytes one clip's frames (RGB) or sound (float, 48 kHz stereo) may decode to, checked
+# before decoding: a 3 KB file can declare an hour of frames (a frame at 0 s and one at 3600 s:
+# 90,000 targets at 25 fps), and a whole long video or recording is no training clip. Above it a
+# sample is ``out_of_range``: cut long media with clip_seconds.
+MAX_CLIP_BYTES = 8 << 30
 
 
 @dataclass
@@ -124,6 +129,17 @@ def target_times(window: Window, fps: float) -> np.ndarray:
     if count <= 0:
         raise SampleError(ZERO_LENGTH, f"a {window.duration_s:.4g} s clip holds no frame at {fps:g} fps")
     return window.start_s + np.arange(count, dtype=np.float64) / fps
+
+
+def check_clip_bytes(size: int, what: str, name: str) -> None:
+    """``out_of_range`` where a clip's decoded ``size`` bytes (``what``: "N frames of WxH") exceed
+    MAX_CLIP_BYTES."""
+    if size > MAX_CLIP_BYTES:
+        raise SampleError(
+            OUT_OF_RANGE,
+            f"{name}: the clip is {what} ({size / 2**30:.1f} GiB decoded, above clips.MAX_CLIP_BYTES="
+            f"{MAX_CLIP_BYTES}); cut long media into clips with media.clip_seconds",
+        )
 
 
 def timestamp_tolerance(time_base: float) -> float:

@@ -12,13 +12,19 @@ import struct
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy.io import wavfile
 
 from megatron_cosmos3.data.errors import BAD_METADATA, CORRUPT_MEDIA, SampleError
 
+# The sample rates sound may have, inclusive (schema's range, checked on every file before decoding):
+# 1 Hz or 10 MHz is no recording, and resampling it to 48 kHz costs seconds.
+AUDIO_RATE_RANGE_HZ = (1_000, 768_000)
 # The data size a WAV writer that cannot seek back (a pipe) leaves in the header: "read to the end".
 STREAMED_WAV_SIZE = 0xFFFFFFFF
+# WAV sample encodings scipy reads (PCM, IEEE float); others (mu-law, A-law, ADPCM, ...) FFmpeg decodes.
+PCM_WAV_ENCODINGS = (0x0001, 0x0003)
+WAVE_FORMAT_EXTENSIBLE = 0xFFFE
 # Everything a broken file can make these libraries raise; anything else is a bug, not bad data.
 DECODE_ERRORS = (
     ValueError,
@@ -62,15 +68,30 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB from PNG/JPEG/... bytes (any mode Pillow reads is converted to RGB)."""
+    """(H, W, 3) uint8 RGB from PNG/JPEG/... bytes, as a viewer shows the picture: turned and
+    mirrored by its EXIF orientation, 16-bit grey scaled to 8 bits (Pillow's own conversion clips it
+    at 255), any other mode Pillow reads converted to RGB (alpha dropped); an animation's first frame."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 image.load()  # Image.open is lazy: a truncated file fails only here
-                return np.array(image.convert("RGB"))  # a writable copy (torch refuses read-only arrays)
+                return _viewed_rgb(image)
     except DECODE_ERRORS as error:
         raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable image ({type(error).__name__}: {error})") from None
+
+
+def _viewed_rgb(image: Image.Image) -> np.ndarray:
+    """``decode_image``'s pixels of a loaded picture: a writable (H, W, 3) uint8 array."""
+    try:
+        image = ImageOps.exif_transpose(image)
+    except DECODE_ERRORS:  # an unreadable orientation tag: shown as stored, as viewers do
+        pass
+    if image.mode.startswith("I"):  # 16-bit (or 32-bit integer) grey: 0..65535 -> 0..255
+        grey = np.asarray(image, dtype=np.float64)
+        grey = np.clip(np.round(grey / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.array(image.convert("RGB"))  # a copy: torch refuses read-only arrays
 
 
 def encode_wav(waveform: np.ndarray, sample_rate: int) -> bytes:
@@ -86,7 +107,7 @@ def decode_wav(data: bytes, name: str) -> tuple[np.ndarray, int]:
     """(channels, samples) float32 in [-1, 1] and the sample rate in Hz from WAV bytes (PCM 8/16/24/32
     bit or float). A data chunk shorter than its header declares is a truncated file
     (``corrupt_media``), unless the size is ``STREAMED_WAV_SIZE`` (written to a pipe: read to the end)."""
-    missing = _missing_wav_bytes(data)
+    missing = missing_wav_bytes(data)
     if missing:
         raise SampleError(
             CORRUPT_MEDIA,
@@ -108,7 +129,33 @@ def decode_wav(data: bytes, name: str) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(audio), int(rate)
 
 
-def _missing_wav_bytes(data: bytes) -> int:
+def scipy_reads_wav(data: bytes) -> bool:
+    """Whether ``decode_wav`` (scipy) reads a WAV file: RIFF/RIFX of PCM or float samples, or bytes
+    it judges itself (no ``fmt`` chunk found: a broken file). RF64 (the 64-bit WAV FFmpeg writes
+    for long recordings: scipy fails on it with an internal error) and other encodings (mu-law,
+    A-law, ADPCM) are FFmpeg's (``data/media_files.py``)."""
+    return data[:4] != b"RF64" and wav_encoding(data) in (*PCM_WAV_ENCODINGS, None)
+
+
+def wav_encoding(data: bytes) -> int | None:
+    """The sample encoding a WAV file's ``fmt`` chunk names (its format tag; for
+    WAVE_FORMAT_EXTENSIBLE the sub-format's), or None where no ``fmt`` chunk is found."""
+    if data[:4] not in (b"RIFF", b"RIFX", b"RF64") or data[8:12] != b"WAVE":
+        return None
+    order = "<" if data[:4] == b"RIFF" else ">"
+    offset = 12
+    while offset + 10 <= len(data):
+        chunk, size = data[offset : offset + 4], struct.unpack(order + "I", data[offset + 4 : offset + 8])[0]
+        if chunk == b"fmt ":
+            tag = struct.unpack(order + "H", data[offset + 8 : offset + 10])[0]
+            if tag == WAVE_FORMAT_EXTENSIBLE and size >= 26 and offset + 34 <= len(data):
+                tag = struct.unpack(order + "H", data[offset + 32 : offset + 34])[0]  # the sub-format GUID's start
+            return tag
+        offset += 8 + size + (size & 1)
+    return None
+
+
+def missing_wav_bytes(data: bytes) -> int:
     """How many bytes the first ``data`` chunk declares beyond the end of the file (0 when complete,
     streamed, RF64 (its sizes live in the ``ds64`` chunk) or not a RIFF file: the reader judges those)."""
     if data[:4] not in (b"RIFF", b"RIFX") or data[8:12] != b"WAVE":

@@ -1,10 +1,11 @@
-"""Compressed media in the shards, decoded with PyAV: video files (``mp4``, ``webm``, ``mkv``) with
-the audio stream inside them, and audio files (``flac``, ``mp3``, ``m4a``/``aac``, ``opus``).
+"""Compressed media in the shards, decoded with PyAV: video files (``mp4``, ``mov``, ``webm``,
+``mkv``) with the audio stream inside them, and audio files (``flac``, ``mp3``, ``m4a``/``aac``,
+``opus``, ``ogg``).
 
 Only the clip's window is decoded (docs/DESIGN.md, "Real media"): the container seeks to the last
 keyframe at or before the window, frames are decoded up to the last target time, and only the
 frames picked (``data/clips.py``, ``pick_frames``: the frame shown at each target time, by its
-timestamp) are converted to RGB, turned upright by the stream's rotation (the display matrix) and
+timestamp) are converted to RGB, shown as the display matrix says (turned, mirrored) and
 fitted into the resolution bucket. Audio is decoded from a little before the window (an AAC or Opus
 frame needs its predecessor), cut at the window by timestamp and brought to 48 kHz stereo (mono
 duplicated) by the audio encoder's own resampler (``encoders/audio_vae.py``, ``to_stereo_48k``).
@@ -20,6 +21,7 @@ import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -28,17 +30,25 @@ from PIL import Image
 from megatron_cosmos3.data.clips import (
     MediaConfig,
     Window,
+    check_clip_bytes,
     fit_to_bucket,
     pick_frames,
     target_times,
     timestamp_tolerance,
 )
-from megatron_cosmos3.data.errors import CORRUPT_MEDIA, MISSING_STREAM, UNSUPPORTED_CODEC, ZERO_LENGTH, SampleError
-from megatron_cosmos3.data.media import DECODE_ERRORS
+from megatron_cosmos3.data.errors import (
+    CORRUPT_MEDIA,
+    MISSING_STREAM,
+    OUT_OF_RANGE,
+    UNSUPPORTED_CODEC,
+    ZERO_LENGTH,
+    SampleError,
+)
+from megatron_cosmos3.data.media import AUDIO_RATE_RANGE_HZ, DECODE_ERRORS, missing_wav_bytes
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, to_stereo_48k
 
-VIDEO_SUFFIXES = ("mp4", "webm", "mkv")
-AUDIO_SUFFIXES = ("flac", "mp3", "m4a", "aac", "opus")
+VIDEO_SUFFIXES = ("mp4", "mov", "webm", "mkv")
+AUDIO_SUFFIXES = ("flac", "mp3", "m4a", "aac", "opus", "ogg")
 # Decoded from this long before an audio window, and thrown away: a frame of a transform codec
 # (AAC, Opus, MP3) is only exact after its predecessor.
 AUDIO_PREROLL_S = 0.1
@@ -77,7 +87,7 @@ def decode_media_file(
         with av.open(io.BytesIO(data), metadata_errors="ignore") as container:
             if not container.streams:
                 raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable media file (no stream found)")
-            missing = _missing_bytes(data, container.format.name)
+            missing = _missing_bytes(data, container)
             if missing:  # FFmpeg reads what is there: a cut index loses streams, cut data loses frames
                 detail = f"{name}: truncated file: it declares {missing} bytes more than it holds"
                 raise SampleError(CORRUPT_MEDIA, detail)
@@ -113,7 +123,7 @@ def decode_video_file(data: bytes, name: str) -> tuple[np.ndarray, float]:
 
 def _decode(container, video, audio, name: str, media: MediaConfig, window_for) -> DecodedMedia:
     if video is not None:
-        width, height = video.codec_context.width, video.codec_context.height
+        width, height = _display_size(video)
         if width * height > Image.MAX_IMAGE_PIXELS:  # the limit pictures have (a decompression bomb)
             raise SampleError(CORRUPT_MEDIA, f"{name}: {width}x{height} frames exceed {Image.MAX_IMAGE_PIXELS} pixels")
         origin_s = float((video.start_time or 0) * video.time_base)
@@ -124,17 +134,34 @@ def _decode(container, video, audio, name: str, media: MediaConfig, window_for) 
         audio_s = _stream_seconds(audio, container, origin_s) if audio is not None else None
         window = window_for(video_s)
         fps = media.fps or rate
-        frames = _video_window(container, video, target_times(window, fps), origin_s, rate, name)
+        targets = target_times(window, fps)
+        check_clip_bytes(len(targets) * height * width * 3, f"{len(targets)} frames of {width}x{height}", name)
+        frames = _video_window(container, video, targets, origin_s, rate, name, (width, height), video_s)
         result = DecodedMedia(window, fit_to_bucket(frames, media.buckets()), fps, None, video_s, audio_s)
     else:
         origin_s = float((audio.start_time or 0) * audio.time_base)
+        fresh = audio.duration is not None or container.duration is not None  # nothing demuxed yet
         audio_s = _stream_seconds(audio, container, origin_s)
         if not audio_s:
             raise SampleError(ZERO_LENGTH, f"{name}: its audio stream has no duration")
         result = DecodedMedia(window_for(audio_s), audio_duration_s=audio_s)
     if audio is not None and result.audio_duration_s and result.window.start_s < result.audio_duration_s:
-        result.audio = _audio_window(container, audio, result.window, origin_s, result.audio_duration_s, name)
+        read_from_start = video is None and fresh and result.window.start_s <= AUDIO_PREROLL_S
+        result.audio = _audio_window(
+            container, audio, result.window, origin_s, result.audio_duration_s, name, not read_from_start
+        )
     return result
+
+
+def _display_size(stream) -> tuple[int, int]:
+    """(width, height) of the stream's pictures as a player shows them: its first frame's size,
+    wider or narrower by its sample aspect ratio (anamorphic video: 720x480 stored at 32:27 shows
+    as 853x480), which the container or else the codec declares."""
+    width, height = stream.codec_context.width, stream.codec_context.height
+    ratio = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    if ratio and ratio > 0 and ratio != 1:
+        width = max(1, round(width * ratio))
+    return width, height
 
 
 def _stream_seconds(stream, container, origin_s: float) -> float | None:
@@ -154,63 +181,158 @@ def _stream_seconds(stream, container, origin_s: float) -> float | None:
     return None if end is None else end - origin_s
 
 
-def _video_window(container, stream, targets: np.ndarray, origin_s: float, rate: float, name: str) -> np.ndarray:
-    """The frames shown at ``targets`` (seconds from the origin), decoded from the keyframe before."""
-    if targets[0] > 0:  # a fresh container reads from the start: no seek (a stream without frames cannot seek)
-        seek_to = math.floor((targets[0] + origin_s) / stream.time_base)
-        container.seek(max(seek_to, 0), stream=stream, backward=True, any_frame=False)
-    times, frames, end = [], [], math.inf
+def _video_window(
+    container,
+    stream,
+    targets: np.ndarray,
+    origin_s: float,
+    rate: float,
+    name: str,
+    size: tuple[int, int],
+    declared_s: float,
+) -> np.ndarray:
+    """The frames shown at ``targets`` (seconds from the origin), decoded from the keyframe before,
+    as ``size`` (width, height) RGB (``_to_rgb``). The last frame shows until the stream's declared
+    end ``declared_s`` where that is less than a frame period after it (an edit list that starts
+    between two frames: FFmpeg drops the partly shown one and the stream lasts that much longer);
+    frames that stop earlier are a cut file."""
     tolerance = timestamp_tolerance(stream.time_base)
+    lead_s, fresh = (int(stream.codec_context.has_b_frames) + 2) / rate, True
+    while True:
+        # The keyframe to decode from must be shown at or before the window: seeking by decoding time
+        # can land on one shown after it (B-frames), whose leading frames (open GOP: shown before it,
+        # referring to the GOP before) the decoder drops. Then the search starts further back.
+        seek_s = targets[0] - lead_s
+        if seek_s > 0 or not fresh:  # a fresh container reads from the start (a stream without frames cannot seek)
+            seek_to = max(math.floor((max(seek_s, 0.0) + origin_s) / stream.time_base), stream.start_time or 0)
+            container.seek(seek_to, stream=stream, backward=True, any_frame=False)
+        times, frames, ended, key_s = _decode_frames(container, stream, targets, origin_s, tolerance)
+        if seek_s <= 0 or (key_s is not None and key_s <= targets[0] + tolerance):
+            break
+        lead_s, fresh = lead_s * 4, False
+    end = math.inf
+    if ended and frames:  # the stream ended: its last frame shows for its duration (a frame period if unstated)
+        last = frames[-1]
+        end = times[-1] + (float(last.duration * stream.time_base) if last.duration else 1.0 / rate)
+        if end < declared_s < end + 1.0 / rate:
+            end = declared_s
+    return _to_rgb(frames, pick_frames(np.asarray(times), targets, end, name, tolerance), size)
+
+
+def _decode_frames(container, stream, targets: np.ndarray, origin_s: float, tolerance: float):
+    """Decodes from where the container stands to the last target: (times, frames) from the last
+    frame at or before the first target on, whether the stream ended (no frame past the last
+    target), and the time of the first keyframe decoded (None without one)."""
+    times, frames, key_s = [], [], None
     for frame in container.decode(stream):
         if frame.pts is None:
             continue
         t = float(frame.pts * stream.time_base) - origin_s
+        if key_s is None and frame.key_frame:
+            key_s = t
         if times and t <= times[-1]:
             continue  # a repeated timestamp: the first frame holds it
         if t > targets[-1] + tolerance:
-            break
+            return times, frames, False, key_s
         if t <= targets[0] + tolerance:
             times, frames = [], []  # this frame supersedes every earlier one
         times.append(t)
         frames.append(frame)
-    else:  # the stream ended: its last frame shows for its duration (one frame period if unstated)
-        if frames:
-            last = frames[-1]
-            end = times[-1] + (float(last.duration * stream.time_base) if last.duration else 1.0 / rate)
-    return _to_rgb(frames, pick_frames(np.asarray(times), targets, end, name, tolerance))
+    return times, frames, True, key_s
 
 
-def _to_rgb(frames: list, picked: np.ndarray) -> np.ndarray:
-    """The picked frames as upright (T, H, W, 3) uint8 RGB, each distinct frame converted once."""
-    from av.video.reformatter import VideoReformatter
-
-    reformatter = VideoReformatter()  # one conversion context for all frames: 10x faster than one per frame
+def _to_rgb(frames: list, picked: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The picked frames as upright (T, H, W, 3) uint8 RGB, each distinct frame converted once, by
+    FFmpeg's scale filter as the ``ffmpeg`` command converts them (``_rgb_graph``); frames of
+    another size (a stream whose resolution changes) are scaled to ``size`` (width, height), as the
+    command scales them to its first frame's."""
+    graphs: dict[tuple, object] = {}  # one conversion graph per kind of frame: made once a clip
     converted: dict[int, np.ndarray] = {}
     for index in np.unique(picked):
         frame = frames[index]
-        rgb = reformatter.reformat(frame, format="rgb24").to_ndarray()
-        turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise quarter turns (display matrix)
-        converted[int(index)] = np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb
+        kind = (frame.width, frame.height, frame.format.name)
+        graph = graphs.get(kind) or graphs.setdefault(kind, _rgb_graph(frame, size))
+        graph.push(frame)
+        rgb = graph.pull().to_ndarray()
+        matrix = frame.side_data.get("DISPLAYMATRIX")
+        converted[int(index)] = _upright(rgb, np.frombuffer(bytes(matrix), np.int32)) if matrix is not None else rgb
     return np.stack([converted[int(i)] for i in picked])
 
 
-def _audio_window(container, stream, window: Window, origin_s: float, declared_s: float, name: str) -> np.ndarray:
+def _rgb_graph(frame, size: tuple[int, int]):
+    """A filter graph from frames like ``frame`` to ``size`` rgb24, bicubic (the ``ffmpeg``
+    command's scaler). Not a bare swscale context (PyAV's reformatter): the scale filter also hands
+    swscale the frames' chroma siting and colour details, without which 10-bit 4:2:0 and 4:2:2
+    colour differs from the command's by up to ~100 levels at sharp chroma edges (no swscale flag
+    makes up for it); on 8-bit 4:2:0 both give the same pixels."""
+    import av
+
+    graph = av.filter.Graph()
+    time_base = frame.time_base or Fraction(1, 1000)
+    chain = [
+        graph.add_buffer(width=frame.width, height=frame.height, format=frame.format.name, time_base=time_base),
+        graph.add("scale", f"{size[0]}:{size[1]}:flags=bicubic"),
+        graph.add("format", "rgb24"),
+        graph.add("buffersink"),
+    ]
+    for source, sink in zip(chain, chain[1:]):
+        source.link_to(sink)
+    graph.configure()
+    return graph
+
+
+def _upright(rgb: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` pixels as FFmpeg's player shows them under a display matrix (9 int32, 16.16
+    fixed point): the quarter turns, flips and turned flips of ``ffmpeg``'s autorotate, decided as
+    it decides them (its rotation angle rounded to a degree, then the signs of the matrix).
+    Other angles (rare: FFmpeg rotates by them with black corners) are left unrotated."""
+    a, b, c, d = (float(matrix[i]) for i in (0, 1, 3, 4))
+    if math.hypot(a, c) == 0 or math.hypot(b, d) == 0:  # no rotation can be read from it (FFmpeg: NaN)
+        return rgb
+    theta = round(math.degrees(math.atan2(b / math.hypot(b, d), a / math.hypot(a, c))))
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+    if theta == 90:  # "transpose=cclock_flip" (a mirrored turn), else "transpose=clock"
+        shown = rgb.transpose(1, 0, 2) if c > 0 else np.rot90(rgb, k=-1)
+    elif theta == 180:  # "hflip" and / or "vflip"
+        shown = rgb[:, ::-1] if a < 0 else rgb
+        shown = shown[::-1] if d < 0 else shown
+    elif theta == 270:  # "transpose=clock_flip", else "transpose=cclock"
+        shown = rgb[::-1, ::-1].transpose(1, 0, 2) if c < 0 else np.rot90(rgb, k=1)
+    elif theta == 0:  # "vflip" when mirrored top to bottom
+        shown = rgb[::-1] if d < 0 else rgb
+    else:
+        shown = rgb
+    return shown if shown is rgb else np.ascontiguousarray(shown)
+
+
+def _audio_window(
+    container, stream, window: Window, origin_s: float, declared_s: float, name: str, seek: bool = True
+) -> np.ndarray:
     """``(2, samples)`` float32 at 48 kHz covering ``window`` (shorter where the stream ends, at
-    ``declared_s``; ``corrupt_media`` where its data ends earlier, see AUDIO_END_TOLERANCE_S)."""
+    ``declared_s``; ``corrupt_media`` where its data ends earlier, see AUDIO_END_TOLERANCE_S).
+    ``seek=False``: the container has read nothing yet and the window starts within the preroll, so
+    it decodes from its start (a FLAC of a few samples has no seek point: FFmpeg refuses to seek)."""
     import av
 
     rate = stream.rate
+    if not AUDIO_RATE_RANGE_HZ[0] <= rate <= AUDIO_RATE_RANGE_HZ[1]:  # as a WAV's, before resampling it
+        raise SampleError(OUT_OF_RANGE, f"{name}: its sound is at {rate} Hz, outside {list(AUDIO_RATE_RANGE_HZ)}")
+    seconds = min(window.duration_s, declared_s - window.start_s)
+    check_clip_bytes(math.ceil(seconds * max(rate, SAMPLE_RATE)) * 2 * 4, f"{seconds:.1f} s of sound", name)
     layout = "mono" if stream.channels == 1 else "stereo"
     start = max(window.start_s - AUDIO_PREROLL_S, 0.0)
-    container.seek(max(math.floor((start + origin_s) / stream.time_base), 0), stream=stream, backward=True)
+    if seek:
+        container.seek(max(math.floor((start + origin_s) / stream.time_base), 0), stream=stream, backward=True)
     resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
     first_sample, chunks, decoded = None, [], 0
     last_needed = math.ceil((window.end_s + origin_s) * rate)
     for frame in container.decode(stream):
-        if frame.pts is None:
-            continue
         if first_sample is None:
+            if frame.pts is None:  # not placed yet: nothing to cut by
+                continue
             first_sample = round(float(frame.pts * stream.time_base) * rate)
+        # Sound is contiguous: a frame without a timestamp (a WAV of ADPCM blocks stamps every other
+        # one) follows its predecessor; skipping it lost half the sound.
         for out in resampler.resample(frame):
             chunks.append(out.to_ndarray())
             decoded += chunks[-1].shape[1]
@@ -236,13 +358,16 @@ def _audio_window(container, stream, window: Window, origin_s: float, declared_s
     return np.ascontiguousarray(stereo.numpy())
 
 
-def _missing_bytes(data: bytes, format_name: str) -> int:
-    """How many bytes the container's own structure declares beyond the end of ``data``: MP4/MOV
-    top-level boxes, the Matroska/WebM segment (0 for other formats: FFmpeg judges them)."""
-    if format_name.startswith("mov"):
-        return _missing_box_bytes(data)
-    if format_name.startswith("matroska"):
+def _missing_bytes(data: bytes, container) -> int:
+    """How many bytes the container's own structure declares beyond the end of ``data``: the MP4/MOV
+    index and the samples it lists, the Matroska/WebM segment, the WAV data chunk (0 for other
+    formats: FFmpeg judges them). Bytes after the last box or the segment (a tool's junk, padding) are no part of it."""
+    if container.format.name.startswith("mov"):
+        return max(_missing_box_bytes(data), _missing_sample_bytes(data, container))
+    if container.format.name.startswith("matroska"):
         return _missing_segment_bytes(data)
+    if container.format.name == "wav":
+        return missing_wav_bytes(data)
     return 0
 
 
@@ -271,23 +396,42 @@ def _missing_segment_bytes(data: bytes) -> int:
     return max(offset - len(data), 0)
 
 
+# Top-level MP4/MOV boxes that hold the index (the whole one, a fragment's): cut, frames are lost.
+INDEX_BOXES = (b"moov", b"moof")
+# How many of a stream's last samples (in time) are checked against the end of the file (a cut
+# loses the last samples of every stream; checking all of an hour's 100k samples would cost 0.2 s).
+LAST_SAMPLES = 64
+
+
 def _missing_box_bytes(data: bytes) -> int:
-    """How many bytes an MP4/MOV file's top-level boxes declare beyond its end (0 when complete)."""
+    """How many bytes an MP4/MOV index box (``INDEX_BOXES``) at the top level declares beyond the
+    end of the file (0 when complete). Another box that runs past the end, or a partial header, is
+    what follows the file (a player plays it: FFmpeg stops reading there)."""
     offset = 0
-    while offset < len(data):
-        if offset + 8 > len(data):
-            return offset + 8 - len(data)
+    while offset + 8 <= len(data):
         size = int.from_bytes(data[offset : offset + 4], "big")
+        kind = data[offset + 4 : offset + 8]
         if size == 1:  # a 64-bit size follows the type
             if offset + 16 > len(data):
-                return offset + 16 - len(data)
+                return offset + 16 - len(data) if kind in INDEX_BOXES else 0
             size = int.from_bytes(data[offset + 8 : offset + 16], "big")
-        if size == 0:  # the last box, to the end of the file
+        if size == 0 or size < 8:  # the last box, to the end of the file; or not a box: FFmpeg judges
             return 0
-        if size < 8:  # not a box size: FFmpeg judges the file
-            return 0
+        if offset + size > len(data):
+            return offset + size - len(data) if kind in INDEX_BOXES else 0
         offset += size
-    return offset - len(data)
+    return 0
+
+
+def _missing_sample_bytes(data: bytes, container) -> int:
+    """How many bytes past the end of the file the index places the last samples of any stream (a
+    file cut inside its sample data; 0 when they are all there)."""
+    end = 0
+    for stream in container.streams:
+        entries = stream.index_entries
+        for entry in entries[max(len(entries) - LAST_SAMPLES, 0) :]:
+            end = max(end, entry.pos + entry.size)
+    return max(end - len(data), 0)
 
 
 def _codec_tag(data: bytes, container) -> str:

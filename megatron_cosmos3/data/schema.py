@@ -13,13 +13,14 @@ observation.png        the picture the Reasoner sees through the ViT (a policy's
                        >= one ViT token (32 px); when absent, the image or the video's first frame
                        is used (also ``.jpg``, ``.webp``).
 video.npy              (T, H, W, 3) uint8 RGB frames, T >= 1, H and W >= one video token; needs ``fps``.
-video.mp4              a video file (also ``video.webm``, ``video.mkv``; ``data/media_files.py``):
+video.mp4              a video file (also ``video.mov``, ``.webm``, ``.mkv``; ``data/media_files.py``):
                        its frame rate and duration from the file, its audio stream used as the
                        sample's audio when there is no audio file. One video field per sample.
 audio.wav              WAV (PCM or float), any rate (resampled to 48 kHz to encode); more than two
-                       channels are downmixed to 48 kHz stereo by FFmpeg, as compressed files are;
-                       or an ``audio.flac``, ``.mp3``, ``.m4a``, ``.aac``, ``.opus`` file (decoded to
-                       48 kHz stereo). One audio field per sample.
+                       channels, another encoding (mu-law, A-law, ADPCM) or RF64, are decoded to
+                       48 kHz stereo by FFmpeg, as compressed files are;
+                       or an ``audio.flac``, ``.mp3``, ``.m4a``, ``.aac``, ``.opus``, ``.ogg`` file
+                       (decoded to 48 kHz stereo). One audio field per sample.
 actions.npy            (N, dim) float pseudo-actions (``encoders/pseudo_actions.py``), step i from
                        frame i to i + 1 at ``action_rate_hz``; needs ``embodiment``.
 video_latents.npy      pre-encoded video tokens (t*h*w, D) float16/32 (``encoders/video_vae.py``);
@@ -40,10 +41,12 @@ All streams of a sample start at the same instant (the first video frame).
 
 Decoding cuts the clip ``data.media`` asks for (``data/clips.py``): a window of the sample (video
 frames picked at the target frame rate, fitted into a resolution bucket; audio and actions cut to
-the same window) — by default the whole sample at its own rate and size. Audio and video whose
-durations differ by more than ``media.av_tolerance_s`` are a ``duration_mismatch``, and so are
-actions whose steps span more than that and one step more or less than a video file (checked where
-a compressed file is involved; npy/WAV shards of any lengths written before keep loading).
+the same window) — by default the whole sample at its own rate and size. Streams whose lengths
+say the sample lasts more than ``media.av_tolerance_s`` apart are a ``duration_mismatch``, in every
+member kind (``_check_spans``): a file's declared duration; T frames of ``video.npy`` last
+(T - 1) / fps to T / fps; a WAV or ``audio_num_samples`` its samples; t video latent frames
+4(t - 1) / fps to 4t / fps (the encoder crops up to 3 frames); N action steps N - 1 to N + 1
+steps. So a frame or a step of difference, as npy/WAV shards written before have, still loads.
 
 Anything else is an ``extra_field``; a field missing what it needs, a ``missing_field``. Pixels
 and audio may come with their latents (latents win); a sample needs text or some media.
@@ -52,10 +55,11 @@ Ranges (``out_of_range`` outside them; the bounds are the constants below): ``fp
 FPS_RANGE and ``action_rate_hz`` in ACTION_RATE_RANGE_HZ (they set the temporal RoPE step, 6 units
 per second: 1e-9 fps would put frames 1e11 units apart, 1e12 fps all at 0), ``duration_s`` in
 DURATION_RANGE_S, latent grid sides and ``audio_num_samples`` at most MAX_GRID_SIDE and
-MAX_AUDIO_SAMPLES, the WAV rate in AUDIO_RATE_RANGE_HZ. Float arrays (actions, latents) may be
+MAX_AUDIO_SAMPLES, the sample rate of any sound in AUDIO_RATE_RANGE_HZ. Float arrays (actions, latents) may be
 float16/32/64; after the cast to float32 every value must be finite and within MAX_ABS_VALUE (so
 its square, in the flow-matching loss, is finite too); so must every audio sample, of any file.
-Text must be valid Unicode (no lone surrogates: it is encoded to UTF-8 for the tokenizer).
+Text must be valid Unicode (no lone surrogates: it is encoded to UTF-8 for the tokenizer); a text
+of only whitespace or control characters (``blank_text``) is no text, as if the key were absent.
 
 Video and image latents made with another token patch than the model's (``SchemaContext.video_patch_size``,
 the model config's ``video_patch_size``) are not a bad sample but a run set up wrong: a
@@ -65,13 +69,22 @@ the model config's ``video_patch_size``) are not a bad sample but a run set up w
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from megatron_cosmos3.data import media
-from megatron_cosmos3.data.clips import MediaConfig, Window, choose_window, fit_to_bucket, pick_frames, target_times
+from megatron_cosmos3.data.clips import (
+    MediaConfig,
+    Window,
+    check_clip_bytes,
+    choose_window,
+    fit_to_bucket,
+    pick_frames,
+    target_times,
+)
 from megatron_cosmos3.data.errors import (
     BAD_METADATA,
     DURATION_MISMATCH,
@@ -86,12 +99,14 @@ from megatron_cosmos3.data.errors import (
     LoaderSetupError,
     SampleError,
 )
+from megatron_cosmos3.data.media import AUDIO_RATE_RANGE_HZ
 from megatron_cosmos3.data.media_files import AUDIO_SUFFIXES, VIDEO_SUFFIXES, decode_media_file
 from megatron_cosmos3.data.vision_features import VIT_PIXELS_PER_TOKEN
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, num_audio_tokens
 from megatron_cosmos3.encoders.pseudo_actions import ACTION_LAYOUTS
 from megatron_cosmos3.encoders.video_vae import (
     TOKEN_PATCH,
+    VAE_TEMPORAL_FACTOR,
     largest_encodable_frame_count,
     num_latent_frames,
     pixels_per_token,
@@ -103,10 +118,11 @@ SCHEMA_VERSION = 1
 FPS_RANGE = (0.1, 1000.0)
 ACTION_RATE_RANGE_HZ = (0.1, 1000.0)
 DURATION_RANGE_S = (1e-3, 86_400.0)
-AUDIO_RATE_RANGE_HZ = (1_000, 768_000)
 MAX_GRID_SIDE = 65_536
 MAX_AUDIO_SAMPLES = 48_000 * 86_400
 MAX_ABS_VALUE = 1e6
+# Unicode categories of characters that say nothing (``blank_text``): control, format, separators.
+BLANK_CATEGORIES = ("Cc", "Cf", "Zs", "Zl", "Zp")
 PICTURE_SUFFIXES = ("png", "jpg", "webp")
 IMAGE_FIELDS = tuple(f"image.{suffix}" for suffix in PICTURE_SUFFIXES)
 OBSERVATION_FIELDS = tuple(f"observation.{suffix}" for suffix in PICTURE_SUFFIXES)
@@ -400,8 +416,36 @@ def _segments(value) -> list[tuple[float, float, str]]:
                 f"meta.json 'caption_segments'[{i}] must be {{start_s, end_s, text}} with 0 <= start_s < end_s, "
                 f"got {item!r}",
             )
-        segments.append((float(times[0]), float(times[1]), item["text"]))
+        if not blank_text(item["text"]):  # a blank segment says nothing of its seconds
+            segments.append((float(times[0]), float(times[1]), item["text"]))
     return segments
+
+
+def _check_spans(spans: dict[str, tuple[float, float]], tolerance_s: float) -> None:
+    """``duration_mismatch`` naming the first two streams whose lengths say the sample lasts more
+    than ``tolerance_s`` apart. ``spans``: stream -> (shortest, longest) seconds its length allows
+    (a file's declared duration; T frames (T - 1) / fps to T / fps; N action steps N - 1 to N + 1
+    steps), so only a clear disagreement is one: npy/WAV shards written before keep loading."""
+    items = list(spans.items())
+    for i, (name, (low, high)) in enumerate(items):
+        for other, (other_low, other_high) in items[:i]:
+            if max(low, other_low) - min(high, other_high) > tolerance_s:
+                _fail(
+                    DURATION_MISMATCH,
+                    f"{name} lasts {_seconds(low, high)}, {other} {_seconds(other_low, other_high)} "
+                    f"(more than media.av_tolerance_s={tolerance_s} apart)",
+                )
+
+
+def _seconds(low: float, high: float) -> str:
+    return f"{low:.3f} s" if math.isclose(low, high, abs_tol=5e-4) else f"{low:.3f}-{high:.3f} s"
+
+
+def blank_text(text: str) -> bool:
+    """Whether a text says nothing: only whitespace, control and invisible format characters (a
+    zero-width space). Such a caption, instruction or task text is no text: the sample is read as
+    one without it, by the loader and by every tool that writes shards."""
+    return all(char.isspace() or unicodedata.category(char) in BLANK_CATEGORIES for char in text)
 
 
 def decode_sample(
@@ -436,7 +480,7 @@ def decode_sample(
                 meta[name].encode("utf-8")
             except UnicodeEncodeError as error:
                 _fail(BAD_METADATA, f"meta.json '{name}' is not valid Unicode ({error.reason} at {error.start})")
-            setattr(sample, name, meta[name])
+            setattr(sample, name, None if blank_text(meta[name]) else meta[name])
     if (sample.question is None) != (sample.answer is None):
         _fail(MISSING_FIELD, "meta.json 'question' and 'answer' come together")
     if not isinstance(sample.timing, dict):
@@ -474,18 +518,25 @@ def decode_sample(
         source_s = duration_s
         return choose_window(duration_s, clip, draw, step_s)
 
-    window, durations = None, {}
+    window = None
+    spans: dict[str, tuple[float, float]] = {}  # what each stream's length says the sample lasts (_check_spans)
     video_field = _one_of(files, VIDEO_FIELDS, "video")
     audio_field = _one_of(files, AUDIO_FIELDS, "audio")
     if video_field == "video.npy":
         video = _check_frames(media.decode_npy(files[video_field], video_field), video_field, side)
         source_fps = _positive_number(meta, "fps", "a video", FPS_RANGE)
-        durations["video"] = len(video) / source_fps
-        window = window_for(durations["video"])
-        sample.fps = clip.fps or source_fps
-        picked = pick_frames(
-            np.arange(len(video)) / source_fps, target_times(window, sample.fps), durations["video"], video_field
+        seconds = len(video) / source_fps
+        # T frames last from the last frame's instant, (T - 1) / fps, to the end of its showing, T / fps.
+        spans[f"{video_field} ({len(video)} frames at {source_fps:g} fps)"] = (
+            (len(video) - 1) / source_fps,
+            seconds,
         )
+        window = window_for(seconds)
+        sample.fps = clip.fps or source_fps
+        targets = target_times(window, sample.fps)
+        height, width = video.shape[1:3]
+        check_clip_bytes(len(targets) * height * width * 3, f"{len(targets)} frames of {width}x{height}", video_field)
+        picked = pick_frames(np.arange(len(video)) / source_fps, targets, seconds, video_field)
         if len(picked) != len(video) or (picked != np.arange(len(video))).any():
             video = video[picked]
         sample.video = _check_frames(fit_to_bucket(video, buckets), video_field, side)
@@ -495,20 +546,30 @@ def decode_sample(
         if not FPS_RANGE[0] <= sample.fps <= FPS_RANGE[1]:  # the file's own rate sets the RoPE step
             _fail(OUT_OF_RANGE, f"{video_field} runs at {sample.fps:g} fps, outside [{FPS_RANGE[0]}, {FPS_RANGE[1]}]")
         sample.video = _check_frames(decoded.frames, video_field, side)
-        durations["video"] = decoded.video_duration_s
+        spans[video_field] = (decoded.video_duration_s, decoded.video_duration_s)
         if decoded.audio is not None:
             sample.audio, sample.audio_sample_rate = _check_audio(decoded.audio, SAMPLE_RATE, f"{video_field}'s audio")
-            durations[f"{video_field}'s audio"] = decoded.audio_duration_s
+        if decoded.audio_duration_s is not None:  # also where its sound ends before the clip: not a silent clip
+            spans[f"{video_field}'s audio"] = (decoded.audio_duration_s, decoded.audio_duration_s)
     if "video_latents.npy" in files:
         sample.fps = _positive_number(meta, "fps", "a video", FPS_RANGE)
-    wav = media.decode_wav(files[audio_field], audio_field) if audio_field == "audio.wav" else None
+        latent_frames = _grid(meta, "video_latent_grid", "video_latents.npy")[0]
+        if latent_frames:  # t latent frames encode 4(t - 1) + 1 frames, of a clip cropped from up to 3 more
+            frames = VAE_TEMPORAL_FACTOR * (latent_frames - 1)
+            name = f"video_latents.npy ({latent_frames} latent frames at {sample.fps:g} fps)"
+            spans[name] = (frames / sample.fps, (frames + VAE_TEMPORAL_FACTOR) / sample.fps)
+    wav = None
+    if audio_field == "audio.wav" and media.scipy_reads_wav(files[audio_field]):
+        wav = media.decode_wav(files[audio_field], audio_field)
     if wav is not None and wav[0].shape[0] <= 2:
         audio, rate = _check_audio(*wav, audio_field)
-        durations[audio_field] = audio.shape[1] / rate
-        window = window or window_for(durations[audio_field])
+        seconds = audio.shape[1] / rate
+        spans[audio_field] = (seconds, seconds)
+        _check_spans(spans, clip.av_tolerance_s)  # before the cut: a short file is no short clip
+        window = window or window_for(seconds)
         sample.audio = _check_audio(np.ascontiguousarray(_cut_samples(audio.T, rate, window).T), rate, audio_field)[0]
         sample.audio_sample_rate = rate
-    elif audio_field is not None:  # a compressed file, or surround WAV: FFmpeg downmixes it as theirs to stereo
+    elif audio_field is not None:  # a compressed file, a WAV scipy cannot read or surround: FFmpeg's, 48 kHz stereo
         decoded = decode_media_file(
             files[audio_field], audio_field, clip, (lambda _: window) if window else window_for, False, True
         )
@@ -517,28 +578,17 @@ def decode_sample(
             seconds = decoded.audio_duration_s
             _fail(DURATION_MISMATCH, f"{audio_field} lasts {seconds:.3f} s; the clip is {window}")
         sample.audio, sample.audio_sample_rate = _check_audio(decoded.audio, SAMPLE_RATE, audio_field)
-        durations[audio_field] = decoded.audio_duration_s
-    # Checked where a compressed file is involved: the npy/WAV shards written before it keep loading.
-    compressed = video_field not in (None, "video.npy") or audio_field not in (None, "audio.wav")
-    if compressed and "video" in durations and len(durations) > 1:
-        other, seconds = next((n, d) for n, d in durations.items() if n != "video")
-        if seconds is not None and abs(seconds - durations["video"]) > clip.av_tolerance_s:
-            _fail(
-                DURATION_MISMATCH,
-                f"{other} lasts {seconds:.3f} s, {video_field} {durations['video']:.3f} s "
-                f"(more than media.av_tolerance_s={clip.av_tolerance_s} apart)",
-            )
-    if actions is not None and video_field not in (None, "video.npy"):
+        if decoded.audio_duration_s is not None:
+            spans[audio_field] = (decoded.audio_duration_s, decoded.audio_duration_s)
+    if actions is not None:
         # Row i is the step from frame i to i + 1: rows span the video within a step (T frames may
         # give T - 1 steps); a video at another rate or length than its actions says is not this episode.
-        actions_s = len(actions) / sample.action_rate_hz
-        if abs(actions_s - durations["video"]) > clip.av_tolerance_s + 1.0 / sample.action_rate_hz:
-            _fail(
-                DURATION_MISMATCH,
-                f"actions.npy spans {actions_s:.3f} s ({len(actions)} steps at {sample.action_rate_hz:g} Hz), "
-                f"{video_field} {durations['video']:.3f} s (more than media.av_tolerance_s={clip.av_tolerance_s} "
-                "and a step apart)",
-            )
+        step = 1.0 / sample.action_rate_hz
+        spans[f"actions.npy ({len(actions)} steps at {sample.action_rate_hz:g} Hz)"] = (
+            (len(actions) - 1) * step,
+            (len(actions) + 1) * step,
+        )
+    _check_spans(spans, clip.av_tolerance_s)
     if actions is not None:
         if window is not None:
             actions = _cut_samples(actions, sample.action_rate_hz, window)
@@ -587,6 +637,8 @@ def decode_sample(
             rows=num_audio_tokens(count),
         )
         sample.audio_latents, sample.audio_num_samples = latents, count
+        spans[f"audio_latents.npy ({count} samples at {SAMPLE_RATE} Hz)"] = (count / SAMPLE_RATE, count / SAMPLE_RATE)
+        _check_spans(spans, clip.av_tolerance_s)
     if not sample.modalities:
         _fail(MISSING_FIELD, "the sample has neither text nor media")
     return sample

@@ -15,7 +15,10 @@ Reading (``read_shard``) streams the tar once, groups members into samples by ke
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
+import lzma
 import os
 import tarfile
 import tempfile
@@ -138,27 +141,53 @@ def resolve_shards(entries: list[str]) -> list[ShardInfo]:
 
 
 class _TailTracker:
-    """A read-only stream wrapper that remembers how the stream started and its last tar block:
-    a tar that ends without its all-zero end-of-archive block was cut at a member boundary, which
-    Python's tarfile treats as a normal end."""
+    """A read-only stream wrapper that remembers the last tar block read: a tar that ends without
+    its all-zero end-of-archive block was cut at a member boundary, which Python's tarfile treats
+    as a normal end (the stream is the decompressed tar where the shard is compressed)."""
 
     def __init__(self, stream) -> None:
-        self.stream, self.head, self.tail = stream, b"", b""
+        self.stream, self.tail = stream, b""
 
     def read(self, size: int = -1) -> bytes:
         data = self.stream.read(size)
-        if not self.head:
-            self.head = data[:8]
         self.tail = (self.tail + data)[-_TAR_BLOCK:]
         return data
 
     @property
-    def compressed(self) -> bool:
-        return self.head.startswith(_COMPRESSED_MAGIC)  # the decompressor detects truncation itself
-
-    @property
     def ended_cleanly(self) -> bool:
-        return self.compressed or self.tail == bytes(_TAR_BLOCK)
+        return self.tail == bytes(_TAR_BLOCK)
+
+
+class _Replay:
+    """``stream`` with ``head`` (bytes already read from it) put back in front."""
+
+    def __init__(self, head: bytes, stream) -> None:
+        self.head, self.stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(size)
+        if size is None or size < 0:
+            data, self.head = self.head + self.stream.read(), b""
+            return data
+        data, self.head = self.head[:size], self.head[size:]
+        return data + (self.stream.read(size - len(data)) if len(data) < size else b"")
+
+
+def _decompressed(raw):
+    """The tar stream of a shard: decompressed by Python's own gzip / bz2 / xz readers where its
+    first bytes say so. They read every stream of a multi-stream file (``cat a.gz b.gz``, pbzip2,
+    bgzip), where tarfile's ``r|*`` stops after the first and the samples after it were lost
+    without a sign."""
+    head = raw.read(len(max(_COMPRESSED_MAGIC, key=len)))
+    stream = _Replay(head, raw)
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=stream, mode="rb")
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(stream)
+    if head.startswith(b"\xfd7zXZ"):
+        return lzma.LZMAFile(stream)
+    return stream
 
 
 def read_shard(url: str) -> Iterator[dict | Skip]:
@@ -175,21 +204,25 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
     * a member header that is not a tar header (tarfile then ends the archive quietly): the rest
       of the stream is read, and if it holds anything but zeros the sample being read is a
       ``damaged_shard`` skip and nothing after it is read (compressed or not).
+
+    A gzip, bzip2 or xz shard is read through Python's readers of those formats, every stream of a
+    multi-stream file (``_decompressed``); bytes after the last gzip stream are ignored, as
+    ``gzip -d`` ignores them.
     """
     try:
         raw = gopen(url, "rb")
     except Exception as error:  # noqa: BLE001 - gopen raises anything from OSError to a pipe's ValueError
         yield Skip(url, "", UNREADABLE_SHARD, f"cannot open: {type(error).__name__}: {error}")
         return
-    stream = _TailTracker(raw)
     current: dict | None = None
     duplicate: str | None = None
     unsafe: str | None = None
     seen: set[str] = set()
     try:
         try:
-            archive = tarfile.open(fileobj=stream, mode="r|*")
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
+            stream = _TailTracker(_decompressed(raw))
+            archive = tarfile.open(fileobj=stream, mode="r|")
+        except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as error:
             yield Skip(url, "", UNREADABLE_SHARD, f"not a tar archive: {type(error).__name__}: {error}")
             return
         try:
@@ -213,7 +246,7 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
                     duplicate = suffix
                 current[suffix] = data
             leftover = _nonzero_rest(archive)
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
+        except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as error:
             yield Skip(
                 url,
                 current["__key__"] if current else "",
@@ -250,13 +283,20 @@ def _nonzero_rest(archive: tarfile.TarFile) -> int:
     """Reads the tar stream to its end after tarfile stopped; returns the number of bytes after the
     first non-zero one (0 when only end-of-archive blocks and padding follow, as they should)."""
     stream, rest, found = archive.fileobj, 0, False
-    while chunk := stream.read(1 << 20):
+    while True:
+        try:
+            chunk = stream.read(1 << 20)
+        except gzip.BadGzipFile as error:
+            if str(error).startswith("Not a gzipped file"):  # bytes after the last gzip stream, as gzip -d ignores them
+                return rest
+            raise
+        if not chunk:
+            return rest
         if found:
             rest += len(chunk)
         elif chunk.count(0) != len(chunk):
             found = True
             rest += len(chunk.lstrip(b"\0"))
-    return rest
 
 
 def _member_problem(member: tarfile.TarInfo) -> str | None:

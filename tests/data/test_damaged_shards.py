@@ -4,6 +4,7 @@ run that reads too much bad data with a message that says what and where."""
 
 from __future__ import annotations
 
+import bz2
 import functools
 import gzip
 import io
@@ -29,6 +30,7 @@ from megatron_cosmos3.data.media import encode_json, encode_npy, encode_wav
 from megatron_cosmos3.data.media_writers import encode_mp4
 from megatron_cosmos3.data.schema import Sample, encode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter
+from megatron_cosmos3.encoders.audio_vae import num_audio_tokens
 
 ENCODER = functools.partial(PooledLatentEncoder, VIDEO_LATENT_CHANNELS, AUDIO_LATENT_DIM)
 RNG = np.random.default_rng(0)
@@ -159,6 +161,13 @@ def _latent(key: str) -> dict:
     )
 
 
+def _latents_with_long_sound() -> dict:
+    """``_latent`` (2 latent frames at 30 fps: at most 0.27 s) with 2 s of audio latents."""
+    count = 96_000
+    rows = RNG.normal(size=(num_audio_tokens(count), AUDIO_LATENT_DIM)).astype(np.float32)
+    return _meta(_with(_latent("k"), "audio_latents.npy", encode_npy(rows)), audio_num_samples=count)
+
+
 def _text(key: str) -> dict:
     return encode_sample(Sample(key=key, caption="just words", question="what?", answer="words"))
 
@@ -257,6 +266,8 @@ BAD_SAMPLES = {
     "json_nested_too_deep": ("bad_metadata", lambda: _with(_text("k"), "meta.json", DEEP_JSON)),
     "png_decompression_bomb": ("corrupt_media", lambda: _with(_text("k"), "image.png", BOMB_PNG)),
     "caption_lone_surrogate": ("bad_metadata", lambda: _meta(_text("k"), caption="bad \ud800 text")),
+    # Text of only whitespace and control characters is no text: a sample of nothing else is empty.
+    "caption_blank": ("missing_field", lambda: _meta(_text("k"), caption=" \t\u200b", question=None, answer=None)),
     # Compressed media: broken, cut short, without a picture or a frame, a codec FFmpeg cannot decode,
     # sound much longer than the picture.
     "corrupt_mp4": ("corrupt_media", lambda: _with(_mp4_clip("k"), "video.mp4", b"\x00\x00\x00\x18ftypmp42" * 40)),
@@ -275,6 +286,14 @@ BAD_SAMPLES = {
     ),
     # 3 s of actions for 0.2 s of video: a video at another rate or length than the episode's
     "mp4_actions_longer": ("duration_mismatch", lambda: _mp4_actions(np.zeros((30, 19), np.float32))),
+    # The same for raw frames, WAV and latents, where lengths disagree by far more than a frame or a
+    # step (npy/WAV shards written before the check, a frame or a step apart, keep loading).
+    "npy_wav_much_longer": (
+        "duration_mismatch",
+        lambda: _with(_clip("k"), "audio.wav", encode_wav(np.zeros((1, 48_000)), 48_000)),
+    ),
+    "npy_actions_longer": ("duration_mismatch", lambda: _actions(np.zeros((30, 19), np.float32))),
+    "latents_audio_longer": ("duration_mismatch", _latents_with_long_sound),
     "audio_only": (
         "no_task",
         lambda: (
@@ -391,6 +410,14 @@ def damaged(tmp_path_factory):
         shards[name], expected[name] = url, Counter(damaged_shard=1)
         sources.append(url)
 
+    # Compressed in several streams (cat a.gz b.gz, bgzip, pbzip2), split inside a sample: every
+    # sample is read (tarfile's own decompression stopped after the first stream, silently).
+    for name, compress in (("multi_member.tar.gz", gzip.compress), ("multi_stream.tar.bz2", bz2.compress)):
+        data = _tar_bytes([_text(str(i)) for i in range(4)])
+        url = str(root / name)
+        open(url, "wb").write(compress(data[:1700]) + compress(data[1700:]))
+        sources.append(url)
+
     # An index that lists fewer samples than the shard holds: reported once, the samples are used.
     _write(root / "short_index", [_text(str(i)) for i in range(3)])
     index = json.loads((root / "short_index" / "index.json").read_text())
@@ -400,7 +427,7 @@ def damaged(tmp_path_factory):
     expected["short_index"] = Counter(index_mismatch=1)
     sources.append(str(root / "short_index"))
 
-    used = 4 + 3 + 2 + 0 + 0 + 1 + 2 + 1 + 1 + 1 + 3
+    used = 4 + 3 + 2 + 0 + 0 + 1 + 2 + 1 + 1 + 1 + 4 + 4 + 3
     return sources, {shards[k]: expected[k] for k in shards}, used
 
 

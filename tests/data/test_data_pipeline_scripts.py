@@ -99,7 +99,8 @@ def test_a_manifest_of_loose_files_becomes_validated_shards(tmp_path):
     write_shards, inspect_shards = load_script("write_shards"), load_script("inspect_shards")
     rng = np.random.default_rng(0)
     (tmp_path / "clip.npy").write_bytes(encode_npy(rng.integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)))
-    (tmp_path / "clip.wav").write_bytes(encode_wav(rng.uniform(-1, 1, (1, 4410)).astype(np.float32), 44_100))
+    # 0.375 s of sound for the 9 frames at 24 fps (lengths that disagree are a duration_mismatch)
+    (tmp_path / "clip.wav").write_bytes(encode_wav(rng.uniform(-1, 1, (1, 16_538)).astype(np.float32), 44_100))
     (tmp_path / "still.png").write_bytes(encode_png(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)))
     (tmp_path / "bad.npy").write_bytes(encode_npy(np.zeros((2, 5), np.float32)))
     entries = [

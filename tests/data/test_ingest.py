@@ -29,6 +29,7 @@ from megatron_cosmos3.encoders.action_normalization import STD_FLOOR, ActionStat
 from megatron_cosmos3.inference.denoising import sample_rows
 from megatron_cosmos3.inference.generation import generated_sample, packed_sample_streams
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
+from megatron_cosmos3.tasks.registry import Modality
 
 FPS, FRAMES, WIDTH = 10, 12, 6
 EULER_NAMES = ["eef_x", "eef_y", "eef_z", "eef_roll", "eef_pitch", "eef_yaw", "gripper"]
@@ -225,6 +226,7 @@ def test_damaged_lerobot_episodes_are_skipped_and_counted_and_a_broken_dataset_i
         shutil.copy(data / "episode_000002.parquet", data / f"episode_{episode:06d}.parquet")
         shutil.copy(videos / "episode_000002.mp4", videos / f"episode_{episode:06d}.mp4")
         lines.append(json.dumps({"episode_index": episode, "tasks": ["push"], "length": FRAMES}))
+    lines[2] = json.dumps({"episode_index": 2, "tasks": [" ", "\u200b\t"], "length": FRAMES})  # blank texts
     (root / "meta" / "episodes.jsonl").write_text("\n".join(lines))
     (data / "episode_000000.parquet").unlink()
     (videos / "episode_000001.mp4").write_bytes(encode_mp4(_frames(0, FRAMES), 3 * FPS))
@@ -245,6 +247,8 @@ def test_damaged_lerobot_episodes_are_skipped_and_counted_and_a_broken_dataset_i
         "bad_metadata": 1,
     }
     assert ShardIndex.load(tmp_path / "out").total_samples == 1  # episode 2
+    (kept,) = read_shard(ShardIndex.load(tmp_path / "out").shards[0].url)
+    assert "instruction" not in json.loads(kept["meta.json"])  # blank task texts are no instruction
 
     info = json.loads((root / "meta" / "info.json").read_text())
     (root / "meta" / "info.json").write_text(json.dumps({**info, "fps": "ten"}))
@@ -271,17 +275,28 @@ def test_a_folder_of_videos_with_captions_becomes_shards(tmp_path):
     (folder / "latin.txt").write_bytes("un caf\u00e9".encode("latin-1"))
     (folder / "listy.mp4").write_bytes((folder / "a.mp4").read_bytes())
     (folder / "listy.json").write_text('["a caption"]')
+    # A blank caption and a blank segment are no caption: the video is kept without text.
+    (folder / "quiet.mp4").write_bytes((folder / "a.mp4").read_bytes())
+    blank = {"caption": " \t\u200b", "segments": [{"start_s": 0.0, "end_s": 0.5, "text": "\n "}]}
+    (folder / "quiet.json").write_text(json.dumps(blank))
+    # A sidecar saved with a byte order mark (Windows editors): its caption, without the mark.
+    (folder / "bom.mp4").write_bytes((folder / "a.mp4").read_bytes())
+    (folder / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"caption": "marked"}).encode())
     listed = tmp_path / "captions.jsonl"
     listed.write_text(json.dumps({"file": "a.mp4", "caption": "listed wins over the sidecar"}))
     skipped = ingest.ingest_videos(folder, tmp_path / "shards", listed, shard_size=8)
     assert skipped == {"corrupt_media": 1, "bad_metadata": 2}
     index = ShardIndex.load(tmp_path / "shards")
     samples = {raw["__key__"]: raw for shard in index.shards for raw in read_shard(shard.url)}
-    assert sorted(samples) == ["00000000_a", "00000004_street_b"]  # broken, latin, listy (1-3) were skipped
+    assert sorted(samples) == ["00000000_a", "00000001_bom", "00000005_quiet", "00000006_street_b"]
     a = decode_sample(samples["00000000_a"])
     assert a.caption == "listed wins over the sidecar" and len(a.video) == 20
+    assert decode_sample(samples["00000001_bom"]).caption == "marked"
+    assert "caption" not in json.loads(samples["00000005_quiet"]["meta.json"])
+    quiet = decode_sample(samples["00000005_quiet"])
+    assert quiet.caption is None and quiet.caption_segments == [] and Modality.TEXT not in quiet.modalities
     clip = decode_sample(
-        samples["00000004_street_b"], media_config=MediaConfig(clip_seconds=1.0, clip_start="grid"), draw=0.9
+        samples["00000006_street_b"], media_config=MediaConfig(clip_seconds=1.0, clip_start="grid"), draw=0.9
     )
     assert clip.timing["clip_start_s"] == 2.0 and clip.caption == "bright"
     assert math.isclose(clip.caption_segments[0][1], 1.0)

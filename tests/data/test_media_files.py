@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import subprocess
 from fractions import Fraction
 
@@ -105,6 +106,25 @@ def test_a_seeked_window_equals_that_window_of_a_full_decode():
     assert len(whole) == 60 and _psnr(whole[first], frames[first]) >= 35
 
 
+def test_a_window_in_an_open_gops_leading_frames_equals_that_window_of_a_full_decode(tmp_path):
+    """Open GOPs with B-frames (keyframes every 12, shown 4 frames after they are decoded): a window
+    from frame 23 seeked by decoding time to the keyframe of frame 24, whose leading frames the
+    decoder drops, and frame 24 stood in for frame 23. Seeking starts further back until the
+    keyframe decoded from is shown at or before the window."""
+    frames = _source_frames(48, fps=24)
+    raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", "24", "-i", "-"]
+    gop = ["-c:v", "libx264", "-crf", "4", "-bf", "3", "-x264-params", "open_gop=1:keyint=12:min-keyint=12:scenecut=0"]
+    command = ["ffmpeg", "-loglevel", "error", "-y", *raw_input, *gop, "-pix_fmt", "yuv420p"]
+    subprocess.run([*command, str(tmp_path / "open.mp4")], input=frames.tobytes(), check=True)
+    data = (tmp_path / "open.mp4").read_bytes()
+    whole = decode_sample(_raw("video.mp4", data)).video
+    config = MediaConfig(clip_seconds=0.5, clip_start="random")
+    clip = decode_sample(_raw("video.mp4", data), media_config=config, draw=23.5 / 24 / 1.5)
+    assert math.floor(clip.timing["clip_start_s"] * 24) == 23 and len(clip.video) == 12
+    np.testing.assert_array_equal(clip.video, whole[23:35])
+    assert _psnr(clip.video[0], frames[23]) >= 35
+
+
 def test_a_click_stays_at_its_frame_after_decode_cut_and_resample():
     fps, rate, click_frame = 24, 44_100, 30
     audio = np.zeros((1, 2 * rate), np.float32)
@@ -137,6 +157,126 @@ def test_rotated_video_is_turned_upright_as_ffmpeg_shows_it(tmp_path):
     assert _psnr(ours, reference) >= 40 and ours[0, -1, 0, 0] > 200  # the corner is now bottom-left
 
 
+def _with_display_matrix(data: bytes, matrix: tuple[int, ...]) -> bytes:
+    """The mp4 with its video track's header matrix (tkhd, version 0) replaced: the display matrix
+    FFmpeg reads (a, b, u, c, d, v, x, y, w; 16.16 fixed point, w 2.30)."""
+    at = data.index(b"tkhd") + 4 + 4 + 5 * 4 + 8 + 8  # version/flags, times, track id, duration, layer..volume
+    return data[:at] + struct.pack(">9i", *matrix) + data[at + 36 :]
+
+
+ONE, W = 1 << 16, 1 << 30
+
+
+@pytest.mark.parametrize(
+    "matrix",
+    [
+        (-ONE, 0, 0, 0, ONE, 0, 0, 0, W),  # mirrored left to right
+        (ONE, 0, 0, 0, -ONE, 0, 0, 0, W),  # mirrored top to bottom
+        (0, ONE, 0, ONE, 0, 0, 0, 0, W),  # a quarter turn and a mirror (a transpose)
+        (0, -ONE, 0, -ONE, 0, 0, 0, 0, W),  # the other turn and mirror
+        (0, -ONE, 0, ONE, 0, 0, 0, 0, W),  # a plain quarter turn: the control
+    ],
+    ids=["hflip", "vflip", "transpose", "antitranspose", "turn"],
+)
+def test_a_mirroring_display_matrix_is_applied_as_ffmpeg_shows_it(tmp_path, matrix):
+    frames = np.zeros((2, 32, 64, 3), np.uint8)
+    frames[:, :8, :8] = 255  # a white top-left corner
+    frames[:, :8, -8:, 0] = 255  # a red top-right corner: every mirror and turn moves them apart
+    path = tmp_path / "shown.mp4"
+    path.write_bytes(_with_display_matrix(encode_mp4(frames, 10, crf=4), matrix))
+    ours = decode_sample(_raw("video.mp4", path.read_bytes())).video
+    to_rgb = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+    shown = subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(path), *to_rgb], check=True, capture_output=True)
+    reference = np.frombuffer(shown.stdout, np.uint8).reshape(ours.shape)
+    assert _psnr(ours, reference) >= 40
+    assert _psnr(ours, np.ascontiguousarray(reference[:, ::-1, ::-1])) < 20  # control: not turned half way
+
+
+def _ffmpeg_rgb(path) -> np.ndarray:
+    """Every frame of a video file as the ffmpeg command decodes it: flat rgb24 bytes."""
+    shown = subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+        check=True,
+        capture_output=True,
+    )
+    return np.frombuffer(shown.stdout, np.uint8)
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuv420p10le", "yuv422p10le"])
+def test_ten_bit_colour_at_sharp_chroma_edges_is_the_ffmpeg_commands(tmp_path, pix_fmt):
+    """Blocks of unrelated colours (chroma edges everywhere), 10-bit 4:2:0 and 4:2:2 (PyAV's bare
+    swscale context was up to ~85 levels off the command there)."""
+    blocks = np.random.default_rng(1).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    frames = np.repeat(np.kron(blocks, np.ones((8, 8, 1), np.uint8))[None], 2, axis=0)
+    raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", "48x48", "-r", "10", "-i", "-"]
+    command = ["ffmpeg", "-loglevel", "error", "-y", *raw_input, "-c:v", "libx264", "-crf", "0", "-pix_fmt", pix_fmt]
+    subprocess.run([*command, str(tmp_path / "blocks.mp4")], input=frames.tobytes(), check=True)
+    ours = decode_sample(_raw("video.mp4", (tmp_path / "blocks.mp4").read_bytes())).video
+    np.testing.assert_array_equal(ours, _ffmpeg_rgb(tmp_path / "blocks.mp4").reshape(ours.shape))
+
+
+def test_a_stream_whose_resolution_changes_keeps_its_first_size_as_ffmpeg_does(tmp_path):
+    """MJPEG frames of 64x48, then 96x64, in one Matroska stream: the ffmpeg command scales the
+    later frames to the first size; so does the loader (a clip of frames of two sizes was refused)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="matroska") as container:
+        stream = container.add_stream("mjpeg", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        stream.codec_context.time_base = Fraction(1, 10)
+        larger = av.CodecContext.create("mjpeg", "w")
+        larger.width, larger.height, larger.pix_fmt, larger.time_base = 96, 64, "yuvj420p", Fraction(1, 10)
+        for index in range(6):
+            encoder, (height, width) = (stream.codec_context, (48, 64)) if index < 3 else (larger, (64, 96))
+            y, x = np.mgrid[0:height, 0:width]
+            picture = np.stack([x * 255 // width, y * 255 // height, np.full_like(x, 40 * index)], -1)
+            frame = av.VideoFrame.from_ndarray(picture.astype(np.uint8), format="rgb24").reformat(format="yuvj420p")
+            frame.pts, frame.time_base = index, Fraction(1, 10)
+            for packet in encoder.encode(frame):
+                packet.stream, packet.pts, packet.dts, packet.time_base = stream, index, index, Fraction(1, 10)
+                container.mux(packet)
+    (tmp_path / "grows.mkv").write_bytes(buffer.getvalue())
+    ours = decode_sample(_raw("video.mkv", buffer.getvalue())).video
+    assert ours.shape == (6, 48, 64, 3)
+    np.testing.assert_array_equal(ours, _ffmpeg_rgb(tmp_path / "grows.mkv").reshape(ours.shape))
+
+
+def test_anamorphic_video_is_shown_at_its_display_size(tmp_path):
+    """Pixels 3:2 wide (a sample aspect ratio, as DVD and HDV video store them): a player shows the
+    32x32 storage as 48x32; the loader gives what the ffmpeg command gives scaled by the ratio."""
+    raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", "10", "-i", "-"]
+    command = ["ffmpeg", "-loglevel", "error", "-y", *raw_input, "-vf", "setsar=3/2", "-c:v", "libx264", "-crf", "4"]
+    subprocess.run([*command, str(tmp_path / "wide.mp4")], input=_source_frames(3).tobytes(), check=True)
+    ours = decode_sample(_raw("video.mp4", (tmp_path / "wide.mp4").read_bytes())).video
+    shown = ["ffmpeg", "-loglevel", "error", "-i", str(tmp_path / "wide.mp4"), "-vf", "scale=iw*sar:ih:flags=bicubic"]
+    reference = subprocess.run([*shown, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], check=True, capture_output=True)
+    assert ours.shape == (3, SIDE, SIDE * 3 // 2, 3)
+    np.testing.assert_array_equal(ours, np.frombuffer(reference.stdout, np.uint8).reshape(ours.shape))
+
+
+def test_an_edit_list_starting_between_frames_keeps_its_last_frame_to_the_declared_end(tmp_path):
+    """A stream copied from 0.3 s (an edit list into a 24 fps track): FFmpeg drops the partly shown
+    frame, so the stream declares 1.7 s while its 40 frames last 1.667 s. It is no cut file: the
+    frames are the ffmpeg command's, the last one held to the end."""
+    frames = _source_frames(48, fps=24)
+    (tmp_path / "whole.mp4").write_bytes(encode_mp4(frames, 24, crf=4, keyframe_interval=12))
+    command = ["ffmpeg", "-loglevel", "error", "-ss", "0.3", "-i", str(tmp_path / "whole.mp4"), "-c", "copy"]
+    subprocess.run([*command, str(tmp_path / "cut.mp4")], check=True)
+    ours = decode_sample(_raw("video.mp4", (tmp_path / "cut.mp4").read_bytes())).video
+    reference = _ffmpeg_rgb(tmp_path / "cut.mp4").reshape(-1, SIDE, SIDE, 3)
+    assert len(reference) == 40 and len(ours) == 41  # ceil(1.7 s x 24 fps) targets
+    np.testing.assert_array_equal(ours[:40], reference)
+    np.testing.assert_array_equal(ours[40], reference[39])
+
+
+def test_a_clip_after_the_end_of_a_video_files_sound_is_a_mismatch_not_a_silent_clip():
+    """2 s of frames, 1.5 s of sound: the clip of the last half second had no sound and was used as
+    a silent video; the lengths disagree, whichever clip is cut."""
+    data = encode_mp4(_source_frames(48, fps=24), 24, audio=np.zeros((1, 36_000), np.float32), sample_rate=24_000)
+    last = MediaConfig(clip_seconds=0.5, clip_start="grid")
+    with pytest.raises(SampleError, match="duration_mismatch: video.mp4's audio lasts 1.500 s, video.mp4 2.000 s"):
+        decode_sample(_raw("video.mp4", data), media_config=last, draw=0.99)
+
+
 def test_variable_frame_rate_video_is_sampled_by_its_timestamps():
     stamps_ms = [0, 100, 150, 400, 450, 900]  # the frame shown at t is the last stamped at or before t
     frames = _source_frames(len(stamps_ms))
@@ -158,10 +298,11 @@ def test_variable_frame_rate_video_is_sampled_by_its_timestamps():
         assert _psnr(frame, frames[index]) >= 35
 
 
-@pytest.mark.parametrize("suffix", ["webm", "mkv"])
-def test_webm_and_mkv_videos_decode(tmp_path, suffix):
+@pytest.mark.parametrize("suffix", ["webm", "mkv", "mov"])
+def test_webm_mkv_and_mov_videos_decode(tmp_path, suffix):
     frames = _source_frames(12)
-    codec = ["-c:v", "libvpx-vp9", "-crf", "10", "-b:v", "0"] if suffix == "webm" else ["-c:v", "ffv1"]
+    codec = {"webm": ["-c:v", "libvpx-vp9", "-crf", "10", "-b:v", "0"], "mkv": ["-c:v", "ffv1"]}
+    codec = codec.get(suffix, ["-c:v", "libx264", "-crf", "4"])
     raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", "12", "-i", "-"]
     path = tmp_path / f"clip.{suffix}"
     subprocess.run(
@@ -174,12 +315,13 @@ def test_webm_and_mkv_videos_decode(tmp_path, suffix):
     assert min(_psnr(a, b) for a, b in zip(sample.video, frames)) >= 35
 
 
-@pytest.mark.parametrize("suffix", ["flac", "mp3", "m4a", "opus", "wav"])
+@pytest.mark.parametrize("suffix", ["flac", "mp3", "m4a", "opus", "ogg", "wav"])
 def test_audio_files_decode_to_48k_stereo(tmp_path, suffix):
     rate = 44_100
     tone = (0.5 * np.sin(2 * math.pi * 440 * np.arange(rate) / rate)).astype(np.float32)
     path = tmp_path / f"tone.{suffix}"
-    codec = {"m4a": ["-c:a", "aac"], "opus": ["-c:a", "libopus", "-ar", "48000"]}.get(suffix, [])
+    codec = {"m4a": ["-c:a", "aac"], "opus": ["-c:a", "libopus", "-ar", "48000"], "ogg": ["-c:a", "libvorbis"]}
+    codec = codec.get(suffix, [])
     raw_input = ["-f", "f32le", "-ar", str(rate), "-ac", "1", "-i", "-"]
     subprocess.run(
         ["ffmpeg", "-loglevel", "error", "-y", *raw_input, *codec, str(path)], input=tone.tobytes(), check=True
@@ -191,6 +333,41 @@ def test_audio_files_decode_to_48k_stereo(tmp_path, suffix):
     assert abs(np.argmax(spectrum) / seconds - 440) < 3
     if suffix != "wav":  # WAV stays at its own rate (the encoder resamples it), compressed files are 48 kHz stereo
         assert sample.audio_sample_rate == 48_000 and sample.audio.shape[0] == 2
+
+
+@pytest.mark.parametrize("codec", ["pcm_mulaw", "adpcm_ms", "rf64"])
+def test_a_wav_of_another_encoding_is_decoded_by_ffmpeg(tmp_path, codec):
+    """mu-law (telephony corpora), ADPCM and RF64 (64-bit sizes, long recordings) WAVs, which scipy
+    cannot read (RF64: an UnboundLocalError inside it), decode as compressed files do, all of their
+    sound (an ADPCM WAV stamps every other block: unstamped blocks were dropped)."""
+    rate = 16_000
+    tone = (0.5 * np.sin(2 * math.pi * 440 * np.arange(rate) / rate)).astype(np.float32)
+    raw_input = ["-f", "f32le", "-ar", str(rate), "-ac", "1", "-i", "-"]
+    path = tmp_path / "tone.wav"
+    encoding = ["-c:a", "pcm_s16le", "-rf64", "always"] if codec == "rf64" else ["-c:a", codec]
+    command = ["ffmpeg", "-loglevel", "error", *raw_input, *encoding, str(path)]
+    subprocess.run(command, input=tone.tobytes(), check=True)
+    sample = decode_sample(_raw("audio.wav", path.read_bytes()))
+    assert sample.audio_sample_rate == 48_000 and sample.audio.shape[0] == 2
+    assert abs(sample.audio.shape[1] / 48_000 - 1.0) < 0.03  # ADPCM pads its last block
+    expected = np.sin(2 * math.pi * 440 * np.arange(48_000) / 48_000)
+    assert np.corrcoef(sample.audio[0, 2000:46_000], expected[2000:46_000])[0, 1] > 0.99
+
+
+def test_a_flac_of_one_sample_decodes(tmp_path):
+    """FFmpeg cannot seek in it (no seek point): read from its start, as a fresh file is."""
+    command = ["ffmpeg", "-loglevel", "error", "-f", "f32le", "-ar", "48000", "-ac", "1", "-i", "-"]
+    subprocess.run([*command, str(tmp_path / "one.flac")], input=np.float32(0.25).tobytes(), check=True)
+    sample = decode_sample(_raw("audio.flac", (tmp_path / "one.flac").read_bytes()))
+    assert sample.audio.shape == (2, 1) and abs(float(sample.audio[0, 0]) - 0.25) < 0.05
+
+
+def test_a_compressed_file_at_a_rate_no_recording_has_is_out_of_range(tmp_path):
+    """As a WAV's: a 500 Hz FLAC (or 1 Hz: seconds of resampling to 48 kHz) is refused before decoding."""
+    command = ["ffmpeg", "-loglevel", "error", "-f", "f32le", "-ar", "500", "-ac", "1", "-i", "-"]
+    subprocess.run([*command, str(tmp_path / "low.flac")], input=np.zeros(500, np.float32).tobytes(), check=True)
+    with pytest.raises(SampleError, match=r"out_of_range: audio.flac: its sound is at 500 Hz, outside \[1000, "):
+        decode_sample(_raw("audio.flac", (tmp_path / "low.flac").read_bytes()))
 
 
 def test_a_wav_written_to_a_pipe_is_read_to_its_end():
@@ -236,6 +413,41 @@ def test_pictures_decode_and_fit_the_nearest_bucket(suffix):
     assert fitted.image.shape == (32, 64, 3)  # 160 / 96 = 1.67 is nearest 2 (log ratio)
 
 
+# EXIF orientation -> how a viewer turns the stored picture (the TIFF/EXIF specification's table).
+VIEWED = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, k=-1),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, k=1),
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(VIEWED))
+def test_a_pictures_exif_orientation_is_applied_as_a_viewer_shows_it(orientation):
+    stored = np.zeros((32, 48, 3), np.uint8)
+    stored[:4, :4], stored[:4, -4:], stored[-4:, :4] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    picture = Image.fromarray(stored)
+    exif = picture.getexif()
+    exif[0x0112] = orientation  # the Orientation tag
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", exif=exif)  # lossless: the turned pixels compare exactly
+    viewed = decode_sample(_raw("image.png", buffer.getvalue())).image
+    np.testing.assert_array_equal(viewed, VIEWED[orientation](stored))
+
+
+def test_a_16_bit_grey_picture_keeps_its_tones():
+    """Pillow reads it as mode I;16 and its own RGB conversion clips every value above 255."""
+    ramp = np.linspace(0, 65535, 32 * 48).reshape(32, 48).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")
+    image = decode_sample(_raw("image.png", buffer.getvalue())).image
+    np.testing.assert_array_equal(image, np.repeat(np.round(ramp / 257).astype(np.uint8)[..., None], 3, axis=2))
+
+
 def test_bucket_and_window_rules():
     assert bucket_for(720, 1280, [(64, 64), (64, 112), (112, 64)]) == (64, 112)
     config = MediaConfig(clip_seconds=1.0, clip_start="grid")
@@ -261,6 +473,23 @@ def test_a_cut_file_is_corrupt_even_where_the_clip_lies_in_its_intact_part(tmp_p
         decode_sample(_raw(f"video.{suffix}", data[: len(data) * 4 // 5]), media_config=first_half_second)
 
 
+@pytest.mark.parametrize("junk", [b"\n", b"\x00\x00\x00", b"appended by a tool\n" * 4, bytes(range(256))])
+def test_junk_after_an_mp4_is_not_a_cut_file(one_second, tmp_path, junk):
+    """Bytes after the last box (a tool's trailer, a newline, noise) are no part of the file: FFmpeg
+    plays all its frames, and so does the loader. Control: a file whose index comes first (faststart)
+    cut inside its sample data is still a cut file."""
+    _, data = one_second
+    whole = decode_sample(_raw("video.mp4", data)).video
+    np.testing.assert_array_equal(decode_sample(_raw("video.mp4", data + junk)).video, whole)
+    (tmp_path / "clip.mp4").write_bytes(data)
+    command = ["ffmpeg", "-loglevel", "error", "-i", str(tmp_path / "clip.mp4"), "-c", "copy", "-movflags"]
+    subprocess.run([*command, "+faststart", str(tmp_path / "fast.mp4")], check=True)
+    fast = (tmp_path / "fast.mp4").read_bytes()
+    assert fast.index(b"moov") < fast.index(b"mdat")
+    with pytest.raises(SampleError, match="corrupt_media: video.mp4: truncated file"):
+        decode_sample(_raw("video.mp4", fast[: len(fast) * 4 // 5] + junk))
+
+
 def test_fitting_a_clip_a_few_frames_at_a_time_gives_the_frames_a_whole_fit_gives(monkeypatch):
     """fit_to_bucket bounds its float copy (clips.FIT_BYTES: a 4K clip at once would not fit in
     memory); the bucket's pixels do not depend on how many frames go through together."""
@@ -279,6 +508,41 @@ def test_video_frames_above_the_picture_pixel_limit_are_refused_before_decoding(
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", SIDE * SIDE - 1)
     with pytest.raises(SampleError, match=f"corrupt_media: video.mp4: {SIDE}x{SIDE} frames exceed"):
         decode_sample(_raw("video.mp4", data))
+
+
+def test_a_clip_too_large_to_hold_is_refused_before_decoding(monkeypatch):
+    """A 3 KB Matroska file whose last frame is stamped an hour after its first: 90,000 frames at
+    its 25 fps. Over clips.MAX_CLIP_BYTES a sample is out_of_range, for files, video.npy and sound
+    alike, before anything is decoded; a cut clip of it is not (control)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="matroska") as container:
+        stream = container.add_stream("mjpeg", rate=25)
+        stream.width, stream.height, stream.pix_fmt = SIDE, SIDE, "yuvj420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for index, stamp_ms in enumerate([0, 40, 80, 3_600_000]):
+            picture = av.VideoFrame.from_ndarray(_source_frames(4)[index], format="rgb24").reformat(format="yuvj420p")
+            picture.pts, picture.time_base = index, Fraction(1, 1000)
+            for packet in stream.codec_context.encode(picture):
+                packet.stream, packet.pts, packet.dts, packet.time_base = stream, stamp_ms, stamp_ms, Fraction(1, 1000)
+                container.mux(packet)
+    monkeypatch.setattr(clips, "MAX_CLIP_BYTES", 1 << 20)
+    too_large = r"out_of_range: video.mkv: the clip is 90001 frames of 32x32 \(0.3 GiB decoded"
+    with pytest.raises(SampleError, match=too_large):
+        decode_sample(_raw("video.mkv", buffer.getvalue()))
+    one_second = MediaConfig(clip_seconds=1.0, clip_start="first")
+    assert len(decode_sample(_raw("video.mkv", buffer.getvalue()), media_config=one_second).video) == 25
+    frames = encode_npy(_source_frames(2))
+    with pytest.raises(SampleError, match="out_of_range: video.npy: the clip is 2000 frames of 32x32"):
+        decode_sample(_raw("video.npy", frames, fps=1), media_config=MediaConfig(fps=1000))
+    sound = subprocess.run(  # 3 s: 1.1 MB as float 48 kHz stereo
+        ["ffmpeg", "-loglevel", "error", "-f", "f32le", "-ar", "48000", "-ac", "1", "-i", "-", "-f", "flac", "-"],
+        input=np.zeros(3 * 48_000, np.float32).tobytes(),
+        capture_output=True,
+        check=True,
+    ).stdout
+    with pytest.raises(SampleError, match="out_of_range: audio.flac: the clip is 3.0 s of sound"):
+        decode_sample(_raw("audio.flac", sound))
+    assert decode_sample(_raw("audio.flac", sound), media_config=one_second).audio.shape == (2, 48_000)
 
 
 def test_an_undecodable_codec_is_named_in_the_skip_reason():
@@ -335,5 +599,8 @@ def test_an_audio_file_without_a_declared_duration_is_measured_and_checked_again
     ).stdout
     assert decode_sample(_raw("audio.flac", piped)).audio.shape == (2, 48_000)
     with_video = {**_raw("audio.flac", piped, fps=10), "video.npy": encode_npy(np.zeros((30, 32, 32, 3), np.uint8))}
-    with pytest.raises(SampleError, match="duration_mismatch: audio.flac lasts 1.000 s, video.npy 3.000 s"):
+    with pytest.raises(
+        SampleError,
+        match=r"duration_mismatch: audio.flac lasts 1.000 s, video.npy \(30 frames at 10 fps\) 2.900-3.000 s",
+    ):
         decode_sample(with_video)

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from world_helpers import tiny_world
 
+from megatron_cosmos3.data.clips import MediaConfig
 from megatron_cosmos3.data.errors import LoaderSetupError, SampleError
+from megatron_cosmos3.data.media import encode_json
 from megatron_cosmos3.data.schema import Sample, SchemaContext, decode_sample, encode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter
 from megatron_cosmos3.data.shards import ShardIndex, read_shard, resolve_shards
@@ -60,6 +62,27 @@ def test_every_field_survives_encode_and_decode():
     # 16-bit PCM: within one quantisation step.
     np.testing.assert_allclose(decoded.audio, sample.audio, atol=1 / 32768)
     assert decoded.modalities == frozenset(Modality)
+
+
+def test_blank_texts_are_no_text():
+    """A caption, instruction or segment of only whitespace, control or zero-width characters says
+    nothing: it is read as absent (the prompt falls back to the instruction; a sample with nothing
+    else has no text at all)."""
+
+    def meta(**keys) -> dict:
+        return {"__key__": "k", "meta.json": encode_json({"schema": 1, **keys})}
+
+    sample = decode_sample(meta(caption=" \t\n\u200b\u3000", instruction="push the cube"))
+    assert sample.caption is None and sample.instruction == "push the cube"
+    assert decode_sample(meta(caption=" the cube ")).caption == " the cube "  # control: words are kept
+    with pytest.raises(SampleError, match="missing_field: the sample has neither text nor media"):
+        decode_sample(meta(caption="\x00\x1f \ufeff"))
+    segments = [{"start_s": 0.0, "end_s": 1.0, "text": "  "}, {"start_s": 1.0, "end_s": 2.0, "text": "it stops"}]
+    raw = {k: v for k, v in encode_sample(_sample()).items() if k not in ("actions.npy", "audio.wav")}
+    raw["meta.json"] = encode_json({"schema": 1, "caption": "a cube", "caption_segments": segments, "fps": 2.0})
+    first = decode_sample(raw, media_config=MediaConfig(clip_seconds=1.0, clip_start="first"))
+    assert first.caption_segments == [] and first.caption == "a cube"  # the blank segment says nothing
+    assert decode_sample(raw).caption == "it stops"
 
 
 def test_latent_fields_are_checked_against_the_model_widths():
