@@ -96,7 +96,7 @@ class RequestSpec:
         if "resolution" in given:
             given["resolution"] = _resolution(given["resolution"], f"{where}: resolution")
         files = {role: str(given.pop(role)) for role in INPUT_FILES if role in given}
-        return cls(given, files, given.pop("name", None), base)
+        return cls(given, files, _folder_name(given.pop("name", None), where), base)
 
     def path(self, role: str) -> Path | None:
         return self.base / self.files[role] if role in self.files else None
@@ -112,6 +112,15 @@ class RequestSpec:
             return TextSampling(**{key: v for key, v in self.settings.items() if key in TEXT_SETTINGS})
         except (TypeError, ValueError) as error:
             raise RequestError(f"{where}: {error}") from None
+
+
+def _folder_name(name: Any, where: str) -> str | None:
+    """A request's ``name``: one folder inside ``--out``, never a path that leads out of it."""
+    if name is None:
+        return None
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise RequestError(f"{where}: name={name!r} must be a folder name (no '/', not '.' or '..')")
+    return name
 
 
 def _resolution(value: Any, where: str) -> tuple[int, int]:

@@ -203,6 +203,11 @@ def test_help_lists_every_task_and_what_it_needs(capsys):
         ({"task": "text_to_video", "resolution": [64, 32]}, "clip length is needed"),
         ({"task": "dream", "prompt": "x"}, "unknown task 'dream'"),
         ({"task": "text_to_image", "colour": "red"}, "unknown field(s) ['colour']"),
+        # A crafted name must not write outside --out.
+        ({"task": "text_to_video", "name": "../escaped"}, "name='../escaped' must be a folder name"),
+        ({"task": "text_to_video", "name": "/tmp/escaped"}, "name='/tmp/escaped' must be a folder name"),
+        ({"task": "text_to_video", "name": ".."}, "name='..' must be a folder name"),
+        ({"task": "text_to_video", "name": 7}, "name=7 must be a folder name"),
     ],
 )
 def test_a_bad_request_is_a_clear_error_and_writes_nothing(checkpoint, inputs, tmp_path, capsys, request_, message):
