@@ -87,6 +87,7 @@ def test_another_video_patch_size_trains_on_synthetic_packs_and_is_refused_where
         ("optimizer.flow_matching_weight=-1", r"optimizer.flow_matching_weight=-1.0 must be >= 0"),
         ("stage.lr_multipliers={'layers.*': -2}", r"a learning-rate multiplier must be >= 0"),
         ("tracking.tracking_uri=''", r"tracking.tracking_uri is empty"),
+        ("tracking.flush_timeout_s=-1", r"tracking.flush_timeout_s=-1.0 must be >= 0"),
         ("steps=abc", r"steps"),
     ],
 )
