@@ -33,12 +33,17 @@ def _artifact_location(uri: str) -> str | None:
     return None
 
 
-def _refused(error: Exception) -> bool:
+def _refused(error: Exception, uri: str) -> bool:
     """Whether the server refused the request itself (an HTTP 4xx: a bad value, a run that does not
-    exist), which no retry will change; anything else (connection refused, timeouts, 5xx, a full
-    disk) is an outage that may end."""
+    exist), which no retry will change; anything else (connection refused, timeouts, 5xx, 408, 429,
+    a full disk) is an outage that may end. Over HTTP only the MLflow server's own answer (JSON)
+    refuses: a proxy's or a login page's 4xx is an outage too."""
+    from mlflow.exceptions import RestException
+
     status = getattr(error, "get_http_status_code", None)
-    return status is not None and 400 <= status() < 500
+    if status is None or not 400 <= status() < 500 or status() in (408, 429):
+        return False
+    return isinstance(error, RestException) or not uri.startswith(("http://", "https://"))
 
 
 class MLflowTracker:
@@ -147,6 +152,13 @@ class MLflowTracker:
 
         now = int(time.time() * 1000)
         self._queue(lambda: self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items()))
+
+    def continued_run_has(self, params: dict[str, str], tags: dict[str, str]) -> None:
+        """What an earlier attempt logged to the run this one continues: sent again only where that
+        run is gone and a new one replaces it."""
+        with self._changed:
+            self._delivered[0].update({k: v[:6000] for k, v in params.items()})
+            self._delivered[1].update(tags)
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self._queue_artifact("log_artifact", path, artifact_path)
@@ -316,7 +328,7 @@ class MLflowTracker:
                     params, tags = self._delivered
                     self._params, self._tags = {**params, **self._params}, {**tags, **self._tags}
                 return False
-            if _refused(error):
+            if _refused(error, self.uri):
                 log.warning("MLflow refused %s (%s: %s); dropped", method, *_brief(error))
                 return True
             self._failed(error)

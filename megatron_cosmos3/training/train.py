@@ -445,11 +445,14 @@ def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) 
         resolved.parent.mkdir(parents=True, exist_ok=True)
         resolved.write_text(recorded)
         log.info("run %s: resolved config in %s", config.tracking.run_name, resolved)
+    params, tags = flatten(config), {"world_size": str(ctx.world_size), "stage": config.stage.name}
     if ctx.is_main and not tracker.continued:  # a new MLflow run
-        tracker.log_params(flatten(config))
+        tracker.log_params(params)
         tracker.log_artifact(str(resolved))
-        tracker.set_tag("world_size", str(ctx.world_size))
-        tracker.set_tag("stage", config.stage.name)
+        for key, value in tags.items():
+            tracker.set_tag(key, value)
+    elif ctx.is_main:  # logged by the first attempt; again only to a new run replacing a vanished one
+        tracker.continued_run_has(params, tags)
 
     try:
         return _steps(run, tracker, watcher, start_step, status_file, recorded)

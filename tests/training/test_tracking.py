@@ -1,0 +1,101 @@
+"""The MLflow tracker against stores and servers that misbehave: a run the store no longer has, and an
+HTTP endpoint that answers 500, a proxy's 404 page, garbage, or closes the connection. (A real MLflow
+server, stalled and stopped, and a SIGKILLed attempt: test_mlflow_server.py.)"""
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from megatron_cosmos3.testing.training import tracking_store
+from megatron_cosmos3.training.tracking import MLflowTracker
+
+
+def test_a_run_the_store_no_longer_has_is_replaced_by_a_new_run_with_the_params_again(tmp_path, caplog):
+    """A resumed attempt continues the run id its checkpoint saved; the store was wiped meanwhile."""
+    from mlflow.tracking import MlflowClient
+
+    store = tracking_store(tmp_path)
+    gone = "0123456789abcdef0123456789abcdef"
+    tracker = MLflowTracker(str(store), "wiped", "resumed", enabled=True, run_id=gone, spool=tmp_path / "spool.json")
+    tracker.continued_run_has({"steps": "8"}, {"stage": "pretrain"})
+    tracker.log_metrics({"loss": 1.5}, 5)
+    with caplog.at_level("WARNING", logger="megatron_cosmos3.training.tracking"):
+        assert tracker.flush(60)
+    tracker.finish()
+    assert f"MLflow run {gone} does not exist" in caplog.text and "logging to a new run" in caplog.text
+    assert tracker.run_id not in (None, gone)
+    stored = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    run = stored.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"steps": "8"} and run.data.tags["stage"] == "pretrain"
+    assert [(m.step, m.value) for m in stored.get_metric_history(tracker.run_id, "loss")] == [(5, 1.5)]
+    assert not (tmp_path / "spool.json").exists()
+
+
+class Misbehaving(BaseHTTPRequestHandler):
+    """Answers every request as ``server.mode`` says, after ``server.delay_s``."""
+
+    def log_message(self, *args):
+        pass
+
+    def answer(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        time.sleep(self.server.delay_s)
+        if self.server.mode == "close":
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        status, kind, body = {
+            "500": (500, "application/json", b'{"error_code": "INTERNAL_ERROR", "message": "boom"}'),
+            "garbage": (200, "application/json", b"<html>not json"),
+            "proxy 404": (404, "text/html", b"<html>no such page</html>"),
+        }[self.server.mode]
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = answer
+
+
+@pytest.fixture(scope="module")
+def misbehaving():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Misbehaving)
+    server.mode, server.delay_s = "500", 0.0
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+CONTINUED = "0123456789abcdef0123456789abcdef"  # an attempt continuing its run
+
+
+@pytest.mark.parametrize(
+    "mode, run_id", [("500", None), ("garbage", CONTINUED), ("proxy 404", CONTINUED), ("close", None)]
+)
+def test_a_failing_endpoint_loses_no_value_and_stalls_no_step(misbehaving, tmp_path, mode, run_id):
+    """What it does not take is kept (no 4xx of a proxy is taken for MLflow refusing the values) and
+    spooled at the end of the attempt; a slow answer (0.3 s) delays no call."""
+    misbehaving.mode, misbehaving.delay_s = mode, 0.3
+    spool = tmp_path / "spool.json"
+    url = f"http://127.0.0.1:{misbehaving.server_address[1]}"
+    tracker = MLflowTracker(url, "failing", "attempt", enabled=True, run_id=run_id, retry_after_s=0.1, spool=spool)
+    tracker.log_params({"steps": "3"})
+    waits = []
+    for step in range(1, 4):
+        started = time.perf_counter()
+        tracker.log_metrics({"loss": float(step)}, step)
+        waits.append(time.perf_counter() - started)
+    time.sleep(0.4)  # a delivery fails meanwhile
+    tracker.suspend()
+    assert max(waits) < 0.1, waits
+    kept = json.loads(spool.read_text())
+    assert kept["run_id"] == run_id and kept["params"] == {"steps": "3"}
+    assert [(key, value, step) for key, value, _, step in kept["metrics"]] == [
+        ("loss", 1.0, 1),
+        ("loss", 2.0, 2),
+        ("loss", 3.0, 3),
+    ]
