@@ -14,6 +14,9 @@ cd "$repo_root"
 # elsewhere a SIGTERM to torchrun is how the trainers hear of it.
 trap '' USR1
 if [ -n "${SLURM_JOB_ID:-}" ]; then trap '' TERM; fi
+# A restarted worker group (--max-restarts) must not read the failed one's addresses from a store
+# shared with torchrun (pytorch#135712): each rendezvous round gets a store of its own.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 exec torchrun --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" \
   --nproc-per-node "${NPROC_PER_NODE:-8}" --rdzv-backend c10d \
   --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "${RDZV_ID:-megatron_cosmos3}" \
