@@ -104,6 +104,7 @@ class MLflowTracker:
         self._version = self._spooled_version = 0  # bumped whenever what is undelivered changes
         self._spooled_at = -math.inf
         self._spool_lock = threading.Lock()  # one writer of the spool file at a time
+        self._spool_failed = False
         self._max_buffered = max_buffered
         self._spool = Path(spool) if spool else None
         self.dropped_metrics = 0
@@ -243,21 +244,33 @@ class MLflowTracker:
 
     def _deliver_forever(self) -> None:
         while True:
-            with self._changed:
-                while (wake := self._wake_in()) != 0:
-                    self._changed.wait(wake)
-                if self._closed:
+            try:
+                if not self._delivery_pass():
                     return
-                serving = self._last_requested
-                last = serving > self._last_served
+            except Exception as error:  # noqa: BLE001 — a bug here must not end tracking for the run
+                log.warning("MLflow delivery failed (%s: %s); retrying", *_brief(error))
+                time.sleep(1.0)
+
+    def _delivery_pass(self) -> bool:
+        """Waits for something to do and does it; False once the tracker is closed."""
+        with self._changed:
+            while (wake := self._wake_in()) != 0:
+                self._changed.wait(wake)
+            if self._closed:
+                return False
+            serving = self._last_requested
+            last = serving > self._last_served
+        try:
             sending = last or not self._backing_off()
             self._write_spool(due=sending)
             if sending:
                 self._deliver()
             self._remove_spool()
+        finally:  # a last delivery asked for is over, whatever happened
             with self._changed:
                 self._last_served = max(self._last_served, serving)
                 self._changed.notify_all()
+        return True
 
     def _wake_in(self) -> float | None:
         """Seconds until the delivery thread has something to do (0: now; None: when told)."""
@@ -279,7 +292,7 @@ class MLflowTracker:
     def _failed(self, error: Exception) -> None:
         if self._failing_since is None:
             log.warning(
-                "MLflow tracking failed at %s (%s: %s); keeping params and metrics and retrying every %.0fs",
+                "MLflow tracking failed at %s (%s: %s); keeping params and metrics and retrying every %gs",
                 self.uri,
                 *_brief(error),
                 self._retry_after_s,
@@ -406,15 +419,29 @@ class MLflowTracker:
                 if not due and time.monotonic() - self._spooled_at < self._spool_every_s:
                     return
                 document, version = self._spool_document(), self._version
+            if self._spool_written(document):
+                self._spooled_version, self._spooled_at = version, time.monotonic()
+            else:  # tried again in spool_every_s
+                self._spooled_at = time.monotonic()
+
+    def _spool_written(self, document: dict) -> bool:
+        """Writes the spool whole or not at all; a failure (a full disk) is a warning, once."""
+        try:
             _replace(self._spool, json.dumps(document))
-            self._spooled_version, self._spooled_at = version, time.monotonic()
+        except OSError as error:
+            if not self._spool_failed:
+                log.warning("MLflow: cannot write %s (%s); undelivered values are not kept on disk", self._spool, error)
+            self._spool_failed = True
+            return False
+        self._spool_failed = False
+        return True
 
     def _remove_spool(self) -> None:
         if self._spool is None:
             return
         with self._spool_lock, self._changed:
             if not self._closed and not self._holds_values():
-                self._spool.unlink(missing_ok=True)
+                _remove(self._spool)
 
     def _keep_the_rest(self) -> None:
         """At the end of an attempt: the spool holds what is undelivered, or is gone."""
@@ -423,7 +450,7 @@ class MLflowTracker:
             document = self._spool_document()
         if not any(counts):
             if self._spool is not None:
-                self._spool.unlink(missing_ok=True)
+                _remove(self._spool)
             return
         if self._spool is None:
             log.warning(
@@ -431,7 +458,8 @@ class MLflowTracker:
             )
             return
         with self._spool_lock:
-            _replace(self._spool, json.dumps(document))
+            if not self._spool_written(document):
+                return
         log.warning(
             "MLflow: %d params, %d tags and %d metric values not delivered to %s are kept in %s; the next attempt "
             "on this run folder delivers them",
@@ -461,6 +489,13 @@ class MLflowTracker:
         self._params, self._tags, self._pending = params, tags, metrics
         self._version = self._spooled_version = 1  # on disk as it is
         log.warning("MLflow: delivering %d metric values kept by the previous attempt", len(metrics))
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as error:  # e.g. a read-only run folder: the next attempt delivers the values again
+        log.warning("MLflow: cannot remove %s (%s)", path, error)
 
 
 def _replace(path: Path, text: str) -> None:

@@ -99,3 +99,21 @@ def test_a_failing_endpoint_loses_no_value_and_stalls_no_step(misbehaving, tmp_p
         ("loss", 2.0, 2),
         ("loss", 3.0, 3),
     ]
+
+
+def test_a_spool_that_cannot_be_written_is_one_warning_and_stops_nothing(misbehaving, tmp_path, caplog):
+    """E.g. a full disk: the delivery thread goes on, and the end of the attempt raises nothing."""
+    misbehaving.mode, misbehaving.delay_s = "500", 0.0
+    url = f"http://127.0.0.1:{misbehaving.server_address[1]}"
+    spool = tmp_path / "not a folder" / "spool.json"
+    (tmp_path / "not a folder").write_text("")
+    with caplog.at_level("WARNING", logger="megatron_cosmos3.training.tracking"):
+        tracker = MLflowTracker(
+            url, "failing", "attempt", enabled=True, retry_after_s=0.05, spool=spool, spool_every_s=0
+        )
+        for step in range(1, 4):
+            tracker.log_metrics({"loss": float(step)}, step)
+            time.sleep(0.1)
+        tracker.suspend()
+    assert caplog.text.count(f"MLflow: cannot write {spool}") == 1
+    assert tracker.undelivered and not spool.exists()
