@@ -150,30 +150,29 @@ def test_every_rank_starts_from_its_part_of_the_imported_weights(imported, tmp_p
         assert [{n.split(".")[1] for n in names if n.startswith("layers.")} for names in held] == [{"0"}, {"1"}, {"2"}]
 
 
-def test_a_folder_of_another_architecture_is_refused_by_field(imported, tmp_path):
-    config = stage_config(imported, tmp_path, "model.vision=null")
-    changed = copy.deepcopy(config)
-    changed.model.rope_theta = 10_000.0
+def refused_at_start(config, error: type[Exception], match: str) -> None:
+    """A one-process run of ``config`` raises ``error`` (matching ``match``) as it initialises."""
     from megatron_cosmos3.training.train import build_run, resume_or_initialise
 
-    run = build_run(changed, DistributedContext(0, 1, 0, torch.device("cpu")))
+    run = build_run(config, DistributedContext(0, 1, 0, torch.device("cpu")))
     try:
-        with pytest.raises(
-            ValueError, match=r"model.rope_theta=10000.0, but the weights were saved with rope_theta=5000000.0"
-        ):
+        with pytest.raises(error, match=match):
             resume_or_initialise(run)
     finally:
         run.batches.close()
-    changed = stage_config(imported, tmp_path, "model.vision.rope_theta=100.0")
-    run = build_run(changed, DistributedContext(0, 1, 0, torch.device("cpu")))
-    try:
-        with pytest.raises(
-            ValueError,
-            match=r"model.vision.rope_theta=100.0, but the weights were saved with vision.rope_theta=10000.0",
-        ):
-            resume_or_initialise(run)
-    finally:
-        run.batches.close()
+
+
+def test_a_folder_of_another_architecture_is_refused_by_field(imported, tmp_path):
+    changed = stage_config(imported, tmp_path, "model.vision=null")
+    changed.model.rope_theta = 10_000.0
+    refused_at_start(
+        changed, ValueError, r"model.rope_theta=10000.0, but the weights were saved with rope_theta=5000000.0"
+    )
+    refused_at_start(
+        stage_config(imported, tmp_path, "model.vision.rope_theta=100.0"),
+        ValueError,
+        r"model.vision.rope_theta=100.0, but the weights were saved with vision.rope_theta=10000.0",
+    )
 
 
 def test_missing_parameters_are_named_unless_a_new_embodiment_brings_them(imported, tmp_path):
@@ -297,7 +296,6 @@ def test_weights_holding_nan_or_inf_are_refused_at_load_naming_the_tensor(import
 
     from megatron_cosmos3.checkpoint.finite import NonFiniteWeightsError
     from megatron_cosmos3.conversion.safetensors_io import SINGLE_FILE
-    from megatron_cosmos3.training.train import build_run, resume_or_initialise
 
     name = "layers.1.generator.mlp.down_proj.weight"
     for value in (float("nan"), float("inf")):
@@ -306,11 +304,6 @@ def test_weights_holding_nan_or_inf_are_refused_at_load_naming_the_tensor(import
         tensors[name][0, 1] = value
         save_file(tensors, str(folder / SINGLE_FILE), metadata={"format": "pt"})
         config = stage_config(folder, tmp_path / f"run-{value}", "model.vision=null")
-        run = build_run(config, DistributedContext(0, 1, 0, torch.device("cpu")))
-        try:
-            with pytest.raises(
-                NonFiniteWeightsError, match=rf"^stage.init_from={folder}: parameter '{name}' holds NaN or inf"
-            ):
-                resume_or_initialise(run)
-        finally:
-            run.batches.close()
+        refused_at_start(
+            config, NonFiniteWeightsError, rf"^stage.init_from={folder}: parameter '{name}' holds NaN or inf"
+        )
