@@ -122,6 +122,27 @@ def steps_do_not_wait_on_a_stalled_server(server: subprocess.Popen, url: str, st
     assert history == [(step, float(step)) for step in range(1, 21)]
 
 
+def a_run_the_server_no_longer_has_is_replaced_by_a_new_one(url: str, store: Path, caplog) -> None:
+    """A resumed attempt continues the run id its checkpoint saved, but the server's store was
+    wiped (or it is another server): a warning, a new run, the params and tags sent again."""
+    from mlflow.tracking import MlflowClient
+
+    from megatron_cosmos3.training.tracking import MLflowTracker
+
+    gone = "0123456789abcdef0123456789abcdef"
+    tracker = MLflowTracker(url, "wiped", "resumed", enabled=True, run_id=gone)
+    tracker.continued_run_has({"steps": "8"}, {"stage": "pretrain"})
+    with caplog.at_level("WARNING", logger="megatron_cosmos3.training.tracking"):
+        tracker.log_metrics({"loss": 1.5}, 5)
+        tracker.finish()
+    assert f"MLflow run {gone} does not exist at {url}" in caplog.text and "logging to a new run" in caplog.text
+    assert tracker.run_id not in (None, gone)
+    stored = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    run = stored.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"steps": "8"} and run.data.tags["stage"] == "pretrain"
+    assert [(m.step, m.value) for m in stored.get_metric_history(tracker.run_id, "loss")] == [(5, 1.5)]
+
+
 # One attempt of a run: delivers step 1, is told (a line on stdin) when the server has stalled, logs
 # steps 2-5 and says how long the longest took, then waits to be killed.
 KILLED_ATTEMPT = """
@@ -213,7 +234,7 @@ STEPS, STOP_AFTER = 40, 2
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_training(tmp_path):
+def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_training(tmp_path, caplog):
     from mlflow.tracking import MlflowClient
 
     from megatron_cosmos3.training.tracking import MLflowTracker
@@ -246,6 +267,7 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
     training = None
     try:
         steps_do_not_wait_on_a_stalled_server(server, url, store)
+        a_run_the_server_no_longer_has_is_replaced_by_a_new_one(url, store, caplog)
         a_sigkilled_attempts_values_reach_the_same_run(server, url, store, tmp_path)
         command = trainer_command(
             2,
