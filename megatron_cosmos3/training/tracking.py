@@ -200,10 +200,11 @@ class MLflowTracker:
             self._changed.notify_all()
 
     def flush(self, timeout_s: float) -> bool:
-        """Waits up to ``timeout_s`` for everything queued so far to be delivered; whether it was."""
+        """Waits up to ``timeout_s`` for everything queued so far to be delivered (and the spool
+        removed); whether it was."""
         deadline = time.monotonic() + timeout_s
         with self._changed:
-            while self._holds_values() or self._artifacts:
+            while self._holds_values() or self._artifacts or (self._spool is not None and self._spool.exists()):
                 left = deadline - time.monotonic()
                 if left <= 0 or self._closed:
                     return False
@@ -353,6 +354,7 @@ class MLflowTracker:
         """Sends what is queued, in order by kind, until all is delivered or a call fails."""
         from mlflow.entities import Param, RunTag
 
+        replaced = False  # a vanished run is replaced once per delivery: also in the last one
         while not self._closed:
             with self._changed:
                 params = dict(list(self._params.items())[:100])  # MLflow caps a batch at 100 params
@@ -392,6 +394,9 @@ class MLflowTracker:
                 self._sending = []
                 self._changed.notify_all()
             if not sent:
+                if self.run_id is None and self._failing_since is None and not replaced:
+                    replaced = True  # the run vanished: again, to a new one
+                    continue
                 return
 
     # The spool: what is not delivered yet, on disk.
@@ -442,6 +447,7 @@ class MLflowTracker:
         with self._spool_lock, self._changed:
             if not self._closed and not self._holds_values():
                 _remove(self._spool)
+                self._changed.notify_all()  # a flush waits for it
 
     def _keep_the_rest(self) -> None:
         """At the end of an attempt: the spool holds what is undelivered, or is gone."""
