@@ -12,9 +12,19 @@ cd "$repo_root"
 # torchrun would die of SIGUSR1, so it ignores it. Under SLURM every process of the job gets the
 # signal itself, so torchrun ignores SIGTERM too instead of tearing the trainers down mid-checkpoint;
 # elsewhere a SIGTERM to torchrun is how the trainers hear of it.
+# torchrun installs its own handlers over an ignored signal (--signals-to-handle, SIGTERM among
+# them by default): under SLURM it is told to leave SIGTERM alone, or it would send it on, wait its
+# shutdown timeout and SIGKILL the trainers in the middle of their checkpoint (a `scontrol requeue`).
 trap '' USR1
-if [ -n "${SLURM_JOB_ID:-}" ]; then trap '' TERM; fi
-exec torchrun --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" \
+handled=()
+if [ -n "${SLURM_JOB_ID:-}" ]; then
+  trap '' TERM
+  handled=(--signals-to-handle SIGINT,SIGHUP,SIGQUIT)
+fi
+# A restarted worker group (--max-restarts) must not read the failed one's addresses from a store
+# shared with torchrun (pytorch#135712): each rendezvous round gets a store of its own.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+exec torchrun "${handled[@]}" --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" \
   --nproc-per-node "${NPROC_PER_NODE:-8}" --rdzv-backend c10d \
   --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "${RDZV_ID:-megatron_cosmos3}" \
   -m megatron_cosmos3.training.train "$@"

@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +133,11 @@ class MissingParametersError(CheckpointMismatchError, KeyError):
         return str(self.args[0])
 
 
+class CheckpointSaveError(RuntimeError):
+    """A save that could not be written (a full disk, a read-only folder): names the folder, the rank
+    and its error; the checkpoint ``latest`` named before stays the one a resume takes."""
+
+
 class ResumeError(RuntimeError):
     """The run folder holds checkpoints but none that this run may resume from as configured."""
 
@@ -208,6 +214,7 @@ class Checkpointer:
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".step_*.partial"):  # a save that never committed
+                log.warning("removing %s: a checkpoint save that never committed (a killed or failed run)", stale)
                 shutil.rmtree(stale, ignore_errors=True)
         self._barrier()
 
@@ -242,17 +249,47 @@ class Checkpointer:
             future = dcp.async_save(state, storage_writer=writer, process_group=self.group)
             self._pending = _PendingSave(future, step, staging, meta)
         else:
-            dcp.save(state, storage_writer=writer, process_group=self.group)
+            with self._failed_save(step, staging):
+                dcp.save(state, storage_writer=writer, process_group=self.group)
             self._commit(_PendingSave(None, step, staging, meta))
+
+    @contextmanager
+    def _failed_save(self, step: int, staging: Path):
+        """Turns a failed write (every rank gets it) into a CheckpointSaveError naming the folder and
+        the first failing rank's error; the half-written folder is removed (a full disk gets its space back)."""
+        try:
+            yield
+        except CheckpointException as error:
+            rank, failure = next(iter(error.failures.items()))
+            cause = failure[0] if isinstance(failure, tuple) else failure
+            if self.rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+            kept = latest_checkpoint(self.root)
+            raise CheckpointSaveError(
+                f"checkpoint of step {step} not saved to {staging}: rank {rank}: {type(cause).__name__}: {cause}; "
+                f"{f'the last committed one, {kept}, is kept' if kept else 'no checkpoint was committed before'}"
+            ) from error
 
     def _new_staging(self, step: int) -> Path:
         """Collective: waits for the save in flight, then an empty ``.step_<N>.partial`` folder."""
         self.wait()
         staging = self.root / f".step_{step:08d}.partial"
+        failed = None
         if self.rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        self._barrier()
+            try:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            except OSError as error:  # e.g. a read-only or full file system
+                failed = error
+        # In place of a barrier: every rank stops when rank 0 cannot (none waits for it in vain).
+        flag = torch.tensor([failed is not None], dtype=torch.int32)
+        if self.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if flag.item():
+            raise CheckpointSaveError(
+                f"checkpoint of step {step} not saved: {staging} could not be made"
+                + (f" ({type(failed).__name__}: {failed})" if failed else " (rank 0 says why)")
+            ) from failed
         return staging
 
     def poll(self) -> Path | None:
@@ -266,7 +303,8 @@ class Checkpointer:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        pending.future.result()
+        with self._failed_save(pending.step, pending.staging):
+            pending.future.result()
         return self._commit(pending)
 
     def _commit(self, pending: _PendingSave) -> Path:
@@ -275,8 +313,15 @@ class Checkpointer:
         # checksums), so rank 0 alone can commit without waiting for the others.
         if self.rank == 0:
             meta = {**pending.meta, "step": pending.step, "format_version": FORMAT_VERSION}
-            (pending.staging / "meta.json").write_text(json.dumps(meta, indent=2))
-            write_manifest(pending.staging)
+            try:
+                (pending.staging / "meta.json").write_text(json.dumps(meta, indent=2))
+                write_manifest(pending.staging)
+            except OSError as error:  # e.g. the disk filled up after the shards were written
+                shutil.rmtree(pending.staging, ignore_errors=True)
+                raise CheckpointSaveError(
+                    f"checkpoint of step {pending.step} not committed in {pending.staging}: "
+                    f"{type(error).__name__}: {error}; the last committed one, {latest_checkpoint(self.root)}, is kept"
+                ) from error
             if final.exists():
                 self._set_aside(final)
             os.replace(pending.staging, final)

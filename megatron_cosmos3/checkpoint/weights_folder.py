@@ -4,8 +4,10 @@ from a Hugging Face Qwen3-VL folder (``model.yaml`` + safetensors under our para
 ``stage.init_from`` may name such a folder instead of a checkpoint. Each rank reads only the tensors
 of the parameters it holds (its pipeline stages) and keeps its own part of each (tensor-parallel
 slice, expert block: ``parallel.sharding.local_part``), so every layout starts from the same
-weights. The ViT's tensors (``vision.vit.*``) are read when the run trains the model's own ViT
-(``model.vision`` set; its first pipeline stage holds it), and left alone otherwise.
+weights. Missing and unused tensors are found against the whole model (every pipeline stage's
+names) and said once, by rank 0. The ViT's tensors (``vision.vit.*``) are read when the run trains
+the model's own ViT (``model.vision`` set; its first pipeline stage holds it), and left alone
+otherwise.
 """
 
 from __future__ import annotations
@@ -91,16 +93,22 @@ def load_weights_folder(
     Errors start with ``field=folder``: the setting or argument that named the folder."""
     folder = Path(folder)
     held = dict(owner.named_parameters())
-    check_architecture(folder, model, vision=any(name.startswith("vision.") for name in held), field=field)
+    # The folder is checked against the whole model: under a pipeline split, every stage's names.
+    model_names = set(held)
+    if groups is not None and groups.sizes.pipeline > 1:
+        stages: list = [None] * groups.sizes.pipeline
+        dist.all_gather_object(stages, sorted(held), group=groups.pipeline)
+        model_names = set().union(*stages)
+    vision = any(name.startswith("vision.") for name in model_names)
+    check_architecture(folder, model, vision=vision, field=field)
     stored = {key for keys in shard_map(folder).values() for key in keys}
-    missing = sorted(name for name in held if name not in stored and not name.startswith(tuple(allow_missing)))
-    if missing:
+    missing = sorted(n for n in model_names if n not in stored and not n.startswith(tuple(allow_missing)))
+    if missing:  # the same on every rank: all raise together
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise MissingParametersError(f"{field}={folder}: the weights lack parameter {missing[0]!r}{more}")
-    whole = groups is None or groups.sizes.pipeline == 1  # else other stages hold the rest
-    vision = any(name.startswith("vision.") for name in held)
-    unused = sorted(k for k in stored - held.keys() if whole and (vision or not k.startswith("vision.")))
-    if unused:  # e.g. an embodiment this model lacks: not an error, but never silent
+    unused = sorted(k for k in stored - model_names if vision or not k.startswith("vision."))
+    if unused and (not dist.is_initialized() or dist.get_rank() == 0):
+        # e.g. an embodiment this model lacks: not an error, but never silent
         more = f" and {len(unused) - 1} more" if len(unused) > 1 else ""
         log.warning("weights folder %s: %r%s match no parameter of this model: not loaded", folder, unused[0], more)
     tensor_rank, tensor_size = (groups.tensor_rank, groups.sizes.tensor) if groups is not None else (0, 1)

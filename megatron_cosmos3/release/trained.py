@@ -26,6 +26,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from megatron_cosmos3.checkpoint.checkpointer import CheckpointMismatchError, inventory, load_state, read_meta
+from megatron_cosmos3.checkpoint.finite import NonFiniteWeightsError, require_finite_weights
 from megatron_cosmos3.checkpoint.safe_reader import (
     MANIFEST,
     CheckpointCorruptError,
@@ -58,24 +59,6 @@ class CheckpointLoadError(ValueError):
 
 class IncompleteCheckpointError(CheckpointLoadError):
     """A checkpoint whose save never committed (``.step_<N>.partial``, or no meta.json)."""
-
-
-class NonFiniteWeightsError(ValueError):
-    """Weights holding NaN or inf (a run that diverged, or a crafted file): a model that can only
-    generate NaN, refused when it loads instead of writing NaN media."""
-
-
-def require_finite_weights(model: torch.nn.Module, source: Path) -> None:
-    """Raises NonFiniteWeightsError on every rank when any rank's part holds NaN or inf (collective
-    inside a process group, so no rank goes on alone into the next collective)."""
-    bad = next((name for name, param in model.named_parameters() if not torch.isfinite(param).all()), None)
-    device = next(model.parameters()).device  # NCCL reduces on the GPU
-    found = torch.tensor([bad is not None], dtype=torch.int32, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(found, op=dist.ReduceOp.MAX)
-    if found.item():
-        where = f"parameter {bad!r} holds NaN or inf values" if bad else "another rank's part holds NaN or inf values"
-        raise NonFiniteWeightsError(f"checkpoint={source}: {where}; these weights can only generate NaN")
 
 
 # What loading a trained model raises for a path or file it cannot use, each naming the file: the

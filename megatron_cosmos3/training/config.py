@@ -157,6 +157,9 @@ class TrackingConfig:
     # At each checkpoint save, generate the fixed held-out samples and log them as media
     # (training/samples.py); false skips them (e.g. tests of other things).
     generation_samples: bool = True
+    # At the end of an attempt (finished, preempted, failed): the longest the last delivery to the
+    # server may take; what it does not deliver stays in the run folder's spool for the next attempt.
+    flush_timeout_s: float = 30.0
 
 
 @dataclass
@@ -263,6 +266,8 @@ class TrainConfig:
             raise ValueError(f"peak_flops_per_device={self.peak_flops_per_device} must be >= 0 (0: unknown)")
         if self.tracking.enabled and not self.tracking.tracking_uri:
             raise ValueError("tracking.tracking_uri is empty; name an MLflow URI or a path, or tracking.enabled=false")
+        if self.tracking.flush_timeout_s < 0:
+            raise ValueError(f"tracking.flush_timeout_s={self.tracking.flush_timeout_s} must be >= 0")
         clash = sorted(set(self.stage.new_embodiments) & set(self.model.embodiments))
         if clash:
             raise ValueError(f"stage.new_embodiments {clash} are already model.embodiments")

@@ -72,6 +72,35 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _restart_store(world_size: int, timeout: datetime.timedelta | None):
+    """The rendezvous store of a worker that torchrun may restart (``--max-restarts``), or None for
+    the plain ``env://`` one. torchrun shares its own store with the workers of every restart, so
+    the process group of a restarted attempt would read the addresses of the attempt that failed
+    (a gloo or NCCL connect to a dead port: pytorch#135712). With one torchrun (one node) the
+    restart count is the same on every worker and keeps each attempt's keys apart; with several,
+    the launcher turns the sharing off (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``,
+    ``launch/torchrun_node.sh``), and a worker of a launch that did not is warned."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
+        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+            log.warning(
+                "torchrun --max-restarts over %s nodes shares its rendezvous store with the workers: a "
+                "restarted attempt may read the failed one's addresses; launch with "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launch/torchrun_node.sh does)",
+                os.environ["GROUP_WORLD_SIZE"],
+            )
+        return None
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timeout or datetime.timedelta(minutes=30),
+    )
+    return dist.PrefixStore(f"megatron_cosmos3/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
+
+
 def init_distributed(timeout_s: float | None = None) -> DistributedContext:
     """Initialises the default process group (NCCL + gloo on GPUs, gloo on CPUs); single process if
     unlaunched. ``timeout_s``: how long its collectives (and the rendezvous) wait, default torch's."""
@@ -91,8 +120,14 @@ def init_distributed(timeout_s: float | None = None) -> DistributedContext:
         # NCCL takes no CPU tensors. Every group made later inherits both.
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        store = _restart_store(world_size, timeout)
         dist.init_process_group(
-            backend=backend, rank=rank, world_size=world_size, init_method="env://", timeout=timeout
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            init_method=None if store else "env://",
+            store=store,
+            timeout=timeout,
         )
     return DistributedContext(rank, world_size, local_rank, device, job_id, slurm_attempt())
 

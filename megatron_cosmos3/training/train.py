@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, ResumeError, inventory
+from megatron_cosmos3.checkpoint.finite import require_finite_weights
 from megatron_cosmos3.checkpoint.resume import resume_from
 from megatron_cosmos3.checkpoint.weights_folder import is_weights_folder, load_weights_folder
 from megatron_cosmos3.data.latent_encoders import latent_encoder_from_config
@@ -220,6 +221,11 @@ def _load_full_state(run: Run, path: Path) -> dict:
     return meta
 
 
+# Why a stage does not start from weights holding NaN or inf (instead of skipping steps until
+# optimizer.max_consecutive_nonfinite_steps stops it).
+NAN_START = "a stage started from them computes only NaN losses"
+
+
 def resume_or_initialise(run: Run) -> tuple[int, str | None]:
     """Loads this stage's latest checkpoint (full state), else the previous stage's weights."""
     config = run.config
@@ -235,12 +241,14 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
         if is_weights_folder(source):  # e.g. Qwen3-VL imported by `python -m megatron_cosmos3.conversion import`
             with run.plan.writing_weights() as owner:
                 load_weights_folder(source, owner, config.model, run.plan.groups, allow_missing=new)
+                require_finite_weights(owner, source, "stage.init_from", NAN_START)
         else:
             found = inventory(source)  # a checkpoint directory: its latest; a step folder: itself
             if found.problem is not None:
                 raise ResumeError(f"stage.init_from={source}: {found.problem}. {found.describe()}")
             source = found.latest or source
             run.checkpointer.load(source, run.plan.state_owner, optimizer=None, allow_missing=new)
+            require_finite_weights(run.plan.state_owner, source, "stage.init_from", NAN_START)
         if run.ctx.is_main:
             log.info("stage %s starts from the weights of %s", config.stage.name, source)
     return 0, None
@@ -438,6 +446,7 @@ def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) 
         enabled=config.tracking.enabled and ctx.is_main,
         run_id=run_id,
         spool=Path(config.checkpoint.directory) / MLFLOW_SPOOL if ctx.is_main else None,
+        flush_timeout_s=config.tracking.flush_timeout_s,
     )
     resolved = Path(config.checkpoint.directory) / "config.yaml"
     recorded = to_yaml(with_absolute_paths(config))  # found again from any directory
@@ -445,11 +454,14 @@ def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) 
         resolved.parent.mkdir(parents=True, exist_ok=True)
         resolved.write_text(recorded)
         log.info("run %s: resolved config in %s", config.tracking.run_name, resolved)
+    params, tags = flatten(config), {"world_size": str(ctx.world_size), "stage": config.stage.name}
     if ctx.is_main and not tracker.continued:  # a new MLflow run
-        tracker.log_params(flatten(config))
+        tracker.log_params(params)
         tracker.log_artifact(str(resolved))
-        tracker.set_tag("world_size", str(ctx.world_size))
-        tracker.set_tag("stage", config.stage.name)
+        for key, value in tags.items():
+            tracker.set_tag(key, value)
+    elif ctx.is_main:  # logged by the first attempt; again only to a new run replacing a vanished one
+        tracker.continued_run_has(params, tags)
 
     try:
         return _steps(run, tracker, watcher, start_step, status_file, recorded)

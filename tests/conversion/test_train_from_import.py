@@ -41,15 +41,16 @@ def stage_config(folder: Path, workdir: Path, *extra: str):
     )
 
 
-def initialised_parts(config, rank: int = 0, world_size: int = 1) -> dict:
-    """{name: (this rank's tensor, the folder's tensor cut to this rank's part)} after initialisation."""
+def initialised_parts(config, rank: int = 0, world_size: int = 1, reference: str | None = None) -> dict:
+    """{name: (this rank's tensor, the folder's tensor cut to this rank's part)} after initialisation
+    (``reference``: the folder to compare with, where not the one the stage starts from)."""
     from megatron_cosmos3.parallel.sharding import local_part
     from megatron_cosmos3.training.train import build_run, resume_or_initialise
 
     run = build_run(config, DistributedContext(rank, world_size, 0, torch.device("cpu")))
     try:
         assert resume_or_initialise(run) == (0, None)
-        want, vision = load_mot_folder(config.stage.init_from)
+        want, vision = load_mot_folder(reference or config.stage.init_from)
         reference = dict(want.named_parameters())
         reference.update({f"vision.{name}": param for name, param in vision.named_parameters()})
         groups = run.plan.groups
@@ -84,13 +85,38 @@ def test_one_process_starts_from_the_imported_weights(imported, tmp_path):
     )
 
 
-def _parts_on_rank(rank, world_size, folder, workdir, layout):
+def with_extra_tensor(imported: Path, folder: Path, name: str = "dm_streams.action_in.octopus.weight") -> Path:
+    """A copy of ``imported`` whose safetensors also hold ``name``, a tensor no parameter has."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from megatron_cosmos3.conversion.safetensors_io import SINGLE_FILE
+
+    shutil.copytree(imported, folder)
+    tensors = load_file(str(folder / SINGLE_FILE))
+    tensors[name] = torch.zeros(2, 2)
+    save_file(tensors, str(folder / SINGLE_FILE), metadata={"format": "pt"})
+    return folder
+
+
+def _parts_on_rank(rank, world_size, folder, workdir, layout, reference):
+    """This rank's parts (shape, equal to the folder's) and the weights folder's warnings on it."""
+    import logging
+
     from megatron_cosmos3.parallel.state import destroy_parallel
 
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logger = logging.getLogger("megatron_cosmos3.checkpoint.weights_folder")
+    logger.addHandler(handler)
     try:
-        parts = initialised_parts(stage_config(Path(folder), Path(workdir) / str(rank), *layout), rank, world_size)
-        return {name: (tuple(got.shape), torch.equal(got, want)) for name, (got, want) in parts.items()}
+        config = stage_config(Path(folder), Path(workdir) / str(rank), *layout)
+        parts = initialised_parts(config, rank, world_size, reference)
+        return {name: (tuple(got.shape), torch.equal(got, want)) for name, (got, want) in parts.items()}, warnings
     finally:
+        logger.removeHandler(handler)
         destroy_parallel()
 
 
@@ -105,7 +131,11 @@ def _parts_on_rank(rank, world_size, folder, workdir, layout):
     ids=["tp2", "pp3", "tp2-vit"],
 )
 def test_every_rank_starts_from_its_part_of_the_imported_weights(imported, tmp_path, layout, ranks):
-    reports = run_on_ranks(_parts_on_rank, ranks, str(imported), str(tmp_path), layout)
+    # A tensor no parameter has is said once, by rank 0, whichever stages hold the parameters.
+    folder = with_extra_tensor(imported, tmp_path / "weights")
+    reports, warnings = zip(*run_on_ranks(_parts_on_rank, ranks, str(folder), str(tmp_path), layout, str(imported)))
+    assert [len(said) for said in warnings] == [1] + [0] * (ranks - 1), warnings
+    assert "'dm_streams.action_in.octopus.weight' match no parameter of this model" in warnings[0][0]
     for report in reports:
         assert report and all(equal for _, equal in report.values()), [n for n, (_, eq) in report.items() if not eq]
     held = [set(report) for report in reports]
@@ -120,30 +150,29 @@ def test_every_rank_starts_from_its_part_of_the_imported_weights(imported, tmp_p
         assert [{n.split(".")[1] for n in names if n.startswith("layers.")} for names in held] == [{"0"}, {"1"}, {"2"}]
 
 
-def test_a_folder_of_another_architecture_is_refused_by_field(imported, tmp_path):
-    config = stage_config(imported, tmp_path, "model.vision=null")
-    changed = copy.deepcopy(config)
-    changed.model.rope_theta = 10_000.0
+def refused_at_start(config, error: type[Exception], match: str) -> None:
+    """A one-process run of ``config`` raises ``error`` (matching ``match``) as it initialises."""
     from megatron_cosmos3.training.train import build_run, resume_or_initialise
 
-    run = build_run(changed, DistributedContext(0, 1, 0, torch.device("cpu")))
+    run = build_run(config, DistributedContext(0, 1, 0, torch.device("cpu")))
     try:
-        with pytest.raises(
-            ValueError, match=r"model.rope_theta=10000.0, but the weights were saved with rope_theta=5000000.0"
-        ):
+        with pytest.raises(error, match=match):
             resume_or_initialise(run)
     finally:
         run.batches.close()
-    changed = stage_config(imported, tmp_path, "model.vision.rope_theta=100.0")
-    run = build_run(changed, DistributedContext(0, 1, 0, torch.device("cpu")))
-    try:
-        with pytest.raises(
-            ValueError,
-            match=r"model.vision.rope_theta=100.0, but the weights were saved with vision.rope_theta=10000.0",
-        ):
-            resume_or_initialise(run)
-    finally:
-        run.batches.close()
+
+
+def test_a_folder_of_another_architecture_is_refused_by_field(imported, tmp_path):
+    changed = stage_config(imported, tmp_path, "model.vision=null")
+    changed.model.rope_theta = 10_000.0
+    refused_at_start(
+        changed, ValueError, r"model.rope_theta=10000.0, but the weights were saved with rope_theta=5000000.0"
+    )
+    refused_at_start(
+        stage_config(imported, tmp_path, "model.vision.rope_theta=100.0"),
+        ValueError,
+        r"model.vision.rope_theta=100.0, but the weights were saved with vision.rope_theta=10000.0",
+    )
 
 
 def test_missing_parameters_are_named_unless_a_new_embodiment_brings_them(imported, tmp_path):
@@ -246,12 +275,7 @@ def test_a_crafted_weights_folder_is_refused_naming_the_file(imported, tmp_path,
         with pytest.raises(CheckpointLoadError, match=rf"{folder / RELEASE_INFO}: (unreadable|expected an object)"):
             load_trained_model(folder)
 
-    def extra_tensor(folder):
-        tensors = load_file(str(folder / SINGLE_FILE))
-        tensors["dm_streams.action_in.octopus.weight"] = torch.zeros(2, 2)
-        save_file(tensors, str(folder / SINGLE_FILE), metadata={"format": "pt"})
-
-    folder = crafted("extra", extra_tensor)  # loads, but says what it left out (the ViT's tensors: by design)
+    folder = with_extra_tensor(imported, tmp_path / "extra")  # loads, but says what it left out (not the ViT's)
     with caplog.at_level("WARNING", logger="megatron_cosmos3.checkpoint.weights_folder"):
         load_weights_folder(folder, MoTModel(copy.deepcopy(config)), config, None)
     assert "'dm_streams.action_in.octopus.weight' match no parameter of this model" in caplog.text
@@ -261,3 +285,25 @@ def test_a_crafted_weights_folder_is_refused_naming_the_file(imported, tmp_path,
     folder = crafted("integers", integer_embedding)
     with pytest.raises(CheckpointMismatchError, match=r"tensor 'embed_tokens.weight' is stored as torch.int64"):
         load_weights_folder(folder, MoTModel(copy.deepcopy(config)), config, None)
+
+
+def test_weights_holding_nan_or_inf_are_refused_at_load_naming_the_tensor(imported, tmp_path):
+    """Not left to the non-finite-step guard after max_consecutive_nonfinite_steps steps (the same folder,
+    finite, starts: test_one_process_starts_from_the_imported_weights)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from megatron_cosmos3.checkpoint.finite import NonFiniteWeightsError
+    from megatron_cosmos3.conversion.safetensors_io import SINGLE_FILE
+
+    name = "layers.1.generator.mlp.down_proj.weight"
+    for value in (float("nan"), float("inf")):
+        folder = Path(shutil.copytree(imported, tmp_path / str(value)))
+        tensors = load_file(str(folder / SINGLE_FILE))
+        tensors[name][0, 1] = value
+        save_file(tensors, str(folder / SINGLE_FILE), metadata={"format": "pt"})
+        config = stage_config(folder, tmp_path / f"run-{value}", "model.vision=null")
+        refused_at_start(
+            config, NonFiniteWeightsError, rf"^stage.init_from={folder}: parameter '{name}' holds NaN or inf"
+        )

@@ -268,7 +268,7 @@ KILLED_DURING_SAVE = textwrap.dedent("""
 """)
 
 
-def test_hard_kill_during_an_async_save_leaves_the_previous_checkpoint_latest(tmp_path):
+def test_hard_kill_during_an_async_save_leaves_the_previous_checkpoint_latest(tmp_path, caplog):
     root = tmp_path / "ckpt"
     script = KILLED_DURING_SAVE.format(tests=os.path.dirname(__file__), root=str(root))
     result = subprocess.run(
@@ -278,10 +278,53 @@ def test_hard_kill_during_an_async_save_leaves_the_previous_checkpoint_latest(tm
     assert latest_checkpoint(root).name == "step_00000001"
     model, _ = trained_model()
     restored = MoTModel(copy.deepcopy(CONFIG))
-    Checkpointer(root, async_save=False).load(latest_checkpoint(root), restored)  # and it loads
+    partial = root / ".step_00000002.partial"
+    assert partial.is_dir()
+    with caplog.at_level("WARNING", logger="megatron_cosmos3.checkpoint.checkpointer"):
+        Checkpointer(root, async_save=False).load(latest_checkpoint(root), restored)  # and it loads
     for (name, a), b in zip(model.named_parameters(), restored.parameters()):
         assert torch.equal(a, b), name
-    assert not list(root.glob(".step_*.partial"))  # the half-written save was swept on start
+    assert not list(root.glob(".step_*.partial"))  # the half-written save was swept on start, in a line
+    assert f"removing {partial}: a checkpoint save that never committed" in caplog.text
+
+
+def test_a_save_the_disk_cannot_hold_names_the_folder_removes_it_and_keeps_the_last_checkpoint(tmp_path):
+    """A real write failure: no file of this process may grow past a quarter of the checkpoint
+    (RLIMIT_FSIZE, the kernel's EFBIG, as ENOSPC would come from a full disk)."""
+    import resource
+
+    from megatron_cosmos3.checkpoint.checkpointer import CheckpointSaveError
+
+    model, optimizer = trained_model(steps=1)
+    root = tmp_path / "ckpt"
+    checkpointer = Checkpointer(root)
+    checkpointer.save(1, model, optimizer, {}, {})
+    first = checkpointer.wait()
+    size = sum(f.stat().st_size for f in first.iterdir())
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    quiet = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size // 4, hard))
+    try:
+        checkpointer.save(2, model, optimizer, {}, {})  # in the background
+        with pytest.raises(CheckpointSaveError) as failed:
+            checkpointer.wait()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, quiet)
+    assert str(failed.value).startswith(
+        f"checkpoint of step 2 not saved to {root / '.step_00000002.partial'}: rank 0: "
+    )
+    assert "File too large" in str(failed.value) and str(failed.value).endswith(
+        f"the last committed one, {first}, is kept"
+    )
+    assert latest_checkpoint(root) == first and not list(root.glob(".step_*.partial"))  # its space given back
+    restored = MoTModel(copy.deepcopy(CONFIG))
+    Checkpointer(root, async_save=False).load(first, restored)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), restored.parameters()))
+    # A staging folder that cannot be made (here a file holds its name) is the same error, before any write.
+    (root / ".step_00000003.partial").write_text("")
+    with pytest.raises(CheckpointSaveError, match=r"checkpoint of step 3 not saved: .*step_00000003.partial could not"):
+        checkpointer.save(3, model, optimizer, {}, {})
 
 
 def _save_under_tensor_parallel(rank, world_size, root):

@@ -1,6 +1,8 @@
 """A real MLflow tracking server on 127.0.0.1 receives the run; stopping it mid-run stops nothing; what is
-logged before it is up is delivered once it answers."""
+logged before it is up is delivered once it answers; a stalled server (SIGSTOP) stalls no step, and what
+a SIGKILLed attempt had not delivered reaches the same run through the spool it wrote ahead."""
 
+import json
 import os
 import re
 import signal
@@ -78,14 +80,146 @@ def stop_server(server: subprocess.Popen) -> None:
     server.wait(timeout=30)
 
 
-# Every step logs (log_every=1) before its log line, so the line of step 2 means the server has
-# answered for steps 1 and 2; the server is stopped then, and the steps after it log to a dead server.
+def stalled(server: subprocess.Popen):
+    """The server stops answering (its connections accepted, never served) until resumed."""
+    os.killpg(server.pid, signal.SIGSTOP)
+    return server
+
+
+def resume(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGCONT)
+
+
+# A step logs in well under this, whatever the server does (the old tracker waited for the request
+# timeout, seconds, on the training thread).
+STEP_WAIT_LIMIT_S = 0.2
+
+
+def steps_do_not_wait_on_a_stalled_server(server: subprocess.Popen, url: str, store: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from megatron_cosmos3.training.tracking import MLflowTracker
+
+    tracker = MLflowTracker(url, "stalled", "slow-server", enabled=True, retry_after_s=0)
+    tracker.log_params({"steps": "20"})
+    assert tracker.flush(SERVER_START_LIMIT_S) and tracker.run_id is not None
+    waits = []
+    stalled(server)
+    try:
+        for step in range(1, 21):
+            started = time.perf_counter()
+            tracker.log_metrics({"loss": float(step)}, step)
+            waits.append(time.perf_counter() - started)
+        time.sleep(0.5)  # the delivery thread is on the wire to the stalled server meanwhile
+        assert tracker.undelivered
+    finally:
+        resume(server)
+    assert max(waits) < STEP_WAIT_LIMIT_S, waits
+    tracker.finish()  # the last delivery, once the server answers again
+    stored = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    assert stored.get_run(tracker.run_id).info.status == "FINISHED"
+    history = sorted((m.step, m.value) for m in stored.get_metric_history(tracker.run_id, "loss"))
+    assert history == [(step, float(step)) for step in range(1, 21)]
+
+
+def a_run_the_server_no_longer_has_is_replaced_by_a_new_one(url: str, store: Path, caplog) -> None:
+    """A resumed attempt continues the run id its checkpoint saved, but the server's store was
+    wiped (or it is another server): a warning, a new run, the params and tags sent again."""
+    from mlflow.tracking import MlflowClient
+
+    from megatron_cosmos3.training.tracking import MLflowTracker
+
+    gone = "0123456789abcdef0123456789abcdef"
+    tracker = MLflowTracker(url, "wiped", "resumed", enabled=True, run_id=gone)
+    tracker.continued_run_has({"steps": "8"}, {"stage": "pretrain"})
+    with caplog.at_level("WARNING", logger="megatron_cosmos3.training.tracking"):
+        tracker.log_metrics({"loss": 1.5}, 5)
+        tracker.finish()
+    assert f"MLflow run {gone} does not exist at {url}" in caplog.text and "logging to a new run" in caplog.text
+    assert tracker.run_id not in (None, gone)
+    stored = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    run = stored.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"steps": "8"} and run.data.tags["stage"] == "pretrain"
+    assert [(m.step, m.value) for m in stored.get_metric_history(tracker.run_id, "loss")] == [(5, 1.5)]
+
+
+# One attempt of a run: delivers step 1, is told (a line on stdin) when the server has stalled, logs
+# steps 2-5 and says how long the longest took, then waits to be killed.
+KILLED_ATTEMPT = """
+import sys, time
+from megatron_cosmos3.training.tracking import MLflowTracker
+tracker = MLflowTracker(sys.argv[1], "killed", "attempt", enabled=True, retry_after_s=0.2, spool=sys.argv[2])
+tracker.log_params({"steps": "5"})
+tracker.log_metrics({"loss": 1.0}, 1)
+assert tracker.flush(300)
+print(tracker.run_id, flush=True)
+sys.stdin.readline()
+waits = []
+for step in range(2, 6):
+    started = time.perf_counter()
+    tracker.log_metrics({"loss": float(step)}, step)
+    waits.append(time.perf_counter() - started)
+print(max(waits), flush=True)
+time.sleep(600)
+"""
+
+
+def a_sigkilled_attempts_values_reach_the_same_run(server: subprocess.Popen, url: str, store: Path, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from megatron_cosmos3.training.tracking import MLflowTracker
+
+    spool = tmp_path / "killed" / "mlflow_undelivered.json"
+    spool.parent.mkdir()
+    attempt = subprocess.Popen(
+        [sys.executable, "-c", KILLED_ATTEMPT, url, str(spool)],
+        env={**TRAINER_ENV, "MLFLOW_HTTP_REQUEST_TIMEOUT": "120"},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        run_id = attempt.stdout.readline().strip()
+        assert run_id and not spool.exists(), run_id  # all delivered: no spool left behind
+        stalled(server)
+        try:
+            attempt.stdin.write("stalled\n")
+            attempt.stdin.flush()
+            assert float(attempt.stdout.readline()) < STEP_WAIT_LIMIT_S
+            # Written ahead: the values are on disk before (and while) they are on the wire.
+            written = time.monotonic() + 60
+            while time.monotonic() < written:
+                if spool.is_file() and len(json.loads(spool.read_text())["metrics"]) == 4:
+                    break
+                time.sleep(0.1)
+            os.kill(attempt.pid, signal.SIGKILL)
+            attempt.wait(timeout=30)
+        finally:
+            resume(server)
+    finally:
+        if attempt.poll() is None:
+            attempt.kill()
+    kept = json.loads(spool.read_text())
+    assert kept["run_id"] == run_id and [m[3] for m in kept["metrics"]] == [2, 3, 4, 5]
+    following = MLflowTracker(url, "killed", "attempt", enabled=True, retry_after_s=0, spool=spool)
+    assert following.continued and following.run_id == run_id
+    following.log_metrics({"loss": 6.0}, 6)
+    following.finish()
+    assert not spool.exists()
+    stored = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    history = sorted((m.step, m.value) for m in stored.get_metric_history(run_id, "loss"))
+    assert history == [(step, float(step)) for step in range(1, 7)]  # once each (MLflow keeps no duplicates)
+    assert stored.get_run(run_id).data.params == {"steps": "5"}
+
+
+# Every step logs (log_every=1) before its log line; at the line of step 2 the server is stopped, and
+# the steps after it log to a dead server.
 STEPS, STOP_AFTER = 40, 2
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_training(tmp_path):
+def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_training(tmp_path, caplog):
     from mlflow.tracking import MlflowClient
 
     from megatron_cosmos3.training.tracking import MLflowTracker
@@ -93,7 +227,7 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
     port = free_port()
     # A tracker that starts while the server is not up yet keeps what it is given and creates its
     # run, and delivers everything, once the server answers.
-    early = MLflowTracker(f"http://127.0.0.1:{port}", "early", "before-server", enabled=True, retry_after_s=0)
+    early = MLflowTracker(f"http://127.0.0.1:{port}", "early", "before-server", enabled=True, retry_after_s=0.5)
     early.log_params({"model.hidden_size": "32"})
     early.set_tag("stage", "pretrain")
     early.log_metrics({"loss": 2.0}, 1)
@@ -110,10 +244,16 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
     early.finish()
     assert early.run_id is not None
     resumed = MLflowTracker(f"http://127.0.0.1:{port}", "early", "spooled", enabled=True, retry_after_s=0, spool=spool)
-    assert resumed.continued and not spool.exists()
+    assert resumed.continued
     resumed.log_metrics({"loss": 2.5}, 2)
     resumed.finish()
+    assert not spool.exists()  # kept until delivered
+    url, store = f"http://127.0.0.1:{port}", tracking_store(tmp_path / "server")
+    training = None
     try:
+        steps_do_not_wait_on_a_stalled_server(server, url, store)
+        a_run_the_server_no_longer_has_is_replaced_by_a_new_one(url, store, caplog)
+        a_sigkilled_attempts_values_reach_the_same_run(server, url, store, tmp_path)
         command = trainer_command(
             2,
             *TINY,
@@ -139,23 +279,31 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
             if re.search(rf"\] step {STOP_AFTER}/{STEPS} ", line):
                 break
         assert training.poll() is None, "".join(before)[-3000:]
-        stop_server(server)  # mid-run: the next steps log to a dead server
+        stalled(server)  # at once: the next steps go to a server that never answers, then to a dead one
+        stop_server(server)
         output = "".join(before) + training.communicate(timeout=300)[0]
     finally:
         if server.poll() is None:
             stop_server(server)
-        if training.poll() is None:
+        if training is not None and training.poll() is None:
             training.kill()
     assert training.returncode == 0, output[-3000:]
     assert "MLflow tracking failed" in output
     assert f"step {STEPS}/{STEPS}" in output and "checkpoint:" in output
-    # What the server received before the outage is in its store: the params and the first steps.
+    # What the server received before the outage is in its store (it may have taken the params and
+    # the first steps: they are sent off the training thread), the rest waits in the run folder's
+    # spool for a next attempt, to the same run: every step and param is in one or the other.
     stored = MlflowClient(tracking_uri=f"sqlite:///{tracking_store(tmp_path / 'server')}")
-    (run,) = stored.search_runs(stored.get_experiment_by_name("served").experiment_id)
-    assert run.data.params["model.hidden_size"] == "32"
-    assert run.data.params["parallel.tensor"] == "1"
-    history = sorted(m.step for m in stored.get_metric_history(run.info.run_id, "loss"))
-    assert history[:STOP_AFTER] == list(range(1, STOP_AFTER + 1)) and max(history) < STEPS, history
+    left = json.loads((tmp_path / "ckpt" / "mlflow_undelivered.json").read_text())
+    served = stored.get_experiment_by_name("served")
+    runs = stored.search_runs(served.experiment_id) if served else []
+    assert len(runs) == (left["run_id"] is not None)
+    history = sorted(m.step for m in stored.get_metric_history(runs[0].info.run_id, "loss")) if runs else []
+    assert not runs or left["run_id"] == runs[0].info.run_id
+    spooled = {step for key, _, _, step in left["metrics"] if key == "loss"}
+    assert set(history) | spooled == set(range(1, STEPS + 1)) and STEPS in spooled, (history, spooled)
+    params = {**(runs[0].data.params if runs else {}), **left["params"]}
+    assert params["model.hidden_size"] == "32" and params["parallel.tensor"] == "1"
     kept = stored.get_run(early.run_id)
     assert kept.info.run_name == "before-server" and kept.info.status == "FINISHED"
     assert kept.data.params == {"model.hidden_size": "32"} and kept.data.tags["stage"] == "pretrain"

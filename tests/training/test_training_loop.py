@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, ResumeError, latest_checkpoint
+from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, ResumeError, latest_checkpoint, step_of
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TINY_VIT, loss_history, tracking_store
 from megatron_cosmos3.training import train as train_module
@@ -543,35 +543,48 @@ def test_workers_die_with_a_killed_torchrun_and_the_restart_resumes_bit_exact(tm
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_sigterm_to_plain_torchrun_checkpoints_every_rank_after_one_step_and_reports_preempted(tmp_path):
-    """Without SLURM: torchrun passes SIGTERM on to its workers, which checkpoint after the same
-    step within torchrun's grace period and write the outcome line."""
+def test_a_killed_rank_restarts_the_group_from_its_checkpoint_and_sigterm_checkpoints_after_one_step(tmp_path):
+    """torchrun --max-restarts=1, one of two ranks SIGKILLed mid-run: the restarted group meets in a
+    store of its own (not at the dead attempt's addresses, pytorch#135712), takes the run folder's
+    lock again and resumes from the last committed checkpoint. Then, without SLURM, torchrun passes
+    SIGTERM on to its workers, which checkpoint after the same step within torchrun's grace period
+    and write the outcome line."""
     import re
     import subprocess
 
-    from megatron_cosmos3.testing.training import TRAINER_ENV, trainer_command
+    from megatron_cosmos3.testing.training import TRAINER_ENV, child_processes, trainer_command
 
     root, status = tmp_path / "ckpt", tmp_path / "status"
-    args = [*TINY, "steps=100000", "checkpoint.save_every=100000", f"checkpoint.directory={root}"]
+    args = [*TINY, "steps=100000", "checkpoint.save_every=2", f"checkpoint.directory={root}"]
     args += [f"tracking.tracking_uri={tracking_store(tmp_path)}", "--status-file", str(status)]
+    command = trainer_command(2, *args)
+    command.insert(command.index("--standalone"), "--max-restarts=1")
     launcher = subprocess.Popen(
-        trainer_command(2, *args),
-        cwd=tmp_path,
-        env=TRAINER_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        command, cwd=tmp_path, env=TRAINER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     try:
+        output = []
         for line in launcher.stderr:  # rank 0 logs every step (log_every=1)
-            if re.search(r"\] step 3/100000 ", line):
+            output.append(line)
+            if re.search(r"\] step \d+/100000 ", line) and latest_checkpoint(root) is not None:
+                break
+        killed_after = latest_checkpoint(root)
+        os.kill(child_processes(launcher.pid)[-1], signal.SIGKILL)
+        resumed = None
+        for line in launcher.stderr:
+            output.append(line)
+            resumed = resumed or re.search(rf"resumed from {root}/step_(\d+) at step \d+", line)
+            if resumed and re.search(r"\] step \d+/100000 ", line):  # a step of the restarted group
                 break
         launcher.send_signal(signal.SIGTERM)
         rest = launcher.stderr.read()
         launcher.wait(timeout=120)
     finally:
         launcher.kill()
+    text = "".join(output) + rest
+    assert "connectFullMesh failed" not in text and resumed, text[-3000:]
+    assert int(resumed.group(1)) >= step_of(killed_after)
     outcome, step, start_step = status.read_text().split()
-    assert outcome == "preempted" and int(step) >= 3 and start_step == "0", rest[-3000:]
+    assert outcome == "preempted" and int(step) > int(start_step) == int(resumed.group(1)), rest[-3000:]
     assert f"preempted (SIGTERM): checkpoint of step {step} committed" in rest
     assert latest_checkpoint(root).name == f"step_{int(step):08d}"
