@@ -6,6 +6,11 @@ from ``model/positions.py``: Qwen3-VL's rule for the AR section, the FPS rule fo
 whose streams all start at the first free unit after the AR section. Timesteps are left to the
 batch (zeros: ``objectives/flow_matching.py`` draws them and adds the noise).
 
+A clip's video is encoded as 1 + 4k frames (the VAE's temporal factor; up to 3 last frames are
+cropped), so its audio tokens and action steps are cut to the steps that start while those frames
+show: every stream covers the same seconds, as generation lays a clip out (docs/DESIGN.md, "The
+data path, from shard to loss").
+
 Over-long samples are cropped in time: every temporal stream (video latent frames, audio tokens,
 actions) keeps the steps that start in the clip's first D seconds — the same D for all, so the
 streams stay in sync — with D the longest that fits ``max_sample_tokens`` and still lays out the
@@ -27,6 +32,7 @@ from megatron_cosmos3.data.schema import Sample
 from megatron_cosmos3.data.tokenizer import Tokenizer
 from megatron_cosmos3.data.vision_features import VisionFeaturizer
 from megatron_cosmos3.encoders.action_normalization import ActionStats, normalize_actions
+from megatron_cosmos3.encoders.video_vae import encoded_frame_count
 from megatron_cosmos3.model import positions as pos
 from megatron_cosmos3.model.config import TPS_BASE, MoTConfig
 from megatron_cosmos3.model.packed_batch import IGNORE_INDEX, PackedSample, action_stream_key
@@ -167,6 +173,13 @@ class SampleBuilder:
             streams["actions"] = Stream(
                 action_stream_key(sample.embodiment), values, (values.shape[0], 1, 1), sample.action_rate_hz
             )
+        if "video" in streams:
+            # The VAE encodes 1 + 4k frames (up to 3 of the clip's last are cropped): sound and
+            # actions keep the steps that start while those frames show, as generation lays them out.
+            seconds = encoded_frame_count(streams["video"].num_steps) / sample.fps
+            for name in ("audio", "actions"):
+                if name in streams:
+                    streams[name] = streams[name].first_seconds(seconds)
         return streams
 
     def _normalized_actions(self, sample: Sample) -> torch.Tensor:
