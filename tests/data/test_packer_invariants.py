@@ -246,10 +246,12 @@ def test_fps_rule_one_second_is_six_units_in_every_stream():
     [(10, 5, 24), (12.5, 7.5, 31), (15, 20, 36), (25, 50, 12), (29.97, 7, 75), (60, 15, 128), (16, 10, 20)],
 )
 @pytest.mark.parametrize("task", ["text_to_audio_video", "inverse_dynamics", "forward_dynamics"])
-def test_audio_and_actions_cover_the_seconds_of_the_encoded_frames(fps, action_rate_hz, frames, task):
+@pytest.mark.parametrize("crop", [False, True])
+def test_audio_and_actions_cover_the_seconds_of_the_encoded_frames(fps, action_rate_hz, frames, task, crop):
     """A clip of ``frames`` frames is encoded as its first 1 + 4k (up to 3 cropped): its audio
     tokens (25/s) and action steps keep those that start while the encoded frames show, at any
-    frame and action rate, and each sits at 6 units per second."""
+    frame and action rate, and each sits at 6 units per second; so do those of a sample cropped
+    in time to fit one token fewer (the latent frames it keeps show for 1 + 4(t - 1) frames)."""
     rng = np.random.default_rng(0)
     latent_frames = (frames - 1) // 4 + 1
     seconds = Fraction(frames) / Fraction(str(fps))  # the whole clip, which audio and actions span
@@ -267,15 +269,24 @@ def test_audio_and_actions_cover_the_seconds_of_the_encoded_frames(fps, action_r
         embodiment="single_arm",
         action_rate_hz=float(action_rate_hz),
     )
-    built = _builder(4096).build(clip, TASK_REGISTRY[task]).sample
-    shown = Fraction(1 + 4 * (latent_frames - 1)) / Fraction(str(fps))  # how long the encoded frames show
+    built = _builder(4096).build(clip, TASK_REGISTRY[task])
+    if crop:
+        built = _builder(built.num_tokens - 1).build(clip, TASK_REGISTRY[task])
+        assert built.cropped
+    built = built.sample
+    kept = sum(values.shape[0] for key, values in built.dm_streams if key == "video")  # grid (t, 1, 1)
+    assert kept == latent_frames or crop
+    shown = Fraction(1 + 4 * (kept - 1)) / Fraction(str(fps))  # how long the encoded frames show
     want = {"audio": math.ceil(shown * 25), "action/single_arm": math.ceil(shown * Fraction(str(action_rate_hz)))}
     rates = {"audio": 25.0, "action/single_arm": float(action_rate_hz)}
     offset = float(built.ar_positions.max()) + 1
     row = 0
     for key, values in built.dm_streams:
         if key in want:
-            assert values.shape[0] == want[key], key
+            # A crop cuts every stream at one instant D in the last kept frame's showing (its
+            # start, 4(t - 1) / fps, to its end): no step past that frame, none lost before it.
+            fewest = math.ceil((shown - 1 / Fraction(str(fps))) * Fraction(str(rates[key]))) if crop else want[key]
+            assert fewest <= values.shape[0] <= want[key], key
             times = (built.dm_positions[0, row : row + values.shape[0]] - offset) / TPS_BASE
             assert torch.allclose(times, torch.arange(values.shape[0]) / rates[key], atol=1e-5)
             assert float(times[-1]) < shown  # the last step starts while a frame shows
