@@ -6,6 +6,11 @@ from ``model/positions.py``: Qwen3-VL's rule for the AR section, the FPS rule fo
 whose streams all start at the first free unit after the AR section. Timesteps are left to the
 batch (zeros: ``objectives/flow_matching.py`` draws them and adds the noise).
 
+A clip's video is encoded as 1 + 4k frames (the VAE's temporal factor; up to 3 last frames are
+cropped), so its audio tokens and action steps are cut to the steps that start while those frames
+show (``within_video``; after a crop in time too): every stream covers the same seconds, as
+generation lays a clip out (docs/DESIGN.md, "The data path, from shard to loss").
+
 Over-long samples are cropped in time: every temporal stream (video latent frames, audio tokens,
 actions) keeps the steps that start in the clip's first D seconds — the same D for all, so the
 streams stay in sync — with D the longest that fits ``max_sample_tokens`` and still lays out the
@@ -27,6 +32,7 @@ from megatron_cosmos3.data.schema import Sample
 from megatron_cosmos3.data.tokenizer import Tokenizer
 from megatron_cosmos3.data.vision_features import VisionFeaturizer
 from megatron_cosmos3.encoders.action_normalization import ActionStats, normalize_actions
+from megatron_cosmos3.encoders.video_vae import VAE_TEMPORAL_FACTOR, encoded_frame_count
 from megatron_cosmos3.model import positions as pos
 from megatron_cosmos3.model.config import TPS_BASE, MoTConfig
 from megatron_cosmos3.model.packed_batch import IGNORE_INDEX, PackedSample, action_stream_key
@@ -50,6 +56,18 @@ class BuiltSample:
     num_tokens: int
     cropped: bool
     prompt_dropped: bool = False
+
+
+def within_video(streams: dict[str, Stream]) -> dict[str, Stream]:
+    """``streams`` with the audio and actions cut to the steps that start while the video's encoded
+    frames show (module doc): t latent frames are 1 + 4(t - 1) frames, up to 3 frames shorter than
+    the clip (or the crop) the other streams were cut to. Unchanged without a video stream."""
+    if "video" not in streams:
+        return streams
+    video = streams["video"]
+    fps = video.tokens_per_second * VAE_TEMPORAL_FACTOR
+    seconds = encoded_frame_count(video.first_temporal_index + video.num_steps) / fps
+    return {name: s.first_seconds(seconds) if name in ("audio", "actions") else s for name, s in streams.items()}
 
 
 def picture_of(sample: Sample) -> np.ndarray | None:
@@ -167,7 +185,7 @@ class SampleBuilder:
             streams["actions"] = Stream(
                 action_stream_key(sample.embodiment), values, (values.shape[0], 1, 1), sample.action_rate_hz
             )
-        return streams
+        return within_video(streams)
 
     def _normalized_actions(self, sample: Sample) -> torch.Tensor:
         actions = torch.from_numpy(sample.actions)
@@ -188,7 +206,9 @@ class SampleBuilder:
             cut = (
                 streams
                 if seconds is None
-                else {name: s if name == "image" else s.first_seconds(seconds) for name, s in streams.items()}
+                else within_video(
+                    {name: s if name == "image" else s.first_seconds(seconds) for name, s in streams.items()}
+                )
             )
             try:
                 spans = dm_layout(task, cut)

@@ -83,6 +83,14 @@ def num_latent_frames(num_frames: int) -> int:
     return 1 + (num_frames - 1) // VAE_TEMPORAL_FACTOR
 
 
+def encoded_frame_count(latent_frames: int) -> int:
+    """Pixel frames behind ``latent_frames`` latent frames: ``1 + 4(t - 1)`` (the inverse of
+    ``num_latent_frames``); at ``fps`` they last ``encoded_frame_count(t) / fps`` seconds."""
+    if latent_frames < 1:
+        raise ValueError(f"a clip has at least 1 latent frame, got {latent_frames}")
+    return 1 + VAE_TEMPORAL_FACTOR * (latent_frames - 1)
+
+
 def largest_encodable_frame_count(num_frames: int) -> int:
     """The largest ``1 + 4k`` not above ``num_frames`` (>= 1): how many frames a sampler may keep."""
     if num_frames < 1:

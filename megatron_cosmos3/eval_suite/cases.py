@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_cosmos3.data.schema import Sample
-from megatron_cosmos3.encoders.video_vae import VAE_TEMPORAL_FACTOR, num_latent_frames
+from megatron_cosmos3.encoders.video_vae import encoded_frame_count, num_latent_frames
 from megatron_cosmos3.eval_suite.config import SuiteConfig
 from megatron_cosmos3.evaluation.audio import resolvable_onsets
 from megatron_cosmos3.evaluation.detection import BallDetector
@@ -74,7 +74,7 @@ class Case:
         """The first pixel frame the model generated rather than was given: after the past latent
         frames (forward dynamics) or the first one (image->video); 0 where nothing is given."""
         if self.task == "forward_dynamics":
-            return 1 + VAE_TEMPORAL_FACTOR * (past_frames(num_latent_frames(len(self.frames))) - 1)
+            return encoded_frame_count(past_frames(num_latent_frames(len(self.frames))))
         return 1 if self.task == "image_to_video" else 0
 
     @property

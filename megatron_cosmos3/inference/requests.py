@@ -31,7 +31,12 @@ from megatron_cosmos3.data.tokenizer import Tokenizer
 from megatron_cosmos3.data.vision_features import vision_featurizer
 from megatron_cosmos3.encoders.action_normalization import ActionStats
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, num_audio_tokens
-from megatron_cosmos3.encoders.video_vae import VAE_TEMPORAL_FACTOR, num_latent_frames, pixels_per_token
+from megatron_cosmos3.encoders.video_vae import (
+    VAE_TEMPORAL_FACTOR,
+    encoded_frame_count,
+    num_latent_frames,
+    pixels_per_token,
+)
 from megatron_cosmos3.inference.solvers import SamplerConfig
 from megatron_cosmos3.model.config import MoTConfig
 from megatron_cosmos3.model.packed_batch import action_stream_key
@@ -231,7 +236,7 @@ class _Streams:
             t = num_latent_frames(frames)
         elif given is not None and part in _LENGTH_FROM_CONDITIONING:
             t = _LENGTH_FROM_CONDITIONING[part](given.grid_thw[0])
-            frames = 1 + VAE_TEMPORAL_FACTOR * (t - 1)
+            frames = encoded_frame_count(t)
         else:
             raise _error(request, "the clip length is needed: set num_frames or duration_s")
         if t < self.task.min_latent_frames:

@@ -6,6 +6,7 @@ the FPS rule on DM positions, the token budget, and no sample split across packs
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -234,5 +235,60 @@ def test_fps_rule_one_second_is_six_units_in_every_stream():
     t = built.dm_positions[0] - offset
     n_past = past.shape[0]
     assert torch.allclose(t[:n_past:4], torch.arange(n_past // 4) * (6 / 7.5))  # one latent frame = 0.8 units
-    assert torch.allclose(t[n_past : n_past + 66], torch.arange(66) * 0.6)  # 10 Hz actions
-    assert torch.allclose(t[n_past + 66 :: 4][:1], torch.tensor([n_past // 4 * 0.8]))  # the future continues
+    # 40 latent frames are 157 frames, 5.233 s at 30 fps: the 10 Hz actions that start in them.
+    assert actions.shape[0] == 53
+    assert torch.allclose(t[n_past : n_past + 53], torch.arange(53) * 0.6)  # 10 Hz actions
+    assert torch.allclose(t[n_past + 53 :: 4][:1], torch.tensor([n_past // 4 * 0.8]))  # the future continues
+
+
+@pytest.mark.parametrize(
+    ("fps", "action_rate_hz", "frames"),
+    [(10, 5, 24), (12.5, 7.5, 31), (15, 20, 36), (25, 50, 12), (29.97, 7, 75), (60, 15, 128), (16, 10, 20)],
+)
+@pytest.mark.parametrize("task", ["text_to_audio_video", "inverse_dynamics", "forward_dynamics"])
+@pytest.mark.parametrize("crop", [False, True])
+def test_audio_and_actions_cover_the_seconds_of_the_encoded_frames(fps, action_rate_hz, frames, task, crop):
+    """A clip of ``frames`` frames is encoded as its first 1 + 4k (up to 3 cropped): its audio
+    tokens (25/s) and action steps keep those that start while the encoded frames show, at any
+    frame and action rate, and each sits at 6 units per second; so do those of a sample cropped
+    in time to fit one token fewer (the latent frames it keeps show for 1 + 4(t - 1) frames)."""
+    rng = np.random.default_rng(0)
+    latent_frames = (frames - 1) // 4 + 1
+    seconds = Fraction(frames) / Fraction(str(fps))  # the whole clip, which audio and actions span
+    audio_samples = math.ceil(seconds * 48000)
+    clip = Sample(
+        key="clip",
+        caption="a clip",
+        instruction="act",
+        video_latents=rng.normal(size=(latent_frames, VIDEO_DIM)).astype(np.float32),
+        video_latent_grid=(latent_frames, 1, 1),
+        fps=float(fps),
+        audio_latents=rng.normal(size=(math.ceil(Fraction(audio_samples, 1920)), AUDIO_LATENT_DIM)).astype(np.float32),
+        audio_num_samples=audio_samples,
+        actions=rng.normal(size=(math.ceil(seconds * Fraction(str(action_rate_hz))), 19)).astype(np.float32),
+        embodiment="single_arm",
+        action_rate_hz=float(action_rate_hz),
+    )
+    built = _builder(4096).build(clip, TASK_REGISTRY[task])
+    if crop:
+        built = _builder(built.num_tokens - 1).build(clip, TASK_REGISTRY[task])
+        assert built.cropped
+    built = built.sample
+    kept = sum(values.shape[0] for key, values in built.dm_streams if key == "video")  # grid (t, 1, 1)
+    assert kept == latent_frames or crop
+    shown = Fraction(1 + 4 * (kept - 1)) / Fraction(str(fps))  # how long the encoded frames show
+    want = {"audio": math.ceil(shown * 25), "action/single_arm": math.ceil(shown * Fraction(str(action_rate_hz)))}
+    rates = {"audio": 25.0, "action/single_arm": float(action_rate_hz)}
+    offset = float(built.ar_positions.max()) + 1
+    row = 0
+    for key, values in built.dm_streams:
+        if key in want:
+            # A crop cuts every stream at one instant D in the last kept frame's showing (its
+            # start, 4(t - 1) / fps, to its end): no step past that frame, none lost before it.
+            fewest = math.ceil((shown - 1 / Fraction(str(fps))) * Fraction(str(rates[key]))) if crop else want[key]
+            assert fewest <= values.shape[0] <= want[key], key
+            times = (built.dm_positions[0, row : row + values.shape[0]] - offset) / TPS_BASE
+            assert torch.allclose(times, torch.arange(values.shape[0]) / rates[key], atol=1e-5)
+            assert float(times[-1]) < shown  # the last step starts while a frame shows
+        row += values.shape[0]
+    assert row == built.dm_positions.shape[1]
