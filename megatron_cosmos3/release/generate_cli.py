@@ -259,6 +259,11 @@ def run_requests(trained: TrainedModel, specs: list[RequestSpec], out: Path, act
     names = [spec.name or f"{i:03d}_{spec.task}" for i, spec in enumerate(specs)]
     if len(set(names)) != len(names):
         raise RequestError(f"two requests write to the same folder: names {names}")
+    used = [
+        name for name in names if (out / name).exists() and (not (out / name).is_dir() or any((out / name).iterdir()))
+    ]
+    if write and used:  # never mix a new sample's files with an earlier one's
+        raise RequestError(f"{out} already holds {used}; choose another --out or request names")
     dm, text = [], []
     for i, spec in enumerate(specs):
         where = f"request {names[i]}"

@@ -280,6 +280,17 @@ def test_a_request_too_long_or_too_large_or_a_bad_late_input_writes_nothing(chec
     with pytest.raises(RequestError, match="image='.*missing.png' is not a file"):
         run_requests(trained, read_requests(mixed), tmp_path / "out", None, write=True)
     assert not (tmp_path / "out").exists()
+    (tmp_path / "out" / "kept").mkdir(parents=True)
+    (tmp_path / "out" / "kept" / "audio.wav").write_bytes(b"an earlier sample's")
+    with pytest.raises(RequestError, match=r"already holds \['kept'\]"):
+        run_requests(
+            trained,
+            read_requests(write_requests(inputs, [{**REQUESTS[0], "name": "kept"}])),
+            tmp_path / "out",
+            None,
+            True,
+        )
+    assert [p.name for p in (tmp_path / "out" / "kept").iterdir()] == ["audio.wav"]
 
 
 def test_a_task_the_checkpoint_was_not_trained_for_is_refused(checkpoint, inputs, tmp_path):
