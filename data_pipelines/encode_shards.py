@@ -45,7 +45,7 @@ from megatron_cosmos3.data.determinism import uniform
 from megatron_cosmos3.data.errors import SampleError, Skip
 from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder, VAELatentEncoder, latent_sample
 from megatron_cosmos3.data.schema import SchemaContext, decode_sample
-from megatron_cosmos3.data.shard_writer import PARTS, ShardWriter, write_parts
+from megatron_cosmos3.data.shard_writer import PARTS, ShardWriter, check_split_output, write_parts
 from megatron_cosmos3.data.shards import ShardIndex, read_shard
 from megatron_cosmos3.encoders.action_normalization import ACTION_STATS_FILENAME
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
@@ -92,6 +92,7 @@ def encode_shards(
     if clips_per_sample < 1:
         raise ValueError(f"--clips-per-sample={clips_per_sample} must be >= 1")
     in_dir, out_dir = Path(in_dir), Path(out_dir)
+    check_split_output(out_dir, in_dir, shard_size, task, tasks)
     skipped: Counter = Counter()
     # Actions pass through unchanged, so any embodiment is kept (raw actions of a dataset's robot too).
     patch = encoder.video_patch_size
@@ -160,17 +161,20 @@ def main(argv: list[str] | None = None) -> int:
         encoder = PooledLatentEncoder(args.video_latent_channels, args.audio_latent_dim, 0, args.video_patch_size)
     buckets = [b for b in args.resolution_buckets.split(",") if b]
     media = MediaConfig(args.fps, buckets, args.clip_seconds, args.clip_start)
-    skipped = encode_shards(
-        args.in_dir,
-        args.out_dir,
-        encoder,
-        args.shard_size,
-        args.task,
-        args.tasks,
-        media,
-        args.clips_per_sample,
-        args.seed,
-    )
+    try:
+        skipped = encode_shards(
+            args.in_dir,
+            args.out_dir,
+            encoder,
+            args.shard_size,
+            args.task,
+            args.tasks,
+            media,
+            args.clips_per_sample,
+            args.seed,
+        )
+    except ValueError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     log.info(
         "task %d/%d wrote its part of %s; skipped %s", args.task, args.tasks, args.out_dir, dict(skipped) or "none"
     )

@@ -59,7 +59,13 @@ from megatron_cosmos3.data.media import encode_json, encode_npy
 from megatron_cosmos3.data.media_files import decode_media_file
 from megatron_cosmos3.data.media_writers import encode_mp4
 from megatron_cosmos3.data.schema import FPS_RANGE, SCHEMA_VERSION, SchemaContext, blank_text, decode_sample
-from megatron_cosmos3.data.shard_writer import ShardWriter, run_split, write_action_stats, write_parts
+from megatron_cosmos3.data.shard_writer import (
+    ShardWriter,
+    check_split_output,
+    run_split,
+    write_action_stats,
+    write_parts,
+)
 from megatron_cosmos3.encoders.pseudo_actions import (
     EGO,
     BodyPoses,
@@ -315,6 +321,7 @@ def ingest_lerobot(
     pseudo-actions of that feature's end-effector poses (``eef_names`` overriding its names);
     returns skip counts per reason."""
     root = Path(root)
+    check_split_output(out_dir, root, shard_size, task, tasks)
     info = read_info(root)
     features = info["features"]
     cameras = [key for key, feature in features.items() if feature.get("dtype") == "video"]
@@ -391,7 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         args.eef_key,
         names,
     )
-    skipped = run_split(ingest_lerobot, args.processes, args.task, args.tasks, *common)
+    try:
+        skipped = run_split(ingest_lerobot, args.processes, args.task, args.tasks, *common)
+    except ValueError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     log.info("wrote %s; skipped %s", args.out_dir, dict(skipped) or "none")
     return 0
 

@@ -34,7 +34,7 @@ from megatron_cosmos3.data.errors import BAD_METADATA, SampleError
 from megatron_cosmos3.data.media import encode_json
 from megatron_cosmos3.data.media_files import VIDEO_SUFFIXES
 from megatron_cosmos3.data.schema import SCHEMA_VERSION, blank_text, decode_sample
-from megatron_cosmos3.data.shard_writer import ShardWriter, run_split, write_parts
+from megatron_cosmos3.data.shard_writer import ShardWriter, check_split_output, run_split, write_parts
 
 log = logging.getLogger("ingest_videos")
 # What a sample is checked with before it is written: the whole file's structure, one second decoded.
@@ -91,6 +91,7 @@ def ingest_videos(
     """Writes task ``task`` of ``tasks``'s parts of the shards of ``in_dir`` (module doc); returns
     skip counts per reason."""
     in_dir = Path(in_dir)
+    check_split_output(out_dir, in_dir, shard_size, task, tasks)
     listed = {}
     if captions:
         for number, line in enumerate(Path(captions).read_text(encoding="utf-8-sig").splitlines(), 1):
@@ -133,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     common = (args.in_dir, args.out_dir, args.captions, args.shard_size)
-    skipped = run_split(ingest_videos, args.processes, args.task, args.tasks, *common)
+    try:
+        skipped = run_split(ingest_videos, args.processes, args.task, args.tasks, *common)
+    except ValueError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     log.info("wrote %s; skipped %s", args.out_dir, dict(skipped) or "none")
     return 0
 

@@ -63,12 +63,9 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The committed checkpoint ``latest`` names, or None."""
-    pointer = Path(root) / LATEST
-    if not pointer.is_file():
-        return None
-    path = Path(root) / pointer.read_text().strip()
-    return path if (path / "meta.json").is_file() else None
+    """The committed checkpoint ``latest`` names, or None (also where it names anything but a
+    ``step_<N>`` folder of ``root``: ``inventory``)."""
+    return inventory(root).latest
 
 
 def read_meta(path: str | Path) -> dict:
@@ -116,9 +113,10 @@ def check_meta(meta, path: Path) -> None:
 
 
 def step_of(path: Path) -> int | None:
-    """N of a ``step_<N>`` folder name, else None."""
+    """N of a ``step_<N>`` folder name (ASCII digits), else None."""
     name = path.name
-    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else None
+    digits = name[5:]
+    return int(digits) if name.startswith("step_") and digits.isascii() and digits.isdigit() else None
 
 
 class CheckpointMismatchError(ValueError):

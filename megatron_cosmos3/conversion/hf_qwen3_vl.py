@@ -104,16 +104,20 @@ def read_hf_config(folder: str | Path):
     path = folder / "config.json"
     _require(path.is_file(), folder, "no config.json: not a Hugging Face model folder")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as error:  # not UTF-8, not JSON, nested past the parser
         raise ConversionError(f"{path}: not valid JSON ({error})") from None
+    _require(isinstance(raw, dict), path, f"holds a JSON {type(raw).__name__}, not an object")
     model_type = raw.get("model_type")
     _require(
         model_type == MODEL_TYPE,
         path,
         f"model_type={model_type!r}, expected {MODEL_TYPE!r}: not a Qwen3-VL (dense) checkpoint",
     )
-    return Qwen3VLConfig.from_pretrained(str(folder), local_files_only=True)
+    try:
+        return Qwen3VLConfig.from_pretrained(str(folder), local_files_only=True)
+    except Exception as error:  # transformers' field validation (a wrong type) names the field
+        raise ConversionError(f"{path}: {' '.join(str(error).split())}") from None
 
 
 def mot_config_from_hf(hf_config, path: Path | str = "config.json", base: MoTConfig | None = None) -> MoTConfig:
@@ -131,7 +135,31 @@ def mot_config_from_hf(hf_config, path: Path | str = "config.json", base: MoTCon
         f"text_config.rope_parameters.rope_type={rope.get('rope_type')!r}: only 'default' is supported",
     )
     vision_rope = dict(vis.rope_parameters or {})
-    from_hf = dict(
+    try:
+        from_hf = _backbone_fields(hf_config, text, vis, rope, vision_rope)
+    except (ValueError, TypeError, KeyError) as error:  # a field of the wrong kind, or missing
+        raise ConversionError(f"{path}: {error}") from None
+    if base is not None:
+        for key, value in from_hf.items():
+            ours = getattr(base, key)
+            if key == "vision" and ours is not None:
+                for field in dataclasses.fields(VisionConfig):
+                    a, b = getattr(ours, field.name), getattr(value, field.name)
+                    _require(
+                        a == b, path, f"the checkpoint has vision.{field.name}={b!r} but the given config has {a!r}"
+                    )
+            else:
+                ours = base.rope_sections if key == "mrope_section" else ours  # empty: the scaled default
+                _require(ours == value, path, f"the checkpoint has {key}={value!r} but the given config has {ours!r}")
+    try:
+        return dataclasses.replace(base or MoTConfig(), **from_hf)
+    except ValueError as error:
+        raise ConversionError(f"{path}: {error}") from None
+
+
+def _backbone_fields(hf_config, text, vis, rope: dict, vision_rope: dict) -> dict:
+    """MoTConfig fields read from transformers' config (a ValueError for a field that cannot be one)."""
+    return dict(
         vocab_size=text.vocab_size,
         hidden_size=text.hidden_size,
         num_layers=text.num_hidden_layers,
@@ -163,22 +191,6 @@ def mot_config_from_hf(hf_config, path: Path | str = "config.json", base: MoTCon
             vision_end_token_id=hf_config.vision_end_token_id,
         ),
     )
-    if base is not None:
-        for key, value in from_hf.items():
-            ours = getattr(base, key)
-            if key == "vision" and ours is not None:
-                for field in dataclasses.fields(VisionConfig):
-                    a, b = getattr(ours, field.name), getattr(value, field.name)
-                    _require(
-                        a == b, path, f"the checkpoint has vision.{field.name}={b!r} but the given config has {a!r}"
-                    )
-            else:
-                ours = base.rope_sections if key == "mrope_section" else ours  # empty: the scaled default
-                _require(ours == value, path, f"the checkpoint has {key}={value!r} but the given config has {ours!r}")
-    try:
-        return dataclasses.replace(base or MoTConfig(), **from_hf)
-    except ValueError as error:
-        raise ConversionError(f"{path}: {error}") from None
 
 
 def hf_config_from_mot(config: MoTConfig, dtype: torch.dtype):

@@ -44,8 +44,8 @@ def shard_map(folder: str | Path) -> dict[str, list[str]]:
     index = folder / INDEX_FILE
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError, RecursionError) as error:  # not UTF-8 / JSON / an object
             raise ConversionError(f"{index}: not a safetensors index with a 'weight_map' ({error})") from None
         if not isinstance(weight_map, dict):
             raise ConversionError(f"{index}: 'weight_map' must map tensor names to shard files")

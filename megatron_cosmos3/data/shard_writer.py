@@ -113,6 +113,24 @@ class ShardWriter:
 PARTS = ".parts"
 
 
+def check_split_output(out_dir: str | Path, source: str | Path, shard_size: int, task: int, tasks: int) -> None:
+    """ValueError naming the value unless a ``write_parts`` writer may start: ``source`` (its input)
+    is an existing folder other than ``out_dir``, ``out_dir`` holds no finished dataset (its
+    ``index.json``: a second run would overwrite its shards under the old index, never mix them
+    silently), ``shard_size`` >= 1 and 0 <= ``task`` < ``tasks``."""
+    out_dir, source = Path(out_dir), Path(source)
+    if not source.is_dir():
+        raise ValueError(f"input {str(source)!r} is not a folder")
+    if out_dir.resolve() == source.resolve():
+        raise ValueError(f"output {str(out_dir)!r} is the input folder; write the shards to a new folder")
+    if (out_dir / "index.json").exists():
+        raise ValueError(f"output {str(out_dir)!r} already holds a finished dataset (index.json); use a new folder")
+    if shard_size < 1:
+        raise ValueError(f"shard size {shard_size} must be >= 1")
+    if not 0 <= task < tasks:
+        raise ValueError(f"task={task} must be in [0, tasks={tasks})")
+
+
 def write_parts(
     out_dir: str | Path,
     prefix: str,

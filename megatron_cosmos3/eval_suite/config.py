@@ -10,7 +10,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from megatron_cosmos3.data.clips import check_clip_bytes
+from megatron_cosmos3.data.errors import SampleError
+from megatron_cosmos3.data.schema import DURATION_RANGE_S, FPS_RANGE
 from megatron_cosmos3.inference.solvers import SOLVERS
 from megatron_cosmos3.world.agents import EMBODIMENT_RATES
 from megatron_cosmos3.world.config import WorldConfig
@@ -100,6 +104,16 @@ class SuiteConfig:
                 "multiple of 4 (clips of 1 + 4k frames: whole latent frames)"
             )
         self.world()  # the world validates resolution and the action rates' whole steps
+        if not (FPS_RANGE[0] <= self.fps <= FPS_RANGE[1] and self.duration_s <= DURATION_RANGE_S[1]):
+            raise ValueError(
+                f"eval suite: fps={self.fps} must be in {list(FPS_RANGE)} and duration_s={self.duration_s} at most "
+                f"{DURATION_RANGE_S[1]:g} (the shards' ranges)"
+            )
+        count, side = round(frames) + 1, self.resolution
+        try:  # a clip the shards could hold: a crafted size cannot allocate without bound
+            check_clip_bytes(count * side * side * 3, f"{count} frames of {side}x{side}", "resolution x duration_s")
+        except SampleError as error:
+            raise ValueError(f"eval suite: {error}") from None
 
     def world(self, action_rates: Mapping[str, float] | None = None) -> WorldConfig:
         """The held-out world's settings: the suite's clip size, length and frame rate, every
@@ -137,7 +151,10 @@ def load_suite_config(yaml_path: str | None = None, overrides: list[str] | None 
         if overrides:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)
+    except (OmegaConfBaseException, UnicodeDecodeError) as error:  # names the key (or the byte), on one line
+        message = " ".join(str(error).split())
+        raise ValueError(f"eval suite config{f' {yaml_path}' if yaml_path else ''}: {message}") from None
     except ValueError:
         raise
-    except Exception as error:  # an OmegaConf type or key error names the key
+    except Exception as error:  # YAML syntax and the like
         raise ValueError(f"eval suite config{f' {yaml_path}' if yaml_path else ''}: {error}") from None

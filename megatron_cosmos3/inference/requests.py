@@ -24,9 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from megatron_cosmos3.data.clips import check_clip_bytes
+from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.latent_encoders import LatentEncoder, encodable_pixels
 from megatron_cosmos3.data.sample_builder import BuildLimits, BuiltSample, SampleBuilder
-from megatron_cosmos3.data.schema import FPS_RANGE, Sample
+from megatron_cosmos3.data.schema import DURATION_RANGE_S, FPS_RANGE, Sample
 from megatron_cosmos3.data.tokenizer import Tokenizer
 from megatron_cosmos3.data.vision_features import vision_featurizer
 from megatron_cosmos3.encoders.action_normalization import ActionStats
@@ -155,10 +157,16 @@ def _num_frames(request: GenerationRequest) -> int | None:
             num_latent_frames(request.num_frames)  # ValueError unless 1 + 4k
         except ValueError as error:
             raise _error(request, f"num_frames={request.num_frames}: {error}") from None
+        if request.num_frames / request.fps > DURATION_RANGE_S[1]:
+            raise _error(
+                request,
+                f"num_frames={request.num_frames} at fps={request.fps:g} last longer than the longest clip "
+                f"({DURATION_RANGE_S[1]:g} s, schema.DURATION_RANGE_S)",
+            )
         return request.num_frames
     if request.duration_s is not None:
-        if not request.duration_s > 0:
-            raise _error(request, f"duration_s must be > 0, got {request.duration_s!r}")
+        if not 0 < request.duration_s <= DURATION_RANGE_S[1]:  # a clip's range, as in the shards
+            raise _error(request, f"duration_s must be in (0, {DURATION_RANGE_S[1]:g}] s, got {request.duration_s!r}")
         return 1 + VAE_TEMPORAL_FACTOR * max(0, round((request.duration_s * request.fps - 1) / VAE_TEMPORAL_FACTOR))
     return None
 
@@ -242,6 +250,7 @@ class _Streams:
         if t < self.task.min_latent_frames:
             need = self.task.min_latent_frames
             raise _error(request, f"{frames} frames make {t} latent frames; the task needs {need}")
+        self.check_pixels(frames, h, w)
         tokens = torch.zeros(t * h * w, self.config.video_token_dim)
         if given is not None:
             keep = _CONDITIONING_FRAMES[part](t)
@@ -249,6 +258,15 @@ class _Streams:
                 raise _error(request, f"the conditioning video gives {given.grid_thw[0]} latent frames; {keep} needed")
             tokens[: keep * h * w] = given.tokens[: keep * h * w]
         return tokens, (t, h, w), frames / request.fps
+
+    def check_pixels(self, frames: int, h: int, w: int) -> None:
+        """The clip decodes to at most clips.MAX_CLIP_BYTES, as any clip of the shards: a crafted
+        length or resolution cannot allocate without bound."""
+        side = pixels_per_token(self.config.video_patch_size)
+        try:
+            check_clip_bytes(frames * h * side * w * side * 3, f"{frames} frames of {w * side}x{h * side}", "request")
+        except SampleError as error:
+            raise _error(self.request, str(error)) from None
 
     def actions(self, duration_s: float) -> tuple[torch.Tensor, float]:
         request = self.request
@@ -318,6 +336,7 @@ def prepare_request(request: GenerationRequest, builder: SampleBuilder) -> Prepa
         outputs["video"] = "video"
     if "image" in needed:
         h, w = streams.grid_hw(None)
+        streams.check_pixels(1, h, w)
         video_grid = (1, h, w)
         sample.image_latents = np.zeros((h * w, builder.config.video_token_dim), np.float32)
         sample.image_latent_grid = video_grid

@@ -30,6 +30,9 @@ from megatron_cosmos3.model.kv_cache import ReasonerCache
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import IGNORE_INDEX, PackedBatch, PackedSample
 
+# Tokens of room the cache starts with past the longest prompt (it doubles when full).
+_FIRST_ROOM = 256
+
 
 @dataclass(frozen=True)
 class TextSampling:
@@ -191,8 +194,11 @@ def generate_text(
     prefill = model.forward_ar(batch.to(device))
     last_rows = prefill.layout.ar_cu_seqlens[1:] - 1
     logits = model.lm_logits(prefill.hidden.index_select(0, last_rows))
+    # The cache grows as tokens come (doubling), up to the longest prompt + max_new_tokens - 1: a
+    # large max_new_tokens costs nothing until the tokens exist.
+    full = max(prefill.layout.ar_lengths) + sampling.max_new_tokens - 1
     cache = ReasonerCache.from_prefill(
-        prefill.keys_values, prefill.layout, max(prefill.layout.ar_lengths) + sampling.max_new_tokens - 1
+        prefill.keys_values, prefill.layout, min(full, max(prefill.layout.ar_lengths) + _FIRST_ROOM)
     )
     # Each sequence's next position: one past its largest so far, the same on all three axes.
     sample = prefill.layout.sample_ids("ar")
@@ -220,6 +226,8 @@ def generate_text(
         if bool(finished.any()):
             going = (~finished).nonzero().squeeze(1)
             cache, chosen, active = cache.keep(going), chosen[going], active[going]
+        if not cache.has_room():
+            cache = cache.grown(min(full, 2 * cache.capacity))
         step_positions = (next_position[active] + step).expand(3, -1)
         logits = model.lm_logits(model.decode_ar(chosen, step_positions, cache))
 

@@ -71,6 +71,17 @@ class ReasonerCache:
         """Whether every sequence can take one more token."""
         return int(self.lengths.max()) < self.capacity
 
+    def grown(self, capacity: int) -> ReasonerCache:
+        """The same cache with room for ``capacity`` tokens per sequence (>= the current one)."""
+        more = capacity - self.capacity
+        if more < 0:
+            raise ValueError(f"ReasonerCache.grown: capacity={capacity} is below the current {self.capacity}")
+        padded = [
+            [torch.cat([t, t.new_zeros(t.shape[0], more, *t.shape[2:])], 1) for t in ts]
+            for ts in (self.keys, self.values)
+        ]
+        return ReasonerCache(*padded, self.lengths)
+
     def advance(self) -> None:
         self.lengths = self.lengths + 1
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import textwrap
 from dataclasses import dataclass, field, fields
@@ -59,6 +60,13 @@ INPUT_FILES = ("image", "video", "audio", "actions")
 TEXT_SETTINGS = {f.name: f.default for f in fields(TextSampling)}
 # GenerationRequest fields a user gives as values (its arrays come from INPUT_FILES).
 SETTINGS = tuple(f.name for f in fields(GenerationRequest) if f.name not in (*INPUT_FILES, "audio_sample_rate"))
+# The JSON type each value must have, read from the fields' annotations ("float | None" -> float);
+# resolution has its own forms (``_resolution``).
+_KINDS = {
+    f.name: next(kind for kind in (str, int, float) if kind.__name__ in str(f.type))
+    for f in (*fields(GenerationRequest), *fields(TextSampling))
+    if f.name in (*SETTINGS, *TEXT_SETTINGS) and f.name != "resolution"
+}
 
 
 @dataclass
@@ -93,9 +101,11 @@ class RequestSpec:
         given = {key: value for key, value in values.items() if value is not None}
         if "task" not in given:
             raise RequestError(f"{where}: no 'task' (one of {sorted(TASK_REGISTRY)})")
+        for key, value in given.items():
+            _check_kind(key, value, _KINDS.get(key, str if key in INPUT_FILES else None), where)
         if "resolution" in given:
             given["resolution"] = _resolution(given["resolution"], f"{where}: resolution")
-        files = {role: str(given.pop(role)) for role in INPUT_FILES if role in given}
+        files = {role: given.pop(role) for role in INPUT_FILES if role in given}
         return cls(given, files, _folder_name(given.pop("name", None), where), base)
 
     def path(self, role: str) -> Path | None:
@@ -114,23 +124,46 @@ class RequestSpec:
             raise RequestError(f"{where}: {error}") from None
 
 
+def _check_kind(key: str, value: Any, kind: type | None, where: str) -> None:
+    """RequestError naming the field unless ``value`` is a JSON value of ``kind``: a string, an
+    integer (not a boolean) or a finite number (None: any, checked elsewhere)."""
+    if kind is None:
+        return
+    if kind is str:
+        ok = isinstance(value, str)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok:
+        want = {str: "a string", int: "an integer", float: "a finite number"}[kind]
+        raise RequestError(f"{where}: {key}={value!r} must be {want}")
+
+
 def _folder_name(name: Any, where: str) -> str | None:
     """A request's ``name``: one folder inside ``--out``, never a path that leads out of it."""
     if name is None:
         return None
     if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
         raise RequestError(f"{where}: name={name!r} must be a folder name (no '/', not '.' or '..')")
+    if len(name.encode("utf-8", "surrogateescape")) > 255:  # the longest file name of common file systems
+        raise RequestError(f"{where}: name={name[:20]!r}... is {len(name)} characters; a folder name has at most 255")
     return name
 
 
 def _resolution(value: Any, where: str) -> tuple[int, int]:
-    """'64x48', [64, 48] or (64, 48) -> (height, width)."""
-    try:
-        parts = value.lower().split("x") if isinstance(value, str) else list(value)
-        height, width = (int(part) for part in parts)
-        return height, width
-    except (TypeError, ValueError, AttributeError):
-        raise RequestError(f"{where}={value!r}: expected HEIGHTxWIDTH, e.g. 64x64") from None
+    """'64x48', [64, 48] or (64, 48) -> (height, width): two whole numbers of pixels."""
+    parts = value.lower().split("x") if isinstance(value, str) else value if isinstance(value, list) else None
+    if parts is None or len(parts) != 2 or not all(_whole_number(part) for part in parts):
+        raise RequestError(f"{where}={value!r}: expected HEIGHTxWIDTH in whole pixels, e.g. 64x64")
+    height, width = (int(part) for part in parts)
+    return height, width
+
+
+def _whole_number(part: Any) -> bool:
+    if isinstance(part, str):
+        return part.strip().lstrip("+-").isascii() and part.strip().lstrip("+-").isdigit()
+    return isinstance(part, int) and not isinstance(part, bool)
 
 
 def read_input(role: str, path: Path, where: str):
@@ -226,6 +259,11 @@ def run_requests(trained: TrainedModel, specs: list[RequestSpec], out: Path, act
     names = [spec.name or f"{i:03d}_{spec.task}" for i, spec in enumerate(specs)]
     if len(set(names)) != len(names):
         raise RequestError(f"two requests write to the same folder: names {names}")
+    used = [
+        name for name in names if (out / name).exists() and (not (out / name).is_dir() or any((out / name).iterdir()))
+    ]
+    if write and used:  # never mix a new sample's files with an earlier one's
+        raise RequestError(f"{out} already holds {used}; choose another --out or request names")
     dm, text = [], []
     for i, spec in enumerate(specs):
         where = f"request {names[i]}"
@@ -240,7 +278,9 @@ def run_requests(trained: TrainedModel, specs: list[RequestSpec], out: Path, act
                 length,
                 max_text,
             )
+    # Every input is read and every setting checked before anything is generated or written.
     requests = {i: generation_request(specs[i], f"request {names[i]}") for i in dm}
+    text_inputs = {i: _text_inputs(specs[i], f"request {names[i]}") for i in text}
     folders = []
     try:
         results = (
@@ -258,9 +298,7 @@ def run_requests(trained: TrainedModel, specs: list[RequestSpec], out: Path, act
             folders.append(out / names[i])
     for i in text:
         spec = specs[i]
-        where = f"request {names[i]}"
-        picture = read_input("image", spec.path("image"), where) if "image" in spec.files else None
-        sampling = spec.text_sampling(where)
+        picture, sampling = text_inputs[i]
         question, seed = spec.settings.get("prompt", ""), spec.settings.get("seed", 0)
         prompt = TextPrompt(tokenizer.encode(question)[:max_text], picture)
         (generated,) = generate_text(model, [prompt], sampling, seeds=seed, tokenizer=tokenizer)
@@ -288,18 +326,41 @@ def run_requests(trained: TrainedModel, specs: list[RequestSpec], out: Path, act
     return folders
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"key(s) {repeated} given twice")
+    return dict(pairs)
+
+
+def _text_inputs(spec: RequestSpec, where: str) -> tuple[np.ndarray | None, TextSampling]:
+    """A text request's picture (or None) and sampling settings."""
+    picture = read_input("image", spec.path("image"), where) if "image" in spec.files else None
+    return picture, spec.text_sampling(where)
+
+
 def read_requests(path: Path) -> list[RequestSpec]:
-    """The requests of a JSONL file (blank lines and lines starting with '#' skipped)."""
+    """The requests of a UTF-8 JSONL file (a byte-order mark, blank lines and lines starting with '#'
+    skipped); strict JSON: NaN/Infinity and a key given twice are errors naming the line."""
     if not path.is_file():
         raise RequestError(f"--requests {str(path)!r} is not a file")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise RequestError(f"--requests {str(path)!r} is not UTF-8 text ({error})") from None
     specs = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         where = f"{path}:{number}"
         try:
-            document = json.loads(line)
-        except json.JSONDecodeError as error:
+            document = json.loads(line, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+        except (ValueError, RecursionError) as error:
             raise RequestError(f"{where}: not JSON ({error})") from None
         specs.append(RequestSpec.from_mapping(document, where, path.parent))
     if not specs:

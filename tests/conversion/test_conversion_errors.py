@@ -131,3 +131,31 @@ def test_hub_format_config_imports_the_same(folder, hf_folder):
 
     edit_json(folder / "config.json", legacy)
     assert load_qwen3_vl(folder)[0].config == load_qwen3_vl(hf_folder)[0].config
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("config.json", b"[1]", "config.json: holds a JSON list, not an object"),
+        ("config.json", b'{"model_type": "\xff"}', "config.json: not valid JSON ('utf-8' codec can't decode"),
+        ("config.json", b"[" * 100_000, "config.json: not valid JSON (maximum recursion depth"),
+        ("config.json", {"hidden_size": "32"}, "config.json: Validation error for field 'hidden_size'"),
+        ("config.json", {"num_hidden_layers": 2.5}, "config.json: Validation error for field 'num_hidden_layers'"),
+        ("config.json", {"vision": [99]}, "config.json: VisionConfig: deepstack_visual_indexes=[99] must be distinct"),
+        (INDEX, b'{"weight_map": {"\xff": 1}}', f"{INDEX}: not a safetensors index with a 'weight_map' ('utf-8'"),
+        (INDEX, b"[" * 100_000, f"{INDEX}: not a safetensors index with a 'weight_map' (maximum recursion"),
+    ],
+)
+def test_a_crafted_config_or_index_is_a_conversion_error_naming_the_file(folder, name, text, message):
+    """Each was a traceback (AttributeError, UnicodeDecodeError, RecursionError, transformers' own
+    validation error, a VisionConfig ValueError) that ``cosmos3-convert`` did not turn into one line."""
+    if isinstance(text, dict):
+        if "vision" in text:
+            edit_json(folder / name, lambda c: c["vision_config"].update(deepstack_visual_indexes=text["vision"]))
+        else:
+            edit_json(folder / name, lambda c: c["text_config"].update(text))
+    else:
+        (folder / name).write_bytes(text)
+    with pytest.raises(ConversionError) as error:
+        load_qwen3_vl(folder)
+    assert message in str(error.value) and "\n" not in str(error.value)

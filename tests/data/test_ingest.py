@@ -478,3 +478,34 @@ def test_clips_cut_before_pre_encoding_equal_the_clips_the_loader_cuts(tmp_path)
         on_the_fly = latent_sample(decode_sample(long, SchemaContext(), shuffled, uniform(7, "clip", 0, 0, k)), encoder)
         assert clip.timing == on_the_fly.timing
         np.testing.assert_array_equal(clip.video_latents, on_the_fly.video_latents)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["{videos}", "{shards}"], "already holds a finished dataset (index.json)"),
+        (["{videos}", "{videos}"], "is the input folder"),
+        (["{videos}/missing", "{tmp}/new"], "missing' is not a folder"),
+        (["{videos}", "{tmp}/new", "--task", "3", "--tasks", "2"], "task=3 must be in [0, tasks=2)"),
+        (["{videos}", "{tmp}/new", "--tasks", "0"], "task=0 must be in [0, tasks=0)"),
+        (["{videos}", "{tmp}/new", "--processes", "-1"], "processes=-1 must be >= 0"),
+        (["{videos}", "{tmp}/new", "--shard-size", "0"], "shard size 0 must be >= 1"),
+    ],
+)
+def test_a_bad_split_or_output_folder_is_one_error_line_and_changes_nothing(tmp_path, capsys, argv, message):
+    """A second run into a finished dataset overwrote its shards under the old index; the input folder
+    as output mixed shards among the videos; a missing input wrote an empty dataset; the split's
+    numbers were tracebacks (a ZeroDivisionError for --shard-size 0)."""
+    ingest = load_script("ingest_videos")
+    videos, shards = tmp_path / "videos", tmp_path / "shards"
+    videos.mkdir()
+    (videos / "a.mp4").write_bytes(encode_mp4(_frames(0, 5), FPS))
+    ingest.ingest_videos(videos, shards, shard_size=1)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exit_:
+        ingest.main([a.format(videos=videos, shards=shards, tmp=tmp_path) for a in argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "new").exists()

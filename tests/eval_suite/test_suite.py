@@ -42,6 +42,10 @@ def cases():
         ({"duration_s": 0.3}, "duration_s=0.3 x fps=16.0"),
         ({"resolution": 48}, "resolution=48"),
         ({"guidance": float("nan")}, "guidance=nan"),
+        # Crafted sizes that would allocate without bound are refused as the shards' ranges refuse them.
+        ({"resolution": 32 * 10**6}, "above clips.MAX_CLIP_BYTES"),
+        ({"duration_s": 1e9}, "duration_s=1000000000.0 at most 86400"),
+        ({"fps": 1e9}, "fps=1000000000.0 must be in [0.1, 1000.0]"),
     ],
 )
 def test_a_bad_config_value_is_an_error_naming_the_field_and_value(change, message):
@@ -60,6 +64,16 @@ def test_the_config_loads_from_yaml_and_overrides(tmp_path):
         load_suite_config(str(path))
     with pytest.raises(ValueError, match="steps"):
         load_suite_config(None, ["steps=many"])
+    # A wrong type or a byte that is not UTF-8: one line naming the file and the key.
+    for text, key in (
+        (b"media: maybe\n", "full_key: media"),
+        (b"tasks: policy\n", "full_key: tasks"),
+        (b"steps: \xff\n", "0xff"),
+    ):
+        path.write_bytes(text)
+        with pytest.raises(ValueError) as error:
+            load_suite_config(str(path))
+        assert str(path) in str(error.value) and key in str(error.value) and "\n" not in str(error.value)
 
 
 def test_held_out_cases_carry_their_truth_and_are_deterministic(cases):

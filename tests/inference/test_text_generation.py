@@ -6,6 +6,7 @@ import torch
 
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.data.tokenizer import ByteTokenizer
+from megatron_cosmos3.inference import text_generation
 from megatron_cosmos3.inference.text_generation import (
     TextPrompt,
     TextSampling,
@@ -106,6 +107,21 @@ def test_cached_generation_equals_the_uncached_full_forward(backend, vision, cha
         want = uncached(model, batch, sampling, seeds)
         assert [g.token_ids for g in got] == want
         assert all(len(set(tokens)) >= 3 for tokens in want)  # a real sequence, not one token repeated
+
+
+def test_the_cache_grows_as_tokens_come(monkeypatch):
+    """The cache starts with little room and doubles when full: the tokens equal the uncached
+    reference's when it grows every few steps, and a crafted max_new_tokens=10**12 allocates nothing
+    up front (every token an EOS: one step each)."""
+    model = tiny_model("dense")
+    batch = prompt_batch(model.config, PROMPTS)
+    monkeypatch.setattr(text_generation, "_FIRST_ROOM", 1)
+    sampling = TextSampling(NEW_TOKENS)
+    got = generate_text(model, batch, sampling, eos_ids=(), seeds=[0] * len(PROMPTS))
+    assert [g.token_ids for g in got] == uncached(model, batch, sampling, [0] * len(PROMPTS))
+    monkeypatch.undo()
+    huge = generate_text(model, PROMPTS, TextSampling(10**12), eos_ids=range(model.config.vocab_size))
+    assert all(len(g.token_ids) == 1 and g.stopped_at_eos for g in huge)
 
 
 def test_generation_never_runs_the_generator():

@@ -218,6 +218,81 @@ def test_a_bad_request_is_a_clear_error_and_writes_nothing(checkpoint, inputs, t
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (b'{"task": "text_to_video", "prompt": "\xff"}', "is not UTF-8 text"),
+        (b'{"task": "text_to_video", "num_frames": NaN}', ":1: not JSON (NaN is not a JSON number)"),
+        (b'{"task": "text_to_video", "duration_s": Infinity}', ":1: not JSON (Infinity is not a JSON number)"),
+        (b'{"task": "text_to_video", "task": "text_to_image"}', ":1: not JSON (key(s) ['task'] given twice)"),
+        (b"[" * 100_000, ":1: not JSON (maximum recursion depth"),
+        (b"[1, 2]", ":1: a request is a JSON object, got list"),
+        (b'{"task": 3}', ":1: task=3 must be a string"),
+        (b'{"task": "text_to_video", "prompt": ["a"]}', ":1: prompt=['a'] must be a string"),
+        (b'{"task": "text_to_video", "num_frames": "9"}', ":1: num_frames='9' must be an integer"),
+        (b'{"task": "text_to_video", "num_frames": true}', ":1: num_frames=True must be an integer"),
+        (b'{"task": "text_to_video", "num_frames": 1e308}', ":1: num_frames=1e+308 must be an integer"),
+        (b'{"task": "text_to_video", "duration_s": "1"}', ":1: duration_s='1' must be a finite number"),
+        (b'{"task": "text_to_video", "guidance": "2"}', ":1: guidance='2' must be a finite number"),
+        (b'{"task": "understanding", "max_new_tokens": 1.5}', ":1: max_new_tokens=1.5 must be an integer"),
+        (b'{"task": "image_to_video", "image": ["a.png"]}', ":1: image=['a.png'] must be a string"),
+        (b'{"task": "text_to_image", "resolution": [32.7, 32]}', ":1: resolution=[32.7, 32]: expected HEIGHTxWIDTH"),
+        (b'{"task": "text_to_image", "resolution": [true, 32]}', ":1: resolution=[True, 32]: expected HEIGHTxWIDTH"),
+        (
+            b'{"task": "text_to_image", "name": "' + b"a" * 256 + b'"}',
+            "is 256 characters; a folder name has at most 255",
+        ),
+    ],
+)
+def test_a_crafted_requests_file_is_an_error_naming_its_line_and_field(tmp_path, line, message):
+    (tmp_path / "requests.jsonl").write_bytes(line)
+    with pytest.raises(RequestError) as error:
+        read_requests(tmp_path / "requests.jsonl")
+    assert message in str(error.value)
+
+
+def test_a_byte_order_mark_and_crlf_lines_are_read(tmp_path):
+    text = (
+        "\ufeff"
+        + '{"task": "text_to_image", "resolution": "64X32"}\r\n# a comment\r\n\r\n{"task": "understanding"}\r\n'
+    )
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(text.encode())
+    specs = read_requests(path)
+    assert [spec.task for spec in specs] == ["text_to_image", "understanding"]
+    assert specs[0].settings["resolution"] == (64, 32)
+
+
+def test_a_request_too_long_or_too_large_or_a_bad_late_input_writes_nothing(checkpoint, inputs, tmp_path):
+    """A crafted length or resolution is refused before anything is allocated for it (it ran for
+    minutes and took gigabytes); an understanding request's missing picture, read after the video
+    requests were generated, used to leave their folders written."""
+    trained = load_trained_model(checkpoint)
+    cases = [
+        ({"task": "text_to_video", "duration_s": 1e6, "resolution": "64x32"}, r"duration_s must be in \(0, 86400\]"),
+        ({"task": "text_to_video", "num_frames": 10**40 + 1, "resolution": "64x32"}, "last longer than the longest"),
+        ({"task": "text_to_image", "resolution": [32 * 10**5, 32 * 10**5]}, "above clips.MAX_CLIP_BYTES"),
+    ]
+    for request, message in cases:
+        with pytest.raises(ValueError, match=message):
+            run_requests(trained, read_requests(write_requests(inputs, [request])), tmp_path, None, write=True)
+    mixed = write_requests(inputs, [REQUESTS[0], {"task": "understanding", "image": "missing.png"}])
+    with pytest.raises(RequestError, match="image='.*missing.png' is not a file"):
+        run_requests(trained, read_requests(mixed), tmp_path / "out", None, write=True)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "out" / "kept").mkdir(parents=True)
+    (tmp_path / "out" / "kept" / "audio.wav").write_bytes(b"an earlier sample's")
+    with pytest.raises(RequestError, match=r"already holds \['kept'\]"):
+        run_requests(
+            trained,
+            read_requests(write_requests(inputs, [{**REQUESTS[0], "name": "kept"}])),
+            tmp_path / "out",
+            None,
+            True,
+        )
+    assert [p.name for p in (tmp_path / "out" / "kept").iterdir()] == ["audio.wav"]
+
+
 def test_a_task_the_checkpoint_was_not_trained_for_is_refused(checkpoint, inputs, tmp_path):
     trained = load_trained_model(checkpoint)
     trained.config.synthetic.tasks = ["understanding", "text_to_video"]

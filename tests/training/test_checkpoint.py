@@ -16,7 +16,7 @@ import textwrap
 import pytest
 import torch
 
-from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, latest_checkpoint
+from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, inventory, latest_checkpoint
 from megatron_cosmos3.checkpoint.safe_reader import (
     MANIFEST,
     CheckpointCorruptError,
@@ -547,3 +547,28 @@ def test_a_truncated_shard_or_a_missing_index_with_resealed_checksums_names_the_
     (no_index / MANIFEST).unlink()  # a committed folder (meta.json) without its index: damaged, not foreign
     with pytest.raises(CheckpointCorruptError, match=r"file .metadata \(the index of every item\) is missing"):
         Checkpointer(tmp_path / "good", async_save=False).load(no_index, MoTModel(copy.deepcopy(CONFIG)))
+
+
+@pytest.mark.parametrize(
+    "pointer, want",
+    [
+        ("step_00000001", "step_00000001"),
+        ("  step_00000001 \n", "step_00000001"),
+        ("../outside/step_00000001", None),
+        ("{root}/../outside/step_00000001", None),  # absolute
+        ("step_\u00b2", None),
+        ("step_00000007", None),
+    ],
+)
+def test_latest_names_only_a_step_folder_inside_the_run_folder(tmp_path, pointer, want):
+    """A crafted ``latest`` (a path out of the folder, absolute, a digit that is not ASCII) and odd
+    ``step_`` names (``step_abc``, ``step_-1``, ``step_²``: int() refused that one) are never a checkpoint."""
+    root, outside = tmp_path / "run", tmp_path / "outside" / "step_00000001"
+    for folder in (root / "step_00000001", outside, root / "step_abc", root / "step_-1", root / "step_\u00b2"):
+        folder.mkdir(parents=True)
+        (folder / "meta.json").write_text("{}")
+    (root / "latest").write_text(pointer.format(root=root))
+    found = inventory(root)
+    assert [p.name for p in found.committed] == ["step_00000001"]
+    assert (found.latest and found.latest.name) == want and (found.problem is None) == (want is not None)
+    assert latest_checkpoint(root) == found.latest
