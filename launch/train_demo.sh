@@ -31,7 +31,7 @@ torchrun --standalone --nproc-per-node "$nproc" -m megatron_cosmos3.training.tra
 # and a policy trajectory (data_pipelines/export_requests.py writes the request file).
 python data_pipelines/export_requests.py outputs/world-heldout/raw outputs/demo/requests
 cosmos3-generate --checkpoint outputs/demo/checkpoints --requests outputs/demo/requests/requests.jsonl \
-  --out outputs/demo/generated
+  --out outputs/demo/generated --overwrite
 # The trained model measured in a held-out world (docs/DESIGN.md, "Evaluation"): outputs/demo/eval/
 # report.json (every metric beside its oracle and chance rows), side-by-side clips in media/, and the
 # eval/* metrics in the demo's MLflow store.

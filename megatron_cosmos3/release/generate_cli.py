@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import sys
 import textwrap
 from dataclasses import dataclass, field, fields
@@ -140,6 +141,16 @@ def _check_kind(key: str, value: Any, kind: type | None, where: str) -> None:
         raise RequestError(f"{where}: {key}={value!r} must be {want}")
 
 
+def _emptied(folder: Path) -> Path:
+    """``folder`` with nothing in it: what an earlier request of its name wrote is removed (only
+    reached with ``--overwrite``, or where the folder is empty)."""
+    if folder.is_dir() and not folder.is_symlink():
+        shutil.rmtree(folder)
+    elif folder.exists() or folder.is_symlink():
+        folder.unlink()
+    return folder
+
+
 def _folder_name(name: Any, where: str) -> str | None:
     """A request's ``name``: one folder inside ``--out``, never a path that leads out of it."""
     if name is None:
@@ -240,9 +251,17 @@ def _trained_check(spec: RequestSpec, trained: TrainedModel, where: str) -> None
         )
 
 
-def run_requests(trained: TrainedModel, specs: list[RequestSpec], out: Path, action_stats: str | None, write: bool):
-    """Generates ``specs`` (collective under a plan) and, where ``write``, writes each one's folder.
-    Returns the folders (empty where not ``write``)."""
+def run_requests(
+    trained: TrainedModel,
+    specs: list[RequestSpec],
+    out: Path,
+    action_stats: str | None,
+    write: bool,
+    overwrite: bool = False,
+):
+    """Generates ``specs`` (collective under a plan) and, where ``write``, writes each one's folder
+    (replacing one that holds files only where ``overwrite``). Returns the folders (empty where not
+    ``write``)."""
     config = trained.config
     tokenizer = trained.tokenizer()
     model = trained.model
@@ -262,8 +281,8 @@ def run_requests(trained: TrainedModel, specs: list[RequestSpec], out: Path, act
     used = [
         name for name in names if (out / name).exists() and (not (out / name).is_dir() or any((out / name).iterdir()))
     ]
-    if write and used:  # never mix a new sample's files with an earlier one's
-        raise RequestError(f"{out} already holds {used}; choose another --out or request names")
+    if write and used and not overwrite:  # never mix a new sample's files with an earlier one's
+        raise RequestError(f"{out} already holds {used}; choose another --out or request names, or pass --overwrite")
     dm, text = [], []
     for i, spec in enumerate(specs):
         where = f"request {names[i]}"
@@ -294,7 +313,7 @@ def run_requests(trained: TrainedModel, specs: list[RequestSpec], out: Path, act
     for i, result in zip(dm, results):
         if write:
             record = result.record(str(trained.source), step, specs[i].conditioning())
-            write_generated_sample(out / names[i], result.sample, record, decoder)
+            write_generated_sample(_emptied(out / names[i]), result.sample, record, decoder)
             folders.append(out / names[i])
     for i in text:
         spec = specs[i]
@@ -321,7 +340,7 @@ def run_requests(trained: TrainedModel, specs: list[RequestSpec], out: Path, act
                     "token_ids": generated.token_ids,
                 },
             )
-            write_generated_sample(out / names[i], GeneratedSample(text=generated.text), record, decoder)
+            write_generated_sample(_emptied(out / names[i]), GeneratedSample(text=generated.text), record, decoder)
             folders.append(out / names[i])
     return folders
 
@@ -398,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", required=True, help="a step_<N> folder, a checkpoint directory or a release folder"
     )
     parser.add_argument("--out", required=True, type=Path, help="folder for the outputs (one subfolder per request)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace request folders of --out that already hold files"
+    )
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--task", choices=sorted(TASK_REGISTRY), help="one request from the flags below")
     which.add_argument("--requests", type=Path, help="a JSONL file of requests (keys as these flags, snake_case)")
@@ -444,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         specs = specs_from_args(args)
         parallel = ParallelSizes(tensor=args.tensor_parallel)
         trained = load_trained_model(args.checkpoint, device=ctx.device, parallel=parallel)
-        folders = run_requests(trained, specs, args.out, args.action_stats, write=ctx.is_main)
+        folders = run_requests(trained, specs, args.out, args.action_stats, write=ctx.is_main, overwrite=args.overwrite)
     except (RequestError, *LOAD_ERRORS, ValueError) as error:  # bad requests, inputs or checkpoints
         print(f"cosmos3-generate: error: {error}", file=sys.stderr)
         return 2

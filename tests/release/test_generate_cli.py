@@ -291,6 +291,11 @@ def test_a_request_too_long_or_too_large_or_a_bad_late_input_writes_nothing(chec
             True,
         )
     assert [p.name for p in (tmp_path / "out" / "kept").iterdir()] == ["audio.wav"]
+    # --overwrite replaces it: the earlier sample's file is gone, the new sample's are there.
+    kept = read_requests(write_requests(inputs, [{**REQUESTS[0], "name": "kept"}]))
+    run_requests(trained, kept, tmp_path / "out", None, True, overwrite=True)
+    written = sorted(p.name for p in (tmp_path / "out" / "kept").iterdir())
+    assert "audio.wav" not in written and any(name.endswith(".meta.json") for name in written), written
 
 
 def test_a_task_the_checkpoint_was_not_trained_for_is_refused(checkpoint, inputs, tmp_path):
