@@ -5,8 +5,9 @@ set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo_root/launch/setup_env.sh"
 cd "$repo_root"
-# Three pytest workers on two cores: tests compute on one intra-op thread each, and the long ones spend
-# much of their time waiting (torchrun and daemon start-up, a live server, SLURM's scheduling): with two
-# workers the suite used about half of the machine's CPU time (user+sys / wall); four were slower
-# than three (725 s against 643 s of tests on a quiet machine, 2026-11-30).
-exec python -m pytest -n "${PYTEST_WORKERS:-3}" --dist worksteal --durations=15 "$@"
+# Four pytest workers on two cores: tests compute on one intra-op thread each, and the long ones spend
+# much of their time waiting (torchrun and daemon start-up, a live server, SLURM's time limits): with
+# three workers the suite used under half of the machine's CPU time (user+sys / wall). A fresh clone
+# on a quiet machine, 2026-11-30: 632 s of tests with four workers against 671 s with three (with
+# bytecode cached; before, when every process compiled its imports, four were slower than three).
+exec python -m pytest -n "${PYTEST_WORKERS:-4}" --dist worksteal --durations=15 "$@"
