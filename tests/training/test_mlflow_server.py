@@ -241,11 +241,15 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
     assert spool.is_file()
     server = start_server(tmp_path, port)
     early.log_metrics({"loss": 1.5}, 2)
+    # Delivered in the background once the server answers (its first answer can take longer than a
+    # request's timeout on a loaded machine: the delivery thread retries every retry_after_s).
+    assert early.flush(timeout_s=120)
     early.finish()
     assert early.run_id is not None
     resumed = MLflowTracker(f"http://127.0.0.1:{port}", "early", "spooled", enabled=True, retry_after_s=0, spool=spool)
     assert resumed.continued
     resumed.log_metrics({"loss": 2.5}, 2)
+    assert resumed.flush(timeout_s=120)
     resumed.finish()
     assert not spool.exists()  # kept until delivered
     url, store = f"http://127.0.0.1:{port}", tracking_store(tmp_path / "server")
