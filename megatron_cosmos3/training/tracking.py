@@ -123,6 +123,9 @@ class MLflowTracker:
             log.warning("MLflow tracking unusable at %s (%s: %s); training without it", self.uri, *_brief(error))
             return
         self._read_spool()
+        # The run is created here where the server answers, so its id is known before the first
+        # checkpoint records it (a resumed attempt continues that run); else by the delivery thread.
+        self._start_run()
         threading.Thread(target=self._deliver_forever, name="mlflow-delivery", daemon=True).start()
 
     @property
