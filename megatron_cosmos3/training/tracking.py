@@ -54,8 +54,8 @@ class MLflowTracker:
     were logged by kind (params, tags, metrics, artifacts). A failing server starts a back-off
     (``retry_after_s``) during which nothing is sent; the queue keeps params and tags, metrics up to
     ``max_buffered`` values (the oldest dropped beyond that, with a count) and artifacts up to
-    ``MAX_QUEUED_ARTIFACTS`` (their files stay on disk). The run is created at the first call that
-    reaches the server (``run_id`` None until then; a resumed run passes the id it saved and
+    ``MAX_QUEUED_ARTIFACTS`` (their files stay on disk). The run is created when the tracker starts,
+    or by the first call that reaches the server (``run_id`` None until then; a resumed run passes the id it saved and
     continues that run); a run that the server no longer has (its store wiped, another server) is
     replaced by a new one, with a warning, and the params and tags are sent again.
 
