@@ -1,16 +1,30 @@
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 from megatron_cosmos3.model.config import MoTConfig
 from megatron_cosmos3.testing.numerics import child_environment, numerics_state, use_test_numerics
+from megatron_cosmos3.testing.shared_cache import SHARED_DIR_ENV
 from megatron_cosmos3.testing.training import tiny_mot_config
 
 
 def pytest_configure(config):
     # Children that a test starts without naming an environment get the same thread count too.
     os.environ.update(child_environment({}))
+    # One folder of shared test artifacts for the session (testing/shared_cache.py), made by the
+    # controller before the xdist workers start: they inherit the variable.
+    if not hasattr(config, "workerinput") and SHARED_DIR_ENV not in os.environ:
+        config._cosmos3_shared_dir = os.environ[SHARED_DIR_ENV] = tempfile.mkdtemp(prefix="cosmos3-test-shared-")
+
+
+def pytest_unconfigure(config):
+    shared = getattr(config, "_cosmos3_shared_dir", None)
+    if shared is not None:
+        shutil.rmtree(shared, ignore_errors=True)
+        del os.environ[SHARED_DIR_ENV]
 
 
 @pytest.fixture(autouse=True)

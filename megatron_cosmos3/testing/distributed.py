@@ -36,7 +36,9 @@ def _free_port() -> int:
 # Imported once by the fork server, so that a forked rank starts in milliseconds: the libraries
 # every rank needs, including those the trainer imports late (megatron-core at process-group set-up,
 # which compiles its fused kernels' wrappers on import; MLflow's SQLite store on rank 0; matplotlib,
-# which plots the action samples rank 0 writes at a save: 1.6 s of imports each time otherwise).
+# which plots the action samples rank 0 writes at a save: 1.6 s of imports each time otherwise;
+# transformers' Qwen3-VL modules, which a model with its own ViT builds: 7 s of CPU each time
+# otherwise, most of it transformers indexing its model packages, 2026-11-30).
 _FORK_SERVER_PRELOAD = [
     "torch",
     "torch.distributed",
@@ -45,6 +47,7 @@ _FORK_SERVER_PRELOAD = [
     "mlflow.tracking",
     "mlflow.store.tracking.sqlalchemy_store",
     "matplotlib.pyplot",
+    "transformers.models.qwen3_vl.modeling_qwen3_vl",
     "megatron_cosmos3.training.train",
 ]
 

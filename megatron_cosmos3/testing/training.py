@@ -6,13 +6,13 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tempfile
 from functools import cache
 from pathlib import Path
 
 from megatron_cosmos3.model.config import MoTConfig
 from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.testing.numerics import child_environment
+from megatron_cosmos3.testing.shared_cache import shared_folder
 
 # A two-layer MoT small enough for multi-process runs of a few seconds (override num_layers to split).
 # No mrope_section: the rotary split follows head_dim (``scaled_mrope_section``: [2, 1, 1] at 8), so
@@ -71,14 +71,16 @@ def tiny_mot_config(**changes) -> MoTConfig:
 TINY_SYNTHETIC = ["synthetic.samples_per_pack=4", "synthetic.scale=1"]
 
 
-@cache
-def _empty_tracking_store() -> Path:
-    """An MLflow SQLite store with MLflow's schema and nothing else, made once per process."""
+def _create_empty_tracking_store(folder: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    path = Path(tempfile.mkdtemp(prefix="mlflow-template-")) / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()  # creates the schema
-    return path
+    MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}").search_experiments()  # creates the schema
+
+
+@cache
+def _empty_tracking_store() -> Path:
+    """An MLflow SQLite store with MLflow's schema and nothing else, made once per test session."""
+    return shared_folder("mlflow-empty-store", _create_empty_tracking_store) / "mlflow.db"
 
 
 def tracking_store(folder: Path) -> Path:

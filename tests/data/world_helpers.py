@@ -1,14 +1,11 @@
-"""Shared by the data tests: a tiny generated world (written once per test process), the model
+"""Shared by the data tests: a tiny generated world (written once per test session), the model
 config the loader targets, loader configs, and bitwise comparison of packed batches."""
 
 from __future__ import annotations
 
-import atexit
 import functools
 import importlib.util
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +14,7 @@ from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfi
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
 from megatron_cosmos3.model.packed_batch import PackedBatch
 from megatron_cosmos3.tasks.registry import TASK_REGISTRY
+from megatron_cosmos3.testing.shared_cache import shared_folder
 from megatron_cosmos3.testing.training import tiny_mot_config
 
 DATA_PIPELINES = Path(__file__).resolve().parents[2] / "data_pipelines"
@@ -47,24 +45,26 @@ def model_config() -> MoTConfig:
 
 @functools.cache
 def tiny_world(samples: int = 48, shard_size: int = 6, video_format: str = "npy") -> dict[str, Path]:
-    """A 32x32, 1 s generated world: {"raw": dir, "latent": dir} (pooled latents), once per process;
+    """A 32x32, 1 s generated world: {"raw": dir, "latent": dir} (pooled latents), made once per
+    test session (``shared_folder``: the test workers share it; tests only read it);
     ``video_format="mp4"``: raw video as mp4 with its audio muxed in."""
     from megatron_cosmos3.world.world import WorldConfig
 
-    generate_world = load_script("generate_world")
-    root = Path(tempfile.mkdtemp(prefix="cosmos3_world_"))
-    atexit.register(shutil.rmtree, root, True)
-    return generate_world.write_world(
-        root,
-        samples,
-        seed=7,
-        config=WorldConfig(resolution=32, duration_s=1.0),
-        shard_size=shard_size,
-        latents="pooled",
-        video_latent_channels=VIDEO_LATENT_CHANNELS,
-        audio_latent_dim=AUDIO_LATENT_DIM,
-        video_format=video_format,
-    )
+    def make(root: Path) -> None:
+        load_script("generate_world").write_world(
+            root,
+            samples,
+            seed=7,
+            config=WorldConfig(resolution=32, duration_s=1.0),
+            shard_size=shard_size,
+            latents="pooled",
+            video_latent_channels=VIDEO_LATENT_CHANNELS,
+            audio_latent_dim=AUDIO_LATENT_DIM,
+            video_format=video_format,
+        )
+
+    root = shared_folder(f"world-{samples}-{shard_size}-{video_format}", make)
+    return {"raw": root / "raw", "latent": root / "latent"}
 
 
 def data_config(
