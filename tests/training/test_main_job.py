@@ -26,7 +26,7 @@ def run_trainer(tmp_path: Path, *overrides: str, nproc: int = 2) -> subprocess.C
                 str(REPO / "data_pipelines/generate_world.py"),
                 str(world),
                 "--samples",
-                "32",
+                "16",
                 "--shard-size",
                 "4",
                 "--resolution",
