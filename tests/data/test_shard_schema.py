@@ -172,3 +172,23 @@ def test_keys_with_folders_are_written_and_read_back_and_unsafe_keys_are_refused
     for bad in ("", "a.b", "clips/", "/abs/a", "../a", "x/../../a"):
         with pytest.raises(ValueError, match="sample key"):
             encode_sample(Sample(key=bad, caption="words"))
+
+
+@pytest.mark.parametrize(
+    ("data_hz", "model_hz", "refused"),
+    [(10.0, 15.0, True), (30.0, 29.97, True), (29.97, 30000 / 1001, False), (20, 20.0, False), (7.5, 7.5, False)],
+)
+def test_actions_at_another_rate_than_the_models_embodiment_are_refused_naming_both(data_hz, model_hz, refused):
+    """A rate within ACTION_RATE_TOLERANCE is the model's (29.97 and 30000/1001 Hz); 30 and 29.97 Hz are not."""
+    sample = Sample(
+        key="arm", instruction="go", actions=np.zeros((4, 19), np.float32), embodiment="single_arm",
+        action_rate_hz=data_hz,
+    )  # fmt: skip
+    context = SchemaContext({"single_arm": 19}, action_rates={"single_arm": model_hz})
+    if refused:
+        message = rf"'arm': its 'single_arm' actions are sampled at {data_hz:g} Hz .*single_arm.rate_hz={model_hz:g}:"
+        with pytest.raises(LoaderSetupError, match=message):
+            decode_sample(encode_sample(sample), context)
+    else:
+        assert decode_sample(encode_sample(sample), context).action_rate_hz == data_hz
+    assert decode_sample(encode_sample(sample), SchemaContext({"single_arm": 19})).action_rate_hz == data_hz
