@@ -13,9 +13,10 @@ observation.png        the picture the Reasoner sees through the ViT (a policy's
                        >= one ViT token (32 px); when absent, the image or the video's first frame
                        is used (also ``.jpg``, ``.webp``).
 video.npy              (T, H, W, 3) uint8 RGB frames, T >= 1, H and W >= one video token; needs ``fps``.
-video.mp4              a video file (also ``video.mov``, ``.webm``, ``.mkv``; ``data/media_files.py``):
-                       its frame rate and duration from the file, its audio stream used as the
-                       sample's audio when there is no audio file. One video field per sample.
+video.mp4              a video file (also ``video.mov``, ``.m4v``, ``.webm``, ``.mkv``, ``.avi``;
+                       ``data/media_files.py``): its frame rate and duration from the file, its
+                       audio stream used as the sample's audio when there is no audio file. One
+                       video field per sample.
 audio.wav              WAV (PCM or float), any rate (resampled to 48 kHz to encode); more than two
                        channels, another encoding (mu-law, A-law, ADPCM) or RF64, are decoded to
                        48 kHz stereo by FFmpeg, as compressed files are;
