@@ -317,9 +317,9 @@ def _pyav_video(path, codec: str, frames: np.ndarray) -> None:
 
 
 def test_every_file_of_a_video_folder_is_ingested_or_a_counted_skip(tmp_path):
-    """.m4v (the mp4 container) and .avi files are ingested as they are, and decode to their frames;
-    an MPEG-TS file (nothing in it says how long it is: a cut one would pass) and a file that is no
-    video are skipped, counted and logged; caption sidecars are read, not counted."""
+    """.m4v (the mp4 container), .avi, .mkv and .webm files are ingested as they are, and decode to
+    their frames; an MPEG-TS file (nothing in it says how long it is: a cut one would pass) and a
+    file that is no video are skipped, counted and logged; caption sidecars are read, not counted."""
     ingest = load_script("ingest_videos")
     folder = tmp_path / "videos"
     folder.mkdir()
@@ -329,13 +329,15 @@ def test_every_file_of_a_video_folder_is_ingested_or_a_counted_skip(tmp_path):
     (folder / "b.txt").write_text("a ramp")
     _pyav_video(folder / "c.avi", "mpeg4", frames)
     _pyav_video(folder / "d.ts", "libx264", frames)
+    _pyav_video(folder / "e.mkv", "libx264", frames)
+    _pyav_video(folder / "f.webm", "libvpx-vp9", frames)
     (folder / "d.json").write_text("{}")  # the sidecar of a skipped video is not counted again
     (folder / "notes.md").write_text("how these were filmed")
     skipped = ingest.ingest_videos(folder, tmp_path / "shards", shard_size=8)
     assert skipped == {"unsupported_container": 1, "not_a_video": 1}
     index = ShardIndex.load(tmp_path / "shards")
     samples = {raw["__key__"]: raw for shard in index.shards for raw in read_shard(shard.url)}
-    assert sorted(samples) == ["00000000_a", "00000001_b", "00000002_c"]
+    assert sorted(samples) == ["00000000_a", "00000001_b", "00000002_c", "00000003_e", "00000004_f"]
     assert "video.m4v" in samples["00000001_b"] and "video.avi" in samples["00000002_c"]
     for key in samples:
         sample = decode_sample(samples[key])
