@@ -52,8 +52,9 @@ steps. So a frame or a step of difference, as npy/WAV shards written before have
 Anything else is an ``extra_field``; a field missing what it needs, a ``missing_field``. Pixels
 and audio may come with their latents (latents win); a sample needs text or some media.
 
-Ranges (``out_of_range`` outside them; the bounds are the constants below): ``fps`` in
-FPS_RANGE and ``action_rate_hz`` in ACTION_RATE_RANGE_HZ (they set the temporal RoPE step, 6 units
+``fps``, ``action_rate_hz`` and ``duration_s`` are numbers or fractions "30000/1001" (as ffprobe
+writes frame rates; ``rate_value``). Ranges (``out_of_range`` outside them; the bounds are the
+constants below): ``fps`` in FPS_RANGE and ``action_rate_hz`` in ACTION_RATE_RANGE_HZ (they set the temporal RoPE step, 6 units
 per second: 1e-9 fps would put frames 1e11 units apart, 1e12 fps all at 0), ``duration_s`` in
 DURATION_RANGE_S, latent grid sides and ``audio_num_samples`` at most MAX_GRID_SIDE and
 MAX_AUDIO_SAMPLES, the sample rate of any sound in AUDIO_RATE_RANGE_HZ. Float arrays (actions, latents) may be
@@ -299,15 +300,29 @@ def _fail(reason: str, detail: str):
     raise SampleError(reason, detail)
 
 
+def rate_value(value) -> float | None:
+    """A rate or length as metadata and requests give it: a number, a ``Fraction`` or a string
+    "30000/1001" / "29.97" (as ffprobe writes frame rates) -> a float > 0, or None when it is none
+    (a boolean, NaN, infinite, <= 0, another type or string). The float of 30000/1001 is read back
+    exactly where steps are counted (``tasks.layout.exact``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Fraction, str)):
+        return None
+    try:
+        number = float(Fraction(value.strip()) if isinstance(value, str) else value)
+    except (ValueError, ZeroDivisionError, OverflowError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
 def _positive_number(meta: dict, name: str, needed_by: str, bounds: tuple[float, float]) -> float:
     if name not in meta:
         _fail(MISSING_FIELD, f"{needed_by} needs meta.json '{name}'")
-    value = meta[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        _fail(BAD_METADATA, f"meta.json '{name}' must be a positive number, got {value!r}")
+    value = rate_value(meta[name])
+    if value is None:
+        _fail(BAD_METADATA, f"meta.json '{name}' must be a positive number or fraction 'N/D', got {meta[name]!r}")
     if not bounds[0] <= value <= bounds[1]:
-        _fail(OUT_OF_RANGE, f"meta.json '{name}'={value!r} is outside [{bounds[0]}, {bounds[1]}]")
-    return float(value)
+        _fail(OUT_OF_RANGE, f"meta.json '{name}'={meta[name]!r} is outside [{bounds[0]}, {bounds[1]}]")
+    return value
 
 
 def _grid(meta: dict, name: str, needed_by: str) -> tuple[int, int, int]:

@@ -30,7 +30,7 @@ from megatron_cosmos3.data.clips import check_clip_bytes
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.latent_encoders import LatentEncoder, encodable_pixels
 from megatron_cosmos3.data.sample_builder import BuildLimits, BuiltSample, SampleBuilder
-from megatron_cosmos3.data.schema import DURATION_RANGE_S, FPS_RANGE, Sample
+from megatron_cosmos3.data.schema import DURATION_RANGE_S, FPS_RANGE, Sample, rate_value
 from megatron_cosmos3.data.tokenizer import Tokenizer
 from megatron_cosmos3.data.vision_features import vision_featurizer
 from megatron_cosmos3.encoders.action_normalization import ActionStats
@@ -61,6 +61,7 @@ class GenerationRequest:
     task: a task of ``tasks/registry.py`` with DM targets. prompt: the caption / instruction.
     image: (H, W, 3) uint8 — the first frame a clip continues, and the observation a policy sees.
     video: (T, H, W, 3) uint8 at ``fps`` — the conditioning clip (all of it, or its past).
+    fps: a number, or a fraction (``Fraction(30000, 1001)``, "30000/1001") kept as its float.
     audio / audio_sample_rate: (channels, samples) float32 at that rate — conditioning audio.
     actions: (N, dim) float32 pseudo-actions of ``embodiment``, un-normalised — conditioning actions.
     embodiment: whose actions are conditioned on or generated.
@@ -88,6 +89,11 @@ class GenerationRequest:
     solver: str = "euler"
     guidance: float = 1.0
     shift: float = 1.0
+
+    def __post_init__(self) -> None:
+        # A rate given as a fraction (30000/1001, "24000/1001") is its float: exact() reads it back.
+        if isinstance(self.fps, (Fraction, str)) and rate_value(self.fps) is not None:
+            self.fps = rate_value(self.fps)
 
     @property
     def sampler(self) -> SamplerConfig:
@@ -317,7 +323,7 @@ def prepare_request(request: GenerationRequest, builder: SampleBuilder) -> Prepa
     if not task.dm:
         raise _error(request, "has no DM targets to generate (text generation is the Reasoner's)")
     _ = request.sampler  # validates solver, steps and shift
-    if not (math.isfinite(request.fps) and request.fps > 0):
+    if isinstance(request.fps, (bool, str)) or not (math.isfinite(request.fps) and request.fps > 0):
         raise _error(request, f"fps must be a positive number, got {request.fps!r}")
     if not FPS_RANGE[0] <= request.fps <= FPS_RANGE[1]:  # the rates training data may have (the RoPE step)
         raise _error(request, f"fps={request.fps!r} is outside [{FPS_RANGE[0]}, {FPS_RANGE[1]}], the shards' range")

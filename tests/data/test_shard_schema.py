@@ -3,6 +3,7 @@ them; shards are reproducible; any URL WebDataset opens (file:, pipe:) reads the
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -192,3 +193,16 @@ def test_actions_at_another_rate_than_the_models_embodiment_are_refused_naming_b
     else:
         assert decode_sample(encode_sample(sample), context).action_rate_hz == data_hz
     assert decode_sample(encode_sample(sample), SchemaContext({"single_arm": 19})).action_rate_hz == data_hz
+
+
+def test_a_frame_rate_in_meta_json_may_be_a_fraction_as_ffprobe_writes_it():
+    sample = Sample(key="ntsc", caption="x", video_latents=np.zeros((2, 16), np.float32), video_latent_grid=(2, 1, 1))
+    for fps, read in (("30000/1001", 30000 / 1001), ("24000/1001", 24000 / 1001), (" 59.94 ", 59.94), (25, 25.0)):
+        written = encode_sample(replace(sample, fps=30.0))
+        meta = json.loads(written["meta.json"])
+        written["meta.json"] = json.dumps({**meta, "fps": fps}).encode()
+        assert decode_sample(written, SchemaContext(video_token_dim=16)).fps == read
+    for fps in ("fast", "30000/0", "-30", True, "nan"):
+        written["meta.json"] = json.dumps({**meta, "fps": fps}).encode()
+        with pytest.raises(SampleError, match=r"bad_metadata: meta.json 'fps' must be a positive number or fraction"):
+            decode_sample(written, SchemaContext(video_token_dim=16))

@@ -409,3 +409,18 @@ def test_generated_actions_are_as_many_steps_as_training_keeps_of_the_clip(fps, 
         audio = dict(prepare_request(sound, builder).conditional.sample.dm_streams)["audio"].shape[0]
         assert generated == trained == want, length
         assert audio == trained_audio == math.ceil(seconds * 25), length
+
+
+@pytest.mark.parametrize("fps", [Fraction(30000, 1001), "24000/1001"])
+def test_a_frame_rate_given_as_a_fraction_is_generated_and_written_as_that_rate(fps, model, builder, tmp_path):
+    """30000/1001 given as a Fraction or as ffprobe writes it: the request generates what its float
+    does, and the mp4 and its sidecar state the exact rate (the sidecar's JSON could not hold a Fraction)."""
+    from megatron_cosmos3.inference.media_outputs import sidecar_path, write_generated_sample
+
+    rate = float(Fraction(fps))
+    result = generate(model, [request_for("text_to_audio_video", fps=fps, steps=1)], builder)[0]
+    same = generate(model, [request_for("text_to_audio_video", fps=rate, steps=1)], builder)[0]
+    assert result.sample.video.fps == rate and torch.equal(result.sample.video.tokens, same.sample.video.tokens)
+    write_generated_sample(tmp_path, result.sample, result.record("ckpt", 1), builder.latent_encoder)
+    media = json.loads(sidecar_path(tmp_path / "video.mp4").read_text())["media"]
+    assert media["fps_fraction"] == str(Fraction(fps)) and media["frame_count"] == 5

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from megatron_cosmos3.data.media_writers import write_mp4, write_png, write_wav
-from megatron_cosmos3.inference.requests import required_inputs
+from megatron_cosmos3.inference.requests import GenerationRequest, required_inputs
 from megatron_cosmos3.release.generate_cli import RequestError, main, read_requests, run_requests
 from megatron_cosmos3.release.trained import load_trained_model
 from megatron_cosmos3.tasks.registry import TASK_REGISTRY
@@ -234,6 +234,8 @@ def test_a_bad_request_is_a_clear_error_and_writes_nothing(checkpoint, inputs, t
         (b'{"task": "text_to_video", "num_frames": 1e308}', ":1: num_frames=1e+308 must be an integer"),
         (b'{"task": "text_to_video", "duration_s": "1"}', ":1: duration_s='1' must be a finite number"),
         (b'{"task": "text_to_video", "guidance": "2"}', ":1: guidance='2' must be a finite number"),
+        (b'{"task": "text_to_video", "fps": "fast"}', ":1: fps='fast' must be a finite number"),
+        (b'{"task": "text_to_video", "fps": "30000/0"}', ":1: fps='30000/0' must be a finite number"),
         (b'{"task": "understanding", "max_new_tokens": 1.5}', ":1: max_new_tokens=1.5 must be an integer"),
         (b'{"task": "image_to_video", "image": ["a.png"]}', ":1: image=['a.png'] must be a string"),
         (b'{"task": "text_to_image", "resolution": [32.7, 32]}', ":1: resolution=[32.7, 32]: expected HEIGHTxWIDTH"),
@@ -249,6 +251,13 @@ def test_a_crafted_requests_file_is_an_error_naming_its_line_and_field(tmp_path,
     with pytest.raises(RequestError) as error:
         read_requests(tmp_path / "requests.jsonl")
     assert message in str(error.value)
+
+
+def test_a_frame_rate_may_be_a_fraction_as_ffprobe_writes_it(tmp_path):
+    path = tmp_path / "requests.jsonl"
+    path.write_text('{"task": "text_to_video", "fps": "30000/1001"}\n{"task": "text_to_video", "fps": 59.94}\n')
+    requests = [GenerationRequest(**spec.generation_settings()) for spec in read_requests(path)]
+    assert [request.fps for request in requests] == [30000 / 1001, 59.94]
 
 
 def test_a_byte_order_mark_and_crlf_lines_are_read(tmp_path):
