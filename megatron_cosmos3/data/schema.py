@@ -54,8 +54,9 @@ and audio may come with their latents (latents win); a sample needs text or some
 
 ``fps``, ``action_rate_hz`` and ``duration_s`` are numbers or fractions "30000/1001" (as ffprobe
 writes frame rates; ``rate_value``). Ranges (``out_of_range`` outside them; the bounds are the
-constants below): ``fps`` in FPS_RANGE and ``action_rate_hz`` in ACTION_RATE_RANGE_HZ (they set the temporal RoPE step, 6 units
-per second: 1e-9 fps would put frames 1e11 units apart, 1e12 fps all at 0), ``duration_s`` in
+constants below): ``fps`` in FPS_RANGE and ``action_rate_hz`` in ACTION_RATE_RANGE_HZ (they set
+the temporal RoPE step, 6 units per second: 1e-9 fps would put frames 1e11 units apart, 1e12 fps
+all at 0), ``duration_s`` in
 DURATION_RANGE_S, latent grid sides and ``audio_num_samples`` at most MAX_GRID_SIDE and
 MAX_AUDIO_SAMPLES, the sample rate of any sound in AUDIO_RATE_RANGE_HZ. Float arrays (actions, latents) may be
 float16/32/64; after the cast to float32 every value must be finite and within MAX_ABS_VALUE (so
