@@ -129,8 +129,9 @@ def test_every_mode_writes_media_of_the_right_shape_duration_and_rate(generated,
         assert (rate, channels) == (48000, 2) and seconds == pytest.approx(9 / FPS, abs=0.04), task
         muxed = ffprobe_streams(out[task] / "video.mp4")["audio"]
         assert float(muxed["duration"]) == pytest.approx(9 / FPS, abs=0.04), task
-    # Actions at the arm's rate for the clip's length; integrated poses and their plot.
-    for task, steps in (("policy", 10), ("policy_with_future", round(9 / FPS * ARM_RATE)), ("inverse_dynamics", 11)):
+    # The arm's steps that start in the clip (training's count); integrated poses and their plot. policy:
+    # 1 s at the default 24 fps is 25 frames, 10.42 steps; the others 9 frames at 8 fps, 11.25 steps.
+    for task, steps in (("policy", 11), ("policy_with_future", 12), ("inverse_dynamics", 12)):
         actions = np.load(out[task] / "actions.npy")
         assert actions.shape == (steps, ARM_DIM) and np.isfinite(actions).all(), task
         assert np.load(out[task] / "poses.npy").shape[0] == steps + 1
@@ -334,7 +335,7 @@ def test_one_request_from_the_flags(checkpoint, inputs, tmp_path):
     argv += ["--video", str(inputs / "clip.mp4"), "--embodiment", "single_arm", "--solver", "heun", "--seed", "4"]
     assert main(argv) == 0
     folder = tmp_path / "000_inverse_dynamics"
-    assert np.load(folder / "actions.npy").shape == (11, ARM_DIM)  # 9 frames at the clip's 8 fps, 10 Hz
+    assert np.load(folder / "actions.npy").shape == (12, ARM_DIM)  # 9 frames at the clip's 8 fps: 11.25 steps at 10 Hz
     meta = json.loads((folder / "actions.meta.json").read_text())
     assert (meta["solver"], meta["seed"], meta["settings"]["fps"]) == ("heun", 4, FPS)
     assert meta["conditioning"] == {"video": str(inputs / "clip.mp4")}
