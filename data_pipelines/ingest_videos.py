@@ -4,8 +4,13 @@
     python data_pipelines/ingest_videos.py IN_DIR OUT_DIR [--captions captions.jsonl] [--shard-size 64]
         [--task I --tasks N | --processes P]
 
-Every video file under ``IN_DIR`` (``.mp4``, ``.mov``, ``.webm``, ``.mkv``; sorted by relative path) becomes
-one sample that stores the file as it is (``video.<suffix>``, its sound inside: no re-encoding).
+Every video file under ``IN_DIR`` (``.mp4``, ``.mov``, ``.m4v``, ``.webm``, ``.mkv``, ``.avi``; sorted by
+relative path) becomes one sample that stores the file as it is (``video.<suffix>``, its sound inside:
+no re-encoding). Every other file is accounted for: a caption sidecar is read with its video; a video
+in another container (``OTHER_CONTAINERS``: MPEG-TS, MPEG-PS, FLV, ASF/WMV, 3GP, Ogg...) is skipped
+as ``unsupported_container`` (their structure does not say how long they are, so a cut file could
+not be told from a whole one; remux it: ``ffmpeg -i IN -c copy OUT.mkv``) and anything else as
+``not_a_video``, each counted and logged.
 Its caption, the first found of: the ``--captions`` JSONL line ``{"file": "<relative path>",
 "caption": "...", "segments": [{"start_s", "end_s", "text"}]}``; a sidecar ``<stem>.json`` with
 the same keys; a sidecar ``<stem>.txt`` (the caption). Timed ``segments`` become the sample's
@@ -37,6 +42,13 @@ from megatron_cosmos3.data.schema import SCHEMA_VERSION, blank_text, decode_samp
 from megatron_cosmos3.data.shard_writer import ShardWriter, check_split_output, run_split, write_parts
 
 log = logging.getLogger("ingest_videos")
+UNSUPPORTED_CONTAINER, NOT_A_VIDEO = "unsupported_container", "not_a_video"
+# Video containers FFmpeg reads that the shards do not take (module doc).
+OTHER_CONTAINERS = (
+    "ts", "m2ts", "mts", "m2t", "mpg", "mpeg", "m2v", "vob", "flv", "f4v", "wmv", "asf", "3gp", "3g2", "ogv",
+    "mxf", "rm", "rmvb", "divx", "nut", "y4m", "ivf", "h264", "264", "hevc", "265",
+)  # fmt: skip
+CAPTION_SIDECARS = (".json", ".txt")
 # What a sample is checked with before it is written: the whole file's structure, one second decoded.
 CHECK = MediaConfig(clip_seconds=1.0, clip_start="first")
 
@@ -44,6 +56,29 @@ CHECK = MediaConfig(clip_seconds=1.0, clip_start="first")
 def find_videos(in_dir: Path) -> list[Path]:
     """Video files under ``in_dir``, by relative path."""
     return sorted(p for p in in_dir.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in VIDEO_SUFFIXES)
+
+
+def left_out(in_dir: Path, captions: Path | None = None) -> list[tuple[Path, str, str]]:
+    """The files under ``in_dir`` that are neither a video nor a caption sidecar of one, nor the
+    ``captions`` file: (path, reason, detail) by relative path (module doc)."""
+    files = sorted(p for p in in_dir.rglob("*") if p.is_file())
+    containers = VIDEO_SUFFIXES + OTHER_CONTAINERS
+    stems = {p.with_suffix("") for p in files if p.suffix.lower().lstrip(".") in containers}
+    found = []
+    for path in files:
+        suffix = path.suffix.lower().lstrip(".")
+        if suffix in VIDEO_SUFFIXES or (path.suffix.lower() in CAPTION_SIDECARS and path.with_suffix("") in stems):
+            continue
+        if captions is not None and path.resolve() == Path(captions).resolve():
+            continue
+        if suffix in OTHER_CONTAINERS:
+            detail = (
+                f"a .{suffix} file: the shards take {', '.join(VIDEO_SUFFIXES)} (remux: ffmpeg -i IN -c copy OUT.mkv)"
+            )
+            found.append((path, UNSUPPORTED_CONTAINER, detail))
+        else:
+            found.append((path, NOT_A_VIDEO, "not a video file or a caption sidecar of one"))
+    return found
 
 
 def caption_of(video: Path, in_dir: Path, listed: dict[str, dict]) -> dict:
@@ -117,6 +152,10 @@ def ingest_videos(
                 continue
             writer.write_raw(raw, checked.modalities)
 
+    if task == 0:  # counted once, whatever the split
+        for path, reason, detail in left_out(in_dir, captions):
+            skipped[reason] += 1
+            log.warning("%s: skipped: %s: %s", path, reason, detail)
     parts = -(-len(videos) // shard_size)
     write_parts(out_dir, "videos", parts, write_part, task, tasks, shard_size, validate=False)
     return skipped

@@ -135,6 +135,7 @@ class PackedLoader:
             model_config.video_token_dim,
             model_config.audio_latent_dim,
             video_patch_size=model_config.video_patch_size,
+            action_rates={name: e.rate_hz for name, e in model_config.embodiments.items()},
         )
         make_builders = functools.partial(
             _make_builders,

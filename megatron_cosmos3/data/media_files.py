@@ -1,5 +1,5 @@
-"""Compressed media in the shards, decoded with PyAV: video files (``mp4``, ``mov``, ``webm``,
-``mkv``) with the audio stream inside them, and audio files (``flac``, ``mp3``, ``m4a``/``aac``,
+"""Compressed media in the shards, decoded with PyAV: video files (``mp4``, ``mov``, ``m4v``,
+``webm``, ``mkv``, ``avi``) with the audio stream inside them, and audio files (``flac``, ``mp3``, ``m4a``/``aac``,
 ``opus``, ``ogg``).
 
 Only the clip's window is decoded (docs/DESIGN.md, "Real media"): the container seeks to the last
@@ -47,7 +47,8 @@ from megatron_cosmos3.data.errors import (
 from megatron_cosmos3.data.media import AUDIO_RATE_RANGE_HZ, DECODE_ERRORS, missing_wav_bytes
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, to_stereo_48k
 
-VIDEO_SUFFIXES = ("mp4", "mov", "webm", "mkv")
+# Containers whose structure says how long they are, so a cut file is found (``_missing_bytes``).
+VIDEO_SUFFIXES = ("mp4", "mov", "m4v", "webm", "mkv", "avi")
 AUDIO_SUFFIXES = ("flac", "mp3", "m4a", "aac", "opus", "ogg")
 # Decoded from this long before an audio window, and thrown away: a frame of a transform codec
 # (AAC, Opus, MP3) is only exact after its predecessor.
@@ -360,14 +361,32 @@ def _audio_window(
 
 def _missing_bytes(data: bytes, container) -> int:
     """How many bytes the container's own structure declares beyond the end of ``data``: the MP4/MOV
-    index and the samples it lists, the Matroska/WebM segment, the WAV data chunk (0 for other
-    formats: FFmpeg judges them). Bytes after the last box or the segment (a tool's junk, padding) are no part of it."""
+    index and the samples it lists, the Matroska/WebM segment, the AVI's RIFF chunks, the WAV data
+    chunk (0 for other formats: FFmpeg judges them). Bytes after the last box or the segment (a
+    tool's junk, padding) are no part of it."""
     if container.format.name.startswith("mov"):
         return max(_missing_box_bytes(data), _missing_sample_bytes(data, container))
     if container.format.name.startswith("matroska"):
         return _missing_segment_bytes(data)
     if container.format.name == "wav":
         return missing_wav_bytes(data)
+    if container.format.name == "avi":
+        return _missing_riff_bytes(data)
+    return 0
+
+
+def _missing_riff_bytes(data: bytes) -> int:
+    """How many bytes an AVI's top-level RIFF chunks (``AVI `` and OpenDML's ``AVIX`` beyond 1 GB)
+    declare beyond the end of the file (0 when complete; a size of 0 is a recording never finalised:
+    FFmpeg judges it)."""
+    offset = 0
+    while offset + 8 <= len(data) and data[offset : offset + 4] == b"RIFF":
+        size = int.from_bytes(data[offset + 4 : offset + 8], "little")
+        if size == 0:
+            return 0
+        if offset + 8 + size > len(data):
+            return offset + 8 + size - len(data)
+        offset += 8 + size + (size & 1)
     return 0
 
 

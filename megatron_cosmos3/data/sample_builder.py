@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from megatron_cosmos3.encoders.video_vae import VAE_TEMPORAL_FACTOR, encoded_fra
 from megatron_cosmos3.model import positions as pos
 from megatron_cosmos3.model.config import TPS_BASE, MoTConfig
 from megatron_cosmos3.model.packed_batch import IGNORE_INDEX, PackedSample, action_stream_key
-from megatron_cosmos3.tasks.layout import Stream, dm_layout, noise_mask
+from megatron_cosmos3.tasks.layout import Stream, dm_layout, exact, noise_mask
 from megatron_cosmos3.tasks.registry import DEFAULT_QUESTION, TaskSpec
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def within_video(streams: dict[str, Stream]) -> dict[str, Stream]:
     if "video" not in streams:
         return streams
     video = streams["video"]
-    fps = video.tokens_per_second * VAE_TEMPORAL_FACTOR
+    fps = exact(video.tokens_per_second) * VAE_TEMPORAL_FACTOR
     seconds = encoded_frame_count(video.first_temporal_index + video.num_steps) / fps
     return {name: s.first_seconds(seconds) if name in ("audio", "actions") else s for name, s in streams.items()}
 
@@ -202,7 +203,7 @@ class SampleBuilder:
         """The task's DM spans, cropped in time if needed (module doc); (spans, cropped)."""
         limit = self.limits.max_sample_tokens
 
-        def spans_within(seconds: float | None):
+        def spans_within(seconds: Fraction | None):
             cut = (
                 streams
                 if seconds is None
@@ -222,7 +223,7 @@ class SampleBuilder:
         if spans is not None:
             return spans, False
         temporal = [s for name, s in streams.items() if name != "image"]
-        cuts = sorted({k / s.tokens_per_second for s in temporal for k in range(1, s.num_steps + 1)})
+        cuts = sorted({k / exact(s.tokens_per_second) for s in temporal for k in range(1, s.num_steps + 1)})
         low, high, best = 0, len(cuts) - 1, None
         while low <= high:  # the token count grows with the duration: bisect for the longest that fits
             middle = (low + high) // 2

@@ -13,9 +13,10 @@ observation.png        the picture the Reasoner sees through the ViT (a policy's
                        >= one ViT token (32 px); when absent, the image or the video's first frame
                        is used (also ``.jpg``, ``.webp``).
 video.npy              (T, H, W, 3) uint8 RGB frames, T >= 1, H and W >= one video token; needs ``fps``.
-video.mp4              a video file (also ``video.mov``, ``.webm``, ``.mkv``; ``data/media_files.py``):
-                       its frame rate and duration from the file, its audio stream used as the
-                       sample's audio when there is no audio file. One video field per sample.
+video.mp4              a video file (also ``video.mov``, ``.m4v``, ``.webm``, ``.mkv``, ``.avi``;
+                       ``data/media_files.py``): its frame rate and duration from the file, its
+                       audio stream used as the sample's audio when there is no audio file. One
+                       video field per sample.
 audio.wav              WAV (PCM or float), any rate (resampled to 48 kHz to encode); more than two
                        channels, another encoding (mu-law, A-law, ADPCM) or RF64, are decoded to
                        48 kHz stereo by FFmpeg, as compressed files are;
@@ -51,9 +52,11 @@ steps. So a frame or a step of difference, as npy/WAV shards written before have
 Anything else is an ``extra_field``; a field missing what it needs, a ``missing_field``. Pixels
 and audio may come with their latents (latents win); a sample needs text or some media.
 
-Ranges (``out_of_range`` outside them; the bounds are the constants below): ``fps`` in
-FPS_RANGE and ``action_rate_hz`` in ACTION_RATE_RANGE_HZ (they set the temporal RoPE step, 6 units
-per second: 1e-9 fps would put frames 1e11 units apart, 1e12 fps all at 0), ``duration_s`` in
+``fps``, ``action_rate_hz`` and ``duration_s`` are numbers or fractions "30000/1001" (as ffprobe
+writes frame rates; ``rate_value``). Ranges (``out_of_range`` outside them; the bounds are the
+constants below): ``fps`` in FPS_RANGE and ``action_rate_hz`` in ACTION_RATE_RANGE_HZ (they set
+the temporal RoPE step, 6 units per second: 1e-9 fps would put frames 1e11 units apart, 1e12 fps
+all at 0), ``duration_s`` in
 DURATION_RANGE_S, latent grid sides and ``audio_num_samples`` at most MAX_GRID_SIDE and
 MAX_AUDIO_SAMPLES, the sample rate of any sound in AUDIO_RATE_RANGE_HZ. Float arrays (actions, latents) may be
 float16/32/64; after the cast to float32 every value must be finite and within MAX_ABS_VALUE (so
@@ -63,7 +66,10 @@ of only whitespace or control characters (``blank_text``) is no text, as if the 
 
 Video and image latents made with another token patch than the model's (``SchemaContext.video_patch_size``,
 the model config's ``video_patch_size``) are not a bad sample but a run set up wrong: a
-``LoaderSetupError`` naming both sizes stops it (docs/DESIGN.md, "Model shapes").
+``LoaderSetupError`` naming both sizes stops it (docs/DESIGN.md, "Model shapes"). So are actions
+sampled at another rate than the model's embodiment (``SchemaContext.action_rates``, the model's
+``embodiments.<name>.rate_hz``; within ``ACTION_RATE_TOLERANCE``): the model would learn them at
+the data's rate and generate at its own.
 """
 
 from __future__ import annotations
@@ -72,6 +78,7 @@ import math
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 
@@ -111,6 +118,7 @@ from megatron_cosmos3.encoders.video_vae import (
     num_latent_frames,
     pixels_per_token,
 )
+from megatron_cosmos3.tasks.layout import exact
 from megatron_cosmos3.tasks.registry import Modality
 
 SCHEMA_VERSION = 1
@@ -121,6 +129,9 @@ DURATION_RANGE_S = (1e-3, 86_400.0)
 MAX_GRID_SIDE = 65_536
 MAX_AUDIO_SAMPLES = 48_000 * 86_400
 MAX_ABS_VALUE = 1e6
+# Relative difference within which a dataset's action rate is the model's: 29.97 Hz and 30000/1001
+# Hz (3e-5 Hz apart) are one rate; 30 and 29.97 Hz drift a step apart in 33 s.
+ACTION_RATE_TOLERANCE = Fraction(1, 10**5)
 # Unicode categories of characters that say nothing (``blank_text``): control, format, separators.
 BLANK_CATEGORIES = ("Cc", "Cf", "Zs", "Zl", "Zp")
 PICTURE_SUFFIXES = ("png", "jpg", "webp")
@@ -217,6 +228,8 @@ class SchemaContext:
     video_token_dim / audio_latent_dim: widths of pre-encoded latents.
     video_patch_size: latent cells per video token, each side (the model config's): the smallest
         picture or frame side is one token, and pre-encoded latents must have been made with it.
+    action_rates: embodiment name -> the model's action rate (Hz); a sample's actions at another are
+        a LoaderSetupError (module doc). None: not checked.
     """
 
     embodiments: Mapping[str, int] | None = None
@@ -226,6 +239,7 @@ class SchemaContext:
     # embodiment at any width; the loader never does.
     any_embodiment: bool = False
     video_patch_size: int = TOKEN_PATCH
+    action_rates: Mapping[str, float] | None = None
 
     def action_dim(self, embodiment: str) -> int | None:
         known = self.embodiments if self.embodiments is not None else {k: v.dim for k, v in ACTION_LAYOUTS.items()}
@@ -287,15 +301,29 @@ def _fail(reason: str, detail: str):
     raise SampleError(reason, detail)
 
 
+def rate_value(value) -> float | None:
+    """A rate or length as metadata and requests give it: a number, a ``Fraction`` or a string
+    "30000/1001" / "29.97" (as ffprobe writes frame rates) -> a float > 0, or None when it is none
+    (a boolean, NaN, infinite, <= 0, another type or string). The float of 30000/1001 is read back
+    exactly where steps are counted (``tasks.layout.exact``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Fraction, str)):
+        return None
+    try:
+        number = float(Fraction(value.strip()) if isinstance(value, str) else value)
+    except (ValueError, ZeroDivisionError, OverflowError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
 def _positive_number(meta: dict, name: str, needed_by: str, bounds: tuple[float, float]) -> float:
     if name not in meta:
         _fail(MISSING_FIELD, f"{needed_by} needs meta.json '{name}'")
-    value = meta[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        _fail(BAD_METADATA, f"meta.json '{name}' must be a positive number, got {value!r}")
+    value = rate_value(meta[name])
+    if value is None:
+        _fail(BAD_METADATA, f"meta.json '{name}' must be a positive number or fraction 'N/D', got {meta[name]!r}")
     if not bounds[0] <= value <= bounds[1]:
-        _fail(OUT_OF_RANGE, f"meta.json '{name}'={value!r} is outside [{bounds[0]}, {bounds[1]}]")
-    return float(value)
+        _fail(OUT_OF_RANGE, f"meta.json '{name}'={meta[name]!r} is outside [{bounds[0]}, {bounds[1]}]")
+    return value
 
 
 def _grid(meta: dict, name: str, needed_by: str) -> tuple[int, int, int]:
@@ -326,6 +354,22 @@ def _latent_patch(meta: dict, key: str, model_patch: int) -> int:
             "encode the shards again at the model's size (data_pipelines/encode_shards.py --video-patch-size)"
         )
     return patch
+
+
+def _check_action_rate(sample: Sample, context: SchemaContext) -> None:
+    """LoaderSetupError unless ``sample``'s actions are at its embodiment's rate in the model (module doc)."""
+    rates = context.action_rates or {}
+    model_rate = rates.get(sample.embodiment)
+    if model_rate is None:
+        return
+    if abs(exact(sample.action_rate_hz) - exact(model_rate)) > exact(model_rate) * ACTION_RATE_TOLERANCE:
+        name = sample.embodiment
+        raise LoaderSetupError(
+            f"sample {sample.key!r}: its {name!r} actions are sampled at {sample.action_rate_hz:g} Hz (meta.json "
+            f"'action_rate_hz'), but model.embodiments.{name}.rate_hz={model_rate:g}: the model would learn them at "
+            f"{sample.action_rate_hz:g} Hz and generate at {model_rate:g}; set the embodiment's rate_hz to the "
+            "dataset's, or give the dataset another embodiment"
+        )
 
 
 def _float_rows(array: np.ndarray, name: str, width: int | None, rows: int | None = None) -> np.ndarray:
@@ -506,6 +550,7 @@ def decode_sample(
         if width is None and not context.any_embodiment:
             _fail(UNKNOWN_EMBODIMENT, f"embodiment {sample.embodiment!r} is not one the model knows")
         sample.action_rate_hz = _positive_number(meta, "action_rate_hz", "actions.npy", ACTION_RATE_RANGE_HZ)
+        _check_action_rate(sample, context)
         actions = _float_rows(media.decode_npy(files["actions.npy"], "actions.npy"), "actions.npy", width)
     elif "embodiment" in meta or "action_rate_hz" in meta:
         _fail(MISSING_FIELD, "meta.json names an embodiment / action rate but the sample has no actions.npy")

@@ -104,8 +104,9 @@ class ShardProcessor:
                     result.samples.append((index, self._build(builder, raw, address, index)))
                 except SampleError as error:
                     result.skips.append(Skip(info.url, raw["__key__"], error.reason, error.detail))
-                except LoaderSetupError:
-                    raise
+                except LoaderSetupError as error:  # the run is set up wrong for this dataset: stop, naming it
+                    name = self.schedule.sources[address.dataset].name
+                    raise LoaderSetupError(f"dataset {name!r} (shard {info.url}): {error}") from None
                 except Exception as error:  # noqa: BLE001 - one sample must not stop the run; logged in full
                     log.exception("internal error on sample %s of %s", raw.get("__key__"), info.url)
                     detail = f"{type(error).__name__}: {error}"

@@ -115,8 +115,8 @@ class ModelPolicy:
     """The model's policy: each decision becomes a ``policy`` request (module doc), all of a round
     generated together. ``builder``: the run's ``requests.generation_builder`` (its action
     statistics un-normalise the chunk). ``chunk_s``: the clip the request asks for (the actions
-    generated: round(rate x clip) of them); ``steps``/``solver``/``guidance``: the sampler.
-    ``plan``/``trained_tasks``: as ``generate`` takes them."""
+    generated: the steps that start in it, ``tasks.layout.steps_before``); ``steps``/``solver``/
+    ``guidance``: the sampler. ``plan``/``trained_tasks``: as ``generate`` takes them."""
 
     def __init__(
         self,

@@ -11,8 +11,9 @@ task's ``DMRole`` spans.
 Clip length: the target's video latent frames T come from ``num_frames`` (1 + 4k pixel frames), else
 ``duration_s`` (the nearest 1 + 4k frames at ``fps``), else the given video (its length when it is
 the whole conditioning, twice it when it is the past of a forward-dynamics clip). The clip lasts
-D = frames / fps; audio gets ceil(25 D) tokens (round(48000 D) samples) and actions round(rate D)
-steps at their embodiment's rate, as the training data lays them out.
+D = frames / fps; audio gets ceil(25 D) tokens (round(48000 D) samples) and actions ceil(rate D)
+steps at their embodiment's rate (``tasks.layout.steps_before``: the steps that start while the
+frames show), as training cuts a clip's audio and actions to its encoded frames.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ from megatron_cosmos3.data.clips import check_clip_bytes
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.latent_encoders import LatentEncoder, encodable_pixels
 from megatron_cosmos3.data.sample_builder import BuildLimits, BuiltSample, SampleBuilder
-from megatron_cosmos3.data.schema import DURATION_RANGE_S, FPS_RANGE, Sample
+from megatron_cosmos3.data.schema import DURATION_RANGE_S, FPS_RANGE, Sample, rate_value
 from megatron_cosmos3.data.tokenizer import Tokenizer
 from megatron_cosmos3.data.vision_features import vision_featurizer
 from megatron_cosmos3.encoders.action_normalization import ActionStats
@@ -42,7 +44,7 @@ from megatron_cosmos3.encoders.video_vae import (
 from megatron_cosmos3.inference.solvers import SamplerConfig
 from megatron_cosmos3.model.config import MoTConfig
 from megatron_cosmos3.model.packed_batch import action_stream_key
-from megatron_cosmos3.tasks.layout import past_frames
+from megatron_cosmos3.tasks.layout import exact, past_frames, steps_before
 from megatron_cosmos3.tasks.registry import TaskSpec, get_task
 
 DEFAULT_FPS = 24.0
@@ -59,6 +61,7 @@ class GenerationRequest:
     task: a task of ``tasks/registry.py`` with DM targets. prompt: the caption / instruction.
     image: (H, W, 3) uint8 — the first frame a clip continues, and the observation a policy sees.
     video: (T, H, W, 3) uint8 at ``fps`` — the conditioning clip (all of it, or its past).
+    fps: a number, or a fraction (``Fraction(30000, 1001)``, "30000/1001") kept as its float.
     audio / audio_sample_rate: (channels, samples) float32 at that rate — conditioning audio.
     actions: (N, dim) float32 pseudo-actions of ``embodiment``, un-normalised — conditioning actions.
     embodiment: whose actions are conditioned on or generated.
@@ -86,6 +89,11 @@ class GenerationRequest:
     solver: str = "euler"
     guidance: float = 1.0
     shift: float = 1.0
+
+    def __post_init__(self) -> None:
+        # A rate given as a fraction (30000/1001, "24000/1001") is its float: exact() reads it back.
+        if isinstance(self.fps, (Fraction, str)) and rate_value(self.fps) is not None:
+            self.fps = rate_value(self.fps)
 
     @property
     def sampler(self) -> SamplerConfig:
@@ -221,8 +229,8 @@ class _Streams:
             raise _error(request, "resolution (height, width) is needed: no picture gives it")
         return size[0] // side, size[1] // side
 
-    def video(self) -> tuple[torch.Tensor, tuple[int, int, int], float]:
-        """The whole clip's tokens (conditioning frames encoded, the rest zeros), grid, duration."""
+    def video(self) -> tuple[torch.Tensor, tuple[int, int, int], Fraction]:
+        """The whole clip's tokens (conditioning frames encoded, the rest zeros), grid, duration (s)."""
         request = self.request
         part = self.clean.get("video")
         pictures = self.conditioning_pictures() if part is not None else None
@@ -257,7 +265,7 @@ class _Streams:
             if given.grid_thw[0] < keep:
                 raise _error(request, f"the conditioning video gives {given.grid_thw[0]} latent frames; {keep} needed")
             tokens[: keep * h * w] = given.tokens[: keep * h * w]
-        return tokens, (t, h, w), frames / request.fps
+        return tokens, (t, h, w), frames / exact(request.fps)
 
     def check_pixels(self, frames: int, h: int, w: int) -> None:
         """The clip decodes to at most clips.MAX_CLIP_BYTES, as any clip of the shards: a crafted
@@ -268,7 +276,7 @@ class _Streams:
         except SampleError as error:
             raise _error(self.request, str(error)) from None
 
-    def actions(self, duration_s: float) -> tuple[torch.Tensor, float]:
+    def actions(self, duration_s: Fraction) -> tuple[torch.Tensor, float]:
         request = self.request
         embodiment = request.embodiment
         if embodiment is None:
@@ -292,11 +300,12 @@ class _Streams:
                 raise _error(
                     request,
                     f"the actions span {span:.3f} s ({actions.shape[0]} steps at {spec.rate_hz:g} Hz, "
-                    f"embodiment {embodiment!r}) but the clip lasts {duration_s:.3f} s; give "
-                    f"{round(duration_s * spec.rate_hz)} steps, or a clip length (num_frames or duration_s) they span",
+                    f"embodiment {embodiment!r}) but the clip lasts {float(duration_s):.3f} s; give "
+                    f"{steps_before(duration_s, spec.rate_hz)} steps, or a clip length (num_frames or duration_s) "
+                    "they span",
                 )
             return torch.from_numpy(actions), spec.rate_hz
-        return torch.zeros(max(1, round(duration_s * spec.rate_hz)), spec.action_dim), spec.rate_hz
+        return torch.zeros(max(1, steps_before(duration_s, spec.rate_hz)), spec.action_dim), spec.rate_hz
 
 
 def delivered_streams(task: TaskSpec) -> set[str]:
@@ -314,7 +323,7 @@ def prepare_request(request: GenerationRequest, builder: SampleBuilder) -> Prepa
     if not task.dm:
         raise _error(request, "has no DM targets to generate (text generation is the Reasoner's)")
     _ = request.sampler  # validates solver, steps and shift
-    if not (math.isfinite(request.fps) and request.fps > 0):
+    if isinstance(request.fps, (bool, str)) or not (math.isfinite(request.fps) and request.fps > 0):
         raise _error(request, f"fps must be a positive number, got {request.fps!r}")
     if not FPS_RANGE[0] <= request.fps <= FPS_RANGE[1]:  # the rates training data may have (the RoPE step)
         raise _error(request, f"fps={request.fps!r} is outside [{FPS_RANGE[0]}, {FPS_RANGE[1]}], the shards' range")
@@ -345,7 +354,7 @@ def prepare_request(request: GenerationRequest, builder: SampleBuilder) -> Prepa
         frames = _num_frames(request)
         if frames is None and not needed <= {"image"}:
             raise _error(request, "the clip length is needed: set num_frames or duration_s")
-        duration = (frames or 1) / request.fps
+        duration = (frames or 1) / exact(request.fps)
     if "audio" in needed:
         if "audio" in streams.clean:
             if request.audio is None or request.audio_sample_rate is None:

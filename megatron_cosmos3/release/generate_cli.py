@@ -34,7 +34,9 @@ import torch
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.latent_encoders import latent_encoder_from_config
 from megatron_cosmos3.data.media import decode_image, decode_npy, decode_wav
+from megatron_cosmos3.data.media_files import VIDEO_SUFFIXES as VIDEO_FILE_SUFFIXES
 from megatron_cosmos3.data.media_files import decode_video_file
+from megatron_cosmos3.data.schema import rate_value
 from megatron_cosmos3.encoders.action_normalization import ActionStats, merge_action_stats
 from megatron_cosmos3.inference.generation import generate
 from megatron_cosmos3.inference.media_outputs import GeneratedSample, GenerationRecord, write_generated_sample
@@ -49,7 +51,7 @@ from megatron_cosmos3.training.distributed import init_distributed
 log = logging.getLogger("cosmos3-generate")
 
 TEXT_TASKS = tuple(name for name, spec in TASK_REGISTRY.items() if not spec.dm)
-VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov")
+VIDEO_SUFFIXES = tuple(f".{suffix}" for suffix in VIDEO_FILE_SUFFIXES)  # the shards' video files
 
 
 class RequestError(ValueError):
@@ -127,9 +129,12 @@ class RequestSpec:
 
 def _check_kind(key: str, value: Any, kind: type | None, where: str) -> None:
     """RequestError naming the field unless ``value`` is a JSON value of ``kind``: a string, an
-    integer (not a boolean) or a finite number (None: any, checked elsewhere)."""
+    integer (not a boolean) or a finite number (None: any, checked elsewhere); fps may also be a
+    fraction "N/D"."""
     if kind is None:
         return
+    if key == "fps" and isinstance(value, str):  # "30000/1001", as ffprobe writes a frame rate
+        kind = str if rate_value(value) is not None else float
     if kind is str:
         ok = isinstance(value, str)
     elif kind is int:
@@ -396,7 +401,7 @@ def task_table() -> str:
     lines.append(
         textwrap.dedent(
             """
-            flags for the inputs: image -> --image, video -> --video (.mp4/.webm/.mkv/.mov or a
+            flags for the inputs: image -> --image, video -> --video (.mp4/.mov/.m4v/.webm/.mkv/.avi or a
             (T, H, W, 3) uint8 .npy with --fps), audio -> --audio (.wav), actions -> --actions
             ((N, dim) .npy, physical units), embodiment -> --embodiment, duration -> --duration or
             --num-frames (1 + 4k), resolution -> --resolution HxW (whole video tokens: multiples of
@@ -425,13 +430,15 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--requests", type=Path, help="a JSONL file of requests (keys as these flags, snake_case)")
     parser.add_argument("--prompt", default="", help="caption, instruction or question")
     parser.add_argument("--image", help="conditioning image / observation (png, jpg)")
-    parser.add_argument("--video", help="conditioning video (.mp4/.webm/.mkv/.mov, or .npy frames)")
+    parser.add_argument("--video", help="conditioning video (.mp4/.mov/.m4v/.webm/.mkv/.avi, or .npy frames)")
     parser.add_argument("--audio", help="conditioning audio (.wav)")
     parser.add_argument("--actions", help="conditioning actions, (N, dim) .npy in physical units")
     parser.add_argument("--embodiment", help="whose actions are conditioned on or generated")
     parser.add_argument("--duration", dest="duration_s", type=float, help="clip length in seconds")
     parser.add_argument("--num-frames", type=int, help="clip length in frames (1 + 4k); wins over --duration")
-    parser.add_argument("--fps", type=float, help="frame rate (default: the conditioning video's, else 24)")
+    parser.add_argument(
+        "--fps", help="frame rate, e.g. 24, 29.97 or 30000/1001 (default: the conditioning video's, else 24)"
+    )
     parser.add_argument(
         "--resolution",
         help="HEIGHTxWIDTH in pixels, multiples of 16 x model.video_patch_size (32 by default; default: the "

@@ -4,6 +4,10 @@
 its rows time-major. ``dm_layout`` cuts the streams into the spans a ``TaskSpec`` lists, in layout
 order (clean conditioning first), each span keeping the times its rows have in the whole clip
 (``first_temporal_index``), so the FPS rule places a clip's later frames where they belong.
+
+How many steps of a stream a length of time holds is one rule, ``steps_before``, in exact
+arithmetic: training cuts audio and actions to the seconds of the encoded frames with it and
+generation sizes a request's streams with it, so a model generates as many steps as it trained on.
 """
 
 from __future__ import annotations
@@ -11,10 +15,32 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from fractions import Fraction
 
 import torch
 
 from megatron_cosmos3.tasks.registry import DMRole, TaskSpec
+
+# A float rate or time is the fraction of at most this denominator within float rounding of it
+# (30000/1001 fps given as 29.97002997002997), else the decimal it prints as (29.97 -> 2997/100).
+_SNAP_DENOMINATOR = 1001
+_SNAP_TOLERANCE = Fraction(1, 10**12)
+
+
+def exact(value: float | Fraction) -> Fraction:
+    """``value`` (a rate in Hz or a time in seconds) as an exact fraction (see ``_SNAP_DENOMINATOR``)."""
+    if isinstance(value, (int, Fraction)):
+        return Fraction(value)
+    decimal = Fraction(repr(float(value)))
+    simple = decimal.limit_denominator(_SNAP_DENOMINATOR)
+    return simple if abs(simple - decimal) <= abs(decimal) * _SNAP_TOLERANCE else decimal
+
+
+def steps_before(seconds: float | Fraction, rate: float | Fraction) -> int:
+    """Steps of a stream sampled at ``rate`` per second (step i at i / rate) that start before
+    ``seconds``: ceil(seconds x rate), exactly (``exact``). 13 frames at 24 fps hold 9 steps at 15 Hz
+    (8.125: the ninth starts at 0.533 s, while the 13th frame shows)."""
+    return math.ceil(exact(seconds) * exact(rate))
 
 
 @dataclass(frozen=True)
@@ -68,10 +94,10 @@ class Stream:
             first_temporal_index=self.first_temporal_index + start,
         )
 
-    def first_seconds(self, seconds: float) -> Stream:
-        """The steps that start before ``seconds`` (at least one): a crop of the clip's beginning."""
-        keep = max(1, math.ceil(seconds * self.tokens_per_second - 1e-9))
-        return self.steps(0, keep)
+    def first_seconds(self, seconds: float | Fraction) -> Stream:
+        """The steps that start before ``seconds`` (``steps_before``, at least one): a crop of the
+        clip's beginning."""
+        return self.steps(0, max(1, steps_before(seconds, self.tokens_per_second)))
 
 
 def past_frames(num_latent_frames: int) -> int:

@@ -1,6 +1,6 @@
 """Shared by the generation tests: a tiny model with one embodiment, the data path's builder for it
 (byte tokenizer, pooled latents: no weights), and a request for every DM task with small random
-inputs (64x32 pixels, 5 frames at 8 fps: 2 latent frames, 16 audio tokens, 6 actions)."""
+inputs (64x32 pixels, 5 frames at 8 fps: 2 latent frames, 16 audio tokens, 7 actions)."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatron_cosmos3.tasks.layout import exact
 from megatron_cosmos3.world.agents import EMBODIMENT_RATES
 
 
@@ -39,5 +40,5 @@ class WorldConfig:
         if self.resolution % 32 or self.resolution <= 0:
             raise ValueError(f"resolution={self.resolution} must be a positive multiple of 32")
         for rate in (*self.fps_choices, *self.action_rates.values()):
-            if (rate * self.duration_s) % 1:
+            if (exact(rate) * exact(self.duration_s)).denominator != 1:  # 4.1 s x 30 Hz is 123.00000000000001
                 raise ValueError(f"duration_s={self.duration_s} must hold a whole number of frames/poses at {rate}/s")

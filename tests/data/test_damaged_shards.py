@@ -31,6 +31,7 @@ from megatron_cosmos3.data.media_writers import encode_mp4
 from megatron_cosmos3.data.schema import Sample, encode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter
 from megatron_cosmos3.encoders.audio_vae import num_audio_tokens
+from megatron_cosmos3.model.config import EmbodimentConfig
 
 ENCODER = functools.partial(PooledLatentEncoder, VIDEO_LATENT_CHANNELS, AUDIO_LATENT_DIM)
 RNG = np.random.default_rng(0)
@@ -484,3 +485,16 @@ def test_raw_media_without_an_encoder_is_a_setup_error_not_a_skip():
     config = data_config([str(tiny_world()["raw"])], tasks={"text_to_video": 1.0})
     with PackedLoader(config, model_config()) as loader, pytest.raises(LoaderSetupError, match="no latent encoder"):
         next(loader)
+
+
+def test_actions_at_another_rate_than_the_models_embodiment_are_a_setup_error_naming_the_dataset():
+    """The world's single-arm actions are 10 Hz: a model whose single_arm acts at 15 Hz would learn
+    them at 10 and generate at 15, so the loader stops naming the dataset and both rates."""
+    config = data_config([str(tiny_world()["latent"])], tasks={"inverse_dynamics": 1.0})
+    faster = model_config()
+    faster.embodiments["single_arm"] = EmbodimentConfig(19, 15.0)
+    message = r"dataset 'world' \(shard .*\): sample .*'single_arm' actions are sampled at 10 Hz .*rate_hz=15\b"
+    with PackedLoader(config, faster) as loader, pytest.raises(LoaderSetupError, match=message):
+        next(loader)
+    with PackedLoader(config, model_config()) as loader:  # control: the world's own rates load
+        assert next(loader).dm_tokens.keys() >= {"action/single_arm"}

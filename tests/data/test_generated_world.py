@@ -101,3 +101,16 @@ def test_the_mix_covers_frame_rates_embodiments_stills_and_questions():
             assert len(s.video) == s.fps * 1.0 + 1 and s.audio.shape[1] == SAMPLE_RATE
         if s.actions is not None:
             assert len(s.actions) == s.action_rate_hz * 1.0
+
+
+def test_a_clip_length_that_holds_whole_frames_and_poses_is_accepted_exactly():
+    """4.1 s x 30 Hz is 123 poses and 0.56 s x 12.5 fps 7 frames, though their floats' products
+    are not whole (123.00000000000001): they were refused. 0.35 s at 10 Hz is not, and stays so."""
+    rates = {"single_arm": 10.0, "humanoid": 30.0, "planar_pusher": 20.0}
+    WorldConfig(duration_s=4.1, fps_choices=(30.0,), action_rates=rates)
+    at_25 = dict.fromkeys(rates, 25.0)
+    world = WorldConfig(32, 0.56, (12.5,), at_25, embodiments=("single_arm",), still_fraction=0.0, agent_fraction=1.0)
+    sample = generate_sample(world, 3, 0)
+    assert len(sample.video) == 8 and len(sample.actions) == 14  # frames 0..7 span 0.56 s; 25 Hz steps
+    with pytest.raises(ValueError, match=r"duration_s=0.35 must hold a whole number of frames/poses at 10.0/s"):
+        WorldConfig(duration_s=0.35, fps_choices=(20.0,), action_rates=rates)

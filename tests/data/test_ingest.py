@@ -304,6 +304,47 @@ def test_a_folder_of_videos_with_captions_becomes_shards(tmp_path):
     assert math.isclose(clip.caption_segments[0][1], 1.0)
 
 
+def _pyav_video(path, codec: str, frames: np.ndarray) -> None:
+    """``frames`` written at FPS into ``path`` by PyAV, the container chosen by its suffix."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for picture in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        container.mux(stream.encode(None))
+
+
+def test_every_file_of_a_video_folder_is_ingested_or_a_counted_skip(tmp_path):
+    """.m4v (the mp4 container), .avi, .mkv and .webm files are ingested as they are, and decode to
+    their frames; an MPEG-TS file (nothing in it says how long it is: a cut one would pass) and a
+    file that is no video are skipped, counted and logged; caption sidecars are read, not counted."""
+    ingest = load_script("ingest_videos")
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    frames = _frames(0, 8)
+    (folder / "a.mp4").write_bytes(encode_mp4(frames, FPS))
+    _pyav_video(folder / "b.m4v", "libx264", frames)
+    (folder / "b.txt").write_text("a ramp")
+    _pyav_video(folder / "c.avi", "mpeg4", frames)
+    _pyav_video(folder / "d.ts", "libx264", frames)
+    _pyav_video(folder / "e.mkv", "libx264", frames)
+    _pyav_video(folder / "f.webm", "libvpx-vp9", frames)
+    (folder / "d.json").write_text("{}")  # the sidecar of a skipped video is not counted again
+    (folder / "notes.md").write_text("how these were filmed")
+    skipped = ingest.ingest_videos(folder, tmp_path / "shards", shard_size=8)
+    assert skipped == {"unsupported_container": 1, "not_a_video": 1}
+    index = ShardIndex.load(tmp_path / "shards")
+    samples = {raw["__key__"]: raw for shard in index.shards for raw in read_shard(shard.url)}
+    assert sorted(samples) == ["00000000_a", "00000001_b", "00000002_c", "00000003_e", "00000004_f"]
+    assert "video.m4v" in samples["00000001_b"] and "video.avi" in samples["00000002_c"]
+    for key in samples:
+        sample = decode_sample(samples[key])
+        assert sample.fps == FPS and len(sample.video) == len(frames), key
+    assert decode_sample(samples["00000001_b"]).caption == "a ramp"
+
+
 def test_a_lerobot_v3_dataset_gives_each_episode_its_rows_and_video_segment(tmp_path):
     """v3.0: two episodes share one parquet file and one mp4; each sample holds only its own rows
     and its own frames (episode 1's first frame is frame FRAMES of the shared video)."""

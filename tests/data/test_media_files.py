@@ -298,10 +298,14 @@ def test_variable_frame_rate_video_is_sampled_by_its_timestamps():
         assert _psnr(frame, frames[index]) >= 35
 
 
-@pytest.mark.parametrize("suffix", ["webm", "mkv", "mov"])
-def test_webm_mkv_and_mov_videos_decode(tmp_path, suffix):
+@pytest.mark.parametrize("suffix", ["webm", "mkv", "mov", "m4v", "avi"])
+def test_webm_mkv_mov_m4v_and_avi_videos_decode(tmp_path, suffix):
     frames = _source_frames(12)
-    codec = {"webm": ["-c:v", "libvpx-vp9", "-crf", "10", "-b:v", "0"], "mkv": ["-c:v", "ffv1"]}
+    codec = {
+        "webm": ["-c:v", "libvpx-vp9", "-crf", "10", "-b:v", "0"],
+        "mkv": ["-c:v", "ffv1"],
+        "avi": ["-c:v", "ffv1"],
+    }
     codec = codec.get(suffix, ["-c:v", "libx264", "-crf", "4"])
     raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", "12", "-i", "-"]
     path = tmp_path / f"clip.{suffix}"
@@ -459,10 +463,10 @@ def test_bucket_and_window_rules():
         MediaConfig(resolution_buckets=["64-64"]).validate()
 
 
-@pytest.mark.parametrize("suffix", ["mkv", "webm"])
+@pytest.mark.parametrize("suffix", ["mkv", "webm", "avi"])
 def test_a_cut_file_is_corrupt_even_where_the_clip_lies_in_its_intact_part(tmp_path, suffix):
-    """FFmpeg decodes what is there: a Matroska/WebM file cut at 80 % still gives its first half
-    second, so the cut is found from the size its segment declares."""
+    """FFmpeg decodes what is there: a Matroska/WebM or AVI file cut at 80 % still gives its first
+    half second, so the cut is found from the size its segment (its RIFF chunk) declares."""
     raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", "24", "-i", "-"]
     command = ["ffmpeg", "-loglevel", "error", "-y", *raw_input, str(tmp_path / f"clip.{suffix}")]
     subprocess.run(command, input=_source_frames(48).tobytes(), check=True)

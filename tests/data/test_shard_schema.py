@@ -3,6 +3,7 @@ them; shards are reproducible; any URL WebDataset opens (file:, pipe:) reads the
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -172,3 +173,36 @@ def test_keys_with_folders_are_written_and_read_back_and_unsafe_keys_are_refused
     for bad in ("", "a.b", "clips/", "/abs/a", "../a", "x/../../a"):
         with pytest.raises(ValueError, match="sample key"):
             encode_sample(Sample(key=bad, caption="words"))
+
+
+@pytest.mark.parametrize(
+    ("data_hz", "model_hz", "refused"),
+    [(10.0, 15.0, True), (30.0, 29.97, True), (29.97, 30000 / 1001, False), (20, 20.0, False), (7.5, 7.5, False)],
+)
+def test_actions_at_another_rate_than_the_models_embodiment_are_refused_naming_both(data_hz, model_hz, refused):
+    """A rate within ACTION_RATE_TOLERANCE is the model's (29.97 and 30000/1001 Hz); 30 and 29.97 Hz are not."""
+    sample = Sample(
+        key="arm", instruction="go", actions=np.zeros((4, 19), np.float32), embodiment="single_arm",
+        action_rate_hz=data_hz,
+    )  # fmt: skip
+    context = SchemaContext({"single_arm": 19}, action_rates={"single_arm": model_hz})
+    if refused:
+        message = rf"'arm': its 'single_arm' actions are sampled at {data_hz:g} Hz .*single_arm.rate_hz={model_hz:g}:"
+        with pytest.raises(LoaderSetupError, match=message):
+            decode_sample(encode_sample(sample), context)
+    else:
+        assert decode_sample(encode_sample(sample), context).action_rate_hz == data_hz
+    assert decode_sample(encode_sample(sample), SchemaContext({"single_arm": 19})).action_rate_hz == data_hz
+
+
+def test_a_frame_rate_in_meta_json_may_be_a_fraction_as_ffprobe_writes_it():
+    sample = Sample(key="ntsc", caption="x", video_latents=np.zeros((2, 16), np.float32), video_latent_grid=(2, 1, 1))
+    for fps, read in (("30000/1001", 30000 / 1001), ("24000/1001", 24000 / 1001), (" 59.94 ", 59.94), (25, 25.0)):
+        written = encode_sample(replace(sample, fps=30.0))
+        meta = json.loads(written["meta.json"])
+        written["meta.json"] = json.dumps({**meta, "fps": fps}).encode()
+        assert decode_sample(written, SchemaContext(video_token_dim=16)).fps == read
+    for fps in ("fast", "30000/0", "-30", True, "nan"):
+        written["meta.json"] = json.dumps({**meta, "fps": fps}).encode()
+        with pytest.raises(SampleError, match=r"bad_metadata: meta.json 'fps' must be a positive number or fraction"):
+            decode_sample(written, SchemaContext(video_token_dim=16))

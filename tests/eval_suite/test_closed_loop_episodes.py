@@ -82,7 +82,7 @@ def test_the_runner_is_deterministic_given_the_seeds(model, builder):
 
 def test_a_models_episode_is_its_chunks_stepped_by_hand(model, builder):
     (run,) = _model_runs(model, builder, [7], record_media=True)
-    assert run.chunks[0].shape == (round(20 * 17 / 16), 10)  # the request's clip: 17 frames at 16 fps
+    assert run.chunks[0].shape == (22, 10)  # steps starting in the clip: 17 / 16 s x 20 Hz = 21.25
     env = WorldEnvironment("stop_ball", PUSHER, WORLD, horizon_s=1.0)
     frames, audio = [env.reset(7).frames], []
     for chunk, state in zip(run.chunks, run.states):

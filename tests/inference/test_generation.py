@@ -4,10 +4,13 @@ same samples from a model split over two ranks."""
 
 import copy
 import json
+import math
+from fractions import Fraction
 
 import pytest
 import torch
 
+from megatron_cosmos3.data.schema import Sample
 from megatron_cosmos3.encoders.action_normalization import denormalize_actions
 from megatron_cosmos3.encoders.audio_vae import HOP, AudioLatents
 from megatron_cosmos3.encoders.video_vae import VideoLatents
@@ -21,6 +24,7 @@ from megatron_cosmos3.inference.denoising import (
 from megatron_cosmos3.inference.generation import generate, packed_sample_streams
 from megatron_cosmos3.inference.requests import prepare_request
 from megatron_cosmos3.inference.solvers import SamplerConfig
+from megatron_cosmos3.model.config import EmbodimentConfig
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import PackedBatch
 from megatron_cosmos3.parallel.sizes import ParallelSizes
@@ -57,12 +61,12 @@ def streams(result) -> dict[str, torch.Tensor]:
 
 
 # The shapes request_for asks for: 64x32 pixels (2x1 tokens), 5 frames at 8 fps (2 latent frames,
-# 0.625 s: 16 audio tokens of 30000 samples, 6 single-arm actions at 10 Hz).
+# 0.625 s: 16 audio tokens of 30000 samples, 7 single-arm actions at 10 Hz: the seventh starts at 0.6 s).
 EXPECTED = {
     "video": lambda x: isinstance(x, VideoLatents) and x.grid_thw == (2, 2, 1) and x.fps == 8.0,
     "image": lambda x: isinstance(x, VideoLatents) and x.grid_thw == (1, 2, 1) and x.fps is None,
     "audio": lambda x: isinstance(x, AudioLatents) and x.tokens.shape == (16, 6) and x.num_samples == 30000,
-    "actions": lambda x: isinstance(x, torch.Tensor) and x.shape == (6, 19),
+    "actions": lambda x: isinstance(x, torch.Tensor) and x.shape == (7, 19),
 }
 
 
@@ -257,7 +261,7 @@ def test_a_samples_noise_and_result_do_not_depend_on_its_pack_company(model, bui
         (  # the actions of another clip than the one asked for (0.625 s: 6 steps at 10 Hz)
             "forward_dynamics",
             {"actions": torch.zeros(20, 19).numpy()},
-            "span 2.000 s \\(20 steps at 10 Hz, embodiment 'single_arm'\\) but the clip lasts 0.625 s; give 6",
+            "span 2.000 s \\(20 steps at 10 Hz, embodiment 'single_arm'\\) but the clip lasts 0.625 s; give 7",
         ),
         ("forward_dynamics", {"actions": torch.zeros(2, 19).numpy()}, "the actions span 0.200 s \\(2 steps"),
         ("text_to_video", {"resolution": None}, "task 'text_to_video': resolution \\(height, width\\) is needed"),
@@ -366,3 +370,57 @@ def test_another_video_patch_size_cuts_requests_into_its_tokens():
         generate(model, [request_for("text_to_video", resolution=(96, 64))], builder)
     with pytest.raises(ValueError, match=r"frames of 32x64 pixels are smaller than one video token \(64x64"):
         generate(model, [request_for("image_to_video", video=None, resolution=None)], builder)  # a 64x32 picture
+
+
+@pytest.mark.parametrize(
+    ("fps", "frames", "action_rate_hz"),
+    [(24, 13, 15), (24, 17, 15), (29.97, 9, 7.5), (30000 / 1001, 21, 10), (23.976, 5, 30), (59.94, 33, 7.5),
+     (8, 5, 10), (10, 1, 15), (25, 5, 10), (12.5, 9, 12.5)],
+)  # fmt: skip
+def test_generated_actions_are_as_many_steps_as_training_keeps_of_the_clip(fps, frames, action_rate_hz):
+    """A request for ``frames`` frames generates the action steps that start while they show,
+    ceil(frames / fps x rate) exactly, the number training keeps of a clip of those frames whose
+    actions run on past its last frame (one rule: ``tasks.layout.steps_before``); at rates whose
+    product is no integer (24 fps / 15 Hz: 8.125 steps), round() made one fewer. Audio alike."""
+    config = generation_config(embodiments={EMBODIMENT: EmbodimentConfig(19, float(action_rate_hz))})
+    builder = generation_setup(config, action_stats())
+    seconds = Fraction(frames) / Fraction(str(fps))
+    want = math.ceil(seconds * Fraction(str(action_rate_hz)))
+    latent_frames = (frames - 1) // 4 + 1
+    clip = Sample(  # a training clip of these frames; actions and sound run a second past them
+        key="clip",
+        instruction="act",
+        video_latents=torch.zeros(latent_frames, config.video_token_dim).numpy(),
+        video_latent_grid=(latent_frames, 1, 1),
+        fps=float(fps),
+        audio_latents=torch.zeros(math.ceil((seconds + 1) * 25), config.audio_latent_dim).numpy(),
+        audio_num_samples=math.ceil((seconds + 1) * 25) * HOP,
+        actions=torch.zeros(want + math.ceil(action_rate_hz), 19).numpy(),
+        embodiment=EMBODIMENT,
+        action_rate_hz=float(action_rate_hz),
+    )
+    key = f"action/{EMBODIMENT}"
+    trained = dict(builder.build(clip, get_task("inverse_dynamics")).sample.dm_streams)[key].shape[0]
+    trained_audio = dict(builder.build(clip, get_task("video_to_audio")).sample.dm_streams)["audio"].shape[0]
+    for length in ({"num_frames": frames}, {"num_frames": None, "duration_s": float(seconds)}):
+        request = request_for("policy", fps=float(fps), **length)
+        generated = dict(prepare_request(request, builder).conditional.sample.dm_streams)[key].shape[0]
+        sound = request_for("text_to_audio_video", fps=float(fps), **length)
+        audio = dict(prepare_request(sound, builder).conditional.sample.dm_streams)["audio"].shape[0]
+        assert generated == trained == want, length
+        assert audio == trained_audio == math.ceil(seconds * 25), length
+
+
+@pytest.mark.parametrize("fps", [Fraction(30000, 1001), "24000/1001"])
+def test_a_frame_rate_given_as_a_fraction_is_generated_and_written_as_that_rate(fps, model, builder, tmp_path):
+    """30000/1001 given as a Fraction or as ffprobe writes it: the request generates what its float
+    does, and the mp4 and its sidecar state the exact rate (the sidecar's JSON could not hold a Fraction)."""
+    from megatron_cosmos3.inference.media_outputs import sidecar_path, write_generated_sample
+
+    rate = float(Fraction(fps))
+    result = generate(model, [request_for("text_to_audio_video", fps=fps, steps=1)], builder)[0]
+    same = generate(model, [request_for("text_to_audio_video", fps=rate, steps=1)], builder)[0]
+    assert result.sample.video.fps == rate and torch.equal(result.sample.video.tokens, same.sample.video.tokens)
+    write_generated_sample(tmp_path, result.sample, result.record("ckpt", 1), builder.latent_encoder)
+    media = json.loads(sidecar_path(tmp_path / "video.mp4").read_text())["media"]
+    assert media["fps_fraction"] == str(Fraction(fps)) and media["frame_count"] == 5

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from megatron_cosmos3.data.media_writers import write_mp4, write_png, write_wav
-from megatron_cosmos3.inference.requests import required_inputs
+from megatron_cosmos3.inference.requests import GenerationRequest, required_inputs
 from megatron_cosmos3.release.generate_cli import RequestError, main, read_requests, run_requests
 from megatron_cosmos3.release.trained import load_trained_model
 from megatron_cosmos3.tasks.registry import TASK_REGISTRY
@@ -129,8 +129,9 @@ def test_every_mode_writes_media_of_the_right_shape_duration_and_rate(generated,
         assert (rate, channels) == (48000, 2) and seconds == pytest.approx(9 / FPS, abs=0.04), task
         muxed = ffprobe_streams(out[task] / "video.mp4")["audio"]
         assert float(muxed["duration"]) == pytest.approx(9 / FPS, abs=0.04), task
-    # Actions at the arm's rate for the clip's length; integrated poses and their plot.
-    for task, steps in (("policy", 10), ("policy_with_future", round(9 / FPS * ARM_RATE)), ("inverse_dynamics", 11)):
+    # The arm's steps that start in the clip (training's count); integrated poses and their plot. policy:
+    # 1 s at the default 24 fps is 25 frames, 10.42 steps; the others 9 frames at 8 fps, 11.25 steps.
+    for task, steps in (("policy", 11), ("policy_with_future", 12), ("inverse_dynamics", 12)):
         actions = np.load(out[task] / "actions.npy")
         assert actions.shape == (steps, ARM_DIM) and np.isfinite(actions).all(), task
         assert np.load(out[task] / "poses.npy").shape[0] == steps + 1
@@ -234,6 +235,8 @@ def test_a_bad_request_is_a_clear_error_and_writes_nothing(checkpoint, inputs, t
         (b'{"task": "text_to_video", "num_frames": 1e308}', ":1: num_frames=1e+308 must be an integer"),
         (b'{"task": "text_to_video", "duration_s": "1"}', ":1: duration_s='1' must be a finite number"),
         (b'{"task": "text_to_video", "guidance": "2"}', ":1: guidance='2' must be a finite number"),
+        (b'{"task": "text_to_video", "fps": "fast"}', ":1: fps='fast' must be a finite number"),
+        (b'{"task": "text_to_video", "fps": "30000/0"}', ":1: fps='30000/0' must be a finite number"),
         (b'{"task": "understanding", "max_new_tokens": 1.5}', ":1: max_new_tokens=1.5 must be an integer"),
         (b'{"task": "image_to_video", "image": ["a.png"]}', ":1: image=['a.png'] must be a string"),
         (b'{"task": "text_to_image", "resolution": [32.7, 32]}', ":1: resolution=[32.7, 32]: expected HEIGHTxWIDTH"),
@@ -249,6 +252,13 @@ def test_a_crafted_requests_file_is_an_error_naming_its_line_and_field(tmp_path,
     with pytest.raises(RequestError) as error:
         read_requests(tmp_path / "requests.jsonl")
     assert message in str(error.value)
+
+
+def test_a_frame_rate_may_be_a_fraction_as_ffprobe_writes_it(tmp_path):
+    path = tmp_path / "requests.jsonl"
+    path.write_text('{"task": "text_to_video", "fps": "30000/1001"}\n{"task": "text_to_video", "fps": 59.94}\n')
+    requests = [GenerationRequest(**spec.generation_settings()) for spec in read_requests(path)]
+    assert [request.fps for request in requests] == [30000 / 1001, 59.94]
 
 
 def test_a_byte_order_mark_and_crlf_lines_are_read(tmp_path):
@@ -325,7 +335,7 @@ def test_one_request_from_the_flags(checkpoint, inputs, tmp_path):
     argv += ["--video", str(inputs / "clip.mp4"), "--embodiment", "single_arm", "--solver", "heun", "--seed", "4"]
     assert main(argv) == 0
     folder = tmp_path / "000_inverse_dynamics"
-    assert np.load(folder / "actions.npy").shape == (11, ARM_DIM)  # 9 frames at the clip's 8 fps, 10 Hz
+    assert np.load(folder / "actions.npy").shape == (12, ARM_DIM)  # 9 frames at the clip's 8 fps: 11.25 steps at 10 Hz
     meta = json.loads((folder / "actions.meta.json").read_text())
     assert (meta["solver"], meta["seed"], meta["settings"]["fps"]) == ("heun", 4, FPS)
     assert meta["conditioning"] == {"video": str(inputs / "clip.mp4")}
