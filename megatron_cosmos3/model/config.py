@@ -271,7 +271,8 @@ def qwen3_vl_mrope_section(section: list[int], head_dim: int) -> list[int]:
 
 
 def load_model_config(path: str | Path) -> MoTConfig:
-    """The ``model:`` section of a YAML file (e.g. ``configs/model/nano.yaml``) as a validated MoTConfig.
+    """The ``model:`` section of a YAML file (e.g. ``configs/model/nano.yaml``) as a validated MoTConfig
+    (its ``embodiments``, if given, replace the default ones).
 
     The same file merges into a training config as is, since its one top-level key is ``model``.
     """
@@ -287,6 +288,9 @@ def load_model_config(path: str | Path) -> MoTConfig:
         found = sorted(map(str, raw)) if isinstance(raw, DictConfig) else type(raw).__name__
         raise ValueError(f"{path}: expected a top-level 'model:' section, found {found}")
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MoTConfig), raw.model))
+        schema = OmegaConf.structured(MoTConfig)
+        if isinstance(raw.model, DictConfig) and "embodiments" in raw.model:
+            schema.embodiments = {}  # the file lists the model's embodiments: not merged into the defaults
+        return OmegaConf.to_object(OmegaConf.merge(schema, raw.model))
     except Exception as error:  # OmegaConf's errors name the key, validation the value: add the file
         raise ValueError(f"{path}: not a valid model config: {error}") from None
