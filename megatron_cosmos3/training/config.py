@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from omegaconf import OmegaConf
 
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfig
-from megatron_cosmos3.eval_suite.config import SuiteConfig
+from megatron_cosmos3.eval_suite.config import SuiteConfig, check_model_embodiments
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
 from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig
 from megatron_cosmos3.parallel.data_parallel import ADAMW_IMPLS
@@ -276,6 +276,8 @@ class TrainConfig:
             self.held_out_data().validate()
         if self.trains_vision:
             self._check_vision()
+        if self.eval.suite is not None:
+            check_model_embodiments(self.stage_model)
 
     def _check_gpu_paths(self) -> None:
         """The precision and GPU-path switches that cannot work together, on any machine (whether
