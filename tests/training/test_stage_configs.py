@@ -44,6 +44,9 @@ def test_a_vit_whose_tokens_do_not_cover_the_datas_picture_grid_is_refused_when_
         load_config(None, [*odd_vit, "eval.suite={}"])
     load_config(None, odd_vit)  # synthetic packs: nothing cuts pictures
     load_config(None, [*odd_vit, "model.vision.patch_size=8", "model.vision.spatial_merge_size=4", "eval.suite={}"])
+    grey = [*TINY_MODEL, *TINY_VIT, "model.vocab_size=64", "model.vision.in_channels=1", "eval.suite={}"]
+    with pytest.raises(ValueError, match=r"model.vision: in_channels=1, but the data's pictures are RGB"):
+        load_config(None, grey)
 
 
 @pytest.mark.parametrize(
