@@ -58,6 +58,13 @@ def check_architecture(folder: Path, model: MoTConfig, vision: bool = False, fie
     """Raises ValueError naming the first field where the folder's model differs from this run's
     (``vision``: the ViT's config too, for a run that loads the ViT); ``field``: what named the folder."""
     saved = load_model_config(folder / CONFIG_FILE)
+    check_same_architecture(model, saved, f"{field}={folder}", str(folder / CONFIG_FILE), vision)
+
+
+def check_same_architecture(model: MoTConfig, saved: MoTConfig, where: str, source: str, vision: bool = False) -> None:
+    """ValueError ``"<where>: model.<field>=..., but the weights were saved with <field>=... (<source>)"``
+    for the first ARCHITECTURE_FIELDS (``vision``: and ViT) field where ``saved``, the model the
+    weights were trained as, differs from ``model``: same shapes, another model."""
 
     def value(config: MoTConfig, name: str):
         return config.rope_sections if name == "mrope_section" else getattr(config, name)  # empty: the default
@@ -65,7 +72,7 @@ def check_architecture(folder: Path, model: MoTConfig, vision: bool = False, fie
     pairs = [(name, value(model, name), value(saved, name)) for name in ARCHITECTURE_FIELDS]
     if vision:
         if saved.vision is None:
-            raise ValueError(f"{field}={folder}: this model has a ViT, but the weights have none")
+            raise ValueError(f"{where}: this model has a ViT, but the weights have none")
         pairs += [
             (f"vision.{f.name}", getattr(model.vision, f.name), getattr(saved.vision, f.name))
             for f in dataclasses.fields(model.vision)
@@ -73,8 +80,7 @@ def check_architecture(folder: Path, model: MoTConfig, vision: bool = False, fie
     for name, ours, theirs in pairs:
         if (list(ours) if isinstance(ours, list) else ours) != (list(theirs) if isinstance(theirs, list) else theirs):
             raise ValueError(
-                f"{field}={folder}: model.{name}={ours!r}, but the weights were saved with {name}={theirs!r} "
-                f"({folder / CONFIG_FILE})"
+                f"{where}: model.{name}={ours!r}, but the weights were saved with {name}={theirs!r} ({source})"
             )
 
 

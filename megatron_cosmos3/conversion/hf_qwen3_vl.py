@@ -32,7 +32,7 @@ from megatron_cosmos3.conversion.safetensors_io import (
     tensor_dtype,
     write_sharded,
 )
-from megatron_cosmos3.model.config import MoTConfig, VisionConfig
+from megatron_cosmos3.model.config import MoTConfig, VisionConfig, qwen3_vl_mrope_section
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.vision import VisionEncoder, hf_vision_config
 
@@ -169,7 +169,8 @@ def _backbone_fields(hf_config, text, vis, rope: dict, vision_rope: dict) -> dic
         ffn_hidden_size=text.intermediate_size,
         rms_norm_eps=text.rms_norm_eps,
         rope_theta=float(rope["rope_theta"]),
-        mrope_section=list(rope.get("mrope_section", [24, 20, 20])),
+        # transformers' default split, cut to this head_dim as its rotary embedding cuts it.
+        mrope_section=qwen3_vl_mrope_section(list(rope.get("mrope_section", [24, 20, 20])), text.head_dim),
         tie_word_embeddings=bool(hf_config.tie_word_embeddings),
         vision=VisionConfig(
             depth=vis.depth,

@@ -55,7 +55,10 @@ def crop_to_tokens(picture: np.ndarray) -> np.ndarray:
 
 def check_vit_token_size(config: VisionConfig) -> None:
     """ValueError naming the fields unless a merged ViT token covers the data's VIT_PIXELS_PER_TOKEN
-    square (pictures are cut on that grid): run when the training config loads and here."""
+    square (pictures are cut on that grid) and the ViT reads RGB, as the data's pictures are: run
+    when the training config loads and here."""
+    if config.in_channels != 3:
+        raise ValueError(f"model.vision: in_channels={config.in_channels}, but the data's pictures are RGB (3)")
     if config.patch_size * config.spatial_merge_size != VIT_PIXELS_PER_TOKEN:
         raise ValueError(
             f"model.vision: patch_size*spatial_merge_size={config.patch_size}*{config.spatial_merge_size}="

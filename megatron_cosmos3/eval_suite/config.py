@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from megatron_cosmos3.data.clips import check_clip_bytes
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.schema import DURATION_RANGE_S, FPS_RANGE
+from megatron_cosmos3.encoders.pseudo_actions import get_layout
 from megatron_cosmos3.inference.solvers import SOLVERS
 from megatron_cosmos3.world.agents import EMBODIMENT_RATES
 from megatron_cosmos3.world.config import WorldConfig
@@ -140,6 +141,20 @@ def model_action_rates(model_config) -> dict[str, float]:
     """The action rate of each embodiment of ``model_config`` (a ``MoTConfig``) that the world
     knows: a model generates actions at its configured rate, so the held-out world is sampled there."""
     return {name: float(e.rate_hz) for name, e in model_config.embodiments.items() if name in EMBODIMENT_RATES}
+
+
+def check_model_embodiments(model_config) -> None:
+    """ValueError naming the embodiment and both widths where ``model_config`` (a ``MoTConfig``)
+    gives an embodiment of the world another action width than the world's pseudo-actions: its
+    cases would feed the world's actions to heads of another width (found only in the first
+    evaluation, after training)."""
+    for name, embodiment in model_config.embodiments.items():
+        if name in EMBODIMENT_RATES and embodiment.action_dim != get_layout(name).dim:
+            raise ValueError(
+                f"eval suite: model.embodiments.{name}.action_dim={embodiment.action_dim}, but the held-out "
+                f"world's {name!r} acts with {get_layout(name).dim}-D pseudo-actions; name the model's "
+                f"embodiment otherwise or give it {get_layout(name).dim} dims"
+            )
 
 
 def load_suite_config(yaml_path: str | None = None, overrides: list[str] | None = None) -> SuiteConfig:

@@ -24,7 +24,7 @@ from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
 from megatron_cosmos3.encoders.video_vae import pixels_per_token
 from megatron_cosmos3.eval_suite.cases import ACTION_TASKS, Case, held_out_cases
 from megatron_cosmos3.eval_suite.closed_loop import ReferenceCache, closed_loop_rows_for
-from megatron_cosmos3.eval_suite.config import SuiteConfig, model_action_rates
+from megatron_cosmos3.eval_suite.config import SuiteConfig, check_model_embodiments, model_action_rates
 from megatron_cosmos3.eval_suite.predictions import Prediction, predict, untrained_model
 from megatron_cosmos3.eval_suite.scoring import task_rows
 from megatron_cosmos3.evaluation.report import EvalReport, MetricRow
@@ -75,6 +75,7 @@ class EvalSuite:
                 f"eval suite: resolution={config.resolution} is not a multiple of the model's video token "
                 f"({side} pixels at model.video_patch_size={model.config.video_patch_size})"
             )
+        check_model_embodiments(model.config)
         self.skipped = {task: "not trained" for task in config.tasks if task not in self.trained_tasks}
         # The world acts at the model's rates: the truth's actions are sampled as the model's are.
         self.action_rates = model_action_rates(model.config)

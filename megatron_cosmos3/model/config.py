@@ -187,9 +187,11 @@ class MoTConfig:
             f"mrope_section={sections} must have 3 entries summing to head_dim/2={self.head_dim // 2}",
         )
         require(min(sections) >= 0, f"mrope_section={sections} must not have a negative entry")
+        # h takes frequencies 1, 4, 7, ..., w takes 2, 5, 8, ... (model/rope.py): each must fit in head_dim/2.
         require(
-            3 * max(sections[1], sections[2]) <= self.head_dim // 2,
-            f"mrope_section={sections}: the interleaved h/w frequencies do not fit in head_dim/2={self.head_dim // 2}",
+            3 * sections[1] - 2 < self.head_dim // 2 and 3 * sections[2] - 1 < self.head_dim // 2,
+            f"mrope_section={sections}: the interleaved h/w frequencies (1, 4, ... and 2, 5, ...) do not fit in "
+            f"head_dim/2={self.head_dim // 2}",
         )
         require(
             self.attention_backend in ATTENTION_BACKENDS,
@@ -255,8 +257,22 @@ def scaled_mrope_section(head_dim: int) -> list[int]:
     return [head_dim // 2 - 2 * spatial, spatial, spatial]
 
 
+def qwen3_vl_mrope_section(section: list[int], head_dim: int) -> list[int]:
+    """The (t, h, w) split that Qwen3-VL's rotary embedding applies for a config's ``mrope_section``
+    at ``head_dim``: transformers gives h the frequencies 1, 4, 7, ... below 3*h and w 2, 5, 8, ...
+    below 3*w, cut at head_dim/2, and t the rest; it never reads t. So [24, 20, 20], its default, is
+    [3, 3, 2] at head_dim 16. The result is a valid ``MoTConfig.mrope_section`` of the same rotation."""
+    if not (len(section) == 3 and all(isinstance(n, int) and n >= 0 for n in section)):
+        raise ValueError(f"mrope_section={list(section)} must be 3 non-negative ints")
+    half = head_dim // 2
+    h = len(range(1, min(3 * section[1], half), 3))
+    w = len(range(2, min(3 * section[2], half), 3))
+    return [half - h - w, h, w]
+
+
 def load_model_config(path: str | Path) -> MoTConfig:
-    """The ``model:`` section of a YAML file (e.g. ``configs/model/nano.yaml``) as a validated MoTConfig.
+    """The ``model:`` section of a YAML file (e.g. ``configs/model/nano.yaml``) as a validated MoTConfig
+    (its ``embodiments``, if given, replace the default ones).
 
     The same file merges into a training config as is, since its one top-level key is ``model``.
     """
@@ -272,6 +288,9 @@ def load_model_config(path: str | Path) -> MoTConfig:
         found = sorted(map(str, raw)) if isinstance(raw, DictConfig) else type(raw).__name__
         raise ValueError(f"{path}: expected a top-level 'model:' section, found {found}")
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MoTConfig), raw.model))
+        schema = OmegaConf.structured(MoTConfig)
+        if isinstance(raw.model, DictConfig) and "embodiments" in raw.model:
+            schema.embodiments = {}  # the file lists the model's embodiments: not merged into the defaults
+        return OmegaConf.to_object(OmegaConf.merge(schema, raw.model))
     except Exception as error:  # OmegaConf's errors name the key, validation the value: add the file
         raise ValueError(f"{path}: not a valid model config: {error}") from None

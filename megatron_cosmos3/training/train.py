@@ -25,7 +25,7 @@ from torch import nn
 from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, ResumeError, inventory
 from megatron_cosmos3.checkpoint.finite import require_finite_weights
 from megatron_cosmos3.checkpoint.resume import resume_from
-from megatron_cosmos3.checkpoint.weights_folder import is_weights_folder, load_weights_folder
+from megatron_cosmos3.checkpoint.weights_folder import check_same_architecture, is_weights_folder, load_weights_folder
 from megatron_cosmos3.data.latent_encoders import latent_encoder_from_config
 from megatron_cosmos3.data.loader import datasets_action_stats
 from megatron_cosmos3.data.tokenizer import build_tokenizer
@@ -41,6 +41,7 @@ from megatron_cosmos3.parallel.state import destroy_parallel
 from megatron_cosmos3.training.batches import MicroBatches, held_out_batches, held_out_share
 from megatron_cosmos3.training.config import (
     TrainConfig,
+    config_from_yaml,
     flatten,
     load_config,
     task_table,
@@ -215,10 +216,23 @@ def _load_full_state(run: Run, path: Path) -> dict:
     """Loads everything a resume restores (weights, optimizer, RNG, loader position); returns meta."""
     per_rank, data_state = {"rng": torch.get_rng_state()}, run.batches.state()
     meta = run.checkpointer.load(path, run.plan.state_owner, run.optimizer, per_rank, named=data_state)
+    check_saved_architecture(run, meta, path, "checkpoint.directory")
     if "rng" in per_rank:
         torch.set_rng_state(per_rank["rng"])
     run.batches.load_state(data_state)
     return meta
+
+
+def check_saved_architecture(run: Run, meta: dict, path: Path, field: str) -> None:
+    """ValueError naming the field where the model a checkpoint was trained as (its meta's config)
+    differs from this run's beyond the shapes its tensors show (rotary, norm epsilon, tying, top-k,
+    the ViT): a resume or a stage would go on silently with another model. The weights folder's
+    check (``check_same_architecture``), for checkpoint folders."""
+    if "config" not in meta:  # saved before checkpoints recorded their config
+        return
+    saved = config_from_yaml(meta["config"], f"{path / 'meta.json'} 'config'").model
+    vision = run.config.model.vision is not None and saved.vision is not None
+    check_same_architecture(run.config.model, saved, f"{field}={path}", str(path / "meta.json"), vision)
 
 
 # Why a stage does not start from weights holding NaN or inf (instead of skipping steps until
@@ -247,7 +261,8 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
             if found.problem is not None:
                 raise ResumeError(f"stage.init_from={source}: {found.problem}. {found.describe()}")
             source = found.latest or source
-            run.checkpointer.load(source, run.plan.state_owner, optimizer=None, allow_missing=new)
+            meta = run.checkpointer.load(source, run.plan.state_owner, optimizer=None, allow_missing=new)
+            check_saved_architecture(run, meta, source, "stage.init_from")
             require_finite_weights(run.plan.state_owner, source, "stage.init_from", NAN_START)
         if run.ctx.is_main:
             log.info("stage %s starts from the weights of %s", config.stage.name, source)

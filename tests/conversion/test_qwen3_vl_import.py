@@ -21,13 +21,9 @@ def test_imported_config_is_the_tiny_yaml(converted):
     assert vision.config == model.config.vision
 
 
-# Another shape: head_dim 24 != hidden/heads = 16, one KV head (MQA), tied embeddings, an odd vocabulary.
-ODD_SHAPE = dict(
-    vocab_size=331,
-    num_key_value_heads=1,
-    head_dim=24,
-    rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 3, 3], "mrope_interleaved": True},
-)
+# Another shape: head_dim 24 != hidden/heads = 16, one KV head (MQA), tied embeddings, an odd vocabulary,
+# and transformers' default rotary parameters: its mrope_section [24, 20, 20] cut to head_dim/2 = 12.
+ODD_SHAPE = dict(vocab_size=331, num_key_value_heads=1, head_dim=24, rope_parameters=None)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +43,7 @@ def test_reasoner_reproduces_transformers_logits(request, shape, kind):
     else:
         hf_model, (model, vision) = request.getfixturevalue("odd_shape")
         assert model.config.tie_word_embeddings and model.config.head_dim * 4 != model.config.hidden_size
+        assert model.config.mrope_section == [4, 4, 4]  # h: 1, 4, 7, 10; w: 2, 5, 8, 11
     inputs = processor_like_inputs(kind)
     with torch.no_grad():
         want = hf_model(**inputs).logits

@@ -205,6 +205,26 @@ def test_periodic_eval_in_training_logs_the_suite_metrics(tmp_path):
     assert report.meta["step"] == 1
 
 
+def test_a_world_embodiment_of_another_action_width_is_refused_before_anything_runs():
+    """A model whose single_arm is 7-D would be fed the world's 19-D actions: the suite refuses it
+    when it is built (it failed inside the first evaluation), and the training config when it loads."""
+    from megatron_cosmos3.data.tokenizer import ByteTokenizer
+    from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
+    from megatron_cosmos3.eval_suite.suite import EvalSuite
+    from megatron_cosmos3.model.config import EmbodimentConfig
+    from megatron_cosmos3.training.config import load_config
+
+    message = r"model.embodiments.single_arm.action_dim=7, but the held-out world's 'single_arm' acts with 19-D"
+    seven = {"single_arm": EmbodimentConfig(7, 10.0), "gripper": EmbodimentConfig(1, 10.0)}
+    model = MoTModel(tiny_mot_config(vocab_size=260, embodiments=seven))
+    with pytest.raises(ValueError, match=message):
+        EvalSuite.for_run(CASES, model, ByteTokenizer(260), LatentEncoderConfig(kind="pooled"), ["policy"])
+    robots = "model.embodiments={single_arm: {action_dim: 7}, gripper: {action_dim: 1}}"
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [*TINY_MODEL, "model.vocab_size=260", robots, "eval.suite={}"])
+    load_config(None, [*TINY_MODEL, "model.vocab_size=260", robots])  # no suite: nothing to refuse
+
+
 def test_the_held_out_world_acts_at_the_model_embodiments_rates():
     """A model whose single arm acts at 20 Hz (the world's default is 10) is measured on truth
     sampled at 20 Hz, in the open-loop cases and the closed-loop world alike; a rate the clip cannot

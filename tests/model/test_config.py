@@ -24,6 +24,8 @@ from megatron_cosmos3.model.mot import MoTModel
         ({"video_patch_size": 0}, "video_patch_size must be a positive int, got 0"),
         ({"video_latent_channels": 0}, "video_latent_channels must be a positive int, got 0"),
         ({"head_dim": 16, "mrope_section": [5, -1, 4]}, r"mrope_section=\[5, -1, 4\] must not have a negative entry"),
+        # w's frequencies 2, 5, 8 at head_dim/2 = 8: the third does not exist ([3, 3, 2] does fit).
+        ({"head_dim": 16, "mrope_section": [2, 3, 3]}, r"mrope_section=\[2, 3, 3\]: the interleaved h/w frequencies"),
         ({"moe_ffn_hidden_size": -8}, "moe_ffn_hidden_size=-8 must be >= 0"),
         ({"rms_norm_eps": -1e-6}, r"rms_norm_eps=-1e-06 must be a finite number > 0"),
         ({"rope_theta": 0.0}, r"rope_theta=0.0 must be a finite number > 0"),

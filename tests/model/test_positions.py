@@ -4,12 +4,25 @@ import pytest
 import torch
 
 from megatron_cosmos3.model import positions as pos
-from megatron_cosmos3.model.config import TPS_BASE
+from megatron_cosmos3.model.config import TPS_BASE, MoTConfig, qwen3_vl_mrope_section
 from megatron_cosmos3.model.rope import MultimodalRotaryEmbedding
 
 
 @pytest.mark.parametrize(
-    "head_dim, section", [(128, [24, 20, 20]), (16, [4, 2, 2]), (64, [16, 8, 8]), (24, [6, 3, 3]), (80, [16, 12, 12])]
+    "head_dim, section",
+    [
+        (128, [24, 20, 20]),
+        (16, [4, 2, 2]),
+        (64, [16, 8, 8]),
+        (24, [6, 3, 3]),
+        (80, [16, 12, 12]),
+        # Splits transformers runs that are not ours as written: its default [24, 20, 20] at small
+        # head_dims (h and w cut at head_dim/2), a t entry it never reads.
+        (16, [24, 20, 20]),
+        (24, [24, 20, 20]),
+        (16, [2, 3, 3]),
+        (16, [1, 2, 2]),
+    ],
 )
 def test_mrope_matches_transformers_qwen3_vl(head_dim, section):
     from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
@@ -25,7 +38,9 @@ def test_mrope_matches_transformers_qwen3_vl(head_dim, section):
     g = torch.Generator().manual_seed(0)
     positions = torch.randint(0, 4000, (3, 1, 50), generator=g)
     want_cos, want_sin = reference(torch.zeros(1, dtype=torch.float32), positions)
-    ours = MultimodalRotaryEmbedding(head_dim, 5e5, section)
+    split = qwen3_vl_mrope_section(section, head_dim)
+    assert MoTConfig(head_dim=head_dim, mrope_section=split).rope_sections == split  # a valid config
+    ours = MultimodalRotaryEmbedding(head_dim, 5e5, split)
     cos, sin = ours(positions[:, 0].float())
     torch.testing.assert_close(cos, want_cos[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(sin, want_sin[0], rtol=1e-6, atol=1e-6)

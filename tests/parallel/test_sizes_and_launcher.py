@@ -40,6 +40,13 @@ def test_invalid_layouts_name_the_offending_pair(sizes, world, message):
         (["parallel.tensor=3", "model.num_attention_heads=6"], "num_kv_heads=2 is not divisible by tensor=3"),
         (["parallel.tensor=2", "model.ffn_hidden_size=63"], "ffn_hidden_size=63 is not divisible by tensor=2"),
         (["parallel.pipeline=2", "model.num_layers=3"], r"num_layers=3 is not divisible by pipeline\*virtual_pipeline"),
+        # MQA under TP: refused (megatron-core would replicate the one KV head; our TP plan splits heads).
+        (["parallel.tensor=2", "model.num_kv_heads=1"], "num_kv_heads=1 is not divisible by tensor=2"),
+        (
+            ["parallel.expert=2", "model.num_experts=3", "model.moe_top_k=1"],
+            "num_experts=3 is not divisible by expert=2",
+        ),
+        (["model.num_experts=2", "model.moe_top_k=3"], r"moe_top_k=3 must be in \[1, num_experts=2\]"),
     ],
 )
 def test_a_layout_the_model_can_never_take_is_refused_when_the_config_loads(overrides, message):

@@ -44,6 +44,9 @@ def test_a_vit_whose_tokens_do_not_cover_the_datas_picture_grid_is_refused_when_
         load_config(None, [*odd_vit, "eval.suite={}"])
     load_config(None, odd_vit)  # synthetic packs: nothing cuts pictures
     load_config(None, [*odd_vit, "model.vision.patch_size=8", "model.vision.spatial_merge_size=4", "eval.suite={}"])
+    grey = [*TINY_MODEL, *TINY_VIT, "model.vocab_size=64", "model.vision.in_channels=1", "eval.suite={}"]
+    with pytest.raises(ValueError, match=r"model.vision: in_channels=1, but the data's pictures are RGB"):
+        load_config(None, grey)
 
 
 @pytest.mark.parametrize(
@@ -78,3 +81,24 @@ def test_a_bad_value_in_a_yaml_file_names_the_file(tmp_path):
         layer.write_text(text)
         with pytest.raises(ValueError, match=message.format(layer=layer)):
             load_config([str(REPO / "configs/tiny_cpu.yaml"), str(layer)])
+
+
+def test_embodiments_given_whole_are_the_models_embodiments(tmp_path):
+    """model.embodiments given whole (a file's mapping, ``model.embodiments={...}``) lists the model's
+    embodiments; OmegaConf merged it into the defaults, so a model of two other robots also held the
+    default single_arm and humanoid heads. A dotted key still changes one entry. A checkpoint's saved
+    config reads back with exactly its embodiments."""
+    from megatron_cosmos3.model.config import EmbodimentConfig, load_model_config
+    from megatron_cosmos3.training.config import config_from_yaml, to_yaml
+
+    two = {"gripper": EmbodimentConfig(1, 5.0), "quadruped": EmbodimentConfig(300, 50.0)}
+    given = load_config(
+        None, ["model.embodiments={gripper: {action_dim: 1, rate_hz: 5}, quadruped: {action_dim: 300, rate_hz: 50}}"]
+    )
+    assert given.model.embodiments == two
+    assert config_from_yaml(to_yaml(given), "saved").model.embodiments == two
+    (tmp_path / "robots.yaml").write_text("model:\n  embodiments:\n    gripper: {action_dim: 1, rate_hz: 5}\n")
+    assert load_config(str(tmp_path / "robots.yaml")).model.embodiments == {"gripper": two["gripper"]}
+    assert load_model_config(tmp_path / "robots.yaml").embodiments == {"gripper": two["gripper"]}
+    one_changed = load_config(None, ["model.embodiments.single_arm.rate_hz=20"]).model.embodiments
+    assert one_changed == {"single_arm": EmbodimentConfig(19, 20.0), "humanoid": EmbodimentConfig(57, 30.0)}

@@ -91,6 +91,24 @@ def test_preempted_and_resumed_run_gives_the_same_losses_and_weights_bit_for_bit
         assert torch.equal(want[name], got[name]), name
 
 
+def test_a_checkpoint_of_another_architecture_of_the_same_shapes_is_refused_by_name(tmp_path):
+    """Rotary theta, norm epsilon, the mRoPE split: nothing in the tensors' shapes shows them, so a
+    resume or a stage started from a checkpoint with another value went on silently with another
+    model. Refused naming the field and both values, as a weights folder is."""
+    first = config_for(tmp_path, "first", "steps=1", "checkpoint.save_every=1")
+    train_module.train(first, CPU)
+    resumed = config_for(tmp_path, "first", "steps=2", "model.rope_theta=10000.0")
+    with pytest.raises(
+        ValueError, match=r"model.rope_theta=10000.0, but the weights were saved with rope_theta=1000000.0"
+    ):
+        train_module.train(resumed, CPU)
+    source = f"stage.init_from={first.checkpoint.directory}"
+    stage = config_for(tmp_path, "stage", "steps=1", source, "model.mrope_section=[4,0,0]")
+    with pytest.raises(ValueError, match=r"stage.init_from=.*model.mrope_section=\[4, 0, 0\], but .*=\[2, 1, 1\]"):
+        train_module.train(stage, CPU)
+    train_module.train(config_for(tmp_path, "first", "steps=2"), CPU)  # the same model resumes
+
+
 def test_a_signal_before_the_first_step_stops_with_no_progress_and_no_new_checkpoint(tmp_path, monkeypatch):
     """The time limit shorter than the signal lead plus start-up: the attempt reports no progress
     (slurm/train.sbatch then ends the job instead of requeuing it forever)."""
