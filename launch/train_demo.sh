@@ -28,8 +28,11 @@ torchrun --standalone --nproc-per-node "$nproc" -m megatron_cosmos3.training.tra
   --config configs/tiny_cpu.yaml checkpoint.directory=outputs/demo/checkpoints \
   tracking.tracking_uri=outputs/demo/mlflow.db tracking.run_name=tiny-mot-cpu "$@"
 # What the trained model makes from held-out inputs: text->audio+video, image->video, video->audio
-# and a policy trajectory (data_pipelines/export_requests.py writes the request file).
-python data_pipelines/export_requests.py outputs/world-heldout/raw outputs/demo/requests
+# and a policy trajectory (data_pipelines/export_requests.py writes the request file once: it never
+# writes into a folder that holds files, and the held-out world is reused, so a re-run reuses them).
+if [ ! -f outputs/demo/requests/requests.jsonl ]; then
+  python data_pipelines/export_requests.py outputs/world-heldout/raw outputs/demo/requests
+fi
 cosmos3-generate --checkpoint outputs/demo/checkpoints --requests outputs/demo/requests/requests.jsonl \
   --out outputs/demo/generated --overwrite
 # The trained model measured in a held-out world (docs/DESIGN.md, "Evaluation"): outputs/demo/eval/
