@@ -12,8 +12,9 @@ One .npz file = one episode of one embodiment. Keys (T frames, world frame, metr
   ``right_fingers`` (T, 15) for humanoid.
 
 Writes ``action_stats.json`` (see ``megatron_cosmos3.encoders.action_normalization``) into the
-folder unless ``--output`` says otherwise; an existing file is replaced only with ``--overwrite``. A file that cannot be read or fails validation is
-skipped with a logged reason and counted; the run fails only when no file at all is usable.
+folder unless ``--output`` says otherwise; an existing file is replaced only with ``--overwrite``.
+A file that cannot be read or fails validation is skipped with a logged reason and counted; the run
+fails only when no file at all is usable.
 
     python data_pipelines/compute_action_stats.py /data/robot_episodes [--output stats.json]
 """
