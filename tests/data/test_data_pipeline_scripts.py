@@ -116,3 +116,33 @@ def test_a_manifest_of_loose_files_becomes_validated_shards(tmp_path):
     usable, bad = inspect_shards.verify_shard(index.shards[0].url, index.shards[0].samples)
     assert usable == 2 and not bad
     assert inspect_shards.main([str(tmp_path / "shards"), "--verify"]) == 0
+
+
+@pytest.mark.parametrize(
+    "script, argv, message",
+    [
+        ("generate_world", ["{tmp}/new", "--samples", "-3"], "samples=-3, shard_size=32 and workers=1 must be >= 1"),
+        ("generate_world", ["{tmp}/new", "--shard-size", "0"], "shard_size=0"),
+        ("generate_world", ["{tmp}/new", "--duration", "-1"], "duration_s=-1.0 must be > 0"),
+        ("generate_world", ["{tmp}", "--samples", "2"], "already holds a finished dataset"),
+        ("encode_shards", ["{tmp}/raw", "{tmp}/new"], "encoders.online=true needs"),
+        ("encode_shards", ["{tmp}/raw", "{tmp}/new", "--video-vae", "{tmp}/none"], "does not exist"),
+        ("encode_shards", ["{tmp}/raw", "{tmp}/new", "--encoder", "pooled", "--video-latent-channels", "-2"], ">= 0"),
+        ("encode_shards", ["{tmp}/evil", "{tmp}/new", "--encoder", "pooled"], "may not run a command"),
+        ("inspect_shards", ["{tmp}/none"], "No such file"),
+    ],
+)
+def test_pipeline_scripts_refuse_bad_arguments_in_one_line_and_write_nothing(tmp_path, capsys, script, argv, message):
+    """These were tracebacks (a missing VAE folder, negative widths, a non-positive shard size), an
+    empty dataset written (--samples -3), or a finished world overwritten in place."""
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "index.json").write_text('{"format_version": 1, "shards": []}')
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / "index.json").write_text('{"format_version": 1, "shards": [{"url": "pipe:touch RAN"}]}')
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exited:
+        load_script(script).main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "new").exists() and not (tmp_path / "RAN").exists()
