@@ -38,5 +38,5 @@ cosmos3-generate --checkpoint outputs/demo/checkpoints --requests outputs/demo/r
 # The trained model measured in a held-out world (docs/DESIGN.md, "Evaluation"): outputs/demo/eval/
 # report.json (every metric beside its oracle and chance rows), side-by-side clips in media/, and the
 # eval/* metrics in the demo's MLflow store.
-cosmos3-eval --checkpoint outputs/demo/checkpoints --out outputs/demo/eval --config configs/eval/suite.yaml \
+cosmos3-eval --checkpoint outputs/demo/checkpoints --out outputs/demo/eval --overwrite --config configs/eval/suite.yaml \
   --tracking-uri outputs/demo/mlflow.db --experiment megatron_cosmos3-demo --run-name tiny-mot-cpu-eval
