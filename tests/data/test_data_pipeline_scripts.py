@@ -109,10 +109,11 @@ def test_a_manifest_of_loose_files_becomes_validated_shards(tmp_path):
         {"key": "no_fps", "caption": "x", "video": "clip.npy"},
         {"key": "bad_actions", "caption": "x", "actions": "bad.npy", "embodiment": "single_arm", "action_rate_hz": 10},
         {"key": "gone", "caption": "x", "image": "missing.png"},
+        {"key": "endless", "caption": "x", "video": "/dev/zero"},  # a device: read without end before
     ]
     (tmp_path / "manifest.jsonl").write_text("\n".join(json.dumps(e) for e in entries))
     index, skipped = write_shards.write_shards(tmp_path / "manifest.jsonl", tmp_path / "shards")
-    assert index.total_samples == 2 and skipped == {"missing_field": 1, "wrong_shape": 1, "unreadable_entry": 1}
+    assert index.total_samples == 2 and skipped == {"missing_field": 1, "wrong_shape": 1, "unreadable_entry": 2}
     usable, bad = inspect_shards.verify_shard(index.shards[0].url, index.shards[0].samples)
     assert usable == 2 and not bad
     assert inspect_shards.main([str(tmp_path / "shards"), "--verify"]) == 0
@@ -130,6 +131,10 @@ def test_a_manifest_of_loose_files_becomes_validated_shards(tmp_path):
         ("encode_shards", ["{tmp}/raw", "{tmp}/new", "--encoder", "pooled", "--video-latent-channels", "-2"], ">= 0"),
         ("encode_shards", ["{tmp}/evil", "{tmp}/new", "--encoder", "pooled"], "may not run a command"),
         ("inspect_shards", ["{tmp}/none"], "No such file"),
+        ("write_shards", ["{tmp}/none.jsonl", "{tmp}/new"], "manifest"),
+        ("write_shards", ["{tmp}/raw/index.json", "{tmp}/raw"], "is the input folder"),
+        ("write_shards", ["{tmp}/evil/index.json", "{tmp}/raw"], "already holds a finished dataset"),
+        ("write_shards", ["{tmp}/raw/index.json", "{tmp}/new", "--shard-size", "0"], "shard size 0 must be >= 1"),
     ],
 )
 def test_pipeline_scripts_refuse_bad_arguments_in_one_line_and_write_nothing(tmp_path, capsys, script, argv, message):
