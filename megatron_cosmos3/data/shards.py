@@ -107,6 +107,8 @@ class ShardIndex:
         path = Path(path)
         if path.is_dir():
             path = path / INDEX_FILENAME
+        if path.exists() and not path.is_file():  # a FIFO or device would be read without end
+            raise ValueError(f"{path}: not a regular file")
         try:
             document = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constant)
         except (UnicodeDecodeError, ValueError, RecursionError) as error:

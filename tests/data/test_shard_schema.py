@@ -232,6 +232,10 @@ def test_index_files_that_are_not_json_and_shards_that_are_not_files(small_shard
         (folder / "index.json").write_bytes(content)
         with pytest.raises(ValueError, match=message):
             ShardIndex.load(folder)
+    (folder / "index.json").unlink()
+    (folder / "index.json").symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match="index.json: not a regular file"):
+        ShardIndex.load(folder)
     # A device or a folder named as a shard is one unreadable shard, never read for ever (/dev/zero).
     for url in ("/dev/zero", str(tmp_path), f"file://{tmp_path}"):
         assert [(s.reason, s.detail) for s in read_shard(url)] == [("unreadable_shard", "not a regular file")]

@@ -184,6 +184,12 @@ def test_malformed_stats_and_misuse_raise_clear_errors(tmp_path):
     ):
         with pytest.raises(ValueError, match=message):
             ActionStats.load(_write(tmp_path / f"{name}.json", document))
+    (tmp_path / "bytes.json").write_bytes(b"\xff{")
+    with pytest.raises(ValueError, match=r"bytes\.json: not a JSON file of action statistics: UnicodeDecodeError"):
+        ActionStats.load(tmp_path / "bytes.json")
+    (tmp_path / "endless.json").symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match=r"endless\.json: not a regular file"):
+        ActionStats.load(tmp_path / "endless.json")
     with pytest.raises(ValueError, match=r"no action statistics for kind 'camera'; have \['vehicle'\]"):
         ActionStats({"vehicle": stats})["camera"]
     with pytest.raises(ValueError, match=r"actions for kind 'vehicle' must have shape \(\.\.\., 9\), got \(4, 19\)"):
