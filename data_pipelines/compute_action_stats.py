@@ -12,8 +12,9 @@ One .npz file = one episode of one embodiment. Keys (T frames, world frame, metr
   ``right_fingers`` (T, 15) for humanoid.
 
 Writes ``action_stats.json`` (see ``megatron_cosmos3.encoders.action_normalization``) into the
-folder unless ``--output`` says otherwise. A file that cannot be read or fails validation is
-skipped with a logged reason and counted; the run fails only when no file at all is usable.
+folder unless ``--output`` says otherwise; an existing file is replaced only with ``--overwrite``.
+A file that cannot be read or fails validation is skipped with a logged reason and counted; the run
+fails only when no file at all is usable.
 
     python data_pipelines/compute_action_stats.py /data/robot_episodes [--output stats.json]
 """
@@ -125,15 +126,25 @@ def main(argv: list[str] | None = None) -> int:
         "--output", type=Path, default=None, help=f"JSON path (default: DATA_DIR/{ACTION_STATS_FILENAME})"
     )
     parser.add_argument("--no-quantiles", action="store_true", help="skip the 1st/99th percentiles (saves memory)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing statistics file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Checked before any episode is read: one line, exit code 2, nothing written.
+    target = args.output or args.data_dir / ACTION_STATS_FILENAME
+    target = target / ACTION_STATS_FILENAME if target.is_dir() else target
+    if not args.data_dir.is_dir():
+        parser.exit(2, f"{parser.prog}: error: input {str(args.data_dir)!r} is not a folder\n")
+    if not target.parent.is_dir():
+        parser.exit(2, f"{parser.prog}: error: --output {str(target)!r}: its folder does not exist\n")
+    if target.exists() and not args.overwrite:  # the statistics a dataset was normalised with: never lost silently
+        parser.exit(2, f"{parser.prog}: error: output {str(target)!r} exists; pass --overwrite to replace it\n")
 
     report = compute_action_stats(args.data_dir, quantiles=not args.no_quantiles)
     logger.info("%d file(s) used, %d skipped", report.files_used, len(report.skipped))
     if not report.stats.embodiments:
         logger.error("no usable trajectory under %s; nothing written", args.data_dir)
         return 1
-    written = report.stats.save(args.output or args.data_dir / ACTION_STATS_FILENAME)
+    written = report.stats.save(target)
     for kind, stats in report.stats.embodiments.items():
         logger.info("%s: %d actions of dim %d", kind, stats.count, stats.dim)
     logger.info("wrote %s", written)

@@ -154,14 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=1, help="how many parts (e.g. $SLURM_ARRAY_TASK_COUNT)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.encoder == "vae":
-        config = LatentEncoderConfig(True, args.video_vae, args.audio_vae, args.dtype)
-        encoder = VAELatentEncoder.from_config(config, args.video_patch_size)
-    else:
-        encoder = PooledLatentEncoder(args.video_latent_channels, args.audio_latent_dim, 0, args.video_patch_size)
     buckets = [b for b in args.resolution_buckets.split(",") if b]
     media = MediaConfig(args.fps, buckets, args.clip_seconds, args.clip_start)
     try:
+        if args.encoder == "vae":  # no VAE folder, or a missing one: one line like every bad argument
+            config = LatentEncoderConfig(True, args.video_vae, args.audio_vae, args.dtype)
+            encoder = VAELatentEncoder.from_config(config, args.video_patch_size)
+        else:
+            encoder = PooledLatentEncoder(args.video_latent_channels, args.audio_latent_dim, 0, args.video_patch_size)
         skipped = encode_shards(
             args.in_dir,
             args.out_dir,
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             args.clips_per_sample,
             args.seed,
         )
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # OSError: a VAE folder that is not there or not readable
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     log.info(
         "task %d/%d wrote its part of %s; skipped %s", args.task, args.tasks, args.out_dir, dict(skipped) or "none"

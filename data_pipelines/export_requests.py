@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from megatron_cosmos3.data.errors import Skip
+from megatron_cosmos3.data.errors import SampleError, Skip
 from megatron_cosmos3.data.media_writers import write_png
 from megatron_cosmos3.data.schema import Sample, decode_sample
 from megatron_cosmos3.data.shards import ShardIndex, read_shard
@@ -40,11 +41,14 @@ TASKS = ("text_to_audio_video", "image_to_video", "video_to_audio", "policy")
 
 
 def world_samples(raw_dir: str | Path):
-    """The usable samples of a shard set, in shard order."""
+    """The usable samples of a shard set, in shard order (a damaged or malformed one is passed over)."""
     for shard in ShardIndex.load(Path(raw_dir) / "index.json").shards:
         for raw in read_shard(shard.url):
             if not isinstance(raw, Skip):
-                yield decode_sample(raw)
+                try:
+                    yield decode_sample(raw)
+                except SampleError:
+                    continue
 
 
 def _fits(task: str, sample: Sample, embodiment: str) -> bool:
@@ -95,23 +99,31 @@ def export_requests(
     embodiment: str = "single_arm",
 ) -> Path:
     """Writes ``out/requests.jsonl`` and the conditioning files (module doc); returns the request file.
-    ValueError naming the task when the world has too few samples for it."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    ValueError naming the value, before anything is written, when the world has too few samples for
+    a task, ``raw_dir`` is no shard set, ``out`` is it or holds files (never mixed with an earlier
+    export), ``per_task`` or ``steps`` < 1 or ``guidance`` is not finite."""
+    raw_dir, out = Path(raw_dir), Path(out)
+    if not (raw_dir / "index.json").is_file():
+        raise ValueError(f"input {str(raw_dir)!r} is not a shard folder with an index.json")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"output {str(out)!r} exists and is not an empty folder; export to a new folder")
+    if per_task < 1 or steps < 1 or not math.isfinite(guidance):
+        raise ValueError(f"per_task={per_task} and steps={steps} must be >= 1, guidance={guidance} finite")
     wanted = {task: per_task for task in TASKS}
-    lines: list[dict] = []
+    chosen: list[tuple[str, Sample, str]] = []
     for sample in world_samples(raw_dir):
         task = next((t for t in TASKS if wanted[t] and _fits(t, sample, embodiment)), None)
         if task is None:
             continue
-        number = per_task - wanted[task]
-        lines.append(_request(task, sample, f"{task}_{number}", out, len(lines), steps, guidance))
+        chosen.append((task, sample, f"{task}_{per_task - wanted[task]}"))
         wanted[task] -= 1
         if not any(wanted.values()):
             break
     missing = {task: n for task, n in wanted.items() if n}
     if missing:
         raise ValueError(f"{raw_dir}: too few usable samples for the tasks {missing} (requests still wanted)")
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [_request(task, sample, name, out, i, steps, guidance) for i, (task, sample, name) in enumerate(chosen)]
     path = out / "requests.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
@@ -126,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
     parser.add_argument("--embodiment", default="single_arm", help="the embodiment of the policy request")
     args = parser.parse_args(argv)
-    if args.per_task < 1:
-        parser.error(f"--per-task must be >= 1, got {args.per_task}")
-    print(export_requests(args.raw, args.out, args.per_task, args.steps, args.guidance, args.embodiment))
+    try:
+        print(export_requests(args.raw, args.out, args.per_task, args.steps, args.guidance, args.embodiment))
+    except ValueError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     return 0
 
 

@@ -68,12 +68,18 @@ def write_world(
     pooled latents' token patch (the model's ``video_patch_size``; recorded in each sample)."""
     if video_format not in ("npy", "mp4"):
         raise ValueError(f"video_format must be 'npy' or 'mp4', got {video_format!r}")
+    if latents not in ("none", "pooled"):
+        raise ValueError(f"latents must be 'none' or 'pooled', got {latents!r}")
+    if samples < 1 or shard_size < 1 or workers < 1:
+        raise ValueError(f"samples={samples}, shard_size={shard_size} and workers={workers} must be >= 1")
     out, config = Path(out), config or WorldConfig()
-    dirs = {"raw": out / "raw"}
+    dirs = {"raw": out / "raw"} | ({"latent": out / "latent"} if latents == "pooled" else {})
+    for folder in dirs.values():  # its shards would be overwritten, and extra old ones left beside the new index
+        if (folder / "index.json").exists():
+            raise ValueError(f"output {str(folder)!r} already holds a finished dataset (index.json); use a new folder")
     writers = {"raw": ShardWriter(dirs["raw"], "world", shard_size)}
     encoder = None
     if latents == "pooled":
-        dirs["latent"] = out / "latent"
         encoder = PooledLatentEncoder(video_latent_channels, audio_latent_dim, 0, video_patch_size)
         writers["latent"] = ShardWriter(
             dirs["latent"],
@@ -81,8 +87,6 @@ def write_world(
             shard_size,
             context=SchemaContext(None, encoder.video_token_dim, audio_latent_dim, video_patch_size=video_patch_size),
         )
-    elif latents != "none":
-        raise ValueError(f"latents must be 'none' or 'pooled', got {latents!r}")
     actions = defaultdict(list)
     jobs = [(config, seed, index, video_format) for index in range(samples)]
     _one_thread()
@@ -164,24 +168,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    write_world(
-        args.out,
-        args.samples,
-        args.seed,
-        WorldConfig(
-            resolution=args.resolution,
-            duration_s=args.duration,
-            embodiments=tuple(args.embodiments),
-            demonstration_fraction=args.demonstrations,
-        ),
-        args.shard_size,
-        args.latents,
-        args.video_latent_channels,
-        args.audio_latent_dim,
-        args.workers,
-        args.video_format,
-        args.video_patch_size,
-    )
+    try:
+        write_world(
+            args.out,
+            args.samples,
+            args.seed,
+            WorldConfig(
+                resolution=args.resolution,
+                duration_s=args.duration,
+                embodiments=tuple(args.embodiments),
+                demonstration_fraction=args.demonstrations,
+            ),
+            args.shard_size,
+            args.latents,
+            args.video_latent_channels,
+            args.audio_latent_dim,
+            args.workers,
+            args.video_format,
+            args.video_patch_size,
+        )
+    except ValueError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     return 0
 
 

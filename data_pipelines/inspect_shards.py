@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", type=Path, help="a folder with index.json (or the index file)")
     parser.add_argument("--verify", action="store_true", help="read every shard and count usable/bad samples")
     args = parser.parse_args(argv)
-    index = ShardIndex.load(args.directory)
+    try:
+        index = ShardIndex.load(args.directory)
+    except (OSError, ValueError) as error:  # no index there, or a crafted one: named, one line
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     total_bad = 0
     for shard in index.shards:
         line = f"{shard.url}: {shard.samples} samples, {shard.bytes} bytes, {shard.modalities}"

@@ -24,7 +24,7 @@ from pathlib import Path
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.media import encode_json
 from megatron_cosmos3.data.schema import FIELDS, SCHEMA_VERSION, decode_sample
-from megatron_cosmos3.data.shard_writer import ShardWriter
+from megatron_cosmos3.data.shard_writer import ShardWriter, check_split_output
 from megatron_cosmos3.data.shards import ShardIndex
 
 log = logging.getLogger("write_shards")
@@ -38,6 +38,8 @@ def manifest_sample(entry: dict, root: Path) -> dict:
     for name in _MEDIA:
         if name in entry:
             path = root / entry.pop(name)
+            if not path.is_file():  # a device or FIFO (/dev/zero) would be read without end
+                raise ValueError(f"{name}={str(path)!r} is not a regular file")
             suffix = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
             sample[f"{name}.{suffix}"] = path.read_bytes()  # a suffix the schema lacks is its extra_field
     sample["meta.json"] = encode_json({"schema": SCHEMA_VERSION, **entry})
@@ -74,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", default="data")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if not args.manifest.is_file():
+            raise ValueError(f"manifest {str(args.manifest)!r} is not a file")
+        # The manifest's folder is the input: shards are not mixed among its files, nor a finished dataset rewritten.
+        check_split_output(args.out_dir, args.manifest.parent, args.shard_size, 0, 1)
+    except ValueError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     index, skipped = write_shards(args.manifest, args.out_dir, args.shard_size, args.prefix)
     log.info(
         "wrote %d samples in %d shards to %s; skipped %s",

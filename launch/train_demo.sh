@@ -28,12 +28,15 @@ torchrun --standalone --nproc-per-node "$nproc" -m megatron_cosmos3.training.tra
   --config configs/tiny_cpu.yaml checkpoint.directory=outputs/demo/checkpoints \
   tracking.tracking_uri=outputs/demo/mlflow.db tracking.run_name=tiny-mot-cpu "$@"
 # What the trained model makes from held-out inputs: text->audio+video, image->video, video->audio
-# and a policy trajectory (data_pipelines/export_requests.py writes the request file).
-python data_pipelines/export_requests.py outputs/world-heldout/raw outputs/demo/requests
+# and a policy trajectory (data_pipelines/export_requests.py writes the request file once: it never
+# writes into a folder that holds files, and the held-out world is reused, so a re-run reuses them).
+if [ ! -f outputs/demo/requests/requests.jsonl ]; then
+  python data_pipelines/export_requests.py outputs/world-heldout/raw outputs/demo/requests
+fi
 cosmos3-generate --checkpoint outputs/demo/checkpoints --requests outputs/demo/requests/requests.jsonl \
   --out outputs/demo/generated --overwrite
 # The trained model measured in a held-out world (docs/DESIGN.md, "Evaluation"): outputs/demo/eval/
 # report.json (every metric beside its oracle and chance rows), side-by-side clips in media/, and the
 # eval/* metrics in the demo's MLflow store.
-cosmos3-eval --checkpoint outputs/demo/checkpoints --out outputs/demo/eval --config configs/eval/suite.yaml \
+cosmos3-eval --checkpoint outputs/demo/checkpoints --out outputs/demo/eval --overwrite --config configs/eval/suite.yaml \
   --tracking-uri outputs/demo/mlflow.db --experiment megatron_cosmos3-demo --run-name tiny-mot-cpu-eval

@@ -9,12 +9,13 @@ config can tie it to its own stage: ``data.stage: ${stage.name}``). Everything i
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from megatron_cosmos3.data.clips import MediaConfig
 from megatron_cosmos3.data.determinism import hash64
-from megatron_cosmos3.data.shards import local_entry_problem
+from megatron_cosmos3.data.shards import local_entry_problem, resolve_shards
 from megatron_cosmos3.data.tokenizer import TOKENIZER_FILE, TokenizerConfig
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
 from megatron_cosmos3.tasks.mixture import TaskMixture
@@ -125,6 +126,11 @@ class DataConfig:
             any(w > 0 for w in stage.datasets.values()) and all(w >= 0 for w in stage.datasets.values()),
             f"stages.{self.stage}.datasets needs non-negative weights, one positive, got {dict(stage.datasets)}",
         )
+        # 1e308 twice sums to inf, and every share would then be 0: the blend would silently pick one.
+        require(
+            math.isfinite(sum(stage.datasets.values())),
+            f"stages.{self.stage}.datasets weights must have a finite sum, got {dict(stage.datasets)}",
+        )
         try:
             TaskMixture(dict(stage.tasks))
         except ValueError as error:
@@ -177,6 +183,10 @@ class DataConfig:
                 problem = local_entry_problem(entry)
                 if problem is not None:
                     raise ValueError(f"{field_prefix}.datasets[{d.name}].shards[{j}]={entry!r}: {problem}")
+            try:
+                resolve_shards(list(d.shards))
+            except ValueError as error:
+                raise ValueError(f"{field_prefix}.datasets[{d.name}].shards: {error}") from None
             if d.action_stats not in ("auto", "") and not Path(d.action_stats).is_file():
                 raise ValueError(f"{field_prefix}.datasets[{d.name}].action_stats={d.action_stats!r} is not a file")
 

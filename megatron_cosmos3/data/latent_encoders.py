@@ -227,6 +227,10 @@ class PooledLatentEncoder:
     ) -> None:
         generator = torch.Generator().manual_seed(seed)
         pixels_per_token(video_patch_size)  # checks it
+        if video_latent_channels < 0 or audio_latent_dim < 0:
+            raise ValueError(
+                f"video_latent_channels={video_latent_channels} and audio_latent_dim={audio_latent_dim} must be >= 0"
+            )
         self.video_latent_channels = video_latent_channels
         self.video_patch_size = video_patch_size
         self.video_token_dim = video_latent_channels * video_patch_size**2

@@ -74,6 +74,9 @@ class ShardSchedule:
                     f"ranks: every rank needs at least one per epoch. Write more, smaller shards or set resample: true"
                 )
         means = [s.mean_samples_per_shard for s in self.sources]
+        for source, mean in zip(self.sources, means):
+            if mean == 0:
+                raise ValueError(f"dataset {source.name!r}: its index lists 0 samples in every shard")
         if any(m is None for m in means):
             if len(self.sources) > 1:
                 log.warning(

@@ -23,6 +23,7 @@ import os
 import tarfile
 import tempfile
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,24 +96,69 @@ class ShardIndex:
 
     @classmethod
     def load(cls, path: str | Path) -> ShardIndex:
-        """Reads an index (a directory means its ``index.json``); relative URLs resolve against it."""
+        """Reads an index (a directory means its ``index.json``); relative URLs resolve against it.
+
+        The index is data, so it is checked as such (``ValueError`` naming the file, the entry and
+        the value): a JSON object of ``format_version`` 1 whose ``shards`` are objects with a
+        non-empty string ``url``, never a ``pipe:`` command (a shard set's own file may not run
+        one; a config's ``shards`` entry may), each listed once, ``samples`` and ``bytes`` ints
+        >= 0 or null, ``samples`` at most what an uncompressed local tar of its size can hold (a
+        member takes at least one 512-byte block)."""
         path = Path(path)
         if path.is_dir():
             path = path / INDEX_FILENAME
-        document = json.loads(path.read_text())
+        if path.exists() and not path.is_file():  # a FIFO or device would be read without end
+            raise ValueError(f"{path}: not a regular file")
+        try:
+            document = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:
+            raise ValueError(f"{path}: not a JSON index: {type(error).__name__}: {error}") from None
+        if not isinstance(document, dict):
+            raise ValueError(f"{path}: an index must be a JSON object, got {type(document).__name__}")
         if document.get("format_version") != _INDEX_VERSION:
             raise ValueError(f"{path}: format_version must be {_INDEX_VERSION}, got {document.get('format_version')!r}")
+        entries = document.get("shards")
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: shards must be a list, got {type(entries).__name__}")
 
         def resolve(url: str) -> str:
-            return url if "://" in url or url.startswith("pipe:") or os.path.isabs(url) else str(path.parent / url)
+            return url if "://" in url or os.path.isabs(url) else str(path.parent / url)
 
-        return cls(
-            tuple(
-                ShardInfo(resolve(s["url"]), s.get("samples"), s.get("bytes"), s.get("modalities") or {})
-                for s in document["shards"]
-            ),
-            document.get("schema_version", 1),
-        )
+        shards, seen = [], {}
+        for i, entry in enumerate(entries):
+            where = f"{path}: shards[{i}]"
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where} must be an object, got {type(entry).__name__}")
+            url = entry.get("url")
+            if not isinstance(url, str) or not url:
+                raise ValueError(f"{where}.url must be a non-empty string, got {url!r}")
+            if url.startswith("pipe:"):
+                raise ValueError(f"{where}.url={url!r}: an index may not run a command (pipe:)")
+            for name in ("samples", "bytes"):
+                value = entry.get(name)
+                if value is not None and (type(value) is not int or value < 0):
+                    raise ValueError(f"{where}.{name}={value!r} must be an int >= 0 or null")
+            modalities = entry.get("modalities") or {}
+            if not isinstance(modalities, dict):
+                raise ValueError(f"{where}.modalities must be an object, got {type(modalities).__name__}")
+            resolved = resolve(url)
+            key = os.path.normpath(resolved) if "://" not in resolved else resolved
+            if key in seen:
+                raise ValueError(f"{where}.url={url!r} lists the shard of shards[{seen[key]}] again")
+            seen[key] = i
+            samples = entry.get("samples")
+            if samples is not None and key.endswith(".tar") and os.path.isfile(key):
+                most = os.path.getsize(key) // _TAR_BLOCK
+                if samples > most:
+                    raise ValueError(
+                        f"{where}.samples={samples}: a tar of {os.path.getsize(key)} bytes holds at most {most}"
+                    )
+            shards.append(ShardInfo(resolved, samples, entry.get("bytes"), modalities))
+        return cls(tuple(shards), document.get("schema_version", 1))
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def local_entry_problem(entry: str) -> str | None:
@@ -121,8 +167,14 @@ def local_entry_problem(entry: str) -> str | None:
     if "://" in entry or entry.startswith("pipe:"):
         return None
     entry = entry.removeprefix("file:")
-    if os.path.isdir(entry):
-        return None if os.path.isfile(os.path.join(entry, INDEX_FILENAME)) else f"the directory has no {INDEX_FILENAME}"
+    if os.path.isdir(entry) or (entry.endswith(".json") and os.path.isfile(entry)):
+        if os.path.isdir(entry) and not os.path.isfile(os.path.join(entry, INDEX_FILENAME)):
+            return f"the directory has no {INDEX_FILENAME}"
+        try:
+            ShardIndex.load(entry)
+        except (OSError, ValueError) as error:
+            return str(error)
+        return None
     paths = expand_urls(entry)
     if not any(os.path.exists(path) for path in paths):
         return "does not exist" if len(paths) == 1 else f"none of its {len(paths)} paths exists"
@@ -137,6 +189,10 @@ def resolve_shards(entries: list[str]) -> list[ShardInfo]:
             shards.extend(ShardIndex.load(entry).shards)
         else:
             shards.extend(ShardInfo(url) for url in expand_urls(entry))
+    urls = [s.url if "://" in s.url or s.url.startswith("pipe:") else os.path.normpath(s.url) for s in shards]
+    twice = sorted(url for url, n in Counter(urls).items() if n > 1)
+    if twice:  # each epoch would read them twice: a silent re-weighting
+        raise ValueError(f"shards {entries} list {twice} more than once")
     return shards
 
 
@@ -209,6 +265,11 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
     multi-stream file (``_decompressed``); bytes after the last gzip stream are ignored, as
     ``gzip -d`` ignores them.
     """
+    local = url.removeprefix("file://") if url.startswith("file://") else url.removeprefix("file:")
+    if "://" not in local and not local.startswith("pipe:") and os.path.exists(local) and not os.path.isfile(local):
+        # A device or FIFO never ends (/dev/zero would be read for ever) and a folder is no tar.
+        yield Skip(url, "", UNREADABLE_SHARD, "not a regular file")
+        return
     try:
         raw = gopen(url, "rb")
     except Exception as error:  # noqa: BLE001 - gopen raises anything from OSError to a pipe's ValueError

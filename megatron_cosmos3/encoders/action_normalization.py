@@ -66,13 +66,34 @@ ROTATION_6D_MODES = ("standardised", "raw")
 NormalizationMode = Literal["mean_std", "quantile"]
 
 
+# The sample schema bounds every action value by its MAX_ABS_VALUE (1e6), so no statistic of real
+# actions exceeds it; a crafted std of 1e308 would un-normalise every generated action to inf.
+MAX_ABS_STAT = 1e6
+
+
 def _as_floats(values, name: str, dim: int) -> tuple[float, ...]:
     values = tuple(float(v) for v in values)
     if len(values) != dim:
         raise ValueError(f"{name} must have {dim} values, got {len(values)}")
     if not all(math.isfinite(v) for v in values):
         raise ValueError(f"{name} must be finite, got {list(values)}")
+    if any(abs(v) > MAX_ABS_STAT for v in values):
+        raise ValueError(f"{name} must lie within +-{MAX_ABS_STAT:g} (the schema's bound), got {list(values)}")
     return values
+
+
+def _json_numbers(entry: Mapping, kind: str) -> None:
+    """ValueError naming the field unless each statistic is a list of JSON numbers (not strings,
+    booleans or lists, which ``float`` would take or misread) and ``count`` an int."""
+    count = entry.get("count")
+    if type(count) is not int:
+        raise ValueError(f"{kind}.count must be an int, got {count!r}")
+    for name in ("mean", "std", "q01", "q99"):
+        values = entry.get(name)
+        if values is None and name in ("q01", "q99"):
+            continue
+        if not isinstance(values, list) or not all(type(v) in (int, float) for v in values):
+            raise ValueError(f"{kind}.{name} must be a list of numbers, got {values!r:.200}")
 
 
 RAW_LAYOUT = "raw"
@@ -164,6 +185,7 @@ class EmbodimentActionStats:
 
     @classmethod
     def from_json(cls, kind: str, entry: Mapping, format_version: int = _FORMAT_VERSION) -> EmbodimentActionStats:
+        _json_numbers(entry, kind)
         layout = entry.get("layout")
         if layout not in (None, RAW_LAYOUT):
             raise ValueError(f"{kind}.layout must be {RAW_LAYOUT!r} or absent (pseudo-actions), got {layout!r}")
@@ -234,7 +256,13 @@ class ActionStats:
         path = Path(path)
         if path.is_dir():
             path = path / ACTION_STATS_FILENAME
-        return cls.from_document(json.loads(path.read_text()), str(path))
+        if path.exists() and not path.is_file():  # a FIFO or device would be read without end
+            raise ValueError(f"{path}: not a regular file")
+        try:
+            document = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+            raise ValueError(f"{path}: not a JSON file of action statistics: {type(error).__name__}: {error}") from None
+        return cls.from_document(document, str(path))
 
 
 def merge_action_stats(stats: Iterable[ActionStats | None]) -> ActionStats | None:

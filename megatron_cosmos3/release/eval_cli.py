@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", required=True, help="a step_<N> folder, a checkpoint directory or a release folder"
     )
     parser.add_argument("--out", required=True, type=Path, help="folder for report.json and media/")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the report.json and media/ of an earlier run in --out"
+    )
     parser.add_argument("--config", help="the suite's YAML config (eval_suite.config.SuiteConfig)")
     parser.add_argument(
         "--tracking-uri", help="MLflow tracking URI (a bare path: a local SQLite store); none: no MLflow"
@@ -81,6 +85,30 @@ def evaluate_checkpoint(
     )
     meta = {"checkpoint": str(trained.source), "step": trained.step}
     return suite.evaluate(trained.model, trained.plan, meta, media_dir)
+
+
+def out_problem(out: Path, checkpoint: str | Path, overwrite: bool) -> str | None:
+    """Why ``--out`` cannot take this run's report, or None: it is a file, the checkpoint folder or
+    inside it, a ``step_<N>`` folder's checkpoint directory or any folder with a ``latest`` (the
+    report would be mixed into the checkpoints), or it holds an earlier report or
+    media and ``overwrite`` is not set (never mixed: another run's case folders would stay)."""
+    if out.exists() and not out.is_dir():
+        return f"--out {str(out)!r} is not a folder"
+    checkpoint, resolved = Path(checkpoint).resolve(), out.resolve()
+    directory = checkpoint.parent if checkpoint.name.startswith("step_") else checkpoint  # its checkpoint directory
+    if resolved in (checkpoint, directory) or checkpoint in resolved.parents or (out / "latest").is_file():
+        return f"--out {str(out)!r} is inside the checkpoint {str(checkpoint)!r}; write the report elsewhere"
+    earlier = [name for name in (REPORT_FILE, "media") if (out / name).exists()]
+    if earlier and not overwrite:
+        return f"--out {str(out)!r} already holds {earlier} of an earlier run; use another folder or --overwrite"
+    return None
+
+
+def clear_earlier_outputs(out: Path) -> None:
+    """Removes an earlier run's ``report.json`` and ``media/`` from ``out`` (``--overwrite``), nothing else."""
+    (out / REPORT_FILE).unlink(missing_ok=True)
+    if (out / "media").is_dir():
+        shutil.rmtree(out / "media")
 
 
 def write_outputs(result: SuiteResult, out: Path, media: bool) -> Path:
@@ -118,11 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         print(f"cosmos3-eval: error: {error}", file=sys.stderr)
         return 2
+    problem = out_problem(args.out, args.checkpoint, args.overwrite)
+    if problem is not None:
+        print(f"cosmos3-eval: error: {problem}", file=sys.stderr)
+        return 2
     ctx = init_distributed()
     try:
         trained = load_trained_model(
             args.checkpoint, device=ctx.device, parallel=ParallelSizes(tensor=args.tensor_parallel)
         )
+        if ctx.is_main and args.overwrite:  # before the closed-loop episodes are written into media/
+            clear_earlier_outputs(args.out)
         episodes = args.out / "media" / "closed_loop" if suite_config.media and ctx.is_main else None
         result = evaluate_checkpoint(trained, suite_config, args.action_stats, episodes)
     except (RequestError, *LOAD_ERRORS, ValueError) as error:

@@ -468,6 +468,9 @@ def specs_from_args(args: argparse.Namespace) -> list[RequestSpec]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.out.exists() and not args.out.is_dir():  # found after generating, it was a traceback
+        print(f"cosmos3-generate: error: --out {str(args.out)!r} is not a folder", file=sys.stderr)
+        return 2
     ctx = init_distributed()
     try:
         specs = specs_from_args(args)

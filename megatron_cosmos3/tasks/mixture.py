@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ class TaskMixture:
                 raise ValueError(f"task weight {name}={weight} must be >= 0")
         if not any(w > 0 for w in self.weights.values()):
             raise ValueError(f"a task mixture needs a positive weight, got {dict(self.weights)}")
+        if not math.isfinite(sum(self.weights.values())):  # else u * total is inf: always the last task
+            raise ValueError(f"task weights must have a finite sum, got {dict(self.weights)}")
 
     def allowed(self, modalities: frozenset[Modality], latent_frames: int, has_picture: bool = True) -> list[TaskSpec]:
         """Tasks with positive weight that the sample can serve (``TaskSpec.allows``), in name order."""

@@ -269,6 +269,8 @@ class TrainConfig:
             raise ValueError("tracking.tracking_uri is empty; name an MLflow URI or a path, or tracking.enabled=false")
         if self.tracking.flush_timeout_s < 0:
             raise ValueError(f"tracking.flush_timeout_s={self.tracking.flush_timeout_s} must be >= 0")
+        if self.tracking.enabled and not self.tracking.experiment.strip():  # MLflow refuses it, at every retry
+            raise ValueError("tracking.experiment is empty; name an MLflow experiment, or tracking.enabled=false")
         clash = sorted(set(self.stage.new_embodiments) & set(self.model.embodiments))
         if clash:
             raise ValueError(f"stage.new_embodiments {clash} are already model.embodiments")
@@ -314,7 +316,15 @@ class TrainConfig:
         if not self.tracking.run_name:  # one process launched by hand: named by its start time
             self.tracking.run_name = f"job-{launcher_run_id}" if launcher_run_id else time.strftime("run-%Y%m%d-%H%M%S")
         if not self.checkpoint.directory:
-            self.checkpoint.directory = os.path.join(self.runs_root, self.tracking.run_name, "checkpoints")
+            name = self.tracking.run_name
+            # The name is a folder under runs_root: '../x' or '/x' would write outside it.
+            if name in (".", "..") or "/" in name or "\0" in name or len(name.encode()) > 255:
+                raise ValueError(
+                    f"tracking.run_name={name[:80]!r}{'...' if len(name) > 80 else ''} ({len(name)} characters) names "
+                    f"the run's folder under runs_root: one folder name (no '/', not '.' or '..', at most 255 "
+                    "bytes), or set checkpoint.directory"
+                )
+            self.checkpoint.directory = os.path.join(self.runs_root, name, "checkpoints")
 
     def check_paths(self) -> None:
         """ValueError naming the field for a path this run cannot use. Called by ``main`` before
@@ -322,6 +332,15 @@ class TrainConfig:
         directory = self.checkpoint.directory
         if os.path.exists(directory) and not os.path.isdir(directory):
             raise ValueError(f"checkpoint.directory={directory!r} exists and is not a directory")
+        store = self.tracking.tracking_uri  # a bare path is an SQLite file (training/tracking.py)
+        if self.tracking.enabled and "://" not in store and not store.startswith(("file:", "sqlite:")):
+            if os.path.isdir(store):
+                raise ValueError(f"tracking.tracking_uri={store!r} is a folder, not an SQLite file")
+            if os.path.isfile(store):
+                with open(store, "rb") as f:
+                    head = f.read(16)
+                if head and head != b"SQLite format 3\x00":  # MLflow would only warn, and track nothing
+                    raise ValueError(f"tracking.tracking_uri={store!r} is a file that is not an SQLite database")
         if self.stage.init_from and not os.path.exists(self.stage.init_from):
             raise ValueError(f"stage.init_from={self.stage.init_from!r} does not exist")
         if self.data_source == "shards":

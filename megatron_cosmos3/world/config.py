@@ -37,6 +37,8 @@ class WorldConfig:
             )
         if not 0.0 <= self.demonstration_fraction <= 1.0:
             raise ValueError(f"demonstration_fraction={self.demonstration_fraction} must be in [0, 1]")
+        if not 0 < self.duration_s < float("inf"):
+            raise ValueError(f"duration_s={self.duration_s} must be > 0 and finite")
         if self.resolution % 32 or self.resolution <= 0:
             raise ValueError(f"resolution={self.resolution} must be a positive multiple of 32")
         for rate in (*self.fps_choices, *self.action_rates.values()):

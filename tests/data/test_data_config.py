@@ -67,3 +67,27 @@ def test_media_clips_load_from_overrides_validate_and_change_the_fingerprint():
     ]:
         with pytest.raises(ValueError, match=message):
             _load(override).validate()
+
+
+def test_weights_whose_sum_overflows_are_refused():
+    """1e308 twice sums to inf: every share would be 0 (datasets) or every draw the last task."""
+    config = _load("stages.pretrain.datasets.world_raw=1e308", "stages.pretrain.datasets.world_latent=1e308")
+    with pytest.raises(ValueError, match="stages.pretrain.datasets weights must have a finite sum"):
+        config.validate()
+    config = _load("stages.pretrain.tasks.understanding=1e308", "stages.pretrain.tasks.text_to_video=1e308")
+    with pytest.raises(ValueError, match="stages.pretrain.tasks: task weights must have a finite sum"):
+        config.validate()
+
+
+def test_a_shard_set_listed_twice_or_an_index_of_no_samples_is_named(tmp_path):
+    from megatron_cosmos3.data.schedule import DatasetSource, ShardSchedule
+    from megatron_cosmos3.data.shards import ShardIndex, ShardInfo
+
+    ShardIndex((ShardInfo(str(tmp_path / "a.tar"), 0),)).save(tmp_path)
+    (tmp_path / "a.tar").write_bytes(bytes(1024))
+    config = _load()
+    config.datasets[0].shards = [str(tmp_path), str(tmp_path / "index.json")]
+    with pytest.raises(ValueError, match=r"data.datasets\[world_latent\].shards: .* more than once"):
+        config.check_paths()
+    with pytest.raises(ValueError, match="dataset 'w': its index lists 0 samples in every shard"):
+        ShardSchedule([DatasetSource("w", ShardIndex.load(tmp_path).shards, 1.0)], 0, 0, 1)

@@ -109,10 +109,45 @@ def test_a_manifest_of_loose_files_becomes_validated_shards(tmp_path):
         {"key": "no_fps", "caption": "x", "video": "clip.npy"},
         {"key": "bad_actions", "caption": "x", "actions": "bad.npy", "embodiment": "single_arm", "action_rate_hz": 10},
         {"key": "gone", "caption": "x", "image": "missing.png"},
+        {"key": "endless", "caption": "x", "video": "/dev/zero"},  # a device: read without end before
     ]
     (tmp_path / "manifest.jsonl").write_text("\n".join(json.dumps(e) for e in entries))
     index, skipped = write_shards.write_shards(tmp_path / "manifest.jsonl", tmp_path / "shards")
-    assert index.total_samples == 2 and skipped == {"missing_field": 1, "wrong_shape": 1, "unreadable_entry": 1}
+    assert index.total_samples == 2 and skipped == {"missing_field": 1, "wrong_shape": 1, "unreadable_entry": 2}
     usable, bad = inspect_shards.verify_shard(index.shards[0].url, index.shards[0].samples)
     assert usable == 2 and not bad
     assert inspect_shards.main([str(tmp_path / "shards"), "--verify"]) == 0
+
+
+@pytest.mark.parametrize(
+    "script, argv, message",
+    [
+        ("generate_world", ["{tmp}/new", "--samples", "-3"], "samples=-3, shard_size=32 and workers=1 must be >= 1"),
+        ("generate_world", ["{tmp}/new", "--shard-size", "0"], "shard_size=0"),
+        ("generate_world", ["{tmp}/new", "--duration", "-1"], "duration_s=-1.0 must be > 0"),
+        ("generate_world", ["{tmp}", "--samples", "2"], "already holds a finished dataset"),
+        ("encode_shards", ["{tmp}/raw", "{tmp}/new"], "encoders.online=true needs"),
+        ("encode_shards", ["{tmp}/raw", "{tmp}/new", "--video-vae", "{tmp}/none"], "does not exist"),
+        ("encode_shards", ["{tmp}/raw", "{tmp}/new", "--encoder", "pooled", "--video-latent-channels", "-2"], ">= 0"),
+        ("encode_shards", ["{tmp}/evil", "{tmp}/new", "--encoder", "pooled"], "may not run a command"),
+        ("inspect_shards", ["{tmp}/none"], "No such file"),
+        ("write_shards", ["{tmp}/none.jsonl", "{tmp}/new"], "manifest"),
+        ("write_shards", ["{tmp}/raw/index.json", "{tmp}/raw"], "is the input folder"),
+        ("write_shards", ["{tmp}/evil/index.json", "{tmp}/raw"], "already holds a finished dataset"),
+        ("write_shards", ["{tmp}/raw/index.json", "{tmp}/new", "--shard-size", "0"], "shard size 0 must be >= 1"),
+    ],
+)
+def test_pipeline_scripts_refuse_bad_arguments_in_one_line_and_write_nothing(tmp_path, capsys, script, argv, message):
+    """These were tracebacks (a missing VAE folder, negative widths, a non-positive shard size), an
+    empty dataset written (--samples -3), or a finished world overwritten in place."""
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "index.json").write_text('{"format_version": 1, "shards": []}')
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / "index.json").write_text('{"format_version": 1, "shards": [{"url": "pipe:touch RAN"}]}')
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exited:
+        load_script(script).main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "new").exists() and not (tmp_path / "RAN").exists()

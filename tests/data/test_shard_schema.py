@@ -206,3 +206,74 @@ def test_a_frame_rate_in_meta_json_may_be_a_fraction_as_ffprobe_writes_it():
         written["meta.json"] = json.dumps({**meta, "fps": fps}).encode()
         with pytest.raises(SampleError, match=r"bad_metadata: meta.json 'fps' must be a positive number or fraction"):
             decode_sample(written, SchemaContext(video_token_dim=16))
+
+
+@pytest.fixture(scope="module")
+def small_shard_set(tmp_path_factory):
+    """Two shards of two text samples each, with their index (shared by the crafted-index table)."""
+    root = tmp_path_factory.mktemp("index")
+    with ShardWriter(root / "set", "part", max_samples_per_shard=2) as writer:
+        for i in range(4):
+            writer.write(Sample(key=f"s{i}", caption="words"))
+    return root / "set"
+
+
+def _first(index: dict) -> dict:
+    return index["shards"][0]
+
+
+@pytest.mark.parametrize(
+    "craft, message",
+    [
+        (lambda d: [d], "an index must be a JSON object, got list"),
+        (lambda d: {**d, "shards": {"url": "x"}}, "shards must be a list, got dict"),
+        (lambda d: {**d, "shards": ["part-000000.tar"]}, r"shards\[0\] must be an object, got str"),
+        (lambda d: {**d, "shards": [{"samples": 2}]}, r"shards\[0\].url must be a non-empty string, got None"),
+        (lambda d: {**d, "shards": [{"url": "pipe:touch RAN; cat part-000000.tar"}]}, "may not run a command"),
+        (lambda d: _first(d).update(samples="2") or d, r"shards\[0\].samples='2' must be an int >= 0 or null"),
+        (lambda d: _first(d).update(samples=-1) or d, r"shards\[0\].samples=-1 must be an int"),
+        (lambda d: _first(d).update(samples=True) or d, r"shards\[0\].samples=True must be an int"),
+        (lambda d: _first(d).update(samples=2.5) or d, r"shards\[0\].samples=2.5 must be an int"),
+        (lambda d: _first(d).update(samples=10**9) or d, r"shards\[0\].samples=1000000000: a tar of \d+ bytes holds"),
+        (lambda d: _first(d).update(bytes="big") or d, r"shards\[0\].bytes='big' must be an int"),
+        (lambda d: _first(d).update(modalities=[1]) or d, r"shards\[0\].modalities must be an object"),
+        (lambda d: {**d, "shards": [_first(d), _first(d)]}, r"shards\[1\].url='part-000000.tar' lists the shard of"),
+        (lambda d: {**d, "shards": [_first(d), {"url": "./x/../part-000000.tar"}]}, r"lists the shard of shards\[0\]"),
+    ],
+)
+def test_a_crafted_index_is_an_error_naming_the_file_entry_and_value(small_shard_set, tmp_path, craft, message):
+    """An index is data: a wrong type, a command to run, a shard listed twice or a count its tar
+    cannot hold is a ValueError naming the file and the entry, before anything is read or run."""
+    import json
+    import shutil
+
+    folder = tmp_path / "set"
+    shutil.copytree(small_shard_set, folder)
+    document = craft(json.loads((folder / "index.json").read_text()))
+    (folder / "index.json").write_text(json.dumps(document))
+    with pytest.raises(ValueError, match=message) as raised:
+        ShardIndex.load(folder)
+    assert str(folder / "index.json") in str(raised.value) or "JSON object" not in message
+    assert not (folder / "RAN").exists() and not (tmp_path / "RAN").exists()
+
+
+def test_index_files_that_are_not_json_and_shards_that_are_not_files(small_shard_set, tmp_path):
+    import shutil
+
+    folder = tmp_path / "set"
+    shutil.copytree(small_shard_set, folder)
+    for content, message in [(b"\xff{", "not a JSON index: UnicodeDecodeError"), (b'{"a": NaN}', "NaN is not JSON")]:
+        (folder / "index.json").write_bytes(content)
+        with pytest.raises(ValueError, match=message):
+            ShardIndex.load(folder)
+    (folder / "index.json").unlink()
+    (folder / "index.json").symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match="index.json: not a regular file"):
+        ShardIndex.load(folder)
+    # A device or a folder named as a shard is one unreadable shard, never read for ever (/dev/zero).
+    for url in ("/dev/zero", str(tmp_path), f"file://{tmp_path}"):
+        assert [(s.reason, s.detail) for s in read_shard(url)] == [("unreadable_shard", "not a regular file")]
+    # The same shard reached twice through a dataset's entries would be read twice an epoch.
+    shard = str(small_shard_set / "part-000000.tar")
+    with pytest.raises(ValueError, match="more than once"):
+        resolve_shards([shard, str(small_shard_set)])

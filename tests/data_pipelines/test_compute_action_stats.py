@@ -143,3 +143,17 @@ def test_help_documents_the_expected_keys():
     assert result.returncode == 0, result.stderr
     for key in ("embodiment", "<part>_positions", "<part>_quaternions", "gripper", "left_fingers", "--output"):
         assert key in result.stdout
+
+
+def test_bad_input_or_output_is_one_line_exit_2_and_an_existing_file_is_kept(tmp_path, capsys):
+    (tmp_path / "stats.json").write_text("mine")
+    for args, message in [
+        ([str(tmp_path / "missing")], "input"),
+        ([str(tmp_path), "--output", str(tmp_path / "no" / "s.json")], "its folder does not exist"),
+        ([str(tmp_path), "--output", str(tmp_path / "stats.json")], "exists; pass --overwrite"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            compute_action_stats.main(args)
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert (tmp_path / "stats.json").read_text() == "mine" and not (tmp_path / "no").exists()

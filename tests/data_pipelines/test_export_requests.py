@@ -62,3 +62,33 @@ def test_a_world_too_small_for_a_task_is_an_error_naming_it(world, tmp_path):
         export_requests(world, tmp_path / "r", per_task=20)
     with pytest.raises(SystemExit):
         main([str(world), str(tmp_path / "r"), "--per-task", "0"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{missing}", "{out}"], "is not a shard folder with an index.json"),
+        (["{world}", "{world}"], "exists and is not an empty folder"),
+        (["{world}", "{full}"], "exists and is not an empty folder"),
+        (["{world}", "{file}"], "exists and is not an empty folder"),
+        (["{world}", "{out}", "--steps", "-3"], "steps=-3 must be >= 1"),
+        (["{world}", "{out}", "--guidance", "nan"], "guidance=nan finite"),
+        (["{world}", "{out}", "--per-task", "20"], "too few usable samples"),
+    ],
+)
+def test_bad_inputs_and_outputs_are_one_line_exit_2_and_write_nothing(world, tmp_path, capsys, args, message):
+    """An output that holds files (the input itself, an earlier export, a file) is never mixed into;
+    too few samples is found before any conditioning file is written."""
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    (tmp_path / "file").write_text("mine")
+    before = sorted(p.name for p in world.iterdir())
+    paths = {"world": world, "missing": tmp_path / "missing", "out": tmp_path / "out"}
+    paths |= {"full": tmp_path / "full", "file": tmp_path / "file"}
+    with pytest.raises(SystemExit) as exited:
+        main([a.format(**paths) for a in args])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in world.iterdir()) == before
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]

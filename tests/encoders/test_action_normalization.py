@@ -174,9 +174,22 @@ def test_malformed_stats_and_misuse_raise_clear_errors(tmp_path):
             r"crossed\.json: malformed .*vehicle: q01 > q99 in dims \[0, 1,",
         ),
         ("count", {**good, "embodiments": {"vehicle": {**entry, "count": -5}}}, r"vehicle\.count must be >= 0"),
+        # Values float() takes or misreads, and magnitudes that un-normalise every action to inf.
+        ("count_str", {**good, "embodiments": {"vehicle": {**entry, "count": "5"}}}, r"count must be an int, got '5'"),
+        ("count_half", {**good, "embodiments": {"vehicle": {**entry, "count": 2.5}}}, r"count must be an int, got 2.5"),
+        ("std_str", {**good, "embodiments": {"vehicle": {**entry, "std": "abc"}}}, r"std must be a list of numbers"),
+        ("std_bool", {**good, "embodiments": {"vehicle": {**entry, "std": [True] * 9}}}, r"std must be a list of"),
+        ("std_big", {**good, "embodiments": {"vehicle": {**entry, "std": [1e308] * 9}}}, r"std must lie within"),
+        ("mean_big", {**good, "embodiments": {"vehicle": {**entry, "mean": [-1e7] * 9}}}, r"mean must lie within"),
     ):
         with pytest.raises(ValueError, match=message):
             ActionStats.load(_write(tmp_path / f"{name}.json", document))
+    (tmp_path / "bytes.json").write_bytes(b"\xff{")
+    with pytest.raises(ValueError, match=r"bytes\.json: not a JSON file of action statistics: UnicodeDecodeError"):
+        ActionStats.load(tmp_path / "bytes.json")
+    (tmp_path / "endless.json").symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match=r"endless\.json: not a regular file"):
+        ActionStats.load(tmp_path / "endless.json")
     with pytest.raises(ValueError, match=r"no action statistics for kind 'camera'; have \['vehicle'\]"):
         ActionStats({"vehicle": stats})["camera"]
     with pytest.raises(ValueError, match=r"actions for kind 'vehicle' must have shape \(\.\.\., 9\), got \(4, 19\)"):

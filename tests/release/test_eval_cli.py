@@ -163,3 +163,44 @@ def test_closed_loop_rows_put_the_models_policy_beside_the_expert_and_a_random_o
         for who in ("model", "expert", "random"):
             (clip,) = (evaluated / "out" / "media" / "closed_loop").glob(f"{embodiment}_stop_ball_seed*_{who}.mp4")
             assert int(ffprobe_streams(clip)["video"]["nb_read_frames"]) > 1 and "audio" in ffprobe_streams(clip)
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("file.txt", "is not a folder"),
+        ("ckpt", "is inside the checkpoint"),
+        ("ckpt/step_00000001/eval", "is inside the checkpoint"),
+        ("runs", "is inside the checkpoint"),  # a checkpoint directory (its `latest`) given as --out
+        ("earlier", "already holds ['report.json', 'media'] of an earlier run"),
+    ],
+)
+def test_an_out_colliding_with_a_file_the_checkpoint_or_an_earlier_report_is_refused(tmp_path, capsys, out, message):
+    """Checked before the model loads: a file was a traceback after the whole suite; an earlier
+    report's case folders were mixed with the new ones; a report went into the checkpoints."""
+    (tmp_path / "file.txt").write_text("mine")
+    (tmp_path / "ckpt" / "step_00000001").mkdir(parents=True)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "latest").write_text("step_00000001")
+    (tmp_path / "earlier" / "media" / "policy").mkdir(parents=True)
+    (tmp_path / "earlier" / "report.json").write_text("{}")
+    before = sorted(tmp_path.rglob("*"))
+    argv = ["--checkpoint", str(tmp_path / "ckpt" / "step_00000001"), "--out", str(tmp_path / out), "media=false"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_overwrite_replaces_only_an_earlier_report_and_media(tmp_path, capsys):
+    from megatron_cosmos3.release.eval_cli import clear_earlier_outputs
+
+    (tmp_path / "media" / "policy").mkdir(parents=True)
+    (tmp_path / "report.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    # A checkpoint that does not load stops the command before anything is removed.
+    argv = ["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path), "--overwrite"]
+    assert main(argv) == 2 and "nothing" in capsys.readouterr().err
+    assert (tmp_path / "report.json").exists() and (tmp_path / "media" / "policy").is_dir()
+    clear_earlier_outputs(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

@@ -428,3 +428,11 @@ def test_a_damaged_or_crafted_checkpoint_is_one_error_line_in_every_command(chec
             assert re.search(message, error) and "Traceback" not in error, (name, command.__module__, error)
             assert not out.exists(), (name, command.__module__)
     assert not marker.exists()
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "out").write_text("mine")
+    argv = ["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"), "--task", "text_to_video"]
+    assert main([*argv, "--prompt", "a ball"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a folder" in err and err.count("\n") == 1 and (tmp_path / "out").read_text() == "mine"

@@ -4,6 +4,7 @@ no overrides never resumes nor touches another job's checkpoints."""
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from megatron_cosmos3.checkpoint.checkpointer import latest_checkpoint
@@ -33,6 +34,30 @@ def test_the_demo_config_names_no_folder_so_each_job_gets_its_own():
     explicit = load_config(None, ["checkpoint.directory=/shared/ckpt"])
     explicit.name_run("104")  # resuming another folder is this explicit setting
     assert explicit.checkpoint.directory == "/shared/ckpt" and explicit.tracking.run_name == "job-104"
+
+
+@pytest.mark.parametrize("name", ["../../elsewhere", "/abs", "a/b", "..", "x" * 10_000, "nul\0byte"])
+def test_a_run_name_that_is_not_one_folder_name_is_refused_where_it_names_the_folder(name):
+    """The name is a folder under runs_root: '../..' or '/abs' would write outside it; 10k characters
+    were an OSError when the folder was made."""
+    config = load_config(None, ["runs_root=/scratch/runs"])
+    config.tracking.run_name = name
+    with pytest.raises(ValueError, match=r"tracking.run_name=.* names the run's folder under runs_root"):
+        config.name_run("1")
+    assert config.checkpoint.directory == ""
+    config.checkpoint.directory = "/shared/ckpt"  # the folder named otherwise: the name is MLflow's alone
+    config.name_run("1")
+
+
+def test_a_tracking_store_that_is_a_folder_or_another_file_is_refused_before_training(tmp_path):
+    (tmp_path / "notes.txt").write_text("my notes, not a database")
+    for store, message in [(tmp_path, "is a folder"), (tmp_path / "notes.txt", "is a file that is not an SQLite")]:
+        config = load_config(None, [f"tracking.tracking_uri={store}", f"checkpoint.directory={tmp_path / 'ckpt'}"])
+        with pytest.raises(ValueError, match=f"tracking.tracking_uri=.*{message}"):
+            config.check_paths()
+    assert (tmp_path / "notes.txt").read_text() == "my notes, not a database"
+    (tmp_path / "empty.db").write_bytes(b"")  # an empty file is a new SQLite database
+    load_config(None, [f"tracking.tracking_uri={tmp_path / 'empty.db'}"]).check_paths()
 
 
 def test_a_job_without_overrides_neither_resumes_nor_touches_another_jobs_folder(tmp_path, monkeypatch, caplog):
