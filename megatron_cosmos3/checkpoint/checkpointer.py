@@ -306,11 +306,9 @@ class Checkpointer:
                 shutil.rmtree(staging, ignore_errors=True)
                 staging.mkdir(parents=True)
             except OSError as error:  # e.g. a read-only or full file system
-                failed = error
-        self._raise_together(
-            failed
-            and _save_error(f"checkpoint of step {step} not saved: {staging} could not be made ({_named(failed)})", failed)
-        )
+                message = f"checkpoint of step {step} not saved: {staging} could not be made ({_named(error)})"
+                failed = _save_error(message, error)
+        self._raise_together(failed)
         return staging
 
     def _raise_together(self, error: CheckpointSaveError | None) -> None:

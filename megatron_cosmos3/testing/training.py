@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 
@@ -126,10 +127,26 @@ def trainer_command(nproc: int, *args: str) -> list[str]:
 TRAINER_ENV = child_environment()
 
 
+def launch_environment(folder: Path, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """``base`` (default: TRAINER_ENV) plus ``extra``, with TMPDIR the folder ``folder/tmp`` (made
+    here): what a launch leaves in the temporary folder (torchrun's ``torchelastic_*`` log folders
+    and its workers' error files) then lies in the test's own folder, not in /tmp where nothing
+    removes it."""
+    tmp = Path(folder) / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return {**(TRAINER_ENV if base is None else base), **extra, "TMPDIR": str(tmp)}
+
+
 def torchrun_trainer(cwd: Path, nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Runs the trainer under torchrun to the end (stdout/stderr captured); the caller checks it."""
+    """Runs the trainer under torchrun in ``cwd`` to the end (stdout/stderr captured; temporary files
+    under ``cwd``: ``launch_environment``); the caller checks it."""
     return subprocess.run(
-        trainer_command(nproc, *args), cwd=cwd, env=TRAINER_ENV, capture_output=True, text=True, timeout=timeout
+        trainer_command(nproc, *args),
+        cwd=cwd,
+        env=launch_environment(cwd),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
