@@ -233,14 +233,18 @@ class Checkpointer:
         self._agreement = dist.new_group(backend="gloo") if self.distributed else None
         self.meshes = ShardingMeshes.from_groups(groups, device_type)
         self._pending: _PendingSave | None = None
+        failed = None
         if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".step_*.partial"):  # a save that never committed
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as error:  # a file holds its name or a parent's, a read-only file system
+                failed = _save_error(f"checkpoint directory {self.root} cannot be made: {_named(error)}", error)
+            for stale in self.root.glob(".step_*.partial") if failed is None else ():  # a save that never committed
                 log.warning("removing %s: a checkpoint save that never committed (a killed or failed run)", stale)
                 shutil.rmtree(stale, ignore_errors=True)
-            for stale in self.root.glob(f".step_*{_REMOVING}"):  # a pruning that was cut short
+            for stale in self.root.glob(f".step_*{_REMOVING}") if failed is None else ():  # a pruning cut short
                 shutil.rmtree(stale, ignore_errors=True)
-        self._barrier()
+        self._raise_together(failed)  # in place of a barrier: no rank waits for a rank 0 that stopped
 
     def _barrier(self) -> None:
         if self.distributed:
@@ -410,19 +414,21 @@ class Checkpointer:
         """Keeps the checkpoint just committed and the keep_last - 1 before it; never touches a newer
         one (left by another timeline: a fallback resume or a fresh start).
 
-        Only this code's own complete checkpoints are removed or counted: real ``step_<N>`` folders
-        (not links) whose meta.json says step N. A commit renames a staging folder that already holds
-        meta.json, so a step folder without one (or a link) was put there by someone else (a user's
-        folder, another tool's half-written save) and is left alone, said in a warning. This run's
-        own incomplete saves never carry a ``step_<N>`` name: they are ``.step_<N>.partial``, removed
-        when the save fails or the next attempt starts. A folder is renamed before it is removed, so a
-        removal cut short never leaves a checkpoint-looking folder with files missing."""
+        Only this code's own complete checkpoints are removed or counted: real folders (not links)
+        named as ``step_dir`` names them, whose meta.json says their step. A commit renames a staging
+        folder that already holds meta.json, so any other step folder (without one, a link, another
+        spelling of the number) was put there by someone else (a user's folder, another tool's
+        half-written save) and is left alone, said in a warning. This run's own incomplete saves
+        never carry a ``step_<N>`` name: they are ``.step_<N>.partial``, removed when the save fails
+        or the next attempt starts. A folder is renamed before it is removed, so a removal cut short
+        never leaves a checkpoint-looking folder with files missing (the next start removes it)."""
         older = []
         for path in sorted((p for p in self.root.glob("step_*") if step_of(p) is not None), key=step_of):
             step = step_of(path)
             if step >= committed:
                 continue
-            if path.is_symlink() or not path.is_dir() or _meta_step(path) != step:
+            ours = path.name == step_dir(self.root, step).name and path.is_dir() and not path.is_symlink()
+            if not ours or _meta_step(path) != step:
                 log.warning("keep-last pruning leaves %s alone: not a checkpoint this code committed", path)
                 continue
             older.append(path)

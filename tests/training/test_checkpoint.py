@@ -350,10 +350,13 @@ def test_pruning_removes_only_its_own_checkpoints_and_a_superseded_file_is_named
     elsewhere.mkdir()
     (elsewhere / "meta.json").write_text(json.dumps({"step": 2}))
     (root / "step_00000002").symlink_to(elsewhere)
+    other_spelling = root / "step_3"  # a copy under a name no commit writes
+    other_spelling.mkdir()
+    (other_spelling / "meta.json").write_text(json.dumps({"step": 3}))
     with caplog.at_level("WARNING", logger="megatron_cosmos3.checkpoint.checkpointer"):
         for step in (3, 4, 5):
             checkpointer.save(step, model, None, {}, {})
-    assert sorted(p.name for p in root.glob("step_*")) == [f"step_0000000{n}" for n in (0, 1, 2, 4, 5)]
+    assert sorted(p.name for p in root.glob("step_*")) == [*(f"step_0000000{n}" for n in (0, 1, 2, 4, 5)), "step_3"]
     assert (user / "notes.txt").read_text() == "mine" and (elsewhere / "meta.json").is_file()
     assert f"keep-last pruning leaves {foreign} alone: not a checkpoint this code committed" in caplog.text
     assert not list(root.glob(".step_*"))  # the pruned step 3 is gone whole
@@ -365,6 +368,11 @@ def test_pruning_removes_only_its_own_checkpoints_and_a_superseded_file_is_named
     assert (root / ".superseded").read_text() == "a user's file"
     assert latest_checkpoint(root) == root / "step_00000004" and not list(root.glob(".step_*"))
     assert "note" not in json.loads((root / "step_00000005" / "meta.json").read_text())  # not replaced
+    (root / ".superseded").unlink()
+    (root / "latest").unlink()
+    (root / "latest").mkdir()  # a pointer that cannot be replaced
+    with pytest.raises(CheckpointSaveError, match=r"checkpoint of step 6 not committed .* IsADirectoryError"):
+        checkpointer.save(6, model, None, {}, {})
 
 
 def _save_under_tensor_parallel(rank, world_size, root):
@@ -529,10 +537,33 @@ def _commit_fails_on_rank_0(rank, world_size, root):
     return raised, checkpointer.wait().name
 
 
+def _unusable_directory(rank, world_size, root):
+    """What each rank raises taking the run folder's lock and starting a Checkpointer in ``root``,
+    which rank 0 cannot make."""
+    from megatron_cosmos3.training.run_lock import lock_run_folder
+
+    raised = []
+    for start in (lambda: lock_run_folder(root, "job", rank == 0), lambda: Checkpointer(root)):
+        try:
+            start()
+        except (OSError, CheckpointSaveError) as error:
+            raised.append(f"{type(error).__name__}: {error}")
+    return raised
+
+
 @pytest.mark.multiprocess
-def test_a_commit_that_fails_on_rank_0_raises_on_every_rank(tmp_path):
+def test_a_commit_or_a_directory_that_fails_on_rank_0_raises_on_every_rank(tmp_path):
+    """Rank 0 alone writes meta.json, the run folder's lock and the checkpoint directory: where it
+    cannot, every rank raises (a rank left waiting in the next collective would be a timeout here)."""
+    (tmp_path / "a_file").write_text("")
+    below_a_file = tmp_path / "a_file" / "ckpt"
+    for raised in run_on_ranks(_unusable_directory, 2, below_a_file, timeout_s=90):
+        assert raised[0].startswith(f"OSError: checkpoint.directory={below_a_file}: its lock cannot be taken ("), raised
+        assert raised[1].startswith(f"CheckpointSaveError: checkpoint directory {below_a_file} cannot be made: "), (
+            raised
+        )
     root = tmp_path / "ckpt"
-    results = run_on_ranks(_commit_fails_on_rank_0, 2, root, timeout_s=90)  # a rank left waiting: a timeout
+    results = run_on_ranks(_commit_fails_on_rank_0, 2, root, timeout_s=90)
     message = rf"^checkpoint of step 1 not committed in {root / '.step_00000001.partial'}: IsADirectoryError: "
     assert [raised is not None for raised, _ in results] == [True, True], results
     for rank, (raised, committed) in enumerate(results):
