@@ -29,8 +29,8 @@ from megatron_cosmos3.conversion.safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
     ConversionError,
     PlannedTensor,
+    check_depths,
     check_shapes,
-    layer_count,
     load_into,
     tensor_dtype,
     tensor_shapes,
@@ -306,16 +306,11 @@ def load_qwen3_vl(
     """
     folder = Path(folder)
     mot_config = mot_config_from_hf(read_hf_config(folder), folder / "config.json", config)
-    # More layers than the weights hold is refused before anything is built: a crafted depth would
-    # build that many layers (even on the meta device) before a missing tensor is noticed. Fewer is
-    # named by the shape check below, with the first tensor left over.
-    keys = tensor_shapes(folder)
-    for field, prefix, depth in (
+    depths = [
         ("text_config.num_hidden_layers", f"{LM}layers.", mot_config.num_layers),
         ("vision_config.depth", f"{VISION}blocks.", mot_config.vision.depth),
-    ):
-        held = layer_count(keys, prefix)
-        _require(depth <= held, folder / "config.json", f"{field}={depth}, but the weights hold {held} ({prefix}<i>)")
+    ]
+    check_depths(folder / "config.json", tensor_shapes(folder), depths)
     dtype = dtype or tensor_dtype(folder, f"{LM}embed_tokens.weight")
     # Some exporters keep a tied LM head as its own tensor; it then fills the shared embedding again.
     optional = frozenset({"lm_head.weight"}) if mot_config.tie_word_embeddings else frozenset()

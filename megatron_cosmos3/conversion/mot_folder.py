@@ -19,8 +19,8 @@ from megatron_cosmos3.conversion.safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
     ConversionError,
     PlannedTensor,
+    check_depths,
     check_shapes,
-    layer_count,
     load_into,
     tensor_dtype,
     tensor_shapes,
@@ -63,14 +63,11 @@ def load_mot_folder(
     if not (folder / CONFIG_FILE).is_file():
         raise ConversionError(f"{folder}: no {CONFIG_FILE}: not a megatron_cosmos3 weights folder")
     config = load_model_config(folder / CONFIG_FILE)
-    keys = tensor_shapes(folder)  # more layers than held: refused before building (as load_qwen3_vl)
-    for field, prefix, depth in (
+    depths = [
         ("num_layers", "layers.", config.num_layers),
         ("vision.depth", "vision.vit.blocks.", config.vision.depth if config.vision is not None else 0),
-    ):
-        held = layer_count(keys, prefix)
-        if depth > held:
-            raise ConversionError(f"{folder / CONFIG_FILE}: {field}={depth}, but the weights hold {held} ({prefix}<i>)")
+    ]
+    check_depths(folder / CONFIG_FILE, tensor_shapes(folder), depths)
     describe = f"the model of {CONFIG_FILE}"
 
     def fits(model: MoTModel, vision: VisionEncoder | None) -> None:

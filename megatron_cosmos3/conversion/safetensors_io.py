@@ -9,7 +9,7 @@ writing holds at most one shard's worth of converted tensors.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,9 +127,15 @@ def tensor_shapes(folder: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return found
 
 
-def layer_count(keys: Collection[str], prefix: str) -> int:
-    """How many layers ``prefix<i>.`` the tensor ``keys`` hold (distinct i)."""
-    return len({key[len(prefix) :].split(".", 1)[0] for key in keys if key.startswith(prefix)})
+def check_depths(config_file: Path, keys: Collection[str], depths: Iterable[tuple[str, str, int]]) -> None:
+    """ConversionError naming the field of ``config_file`` that asks for more layers than the tensor
+    ``keys`` hold, for each (field, key prefix ``<prefix><i>.``, depth). Checked before a model is
+    built: a crafted depth would build that many layers (even on the meta device) before a missing
+    tensor is noticed. Fewer layers than held are named by ``check_shapes``, with the first left over."""
+    for field, prefix, depth in depths:
+        held = len({key[len(prefix) :].split(".", 1)[0] for key in keys if key.startswith(prefix)})
+        if depth > held:
+            raise ConversionError(f"{config_file}: {field}={depth}, but the weights hold {held} ({prefix}<i>)")
 
 
 def check_shapes(
