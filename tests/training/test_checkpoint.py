@@ -360,6 +360,9 @@ def test_pruning_removes_only_its_own_checkpoints_and_a_superseded_file_is_named
     assert (user / "notes.txt").read_text() == "mine" and (elsewhere / "meta.json").is_file()
     assert f"keep-last pruning leaves {foreign} alone: not a checkpoint this code committed" in caplog.text
     assert not list(root.glob(".step_*"))  # the pruned step 3 is gone whole
+    (root / ".step_00000003.removing").mkdir()  # a pruning cut short (renamed, not yet removed)...
+    Checkpointer(root, async_save=False)  # ...is finished when the next attempt starts
+    assert not list(root.glob(".step_*"))
 
     (root / ".superseded").write_text("a user's file")
     (root / "latest").write_text("step_00000004")  # another timeline saves step 5 again
