@@ -51,8 +51,8 @@ def world(tmp_path_factory) -> Path:
 
 
 def _job_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """The submitter's environment: the tests' thread settings, this interpreter's venv and a
-    temporary folder under ``tmp_path`` (torchrun's)."""
+    """The submitter's environment: the tests' thread settings, this interpreter's venv and
+    torchrun's log folder under ``tmp_path``."""
     return launch_environment(tmp_path, COSMOS3_ACTIVATE=str(Path(sys.executable).parent / "activate"), **extra)
 
 
