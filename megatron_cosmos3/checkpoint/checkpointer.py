@@ -56,6 +56,7 @@ LATEST = "latest"
 # it (read as 1); a newer one is refused by name rather than half-understood.
 FORMAT_VERSION = 1
 SUPERSEDED = ".superseded"  # step folders a later save of the same step would have replaced
+_REMOVING = ".removing"  # suffix of a pruned checkpoint while it is being removed
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -112,6 +113,16 @@ def check_meta(meta, path: Path) -> None:
             )
 
 
+def _meta_step(path: Path) -> int | None:
+    """The step a checkpoint folder's meta.json records, or None when it has no readable one."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    step = meta.get("step") if isinstance(meta, dict) else None
+    return step if type(step) is int else None
+
+
 def step_of(path: Path) -> int | None:
     """N of a ``step_<N>`` folder name (ASCII digits), else None."""
     name = path.name
@@ -134,6 +145,16 @@ class MissingParametersError(CheckpointMismatchError, KeyError):
 class CheckpointSaveError(RuntimeError):
     """A save that could not be written (a full disk, a read-only folder): names the folder, the rank
     and its error; the checkpoint ``latest`` named before stays the one a resume takes."""
+
+
+def _named(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _save_error(message: str, cause: BaseException) -> CheckpointSaveError:
+    error = CheckpointSaveError(message)
+    error.__cause__ = cause
+    return error
 
 
 class ResumeError(RuntimeError):
@@ -207,14 +228,23 @@ class Checkpointer:
         self.rank = dist.get_rank() if self.distributed else 0
         # A gloo group of its own: background writes must not share a queue with training collectives.
         self.group = dist.new_group(backend="gloo") if self.distributed else None
+        # And a second one for the ranks to agree (is the save written everywhere? did rank 0 commit
+        # it?) while a background write may still use the first: two threads must not share a group.
+        self._agreement = dist.new_group(backend="gloo") if self.distributed else None
         self.meshes = ShardingMeshes.from_groups(groups, device_type)
         self._pending: _PendingSave | None = None
+        failed = None
         if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".step_*.partial"):  # a save that never committed
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as error:  # a file holds its name or a parent's, a read-only file system
+                failed = _save_error(f"checkpoint directory {self.root} cannot be made: {_named(error)}", error)
+            for stale in self.root.glob(".step_*.partial") if failed is None else ():  # a save that never committed
                 log.warning("removing %s: a checkpoint save that never committed (a killed or failed run)", stale)
                 shutil.rmtree(stale, ignore_errors=True)
-        self._barrier()
+            for stale in self.root.glob(f".step_*{_REMOVING}") if failed is None else ():  # a pruning cut short
+                shutil.rmtree(stale, ignore_errors=True)
+        self._raise_together(failed)  # in place of a barrier: no rank waits for a rank 0 that stopped
 
     def _barrier(self) -> None:
         if self.distributed:
@@ -262,11 +292,13 @@ class Checkpointer:
             cause = failure[0] if isinstance(failure, tuple) else failure
             if self.rank == 0:
                 shutil.rmtree(staging, ignore_errors=True)
-            kept = latest_checkpoint(self.root)
             raise CheckpointSaveError(
-                f"checkpoint of step {step} not saved to {staging}: rank {rank}: {type(cause).__name__}: {cause}; "
-                f"{f'the last committed one, {kept}, is kept' if kept else 'no checkpoint was committed before'}"
+                f"checkpoint of step {step} not saved to {staging}: rank {rank}: {_named(cause)}; {self._kept()}"
             ) from error
+
+    def _kept(self) -> str:
+        kept = latest_checkpoint(self.root)
+        return f"the last committed one, {kept}, is kept" if kept else "no checkpoint was committed before"
 
     def _new_staging(self, step: int) -> Path:
         """Collective: waits for the save in flight, then an empty ``.step_<N>.partial`` folder."""
@@ -278,23 +310,39 @@ class Checkpointer:
                 shutil.rmtree(staging, ignore_errors=True)
                 staging.mkdir(parents=True)
             except OSError as error:  # e.g. a read-only or full file system
-                failed = error
-        # In place of a barrier: every rank stops when rank 0 cannot (none waits for it in vain).
-        flag = torch.tensor([failed is not None], dtype=torch.int32)
-        if self.distributed:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        if flag.item():
-            raise CheckpointSaveError(
-                f"checkpoint of step {step} not saved: {staging} could not be made"
-                + (f" ({type(failed).__name__}: {failed})" if failed else " (rank 0 says why)")
-            ) from failed
+                message = f"checkpoint of step {step} not saved: {staging} could not be made ({_named(error)})"
+                failed = _save_error(message, error)
+        self._raise_together(failed)
         return staging
+
+    def _raise_together(self, error: CheckpointSaveError | None) -> None:
+        """Collective, in place of a barrier: raises on every rank when any rank passes an error (the
+        first such rank's message), so that no rank goes on into the next collective alone."""
+        if not self.distributed:
+            if error is not None:
+                raise error
+            return
+        flag = torch.tensor([error is not None], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._agreement)
+        if not flag.item():
+            return
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, None if error is None else str(error), group=self._agreement)
+        if error is not None:
+            raise error
+        rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
+        raise CheckpointSaveError(f"{message} (on rank {rank})")
 
     def poll(self) -> Path | None:
         """Commits a finished background save; returns its folder, or None if none finished."""
-        if self._pending is not None and self._pending.future.done():
-            return self.wait()
-        return None
+        if self._pending is None:
+            return None
+        done = self._pending.future.done()
+        if self.distributed:  # all ranks commit at the same step (the commit is agreed on, collectively)
+            flag = torch.tensor([done], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._agreement)
+            done = bool(flag.item())
+        return self.wait() if done else None
 
     def wait(self) -> Path | None:
         """Blocks until the save in flight (if any) is written, and commits it."""
@@ -306,47 +354,92 @@ class Checkpointer:
         return self._commit(pending)
 
     def _commit(self, pending: _PendingSave) -> Path:
+        """Collective: rank 0 writes meta.json and the checksums, renames the staging folder and points
+        ``latest`` at it; a failure there (a full disk, a read-only file, a ``.superseded`` that is not a
+        folder) is a CheckpointSaveError on every rank, and ``latest`` keeps naming the last committed one."""
         final = step_dir(self.root, pending.step)
         # The coordinator's save finishes last (it writes the index after every rank's data and
-        # checksums), so rank 0 alone can commit without waiting for the others.
+        # checksums), so rank 0 alone commits; the others wait for its outcome only.
+        failed = None
         if self.rank == 0:
-            meta = {**pending.meta, "step": pending.step, "format_version": FORMAT_VERSION}
             try:
-                (pending.staging / "meta.json").write_text(json.dumps(meta, indent=2))
-                write_manifest(pending.staging)
-            except OSError as error:  # e.g. the disk filled up after the shards were written
-                shutil.rmtree(pending.staging, ignore_errors=True)
-                raise CheckpointSaveError(
-                    f"checkpoint of step {pending.step} not committed in {pending.staging}: "
-                    f"{type(error).__name__}: {error}; the last committed one, {latest_checkpoint(self.root)}, is kept"
-                ) from error
-            if final.exists():
+                self._commit_files(pending, final)
+            except (OSError, CheckpointSaveError) as error:
+                failed = _save_error(
+                    f"checkpoint of step {pending.step} not committed in {pending.staging}: {_named(error)}; "
+                    f"{self._kept()}",
+                    error,
+                )
+        self._raise_together(failed)
+        return final
+
+    def _commit_files(self, pending: _PendingSave, final: Path) -> None:
+        """Rank 0's part of ``_commit``. Until the rename, a failure removes the staging folder (a
+        full disk gets its space back); after it, the folder is whole but ``latest`` may still name
+        the previous one, which a resume then takes."""
+        pointer = self.root / f".{LATEST}.tmp"
+        try:
+            meta = {**pending.meta, "step": pending.step, "format_version": FORMAT_VERSION}
+            (pending.staging / "meta.json").write_text(json.dumps(meta, indent=2))
+            write_manifest(pending.staging)
+            if os.path.lexists(final):
                 self._set_aside(final)
             os.replace(pending.staging, final)
-            pointer = self.root / f".{LATEST}.tmp"
             pointer.write_text(final.name)
             os.replace(pointer, self.root / LATEST)
-            self._prune(pending.step)
-            log.info("checkpoint committed: %s", final)
-        return final
+        except BaseException:
+            shutil.rmtree(pending.staging, ignore_errors=True)
+            pointer.unlink(missing_ok=True)
+            raise
+        self._prune(pending.step)
+        log.info("checkpoint committed: %s", final)
 
     def _set_aside(self, folder: Path) -> None:
         """Moves a step folder this save would replace (another timeline's: a fallback resume, a
         fresh start, a ``latest`` naming an older step) under ``.superseded/``: nothing is deleted
-        but by keep-last pruning."""
-        aside = self.root / SUPERSEDED / f"{folder.name}.{time.time_ns()}"
-        aside.parent.mkdir(exist_ok=True)
+        but by keep-last pruning. A ``.superseded`` that is not a folder (a user's file) is left as
+        it is: CheckpointSaveError naming it."""
+        holder = self.root / SUPERSEDED
+        if os.path.lexists(holder) and not holder.is_dir():
+            raise CheckpointSaveError(
+                f"{holder} is not a folder, but {folder.name} already exists (another timeline) and is "
+                f"kept under it instead of being overwritten; move {holder} away"
+            )
+        aside = holder / f"{folder.name}.{time.time_ns()}"
+        holder.mkdir(exist_ok=True)
         os.replace(folder, aside)
         log.warning("checkpoint %s already existed (another timeline): moved to %s, not overwritten", folder, aside)
 
     def _prune(self, committed: int) -> None:
         """Keeps the checkpoint just committed and the keep_last - 1 before it; never touches a newer
-        one (left by another timeline: a fallback resume or a fresh start)."""
-        older = sorted(
-            (p for p in self.root.glob("step_*") if step_of(p) is not None and step_of(p) < committed), key=step_of
-        )
+        one (left by another timeline: a fallback resume or a fresh start).
+
+        Only this code's own complete checkpoints are removed or counted: real folders (not links)
+        named as ``step_dir`` names them, whose meta.json says their step. A commit renames a staging
+        folder that already holds meta.json, so any other step folder (without one, a link, another
+        spelling of the number) was put there by someone else (a user's folder, another tool's
+        half-written save) and is left alone, said in a warning. This run's own incomplete saves
+        never carry a ``step_<N>`` name: they are ``.step_<N>.partial``, removed when the save fails
+        or the next attempt starts. A folder is renamed before it is removed, so a removal cut short
+        never leaves a checkpoint-looking folder with files missing (the next start removes it)."""
+        older = []
+        for path in sorted((p for p in self.root.glob("step_*") if step_of(p) is not None), key=step_of):
+            step = step_of(path)
+            if step >= committed:
+                continue
+            ours = path.name == step_dir(self.root, step).name and path.is_dir() and not path.is_symlink()
+            if not ours or _meta_step(path) != step:
+                log.warning("keep-last pruning leaves %s alone: not a checkpoint this code committed", path)
+                continue
+            older.append(path)
         for old in older[: max(0, len(older) - (self.keep_last - 1))]:
-            shutil.rmtree(old, ignore_errors=True)
+            doomed = old.with_name(f".{old.name}{_REMOVING}")
+            try:
+                os.replace(old, doomed)
+            except OSError as error:
+                log.warning("keep-last pruning could not remove %s: %s", old, error)
+                continue
+            shutil.rmtree(doomed, ignore_errors=True)
 
     # ------------------------------------------------------------------ load
     def load(

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,8 +29,11 @@ from megatron_cosmos3.conversion.safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
     ConversionError,
     PlannedTensor,
+    check_depths,
+    check_shapes,
     load_into,
     tensor_dtype,
+    tensor_shapes,
     write_sharded,
 )
 from megatron_cosmos3.model.config import MoTConfig, VisionConfig, qwen3_vl_mrope_section
@@ -44,6 +48,32 @@ NOT_IN_QWEN3_VL = ("dm_streams.", "timestep_embedding.")
 # Files of a Qwen3-VL folder that are not weights or config (tokenizer, processor, chat template,
 # generation defaults): an export can take them over from the folder it came from.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# Bounds of config.json's sizes, far above any released Qwen3-VL (the 235B: 94 layers, hidden size
+# 4096, 151,936 tokens): a crafted or damaged value is refused by name before transformers, or
+# anything of ours, builds or allocates by it. Within them, the weights' own shapes decide.
+SIZE_LIMITS = {
+    "text_config": dict(
+        num_hidden_layers=1024,
+        hidden_size=65_536,
+        intermediate_size=262_144,
+        vocab_size=4_194_304,
+        num_attention_heads=1024,
+        num_key_value_heads=1024,
+        head_dim=4096,
+    ),
+    "vision_config": dict(
+        depth=1024,
+        hidden_size=65_536,
+        intermediate_size=262_144,
+        num_heads=1024,
+        out_hidden_size=65_536,
+        num_position_embeddings=1_048_576,
+        in_channels=64,
+        patch_size=1024,
+        temporal_patch_size=64,
+        spatial_merge_size=64,
+    ),
+}
 _GENERATOR_LAYER = re.compile(r"^layers\.(\d+)\.generator\.(.+)$")
 _REASONER_LAYER = re.compile(r"^layers\.(\d+)\.reasoner\.(.+)$")
 
@@ -114,6 +144,12 @@ def read_hf_config(folder: str | Path):
         path,
         f"model_type={model_type!r}, expected {MODEL_TYPE!r}: not a Qwen3-VL (dense) checkpoint",
     )
+    for section, limits in SIZE_LIMITS.items():
+        fields = raw.get(section)
+        for field, limit in limits.items():
+            value = fields.get(field) if isinstance(fields, dict) else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool):  # other kinds: transformers'
+                _require(1 <= value <= limit, path, f"{section}.{field}={value!r}: must be 1..{limit}")
     try:
         return Qwen3VLConfig.from_pretrained(str(folder), local_files_only=True)
     except Exception as error:  # transformers' field validation (a wrong type) names the field
@@ -234,13 +270,20 @@ def hf_config_from_mot(config: MoTConfig, dtype: torch.dtype):
 
 # ---------------------------------------------------------------------------------------- build
 def build_empty(
-    config: MoTConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    config: MoTConfig,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    fits: Callable[[MoTModel, VisionEncoder | None], None] | None = None,
 ) -> tuple[MoTModel, VisionEncoder | None]:
     """Model and ViT allocated on ``device`` without initialisation (built on the meta device, so
-    nothing is computed or copied twice); the rotary tables are real, the weights are not."""
+    nothing is computed or copied twice); the rotary tables are real, the weights are not.
+    ``fits(model, vision)``, called on the meta device, may refuse them before anything is allocated
+    (the weights of a folder of other shapes)."""
     with torch.device("meta"):
         model = MoTModel(config).to(dtype)
         vision = VisionEncoder(config.vision).to(dtype) if config.vision is not None else None
+    if fits is not None:
+        fits(model, vision)
     model.materialize(device)
     if vision is not None:
         vision.materialize(device)
@@ -264,20 +307,36 @@ def load_qwen3_vl(
     """
     folder = Path(folder)
     mot_config = mot_config_from_hf(read_hf_config(folder), folder / "config.json", config)
+    depths = [
+        ("text_config.num_hidden_layers", f"{LM}layers.", mot_config.num_layers),
+        ("vision_config.depth", f"{VISION}blocks.", mot_config.vision.depth),
+    ]
+    check_depths(folder / "config.json", tensor_shapes(folder), depths)
     dtype = dtype or tensor_dtype(folder, f"{LM}embed_tokens.weight")
-    model, vision = build_empty(mot_config, dtype, device)
+    # Some exporters keep a tied LM head as its own tensor; it then fills the shared embedding again.
+    optional = frozenset({"lm_head.weight"}) if mot_config.tie_word_embeddings else frozenset()
+    describe = "Qwen3-VL with this config.json"
+
+    def fits(model: MoTModel, vision: VisionEncoder) -> None:
+        shapes = {key: tuple(tensors[0].shape) for key, tensors in _hf_targets(model, vision).items()}
+        check_shapes(folder, shapes, optional, describe)
+
+    model, vision = build_empty(mot_config, dtype, device, fits)
     model.reset_parameters(model.dm_streams, model.timestep_embedding)  # NOT_IN_QWEN3_VL: fresh weights
+    load_into(folder, _hf_targets(model, vision), optional, describe)
+    return model.eval(), vision.eval()
+
+
+def _hf_targets(model: MoTModel, vision: VisionEncoder) -> dict[str, list[torch.Tensor]]:
+    """Qwen3-VL key -> the tensors of ours it fills (a Reasoner tensor also fills its Generator twin)."""
     targets: dict[str, list[torch.Tensor]] = {}
     for name, tensor in named_tensors(model, vision).items():
         key = hf_key(name)
         if key is not None:
             targets.setdefault(key, []).append(tensor)
-    # Some exporters keep a tied LM head as its own tensor; it then fills the shared embedding again.
-    optional = frozenset({"lm_head.weight"}) if mot_config.tie_word_embeddings else frozenset()
-    if optional:
+    if model.config.tie_word_embeddings:  # the optional own copy of a tied head
         targets["lm_head.weight"] = [model.lm_head.weight]
-    load_into(folder, targets, optional, describe="Qwen3-VL with this config.json")
-    return model.eval(), vision.eval()
+    return targets
 
 
 # --------------------------------------------------------------------------------------- export

@@ -19,8 +19,11 @@ from megatron_cosmos3.conversion.safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
     ConversionError,
     PlannedTensor,
+    check_depths,
+    check_shapes,
     load_into,
     tensor_dtype,
+    tensor_shapes,
     write_sharded,
 )
 from megatron_cosmos3.model.config import load_model_config
@@ -60,8 +63,17 @@ def load_mot_folder(
     if not (folder / CONFIG_FILE).is_file():
         raise ConversionError(f"{folder}: no {CONFIG_FILE}: not a megatron_cosmos3 weights folder")
     config = load_model_config(folder / CONFIG_FILE)
-    model, vision = build_empty(config, dtype or tensor_dtype(folder, "embed_tokens.weight"), device)
-    load_into(
-        folder, {name: [t] for name, t in named_tensors(model, vision).items()}, describe=f"the model of {CONFIG_FILE}"
-    )
+    depths = [
+        ("num_layers", "layers.", config.num_layers),
+        ("vision.depth", "vision.vit.blocks.", config.vision.depth if config.vision is not None else 0),
+    ]
+    check_depths(folder / CONFIG_FILE, tensor_shapes(folder), depths)
+    describe = f"the model of {CONFIG_FILE}"
+
+    def fits(model: MoTModel, vision: VisionEncoder | None) -> None:
+        shapes = {name: tuple(t.shape) for name, t in named_tensors(model, vision).items()}
+        check_shapes(folder, shapes, describe=describe)
+
+    model, vision = build_empty(config, dtype or tensor_dtype(folder, "embed_tokens.weight"), device, fits)
+    load_into(folder, {name: [t] for name, t in named_tensors(model, vision).items()}, describe=describe)
     return model.eval(), vision.eval() if vision is not None else None

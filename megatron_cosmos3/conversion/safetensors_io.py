@@ -9,7 +9,7 @@ writing holds at most one shard's worth of converted tensors.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +112,57 @@ def _stream_shard(path: Path, keys: list[str]) -> Iterator[tuple[str, str, torch
             yield path.name, key, handle.get_tensor(key)
 
 
+def tensor_shapes(folder: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """key -> (shard file name, shape) of every tensor of the folder, read from the shards' headers
+    (no tensor data is read); a tensor the index places in a shard that lacks it is a ConversionError."""
+    folder = Path(folder)
+    found = {}
+    for shard, keys in sorted(shard_map(folder).items()):
+        with _shard(folder / shard) as handle:
+            present = set(handle.keys())
+            for key in keys:
+                if key not in present:
+                    raise ConversionError(f"{folder / shard}: the index lists tensor {key!r} but the shard lacks it")
+                found[key] = (shard, tuple(handle.get_slice(key).get_shape()))
+    return found
+
+
+def check_depths(config_file: Path, keys: Collection[str], depths: Iterable[tuple[str, str, int]]) -> None:
+    """ConversionError naming the field of ``config_file`` that asks for more layers than the tensor
+    ``keys`` hold, for each (field, key prefix ``<prefix><i>.``, depth). Checked before a model is
+    built: a crafted depth would build that many layers (even on the meta device) before a missing
+    tensor is noticed. Fewer layers than held are named by ``check_shapes``, with the first left over."""
+    for field, prefix, depth in depths:
+        held = len({key[len(prefix) :].split(".", 1)[0] for key in keys if key.startswith(prefix)})
+        if depth > held:
+            raise ConversionError(f"{config_file}: {field}={depth}, but the weights hold {held} ({prefix}<i>)")
+
+
+def check_shapes(
+    folder: str | Path,
+    wanted: dict[str, tuple[int, ...]],
+    optional: Collection[str] = frozenset(),
+    describe: str = "the model",
+) -> None:
+    """ConversionError unless the folder holds exactly the keys of ``wanted`` (those in ``optional``
+    may be absent) with those shapes, naming the first that differs. Read from the shards' headers:
+    a model can be checked on the meta device, before anything is allocated."""
+    folder = Path(folder)
+    found = tensor_shapes(folder)
+    for key, (shard, shape) in found.items():
+        if key not in wanted:
+            raise ConversionError(f"{folder / shard}: unexpected tensor {key!r}: {describe} has no such parameter")
+        if shape != tuple(wanted[key]):
+            raise ConversionError(
+                f"{folder / shard}: tensor {key!r} has shape {shape}, but the config gives {describe} "
+                f"shape {tuple(wanted[key])} there"
+            )
+    missing = sorted(set(wanted) - set(found) - set(optional))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ConversionError(f"{folder}: missing tensor {missing[0]!r}{more} ({describe} needs it)")
+
+
 @torch.no_grad()
 def load_into(
     folder: str | Path,
@@ -123,28 +174,14 @@ def load_into(
     list: a tensor may fill several parameters), streaming one tensor at a time.
 
     The folder must hold exactly the keys of ``targets`` (those in ``optional`` may be absent) with
-    the targets' shapes; anything else is a ConversionError naming the key. Dtypes are converted by
-    the copy.
+    the targets' shapes (``check_shapes``, before any tensor is read); anything else is a
+    ConversionError naming the key. Dtypes are converted by the copy.
     """
-    folder = Path(folder)
-    seen = set()
-    for shard, key, tensor in iter_tensors(folder):
-        if key not in targets:
-            raise ConversionError(f"{folder / shard}: unexpected tensor {key!r}: {describe} has no such parameter")
-        want = tuple(targets[key][0].shape)
-        if tuple(tensor.shape) != want:
-            raise ConversionError(
-                f"{folder / shard}: tensor {key!r} has shape {tuple(tensor.shape)}, but the "
-                f"config gives {describe} shape {want} there"
-            )
+    check_shapes(folder, {key: tuple(tensors[0].shape) for key, tensors in targets.items()}, optional, describe)
+    for _, key, tensor in iter_tensors(folder):
         for target in targets[key]:
             target.copy_(tensor)
-        seen.add(key)
         del tensor
-    missing = sorted(set(targets) - seen - set(optional))
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ConversionError(f"{folder}: missing tensor {missing[0]!r}{more} ({describe} needs it)")
 
 
 @dataclass

@@ -12,12 +12,14 @@ Each rank takes the caller's environment and the tests' numerical settings, not 
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.util
 import os
 import socket
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -102,16 +104,31 @@ def run_on_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 240.0)
     return [report["result"] for report in reports]
 
 
+@contextmanager
+def _temporary_files_in(folder: str):
+    """Within: ``tempfile``'s default folder is ``folder``. torch's ``start_processes`` names each
+    rank's error file (``pytorch-errorfile-*``, which a rank that raises writes and nothing
+    removes) in the default folder and takes no other; in ``_launch``'s own folder it goes with it."""
+    multiprocessing.util.get_temp_dir()  # multiprocessing's own (the fork server's socket) stays where it is
+    before = tempfile.tempdir
+    tempfile.tempdir = folder
+    try:
+        yield
+    finally:
+        tempfile.tempdir = before
+
+
 def _launch(fn: Callable, world_size: int, args: tuple, timeout_s: float) -> list[dict]:
     """One start of the ranks on a fresh port: each rank's report ({"ok", "result" | "error"})."""
     with tempfile.TemporaryDirectory() as out_dir:
-        context = mp.start_processes(
-            _worker,
-            args=(world_size, _free_port(), out_dir, dict(os.environ), fn, args),
-            nprocs=world_size,
-            join=False,
-            start_method="forkserver",
-        )
+        with _temporary_files_in(out_dir):
+            context = mp.start_processes(
+                _worker,
+                args=(world_size, _free_port(), out_dir, dict(os.environ), fn, args),
+                nprocs=world_size,
+                join=False,
+                start_method="forkserver",
+            )
         deadline = time.monotonic() + timeout_s
         try:
             while not context.join(timeout=max(0.1, deadline - time.monotonic()), grace_period=5):

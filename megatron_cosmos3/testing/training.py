@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 
@@ -128,10 +129,26 @@ def trainer_command(nproc: int, *args: str) -> list[str]:
 TRAINER_ENV = child_environment()
 
 
+def launch_environment(folder: Path, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """``base`` (default: TRAINER_ENV) plus ``extra``, with torchrun's log folder ``folder/torchrun``
+    (``PET_LOG_DIR``, its ``--log-dir``, which every torchrun reads: direct, ``launch/torchrun_node.sh``
+    and SLURM jobs): its per-run folders (``torchelastic_*`` in the temporary folder otherwise) and
+    its workers' error files then lie in the test's own folder, not in /tmp where nothing removes
+    them. TMPDIR stays: under a test's deep folder, a worker's AF_UNIX socket paths (multiprocessing's
+    ``pymp-*/listener-*``) would pass their 107-character limit."""
+    return {**(TRAINER_ENV if base is None else base), **extra, "PET_LOG_DIR": str(Path(folder) / "torchrun")}
+
+
 def torchrun_trainer(cwd: Path, nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Runs the trainer under torchrun to the end (stdout/stderr captured); the caller checks it."""
+    """Runs the trainer under torchrun in ``cwd`` to the end (stdout/stderr captured; torchrun's log
+    folder under ``cwd``: ``launch_environment``); the caller checks it."""
     return subprocess.run(
-        trainer_command(nproc, *args), cwd=cwd, env=TRAINER_ENV, capture_output=True, text=True, timeout=timeout
+        trainer_command(nproc, *args),
+        cwd=cwd,
+        env=launch_environment(cwd),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

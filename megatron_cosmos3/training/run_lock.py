@@ -151,19 +151,23 @@ class RunFolderLock:
 def lock_run_folder(
     folder: str | Path, job_id: str, is_main: bool, slurm_attempt: int | None = None
 ) -> RunFolderLock | None:
-    """Collective: rank 0 takes the folder's lock; every rank raises RunFolderLocked if it could not.
+    """Collective: rank 0 takes the folder's lock; every rank raises RunFolderLocked if another trainer
+    holds it, or OSError naming the folder if rank 0 could not write it.
     Returns the lock on rank 0 (release it at exit), None elsewhere."""
-    lock, refusal = None, None
+    lock, refusal = None, None  # refusal: (whether the lock is held by another, the message)
     if is_main:
         lock = RunFolderLock(folder, job_id, slurm_attempt)
         try:
             lock.acquire()
         except RunFolderLocked as error:
-            lock, refusal = None, str(error)
+            lock, refusal = None, (True, str(error))
+        except OSError as error:  # a file holds the folder's name, a read-only or full file system
+            lock, refusal = None, (False, f"checkpoint.directory={folder}: its lock cannot be taken ({error!r})")
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [refusal]
         dist.broadcast_object_list(box, src=0)
         refusal = box[0]
     if refusal is not None:
-        raise RunFolderLocked(refusal)
+        held, message = refusal
+        raise RunFolderLocked(message) if held else OSError(message)
     return lock

@@ -142,6 +142,15 @@ def test_hub_format_config_imports_the_same(folder, hf_folder):
         ("config.json", {"hidden_size": "32"}, "config.json: Validation error for field 'hidden_size'"),
         ("config.json", {"num_hidden_layers": 2.5}, "config.json: Validation error for field 'num_hidden_layers'"),
         ("config.json", {"vision": [99]}, "config.json: VisionConfig: deepstack_visual_indexes=[99] must be distinct"),
+        # Absurd sizes: refused before transformers or the model builds by them (they hung or ran out of memory).
+        ("config.json", {"num_hidden_layers": 10**9}, "config.json: text_config.num_hidden_layers=1000000000: must be"),
+        ("config.json", {"hidden_size": 10**9}, "config.json: text_config.hidden_size=1000000000: must be 1..65536"),
+        ("config.json", {"vocab_size": 0}, "config.json: text_config.vocab_size=0: must be 1..4194304"),
+        (
+            "config.json",
+            {"num_hidden_layers": 1000},
+            "config.json: text_config.num_hidden_layers=1000, but the weights hold 3 (model.language_model.layers.<i>)",
+        ),
         (INDEX, b'{"weight_map": {"\xff": 1}}', f"{INDEX}: not a safetensors index with a 'weight_map' ('utf-8'"),
         (INDEX, b"[" * 100_000, f"{INDEX}: not a safetensors index with a 'weight_map' (maximum recursion"),
     ],
@@ -159,3 +168,21 @@ def test_a_crafted_config_or_index_is_a_conversion_error_naming_the_file(folder,
     with pytest.raises(ConversionError) as error:
         load_qwen3_vl(folder)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_config_the_weights_do_not_fit_is_refused_before_the_model_is_allocated(folder, hf_folder, monkeypatch):
+    """A vocabulary of four million (under the bounds; 2 GB of embeddings and head) that the weights
+    do not have: named from the shards' headers while the model is still on the meta device."""
+    from megatron_cosmos3.model.mot import MoTModel
+
+    allocated = []
+    materialize = MoTModel.materialize
+    monkeypatch.setattr(
+        MoTModel, "materialize", lambda self, device: allocated.append(device) or materialize(self, device)
+    )
+    edit_json(folder / "config.json", lambda c: c["text_config"].update(vocab_size=4_000_000))
+    with pytest.raises(ConversionError, match=r"tensor '.*embed_tokens.weight' has shape \(320, 64\), but the config"):
+        load_qwen3_vl(folder)
+    assert allocated == []
+    load_qwen3_vl(hf_folder)  # control: a folder that fits is allocated once
+    assert allocated == ["cpu"]

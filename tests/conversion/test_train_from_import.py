@@ -247,6 +247,13 @@ def test_a_crafted_weights_folder_is_refused_naming_the_file(imported, tmp_path,
         with pytest.raises(ValueError, match=rf"{folder / CONFIG_FILE}: {message}"):
             load_weights_folder(folder, MoTModel(copy.deepcopy(config)), config, None)
 
+    # A depth the weights do not have: named before a million layers are built (it hung).
+    folder = crafted(
+        "deep", lambda f: (f / CONFIG_FILE).write_text(text.replace("num_layers: 3", "num_layers: 1000000"))
+    )
+    with pytest.raises(ConversionError, match=rf"{folder / CONFIG_FILE}: num_layers=1000000, but the weights hold 3 "):
+        load_mot_folder(folder)
+
     def index_of(weight_map):
         def change(folder):
             (folder / INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))

@@ -156,11 +156,21 @@ def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
         bf16["masters"] = get_fp32_state_dict_from_zero_checkpoint(str(step), tag="deepspeed")
         saved = torch.load(step / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)
         bf16["working"] = saved["module"]
+    switched_loss = _switch_engines(root)
+    # A ZeRO-3 stage from weights holding NaN: refused when they are loaded (each rank checks its partition).
+    from megatron_cosmos3.checkpoint.finite import NonFiniteWeightsError
+
+    refused = None
+    try:
+        _train(root, "zero3-from-nan", "engine=deepspeed", "deepspeed.zero_stage=3", f"stage.init_from={root / 'nan'}")
+    except NonFiniteWeightsError as error:
+        refused = str(error)
     return {
         "weights": weights,
-        "switched_loss": _switch_engines(root),
+        "switched_loss": switched_loss,
         "outcomes": outcomes,
         "bf16": bf16,
+        "refused": refused,
     }
 
 
@@ -182,6 +192,7 @@ def runs(tmp_path_factory):
     config = load_config(None, single)
     train_module.train(config, DistributedContext(0, 1, 0, torch.device("cpu")))
     _write_weights_folder(root / "weights")
+    _write_nan_checkpoint(root / "single" / "step_00000002", root / "nan")
     reference = overrides(root, "single-from-weights", "optimizer.micro_batches_per_step=2", *from_weights(root))
     train_module.train(load_config(None, reference), DistributedContext(0, 1, 0, torch.device("cpu")))
     bf16 = overrides(root, "single-bf16", "optimizer.micro_batches_per_step=2", *BF16)
@@ -224,6 +235,23 @@ def _write_weights_folder(folder: Path) -> None:
         for param in model.parameters():
             param.add_(torch.randn(param.shape, generator=g), alpha=0.05)
     save_mot_folder(model, None, folder)
+
+
+NAN_PARAMETER = "layers.1.generator.mlp.down_proj.weight"
+
+
+def _write_nan_checkpoint(source: Path, target: Path) -> None:
+    """The weights of the checkpoint ``source`` with one NaN in NAN_PARAMETER, committed under ``target``."""
+    from megatron_cosmos3.checkpoint.checkpointer import Checkpointer
+
+    config = load_config(None, COMMON).model
+    with torch.device("meta"):
+        model = MoTModel(config)
+    model.materialize(torch.device("cpu"))
+    load_state(source, model, ShardingMeshes())
+    with torch.no_grad():
+        model.get_parameter(NAN_PARAMETER)[0, 1] = float("nan")
+    Checkpointer(target, async_save=False).save(2, model, None, {}, {})
 
 
 def _weights(root: Path, checkpoint: str | None = None) -> dict[str, torch.Tensor]:
@@ -360,6 +388,14 @@ def test_the_ranks_packs_hold_different_streams():
             streams.append({key for key, values in batch.dm_tokens.items() if values.shape[0]})
         assert streams[0] != streams[1], step
         assert streams[0] | streams[1] >= {"video", "audio", "action/humanoid"}, step
+
+
+@pytest.mark.multiprocess
+def test_a_zero3_stage_refuses_a_checkpoint_holding_nan_naming_the_parameter(runs):
+    """Under ZeRO-3 a loaded parameter is empty outside the forward: the check reads each rank's partition."""
+    root, results, _, _ = runs
+    want = f"stage.init_from={root / 'nan' / 'step_00000002'}: parameter '{NAN_PARAMETER}' holds NaN or inf"
+    assert results["refused"] is not None and results["refused"].startswith(want), results["refused"]
 
 
 @pytest.mark.multiprocess

@@ -80,10 +80,15 @@ def _fail_on_rank_one(rank, world_size):
 
 
 @pytest.mark.multiprocess
-def test_launcher_runs_real_gloo_ranks_and_reports_failures():
+def test_launcher_runs_real_gloo_ranks_and_reports_failures(tmp_path, monkeypatch):
+    """A failing rank's error file (torch's ``pytorch-errorfile-*``) is left in no temporary folder."""
+    import tempfile
+
     assert run_on_ranks(_rank_and_sum, 3, 10) == [(0, 33.0), (1, 33.0), (2, 33.0)]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with pytest.raises(RuntimeError, match="rank one is broken"):
         run_on_ranks(_fail_on_rank_one, 2)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.multiprocess

@@ -20,6 +20,7 @@ from megatron_cosmos3.release.trained import load_trained_model
 from megatron_cosmos3.tasks.registry import TASK_REGISTRY
 from megatron_cosmos3.testing.media_probe import ffmpeg_frames, ffprobe_streams
 from megatron_cosmos3.testing.numerics import child_environment
+from megatron_cosmos3.testing.training import launch_environment
 
 pytestmark = pytest.mark.multiprocess
 
@@ -161,7 +162,8 @@ def test_tensor_parallel_under_torchrun_equals_one_process(generated, checkpoint
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     command += ["-m", "megatron_cosmos3.release.generate_cli", "--tensor-parallel", "2"]
     command += ["--checkpoint", str(checkpoint), "--requests", str(requests), "--out", str(out)]
-    result = subprocess.run(command, env=child_environment(), capture_output=True, text=True, timeout=300)
+    env = launch_environment(tmp_path, child_environment())
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     one = {task: generated / name for task, name in names.items()}
     two = {task: out / name for task, name in names.items()}

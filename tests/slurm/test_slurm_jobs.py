@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from megatron_cosmos3.testing.slurm_cluster import ClusterUnavailable, LocalSlurmCluster
-from megatron_cosmos3.testing.training import TINY_MODEL, TRAINER_ENV, loss_history, train_on_ranks
+from megatron_cosmos3.testing.training import TINY_MODEL, TRAINER_ENV, launch_environment, loss_history, train_on_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 240
@@ -51,8 +51,9 @@ def world(tmp_path_factory) -> Path:
 
 
 def _job_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """The submitter's environment: the tests' thread settings and this interpreter's venv."""
-    return {**TRAINER_ENV, "COSMOS3_ACTIVATE": str(Path(sys.executable).parent / "activate"), **extra}
+    """The submitter's environment: the tests' thread settings, this interpreter's venv and
+    torchrun's log folder under ``tmp_path``."""
+    return launch_environment(tmp_path, COSMOS3_ACTIVATE=str(Path(sys.executable).parent / "activate"), **extra)
 
 
 def _overrides(tmp_path: Path, world: Path, name: str) -> list[str]:

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,12 @@ import textwrap
 import pytest
 import torch
 
-from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, inventory, latest_checkpoint
+from megatron_cosmos3.checkpoint.checkpointer import (
+    Checkpointer,
+    CheckpointSaveError,
+    inventory,
+    latest_checkpoint,
+)
 from megatron_cosmos3.checkpoint.safe_reader import (
     MANIFEST,
     CheckpointCorruptError,
@@ -327,6 +333,51 @@ def test_a_save_the_disk_cannot_hold_names_the_folder_removes_it_and_keeps_the_l
         checkpointer.save(3, model, optimizer, {}, {})
 
 
+def test_pruning_removes_only_its_own_checkpoints_and_a_superseded_file_is_named_not_replaced(tmp_path, caplog):
+    """Keep-last pruning counts and removes only step folders this code committed (meta.json of
+    their step); a ``.superseded`` that is a user's file stops the save that would set a step aside
+    under it, naming it, and stays as it was."""
+    model, _ = trained_model(steps=0)
+    root = tmp_path / "ckpt"
+    checkpointer = Checkpointer(root, keep_last=2, async_save=False)
+    user = root / "step_00000000"  # a folder a user put there
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    foreign = root / "step_00000001"  # another run's half-written save: shards, no meta.json
+    foreign.mkdir()
+    (foreign / "__0_0.distcp").write_bytes(b"\0" * 8)
+    elsewhere = tmp_path / "elsewhere"  # a link to a checkpoint kept elsewhere
+    elsewhere.mkdir()
+    (elsewhere / "meta.json").write_text(json.dumps({"step": 2}))
+    (root / "step_00000002").symlink_to(elsewhere)
+    other_spelling = root / "step_3"  # a copy under a name no commit writes
+    other_spelling.mkdir()
+    (other_spelling / "meta.json").write_text(json.dumps({"step": 3}))
+    with caplog.at_level("WARNING", logger="megatron_cosmos3.checkpoint.checkpointer"):
+        for step in (3, 4, 5):
+            checkpointer.save(step, model, None, {}, {})
+    assert sorted(p.name for p in root.glob("step_*")) == [*(f"step_0000000{n}" for n in (0, 1, 2, 4, 5)), "step_3"]
+    assert (user / "notes.txt").read_text() == "mine" and (elsewhere / "meta.json").is_file()
+    assert f"keep-last pruning leaves {foreign} alone: not a checkpoint this code committed" in caplog.text
+    assert not list(root.glob(".step_*"))  # the pruned step 3 is gone whole
+    (root / ".step_00000003.removing").mkdir()  # a pruning cut short (renamed, not yet removed)...
+    Checkpointer(root, async_save=False)  # ...is finished when the next attempt starts
+    assert not list(root.glob(".step_*"))
+
+    (root / ".superseded").write_text("a user's file")
+    (root / "latest").write_text("step_00000004")  # another timeline saves step 5 again
+    with pytest.raises(CheckpointSaveError, match=rf"{root / '.superseded'} is not a folder, but step_00000005"):
+        checkpointer.save(5, model, None, {}, {"note": "again"})
+    assert (root / ".superseded").read_text() == "a user's file"
+    assert latest_checkpoint(root) == root / "step_00000004" and not list(root.glob(".step_*"))
+    assert "note" not in json.loads((root / "step_00000005" / "meta.json").read_text())  # not replaced
+    (root / ".superseded").unlink()
+    (root / "latest").unlink()
+    (root / "latest").mkdir()  # a pointer that cannot be replaced
+    with pytest.raises(CheckpointSaveError, match=r"checkpoint of step 6 not committed .* IsADirectoryError"):
+        checkpointer.save(6, model, None, {}, {})
+
+
 def _save_under_tensor_parallel(rank, world_size, root):
     from megatron_cosmos3.parallel.data_parallel import build_optimizer
     from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
@@ -466,6 +517,63 @@ def test_moe_saved_with_tp1_loads_under_tp2_times_ep2_and_back(tmp_path):
         assert want_state.keys() == got_state.keys(), name
         for key in want_state:
             assert torch.equal(want_state[key], got_state[key]), (name, key)
+
+
+def _commit_fails_on_rank_0(rank, world_size, root):
+    """Rank 0 cannot write meta.json (a folder holds its name, as a full disk or a read-only file
+    would refuse it) when the background save is committed; returns what each rank raised and the
+    checkpoint the next save commits."""
+    import time
+
+    model, _ = trained_model(steps=0)
+    checkpointer = Checkpointer(root, async_save=True)
+    checkpointer.save(1, model, None, {}, {})
+    if rank == 0:
+        (root / ".step_00000001.partial" / "meta.json").mkdir()
+    raised = None
+    try:
+        while checkpointer.poll() is None:
+            time.sleep(0.01)
+    except CheckpointSaveError as error:
+        raised = str(error)
+    checkpointer.save(2, model, None, {}, {})  # the ranks go on together
+    return raised, checkpointer.wait().name
+
+
+def _unusable_directory(rank, world_size, root):
+    """What each rank raises taking the run folder's lock and starting a Checkpointer in ``root``,
+    which rank 0 cannot make."""
+    from megatron_cosmos3.training.run_lock import lock_run_folder
+
+    raised = []
+    for start in (lambda: lock_run_folder(root, "job", rank == 0), lambda: Checkpointer(root)):
+        try:
+            start()
+        except (OSError, CheckpointSaveError) as error:
+            raised.append(f"{type(error).__name__}: {error}")
+    return raised
+
+
+@pytest.mark.multiprocess
+def test_a_commit_or_a_directory_that_fails_on_rank_0_raises_on_every_rank(tmp_path):
+    """Rank 0 alone writes meta.json, the run folder's lock and the checkpoint directory: where it
+    cannot, every rank raises (a rank left waiting in the next collective would be a timeout here)."""
+    (tmp_path / "a_file").write_text("")
+    below_a_file = tmp_path / "a_file" / "ckpt"
+    for raised in run_on_ranks(_unusable_directory, 2, below_a_file, timeout_s=90):
+        assert raised[0].startswith(f"OSError: checkpoint.directory={below_a_file}: its lock cannot be taken ("), raised
+        assert raised[1].startswith(f"CheckpointSaveError: checkpoint directory {below_a_file} cannot be made: "), (
+            raised
+        )
+    root = tmp_path / "ckpt"
+    results = run_on_ranks(_commit_fails_on_rank_0, 2, root, timeout_s=90)
+    message = rf"^checkpoint of step 1 not committed in {root / '.step_00000001.partial'}: IsADirectoryError: "
+    assert [raised is not None for raised, _ in results] == [True, True], results
+    for rank, (raised, committed) in enumerate(results):
+        assert re.match(message, raised), (rank, raised)
+        assert raised.endswith("no checkpoint was committed before" + (" (on rank 0)" if rank else ""))
+        assert committed == "step_00000002"
+    assert latest_checkpoint(root) == root / "step_00000002" and not (root / "step_00000001").exists()
 
 
 # meta.json rewritten (and resealed, as a crafted checkpoint is) -> what the error names.

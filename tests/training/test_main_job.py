@@ -63,6 +63,7 @@ def run_trainer(tmp_path: Path, *overrides: str, nproc: int = 2) -> subprocess.C
 def test_two_process_training_logs_to_mlflow_checkpoints_and_resumes(tmp_path):
     first = run_trainer(tmp_path, "steps=10")
     assert first.returncode == 0, first.stderr[-3000:]
+    assert list((tmp_path / "torchrun").iterdir())  # torchrun's run folder, in the test's, not in /tmp
     latest = (tmp_path / "ckpt" / "latest").read_text().strip()
     assert latest == "step_00000010"
     meta = json.loads((tmp_path / "ckpt" / latest / "meta.json").read_text())

@@ -15,7 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TRAINER_ENV, tracking_store, trainer_command
+from megatron_cosmos3.testing.training import (
+    TINY_MODEL,
+    TINY_SYNTHETIC,
+    launch_environment,
+    tracking_store,
+    trainer_command,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
@@ -173,7 +179,7 @@ def a_sigkilled_attempts_values_reach_the_same_run(server: subprocess.Popen, url
     spool.parent.mkdir()
     attempt = subprocess.Popen(
         [sys.executable, "-c", KILLED_ATTEMPT, url, str(spool)],
-        env={**TRAINER_ENV, "MLFLOW_HTTP_REQUEST_TIMEOUT": "120"},
+        env=launch_environment(tmp_path, MLFLOW_HTTP_REQUEST_TIMEOUT="120"),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -272,7 +278,7 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
             cwd=tmp_path,
             # A live server starved of CPU by the other tests may answer slowly; the stopped one
             # refuses connections at once, whatever the timeout.
-            env={**TRAINER_ENV, "MLFLOW_HTTP_REQUEST_TIMEOUT": "120"},
+            env=launch_environment(tmp_path, MLFLOW_HTTP_REQUEST_TIMEOUT="120"),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

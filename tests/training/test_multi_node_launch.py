@@ -13,6 +13,7 @@ from megatron_cosmos3.testing.training import (
     TINY_MODEL,
     TINY_SYNTHETIC,
     TRAINER_ENV,
+    launch_environment,
     loss_history,
     tracking_store,
     train_on_ranks,
@@ -41,7 +42,7 @@ def test_two_node_launch_on_localhost_equals_one_node(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {
-        **TRAINER_ENV,
+        **launch_environment(tmp_path),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{TRAINER_ENV.get('PATH', '')}",  # torchrun
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(port),

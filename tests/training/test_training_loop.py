@@ -520,7 +520,7 @@ def test_workers_die_with_a_killed_torchrun_and_the_restart_resumes_bit_exact(tm
     import subprocess
     import time
 
-    from megatron_cosmos3.testing.training import TRAINER_ENV, child_processes, torchrun_trainer, trainer_command
+    from megatron_cosmos3.testing.training import child_processes, launch_environment, torchrun_trainer, trainer_command
 
     steps = ["steps=10", "checkpoint.save_every=1", "optimizer.schedule=constant"]
     straight = config_for(tmp_path, "straight", *steps)
@@ -530,7 +530,11 @@ def test_workers_die_with_a_killed_torchrun_and_the_restart_resumes_bit_exact(tm
     args += [f"tracking.tracking_uri={tracking_store(tmp_path)}", "tracking.run_name=killed"]
     root = Path(killed.checkpoint.directory)
     launcher = subprocess.Popen(
-        trainer_command(1, *args), cwd=tmp_path, env=TRAINER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        trainer_command(1, *args),
+        cwd=tmp_path,
+        env=launch_environment(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 300
@@ -570,7 +574,7 @@ def test_a_killed_rank_restarts_the_group_from_its_checkpoint_and_sigterm_checkp
     import re
     import subprocess
 
-    from megatron_cosmos3.testing.training import TRAINER_ENV, child_processes, trainer_command
+    from megatron_cosmos3.testing.training import child_processes, launch_environment, trainer_command
 
     root, status = tmp_path / "ckpt", tmp_path / "status"
     args = [*TINY, "steps=100000", "checkpoint.save_every=2", f"checkpoint.directory={root}"]
@@ -578,7 +582,12 @@ def test_a_killed_rank_restarts_the_group_from_its_checkpoint_and_sigterm_checkp
     command = trainer_command(2, *args)
     command.insert(command.index("--standalone"), "--max-restarts=1")
     launcher = subprocess.Popen(
-        command, cwd=tmp_path, env=TRAINER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        command,
+        cwd=tmp_path,
+        env=launch_environment(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         output = []
