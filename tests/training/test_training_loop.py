@@ -484,8 +484,11 @@ def test_paths_are_checked_by_field_before_any_process_group(tmp_path, monkeypat
         ],
     }
     # Action statistics whose width is not the embodiment's, or that are not statistics at all.
-    (tmp_path / "indexed").mkdir()
-    (tmp_path / "indexed" / "index.json").write_text("{}")
+    from megatron_cosmos3.data.schema import Sample
+    from megatron_cosmos3.data.shard_writer import ShardWriter
+
+    with ShardWriter(tmp_path / "indexed", "text") as writer:  # a real (one-sample) shard set
+        writer.write(Sample(key="s0", caption="words"))
     raw = {"layout": "raw", "count": 3, "mean": [0.0] * 5, "std": [1.0] * 5, "rotation_6d": "standardised"}
     (tmp_path / "narrow.json").write_text(json.dumps({"format_version": 2, "embodiments": {"so100": raw}}))
     (tmp_path / "list.json").write_text("[]")
