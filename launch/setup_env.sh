@@ -37,7 +37,9 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 stamp="$venv/.megatron_cosmos3-installed"
 want="$(sha256sum "$repo_root/pyproject.toml" | cut -d' ' -f1)"
+installed=""
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  installed=1
   # The CPU wheel first, with pip and its configuration (where the machine keeps that wheel):
   # resolving "torch" through other packages could fetch a CUDA build.
   "$venv/bin/python" -m pip install --quiet "torch==2.13.0"
@@ -46,9 +48,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # uv); pip where uv cannot install (uv reads no pip configuration, e.g. a private index).
   if ! { "$venv/bin/python" -m pip install --quiet uv &&
     UV_SYSTEM_CERTS=1 UV_NATIVE_TLS=1 \
-      "$venv/bin/python" -m uv pip install --quiet --python "$venv/bin/python" -e "$repo_root[dev]"; }; then
+      "$venv/bin/python" -m uv pip install --quiet --python "$venv/bin/python" -e "${repo_root}[dev]"; }; then
     echo "setup_env: uv could not install the package; using pip" >&2
-    "$venv/bin/python" -m pip install --quiet -e "$repo_root[dev]"
+    "$venv/bin/python" -m pip install --quiet -e "${repo_root}[dev]"
   fi
   echo "$want" > "$stamp"
 fi
@@ -59,6 +61,14 @@ export PATH="$venv/bin:$PATH"
 # this package from source again. Importing the trainer took 29.5 s of CPU that way against 10.9 s
 # with the cache (2 cores, 2026-11-30). The cache lands in .venv and in git-ignored __pycache__/.
 unset PYTHONDONTWRITEBYTECODE
+# After an install, the modules every test process imports are compiled once, here: otherwise the
+# test command's first processes (pytest and its workers, their fork servers) each compile the same
+# uncached modules at the same moment.
+if [ -n "$installed" ]; then
+  "$venv/bin/python" -c "import megatron_cosmos3.training.train, megatron_cosmos3.release.generate_cli, \
+megatron_cosmos3.release.eval_cli, transformers.models.qwen3_vl.modeling_qwen3_vl, matplotlib.pyplot, \
+mlflow.server, deepspeed, pytest, xdist" >/dev/null 2>&1 || echo "setup_env: warming the bytecode cache failed" >&2
+fi
 
 if [ -n "$system_packages" ] && ! wait "$system_packages"; then
   echo "setup_env: installing ${media[*]} ${cluster[*]} with apt-get failed" >&2

@@ -16,6 +16,7 @@ from megatron_cosmos3.data.media import encode_json
 from megatron_cosmos3.data.schema import Sample, encode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter
 from megatron_cosmos3.testing.distributed import run_on_ranks
+from megatron_cosmos3.testing.shared_cache import shared_folder
 from megatron_cosmos3.testing.training import TINY_MODEL, child_processes, loss_history, tracking_store, train_on_ranks
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.batches import MicroBatches
@@ -27,8 +28,13 @@ CPU = DistributedContext(0, 1, 0, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
+def world() -> Path:
+    """24 clips of the generated world as pooled latents at the tiny model's widths, written once
+    per test session (the tests only read them)."""
+    return shared_folder("train-on-shards-world", _write_world) / "latent"
+
+
+def _write_world(out: Path) -> None:
     subprocess.run(
         [
             sys.executable,
@@ -52,7 +58,6 @@ def world(tmp_path_factory):
         check=True,
         capture_output=True,
     )
-    return out / "latent"
 
 
 def shard_overrides(tmp_path, world, name, *extra):
