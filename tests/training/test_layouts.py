@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_cosmos3.testing.shared_cache import shared_folder
 from megatron_cosmos3.testing.training import (
     TINY_MODEL,
     TINY_SYNTHETIC,
@@ -69,22 +70,26 @@ def single_process_history(tmp_path, name, *extra):
     return history(tmp_path, name)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("layouts")
-    return tmp_path, single_process_history(tmp_path, "single")
+def shared_reference(name: str, *extra: str) -> tuple[Path, list[float]]:
+    """The single-process run ``name`` (its folder and losses), made once per test session and
+    read by every worker's layout runs."""
+    root = shared_folder(f"layouts-{name}", lambda folder: single_process_history(folder, name, *extra))
+    return root, history(root, name)
 
 
 @pytest.fixture(scope="module")
-def vit_reference(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("vit-layouts")
-    return tmp_path, single_process_history(tmp_path, "single-vit", *TINY_VIT)
+def reference():
+    return shared_reference("single")
 
 
 @pytest.fixture(scope="module")
-def moe_reference(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("moe-layouts")
-    return tmp_path, single_process_history(tmp_path, "single-moe", *MOE)
+def vit_reference():
+    return shared_reference("single-vit", *TINY_VIT)
+
+
+@pytest.fixture(scope="module")
+def moe_reference():
+    return shared_reference("single-moe", *MOE)
 
 
 # (ranks, overrides): every layout's global batch is two micro-batches, as the reference's.
@@ -147,12 +152,12 @@ VIT_LAYOUTS = {
 }
 
 
-def check_generation_samples(tmp_path, name, reference_name):
+def check_generation_samples(tmp_path, name, reference_root, reference_name):
     """Every layout logs rank 0's generation samples (the fixed held-out set, one per task) at each
     checkpoint, equal to the single-process ones (the same held-out packs and seeds): cached sampling
     where each rank runs the whole forward (DP, TP, EP), a full pass through the layout's driver per
     step where the layers or the rows are split (PP, CP, SP)."""
-    got_root, want_root = (tmp_path / run / "samples" for run in (name, reference_name))
+    got_root, want_root = tmp_path / name / "samples", reference_root / reference_name / "samples"
     assert sorted(p.name for p in got_root.iterdir()) == ["step_00000003"]
     tasks = sorted(p.name for p in (want_root / "step_00000003").iterdir())
     assert tasks and sorted(p.name for p in (got_root / "step_00000003").iterdir()) == tasks
@@ -175,20 +180,21 @@ CASES = [(family, name) for family, (*_, layouts) in FAMILIES.items() for name i
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("family, name", CASES, ids=[name for _, name in CASES])
-def test_each_layout_trains_like_one_process(request, family, name):
+def test_each_layout_trains_like_one_process(request, tmp_path, family, name):
     fixture, reference_run, model, layouts = FAMILIES[family]
-    tmp_path, want = request.getfixturevalue(fixture)
+    reference_root, want = request.getfixturevalue(fixture)
     nproc, layout = layouts[name]
     train(tmp_path, name, "steps=3", *model, *layout, nproc=nproc)
     assert history(tmp_path, name) == pytest.approx(want, rel=1e-5)
     held_out = history(tmp_path, name, "eval/loss")
-    assert len(held_out) == 1 and held_out == pytest.approx(history(tmp_path, reference_run, "eval/loss"), rel=1e-5)
-    check_generation_samples(tmp_path, name, reference_run)
+    want_held_out = history(reference_root, reference_run, "eval/loss")
+    assert len(held_out) == 1 and held_out == pytest.approx(want_held_out, rel=1e-5)
+    check_generation_samples(tmp_path, name, reference_root, reference_run)
 
 
 @pytest.mark.multiprocess
-def test_saved_with_tp2_resumes_with_dp2_and_with_one_process(reference):
-    tmp_path, want = reference
+def test_saved_with_tp2_resumes_with_dp2_and_with_one_process(reference, tmp_path):
+    _, want = reference
     train(tmp_path, "tp2-then", "steps=2", "parallel.tensor=2", "optimizer.micro_batches_per_step=2")
     for name in ("dp2-resumed", "single-resumed"):
         shutil.copytree(tmp_path / "tp2-then", tmp_path / name)
