@@ -487,6 +487,19 @@ def test_raw_media_without_an_encoder_is_a_setup_error_not_a_skip():
         next(loader)
 
 
+@pytest.mark.parametrize("field", ["video_latent_channels", "audio_latent_dim"])
+def test_latents_of_another_width_than_the_models_are_a_setup_error_naming_the_dataset(field):
+    """The world's latents record their widths (4 channels, 6 dims): a model of other widths stops
+    at the first sample, naming the dataset, the field and both values, not one wrong_shape at a time."""
+    config = data_config([str(tiny_world()["latent"])], tasks={"text_to_audio_video": 1.0})
+    other = model_config()
+    setattr(other, field, getattr(other, field) + 2)
+    width = getattr(other, field) - 2
+    message = rf"dataset 'world' \(shard .*\): sample .*{field}={width}, but model.{field}={width + 2}\b"
+    with PackedLoader(config, other) as loader, pytest.raises(LoaderSetupError, match=message):
+        next(loader)
+
+
 def test_actions_at_another_rate_than_the_models_embodiment_are_a_setup_error_naming_the_dataset():
     """The world's single-arm actions are 10 Hz: a model whose single_arm acts at 15 Hz would learn
     them at 10 and generate at 15, so the loader stops naming the dataset and both rates."""

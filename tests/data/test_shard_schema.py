@@ -119,6 +119,45 @@ def test_latents_record_their_token_patch_and_a_model_of_another_refuses_them_na
         decode_sample(encode_sample(sample), SchemaContext(video_token_dim=16, video_patch_size=1))
 
 
+@pytest.mark.parametrize(
+    ("recorded", "context", "message"),
+    [
+        (
+            {"video_latent_channels": 4},
+            {"video_token_dim": 32},
+            r"video_latent_channels=4, .*model.video_latent_channels=8",
+        ),
+        ({"audio_latent_dim": 6}, {"audio_latent_dim": 5}, r"audio_latent_dim=6, .*model.audio_latent_dim=5"),
+    ],
+)
+def test_latents_record_their_widths_and_a_model_of_others_refuses_them_naming_both(recorded, context, message):
+    """A recorded width that is not the model's stops the run (not a wrong_shape per sample); shards
+    without the record keep the per-sample shape check; the model's own widths load."""
+    sample = Sample(
+        key="lat",
+        caption="x",
+        video_latents=np.zeros((8, 16), np.float32),
+        video_latent_grid=(2, 2, 2),
+        fps=30.0,
+        audio_latents=np.zeros((3, 6), np.float32),
+        audio_num_samples=4000,
+    )
+    written = encode_sample(replace(sample, **recorded))
+    with pytest.raises(LoaderSetupError, match=rf"'lat'.*{message}"):
+        decode_sample(written, SchemaContext(**context))
+    with pytest.raises(SampleError, match="wrong_shape"):  # older shards: no record
+        decode_sample(encode_sample(sample), SchemaContext(**context))
+    decoded = decode_sample(written, SchemaContext(video_token_dim=16, audio_latent_dim=6))
+    assert (decoded.video_latent_channels, decoded.audio_latent_dim) == (
+        recorded.get("video_latent_channels"),
+        recorded.get("audio_latent_dim"),
+    )
+    # A width recorded for latents the sample does not hold is a malformed sample.
+    text_only = encode_sample(replace(Sample(key="t", caption="x"), **recorded))
+    with pytest.raises(SampleError, match=f"missing_field.*names an? {next(iter(recorded))}"):
+        decode_sample(text_only)
+
+
 @pytest.mark.parametrize("patch", [1, 4])
 def test_the_smallest_picture_is_one_video_token_of_the_models_patch(patch):
     side = 16 * patch
