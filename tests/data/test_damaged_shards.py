@@ -15,6 +15,7 @@ import tarfile
 import zlib
 from collections import Counter
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -511,3 +512,26 @@ def test_actions_at_another_rate_than_the_models_embodiment_are_a_setup_error_na
         next(loader)
     with PackedLoader(config, model_config()) as loader:  # control: the world's own rates load
         assert next(loader).dm_tokens.keys() >= {"action/single_arm"}
+
+
+def test_shards_missing_on_disk_are_found_at_set_up(tmp_path, caplog):
+    """An index whose local shards are all gone is a setup error naming the dataset; some gone are
+    logged once with their count (and skipped when read); remote URLs are not checked."""
+    with ShardWriter(tmp_path / "set", "part", max_samples_per_shard=2) as writer:
+        for i in range(6):
+            writer.write(Sample(key=f"s{i}", caption="words"))
+    urls = [shard.url for shard in writer.index.shards]
+    config = data_config([str(tmp_path / "set")], tasks={"understanding": 1.0})
+    Path(urls[0]).unlink()
+    with caplog.at_level(logging.WARNING, logger="megatron_cosmos3.data.loader"):
+        with PackedLoader(config, model_config()) as loader:
+            assert next(loader).ar_token_ids.numel() > 0
+    warnings = [r.getMessage() for r in caplog.records if "shards are missing" in r.getMessage()]
+    assert len(warnings) == 1 and "'world': 1 of its 3 shards are missing" in warnings[0], warnings
+    for url in urls[1:]:
+        Path(url).unlink()
+    with pytest.raises(LoaderSetupError, match=r"dataset 'world': none of its 3 shards is on disk"):
+        PackedLoader(config, model_config())
+    # Remote shards and pipes are read, not stat'ed: set-up does not refuse them.
+    remote = data_config(["http://127.0.0.1:9/shard-{0..1}.tar", "pipe:cat /nowhere.tar"], tasks={"understanding": 1.0})
+    PackedLoader(remote, model_config()).close()
