@@ -119,22 +119,10 @@ class DataConfig:
             require(bool(d.shards), f"datasets[{d.name}].shards is empty")
 
         require(self.stage in self.stages, f"stage={self.stage!r} is not one of stages {sorted(self.stages)}")
+        # Every stage, not only the active one: a later run that switches stage must not find it broken.
+        for name, mixture in self.stages.items():
+            self._validate_stage(name, mixture, names)
         stage = self.stages[self.stage]
-        unknown = sorted(set(stage.datasets) - set(names))
-        require(not unknown, f"stages.{self.stage}.datasets names unknown datasets {unknown} (known: {names})")
-        require(
-            any(w > 0 for w in stage.datasets.values()) and all(w >= 0 for w in stage.datasets.values()),
-            f"stages.{self.stage}.datasets needs non-negative weights, one positive, got {dict(stage.datasets)}",
-        )
-        # 1e308 twice sums to inf, and every share would then be 0: the blend would silently pick one.
-        require(
-            math.isfinite(sum(stage.datasets.values())),
-            f"stages.{self.stage}.datasets weights must have a finite sum, got {dict(stage.datasets)}",
-        )
-        try:
-            TaskMixture(dict(stage.tasks))
-        except ValueError as error:
-            raise ValueError(f"data: stages.{self.stage}.tasks: {error}") from None
         p = self.packing
         require(
             p.tokens_per_pack > 0 and p.pool_size > 0 and p.max_text_tokens > 0,
@@ -174,6 +162,24 @@ class DataConfig:
             self.media.validate()
         except ValueError as error:
             raise ValueError(f"data: {error}") from None
+
+    @staticmethod
+    def _validate_stage(name: str, stage: MixtureConfig, datasets: list[str]) -> None:
+        """ValueError naming ``stages.<name>`` and the value: unknown datasets, weights, tasks."""
+        field = f"data: stages.{name}"
+        unknown = sorted(set(stage.datasets) - set(datasets))
+        if unknown:
+            raise ValueError(f"{field}.datasets names unknown datasets {unknown} (known: {datasets})")
+        weights = dict(stage.datasets)
+        if not (any(w > 0 for w in weights.values()) and all(w >= 0 for w in weights.values())):
+            raise ValueError(f"{field}.datasets needs non-negative weights, one positive, got {weights}")
+        # 1e308 twice sums to inf, and every share would then be 0: the blend would silently pick one.
+        if not math.isfinite(sum(weights.values())):
+            raise ValueError(f"{field}.datasets weights must have a finite sum, got {weights}")
+        try:
+            TaskMixture(dict(stage.tasks))
+        except ValueError as error:
+            raise ValueError(f"{field}.tasks: {error}") from None
 
     def check_paths(self, field_prefix: str = "data") -> None:
         """ValueError naming the field for a local shard path or action-stats file that cannot be

@@ -373,8 +373,12 @@ def latent_sample(sample, encoder: LatentEncoder):
         image = encoder.encode_image(sample.image)
         out.image_latents, out.image_latent_grid = image.tokens.numpy(), tuple(image.grid_thw)
     if sample.video is not None or sample.image is not None:
-        out.video_patch_size = encoder.video_patch_size  # recorded: a model of another patch refuses them
+        # Recorded: a model of another patch or VAE width refuses them at once (data/schema.py).
+        out.video_patch_size = encoder.video_patch_size
+        tokens = out.video_latents if out.video_latents is not None else out.image_latents
+        out.video_latent_channels = tokens.shape[1] // encoder.video_patch_size**2
     if sample.audio is not None:
         audio = encoder.encode_audio(sample.audio, sample.audio_sample_rate)
         out.audio_latents, out.audio_num_samples = audio.tokens.numpy(), audio.num_samples
+        out.audio_latent_dim = out.audio_latents.shape[1]
     return out

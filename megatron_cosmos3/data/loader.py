@@ -30,14 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_cosmos3.data.config import DataConfig
-from megatron_cosmos3.data.errors import ErrorBudget, SkipStats
+from megatron_cosmos3.data.errors import ErrorBudget, LoaderSetupError, SkipStats
 from megatron_cosmos3.data.latent_encoders import VAELatentEncoder
 from megatron_cosmos3.data.packer import Packer
 from megatron_cosmos3.data.sample_builder import BuildLimits, BuiltSample, SampleBuilder
 from megatron_cosmos3.data.schedule import DatasetSource, ShardSchedule, SlotAddress
 from megatron_cosmos3.data.schema import SchemaContext
 from megatron_cosmos3.data.shard_processor import ShardProcessor, ShardResult
-from megatron_cosmos3.data.shards import resolve_shards
+from megatron_cosmos3.data.shards import missing_local_shards, resolve_shards
 from megatron_cosmos3.data.shuffle import ShuffleBuffer
 from megatron_cosmos3.data.slot_stream import SlotStream, iterate_slots
 from megatron_cosmos3.data.tokenizer import build_tokenizer
@@ -97,6 +97,25 @@ def _make_builders(
     return [SampleBuilder(model_config, tokenizer, vision, limits, encoder, s) for s in stats]
 
 
+def _check_shards_exist(source: DatasetSource) -> None:
+    """A dataset none of whose shards is on disk is a LoaderSetupError naming it; some missing are
+    logged once with their count and skipped when read (``unreadable_shard``). One stat per local
+    shard, at set-up; remote URLs are not checked."""
+    missing = missing_local_shards(source.shards)
+    if missing and len(missing) == len(source.shards):
+        raise LoaderSetupError(
+            f"dataset {source.name!r}: none of its {len(missing)} shards is on disk (first: {missing[0]})"
+        )
+    if missing:
+        log.warning(
+            "dataset %r: %d of its %d shards are missing (first: %s); each is skipped when read",
+            source.name,
+            len(missing),
+            len(source.shards),
+            missing[0],
+        )
+
+
 class PackedLoader:
     """Packed micro-batches of one data-parallel rank (module doc). An endless iterator when
     ``config.epochs == 0``.
@@ -125,6 +144,8 @@ class PackedLoader:
             DatasetSource(d.name, tuple(resolve_shards(list(d.shards))), stage.datasets[d.name], d.resample)
             for d in active
         ]
+        for source in sources:
+            _check_shards_exist(source)
         self.schedule = ShardSchedule(sources, config.seed, dp_rank, dp_world_size, config.epochs)
         if latent_encoder_factory is None and config.encoders.online:
             latent_encoder_factory = functools.partial(

@@ -26,15 +26,19 @@ actions.npy            (N, dim) float pseudo-actions (``encoders/pseudo_actions.
                        frame i to i + 1 at ``action_rate_hz``; needs ``embodiment``.
 video_latents.npy      pre-encoded video tokens (t*h*w, D) float16/32 (``encoders/video_vae.py``);
                        needs ``video_latent_grid`` [t, h, w] and ``fps`` (of the source clip);
-                       ``video_patch_size`` records the token patch they were made with (absent: 2).
+                       ``video_patch_size`` records the token patch they were made with (absent: 2),
+                       ``video_latent_channels`` the VAE channels C of a token's D = C x patch^2
+                       (absent: not recorded, only the row width is checked).
 image_latents.npy      pre-encoded image tokens (h*w, D); needs ``image_latent_grid`` [1, h, w].
 audio_latents.npy      pre-encoded audio tokens (n, D) at 25/s (``encoders/audio_vae.py``); needs
-                       ``audio_num_samples`` (48 kHz samples before padding).
+                       ``audio_num_samples`` (48 kHz samples before padding); ``audio_latent_dim``
+                       records D (absent: not recorded).
 =====================  ===========================================================================
 
 ``meta.json`` keys: ``caption``, ``instruction``, ``question``, ``answer`` (text; question and
 answer together), ``fps``, ``embodiment``, ``action_rate_hz``, ``video_latent_grid``,
-``image_latent_grid``, ``video_patch_size``, ``audio_num_samples``, ``duration_s``; ``timing`` (free-form timing
+``image_latent_grid``, ``video_patch_size``, ``video_latent_channels``, ``audio_latent_dim``,
+``audio_num_samples``, ``duration_s``; ``timing`` (free-form timing
 metadata, e.g. event times in seconds from the first frame), ``source`` (free-form provenance) and
 ``caption_segments`` (timed captions, ``[{"start_s", "end_s", "text"}]``: a clip keeps the segments
 it overlaps, clipped and shifted to its start, and its caption is their texts joined).
@@ -66,7 +70,10 @@ of only whitespace or control characters (``blank_text``) is no text, as if the 
 
 Video and image latents made with another token patch than the model's (``SchemaContext.video_patch_size``,
 the model config's ``video_patch_size``) are not a bad sample but a run set up wrong: a
-``LoaderSetupError`` naming both sizes stops it (docs/DESIGN.md, "Model shapes"). So are actions
+``LoaderSetupError`` naming both sizes stops it (docs/DESIGN.md, "Model shapes"). So are latents
+whose recorded width (``video_latent_channels``, ``audio_latent_dim``) is not the model's: every
+sample of such shards would be a ``wrong_shape`` until the error budget stopped the run; latents
+without the record (older shards) keep the per-sample shape check. So are actions
 sampled at another rate than the model's embodiment (``SchemaContext.action_rates``, the model's
 ``embodiments.<name>.rate_hz``; within ``ACTION_RATE_TOLERANCE``): the model would learn them at
 the data's rate and generate at its own.
@@ -160,6 +167,8 @@ META_KEYS = (
     "video_latent_grid",
     "image_latent_grid",
     "video_patch_size",
+    "video_latent_channels",
+    "audio_latent_dim",
     "audio_num_samples",
     "duration_s",
     "timing",
@@ -191,7 +200,9 @@ class Sample:
     image_latents: np.ndarray | None = None  # (h*w, D) float32
     image_latent_grid: tuple[int, int, int] | None = None
     video_patch_size: int | None = None  # the token patch video/image latents were made with
+    video_latent_channels: int | None = None  # the VAE channels video/image latents were made with
     audio_latents: np.ndarray | None = None  # (n, D) float32
+    audio_latent_dim: int | None = None  # the width audio latents were made with
     audio_num_samples: int | None = None  # at 48 kHz
     duration_s: float | None = None
     timing: dict = field(default_factory=dict)
@@ -241,6 +252,11 @@ class SchemaContext:
     video_patch_size: int = TOKEN_PATCH
     action_rates: Mapping[str, float] | None = None
 
+    @property
+    def video_latent_channels(self) -> int | None:
+        """The model's VAE channels per latent cell (``video_token_dim`` / patch^2); None: not checked."""
+        return None if self.video_token_dim is None else self.video_token_dim // self.video_patch_size**2
+
     def action_dim(self, embodiment: str) -> int | None:
         known = self.embodiments if self.embodiments is not None else {k: v.dim for k, v in ACTION_LAYOUTS.items()}
         return known.get(embodiment)
@@ -270,8 +286,9 @@ def encode_sample(sample: Sample, video_format: str = "npy") -> dict[str, bytes 
     for name in ("video_latent_grid", "image_latent_grid"):
         if getattr(sample, name) is not None:
             meta[name] = [int(x) for x in getattr(sample, name)]
-    if sample.video_patch_size is not None:
-        meta["video_patch_size"] = int(sample.video_patch_size)
+    for name in ("video_patch_size", "video_latent_channels", "audio_latent_dim"):
+        if getattr(sample, name) is not None:
+            meta[name] = int(getattr(sample, name))
     if sample.timing:
         meta["timing"] = sample.timing
     if sample.caption_segments:
@@ -354,6 +371,22 @@ def _latent_patch(meta: dict, key: str, model_patch: int) -> int:
             "encode the shards again at the model's size (data_pipelines/encode_shards.py --video-patch-size)"
         )
     return patch
+
+
+def _latent_width(meta: dict, key: str, field: str, model_width: int | None) -> int | None:
+    """The latent width meta.json ``field`` records (None where absent: shards written before it
+    was recorded keep the per-sample shape check); LoaderSetupError unless ``model_width`` (module doc)."""
+    if field not in meta:
+        return None
+    width = meta[field]
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        _fail(BAD_METADATA, f"meta.json '{field}' must be a positive int, got {width!r}")
+    if model_width is not None and width != model_width:
+        raise LoaderSetupError(
+            f"sample {key!r}: its latents were made with {field}={width}, but model.{field}={model_width}; "
+            "encode the shards again with the model's VAE (data_pipelines/encode_shards.py)"
+        )
+    return width
 
 
 def _check_action_rate(sample: Sample, context: SchemaContext) -> None:
@@ -654,8 +687,15 @@ def decode_sample(
         sample.caption = " ".join(text for _, _, text in sample.caption_segments)
     if "video_latents.npy" in files or "image_latents.npy" in files:
         sample.video_patch_size = _latent_patch(meta, key, context.video_patch_size)
-    elif "video_patch_size" in meta:
-        _fail(MISSING_FIELD, "meta.json names a video_patch_size but the sample has no video or image latents")
+        sample.video_latent_channels = _latent_width(meta, key, "video_latent_channels", context.video_latent_channels)
+    else:
+        for name in ("video_patch_size", "video_latent_channels"):
+            if name in meta:
+                _fail(MISSING_FIELD, f"meta.json names a {name} but the sample has no video or image latents")
+    if "audio_latents.npy" in files:
+        sample.audio_latent_dim = _latent_width(meta, key, "audio_latent_dim", context.audio_latent_dim)
+    elif "audio_latent_dim" in meta:
+        _fail(MISSING_FIELD, "meta.json names an audio_latent_dim but the sample has no audio latents")
     for name, grid_key, width in (
         ("video_latents", "video_latent_grid", context.video_token_dim),
         ("image_latents", "image_latent_grid", context.video_token_dim),

@@ -24,7 +24,7 @@ import tarfile
 import tempfile
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,6 +181,19 @@ def local_entry_problem(entry: str) -> str | None:
     return None
 
 
+def local_path(url: str) -> str | None:
+    """The file a shard URL names on this machine (``file:`` stripped), None for a remote one
+    (``http(s)://`` and other schemes, ``pipe:`` commands)."""
+    local = url.removeprefix("file://") if url.startswith("file://") else url.removeprefix("file:")
+    return None if "://" in local or local.startswith("pipe:") else local
+
+
+def missing_local_shards(shards: Sequence[ShardInfo]) -> list[str]:
+    """The URLs of ``shards`` that are local files absent from disk (one stat each; remote URLs are
+    not checked: they fail, counted, when read)."""
+    return [s.url for s in shards if (path := local_path(s.url)) is not None and not os.path.exists(path)]
+
+
 def resolve_shards(entries: list[str]) -> list[ShardInfo]:
     """Every shard of a dataset's ``shards`` entries (module docstring), in order."""
     shards: list[ShardInfo] = []
@@ -265,8 +278,8 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
     multi-stream file (``_decompressed``); bytes after the last gzip stream are ignored, as
     ``gzip -d`` ignores them.
     """
-    local = url.removeprefix("file://") if url.startswith("file://") else url.removeprefix("file:")
-    if "://" not in local and not local.startswith("pipe:") and os.path.exists(local) and not os.path.isfile(local):
+    local = local_path(url)
+    if local is not None and os.path.exists(local) and not os.path.isfile(local):
         # A device or FIFO never ends (/dev/zero would be read for ever) and a folder is no tar.
         yield Skip(url, "", UNREADABLE_SHARD, "not a regular file")
         return

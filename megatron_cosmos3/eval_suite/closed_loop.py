@@ -53,8 +53,9 @@ from megatron_cosmos3.world.config import WorldConfig
 from megatron_cosmos3.world.environment import WorldEnvironment, WorldState
 from megatron_cosmos3.world.experts import Expert
 from megatron_cosmos3.world.sound import SAMPLE_RATE
+from megatron_cosmos3.world.world import CHUNK_S, chunk_steps
 
-EXECUTE_S = 0.5  # seconds of each chunk executed before the policy decides again (the demonstrations' chunk)
+EXECUTE_S = CHUNK_S  # seconds of each chunk executed before the policy decides again: the demonstrations' chunk
 HORIZON_S = 4.0  # an episode's length at most
 _RANDOM_STREAM = 7  # the random policy's draws, apart from the environment's own
 
@@ -339,7 +340,7 @@ def closed_loop_rows_for(
     the expert's and the random policy's episodes are kept between calls (default: run them here).
     Collective under ``plan``."""
     rate = float(world.action_rates[embodiment])
-    execute = max(1, int(round(execute_s * rate)))
+    execute = chunk_steps(rate, execute_s)
     model_policy = ModelPolicy(
         model,
         builder,
@@ -352,7 +353,7 @@ def closed_loop_rows_for(
     )
     record = media_dir is not None
     fps = float(fps if fps is not None else world.fps_choices[0])
-    references = (cache or ReferenceCache()).get(
+    references = (cache if cache is not None else ReferenceCache()).get(  # an empty cache is falsy
         world, task, embodiment, seeds, execute=execute, horizon_s=horizon_s, fps=fps, record_media=record
     )
     runs = {

@@ -332,6 +332,9 @@ class TrainConfig:
         directory = self.checkpoint.directory
         if os.path.exists(directory) and not os.path.isdir(directory):
             raise ValueError(f"checkpoint.directory={directory!r} exists and is not a directory")
+        root = self.runs_root  # the run's folder is made under it (``name_run``)
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise ValueError(f"runs_root={root!r} exists and is not a directory")
         store = self.tracking.tracking_uri  # a bare path is an SQLite file (training/tracking.py)
         if self.tracking.enabled and "://" not in store and not store.startswith(("file:", "sqlite:")):
             if os.path.isdir(store):

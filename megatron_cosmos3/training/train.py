@@ -12,6 +12,8 @@ import copy
 import fnmatch
 import logging
 import math
+import os
+import sys
 import time
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -621,22 +623,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    config = load_config(args.config, args.overrides)  # validated before any process group exists
+def checked_config(args: argparse.Namespace) -> TrainConfig | None:
+    """The run's config from ``parse_args``, validated with its sizes and paths before any process
+    group exists: ValueError naming the field. None with ``--print-config`` (printed instead)."""
+    config = load_config(args.config, args.overrides)
     if args.print_config:
         print(to_yaml(config))
-        return
+        return None
+    config.parallel.validate(int(os.environ.get("WORLD_SIZE", 1)), config.model, config.model.num_experts)
+    config.name_run(launcher_run_id())
+    config.check_paths()
+    return config
+
+
+def run_training(config: TrainConfig, args: argparse.Namespace) -> None:
+    """Start the process group and train ``config`` (from ``checked_config``) on this rank."""
     import gc
-    import os
 
     # The imported libraries live as long as the process: the collector need not walk them again,
     # in any full collection nor at exit (a second of CPU per rank with torch and MLflow loaded).
     gc.freeze()
 
-    config.parallel.validate(int(os.environ.get("WORLD_SIZE", 1)), config.model, config.model.num_experts)
-    config.name_run(launcher_run_id())
-    config.check_paths()
     ctx = init_distributed(config.distributed.init_timeout_s)
     # Libraries say only warnings; this package's progress lines come from rank 0 alone.
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {ctx.rank}] %(message)s", datefmt="%H:%M:%S")
@@ -652,5 +659,30 @@ def main(argv: list[str] | None = None) -> None:
             torch.distributed.destroy_process_group()
 
 
+def main(argv: list[str] | None = None) -> None:
+    """Train from the command line's config; a bad config raises ValueError naming the field
+    before any process group starts (library callers; the console command is ``cli``)."""
+    args = parse_args(argv)
+    config = checked_config(args)
+    if config is not None:
+        run_training(config, args)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``cosmos3-train``: as ``main``, but a config error is one line on stderr (from rank 0: every
+    rank reads the same config and fails the same way) and exit status 2 on every rank, as the
+    other commands do; errors while training stay tracebacks."""
+    args = parse_args(argv)
+    try:
+        config = checked_config(args)
+    except ValueError as error:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"cosmos3-train: error: {error}", file=sys.stderr)
+        return 2
+    if config is not None:
+        run_training(config, args)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

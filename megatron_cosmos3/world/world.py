@@ -21,6 +21,7 @@ import torch
 from megatron_cosmos3.data.schema import Sample
 from megatron_cosmos3.encoders.pseudo_actions import BodyPoses, EmbodimentTrajectory, encode_pseudo_actions
 from megatron_cosmos3.encoders.rotations import matrix_to_quaternion
+from megatron_cosmos3.tasks.layout import steps_before
 from megatron_cosmos3.world import captions
 from megatron_cosmos3.world.agents import Agent, random_agent
 from megatron_cosmos3.world.config import WorldConfig
@@ -75,6 +76,13 @@ def agent_start_trajectory(kind: str, record: dict) -> EmbodimentTrajectory:
     )
 
 
+def chunk_steps(rate: float, seconds: float = CHUNK_S) -> int:
+    """Actions in a chunk of ``seconds`` at ``rate`` Hz: the steps that start in it
+    (``tasks.layout.steps_before``, at least one). The expert's chunk in a demonstration and the
+    chunk the closed loop executes before deciding again are both this (docs/DESIGN.md, "Evaluation")."""
+    return max(1, steps_before(seconds, rate))
+
+
 def demonstration_sample(config: WorldConfig, seed: int, index: int) -> Sample:
     """The expert solving a drawn task with a drawn embodiment of ``config.embodiments`` (module doc)."""
     rng = np.random.default_rng([seed, index, _DEMONSTRATION_STREAM])
@@ -89,7 +97,7 @@ def demonstration_sample(config: WorldConfig, seed: int, index: int) -> Sample:
     frames, audio, actions, events = [observation.frames], [], [], []
     total = int(round(config.duration_s * env.rate))
     while len(actions) < total:
-        chunk = expert.act(env.state, min(int(CHUNK_S * env.rate), total - len(actions)))
+        chunk = expert.act(env.state, min(chunk_steps(env.rate), total - len(actions)))
         result = env.step(chunk)
         frames.append(result.frames)
         audio.append(result.audio)

@@ -15,6 +15,7 @@ import tarfile
 import zlib
 from collections import Counter
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -487,6 +488,19 @@ def test_raw_media_without_an_encoder_is_a_setup_error_not_a_skip():
         next(loader)
 
 
+@pytest.mark.parametrize("field", ["video_latent_channels", "audio_latent_dim"])
+def test_latents_of_another_width_than_the_models_are_a_setup_error_naming_the_dataset(field):
+    """The world's latents record their widths (4 channels, 6 dims): a model of other widths stops
+    at the first sample, naming the dataset, the field and both values, not one wrong_shape at a time."""
+    config = data_config([str(tiny_world()["latent"])], tasks={"text_to_audio_video": 1.0})
+    other = model_config()
+    setattr(other, field, getattr(other, field) + 2)
+    width = getattr(other, field) - 2
+    message = rf"dataset 'world' \(shard .*\): sample .*{field}={width}, but model.{field}={width + 2}\b"
+    with PackedLoader(config, other) as loader, pytest.raises(LoaderSetupError, match=message):
+        next(loader)
+
+
 def test_actions_at_another_rate_than_the_models_embodiment_are_a_setup_error_naming_the_dataset():
     """The world's single-arm actions are 10 Hz: a model whose single_arm acts at 15 Hz would learn
     them at 10 and generate at 15, so the loader stops naming the dataset and both rates."""
@@ -498,3 +512,26 @@ def test_actions_at_another_rate_than_the_models_embodiment_are_a_setup_error_na
         next(loader)
     with PackedLoader(config, model_config()) as loader:  # control: the world's own rates load
         assert next(loader).dm_tokens.keys() >= {"action/single_arm"}
+
+
+def test_shards_missing_on_disk_are_found_at_set_up(tmp_path, caplog):
+    """An index whose local shards are all gone is a setup error naming the dataset; some gone are
+    logged once with their count (and skipped when read); remote URLs are not checked."""
+    with ShardWriter(tmp_path / "set", "part", max_samples_per_shard=2) as writer:
+        for i in range(6):
+            writer.write(Sample(key=f"s{i}", caption="words"))
+    urls = [shard.url for shard in writer.index.shards]
+    config = data_config([str(tmp_path / "set")], tasks={"understanding": 1.0})
+    Path(urls[0]).unlink()
+    with caplog.at_level(logging.WARNING, logger="megatron_cosmos3.data.loader"):
+        with PackedLoader(config, model_config()) as loader:
+            assert next(loader).ar_token_ids.numel() > 0
+    warnings = [r.getMessage() for r in caplog.records if "shards are missing" in r.getMessage()]
+    assert len(warnings) == 1 and "'world': 1 of its 3 shards are missing" in warnings[0], warnings
+    for url in urls[1:]:
+        Path(url).unlink()
+    with pytest.raises(LoaderSetupError, match=r"dataset 'world': none of its 3 shards is on disk"):
+        PackedLoader(config, model_config())
+    # Remote shards and pipes are read, not stat'ed: set-up does not refuse them.
+    remote = data_config(["http://127.0.0.1:9/shard-{0..1}.tar", "pipe:cat /nowhere.tar"], tasks={"understanding": 1.0})
+    PackedLoader(remote, model_config()).close()

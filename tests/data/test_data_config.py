@@ -40,6 +40,10 @@ def test_the_fingerprint_ignores_workers_but_not_the_mixture():
         ("stage=warmup", "stage='warmup' is not one of stages"),
         ("stages.pretrain.datasets.nowhere=1.0", "names unknown datasets"),
         ("stages.pretrain.tasks.dancing=1.0", "unknown task 'dancing'"),
+        # A stage that is not active is checked too, named with its value.
+        ("stages.midtrain.datasets.nowhere=1.0", r"stages.midtrain.datasets names unknown datasets \['nowhere'\]"),
+        ("stages.posttrain.tasks.dancing=1.0", "stages.posttrain.tasks: unknown task 'dancing'"),
+        ("stages.midtrain.datasets.world_raw=-1.0", "stages.midtrain.datasets needs non-negative weights"),
         ("packing.max_sample_tokens=99999", "packing.max_sample_tokens=99999 must be in"),
         ("epochs=1", None),
         ("error_budget.max_error_fraction=1.5", "error_budget.max_error_fraction=1.5"),

@@ -86,16 +86,20 @@ def test_blank_texts_are_no_text():
     assert decode_sample(raw).caption == "it stops"
 
 
+# Video tokens of 16 (4 channels x 2x2 cells) and audio latents of 6, with no width recorded.
+LATENT_SAMPLE = Sample(
+    key="lat",
+    caption="x",
+    video_latents=np.zeros((8, 16), np.float16),
+    video_latent_grid=(2, 2, 2),
+    fps=30.0,
+    audio_latents=np.zeros((3, 6), np.float32),
+    audio_num_samples=4000,
+)
+
+
 def test_latent_fields_are_checked_against_the_model_widths():
-    sample = Sample(
-        key="lat",
-        caption="x",
-        video_latents=np.zeros((8, 16), np.float16),
-        video_latent_grid=(2, 2, 2),
-        fps=30.0,
-        audio_latents=np.zeros((3, 6), np.float32),
-        audio_num_samples=4000,
-    )
+    sample = LATENT_SAMPLE
     decoded = decode_sample(encode_sample(sample), SchemaContext(video_token_dim=16, audio_latent_dim=6))
     assert decoded.video_latents.dtype == np.float32 and decoded.latent_frames == 2
     with pytest.raises(SampleError, match="wrong_shape"):
@@ -117,6 +121,37 @@ def test_latents_record_their_token_patch_and_a_model_of_another_refuses_them_na
     assert decode_sample(encode_sample(sample), SchemaContext(video_token_dim=16)).video_patch_size == 2
     with pytest.raises(LoaderSetupError, match=r"video_patch_size=2 .*model.video_patch_size=1"):
         decode_sample(encode_sample(sample), SchemaContext(video_token_dim=16, video_patch_size=1))
+
+
+@pytest.mark.parametrize(
+    ("recorded", "context", "message"),
+    [
+        (
+            {"video_latent_channels": 4},
+            {"video_token_dim": 32},
+            r"video_latent_channels=4, .*model.video_latent_channels=8",
+        ),
+        ({"audio_latent_dim": 6}, {"audio_latent_dim": 5}, r"audio_latent_dim=6, .*model.audio_latent_dim=5"),
+    ],
+)
+def test_latents_record_their_widths_and_a_model_of_others_refuses_them_naming_both(recorded, context, message):
+    """A recorded width that is not the model's stops the run (not a wrong_shape per sample); shards
+    without the record keep the per-sample shape check; the model's own widths load."""
+    sample = LATENT_SAMPLE
+    written = encode_sample(replace(sample, **recorded))
+    with pytest.raises(LoaderSetupError, match=rf"'lat'.*{message}"):
+        decode_sample(written, SchemaContext(**context))
+    with pytest.raises(SampleError, match="wrong_shape"):  # older shards: no record
+        decode_sample(encode_sample(sample), SchemaContext(**context))
+    decoded = decode_sample(written, SchemaContext(video_token_dim=16, audio_latent_dim=6))
+    assert (decoded.video_latent_channels, decoded.audio_latent_dim) == (
+        recorded.get("video_latent_channels"),
+        recorded.get("audio_latent_dim"),
+    )
+    # A width recorded for latents the sample does not hold is a malformed sample.
+    text_only = encode_sample(replace(Sample(key="t", caption="x"), **recorded))
+    with pytest.raises(SampleError, match=f"missing_field.*names an? {next(iter(recorded))}"):
+        decode_sample(text_only)
 
 
 @pytest.mark.parametrize("patch", [1, 4])

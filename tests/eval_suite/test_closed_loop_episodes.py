@@ -28,6 +28,7 @@ from megatron_cosmos3.testing.generation import generation_config, generation_se
 from megatron_cosmos3.world.config import WorldConfig
 from megatron_cosmos3.world.environment import TASKS, WorldEnvironment
 from megatron_cosmos3.world.experts import Expert
+from megatron_cosmos3.world.world import chunk_steps
 
 WORLD = WorldConfig(resolution=32, duration_s=1.0)
 PUSHER = "planar_pusher"
@@ -128,6 +129,27 @@ def test_closed_loop_rows_and_media(model, builder, tmp_path):
             assert sum(1 for _ in container.decode(video=0)) > 16 and container.streams.audio
 
 
+class _Asked(Exception):
+    pass
+
+
+class _ExecuteSpy(ReferenceCache):
+    """A cache that records the chunk the closed loop would execute and stops it there."""
+
+    def get(self, world, task, embodiment, seeds, *, execute, **_):
+        raise _Asked(execute)
+
+
+@pytest.mark.parametrize(("rate", "chunk"), [(7.5, 4), (15.0, 8), (5.0, 3)])
+def test_the_executed_chunk_is_the_demonstrations_chunk(model, builder, rate, chunk):
+    """At rates where 0.5 s is not a whole number of steps the closed loop executes the chunk the
+    demonstrations were cut in (``world.world.chunk_steps``, tests/world/test_environment.py)."""
+    world = WorldConfig(resolution=32, duration_s=2.0, action_rates={PUSHER: rate}, embodiments=(PUSHER,))
+    with pytest.raises(_Asked) as asked:
+        closed_loop_rows_for(model, builder, world, "stop_ball", PUSHER, [0], steps=1, cache=_ExecuteSpy())
+    assert asked.value.args == (chunk,) == (chunk_steps(rate),)
+
+
 def test_cached_reference_episodes_give_the_rows_of_a_fresh_run(model, builder):
     """The expert's and the random episodes run once per cache; the model asked at the cached
     decisions answers exactly what it answers as a reference inside the expert's episodes."""
@@ -135,6 +157,7 @@ def test_cached_reference_episodes_give_the_rows_of_a_fresh_run(model, builder):
     call = dict(horizon_s=1.0, steps=2)
     fresh = closed_loop_rows_for(model, builder, WORLD, "stop_ball", PUSHER, seeds, **call)
     first = closed_loop_rows_for(model, builder, WORLD, "stop_ball", PUSHER, seeds, **call, cache=cache)
+    assert len(cache) == 1  # an empty cache passed in is the one filled
     cached = cache.get(WORLD, "stop_ball", PUSHER, seeds, execute=EXECUTE, horizon_s=1.0, fps=16.0, record_media=False)
     again = closed_loop_rows_for(model, builder, WORLD, "stop_ball", PUSHER, seeds, **call, cache=cache)
     assert fresh == first == again and len(cache) == 1

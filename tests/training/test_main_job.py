@@ -119,3 +119,19 @@ def test_invalid_config_fails_before_any_process_group(monkeypatch):
         train_module.main(["--config", str(REPO / "configs/tiny_cpu.yaml"), "model.num_kv_heads=3"])
     with pytest.raises(Exception, match="lrr"):
         train_module.main(["optimizer.lrr=1"])
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_the_console_command_names_a_config_error_in_one_line_and_exits_2(monkeypatch, capsys, rank):
+    """``cosmos3-train`` (``train.cli``): no traceback, status 2 on every rank, the line from rank 0."""
+    from megatron_cosmos3.training import train as train_module
+
+    monkeypatch.setattr(train_module, "init_distributed", lambda *_: pytest.fail("a process group was started"))
+    monkeypatch.setenv("RANK", rank)
+    assert train_module.cli(["--config", str(REPO / "configs/tiny_cpu.yaml"), "model.num_kv_heads=3"]) == 2
+    err = capsys.readouterr().err
+    if rank == "0":
+        assert err.startswith("cosmos3-train: error: ") and err.count("\n") == 1 and "Traceback" not in err
+        assert "num_attention_heads=4 must be a multiple of num_kv_heads=3" in err
+    else:
+        assert err == ""

@@ -473,6 +473,7 @@ def test_paths_are_checked_by_field_before_any_process_group(tmp_path, monkeypat
         r"checkpoint.directory='.*a_file' exists and is not a directory": [
             f"checkpoint.directory={tmp_path / 'a_file'}"
         ],
+        r"runs_root='.*a_file' exists and is not a directory": [f"runs_root={tmp_path / 'a_file'}"],
         r"stage.init_from='.*nowhere' does not exist": [f"stage.init_from={tmp_path / 'nowhere'}"],
         r"data.datasets\[w\].shards\[0\]='.*nowhere': does not exist": [
             *shards,

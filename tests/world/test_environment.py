@@ -25,7 +25,7 @@ from megatron_cosmos3.world.environment import TASKS, Task, WorldEnvironment, Wo
 from megatron_cosmos3.world.experts import Expert
 from megatron_cosmos3.world.render import EMBODIMENT_COLOURS
 from megatron_cosmos3.world.sound import SAMPLE_RATE
-from megatron_cosmos3.world.world import agent_start_trajectory, demonstration_sample, generate_sample
+from megatron_cosmos3.world.world import agent_start_trajectory, chunk_steps, demonstration_sample, generate_sample
 
 WORLD = WorldConfig(resolution=32)
 EMBODIMENTS = sorted(EMBODIMENT_RATES)
@@ -160,7 +160,7 @@ def test_demonstrations_are_samples_whose_actions_integrate_to_the_expert_poses(
         assert env.reset(sample.source["episode_seed"]).instruction == sample.instruction
         expert, poses, taken = Expert(env), [], 0
         while taken < len(sample.actions):
-            steps = min(int(CHUNK_S * rate), len(sample.actions) - taken)
+            steps = min(chunk_steps(rate), len(sample.actions) - taken)
             env.step(expert.act(env.state, steps))
             taken += steps
             poses.append((taken, env.state.pose))
@@ -174,6 +174,20 @@ def test_demonstrations_are_samples_whose_actions_integrate_to_the_expert_poses(
                 assert torch.allclose(got, truth.positions[0], atol=1e-4), (sample.embodiment, part, step)
         assert sample.timing["task"]["success"] == env.task.success(env.state)
     assert seen == set(EMBODIMENTS)
+
+
+@pytest.mark.parametrize(("rate", "chunk"), [(7.5, 4), (15.0, 8), (5.0, 3), (20.0, 10)])
+def test_demonstration_chunks_are_the_steps_that_start_in_half_a_second(monkeypatch, rate, chunk):
+    """The expert is asked for ceil(0.5 s x rate) actions at a time (3.75 -> 4), the chunk the
+    closed loop executes (tests/eval_suite/test_closed_loop_episodes.py); the last one is cut to the clip."""
+    asked = []
+    act = Expert.act
+    monkeypatch.setattr(Expert, "act", lambda self, state, steps: asked.append(steps) or act(self, state, steps))
+    config = WorldConfig(resolution=32, embodiments=("single_arm",), action_rates={"single_arm": rate}, duration_s=2.0)
+    sample = demonstration_sample(config, 5, 0)
+    total = int(rate * 2.0)
+    assert chunk_steps(rate) == chunk and asked == [chunk] * (total // chunk) + [total % chunk] * (total % chunk > 0)
+    assert len(sample.actions) == total
 
 
 def test_the_held_out_embodiment_stays_out_of_the_default_world():
