@@ -36,7 +36,13 @@ from megatron_cosmos3.conversion.safetensors_io import (
     tensor_shapes,
     write_sharded,
 )
-from megatron_cosmos3.model.config import MoTConfig, VisionConfig, qwen3_vl_mrope_section
+from megatron_cosmos3.model.config import (
+    MODEL_SIZE_LIMITS,
+    VISION_SIZE_LIMITS,
+    MoTConfig,
+    VisionConfig,
+    qwen3_vl_mrope_section,
+)
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.vision import VisionEncoder, hf_vision_config
 
@@ -48,31 +54,22 @@ NOT_IN_QWEN3_VL = ("dm_streams.", "timestep_embedding.")
 # Files of a Qwen3-VL folder that are not weights or config (tokenizer, processor, chat template,
 # generation defaults): an export can take them over from the folder it came from.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-# Bounds of config.json's sizes, far above any released Qwen3-VL (the 235B: 94 layers, hidden size
-# 4096, 151,936 tokens): a crafted or damaged value is refused by name before transformers, or
-# anything of ours, builds or allocates by it. Within them, the weights' own shapes decide.
+# Bounds of config.json's sizes: the model's own (model/config.py MODEL_SIZE_LIMITS and
+# VISION_SIZE_LIMITS), under Hugging Face's names, so a crafted or damaged value is refused by name
+# before transformers, or anything of ours, builds or allocates by it. Within them, the weights'
+# own shapes decide.
+_TEXT_NAMES = dict(
+    num_hidden_layers="num_layers",
+    hidden_size="hidden_size",
+    intermediate_size="ffn_hidden_size",
+    vocab_size="vocab_size",
+    num_attention_heads="num_attention_heads",
+    num_key_value_heads="num_kv_heads",
+    head_dim="head_dim",
+)
 SIZE_LIMITS = {
-    "text_config": dict(
-        num_hidden_layers=1024,
-        hidden_size=65_536,
-        intermediate_size=262_144,
-        vocab_size=4_194_304,
-        num_attention_heads=1024,
-        num_key_value_heads=1024,
-        head_dim=4096,
-    ),
-    "vision_config": dict(
-        depth=1024,
-        hidden_size=65_536,
-        intermediate_size=262_144,
-        num_heads=1024,
-        out_hidden_size=65_536,
-        num_position_embeddings=1_048_576,
-        in_channels=64,
-        patch_size=1024,
-        temporal_patch_size=64,
-        spatial_merge_size=64,
-    ),
+    "text_config": {hf: MODEL_SIZE_LIMITS[ours] for hf, ours in _TEXT_NAMES.items()},
+    "vision_config": dict(VISION_SIZE_LIMITS),
 }
 _GENERATOR_LAYER = re.compile(r"^layers\.(\d+)\.generator\.(.+)$")
 _REASONER_LAYER = re.compile(r"^layers\.(\d+)\.reasoner\.(.+)$")

@@ -18,6 +18,51 @@ TPS_BASE = 6.0
 # source the encoders, the shard schema, generation requests and the decoders read it from.
 VIDEO_PATCH_SIZE = 2
 
+# Bounds of every size of the model, far above any real one (Qwen3-VL-235B: 94 layers, hidden size
+# 4096, 151,936 tokens, 128 experts): a crafted or damaged config (a training YAML, a checkpoint's
+# meta.json, a weights folder's model.yaml, a Hugging Face config.json) is refused by name when it
+# loads, before anything builds or allocates by it (docs/DESIGN.md, "Model shapes").
+MODEL_SIZE_LIMITS = dict(
+    num_layers=1024,
+    hidden_size=65_536,
+    ffn_hidden_size=262_144,
+    vocab_size=4_194_304,
+    num_attention_heads=1024,
+    num_kv_heads=1024,
+    head_dim=4096,
+    timestep_embedding_dim=65_536,
+    video_latent_channels=4096,
+    video_patch_size=64,
+    audio_latent_dim=65_536,
+    num_experts=4096,
+    moe_ffn_hidden_size=262_144,
+)
+VISION_SIZE_LIMITS = dict(
+    depth=1024,
+    hidden_size=65_536,
+    intermediate_size=262_144,
+    num_heads=1024,
+    out_hidden_size=65_536,
+    num_position_embeddings=1_048_576,
+    in_channels=64,
+    patch_size=1024,
+    temporal_patch_size=64,
+    spatial_merge_size=64,
+)
+EMBODIMENT_LIMITS = dict(embodiments=4096, action_dim=65_536)
+# The whole backbone, both towers (``MoTConfig.parameter_count``): far above any real model, and
+# each size within its bound can still multiply to petabytes.
+MAX_PARAMETERS = 10**13
+
+
+def _size_error(name: str, value, limit: int) -> str | None:
+    """Why ``value`` is not a size in 1..``limit`` (None when it is)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        return f"{name} must be a positive int, got {value!r}"
+    if value > limit:
+        return f"{name}={value} is above {limit:,}, far beyond any real model: a damaged or crafted config"
+    return None
+
 
 @dataclass
 class EmbodimentConfig:
@@ -66,20 +111,9 @@ class VisionConfig:
             if not ok:
                 raise ValueError(f"VisionConfig: {message}")
 
-        for name in (
-            "depth",
-            "hidden_size",
-            "intermediate_size",
-            "num_heads",
-            "in_channels",
-            "patch_size",
-            "temporal_patch_size",
-            "spatial_merge_size",
-            "out_hidden_size",
-            "num_position_embeddings",
-        ):
-            value = getattr(self, name)
-            require(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
+        for name, limit in VISION_SIZE_LIMITS.items():
+            error = _size_error(name, getattr(self, name), limit)
+            require(error is None, error)
         require(
             self.hidden_size % self.num_heads == 0 and (self.hidden_size // self.num_heads) % 4 == 0,
             f"hidden_size={self.hidden_size} / num_heads={self.num_heads} must be a multiple of 4 "
@@ -157,24 +191,11 @@ class MoTConfig:
             if not ok:
                 raise ValueError(f"MoTConfig: {message}")
 
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_layers",
-            "num_attention_heads",
-            "num_kv_heads",
-            "head_dim",
-            "ffn_hidden_size",
-            "timestep_embedding_dim",
-            "video_latent_channels",
-            "audio_latent_dim",
-        ):
-            value = getattr(self, name)
-            require(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
-        require(
-            isinstance(self.video_patch_size, int) and self.video_patch_size > 0,
-            f"video_patch_size must be a positive int, got {self.video_patch_size!r}",
-        )
+        for name, limit in MODEL_SIZE_LIMITS.items():
+            if name in ("num_experts", "moe_ffn_hidden_size"):  # 0 = none / ffn_hidden_size: checked below
+                continue
+            error = _size_error(name, getattr(self, name), limit)
+            require(error is None, error)
         require(
             self.num_attention_heads % self.num_kv_heads == 0,
             f"num_attention_heads={self.num_attention_heads} must be a multiple of "
@@ -198,8 +219,12 @@ class MoTConfig:
             f"attention_backend={self.attention_backend!r} is not one of {ATTENTION_BACKENDS}",
         )
         require(self.linear_impl in LINEAR_IMPLS, f"linear_impl={self.linear_impl!r} is not one of {LINEAR_IMPLS}")
-        require(self.num_experts >= 0, f"num_experts={self.num_experts} must be >= 0")
-        require(self.moe_ffn_hidden_size >= 0, f"moe_ffn_hidden_size={self.moe_ffn_hidden_size} must be >= 0")
+        for name in ("num_experts", "moe_ffn_hidden_size"):
+            value = getattr(self, name)
+            require(
+                value == 0 or _size_error(name, value, MODEL_SIZE_LIMITS[name]) is None,
+                f"{name}={value!r} must be 0 or an int in 1..{MODEL_SIZE_LIMITS[name]:,}",
+            )
         if self.num_experts:
             require(
                 0 < self.moe_top_k <= self.num_experts,
@@ -219,8 +244,13 @@ class MoTConfig:
         for name in ("rms_norm_eps", "rope_theta"):
             value = getattr(self, name)
             require(value > 0 and math.isfinite(value), f"{name}={value!r} must be a finite number > 0")
+        require(
+            len(self.embodiments) <= EMBODIMENT_LIMITS["embodiments"],
+            f"embodiments lists {len(self.embodiments)}, more than {EMBODIMENT_LIMITS['embodiments']:,}",
+        )
         for name, emb in self.embodiments.items():
-            require(emb.action_dim > 0, f"embodiments.{name}.action_dim must be > 0, got {emb.action_dim}")
+            error = _size_error(f"embodiments.{name}.action_dim", emb.action_dim, EMBODIMENT_LIMITS["action_dim"])
+            require(error is None, error)
             require(emb.rate_hz > 0, f"embodiments.{name}.rate_hz must be > 0, got {emb.rate_hz}")
         if self.vision is not None:
             v = self.vision
@@ -239,6 +269,31 @@ class MoTConfig:
                     0 <= value < self.vocab_size,
                     f"vision.{name}={value} is outside the vocabulary (vocab_size={self.vocab_size})",
                 )
+        count = self.parameter_count_lower_bound()
+        require(
+            count <= MAX_PARAMETERS,
+            f"num_layers={self.num_layers}, hidden_size={self.hidden_size}, ffn_hidden_size={self.ffn_hidden_size}, "
+            f"vocab_size={self.vocab_size}, num_experts={self.num_experts} make at least {count:.3g} parameters, "
+            f"above {MAX_PARAMETERS:.0e}, far beyond any real model: a damaged or crafted config",
+        )
+
+    def parameter_count_lower_bound(self) -> int:
+        """The parameters of the weight matrices alone (embedding, LM head, both towers' attention
+        and MLPs or experts, the ViT blocks' linears): norms, routers and DM-stream projections are
+        left out, so the model holds at least this many (checked in tests/model/test_config.py)."""
+        h, d = self.hidden_size, self.head_dim
+        attention = h * d * (2 * self.num_attention_heads + 2 * self.num_kv_heads)
+        dense = 3 * h * self.ffn_hidden_size
+        experts = self.num_experts * 3 * h * (self.moe_ffn_hidden_size or self.ffn_hidden_size)
+        towers = sum(
+            attention + (experts if self.num_experts and tower in self.moe_towers else dense)
+            for tower in ("reasoner", "generator")
+        )
+        count = self.num_layers * towers + self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        if self.vision is not None:
+            v = self.vision
+            count += v.depth * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+        return count
 
     @property
     def rope_sections(self) -> list[int]:

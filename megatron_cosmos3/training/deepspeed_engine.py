@@ -19,6 +19,7 @@ import enum
 import json
 import logging
 import pickle
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +27,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, _PendingSave, load_state, read_meta
+from megatron_cosmos3.checkpoint.checkpointer import (
+    Checkpointer,
+    CheckpointSaveError,
+    _named,
+    _PendingSave,
+    _save_error,
+    load_state,
+    read_meta,
+)
 from megatron_cosmos3.checkpoint.safe_reader import (
     RANK_MANIFEST_SUFFIX,
     UnsafeCheckpointError,
@@ -430,6 +439,48 @@ def weights_only_loads(engine):
         engine.checkpoint_engine = stock
 
 
+class _FailuresKept:
+    """DeepSpeed's checkpoint engine with ``save`` keeping a failure in ``failures`` instead of raising it."""
+
+    def __init__(self, inner, failures: list) -> None:
+        self._inner = inner
+        self._failures = failures
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def save(self, state_dict, path: str):
+        try:
+            self._inner.save(state_dict, path)
+        except Exception as error:
+            self._failures.append(error)
+
+
+@contextlib.contextmanager
+def failures_kept_for_later(engine):
+    """Within: a file write of ``engine.save_checkpoint`` that fails (its checkpoint engine's ``save``,
+    rank 0's copy of the recovery scripts) is appended to the yielded list instead of raised, so this
+    rank still reaches the collectives that follow it in DeepSpeed's save (its closing barrier): a
+    rank that raised there would leave the others waiting at it forever."""
+    failures: list[BaseException] = []
+    stock = engine.checkpoint_engine
+    engine.checkpoint_engine = _FailuresKept(stock, failures)
+    stock_copy = engine._copy_recovery_script
+
+    def copy_recovery_script(save_path):
+        try:
+            stock_copy(save_path)
+        except Exception as error:
+            failures.append(error)
+
+    engine._copy_recovery_script = copy_recovery_script
+    try:
+        yield failures
+    finally:
+        engine.checkpoint_engine = stock
+        del engine._copy_recovery_script  # the class's method again
+
+
 class DeepSpeedCheckpointer(Checkpointer):
     """``Checkpointer`` whose weights and optimizer state go through DeepSpeed's save/load
     (``step_<N>/deepspeed/``, DeepSpeed's layout and its ``zero_to_fp32.py``), with this project's
@@ -442,16 +493,43 @@ class DeepSpeedCheckpointer(Checkpointer):
         self.plan = plan
 
     def save(self, step, model, optimizer, per_rank, meta, named=None) -> None:
+        """Writes every rank's files, then rank 0 commits them. A write that fails on any rank (a full
+        disk) is a CheckpointSaveError on every rank naming that rank and its error, the staging
+        folder removed and ``latest`` unchanged: the ranks agree (``Checkpointer._raise_together``)
+        instead of waiting at a barrier for one that stopped."""
         staging = self._new_staging(step)
-        self.plan.engine.save_checkpoint(str(staging), tag=ENGINE_TAG, client_state={}, save_latest=False)
-        state = {"per_rank": dict(per_rank), "named": dict(named or {})}
-        torch.save(state, staging / TRAINER_STATE.format(rank=self.rank))
-        self._barrier()  # every rank's files are on disk before rank 0 checksums and commits them
-        if self.rank == 0:  # every file (DeepSpeed's too) checksummed: a damaged one is found before loading
+        failed = None
+        try:
+            with failures_kept_for_later(self.plan.engine) as failures:
+                self.plan.engine.save_checkpoint(str(staging), tag=ENGINE_TAG, client_state={}, save_latest=False)
+            if failures:
+                raise failures[0]
+            state = {"per_rank": dict(per_rank), "named": dict(named or {})}
+            torch.save(state, staging / TRAINER_STATE.format(rank=self.rank))
+        except Exception as error:  # any failure here must reach the other ranks, or they wait forever
+            failed = _save_error(
+                f"checkpoint of step {step} not saved to {staging}: rank {self.rank}: {_named(error)}; {self._kept()}",
+                error,
+            )
+        try:  # every rank's files are on disk before rank 0 checksums and commits them
+            self._raise_together(failed)
+        except CheckpointSaveError:
+            if self.rank == 0:  # every rank has stopped writing: a full disk gets its space back
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self._commit(_PendingSave(None, step, staging, meta))
+
+    def _commit_files(self, pending: _PendingSave, final: Path) -> None:
+        """Rank 0: every file (DeepSpeed's too) checksummed, so a damaged one is found before loading;
+        then the ``Checkpointer``'s commit (a failure here too is agreed on, by ``_commit``)."""
+        staging = pending.staging
+        try:
             records = {str(p.relative_to(staging)): file_record(p) for p in sorted(staging.rglob("*")) if p.is_file()}
             (staging / f"__0_{RANK_MANIFEST_SUFFIX}").write_text(json.dumps(records))
-        self._commit(_PendingSave(None, step, staging, meta))
-        self._barrier()
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        super()._commit_files(pending, final)
 
     def load(self, path, model, optimizer=None, per_rank=None, allow_missing=(), named=None) -> dict:
         """Loads a checkpoint this engine saved: DeepSpeed's weights (and optimizer state unless

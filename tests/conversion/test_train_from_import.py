@@ -247,12 +247,19 @@ def test_a_crafted_weights_folder_is_refused_naming_the_file(imported, tmp_path,
         with pytest.raises(ValueError, match=rf"{folder / CONFIG_FILE}: {message}"):
             load_weights_folder(folder, MoTModel(copy.deepcopy(config)), config, None)
 
-    # A depth the weights do not have: named before a million layers are built (it hung).
-    folder = crafted(
-        "deep", lambda f: (f / CONFIG_FILE).write_text(text.replace("num_layers: 3", "num_layers: 1000000"))
-    )
-    with pytest.raises(ConversionError, match=rf"{folder / CONFIG_FILE}: num_layers=1000000, but the weights hold 3 "):
+    # A depth the weights do not have: named before a thousand layers are built (a million hung).
+    folder = crafted("deep", lambda f: (f / CONFIG_FILE).write_text(text.replace("num_layers: 3", "num_layers: 1000")))
+    with pytest.raises(ConversionError, match=rf"{folder / CONFIG_FILE}: num_layers=1000, but the weights hold 3 "):
         load_mot_folder(folder)
+    # Sizes beyond any real model: refused by the model config's own bound (model/config.py
+    # MODEL_SIZE_LIMITS, the one a training YAML and a checkpoint's meta.json meet), before any build.
+    for field, huge in (("num_layers: 3", "num_layers: 1000000000"), ("hidden_size: 32", "hidden_size: 100000000")):
+        folder = crafted(
+            f"huge_{field[:-3]}", lambda f, r=(field, huge): (f / CONFIG_FILE).write_text(text.replace(*r, 1))
+        )
+        name, value = huge.split(": ")
+        with pytest.raises(ValueError, match=rf"{folder / CONFIG_FILE}: .*{name}={value} is above [0-9,]+, far beyond"):
+            load_mot_folder(folder)
 
     def index_of(weight_map):
         def change(folder):

@@ -124,15 +124,54 @@ def _switch_engines(root: Path) -> float:
     return _train(root, "switched3", "engine=deepspeed", "deepspeed.zero_stage=3", "tracking.enabled=false")["loss"]
 
 
+def _failing_saves_first(outcomes: list) -> object:
+    """Patches ``DeepSpeedCheckpointer.save`` so that its first call first tries the save twice with
+    a full disk on rank 1 only: once in DeepSpeed's own file, once in the trainer state. Every rank
+    records what it raised (CheckpointSaveError's message, or a wrong error) and what rank 0 finds
+    in the run folder after it; then the real save goes on. Returns the stock ``save``."""
+    from megatron_cosmos3.checkpoint.checkpointer import CheckpointSaveError
+    from megatron_cosmos3.training.deepspeed_engine import DeepSpeedCheckpointer
+
+    stock, real_torch_save = DeepSpeedCheckpointer.save, torch.save
+
+    def save(self, step, *args, **kwargs):
+        DeepSpeedCheckpointer.save = stock
+        for failing in ("optim_states", "trainer_state"):
+
+            def full_disk(obj, path, *a, failing=failing, **k):
+                if torch.distributed.get_rank() == 1 and failing in str(path):
+                    raise OSError(28, "No space left on device", str(path))
+                return real_torch_save(obj, path, *a, **k)
+
+            torch.save = full_disk
+            try:
+                stock(self, step, *args, **kwargs)
+                raised = "nothing"
+            except CheckpointSaveError as error:
+                raised = str(error)
+            except Exception as error:  # the wrong error: the test names it
+                raised = f"{type(error).__name__}: {error}"
+            finally:
+                torch.save = real_torch_save
+            left = sorted(p.name for p in self.root.iterdir()) if torch.distributed.get_rank() == 0 else None
+            outcomes.append((failing, raised, left))
+        return stock(self, step, *args, **kwargs)
+
+    DeepSpeedCheckpointer.save = save
+    return stock
+
+
 def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
     """Every ZeRO stage for 3 steps (ZeRO-2 preempted during step 2 and resumed), DeepSpeed-Ulysses
     and the engine switch; rank 0 returns each stage's final weights read back from its DeepSpeed
     checkpoint and the outcome lines of the preempted run."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    weights, outcomes = {}, []
+    weights, outcomes, save_failures = {}, [], []
     for stage in STAGES:
         settings = ("engine=deepspeed", f"deepspeed.zero_stage={stage}")
+        if stage == 1:  # its one save (step 3) first fails twice on rank 1: a full disk
+            _failing_saves_first(save_failures)
         if stage == 3:  # with the optimizer state offloaded to host memory (torch's AdamW there too),
             # and the generation samples at its save (every rank denoises under ZeRO-3)
             settings += ("deepspeed.offload_optimizer=true", *SAMPLES)
@@ -171,6 +210,7 @@ def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
         "outcomes": outcomes,
         "bf16": bf16,
         "refused": refused,
+        "save_failures": save_failures,
     }
 
 
@@ -205,7 +245,8 @@ def runs(tmp_path_factory):
     old = os.environ.get("TORCH_EXTENSIONS_DIR")
     os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions)
     try:
-        results = run_on_ranks(_deepspeed_runs, 2, root, timeout_s=400)[0]
+        ranks = run_on_ranks(_deepspeed_runs, 2, root, timeout_s=400)
+        results = {**ranks[0], "save_failures": [r["save_failures"] for r in ranks]}
         shutil.copytree(root / "switched3-back", root / "one-rank")
         results["one_rank_loss"] = run_on_ranks(_on_one_rank, 1, root, timeout_s=200)[0]
     finally:
@@ -289,6 +330,21 @@ def test_zero_stage_trains_like_one_process(runs, stage):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("attempt, failing", [(0, "DeepSpeed's own file"), (1, "the trainer state")])
+def test_a_save_failing_on_one_rank_raises_the_same_error_on_every_rank(runs, attempt, failing):
+    """A full disk on rank 1 only, in DeepSpeed's own file or in the trainer state: both ranks raise
+    a CheckpointSaveError naming rank 1 and its error (no rank waits at a barrier for it), the
+    staging folder is gone and nothing was committed; the run then saved and trained on (the ZeRO-1
+    run's weights: test_zero_stage_trains_like_one_process)."""
+    root, results, _, _ = runs
+    (_, on_rank0, left), (_, on_rank1, _) = (r[attempt] for r in results["save_failures"])
+    expected = f"checkpoint of step 3 not saved to {root / 'zero1' / '.step_00000003.partial'}: rank 1: OSError"
+    assert on_rank1.startswith(expected) and "No space left on device" in on_rank1, (failing, on_rank1)
+    assert on_rank0 == f"{on_rank1} (on rank 1)", failing
+    assert "no checkpoint was committed before" in on_rank1
+    assert not [name for name in left if name.startswith((".step_", "step_", "latest"))], left
+
+
 def test_preempted_and_resumed_equals_an_uninterrupted_run(runs):
     """ZeRO-2 signalled on one rank during step 2 checkpoints step 2 on every rank and stops (the
     outcome file says so); started again, it continues bit for bit as the uninterrupted ZeRO-1 run

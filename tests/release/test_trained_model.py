@@ -2,6 +2,7 @@
 Hugging Face Qwen3-VL folder and to a release folder that give the same model and the same sample."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -346,6 +347,15 @@ def test_named_errors(run, trained, release, tmp_path):
     rewrite_meta(no_config, {**meta, "config": meta["config"].replace("hidden_size: 32", "hidden_size: -32", 1)})
     with pytest.raises(CheckpointLoadError, match=r"meta.json 'config': not a valid training config: .*hidden_size"):
         load_trained_model(no_config)
+    # Sizes beyond any real model (model/config.py MODEL_SIZE_LIMITS): refused by name, nothing built.
+    for key, value in (("num_layers", 10**9), ("vocab_size", 10**12), ("num_experts", 10**7)):
+        crafted = re.sub(rf"(?m)^  {key}: .*$", f"  {key}: {value}", meta["config"], count=1)
+        assert crafted != meta["config"], key
+        rewrite_meta(no_config, {**meta, "config": crafted})
+        with pytest.raises(
+            CheckpointLoadError, match=rf"meta.json 'config': not a valid training config: .*{key}={value}"
+        ):
+            load_trained_model(no_config)
     no_config = Path(shutil.copytree(release, tmp_path / "no-config-release"))
     (no_config / "config.yaml").unlink()
     manifest = json.loads((no_config / MANIFEST).read_text())

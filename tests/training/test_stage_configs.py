@@ -64,6 +64,10 @@ def test_a_vit_whose_tokens_do_not_cover_the_datas_picture_grid_is_refused_when_
         ("tracking.flush_timeout_s=-1", r"tracking.flush_timeout_s=-1.0 must be >= 0"),
         ("tracking.experiment=' '", r"tracking.experiment is empty"),
         ("steps=abc", r"steps"),
+        # Sizes beyond any real model: refused at load, before a model of terabytes is built.
+        ("model.num_layers=1000000000", r"MoTConfig: num_layers=1000000000 is above 1,024"),
+        ("model.vocab_size=10000000000", r"MoTConfig: vocab_size=10000000000 is above 4,194,304"),
+        ("model.num_experts=100000000", r"MoTConfig: num_experts=100000000 must be 0 or an int in 1..4,096"),
     ],
 )
 def test_bad_values_are_named_before_anything_starts(override, message):
