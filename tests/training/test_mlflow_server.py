@@ -220,7 +220,7 @@ def a_sigkilled_attempts_values_reach_the_same_run(server: subprocess.Popen, url
 
 # Every step logs (log_every=1) before its log line; at the line of step 2 the server is stopped, and
 # the steps after it log to a dead server.
-STEPS, STOP_AFTER = 40, 2
+STEPS, STOP_AFTER = 12, 2
 
 
 @pytest.mark.slow
