@@ -100,13 +100,13 @@ finite64 = st.floats(allow_nan=False, allow_infinity=False, width=64)
 finite32 = st.floats(allow_nan=False, allow_infinity=False, width=32)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(finite64, min_size=6, max_size=6))
 def test_any_finite_float64_input_gives_proper_rotation_in_fallback_mode(values):
     assert_proper_rotation(rotation_6d_to_matrix(torch.tensor(values, dtype=torch.float64), strict=False))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(finite32, min_size=6, max_size=6))
 def test_any_finite_float32_input_is_proper_rotation_or_degenerate_error(values):
     six_d = torch.tensor(values, dtype=torch.float32)

@@ -52,8 +52,8 @@ def run_trainer(tmp_path: Path, *overrides: str, nproc: int = 2) -> subprocess.C
         "data.packing.tokens_per_pack=768",
         f"checkpoint.directory={tmp_path / 'ckpt'}",
         f"tracking.tracking_uri={tmp_path / 'mlflow.db'}",
-        "log_every=5",
-        "checkpoint.save_every=5",
+        "log_every=2",
+        "checkpoint.save_every=2",
         *overrides,
     )
 
@@ -61,14 +61,14 @@ def run_trainer(tmp_path: Path, *overrides: str, nproc: int = 2) -> subprocess.C
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_process_training_logs_to_mlflow_checkpoints_and_resumes(tmp_path):
-    first = run_trainer(tmp_path, "steps=10")
+    first = run_trainer(tmp_path, "steps=4")
     assert first.returncode == 0, first.stderr[-3000:]
     assert list((tmp_path / "torchrun").iterdir())  # torchrun's run folder, in the test's, not in /tmp
     latest = (tmp_path / "ckpt" / "latest").read_text().strip()
-    assert latest == "step_00000010"
+    assert latest == "step_00000004"
     meta = json.loads((tmp_path / "ckpt" / latest / "meta.json").read_text())
-    assert meta["step"] == 10 and "hidden_size: 96" in meta["config"]
-    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step_*")) == ["step_00000005", "step_00000010"]
+    assert meta["step"] == 4 and "hidden_size: 96" in meta["config"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step_*")) == ["step_00000002", "step_00000004"]
 
     from mlflow.tracking import MlflowClient
 
@@ -81,7 +81,7 @@ def test_two_process_training_logs_to_mlflow_checkpoints_and_resumes(tmp_path):
     assert "config.yaml" in artifacts
     # At each save, the held-out samples as media (pooled latents decoded), one folder per task.
     samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
-    assert samples == ["samples/step_00000005", "samples/step_00000010"]
+    assert samples == ["samples/step_00000002", "samples/step_00000004"]
     tasks = {a.path.rsplit("/", 1)[1] for a in client.list_artifacts(run.info.run_id, samples[-1])}
     # Every task the stage trains with DM targets has its sample, however few the first packs hold.
     assert tasks == set(trained_dm_tasks(load_config(str(REPO / "configs/tiny_cpu.yaml")))), tasks
@@ -89,7 +89,7 @@ def test_two_process_training_logs_to_mlflow_checkpoints_and_resumes(tmp_path):
     videos = list(local.glob("*/video.mp4"))
     assert videos and all(int(ffprobe_streams(v)["video"]["nb_read_frames"]) > 1 for v in videos)
     history = client.get_metric_history(run.info.run_id, "loss")
-    assert [m.step for m in history] == [5, 10]
+    assert [m.step for m in history] == [2, 4]
     assert {"loss/ce", "loss/fm", "grad_norm", "lr", "throughput/tokens_per_s", "data/samples_used"} <= set(
         run.data.metrics
     )
@@ -97,18 +97,18 @@ def test_two_process_training_logs_to_mlflow_checkpoints_and_resumes(tmp_path):
     phases = ("data_wait", "forward_backward", "optimizer", "checkpoint")
     assert {f"time/{phase}_s" for phase in phases} | {"time/data_wait_share"} <= set(run.data.metrics)
     assert run.data.metrics["time/forward_backward_s"] > 0
-    assert re.search(r"step 10/10 .* \(data [\d.]+  fwd\+bwd [\d.]+  optim [\d.]+  ckpt [\d.]+\)", first.stderr)
+    assert re.search(r"step 4/4 .* \(data [\d.]+  fwd\+bwd [\d.]+  optim [\d.]+  ckpt [\d.]+\)", first.stderr)
     # What an operator reads: the resolved config named once (saved with the run), no library chatter.
     assert first.stderr.count("resolved config in") == 1 and (tmp_path / "ckpt" / "config.yaml").is_file()
     assert "Detected Megatron Core" not in first.stderr and "ce nan" not in first.stderr
     assert "Creating initial MLflow database tables" not in first.stderr + first.stdout
 
-    # Resume: the next launch continues from step 10 in the same MLflow run.
-    second = run_trainer(tmp_path, "steps=15")
+    # Resume: the next launch continues from step 4 in the same MLflow run.
+    second = run_trainer(tmp_path, "steps=6")
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from" in second.stderr and "at step 10" in second.stderr
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [5, 10, 15]
-    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_00000015"
+    assert "resumed from" in second.stderr and "at step 4" in second.stderr
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6]
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_00000006"
 
 
 def test_invalid_config_fails_before_any_process_group(monkeypatch):
