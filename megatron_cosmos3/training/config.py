@@ -158,6 +158,9 @@ class TrackingConfig:
     # At each checkpoint save, generate the fixed held-out samples and log them as media
     # (training/samples.py); false skips them (e.g. tests of other things).
     generation_samples: bool = True
+    # Euler steps of those samples: 8 show what the model learnt at little cost beside a save; fewer
+    # are cheaper (tests), more are closer to what cosmos3-generate's defaults give.
+    sample_steps: int = 8
     # At the end of an attempt (finished, preempted, failed): the longest the last delivery to the
     # server may take; what it does not deliver stays in the run folder's spool for the next attempt.
     flush_timeout_s: float = 30.0
@@ -269,6 +272,8 @@ class TrainConfig:
             raise ValueError("tracking.tracking_uri is empty; name an MLflow URI or a path, or tracking.enabled=false")
         if self.tracking.flush_timeout_s < 0:
             raise ValueError(f"tracking.flush_timeout_s={self.tracking.flush_timeout_s} must be >= 0")
+        if isinstance(self.tracking.sample_steps, bool) or self.tracking.sample_steps < 1:
+            raise ValueError(f"tracking.sample_steps={self.tracking.sample_steps} must be >= 1")
         if self.tracking.enabled and not self.tracking.experiment.strip():  # MLflow refuses it, at every retry
             raise ValueError("tracking.experiment is empty; name an MLflow experiment, or tracking.enabled=false")
         clash = sorted(set(self.stage.new_embodiments) & set(self.model.embodiments))

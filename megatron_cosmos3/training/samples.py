@@ -42,7 +42,6 @@ from megatron_cosmos3.tasks.registry import get_task
 from megatron_cosmos3.training.batches import MicroBatches, held_out_config
 from megatron_cosmos3.training.config import TrainConfig, task_table
 
-SAMPLE_STEPS = 8  # Euler steps: enough to see what the model learnt, cheap beside a checkpoint save
 LATENTS_FILE = "latents.npz"
 SAMPLE_SEARCH_PACKS = 64  # held-out packs read at most to find a sample of every trained DM task
 
@@ -150,8 +149,8 @@ def choose_held_out_samples(
 def generate_held_out(
     model: MoTModel,
     held_out: HeldOutSet,
+    num_steps: int,
     plan: ParallelPlan | None = None,
-    num_steps: int = SAMPLE_STEPS,
 ) -> list[tuple[GeneratedSample, dict[str, np.ndarray]]]:
     """Per chosen sample (in order): its ``GeneratedSample`` and its generated latent tokens by
     output name. ``plan``: where the model is split, every rank of it calls with the same packs
@@ -197,7 +196,7 @@ def write_held_out(
     decoder: LatentEncoder,
     checkpoint: str,
     step: int,
-    num_steps: int = SAMPLE_STEPS,
+    num_steps: int,
 ) -> dict[str, Path]:
     """Writes each sample into ``out_dir/<task>/``: its media (``write_generated_sample``, each file
     with its sidecar record) and ``latents.npz``. Returns task -> folder."""

@@ -298,7 +298,7 @@ def log_generation_samples(run: Run, tracker: MLflowTracker, step: int) -> None:
     if not held_out.samples:  # the same packs on every rank: all skip together
         return
     with autocast(config.precision, run.ctx.device):
-        generated = generate_held_out(run.model, held_out, run.plan)
+        generated = generate_held_out(run.model, held_out, config.tracking.sample_steps, run.plan)
     if not run.ctx.is_main:
         return
     name = f"step_{step:08d}"
@@ -311,7 +311,7 @@ def log_generation_samples(run: Run, tracker: MLflowTracker, step: int) -> None:
         model_config.video_patch_size,
     )
     checkpoint = str(Path(config.checkpoint.directory) / name)
-    folders = write_held_out(out, held_out, generated, decoder, checkpoint, step)
+    folders = write_held_out(out, held_out, generated, decoder, checkpoint, step, config.tracking.sample_steps)
     for task, folder in folders.items():
         tracker.log_artifacts(str(folder), f"samples/{name}/{task}")
     log.info("step %d: generation samples (%s) in %s", step, ", ".join(folders), out)

@@ -48,6 +48,7 @@ COMMON = [
     f"synthetic.tasks=[{','.join(TASKS)}]",
     "stage.freeze=[dm_streams.action_*.single_arm.*]",
     "log_every=1",
+    "tracking.sample_steps=2",  # where a run writes samples: two Euler steps are enough to compare
     "optimizer.warmup_steps=1",
     "steps=3",
     "checkpoint.async_save=false",

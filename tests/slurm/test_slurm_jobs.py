@@ -69,6 +69,7 @@ def _overrides(tmp_path: Path, world: Path, name: str) -> list[str]:
         "data.num_workers=1",  # loader workers: SLURM signals them too
         f"steps={STEPS}",
         "log_every=1",
+        "tracking.sample_steps=2",
         "optimizer.warmup_steps=1",
         "checkpoint.save_every=1000",  # only the preemption checkpoints (and the last step)
         f"checkpoint.directory={tmp_path / name}",

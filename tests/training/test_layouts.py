@@ -1,5 +1,6 @@
 """The trainer under every parallel layout follows the single-process run, and resumes across layouts."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -34,6 +35,7 @@ TINY = [
     "checkpoint.save_every=3",  # one save, with its generation samples, at the last step
     "data.encoders.kind=pooled",  # the samples' latents decode to media
     "tracking.experiment=layouts",
+    "tracking.sample_steps=2",  # the samples of every layout compared: two Euler steps show it
     "eval.every=3",  # the held-out loss at the last step, through each layout's forward-only driver
 ]
 
@@ -166,7 +168,9 @@ def check_generation_samples(tmp_path, name, reference_root, reference_name):
         assert sorted(got.files) == sorted(want.files)
         for key in want.files:
             np.testing.assert_allclose(got[key], want[key], rtol=1e-3, atol=1e-4, err_msg=f"{name} {task} {key}")
-        assert any((got_root / "step_00000003" / task).glob("*.meta.json")), f"{name} {task}: no media written"
+        records = sorted((got_root / "step_00000003" / task).glob("*.meta.json"))
+        assert records, f"{name} {task}: no media written"
+        assert json.loads(records[0].read_text())["steps"] == 2  # tracking.sample_steps
 
 
 # Each layout family against its own single-process run: (reference fixture, its run, model overrides).

@@ -53,6 +53,7 @@ def run_trainer(tmp_path: Path, *overrides: str, nproc: int = 2) -> subprocess.C
         f"checkpoint.directory={tmp_path / 'ckpt'}",
         f"tracking.tracking_uri={tmp_path / 'mlflow.db'}",
         "log_every=2",
+        "tracking.sample_steps=2",
         "checkpoint.save_every=2",
         *overrides,
     )

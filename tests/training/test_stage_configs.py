@@ -62,6 +62,7 @@ def test_a_vit_whose_tokens_do_not_cover_the_datas_picture_grid_is_refused_when_
         ("stage.lr_multipliers={'layers.*': -2}", r"a learning-rate multiplier must be >= 0"),
         ("tracking.tracking_uri=''", r"tracking.tracking_uri is empty"),
         ("tracking.flush_timeout_s=-1", r"tracking.flush_timeout_s=-1.0 must be >= 0"),
+        ("tracking.sample_steps=0", r"tracking.sample_steps=0 must be >= 1"),
         ("tracking.experiment=' '", r"tracking.experiment is empty"),
         ("steps=abc", r"steps"),
         # Sizes beyond any real model: refused at load, before a model of terabytes is built.
