@@ -48,6 +48,19 @@ _TAR_BLOCK = 512
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
 
 
+def local_path(url: str) -> str | None:
+    """The file a shard URL names on this machine (``file:`` stripped), None for a remote one
+    (``http(s)://`` and other schemes, ``pipe:`` commands)."""
+    local = url.removeprefix("file://") if url.startswith("file://") else url.removeprefix("file:")
+    return None if "://" in local or local.startswith("pipe:") else local
+
+
+def _same_shard_key(url: str) -> str:
+    """What two URLs naming the same shard share: a local file's normalised path, else the URL."""
+    local = local_path(url)
+    return url if local is None else os.path.normpath(local)
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     """One shard: its URL and, when an index says so, its sample count and size."""
@@ -142,7 +155,7 @@ class ShardIndex:
             if not isinstance(modalities, dict):
                 raise ValueError(f"{where}.modalities must be an object, got {type(modalities).__name__}")
             resolved = resolve(url)
-            key = os.path.normpath(resolved) if "://" not in resolved else resolved
+            key = _same_shard_key(resolved)
             if key in seen:
                 raise ValueError(f"{where}.url={url!r} lists the shard of shards[{seen[key]}] again")
             seen[key] = i
@@ -164,9 +177,9 @@ def _no_constant(name: str):
 def local_entry_problem(entry: str) -> str | None:
     """Why a ``shards`` entry that names local files cannot be read, or None (URLs and pipes are not
     checked here: they fail, counted, when read)."""
-    if "://" in entry or entry.startswith("pipe:"):
+    entry = local_path(entry)
+    if entry is None:
         return None
-    entry = entry.removeprefix("file:")
     if os.path.isdir(entry) or (entry.endswith(".json") and os.path.isfile(entry)):
         if os.path.isdir(entry) and not os.path.isfile(os.path.join(entry, INDEX_FILENAME)):
             return f"the directory has no {INDEX_FILENAME}"
@@ -179,13 +192,6 @@ def local_entry_problem(entry: str) -> str | None:
     if not any(os.path.exists(path) for path in paths):
         return "does not exist" if len(paths) == 1 else f"none of its {len(paths)} paths exists"
     return None
-
-
-def local_path(url: str) -> str | None:
-    """The file a shard URL names on this machine (``file:`` stripped), None for a remote one
-    (``http(s)://`` and other schemes, ``pipe:`` commands)."""
-    local = url.removeprefix("file://") if url.startswith("file://") else url.removeprefix("file:")
-    return None if "://" in local or local.startswith("pipe:") else local
 
 
 def missing_local_shards(shards: Sequence[ShardInfo]) -> list[str]:
@@ -202,8 +208,7 @@ def resolve_shards(entries: list[str]) -> list[ShardInfo]:
             shards.extend(ShardIndex.load(entry).shards)
         else:
             shards.extend(ShardInfo(url) for url in expand_urls(entry))
-    urls = [s.url if "://" in s.url or s.url.startswith("pipe:") else os.path.normpath(s.url) for s in shards]
-    twice = sorted(url for url, n in Counter(urls).items() if n > 1)
+    twice = sorted(url for url, n in Counter(_same_shard_key(s.url) for s in shards).items() if n > 1)
     if twice:  # each epoch would read them twice: a silent re-weighting
         raise ValueError(f"shards {entries} list {twice} more than once")
     return shards
