@@ -22,8 +22,14 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
   handled=(--signals-to-handle SIGINT,SIGHUP,SIGQUIT)
 fi
 # A restarted worker group (--max-restarts) must not read the failed one's addresses from a store
-# shared with torchrun (pytorch#135712): each rendezvous round gets a store of its own.
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+# shared with torchrun (pytorch#135712). On one node the trainer keeps each restart's keys apart
+# itself; over several nodes each rendezvous round gets a store of its own. Only there: rank 0's
+# store then listens on a port torch found free and released seconds earlier, which another process
+# can take meanwhile (EADDRINUSE at the rendezvous, seen on a busy node); torchrun's own store is
+# bound before the workers start, so one node keeps sharing it.
+if [ "${NNODES:-1}" != 1 ]; then
+  export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+fi
 exec torchrun "${handled[@]}" --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" \
   --nproc-per-node "${NPROC_PER_NODE:-8}" --rdzv-backend c10d \
   --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "${RDZV_ID:-megatron_cosmos3}" \

@@ -144,8 +144,17 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-# The launch settings worth a line in the log: rendezvous, the collective libraries, threads, devices.
-LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_NODELIST")
+# The launch settings worth a line in the log: rendezvous (and whether the workers meet in torchrun's
+# store), the collective libraries, threads, devices.
+LAUNCH_ENV = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "OMP_NUM_THREADS",
+    "CUDA_VISIBLE_DEVICES",
+    "SLURM_JOB_ID",
+    "SLURM_NODELIST",
+)
 LAUNCH_ENV_PREFIXES = ("NCCL_", "GLOO_", "TORCH_NCCL_", "TORCH_DISTRIBUTED_")
 
 

@@ -163,6 +163,10 @@ def test_sbatch_job_preempted_by_scancel_and_by_its_time_limit_resumes_to_the_un
         assert f"resumed from {tmp_path / 'job' / f'step_{step:08d}'} at step {step}" in text
     assert "DataLoader worker" not in text and "Traceback" not in text, text[-4000:]
     assert f"attempt 3: finished at step {STEPS}" in text
+    # One node: every attempt's trainers meet in torchrun's store, whose port torchrun holds, not in
+    # one of their own on a port torch found free and released before they bind it (EADDRINUSE).
+    stores = re.findall(r"preflight: .* TORCHELASTIC_USE_AGENT_STORE=(\w+)", text)
+    assert stores == ["True"] * 3, text[-4000:]
 
     reference.result()
     straight, job_losses = loss_history(tmp_path / "straight.db", "straight"), loss_history(tmp_path / "job.db", "job")
