@@ -14,7 +14,6 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.util
 import os
-import socket
 import tempfile
 import time
 import traceback
@@ -27,13 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_cosmos3.testing.numerics import use_test_numerics
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from megatron_cosmos3.testing.ports import free_port
 
 # Imported once by the fork server, so that a forked rank starts in milliseconds: the libraries
 # every rank needs, including those the trainer imports late (megatron-core at process-group set-up,
@@ -124,7 +117,7 @@ def _launch(fn: Callable, world_size: int, args: tuple, timeout_s: float) -> lis
         with _temporary_files_in(out_dir):
             context = mp.start_processes(
                 _worker,
-                args=(world_size, _free_port(), out_dir, dict(os.environ), fn, args),
+                args=(world_size, free_port(), out_dir, dict(os.environ), fn, args),
                 nprocs=world_size,
                 join=False,
                 start_method="forkserver",

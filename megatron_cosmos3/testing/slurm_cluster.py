@@ -20,18 +20,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_cosmos3.testing.ports import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 COMMANDS = ("sbatch", "scontrol", "scancel", "squeue")
 
 
 class ClusterUnavailable(RuntimeError):
     """The daemons cannot run here; the message says why."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _find(name: str) -> str:
@@ -118,8 +114,8 @@ class LocalSlurmCluster:
                     f"SlurmctldHost={self.node}(127.0.0.1)",
                     "SlurmUser=root",
                     "SlurmdUser=root",
-                    f"SlurmctldPort={_free_port()}",
-                    f"SlurmdPort={_free_port()}",
+                    f"SlurmctldPort={free_port()}",
+                    f"SlurmdPort={free_port()}",
                     "AuthType=auth/munge",
                     "CredType=cred/munge",
                     f"AuthInfo=socket={self.socket}",

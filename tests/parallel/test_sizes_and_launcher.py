@@ -102,8 +102,8 @@ def test_a_rendezvous_port_taken_before_the_ranks_bind_it_is_replaced(monkeypatc
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        ports = [taken.getsockname()[1], distributed._free_port()]
-        monkeypatch.setattr(distributed, "_free_port", lambda: ports.pop(0))
+        ports = [taken.getsockname()[1], distributed.free_port()]
+        monkeypatch.setattr(distributed, "free_port", lambda: ports.pop(0))
         assert run_on_ranks(_rank_and_sum, 2, 0) == [(0, 1.0), (1, 1.0)]
         assert ports == []
 

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_cosmos3.testing.ports import free_port
 from megatron_cosmos3.testing.training import (
     TINY_MODEL,
     TINY_SYNTHETIC,
@@ -30,12 +30,6 @@ TINY = [
     "log_every=1",
     "checkpoint.save_every=1000",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Start-up (imports, the web app) takes ~20 s on a quiet 2-core machine and

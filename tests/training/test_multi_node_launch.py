@@ -2,13 +2,13 @@
 rendezvous) trains exactly as one node with two processes."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from megatron_cosmos3.testing.ports import free_port
 from megatron_cosmos3.testing.training import (
     TINY_MODEL,
     TINY_SYNTHETIC,
@@ -36,9 +36,7 @@ def _overrides(tmp_path: Path, name: str) -> list[str]:
 
 
 def _launch_two_nodes(tmp_path: Path) -> list[subprocess.Popen]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {
         **launch_environment(tmp_path),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{TRAINER_ENV.get('PATH', '')}",  # torchrun
@@ -63,8 +61,9 @@ def _launch_two_nodes(tmp_path: Path) -> list[subprocess.Popen]:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_node_launch_on_localhost_equals_one_node(tmp_path):
-    # Two ports are chosen free and bound a moment later (the rendezvous endpoint here, rank 0's store
-    # by torch): another test's process can take one in between, and nothing has trained then.
+    # Rank 0's store listens on a port torch chose free and released a moment earlier (over several
+    # nodes, launch/torchrun_node.sh): another test's process can take it in between, and nothing has
+    # trained then.
     for _ in range(3):
         nodes = _launch_two_nodes(tmp_path)
         errors = [node.communicate(timeout=300)[1] for node in nodes]
