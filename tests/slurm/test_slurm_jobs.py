@@ -20,7 +20,12 @@ from megatron_cosmos3.testing.slurm_cluster import ClusterUnavailable, LocalSlur
 from megatron_cosmos3.testing.training import TINY_MODEL, TRAINER_ENV, launch_environment, loss_history, train_on_ranks
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 240
+# The job trains until preempted twice (however fast the machine: SLURM checks time limits only
+# every 30 s), then its config file is cut to a few steps past the second preemption: extending or
+# shortening `steps` on resume is a researcher's edit, and the constant schedule keeps every step's
+# learning rate independent of it. The reference then trains that many steps uninterrupted.
+UNTIL_PREEMPTED = 100_000
+STEPS_AFTER = 6  # attempt 3's steps
 pytestmark = pytest.mark.slow  # minutes of SLURM scheduling: start first, beside the rest
 
 
@@ -57,6 +62,7 @@ def _job_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def _overrides(tmp_path: Path, world: Path, name: str) -> list[str]:
+    """Every setting but ``steps`` (the job's comes from its config file)."""
     return [
         *TINY_MODEL,
         "model.vocab_size=256",  # the loader's byte tokenizer needs 256 ids
@@ -67,10 +73,10 @@ def _overrides(tmp_path: Path, world: Path, name: str) -> list[str]:
         "data.packing.tokens_per_pack=384",
         "data.shuffle_buffer=8",
         "data.num_workers=1",  # loader workers: SLURM signals them too
-        f"steps={STEPS}",
         "log_every=1",
         "tracking.sample_steps=2",
         "optimizer.warmup_steps=1",
+        "optimizer.schedule=constant",
         "checkpoint.save_every=1000",  # only the preemption checkpoints (and the last step)
         f"checkpoint.directory={tmp_path / name}",
         f"tracking.tracking_uri={tmp_path / f'{name}.db'}",  # one store per run: they run at the same time
@@ -95,20 +101,23 @@ def _steps_logged(log: Path, attempt: int) -> list[int]:
     steps = []
     for number, body in zip(parts[1::2], parts[2::2]):
         if int(number) == attempt:
-            steps += [int(s) for s in re.findall(rf"\] step (\d+)/{STEPS} ", body)]
+            steps += [int(s) for s in re.findall(r"\] step (\d+)/\d+ ", body)]
     return steps
 
 
-def _requeued_and_released(cluster: LocalSlurmCluster, job_id: str, restarts: int, log: Path, *changes) -> None:
-    """Waits until SLURM requeued the job ``restarts`` times, then lets it start in 3 s instead of
-    SLURM's two minutes (not in the second of the requeue: its credential is revoked until then),
-    with ``changes`` (``scontrol update`` fields)."""
+def _requeued(cluster: LocalSlurmCluster, job_id: str, restarts: int, log: Path) -> None:
+    """Waits until SLURM requeued the job ``restarts`` times (and the attempt's log is written)."""
 
     def requeued() -> bool:
         job = cluster.job(job_id)
         return job.restarts == restarts and job.state == "PENDING"  # the restart counts before it pends
 
     _wait(f"requeue {restarts}", requeued, 300, log)
+
+
+def _released(cluster: LocalSlurmCluster, job_id: str, *changes) -> None:
+    """Lets the requeued job start in 3 s instead of SLURM's two minutes (not in the second of the
+    requeue: its credential is revoked until then), with ``changes`` (``scontrol update`` fields)."""
     if changes:
         cluster.command("scontrol", "update", f"JobId={job_id}", *changes)
     cluster.command("scontrol", "update", f"JobId={job_id}", "StartTime=now+3", check=False)  # if still pending
@@ -123,6 +132,8 @@ def test_sbatch_job_preempted_by_scancel_and_by_its_time_limit_resumes_to_the_un
     log, job_dir = tmp_path / "job.out", tmp_path / "elsewhere"
     job_dir.mkdir()
     env = _job_env(tmp_path, NPROC_PER_NODE="2", COSMOS3_STATUS_DIR=str(tmp_path / "status"))
+    steps_file = tmp_path / "steps.yaml"
+    steps_file.write_text(f"steps: {UNTIL_PREEMPTED}\n")
     # Submitted from another folder; a generous limit whose warning (300 s ahead) is due only once
     # the test lowers the limit in the second attempt.
     submitted = cluster.command(
@@ -131,38 +142,46 @@ def test_sbatch_job_preempted_by_scancel_and_by_its_time_limit_resumes_to_the_un
         "--signal=B:USR1@300",
         f"--output={log}",
         str(REPO / "slurm/train.sbatch"),
+        "--config",
+        str(steps_file),
         *_overrides(tmp_path, world, "job"),
         env=env,
         cwd=job_dir,
     )
     job_id = submitted.stdout.split()[-1]
-    # The uninterrupted run, meanwhile (the job mostly waits for SLURM): forked ranks, no interpreter start-up.
     pool = ThreadPoolExecutor(1)
-    reference = pool.submit(train_on_ranks, 2, *_overrides(tmp_path, world, "straight"))
-    pool.shutdown(wait=False)
     try:
         # Attempt 1: the batch script alone gets USR1 and passes it to the trainers.
         _wait("attempt 1 to train", lambda: len(_steps_logged(log, 1)) >= 3, 400, log)
         cluster.command("scancel", "--signal=USR1", "--batch", job_id)
-        _requeued_and_released(cluster, job_id, 1, log)
+        _requeued(cluster, job_id, 1, log)
+        _released(cluster, job_id)
         # Attempt 2: the time limit's warning signal, due as soon as the limit is lowered to 5 minutes.
         _wait("attempt 2 to train", lambda: _steps_logged(log, 2), 400, log)
         cluster.command("scontrol", "update", f"JobId={job_id}", "TimeLimit=5")
-        _requeued_and_released(cluster, job_id, 2, log, "TimeLimit=30")  # attempt 3 runs to the end
+        _requeued(cluster, job_id, 2, log)
+        # Attempt 3 trains a few steps more and ends; the uninterrupted run, meanwhile (forked ranks).
+        preempted = [
+            int(s) for s in re.findall(r"preempted \(SIGUSR1\): checkpoint of step (\d+) committed", log.read_text())
+        ]
+        steps = max(preempted, default=0) + STEPS_AFTER
+        steps_file.write_text(f"steps: {steps}\n")
+        reference = pool.submit(train_on_ranks, 2, f"steps={steps}", *_overrides(tmp_path, world, "straight"))
+        _released(cluster, job_id, "TimeLimit=30")
         _wait("the job to end", lambda: cluster.job(job_id).state in ("COMPLETED", "FAILED", "CANCELLED"), 600, log)
     finally:
         cluster.command("scancel", job_id, check=False)
+        pool.shutdown(wait=False)
     text = log.read_text()
     job = cluster.job(job_id)
     assert job.state == "COMPLETED" and job.restarts == 2, text[-4000:]
 
-    preempted = [int(s) for s in re.findall(r"preempted \(SIGUSR1\): checkpoint of step (\d+) committed", text)]
-    assert len(preempted) == 2 and 0 < preempted[0] < preempted[1] < STEPS, text[-4000:]
+    assert len(preempted) == 2 and 0 < preempted[0] < preempted[1], text[-4000:]
     for attempt, step in zip((1, 2), preempted):
         assert max(_steps_logged(log, attempt)) == step  # it stopped after the step it checkpointed
         assert f"resumed from {tmp_path / 'job' / f'step_{step:08d}'} at step {step}" in text
     assert "DataLoader worker" not in text and "Traceback" not in text, text[-4000:]
-    assert f"attempt 3: finished at step {STEPS}" in text
+    assert f"attempt 3: finished at step {steps}" in text
     # One node: every attempt's trainers meet in torchrun's store, whose port torchrun holds, not in
     # one of their own on a port torch found free and released before they bind it (EADDRINUSE).
     stores = re.findall(r"preflight: .* TORCHELASTIC_USE_AGENT_STORE=(\w+)", text)
