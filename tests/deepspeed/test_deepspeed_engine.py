@@ -573,3 +573,28 @@ def test_a_deepspeed_checkpoint_loads_for_generation_in_one_process(runs, stage)
     assert got.keys() == expected.keys()
     for key, tokens in expected.items():
         torch.testing.assert_close(got[key], tokens, rtol=1e-4, atol=1e-4, msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.mark.multiprocess
+def test_loading_a_deepspeed_checkpoint_for_generation_unpickles_no_code(runs, tmp_path):
+    """A crafted DeepSpeed file with resealed checksums: ``load_trained_model`` refuses it as an
+    UnsafeCheckpointError naming the file (one of the commands' LOAD_ERRORS); nothing runs."""
+    from megatron_cosmos3.checkpoint.safe_reader import MANIFEST, UnsafeCheckpointError, file_record
+    from megatron_cosmos3.release.trained import LOAD_ERRORS, load_trained_model
+
+    root, *_ = runs
+    step = shutil.copytree(root / "zero2" / "step_00000003", tmp_path / "step_00000003")
+    marker = tmp_path / "pwned"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    crafted = step / "deepspeed" / "mp_rank_00_model_states.pt"
+    torch.save({"module": RunsCode()}, crafted)
+    manifest = json.loads((step / MANIFEST).read_text())
+    manifest["files"]["deepspeed/mp_rank_00_model_states.pt"] = file_record(crafted)
+    (step / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UnsafeCheckpointError, match=rf"{crafted} refers to code") as refused:
+        load_trained_model(step)
+    assert isinstance(refused.value, LOAD_ERRORS) and not marker.exists()
