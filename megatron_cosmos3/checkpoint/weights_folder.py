@@ -117,20 +117,31 @@ def load_weights_folder(
         # e.g. an embodiment this model lacks: not an error, but never silent
         more = f" and {len(unused) - 1} more" if len(unused) > 1 else ""
         log.warning("weights folder %s: %r%s match no parameter of this model: not loaded", folder, unused[0], more)
+    tensors = ((f"{field}={folder / shard}", key, full) for shard, key, full in iter_tensors(folder, only=held.keys()))
+    fill_parameters(held, tensors, groups)
+
+
+@torch.no_grad()
+def fill_parameters(held: dict[str, nn.Parameter], tensors, groups: ParallelGroups | None) -> None:
+    """Copies into each parameter of ``held`` (name -> this rank's parameter) its part of the global
+    tensor ``tensors`` gives for it, ``(where, name, full)`` triples (``where`` names the file in
+    errors); a name not in ``held`` is passed over. Integer tensors and wrong shapes are errors
+    naming ``where``, the tensor and both shapes."""
     tensor_rank, tensor_size = (groups.tensor_rank, groups.sizes.tensor) if groups is not None else (0, 1)
     expert_size = groups.sizes.expert if groups is not None else 1
     expert_rank = dist.get_rank(groups.expert) if expert_size > 1 else 0
-    for shard, key, full in iter_tensors(folder, only=held.keys()):
+    for where, key, full in tensors:
+        if key not in held:
+            continue
         param = held[key]
         if not full.is_floating_point():  # float widths convert; integers are not weights of this model
             raise CheckpointMismatchError(
-                f"{field}={folder / shard}: tensor {key!r} is stored as {full.dtype}, but this run's model "
-                f"holds {param.dtype} there"
+                f"{where}: tensor {key!r} is stored as {full.dtype}, but this run's model holds {param.dtype} there"
             )
         part = local_part(full, param, tensor_rank, tensor_size, expert_rank, expert_size)
         if part.shape != param.shape:
             raise ValueError(
-                f"{field}={folder / shard}: tensor {key!r} has shape {tuple(full.shape)}; this run's "
+                f"{where}: tensor {key!r} has shape {tuple(full.shape)}; this run's "
                 f"model needs {tuple(param.shape)} of it on this rank"
             )
         param.copy_(part)

@@ -23,7 +23,7 @@ from megatron_cosmos3.encoders.action_normalization import ActionStats
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
 from megatron_cosmos3.encoders.video_vae import pixels_per_token
 from megatron_cosmos3.eval_suite.cases import ACTION_TASKS, Case, held_out_cases
-from megatron_cosmos3.eval_suite.closed_loop import ReferenceCache, closed_loop_rows_for
+from megatron_cosmos3.eval_suite.closed_loop import EXECUTE_S, ReferenceCache, closed_loop_rows_for
 from megatron_cosmos3.eval_suite.config import SuiteConfig, check_model_embodiments, model_action_rates
 from megatron_cosmos3.eval_suite.predictions import Prediction, predict, untrained_model
 from megatron_cosmos3.eval_suite.scoring import task_rows
@@ -31,7 +31,9 @@ from megatron_cosmos3.evaluation.report import EvalReport, MetricRow
 from megatron_cosmos3.inference.requests import generation_builder
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.parallel.plan import ParallelPlan
+from megatron_cosmos3.tasks.layout import exact, steps_before
 from megatron_cosmos3.world.environment import WorldEnvironment
+from megatron_cosmos3.world.world import chunk_steps
 
 
 @dataclass
@@ -165,16 +167,28 @@ class EvalSuite:
 
     def _check_environments(self, embodiments: list[str]) -> None:
         """ValueError naming the embodiment and the rates where its closed-loop episodes cannot run
-        (the environment steps actions and frames on its physics grid), before any model runs."""
+        (the environment steps actions and frames on its physics grid, and executes EXECUTE_S of
+        each chunk the policy generates for a clip of ``duration_s``), before any model runs."""
+        c = self.config
+        clip_s = exact(c.duration_s) + 1 / exact(c.fps)  # its 1 + 4k frames (SuiteConfig)
         for embodiment in embodiments:
-            for task in self.config.closed_loop_tasks:
+            where = (
+                f"(model.embodiments' rate_hz: {self.action_rates}, the suite's fps={c.fps:g}; "
+                "closed_loop_episodes=0 skips it)"
+            )
+            for task in c.closed_loop_tasks:
                 try:
-                    WorldEnvironment(task, embodiment, self.world, horizon_s=self.config.closed_loop_horizon_s)
+                    WorldEnvironment(task, embodiment, self.world, horizon_s=c.closed_loop_horizon_s)
                 except ValueError as error:
-                    raise ValueError(
-                        f"eval suite: closed loop of {embodiment!r}: {error} (model.embodiments' rate_hz: "
-                        f"{self.action_rates}, the suite's fps={self.config.fps:g}; closed_loop_episodes=0 skips it)"
-                    ) from None
+                    raise ValueError(f"eval suite: closed loop of {embodiment!r}: {error} {where}") from None
+            rate = self.world.action_rates[embodiment]
+            given, executed = steps_before(clip_s, rate), chunk_steps(rate, EXECUTE_S)
+            if given < executed:  # the runner would stop at the first decision, after the open-loop tasks
+                raise ValueError(
+                    f"eval suite: closed loop of {embodiment!r}: duration_s={c.duration_s:g} gives the policy "
+                    f"clips of {given} actions at {rate:g} Hz, fewer than the {executed} executed per "
+                    f"chunk ({EXECUTE_S:g} s); use duration_s >= {EXECUTE_S:g} {where}"
+                )
 
     def closed_loop(
         self, model: MoTModel, plan: ParallelPlan | None, media_dir: str | Path | None, skipped: dict[str, str]

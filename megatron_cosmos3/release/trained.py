@@ -34,7 +34,7 @@ from megatron_cosmos3.checkpoint.safe_reader import (
     verify_checkpoint,
 )
 from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes
-from megatron_cosmos3.checkpoint.weights_folder import is_weights_folder, load_weights_folder
+from megatron_cosmos3.checkpoint.weights_folder import fill_parameters, is_weights_folder, load_weights_folder
 from megatron_cosmos3.conversion.mot_folder import CONFIG_FILE
 from megatron_cosmos3.conversion.safetensors_io import ConversionError
 from megatron_cosmos3.data.loader import datasets_action_stats
@@ -45,6 +45,7 @@ from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.parallel.plan import ParallelPlan
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.training.config import TrainConfig, config_from_yaml, task_table
+from megatron_cosmos3.training.deepspeed_engine import ENGINE_TAG, deepspeed_weights, is_deepspeed_checkpoint
 from megatron_cosmos3.training.train import build_model
 
 # What a release folder holds besides the weights folder of ``conversion`` (model.yaml + safetensors).
@@ -226,6 +227,20 @@ def _action_stats(config: TrainConfig) -> dict[str, ActionStats]:
         raise CheckpointLoadError(str(error)) from None
 
 
+def _load_deepspeed_weights(folder: Path, owner: torch.nn.Module, plan: ParallelPlan) -> None:
+    """Fills ``owner`` (this rank's part under ``plan``) from the ``engine=deepspeed`` checkpoint
+    ``folder``: its ZeRO partitions merged into whole tensors (``deepspeed_weights``), of any stage
+    and number of saving ranks, each rank taking its part as from a weights folder."""
+    held = dict(owner.named_parameters())
+    weights = deepspeed_weights(folder)
+    missing = sorted(name for name in held if name not in weights)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointMismatchError(f"checkpoint {folder}: DeepSpeed's files lack parameter {missing[0]!r}{more}")
+    where = f"checkpoint {folder / ENGINE_TAG}"
+    fill_parameters(held, ((where, name, tensor) for name, tensor in weights.items()), plan.groups)
+
+
 def load_trained_model(
     path: str | Path, *, device: torch.device | str = "cpu", parallel: ParallelSizes | None = None
 ) -> TrainedModel:
@@ -237,7 +252,8 @@ def load_trained_model(
     the plan is created here, as training creates it. Read-only. Raises CheckpointLoadError for a
     path that is not a checkpoint or lacks its config, IncompleteCheckpointError for a save that
     never committed, ``CheckpointCorruptError`` for a file that fails its checksum,
-    ``NonFiniteWeightsError`` for weights holding NaN or inf.
+    ``NonFiniteWeightsError`` for weights holding NaN or inf. A checkpoint of ``engine=deepspeed``
+    (any ZeRO stage, any number of saving ranks) loads as the others do.
     """
     source = find_checkpoint(path)
     release = is_weights_folder(source)
@@ -256,6 +272,8 @@ def load_trained_model(
     owner = plan.state_owner
     if release:
         load_weights_folder(source, owner, config.model, plan.groups, field="checkpoint")
+    elif is_deepspeed_checkpoint(source):
+        _load_deepspeed_weights(source, owner, plan)
     else:
         load_state(source, owner, ShardingMeshes.from_groups(plan.groups, device.type))
     require_finite_weights(owner, source)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import io
 import json
 import logging
 import pickle
@@ -426,6 +427,44 @@ class WeightsOnlyCheckpointEngine:
                 raise UnsafeCheckpointError(
                     f"checkpoint file {path} refers to code, which a weights-only load refuses: {reason.strip()}"
                 ) from None
+
+
+class _WeightsOnlyTorch:
+    """``torch`` as DeepSpeed's ``zero_to_fp32`` module sees it in ``deepspeed_weights``: its
+    ``torch.load`` passes ``weights_only=False``; here every load is ``WeightsOnlyCheckpointEngine``'s."""
+
+    def __init__(self) -> None:
+        self._load = WeightsOnlyCheckpointEngine(None).load
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    def load(self, f, map_location=None, **_ignored):  # mmap: a whole read is as good
+        return self._load(str(f), map_location)
+
+
+def deepspeed_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The whole model's weights, by parameter name, of the ``engine=deepspeed`` checkpoint folder
+    ``path`` (any ZeRO stage, saved on any number of ranks), read in one process without DeepSpeed's
+    engine: DeepSpeed's ``zero_to_fp32`` merges the ranks' fp32 partitions; a parameter it leaves
+    out (one that did not train, under ZeRO-1/2) is the saved module's. Every file is checked
+    against the checksums first and unpickled weights-only (docs/DESIGN.md, "Release")."""
+    from deepspeed.utils import zero_to_fp32
+
+    path = Path(path)
+    verify_checkpoint(path)
+    stock = zero_to_fp32.torch
+    zero_to_fp32.torch = _WeightsOnlyTorch()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
+            weights = dict(zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(path), tag=ENGINE_TAG))
+    finally:
+        zero_to_fp32.torch = stock
+    module_file = path / ENGINE_TAG / "mp_rank_00_model_states.pt"  # ZeRO-1/2: the whole module
+    if module_file.is_file():
+        module = WeightsOnlyCheckpointEngine(None).load(str(module_file), "cpu")["module"]
+        weights.update({name: tensor for name, tensor in module.items() if name not in weights})
+    return weights
 
 
 @contextlib.contextmanager

@@ -542,3 +542,59 @@ def test_deepspeeds_own_files_load_without_unpickling_code(runs, tmp_path):
     assert not (tmp_path / "pwned").exists()
     stock.load(str(crafted))  # control: DeepSpeed's own loader runs it
     assert (tmp_path / "pwned").exists()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_deepspeed_checkpoint_loads_for_generation_in_one_process(runs, stage):
+    """``load_trained_model`` (cosmos3-generate, cosmos3-eval, export) reads a 2-rank ZeRO
+    checkpoint in one process (it was a 'missing .metadata' corruption error): the weights DeepSpeed's
+    own zero_to_fp32 merges (bit for bit; the untrained ones the saved module's), which are the
+    one-process run's; its samples are the one-process checkpoint's."""
+    from megatron_cosmos3.data.synthetic_packs import random_pack
+    from megatron_cosmos3.inference.denoising import sample_dm_tokens
+    from megatron_cosmos3.inference.solvers import SamplerConfig
+    from megatron_cosmos3.release.trained import load_trained_model
+
+    root, results, *_ = runs
+    loaded = load_trained_model(root / f"zero{stage}")  # the checkpoint directory: its latest, step 3
+    one = load_trained_model(root / "single" / "step_00000003")
+    assert loaded.step == 3
+    weights, want = dict(loaded.model.named_parameters()), dict(one.model.named_parameters())
+    assert weights.keys() == want.keys()
+    for name, tensor in results["weights"][stage].items():
+        assert torch.equal(weights[name], tensor), name
+    for name, tensor in want.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    q = "layers.0.generator.self_attn.q_proj.weight"  # control: trained weights, not the seed's
+    assert not torch.allclose(weights[q], _weights(root)[q], rtol=1e-3, atol=1e-4)
+    batch = random_pack(one.config.model, torch.Generator().manual_seed(3), 2, ("policy", "text_to_video"))
+    got, expected = (sample_dm_tokens(m.model, batch, SamplerConfig("euler", 2), seeds=[5, 6]) for m in (loaded, one))
+    assert got.keys() == expected.keys()
+    for key, tokens in expected.items():
+        torch.testing.assert_close(got[key], tokens, rtol=1e-4, atol=1e-4, msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.mark.multiprocess
+def test_loading_a_deepspeed_checkpoint_for_generation_unpickles_no_code(runs, tmp_path):
+    """A crafted DeepSpeed file with resealed checksums: ``load_trained_model`` refuses it as an
+    UnsafeCheckpointError naming the file (one of the commands' LOAD_ERRORS); nothing runs."""
+    from megatron_cosmos3.checkpoint.safe_reader import MANIFEST, UnsafeCheckpointError, file_record
+    from megatron_cosmos3.release.trained import LOAD_ERRORS, load_trained_model
+
+    root, *_ = runs
+    step = shutil.copytree(root / "zero2" / "step_00000003", tmp_path / "step_00000003")
+    marker = tmp_path / "pwned"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    crafted = step / "deepspeed" / "mp_rank_00_model_states.pt"
+    torch.save({"module": RunsCode()}, crafted)
+    manifest = json.loads((step / MANIFEST).read_text())
+    manifest["files"]["deepspeed/mp_rank_00_model_states.pt"] = file_record(crafted)
+    (step / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UnsafeCheckpointError, match=rf"{crafted} refers to code") as refused:
+        load_trained_model(step)
+    assert isinstance(refused.value, LOAD_ERRORS) and not marker.exists()

@@ -257,6 +257,30 @@ def test_the_held_out_world_acts_at_the_model_embodiments_rates():
     EvalSuite.for_run(config, model, ByteTokenizer(260), LatentEncoderConfig(kind="pooled"), ["policy"])
 
 
+def test_clips_shorter_than_an_executed_chunk_are_refused_before_any_model_runs():
+    """Closed loop executes EXECUTE_S of each chunk the policy generates for a clip of duration_s:
+    0.4 s at 20 fps (9 actions at 20 Hz) is fewer than the 10 executed per 0.5 s chunk. The episode
+    failed on that after every open-loop task had run; it is refused when the suite is made,
+    naming the embodiment and the numbers, and runs with closed_loop_episodes=0."""
+    from megatron_cosmos3.data.tokenizer import ByteTokenizer
+    from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
+    from megatron_cosmos3.eval_suite.suite import EvalSuite
+    from megatron_cosmos3.model.config import EmbodimentConfig
+
+    model = MoTModel(tiny_mot_config(vocab_size=260, embodiments={"single_arm": EmbodimentConfig(19, 20.0)}))
+    config = SuiteConfig(cases_per_task=1, tasks=["policy"], fps=20.0, duration_s=0.4, closed_loop_episodes=1)
+    with pytest.raises(
+        ValueError,
+        match=r"closed loop of 'single_arm': duration_s=0.4 gives the policy clips of 9 actions at 20 Hz, "
+        r"fewer than the 10 executed per chunk \(0.5 s\); use duration_s >= 0.5",
+    ):
+        EvalSuite.for_run(config, model, ByteTokenizer(260), LatentEncoderConfig(kind="pooled"), ["policy"])
+    config.closed_loop_episodes = 0
+    EvalSuite.for_run(config, model, ByteTokenizer(260), LatentEncoderConfig(kind="pooled"), ["policy"])
+    config.closed_loop_episodes, config.duration_s = 1, 0.6  # 13 frames: 13 actions
+    EvalSuite.for_run(config, model, ByteTokenizer(260), LatentEncoderConfig(kind="pooled"), ["policy"])
+
+
 def test_held_out_clips_must_be_whole_video_tokens_of_the_models_patch():
     from megatron_cosmos3.data.tokenizer import ByteTokenizer
     from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
