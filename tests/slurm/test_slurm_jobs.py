@@ -1,9 +1,10 @@
 """slurm/train.sbatch on a real single-node SLURM cluster that the test starts (munged, slurmctld,
-slurmd): preempted once by ``scancel --signal=USR1 --batch`` and once by its time limit's warning
-signal, requeued by SLURM each time, it resumes from the checkpoint of the signal's step and ends
-with the losses of an uninterrupted run (docs/DESIGN.md, "Preemption and requeue"); the preprocessing
-array job writes the shards one process writes. Skipped, with the reason, where the daemons cannot
-start (not root, packages missing)."""
+slurmd): requeued once by an administrator's ``scontrol requeue`` (SIGTERM to every process, as
+SLURM's own preemption sends it) and once preempted by its time limit's warning signal (USR1 to the
+batch script, as ``scancel --signal=USR1 --batch`` sends it), it resumes each time from the
+checkpoint of the signal's step and ends with the losses of an uninterrupted run (docs/DESIGN.md,
+"Preemption and requeue"); the preprocessing array job writes the shards one process writes.
+Skipped, with the reason, where the daemons cannot start (not root, packages missing)."""
 
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ def _released(cluster: LocalSlurmCluster, job_id: str, *changes) -> None:
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(900)  # three attempts' start-ups: minutes on a busy 2-core machine
-def test_sbatch_job_preempted_by_scancel_and_by_its_time_limit_resumes_to_the_uninterrupted_losses(
+def test_sbatch_job_requeued_by_scontrol_and_preempted_by_its_time_limit_resumes_to_the_uninterrupted_losses(
     cluster, world, tmp_path
 ):
     world = world / "latent"
@@ -151,9 +152,9 @@ def test_sbatch_job_preempted_by_scancel_and_by_its_time_limit_resumes_to_the_un
     job_id = submitted.stdout.split()[-1]
     pool = ThreadPoolExecutor(1)
     try:
-        # Attempt 1: the batch script alone gets USR1 and passes it to the trainers.
+        # Attempt 1: requeued by SLURM, which sends SIGTERM to every process (SIGKILL KillWait later).
         _wait("attempt 1 to train", lambda: len(_steps_logged(log, 1)) >= 3, 400, log)
-        cluster.command("scancel", "--signal=USR1", "--batch", job_id)
+        cluster.command("scontrol", "requeue", job_id)
         _requeued(cluster, job_id, 1, log)
         _released(cluster, job_id)
         # Attempt 2: the time limit's warning signal, due as soon as the limit is lowered to 5 minutes.
@@ -161,9 +162,8 @@ def test_sbatch_job_preempted_by_scancel_and_by_its_time_limit_resumes_to_the_un
         cluster.command("scontrol", "update", f"JobId={job_id}", "TimeLimit=5")
         _requeued(cluster, job_id, 2, log)
         # Attempt 3 trains a few steps more and ends; the uninterrupted run, meanwhile (forked ranks).
-        preempted = [
-            int(s) for s in re.findall(r"preempted \(SIGUSR1\): checkpoint of step (\d+) committed", log.read_text())
-        ]
+        signalled = re.findall(r"preempted \((SIG\w+)\): checkpoint of step (\d+) committed", log.read_text())
+        preempted = [int(step) for _, step in signalled]
         steps = max(preempted, default=0) + STEPS_AFTER
         steps_file.write_text(f"steps: {steps}\n")
         reference = pool.submit(train_on_ranks, 2, f"steps={steps}", *_overrides(tmp_path, world, "straight"))
@@ -176,7 +176,8 @@ def test_sbatch_job_preempted_by_scancel_and_by_its_time_limit_resumes_to_the_un
     job = cluster.job(job_id)
     assert job.state == "COMPLETED" and job.restarts == 2, text[-4000:]
 
-    assert len(preempted) == 2 and 0 < preempted[0] < preempted[1], text[-4000:]
+    assert [signal for signal, _ in signalled] == ["SIGTERM", "SIGUSR1"], text[-4000:]
+    assert 0 < preempted[0] < preempted[1], text[-4000:]
     for attempt, step in zip((1, 2), preempted):
         assert max(_steps_logged(log, attempt)) == step  # it stopped after the step it checkpointed
         assert f"resumed from {tmp_path / 'job' / f'step_{step:08d}'} at step {step}" in text
