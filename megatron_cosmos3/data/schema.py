@@ -405,8 +405,10 @@ def _check_action_rate(sample: Sample, context: SchemaContext) -> None:
         )
 
 
-def _float_rows(array: np.ndarray, name: str, width: int | None, rows: int | None = None) -> np.ndarray:
-    """Checks a (rows, width) float array and returns it as float32."""
+def float_rows(array: np.ndarray, name: str, width: int | None, rows: int | None = None) -> np.ndarray:
+    """Checks a (rows, width) float array and returns it as float32: ``rows`` rows (any where None)
+    of ``width`` (any where None), at least one, every value finite and within MAX_ABS_VALUE;
+    ``SampleError`` naming ``name`` otherwise (shard members and generation requests alike)."""
     if array.dtype.kind != "f":
         _fail(WRONG_DTYPE, f"{name} must hold floats, got dtype {array.dtype}")
     wrong_width = width is not None and array.ndim == 2 and array.shape[1] != width
@@ -584,7 +586,7 @@ def decode_sample(
             _fail(UNKNOWN_EMBODIMENT, f"embodiment {sample.embodiment!r} is not one the model knows")
         sample.action_rate_hz = _positive_number(meta, "action_rate_hz", "actions.npy", ACTION_RATE_RANGE_HZ)
         _check_action_rate(sample, context)
-        actions = _float_rows(media.decode_npy(files["actions.npy"], "actions.npy"), "actions.npy", width)
+        actions = float_rows(media.decode_npy(files["actions.npy"], "actions.npy"), "actions.npy", width)
     elif "embodiment" in meta or "action_rate_hz" in meta:
         _fail(MISSING_FIELD, "meta.json names an embodiment / action rate but the sample has no actions.npy")
     step_s = 1.0 / sample.action_rate_hz if actions is not None else None
@@ -705,7 +707,7 @@ def decode_sample(
             if name == "image_latents" and grid[0] != 1:
                 _fail(BAD_METADATA, f"meta.json 'image_latent_grid' must have t = 1, got {list(grid)}")
             values = media.decode_npy(files[f"{name}.npy"], f"{name}.npy")
-            setattr(sample, name, _float_rows(values, f"{name}.npy", width, rows=math.prod(grid)))
+            setattr(sample, name, float_rows(values, f"{name}.npy", width, rows=math.prod(grid)))
             setattr(sample, grid_key, grid)
     if "audio_latents.npy" in files:
         count = meta.get("audio_num_samples")
@@ -715,7 +717,7 @@ def decode_sample(
             _fail(BAD_METADATA, f"meta.json 'audio_num_samples' must be a positive int, got {count!r}")
         if count > MAX_AUDIO_SAMPLES:
             _fail(OUT_OF_RANGE, f"meta.json 'audio_num_samples'={count} is above {MAX_AUDIO_SAMPLES} (24 h at 48 kHz)")
-        latents = _float_rows(
+        latents = float_rows(
             media.decode_npy(files["audio_latents.npy"], "audio_latents.npy"),
             "audio_latents.npy",
             context.audio_latent_dim,

@@ -30,7 +30,7 @@ from megatron_cosmos3.data.clips import check_clip_bytes
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.latent_encoders import LatentEncoder, encodable_pixels
 from megatron_cosmos3.data.sample_builder import BuildLimits, BuiltSample, SampleBuilder
-from megatron_cosmos3.data.schema import DURATION_RANGE_S, FPS_RANGE, Sample, rate_value
+from megatron_cosmos3.data.schema import DURATION_RANGE_S, FPS_RANGE, Sample, float_rows, rate_value
 from megatron_cosmos3.data.tokenizer import Tokenizer
 from megatron_cosmos3.data.vision_features import vision_featurizer
 from megatron_cosmos3.encoders.action_normalization import ActionStats
@@ -293,6 +293,10 @@ class _Streams:
                 raise _error(
                     request, f"actions of shape {actions.shape}; embodiment {embodiment!r} takes (n, {spec.action_dim})"
                 )
+            try:  # a NaN or a 1e30 step would make every generated token NaN, without a word
+                float_rows(np.asarray(request.actions, dtype=np.float64), "conditioning actions", spec.action_dim)
+            except SampleError as error:
+                raise _error(request, str(error)) from None
             # The actions span the clip, as in training: a step and a frame of slack (a clip of T
             # frames lasts T / fps, its actions' steps start at frames 0 .. T - 1).
             span = actions.shape[0] / spec.rate_hz

@@ -7,6 +7,7 @@ import json
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -283,6 +284,20 @@ def test_a_samples_noise_and_result_do_not_depend_on_its_pack_company(model, bui
 def test_bad_requests_are_named(task, changes, message, model, builder):
     with pytest.raises(ValueError, match=message):
         generate(model, [request_for(task, **changes)], builder)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), [(float("nan"), "holds 1 NaN/inf values"), (1e30, "holds a value of magnitude 1e\\+30")]
+)
+def test_conditioning_actions_that_are_not_finite_numbers_are_refused(value, message, model, builder):
+    """A NaN or overflowing action step (a damaged .npy) is named, not generated from as NaN tokens."""
+    request = request_for("forward_dynamics")
+    request.actions = request.actions.astype(np.float64)
+    request.actions[2, 3] = value
+    with pytest.raises(
+        ValueError, match=f"task 'forward_dynamics': (non_finite|out_of_range): conditioning actions {message}"
+    ):
+        generate(model, [request], builder)
 
 
 def test_tasks_the_model_was_not_trained_for_are_refused(builder):
