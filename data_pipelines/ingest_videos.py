@@ -35,14 +35,14 @@ from collections import Counter
 from pathlib import Path
 
 from megatron_cosmos3.data.clips import MediaConfig
-from megatron_cosmos3.data.errors import BAD_METADATA, SampleError
+from megatron_cosmos3.data.errors import BAD_METADATA, UNSUPPORTED_CONTAINER, SampleError
 from megatron_cosmos3.data.media import encode_json
 from megatron_cosmos3.data.media_files import VIDEO_SUFFIXES
 from megatron_cosmos3.data.schema import SCHEMA_VERSION, blank_text, decode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter, check_split_output, run_split, write_parts
 
 log = logging.getLogger("ingest_videos")
-UNSUPPORTED_CONTAINER, NOT_A_VIDEO = "unsupported_container", "not_a_video"
+NOT_A_VIDEO = "not_a_video"
 # Video containers FFmpeg reads that the shards do not take (module doc).
 OTHER_CONTAINERS = (
     "ts", "m2ts", "mts", "m2t", "mpg", "mpeg", "m2v", "vob", "flv", "f4v", "wmv", "asf", "3gp", "3g2", "ogv",

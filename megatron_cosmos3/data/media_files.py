@@ -41,10 +41,11 @@ from megatron_cosmos3.data.errors import (
     MISSING_STREAM,
     OUT_OF_RANGE,
     UNSUPPORTED_CODEC,
+    UNSUPPORTED_CONTAINER,
     ZERO_LENGTH,
     SampleError,
 )
-from megatron_cosmos3.data.media import AUDIO_RATE_RANGE_HZ, DECODE_ERRORS, missing_wav_bytes
+from megatron_cosmos3.data.media import AUDIO_RATE_RANGE_HZ, DECODE_ERRORS, decode_image, missing_wav_bytes
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, to_stereo_48k
 
 # Containers whose structure says how long they are, so a cut file is found (``_missing_bytes``).
@@ -96,6 +97,8 @@ def decode_media_file(
             audio = container.streams.audio[0] if container.streams.audio and want_audio else None
             if want_video and video is None:
                 raise SampleError(MISSING_STREAM, f"{name} has no video stream")
+            if want_video:
+                _check_video_container(data, name, container.format)
             if not want_video and audio is None:
                 raise SampleError(MISSING_STREAM, f"{name} has no audio stream")
             for stream in (video if want_video else None, audio):
@@ -357,6 +360,23 @@ def _audio_window(
         raise SampleError(ZERO_LENGTH, f"{name}: no audio samples in the clip {window}")
     stereo = to_stereo_48k(torch.from_numpy(np.ascontiguousarray(cut, dtype=np.float32)), rate)
     return np.ascontiguousarray(stereo.numpy())
+
+
+def _check_video_container(data: bytes, name: str, demuxer) -> None:
+    """A video field's bytes, whatever its suffix, must be a container whose structure says how long
+    it is (MP4/MOV, Matroska/WebM, AVI: ``_missing_bytes`` finds a cut one), or a picture (a 1-frame
+    video), which Pillow reads whole or refuses as cut. FFmpeg reads MPEG-TS/PS or FLV bytes to
+    where they stop: a cut one was a shorter clip, never a cut file."""
+    if demuxer.name.startswith(("mov", "matroska")) or demuxer.name == "avi":
+        return
+    if demuxer.name == "image2" or demuxer.name.endswith("_pipe"):  # FFmpeg's picture demuxers
+        decode_image(data, name)
+        return
+    raise SampleError(
+        UNSUPPORTED_CONTAINER,
+        f"{name}: a {demuxer.long_name or demuxer.name} file; video fields take MP4/MOV, Matroska/WebM or AVI, "
+        "whose structure says how long they are (remux it: ffmpeg -i IN -c copy OUT.mkv)",
+    )
 
 
 def _missing_bytes(data: bytes, container) -> int:

@@ -477,6 +477,33 @@ def test_a_cut_file_is_corrupt_even_where_the_clip_lies_in_its_intact_part(tmp_p
         decode_sample(_raw(f"video.{suffix}", data[: len(data) * 4 // 5]), media_config=first_half_second)
 
 
+@pytest.mark.parametrize(("muxer", "codec"), [("mpegts", "libx264"), ("mpeg", "mpeg2video"), ("flv", "libx264")])
+def test_a_video_field_in_a_container_that_does_not_say_its_length_is_unsupported(tmp_path, muxer, codec):
+    """MPEG-TS/PS or FLV bytes under a video field's name (video.mp4): FFmpeg reads them to where
+    they stop, so a cut one was a shorter clip (TS cut at half: 9 of 20 frames), never a cut file."""
+    raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", "10", "-i", "-"]
+    path = tmp_path / "clip.bin"
+    command = ["ffmpeg", "-loglevel", "error", "-y", *raw_input, "-c:v", codec, "-f", muxer, str(path)]
+    subprocess.run(command, input=_source_frames(20).tobytes(), check=True)
+    data = path.read_bytes()
+    for cut in (data, data[: len(data) // 2]):
+        with pytest.raises(SampleError, match="unsupported_container: video.mp4: a .* file; video fields take MP4/MOV"):
+            decode_sample(_raw("video.mp4", cut))
+
+
+@pytest.mark.parametrize("suffix", ["png", "jpg"])
+def test_a_picture_in_a_video_field_is_a_one_frame_video_and_a_cut_one_is_corrupt(suffix):
+    """A still picture stored as a video field decodes as one frame; cut, it was a whole frame to
+    FFmpeg's JPEG decoder (grey below the cut), now Pillow's truncation check refuses it."""
+    picture = _source_frames(1)[0]
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="PNG" if suffix == "png" else "JPEG", quality=95)
+    data = buffer.getvalue()
+    assert len(decode_sample(_raw("video.mp4", data)).video) == 1
+    with pytest.raises(SampleError, match="corrupt_media: video.mp4: not a readable image"):
+        decode_sample(_raw("video.mp4", data[: len(data) // 2]))
+
+
 @pytest.mark.parametrize("junk", [b"\n", b"\x00\x00\x00", b"appended by a tool\n" * 4, bytes(range(256))])
 def test_junk_after_an_mp4_is_not_a_cut_file(one_second, tmp_path, junk):
     """Bytes after the last box (a tool's trailer, a newline, noise) are no part of the file: FFmpeg
