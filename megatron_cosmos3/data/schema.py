@@ -476,6 +476,29 @@ def _check_audio(audio: np.ndarray, rate: int, name: str) -> tuple[np.ndarray, i
     return audio, rate
 
 
+def _scipy_wav(data: bytes, name: str) -> tuple[np.ndarray, int] | None:
+    """A WAV's (channels, samples) at its own rate where scipy reads it and it is mono or stereo;
+    None where FFmpeg decodes it to 48 kHz stereo (another encoding, RF64, surround)."""
+    if not media.scipy_reads_wav(data):
+        return None
+    wav = media.decode_wav(data, name)
+    return wav if wav[0].shape[0] <= 2 else None
+
+
+def decode_audio_file(data: bytes, name: str) -> tuple[np.ndarray, int]:
+    """A whole audio file (``name`` ends with an ``AUDIO_FIELDS`` suffix) as the loader reads that
+    field: (channels, samples) float32 and its rate, a mono/stereo WAV at its own rate, any other
+    file at 48 kHz stereo through FFmpeg; checked as every sample's sound is (rate in
+    AUDIO_RATE_RANGE_HZ, finite, within MAX_ABS_VALUE). Generation's conditioning audio."""
+    wav = _scipy_wav(data, name) if name.lower().endswith(".wav") else None
+    if wav is None:
+        decoded = decode_media_file(data, name, MediaConfig(), lambda seconds: Window(0.0, seconds), False, True)
+        if decoded.audio is None:
+            _fail(ZERO_LENGTH, f"{name} has no sound")
+        wav = decoded.audio, SAMPLE_RATE
+    return _check_audio(*wav, name)
+
+
 def _cut_samples(values: np.ndarray, rate: float, window: Window) -> np.ndarray:
     """The rows of a stream sampled at ``rate`` per second (row i at i / rate) inside ``window``."""
     first = round(window.start_s * rate)
@@ -638,10 +661,8 @@ def decode_sample(
             frames = VAE_TEMPORAL_FACTOR * (latent_frames - 1)
             name = f"video_latents.npy ({latent_frames} latent frames at {sample.fps:g} fps)"
             spans[name] = (frames / sample.fps, (frames + VAE_TEMPORAL_FACTOR) / sample.fps)
-    wav = None
-    if audio_field == "audio.wav" and media.scipy_reads_wav(files[audio_field]):
-        wav = media.decode_wav(files[audio_field], audio_field)
-    if wav is not None and wav[0].shape[0] <= 2:
+    wav = _scipy_wav(files[audio_field], audio_field) if audio_field == "audio.wav" else None
+    if wav is not None:
         audio, rate = _check_audio(*wav, audio_field)
         seconds = audio.shape[1] / rate
         spans[audio_field] = (seconds, seconds)
