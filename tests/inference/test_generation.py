@@ -266,6 +266,17 @@ def test_a_samples_noise_and_result_do_not_depend_on_its_pack_company(model, bui
         ),
         ("forward_dynamics", {"actions": torch.zeros(2, 19).numpy()}, "the actions span 0.200 s \\(2 steps"),
         ("text_to_video", {"resolution": None}, "task 'text_to_video': resolution \\(height, width\\) is needed"),
+        (  # floats (NaN too) were encoded as if 0..255; four channels or grey failed inside the encoder
+            "image_to_video",
+            {"video": None, "image": np.full((64, 32, 3), np.nan, np.float32)},
+            "task 'image_to_video': image of dtype float32 and shape \\(64, 32, 3\\); want \\(H, W, 3\\) uint8 RGB",
+        ),
+        ("image_to_video", {"video": None, "image": np.zeros((64, 32, 4), np.uint8)}, "image of dtype uint8 and shape"),
+        (
+            "video_to_audio",
+            {"video": np.zeros((5, 64, 32), np.uint8)},
+            "video of dtype uint8 and shape \\(5, 64, 32\\)",
+        ),
         (
             "text_to_image",
             {"resolution": (60, 32)},
