@@ -163,6 +163,9 @@ def read_info(root: Path) -> dict:
         raise ValueError(f"{path}: not a readable JSON file ({type(error).__name__}: {error})") from None
     if not isinstance(info, dict) or not isinstance(info.get("features"), dict):
         raise ValueError(f"{path}: expected a JSON object with a 'features' object")
+    for key, feature in info["features"].items():
+        if not isinstance(feature, dict):
+            raise ValueError(f"{path}: features[{key!r}]={feature!r} must be an object")
     for key in ("data_path", "video_path"):
         if not isinstance(info.get(key), str):
             raise ValueError(f"{path}: {key}={info.get(key)!r} must be a path template (a string)")
@@ -366,7 +369,14 @@ def ingest_lerobot(
     elif action_key not in features:
         raise ValueError(f"--action-key={action_key!r} is not a feature of {root}: {sorted(features)}")
     else:
-        width = int(np.prod(features[action_key]["shape"]))
+        shape = features[action_key].get("shape")
+        if not isinstance(shape, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape
+        ):
+            raise ValueError(
+                f"{root / 'meta' / 'info.json'}: features[{action_key!r}] shape={shape!r} must be a list of ints > 0"
+            )
+        width = int(np.prod(shape))
     context = SchemaContext({embodiment: width})
     episodes = episodes_of(root, info)
     skipped: Counter = Counter()

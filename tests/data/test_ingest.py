@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -436,9 +437,18 @@ def test_a_v3_episode_whose_place_in_the_shared_files_is_missing_or_wrong_is_a_c
     assert json.loads(kept["meta.json"])["source"]["episode_index"] == 0
 
     info = root / "meta" / "info.json"
-    info.write_text(info.read_text()[:50])
-    with pytest.raises(ValueError, match=f"{info}: not a readable JSON file"):
-        ingest.ingest_lerobot(root, tmp_path / "out2", "toy_arm")
+    whole = json.loads(info.read_text())
+    for text, message in [
+        (info.read_text()[:50], "not a readable JSON file"),
+        (json.dumps({**whole, "features": {**whole["features"], "timestamp": "float32"}}), "features['timestamp']="),
+        (
+            json.dumps({**whole, "features": {**whole["features"], "action": {"dtype": "float32"}}}),
+            "features['action'] shape=None must",
+        ),
+    ]:
+        info.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(f"{info}: {message}")):
+            ingest.ingest_lerobot(root, tmp_path / "out2", "toy_arm")
 
 
 def _scipy_pseudo_actions(positions: np.ndarray, hand: Rotation, gripper: np.ndarray) -> np.ndarray:
