@@ -382,7 +382,8 @@ def _check_video_container(data: bytes, name: str, demuxer) -> None:
 def _missing_bytes(data: bytes, container) -> int:
     """How many bytes the container's own structure declares beyond the end of ``data``: the MP4/MOV
     index and the samples it lists, the Matroska/WebM segment, the AVI's RIFF chunks, the WAV data
-    chunk (0 for other formats: FFmpeg judges them). Bytes after the last box or the segment (a
+    chunk, the last Ogg page (or a stream without its end page), the last ADTS frame (0 for other
+    formats: FFmpeg judges them). Bytes after the last box or the segment (a
     tool's junk, padding) are no part of it."""
     if container.format.name.startswith("mov"):
         return max(_missing_box_bytes(data), _missing_sample_bytes(data, container))
@@ -392,7 +393,56 @@ def _missing_bytes(data: bytes, container) -> int:
         return missing_wav_bytes(data)
     if container.format.name == "avi":
         return _missing_riff_bytes(data)
+    if container.format.name == "ogg":
+        return _missing_ogg_bytes(data)
+    if container.format.name == "aac":
+        return _missing_adts_bytes(data)
     return 0
+
+
+def _missing_ogg_bytes(data: bytes) -> int:
+    """How many bytes an Ogg file's last page (Vorbis, Opus, FLAC in Ogg) declares beyond its end.
+    A file cut between pages is found by its streams: each one that began (BOS) must end on an
+    end-of-stream page (1 where one does not: the count is unknown). FFmpeg measures an Ogg file
+    by its last page, so a cut one was a shorter clip. Bytes that are no page (a trailer) are no
+    part of it."""
+    offset, begun, ended = 0, set(), set()
+    while offset + 27 <= len(data) and data[offset : offset + 4] == b"OggS":
+        flags, serial, segments = data[offset + 5], data[offset + 14 : offset + 18], data[offset + 26]
+        if offset + 27 + segments > len(data):
+            return offset + 27 + segments - len(data)
+        size = 27 + segments + sum(data[offset + 27 : offset + 27 + segments])
+        if offset + size > len(data):
+            return offset + size - len(data)
+        begun.update([serial] if flags & 2 else [])
+        ended.update([serial] if flags & 4 else [])
+        offset += size
+    tail = data[offset:]
+    if 0 < len(tail) < 27 and b"OggS".startswith(tail[:4]):  # a page header cut short
+        return 27 - len(tail)
+    return 1 if begun - ended else 0
+
+
+def _missing_adts_bytes(data: bytes) -> int:
+    """How many bytes the last frame of a raw AAC (ADTS) file declares beyond its end: each frame's
+    header holds its length (13 bits), and FFmpeg estimates the duration from the bytes there, so a
+    cut file was a shorter clip. An ID3 tag before the frames is skipped; what follows the last
+    frame that is no frame header (an ID3v1/APE trailer) is no part of it."""
+    offset = 10 + _syncsafe(data[6:10]) if data[:3] == b"ID3" and len(data) >= 10 else 0
+    while offset + 7 <= len(data) and data[offset] == 0xFF and data[offset + 1] & 0xF6 == 0xF0:
+        length = ((data[offset + 3] & 3) << 11) | (data[offset + 4] << 3) | (data[offset + 5] >> 5)
+        if length < 7:  # no ADTS frame: FFmpeg judges the rest
+            return 0
+        if offset + length > len(data):
+            return offset + length - len(data)
+        offset += length
+    tail = data[offset:]
+    return 7 - len(tail) if 0 < len(tail) < 7 and tail[0] == 0xFF else 0
+
+
+def _syncsafe(four: bytes) -> int:
+    """An ID3v2 size: four bytes of seven bits each."""
+    return sum((byte & 0x7F) << (7 * (3 - i)) for i, byte in enumerate(four))
 
 
 def _missing_riff_bytes(data: bytes) -> int:

@@ -339,6 +339,32 @@ def test_audio_files_decode_to_48k_stereo(tmp_path, suffix):
         assert sample.audio_sample_rate == 48_000 and sample.audio.shape[0] == 2
 
 
+def _ogg_page_ends(data: bytes) -> list[int]:
+    """Where each Ogg page ends (27-byte header, segment table, segments): an independent walk."""
+    ends, offset = [], 0
+    while offset < len(data):
+        segments = data[offset + 26]
+        offset += 27 + segments + sum(data[offset + 27 : offset + 27 + segments])
+        ends.append(offset)
+    return ends
+
+
+@pytest.mark.parametrize(("suffix", "codec"), [("opus", "libopus"), ("ogg", "libvorbis"), ("aac", "aac")])
+def test_a_cut_ogg_or_adts_file_is_corrupt_not_a_shorter_clip(tmp_path, suffix, codec):
+    """FFmpeg measures Ogg (Opus, Vorbis) by its last page and raw AAC (ADTS) by its bytes, so a file
+    cut at 90 % was a shorter sound (an Opus of 2 s gave 1 s); the cut is found from the last page's
+    or frame's declared length, and an Ogg file cut between pages by its stream's missing last page."""
+    tone = ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000:duration=2"]
+    path = tmp_path / f"tone.{suffix}"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *tone, "-c:a", codec, str(path)], check=True)
+    data = path.read_bytes()
+    assert decode_sample(_raw(f"audio.{suffix}", data)).audio.shape[1] >= 96_000
+    cuts = [len(data) * 9 // 10] + ([_ogg_page_ends(data)[-2]] if suffix != "aac" else [])
+    for cut in cuts:
+        with pytest.raises(SampleError, match=f"corrupt_media: audio.{suffix}: truncated file"):
+            decode_sample(_raw(f"audio.{suffix}", data[:cut]))
+
+
 @pytest.mark.parametrize("codec", ["pcm_mulaw", "adpcm_ms", "rf64"])
 def test_a_wav_of_another_encoding_is_decoded_by_ffmpeg(tmp_path, codec):
     """mu-law (telephony corpora), ADPCM and RF64 (64-bit sizes, long recordings) WAVs, which scipy
