@@ -365,6 +365,21 @@ def test_a_cut_ogg_or_adts_file_is_corrupt_not_a_shorter_clip(tmp_path, suffix, 
             decode_sample(_raw(f"audio.{suffix}", data[:cut]))
 
 
+@pytest.mark.parametrize("suffix", ["flac", "mp3"])
+def test_a_compressed_file_saved_as_wav_decodes_by_its_content(tmp_path, suffix):
+    """FFmpeg reads a file by its bytes (a WebM saved as .mp4 plays): a FLAC or MP3 saved as .wav is
+    that file's sound (it was corrupt_media: scipy reads only RIFF); bytes of no format stay corrupt."""
+    tone = ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000:duration=0.5"]
+    path = tmp_path / f"tone.{suffix}"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *tone, str(path)], check=True)
+    named = decode_sample(_raw(f"audio.{suffix}", path.read_bytes()))
+    misnamed = decode_sample(_raw("audio.wav", path.read_bytes()))
+    np.testing.assert_array_equal(misnamed.audio, named.audio)
+    assert misnamed.audio_sample_rate == 48_000
+    with pytest.raises(SampleError, match="corrupt_media: audio.wav: not a readable media file"):
+        decode_sample(_raw("audio.wav", b"\x17" * 3000))
+
+
 @pytest.mark.parametrize("codec", ["pcm_mulaw", "adpcm_ms", "rf64"])
 def test_a_wav_of_another_encoding_is_decoded_by_ffmpeg(tmp_path, codec):
     """mu-law (telephony corpora), ADPCM and RF64 (64-bit sizes, long recordings) WAVs, which scipy
