@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from scipy.io import wavfile
 
-from megatron_cosmos3.data import clips
+from megatron_cosmos3.data import clips, media_files
 from megatron_cosmos3.data.clips import MediaConfig, bucket_for, choose_window, fit_to_bucket
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.media import encode_json, encode_npy
@@ -363,6 +363,70 @@ def test_a_cut_ogg_or_adts_file_is_corrupt_not_a_shorter_clip(tmp_path, suffix, 
     for cut in cuts:
         with pytest.raises(SampleError, match=f"corrupt_media: audio.{suffix}: truncated file"):
             decode_sample(_raw(f"audio.{suffix}", data[:cut]))
+
+
+# MPEG audio of each version and layer FFmpeg writes: (rate, encoder options).
+_MPEG_AUDIO = {
+    "mpeg1_layer3_cbr": (48_000, ["-c:a", "libmp3lame", "-write_xing", "0"]),
+    "mpeg1_layer3_vbr_xing": (48_000, ["-c:a", "libmp3lame", "-q:a", "2"]),
+    "mpeg1_layer2": (44_100, ["-c:a", "mp2", "-f", "mp2"]),  # 44.1 kHz: padded frames
+    "mpeg2_layer2": (24_000, ["-c:a", "mp2", "-f", "mp2"]),
+    "mpeg2_layer3": (24_000, ["-c:a", "libmp3lame", "-write_xing", "0"]),
+    "mpeg25_layer3": (11_025, ["-c:a", "libmp3lame", "-write_xing", "0"]),
+}
+
+
+def _layer1_silence(frames: int) -> bytes:
+    """MPEG-1 layer I, 48 kHz, 384 kbit/s, mono (FFmpeg has no layer I encoder): each frame a header
+    and 380 zero bytes (no subband allocated: 384 samples of silence), 4 * 12 * 384000 / 48000 bytes."""
+    return (bytes([0xFF, 0xFF, 0xC4, 0xC0]) + bytes(380)) * frames
+
+
+@pytest.mark.parametrize("variant", [*_MPEG_AUDIO, "mpeg1_layer1"])
+def test_a_cut_mp3_file_is_corrupt_not_a_shorter_clip(tmp_path, variant):
+    """FFmpeg estimates an MP3 without a Xing/Info header from its bytes, so a file cut inside a
+    frame was a shorter sound; the cut is found from the last frame's length in its header (layer
+    I, II and III of MPEG-1, 2 and 2.5). Frames are where FFmpeg's demuxer places its packets. With
+    a Xing header FFmpeg declares the duration, so a cut between frames is found too."""
+    if variant == "mpeg1_layer1":
+        data = _layer1_silence(250)
+    else:
+        rate, options = _MPEG_AUDIO[variant]
+        tone = ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate={rate}:duration=2"]
+        path = tmp_path / "tone.mp3"
+        subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *tone, *options, str(path)], check=True)
+        data = path.read_bytes()
+    assert decode_sample(_raw("audio.mp3", data)).audio.shape[1] >= 0.99 * 2 * 48_000  # whole: not refused
+    with av.open(io.BytesIO(data)) as container:
+        frames = [(packet.pos, packet.size) for packet in container.demux(audio=0) if packet.size]
+    assert frames[-1][0] + frames[-1][1] == len(data)
+    middle, last = frames[len(frames) * 9 // 10], frames[-1]
+    cuts = [middle[0] + middle[1] // 2, last[0] + 2]  # inside a frame, inside the last frame's header
+    cuts += [middle[0]] if variant.endswith("xing") else []  # between frames
+    for cut in cuts:
+        with pytest.raises(SampleError, match="corrupt_media: audio.mp3: .*truncated"):
+            decode_sample(_raw("audio.mp3", data[:cut]))
+
+
+def test_the_mp3_walk_skips_an_id3v2_tag_and_its_footer():
+    """An ID3v2.4 tag may end in a 10-byte footer (flag bit 4): the frames start after it, so a cut
+    one is found (the walk stopped at the footer and called the file whole)."""
+    size = bytes([0, 0, 0, 5])  # syncsafe 5: the tag's body
+    tag = b"ID3\x04\x00\x10" + size + bytes(5) + b"3DI\x04\x00\x10" + size
+    data = tag + _layer1_silence(250)
+    assert decode_sample(_raw("audio.mp3", data)).audio.shape[1] == 2 * 48_000
+    with pytest.raises(SampleError, match="corrupt_media: audio.mp3: truncated file: it declares 100 bytes"):
+        decode_sample(_raw("audio.mp3", data[:-100]))
+
+
+def test_free_format_mp3_frames_are_left_to_ffmpeg():
+    """A free-format frame (bitrate index 0) has no length in its header: the walk stops there and
+    never calls such a file cut (FFmpeg judges it), whole or not."""
+    free = bytearray(_layer1_silence(10))
+    free[2::384] = bytes([0x04]) * 10  # bitrate index 0, 48 kHz
+    assert media_files._missing_mpeg_audio_bytes(bytes(free)) == 0
+    assert media_files._missing_mpeg_audio_bytes(bytes(free[:-100])) == 0
+    assert media_files._missing_mpeg_audio_bytes(_layer1_silence(10)[:-100]) == 100  # the control
 
 
 @pytest.mark.parametrize("suffix", ["flac", "mp3"])
