@@ -367,16 +367,36 @@ def _check_video_container(data: bytes, name: str, demuxer) -> None:
     it is (MP4/MOV, Matroska/WebM, AVI: ``_missing_bytes`` finds a cut one), or a picture (a 1-frame
     video), which Pillow reads whole or refuses as cut. FFmpeg reads MPEG-TS/PS or FLV bytes to
     where they stop: a cut one was a shorter clip, never a cut file."""
-    if demuxer.name.startswith(("mov", "matroska")) or demuxer.name == "avi":
+    if taken_video_suffix(demuxer.name) is not None:
         return
-    if demuxer.name == "image2" or demuxer.name.endswith("_pipe"):  # FFmpeg's picture demuxers
+    if is_picture_demuxer(demuxer.name):
         decode_image(data, name)
         return
-    raise SampleError(
-        UNSUPPORTED_CONTAINER,
-        f"{name}: a {demuxer.long_name or demuxer.name} file; video fields take MP4/MOV, Matroska/WebM or AVI, "
-        "whose structure says how long they are (remux it: ffmpeg -i IN -c copy OUT.mkv)",
+    raise SampleError(UNSUPPORTED_CONTAINER, f"{name}: {untaken_container_detail(demuxer)}")
+
+
+def untaken_container_detail(demuxer) -> str:
+    """Why a video in FFmpeg's ``demuxer`` (a container other than ``taken_video_suffix``'s) is refused."""
+    return (
+        f"a {demuxer.long_name or demuxer.name} file; video fields take MP4/MOV, Matroska/WebM or AVI, "
+        "whose structure says how long they are (remux it: ffmpeg -i IN -c copy OUT.mkv)"
     )
+
+
+def taken_video_suffix(demuxer_name: str) -> str | None:
+    """The video field suffix for bytes that FFmpeg's ``demuxer_name`` reads, where a video field
+    takes them (``_check_video_container``): ``mp4`` for the MP4/MOV family (3GP, F4V and M4V
+    too), ``mkv`` for Matroska/WebM, ``avi``; None for any other container."""
+    if demuxer_name.startswith("mov"):
+        return "mp4"
+    if demuxer_name.startswith("matroska"):
+        return "mkv"
+    return "avi" if demuxer_name == "avi" else None
+
+
+def is_picture_demuxer(demuxer_name: str) -> bool:
+    """Whether FFmpeg reads these bytes as a picture (its image2 and ``*_pipe`` demuxers)."""
+    return demuxer_name == "image2" or demuxer_name.endswith("_pipe")
 
 
 def _missing_bytes(data: bytes, container) -> int:
@@ -580,4 +600,14 @@ def _codec_tag(data: bytes, container) -> str:
     return "a codec unknown to FFmpeg"
 
 
-__all__ = ["AUDIO_SUFFIXES", "SAMPLE_RATE", "VIDEO_SUFFIXES", "DecodedMedia", "decode_media_file", "decode_video_file"]
+__all__ = [
+    "AUDIO_SUFFIXES",
+    "SAMPLE_RATE",
+    "VIDEO_SUFFIXES",
+    "DecodedMedia",
+    "decode_media_file",
+    "decode_video_file",
+    "is_picture_demuxer",
+    "taken_video_suffix",
+    "untaken_container_detail",
+]

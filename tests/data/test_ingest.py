@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from scipy.spatial.transform import Rotation
 from world_helpers import data_config, load_script
 
@@ -305,11 +306,11 @@ def test_a_folder_of_videos_with_captions_becomes_shards(tmp_path):
     assert math.isclose(clip.caption_segments[0][1], 1.0)
 
 
-def _pyav_video(path, codec: str, frames: np.ndarray) -> None:
-    """``frames`` written at FPS into ``path`` by PyAV, the container chosen by its suffix."""
+def _pyav_video(path, codec: str, frames: np.ndarray, container_format: str | None = None) -> None:
+    """``frames`` written at FPS into ``path`` by PyAV, the container chosen by its suffix unless given."""
     import av
 
-    with av.open(str(path), "w") as container:
+    with av.open(str(path), "w", format=container_format) as container:
         stream = container.add_stream(codec, rate=FPS)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         for picture in frames:
@@ -344,6 +345,48 @@ def test_every_file_of_a_video_folder_is_ingested_or_a_counted_skip(tmp_path):
         sample = decode_sample(samples[key])
         assert sample.fps == FPS and len(sample.video) == len(frames), key
     assert decode_sample(samples["00000001_b"]).caption == "a ramp"
+
+
+def test_a_file_is_ingested_or_skipped_by_its_bytes_not_its_name(tmp_path):
+    """A video field's container is judged by its bytes, and so is a file of the folder: a 3GP
+    (the MP4 family), an MP4 named .ts, an AVI named .divx and a Matroska file without a suffix are
+    ingested (they were an unsupported_container or not_a_video skip); a FLV and a Transport Stream
+    named .dat are unsupported_container (a TS named .dat was not_a_video); a picture, and sound with
+    its cover art (a video stream FFmpeg reads), are not_a_video."""
+    import subprocess
+
+    ingest = load_script("ingest_videos")
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    frames = _frames(0, 8)
+    _pyav_video(folder / "a.3gp", "libx264", frames)
+    (folder / "a.txt").write_text("a phone's video")
+    (folder / "b.ts").write_bytes(encode_mp4(frames, FPS))
+    _pyav_video(folder / "c.divx", "mpeg4", frames, container_format="avi")
+    _pyav_video(folder / "d", "libx264", frames, container_format="matroska")
+    _pyav_video(folder / "e.flv", "flv", frames)
+    _pyav_video(folder / "f.dat", "libx264", frames, container_format="mpegts")
+    (folder / "f.txt").write_text("its sidecar goes with it")
+    Image.fromarray(frames[0]).save(folder / "g.jpg")
+    tone = ["-f", "lavfi", "-i", "sine=duration=1", "-i", str(folder / "g.jpg")]
+    cover = ["-map", "0", "-map", "1", "-c:v", "copy", "-disposition:v", "attached_pic"]
+    subprocess.run(["ffmpeg", "-loglevel", "error", *tone, *cover, str(folder / "h.mp3")], check=True)
+    skipped = ingest.ingest_videos(folder, tmp_path / "shards", shard_size=8)
+    assert skipped == {"unsupported_container": 2, "not_a_video": 2}
+    samples = {
+        raw["__key__"]: raw for shard in ShardIndex.load(tmp_path / "shards").shards for raw in read_shard(shard.url)
+    }
+    fields = {key: [f for f in raw if f.startswith("video.")] for key, raw in samples.items()}
+    assert fields == {
+        "00000000_a": ["video.mp4"],
+        "00000001_b": ["video.mp4"],
+        "00000002_c": ["video.avi"],
+        "00000003_d": ["video.mkv"],
+    }
+    for key in samples:
+        sample = decode_sample(samples[key])
+        assert sample.fps == FPS and len(sample.video) == len(frames), key
+    assert decode_sample(samples["00000000_a"]).caption == "a phone's video"
 
 
 def _lerobot_v3(root, episodes: int = 2, camera: str = "observation.images.top") -> list[dict]:
