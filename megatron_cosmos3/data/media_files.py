@@ -46,6 +46,7 @@ from megatron_cosmos3.data.errors import (
     SampleError,
 )
 from megatron_cosmos3.data.media import AUDIO_RATE_RANGE_HZ, DECODE_ERRORS, decode_image, missing_wav_bytes
+from megatron_cosmos3.data.mp4_fragments import declared_fragment_seconds, missing_sidx_bytes
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, to_stereo_48k
 
 # Containers whose structure says how long they are, so a cut file is found (``_missing_bytes``).
@@ -57,6 +58,9 @@ AUDIO_PREROLL_S = 0.1
 # Decoded audio may end this much (or one codec frame) before the duration its stream declares; a
 # stream that stops earlier inside the clip is a cut file, not a short one.
 AUDIO_END_TOLERANCE_S = 0.1
+# A fragmented MP4's fragments may end this much before the duration its mehd box declares (a
+# writer's rounding, an audio track's priming); a cut between fragments loses a whole fragment.
+FRAGMENT_END_TOLERANCE_S = 0.1
 
 
 @dataclass
@@ -93,6 +97,7 @@ def decode_media_file(
             if missing:  # FFmpeg reads what is there: a cut index loses streams, cut data loses frames
                 detail = f"{name}: truncated file: it declares {missing} bytes more than it holds"
                 raise SampleError(CORRUPT_MEDIA, detail)
+            _check_fragments_all_there(data, container, name)
             video = container.streams.video[0] if container.streams.video else None
             audio = container.streams.audio[0] if container.streams.audio and want_audio else None
             if want_video and video is None:
@@ -406,7 +411,7 @@ def _missing_bytes(data: bytes, container) -> int:
     formats: FFmpeg judges them). Bytes after the last box or the segment (a
     tool's junk, padding) are no part of it."""
     if container.format.name.startswith("mov"):
-        return max(_missing_box_bytes(data), _missing_sample_bytes(data, container))
+        return max(_missing_box_bytes(data), _missing_sample_bytes(data, container), missing_sidx_bytes(data))
     if container.format.name.startswith("matroska"):
         return _missing_segment_bytes(data)
     if container.format.name == "wav":
@@ -420,6 +425,20 @@ def _missing_bytes(data: bytes, container) -> int:
     if container.format.name == "mp3":
         return _missing_mpeg_audio_bytes(data)
     return 0
+
+
+def _check_fragments_all_there(data: bytes, container, name: str) -> None:
+    """A fragmented MP4 cut between two fragments holds only whole boxes; where its ``mehd`` box
+    declares the whole duration, fragments that end earlier (``FRAGMENT_END_TOLERANCE_S``) are a
+    cut file (``mp4_fragments``)."""
+    if not container.format.name.startswith("mov") or container.duration is None:
+        return
+    declared_s, there_s = declared_fragment_seconds(data), container.duration / 1_000_000
+    if declared_s is not None and there_s < declared_s - FRAGMENT_END_TOLERANCE_S:
+        detail = (
+            f"{name}: truncated file: its fragments end at {there_s:.3f} s but its mehd box declares {declared_s:.3f} s"
+        )
+        raise SampleError(CORRUPT_MEDIA, detail)
 
 
 def _missing_ogg_bytes(data: bytes) -> int:

@@ -429,6 +429,59 @@ def test_free_format_mp3_frames_are_left_to_ffmpeg():
     assert media_files._missing_mpeg_audio_bytes(_layer1_silence(10)[:-100]) == 100  # the control
 
 
+def _top_boxes(data: bytes) -> list[tuple[int, bytes, int]]:
+    """(offset, type, size) of each top-level MP4 box: an independent walk (32-bit sizes)."""
+    boxes, offset = [], 0
+    while offset < len(data):
+        size = int.from_bytes(data[offset : offset + 4], "big")
+        boxes.append((offset, data[offset + 4 : offset + 8], size))
+        offset += size
+    return boxes
+
+
+def _fragmented_mp4(tmp_path, flags: str) -> bytes:
+    """4 s at 10 fps in fragments of 1 s (a keyframe each second), written by ffmpeg with ``flags``."""
+    source = ["-f", "lavfi", "-i", "testsrc=size=64x64:rate=10:duration=4", "-c:v", "libx264", "-g", "10"]
+    path = tmp_path / "fragmented.mp4"
+    command = ["ffmpeg", "-loglevel", "error", "-y", *source, "-pix_fmt", "yuv420p", "-movflags", flags, str(path)]
+    subprocess.run(command, check=True)
+    return path.read_bytes()
+
+
+def _with_mehd(data: bytes, milliseconds: int) -> bytes:
+    """``data`` with a version-0 mehd box (fragment_duration in the mvhd's timescale, 1000 as ffmpeg
+    writes it) at the start of moov/mvex: no writer at hand writes one. Fragments placed relative to
+    their moof (default_base_moof) do not move."""
+    moov = data.index(b"moov") - 4
+    mvex = data.index(b"mvex", moov) - 4
+    assert int.from_bytes(data[data.index(b"mvhd") + 16 : data.index(b"mvhd") + 20], "big") == 1000
+    mehd = (16).to_bytes(4, "big") + b"mehd" + bytes(4) + milliseconds.to_bytes(4, "big")
+    out = bytearray(data[: mvex + 8] + mehd + data[mvex + 8 :])
+    for at in (moov, mvex):
+        out[at : at + 4] = (int.from_bytes(out[at : at + 4], "big") + len(mehd)).to_bytes(4, "big")
+    return bytes(out)
+
+
+def test_a_fragmented_mp4_cut_between_fragments_is_corrupt_where_it_declares_its_length(tmp_path):
+    """A fragmented MP4 cut exactly between two fragments holds only whole boxes, and FFmpeg plays
+    the fragments there (a clip of the first second looked fine, the whole sample was shorter):
+    a global sidx's references (DASH) past the end, or fragments ending before the duration in
+    mvex/mehd, are a cut file; whole files decode."""
+    first_second = MediaConfig(clip_seconds=1.0, clip_start="first")
+    dash = _fragmented_mp4(tmp_path, "frag_keyframe+empty_moov+default_base_moof+global_sidx")
+    assert len(decode_sample(_raw("video.mp4", dash)).video) == 40
+    boxes = _top_boxes(dash)
+    last_mdat_end = max(offset + size for offset, kind, size in boxes if kind == b"mdat")
+    for cut in [offset for offset, kind, _ in boxes if kind == b"moof"][1:]:
+        with pytest.raises(SampleError, match=f"truncated file: it declares {last_mdat_end - cut} bytes more"):
+            decode_sample(_raw("video.mp4", dash[:cut]), media_config=first_second)
+    with_mehd = _with_mehd(_fragmented_mp4(tmp_path, "frag_keyframe+empty_moov+default_base_moof"), 4000)
+    assert len(decode_sample(_raw("video.mp4", with_mehd)).video) == 40
+    last_moof = [offset for offset, kind, _ in _top_boxes(with_mehd) if kind == b"moof"][-1]
+    with pytest.raises(SampleError, match="its fragments end at 3.000 s but its mehd box declares 4.000 s"):
+        decode_sample(_raw("video.mp4", with_mehd[:last_moof]), media_config=first_second)
+
+
 @pytest.mark.parametrize("suffix", ["flac", "mp3"])
 def test_a_compressed_file_saved_as_wav_decodes_by_its_content(tmp_path, suffix):
     """FFmpeg reads a file by its bytes (a WebM saved as .mp4 plays): a FLAC or MP3 saved as .wav is
