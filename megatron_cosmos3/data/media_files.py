@@ -10,6 +10,10 @@ fitted into the resolution bucket. Audio is decoded from a little before the win
 frame needs its predecessor), cut at the window by timestamp and brought to 48 kHz stereo (mono
 duplicated) by the audio encoder's own resampler (``encoders/audio_vae.py``, ``to_stereo_48k``).
 
+A picture in a video field (a 1-frame video) shows Pillow's pixels, as a picture field does:
+FFmpeg's JPEG decoder turned a YCCK (Adobe CMYK) JPEG into garbage colours and ignores the EXIF
+orientation.
+
 Times are seconds from the first video frame (the schema's origin), or from an audio file's start.
 A library failure on the bytes is ``corrupt_media``; a stream FFmpeg has no decoder for is
 ``unsupported_codec`` naming it; a file without the stream asked for is ``missing_stream``.
@@ -102,8 +106,7 @@ def decode_media_file(
             audio = container.streams.audio[0] if container.streams.audio and want_audio else None
             if want_video and video is None:
                 raise SampleError(MISSING_STREAM, f"{name} has no video stream")
-            if want_video:
-                _check_video_container(data, name, container.format)
+            picture = _check_video_container(data, name, container.format) if want_video else None
             if not want_video and audio is None:
                 raise SampleError(MISSING_STREAM, f"{name} has no audio stream")
             for stream in (video if want_video else None, audio):
@@ -114,7 +117,7 @@ def decode_media_file(
                     )
                 if stream is not None:  # one decoding thread: the loader's workers are the parallelism
                     stream.codec_context.thread_count = 1
-            out = _decode(container, video if want_video else None, audio, name, media, window_for)
+            out = _decode(container, video if want_video else None, audio, name, media, window_for, picture)
     except SampleError:
         raise
     except (av.error.FFmpegError, *DECODE_ERRORS) as error:
@@ -130,7 +133,9 @@ def decode_video_file(data: bytes, name: str) -> tuple[np.ndarray, float]:
     return decoded.frames, decoded.fps
 
 
-def _decode(container, video, audio, name: str, media: MediaConfig, window_for) -> DecodedMedia:
+def _decode(container, video, audio, name: str, media: MediaConfig, window_for, picture=None) -> DecodedMedia:
+    """``decode_media_file``'s clip; ``picture``: the pixels of a picture in a video field, shown
+    for every target (FFmpeg's timing of its one frame)."""
     if video is not None:
         width, height = _display_size(video)
         if width * height > Image.MAX_IMAGE_PIXELS:  # the limit pictures have (a decompression bomb)
@@ -145,7 +150,10 @@ def _decode(container, video, audio, name: str, media: MediaConfig, window_for) 
         fps = media.fps or rate
         targets = target_times(window, fps)
         check_clip_bytes(len(targets) * height * width * 3, f"{len(targets)} frames of {width}x{height}", name)
-        frames = _video_window(container, video, targets, origin_s, rate, name, (width, height), video_s)
+        if picture is not None:  # Pillow's pixels, as a picture field's (FFmpeg's can be wrong: module doc)
+            frames = np.repeat(picture[None], len(targets), axis=0)
+        else:
+            frames = _video_window(container, video, targets, origin_s, rate, name, (width, height), video_s)
         result = DecodedMedia(window, fit_to_bucket(frames, media.buckets()), fps, None, video_s, audio_s)
     else:
         origin_s = float((audio.start_time or 0) * audio.time_base)
@@ -367,16 +375,16 @@ def _audio_window(
     return np.ascontiguousarray(stereo.numpy())
 
 
-def _check_video_container(data: bytes, name: str, demuxer) -> None:
+def _check_video_container(data: bytes, name: str, demuxer) -> np.ndarray | None:
     """A video field's bytes, whatever its suffix, must be a container whose structure says how long
     it is (MP4/MOV, Matroska/WebM, AVI: ``_missing_bytes`` finds a cut one), or a picture (a 1-frame
-    video), which Pillow reads whole or refuses as cut. FFmpeg reads MPEG-TS/PS or FLV bytes to
-    where they stop: a cut one was a shorter clip, never a cut file."""
+    video), which Pillow reads whole or refuses as cut: its pixels are returned (None for a video).
+    FFmpeg reads MPEG-TS/PS or FLV bytes to where they stop: a cut one was a shorter clip, never a
+    cut file."""
     if taken_video_suffix(demuxer.name) is not None:
-        return
+        return None
     if is_picture_demuxer(demuxer.name):
-        decode_image(data, name)
-        return
+        return decode_image(data, name)
     raise SampleError(UNSUPPORTED_CONTAINER, f"{name}: {untaken_container_detail(demuxer)}")
 
 

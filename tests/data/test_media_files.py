@@ -601,6 +601,60 @@ def test_a_pictures_exif_orientation_is_applied_as_a_viewer_shows_it(orientation
     np.testing.assert_array_equal(viewed, VIEWED[orientation](stored))
 
 
+@pytest.mark.parametrize("field", ["image.png", "video.mp4"])
+def test_a_picture_in_a_video_field_is_turned_by_its_exif_orientation_too(field):
+    """A picture in a video field is shown as a picture field is (FFmpeg left it as stored)."""
+    stored = np.zeros((32, 48, 3), np.uint8)
+    stored[:4, :4], stored[:4, -4:], stored[-4:, :4] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    picture = Image.fromarray(stored)
+    exif = picture.getexif()
+    exif[0x0112] = 6  # turned a quarter clockwise
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", exif=exif)
+    sample = decode_sample(_raw(field, buffer.getvalue()))
+    viewed = sample.image if field.startswith("image") else sample.video[0]
+    np.testing.assert_array_equal(viewed, VIEWED[6](stored))
+
+
+def _four_colour_jpeg(channels: np.ndarray, transform: int) -> bytes:
+    """An Adobe four-colour JPEG whose stored components are ``channels`` (H, W, 4), with the APP14
+    transform flag ``transform`` (0: CMYK, 2: YCCK), as Photoshop writes them: Pillow writes the
+    Adobe marker with transform 0 and stores 255 - v (Adobe's inverted CMYK), so it is given the
+    inverse and the flag is set after."""
+    buffer = io.BytesIO()
+    Image.fromarray(255 - channels, "CMYK").save(buffer, format="JPEG", quality=95)
+    data = bytearray(buffer.getvalue())
+    adobe = data.index(b"Adobe")
+    assert data[adobe + 11] == 0  # the transform byte of APP14 ("Adobe", version, flags0, flags1)
+    data[adobe + 11] = transform
+    return bytes(data)
+
+
+@pytest.mark.parametrize("transform", [0, 2])
+@pytest.mark.parametrize("field", ["image.jpg", "video.mp4"])
+def test_cmyk_and_ycck_jpegs_show_their_colours(field, transform):
+    """A CMYK JPEG, or one stored as YCCK (YCbCr of the inverted C, M, Y, and K), shows the colours
+    of its ink: R = (255 - C)(255 - K) / 255, each patch within JPEG's loss. As a video field's
+    picture FFmpeg decoded the YCCK one to garbage (a red patch came out (178, 170, 0))."""
+    colours = np.array([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (128, 64, 32)])
+    rgb = np.repeat(np.repeat(colours[None].astype(np.uint8), 32, axis=0), 16, axis=1)  # (32, 96, 3)
+    black = 255 - rgb.max(axis=2, keepdims=True).astype(np.float64)  # K, then C, M, Y under it
+    ink = np.where(black < 255, (255 - rgb - black) * 255 / np.maximum(255 - black, 1), 0)
+    cmyk = np.round(np.concatenate([ink, black], axis=2))
+    if transform == 2:  # stored: YCbCr (JFIF's matrix) of 255 - (255 - C) = C, ..., and 255 - K
+        c, m, y = cmyk[..., 0], cmyk[..., 1], cmyk[..., 2]
+        luma = 0.299 * c + 0.587 * m + 0.114 * y
+        stored = np.stack([luma, 128 + (y - luma) / 1.772, 128 + (c - luma) / 1.402, 255 - cmyk[..., 3]], axis=2)
+    else:  # stored: 255 - each ink (Adobe's inverted CMYK)
+        stored = 255 - cmyk
+    data = _four_colour_jpeg(np.clip(np.round(stored), 0, 255).astype(np.uint8), transform)
+    sample = decode_sample(_raw(field, data))
+    shown = sample.image if field.startswith("image") else sample.video[0]
+    for index, colour in enumerate(colours):
+        patch = shown[4:28, index * 16 + 4 : index * 16 + 12].reshape(-1, 3).astype(int)
+        assert np.abs(patch - colour).max() <= 4, (index, colour, patch.mean(axis=0))
+
+
 def test_a_16_bit_grey_picture_keeps_its_tones():
     """Pillow reads it as mode I;16 and its own RGB conversion clips every value above 255."""
     ramp = np.linspace(0, 65535, 32 * 48).reshape(32, 48).astype(np.uint16)
