@@ -156,7 +156,19 @@ def eef_pseudo_actions(states: np.ndarray, eef: EefPose) -> np.ndarray:
 
 def read_info(root: Path) -> dict:
     """``meta/info.json``; ValueError naming the file for a layout this reader does not know."""
-    info = json.loads((root / "meta" / "info.json").read_text(encoding="utf-8-sig"))
+    path = root / "meta" / "info.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError, RecursionError) as error:  # missing, not UTF-8, cut or not JSON
+        raise ValueError(f"{path}: not a readable JSON file ({type(error).__name__}: {error})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("features"), dict):
+        raise ValueError(f"{path}: expected a JSON object with a 'features' object")
+    for key, feature in info["features"].items():
+        if not isinstance(feature, dict):
+            raise ValueError(f"{path}: features[{key!r}]={feature!r} must be an object")
+    for key in ("data_path", "video_path"):
+        if not isinstance(info.get(key), str):
+            raise ValueError(f"{path}: {key}={info.get(key)!r} must be a path template (a string)")
     version = str(info.get("codebase_version", ""))
     if not version.startswith(("v2.", "v3.")):
         raise ValueError(
@@ -216,10 +228,30 @@ def _episode_rows(root: Path, info: dict, episode: dict):
     if not is_v3(info):
         where = {"episode_chunk": index // int(info.get("chunks_size", 1000)), "episode_index": index}
         return _read_episode_file(root / info["data_path"].format(**where), index, pq.read_table)
-    where = {"chunk_index": episode["data/chunk_index"], "file_index": episode["data/file_index"]}
+    where = {key: _episode_entry(episode, f"data/{key}", int) for key in ("chunk_index", "file_index")}
     table = _read_episode_file(root / info["data_path"].format(**where), index, pq.read_table)
+    if "episode_index" not in table.column_names:  # a shared file's rows say whose they are
+        raise SampleError(MISSING_FIELD, f"episode {index}: {info['data_path'].format(**where)} has no episode_index")
     keep = np.asarray(table.column("episode_index").to_pylist()) == index
     return table.filter(keep)
+
+
+def _episode_entry(episode: dict, key: str, kind: type) -> int | float:
+    """A v3 episode's place in its shared files: ``key`` an int >= 0 (a chunk or file index) or a
+    finite number of seconds >= 0 (``from_timestamp``). An episode without it (a camera its row
+    does not list) is ``missing_field``, a value of another kind ``bad_metadata``: that episode's
+    skip, not the end of the run."""
+    index, value = episode["episode_index"], episode.get(key)
+    if value is None:
+        raise SampleError(MISSING_FIELD, f"episode {index}: no {key!r} in its meta/episodes row")
+    if kind is int:
+        fits = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    else:
+        fits = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
+    if not fits:
+        want = "an int >= 0" if kind is int else "a finite number of seconds >= 0"
+        raise SampleError(BAD_METADATA, f"episode {index}: {key}={value!r} must be {want}")
+    return kind(value)
 
 
 def _episode_video(root: Path, info: dict, episode: dict, camera: str, frames: int, fps: float) -> bytes:
@@ -230,12 +262,9 @@ def _episode_video(root: Path, info: dict, episode: dict, camera: str, frames: i
     if not is_v3(info):
         where = {"episode_chunk": index // int(info.get("chunks_size", 1000)), "episode_index": index}
         return _read_episode_file(root / info["video_path"].format(**where, video_key=camera), index, Path.read_bytes)
-    where = {
-        "chunk_index": episode[f"videos/{camera}/chunk_index"],
-        "file_index": episode[f"videos/{camera}/file_index"],
-    }
+    where = {key: _episode_entry(episode, f"videos/{camera}/{key}", int) for key in ("chunk_index", "file_index")}
     path = root / info["video_path"].format(**where, video_key=camera)
-    start = float(episode[f"videos/{camera}/from_timestamp"])
+    start = _episode_entry(episode, f"videos/{camera}/from_timestamp", float)
     decoded = decode_media_file(
         _read_episode_file(path, index, Path.read_bytes),
         str(path),
@@ -340,7 +369,14 @@ def ingest_lerobot(
     elif action_key not in features:
         raise ValueError(f"--action-key={action_key!r} is not a feature of {root}: {sorted(features)}")
     else:
-        width = int(np.prod(features[action_key]["shape"]))
+        shape = features[action_key].get("shape")
+        if not isinstance(shape, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape
+        ):
+            raise ValueError(
+                f"{root / 'meta' / 'info.json'}: features[{action_key!r}] shape={shape!r} must be a list of ints > 0"
+            )
+        width = int(np.prod(shape))
     context = SchemaContext({embodiment: width})
     episodes = episodes_of(root, info)
     skipped: Counter = Counter()

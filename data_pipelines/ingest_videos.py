@@ -4,13 +4,16 @@
     python data_pipelines/ingest_videos.py IN_DIR OUT_DIR [--captions captions.jsonl] [--shard-size 64]
         [--task I --tasks N | --processes P]
 
-Every video file under ``IN_DIR`` (``.mp4``, ``.mov``, ``.m4v``, ``.webm``, ``.mkv``, ``.avi``; sorted by
-relative path) becomes one sample that stores the file as it is (``video.<suffix>``, its sound inside:
-no re-encoding). Every other file is accounted for: a caption sidecar is read with its video; a video
-in another container (``OTHER_CONTAINERS``: MPEG-TS, MPEG-PS, FLV, ASF/WMV, 3GP, Ogg...) is skipped
-as ``unsupported_container`` (their structure does not say how long they are, so a cut file could
-not be told from a whole one; remux it: ``ffmpeg -i IN -c copy OUT.mkv``) and anything else as
-``not_a_video``, each counted and logged.
+Every video file under ``IN_DIR`` (sorted by relative path) becomes one sample that stores the file
+as it is, its sound inside (no re-encoding): a ``.mp4``, ``.mov``, ``.m4v``, ``.webm``, ``.mkv`` or
+``.avi`` file as ``video.<suffix>``, and any other file whose bytes FFmpeg reads as a video in one of
+those containers (a ``.3gp``, ``.qt``, ``.divx``, an MP4 named ``.ts``) as ``video.mp4``, ``.mkv`` or
+``.avi``: the bytes are judged as the loader judges a video field's, never by the name. Every other
+file is accounted for: a caption sidecar is read with its video; a video in another container
+(MPEG-TS, MPEG-PS, FLV, ASF/WMV, Ogg...) is skipped as ``unsupported_container`` (their structure
+does not say how long they are, so a cut file could not be told from a whole one; remux it:
+``ffmpeg -i IN -c copy OUT.mkv``) and anything else (a picture, sound, text) as ``not_a_video``,
+each counted and logged.
 Its caption, the first found of: the ``--captions`` JSONL line ``{"file": "<relative path>",
 "caption": "...", "segments": [{"start_s", "end_s", "text"}]}``; a sidecar ``<stem>.json`` with
 the same keys; a sidecar ``<stem>.txt`` (the caption). Timed ``segments`` become the sample's
@@ -27,6 +30,7 @@ same, byte for byte, for any split (``megatron_cosmos3/data/shard_writer.py``, `
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import re
@@ -35,50 +39,97 @@ from collections import Counter
 from pathlib import Path
 
 from megatron_cosmos3.data.clips import MediaConfig
-from megatron_cosmos3.data.errors import BAD_METADATA, SampleError
-from megatron_cosmos3.data.media import encode_json
-from megatron_cosmos3.data.media_files import VIDEO_SUFFIXES
+from megatron_cosmos3.data.errors import BAD_METADATA, UNSUPPORTED_CONTAINER, SampleError
+from megatron_cosmos3.data.media import DECODE_ERRORS, encode_json
+from megatron_cosmos3.data.media_files import (
+    VIDEO_SUFFIXES,
+    is_picture_demuxer,
+    taken_video_suffix,
+    untaken_container_detail,
+)
 from megatron_cosmos3.data.schema import SCHEMA_VERSION, blank_text, decode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter, check_split_output, run_split, write_parts
 
 log = logging.getLogger("ingest_videos")
-UNSUPPORTED_CONTAINER, NOT_A_VIDEO = "unsupported_container", "not_a_video"
-# Video containers FFmpeg reads that the shards do not take (module doc).
-OTHER_CONTAINERS = (
-    "ts", "m2ts", "mts", "m2t", "mpg", "mpeg", "m2v", "vob", "flv", "f4v", "wmv", "asf", "3gp", "3g2", "ogv",
-    "mxf", "rm", "rmvb", "divx", "nut", "y4m", "ivf", "h264", "264", "hevc", "265",
-)  # fmt: skip
+NOT_A_VIDEO = "not_a_video"
 CAPTION_SIDECARS = (".json", ".txt")
 # What a sample is checked with before it is written: the whole file's structure, one second decoded.
 CHECK = MediaConfig(clip_seconds=1.0, clip_start="first")
 
 
-def find_videos(in_dir: Path) -> list[Path]:
-    """Video files under ``in_dir``, by relative path."""
-    return sorted(p for p in in_dir.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in VIDEO_SUFFIXES)
-
-
-def left_out(in_dir: Path, captions: Path | None = None) -> list[tuple[Path, str, str]]:
-    """The files under ``in_dir`` that are neither a video nor a caption sidecar of one, nor the
-    ``captions`` file: (path, reason, detail) by relative path (module doc)."""
-    files = sorted(p for p in in_dir.rglob("*") if p.is_file())
-    containers = VIDEO_SUFFIXES + OTHER_CONTAINERS
-    stems = {p.with_suffix("") for p in files if p.suffix.lower().lstrip(".") in containers}
-    found = []
+def sort_files(
+    in_dir: Path, captions: Path | None = None
+) -> tuple[list[tuple[Path, str]], list[tuple[Path, str, str]]]:
+    """The files under ``in_dir`` by relative path, less the ``captions`` file and the caption
+    sidecars of videos: the videos, each with the suffix of the video field that takes it, and the
+    files left out, as (path, reason, detail) (module doc)."""
+    files = [p for p in sorted(in_dir.rglob("*")) if p.is_file()]
+    if captions is not None:
+        files = [p for p in files if p.resolve() != Path(captions).resolve()]
+    videos, left_out, stems = [], [], set()
     for path in files:
         suffix = path.suffix.lower().lstrip(".")
-        if suffix in VIDEO_SUFFIXES or (path.suffix.lower() in CAPTION_SIDECARS and path.with_suffix("") in stems):
+        if path.suffix.lower() in CAPTION_SIDECARS:
+            continue  # judged below, once every video's stem is known
+        try:
+            field = suffix if suffix in VIDEO_SUFFIXES else video_suffix_of(path)
+        except SampleError as error:  # a video the shards do not take: its sidecar goes with it
+            left_out.append((path, error.reason, error.detail))
+            stems.add(path.with_suffix(""))
             continue
-        if captions is not None and path.resolve() == Path(captions).resolve():
-            continue
-        if suffix in OTHER_CONTAINERS:
-            detail = (
-                f"a .{suffix} file: the shards take {', '.join(VIDEO_SUFFIXES)} (remux: ffmpeg -i IN -c copy OUT.mkv)"
-            )
-            found.append((path, UNSUPPORTED_CONTAINER, detail))
+        if field is None:
+            left_out.append((path, NOT_A_VIDEO, "no video FFmpeg reads (a picture, sound, text...)"))
         else:
-            found.append((path, NOT_A_VIDEO, "not a video file or a caption sidecar of one"))
-    return found
+            videos.append((path, field))
+            stems.add(path.with_suffix(""))
+    for path in files:
+        if path.suffix.lower() in CAPTION_SIDECARS and path.with_suffix("") not in stems:
+            left_out.append((path, NOT_A_VIDEO, "not a video file or a caption sidecar of one"))
+    return videos, sorted(left_out)
+
+
+def video_suffix_of(path: Path) -> str | None:
+    """The suffix of the video field that takes ``path``'s bytes (``media_files.taken_video_suffix``),
+    judged by FFmpeg from the bytes alone, as the loader judges a video field's (FFmpeg would also
+    guess from a name's extension); None where they hold no video: no stream FFmpeg reads, a
+    picture, or sound with its cover art. ``unsupported_container``: a video in another container."""
+    import av
+
+    try:
+        with path.open("rb") as file, av.open(_Nameless(file), metadata_errors="ignore") as container:
+            demuxer = container.format
+            moving = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    except (av.error.FFmpegError, *DECODE_ERRORS):
+        return None
+    if not moving or is_picture_demuxer(demuxer.name):
+        return None
+    suffix = taken_video_suffix(demuxer.name)
+    if suffix is None:
+        raise SampleError(UNSUPPORTED_CONTAINER, untaken_container_detail(demuxer))
+    return suffix
+
+
+class _Nameless(io.RawIOBase):
+    """A file's bytes without its name, which PyAV would hand FFmpeg to guess the format by."""
+
+    def __init__(self, file):
+        super().__init__()
+        self._file = file
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        return self._file.readinto(buffer)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
 
 
 def caption_of(video: Path, in_dir: Path, listed: dict[str, dict]) -> dict:
@@ -104,14 +155,15 @@ def caption_of(video: Path, in_dir: Path, listed: dict[str, dict]) -> dict:
     return meta
 
 
-def video_sample(number: int, video: Path, in_dir: Path, listed: dict[str, dict]) -> dict:
-    """The WebDataset dict of video ``number``: its key names it (unique: the number leads)."""
+def video_sample(number: int, video: Path, suffix: str, in_dir: Path, listed: dict[str, dict]) -> dict:
+    """The WebDataset dict of video ``number``, stored as ``video.<suffix>``: its key names it
+    (unique: the number leads)."""
     name = re.sub(r"[^A-Za-z0-9_-]", "_", video.relative_to(in_dir).with_suffix("").as_posix())
     meta = {"schema": SCHEMA_VERSION, **caption_of(video, in_dir, listed), "source": {"file": str(video.name)}}
     return {
         "__key__": f"{number:08d}_{name}"[:120],
         "meta.json": encode_json(meta),
-        f"video.{video.suffix.lower().lstrip('.')}": video.read_bytes(),
+        f"video.{suffix}": video.read_bytes(),
     }
 
 
@@ -138,22 +190,22 @@ def ingest_videos(
                     raise ValueError(
                         f"--captions={captions}, line {number}: not {{'file': ..., ...}} ({error!r})"
                     ) from None
-    videos = find_videos(in_dir)
+    videos, left_out = sort_files(in_dir, captions)
     skipped: Counter = Counter()
 
     def write_part(part: int, writer: ShardWriter) -> None:
         for number in range(part * shard_size, min((part + 1) * shard_size, len(videos))):
             try:
-                raw = video_sample(number, videos[number], in_dir, listed)
+                raw = video_sample(number, *videos[number], in_dir, listed)
                 checked = decode_sample(raw, media_config=CHECK)
             except SampleError as error:
                 skipped[error.reason] += 1
-                log.warning("%s: skipped: %s", videos[number], error)
+                log.warning("%s: skipped: %s", videos[number][0], error)
                 continue
             writer.write_raw(raw, checked.modalities)
 
     if task == 0:  # counted once, whatever the split
-        for path, reason, detail in left_out(in_dir, captions):
+        for path, reason, detail in left_out:
             skipped[reason] += 1
             log.warning("%s: skipped: %s: %s", path, reason, detail)
     parts = -(-len(videos) // shard_size)

@@ -40,10 +40,12 @@ OUT_OF_RANGE = "out_of_range"  # a value outside what the model represents or wh
 ZERO_LENGTH = "zero_length"
 UNKNOWN_EMBODIMENT = "unknown_embodiment"
 # Compressed media (``data/media_files.py``): a file without the video or audio stream its field
-# needs; a stream FFmpeg has no decoder for (the detail names the codec); audio and video whose
-# durations differ by more than ``data.media.av_tolerance_s``.
+# needs; a stream FFmpeg has no decoder for (the detail names the codec); a video in a container
+# whose structure does not say how long it is (MPEG-TS/PS, FLV...: a cut one is no cut file to
+# FFmpeg); audio and video whose durations differ by more than ``data.media.av_tolerance_s``.
 MISSING_STREAM = "missing_stream"
 UNSUPPORTED_CODEC = "unsupported_codec"
+UNSUPPORTED_CONTAINER = "unsupported_container"
 DURATION_MISMATCH = "duration_mismatch"
 # An unexpected exception while processing one sample (logged with traceback): a bug, never bad data.
 INTERNAL_ERROR = "internal_error"
@@ -67,6 +69,7 @@ ERROR_REASONS = (
     UNKNOWN_EMBODIMENT,
     MISSING_STREAM,
     UNSUPPORTED_CODEC,
+    UNSUPPORTED_CONTAINER,
     DURATION_MISMATCH,
     INTERNAL_ERROR,
 )

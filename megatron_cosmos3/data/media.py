@@ -130,11 +130,12 @@ def decode_wav(data: bytes, name: str) -> tuple[np.ndarray, int]:
 
 
 def scipy_reads_wav(data: bytes) -> bool:
-    """Whether ``decode_wav`` (scipy) reads a WAV file: RIFF/RIFX of PCM or float samples, or bytes
-    it judges itself (no ``fmt`` chunk found: a broken file). RF64 (the 64-bit WAV FFmpeg writes
-    for long recordings: scipy fails on it with an internal error) and other encodings (mu-law,
-    A-law, ADPCM) are FFmpeg's (``data/media_files.py``)."""
-    return data[:4] != b"RF64" and wav_encoding(data) in (*PCM_WAV_ENCODINGS, None)
+    """Whether ``decode_wav`` (scipy) reads a WAV file: RIFF/RIFX of PCM or float samples, or a RIFF
+    file it judges itself (no ``fmt`` chunk found: a broken file). RF64 (the 64-bit WAV FFmpeg
+    writes for long recordings: scipy fails on it with an internal error), other encodings (mu-law,
+    A-law, ADPCM) and bytes that are no RIFF file at all (a FLAC or MP3 saved as .wav, which FFmpeg
+    reads by its content, as it reads a WebM saved as .mp4) are FFmpeg's (``data/media_files.py``)."""
+    return data[:4] in (b"RIFF", b"RIFX") and wav_encoding(data) in (*PCM_WAV_ENCODINGS, None)
 
 
 def wav_encoding(data: bytes) -> int | None:

@@ -10,6 +10,10 @@ fitted into the resolution bucket. Audio is decoded from a little before the win
 frame needs its predecessor), cut at the window by timestamp and brought to 48 kHz stereo (mono
 duplicated) by the audio encoder's own resampler (``encoders/audio_vae.py``, ``to_stereo_48k``).
 
+A picture in a video field (a 1-frame video) shows Pillow's pixels, as a picture field does:
+FFmpeg's JPEG decoder turned a YCCK (Adobe CMYK) JPEG into garbage colours and ignores the EXIF
+orientation.
+
 Times are seconds from the first video frame (the schema's origin), or from an audio file's start.
 A library failure on the bytes is ``corrupt_media``; a stream FFmpeg has no decoder for is
 ``unsupported_codec`` naming it; a file without the stream asked for is ``missing_stream``.
@@ -41,10 +45,12 @@ from megatron_cosmos3.data.errors import (
     MISSING_STREAM,
     OUT_OF_RANGE,
     UNSUPPORTED_CODEC,
+    UNSUPPORTED_CONTAINER,
     ZERO_LENGTH,
     SampleError,
 )
-from megatron_cosmos3.data.media import AUDIO_RATE_RANGE_HZ, DECODE_ERRORS, missing_wav_bytes
+from megatron_cosmos3.data.media import AUDIO_RATE_RANGE_HZ, DECODE_ERRORS, decode_image, missing_wav_bytes
+from megatron_cosmos3.data.mp4_fragments import declared_fragment_seconds, missing_sidx_bytes
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, to_stereo_48k
 
 # Containers whose structure says how long they are, so a cut file is found (``_missing_bytes``).
@@ -56,6 +62,9 @@ AUDIO_PREROLL_S = 0.1
 # Decoded audio may end this much (or one codec frame) before the duration its stream declares; a
 # stream that stops earlier inside the clip is a cut file, not a short one.
 AUDIO_END_TOLERANCE_S = 0.1
+# A fragmented MP4's fragments may end this much before the duration its mehd box declares (a
+# writer's rounding, an audio track's priming); a cut between fragments loses a whole fragment.
+FRAGMENT_END_TOLERANCE_S = 0.1
 
 
 @dataclass
@@ -92,10 +101,12 @@ def decode_media_file(
             if missing:  # FFmpeg reads what is there: a cut index loses streams, cut data loses frames
                 detail = f"{name}: truncated file: it declares {missing} bytes more than it holds"
                 raise SampleError(CORRUPT_MEDIA, detail)
+            _check_fragments_all_there(data, container, name)
             video = container.streams.video[0] if container.streams.video else None
             audio = container.streams.audio[0] if container.streams.audio and want_audio else None
             if want_video and video is None:
                 raise SampleError(MISSING_STREAM, f"{name} has no video stream")
+            picture = _check_video_container(data, name, container.format) if want_video else None
             if not want_video and audio is None:
                 raise SampleError(MISSING_STREAM, f"{name} has no audio stream")
             for stream in (video if want_video else None, audio):
@@ -106,7 +117,7 @@ def decode_media_file(
                     )
                 if stream is not None:  # one decoding thread: the loader's workers are the parallelism
                     stream.codec_context.thread_count = 1
-            out = _decode(container, video if want_video else None, audio, name, media, window_for)
+            out = _decode(container, video if want_video else None, audio, name, media, window_for, picture)
     except SampleError:
         raise
     except (av.error.FFmpegError, *DECODE_ERRORS) as error:
@@ -122,7 +133,9 @@ def decode_video_file(data: bytes, name: str) -> tuple[np.ndarray, float]:
     return decoded.frames, decoded.fps
 
 
-def _decode(container, video, audio, name: str, media: MediaConfig, window_for) -> DecodedMedia:
+def _decode(container, video, audio, name: str, media: MediaConfig, window_for, picture=None) -> DecodedMedia:
+    """``decode_media_file``'s clip; ``picture``: the pixels of a picture in a video field, shown
+    for every target (FFmpeg's timing of its one frame)."""
     if video is not None:
         width, height = _display_size(video)
         if width * height > Image.MAX_IMAGE_PIXELS:  # the limit pictures have (a decompression bomb)
@@ -137,7 +150,10 @@ def _decode(container, video, audio, name: str, media: MediaConfig, window_for) 
         fps = media.fps or rate
         targets = target_times(window, fps)
         check_clip_bytes(len(targets) * height * width * 3, f"{len(targets)} frames of {width}x{height}", name)
-        frames = _video_window(container, video, targets, origin_s, rate, name, (width, height), video_s)
+        if picture is not None:  # Pillow's pixels, as a picture field's (FFmpeg's can be wrong: module doc)
+            frames = np.repeat(picture[None], len(targets), axis=0)
+        else:
+            frames = _video_window(container, video, targets, origin_s, rate, name, (width, height), video_s)
         result = DecodedMedia(window, fit_to_bucket(frames, media.buckets()), fps, None, video_s, audio_s)
     else:
         origin_s = float((audio.start_time or 0) * audio.time_base)
@@ -359,20 +375,170 @@ def _audio_window(
     return np.ascontiguousarray(stereo.numpy())
 
 
+def _check_video_container(data: bytes, name: str, demuxer) -> np.ndarray | None:
+    """A video field's bytes, whatever its suffix, must be a container whose structure says how long
+    it is (MP4/MOV, Matroska/WebM, AVI: ``_missing_bytes`` finds a cut one), or a picture (a 1-frame
+    video), which Pillow reads whole or refuses as cut: its pixels are returned (None for a video).
+    FFmpeg reads MPEG-TS/PS or FLV bytes to where they stop: a cut one was a shorter clip, never a
+    cut file."""
+    if taken_video_suffix(demuxer.name) is not None:
+        return None
+    if is_picture_demuxer(demuxer.name):
+        return decode_image(data, name)
+    raise SampleError(UNSUPPORTED_CONTAINER, f"{name}: {untaken_container_detail(demuxer)}")
+
+
+def untaken_container_detail(demuxer) -> str:
+    """Why a video in FFmpeg's ``demuxer`` (a container other than ``taken_video_suffix``'s) is refused."""
+    return (
+        f"a {demuxer.long_name or demuxer.name} file; video fields take MP4/MOV, Matroska/WebM or AVI, "
+        "whose structure says how long they are (remux it: ffmpeg -i IN -c copy OUT.mkv)"
+    )
+
+
+def taken_video_suffix(demuxer_name: str) -> str | None:
+    """The video field suffix for bytes that FFmpeg's ``demuxer_name`` reads, where a video field
+    takes them (``_check_video_container``): ``mp4`` for the MP4/MOV family (3GP, F4V and M4V
+    too), ``mkv`` for Matroska/WebM, ``avi``; None for any other container."""
+    if demuxer_name.startswith("mov"):
+        return "mp4"
+    if demuxer_name.startswith("matroska"):
+        return "mkv"
+    return "avi" if demuxer_name == "avi" else None
+
+
+def is_picture_demuxer(demuxer_name: str) -> bool:
+    """Whether FFmpeg reads these bytes as a picture (its image2 and ``*_pipe`` demuxers)."""
+    return demuxer_name == "image2" or demuxer_name.endswith("_pipe")
+
+
 def _missing_bytes(data: bytes, container) -> int:
     """How many bytes the container's own structure declares beyond the end of ``data``: the MP4/MOV
     index and the samples it lists, the Matroska/WebM segment, the AVI's RIFF chunks, the WAV data
-    chunk (0 for other formats: FFmpeg judges them). Bytes after the last box or the segment (a
+    chunk, the last Ogg page (or a stream without its end page), the last ADTS or MP3 frame (0 for other
+    formats: FFmpeg judges them). Bytes after the last box or the segment (a
     tool's junk, padding) are no part of it."""
     if container.format.name.startswith("mov"):
-        return max(_missing_box_bytes(data), _missing_sample_bytes(data, container))
+        return max(_missing_box_bytes(data), _missing_sample_bytes(data, container), missing_sidx_bytes(data))
     if container.format.name.startswith("matroska"):
         return _missing_segment_bytes(data)
     if container.format.name == "wav":
         return missing_wav_bytes(data)
     if container.format.name == "avi":
         return _missing_riff_bytes(data)
+    if container.format.name == "ogg":
+        return _missing_ogg_bytes(data)
+    if container.format.name == "aac":
+        return _missing_adts_bytes(data)
+    if container.format.name == "mp3":
+        return _missing_mpeg_audio_bytes(data)
     return 0
+
+
+def _check_fragments_all_there(data: bytes, container, name: str) -> None:
+    """A fragmented MP4 cut between two fragments holds only whole boxes; where its ``mehd`` box
+    declares the whole duration, fragments that end earlier (``FRAGMENT_END_TOLERANCE_S``) are a
+    cut file (``mp4_fragments``)."""
+    if not container.format.name.startswith("mov") or container.duration is None:
+        return
+    declared_s, there_s = declared_fragment_seconds(data), container.duration / 1_000_000
+    if declared_s is not None and there_s < declared_s - FRAGMENT_END_TOLERANCE_S:
+        detail = (
+            f"{name}: truncated file: its fragments end at {there_s:.3f} s but its mehd box declares {declared_s:.3f} s"
+        )
+        raise SampleError(CORRUPT_MEDIA, detail)
+
+
+def _missing_ogg_bytes(data: bytes) -> int:
+    """How many bytes an Ogg file's last page (Vorbis, Opus, FLAC in Ogg) declares beyond its end.
+    A file cut between pages is found by its streams: each one that began (BOS) must end on an
+    end-of-stream page (1 where one does not: the count is unknown). FFmpeg measures an Ogg file
+    by its last page, so a cut one was a shorter clip. Bytes that are no page (a trailer) are no
+    part of it."""
+    offset, begun, ended = 0, set(), set()
+    while offset + 27 <= len(data) and data[offset : offset + 4] == b"OggS":
+        flags, serial, segments = data[offset + 5], data[offset + 14 : offset + 18], data[offset + 26]
+        if offset + 27 + segments > len(data):
+            return offset + 27 + segments - len(data)
+        size = 27 + segments + sum(data[offset + 27 : offset + 27 + segments])
+        if offset + size > len(data):
+            return offset + size - len(data)
+        begun.update([serial] if flags & 2 else [])
+        ended.update([serial] if flags & 4 else [])
+        offset += size
+    tail = data[offset:]
+    if 0 < len(tail) < 27 and b"OggS".startswith(tail[:4]):  # a page header cut short
+        return 27 - len(tail)
+    return 1 if begun - ended else 0
+
+
+def _missing_adts_bytes(data: bytes) -> int:
+    """How many bytes the last frame of a raw AAC (ADTS) file declares beyond its end: each frame's
+    header holds its length (13 bits), and FFmpeg estimates the duration from the bytes there, so a
+    cut file was a shorter clip. An ID3 tag before the frames is skipped; what follows the last
+    frame that is no frame header (an ID3v1/APE trailer) is no part of it."""
+    offset = _id3v2_end(data)
+    while offset + 7 <= len(data) and data[offset] == 0xFF and data[offset + 1] & 0xF6 == 0xF0:
+        length = ((data[offset + 3] & 3) << 11) | (data[offset + 4] << 3) | (data[offset + 5] >> 5)
+        if length < 7:  # no ADTS frame: FFmpeg judges the rest
+            return 0
+        if offset + length > len(data):
+            return offset + length - len(data)
+        offset += length
+    tail = data[offset:]
+    return 7 - len(tail) if 0 < len(tail) < 7 and tail[0] == 0xFF else 0
+
+
+# MPEG audio frame headers (ISO 11172-3 / 13818-3): kbit/s by (MPEG-1?, layer) and bitrate index 1..14,
+# and sample rates by version (3: MPEG-1, 2: MPEG-2, 0: MPEG-2.5).
+_MPEG_BITRATES = {
+    (True, 1): (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
+    (True, 2): (32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
+    (True, 3): (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    (False, 1): (32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
+    (False, 2): (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+    (False, 3): (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+_MPEG_RATES = {3: (44_100, 48_000, 32_000), 2: (22_050, 24_000, 16_000), 0: (11_025, 12_000, 8_000)}
+
+
+def _missing_mpeg_audio_bytes(data: bytes) -> int:
+    """How many bytes the last frame of an MP3 (MPEG-1/2/2.5 audio, layer I-III) declares beyond its
+    end, each frame's length read from its header. An MP3 without a Xing/Info header declares no
+    duration and FFmpeg estimates one from the bytes there, so a cut file was a shorter sound (with
+    the header, FFmpeg declares its duration and ``_audio_window`` finds the missing end; a file cut
+    between frames without it declares nothing that finds the cut). An ID3v2 tag is skipped; the
+    walk stops at the first bytes that are no frame header (an ID3v1 or APE trailer, a free-format
+    frame, whose length is not in its header, or a damaged one: FFmpeg judges those)."""
+    offset = _id3v2_end(data)
+    while offset + 4 <= len(data) and data[offset] == 0xFF and data[offset + 1] & 0xE0 == 0xE0:
+        version, layer = (data[offset + 1] >> 3) & 3, 4 - ((data[offset + 1] >> 1) & 3)
+        bitrate, rate, padding = data[offset + 2] >> 4, (data[offset + 2] >> 2) & 3, (data[offset + 2] >> 1) & 1
+        if version == 1 or layer == 4 or not 1 <= bitrate <= 14 or rate == 3:
+            return 0
+        kbits, hz = _MPEG_BITRATES[version == 3, layer][bitrate - 1], _MPEG_RATES[version][rate]
+        if layer == 1:  # 384 samples in slots of 4 bytes
+            length = (12_000 * kbits // hz + padding) * 4
+        else:  # 1152 samples, but layer III of MPEG-2/2.5 holds 576
+            length = (72_000 if layer == 3 and version != 3 else 144_000) * kbits // hz + padding
+        if offset + length > len(data):
+            return offset + length - len(data)
+        offset += length
+    tail = data[offset:]
+    return 4 - len(tail) if 0 < len(tail) < 4 and tail[0] == 0xFF else 0  # a frame header cut short
+
+
+def _id3v2_end(data: bytes) -> int:
+    """Where the ID3v2 tag at the start of an MP3 or ADTS file ends (0 without one): its 10-byte
+    header, the size it declares, and the 10-byte footer that ID3v2.4 flags (bit 4)."""
+    if data[:3] != b"ID3" or len(data) < 10:
+        return 0
+    return 10 + _syncsafe(data[6:10]) + (10 if data[5] & 0x10 else 0)
+
+
+def _syncsafe(four: bytes) -> int:
+    """An ID3v2 size: four bytes of seven bits each."""
+    return sum((byte & 0x7F) << (7 * (3 - i)) for i, byte in enumerate(four))
 
 
 def _missing_riff_bytes(data: bytes) -> int:
@@ -461,4 +627,14 @@ def _codec_tag(data: bytes, container) -> str:
     return "a codec unknown to FFmpeg"
 
 
-__all__ = ["AUDIO_SUFFIXES", "SAMPLE_RATE", "VIDEO_SUFFIXES", "DecodedMedia", "decode_media_file", "decode_video_file"]
+__all__ = [
+    "AUDIO_SUFFIXES",
+    "SAMPLE_RATE",
+    "VIDEO_SUFFIXES",
+    "DecodedMedia",
+    "decode_media_file",
+    "decode_video_file",
+    "is_picture_demuxer",
+    "taken_video_suffix",
+    "untaken_container_detail",
+]

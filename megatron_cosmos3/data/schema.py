@@ -405,8 +405,10 @@ def _check_action_rate(sample: Sample, context: SchemaContext) -> None:
         )
 
 
-def _float_rows(array: np.ndarray, name: str, width: int | None, rows: int | None = None) -> np.ndarray:
-    """Checks a (rows, width) float array and returns it as float32."""
+def float_rows(array: np.ndarray, name: str, width: int | None, rows: int | None = None) -> np.ndarray:
+    """Checks a (rows, width) float array and returns it as float32: ``rows`` rows (any where None)
+    of ``width`` (any where None), at least one, every value finite and within MAX_ABS_VALUE;
+    ``SampleError`` naming ``name`` otherwise (shard members and generation requests alike)."""
     if array.dtype.kind != "f":
         _fail(WRONG_DTYPE, f"{name} must hold floats, got dtype {array.dtype}")
     wrong_width = width is not None and array.ndim == 2 and array.shape[1] != width
@@ -472,6 +474,29 @@ def _check_audio(audio: np.ndarray, rate: int, name: str) -> tuple[np.ndarray, i
     if not float(np.abs(audio).max()) <= MAX_ABS_VALUE:  # full scale is 1: this is no sound, and overflows encoders
         _fail(OUT_OF_RANGE, f"{name} holds a sample of magnitude {np.abs(audio).max():.3g} (> {MAX_ABS_VALUE:g})")
     return audio, rate
+
+
+def _scipy_wav(data: bytes, name: str) -> tuple[np.ndarray, int] | None:
+    """A WAV's (channels, samples) at its own rate where scipy reads it and it is mono or stereo;
+    None where FFmpeg decodes it to 48 kHz stereo (another encoding, RF64, surround)."""
+    if not media.scipy_reads_wav(data):
+        return None
+    wav = media.decode_wav(data, name)
+    return wav if wav[0].shape[0] <= 2 else None
+
+
+def decode_audio_file(data: bytes, name: str) -> tuple[np.ndarray, int]:
+    """A whole audio file (``name`` ends with an ``AUDIO_FIELDS`` suffix) as the loader reads that
+    field: (channels, samples) float32 and its rate, a mono/stereo WAV at its own rate, any other
+    file at 48 kHz stereo through FFmpeg; checked as every sample's sound is (rate in
+    AUDIO_RATE_RANGE_HZ, finite, within MAX_ABS_VALUE). Generation's conditioning audio."""
+    wav = _scipy_wav(data, name) if name.lower().endswith(".wav") else None
+    if wav is None:
+        decoded = decode_media_file(data, name, MediaConfig(), lambda seconds: Window(0.0, seconds), False, True)
+        if decoded.audio is None:
+            _fail(ZERO_LENGTH, f"{name} has no sound")
+        wav = decoded.audio, SAMPLE_RATE
+    return _check_audio(*wav, name)
 
 
 def _cut_samples(values: np.ndarray, rate: float, window: Window) -> np.ndarray:
@@ -584,7 +609,7 @@ def decode_sample(
             _fail(UNKNOWN_EMBODIMENT, f"embodiment {sample.embodiment!r} is not one the model knows")
         sample.action_rate_hz = _positive_number(meta, "action_rate_hz", "actions.npy", ACTION_RATE_RANGE_HZ)
         _check_action_rate(sample, context)
-        actions = _float_rows(media.decode_npy(files["actions.npy"], "actions.npy"), "actions.npy", width)
+        actions = float_rows(media.decode_npy(files["actions.npy"], "actions.npy"), "actions.npy", width)
     elif "embodiment" in meta or "action_rate_hz" in meta:
         _fail(MISSING_FIELD, "meta.json names an embodiment / action rate but the sample has no actions.npy")
     step_s = 1.0 / sample.action_rate_hz if actions is not None else None
@@ -636,10 +661,8 @@ def decode_sample(
             frames = VAE_TEMPORAL_FACTOR * (latent_frames - 1)
             name = f"video_latents.npy ({latent_frames} latent frames at {sample.fps:g} fps)"
             spans[name] = (frames / sample.fps, (frames + VAE_TEMPORAL_FACTOR) / sample.fps)
-    wav = None
-    if audio_field == "audio.wav" and media.scipy_reads_wav(files[audio_field]):
-        wav = media.decode_wav(files[audio_field], audio_field)
-    if wav is not None and wav[0].shape[0] <= 2:
+    wav = _scipy_wav(files[audio_field], audio_field) if audio_field == "audio.wav" else None
+    if wav is not None:
         audio, rate = _check_audio(*wav, audio_field)
         seconds = audio.shape[1] / rate
         spans[audio_field] = (seconds, seconds)
@@ -705,7 +728,7 @@ def decode_sample(
             if name == "image_latents" and grid[0] != 1:
                 _fail(BAD_METADATA, f"meta.json 'image_latent_grid' must have t = 1, got {list(grid)}")
             values = media.decode_npy(files[f"{name}.npy"], f"{name}.npy")
-            setattr(sample, name, _float_rows(values, f"{name}.npy", width, rows=math.prod(grid)))
+            setattr(sample, name, float_rows(values, f"{name}.npy", width, rows=math.prod(grid)))
             setattr(sample, grid_key, grid)
     if "audio_latents.npy" in files:
         count = meta.get("audio_num_samples")
@@ -715,7 +738,7 @@ def decode_sample(
             _fail(BAD_METADATA, f"meta.json 'audio_num_samples' must be a positive int, got {count!r}")
         if count > MAX_AUDIO_SAMPLES:
             _fail(OUT_OF_RANGE, f"meta.json 'audio_num_samples'={count} is above {MAX_AUDIO_SAMPLES} (24 h at 48 kHz)")
-        latents = _float_rows(
+        latents = float_rows(
             media.decode_npy(files["audio_latents.npy"], "audio_latents.npy"),
             "audio_latents.npy",
             context.audio_latent_dim,

@@ -30,7 +30,7 @@ from megatron_cosmos3.data.clips import check_clip_bytes
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.latent_encoders import LatentEncoder, encodable_pixels
 from megatron_cosmos3.data.sample_builder import BuildLimits, BuiltSample, SampleBuilder
-from megatron_cosmos3.data.schema import DURATION_RANGE_S, FPS_RANGE, Sample, rate_value
+from megatron_cosmos3.data.schema import DURATION_RANGE_S, FPS_RANGE, Sample, float_rows, rate_value
 from megatron_cosmos3.data.tokenizer import Tokenizer
 from megatron_cosmos3.data.vision_features import vision_featurizer
 from megatron_cosmos3.encoders.action_normalization import ActionStats
@@ -293,6 +293,10 @@ class _Streams:
                 raise _error(
                     request, f"actions of shape {actions.shape}; embodiment {embodiment!r} takes (n, {spec.action_dim})"
                 )
+            try:  # a NaN or a 1e30 step would make every generated token NaN, without a word
+                float_rows(np.asarray(request.actions, dtype=np.float64), "conditioning actions", spec.action_dim)
+            except SampleError as error:
+                raise _error(request, str(error)) from None
             # The actions span the clip, as in training: a step and a frame of slack (a clip of T
             # frames lasts T / fps, its actions' steps start at frames 0 .. T - 1).
             span = actions.shape[0] / spec.rate_hz
@@ -315,6 +319,18 @@ def delivered_streams(task: TaskSpec) -> set[str]:
     return noisy | ({"video"} if "audio" in noisy else set())
 
 
+def _check_pictures(request: GenerationRequest) -> None:
+    """The image is (H, W, 3) and the video (T, H, W, 3) uint8 RGB, as the shards' decoders give them:
+    floats (NaN too) were encoded as if 0..255, four channels or grey failed inside the encoder."""
+    for name, value, ndim in (("image", request.image, 3), ("video", request.video, 4)):
+        if value is None:
+            continue
+        array = np.asarray(value)
+        if array.dtype != np.uint8 or array.ndim != ndim or array.shape[-1] != 3:
+            want = "(H, W, 3)" if ndim == 3 else "(T, H, W, 3)"
+            raise _error(request, f"{name} of dtype {array.dtype} and shape {array.shape}; want {want} uint8 RGB")
+
+
 def prepare_request(request: GenerationRequest, builder: SampleBuilder) -> PreparedRequest:
     """The request as the training path's samples (module doc). ValueError naming the task and the
     problem: an unknown task or one without DM targets, a missing conditioning input, an unknown
@@ -329,6 +345,7 @@ def prepare_request(request: GenerationRequest, builder: SampleBuilder) -> Prepa
         raise _error(request, f"fps={request.fps!r} is outside [{FPS_RANGE[0]}, {FPS_RANGE[1]}], the shards' range")
     if not (math.isfinite(request.guidance) and request.guidance >= 0):  # as the eval suite's: 0 = unconditional
         raise _error(request, f"guidance must be a finite number >= 0, got {request.guidance!r}")
+    _check_pictures(request)
     streams = _Streams(request, task, builder)
     sample = Sample(key=f"request_{request.seed}", caption=request.prompt, instruction=request.prompt)
     if task.vit == "required":

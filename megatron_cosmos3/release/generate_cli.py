@@ -33,10 +33,10 @@ import torch
 
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.latent_encoders import latent_encoder_from_config
-from megatron_cosmos3.data.media import decode_image, decode_npy, decode_wav
+from megatron_cosmos3.data.media import decode_image, decode_npy
 from megatron_cosmos3.data.media_files import VIDEO_SUFFIXES as VIDEO_FILE_SUFFIXES
 from megatron_cosmos3.data.media_files import decode_video_file
-from megatron_cosmos3.data.schema import rate_value
+from megatron_cosmos3.data.schema import AUDIO_FIELDS, decode_audio_file, rate_value
 from megatron_cosmos3.encoders.action_normalization import ActionStats, merge_action_stats
 from megatron_cosmos3.inference.generation import generate
 from megatron_cosmos3.inference.media_outputs import GeneratedSample, GenerationRecord, write_generated_sample
@@ -52,6 +52,7 @@ log = logging.getLogger("cosmos3-generate")
 
 TEXT_TASKS = tuple(name for name, spec in TASK_REGISTRY.items() if not spec.dm)
 VIDEO_SUFFIXES = tuple(f".{suffix}" for suffix in VIDEO_FILE_SUFFIXES)  # the shards' video files
+AUDIO_FILE_SUFFIXES = tuple(field.removeprefix("audio") for field in AUDIO_FIELDS)  # the shards' audio files
 
 
 class RequestError(ValueError):
@@ -204,9 +205,9 @@ def read_input(role: str, path: Path, where: str):
                 return decode_video_file(data, name)
             raise RequestError(f"{where}: video {name}: want .npy or one of {VIDEO_SUFFIXES}")
         if role == "audio":
-            if suffix != ".wav":
-                raise RequestError(f"{where}: audio {name}: want a .wav file")
-            return decode_wav(data, name)
+            if suffix not in AUDIO_FILE_SUFFIXES:
+                raise RequestError(f"{where}: audio {name}: want one of {AUDIO_FILE_SUFFIXES}")
+            return decode_audio_file(data, name)
         actions = decode_npy(data, name)
         if actions.ndim != 2 or not np.issubdtype(actions.dtype, np.floating):
             raise RequestError(f"{where}: actions {name} holds {actions.dtype} {actions.shape}; want (N, dim) floats")

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from scipy.spatial.transform import Rotation
 from world_helpers import data_config, load_script
 
@@ -304,11 +306,11 @@ def test_a_folder_of_videos_with_captions_becomes_shards(tmp_path):
     assert math.isclose(clip.caption_segments[0][1], 1.0)
 
 
-def _pyav_video(path, codec: str, frames: np.ndarray) -> None:
-    """``frames`` written at FPS into ``path`` by PyAV, the container chosen by its suffix."""
+def _pyav_video(path, codec: str, frames: np.ndarray, container_format: str | None = None) -> None:
+    """``frames`` written at FPS into ``path`` by PyAV, the container chosen by its suffix unless given."""
     import av
 
-    with av.open(str(path), "w") as container:
+    with av.open(str(path), "w", format=container_format) as container:
         stream = container.add_stream(codec, rate=FPS)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         for picture in frames:
@@ -345,10 +347,52 @@ def test_every_file_of_a_video_folder_is_ingested_or_a_counted_skip(tmp_path):
     assert decode_sample(samples["00000001_b"]).caption == "a ramp"
 
 
-def test_a_lerobot_v3_dataset_gives_each_episode_its_rows_and_video_segment(tmp_path):
-    """v3.0: two episodes share one parquet file and one mp4; each sample holds only its own rows
-    and its own frames (episode 1's first frame is frame FRAMES of the shared video)."""
-    root, camera = tmp_path / "arm_v3", "observation.images.top"
+def test_a_file_is_ingested_or_skipped_by_its_bytes_not_its_name(tmp_path):
+    """A video field's container is judged by its bytes, and so is a file of the folder: a 3GP
+    (the MP4 family), an MP4 named .ts, an AVI named .divx and a Matroska file without a suffix are
+    ingested (they were an unsupported_container or not_a_video skip); a FLV and a Transport Stream
+    named .dat are unsupported_container (a TS named .dat was not_a_video); a picture, and sound with
+    its cover art (a video stream FFmpeg reads), are not_a_video."""
+    import subprocess
+
+    ingest = load_script("ingest_videos")
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    frames = _frames(0, 8)
+    _pyav_video(folder / "a.3gp", "libx264", frames)
+    (folder / "a.txt").write_text("a phone's video")
+    (folder / "b.ts").write_bytes(encode_mp4(frames, FPS))
+    _pyav_video(folder / "c.divx", "mpeg4", frames, container_format="avi")
+    _pyav_video(folder / "d", "libx264", frames, container_format="matroska")
+    _pyav_video(folder / "e.flv", "flv", frames)
+    _pyav_video(folder / "f.dat", "libx264", frames, container_format="mpegts")
+    (folder / "f.txt").write_text("its sidecar goes with it")
+    Image.fromarray(frames[0]).save(folder / "g.jpg")
+    tone = ["-f", "lavfi", "-i", "sine=duration=1", "-i", str(folder / "g.jpg")]
+    cover = ["-map", "0", "-map", "1", "-c:v", "copy", "-disposition:v", "attached_pic"]
+    subprocess.run(["ffmpeg", "-loglevel", "error", *tone, *cover, str(folder / "h.mp3")], check=True)
+    skipped = ingest.ingest_videos(folder, tmp_path / "shards", shard_size=8)
+    assert skipped == {"unsupported_container": 2, "not_a_video": 2}
+    samples = {
+        raw["__key__"]: raw for shard in ShardIndex.load(tmp_path / "shards").shards for raw in read_shard(shard.url)
+    }
+    fields = {key: [f for f in raw if f.startswith("video.")] for key, raw in samples.items()}
+    assert fields == {
+        "00000000_a": ["video.mp4"],
+        "00000001_b": ["video.mp4"],
+        "00000002_c": ["video.avi"],
+        "00000003_d": ["video.mkv"],
+    }
+    for key in samples:
+        sample = decode_sample(samples[key])
+        assert sample.fps == FPS and len(sample.video) == len(frames), key
+    assert decode_sample(samples["00000000_a"]).caption == "a phone's video"
+
+
+def _lerobot_v3(root, episodes: int = 2, camera: str = "observation.images.top") -> list[dict]:
+    """A v3.0 dataset at ``root`` whose ``episodes`` episodes share one parquet file and one mp4
+    (action column 1 holds the global frame number, frame i shows i); returns their
+    meta/episodes rows for the caller to write (``_write_v3_episodes``), damaged or not."""
     info = {
         "codebase_version": "v3.0",
         "fps": FPS,
@@ -363,42 +407,91 @@ def test_a_lerobot_v3_dataset_gives_each_episode_its_rows_and_video_segment(tmp_
     }
     (root / "meta" / "episodes" / "chunk-000").mkdir(parents=True)
     (root / "meta" / "info.json").write_text(json.dumps(info))
-    rows = np.zeros((2 * FRAMES, WIDTH), np.float32)
-    rows[:, 1] = np.arange(2 * FRAMES)  # the global frame number
+    rows = np.zeros((episodes * FRAMES, WIDTH), np.float32)
+    rows[:, 1] = np.arange(episodes * FRAMES)  # the global frame number
     table = pa.table(
         {
             "action": pa.array(list(rows), type=pa.list_(pa.float32())),
-            "timestamp": pa.array(np.tile(np.arange(FRAMES) / FPS, 2), type=pa.float32()),
-            "episode_index": np.repeat([0, 1], FRAMES),
-            "index": np.arange(2 * FRAMES),
+            "timestamp": pa.array(np.tile(np.arange(FRAMES) / FPS, episodes), type=pa.float32()),
+            "episode_index": np.repeat(np.arange(episodes), FRAMES),
+            "index": np.arange(episodes * FRAMES),
         }
     )
     (root / "data" / "chunk-000").mkdir(parents=True)
     pq.write_table(table, root / "data" / "chunk-000" / "file-000.parquet")
     video = root / "videos" / camera / "chunk-000" / "file-000.mp4"
     video.parent.mkdir(parents=True)
-    video.write_bytes(encode_mp4(_frames(0, 2 * FRAMES), FPS, crf=4, keyframe_interval=5))
-    episodes = {
-        "episode_index": [0, 1],
-        "tasks": [["push left"], ["push right"]],
-        "length": [FRAMES, FRAMES],
-        "data/chunk_index": [0, 0],
-        "data/file_index": [0, 0],
-        "dataset_from_index": [0, FRAMES],
-        "dataset_to_index": [FRAMES, 2 * FRAMES],
-        f"videos/{camera}/chunk_index": [0, 0],
-        f"videos/{camera}/file_index": [0, 0],
-        f"videos/{camera}/from_timestamp": [0.0, FRAMES / FPS],
-        f"videos/{camera}/to_timestamp": [FRAMES / FPS, 2 * FRAMES / FPS],
-    }
-    pq.write_table(pa.table(episodes), root / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
+    video.write_bytes(encode_mp4(_frames(0, episodes * FRAMES), FPS, crf=4, keyframe_interval=5))
+    return [
+        {
+            "episode_index": e,
+            "tasks": [f"push {e}"],
+            "length": FRAMES,
+            "data/chunk_index": 0,
+            "data/file_index": 0,
+            "dataset_from_index": e * FRAMES,
+            "dataset_to_index": (e + 1) * FRAMES,
+            f"videos/{camera}/chunk_index": 0,
+            f"videos/{camera}/file_index": 0,
+            f"videos/{camera}/from_timestamp": e * FRAMES / FPS,
+            f"videos/{camera}/to_timestamp": (e + 1) * FRAMES / FPS,
+        }
+        for e in range(episodes)
+    ]
+
+
+def _write_v3_episodes(root, *files: list[dict]) -> None:
+    """meta/episodes/chunk-000/file-<k>.parquet, one per list of episode rows."""
+    for k, rows in enumerate(files):
+        pq.write_table(pa.Table.from_pylist(rows), root / "meta" / "episodes" / "chunk-000" / f"file-{k:03d}.parquet")
+
+
+def test_a_lerobot_v3_dataset_gives_each_episode_its_rows_and_video_segment(tmp_path):
+    """v3.0: two episodes share one parquet file and one mp4; each sample holds only its own rows
+    and its own frames (episode 1's first frame is frame FRAMES of the shared video)."""
+    root = tmp_path / "arm_v3"
+    _write_v3_episodes(root, _lerobot_v3(root))
     assert not load_script("ingest_lerobot").ingest_lerobot(root, tmp_path / "out", "toy_arm")
     index = ShardIndex.load(tmp_path / "out")
     second = decode_sample(list(read_shard(index.shards[0].url))[1], SchemaContext({"toy_arm": WIDTH}))
-    assert second.instruction == "push right" and len(second.video) == len(second.actions) == FRAMES
+    assert second.instruction == "push 1" and len(second.video) == len(second.actions) == FRAMES
     np.testing.assert_array_equal(second.actions[:, 1], np.arange(FRAMES, 2 * FRAMES))
     brightness = second.video[:, :, 0, 0].mean(axis=1).astype(float)
     np.testing.assert_allclose(brightness, 10 * np.arange(FRAMES, 2 * FRAMES), atol=3)
+
+
+def test_a_v3_episode_whose_place_in_the_shared_files_is_missing_or_wrong_is_a_counted_skip(tmp_path):
+    """A v3 episode row that does not list the camera (another meta/episodes file without its
+    columns, or nulls), or whose segment start is NaN or negative, or whose data file index is
+    null, is that episode's skip (they were a KeyError/TypeError that ended the run, or, for a
+    negative start, frames from before the segment); a cut info.json is an error naming the file."""
+    root, camera = tmp_path / "arm_v3", "observation.images.top"
+    rows = _lerobot_v3(root, episodes=6)
+    rows[2][f"videos/{camera}/chunk_index"] = None
+    rows[3][f"videos/{camera}/from_timestamp"] = float("nan")
+    rows[4][f"videos/{camera}/from_timestamp"] = -1.0
+    rows[5]["data/file_index"] = None
+    no_camera = {key: value for key, value in rows[1].items() if not key.startswith("videos/")}
+    _write_v3_episodes(root, [rows[0], *rows[2:]], [no_camera])
+    ingest = load_script("ingest_lerobot")
+    skipped = ingest.ingest_lerobot(root, tmp_path / "out", "toy_arm")
+    assert skipped == {"missing_field": 3, "bad_metadata": 2}
+    (kept,) = read_shard(ShardIndex.load(tmp_path / "out").shards[0].url)
+    assert json.loads(kept["meta.json"])["source"]["episode_index"] == 0
+
+    info = root / "meta" / "info.json"
+    whole = json.loads(info.read_text())
+    for text, message in [
+        (info.read_text()[:50], "not a readable JSON file"),
+        (json.dumps({**whole, "features": {**whole["features"], "timestamp": "float32"}}), "features['timestamp']="),
+        (
+            json.dumps({**whole, "features": {**whole["features"], "action": {"dtype": "float32"}}}),
+            "features['action'] shape=None must",
+        ),
+    ]:
+        info.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(f"{info}: {message}")):
+            ingest.ingest_lerobot(root, tmp_path / "out2", "toy_arm")
 
 
 def _scipy_pseudo_actions(positions: np.ndarray, hand: Rotation, gripper: np.ndarray) -> np.ndarray:

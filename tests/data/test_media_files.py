@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from scipy.io import wavfile
 
-from megatron_cosmos3.data import clips
+from megatron_cosmos3.data import clips, media_files
 from megatron_cosmos3.data.clips import MediaConfig, bucket_for, choose_window, fit_to_bucket
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.media import encode_json, encode_npy
@@ -339,6 +339,164 @@ def test_audio_files_decode_to_48k_stereo(tmp_path, suffix):
         assert sample.audio_sample_rate == 48_000 and sample.audio.shape[0] == 2
 
 
+def _ogg_page_ends(data: bytes) -> list[int]:
+    """Where each Ogg page ends (27-byte header, segment table, segments): an independent walk."""
+    ends, offset = [], 0
+    while offset < len(data):
+        segments = data[offset + 26]
+        offset += 27 + segments + sum(data[offset + 27 : offset + 27 + segments])
+        ends.append(offset)
+    return ends
+
+
+@pytest.mark.parametrize(("suffix", "codec"), [("opus", "libopus"), ("ogg", "libvorbis"), ("aac", "aac")])
+def test_a_cut_ogg_or_adts_file_is_corrupt_not_a_shorter_clip(tmp_path, suffix, codec):
+    """FFmpeg measures Ogg (Opus, Vorbis) by its last page and raw AAC (ADTS) by its bytes, so a file
+    cut at 90 % was a shorter sound (an Opus of 2 s gave 1 s); the cut is found from the last page's
+    or frame's declared length, and an Ogg file cut between pages by its stream's missing last page."""
+    tone = ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000:duration=2"]
+    path = tmp_path / f"tone.{suffix}"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *tone, "-c:a", codec, str(path)], check=True)
+    data = path.read_bytes()
+    assert decode_sample(_raw(f"audio.{suffix}", data)).audio.shape[1] >= 96_000
+    cuts = [len(data) * 9 // 10] + ([_ogg_page_ends(data)[-2]] if suffix != "aac" else [])
+    for cut in cuts:
+        with pytest.raises(SampleError, match=f"corrupt_media: audio.{suffix}: truncated file"):
+            decode_sample(_raw(f"audio.{suffix}", data[:cut]))
+
+
+# MPEG audio of each version and layer FFmpeg writes: (rate, encoder options).
+_MPEG_AUDIO = {
+    "mpeg1_layer3_cbr": (48_000, ["-c:a", "libmp3lame", "-write_xing", "0"]),
+    "mpeg1_layer3_vbr_xing": (48_000, ["-c:a", "libmp3lame", "-q:a", "2"]),
+    "mpeg1_layer2": (44_100, ["-c:a", "mp2", "-f", "mp2"]),  # 44.1 kHz: padded frames
+    "mpeg2_layer2": (24_000, ["-c:a", "mp2", "-f", "mp2"]),
+    "mpeg2_layer3": (24_000, ["-c:a", "libmp3lame", "-write_xing", "0"]),
+    "mpeg25_layer3": (11_025, ["-c:a", "libmp3lame", "-write_xing", "0"]),
+}
+
+
+def _layer1_silence(frames: int) -> bytes:
+    """MPEG-1 layer I, 48 kHz, 384 kbit/s, mono (FFmpeg has no layer I encoder): each frame a header
+    and 380 zero bytes (no subband allocated: 384 samples of silence), 4 * 12 * 384000 / 48000 bytes."""
+    return (bytes([0xFF, 0xFF, 0xC4, 0xC0]) + bytes(380)) * frames
+
+
+@pytest.mark.parametrize("variant", [*_MPEG_AUDIO, "mpeg1_layer1"])
+def test_a_cut_mp3_file_is_corrupt_not_a_shorter_clip(tmp_path, variant):
+    """FFmpeg estimates an MP3 without a Xing/Info header from its bytes, so a file cut inside a
+    frame was a shorter sound; the cut is found from the last frame's length in its header (layer
+    I, II and III of MPEG-1, 2 and 2.5). Frames are where FFmpeg's demuxer places its packets. With
+    a Xing header FFmpeg declares the duration, so a cut between frames is found too."""
+    if variant == "mpeg1_layer1":
+        data = _layer1_silence(250)
+    else:
+        rate, options = _MPEG_AUDIO[variant]
+        tone = ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate={rate}:duration=2"]
+        path = tmp_path / "tone.mp3"
+        subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *tone, *options, str(path)], check=True)
+        data = path.read_bytes()
+    assert decode_sample(_raw("audio.mp3", data)).audio.shape[1] >= 0.99 * 2 * 48_000  # whole: not refused
+    with av.open(io.BytesIO(data)) as container:
+        frames = [(packet.pos, packet.size) for packet in container.demux(audio=0) if packet.size]
+    assert frames[-1][0] + frames[-1][1] == len(data)
+    middle, last = frames[len(frames) * 9 // 10], frames[-1]
+    cuts = [middle[0] + middle[1] // 2, last[0] + 2]  # inside a frame, inside the last frame's header
+    cuts += [middle[0]] if variant.endswith("xing") else []  # between frames
+    for cut in cuts:
+        with pytest.raises(SampleError, match="corrupt_media: audio.mp3: .*truncated"):
+            decode_sample(_raw("audio.mp3", data[:cut]))
+
+
+def test_the_mp3_walk_skips_an_id3v2_tag_and_its_footer():
+    """An ID3v2.4 tag may end in a 10-byte footer (flag bit 4): the frames start after it, so a cut
+    one is found (the walk stopped at the footer and called the file whole)."""
+    size = bytes([0, 0, 0, 5])  # syncsafe 5: the tag's body
+    tag = b"ID3\x04\x00\x10" + size + bytes(5) + b"3DI\x04\x00\x10" + size
+    data = tag + _layer1_silence(250)
+    assert decode_sample(_raw("audio.mp3", data)).audio.shape[1] == 2 * 48_000
+    with pytest.raises(SampleError, match="corrupt_media: audio.mp3: truncated file: it declares 100 bytes"):
+        decode_sample(_raw("audio.mp3", data[:-100]))
+
+
+def test_free_format_mp3_frames_are_left_to_ffmpeg():
+    """A free-format frame (bitrate index 0) has no length in its header: the walk stops there and
+    never calls such a file cut (FFmpeg judges it), whole or not."""
+    free = bytearray(_layer1_silence(10))
+    free[2::384] = bytes([0x04]) * 10  # bitrate index 0, 48 kHz
+    assert media_files._missing_mpeg_audio_bytes(bytes(free)) == 0
+    assert media_files._missing_mpeg_audio_bytes(bytes(free[:-100])) == 0
+    assert media_files._missing_mpeg_audio_bytes(_layer1_silence(10)[:-100]) == 100  # the control
+
+
+def _top_boxes(data: bytes) -> list[tuple[int, bytes, int]]:
+    """(offset, type, size) of each top-level MP4 box: an independent walk (32-bit sizes)."""
+    boxes, offset = [], 0
+    while offset < len(data):
+        size = int.from_bytes(data[offset : offset + 4], "big")
+        boxes.append((offset, data[offset + 4 : offset + 8], size))
+        offset += size
+    return boxes
+
+
+def _fragmented_mp4(tmp_path, flags: str) -> bytes:
+    """4 s at 10 fps in fragments of 1 s (a keyframe each second), written by ffmpeg with ``flags``."""
+    source = ["-f", "lavfi", "-i", "testsrc=size=64x64:rate=10:duration=4", "-c:v", "libx264", "-g", "10"]
+    path = tmp_path / "fragmented.mp4"
+    command = ["ffmpeg", "-loglevel", "error", "-y", *source, "-pix_fmt", "yuv420p", "-movflags", flags, str(path)]
+    subprocess.run(command, check=True)
+    return path.read_bytes()
+
+
+def _with_mehd(data: bytes, milliseconds: int) -> bytes:
+    """``data`` with a version-0 mehd box (fragment_duration in the mvhd's timescale, 1000 as ffmpeg
+    writes it) at the start of moov/mvex: no writer at hand writes one. Fragments placed relative to
+    their moof (default_base_moof) do not move."""
+    moov = data.index(b"moov") - 4
+    mvex = data.index(b"mvex", moov) - 4
+    assert int.from_bytes(data[data.index(b"mvhd") + 16 : data.index(b"mvhd") + 20], "big") == 1000
+    mehd = (16).to_bytes(4, "big") + b"mehd" + bytes(4) + milliseconds.to_bytes(4, "big")
+    out = bytearray(data[: mvex + 8] + mehd + data[mvex + 8 :])
+    for at in (moov, mvex):
+        out[at : at + 4] = (int.from_bytes(out[at : at + 4], "big") + len(mehd)).to_bytes(4, "big")
+    return bytes(out)
+
+
+def test_a_fragmented_mp4_cut_between_fragments_is_corrupt_where_it_declares_its_length(tmp_path):
+    """A fragmented MP4 cut exactly between two fragments holds only whole boxes, and FFmpeg plays
+    the fragments there (a clip of the first second looked fine, the whole sample was shorter):
+    a global sidx's references (DASH) past the end, or fragments ending before the duration in
+    mvex/mehd, are a cut file; whole files decode."""
+    first_second = MediaConfig(clip_seconds=1.0, clip_start="first")
+    dash = _fragmented_mp4(tmp_path, "frag_keyframe+empty_moov+default_base_moof+global_sidx")
+    assert len(decode_sample(_raw("video.mp4", dash)).video) == 40
+    boxes = _top_boxes(dash)
+    last_mdat_end = max(offset + size for offset, kind, size in boxes if kind == b"mdat")
+    for cut in [offset for offset, kind, _ in boxes if kind == b"moof"][1:]:
+        with pytest.raises(SampleError, match=f"truncated file: it declares {last_mdat_end - cut} bytes more"):
+            decode_sample(_raw("video.mp4", dash[:cut]), media_config=first_second)
+    with_mehd = _with_mehd(_fragmented_mp4(tmp_path, "frag_keyframe+empty_moov+default_base_moof"), 4000)
+    assert len(decode_sample(_raw("video.mp4", with_mehd)).video) == 40
+    last_moof = [offset for offset, kind, _ in _top_boxes(with_mehd) if kind == b"moof"][-1]
+    with pytest.raises(SampleError, match="its fragments end at 3.000 s but its mehd box declares 4.000 s"):
+        decode_sample(_raw("video.mp4", with_mehd[:last_moof]), media_config=first_second)
+
+
+@pytest.mark.parametrize("suffix", ["flac", "mp3"])
+def test_a_compressed_file_saved_as_wav_decodes_by_its_content(tmp_path, suffix):
+    """FFmpeg reads a file by its bytes (a WebM saved as .mp4 plays): a FLAC or MP3 saved as .wav is
+    that file's sound (it was corrupt_media: scipy reads only RIFF); bytes of no format stay corrupt."""
+    tone = ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000:duration=0.5"]
+    path = tmp_path / f"tone.{suffix}"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *tone, str(path)], check=True)
+    named = decode_sample(_raw(f"audio.{suffix}", path.read_bytes()))
+    misnamed = decode_sample(_raw("audio.wav", path.read_bytes()))
+    np.testing.assert_array_equal(misnamed.audio, named.audio)
+    assert misnamed.audio_sample_rate == 48_000
+    with pytest.raises(SampleError, match="corrupt_media: audio.wav: not a readable media file"):
+        decode_sample(_raw("audio.wav", b"\x17" * 3000))
+
+
 @pytest.mark.parametrize("codec", ["pcm_mulaw", "adpcm_ms", "rf64"])
 def test_a_wav_of_another_encoding_is_decoded_by_ffmpeg(tmp_path, codec):
     """mu-law (telephony corpora), ADPCM and RF64 (64-bit sizes, long recordings) WAVs, which scipy
@@ -443,6 +601,60 @@ def test_a_pictures_exif_orientation_is_applied_as_a_viewer_shows_it(orientation
     np.testing.assert_array_equal(viewed, VIEWED[orientation](stored))
 
 
+@pytest.mark.parametrize("field", ["image.png", "video.mp4"])
+def test_a_picture_in_a_video_field_is_turned_by_its_exif_orientation_too(field):
+    """A picture in a video field is shown as a picture field is (FFmpeg left it as stored)."""
+    stored = np.zeros((32, 48, 3), np.uint8)
+    stored[:4, :4], stored[:4, -4:], stored[-4:, :4] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    picture = Image.fromarray(stored)
+    exif = picture.getexif()
+    exif[0x0112] = 6  # turned a quarter clockwise
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", exif=exif)
+    sample = decode_sample(_raw(field, buffer.getvalue()))
+    viewed = sample.image if field.startswith("image") else sample.video[0]
+    np.testing.assert_array_equal(viewed, VIEWED[6](stored))
+
+
+def _four_colour_jpeg(channels: np.ndarray, transform: int) -> bytes:
+    """An Adobe four-colour JPEG whose stored components are ``channels`` (H, W, 4), with the APP14
+    transform flag ``transform`` (0: CMYK, 2: YCCK), as Photoshop writes them: Pillow writes the
+    Adobe marker with transform 0 and stores 255 - v (Adobe's inverted CMYK), so it is given the
+    inverse and the flag is set after."""
+    buffer = io.BytesIO()
+    Image.fromarray(255 - channels, "CMYK").save(buffer, format="JPEG", quality=95)
+    data = bytearray(buffer.getvalue())
+    adobe = data.index(b"Adobe")
+    assert data[adobe + 11] == 0  # the transform byte of APP14 ("Adobe", version, flags0, flags1)
+    data[adobe + 11] = transform
+    return bytes(data)
+
+
+@pytest.mark.parametrize("transform", [0, 2])
+@pytest.mark.parametrize("field", ["image.jpg", "video.mp4"])
+def test_cmyk_and_ycck_jpegs_show_their_colours(field, transform):
+    """A CMYK JPEG, or one stored as YCCK (YCbCr of the inverted C, M, Y, and K), shows the colours
+    of its ink: R = (255 - C)(255 - K) / 255, each patch within JPEG's loss. As a video field's
+    picture FFmpeg decoded the YCCK one to garbage (a red patch came out (178, 170, 0))."""
+    colours = np.array([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (128, 64, 32)])
+    rgb = np.repeat(np.repeat(colours[None].astype(np.uint8), 32, axis=0), 16, axis=1)  # (32, 96, 3)
+    black = 255 - rgb.max(axis=2, keepdims=True).astype(np.float64)  # K, then C, M, Y under it
+    ink = np.where(black < 255, (255 - rgb - black) * 255 / np.maximum(255 - black, 1), 0)
+    cmyk = np.round(np.concatenate([ink, black], axis=2))
+    if transform == 2:  # stored: YCbCr (JFIF's matrix) of 255 - (255 - C) = C, ..., and 255 - K
+        c, m, y = cmyk[..., 0], cmyk[..., 1], cmyk[..., 2]
+        luma = 0.299 * c + 0.587 * m + 0.114 * y
+        stored = np.stack([luma, 128 + (y - luma) / 1.772, 128 + (c - luma) / 1.402, 255 - cmyk[..., 3]], axis=2)
+    else:  # stored: 255 - each ink (Adobe's inverted CMYK)
+        stored = 255 - cmyk
+    data = _four_colour_jpeg(np.clip(np.round(stored), 0, 255).astype(np.uint8), transform)
+    sample = decode_sample(_raw(field, data))
+    shown = sample.image if field.startswith("image") else sample.video[0]
+    for index, colour in enumerate(colours):
+        patch = shown[4:28, index * 16 + 4 : index * 16 + 12].reshape(-1, 3).astype(int)
+        assert np.abs(patch - colour).max() <= 4, (index, colour, patch.mean(axis=0))
+
+
 def test_a_16_bit_grey_picture_keeps_its_tones():
     """Pillow reads it as mode I;16 and its own RGB conversion clips every value above 255."""
     ramp = np.linspace(0, 65535, 32 * 48).reshape(32, 48).astype(np.uint16)
@@ -475,6 +687,33 @@ def test_a_cut_file_is_corrupt_even_where_the_clip_lies_in_its_intact_part(tmp_p
     assert len(decode_sample(_raw(f"video.{suffix}", data), media_config=first_half_second).video) == 12
     with pytest.raises(SampleError, match=f"corrupt_media: video.{suffix}: truncated file"):
         decode_sample(_raw(f"video.{suffix}", data[: len(data) * 4 // 5]), media_config=first_half_second)
+
+
+@pytest.mark.parametrize(("muxer", "codec"), [("mpegts", "libx264"), ("mpeg", "mpeg2video"), ("flv", "libx264")])
+def test_a_video_field_in_a_container_that_does_not_say_its_length_is_unsupported(tmp_path, muxer, codec):
+    """MPEG-TS/PS or FLV bytes under a video field's name (video.mp4): FFmpeg reads them to where
+    they stop, so a cut one was a shorter clip (TS cut at half: 9 of 20 frames), never a cut file."""
+    raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", "10", "-i", "-"]
+    path = tmp_path / "clip.bin"
+    command = ["ffmpeg", "-loglevel", "error", "-y", *raw_input, "-c:v", codec, "-f", muxer, str(path)]
+    subprocess.run(command, input=_source_frames(20).tobytes(), check=True)
+    data = path.read_bytes()
+    for cut in (data, data[: len(data) // 2]):
+        with pytest.raises(SampleError, match="unsupported_container: video.mp4: a .* file; video fields take MP4/MOV"):
+            decode_sample(_raw("video.mp4", cut))
+
+
+@pytest.mark.parametrize("suffix", ["png", "jpg"])
+def test_a_picture_in_a_video_field_is_a_one_frame_video_and_a_cut_one_is_corrupt(suffix):
+    """A still picture stored as a video field decodes as one frame; cut, it was a whole frame to
+    FFmpeg's JPEG decoder (grey below the cut), now Pillow's truncation check refuses it."""
+    picture = _source_frames(1)[0]
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="PNG" if suffix == "png" else "JPEG", quality=95)
+    data = buffer.getvalue()
+    assert len(decode_sample(_raw("video.mp4", data)).video) == 1
+    with pytest.raises(SampleError, match="corrupt_media: video.mp4: not a readable image"):
+        decode_sample(_raw("video.mp4", data[: len(data) // 2]))
 
 
 @pytest.mark.parametrize("junk", [b"\n", b"\x00\x00\x00", b"appended by a tool\n" * 4, bytes(range(256))])

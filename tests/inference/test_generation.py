@@ -7,6 +7,7 @@ import json
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -265,6 +266,17 @@ def test_a_samples_noise_and_result_do_not_depend_on_its_pack_company(model, bui
         ),
         ("forward_dynamics", {"actions": torch.zeros(2, 19).numpy()}, "the actions span 0.200 s \\(2 steps"),
         ("text_to_video", {"resolution": None}, "task 'text_to_video': resolution \\(height, width\\) is needed"),
+        (  # floats (NaN too) were encoded as if 0..255; four channels or grey failed inside the encoder
+            "image_to_video",
+            {"video": None, "image": np.full((64, 32, 3), np.nan, np.float32)},
+            "task 'image_to_video': image of dtype float32 and shape \\(64, 32, 3\\); want \\(H, W, 3\\) uint8 RGB",
+        ),
+        ("image_to_video", {"video": None, "image": np.zeros((64, 32, 4), np.uint8)}, "image of dtype uint8 and shape"),
+        (
+            "video_to_audio",
+            {"video": np.zeros((5, 64, 32), np.uint8)},
+            "video of dtype uint8 and shape \\(5, 64, 32\\)",
+        ),
         (
             "text_to_image",
             {"resolution": (60, 32)},
@@ -283,6 +295,20 @@ def test_a_samples_noise_and_result_do_not_depend_on_its_pack_company(model, bui
 def test_bad_requests_are_named(task, changes, message, model, builder):
     with pytest.raises(ValueError, match=message):
         generate(model, [request_for(task, **changes)], builder)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), [(float("nan"), "holds 1 NaN/inf values"), (1e30, "holds a value of magnitude 1e\\+30")]
+)
+def test_conditioning_actions_that_are_not_finite_numbers_are_refused(value, message, model, builder):
+    """A NaN or overflowing action step (a damaged .npy) is named, not generated from as NaN tokens."""
+    request = request_for("forward_dynamics")
+    request.actions = request.actions.astype(np.float64)
+    request.actions[2, 3] = value
+    with pytest.raises(
+        ValueError, match=f"task 'forward_dynamics': (non_finite|out_of_range): conditioning actions {message}"
+    ):
+        generate(model, [request], builder)
 
 
 def test_tasks_the_model_was_not_trained_for_are_refused(builder):

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.io import wavfile
 
 from megatron_cosmos3.data.media_writers import write_mp4, write_png, write_wav
 from megatron_cosmos3.inference.requests import GenerationRequest, required_inputs
-from megatron_cosmos3.release.generate_cli import RequestError, main, read_requests, run_requests
+from megatron_cosmos3.release.generate_cli import RequestError, main, read_input, read_requests, run_requests
 from megatron_cosmos3.release.trained import load_trained_model
 from megatron_cosmos3.tasks.registry import TASK_REGISTRY
 from megatron_cosmos3.testing.media_probe import ffmpeg_frames, ffprobe_streams
@@ -219,6 +220,52 @@ def test_a_bad_request_is_a_clear_error_and_writes_nothing(checkpoint, inputs, t
     assert main(["--checkpoint", str(checkpoint), "--requests", str(requests), "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _sine_file(path: Path, *args: str) -> Path:
+    """Half a second of a 440 Hz tone written by the ffmpeg command with ``args`` (an independent writer)."""
+    tone = ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100:duration=0.5"]
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *tone, *args, str(path)], check=True)
+    return path
+
+
+def _wav(path: Path, rate: int, samples: np.ndarray) -> Path:
+    wavfile.write(path, rate, samples)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, want",
+    [  # conditioning sound is read as the loader reads an audio field (docs/DESIGN.md, "Real media")
+        (lambda d: _sine_file(d / "a.flac"), (2, 24000, 48000)),  # was "want a .wav file"
+        (lambda d: _sine_file(d / "a.mp3"), (2, 24000, 48000)),
+        (lambda d: _sine_file(d / "a.wav", "-c:a", "pcm_mulaw"), (2, 24000, 48000)),  # was corrupt_media
+        (lambda d: _sine_file(d / "a.wav", "-af", "pan=5.1|c0=c0|c1=c0|c2=c0|c3=c0|c4=c0|c5=c0"), (2, 24000, 48000)),
+        (lambda d: _sine_file(d / "a.wav", "-ac", "1"), (1, 22050, 44100)),  # a WAV keeps its rate
+        (lambda d: _sine_file(d / "a.WAV", "-c:a", "pcm_u8", "-ac", "2"), (2, 22050, 44100)),
+    ],
+)
+def test_conditioning_audio_in_any_format_the_shards_take_is_read(tmp_path, make, want):
+    audio, rate = read_input("audio", make(tmp_path), "request r")
+    assert (audio.shape[0], audio.shape[1], rate) == want
+    assert 0.09 < np.abs(audio).max() < 1.0  # ffmpeg's sine source: amplitude 1/8 (more where 5.1 is downmixed)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: _wav(d / "a.wav", 48000, np.array([0.0, np.nan], np.float32)), "non_finite: {} holds NaN/inf"),
+        (lambda d: _wav(d / "a.wav", 10**7, np.zeros(8, np.int16)), "out_of_range: {} sample rate 10000000 Hz"),
+        (lambda d: _wav(d / "a.wav", 48000, np.zeros(0, np.int16)), "zero_length: {}"),
+        (lambda d: _sine_file(d / "a.flac").write_bytes(b"fLaC" + bytes(40)) and d / "a.flac", "corrupt_media: {}"),
+        (lambda d: _sine_file(d / "a.ogg", "-c:a", "libvorbis").with_suffix(".aiff"), "want one of ('.wav', '.flac'"),
+    ],
+)
+def test_damaged_or_unusable_conditioning_audio_is_an_error_naming_the_file(tmp_path, make, message):
+    path = make(tmp_path)
+    path.touch()
+    with pytest.raises(RequestError, match=re.escape("request r: " * ("want" not in message) + message.format(path))):
+        read_input("audio", path, "request r")
 
 
 @pytest.mark.parametrize(
