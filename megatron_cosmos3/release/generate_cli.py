@@ -401,12 +401,13 @@ def task_table() -> str:
         lines.append(f"  {name:<22} {', '.join(needs) or '-'}")
     lines.append(
         textwrap.dedent(
-            """
-            flags for the inputs: image -> --image, video -> --video (.mp4/.mov/.m4v/.webm/.mkv/.avi or a
-            (T, H, W, 3) uint8 .npy with --fps), audio -> --audio (.wav), actions -> --actions
-            ((N, dim) .npy, physical units), embodiment -> --embodiment, duration -> --duration or
-            --num-frames (1 + 4k), resolution -> --resolution HxW (whole video tokens: multiples of
-            16 x model.video_patch_size). A task the checkpoint was not trained for is refused."""
+            f"""
+            flags for the inputs: image -> --image, video -> --video ({"/".join(VIDEO_SUFFIXES)} or a
+            (T, H, W, 3) uint8 .npy with --fps), audio -> --audio ({"/".join(AUDIO_FILE_SUFFIXES)}),
+            actions -> --actions ((N, dim) .npy, physical units), embodiment -> --embodiment,
+            duration -> --duration or --num-frames (1 + 4k), resolution -> --resolution HxW (whole
+            video tokens: multiples of 16 x model.video_patch_size). A task the checkpoint was not
+            trained for is refused."""
         )
     )
     return "\n".join(lines)
@@ -431,8 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--requests", type=Path, help="a JSONL file of requests (keys as these flags, snake_case)")
     parser.add_argument("--prompt", default="", help="caption, instruction or question")
     parser.add_argument("--image", help="conditioning image / observation (png, jpg)")
-    parser.add_argument("--video", help="conditioning video (.mp4/.mov/.m4v/.webm/.mkv/.avi, or .npy frames)")
-    parser.add_argument("--audio", help="conditioning audio (.wav)")
+    parser.add_argument("--video", help=f"conditioning video ({'/'.join(VIDEO_SUFFIXES)}, or .npy frames)")
+    parser.add_argument("--audio", help=f"conditioning audio ({'/'.join(AUDIO_FILE_SUFFIXES)})")
     parser.add_argument("--actions", help="conditioning actions, (N, dim) .npy in physical units")
     parser.add_argument("--embodiment", help="whose actions are conditioned on or generated")
     parser.add_argument("--duration", dest="duration_s", type=float, help="clip length in seconds")
