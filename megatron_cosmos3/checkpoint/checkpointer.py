@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -533,12 +534,14 @@ def load_state(
             else:
                 del entries[name]
     try:
-        dcp.load(
-            state,
-            storage_reader=reader,
-            planner=DefaultLoadPlanner(allow_partial_load=True),
-            process_group=group,
-        )
+        with warnings.catch_warnings():  # a reader without a process group (cosmos3-generate, export)
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            dcp.load(
+                state,
+                storage_reader=reader,
+                planner=DefaultLoadPlanner(allow_partial_load=True),
+                process_group=group,
+            )
     except CheckpointException as error:  # a rank's own error, not "ranks: dict_keys([0])"
         for failure in error.failures.values():
             cause = failure[0] if isinstance(failure, tuple) else failure
