@@ -175,9 +175,16 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("no MLflow run at %s: the report stays in %s only", args.tracking_uri, args.out)
         else:
             log.info("MLflow run %s at %s", run_id, args.tracking_uri)
+    width = max((len(row.name) for row in result.report.rows), default=0)  # one column, however long the names
     for row in result.report.rows:
         log.info(
-            "%-45s model %10.4g  oracle %10.4g  chance %10.4g %s", row.name, row.model, row.oracle, row.chance, row.unit
+            "%-*s  model %10.4g  oracle %10.4g  chance %10.4g %s",
+            width,
+            row.name,
+            row.model,
+            row.oracle,
+            row.chance,
+            row.unit,
         )
     return 0
 
