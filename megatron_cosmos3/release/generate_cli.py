@@ -144,6 +144,8 @@ def _check_kind(key: str, value: Any, kind: type | None, where: str) -> None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok:
         want = {str: "a string", int: "an integer", float: "a finite number"}[kind]
+        if key == "fps":
+            want = "a positive number or fraction 'N/D'"
         raise RequestError(f"{where}: {key}={value!r} must be {want}")
 
 
