@@ -669,13 +669,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """``cosmos3-train``: as ``main``, but a config error is one line on stderr (from rank 0: every
-    rank reads the same config and fails the same way) and exit status 2 on every rank, as the
-    other commands do; errors while training stay tracebacks."""
+    """``cosmos3-train``: as ``main``, but a config error (or a ``--config`` file that cannot be
+    read) is one line on stderr (from rank 0: every rank reads the same config and fails the same
+    way) and exit status 2 on every rank, as the other commands do; errors while training stay
+    tracebacks."""
     args = parse_args(argv)
     try:
         config = checked_config(args)
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # OSError: a --config file that is missing or unreadable
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"cosmos3-train: error: {error}", file=sys.stderr)
         return 2

@@ -136,3 +136,11 @@ def test_the_console_command_names_a_config_error_in_one_line_and_exits_2(monkey
         assert "num_attention_heads=4 must be a multiple of num_kv_heads=3" in err
     else:
         assert err == ""
+    # A --config file that is not there is the same one line (it was FileNotFoundError's traceback).
+    assert train_module.cli(["--config", str(REPO / "configs/no_such.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"cosmos3-train: error: [Errno 2] No such file or directory: '{REPO / 'configs/no_such.yaml'}'\n"
+        if rank == "0"
+        else ""
+    )
