@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -325,6 +326,26 @@ def qwen3_vl_mrope_section(section: list[int], head_dim: int) -> list[int]:
     return [half - h - w, h, w]
 
 
+# Mappings of MoTConfig whose default entries are examples, not a floor: given whole (a YAML file's
+# mapping, or ``model.embodiments={...}`` on the command line) they replace the default, where
+# OmegaConf would merge into it (a model of one 6-D arm kept the default single_arm and humanoid
+# heads). A dotted key below them (``model.embodiments.arm.rate_hz=20``) still changes one entry.
+WHOLE_MAPPINGS = ("embodiments",)
+
+
+def merge_config_layer(merged, layer, prefix: str = "", given: Iterable[str] | None = None):
+    """``OmegaConf.merge(merged, layer)``, except that each of WHOLE_MAPPINGS that ``layer`` sets
+    replaces ``merged``'s instead of merging into it. ``prefix``: where the model config sits in
+    both (``"model."`` in a training config); ``given``: only the keys ``layer`` gives whole (an
+    override list's ``key=`` names), None for every one it sets (a file)."""
+    from omegaconf import OmegaConf
+
+    for key in (prefix + name for name in WHOLE_MAPPINGS):
+        if (given is None or key in given) and OmegaConf.select(layer, key, default=None) is not None:
+            OmegaConf.update(merged, key, {}, merge=False)
+    return OmegaConf.merge(merged, layer)
+
+
 def load_model_config(path: str | Path) -> MoTConfig:
     """The ``model:`` section of a YAML file (e.g. ``configs/model/nano.yaml``) as a validated MoTConfig
     (its ``embodiments``, if given, replace the default ones).
@@ -343,9 +364,6 @@ def load_model_config(path: str | Path) -> MoTConfig:
         found = sorted(map(str, raw)) if isinstance(raw, DictConfig) else type(raw).__name__
         raise ValueError(f"{path}: expected a top-level 'model:' section, found {found}")
     try:
-        schema = OmegaConf.structured(MoTConfig)
-        if isinstance(raw.model, DictConfig) and "embodiments" in raw.model:
-            schema.embodiments = {}  # the file lists the model's embodiments: not merged into the defaults
-        return OmegaConf.to_object(OmegaConf.merge(schema, raw.model))
+        return OmegaConf.to_object(merge_config_layer(OmegaConf.structured(MoTConfig), raw.model))
     except Exception as error:  # OmegaConf's errors name the key, validation the value: add the file
         raise ValueError(f"{path}: not a valid model config: {error}") from None
