@@ -94,7 +94,10 @@ class DeepSpeedPlan:
             return cls(config, world_size)
         from megatron_cosmos3.parallel.state import initialize_parallel
 
-        return cls(config, world_size, initialize_parallel(config.parallel, config.model, config.model.num_experts))
+        groups = initialize_parallel(
+            config.parallel, config.model, config.model.num_experts, config.distributed.init_timeout_s
+        )
+        return cls(config, world_size, groups)
 
     @property
     def data_rank(self) -> int:

@@ -169,7 +169,7 @@ def build_plan(config: TrainConfig, ctx: DistributedContext):
         from megatron_cosmos3.training.deepspeed_engine import DeepSpeedPlan
 
         return DeepSpeedPlan.create(config, ctx.world_size)
-    return ParallelPlan.create(config.parallel, config.model, ctx.world_size)
+    return ParallelPlan.create(config.parallel, config.model, ctx.world_size, config.distributed.init_timeout_s)
 
 
 def build_checkpointer(config: TrainConfig, ctx: DistributedContext, plan) -> Checkpointer:
