@@ -282,6 +282,17 @@ class MoTConfig:
         """The parameters of the weight matrices alone (embedding, LM head, both towers' attention
         and MLPs or experts, the ViT blocks' linears): norms, routers and DM-stream projections are
         left out, so the model holds at least this many (checked in tests/model/test_config.py)."""
+        count = self.layer_parameter_count_lower_bound() + self.vocab_size * self.hidden_size * (
+            1 if self.tie_word_embeddings else 2
+        )
+        if self.vision is not None:
+            v = self.vision
+            count += v.depth * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+        return count
+
+    def layer_parameter_count_lower_bound(self) -> int:
+        """The layers' share of ``parameter_count_lower_bound`` (both towers' attention and MLPs or
+        experts): what every pipeline stage holds a part of, in proportion to its layers."""
         h, d = self.hidden_size, self.head_dim
         attention = h * d * (2 * self.num_attention_heads + 2 * self.num_kv_heads)
         dense = 3 * h * self.ffn_hidden_size
@@ -290,11 +301,7 @@ class MoTConfig:
             attention + (experts if self.num_experts and tower in self.moe_towers else dense)
             for tower in ("reasoner", "generator")
         )
-        count = self.num_layers * towers + self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        if self.vision is not None:
-            v = self.vision
-            count += v.depth * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
-        return count
+        return self.num_layers * towers
 
     @property
     def rope_sections(self) -> list[int]:
