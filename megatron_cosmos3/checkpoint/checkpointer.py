@@ -234,6 +234,7 @@ class Checkpointer:
         self._agreement = dist.new_group(backend="gloo") if self.distributed else None
         self.meshes = ShardingMeshes.from_groups(groups, device_type)
         self._pending: _PendingSave | None = None
+        self._foreign_warned: set[str] = set()  # step folders pruning leaves alone, said once a run each
         failed = None
         if self.rank == 0:
             try:
@@ -419,10 +420,11 @@ class Checkpointer:
         named as ``step_dir`` names them, whose meta.json says their step. A commit renames a staging
         folder that already holds meta.json, so any other step folder (without one, a link, another
         spelling of the number) was put there by someone else (a user's folder, another tool's
-        half-written save) and is left alone, said in a warning. This run's own incomplete saves
-        never carry a ``step_<N>`` name: they are ``.step_<N>.partial``, removed when the save fails
-        or the next attempt starts. A folder is renamed before it is removed, so a removal cut short
-        never leaves a checkpoint-looking folder with files missing (the next start removes it)."""
+        half-written save) and is left alone, said in a warning once a run (not at every save). This
+        run's own incomplete saves never carry a ``step_<N>`` name: they are ``.step_<N>.partial``,
+        removed when the save fails or the next attempt starts. A folder is renamed before it is
+        removed, so a removal cut short never leaves a checkpoint-looking folder with files missing
+        (the next start removes it)."""
         older = []
         for path in sorted((p for p in self.root.glob("step_*") if step_of(p) is not None), key=step_of):
             step = step_of(path)
@@ -430,7 +432,9 @@ class Checkpointer:
                 continue
             ours = path.name == step_dir(self.root, step).name and path.is_dir() and not path.is_symlink()
             if not ours or _meta_step(path) != step:
-                log.warning("keep-last pruning leaves %s alone: not a checkpoint this code committed", path)
+                if path.name not in self._foreign_warned:
+                    self._foreign_warned.add(path.name)
+                    log.warning("keep-last pruning leaves %s alone: not a checkpoint this code committed", path)
                 continue
             older.append(path)
         for old in older[: max(0, len(older) - (self.keep_last - 1))]:

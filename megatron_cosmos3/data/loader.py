@@ -37,7 +37,7 @@ from megatron_cosmos3.data.sample_builder import BuildLimits, BuiltSample, Sampl
 from megatron_cosmos3.data.schedule import DatasetSource, ShardSchedule, SlotAddress
 from megatron_cosmos3.data.schema import SchemaContext
 from megatron_cosmos3.data.shard_processor import ShardProcessor, ShardResult
-from megatron_cosmos3.data.shards import missing_local_shards, resolve_shards
+from megatron_cosmos3.data.shards import first_local_shard, resolve_shards
 from megatron_cosmos3.data.shuffle import ShuffleBuffer
 from megatron_cosmos3.data.slot_stream import SlotStream, iterate_slots
 from megatron_cosmos3.data.tokenizer import build_tokenizer
@@ -98,21 +98,13 @@ def _make_builders(
 
 
 def _check_shards_exist(source: DatasetSource) -> None:
-    """A dataset none of whose shards is on disk is a LoaderSetupError naming it; some missing are
-    logged once with their count and skipped when read (``unreadable_shard``). One stat per local
-    shard, at set-up; remote URLs are not checked."""
-    missing = missing_local_shards(source.shards)
-    if missing and len(missing) == len(source.shards):
+    """A dataset none of whose shards is on disk is a LoaderSetupError naming it. Local shards are
+    stat'ed only up to the first present one (``shards.first_local_shard``): one missing later is
+    one counted ``unreadable_shard`` ("missing on disk") when read, logged with its shard."""
+    if first_local_shard(source.shards) is None:
         raise LoaderSetupError(
-            f"dataset {source.name!r}: none of its {len(missing)} shards is on disk (first: {missing[0]})"
-        )
-    if missing:
-        log.warning(
-            "dataset %r: %d of its %d shards are missing (first: %s); each is skipped when read",
-            source.name,
-            len(missing),
-            len(source.shards),
-            missing[0],
+            f"dataset {source.name!r}: none of its {len(source.shards)} shards is on disk "
+            f"(first: {source.shards[0].url})"
         )
 
 

@@ -20,6 +20,7 @@ import gzip
 import json
 import lzma
 import os
+import stat
 import tarfile
 import tempfile
 import zlib
@@ -46,6 +47,16 @@ INDEX_FILENAME = "index.json"
 _INDEX_VERSION = 1
 _TAR_BLOCK = 512
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
+# Bounds of what an index may declare, far above any real shard set (a 10k-shard set's index is a
+# few MB; a shard of 1e9 samples is at least 512 GB): a crafted or damaged index is refused by name
+# before anything is read, weighed or allocated by it (docs/DESIGN.md, "The data path, from shard to loss").
+INDEX_LIMITS = dict(
+    index_bytes=1 << 30,  # the index file itself
+    shards=10_000_000,  # entries of one index
+    samples=1_000_000_000,  # samples of one shard
+    bytes=1 << 40,  # bytes of one shard
+    modalities=64,  # modality names of one shard
+)
 
 
 def local_path(url: str) -> str | None:
@@ -115,15 +126,26 @@ class ShardIndex:
         the value): a JSON object of ``format_version`` 1 whose ``shards`` are objects with a
         non-empty string ``url``, never a ``pipe:`` command (a shard set's own file may not run
         one; a config's ``shards`` entry may), each listed once, ``samples`` and ``bytes`` ints
-        >= 0 or null, ``samples`` at most what an uncompressed local tar of its size can hold (a
-        member takes at least one 512-byte block)."""
+        >= 0 or null, ``samples`` at most what an uncompressed tar of its declared ``bytes`` can
+        hold (a member takes at least one 512-byte block); the file, its entries and every count
+        within ``INDEX_LIMITS``.
+
+        No shard is stat'ed here (a 10k-shard index on a parallel file system would be a metadata
+        storm at every start and loader build): a shard missing on disk is found when it is opened,
+        one counted ``unreadable_shard`` (``read_shard``), and the loader's set-up refuses a
+        dataset none of whose shards is there (``first_local_shard``)."""
         path = Path(path)
         if path.is_dir():
             path = path / INDEX_FILENAME
         if path.exists() and not path.is_file():  # a FIFO or device would be read without end
             raise ValueError(f"{path}: not a regular file")
+        with open(path, "rb") as f:
+            raw = f.read(INDEX_LIMITS["index_bytes"] + 1)
+        if len(raw) > INDEX_LIMITS["index_bytes"]:
+            limit = INDEX_LIMITS["index_bytes"]
+            raise ValueError(f"{path}: the index holds more than INDEX_LIMITS['index_bytes']={limit:,} bytes")
         try:
-            document = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constant)
+            document = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
         except (UnicodeDecodeError, ValueError, RecursionError) as error:
             raise ValueError(f"{path}: not a JSON index: {type(error).__name__}: {error}") from None
         if not isinstance(document, dict):
@@ -133,6 +155,9 @@ class ShardIndex:
         entries = document.get("shards")
         if not isinstance(entries, list):
             raise ValueError(f"{path}: shards must be a list, got {type(entries).__name__}")
+        if len(entries) > INDEX_LIMITS["shards"]:
+            limit = INDEX_LIMITS["shards"]
+            raise ValueError(f"{path}: shards lists {len(entries):,}, more than INDEX_LIMITS['shards']={limit:,}")
 
         def resolve(url: str) -> str:
             return url if "://" in url or os.path.isabs(url) else str(path.parent / url)
@@ -151,21 +176,28 @@ class ShardIndex:
                 value = entry.get(name)
                 if value is not None and (type(value) is not int or value < 0):
                     raise ValueError(f"{where}.{name}={value!r} must be an int >= 0 or null")
+                if value is not None and value > INDEX_LIMITS[name]:
+                    raise ValueError(f"{where}.{name}={value:,} is above INDEX_LIMITS['{name}']={INDEX_LIMITS[name]:,}")
             modalities = entry.get("modalities") or {}
             if not isinstance(modalities, dict):
                 raise ValueError(f"{where}.modalities must be an object, got {type(modalities).__name__}")
+            if len(modalities) > INDEX_LIMITS["modalities"]:
+                raise ValueError(
+                    f"{where}.modalities names {len(modalities):,}, "
+                    f"more than INDEX_LIMITS['modalities']={INDEX_LIMITS['modalities']}"
+                )
+            for name, count in modalities.items():
+                if type(count) is not int or not 0 <= count <= INDEX_LIMITS["samples"]:
+                    limit = INDEX_LIMITS["samples"]
+                    raise ValueError(f"{where}.modalities.{name}={count!r} must be an int in 0..{limit:,}")
             resolved = resolve(url)
             key = _same_shard_key(resolved)
             if key in seen:
                 raise ValueError(f"{where}.url={url!r} lists the shard of shards[{seen[key]}] again")
             seen[key] = i
-            samples = entry.get("samples")
-            if samples is not None and key.endswith(".tar") and os.path.isfile(key):
-                most = os.path.getsize(key) // _TAR_BLOCK
-                if samples > most:
-                    raise ValueError(
-                        f"{where}.samples={samples}: a tar of {os.path.getsize(key)} bytes holds at most {most}"
-                    )
+            samples, size = entry.get("samples"), entry.get("bytes")
+            if samples is not None and size is not None and key.endswith(".tar") and samples > size // _TAR_BLOCK:
+                raise ValueError(f"{where}.samples={samples}: a tar of {size} bytes holds at most {size // _TAR_BLOCK}")
             shards.append(ShardInfo(resolved, samples, entry.get("bytes"), modalities))
         return cls(tuple(shards), document.get("schema_version", 1))
 
@@ -194,10 +226,16 @@ def local_entry_problem(entry: str) -> str | None:
     return None
 
 
-def missing_local_shards(shards: Sequence[ShardInfo]) -> list[str]:
-    """The URLs of ``shards`` that are local files absent from disk (one stat each; remote URLs are
-    not checked: they fail, counted, when read)."""
-    return [s.url for s in shards if (path := local_path(s.url)) is not None and not os.path.exists(path)]
+def first_local_shard(shards: Sequence[ShardInfo]) -> str | None:
+    """The URL of the first of ``shards`` that is remote or on disk, None when every one is a local
+    file absent from disk. Stats local shards in order up to the first present one (one stat when
+    the first is there): the others are found missing when read, one counted ``unreadable_shard``
+    each, never by a stat of every shard on every rank (``ShardIndex.load``)."""
+    for shard in shards:
+        path = local_path(shard.url)
+        if path is None or os.path.exists(path):
+            return shard.url
+    return None
 
 
 def resolve_shards(entries: list[str]) -> list[ShardInfo]:
@@ -284,10 +322,19 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
     ``gzip -d`` ignores them.
     """
     local = local_path(url)
-    if local is not None and os.path.exists(local) and not os.path.isfile(local):
-        # A device or FIFO never ends (/dev/zero would be read for ever) and a folder is no tar.
-        yield Skip(url, "", UNREADABLE_SHARD, "not a regular file")
-        return
+    if local is not None:  # one stat: the shard's only one (``ShardIndex.load``)
+        try:
+            mode = os.stat(local).st_mode
+        except FileNotFoundError:
+            yield Skip(url, "", UNREADABLE_SHARD, "missing on disk")
+            return
+        except OSError as error:
+            yield Skip(url, "", UNREADABLE_SHARD, f"cannot open: {type(error).__name__}: {error}")
+            return
+        if not stat.S_ISREG(mode):
+            # A device or FIFO never ends (/dev/zero would be read for ever) and a folder is no tar.
+            yield Skip(url, "", UNREADABLE_SHARD, "not a regular file")
+            return
     try:
         raw = gopen(url, "rb")
     except Exception as error:  # noqa: BLE001 - gopen raises anything from OSError to a pipe's ValueError

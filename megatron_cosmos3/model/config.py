@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -281,6 +282,17 @@ class MoTConfig:
         """The parameters of the weight matrices alone (embedding, LM head, both towers' attention
         and MLPs or experts, the ViT blocks' linears): norms, routers and DM-stream projections are
         left out, so the model holds at least this many (checked in tests/model/test_config.py)."""
+        count = self.layer_parameter_count_lower_bound() + self.vocab_size * self.hidden_size * (
+            1 if self.tie_word_embeddings else 2
+        )
+        if self.vision is not None:
+            v = self.vision
+            count += v.depth * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+        return count
+
+    def layer_parameter_count_lower_bound(self) -> int:
+        """The layers' share of ``parameter_count_lower_bound`` (both towers' attention and MLPs or
+        experts): what every pipeline stage holds a part of, in proportion to its layers."""
         h, d = self.hidden_size, self.head_dim
         attention = h * d * (2 * self.num_attention_heads + 2 * self.num_kv_heads)
         dense = 3 * h * self.ffn_hidden_size
@@ -289,11 +301,7 @@ class MoTConfig:
             attention + (experts if self.num_experts and tower in self.moe_towers else dense)
             for tower in ("reasoner", "generator")
         )
-        count = self.num_layers * towers + self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        if self.vision is not None:
-            v = self.vision
-            count += v.depth * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
-        return count
+        return self.num_layers * towers
 
     @property
     def rope_sections(self) -> list[int]:
@@ -325,6 +333,26 @@ def qwen3_vl_mrope_section(section: list[int], head_dim: int) -> list[int]:
     return [half - h - w, h, w]
 
 
+# Mappings of MoTConfig whose default entries are examples, not a floor: given whole (a YAML file's
+# mapping, or ``model.embodiments={...}`` on the command line) they replace the default, where
+# OmegaConf would merge into it (a model of one 6-D arm kept the default single_arm and humanoid
+# heads). A dotted key below them (``model.embodiments.arm.rate_hz=20``) still changes one entry.
+WHOLE_MAPPINGS = ("embodiments",)
+
+
+def merge_config_layer(merged, layer, prefix: str = "", given: Iterable[str] | None = None):
+    """``OmegaConf.merge(merged, layer)``, except that each of WHOLE_MAPPINGS that ``layer`` sets
+    replaces ``merged``'s instead of merging into it. ``prefix``: where the model config sits in
+    both (``"model."`` in a training config); ``given``: only the keys ``layer`` gives whole (an
+    override list's ``key=`` names), None for every one it sets (a file)."""
+    from omegaconf import OmegaConf
+
+    for key in (prefix + name for name in WHOLE_MAPPINGS):
+        if (given is None or key in given) and OmegaConf.select(layer, key, default=None) is not None:
+            OmegaConf.update(merged, key, {}, merge=False)
+    return OmegaConf.merge(merged, layer)
+
+
 def load_model_config(path: str | Path) -> MoTConfig:
     """The ``model:`` section of a YAML file (e.g. ``configs/model/nano.yaml``) as a validated MoTConfig
     (its ``embodiments``, if given, replace the default ones).
@@ -343,9 +371,6 @@ def load_model_config(path: str | Path) -> MoTConfig:
         found = sorted(map(str, raw)) if isinstance(raw, DictConfig) else type(raw).__name__
         raise ValueError(f"{path}: expected a top-level 'model:' section, found {found}")
     try:
-        schema = OmegaConf.structured(MoTConfig)
-        if isinstance(raw.model, DictConfig) and "embodiments" in raw.model:
-            schema.embodiments = {}  # the file lists the model's embodiments: not merged into the defaults
-        return OmegaConf.to_object(OmegaConf.merge(schema, raw.model))
+        return OmegaConf.to_object(merge_config_layer(OmegaConf.structured(MoTConfig), raw.model))
     except Exception as error:  # OmegaConf's errors name the key, validation the value: add the file
         raise ValueError(f"{path}: not a valid model config: {error}") from None

@@ -39,6 +39,7 @@ from megatron_cosmos3.parallel.data_parallel import (
     wrap_data_parallel,
 )
 from megatron_cosmos3.parallel.expert_parallel import apply_expert_parallel, finalize_expert_grads
+from megatron_cosmos3.parallel.failures import fail_together
 from megatron_cosmos3.parallel.grad_norm import clip_grad_norm
 from megatron_cosmos3.parallel.pipeline import PipelineStages, split_into_stages, split_model
 from megatron_cosmos3.parallel.pipeline_schedules import MicroBatch, forward_backward
@@ -65,11 +66,14 @@ class ParallelPlan:
         self.megatron: MegatronGradients | None = None  # parallel.ddp_impl=megatron: its DDP's gradients
 
     @classmethod
-    def create(cls, sizes: ParallelSizes, model: MoTConfig, world_size: int) -> ParallelPlan:
-        """Collective: validates ``sizes`` and creates every process group; one process needs none."""
+    def create(
+        cls, sizes: ParallelSizes, model: MoTConfig, world_size: int, timeout_s: float | None = None
+    ) -> ParallelPlan:
+        """Collective: validates ``sizes`` and creates every process group, whose collectives wait
+        ``timeout_s`` (``initialize_parallel``); one process needs none."""
         if world_size == 1:
             return cls(sizes)
-        return cls(sizes, initialize_parallel(sizes, model, model.num_experts))
+        return cls(sizes, initialize_parallel(sizes, model, model.num_experts, timeout_s))
 
     # -- who is who -----------------------------------------------------------------------------
     @property
@@ -181,9 +185,14 @@ class ParallelPlan:
         backward unless ``forward_only``: {micro-batch index: LossBreakdown} where this rank computes
         losses (the last pipeline stage). Each micro-batch backpropagates ``total / len(micro_batches)``.
         ``loss_fn(output, batch, targets[, group=...])``: e.g. ``loss_breakdown`` with its weight bound.
-        ``forward_context`` wraps each forward and loss, never a backward (e.g. autocast)."""
-        if self.stages is not None:
-            return self._run_pipeline(micro_batches, loss_fn, forward_only, forward_context)
+        ``forward_context`` wraps each forward and loss, never a backward (e.g. autocast). A rank
+        failing in there ends every rank, each naming its error (``fail_together``)."""
+        with fail_together("the forward and backward"):
+            if self.stages is not None:
+                return self._run_pipeline(micro_batches, loss_fn, forward_only, forward_context)
+            return self._run_one_stage(micro_batches, loss_fn, forward_only, forward_context)
+
+    def _run_one_stage(self, micro_batches, loss_fn, forward_only, forward_context) -> dict[int, LossBreakdown]:
         if self.megatron is not None and not forward_only:
             self.megatron.start_step()
         losses_of = {}

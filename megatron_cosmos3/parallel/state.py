@@ -6,6 +6,7 @@ training entry point reaches for global parallel state.
 
 from __future__ import annotations
 
+import datetime
 import warnings
 from dataclasses import dataclass
 
@@ -52,8 +53,16 @@ class ParallelGroups:
         return self.pipeline_rank == self.sizes.pipeline - 1
 
 
-def initialize_parallel(sizes: ParallelSizes, model: MoTConfig, num_experts: int = 0) -> ParallelGroups:
-    """Validates the layout against the world and the model, then creates every group (collective)."""
+MEGATRON_TIMEOUT_MINUTES = 30  # megatron-core's own default for its groups
+
+
+def initialize_parallel(
+    sizes: ParallelSizes, model: MoTConfig, num_experts: int = 0, timeout_s: float | None = None
+) -> ParallelGroups:
+    """Validates the layout against the world and the model, then creates every group (collective).
+    ``timeout_s``: how long the groups' collectives wait (the configured ``distributed.init_timeout_s``;
+    None: megatron-core's 30 minutes), as the world's do: a rank waiting in one for a rank that
+    failed is released by it (docs/DESIGN.md, "The parallel plan")."""
     world_size = dist.get_world_size()
     sizes.validate(world_size, model, num_experts)
     ps = _parallel_state()
@@ -64,6 +73,7 @@ def initialize_parallel(sizes: ParallelSizes, model: MoTConfig, num_experts: int
         context_parallel_size=sizes.context,
         expert_model_parallel_size=sizes.expert,
         order="tp-cp-ep-dp-pp",
+        distributed_timeout_minutes=MEGATRON_TIMEOUT_MINUTES if timeout_s is None else timeout_s / 60,
     )
     return ParallelGroups(
         sizes=sizes,
@@ -81,11 +91,11 @@ def initialize_parallel(sizes: ParallelSizes, model: MoTConfig, num_experts: int
         data_rank=ps.get_data_parallel_rank(),
         data_size=ps.get_data_parallel_world_size(),
         embedding=ps.get_embedding_group(check_initialized=False),
-        **_same_data_group(ps.get_data_parallel_rank()),
+        **_same_data_group(ps.get_data_parallel_rank(), timeout_s),
     )
 
 
-def _same_data_group(data_rank: int) -> dict:
+def _same_data_group(data_rank: int, timeout_s: float | None) -> dict:
     """The group of ranks with ``data_rank`` (collective: every rank creates every such group, in
     data-rank order), and its lowest global rank — tensor, context and pipeline rank 0 — as reader."""
     data_ranks: list[int] = [0] * dist.get_world_size()
@@ -93,7 +103,7 @@ def _same_data_group(data_rank: int) -> dict:
     mine = {}
     for rank_of_data in sorted(set(data_ranks)):
         members = [r for r, d in enumerate(data_ranks) if d == rank_of_data]
-        group = dist.new_group(members)
+        group = dist.new_group(members, timeout=None if timeout_s is None else datetime.timedelta(seconds=timeout_s))
         if rank_of_data == data_rank:
             mine = {"same_data": group, "data_reader": members[0]}
     return mine

@@ -11,6 +11,7 @@ Each rank takes the caller's environment and the tests' numerical settings, not 
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing
 import multiprocessing.util
 import os
@@ -74,6 +75,53 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, environment: di
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def restart_world(rank: int, world_size: int, store_path: Path, timeout_s: float | None = None) -> None:
+    """Inside a rank of ``run_on_ranks``: this rank's process group (if it still has one) replaced
+    by one whose collectives wait ``timeout_s`` (torch's default if None), met through a file store
+    at ``store_path`` (a path no earlier world used; no port to agree on). For runs that need a
+    short timeout, or that end their process groups (``parallel/failures.py``)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    store = dist.FileStore(str(store_path), world_size)
+    # The ranks may arrive further apart than a short timeout (one still ending a failed run), and
+    # gloo's connections wait only that long: they meet in the store first, which waits minutes.
+    store.set(f"arrived/{rank}", "1")
+    store.wait([f"arrived/{other}" for other in range(world_size)])
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
+@contextmanager
+def failing_call(target: type, name: str, fails: bool, call: int, message: str):
+    """Within: the method ``target.name`` raises ``RuntimeError(message)`` at its ``call``-th call
+    (counted from 1) where ``fails`` (e.g. on one rank), and runs as before otherwise."""
+    real, calls = getattr(target, name), []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if fails and len(calls) == call:
+            raise RuntimeError(message)
+        return real(self, *args, **kwargs)
+
+    setattr(target, name, failing)
+    try:
+        yield
+    finally:
+        setattr(target, name, real)
+
+
+def raised_by(work: Callable[[], object]) -> tuple[str, str, float]:
+    """What ``work()`` raised (its type's name and message; "nothing" and "" where it returned) and
+    after how many seconds."""
+    start = time.monotonic()
+    try:
+        work()
+        raised = ("nothing", "")
+    except Exception as error:  # noqa: BLE001 - what it raised is the result
+        raised = (type(error).__name__, str(error))
+    return (*raised, time.monotonic() - start)
 
 
 # A port is chosen free, then bound by rank 0's store a moment later; with several test workers

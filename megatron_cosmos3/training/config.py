@@ -11,14 +11,13 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfig
 from megatron_cosmos3.eval_suite.config import SuiteConfig, check_model_embodiments
-from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
+from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig, merge_config_layer
 from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig
 from megatron_cosmos3.parallel.data_parallel import ADAMW_IMPLS
 from megatron_cosmos3.parallel.sizes import ParallelSizes
@@ -461,33 +460,16 @@ def _refuse_non_finite(node, source: str) -> None:
     walk("", OmegaConf.to_container(node, resolve=True))
 
 
-# Mappings whose default entries are examples, not a floor: given whole (a YAML file's mapping, or
-# ``model.embodiments={...}`` on the command line) they replace the default, where OmegaConf would
-# merge into it (a model of one 6-D arm kept the default single_arm and humanoid heads). A dotted
-# key below them (``model.embodiments.arm.rate_hz=20``) still changes one entry.
-WHOLE_MAPPINGS = ("model.embodiments",)
-
-
-def _merge(merged, layer, whole: bool | Iterable[str] = True):
-    """``merged`` <- ``layer``; the WHOLE_MAPPINGS ``layer`` sets (``whole``: those of them it gives
-    whole; True: all it sets) replace ``merged``'s instead of merging into them."""
-    keys = WHOLE_MAPPINGS if whole is True else [key for key in whole if key in WHOLE_MAPPINGS]
-    for key in keys:
-        if OmegaConf.select(layer, key, default=None) is not None:
-            OmegaConf.update(merged, key, {}, merge=False)
-    return OmegaConf.merge(merged, layer)
-
-
 def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Schema defaults <- YAML file(s), later ones winning <- ``key=value`` overrides, validated.
     A file's ``model.embodiments``, or the override ``model.embodiments={...}``, lists the model's
-    embodiments (WHOLE_MAPPINGS)."""
+    embodiments (``model.config.WHOLE_MAPPINGS``)."""
     merged = OmegaConf.structured(TrainConfig)
     for path in [yaml_path] if isinstance(yaml_path, str) else yaml_path or []:
         try:
             layer = OmegaConf.load(path)
             _refuse_removed_keys(layer, path)
-            merged = _merge(merged, layer)
+            merged = merge_config_layer(merged, layer, "model.")
         except OSError:
             raise
         except Exception as error:  # YAML syntax, an unknown key, a wrong type: name the file too
@@ -496,7 +478,8 @@ def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] |
     if overrides:
         layer = OmegaConf.from_dotlist(list(overrides))
         _refuse_removed_keys(layer, "the overrides")
-        merged = _merge(merged, layer, whole=[item.split("=", 1)[0].strip() for item in overrides])
+        given = [item.split("=", 1)[0].strip() for item in overrides]
+        merged = merge_config_layer(merged, layer, "model.", given)
         _refuse_non_finite(merged, "the overrides")
     return OmegaConf.to_object(merged)
 
@@ -507,7 +490,7 @@ def config_from_yaml(text: str, source: str) -> TrainConfig:
     try:
         layer = OmegaConf.create(text)
         _refuse_removed_keys(layer, source)
-        merged = _merge(OmegaConf.structured(TrainConfig), layer)
+        merged = merge_config_layer(OmegaConf.structured(TrainConfig), layer, "model.")
         _refuse_non_finite(merged, source)
         return OmegaConf.to_object(merged)
     except Exception as error:  # YAML, OmegaConf and validation errors name the key; add where it came from

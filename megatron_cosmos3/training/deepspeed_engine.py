@@ -48,6 +48,7 @@ from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.objectives.losses import LossBreakdown, LossFunction, model_losses
 from megatron_cosmos3.parallel.context_parallel import split_losses
 from megatron_cosmos3.parallel.deepspeed_comm import start_deepspeed_comm
+from megatron_cosmos3.parallel.failures import RankFailedError, fail_together
 from megatron_cosmos3.training.config import TrainConfig
 from megatron_cosmos3.training.deepspeed_config import deepspeed_config
 
@@ -94,7 +95,10 @@ class DeepSpeedPlan:
             return cls(config, world_size)
         from megatron_cosmos3.parallel.state import initialize_parallel
 
-        return cls(config, world_size, initialize_parallel(config.parallel, config.model, config.model.num_experts))
+        groups = initialize_parallel(
+            config.parallel, config.model, config.model.num_experts, config.distributed.init_timeout_s
+        )
+        return cls(config, world_size, groups)
 
     @property
     def data_rank(self) -> int:
@@ -138,7 +142,7 @@ class DeepSpeedPlan:
         """Starts the DeepSpeed engine over ``param_groups`` and returns its (ZeRO) optimizer. The
         learning rate, betas and weight decay come from the translated config (``deepspeed_config``),
         made from the same ``optimizer`` section the positional arguments repeat."""
-        start_deepspeed_comm()
+        start_deepspeed_comm(self.config.distributed.init_timeout_s)
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -168,6 +172,10 @@ class DeepSpeedPlan:
     ) -> dict[int, LossBreakdown]:
         """As ``ParallelPlan.run``: every micro-batch's losses, and the backward of ``total /
         len(micro_batches)`` through the engine (which accumulates; ``optimizer_step`` reduces)."""
+        with fail_together("DeepSpeed's forward and backward"):  # a rank failing there ends every rank
+            return self._run(micro_batches, loss_fn, forward_only, forward_context)
+
+    def _run(self, micro_batches, loss_fn, forward_only, forward_context) -> dict[int, LossBreakdown]:
         losses_of = {}
         for m, (batch, targets) in enumerate(micro_batches):
             batch, targets = self._every_module(batch, targets)
@@ -243,13 +251,16 @@ class DeepSpeedPlan:
         A non-finite loss (``finite`` False on some rank) makes its gradients non-finite too, so the
         engine skips that update as well; the step is still taken so that the engine's gradient
         buffers are cleared for the next one."""
-        self.engine.step()
+        with fail_together("DeepSpeed's optimizer step"):
+            self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = torch.tensor(float("nan") if norm is None else float(norm))
         return norm, finite and self.engine.was_step_applied()
 
     def close(self) -> None:
-        if self.engine is not None:
+        # After a rank failed inside the engine's collectives (``fail_together``) no process group
+        # is left, and DeepSpeed's clean-up asks it for this rank's number: nothing to release then.
+        if self.engine is not None and (dist.is_initialized() or self.world_size == 1):
             self.engine.destroy()
         if self.groups is not None:  # the next run in this process creates its own
             from megatron_cosmos3.parallel.state import destroy_parallel
@@ -539,17 +550,26 @@ class DeepSpeedCheckpointer(Checkpointer):
         staging = self._new_staging(step)
         failed = None
         try:
-            with failures_kept_for_later(self.plan.engine) as failures:
-                self.plan.engine.save_checkpoint(str(staging), tag=ENGINE_TAG, client_state={}, save_latest=False)
+            # A failure DeepSpeed's save raises between its collectives (not a file write, which is
+            # held: a directory it cannot make) would leave the others at its barrier.
+            with fail_together("DeepSpeed's save_checkpoint"):
+                with failures_kept_for_later(self.plan.engine) as failures:
+                    self.plan.engine.save_checkpoint(str(staging), tag=ENGINE_TAG, client_state={}, save_latest=False)
             if failures:
                 raise failures[0]
             state = {"per_rank": dict(per_rank), "named": dict(named or {})}
             torch.save(state, staging / TRAINER_STATE.format(rank=self.rank))
+        except RankFailedError as error:  # another rank's failure, named
+            failed = _save_error(f"checkpoint of step {step} not saved to {staging}: {error}; {self._kept()}", error)
         except Exception as error:  # any failure here must reach the other ranks, or they wait forever
             failed = _save_error(
                 f"checkpoint of step {step} not saved to {staging}: rank {self.rank}: {_named(error)}; {self._kept()}",
                 error,
             )
+        if failed is not None and not dist.is_initialized():  # fail_together closed the groups: nothing to agree on
+            if self.rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise failed
         try:  # every rank's files are on disk before rank 0 checksums and commits them
             self._raise_together(failed)
         except CheckpointSaveError:

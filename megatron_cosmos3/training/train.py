@@ -52,6 +52,7 @@ from megatron_cosmos3.training.config import (
 )
 from megatron_cosmos3.training.distributed import DistributedContext, init_distributed, launcher_run_id, preflight
 from megatron_cosmos3.training.flops import FlopCounter
+from megatron_cosmos3.training.host_memory import check_host_memory
 from megatron_cosmos3.training.metrics import PHASES, MetricsWindow
 from megatron_cosmos3.training.precision import autocast, check_precision
 from megatron_cosmos3.training.preemption import FINISHED, PREEMPTED, PreemptionWatcher, write_status
@@ -169,7 +170,7 @@ def build_plan(config: TrainConfig, ctx: DistributedContext):
         from megatron_cosmos3.training.deepspeed_engine import DeepSpeedPlan
 
         return DeepSpeedPlan.create(config, ctx.world_size)
-    return ParallelPlan.create(config.parallel, config.model, ctx.world_size)
+    return ParallelPlan.create(config.parallel, config.model, ctx.world_size, config.distributed.init_timeout_s)
 
 
 def build_checkpointer(config: TrainConfig, ctx: DistributedContext, plan) -> Checkpointer:
@@ -188,6 +189,8 @@ def build_checkpointer(config: TrainConfig, ctx: DistributedContext, plan) -> Ch
 
 def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
     check_precision(config.precision, ctx.device)  # fp8 without CUDA and TE: an error before any group
+    if ctx.device.type == "cpu":  # refused by name, not found out by the OOM killer mid-set-up
+        check_host_memory(config, ctx.world_size)
     plan = build_plan(config, ctx)
     model = build_model(config, plan, ctx.device)
     for layer in model.layers:

@@ -10,6 +10,7 @@ import gzip
 import io
 import json
 import logging
+import os
 import struct
 import tarfile
 import zlib
@@ -514,24 +515,56 @@ def test_actions_at_another_rate_than_the_models_embodiment_are_a_setup_error_na
         assert next(loader).dm_tokens.keys() >= {"action/single_arm"}
 
 
-def test_shards_missing_on_disk_are_found_at_set_up(tmp_path, caplog):
-    """An index whose local shards are all gone is a setup error naming the dataset; some gone are
-    logged once with their count (and skipped when read); remote URLs are not checked."""
+def test_shards_missing_on_disk_are_counted_when_read_and_all_missing_is_a_setup_error(tmp_path, caplog):
+    """A local shard gone from disk is one counted, logged unreadable_shard when its slot reads it
+    ("missing on disk"); an index whose local shards are all gone is a setup error naming the
+    dataset; remote URLs are not checked."""
     with ShardWriter(tmp_path / "set", "part", max_samples_per_shard=2) as writer:
         for i in range(6):
             writer.write(Sample(key=f"s{i}", caption="words"))
     urls = [shard.url for shard in writer.index.shards]
-    config = data_config([str(tmp_path / "set")], tasks={"understanding": 1.0})
-    Path(urls[0]).unlink()
+    config = data_config([str(tmp_path / "set")], tasks={"understanding": 1.0}, epochs=1)
+    Path(urls[1]).unlink()
     with caplog.at_level(logging.WARNING, logger="megatron_cosmos3.data.loader"):
         with PackedLoader(config, model_config()) as loader:
-            assert next(loader).ar_token_ids.numel() > 0
-    warnings = [r.getMessage() for r in caplog.records if "shards are missing" in r.getMessage()]
-    assert len(warnings) == 1 and "'world': 1 of its 3 shards are missing" in warnings[0], warnings
-    for url in urls[1:]:
+            assert sum(pack.ar_token_ids.numel() > 0 for pack in loader) > 0
+            assert loader.stats.per_shard[urls[1]] == Counter(unreadable_shard=2)  # its 2 indexed samples
+            assert loader.stats.used == 4
+    warnings = [r.getMessage() for r in caplog.records if "missing on disk" in r.getMessage()]
+    assert len(warnings) == 1 and urls[1] in warnings[0], warnings
+    for url in (urls[0], urls[2]):
         Path(url).unlink()
     with pytest.raises(LoaderSetupError, match=r"dataset 'world': none of its 3 shards is on disk"):
         PackedLoader(config, model_config())
     # Remote shards and pipes are read, not stat'ed: set-up does not refuse them.
     remote = data_config(["http://127.0.0.1:9/shard-{0..1}.tar", "pipe:cat /nowhere.tar"], tasks={"understanding": 1.0})
     PackedLoader(remote, model_config()).close()
+
+
+def test_an_index_of_many_shards_is_not_stated_shard_by_shard(tmp_path, monkeypatch):
+    """Checking a config and building a loader over an index of 2,000 shards stats no more than
+    the first shard (on a parallel file system, one stat per shard per rank per loader build is a
+    metadata storm): a missing one is found when read (test above)."""
+    from megatron_cosmos3.data.shards import ShardIndex, ShardInfo
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    shards = tuple(ShardInfo(str(folder / f"part-{i:06d}.tar"), 2, 10_240) for i in range(2_000))
+    for shard in shards:
+        with open(shard.url, "wb") as f:
+            f.truncate(10_240)  # sparse, as large as indexed
+    ShardIndex(shards).save(folder)
+    config = data_config([str(folder)], tasks={"understanding": 1.0})
+    stated = Counter()
+    real_stat = os.stat
+
+    def counting_stat(path, *args, **kwargs):
+        if str(path).endswith(".tar"):
+            stated[str(path)] += 1
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counting_stat)
+    assert len(ShardIndex.load(folder).shards) == 2_000
+    config.check_paths()
+    PackedLoader(config, model_config()).close()
+    assert sum(stated.values()) <= 1, f"{sum(stated.values())} stats of {len(stated)} shards"

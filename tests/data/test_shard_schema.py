@@ -271,6 +271,10 @@ def _first(index: dict) -> dict:
         (lambda d: _first(d).update(samples=2.5) or d, r"shards\[0\].samples=2.5 must be an int"),
         (lambda d: _first(d).update(samples=10**9) or d, r"shards\[0\].samples=1000000000: a tar of \d+ bytes holds"),
         (lambda d: _first(d).update(bytes="big") or d, r"shards\[0\].bytes='big' must be an int"),
+        (lambda d: _first(d).update(samples=10**9 + 1) or d, r"samples=1,000,000,001 is above INDEX_LIMITS"),
+        (lambda d: _first(d).update(bytes=10**400) or d, r"shards\[0\].bytes=10+,?.* is above INDEX_LIMITS\['bytes'\]"),
+        (lambda d: _first(d).update(modalities={f"m{i}": 1 for i in range(65)}) or d, "modalities names 65, more"),
+        (lambda d: _first(d).update(modalities={"video": 10**12}) or d, r"modalities.video=1000000000000 must be"),
         (lambda d: _first(d).update(modalities=[1]) or d, r"shards\[0\].modalities must be an object"),
         (lambda d: {**d, "shards": [_first(d), _first(d)]}, r"shards\[1\].url='part-000000.tar' lists the shard of"),
         (lambda d: {**d, "shards": [_first(d), {"url": "./x/../part-000000.tar"}]}, r"lists the shard of shards\[0\]"),
@@ -290,6 +294,29 @@ def test_a_crafted_index_is_an_error_naming_the_file_entry_and_value(small_shard
         ShardIndex.load(folder)
     assert str(folder / "index.json") in str(raised.value) or "JSON object" not in message
     assert not (folder / "RAN").exists() and not (tmp_path / "RAN").exists()
+
+
+def test_an_index_longer_than_its_limits_is_refused_before_it_is_parsed(small_shard_set, tmp_path, monkeypatch):
+    """The index file's size and entry count are bounded (``INDEX_LIMITS``, lowered here to the
+    set's own sizes): one byte or one entry more is refused naming the limit and the value."""
+    import json
+    import shutil
+
+    from megatron_cosmos3.data import shards
+
+    folder = tmp_path / "set"
+    shutil.copytree(small_shard_set, folder)
+    size = (folder / "index.json").stat().st_size
+    monkeypatch.setitem(shards.INDEX_LIMITS, "index_bytes", size)
+    monkeypatch.setitem(shards.INDEX_LIMITS, "shards", 2)
+    assert len(ShardIndex.load(folder).shards) == 2  # control: at the limits, it loads
+    document = json.loads((folder / "index.json").read_text())
+    (folder / "index.json").write_text(json.dumps({**document, "shards": document["shards"] + [{"url": "x.tar"}]}))
+    with pytest.raises(ValueError, match=r"shards lists 3, more than INDEX_LIMITS\['shards'\]=2"):
+        ShardIndex.load(folder)
+    (folder / "index.json").write_text(json.dumps(document, indent=1) + " " * size)
+    with pytest.raises(ValueError, match=rf"more than INDEX_LIMITS\['index_bytes'\]={size:,} bytes"):
+        ShardIndex.load(folder)
 
 
 def test_index_files_that_are_not_json_and_shards_that_are_not_files(small_shard_set, tmp_path):

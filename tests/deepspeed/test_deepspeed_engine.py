@@ -4,8 +4,9 @@ stops and resumes exactly, and never compiles a DeepSpeed op (docs/DESIGN.md, "T
 DeepSpeed's import is slow, so one ``run_on_ranks`` call runs every multi-process check in the same
 two ranks: the three ZeRO stages on packs whose streams differ between the ranks (ZeRO-2 preempted
 and resumed, ZeRO-3 writing generation samples), a ZeRO-3 stage from a weights folder,
-DeepSpeed-Ulysses, bf16 (ZeRO-2, writing generation samples) and the engine switch through ZeRO-1
-and ZeRO-3; then one rank continues the switched checkpoint (another world size)."""
+DeepSpeed-Ulysses, bf16 (ZeRO-2, writing generation samples), the engine switch through ZeRO-1
+and ZeRO-3, and last one rank failing inside DeepSpeed's collectives (which ends the process
+groups); then one rank continues the switched checkpoint (another world size)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ import torch
 from megatron_cosmos3.checkpoint.checkpointer import load_state
 from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes
 from megatron_cosmos3.model.mot import MoTModel
-from megatron_cosmos3.testing.distributed import run_on_ranks
+from megatron_cosmos3.testing.distributed import failing_call, raised_by, restart_world, run_on_ranks
 from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, loss_history, tracking_store
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.config import load_config
@@ -57,6 +59,7 @@ COMMON = [
     f"tracking.experiment={EXPERIMENT}",
 ]
 STAGES = (1, 2, 3)
+TIMEOUT_S = 10  # distributed.init_timeout_s of the runs in which one rank fails
 BF16 = ("precision=bf16", "steps=2")
 SAMPLES = ("tracking.generation_samples=true",)
 FROZEN = ("dm_streams.action_in.single_arm.", "dm_streams.action_out.single_arm.")
@@ -162,6 +165,27 @@ def _failing_saves_first(outcomes: list) -> object:
     return stock
 
 
+def _one_rank_fails(rank: int, world_size: int, root: Path, where: str) -> tuple[str, str, float]:
+    """A 2-rank run in which rank 1 alone raises inside DeepSpeed's collectives: in its second
+    forward under ZeRO-2 (the others wait in the gradient reduction of their backward, on ZeRO's
+    data-parallel group: DeepSpeed's clone of the world), or inside DeepSpeed's ``save_checkpoint``
+    of ZeRO-1 before its closing barrier (not a file write, which is held). Returns what this rank
+    raised (type, message) and after how many seconds. Every group waits ``TIMEOUT_S``
+    (``distributed.init_timeout_s``; the launcher's world is replaced by one of that timeout)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    restart_world(rank, world_size, root / f"store-{where}", TIMEOUT_S)
+    if where == "forward":
+        failing = failing_call(MoTModel, "forward", rank == 1, 2, "rank 1's forward failed")
+        settings = ("deepspeed.zero_stage=2", "steps=2")
+    else:
+        failing = failing_call(DeepSpeedEngine, "_save_zero_checkpoint", rank == 1, 1, "rank 1's save failed")
+        settings = ("deepspeed.zero_stage=1", "steps=1")
+    quick = ("tracking.enabled=false", "eval.every=0", f"distributed.init_timeout_s={TIMEOUT_S}")
+    with failing:
+        return raised_by(partial(_train, root, f"fails-in-{where}", "engine=deepspeed", *settings, *quick))
+
+
 def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
     """Every ZeRO stage for 3 steps (ZeRO-2 preempted during step 2 and resumed), DeepSpeed-Ulysses
     and the engine switch; rank 0 returns each stage's final weights read back from its DeepSpeed
@@ -205,7 +229,10 @@ def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
         _train(root, "zero3-from-nan", "engine=deepspeed", "deepspeed.zero_stage=3", f"stage.init_from={root / 'nan'}")
     except NonFiniteWeightsError as error:
         refused = str(error)
+    # Last: a rank failing inside DeepSpeed's collectives ends the process groups (each case starts a world).
+    stopped = {where: _one_rank_fails(rank, world_size, root, where) for where in ("forward", "save")}
     return {
+        "stopped": stopped,
         "weights": weights,
         "switched_loss": switched_loss,
         "outcomes": outcomes,
@@ -247,7 +274,7 @@ def runs(tmp_path_factory):
     os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions)
     try:
         ranks = run_on_ranks(_deepspeed_runs, 2, root, timeout_s=400)
-        results = {**ranks[0], "save_failures": [r["save_failures"] for r in ranks]}
+        results = {**ranks[0], **{key: [r[key] for r in ranks] for key in ("save_failures", "stopped")}}
         shutil.copytree(root / "switched3-back", root / "one-rank")
         results["one_rank_loss"] = run_on_ranks(_on_one_rank, 1, root, timeout_s=200)[0]
     finally:
@@ -344,6 +371,28 @@ def test_a_save_failing_on_one_rank_raises_the_same_error_on_every_rank(runs, at
     assert on_rank0 == f"{on_rank1} (on rank 1)", failing
     assert "no checkpoint was committed before" in on_rank1
     assert not [name for name in left if name.startswith((".step_", "step_", "latest"))], left
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("where", ["forward", "save"])
+def test_a_rank_failing_inside_deepspeeds_collectives_ends_every_rank_naming_its_error(runs, where):
+    """Rank 1 raises inside DeepSpeed's collectives (its ZeRO-2 forward, rank 0 then waiting in its
+    backward's reduction; DeepSpeed's save before its closing barrier): it raises its own error,
+    rank 0 one naming rank 1 and that error (not gloo's "timed out"), both within the configured
+    timeout (ZeRO's group waited torch's 30 minutes for a new group: the fixture's 400 s first)."""
+    root, results, _, _ = runs
+    (type0, message0, seconds0), (type1, message1, seconds1) = (r[where] for r in results["stopped"])
+    failed = f"rank 1 failed in DeepSpeed's {'forward and backward' if where == 'forward' else 'save_checkpoint'}"
+    assert f"{failed}: RuntimeError: rank 1's {where} failed" in message0, (type0, message0)
+    if where == "forward":
+        assert (type0, type1, message1) == ("RankFailedError", "RuntimeError", "rank 1's forward failed")
+    else:  # the save's own error on both, naming the folder; nothing committed
+        staging = root / "fails-in-save" / ".step_00000001.partial"
+        assert type0 == type1 == "CheckpointSaveError", (type0, message0, type1, message1)
+        assert message1.startswith(f"checkpoint of step 1 not saved to {staging}: rank 1: RuntimeError: rank 1's")
+        assert message0.startswith(f"checkpoint of step 1 not saved to {staging}: ")
+        assert not [p.name for p in (root / "fails-in-save").iterdir() if p.name.startswith((".step_", "step_"))]
+    assert max(seconds0, seconds1) < 3 * TIMEOUT_S, (seconds0, seconds1)
 
 
 def test_preempted_and_resumed_equals_an_uninterrupted_run(runs):

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 
 import pytest
 import torch
@@ -335,8 +336,8 @@ def test_a_save_the_disk_cannot_hold_names_the_folder_removes_it_and_keeps_the_l
 
 def test_pruning_removes_only_its_own_checkpoints_and_a_superseded_file_is_named_not_replaced(tmp_path, caplog):
     """Keep-last pruning counts and removes only step folders this code committed (meta.json of
-    their step); a ``.superseded`` that is a user's file stops the save that would set a step aside
-    under it, naming it, and stays as it was."""
+    their step), warning once a run about each other one; a ``.superseded`` that is a user's file
+    stops the save that would set a step aside under it, naming it, and stays as it was."""
     model, _ = trained_model(steps=0)
     root = tmp_path / "ckpt"
     checkpointer = Checkpointer(root, keep_last=2, async_save=False)
@@ -359,6 +360,9 @@ def test_pruning_removes_only_its_own_checkpoints_and_a_superseded_file_is_named
     assert sorted(p.name for p in root.glob("step_*")) == [*(f"step_0000000{n}" for n in (0, 1, 2, 4, 5)), "step_3"]
     assert (user / "notes.txt").read_text() == "mine" and (elsewhere / "meta.json").is_file()
     assert f"keep-last pruning leaves {foreign} alone: not a checkpoint this code committed" in caplog.text
+    # Three saves, each pruning: every foreign folder is said once a run, not at every save.
+    warned = Counter(r.args[0] for r in caplog.records if "keep-last pruning leaves" in r.msg)
+    assert warned == {user: 1, foreign: 1, root / "step_00000002": 1, other_spelling: 1}, warned
     assert not list(root.glob(".step_*"))  # the pruned step 3 is gone whole
     (root / ".step_00000003.removing").mkdir()  # a pruning cut short (renamed, not yet removed)...
     Checkpointer(root, async_save=False)  # ...is finished when the next attempt starts

@@ -1,0 +1,72 @@
+"""Ending every rank when one fails inside collectives (docs/DESIGN.md, "The parallel plan" and
+"The DeepSpeed engine").
+
+A rank that raises between collectives (a forward's all-reduces, a backward's gradient reductions,
+the barriers of DeepSpeed's ``save_checkpoint``) leaves the other ranks waiting in the next one, and
+its own next collective (the checkpointer's agreement) is not theirs: the ranks would wait on each other
+until the groups' timeout and then fail with the transport's "timed out" or "connection closed",
+the failing rank's error said nowhere but in its own log. Under ``fail_together`` the failing rank
+posts its error in the default group's store and destroys its process groups (it enters no other
+collective); a peer whose collective then fails (at the latest after the groups' timeout, the
+configured ``distributed.init_timeout_s``; at once where the failing process exits) finds the
+posted error and raises ``RankFailedError`` naming the rank and its error. A gloo group's
+connections close only when the process lets it go, which a library's references (DeepSpeed's)
+prevent until the process exits, so the timeout is what bounds the wait of a rank whose peer
+failed but lives on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+_KEY = "megatron_cosmos3/failed/{rank}"
+
+
+class RankFailedError(RuntimeError):
+    """Another rank failed inside collectives this rank was in; its message names that rank and error."""
+
+
+def _posted_failure(store, world_size: int, rank: int) -> str | None:
+    """The first failure another rank posted, or None."""
+    for other in range(world_size):
+        key = _KEY.format(rank=other)
+        if other != rank and store.check([key]):
+            return store.get(key).decode()
+    return None
+
+
+@contextlib.contextmanager
+def fail_together(what: str):
+    """Within: an exception on this rank ends every rank's collectives at once (module doc). The
+    failing rank re-raises its own error, its peers ``RankFailedError`` naming it (``what``: the
+    region, e.g. "the forward and backward"); on every rank the process groups are then destroyed
+    (``dist.is_initialized()`` is False: no collective may follow). Outside a process group of
+    several ranks: nothing."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        yield
+        return
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    store = dist.distributed_c10d._get_default_store()
+    try:
+        yield
+    except Exception as error:
+        try:
+            posted = _posted_failure(store, world_size, rank)
+        except Exception:  # noqa: BLE001 - the store went with its host rank: this rank's error is all there is
+            posted = None
+        if posted is not None:
+            dist.destroy_process_group()  # broken by the failing rank: no collective may use them again
+            raise RankFailedError(f"{what} stopped on rank {rank}: {posted}") from error
+        message = f"rank {rank} failed in {what}: {type(error).__name__}: {error}"
+        try:
+            store.set(_KEY.format(rank=rank), message)
+        except Exception:  # noqa: BLE001 - a peer already gone took the store: the groups still close
+            pass
+        log.error("%s; closing the process groups so that every rank stops", message)
+        dist.destroy_process_group()
+        raise

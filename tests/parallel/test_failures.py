@@ -1,0 +1,103 @@
+"""A rank failing inside collectives ends every rank, each naming the failure (docs/DESIGN.md, "The
+parallel plan"; ``parallel/failures.py``): the plain mechanism on gloo ranks, and the Megatron-style
+engine's forward under tensor and data parallelism. DeepSpeed's own collectives: tests/deepspeed/."""
+
+from __future__ import annotations
+
+import datetime
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.parallel.failures import fail_together
+from megatron_cosmos3.parallel.state import destroy_parallel
+from megatron_cosmos3.testing.distributed import failing_call, raised_by, restart_world, run_on_ranks
+from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC
+from megatron_cosmos3.training import train as train_module
+from megatron_cosmos3.training.config import load_config
+from megatron_cosmos3.training.distributed import DistributedContext
+
+TIMEOUT_S = 3  # how long the collectives of these worlds wait
+
+
+def _one_rank_fails_while_the_other_waits(rank: int, world_size: int, root: Path) -> tuple:
+    """Rank 1 raises inside ``fail_together`` while holding a group that rank 0 waits in (a library's
+    reference keeps its connections open: rank 0's collective ends at the timeout, not at once)."""
+    restart_world(rank, world_size, root / "store", TIMEOUT_S)
+    held = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=TIMEOUT_S))
+
+    def work():
+        with fail_together("the test's step"):
+            if rank == 1:
+                raise ValueError("rank 1's step failed")
+            dist.all_reduce(torch.ones(1), group=held)
+
+    return (*raised_by(work), dist.is_initialized())
+
+
+@pytest.mark.multiprocess
+def test_a_rank_failing_inside_a_collective_region_ends_every_rank_naming_its_error(tmp_path):
+    """Rank 0 raises RankFailedError naming rank 1 and its error (not the transport's "timed out")
+    within the groups' timeout; rank 1 its own error; neither keeps a process group."""
+    waiting, failing = run_on_ranks(_one_rank_fails_while_the_other_waits, 2, tmp_path, timeout_s=60)
+    assert waiting[:2] == (
+        "RankFailedError",
+        "the test's step stopped on rank 0: rank 1 failed in the test's step: ValueError: rank 1's step failed",
+    ), waiting
+    assert failing[:2] == ("ValueError", "rank 1's step failed"), failing
+    assert waiting[2] < 3 * TIMEOUT_S, waiting
+    assert not waiting[3] and not failing[3]
+
+
+def test_in_one_process_an_error_passes_unchanged(tmp_path):
+    """Without a process group, and in a world of one, the error is the rank's own and a group stays."""
+    with pytest.raises(ValueError, match="^alone$"), fail_together("a step"):
+        raise ValueError("alone")
+    restart_world(0, 1, tmp_path / "store", TIMEOUT_S)
+    try:
+        with pytest.raises(ValueError, match="^alone$"), fail_together("a step"):
+            raise ValueError("alone")
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
+def _megatron_forward_fails(rank: int, world_size: int, root: Path) -> dict:
+    """Training runs of the Megatron-style engine (tensor parallel; data parallel) in which rank 1
+    alone raises in its second forward: {layout: (type, message, seconds, a process group left)}."""
+    outcomes = {}
+    for layout in ("parallel.tensor=2", "parallel.tensor=1"):  # tensor parallel; data parallel
+        restart_world(rank, world_size, root / f"store-{layout}", TIMEOUT_S)
+        # Megatron-core's record of the last run's groups is let go only once both ranks have ended
+        # it (``restart_world`` met): while it holds them their connections stay open, so rank 0's
+        # wait is ended by its groups' timeout, not by rank 1 letting go.
+        destroy_parallel()
+        settings = [*TINY_MODEL, *TINY_SYNTHETIC, "steps=2", "tracking.enabled=false", "eval.every=0", layout]
+        settings.append(f"distributed.init_timeout_s={TIMEOUT_S}")  # megatron-core's groups wait as long
+        config = load_config(None, [*settings, f"checkpoint.directory={root / layout}"])
+        context = DistributedContext(rank, world_size, rank, torch.device("cpu"))
+        with failing_call(MoTModel, "forward", rank == 1, 2, "rank 1's forward failed"):
+            outcomes[layout] = (*raised_by(partial(train_module.train, config, context)), dist.is_initialized())
+    destroy_parallel()
+    return outcomes
+
+
+@pytest.mark.multiprocess
+def test_a_rank_failing_in_the_megatron_style_forward_ends_every_rank_naming_its_error(tmp_path):
+    """Under tensor or data parallelism rank 0 raises RankFailedError naming rank 1's error (it ended
+    with gloo's "Connection closed by peer" alone), rank 1 its own, within the configured timeout
+    (megatron-core's groups waited its default 30 minutes)."""
+    waiting, failing = run_on_ranks(_megatron_forward_fails, 2, tmp_path, timeout_s=120)
+    for layout in waiting:
+        assert waiting[layout][:2] == (
+            "RankFailedError",
+            "the forward and backward stopped on rank 0: rank 1 failed in the forward and backward: "
+            "RuntimeError: rank 1's forward failed",
+        ), (layout, waiting[layout])
+        assert failing[layout][:2] == ("RuntimeError", "rank 1's forward failed"), (layout, failing[layout])
+        assert waiting[layout][2] < 3 * TIMEOUT_S, (layout, waiting[layout])  # megatron-core's default: 30 min
+        assert not waiting[layout][3] and not failing[layout][3]
