@@ -21,6 +21,7 @@ collectives. Loading never unpickles code (``SafeFileSystemReader``).
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -220,18 +221,27 @@ class Checkpointer:
     """Saves and loads the training state of every rank (collective calls: all ranks call them)."""
 
     def __init__(
-        self, root: str | Path, keep_last: int = 2, groups=None, async_save: bool = True, device_type: str = "cpu"
+        self,
+        root: str | Path,
+        keep_last: int = 2,
+        groups=None,
+        async_save: bool = True,
+        device_type: str = "cpu",
+        timeout_s: float | None = None,
     ):
+        """``timeout_s``: how long its groups' collectives wait for a rank (the configured
+        ``distributed.init_timeout_s``; None: torch's default for a new group, 30 minutes)."""
         self.root = Path(root)
         self.keep_last = keep_last
         self.async_save = async_save
         self.distributed = dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
         # A gloo group of its own: background writes must not share a queue with training collectives.
-        self.group = dist.new_group(backend="gloo") if self.distributed else None
+        self.group = dist.new_group(backend="gloo", timeout=timeout) if self.distributed else None
         # And a second one for the ranks to agree (is the save written everywhere? did rank 0 commit
         # it?) while a background write may still use the first: two threads must not share a group.
-        self._agreement = dist.new_group(backend="gloo") if self.distributed else None
+        self._agreement = dist.new_group(backend="gloo", timeout=timeout) if self.distributed else None
         self.meshes = ShardingMeshes.from_groups(groups, device_type)
         self._pending: _PendingSave | None = None
         self._foreign_warned: set[str] = set()  # step folders pruning leaves alone, said once a run each

@@ -539,7 +539,9 @@ class DeepSpeedCheckpointer(Checkpointer):
     Saving is synchronous (DeepSpeed writes before it returns)."""
 
     def __init__(self, root: str | Path, keep_last: int, plan: DeepSpeedPlan):
-        super().__init__(root, keep_last, groups=None, async_save=False)
+        super().__init__(
+            root, keep_last, groups=None, async_save=False, timeout_s=plan.config.distributed.init_timeout_s
+        )
         self.plan = plan
 
     def save(self, step, model, optimizer, per_rank, meta, named=None) -> None:

@@ -184,6 +184,7 @@ def build_checkpointer(config: TrainConfig, ctx: DistributedContext, plan) -> Ch
         plan.groups,
         config.checkpoint.async_save,
         ctx.device.type,
+        config.distributed.init_timeout_s,
     )
 
 

@@ -684,3 +684,39 @@ def test_latest_names_only_a_step_folder_inside_the_run_folder(tmp_path, pointer
     assert [p.name for p in found.committed] == ["step_00000001"]
     assert (found.latest and found.latest.name) == want and (found.problem is None) == (want is not None)
     assert latest_checkpoint(root) == found.latest
+
+
+AGREEMENT_TIMEOUT_S = 2
+
+
+def _one_rank_misses_the_agreement(rank: int, world_size: int, root: str) -> tuple[str, float]:
+    """Rank 0 waits in the checkpointer's agreement group for rank 1, which never comes (it waits
+    for rank 0's word on disk, at most a minute): returns what rank 0 raised and after how long."""
+    import time
+
+    import torch.distributed as dist
+
+    checkpointer = Checkpointer(root, async_save=False, timeout_s=AGREEMENT_TIMEOUT_S)
+    done = os.path.join(root, "rank0-done")
+    if rank == 1:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(done) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return "", 0.0
+    start = time.monotonic()
+    try:
+        dist.barrier(group=checkpointer._agreement)
+        raised = ""
+    except RuntimeError as error:
+        raised = str(error)
+    elapsed = time.monotonic() - start
+    open(done, "w").close()
+    return raised, elapsed
+
+
+@pytest.mark.multiprocess
+def test_the_checkpointers_groups_wait_the_configured_timeout_not_torchs_30_minutes(tmp_path):
+    """Its two gloo groups took torch's default for a new group (30 minutes), not the run's
+    distributed.init_timeout_s: a rank waiting in them for one that stopped elsewhere waited that long."""
+    (raised, elapsed), _ = run_on_ranks(_one_rank_misses_the_agreement, 2, str(tmp_path / "ckpt"), timeout_s=120)
+    assert raised and elapsed < 20, (raised, elapsed)
