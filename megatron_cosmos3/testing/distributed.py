@@ -62,10 +62,10 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, environment: di
     try:
         try:
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        except dist.DistNetworkError as error:
-            if "EADDRINUSE" in str(error):  # another process took the port after it was chosen
-                torch.save({"ok": False, "error": traceback.format_exc(), "port_taken": True}, result_path)
+        except RuntimeError:  # DistNetworkError too: see _START_ATTEMPTS
+            torch.save({"ok": False, "error": traceback.format_exc(), "not_started": True}, result_path)
             raise
+        (Path(out_dir) / f"rank{rank}.started").touch()  # from here on, fn may have done something
         result = fn(rank, world_size, *args)
         torch.save({"ok": True, "result": result}, result_path)
     except BaseException:  # noqa: BLE001 — report every failure to the parent
@@ -124,9 +124,10 @@ def raised_by(work: Callable[[], object]) -> tuple[str, str, float]:
     return (*raised, time.monotonic() - start)
 
 
-# A port is chosen free, then bound by rank 0's store a moment later; with several test workers
-# another process can take it in between. Nothing of ``fn`` has run then, so the ranks start again.
-_PORT_ATTEMPTS = 3
+# Starting the world can fail before ``fn`` runs anywhere: a port chosen free is taken by another
+# process before rank 0's store binds it (EADDRINUSE), or a gloo pair's connection is closed while
+# the ranks connect (seen with several test workers on 2 cores). Then the ranks start again.
+_START_ATTEMPTS = 3
 
 
 def run_on_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 240.0) -> list:
@@ -135,9 +136,9 @@ def run_on_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 240.0)
     ``fn`` must be importable (a module-level function) and return something ``torch.save`` takes.
     """
     multiprocessing.set_forkserver_preload(_FORK_SERVER_PRELOAD)  # read when the server starts
-    for attempt in range(_PORT_ATTEMPTS):
+    for attempt in range(_START_ATTEMPTS):
         reports = _launch(fn, world_size, args, timeout_s)
-        if not any(report.get("port_taken") for report in reports) or attempt == _PORT_ATTEMPTS - 1:
+        if not any(report.get("not_started") for report in reports) or attempt == _START_ATTEMPTS - 1:
             break
     errors = [f"--- rank {rank} ---\n{report['error']}" for rank, report in enumerate(reports) if not report["ok"]]
     if errors:
@@ -160,7 +161,8 @@ def _temporary_files_in(folder: str):
 
 
 def _launch(fn: Callable, world_size: int, args: tuple, timeout_s: float) -> list[dict]:
-    """One start of the ranks on a fresh port: each rank's report ({"ok", "result" | "error"})."""
+    """One start of the ranks on a fresh port: each rank's report ({"ok", "result" | "error"});
+    ``not_started`` where the world failed to start and no rank began ``fn``."""
     with tempfile.TemporaryDirectory() as out_dir:
         with _temporary_files_in(out_dir):
             context = mp.start_processes(
@@ -188,4 +190,7 @@ def _launch(fn: Callable, world_size: int, args: tuple, timeout_s: float) -> lis
             reports.append(
                 torch.load(path, weights_only=False) if path.exists() else {"ok": False, "error": "no report"}
             )
+        if any((Path(out_dir) / f"rank{rank}.started").exists() for rank in range(world_size)):
+            for report in reports:  # a rank got into fn: running it again could see what it did
+                report.pop("not_started", None)
         return reports
