@@ -30,6 +30,8 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType
 
+from megatron_cosmos3.json_files import read_json
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "checksums.json"
@@ -95,14 +97,32 @@ def write_manifest(folder: Path, extra: tuple[str, ...] = (METADATA, "meta.json"
 
 
 def read_manifest(folder: Path) -> dict[str, dict] | None:
-    """{file name: record} of a checkpoint, or None for one written before checksums existed."""
+    """{file name: record} of a checkpoint, or None for one written before checksums existed.
+
+    CheckpointCorruptError naming the entry unless each names a file of the folder itself (the
+    manifest says which files are read and hashed: ``../`` or an absolute path would reach outside
+    it) with a record of an int ``bytes`` >= 0 and a string ``sha256``."""
     path = Path(folder) / MANIFEST
-    if not path.is_file():
+    if not path.exists():
         return None
-    try:
-        return json.loads(path.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointCorruptError(f"checkpoint {folder}: {MANIFEST} is unreadable ({error})") from None
+    document = read_json(path, CheckpointCorruptError)
+    files = document.get("files") if isinstance(document, dict) else None
+    if not isinstance(files, dict):
+        raise CheckpointCorruptError(f"{path}: expected an object whose 'files' is an object of file records")
+    for name, record in files.items():
+        if not _plain_file_name(name):
+            raise CheckpointCorruptError(f"{path}: files entry {name!r} is not a file of the checkpoint folder")
+        size, digest = (record.get("bytes"), record.get("sha256")) if isinstance(record, dict) else (None, None)
+        if type(size) is not int or size < 0 or not isinstance(digest, str):
+            raise CheckpointCorruptError(
+                f"{path}: files[{name!r}]={record!r:.200}: expected {{'bytes': an int >= 0, 'sha256': a string}}"
+            )
+    return files
+
+
+def _plain_file_name(name: str) -> bool:
+    """A name of a file directly inside a folder: no separator, never '.' or '..'."""
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
 
 
 def check_file(folder: Path, name: str, manifest: dict[str, dict] | None, holds: str = "", full: bool = True) -> None:

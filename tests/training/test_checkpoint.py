@@ -22,11 +22,13 @@ from megatron_cosmos3.checkpoint.checkpointer import (
     CheckpointSaveError,
     inventory,
     latest_checkpoint,
+    read_meta,
 )
 from megatron_cosmos3.checkpoint.safe_reader import (
     MANIFEST,
     CheckpointCorruptError,
     UnsafeCheckpointError,
+    check_sizes,
     file_record,
     verify_checkpoint,
 )
@@ -680,3 +682,48 @@ def test_latest_names_only_a_step_folder_inside_the_run_folder(tmp_path, pointer
     assert [p.name for p in found.committed] == ["step_00000001"]
     assert (found.latest and found.latest.name) == want and (found.problem is None) == (want is not None)
     assert latest_checkpoint(root) == found.latest
+
+
+HOSTILE_JSON = {
+    "nested past the parser": (b"[" * 100_000, r"not JSON \(nested deeper"),
+    "not UTF-8": (b'{"step": 1, "files": {}}\xff', r"not UTF-8 text"),
+    "an int of 5000 digits": (b'{"step": 1' + b"0" * 5000 + b"}", r"not JSON \(Exceeds the limit"),
+}
+
+
+@pytest.mark.parametrize("name", ["meta.json", MANIFEST])
+@pytest.mark.parametrize("case", sorted(HOSTILE_JSON))
+def test_a_meta_json_or_manifest_that_is_not_json_is_corrupt_naming_the_file(tmp_path, name, case):
+    """RecursionError, UnicodeDecodeError and the int-digits ValueError came out raw, naming no file."""
+    folder = tmp_path / "step_00000001"
+    folder.mkdir()
+    (folder / "meta.json").write_text('{"step": 1}')
+    data, message = HOSTILE_JSON[case]
+    (folder / name).write_bytes(data)
+    with pytest.raises(CheckpointCorruptError, match=rf"{folder / name}: {message}"):
+        read_meta(folder)
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"../outside.bin": {"bytes": 6, "sha256": "0" * 64}}, r"files entry '../outside.bin' is not a file of"),
+        ({"{outside}": {"bytes": 6, "sha256": "0" * 64}}, r"files entry '/.*outside.bin' is not a file of"),
+        ({"meta.json": 3}, r"files\['meta.json'\]=3: expected \{'bytes': an int >= 0, 'sha256': a string\}"),
+        ({"meta.json": {"sha256": "0" * 64}}, r"files\['meta.json'\]=.*: expected \{'bytes'"),
+        ([], r"expected an object whose 'files' is an object of file records"),
+    ],
+)
+def test_a_manifest_is_refused_naming_an_entry_outside_the_folder_or_a_record_that_is_not_one(tmp_path, files, message):
+    """The manifest decides which files are read and hashed: '../' or an absolute name had a file
+    outside the checkpoint hashed (its size compared in the message); a record without 'bytes' was a KeyError."""
+    folder = tmp_path / "step_00000001"
+    folder.mkdir()
+    (folder / "meta.json").write_text('{"step": 1}')
+    (tmp_path / "outside.bin").write_bytes(b"secret")
+    if isinstance(files, dict):
+        files = {name.format(outside=tmp_path / "outside.bin"): record for name, record in files.items()}
+    (folder / MANIFEST).write_text(json.dumps({"algorithm": "sha256", "files": files}))
+    for check in (verify_checkpoint, check_sizes, read_meta):
+        with pytest.raises(CheckpointCorruptError, match=rf"{folder / MANIFEST}: {message}"):
+            check(folder)
