@@ -79,13 +79,23 @@ def _shard(path: Path):
 
 
 def tensor_dtype(folder: str | Path, key: str) -> torch.dtype:
-    """The stored dtype of one tensor, read from its shard's header (no tensor data is read)."""
+    """The stored dtype of one tensor, read from its shard's header (no tensor data is read), which
+    a model built from the folder takes: a ConversionError naming the shard, the tensor and the
+    stored dtype unless it is a float width a model computes in (F64, F32, F16, BF16; not an
+    integer, FP8 or a dtype this table lacks)."""
     folder = Path(folder)
     shard = next((s for s, keys in shard_map(folder).items() if key in keys), None)
     if shard is None:
         raise ConversionError(f"{folder}: missing tensor {key!r}")
     with _shard(folder / shard) as handle:
-        return _DTYPES[handle.get_slice(key).get_dtype()]
+        stored = handle.get_slice(key).get_dtype()
+    dtype = _DTYPES.get(stored)
+    if dtype is None or not dtype.is_floating_point:
+        raise ConversionError(
+            f"{folder / shard}: tensor {key!r} is stored as {stored}, not as one of F64, F32, F16, BF16: the model "
+            "is built in its dtype"
+        )
+    return dtype
 
 
 def iter_tensors(folder: str | Path, only: Collection[str] | None = None) -> Iterator[tuple[str, str, torch.Tensor]]:

@@ -186,3 +186,13 @@ def test_a_config_the_weights_do_not_fit_is_refused_before_the_model_is_allocate
     assert allocated == []
     load_qwen3_vl(hf_folder)  # control: a folder that fits is allocated once
     assert allocated == ["cpu"]
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float8_e4m3fn, torch.uint16])
+def test_an_embedding_stored_in_no_float_width_is_named_as_the_model_dtype_it_would_give(folder, dtype):
+    """The model is built in the embedding's stored dtype: F8_E4M3 and U16 were a raw KeyError out
+    of the dtype table, and I64 built an integer model."""
+    key = "model.language_model.embed_tokens.weight"
+    rewrite_shard(shard_of(folder, key), lambda tensors: tensors.update({key: tensors[key].to(dtype)}))
+    with pytest.raises(ConversionError, match=rf"{shard_of(folder, key)}: tensor '{key}' is stored as \w+, not as"):
+        load_qwen3_vl(folder)
