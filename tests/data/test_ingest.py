@@ -370,6 +370,32 @@ def test_a_folder_of_videos_with_captions_becomes_shards(tmp_path):
     assert math.isclose(clip.caption_segments[0][1], 1.0)
 
 
+def test_a_caption_sidecar_nested_past_the_parser_is_a_counted_skip_and_a_bad_captions_file_one_error(tmp_path):
+    """A sidecar of '[[[[...' was a RecursionError that ended the run; a --captions file that is not
+    UTF-8, nested past the parser or a folder was a raw UnicodeDecodeError/RecursionError/IsADirectoryError."""
+    ingest = load_script("ingest_videos")
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    (folder / "a.mp4").write_bytes(encode_mp4(_frames(0, 4), FPS))
+    (folder / "deep.mp4").write_bytes((folder / "a.mp4").read_bytes())
+    (folder / "deep.json").write_bytes(b"[" * 100_000)
+    assert ingest.ingest_videos(folder, tmp_path / "shards") == {"bad_metadata": 1}
+    assert ShardIndex.load(tmp_path / "shards").total_samples == 1
+    captions = tmp_path / "captions.jsonl"
+    for data, message in (
+        (b"\xff", r"not a readable UTF-8 file \(UnicodeDecodeError"),
+        (b"[" * 100_000, r"not \{'file': \.\.\., \.\.\.\} \(RecursionError"),
+        (None, r"not a readable UTF-8 file \(IsADirectoryError"),
+    ):
+        if data is None:  # a folder where the file should be
+            captions.unlink()
+            captions.mkdir()
+        else:
+            captions.write_bytes(data)
+        with pytest.raises(ValueError, match=rf"--captions={captions}(, line 1)?: {message}"):
+            ingest.ingest_videos(folder, tmp_path / "out", captions)
+
+
 def _pyav_video(path, codec: str, frames: np.ndarray, container_format: str | None = None) -> None:
     """``frames`` written at FPS into ``path`` by PyAV, the container chosen by its suffix unless given."""
     import av
