@@ -312,3 +312,27 @@ def test_index_files_that_are_not_json_and_shards_that_are_not_files(small_shard
     shard = str(small_shard_set / "part-000000.tar")
     with pytest.raises(ValueError, match="more than once"):
         resolve_shards([shard, str(small_shard_set)])
+
+
+def test_an_npy_header_declaring_more_bytes_than_follow_is_corrupt_media_before_any_allocation():
+    """numpy allocates the array its header declares before reading: a 200-byte member declaring a
+    GiB took a GiB (then failed on the short read); now nothing beyond the bytes given is allocated."""
+    import io
+    import tracemalloc
+
+    from megatron_cosmos3.data.media import decode_npy
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (2**30,)})
+    tracemalloc.start()
+    try:
+        with pytest.raises(
+            SampleError, match=r"x\.npy: its header declares uint8 \(1073741824,\) \(1073741824 bytes\)"
+        ):
+            decode_npy(header.getvalue() + bytes(100), "x.npy")
+        assert tracemalloc.get_traced_memory()[1] < 2**20
+    finally:
+        tracemalloc.stop()
+    whole = io.BytesIO()  # control: a header declaring the bytes that follow reads as before
+    np.lib.format.write_array_header_1_0(whole, {"descr": "|u1", "fortran_order": False, "shape": (100,)})
+    assert decode_npy(whole.getvalue() + bytes(100), "x.npy").shape == (100,)
