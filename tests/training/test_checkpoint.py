@@ -708,6 +708,7 @@ def test_a_meta_json_or_manifest_that_is_not_json_is_corrupt_naming_the_file(tmp
     "files, message",
     [
         ({"../outside.bin": {"bytes": 6, "sha256": "0" * 64}}, r"files entry '../outside.bin' is not a file of"),
+        ({"deepspeed/../../outside.bin": {"bytes": 6, "sha256": "0" * 64}}, r"files entry 'deepspeed/\.\./\.\./"),
         ({"{outside}": {"bytes": 6, "sha256": "0" * 64}}, r"files entry '/.*outside.bin' is not a file of"),
         ({"meta.json": 3}, r"files\['meta.json'\]=3: expected \{'bytes': an int >= 0, 'sha256': a string\}"),
         ({"meta.json": {"sha256": "0" * 64}}, r"files\['meta.json'\]=.*: expected \{'bytes'"),
@@ -727,3 +728,39 @@ def test_a_manifest_is_refused_naming_an_entry_outside_the_folder_or_a_record_th
     for check in (verify_checkpoint, check_sizes, read_meta):
         with pytest.raises(CheckpointCorruptError, match=rf"{folder / MANIFEST}: {message}"):
             check(folder)
+
+
+def test_a_checkpoint_file_that_links_outside_the_folder_is_refused_and_a_subfolder_file_is_not(tmp_path):
+    """A manifest entry that is a link to a file elsewhere had that file hashed (and read as the
+    checkpoint's data); DeepSpeed's files live in a subfolder (deepspeed/...) and stay valid."""
+    folder = tmp_path / "step_00000001"
+    folder.mkdir()
+    (folder / "meta.json").write_text('{"step": 1}')
+    reseal(folder)
+    (folder / "deepspeed").mkdir()
+    (folder / "deepspeed" / "model.pt").write_bytes(b"weights")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"]["deepspeed/model.pt"] = file_record(folder / "deepspeed" / "model.pt")
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    verify_checkpoint(folder)  # control: a file in a subfolder of the checkpoint is its own
+    (tmp_path / "outside.bin").write_bytes(b"weights")
+    (folder / "deepspeed" / "model.pt").unlink()
+    (folder / "deepspeed" / "model.pt").symlink_to(tmp_path / "outside.bin")
+    with pytest.raises(
+        CheckpointCorruptError, match=rf"file deepspeed/model.pt is a link to {tmp_path / 'outside.bin'}"
+    ):
+        verify_checkpoint(folder)
+
+
+def test_a_storage_file_that_links_outside_the_folder_is_refused_without_checksums(tmp_path):
+    """Without checksums.json (saved before them) nothing stopped DCP reading a shard that is a link
+    to a file outside the checkpoint."""
+    model, _ = trained_model(steps=0)
+    Checkpointer(tmp_path / "run", async_save=False).save(1, model, None, {}, {})
+    folder = tmp_path / "run" / "step_00000001"
+    (folder / MANIFEST).unlink()
+    shard = next(folder.glob("*.distcp"))
+    shutil.move(shard, tmp_path / "elsewhere.distcp")
+    shard.symlink_to(tmp_path / "elsewhere.distcp")
+    with pytest.raises(CheckpointCorruptError, match=rf"file {shard.name} \(item '.*'\) is a link to .*elsewhere"):
+        Checkpointer(tmp_path / "run", async_save=False).load(folder, MoTModel(copy.deepcopy(CONFIG)))
