@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from webdataset.gopen import gopen
-from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
 from megatron_cosmos3.data.errors import (
@@ -41,6 +40,7 @@ from megatron_cosmos3.data.errors import (
     UNSAFE_MEMBER,
     Skip,
 )
+from megatron_cosmos3.data.url_patterns import expand_entry
 
 INDEX_FILENAME = "index.json"
 _INDEX_VERSION = 1
@@ -188,7 +188,10 @@ def local_entry_problem(entry: str) -> str | None:
         except (OSError, ValueError) as error:
             return str(error)
         return None
-    paths = expand_urls(entry)
+    try:
+        paths = expand_entry(entry)
+    except ValueError as error:  # a pattern of too many URLs, unbalanced braces
+        return str(error)
     if not any(os.path.exists(path) for path in paths):
         return "does not exist" if len(paths) == 1 else f"none of its {len(paths)} paths exists"
     return None
@@ -207,7 +210,7 @@ def resolve_shards(entries: list[str]) -> list[ShardInfo]:
         if os.path.isdir(entry) or entry.endswith(".json"):
             shards.extend(ShardIndex.load(entry).shards)
         else:
-            shards.extend(ShardInfo(url) for url in expand_urls(entry))
+            shards.extend(ShardInfo(url) for url in expand_entry(entry))
     twice = sorted(url for url, n in Counter(_same_shard_key(s.url) for s in shards).items() if n > 1)
     if twice:  # each epoch would read them twice: a silent re-weighting
         raise ValueError(f"shards {entries} list {twice} more than once")
