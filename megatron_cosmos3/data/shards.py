@@ -41,6 +41,7 @@ from megatron_cosmos3.data.errors import (
     Skip,
 )
 from megatron_cosmos3.data.url_patterns import expand_entry
+from megatron_cosmos3.json_files import no_constant, unique_keys
 
 INDEX_FILENAME = "index.json"
 _INDEX_VERSION = 1
@@ -123,7 +124,9 @@ class ShardIndex:
         if path.exists() and not path.is_file():  # a FIFO or device would be read without end
             raise ValueError(f"{path}: not a regular file")
         try:
-            document = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constant)
+            document = json.loads(
+                path.read_bytes().decode("utf-8"), parse_constant=no_constant, object_pairs_hook=unique_keys
+            )
         except (UnicodeDecodeError, ValueError, RecursionError) as error:
             raise ValueError(f"{path}: not a JSON index: {type(error).__name__}: {error}") from None
         if not isinstance(document, dict):
@@ -168,10 +171,6 @@ class ShardIndex:
                     )
             shards.append(ShardInfo(resolved, samples, entry.get("bytes"), modalities))
         return cls(tuple(shards), document.get("schema_version", 1))
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
 
 
 def local_entry_problem(entry: str) -> str | None:

@@ -297,7 +297,11 @@ def test_index_files_that_are_not_json_and_shards_that_are_not_files(small_shard
 
     folder = tmp_path / "set"
     shutil.copytree(small_shard_set, folder)
-    for content, message in [(b"\xff{", "not a JSON index: UnicodeDecodeError"), (b'{"a": NaN}', "NaN is not JSON")]:
+    for content, message in [
+        (b"\xff{", "not a JSON index: UnicodeDecodeError"),
+        (b'{"a": NaN}', "NaN is not a JSON number"),
+        (b'{"format_version": 1, "shards": [], "shards": [{"url": "x.tar"}]}', r"key\(s\) \['shards'\] given twice"),
+    ]:
         (folder / "index.json").write_bytes(content)
         with pytest.raises(ValueError, match=message):
             ShardIndex.load(folder)

@@ -688,6 +688,8 @@ HOSTILE_JSON = {
     "nested past the parser": (b"[" * 100_000, r"not JSON \(nested deeper"),
     "not UTF-8": (b'{"step": 1, "files": {}}\xff', r"not UTF-8 text"),
     "an int of 5000 digits": (b'{"step": 1' + b"0" * 5000 + b"}", r"not JSON \(Exceeds the limit"),
+    # parsers disagree on which of two values wins: json took the last one without a sign
+    "a key given twice": (b'{"step": 1, "step": 2, "files": {}}', r"not JSON \(key\(s\) \['step'\] given twice\)"),
 }
 
 
