@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_cosmos3.json_files import read_json
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -43,10 +45,8 @@ def shard_map(folder: str | Path) -> dict[str, list[str]]:
     folder = Path(folder)
     index = folder / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
-        except (ValueError, KeyError, TypeError, RecursionError) as error:  # not UTF-8 / JSON / an object
-            raise ConversionError(f"{index}: not a safetensors index with a 'weight_map' ({error})") from None
+        document = read_json(index, ConversionError)
+        weight_map = document.get("weight_map") if isinstance(document, dict) else None
         if not isinstance(weight_map, dict):
             raise ConversionError(f"{index}: 'weight_map' must map tensor names to shard files")
         shards: dict[str, list[str]] = {}
