@@ -43,10 +43,11 @@ import argparse
 import json
 import logging
 import re
+import string
 import sys
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow as pa
@@ -166,14 +167,18 @@ def read_info(root: Path) -> dict:
     for key, feature in info["features"].items():
         if not isinstance(feature, dict):
             raise ValueError(f"{path}: features[{key!r}]={feature!r} must be an object")
-    for key in ("data_path", "video_path"):
-        if not isinstance(info.get(key), str):
-            raise ValueError(f"{path}: {key}={info.get(key)!r} must be a path template (a string)")
     version = str(info.get("codebase_version", ""))
     if not version.startswith(("v2.", "v3.")):
         raise ValueError(
             f"{root / 'meta' / 'info.json'}: codebase_version={version!r}; this reader knows v2.x and v3.x"
         )
+    chunks = info.get("chunks_size", 1000)
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"{path}: chunks_size={chunks!r} must be an int >= 1")
+    for key in ("data_path", "video_path"):
+        if not isinstance(info.get(key), str):
+            raise ValueError(f"{path}: {key}={info.get(key)!r} must be a path template (a string)")
+        dataset_file(root, info, key, video_key="camera") if key == "video_path" else dataset_file(root, info, key)
     fps = info.get("fps")
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not FPS_RANGE[0] <= fps <= FPS_RANGE[1]:
         raise ValueError(f"{root / 'meta' / 'info.json'}: fps={fps!r} must be a number in {list(FPS_RANGE)}")
@@ -184,22 +189,55 @@ def is_v3(info: dict) -> bool:
     return str(info["codebase_version"]).startswith("v3.")
 
 
+def dataset_file(root: Path, info: dict, key: str, video_key: str | None = None, **where: int) -> Path:
+    """``root`` / the ``info`` path template ``key`` filled with ``where`` (0 where not given) and
+    ``video_key``. ValueError naming info.json and the template unless it names only the fields
+    LeRobot's layout of its version gives (no attribute or index access) and the path stays in
+    ``root`` (relative, no '..' component): a template or a camera key is data, and a file outside
+    the dataset would be read as its episode."""
+    fields = ("chunk_index", "file_index") if is_v3(info) else ("episode_chunk", "episode_index")
+    values = {name: where.get(name, 0) for name in fields} | ({} if video_key is None else {"video_key": video_key})
+    template = info[key]
+    problem = f"{root / 'meta' / 'info.json'}: {key}={template!r}"
+    try:
+        named = [(field, spec) for _, field, spec, _ in string.Formatter().parse(template) if field is not None]
+        unknown = [field for field, _ in named if field not in values]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not one of {sorted(values)}")
+        if any("{" in (spec or "") or re.search(r"\d{4}", spec or "") for _, spec in named):
+            raise ValueError("a nested field or a width of more than 3 digits")  # ':999999999d' is a GB name
+        relative = PurePosixPath(template.format(**values))
+    except ValueError as error:  # also a format spec its value does not take ('{episode_index:q}')
+        raise ValueError(f"{problem}: not a path template of {sorted(values)} ({error})") from None
+    if relative.is_absolute() or ".." in relative.parts:
+        raise ValueError(f"{problem} gives {str(relative)!r}, which leads out of the dataset folder")
+    return root / relative
+
+
 def episodes_of(root: Path, info: dict) -> list[dict]:
     """Every episode's metadata, by index: ``meta/episodes.jsonl`` (v2) or the rows of
     ``meta/episodes/chunk-*/file-*.parquet`` (v3)."""
     if is_v3(info):
-        files = sorted((root / "meta" / "episodes").rglob("*.parquet"))
-        episodes = [row for path in files for row in pq.read_table(path).to_pylist()]
+        episodes = []
+        for path in sorted((root / "meta" / "episodes").rglob("*.parquet")):
+            try:
+                episodes += pq.read_table(path).to_pylist()
+            except (OSError, pa.ArrowException) as error:
+                raise ValueError(f"{path}: not a readable parquet file ({type(error).__name__}: {error})") from None
     else:
         path = root / "meta" / "episodes.jsonl"
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as error:  # missing, a folder, not UTF-8
+            raise ValueError(f"{path}: not a readable UTF-8 file ({type(error).__name__}: {error})") from None
         episodes = []
-        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 episodes.append(json.loads(line))
-            except ValueError as error:
-                raise ValueError(f"{path}, line {number}: not JSON ({error})") from None
+            except (ValueError, RecursionError) as error:
+                raise ValueError(f"{path}, line {number}: not JSON ({type(error).__name__}: {error})") from None
     seen: set[int] = set()
     for episode in episodes:
         index = episode.get("episode_index") if isinstance(episode, dict) else None
@@ -226,12 +264,13 @@ def _episode_rows(root: Path, info: dict, episode: dict):
     """The episode's frames (a parquet table): its own file (v2), or its rows of a shared one (v3)."""
     index = int(episode["episode_index"])
     if not is_v3(info):
-        where = {"episode_chunk": index // int(info.get("chunks_size", 1000)), "episode_index": index}
-        return _read_episode_file(root / info["data_path"].format(**where), index, pq.read_table)
+        where = {"episode_chunk": index // info.get("chunks_size", 1000), "episode_index": index}
+        return _read_episode_file(dataset_file(root, info, "data_path", **where), index, pq.read_table)
     where = {key: _episode_entry(episode, f"data/{key}", int) for key in ("chunk_index", "file_index")}
-    table = _read_episode_file(root / info["data_path"].format(**where), index, pq.read_table)
+    path = dataset_file(root, info, "data_path", **where)
+    table = _read_episode_file(path, index, pq.read_table)
     if "episode_index" not in table.column_names:  # a shared file's rows say whose they are
-        raise SampleError(MISSING_FIELD, f"episode {index}: {info['data_path'].format(**where)} has no episode_index")
+        raise SampleError(MISSING_FIELD, f"episode {index}: {path} has no episode_index")
     keep = np.asarray(table.column("episode_index").to_pylist()) == index
     return table.filter(keep)
 
@@ -260,10 +299,10 @@ def _episode_video(root: Path, info: dict, episode: dict, camera: str, frames: i
     be copied)."""
     index = int(episode["episode_index"])
     if not is_v3(info):
-        where = {"episode_chunk": index // int(info.get("chunks_size", 1000)), "episode_index": index}
-        return _read_episode_file(root / info["video_path"].format(**where, video_key=camera), index, Path.read_bytes)
+        where = {"episode_chunk": index // info.get("chunks_size", 1000), "episode_index": index}
+        return _read_episode_file(dataset_file(root, info, "video_path", camera, **where), index, Path.read_bytes)
     where = {key: _episode_entry(episode, f"videos/{camera}/{key}", int) for key in ("chunk_index", "file_index")}
-    path = root / info["video_path"].format(**where, video_key=camera)
+    path = dataset_file(root, info, "video_path", camera, **where)
     start = _episode_entry(episode, f"videos/{camera}/from_timestamp", float)
     decoded = decode_media_file(
         _read_episode_file(path, index, Path.read_bytes),
@@ -357,6 +396,7 @@ def ingest_lerobot(
     camera = camera or (cameras[0] if cameras else "")
     if camera not in cameras:
         raise ValueError(f"--camera={camera!r} is not a video feature of {root}: {cameras}")
+    dataset_file(root, info, "video_path", camera)  # a camera key is a folder name: never '../..'
     eef = eef_pose_of(features, eef_key, list(eef_names)) if eef_key else None
     if eef is not None:
         if embodiment not in ("", EEF_EMBODIMENT):

@@ -142,8 +142,10 @@ def caption_of(video: Path, in_dir: Path, listed: dict[str, dict]) -> dict:
         if entry is None and video.with_suffix(".txt").is_file():
             sidecar = video.with_suffix(".txt")
             entry = {"caption": sidecar.read_text(encoding="utf-8-sig").strip()}
-    except ValueError as error:  # not UTF-8 (UnicodeDecodeError) or not JSON
-        raise SampleError(BAD_METADATA, f"{sidecar}: not a UTF-8 caption file ({error})") from None
+    except (ValueError, RecursionError) as error:  # not UTF-8 (UnicodeDecodeError), not JSON, nested past the parser
+        raise SampleError(
+            BAD_METADATA, f"{sidecar}: not a UTF-8 caption file ({type(error).__name__}: {error})"
+        ) from None
     if entry is not None and not isinstance(entry, dict):
         raise SampleError(BAD_METADATA, f"{sidecar}: expected a JSON object, got {type(entry).__name__}")
     meta = {}
@@ -181,12 +183,18 @@ def ingest_videos(
     check_split_output(out_dir, in_dir, shard_size, task, tasks)
     listed = {}
     if captions:
-        for number, line in enumerate(Path(captions).read_text(encoding="utf-8-sig").splitlines(), 1):
+        try:
+            text = Path(captions).read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as error:  # missing, a folder, not UTF-8
+            raise ValueError(
+                f"--captions={captions}: not a readable UTF-8 file ({type(error).__name__}: {error})"
+            ) from None
+        for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     entry = json.loads(line)
                     listed[entry["file"]] = entry
-                except (ValueError, TypeError, KeyError) as error:
+                except (ValueError, TypeError, KeyError, RecursionError) as error:
                     raise ValueError(
                         f"--captions={captions}, line {number}: not {{'file': ..., ...}} ({error!r})"
                     ) from None

@@ -32,11 +32,16 @@ _MEDIA = sorted({name.split(".")[0] for name in FIELDS if name != "meta.json"})
 
 
 def manifest_sample(entry: dict, root: Path) -> dict:
-    """The WebDataset dict of one manifest entry (files read as bytes, the rest into meta.json)."""
+    """The WebDataset dict of one manifest entry (files read as bytes, the rest into meta.json);
+    ValueError naming the field for an entry that is not an object with a string key and file paths."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"an entry is a JSON object, got {type(entry).__name__}")
     entry = dict(entry)
-    sample = {"__key__": str(entry.pop("key"))}
+    sample = {"__key__": entry.pop("key")}  # ShardWriter checks it: it becomes the tar members' names
     for name in _MEDIA:
         if name in entry:
+            if not isinstance(entry[name], str):
+                raise ValueError(f"{name}={entry[name]!r} must be a file path (a string)")
             path = root / entry.pop(name)
             if not path.is_file():  # a device or FIFO (/dev/zero) would be read without end
                 raise ValueError(f"{name}={str(path)!r} is not a regular file")
@@ -51,9 +56,15 @@ def write_shards(
 ) -> tuple[ShardIndex, Counter]:
     """Writes the manifest's valid samples; returns the index and skip counts per reason."""
     manifest = Path(manifest)
+    try:
+        text = manifest.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"manifest {str(manifest)!r}: not a readable UTF-8 file ({type(error).__name__}: {error})"
+        ) from None
     skipped: Counter = Counter()
     with ShardWriter(out_dir, prefix, shard_size) as writer:
-        for number, line in enumerate(manifest.read_text(encoding="utf-8-sig").splitlines(), 1):
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -62,7 +73,7 @@ def write_shards(
             except SampleError as error:
                 skipped[error.reason] += 1
                 log.warning("%s line %d: skipped: %s", manifest, number, error)
-            except (OSError, ValueError, KeyError) as error:
+            except (OSError, ValueError, KeyError, RecursionError) as error:  # Recursion: nested past the parser
                 skipped["unreadable_entry"] += 1
                 log.warning("%s line %d: skipped: %s: %s", manifest, number, type(error).__name__, error)
     return writer.index, skipped
@@ -81,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"manifest {str(args.manifest)!r} is not a file")
         # The manifest's folder is the input: shards are not mixed among its files, nor a finished dataset rewritten.
         check_split_output(args.out_dir, args.manifest.parent, args.shard_size, 0, 1)
+        index, skipped = write_shards(args.manifest, args.out_dir, args.shard_size, args.prefix)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    index, skipped = write_shards(args.manifest, args.out_dir, args.shard_size, args.prefix)
     log.info(
         "wrote %d samples in %d shards to %s; skipped %s",
         index.total_samples,

@@ -1,5 +1,6 @@
 """Packages import downward only (docs/DESIGN.md, "Layers"): a lower layer never imports a higher one,
-and packages of one layer never import each other. Checked on the source (every ``import``, also
+and packages of one layer never import each other; a module beside the packages (``json_files.py``)
+sits below them all and imports none. Checked on the source (every ``import``, also
 inside functions), so a lazy import cannot hide an upward dependency."""
 
 import ast
@@ -65,7 +66,11 @@ def violations(root: Path = ROOT) -> list[str]:
     bad = []
     for path in sorted(root.rglob("*.py")):
         relative = path.relative_to(root)
-        if len(relative.parts) < 2:  # the package's own __init__
+        if len(relative.parts) < 2:  # the package's own __init__, or a module below every package
+            if relative.name != "__init__.py":
+                bad += [
+                    f"{relative} (below every package) imports {other}" for other in sorted(imported_packages(path))
+                ]
             continue
         package = relative.parts[0]
         if str(relative) in FORWARDERS and forwards_only(path, FORWARDERS[str(relative)]):
@@ -94,8 +99,10 @@ def test_an_upward_import_is_caught(tmp_path):
         "def f():\n    from megatron_cosmos3.training.train import main\n    import megatron_cosmos3.parallel\n"
     )
     (tmp_path / "data" / "sideways.py").write_text("from megatron_cosmos3 import conversion\n")
+    (tmp_path / "json_files.py").write_text("from megatron_cosmos3.model.config import MoTConfig\n")
     assert violations(tmp_path) == [
         "data/sideways.py (layer 1) imports conversion (layer 1)",
+        "json_files.py (below every package) imports model",
         "model/bad.py (layer 0) imports parallel (layer 2)",
         "model/bad.py (layer 0) imports training (layer 5)",
     ]

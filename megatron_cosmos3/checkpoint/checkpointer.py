@@ -50,6 +50,7 @@ from megatron_cosmos3.checkpoint.safe_reader import (
     write_manifest,
 )
 from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes, model_entries, optimizer_entries
+from megatron_cosmos3.json_files import read_json
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,7 @@ def read_meta(path: str | Path) -> dict:
     CheckpointCorruptError otherwise."""
     path = Path(path)
     check_file(path, "meta.json", read_manifest(path), "step, MLflow run, config")
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointCorruptError(f"checkpoint {path}: meta.json is unreadable ({error})") from None
+    meta = read_json(path / "meta.json", CheckpointCorruptError)
     check_meta(meta, path)
     return meta
 
@@ -118,8 +116,8 @@ def check_meta(meta, path: Path) -> None:
 def _meta_step(path: Path) -> int | None:
     """The step a checkpoint folder's meta.json records, or None when it has no readable one."""
     try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (OSError, ValueError):
+        meta = read_json(path / "meta.json")
+    except ValueError:
         return None
     step = meta.get("step") if isinstance(meta, dict) else None
     return step if type(step) is int else None

@@ -30,6 +30,8 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType
 
+from megatron_cosmos3.json_files import read_json
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "checksums.json"
@@ -95,14 +97,33 @@ def write_manifest(folder: Path, extra: tuple[str, ...] = (METADATA, "meta.json"
 
 
 def read_manifest(folder: Path) -> dict[str, dict] | None:
-    """{file name: record} of a checkpoint, or None for one written before checksums existed."""
+    """{file name: record} of a checkpoint, or None for one written before checksums existed.
+
+    CheckpointCorruptError naming the entry unless each names a file inside the folder (a relative
+    path without '.' or '..' parts, as ``deepspeed/<file>``: the manifest says which files are read
+    and hashed, and ``../`` or an absolute path would reach outside it) with a record of an int
+    ``bytes`` >= 0 and a string ``sha256``."""
     path = Path(folder) / MANIFEST
-    if not path.is_file():
+    if not path.exists():
         return None
-    try:
-        return json.loads(path.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointCorruptError(f"checkpoint {folder}: {MANIFEST} is unreadable ({error})") from None
+    document = read_json(path, CheckpointCorruptError)
+    files = document.get("files") if isinstance(document, dict) else None
+    if not isinstance(files, dict):
+        raise CheckpointCorruptError(f"{path}: expected an object whose 'files' is an object of file records")
+    for name, record in files.items():
+        if not _name_inside(name):
+            raise CheckpointCorruptError(f"{path}: files entry {name!r} is not a file of the checkpoint folder")
+        size, digest = (record.get("bytes"), record.get("sha256")) if isinstance(record, dict) else (None, None)
+        if type(size) is not int or size < 0 or not isinstance(digest, str):
+            raise CheckpointCorruptError(
+                f"{path}: files[{name!r}]={record!r:.200}: expected {{'bytes': an int >= 0, 'sha256': a string}}"
+            )
+    return files
+
+
+def _name_inside(name: str) -> bool:
+    """A relative path that names something inside its folder: no empty, '.' or '..' part."""
+    return "\\" not in name and all(part not in ("", ".", "..") for part in name.split("/"))
 
 
 def check_file(folder: Path, name: str, manifest: dict[str, dict] | None, holds: str = "", full: bool = True) -> None:
@@ -117,11 +138,20 @@ def check_file(folder: Path, name: str, manifest: dict[str, dict] | None, holds:
     path = Path(folder) / name
     if not path.is_file():
         raise CheckpointCorruptError(f"{what} is missing")
+    _check_inside(folder, path, what)
     size = path.stat().st_size
     if size != record["bytes"]:
         raise CheckpointCorruptError(f"{what} has {size} bytes, {record['bytes']} were written (truncated or damaged)")
     if full and file_record(path)["sha256"] != record["sha256"]:
         raise CheckpointCorruptError(f"{what} does not match its sha256 checksum: the data was damaged after saving")
+
+
+def _check_inside(folder: Path, path: Path, what: str) -> None:
+    """CheckpointCorruptError unless ``path`` (a file of the checkpoint) resolves inside ``folder``:
+    a link to a file elsewhere would be hashed and read as the checkpoint's data."""
+    target = path.resolve()
+    if not target.is_relative_to(Path(folder).resolve()):
+        raise CheckpointCorruptError(f"{what} is a link to {target}, outside the checkpoint folder")
 
 
 def check_sizes(folder: Path) -> None:
@@ -233,6 +263,8 @@ def check_storage_bounds(metadata, folder: Path) -> None:
             )
         if name not in sizes:
             sizes[name] = (folder / name).stat().st_size if (folder / name).is_file() else None
+            if sizes[name] is not None:
+                _check_inside(folder, folder / name, f"checkpoint {folder}: file {name} (item {index.fqn!r})")
         if sizes[name] is None:
             raise CheckpointCorruptError(f"checkpoint {folder}: file {name} (item {index.fqn!r}) is missing")
         if offset + length > sizes[name]:

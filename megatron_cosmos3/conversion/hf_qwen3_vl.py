@@ -17,7 +17,6 @@ Names: our towers already use Qwen3-VL's module names, so the mapping is a prefi
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import shutil
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from megatron_cosmos3.conversion.safetensors_io import (
     tensor_shapes,
     write_sharded,
 )
+from megatron_cosmos3.json_files import read_json
 from megatron_cosmos3.model.config import (
     MODEL_SIZE_LIMITS,
     VISION_SIZE_LIMITS,
@@ -130,10 +130,7 @@ def read_hf_config(folder: str | Path):
     _require(folder.is_dir(), folder, "not a folder")
     path = folder / "config.json"
     _require(path.is_file(), folder, "no config.json: not a Hugging Face model folder")
-    try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
-    except (ValueError, RecursionError) as error:  # not UTF-8, not JSON, nested past the parser
-        raise ConversionError(f"{path}: not valid JSON ({error})") from None
+    raw = read_json(path, ConversionError)
     _require(isinstance(raw, dict), path, f"holds a JSON {type(raw).__name__}, not an object")
     model_type = raw.get("model_type")
     _require(

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_cosmos3.json_files import read_json
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -43,10 +45,8 @@ def shard_map(folder: str | Path) -> dict[str, list[str]]:
     folder = Path(folder)
     index = folder / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
-        except (ValueError, KeyError, TypeError, RecursionError) as error:  # not UTF-8 / JSON / an object
-            raise ConversionError(f"{index}: not a safetensors index with a 'weight_map' ({error})") from None
+        document = read_json(index, ConversionError)
+        weight_map = document.get("weight_map") if isinstance(document, dict) else None
         if not isinstance(weight_map, dict):
             raise ConversionError(f"{index}: 'weight_map' must map tensor names to shard files")
         shards: dict[str, list[str]] = {}
@@ -79,13 +79,23 @@ def _shard(path: Path):
 
 
 def tensor_dtype(folder: str | Path, key: str) -> torch.dtype:
-    """The stored dtype of one tensor, read from its shard's header (no tensor data is read)."""
+    """The stored dtype of one tensor, read from its shard's header (no tensor data is read), which
+    a model built from the folder takes: a ConversionError naming the shard, the tensor and the
+    stored dtype unless it is a float width a model computes in (F64, F32, F16, BF16; not an
+    integer, FP8 or a dtype this table lacks)."""
     folder = Path(folder)
     shard = next((s for s, keys in shard_map(folder).items() if key in keys), None)
     if shard is None:
         raise ConversionError(f"{folder}: missing tensor {key!r}")
     with _shard(folder / shard) as handle:
-        return _DTYPES[handle.get_slice(key).get_dtype()]
+        stored = handle.get_slice(key).get_dtype()
+    dtype = _DTYPES.get(stored)
+    if dtype is None or not dtype.is_floating_point:
+        raise ConversionError(
+            f"{folder / shard}: tensor {key!r} is stored as {stored}, not as one of F64, F32, F16, BF16: the model "
+            "is built in its dtype"
+        )
+    return dtype
 
 
 def iter_tensors(folder: str | Path, only: Collection[str] | None = None) -> Iterator[tuple[str, str, torch.Tensor]]:

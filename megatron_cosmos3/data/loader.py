@@ -25,6 +25,7 @@ data-parallel ranks changes every rank's shard split, so the exact continuation 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,6 +287,21 @@ class PackedLoader:
             "prompts_dropped": self.prompts_dropped,
             "stats": self.stats.state_dict(),
         }
+
+    def load_state_json(self, blob: bytes) -> None:
+        """``load_state_dict`` of the JSON bytes of a state, as a checkpoint stores it; a ValueError
+        for bytes that are no loader state (not UTF-8 JSON of an object, nested past the parser, a
+        field missing or of another kind), never the KeyError or RecursionError of a crafted one."""
+        try:
+            state = json.loads(blob.decode("utf-8"))
+        except (ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise ValueError(f"loader state is not JSON ({type(error).__name__}: {error})") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"loader state is a JSON {type(state).__name__}, not an object")
+        try:
+            self.load_state_dict(state)
+        except (KeyError, TypeError, AttributeError, IndexError) as error:
+            raise ValueError(f"loader state is damaged: {type(error).__name__}: {error}") from None
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where ``state`` was taken. ValueError if it belongs to another data

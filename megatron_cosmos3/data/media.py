@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import struct
 import warnings
 
@@ -51,8 +52,21 @@ def encode_npy(array: np.ndarray) -> bytes:
 
 
 def decode_npy(data: bytes, name: str) -> np.ndarray:
-    """An array from ``.npy`` bytes; pickled object arrays are refused (shards are untrusted)."""
+    """An array from ``.npy`` bytes; pickled object arrays are refused (shards are untrusted), and so
+    is a header declaring more bytes than follow it: numpy allocates the declared array before it
+    reads (a 200-byte member declaring a shape of 2**30 bytes took a GiB)."""
     try:
+        stream = io.BytesIO(data)
+        version = np.lib.format.read_magic(stream)
+        # Format 3.0 differs from 2.0 only in its header's text encoding (UTF-8 field names).
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(stream)
+        declared, held = math.prod(shape) * dtype.itemsize, len(data) - stream.tell()
+        if declared > held:
+            raise SampleError(
+                CORRUPT_MEDIA,
+                f"{name}: its header declares {dtype} {shape} ({declared} bytes), but {held} bytes follow",
+            )
         return np.load(io.BytesIO(data), allow_pickle=False)
     except DECODE_ERRORS as error:
         raise SampleError(

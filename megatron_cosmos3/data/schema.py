@@ -265,18 +265,26 @@ class SchemaContext:
 # --- encoding (writers) ----------------------------------------------------------------------------
 
 
+def check_key(key) -> None:
+    """ValueError unless ``key`` is a sample key the reader reads back: a string that is a relative
+    path without '..' (its members' names; ``tar -x`` would write others outside its folder) whose
+    last part is non-empty and without '.' (WebDataset splits the field off at the first '.' after
+    the last '/')."""
+    parts = key.split("/") if isinstance(key, str) else [""]
+    if not parts[-1] or "." in parts[-1] or not parts[0] or ".." in parts:
+        raise ValueError(
+            f"sample key {key!r} must be a relative path without '..' whose last part is non-empty and "
+            "without '.' (WebDataset splits the field off at the first '.' after the last '/')"
+        )
+
+
 def encode_sample(sample: Sample, video_format: str = "npy") -> dict[str, bytes | str]:
     """The WebDataset dict ``{"__key__": key, "<field>": bytes}`` of a sample (no validation).
     ``video_format``: "npy" (raw frames, audio as WAV) or "mp4" (H.264 with the audio muxed in as
     AAC, ``data/media_writers.py``: 50-100x smaller, not bit-exact)."""
     from megatron_cosmos3.data.media_writers import encode_mp4  # writes through PyAV: imported when asked
 
-    parts = str(sample.key).split("/")
-    if not parts[-1] or "." in parts[-1] or not parts[0] or ".." in parts:
-        raise ValueError(
-            f"sample key {sample.key!r} must be a relative path without '..' whose last part is non-empty and "
-            "without '.' (WebDataset splits the field off at the first '.' after the last '/')"
-        )
+    check_key(sample.key)
     if video_format not in ("npy", "mp4"):
         raise ValueError(f"video_format must be 'npy' or 'mp4', got {video_format!r}")
     meta: dict = {"schema": SCHEMA_VERSION}

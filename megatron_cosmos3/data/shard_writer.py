@@ -20,7 +20,7 @@ from webdataset.writer import TarWriter
 
 from megatron_cosmos3.data.errors import SampleError, Skip
 from megatron_cosmos3.data.media import decode_json, decode_npy
-from megatron_cosmos3.data.schema import Sample, SchemaContext, decode_sample, encode_sample
+from megatron_cosmos3.data.schema import Sample, SchemaContext, check_key, decode_sample, encode_sample
 from megatron_cosmos3.data.shards import ShardIndex, ShardInfo, read_shard
 from megatron_cosmos3.encoders.action_normalization import ActionStats, EmbodimentActionStats
 
@@ -80,6 +80,7 @@ class ShardWriter:
         """Adds an already-encoded WebDataset dict as is (no validation: for tools and tests)."""
         if self._closed:
             raise ValueError("ShardWriter is closed")
+        check_key(encoded.get("__key__"))  # a key read back otherwise, or a member tar -x writes outside
         if self._tar is None:
             path = self._path(len(self._shards))
             self._tar = TarWriter(str(path.with_suffix(".tar.partial")), mtime=0.0, encoder=False)

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from webdataset.gopen import gopen
-from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
 from megatron_cosmos3.data.errors import (
@@ -42,6 +41,8 @@ from megatron_cosmos3.data.errors import (
     UNSAFE_MEMBER,
     Skip,
 )
+from megatron_cosmos3.data.url_patterns import expand_entry
+from megatron_cosmos3.json_files import no_constant, unique_keys
 
 INDEX_FILENAME = "index.json"
 _INDEX_VERSION = 1
@@ -145,7 +146,7 @@ class ShardIndex:
             limit = INDEX_LIMITS["index_bytes"]
             raise ValueError(f"{path}: the index holds more than INDEX_LIMITS['index_bytes']={limit:,} bytes")
         try:
-            document = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+            document = json.loads(raw.decode("utf-8"), parse_constant=no_constant, object_pairs_hook=unique_keys)
         except (UnicodeDecodeError, ValueError, RecursionError) as error:
             raise ValueError(f"{path}: not a JSON index: {type(error).__name__}: {error}") from None
         if not isinstance(document, dict):
@@ -202,10 +203,6 @@ class ShardIndex:
         return cls(tuple(shards), document.get("schema_version", 1))
 
 
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
-
-
 def local_entry_problem(entry: str) -> str | None:
     """Why a ``shards`` entry that names local files cannot be read, or None (URLs and pipes are not
     checked here: they fail, counted, when read)."""
@@ -220,7 +217,10 @@ def local_entry_problem(entry: str) -> str | None:
         except (OSError, ValueError) as error:
             return str(error)
         return None
-    paths = expand_urls(entry)
+    try:
+        paths = expand_entry(entry)
+    except ValueError as error:  # a pattern of too many URLs, unbalanced braces
+        return str(error)
     if not any(os.path.exists(path) for path in paths):
         return "does not exist" if len(paths) == 1 else f"none of its {len(paths)} paths exists"
     return None
@@ -245,7 +245,7 @@ def resolve_shards(entries: list[str]) -> list[ShardInfo]:
         if os.path.isdir(entry) or entry.endswith(".json"):
             shards.extend(ShardIndex.load(entry).shards)
         else:
-            shards.extend(ShardInfo(url) for url in expand_urls(entry))
+            shards.extend(ShardInfo(url) for url in expand_entry(entry))
     twice = sorted(url for url, n in Counter(_same_shard_key(s.url) for s in shards).items() if n > 1)
     if twice:  # each epoch would read them twice: a silent re-weighting
         raise ValueError(f"shards {entries} list {twice} more than once")

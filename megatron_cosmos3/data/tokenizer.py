@@ -74,7 +74,13 @@ class HFTokenizer:
         if not path.is_file():
             raise ValueError(f"data.tokenizer.path={config.path!r}: no {TOKENIZER_FILE} there")
         self._path = path
-        self._tokenizer = FastTokenizer.from_file(str(path))
+        try:
+            self._tokenizer = FastTokenizer.from_file(str(path))
+        except Exception as error:  # the Rust library raises a bare Exception that names no file
+            raise ValueError(
+                f"data.tokenizer.path={config.path!r}: {path} is not a tokenizer file Hugging Face tokenizers reads "
+                f"({error})"
+            ) from None
         size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self.eos_id = self._id_of(config.eos_token, "eos_token")
         self.bog_id = self._id_of(config.bog_token, "bog_token") if config.bog_token else size

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from megatron_cosmos3.encoders.pseudo_actions import get_layout
+from megatron_cosmos3.json_files import read_json
 
 __all__ = [
     "ACTION_STATS_FILENAME",
@@ -256,13 +257,7 @@ class ActionStats:
         path = Path(path)
         if path.is_dir():
             path = path / ACTION_STATS_FILENAME
-        if path.exists() and not path.is_file():  # a FIFO or device would be read without end
-            raise ValueError(f"{path}: not a regular file")
-        try:
-            document = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-            raise ValueError(f"{path}: not a JSON file of action statistics: {type(error).__name__}: {error}") from None
-        return cls.from_document(document, str(path))
+        return cls.from_document(read_json(path), str(path))
 
 
 def merge_action_stats(stats: Iterable[ActionStats | None]) -> ActionStats | None:

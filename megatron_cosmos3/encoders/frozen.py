@@ -27,12 +27,13 @@ warning and leave random weights in place).
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+from megatron_cosmos3.json_files import read_json
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 SelfT = TypeVar("SelfT", bound="FrozenPretrained")
@@ -99,10 +100,9 @@ def read_diffusers_config(path: str | Path, expected_class: str) -> dict[str, An
         raise FileNotFoundError(
             f"{str(folder)!r} has no config.json, so it is not a diffusers {expected_class} folder{hint}"
         )
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{str(config_file)!r} is not valid JSON: {err}") from err
+    config = read_json(config_file)
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(config_file)!r} holds a JSON {type(config).__name__}, not an object")
     class_name = config.get("_class_name")
     if class_name != expected_class:
         raise ValueError(f"{str(config_file)!r} has _class_name={class_name!r}, expected {expected_class!r}")

@@ -169,7 +169,7 @@ def load_suite_config(yaml_path: str | None = None, overrides: list[str] | None 
     except (OmegaConfBaseException, UnicodeDecodeError) as error:  # names the key (or the byte), on one line
         message = " ".join(str(error).split())
         raise ValueError(f"eval suite config{f' {yaml_path}' if yaml_path else ''}: {message}") from None
-    except ValueError:
-        raise
+    except ValueError as error:  # the config's own checks name the field; add the file
+        raise ValueError(f"eval suite config {yaml_path}: {error}" if yaml_path else str(error)) from None
     except Exception as error:  # YAML syntax and the like
         raise ValueError(f"eval suite config{f' {yaml_path}' if yaml_path else ''}: {error}") from None

@@ -363,8 +363,10 @@ def load_model_config(path: str | Path) -> MoTConfig:
 
     try:
         raw = OmegaConf.load(path)
-    except OSError:
-        raise
+    except OSError as error:
+        if error.errno is not None:  # missing or unreadable: the system's error names the path
+            raise
+        raise ValueError(f"{path}: {error}") from None  # OmegaConf's 'Invalid loaded object type' (a YAML scalar)
     except Exception as error:  # YAML syntax: name the file
         raise ValueError(f"{path}: not YAML ({type(error).__name__}: {error})") from None
     if not isinstance(raw, DictConfig) or "model" not in raw:

@@ -43,6 +43,7 @@ from megatron_cosmos3.inference.media_outputs import GeneratedSample, Generation
 from megatron_cosmos3.inference.requests import GenerationRequest, generation_builder, required_inputs
 from megatron_cosmos3.inference.solvers import SOLVERS
 from megatron_cosmos3.inference.text_generation import TextPrompt, TextSampling, generate_text
+from megatron_cosmos3.json_files import no_constant, unique_keys
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.release.trained import LOAD_ERRORS, TrainedModel, load_trained_model
 from megatron_cosmos3.tasks.registry import TASK_REGISTRY
@@ -353,18 +354,6 @@ def run_requests(
     return folders
 
 
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    repeated = sorted({key for key in keys if keys.count(key) > 1})
-    if repeated:
-        raise ValueError(f"key(s) {repeated} given twice")
-    return dict(pairs)
-
-
 def _text_inputs(spec: RequestSpec, where: str) -> tuple[np.ndarray | None, TextSampling]:
     """A text request's picture (or None) and sampling settings."""
     picture = read_input("image", spec.path("image"), where) if "image" in spec.files else None
@@ -386,7 +375,7 @@ def read_requests(path: Path) -> list[RequestSpec]:
             continue
         where = f"{path}:{number}"
         try:
-            document = json.loads(line, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+            document = json.loads(line, parse_constant=no_constant, object_pairs_hook=unique_keys)
         except (ValueError, RecursionError) as error:
             raise RequestError(f"{where}: not JSON ({error})") from None
         specs.append(RequestSpec.from_mapping(document, where, path.parent))

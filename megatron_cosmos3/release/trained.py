@@ -17,7 +17,6 @@ file against ``checksums.json`` before reading it — a release folder through
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from megatron_cosmos3.conversion.safetensors_io import ConversionError
 from megatron_cosmos3.data.loader import datasets_action_stats
 from megatron_cosmos3.data.tokenizer import TOKENIZER_FILE, Tokenizer, build_tokenizer
 from megatron_cosmos3.encoders.action_normalization import ActionStats
+from megatron_cosmos3.json_files import read_json
 from megatron_cosmos3.model.config import load_model_config
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.parallel.plan import ParallelPlan
@@ -210,10 +210,7 @@ def _release_info(folder: Path) -> dict:
     path = folder / RELEASE_INFO
     if not path.is_file():
         return {}
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointLoadError(f"{path}: unreadable ({error})") from None
+    info = read_json(path, CheckpointLoadError)
     step = info.get("step") if isinstance(info, dict) else None
     if not isinstance(info, dict) or not (step is None or (type(step) is int and step >= 0)):
         raise CheckpointLoadError(f"{path}: expected an object with an int 'step' >= 0, got {info!r:.200}")

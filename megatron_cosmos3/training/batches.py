@@ -103,7 +103,7 @@ class MicroBatches:
                 f"the checkpoint holds no loader position for data rank {self.data_rank} (saved with "
                 "fewer data-parallel ranks or with data_source=synthetic); resuming mid-epoch is impossible"
             )
-        self.loader.load_state_dict(json.loads(bytes(state[self.state_key()].tolist()).decode()))
+        self.loader.load_state_json(bytes(state[self.state_key()].tolist()))
 
     def close(self) -> None:
         if self.loader is not None:

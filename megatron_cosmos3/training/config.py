@@ -470,8 +470,10 @@ def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] |
             layer = OmegaConf.load(path)
             _refuse_removed_keys(layer, path)
             merged = merge_config_layer(merged, layer, "model.")
-        except OSError:
-            raise
+        except OSError as error:
+            if error.errno is not None:  # missing or unreadable: the system's error names the path
+                raise
+            raise ValueError(f"{path}: {error}") from None  # OmegaConf's 'Invalid loaded object type' (a YAML scalar)
         except Exception as error:  # YAML syntax, an unknown key, a wrong type: name the file too
             raise ValueError(f"{path}: {type(error).__name__}: {error}") from None
         _refuse_non_finite(merged, path)

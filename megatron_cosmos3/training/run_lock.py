@@ -54,7 +54,7 @@ def _alive(owner: dict, job_id: str = "", slurm_attempt: int | None = None) -> b
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: a pid past the C range is no process
         return False
     except PermissionError:
         pass  # another user's process: it runs
@@ -97,7 +97,7 @@ class RunFolderLock:
                 owner = json.loads(self.path.read_text())
             except FileNotFoundError:
                 return None
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):  # RecursionError: nested past the parser
                 time.sleep(0.05)
                 continue
             return owner if isinstance(owner, dict) else {"unreadable": True}  # JSON, but no owner record

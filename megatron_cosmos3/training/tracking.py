@@ -489,7 +489,7 @@ class MLflowTracker:
             run_id = kept["run_id"]
             params, tags = {str(k): str(v) for k, v in kept["params"].items()}, dict(kept["tags"])
             metrics = [Metric(str(k), float(v), int(t), int(s)) for k, v, t, s in kept["metrics"]]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
             log.warning("MLflow: %s is unreadable (%s); its values are not delivered", self._spool, error)
             return
         self.continued = True

@@ -137,8 +137,14 @@ def test_hub_format_config_imports_the_same(folder, hf_folder):
     "name, text, message",
     [
         ("config.json", b"[1]", "config.json: holds a JSON list, not an object"),
-        ("config.json", b'{"model_type": "\xff"}', "config.json: not valid JSON ('utf-8' codec can't decode"),
-        ("config.json", b"[" * 100_000, "config.json: not valid JSON (maximum recursion depth"),
+        ("config.json", b'{"model_type": "\xff"}', "config.json: not UTF-8 text ('utf-8' codec can't decode"),
+        ("config.json", b"[" * 100_000, "config.json: not JSON (nested deeper than the parser reads)"),
+        # parsers disagree on which value of a key given twice wins: json took the last one silently
+        (
+            "config.json",
+            b'{"model_type": "qwen3_vl", "model_type": "x"}',
+            "config.json: not JSON (key(s) ['model_type']",
+        ),
         ("config.json", {"hidden_size": "32"}, "config.json: Validation error for field 'hidden_size'"),
         ("config.json", {"num_hidden_layers": 2.5}, "config.json: Validation error for field 'num_hidden_layers'"),
         ("config.json", {"vision": [99]}, "config.json: VisionConfig: deepstack_visual_indexes=[99] must be distinct"),
@@ -151,8 +157,14 @@ def test_hub_format_config_imports_the_same(folder, hf_folder):
             {"num_hidden_layers": 1000},
             "config.json: text_config.num_hidden_layers=1000, but the weights hold 3 (model.language_model.layers.<i>)",
         ),
-        (INDEX, b'{"weight_map": {"\xff": 1}}', f"{INDEX}: not a safetensors index with a 'weight_map' ('utf-8'"),
-        (INDEX, b"[" * 100_000, f"{INDEX}: not a safetensors index with a 'weight_map' (maximum recursion"),
+        (INDEX, b'{"weight_map": {"\xff": 1}}', f"{INDEX}: not UTF-8 text ('utf-8'"),
+        (INDEX, b"[" * 100_000, f"{INDEX}: not JSON (nested deeper than the parser reads)"),
+        (
+            INDEX,
+            b'{"weight_map": {}, "weight_map": {"a": "b"}}',
+            f"{INDEX}: not JSON (key(s) ['weight_map'] given twice)",
+        ),
+        (INDEX, b"[1]", f"{INDEX}: 'weight_map' must map tensor names to shard files"),
     ],
 )
 def test_a_crafted_config_or_index_is_a_conversion_error_naming_the_file(folder, name, text, message):
@@ -186,3 +198,13 @@ def test_a_config_the_weights_do_not_fit_is_refused_before_the_model_is_allocate
     assert allocated == []
     load_qwen3_vl(hf_folder)  # control: a folder that fits is allocated once
     assert allocated == ["cpu"]
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float8_e4m3fn, torch.uint16])
+def test_an_embedding_stored_in_no_float_width_is_named_as_the_model_dtype_it_would_give(folder, dtype):
+    """The model is built in the embedding's stored dtype: F8_E4M3 and U16 were a raw KeyError out
+    of the dtype table, and I64 built an integer model."""
+    key = "model.language_model.embed_tokens.weight"
+    rewrite_shard(shard_of(folder, key), lambda tensors: tensors.update({key: tensors[key].to(dtype)}))
+    with pytest.raises(ConversionError, match=rf"{shard_of(folder, key)}: tensor '{key}' is stored as \w+, not as"):
+        load_qwen3_vl(folder)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -151,3 +152,29 @@ def test_pipeline_scripts_refuse_bad_arguments_in_one_line_and_write_nothing(tmp
     assert exited.value.code == 2 and message in err and len(err.splitlines()) == 1, err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     assert not (tmp_path / "new").exists() and not (tmp_path / "RAN").exists()
+
+
+def test_a_crafted_manifest_entry_is_a_counted_skip_and_never_a_member_leading_out_of_the_folder(tmp_path):
+    """A key '../../evil' or '/tmp/evil' was written as tar members of those names (tar -x writes
+    them outside its folder; our reader skipped the sample as unsafe_member); 'a.b' split at the
+    '.'; an entry that is a list, null or nested past the parser, or a file path that is a number,
+    was a TypeError/RecursionError that ended the run; a manifest not UTF-8 a raw UnicodeDecodeError."""
+    write_shards = load_script("write_shards")
+    rng = np.random.default_rng(0)
+    (tmp_path / "still.png").write_bytes(encode_png(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)))
+    still = {"caption": "a still", "image": "still.png"}
+    lines = [
+        json.dumps({"key": "good", **still}),
+        *(json.dumps({"key": key, **still}) for key in ("../../evil", "/tmp/evil", "a.b", "", 7)),
+        json.dumps({"key": "number", "caption": "x", "image": 5}),
+        "[1, 2]",
+        "null",
+        "[" * 100_000,
+    ]
+    (tmp_path / "manifest.jsonl").write_text("\n".join(lines))
+    index, skipped = write_shards.write_shards(tmp_path / "manifest.jsonl", tmp_path / "shards")
+    assert index.total_samples == 1 and skipped == {"unreadable_entry": len(lines) - 1}
+    assert sorted(tarfile.open(index.shards[0].url).getnames()) == ["good.image.png", "good.meta.json"]
+    (tmp_path / "latin.jsonl").write_bytes('{"key": "caf\u00e9"}'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"manifest '.*latin.jsonl': not a readable UTF-8 file \(UnicodeDecodeError"):
+        write_shards.write_shards(tmp_path / "latin.jsonl", tmp_path / "latin")

@@ -264,6 +264,70 @@ def test_damaged_lerobot_episodes_are_skipped_and_counted_and_a_broken_dataset_i
         ingest.ingest_lerobot(root, tmp_path / "out3", "toy_arm")
 
 
+HOSTILE_LEROBOT = {
+    # info.json's path templates and camera keys are data: a file outside the dataset was read as an
+    # episode (a corrupt_media skip at best), an unknown field was a raw KeyError/IndexError mid-run
+    "a template leading out": (
+        {"data_path": "../{episode_index}.parquet"},
+        None,
+        r"data_path='\.\./\{episode_index\}\.parquet' gives '\.\./0\.parquet', which leads out of the dataset folder",
+    ),
+    "an absolute template": (
+        {"data_path": "/etc/{episode_index}.parquet"},
+        None,
+        r"gives '/etc/0\.parquet', which leads out",
+    ),
+    "a camera key leading out": (
+        {"camera": "../../x"},
+        None,
+        r"video_path=.* gives 'videos/chunk-000/\.\./\.\./x/episode_000000\.mp4', which leads out",
+    ),
+    "an unknown field": (
+        {"data_path": "data/{chunk}.parquet"},
+        None,
+        r"data_path='data/\{chunk\}\.parquet': not a path template of \[.*\] \('chunk' is not one of",
+    ),
+    "a positional field": ({"data_path": "data/{}.parquet"}, None, r"not a path template .*\('' is not one of"),
+    "an attribute": ({"data_path": "data/{episode_index.real}.parquet"}, None, r"'episode_index\.real' is not one of"),
+    "a width of a gigabyte": (
+        {"data_path": "{episode_index:999999999d}"},
+        None,
+        r"a nested field or a width of more than 3 digits",
+    ),
+    "chunks_size 0": ({"chunks_size": 0}, None, r"info\.json: chunks_size=0 must be an int >= 1"),  # ZeroDivisionError
+    "chunks_size null": ({"chunks_size": None}, None, r"info\.json: chunks_size=None must be an int >= 1"),  # TypeError
+    "episodes nested past the parser": ({}, b"[" * 100_000, r"episodes\.jsonl, line 1: not JSON \(RecursionError"),
+    "episodes not UTF-8": (
+        {},
+        b'{"episode_index": 0}\n\xff',
+        r"episodes\.jsonl: not a readable UTF-8 file \(UnicodeDecodeError",
+    ),
+    "episodes a folder": ({}, "folder", r"episodes\.jsonl: not a readable UTF-8 file \(IsADirectoryError"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_LEROBOT))
+def test_a_crafted_lerobot_info_or_episode_list_is_one_error_naming_the_file_before_any_episode(
+    lerobot, tmp_path, case
+):
+    ingest = load_script("ingest_lerobot")
+    root = tmp_path / "arm_push"
+    shutil.copytree(lerobot[0], root)
+    change, episodes, message = HOSTILE_LEROBOT[case]
+    info = json.loads((root / "meta" / "info.json").read_text())
+    if "camera" in change:
+        info["features"] = {change.pop("camera"): {"dtype": "video"}, **info["features"]}
+    (root / "meta" / "info.json").write_text(json.dumps({**info, **change}))
+    if episodes == "folder":
+        (root / "meta" / "episodes.jsonl").unlink()
+        (root / "meta" / "episodes.jsonl").mkdir()
+    elif episodes is not None:
+        (root / "meta" / "episodes.jsonl").write_bytes(episodes)
+    with pytest.raises(ValueError, match=message):
+        ingest.ingest_lerobot(root, tmp_path / "out", "toy_arm")
+    assert not (tmp_path / "out" / "index.json").exists()
+
+
 def test_a_folder_of_videos_with_captions_becomes_shards(tmp_path):
     ingest = load_script("ingest_videos")
     folder = tmp_path / "videos"
@@ -304,6 +368,32 @@ def test_a_folder_of_videos_with_captions_becomes_shards(tmp_path):
     )
     assert clip.timing["clip_start_s"] == 2.0 and clip.caption == "bright"
     assert math.isclose(clip.caption_segments[0][1], 1.0)
+
+
+def test_a_caption_sidecar_nested_past_the_parser_is_a_counted_skip_and_a_bad_captions_file_one_error(tmp_path):
+    """A sidecar of '[[[[...' was a RecursionError that ended the run; a --captions file that is not
+    UTF-8, nested past the parser or a folder was a raw UnicodeDecodeError/RecursionError/IsADirectoryError."""
+    ingest = load_script("ingest_videos")
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    (folder / "a.mp4").write_bytes(encode_mp4(_frames(0, 4), FPS))
+    (folder / "deep.mp4").write_bytes((folder / "a.mp4").read_bytes())
+    (folder / "deep.json").write_bytes(b"[" * 100_000)
+    assert ingest.ingest_videos(folder, tmp_path / "shards") == {"bad_metadata": 1}
+    assert ShardIndex.load(tmp_path / "shards").total_samples == 1
+    captions = tmp_path / "captions.jsonl"
+    for data, message in (
+        (b"\xff", r"not a readable UTF-8 file \(UnicodeDecodeError"),
+        (b"[" * 100_000, r"not \{'file': \.\.\., \.\.\.\} \(RecursionError"),
+        (None, r"not a readable UTF-8 file \(IsADirectoryError"),
+    ):
+        if data is None:  # a folder where the file should be
+            captions.unlink()
+            captions.mkdir()
+        else:
+            captions.write_bytes(data)
+        with pytest.raises(ValueError, match=rf"--captions={captions}(, line 1)?: {message}"):
+            ingest.ingest_videos(folder, tmp_path / "out", captions)
 
 
 def _pyav_video(path, codec: str, frames: np.ndarray, container_format: str | None = None) -> None:

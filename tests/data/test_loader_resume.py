@@ -133,3 +133,21 @@ def test_resampled_datasets_draw_shards_independently_per_rank():
     source = DatasetSource("d", shards, 1.0, resample=True)
     per_rank = [_read(ShardSchedule([source], 0, rank, 8), 30) for rank in range(2)]
     assert per_rank[0] != per_rank[1] and set(per_rank[0]) == {"s0", "s1", "s2"}
+
+
+@pytest.mark.parametrize(
+    "blob, message",
+    [
+        (b"[" * 100_000, r"loader state is not JSON \(RecursionError"),
+        (b"\xff{}", r"loader state is not JSON \(UnicodeDecodeError"),
+        (b"[1, 2]", r"loader state is a JSON list, not an object"),
+        (b'{"format_version": 1}', r"loader state is damaged: KeyError: 'dp_world_size'"),
+    ],
+)
+def test_a_crafted_loader_state_in_a_checkpoint_is_a_value_error(blob, message):
+    """The checkpoint's JSON position was parsed and indexed bare: RecursionError, AttributeError
+    ('list' object has no attribute 'get') or KeyError came out of a resume."""
+    with PackedLoader(data_config([str(tiny_world()["latent"])]), model_config()) as loader:
+        with pytest.raises(ValueError, match=message):
+            loader.load_state_json(blob)
+        loader.load_state_json(json.dumps(loader.state_dict()).encode())  # control: a real state loads

@@ -324,7 +324,11 @@ def test_index_files_that_are_not_json_and_shards_that_are_not_files(small_shard
 
     folder = tmp_path / "set"
     shutil.copytree(small_shard_set, folder)
-    for content, message in [(b"\xff{", "not a JSON index: UnicodeDecodeError"), (b'{"a": NaN}', "NaN is not JSON")]:
+    for content, message in [
+        (b"\xff{", "not a JSON index: UnicodeDecodeError"),
+        (b'{"a": NaN}', "NaN is not a JSON number"),
+        (b'{"format_version": 1, "shards": [], "shards": [{"url": "x.tar"}]}', r"key\(s\) \['shards'\] given twice"),
+    ]:
         (folder / "index.json").write_bytes(content)
         with pytest.raises(ValueError, match=message):
             ShardIndex.load(folder)
@@ -339,3 +343,54 @@ def test_index_files_that_are_not_json_and_shards_that_are_not_files(small_shard
     shard = str(small_shard_set / "part-000000.tar")
     with pytest.raises(ValueError, match="more than once"):
         resolve_shards([shard, str(small_shard_set)])
+
+
+def test_an_npy_header_declaring_more_bytes_than_follow_is_corrupt_media_before_any_allocation():
+    """numpy allocates the array its header declares before reading: a 200-byte member declaring a
+    GiB took a GiB (then failed on the short read); now nothing beyond the bytes given is allocated."""
+    import io
+    import tracemalloc
+
+    from megatron_cosmos3.data.media import decode_npy
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (2**30,)})
+    tracemalloc.start()
+    try:
+        with pytest.raises(
+            SampleError, match=r"x\.npy: its header declares uint8 \(1073741824,\) \(1073741824 bytes\)"
+        ):
+            decode_npy(header.getvalue() + bytes(100), "x.npy")
+        assert tracemalloc.get_traced_memory()[1] < 2**20
+    finally:
+        tracemalloc.stop()
+    whole = io.BytesIO()  # control: a header declaring the bytes that follow reads as before
+    np.lib.format.write_array_header_1_0(whole, {"descr": "|u1", "fortran_order": False, "shape": (100,)})
+    assert decode_npy(whole.getvalue() + bytes(100), "x.npy").shape == (100,)
+
+
+def test_a_shards_pattern_naming_more_than_a_million_urls_is_refused_before_it_is_expanded(tmp_path):
+    """braceexpand builds every name of a range first: 'a-{00000000..99999999}.tar' took ten minutes
+    and gigabytes before any check (here: killed at the time limit), '{0..99999999999999}' was
+    killed for memory. Counted from the braces, it is refused at once, naming the entry."""
+    import subprocess
+    import sys
+
+    from megatron_cosmos3.data.config import DataConfig, DatasetConfig
+    from megatron_cosmos3.data.url_patterns import MAX_URLS_PER_ENTRY, expand_entry, url_count
+
+    code = (
+        "from megatron_cosmos3.data.shards import resolve_shards\n"
+        "try:\n    resolve_shards(['/data/a-{00000000..99999999}.tar'])\n"
+        "except ValueError as error:\n    print(error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "expands to 100000000 URLs, more than 1000000" in done.stdout, done.stderr
+    pattern = "s3://b/{000000..000099}-{a,b{1..3},c}.tar"
+    assert (
+        url_count(pattern) == 500 == len(expand_entry(pattern)) and len(expand_entry(f"{pattern}::x-{{0..9}}")) == 510
+    )
+    assert url_count("a-{0..999}-{0..999}.tar") == MAX_URLS_PER_ENTRY  # the bound itself is allowed
+    config = DataConfig(datasets=[DatasetConfig(name="w", shards=[str(tmp_path / "a-{0..99999999999999}.tar")])])
+    with pytest.raises(ValueError, match=r"data.datasets\[w\].shards\[0\]=.*: shards entry .* expands to"):
+        config.check_paths()

@@ -64,6 +64,23 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_refused_by_field(tokenizer_f
         HFTokenizer(TokenizerConfig(str(tokenizer_folder), **config), vocab_size)
 
 
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", r"EOF while parsing"),
+        (b"\xff\xfe{}", r"stream did not contain valid UTF-8"),
+        (b"[" * 100_000, r"recursion limit exceeded|expected struct Tokenizer"),
+        (b'{"version": "1.0"}', r"Model missing"),
+    ],
+)
+def test_a_tokenizer_json_the_library_cannot_read_is_named(tmp_path, data, message):
+    """tokenizers raised a bare Exception ('EOF while parsing a value at line 1 column 0') naming no file."""
+    (tmp_path / "tokenizer.json").write_bytes(data)
+    where = rf"data.tokenizer.path='{tmp_path}': {tmp_path / 'tokenizer.json'} is not a tokenizer file"
+    with pytest.raises(ValueError, match=rf"{where} Hugging Face tokenizers reads \(.*({message})"):
+        HFTokenizer(TokenizerConfig(str(tmp_path)), 256)
+
+
 def test_a_folder_without_tokenizer_json_is_refused_before_loading(tmp_path):
     config = data_config([str(tiny_world()["latent"])], tokenizer=TokenizerConfig(str(tmp_path)))
     with pytest.raises(ValueError, match=r"tokenizer.path='.*' holds no tokenizer.json"):

@@ -185,8 +185,11 @@ def test_malformed_stats_and_misuse_raise_clear_errors(tmp_path):
         with pytest.raises(ValueError, match=message):
             ActionStats.load(_write(tmp_path / f"{name}.json", document))
     (tmp_path / "bytes.json").write_bytes(b"\xff{")
-    with pytest.raises(ValueError, match=r"bytes\.json: not a JSON file of action statistics: UnicodeDecodeError"):
+    with pytest.raises(ValueError, match=r"bytes\.json: not UTF-8 text"):
         ActionStats.load(tmp_path / "bytes.json")
+    (tmp_path / "digits.json").write_bytes(b'{"format_version": 1' + b"0" * 5000 + b"}")
+    with pytest.raises(ValueError, match=r"digits\.json: not JSON \(Exceeds the limit \(4300 digits\)"):
+        ActionStats.load(tmp_path / "digits.json")  # Python's int() refused it without naming the file
     (tmp_path / "endless.json").symlink_to("/dev/zero")
     with pytest.raises(ValueError, match=r"endless\.json: not a regular file"):
         ActionStats.load(tmp_path / "endless.json")

@@ -96,8 +96,16 @@ def test_read_diffusers_config_names_what_is_wrong(tmp_path):
         read_diffusers_config(tmp_path / "absent", "AutoencoderKLWan")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         read_diffusers_config(tmp_path, "AutoencoderKLWan")
-    (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    for data, message in (
+        (b"{not json", r"not JSON \(Expecting property name"),
+        (b"\xff{}", r"not UTF-8 text"),  # was a raw UnicodeDecodeError
+        (b"[" * 100_000, r"not JSON \(nested deeper"),  # was a raw RecursionError
+    ):
+        (tmp_path / "config.json").write_bytes(data)
+        with pytest.raises(ValueError, match=rf"{tmp_path / 'config.json'}: {message}"):
+            read_diffusers_config(tmp_path, "AutoencoderKLWan")
+    (tmp_path / "config.json").write_text("[1, 2]")  # was AttributeError: 'list' object has no attribute 'get'
+    with pytest.raises(ValueError, match="config.json' holds a JSON list, not an object"):
         read_diffusers_config(tmp_path, "AutoencoderKLWan")
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(ValueError, match="_class_name=None, expected 'AutoencoderKLWan'"):

@@ -69,6 +69,7 @@ def test_the_config_loads_from_yaml_and_overrides(tmp_path):
         (b"media: maybe\n", "full_key: media"),
         (b"tasks: policy\n", "full_key: tasks"),
         (b"steps: \xff\n", "0xff"),
+        (b"steps: 1" + b"0" * 5000 + b"\n", "4300 digits"),  # Python's int() refused it, naming no file
     ):
         path.write_bytes(text)
         with pytest.raises(ValueError) as error:

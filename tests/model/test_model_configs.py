@@ -101,3 +101,13 @@ def test_vision_config_must_fit_the_backbone(vision, message):
 def test_invalid_vision_configs_are_clear_errors(changes, message):
     with pytest.raises(ValueError, match=message):
         VisionConfig(depth=3, **changes)
+
+
+def test_a_model_yaml_holding_a_scalar_is_an_error_naming_the_file(tmp_path):
+    """OmegaConf raised OSError('Invalid loaded object type: int'), which the loader let through as a
+    missing file's error: no file named."""
+    (tmp_path / "model.yaml").write_text("5\n")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'model.yaml'}: Invalid loaded object type: int"):
+        load_model_config(tmp_path / "model.yaml")
+    with pytest.raises(FileNotFoundError, match="none.yaml"):
+        load_model_config(tmp_path / "none.yaml")

@@ -307,6 +307,19 @@ def test_a_crafted_requests_file_is_an_error_naming_its_line_and_field(tmp_path,
     assert message in str(error.value)
 
 
+def test_a_request_of_many_keys_is_refused_in_linear_time(tmp_path):
+    """The duplicate-key check counted each key with list.count: an object of 50,000 keys was 2.5e9
+    comparisons (tens of seconds) before its unknown fields were named."""
+    import time
+
+    keys = ", ".join(f'"k{i}": 0' for i in range(50_000))
+    (tmp_path / "requests.jsonl").write_text('{"task": "text_to_video", ' + keys + "}\n")
+    started = time.perf_counter()
+    with pytest.raises(RequestError, match=r":1: unknown field\(s\) \['k0', 'k1'"):
+        read_requests(tmp_path / "requests.jsonl")
+    assert time.perf_counter() - started < 5
+
+
 def test_a_frame_rate_may_be_a_fraction_as_ffprobe_writes_it(tmp_path):
     path = tmp_path / "requests.jsonl"
     path.write_text('{"task": "text_to_video", "fps": "30000/1001"}\n{"task": "text_to_video", "fps": 59.94}\n')

@@ -407,3 +407,18 @@ def test_a_release_folder_with_nan_weights_is_refused_naming_the_parameter(relea
     with pytest.raises(NonFiniteWeightsError, match=rf"^checkpoint={crafted}: parameter '{name}' holds NaN or inf"):
         load_trained_model(crafted)
     assert issubclass(NonFiniteWeightsError, LOAD_ERRORS)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"[" * 100_000, r"not JSON \(nested deeper than the parser reads\)"),  # was a raw RecursionError
+        (b'{"step": 1' + b"0" * 5000 + b"}", r"not JSON \(Exceeds the limit \(4300 digits\)"),
+        (b'{"step": 1}\xff', r"not UTF-8 text"),
+    ],
+)
+def test_a_release_json_that_is_not_json_is_named(tmp_path, data, message):
+    (tmp_path / "model.yaml").write_text("model: {}\n")
+    (tmp_path / "release.json").write_bytes(data)
+    with pytest.raises(CheckpointLoadError, match=rf"{tmp_path / 'release.json'}: {message}"):
+        load_trained_model(tmp_path)

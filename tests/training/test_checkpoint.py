@@ -23,11 +23,13 @@ from megatron_cosmos3.checkpoint.checkpointer import (
     CheckpointSaveError,
     inventory,
     latest_checkpoint,
+    read_meta,
 )
 from megatron_cosmos3.checkpoint.safe_reader import (
     MANIFEST,
     CheckpointCorruptError,
     UnsafeCheckpointError,
+    check_sizes,
     file_record,
     verify_checkpoint,
 )
@@ -720,3 +722,87 @@ def test_the_checkpointers_groups_wait_the_configured_timeout_not_torchs_30_minu
     distributed.init_timeout_s: a rank waiting in them for one that stopped elsewhere waited that long."""
     (raised, elapsed), _ = run_on_ranks(_one_rank_misses_the_agreement, 2, str(tmp_path / "ckpt"), timeout_s=120)
     assert raised and elapsed < 20, (raised, elapsed)
+
+
+HOSTILE_JSON = {
+    "nested past the parser": (b"[" * 100_000, r"not JSON \(nested deeper"),
+    "not UTF-8": (b'{"step": 1, "files": {}}\xff', r"not UTF-8 text"),
+    "an int of 5000 digits": (b'{"step": 1' + b"0" * 5000 + b"}", r"not JSON \(Exceeds the limit"),
+    # parsers disagree on which of two values wins: json took the last one without a sign
+    "a key given twice": (b'{"step": 1, "step": 2, "files": {}}', r"not JSON \(key\(s\) \['step'\] given twice\)"),
+}
+
+
+@pytest.mark.parametrize("name", ["meta.json", MANIFEST])
+@pytest.mark.parametrize("case", sorted(HOSTILE_JSON))
+def test_a_meta_json_or_manifest_that_is_not_json_is_corrupt_naming_the_file(tmp_path, name, case):
+    """RecursionError, UnicodeDecodeError and the int-digits ValueError came out raw, naming no file."""
+    folder = tmp_path / "step_00000001"
+    folder.mkdir()
+    (folder / "meta.json").write_text('{"step": 1}')
+    data, message = HOSTILE_JSON[case]
+    (folder / name).write_bytes(data)
+    with pytest.raises(CheckpointCorruptError, match=rf"{folder / name}: {message}"):
+        read_meta(folder)
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"../outside.bin": {"bytes": 6, "sha256": "0" * 64}}, r"files entry '../outside.bin' is not a file of"),
+        ({"deepspeed/../../outside.bin": {"bytes": 6, "sha256": "0" * 64}}, r"files entry 'deepspeed/\.\./\.\./"),
+        ({"{outside}": {"bytes": 6, "sha256": "0" * 64}}, r"files entry '/.*outside.bin' is not a file of"),
+        ({"meta.json": 3}, r"files\['meta.json'\]=3: expected \{'bytes': an int >= 0, 'sha256': a string\}"),
+        ({"meta.json": {"sha256": "0" * 64}}, r"files\['meta.json'\]=.*: expected \{'bytes'"),
+        ([], r"expected an object whose 'files' is an object of file records"),
+    ],
+)
+def test_a_manifest_is_refused_naming_an_entry_outside_the_folder_or_a_record_that_is_not_one(tmp_path, files, message):
+    """The manifest decides which files are read and hashed: '../' or an absolute name had a file
+    outside the checkpoint hashed (its size compared in the message); a record without 'bytes' was a KeyError."""
+    folder = tmp_path / "step_00000001"
+    folder.mkdir()
+    (folder / "meta.json").write_text('{"step": 1}')
+    (tmp_path / "outside.bin").write_bytes(b"secret")
+    if isinstance(files, dict):
+        files = {name.format(outside=tmp_path / "outside.bin"): record for name, record in files.items()}
+    (folder / MANIFEST).write_text(json.dumps({"algorithm": "sha256", "files": files}))
+    for check in (verify_checkpoint, check_sizes, read_meta):
+        with pytest.raises(CheckpointCorruptError, match=rf"{folder / MANIFEST}: {message}"):
+            check(folder)
+
+
+def test_a_checkpoint_file_that_links_outside_the_folder_is_refused_and_a_subfolder_file_is_not(tmp_path):
+    """A manifest entry that is a link to a file elsewhere had that file hashed (and read as the
+    checkpoint's data); DeepSpeed's files live in a subfolder (deepspeed/...) and stay valid."""
+    folder = tmp_path / "step_00000001"
+    folder.mkdir()
+    (folder / "meta.json").write_text('{"step": 1}')
+    reseal(folder)
+    (folder / "deepspeed").mkdir()
+    (folder / "deepspeed" / "model.pt").write_bytes(b"weights")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"]["deepspeed/model.pt"] = file_record(folder / "deepspeed" / "model.pt")
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    verify_checkpoint(folder)  # control: a file in a subfolder of the checkpoint is its own
+    (tmp_path / "outside.bin").write_bytes(b"weights")
+    (folder / "deepspeed" / "model.pt").unlink()
+    (folder / "deepspeed" / "model.pt").symlink_to(tmp_path / "outside.bin")
+    with pytest.raises(
+        CheckpointCorruptError, match=rf"file deepspeed/model.pt is a link to {tmp_path / 'outside.bin'}"
+    ):
+        verify_checkpoint(folder)
+
+
+def test_a_storage_file_that_links_outside_the_folder_is_refused_without_checksums(tmp_path):
+    """Without checksums.json (saved before them) nothing stopped DCP reading a shard that is a link
+    to a file outside the checkpoint."""
+    model, _ = trained_model(steps=0)
+    Checkpointer(tmp_path / "run", async_save=False).save(1, model, None, {}, {})
+    folder = tmp_path / "run" / "step_00000001"
+    (folder / MANIFEST).unlink()
+    shard = next(folder.glob("*.distcp"))
+    shutil.move(shard, tmp_path / "elsewhere.distcp")
+    shard.symlink_to(tmp_path / "elsewhere.distcp")
+    with pytest.raises(CheckpointCorruptError, match=rf"file {shard.name} \(item '.*'\) is a link to .*elsewhere"):
+        Checkpointer(tmp_path / "run", async_save=False).load(folder, MoTModel(copy.deepcopy(CONFIG)))

@@ -83,10 +83,16 @@ def test_a_bad_value_in_a_yaml_file_names_the_file(tmp_path):
         ("optimizer:\n  lrr: 1\n", r"{layer}: ConfigKeyError: Key 'lrr' not in 'OptimizerConfig'"),
         ("steps: [1, 2]\n", r"{layer}: ValidationError: .* could not be converted to Integer"),
         ("steps: {{{: [\n", r"{layer}: ParserError"),
+        ("5\n", r"{layer}: Invalid loaded object type: int"),  # was an OSError naming no file
     ):
         layer.write_text(text)
         with pytest.raises(ValueError, match=message.format(layer=layer)):
             load_config([str(REPO / "configs/tiny_cpu.yaml"), str(layer)])
+
+
+def test_a_missing_config_file_is_still_the_systems_error_naming_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="none.yaml"):
+        load_config(str(tmp_path / "none.yaml"))
 
 
 def test_embodiments_given_whole_are_the_models_embodiments(tmp_path):

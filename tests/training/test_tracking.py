@@ -79,6 +79,20 @@ def test_a_failing_endpoint_loses_no_value_and_stalls_no_step(misbehaving, tmp_p
     ]
 
 
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"run_id": "x", "params": [], "tags": {}, "metrics": []}'])
+def test_a_damaged_spool_is_one_warning_and_stops_nothing(misbehaving, tmp_path, caplog, text):
+    """A spool nested past the JSON parser raised RecursionError out of the tracker's constructor:
+    the attempt could not start."""
+    misbehaving.mode, misbehaving.delay_s = "500", 0.0
+    spool = tmp_path / "spool.json"
+    spool.write_text(text)
+    url = f"http://127.0.0.1:{misbehaving.server_address[1]}"
+    with caplog.at_level("WARNING", logger="megatron_cosmos3.training.tracking"):
+        tracker = MLflowTracker(url, "failing", "attempt", enabled=True, retry_after_s=0.05, spool=spool)
+        tracker.suspend()
+    assert f"MLflow: {spool} is unreadable" in caplog.text
+
+
 def test_a_spool_that_cannot_be_written_is_one_warning_and_stops_nothing(misbehaving, tmp_path, caplog):
     """E.g. a full disk: the delivery thread goes on, and the end of the attempt raises nothing."""
     misbehaving.mode, misbehaving.delay_s = "500", 0.0

@@ -465,6 +465,23 @@ def test_a_second_trainer_on_a_locked_run_folder_refuses_and_a_stale_lock_is_tak
             RunFolderLock(root).acquire()
 
 
+def test_a_crafted_lock_file_is_unreadable_or_stale_never_a_traceback(tmp_path):
+    """A lock nested past the JSON parser raised RecursionError, and a pid past the C range
+    OverflowError out of os.kill, instead of refusing (unreadable) or taking over (no such process)."""
+    import json
+    import socket
+
+    from megatron_cosmos3.training.run_lock import LOCK_FILE, RunFolderLock, RunFolderLocked
+
+    (tmp_path / LOCK_FILE).write_text("[" * 100_000)
+    with pytest.raises(RunFolderLocked, match=rf"an unreadable lock file. .* delete {tmp_path / LOCK_FILE}"):
+        RunFolderLock(tmp_path).acquire()
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": 10**30}))
+    lock = RunFolderLock(tmp_path)
+    lock.acquire()
+    assert lock.held and json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
 def test_paths_are_checked_by_field_before_any_process_group(tmp_path, monkeypatch):
     (tmp_path / "a_file").write_text("")
     (tmp_path / "no_index").mkdir()

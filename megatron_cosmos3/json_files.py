@@ -1,0 +1,51 @@
+"""Reading a JSON file that may be crafted or damaged (docs/DESIGN.md, "Layers": below every package).
+
+``json.loads`` fails on hostile bytes with errors that name neither the file nor, sometimes, the
+problem: ``UnicodeDecodeError`` (not UTF-8), ``RecursionError`` (``[[[[...`` nested past the
+parser), a bare ``ValueError`` (an integer of more than 4300 digits), and takes the last of a key
+given twice without a sign. ``read_json`` turns each of these into one error of the caller's type
+that names the file; what the document must hold is the caller's check. ``unique_keys`` and
+``no_constant`` are the parser hooks every strict reader shares.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` refusing a key given twice in one object (parsers disagree on which
+    value wins, so a file could mean one thing to us and another to the tool that checked it)."""
+    counts = Counter(key for key, _ in pairs)  # linear: an object of 10**5 keys is no quadratic scan
+    repeated = sorted(key for key, n in counts.items() if n > 1)
+    if repeated:
+        raise ValueError(f"key(s) {repeated[:5]} given twice")
+    return dict(pairs)
+
+
+def no_constant(name: str) -> None:
+    """``parse_constant`` refusing NaN, Infinity and -Infinity, which are not JSON."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def read_json(path: str | Path, error: type[Exception] = ValueError) -> Any:
+    """The JSON document of the file ``path``; ``error("<path>: ...")`` for a path that is missing or
+    not a regular file (a FIFO or device would be read without end), bytes that are not UTF-8, or
+    text that is not JSON (also nested past the parser's depth, a number Python refuses, or an
+    object giving a key twice)."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {'not a regular file' if path.exists() else 'missing'}")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=unique_keys)
+    except OSError as cause:
+        raise error(f"{path}: unreadable ({cause})") from None
+    except UnicodeDecodeError as cause:
+        raise error(f"{path}: not UTF-8 text ({cause})") from None
+    except RecursionError:
+        raise error(f"{path}: not JSON (nested deeper than the parser reads)") from None
+    except ValueError as cause:  # JSONDecodeError, or an integer too long to convert
+        raise error(f"{path}: not JSON ({cause})") from None
