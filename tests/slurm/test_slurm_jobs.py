@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 
 from megatron_cosmos3.testing.slurm_cluster import ClusterUnavailable, LocalSlurmCluster
-from megatron_cosmos3.testing.training import TINY_MODEL, TRAINER_ENV, launch_environment, loss_history, train_on_ranks
+from megatron_cosmos3.testing.training import (
+    TINY_MODEL,
+    TRAINER_ENV,
+    launch_environment,
+    loss_history,
+    tracking_store,
+    train_on_ranks,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 # The job trains until preempted twice (however fast the machine: SLURM checks time limits only
@@ -62,6 +69,12 @@ def _job_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return launch_environment(tmp_path, COSMOS3_ACTIVATE=str(Path(sys.executable).parent / "activate"), **extra)
 
 
+def _store(tmp_path: Path, name: str) -> Path:
+    """The run ``name``'s MLflow store, one per run (they run at the same time): a copy of an empty
+    store, not a new one whose schema migrations cost seconds of CPU in each."""
+    return tracking_store(tmp_path / f"{name}-tracking")
+
+
 def _overrides(tmp_path: Path, world: Path, name: str) -> list[str]:
     """Every setting but ``steps`` (the job's comes from its config file)."""
     return [
@@ -80,7 +93,7 @@ def _overrides(tmp_path: Path, world: Path, name: str) -> list[str]:
         "optimizer.schedule=constant",
         "checkpoint.save_every=1000",  # only the preemption checkpoints (and the last step)
         f"checkpoint.directory={tmp_path / name}",
-        f"tracking.tracking_uri={tmp_path / f'{name}.db'}",  # one store per run: they run at the same time
+        f"tracking.tracking_uri={_store(tmp_path, name)}",
         f"tracking.run_name={name}",
     ]
 
@@ -189,7 +202,7 @@ def test_sbatch_job_requeued_by_scontrol_and_preempted_by_its_time_limit_resumes
     assert stores == ["True"] * 3, text[-4000:]
 
     reference.result()
-    straight, job_losses = loss_history(tmp_path / "straight.db", "straight"), loss_history(tmp_path / "job.db", "job")
+    straight, job_losses = (loss_history(_store(tmp_path, name), name) for name in ("straight", "job"))
     assert job_losses == straight  # every step, bit for bit, in one MLflow run continued over attempts
 
 

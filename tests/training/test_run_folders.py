@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_cosmos3.checkpoint.checkpointer import latest_checkpoint
-from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC
+from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, tracking_store
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.config import config_from_yaml, load_config
 from megatron_cosmos3.training.distributed import DistributedContext
@@ -62,6 +62,9 @@ def test_a_tracking_store_that_is_a_folder_or_another_file_is_refused_before_tra
 
 def test_a_job_without_overrides_neither_resumes_nor_touches_another_jobs_folder(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)  # the default runs_root and MLflow store are relative to it
+    # The default store (outputs/mlflow.db) made as a copy of an empty one: a new store's schema
+    # migrations cost seconds, and what this test checks is the run folders, not the store's creation.
+    tracking_store(tmp_path / "outputs")
     # A relative data path (unread by synthetic packs) is recorded absolute: found from any directory.
     relative = ["data.datasets=[{name: w, shards: [shards/w], action_stats: stats/w.json}]"]
     (tmp_path / "stats").mkdir()

@@ -84,11 +84,21 @@ def losses(tmp_path, name):
     return loss_history(tmp_path / "mlflow.db", name)
 
 
+def _train_straight(folder: Path, world: Path) -> None:
+    train_module.train(load_config(None, shard_overrides(folder, world, "straight", "steps=6")), CPU)
+
+
+@pytest.fixture(scope="module")
+def straight(world) -> Path:
+    """The folder of an uninterrupted 6-step run without loader workers, made once per test session:
+    the loader's stream is the same with any number of workers (tests/data/test_loader_resume.py),
+    so every preempted run below, with or without workers, must end with its losses."""
+    return shared_folder("train-on-shards-straight", lambda folder: _train_straight(folder, world))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
-def test_preempted_mid_epoch_resumes_with_the_exact_next_pack(tmp_path, world, workers, monkeypatch):
-    straight = load_config(None, shard_overrides(tmp_path, world, "straight", "steps=6", f"data.num_workers={workers}"))
-    train_module.train(straight, CPU)
+def test_preempted_mid_epoch_resumes_with_the_exact_next_pack(tmp_path, world, straight, workers, monkeypatch):
 
     real = MicroBatches.get
 
@@ -107,7 +117,7 @@ def test_preempted_mid_epoch_resumes_with_the_exact_next_pack(tmp_path, world, w
     assert latest_checkpoint(config.checkpoint.directory).name == "step_00000003"
     monkeypatch.setattr(MicroBatches, "get", real)
     train_module.train(config, CPU)
-    assert losses(tmp_path, "resumed") == losses(tmp_path, "straight")  # bit for bit, steps 1-6
+    assert losses(tmp_path, "resumed") == losses(straight, "straight")  # bit for bit, steps 1-6
 
 
 def _damaged_dataset(directory: Path) -> Path:

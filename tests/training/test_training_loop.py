@@ -543,9 +543,12 @@ def test_workers_die_with_a_killed_torchrun_and_the_restart_resumes_bit_exact(tm
 
     from megatron_cosmos3.testing.training import child_processes, launch_environment, torchrun_trainer, trainer_command
 
-    steps = ["steps=10", "checkpoint.save_every=1", "optimizer.schedule=constant"]
+    steps = ["steps=10", "optimizer.schedule=constant"]
+    # The uninterrupted run saves once, at its last step (what final_weights reads); the killed one
+    # saves every step, so that the kill falls anywhere in a step or a save.
     straight = config_for(tmp_path, "straight", *steps)
     train_module.train(straight, CPU)
+    steps.append("checkpoint.save_every=1")
     killed = config_for(tmp_path, "killed", *steps)
     args = [*TINY, *steps, f"checkpoint.directory={killed.checkpoint.directory}"]
     args += [f"tracking.tracking_uri={tracking_store(tmp_path)}", "tracking.run_name=killed"]
