@@ -36,6 +36,7 @@ from megatron_cosmos3.data.errors import (
     DAMAGED_SHARD,
     DUPLICATE_KEY,
     EXTRA_FIELD,
+    OUT_OF_RANGE,
     TRUNCATED_SHARD,
     UNREADABLE_SHARD,
     UNSAFE_MEMBER,
@@ -48,6 +49,11 @@ INDEX_FILENAME = "index.json"
 _INDEX_VERSION = 1
 _TAR_BLOCK = 512
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
+# The most bytes one tar member may hold. Members are read whole into memory, and a compressed
+# shard's member can declare far more than the file holds (10 GiB of zeros gzip to 10 MiB): above it
+# the sample is an ``out_of_range`` skip and the member is passed over unread. A WebDataset shard is
+# typically a few hundred MB; a sample field this large is a whole long recording, to be cut first.
+MAX_MEMBER_BYTES = 4 << 30
 # Bounds of what an index may declare, far above any real shard set (a 10k-shard set's index is a
 # few MB; a shard of 1e9 samples is at least 512 GB): a crafted or damaged index is refused by name
 # before anything is read, weighed or allocated by it (docs/DESIGN.md, "The data path, from shard to loss").
@@ -313,6 +319,8 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
     * a sample key seen earlier in the shard: the repeat is a ``duplicate_key`` skip;
     * a member that is a link or a device, or named by an absolute path or with a ``..`` component:
       its sample is an ``unsafe_member`` skip (directories are ignored);
+    * a member declaring more than ``MAX_MEMBER_BYTES``: its sample is an ``out_of_range`` skip and
+      the member is passed over unread;
     * a member header that is not a tar header (tarfile then ends the archive quietly): the rest
       of the stream is read, and if it holds anything but zeros the sample being read is a
       ``damaged_shard`` skip and nothing after it is read (compressed or not).
@@ -343,6 +351,7 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
     current: dict | None = None
     duplicate: str | None = None
     unsafe: str | None = None
+    oversized: str | None = None
     seen: set[str] = set()
     try:
         try:
@@ -360,11 +369,17 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
                     continue  # a name without an extension belongs to no sample field
                 if current is None or key != current["__key__"]:
                     if current is not None:
-                        yield _finished(url, current, duplicate, unsafe, seen)
-                    current, duplicate, unsafe = {"__key__": key, "__url__": url}, None, None
+                        yield _finished(url, current, duplicate, unsafe, seen, oversized)
+                    current, duplicate, unsafe, oversized = {"__key__": key, "__url__": url}, None, None, None
                 problem = _member_problem(member)
                 if problem is not None:
                     unsafe = unsafe or problem
+                    continue
+                if member.size > MAX_MEMBER_BYTES:
+                    oversized = oversized or (
+                        f"member {member.name!r} declares {member.size:,} bytes, more than "
+                        f"MAX_MEMBER_BYTES={MAX_MEMBER_BYTES:,}"
+                    )
                     continue
                 data = archive.extractfile(member).read()
                 suffix = suffix.lower()
@@ -397,7 +412,7 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
             )
             return
         if current is not None:
-            yield _finished(url, current, duplicate, unsafe, seen)
+            yield _finished(url, current, duplicate, unsafe, seen, oversized)
     finally:
         try:
             raw.close()
@@ -435,13 +450,17 @@ def _member_problem(member: tarfile.TarInfo) -> str | None:
     return None
 
 
-def _finished(url: str, sample: dict, duplicate: str | None, unsafe: str | None, seen: set[str]) -> dict | Skip:
+def _finished(
+    url: str, sample: dict, duplicate: str | None, unsafe: str | None, seen: set[str], oversized: str | None
+) -> dict | Skip:
     key = sample["__key__"]
     if key in seen:
         return Skip(url, key, DUPLICATE_KEY, f"sample key {key!r} appears earlier in the shard; the repeat is skipped")
     seen.add(key)
     if unsafe is not None:
         return Skip(url, key, UNSAFE_MEMBER, unsafe)
+    if oversized is not None:
+        return Skip(url, key, OUT_OF_RANGE, oversized)
     if duplicate is not None:
         return Skip(url, key, EXTRA_FIELD, f"field {duplicate!r} appears twice")
     return sample

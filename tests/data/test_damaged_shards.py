@@ -568,3 +568,26 @@ def test_an_index_of_many_shards_is_not_stated_shard_by_shard(tmp_path, monkeypa
     config.check_paths()
     PackedLoader(config, model_config()).close()
     assert sum(stated.values()) <= 1, f"{sum(stated.values())} stats of {len(stated)} shards"
+
+
+def test_a_member_above_the_size_bound_is_an_out_of_range_skip_and_is_not_read(tmp_path, monkeypatch):
+    """A gzipped shard's member can declare far more than the file holds (a gzip bomb), and members
+    are read whole into memory: above MAX_MEMBER_BYTES its sample is an out_of_range skip naming the
+    member, its bytes passed over unread; the samples around it are read. (The bound is lowered here:
+    a real 4 GiB member would take the test minutes.)"""
+    from megatron_cosmos3.data import shards
+
+    monkeypatch.setattr(shards, "MAX_MEMBER_BYTES", 4096)
+    big = {**_text("b"), "__key__": "b", "video.npy": bytes(5000)}
+    url = tmp_path / "bomb.tar.gz"
+    url.write_bytes(gzip.compress(_tar_bytes([{**_text("a"), "__key__": "a"}, big, {**_text("c"), "__key__": "c"}])))
+    read = []
+    real_extract = tarfile.TarFile.extractfile
+    monkeypatch.setattr(
+        tarfile.TarFile, "extractfile", lambda self, member: read.append(member.name) or real_extract(self, member)
+    )
+    a, b, c = shards.read_shard(str(url))
+    assert a["__key__"] == "a" and c["__key__"] == "c"
+    assert (b.key, b.reason) == ("b", "out_of_range"), b
+    assert "member 'b.video.npy' declares 5,000 bytes, more than MAX_MEMBER_BYTES=4,096" in b.detail
+    assert "b.video.npy" not in read and "b.meta.json" in read
