@@ -162,7 +162,8 @@ def pick_frames(
     if late.any():
         raise SampleError(
             CORRUPT_MEDIA,
-            f"{name}: its frames end at {end_s:.3f} s but the clip needs one at {targets[late][0]:.3f} s (truncated?)",
+            f"{name}: its last frame stops showing at {end_s:.6g} s, but the clip needs a frame shown at "
+            f"{targets[late][0]:.6g} s, at or after that end (truncated?)",
         )
     index = np.searchsorted(times, targets + tolerance_s, side="right") - 1
     return np.maximum(index, 0)  # a first frame stamped a little after 0 shows from the start

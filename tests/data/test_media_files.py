@@ -847,3 +847,17 @@ def test_an_audio_file_without_a_declared_duration_is_measured_and_checked_again
         match=r"duration_mismatch: audio.flac lasts 1.000 s, video.npy \(30 frames at 10 fps\) 2.900-3.000 s",
     ):
         decode_sample(with_video)
+
+
+def test_a_frame_needed_at_or_after_the_last_frames_end_is_named_with_both_times():
+    """Frames at 0, 1 and 2 s showing until 3 s: a target at 1.5 s takes frame 1; one at exactly 3 s
+    has no frame, named so that the two times read apart (it printed 'end at 3.000 s but the clip
+    needs one at 3.000 s')."""
+    times = np.array([0.0, 1.0, 2.0])
+    assert clips.pick_frames(times, np.array([0.0, 1.5, 2.999]), 3.0, "video.mp4").tolist() == [0, 1, 2]
+    with pytest.raises(SampleError) as error:
+        clips.pick_frames(times, np.array([0.0, 3.0]), 3.0, "video.mp4")
+    assert str(error.value) == (
+        "corrupt_media: video.mp4: its last frame stops showing at 3 s, but the clip needs a frame shown at 3 s, "
+        "at or after that end (truncated?)"
+    )
