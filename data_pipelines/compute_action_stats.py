@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_cosmos3.data.errors import SampleError
+from megatron_cosmos3.data.media import decode_npy
 from megatron_cosmos3.encoders.action_normalization import ACTION_STATS_FILENAME, ActionStats, EmbodimentActionStats
 from megatron_cosmos3.encoders.pseudo_actions import (
     EGO,
@@ -66,26 +68,51 @@ def _rotations(data, part: str) -> torch.Tensor:
     raise ValueError(f"missing key {part}_quaternions or {part}_rotations (keys present: {sorted(data.keys())})")
 
 
+# The most bytes one array of an episode file may declare: an episode's poses are megabytes, and a
+# crafted or damaged member's size is allocated before it is read.
+MAX_ARRAY_BYTES = 1 << 30
+
+
+def _npz_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file by name, read as the shards' .npy members are (``decode_npy``:
+    never unpickled, a header declaring more bytes than follow refused), each member's declared
+    size at most ``MAX_ARRAY_BYTES`` (``np.load`` allocated whatever a member declared)."""
+    arrays = {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            if info.file_size > MAX_ARRAY_BYTES:
+                raise ValueError(
+                    f"{info.filename} declares {info.file_size:,} bytes, more than MAX_ARRAY_BYTES={MAX_ARRAY_BYTES:,}"
+                )
+            try:
+                arrays[info.filename.removesuffix(".npy")] = decode_npy(archive.read(info), info.filename)
+            except SampleError as error:
+                raise ValueError(str(error)) from None
+    return arrays
+
+
 def load_trajectory(path: str | Path) -> EmbodimentTrajectory:
     """Read one episode .npz into an ``EmbodimentTrajectory`` (float64); ValueError if malformed."""
-    # Checked up front: np.load would report any non-zip file as "pickled data", which misleads.
+    # Checked up front: a non-zip file would be a zipfile error that says less.
     if not zipfile.is_zipfile(path):
         raise ValueError("not an .npz (zip) archive: corrupt, truncated or a plain .npy")
-    with np.load(path, allow_pickle=False) as data:  # never unpickle: dataset files are untrusted
-        if "embodiment" not in data:
-            raise ValueError(f"missing key 'embodiment' (keys present: {sorted(data.keys())})")
-        kind = data["embodiment"].item()
-        kind = kind.decode() if isinstance(kind, bytes) else str(kind)
-        layout = get_layout(kind)
-        poses = {}
-        for part in layout.pose_parts:
-            if part == EGO and len(layout.pose_parts) > 1 and not any(k.startswith(f"{EGO}_") for k in data):
-                continue  # fixed base: filled in below, once the frame count is known
-            poses[part] = BodyPoses(_array(data, f"{part}_positions"), _rotations(data, part))
-        joints = {}
-        for name, width in layout.joint_parts:
-            values = _array(data, name)
-            joints[name] = values[:, None] if values.dim() == 1 and width == 1 else values
+    data = _npz_arrays(path)
+    if "embodiment" not in data:
+        raise ValueError(f"missing key 'embodiment' (keys present: {sorted(data.keys())})")
+    kind = data["embodiment"].item()
+    kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+    layout = get_layout(kind)
+    poses = {}
+    for part in layout.pose_parts:
+        if part == EGO and len(layout.pose_parts) > 1 and not any(k.startswith(f"{EGO}_") for k in data):
+            continue  # fixed base: filled in below, once the frame count is known
+        poses[part] = BodyPoses(_array(data, f"{part}_positions"), _rotations(data, part))
+    joints = {}
+    for name, width in layout.joint_parts:
+        values = _array(data, name)
+        joints[name] = values[:, None] if values.dim() == 1 and width == 1 else values
     if EGO not in poses:
         frames = next(iter(poses.values())).positions.shape[:-1]
         poses[EGO] = BodyPoses(

@@ -1,14 +1,17 @@
 """compute_action_stats: known motions give known statistics; malformed episodes are skipped and counted."""
 
 import importlib.util
+import io
 import logging
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
+from megatron_cosmos3.data.media import encode_npy
 from megatron_cosmos3.encoders.action_normalization import ACTION_STATS_FILENAME, ActionStats
 
 SCRIPT = Path(__file__).resolve().parents[2] / "data_pipelines" / "compute_action_stats.py"
@@ -65,6 +68,7 @@ MALFORMED = {
     "one_frame.npz": {k: v[:1] for k, v in vehicle_episode().items() if k != "embodiment"}
     | {"embodiment": np.array("vehicle")},
     "unknown_kind.npz": {**vehicle_episode(), "embodiment": np.array("boat")},
+    "declares_more.npz": "crafted",  # a member's header declares 6 GiB; np.load allocated it
 }
 EXPECTED_REASONS = {
     "corrupt.npz": "not an .npz (zip) archive",
@@ -72,6 +76,7 @@ EXPECTED_REASONS = {
     "missing_gripper.npz": "missing key 'gripper'",
     "one_frame.npz": "needs at least 2 frame(s)",
     "unknown_kind.npz": "unknown embodiment kind 'boat'",
+    "declares_more.npz": "ego_positions.npy: its header declares float64 (268435456, 3)",
 }
 
 
@@ -84,6 +89,16 @@ def dataset(tmp_path):
     for name, content in MALFORMED.items():
         if content is None:
             (tmp_path / name).write_bytes(b"this is not a numpy archive" * 10)
+        elif content == "crafted":
+            with zipfile.ZipFile(tmp_path / name, "w") as archive:
+                for key, value in vehicle_episode().items():
+                    if key != "ego_positions":
+                        archive.writestr(f"{key}.npy", encode_npy(value))
+                header = io.BytesIO()
+                np.lib.format.write_array_header_1_0(
+                    header, {"descr": "<f8", "fortran_order": False, "shape": (1 << 28, 3)}
+                )
+                archive.writestr("ego_positions.npy", header.getvalue())  # the header alone
         else:
             np.savez(tmp_path / name, **content)
     return tmp_path
@@ -118,7 +133,7 @@ def test_stats_of_known_motions_and_malformed_files_skipped_with_reasons(dataset
 def test_main_writes_loadable_json_next_to_the_dataset(dataset, caplog):
     with caplog.at_level(logging.INFO):
         assert compute_action_stats.main([str(dataset)]) == 0
-    assert "3 file(s) used, 5 skipped" in caplog.text
+    assert "3 file(s) used, 6 skipped" in caplog.text
     loaded = ActionStats.load(dataset / ACTION_STATS_FILENAME)
     assert sorted(loaded.embodiments) == ["single_arm", "vehicle"]
     assert loaded["single_arm"].dim == 19
