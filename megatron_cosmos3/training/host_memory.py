@@ -5,7 +5,8 @@ A model whose weights and optimizer state cannot fit would otherwise be found ou
 mid-set-up (a SIGKILL, no message). The estimate is a lower bound from the config alone
 (``MoTConfig.parameter_count_lower_bound``, the count ``MAX_PARAMETERS`` bounds): 4 bytes a weight
 (2 for DeepSpeed's bf16 working copy), and where nothing is frozen, AdamW's state as each engine
-keeps it, divided over the ranks that share it. It is refused only when even that does not fit.
+keeps it, divided over the ranks that share it, and summed over the ranks on this host. It is refused
+only when even that does not fit.
 """
 
 from __future__ import annotations
@@ -118,17 +119,29 @@ def _room_in(folder: Path, limit_file: str, usage_file: str, cache_key: str) -> 
     return max(0, int(limit) - usage + cache), int(limit)
 
 
+def ranks_on_this_host() -> int:
+    """The trainer processes torchrun starts on this host (``LOCAL_WORLD_SIZE``; 1 without it):
+    their model states share the host's memory."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
 def check_host_memory(config: TrainConfig, world_size: int) -> None:
-    """HostMemoryError when this rank's model state (``model_state_bytes``) exceeds the memory
-    available (``available_host_bytes``); called before a CPU run allocates anything."""
-    need = model_state_bytes(config, world_size)
+    """HostMemoryError when the model state of this host's ranks (``model_state_bytes`` each, times
+    ``ranks_on_this_host``) exceeds the memory available (``available_host_bytes``); called before
+    a CPU run allocates anything. Every rank checks before the collective set-up that precedes any
+    rank's allocation, so none counts another's model as used."""
+    each, here = model_state_bytes(config, world_size), ranks_on_this_host()
+    need = each * here
     available, source = available_host_bytes()
     if need > available:
         n = config.model.parameter_count_lower_bound()
+        ranks = f"this host's {here} ranks' " if here > 1 else "this rank's "
+        per_rank = f" ({each / GiB:.1f} GiB each)" if here > 1 else ""
         raise HostMemoryError(
             f"model: at least {n:.3g} parameters (model.num_layers={config.model.num_layers}, "
-            f"hidden_size={config.model.hidden_size}, vocab_size={config.model.vocab_size}): this rank's weights "
-            f"and optimizer state take at least {need / GiB:.1f} GiB of host memory (engine={config.engine}, "
+            f"hidden_size={config.model.hidden_size}, vocab_size={config.model.vocab_size}): {ranks}weights "
+            f"and optimizer state take at least {need / GiB:.1f} GiB of host memory{per_rank} (engine={config.engine}, "
             f"{world_size} rank(s)), more than the {available / GiB:.1f} GiB available ({source}). "
             f"Use a smaller model, more model-parallel ranks, or GPUs"
         )

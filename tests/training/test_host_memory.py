@@ -104,3 +104,18 @@ def test_the_tightest_cgroup_above_this_process_bounds_what_is_available(tmp_pat
     assert cgroup_room(tmp_path / "nowhere", cgroups) is None  # no cgroup file: MemAvailable alone
     _write(job / files[0], "max\n" if version == 2 else "9223372036854771712\n")
     assert available_host_bytes(proc, cgroups) == (100 * GiB, "MemAvailable in /proc/meminfo")
+
+
+def test_the_ranks_torchrun_starts_on_this_host_share_its_memory(monkeypatch):
+    """Each rank's estimate fits, two do not: with LOCAL_WORLD_SIZE=2 the run is refused naming
+    both (each rank compared its own share with the whole host, and two could not fit)."""
+    from megatron_cosmos3.training import host_memory
+
+    config = load_config(None, list(TINY_MODEL))
+    each = model_state_bytes(config, 2)
+    monkeypatch.setattr(host_memory, "available_host_bytes", lambda: (each * 3 // 2, "a test's figure"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    host_memory.check_host_memory(config, 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(HostMemoryError, match=r"this host's 2 ranks' weights and optimizer state take at least"):
+        host_memory.check_host_memory(config, 2)
