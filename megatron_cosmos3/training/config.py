@@ -340,6 +340,13 @@ class TrainConfig:
         if os.path.exists(root) and not os.path.isdir(root):
             raise ValueError(f"runs_root={root!r} exists and is not a directory")
         store = self.tracking.tracking_uri  # a bare path is an SQLite file (training/tracking.py)
+        file_store_allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("true", "1")
+        if self.tracking.enabled and store.startswith("file:") and not file_store_allowed:
+            # MLflow refuses its file store unless told otherwise: the run would train untracked.
+            raise ValueError(
+                f"tracking.tracking_uri={store!r} is MLflow's file store, which MLflow refuses unless "
+                "MLFLOW_ALLOW_FILE_STORE=true; name an SQLite file (a path) or a server (http://...)"
+            )
         if self.tracking.enabled and "://" not in store and not store.startswith(("file:", "sqlite:")):
             if os.path.isdir(store):
                 raise ValueError(f"tracking.tracking_uri={store!r} is a folder, not an SQLite file")

@@ -60,6 +60,26 @@ def test_a_tracking_store_that_is_a_folder_or_another_file_is_refused_before_tra
     load_config(None, [f"tracking.tracking_uri={tmp_path / 'empty.db'}"]).check_paths()
 
 
+def test_mlflows_file_store_is_refused_before_training_unless_mlflow_allows_it(tmp_path, monkeypatch):
+    """MLflow refuses its file store (file:./mlruns) unless MLFLOW_ALLOW_FILE_STORE=true: the run
+    trained untracked after one warning line; now the config names the field and the way out."""
+    uri = (tmp_path / "mlruns").as_uri()
+    config = load_config(None, [f"tracking.tracking_uri={uri}", f"checkpoint.directory={tmp_path / 'ckpt'}"])
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(
+        ValueError, match=r"tracking.tracking_uri=.* is MLflow's file store, .*MLFLOW_ALLOW_FILE_STORE=true"
+    ):
+        config.check_paths()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    config.check_paths()
+    from megatron_cosmos3.training.tracking import MLflowTracker
+
+    tracker = MLflowTracker(uri, "allowed", "file-store", enabled=True, retry_after_s=0)  # MLflow takes it then
+    tracker.log_metrics({"loss": 1.0}, 1)
+    tracker.finish()
+    assert tracker.run_id is not None and (tmp_path / "mlruns").is_dir()
+
+
 def test_a_job_without_overrides_neither_resumes_nor_touches_another_jobs_folder(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)  # the default runs_root and MLflow store are relative to it
     # The default store (outputs/mlflow.db) made as a copy of an empty one: a new store's schema
