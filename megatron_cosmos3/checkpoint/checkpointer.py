@@ -53,6 +53,12 @@ from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes, model_entr
 from megatron_cosmos3.json_files import read_json
 
 log = logging.getLogger(__name__)
+# torch.distributed.checkpoint warns at every save and load without a process group that it assumes
+# one process: a one-process run, cosmos3-generate and export are one by design. The filter is
+# global (an async save warns from its own thread) and matches that message alone.
+warnings.filterwarnings(
+    "ignore", message="torch.distributed is disabled, unavailable or uninitialized", category=UserWarning
+)
 
 LATEST = "latest"
 # meta.json's "format_version": what this code writes and reads. A checkpoint without one predates
@@ -546,14 +552,12 @@ def load_state(
             else:
                 del entries[name]
     try:
-        with warnings.catch_warnings():  # a reader without a process group (cosmos3-generate, export)
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-            dcp.load(
-                state,
-                storage_reader=reader,
-                planner=DefaultLoadPlanner(allow_partial_load=True),
-                process_group=group,
-            )
+        dcp.load(
+            state,
+            storage_reader=reader,
+            planner=DefaultLoadPlanner(allow_partial_load=True),
+            process_group=group,
+        )
     except CheckpointException as error:  # a rank's own error, not "ranks: dict_keys([0])"
         for failure in error.failures.values():
             cause = failure[0] if isinstance(failure, tuple) else failure

@@ -4,7 +4,9 @@ Hugging Face Qwen3-VL folder and to a release folder that give the same model an
 import json
 import re
 import shutil
-import warnings
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ from megatron_cosmos3.release.trained import (
     load_trained_model,
 )
 from megatron_cosmos3.testing.distributed import run_on_ranks
+from megatron_cosmos3.testing.numerics import child_environment
 from megatron_cosmos3.testing.training import (
     TINY_MODEL,
     TINY_SYNTHETIC,
@@ -185,24 +188,49 @@ def test_loads_under_tp2_each_rank_its_shard(run, trained):
 
 def test_the_checkpoint_carries_the_action_statistics_it_trained_with(run):
     """Loading needs no dataset: the statistics saved in meta.json win over the file the config
-    names, here re-measured after the run (and then gone), as a dataset's file changes or moves.
-    Loading in one process warns nothing (torch warned at every load, in every command's output,
-    that it assumed one process)."""
+    names, here re-measured after the run (and then gone), as a dataset's file changes or moves."""
     root, stats, _ = run
     file = root / "robot_stats.json"
     original = file.read_bytes()
     arm = EmbodimentActionStats("single_arm", 7, [0.0] * 19, [2.0] * 19)
     try:
         ActionStats({"single_arm": arm}).save(file)
-        with warnings.catch_warnings(record=True) as warned:
-            warnings.simplefilter("always")
-            remeasured = load_trained_model(root / "checkpoints")
-        assert not [str(w.message) for w in warned if "torch.distributed" in str(w.message)], warned
+        remeasured = load_trained_model(root / "checkpoints")
         file.unlink()
         moved = load_trained_model(root / "checkpoints")
     finally:
         file.write_bytes(original)
     assert remeasured.action_stats == moved.action_stats == {"robots": stats}
+
+
+def test_loading_and_saving_in_one_process_print_no_torch_warning(run, tmp_path):
+    """A fresh process without a process group (cosmos3-generate, cosmos3-eval, export, a one-rank
+    run) loads the checkpoint and saves it again, synchronously and in the background, with nothing
+    on stderr: torch warned at every save and load that it assumed one process."""
+    root, _, _ = run
+    script = textwrap.dedent(
+        """
+        import sys
+        from megatron_cosmos3.checkpoint.checkpointer import Checkpointer
+        from megatron_cosmos3.release.trained import load_trained_model
+
+        model = load_trained_model(sys.argv[1]).model
+        for step, background in ((1, False), (2, True)):
+            checkpointer = Checkpointer(sys.argv[2], async_save=background)
+            checkpointer.save(step, model, None, {}, {"step": step})
+            checkpointer.wait()
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(root / "checkpoints"), str(tmp_path / "again")],
+        capture_output=True,
+        text=True,
+        env=child_environment(),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "again" / "step_00000002").is_dir()
+    assert "torch.distributed is disabled" not in result.stderr, result.stderr[-3000:]
 
 
 def test_release_folder_gives_the_same_model_and_sample(run, trained, release):
