@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfig
 from megatron_cosmos3.eval_suite.config import SuiteConfig, check_model_embodiments
@@ -464,7 +465,11 @@ def _refuse_non_finite(node, source: str) -> None:
         elif isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{key}={value} (in {source}) must be a finite number")
 
-    walk("", OmegaConf.to_container(node, resolve=True))
+    try:
+        resolved = OmegaConf.to_container(node, resolve=True)
+    except InterpolationResolutionError as error:  # found after the layer that wrote it: name that layer
+        raise ValueError(f"{source}: {error}") from None
+    walk("", resolved)
 
 
 def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] | None = None) -> TrainConfig:

@@ -65,6 +65,7 @@ def test_a_vit_whose_tokens_do_not_cover_the_datas_picture_grid_is_refused_when_
         ("tracking.sample_steps=0", r"tracking.sample_steps=0 must be >= 1"),
         ("tracking.experiment=' '", r"tracking.experiment is empty"),
         ("steps=abc", r"steps"),
+        ("optimizer.lr=${nope}", r"the overrides: Interpolation key 'nope' not found"),
         # Sizes beyond any real model: refused at load, before a model of terabytes is built.
         ("model.num_layers=1000000000", r"MoTConfig: num_layers=1000000000 is above 1,024"),
         ("model.vocab_size=10000000000", r"MoTConfig: vocab_size=10000000000 is above 4,194,304"),
@@ -84,6 +85,7 @@ def test_a_bad_value_in_a_yaml_file_names_the_file(tmp_path):
         ("steps: [1, 2]\n", r"{layer}: ValidationError: .* could not be converted to Integer"),
         ("steps: {{{: [\n", r"{layer}: ParserError"),
         ("5\n", r"{layer}: Invalid loaded object type: int"),  # was an OSError naming no file
+        ("steps: ${nothere}\n", r"{layer}: Interpolation key 'nothere' not found"),  # named no file
     ):
         layer.write_text(text)
         with pytest.raises(ValueError, match=message.format(layer=layer)):
