@@ -50,7 +50,7 @@ from megatron_cosmos3.data.errors import (
     SampleError,
 )
 from megatron_cosmos3.data.media import AUDIO_RATE_RANGE_HZ, DECODE_ERRORS, decode_image, missing_wav_bytes
-from megatron_cosmos3.data.mp4_fragments import declared_fragment_seconds, missing_sidx_bytes
+from megatron_cosmos3.data.mp4_fragments import box_header, declared_fragment_seconds, missing_sidx_bytes
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, to_stereo_48k
 
 # Containers whose structure says how long they are, so a cut file is found (``_missing_bytes``).
@@ -594,12 +594,9 @@ def _missing_box_bytes(data: bytes) -> int:
     what follows the file (a player plays it: FFmpeg stops reading there)."""
     offset = 0
     while offset + 8 <= len(data):
-        size = int.from_bytes(data[offset : offset + 4], "big")
-        kind = data[offset + 4 : offset + 8]
-        if size == 1:  # a 64-bit size follows the type
-            if offset + 16 > len(data):
-                return offset + 16 - len(data) if kind in INDEX_BOXES else 0
-            size = int.from_bytes(data[offset + 8 : offset + 16], "big")
+        kind, header, size = box_header(data, offset)
+        if size is None:  # its 64-bit size cut short
+            return offset + header - len(data) if kind in INDEX_BOXES else 0
         if size == 0 or size < 8:  # the last box, to the end of the file; or not a box: FFmpeg judges
             return 0
         if offset + size > len(data):

@@ -6,6 +6,7 @@ Two boxes say how long the file is: a top-level ``sidx`` lists the bytes of the 
 indexes (a global one, as DASH writers and ``-movflags global_sidx`` write, all of them), and
 ``mvex/mehd`` holds the movie's whole duration (FFmpeg reads neither for a cut file). Without
 them nothing in the file tells a cut between fragments from a shorter file.
+``box_header`` reads a box header for these walks and for ``media_files``' walk of the top-level boxes.
 """
 
 from __future__ import annotations
@@ -52,18 +53,28 @@ def declared_fragment_seconds(data: bytes) -> float | None:
     return None
 
 
+def box_header(data: bytes, offset: int) -> tuple[bytes, int, int | None]:
+    """The ISO BMFF box header at ``offset`` (at least 8 bytes there): its type, the header's length
+    and the box's declared size (the 64-bit size where the 32-bit one is 1, None where that is cut
+    short; 0: to the end of its parent)."""
+    size, kind = int.from_bytes(data[offset : offset + 4], "big"), data[offset + 4 : offset + 8]
+    if size != 1:
+        return kind, 8, size
+    if offset + 16 > len(data):
+        return kind, 16, None
+    return kind, 16, int.from_bytes(data[offset + 8 : offset + 16], "big")
+
+
 def _boxes(data: bytes, start: int, end: int, kind: bytes):
     """The (payload start, end) of each box of type ``kind`` among the boxes from ``start`` to
     ``end``; the walk stops at a box that runs past ``end`` or has no valid size."""
     offset = start
     while offset + 8 <= end:
-        size, header = int.from_bytes(data[offset : offset + 4], "big"), 8
-        if size == 1 and offset + 16 <= end:  # a 64-bit size follows the type
-            size, header = int.from_bytes(data[offset + 8 : offset + 16], "big"), 16
-        elif size == 0:  # the last box, to the end
+        found, header, size = box_header(data, offset)
+        if size == 0:  # the last box, to the end
             size = end - offset
-        if size < header or offset + size > end:
+        if size is None or size < header or offset + size > end:
             return
-        if data[offset + 4 : offset + 8] == kind:
+        if found == kind:
             yield offset + header, offset + size
         offset += size
