@@ -230,6 +230,14 @@ def hf_config_from_mot(config: MoTConfig, dtype: torch.dtype):
 
     if config.vision is None:
         raise ConversionError("exporting to Qwen3-VL needs a model config with a 'vision' section")
+    # Qwen3-VL's MLPs are dense: transformers would load routed experts as unexpected keys and start
+    # every MLP from fresh weights, with only a warning. A Generator of experts is not exported.
+    if config.num_experts and "reasoner" in config.moe_towers:
+        raise ConversionError(
+            f"exporting to Qwen3-VL: the Reasoner's MLPs are a mixture of experts (num_experts={config.num_experts}, "
+            f"moe_towers={list(config.moe_towers)}) and Qwen3-VL's are dense SwiGLU MLPs; write the release folder "
+            "instead (cosmos3-convert release)"
+        )
     v = config.vision
     hf = Qwen3VLConfig(
         text_config=dict(

@@ -1,11 +1,14 @@
 """Export: import -> export is bit-exact, and transformers loads the export with identical logits."""
 
+import dataclasses
+
 import pytest
 import torch
 from qwen3_vl_tiny import TINY_YAML, processor_like_inputs, random_qwen3_vl, save_sharded, tiny_hf_config
 
-from megatron_cosmos3.conversion import export_qwen3_vl, load_qwen3_vl
+from megatron_cosmos3.conversion import ConversionError, export_qwen3_vl, load_qwen3_vl
 from megatron_cosmos3.conversion.__main__ import main as cli
+from megatron_cosmos3.conversion.hf_qwen3_vl import build_empty
 from megatron_cosmos3.conversion.mot_folder import load_mot_folder, save_mot_folder
 from megatron_cosmos3.conversion.safetensors_io import iter_tensors
 from megatron_cosmos3.model.config import load_model_config
@@ -93,3 +96,20 @@ def test_command_line_help():
         with pytest.raises(SystemExit) as exit_info:
             cli(argv)
         assert exit_info.value.code == 0
+
+
+@pytest.mark.parametrize("moe_towers", [["reasoner"], ["generator"]])
+def test_a_reasoner_of_experts_is_refused_and_a_generator_of_experts_exports(hf_folder, tmp_path, moe_towers):
+    """Qwen3-VL's MLPs are dense: a routed Reasoner was written under a dense config, which
+    transformers loaded with fresh MLP weights and a warning. The Generator is not exported."""
+    dense = load_model_config(TINY_YAML)
+    config = dataclasses.replace(dense, num_experts=2, moe_top_k=1, moe_towers=moe_towers)
+    model, vision = build_empty(config)
+    out = tmp_path / "out"
+    if moe_towers == ["reasoner"]:
+        with pytest.raises(ConversionError, match=r"the Reasoner's MLPs are a mixture of experts \(num_experts=2"):
+            export_qwen3_vl(model, vision, out)
+        assert not out.exists()
+    else:
+        export_qwen3_vl(model, vision, out)
+        assert sorted(all_tensors(out)) == sorted(all_tensors(hf_folder))
