@@ -14,6 +14,7 @@ import torch
 from megatron_cosmos3.model import positions as pos
 from megatron_cosmos3.model.config import MoTConfig
 from megatron_cosmos3.model.packed_batch import IGNORE_INDEX, PackedBatch, PackedSample, action_stream_key
+from megatron_cosmos3.tasks.registry import Modality, get_task
 
 
 @dataclass
@@ -149,8 +150,14 @@ def random_sample_spec(task: str, config: MoTConfig, generator: torch.Generator,
     fps = float([16, 24, 30][int(torch.randint(0, 3, (1,), generator=generator))])
     video_tps = pos.video_tokens_per_second(fps)
     frames, h, w = draw(2, 4), draw(1, 2), draw(1, 3)
-    embodiment = sorted(config.embodiments)[int(torch.randint(0, len(config.embodiments), (1,), generator=generator))]
-    action_key, action_rate = action_stream_key(embodiment), config.embodiments[embodiment].rate_hz
+    action_key, action_rate = None, None
+    if config.embodiments:  # drawn for every task, so a model's other tasks draw the same samples
+        embodiment = sorted(config.embodiments)[
+            int(torch.randint(0, len(config.embodiments), (1,), generator=generator))
+        ]
+        action_key, action_rate = action_stream_key(embodiment), config.embodiments[embodiment].rate_hz
+    elif Modality.ACTIONS in get_task(task).requires:
+        raise ValueError(f"synthetic task {task!r} needs an action stream, but the model has no embodiments")
     if task == "understanding":
         grid = (1, draw(1, 2), draw(1, 2)) if bool(torch.rand(1, generator=generator) < 0.5) else None
         text = draw(4, 12)

@@ -22,6 +22,7 @@ from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig, merge_con
 from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig
 from megatron_cosmos3.parallel.data_parallel import ADAMW_IMPLS
 from megatron_cosmos3.parallel.sizes import ParallelSizes
+from megatron_cosmos3.tasks.registry import Modality, get_task
 from megatron_cosmos3.training.deepspeed_config import DeepSpeedConfig, check_engine_mix
 from megatron_cosmos3.training.precision import PRECISIONS
 
@@ -279,12 +280,26 @@ class TrainConfig:
         clash = sorted(set(self.stage.new_embodiments) & set(self.model.embodiments))
         if clash:
             raise ValueError(f"stage.new_embodiments {clash} are already model.embodiments")
+        self._check_action_tasks()
         if self.eval.every and self.data_source == "shards":
             self.held_out_data().validate()
         if self.trains_vision:
             self._check_vision()
         if self.eval.suite is not None:
             check_model_embodiments(self.stage_model)
+
+    def _check_action_tasks(self) -> None:
+        """A task with an action stream needs an embodiment to give it a head (a model of video and
+        audio alone: ``model.embodiments={}``); its packs failed inside the first step."""
+        if self.stage_model.embodiments:
+            return
+        acting = [task for task in task_table(self) if Modality.ACTIONS in get_task(task).requires]
+        if acting:
+            where = f"data.stages.{self.data.stage}.tasks" if self.data_source == "shards" else "synthetic.tasks"
+            raise ValueError(
+                f"{where} lists {acting}, which need an action stream, but model.embodiments is empty "
+                "(and so is stage.new_embodiments): give the model an embodiment or leave those tasks out"
+            )
 
     def _check_gpu_paths(self) -> None:
         """The precision and GPU-path switches that cannot work together, on any machine (whether

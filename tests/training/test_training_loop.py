@@ -3,6 +3,7 @@
 import copy
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -298,6 +299,20 @@ def test_training_the_vit_needs_its_config_and_its_deepstack_layers_on_the_first
     with pytest.raises(ValueError, match=r"2 DeepStack feature sets join Reasoner layers 0..1, .* gives it 1"):
         load_config(None, [*TINY, *two_sets, "parallel.pipeline=2"])
     load_config(None, [*TINY, *two_sets, "parallel.tensor=2"])  # no pipeline: nothing to check
+
+
+def test_a_model_without_embodiments_trains_its_other_tasks_and_refuses_action_tasks_by_field(tmp_path):
+    """model.embodiments={} (video and audio alone): the default synthetic tasks' policy and
+    forward-dynamics packs failed in the first step (a randint over no embodiments); now the
+    config names them, and the model trains on the tasks without actions."""
+    refused = r"synthetic.tasks lists \['forward_dynamics', 'policy'\], which need an action stream"
+    with pytest.raises(ValueError, match=refused):
+        load_config(None, [*TINY, "model.embodiments={}"])
+    no_actions = ["model.embodiments={}", "synthetic.tasks=[understanding,text_to_video,image_to_video,video_to_audio]"]
+    config = config_for(tmp_path, "no-embodiments", "steps=2", *no_actions)
+    train_module.train(config, CPU)
+    losses = [value for _, value in run_losses(tmp_path, "no-embodiments")]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
 
 
 def test_held_out_loss_is_logged_changes_no_training_step_and_equals_a_recomputation(tmp_path):
