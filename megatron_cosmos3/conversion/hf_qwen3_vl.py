@@ -170,6 +170,12 @@ def mot_config_from_hf(hf_config, path: Path | str = "config.json", base: MoTCon
     except (ValueError, TypeError, KeyError) as error:  # a field of the wrong kind, or missing
         raise ConversionError(f"{path}: {error}") from None
     if base is not None:
+        _require(
+            not base.num_experts,
+            path,
+            f"the given config has num_experts={base.num_experts} (moe_towers={list(base.moe_towers)}), but a "
+            "Qwen3-VL checkpoint's MLPs are dense: import with num_experts=0",
+        )
         for key, value in from_hf.items():
             ours = getattr(base, key)
             if key == "vision" and ours is not None:

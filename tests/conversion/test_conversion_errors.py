@@ -1,5 +1,6 @@
 """Every broken input is a clear error naming the file and the key; hub-format configs import."""
 
+import dataclasses
 import json
 import shutil
 
@@ -110,6 +111,11 @@ def test_given_config_must_agree_with_the_checkpoint(folder):
     deeper_vit.vision.depth = 27
     with pytest.raises(ConversionError, match="the checkpoint has vision.depth=3 but the given config has 27"):
         load_qwen3_vl(folder, config=deeper_vit)
+    # A config of experts was an 'unexpected tensor' or 'missing tensor' error that blamed the checkpoint.
+    for towers in (["reasoner", "generator"], ["generator"]):
+        experts = dataclasses.replace(load_model_config(TINY_YAML), num_experts=2, moe_top_k=1, moe_towers=towers)
+        with pytest.raises(ConversionError, match=r"config.json: the given config has num_experts=2 .* MLPs are dense"):
+            load_qwen3_vl(folder, config=experts)
 
 
 def test_hub_format_config_imports_the_same(folder, hf_folder):
