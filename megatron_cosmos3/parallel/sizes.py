@@ -65,9 +65,12 @@ class ParallelSizes:
             model.num_kv_heads % self.tensor == 0,
             f"num_kv_heads={model.num_kv_heads} is not divisible by tensor={self.tensor}",
         )
+        # The dense SwiGLU MLPs' width: no tower has one where every tower routes through experts.
+        dense_towers = {"reasoner", "generator"} - set(model.moe_towers if num_experts > 0 else ())
         _require(
-            model.ffn_hidden_size % self.tensor == 0,
-            f"ffn_hidden_size={model.ffn_hidden_size} is not divisible by tensor={self.tensor}",
+            not dense_towers or model.ffn_hidden_size % self.tensor == 0,
+            f"ffn_hidden_size={model.ffn_hidden_size} (the dense MLPs of {sorted(dense_towers)}) is not divisible "
+            f"by tensor={self.tensor}",
         )
         stages = self.pipeline * self.virtual_pipeline
         _require(

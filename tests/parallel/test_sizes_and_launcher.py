@@ -38,7 +38,12 @@ def test_invalid_layouts_name_the_offending_pair(sizes, world, message):
     "overrides, message",
     [
         (["parallel.tensor=3", "model.num_attention_heads=6"], "num_kv_heads=2 is not divisible by tensor=3"),
-        (["parallel.tensor=2", "model.ffn_hidden_size=63"], "ffn_hidden_size=63 is not divisible by tensor=2"),
+        (["parallel.tensor=2", "model.ffn_hidden_size=63"], r"ffn_hidden_size=63 \(the dense MLPs of \['generator', "),
+        (
+            ["parallel.tensor=2", "model.ffn_hidden_size=63", "model.num_experts=2", "model.moe_ffn_hidden_size=16"]
+            + ["model.moe_towers=[generator]"],
+            r"ffn_hidden_size=63 \(the dense MLPs of \['reasoner'\]\) is not divisible by tensor=2",
+        ),
         (["parallel.pipeline=2", "model.num_layers=3"], r"num_layers=3 is not divisible by pipeline\*virtual_pipeline"),
         # MQA under TP: refused (megatron-core would replicate the one KV head; our TP plan splits heads).
         (["parallel.tensor=2", "model.num_kv_heads=1"], "num_kv_heads=1 is not divisible by tensor=2"),
@@ -56,6 +61,18 @@ def test_a_layout_the_model_can_never_take_is_refused_when_the_config_loads(over
 
     with pytest.raises(ValueError, match=message):
         load_config(None, [*TINY_MODEL, *overrides])
+
+
+def test_the_dense_mlp_width_is_not_split_where_every_tower_routes_through_experts():
+    """ffn_hidden_size sizes no MLP when both towers are mixtures of experts (their experts are
+    moe_ffn_hidden_size wide): TP=2 was refused for an odd value nothing splits."""
+    from megatron_cosmos3.testing.training import TINY_MODEL
+    from megatron_cosmos3.training.config import load_config
+
+    experts = ["model.num_experts=2", "model.moe_ffn_hidden_size=16", "parallel.tensor=2"]
+    load_config(None, [*TINY_MODEL, "model.ffn_hidden_size=63", *experts])
+    with pytest.raises(ValueError, match=r"moe_ffn_hidden_size=63 \(num_experts=2\) is not divisible by tensor=2"):
+        load_config(None, [*TINY_MODEL, "model.ffn_hidden_size=63", *experts, "model.moe_ffn_hidden_size=0"])
 
 
 def test_valid_layout_derives_data_parallel_size():
