@@ -18,8 +18,9 @@ per ring step) and balance causal work (zig-zag chunks), whereas after the all-t
 varlen backends run on the ordinary layout unchanged (``sdpa``, ``flash``, ``dense`` alike). The
 cost is two all-to-alls per attention call, whose volume per rank shrinks as 1/cp (q, k, v and the
 output: about 4·N·hidden/cp elements per layer, plus the AR K/V once more for the DM half). Its
-limit is cp <= kv_heads per TP rank, which ``ParallelSizes.validate`` checks; ring (or a Ulysses x
-ring hybrid) is the extension beyond that.
+limit is cp <= query heads per TP rank, which ``ParallelSizes.validate`` checks; fewer KV heads than
+cp are repeated before the exchange (``ulysses.spread_kv_heads``: more K/V volume, same result).
+Ring (or a Ulysses x ring hybrid) is the extension beyond that.
 
 **Mixture of experts.** The load-balancing loss is that of the whole micro-batch: the MoE layers
 sum their routing statistics over the CP group and leave the pad rows out (``TokenBalance``);

@@ -82,15 +82,12 @@ class ParallelSizes:
             self.virtual_pipeline == 1 or self.pipeline > 1,
             f"virtual_pipeline={self.virtual_pipeline} needs pipeline > 1",
         )
-        # Context parallelism exchanges heads for sequence (all-to-all): local heads must split again.
+        # Context parallelism exchanges heads for sequence (all-to-all): local query heads must split
+        # again. Fewer local KV heads than context ranks are repeated first (ulysses.spread_kv_heads).
         _require(
             (model.num_attention_heads // self.tensor) % self.context == 0,
             f"num_attention_heads/tensor={model.num_attention_heads // self.tensor} is not divisible by "
             f"context={self.context}",
-        )
-        _require(
-            (model.num_kv_heads // self.tensor) % self.context == 0,
-            f"num_kv_heads/tensor={model.num_kv_heads // self.tensor} is not divisible by context={self.context}",
         )
         if num_experts > 0:  # expert tensor parallelism splits every expert's FFN units like the MLP's
             moe_ffn = model.moe_ffn_hidden_size or model.ffn_hidden_size

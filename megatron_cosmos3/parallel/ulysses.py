@@ -13,6 +13,8 @@ values never enter the AR attention pool on any rank.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -47,6 +49,18 @@ def sequence_to_heads(tensors: list[torch.Tensor], group: dist.ProcessGroup) -> 
     return list(_exchange(packed, group, scatter_dim=1, gather_dim=0).split(heads, dim=1))
 
 
+def spread_kv_heads(keys_values: list[torch.Tensor], size: int) -> list[torch.Tensor]:
+    """(n, kv_heads, d) each -> (n, kv_heads * r, d): every KV head repeated r times in place (r the
+    least with kv_heads * r divisible by ``size``; 1 where it already is), so that fewer KV heads than
+    CP ranks (MQA, or GQA at a large TP) still split into contiguous blocks. Query head i used KV head
+    i // g (g = heads / kv_heads); it now uses the repeated copy i // (g / r), which is the same head,
+    and r divides g wherever the query heads split over ``size``. The repeats' gradients sum back
+    into the one head (autograd of ``repeat_interleave``)."""
+    kv_heads = keys_values[0].shape[1]
+    repeats = size // math.gcd(kv_heads, size)
+    return keys_values if repeats == 1 else [x.repeat_interleave(repeats, dim=1) for x in keys_values]
+
+
 def heads_to_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """(n_local * cp, h / cp, d) -> (n_local, h, d): the inverse of ``sequence_to_heads`` for one tensor."""
     return _exchange(x, group, scatter_dim=0, gather_dim=1)
@@ -67,12 +81,14 @@ class ContextParallelAttention(AttentionBackend):
         self.group = group
 
     def ar_attention(self, q_ar, k_ar, v_ar, layout: PackLayout) -> torch.Tensor:
+        k_ar, v_ar = spread_kv_heads([k_ar, v_ar], dist.get_world_size(self.group))
         q_ar, k_ar, v_ar = sequence_to_heads([q_ar, k_ar, v_ar], self.group)
         return heads_to_sequence(self.inner.ar_attention(q_ar, k_ar, v_ar, layout), self.group)
 
     def dm_attention(self, q_dm, k_ar, v_ar, k_dm, v_dm, layout: PackLayout) -> torch.Tensor:
         # The AR keys/values are exchanged again rather than kept from the AR pass: the AR stream is
         # short next to long DM (video) streams, and keeping them would hold every layer's copy.
+        k_ar, v_ar, k_dm, v_dm = spread_kv_heads([k_ar, v_ar, k_dm, v_dm], dist.get_world_size(self.group))
         k_ar, v_ar = sequence_to_heads([k_ar, v_ar], self.group)
         q_dm, k_dm, v_dm = sequence_to_heads([q_dm, k_dm, v_dm], self.group)
         return heads_to_sequence(self.inner.dm_attention(q_dm, k_ar, v_ar, k_dm, v_dm, layout), self.group)
@@ -115,11 +131,13 @@ class DeepSpeedUlyssesAttention(AttentionBackend):
         return self.inner.dm_attention(q[:, 0], k_ar, v_ar, k_dm, v_dm, layout).unsqueeze(1)
 
     def ar_attention(self, q_ar, k_ar, v_ar, layout: PackLayout) -> torch.Tensor:
+        k_ar, v_ar = spread_kv_heads([k_ar, v_ar], self.size)
         batch_dim = 1
         out = self._ar(q_ar.unsqueeze(1), k_ar.unsqueeze(1), v_ar.unsqueeze(1), batch_dim, None, layout)
         return out[:, 0]
 
     def dm_attention(self, q_dm, k_ar, v_ar, k_dm, v_dm, layout: PackLayout) -> torch.Tensor:
+        k_ar, v_ar, k_dm, v_dm = spread_kv_heads([k_ar, v_ar, k_dm, v_dm], self.size)
         keys = torch.cat([k_ar, k_dm]).unsqueeze(1)
         values = torch.cat([v_ar, v_dm]).unsqueeze(1)
         out = self._dm(q_dm.unsqueeze(1), keys, values, 1, None, k_ar.shape[0], layout)

@@ -53,7 +53,7 @@ def step_pack(step):
     return noised(random_pack(CONFIG, g, num_samples=4), g)
 
 
-def _cp_matches_one_process(rank, world_size, dtype, backend, steps, deepspeed_ulysses=False):
+def _cp_matches_one_process(rank, world_size, dtype, backend, steps, deepspeed_ulysses=False, kv_heads=None):
     import torch.distributed as dist
 
     from megatron_cosmos3.parallel.context_parallel import SequenceSplit, split_losses
@@ -61,7 +61,7 @@ def _cp_matches_one_process(rank, world_size, dtype, backend, steps, deepspeed_u
     from megatron_cosmos3.testing.reference import compare_to_reference
 
     context = dist.group.WORLD  # the whole world is one CP group (CP x DP below uses initialize_parallel)
-    config = dataclasses.replace(CONFIG, attention_backend=backend)
+    config = dataclasses.replace(CONFIG, attention_backend=backend, num_kv_heads=kv_heads or CONFIG.num_kv_heads)
     torch.manual_seed(0)
     reference = MoTModel(copy.deepcopy(config)).to(dtype)
     model = copy.deepcopy(reference)
@@ -110,11 +110,15 @@ def worst(differences):
     return name, differences[name]
 
 
+# One KV head (MQA) for two context ranks: the exchange repeats it (ulysses.spread_kv_heads).
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("dtype, backend", [(torch.float32, "sdpa"), (torch.float64, "dense")])
-def test_cp2_loss_gradients_and_adamw_steps_match_one_process(dtype, backend):
+@pytest.mark.parametrize(
+    "dtype, backend, kv_heads",
+    [(torch.float32, "sdpa", None), (torch.float64, "dense", None), (torch.float64, "sdpa", 1)],
+)
+def test_cp2_loss_gradients_and_adamw_steps_match_one_process(dtype, backend, kv_heads):
     tolerance = TOLERANCE[dtype]
-    reports = run_on_ranks(_cp_matches_one_process, 2, dtype, backend, 3)
+    reports = run_on_ranks(_cp_matches_one_process, 2, dtype, backend, 3, False, kv_heads)
     for name in reports[0]["packs"]:
         for report in reports:
             pack = report["packs"][name]

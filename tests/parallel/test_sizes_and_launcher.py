@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from megatron_cosmos3.model.config import MoTConfig
@@ -23,7 +25,8 @@ MODEL = MoTConfig(hidden_size=64, num_layers=4, num_attention_heads=4, num_kv_he
             r"num_layers=4 is not divisible by pipeline\*virtual_pipeline",
         ),
         (ParallelSizes(virtual_pipeline=2), 1, "virtual_pipeline=2 needs pipeline > 1"),
-        (ParallelSizes(tensor=2, context=2), 4, "num_kv_heads/tensor=1 is not divisible by context=2"),
+        # Query heads split over context ranks; KV heads fewer than them are repeated (test_context_parallel).
+        (ParallelSizes(tensor=2, context=4), 8, "num_attention_heads/tensor=2 is not divisible by context=4"),
         (ParallelSizes(expert=2), 2, "expert=2 needs a mixture-of-experts model"),
         (ParallelSizes(sequence_parallel=True), 1, "sequence_parallel=True needs tensor > 1"),
         (ParallelSizes(tensor=0), 1, "tensor=0 must be an int >= 1"),
@@ -73,6 +76,13 @@ def test_the_dense_mlp_width_is_not_split_where_every_tower_routes_through_exper
     load_config(None, [*TINY_MODEL, "model.ffn_hidden_size=63", *experts])
     with pytest.raises(ValueError, match=r"moe_ffn_hidden_size=63 \(num_experts=2\) is not divisible by tensor=2"):
         load_config(None, [*TINY_MODEL, "model.ffn_hidden_size=63", *experts, "model.moe_ffn_hidden_size=0"])
+
+
+def test_fewer_kv_heads_per_tensor_rank_than_context_ranks_is_a_valid_layout():
+    """One KV head per tensor rank (MQA, or the Super config's 8 KV heads at TP=8) under CP=2: the
+    Ulysses exchange repeats the KV heads (it was refused: kv_heads/tensor not divisible by context)."""
+    ParallelSizes(tensor=2, context=2).validate(4, MODEL)
+    ParallelSizes(context=2).validate(2, dataclasses.replace(MODEL, num_kv_heads=1))
 
 
 def test_valid_layout_derives_data_parallel_size():
