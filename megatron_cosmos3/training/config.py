@@ -260,6 +260,15 @@ class TrainConfig:
         # Sizes the model can never be split by (heads, KV heads, FFN units, layers, experts) are
         # refused here by name; the world size is checked at launch (train.main), before any group.
         self.parallel.validate_for_model(self.model, self.model.num_experts)
+        # Interleaved 1F1B cycles its chunks in groups of `pipeline` micro-batches (as Megatron's): a
+        # step of another count failed in its first schedule, after the model was built.
+        sizes = self.parallel
+        if sizes.virtual_pipeline > 1 and self.optimizer.micro_batches_per_step % sizes.pipeline:
+            raise ValueError(
+                f"optimizer.micro_batches_per_step={self.optimizer.micro_batches_per_step} (per data-parallel rank) "
+                f"is not a multiple of parallel.pipeline={sizes.pipeline}, which the interleaved schedule "
+                f"(parallel.virtual_pipeline={sizes.virtual_pipeline}) needs"
+            )
         if self.engine != "megatron" and self.parallel.ddp_impl != "torch":
             raise ValueError(
                 f"parallel.ddp_impl={self.parallel.ddp_impl!r} is engine=megatron's; engine={self.engine!r}"

@@ -55,6 +55,11 @@ def test_invalid_layouts_name_the_offending_pair(sizes, world, message):
             "num_experts=3 is not divisible by expert=2",
         ),
         (["model.num_experts=2", "model.moe_top_k=3"], r"moe_top_k=3 must be in \[1, num_experts=2\]"),
+        # Interleaved 1F1B takes micro-batches in groups of `pipeline`: refused in the first step before.
+        (
+            ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "model.num_layers=4"],
+            r"optimizer.micro_batches_per_step=1 \(per data-parallel rank\) is not a multiple of parallel.pipeline=2",
+        ),
     ],
 )
 def test_a_layout_the_model_can_never_take_is_refused_when_the_config_loads(overrides, message):
