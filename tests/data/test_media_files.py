@@ -788,6 +788,25 @@ def test_a_clip_too_large_to_hold_is_refused_before_decoding(monkeypatch):
     assert decode_sample(_raw("audio.flac", sound), media_config=one_second).audio.shape == (2, 48_000)
 
 
+def test_a_high_rate_video_sampled_at_a_low_rate_holds_only_the_frames_it_shows(one_second, monkeypatch):
+    """60 fps sampled at 2 fps: of the 32 frames decoded (to the first after the last target), only
+    the two shown at 0 s and 0.5 s are held until they are converted; holding every decoded frame
+    took tens of GB for a minute of 4K 120 fps at 1 fps. The frames are those of a full decode."""
+    source, data = one_second
+    held, convert = [], media_files._to_rgb
+
+    def counting(frames, *rest):
+        held.append(sum(frame is not None for frame in frames))
+        return convert(frames, *rest)
+
+    monkeypatch.setattr(media_files, "_to_rgb", counting)
+    sample = decode_sample(_raw("video.mp4", data), media_config=MediaConfig(fps=2))
+    assert held == [2]
+    whole = decode_sample(_raw("video.mp4", data)).video
+    assert np.array_equal(sample.video, whole[[0, 30]])
+    assert held[-1] == SOURCE_FPS  # control: at the source's rate every frame is shown
+
+
 def test_an_undecodable_codec_is_named_in_the_skip_reason():
     data = encode_mp4(_source_frames(3), 10).replace(b"avc1", b"zzzz")
     with pytest.raises(SampleError, match="unsupported_codec: video.mp4: FFmpeg has no decoder .* 'zzzz'"):
