@@ -38,6 +38,7 @@ DECODE_ERRORS = (
     IndexError,
     MemoryError,
     OverflowError,
+    ZeroDivisionError,  # scipy's WAV reader divides by the bytes a sample has: 0 for under 8 bits
     RecursionError,
     struct.error,
     Image.DecompressionBombError,
