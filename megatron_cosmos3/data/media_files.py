@@ -117,7 +117,7 @@ def decode_media_file(
                     )
                 if stream is not None:  # one decoding thread: the loader's workers are the parallelism
                     stream.codec_context.thread_count = 1
-            out = _decode(container, video if want_video else None, audio, name, media, window_for, picture)
+            out = _decode(container, data, video if want_video else None, audio, name, media, window_for, picture)
     except SampleError:
         raise
     except (av.error.FFmpegError, *DECODE_ERRORS) as error:
@@ -133,7 +133,9 @@ def decode_video_file(data: bytes, name: str) -> tuple[np.ndarray, float]:
     return decoded.frames, decoded.fps
 
 
-def _decode(container, video, audio, name: str, media: MediaConfig, window_for, picture=None) -> DecodedMedia:
+def _decode(
+    container, data: bytes, video, audio, name: str, media: MediaConfig, window_for, picture=None
+) -> DecodedMedia:
     """``decode_media_file``'s clip; ``picture``: the pixels of a picture in a video field, shown
     for every target (FFmpeg's timing of its one frame)."""
     if video is not None:
@@ -142,10 +144,10 @@ def _decode(container, video, audio, name: str, media: MediaConfig, window_for, 
             raise SampleError(CORRUPT_MEDIA, f"{name}: {width}x{height} frames exceed {Image.MAX_IMAGE_PIXELS} pixels")
         origin_s = float((video.start_time or 0) * video.time_base)
         rate = float(video.average_rate or video.guessed_rate or 0) or None
-        video_s = _stream_seconds(video, container, origin_s)
+        video_s = _stream_seconds(video, container, origin_s, data)
         if not video_s or not rate:
             raise SampleError(ZERO_LENGTH, f"{name}: its video stream has no duration or frame rate")
-        audio_s = _stream_seconds(audio, container, origin_s) if audio is not None else None
+        audio_s = _stream_seconds(audio, container, origin_s, data) if audio is not None else None
         window = window_for(video_s)
         fps = media.fps or rate
         targets = target_times(window, fps)
@@ -157,13 +159,12 @@ def _decode(container, video, audio, name: str, media: MediaConfig, window_for, 
         result = DecodedMedia(window, fit_to_bucket(frames, media.buckets()), fps, None, video_s, audio_s)
     else:
         origin_s = float((audio.start_time or 0) * audio.time_base)
-        fresh = audio.duration is not None or container.duration is not None  # nothing demuxed yet
-        audio_s = _stream_seconds(audio, container, origin_s)
+        audio_s = _stream_seconds(audio, container, origin_s, data)
         if not audio_s:
             raise SampleError(ZERO_LENGTH, f"{name}: its audio stream has no duration")
         result = DecodedMedia(window_for(audio_s), audio_duration_s=audio_s)
     if audio is not None and result.audio_duration_s and result.window.start_s < result.audio_duration_s:
-        read_from_start = video is None and fresh and result.window.start_s <= AUDIO_PREROLL_S
+        read_from_start = video is None and result.window.start_s <= AUDIO_PREROLL_S  # nothing read yet
         result.audio = _audio_window(
             container, audio, result.window, origin_s, result.audio_duration_s, name, not read_from_start
         )
@@ -181,20 +182,27 @@ def _display_size(stream) -> tuple[int, int]:
     return width, height
 
 
-def _stream_seconds(stream, container, origin_s: float) -> float | None:
-    """The stream's duration in seconds from the origin: its own, else the container's, else (a
-    file written to a pipe declares none) the end of its last packet, read without decoding."""
+def _stream_seconds(stream, container, origin_s: float, data: bytes) -> float | None:
+    """The stream's duration in seconds from the origin: its own, else the container's where it is
+    the file's only stream, else the end of its last packet, read without decoding: a file written
+    to a pipe declares no duration, and Matroska/WebM declare only the file's, the end of whichever
+    stream lasts longer (a WebM whose sound ran 60 ms past its picture was taken for a video cut
+    60 ms short). Packets are read by a second reader of ``data``: the decoding container stays at
+    its start (seeking back fails in a stream without packets, and the sound's seek did not bring
+    the picture back)."""
+    import av
+
     if stream.duration is not None:
         start = float((stream.start_time or 0) * stream.time_base)
         return start - origin_s + float(stream.duration * stream.time_base)
-    if container.duration is not None:
+    if container.duration is not None and len(container.streams) == 1:
         return container.duration / 1_000_000 - origin_s
     end = None
-    for packet in container.demux(stream):
-        if packet.pts is not None:
-            packet_end = float((packet.pts + (packet.duration or 0)) * stream.time_base)
-            end = packet_end if end is None else max(end, packet_end)
-    container.seek(0, stream=stream)
+    with av.open(io.BytesIO(data), metadata_errors="ignore") as reader:
+        for packet in reader.demux(reader.streams[stream.index]):
+            if packet.pts is not None:
+                packet_end = float((packet.pts + (packet.duration or 0)) * stream.time_base)
+                end = packet_end if end is None else max(end, packet_end)
     return None if end is None else end - origin_s
 
 

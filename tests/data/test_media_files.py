@@ -277,6 +277,27 @@ def test_a_clip_after_the_end_of_a_video_files_sound_is_a_mismatch_not_a_silent_
         decode_sample(_raw("video.mp4", data), media_config=last, draw=0.99)
 
 
+@pytest.mark.parametrize("suffix, codecs", [("webm", ["libvpx-vp9", "libopus"]), ("mkv", ["libx264", "pcm_s16le"])])
+def test_a_matroska_video_whose_sound_outlasts_its_frames_is_measured_stream_by_stream(tmp_path, suffix, codecs):
+    """Matroska/WebM declare one duration, the file's: 1 s of frames with 1.06 s of sound declared
+    1.06 s for the picture too, and the frames' end 60 ms early made a sound file a cut one
+    (corrupt_media). Each stream's end is read from its packets: 25 frames and 1 s of sound, and
+    sound 0.5 s longer is the mismatch it is."""
+    frames = _source_frames(25)
+    raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", "25", "-i", "-"]
+    for sound_s, name in ((1.06, "near"), (1.5, "far")):
+        command = ["ffmpeg", "-loglevel", "error", "-y", *raw_input, "-f", "lavfi", "-i", f"sine=d={sound_s}"]
+        command += ["-c:v", codecs[0], "-c:a", codecs[1], "-pix_fmt", "yuv444p", str(tmp_path / f"{name}.{suffix}")]
+        subprocess.run(command, input=frames.tobytes(), check=True)
+    sample = decode_sample(_raw(f"video.{suffix}", (tmp_path / f"near.{suffix}").read_bytes()))
+    assert len(sample.video) == 25 and sample.audio.shape == (2, 48_000)
+    assert min(_psnr(a, b) for a, b in zip(sample.video, frames)) >= 35
+    with pytest.raises(
+        SampleError, match=rf"duration_mismatch: video.{suffix}'s audio lasts 1.[45]\d\d s, video.{suffix} 1.000 s"
+    ):
+        decode_sample(_raw(f"video.{suffix}", (tmp_path / f"far.{suffix}").read_bytes()))
+
+
 def test_variable_frame_rate_video_is_sampled_by_its_timestamps():
     stamps_ms = [0, 100, 150, 400, 450, 900]  # the frame shown at t is the last stamped at or before t
     frames = _source_frames(len(stamps_ms))
