@@ -150,7 +150,7 @@ def _decode(
         audio_s = _stream_seconds(audio, container, origin_s, data) if audio is not None else None
         window = window_for(video_s)
         fps = media.fps or rate
-        targets = target_times(window, fps)
+        targets = target_times(window, fps, 2 * timestamp_tolerance(video.time_base))
         check_clip_bytes(len(targets) * height * width * 3, f"{len(targets)} frames of {width}x{height}", name)
         if picture is not None:  # Pillow's pixels, as a picture field's (FFmpeg's can be wrong: module doc)
             frames = np.repeat(picture[None], len(targets), axis=0)

@@ -319,6 +319,25 @@ def test_variable_frame_rate_video_is_sampled_by_its_timestamps():
         assert _psnr(frame, frames[index]) >= 35
 
 
+@pytest.mark.parametrize("count", [90, 91])
+def test_an_ntsc_webm_gives_its_frames_though_its_duration_is_rounded_past_the_last(tmp_path, count):
+    """90 frames at 24000/1001 fps last 3.75375 s; WebM stores milliseconds, so the file lasts
+    3.754 s and 91 frames 3.796 s (3.79546 s). The 91st (92nd) target, 0.25 (0.54) ms before that
+    rounded end, was after the last frame's end: a whole file skipped as truncated. Each target
+    within the end's rounding (two half milliseconds) is no target."""
+    frames = _source_frames(count)
+    raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", "24000/1001", "-i", "-"]
+    codec = ["-c:v", "libvpx-vp9", "-crf", "10", "-b:v", "0", "-pix_fmt", "yuv444p"]
+    path = tmp_path / "ntsc.webm"
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-y", *raw_input, *codec, str(path)], input=frames.tobytes(), check=True
+    )
+    for fps in (0, 24000 / 1001):
+        sample = decode_sample(_raw("video.webm", path.read_bytes()), media_config=MediaConfig(fps=fps))
+        assert len(sample.video) == count
+        assert min(_psnr(a, b) for a, b in zip(sample.video, frames)) >= 35
+
+
 @pytest.mark.parametrize("suffix", ["webm", "mkv", "mov", "m4v", "avi"])
 def test_webm_mkv_mov_m4v_and_avi_videos_decode(tmp_path, suffix):
     frames = _source_frames(12)
