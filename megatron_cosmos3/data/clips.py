@@ -147,10 +147,11 @@ def check_clip_bytes(size: int, what: str, name: str) -> None:
 
 def timestamp_tolerance(time_base: float) -> float:
     """How far after a target a frame's timestamp may be and still count as at it: half the
-    container's time base (its rounding; WebM's 1 ms base stores a frame meant for t as up to
-    t + 0.5 ms), so that a 23.976 fps frame 0.04 ms after a 24 fps target (base 1/24000) is not
-    shown early; at most TIME_TOLERANCE_S (a base of one frame period stores exact frame times)."""
-    return min(float(time_base) / 2, TIME_TOLERANCE_S) + 1e-9
+    container's time base, or of the coarser unit its timestamps were rounded to (their rounding;
+    WebM's 1 ms base stores a frame meant for t as up to t + 0.5 ms), so that a 23.976 fps frame
+    0.04 ms after a 24 fps target (base 1/24000) is not shown early; at most TIME_TOLERANCE_S (a
+    base of one frame period stores exact frame times)."""
+    return min(float(time_base) / 2, TIME_TOLERANCE_S) + 1e-6  # and a rate's float rounding
 
 
 def pick_frames(

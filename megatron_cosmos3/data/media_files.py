@@ -62,6 +62,11 @@ AUDIO_PREROLL_S = 0.1
 # Decoded audio may end this much (or one codec frame) before the duration its stream declares; a
 # stream that stops earlier inside the clip is a cut file, not a short one.
 AUDIO_END_TOLERANCE_S = 0.1
+# How far (relative) a stream's average frame rate may be from its nominal one and still be it: a
+# rounded duration (a millisecond in 0.3 s) or a dropped frame, not a variable rate.
+NOMINAL_RATE_TOLERANCE = 0.005
+# How many of a stream's indexed timestamps say what unit they were rounded to (``_timestamp_unit``).
+UNIT_SAMPLES = 1024
 # A fragmented MP4's fragments may end this much before the duration its mehd box declares (a
 # writer's rounding, an audio track's priming); a cut between fragments loses a whole fragment.
 FRAGMENT_END_TOLERANCE_S = 0.1
@@ -143,19 +148,20 @@ def _decode(
         if width * height > Image.MAX_IMAGE_PIXELS:  # the limit pictures have (a decompression bomb)
             raise SampleError(CORRUPT_MEDIA, f"{name}: {width}x{height} frames exceed {Image.MAX_IMAGE_PIXELS} pixels")
         origin_s = float((video.start_time or 0) * video.time_base)
-        rate = float(video.average_rate or video.guessed_rate or 0) or None
+        rate = _frame_rate(video)
         video_s = _stream_seconds(video, container, origin_s, data)
         if not video_s or not rate:
             raise SampleError(ZERO_LENGTH, f"{name}: its video stream has no duration or frame rate")
         audio_s = _stream_seconds(audio, container, origin_s, data) if audio is not None else None
         window = window_for(video_s)
         fps = media.fps or rate
-        targets = target_times(window, fps, 2 * timestamp_tolerance(video.time_base))
+        tolerance = timestamp_tolerance(_timestamp_unit(video, rate))
+        targets = target_times(window, fps, 2 * tolerance)
         check_clip_bytes(len(targets) * height * width * 3, f"{len(targets)} frames of {width}x{height}", name)
         if picture is not None:  # Pillow's pixels, as a picture field's (FFmpeg's can be wrong: module doc)
             frames = np.repeat(picture[None], len(targets), axis=0)
         else:
-            frames = _video_window(container, video, targets, origin_s, rate, name, (width, height), video_s)
+            frames = _video_window(container, video, targets, origin_s, rate, name, (width, height), video_s, tolerance)
         result = DecodedMedia(window, fit_to_bucket(frames, media.buckets()), fps, None, video_s, audio_s)
     else:
         origin_s = float((audio.start_time or 0) * audio.time_base)
@@ -169,6 +175,18 @@ def _decode(
             container, audio, result.window, origin_s, result.audio_duration_s, name, not read_from_start
         )
     return result
+
+
+def _frame_rate(stream) -> float | None:
+    """The stream's frame rate: its nominal rate (FFmpeg's guess from its timestamps, 30000/1001)
+    where its average (frames over the declared duration) is within NOMINAL_RATE_TOLERANCE of it,
+    else the average (variable frame rate); None without either. A duration rounded to milliseconds
+    made 37 frames at 60 fps average 60.065 fps, and targets at that rate fell a frame early by the
+    13th frame."""
+    average, nominal = stream.average_rate, stream.guessed_rate
+    if average and nominal and abs(average / nominal - 1) <= NOMINAL_RATE_TOLERANCE:
+        return float(nominal)
+    return float(average or nominal or 0) or None
 
 
 def _display_size(stream) -> tuple[int, int]:
@@ -215,13 +233,14 @@ def _video_window(
     name: str,
     size: tuple[int, int],
     declared_s: float,
+    tolerance: float,
 ) -> np.ndarray:
     """The frames shown at ``targets`` (seconds from the origin), decoded from the keyframe before,
-    as ``size`` (width, height) RGB (``_to_rgb``). The last frame shows until the stream's declared
+    as ``size`` (width, height) RGB (``_to_rgb``); a frame stamped up to ``tolerance`` after a target
+    is shown at it (``timestamp_tolerance``). The last frame shows until the stream's declared
     end ``declared_s`` where that is less than a frame period after it (an edit list that starts
     between two frames: FFmpeg drops the partly shown one and the stream lasts that much longer);
     frames that stop earlier are a cut file."""
-    tolerance = timestamp_tolerance(stream.time_base)
     lead_s, fresh = (int(stream.codec_context.has_b_frames) + 2) / rate, True
     while True:
         # The keyframe to decode from must be shown at or before the window: seeking by decoding time
@@ -242,6 +261,22 @@ def _video_window(
         if end < declared_s < end + 1.0 / rate:
             end = declared_s
     return _to_rgb(frames, pick_frames(np.asarray(times), targets, end, name, tolerance), size)
+
+
+def _timestamp_unit(stream, rate: float) -> float:
+    """The unit (seconds) the stream's timestamps were rounded to: its time base, or a multiple of
+    it that every indexed frame's timestamp is (an MP4's index lists every frame) where that is at
+    most a quarter of a frame period (a rounding, not the frames' own spacing): a WebM's
+    milliseconds remuxed into an MP4's 1/16000 base put 30 fps frames 33 or 34 ms apart, and half a
+    1/16000 tick of leeway showed every third frame one target late."""
+    base = float(stream.time_base)
+    entries = stream.index_entries
+    if not stream.frames or len(entries) != stream.frames:
+        return base
+    first, ticks = entries[0].timestamp, 0
+    for entry in entries[1:UNIT_SAMPLES]:
+        ticks = math.gcd(ticks, entry.timestamp - first)
+    return ticks * base if ticks > 1 and ticks * base <= 0.25 / rate else base
 
 
 def _decode_frames(container, stream, targets: np.ndarray, origin_s: float, tolerance: float):

@@ -338,6 +338,31 @@ def test_an_ntsc_webm_gives_its_frames_though_its_duration_is_rounded_past_the_l
         assert min(_psnr(a, b) for a, b in zip(sample.video, frames)) >= 35
 
 
+@pytest.mark.parametrize("rate, remux", [("30", True), ("60", True), ("60000/1001", False)])
+def test_a_video_of_millisecond_timestamps_gives_each_frame_once_at_its_rate(tmp_path, rate, remux):
+    """A WebM stores milliseconds; remuxed into an MP4 (ffmpeg -c copy) they sit in a 1/16000 base,
+    30 fps frames 33 or 34 ms apart, and half a tick of leeway showed every third frame one target
+    late; its rounded duration made 37 frames at 60 fps average 60.065 fps (a frame early by the
+    13th). The leeway is half the unit the timestamps are multiples of, the rate the nominal one;
+    a 59.94 fps WebM's frame 30, at 501 ms for 500.5, was missed by 30 ns of a rate's rounding."""
+    frames = _source_frames(37)
+    raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", rate, "-i", "-"]
+    codec = ["-c:v", "libvpx-vp9", "-crf", "10", "-b:v", "0", "-pix_fmt", "yuv444p"]
+    webm = tmp_path / "clip.webm"
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-y", *raw_input, *codec, str(webm)], input=frames.tobytes(), check=True
+    )
+    path = tmp_path / ("clip.mp4" if remux else "clip.webm")
+    if remux:
+        subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(webm), "-c", "copy", str(path)], check=True)
+    for fps in (0, float(Fraction(rate))):
+        sample = decode_sample(_raw(f"video.{path.suffix[1:]}", path.read_bytes()), media_config=MediaConfig(fps=fps))
+        assert sample.fps == pytest.approx(float(Fraction(rate)), rel=1e-6) and len(sample.video) == len(frames)
+        for index, frame in enumerate(sample.video):
+            assert _psnr(frame, frames[index]) >= 35, index
+            assert index == len(frames) - 1 or _psnr(frame, frames[index + 1]) < 35  # control: told apart
+
+
 @pytest.mark.parametrize("suffix", ["webm", "mkv", "mov", "m4v", "avi"])
 def test_webm_mkv_mov_m4v_and_avi_videos_decode(tmp_path, suffix):
     frames = _source_frames(12)
