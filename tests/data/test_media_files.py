@@ -581,6 +581,20 @@ def test_a_wav_of_another_encoding_is_decoded_by_ffmpeg(tmp_path, codec):
     assert np.corrcoef(sample.audio[0, 2000:46_000], expected[2000:46_000])[0, 1] > 0.99
 
 
+def test_a_cut_rf64_wav_or_one_declaring_four_gib_is_corrupt_not_a_shorter_sound(tmp_path):
+    """RF64 states its data size in its ds64 chunk (64 bits): FFmpeg read one declaring 2**32 bytes
+    of sound with 32 KB there as the 1 s that is there; one cut in half is found by its header too."""
+    command = ["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "sine=d=1:sample_rate=16000", "-rf64", "always"]
+    subprocess.run([*command, str(tmp_path / "tone.wav")], check=True)
+    whole = (tmp_path / "tone.wav").read_bytes()
+    assert decode_sample(_raw("audio.wav", whole)).audio.shape == (2, 48_000)  # control: intact
+    size_at = whole.index(b"ds64") + 16  # the data size, after the chunk header and the RIFF size
+    four_gib = whole[:size_at] + struct.pack("<Q", 2**32) + whole[size_at + 8 :]
+    for damaged, missing in ((four_gib, 2**32 - 32_000), (whole[: len(whole) // 2], len(whole) - len(whole) // 2)):
+        with pytest.raises(SampleError, match=f"corrupt_media: audio.wav: truncated file: it declares {missing} bytes"):
+            decode_sample(_raw("audio.wav", damaged))
+
+
 def test_a_flac_of_one_sample_decodes(tmp_path):
     """FFmpeg cannot seek in it (no seek point): read from its start, as a fresh file is."""
     command = ["ffmpeg", "-loglevel", "error", "-f", "f32le", "-ar", "48000", "-ac", "1", "-i", "-"]
