@@ -125,9 +125,10 @@ def grid_draws(duration_s: float, config: MediaConfig) -> list[float]:
 
 def target_times(window: Window, fps: float, tolerance_s: float = 0.0) -> np.ndarray:
     """``start + k / fps`` for every k with k / fps inside the window (float64 seconds), but not
-    within ``tolerance_s`` of its end: a file's end is its last timestamp plus its last duration,
-    each rounded to its time base (twice ``timestamp_tolerance``), so 90 frames at 24000/1001 fps
-    in a WebM, 3.75375 s, last 3.754 s, and a 91st target at 3.75375 s lay after the last frame."""
+    within ``tolerance_s`` of its end: where the window ends with the file, its end is the last
+    timestamp plus the last duration, each rounded to the time base (twice ``timestamp_tolerance``),
+    so 90 frames at 24000/1001 fps in a WebM, 3.75375 s, last 3.754 s, and a 91st target at
+    3.75375 s lay after the last frame."""
     count = math.ceil((window.duration_s - tolerance_s) * fps - 1e-6)
     if count <= 0:
         raise SampleError(ZERO_LENGTH, f"a {window.duration_s:.4g} s clip holds no frame at {fps:g} fps")

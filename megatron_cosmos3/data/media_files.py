@@ -156,7 +156,9 @@ def _decode(
         window = window_for(video_s)
         fps = media.fps or rate
         tolerance = timestamp_tolerance(_timestamp_unit(video, rate))
-        targets = target_times(window, fps, 2 * tolerance)
+        # The file's end is a rounded timestamp plus a rounded duration: no target within both roundings of it.
+        at_end = window.end_s > video_s - 2 * tolerance
+        targets = target_times(window, fps, 2 * tolerance if at_end else 0.0)
         check_clip_bytes(len(targets) * height * width * 3, f"{len(targets)} frames of {width}x{height}", name)
         if picture is not None:  # Pillow's pixels, as a picture field's (FFmpeg's can be wrong: module doc)
             frames = np.repeat(picture[None], len(targets), axis=0)
