@@ -324,7 +324,7 @@ def test_an_ntsc_webm_gives_its_frames_though_its_duration_is_rounded_past_the_l
     """90 frames at 24000/1001 fps last 3.75375 s; WebM stores milliseconds, so the file lasts
     3.754 s and 91 frames 3.796 s (3.79546 s). The 91st (92nd) target, 0.25 (0.54) ms before that
     rounded end, was after the last frame's end: a whole file skipped as truncated. Each target
-    within the end's rounding (two half milliseconds) is no target."""
+    within the end's rounding (two half milliseconds) is no target, where the clip ends with the file."""
     frames = _source_frames(count)
     raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", "24000/1001", "-i", "-"]
     codec = ["-c:v", "libvpx-vp9", "-crf", "10", "-b:v", "0", "-pix_fmt", "yuv444p"]
@@ -336,6 +336,9 @@ def test_an_ntsc_webm_gives_its_frames_though_its_duration_is_rounded_past_the_l
         sample = decode_sample(_raw("video.webm", path.read_bytes()), media_config=MediaConfig(fps=fps))
         assert len(sample.video) == count
         assert min(_psnr(a, b) for a, b in zip(sample.video, frames)) >= 35
+    # A clip inside the file ends at no rounded timestamp: 1 s at 1000 fps is 1000 frames, not 998.
+    first_second = MediaConfig(fps=1000, clip_seconds=1.0, clip_start="first")
+    assert len(decode_sample(_raw("video.webm", path.read_bytes()), media_config=first_second).video) == 1000
 
 
 @pytest.mark.parametrize("rate, remux", [("30", True), ("60", True), ("60000/1001", False)])
