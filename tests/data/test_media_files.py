@@ -24,7 +24,7 @@ from megatron_cosmos3.data import clips, media_files
 from megatron_cosmos3.data.clips import MediaConfig, bucket_for, choose_window, fit_to_bucket
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.media import encode_json, encode_npy
-from megatron_cosmos3.data.media_writers import encode_mp4
+from megatron_cosmos3.data.media_writers import encode_mp4, exact_rate
 from megatron_cosmos3.data.schema import Sample, decode_sample, encode_sample
 
 SOURCE_FPS = 60
@@ -364,6 +364,21 @@ def test_a_video_of_millisecond_timestamps_gives_each_frame_once_at_its_rate(tmp
         for index, frame in enumerate(sample.video):
             assert _psnr(frame, frames[index]) >= 35, index
             assert index == len(frames) - 1 or _psnr(frame, frames[index + 1]) < 35  # control: told apart
+
+
+def test_a_files_rate_is_its_nominal_one_where_its_average_is_a_rounding(tmp_path):
+    """60000/1001 fps in an MP4 of a 90 kHz time base (as MPEG-TS remuxes keep it): each frame lasts
+    1501.5 ticks, so 37 frames average 832500/13889 fps, and a conditioning clip's rate written back
+    was 57482/959. The file's rate is the nominal 60000/1001, as generation writes it."""
+    frames = _source_frames(37)
+    raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", "60000/1001", "-i", "-"]
+    path = tmp_path / "clip.mp4"
+    command = ["ffmpeg", "-loglevel", "error", "-y", *raw_input, "-c:v", "libx264", "-crf", "4", "-pix_fmt", "yuv444p"]
+    subprocess.run([*command, "-video_track_timescale", "90000", str(path)], input=frames.tobytes(), check=True)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].average_rate != Fraction(60000, 1001)  # the rounding
+    decoded, fps = media_files.decode_video_file(path.read_bytes(), "clip.mp4")
+    assert exact_rate(fps) == Fraction(60000, 1001) and len(decoded) == len(frames)
 
 
 @pytest.mark.parametrize("suffix", ["webm", "mkv", "mov", "m4v", "avi"])
