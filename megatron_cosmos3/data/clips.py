@@ -123,9 +123,13 @@ def grid_draws(duration_s: float, config: MediaConfig) -> list[float]:
     return [(k + 0.5) / cells for k in range(cells)]
 
 
-def target_times(window: Window, fps: float) -> np.ndarray:
-    """``start + k / fps`` for every k with k / fps inside the window (float64 seconds)."""
-    count = math.ceil(window.duration_s * fps - 1e-6)
+def target_times(window: Window, fps: float, tolerance_s: float = 0.0) -> np.ndarray:
+    """``start + k / fps`` for every k with k / fps inside the window (float64 seconds), but not
+    within ``tolerance_s`` of its end: where the window ends with the file, its end is the last
+    timestamp plus the last duration, each rounded to the time base (twice ``timestamp_tolerance``),
+    so 90 frames at 24000/1001 fps in a WebM, 3.75375 s, last 3.754 s, and a 91st target at
+    3.75375 s lay after the last frame."""
+    count = math.ceil((window.duration_s - tolerance_s) * fps - 1e-6)
     if count <= 0:
         raise SampleError(ZERO_LENGTH, f"a {window.duration_s:.4g} s clip holds no frame at {fps:g} fps")
     return window.start_s + np.arange(count, dtype=np.float64) / fps
@@ -144,10 +148,11 @@ def check_clip_bytes(size: int, what: str, name: str) -> None:
 
 def timestamp_tolerance(time_base: float) -> float:
     """How far after a target a frame's timestamp may be and still count as at it: half the
-    container's time base (its rounding; WebM's 1 ms base stores a frame meant for t as up to
-    t + 0.5 ms), so that a 23.976 fps frame 0.04 ms after a 24 fps target (base 1/24000) is not
-    shown early; at most TIME_TOLERANCE_S (a base of one frame period stores exact frame times)."""
-    return min(float(time_base) / 2, TIME_TOLERANCE_S) + 1e-9
+    container's time base, or of the coarser unit its timestamps were rounded to (their rounding;
+    WebM's 1 ms base stores a frame meant for t as up to t + 0.5 ms), so that a 23.976 fps frame
+    0.04 ms after a 24 fps target (base 1/24000) is not shown early; at most TIME_TOLERANCE_S (a
+    base of one frame period stores exact frame times)."""
+    return min(float(time_base) / 2, TIME_TOLERANCE_S) + 1e-6  # and a rate's float rounding
 
 
 def pick_frames(

@@ -38,6 +38,7 @@ DECODE_ERRORS = (
     IndexError,
     MemoryError,
     OverflowError,
+    ZeroDivisionError,  # scipy's WAV reader divides by the bytes a sample has: 0 for under 8 bits
     RecursionError,
     struct.error,
     Image.DecompressionBombError,
@@ -172,15 +173,22 @@ def wav_encoding(data: bytes) -> int | None:
 
 def missing_wav_bytes(data: bytes) -> int:
     """How many bytes the first ``data`` chunk declares beyond the end of the file (0 when complete,
-    streamed, RF64 (its sizes live in the ``ds64`` chunk) or not a RIFF file: the reader judges those)."""
-    if data[:4] not in (b"RIFF", b"RIFX") or data[8:12] != b"WAVE":
+    streamed or not a RIFF file: the reader judges those). An RF64 file's data chunk declares its
+    size in the ``ds64`` chunk (64 bits; 0 where a writer to a pipe could not fill it in): FFmpeg
+    read a cut one, 2**32 bytes declared and 48 KB there, as a shorter sound."""
+    if data[:4] not in (b"RIFF", b"RIFX", b"RF64") or data[8:12] != b"WAVE":
         return 0
-    order = "<" if data[:4] == b"RIFF" else ">"
+    order = ">" if data[:4] == b"RIFX" else "<"
+    rf64_size = None
     offset = 12
     while offset + 8 <= len(data):
         chunk, size = data[offset : offset + 4], struct.unpack(order + "I", data[offset + 4 : offset + 8])[0]
+        if chunk == b"ds64" and data[:4] == b"RF64" and offset + 24 <= len(data):
+            rf64_size = struct.unpack("<Q", data[offset + 16 : offset + 24])[0]  # after the RIFF size
         if chunk == b"data":
-            return 0 if size == STREAMED_WAV_SIZE else max(size - (len(data) - offset - 8), 0)
+            if size == STREAMED_WAV_SIZE:  # read to the end, unless RF64's ds64 says how much there is
+                size = rf64_size or 0
+            return max(size - (len(data) - offset - 8), 0)
         offset += 8 + size + (size & 1)  # chunks are padded to an even size
     return 0
 

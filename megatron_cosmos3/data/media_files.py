@@ -62,6 +62,11 @@ AUDIO_PREROLL_S = 0.1
 # Decoded audio may end this much (or one codec frame) before the duration its stream declares; a
 # stream that stops earlier inside the clip is a cut file, not a short one.
 AUDIO_END_TOLERANCE_S = 0.1
+# How far (relative) a stream's average frame rate may be from its nominal one and still be it: a
+# rounded duration (a millisecond in 0.3 s) or a dropped frame, not a variable rate.
+NOMINAL_RATE_TOLERANCE = 0.005
+# How many of a stream's indexed timestamps say what unit they were rounded to (``_timestamp_unit``).
+UNIT_SAMPLES = 1024
 # A fragmented MP4's fragments may end this much before the duration its mehd box declares (a
 # writer's rounding, an audio track's priming); a cut between fragments loses a whole fragment.
 FRAGMENT_END_TOLERANCE_S = 0.1
@@ -117,7 +122,7 @@ def decode_media_file(
                     )
                 if stream is not None:  # one decoding thread: the loader's workers are the parallelism
                     stream.codec_context.thread_count = 1
-            out = _decode(container, video if want_video else None, audio, name, media, window_for, picture)
+            out = _decode(container, data, video if want_video else None, audio, name, media, window_for, picture)
     except SampleError:
         raise
     except (av.error.FFmpegError, *DECODE_ERRORS) as error:
@@ -133,7 +138,9 @@ def decode_video_file(data: bytes, name: str) -> tuple[np.ndarray, float]:
     return decoded.frames, decoded.fps
 
 
-def _decode(container, video, audio, name: str, media: MediaConfig, window_for, picture=None) -> DecodedMedia:
+def _decode(
+    container, data: bytes, video, audio, name: str, media: MediaConfig, window_for, picture=None
+) -> DecodedMedia:
     """``decode_media_file``'s clip; ``picture``: the pixels of a picture in a video field, shown
     for every target (FFmpeg's timing of its one frame)."""
     if video is not None:
@@ -141,33 +148,47 @@ def _decode(container, video, audio, name: str, media: MediaConfig, window_for, 
         if width * height > Image.MAX_IMAGE_PIXELS:  # the limit pictures have (a decompression bomb)
             raise SampleError(CORRUPT_MEDIA, f"{name}: {width}x{height} frames exceed {Image.MAX_IMAGE_PIXELS} pixels")
         origin_s = float((video.start_time or 0) * video.time_base)
-        rate = float(video.average_rate or video.guessed_rate or 0) or None
-        video_s = _stream_seconds(video, container, origin_s)
+        rate = _frame_rate(video)
+        video_s = _stream_seconds(video, container, origin_s, data)
         if not video_s or not rate:
             raise SampleError(ZERO_LENGTH, f"{name}: its video stream has no duration or frame rate")
-        audio_s = _stream_seconds(audio, container, origin_s) if audio is not None else None
+        audio_s = _stream_seconds(audio, container, origin_s, data) if audio is not None else None
         window = window_for(video_s)
         fps = media.fps or rate
-        targets = target_times(window, fps)
+        tolerance = timestamp_tolerance(_timestamp_unit(video, rate))
+        # The file's end is a rounded timestamp plus a rounded duration: no target within both roundings of it.
+        at_end = window.end_s > video_s - 2 * tolerance
+        targets = target_times(window, fps, 2 * tolerance if at_end else 0.0)
         check_clip_bytes(len(targets) * height * width * 3, f"{len(targets)} frames of {width}x{height}", name)
         if picture is not None:  # Pillow's pixels, as a picture field's (FFmpeg's can be wrong: module doc)
             frames = np.repeat(picture[None], len(targets), axis=0)
         else:
-            frames = _video_window(container, video, targets, origin_s, rate, name, (width, height), video_s)
+            frames = _video_window(container, video, targets, origin_s, rate, name, (width, height), video_s, tolerance)
         result = DecodedMedia(window, fit_to_bucket(frames, media.buckets()), fps, None, video_s, audio_s)
     else:
         origin_s = float((audio.start_time or 0) * audio.time_base)
-        fresh = audio.duration is not None or container.duration is not None  # nothing demuxed yet
-        audio_s = _stream_seconds(audio, container, origin_s)
+        audio_s = _stream_seconds(audio, container, origin_s, data)
         if not audio_s:
             raise SampleError(ZERO_LENGTH, f"{name}: its audio stream has no duration")
         result = DecodedMedia(window_for(audio_s), audio_duration_s=audio_s)
     if audio is not None and result.audio_duration_s and result.window.start_s < result.audio_duration_s:
-        read_from_start = video is None and fresh and result.window.start_s <= AUDIO_PREROLL_S
+        read_from_start = video is None and result.window.start_s <= AUDIO_PREROLL_S  # nothing read yet
         result.audio = _audio_window(
             container, audio, result.window, origin_s, result.audio_duration_s, name, not read_from_start
         )
     return result
+
+
+def _frame_rate(stream) -> float | None:
+    """The stream's frame rate: its nominal rate (FFmpeg's guess from its timestamps, 30000/1001)
+    where its average (frames over the declared duration) is within NOMINAL_RATE_TOLERANCE of it,
+    else the average (variable frame rate); None without either. A duration rounded to milliseconds
+    made 37 frames at 60 fps average 60.065 fps, and targets at that rate fell a frame early by the
+    13th frame."""
+    average, nominal = stream.average_rate, stream.guessed_rate
+    if average and nominal and abs(average / nominal - 1) <= NOMINAL_RATE_TOLERANCE:
+        return float(nominal)
+    return float(average or nominal or 0) or None
 
 
 def _display_size(stream) -> tuple[int, int]:
@@ -181,20 +202,27 @@ def _display_size(stream) -> tuple[int, int]:
     return width, height
 
 
-def _stream_seconds(stream, container, origin_s: float) -> float | None:
-    """The stream's duration in seconds from the origin: its own, else the container's, else (a
-    file written to a pipe declares none) the end of its last packet, read without decoding."""
+def _stream_seconds(stream, container, origin_s: float, data: bytes) -> float | None:
+    """The stream's duration in seconds from the origin: its own, else the container's where it is
+    the file's only stream, else the end of its last packet, read without decoding: a file written
+    to a pipe declares no duration, and Matroska/WebM declare only the file's, the end of whichever
+    stream lasts longer (a WebM whose sound ran 60 ms past its picture was taken for a video cut
+    60 ms short). Packets are read by a second reader of ``data``: the decoding container stays at
+    its start (seeking back fails in a stream without packets, and the sound's seek did not bring
+    the picture back)."""
+    import av
+
     if stream.duration is not None:
         start = float((stream.start_time or 0) * stream.time_base)
         return start - origin_s + float(stream.duration * stream.time_base)
-    if container.duration is not None:
+    if container.duration is not None and len(container.streams) == 1:
         return container.duration / 1_000_000 - origin_s
     end = None
-    for packet in container.demux(stream):
-        if packet.pts is not None:
-            packet_end = float((packet.pts + (packet.duration or 0)) * stream.time_base)
-            end = packet_end if end is None else max(end, packet_end)
-    container.seek(0, stream=stream)
+    with av.open(io.BytesIO(data), metadata_errors="ignore") as reader:
+        for packet in reader.demux(reader.streams[stream.index]):
+            if packet.pts is not None:
+                packet_end = float((packet.pts + (packet.duration or 0)) * stream.time_base)
+                end = packet_end if end is None else max(end, packet_end)
     return None if end is None else end - origin_s
 
 
@@ -207,13 +235,14 @@ def _video_window(
     name: str,
     size: tuple[int, int],
     declared_s: float,
+    tolerance: float,
 ) -> np.ndarray:
     """The frames shown at ``targets`` (seconds from the origin), decoded from the keyframe before,
-    as ``size`` (width, height) RGB (``_to_rgb``). The last frame shows until the stream's declared
+    as ``size`` (width, height) RGB (``_to_rgb``); a frame stamped up to ``tolerance`` after a target
+    is shown at it (``timestamp_tolerance``). The last frame shows until the stream's declared
     end ``declared_s`` where that is less than a frame period after it (an edit list that starts
     between two frames: FFmpeg drops the partly shown one and the stream lasts that much longer);
     frames that stop earlier are a cut file."""
-    tolerance = timestamp_tolerance(stream.time_base)
     lead_s, fresh = (int(stream.codec_context.has_b_frames) + 2) / rate, True
     while True:
         # The keyframe to decode from must be shown at or before the window: seeking by decoding time
@@ -236,11 +265,31 @@ def _video_window(
     return _to_rgb(frames, pick_frames(np.asarray(times), targets, end, name, tolerance), size)
 
 
+def _timestamp_unit(stream, rate: float) -> float:
+    """The unit (seconds) the stream's timestamps were rounded to: its time base, or a multiple of
+    it that every indexed frame's timestamp is (an MP4's index lists every frame) where that is at
+    most a quarter of a frame period (a rounding, not the frames' own spacing): a WebM's
+    milliseconds remuxed into an MP4's 1/16000 base put 30 fps frames 33 or 34 ms apart, and half a
+    1/16000 tick of leeway showed every third frame one target late."""
+    base = float(stream.time_base)
+    entries = stream.index_entries
+    if not stream.frames or len(entries) != stream.frames:
+        return base
+    first, ticks = entries[0].timestamp, 0
+    for entry in entries[1:UNIT_SAMPLES]:
+        ticks = math.gcd(ticks, entry.timestamp - first)
+    return ticks * base if ticks > 1 and ticks * base <= 0.25 / rate else base
+
+
 def _decode_frames(container, stream, targets: np.ndarray, origin_s: float, tolerance: float):
     """Decodes from where the container stands to the last target: (times, frames) from the last
     frame at or before the first target on, whether the stream ended (no frame past the last
-    target), and the time of the first keyframe decoded (None without one)."""
+    target), and the time of the first keyframe decoded (None without one). Only frames that
+    ``pick_frames`` will pick are kept (the first, the last and those shown at a target; the
+    others are None): a 120 fps stream sampled at 1 fps held every decoded frame until the clip
+    was picked, 12 MB each at 4K, so a minute of it took tens of GB for 60 pictures."""
     times, frames, key_s = [], [], None
+    shown_at = targets + tolerance  # the times pick_frames compares frame timestamps with
     for frame in container.decode(stream):
         if frame.pts is None:
             continue
@@ -253,6 +302,10 @@ def _decode_frames(container, stream, targets: np.ndarray, origin_s: float, tole
             return times, frames, False, key_s
         if t <= targets[0] + tolerance:
             times, frames = [], []  # this frame supersedes every earlier one
+        elif len(frames) > 1:  # the first frame shows from the window's start, whatever its time
+            first = np.searchsorted(shown_at, times[-1], side="left")
+            if first == len(shown_at) or shown_at[first] >= t:
+                frames[-1] = None  # no target falls between it and this frame: never shown
         times.append(t)
         frames.append(frame)
     return times, frames, True, key_s

@@ -223,6 +223,16 @@ def _wav_declaring(extra_bytes: int) -> dict:
     return _with(sample, "audio.wav", bytes(wav))
 
 
+def _wav_of_4_bit_samples() -> dict:
+    """``_clip`` whose mono WAV's format chunk says its samples have 4 bits: 0 bytes per second and
+    a block of 0 bytes (what the header of such a file computes to)."""
+    sample = _clip("k")
+    wav = bytearray(sample["audio.wav"])
+    at = wav.index(b"fmt ") + 8  # channels at +2, byte rate at +8, block size at +12, bits at +14
+    wav[at + 8 : at + 16] = struct.pack("<IHH", 0, 0, 4)
+    return _with(sample, "audio.wav", bytes(wav))
+
+
 DEEP_JSON = b'{"a":' * 10**5 + b"1" + b"}" * 10**5
 BOMB_PNG = _png_header_claiming(10**5, 10**5)
 
@@ -235,6 +245,8 @@ BAD_SAMPLES = {
     # A WAV header that declares more samples than follow it (a cut file, or a lying header), and one
     # with no samples at all.
     "wav_cut_short": ("corrupt_media", lambda: _wav_declaring(4000)),
+    # A format chunk of 4-bit samples: scipy divided the data's size by the 0 bytes of a sample.
+    "wav_4_bit_samples": ("corrupt_media", _wav_of_4_bit_samples),
     "wav_without_samples": (
         "zero_length",
         lambda: _with(_clip("k"), "audio.wav", encode_wav(np.zeros((1, 0)), 48_000)),

@@ -24,7 +24,7 @@ from megatron_cosmos3.data import clips, media_files
 from megatron_cosmos3.data.clips import MediaConfig, bucket_for, choose_window, fit_to_bucket
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.media import encode_json, encode_npy
-from megatron_cosmos3.data.media_writers import encode_mp4
+from megatron_cosmos3.data.media_writers import encode_mp4, exact_rate
 from megatron_cosmos3.data.schema import Sample, decode_sample, encode_sample
 
 SOURCE_FPS = 60
@@ -277,6 +277,27 @@ def test_a_clip_after_the_end_of_a_video_files_sound_is_a_mismatch_not_a_silent_
         decode_sample(_raw("video.mp4", data), media_config=last, draw=0.99)
 
 
+@pytest.mark.parametrize("suffix, codecs", [("webm", ["libvpx-vp9", "libopus"]), ("mkv", ["libx264", "pcm_s16le"])])
+def test_a_matroska_video_whose_sound_outlasts_its_frames_is_measured_stream_by_stream(tmp_path, suffix, codecs):
+    """Matroska/WebM declare one duration, the file's: 1 s of frames with 1.06 s of sound declared
+    1.06 s for the picture too, and the frames' end 60 ms early made a sound file a cut one
+    (corrupt_media). Each stream's end is read from its packets: 25 frames and 1 s of sound, and
+    sound 0.5 s longer is the mismatch it is."""
+    frames = _source_frames(25)
+    raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", "25", "-i", "-"]
+    for sound_s, name in ((1.06, "near"), (1.5, "far")):
+        command = ["ffmpeg", "-loglevel", "error", "-y", *raw_input, "-f", "lavfi", "-i", f"sine=d={sound_s}"]
+        command += ["-c:v", codecs[0], "-c:a", codecs[1], "-pix_fmt", "yuv444p", str(tmp_path / f"{name}.{suffix}")]
+        subprocess.run(command, input=frames.tobytes(), check=True)
+    sample = decode_sample(_raw(f"video.{suffix}", (tmp_path / f"near.{suffix}").read_bytes()))
+    assert len(sample.video) == 25 and sample.audio.shape == (2, 48_000)
+    assert min(_psnr(a, b) for a, b in zip(sample.video, frames)) >= 35
+    with pytest.raises(
+        SampleError, match=rf"duration_mismatch: video.{suffix}'s audio lasts 1.[45]\d\d s, video.{suffix} 1.000 s"
+    ):
+        decode_sample(_raw(f"video.{suffix}", (tmp_path / f"far.{suffix}").read_bytes()))
+
+
 def test_variable_frame_rate_video_is_sampled_by_its_timestamps():
     stamps_ms = [0, 100, 150, 400, 450, 900]  # the frame shown at t is the last stamped at or before t
     frames = _source_frames(len(stamps_ms))
@@ -296,6 +317,68 @@ def test_variable_frame_rate_video_is_sampled_by_its_timestamps():
     assert len(sample.video) >= 7 and shown[:7] == [0, 1, 2, 2, 3, 4, 4]
     for frame, index in zip(sample.video, shown):
         assert _psnr(frame, frames[index]) >= 35
+
+
+@pytest.mark.parametrize("count", [90, 91])
+def test_an_ntsc_webm_gives_its_frames_though_its_duration_is_rounded_past_the_last(tmp_path, count):
+    """90 frames at 24000/1001 fps last 3.75375 s; WebM stores milliseconds, so the file lasts
+    3.754 s and 91 frames 3.796 s (3.79546 s). The 91st (92nd) target, 0.25 (0.54) ms before that
+    rounded end, was after the last frame's end: a whole file skipped as truncated. Each target
+    within the end's rounding (two half milliseconds) is no target, where the clip ends with the file."""
+    frames = _source_frames(count)
+    raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", "24000/1001", "-i", "-"]
+    codec = ["-c:v", "libvpx-vp9", "-crf", "10", "-b:v", "0", "-pix_fmt", "yuv444p"]
+    path = tmp_path / "ntsc.webm"
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-y", *raw_input, *codec, str(path)], input=frames.tobytes(), check=True
+    )
+    for fps in (0, 24000 / 1001):
+        sample = decode_sample(_raw("video.webm", path.read_bytes()), media_config=MediaConfig(fps=fps))
+        assert len(sample.video) == count
+        assert min(_psnr(a, b) for a, b in zip(sample.video, frames)) >= 35
+    # A clip inside the file ends at no rounded timestamp: 1 s at 1000 fps is 1000 frames, not 998.
+    first_second = MediaConfig(fps=1000, clip_seconds=1.0, clip_start="first")
+    assert len(decode_sample(_raw("video.webm", path.read_bytes()), media_config=first_second).video) == 1000
+
+
+@pytest.mark.parametrize("rate, remux", [("30", True), ("60", True), ("60000/1001", False)])
+def test_a_video_of_millisecond_timestamps_gives_each_frame_once_at_its_rate(tmp_path, rate, remux):
+    """A WebM stores milliseconds; remuxed into an MP4 (ffmpeg -c copy) they sit in a 1/16000 base,
+    30 fps frames 33 or 34 ms apart, and half a tick of leeway showed every third frame one target
+    late; its rounded duration made 37 frames at 60 fps average 60.065 fps (a frame early by the
+    13th). The leeway is half the unit the timestamps are multiples of, the rate the nominal one;
+    a 59.94 fps WebM's frame 30, at 501 ms for 500.5, was missed by 30 ns of a rate's rounding."""
+    frames = _source_frames(37)
+    raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", rate, "-i", "-"]
+    codec = ["-c:v", "libvpx-vp9", "-crf", "10", "-b:v", "0", "-pix_fmt", "yuv444p"]
+    webm = tmp_path / "clip.webm"
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-y", *raw_input, *codec, str(webm)], input=frames.tobytes(), check=True
+    )
+    path = tmp_path / ("clip.mp4" if remux else "clip.webm")
+    if remux:
+        subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(webm), "-c", "copy", str(path)], check=True)
+    for fps in (0, float(Fraction(rate))):
+        sample = decode_sample(_raw(f"video.{path.suffix[1:]}", path.read_bytes()), media_config=MediaConfig(fps=fps))
+        assert sample.fps == pytest.approx(float(Fraction(rate)), rel=1e-6) and len(sample.video) == len(frames)
+        for index, frame in enumerate(sample.video):
+            assert _psnr(frame, frames[index]) >= 35, index
+            assert index == len(frames) - 1 or _psnr(frame, frames[index + 1]) < 35  # control: told apart
+
+
+def test_a_files_rate_is_its_nominal_one_where_its_average_is_a_rounding(tmp_path):
+    """60000/1001 fps in an MP4 of a 90 kHz time base (as MPEG-TS remuxes keep it): each frame lasts
+    1501.5 ticks, so 37 frames average 832500/13889 fps, and a conditioning clip's rate written back
+    was 57482/959. The file's rate is the nominal 60000/1001, as generation writes it."""
+    frames = _source_frames(37)
+    raw_input = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{SIDE}x{SIDE}", "-r", "60000/1001", "-i", "-"]
+    path = tmp_path / "clip.mp4"
+    command = ["ffmpeg", "-loglevel", "error", "-y", *raw_input, "-c:v", "libx264", "-crf", "4", "-pix_fmt", "yuv444p"]
+    subprocess.run([*command, "-video_track_timescale", "90000", str(path)], input=frames.tobytes(), check=True)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].average_rate != Fraction(60000, 1001)  # the rounding
+    decoded, fps = media_files.decode_video_file(path.read_bytes(), "clip.mp4")
+    assert exact_rate(fps) == Fraction(60000, 1001) and len(decoded) == len(frames)
 
 
 @pytest.mark.parametrize("suffix", ["webm", "mkv", "mov", "m4v", "avi"])
@@ -514,6 +597,20 @@ def test_a_wav_of_another_encoding_is_decoded_by_ffmpeg(tmp_path, codec):
     assert abs(sample.audio.shape[1] / 48_000 - 1.0) < 0.03  # ADPCM pads its last block
     expected = np.sin(2 * math.pi * 440 * np.arange(48_000) / 48_000)
     assert np.corrcoef(sample.audio[0, 2000:46_000], expected[2000:46_000])[0, 1] > 0.99
+
+
+def test_a_cut_rf64_wav_or_one_declaring_four_gib_is_corrupt_not_a_shorter_sound(tmp_path):
+    """RF64 states its data size in its ds64 chunk (64 bits): FFmpeg read one declaring 2**32 bytes
+    of sound with 32 KB there as the 1 s that is there; one cut in half is found by its header too."""
+    command = ["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "sine=d=1:sample_rate=16000", "-rf64", "always"]
+    subprocess.run([*command, str(tmp_path / "tone.wav")], check=True)
+    whole = (tmp_path / "tone.wav").read_bytes()
+    assert decode_sample(_raw("audio.wav", whole)).audio.shape == (2, 48_000)  # control: intact
+    size_at = whole.index(b"ds64") + 16  # the data size, after the chunk header and the RIFF size
+    four_gib = whole[:size_at] + struct.pack("<Q", 2**32) + whole[size_at + 8 :]
+    for damaged, missing in ((four_gib, 2**32 - 32_000), (whole[: len(whole) // 2], len(whole) - len(whole) // 2)):
+        with pytest.raises(SampleError, match=f"corrupt_media: audio.wav: truncated file: it declares {missing} bytes"):
+            decode_sample(_raw("audio.wav", damaged))
 
 
 def test_a_flac_of_one_sample_decodes(tmp_path):
@@ -786,6 +883,25 @@ def test_a_clip_too_large_to_hold_is_refused_before_decoding(monkeypatch):
     with pytest.raises(SampleError, match="out_of_range: audio.flac: the clip is 3.0 s of sound"):
         decode_sample(_raw("audio.flac", sound))
     assert decode_sample(_raw("audio.flac", sound), media_config=one_second).audio.shape == (2, 48_000)
+
+
+def test_a_high_rate_video_sampled_at_a_low_rate_holds_only_the_frames_it_shows(one_second, monkeypatch):
+    """60 fps sampled at 2 fps: of the 32 frames decoded (to the first after the last target), only
+    the two shown at 0 s and 0.5 s are held until they are converted; holding every decoded frame
+    took tens of GB for a minute of 4K 120 fps at 1 fps. The frames are those of a full decode."""
+    source, data = one_second
+    held, convert = [], media_files._to_rgb
+
+    def counting(frames, *rest):
+        held.append(sum(frame is not None for frame in frames))
+        return convert(frames, *rest)
+
+    monkeypatch.setattr(media_files, "_to_rgb", counting)
+    sample = decode_sample(_raw("video.mp4", data), media_config=MediaConfig(fps=2))
+    assert held == [2]
+    whole = decode_sample(_raw("video.mp4", data)).video
+    assert np.array_equal(sample.video, whole[[0, 30]])
+    assert held[-1] == SOURCE_FPS  # control: at the source's rate every frame is shown
 
 
 def test_an_undecodable_codec_is_named_in_the_skip_reason():
