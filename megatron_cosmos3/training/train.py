@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, ResumeError, inventory
+from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, CheckpointSaveError, ResumeError, inventory
 from megatron_cosmos3.checkpoint.finite import require_finite_weights
 from megatron_cosmos3.checkpoint.resume import resume_from
 from megatron_cosmos3.checkpoint.weights_folder import check_same_architecture, is_weights_folder, load_weights_folder
@@ -38,6 +38,7 @@ from megatron_cosmos3.model.moe import set_aux_loss_scale
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import IGNORE_INDEX
 from megatron_cosmos3.objectives.losses import LossBreakdown, loss_breakdown
+from megatron_cosmos3.parallel.failures import fail_together
 from megatron_cosmos3.parallel.plan import ParallelPlan
 from megatron_cosmos3.parallel.state import destroy_parallel
 from megatron_cosmos3.training.batches import MicroBatches, held_out_batches, held_out_share
@@ -455,9 +456,22 @@ def _stop_for_preemption(run: Run, watcher: PreemptionWatcher, step: int, start_
 MLFLOW_SPOOL = "mlflow_undelivered.json"
 
 
+# Raised on every rank together (agreed collectively), so no rank is left waiting for the others.
+RAISED_TOGETHER = (NonFiniteLossError, CheckpointSaveError)
+
+
 def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) -> dict[str, float]:
-    config, ctx = run.config, run.ctx
+    """Resumes, then trains: a rank that raises anywhere after the resume (data, losses, metric
+    sums, checkpoint saves, tracking) ends every rank, each naming it (``fail_together``)."""
     start_step, run_id = resume_or_initialise(run)
+    with fail_together("the training loop", agreed=RAISED_TOGETHER):
+        return _tracked_loop(run, watcher, status_file, start_step, run_id)
+
+
+def _tracked_loop(
+    run: Run, watcher: PreemptionWatcher, status_file: str | None, start_step: int, run_id: str | None
+) -> dict[str, float]:
+    config, ctx = run.config, run.ctx
     if watcher.should_stop():  # signalled during start-up: the resumed checkpoint is the state
         _stop_for_preemption(run, watcher, start_step, start_step, status_file)
     tracker = MLflowTracker(
@@ -499,7 +513,7 @@ def _steps(
     status_file: str | None,
     recorded: str,
 ) -> dict[str, float]:
-    """The training steps of ``_loop`` from ``start_step``; ``recorded``: the config checkpoints record."""
+    """The training steps of ``_tracked_loop`` from ``start_step``; ``recorded``: the config checkpoints record."""
     config, ctx = run.config, run.ctx
     opt = config.optimizer
     if config.peak_flops_per_device == 0 and ctx.device.type == "cuda":
