@@ -464,16 +464,24 @@ def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) 
     """Resumes, then trains: a rank that raises anywhere after the resume (data, losses, metric
     sums, checkpoint saves, tracking) ends every rank, each naming it (``fail_together``)."""
     start_step, run_id = resume_or_initialise(run)
-    with fail_together("the training loop", agreed=RAISED_TOGETHER):
-        return _tracked_loop(run, watcher, status_file, start_step, run_id)
+    tracker = None
+    try:
+        with fail_together("the training loop", agreed=RAISED_TOGETHER):
+            if watcher.should_stop():  # signalled during start-up: the resumed checkpoint is the state
+                _stop_for_preemption(run, watcher, start_step, start_step, status_file)
+            tracker, recorded = _start_tracking(run, run_id)
+            return _steps(run, tracker, watcher, start_step, status_file, recorded)
+    except BaseException:  # preempted or failed: a later attempt delivers what MLflow has not taken
+        if tracker is not None:  # after the region has told the other ranks: this may take a while
+            tracker.suspend()
+        raise
 
 
-def _tracked_loop(
-    run: Run, watcher: PreemptionWatcher, status_file: str | None, start_step: int, run_id: str | None
-) -> dict[str, float]:
+def _start_tracking(run: Run, run_id: str | None) -> tuple[MLflowTracker, str]:
+    """Rank 0's MLflow run of this attempt (``run_id``: the one it continues), with the run's
+    params and tags where it is new; and the resolved config as checkpoints record it (written to
+    the run folder by rank 0)."""
     config, ctx = run.config, run.ctx
-    if watcher.should_stop():  # signalled during start-up: the resumed checkpoint is the state
-        _stop_for_preemption(run, watcher, start_step, start_step, status_file)
     tracker = MLflowTracker(
         config.tracking.tracking_uri,
         config.tracking.experiment,
@@ -497,12 +505,7 @@ def _tracked_loop(
             tracker.set_tag(key, value)
     elif ctx.is_main:  # logged by the first attempt; again only to a new run replacing a vanished one
         tracker.continued_run_has(params, tags)
-
-    try:
-        return _steps(run, tracker, watcher, start_step, status_file, recorded)
-    except BaseException:  # preempted or failed: a later attempt delivers what MLflow has not taken
-        tracker.suspend()
-        raise
+    return tracker, recorded
 
 
 def _steps(
@@ -513,7 +516,7 @@ def _steps(
     status_file: str | None,
     recorded: str,
 ) -> dict[str, float]:
-    """The training steps of ``_tracked_loop`` from ``start_step``; ``recorded``: the config checkpoints record."""
+    """The training steps of ``_loop`` from ``start_step``; ``recorded``: the config checkpoints record."""
     config, ctx = run.config, run.ctx
     opt = config.optimizer
     if config.peak_flops_per_device == 0 and ctx.device.type == "cuda":

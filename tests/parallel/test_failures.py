@@ -5,10 +5,12 @@ training loop. DeepSpeed's own collectives: tests/deepspeed/."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import time
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -154,18 +156,27 @@ def _loop_fails_outside_the_driver(rank: int, world_size: int, root: Path) -> di
         settings += [f"distributed.init_timeout_s={TIMEOUT_S}", f"checkpoint.directory={root / case}"]
         config = load_config(None, settings)
         context = DistributedContext(rank, world_size, rank, torch.device("cpu"))
+        # The failing rank's last MLflow delivery takes longer than its peer's groups wait (a
+        # stalled server): the peer must have been told before it, not time out meanwhile.
+        slow = mock.patch.object(MLflowTracker, "suspend", _a_stalled_last_delivery)
         with failing_call(target, method, rank == failing, call, f"rank {failing}'s {case} failed"):
-            outcomes[case] = (*raised_by(partial(train_module.train, config, context)), dist.is_initialized())
+            with slow if rank == failing else contextlib.nullcontext():
+                outcomes[case] = (*raised_by(partial(train_module.train, config, context)), dist.is_initialized())
     destroy_parallel()
     return outcomes
+
+
+def _a_stalled_last_delivery(tracker: MLflowTracker) -> None:
+    time.sleep(2 * TIMEOUT_S)
 
 
 @pytest.mark.multiprocess
 def test_a_rank_failing_anywhere_in_the_training_loop_ends_every_rank_naming_its_error(tmp_path):
     """A rank raising in data loading, the loss accounting, the metric sums, a checkpoint save or
     tracking: its peer raises RankFailedError naming that rank and its error within the groups'
-    timeout (it ended with gloo's "Connection closed by peer" or "timed out" alone), the failing
-    rank its own error, and neither keeps a process group."""
+    timeout (it ended with gloo's "Connection closed by peer" or "timed out" alone), also where the
+    failing rank's last MLflow delivery then takes longer than that timeout; the failing rank
+    raises its own error, and neither keeps a process group."""
     outcomes = run_on_ranks(_loop_fails_outside_the_driver, 2, tmp_path, timeout_s=180)
     for case, (failing, *_) in OUTSIDE_THE_DRIVER.items():
         failed, waited = outcomes[failing][case], outcomes[1 - failing][case]
