@@ -1,15 +1,19 @@
 """A real MLflow tracking server on 127.0.0.1 receives the run; stopping it mid-run stops nothing; what is
 logged before it is up is delivered once it answers; a stalled server (SIGSTOP) stalls no step, and what
-a SIGKILLed attempt had not delivered reaches the same run through the spool it wrote ahead. Restarted
-on its store, the server gets what a tracker kept through the outage in the same attempt, and the
-trainer's next attempt delivers the spool the outage left to the same run before its own steps."""
+a SIGKILLed attempt had not delivered reaches the same run through the spool it wrote ahead; a batch
+answered after the request's timeout is sent again and kept once. Restarted on its store, the server
+gets what a tracker kept through the outage in the same attempt, and the trainer's next attempt
+delivers the spool the outage left to the same run before its own steps."""
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -145,6 +149,61 @@ def a_run_the_server_no_longer_has_is_replaced_by_a_new_one(url: str, store: Pat
     assert [(m.step, m.value) for m in stored.get_metric_history(tracker.run_id, "loss")] == [(5, 1.5)]
 
 
+class LateProxy:
+    """A TCP proxy in front of the server that, while ``late_s`` is set, holds each answer that long:
+    the server has taken the request, the client has given up on it."""
+
+    def __init__(self, server_port: int):
+        self.server_port, self.late_s = server_port, 0.0
+        self.listener = socket.create_server(("127.0.0.1", free_port()))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self.listener.accept()
+            server = socket.create_connection(("127.0.0.1", self.server_port))
+            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, target: socket.socket, answers: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if answers and self.late_s:
+                    time.sleep(self.late_s)
+                target.sendall(data)
+        except OSError:
+            pass  # the other side closed
+        finally:
+            for end in (source, target):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+
+def a_request_answered_too_late_is_sent_again_and_kept_once(port: int, store: Path) -> None:
+    """The server took a batch but answered after the request's timeout: the tracker sends it again
+    (the same values and timestamps), and the run holds each value once."""
+    from mlflow.tracking import MlflowClient
+
+    from megatron_cosmos3.training.tracking import MLflowTracker
+
+    proxy = LateProxy(port)
+    tracker = MLflowTracker(proxy.url, "late", "late-answers", enabled=True, retry_after_s=0.5)
+    tracker.log_metrics({"loss": 1.0}, 1)
+    assert tracker.flush(SERVER_START_LIMIT_S)
+    proxy.late_s = float(os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"]) + 2  # set by the first tracker
+    for step in (2, 3, 4):
+        tracker.log_metrics({"loss": float(step)}, step)
+    time.sleep(proxy.late_s + 1)  # at least one batch taken by the server and timed out meanwhile
+    stored = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    took = {m.step for m in stored.get_metric_history(tracker.run_id, "loss")}
+    assert tracker.undelivered and 2 in took, took  # the server has values the tracker sends again
+    proxy.late_s = 0.0
+    tracker.finish()
+    history = sorted((m.step, m.value) for m in stored.get_metric_history(tracker.run_id, "loss"))
+    assert history == [(step, float(step)) for step in (1, 2, 3, 4)], history
+
+
 # One attempt of a run: delivers step 1, is told (a line on stdin) when the server has stalled, logs
 # steps 2-5 and says how long the longest took, then waits to be killed.
 KILLED_ATTEMPT = """
@@ -263,6 +322,7 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
         outage.log_metrics({"loss": 1.0}, 1)
         assert outage.flush(timeout_s=120)
         steps_do_not_wait_on_a_stalled_server(server, url, store)
+        a_request_answered_too_late_is_sent_again_and_kept_once(port, store)
         a_run_the_server_no_longer_has_is_replaced_by_a_new_one(url, store, caplog)
         a_sigkilled_attempts_values_reach_the_same_run(server, url, store, tmp_path)
         settings = [
