@@ -13,6 +13,14 @@ posted error and raises ``RankFailedError`` naming the rank and its error. A glo
 connections close only when the process lets it go, which a library's references (DeepSpeed's)
 prevent until the process exits, so the timeout is what bounds the wait of a rank whose peer
 failed but lives on.
+
+Regions nest: the training loop is one (``training/train.py``: every collective from one step to
+the next is paired by the same code on every rank, so one region around all of them leaves none
+unpaired, the loop's metric sums and the checkpointer's agreement included), and the driver's
+forward and backward another inside it. An error an inner region has handled (the groups are gone)
+passes the outer one unchanged. Errors that every rank raises together by agreement (a checkpoint
+save that failed somewhere, a run of non-finite steps) are no one rank's failure: the region passes
+them on unchanged and keeps the groups, unless another rank posted a failure first.
 """
 
 from __future__ import annotations
@@ -41,12 +49,13 @@ def _posted_failure(store, world_size: int, rank: int) -> str | None:
 
 
 @contextlib.contextmanager
-def fail_together(what: str):
+def fail_together(what: str, agreed: tuple[type[Exception], ...] = ()):
     """Within: an exception on this rank ends every rank's collectives at once (module doc). The
     failing rank re-raises its own error, its peers ``RankFailedError`` naming it (``what``: the
     region, e.g. "the forward and backward"); on every rank the process groups are then destroyed
-    (``dist.is_initialized()`` is False: no collective may follow). Outside a process group of
-    several ranks: nothing."""
+    (``dist.is_initialized()`` is False: no collective may follow). ``agreed``: the error types
+    every rank raises together, passed on as they are. Outside a process group of several ranks:
+    nothing."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         yield
         return
@@ -55,6 +64,8 @@ def fail_together(what: str):
     try:
         yield
     except Exception as error:
+        if not dist.is_initialized():  # an inner region (or this error's own path) ended the groups
+            raise
         try:
             posted = _posted_failure(store, world_size, rank)
         except Exception:  # noqa: BLE001 - the store went with its host rank: this rank's error is all there is
@@ -62,6 +73,8 @@ def fail_together(what: str):
         if posted is not None:
             dist.destroy_process_group()  # broken by the failing rank: no collective may use them again
             raise RankFailedError(f"{what} stopped on rank {rank}: {posted}") from error
+        if isinstance(error, agreed):  # raised on every rank: no peer waits for this one
+            raise
         message = f"rank {rank} failed in {what}: {type(error).__name__}: {error}"
         try:
             store.set(_KEY.format(rank=rank), message)

@@ -30,7 +30,7 @@ from megatron_cosmos3.eval_suite.config import SUITE_TASKS, SuiteConfig, load_su
 from megatron_cosmos3.eval_suite.media import write_media
 from megatron_cosmos3.eval_suite.suite import EvalSuite, SuiteResult
 from megatron_cosmos3.parallel.sizes import ParallelSizes
-from megatron_cosmos3.release.generate_cli import RequestError, merged_action_stats
+from megatron_cosmos3.release.generate_cli import RequestError, add_timeout_argument, merged_action_stats
 from megatron_cosmos3.release.trained import LOAD_ERRORS, TrainedModel, load_trained_model
 from megatron_cosmos3.training.distributed import init_distributed
 from megatron_cosmos3.training.tracking import MLflowTracker
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-name", help="MLflow run name (default: eval-<checkpoint folder>)")
     parser.add_argument("--action-stats", help="the dataset whose action statistics un-normalise actions")
     parser.add_argument("--tensor-parallel", type=int, default=1, help="under torchrun: tensor-parallel ranks")
+    add_timeout_argument(parser)
     parser.add_argument("overrides", nargs="*", help="suite config overrides, key=value")
     return parser
 
@@ -150,11 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         print(f"cosmos3-eval: error: {problem}", file=sys.stderr)
         return 2
-    ctx = init_distributed()
+    ctx = init_distributed(args.timeout_s)
     try:
-        trained = load_trained_model(
-            args.checkpoint, device=ctx.device, parallel=ParallelSizes(tensor=args.tensor_parallel)
-        )
+        parallel = ParallelSizes(tensor=args.tensor_parallel)
+        trained = load_trained_model(args.checkpoint, device=ctx.device, parallel=parallel, timeout_s=args.timeout_s)
         if ctx.is_main and args.overwrite:  # before the closed-loop episodes are written into media/
             clear_earlier_outputs(args.out)
         episodes = args.out / "media" / "closed_loop" if suite_config.media and ctx.is_main else None

@@ -47,6 +47,7 @@ from megatron_cosmos3.json_files import no_constant, unique_keys
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.release.trained import LOAD_ERRORS, TrainedModel, load_trained_model
 from megatron_cosmos3.tasks.registry import TASK_REGISTRY
+from megatron_cosmos3.training.config import DistributedConfig
 from megatron_cosmos3.training.distributed import init_distributed
 
 log = logging.getLogger("cosmos3-generate")
@@ -448,7 +449,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="output subfolder (default NNN_<task>)")
     parser.add_argument("--action-stats", help="the dataset whose action statistics un-normalise actions")
     parser.add_argument("--tensor-parallel", type=int, default=1, help="under torchrun: tensor-parallel ranks")
+    add_timeout_argument(parser)
     return parser
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return value
+
+
+def add_timeout_argument(parser: argparse.ArgumentParser) -> None:
+    """``--timeout-s``: how long the world's rendezvous and every collective wait for a rank under
+    torchrun. A flag, not the checkpoint's ``distributed.init_timeout_s``: the world starts before
+    the checkpoint is read (a release folder is verified whole when it is), and the value training
+    chose suits its own cluster and step, not necessarily the one generating."""
+    default = DistributedConfig.init_timeout_s
+    parser.add_argument(
+        "--timeout-s",
+        type=_seconds,
+        default=default,
+        help=f"under torchrun: seconds the start and every collective wait for a rank (default {default:g}, "
+        "training's default distributed.init_timeout_s; torch's own would be 30 minutes)",
+    )
 
 
 def specs_from_args(args: argparse.Namespace) -> list[RequestSpec]:
@@ -464,11 +491,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists() and not args.out.is_dir():  # found after generating, it was a traceback
         print(f"cosmos3-generate: error: --out {str(args.out)!r} is not a folder", file=sys.stderr)
         return 2
-    ctx = init_distributed()
+    ctx = init_distributed(args.timeout_s)
     try:
         specs = specs_from_args(args)
         parallel = ParallelSizes(tensor=args.tensor_parallel)
-        trained = load_trained_model(args.checkpoint, device=ctx.device, parallel=parallel)
+        trained = load_trained_model(args.checkpoint, device=ctx.device, parallel=parallel, timeout_s=args.timeout_s)
         folders = run_requests(trained, specs, args.out, args.action_stats, write=ctx.is_main, overwrite=args.overwrite)
     except (RequestError, *LOAD_ERRORS, ValueError) as error:  # bad requests, inputs or checkpoints
         print(f"cosmos3-generate: error: {error}", file=sys.stderr)

@@ -239,18 +239,24 @@ def _load_deepspeed_weights(folder: Path, owner: torch.nn.Module, plan: Parallel
 
 
 def load_trained_model(
-    path: str | Path, *, device: torch.device | str = "cpu", parallel: ParallelSizes | None = None
+    path: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    parallel: ParallelSizes | None = None,
+    timeout_s: float | None = None,
 ) -> TrainedModel:
     """Loads the trained model at ``path`` (see ``find_checkpoint``) for generation or export.
 
     In one process (torch.distributed not initialised) the whole model, whatever layout it was
     saved under. Inside an initialised process group, every rank calls it (collective) and holds
     its part under ``parallel`` (default: no model parallelism, the whole model on every rank);
-    the plan is created here, as training creates it. Read-only. Raises CheckpointLoadError for a
-    path that is not a checkpoint or lacks its config, IncompleteCheckpointError for a save that
-    never committed, ``CheckpointCorruptError`` for a file that fails its checksum,
-    ``NonFiniteWeightsError`` for weights holding NaN or inf. A checkpoint of ``engine=deepspeed``
-    (any ZeRO stage, any number of saving ranks) loads as the others do.
+    the plan is created here, as training creates it, its groups waiting ``timeout_s`` for a rank
+    (the commands' ``--timeout-s``; None: the checkpoint's ``distributed.init_timeout_s``). Read-only.
+    Raises CheckpointLoadError for a path that is not a checkpoint or lacks its config,
+    IncompleteCheckpointError for a save that never committed, ``CheckpointCorruptError`` for a
+    file that fails its checksum, ``NonFiniteWeightsError`` for weights holding NaN or inf. A
+    checkpoint of ``engine=deepspeed`` (any ZeRO stage, any number of saving ranks) loads as the
+    others do.
     """
     source = find_checkpoint(path)
     release = is_weights_folder(source)
@@ -263,7 +269,8 @@ def load_trained_model(
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     config.parallel = parallel or ParallelSizes()
     config.parallel.validate(world_size, config.model, config.model.num_experts)
-    plan = ParallelPlan.create(config.parallel, config.model, world_size)
+    timeout_s = config.distributed.init_timeout_s if timeout_s is None else timeout_s
+    plan = ParallelPlan.create(config.parallel, config.model, world_size, timeout_s)
     model = build_model(config, plan, device)
     plan.apply(model, lambda _: [])  # nothing trains: no optimizer groups
     owner = plan.state_owner

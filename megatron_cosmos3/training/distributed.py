@@ -6,8 +6,10 @@ import ctypes
 import datetime
 import logging
 import os
+import re
 import signal
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +30,43 @@ class DistributedContext:
         return self.rank == 0
 
 
+def started_by_srun(environ: Mapping[str, str]) -> bool:
+    """Whether this process is one of several ranks srun started, one task per rank (no torchrun)."""
+    return "WORLD_SIZE" not in environ and int(environ.get("SLURM_NTASKS", "1")) > 1
+
+
+# One entry of SLURM's tasks-per-node lists: "4", or "4(x2)" for two nodes of 4 tasks each.
+_TASKS_ENTRY = re.compile(r"(\d+)(?:\(x(\d+)\))?")
+
+
+def slurm_tasks_on_this_node(environ: Mapping[str, str]) -> int:
+    """How many tasks of this srun step run on this node: this node's entry (``SLURM_NODEID``) of
+    ``SLURM_STEP_TASKS_PER_NODE`` (or the allocation's ``SLURM_TASKS_PER_NODE``), comma-separated
+    counts in node order, "N(xK)" for K nodes of N tasks; else ``SLURM_NTASKS_PER_NODE``; else 1.
+    ValueError naming the variable and its value where it is not in SLURM's format."""
+    for name in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        if name not in environ:
+            continue
+        value, counts = environ[name], []
+        for entry in value.split(","):
+            match = _TASKS_ENTRY.fullmatch(entry.strip())
+            if match is None:
+                raise ValueError(f"{name}={value!r}: not SLURM's tasks per node (e.g. '4(x2),3')")
+            counts += [int(match[1])] * int(match[2] or 1)
+        node = environ.get("SLURM_NODEID", "0")
+        if not node.isdigit() or int(node) >= len(counts):
+            raise ValueError(f"SLURM_NODEID={node!r}: no node of {name}={value!r} ({len(counts)} nodes)")
+        return counts[int(node)]
+    value = environ.get("SLURM_NTASKS_PER_NODE", "1")
+    if not value.isdigit():
+        raise ValueError(f"SLURM_NTASKS_PER_NODE={value!r}: not a number of tasks")
+    return int(value)
+
+
 def _launcher_env() -> tuple[int, int, int] | None:
     if "WORLD_SIZE" in os.environ:  # torchrun
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    if "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1:  # srun, one task per GPU
+    if started_by_srun(os.environ):  # srun, one task per GPU
         os.environ.setdefault("MASTER_PORT", "29500")
         if "MASTER_ADDR" not in os.environ:
             raise RuntimeError("srun launch: set MASTER_ADDR to the first node (see slurm/train.sbatch)")

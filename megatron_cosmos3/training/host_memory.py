@@ -12,9 +12,11 @@ only when even that does not fit.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from megatron_cosmos3.training.config import TrainConfig
+from megatron_cosmos3.training.distributed import slurm_tasks_on_this_node, started_by_srun
 
 GiB = 1 << 30
 
@@ -119,11 +121,16 @@ def _room_in(folder: Path, limit_file: str, usage_file: str, cache_key: str) -> 
     return max(0, int(limit) - usage + cache), int(limit)
 
 
-def ranks_on_this_host() -> int:
-    """The trainer processes torchrun starts on this host (``LOCAL_WORLD_SIZE``; 1 without it):
-    their model states share the host's memory."""
-    value = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    return int(value) if value.isdigit() and int(value) > 0 else 1
+def ranks_on_this_host(environ: Mapping[str, str] = os.environ) -> int:
+    """The trainer processes on this host, whose model states share its memory: torchrun's
+    ``LOCAL_WORLD_SIZE`` (also where srun starts one torchrun a node); srun's tasks on this node
+    where srun starts one task per rank (``slurm_tasks_on_this_node``); else 1."""
+    if "LOCAL_WORLD_SIZE" in environ:
+        value = environ["LOCAL_WORLD_SIZE"]
+        return int(value) if value.isdigit() and int(value) > 0 else 1
+    if started_by_srun(environ):
+        return max(1, slurm_tasks_on_this_node(environ))
+    return 1
 
 
 def check_host_memory(config: TrainConfig, world_size: int) -> None:

@@ -4,8 +4,12 @@
 process's start time (so a recycled pid is not mistaken for the owner), job id and when it started.
 A second trainer finds it and refuses to start, naming the owner. A lock whose owner is gone is
 stale: on the same host, a pid that no longer runs (or runs another process) is taken over with a
-warning. A lock from another host cannot be checked from here; the message says which file to
-delete once that trainer is known to be gone. One exception: a lock of an earlier attempt of the same
+warning. A lock that names no owner this code could have written (not JSON, not an object, a pid
+that is no int >= 1: 'abc', -1, 0, '') is damaged or hand-made: it is refused, naming the file and
+its content, rather than taken over — whether a trainer uses the folder cannot be told, and a
+wrong take-over lets two trainers overwrite each other's checkpoints. A lock from another host
+cannot be checked from here; the message says which file to delete once that trainer is known to
+be gone. One exception: a lock of an earlier attempt of the same
 SLURM job (same job id, lower restart count) is stale wherever it was taken — SLURM runs one attempt
 of a job at a time, and a requeued job that was hard-killed often restarts on another node.
 Take-overs are serialised by ``flock`` on a guard file, so two trainers that find the same stale
@@ -49,9 +53,7 @@ def _alive(owner: dict, job_id: str = "", slurm_attempt: int | None = None) -> b
         earlier = owner.get("slurm_attempt")
         same_job = slurm_attempt is not None and job_id and owner.get("job_id") == job_id
         return not (same_job and type(earlier) is int and earlier < slurm_attempt)
-    pid = owner.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return False
+    pid = owner["pid"]  # an int >= 1: ``_damaged``
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, OverflowError):  # OverflowError: a pid past the C range is no process
@@ -60,6 +62,19 @@ def _alive(owner: dict, job_id: str = "", slurm_attempt: int | None = None) -> b
         pass  # another user's process: it runs
     started = owner.get("process_start")
     return started is None or _process_start(pid) in (None, started)
+
+
+def _damaged(owner: dict) -> bool:
+    """Whether a lock names no owner that ``RunFolderLock`` could have written: unreadable, or on
+    this host a pid that is no int >= 1 (it writes its own ``os.getpid()``)."""
+    if owner.get("unreadable"):
+        return True
+    pid = owner.get("pid")
+    return owner.get("host") == socket.gethostname() and (type(pid) is not int or pid < 1)
+
+
+# How much of a damaged lock file a refusal quotes.
+_QUOTED_CHARS = 200
 
 
 class RunFolderLock:
@@ -103,6 +118,15 @@ class RunFolderLock:
             return owner if isinstance(owner, dict) else {"unreadable": True}  # JSON, but no owner record
         return {"unreadable": True}
 
+    def _quoted(self) -> str:
+        """The lock file's content, as a refusal quotes it."""
+        try:
+            text = self.path.read_text(errors="replace")
+        except OSError as error:
+            return f"unreadable: {error}"
+        cut = "..." if len(text) > _QUOTED_CHARS else ""
+        return f"it holds {text[:_QUOTED_CHARS]!r}{cut}"
+
     def acquire(self) -> None:
         """Takes the lock, taking over a stale one with a warning; RunFolderLocked if it is held."""
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -110,10 +134,10 @@ class RunFolderLock:
             owner = self._read()
             if owner is None:
                 continue  # released meanwhile: try again
-            if owner.get("unreadable") or _alive(owner, self.job_id, self.slurm_attempt):
+            if _damaged(owner) or _alive(owner, self.job_id, self.slurm_attempt):
                 who = (
-                    "an unreadable lock file"
-                    if owner.get("unreadable")
+                    f"a damaged lock file, which names no trainer ({self._quoted()})"
+                    if _damaged(owner)
                     else f"pid {owner.get('pid')} on host {owner.get('host')} (job {owner.get('job_id') or '-'}, "
                     f"since {owner.get('since')})"
                 )

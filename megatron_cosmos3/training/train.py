@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, ResumeError, inventory
+from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, CheckpointSaveError, ResumeError, inventory
 from megatron_cosmos3.checkpoint.finite import require_finite_weights
 from megatron_cosmos3.checkpoint.resume import resume_from
 from megatron_cosmos3.checkpoint.weights_folder import check_same_architecture, is_weights_folder, load_weights_folder
@@ -38,6 +38,7 @@ from megatron_cosmos3.model.moe import set_aux_loss_scale
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.packed_batch import IGNORE_INDEX
 from megatron_cosmos3.objectives.losses import LossBreakdown, loss_breakdown
+from megatron_cosmos3.parallel.failures import fail_together
 from megatron_cosmos3.parallel.plan import ParallelPlan
 from megatron_cosmos3.parallel.state import destroy_parallel
 from megatron_cosmos3.training.batches import MicroBatches, held_out_batches, held_out_share
@@ -455,11 +456,32 @@ def _stop_for_preemption(run: Run, watcher: PreemptionWatcher, step: int, start_
 MLFLOW_SPOOL = "mlflow_undelivered.json"
 
 
+# Raised on every rank together (agreed collectively), so no rank is left waiting for the others.
+RAISED_TOGETHER = (NonFiniteLossError, CheckpointSaveError)
+
+
 def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) -> dict[str, float]:
-    config, ctx = run.config, run.ctx
+    """Resumes, then trains: a rank that raises anywhere after the resume (data, losses, metric
+    sums, checkpoint saves, tracking) ends every rank, each naming it (``fail_together``)."""
     start_step, run_id = resume_or_initialise(run)
-    if watcher.should_stop():  # signalled during start-up: the resumed checkpoint is the state
-        _stop_for_preemption(run, watcher, start_step, start_step, status_file)
+    tracker = None
+    try:
+        with fail_together("the training loop", agreed=RAISED_TOGETHER):
+            if watcher.should_stop():  # signalled during start-up: the resumed checkpoint is the state
+                _stop_for_preemption(run, watcher, start_step, start_step, status_file)
+            tracker, recorded = _start_tracking(run, run_id)
+            return _steps(run, tracker, watcher, start_step, status_file, recorded)
+    except BaseException:  # preempted or failed: a later attempt delivers what MLflow has not taken
+        if tracker is not None:  # after the region has told the other ranks: this may take a while
+            tracker.suspend()
+        raise
+
+
+def _start_tracking(run: Run, run_id: str | None) -> tuple[MLflowTracker, str]:
+    """Rank 0's MLflow run of this attempt (``run_id``: the one it continues), with the run's
+    params and tags where it is new; and the resolved config as checkpoints record it (written to
+    the run folder by rank 0)."""
+    config, ctx = run.config, run.ctx
     tracker = MLflowTracker(
         config.tracking.tracking_uri,
         config.tracking.experiment,
@@ -483,12 +505,7 @@ def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) 
             tracker.set_tag(key, value)
     elif ctx.is_main:  # logged by the first attempt; again only to a new run replacing a vanished one
         tracker.continued_run_has(params, tags)
-
-    try:
-        return _steps(run, tracker, watcher, start_step, status_file, recorded)
-    except BaseException:  # preempted or failed: a later attempt delivers what MLflow has not taken
-        tracker.suspend()
-        raise
+    return tracker, recorded
 
 
 def _steps(

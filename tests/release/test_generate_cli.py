@@ -502,3 +502,41 @@ def test_an_out_that_is_a_file_is_refused_before_the_model_loads(tmp_path, capsy
     assert main([*argv, "--prompt", "a ball"]) == 2
     err = capsys.readouterr().err
     assert "is not a folder" in err and err.count("\n") == 1 and (tmp_path / "out").read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+@pytest.mark.parametrize("flag, seconds", [([], 600.0), (["--timeout-s", "7.5"], 7.5)])
+def test_the_world_and_the_plan_wait_the_timeout_given(command, flag, seconds, tmp_path, monkeypatch, capsys):
+    """Under torchrun both commands started their world with torch's default timeout (30 minutes)
+    and their plan's groups with megatron-core's: both wait ``--timeout-s`` (default: training's
+    default distributed.init_timeout_s). Seen here through what the world and the load are given."""
+    from megatron_cosmos3.release import eval_cli, generate_cli
+
+    module = {"generate": generate_cli, "eval": eval_cli}[command]
+    given = {}
+    real_init, real_load = module.init_distributed, module.load_trained_model
+
+    def init_distributed(timeout_s=None):
+        given["world"] = timeout_s
+        return real_init(timeout_s)
+
+    def load_trained_model(path, **kwargs):
+        given["plan"] = kwargs.get("timeout_s")
+        return real_load(path, **kwargs)
+
+    monkeypatch.setattr(module, "init_distributed", init_distributed)
+    monkeypatch.setattr(module, "load_trained_model", load_trained_model)
+    argv = ["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"), *flag]
+    argv += ["--task", "text_to_video", "--prompt", "a ball"] if command == "generate" else []
+    assert module.main(argv) == 2  # no checkpoint there: after the world and the load were given it
+    assert "does not exist" in capsys.readouterr().err
+    assert given == {"world": seconds, "plan": seconds}
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "soon"])
+def test_a_timeout_that_is_no_number_of_seconds_is_refused(value, tmp_path, capsys):
+    argv = ["--checkpoint", str(tmp_path), "--out", str(tmp_path / "out"), "--task", "text_to_video"]
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--timeout-s", value])
+    assert exited.value.code == 2
+    assert f"argument --timeout-s: {value!r} is not a number of seconds > 0" in capsys.readouterr().err

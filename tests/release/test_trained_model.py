@@ -157,24 +157,32 @@ def sample(model, batch):
     return sample_dm_tokens(model, batch, SamplerConfig("euler", 3), seeds=[5 + i for i in range(batch.num_samples)])
 
 
-def _load_on_rank(rank: int, world_size: int, path: str) -> tuple[dict, dict]:
-    trained = load_trained_model(path, parallel=ParallelSizes(tensor=2))
+# How long the plan's groups wait for a rank in ``_load_on_rank`` (megatron-core's default: 30 minutes).
+PLAN_TIMEOUT_S = 7.0
+
+
+def _load_on_rank(rank: int, world_size: int, path: str) -> tuple[dict, dict, float]:
+    trained = load_trained_model(path, parallel=ParallelSizes(tensor=2), timeout_s=PLAN_TIMEOUT_S)
     assert trained.plan.groups is not None
+    tensor_group = trained.plan.groups.tensor._get_backend(torch.device("cpu"))
 
     def split_dim(param):
         return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
 
     held = {name: (p.detach().clone(), split_dim(p)) for name, p in trained.model.named_parameters()}
-    return held, sample(trained.model, fixed_batch(trained.model.config))
+    return held, sample(trained.model, fixed_batch(trained.model.config)), tensor_group.options._timeout.total_seconds()
 
 
 def test_loads_under_tp2_each_rank_its_shard(run, trained):
+    """Each rank holds its shard and samples what one process does; the plan's groups wait the
+    ``timeout_s`` given (they kept megatron-core's default of 30 minutes)."""
     root, *_ = run
     ranks = run_on_ranks(_load_on_rank, 2, str(root / "checkpoints"), timeout_s=120)
     whole = dict(trained.model.named_parameters())
     sharded = 0
     one_process = sample(trained.model, fixed_batch(trained.model.config))
-    for rank, (held, generated) in enumerate(ranks):
+    for rank, (held, generated, group_timeout_s) in enumerate(ranks):
+        assert group_timeout_s == PLAN_TIMEOUT_S, rank
         # Generation under TP=2 gives the one-process sample (to float tolerance: sums split over ranks).
         for key, tokens in one_process.items():
             torch.testing.assert_close(generated[key], tokens, rtol=1e-4, atol=1e-5)

@@ -4,6 +4,7 @@ model really takes."""
 
 from __future__ import annotations
 
+import re
 import resource
 
 import pytest
@@ -119,3 +120,61 @@ def test_the_ranks_torchrun_starts_on_this_host_share_its_memory(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(HostMemoryError, match=r"this host's 2 ranks' weights and optimizer state take at least"):
         host_memory.check_host_memory(config, 2)
+
+
+# srun starting one task per rank (no torchrun): SLURM's step variables on the second of two nodes.
+SRUN_RANK = {"SLURM_NTASKS": "7", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1"}
+
+
+@pytest.mark.parametrize(
+    "environ, ranks",
+    [
+        ({**SRUN_RANK, "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}, 4),
+        ({**SRUN_RANK, "SLURM_STEP_TASKS_PER_NODE": "3,2(x2)"}, 2),
+        ({**SRUN_RANK, "SLURM_NODEID": "0", "SLURM_STEP_TASKS_PER_NODE": "3,2(x2)"}, 3),
+        # the step's list wins over the allocation's, which may differ (srun -n)
+        ({**SRUN_RANK, "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_TASKS_PER_NODE": "8(x2)"}, 2),
+        ({**SRUN_RANK, "SLURM_TASKS_PER_NODE": "4(x2)"}, 4),
+        ({**SRUN_RANK, "SLURM_NTASKS_PER_NODE": "4"}, 4),
+        # one torchrun a node under srun: torchrun's count, not srun's one task
+        ({**SRUN_RANK, "SLURM_STEP_TASKS_PER_NODE": "1(x2)", "LOCAL_WORLD_SIZE": "8", "WORLD_SIZE": "16"}, 8),
+        ({"SLURM_NTASKS": "1", "SLURM_STEP_TASKS_PER_NODE": "1"}, 1),  # one task: no srun world
+        ({}, 1),
+    ],
+)
+def test_the_ranks_srun_starts_on_this_node_are_counted_from_slurms_variables(environ, ranks):
+    """Ranks srun starts one task each (no LOCAL_WORLD_SIZE) were counted as one per host: this
+    node's entry of SLURM's tasks-per-node list ("4(x2)": two nodes of 4), or SLURM_NTASKS_PER_NODE."""
+    from megatron_cosmos3.training.host_memory import ranks_on_this_host
+
+    assert ranks_on_this_host(environ) == ranks
+
+
+@pytest.mark.parametrize(
+    "changes, error",
+    [
+        ({"SLURM_STEP_TASKS_PER_NODE": "4(2)"}, "SLURM_STEP_TASKS_PER_NODE='4(2)': not SLURM's tasks per node"),
+        ({"SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_NODEID": "2"}, "SLURM_NODEID='2': no node of"),
+        ({"SLURM_NTASKS_PER_NODE": "four"}, "SLURM_NTASKS_PER_NODE='four': not a number of tasks"),
+    ],
+)
+def test_a_slurm_variable_not_in_slurms_format_is_named(changes, error):
+    from megatron_cosmos3.training.host_memory import ranks_on_this_host
+
+    with pytest.raises(ValueError, match=re.escape(error)):
+        ranks_on_this_host({**SRUN_RANK, **changes})
+
+
+def test_the_ranks_srun_starts_on_this_host_share_its_memory(monkeypatch):
+    """Two ranks srun started on this node, each fitting alone, are refused together."""
+    from megatron_cosmos3.training import host_memory
+
+    config = load_config(None, list(TINY_MODEL))
+    each = model_state_bytes(config, 4)
+    monkeypatch.setattr(host_memory, "available_host_bytes", lambda: (each * 3 // 2, "a test's figure"))
+    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {**SRUN_RANK, "SLURM_NTASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(HostMemoryError, match=r"this host's 2 ranks' weights and optimizer state take at least"):
+        host_memory.check_host_memory(config, 4)

@@ -1,13 +1,19 @@
 """A real MLflow tracking server on 127.0.0.1 receives the run; stopping it mid-run stops nothing; what is
 logged before it is up is delivered once it answers; a stalled server (SIGSTOP) stalls no step, and what
-a SIGKILLed attempt had not delivered reaches the same run through the spool it wrote ahead."""
+a SIGKILLed attempt had not delivered reaches the same run through the spool it wrote ahead; a batch
+answered after the request's timeout is sent again and kept once. Restarted on its store, the server
+gets what a tracker kept through the outage in the same attempt, and the trainer's next attempt
+delivers the spool the outage left to the same run before its own steps."""
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -143,6 +149,61 @@ def a_run_the_server_no_longer_has_is_replaced_by_a_new_one(url: str, store: Pat
     assert [(m.step, m.value) for m in stored.get_metric_history(tracker.run_id, "loss")] == [(5, 1.5)]
 
 
+class LateProxy:
+    """A TCP proxy in front of the server that, while ``late_s`` is set, holds each answer that long:
+    the server has taken the request, the client has given up on it."""
+
+    def __init__(self, server_port: int):
+        self.server_port, self.late_s = server_port, 0.0
+        self.listener = socket.create_server(("127.0.0.1", free_port()))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self.listener.accept()
+            server = socket.create_connection(("127.0.0.1", self.server_port))
+            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, target: socket.socket, answers: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if answers and self.late_s:
+                    time.sleep(self.late_s)
+                target.sendall(data)
+        except OSError:
+            pass  # the other side closed
+        finally:
+            for end in (source, target):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+
+def a_request_answered_too_late_is_sent_again_and_kept_once(port: int, store: Path) -> None:
+    """The server took a batch but answered after the request's timeout: the tracker sends it again
+    (the same values and timestamps), and the run holds each value once."""
+    from mlflow.tracking import MlflowClient
+
+    from megatron_cosmos3.training.tracking import MLflowTracker
+
+    proxy = LateProxy(port)
+    tracker = MLflowTracker(proxy.url, "late", "late-answers", enabled=True, retry_after_s=0.5)
+    tracker.log_metrics({"loss": 1.0}, 1)
+    assert tracker.flush(SERVER_START_LIMIT_S)
+    proxy.late_s = float(os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"]) + 2  # set by the first tracker
+    for step in (2, 3, 4):
+        tracker.log_metrics({"loss": float(step)}, step)
+    time.sleep(proxy.late_s + 1)  # at least one batch taken by the server and timed out meanwhile
+    stored = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    took = {m.step for m in stored.get_metric_history(tracker.run_id, "loss")}
+    assert tracker.undelivered and 2 in took, took  # the server has values the tracker sends again
+    proxy.late_s = 0.0
+    tracker.finish()
+    history = sorted((m.step, m.value) for m in stored.get_metric_history(tracker.run_id, "loss"))
+    assert history == [(step, float(step)) for step in (1, 2, 3, 4)], history
+
+
 # One attempt of a run: delivers step 1, is told (a line on stdin) when the server has stalled, logs
 # steps 2-5 and says how long the longest took, then waits to be killed.
 KILLED_ATTEMPT = """
@@ -254,21 +315,25 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
     assert not spool.exists()  # kept until delivered
     url, store = f"http://127.0.0.1:{port}", tracking_store(tmp_path / "server")
     training = None
+    outage_spool = tmp_path / "outage.json"
     try:
+        # A tracker that lives through the outage the trainer's run meets below.
+        outage = MLflowTracker(url, "outage", "lived", enabled=True, retry_after_s=0.5, spool=outage_spool)
+        outage.log_metrics({"loss": 1.0}, 1)
+        assert outage.flush(timeout_s=120)
         steps_do_not_wait_on_a_stalled_server(server, url, store)
+        a_request_answered_too_late_is_sent_again_and_kept_once(port, store)
         a_run_the_server_no_longer_has_is_replaced_by_a_new_one(url, store, caplog)
         a_sigkilled_attempts_values_reach_the_same_run(server, url, store, tmp_path)
-        command = trainer_command(
-            1,  # rank 0 alone tracks: a second rank adds start-up, not tracking
+        settings = [
             *TINY,
-            f"steps={STEPS}",
             f"checkpoint.directory={tmp_path / 'ckpt'}",
             f"tracking.tracking_uri=http://127.0.0.1:{port}",
             "tracking.experiment=served",
             "tracking.run_name=tiny",
-        )
+        ]
         training = subprocess.Popen(
-            command,
+            trainer_command(1, *settings, f"steps={STEPS}"),  # rank 0 alone tracks: one rank
             cwd=tmp_path,
             # A live server starved of CPU by the other tests may answer slowly; the stopped one
             # refuses connections at once, whatever the timeout.
@@ -286,6 +351,24 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
         stalled(server)  # at once: the next steps go to a server that never answers, then to a dead one
         stop_server(server)
         output = "".join(before) + training.communicate(timeout=300)[0]
+        assert training.returncode == 0, output[-3000:]
+        # What the outage left, before the next attempt delivers it.
+        left = json.loads((tmp_path / "ckpt" / "mlflow_undelivered.json").read_text())
+        first = MlflowClient(tracking_uri=f"sqlite:///{store}")
+        history = sorted(m.step for m in first.get_metric_history(left["run_id"], "loss")) if left["run_id"] else []
+        for step in (2, 3):
+            outage.log_metrics({"loss": float(step)}, step)
+        server = start_server(tmp_path, port)  # on the same store
+        assert outage.flush(timeout_s=120) and not outage_spool.exists()
+        outage.finish()
+        following = subprocess.run(
+            trainer_command(1, *settings, f"steps={STEPS + 2}"),  # resumes from the checkpoint of step STEPS
+            cwd=tmp_path,
+            env=launch_environment(tmp_path, MLFLOW_HTTP_REQUEST_TIMEOUT="120"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         if server.poll() is None:
             stop_server(server)
@@ -298,11 +381,9 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
     # the first steps: they are sent off the training thread), the rest waits in the run folder's
     # spool for a next attempt, to the same run: every step and param is in one or the other.
     stored = MlflowClient(tracking_uri=f"sqlite:///{tracking_store(tmp_path / 'server')}")
-    left = json.loads((tmp_path / "ckpt" / "mlflow_undelivered.json").read_text())
     served = stored.get_experiment_by_name("served")
     runs = stored.search_runs(served.experiment_id) if served else []
     assert len(runs) == (left["run_id"] is not None)
-    history = sorted(m.step for m in stored.get_metric_history(runs[0].info.run_id, "loss")) if runs else []
     assert not runs or left["run_id"] == runs[0].info.run_id
     spooled = {step for key, _, _, step in left["metrics"] if key == "loss"}
     assert set(history) | spooled == set(range(1, STEPS + 1)) and STEPS in spooled, (history, spooled)
@@ -316,3 +397,18 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
     assert spooled.info.run_name == "spooled" and spooled.info.status == "FINISHED"
     assert spooled.data.params == {"steps": "3"}
     assert [(m.step, m.value) for m in stored.get_metric_history(resumed.run_id, "loss")] == [(1, 3.0), (2, 2.5)]
+    # After the restart: what the living tracker kept, in the same attempt...
+    assert [(m.step, m.value) for m in stored.get_metric_history(outage.run_id, "loss")] == [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+    ]
+    # ...and the trainer's next attempt resumed the run folder: the spool delivered to the same run,
+    # then its own steps; every step once, the run finished, the spool gone.
+    assert following.returncode == 0, following.stdout[-3000:] + following.stderr[-3000:]
+    assert not (tmp_path / "ckpt" / "mlflow_undelivered.json").exists()
+    run = stored.get_run(left["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["model.hidden_size"] == "32"
+    steps = sorted(m.step for m in stored.get_metric_history(left["run_id"], "loss"))
+    assert steps == list(range(1, STEPS + 3)), steps
+    assert len(stored.search_runs(served.experiment_id)) == 1

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -476,7 +477,7 @@ def test_a_second_trainer_on_a_locked_run_folder_refuses_and_a_stale_lock_is_tak
     assert "an earlier attempt of this SLURM job" in caplog.text
     for crafted in ("[1, 2]", '"x"', ""):  # "": killed between creating the file and writing it
         (root / LOCK_FILE).write_text(crafted)
-        with pytest.raises(RunFolderLocked, match=rf"an unreadable lock file. .* delete {root / LOCK_FILE}"):
+        with pytest.raises(RunFolderLocked, match=rf"a damaged lock file, .*\. .* delete {root / LOCK_FILE}"):
             RunFolderLock(root).acquire()
 
 
@@ -489,12 +490,31 @@ def test_a_crafted_lock_file_is_unreadable_or_stale_never_a_traceback(tmp_path):
     from megatron_cosmos3.training.run_lock import LOCK_FILE, RunFolderLock, RunFolderLocked
 
     (tmp_path / LOCK_FILE).write_text("[" * 100_000)
-    with pytest.raises(RunFolderLocked, match=rf"an unreadable lock file. .* delete {tmp_path / LOCK_FILE}"):
+    with pytest.raises(
+        RunFolderLocked, match=r"a damaged lock file, which names no trainer \(it holds '\[{200}'\.\.\.\)"
+    ):
         RunFolderLock(tmp_path).acquire()
     (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": 10**30}))
     lock = RunFolderLock(tmp_path)
     lock.acquire()
     assert lock.held and json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize("pid", ["abc", -1, 0, "", None, True])
+def test_a_lock_on_this_host_whose_pid_is_no_process_id_is_refused_naming_the_file_and_its_content(tmp_path, pid):
+    """A lock this code wrote holds its trainer's pid (an int >= 1): one holding 'abc', -1, 0, '',
+    none or a bool is damaged or hand-made, and whether a trainer uses the folder cannot be told.
+    It is refused, quoting the file (it was taken over as stale: two trainers could then share the
+    folder); the file is left as it is."""
+    from megatron_cosmos3.training.run_lock import LOCK_FILE, RunFolderLock, RunFolderLocked
+
+    owner = {"host": socket.gethostname(), "job_id": "job-9", "since": "x"}
+    text = json.dumps(owner if pid is None else {**owner, "pid": pid})
+    (tmp_path / LOCK_FILE).write_text(text)
+    refusal = f"a damaged lock file, which names no trainer (it holds {text!r}). "
+    with pytest.raises(RunFolderLocked, match=re.escape(refusal) + f".* delete {re.escape(str(tmp_path / LOCK_FILE))}"):
+        RunFolderLock(tmp_path).acquire()
+    assert (tmp_path / LOCK_FILE).read_text() == text
 
 
 def test_paths_are_checked_by_field_before_any_process_group(tmp_path, monkeypatch):
