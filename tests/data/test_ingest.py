@@ -9,6 +9,7 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -393,6 +394,49 @@ def test_a_caption_sidecar_nested_past_the_parser_is_a_counted_skip_and_a_bad_ca
         else:
             captions.write_bytes(data)
         with pytest.raises(ValueError, match=rf"--captions={captions}(, line 1)?: {message}"):
+            ingest.ingest_videos(folder, tmp_path / "out", captions)
+
+
+def test_links_fifos_and_unreadable_files_of_a_video_folder_are_counted_skips(tmp_path, monkeypatch):
+    """A video the process may not read (chmod 000 for another user; root reads it, so the read is
+    made to fail) or an unreadable caption sidecar ended the run with a raw PermissionError; a FIFO,
+    a dangling link and a link to a folder (a loop back to the folder here) were dropped without a
+    word. Each is now a counted, logged skip; a --captions file giving a key twice or listing a file
+    twice (the last one won, silently) is an error naming the line."""
+    import os
+
+    ingest = load_script("ingest_videos")
+    folder = tmp_path / "videos"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("a.mp4", "locked.mp4", "b.mp4"):
+        (folder / name).write_bytes(encode_mp4(_frames(0, 4), FPS))
+    (folder / "b.txt").write_text("a ramp")
+    os.mkfifo(folder / "pipe.mp4")
+    os.symlink(tmp_path / "nowhere.mp4", folder / "dangling.mp4")
+    os.symlink("..", folder / "sub" / "loop")
+    real_read_bytes, real_read_text = Path.read_bytes, Path.read_text
+
+    def refused(real):
+        def read(self, *args, **kwargs):
+            if self.name in ("locked.mp4", "b.txt"):
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self, *args, **kwargs)
+
+        return read
+
+    monkeypatch.setattr(Path, "read_bytes", refused(real_read_bytes))
+    monkeypatch.setattr(Path, "read_text", refused(real_read_text))
+    skipped = ingest.ingest_videos(folder, tmp_path / "shards")
+    assert skipped == {"corrupt_media": 1, "bad_metadata": 1, "not_a_video": 3}
+    assert ShardIndex.load(tmp_path / "shards").total_samples == 1  # a.mp4
+    monkeypatch.undo()
+    captions = tmp_path / "captions.jsonl"
+    for line, message in (
+        ('{"file": "a.mp4", "caption": "x", "caption": "y"}', r"key\(s\) \['caption'\] given twice"),
+        ('{"file": "a.mp4", "caption": "x"}\n{"file": "a.mp4", "caption": "y"}', "file 'a.mp4' is listed twice"),
+    ):
+        captions.write_text(line)
+        with pytest.raises(ValueError, match=rf"--captions={captions}, line \d: not .*{message}"):
             ingest.ingest_videos(folder, tmp_path / "out", captions)
 
 
