@@ -304,6 +304,13 @@ HOSTILE_LEROBOT = {
         r"episodes\.jsonl: not a readable UTF-8 file \(UnicodeDecodeError",
     ),
     "episodes a folder": ({}, "folder", r"episodes\.jsonl: not a readable UTF-8 file \(IsADirectoryError"),
+    # a key given twice was read as its last value: which episode or fps was meant cannot be told
+    "episodes giving a key twice": (
+        {},
+        b'{"episode_index": 0, "episode_index": 1}',
+        r"episodes\.jsonl, line 1: not JSON \(ValueError: key\(s\) \['episode_index'\] given twice",
+    ),
+    "info giving a key twice": ("fps twice", None, r"info\.json: not a readable JSON file .*\['fps'\] given twice"),
 }
 
 
@@ -316,9 +323,12 @@ def test_a_crafted_lerobot_info_or_episode_list_is_one_error_naming_the_file_bef
     shutil.copytree(lerobot[0], root)
     change, episodes, message = HOSTILE_LEROBOT[case]
     info = json.loads((root / "meta" / "info.json").read_text())
-    if "camera" in change:
-        info["features"] = {change.pop("camera"): {"dtype": "video"}, **info["features"]}
-    (root / "meta" / "info.json").write_text(json.dumps({**info, **change}))
+    if change == "fps twice":
+        (root / "meta" / "info.json").write_text(json.dumps(info)[:-1] + ', "fps": 30}')
+    else:
+        if "camera" in change:
+            info["features"] = {change.pop("camera"): {"dtype": "video"}, **info["features"]}
+        (root / "meta" / "info.json").write_text(json.dumps({**info, **change}))
     if episodes == "folder":
         (root / "meta" / "episodes.jsonl").unlink()
         (root / "meta" / "episodes.jsonl").mkdir()
@@ -327,6 +337,39 @@ def test_a_crafted_lerobot_info_or_episode_list_is_one_error_naming_the_file_bef
     with pytest.raises(ValueError, match=message):
         ingest.ingest_lerobot(root, tmp_path / "out", "toy_arm")
     assert not (tmp_path / "out" / "index.json").exists()
+
+
+@pytest.mark.parametrize(
+    "stamps",
+    [pa.array(["soon"] * FRAMES), pa.array([[i / FPS] for i in range(FRAMES)])],
+    ids=["text", "lists"],
+)
+def test_an_episode_whose_timestamps_are_no_seconds_is_a_counted_skip(lerobot, tmp_path, stamps):
+    """A timestamp column of text was a raw ValueError ('could not convert string to float') and one
+    of lists a TypeError, either ending the ingestion without naming the episode or its file."""
+    ingest = load_script("ingest_lerobot")
+    root = tmp_path / "arm_push"
+    shutil.copytree(lerobot[0], root)
+    path = root / "data" / "chunk-000" / "episode_000001.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table.set_column(table.column_names.index("timestamp"), "timestamp", stamps), path)
+    assert ingest.ingest_lerobot(root, tmp_path / "out", "toy_arm") == {"bad_metadata": 1}
+    assert ShardIndex.load(tmp_path / "out").total_samples == 2
+
+
+@pytest.mark.parametrize("shape", ["7", None, [7, "x"]])
+def test_an_end_effector_feature_of_no_shape_is_an_error_naming_it(lerobot, tmp_path, shape):
+    """--eef-key's feature width came from np.prod(shape): a text or null shape was a raw
+    TypeError; it is now the error the action feature's shape gives, naming the feature."""
+    ingest = load_script("ingest_lerobot")
+    root = tmp_path / "arm_push"
+    shutil.copytree(lerobot[0], root)
+    info = json.loads((root / "meta" / "info.json").read_text())
+    info["features"]["observation.eef"]["shape"] = shape
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    message = f"--eef-key='observation.eef': features['observation.eef'] shape={shape!r} must be a list of ints > 0"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ingest.ingest_lerobot(root, tmp_path / "out", "", eef_key="observation.eef")
 
 
 def test_a_folder_of_videos_with_captions_becomes_shards(tmp_path):
