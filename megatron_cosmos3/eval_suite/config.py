@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron_cosmos3.data.clips import check_clip_bytes
+from megatron_cosmos3.data.determinism import seed_problem
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.schema import DURATION_RANGE_S, FPS_RANGE
 from megatron_cosmos3.encoders.pseudo_actions import get_layout
@@ -85,6 +86,10 @@ class SuiteConfig:
                 f"eval suite: closed_loop_tasks={list(self.closed_loop_tasks)}: must name each of "
                 f"{list(ENVIRONMENT_TASKS)} at most once"
             )
+        for name in ("world_seed", "seed", "chance_seed"):
+            problem = seed_problem(name, getattr(self, name))
+            if problem:
+                raise ValueError(f"eval suite: {problem}")
         episodes = self.closed_loop_episodes
         if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 0:
             raise ValueError(f"eval suite: closed_loop_episodes={episodes!r} must be an integer >= 0")

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_cosmos3.data.determinism import seed_problem
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.latent_encoders import latent_encoder_from_config
 from megatron_cosmos3.data.media import decode_image, decode_npy
@@ -110,6 +111,9 @@ class RequestSpec:
             _check_kind(key, value, _KINDS.get(key, str if key in INPUT_FILES else None), where)
         if "resolution" in given:
             given["resolution"] = _resolution(given["resolution"], f"{where}: resolution")
+        problem = seed_problem("seed", given.get("seed", 0))
+        if problem:
+            raise RequestError(f"{where}: {problem}")
         files = {role: given.pop(role) for role in INPUT_FILES if role in given}
         return cls(given, files, _folder_name(given.pop("name", None), where), base)
 

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfig
+from megatron_cosmos3.data.determinism import seed_problem
 from megatron_cosmos3.eval_suite.config import SuiteConfig, check_model_embodiments
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig, merge_config_layer
 from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig
@@ -246,6 +247,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.log_every < 1:
             raise ValueError(f"steps={self.steps} and log_every={self.log_every} must be >= 1")
+        for name, value in (
+            ("seed", self.seed),
+            ("data.seed", self.data.seed),
+            ("data.encoders.pooled_seed", self.data.encoders.pooled_seed),
+        ):
+            problem = seed_problem(name, value)
+            if problem:
+                raise ValueError(problem)
         if self.data_source not in ("synthetic", "shards"):
             raise ValueError(f"data_source={self.data_source!r} is not one of ('synthetic', 'shards')")
         if self.data_source == "shards":

@@ -46,6 +46,10 @@ def cases():
         ({"resolution": 32 * 10**6}, "above clips.MAX_CLIP_BYTES"),
         ({"duration_s": 1e9}, "duration_s=1000000000.0 at most 86400"),
         ({"fps": 1e9}, "fps=1000000000.0 must be in [0.1, 1000.0]"),
+        # numpy refuses a negative world seed, torch one past 64 bits, deep inside the suite's run
+        ({"world_seed": -3}, "world_seed=-3 must be an integer in [0, 2**63 - 1]"),
+        ({"chance_seed": 2**64}, "chance_seed=18446744073709551616 must be an integer"),
+        ({"seed": -1}, "seed=-1 must be an integer"),
     ],
 )
 def test_a_bad_config_value_is_an_error_naming_the_field_and_value(change, message):

@@ -70,6 +70,11 @@ def test_a_vit_whose_tokens_do_not_cover_the_datas_picture_grid_is_refused_when_
         ("model.num_layers=1000000000", r"MoTConfig: num_layers=1000000000 is above 1,024"),
         ("model.vocab_size=10000000000", r"MoTConfig: vocab_size=10000000000 is above 4,194,304"),
         ("model.num_experts=100000000", r"MoTConfig: num_experts=100000000 must be 0 or an int in 1..4,096"),
+        # Seeds torch or numpy refuse ('Overflow when unpacking long long' at the first manual_seed), or
+        # that hash64 would alias (2**64 draws what 0 draws).
+        ("seed=18446744073709551616", r"^seed=18446744073709551616 must be an integer in \[0, 2\*\*63 - 1\]"),
+        ("data.seed=-1", r"^data.seed=-1 must be an integer"),
+        ("data.encoders.pooled_seed=-1", r"^data.encoders.pooled_seed=-1 must be an integer"),
     ],
 )
 def test_bad_values_are_named_before_anything_starts(override, message):
