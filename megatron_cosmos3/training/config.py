@@ -288,6 +288,11 @@ class TrainConfig:
         clash = sorted(set(self.stage.new_embodiments) & set(self.model.embodiments))
         if clash:
             raise ValueError(f"stage.new_embodiments {clash} are already model.embodiments")
+        if self.stage.new_embodiments:  # checked as the model's own are (a width of 0 was found at build)
+            try:
+                _ = self.stage_model  # MoTConfig checks every embodiment
+            except ValueError as error:
+                raise ValueError(f"stage.new_embodiments: {error}") from None
         if self.eval.every and self.data_source == "shards":
             self.held_out_data().validate()
         if self.trains_vision:
