@@ -27,7 +27,12 @@ from torch import nn
 from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, ResumeError, inventory
 from megatron_cosmos3.checkpoint.finite import require_finite_weights
 from megatron_cosmos3.checkpoint.resume import resume_from
-from megatron_cosmos3.checkpoint.weights_folder import check_same_architecture, is_weights_folder, load_weights_folder
+from megatron_cosmos3.checkpoint.weights_folder import (
+    check_same_architecture,
+    is_weights_folder,
+    load_weights_folder,
+    verify_weights_folder,
+)
 from megatron_cosmos3.data.latent_encoders import latent_encoder_from_config
 from megatron_cosmos3.data.loader import datasets_action_stats
 from megatron_cosmos3.data.tokenizer import build_tokenizer
@@ -259,6 +264,7 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
         source = Path(config.stage.init_from)
         new = tuple(f"dm_streams.action_{d}.{name}." for name in config.stage.new_embodiments for d in ("in", "out"))
         if is_weights_folder(source):  # e.g. Qwen3-VL imported by `python -m megatron_cosmos3.conversion import`
+            verify_weights_folder(source)  # a release folder's checksums, as cosmos3-generate checks them
             with run.plan.writing_weights() as owner:
                 load_weights_folder(source, owner, config.model, run.plan.groups, allow_missing=new)
                 require_finite_weights(owner, source, "stage.init_from", NAN_START)
