@@ -302,6 +302,9 @@ def run_requests(
         _trained_check(spec, trained, where)
         (text if spec.task in TEXT_TASKS else dm).append(i)
         length = len(tokenizer.encode(spec.settings.get("prompt", "")))
+        if spec.task in TEXT_TASKS and length == 0 and "image" not in spec.files:
+            # generate_text refuses a prompt of nothing, but only after the DM requests were written
+            raise RequestError(f"{where}: task {spec.task!r} needs a question (prompt) or an image; it has neither")
         if length > max_text:
             log.warning(
                 "%s: its prompt of %d tokens is cut to the first %d (the run's data.packing.max_text_tokens, "

@@ -359,6 +359,12 @@ def test_a_request_too_long_or_too_large_or_a_bad_late_input_writes_nothing(chec
     with pytest.raises(RequestError, match="image='.*missing.png' is not a file"):
         run_requests(trained, read_requests(mixed), tmp_path / "out", None, write=True)
     assert not (tmp_path / "out").exists()
+    # An understanding request of no question and no picture failed in generate_text, naming no
+    # request, after the video request's folder was written.
+    mixed = write_requests(inputs, [REQUESTS[0], {"task": "understanding", "prompt": ""}])
+    with pytest.raises(RequestError, match=r"request 001_understanding: .* needs a question \(prompt\) or an image"):
+        run_requests(trained, read_requests(mixed), tmp_path / "out", None, write=True)
+    assert not (tmp_path / "out").exists()
     (tmp_path / "out" / "kept").mkdir(parents=True)
     (tmp_path / "out" / "kept" / "audio.wav").write_bytes(b"an earlier sample's")
     with pytest.raises(RequestError, match=r"already holds \['kept'\]"):
