@@ -95,8 +95,10 @@ class SyntheticDataConfig:
     def __post_init__(self) -> None:
         from megatron_cosmos3.data.synthetic_packs import SUPPORTED_TASKS
 
+        if not self.tasks:  # it was named as 'unknown tasks []'
+            raise ValueError(f"synthetic.tasks is empty; name one or more of {list(SUPPORTED_TASKS)}")
         unknown = sorted(set(self.tasks) - set(SUPPORTED_TASKS))
-        if unknown or not self.tasks:
+        if unknown:
             raise ValueError(f"synthetic.tasks: unknown tasks {unknown} (known: {list(SUPPORTED_TASKS)})")
         if self.samples_per_pack < 1 or self.scale < 1:
             raise ValueError(f"synthetic: samples_per_pack={self.samples_per_pack} and scale={self.scale} must be >= 1")

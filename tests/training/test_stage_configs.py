@@ -75,6 +75,7 @@ def test_a_vit_whose_tokens_do_not_cover_the_datas_picture_grid_is_refused_when_
         ("seed=18446744073709551616", r"^seed=18446744073709551616 must be an integer in \[0, 2\*\*63 - 1\]"),
         ("data.seed=-1", r"^data.seed=-1 must be an integer"),
         ("data.encoders.pooled_seed=-1", r"^data.encoders.pooled_seed=-1 must be an integer"),
+        ("synthetic.tasks=[]", r"^synthetic.tasks is empty; name one or more of \['understanding'"),
         # A stage's new embodiment passed the config and failed when the model was built, in the run.
         ("stage.new_embodiments={x: {action_dim: 0}}", r"stage.new_embodiments: MoTConfig: embodiments.x.action_dim"),
         ("stage.new_embodiments={x: {rate_hz: -5}}", r"stage.new_embodiments: MoTConfig: embodiments.x.rate_hz must"),
