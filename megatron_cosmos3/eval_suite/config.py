@@ -115,9 +115,18 @@ class SuiteConfig:
                 f"eval suite: fps={self.fps} must be in {list(FPS_RANGE)} and duration_s={self.duration_s} at most "
                 f"{DURATION_RANGE_S[1]:g} (the shards' ranges)"
             )
+        if self.closed_loop_horizon_s > DURATION_RANGE_S[1]:
+            raise ValueError(
+                f"eval suite: closed_loop_horizon_s={self.closed_loop_horizon_s} is at most {DURATION_RANGE_S[1]:g} "
+                "(the shards' longest clip)"
+            )
         count, side = round(frames) + 1, self.resolution
-        try:  # a clip the shards could hold: a crafted size cannot allocate without bound
+        episode = math.ceil(self.closed_loop_horizon_s * self.fps) + 1  # an episode's recorded frames
+        try:  # clips the shards could hold: a crafted size cannot allocate without bound
             check_clip_bytes(count * side * side * 3, f"{count} frames of {side}x{side}", "resolution x duration_s")
+            check_clip_bytes(
+                episode * side * side * 3, f"{episode} frames of {side}x{side}", "resolution x closed_loop_horizon_s"
+            )
         except SampleError as error:
             raise ValueError(f"eval suite: {error}") from None
 

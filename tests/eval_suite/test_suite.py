@@ -46,6 +46,10 @@ def cases():
         ({"resolution": 32 * 10**6}, "above clips.MAX_CLIP_BYTES"),
         ({"duration_s": 1e9}, "duration_s=1000000000.0 at most 86400"),
         ({"fps": 1e9}, "fps=1000000000.0 must be in [0.1, 1000.0]"),
+        # An episode's length: 1e300 s was numpy's 'Maximum allowed size exceeded' in the chance
+        # policy's actions, after the model's episodes; a day of 2048x2048 frames is 1.2 TB recorded.
+        ({"closed_loop_horizon_s": 1e300}, "closed_loop_horizon_s=1e+300 is at most 86400"),
+        ({"closed_loop_horizon_s": 86400.0, "resolution": 2048}, "resolution x closed_loop_horizon_s: the clip is"),
         # numpy refuses a negative world seed, torch one past 64 bits, deep inside the suite's run
         ({"world_seed": -3}, "world_seed=-3 must be an integer in [0, 2**63 - 1]"),
         ({"chance_seed": 2**64}, "chance_seed=18446744073709551616 must be an integer"),
