@@ -112,20 +112,41 @@ def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
+def _multiplier_matches(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, f"*{pattern}*")
+
+
+def check_stage_patterns(names: list[str], config: TrainConfig) -> None:
+    """ValueError naming each ``stage.freeze`` / ``stage.lr_multipliers`` pattern that matches no
+    parameter of ``names`` (the whole model's): a typo ('layer.*' for 'layers.*') froze or slowed
+    nothing, without a word, and the stage trained what it meant to keep."""
+    unmatched = [
+        f"stage.freeze pattern {pattern!r}"
+        for pattern in config.stage.freeze
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names)
+    ]
+    unmatched += [
+        f"stage.lr_multipliers pattern {pattern!r}"
+        for pattern in config.stage.lr_multipliers
+        if not any(_multiplier_matches(name, pattern) for name in names)
+    ]
+    if unmatched:
+        tops = sorted({name.split(".")[0] for name in names})
+        raise ValueError(f"{', '.join(unmatched)} matches no parameter of the model (its parameters start with {tops})")
+
+
 def stage_param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
-    """Freezes what the stage freezes; one optimizer group per learning-rate multiplier."""
+    """Freezes what the stage freezes; one optimizer group per learning-rate multiplier. The model's
+    parameters are all named here, a pipeline rank's others on the meta device, so a pattern that
+    matches none of them is refused alike on every rank (``check_stage_patterns``)."""
+    check_stage_patterns([name for name, _ in model.named_parameters()], config)
     by_multiplier: dict[float, list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if _matches(name, config.stage.freeze):
             param.requires_grad_(False)
             continue
         multiplier = next(
-            (
-                m
-                for pattern, m in config.stage.lr_multipliers.items()
-                if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, f"*{pattern}*")
-            ),
-            1.0,
+            (m for pattern, m in config.stage.lr_multipliers.items() if _multiplier_matches(name, pattern)), 1.0
         )
         by_multiplier.setdefault(multiplier, []).append(param)
     if not by_multiplier:
