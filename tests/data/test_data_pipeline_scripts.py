@@ -169,6 +169,9 @@ def test_a_crafted_manifest_entry_is_a_counted_skip_and_never_a_member_leading_o
         json.dumps({"key": "good", **still}),
         *(json.dumps({"key": key, **still}) for key in ("../../evil", "/tmp/evil", "a.b", "", 7)),
         json.dumps({"key": "number", "caption": "x", "image": 5}),
+        # a field given twice was read as its last value: which picture was meant cannot be told
+        '{"key": "twice", "caption": "a still", "image": "still.png", "image": "other.png"}',
+        '{"key": "nan", "caption": "a still", "image": "still.png", "fps": NaN}',
         "[1, 2]",
         "null",
         "[" * 100_000,
