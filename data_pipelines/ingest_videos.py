@@ -149,7 +149,8 @@ def caption_of(video: Path, in_dir: Path, listed: dict[str, dict]) -> dict:
     sidecar = video.with_suffix(".json") if entry is None and video.with_suffix(".json").is_file() else None
     try:  # a broken sidecar loses its video (counted), not the run
         if sidecar is not None:
-            entry = json.loads(sidecar.read_text(encoding="utf-8-sig"))  # a BOM (Windows editors) is no text
+            text = sidecar.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no text
+            entry = json.loads(text, object_pairs_hook=unique_keys, parse_constant=no_constant)
         if entry is None and video.with_suffix(".txt").is_file():
             sidecar = video.with_suffix(".txt")
             entry = {"caption": sidecar.read_text(encoding="utf-8-sig").strip()}

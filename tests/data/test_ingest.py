@@ -423,7 +423,9 @@ def test_a_caption_sidecar_nested_past_the_parser_is_a_counted_skip_and_a_bad_ca
     (folder / "a.mp4").write_bytes(encode_mp4(_frames(0, 4), FPS))
     (folder / "deep.mp4").write_bytes((folder / "a.mp4").read_bytes())
     (folder / "deep.json").write_bytes(b"[" * 100_000)
-    assert ingest.ingest_videos(folder, tmp_path / "shards") == {"bad_metadata": 1}
+    (folder / "twice.mp4").write_bytes((folder / "a.mp4").read_bytes())
+    (folder / "twice.json").write_text('{"caption": "a ramp", "caption": "a wall"}')  # which one was meant?
+    assert ingest.ingest_videos(folder, tmp_path / "shards") == {"bad_metadata": 2}
     assert ShardIndex.load(tmp_path / "shards").total_samples == 1
     captions = tmp_path / "captions.jsonl"
     for data, message in (
