@@ -154,13 +154,19 @@ def _check_kind(key: str, value: Any, kind: type | None, where: str) -> None:
         raise RequestError(f"{where}: {key}={value!r} must be {want}")
 
 
+def remove_output(path: Path) -> None:
+    """Removes what an earlier run wrote at ``path``: a folder with what it holds, a file, or a link
+    (only the link: never what it points to, which may lie outside the output folder)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 def _emptied(folder: Path) -> Path:
     """``folder`` with nothing in it: what an earlier request of its name wrote is removed (only
     reached with ``--overwrite``, or where the folder is empty)."""
-    if folder.is_dir() and not folder.is_symlink():
-        shutil.rmtree(folder)
-    elif folder.exists() or folder.is_symlink():
-        folder.unlink()
+    remove_output(folder)
     return folder
 
 
