@@ -18,6 +18,7 @@ from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.schema import DURATION_RANGE_S, FPS_RANGE
 from megatron_cosmos3.encoders.pseudo_actions import get_layout
 from megatron_cosmos3.inference.solvers import SOLVERS
+from megatron_cosmos3.model.config import merge_config_layer
 from megatron_cosmos3.world.agents import EMBODIMENT_RATES
 from megatron_cosmos3.world.config import WorldConfig
 from megatron_cosmos3.world.environment import TASKS as ENVIRONMENT_TASKS
@@ -176,9 +177,9 @@ def load_suite_config(yaml_path: str | None = None, overrides: list[str] | None 
     merged = OmegaConf.structured(SuiteConfig)
     try:
         if yaml_path:
-            merged = OmegaConf.merge(merged, OmegaConf.load(yaml_path))
+            merged = merge_config_layer(merged, OmegaConf.load(yaml_path))
         if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            merged = merge_config_layer(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)
     except (OmegaConfBaseException, UnicodeDecodeError) as error:  # names the key (or the byte), on one line
         message = " ".join(str(error).split())

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfig
@@ -461,6 +461,8 @@ REMOVED_KEYS = {
 
 
 def _refuse_removed_keys(node, source: str) -> None:
+    if not isinstance(node, DictConfig):  # a YAML list: merge_config_layer names it
+        return
     for key, instead in REMOVED_KEYS.items():
         if OmegaConf.select(node, key, default=None) is not None:
             raise ValueError(f"{key} (in {source}) is no longer a setting: {instead}")

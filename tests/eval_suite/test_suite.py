@@ -76,6 +76,8 @@ def test_the_config_loads_from_yaml_and_overrides(tmp_path):
     for text, key in (
         (b"media: maybe\n", "full_key: media"),
         (b"tasks: policy\n", "full_key: tasks"),
+        (b"closed_loop_tasks: {a: 1}\n", "closed_loop_tasks: a mapping where a list belongs"),  # named no key
+        (b"- tasks\n", "holds a YAML list, not a mapping of settings"),
         (b"steps: \xff\n", "0xff"),
         (b"steps: 1" + b"0" * 5000 + b"\n", "4300 digits"),  # Python's int() refused it, naming no file
     ):

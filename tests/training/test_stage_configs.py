@@ -79,6 +79,10 @@ def test_a_vit_whose_tokens_do_not_cover_the_datas_picture_grid_is_refused_when_
         # A stage's new embodiment passed the config and failed when the model was built, in the run.
         ("stage.new_embodiments={x: {action_dim: 0}}", r"stage.new_embodiments: MoTConfig: embodiments.x.action_dim"),
         ("stage.new_embodiments={x: {rate_hz: -5}}", r"stage.new_embodiments: MoTConfig: embodiments.x.rate_hz must"),
+        # A mapping where a list belongs (or the other way) was OmegaConf's raw TypeError 'Cannot
+        # merge incompatible container types', naming no key.
+        ("stage.freeze={a: 1}", r"^stage.freeze: a mapping where a list belongs, got \{'a': 1\}"),
+        ("model.vision=[1]", r"^model.vision: a list where a mapping belongs"),
     ],
 )
 def test_bad_values_are_named_before_anything_starts(override, message):
@@ -95,6 +99,8 @@ def test_a_bad_value_in_a_yaml_file_names_the_file(tmp_path):
         ("steps: {{{: [\n", r"{layer}: ParserError"),
         ("5\n", r"{layer}: Invalid loaded object type: int"),  # was an OSError naming no file
         ("steps: ${nothere}\n", r"{layer}: Interpolation key 'nothere' not found"),  # named no file
+        ("data:\n  datasets: {world: 1}\n", r"{layer}: ValueError: data.datasets: a mapping where a list belongs"),
+        ("- data\n", r"{layer}: ValueError: holds a YAML list, not a mapping of settings"),  # was 'Index 'data''
     ):
         layer.write_text(text)
         with pytest.raises(ValueError, match=message.format(layer=layer)):
