@@ -139,7 +139,8 @@ def stage_param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     """Freezes what the stage freezes; one optimizer group per learning-rate multiplier. The model's
     parameters are all named here, a pipeline rank's others on the meta device, so a pattern that
     matches none of them is refused alike on every rank (``check_stage_patterns``)."""
-    check_stage_patterns([name for name, _ in model.named_parameters()], config)
+    # every name, a tied weight's second one too (lm_head.weight tied to embed_tokens.weight)
+    check_stage_patterns([name for name, _ in model.named_parameters(remove_duplicate=False)], config)
     by_multiplier: dict[float, list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if _matches(name, config.stage.freeze):

@@ -196,6 +196,14 @@ def test_a_stage_pattern_that_matches_no_parameter_is_a_clear_error(tmp_path, ov
         train_module.train(config, CPU)
 
 
+def test_a_pattern_naming_a_tied_weight_by_its_second_name_matches(tmp_path):
+    """configs/stages/posttrain.yaml freezes 'lm_head.*': with tied embeddings that weight's only
+    name in named_parameters() is embed_tokens.weight, yet the pattern names a real parameter."""
+    config = config_for(tmp_path, "tied", "model.tie_word_embeddings=true", "stage.freeze=[lm_head.*]")
+    groups = train_module.stage_param_groups(MoTModel(copy.deepcopy(config.model)), config)
+    assert sum(len(group["params"]) for group in groups) > 0
+
+
 def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_path, monkeypatch):
     real = MicroBatches.get
     poisoned_steps = {2, 5, 6, 7}
