@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 
 from megatron_cosmos3.model.attention import ATTENTION_BACKENDS
@@ -364,7 +364,7 @@ def _container_mismatch(merged, layer, path: str = "") -> str | None:
     """The first key of ``layer`` that gives a mapping where ``merged`` holds a list or a list where
     it holds a mapping, named with both kinds; None where there is none. OmegaConf's own error was
     'Cannot merge incompatible container types', naming no key (a TypeError, for an override)."""
-    from omegaconf import DictConfig, ListConfig
+    from omegaconf import DictConfig, ListConfig, OmegaConf
 
     for key in layer.keys():
         if not isinstance(key, str) or key not in merged:
@@ -375,7 +375,12 @@ def _container_mismatch(merged, layer, path: str = "") -> str | None:
             return f"{where}: a mapping where a list belongs, got {value}"
         if isinstance(target, DictConfig) and isinstance(value, ListConfig):
             return f"{where}: a list where a mapping belongs, got {value}"
-        if isinstance(target, DictConfig) and isinstance(value, DictConfig) and not target._is_none():
+        if isinstance(target, DictConfig) and isinstance(value, DictConfig):
+            if target._is_none():  # an optional section left null (eval.suite): its dataclass's fields
+                ref = target._metadata.ref_type
+                if not is_dataclass(ref):
+                    continue
+                target = OmegaConf.structured(ref)
             found = _container_mismatch(target, value, f"{where}.")
             if found:
                 return found

@@ -83,6 +83,7 @@ def test_a_vit_whose_tokens_do_not_cover_the_datas_picture_grid_is_refused_when_
         # merge incompatible container types', naming no key.
         ("stage.freeze={a: 1}", r"^stage.freeze: a mapping where a list belongs, got \{'a': 1\}"),
         ("model.vision=[1]", r"^model.vision: a list where a mapping belongs"),
+        ("eval.suite={closed_loop_tasks: {a: 1}}", r"^eval.suite.closed_loop_tasks: a mapping where a list belongs"),
     ],
 )
 def test_bad_values_are_named_before_anything_starts(override, message):
