@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_cosmos3.data.determinism import seed_problem  # noqa: E402
 from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder, latent_sample  # noqa: E402
 from megatron_cosmos3.data.schema import SchemaContext, decode_sample, encode_sample  # noqa: E402
 from megatron_cosmos3.data.shard_writer import ShardWriter  # noqa: E402
@@ -72,6 +73,9 @@ def write_world(
         raise ValueError(f"latents must be 'none' or 'pooled', got {latents!r}")
     if samples < 1 or shard_size < 1 or workers < 1:
         raise ValueError(f"samples={samples}, shard_size={shard_size} and workers={workers} must be >= 1")
+    problem = seed_problem("seed", seed)
+    if problem:
+        raise ValueError(problem)
     out, config = Path(out), config or WorldConfig()
     dirs = {"raw": out / "raw"} | ({"latent": out / "latent"} if latents == "pooled" else {})
     for folder in dirs.values():  # its shards would be overwritten, and extra old ones left beside the new index

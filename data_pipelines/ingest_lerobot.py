@@ -75,6 +75,7 @@ from megatron_cosmos3.encoders.pseudo_actions import (
     get_layout,
 )
 from megatron_cosmos3.encoders.rotations import euler_xyz_to_matrix, quaternion_to_matrix, rotation_vector_to_matrix
+from megatron_cosmos3.json_files import unique_keys
 
 log = logging.getLogger("ingest_lerobot")
 CHECK = MediaConfig(clip_seconds=1.0, clip_start="first")
@@ -109,13 +110,23 @@ def _feature_names(feature: dict) -> list[str] | None:
     return [str(n) for n in names] if isinstance(names, list) else None
 
 
+def feature_width(features: dict, key: str, where: str) -> int:
+    """The number of values per frame of feature ``key`` (the product of its ``shape``);
+    ValueError starting with ``where`` and naming the feature and its shape unless that is a list of
+    ints > 0 (a text or null shape was a raw TypeError from numpy)."""
+    shape = features[key].get("shape")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
+        raise ValueError(f"{where}: features[{key!r}] shape={shape!r} must be a list of ints > 0")
+    return int(np.prod(shape))
+
+
 def eef_pose_of(features: dict, key: str, names: list[str] | None = None) -> EefPose:
     """The columns of feature ``key`` that hold the end effector's pose and gripper, by name
     (``names`` overrides the feature's own); ValueError naming the feature otherwise."""
     if key not in features:
         raise ValueError(f"--eef-key={key!r} is not a feature of the dataset: {sorted(features)}")
     names = names or _feature_names(features[key])
-    width = int(np.prod(features[key].get("shape", [0])))
+    width = feature_width(features, key, f"--eef-key={key!r}")
     if not names:
         raise ValueError(f"--eef-key={key!r}: the feature names no components; give them with --eef-names")
     if len(names) != width:
@@ -159,7 +170,8 @@ def read_info(root: Path) -> dict:
     """``meta/info.json``; ValueError naming the file for a layout this reader does not know."""
     path = root / "meta" / "info.json"
     try:
-        info = json.loads(path.read_text(encoding="utf-8-sig"))
+        # A key given twice (which "fps"?) is refused: parsers disagree on which one wins.
+        info = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=unique_keys)
     except (OSError, ValueError, RecursionError) as error:  # missing, not UTF-8, cut or not JSON
         raise ValueError(f"{path}: not a readable JSON file ({type(error).__name__}: {error})") from None
     if not isinstance(info, dict) or not isinstance(info.get("features"), dict):
@@ -235,7 +247,7 @@ def episodes_of(root: Path, info: dict) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                episodes.append(json.loads(line))
+                episodes.append(json.loads(line, object_pairs_hook=unique_keys))
             except (ValueError, RecursionError) as error:
                 raise ValueError(f"{path}, line {number}: not JSON ({type(error).__name__}: {error})") from None
     seen: set[int] = set()
@@ -344,7 +356,14 @@ def episode_sample(
         raise SampleError(BAD_METADATA, f"episode {index}: {eef.feature if eef else column}: {error}") from None
     fps = float(info["fps"])
     if "timestamp" in table.column_names:
-        stamps = np.asarray(table.column("timestamp").to_pylist(), dtype=np.float64)
+        try:  # text or lists where seconds should be are the episode's fault, not the run's end
+            stamps = np.asarray(table.column("timestamp").to_pylist(), dtype=np.float64)
+        except (TypeError, ValueError) as error:
+            raise SampleError(
+                BAD_METADATA, f"episode {index}: timestamp is not a column of seconds ({error})"
+            ) from None
+        if stamps.ndim != 1:
+            raise SampleError(BAD_METADATA, f"episode {index}: timestamp rows of shape {stamps.shape[1:]}, not seconds")
         late = np.abs(stamps - np.arange(len(stamps)) / fps)
         late[~np.isfinite(late)] = np.inf  # a NaN or missing stamp is no i / fps either
         if late.max() > TIMESTAMP_TOLERANCE_S:
@@ -409,14 +428,7 @@ def ingest_lerobot(
     elif action_key not in features:
         raise ValueError(f"--action-key={action_key!r} is not a feature of {root}: {sorted(features)}")
     else:
-        shape = features[action_key].get("shape")
-        if not isinstance(shape, list) or not all(
-            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape
-        ):
-            raise ValueError(
-                f"{root / 'meta' / 'info.json'}: features[{action_key!r}] shape={shape!r} must be a list of ints > 0"
-            )
-        width = int(np.prod(shape))
+        width = feature_width(features, action_key, str(root / "meta" / "info.json"))
     context = SchemaContext({embodiment: width})
     episodes = episodes_of(root, info)
     skipped: Counter = Counter()

@@ -39,7 +39,7 @@ from collections import Counter
 from pathlib import Path
 
 from megatron_cosmos3.data.clips import MediaConfig
-from megatron_cosmos3.data.errors import BAD_METADATA, UNSUPPORTED_CONTAINER, SampleError
+from megatron_cosmos3.data.errors import BAD_METADATA, CORRUPT_MEDIA, UNSUPPORTED_CONTAINER, SampleError
 from megatron_cosmos3.data.media import DECODE_ERRORS, encode_json
 from megatron_cosmos3.data.media_files import (
     VIDEO_SUFFIXES,
@@ -49,6 +49,7 @@ from megatron_cosmos3.data.media_files import (
 )
 from megatron_cosmos3.data.schema import SCHEMA_VERSION, blank_text, decode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter, check_split_output, run_split, write_parts
+from megatron_cosmos3.json_files import no_constant, unique_keys
 
 log = logging.getLogger("ingest_videos")
 NOT_A_VIDEO = "not_a_video"
@@ -63,10 +64,16 @@ def sort_files(
     """The files under ``in_dir`` by relative path, less the ``captions`` file and the caption
     sidecars of videos: the videos, each with the suffix of the video field that takes it, and the
     files left out, as (path, reason, detail) (module doc)."""
-    files = [p for p in sorted(in_dir.rglob("*")) if p.is_file()]
+    entries = sorted(in_dir.rglob("*"))  # rglob does not descend into linked folders: a link may loop
+    files = [p for p in entries if p.is_file()]
     if captions is not None:
         files = [p for p in files if p.resolve() != Path(captions).resolve()]
     videos, left_out, stems = [], [], set()
+    for path in entries:  # what is neither a file nor a folder walked is accounted for too
+        if path.is_symlink() and path.is_dir():
+            left_out.append((path, NOT_A_VIDEO, "a link to a folder: not followed (links may loop)"))
+        elif not path.is_file() and not path.is_dir():
+            left_out.append((path, NOT_A_VIDEO, "not a regular file (a FIFO, socket, device or dangling link)"))
     for path in files:
         suffix = path.suffix.lower().lstrip(".")
         if path.suffix.lower() in CAPTION_SIDECARS:
@@ -96,7 +103,11 @@ def video_suffix_of(path: Path) -> str | None:
     import av
 
     try:
-        with path.open("rb") as file, av.open(_Nameless(file), metadata_errors="ignore") as container:
+        file = path.open("rb")
+    except OSError as error:  # a file we may not read is its own skip, not the end of the run
+        raise SampleError(CORRUPT_MEDIA, f"unreadable ({type(error).__name__}: {error})") from None
+    try:
+        with file, av.open(_Nameless(file), metadata_errors="ignore") as container:
             demuxer = container.format
             moving = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
     except (av.error.FFmpegError, *DECODE_ERRORS):
@@ -138,13 +149,14 @@ def caption_of(video: Path, in_dir: Path, listed: dict[str, dict]) -> dict:
     sidecar = video.with_suffix(".json") if entry is None and video.with_suffix(".json").is_file() else None
     try:  # a broken sidecar loses its video (counted), not the run
         if sidecar is not None:
-            entry = json.loads(sidecar.read_text(encoding="utf-8-sig"))  # a BOM (Windows editors) is no text
+            text = sidecar.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no text
+            entry = json.loads(text, object_pairs_hook=unique_keys, parse_constant=no_constant)
         if entry is None and video.with_suffix(".txt").is_file():
             sidecar = video.with_suffix(".txt")
             entry = {"caption": sidecar.read_text(encoding="utf-8-sig").strip()}
-    except (ValueError, RecursionError) as error:  # not UTF-8 (UnicodeDecodeError), not JSON, nested past the parser
+    except (ValueError, RecursionError, OSError) as error:  # not UTF-8, not JSON, nested past the parser, unreadable
         raise SampleError(
-            BAD_METADATA, f"{sidecar}: not a UTF-8 caption file ({type(error).__name__}: {error})"
+            BAD_METADATA, f"{sidecar}: not a readable UTF-8 caption file ({type(error).__name__}: {error})"
         ) from None
     if entry is not None and not isinstance(entry, dict):
         raise SampleError(BAD_METADATA, f"{sidecar}: expected a JSON object, got {type(entry).__name__}")
@@ -162,11 +174,11 @@ def video_sample(number: int, video: Path, suffix: str, in_dir: Path, listed: di
     (unique: the number leads)."""
     name = re.sub(r"[^A-Za-z0-9_-]", "_", video.relative_to(in_dir).with_suffix("").as_posix())
     meta = {"schema": SCHEMA_VERSION, **caption_of(video, in_dir, listed), "source": {"file": str(video.name)}}
-    return {
-        "__key__": f"{number:08d}_{name}"[:120],
-        "meta.json": encode_json(meta),
-        f"video.{suffix}": video.read_bytes(),
-    }
+    try:
+        data = video.read_bytes()
+    except OSError as error:  # unreadable (permissions, an I/O error): this video's skip, not the run's end
+        raise SampleError(CORRUPT_MEDIA, f"{video}: unreadable ({type(error).__name__}: {error})") from None
+    return {"__key__": f"{number:08d}_{name}"[:120], "meta.json": encode_json(meta), f"video.{suffix}": data}
 
 
 def ingest_videos(
@@ -191,8 +203,10 @@ def ingest_videos(
             ) from None
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                try:
-                    entry = json.loads(line)
+                try:  # strict: a key given twice, or NaN, would be read one way here and another elsewhere
+                    entry = json.loads(line, object_pairs_hook=unique_keys, parse_constant=no_constant)
+                    if entry["file"] in listed:  # which of two captions was meant cannot be told
+                        raise ValueError(f"file {entry['file']!r} is listed twice")
                     listed[entry["file"]] = entry
                 except (ValueError, TypeError, KeyError, RecursionError) as error:
                     raise ValueError(

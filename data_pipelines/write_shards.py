@@ -26,6 +26,7 @@ from megatron_cosmos3.data.media import encode_json
 from megatron_cosmos3.data.schema import FIELDS, SCHEMA_VERSION, decode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter, check_split_output
 from megatron_cosmos3.data.shards import ShardIndex
+from megatron_cosmos3.json_files import no_constant, unique_keys
 
 log = logging.getLogger("write_shards")
 _MEDIA = sorted({name.split(".")[0] for name in FIELDS if name != "meta.json"})
@@ -68,7 +69,9 @@ def write_shards(
             if not line.strip():
                 continue
             try:
-                sample = manifest_sample(json.loads(line), manifest.parent)
+                # strict: a key given twice (which file is the video?) or NaN is the entry's skip
+                entry = json.loads(line, object_pairs_hook=unique_keys, parse_constant=no_constant)
+                sample = manifest_sample(entry, manifest.parent)
                 writer.write_raw(sample, decode_sample(sample).modalities)
             except SampleError as error:
                 skipped[error.reason] += 1

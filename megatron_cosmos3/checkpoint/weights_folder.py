@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_cosmos3.checkpoint.checkpointer import CheckpointMismatchError, MissingParametersError
+from megatron_cosmos3.checkpoint.safe_reader import MANIFEST, verify_checkpoint
 from megatron_cosmos3.conversion.mot_folder import CONFIG_FILE
 from megatron_cosmos3.conversion.safetensors_io import iter_tensors, shard_map
 from megatron_cosmos3.model.config import MoTConfig, load_model_config
@@ -52,6 +53,16 @@ ARCHITECTURE_FIELDS = (
 
 def is_weights_folder(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
+
+
+def verify_weights_folder(folder: str | Path) -> bool:
+    """Checks every file of the weights folder against its checksums.json where it has one (a
+    release folder: ``release.export`` writes it; ``conversion import`` writes none), before any is
+    read: CheckpointCorruptError naming a damaged file. Returns whether it had checksums."""
+    if not (Path(folder) / MANIFEST).is_file():
+        return False
+    verify_checkpoint(Path(folder))
+    return True
 
 
 def check_architecture(folder: Path, model: MoTConfig, vision: bool = False, field: str = "stage.init_from") -> None:

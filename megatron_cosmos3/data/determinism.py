@@ -13,6 +13,10 @@ import hashlib
 import numpy as np
 
 _MASK = (1 << 64) - 1
+# The largest seed a user may give (a config, a request, a command line): torch's generators take
+# any seed in [-2**63, 2**64) and numpy's only those >= 0, and hash64 keeps 64 bits, so 2**64 + s
+# would silently draw what s draws. [0, 2**63) fits all three, with room for a per-case seed + i.
+MAX_SEED = 2**63 - 1
 
 
 def _splitmix64(x: int) -> int:
@@ -34,6 +38,15 @@ def hash64(*keys: int | str) -> int:
     for key in keys:
         h = _splitmix64(h ^ _splitmix64(_as_int(key)))
     return h
+
+
+def seed_problem(name: str, value: object) -> str | None:
+    """What is wrong with ``value`` as the seed ``name`` (an int in [0, MAX_SEED]), or None: a
+    seed out of range was a raw 'Overflow when unpacking long long' from torch or 'expected
+    non-negative integer' from numpy, deep in the run."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        return f"{name}={value!r} must be an integer in [0, 2**63 - 1]"
+    return None
 
 
 def uniform(*keys: int | str) -> float:

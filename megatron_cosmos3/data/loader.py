@@ -44,6 +44,7 @@ from megatron_cosmos3.data.slot_stream import SlotStream, iterate_slots
 from megatron_cosmos3.data.tokenizer import build_tokenizer
 from megatron_cosmos3.data.vision_features import vision_featurizer
 from megatron_cosmos3.encoders.action_normalization import ACTION_STATS_FILENAME, ActionStats
+from megatron_cosmos3.json_files import no_constant, unique_keys
 from megatron_cosmos3.model.config import MoTConfig
 from megatron_cosmos3.model.packed_batch import PackedBatch
 from megatron_cosmos3.tasks.mixture import TaskMixture
@@ -293,7 +294,9 @@ class PackedLoader:
         for bytes that are no loader state (not UTF-8 JSON of an object, nested past the parser, a
         field missing or of another kind), never the KeyError or RecursionError of a crafted one."""
         try:
-            state = json.loads(blob.decode("utf-8"))
+            # strict: the writer never writes NaN (json.loads took it, and a NaN token count made
+            # every packing-efficiency metric of the resumed run NaN) nor a key twice
+            state = json.loads(blob.decode("utf-8"), parse_constant=no_constant, object_pairs_hook=unique_keys)
         except (ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             raise ValueError(f"loader state is not JSON ({type(error).__name__}: {error})") from None
         if not isinstance(state, dict):
@@ -325,6 +328,13 @@ class PackedLoader:
                 "shuffle or seed); the exact continuation does not exist. Restore that config or start a "
                 "fresh data stream."
             )
+        counts = {name: state[name] for name in ("next_slot", "shuffle_insertions", "packs", "tokens", "cropped")}
+        counts["prompts_dropped"] = state.get("prompts_dropped", 0)  # absent from states saved before it existed
+        for name, value in counts.items():  # "many" or 1.5 failed (or miscounted) only later, in the run
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"loader state {name}={value!r} must be an int >= 0")
+        if not isinstance(state["exhausted"], bool):
+            raise ValueError(f"loader state exhausted={state['exhausted']!r} must be true or false")
         self._reset(state["next_slot"], state["counters"])
         rebuilt: dict[tuple[int, int], BuiltSample] = {}
         for slot, (dataset, number) in state["slots"].items():
@@ -348,5 +358,5 @@ class PackedLoader:
             self._packer.add(item, item.built.num_tokens)
         self._exhausted = state["exhausted"]
         self.packs, self.tokens, self.cropped = state["packs"], state["tokens"], state["cropped"]
-        self.prompts_dropped = state.get("prompts_dropped", 0)  # absent from states saved before it existed
+        self.prompts_dropped = counts["prompts_dropped"]
         self.stats = SkipStats.from_state_dict(state["stats"])

@@ -34,7 +34,12 @@ import torch.nn.functional as F
 if TYPE_CHECKING:  # diffusers takes seconds to import: only a process that loads a VAE pays for it
     from diffusers import AutoencoderOobleck
 
-from megatron_cosmos3.encoders.frozen import FrozenPretrained, load_local_diffusers, read_diffusers_config
+from megatron_cosmos3.encoders.frozen import (
+    FrozenPretrained,
+    check_declared_size,
+    load_local_diffusers,
+    read_diffusers_config,
+)
 
 SAMPLE_RATE = 48_000  # Hz
 HOP = 1920  # samples per latent token
@@ -135,8 +140,10 @@ class AudioVAE(FrozenPretrained):
         another class or a VAE that is not 48 kHz stereo with hop 1920.
         """
         config = read_diffusers_config(path, "AutoencoderOobleck")
-        _check_config(config, path)
         from diffusers import AutoencoderOobleck
+
+        check_declared_size(AutoencoderOobleck, config, path)  # builds as diffusers will, allocating nothing
+        _check_config(config, path)
 
         return cls(load_local_diffusers(AutoencoderOobleck, path, dtype=dtype, device=device))
 

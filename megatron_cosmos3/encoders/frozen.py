@@ -109,6 +109,30 @@ def read_diffusers_config(path: str | Path, expected_class: str) -> dict[str, An
     return config
 
 
+def check_declared_size(model_cls: type[nn.Module], config: dict[str, Any], path: str | Path) -> None:
+    """ValueError naming ``<path>/config.json`` unless ``model_cls`` builds from ``config`` (on the
+    meta device: nothing allocated) with no more parameters than the folder's safetensors files can
+    hold at 16 bits each. A crafted width (``base_dim: 1000000``) made diffusers allocate terabytes
+    before any weight was read, and a value of the wrong type was a raw TypeError from its layers."""
+    config_file = Path(path) / "config.json"
+    try:
+        with torch.device("meta"):
+            model = model_cls.from_config(config)
+    except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, RuntimeError) as error:
+        raise ValueError(
+            f"{str(config_file)!r}: not an {model_cls.__name__} config ({type(error).__name__}: {error})"
+        ) from None
+    count = sum(p.numel() for p in model.parameters())
+    shards = [f for f in Path(path).glob("*.safetensors") if f.is_file()]
+    stored = sum(f.stat().st_size for f in shards)
+    if shards and 2 * count > stored:  # none at all: load_local_diffusers' FileNotFoundError says so
+        raise ValueError(
+            f"{str(config_file)!r} declares {count:,} parameters of {model_cls.__name__} "
+            f"({2 * count / 2**30:.1f} GiB at 16 bits); the folder's safetensors files hold {stored:,} bytes: "
+            "not its weights"
+        )
+
+
 def load_local_diffusers(
     model_cls: type[ModuleT], path: str | Path, *, dtype: torch.dtype, device: torch.device | str
 ) -> ModuleT:

@@ -27,6 +27,7 @@ Conventions, shared by encode and decode:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,12 @@ import torch
 if TYPE_CHECKING:  # diffusers takes seconds to import: only a process that loads a VAE pays for it
     from diffusers import AutoencoderKLWan
 
-from megatron_cosmos3.encoders.frozen import FrozenPretrained, load_local_diffusers, read_diffusers_config
+from megatron_cosmos3.encoders.frozen import (
+    FrozenPretrained,
+    check_declared_size,
+    load_local_diffusers,
+    read_diffusers_config,
+)
 
 VAE_TEMPORAL_FACTOR = 4  # frames per latent frame (after the first)
 VAE_SPATIAL_FACTOR = 16  # pixels per latent cell, each side
@@ -166,8 +172,13 @@ def _check_architecture(config: dict, path: str | Path) -> None:
             raise ValueError(f"{str(path)!r}: config {field}={config[field]} but the architecture gives {expected}")
     z_dim = config.get("z_dim", 16)
     for field in ("latents_mean", "latents_std"):
-        if field not in config or len(config[field]) != z_dim:
-            raise ValueError(f"{str(path)!r}: config {field} must list z_dim={z_dim} values, got {config.get(field)!r}")
+        values = config.get(field)
+        # NaN or inf (json takes them) would make every latent NaN, in training data and generation alike
+        finite = isinstance(values, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+        )
+        if not finite or len(values) != z_dim:
+            raise ValueError(f"{str(path)!r}: config {field} must list z_dim={z_dim} finite numbers, got {values!r}")
     if any(s <= 0 for s in config["latents_std"]):
         raise ValueError(f"{str(path)!r}: config latents_std must be positive, got {config['latents_std']}")
 
@@ -203,8 +214,10 @@ class VideoVAE(FrozenPretrained):
         another class or a VAE that is not 4x temporal / 16x spatial with per-channel statistics.
         """
         config = read_diffusers_config(path, "AutoencoderKLWan")
-        _check_architecture(config, path)
         from diffusers import AutoencoderKLWan
+
+        check_declared_size(AutoencoderKLWan, config, path)  # builds as diffusers will, allocating nothing
+        _check_architecture(config, path)
 
         return cls(load_local_diffusers(AutoencoderKLWan, path, dtype=dtype, device=device), patch)
 

@@ -13,10 +13,12 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron_cosmos3.data.clips import check_clip_bytes
+from megatron_cosmos3.data.determinism import seed_problem
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.schema import DURATION_RANGE_S, FPS_RANGE
 from megatron_cosmos3.encoders.pseudo_actions import get_layout
 from megatron_cosmos3.inference.solvers import SOLVERS
+from megatron_cosmos3.model.config import merge_config_layer
 from megatron_cosmos3.world.agents import EMBODIMENT_RATES
 from megatron_cosmos3.world.config import WorldConfig
 from megatron_cosmos3.world.environment import TASKS as ENVIRONMENT_TASKS
@@ -85,6 +87,10 @@ class SuiteConfig:
                 f"eval suite: closed_loop_tasks={list(self.closed_loop_tasks)}: must name each of "
                 f"{list(ENVIRONMENT_TASKS)} at most once"
             )
+        for name in ("world_seed", "seed", "chance_seed"):
+            problem = seed_problem(name, getattr(self, name))
+            if problem:
+                raise ValueError(f"eval suite: {problem}")
         episodes = self.closed_loop_episodes
         if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 0:
             raise ValueError(f"eval suite: closed_loop_episodes={episodes!r} must be an integer >= 0")
@@ -110,9 +116,18 @@ class SuiteConfig:
                 f"eval suite: fps={self.fps} must be in {list(FPS_RANGE)} and duration_s={self.duration_s} at most "
                 f"{DURATION_RANGE_S[1]:g} (the shards' ranges)"
             )
+        if self.closed_loop_horizon_s > DURATION_RANGE_S[1]:
+            raise ValueError(
+                f"eval suite: closed_loop_horizon_s={self.closed_loop_horizon_s} is at most {DURATION_RANGE_S[1]:g} "
+                "(the shards' longest clip)"
+            )
         count, side = round(frames) + 1, self.resolution
-        try:  # a clip the shards could hold: a crafted size cannot allocate without bound
+        episode = math.ceil(self.closed_loop_horizon_s * self.fps) + 1  # an episode's recorded frames
+        try:  # clips the shards could hold: a crafted size cannot allocate without bound
             check_clip_bytes(count * side * side * 3, f"{count} frames of {side}x{side}", "resolution x duration_s")
+            check_clip_bytes(
+                episode * side * side * 3, f"{episode} frames of {side}x{side}", "resolution x closed_loop_horizon_s"
+            )
         except SampleError as error:
             raise ValueError(f"eval suite: {error}") from None
 
@@ -162,9 +177,9 @@ def load_suite_config(yaml_path: str | None = None, overrides: list[str] | None 
     merged = OmegaConf.structured(SuiteConfig)
     try:
         if yaml_path:
-            merged = OmegaConf.merge(merged, OmegaConf.load(yaml_path))
+            merged = merge_config_layer(merged, OmegaConf.load(yaml_path))
         if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            merged = merge_config_layer(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)
     except (OmegaConfBaseException, UnicodeDecodeError) as error:  # names the key (or the byte), on one line
         message = " ".join(str(error).split())

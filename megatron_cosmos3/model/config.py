@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 
 from megatron_cosmos3.model.attention import ATTENTION_BACKENDS
@@ -345,12 +345,46 @@ def merge_config_layer(merged, layer, prefix: str = "", given: Iterable[str] | N
     replaces ``merged``'s instead of merging into it. ``prefix``: where the model config sits in
     both (``"model."`` in a training config); ``given``: only the keys ``layer`` gives whole (an
     override list's ``key=`` names), None for every one it sets (a file)."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
+    if not isinstance(layer, DictConfig):  # a YAML list: OmegaConf named 'Index 'data' (str) is not an int'
+        raise ValueError(
+            f"holds a YAML {type(layer).__name__.removesuffix('Config').lower()}, not a mapping of settings"
+        )
+    problem = _container_mismatch(merged, layer)
+    if problem:
+        raise ValueError(problem)
     for key in (prefix + name for name in WHOLE_MAPPINGS):
         if (given is None or key in given) and OmegaConf.select(layer, key, default=None) is not None:
             OmegaConf.update(merged, key, {}, merge=False)
     return OmegaConf.merge(merged, layer)
+
+
+def _container_mismatch(merged, layer, path: str = "") -> str | None:
+    """The first key of ``layer`` that gives a mapping where ``merged`` holds a list or a list where
+    it holds a mapping, named with both kinds; None where there is none. OmegaConf's own error was
+    'Cannot merge incompatible container types', naming no key (a TypeError, for an override)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    for key in layer.keys():
+        if not isinstance(key, str) or key not in merged:
+            continue  # an unknown key: OmegaConf names it, with the nearest known one
+        target, value = merged._get_node(key), layer._get_node(key)
+        where = f"{path}{key}"
+        if isinstance(target, ListConfig) and isinstance(value, DictConfig):
+            return f"{where}: a mapping where a list belongs, got {value}"
+        if isinstance(target, DictConfig) and isinstance(value, ListConfig):
+            return f"{where}: a list where a mapping belongs, got {value}"
+        if isinstance(target, DictConfig) and isinstance(value, DictConfig):
+            if target._is_none():  # an optional section left null (eval.suite): its dataclass's fields
+                ref = target._metadata.ref_type
+                if not is_dataclass(ref):
+                    continue
+                target = OmegaConf.structured(ref)
+            found = _container_mismatch(target, value, f"{where}.")
+            if found:
+                return found
+    return None
 
 
 def load_model_config(path: str | Path) -> MoTConfig:

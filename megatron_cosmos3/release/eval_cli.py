@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -30,7 +29,7 @@ from megatron_cosmos3.eval_suite.config import SUITE_TASKS, SuiteConfig, load_su
 from megatron_cosmos3.eval_suite.media import write_media
 from megatron_cosmos3.eval_suite.suite import EvalSuite, SuiteResult
 from megatron_cosmos3.parallel.sizes import ParallelSizes
-from megatron_cosmos3.release.generate_cli import RequestError, add_timeout_argument, merged_action_stats
+from megatron_cosmos3.release.generate_cli import RequestError, add_timeout_argument, merged_action_stats, remove_output
 from megatron_cosmos3.release.trained import LOAD_ERRORS, TrainedModel, load_trained_model
 from megatron_cosmos3.training.distributed import init_distributed
 from megatron_cosmos3.training.tracking import MLflowTracker
@@ -107,9 +106,9 @@ def out_problem(out: Path, checkpoint: str | Path, overwrite: bool) -> str | Non
 
 def clear_earlier_outputs(out: Path) -> None:
     """Removes an earlier run's ``report.json`` and ``media/`` from ``out`` (``--overwrite``), nothing else."""
-    (out / REPORT_FILE).unlink(missing_ok=True)
-    if (out / "media").is_dir():
-        shutil.rmtree(out / "media")
+    # as generate's --overwrite: a link is removed, never followed (rmtree refused one: a traceback)
+    remove_output(out / REPORT_FILE)
+    remove_output(out / "media")
 
 
 def write_outputs(result: SuiteResult, out: Path, media: bool) -> Path:

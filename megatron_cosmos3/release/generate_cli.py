@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_cosmos3.data.determinism import seed_problem
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.latent_encoders import latent_encoder_from_config
 from megatron_cosmos3.data.media import decode_image, decode_npy
@@ -111,6 +112,9 @@ class RequestSpec:
             _check_kind(key, value, _KINDS.get(key, str if key in INPUT_FILES else None), where)
         if "resolution" in given:
             given["resolution"] = _resolution(given["resolution"], f"{where}: resolution")
+        problem = seed_problem("seed", given.get("seed", 0))
+        if problem:
+            raise RequestError(f"{where}: {problem}")
         files = {role: given.pop(role) for role in INPUT_FILES if role in given}
         return cls(given, files, _folder_name(given.pop("name", None), where), base)
 
@@ -151,13 +155,19 @@ def _check_kind(key: str, value: Any, kind: type | None, where: str) -> None:
         raise RequestError(f"{where}: {key}={value!r} must be {want}")
 
 
+def remove_output(path: Path) -> None:
+    """Removes what an earlier run wrote at ``path``: a folder with what it holds, a file, or a link
+    (only the link: never what it points to, which may lie outside the output folder)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 def _emptied(folder: Path) -> Path:
     """``folder`` with nothing in it: what an earlier request of its name wrote is removed (only
     reached with ``--overwrite``, or where the folder is empty)."""
-    if folder.is_dir() and not folder.is_symlink():
-        shutil.rmtree(folder)
-    elif folder.exists() or folder.is_symlink():
-        folder.unlink()
+    remove_output(folder)
     return folder
 
 
@@ -299,6 +309,9 @@ def run_requests(
         _trained_check(spec, trained, where)
         (text if spec.task in TEXT_TASKS else dm).append(i)
         length = len(tokenizer.encode(spec.settings.get("prompt", "")))
+        if spec.task in TEXT_TASKS and length == 0 and "image" not in spec.files:
+            # generate_text refuses a prompt of nothing, but only after the DM requests were written
+            raise RequestError(f"{where}: task {spec.task!r} needs a question (prompt) or an image; it has neither")
         if length > max_text:
             log.warning(
                 "%s: its prompt of %d tokens is cut to the first %d (the run's data.packing.max_text_tokens, "

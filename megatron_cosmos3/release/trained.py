@@ -30,10 +30,14 @@ from megatron_cosmos3.checkpoint.safe_reader import (
     MANIFEST,
     CheckpointCorruptError,
     UnsafeCheckpointError,
-    verify_checkpoint,
 )
 from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes
-from megatron_cosmos3.checkpoint.weights_folder import fill_parameters, is_weights_folder, load_weights_folder
+from megatron_cosmos3.checkpoint.weights_folder import (
+    fill_parameters,
+    is_weights_folder,
+    load_weights_folder,
+    verify_weights_folder,
+)
 from megatron_cosmos3.conversion.mot_folder import CONFIG_FILE
 from megatron_cosmos3.conversion.safetensors_io import ConversionError
 from megatron_cosmos3.data.loader import datasets_action_stats
@@ -176,9 +180,13 @@ def _parse_config(text: str, source: str) -> TrainConfig:
 def _release_config(folder: Path) -> tuple[TrainConfig, int | None]:
     """The release folder's config (paths it stores relative to itself resolved), or, for a
     weights folder ``conversion import`` wrote, the default config around its ``model.yaml``."""
-    if (folder / MANIFEST).is_file():
-        verify_checkpoint(folder)
+    verified = verify_weights_folder(folder)
     info = _release_info(folder)
+    if info and not verified:  # export always writes checksums: without them nothing can be verified
+        raise CheckpointLoadError(
+            f"release folder {folder}: {RELEASE_INFO} but no {MANIFEST}: the release's files cannot be verified "
+            "(a damaged or altered release; export it again)"
+        )
     if info and not (folder / RELEASE_CONFIG).is_file():
         raise CheckpointLoadError(
             f"release folder {folder}: no {RELEASE_CONFIG} (the run's resolved training config), which loading needs "

@@ -13,10 +13,11 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfig
+from megatron_cosmos3.data.determinism import seed_problem
 from megatron_cosmos3.eval_suite.config import SuiteConfig, check_model_embodiments
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig, merge_config_layer
 from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig
@@ -95,8 +96,10 @@ class SyntheticDataConfig:
     def __post_init__(self) -> None:
         from megatron_cosmos3.data.synthetic_packs import SUPPORTED_TASKS
 
+        if not self.tasks:  # it was named as 'unknown tasks []'
+            raise ValueError(f"synthetic.tasks is empty; name one or more of {list(SUPPORTED_TASKS)}")
         unknown = sorted(set(self.tasks) - set(SUPPORTED_TASKS))
-        if unknown or not self.tasks:
+        if unknown:
             raise ValueError(f"synthetic.tasks: unknown tasks {unknown} (known: {list(SUPPORTED_TASKS)})")
         if self.samples_per_pack < 1 or self.scale < 1:
             raise ValueError(f"synthetic: samples_per_pack={self.samples_per_pack} and scale={self.scale} must be >= 1")
@@ -247,6 +250,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.log_every < 1:
             raise ValueError(f"steps={self.steps} and log_every={self.log_every} must be >= 1")
+        for name, value in (
+            ("seed", self.seed),
+            ("data.seed", self.data.seed),
+            ("data.encoders.pooled_seed", self.data.encoders.pooled_seed),
+        ):
+            problem = seed_problem(name, value)
+            if problem:
+                raise ValueError(problem)
         if self.data_source not in ("synthetic", "shards"):
             raise ValueError(f"data_source={self.data_source!r} is not one of ('synthetic', 'shards')")
         if self.data_source == "shards":
@@ -289,6 +300,11 @@ class TrainConfig:
         clash = sorted(set(self.stage.new_embodiments) & set(self.model.embodiments))
         if clash:
             raise ValueError(f"stage.new_embodiments {clash} are already model.embodiments")
+        if self.stage.new_embodiments:  # checked as the model's own are (a width of 0 was found at build)
+            try:
+                _ = self.stage_model  # MoTConfig checks every embodiment
+            except ValueError as error:
+                raise ValueError(f"stage.new_embodiments: {error}") from None
         self._check_action_tasks()
         if self.eval.every and self.data_source == "shards":
             self.held_out_data().validate()
@@ -469,6 +485,8 @@ REMOVED_KEYS = {
 
 
 def _refuse_removed_keys(node, source: str) -> None:
+    if not isinstance(node, DictConfig):  # a YAML list: merge_config_layer names it
+        return
     for key, instead in REMOVED_KEYS.items():
         if OmegaConf.select(node, key, default=None) is not None:
             raise ValueError(f"{key} (in {source}) is no longer a setting: {instead}")

@@ -27,7 +27,12 @@ from torch import nn
 from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, CheckpointSaveError, ResumeError, inventory
 from megatron_cosmos3.checkpoint.finite import require_finite_weights
 from megatron_cosmos3.checkpoint.resume import resume_from
-from megatron_cosmos3.checkpoint.weights_folder import check_same_architecture, is_weights_folder, load_weights_folder
+from megatron_cosmos3.checkpoint.weights_folder import (
+    check_same_architecture,
+    is_weights_folder,
+    load_weights_folder,
+    verify_weights_folder,
+)
 from megatron_cosmos3.data.latent_encoders import latent_encoder_from_config
 from megatron_cosmos3.data.loader import datasets_action_stats
 from megatron_cosmos3.data.tokenizer import build_tokenizer
@@ -108,20 +113,42 @@ def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
+def _multiplier_matches(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, f"*{pattern}*")
+
+
+def check_stage_patterns(names: list[str], config: TrainConfig) -> None:
+    """ValueError naming each ``stage.freeze`` / ``stage.lr_multipliers`` pattern that matches no
+    parameter of ``names`` (the whole model's): a typo ('layer.*' for 'layers.*') froze or slowed
+    nothing, without a word, and the stage trained what it meant to keep."""
+    unmatched = [
+        f"stage.freeze pattern {pattern!r}"
+        for pattern in config.stage.freeze
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names)
+    ]
+    unmatched += [
+        f"stage.lr_multipliers pattern {pattern!r}"
+        for pattern in config.stage.lr_multipliers
+        if not any(_multiplier_matches(name, pattern) for name in names)
+    ]
+    if unmatched:
+        tops = sorted({name.split(".")[0] for name in names})
+        raise ValueError(f"{', '.join(unmatched)} matches no parameter of the model (its parameters start with {tops})")
+
+
 def stage_param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
-    """Freezes what the stage freezes; one optimizer group per learning-rate multiplier."""
+    """Freezes what the stage freezes; one optimizer group per learning-rate multiplier. The model's
+    parameters are all named here, a pipeline rank's others on the meta device, so a pattern that
+    matches none of them is refused alike on every rank (``check_stage_patterns``)."""
+    # every name, a tied weight's second one too (lm_head.weight tied to embed_tokens.weight)
+    check_stage_patterns([name for name, _ in model.named_parameters(remove_duplicate=False)], config)
     by_multiplier: dict[float, list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if _matches(name, config.stage.freeze):
             param.requires_grad_(False)
             continue
         multiplier = next(
-            (
-                m
-                for pattern, m in config.stage.lr_multipliers.items()
-                if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, f"*{pattern}*")
-            ),
-            1.0,
+            (m for pattern, m in config.stage.lr_multipliers.items() if _multiplier_matches(name, pattern)), 1.0
         )
         by_multiplier.setdefault(multiplier, []).append(param)
     if not by_multiplier:
@@ -260,6 +287,7 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
         source = Path(config.stage.init_from)
         new = tuple(f"dm_streams.action_{d}.{name}." for name in config.stage.new_embodiments for d in ("in", "out"))
         if is_weights_folder(source):  # e.g. Qwen3-VL imported by `python -m megatron_cosmos3.conversion import`
+            verify_weights_folder(source)  # a release folder's checksums, as cosmos3-generate checks them
             with run.plan.writing_weights() as owner:
                 load_weights_folder(source, owner, config.model, run.plan.groups, allow_missing=new)
                 require_finite_weights(owner, source, "stage.init_from", NAN_START)

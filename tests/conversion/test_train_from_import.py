@@ -301,6 +301,25 @@ def test_a_crafted_weights_folder_is_refused_naming_the_file(imported, tmp_path,
         load_weights_folder(folder, MoTModel(copy.deepcopy(config)), config, None)
 
 
+def test_a_release_folder_whose_file_fails_its_checksum_is_refused_as_a_stage_start(imported, tmp_path):
+    """stage.init_from read a release folder's weights without its checksums.json (cosmos3-generate
+    checks them): a damaged shard whose values stayed finite started the stage from wrong weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from megatron_cosmos3.checkpoint.safe_reader import CheckpointCorruptError, write_manifest
+    from megatron_cosmos3.conversion.safetensors_io import SINGLE_FILE
+
+    folder = Path(shutil.copytree(imported, tmp_path / "release"))
+    write_manifest(folder, extra=tuple(p.name for p in folder.iterdir() if p.is_file()))  # as export seals it
+    tensors = load_file(str(folder / SINGLE_FILE))
+    tensors["embed_tokens.weight"][0, 0] += 1.0  # finite: nothing but the checksum can tell
+    save_file(tensors, str(folder / SINGLE_FILE), metadata={"format": "pt"})
+    config = stage_config(folder, tmp_path / "run", "model.vision=null")
+    refused_at_start(config, CheckpointCorruptError, rf"file {SINGLE_FILE} .*does not match its sha256 checksum")
+
+
 def test_weights_holding_nan_or_inf_are_refused_at_load_naming_the_tensor(imported, tmp_path):
     """Not left to the non-finite-step guard after max_consecutive_nonfinite_steps steps (the same folder,
     finite, starts: test_one_process_starts_from_the_imported_weights)."""

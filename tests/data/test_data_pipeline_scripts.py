@@ -125,6 +125,8 @@ def test_a_manifest_of_loose_files_becomes_validated_shards(tmp_path):
     [
         ("generate_world", ["{tmp}/new", "--samples", "-3"], "samples=-3, shard_size=32 and workers=1 must be >= 1"),
         ("generate_world", ["{tmp}/new", "--shard-size", "0"], "shard_size=0"),
+        # numpy's 'expected non-negative integer', from inside a worker, named no flag
+        ("generate_world", ["{tmp}/new", "--seed", "-1"], "seed=-1 must be an integer in [0, 2**63 - 1]"),
         ("generate_world", ["{tmp}/new", "--duration", "-1"], "duration_s=-1.0 must be > 0"),
         ("generate_world", ["{tmp}", "--samples", "2"], "already holds a finished dataset"),
         ("encode_shards", ["{tmp}/raw", "{tmp}/new"], "encoders.online=true needs"),
@@ -167,6 +169,9 @@ def test_a_crafted_manifest_entry_is_a_counted_skip_and_never_a_member_leading_o
         json.dumps({"key": "good", **still}),
         *(json.dumps({"key": key, **still}) for key in ("../../evil", "/tmp/evil", "a.b", "", 7)),
         json.dumps({"key": "number", "caption": "x", "image": 5}),
+        # a field given twice was read as its last value: which picture was meant cannot be told
+        '{"key": "twice", "caption": "a still", "image": "still.png", "image": "other.png"}',
+        '{"key": "nan", "caption": "a still", "image": "still.png", "fps": NaN}',
         "[1, 2]",
         "null",
         "[" * 100_000,

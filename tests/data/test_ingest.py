@@ -9,6 +9,7 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -303,6 +304,13 @@ HOSTILE_LEROBOT = {
         r"episodes\.jsonl: not a readable UTF-8 file \(UnicodeDecodeError",
     ),
     "episodes a folder": ({}, "folder", r"episodes\.jsonl: not a readable UTF-8 file \(IsADirectoryError"),
+    # a key given twice was read as its last value: which episode or fps was meant cannot be told
+    "episodes giving a key twice": (
+        {},
+        b'{"episode_index": 0, "episode_index": 1}',
+        r"episodes\.jsonl, line 1: not JSON \(ValueError: key\(s\) \['episode_index'\] given twice",
+    ),
+    "info giving a key twice": ("fps twice", None, r"info\.json: not a readable JSON file .*\['fps'\] given twice"),
 }
 
 
@@ -315,9 +323,12 @@ def test_a_crafted_lerobot_info_or_episode_list_is_one_error_naming_the_file_bef
     shutil.copytree(lerobot[0], root)
     change, episodes, message = HOSTILE_LEROBOT[case]
     info = json.loads((root / "meta" / "info.json").read_text())
-    if "camera" in change:
-        info["features"] = {change.pop("camera"): {"dtype": "video"}, **info["features"]}
-    (root / "meta" / "info.json").write_text(json.dumps({**info, **change}))
+    if change == "fps twice":
+        (root / "meta" / "info.json").write_text(json.dumps(info)[:-1] + ', "fps": 30}')
+    else:
+        if "camera" in change:
+            info["features"] = {change.pop("camera"): {"dtype": "video"}, **info["features"]}
+        (root / "meta" / "info.json").write_text(json.dumps({**info, **change}))
     if episodes == "folder":
         (root / "meta" / "episodes.jsonl").unlink()
         (root / "meta" / "episodes.jsonl").mkdir()
@@ -326,6 +337,39 @@ def test_a_crafted_lerobot_info_or_episode_list_is_one_error_naming_the_file_bef
     with pytest.raises(ValueError, match=message):
         ingest.ingest_lerobot(root, tmp_path / "out", "toy_arm")
     assert not (tmp_path / "out" / "index.json").exists()
+
+
+@pytest.mark.parametrize(
+    "stamps",
+    [pa.array(["soon"] * FRAMES), pa.array([[i / FPS] for i in range(FRAMES)])],
+    ids=["text", "lists"],
+)
+def test_an_episode_whose_timestamps_are_no_seconds_is_a_counted_skip(lerobot, tmp_path, stamps):
+    """A timestamp column of text was a raw ValueError ('could not convert string to float') and one
+    of lists a TypeError, either ending the ingestion without naming the episode or its file."""
+    ingest = load_script("ingest_lerobot")
+    root = tmp_path / "arm_push"
+    shutil.copytree(lerobot[0], root)
+    path = root / "data" / "chunk-000" / "episode_000001.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table.set_column(table.column_names.index("timestamp"), "timestamp", stamps), path)
+    assert ingest.ingest_lerobot(root, tmp_path / "out", "toy_arm") == {"bad_metadata": 1}
+    assert ShardIndex.load(tmp_path / "out").total_samples == 2
+
+
+@pytest.mark.parametrize("shape", ["7", None, [7, "x"]])
+def test_an_end_effector_feature_of_no_shape_is_an_error_naming_it(lerobot, tmp_path, shape):
+    """--eef-key's feature width came from np.prod(shape): a text or null shape was a raw
+    TypeError; it is now the error the action feature's shape gives, naming the feature."""
+    ingest = load_script("ingest_lerobot")
+    root = tmp_path / "arm_push"
+    shutil.copytree(lerobot[0], root)
+    info = json.loads((root / "meta" / "info.json").read_text())
+    info["features"]["observation.eef"]["shape"] = shape
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    message = f"--eef-key='observation.eef': features['observation.eef'] shape={shape!r} must be a list of ints > 0"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ingest.ingest_lerobot(root, tmp_path / "out", "", eef_key="observation.eef")
 
 
 def test_a_folder_of_videos_with_captions_becomes_shards(tmp_path):
@@ -379,7 +423,9 @@ def test_a_caption_sidecar_nested_past_the_parser_is_a_counted_skip_and_a_bad_ca
     (folder / "a.mp4").write_bytes(encode_mp4(_frames(0, 4), FPS))
     (folder / "deep.mp4").write_bytes((folder / "a.mp4").read_bytes())
     (folder / "deep.json").write_bytes(b"[" * 100_000)
-    assert ingest.ingest_videos(folder, tmp_path / "shards") == {"bad_metadata": 1}
+    (folder / "twice.mp4").write_bytes((folder / "a.mp4").read_bytes())
+    (folder / "twice.json").write_text('{"caption": "a ramp", "caption": "a wall"}')  # which one was meant?
+    assert ingest.ingest_videos(folder, tmp_path / "shards") == {"bad_metadata": 2}
     assert ShardIndex.load(tmp_path / "shards").total_samples == 1
     captions = tmp_path / "captions.jsonl"
     for data, message in (
@@ -393,6 +439,49 @@ def test_a_caption_sidecar_nested_past_the_parser_is_a_counted_skip_and_a_bad_ca
         else:
             captions.write_bytes(data)
         with pytest.raises(ValueError, match=rf"--captions={captions}(, line 1)?: {message}"):
+            ingest.ingest_videos(folder, tmp_path / "out", captions)
+
+
+def test_links_fifos_and_unreadable_files_of_a_video_folder_are_counted_skips(tmp_path, monkeypatch):
+    """A video the process may not read (chmod 000 for another user; root reads it, so the read is
+    made to fail) or an unreadable caption sidecar ended the run with a raw PermissionError; a FIFO,
+    a dangling link and a link to a folder (a loop back to the folder here) were dropped without a
+    word. Each is now a counted, logged skip; a --captions file giving a key twice or listing a file
+    twice (the last one won, silently) is an error naming the line."""
+    import os
+
+    ingest = load_script("ingest_videos")
+    folder = tmp_path / "videos"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("a.mp4", "locked.mp4", "b.mp4"):
+        (folder / name).write_bytes(encode_mp4(_frames(0, 4), FPS))
+    (folder / "b.txt").write_text("a ramp")
+    os.mkfifo(folder / "pipe.mp4")
+    os.symlink(tmp_path / "nowhere.mp4", folder / "dangling.mp4")
+    os.symlink("..", folder / "sub" / "loop")
+    real_read_bytes, real_read_text = Path.read_bytes, Path.read_text
+
+    def refused(real):
+        def read(self, *args, **kwargs):
+            if self.name in ("locked.mp4", "b.txt"):
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self, *args, **kwargs)
+
+        return read
+
+    monkeypatch.setattr(Path, "read_bytes", refused(real_read_bytes))
+    monkeypatch.setattr(Path, "read_text", refused(real_read_text))
+    skipped = ingest.ingest_videos(folder, tmp_path / "shards")
+    assert skipped == {"corrupt_media": 1, "bad_metadata": 1, "not_a_video": 3}
+    assert ShardIndex.load(tmp_path / "shards").total_samples == 1  # a.mp4
+    monkeypatch.undo()
+    captions = tmp_path / "captions.jsonl"
+    for line, message in (
+        ('{"file": "a.mp4", "caption": "x", "caption": "y"}', r"key\(s\) \['caption'\] given twice"),
+        ('{"file": "a.mp4", "caption": "x"}\n{"file": "a.mp4", "caption": "y"}', "file 'a.mp4' is listed twice"),
+    ):
+        captions.write_text(line)
+        with pytest.raises(ValueError, match=rf"--captions={captions}, line \d: not .*{message}"):
             ingest.ingest_videos(folder, tmp_path / "out", captions)
 
 

@@ -151,3 +151,23 @@ def test_a_crafted_loader_state_in_a_checkpoint_is_a_value_error(blob, message):
         with pytest.raises(ValueError, match=message):
             loader.load_state_json(blob)
         loader.load_state_json(json.dumps(loader.state_dict()).encode())  # control: a real state loads
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"tokens": float("nan")}, r"loader state is not JSON \(ValueError: NaN is not a JSON number"),
+        ({"packs": "many"}, r"loader state packs='many' must be an int >= 0"),
+        ({"cropped": -1}, r"loader state cropped=-1 must be an int >= 0"),
+        ({"exhausted": "no"}, r"loader state exhausted='no' must be true or false"),
+    ],
+)
+def test_a_loader_state_of_nan_or_wrong_counts_is_refused_on_resume(change, message):
+    """A NaN token count was taken as it was (the resumed run's packing efficiency was NaN from then
+    on), and counts of another kind failed or miscounted later, in the run."""
+    with PackedLoader(data_config([str(tiny_world()["latent"])]), model_config()) as loader:
+        next(loader)
+        state = loader.state_dict()
+        with pytest.raises(ValueError, match=message):
+            loader.load_state_json(json.dumps({**state, **change}).encode())
+        loader.load_state_json(json.dumps(state).encode())  # control: the state unchanged loads

@@ -56,6 +56,16 @@ def test_vae_that_is_not_48k_stereo_hop_1920_is_refused(tmp_path, overrides, mes
         AudioVAE.from_pretrained(tmp_path)
 
 
+def test_a_crafted_size_in_the_config_is_refused_before_anything_is_allocated(tmp_path):
+    """A decoder of a million channels (a few bytes of config.json) was built, terabytes, before its
+    weights were found missing."""
+    _save_tiny_oobleck(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "decoder_channels": 10**6}))
+    with pytest.raises(ValueError, match=r"declares [\d,]+ parameters of AutoencoderOobleck .* not its weights"):
+        AudioVAE.from_pretrained(tmp_path)
+
+
 def test_folder_that_is_not_an_audio_vae_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         AudioVAE.from_pretrained(tmp_path)

@@ -46,6 +46,14 @@ def cases():
         ({"resolution": 32 * 10**6}, "above clips.MAX_CLIP_BYTES"),
         ({"duration_s": 1e9}, "duration_s=1000000000.0 at most 86400"),
         ({"fps": 1e9}, "fps=1000000000.0 must be in [0.1, 1000.0]"),
+        # An episode's length: 1e300 s was numpy's 'Maximum allowed size exceeded' in the chance
+        # policy's actions, after the model's episodes; a day of 2048x2048 frames is 1.2 TB recorded.
+        ({"closed_loop_horizon_s": 1e300}, "closed_loop_horizon_s=1e+300 is at most 86400"),
+        ({"closed_loop_horizon_s": 86400.0, "resolution": 2048}, "resolution x closed_loop_horizon_s: the clip is"),
+        # numpy refuses a negative world seed, torch one past 64 bits, deep inside the suite's run
+        ({"world_seed": -3}, "world_seed=-3 must be an integer in [0, 2**63 - 1]"),
+        ({"chance_seed": 2**64}, "chance_seed=18446744073709551616 must be an integer"),
+        ({"seed": -1}, "seed=-1 must be an integer"),
     ],
 )
 def test_a_bad_config_value_is_an_error_naming_the_field_and_value(change, message):
@@ -68,6 +76,8 @@ def test_the_config_loads_from_yaml_and_overrides(tmp_path):
     for text, key in (
         (b"media: maybe\n", "full_key: media"),
         (b"tasks: policy\n", "full_key: tasks"),
+        (b"closed_loop_tasks: {a: 1}\n", "closed_loop_tasks: a mapping where a list belongs"),  # named no key
+        (b"- tasks\n", "holds a YAML list, not a mapping of settings"),
         (b"steps: \xff\n", "0xff"),
         (b"steps: 1" + b"0" * 5000 + b"\n", "4300 digits"),  # Python's int() refused it, naming no file
     ):

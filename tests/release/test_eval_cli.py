@@ -204,3 +204,12 @@ def test_overwrite_replaces_only_an_earlier_report_and_media(tmp_path, capsys):
     assert (tmp_path / "report.json").exists() and (tmp_path / "media" / "policy").is_dir()
     clear_earlier_outputs(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    # media/ a link to a folder elsewhere (rmtree refused it: an OSError traceback), report.json a
+    # folder (unlink refused it): each is removed, the link's target left as it was.
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep.txt").write_text("not ours")
+    (tmp_path / "media").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "report.json").mkdir()
+    clear_earlier_outputs(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "notes.txt"]
+    assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "not ours"

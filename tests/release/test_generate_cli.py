@@ -291,6 +291,9 @@ def test_damaged_or_unusable_conditioning_audio_is_an_error_naming_the_file(tmp_
         ),
         (b'{"task": "text_to_video", "fps": "0"}', ":1: fps='0' must be a positive number or fraction 'N/D'"),
         (b'{"task": "understanding", "max_new_tokens": 1.5}', ":1: max_new_tokens=1.5 must be an integer"),
+        # torch's 'Overflow when unpacking long long', named nothing; 2**64 drew the noise seed 0 draws
+        (b'{"task": "understanding", "seed": 18446744073709551616}', ":1: seed=18446744073709551616 must be"),
+        (b'{"task": "text_to_video", "seed": -1}', ":1: seed=-1 must be an integer in [0, 2**63 - 1]"),
         (b'{"task": "image_to_video", "image": ["a.png"]}', ":1: image=['a.png'] must be a string"),
         (b'{"task": "text_to_image", "resolution": [32.7, 32]}', ":1: resolution=[32.7, 32]: expected HEIGHTxWIDTH"),
         (b'{"task": "text_to_image", "resolution": [true, 32]}', ":1: resolution=[True, 32]: expected HEIGHTxWIDTH"),
@@ -354,6 +357,12 @@ def test_a_request_too_long_or_too_large_or_a_bad_late_input_writes_nothing(chec
             run_requests(trained, read_requests(write_requests(inputs, [request])), tmp_path, None, write=True)
     mixed = write_requests(inputs, [REQUESTS[0], {"task": "understanding", "image": "missing.png"}])
     with pytest.raises(RequestError, match="image='.*missing.png' is not a file"):
+        run_requests(trained, read_requests(mixed), tmp_path / "out", None, write=True)
+    assert not (tmp_path / "out").exists()
+    # An understanding request of no question and no picture failed in generate_text, naming no
+    # request, after the video request's folder was written.
+    mixed = write_requests(inputs, [REQUESTS[0], {"task": "understanding", "prompt": ""}])
+    with pytest.raises(RequestError, match=r"request 001_understanding: .* needs a question \(prompt\) or an image"):
         run_requests(trained, read_requests(mixed), tmp_path / "out", None, write=True)
     assert not (tmp_path / "out").exists()
     (tmp_path / "out" / "kept").mkdir(parents=True)

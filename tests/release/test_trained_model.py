@@ -407,6 +407,15 @@ def test_named_errors(run, trained, release, tmp_path):
         load_trained_model(no_config)
 
 
+def test_a_release_folder_without_its_checksums_is_refused(release, tmp_path):
+    """Export always writes checksums.json; a release folder (its release.json says so) without one
+    loaded with nothing verified, whatever its files had become."""
+    crafted = Path(shutil.copytree(release, tmp_path / "release"))
+    (crafted / MANIFEST).unlink()
+    with pytest.raises(CheckpointLoadError, match=rf"release folder {crafted}: release.json but no {MANIFEST}"):
+        load_trained_model(crafted)
+
+
 def test_a_release_folder_missing_a_tensor_is_named_as_the_checkpoint_given(release, tmp_path):
     """The error names what the user passed (the commands' --checkpoint), not a training setting."""
     from megatron_cosmos3.checkpoint.checkpointer import MissingParametersError

@@ -70,6 +70,20 @@ def test_a_vit_whose_tokens_do_not_cover_the_datas_picture_grid_is_refused_when_
         ("model.num_layers=1000000000", r"MoTConfig: num_layers=1000000000 is above 1,024"),
         ("model.vocab_size=10000000000", r"MoTConfig: vocab_size=10000000000 is above 4,194,304"),
         ("model.num_experts=100000000", r"MoTConfig: num_experts=100000000 must be 0 or an int in 1..4,096"),
+        # Seeds torch or numpy refuse ('Overflow when unpacking long long' at the first manual_seed), or
+        # that hash64 would alias (2**64 draws what 0 draws).
+        ("seed=18446744073709551616", r"^seed=18446744073709551616 must be an integer in \[0, 2\*\*63 - 1\]"),
+        ("data.seed=-1", r"^data.seed=-1 must be an integer"),
+        ("data.encoders.pooled_seed=-1", r"^data.encoders.pooled_seed=-1 must be an integer"),
+        ("synthetic.tasks=[]", r"^synthetic.tasks is empty; name one or more of \['understanding'"),
+        # A stage's new embodiment passed the config and failed when the model was built, in the run.
+        ("stage.new_embodiments={x: {action_dim: 0}}", r"stage.new_embodiments: MoTConfig: embodiments.x.action_dim"),
+        ("stage.new_embodiments={x: {rate_hz: -5}}", r"stage.new_embodiments: MoTConfig: embodiments.x.rate_hz must"),
+        # A mapping where a list belongs (or the other way) was OmegaConf's raw TypeError 'Cannot
+        # merge incompatible container types', naming no key.
+        ("stage.freeze={a: 1}", r"^stage.freeze: a mapping where a list belongs, got \{'a': 1\}"),
+        ("model.vision=[1]", r"^model.vision: a list where a mapping belongs"),
+        ("eval.suite={closed_loop_tasks: {a: 1}}", r"^eval.suite.closed_loop_tasks: a mapping where a list belongs"),
     ],
 )
 def test_bad_values_are_named_before_anything_starts(override, message):
@@ -86,6 +100,8 @@ def test_a_bad_value_in_a_yaml_file_names_the_file(tmp_path):
         ("steps: {{{: [\n", r"{layer}: ParserError"),
         ("5\n", r"{layer}: Invalid loaded object type: int"),  # was an OSError naming no file
         ("steps: ${nothere}\n", r"{layer}: Interpolation key 'nothere' not found"),  # named no file
+        ("data:\n  datasets: {world: 1}\n", r"{layer}: ValueError: data.datasets: a mapping where a list belongs"),
+        ("- data\n", r"{layer}: ValueError: holds a YAML list, not a mapping of settings"),  # was 'Index 'data''
     ):
         layer.write_text(text)
         with pytest.raises(ValueError, match=message.format(layer=layer)):

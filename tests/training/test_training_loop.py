@@ -183,6 +183,29 @@ def test_stage_that_freezes_everything_is_a_clear_error(tmp_path):
         train_module.train(config, CPU)
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("stage.freeze=['layer.*.reasoner.*']", r"stage.freeze pattern 'layer\.\*\.reasoner\.\*' matches no"),
+        ("stage.lr_multipliers={'reasonr': 0.1}", r"stage.lr_multipliers pattern 'reasonr' matches no parameter"),
+    ],
+)
+def test_a_stage_pattern_that_matches_no_parameter_is_a_clear_error(tmp_path, override, message):
+    """A typo in a freeze or learning-rate pattern froze or slowed nothing, without a word: a
+    post-training stage meant to keep the Reasoner trained it."""
+    config = config_for(tmp_path, "typo", "steps=1", override)
+    with pytest.raises(ValueError, match=message + r".*its parameters start with \[.*'layers'"):
+        train_module.train(config, CPU)
+
+
+def test_a_pattern_naming_a_tied_weight_by_its_second_name_matches(tmp_path):
+    """configs/stages/posttrain.yaml freezes 'lm_head.*': with tied embeddings that weight's only
+    name in named_parameters() is embed_tokens.weight, yet the pattern names a real parameter."""
+    config = config_for(tmp_path, "tied", "model.tie_word_embeddings=true", "stage.freeze=[lm_head.*]")
+    groups = train_module.stage_param_groups(MoTModel(copy.deepcopy(config.model)), config)
+    assert sum(len(group["params"]) for group in groups) > 0
+
+
 def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_path, monkeypatch):
     real = MicroBatches.get
     poisoned_steps = {2, 5, 6, 7}
