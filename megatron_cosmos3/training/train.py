@@ -140,15 +140,25 @@ def stage_param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     """Freezes what the stage freezes; one optimizer group per learning-rate multiplier. The model's
     parameters are all named here, a pipeline rank's others on the meta device, so a pattern that
     matches none of them is refused alike on every rank (``check_stage_patterns``)."""
-    # every name, a tied weight's second one too (lm_head.weight tied to embed_tokens.weight)
-    check_stage_patterns([name for name, _ in model.named_parameters(remove_duplicate=False)], config)
+    # every name of each parameter, a tied weight's second one too (lm_head.weight is embed_tokens.weight):
+    # a pattern naming either freezes or scales that one tensor
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    check_stage_patterns([name for aliases in names.values() for name in aliases], config)
     by_multiplier: dict[float, list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if _matches(name, config.stage.freeze):
+    for _, param in model.named_parameters():
+        aliases = names[id(param)]
+        if any(_matches(name, config.stage.freeze) for name in aliases):
             param.requires_grad_(False)
             continue
         multiplier = next(
-            (m for pattern, m in config.stage.lr_multipliers.items() if _multiplier_matches(name, pattern)), 1.0
+            (
+                m
+                for pattern, m in config.stage.lr_multipliers.items()
+                if any(_multiplier_matches(name, pattern) for name in aliases)
+            ),
+            1.0,
         )
         by_multiplier.setdefault(multiplier, []).append(param)
     if not by_multiplier:

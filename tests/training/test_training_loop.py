@@ -200,10 +200,17 @@ def test_a_stage_pattern_that_matches_no_parameter_is_a_clear_error(tmp_path, ov
 
 def test_a_pattern_naming_a_tied_weight_by_its_second_name_matches(tmp_path):
     """configs/stages/posttrain.yaml freezes 'lm_head.*': with tied embeddings that weight's only
-    name in named_parameters() is embed_tokens.weight, yet the pattern names a real parameter."""
+    name in named_parameters() is embed_tokens.weight, yet the pattern names a real parameter, and
+    freezes it (by either name), as a multiplier for 'lm_head' scales it."""
     config = config_for(tmp_path, "tied", "model.tie_word_embeddings=true", "stage.freeze=[lm_head.*]")
-    groups = train_module.stage_param_groups(MoTModel(copy.deepcopy(config.model)), config)
+    model = MoTModel(copy.deepcopy(config.model))
+    groups = train_module.stage_param_groups(model, config)
     assert sum(len(group["params"]) for group in groups) > 0
+    assert not model.embed_tokens.weight.requires_grad and model.lm_head.weight is model.embed_tokens.weight
+    config = config_for(tmp_path, "tied-lr", "model.tie_word_embeddings=true", "stage.lr_multipliers={lm_head: 0.5}")
+    groups = train_module.stage_param_groups(MoTModel(copy.deepcopy(config.model)), config)
+    scaled = next(group["params"] for group in groups if group["lr_multiplier"] == 0.5)
+    assert [p.shape for p in scaled] == [model.embed_tokens.weight.shape]
 
 
 def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_path, monkeypatch):
