@@ -49,6 +49,7 @@ ARCHITECTURE_FIELDS = (
     "moe_ffn_hidden_size",
     "moe_towers",
 )
+ROUTING_FIELDS = ("moe_top_k", "moe_ffn_hidden_size", "moe_towers")  # meaningful only with num_experts > 0
 
 
 def is_weights_folder(path: str | Path) -> bool:
@@ -80,7 +81,13 @@ def check_same_architecture(model: MoTConfig, saved: MoTConfig, where: str, sour
     def value(config: MoTConfig, name: str):
         return config.rope_sections if name == "mrope_section" else getattr(config, name)  # empty: the default
 
-    pairs = [(name, value(model, name), value(saved, name)) for name in ARCHITECTURE_FIELDS]
+    # A dense model's routing settings shape nothing: two dense models differing there are one model.
+    dense = model.num_experts == 0 and saved.num_experts == 0
+    pairs = [
+        (name, value(model, name), value(saved, name))
+        for name in ARCHITECTURE_FIELDS
+        if not (dense and name in ROUTING_FIELDS)
+    ]
     if vision:
         if saved.vision is None:
             raise ValueError(f"{where}: this model has a ViT, but the weights have none")

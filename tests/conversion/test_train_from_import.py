@@ -206,6 +206,10 @@ def test_an_empty_mrope_section_is_the_scaled_default_on_both_sides_of_the_compa
     saved = load_model_config(imported / CONFIG_FILE)
     assert saved.mrope_section == [4, 2, 2]
     check_architecture(imported, dataclasses.replace(saved, mrope_section=[]))
+    # a dense model's routing settings shape nothing; the number of experts does
+    check_architecture(imported, dataclasses.replace(saved, moe_top_k=1, moe_towers=["generator"]))
+    with pytest.raises(ValueError, match=r"model.num_experts=2, but the weights were saved with num_experts=0"):
+        check_architecture(imported, dataclasses.replace(saved, num_experts=2))
     with pytest.raises(ValueError, match=r"model.mrope_section=\[6, 1, 1\], but the weights were saved with"):
         check_architecture(imported, dataclasses.replace(saved, mrope_section=[6, 1, 1]))
     hf_config = read_hf_config(hf_folder)
