@@ -109,6 +109,13 @@ def _value(metrics: dict[str, float], name: str) -> str:
     return f"{metrics[name]:.4f}" if name in metrics else "-"
 
 
+def eval_line(step: int, steps: int, held_out: dict[str, float]) -> str:
+    """The console line of a held-out evaluation; "-" for a loss the held-out packs have no tokens of
+    (the metrics window leaves it out, as the training line's)."""
+    ce, fm = _value(held_out, "eval/loss/ce"), _value(held_out, "eval/loss/fm")
+    return f"step {step}/{steps}  eval loss {held_out['eval/loss']:.4f}  ce {ce}  fm {fm}"
+
+
 def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
@@ -614,14 +621,7 @@ def _steps(
             held_out = evaluate(run)
             if ctx.is_main:
                 tracker.log_metrics(held_out, step + 1)
-                log.info(
-                    "step %d/%d  eval loss %.4f  ce %.4f  fm %.4f",
-                    step + 1,
-                    config.steps,
-                    held_out["eval/loss"],
-                    held_out.get("eval/loss/ce", math.nan),
-                    held_out.get("eval/loss/fm", math.nan),
-                )
+                log.info("%s", eval_line(step + 1, config.steps, held_out))
             evaluate_suite(run, tracker, step + 1)
         committed = run.checkpointer.poll()
         if committed is not None and ctx.is_main:

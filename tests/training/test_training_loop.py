@@ -346,6 +346,13 @@ def test_a_model_without_embodiments_trains_its_other_tasks_and_refuses_action_t
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
 
 
+def test_the_eval_console_line_shows_a_dash_for_a_loss_the_held_out_packs_have_no_tokens_of():
+    """Held-out packs of generation tasks only have no text targets: the metrics window leaves
+    eval/loss/ce out, and the console line shows "-" for it, as the training line does (not "nan")."""
+    line = train_module.eval_line(4, 10, {"eval/loss": 0.5, "eval/loss/fm": 0.25})
+    assert line == "step 4/10  eval loss 0.5000  ce -  fm 0.2500"
+
+
 def test_held_out_loss_is_logged_changes_no_training_step_and_equals_a_recomputation(tmp_path):
     from megatron_cosmos3.objectives.losses import loss_breakdown
     from megatron_cosmos3.training.batches import held_out_batches
