@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from megatron_cosmos3.model.attention import ATTENTION_BACKENDS
@@ -375,6 +376,10 @@ def _container_mismatch(merged, layer, path: str = "") -> str | None:
             return f"{where}: a mapping where a list belongs, got {value}"
         if isinstance(target, DictConfig) and isinstance(value, ListConfig):
             return f"{where}: a list where a mapping belongs, got {value}"
+        if isinstance(target, ListConfig) and isinstance(value, ListConfig):
+            found = _list_items_mismatch(target._metadata.element_type, value, where)
+            if found:
+                return found
         if isinstance(target, DictConfig) and isinstance(value, DictConfig):
             if target._is_none():  # an optional section left null (eval.suite): its dataclass's fields
                 ref = target._metadata.ref_type
@@ -384,6 +389,29 @@ def _container_mismatch(merged, layer, path: str = "") -> str | None:
             found = _container_mismatch(target, value, f"{where}.")
             if found:
                 return found
+    return None
+
+
+def _list_items_mismatch(element_type, items, where: str) -> str | None:
+    """The first item of a list of dataclass settings (``data.datasets``, ``eval.datasets``) with a
+    key its dataclass lacks or a container of the wrong kind, named with its index: OmegaConf builds
+    each item on its own and named only the key ('full_key: shard', not which list or item)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if not is_dataclass(element_type):
+        return None
+    known = [f.name for f in fields(element_type)]
+    for index, item in enumerate(items):
+        if not isinstance(item, DictConfig):
+            continue  # a scalar where a mapping belongs: OmegaConf names the type
+        unknown = [key for key in item.keys() if key not in known]
+        if unknown:
+            close = difflib.get_close_matches(str(unknown[0]), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {known})"
+            return f"{where}[{index}]: unknown key {unknown[0]!r}{hint}"
+        found = _container_mismatch(OmegaConf.structured(element_type), item, f"{where}[{index}].")
+        if found:
+            return found
     return None
 
 

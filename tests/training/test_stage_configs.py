@@ -84,6 +84,9 @@ def test_a_vit_whose_tokens_do_not_cover_the_datas_picture_grid_is_refused_when_
         ("stage.freeze={a: 1}", r"^stage.freeze: a mapping where a list belongs, got \{'a': 1\}"),
         ("model.vision=[1]", r"^model.vision: a list where a mapping belongs"),
         ("eval.suite={closed_loop_tasks: {a: 1}}", r"^eval.suite.closed_loop_tasks: a mapping where a list belongs"),
+        # A typo inside a list item was OmegaConf's 'full_key: shard', naming neither list nor item.
+        ("eval.datasets=[{shard: a}]", r"^eval.datasets\[0\]: unknown key 'shard' \(did you mean 'shards'\?\)"),
+        ("data.datasets=[{name: a}, {nmae: b}]", r"^data.datasets\[1\]: unknown key 'nmae' \(did you mean 'name'"),
     ],
 )
 def test_bad_values_are_named_before_anything_starts(override, message):
@@ -102,6 +105,7 @@ def test_a_bad_value_in_a_yaml_file_names_the_file(tmp_path):
         ("steps: ${nothere}\n", r"{layer}: Interpolation key 'nothere' not found"),  # named no file
         ("data:\n  datasets: {world: 1}\n", r"{layer}: ValueError: data.datasets: a mapping where a list belongs"),
         ("- data\n", r"{layer}: ValueError: holds a YAML list, not a mapping of settings"),  # was 'Index 'data''
+        ("data:\n  datasets:\n    - {name: a, shard: x}\n", r"{layer}: ValueError: data.datasets\[0\]: unknown key"),
     ):
         layer.write_text(text)
         with pytest.raises(ValueError, match=message.format(layer=layer)):
