@@ -20,6 +20,7 @@ import gzip
 import json
 import lzma
 import os
+import re
 import stat
 import tarfile
 import tempfile
@@ -46,6 +47,11 @@ from megatron_cosmos3.data.url_patterns import expand_entry
 from megatron_cosmos3.json_files import no_constant, unique_keys
 
 INDEX_FILENAME = "index.json"
+# Members that belong to no sample: WebDataset's own metadata (``__info__/...``, the rule of its
+# ``tar_file_iterator``), and hidden files (a basename starting with '.': macOS tar's AppleDouble
+# ``._x.mp4`` written before each file, ``.DS_Store``). WebDataset drops a hidden file only at the top
+# level; in a folder it makes a sample keyed ``dir/`` that also splits the sample around it.
+_NO_SAMPLE_MEMBER = re.compile(r"__[^/]*__($|/)|(.*/)?\.[^/]*$")
 _INDEX_VERSION = 1
 _TAR_BLOCK = 512
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
@@ -318,7 +324,8 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
     * a member name repeated within a sample: that sample is an ``extra_field`` skip;
     * a sample key seen earlier in the shard: the repeat is a ``duplicate_key`` skip;
     * a member that is a link or a device, or named by an absolute path or with a ``..`` component:
-      its sample is an ``unsafe_member`` skip (directories are ignored);
+      its sample is an ``unsafe_member`` skip (directories, hidden files and WebDataset's
+      ``__name__`` metadata are ignored, ``_NO_SAMPLE_MEMBER``, without ending the sample around them);
     * a member declaring more than ``MAX_MEMBER_BYTES``: its sample is an ``out_of_range`` skip and
       the member is passed over unread;
     * a member header that is not a tar header (tarfile then ends the archive quietly): the rest
@@ -362,7 +369,7 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
             return
         try:
             for member in archive:
-                if member.isdir():
+                if member.isdir() or _NO_SAMPLE_MEMBER.match(member.name):
                     continue
                 key, suffix = base_plus_ext(member.name)
                 if key is None:
@@ -455,7 +462,11 @@ def _finished(
 ) -> dict | Skip:
     key = sample["__key__"]
     if key in seen:
-        return Skip(url, key, DUPLICATE_KEY, f"sample key {key!r} appears earlier in the shard; the repeat is skipped")
+        detail = (
+            f"sample key {key!r} appears earlier in the shard; the repeat is skipped (a sample's members "
+            "must be adjacent: GNU tar orders a folder's files by directory order unless given --sort=name)"
+        )
+        return Skip(url, key, DUPLICATE_KEY, detail)
     seen.add(key)
     if unsafe is not None:
         return Skip(url, key, UNSAFE_MEMBER, unsafe)

@@ -1,0 +1,85 @@
+"""Shards as other tools write them (GNU tar, Python's tarfile, macOS tar, ``cat``): the reader
+groups members into samples as WebDataset does where both read the same files, and what no sample
+owns (hidden files, WebDataset's metadata) is passed over (docs/DESIGN.md, "The data path")."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from megatron_cosmos3.data.errors import Skip
+from megatron_cosmos3.data.shards import read_shard
+
+META = b'{"schema": 1, "caption": "a ball"}'
+
+
+def _tar(path, members, fmt=tarfile.GNU_FORMAT) -> str:
+    """A tar of ``(name, bytes)`` members in the given order, written by Python's tarfile."""
+    with tarfile.open(path, "w", format=fmt) as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _read(url: str) -> list:
+    """What ``read_shard`` gives: (key, sorted fields) per sample, (reason,) per skip."""
+    return [
+        (item.reason,) if isinstance(item, Skip) else (item["__key__"], sorted(k for k in item if k[:2] != "__"))
+        for item in read_shard(url)
+    ]
+
+
+def _webdataset(url: str) -> list:
+    with open(url, "rb") as stream:
+        files = [{**f, "__url__": url} for f in tar_file_iterator(stream)]
+        return [(s["__key__"], sorted(k for k in s if k[:2] != "__")) for s in group_by_keys(files)]
+
+
+def test_keys_group_as_webdataset_groups_them(tmp_path):
+    members = [
+        ("clip.v2.final.meta.json", META),  # the key ends at the first dot of the basename
+        ("clip.v2.final.video.MP4", b"1"),  # extensions are lowercased
+        ("run.3/ep/0.meta.json", META),  # a dot in a folder is not the field's
+        ("run.3/ep/0.actions.npy", b"2"),
+        ("x" * 120 + "/s.meta.json", META),  # a long name: a GNU longname header
+        ("NOTES", b"no extension: no sample"),
+    ]
+    for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        url = _tar(tmp_path / f"keys-{fmt}.tar", members, fmt)
+        assert (
+            _read(url)
+            == _webdataset(url)
+            == [
+                ("clip", ["v2.final.meta.json", "v2.final.video.mp4"]),
+                ("run.3/ep/0", ["actions.npy", "meta.json"]),
+                ("x" * 120 + "/s", ["meta.json"]),
+            ]
+        )
+
+
+def test_hidden_files_and_webdataset_metadata_belong_to_no_sample(tmp_path):
+    # macOS tar writes an AppleDouble ``._name`` before each file; Finder leaves .DS_Store.
+    members = [
+        ("__info__/stats.json", b"{}"),
+        ("d/._a.meta.json", b"apple"),
+        ("d/a.meta.json", META),
+        ("d/._a.video.mp4", b"apple"),
+        ("d/a.video.mp4", b"1"),
+        ("d/.DS_Store", b"finder"),
+        ("._b.meta.json", b"apple"),
+        ("b.meta.json", META),
+    ]
+    url = _tar(tmp_path / "mac.tar", members)
+    assert _read(url) == [("d/a", ["meta.json", "video.mp4"]), ("b", ["meta.json"])]
+
+
+def test_members_of_a_sample_split_by_another_are_the_first_part_and_a_counted_repeat(tmp_path):
+    # GNU tar lists a folder in directory order unless given --sort=name: a sample's members apart.
+    url = _tar(tmp_path / "apart.tar", [("a.meta.json", META), ("b.meta.json", META), ("a.video.mp4", b"1")])
+    read = list(read_shard(url))
+    assert [item["__key__"] for item in read[:2]] == [key for key, _ in _webdataset(url)[:2]] == ["a", "b"]
+    assert read[2].reason == "duplicate_key" and "--sort=name" in read[2].detail
