@@ -15,9 +15,8 @@ Reading (``read_shard``) streams the tar once, groups members into samples by ke
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import json
+import logging
 import lzma
 import os
 import re
@@ -43,8 +42,11 @@ from megatron_cosmos3.data.errors import (
     UNSAFE_MEMBER,
     Skip,
 )
+from megatron_cosmos3.data.tar_stream import CUT, DAMAGED, TAR_BLOCK, TarMembers, UnsupportedCompression, decompressed
 from megatron_cosmos3.data.url_patterns import expand_entry
 from megatron_cosmos3.json_files import no_constant, unique_keys
+
+log = logging.getLogger(__name__)
 
 INDEX_FILENAME = "index.json"
 # Members that belong to no sample: WebDataset's own metadata (``__info__/...``, the rule of its
@@ -53,8 +55,6 @@ INDEX_FILENAME = "index.json"
 # level; in a folder it makes a sample keyed ``dir/`` that also splits the sample around it.
 _NO_SAMPLE_MEMBER = re.compile(r"__[^/]*__($|/)|(.*/)?\.[^/]*$")
 _INDEX_VERSION = 1
-_TAR_BLOCK = 512
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
 # The most bytes one tar member may hold. Members are read whole into memory, and a compressed
 # shard's member can declare far more than the file holds (10 GiB of zeros gzip to 10 MiB): above it
 # the sample is an ``out_of_range`` skip and the member is passed over unread. A WebDataset shard is
@@ -209,8 +209,8 @@ class ShardIndex:
                 raise ValueError(f"{where}.url={url!r} lists the shard of shards[{seen[key]}] again")
             seen[key] = i
             samples, size = entry.get("samples"), entry.get("bytes")
-            if samples is not None and size is not None and key.endswith(".tar") and samples > size // _TAR_BLOCK:
-                raise ValueError(f"{where}.samples={samples}: a tar of {size} bytes holds at most {size // _TAR_BLOCK}")
+            if samples is not None and size is not None and key.endswith(".tar") and samples > size // TAR_BLOCK:
+                raise ValueError(f"{where}.samples={samples}: a tar of {size} bytes holds at most {size // TAR_BLOCK}")
             shards.append(ShardInfo(resolved, samples, entry.get("bytes"), modalities))
         return cls(tuple(shards), document.get("schema_version", 1))
 
@@ -264,56 +264,6 @@ def resolve_shards(entries: list[str]) -> list[ShardInfo]:
     return shards
 
 
-class _TailTracker:
-    """A read-only stream wrapper that remembers the last tar block read: a tar that ends without
-    its all-zero end-of-archive block was cut at a member boundary, which Python's tarfile treats
-    as a normal end (the stream is the decompressed tar where the shard is compressed)."""
-
-    def __init__(self, stream) -> None:
-        self.stream, self.tail = stream, b""
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
-        self.tail = (self.tail + data)[-_TAR_BLOCK:]
-        return data
-
-    @property
-    def ended_cleanly(self) -> bool:
-        return self.tail == bytes(_TAR_BLOCK)
-
-
-class _Replay:
-    """``stream`` with ``head`` (bytes already read from it) put back in front."""
-
-    def __init__(self, head: bytes, stream) -> None:
-        self.head, self.stream = head, stream
-
-    def read(self, size: int = -1) -> bytes:
-        if not self.head:
-            return self.stream.read(size)
-        if size is None or size < 0:
-            data, self.head = self.head + self.stream.read(), b""
-            return data
-        data, self.head = self.head[:size], self.head[size:]
-        return data + (self.stream.read(size - len(data)) if len(data) < size else b"")
-
-
-def _decompressed(raw):
-    """The tar stream of a shard: decompressed by Python's own gzip / bz2 / xz readers where its
-    first bytes say so. They read every stream of a multi-stream file (``cat a.gz b.gz``, pbzip2,
-    bgzip), where tarfile's ``r|*`` stops after the first and the samples after it were lost
-    without a sign."""
-    head = raw.read(len(max(_COMPRESSED_MAGIC, key=len)))
-    stream = _Replay(head, raw)
-    if head.startswith(b"\x1f\x8b"):
-        return gzip.GzipFile(fileobj=stream, mode="rb")
-    if head.startswith(b"BZh"):
-        return bz2.BZ2File(stream)
-    if head.startswith(b"\xfd7zXZ"):
-        return lzma.LZMAFile(stream)
-    return stream
-
-
 def read_shard(url: str) -> Iterator[dict | Skip]:
     """Yields the shard's samples in tar order as WebDataset dicts (``__key__`` plus one bytes
     value per field), and ``Skip`` records for shard damage, never raising for bad data:
@@ -328,13 +278,14 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
       ``__name__`` metadata are ignored, ``_NO_SAMPLE_MEMBER``, without ending the sample around them);
     * a member declaring more than ``MAX_MEMBER_BYTES``: its sample is an ``out_of_range`` skip and
       the member is passed over unread;
-    * a member header that is not a tar header (tarfile then ends the archive quietly): the rest
-      of the stream is read, and if it holds anything but zeros the sample being read is a
-      ``damaged_shard`` skip and nothing after it is read (compressed or not).
+    * a member header that is not a tar header (tarfile then ends the archive quietly): the sample
+      being read is a ``damaged_shard`` skip and nothing after it is read (compressed or not).
 
+    Tars concatenated into one file (``cat a.tar b.tar``) are read one after the other; other bytes
+    after an end-of-archive block are ignored, as tar ignores them, and logged (``TarMembers``).
     A gzip, bzip2 or xz shard is read through Python's readers of those formats, every stream of a
-    multi-stream file (``_decompressed``); bytes after the last gzip stream are ignored, as
-    ``gzip -d`` ignores them.
+    multi-stream file (``tar_stream.decompressed``); bytes after the last gzip stream are ignored,
+    as ``gzip -d`` ignores them. A zstd shard is one ``unreadable_shard`` naming the format.
     """
     local = local_path(url)
     if local is not None:  # one stat: the shard's only one (``ShardIndex.load``)
@@ -362,13 +313,15 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
     seen: set[str] = set()
     try:
         try:
-            stream = _TailTracker(_decompressed(raw))
-            archive = tarfile.open(fileobj=stream, mode="r|")
+            members = TarMembers(decompressed(raw))
+        except UnsupportedCompression as error:
+            yield Skip(url, "", UNREADABLE_SHARD, str(error))
+            return
         except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as error:
             yield Skip(url, "", UNREADABLE_SHARD, f"not a tar archive: {type(error).__name__}: {error}")
             return
         try:
-            for member in archive:
+            for member in members:
                 if member.isdir() or _NO_SAMPLE_MEMBER.match(member.name):
                     continue
                 key, suffix = base_plus_ext(member.name)
@@ -388,12 +341,11 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
                         f"MAX_MEMBER_BYTES={MAX_MEMBER_BYTES:,}"
                     )
                     continue
-                data = archive.extractfile(member).read()
+                data = members.extract(member)
                 suffix = suffix.lower()
                 if suffix in current:
                     duplicate = suffix
                 current[suffix] = data
-            leftover = _nonzero_rest(archive)
         except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as error:
             yield Skip(
                 url,
@@ -402,15 +354,15 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
                 f"data ends inside a member: {type(error).__name__}: {error}",
             )
             return
-        if leftover:
+        if members.end == DAMAGED:
             yield Skip(
                 url,
                 current["__key__"] if current else "",
                 DAMAGED_SHARD,
-                f"a damaged member header after this sample: {leftover} bytes of the shard after it are unreadable",
+                f"a damaged member header after this sample: the {members.unread} bytes after it are unreadable",
             )
             return
-        if not stream.ended_cleanly:
+        if members.end == CUT:
             yield Skip(
                 url,
                 current["__key__"] if current else "",
@@ -420,31 +372,13 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
             return
         if current is not None:
             yield _finished(url, current, duplicate, unsafe, seen, oversized)
+        if members.ignored:
+            log.warning("%s: %d bytes after the tar's end-of-archive block are no tar: ignored", url, members.ignored)
     finally:
         try:
             raw.close()
         except Exception:  # noqa: BLE001 - a pipe that failed reports it on close; its data was judged above
             pass
-
-
-def _nonzero_rest(archive: tarfile.TarFile) -> int:
-    """Reads the tar stream to its end after tarfile stopped; returns the number of bytes after the
-    first non-zero one (0 when only end-of-archive blocks and padding follow, as they should)."""
-    stream, rest, found = archive.fileobj, 0, False
-    while True:
-        try:
-            chunk = stream.read(1 << 20)
-        except gzip.BadGzipFile as error:
-            if str(error).startswith("Not a gzipped file"):  # bytes after the last gzip stream, as gzip -d ignores them
-                return rest
-            raise
-        if not chunk:
-            return rest
-        if found:
-            rest += len(chunk)
-        elif chunk.count(0) != len(chunk):
-            found = True
-            rest += len(chunk.lstrip(b"\0"))
 
 
 def _member_problem(member: tarfile.TarInfo) -> str | None:

@@ -4,6 +4,7 @@ owns (hidden files, WebDataset's metadata) is passed over (docs/DESIGN.md, "The 
 
 from __future__ import annotations
 
+import gzip
 import io
 import tarfile
 
@@ -83,3 +84,29 @@ def test_members_of_a_sample_split_by_another_are_the_first_part_and_a_counted_r
     read = list(read_shard(url))
     assert [item["__key__"] for item in read[:2]] == [key for key, _ in _webdataset(url)[:2]] == ["a", "b"]
     assert read[2].reason == "duplicate_key" and "--sort=name" in read[2].detail
+
+
+def test_concatenated_tars_are_read_to_the_end_and_bytes_after_the_end_are_ignored(tmp_path, caplog):
+    first = open(_tar(tmp_path / "a.tar", [("a.meta.json", META), ("b.meta.json", META)]), "rb").read()
+    second = open(_tar(tmp_path / "b.tar", [("c.meta.json", META)]), "rb").read()
+    cat = tmp_path / "cat.tar"  # cat a.tar b.tar: WebDataset and tar without -i stop after b
+    cat.write_bytes(first + second)
+    assert [key for key, _ in _read(str(cat))] == ["a", "b", "c"]
+    cat_gz = tmp_path / "cat.tar.gz"  # cat a.tar.gz b.tar.gz
+    cat_gz.write_bytes(gzip.compress(first) + gzip.compress(second))
+    assert [key for key, _ in _read(str(cat_gz))] == ["a", "b", "c"]
+    # Bytes after the end-of-archive blocks that are no tar: every sample before them is whole.
+    trailing = tmp_path / "trailing.tar"
+    trailing.write_bytes(first + b"not a tar" * 10)
+    with caplog.at_level("WARNING"):
+        assert _read(str(trailing)) == _webdataset(str(trailing)) == [("a", ["meta.json"]), ("b", ["meta.json"])]
+    assert "90 bytes after the tar's end-of-archive block" in caplog.text
+    # An empty archive holds no sample and no damage.
+    assert _read(_tar(tmp_path / "empty.tar", [])) == []
+
+
+def test_a_zstd_shard_is_one_unreadable_shard_naming_the_format(tmp_path):
+    shard = tmp_path / "s.tar.zst"
+    shard.write_bytes(b"\x28\xb5\x2f\xfd" + bytes(60))  # a zstd frame's magic number
+    (skip,) = read_shard(str(shard))
+    assert skip.reason == "unreadable_shard" and "zstd" in skip.detail
