@@ -234,7 +234,13 @@ def local_entry_problem(entry: str) -> str | None:
     except ValueError as error:  # a pattern of too many URLs, unbalanced braces
         return str(error)
     if not any(os.path.exists(path) for path in paths):
-        return "does not exist" if len(paths) == 1 else f"none of its {len(paths)} paths exists"
+        missing = "does not exist" if len(paths) == 1 else f"none of its {len(paths)} paths exists"
+        if any(char in entry for char in "*?["):  # as WebDataset, the reader expands braces only
+            missing += (
+                "; glob patterns (*, ?, [...]) are not expanded: name the shards with a brace range "
+                "(shard-{000000..000099}.tar), a list (shard-{a,b}.tar) or an index.json"
+            )
+        return missing
     return None
 
 

@@ -8,10 +8,12 @@ import gzip
 import io
 import tarfile
 
+import pytest
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from megatron_cosmos3.data.config import DataConfig, DatasetConfig
 from megatron_cosmos3.data.errors import Skip
-from megatron_cosmos3.data.shards import read_shard
+from megatron_cosmos3.data.shards import read_shard, resolve_shards
 
 META = b'{"schema": 1, "caption": "a ball"}'
 
@@ -110,3 +112,18 @@ def test_a_zstd_shard_is_one_unreadable_shard_naming_the_format(tmp_path):
     shard.write_bytes(b"\x28\xb5\x2f\xfd" + bytes(60))  # a zstd frame's magic number
     (skip,) = read_shard(str(shard))
     assert skip.reason == "unreadable_shard" and "zstd" in skip.detail
+
+
+def test_a_glob_in_a_shards_entry_is_refused_naming_the_forms_that_are_expanded(tmp_path):
+    _tar(tmp_path / "shard-000.tar", [("a.meta.json", META)])
+    config = DataConfig(datasets=[DatasetConfig(name="web", shards=[str(tmp_path / "shard-*.tar")])])
+    with pytest.raises(ValueError, match=r"data\.datasets\[web\]\.shards\[0\]=.*glob patterns .* brace range"):
+        config.check_paths()
+    # Brace ranges, file: URLs and paths with spaces name the shard.
+    spaced = tmp_path / "with space"
+    spaced.mkdir()
+    _tar(spaced / "shard-000.tar", [("a.meta.json", META)])
+    for entry in ("shard-{000..000}.tar", "shard-000.tar"):
+        for prefix in (f"{spaced}/", f"file://{spaced}/"):
+            DataConfig(datasets=[DatasetConfig(name="web", shards=[prefix + entry])]).check_paths()
+            assert [key for key, _ in _read(resolve_shards([prefix + entry])[0].url)] == ["a"]
