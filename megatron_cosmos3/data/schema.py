@@ -7,11 +7,11 @@ field                  content
 =====================  ===========================================================================
 meta.json              required. JSON object: ``schema`` (= 1) and the keys listed below.
 image.png              a still picture, (H, W, 3) uint8 RGB, H and W >= one video token (32 px at
-                       the default ``video_patch_size`` 2: ``16 * video_patch_size``); or ``image.jpg``,
-                       ``image.webp``.
+                       the default ``video_patch_size`` 2: ``16 * video_patch_size``); or ``image.jpg``
+                       (``image.jpeg``, as other tools name it), ``image.webp``.
 observation.png        the picture the Reasoner sees through the ViT (a policy's observation), H and W
                        >= one ViT token (32 px); when absent, the image or the video's first frame
-                       is used (also ``.jpg``, ``.webp``).
+                       is used (also ``.jpg``, ``.jpeg``, ``.webp``).
 video.npy              (T, H, W, 3) uint8 RGB frames, T >= 1, H and W >= one video token; needs ``fps``.
 video.mp4              a video file (also ``video.mov``, ``.m4v``, ``.webm``, ``.mkv``, ``.avi``;
                        ``data/media_files.py``): its frame rate and duration from the file, its
@@ -141,7 +141,7 @@ MAX_ABS_VALUE = 1e6
 ACTION_RATE_TOLERANCE = Fraction(1, 10**5)
 # Unicode categories of characters that say nothing (``blank_text``): control, format, separators.
 BLANK_CATEGORIES = ("Cc", "Cf", "Zs", "Zl", "Zp")
-PICTURE_SUFFIXES = ("png", "jpg", "webp")
+PICTURE_SUFFIXES = ("png", "jpg", "jpeg", "webp")  # both JPEG spellings: tools write either
 IMAGE_FIELDS = tuple(f"image.{suffix}" for suffix in PICTURE_SUFFIXES)
 OBSERVATION_FIELDS = tuple(f"observation.{suffix}" for suffix in PICTURE_SUFFIXES)
 VIDEO_FIELDS = ("video.npy", *(f"video.{suffix}" for suffix in VIDEO_SUFFIXES))

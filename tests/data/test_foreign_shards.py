@@ -8,11 +8,14 @@ import gzip
 import io
 import tarfile
 
+import numpy as np
 import pytest
+from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig
 from megatron_cosmos3.data.errors import Skip
+from megatron_cosmos3.data.schema import decode_sample
 from megatron_cosmos3.data.shards import read_shard, resolve_shards
 
 META = b'{"schema": 1, "caption": "a ball"}'
@@ -127,3 +130,13 @@ def test_a_glob_in_a_shards_entry_is_refused_naming_the_forms_that_are_expanded(
         for prefix in (f"{spaced}/", f"file://{spaced}/"):
             DataConfig(datasets=[DatasetConfig(name="web", shards=[prefix + entry])]).check_paths()
             assert [key for key, _ in _read(resolve_shards([prefix + entry])[0].url)] == ["a"]
+
+
+def test_a_sample_written_by_webdataset_with_a_jpeg_picture_decodes(tmp_path):
+    picture = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    with TarWriter(str(tmp_path / "s.tar")) as writer:  # WebDataset's writer encodes by extension
+        writer.write({"__key__": "a", "meta.json": {"schema": 1, "caption": "x"}, "image.jpeg": picture})
+        writer.write({"__key__": "b", "meta.json": {"schema": 1, "caption": "x"}, "observation.JPEG": picture})
+    (a, b) = read_shard(str(tmp_path / "s.tar"))
+    assert decode_sample(a).image.shape == (32, 32, 3)
+    assert decode_sample(b).observation.shape == (32, 32, 3)
