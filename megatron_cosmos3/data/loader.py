@@ -51,6 +51,12 @@ from megatron_cosmos3.tasks.mixture import TaskMixture
 
 log = logging.getLogger(__name__)
 STATE_FORMAT_VERSION = 1
+# Slots of one dataset in a row that may read nothing at all (no sample, no skip) before the loader
+# stops, per shard of the dataset: its share many times over, so only a dataset whose shards hold no
+# sample (empty tars, members none of which is named <key>.<field>) gets there, where an endless
+# loader read them for ever without a word. With resampling, a non-empty shard among n is missed by
+# 20n draws in a row with chance e^-20.
+EMPTY_SLOTS_PER_SHARD = 20
 
 
 @dataclass(frozen=True)
@@ -182,6 +188,7 @@ class PackedLoader:
         p = self.config.packing
         self._packer: Packer[_Waiting] = Packer(p.tokens_per_pack, p.pool_size, p.max_samples_per_pack)
         self._addresses: dict[int, SlotAddress] = {}
+        self._empty_slots = [0] * len(counters)  # per dataset: slots in a row that read nothing
         self._exhausted = False
         self.stats = SkipStats()
         self.packs = self.tokens = self.cropped = self.prompts_dropped = 0
@@ -232,6 +239,7 @@ class PackedLoader:
                 first.key or "-",
                 first.detail,
             )
+        self._check_not_empty(result)
         self._addresses[address.slot] = address
         for index, built in result.samples:
             self.stats.used += 1
@@ -245,6 +253,20 @@ class PackedLoader:
         live = self._live_slots()
         self._addresses = {slot: a for slot, a in self._addresses.items() if slot in live}
         self.budget.check(self.stats)
+
+    def _check_not_empty(self, result: ShardResult) -> None:
+        """LoaderSetupError naming the dataset once ``EMPTY_SLOTS_PER_SHARD`` x its shard count
+        slots in a row of it read nothing (docs/DESIGN.md, "The data path, from shard to loss")."""
+        dataset = result.address.dataset
+        empty = not result.samples and not result.skips
+        self._empty_slots[dataset] = self._empty_slots[dataset] + 1 if empty else 0
+        source = self.schedule.sources[dataset]
+        if self._empty_slots[dataset] > EMPTY_SLOTS_PER_SHARD * len(source.shards):
+            raise LoaderSetupError(
+                f"dataset {source.name!r}: the last {self._empty_slots[dataset]} shards read on this rank "
+                f"(last: {result.url}) hold no sample, no member named <key>.<field>: an empty tar, or files of "
+                "another layout"
+            )
 
     def _live_slots(self) -> set[int]:
         return {w.ref[0] for w in self._shuffle.items} | {e.item.ref[0] for e in self._packer.pending}

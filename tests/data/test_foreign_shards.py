@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_iterator
+from world_helpers import data_config, model_config
 
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig
-from megatron_cosmos3.data.errors import Skip
+from megatron_cosmos3.data.errors import LoaderSetupError, Skip
+from megatron_cosmos3.data.loader import PackedLoader
 from megatron_cosmos3.data.schema import decode_sample
 from megatron_cosmos3.data.shards import read_shard, resolve_shards
 
@@ -140,3 +142,13 @@ def test_a_sample_written_by_webdataset_with_a_jpeg_picture_decodes(tmp_path):
     (a, b) = read_shard(str(tmp_path / "s.tar"))
     assert decode_sample(a).image.shape == (32, 32, 3)
     assert decode_sample(b).observation.shape == (32, 32, 3)
+
+
+@pytest.mark.timeout(60)  # without the bound, next() never returns
+def test_a_dataset_whose_shards_hold_no_sample_stops_an_endless_loader_naming_it(tmp_path):
+    # An empty tar, and a tar of files none of which is named <key>.<field>: read for ever before.
+    no_sample = [("README", b"x"), (".hidden.json", b"x")]
+    shards = [_tar(tmp_path / "empty.tar", []), _tar(tmp_path / "readme.tar", no_sample)]
+    with PackedLoader(data_config(shards, epochs=0), model_config()) as loader:
+        with pytest.raises(LoaderSetupError, match=r"dataset 'world': the last 41 shards read .* hold no sample"):
+            next(loader)
