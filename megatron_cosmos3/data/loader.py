@@ -38,7 +38,7 @@ from megatron_cosmos3.data.sample_builder import BuildLimits, BuiltSample, Sampl
 from megatron_cosmos3.data.schedule import DatasetSource, ShardSchedule, SlotAddress
 from megatron_cosmos3.data.schema import SchemaContext
 from megatron_cosmos3.data.shard_processor import ShardProcessor, ShardResult
-from megatron_cosmos3.data.shards import first_local_shard, resolve_shards
+from megatron_cosmos3.data.shards import first_local_shard, index_path, resolve_shards
 from megatron_cosmos3.data.shuffle import ShuffleBuffer
 from megatron_cosmos3.data.slot_stream import SlotStream, iterate_slots
 from megatron_cosmos3.data.tokenizer import build_tokenizer
@@ -87,8 +87,9 @@ def dataset_action_stats(dataset) -> ActionStats | None:
         return None
     if dataset.action_stats != "auto":
         return ActionStats.load(dataset.action_stats)
-    first = Path(dataset.shards[0])
-    folder = first if first.is_dir() else first.parent if first.suffix == ".json" else None
+    index = index_path(dataset.shards[0])
+    first = Path(index) if index is not None else None
+    folder = None if first is None else first if first.is_dir() else first.parent
     if folder is not None and (folder / ACTION_STATS_FILENAME).is_file():
         return ActionStats.load(folder / ACTION_STATS_FILENAME)
     return None

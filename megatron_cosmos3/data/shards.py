@@ -256,12 +256,26 @@ def first_local_shard(shards: Sequence[ShardInfo]) -> str | None:
     return None
 
 
+def index_path(entry: str) -> str | None:
+    """The local index a ``shards`` entry names — a folder or a ``.json`` file, as a path or a
+    ``file:`` URL (``local_path``) — or None for a URL pattern of shards. ValueError naming the
+    entry for an index through another scheme (``http(s)://``, ``pipe:``): an index is read from
+    this machine's disk, and its URLs resolve against its folder there."""
+    local = local_path(entry)
+    if local is None:
+        if entry.endswith(".json"):
+            raise ValueError(f"shards entry {entry!r}: an {INDEX_FILENAME} is read from a local path or file: URL")
+        return None
+    return local if os.path.isdir(local) or local.endswith(".json") else None
+
+
 def resolve_shards(entries: list[str]) -> list[ShardInfo]:
     """Every shard of a dataset's ``shards`` entries (module docstring), in order."""
     shards: list[ShardInfo] = []
     for entry in entries:
-        if os.path.isdir(entry) or entry.endswith(".json"):
-            shards.extend(ShardIndex.load(entry).shards)
+        index = index_path(entry)
+        if index is not None:
+            shards.extend(ShardIndex.load(index).shards)
         else:
             shards.extend(ShardInfo(url) for url in expand_entry(entry))
     twice = sorted(url for url, n in Counter(_same_shard_key(s.url) for s in shards).items() if n > 1)

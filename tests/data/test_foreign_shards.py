@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_iterator
-from world_helpers import data_config, model_config
+from world_helpers import data_config, model_config, tiny_world
 
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig
 from megatron_cosmos3.data.errors import LoaderSetupError, Skip
-from megatron_cosmos3.data.loader import PackedLoader
+from megatron_cosmos3.data.loader import PackedLoader, dataset_action_stats
 from megatron_cosmos3.data.schema import decode_sample
 from megatron_cosmos3.data.shards import read_shard, resolve_shards
 
@@ -152,3 +152,17 @@ def test_a_dataset_whose_shards_hold_no_sample_stops_an_endless_loader_naming_it
     with PackedLoader(data_config(shards, epochs=0), model_config()) as loader:
         with pytest.raises(LoaderSetupError, match=r"dataset 'world': the last 41 shards read .* hold no sample"):
             next(loader)
+
+
+def test_an_index_named_by_a_file_url_is_read_as_its_path_and_one_over_http_is_refused():
+    folder = tiny_world()["latent"]
+    by_path = [s.url for s in resolve_shards([str(folder)])]
+    for entry in (f"file://{folder}", f"file://{folder}/index.json", f"file:{folder}/index.json"):
+        config = DataConfig(datasets=[DatasetConfig(name="web", shards=[entry])])
+        config.check_paths()  # it raised FileNotFoundError, or passed a folder on to be read as a tar
+        assert [s.url for s in resolve_shards([entry])] == by_path
+        assert dataset_action_stats(config.datasets[0]) == dataset_action_stats(DatasetConfig("p", [str(folder)]))
+    assert dataset_action_stats(DatasetConfig("p", [str(folder)])) is not None
+    config = DataConfig(datasets=[DatasetConfig(name="web", shards=["http://host/set/index.json"])])
+    with pytest.raises(ValueError, match=r"data\.datasets\[web\]\.shards: .*index\.json is read from a local path"):
+        config.check_paths()
