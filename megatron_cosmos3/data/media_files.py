@@ -148,8 +148,8 @@ def _decode(
         if width * height > Image.MAX_IMAGE_PIXELS:  # the limit pictures have (a decompression bomb)
             raise SampleError(CORRUPT_MEDIA, f"{name}: {width}x{height} frames exceed {Image.MAX_IMAGE_PIXELS} pixels")
         origin_s = float((video.start_time or 0) * video.time_base)
-        rate = _frame_rate(video)
         video_s = _stream_seconds(video, container, origin_s, data)
+        rate = _frame_rate(video, video_s, data)
         if not video_s or not rate:
             raise SampleError(ZERO_LENGTH, f"{name}: its video stream has no duration or frame rate")
         audio_s = _stream_seconds(audio, container, origin_s, data) if audio is not None else None
@@ -179,13 +179,23 @@ def _decode(
     return result
 
 
-def _frame_rate(stream) -> float | None:
+def _frame_rate(stream, seconds: float | None, data: bytes) -> float | None:
     """The stream's frame rate: its nominal rate (FFmpeg's guess from its timestamps, 30000/1001)
-    where its average (frames over the declared duration) is within NOMINAL_RATE_TOLERANCE of it,
-    else the average (variable frame rate); None without either. A duration rounded to milliseconds
-    made 37 frames at 60 fps average 60.065 fps, and targets at that rate fell a frame early by the
-    13th frame."""
-    average, nominal = stream.average_rate, stream.guessed_rate
+    where its average, frames over duration, is within NOMINAL_RATE_TOLERANCE of it, else the
+    average (variable frame rate); None without either. One rule for every container, the average
+    measured where FFmpeg cannot: it averages a stream whose container counts its frames (MP4/MOV
+    sample tables, within their edit lists; AVI's header), but a Matroska/WebM stream's "average"
+    is its nominal default duration, so a variable-rate MKV was sampled at its nominal 30 fps
+    where the same stream in an MP4 was at its 17 frames a second. There the packets, counted
+    without decoding, over the stream's duration ``seconds`` are the average. A duration rounded to
+    milliseconds made 37 frames at 60 fps average 60.065 fps, and targets at that rate fell a frame
+    early by the 13th frame."""
+    nominal = stream.guessed_rate
+    if stream.frames:
+        average = stream.average_rate
+    else:
+        packets = _packet_span(stream, data)[0]
+        average = packets / seconds if packets and seconds else None
     if average and nominal and abs(average / nominal - 1) <= NOMINAL_RATE_TOLERANCE:
         return float(nominal)
     return float(average or nominal or 0) or None
@@ -210,20 +220,28 @@ def _stream_seconds(stream, container, origin_s: float, data: bytes) -> float | 
     60 ms short). Packets are read by a second reader of ``data``: the decoding container stays at
     its start (seeking back fails in a stream without packets, and the sound's seek did not bring
     the picture back)."""
-    import av
-
     if stream.duration is not None:
         start = float((stream.start_time or 0) * stream.time_base)
         return start - origin_s + float(stream.duration * stream.time_base)
     if container.duration is not None and len(container.streams) == 1:
         return container.duration / 1_000_000 - origin_s
-    end = None
+    end = _packet_span(stream, data)[1]
+    return None if end is None else end - origin_s
+
+
+def _packet_span(stream, data: bytes) -> tuple[int, float | None]:
+    """(packets, the end of the last in seconds or None) of ``stream``, read without decoding by a
+    second reader of ``data`` (``_stream_seconds`` says why)."""
+    import av
+
+    count, end = 0, None
     with av.open(io.BytesIO(data), metadata_errors="ignore") as reader:
         for packet in reader.demux(reader.streams[stream.index]):
             if packet.pts is not None:
+                count += 1
                 packet_end = float((packet.pts + (packet.duration or 0)) * stream.time_base)
                 end = packet_end if end is None else max(end, packet_end)
-    return None if end is None else end - origin_s
+    return count, end
 
 
 def _video_window(
