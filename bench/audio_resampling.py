@@ -8,15 +8,13 @@ Median wall seconds of the repeats; peak is tracemalloc's (numpy's buffers) in o
 
 from __future__ import annotations
 
-import argparse
 import math
-import statistics
-import time
 import tracemalloc
 from functools import partial
 
 import numpy as np
 import torch
+from harness import median_seconds, parse_repeats
 
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, polyphase_factors, resample
 
@@ -25,22 +23,16 @@ RATES = [44_100, 96_000, 47_999, 44_056, 527_996, 767_999]
 
 def measure(fn, repeats: int) -> tuple[float, float]:
     """(median seconds, peak MiB of one call)."""
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - start)
+    seconds = median_seconds(fn, torch.device("cpu"), 0, repeats)
     tracemalloc.start()
     fn()
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    return statistics.median(seconds), peak / 2**20
+    return seconds, peak / 2**20
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    repeats = parse_repeats(__doc__)
     from scipy.signal import resample_poly
 
     print("| rate Hz | up/down used | exact up/down | ours s | ours MiB | exact s | exact MiB |")
@@ -49,8 +41,8 @@ def main() -> None:
         sound = np.random.default_rng(0).uniform(-1, 1, (2, rate))
         up, down = polyphase_factors(rate, SAMPLE_RATE)
         g = math.gcd(rate, SAMPLE_RATE)
-        ours = measure(partial(resample, torch.from_numpy(sound), rate, SAMPLE_RATE), args.repeats)
-        exact = measure(partial(resample_poly, sound, SAMPLE_RATE // g, rate // g, axis=-1), args.repeats)
+        ours = measure(partial(resample, torch.from_numpy(sound), rate, SAMPLE_RATE), repeats)
+        exact = measure(partial(resample_poly, sound, SAMPLE_RATE // g, rate // g, axis=-1), repeats)
         print(
             f"| {rate} | {up}/{down} | {SAMPLE_RATE // g}/{rate // g} | {ours[0]:.3f} | {ours[1]:.0f} "
             f"| {exact[0]:.3f} | {exact[1]:.0f} |"

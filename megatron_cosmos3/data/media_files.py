@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from megatron_cosmos3.data.audio_frames import missing_adts_bytes, missing_mpeg_audio_bytes
 from megatron_cosmos3.data.clips import (
     MediaConfig,
     Window,
@@ -547,30 +548,8 @@ def _missing_adts_bytes(data: bytes) -> int:
     """How many bytes the last frame of a raw AAC (ADTS) file declares beyond its end: each frame's
     header holds its length (13 bits), and FFmpeg estimates the duration from the bytes there, so a
     cut file was a shorter clip. An ID3 tag before the frames is skipped; what follows the last
-    frame that is no frame header (an ID3v1/APE trailer) is no part of it."""
-    offset = _id3v2_end(data)
-    while offset + 7 <= len(data) and data[offset] == 0xFF and data[offset + 1] & 0xF6 == 0xF0:
-        length = ((data[offset + 3] & 3) << 11) | (data[offset + 4] << 3) | (data[offset + 5] >> 5)
-        if length < 7:  # no ADTS frame: FFmpeg judges the rest
-            return 0
-        if offset + length > len(data):
-            return offset + length - len(data)
-        offset += length
-    tail = data[offset:]
-    return 7 - len(tail) if 0 < len(tail) < 7 and tail[0] == 0xFF else 0
-
-
-# MPEG audio frame headers (ISO 11172-3 / 13818-3): kbit/s by (MPEG-1?, layer) and bitrate index 1..14,
-# and sample rates by version (3: MPEG-1, 2: MPEG-2, 0: MPEG-2.5).
-_MPEG_BITRATES = {
-    (True, 1): (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
-    (True, 2): (32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
-    (True, 3): (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
-    (False, 1): (32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
-    (False, 2): (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
-    (False, 3): (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
-}
-_MPEG_RATES = {3: (44_100, 48_000, 32_000), 2: (22_050, 24_000, 16_000), 0: (11_025, 12_000, 8_000)}
+    frame that is no frame header (an ID3v1/APE trailer) is no part of it (``audio_frames``)."""
+    return missing_adts_bytes(data, _id3v2_end(data))
 
 
 def _missing_mpeg_audio_bytes(data: bytes) -> int:
@@ -581,22 +560,7 @@ def _missing_mpeg_audio_bytes(data: bytes) -> int:
     between frames without it declares nothing that finds the cut). An ID3v2 tag is skipped; the
     walk stops at the first bytes that are no frame header (an ID3v1 or APE trailer, a free-format
     frame, whose length is not in its header, or a damaged one: FFmpeg judges those)."""
-    offset = _id3v2_end(data)
-    while offset + 4 <= len(data) and data[offset] == 0xFF and data[offset + 1] & 0xE0 == 0xE0:
-        version, layer = (data[offset + 1] >> 3) & 3, 4 - ((data[offset + 1] >> 1) & 3)
-        bitrate, rate, padding = data[offset + 2] >> 4, (data[offset + 2] >> 2) & 3, (data[offset + 2] >> 1) & 1
-        if version == 1 or layer == 4 or not 1 <= bitrate <= 14 or rate == 3:
-            return 0
-        kbits, hz = _MPEG_BITRATES[version == 3, layer][bitrate - 1], _MPEG_RATES[version][rate]
-        if layer == 1:  # 384 samples in slots of 4 bytes
-            length = (12_000 * kbits // hz + padding) * 4
-        else:  # 1152 samples, but layer III of MPEG-2/2.5 holds 576
-            length = (72_000 if layer == 3 and version != 3 else 144_000) * kbits // hz + padding
-        if offset + length > len(data):
-            return offset + length - len(data)
-        offset += length
-    tail = data[offset:]
-    return 4 - len(tail) if 0 < len(tail) < 4 and tail[0] == 0xFF else 0  # a frame header cut short
+    return missing_mpeg_audio_bytes(data, _id3v2_end(data))
 
 
 def _id3v2_end(data: bytes) -> int:
