@@ -149,8 +149,10 @@ def _decode(
         if width * height > Image.MAX_IMAGE_PIXELS:  # the limit pictures have (a decompression bomb)
             raise SampleError(CORRUPT_MEDIA, f"{name}: {width}x{height} frames exceed {Image.MAX_IMAGE_PIXELS} pixels")
         origin_s = float((video.start_time or 0) * video.time_base)
-        video_s = _stream_seconds(video, container, origin_s, data)
-        rate = _frame_rate(video, video_s, data)
+        # Where the container counts no frames (Matroska/WebM), one read of the packets serves both.
+        span = None if video.frames else _packet_span(video, data)
+        video_s = _stream_seconds(video, container, origin_s, data, span)
+        rate = _frame_rate(video, video_s, span)
         if not video_s or not rate:
             raise SampleError(ZERO_LENGTH, f"{name}: its video stream has no duration or frame rate")
         audio_s = _stream_seconds(audio, container, origin_s, data) if audio is not None else None
@@ -180,7 +182,7 @@ def _decode(
     return result
 
 
-def _frame_rate(stream, seconds: float | None, data: bytes) -> float | None:
+def _frame_rate(stream, seconds: float | None, span: tuple[int, float | None] | None) -> float | None:
     """The stream's frame rate: its nominal rate (FFmpeg's guess from its timestamps, 30000/1001)
     where its average, frames over duration, is within NOMINAL_RATE_TOLERANCE of it, else the
     average (variable frame rate); None without either. One rule for every container, the average
@@ -188,15 +190,15 @@ def _frame_rate(stream, seconds: float | None, data: bytes) -> float | None:
     sample tables, within their edit lists; AVI's header), but a Matroska/WebM stream's "average"
     is its nominal default duration, so a variable-rate MKV was sampled at its nominal 30 fps
     where the same stream in an MP4 was at its 17 frames a second. There the packets, counted
-    without decoding, over the stream's duration ``seconds`` are the average. A duration rounded to
+    without decoding (``span``: ``_packet_span``, None where the container counts the frames), over
+    the stream's duration ``seconds`` are the average. A duration rounded to
     milliseconds made 37 frames at 60 fps average 60.065 fps, and targets at that rate fell a frame
     early by the 13th frame."""
     nominal = stream.guessed_rate
-    if stream.frames:
+    if span is None:
         average = stream.average_rate
     else:
-        packets = _packet_span(stream, data)[0]
-        average = packets / seconds if packets and seconds else None
+        average = span[0] / seconds if span[0] and seconds else None
     if average and nominal and abs(average / nominal - 1) <= NOMINAL_RATE_TOLERANCE:
         return float(nominal)
     return float(average or nominal or 0) or None
@@ -213,20 +215,22 @@ def _display_size(stream) -> tuple[int, int]:
     return width, height
 
 
-def _stream_seconds(stream, container, origin_s: float, data: bytes) -> float | None:
+def _stream_seconds(
+    stream, container, origin_s: float, data: bytes, span: tuple[int, float | None] | None = None
+) -> float | None:
     """The stream's duration in seconds from the origin: its own, else the container's where it is
     the file's only stream, else the end of its last packet, read without decoding: a file written
     to a pipe declares no duration, and Matroska/WebM declare only the file's, the end of whichever
     stream lasts longer (a WebM whose sound ran 60 ms past its picture was taken for a video cut
     60 ms short). Packets are read by a second reader of ``data``: the decoding container stays at
     its start (seeking back fails in a stream without packets, and the sound's seek did not bring
-    the picture back)."""
+    the picture back); ``span``: the stream's ``_packet_span`` where the caller has read it."""
     if stream.duration is not None:
         start = float((stream.start_time or 0) * stream.time_base)
         return start - origin_s + float(stream.duration * stream.time_base)
     if container.duration is not None and len(container.streams) == 1:
         return container.duration / 1_000_000 - origin_s
-    end = _packet_span(stream, data)[1]
+    end = (span or _packet_span(stream, data))[1]
     return None if end is None else end - origin_s
 
 
