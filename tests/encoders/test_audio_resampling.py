@@ -68,3 +68,8 @@ def test_resampling_an_awkward_rate_is_bounded_in_memory():
     finally:
         tracemalloc.stop()
     assert peak < 32 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_a_ratio_no_bounded_filter_can_make_is_an_error_naming_the_rates():
+    with pytest.raises(ValueError, match="10000000000 Hz -> 48000 Hz"):
+        polyphase_factors(10**10, SAMPLE_RATE)
