@@ -1,11 +1,11 @@
 """What finding a cut raw audio file costs: the MP3 / ADTS frame chains (``data/audio_frames.py``)
-and the Ogg page walk (``media_files._missing_ogg_bytes``) over an hour of sound, against a
-10 s clip's whole decode of the same MP3.
+and the Ogg page walk (``media_files._missing_ogg_bytes``) over an hour of sound (``--minutes``),
+against a 10 s clip's whole decode of the same MP3.
 
-    python bench/audio_frame_walks.py [--repeats 3]
+    python bench/audio_frame_walks.py [--repeats 3] [--minutes 60]
 
-An hour is 30 copies of 2 minutes of a 48 kHz tone (no Xing or ID3 header, so copies chain), or
-for Ogg an hour encoded whole.
+Each file is copies of 2 minutes of a 48 kHz tone (no Xing or ID3 header, so copies chain), or
+for Ogg encoded whole.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import subprocess
 from functools import partial
 
 import torch
-from harness import median_seconds, parse_repeats
+from harness import median_seconds, repeats_parser
 
 from megatron_cosmos3.data import media_files
 from megatron_cosmos3.data.clips import MediaConfig
@@ -31,21 +31,24 @@ KINDS = {  # name: (FFmpeg's options, the check)
 
 
 def main() -> None:
-    repeats = parse_repeats(__doc__)
-    print("| file (1 h) | MB | check s | 10 s clip decode s |")
+    parser = repeats_parser(__doc__)
+    parser.add_argument("--minutes", type=int, default=60, help="length of each file, a multiple of 2")
+    args = parser.parse_args()
+    print(f"| file ({args.minutes} min) | MB | check s | 10 s clip decode s |")
     print("|---|---|---|---|")
     for kind, (options, check) in KINDS.items():
         # Ogg pages chain only within one stream: an hour of it is encoded whole, the others copied.
-        copies = 1 if kind == "ogg" else 30
-        tone = ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=48000:duration={3600 // copies}"]
+        copies = 1 if kind == "ogg" else args.minutes // 2
+        tone = ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=48000:duration={args.minutes * 60 // copies}"]
         command = ["ffmpeg", "-loglevel", "error", *tone, *options, "-"]
         data = subprocess.run(command, capture_output=True, check=True).stdout * copies
-        seconds = median_seconds(partial(getattr(media_files, check), data), CPU, 0, repeats)
+        seconds = median_seconds(partial(getattr(media_files, check), data), CPU, 0, args.repeats)
         clip = "-"
         if kind == "mp3":
             raw = {"__key__": "k", "meta.json": encode_json({"schema": 1, "caption": "a tone"}), "audio.mp3": data}
             config = MediaConfig(clip_seconds=10.0)
-            clip = f"{median_seconds(partial(decode_sample, raw, media_config=config, draw=0.5), CPU, 0, repeats):.3f}"
+            decode = partial(decode_sample, raw, media_config=config, draw=0.5)
+            clip = f"{median_seconds(decode, CPU, 0, args.repeats):.3f}"
         print(f"| {kind} | {len(data) / 1e6:.1f} | {seconds:.3f} | {clip} |")
 
 

@@ -1,7 +1,7 @@
 """What resampling one second of stereo sound to 48 kHz costs at common and awkward rates
 (``encoders/audio_vae.resample``), against scipy's polyphase filter at the exact reduced ratio.
 
-    python bench/audio_resampling.py [--repeats 3]
+    python bench/audio_resampling.py [--repeats 3] [--rates 44100 767999]
 
 Median wall seconds of the repeats; peak is tracemalloc's (numpy's buffers) in one call.
 """
@@ -14,7 +14,7 @@ from functools import partial
 
 import numpy as np
 import torch
-from harness import median_seconds, parse_repeats
+from harness import median_seconds, repeats_parser
 
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, polyphase_factors, resample
 
@@ -32,17 +32,19 @@ def measure(fn, repeats: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    repeats = parse_repeats(__doc__)
+    parser = repeats_parser(__doc__)
+    parser.add_argument("--rates", type=int, nargs="+", default=RATES, help="source rates, Hz")
+    args = parser.parse_args()
     from scipy.signal import resample_poly
 
     print("| rate Hz | up/down used | exact up/down | ours s | ours MiB | exact s | exact MiB |")
     print("|---|---|---|---|---|---|---|")
-    for rate in RATES:
+    for rate in args.rates:
         sound = np.random.default_rng(0).uniform(-1, 1, (2, rate))
         up, down = polyphase_factors(rate, SAMPLE_RATE)
         g = math.gcd(rate, SAMPLE_RATE)
-        ours = measure(partial(resample, torch.from_numpy(sound), rate, SAMPLE_RATE), repeats)
-        exact = measure(partial(resample_poly, sound, SAMPLE_RATE // g, rate // g, axis=-1), repeats)
+        ours = measure(partial(resample, torch.from_numpy(sound), rate, SAMPLE_RATE), args.repeats)
+        exact = measure(partial(resample_poly, sound, SAMPLE_RATE // g, rate // g, axis=-1), args.repeats)
         print(
             f"| {rate} | {up}/{down} | {SAMPLE_RATE // g}/{rate // g} | {ours[0]:.3f} | {ours[1]:.0f} "
             f"| {exact[0]:.3f} | {exact[1]:.0f} |"

@@ -41,11 +41,11 @@ def median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float
     return statistics.median(timed(fn, device) for _ in range(repeats))
 
 
-def parse_repeats(doc: str, default: int = 3) -> int:
-    """``--repeats`` of a script that takes no other argument (its docstring's first line is its help)."""
+def repeats_parser(doc: str, default: int = 3) -> argparse.ArgumentParser:
+    """A script's parser with ``--repeats`` (its docstring's first line is its help)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=default)
-    return parser.parse_args().repeats
+    return parser
 
 
 def device_description(device: torch.device) -> str:
