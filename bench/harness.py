@@ -41,6 +41,13 @@ def median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float
     return statistics.median(timed(fn, device) for _ in range(repeats))
 
 
+def repeats_parser(doc: str, default: int = 3) -> argparse.ArgumentParser:
+    """A script's parser with ``--repeats`` (its docstring's first line is its help)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=default)
+    return parser
+
+
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}; torch {torch.__version__}, CUDA {torch.version.cuda}"

@@ -6,17 +6,21 @@ to the schema, not here.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import logging
 import math
 import struct
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from scipy.io import wavfile
 
 from megatron_cosmos3.data.errors import BAD_METADATA, CORRUPT_MEDIA, SampleError
+
+logger = logging.getLogger(__name__)
 
 # The sample rates sound may have, inclusive (schema's range, checked on every file before decoding):
 # 1 Hz or 10 MHz is no recording, and resampling it to 48 kHz costs seconds.
@@ -83,21 +87,24 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB from PNG/JPEG/... bytes, as a viewer shows the picture: turned and
-    mirrored by its EXIF orientation, 16-bit grey scaled to 8 bits (Pillow's own conversion clips it
-    at 255), any other mode Pillow reads converted to RGB (alpha dropped); an animation's first frame."""
+    """(H, W, 3) uint8 RGB from PNG/JPEG/... bytes, as a viewer shows the picture: in sRGB by its
+    embedded ICC profile (PNG iCCP, JPEG APP2; one that cannot be applied is logged and left out),
+    turned and mirrored by its EXIF orientation, 16-bit grey scaled to 8 bits (Pillow's own
+    conversion clips it at 255), any other mode Pillow reads converted to RGB (alpha dropped); an
+    animation's first frame."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 image.load()  # Image.open is lazy: a truncated file fails only here
-                return _viewed_rgb(image)
+                return _viewed_rgb(image, name)
     except DECODE_ERRORS as error:
         raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable image ({type(error).__name__}: {error})") from None
 
 
-def _viewed_rgb(image: Image.Image) -> np.ndarray:
+def _viewed_rgb(image: Image.Image, name: str) -> np.ndarray:
     """``decode_image``'s pixels of a loaded picture: a writable (H, W, 3) uint8 array."""
+    profile = image.info.get("icc_profile")
     try:
         image = ImageOps.exif_transpose(image)
     except DECODE_ERRORS:  # an unreadable orientation tag: shown as stored, as viewers do
@@ -106,7 +113,36 @@ def _viewed_rgb(image: Image.Image) -> np.ndarray:
         grey = np.asarray(image, dtype=np.float64)
         grey = np.clip(np.round(grey / 257.0), 0, 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
+    if profile:
+        image = _in_srgb(image, profile, name)
     return np.array(image.convert("RGB"))  # a copy: torch refuses read-only arrays
+
+
+# The 8-bit modes whose pixels an embedded profile describes as they are stored (a palette's or an
+# alpha channel's picture is converted to its colour mode first).
+_PROFILED_MODES = {"RGB": "RGB", "RGBA": "RGB", "P": "RGB", "PA": "RGB", "L": "L", "LA": "L", "CMYK": "CMYK"}
+
+
+@functools.cache
+def _srgb_profile() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def _in_srgb(image: Image.Image, profile: bytes, name: str) -> Image.Image:
+    """``image`` converted from its embedded ICC ``profile`` to sRGB (RGB mode), as colour-managed
+    viewers show it: a wide-gamut (Display P3, Adobe RGB) or camera profile's pixels are not sRGB
+    values. A profile that cannot be read or does not fit the pixels (an RGB profile on a CMYK
+    picture) is logged and ignored, the picture decoded as if it had none: a sample is never lost
+    to its colour management."""
+    mode = _PROFILED_MODES.get(image.mode)
+    if mode is None:
+        return image
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        return ImageCms.profileToProfile(image.convert(mode), source, _srgb_profile(), outputMode="RGB")
+    except (ImageCms.PyCMSError, *DECODE_ERRORS) as error:
+        logger.warning("%s: its ICC profile is not applied (%s: %s)", name, type(error).__name__, error)
+        return image
 
 
 def encode_wav(waveform: np.ndarray, sample_rate: int) -> bytes:

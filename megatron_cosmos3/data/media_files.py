@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from megatron_cosmos3.data.audio_frames import missing_adts_bytes, missing_mpeg_audio_bytes
 from megatron_cosmos3.data.clips import (
     MediaConfig,
     Window,
@@ -148,8 +149,10 @@ def _decode(
         if width * height > Image.MAX_IMAGE_PIXELS:  # the limit pictures have (a decompression bomb)
             raise SampleError(CORRUPT_MEDIA, f"{name}: {width}x{height} frames exceed {Image.MAX_IMAGE_PIXELS} pixels")
         origin_s = float((video.start_time or 0) * video.time_base)
-        rate = _frame_rate(video)
-        video_s = _stream_seconds(video, container, origin_s, data)
+        # Where the container counts no frames (Matroska/WebM), one read of the packets serves both.
+        span = None if video.frames else _packet_span(video, data)
+        video_s = _stream_seconds(video, container, origin_s, data, span)
+        rate = _frame_rate(video, video_s, span)
         if not video_s or not rate:
             raise SampleError(ZERO_LENGTH, f"{name}: its video stream has no duration or frame rate")
         audio_s = _stream_seconds(audio, container, origin_s, data) if audio is not None else None
@@ -179,13 +182,23 @@ def _decode(
     return result
 
 
-def _frame_rate(stream) -> float | None:
+def _frame_rate(stream, seconds: float | None, span: tuple[int, float | None] | None) -> float | None:
     """The stream's frame rate: its nominal rate (FFmpeg's guess from its timestamps, 30000/1001)
-    where its average (frames over the declared duration) is within NOMINAL_RATE_TOLERANCE of it,
-    else the average (variable frame rate); None without either. A duration rounded to milliseconds
-    made 37 frames at 60 fps average 60.065 fps, and targets at that rate fell a frame early by the
-    13th frame."""
-    average, nominal = stream.average_rate, stream.guessed_rate
+    where its average, frames over duration, is within NOMINAL_RATE_TOLERANCE of it, else the
+    average (variable frame rate); None without either. One rule for every container, the average
+    measured where FFmpeg cannot: it averages a stream whose container counts its frames (MP4/MOV
+    sample tables, within their edit lists; AVI's header), but a Matroska/WebM stream's "average"
+    is its nominal default duration, so a variable-rate MKV was sampled at its nominal 30 fps
+    where the same stream in an MP4 was at its 17 frames a second. There the packets, counted
+    without decoding (``span``: ``_packet_span``, None where the container counts the frames), over
+    the stream's duration ``seconds`` are the average. A duration rounded to
+    milliseconds made 37 frames at 60 fps average 60.065 fps, and targets at that rate fell a frame
+    early by the 13th frame."""
+    nominal = stream.guessed_rate
+    if span is None:
+        average = stream.average_rate
+    else:
+        average = span[0] / seconds if span[0] and seconds else None
     if average and nominal and abs(average / nominal - 1) <= NOMINAL_RATE_TOLERANCE:
         return float(nominal)
     return float(average or nominal or 0) or None
@@ -202,28 +215,38 @@ def _display_size(stream) -> tuple[int, int]:
     return width, height
 
 
-def _stream_seconds(stream, container, origin_s: float, data: bytes) -> float | None:
+def _stream_seconds(
+    stream, container, origin_s: float, data: bytes, span: tuple[int, float | None] | None = None
+) -> float | None:
     """The stream's duration in seconds from the origin: its own, else the container's where it is
     the file's only stream, else the end of its last packet, read without decoding: a file written
     to a pipe declares no duration, and Matroska/WebM declare only the file's, the end of whichever
     stream lasts longer (a WebM whose sound ran 60 ms past its picture was taken for a video cut
     60 ms short). Packets are read by a second reader of ``data``: the decoding container stays at
     its start (seeking back fails in a stream without packets, and the sound's seek did not bring
-    the picture back)."""
-    import av
-
+    the picture back); ``span``: the stream's ``_packet_span`` where the caller has read it."""
     if stream.duration is not None:
         start = float((stream.start_time or 0) * stream.time_base)
         return start - origin_s + float(stream.duration * stream.time_base)
     if container.duration is not None and len(container.streams) == 1:
         return container.duration / 1_000_000 - origin_s
-    end = None
+    end = (span or _packet_span(stream, data))[1]
+    return None if end is None else end - origin_s
+
+
+def _packet_span(stream, data: bytes) -> tuple[int, float | None]:
+    """(packets, the end of the last in seconds or None) of ``stream``, read without decoding by a
+    second reader of ``data`` (``_stream_seconds`` says why)."""
+    import av
+
+    count, end = 0, None
     with av.open(io.BytesIO(data), metadata_errors="ignore") as reader:
         for packet in reader.demux(reader.streams[stream.index]):
             if packet.pts is not None:
+                count += 1
                 packet_end = float((packet.pts + (packet.duration or 0)) * stream.time_base)
                 end = packet_end if end is None else max(end, packet_end)
-    return None if end is None else end - origin_s
+    return count, end
 
 
 def _video_window(
@@ -529,30 +552,8 @@ def _missing_adts_bytes(data: bytes) -> int:
     """How many bytes the last frame of a raw AAC (ADTS) file declares beyond its end: each frame's
     header holds its length (13 bits), and FFmpeg estimates the duration from the bytes there, so a
     cut file was a shorter clip. An ID3 tag before the frames is skipped; what follows the last
-    frame that is no frame header (an ID3v1/APE trailer) is no part of it."""
-    offset = _id3v2_end(data)
-    while offset + 7 <= len(data) and data[offset] == 0xFF and data[offset + 1] & 0xF6 == 0xF0:
-        length = ((data[offset + 3] & 3) << 11) | (data[offset + 4] << 3) | (data[offset + 5] >> 5)
-        if length < 7:  # no ADTS frame: FFmpeg judges the rest
-            return 0
-        if offset + length > len(data):
-            return offset + length - len(data)
-        offset += length
-    tail = data[offset:]
-    return 7 - len(tail) if 0 < len(tail) < 7 and tail[0] == 0xFF else 0
-
-
-# MPEG audio frame headers (ISO 11172-3 / 13818-3): kbit/s by (MPEG-1?, layer) and bitrate index 1..14,
-# and sample rates by version (3: MPEG-1, 2: MPEG-2, 0: MPEG-2.5).
-_MPEG_BITRATES = {
-    (True, 1): (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
-    (True, 2): (32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
-    (True, 3): (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
-    (False, 1): (32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
-    (False, 2): (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
-    (False, 3): (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
-}
-_MPEG_RATES = {3: (44_100, 48_000, 32_000), 2: (22_050, 24_000, 16_000), 0: (11_025, 12_000, 8_000)}
+    frame that is no frame header (an ID3v1/APE trailer) is no part of it (``audio_frames``)."""
+    return missing_adts_bytes(data, _id3v2_end(data))
 
 
 def _missing_mpeg_audio_bytes(data: bytes) -> int:
@@ -563,22 +564,7 @@ def _missing_mpeg_audio_bytes(data: bytes) -> int:
     between frames without it declares nothing that finds the cut). An ID3v2 tag is skipped; the
     walk stops at the first bytes that are no frame header (an ID3v1 or APE trailer, a free-format
     frame, whose length is not in its header, or a damaged one: FFmpeg judges those)."""
-    offset = _id3v2_end(data)
-    while offset + 4 <= len(data) and data[offset] == 0xFF and data[offset + 1] & 0xE0 == 0xE0:
-        version, layer = (data[offset + 1] >> 3) & 3, 4 - ((data[offset + 1] >> 1) & 3)
-        bitrate, rate, padding = data[offset + 2] >> 4, (data[offset + 2] >> 2) & 3, (data[offset + 2] >> 1) & 1
-        if version == 1 or layer == 4 or not 1 <= bitrate <= 14 or rate == 3:
-            return 0
-        kbits, hz = _MPEG_BITRATES[version == 3, layer][bitrate - 1], _MPEG_RATES[version][rate]
-        if layer == 1:  # 384 samples in slots of 4 bytes
-            length = (12_000 * kbits // hz + padding) * 4
-        else:  # 1152 samples, but layer III of MPEG-2/2.5 holds 576
-            length = (72_000 if layer == 3 and version != 3 else 144_000) * kbits // hz + padding
-        if offset + length > len(data):
-            return offset + length - len(data)
-        offset += length
-    tail = data[offset:]
-    return 4 - len(tail) if 0 < len(tail) < 4 and tail[0] == 0xFF else 0  # a frame header cut short
+    return missing_mpeg_audio_bytes(data, _id3v2_end(data))
 
 
 def _id3v2_end(data: bytes) -> int:

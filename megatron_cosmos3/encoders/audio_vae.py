@@ -11,8 +11,10 @@ Conventions, shared by encode and decode:
   recording is the same signal in both ears); any other channel count is a ``ValueError`` (how to
   downmix surround audio is the data pipeline's choice, not the encoder's).
 - **Sample rate**: the caller states it; any rate other than 48000 is resampled to 48 kHz with a
-  polyphase filter (``scipy.signal.resample_poly``, exact rational ratio, e.g. 44.1 kHz -> 48 kHz
-  is up 160 / down 147). It runs on CPU: resample in the data pipeline before moving audio to GPU.
+  polyphase filter (``scipy.signal.resample_poly``, e.g. 44.1 kHz -> 48 kHz is up 160 / down 147),
+  at the exact ratio where its reduced factors are at most ``MAX_POLYPHASE_FACTOR`` (every rate up
+  to 64 kHz, and every common one), else at the nearest ratio whose factors are (see
+  ``polyphase_factors``). It runs on CPU: resample in the data pipeline before moving audio to GPU.
 - **Length**: the 48 kHz waveform is right-padded with zeros to a multiple of 1920, so a clip of
   ``S`` samples gives ``ceil(S / 1920)`` tokens (1 s -> 25, 0.5 s -> 13); ``AudioLatents.num_samples``
   keeps the true length so decode can cut the padding off again.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,10 +75,39 @@ def num_audio_tokens(num_samples: int) -> int:
     return -(-num_samples // HOP)
 
 
+# resample_poly designs a filter of 20 * max(up, down) + 1 taps: 767999 Hz -> 48 kHz reduces to
+# up 48000 / down 767999, 15 M taps, ~4 s and ~0.7 GB for one second of sound. 2**16 keeps every
+# rate's filter under 1.4 M taps (~0.25 s, ~0.1 GB at worst) and 47999 Hz -> 48 kHz exact.
+MAX_POLYPHASE_FACTOR = 2**16
+# The worst ratio error polyphase_factors leaves in the allowed rates (1 kHz to 768 kHz to 48 kHz:
+# 527996 Hz -> 1/11): a clip stretched by 7.6e-6, 76 us over 10 s, 27 ms over an hour (under one
+# 40 ms token). A recorder's crystal is off by 20-50 ppm, so its "767999 Hz" is no truer than this.
+MAX_RATIO_ERROR = 7.6e-6
+
+
+def polyphase_factors(from_rate: int, to_rate: int) -> tuple[int, int]:
+    """``(up, down)`` for ``from_rate -> to_rate``: the exact reduced ratio where both factors are at
+    most ``MAX_POLYPHASE_FACTOR``, else the nearest fraction whose factors are (continued fractions,
+    ``Fraction.limit_denominator``), within ``MAX_RATIO_ERROR`` for rates in 1-768 kHz to 48 kHz."""
+    ratio = Fraction(int(to_rate), int(from_rate))
+    if max(ratio.numerator, ratio.denominator) > MAX_POLYPHASE_FACTOR:
+        # Bound the larger factor, the denominator of the ratio taken at most 1; the smaller follows.
+        if ratio < 1:
+            ratio = ratio.limit_denominator(MAX_POLYPHASE_FACTOR)
+        else:
+            ratio = 1 / (1 / ratio).limit_denominator(MAX_POLYPHASE_FACTOR)
+        if ratio == 0:
+            raise ValueError(
+                f"cannot resample {from_rate} Hz -> {to_rate} Hz: the ratio is below 1 / {MAX_POLYPHASE_FACTOR}"
+            )
+    return ratio.numerator, ratio.denominator
+
+
 def resample(waveform: torch.Tensor, from_rate: int, to_rate: int) -> torch.Tensor:
     """Polyphase resampling of ``(channels, samples)`` along the last axis; dtype/device kept.
 
-    Output length is ``ceil(samples * to_rate / from_rate)``.
+    Output length is ``ceil(samples * to_rate / from_rate)`` (at the exact ratio, also where the
+    filter runs at ``polyphase_factors``' nearest one: its last samples cut off or zero-padded).
     """
     if from_rate <= 0 or to_rate <= 0:
         raise ValueError(f"sample rates must be positive, got {from_rate} -> {to_rate}")
@@ -83,8 +115,11 @@ def resample(waveform: torch.Tensor, from_rate: int, to_rate: int) -> torch.Tens
         return waveform
     from scipy.signal import resample_poly  # seconds of import: only where audio is resampled
 
-    g = math.gcd(int(from_rate), int(to_rate))
-    out = resample_poly(waveform.detach().cpu().double().numpy(), to_rate // g, from_rate // g, axis=-1)
+    up, down = polyphase_factors(from_rate, to_rate)
+    out = resample_poly(waveform.detach().cpu().double().numpy(), up, down, axis=-1)
+    length = -(-waveform.shape[-1] * int(to_rate) // int(from_rate))
+    # Beyond the clip resample_poly assumes zeros, so a short tail is padded as it would have been.
+    out = np.pad(out[..., :length], [(0, 0)] * (out.ndim - 1) + [(0, max(0, length - out.shape[-1]))])
     return torch.from_numpy(np.ascontiguousarray(out)).to(device=waveform.device, dtype=waveform.dtype)
 
 

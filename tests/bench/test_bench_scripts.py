@@ -66,3 +66,14 @@ def test_text_generation_bench_times_cached_and_uncached_decoding_of_the_same_to
     assert "prompts [8, 16] tokens, 4 new tokens each" in out
     assert "cached per-token ms" in out and "uncached per-token ms" in out
     assert "cached and uncached tokens agree: yes" in out
+
+
+def test_audio_resampling_bench_times_ours_and_the_exact_filter_per_rate():
+    out = run_script("audio_resampling.py", "--repeats", "1", "--rates", "44100", "527996")
+    rows = re.findall(r"^\| (\d+) \| (\d+)/(\d+) \| (\d+)/(\d+) \|", out, flags=re.M)
+    assert rows == [("44100", "160", "147", "160", "147"), ("527996", "1", "11", "12000", "131999")]
+
+
+def test_audio_frame_walks_bench_checks_each_kind_of_raw_audio():
+    out = run_script("audio_frame_walks.py", "--repeats", "1", "--minutes", "2")
+    assert re.findall(r"^\| (mp3|adts|ogg) \|", out, flags=re.M) == ["mp3", "adts", "ogg"]

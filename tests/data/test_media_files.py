@@ -298,12 +298,11 @@ def test_a_matroska_video_whose_sound_outlasts_its_frames_is_measured_stream_by_
         decode_sample(_raw(f"video.{suffix}", (tmp_path / f"far.{suffix}").read_bytes()))
 
 
-def test_variable_frame_rate_video_is_sampled_by_its_timestamps():
-    stamps_ms = [0, 100, 150, 400, 450, 900]  # the frame shown at t is the last stamped at or before t
-    frames = _source_frames(len(stamps_ms))
+def _stamped_video(frames: np.ndarray, stamps_ms: list[int], nominal: int, format="mp4", codec="libx264") -> bytes:
+    """``frames`` stamped at ``stamps_ms`` (a variable frame rate) in a container declaring ``nominal`` fps."""
     buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=10)
+    with av.open(buffer, "w", format=format) as container:
+        stream = container.add_stream(codec, rate=nominal)
         stream.width = stream.height = SIDE
         stream.pix_fmt, stream.time_base, stream.options = "yuv420p", Fraction(1, 1000), {"crf": "4"}
         stream.codec_context.time_base = Fraction(1, 1000)  # the encoder keeps the frames' own stamps
@@ -312,11 +311,31 @@ def test_variable_frame_rate_video_is_sampled_by_its_timestamps():
             frame.pts, frame.time_base = stamp, Fraction(1, 1000)
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
-    sample = decode_sample(_raw("video.mp4", buffer.getvalue()), media_config=MediaConfig(fps=10))
+    return buffer.getvalue()
+
+
+def test_variable_frame_rate_video_is_sampled_by_its_timestamps():
+    stamps_ms = [0, 100, 150, 400, 450, 900]  # the frame shown at t is the last stamped at or before t
+    frames = _source_frames(len(stamps_ms))
+    data = _stamped_video(frames, stamps_ms, nominal=10)
+    sample = decode_sample(_raw("video.mp4", data), media_config=MediaConfig(fps=10))
     shown = [np.searchsorted(stamps_ms, t, side="right") - 1 for t in range(0, len(sample.video) * 100, 100)]
     assert len(sample.video) >= 7 and shown[:7] == [0, 1, 2, 2, 3, 4, 4]
     for frame, index in zip(sample.video, shown):
         assert _psnr(frame, frames[index]) >= 35
+
+
+@pytest.mark.parametrize("format, codec", [("mp4", "libx264"), ("matroska", "libx264"), ("webm", "libvpx-vp9")])
+def test_variable_frame_rate_video_at_its_own_rate_is_its_average_in_every_container(format, codec):
+    """1 s at 30 fps then 2 s at 10 fps: 50 frames, nominally 30 fps. At the file's own rate every
+    container gives its frames' average (50 frames over its duration), one frame per stored frame;
+    a Matroska/WebM stream's FFmpeg average is its nominal rate, and it was sampled at 30 fps: 88
+    targets, most of them repeats."""
+    stamps_ms = [round(i * 1000 / 30) for i in range(30)] + [1000 + 100 * i for i in range(20)]
+    data = _stamped_video(_source_frames(len(stamps_ms)), stamps_ms, nominal=30, format=format, codec=codec)
+    suffix = "mkv" if format == "matroska" else format
+    sample = decode_sample(_raw(f"video.{suffix}", data))
+    assert len(sample.video) == len(stamps_ms) and 16 < sample.fps < 18
 
 
 @pytest.mark.parametrize("count", [90, 91])
@@ -852,8 +871,9 @@ def test_video_frames_above_the_picture_pixel_limit_are_refused_before_decoding(
 
 def test_a_clip_too_large_to_hold_is_refused_before_decoding(monkeypatch):
     """A 3 KB Matroska file whose last frame is stamped an hour after its first: 90,000 frames at
-    its 25 fps. Over clips.MAX_CLIP_BYTES a sample is out_of_range, for files, video.npy and sound
-    alike, before anything is decoded; a cut clip of it is not (control)."""
+    25 fps (its own rate, 4 frames an hour, is out of range too). Over clips.MAX_CLIP_BYTES a sample
+    is out_of_range, for files, video.npy and sound alike, before anything is decoded; a cut clip of
+    it is not (control)."""
     buffer = io.BytesIO()
     with av.open(buffer, "w", format="matroska") as container:
         stream = container.add_stream("mjpeg", rate=25)
@@ -868,8 +888,8 @@ def test_a_clip_too_large_to_hold_is_refused_before_decoding(monkeypatch):
     monkeypatch.setattr(clips, "MAX_CLIP_BYTES", 1 << 20)
     too_large = r"out_of_range: video.mkv: the clip is 90001 frames of 32x32 \(0.3 GiB decoded"
     with pytest.raises(SampleError, match=too_large):
-        decode_sample(_raw("video.mkv", buffer.getvalue()))
-    one_second = MediaConfig(clip_seconds=1.0, clip_start="first")
+        decode_sample(_raw("video.mkv", buffer.getvalue()), media_config=MediaConfig(fps=25))
+    one_second = MediaConfig(fps=25, clip_seconds=1.0, clip_start="first")
     assert len(decode_sample(_raw("video.mkv", buffer.getvalue()), media_config=one_second).video) == 25
     frames = encode_npy(_source_frames(2))
     with pytest.raises(SampleError, match="out_of_range: video.npy: the clip is 2000 frames of 32x32"):

@@ -1,0 +1,113 @@
+"""Where the frames of a raw MP3 or AAC (ADTS) file end, each frame's length read from its header,
+to find a cut file (docs/DESIGN.md, "Real media": truncation is never a shorter clip).
+
+The frames are a chain: each header says where the next one starts. Walking it in Python cost
+about 1 us a frame, an hour of MP3 (150k frames) 0.17 s, most of the time a 10 s clip of it took.
+Here every place a header may start (its sync bits) is found and parsed by numpy, each linked to
+the one its length points at, and the chain from the first frame is followed by pointer doubling:
+about log2(frames) array steps, the same verdict as the frame-by-frame walk (tested against it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# MPEG audio frame headers (ISO 11172-3 / 13818-3): kbit/s by (MPEG-1?, layer) and bitrate index 1..14,
+# and sample rates by version (3: MPEG-1, 2: MPEG-2, 0: MPEG-2.5).
+MPEG_BITRATES = {
+    (True, 1): (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
+    (True, 2): (32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
+    (True, 3): (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    (False, 1): (32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
+    (False, 2): (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+    (False, 3): (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+MPEG_RATES = {3: (44_100, 48_000, 32_000), 2: (22_050, 24_000, 16_000), 0: (11_025, 12_000, 8_000)}
+# Sync candidates are searched this many bytes at a time: the masks stay a few MB for any file.
+SEARCH_CHUNK_BYTES = 1 << 22
+
+
+def missing_mpeg_audio_bytes(data: bytes, start: int) -> int:
+    """How many bytes the last frame of MPEG-1/2/2.5 audio (layer I-III) from ``start`` declares
+    beyond the end of ``data``; 0 where the chain stops at bytes that are no frame header (a
+    trailer, a free-format or damaged frame: FFmpeg judges those) or at a header of a reserved
+    version, layer, bitrate or rate."""
+    view = np.frombuffer(data, np.uint8)
+    offsets = _sync_offsets(view, 4, lambda second: second & 0xE0 == 0xE0)
+    lengths = _mpeg_lengths(view, offsets)
+    return _chain_verdict(view, start, offsets, lengths, 4)
+
+
+def missing_adts_bytes(data: bytes, start: int) -> int:
+    """How many bytes the last ADTS frame from ``start`` declares beyond the end of ``data`` (its
+    13-bit length); 0 where the chain stops at bytes that are no frame header or at a length under
+    the 7-byte header."""
+    view = np.frombuffer(data, np.uint8)
+    offsets = _sync_offsets(view, 7, lambda second: second & 0xF6 == 0xF0)
+    at = view[offsets[:, None] + np.arange(3, 6)].astype(np.int64)
+    lengths = ((at[:, 0] & 3) << 11) | (at[:, 1] << 3) | (at[:, 2] >> 5)
+    lengths[lengths < 7] = 0  # no ADTS frame: FFmpeg judges the rest
+    return _chain_verdict(view, start, offsets, lengths, 7)
+
+
+def _sync_offsets(view: np.ndarray, header: int, second_byte_syncs) -> np.ndarray:
+    """Sorted offsets (int64) where a byte 0xFF is followed by a byte ``second_byte_syncs`` accepts
+    and ``header`` bytes fit in ``view``: every place a frame may start."""
+    found, last = [], len(view) - header  # the last offset a whole header fits at
+    for begin in range(0, last + 1, SEARCH_CHUNK_BYTES):
+        end = min(begin + SEARCH_CHUNK_BYTES, last + 1)
+        hits = np.flatnonzero(view[begin:end] == 0xFF) + begin  # one pass; the second byte only where needed
+        found.append(hits[second_byte_syncs(view[hits + 1])])
+    return np.concatenate(found).astype(np.int64) if found else np.zeros(0, np.int64)
+
+
+def _mpeg_lengths(view: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Each MPEG audio header's frame length in bytes (0 for a reserved field: the walk stops)."""
+    second, third = view[offsets + 1].astype(np.int64), view[offsets + 2].astype(np.int64)
+    version, layer = (second >> 3) & 3, 4 - ((second >> 1) & 3)
+    bitrate, rate, padding = third >> 4, (third >> 2) & 3, (third >> 1) & 1
+    kbits_table = np.zeros((2, 5, 16), np.int64)  # [MPEG-1?, layer, bitrate index]; 0 where reserved
+    for (mpeg1, table_layer), kbits in MPEG_BITRATES.items():
+        kbits_table[int(mpeg1), table_layer, 1:15] = kbits
+    hz_table = np.zeros((4, 4), np.int64)  # [version, rate index]; 0 where reserved
+    for table_version, rates in MPEG_RATES.items():
+        hz_table[table_version, :3] = rates
+    kbits, hz = kbits_table[(version == 3).astype(np.int64), layer, bitrate], hz_table[version, rate]
+    valid = (kbits > 0) & (hz > 0) & (version != 1)
+    hz = np.where(valid, hz, 1)
+    slots = np.where(layer == 1, (12_000 * kbits // hz + padding) * 4, 0)  # 384 samples in 4-byte slots
+    # 1152 samples, but layer III of MPEG-2/2.5 holds 576.
+    per_kbit = np.where((layer == 3) & (version != 3), 72_000, 144_000)
+    lengths = np.where(layer == 1, slots, per_kbit * kbits // hz + padding)
+    return np.where(valid, lengths, 0)
+
+
+def _chain_verdict(view: np.ndarray, start: int, offsets: np.ndarray, lengths: np.ndarray, header: int) -> int:
+    """Follow the frames from ``start`` (offsets of candidate headers and their lengths, 0: the walk
+    stops with 0) to where the chain ends: the bytes its last frame declares past the end, or, where
+    it stops at bytes that are no header, those of a header cut short there (``header`` bytes)."""
+    size = len(view)
+    first = np.searchsorted(offsets, start)
+    if first == len(offsets) or offsets[first] != start:
+        return _cut_header_bytes(view, start, header)
+    ends = offsets + lengths
+    following = np.searchsorted(offsets, ends)
+    linked = (lengths > 0) & (ends <= size) & (following < len(offsets))
+    linked &= offsets[np.minimum(following, len(offsets) - 1)] == ends
+    nxt = np.where(linked, following, np.arange(len(offsets)))  # a frame the chain ends at points at itself
+    # Pointer doubling: after k rounds each frame points 2**k frames on, or at its chain's end.
+    for _ in range(max(1, int(len(offsets)).bit_length())):
+        nxt = nxt[nxt]
+    last = int(nxt[first])
+    if lengths[last] == 0:
+        return 0
+    if ends[last] > size:
+        return int(ends[last]) - size
+    return _cut_header_bytes(view, int(ends[last]), header)
+
+
+def _cut_header_bytes(view: np.ndarray, offset: int, header: int) -> int:
+    """The bytes missing from a frame header cut short at ``offset`` (a 0xFF with fewer than
+    ``header`` bytes after it to the end), else 0: bytes that are no header are no part of it."""
+    tail = len(view) - offset
+    return header - tail if 0 < tail < header and view[offset] == 0xFF else 0
