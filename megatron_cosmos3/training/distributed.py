@@ -136,6 +136,14 @@ def _launcher_env() -> tuple[int, int, int] | None:
     return None
 
 
+def gpu_index(local_rank: int, visible_gpus: int) -> int:
+    """This rank's GPU among the ``visible_gpus`` it sees: its local rank where it sees the node's
+    GPUs (torchrun, plain srun), else the local rank modulo that count. srun's ``--gpus-per-task=1``
+    (or ``--gpu-bind``) shows each task only its own GPU, as device 0; local rank 3 asked for
+    device 3 there ("invalid device ordinal")."""
+    return local_rank % visible_gpus
+
+
 def slurm_attempt() -> int | None:
     """How often SLURM has restarted (requeued) this job: 0 on its first run; None outside SLURM."""
     if not os.environ.get("SLURM_JOB_ID"):
@@ -207,8 +215,8 @@ def init_distributed(timeout_s: float | None = None) -> DistributedContext:
         die_with_launcher()
     job_id = launcher_run_id()
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", gpu_index(local_rank, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if launched and not dist.is_initialized():

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from megatron_cosmos3.training.distributed import first_host, srun_world, started_by_srun
+from megatron_cosmos3.training.distributed import first_host, gpu_index, srun_world, started_by_srun
 
 # Task 1 of `srun --ntasks=2` in job 5 on node "vm".
 SRUN_TASK = {
@@ -78,3 +78,16 @@ def test_what_an_srun_rank_misses_is_named(changes, error):
     environ = {k: v for k, v in {**SRUN_TASK, **changes}.items() if v is not None}
     with pytest.raises(ValueError, match=re.escape(error)):
         srun_world(environ)
+
+
+@pytest.mark.parametrize(
+    "local_rank, visible, index",
+    [
+        (3, 8, 3),  # torchrun, or srun with the node's GPUs visible to every task
+        (3, 1, 0),  # srun --gpus-per-task=1: the task sees its own GPU only, as device 0
+        (5, 2, 1),  # --gpus-per-task=2: ranks take the visible GPUs in turn
+    ],
+)
+def test_a_rank_takes_a_gpu_it_can_see(local_rank, visible, index):
+    """srun's --gpus-per-task=1 shows each task one GPU: local rank 3 asked for device 3."""
+    assert gpu_index(local_rank, visible) == index
