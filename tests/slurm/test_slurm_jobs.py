@@ -309,3 +309,18 @@ def test_a_cancelled_training_job_checkpoints_and_is_not_requeued(cluster, tmp_p
     step = re.search(r"preempted \(SIGTERM\): checkpoint of step (\d+) committed", text)
     assert step and (tmp_path / "run" / f"step_{int(step[1]):08d}").is_dir(), text[-3000:]
     assert f"attempt 1: stopped by SIGTERM at step {step[1]}, checkpoint committed; not requeued" in text
+
+
+def test_a_training_job_of_several_tasks_a_node_is_refused_naming_the_option(cluster, tmp_path):
+    """With --ntasks-per-node=2 the second torchrun of the node joined the first one's rendezvous as
+    an idle spare: the job trained a world of NPROC_PER_NODE ranks, not the two asked for, and
+    ended 'finished' after the spare's traceback."""
+    log = tmp_path / "job.out"
+    env = _job_env(tmp_path, COSMOS3_STATUS_DIR=str(tmp_path / "status"))
+    submitted = cluster.command(
+        "sbatch", "--ntasks-per-node=2", f"--output={log}", str(REPO / "slurm/train.sbatch"), env=env
+    )
+    job_id = submitted.stdout.split()[-1]
+    _wait("the job to end", lambda: cluster.job(job_id).state in ("COMPLETED", "FAILED"), 60, log)
+    assert cluster.job(job_id).state == "FAILED"
+    assert "submit with --ntasks-per-node=1 (this job has SLURM_NTASKS=2 on 1 node(s))" in log.read_text()
