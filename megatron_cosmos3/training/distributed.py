@@ -9,7 +9,7 @@ import os
 import re
 import signal
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -126,12 +126,17 @@ def slurm_tasks_on_this_node(environ: Mapping[str, str]) -> int:
     return int(value)
 
 
-def _launcher_env() -> tuple[int, int, int] | None:
-    if "WORLD_SIZE" in os.environ:  # torchrun
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    if started_by_srun(os.environ):  # srun, one task per rank: env:// reads the rendezvous from here
-        rank, world_size, local_rank, addr, port = srun_world(os.environ)
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port
+def launcher_env(environ: MutableMapping[str, str]) -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) from torchrun's variables, or from srun's where srun started
+    one task per rank; None when unlaunched. For an srun rank it sets in ``environ`` what env://
+    and libraries written for torchrun read: MASTER_ADDR, MASTER_PORT (``srun_world``), RANK and
+    LOCAL_RANK (DeepSpeed asserts LOCAL_RANK). Not WORLD_SIZE: the host-memory count must still
+    see an srun world (``started_by_srun``)."""
+    if "WORLD_SIZE" in environ:  # torchrun
+        return int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0))
+    if started_by_srun(environ):
+        rank, world_size, local_rank, addr, port = srun_world(environ)
+        environ.update(MASTER_ADDR=addr, MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(local_rank))
         return rank, world_size, local_rank
     return None
 
@@ -209,7 +214,7 @@ def _restart_store(world_size: int, timeout: datetime.timedelta | None):
 def init_distributed(timeout_s: float | None = None) -> DistributedContext:
     """Initialises the default process group (NCCL + gloo on GPUs, gloo on CPUs); single process if
     unlaunched. ``timeout_s``: how long its collectives (and the rendezvous) wait, default torch's."""
-    launched = _launcher_env()
+    launched = launcher_env(os.environ)
     rank, world_size, local_rank = launched or (0, 1, 0)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker
         die_with_launcher()

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from megatron_cosmos3.training.distributed import first_host, gpu_index, srun_world, started_by_srun
+from megatron_cosmos3.training.distributed import first_host, gpu_index, launcher_env, srun_world, started_by_srun
 
 # Task 1 of `srun --ntasks=2` in job 5 on node "vm".
 SRUN_TASK = {
@@ -91,3 +91,18 @@ def test_what_an_srun_rank_misses_is_named(changes, error):
 def test_a_rank_takes_a_gpu_it_can_see(local_rank, visible, index):
     """srun's --gpus-per-task=1 shows each task one GPU: local rank 3 asked for device 3."""
     assert gpu_index(local_rank, visible) == index
+
+
+def test_an_srun_rank_sets_the_variables_libraries_written_for_torchrun_read():
+    """DeepSpeed asserted 'DeepSpeed requires the LOCAL_RANK environment variable' under srun.
+    WORLD_SIZE stays unset: the host-memory count must still see an srun world."""
+    environ = dict(SRUN_TASK)
+    assert launcher_env(environ) == (1, 2, 1)
+    assert {k: environ[k] for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK")} == {
+        "MASTER_ADDR": "vm",
+        "MASTER_PORT": "20005",
+        "RANK": "1",
+        "LOCAL_RANK": "1",
+    }
+    assert "WORLD_SIZE" not in environ and started_by_srun(environ)
+    assert launcher_env(dict(BATCH_SCRIPT)) is None
