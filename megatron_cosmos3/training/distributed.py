@@ -9,7 +9,7 @@ import os
 import re
 import signal
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +31,71 @@ class DistributedContext:
 
 
 def started_by_srun(environ: Mapping[str, str]) -> bool:
-    """Whether this process is one of several ranks srun started, one task per rank (no torchrun)."""
-    return "WORLD_SIZE" not in environ and int(environ.get("SLURM_NTASKS", "1")) > 1
+    """Whether this process is one of several ranks srun started, one task per rank (no torchrun).
+    The step's task count, not the allocation's: a batch script of ``--ntasks=8`` (``SLURM_NTASKS=8``)
+    that runs one process without srun is one process, not rank 0 of 8 waiting for the other 7."""
+    return "WORLD_SIZE" not in environ and int(environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
+
+
+# One host list group: "node[01-04,07]" is a prefix, then bracketed ranges, then the rest.
+_HOST_RANGE = re.compile(r"\[([^\]]*)\]")
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM host list ("node[03-05,9],gpu1" -> "node03", "a[1-2]b[7-8]" ->
+    "a1b7"): rank 0's node, srun placing tasks on the step's nodes in order. ValueError naming the
+    list where it is not one."""
+
+    def first_of(match: re.Match) -> str:
+        first = match[1].split(",")[0].split("-")[0]
+        if not first.isdigit():
+            raise ValueError(f"{nodelist!r}: not a SLURM host list (e.g. 'node[01-04],gpu1')")
+        return first
+
+    depth, end = 0, len(nodelist)
+    for index, char in enumerate(nodelist):  # the first entry ends at a comma outside brackets
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            end = index
+            break
+    host = _HOST_RANGE.sub(first_of, nodelist[:end].strip())
+    if not host or any(c in host for c in "[], "):
+        raise ValueError(f"{nodelist!r}: not a SLURM host list (e.g. 'node[01-04],gpu1')")
+    return host
+
+
+def srun_port(job_id: str) -> int:
+    """The rendezvous port of an srun-started world: derived from the job id, as slurm/train.sbatch
+    derives torchrun's, so two jobs sharing a node meet on different ports."""
+    return 20000 + int(job_id) % 20000
+
+
+def srun_world(environ: Mapping[str, str]) -> tuple[int, int, int, str, str]:
+    """(rank, world size, local rank, MASTER_ADDR, MASTER_PORT) of a rank srun started (one task per
+    rank): SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID; the address and port as set, else the
+    first host of SLURM_STEP_NODELIST (else SLURM_JOB_NODELIST) and ``srun_port`` of SLURM_JOB_ID.
+    ValueError naming what is missing or not a number."""
+    numbers = {}
+    for name in ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"):
+        value = environ.get(name)
+        if value is None or not value.isdigit():
+            raise ValueError(f"srun launch: {name}={value!r}, not a number; srun sets it in every task it starts")
+        numbers[name] = int(value)
+    addr = environ.get("MASTER_ADDR")
+    if not addr:
+        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
+        if not nodelist:
+            raise ValueError(
+                "srun launch: no MASTER_ADDR, SLURM_STEP_NODELIST or SLURM_JOB_NODELIST to find rank 0's node"
+            )
+        addr = first_host(nodelist)
+    port = environ.get("MASTER_PORT")
+    if not port:
+        job_id = environ.get("SLURM_JOB_ID", "")
+        if not job_id.isdigit():
+            raise ValueError(f"srun launch: no MASTER_PORT, and SLURM_JOB_ID={job_id!r} gives none")
+        port = str(srun_port(job_id))
+    return numbers["SLURM_PROCID"], numbers["SLURM_STEP_NUM_TASKS"], numbers["SLURM_LOCALID"], addr, port
 
 
 # One entry of SLURM's tasks-per-node lists: "4", or "4(x2)" for two nodes of 4 tasks each.
@@ -63,15 +126,27 @@ def slurm_tasks_on_this_node(environ: Mapping[str, str]) -> int:
     return int(value)
 
 
-def _launcher_env() -> tuple[int, int, int] | None:
-    if "WORLD_SIZE" in os.environ:  # torchrun
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    if started_by_srun(os.environ):  # srun, one task per GPU
-        os.environ.setdefault("MASTER_PORT", "29500")
-        if "MASTER_ADDR" not in os.environ:
-            raise RuntimeError("srun launch: set MASTER_ADDR to the first node (see slurm/train.sbatch)")
-        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), int(os.environ["SLURM_LOCALID"])
+def launcher_env(environ: MutableMapping[str, str]) -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) from torchrun's variables, or from srun's where srun started
+    one task per rank; None when unlaunched. For an srun rank it sets in ``environ`` what env://
+    and libraries written for torchrun read: MASTER_ADDR, MASTER_PORT (``srun_world``), RANK and
+    LOCAL_RANK (DeepSpeed asserts LOCAL_RANK). Not WORLD_SIZE: the host-memory count must still
+    see an srun world (``started_by_srun``)."""
+    if "WORLD_SIZE" in environ:  # torchrun
+        return int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0))
+    if started_by_srun(environ):
+        rank, world_size, local_rank, addr, port = srun_world(environ)
+        environ.update(MASTER_ADDR=addr, MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(local_rank))
+        return rank, world_size, local_rank
     return None
+
+
+def gpu_index(local_rank: int, visible_gpus: int) -> int:
+    """This rank's GPU among the ``visible_gpus`` it sees: its local rank where it sees the node's
+    GPUs (torchrun, plain srun), else the local rank modulo that count. srun's ``--gpus-per-task=1``
+    (or ``--gpu-bind``) shows each task only its own GPU, as device 0; local rank 3 asked for
+    device 3 there ("invalid device ordinal")."""
+    return local_rank % visible_gpus
 
 
 def slurm_attempt() -> int | None:
@@ -139,14 +214,14 @@ def _restart_store(world_size: int, timeout: datetime.timedelta | None):
 def init_distributed(timeout_s: float | None = None) -> DistributedContext:
     """Initialises the default process group (NCCL + gloo on GPUs, gloo on CPUs); single process if
     unlaunched. ``timeout_s``: how long its collectives (and the rendezvous) wait, default torch's."""
-    launched = _launcher_env()
+    launched = launcher_env(os.environ)
     rank, world_size, local_rank = launched or (0, 1, 0)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker
         die_with_launcher()
     job_id = launcher_run_id()
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", gpu_index(local_rank, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if launched and not dist.is_initialized():

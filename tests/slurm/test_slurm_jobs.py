@@ -20,6 +20,7 @@ import pytest
 from megatron_cosmos3.testing.slurm_cluster import ClusterUnavailable, LocalSlurmCluster
 from megatron_cosmos3.testing.training import (
     TINY_MODEL,
+    TINY_SYNTHETIC,
     TRAINER_ENV,
     launch_environment,
     loss_history,
@@ -244,3 +245,82 @@ def test_preprocessing_array_job_writes_the_shards_of_one_process(cluster, world
         "latent-000001-000001.tar",
     ], logs()
     assert array == one, logs()  # every shard and the index, byte for byte
+
+
+def test_both_batch_scripts_find_a_repository_whose_path_has_spaces_when_submitted_from_elsewhere(cluster, tmp_path):
+    """The scripts find their repository in ``scontrol show job``'s Command= (the submitted path and
+    its arguments joined by spaces): a path with a space was cut at it, and a job submitted from
+    another folder ended 'no megatron_cosmos3 repository found'. Each runs its program's --help."""
+    checkout, elsewhere = tmp_path / "my checkout", tmp_path / "elsewhere"
+    checkout.symlink_to(REPO)
+    elsewhere.mkdir()
+    env = _job_env(tmp_path, COSMOS3_STATUS_DIR=str(tmp_path / "status"))
+    logs = {script: tmp_path / f"{script}.out" for script in ("train", "preprocess")}
+    jobs = [
+        cluster.command(
+            "sbatch", f"--output={log}", str(checkout / f"slurm/{script}.sbatch"), "--help", env=env, cwd=elsewhere
+        ).stdout.split()[-1]
+        for script, log in logs.items()
+    ]
+    text = lambda: "\n".join(f"== {log.name}\n{log.read_text() if log.exists() else '-'}" for log in logs.values())  # noqa: E731
+    _wait("the jobs", lambda: not cluster.command("squeue", "-h", "-j", ",".join(jobs)).stdout.strip(), 120, tmp_path)
+    assert "usage: train.py" in logs["train"].read_text(), text()
+    assert "usage: encode_shards.py" in logs["preprocess"].read_text(), text()
+
+
+def test_a_training_job_whose_status_folder_cannot_be_made_fails_at_once_naming_it(cluster, tmp_path):
+    """The folder of the attempt's outcome (COSMOS3_STATUS_DIR, default under the repository, which
+    may be read-only) failed with mkdir's line alone, naming neither the variable nor the remedy."""
+    (tmp_path / "a file").write_text("")
+    status_dir = tmp_path / "a file" / "status"
+    log = tmp_path / "job.out"
+    env = _job_env(tmp_path, COSMOS3_STATUS_DIR=str(status_dir))
+    job_id = cluster.command("sbatch", f"--output={log}", str(REPO / "slurm/train.sbatch"), env=env).stdout.split()[-1]
+    _wait("the job to end", lambda: cluster.job(job_id).state in ("COMPLETED", "FAILED"), 60, log)
+    assert cluster.job(job_id).state == "FAILED"
+    assert f"COSMOS3_STATUS_DIR={status_dir}: cannot create it" in log.read_text()
+
+
+@pytest.mark.multiprocess
+def test_a_cancelled_training_job_checkpoints_and_is_not_requeued(cluster, tmp_path):
+    """A plain ``scancel`` sends SIGTERM to the script and the trainers: they checkpoint, and the
+    script, reading 'preempted', requeued the job the user had cancelled (it came back, Restarts=1).
+    SLURM requeues a requeued or preempted job itself; a cancelled one stays cancelled, and a new
+    submission resumes from the checkpoint."""
+    log = tmp_path / "job.out"
+    args = [*TINY_MODEL, "data_source=synthetic", *TINY_SYNTHETIC, "steps=100000", "log_every=1"]
+    args += ["tracking.generation_samples=false", "checkpoint.save_every=100000"]
+    args += [f"checkpoint.directory={tmp_path / 'run'}", f"tracking.tracking_uri={_store(tmp_path, 'run')}"]
+    env = _job_env(tmp_path, COSMOS3_STATUS_DIR=str(tmp_path / "status"))
+    job_id = cluster.command(
+        "sbatch", f"--output={log}", str(REPO / "slurm/train.sbatch"), *args, env=env
+    ).stdout.split()[-1]
+    _wait("the job to train", lambda: _steps_logged(log, 1), 120, log)
+    cluster.command("scancel", job_id)
+
+    def ended() -> bool:
+        job = cluster.job(job_id)
+        outcome = re.search(r"attempt 1: (stopped|preempted) ", log.read_text())
+        return outcome is not None and (job.restarts > 0 or not cluster.command("squeue", "-h", "-j", job_id).stdout)
+
+    _wait("the attempt's outcome", ended, 120, log)
+    job, text = cluster.job(job_id), log.read_text()
+    assert (job.state, job.restarts) == ("CANCELLED", 0), text[-3000:]
+    step = re.search(r"preempted \(SIGTERM\): checkpoint of step (\d+) committed", text)
+    assert step and (tmp_path / "run" / f"step_{int(step[1]):08d}").is_dir(), text[-3000:]
+    assert f"attempt 1: stopped by SIGTERM at step {step[1]}, checkpoint committed; not requeued" in text
+
+
+def test_a_training_job_of_several_tasks_a_node_is_refused_naming_the_option(cluster, tmp_path):
+    """With --ntasks-per-node=2 the second torchrun of the node joined the first one's rendezvous as
+    an idle spare: the job trained a world of NPROC_PER_NODE ranks, not the two asked for, and
+    ended 'finished' after the spare's traceback."""
+    log = tmp_path / "job.out"
+    env = _job_env(tmp_path, COSMOS3_STATUS_DIR=str(tmp_path / "status"))
+    submitted = cluster.command(
+        "sbatch", "--ntasks-per-node=2", f"--output={log}", str(REPO / "slurm/train.sbatch"), env=env
+    )
+    job_id = submitted.stdout.split()[-1]
+    _wait("the job to end", lambda: cluster.job(job_id).state in ("COMPLETED", "FAILED"), 60, log)
+    assert cluster.job(job_id).state == "FAILED"
+    assert "submit with --ntasks-per-node=1 (this job has SLURM_NTASKS=2 on 1 node(s))" in log.read_text()

@@ -123,7 +123,13 @@ def test_the_ranks_torchrun_starts_on_this_host_share_its_memory(monkeypatch):
 
 
 # srun starting one task per rank (no torchrun): SLURM's step variables on the second of two nodes.
-SRUN_RANK = {"SLURM_NTASKS": "7", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1"}
+SRUN_RANK = {
+    "SLURM_NTASKS": "7",
+    "SLURM_STEP_NUM_TASKS": "7",
+    "SLURM_PROCID": "5",
+    "SLURM_LOCALID": "1",
+    "SLURM_NODEID": "1",
+}
 
 
 @pytest.mark.parametrize(
@@ -138,7 +144,11 @@ SRUN_RANK = {"SLURM_NTASKS": "7", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SL
         ({**SRUN_RANK, "SLURM_NTASKS_PER_NODE": "4"}, 4),
         # one torchrun a node under srun: torchrun's count, not srun's one task
         ({**SRUN_RANK, "SLURM_STEP_TASKS_PER_NODE": "1(x2)", "LOCAL_WORLD_SIZE": "8", "WORLD_SIZE": "16"}, 8),
-        ({"SLURM_NTASKS": "1", "SLURM_STEP_TASKS_PER_NODE": "1"}, 1),  # one task: no srun world
+        (
+            {"SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "1", "SLURM_STEP_TASKS_PER_NODE": "1"},
+            1,
+        ),  # one task: no srun world
+        ({"SLURM_NTASKS": "4", "SLURM_TASKS_PER_NODE": "4"}, 1),  # the batch script of --ntasks=4: one process
         ({}, 1),
     ],
 )
@@ -174,7 +184,12 @@ def test_the_ranks_srun_starts_on_this_host_share_its_memory(monkeypatch):
     monkeypatch.setattr(host_memory, "available_host_bytes", lambda: (each * 3 // 2, "a test's figure"))
     for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    for name, value in {**SRUN_RANK, "SLURM_NTASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}.items():
+    for name, value in {
+        **SRUN_RANK,
+        "SLURM_NTASKS": "4",
+        "SLURM_STEP_NUM_TASKS": "4",
+        "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+    }.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(HostMemoryError, match=r"this host's 2 ranks' weights and optimizer state take at least"):
         host_memory.check_host_memory(config, 4)

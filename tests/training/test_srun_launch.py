@@ -1,0 +1,108 @@
+"""Ranks srun starts itself, one task per rank (no torchrun): their rank, world and rendezvous come
+from SLURM's step variables (docs/DESIGN.md, "Preemption and requeue", launch). SLURM's variables
+as env dicts, as a real srun step and batch script set them (22.05)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from megatron_cosmos3.training.distributed import first_host, gpu_index, launcher_env, srun_world, started_by_srun
+
+# Task 1 of `srun --ntasks=2` in job 5 on node "vm".
+SRUN_TASK = {
+    "SLURM_JOB_ID": "5",
+    "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "1",
+    "SLURM_NODEID": "0",
+    "SLURM_NTASKS": "2",
+    "SLURM_STEP_NUM_TASKS": "2",
+    "SLURM_STEP_NODELIST": "vm",
+    "SLURM_JOB_NODELIST": "vm",
+}
+# The batch script of `sbatch --ntasks=2`: the allocation's task count, no step.
+BATCH_SCRIPT = {"SLURM_JOB_ID": "5", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "2"}
+
+
+def test_a_process_the_batch_script_runs_without_srun_is_one_process_not_rank_0_of_the_allocation():
+    """It was taken for rank 0 of SLURM_NTASKS and waited for ranks that never start (or, without
+    MASTER_ADDR, was refused as an srun launch)."""
+    assert not started_by_srun(BATCH_SCRIPT)
+    assert started_by_srun(SRUN_TASK)
+    assert not started_by_srun({**SRUN_TASK, "WORLD_SIZE": "2"})  # torchrun under srun: torchrun's world
+    assert not started_by_srun({**SRUN_TASK, "SLURM_STEP_NUM_TASKS": "1"})
+
+
+def test_an_srun_rank_finds_rank_0s_node_and_a_port_of_its_job():
+    """MASTER_ADDR was required by hand (and MASTER_PORT was 29500 for every job on a node)."""
+    assert srun_world(SRUN_TASK) == (1, 2, 1, "vm", "20005")
+    two_nodes = {**SRUN_TASK, "SLURM_JOB_ID": "123456", "SLURM_STEP_NODELIST": "gpu[07-08]"}
+    assert srun_world(two_nodes) == (1, 2, 1, "gpu07", str(20000 + 123456 % 20000))
+    chosen = {**SRUN_TASK, "MASTER_ADDR": "head", "MASTER_PORT": "29999"}
+    assert srun_world(chosen)[3:] == ("head", "29999")
+    no_step_list = {k: v for k, v in SRUN_TASK.items() if k != "SLURM_STEP_NODELIST"}
+    assert srun_world({**no_step_list, "SLURM_JOB_NODELIST": "n[3,5]"})[3] == "n3"
+
+
+@pytest.mark.parametrize(
+    "nodelist, host",
+    [
+        ("vm", "vm"),
+        ("node[03-05,9],gpu1", "node03"),
+        ("gpu1,node[03-05]", "gpu1"),
+        ("rack[2-3]-n[10-11]", "rack2-n10"),
+        ("n[7]", "n7"),
+    ],
+)
+def test_the_first_host_of_a_slurm_host_list(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+@pytest.mark.parametrize("nodelist", ["", "node[a-b]", "node[1-2", ",vm"])
+def test_a_host_list_not_in_slurms_format_is_named(nodelist):
+    with pytest.raises(ValueError, match=re.escape(f"{nodelist!r}: not a SLURM host list")):
+        first_host(nodelist)
+
+
+@pytest.mark.parametrize(
+    "changes, error",
+    [
+        ({"SLURM_PROCID": None}, "SLURM_PROCID=None, not a number"),
+        ({"SLURM_LOCALID": "x"}, "SLURM_LOCALID='x', not a number"),
+        ({"SLURM_STEP_NODELIST": None, "SLURM_JOB_NODELIST": None}, "no MASTER_ADDR, SLURM_STEP_NODELIST or"),
+        ({"SLURM_JOB_ID": None}, "no MASTER_PORT, and SLURM_JOB_ID=''"),
+    ],
+)
+def test_what_an_srun_rank_misses_is_named(changes, error):
+    environ = {k: v for k, v in {**SRUN_TASK, **changes}.items() if v is not None}
+    with pytest.raises(ValueError, match=re.escape(error)):
+        srun_world(environ)
+
+
+@pytest.mark.parametrize(
+    "local_rank, visible, index",
+    [
+        (3, 8, 3),  # torchrun, or srun with the node's GPUs visible to every task
+        (3, 1, 0),  # srun --gpus-per-task=1: the task sees its own GPU only, as device 0
+        (5, 2, 1),  # --gpus-per-task=2: ranks take the visible GPUs in turn
+    ],
+)
+def test_a_rank_takes_a_gpu_it_can_see(local_rank, visible, index):
+    """srun's --gpus-per-task=1 shows each task one GPU: local rank 3 asked for device 3."""
+    assert gpu_index(local_rank, visible) == index
+
+
+def test_an_srun_rank_sets_the_variables_libraries_written_for_torchrun_read():
+    """DeepSpeed asserted 'DeepSpeed requires the LOCAL_RANK environment variable' under srun.
+    WORLD_SIZE stays unset: the host-memory count must still see an srun world."""
+    environ = dict(SRUN_TASK)
+    assert launcher_env(environ) == (1, 2, 1)
+    assert {k: environ[k] for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK")} == {
+        "MASTER_ADDR": "vm",
+        "MASTER_PORT": "20005",
+        "RANK": "1",
+        "LOCAL_RANK": "1",
+    }
+    assert "WORLD_SIZE" not in environ and started_by_srun(environ)
+    assert launcher_env(dict(BATCH_SCRIPT)) is None
