@@ -5,8 +5,7 @@ they reuse), for generated outputs and for anything that stores playable media (
 video, issue 17). Each ``encode_*`` returns the file's bytes; each ``write_*`` writes them to a path.
 
 - **mp4**: PyAV (its wheels carry FFmpeg with libx264 and the native AAC encoder). Video is
-  H.264, ``yuv420p`` (what every player decodes), constant-quality ``crf``, the same bytes for the same
-  frames (each converted to ``yuv420p`` before ``encode``, whose own conversion was not), the index (``moov``)
+  H.264, ``yuv420p`` (what every player decodes), constant-quality ``crf``, the index (``moov``)
   ahead of the media data ("faststart"): a browser plays a file it is still downloading only
   then (FFmpeg writes it last, and the MLflow UI serves artifacts whole). The frame rate is kept
   exactly as a fraction: a float rate becomes the nearest fraction with a denominator up to 1001,
@@ -150,9 +149,7 @@ def _mux_mp4(av, path: Path, frames, rate: Fraction, audio, sample_rate: int, cr
             sound = container.add_stream("aac", rate=int(sample_rate), layout=layout)
             sound.bit_rate = AUDIO_BITRATE
         for index, picture in enumerate(frames):
-            # Converted here, not by encode(): its implicit RGB -> yuv420p conversion made the same frames
-            # give other bytes (and decoded pixels) about one encode in 20, so outputs were not reproducible.
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24").reformat(format="yuv420p")
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24")
             frame.pts = index
             container.mux(video.encode(frame))
         container.mux(video.encode(None))
