@@ -23,6 +23,7 @@ import logging
 import math
 import shutil
 import sys
+import tempfile
 import textwrap
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -31,9 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_cosmos3.atomic_files import PARTIAL_SUFFIX
 from megatron_cosmos3.data.determinism import seed_problem
 from megatron_cosmos3.data.errors import SampleError
-from megatron_cosmos3.data.latent_encoders import latent_encoder_from_config
+from megatron_cosmos3.data.latent_encoders import LatentEncoder, latent_encoder_from_config
 from megatron_cosmos3.data.media import decode_image, decode_npy
 from megatron_cosmos3.data.media_files import VIDEO_SUFFIXES as VIDEO_FILE_SUFFIXES
 from megatron_cosmos3.data.media_files import decode_video_file
@@ -164,10 +166,30 @@ def remove_output(path: Path) -> None:
         path.unlink()
 
 
-def _emptied(folder: Path) -> Path:
-    """``folder`` with nothing in it: what an earlier request of its name wrote is removed (only
-    reached with ``--overwrite``, or where the folder is empty)."""
-    remove_output(folder)
+def write_request_folder(
+    folder: Path, overwrite: bool, sample: GeneratedSample, record: GenerationRecord, decoder: LatentEncoder
+) -> Path:
+    """``write_generated_sample`` into a hidden folder beside ``folder``, then renamed to ``folder``:
+    a run killed mid-request leaves no ``folder`` that looks generated (only a ``.<name>.*.partial``
+    folder, removed here where the interruption is an exception). What an earlier request of the
+    name wrote is replaced (``overwrite``) or, where another run filled ``folder`` meanwhile,
+    kept and named in a RequestError."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=PARTIAL_SUFFIX, dir=folder.parent))
+    try:
+        write_generated_sample(staging, sample, record, decoder)
+        if overwrite or (folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir())):
+            remove_output(folder)  # an empty folder, or --overwrite: replaced as a whole
+        try:
+            staging.rename(folder)  # refused where folder exists and holds files (or is a file)
+        except OSError:
+            raise RequestError(
+                f"{folder} was written by another run while this one generated; this request's files are not "
+                "kept: choose another --out or request name, or pass --overwrite"
+            ) from None
+    except BaseException:  # Ctrl-C and SIGTERM too: no half-written request is left
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return folder
 
 
@@ -336,8 +358,7 @@ def run_requests(
     for i, result in zip(dm, results):
         if write:
             record = result.record(str(trained.source), step, specs[i].conditioning())
-            write_generated_sample(_emptied(out / names[i]), result.sample, record, decoder)
-            folders.append(out / names[i])
+            folders.append(write_request_folder(out / names[i], overwrite, result.sample, record, decoder))
     for i in text:
         spec = specs[i]
         picture, sampling = text_inputs[i]
@@ -363,8 +384,8 @@ def run_requests(
                     "token_ids": generated.token_ids,
                 },
             )
-            write_generated_sample(_emptied(out / names[i]), GeneratedSample(text=generated.text), record, decoder)
-            folders.append(out / names[i])
+            text = GeneratedSample(text=generated.text)
+            folders.append(write_request_folder(out / names[i], overwrite, text, record, decoder))
     return folders
 
 
