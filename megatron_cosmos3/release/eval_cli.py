@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_cosmos3.atomic_files import write_atomically
 from megatron_cosmos3.eval_suite.config import SUITE_TASKS, SuiteConfig, load_suite_config
 from megatron_cosmos3.eval_suite.media import write_media
 from megatron_cosmos3.eval_suite.suite import EvalSuite, SuiteResult
@@ -112,13 +113,13 @@ def clear_earlier_outputs(out: Path) -> None:
 
 
 def write_outputs(result: SuiteResult, out: Path, media: bool) -> Path:
-    """``out/report.json`` and, with ``media``, ``out/media/``; returns the report's path."""
+    """With ``media``, ``out/media/``, then ``out/report.json``; returns the report's path. The
+    report comes last and whole (``write_atomically``): a run killed while writing leaves none, so
+    a ``report.json`` always means a finished run."""
     out.mkdir(parents=True, exist_ok=True)
-    report = out / REPORT_FILE
-    report.write_text(result.report.to_json())
     if media:
         write_media(out / "media", result.cases, result.model)
-    return report
+    return write_atomically(out / REPORT_FILE, result.report.to_json())
 
 
 def log_to_mlflow(
