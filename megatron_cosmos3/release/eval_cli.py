@@ -30,7 +30,13 @@ from megatron_cosmos3.eval_suite.config import SUITE_TASKS, SuiteConfig, load_su
 from megatron_cosmos3.eval_suite.media import write_media
 from megatron_cosmos3.eval_suite.suite import EvalSuite, SuiteResult
 from megatron_cosmos3.parallel.sizes import ParallelSizes
-from megatron_cosmos3.release.generate_cli import RequestError, add_timeout_argument, merged_action_stats, remove_output
+from megatron_cosmos3.release.generate_cli import (
+    RequestError,
+    add_timeout_argument,
+    merged_action_stats,
+    remove_output,
+    unwritable_out,
+)
 from megatron_cosmos3.release.trained import LOAD_ERRORS, TrainedModel, load_trained_model
 from megatron_cosmos3.training.distributed import init_distributed
 from megatron_cosmos3.training.tracking import MLflowTracker
@@ -92,7 +98,8 @@ def out_problem(out: Path, checkpoint: str | Path, overwrite: bool) -> str | Non
     """Why ``--out`` cannot take this run's report, or None: it is a file, the checkpoint folder or
     inside it, a ``step_<N>`` folder's checkpoint directory or any folder with a ``latest`` (the
     report would be mixed into the checkpoints), or it holds an earlier report or
-    media and ``overwrite`` is not set (never mixed: another run's case folders would stay)."""
+    media and ``overwrite`` is not set (never mixed: another run's case folders would stay), or
+    nothing can be written there (``generate_cli.unwritable_out``)."""
     if out.exists() and not out.is_dir():
         return f"--out {str(out)!r} is not a folder"
     checkpoint, resolved = Path(checkpoint).resolve(), out.resolve()
@@ -102,7 +109,7 @@ def out_problem(out: Path, checkpoint: str | Path, overwrite: bool) -> str | Non
     earlier = [name for name in (REPORT_FILE, "media") if (out / name).exists()]
     if earlier and not overwrite:
         return f"--out {str(out)!r} already holds {earlier} of an earlier run; use another folder or --overwrite"
-    return None
+    return unwritable_out(out)
 
 
 def clear_earlier_outputs(out: Path) -> None:

@@ -166,6 +166,21 @@ def remove_output(path: Path) -> None:
         path.unlink()
 
 
+def unwritable_out(out: Path) -> str | None:
+    """Why files cannot be written under ``--out``, or None: a file is created and removed in it, or
+    in its nearest existing folder where it is yet to be made (nothing is left behind, and ranks
+    probing at once do not disturb each other), so a read-only file system, a folder without
+    permission or one under /proc is refused before any model loads (it was a traceback after
+    generating)."""
+    existing = next(folder for folder in (out.absolute(), *out.absolute().parents) if folder.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        return f"--out {str(out)!r} is not a folder this run can write to ({error.strerror or error})"
+    return None
+
+
 def write_request_folder(
     folder: Path, overwrite: bool, sample: GeneratedSample, record: GenerationRecord, decoder: LatentEncoder
 ) -> Path:
@@ -524,6 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.out.exists() and not args.out.is_dir():  # found after generating, it was a traceback
         print(f"cosmos3-generate: error: --out {str(args.out)!r} is not a folder", file=sys.stderr)
+        return 2
+    problem = unwritable_out(args.out)
+    if problem is not None:
+        print(f"cosmos3-generate: error: {problem}", file=sys.stderr)
         return 2
     ctx = init_distributed(args.timeout_s)
     try:

@@ -572,6 +572,23 @@ def test_an_out_that_is_a_file_is_refused_before_the_model_loads(tmp_path, capsy
 
 
 @pytest.mark.parametrize("command", ["generate", "eval"])
+def test_an_out_nothing_can_be_written_to_is_refused_before_the_model_loads(command, tmp_path, capsys):
+    """/proc takes no new folders, as a read-only file system takes no files: the folder was first made
+    when the results were written, a traceback after the model had loaded and generated everything."""
+    from megatron_cosmos3.release.eval_cli import main as evaluate
+
+    out = "/proc/cosmos3-test-out/generated"
+    argv = ["--checkpoint", str(tmp_path / "nothing"), "--out", out]
+    if command == "generate":
+        assert main([*argv, "--task", "text_to_video", "--prompt", "a ball"]) == 2
+    else:
+        assert evaluate(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--out '{out}' is not a folder this run can write to" in err and err.count("\n") == 1, err
+    assert "nothing" not in err  # refused before the checkpoint was looked at
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
 @pytest.mark.parametrize("flag, seconds", [([], 600.0), (["--timeout-s", "7.5"], 7.5)])
 def test_the_world_and_the_plan_wait_the_timeout_given(command, flag, seconds, tmp_path, monkeypatch, capsys):
     """Under torchrun both commands started their world with torch's default timeout (30 minutes)
