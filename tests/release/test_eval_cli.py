@@ -59,6 +59,7 @@ def test_the_report_has_every_task_with_oracle_and_chance_rows_and_reads_back(ev
     assert report.meta["skipped_tasks"] == {}
     for row in report.rows:
         metric = row.name.rsplit("/", 1)[1]
+        assert row.unit, row.name  # a reader of report.json tells a fraction from a count or dB
         assert np.isfinite(row.model) and np.isfinite(row.oracle), row.name
         assert np.isfinite(row.chance) or metric == "onset_error_ms", row.name  # no onset matched: unmeasured
         if metric in ORACLE:
