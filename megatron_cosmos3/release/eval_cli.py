@@ -35,6 +35,7 @@ from megatron_cosmos3.release.generate_cli import (
     add_timeout_argument,
     merged_action_stats,
     remove_output,
+    stopped_by_sigterm,
     unwritable_out,
 )
 from megatron_cosmos3.release.trained import LOAD_ERRORS, TrainedModel, load_trained_model
@@ -149,6 +150,11 @@ def log_to_mlflow(
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with stopped_by_sigterm():  # a stopped run ends through its cleanup, as with Ctrl-C
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     try:
         suite_config = load_suite_config(args.config, args.overrides)  # before any process group
     except (ValueError, OSError) as error:

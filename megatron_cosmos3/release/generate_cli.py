@@ -18,13 +18,17 @@ and rank 0 writes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import shutil
+import signal
 import sys
 import tempfile
 import textwrap
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -534,9 +538,34 @@ def specs_from_args(args: argparse.Namespace) -> list[RequestSpec]:
     return [RequestSpec.from_mapping({k: v for k, v in vars(args).items() if k in known}, "the flags")]
 
 
+@contextlib.contextmanager
+def stopped_by_sigterm() -> Iterator[None]:
+    """Inside, SIGTERM (a scheduler's stop, torchrun ending its workers) raises SystemExit(143) as
+    Ctrl-C raises KeyboardInterrupt, so the cleanup of an interrupted run happens (a request's
+    partial folder removed, the process group destroyed): Python's default ended the process on
+    the spot. The earlier handler is restored on the way out; off the main thread, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with stopped_by_sigterm():
+        return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():  # found after generating, it was a traceback
         print(f"cosmos3-generate: error: --out {str(args.out)!r} is not a folder", file=sys.stderr)
         return 2

@@ -422,6 +422,32 @@ def test_an_interrupted_request_leaves_no_folder_that_looks_generated(checkpoint
     assert (tmp_path / "image" / "image.png").read_bytes() == b"an earlier sample's"
 
 
+# cosmos3-generate in a process of its own that sends itself SIGTERM while writing its request.
+_TERMINATED = """
+import os, signal, sys, time
+from megatron_cosmos3.release import generate_cli
+
+def write(folder, *args, **kwargs):
+    (folder / "image.png").write_bytes(b"the first file")
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)  # the signal arrives here
+
+generate_cli.write_generated_sample = write
+sys.exit(generate_cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_mid_request_exits_through_the_cleanup(checkpoint, tmp_path):
+    """Python's default SIGTERM ended the process on the spot: the request's partial folder stayed
+    (and under torchrun the process group was never destroyed)."""
+    argv = ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"), "--task", "text_to_image"]
+    argv += ["--prompt", "a ball", "--resolution", "64x32", "--name", "image"]
+    env = child_environment()
+    done = subprocess.run([sys.executable, "-c", _TERMINATED, *argv], env=env, capture_output=True, timeout=300)
+    assert done.returncode == 128 + 15, done.stderr[-2000:]  # SystemExit(143), not killed by the signal (-15)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_a_folder_another_run_filled_meanwhile_is_kept_and_named(checkpoint, inputs, tmp_path, monkeypatch):
     """Two runs into one --out: both found the request's folder free, then wrote into it, mixing
     one sample's files with the other's."""
