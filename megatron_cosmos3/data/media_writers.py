@@ -5,7 +5,9 @@ they reuse), for generated outputs and for anything that stores playable media (
 video, issue 17). Each ``encode_*`` returns the file's bytes; each ``write_*`` writes them to a path.
 
 - **mp4**: PyAV (its wheels carry FFmpeg with libx264 and the native AAC encoder). Video is
-  H.264, ``yuv420p`` (what every player decodes), constant-quality ``crf``. The frame rate is kept
+  H.264, ``yuv420p`` (what every player decodes), constant-quality ``crf``, the index (``moov``)
+  ahead of the media data ("faststart"): a browser plays a file it is still downloading only
+  then (FFmpeg writes it last, and the MLflow UI serves artifacts whole). The frame rate is kept
   exactly as a fraction: a float rate becomes the nearest fraction with a denominator up to 1001,
   so 12.5 -> 25/2, 29.97 -> 2997/100, 30000/1001 (NTSC as a float) -> 30000/1001; pass a
   ``Fraction`` to state it outright. Frame ``i`` has timestamp ``i / fps``. ``yuv420p`` needs even
@@ -16,19 +18,23 @@ video, issue 17). Each ``encode_*`` returns the file's bytes; each ``write_*`` w
 - **WAV**: 16-bit PCM (``data/media.py``, ``encode_wav``), values clipped to [-1, 1).
 - **PNG**: 8-bit RGB, lossless.
 
+``write_*`` write through a temporary name and a rename (``atomic_files.write_atomically``): a run
+killed mid-write leaves no truncated file under the final name.
+
 Bad input (wrong dtype or shape, an empty clip, a rate <= 0) is a ``ValueError`` naming the
 argument and its value.
 """
 
 from __future__ import annotations
 
-import io
 import numbers
+import tempfile
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
+from megatron_cosmos3.atomic_files import write_atomically
 from megatron_cosmos3.data.media import encode_png, encode_wav
 
 AUDIO_BITRATE = 192_000  # bits per second of AAC stereo: transparent for most listeners
@@ -122,8 +128,17 @@ def encode_mp4(
         pad = ((0, 0), (0, height - frames.shape[1]), (0, width - frames.shape[2]), (0, 0))
         frames = np.pad(frames, pad, mode="edge")
 
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
+    # faststart moves the index to the front in a second pass that reopens the output by name, so
+    # the muxer writes a file (into a BytesIO it fails with 'No such file or directory').
+    with tempfile.TemporaryDirectory(prefix="cosmos3-mp4-") as scratch:
+        path = Path(scratch) / "clip.mp4"
+        _mux_mp4(av, path, frames, rate, audio, sample_rate, crf, keyframe_interval)
+        return path.read_bytes()
+
+
+def _mux_mp4(av, path: Path, frames, rate: Fraction, audio, sample_rate: int, crf: int, keyframe_interval) -> None:
+    height, width = frames.shape[1:3]
+    with av.open(str(path), "w", format="mp4", options={"movflags": "+faststart"}) as container:
         video = container.add_stream("libx264", rate=rate)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         video.time_base = 1 / rate  # pts = frame index
@@ -144,7 +159,6 @@ def encode_mp4(
             frame.sample_rate, frame.pts = int(sample_rate), 0
             container.mux(sound.encode(frame))
             container.mux(sound.encode(None))
-    return buffer.getvalue()
 
 
 def write_mp4(
@@ -156,21 +170,14 @@ def write_mp4(
     crf: int = 18,
 ) -> Path:
     """``encode_mp4`` into the file ``path`` (parent folders created); returns the path."""
-    return _write(path, encode_mp4(frames, fps, audio, sample_rate, crf))
+    return write_atomically(path, encode_mp4(frames, fps, audio, sample_rate, crf))
 
 
 def write_wav(path: str | Path, waveform: np.ndarray, sample_rate: int = 48_000) -> Path:
     """``(channels, samples)`` float waveform in [-1, 1] -> 16-bit PCM WAV file at ``sample_rate`` Hz."""
-    return _write(path, encode_wav(check_waveform(waveform, sample_rate), int(sample_rate)))
+    return write_atomically(path, encode_wav(check_waveform(waveform, sample_rate), int(sample_rate)))
 
 
 def write_png(path: str | Path, image: np.ndarray) -> Path:
     """``(H, W, 3)`` uint8 RGB -> lossless PNG file."""
-    return _write(path, encode_png(check_image(image)))
-
-
-def _write(path: str | Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
+    return write_atomically(path, encode_png(check_image(image)))

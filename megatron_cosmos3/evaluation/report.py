@@ -33,8 +33,14 @@ class MetricRow:
     note: str = ""
 
     def __post_init__(self) -> None:
-        if not self.name or not _NAME.match(self.name) or self.name.startswith("/") or "//" in self.name:
-            raise ValueError(f"metric name {self.name!r} must be letters, digits, '_-./ ', in '/'-separated parts")
+        # MLflow also refuses a name that reads as another path once prefixed ("eval/a/./b", "eval/a/",
+        # "eval//a", "eval/../a": its check wants posixpath.normpath to keep the name).
+        path_like = any(part in ("", ".", "..") for part in self.name.split("/"))
+        if not self.name or not _NAME.match(self.name) or path_like:
+            raise ValueError(
+                f"metric name {self.name!r} must be letters, digits, '_-./ ', in '/'-separated parts, none "
+                "empty, '.' or '..'"
+            )
         for reference in REFERENCES:
             value = getattr(self, reference)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -82,7 +88,8 @@ class EvalReport:
         """Standard JSON: a value not measured (NaN) or unbounded (inf) is written as null."""
         clean = lambda v: v if isinstance(v, float) and math.isfinite(v) else None  # noqa: E731
         rows = [{k: clean(v) if k in REFERENCES else v for k, v in asdict(row).items()} for row in self.rows]
-        return json.dumps({"meta": self.meta, "rows": rows}, indent=2, sort_keys=True)
+        # allow_nan=False: a NaN that reached meta is an error here, not a bare NaN other parsers refuse
+        return json.dumps({"meta": self.meta, "rows": rows}, indent=2, sort_keys=True, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> EvalReport:

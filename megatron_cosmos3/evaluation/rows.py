@@ -18,6 +18,11 @@ from megatron_cosmos3.evaluation.text_to_video import objects_shown, share_right
 from megatron_cosmos3.evaluation.understanding import accuracy
 from megatron_cosmos3.evaluation.video import psnr, ssim
 
+# Every row states its unit, so report.json reads without the code: a share of cases, balls or
+# episodes in [0, 1] is a fraction, not a count; SSIM is an index without a physical unit.
+FRACTION = "fraction (0-1)"
+SSIM_UNIT = "index (1 = identical)"
+
 
 def video_rows(
     task: str,
@@ -34,9 +39,9 @@ def video_rows(
     note = "a missed or extra ball costs the box diagonal"
     return [
         MetricRow.measure(f"{task}/psnr_db", lambda p: psnr(p, true), model, true, chance, "dB"),
-        MetricRow.measure(f"{task}/ssim", lambda p: ssim(p, true), model, true, chance),
+        MetricRow.measure(f"{task}/ssim", lambda p: ssim(p, true), model, true, chance, SSIM_UNIT),
         MetricRow(f"{task}/position_error_m", *(f.penalised_mean_m(diagonal) for f in found), "m", False, note),
-        MetricRow(f"{task}/balls_missed", *(f.missed_rate for f in found), higher_is_better=False),
+        MetricRow(f"{task}/balls_missed", *(f.missed_rate for f in found), FRACTION, False),
     ]
 
 
@@ -57,7 +62,7 @@ def audio_rows(
     ]
     return [
         MetricRow(f"{task}/onset_error_ms", *(f.mean_abs_ms for f in found), "ms", False),
-        MetricRow(f"{task}/onset_f1", *(f.f1 for f in found)),
+        MetricRow(f"{task}/onset_f1", *(f.f1 for f in found), FRACTION),
     ]
 
 
@@ -81,14 +86,14 @@ def closed_loop_rows(
     rates = [SuccessRate.of(episodes) for episodes in (model, expert, chance)]
     wilson = f"Wilson {rates[0].confidence:g}"
     return [
-        MetricRow(f"{task}/success_rate", *(r.rate for r in rates)),
-        MetricRow(f"{task}/success_low", *(r.low for r in rates), note=wilson),
-        MetricRow(f"{task}/success_high", *(r.high for r in rates), note=wilson),
+        MetricRow(f"{task}/success_rate", *(r.rate for r in rates), FRACTION),
+        MetricRow(f"{task}/success_low", *(r.low for r in rates), FRACTION, note=wilson),
+        MetricRow(f"{task}/success_high", *(r.high for r in rates), FRACTION, note=wilson),
     ]
 
 
 def understanding_rows(task: str, model: Sequence[str], chance: Sequence[str], true: Sequence[str]) -> list[MetricRow]:
-    return [MetricRow.measure(f"{task}/accuracy", lambda p: accuracy(p, true), model, true, chance)]
+    return [MetricRow.measure(f"{task}/accuracy", lambda p: accuracy(p, true), model, true, chance, FRACTION)]
 
 
 def text_to_video_rows(
@@ -109,6 +114,6 @@ def text_to_video_rows(
 
     measured = [shares(clips) for clips in (model, true, chance)]
     return [
-        MetricRow(f"{task}/right_colours", *(m[0] for m in measured)),
-        MetricRow(f"{task}/right_colours_and_counts", *(m[1] for m in measured)),
+        MetricRow(f"{task}/right_colours", *(m[0] for m in measured), FRACTION),
+        MetricRow(f"{task}/right_colours_and_counts", *(m[1] for m in measured), FRACTION),
     ]

@@ -25,11 +25,19 @@ from pathlib import Path
 
 import torch
 
+from megatron_cosmos3.atomic_files import write_atomically
 from megatron_cosmos3.eval_suite.config import SUITE_TASKS, SuiteConfig, load_suite_config
 from megatron_cosmos3.eval_suite.media import write_media
 from megatron_cosmos3.eval_suite.suite import EvalSuite, SuiteResult
 from megatron_cosmos3.parallel.sizes import ParallelSizes
-from megatron_cosmos3.release.generate_cli import RequestError, add_timeout_argument, merged_action_stats, remove_output
+from megatron_cosmos3.release.generate_cli import (
+    RequestError,
+    add_timeout_argument,
+    merged_action_stats,
+    remove_output,
+    stopped_by_sigterm,
+    unwritable_out,
+)
 from megatron_cosmos3.release.trained import LOAD_ERRORS, TrainedModel, load_trained_model
 from megatron_cosmos3.training.distributed import init_distributed
 from megatron_cosmos3.training.tracking import MLflowTracker
@@ -91,7 +99,8 @@ def out_problem(out: Path, checkpoint: str | Path, overwrite: bool) -> str | Non
     """Why ``--out`` cannot take this run's report, or None: it is a file, the checkpoint folder or
     inside it, a ``step_<N>`` folder's checkpoint directory or any folder with a ``latest`` (the
     report would be mixed into the checkpoints), or it holds an earlier report or
-    media and ``overwrite`` is not set (never mixed: another run's case folders would stay)."""
+    media and ``overwrite`` is not set (never mixed: another run's case folders would stay), or
+    nothing can be written there (``generate_cli.unwritable_out``)."""
     if out.exists() and not out.is_dir():
         return f"--out {str(out)!r} is not a folder"
     checkpoint, resolved = Path(checkpoint).resolve(), out.resolve()
@@ -101,7 +110,7 @@ def out_problem(out: Path, checkpoint: str | Path, overwrite: bool) -> str | Non
     earlier = [name for name in (REPORT_FILE, "media") if (out / name).exists()]
     if earlier and not overwrite:
         return f"--out {str(out)!r} already holds {earlier} of an earlier run; use another folder or --overwrite"
-    return None
+    return unwritable_out(out)
 
 
 def clear_earlier_outputs(out: Path) -> None:
@@ -112,13 +121,13 @@ def clear_earlier_outputs(out: Path) -> None:
 
 
 def write_outputs(result: SuiteResult, out: Path, media: bool) -> Path:
-    """``out/report.json`` and, with ``media``, ``out/media/``; returns the report's path."""
+    """With ``media``, ``out/media/``, then ``out/report.json``; returns the report's path. The
+    report comes last and whole (``write_atomically``): a run killed while writing leaves none, so
+    a ``report.json`` always means a finished run."""
     out.mkdir(parents=True, exist_ok=True)
-    report = out / REPORT_FILE
-    report.write_text(result.report.to_json())
     if media:
         write_media(out / "media", result.cases, result.model)
-    return report
+    return write_atomically(out / REPORT_FILE, result.report.to_json())
 
 
 def log_to_mlflow(
@@ -141,6 +150,11 @@ def log_to_mlflow(
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with stopped_by_sigterm():  # a stopped run ends through its cleanup, as with Ctrl-C
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     try:
         suite_config = load_suite_config(args.config, args.overrides)  # before any process group
     except (ValueError, OSError) as error:

@@ -18,12 +18,17 @@ and rank 0 writes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import shutil
+import signal
 import sys
+import tempfile
 import textwrap
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -31,9 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_cosmos3.atomic_files import PARTIAL_SUFFIX
 from megatron_cosmos3.data.determinism import seed_problem
 from megatron_cosmos3.data.errors import SampleError
-from megatron_cosmos3.data.latent_encoders import latent_encoder_from_config
+from megatron_cosmos3.data.latent_encoders import LatentEncoder, latent_encoder_from_config
 from megatron_cosmos3.data.media import decode_image, decode_npy
 from megatron_cosmos3.data.media_files import VIDEO_SUFFIXES as VIDEO_FILE_SUFFIXES
 from megatron_cosmos3.data.media_files import decode_video_file
@@ -164,10 +170,45 @@ def remove_output(path: Path) -> None:
         path.unlink()
 
 
-def _emptied(folder: Path) -> Path:
-    """``folder`` with nothing in it: what an earlier request of its name wrote is removed (only
-    reached with ``--overwrite``, or where the folder is empty)."""
-    remove_output(folder)
+def unwritable_out(out: Path) -> str | None:
+    """Why files cannot be written under ``--out``, or None: a file is created and removed in it, or
+    in its nearest existing folder where it is yet to be made (nothing is left behind, and ranks
+    probing at once do not disturb each other), so a read-only file system, a folder without
+    permission or one under /proc is refused before any model loads (it was a traceback after
+    generating)."""
+    existing = next(folder for folder in (out.absolute(), *out.absolute().parents) if folder.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        return f"--out {str(out)!r} is not a folder this run can write to ({error.strerror or error})"
+    return None
+
+
+def write_request_folder(
+    folder: Path, overwrite: bool, sample: GeneratedSample, record: GenerationRecord, decoder: LatentEncoder
+) -> Path:
+    """``write_generated_sample`` into a hidden folder beside ``folder``, then renamed to ``folder``:
+    a run killed mid-request leaves no ``folder`` that looks generated (only a ``.<name>.*.partial``
+    folder, removed here where the interruption is an exception). What an earlier request of the
+    name wrote is replaced (``overwrite``) or, where another run filled ``folder`` meanwhile,
+    kept and named in a RequestError."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=PARTIAL_SUFFIX, dir=folder.parent))
+    try:
+        write_generated_sample(staging, sample, record, decoder)
+        if overwrite or (folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir())):
+            remove_output(folder)  # an empty folder, or --overwrite: replaced as a whole
+        try:
+            staging.rename(folder)  # refused where folder exists and holds files (or is a file)
+        except OSError:
+            raise RequestError(
+                f"{folder} was written by another run while this one generated; this request's files are not "
+                "kept: choose another --out or request name, or pass --overwrite"
+            ) from None
+    except BaseException:  # Ctrl-C and SIGTERM too: no half-written request is left
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return folder
 
 
@@ -336,8 +377,7 @@ def run_requests(
     for i, result in zip(dm, results):
         if write:
             record = result.record(str(trained.source), step, specs[i].conditioning())
-            write_generated_sample(_emptied(out / names[i]), result.sample, record, decoder)
-            folders.append(out / names[i])
+            folders.append(write_request_folder(out / names[i], overwrite, result.sample, record, decoder))
     for i in text:
         spec = specs[i]
         picture, sampling = text_inputs[i]
@@ -363,8 +403,8 @@ def run_requests(
                     "token_ids": generated.token_ids,
                 },
             )
-            write_generated_sample(_emptied(out / names[i]), GeneratedSample(text=generated.text), record, decoder)
-            folders.append(out / names[i])
+            text = GeneratedSample(text=generated.text)
+            folders.append(write_request_folder(out / names[i], overwrite, text, record, decoder))
     return folders
 
 
@@ -498,11 +538,40 @@ def specs_from_args(args: argparse.Namespace) -> list[RequestSpec]:
     return [RequestSpec.from_mapping({k: v for k, v in vars(args).items() if k in known}, "the flags")]
 
 
+@contextlib.contextmanager
+def stopped_by_sigterm() -> Iterator[None]:
+    """Inside, SIGTERM (a scheduler's stop, torchrun ending its workers) raises SystemExit(143) as
+    Ctrl-C raises KeyboardInterrupt, so the cleanup of an interrupted run happens (a request's
+    partial folder removed, the process group destroyed): Python's default ended the process on
+    the spot. The earlier handler is restored on the way out; off the main thread, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with stopped_by_sigterm():
+        return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():  # found after generating, it was a traceback
         print(f"cosmos3-generate: error: --out {str(args.out)!r} is not a folder", file=sys.stderr)
+        return 2
+    problem = unwritable_out(args.out)
+    if problem is not None:
+        print(f"cosmos3-generate: error: {problem}", file=sys.stderr)
         return 2
     ctx = init_distributed(args.timeout_s)
     try:

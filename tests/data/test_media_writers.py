@@ -66,6 +66,58 @@ def test_odd_sizes_are_padded_to_even_with_every_source_pixel_kept(tmp_path):
     assert psnr(decoded[:, 33:, :47], clip[:, 32:]) >= 32.0  # the added row repeats the last one
 
 
+def top_level_boxes(data: bytes) -> list[str]:
+    """The mp4's top-level box types in file order (ISO/IEC 14496-12: 32-bit size, 4-byte type;
+    size 1 means a 64-bit size follows)."""
+    boxes, offset = [], 0
+    while offset + 8 <= len(data):
+        size, kind = int.from_bytes(data[offset : offset + 4], "big"), data[offset + 4 : offset + 8].decode("latin-1")
+        if size == 1:
+            size = int.from_bytes(data[offset + 8 : offset + 16], "big")
+        boxes.append(kind)
+        offset += size if size else len(data)
+    return boxes
+
+
+def test_mp4_index_comes_before_the_media_data_so_a_browser_plays_it_while_downloading(tmp_path):
+    audio = 0.1 * np.ones((2, 48_000), np.float32)
+    for path in (
+        write_mp4(tmp_path / "video.mp4", smooth_clip(9, 32, 32), 8),
+        write_mp4(tmp_path / "av.mp4", smooth_clip(9, 32, 32), 9, audio=audio),
+    ):
+        boxes = top_level_boxes(path.read_bytes())
+        assert {"moov", "mdat"} <= set(boxes), boxes
+        assert boxes.index("moov") < boxes.index("mdat"), boxes  # FFmpeg's default puts moov last
+        assert len(ffmpeg_frames(path, 32, 32)) == 9  # and it still decodes whole
+
+
+# Writes a WAV larger than the file-size limit the process sets itself: the write fails part way,
+# as it does when a disk fills or the run is killed mid-write.
+_CUT_SHORT = """
+import resource, signal, sys
+import numpy as np
+from megatron_cosmos3.data.media_writers import write_wav
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails (EFBIG) instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
+try:
+    write_wav(sys.argv[1], np.zeros((2, 48_000), np.float32))
+except OSError as error:
+    print("refused", error.errno)
+"""
+
+
+def test_a_write_cut_short_leaves_the_earlier_file_whole_and_no_temporary_file(tmp_path):
+    import subprocess
+    import sys
+
+    path = write_wav(tmp_path / "audio.wav", 0.5 * np.ones((1, 100), np.float32))
+    earlier = path.read_bytes()
+    done = subprocess.run([sys.executable, "-c", _CUT_SHORT, str(path)], capture_output=True, text=True, check=True)
+    assert done.stdout.startswith("refused"), done.stdout + done.stderr  # control: the write did fail
+    assert path.read_bytes() == earlier  # not the first 64 kB of the new file under the final name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audio.wav"]
+
+
 def test_muxed_audio_lasts_as_long_as_the_video(tmp_path):
     frames, fps, rate = 25, 12.5, 48_000
     seconds = frames / fps

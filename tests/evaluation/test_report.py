@@ -51,3 +51,30 @@ def test_bad_rows_are_refused_by_name():
         report.add(MetricRow("video/psnr", 1.0, 2.0, 0.0))
     with pytest.raises(KeyError, match="no metric 'video/ssim'"):
         report["video/ssim"]
+
+
+@pytest.mark.parametrize("name", ["video/./psnr", "video/", "/video/psnr", "../psnr", "video/../psnr"])
+def test_a_name_mlflow_reads_as_another_path_is_refused_when_the_row_is_made(name):
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_metric_name
+
+    with pytest.raises(MlflowException):  # control: MLflow's own check refuses it (after the whole run)
+        _validate_metric_name(f"eval/{name}/model")
+    with pytest.raises(ValueError, match="metric name .* must be"):
+        MetricRow(name, 1.0, 1.0, 1.0)
+
+
+def test_names_mlflow_takes_are_kept():
+    from mlflow.utils.validation import _validate_metric_name
+
+    report = EvalReport(
+        [MetricRow("closed_loop/single_arm/policy/success_rate", 1, 1, 0), MetricRow("a.b/c-d e", 1, 1, 1)]
+    )
+    for name in report.mlflow_metrics():
+        _validate_metric_name(name)
+
+
+def test_a_nan_in_meta_is_an_error_not_a_bare_nan_in_the_json():
+    report = EvalReport([MetricRow("video/psnr", 1.0, 2.0, 0.0)], meta={"clips": {"fps": float("nan")}})
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        report.to_json()

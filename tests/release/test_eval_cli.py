@@ -59,6 +59,7 @@ def test_the_report_has_every_task_with_oracle_and_chance_rows_and_reads_back(ev
     assert report.meta["skipped_tasks"] == {}
     for row in report.rows:
         metric = row.name.rsplit("/", 1)[1]
+        assert row.unit, row.name  # a reader of report.json tells a fraction from a count or dB
         assert np.isfinite(row.model) and np.isfinite(row.oracle), row.name
         assert np.isfinite(row.chance) or metric == "onset_error_ms", row.name  # no onset matched: unmeasured
         if metric in ORACLE:
@@ -213,3 +214,25 @@ def test_overwrite_replaces_only_an_earlier_report_and_media(tmp_path, capsys):
     clear_earlier_outputs(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "notes.txt"]
     assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "not ours"
+
+
+def test_a_run_stopped_while_writing_media_leaves_no_report(tmp_path, monkeypatch):
+    """report.json was written before media/: a run killed while writing the media left a report that
+    said the run had finished. It comes last now, whole, so a report means a finished run."""
+    from types import SimpleNamespace
+
+    from megatron_cosmos3.evaluation.report import MetricRow
+    from megatron_cosmos3.release import eval_cli
+
+    def interrupted(folder, cases, model):
+        (folder / "policy").mkdir(parents=True)
+        raise KeyboardInterrupt  # Ctrl-C mid-media
+
+    result = SimpleNamespace(report=EvalReport([MetricRow("policy/action_rmse", 1.0, 0.0, 1.4)]), cases={}, model={})
+    monkeypatch.setattr(eval_cli, "write_media", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        eval_cli.write_outputs(result, tmp_path, media=True)
+    assert not (tmp_path / REPORT_FILE).exists()
+    monkeypatch.setattr(eval_cli, "write_media", lambda folder, cases, model: folder.mkdir())
+    report = eval_cli.write_outputs(result, tmp_path / "again", media=True)  # control: a finished run has one
+    assert read_report(report.parent)["policy/action_rmse"].model == 1.0

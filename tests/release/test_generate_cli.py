@@ -383,6 +383,90 @@ def test_a_request_too_long_or_too_large_or_a_bad_late_input_writes_nothing(chec
     assert "audio.wav" not in written and any(name.endswith(".meta.json") for name in written), written
 
 
+def _writes_part_then(then):
+    """A ``write_generated_sample`` that writes the sample's first file and then runs ``then(folder)``
+    (an interruption, or another run filling the request's folder)."""
+    from megatron_cosmos3.inference.media_outputs import write_generated_sample
+
+    def write(folder, sample, record, decoder, start=None):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "image.png").write_bytes(b"the first file")
+        then(folder)
+        return write_generated_sample(folder, sample, record, decoder, start)
+
+    return write
+
+
+def _interrupted(folder):
+    raise KeyboardInterrupt  # Ctrl-C (or a SIGTERM turned into an exception) mid-request
+
+
+def test_an_interrupted_request_leaves_no_folder_that_looks_generated(checkpoint, inputs, tmp_path, monkeypatch):
+    """Files were written straight into OUT/<name>/: a run stopped mid-request left a folder of some
+    files (no sidecars yet) that a later run refused as an earlier sample, and --overwrite had removed
+    the earlier sample before the new one was written."""
+    from megatron_cosmos3.release import generate_cli
+
+    trained = load_trained_model(checkpoint)
+    specs = read_requests(write_requests(inputs, [{**REQUESTS[0], "name": "image"}]))
+    monkeypatch.setattr(generate_cli, "write_generated_sample", _writes_part_then(_interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        run_requests(trained, specs, tmp_path, None, write=True)
+    assert list(tmp_path.iterdir()) == []  # nor a staging folder
+    # An earlier sample survives an interrupted --overwrite whole.
+    (tmp_path / "image").mkdir()
+    (tmp_path / "image" / "image.png").write_bytes(b"an earlier sample's")
+    with pytest.raises(KeyboardInterrupt):
+        run_requests(trained, specs, tmp_path, None, write=True, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["image"]
+    assert (tmp_path / "image" / "image.png").read_bytes() == b"an earlier sample's"
+
+
+# cosmos3-generate in a process of its own that sends itself SIGTERM while writing its request.
+_TERMINATED = """
+import os, signal, sys, time
+from megatron_cosmos3.release import generate_cli
+
+def write(folder, *args, **kwargs):
+    (folder / "image.png").write_bytes(b"the first file")
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)  # the signal arrives here
+
+generate_cli.write_generated_sample = write
+sys.exit(generate_cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_mid_request_exits_through_the_cleanup(checkpoint, tmp_path):
+    """Python's default SIGTERM ended the process on the spot: the request's partial folder stayed
+    (and under torchrun the process group was never destroyed)."""
+    argv = ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"), "--task", "text_to_image"]
+    argv += ["--prompt", "a ball", "--resolution", "64x32", "--name", "image"]
+    env = child_environment()
+    done = subprocess.run([sys.executable, "-c", _TERMINATED, *argv], env=env, capture_output=True, timeout=300)
+    assert done.returncode == 128 + 15, done.stderr[-2000:]  # SystemExit(143), not killed by the signal (-15)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_folder_another_run_filled_meanwhile_is_kept_and_named(checkpoint, inputs, tmp_path, monkeypatch):
+    """Two runs into one --out: both found the request's folder free, then wrote into it, mixing
+    one sample's files with the other's."""
+    from megatron_cosmos3.release import generate_cli
+
+    def other_run(folder):
+        (tmp_path / "image").mkdir()
+        (tmp_path / "image" / "image.png").write_bytes(b"the other run's")
+
+    trained = load_trained_model(checkpoint)
+    specs = read_requests(write_requests(inputs, [{**REQUESTS[0], "name": "image"}]))
+    monkeypatch.setattr(generate_cli, "write_generated_sample", _writes_part_then(other_run))
+    with pytest.raises(RequestError, match="image was written by another run while this one generated"):
+        run_requests(trained, specs, tmp_path, None, write=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["image"]
+    assert [p.name for p in (tmp_path / "image").iterdir()] == ["image.png"]
+    assert (tmp_path / "image" / "image.png").read_bytes() == b"the other run's"
+
+
 def test_a_task_the_checkpoint_was_not_trained_for_is_refused(checkpoint, inputs, tmp_path):
     trained = load_trained_model(checkpoint)
     trained.config.synthetic.tasks = ["understanding", "text_to_video"]
@@ -511,6 +595,23 @@ def test_an_out_that_is_a_file_is_refused_before_the_model_loads(tmp_path, capsy
     assert main([*argv, "--prompt", "a ball"]) == 2
     err = capsys.readouterr().err
     assert "is not a folder" in err and err.count("\n") == 1 and (tmp_path / "out").read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_an_out_nothing_can_be_written_to_is_refused_before_the_model_loads(command, tmp_path, capsys):
+    """/proc takes no new folders, as a read-only file system takes no files: the folder was first made
+    when the results were written, a traceback after the model had loaded and generated everything."""
+    from megatron_cosmos3.release.eval_cli import main as evaluate
+
+    out = "/proc/cosmos3-test-out/generated"
+    argv = ["--checkpoint", str(tmp_path / "nothing"), "--out", out]
+    if command == "generate":
+        assert main([*argv, "--task", "text_to_video", "--prompt", "a ball"]) == 2
+    else:
+        assert evaluate(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--out '{out}' is not a folder this run can write to" in err and err.count("\n") == 1, err
+    assert "nothing" not in err  # refused before the checkpoint was looked at
 
 
 @pytest.mark.parametrize("command", ["generate", "eval"])
