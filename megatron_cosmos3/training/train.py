@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, CheckpointSaveError, ResumeError, inventory
-from megatron_cosmos3.checkpoint.finite import require_finite_weights
+from megatron_cosmos3.checkpoint.finite import NonFiniteWeightsError, require_finite_weights
 from megatron_cosmos3.checkpoint.resume import resume_from
 from megatron_cosmos3.checkpoint.weights_folder import (
     check_same_architecture,
@@ -234,33 +234,37 @@ def build_checkpointer(config: TrainConfig, ctx: DistributedContext, plan) -> Ch
 
 
 def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
+    """This rank's part of the run. Its checks before any group fail alike on every rank; from the
+    plan's groups on, a rank raising (a layer it cannot build, a file it cannot read) ends every
+    rank, each naming it: every rank runs the same collectives there (``fail_together``)."""
     check_precision(config.precision, ctx.device)  # fp8 without CUDA and TE: an error before any group
     if ctx.device.type == "cpu":  # refused by name, not found out by the OOM killer mid-set-up
         check_host_memory(config, ctx.world_size)
-    plan = build_plan(config, ctx)
-    model = build_model(config, plan, ctx.device)
-    for layer in model.layers:
-        layer.set_recompute(config.recompute)
-    if model.vision is not None:
-        model.vision.set_recompute(config.recompute)
-    # Each micro-batch backpropagates loss / micro_batches: the MoE balancing gradient follows.
-    set_aux_loss_scale(model, 1.0 / config.optimizer.micro_batches_per_step)
-    unused = partial(possibly_unused, tasks=task_table(config))  # DDP's find_unused_parameters only if some may be
-    param_groups = plan.apply(model, partial(stage_param_groups, config=config), unused)
-    opt = config.optimizer
-    optimizer = plan.build_optimizer(
-        param_groups, opt.lr, tuple(opt.betas), opt.weight_decay, opt.shard_optimizer_state, opt.implementation
-    )
-    checkpointer = build_checkpointer(config, ctx, plan)
-    if config.eval.every:
-        held_out_share(config, plan.data_size)  # before any step, not at the first evaluation
-    wants_samples = config.tracking.enabled and config.tracking.generation_samples
-    if wants_samples and not has_held_out_data(config) and ctx.is_main:
-        log.warning("no generation samples: data_source=shards and no held-out shards (eval.datasets)")
-    batches = MicroBatches(config, plan.data_rank, plan.data_size, ctx.device, plan.data_share)
-    flops = FlopCounter(model.config, vision=model.vision)
-    stats = datasets_action_stats(config.data.datasets)
-    return Run(config, ctx, plan, model, optimizer, checkpointer, batches, flops, action_stats=stats)
+    with fail_together("the start-up", agreed=STARTED_TOGETHER):
+        plan = build_plan(config, ctx)
+        model = build_model(config, plan, ctx.device)
+        for layer in model.layers:
+            layer.set_recompute(config.recompute)
+        if model.vision is not None:
+            model.vision.set_recompute(config.recompute)
+        # Each micro-batch backpropagates loss / micro_batches: the MoE balancing gradient follows.
+        set_aux_loss_scale(model, 1.0 / config.optimizer.micro_batches_per_step)
+        unused = partial(possibly_unused, tasks=task_table(config))  # DDP's find_unused_parameters only if some may be
+        param_groups = plan.apply(model, partial(stage_param_groups, config=config), unused)
+        opt = config.optimizer
+        optimizer = plan.build_optimizer(
+            param_groups, opt.lr, tuple(opt.betas), opt.weight_decay, opt.shard_optimizer_state, opt.implementation
+        )
+        checkpointer = build_checkpointer(config, ctx, plan)
+        if config.eval.every:
+            held_out_share(config, plan.data_size)  # before any step, not at the first evaluation
+        wants_samples = config.tracking.enabled and config.tracking.generation_samples
+        if wants_samples and not has_held_out_data(config) and ctx.is_main:
+            log.warning("no generation samples: data_source=shards and no held-out shards (eval.datasets)")
+        batches = MicroBatches(config, plan.data_rank, plan.data_size, ctx.device, plan.data_share)
+        flops = FlopCounter(model.config, vision=model.vision)
+        stats = datasets_action_stats(config.data.datasets)
+        return Run(config, ctx, plan, model, optimizer, checkpointer, batches, flops, action_stats=stats)
 
 
 def _load_full_state(run: Run, path: Path) -> dict:
@@ -468,7 +472,7 @@ def train(config: TrainConfig, ctx: DistributedContext, status_file: str | None 
 def _train(
     config: TrainConfig, ctx: DistributedContext, watcher: PreemptionWatcher, status_file: str | None
 ) -> dict[str, float]:
-    # Before anything is written.
+    # Before anything is written; agreed by rank 0's broadcast, so its refusal is every rank's at once.
     lock = lock_run_folder(config.checkpoint.directory, ctx.job_id, ctx.is_main, ctx.slurm_attempt)
     try:
         run = build_run(config, ctx)
@@ -503,12 +507,17 @@ MLFLOW_SPOOL = "mlflow_undelivered.json"
 
 # Raised on every rank together (agreed collectively), so no rank is left waiting for the others.
 RAISED_TOGETHER = (NonFiniteLossError, CheckpointSaveError)
+# Raised on every rank together in the start-up: weights with NaN or inf, found by an all-reduce
+# (``require_finite_weights``). Not ResumeError: each rank reads the checkpoint folder itself, and a
+# rank alone may find it otherwise (a node's own disk), so it ends the others as a failure does.
+STARTED_TOGETHER = (NonFiniteWeightsError,)
 
 
 def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) -> dict[str, float]:
-    """Resumes, then trains: a rank that raises anywhere after the resume (data, losses, metric
-    sums, checkpoint saves, tracking) ends every rank, each naming it (``fail_together``)."""
-    start_step, run_id = resume_or_initialise(run)
+    """Resumes, then trains: a rank that raises anywhere, in the resume or after it (data, losses,
+    metric sums, checkpoint saves, tracking), ends every rank, each naming it (``fail_together``)."""
+    with fail_together("the start-up", agreed=STARTED_TOGETHER):
+        start_step, run_id = resume_or_initialise(run)
     tracker = None
     try:
         with fail_together("the training loop", agreed=RAISED_TOGETHER):

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megatron_cosmos3.checkpoint.checkpointer import Checkpointer
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.parallel.failures import fail_together
+from megatron_cosmos3.parallel.plan import ParallelPlan
 from megatron_cosmos3.parallel.state import destroy_parallel
 from megatron_cosmos3.testing.distributed import failing_call, raised_by, restart_world, run_on_ranks
 from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC
@@ -186,3 +187,52 @@ def test_a_rank_failing_anywhere_in_the_training_loop_ends_every_rank_naming_its
         assert waited[1].endswith(f"stopped on rank {1 - failing}: rank {failing} failed in the training loop: {error}")
         assert waited[2] < 3 * TIMEOUT_S, (case, waited)
         assert not waited[3] and not failed[3], case
+
+
+# Where a rank raises in the start-up (building the run; the resume: the checkpoint's load, as a
+# rank's own file read failing; the load of the weights stage.init_from names), and the settings of
+# that run: {case: (class, method, settings)}. The peer waits in the next collective of the start-up.
+AT_THE_START = {
+    "building the run": (ParallelPlan, "build_optimizer", ()),  # the peer: the checkpointer's groups
+    "the resume": (Checkpointer, "load", ("steps=2",)),  # the peer: the checkpoint's load
+    "stage.init_from": (Checkpointer, "load", ("steps=2", "stage.init_from={saved}", "stage.name=midtrain")),
+}
+
+
+def _start_up_fails(rank: int, world_size: int, root: Path) -> dict:
+    """Data-parallel training runs in which rank 1 raises at each point of ``AT_THE_START``, after a
+    first run has saved the checkpoint of step 1 that they resume or start from:
+    {case: (type, message, seconds, a process group left)}."""
+    settings = [*TINY_MODEL, *TINY_SYNTHETIC, "steps=1", "tracking.enabled=false", "eval.every=0"]
+    settings.append(f"distributed.init_timeout_s={TIMEOUT_S}")
+    context = DistributedContext(rank, world_size, rank, torch.device("cpu"))
+    saved = root / "saved"
+    restart_world(rank, world_size, root / "store-saved", 60)
+    train_module.train(load_config(None, [*settings, f"checkpoint.directory={saved}"]), context)
+    outcomes = {}
+    for case, (target, method, extra) in AT_THE_START.items():
+        restart_world(rank, world_size, root / f"store-{case}", TIMEOUT_S)
+        destroy_parallel()  # megatron-core's groups of the last run (see _megatron_forward_fails)
+        directory = saved if case == "the resume" else root / case
+        extra = [setting.format(saved=saved) for setting in extra]
+        config = load_config(None, [*settings, *extra, f"checkpoint.directory={directory}"])
+        with failing_call(target, method, rank == 1, 1, f"rank 1's {case} failed"):
+            outcomes[case] = (*raised_by(partial(train_module.train, config, context)), dist.is_initialized())
+    destroy_parallel()
+    return outcomes
+
+
+@pytest.mark.multiprocess
+def test_a_rank_failing_in_the_start_up_ends_every_rank_naming_its_error(tmp_path):
+    """A rank raising while the run is built, in the resume's load of a checkpoint or in the load
+    of the weights stage.init_from names: its peer raises RankFailedError naming that rank and its
+    error within the groups' timeout (it waited in its next collective until gloo's "timed out"
+    before), the failing rank its own error, and neither keeps a process group."""
+    waiting, failing = run_on_ranks(_start_up_fails, 2, tmp_path, timeout_s=180)
+    for case in AT_THE_START:
+        assert failing[case][:2] == ("RuntimeError", f"rank 1's {case} failed"), (case, failing[case])
+        assert waiting[case][0] == "RankFailedError", (case, waiting[case])
+        error = f"rank 1 failed in the start-up: RuntimeError: rank 1's {case} failed"
+        assert waiting[case][1].endswith(f"stopped on rank 0: {error}"), (case, waiting[case])
+        assert waiting[case][2] < 3 * TIMEOUT_S, (case, waiting[case])
+        assert not waiting[case][3] and not failing[case][3], case
