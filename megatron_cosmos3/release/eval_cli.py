@@ -29,6 +29,7 @@ from megatron_cosmos3.atomic_files import write_atomically
 from megatron_cosmos3.eval_suite.config import SUITE_TASKS, SuiteConfig, load_suite_config
 from megatron_cosmos3.eval_suite.media import write_media
 from megatron_cosmos3.eval_suite.suite import EvalSuite, SuiteResult
+from megatron_cosmos3.parallel.failures import RankFailedError, fail_together
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.release.generate_cli import (
     RequestError,
@@ -166,12 +167,20 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 2
     ctx = init_distributed(args.timeout_s)
     try:
-        parallel = ParallelSizes(tensor=args.tensor_parallel)
-        trained = load_trained_model(args.checkpoint, device=ctx.device, parallel=parallel, timeout_s=args.timeout_s)
-        if ctx.is_main and args.overwrite:  # before the closed-loop episodes are written into media/
-            clear_earlier_outputs(args.out)
-        episodes = args.out / "media" / "closed_loop" if suite_config.media and ctx.is_main else None
-        result = evaluate_checkpoint(trained, suite_config, args.action_stats, episodes)
+        # Every rank loads and evaluates with the same collectives: a rank failing alone (its own
+        # read of a file, an error of its own) ends every rank, each naming it.
+        with fail_together("loading and evaluating"):
+            parallel = ParallelSizes(tensor=args.tensor_parallel)
+            trained = load_trained_model(
+                args.checkpoint, device=ctx.device, parallel=parallel, timeout_s=args.timeout_s
+            )
+            if ctx.is_main and args.overwrite:  # before the closed-loop episodes are written into media/
+                clear_earlier_outputs(args.out)
+            episodes = args.out / "media" / "closed_loop" if suite_config.media and ctx.is_main else None
+            result = evaluate_checkpoint(trained, suite_config, args.action_stats, episodes)
+    except RankFailedError as error:  # another rank's failure: its own output says more
+        print(f"cosmos3-eval: error: {error}", file=sys.stderr)
+        return 1
     except (RequestError, *LOAD_ERRORS, ValueError) as error:
         print(f"cosmos3-eval: error: {error}", file=sys.stderr)
         return 2

@@ -51,6 +51,7 @@ from megatron_cosmos3.inference.requests import GenerationRequest, generation_bu
 from megatron_cosmos3.inference.solvers import SOLVERS
 from megatron_cosmos3.inference.text_generation import TextPrompt, TextSampling, generate_text
 from megatron_cosmos3.json_files import no_constant, unique_keys
+from megatron_cosmos3.parallel.failures import RankFailedError, fail_together
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.release.trained import LOAD_ERRORS, TrainedModel, load_trained_model
 from megatron_cosmos3.tasks.registry import TASK_REGISTRY
@@ -575,10 +576,20 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
     ctx = init_distributed(args.timeout_s)
     try:
-        specs = specs_from_args(args)
-        parallel = ParallelSizes(tensor=args.tensor_parallel)
-        trained = load_trained_model(args.checkpoint, device=ctx.device, parallel=parallel, timeout_s=args.timeout_s)
-        folders = run_requests(trained, specs, args.out, args.action_stats, write=ctx.is_main, overwrite=args.overwrite)
+        # Every rank reads, loads and generates with the same collectives: a rank failing alone (its
+        # own read of a file, an error of its own) ends every rank, each naming it.
+        with fail_together("reading, loading and generating"):
+            specs = specs_from_args(args)
+            parallel = ParallelSizes(tensor=args.tensor_parallel)
+            trained = load_trained_model(
+                args.checkpoint, device=ctx.device, parallel=parallel, timeout_s=args.timeout_s
+            )
+            folders = run_requests(
+                trained, specs, args.out, args.action_stats, write=ctx.is_main, overwrite=args.overwrite
+            )
+    except RankFailedError as error:  # another rank's failure: its own output says more
+        print(f"cosmos3-generate: error: {error}", file=sys.stderr)
+        return 1
     except (RequestError, *LOAD_ERRORS, ValueError) as error:  # bad requests, inputs or checkpoints
         print(f"cosmos3-generate: error: {error}", file=sys.stderr)
         return 2
