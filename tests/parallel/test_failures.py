@@ -1,7 +1,8 @@
 """A rank failing inside collectives ends every rank, each naming the failure (docs/DESIGN.md, "The
 parallel plan"; ``parallel/failures.py``): the plain mechanism on gloo ranks, the Megatron-style
 engine's forward under tensor and data parallelism, a rank failing anywhere else in the
-training loop, and one failing in the start-up (building the run, the resume). DeepSpeed's own collectives: tests/deepspeed/."""
+training loop, and one failing in the start-up (building the run, the resume). DeepSpeed's own
+collectives: tests/deepspeed/."""
 
 from __future__ import annotations
 
