@@ -1,16 +1,28 @@
-"""Writing a file whole or not at all (docs/DESIGN.md, "Layers": below every package).
+"""Writing a file, or a folder of files, whole or not at all (docs/DESIGN.md, "Layers": below every
+package; "Generated media").
 
 A run killed while writing (Ctrl-C, SIGTERM from a scheduler, a full disk) must not leave a
 truncated file under the name a reader looks for: a cut mp4 or JSON looks like an output until a
 player or parser fails on it. ``write_atomically`` writes a hidden temporary file in the same folder
-(same file system, so the rename is atomic) and renames it over the final name.
+(same file system, so the rename is atomic) and renames it over the final name. A set of files (a
+generated request, eval media, a step's training samples) is written into a hidden
+``partial_folder`` and renamed into place (``staged_folder``); one a killed run left behind is
+removed by a later run on its host (``remove_stale_partial_folders``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
+import shutil
+import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 PARTIAL_SUFFIX = ".partial"  # the temporary file's name ends so; a killed process may leave one behind
 
@@ -30,3 +42,74 @@ def write_atomically(path: str | Path, data: bytes | str) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def _owner() -> str:
+    """This process as a partial folder's name records it: host (dots made underscores, so the name
+    still splits on dots) and process id."""
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+
+
+def partial_folder(folder: str | Path) -> Path:
+    """A new empty hidden folder ``.<name>.<host>-<pid>.<random>.partial`` beside ``folder`` (parents
+    created): where a set of files is written before one rename makes it ``folder``. The host and
+    process id let a later run tell a killed run's leftover from a live run's (``remove_stale_partial_folders``)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{folder.name}.{_owner()}.", suffix=PARTIAL_SUFFIX, dir=folder.parent))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
+def stale_partial_folders(parent: str | Path) -> list[Path]:
+    """The partial folders (``partial_folder``) in ``parent`` whose process was on this host and has
+    ended: a run killed (SIGKILL, a lost node) before it could remove its own. Another host's, a live
+    process's and ones named otherwise are never listed: whether they are still being written cannot
+    be told from here."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    host = re.escape(socket.gethostname().replace(".", "_"))
+    owned = re.compile(rf"\..+\.{host}-(\d+)\.[^.]+{re.escape(PARTIAL_SUFFIX)}")
+    stale = []
+    for path in sorted(parent.iterdir()):
+        match = owned.fullmatch(path.name)
+        if match and path.is_dir() and not path.is_symlink() and not _process_alive(int(match[1])):
+            stale.append(path)
+    return stale
+
+
+def remove_stale_partial_folders(parent: str | Path) -> list[Path]:
+    """Removes ``stale_partial_folders(parent)``, with a warning naming them; returns them."""
+    stale = stale_partial_folders(parent)
+    if stale:
+        log.warning("removing partial folders left by runs that ended mid-write: %s", ", ".join(map(str, stale)))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+@contextlib.contextmanager
+def staged_folder(folder: str | Path, replace: bool = False) -> Iterator[Path]:
+    """Yields a ``partial_folder`` beside ``folder`` to write a set of files into; on leaving, it is
+    renamed to ``folder`` or, where the block raised (Ctrl-C and SIGTERM's SystemExit too), removed:
+    ``folder`` appears whole or not at all. An empty ``folder`` (or, with ``replace``, any folder of
+    the name) is replaced; one holding files is an OSError and the new set is dropped."""
+    folder = Path(folder)
+    staging = partial_folder(folder)
+    try:
+        yield staging
+        if folder.is_dir() and not folder.is_symlink() and (replace or not any(folder.iterdir())):
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -84,3 +84,20 @@ def pytest_collection_modifyitems(config, items):
         order += rest[:take]
         del rest[:take]
     items[:] = order + rest
+
+
+@pytest.fixture
+def ended_run_partial_folder():
+    """Makes ``atomic_files.partial_folder(folder)`` as a process of this host that has since ended
+    left it (a SIGKILLed run's leftover); returns its path."""
+    import subprocess
+
+    from megatron_cosmos3.atomic_files import partial_folder
+
+    def make(folder):
+        ended = subprocess.Popen(["true"])
+        ended.wait()
+        made = partial_folder(folder)
+        return made.rename(made.with_name(made.name.replace(f"-{os.getpid()}.", f"-{ended.pid}.")))
+
+    return make

@@ -13,6 +13,8 @@ video, issue 17). Each ``encode_*`` returns the file's bytes; each ``write_*`` w
   ``Fraction`` to state it outright. Frame ``i`` has timestamp ``i / fps``. ``yuv420p`` needs even
   sizes: an odd height or width gets one extra row or column, a copy of the last one, so no source
   pixel is lost (the file is that much larger; ``even_size`` says the written size).
+  The same frames give the same bytes, whatever was encoded before in the process: x264's
+  macroblock tree, which read memory it had not written, is off (``REPRODUCIBLE_X264``).
   Audio, when given, is AAC at its sample rate, as long as the waveform given, clipped to [-1, 1]
   as the WAV is.
 - **WAV**: 16-bit PCM (``data/media.py``, ``encode_wav``), values clipped to [-1, 1).
@@ -38,6 +40,11 @@ from megatron_cosmos3.atomic_files import write_atomically
 from megatron_cosmos3.data.media import encode_png, encode_wav
 
 AUDIO_BITRATE = 192_000  # bits per second of AAC stereo: transparent for most listeners
+# x264's macroblock-tree rate control reads heap memory it never wrote (valgrind: uninitialised
+# values in x264_encoder_encode, none with it off), so the bytes depended on what earlier encodes
+# in the process left there; without it the same frames give the same file (docs/DESIGN.md,
+# "Generated media").
+REPRODUCIBLE_X264 = "mbtree=0"
 
 
 def exact_rate(fps: float | Fraction, name: str = "fps") -> Fraction:
@@ -142,7 +149,9 @@ def _mux_mp4(av, path: Path, frames, rate: Fraction, audio, sample_rate: int, cr
         video = container.add_stream("libx264", rate=rate)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         video.time_base = 1 / rate  # pts = frame index
-        video.options = {"crf": str(crf)} | ({"g": str(keyframe_interval)} if keyframe_interval else {})
+        video.options = {"crf": str(crf), "x264-params": REPRODUCIBLE_X264} | (
+            {"g": str(keyframe_interval)} if keyframe_interval else {}
+        )
         sound = None
         if audio is not None:
             layout = "stereo" if audio.shape[0] == 2 else "mono"

@@ -12,20 +12,24 @@ oracle and chance rows) and, unless ``media=false``, ``OUT/media/<task>/<case>/`
 true side by side: ``eval_suite.media``); with ``--tracking-uri``, the report's metrics as
 ``eval/<task>/<metric>/<model|oracle|chance>`` at the checkpoint's step, and the report and media
 as artifacts, in one MLflow run. Under ``torchrun`` every rank runs its part of the model under
-``--tensor-parallel`` and rank 0 writes.
+``--tensor-parallel`` and rank 0 writes. ``media/`` is written into a hidden partial folder
+(closed-loop episodes, then the cases) and renamed into place, so a stopped run leaves no
+``media/`` that looks whole; a later run into ``--out`` removes what a killed one left
+(``atomic_files.remove_stale_partial_folders``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from megatron_cosmos3.atomic_files import write_atomically
+from megatron_cosmos3.atomic_files import partial_folder, remove_stale_partial_folders, write_atomically
 from megatron_cosmos3.eval_suite.config import SUITE_TASKS, SuiteConfig, load_suite_config
 from megatron_cosmos3.eval_suite.media import write_media
 from megatron_cosmos3.eval_suite.suite import EvalSuite, SuiteResult
@@ -121,13 +125,16 @@ def clear_earlier_outputs(out: Path) -> None:
     remove_output(out / "media")
 
 
-def write_outputs(result: SuiteResult, out: Path, media: bool) -> Path:
-    """With ``media``, ``out/media/``, then ``out/report.json``; returns the report's path. The
-    report comes last and whole (``write_atomically``): a run killed while writing leaves none, so
-    a ``report.json`` always means a finished run."""
+def write_outputs(result: SuiteResult, out: Path, staging: Path | None) -> Path:
+    """With a ``staging`` folder (``atomic_files.partial_folder`` of ``out/media``, the closed-loop
+    episodes already in it), the cases' media into it and it renamed to ``out/media``; then
+    ``out/report.json``; returns the report's path. Both come whole: a run killed while writing
+    leaves no ``media/`` (the caller removes ``staging``) and no report, so a ``report.json``
+    always means a finished run."""
     out.mkdir(parents=True, exist_ok=True)
-    if media:
-        write_media(out / "media", result.cases, result.model)
+    if staging is not None:
+        write_media(staging, result.cases, result.model)
+        staging.rename(out / "media")  # out_problem (or --overwrite) made sure none is there
     return write_atomically(out / REPORT_FILE, result.report.to_json())
 
 
@@ -166,30 +173,39 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"cosmos3-eval: error: {problem}", file=sys.stderr)
         return 2
     ctx = init_distributed(args.timeout_s)
+    staging = None  # rank 0's partial media folder until it is renamed to OUT/media
     try:
-        # Every rank loads and evaluates with the same collectives: a rank failing alone (its own
-        # read of a file, an error of its own) ends every rank, each naming it.
-        with fail_together("loading and evaluating"):
-            parallel = ParallelSizes(tensor=args.tensor_parallel)
-            trained = load_trained_model(
-                args.checkpoint, device=ctx.device, parallel=parallel, timeout_s=args.timeout_s
-            )
-            if ctx.is_main and args.overwrite:  # before the closed-loop episodes are written into media/
-                clear_earlier_outputs(args.out)
-            episodes = args.out / "media" / "closed_loop" if suite_config.media and ctx.is_main else None
-            result = evaluate_checkpoint(trained, suite_config, args.action_stats, episodes)
-    except RankFailedError as error:  # another rank's failure: its own output says more
-        print(f"cosmos3-eval: error: {error}", file=sys.stderr)
-        return 1
-    except (RequestError, *LOAD_ERRORS, ValueError) as error:
-        print(f"cosmos3-eval: error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    if not ctx.is_main:
-        return 0
-    report = write_outputs(result, args.out, suite_config.media)
+        try:
+            # Every rank loads and evaluates with the same collectives: a rank failing alone (its own
+            # read of a file, an error of its own) ends every rank, each naming it.
+            with fail_together("loading and evaluating"):
+                parallel = ParallelSizes(tensor=args.tensor_parallel)
+                trained = load_trained_model(
+                    args.checkpoint, device=ctx.device, parallel=parallel, timeout_s=args.timeout_s
+                )
+                if ctx.is_main and args.overwrite:  # before this run's media/ is renamed into place
+                    clear_earlier_outputs(args.out)
+                if ctx.is_main:
+                    remove_stale_partial_folders(args.out)
+                if ctx.is_main and suite_config.media:
+                    staging = partial_folder(args.out / "media")
+                episodes = staging / "closed_loop" if staging is not None else None
+                result = evaluate_checkpoint(trained, suite_config, args.action_stats, episodes)
+        except RankFailedError as error:  # another rank's failure: its own output says more
+            print(f"cosmos3-eval: error: {error}", file=sys.stderr)
+            return 1
+        except (RequestError, *LOAD_ERRORS, ValueError) as error:
+            print(f"cosmos3-eval: error: {error}", file=sys.stderr)
+            return 2
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+        if not ctx.is_main:
+            return 0
+        report = write_outputs(result, args.out, staging)
+    finally:  # a stopped or failed run (Ctrl-C, SIGTERM too) leaves no partial media folder
+        if staging is not None:  # gone already where it was renamed into place
+            shutil.rmtree(staging, ignore_errors=True)
     log.info("wrote %s", report)
     if args.tracking_uri:
         run_id = log_to_mlflow(result, args.out, args, trained.step, suite_config)

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_cosmos3.atomic_files import PARTIAL_SUFFIX
+from megatron_cosmos3.atomic_files import partial_folder, remove_stale_partial_folders
 from megatron_cosmos3.data.determinism import seed_problem
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.latent_encoders import LatentEncoder, latent_encoder_from_config
@@ -190,12 +190,12 @@ def write_request_folder(
     folder: Path, overwrite: bool, sample: GeneratedSample, record: GenerationRecord, decoder: LatentEncoder
 ) -> Path:
     """``write_generated_sample`` into a hidden folder beside ``folder``, then renamed to ``folder``:
-    a run killed mid-request leaves no ``folder`` that looks generated (only a ``.<name>.*.partial``
-    folder, removed here where the interruption is an exception). What an earlier request of the
+    a run killed mid-request leaves no ``folder`` that looks generated (only a ``.<name>.<host>-<pid>.*.partial``
+    folder, removed here where the interruption is an exception, by a later run where it was
+    SIGKILL: ``remove_stale_partial_folders``). What an earlier request of the
     name wrote is replaced (``overwrite``) or, where another run filled ``folder`` meanwhile,
     kept and named in a RequestError."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=PARTIAL_SUFFIX, dir=folder.parent))
+    staging = partial_folder(folder)
     try:
         write_generated_sample(staging, sample, record, decoder)
         if overwrite or (folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir())):
@@ -345,6 +345,8 @@ def run_requests(
     ]
     if write and used and not overwrite:  # never mix a new sample's files with an earlier one's
         raise RequestError(f"{out} already holds {used}; choose another --out or request names, or pass --overwrite")
+    if write:  # what a run killed here (SIGKILL) left hidden: never another live run's
+        remove_stale_partial_folders(out)
     dm, text = [], []
     for i, spec in enumerate(specs):
         where = f"request {names[i]}"

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_cosmos3.atomic_files import remove_stale_partial_folders, staged_folder
 from megatron_cosmos3.data.latent_encoders import LatentEncoder
 from megatron_cosmos3.data.loader import dataset_action_stats
 from megatron_cosmos3.data.tokenizer import Tokenizer
@@ -199,26 +200,42 @@ def write_held_out(
     num_steps: int,
 ) -> dict[str, Path]:
     """Writes each sample into ``out_dir/<task>/``: its media (``write_generated_sample``, each file
-    with its sidecar record) and ``latents.npz``. Returns task -> folder."""
-    folders = {}
-    for c, (sample, latents) in zip(held_out.samples, generated):
-        folder = out_dir / c.task
-        folder.mkdir(parents=True, exist_ok=True)
-        np.savez(folder / LATENTS_FILE, **latents)
-        record = GenerationRecord(
-            task=c.task,
-            prompt=c.prompt,
-            seed=c.seed,
-            solver="euler",
-            steps=num_steps,
-            guidance=1.0,
-            checkpoint=checkpoint,
-            checkpoint_step=step,
-            conditioning={"held_out": f"pack {c.pack}, sample {c.index}"},
-            settings={"fps": c.streams.fps, "embodiment": c.streams.embodiment},
-        )
-        media = decodable(sample, decoder)
-        if any(x is not None for x in (media.video, media.audio, media.actions)):
-            write_generated_sample(folder, media, record, decoder)
-        folders[c.task] = folder
-    return folders
+    with its sidecar record) and ``latents.npz``. Returns task -> folder. The set is written into a
+    hidden partial folder renamed to ``out_dir`` (replacing one an earlier attempt at the step
+    wrote), so a run stopped mid-write leaves no ``step_<N>`` that looks whole; partial folders
+    that killed runs left beside it are removed first (``atomic_files``)."""
+    remove_stale_partial_folders(out_dir.parent)
+    with staged_folder(out_dir, replace=True) as staging:
+        for c, (sample, latents) in zip(held_out.samples, generated):
+            _write_held_out_sample(staging / c.task, c, sample, latents, decoder, checkpoint, step, num_steps)
+    return {c.task: out_dir / c.task for c in held_out.samples}
+
+
+def _write_held_out_sample(
+    folder: Path,
+    c: HeldOutSample,
+    sample: GeneratedSample,
+    latents: dict[str, np.ndarray],
+    decoder: LatentEncoder,
+    checkpoint: str,
+    step: int,
+    num_steps: int,
+) -> None:
+    """One held-out sample's files in ``folder`` (``write_held_out``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / LATENTS_FILE, **latents)
+    record = GenerationRecord(
+        task=c.task,
+        prompt=c.prompt,
+        seed=c.seed,
+        solver="euler",
+        steps=num_steps,
+        guidance=1.0,
+        checkpoint=checkpoint,
+        checkpoint_step=step,
+        conditioning={"held_out": f"pack {c.pack}, sample {c.index}"},
+        settings={"fps": c.streams.fps, "embodiment": c.streams.embodiment},
+    )
+    media = decodable(sample, decoder)
+    if any(x is not None for x in (media.video, media.audio, media.actions)):
+        write_generated_sample(folder, media, record, decoder)

@@ -86,6 +86,13 @@ def test_mlflow_gets_the_reports_metrics_at_the_checkpoints_step(evaluated):
     assert EvalReport.from_json((artifacts / REPORT_FILE).read_text()).rows == report.rows
 
 
+def test_a_finished_run_leaves_its_report_and_media_and_no_partial_folder(evaluated):
+    """media/ (closed-loop episodes, then the cases) is written into a hidden partial folder renamed
+    into place at the end: nothing of it is left beside."""
+    assert sorted(p.name for p in (evaluated / "out").iterdir()) == ["media", REPORT_FILE]
+    assert {p.name for p in (evaluated / "out" / "media").iterdir()} == {*SUITE_TASKS, "closed_loop"}
+
+
 def test_media_put_the_prediction_beside_the_truth_with_the_sound(evaluated):
     media = evaluated / "out" / "media"
     report = read_report(evaluated / "out")
@@ -216,11 +223,14 @@ def test_overwrite_replaces_only_an_earlier_report_and_media(tmp_path, capsys):
     assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "not ours"
 
 
-def test_a_run_stopped_while_writing_media_leaves_no_report(tmp_path, monkeypatch):
+def test_a_run_stopped_while_writing_media_leaves_no_report_and_no_media(tmp_path, monkeypatch):
     """report.json was written before media/: a run killed while writing the media left a report that
-    said the run had finished. It comes last now, whole, so a report means a finished run."""
+    said the run had finished. It comes last now, whole, so a report means a finished run. media/
+    was written in place too, a stopped run leaving some cases' folders that looked like the set:
+    it is written into a partial folder (``atomic_files.partial_folder``) renamed into place."""
     from types import SimpleNamespace
 
+    from megatron_cosmos3.atomic_files import partial_folder
     from megatron_cosmos3.evaluation.report import MetricRow
     from megatron_cosmos3.release import eval_cli
 
@@ -231,8 +241,12 @@ def test_a_run_stopped_while_writing_media_leaves_no_report(tmp_path, monkeypatc
     result = SimpleNamespace(report=EvalReport([MetricRow("policy/action_rmse", 1.0, 0.0, 1.4)]), cases={}, model={})
     monkeypatch.setattr(eval_cli, "write_media", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        eval_cli.write_outputs(result, tmp_path, media=True)
+        eval_cli.write_outputs(result, tmp_path, partial_folder(tmp_path / "media"))
     assert not (tmp_path / REPORT_FILE).exists()
-    monkeypatch.setattr(eval_cli, "write_media", lambda folder, cases, model: folder.mkdir())
-    report = eval_cli.write_outputs(result, tmp_path / "again", media=True)  # control: a finished run has one
+    assert not (tmp_path / "media").exists()
+    monkeypatch.setattr(eval_cli, "write_media", lambda folder, cases, model: (folder / "policy").mkdir())
+    out = tmp_path / "again"
+    report = eval_cli.write_outputs(result, out, partial_folder(out / "media"))  # control: a finished run has both
+    assert sorted(p.name for p in out.iterdir()) == ["media", REPORT_FILE]
+    assert [p.name for p in (out / "media").iterdir()] == ["policy"]
     assert read_report(report.parent)["policy/action_rmse"].model == 1.0

@@ -422,6 +422,23 @@ def test_an_interrupted_request_leaves_no_folder_that_looks_generated(checkpoint
     assert (tmp_path / "image" / "image.png").read_bytes() == b"an earlier sample's"
 
 
+def test_a_later_run_removes_the_partial_folders_of_killed_runs_only(
+    checkpoint, inputs, tmp_path, caplog, ended_run_partial_folder
+):
+    """SIGKILL leaves a request's hidden partial folder (no cleanup runs); nothing removed it, ever.
+    A later run into the same --out removes those of ended processes on its host, naming them, and
+    never one a live run (this process, as for a run generating at once) is writing."""
+    from megatron_cosmos3.atomic_files import partial_folder
+
+    trained = load_trained_model(checkpoint)
+    dead = ended_run_partial_folder(tmp_path / "image")
+    live = partial_folder(tmp_path / "other")
+    specs = read_requests(write_requests(inputs, [{**REQUESTS[0], "name": "image"}]))
+    run_requests(trained, specs, tmp_path, None, write=True)
+    assert sorted(tmp_path.iterdir()) == sorted([tmp_path / "image", live])
+    assert str(dead) in caplog.text
+
+
 # cosmos3-generate in a process of its own that sends itself SIGTERM while writing its request.
 _TERMINATED = """
 import os, signal, sys, time

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from megatron_cosmos3.testing.media_probe import ffprobe_streams
@@ -115,3 +116,45 @@ def test_the_set_reads_held_out_packs_until_every_trained_task_has_a_sample(tmp_
 
     never = choose_held_out_samples(iter(packs), config.model, 5, [*trained_dm_tasks(config), "forward_dynamics"])
     assert [s.task for s in never.samples] == sorted(first)
+
+
+def test_a_save_stopped_while_writing_samples_leaves_no_step_folder(
+    tmp_path, monkeypatch, caplog, ended_run_partial_folder
+):
+    """Samples were written straight into ``samples/step_<N>/``: a run stopped after the first task
+    left a step folder that looked like the set. The set is written into a partial folder renamed
+    into place, and one a killed run left beside it is removed by the next save (with a warning)."""
+    from types import SimpleNamespace
+
+    from megatron_cosmos3.training import samples
+
+    written = []
+
+    def write(folder, media, record, decoder):
+        if written:
+            raise KeyboardInterrupt  # Ctrl-C (or SIGTERM's SystemExit) at the second task
+        written.append(folder.name)
+        (folder / "video.mp4").write_bytes(b"a clip")
+
+    monkeypatch.setattr(samples, "write_generated_sample", write)
+    monkeypatch.setattr(
+        samples, "decodable", lambda sample, decoder: SimpleNamespace(video=1, audio=None, actions=None)
+    )
+    streams = SimpleNamespace(fps=24.0, embodiment=None)
+    chosen = [samples.HeldOutSample(task, 0, i, 7 + i, "a prompt", streams) for i, task in enumerate(["t2v", "v2a"])]
+    held_out = samples.HeldOutSet(packs={}, samples=chosen, seed=7)
+    generated = [(None, {"video": np.zeros(3)})] * 2
+    out = tmp_path / "samples" / "step_00000002"
+    left = ended_run_partial_folder(tmp_path / "samples" / "step_00000001")
+    with pytest.raises(KeyboardInterrupt):
+        samples.write_held_out(out, held_out, generated, None, "ckpt", 2, 8)
+    assert written == ["t2v"] and list((tmp_path / "samples").iterdir()) == []  # nor a partial folder
+    assert str(left) in caplog.text
+    written.clear()
+    monkeypatch.setattr(samples, "write_generated_sample", lambda folder, *args: (folder / "video.mp4").touch())
+    assert samples.write_held_out(out, held_out, generated, None, "ckpt", 2, 8) == {
+        "t2v": out / "t2v",
+        "v2a": out / "v2a",
+    }
+    assert sorted(p.name for p in out.iterdir()) == ["t2v", "v2a"]
+    assert (out / "v2a" / LATENTS_FILE).is_file()
