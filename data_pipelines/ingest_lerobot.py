@@ -431,6 +431,8 @@ def ingest_lerobot(
         width = feature_width(features, action_key, str(root / "meta" / "info.json"))
     context = SchemaContext({embodiment: width})
     episodes = episodes_of(root, info)
+    if not episodes:  # an empty dataset would fail only when a run reads it
+        raise ValueError(f"{root / 'meta'}: lists no episode to ingest")
     skipped: Counter = Counter()
 
     def write_part(part: int, writer: ShardWriter) -> None:

@@ -213,6 +213,9 @@ def ingest_videos(
                         f"--captions={captions}, line {number}: not {{'file': ..., ...}} ({error!r})"
                     ) from None
     videos, left_out = sort_files(in_dir, captions)
+    if not videos:  # a wrong folder: an empty dataset would fail only when a run reads it
+        reasons = Counter(reason for _, reason, _ in left_out)
+        raise ValueError(f"{in_dir}: no video file to ingest" + (f" (left out: {dict(reasons)})" if reasons else ""))
     skipped: Counter = Counter()
 
     def write_part(part: int, writer: ShardWriter) -> None:

@@ -639,6 +639,22 @@ def test_a_lerobot_v3_dataset_gives_each_episode_its_rows_and_video_segment(tmp_
     np.testing.assert_allclose(brightness, 10 * np.arange(FRAMES, 2 * FRAMES), atol=3)
 
 
+def test_an_input_with_nothing_to_ingest_is_an_error_naming_it_not_an_empty_dataset(tmp_path):
+    """A LeRobot dataset listing no episode, or a folder holding no video (a wrong path), wrote an
+    empty dataset without a word; a run reading it failed far from the cause."""
+    root = tmp_path / "arm_v3"
+    _lerobot_v3(root, episodes=1)
+    _write_v3_episodes(root, [])
+    with pytest.raises(ValueError, match=r"arm_v3/meta: lists no episode to ingest"):
+        load_script("ingest_lerobot").ingest_lerobot(root, tmp_path / "out", "toy_arm")
+    folder = tmp_path / "not_videos"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("no video here")
+    with pytest.raises(ValueError, match=r"not_videos: no video file to ingest \(left out: \{'not_a_video': 1\}\)"):
+        load_script("ingest_videos").ingest_videos(folder, tmp_path / "out_videos")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out_videos").exists()
+
+
 def test_a_v3_episode_whose_place_in_the_shared_files_is_missing_or_wrong_is_a_counted_skip(tmp_path):
     """A v3 episode row that does not list the camera (another meta/episodes file without its
     columns, or nulls), or whose segment start is NaN or negative, or whose data file index is
