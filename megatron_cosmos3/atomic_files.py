@@ -27,6 +27,13 @@ log = logging.getLogger(__name__)
 PARTIAL_SUFFIX = ".partial"  # the temporary file's name ends so; a killed process may leave one behind
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, so set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: str | Path, data: bytes | str) -> Path:
     """``data`` (text as UTF-8) into the file ``path``, parent folders created, through a temporary
     name beside it and one rename: ``path`` holds the old file or the whole new one, never part of
@@ -37,6 +44,8 @@ def write_atomically(path: str | Path, data: bytes | str) -> Path:
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data.encode("utf-8") if isinstance(data, str) else data)
+        # mkstemp makes the file 0600: give it the mode open() would, so a team's outputs stay readable
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException:  # KeyboardInterrupt too: the temporary file goes with the error
         Path(temporary).unlink(missing_ok=True)
@@ -56,7 +65,9 @@ def partial_folder(folder: str | Path) -> Path:
     process id let a later run tell a killed run's leftover from a live run's (``remove_stale_partial_folders``)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{folder.name}.{_owner()}.", suffix=PARTIAL_SUFFIX, dir=folder.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{_owner()}.", suffix=PARTIAL_SUFFIX, dir=folder.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; renamed into place, it keeps its mode
+    return staging
 
 
 def _process_alive(pid: int) -> bool:

@@ -78,3 +78,19 @@ def test_the_partial_folder_name_says_whose_it_is(tmp_path):
     folder = partial_folder(tmp_path / "a.b")
     host = socket.gethostname().replace(".", "_")
     assert folder.name.startswith(f".a.b.{host}-{os.getpid()}.") and folder.name.endswith(".partial")
+
+
+def test_files_and_folders_written_whole_get_the_modes_open_and_mkdir_would_give(tmp_path):
+    """mkstemp and mkdtemp make 0600 files and 0700 folders, which the rename kept: a team's
+    generated outputs, eval media and training samples were readable by their writer alone."""
+    from megatron_cosmos3.atomic_files import write_atomically
+
+    previous = os.umask(0o027)
+    try:
+        written = write_atomically(tmp_path / "report.json", "{}")
+        with staged_folder(tmp_path / "media") as staging:
+            (staging / "a.mp4").write_bytes(b"whole")
+    finally:
+        os.umask(previous)
+    assert written.stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "media").stat().st_mode & 0o777 == 0o750

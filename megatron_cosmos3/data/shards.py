@@ -22,7 +22,6 @@ import os
 import re
 import stat
 import tarfile
-import tempfile
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -32,6 +31,7 @@ from pathlib import Path
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
+from megatron_cosmos3.atomic_files import write_atomically
 from megatron_cosmos3.data.errors import (
     DAMAGED_SHARD,
     DUPLICATE_KEY,
@@ -125,11 +125,7 @@ class ShardIndex:
                 for s in self.shards
             ],
         }
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{INDEX_FILENAME}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(document, f, indent=1)
-        os.replace(tmp, directory / INDEX_FILENAME)
-        return directory / INDEX_FILENAME
+        return write_atomically(directory / INDEX_FILENAME, json.dumps(document, indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> ShardIndex:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from megatron_cosmos3.atomic_files import write_atomically
 from megatron_cosmos3.encoders.pseudo_actions import get_layout
 from megatron_cosmos3.json_files import read_json
 
@@ -245,11 +245,7 @@ class ActionStats:
         path = Path(path)
         if path.is_dir():
             path = path / ACTION_STATS_FILENAME
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_document(), f, indent=1)
-        os.replace(tmp, path)
-        return path
+        return write_atomically(path, json.dumps(self.to_document(), indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ActionStats:
