@@ -62,6 +62,11 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, environment: di
     try:
         try:
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
+            # Every rank has connected before any begins fn: a rank whose side of gloo's mesh was
+            # done could start fn and end the group at once (restart_world), closing the pairs a
+            # peer was still connecting ("Connection closed by peer" there, after this rank's
+            # start marker, so the world was not started again).
+            dist.barrier()
         except RuntimeError:  # DistNetworkError too: see _START_ATTEMPTS
             torch.save({"ok": False, "error": traceback.format_exc(), "not_started": True}, result_path)
             raise
