@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from megatron_cosmos3.data.errors import SampleError, Skip
 from megatron_cosmos3.data.media_writers import write_png
 from megatron_cosmos3.data.schema import Sample, decode_sample
 from megatron_cosmos3.data.shards import ShardIndex, read_shard
+from megatron_cosmos3.inference.requests import sampler_settings
 
 TASKS = ("text_to_audio_video", "image_to_video", "video_to_audio", "policy")
 
@@ -101,14 +101,16 @@ def export_requests(
     """Writes ``out/requests.jsonl`` and the conditioning files (module doc); returns the request file.
     ValueError naming the value, before anything is written, when the world has too few samples for
     a task, ``raw_dir`` is no shard set, ``out`` is it or holds files (never mixed with an earlier
-    export), ``per_task`` or ``steps`` < 1 or ``guidance`` is not finite."""
+    export), ``per_task`` < 1, or ``steps`` or ``guidance`` that a generation request may not have
+    (``inference.requests.sampler_settings``: the bounds ``cosmos3-generate`` checks)."""
     raw_dir, out = Path(raw_dir), Path(out)
     if not (raw_dir / "index.json").is_file():
         raise ValueError(f"input {str(raw_dir)!r} is not a shard folder with an index.json")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"output {str(out)!r} exists and is not an empty folder; export to a new folder")
-    if per_task < 1 or steps < 1 or not math.isfinite(guidance):
-        raise ValueError(f"per_task={per_task} and steps={steps} must be >= 1, guidance={guidance} finite")
+    if per_task < 1:
+        raise ValueError(f"per_task={per_task} must be >= 1")
+    sampler_settings("euler", steps, 1.0, guidance)  # the generation path's own check, naming the field
     wanted = {task: per_task for task in TASKS}
     chosen: list[tuple[str, Sample, str]] = []
     for sample in world_samples(raw_dir):

@@ -31,7 +31,7 @@ import numpy as np
 
 from megatron_cosmos3.data.schema import Sample
 from megatron_cosmos3.encoders.video_vae import encoded_frame_count, num_latent_frames
-from megatron_cosmos3.eval_suite.config import SuiteConfig
+from megatron_cosmos3.eval_suite.config import MAX_SAMPLES_SEARCHED, SuiteConfig
 from megatron_cosmos3.evaluation.audio import resolvable_onsets
 from megatron_cosmos3.evaluation.detection import BallDetector
 from megatron_cosmos3.evaluation.text_to_video import balls_in_caption
@@ -42,7 +42,6 @@ from megatron_cosmos3.world.sound import SAMPLE_RATE
 from megatron_cosmos3.world.world import generate_sample
 
 ACTION_TASKS = ("forward_dynamics", "inverse_dynamics", "policy")
-MAX_SAMPLES_SEARCHED = 400  # world samples looked at before a task is declared unfillable
 
 
 def world_detector() -> BallDetector:
@@ -138,7 +137,10 @@ def held_out_cases(
     """``config.cases_per_task`` cases of each of ``tasks`` (in ``config.tasks`` order) from the
     held-out world ``config.world_seed``; action tasks only for ``embodiments`` (those the model has
     heads for), their actions at ``action_rates`` (the model's, ``SuiteConfig.world``). ValueError
-    naming the task when the first ``search`` samples hold too few cases."""
+    naming the task when the first ``search`` samples (at most ``MAX_SAMPLES_SEARCHED``) hold too
+    few cases."""
+    if isinstance(search, bool) or not isinstance(search, int) or not 1 <= search <= MAX_SAMPLES_SEARCHED:
+        raise ValueError(f"eval suite: search={search!r} must be an integer in [1, {MAX_SAMPLES_SEARCHED}]")
     world = config.world(action_rates)
     wanted = [task for task in config.tasks if task in tasks]
     cases: dict[str, list[Case]] = {task: [] for task in wanted}

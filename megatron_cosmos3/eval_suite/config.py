@@ -17,11 +17,19 @@ from megatron_cosmos3.data.determinism import seed_problem
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.schema import DURATION_RANGE_S, FPS_RANGE
 from megatron_cosmos3.encoders.pseudo_actions import get_layout
-from megatron_cosmos3.inference.solvers import SOLVERS
+from megatron_cosmos3.inference.requests import sampler_settings
+from megatron_cosmos3.inference.text_generation import MAX_NEW_TOKENS
 from megatron_cosmos3.model.config import merge_config_layer
 from megatron_cosmos3.world.agents import EMBODIMENT_RATES
 from megatron_cosmos3.world.config import WorldConfig
 from megatron_cosmos3.world.environment import TASKS as ENVIRONMENT_TASKS
+
+# World samples looked at for a task's cases before it is declared unfillable: no task can have more
+# cases than this (``cases_per_task``), and a crafted count cannot search the world without end.
+MAX_SAMPLES_SEARCHED = 400
+# Closed-loop episodes per (task, embodiment) at most: each is a model-driven rollout of
+# ``closed_loop_horizon_s``, so a crafted count (10**9) would run for years before the report.
+MAX_CLOSED_LOOP_EPISODES = 1000
 
 # The tasks the suite measures, in report order; each needs the world's truth of its kind.
 SUITE_TASKS = (
@@ -39,19 +47,22 @@ SUITE_TASKS = (
 class SuiteConfig:
     """tasks: which of ``SUITE_TASKS`` to measure (a task the checkpoint did not train is skipped
     and named in the report's meta). world_seed: the held-out world the cases come from (not a
-    training world's seed). cases_per_task: held-out cases per task. resolution (pixels, a multiple
+    training world's seed). cases_per_task: held-out cases per task (at most
+    ``MAX_SAMPLES_SEARCHED``, the world samples searched for them). resolution (pixels, a multiple
     of 32 and of the model's video token, ``16 * model.video_patch_size``), duration_s and fps:
     the held-out clips (duration_s x fps a multiple of 4: 1 + 4k frames, whole latent frames).
     steps, solver, guidance, shift: the sampler; seed: the first case's sampler seed (case i uses
-    seed + i). max_new_tokens: the understanding answers' length.
+    seed + i); each checked as a generation request's (``requests.sampler_settings``: steps at most
+    ``solvers.MAX_STEPS``, guidance at most ``requests.MAX_GUIDANCE``). max_new_tokens: the
+    understanding answers' length (at most ``text_generation.MAX_NEW_TOKENS``).
     chance_seed: the initialisation seed of the untrained model whose predictions are the chance
     row. onset_tolerance_s: how far a sound onset may be from its collision to count.
     demonstration_fraction: the share of held-out samples that are expert demonstrations of the
     environment's tasks (``world.world.demonstration_sample``: the policy's instructions and actions
     are then an expert's) instead of random-motion clips. media: write side-by-side predicted | true
     clips (the command; the trainer never does). closed_loop_episodes: seeded episodes (seeds
-    ``world_seed + i``) of each of ``closed_loop_tasks`` (the environment's ``TASKS``) per
-    embodiment the model acts for, driven by the model's ``policy`` generations
+    ``world_seed + i``; at most ``MAX_CLOSED_LOOP_EPISODES``) of each of ``closed_loop_tasks`` (the
+    environment's ``TASKS``) per embodiment the model acts for, driven by the model's ``policy`` generations
     (``eval_suite/closed_loop.py``); 0: no closed loop. closed_loop_horizon_s: an episode's length
     at most."""
 
@@ -91,19 +102,22 @@ class SuiteConfig:
             problem = seed_problem(name, getattr(self, name))
             if problem:
                 raise ValueError(f"eval suite: {problem}")
-        episodes = self.closed_loop_episodes
-        if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 0:
-            raise ValueError(f"eval suite: closed_loop_episodes={episodes!r} must be an integer >= 0")
-        for name in ("cases_per_task", "steps", "max_new_tokens"):
+        for name, low, high, constant in (
+            ("closed_loop_episodes", 0, MAX_CLOSED_LOOP_EPISODES, "MAX_CLOSED_LOOP_EPISODES"),
+            ("cases_per_task", 1, MAX_SAMPLES_SEARCHED, "MAX_SAMPLES_SEARCHED"),
+            ("max_new_tokens", 1, MAX_NEW_TOKENS, "text_generation.MAX_NEW_TOKENS"),
+        ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"eval suite: {name}={value!r} must be an integer >= 1")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"eval suite: solver={self.solver!r} is not one of {SOLVERS}")
-        for name in ("guidance", "shift", "onset_tolerance_s", "fps", "duration_s", "closed_loop_horizon_s"):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"eval suite: {name}={value!r} must be an integer in [{low}, {high}] ({constant})")
+        try:
+            sampler_settings(self.solver, self.steps, self.shift, self.guidance)
+        except ValueError as error:
+            raise ValueError(f"eval suite: {error}") from None
+        for name in ("onset_tolerance_s", "fps", "duration_s", "closed_loop_horizon_s"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and (value >= 0 if name == "guidance" else value > 0)):
-                raise ValueError(f"eval suite: {name}={value!r} must be a finite number > 0 (guidance: >= 0)")
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"eval suite: {name}={value!r} must be a finite number > 0")
         frames = self.duration_s * self.fps
         if abs(frames - round(frames)) > 1e-9 or round(frames) % 4:
             raise ValueError(

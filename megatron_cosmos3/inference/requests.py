@@ -22,6 +22,7 @@ import math
 import sys
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,13 +42,16 @@ from megatron_cosmos3.encoders.video_vae import (
     num_latent_frames,
     pixels_per_token,
 )
-from megatron_cosmos3.inference.solvers import SamplerConfig
+from megatron_cosmos3.inference.solvers import MAX_STEPS, SOLVERS, SamplerConfig
 from megatron_cosmos3.model.config import MoTConfig
 from megatron_cosmos3.model.packed_batch import action_stream_key
 from megatron_cosmos3.tasks.layout import exact, past_frames, steps_before
 from megatron_cosmos3.tasks.registry import TaskSpec, get_task
 
 DEFAULT_FPS = 24.0
+# The largest classifier-free guidance scale: v_u + g (v_c - v_u) leaves the data's range long before
+# it (samples saturate at tens); past it a typo's scale only amplifies noise toward Inf.
+MAX_GUIDANCE = 100.0
 # Latent frames a clean video span takes of a clip of T latent frames.
 _CONDITIONING_FRAMES = {"all": lambda t: t, "first_frame": lambda t: 1, "past": past_frames}
 # The clip length (latent frames) a given video of c latent frames implies, where it can.
@@ -97,7 +101,27 @@ class GenerationRequest:
 
     @property
     def sampler(self) -> SamplerConfig:
-        return SamplerConfig(self.solver, self.steps, self.shift)
+        return sampler_settings(self.solver, self.steps, self.shift, self.guidance)
+
+
+def sampler_settings(solver: Any, steps: Any, shift: Any, guidance: Any) -> SamplerConfig:
+    """The ``SamplerConfig`` of a request's sampler settings, each checked under the request's own
+    field names: ``steps`` an integer in [1, ``solvers.MAX_STEPS``], ``guidance`` a number in [0,
+    ``MAX_GUIDANCE``] (0: unconditional, 1: conditional only), ``shift`` finite > 0, ``solver`` one
+    of ``solvers.SOLVERS``; ValueError naming the field and value. The one check of generation
+    requests, the eval suite's config and exported request files (docs/DESIGN.md, "Generation")."""
+    if not isinstance(solver, str) or solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} must be one of {list(SOLVERS)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps={steps!r} must be an integer in [1, {MAX_STEPS}] (solvers.MAX_STEPS)")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE:
+        raise ValueError(
+            f"guidance={guidance!r} must be a finite number in [0, {MAX_GUIDANCE:g}] (requests.MAX_GUIDANCE; "
+            "1 = conditional only)"
+        )
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift < math.inf:
+        raise ValueError(f"shift={shift!r} must be a finite number > 0 (1 = uniform steps)")
+    return SamplerConfig(solver, steps, shift)
 
 
 @dataclass
@@ -338,13 +362,14 @@ def prepare_request(request: GenerationRequest, builder: SampleBuilder) -> Prepa
     task = get_task(request.task)
     if not task.dm:
         raise _error(request, "has no DM targets to generate (text generation is the Reasoner's)")
-    _ = request.sampler  # validates solver, steps and shift
+    try:
+        _ = request.sampler  # validates solver, steps, shift and guidance
+    except ValueError as error:
+        raise _error(request, str(error)) from None
     if isinstance(request.fps, (bool, str)) or not (math.isfinite(request.fps) and request.fps > 0):
         raise _error(request, f"fps must be a positive number, got {request.fps!r}")
     if not FPS_RANGE[0] <= request.fps <= FPS_RANGE[1]:  # the rates training data may have (the RoPE step)
         raise _error(request, f"fps={request.fps!r} is outside [{FPS_RANGE[0]}, {FPS_RANGE[1]}], the shards' range")
-    if not (math.isfinite(request.guidance) and request.guidance >= 0):  # as the eval suite's: 0 = unconditional
-        raise _error(request, f"guidance must be a finite number >= 0, got {request.guidance!r}")
     _check_pictures(request)
     streams = _Streams(request, task, builder)
     sample = Sample(key=f"request_{request.seed}", caption=request.prompt, instruction=request.prompt)

@@ -18,6 +18,7 @@ Steps follow the schedule ``t_i = shift(1 - i / n)``: the SD3 / Wan timestep shi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -26,14 +27,17 @@ import torch
 from megatron_cosmos3.objectives.flow_matching import shift_timesteps
 
 SOLVERS = ("euler", "heun")
+# The most denoising steps a sampler takes: far past where more steps change a sample (tens do),
+# short of a typo or a crafted request (10**9) that would run for days holding the machine.
+MAX_STEPS = 1000
 State = dict[str, torch.Tensor]
 FlowVelocity = Callable[[State, float], State]
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """How to integrate: ``solver`` ("euler" or "heun"), ``num_steps`` (>= 1) and timestep
-    ``shift`` (> 0; 1 = uniform steps). ValueError naming the field for a bad value."""
+    """How to integrate: ``solver`` ("euler" or "heun"), ``num_steps`` (1 .. ``MAX_STEPS``) and
+    timestep ``shift`` (finite, > 0; 1 = uniform steps). ValueError naming the field for a bad value."""
 
     solver: str = "euler"
     num_steps: int = 8
@@ -42,10 +46,11 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {list(SOLVERS)}, got {self.solver!r}")
-        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
-            raise ValueError(f"num_steps must be an int >= 1, got {self.num_steps!r}")
-        if not self.shift > 0:
-            raise ValueError(f"shift must be > 0, got {self.shift!r}")
+        steps = self.num_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"num_steps must be an int in [1, {MAX_STEPS}] (solvers.MAX_STEPS), got {steps!r}")
+        if isinstance(self.shift, bool) or not isinstance(self.shift, (int, float)) or not 0 < self.shift < math.inf:
+            raise ValueError(f"shift must be a finite number > 0, got {self.shift!r}")
 
     @property
     def num_evaluations(self) -> int:

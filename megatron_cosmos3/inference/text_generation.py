@@ -32,21 +32,29 @@ from megatron_cosmos3.model.packed_batch import IGNORE_INDEX, PackedBatch, Packe
 
 # Tokens of room the cache starts with past the longest prompt (it doubles when full).
 _FIRST_ROOM = 256
+# The most tokens one answer may take: past any answer or caption the model is trained for, short
+# of a request (10**9) whose cache and decode loop would grow until the memory or the job ran out.
+MAX_NEW_TOKENS = 32768
 
 
 @dataclass(frozen=True)
 class TextSampling:
     """How tokens are chosen. ``temperature`` 0: greedy (argmax); > 0: drawn from
     softmax(logits / temperature) restricted to the smallest set of most likely tokens whose
-    probability reaches ``top_p`` (the nucleus; 1 = the whole vocabulary)."""
+    probability reaches ``top_p`` (the nucleus; 1 = the whole vocabulary). ``max_new_tokens``:
+    1 .. ``MAX_NEW_TOKENS``."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, Integral) or self.max_new_tokens < 1:
-            raise ValueError(f"TextSampling.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        tokens = self.max_new_tokens
+        if isinstance(tokens, bool) or not isinstance(tokens, Integral) or not 1 <= tokens <= MAX_NEW_TOKENS:
+            raise ValueError(
+                f"TextSampling.max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS}] "
+                f"(text_generation.MAX_NEW_TOKENS), got {tokens!r}"
+            )
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
             raise ValueError(f"TextSampling.temperature must be a finite number >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:

@@ -123,7 +123,20 @@ class RequestSpec:
         if problem:
             raise RequestError(f"{where}: {problem}")
         files = {role: given.pop(role) for role in INPUT_FILES if role in given}
-        return cls(given, files, _folder_name(given.pop("name", None), where), base)
+        spec = cls(given, files, _folder_name(given.pop("name", None), where), base)
+        spec.check_settings(where)
+        return spec
+
+    def check_settings(self, where: str) -> None:
+        """The sampler's settings (a DM task's, ``requests.sampler_settings``) or the text sampling
+        (``TextSampling``) in their ranges, before any model loads: RequestError naming the field."""
+        if self.task in TEXT_TASKS:
+            self.text_sampling(where)
+            return
+        try:
+            _ = GenerationRequest(**self.generation_settings()).sampler
+        except (TypeError, ValueError) as error:
+            raise RequestError(f"{where}: {error}") from None
 
     def path(self, role: str) -> Path | None:
         return self.base / self.files[role] if role in self.files else None

@@ -19,6 +19,7 @@ from omegaconf.errors import InterpolationResolutionError
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfig
 from megatron_cosmos3.data.determinism import seed_problem
 from megatron_cosmos3.eval_suite.config import SuiteConfig, check_model_embodiments
+from megatron_cosmos3.inference.solvers import MAX_STEPS
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig, merge_config_layer
 from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig
 from megatron_cosmos3.parallel.data_parallel import ADAMW_IMPLS
@@ -293,8 +294,10 @@ class TrainConfig:
             raise ValueError("tracking.tracking_uri is empty; name an MLflow URI or a path, or tracking.enabled=false")
         if self.tracking.flush_timeout_s < 0:
             raise ValueError(f"tracking.flush_timeout_s={self.tracking.flush_timeout_s} must be >= 0")
-        if isinstance(self.tracking.sample_steps, bool) or self.tracking.sample_steps < 1:
-            raise ValueError(f"tracking.sample_steps={self.tracking.sample_steps} must be >= 1")
+        if isinstance(self.tracking.sample_steps, bool) or not 1 <= self.tracking.sample_steps <= MAX_STEPS:
+            raise ValueError(
+                f"tracking.sample_steps={self.tracking.sample_steps} must be in [1, {MAX_STEPS}] (solvers.MAX_STEPS)"
+            )
         if self.tracking.enabled and not self.tracking.experiment.strip():  # MLflow refuses it, at every retry
             raise ValueError("tracking.experiment is empty; name an MLflow experiment, or tracking.enabled=false")
         clash = sorted(set(self.stage.new_embodiments) & set(self.model.embodiments))

@@ -71,8 +71,10 @@ def test_a_world_too_small_for_a_task_is_an_error_naming_it(world, tmp_path):
         (["{world}", "{world}"], "exists and is not an empty folder"),
         (["{world}", "{full}"], "exists and is not an empty folder"),
         (["{world}", "{file}"], "exists and is not an empty folder"),
-        (["{world}", "{out}", "--steps", "-3"], "steps=-3 must be >= 1"),
-        (["{world}", "{out}", "--guidance", "nan"], "guidance=nan finite"),
+        (["{world}", "{out}", "--steps", "-3"], "steps=-3 must be an integer in [1, 1000]"),
+        (["{world}", "{out}", "--steps", "100000"], "steps=100000 must be an integer in [1, 1000]"),
+        (["{world}", "{out}", "--guidance", "nan"], "guidance=nan must be a finite number in [0, 100]"),
+        (["{world}", "{out}", "--guidance", "1e9"], "guidance=1000000000.0 must be a finite number in [0, 100]"),
         (["{world}", "{out}", "--per-task", "20"], "too few usable samples"),
     ],
 )

@@ -54,6 +54,14 @@ def cases():
         ({"world_seed": -3}, "world_seed=-3 must be an integer in [0, 2**63 - 1]"),
         ({"chance_seed": 2**64}, "chance_seed=18446744073709551616 must be an integer"),
         ({"seed": -1}, "seed=-1 must be an integer"),
+        # Upper bounds (named constants): each of these ran for days or exhausted memory.
+        ({"steps": 10**9}, "steps=1000000000 must be an integer in [1, 1000] (solvers.MAX_STEPS)"),
+        ({"guidance": 1e6}, "guidance=1000000.0 must be a finite number in [0, 100]"),
+        ({"shift": float("inf")}, "shift=inf must be a finite number > 0"),
+        ({"max_new_tokens": 10**9}, "max_new_tokens=1000000000 must be an integer in [1, 32768]"),
+        ({"cases_per_task": 401}, "cases_per_task=401 must be an integer in [1, 400] (MAX_SAMPLES_SEARCHED)"),
+        ({"closed_loop_episodes": 10**6}, "closed_loop_episodes=1000000 must be an integer in [0, 1000]"),
+        ({"closed_loop_episodes": -1}, "closed_loop_episodes=-1 must be an integer in [0, 1000]"),
     ],
 )
 def test_a_bad_config_value_is_an_error_naming_the_field_and_value(change, message):

@@ -285,11 +285,16 @@ def test_a_samples_noise_and_result_do_not_depend_on_its_pack_company(model, bui
         ("text_to_video", {"num_frames": None}, "task 'text_to_video': the clip length is needed"),
         ("text_to_video", {"num_frames": 6}, "task 'text_to_video': num_frames=6: video has 6 frames"),
         ("image_to_video", {"num_frames": 1}, "1 frames make 1 latent frames; the task needs 2"),
-        ("text_to_video", {"solver": "rk4"}, "solver must be one of"),
+        ("text_to_video", {"solver": "rk4"}, "task 'text_to_video': solver='rk4' must be one of"),
         ("text_to_video", {"fps": 0.0}, "task 'text_to_video': fps must be a positive number, got 0.0"),
         ("text_to_video", {"fps": 1e6}, "task 'text_to_video': fps=1000000.0 is outside \\[0.1, 1000.0\\]"),
-        ("text_to_video", {"guidance": float("nan")}, "task 'text_to_video': guidance must be a finite number"),
-        ("text_to_video", {"guidance": -1.0}, "task 'text_to_video': guidance must be a finite number >= 0, got -1.0"),
+        ("text_to_video", {"guidance": float("nan")}, "task 'text_to_video': guidance=nan must be a finite number"),
+        ("text_to_video", {"guidance": -1.0}, "guidance=-1.0 must be a finite number in \\[0, 100\\]"),
+        # Bounds: a billion steps ran for days, a guidance of 1e30 made every token Inf.
+        ("text_to_video", {"steps": 10**9}, "steps=1000000000 must be an integer in \\[1, 1000\\]"),
+        ("text_to_video", {"steps": 0}, "task 'text_to_video': steps=0 must be an integer in \\[1, 1000\\]"),
+        ("text_to_video", {"guidance": 1e30}, "task 'text_to_video': guidance=1e\\+30 must be a finite number in"),
+        ("text_to_video", {"shift": float("inf")}, "task 'text_to_video': shift=inf must be a finite number > 0"),
     ],
 )
 def test_bad_requests_are_named(task, changes, message, model, builder):

@@ -73,9 +73,11 @@ def test_frozen_rows_stay_bit_for_bit_and_each_step_evaluates_as_the_solver_says
     ("changes", "message"),
     [
         ({"solver": "rk4"}, "solver must be one of \\['euler', 'heun'\\], got 'rk4'"),
-        ({"num_steps": 0}, "num_steps must be an int >= 1, got 0"),
-        ({"num_steps": 2.5}, "num_steps must be an int >= 1, got 2.5"),
-        ({"shift": 0.0}, "shift must be > 0, got 0.0"),
+        ({"num_steps": 0}, "num_steps must be an int in \\[1, 1000\\] \\(solvers.MAX_STEPS\\), got 0"),
+        ({"num_steps": 2.5}, "num_steps must be an int in \\[1, 1000\\].*, got 2.5"),
+        ({"num_steps": 1001}, "num_steps must be an int in \\[1, 1000\\].*, got 1001"),
+        ({"shift": 0.0}, "shift must be a finite number > 0, got 0.0"),
+        ({"shift": float("inf")}, "shift must be a finite number > 0, got inf"),
     ],
 )
 def test_bad_sampler_settings_are_named(changes, message):

@@ -120,7 +120,8 @@ def test_the_cache_grows_as_tokens_come(monkeypatch):
     got = generate_text(model, batch, sampling, eos_ids=(), seeds=[0] * len(PROMPTS))
     assert [g.token_ids for g in got] == uncached(model, batch, sampling, [0] * len(PROMPTS))
     monkeypatch.undo()
-    huge = generate_text(model, PROMPTS, TextSampling(10**12), eos_ids=range(model.config.vocab_size))
+    most = TextSampling(text_generation.MAX_NEW_TOKENS)
+    huge = generate_text(model, PROMPTS, most, eos_ids=range(model.config.vocab_size))
     assert all(len(g.token_ids) == 1 and g.stopped_at_eos for g in huge)
 
 
@@ -233,7 +234,9 @@ def test_first_token_follows_the_tempered_nucleus_distribution():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(sampling=dict(max_new_tokens=0)), r"TextSampling.max_new_tokens must be an integer >= 1, got 0"),
+        (dict(sampling=dict(max_new_tokens=0)), r"TextSampling.max_new_tokens must be an integer in \[1, 32768\]"),
+        (dict(sampling=dict(max_new_tokens=10**12)), r"max_new_tokens must be an integer in \[1, 32768\] .*got 10+$"),
+        (dict(sampling=dict(max_new_tokens=True)), r"TextSampling.max_new_tokens must be an integer .*got True"),
         (dict(sampling=dict(temperature=-0.5)), r"TextSampling.temperature must be a finite number >= 0, got -0.5"),
         (dict(sampling=dict(top_p=0.0)), r"TextSampling.top_p must lie in \(0, 1\], got 0.0"),
         (dict(sampling=dict(top_p=1.5)), r"TextSampling.top_p must lie in \(0, 1\], got 1.5"),

@@ -291,6 +291,12 @@ def test_damaged_or_unusable_conditioning_audio_is_an_error_naming_the_file(tmp_
         ),
         (b'{"task": "text_to_video", "fps": "0"}', ":1: fps='0' must be a positive number or fraction 'N/D'"),
         (b'{"task": "understanding", "max_new_tokens": 1.5}', ":1: max_new_tokens=1.5 must be an integer"),
+        # Upper bounds, found before any model loads: each ran for days or until the memory ran out.
+        (b'{"task": "text_to_video", "steps": 100000}', ":1: steps=100000 must be an integer in [1, 1000]"),
+        (b'{"task": "text_to_video", "guidance": 1e6}', ":1: guidance=1000000.0 must be a finite number in [0, 100]"),
+        (b'{"task": "text_to_video", "solver": "rk4"}', ":1: solver='rk4' must be one of ['euler', 'heun']"),
+        (b'{"task": "understanding", "max_new_tokens": 1000000}', ":1: TextSampling.max_new_tokens must be"),
+        (b'{"task": "understanding", "top_p": 2}', ":1: TextSampling.top_p must lie in (0, 1]"),
         # torch's 'Overflow when unpacking long long', named nothing; 2**64 drew the noise seed 0 draws
         (b'{"task": "understanding", "seed": 18446744073709551616}', ":1: seed=18446744073709551616 must be"),
         (b'{"task": "text_to_video", "seed": -1}', ":1: seed=-1 must be an integer in [0, 2**63 - 1]"),
