@@ -45,6 +45,7 @@ from megatron_cosmos3.evaluation.closed_loop import Episode
 from megatron_cosmos3.evaluation.report import MetricRow
 from megatron_cosmos3.evaluation.rows import action_rows, closed_loop_rows
 from megatron_cosmos3.inference.generation import generate
+from megatron_cosmos3.inference.media_outputs import check_finite
 from megatron_cosmos3.inference.requests import GenerationRequest
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.parallel.plan import ParallelPlan
@@ -153,6 +154,9 @@ class ModelPolicy:
     def act(self, decisions: Sequence[Decision]) -> list[np.ndarray]:
         requests = [self.request(d) for d in decisions]
         results = generate(self.model, requests, self.builder, plan=self.plan, trained_tasks=self.trained_tasks)
+        for d, result in zip(decisions, results):  # NaN actions would be stepped through the physics
+            where = f"closed loop {d.env.task_kind!r} of {d.env.embodiment!r}, seed {d.seed}, round {d.round}"
+            check_finite(result.sample, where)
         return [result.sample.actions.double().numpy() for result in results]
 
 

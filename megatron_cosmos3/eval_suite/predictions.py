@@ -20,6 +20,7 @@ from megatron_cosmos3.data.tokenizer import Tokenizer
 from megatron_cosmos3.eval_suite.cases import Case
 from megatron_cosmos3.eval_suite.config import SuiteConfig
 from megatron_cosmos3.inference.generation import generate
+from megatron_cosmos3.inference.media_outputs import check_finite
 from megatron_cosmos3.inference.text_generation import TextPrompt, TextSampling, generate_text
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.parallel.plan import ParallelPlan
@@ -62,13 +63,17 @@ def predict(
     *,
     plan: ParallelPlan | None = None,
     trained_tasks: Collection[str] | None = None,
+    who: str = "the model",
 ) -> dict[str, list[Prediction]]:
     """Per task, one ``Prediction`` per case, in order. ``plan``: the layout the model is split
-    under (None: whole on this rank); collective where it splits the model."""
+    under (None: whole on this rank); collective where it splits the model. A generated piece
+    holding NaN or Inf is a ValueError naming the case, ``who`` made it and the piece, never scored."""
     dm = [case for task, found in cases.items() if task != "understanding" for case in found]
     results = generate(model, [case.request(config) for case in dm], builder, plan=plan, trained_tasks=trained_tasks)
     predictions: dict[str, list[Prediction]] = {task: [] for task in cases}
     for case, result in zip(dm, results):
+        # Decoded, NaN latents were black frames scored as a bad video; NaN actions a bare "must be finite".
+        check_finite(result.sample, f"eval suite: case {case.name}, {who}'s prediction")
         sample, prediction = result.sample, Prediction()
         if sample.video is not None:
             prediction.frames, prediction.fps = decoder.decode_video(sample.video), sample.video.fps

@@ -116,7 +116,7 @@ class EvalSuite:
         builder = generation_builder(model.config, tokenizer, decoder, action_stats, max_text_tokens)
         return cls(config, model, builder, decoder, tokenizer, trained_tasks, action_stats)
 
-    def _run(self, model: MoTModel, cases: dict[str, list[Case]], plan: ParallelPlan | None):
+    def _run(self, model: MoTModel, cases: dict[str, list[Case]], plan: ParallelPlan | None, who: str):
         return predict(
             model,
             cases,
@@ -126,6 +126,7 @@ class EvalSuite:
             self.tokenizer,
             plan=plan,
             trained_tasks=self.trained_tasks,
+            who=who,
         )
 
     def chance(self, model: MoTModel, cases: dict[str, list[Case]]) -> dict[str, list[Prediction]]:
@@ -133,7 +134,7 @@ class EvalSuite:
         if self._chance is None:
             device = next(p.device for p in model.parameters() if not p.is_meta)
             fresh = untrained_model(model, self.config.chance_seed, device)
-            self._chance = self._run(fresh, cases, None)
+            self._chance = self._run(fresh, cases, None, "the chance model")
             del fresh
         return self._chance
 
@@ -154,7 +155,7 @@ class EvalSuite:
         if splits_rows and "understanding" in cases:  # text generation keeps the whole Reasoner on a rank
             del cases["understanding"]
             skipped["understanding"] = "the plan splits the model by layers or rows"
-        predictions = self._run(model, cases, plan)
+        predictions = self._run(model, cases, plan, "the model")
         chance = self.chance(model, cases)
         closed_loop = self.closed_loop(model, plan, media_dir, skipped)
         report = EvalReport(meta=self.meta(cases, skipped, meta))

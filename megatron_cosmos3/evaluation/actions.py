@@ -39,8 +39,9 @@ def _check_actions(actions, name: str) -> np.ndarray:
         raise ValueError(f"{name} must hold floats, got dtype {actions.dtype}")
     if actions.ndim < 1 or actions.size == 0:
         raise ValueError(f"{name} is empty or has no action dimension: shape {actions.shape}")
-    if not np.isfinite(actions).all():
-        raise ValueError(f"{name} must be finite; it holds NaN or inf")
+    bad = int((~np.isfinite(actions)).sum())
+    if bad:  # a diverged model's actions: never scored as a (NaN) number
+        raise ValueError(f"{name} actions must be finite; {bad} of {actions.size} values are NaN or Inf")
     return actions.astype(np.float64).reshape(-1, actions.shape[-1])
 
 

@@ -29,6 +29,7 @@ from megatron_cosmos3.inference.requests import (
     PreparedRequest,
     delivered_streams,
     prepare_request,
+    request_fields,
 )
 from megatron_cosmos3.model.config import MoTConfig
 from megatron_cosmos3.model.mot import MoTModel
@@ -57,7 +58,8 @@ class GenerationResult:
     ) -> GenerationRecord:
         """The sidecar record of how the sample was made (``conditioning``: role -> input file)."""
         r = self.request
-        settings = {"shift": r.shift, "fps": r.fps, "embodiment": r.embodiment}
+        reads = request_fields(get_task(r.task))  # an image records no frame rate, a clip no embodiment
+        settings = {key: getattr(r, key) for key in ("shift", "fps", "embodiment") if key in reads}
         if r.duration_s is not None or r.num_frames is not None:
             settings.update(duration_s=r.duration_s, num_frames=r.num_frames)
         return GenerationRecord(
@@ -221,10 +223,15 @@ def generate(
     builder: the run's ``SampleBuilder`` (``requests.generation_builder``). plan: the layout of a
     model split over ranks (collective: every rank of the model calls with the same requests).
     cached: False runs a whole forward pass per step (the reference and the latency bench).
-    tokens_per_pack: AR + DM tokens per pack; None = every request of one sampler setting in one.
+    tokens_per_pack: AR + DM tokens per pack (an integer >= 1); None = every request of one sampler
+    setting in one.
     trained_tasks: the tasks the checkpoint trained (its stage mixture); others are refused.
     ValueError naming the task and the problem for a request that cannot be generated.
     """
+    if tokens_per_pack is not None and (
+        isinstance(tokens_per_pack, bool) or not isinstance(tokens_per_pack, int) or tokens_per_pack < 1
+    ):
+        raise ValueError(f"tokens_per_pack={tokens_per_pack!r} must be None or an integer >= 1")
     for request in requests:
         _check_trained(request, trained_tasks)
     prepared = [prepare_request(request, builder) for request in requests]

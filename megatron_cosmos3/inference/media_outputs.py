@@ -104,6 +104,7 @@ def write_generated_sample(
     # Every piece is checked before anything is decoded or written: a bad sample leaves no files.
     if all(x is None for x in (sample.video, sample.audio, sample.actions, sample.text)):
         raise ValueError("sample has no video, audio, actions or text to write")
+    check_finite(sample, f"task {record.task!r}")
     if sample.video is not None:
         if sample.video.fps is None and sample.video.grid_thw[0] != 1:
             raise ValueError(
@@ -116,15 +117,18 @@ def write_generated_sample(
     if sample.text is not None and not isinstance(sample.text, str):
         raise ValueError(f"text must be a str, got {type(sample.text).__name__}")
 
+    # Decoded before anything is written: finite latents a decoder overflows are refused as well.
+    waveform = None if sample.audio is None else decoder.decode_audio(sample.audio)
+    if waveform is not None and not np.isfinite(waveform).all():
+        raise ValueError(f"task {record.task!r}: the decoded audio holds NaN or Inf; nothing is written")
+    frames = None if sample.video is None else decoder.decode_video(sample.video)
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, tuple[Path, dict]] = {}  # file name -> (path, media facts)
-    waveform = None
-    if sample.audio is not None:
-        waveform = decoder.decode_audio(sample.audio)
+    if waveform is not None:
         written["audio.wav"] = (write_wav(out / "audio.wav", waveform), _audio_facts(waveform, "pcm_s16le"))
     if sample.video is not None:
-        frames = decoder.decode_video(sample.video)
         if sample.video.fps is None:
             written["image.png"] = (write_png(out / "image.png", frames[0]), _image_facts(frames[0]))
         else:
@@ -145,6 +149,38 @@ def write_generated_sample(
         sidecar = common | {"file": name, "media": facts}
         sidecar_path(path).write_text(json.dumps(sidecar, indent=2) + "\n")
     return {name: path for name, (path, _) in written.items()}
+
+
+def nonfinite_pieces(sample: GeneratedSample) -> dict[str, tuple[int, int]]:
+    """The pieces of ``sample`` holding NaN or Inf: "video" (or "image", video of no fps), "audio"
+    (its latents) or "actions" -> (how many values, of how many)."""
+    video = sample.video
+    pieces = {
+        "image" if getattr(video, "fps", 0) is None else "video": getattr(video, "tokens", None),
+        "audio": getattr(sample.audio, "tokens", None),
+        "actions": sample.actions,
+    }
+    found = {}
+    for name, values in pieces.items():
+        if values is None or not hasattr(values, "shape"):
+            continue  # ill-formed pieces are _checked_actions' and the decoder's to name
+        values = torch.as_tensor(values)
+        if values.is_floating_point():
+            bad = int((~torch.isfinite(values)).sum())
+            if bad:
+                found[name] = (bad, values.numel())
+    return found
+
+
+def check_finite(sample: GeneratedSample, where: str) -> None:
+    """ValueError naming ``where`` (the request, case or held-out sample) and each piece of
+    ``sample`` that holds NaN or Inf (``nonfinite_pieces``). Every writer of generated media calls it
+    before writing anything: decoded, NaN video latents became black frames and NaN audio failed
+    in the middle of a save (docs/DESIGN.md, "Generated media")."""
+    found = nonfinite_pieces(sample)
+    if found:
+        pieces = ", ".join(f"{name} ({bad} of {total} values)" for name, (bad, total) in found.items())
+        raise ValueError(f"{where}: the generated {pieces} hold NaN or Inf (a diverged or broken model)")
 
 
 def sidecar_path(output: str | Path) -> Path:

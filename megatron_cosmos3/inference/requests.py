@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from fractions import Fraction
 from typing import Any
 
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from megatron_cosmos3.data.clips import check_clip_bytes
+from megatron_cosmos3.data.determinism import seed_problem
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.latent_encoders import LatentEncoder, encodable_pixels
 from megatron_cosmos3.data.sample_builder import BuildLimits, BuiltSample, SampleBuilder
@@ -151,7 +152,10 @@ def generation_builder(
     max_text_tokens: int = 256,
 ) -> SampleBuilder:
     """The training path's ``SampleBuilder`` for generation: the same tokenizer, ViT input, latent
-    encoder and action statistics as the run, and no crop (a request is generated whole)."""
+    encoder and action statistics as the run, and no crop (a request is generated whole); prompts
+    cut at ``max_text_tokens`` (an integer >= 1, ValueError naming it otherwise)."""
+    if isinstance(max_text_tokens, bool) or not isinstance(max_text_tokens, int) or max_text_tokens < 1:
+        raise ValueError(f"max_text_tokens={max_text_tokens!r} must be an integer >= 1")
     limits = BuildLimits(max_sample_tokens=sys.maxsize, max_text_tokens=max_text_tokens)
     return SampleBuilder(model_config, tokenizer, vision_featurizer(model_config), limits, latent_encoder, action_stats)
 
@@ -176,6 +180,47 @@ def required_inputs(task: TaskSpec) -> list[str]:
     if streams & {"image", "video"} and "video" not in clean:
         needs.append("resolution")
     return needs
+
+
+# What every request of a task with DM targets reads: its prompt and the sampler.
+_ALWAYS_READ = ("task", "prompt", "seed", "steps", "solver", "guidance", "shift")
+
+
+def request_fields(task: TaskSpec) -> frozenset[str]:
+    """The ``GenerationRequest`` fields a request of ``task`` reads, from its spans as
+    ``prepare_request`` reads them: the prompt and sampler; the image where the first frame or the
+    observation is given (a video may give the first frame too); the video where its frames are
+    clean; audio (with its rate) and actions where clean; the embodiment where actions are
+    generated or given; the length (fps, num_frames, duration_s) of a clip, its sound or actions;
+    the resolution of pictures. Another field given is an error naming it (``unread_fields``)."""
+    clean = {role.stream: role.part for role in task.dm if not role.noisy}
+    streams = {role.stream for role in task.dm}
+    read = set(_ALWAYS_READ)
+    if clean.get("video") == "first_frame":
+        read |= {"image", "video"}
+    elif "video" in clean:
+        read.add("video")
+    if task.vit == "required":
+        read.add("image")
+    if "audio" in clean:
+        read |= {"audio", "audio_sample_rate"}
+    if "actions" in clean:
+        read.add("actions")
+    if "actions" in streams:
+        read.add("embodiment")
+    if streams & {"video", "audio", "actions"}:
+        read |= {"fps", "num_frames", "duration_s"}
+    if streams & {"image", "video"}:
+        read.add("resolution")
+    return frozenset(read)
+
+
+def unread_fields(request: GenerationRequest, task: TaskSpec) -> list[str]:
+    """The fields ``request`` gives that a request of ``task`` does not read (``request_fields``):
+    those set away from their default (an fps other than ``DEFAULT_FPS``)."""
+    given = [f.name for f in fields(request) if f.default is None and getattr(request, f.name) is not None]
+    given += ["fps"] if request.fps != DEFAULT_FPS else []
+    return sorted(set(given) - request_fields(task))
 
 
 def _error(request: GenerationRequest, message: str) -> ValueError:
@@ -357,8 +402,9 @@ def _check_pictures(request: GenerationRequest) -> None:
 
 def prepare_request(request: GenerationRequest, builder: SampleBuilder) -> PreparedRequest:
     """The request as the training path's samples (module doc). ValueError naming the task and the
-    problem: an unknown task or one without DM targets, a missing conditioning input, an unknown
-    embodiment, a bad length or resolution, a bad sampler setting."""
+    problem: an unknown task or one without DM targets, a field the task does not read
+    (``unread_fields``), a missing conditioning input, an unknown embodiment, a bad length or
+    resolution, a bad sampler setting."""
     task = get_task(request.task)
     if not task.dm:
         raise _error(request, "has no DM targets to generate (text generation is the Reasoner's)")
@@ -370,6 +416,12 @@ def prepare_request(request: GenerationRequest, builder: SampleBuilder) -> Prepa
         raise _error(request, f"fps must be a positive number, got {request.fps!r}")
     if not FPS_RANGE[0] <= request.fps <= FPS_RANGE[1]:  # the rates training data may have (the RoPE step)
         raise _error(request, f"fps={request.fps!r} is outside [{FPS_RANGE[0]}, {FPS_RANGE[1]}], the shards' range")
+    problem = seed_problem("seed", request.seed)  # torch's 'Overflow when unpacking long long', deep in sampling
+    if problem:
+        raise _error(request, problem)
+    unread = unread_fields(request, task)
+    if unread:  # given and silently ignored, a user believed it shaped the sample
+        raise _error(request, f"does not read {unread}; it reads {sorted(request_fields(task))}")
     _check_pictures(request)
     streams = _Streams(request, task, builder)
     sample = Sample(key=f"request_{request.seed}", caption=request.prompt, instruction=request.prompt)

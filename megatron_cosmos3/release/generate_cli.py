@@ -46,10 +46,21 @@ from megatron_cosmos3.data.media_files import decode_video_file
 from megatron_cosmos3.data.schema import AUDIO_FIELDS, decode_audio_file, rate_value
 from megatron_cosmos3.encoders.action_normalization import ActionStats, merge_action_stats
 from megatron_cosmos3.inference.generation import generate
-from megatron_cosmos3.inference.media_outputs import GeneratedSample, GenerationRecord, write_generated_sample
-from megatron_cosmos3.inference.requests import GenerationRequest, generation_builder, required_inputs
-from megatron_cosmos3.inference.solvers import SOLVERS
-from megatron_cosmos3.inference.text_generation import TextPrompt, TextSampling, generate_text
+from megatron_cosmos3.inference.media_outputs import (
+    GeneratedSample,
+    GenerationRecord,
+    check_finite,
+    write_generated_sample,
+)
+from megatron_cosmos3.inference.requests import (
+    MAX_GUIDANCE,
+    GenerationRequest,
+    generation_builder,
+    request_fields,
+    required_inputs,
+)
+from megatron_cosmos3.inference.solvers import MAX_STEPS, SOLVERS
+from megatron_cosmos3.inference.text_generation import MAX_NEW_TOKENS, TextPrompt, TextSampling, generate_text
 from megatron_cosmos3.json_files import no_constant, unique_keys
 from megatron_cosmos3.parallel.failures import RankFailedError, fail_together
 from megatron_cosmos3.parallel.sizes import ParallelSizes
@@ -89,8 +100,10 @@ class RequestSpec:
 
     settings: ``GenerationRequest`` fields (task, prompt, embodiment, length, resolution, sampler) —
     for ``understanding`` the prompt is the question — and the ``TextSampling`` fields
-    (max_new_tokens, temperature, top_p). files: role (``INPUT_FILES``) -> path, relative ones
-    resolved against ``base``. name: the output subfolder.
+    (max_new_tokens, temperature, top_p). files: role (``INPUT_FILES``) -> path as given, relative
+    ones resolved against ``base`` (absolute: the request file's folder, or the working folder of
+    the flags), so ``path`` and the sidecars' ``conditioning`` are absolute. name: the output
+    subfolder.
     """
 
     settings: dict[str, Any]
@@ -123,13 +136,23 @@ class RequestSpec:
         if problem:
             raise RequestError(f"{where}: {problem}")
         files = {role: given.pop(role) for role in INPUT_FILES if role in given}
-        spec = cls(given, files, _folder_name(given.pop("name", None), where), base)
+        # Absolute now: a sidecar records where the inputs were, whatever the reader's folder.
+        spec = cls(given, files, _folder_name(given.pop("name", None), where), base.absolute())
         spec.check_settings(where)
         return spec
 
     def check_settings(self, where: str) -> None:
-        """The sampler's settings (a DM task's, ``requests.sampler_settings``) or the text sampling
-        (``TextSampling``) in their ranges, before any model loads: RequestError naming the field."""
+        """Before any model loads: every key given is one the task reads (``request_keys``), and the
+        sampler's settings (a DM task's, ``requests.sampler_settings``) or the text sampling
+        (``TextSampling``) are in their ranges; RequestError naming the field (an unknown task is
+        named later, with the checkpoint's tasks)."""
+        if self.task not in TASK_REGISTRY:
+            return
+        unread = sorted({*self.settings, *self.files} - request_keys(self.task))
+        if unread:  # given and silently ignored, a user believed it shaped the sample
+            raise RequestError(
+                f"{where}: task {self.task!r} does not read {unread}; it reads {sorted(request_keys(self.task))}"
+            )
         if self.task in TEXT_TASKS:
             self.text_sampling(where)
             return
@@ -152,6 +175,16 @@ class RequestSpec:
             return TextSampling(**{key: v for key, v in self.settings.items() if key in TEXT_SETTINGS})
         except (TypeError, ValueError) as error:
             raise RequestError(f"{where}: {error}") from None
+
+
+def request_keys(task: str) -> frozenset[str]:
+    """The keys a request of ``task`` may give besides ``name`` (as the flags, in snake_case): a
+    DM task's ``requests.request_fields`` (its input files among them); a text task's question
+    (``prompt``), seed, ``TextSampling`` settings and, where its ViT takes one, ``image``."""
+    spec = TASK_REGISTRY[task]
+    if spec.dm:
+        return request_fields(spec) | {"name"}
+    return frozenset({"task", "prompt", "seed", "name", *TEXT_SETTINGS} | ({"image"} if spec.vit != "none" else set()))
 
 
 def _check_kind(key: str, value: Any, kind: type | None, where: str) -> None:
@@ -389,6 +422,11 @@ def run_requests(
         )
     except ValueError as error:
         raise RequestError(str(error)) from None
+    for i, result in zip(dm, results):  # a diverged model's NaN: refused before any request is written
+        try:
+            check_finite(result.sample, f"request {names[i]}")
+        except ValueError as error:
+            raise RequestError(str(error)) from None
     step = trained.step
     for i, result in zip(dm, results):
         if write:
@@ -491,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--task", choices=sorted(TASK_REGISTRY), help="one request from the flags below")
     which.add_argument("--requests", type=Path, help="a JSONL file of requests (keys as these flags, snake_case)")
-    parser.add_argument("--prompt", default="", help="caption, instruction or question")
+    parser.add_argument("--prompt", help="caption, instruction or question")
     parser.add_argument("--image", help="conditioning image / observation (png, jpg)")
     parser.add_argument("--video", help=f"conditioning video ({'/'.join(VIDEO_SUFFIXES)}, or .npy frames)")
     parser.add_argument("--audio", help=f"conditioning audio ({'/'.join(AUDIO_FILE_SUFFIXES)})")
@@ -507,14 +545,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="HEIGHTxWIDTH in pixels, multiples of 16 x model.video_patch_size (32 by default; default: the "
         "conditioning picture's)",
     )
-    parser.add_argument("--steps", type=int, default=8, help="denoising steps (default 8)")
-    parser.add_argument("--solver", choices=SOLVERS, default="euler")
-    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    parser.add_argument("--shift", type=float, default=1.0, help="timestep shift (1 = none)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="text: most tokens generated")
-    parser.add_argument("--temperature", type=float, default=0.0, help="text: 0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0, help="text: nucleus probability")
+    # No defaults here: a flag not given is no key of the request (the task's defaults apply), so a
+    # setting the task does not read is refused only where it was given.
+    parser.add_argument("--steps", type=int, help=f"denoising steps (default 8, at most {MAX_STEPS})")
+    parser.add_argument("--solver", choices=SOLVERS, help="default euler")
+    parser.add_argument(
+        "--guidance", type=float, help=f"classifier-free guidance scale (default 1 = off, at most {MAX_GUIDANCE:g})"
+    )
+    parser.add_argument("--shift", type=float, help="timestep shift (default 1 = none)")
+    parser.add_argument("--seed", type=int, help="default 0")
+    parser.add_argument(
+        "--max-new-tokens", type=int, help=f"text: most tokens generated (default 64, at most {MAX_NEW_TOKENS})"
+    )
+    parser.add_argument("--temperature", type=float, help="text: 0 = greedy (the default)")
+    parser.add_argument("--top-p", type=float, help="text: nucleus probability (default 1)")
     parser.add_argument("--name", help="output subfolder (default NNN_<task>)")
     parser.add_argument("--action-stats", help="the dataset whose action statistics un-normalise actions")
     parser.add_argument("--tensor-parallel", type=int, default=1, help="under torchrun: tensor-parallel ranks")

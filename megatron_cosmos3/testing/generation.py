@@ -10,7 +10,7 @@ from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder
 from megatron_cosmos3.data.sample_builder import SampleBuilder
 from megatron_cosmos3.data.tokenizer import ByteTokenizer
 from megatron_cosmos3.encoders.action_normalization import ActionStats, EmbodimentActionStats
-from megatron_cosmos3.inference.requests import GenerationRequest, generation_builder
+from megatron_cosmos3.inference.requests import GenerationRequest, generation_builder, request_fields
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
 from megatron_cosmos3.tasks.registry import TASK_REGISTRY
 from megatron_cosmos3.testing.training import tiny_mot_config
@@ -38,7 +38,9 @@ def generation_setup(config: MoTConfig, stats: ActionStats | None = None) -> Sam
 
 
 def request_for(task: str, seed: int = 0, **changes) -> GenerationRequest:
-    """A request of ``task`` with every input it could want (inputs a task does not use are ignored)."""
+    """A request of ``task`` with every input it reads (``requests.request_fields``), ``changes``
+    applied first: a field the task does not read is left out (build a ``GenerationRequest`` to see
+    one refused)."""
     rng = np.random.default_rng(100 + seed)
     inputs = dict(
         prompt=f"a red ball bounces ({task})",
@@ -53,4 +55,6 @@ def request_for(task: str, seed: int = 0, **changes) -> GenerationRequest:
         steps=3,
         guidance=2.0,
     )
-    return GenerationRequest(task, **{**inputs, **changes})
+    spec = TASK_REGISTRY.get(task)
+    reads = request_fields(spec) if spec is not None and spec.dm else {"task", *inputs, *changes}  # to be refused
+    return GenerationRequest(task, **{k: v for k, v in {**inputs, **changes}.items() if k in reads})

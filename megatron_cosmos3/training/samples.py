@@ -19,6 +19,7 @@ the pack holds, laid out once, by the data path.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,12 @@ from megatron_cosmos3.data.tokenizer import Tokenizer
 from megatron_cosmos3.encoders.action_normalization import ActionStats
 from megatron_cosmos3.inference.denoising import sample_dm_tokens, sample_rows
 from megatron_cosmos3.inference.generation import SampleStreams, generated_sample, packed_sample_streams
-from megatron_cosmos3.inference.media_outputs import GeneratedSample, GenerationRecord, write_generated_sample
+from megatron_cosmos3.inference.media_outputs import (
+    GeneratedSample,
+    GenerationRecord,
+    check_finite,
+    write_generated_sample,
+)
 from megatron_cosmos3.inference.solvers import SamplerConfig
 from megatron_cosmos3.model.config import MoTConfig
 from megatron_cosmos3.model.mot import MoTModel
@@ -42,6 +48,8 @@ from megatron_cosmos3.parallel.plan import ParallelPlan
 from megatron_cosmos3.tasks.registry import get_task
 from megatron_cosmos3.training.batches import MicroBatches, held_out_config
 from megatron_cosmos3.training.config import TrainConfig, task_table
+
+log = logging.getLogger(__name__)
 
 LATENTS_FILE = "latents.npz"
 SAMPLE_SEARCH_PACKS = 64  # held-out packs read at most to find a sample of every trained DM task
@@ -237,5 +245,10 @@ def _write_held_out_sample(
         settings={"fps": c.streams.fps, "embodiment": c.streams.embodiment},
     )
     media = decodable(sample, decoder)
+    try:  # the run goes on: its loss says whether it diverged; latents.npz keeps what was generated
+        check_finite(media, f"step {step}: held-out sample {c.task} (pack {c.pack}, sample {c.index})")
+    except ValueError as error:
+        log.warning("%s; its media are not written, only %s", error, LATENTS_FILE)
+        return
     if any(x is not None for x in (media.video, media.audio, media.actions)):
         write_generated_sample(folder, media, record, decoder)

@@ -328,3 +328,27 @@ def test_captions_are_cut_where_the_run_cut_its_texts():
         (case,) = suite.cases["text_to_video"]
         built = prepare_request(case.request(config), suite.builder).conditional.sample
         assert built.num_ar_tokens == min(cut, len(case.sample.caption.encode())) + 2  # + EOS, BOG
+
+
+def test_a_prediction_holding_nan_is_an_error_naming_the_case_never_a_score(cases):
+    """A diverged model's NaN latents decoded to black frames, scored as a poor video (PSNR and all);
+    its NaN sound or actions failed with a bare "must be finite". The case, the model and the piece
+    are named instead, before anything is scored."""
+    from megatron_cosmos3.data.tokenizer import ByteTokenizer
+    from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
+    from megatron_cosmos3.eval_suite.predictions import predict
+    from megatron_cosmos3.eval_suite.suite import EvalSuite
+
+    model = MoTModel(tiny_mot_config(vocab_size=260)).eval()
+    config = SuiteConfig(cases_per_task=1, tasks=["image_to_video"], steps=1)
+    suite = EvalSuite.for_run(config, model, ByteTokenizer(260), LatentEncoderConfig(kind="pooled"), config.tasks)
+    run = lambda: predict(model, suite.cases, config, suite.builder, suite.decoder, suite.tokenizer)  # noqa: E731
+    (finite,) = run()["image_to_video"]  # control: the same model and case, finite, predict frames
+    assert finite.frames.shape[0] == len(suite.cases["image_to_video"][0].frames)
+    with torch.no_grad():
+        next(p for name, p in model.named_parameters() if "generator" in name).fill_(float("nan"))
+    (case,) = suite.cases["image_to_video"]
+    with pytest.raises(ValueError, match=rf"eval suite: case {case.name}, the model's prediction: the generated video"):
+        run()
+    with pytest.raises(ValueError, match=rf"case {case.name}, the chance model's prediction: .* hold NaN or Inf"):
+        predict(model, suite.cases, config, suite.builder, suite.decoder, suite.tokenizer, who="the chance model")

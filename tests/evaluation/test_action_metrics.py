@@ -55,5 +55,9 @@ def test_bad_input_is_refused_by_name(true_actions):
         action_error(true[:0], true[:0], scale)
     with pytest.raises(ValueError, match="scale must be 19 positive finite values"):
         action_error(true, true, np.zeros(19))
-    with pytest.raises(ValueError, match="predicted must be finite"):
+    with pytest.raises(ValueError, match=f"predicted actions must be finite; {true.size} of {true.size} values"):
         action_error(np.full_like(true, np.nan), true, scale)
+    one_inf = true.copy()
+    one_inf[3, 2, 1] = np.inf
+    with pytest.raises(ValueError, match=f"predicted actions must be finite; 1 of {true.size} values are NaN or Inf"):
+        action_error(one_inf, true, scale)

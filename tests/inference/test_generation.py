@@ -5,6 +5,7 @@ same samples from a model split over two ranks."""
 import copy
 import json
 import math
+import re
 from fractions import Fraction
 
 import numpy as np
@@ -23,7 +24,12 @@ from megatron_cosmos3.inference.denoising import (
     velocity,
 )
 from megatron_cosmos3.inference.generation import generate, packed_sample_streams
-from megatron_cosmos3.inference.requests import prepare_request
+from megatron_cosmos3.inference.requests import (
+    GenerationRequest,
+    generation_builder,
+    prepare_request,
+    request_fields,
+)
 from megatron_cosmos3.inference.solvers import SamplerConfig
 from megatron_cosmos3.model.config import EmbodimentConfig
 from megatron_cosmos3.model.mot import MoTModel
@@ -137,7 +143,9 @@ def test_cached_sampling_equals_uncached_full_forward_sampling(task, model, buil
     )
     assert (record.checkpoint, record.checkpoint_step) == ("ckpt/step_00000010", 10)
     assert record.conditioning == {"image": "first.png"}
-    assert record.settings["shift"] == 1.0 and record.settings["fps"] == 8.0
+    reads = request_fields(get_task(task))
+    assert record.settings["shift"] == 1.0 and record.settings.get("fps") == (8.0 if "fps" in reads else None)
+    assert record.settings.get("embodiment") == (EMBODIMENT if "embodiment" in reads else None)
 
 
 def test_conditioning_stays_and_generated_actions_are_unnormalised(model, builder):
@@ -294,6 +302,8 @@ def test_a_samples_noise_and_result_do_not_depend_on_its_pack_company(model, bui
         ("text_to_video", {"steps": 10**9}, "steps=1000000000 must be an integer in \\[1, 1000\\]"),
         ("text_to_video", {"steps": 0}, "task 'text_to_video': steps=0 must be an integer in \\[1, 1000\\]"),
         ("text_to_video", {"guidance": 1e30}, "task 'text_to_video': guidance=1e\\+30 must be a finite number in"),
+        ("text_to_video", {"seed": -1}, "task 'text_to_video': seed=-1 must be an integer in \\[0, 2\\*\\*63 - 1\\]"),
+        ("text_to_video", {"seed": 2**64}, "task 'text_to_video': seed=18446744073709551616 must be an integer"),
         ("text_to_video", {"shift": float("inf")}, "task 'text_to_video': shift=inf must be a finite number > 0"),
     ],
 )
@@ -455,3 +465,35 @@ def test_a_frame_rate_given_as_a_fraction_is_generated_and_written_as_that_rate(
     write_generated_sample(tmp_path, result.sample, result.record("ckpt", 1), builder.latent_encoder)
     media = json.loads(sidecar_path(tmp_path / "video.mp4").read_text())["media"]
     assert media["fps_fraction"] == str(Fraction(fps)) and media["frame_count"] == 5
+
+
+_PICTURE = np.zeros((64, 32, 3), np.uint8)
+_CLIP = np.zeros((5, 64, 32, 3), np.uint8)
+
+
+@pytest.mark.parametrize(
+    "task, reads, extra",
+    [
+        ("text_to_image", {"resolution": (64, 32)}, {"fps": 30.0}),
+        ("text_to_image", {"resolution": (64, 32)}, {"num_frames": 9, "duration_s": 1.0}),
+        ("text_to_video", {"num_frames": 5, "resolution": (64, 32)}, {"image": _PICTURE}),
+        ("text_to_video", {"num_frames": 5, "resolution": (64, 32)}, {"embodiment": EMBODIMENT}),
+        ("video_to_audio", {"video": _CLIP}, {"actions": np.zeros((6, 19), np.float32), "embodiment": EMBODIMENT}),
+        ("inverse_dynamics", {"video": _CLIP, "embodiment": EMBODIMENT}, {"audio": np.zeros((2, 480), np.float32)}),
+        ("policy", {"image": _PICTURE, "embodiment": EMBODIMENT, "num_frames": 5}, {"audio_sample_rate": 48000}),
+    ],
+)
+def test_a_field_the_task_does_not_read_is_refused_naming_it_and_the_task(task, reads, extra, builder):
+    """A text->image request given a frame rate or a length, or a text->video request given a picture,
+    was generated as if they were not there: the user believed they shaped the sample."""
+    with pytest.raises(ValueError, match=re.escape(f"task {task!r}: does not read {sorted(extra)}; it reads [")):
+        prepare_request(GenerationRequest(task, "a prompt", **reads, **extra), builder)
+    assert prepare_request(GenerationRequest(task, "a prompt", **reads), builder).outputs  # control: without them
+
+
+@pytest.mark.parametrize("tokens_per_pack", [0, -5, True, 2.5, "64"])
+def test_a_pack_budget_that_is_no_positive_integer_is_refused(tokens_per_pack, model, builder):
+    with pytest.raises(ValueError, match=re.escape(f"tokens_per_pack={tokens_per_pack!r} must be None or an integer")):
+        generate(model, [request_for("text_to_image")], builder, tokens_per_pack=tokens_per_pack)
+    with pytest.raises(ValueError, match=re.escape(f"max_text_tokens={tokens_per_pack!r} must be an integer >= 1")):
+        generation_builder(CONFIG, builder.tokenizer, builder.latent_encoder, max_text_tokens=tokens_per_pack)

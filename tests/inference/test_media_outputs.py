@@ -3,6 +3,7 @@ records how it was made; checked with readers that are not ours (ffprobe, ``wave
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import wave
@@ -251,3 +252,48 @@ def test_bad_video_latents_are_a_clear_error(tmp_path, decoder):
     negative = type(clip)(clip.tokens, clip.grid_thw, -24.0)
     with pytest.raises(ValueError, match="fps must be a finite number > 0, got -24.0"):
         write_generated_sample(tmp_path, GeneratedSample(video=negative), RECORD, decoder)
+
+
+def _poisoned(latents, value: float):
+    """``latents`` (video or audio) with its first value replaced by ``value``."""
+    tokens = latents.tokens.clone()
+    tokens[0, 0] = value
+    return dataclasses.replace(latents, tokens=tokens)
+
+
+@pytest.mark.parametrize(
+    "piece, message",
+    [
+        ("video", r"task 'text_to_audio_video': the generated video \(1 of \d+ values\) hold NaN or Inf"),
+        ("image", r"task 'text_to_audio_video': the generated image \(1 of \d+ values\) hold NaN or Inf"),
+        ("audio", r"task 'text_to_audio_video': the generated audio \(1 of \d+ values\) hold NaN or Inf"),
+        ("actions", r"task 'text_to_audio_video': the generated actions \(1 of 95 values\) hold NaN or Inf"),
+    ],
+)
+def test_non_finite_generated_pieces_are_refused_naming_them_before_any_file(tmp_path, decoder, piece, message):
+    """Decoded, NaN video latents were black frames written as a clip; NaN audio failed in the middle
+    of the save. Every piece, NaN or Inf, is refused before anything is written, beside good pieces."""
+    clip = decoder.encode_video(np.zeros((5, 32, 32, 3), np.uint8), 24.0)
+    still = decoder.encode_video(np.zeros((1, 32, 32, 3), np.uint8), 24.0)
+    good = {
+        "video": clip,
+        "image": type(still)(still.tokens, still.grid_thw, None),
+        "audio": decoder.encode_audio(np.zeros((2, 4800), np.float32), 48_000),
+        "actions": torch.zeros(5, 19),
+    }
+    bad = dict(good)
+    if piece == "actions":
+        bad["actions"] = good["actions"].clone()
+        bad["actions"][2, 4] = float("inf")
+    else:
+        bad[piece] = _poisoned(good[piece], float("nan"))
+
+    def sample(pieces):
+        video = pieces["image"] if piece == "image" else pieces["video"]
+        return GeneratedSample(video, pieces["audio"], pieces["actions"], "single_arm", 10.0)
+
+    with pytest.raises(ValueError, match=message):
+        write_generated_sample(tmp_path / "out", sample(bad), RECORD, decoder)
+    assert not (tmp_path / "out").exists()
+    written = write_generated_sample(tmp_path / "good", sample(good), RECORD, decoder)  # control: finite, written
+    assert {"audio.wav", "actions.npy", "image.png" if piece == "image" else "video.mp4"} <= set(written)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy.io import wavfile
 
 from megatron_cosmos3.data.media_writers import write_mp4, write_png, write_wav
@@ -297,6 +298,32 @@ def test_damaged_or_unusable_conditioning_audio_is_an_error_naming_the_file(tmp_
         (b'{"task": "text_to_video", "solver": "rk4"}', ":1: solver='rk4' must be one of ['euler', 'heun']"),
         (b'{"task": "understanding", "max_new_tokens": 1000000}', ":1: TextSampling.max_new_tokens must be"),
         (b'{"task": "understanding", "top_p": 2}', ":1: TextSampling.top_p must lie in (0, 1]"),
+        # A key the task does not read was ignored without a word: the user believed it shaped the sample.
+        (
+            b'{"task": "text_to_image", "fps": 30, "resolution": "64x32"}',
+            ":1: task 'text_to_image' does not read ['fps']",
+        ),
+        (
+            b'{"task": "text_to_image", "duration_s": 1.0, "num_frames": 9}',
+            ":1: task 'text_to_image' does not read ['duration_s', 'num_frames']; it reads [",
+        ),
+        (b'{"task": "text_to_video", "image": "a.png"}', ":1: task 'text_to_video' does not read ['image']"),
+        (
+            b'{"task": "text_to_audio_video", "audio": "a.wav"}',
+            ":1: task 'text_to_audio_video' does not read ['audio']",
+        ),
+        (
+            b'{"task": "video_to_audio", "embodiment": "single_arm"}',
+            "task 'video_to_audio' does not read ['embodiment']",
+        ),
+        (
+            b'{"task": "understanding", "steps": 4, "video": "c.mp4"}',
+            "'understanding' does not read ['steps', 'video']",
+        ),
+        (
+            b'{"task": "text_to_video", "max_new_tokens": 5}',
+            ":1: task 'text_to_video' does not read ['max_new_tokens']",
+        ),
         # torch's 'Overflow when unpacking long long', named nothing; 2**64 drew the noise seed 0 draws
         (b'{"task": "understanding", "seed": 18446744073709551616}', ":1: seed=18446744073709551616 must be"),
         (b'{"task": "text_to_video", "seed": -1}', ":1: seed=-1 must be an integer in [0, 2**63 - 1]"),
@@ -387,6 +414,14 @@ def test_a_request_too_long_or_too_large_or_a_bad_late_input_writes_nothing(chec
     run_requests(trained, kept, tmp_path / "out", None, True, overwrite=True)
     written = sorted(p.name for p in (tmp_path / "out" / "kept").iterdir())
     assert "audio.wav" not in written and any(name.endswith(".meta.json") for name in written), written
+    # A diverged model's NaN: decoded, it was a black clip; NaN sound failed in the middle of a save.
+    # Refused before any request's folder is written, naming the request and the piece.
+    with torch.no_grad():
+        next(p for name, p in trained.model.named_parameters() if "generator" in name).fill_(float("nan"))
+    two = read_requests(write_requests(inputs, [REQUESTS[0], REQUESTS[1]]))
+    with pytest.raises(RequestError, match=r"request 000_text_to_image: the generated image \(\d+ of \d+ values\)"):
+        run_requests(trained, two, tmp_path / "nan", None, True)
+    assert not (tmp_path / "nan").exists()
 
 
 def _writes_part_then(then):
@@ -673,3 +708,30 @@ def test_a_timeout_that_is_no_number_of_seconds_is_refused(value, tmp_path, caps
         main([*argv, "--timeout-s", value])
     assert exited.value.code == 2
     assert f"argument --timeout-s: {value!r} is not a number of seconds > 0" in capsys.readouterr().err
+
+
+def test_a_flag_the_task_does_not_read_is_refused_and_flags_not_given_are_no_keys(tmp_path, capsys):
+    """The flags' defaults (--steps 8, --guidance 1, ...) were keys of every request: an understanding
+    request from the flags would have held steps. Only flags given count, and are checked before the
+    checkpoint is read (here there is none)."""
+    argv = ["--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "out"), "--task", "understanding"]
+    assert main([*argv, "--prompt", "what moves?", "--steps", "4", "--fps", "24"]) == 2
+    assert "the flags: task 'understanding' does not read ['fps', 'steps']" in capsys.readouterr().err
+    assert main([*argv, "--prompt", "what moves?", "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err  # control: past the request, the missing checkpoint is the error
+    assert "does not read" not in err and str(tmp_path / "none") in err
+
+
+def test_input_paths_are_absolute_from_the_request_files_folder_whatever_the_working_folder(tmp_path, monkeypatch):
+    """A request file named by a relative path gave relative input paths, recorded so in the sidecars:
+    read from another folder they named nothing. They are absolute, relative to the file's folder."""
+    (tmp_path / "requests").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    line = {"task": "image_to_video", "image": "first.png", "duration_s": 1.0}
+    write_requests(tmp_path / "requests", [line, {**line, "image": str(tmp_path / "elsewhere" / "b.png")}])
+    monkeypatch.chdir(tmp_path)
+    relative, absolute = read_requests(Path("requests/requests.jsonl"))
+    assert relative.conditioning() == {"image": str(tmp_path / "requests" / "first.png")}
+    assert absolute.conditioning() == {"image": str(tmp_path / "elsewhere" / "b.png")}
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the reader's folder changes nothing once read
+    assert relative.path("image") == tmp_path / "requests" / "first.png"

@@ -158,3 +158,30 @@ def test_a_save_stopped_while_writing_samples_leaves_no_step_folder(
     }
     assert sorted(p.name for p in out.iterdir()) == ["t2v", "v2a"]
     assert (out / "v2a" / LATENTS_FILE).is_file()
+
+
+def test_a_held_out_sample_holding_nan_writes_its_latents_and_a_warning_not_black_media(tmp_path, caplog):
+    """A diverged model's NaN video latents were decoded to black frames and logged as the step's
+    sample. Its media are not written; the warning names the step, the task and the piece, and
+    latents.npz keeps what was generated. The other task's sample is written as before (control)."""
+    from types import SimpleNamespace
+
+    from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder
+    from megatron_cosmos3.inference.media_outputs import GeneratedSample
+    from megatron_cosmos3.training import samples
+
+    decoder = PooledLatentEncoder(8, 16)
+    clip = decoder.encode_video(np.zeros((5, 32, 32, 3), np.uint8), 24.0)
+    tokens = clip.tokens.clone()
+    tokens[1, 2] = float("nan")
+    diverged = GeneratedSample(video=type(clip)(tokens, clip.grid_thw, 24.0))
+    streams = SimpleNamespace(fps=24.0, embodiment=None)
+    chosen = [samples.HeldOutSample(task, 0, i, i, "a prompt", streams) for i, task in enumerate(["t2v", "i2v"])]
+    held_out = samples.HeldOutSet(packs={}, samples=chosen, seed=0)
+    generated = [(diverged, {"video": tokens.numpy()}), (GeneratedSample(video=clip), {"video": clip.tokens.numpy()})]
+    out = tmp_path / "samples" / "step_00000002"
+    samples.write_held_out(out, held_out, generated, decoder, "ckpt", 2, 8)
+    assert sorted(p.name for p in (out / "t2v").iterdir()) == [LATENTS_FILE]
+    assert np.isnan(np.load(out / "t2v" / LATENTS_FILE)["video"]).sum() == 1
+    assert "step 2: held-out sample t2v (pack 0, sample 0): the generated video (1 of" in caplog.text
+    assert {"video.mp4", LATENTS_FILE} <= {p.name for p in (out / "i2v").iterdir()}
