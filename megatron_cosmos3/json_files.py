@@ -11,6 +11,7 @@ that names the file; what the document must hold is the caller's check. ``unique
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,24 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if repeated:
         raise ValueError(f"key(s) {repeated[:5]} given twice")
     return dict(pairs)
+
+
+class LongInteger:
+    """A JSON integer of more digits than Python converts (``sys.get_int_max_str_digits``, 4300 by
+    default), left unconverted by ``long_integers`` so the reader can name the field it stands in:
+    ``json.loads`` refused the whole document with Python's own 'Exceeds the limit' text."""
+
+    def __init__(self, text: str) -> None:
+        self.digits = len(text.lstrip("-"))
+
+    def __repr__(self) -> str:
+        return f"<an integer of {self.digits} digits>"
+
+
+def long_integers(text: str) -> int | LongInteger:
+    """``parse_int`` keeping an integer Python will not convert as a ``LongInteger``."""
+    limit = sys.get_int_max_str_digits()
+    return LongInteger(text) if limit and len(text.lstrip("-")) > limit else int(text)
 
 
 def no_constant(name: str) -> None:

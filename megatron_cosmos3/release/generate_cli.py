@@ -61,7 +61,7 @@ from megatron_cosmos3.inference.requests import (
 )
 from megatron_cosmos3.inference.solvers import MAX_STEPS, SOLVERS
 from megatron_cosmos3.inference.text_generation import MAX_NEW_TOKENS, TextPrompt, TextSampling, generate_text
-from megatron_cosmos3.json_files import no_constant, unique_keys
+from megatron_cosmos3.json_files import LongInteger, long_integers, no_constant, unique_keys
 from megatron_cosmos3.parallel.failures import RankFailedError, fail_together
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.release.trained import LOAD_ERRORS, TrainedModel, load_trained_model
@@ -126,6 +126,11 @@ class RequestSpec:
         if unknown:
             raise RequestError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
         given = {key: value for key, value in values.items() if value is not None}
+        for key, value in given.items():  # before any check formats it: int() and repr() refuse it
+            if isinstance(value, LongInteger) or (
+                isinstance(value, list) and any(isinstance(v, LongInteger) for v in value)
+            ):
+                raise RequestError(f"{where}: {key}={value!r} is not a number any setting takes")
         if "task" not in given:
             raise RequestError(f"{where}: no 'task' (one of {sorted(TASK_REGISTRY)})")
         for key, value in given.items():
@@ -270,18 +275,34 @@ def _folder_name(name: Any, where: str) -> str | None:
     return name
 
 
+# Digits a side given as text may have: more than any picture (the clip-size check refuses far less),
+# few enough that int() never meets Python's 4300-digit limit and its own error text.
+_SIDE_DIGITS = 18
+
+
 def _resolution(value: Any, where: str) -> tuple[int, int]:
     """'64x48', [64, 48] or (64, 48) -> (height, width): two whole numbers of pixels."""
     parts = value.lower().split("x") if isinstance(value, str) else value if isinstance(value, list) else None
     if parts is None or len(parts) != 2 or not all(_whole_number(part) for part in parts):
-        raise RequestError(f"{where}={value!r}: expected HEIGHTxWIDTH in whole pixels, e.g. 64x64")
+        raise RequestError(f"{where}={_shown(value)!r}: expected HEIGHTxWIDTH in whole pixels, e.g. 64x64")
+    longest = max(len(part.strip().lstrip("+-")) if isinstance(part, str) else 0 for part in parts)
+    if longest > _SIDE_DIGITS:  # int() of over 4300 digits raised Python's own ValueError, naming no field
+        raise RequestError(f"{where}={_shown(value)!r}: a side of {longest} digits is no size in pixels")
     height, width = (int(part) for part in parts)
     return height, width
 
 
+def _shown(value: Any) -> Any:
+    """``value`` (or a list's items), a long text cut to its start and length: an error stays short."""
+    if isinstance(value, list):
+        return [_shown(item) for item in value]
+    return f"{value[:20]}...({len(value)} characters)" if isinstance(value, str) and len(value) > 40 else value
+
+
 def _whole_number(part: Any) -> bool:
     if isinstance(part, str):
-        return part.strip().lstrip("+-").isascii() and part.strip().lstrip("+-").isdigit()
+        digits = part.strip().lstrip("+-")
+        return digits.isascii() and digits.isdigit()
     return isinstance(part, int) and not isinstance(part, bool)
 
 
@@ -483,7 +504,9 @@ def read_requests(path: Path) -> list[RequestSpec]:
             continue
         where = f"{path}:{number}"
         try:
-            document = json.loads(line, parse_constant=no_constant, object_pairs_hook=unique_keys)
+            document = json.loads(
+                line, parse_constant=no_constant, parse_int=long_integers, object_pairs_hook=unique_keys
+            )
         except (ValueError, RecursionError) as error:
             raise RequestError(f"{where}: not JSON ({error})") from None
         specs.append(RequestSpec.from_mapping(document, where, path.parent))

@@ -80,6 +80,9 @@ def test_the_config_loads_from_yaml_and_overrides(tmp_path):
         load_suite_config(str(path))
     with pytest.raises(ValueError, match="steps"):
         load_suite_config(None, ["steps=many"])
+    with pytest.raises(ValueError, match=r"^eval suite: resolution=<an integer of 4400 digits> is not a number"):
+        load_suite_config(None, ["resolution=" + "6" * 4400])
+    assert load_suite_config(None, ["steps=1_0"]).steps == 10  # control: YAML's own digit grouping loads
     # A wrong type or a byte that is not UTF-8: one line naming the file and the key.
     for text, key in (
         (b"media: maybe\n", "full_key: media"),
@@ -87,7 +90,13 @@ def test_the_config_loads_from_yaml_and_overrides(tmp_path):
         (b"closed_loop_tasks: {a: 1}\n", "closed_loop_tasks: a mapping where a list belongs"),  # named no key
         (b"- tasks\n", "holds a YAML list, not a mapping of settings"),
         (b"steps: \xff\n", "0xff"),
-        (b"steps: 1" + b"0" * 5000 + b"\n", "4300 digits"),  # Python's int() refused it, naming no file
+        # Python's int() refused it with its own text ('Exceeds the limit (4300 digits)'), naming no key.
+        (b"steps: 1" + b"0" * 5000 + b"\n", "steps=<an integer of 5001 digits> is not a number any setting takes"),
+        (b'resolution: "' + b"1" * 4500 + b'"\n', "resolution=<an integer of 4500 digits>"),  # 5,000 characters
+        (
+            b"tasks: [policy]\nclosed_loop_tasks:\n  - -" + b"9" * 4400 + b"\n",
+            "closed_loop_tasks[0]=<an integer of 4400",
+        ),
     ):
         path.write_bytes(text)
         with pytest.raises(ValueError) as error:

@@ -298,6 +298,12 @@ def test_damaged_or_unusable_conditioning_audio_is_an_error_naming_the_file(tmp_
         (b'{"task": "text_to_video", "solver": "rk4"}', ":1: solver='rk4' must be one of ['euler', 'heun']"),
         (b'{"task": "understanding", "max_new_tokens": 1000000}', ":1: TextSampling.max_new_tokens must be"),
         (b'{"task": "understanding", "top_p": 2}', ":1: TextSampling.top_p must lie in (0, 1]"),
+        # Integers past Python's 4300-digit limit: json.loads and int() raised Python's own 'Exceeds the
+        # limit' text, naming no field.
+        (b'{"task": "text_to_image", "seed": ' + b"7" * 5000 + b"}", ":1: seed=<an integer of 5000 digits> is not"),
+        (b'{"task": "text_to_image", "resolution": [64, -' + b"7" * 4400 + b"]}", ":1: resolution=[64, <an integer of"),
+        (b'{"task": "text_to_image", "resolution": "' + b"6" * 5000 + b'x64"}', "a side of 5000 digits is no size in"),
+        (b'{"task": "text_to_image", "resolution": ["64", "' + b"6" * 19 + b'"]}', "a side of 19 digits is no size"),
         # A key the task does not read was ignored without a word: the user believed it shaped the sample.
         (
             b'{"task": "text_to_image", "fps": 30, "resolution": "64x32"}',
