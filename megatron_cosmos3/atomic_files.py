@@ -59,6 +59,14 @@ def _owner() -> str:
     return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
 
 
+def longest_staged_name() -> int:
+    """The longest name (bytes) a folder may have for its ``partial_folder`` to fit the 255-byte names
+    of common file systems on this host: the partial name adds two dots, the host and a process id
+    (up to 7 digits), a random part and ``PARTIAL_SUFFIX``."""
+    host = socket.gethostname().replace(".", "_")
+    return 255 - len(f"..{host}-{'9' * 7}.{'x' * 8}{PARTIAL_SUFFIX}".encode())
+
+
 def partial_folder(folder: str | Path) -> Path:
     """A new empty hidden folder ``.<name>.<host>-<pid>.<random>.partial`` beside ``folder`` (parents
     created): where a set of files is written before one rename makes it ``folder``. The host and

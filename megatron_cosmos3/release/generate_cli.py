@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_cosmos3.atomic_files import partial_folder, remove_stale_partial_folders
+from megatron_cosmos3.atomic_files import longest_staged_name, partial_folder, remove_stale_partial_folders
 from megatron_cosmos3.data.determinism import seed_problem
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.latent_encoders import LatentEncoder, latent_encoder_from_config
@@ -265,13 +265,25 @@ def write_request_folder(
 
 
 def _folder_name(name: Any, where: str) -> str | None:
-    """A request's ``name``: one folder inside ``--out``, never a path that leads out of it."""
+    """A request's ``name``: one visible folder inside ``--out`` — never a path that leads out of it,
+    a hidden name (the framework's partial and temporary folders start with '.': a request named
+    so could be taken for one, or removed as one), a name with a control character or space at an
+    end, or one too long for its partial folder's name (``atomic_files.longest_staged_name``)."""
     if name is None:
         return None
-    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
-        raise RequestError(f"{where}: name={name!r} must be a folder name (no '/', not '.' or '..')")
-    if len(name.encode("utf-8", "surrogateescape")) > 255:  # the longest file name of common file systems
-        raise RequestError(f"{where}: name={name[:20]!r}... is {len(name)} characters; a folder name has at most 255")
+    if not isinstance(name, str) or not name or name.startswith(".") or any(c in name for c in "/\\"):
+        raise RequestError(
+            f"{where}: name={name!r} must be a folder name: not empty, no '/' or '\\', not starting with '.' "
+            "(the hidden partial folders' mark)"
+        )
+    if name != name.strip() or any(not c.isprintable() and c != " " for c in name):
+        raise RequestError(f"{where}: name={name!r} must not hold control characters or begin or end with a space")
+    size, longest = len(name.encode("utf-8", "surrogateescape")), longest_staged_name()
+    if size > longest:  # the file system refused its partial folder's name only after generating
+        raise RequestError(
+            f"{where}: name={name[:20]!r}... is {size} bytes; a request's folder name has at most {longest} here "
+            "(255, less what its partial folder's name adds: host, process id, .partial)"
+        )
     return name
 
 
@@ -405,8 +417,8 @@ def run_requests(
     stats = merged_action_stats(trained, action_stats)
     builder = generation_builder(model.config, tokenizer, decoder, stats, max_text_tokens=max_text)
     names = [spec.name or f"{i:03d}_{spec.task}" for i, spec in enumerate(specs)]
-    if len(set(names)) != len(names):
-        raise RequestError(f"two requests write to the same folder: names {names}")
+    if len({name.casefold() for name in names}) != len(names):  # "A" and "a" are one folder on some systems
+        raise RequestError(f"two requests write to the same folder (letter case aside): names {names}")
     used = [
         name for name in names if (out / name).exists() and (not (out / name).is_dir() or any((out / name).iterdir()))
     ]

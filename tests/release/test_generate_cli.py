@@ -336,10 +336,19 @@ def test_damaged_or_unusable_conditioning_audio_is_an_error_naming_the_file(tmp_
         (b'{"task": "image_to_video", "image": ["a.png"]}', ":1: image=['a.png'] must be a string"),
         (b'{"task": "text_to_image", "resolution": [32.7, 32]}', ":1: resolution=[32.7, 32]: expected HEIGHTxWIDTH"),
         (b'{"task": "text_to_image", "resolution": [true, 32]}', ":1: resolution=[True, 32]: expected HEIGHTxWIDTH"),
+        # Its partial folder's name adds host, pid and suffix: a 255-byte name failed after generating.
+        (b'{"task": "text_to_image", "name": "' + b"a" * 250 + b'"}', "is 250 bytes; a request's folder name has at"),
+        # Names the framework's own hidden partial/temporary folders could take or be taken for.
         (
-            b'{"task": "text_to_image", "name": "' + b"a" * 256 + b'"}',
-            "is 256 characters; a folder name has at most 255",
+            b'{"task": "text_to_image", "name": ".hidden"}',
+            ":1: name='.hidden' must be a folder name: not empty, no '/'",
         ),
+        (b'{"task": "text_to_image", "name": ".x.h-1.ab.partial"}', "name='.x.h-1.ab.partial' must be a folder name"),
+        (b'{"task": "text_to_image", "name": ""}', ":1: name='' must be a folder name"),
+        (b'{"task": "text_to_image", "name": "a\\\\b"}', ":1: name='a\\\\b' must be a folder name"),
+        (b'{"task": "text_to_image", "name": "a\\nb"}', ":1: name='a\\nb' must not hold control characters"),
+        (b'{"task": "text_to_image", "name": "a\\u0000"}', ":1: name='a\\x00' must not hold control characters"),
+        (b'{"task": "text_to_image", "name": " a"}', ":1: name=' a' must not hold control characters or begin or"),
     ],
 )
 def test_a_crafted_requests_file_is_an_error_naming_its_line_and_field(tmp_path, line, message):
@@ -394,6 +403,9 @@ def test_a_request_too_long_or_too_large_or_a_bad_late_input_writes_nothing(chec
     for request, message in cases:
         with pytest.raises(ValueError, match=message):
             run_requests(trained, read_requests(write_requests(inputs, [request])), tmp_path, None, write=True)
+    same = write_requests(inputs, [{**REQUESTS[0], "name": "Clip"}, {**REQUESTS[0], "name": "clip"}])
+    with pytest.raises(RequestError, match=r"two requests write to the same folder \(letter case aside\)"):
+        run_requests(trained, read_requests(same), tmp_path / "out", None, write=True)  # one folder on macOS
     mixed = write_requests(inputs, [REQUESTS[0], {"task": "understanding", "image": "missing.png"}])
     with pytest.raises(RequestError, match="image='.*missing.png' is not a file"):
         run_requests(trained, read_requests(mixed), tmp_path / "out", None, write=True)
@@ -741,3 +753,17 @@ def test_input_paths_are_absolute_from_the_request_files_folder_whatever_the_wor
     assert absolute.conditioning() == {"image": str(tmp_path / "elsewhere" / "b.png")}
     monkeypatch.chdir(tmp_path / "elsewhere")  # the reader's folder changes nothing once read
     assert relative.path("image") == tmp_path / "requests" / "first.png"
+
+
+def test_the_longest_name_a_request_may_have_fits_its_partial_folder(tmp_path):
+    """The bound is what the partial folder's name leaves of 255 bytes: the writer's own partial
+    folder of the longest accepted name is made; a byte more is refused when the file is read."""
+    from megatron_cosmos3.atomic_files import longest_staged_name, partial_folder
+
+    name = "é" * (longest_staged_name() // 2) + "a" * (longest_staged_name() % 2)  # bytes, not characters
+    staging = partial_folder(tmp_path / name)
+    assert staging.is_dir() and len(staging.name.encode()) <= 255
+    (spec,) = read_requests(write_requests(tmp_path, [{"task": "text_to_image", "name": name}]))
+    assert spec.name == name
+    with pytest.raises(RequestError, match=f"is {longest_staged_name() + 1} bytes"):
+        read_requests(write_requests(tmp_path, [{"task": "text_to_image", "name": name + "a"}]))
