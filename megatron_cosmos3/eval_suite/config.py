@@ -225,6 +225,8 @@ def load_suite_config(yaml_path: str | None = None, overrides: list[str] | None 
     merged = OmegaConf.structured(SuiteConfig)
     try:
         if yaml_path:
+            if not Path(yaml_path).is_file():  # a FIFO or device would be read without end
+                raise ValueError("missing" if not Path(yaml_path).exists() else "not a regular file")
             _refuse_long_integers(Path(yaml_path).read_bytes().decode("utf-8"), "")
             merged = merge_config_layer(merged, OmegaConf.load(yaml_path))
         for override in overrides or []:

@@ -47,7 +47,7 @@ def test_sampler_keeps_clean_conditioning_and_generates_only_noisy_targets(tiny_
         assert torch.equal(out[key][clean], values[clean])
         assert not torch.equal(out[key][~clean], values[~clean])
         assert torch.isfinite(out[key]).all()
-    with pytest.raises(ValueError, match="num_steps must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"num_steps must be an int in \[1, 1000\] \(solvers.MAX_STEPS\), got 0"):
         SamplerConfig(num_steps=0)
     with pytest.raises(ValueError, match="seeds: 3 seeds for a pack of 4 samples"):
         sample_dm_tokens(model, batch, SamplerConfig(), seeds=[0, 1, 2])
