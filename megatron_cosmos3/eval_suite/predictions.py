@@ -91,6 +91,9 @@ def predict(
         model.eval()
         try:
             answers = generate_text(model, prompts, sampling, seeds=config.seed, tokenizer=tokenizer)
+        except ValueError as error:  # NaN logits: never an answer scored as a wrong one
+            cases_named = [case.name for case in questions]
+            raise ValueError(f"eval suite: {who}'s answers to {cases_named} (prompts in that order): {error}") from None
         finally:
             model.train(was_training)
         predictions["understanding"] = [Prediction(text=answer.text) for answer in answers]

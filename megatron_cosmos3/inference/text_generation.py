@@ -187,6 +187,7 @@ def generate_text(
     eos_ids: the id(s) that end a sequence; None: the tokenizer's ``eos_id``; () for none.
     seeds: per prompt, the seed of its own generator (sampling only); an int s seeds prompt i with s + i.
     tokenizer: when given, each result's ``text`` is its tokens decoded.
+    Logits holding NaN or Inf (a diverged model) are a ValueError naming the prompt, never a token.
     """
     config = model.config
     batch = prompts if isinstance(prompts, PackedBatch) else prompt_batch(config, prompts)
@@ -221,6 +222,13 @@ def generate_text(
     stopped = [False] * count
     active = torch.arange(count, device=device)  # the sequences still generating, in cache order
     for step in range(sampling.max_new_tokens):
+        broken = ~torch.isfinite(logits).all(dim=-1)
+        if bool(broken.any()):  # argmax of NaN picks a token as if it meant one; sampling raised in torch
+            first = int(active[broken.nonzero()[0, 0]])
+            raise ValueError(
+                f"generate_text: prompt {first}'s logits for new token {step} hold NaN or Inf "
+                "(a diverged or broken model); no text is returned"
+            )
         uniforms = None
         if not sampling.greedy:
             uniforms = torch.stack([torch.rand((), generator=generators[i]) for i in active.tolist()])

@@ -460,17 +460,25 @@ def run_requests(
             check_finite(result.sample, f"request {names[i]}")
         except ValueError as error:
             raise RequestError(str(error)) from None
+    answers = {}  # every answer before any request is written: a NaN answer writes nothing either
+    for i in text:
+        picture, sampling = text_inputs[i]
+        prompt = TextPrompt(tokenizer.encode(specs[i].settings.get("prompt", ""))[:max_text], picture)
+        try:
+            (answers[i],) = generate_text(
+                model, [prompt], sampling, seeds=specs[i].settings.get("seed", 0), tokenizer=tokenizer
+            )
+        except ValueError as error:
+            raise RequestError(f"request {names[i]}: {error}") from None
     step = trained.step
     for i, result in zip(dm, results):
         if write:
             record = result.record(str(trained.source), step, specs[i].conditioning())
             folders.append(write_request_folder(out / names[i], overwrite, result.sample, record, decoder))
     for i in text:
-        spec = specs[i]
-        picture, sampling = text_inputs[i]
+        spec, generated = specs[i], answers[i]
+        sampling = text_inputs[i][1]
         question, seed = spec.settings.get("prompt", ""), spec.settings.get("seed", 0)
-        prompt = TextPrompt(tokenizer.encode(question)[:max_text], picture)
-        (generated,) = generate_text(model, [prompt], sampling, seeds=seed, tokenizer=tokenizer)
         if write:
             record = GenerationRecord(
                 spec.task,

@@ -366,3 +366,22 @@ def test_a_prediction_holding_nan_is_an_error_naming_the_case_never_a_score(case
         run()
     with pytest.raises(ValueError, match=rf"case {case.name}, the chance model's prediction: .* hold NaN or Inf"):
         predict(model, suite.cases, config, suite.builder, suite.decoder, suite.tokenizer, who="the chance model")
+
+
+def test_answers_from_nan_logits_are_an_error_naming_the_cases_never_scored():
+    """Greedy decoding of NaN logits gave token 0 again and again: an answer scored as merely wrong."""
+    from megatron_cosmos3.data.tokenizer import ByteTokenizer
+    from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
+    from megatron_cosmos3.eval_suite.predictions import predict
+    from megatron_cosmos3.eval_suite.suite import EvalSuite
+
+    model = MoTModel(tiny_mot_config(vocab_size=260)).eval()
+    config = SuiteConfig(cases_per_task=1, tasks=["understanding"], max_new_tokens=2)
+    suite = EvalSuite.for_run(config, model, ByteTokenizer(260), LatentEncoderConfig(kind="pooled"), config.tasks)
+    run = lambda: predict(model, suite.cases, config, suite.builder, suite.decoder, suite.tokenizer)  # noqa: E731
+    assert isinstance(run()["understanding"][0].text, str)  # control
+    with torch.no_grad():
+        model.embed_tokens.weight.fill_(float("nan"))
+    (case,) = suite.cases["understanding"]
+    with pytest.raises(ValueError, match=rf"eval suite: the model's answers to \['{case.name}'\] .*logits .* NaN"):
+        run()

@@ -275,3 +275,15 @@ def test_prompts_with_dm_tokens_and_overfull_caches_are_refused(generator):
             model.decode_ar(torch.tensor([1, 2]), torch.zeros(3, 2), cache)
         with pytest.raises(ValueError, match=r"token_ids \(3,\) and positions \(3, 2\) do not match"):
             model.decode_ar(torch.tensor([1, 2, 3]), torch.zeros(3, 2), cache)
+
+
+@pytest.mark.parametrize("sampling", [TextSampling(NEW_TOKENS), TextSampling(NEW_TOKENS, temperature=1.0)])
+def test_logits_holding_nan_are_an_error_naming_the_prompt_not_a_token(sampling):
+    """Greedy, argmax of NaN logits chose a token as if it meant one (written as the answer);
+    sampled, torch's multinomial raised a RuntimeError naming nothing."""
+    model = tiny_model()
+    assert len(generate_text(model, PROMPTS, sampling, eos_ids=())) == len(PROMPTS)  # control: finite weights
+    with torch.no_grad():
+        model.embed_tokens.weight[7].fill_(float("nan"))  # the first token of prompt 1 only
+    with pytest.raises(ValueError, match=r"generate_text: prompt 1's logits for new token 0 hold NaN or Inf"):
+        generate_text(model, PROMPTS, sampling, eos_ids=())

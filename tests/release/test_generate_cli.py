@@ -440,6 +440,12 @@ def test_a_request_too_long_or_too_large_or_a_bad_late_input_writes_nothing(chec
     with pytest.raises(RequestError, match=r"request 000_text_to_image: the generated image \(\d+ of \d+ values\)"):
         run_requests(trained, two, tmp_path / "nan", None, True)
     assert not (tmp_path / "nan").exists()
+    with torch.no_grad():  # the Reasoner's too: greedy, argmax of NaN logits was written as an answer
+        trained.model.embed_tokens.weight.fill_(float("nan"))
+    question = read_requests(write_requests(inputs, [REQUESTS[-1]]))
+    with pytest.raises(RequestError, match=r"request 000_understanding: generate_text: prompt 0's logits for new"):
+        run_requests(trained, question, tmp_path / "nan", None, True)
+    assert not (tmp_path / "nan").exists()
 
 
 def _writes_part_then(then):
