@@ -119,7 +119,11 @@ class SuiteConfig:
             raise ValueError(f"eval suite: {error}") from None
         for name in ("onset_tolerance_s", "fps", "duration_s", "closed_loop_horizon_s"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value > 0)
+            ):
                 raise ValueError(f"eval suite: {name}={value!r} must be a finite number > 0")
         frames = self.duration_s * self.fps
         if abs(frames - round(frames)) > 1e-9 or round(frames) % 4:

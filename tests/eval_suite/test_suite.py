@@ -63,6 +63,7 @@ def cases():
         ({"cases_per_task": 401}, "cases_per_task=401 must be an integer in [1, 400] (MAX_SAMPLES_SEARCHED)"),
         ({"closed_loop_episodes": 10**6}, "closed_loop_episodes=1000000 must be an integer in [0, 1000]"),
         ({"closed_loop_episodes": -1}, "closed_loop_episodes=-1 must be an integer in [0, 1000]"),
+        ({"fps": True}, "fps=True must be a finite number > 0"),  # was a frame-step message about 0.5 x True
     ],
 )
 def test_a_bad_config_value_is_an_error_naming_the_field_and_value(change, message):
