@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_cosmos3.parallel.failures import fail_together
+
 
 @dataclass
 class DistributedContext:
@@ -357,24 +359,30 @@ def _ranges(ranks: list[int]) -> str:
 def preflight(ctx: DistributedContext, timeout_s: float) -> str:
     """Collective launch check, before any work: every rank must answer a barrier within
     ``timeout_s`` (else ``PreflightError``, naming the ranks that did not), then one all-reduce on
-    the training device must sum to the world size. Returns the layout and launch environment as
-    one line (rank 0 logs it)."""
+    the training device must sum to the world size. A rank failing in it ends every rank, each
+    naming that rank and its error (``fail_together``; the others raise ``RankFailedError``).
+    Returns the layout and launch environment as one line (rank 0 logs it)."""
     hosts = [socket.gethostname()]
     if dist.is_initialized() and ctx.world_size > 1:
-        # monitored_barrier is gloo's: on GPUs it runs on a gloo group of its own.
-        group = dist.new_group(backend="gloo") if ctx.device.type == "cuda" else None
-        try:
-            dist.monitored_barrier(group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
-        except RuntimeError as error:
-            raise PreflightError(
-                f"preflight: not every rank answered within distributed.preflight_timeout_s={timeout_s}: {error}"
-            ) from error
-        hosts = [None] * ctx.world_size
-        dist.all_gather_object(hosts, socket.gethostname())
-        ones = torch.ones(1, device=ctx.device)
-        dist.all_reduce(ones)
-        if int(ones.item()) != ctx.world_size:
-            raise PreflightError(f"preflight: an all-reduce of ones over {ctx.world_size} ranks gave {ones.item()}")
+        with fail_together("the preflight"):
+            # monitored_barrier is gloo's: on GPUs it runs on a gloo group of its own.
+            group = dist.new_group(backend="gloo") if ctx.device.type == "cuda" else None
+            # Rank 0 names the silent ranks: the others wait longer, so that their wait ends when rank 0
+            # has posted its verdict and closed the groups, not at the same moment as rank 0's (each
+            # would then name its own timeout, not the silent ranks).
+            wait_s = timeout_s if ctx.rank == 0 else 2 * timeout_s
+            try:
+                dist.monitored_barrier(group, timeout=datetime.timedelta(seconds=wait_s), wait_all_ranks=True)
+            except RuntimeError as error:
+                raise PreflightError(
+                    f"preflight: not every rank answered within distributed.preflight_timeout_s={timeout_s}: {error}"
+                ) from error
+            hosts = [None] * ctx.world_size
+            dist.all_gather_object(hosts, socket.gethostname())
+            ones = torch.ones(1, device=ctx.device)
+            dist.all_reduce(ones)
+            if int(ones.item()) != ctx.world_size:
+                raise PreflightError(f"preflight: an all-reduce of ones over {ctx.world_size} ranks gave {ones.item()}")
     by_host: dict[str, list[int]] = {}
     for rank, host in enumerate(hosts):
         by_host.setdefault(host, []).append(rank)
