@@ -150,12 +150,9 @@ def srun_world(environ: Mapping[str, str]) -> tuple[int, int, int, str, str]:
             f"srun launch: a heterogeneous job (SLURM_HET_SIZE={components}) is not supported; submit one "
             "homogeneous job (--nodes, --ntasks-per-node, --gpus-per-node) without ':' or '#SBATCH hetjob'"
         )
-    numbers = {}
-    for name in ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"):
-        value = environ.get(name)
-        if value is None or not value.isdigit():
-            raise ValueError(f"srun launch: {name}={value!r}, not a number; srun sets it in every task it starts")
-        numbers[name] = int(value)
+    rank, world_size, local_rank = _launch_numbers(
+        environ, ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"), "srun launch", "srun sets it in every task"
+    )
     addr = environ.get("MASTER_ADDR")
     if not addr:
         nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
@@ -170,7 +167,22 @@ def srun_world(environ: Mapping[str, str]) -> tuple[int, int, int, str, str]:
             port = str(slurm_port(environ.get("SLURM_JOB_ID", ""), environ.get("SLURM_STEP_ID", "0")))
         except ValueError as error:
             raise ValueError(f"srun launch: no MASTER_PORT, and {error}") from None
-    return numbers["SLURM_PROCID"], numbers["SLURM_STEP_NUM_TASKS"], numbers["SLURM_LOCALID"], addr, port
+    return rank, world_size, local_rank, addr, port
+
+
+def _launch_numbers(environ: Mapping[str, str], names: tuple[str, str, str], launch: str, setter: str):
+    """(rank, world size, local rank) from the variables ``names`` (in that order): ValueError
+    naming one that is missing or not a number (``launch``: whose, ``setter``: who sets it), or a
+    rank outside the world."""
+    numbers = []
+    for name in names:
+        value = environ.get(name)
+        if value is None or not value.isdigit():
+            raise ValueError(f"{launch}: {name}={value!r}, not a number; {setter} it starts")
+        numbers.append(int(value))
+    if not numbers[0] < numbers[1]:
+        raise ValueError(f"{launch}: {names[0]}={numbers[0]} is not a rank of {names[1]}={numbers[1]}")
+    return tuple(numbers)
 
 
 # One entry of SLURM's tasks-per-node lists: "4", or "4(x2)" for two nodes of 4 tasks each.
@@ -207,13 +219,23 @@ def launcher_env(environ: MutableMapping[str, str]) -> tuple[int, int, int] | No
     and libraries written for torchrun read: MASTER_ADDR, MASTER_PORT (``srun_world``), RANK and
     LOCAL_RANK (DeepSpeed asserts LOCAL_RANK). Not WORLD_SIZE: the host-memory count must still
     see an srun world (``started_by_srun``)."""
-    if "WORLD_SIZE" in environ:  # torchrun
-        return int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0))
+    if "WORLD_SIZE" in environ:  # torchrun (or a WORLD_SIZE exported by hand: RANK must come with it)
+        environ = {"LOCAL_RANK": "0", **environ}
+        return _launch_numbers(
+            environ, ("RANK", "WORLD_SIZE", "LOCAL_RANK"), "torchrun launch", "torchrun sets it in every worker"
+        )
     if started_by_srun(environ):
         rank, world_size, local_rank, addr, port = srun_world(environ)
         environ.update(MASTER_ADDR=addr, MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(local_rank))
         return rank, world_size, local_rank
     return None
+
+
+def launched_world_size(environ: Mapping[str, str]) -> int:
+    """The world size the launcher starts (``launcher_env``'s, without changing ``environ``): torchrun's
+    WORLD_SIZE, the srun step's task count, else 1. ValueError as ``launcher_env``'s."""
+    launched = launcher_env(dict(environ))
+    return launched[1] if launched else 1
 
 
 def gpu_index(local_rank: int, visible_gpus: int) -> int:

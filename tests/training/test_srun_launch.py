@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from megatron_cosmos3.testing.training import TINY_MODEL
 from megatron_cosmos3.training.distributed import (
     first_host,
     gpu_index,
@@ -16,6 +17,7 @@ from megatron_cosmos3.training.distributed import (
     srun_world,
     started_by_srun,
 )
+from megatron_cosmos3.training.train import checked_config, parse_args
 
 # Task 1 of `srun --ntasks=2` in job 5 on node "vm".
 SRUN_TASK = {
@@ -137,3 +139,33 @@ def test_an_srun_rank_sets_the_variables_libraries_written_for_torchrun_read():
     }
     assert "WORLD_SIZE" not in environ and started_by_srun(environ)
     assert launcher_env(dict(BATCH_SCRIPT)) is None
+
+
+def test_the_config_is_checked_against_the_world_srun_starts(monkeypatch, tmp_path):
+    """srun's ranks have no WORLD_SIZE, and the parallel sizes were checked against a world of one:
+    ``srun --ntasks=2 ... parallel.tensor=2`` was refused ("world_size=1 is not divisible by
+    tensor*pipeline*context=2*1*1=2") before any rank started."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in SRUN_TASK.items():
+        monkeypatch.setenv(name, value)
+    args = parse_args([*TINY_MODEL, "parallel.tensor=2", f"checkpoint.directory={tmp_path / 'run'}"])
+    assert checked_config(args).parallel.tensor == 2
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "3")
+    with pytest.raises(ValueError, match=re.escape("world_size=3 is not divisible by tensor*pipeline*context=2*1*1")):
+        checked_config(args)
+
+
+@pytest.mark.parametrize(
+    "environ, error",
+    [
+        ({"WORLD_SIZE": "2"}, "torchrun launch: RANK=None, not a number; torchrun sets it in every worker it starts"),
+        ({"WORLD_SIZE": "two", "RANK": "0"}, "torchrun launch: WORLD_SIZE='two', not a number"),
+        ({"WORLD_SIZE": "2", "RANK": "2"}, "torchrun launch: RANK=2 is not a rank of WORLD_SIZE=2"),
+        ({**SRUN_TASK, "SLURM_PROCID": "2"}, "srun launch: SLURM_PROCID=2 is not a rank of SLURM_STEP_NUM_TASKS=2"),
+    ],
+)
+def test_launch_variables_that_are_not_a_world_are_named(environ, error):
+    """A WORLD_SIZE exported by hand without RANK (a shell left from another job) was a KeyError 'RANK'."""
+    with pytest.raises(ValueError, match=re.escape(error)):
+        launcher_env(dict(environ))
