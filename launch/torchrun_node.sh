@@ -4,7 +4,8 @@
 #   MASTER_ADDR=node0 NNODES=2 NODE_RANK=0 bash launch/torchrun_node.sh --config configs/tiny_cpu.yaml
 # Variables and torchrun's own options: MASTER_ADDR:MASTER_PORT = --rdzv-endpoint, NNODES = --nnodes,
 # NODE_RANK = --node-rank, NPROC_PER_NODE = --nproc-per-node, RDZV_ID = --rdzv-id.
-# MASTER_PORT's default: under SLURM, derived from the job and step ids (below).
+# MASTER_PORT's default: under SLURM, derived from the job and step ids (below), so run it on every node
+# in one step (`srun --nodes=N --ntasks-per-node=1`, as slurm/train.sbatch does).
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
@@ -38,6 +39,9 @@ fi
 port="${MASTER_PORT:-}"
 if [ -z "$port" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
   step="${SLURM_STEP_ID:-0}"
+  # Nodes started by separate sruns (this step has fewer nodes than NNODES) are each in a step of its
+  # own: they meet on the job's port (step 0's); two such launches at once in one job set MASTER_PORT.
+  if [ -n "${SLURM_STEP_NUM_NODES:-}" ] && [ "$SLURM_STEP_NUM_NODES" != "${NNODES:-1}" ]; then step=0; fi
   if [[ ! "$SLURM_JOB_ID" =~ ^[0-9]+$ || ! "$step" =~ ^[0-9]+$ ]]; then
     echo "SLURM_JOB_ID=$SLURM_JOB_ID SLURM_STEP_ID=$step: not numbers to derive the rendezvous port from;" \
       "export MASTER_PORT" >&2

@@ -184,6 +184,11 @@ def test_torchrun_node_sh_derives_each_steps_port_as_slurm_port_does(tmp_path):
         assert ports[(job, step)] == slurm_port(job, step or "0")  # the batch script has no SLURM_STEP_ID
     assert len(set(ports.values())) == len(ports) - 1  # all differ but step 0 and no step of job 5
     assert all(PORT_BASE <= port < PORT_BASE + PORT_SPAN <= 32768 for port in ports.values())
+    # Nodes started by one srun each (a step of one node of two) meet on the job's port: step 0's.
+    separate = _torchrun_node_line(
+        tmp_path, MASTER_ADDR="127.0.0.1", NNODES="2", SLURM_JOB_ID="5", SLURM_STEP_ID="3", SLURM_STEP_NUM_NODES="1"
+    )
+    assert separate == f"torchrun_node.sh: node 0 of 2, rendezvous at 127.0.0.1:{slurm_port('5')}", separate
     chosen = _torchrun_node_line(tmp_path, MASTER_ADDR="127.0.0.1", SLURM_JOB_ID="5", MASTER_PORT="29999")
     assert chosen.endswith("127.0.0.1:29999"), chosen
     assert _torchrun_node_line(tmp_path, MASTER_ADDR="127.0.0.1").endswith("127.0.0.1:29500")  # not under SLURM
