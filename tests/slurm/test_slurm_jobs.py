@@ -357,3 +357,22 @@ def test_two_srun_steps_of_one_job_running_at_once_derive_ports_of_their_own(clu
     ], text
     assert found["0", "0"] == found["0", "1"] == slurm_port(job_id, "0"), text  # a step's tasks agree
     assert found["1", "0"] == found["1", "1"] == slurm_port(job_id, "1") != found["0", "0"], text
+
+
+def test_a_time_limit_warning_before_the_trainers_start_ends_the_job_failed_saying_why(cluster, tmp_path):
+    """USR1 (``--signal=B:USR1@<lead>`` with a time limit within the lead plus start-up) reached the
+    batch script before it trapped the signal, whose default ended it: FAILED, without a word after
+    the attempt's header. Sent here while the environment activates (an activate script that waits)."""
+    activating = tmp_path / "activating"
+    activate = tmp_path / "activate"
+    activate.write_text(f"source {Path(sys.executable).parent / 'activate'}\ntouch {activating}\nsleep 5\n")
+    log = tmp_path / "job.out"
+    env = {**_job_env(tmp_path, COSMOS3_STATUS_DIR=str(tmp_path / "status")), "COSMOS3_ACTIVATE": str(activate)}
+    job_id = cluster.command("sbatch", f"--output={log}", str(REPO / "slurm/train.sbatch"), env=env).stdout.split()[-1]
+    _wait("the job to activate its environment", activating.exists, 60, log)
+    cluster.command("scancel", "--signal=USR1", "--batch", job_id)
+    _wait("the job to end", lambda: cluster.job(job_id).state in ("COMPLETED", "FAILED", "PENDING"), 60, log)
+    job, text = cluster.job(job_id), log.read_text()
+    assert (job.state, job.restarts) == ("FAILED", 0), text
+    assert "attempt 1: got SIGUSR1 before the trainers started; not requeued" in text
+    assert "torchrun_node.sh" not in text  # no trainer started
