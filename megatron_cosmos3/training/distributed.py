@@ -43,7 +43,7 @@ def started_by_srun(environ: Mapping[str, str]) -> bool:
 _HOST_LIST_EXAMPLE = "e.g. 'node[01-04,07],gpu1'"
 # scontrol's most hosts in one bracketed range ("Too many hosts in range" above it).
 MAX_RANGE_HOSTS = 65536
-_NUMBERS = re.compile(r"(\d+)(?:-(\d+))?")
+_NUMBERS = re.compile(r"(\d+)(?:-(\d+))?", re.ASCII)
 
 
 def _not_a_host_list(nodelist: str, why: str) -> ValueError:
@@ -121,7 +121,7 @@ def first_host(nodelist: str) -> str:
 # Derived rendezvous ports lie in 20000-32767, below Linux's ephemeral range (32768-60999 by default,
 # net.ipv4.ip_local_port_range), from which the kernel hands out ports to outgoing connections: a
 # derived port there could be held by any process's connection. launch/torchrun_node.sh derives
-# torchrun's the same way (tests/training/test_srun_launch.py holds the two to the same numbers).
+# torchrun's the same way (tests/slurm/test_launch_scripts.py holds the two to the same numbers).
 PORT_BASE, PORT_SPAN = 20000, 12768
 # A prime not dividing PORT_SPAN: steps 0 to PORT_SPAN - 1 of one job each get another port.
 STEP_STRIDE = 7919
