@@ -4,8 +4,8 @@
 #   MASTER_ADDR=node0 NNODES=2 NODE_RANK=0 bash launch/torchrun_node.sh --config configs/tiny_cpu.yaml
 # Variables and torchrun's own options: MASTER_ADDR:MASTER_PORT = --rdzv-endpoint, NNODES = --nnodes,
 # NODE_RANK = --node-rank, NPROC_PER_NODE = --nproc-per-node, RDZV_ID = --rdzv-id.
-# MASTER_PORT's default: under SLURM, derived from the job and step ids (below), so run it on every node
-# in one step (`srun --nodes=N --ntasks-per-node=1`, as slurm/train.sbatch does).
+# MASTER_PORT's default: under SLURM, derived from the job id and the id of the step that runs it on
+# every node (`srun --nodes=N --ntasks-per-node=1`, as slurm/train.sbatch does; below); else 29500.
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
