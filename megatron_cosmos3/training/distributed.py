@@ -238,6 +238,18 @@ def launched_world_size(environ: Mapping[str, str]) -> int:
     return launched[1] if launched else 1
 
 
+def launched_rank(environ: Mapping[str, str]) -> int:
+    """This process's rank before any process group exists, for deciding who reports: torchrun's
+    RANK, an srun task's SLURM_PROCID (srun sets no RANK), else 0. Launch variables that are no
+    number also give 0, so that the error naming them is printed rather than swallowed."""
+    try:
+        srun_task = "RANK" not in environ and started_by_srun(environ)
+    except ValueError:  # SLURM_STEP_NUM_TASKS that is no number: checked_config names it
+        srun_task = False
+    value = environ.get("SLURM_PROCID" if srun_task else "RANK", "0")
+    return int(value) if value.isdigit() else 0
+
+
 def gpu_index(local_rank: int, visible_gpus: int) -> int:
     """This rank's GPU among the ``visible_gpus`` it sees: its local rank where it sees the node's
     GPUs (torchrun, plain srun), else the local rank modulo that count. srun's ``--gpus-per-task=1``

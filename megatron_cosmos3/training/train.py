@@ -59,6 +59,7 @@ from megatron_cosmos3.training.config import (
 from megatron_cosmos3.training.distributed import (
     DistributedContext,
     init_distributed,
+    launched_rank,
     launched_world_size,
     launcher_run_id,
     preflight,
@@ -746,14 +747,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     """``cosmos3-train``: as ``main``, but a config error (or a ``--config`` file that cannot be
-    read) is one line on stderr (from rank 0: every rank reads the same config and fails the same
-    way) and exit status 2 on every rank, as the other commands do; errors while training stay
-    tracebacks."""
+    read) is one line on stderr (from rank 0, torchrun's or srun's: every rank reads the same config
+    and fails the same way) and exit status 2 on every rank, as the other commands do; errors while
+    training stay tracebacks."""
     args = parse_args(argv)
     try:
         config = checked_config(args)
     except (ValueError, OSError) as error:  # OSError: a --config file that is missing or unreadable
-        if int(os.environ.get("RANK", "0")) == 0:
+        if launched_rank(os.environ) == 0:
             print(f"cosmos3-train: error: {error}", file=sys.stderr)
         return 2
     if config is not None:
