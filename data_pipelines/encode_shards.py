@@ -42,11 +42,11 @@ import torch
 
 from megatron_cosmos3.data.clips import MediaConfig, grid_draws
 from megatron_cosmos3.data.determinism import uniform
-from megatron_cosmos3.data.errors import SampleError, Skip
+from megatron_cosmos3.data.errors import printable
 from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder, VAELatentEncoder, latent_sample
 from megatron_cosmos3.data.schema import SchemaContext, decode_sample
 from megatron_cosmos3.data.shard_writer import PARTS, ShardWriter, check_split_output, write_parts
-from megatron_cosmos3.data.shards import ShardIndex, read_shard
+from megatron_cosmos3.data.shards import ShardIndex, read_samples
 from megatron_cosmos3.encoders.action_normalization import ACTION_STATS_FILENAME
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
 
@@ -101,26 +101,31 @@ def encode_shards(
 
     def encode_part(number: int, writer: ShardWriter) -> None:
         shard = inputs[number]
+
+        def encode(index: int, raw: dict) -> list:
+            clips = clips_of(
+                raw,
+                SchemaContext(any_embodiment=True, video_patch_size=patch),
+                media,
+                clips_per_sample,
+                seed,
+                (number, index),
+            )
+            encoded = []
+            for k, clip in enumerate(clips):
+                clip.key = clip.key if media.clip_seconds <= 0 else f"{clip.key}-{k:04d}"
+                encoded.append(latent_sample(clip, encoder))
+            return encoded
+
+        # A sample is written once its shard is read to the end: one found split later is not (``read_samples``).
         with torch.inference_mode():
-            for index, raw in enumerate(read_shard(shard.url)):
-                try:
-                    if isinstance(raw, Skip):
-                        raise SampleError(raw.reason, raw.detail)
-                    clips = clips_of(
-                        raw,
-                        SchemaContext(any_embodiment=True, video_patch_size=patch),
-                        media,
-                        clips_per_sample,
-                        seed,
-                        (number, index),
-                    )
-                    for k, clip in enumerate(clips):
-                        clip.key = clip.key if media.clip_seconds <= 0 else f"{clip.key}-{k:04d}"
-                        writer.write(latent_sample(clip, encoder))
-                except SampleError as error:
-                    skipped[error.reason] += 1
-                    key = raw.get("__key__", "-") if isinstance(raw, dict) else raw.key
-                    log.warning("%s: skipping %s: %s", shard.url, key, error)
+            read = read_samples(shard, encode)
+        for skip in read.skips:
+            skipped[skip.reason] += skip.count
+            log.warning("%s: skipping %s: %s: %s", shard.url, printable(skip.key or "-"), skip.reason, skip.detail)
+        for _, encoded in read.results:
+            for sample in encoded:
+                writer.write(sample)
 
     stats = (ACTION_STATS_FILENAME,)
     write_parts(out_dir, "latent", len(inputs), encode_part, task, tasks, shard_size, context, True, in_dir, stats)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_cosmos3.data.config import DataConfig
-from megatron_cosmos3.data.errors import ErrorBudget, LoaderSetupError, SkipStats
+from megatron_cosmos3.data.errors import ErrorBudget, LoaderSetupError, SkipStats, printable
 from megatron_cosmos3.data.latent_encoders import VAELatentEncoder
 from megatron_cosmos3.data.packer import Packer
 from megatron_cosmos3.data.sample_builder import BuildLimits, BuiltSample, SampleBuilder
@@ -237,8 +237,8 @@ class PackedLoader:
                 result.url,
                 sum(s.count for s in result.skips),
                 ", ".join(reasons),
-                first.key or "-",
-                first.detail,
+                printable(first.key or "-"),
+                printable(first.detail),
             )
         self._check_not_empty(result)
         self._addresses[address.slot] = address

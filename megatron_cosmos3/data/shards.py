@@ -24,7 +24,7 @@ import stat
 import tarfile
 import zlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,13 +36,27 @@ from megatron_cosmos3.data.errors import (
     DAMAGED_SHARD,
     DUPLICATE_KEY,
     EXTRA_FIELD,
+    INDEX_MISMATCH,
+    LOST_TO_TRUNCATION,
     OUT_OF_RANGE,
+    SHARD_EVENTS,
+    STRAY_BYTES,
     TRUNCATED_SHARD,
     UNREADABLE_SHARD,
     UNSAFE_MEMBER,
+    SampleError,
     Skip,
+    printable,
 )
-from megatron_cosmos3.data.tar_stream import CUT, DAMAGED, TAR_BLOCK, TarMembers, UnsupportedCompression, decompressed
+from megatron_cosmos3.data.tar_stream import (
+    CUT,
+    DAMAGED,
+    TAR_BLOCK,
+    Stray,
+    TarMembers,
+    UnsupportedCompression,
+    decompressed,
+)
 from megatron_cosmos3.data.url_patterns import expand_entry
 from megatron_cosmos3.json_files import no_constant, unique_keys
 
@@ -288,20 +302,24 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
     * the data ends inside a member, or the tar lacks its end-of-archive block: one
       ``truncated_shard`` for the sample being read (it is dropped: it may miss fields);
     * a member name repeated within a sample: that sample is an ``extra_field`` skip;
-    * a sample key seen earlier in the shard: the repeat is a ``duplicate_key`` skip;
+    * a sample key seen earlier in the shard (its members lie apart): the repeat is one
+      ``duplicate_key`` skip, the first time only; the first part was yielded before it was met and
+      ``read_samples`` withdraws it;
     * a member that is a link or a device, or named by an absolute path or with a ``..`` component:
       its sample is an ``unsafe_member`` skip (directories, hidden files and WebDataset's
       ``__name__`` metadata are ignored, ``_NO_SAMPLE_MEMBER``, without ending the sample around them);
     * a member declaring more than ``MAX_MEMBER_BYTES``: its sample is an ``out_of_range`` skip and
       the member is passed over unread;
-    * a member header that is not a tar header (tarfile then ends the archive quietly): the sample
-      being read is a ``damaged_shard`` skip and nothing after it is read (compressed or not).
+    * bytes that are no tar (``tar_stream.Stray``): one ``stray_bytes`` skip, and reading goes on at
+      the next member header; where they stood in place of a member header, the sample being read
+      is a ``damaged_shard`` skip (it may have lost members) and its members after them are passed
+      over; where no header follows them, the sample being read is a ``damaged_shard`` skip and
+      nothing after it is read (compressed or not).
 
-    Tars concatenated into one file (``cat a.tar b.tar``) are read one after the other; other bytes
-    after an end-of-archive block are ignored, as tar ignores them, and logged (``TarMembers``).
-    A gzip, bzip2 or xz shard is read through Python's readers of those formats, every stream of a
-    multi-stream file (``tar_stream.decompressed``); bytes after the last gzip stream are ignored,
-    as ``gzip -d`` ignores them. A zstd shard is one ``unreadable_shard`` naming the format.
+    Tars concatenated into one file (``cat a.tar b.tar``) are read one after the other. A gzip,
+    bzip2 or xz shard is read through ``compressed_streams``, every stream of a multi-stream file;
+    bytes after the last stream are one ``stray_bytes`` skip. A zstd shard is one
+    ``unreadable_shard`` naming the format.
     """
     local = local_path(url)
     if local is not None:  # one stat: the shard's only one (``ShardIndex.load``)
@@ -327,6 +345,8 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
     unsafe: str | None = None
     oversized: str | None = None
     seen: set[str] = set()
+    split: set[str] = set()  # keys whose members lie apart: their later parts yield no sample
+    dropped: str | None = None  # the key of a sample dropped at stray bytes, whose members may go on
     try:
         try:
             members = TarMembers(decompressed(raw))
@@ -338,14 +358,31 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
             return
         try:
             for member in members:
+                if isinstance(member, Stray):
+                    if member.in_archive and current is not None:  # it may have lost members to them
+                        seen.add(dropped := current["__key__"])
+                        detail = (
+                            f"{member.size} bytes that are no tar member stood after this sample's last member read"
+                        )
+                        yield Skip(url, dropped, DAMAGED_SHARD, detail)
+                        current = None
+                    where = "where a member header should be" if member.in_archive else "after an end-of-archive block"
+                    detail = f"{member.size} bytes that are no tar {where}, passed over to the next member header"
+                    yield Skip(url, "", STRAY_BYTES, detail)
+                    continue
                 if member.isdir() or _NO_SAMPLE_MEMBER.match(member.name):
                     continue
                 key, suffix = base_plus_ext(member.name)
                 if key is None:
                     continue  # a name without an extension belongs to no sample field
+                if key == dropped:
+                    continue
+                dropped = None
                 if current is None or key != current["__key__"]:
-                    if current is not None:
-                        yield _finished(url, current, duplicate, unsafe, seen, oversized)
+                    if current is not None and (
+                        finished := _finished(url, current, duplicate, unsafe, seen, oversized, split)
+                    ):
+                        yield finished
                     current, duplicate, unsafe, oversized = {"__key__": key, "__url__": url}, None, None, None
                 problem = _member_problem(member)
                 if problem is not None:
@@ -357,6 +394,8 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
                         f"MAX_MEMBER_BYTES={MAX_MEMBER_BYTES:,}"
                     )
                     continue
+                if key in seen:  # a split sample's later part: its bytes are never used
+                    continue
                 data = members.extract(member)
                 suffix = suffix.lower()
                 if suffix in current:
@@ -367,7 +406,7 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
                 url,
                 current["__key__"] if current else "",
                 TRUNCATED_SHARD,
-                f"data ends inside a member: {type(error).__name__}: {error}",
+                f"data ends inside a member: {type(error).__name__}: {error}" + _cut_stream(members.stream),
             )
             return
         if members.end == DAMAGED:
@@ -375,7 +414,7 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
                 url,
                 current["__key__"] if current else "",
                 DAMAGED_SHARD,
-                f"a damaged member header after this sample: the {members.unread} bytes after it are unreadable",
+                f"a damaged member header after this sample: the {members.unread} bytes after it hold no member header",
             )
             return
         if members.end == CUT:
@@ -383,18 +422,91 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
                 url,
                 current["__key__"] if current else "",
                 TRUNCATED_SHARD,
-                "the tar has no end-of-archive block: cut at a member boundary",
+                "the tar has no end-of-archive block: cut at a member boundary" + _cut_stream(members.stream),
             )
             return
-        if current is not None:
-            yield _finished(url, current, duplicate, unsafe, seen, oversized)
-        if members.ignored:
-            log.warning("%s: %d bytes after the tar's end-of-archive block are no tar: ignored", url, members.ignored)
+        if current is not None and (finished := _finished(url, current, duplicate, unsafe, seen, oversized, split)):
+            yield finished
+        if getattr(members.stream, "cut", False):  # only the tar's end padding is missing: no sample lost
+            log.warning("%s: the %s stream ends before its end marker, after the tar's end", url, members.stream.name)
+        trailing = getattr(members.stream, "trailing", 0)
+        if trailing:
+            detail = f"{trailing} bytes after the last {members.stream.name} stream are no {members.stream.name} stream"
+            yield Skip(url, "", STRAY_BYTES, detail)
     finally:
         try:
             raw.close()
         except Exception:  # noqa: BLE001 - a pipe that failed reports it on close; its data was judged above
             pass
+
+
+@dataclass
+class ShardSamples:
+    """What one shard gave one reader (``read_samples``): ``results`` as ``(index, use's result)`` of
+    the samples used, in shard order; ``skips``; ``read``, how many samples the shard gave."""
+
+    url: str
+    results: list[tuple[int, object]] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)
+    read: int = 0
+
+
+def read_samples(shard: ShardInfo, use: Callable[[int, dict], object]) -> ShardSamples:
+    """Reads ``shard`` (``read_shard``) and passes each sample to ``use(index, sample)``, ``index``
+    its position in what the shard yields; a ``SampleError`` from ``use`` is a skip of its reason.
+    The loader, ``inspect_shards --verify`` and ``encode_shards`` all read through it, so they
+    count a shard the same way:
+
+    * a split sample (a ``duplicate_key`` skip: its key seen earlier in the shard) withdraws what
+      its first part gave, a result or a skip: the whole sample is the one ``duplicate_key`` skip;
+    * an ``unreadable_shard`` counts every sample the index lists (at least one);
+    * shard events (``errors.SHARD_EVENTS``) are skips but no sample read;
+    * ``lost_to_truncation`` counts the samples the index lists that the shard never gave, one
+      ``index_mismatch`` says that it gave more.
+
+    ``results`` are only final at the shard's end: a reader that writes what it made does so then."""
+    out = ShardSamples(shard.url)
+    given: dict[str, tuple[list, int]] = {}  # sample key -> (the list, position) of what it gave
+    truncated = unreadable = False
+    for index, raw in enumerate(read_shard(shard.url)):
+        if isinstance(raw, Skip):
+            if raw.reason == UNREADABLE_SHARD:
+                unreadable = True
+                raw = Skip(raw.shard, raw.key, raw.reason, raw.detail, count=shard.samples or 1)
+            truncated = truncated or raw.reason in (TRUNCATED_SHARD, DAMAGED_SHARD)
+            if raw.reason == DUPLICATE_KEY and raw.key in given:
+                where, at = given.pop(raw.key)
+                where[at] = None
+            if raw.key and raw.reason not in SHARD_EVENTS:
+                given[raw.key] = (out.skips, len(out.skips))
+            out.skips.append(raw)
+            out.read += raw.reason not in SHARD_EVENTS and raw.reason != UNREADABLE_SHARD
+            continue
+        out.read += 1
+        key = raw["__key__"]
+        try:
+            result = use(index, raw)
+        except SampleError as error:
+            given[key] = (out.skips, len(out.skips))
+            out.skips.append(Skip(shard.url, key, error.reason, error.detail))
+        else:
+            given[key] = (out.results, len(out.results))
+            out.results.append((index, result))
+    out.results = [r for r in out.results if r is not None]
+    out.skips = [s for s in out.skips if s is not None]
+    if shard.samples is not None and out.read < shard.samples and not unreadable:
+        detail = f"the index lists {shard.samples} samples, the shard gave {out.read}"
+        detail += " before it ended" if truncated else ""
+        out.skips.append(Skip(shard.url, "", LOST_TO_TRUNCATION, detail, count=shard.samples - out.read))
+    if shard.samples is not None and out.read > shard.samples:
+        detail = f"the index lists {shard.samples} samples, the shard holds {out.read}"
+        out.skips.append(Skip(shard.url, "", INDEX_MISMATCH, detail))
+    return out
+
+
+def _cut_stream(stream) -> str:
+    """What a truncation message adds for a compressed shard whose last stream is cut."""
+    return f" (the {stream.name} stream ends before its end marker)" if getattr(stream, "cut", False) else ""
 
 
 def _member_problem(member: tarfile.TarInfo) -> str | None:
@@ -408,13 +520,24 @@ def _member_problem(member: tarfile.TarInfo) -> str | None:
 
 
 def _finished(
-    url: str, sample: dict, duplicate: str | None, unsafe: str | None, seen: set[str], oversized: str | None
-) -> dict | Skip:
+    url: str,
+    sample: dict,
+    duplicate: str | None,
+    unsafe: str | None,
+    seen: set[str],
+    oversized: str | None,
+    split: set[str],
+) -> dict | Skip | None:
+    """The sample read, or the Skip it is; None for a later part of a split sample already reported."""
     key = sample["__key__"]
     if key in seen:
+        if key in split:
+            return None
+        split.add(key)
         detail = (
-            f"sample key {key!r} appears earlier in the shard; the repeat is skipped (a sample's members "
-            "must be adjacent: GNU tar orders a folder's files by directory order unless given --sort=name)"
+            f"the members of sample {printable(key)!r} lie apart in the shard: the whole sample is skipped (a "
+            "sample's members must be adjacent: GNU tar orders a folder's files by directory order unless "
+            "given --sort=name)"
         )
         return Skip(url, key, DUPLICATE_KEY, detail)
     seen.add(key)

@@ -7,18 +7,20 @@ from __future__ import annotations
 import gzip
 import io
 import tarfile
+from collections import Counter
 
 import numpy as np
 import pytest
 from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_iterator
-from world_helpers import data_config, model_config, tiny_world
+from world_helpers import AUDIO_LATENT_DIM, VIDEO_LATENT_CHANNELS, data_config, load_script, model_config, tiny_world
 
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig
 from megatron_cosmos3.data.errors import LoaderSetupError, Skip
+from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder
 from megatron_cosmos3.data.loader import PackedLoader, dataset_action_stats
 from megatron_cosmos3.data.schema import decode_sample
-from megatron_cosmos3.data.shards import read_shard, resolve_shards
+from megatron_cosmos3.data.shards import ShardIndex, ShardInfo, read_shard, resolve_shards
 
 META = b'{"schema": 1, "caption": "a ball"}'
 
@@ -85,15 +87,34 @@ def test_hidden_files_and_webdataset_metadata_belong_to_no_sample(tmp_path):
     assert _read(url) == [("d/a", ["meta.json", "video.mp4"]), ("b", ["meta.json"])]
 
 
-def test_members_of_a_sample_split_by_another_are_the_first_part_and_a_counted_repeat(tmp_path):
+def test_a_sample_whose_members_lie_apart_is_skipped_whole_by_every_reader(tmp_path):
     # GNU tar lists a folder in directory order unless given --sort=name: a sample's members apart.
-    url = _tar(tmp_path / "apart.tar", [("a.meta.json", META), ("b.meta.json", META), ("a.video.mp4", b"1")])
-    read = list(read_shard(url))
-    assert [item["__key__"] for item in read[:2]] == [key for key, _ in _webdataset(url)[:2]] == ["a", "b"]
-    assert read[2].reason == "duplicate_key" and "--sort=name" in read[2].detail
+    folder = tmp_path / "apart"
+    folder.mkdir()
+    members = [("a.meta.json", META), ("b.meta.json", META), ("a.txt", b"x"), ("c.meta.json", META), ("a.x", b"y")]
+    url = _tar(folder / "apart.tar", members)
+    ShardIndex((ShardInfo(url, samples=3),)).save(folder)
+    read = list(read_shard(url))  # a's first part is yielded before its repeat is met
+    assert [item["__key__"] for item in read if isinstance(item, dict)] == ["a", "b", "c"]
+    (split,) = [item for item in read if isinstance(item, Skip)]
+    assert (split.reason, split.key) == ("duplicate_key", "a") and "--sort=name" in split.detail
+    # Every reader withdraws a's first part: b and c are used, a is one duplicate_key, no sample is
+    # missing against the index's 3.
+    assert load_script("inspect_shards").verify_shard(ShardIndex.load(folder).shards[0]) == (
+        2,
+        Counter(duplicate_key=1),
+    )
+    with PackedLoader(data_config([str(folder)], epochs=1, tokens_per_pack=4096), model_config()) as loader:
+        used = sum(pack.num_samples for pack in loader)
+    assert used == loader.stats.used == 2 and loader.stats.per_reason == Counter(duplicate_key=1)
+    encoder = PooledLatentEncoder(VIDEO_LATENT_CHANNELS, AUDIO_LATENT_DIM)
+    skipped = load_script("encode_shards").encode_shards(folder, tmp_path / "latent", encoder)
+    assert skipped == Counter(duplicate_key=1)
+    (shard,) = ShardIndex.load(tmp_path / "latent").shards
+    assert [item["__key__"] for item in read_shard(shard.url)] == ["b", "c"]
 
 
-def test_concatenated_tars_are_read_to_the_end_and_bytes_after_the_end_are_ignored(tmp_path, caplog):
+def test_concatenated_tars_are_read_to_the_end_and_bytes_after_the_end_are_counted(tmp_path):
     first = open(_tar(tmp_path / "a.tar", [("a.meta.json", META), ("b.meta.json", META)]), "rb").read()
     second = open(_tar(tmp_path / "b.tar", [("c.meta.json", META)]), "rb").read()
     cat = tmp_path / "cat.tar"  # cat a.tar b.tar: WebDataset and tar without -i stop after b
@@ -102,12 +123,13 @@ def test_concatenated_tars_are_read_to_the_end_and_bytes_after_the_end_are_ignor
     cat_gz = tmp_path / "cat.tar.gz"  # cat a.tar.gz b.tar.gz
     cat_gz.write_bytes(gzip.compress(first) + gzip.compress(second))
     assert [key for key, _ in _read(str(cat_gz))] == ["a", "b", "c"]
-    # Bytes after the end-of-archive blocks that are no tar: every sample before them is whole.
+    # Bytes after the end-of-archive blocks that are no tar: every sample before them is whole, the
+    # bytes are one stray_bytes skip naming their count.
     trailing = tmp_path / "trailing.tar"
     trailing.write_bytes(first + b"not a tar" * 10)
-    with caplog.at_level("WARNING"):
-        assert _read(str(trailing)) == _webdataset(str(trailing)) == [("a", ["meta.json"]), ("b", ["meta.json"])]
-    assert "90 bytes after the tar's end-of-archive block" in caplog.text
+    read = list(read_shard(str(trailing)))
+    assert [s["__key__"] for s in read if isinstance(s, dict)] == [key for key, _ in _webdataset(str(trailing))]
+    assert [(s.reason, s.detail.split(" ")[0]) for s in read if isinstance(s, Skip)] == [("stray_bytes", "90")]
     # An empty archive holds no sample and no damage.
     assert _read(_tar(tmp_path / "empty.tar", [])) == []
 
