@@ -4,7 +4,7 @@ A dataset is a list of WebDataset tar shards. Each entry of a dataset's ``shards
 
 * a directory written by ``ShardWriter``: its ``index.json`` lists the shards and their sample
   counts (so blends can weigh datasets by samples and truncated shards are counted exactly);
-* an ``index.json`` file;
+* an ``index.json`` file, or any ``.json`` index: this reader's, or WebDataset's ``wids`` one;
 * a URL pattern WebDataset understands: a local path, ``file:``, ``http(s)://``, ``pipe:<command>``
   (e.g. ``pipe:aws s3 cp s3://bucket/shard-{000000..000099}.tar -``), with brace expansion and
   ``::`` between patterns. Opening goes through ``webdataset.gopen``.
@@ -153,6 +153,9 @@ class ShardIndex:
         hold (a member takes at least one 512-byte block); the file, its entries and every count
         within ``INDEX_LIMITS``.
 
+        A WebDataset ``wids`` index (``{"shardlist": [{"url", "nsamples", "filesize"}]}``, its
+        URLs relative to ``base_path`` or to the index) is read as one (``_from_wids``).
+
         No shard is stat'ed here (a 10k-shard index on a parallel file system would be a metadata
         storm at every start and loader build): a shard missing on disk is found when it is opened,
         one counted ``unreadable_shard`` (``read_shard``), and the loader's set-up refuses a
@@ -173,6 +176,10 @@ class ShardIndex:
             raise ValueError(f"{path}: not a JSON index: {type(error).__name__}: {error}") from None
         if not isinstance(document, dict):
             raise ValueError(f"{path}: an index must be a JSON object, got {type(document).__name__}")
+        base, listed, field_names = path.parent, "shards", {"samples": "samples", "bytes": "bytes"}
+        if "shardlist" in document and "format_version" not in document:
+            document, base = _from_wids(path, document)
+            listed, field_names = "shardlist", {"samples": "nsamples", "bytes": "filesize"}
         if document.get("format_version") != _INDEX_VERSION:
             raise ValueError(f"{path}: format_version must be {_INDEX_VERSION}, got {document.get('format_version')!r}")
         entries = document.get("shards")
@@ -183,11 +190,13 @@ class ShardIndex:
             raise ValueError(f"{path}: shards lists {len(entries):,}, more than INDEX_LIMITS['shards']={limit:,}")
 
         def resolve(url: str) -> str:
-            return url if "://" in url or os.path.isabs(url) else str(path.parent / url)
+            if "://" in url or os.path.isabs(url):
+                return url
+            return f"{base.rstrip('/')}/{url}" if isinstance(base, str) else str(base / url)
 
         shards, seen = [], {}
         for i, entry in enumerate(entries):
-            where = f"{path}: shards[{i}]"
+            where = f"{path}: {listed}[{i}]"
             if not isinstance(entry, dict):
                 raise ValueError(f"{where} must be an object, got {type(entry).__name__}")
             url = entry.get("url")
@@ -197,10 +206,12 @@ class ShardIndex:
                 raise ValueError(f"{where}.url={url!r}: an index may not run a command (pipe:)")
             for name in ("samples", "bytes"):
                 value = entry.get(name)
+                field_name = field_names[name]
                 if value is not None and (type(value) is not int or value < 0):
-                    raise ValueError(f"{where}.{name}={value!r} must be an int >= 0 or null")
+                    raise ValueError(f"{where}.{field_name}={value!r} must be an int >= 0 or null")
                 if value is not None and value > INDEX_LIMITS[name]:
-                    raise ValueError(f"{where}.{name}={value:,} is above INDEX_LIMITS['{name}']={INDEX_LIMITS[name]:,}")
+                    limit = INDEX_LIMITS[name]
+                    raise ValueError(f"{where}.{field_name}={value:,} is above INDEX_LIMITS['{name}']={limit:,}")
             modalities = entry.get("modalities") or {}
             if not isinstance(modalities, dict):
                 raise ValueError(f"{where}.modalities must be an object, got {type(modalities).__name__}")
@@ -223,6 +234,40 @@ class ShardIndex:
                 raise ValueError(f"{where}.samples={samples}: a tar of {size} bytes holds at most {size // TAR_BLOCK}")
             shards.append(ShardInfo(resolved, samples, entry.get("bytes"), modalities))
         return cls(tuple(shards), document.get("schema_version", 1))
+
+
+WIDS_KIND = "wids-shard-index-v1"
+
+
+def _from_wids(path: Path, document: dict) -> tuple[dict, Path | str]:
+    """A WebDataset ``wids`` shard index (``{"shardlist": [{"url", "nsamples", "filesize"}],
+    "base_path"}``) as this reader's index document, and what its URLs resolve against: its
+    ``base_path`` (a folder relative to the index, or a URL), else the index's folder. Entries are
+    then checked as an ``index.json``'s; one without a ``url`` (an inline shard) is refused by name."""
+    kind = document.get("__kind__", WIDS_KIND)
+    if kind != WIDS_KIND:
+        raise ValueError(f"{path}: __kind__={kind!r}: a wids index this reader knows is {WIDS_KIND!r}")
+    entries = document["shardlist"]
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: shardlist must be a list, got {type(entries).__name__}")
+    shards = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: shardlist[{i}] must be an object with a url, got {type(entry).__name__}")
+        if "url" not in entry:
+            raise ValueError(
+                f"{path}: shardlist[{i}] has no url (fields {sorted(entry)[:8]}): an inline shard cannot be "
+                "read; write its samples to a tar and name it by url"
+            )
+        shards.append({"url": entry["url"], "samples": entry.get("nsamples"), "bytes": entry.get("filesize")})
+    base = document.get("base_path")
+    if base is not None and (not isinstance(base, str) or not base or base.startswith("pipe:")):
+        raise ValueError(f"{path}: base_path={base!r} must be a folder or URL, never a command")
+    if base is None:
+        base = path.parent
+    elif "://" not in base:
+        base = path.parent / local_path(base)
+    return {"format_version": _INDEX_VERSION, "shards": shards}, base
 
 
 def local_entry_problem(entry: str) -> str | None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
+import os
 import tarfile
 from collections import Counter
 
@@ -188,3 +190,38 @@ def test_an_index_named_by_a_file_url_is_read_as_its_path_and_one_over_http_is_r
     config = DataConfig(datasets=[DatasetConfig(name="web", shards=["http://host/set/index.json"])])
     with pytest.raises(ValueError, match=r"data\.datasets\[web\]\.shards: .*index\.json is read from a local path"):
         config.check_paths()
+
+
+def test_a_wids_shard_index_is_read_wherever_a_shard_list_is_and_an_inline_shard_is_refused(tmp_path, capsys):
+    folder = tmp_path / "set"
+    folder.mkdir()
+    urls = [_tar(folder / f"s-{i}.tar", [(f"{i}{k}.meta.json", META) for k in "ab"]) for i in range(2)]
+    wids = {
+        "__kind__": "wids-shard-index-v1",
+        "wids_version": 1,
+        "name": "set",
+        "shardlist": [{"url": f"s-{i}.tar", "nsamples": 2, "filesize": 10240} for i in range(2)],
+    }
+    index = tmp_path / "set" / "train.json"
+    index.write_text(json.dumps(wids))
+    config = DataConfig(datasets=[DatasetConfig(name="web", shards=[str(index)])])
+    config.check_paths()
+    assert [(s.url, s.samples, s.bytes) for s in resolve_shards([str(index)])] == [(u, 2, 10240) for u in urls]
+    assert load_script("inspect_shards").main([str(index), "--verify"]) == 0
+    assert "2 shards, 4 samples, 0 bad" in capsys.readouterr().out
+    # base_path: the folder the URLs are relative to (here relative to the index's own folder).
+    elsewhere = tmp_path / "lists" / "train.json"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text(json.dumps({**wids, "base_path": "../set"}))
+    assert [os.path.realpath(s.url) for s in ShardIndex.load(elsewhere).shards] == urls
+    bad = {
+        "inline": ({"shardlist": [{"nsamples": 2, "samples": ["..."]}]}, r"shardlist\[0\] has no url .*inline"),
+        "count": ({"shardlist": [{"url": "s-0.tar", "nsamples": -1}]}, r"shardlist\[0\]\.nsamples=-1 must be"),
+        "kind": ({**wids, "__kind__": "wids-other"}, r"__kind__='wids-other'"),
+        "command": ({**wids, "base_path": "pipe:cat"}, r"base_path='pipe:cat'"),
+    }
+    for name, (document, message) in bad.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(document))
+        with pytest.raises(ValueError, match=rf"{path}: {message}"):
+            resolve_shards([str(path)])
