@@ -435,7 +435,7 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
                     continue
                 if member.size > MAX_MEMBER_BYTES:
                     oversized = oversized or (
-                        f"member {member.name!r} declares {member.size:,} bytes, more than "
+                        f"member '{printable(member.name)}' declares {member.size:,} bytes, more than "
                         f"MAX_MEMBER_BYTES={MAX_MEMBER_BYTES:,}"
                     )
                     continue
@@ -558,9 +558,9 @@ def _member_problem(member: tarfile.TarInfo) -> str | None:
     """Why a member cannot be part of a sample (``read_shard``), or None for a plain file."""
     if not member.isreg():
         kind = "a symbolic link" if member.issym() else "a hard link" if member.islnk() else "not a regular file"
-        return f"member {member.name!r} is {kind}"
+        return f"member '{printable(member.name)}' is {kind}"
     if member.name.startswith("/") or ".." in member.name.split("/"):
-        return f"member name {member.name!r} is absolute or climbs out with '..'"
+        return f"member name '{printable(member.name)}' is absolute or climbs out with '..'"
     return None
 
 

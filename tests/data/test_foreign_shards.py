@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import os
 import tarfile
 from collections import Counter
@@ -225,3 +226,29 @@ def test_a_wids_shard_index_is_read_wherever_a_shard_list_is_and_an_inline_shard
         path.write_text(json.dumps(document))
         with pytest.raises(ValueError, match=rf"{path}: {message}"):
             resolve_shards([str(path)])
+
+
+def test_member_names_that_are_not_utf8_are_escaped_printably_in_logs_and_skips(tmp_path, caplog):
+    # tarfile keeps such bytes as surrogate escapes, which a UTF-8 log or terminal cannot write.
+    def raw(name: bytes) -> str:
+        return name.decode("utf-8", "surrogateescape")
+
+    members = [(raw(b"\xff\xfe.meta.json"), META), (raw(b"\xfe/../x.meta.json"), META), ("new\nline.meta.json", META)]
+    folder = tmp_path / "names"
+    folder.mkdir()
+    url = _tar(folder / "s.tar", members)
+    ShardIndex((ShardInfo(url, samples=3),)).save(folder)
+    (unsafe,) = [item for item in read_shard(url) if isinstance(item, Skip)]
+    assert unsafe.reason == "unsafe_member" and "'\\xfe/../x.meta.json'" in unsafe.detail
+    with caplog.at_level(logging.WARNING):
+        with PackedLoader(data_config([str(folder)], epochs=1, tokens_per_pack=4096), model_config()) as loader:
+            assert sum(pack.num_samples for pack in loader) == 2
+        encoder = PooledLatentEncoder(VIDEO_LATENT_CHANNELS, AUDIO_LATENT_DIM)
+        load_script("encode_shards").encode_shards(folder, tmp_path / "latent", encoder)
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum("\\xfe/../x" in message for message in messages) == 2  # the loader's and encode_shards' warning
+    for message in messages:
+        message.encode("utf-8")  # a surrogate left in would raise here, as in a log handler
+    # The sample whose key is not UTF-8 is written back under the same bytes.
+    (shard,) = ShardIndex.load(tmp_path / "latent").shards
+    assert [item["__key__"] for item in read_shard(shard.url)] == [raw(b"\xff\xfe"), "new\nline"]
