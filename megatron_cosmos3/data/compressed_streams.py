@@ -43,16 +43,16 @@ class Decompressed:
         self.name, self.raw = name, raw
         self.magic, self._new = _FORMATS[name]
         self._decompressor, self._input, self._output = self._new(), head, b""
+        self._at = 0  # how much of _output was read: tar reads 10 KiB at a time of a MiB step
         self._done = self.cut = False
         self.trailing = 0
 
     def read(self, size: int = -1) -> bytes:
-        while (size is None or size < 0 or len(self._output) < size) and not self._done:
+        whole = size is None or size < 0
+        while (whole or len(self._output) - self._at < size) and not self._done:
             self._step()
-        if size is None or size < 0:
-            data, self._output = self._output, b""
-        else:
-            data, self._output = self._output[:size], self._output[size:]
+        end = len(self._output) if whole else min(self._at + size, len(self._output))
+        data, self._at = self._output[self._at : end], end
         return data
 
     def close(self) -> None:
@@ -70,7 +70,7 @@ class Decompressed:
             if not self._input:
                 self._done = self.cut = True
                 return
-        self._output += decompressor.decompress(self._input, _STEP_OUT)
+        self._output, self._at = self._output[self._at :] + decompressor.decompress(self._input, _STEP_OUT), 0
         self._input = decompressor.unconsumed_tail if zlib_like else b""
 
     def _next_stream(self, rest: bytes) -> None:
