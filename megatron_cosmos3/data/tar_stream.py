@@ -6,14 +6,15 @@ the last sample read is whole (``read_shard``), so ``TarMembers`` records it. ``
 (a common way to merge shards) puts a second archive after the first one's end blocks: it is read
 on, as ``tar --ignore-zeros`` reads it, where WebDataset and plain ``tar`` stop at the first end and
 lose the rest without a sign. Bytes that are no tar (after an end-of-archive block, or where a
-member header should be) are scanned past to the next valid member header, a ustar one at any
-byte (its magic and header checksum) or a v7 one on the block grid (its checksum), and reported as
+member header should be) are scanned past to the next valid member header at any byte (one
+tarfile parses whose checksum matches: ustar or v7, whose header has no magic), and reported as
 ``Stray`` (docs/DESIGN.md, "The data path, from shard to loss"). Decompression is
 ``compressed_streams``'.
 """
 
 from __future__ import annotations
 
+import re
 import tarfile
 from dataclasses import dataclass
 
@@ -24,6 +25,11 @@ __all__ = ["CLEAN", "CUT", "DAMAGED", "TAR_BLOCK", "Stray", "TarMembers", "Unsup
 TAR_BLOCK = 512
 _CHUNK = 1 << 20
 _MAGIC_AT = 257  # where a ustar header holds b"ustar"
+_CHECKSUM_AT = 148  # where a header's checksum field starts: octal digits, then NUL or space
+# Header candidates one scan may try (a few microseconds each): bytes of octal digits throughout
+# look like a header at every offset and would keep a scan at a megabyte in seconds.
+_MAX_CANDIDATES = 1 << 16
+_CHECKSUM = re.compile(rb"(?=[0-7 ]{6}[0-7 \x00][\x00 ])")
 # How a tar stream ended (``TarMembers.end``).
 CLEAN = "clean"  # at an end-of-archive block: every member before it is whole
 CUT = "cut"  # the data stops where a member header should start, or inside one
@@ -88,15 +94,15 @@ class TarMembers:
             rest_of = self.archive.fileobj
             if isinstance(stop, (tarfile.InvalidHeaderError, tarfile.SubsequentHeaderError)):
                 # The bad block starts on the block grid; a header at its own start was refused.
-                skipped, after = _next_header(self.archive.stopped_at, rest_of, phase=0, start=1)
+                skipped, after = _next_header(self.archive.stopped_at, rest_of, start=1)
                 if not after:
                     self.end, self.unread = DAMAGED, skipped
                     return
                 yield Stray(skipped, in_archive=True)
             elif isinstance(stop, tarfile.EOFHeaderError):
-                after, zeros = _after_zeros(rest_of)
+                after, _ = _after_zeros(rest_of)
                 if after:  # another archive (cat a.tar b.tar), or bytes that are no tar
-                    skipped, after = _next_header(after, rest_of, phase=zeros % TAR_BLOCK, start=0)
+                    skipped, after = _next_header(after, rest_of, start=0)
                     if skipped:
                         yield Stray(skipped, in_archive=False)
                 if not after:
@@ -122,37 +128,46 @@ def _after_zeros(stream) -> tuple[bytes, int]:
     return b"", zeros
 
 
-def _next_header(head: bytes, stream, phase: int, start: int) -> tuple[int, bytes]:
+def _next_header(head: bytes, stream, start: int) -> tuple[int, bytes]:
     """Scans ``head`` and then ``stream`` for the first member header at or after byte ``start`` of
     ``head``: (the bytes passed over, the data from the header on), or (every byte, b"") where none
-    follows. ``phase``: where ``head`` starts on the tar block grid (v7 headers are looked for on it)."""
-    buffer, passed = head, 0
+    follows."""
+    buffer, passed, budget = head, 0, [_MAX_CANDIDATES]
     while True:
-        found = _find_header(buffer, start, (phase + passed) % TAR_BLOCK)
+        found = _find_header(buffer, start, budget)
         if found is not None:
             return passed + found, buffer[found:]
         more = stream.read(_CHUNK)
-        if not more:
-            return passed + len(buffer), b""
+        if not more or budget[0] <= 0:  # the end, or bytes crafted to look like headers everywhere
+            return passed + len(buffer) + len(more) + _length(stream), b""
         # Keep the tail a header may start in; every start before it was tried with a whole block.
         drop = max(0, len(buffer) - (TAR_BLOCK - 1))
         passed, buffer, start = passed + drop, buffer[drop:] + more, start if drop == 0 else 0
 
 
-def _find_header(buffer: bytes, start: int, phase: int) -> int | None:
-    """The first offset >= ``start`` of ``buffer`` where a whole valid header lies: a ustar one
-    anywhere (found by its magic), a v7 one (no magic) on the block grid."""
+def _find_header(buffer: bytes, start: int, budget: list[int]) -> int | None:
+    """The first offset >= ``start`` of ``buffer`` where a whole valid header lies: a candidate has
+    an octal checksum field (every tar format's; a v7 header has no magic) or a ustar magic, and
+    is a header where tarfile parses it and its checksum matches. ``budget[0]``: candidates left to
+    try (each is a header parse)."""
     found = None
-    magic = buffer.find(b"ustar", start + _MAGIC_AT)
-    while magic >= 0 and magic - _MAGIC_AT + TAR_BLOCK <= len(buffer):
-        if _is_header(buffer[magic - _MAGIC_AT : magic - _MAGIC_AT + TAR_BLOCK]):
-            found = magic - _MAGIC_AT
+    for match in _CHECKSUM.finditer(buffer, start + _CHECKSUM_AT):
+        at = match.start() - _CHECKSUM_AT
+        if at + TAR_BLOCK > len(buffer) or budget[0] <= 0:
             break
+        budget[0] -= 1
+        if _is_header(buffer[at : at + TAR_BLOCK]):
+            found = at
+            break
+    magic = buffer.find(b"ustar", start + _MAGIC_AT)
+    while magic >= 0 and magic - _MAGIC_AT + TAR_BLOCK <= len(buffer) and budget[0] > 0:
+        at = magic - _MAGIC_AT
+        if found is not None and at >= found:
+            break
+        budget[0] -= 1
+        if _is_header(buffer[at : at + TAR_BLOCK]):
+            return at
         magic = buffer.find(b"ustar", magic + 1)
-    end = len(buffer) - TAR_BLOCK if found is None else found - 1
-    for offset in range(start + (-(phase + start)) % TAR_BLOCK, end + 1, TAR_BLOCK):
-        if _is_header(buffer[offset : offset + TAR_BLOCK]):
-            return offset
     return found
 
 
@@ -162,3 +177,10 @@ def _is_header(block: bytes) -> bool:
     except (tarfile.HeaderError, ValueError):
         return False
     return True
+
+
+def _length(stream) -> int:
+    total = 0
+    while chunk := stream.read(_CHUNK):
+        total += len(chunk)
+    return total

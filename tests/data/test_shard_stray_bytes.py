@@ -61,7 +61,15 @@ JUNK = bytes(range(1, 256)) * 3 + b"!"  # 766 bytes: no multiple of a block, no 
 
 def test_junk_between_members_is_passed_to_the_next_header_and_counted(tmp_path):
     data = _tar(["a", "b", "c", "d"])
-    at = _member_end(data, "b.txt")  # after sample b's last member: its header stood there
+    at = _member_end(data, "b.txt")  # after sample b's last member: c's first header stood there
+    v7 = _v7(data)
+    for junk in (JUNK, b"\0" * 100, b"7" * 5000):  # a v7 archive too: no magic to find
+        shard = tmp_path / "junk.tar"
+        shard.write_bytes(v7[:at] + junk + v7[at:])
+        assert _read(shard) == (
+            ["a", "c", "d"],
+            [("damaged_shard", "b", str(len(junk))), ("stray_bytes", "", str(len(junk)))],
+        )
     shard = tmp_path / "junk.tar"
     shard.write_bytes(data[:at] + JUNK + data[at:])
     # b may have lost members to the junk (it stood where a header should): it is the damaged one.
@@ -87,10 +95,10 @@ def test_junk_between_concatenated_tars_and_a_v7_tar_after_the_end_are_read(tmp_
     shard = tmp_path / "cat.tar"
     shard.write_bytes(first + JUNK + second + bytes(1024) + third)
     assert _read(shard) == (["a", "b", "c", "d", "e"], [("stray_bytes", "", "766")])
-    # A v7 archive after a whole block of junk: found on the block grid (it has no magic to find).
-    aligned = tmp_path / "v7.tar"
-    aligned.write_bytes(first + b"\x01" * 1024 + third)
-    assert _read(aligned) == (["a", "b", "d", "e"], [("stray_bytes", "", "1024")])
+    # A v7 archive (no magic to find) after junk of any length: found by its checksum field.
+    for junk in (b"\x01" * 1024, JUNK, b"0" * 3000):
+        shard.write_bytes(first + junk + third)
+        assert _read(shard) == (["a", "b", "d", "e"], [("stray_bytes", "", str(len(junk)))])
     # The v7 archive read alone, as Python's tarfile reads it.
     alone = tmp_path / "alone.tar"
     alone.write_bytes(third)
