@@ -1,13 +1,14 @@
-"""A compressed shard's bytes, decompressed stream after stream, and what followed the last stream.
+"""A compressed shard's bytes, decompressed stream after stream, and the bytes that are no stream.
 
 gzip, bzip2 and xz files may hold several streams one after the other (``cat a.gz b.gz``, bgzip,
 pbzip2): every one is read. Zero bytes between or after streams are padding (``gzip -d`` and xz
-skip them). Any other bytes after a stream that start no stream of the same format are counted
-(``Decompressed.trailing``) and not read as data: Python's own readers dropped them without a
-word (bz2, xz) or failed the shard (gzip). Data that ends inside a stream ends the decompressed
-data there, all of it given (``Decompressed.cut``): the tar reader then finds the shard cut where
-it is, where an ``EOFError`` lost the part of a tar record decompressed before it
-(docs/DESIGN.md, "The data path, from shard to loss").
+skip them). Other bytes after a stream are scanned past to the next stream of the same format and
+counted (``Decompressed.stray``), never read as data: Python's own readers dropped bytes after the
+last stream without a word (bz2, xz) or failed the shard (gzip), and lost every stream after junk.
+Data that ends inside a stream ends the decompressed data there, all of it given
+(``Decompressed.cut``): the tar reader then finds the shard cut where it is, where an ``EOFError``
+lost the part of a tar record decompressed before it (docs/DESIGN.md, "The data path, from shard
+to loss").
 """
 
 from __future__ import annotations
@@ -36,16 +37,22 @@ _FORMATS = {"gzip": (_GZIP, _gzip), "bzip2": (_BZIP2, bz2.BZ2Decompressor), "xz"
 class Decompressed:
     """``raw`` decompressed as ``name`` (a key of ``_FORMATS``), read with ``read(size)``.
 
-    ``trailing`` counts the bytes after the last stream that are neither padding nor another
-    stream; ``cut``: the data ended inside a stream. Both are final once ``read`` has returned b""."""
+    ``stray`` counts the bytes that are neither a stream nor zero padding (between streams, where
+    the next one is found by its magic number, or after the last); ``cut``: the data ended inside a
+    stream. Both are final once ``read`` has returned b"".
+
+    A stream after the first is a candidate until it has given data: where the decompressor
+    refuses what follows its magic number, its first byte is stray and the scan goes on from the
+    next (where the data ends first, it is a cut stream)."""
 
     def __init__(self, name: str, raw, head: bytes) -> None:
         self.name, self.raw = name, raw
         self.magic, self._new = _FORMATS[name]
         self._decompressor, self._input, self._output = self._new(), head, b""
         self._at = 0  # how much of _output was read: tar reads 10 KiB at a time of a MiB step
+        self._candidate: bytes | None = None  # a later stream's bytes until it gives data
         self._done = self.cut = False
-        self.trailing = 0
+        self.stray = 0
 
     def read(self, size: int = -1) -> bytes:
         whole = size is None or size < 0
@@ -67,29 +74,52 @@ class Decompressed:
         zlib_like = self.name == "gzip"
         if not self._input and (zlib_like or decompressor.needs_input):
             self._input = self.raw.read(_CHUNK)
-            if not self._input:
+            if not self._input:  # a candidate the decompressor took so far is a cut stream too
                 self._done = self.cut = True
                 return
-        self._output, self._at = self._output[self._at :] + decompressor.decompress(self._input, _STEP_OUT), 0
+            if self._candidate is not None:
+                self._candidate += self._input
+        try:
+            data = decompressor.decompress(self._input, _STEP_OUT)
+        except (zlib.error, OSError, lzma.LZMAError, EOFError):
+            if self._candidate is None:
+                raise
+            self._not_a_stream()
+            return
+        if data:
+            self._candidate = None
+        self._output, self._at = self._output[self._at :] + data, 0
         self._input = decompressor.unconsumed_tail if zlib_like else b""
 
+    def _not_a_stream(self) -> None:
+        """The candidate stream was none: its first byte is stray, the scan goes on after it."""
+        rest, self._candidate = self._candidate, None
+        self.stray += 1
+        self._scan(rest[1:])
+
     def _next_stream(self, rest: bytes) -> None:
-        while True:
-            rest = rest.lstrip(b"\0")
-            while rest and len(rest) < len(self.magic) and (more := self.raw.read(_CHUNK)):
-                rest += more
-            if rest:
-                break
+        """After a stream's end: zero padding, then the next stream or bytes that are none."""
+        while not (rest := rest.lstrip(b"\0")):
             if not (rest := self.raw.read(_CHUNK)):
                 self._done = True
                 return
-        if rest.startswith(self.magic):
-            self._decompressor, self._input = self._new(), rest
-            return
-        self.trailing = len(rest)
-        while more := self.raw.read(_CHUNK):
-            self.trailing += len(more)
-        self._done = True
+        self._scan(rest)
+
+    def _scan(self, rest: bytes) -> None:
+        """Starts the next stream at the first magic number of ``rest`` and what follows it,
+        counting the bytes before it stray; at the end of the data without one, they all are."""
+        keep = len(self.magic) - 1  # a magic number may start in the last bytes looked at
+        while (found := rest.find(self.magic)) < 0:
+            more = self.raw.read(_CHUNK)
+            if not more:
+                self.stray += len(rest)
+                self._done = True
+                return
+            passed = max(0, len(rest) - keep)
+            self.stray += passed
+            rest = rest[passed:] + more
+        self.stray += found
+        self._decompressor, self._input, self._candidate = self._new(), rest[found:], rest[found:]
 
 
 def decompressed(raw):

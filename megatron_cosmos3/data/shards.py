@@ -363,7 +363,7 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
 
     Tars concatenated into one file (``cat a.tar b.tar``) are read one after the other. A gzip,
     bzip2 or xz shard is read through ``compressed_streams``, every stream of a multi-stream file;
-    bytes after the last stream are one ``stray_bytes`` skip. A zstd shard is one
+    bytes between or after its streams that are none are one ``stray_bytes`` skip (at the end). A zstd shard is one
     ``unreadable_shard`` naming the format.
     """
     local = local_path(url)
@@ -474,9 +474,11 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
             yield finished
         if getattr(members.stream, "cut", False):  # only the tar's end padding is missing: no sample lost
             log.warning("%s: the %s stream ends before its end marker, after the tar's end", url, members.stream.name)
-        trailing = getattr(members.stream, "trailing", 0)
-        if trailing:
-            detail = f"{trailing} bytes after the last {members.stream.name} stream are no {members.stream.name} stream"
+        stray = getattr(members.stream, "stray", 0)
+        if stray:
+            detail = (
+                f"{stray} bytes between or after the {members.stream.name} streams are no {members.stream.name} stream"
+            )
             yield Skip(url, "", STRAY_BYTES, detail)
     finally:
         try:

@@ -106,7 +106,7 @@ def test_junk_between_concatenated_tars_and_a_v7_tar_after_the_end_are_read(tmp_
 
 
 @pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress], ids=["gz", "bz2", "xz"])
-def test_compressed_streams_are_all_read_and_bytes_after_the_last_are_counted(tmp_path, compress):
+def test_compressed_streams_are_all_read_and_bytes_between_or_after_them_are_counted(tmp_path, compress):
     data = _tar(["a", "b", "c"])
     split = _member_end(data, "a.txt") + 100  # inside sample b
     streams = compress(data[:split]) + bytes(8) + compress(data[split:])  # zero padding between them
@@ -115,6 +115,11 @@ def test_compressed_streams_are_all_read_and_bytes_after_the_last_are_counted(tm
     assert _read(shard) == (["a", "b", "c"], [])
     shard.write_bytes(streams + JUNK)
     assert _read(shard) == (["a", "b", "c"], [("stray_bytes", "", "766")])
+    # Junk between streams, holding a magic number that starts no stream: scanned past to the next.
+    fake = {gzip.compress: b"\x1f\x8b\x09", bz2.compress: b"BZh0", lzma.compress: b"\xfd7zXZ\x00\xff\xff"}[compress]
+    between = compress(data[:split]) + JUNK + fake + JUNK + compress(data[split:])
+    shard.write_bytes(between)
+    assert _read(shard) == (["a", "b", "c"], [("stray_bytes", "", str(2 * len(JUNK) + len(fake)))])
     # The last stream cut in half: whatever of it decompresses is read (bzip2 gives no part of a cut
     # block), the sample the data ends in is the one truncated_shard, and c is never whole.
     at = _member_end(data, "b.txt")
