@@ -210,6 +210,9 @@ def test_a_wids_shard_index_is_read_wherever_a_shard_list_is_and_an_inline_shard
     assert [(s.url, s.samples, s.bytes) for s in resolve_shards([str(index)])] == [(u, 2, 10240) for u in urls]
     assert load_script("inspect_shards").main([str(index), "--verify"]) == 0
     assert "2 shards, 4 samples, 0 bad" in capsys.readouterr().out
+    encoder = PooledLatentEncoder(VIDEO_LATENT_CHANNELS, AUDIO_LATENT_DIM)
+    assert not load_script("encode_shards").encode_shards(index, tmp_path / "latent", encoder)
+    assert ShardIndex.load(tmp_path / "latent").total_samples == 4
     # base_path: the folder the URLs are relative to (here relative to the index's own folder).
     elsewhere = tmp_path / "lists" / "train.json"
     elsewhere.parent.mkdir()
