@@ -34,7 +34,8 @@ the one name containing ``gripper``. A name missing, twice, or a feature that is
 ValueError naming the feature. ``codebase_version`` must be one of ``KNOWN_VERSIONS`` (v2.0, v2.1,
 v3.0; another is refused naming it). An episode without a ``timestamp`` column (``missing_field``),
 whose frame timestamps are not ``i / fps``, whose ``frame_index`` is not 0, 1, ..., whose v3 video
-segment (``from_timestamp`` to ``to_timestamp``) is not as long as its frames, or whose action
+segment (``from_timestamp`` to ``to_timestamp``) is not as long as its frames, whose v3 rows are
+not ``dataset_from_index`` to ``dataset_to_index`` of its data file, or whose action
 rows disagree with its ``length`` is skipped, counted and logged, as
 is one the loader could not read (checked as ``ingest_videos.py`` checks a video). Split over tasks or
 local processes exactly as ``ingest_videos.py`` (the output does not depend on it).
@@ -289,7 +290,17 @@ def _episode_rows(root: Path, info: dict, episode: dict):
     if "episode_index" not in table.column_names:  # a shared file's rows say whose they are
         raise SampleError(MISSING_FIELD, f"episode {index}: {path} has no episode_index")
     keep = np.asarray(table.column("episode_index").to_pylist()) == index
-    return table.filter(keep)
+    rows = table.filter(keep)
+    if "dataset_from_index" in episode or "dataset_to_index" in episode:  # where its meta row says they are
+        start, end = (_episode_entry(episode, key, int) for key in ("dataset_from_index", "dataset_to_index"))
+        stored = rows.column("index").to_pylist() if "index" in rows.column_names else list(range(start, end))
+        if stored != list(range(start, end)):
+            raise SampleError(
+                BAD_METADATA,
+                f"episode {index}: dataset_from_index..dataset_to_index={start}..{end}, but its {rows.num_rows} "
+                f"rows of {path} are {stored[:1]}..{stored[-1:]}",
+            )
+    return rows
 
 
 def _episode_entry(episode: dict, key: str, kind: type) -> int | float:
