@@ -293,7 +293,10 @@ def _episode_rows(root: Path, info: dict, episode: dict):
     rows = table.filter(keep)
     if "dataset_from_index" in episode or "dataset_to_index" in episode:  # where its meta row says they are
         start, end = (_episode_entry(episode, key, int) for key in ("dataset_from_index", "dataset_to_index"))
-        stored = rows.column("index").to_pylist() if "index" in rows.column_names else list(range(start, end))
+        # Without an index column, their count is all there is to compare.
+        stored = (
+            rows.column("index").to_pylist() if "index" in rows.column_names else [*range(start, start + rows.num_rows)]
+        )
         if stored != list(range(start, end)):
             raise SampleError(
                 BAD_METADATA,
