@@ -59,11 +59,7 @@ class _HeaderReader(tarfile.TarInfo):
             archive.stopped_by, archive.stopped_at = error, block
             raise
         member.offset = archive.fileobj.tell() - TAR_BLOCK
-        try:
-            return member._proc_member(archive)
-        except tarfile.HeaderError as error:  # a long-name or pax header followed by no header
-            archive.stopped_by, archive.stopped_at = error, b""
-            raise
+        return member._proc_member(archive)  # a long-name or pax header reads the next one through here
 
 
 def _open(stream) -> tarfile.TarFile:
@@ -89,10 +85,14 @@ class TarMembers:
 
     def __iter__(self):
         while True:
-            yield from self.archive
+            try:
+                yield from self.archive
+            except tarfile.ReadError:  # a long-name or pax header not followed by a member header
+                if not isinstance(getattr(self.archive, "stopped_by", None), tarfile.InvalidHeaderError):
+                    raise
             stop = getattr(self.archive, "stopped_by", None)
             rest_of = self.archive.fileobj
-            if isinstance(stop, (tarfile.InvalidHeaderError, tarfile.SubsequentHeaderError)):
+            if isinstance(stop, tarfile.InvalidHeaderError):
                 # The bad block starts on the block grid; a header at its own start was refused.
                 skipped, after = _next_header(self.archive.stopped_at, rest_of, start=1)
                 if not after:

@@ -138,3 +138,18 @@ def test_a_shard_with_stray_bytes_counts_them_as_no_sample_against_its_index(tmp
     read = read_samples(ShardInfo(str(shard), samples=3), lambda index, raw: raw["__key__"])
     assert [key for _, key in read.results] == ["a", "b", "c"] and read.read == 3
     assert [s.reason for s in read.skips] == ["stray_bytes"]  # no index_mismatch: 3 samples, as listed
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["gnu", "pax"])
+def test_a_damaged_header_after_a_long_name_header_is_passed_over_too(tmp_path, fmt):
+    long = "d" * 120  # a GNU long-name or a pax header comes before each member of this folder
+    data = bytearray(_tar([f"{long}/a", f"{long}/b", f"{long}/c"], fmt))
+    member = next(m for m in tarfile.open(fileobj=io.BytesIO(bytes(data))) if m.name == f"{long}/b.txt")
+    header = member.offset_data - 512  # the member's own header, after its long-name one
+    assert header > member.offset
+    data[header : header + 512] = b"\xa5" * 512
+    shard = tmp_path / "long.tar"
+    shard.write_bytes(bytes(data))
+    keys, skips = _read(shard)
+    assert keys == [f"{long}/a", f"{long}/c"]
+    assert [(reason, key) for reason, key, _ in skips] == [("damaged_shard", f"{long}/b"), ("stray_bytes", "")]
