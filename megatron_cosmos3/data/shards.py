@@ -363,8 +363,8 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
 
     Tars concatenated into one file (``cat a.tar b.tar``) are read one after the other. A gzip,
     bzip2 or xz shard is read through ``compressed_streams``, every stream of a multi-stream file;
-    bytes between or after its streams that are none are one ``stray_bytes`` skip (at the end). A zstd shard is one
-    ``unreadable_shard`` naming the format.
+    bytes between or after its streams that are none are one ``stray_bytes`` skip (at the end).
+    A zstd shard is one ``unreadable_shard`` naming the format.
     """
     local = local_path(url)
     if local is not None:  # one stat: the shard's only one (``ShardIndex.load``)
@@ -405,11 +405,15 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
             for member in members:
                 if isinstance(member, Stray):
                     if member.in_archive and current is not None:  # it may have lost members to them
-                        seen.add(dropped := current["__key__"])
-                        detail = (
-                            f"{member.size} bytes that are no tar member stood after this sample's last member read"
-                        )
-                        yield Skip(url, dropped, DAMAGED_SHARD, detail)
+                        dropped = current["__key__"]
+                        if dropped in seen:  # a split sample's later part: the split is what it is
+                            finished = _finished(url, current, duplicate, unsafe, seen, oversized, split)
+                        else:
+                            seen.add(dropped)
+                            detail = f"{member.size} bytes that are no tar member stood after its last member read"
+                            finished = Skip(url, dropped, DAMAGED_SHARD, detail)
+                        if finished is not None:
+                            yield finished
                         current = None
                     where = "where a member header should be" if member.in_archive else "after an end-of-archive block"
                     detail = f"{member.size} bytes that are no tar {where}, passed over to the next member header"

@@ -153,3 +153,15 @@ def test_a_damaged_header_after_a_long_name_header_is_passed_over_too(tmp_path, 
     keys, skips = _read(shard)
     assert keys == [f"{long}/a", f"{long}/c"]
     assert [(reason, key) for reason, key, _ in skips] == [("damaged_shard", f"{long}/b"), ("stray_bytes", "")]
+
+
+def test_a_split_sample_whose_later_part_meets_stray_bytes_is_still_one_split_skip(tmp_path):
+    data = _tar(["a", "b", "a", "c"])  # a's members lie apart
+    later = list(tarfile.open(fileobj=io.BytesIO(data)))[4]  # the first member of a's later part
+    assert later.name == "a.meta.json"
+    at = later.offset_data + 512
+    shard = tmp_path / "split.tar"
+    shard.write_bytes(data[:at] + JUNK + data[at:])
+    read = read_samples(ShardInfo(str(shard)), lambda index, raw: raw["__key__"])
+    assert [key for _, key in read.results] == ["b", "c"]
+    assert [(s.reason, s.key) for s in read.skips] == [("duplicate_key", "a"), ("stray_bytes", "")]
