@@ -508,8 +508,9 @@ def read_samples(shard: ShardInfo, use: Callable[[int, dict], object]) -> ShardS
     The loader, ``inspect_shards --verify`` and ``encode_shards`` all read through it, so they
     count a shard the same way:
 
-    * a split sample (a ``duplicate_key`` skip: its key seen earlier in the shard) withdraws what
-      its first part gave, a result or a skip: the whole sample is the one ``duplicate_key`` skip;
+    * a split sample (a ``duplicate_key`` skip: its key seen earlier in the shard; or any skip
+      under a key given before, as where the shard ends in its later part) withdraws what its first
+      part gave, a result or a skip: the whole sample is that one skip;
     * an ``unreadable_shard`` counts every sample the index lists (at least one);
     * shard events (``errors.SHARD_EVENTS``) are skips but no sample read;
     * ``lost_to_truncation`` counts the samples the index lists that the shard never gave, one
@@ -525,13 +526,14 @@ def read_samples(shard: ShardInfo, use: Callable[[int, dict], object]) -> ShardS
                 unreadable = True
                 raw = Skip(raw.shard, raw.key, raw.reason, raw.detail, count=shard.samples or 1)
             truncated = truncated or raw.reason in (TRUNCATED_SHARD, DAMAGED_SHARD)
-            if raw.reason == DUPLICATE_KEY and raw.key in given:
+            again = raw.key in given  # a later part of a sample already given (its members apart)
+            if again:  # the whole sample is this one skip
                 where, at = given.pop(raw.key)
                 where[at] = None
             if raw.key and raw.reason not in SHARD_EVENTS:
                 given[raw.key] = (out.skips, len(out.skips))
             out.skips.append(raw)
-            out.read += raw.reason not in SHARD_EVENTS and raw.reason != UNREADABLE_SHARD
+            out.read += raw.reason not in SHARD_EVENTS and raw.reason != UNREADABLE_SHARD and not again
             continue
         out.read += 1
         key = raw["__key__"]

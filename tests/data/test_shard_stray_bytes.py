@@ -165,3 +165,11 @@ def test_a_split_sample_whose_later_part_meets_stray_bytes_is_still_one_split_sk
     read = read_samples(ShardInfo(str(shard)), lambda index, raw: raw["__key__"])
     assert [key for _, key in read.results] == ["b", "c"]
     assert [(s.reason, s.key) for s in read.skips] == [("duplicate_key", "a"), ("stray_bytes", "")]
+    # A shard cut inside a's later part: the whole sample is the truncated_shard, b the only one used.
+    shard.write_bytes(data[: at - 100])
+    read = read_samples(ShardInfo(str(shard), samples=3), lambda index, raw: raw["__key__"])
+    assert [key for _, key in read.results] == ["b"] and read.read == 2
+    assert [(s.reason, s.key, s.count) for s in read.skips] == [
+        ("truncated_shard", "a", 1),
+        ("lost_to_truncation", "", 1),
+    ]
