@@ -393,13 +393,16 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
     split: set[str] = set()  # keys whose members lie apart: their later parts yield no sample
     dropped: str | None = None  # the key of a sample dropped at stray bytes, whose members may go on
     try:
+        stream = None
         try:
-            members = TarMembers(decompressed(raw))
+            stream = decompressed(raw)
+            members = TarMembers(stream)
         except UnsupportedCompression as error:
             yield Skip(url, "", UNREADABLE_SHARD, str(error))
             return
         except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as error:
-            yield Skip(url, "", UNREADABLE_SHARD, f"not a tar archive: {type(error).__name__}: {error}")
+            detail = f"not a tar archive: {type(error).__name__}: {error}" + _cut_stream(stream)
+            yield Skip(url, "", UNREADABLE_SHARD, detail)
             return
         try:
             for member in members:

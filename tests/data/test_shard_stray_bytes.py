@@ -129,6 +129,10 @@ def test_compressed_streams_are_all_read_and_bytes_between_or_after_them_are_cou
     assert keys[0] == "a" and "c" not in keys and [reason for reason, _, _ in skips] == ["truncated_shard"]
     (skip,) = [s for s in read_shard(str(shard)) if isinstance(s, Skip)]
     assert "stream ends before its end marker" in skip.detail
+    # Cut before its first member header: the shard is unreadable, and the message says it was cut.
+    shard.write_bytes(streams[:20])
+    (skip,) = read_shard(str(shard))
+    assert skip.reason == "unreadable_shard" and "stream ends before its end marker" in skip.detail
 
 
 def test_a_shard_with_stray_bytes_counts_them_as_no_sample_against_its_index(tmp_path):
