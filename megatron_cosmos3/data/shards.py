@@ -419,7 +419,8 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
                             yield finished
                         current = None
                     where = "where a member header should be" if member.in_archive else "after an end-of-archive block"
-                    detail = f"{member.size} bytes that are no tar {where}, passed over to the next member header"
+                    then = "run to the end of the data" if member.to_end else "passed over to the next member header"
+                    detail = f"{member.size} bytes that are no tar {where}, {then}"
                     yield Skip(url, "", STRAY_BYTES, detail)
                     continue
                 if member.isdir() or _NO_SAMPLE_MEMBER.match(member.name):

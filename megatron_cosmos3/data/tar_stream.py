@@ -40,10 +40,12 @@ DAMAGED = "damaged"  # at a block that is no member header, with no member heade
 class Stray:
     """``size`` bytes of the tar stream that are no member, passed over to the next member header.
     ``in_archive``: they stood where a member header should be (the sample being read may have
-    lost members to them); else they followed an end-of-archive block (every member before is whole)."""
+    lost members to them); else they followed an end-of-archive block (every member before is whole).
+    ``to_end``: they run to the end of the data."""
 
     size: int
     in_archive: bool
+    to_end: bool = False  # no member header follows them
 
 
 class _HeaderReader(tarfile.TarInfo):
@@ -104,7 +106,7 @@ class TarMembers:
                 if after:  # another archive (cat a.tar b.tar), or bytes that are no tar
                     skipped, after = _next_header(after, rest_of, start=0)
                     if skipped:
-                        yield Stray(skipped, in_archive=False)
+                        yield Stray(skipped, in_archive=False, to_end=not after)
                 if not after:
                     self.end = CLEAN
                     return
