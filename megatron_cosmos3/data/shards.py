@@ -418,7 +418,13 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
                         if finished is not None:
                             yield finished
                         current = None
-                    where = "where a member header should be" if member.in_archive else "after an end-of-archive block"
+                    where = (
+                        "where a member header should be"
+                        if member.in_archive
+                        else "before the first member header"
+                        if current is None
+                        else "after an end-of-archive block"
+                    )
                     then = "run to the end of the data" if member.to_end else "passed over to the next member header"
                     detail = f"{member.size} bytes that are no tar {where}, {then}"
                     yield Skip(url, "", STRAY_BYTES, detail)

@@ -40,7 +40,8 @@ DAMAGED = "damaged"  # at a block that is no member header, with no member heade
 class Stray:
     """``size`` bytes of the tar stream that are no member, passed over to the next member header.
     ``in_archive``: they stood where a member header should be (the sample being read may have
-    lost members to them); else they followed an end-of-archive block (every member before is whole).
+    lost members to them); else they came before the first header or after an end-of-archive block
+    (every member before is whole).
     ``to_end``: they run to the end of the data."""
 
     size: int
@@ -74,11 +75,19 @@ class TarMembers:
 
     ``extract(member)`` reads a member's bytes (call it before the next member). After iteration,
     ``end`` is CLEAN, CUT or DAMAGED; ``unread`` counts the bytes after a damaged header that no
-    member header follows. Opening raises ``tarfile.ReadError`` where the stream starts with no tar
-    header."""
+    member header follows. Bytes before the first header are passed over as any others (the first
+    ``Stray``); opening raises ``tarfile.ReadError`` where no header follows them."""
 
     def __init__(self, stream) -> None:
-        self.stream, self.archive = stream, _open(stream)
+        self.stream, self.leading = stream, 0
+        head = stream.read(TAR_BLOCK)
+        while len(head) < TAR_BLOCK and (more := stream.read(TAR_BLOCK - len(head))):
+            head += more
+        if len(head) == TAR_BLOCK and head.count(0) < TAR_BLOCK and not _is_header(head):
+            self.leading, head = _next_header(head, stream, start=1)
+            if not head:
+                raise tarfile.ReadError(f"no tar member header in its {self.leading} bytes")
+        self.archive = _open(Replay(head, stream))
         self.end: str | None = None
         self.unread = 0
 
@@ -86,6 +95,8 @@ class TarMembers:
         return self.archive.extractfile(member).read()
 
     def __iter__(self):
+        if self.leading:
+            yield Stray(self.leading, in_archive=False)
         while True:
             try:
                 yield from self.archive

@@ -177,3 +177,14 @@ def test_a_split_sample_whose_later_part_meets_stray_bytes_is_still_one_split_sk
         ("truncated_shard", "a", 1),
         ("lost_to_truncation", "", 1),
     ]
+
+
+def test_bytes_before_the_first_header_are_passed_over_and_a_shard_of_no_header_is_unreadable(tmp_path):
+    shard = tmp_path / "prefixed.tar"
+    for prefix in (JUNK, b"\x01" * 512, b"0" * 2000):
+        shard.write_bytes(prefix + _v7(_tar(["a", "b"])))
+        assert _read(shard) == (["a", "b"], [("stray_bytes", "", str(len(prefix)))])
+        assert "before the first member header" in next(s for s in read_shard(str(shard)) if isinstance(s, Skip)).detail
+    shard.write_bytes(JUNK * 20)
+    (skip,) = read_shard(str(shard))
+    assert skip.reason == "unreadable_shard" and f"no tar member header in its {len(JUNK) * 20} bytes" in skip.detail
