@@ -113,7 +113,7 @@ class TarMembers:
                     return
                 yield Stray(skipped, in_archive=True)
             elif isinstance(stop, tarfile.EOFHeaderError):
-                after, _ = _after_zeros(rest_of)
+                after = _after_zeros(rest_of)
                 if after:  # another archive (cat a.tar b.tar), or bytes that are no tar
                     skipped, after = _next_header(after, rest_of, start=0)
                     if skipped:
@@ -127,18 +127,16 @@ class TarMembers:
             self.archive = _open(Replay(after, rest_of))
 
 
-def _after_zeros(stream) -> tuple[bytes, int]:
-    """Reads past zero bytes: (the bytes from the first non-zero one, at least a block of them where
-    the stream holds that many; how many zero bytes came before), (b"", n) at the end."""
-    zeros = 0
+def _after_zeros(stream) -> bytes:
+    """Reads past zero bytes: the bytes from the first non-zero one (at least a block of them where
+    the stream holds that many), b"" at the end."""
     while chunk := stream.read(_CHUNK):
         after = chunk.lstrip(b"\0")
         if after:
             while len(after) < TAR_BLOCK and (more := stream.read(TAR_BLOCK)):
                 after += more
-            return after, zeros + len(chunk) - len(chunk.lstrip(b"\0"))
-        zeros += len(chunk)
-    return b"", zeros
+            return after
+    return b""
 
 
 def _next_header(head: bytes, stream, start: int) -> tuple[int, bytes]:
