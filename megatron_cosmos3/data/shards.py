@@ -51,6 +51,7 @@ from megatron_cosmos3.data.errors import (
 from megatron_cosmos3.data.tar_stream import (
     CUT,
     DAMAGED,
+    IN_ARCHIVE,
     TAR_BLOCK,
     Stray,
     TarMembers,
@@ -358,8 +359,10 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
     * bytes that are no tar (``tar_stream.Stray``): one ``stray_bytes`` skip, and reading goes on at
       the next member header; where they stood in place of a member header, the sample being read
       is a ``damaged_shard`` skip (it may have lost members) and its members after them are passed
-      over; where no header follows them, the sample being read is a ``damaged_shard`` skip and
-      nothing after it is read (compressed or not).
+      over; where they are whole blocks (``Stray.in_place_of_blocks``: a destroyed header and its
+      data), the first sample after them is a ``damaged_shard`` skip too (it may lack its first
+      members); where no header follows them, the sample being read is a ``damaged_shard`` skip
+      and nothing after it is read (compressed or not).
 
     Tars concatenated into one file (``cat a.tar b.tar``) are read one after the other. A gzip,
     bzip2 or xz shard is read through ``compressed_streams``, every stream of a multi-stream file;
@@ -386,9 +389,8 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
         yield Skip(url, "", UNREADABLE_SHARD, f"cannot open: {type(error).__name__}: {error}")
         return
     current: dict | None = None
-    duplicate: str | None = None
-    unsafe: str | None = None
-    oversized: str | None = None
+    problems: dict[str, str] = {}  # the current sample's: skip reason -> detail, the first of each
+    suspect: str | None = None  # why the next sample to start may lack members (stray bytes before it)
     seen: set[str] = set()
     split: set[str] = set()  # keys whose members lie apart: their later parts yield no sample
     dropped: str | None = None  # the key of a sample dropped at stray bytes, whose members may go on
@@ -407,10 +409,10 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
         try:
             for member in members:
                 if isinstance(member, Stray):
-                    if member.in_archive and current is not None:  # it may have lost members to them
+                    if member.where == IN_ARCHIVE and current is not None:  # it may have lost members to them
                         dropped = current["__key__"]
                         if dropped in seen:  # a split sample's later part: the split is what it is
-                            finished = _finished(url, current, duplicate, unsafe, seen, oversized, split)
+                            finished = _finished(url, current, problems, seen, split)
                         else:
                             seen.add(dropped)
                             detail = f"{member.size} bytes that are no tar member stood after its last member read"
@@ -418,16 +420,13 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
                         if finished is not None:
                             yield finished
                         current = None
-                    where = (
-                        "where a member header should be"
-                        if member.in_archive
-                        else "before the first member header"
-                        if current is None
-                        else "after an end-of-archive block"
-                    )
+                    if member.in_place_of_blocks:
+                        suspect = (
+                            f"its first member follows {member.size} bytes that are no tar, whole blocks that may "
+                            "stand in place of its first members"
+                        )
                     then = "run to the end of the data" if member.to_end else "passed over to the next member header"
-                    detail = f"{member.size} bytes that are no tar {where}, {then}"
-                    yield Skip(url, "", STRAY_BYTES, detail)
+                    yield Skip(url, "", STRAY_BYTES, f"{member.size} bytes that are no tar {member.where}, {then}")
                     continue
                 if member.isdir() or _NO_SAMPLE_MEMBER.match(member.name):
                     continue
@@ -438,19 +437,20 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
                     continue
                 dropped = None
                 if current is None or key != current["__key__"]:
-                    if current is not None and (
-                        finished := _finished(url, current, duplicate, unsafe, seen, oversized, split)
-                    ):
+                    if current is not None and (finished := _finished(url, current, problems, seen, split)):
                         yield finished
-                    current, duplicate, unsafe, oversized = {"__key__": key, "__url__": url}, None, None, None
+                    current, problems = {"__key__": key, "__url__": url}, {}
+                    if suspect is not None:
+                        problems[DAMAGED_SHARD], suspect = suspect, None
                 problem = _member_problem(member)
                 if problem is not None:
-                    unsafe = unsafe or problem
+                    problems.setdefault(UNSAFE_MEMBER, problem)
                     continue
                 if member.size > MAX_MEMBER_BYTES:
-                    oversized = oversized or (
+                    problems.setdefault(
+                        OUT_OF_RANGE,
                         f"member '{printable(member.name)}' declares {member.size:,} bytes, more than "
-                        f"MAX_MEMBER_BYTES={MAX_MEMBER_BYTES:,}"
+                        f"MAX_MEMBER_BYTES={MAX_MEMBER_BYTES:,}",
                     )
                     continue
                 if key in seen:  # a split sample's later part: its bytes are never used
@@ -458,7 +458,7 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
                 data = members.extract(member)
                 suffix = suffix.lower()
                 if suffix in current:
-                    duplicate = suffix
+                    problems.setdefault(EXTRA_FIELD, f"field {suffix!r} appears twice")
                 current[suffix] = data
         except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as error:
             yield Skip(
@@ -484,7 +484,7 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
                 "the tar has no end-of-archive block: cut at a member boundary" + _cut_stream(members.stream),
             )
             return
-        if current is not None and (finished := _finished(url, current, duplicate, unsafe, seen, oversized, split)):
+        if current is not None and (finished := _finished(url, current, problems, seen, split)):
             yield finished
         if getattr(members.stream, "cut", False):  # only the tar's end padding is missing: no sample lost
             log.warning("%s: the %s stream ends before its end marker, after the tar's end", url, members.stream.name)
@@ -582,15 +582,7 @@ def _member_problem(member: tarfile.TarInfo) -> str | None:
     return None
 
 
-def _finished(
-    url: str,
-    sample: dict,
-    duplicate: str | None,
-    unsafe: str | None,
-    seen: set[str],
-    oversized: str | None,
-    split: set[str],
-) -> dict | Skip | None:
+def _finished(url: str, sample: dict, problems: dict[str, str], seen: set[str], split: set[str]) -> dict | Skip | None:
     """The sample read, or the Skip it is; None for a later part of a split sample already reported."""
     key = sample["__key__"]
     if key in seen:
@@ -604,10 +596,7 @@ def _finished(
         )
         return Skip(url, key, DUPLICATE_KEY, detail)
     seen.add(key)
-    if unsafe is not None:
-        return Skip(url, key, UNSAFE_MEMBER, unsafe)
-    if oversized is not None:
-        return Skip(url, key, OUT_OF_RANGE, oversized)
-    if duplicate is not None:
-        return Skip(url, key, EXTRA_FIELD, f"field {duplicate!r} appears twice")
+    for reason in (DAMAGED_SHARD, UNSAFE_MEMBER, OUT_OF_RANGE, EXTRA_FIELD):  # the first that applies
+        if reason in problems:
+            return Skip(url, key, reason, problems[reason])
     return sample

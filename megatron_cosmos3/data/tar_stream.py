@@ -38,15 +38,26 @@ DAMAGED = "damaged"  # at a block that is no member header, with no member heade
 
 @dataclass(frozen=True)
 class Stray:
-    """``size`` bytes of the tar stream that are no member, passed over to the next member header.
-    ``in_archive``: they stood where a member header should be (the sample being read may have
-    lost members to them); else they came before the first header or after an end-of-archive block
-    (every member before is whole).
-    ``to_end``: they run to the end of the data."""
+    """``size`` bytes of the tar stream that are no member, passed over to the next member header,
+    found ``where`` (``LEADING``, ``IN_ARCHIVE``: where a member header should be, the sample being
+    read may have lost members to them; ``AFTER_END``: after an end-of-archive block, every member
+    before is whole). ``to_end``: they run to the end of the data."""
 
     size: int
-    in_archive: bool
-    to_end: bool = False  # no member header follows them
+    where: str
+    to_end: bool = False
+
+    @property
+    def in_place_of_blocks(self) -> bool:
+        """Whole blocks: what follows is on the block grid, so they may stand in place of members
+        (a destroyed header and its data) and the first sample after them may lack its first ones;
+        bytes inserted would shift it off the grid, unless a multiple of 512 long."""
+        return self.size % TAR_BLOCK == 0 and not self.to_end
+
+
+LEADING = "before the first member header"
+IN_ARCHIVE = "where a member header should be"
+AFTER_END = "after an end-of-archive block"
 
 
 class _HeaderReader(tarfile.TarInfo):
@@ -96,7 +107,7 @@ class TarMembers:
 
     def __iter__(self):
         if self.leading:
-            yield Stray(self.leading, in_archive=False)
+            yield Stray(self.leading, LEADING)
         while True:
             try:
                 yield from self.archive
@@ -111,13 +122,13 @@ class TarMembers:
                 if not after:
                     self.end, self.unread = DAMAGED, skipped
                     return
-                yield Stray(skipped, in_archive=True)
+                yield Stray(skipped, IN_ARCHIVE)
             elif isinstance(stop, tarfile.EOFHeaderError):
                 after = _after_zeros(rest_of)
                 if after:  # another archive (cat a.tar b.tar), or bytes that are no tar
                     skipped, after = _next_header(after, rest_of, start=0)
                     if skipped:
-                        yield Stray(skipped, in_archive=False, to_end=not after)
+                        yield Stray(skipped, AFTER_END, to_end=not after)
                 if not after:
                     self.end = CLEAN
                     return

@@ -77,13 +77,15 @@ def test_junk_between_members_is_passed_to_the_next_header_and_counted(tmp_path)
         ["a", "c", "d"],
         [("damaged_shard", "b", "766"), ("stray_bytes", "", "766")],
     )
-    # A whole block of junk overwriting c's first header: c's other member is read as the rest of
-    # the damage, not as a sample missing a field.
+    # A whole block of junk overwriting c's first header: c's other member is never read as a sample
+    # missing a field (the bytes passed over are whole blocks: what follows them is suspect).
     at = _member_end(data, "b.txt")
     overwritten = tmp_path / "overwritten.tar"
     overwritten.write_bytes(data[:at] + b"\xa5" * 512 + data[at + 512 :])
-    keys, skips = _read(overwritten)
-    assert keys[0] == "a" and keys[-1] == "d" and ("stray_bytes", "", "1024") in skips
+    assert _read(overwritten) == (
+        ["a", "d"],
+        [("damaged_shard", "b", "1024"), ("stray_bytes", "", "1024"), ("damaged_shard", "c", "its")],
+    )
     # Junk to the end with no header after it: the sample being read is the damaged one, as before.
     cut = tmp_path / "junk_to_end.tar"
     cut.write_bytes(data[:at] + JUNK * 3)
@@ -96,9 +98,13 @@ def test_junk_between_concatenated_tars_and_a_v7_tar_after_the_end_are_read(tmp_
     shard.write_bytes(first + JUNK + second + bytes(1024) + third)
     assert _read(shard) == (["a", "b", "c", "d", "e"], [("stray_bytes", "", "766")])
     # A v7 archive (no magic to find) after junk of any length: found by its checksum field.
-    for junk in (b"\x01" * 1024, JUNK, b"0" * 3000):
+    for junk in (JUNK, b"0" * 3000):
         shard.write_bytes(first + junk + third)
         assert _read(shard) == (["a", "b", "d", "e"], [("stray_bytes", "", str(len(junk)))])
+    # Whole blocks of junk may stand in place of a destroyed header and its data: the first sample
+    # after them may lack its first members, so it is a damaged_shard skip too.
+    shard.write_bytes(first + b"\x01" * 1024 + third)
+    assert _read(shard) == (["a", "b", "e"], [("stray_bytes", "", "1024"), ("damaged_shard", "d", "its")])
     # The v7 archive read alone, as Python's tarfile reads it.
     alone = tmp_path / "alone.tar"
     alone.write_bytes(third)
@@ -155,8 +161,13 @@ def test_a_damaged_header_after_a_long_name_header_is_passed_over_too(tmp_path, 
     shard = tmp_path / "long.tar"
     shard.write_bytes(bytes(data))
     keys, skips = _read(shard)
-    assert keys == [f"{long}/a", f"{long}/c"]
-    assert [(reason, key) for reason, key, _ in skips] == [("damaged_shard", f"{long}/b"), ("stray_bytes", "")]
+    # The header and its data are whole blocks: c, after them, may lack members and is damaged too.
+    assert keys == [f"{long}/a"]
+    assert [(reason, key) for reason, key, _ in skips] == [
+        ("damaged_shard", f"{long}/b"),
+        ("stray_bytes", ""),
+        ("damaged_shard", f"{long}/c"),
+    ]
 
 
 def test_a_split_sample_whose_later_part_meets_stray_bytes_is_still_one_split_skip(tmp_path):
@@ -181,10 +192,14 @@ def test_a_split_sample_whose_later_part_meets_stray_bytes_is_still_one_split_sk
 
 def test_bytes_before_the_first_header_are_passed_over_and_a_shard_of_no_header_is_unreadable(tmp_path):
     shard = tmp_path / "prefixed.tar"
-    for prefix in (JUNK, b"\x01" * 512, b"0" * 2000):
+    for prefix in (JUNK, b"0" * 2000):
         shard.write_bytes(prefix + _v7(_tar(["a", "b"])))
         assert _read(shard) == (["a", "b"], [("stray_bytes", "", str(len(prefix)))])
         assert "before the first member header" in next(s for s in read_shard(str(shard)) if isinstance(s, Skip)).detail
+    # A destroyed first header (a whole block): the sample it began may lack that member.
+    data = _tar(["a", "b"])
+    shard.write_bytes(b"\x01" * 512 + data[512:])
+    assert _read(shard) == (["b"], [("stray_bytes", "", "1024"), ("damaged_shard", "a", "its")])
     shard.write_bytes(JUNK * 20)
     (skip,) = read_shard(str(shard))
     assert skip.reason == "unreadable_shard" and f"no tar member header in its {len(JUNK) * 20} bytes" in skip.detail
