@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_cosmos3.checkpoint.safe_reader import check_file, read_manifest
 from megatron_cosmos3.json_files import read_json
 
 DEEPSPEED_FOLDER = "deepspeed"  # DeepSpeed's own files: step_<N>/deepspeed/ (its checkpoint "tag")
@@ -93,13 +94,14 @@ def refuse_foreign(path: str | Path) -> None:
 def saved_layout(path: str | Path) -> SavedLayout:
     """What wrote the checkpoint folder ``path`` (see the module docstring). CheckpointLayoutError
     for the layouts ``refuse_foreign`` names, and for a record that is not what ``write_layout``
-    writes (naming it)."""
+    writes (naming it); ``CheckpointCorruptError`` for a record that does not match its checksum."""
     path = Path(path)
     refuse_foreign(path)
     if not is_deepspeed_checkpoint(path):
         return SavedLayout("megatron")
     record_file = path / LAYOUT_FILE
-    if record_file.is_file():
+    if record_file.is_file():  # damaged since the save: a CheckpointCorruptError (a resume may fall back)
+        check_file(path, LAYOUT_FILE, read_manifest(path), "ZeRO stage, world size, parameter groups")
         record = read_json(record_file, CheckpointLayoutError)
         return _layout_of_record(record, record_file)
     files = [p.name for p in _files(path / DEEPSPEED_FOLDER)]
@@ -201,6 +203,14 @@ def check_same_parameter_groups(path: str | Path, saved: list[dict] | None, curr
         count = len(trained_then.keys() ^ trained_now.keys())
         more = f" (and {count - 1} more parameters)" if count > 1 else ""
         raise CheckpointLayoutError(f"{where}: parameter {name!r} was {then} there and is {now} now{more}; {way_out}")
+    for name in sorted(trained_now):
+        if trained_then[name] != trained_now[name]:
+            then, now = saved[trained_then[name]], current[trained_now[name]]
+            raise CheckpointLayoutError(
+                f"{where}: parameter {name!r} was in group {trained_then[name]} (lr_multiplier="
+                f"{then.get('lr_multiplier')}) there and is in group {trained_now[name]} (lr_multiplier="
+                f"{now.get('lr_multiplier')}) now; {way_out}"
+            )
     if len(saved) != len(current):
         raise CheckpointLayoutError(f"{where}: {len(saved)} groups there, {len(current)} now; {way_out}")
     for i, (then, now) in enumerate(zip(saved, current)):

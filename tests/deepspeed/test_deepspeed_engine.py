@@ -872,3 +872,42 @@ def test_a_replica_whose_parameters_took_different_adamw_steps_continues_from_th
     parameter took 1 AdamW step and the others 2 loads with 2 in every partition (it was an error)."""
     _, results, *_ = runs
     assert results["uneven_steps"] and set(results["uneven_steps"]) == {2.0}, results["uneven_steps"]
+
+
+@pytest.mark.multiprocess
+def test_the_layout_record_is_checked_and_names_what_differs(runs, tmp_path):
+    """ZeRO-2's record: its stage, 2 ranks and one group of every trained parameter. A record
+    damaged after the save is a CheckpointCorruptError (a resume may fall back to an older
+    checkpoint), one crafted and resealed a CheckpointLayoutError naming the field; parameters
+    moved to a group of their own (another lr multiplier) are named."""
+    from megatron_cosmos3.checkpoint.engine_layout import (
+        LAYOUT_FILE,
+        CheckpointLayoutError,
+        check_same_parameter_groups,
+        saved_layout,
+    )
+    from megatron_cosmos3.checkpoint.safe_reader import MANIFEST, CheckpointCorruptError, file_record
+
+    root, *_ = runs
+    step = shutil.copytree(root / "zero2" / "step_00000003", tmp_path / "step_00000003")
+    saved = saved_layout(step)
+    trained = {name for name in _weights(root) if not name.startswith(FROZEN)}
+    assert (saved.engine, saved.zero_stage, saved.world_size) == ("deepspeed", 2, 2)
+    (group,) = saved.param_groups
+    assert set(group["params"]) == trained and group["weight_decay"] == 0.01 and group["lr_multiplier"] == 1.0
+    moved = [name for name in group["params"] if ".reasoner." in name]
+    split = [dict(group, params=[n for n in group["params"] if n not in moved]), dict(group, params=moved)]
+    split[1]["lr_multiplier"] = 0.5
+    want = f"parameter {min(moved)!r} was in group 0 (lr_multiplier=1.0) there and is in group 1 (lr_multiplier=0.5)"
+    with pytest.raises(CheckpointLayoutError, match=re.escape(want)):
+        check_same_parameter_groups(step, saved.param_groups, split)
+    check_same_parameter_groups(step, saved.param_groups, saved.param_groups)  # control: the same groups pass
+    record = step / LAYOUT_FILE
+    record.write_text(record.read_text().replace('"zero_stage": 2', '"zero_stage": 7'))
+    with pytest.raises(CheckpointCorruptError, match=re.escape(f"file {LAYOUT_FILE} (ZeRO stage, world size")):
+        saved_layout(step)
+    manifest = json.loads((step / MANIFEST).read_text())
+    manifest["files"][LAYOUT_FILE] = file_record(record)
+    (step / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointLayoutError, match=re.escape(f"{record} zero_stage=7: must be 1, 2 or 3")):
+        saved_layout(step)
