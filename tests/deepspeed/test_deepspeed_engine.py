@@ -272,11 +272,14 @@ def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
         saved = torch.load(step / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)
         bf16["working"] = saved["module"]
     switched_loss = _switch_engines(root)
-    # ZeRO-2's step-2 checkpoint resumed under ZeRO-1, which reads ZeRO-2's files: its step 3.
+    # ZeRO-2's step-2 checkpoint resumed under ZeRO-1, and the switched one of ZeRO-1 under ZeRO-2
+    # (ZeRO-1 and ZeRO-2 read each other's files): their step 3.
     if rank == 0:
         _copy_checkpoint(root / "zero2" / "step_00000002", root / "zero2-as-zero1")
+        _copy_checkpoint(root / "switched" / "step_00000002", root / "zero1-as-zero2")
     torch.distributed.barrier()
     zero1_from_zero2 = _train(root, "zero2-as-zero1", "engine=deepspeed", "deepspeed.zero_stage=1", *QUICK)["loss"]
+    zero2_from_zero1 = _train(root, "zero1-as-zero2", "engine=deepspeed", "deepspeed.zero_stage=2", *QUICK)["loss"]
     # A bf16 ZeRO-1 stage from the bf16 ZeRO-2 checkpoint: the engine's masters are the saved fp32 masters.
     from_bf16 = (
         "engine=deepspeed",
@@ -305,6 +308,7 @@ def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
         "refused": refused,
         "save_failures": save_failures,
         "zero1_from_zero2": zero1_from_zero2,
+        "zero2_from_zero1": zero2_from_zero1,
         "started_from_bf16": started_from_bf16,
         "uneven_steps": uneven_steps,
     }
@@ -740,12 +744,15 @@ def test_loading_a_deepspeed_checkpoint_for_generation_unpickles_no_code(runs, t
 
 
 @pytest.mark.multiprocess
-def test_zero1_resumes_a_zero2_checkpoint(runs):
+def test_zero1_and_zero2_resume_each_others_checkpoints(runs):
     """ZeRO-1 and ZeRO-2 write the same optimizer files: ZeRO-2's step-2 checkpoint resumed under
-    ZeRO-1 takes the uninterrupted ZeRO-1 run's step 3 (the two stages' runs are identical)."""
+    ZeRO-1 takes the uninterrupted ZeRO-1 run's step 3 (the two stages' runs are identical), and
+    the one-process run's step 2 switched to ZeRO-1, resumed under ZeRO-2, the one-process run's."""
     root, results, *_ = runs
     assert results["zero1_from_zero2"] == pytest.approx(history(root, "zero1")[2], rel=1e-6)
     assert results["zero1_from_zero2"] != pytest.approx(history(root, "zero1")[1], rel=1e-3)  # step 3, not 2
+    assert results["zero2_from_zero1"] == pytest.approx(history(root, "single")[2], rel=1e-5)
+    assert results["zero2_from_zero1"] != pytest.approx(history(root, "single")[1], rel=1e-3)
 
 
 @pytest.mark.multiprocess
