@@ -63,7 +63,13 @@ from megatron_cosmos3.training.config import (
     to_yaml,
     with_absolute_paths,
 )
-from megatron_cosmos3.training.distributed import DistributedContext, init_distributed, launcher_run_id, preflight
+from megatron_cosmos3.training.distributed import (
+    DistributedContext,
+    init_distributed,
+    launched_world_size,
+    launcher_run_id,
+    preflight,
+)
 from megatron_cosmos3.training.flops import FlopCounter
 from megatron_cosmos3.training.host_memory import check_host_memory
 from megatron_cosmos3.training.metrics import PHASES, MetricsWindow
@@ -713,7 +719,9 @@ def checked_config(args: argparse.Namespace) -> TrainConfig | None:
     if args.print_config:
         print(to_yaml(config))
         return None
-    config.parallel.validate(int(os.environ.get("WORLD_SIZE", 1)), config.model, config.model.num_experts)
+    # The launcher's world: srun's ranks have no WORLD_SIZE (their world was taken for one process,
+    # and parallel.tensor=2 over two srun tasks refused as "world_size=1 is not divisible").
+    config.parallel.validate(launched_world_size(os.environ), config.model, config.model.num_experts)
     config.name_run(launcher_run_id())
     config.check_paths()
     return config
