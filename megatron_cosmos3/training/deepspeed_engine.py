@@ -770,16 +770,23 @@ def convert_checkpoint(config: TrainConfig, ctx, source: str | Path, target_root
         run.plan.close()
 
 
-# A source the converter refuses, printed as one line (exit status 2) instead of a traceback.
-SOURCE_ERRORS = (CheckpointLayoutError, CheckpointCorruptError, UnsafeCheckpointError, CheckpointMismatchError)
+# A source the converter refuses, printed as one line (exit status 2) instead of a traceback; a
+# RankFailedError is a peer's, which names that rank and its error.
+SOURCE_ERRORS = (
+    CheckpointLayoutError,
+    CheckpointCorruptError,
+    UnsafeCheckpointError,
+    CheckpointMismatchError,
+    RankFailedError,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``torchrun --nproc-per-node N -m megatron_cosmos3.training.deepspeed_engine --config FILE SOURCE
     TARGET [key=value ...]``: ``convert_checkpoint`` on the N ranks of the DeepSpeed run (N: the
     world size the DeepSpeed checkpoint was saved with, or will be resumed with). A source it
-    refuses (``SOURCE_ERRORS``) is one line on stderr, from rank 0 (every rank reads the same
-    files), and exit status 2."""
+    refuses (``SOURCE_ERRORS``) is one line on stderr from rank 0 (its own refusal, every rank reading
+    the same files, or the rank that failed to read it, named) and exit status 2 on every rank."""
     import argparse
 
     from megatron_cosmos3.training.config import load_config
