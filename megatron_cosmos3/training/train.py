@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, CheckpointSaveError, ResumeError, inventory
+from megatron_cosmos3.checkpoint.checkpointer import (
+    Checkpointer,
+    CheckpointSaveError,
+    ResumeError,
+    inventory,
+    read_meta,
+)
+from megatron_cosmos3.checkpoint.engine_layout import is_deepspeed_checkpoint
 from megatron_cosmos3.checkpoint.finite import NonFiniteWeightsError, require_finite_weights
 from megatron_cosmos3.checkpoint.resume import resume_from
 from megatron_cosmos3.checkpoint.weights_folder import (
@@ -324,9 +331,17 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
             if found.problem is not None:
                 raise ResumeError(f"stage.init_from={source}: {found.problem}. {found.describe()}")
             source = found.latest or source
-            meta = run.checkpointer.load(source, run.plan.state_owner, optimizer=None, allow_missing=new)
-            check_saved_architecture(run, meta, source, "stage.init_from")
-            require_finite_weights(run.plan.state_owner, source, "stage.init_from", NAN_START)
+            if is_deepspeed_checkpoint(source):  # under either engine: its fp32 masters, not the bf16 copies
+                from megatron_cosmos3.training.deepspeed_engine import load_deepspeed_weights
+
+                check_saved_architecture(run, read_meta(source), source, "stage.init_from")
+                with run.plan.writing_weights() as owner:
+                    load_deepspeed_weights(source, owner, run.plan.groups, allow_missing=new)
+                    require_finite_weights(owner, source, "stage.init_from", NAN_START)
+            else:
+                meta = run.checkpointer.load(source, run.plan.state_owner, optimizer=None, allow_missing=new)
+                check_saved_architecture(run, meta, source, "stage.init_from")
+                require_finite_weights(run.plan.state_owner, source, "stage.init_from", NAN_START)
         if run.ctx.is_main:
             log.info("stage %s starts from the weights of %s", config.stage.name, source)
     return 0, None
