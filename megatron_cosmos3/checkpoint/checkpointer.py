@@ -39,6 +39,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+from megatron_cosmos3.checkpoint.engine_layout import check_engine
 from megatron_cosmos3.checkpoint.safe_reader import (
     CheckpointCorruptError,
     ChecksummedFileSystemWriter,
@@ -516,6 +517,7 @@ def load_state(
     when absent. Every file read is checked against the checkpoint's checksums first.
     """
     path = Path(path)
+    check_engine(path, "megatron")  # DeepSpeed's files (or its universal layout) are refused by name
     check_sizes(path)  # a missing or truncated file fails here, before any weight is touched
     if not (path / ".metadata").is_file():
         if (path / "meta.json").is_file():  # committed, so the index was there once

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from megatron_cosmos3.checkpoint.checkpointer import CheckpointMismatchError, inventory, load_state, read_meta
+from megatron_cosmos3.checkpoint.engine_layout import CheckpointLayoutError, refuse_foreign
 from megatron_cosmos3.checkpoint.finite import NonFiniteWeightsError, require_finite_weights
 from megatron_cosmos3.checkpoint.safe_reader import (
     MANIFEST,
@@ -33,7 +34,6 @@ from megatron_cosmos3.checkpoint.safe_reader import (
 )
 from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes
 from megatron_cosmos3.checkpoint.weights_folder import (
-    fill_parameters,
     is_weights_folder,
     load_weights_folder,
     verify_weights_folder,
@@ -49,7 +49,7 @@ from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.parallel.plan import ParallelPlan
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.training.config import TrainConfig, config_from_yaml, task_table
-from megatron_cosmos3.training.deepspeed_engine import ENGINE_TAG, deepspeed_weights, is_deepspeed_checkpoint
+from megatron_cosmos3.training.deepspeed_engine import is_deepspeed_checkpoint, load_deepspeed_weights
 from megatron_cosmos3.training.train import build_model
 
 # What a release folder holds besides the weights folder of ``conversion`` (model.yaml + safetensors).
@@ -70,6 +70,7 @@ class IncompleteCheckpointError(CheckpointLoadError):
 # commands print it as one error line (exit code 2) instead of a traceback.
 LOAD_ERRORS = (
     CheckpointLoadError,
+    CheckpointLayoutError,
     CheckpointMismatchError,
     CheckpointCorruptError,
     UnsafeCheckpointError,
@@ -116,7 +117,8 @@ class TrainedModel:
 def find_checkpoint(path: str | Path) -> Path:
     """The folder to read for ``path``: ``path`` itself for a committed ``step_<N>`` folder or a
     release folder, the checkpoint ``latest`` names for a checkpoint directory. CheckpointLoadError
-    (IncompleteCheckpointError for a save that never committed) naming the path otherwise."""
+    (IncompleteCheckpointError for a save that never committed; CheckpointLayoutError for DeepSpeed's
+    universal checkpoint or its files without their step folder) naming the path otherwise."""
     path = Path(path)
     expected = "expected a step_<N> checkpoint folder, a checkpoint directory (with 'latest') or a release folder"
     if not path.exists():
@@ -128,6 +130,7 @@ def find_checkpoint(path: str | Path) -> Path:
         )
     if not path.is_dir():
         raise CheckpointLoadError(f"{path} is a file, not a checkpoint ({expected})")
+    refuse_foreign(path)  # DeepSpeed's universal checkpoint, or its files without their step folder
     if is_weights_folder(path):
         return path
     if (path / ".metadata").is_file() or (path / "meta.json").is_file():  # the loader names a missing index
@@ -232,20 +235,6 @@ def _action_stats(config: TrainConfig) -> dict[str, ActionStats]:
         raise CheckpointLoadError(str(error)) from None
 
 
-def _load_deepspeed_weights(folder: Path, owner: torch.nn.Module, plan: ParallelPlan) -> None:
-    """Fills ``owner`` (this rank's part under ``plan``) from the ``engine=deepspeed`` checkpoint
-    ``folder``: its ZeRO partitions merged into whole tensors (``deepspeed_weights``), of any stage
-    and number of saving ranks, each rank taking its part as from a weights folder."""
-    held = dict(owner.named_parameters())
-    weights = deepspeed_weights(folder)
-    missing = sorted(name for name in held if name not in weights)
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise CheckpointMismatchError(f"checkpoint {folder}: DeepSpeed's files lack parameter {missing[0]!r}{more}")
-    where = f"checkpoint {folder / ENGINE_TAG}"
-    fill_parameters(held, ((where, name, tensor) for name, tensor in weights.items()), plan.groups)
-
-
 def load_trained_model(
     path: str | Path,
     *,
@@ -285,7 +274,7 @@ def load_trained_model(
     if release:
         load_weights_folder(source, owner, config.model, plan.groups, field="checkpoint")
     elif is_deepspeed_checkpoint(source):
-        _load_deepspeed_weights(source, owner, plan)
+        load_deepspeed_weights(source, owner, plan.groups)
     else:
         load_state(source, owner, ShardingMeshes.from_groups(plan.groups, device.type))
     require_finite_weights(owner, source)

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import importlib.util
 import io
 import json
 import logging
 import pickle
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,8 +30,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_cosmos3.atomic_files import write_atomically
 from megatron_cosmos3.checkpoint.checkpointer import (
     Checkpointer,
+    CheckpointMismatchError,
     CheckpointSaveError,
     _named,
     _PendingSave,
@@ -37,13 +41,25 @@ from megatron_cosmos3.checkpoint.checkpointer import (
     load_state,
     read_meta,
 )
+from megatron_cosmos3.checkpoint.engine_layout import (
+    CONVERTER,
+    DEEPSPEED_FOLDER,
+    CheckpointLayoutError,
+    check_same_layout,
+    check_same_parameter_groups,
+    is_deepspeed_checkpoint,
+    saved_layout,
+    write_layout,
+)
 from megatron_cosmos3.checkpoint.safe_reader import (
     RANK_MANIFEST_SUFFIX,
+    CheckpointCorruptError,
     UnsafeCheckpointError,
     file_record,
     verify_checkpoint,
 )
 from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes
+from megatron_cosmos3.checkpoint.weights_folder import fill_parameters
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.objectives.losses import LossBreakdown, LossFunction, model_losses
 from megatron_cosmos3.parallel.context_parallel import split_losses
@@ -55,14 +71,9 @@ from megatron_cosmos3.training.deepspeed_config import deepspeed_config
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "deepspeed_config.json"  # the translated config, beside config.yaml in the run folder
-ENGINE_TAG = "deepspeed"  # DeepSpeed's own files live in step_<N>/deepspeed/
+ENGINE_TAG = DEEPSPEED_FOLDER  # DeepSpeed's own files live in step_<N>/deepspeed/ (its checkpoint tag)
 TRAINER_STATE = "trainer_state_rank{rank}.pt"  # this project's per-rank state: RNG and loader position
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def is_deepspeed_checkpoint(path: str | Path) -> bool:
-    """Whether the checkpoint folder ``path`` was written by ``engine=deepspeed``."""
-    return (Path(path) / ENGINE_TAG).is_dir()
 
 
 class DeepSpeedPlan:
@@ -87,6 +98,7 @@ class DeepSpeedPlan:
         self.model: MoTModel | None = None
         self.engine = None  # deepspeed.DeepSpeedEngine, from build_optimizer
         self.ds_config: dict | None = None
+        self.param_groups: list[dict] = []  # parameter_groups_record, taken before DeepSpeed rewrites the groups
 
     @classmethod
     def create(cls, config: TrainConfig, world_size: int) -> DeepSpeedPlan:
@@ -147,6 +159,7 @@ class DeepSpeedPlan:
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.ds_config = deepspeed_config(self.config, self.world_size)
+        self.param_groups = self._groups_record(param_groups)  # ZeRO puts its flat partitions in their place
         self.engine, optimizer, _, _ = deepspeed.initialize(
             model=self.model, model_parameters=param_groups, config=self.ds_config, dist_init_required=False
         )
@@ -156,11 +169,27 @@ class DeepSpeedPlan:
         return optimizer
 
     def write_config(self, folder: str | Path) -> Path:
-        """Writes the translated DeepSpeed config into ``folder`` (rank 0 calls it); returns the file."""
-        path = Path(folder) / CONFIG_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.ds_config, indent=2, sort_keys=True) + "\n")
-        return path
+        """Writes the translated DeepSpeed config into ``folder`` (rank 0 calls it), whole or not at
+        all (a run killed while writing leaves the previous attempt's file); returns the file."""
+        return write_atomically(Path(folder) / CONFIG_FILE, json.dumps(self.ds_config, indent=2, sort_keys=True) + "\n")
+
+    def parameter_groups_record(self) -> list[dict]:
+        """The engine's optimizer parameter groups as a checkpoint records them (``engine_layout``):
+        each group's hyperparameters and the names of its parameters, in the engine's order."""
+        return [dict(group, params=list(group["params"])) for group in self.param_groups]
+
+    def _groups_record(self, param_groups: list[dict]) -> list[dict]:
+        names = {id(param): name for name, param in self.model.named_parameters()}
+        opt = self.config.optimizer
+        return [
+            {
+                "lr_multiplier": float(group.get("lr_multiplier", 1.0)),
+                "weight_decay": float(group.get("weight_decay", opt.weight_decay)),
+                "betas": [float(b) for b in group.get("betas", opt.betas)],
+                "params": [names[id(param)] for param in group["params"]],
+            }
+            for group in param_groups
+        ]
 
     # -- the driver -----------------------------------------------------------------------------
     def run(
@@ -349,19 +378,33 @@ class DeepSpeedPlan:
 
     def load_replica(self, model: MoTModel, optimizer: torch.optim.AdamW | None) -> None:
         """Sets the engine's weights (working copy and fp32 master) and, with ``optimizer``, its AdamW
-        moments and step from a ``replica`` (every ZeRO stage; collective under ZeRO-3)."""
+        moments and step from a ``replica`` (every ZeRO stage; collective under ZeRO-3).
+
+        DeepSpeed keeps one AdamW step count per flat partition; torch's AdamW one per parameter,
+        and it skips a parameter that no pack of a step reached, so a Megatron-style checkpoint's
+        counts may differ (by parameter, and so between the ranks that saved them). The engine
+        continues from the largest: the run's own step count, which every parameter trained from
+        the start has reached."""
         self._link_optimizer_state()
         source = dict(model.named_parameters())
-        steps = set()
+        steps = {}
         for name, param in self.model.named_parameters():
             state = optimizer.state.get(source[name], {}) if optimizer is not None and param.requires_grad else {}
             self._set_full(param, source[name].detach(), state)
             if "step" in state:
-                steps.add(float(state["step"]))
-        if len(steps) > 1:
-            raise ValueError(f"the checkpoint's parameters have taken different numbers of AdamW steps {sorted(steps)}")
-        if steps:  # DeepSpeed keeps one step count per flat partition
-            (step,) = steps
+                steps[name] = float(state["step"])
+        if steps:
+            step = max(steps.values())
+            behind = sorted(name for name, taken in steps.items() if taken < step)
+            if behind and self.data_rank == 0:
+                log.info(
+                    "the checkpoint's parameters took different numbers of AdamW steps (%s: %d, the most: %d); "
+                    "DeepSpeed continues every partition from %d",
+                    behind[0],
+                    steps[behind[0]],
+                    step,
+                    step,
+                )
             for flat in self._flat_partitions():
                 self.engine.optimizer.optimizer.state[flat]["step"] = torch.tensor(step, dtype=torch.float32)
 
@@ -452,6 +495,27 @@ class _WeightsOnlyTorch:
 
     def load(self, f, map_location=None, **_ignored):  # mmap: a whole read is as good
         return self._load(str(f), map_location)
+
+
+def load_deepspeed_weights(folder: Path, owner: nn.Module, groups=None, allow_missing: tuple[str, ...] = ()) -> None:
+    """Fills ``owner`` (this rank's part of the model; ``groups``: its megatron-core groups, None for
+    a whole model) from the ``engine=deepspeed`` checkpoint ``folder``: the fp32 masters of its ZeRO
+    partitions merged into whole tensors (``deepspeed_weights``), of any stage and number of saving
+    ranks, each rank taking its part as from a weights folder. A parameter the checkpoint lacks is a
+    CheckpointMismatchError naming it, unless its name starts with one of ``allow_missing``."""
+    if importlib.util.find_spec("deepspeed") is None:
+        raise CheckpointLayoutError(
+            f"checkpoint {folder} was written by engine=deepspeed, and reading its ZeRO partitions needs DeepSpeed, "
+            "which is not installed here"
+        )
+    held = dict(owner.named_parameters())
+    weights = deepspeed_weights(folder)
+    missing = sorted(name for name in held if name not in weights and not name.startswith(tuple(allow_missing)))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointMismatchError(f"checkpoint {folder}: DeepSpeed's files lack parameter {missing[0]!r}{more}")
+    where = f"checkpoint {folder / ENGINE_TAG}"
+    fill_parameters(held, ((where, name, tensor) for name, tensor in weights.items()), groups)
 
 
 def deepspeed_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -561,6 +625,9 @@ class DeepSpeedCheckpointer(Checkpointer):
                 raise failures[0]
             state = {"per_rank": dict(per_rank), "named": dict(named or {})}
             torch.save(state, staging / TRAINER_STATE.format(rank=self.rank))
+            if self.rank == 0:  # what a resume checks before it loads DeepSpeed's files
+                plan = self.plan
+                write_layout(staging, plan.zero_stage, plan.world_size, plan.parameter_groups_record())
         except RankFailedError as error:  # another rank's failure, named
             failed = _save_error(f"checkpoint of step {step} not saved to {staging}: {error}; {self._kept()}", error)
         except Exception as error:  # any failure here must reach the other ranks, or they wait forever
@@ -593,24 +660,31 @@ class DeepSpeedCheckpointer(Checkpointer):
         super()._commit_files(pending, final)
 
     def load(self, path, model, optimizer=None, per_rank=None, allow_missing=(), named=None) -> dict:
-        """Loads a checkpoint this engine saved: DeepSpeed's weights (and optimizer state unless
-        ``optimizer`` is None) into the engine, then this rank's RNG (``per_rank``) and the loader
-        positions (``named``, found in whichever rank's file holds them) in place. Every file is
-        checked against the checksums first; DeepSpeed's files are unpickled weights-only (``weights_only_loads``)."""
+        """Loads a checkpoint this engine saved: DeepSpeed's weights and optimizer state into the
+        engine (``optimizer`` None: the weights only, its fp32 masters through ``load_deepspeed_weights``,
+        from any ZeRO stage and world size), then this rank's RNG (``per_rank``) and the loader
+        positions (``named``, found in whichever rank's file holds them) in place. Before anything
+        is read, a CheckpointLayoutError names a checkpoint saved under a ZeRO stage or world size
+        whose files this engine cannot read, or with other parameter groups (``engine_layout``).
+        Every file is checked against the checksums first; DeepSpeed's files are unpickled
+        weights-only (``weights_only_loads``). A Megatron-style checkpoint is the engine switch."""
         path = Path(path)
-        if not is_deepspeed_checkpoint(path):
+        layout = saved_layout(path)  # a DeepSpeed universal checkpoint is refused here, by name
+        if layout.engine != "deepspeed":
             return self._load_megatron_style(path, optimizer, per_rank, allow_missing, named)
-        verify_checkpoint(path)
-        meta = read_meta(path)
-        engine = self.plan.engine
-        with weights_only_loads(engine):
-            engine.load_checkpoint(
-                str(path),
-                tag=ENGINE_TAG,
-                load_optimizer_states=optimizer is not None,
-                load_lr_scheduler_states=False,
-                load_module_only=optimizer is None,
-            )
+        if optimizer is None:
+            meta = read_meta(path)
+            with self.plan.writing_weights() as owner:
+                load_deepspeed_weights(path, owner, None, allow_missing)
+        else:
+            check_same_layout(path, layout, self.plan.zero_stage, self.plan.world_size)
+            check_same_parameter_groups(path, layout.param_groups, self.plan.parameter_groups_record())
+            verify_checkpoint(path)
+            meta = read_meta(path)
+            with weights_only_loads(self.plan.engine):
+                self.plan.engine.load_checkpoint(
+                    str(path), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+                )
         mine = path / TRAINER_STATE.format(rank=self.rank)
         if per_rank is not None:
             saved = torch.load(mine, weights_only=True)["per_rank"] if mine.is_file() else {}
@@ -663,38 +737,64 @@ def convert_checkpoint(config: TrainConfig, ctx, source: str | Path, target_root
     stage, saved on this many ranks with ``config``'s stage) into a Megatron-style one, or a
     Megatron-style one into a DeepSpeed one, committed as ``target_root/step_<N>`` with the same
     step, RNG, loader state and meta.
-    Collective on the ranks of an ``engine=deepspeed`` run of ``config`` (``ctx``)."""
+    Collective on the ranks of an ``engine=deepspeed`` run of ``config`` (``ctx``): a rank failing
+    in the load or the save (a file it cannot read) ends every rank, each naming it
+    (``fail_together``; a save that failed somewhere raises ``CheckpointSaveError`` on every rank).
+    A source no conversion reads (a DeepSpeed universal checkpoint, DeepSpeed's files without their
+    step folder, a folder without meta.json, a DeepSpeed checkpoint of another ZeRO stage or world
+    size than ``config`` and ``ctx`` give) is a CheckpointLayoutError naming it on every rank,
+    before DeepSpeed starts."""
     import copy
 
     from megatron_cosmos3.training.train import build_run
 
+    source = Path(source)
+    saved = saved_layout(source)
+    if not (source / "meta.json").is_file():
+        raise CheckpointLayoutError(f"{source} is not a committed step_<N> checkpoint folder (it has no meta.json)")
+    check_same_layout(source, saved, config.deepspeed.zero_stage, ctx.world_size)
     config = copy.deepcopy(config)
     config.engine, config.checkpoint.directory = "deepspeed", str(target_root)
     run = build_run(config, ctx)
     try:
-        per_rank, named = {"rng": torch.get_rng_state()}, run.batches.state()
-        meta = run.checkpointer.load(source, run.plan.state_owner, run.optimizer, per_rank, named=named)
-        step, rest = meta["step"], {k: v for k, v in meta.items() if k != "step"}
-        if is_deepspeed_checkpoint(source):
-            return run.checkpointer.save_megatron_style(target_root, step, per_rank, rest, named)
-        run.checkpointer.save(step, run.plan.state_owner, run.optimizer, per_rank, rest, named)
-        return Path(target_root) / f"step_{step:08d}"
+        with fail_together("converting the checkpoint", agreed=(CheckpointSaveError,)):
+            per_rank, named = {"rng": torch.get_rng_state()}, run.batches.state()
+            meta = run.checkpointer.load(source, run.plan.state_owner, run.optimizer, per_rank, named=named)
+            step, rest = meta["step"], {k: v for k, v in meta.items() if k != "step"}
+            if is_deepspeed_checkpoint(source):
+                return run.checkpointer.save_megatron_style(target_root, step, per_rank, rest, named)
+            run.checkpointer.save(step, run.plan.state_owner, run.optimizer, per_rank, rest, named)
+            return Path(target_root) / f"step_{step:08d}"
     finally:
         run.batches.close()
         run.plan.close()
 
 
-def main(argv: list[str] | None = None) -> None:
+# A source the converter refuses, printed as one line (exit status 2) instead of a traceback; a
+# RankFailedError is a peer's, which names that rank and its error.
+SOURCE_ERRORS = (
+    CheckpointLayoutError,
+    CheckpointCorruptError,
+    UnsafeCheckpointError,
+    CheckpointMismatchError,
+    RankFailedError,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
     """``torchrun --nproc-per-node N -m megatron_cosmos3.training.deepspeed_engine --config FILE SOURCE
     TARGET [key=value ...]``: ``convert_checkpoint`` on the N ranks of the DeepSpeed run (N: the
-    world size the DeepSpeed checkpoint was saved with, or will be resumed with)."""
+    world size the DeepSpeed checkpoint was saved with, or will be resumed with). A source it
+    refuses (``SOURCE_ERRORS``) is one line on stderr from rank 0 (its own refusal, every rank reading
+    the same files, or the rank that failed to read it, named) and exit status 2 on every rank."""
     import argparse
 
     from megatron_cosmos3.training.config import load_config
     from megatron_cosmos3.training.distributed import init_distributed
 
     parser = argparse.ArgumentParser(
-        description="Convert a checkpoint folder between engine=megatron and engine=deepspeed (ZeRO-1/2/3)."
+        prog=CONVERTER,
+        description="Convert a checkpoint folder between engine=megatron and engine=deepspeed (ZeRO-1/2/3).",
     )
     parser.add_argument("--config", action="append", default=[], help="the run's YAML config; repeat to layer")
     parser.add_argument("source", help="a step_<N> checkpoint folder of either engine")
@@ -705,12 +805,17 @@ def main(argv: list[str] | None = None) -> None:
     ctx = init_distributed(config.distributed.init_timeout_s)
     try:
         converted = convert_checkpoint(config, ctx, args.source, args.target)
+    except SOURCE_ERRORS as error:
         if ctx.is_main:
-            print(f"converted {args.source} -> {converted}")
+            print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if ctx.is_main:
+        print(f"converted {args.source} -> {converted}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, CheckpointSaveError, ResumeError, inventory
+from megatron_cosmos3.checkpoint.checkpointer import (
+    Checkpointer,
+    CheckpointSaveError,
+    ResumeError,
+    inventory,
+    read_meta,
+)
+from megatron_cosmos3.checkpoint.engine_layout import is_deepspeed_checkpoint
 from megatron_cosmos3.checkpoint.finite import NonFiniteWeightsError, require_finite_weights
 from megatron_cosmos3.checkpoint.resume import resume_from
 from megatron_cosmos3.checkpoint.weights_folder import (
@@ -56,7 +63,14 @@ from megatron_cosmos3.training.config import (
     to_yaml,
     with_absolute_paths,
 )
-from megatron_cosmos3.training.distributed import DistributedContext, init_distributed, launcher_run_id, preflight
+from megatron_cosmos3.training.distributed import (
+    DistributedContext,
+    init_distributed,
+    launched_rank,
+    launched_world_size,
+    launcher_run_id,
+    preflight,
+)
 from megatron_cosmos3.training.flops import FlopCounter
 from megatron_cosmos3.training.host_memory import check_host_memory
 from megatron_cosmos3.training.metrics import PHASES, MetricsWindow
@@ -317,9 +331,17 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
             if found.problem is not None:
                 raise ResumeError(f"stage.init_from={source}: {found.problem}. {found.describe()}")
             source = found.latest or source
-            meta = run.checkpointer.load(source, run.plan.state_owner, optimizer=None, allow_missing=new)
-            check_saved_architecture(run, meta, source, "stage.init_from")
-            require_finite_weights(run.plan.state_owner, source, "stage.init_from", NAN_START)
+            if is_deepspeed_checkpoint(source):  # under either engine: its fp32 masters, not the bf16 copies
+                from megatron_cosmos3.training.deepspeed_engine import load_deepspeed_weights
+
+                check_saved_architecture(run, read_meta(source), source, "stage.init_from")
+                with run.plan.writing_weights() as owner:
+                    load_deepspeed_weights(source, owner, run.plan.groups, allow_missing=new)
+                    require_finite_weights(owner, source, "stage.init_from", NAN_START)
+            else:
+                meta = run.checkpointer.load(source, run.plan.state_owner, optimizer=None, allow_missing=new)
+                check_saved_architecture(run, meta, source, "stage.init_from")
+                require_finite_weights(run.plan.state_owner, source, "stage.init_from", NAN_START)
         if run.ctx.is_main:
             log.info("stage %s starts from the weights of %s", config.stage.name, source)
     return 0, None
@@ -698,7 +720,9 @@ def checked_config(args: argparse.Namespace) -> TrainConfig | None:
     if args.print_config:
         print(to_yaml(config))
         return None
-    config.parallel.validate(int(os.environ.get("WORLD_SIZE", 1)), config.model, config.model.num_experts)
+    # The launcher's world: srun's ranks have no WORLD_SIZE (their world was taken for one process,
+    # and parallel.tensor=2 over two srun tasks refused as "world_size=1 is not divisible").
+    config.parallel.validate(launched_world_size(os.environ), config.model, config.model.num_experts)
     config.name_run(launcher_run_id())
     config.check_paths()
     return config
@@ -738,14 +762,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     """``cosmos3-train``: as ``main``, but a config error (or a ``--config`` file that cannot be
-    read) is one line on stderr (from rank 0: every rank reads the same config and fails the same
-    way) and exit status 2 on every rank, as the other commands do; errors while training stay
-    tracebacks."""
+    read) is one line on stderr (from rank 0, torchrun's or srun's: every rank reads the same config
+    and fails the same way) and exit status 2 on every rank, as the other commands do; errors while
+    training stay tracebacks."""
     args = parse_args(argv)
     try:
         config = checked_config(args)
     except (ValueError, OSError) as error:  # OSError: a --config file that is missing or unreadable
-        if int(os.environ.get("RANK", "0")) == 0:
+        if launched_rank(os.environ) == 0:
             print(f"cosmos3-train: error: {error}", file=sys.stderr)
         return 2
     if config is not None:

@@ -1,12 +1,19 @@
 """The DeepSpeed config is translated from the one training config, and option mixes the engines cannot
 run are refused while the config loads (before any process group), naming the pair."""
 
+import contextlib
+import errno
+import json
+import resource
+import signal
+
 import pytest
 import torch
 
 from megatron_cosmos3.testing.training import TINY_MODEL
 from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.deepspeed_config import deepspeed_config
+from megatron_cosmos3.training.deepspeed_engine import CONFIG_FILE, DeepSpeedPlan
 
 
 def config(*overrides):
@@ -115,3 +122,34 @@ def test_deepspeed_files_load_enum_members_pickled_by_name_and_nothing_else_thro
     torch.save({"x": _ByName(LossScaler, "update_scale")}, method)
     with pytest.raises(UnsafeCheckpointError, match="is not an enum member"):
         engine.load(str(method))
+
+
+@contextlib.contextmanager
+def file_size_limit(size: int):
+    """Within: a write past ``size`` bytes fails with EFBIG, as on a disk that fills up (this
+    process's soft limit, restored after; SIGXFSZ, which would end the process, ignored)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_the_translated_config_is_written_whole_or_not_at_all(tmp_path):
+    """A write cut short (a full disk: here a file-size limit below the config's size) leaves the
+    previous attempt's deepspeed_config.json as it was and no partial file beside it; an uncut
+    write replaces it."""
+    previous = tmp_path / CONFIG_FILE
+    previous.write_text('{"previous": "attempt"}\n')
+    plan = DeepSpeedPlan(config("engine=deepspeed", f"checkpoint.directory={tmp_path}"), 2)
+    plan.ds_config = deepspeed_config(plan.config, 2)
+    with file_size_limit(200), pytest.raises(OSError) as cut:
+        plan.write_config(tmp_path)
+    assert cut.value.errno == errno.EFBIG
+    assert previous.read_text() == '{"previous": "attempt"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_FILE]
+    assert plan.write_config(tmp_path) == previous
+    assert json.loads(previous.read_text()) == plan.ds_config and len(previous.read_bytes()) > 200

@@ -13,10 +13,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
+import sys
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -61,6 +64,8 @@ COMMON = [
 STAGES = (1, 2, 3)
 TIMEOUT_S = 10  # distributed.init_timeout_s of the runs in which one rank fails
 BF16 = ("precision=bf16", "steps=2")
+# Where rank 1 fails inside DeepSpeed's collectives: the fail_together region that names it.
+FAILING_IN = {"forward": "forward and backward", "step": "optimizer step", "save": "save_checkpoint"}
 SAMPLES = ("tracking.generation_samples=true",)
 FROZEN = ("dm_streams.action_in.single_arm.", "dm_streams.action_out.single_arm.")
 
@@ -128,6 +133,48 @@ def _switch_engines(root: Path) -> float:
     return _train(root, "switched3", "engine=deepspeed", "deepspeed.zero_stage=3", "tracking.enabled=false")["loss"]
 
 
+QUICK = ("tracking.enabled=false", "eval.every=0")
+
+
+def _copy_checkpoint(step: Path, root: Path) -> None:
+    """A run folder ``root`` whose only (latest) checkpoint is a copy of the step folder ``step``."""
+    shutil.copytree(step, root / step.name)
+    (root / "latest").write_text(step.name)
+
+
+def _started_weights(root: Path, name: str, *extra: str) -> dict[str, torch.Tensor]:
+    """The weights a run starts from (its resume, or stage.init_from's), read back right after:
+    under engine=deepspeed the engine's fp32 masters (``replica_of_engine``), else the model's.
+    Collective under engine=deepspeed."""
+    config = load_config(None, overrides(root, name, *QUICK, *extra))
+    context = _context() if torch.distributed.is_initialized() else DistributedContext(0, 1, 0, torch.device("cpu"))
+    run = train_module.build_run(config, context)
+    try:
+        train_module.resume_or_initialise(run)
+        model = run.plan.replica_of_engine()[0] if config.engine == "deepspeed" else run.model
+        return {name: param.detach().clone() for name, param in model.named_parameters()}
+    finally:
+        run.batches.close()
+        run.plan.close()
+
+
+def _uneven_steps_loaded(root: Path) -> list[float]:
+    """The one-process run's step-2 checkpoint read into a ZeRO-1 engine's replica with one
+    parameter's AdamW step count lowered to 1 (torch's AdamW skips a parameter no pack of a step
+    reached), handed to the engine (``load_replica``): the step count of each of its flat partitions."""
+    config = load_config(None, overrides(root, "uneven-steps", "engine=deepspeed", "deepspeed.zero_stage=1", *QUICK))
+    run = train_module.build_run(config, _context())
+    try:
+        model, adam = run.plan.replica()
+        load_state(root / "single" / "step_00000002", model, ShardingMeshes(), run.checkpointer.group, adam)
+        adam.state[model.get_parameter("embed_tokens.weight")]["step"] = torch.tensor(1.0)
+        run.plan.load_replica(model, adam)
+        return [float(run.optimizer.optimizer.state[flat]["step"]) for flat in run.plan._flat_partitions()]
+    finally:
+        run.batches.close()
+        run.plan.close()
+
+
 def _failing_saves_first(outcomes: list) -> object:
     """Patches ``DeepSpeedCheckpointer.save`` so that its first call first tries the save twice with
     a full disk on rank 1 only: once in DeepSpeed's own file, once in the trainer state. Every rank
@@ -168,8 +215,9 @@ def _failing_saves_first(outcomes: list) -> object:
 def _one_rank_fails(rank: int, world_size: int, root: Path, where: str) -> tuple[str, str, float]:
     """A 2-rank run in which rank 1 alone raises inside DeepSpeed's collectives: in its second
     forward under ZeRO-2 (the others wait in the gradient reduction of their backward, on ZeRO's
-    data-parallel group: DeepSpeed's clone of the world), or inside DeepSpeed's ``save_checkpoint``
-    of ZeRO-1 before its closing barrier (not a file write, which is held). Returns what this rank
+    data-parallel group: DeepSpeed's clone of the world), in ZeRO-3's first optimizer step, or
+    inside DeepSpeed's ``save_checkpoint`` of ZeRO-1 before its closing barrier (not a file write,
+    which is held). Returns what this rank
     raised (type, message) and after how many seconds. Every group waits ``TIMEOUT_S``
     (``distributed.init_timeout_s``; the launcher's world is replaced by one of that timeout)."""
     from deepspeed.runtime.engine import DeepSpeedEngine
@@ -178,12 +226,31 @@ def _one_rank_fails(rank: int, world_size: int, root: Path, where: str) -> tuple
     if where == "forward":
         failing = failing_call(MoTModel, "forward", rank == 1, 2, "rank 1's forward failed")
         settings = ("deepspeed.zero_stage=2", "steps=2")
+    elif where == "step":  # ZeRO-3's step: the others wait in its gradient-norm reduction
+        failing = failing_call(DeepSpeedEngine, "step", rank == 1, 1, "rank 1's step failed")
+        settings = ("deepspeed.zero_stage=3", "steps=1")
     else:
         failing = failing_call(DeepSpeedEngine, "_save_zero_checkpoint", rank == 1, 1, "rank 1's save failed")
         settings = ("deepspeed.zero_stage=1", "steps=1")
     quick = ("tracking.enabled=false", "eval.every=0", f"distributed.init_timeout_s={TIMEOUT_S}")
     with failing:
         return raised_by(partial(_train, root, f"fails-in-{where}", "engine=deepspeed", *settings, *quick))
+
+
+def _one_rank_fails_converting(rank: int, world_size: int, root: Path) -> tuple[str, str, float]:
+    """``convert_checkpoint`` of the one-process step-2 checkpoint to ZeRO-1 on 2 ranks, rank 1 alone
+    failing to read it (the others go on to the load's and the save's collectives). What this rank
+    raised (type, message) and after how many seconds; every group waits ``TIMEOUT_S``."""
+    from megatron_cosmos3.training.deepspeed_engine import DeepSpeedCheckpointer, convert_checkpoint
+
+    restart_world(rank, world_size, root / "store-convert", TIMEOUT_S)
+    settings = ("engine=deepspeed", "deepspeed.zero_stage=1", "tracking.enabled=false")
+    config = load_config(
+        None, overrides(root, "fails-converting", *settings, f"distributed.init_timeout_s={TIMEOUT_S}")
+    )
+    source, target = root / "single" / "step_00000002", root / "fails-converting"
+    with failing_call(DeepSpeedCheckpointer, "load", rank == 1, 1, "rank 1 cannot read the checkpoint"):
+        return raised_by(partial(convert_checkpoint, config, _context(), source, target))
 
 
 def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
@@ -221,6 +288,23 @@ def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
         saved = torch.load(step / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)
         bf16["working"] = saved["module"]
     switched_loss = _switch_engines(root)
+    # ZeRO-2's step-2 checkpoint resumed under ZeRO-1, and the switched one of ZeRO-1 under ZeRO-2
+    # (ZeRO-1 and ZeRO-2 read each other's files): their step 3.
+    if rank == 0:
+        _copy_checkpoint(root / "zero2" / "step_00000002", root / "zero2-as-zero1")
+        _copy_checkpoint(root / "switched" / "step_00000002", root / "zero1-as-zero2")
+    torch.distributed.barrier()
+    zero1_from_zero2 = _train(root, "zero2-as-zero1", "engine=deepspeed", "deepspeed.zero_stage=1", *QUICK)["loss"]
+    zero2_from_zero1 = _train(root, "zero1-as-zero2", "engine=deepspeed", "deepspeed.zero_stage=2", *QUICK)["loss"]
+    # A bf16 ZeRO-1 stage from the bf16 ZeRO-2 checkpoint: the engine's masters are the saved fp32 masters.
+    from_bf16 = (
+        "engine=deepspeed",
+        "deepspeed.zero_stage=1",
+        "precision=bf16",
+        f"stage.init_from={root / 'zero2-bf16'}",
+    )
+    started_from_bf16 = _started_weights(root, "from-bf16", *from_bf16)
+    uneven_steps = _uneven_steps_loaded(root)
     # A ZeRO-3 stage from weights holding NaN: refused when they are loaded (each rank checks its partition).
     from megatron_cosmos3.checkpoint.finite import NonFiniteWeightsError
 
@@ -230,7 +314,8 @@ def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
     except NonFiniteWeightsError as error:
         refused = str(error)
     # Last: a rank failing inside DeepSpeed's collectives ends the process groups (each case starts a world).
-    stopped = {where: _one_rank_fails(rank, world_size, root, where) for where in ("forward", "save")}
+    stopped = {where: _one_rank_fails(rank, world_size, root, where) for where in FAILING_IN}
+    stopped["convert"] = _one_rank_fails_converting(rank, world_size, root)
     return {
         "stopped": stopped,
         "weights": weights,
@@ -239,14 +324,39 @@ def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
         "bf16": bf16,
         "refused": refused,
         "save_failures": save_failures,
+        "zero1_from_zero2": zero1_from_zero2,
+        "zero2_from_zero1": zero2_from_zero1,
+        "started_from_bf16": started_from_bf16,
+        "uneven_steps": uneven_steps,
     }
 
 
-def _on_one_rank(rank: int, world_size: int, root: Path) -> float:
+# Resumes refused before DeepSpeed loads anything: (the run folder copied, the resuming run's settings).
+REFUSED = {
+    "world_size": ("zero1", ("deepspeed.zero_stage=1",)),  # saved on 2 ranks, resumed on 1
+    "zero_stage": ("one-rank", ("deepspeed.zero_stage=1",)),  # saved under ZeRO-3
+    "weight_decay": ("one-rank", ("deepspeed.zero_stage=3", "optimizer.weight_decay=0.05")),
+    "frozen": (
+        "one-rank",
+        ("deepspeed.zero_stage=3", "stage.freeze=[dm_streams.action_*.single_arm.*,layers.*.reasoner.*]"),
+    ),
+}
+
+
+def _on_one_rank(rank: int, world_size: int, root: Path) -> tuple[float, dict]:
     """The Megatron-style step-2 checkpoint converted back from 2-rank ZeRO-3 (a copy of
-    switched3-back), continued by a 1-rank ZeRO-3 run with both micro-batches; its step-3 loss."""
+    switched3-back), continued by a 1-rank ZeRO-3 run with both micro-batches; its step-3 loss.
+    Then the resumes of ``REFUSED``, each in a copy of its run folder: what each raised."""
     settings = ("engine=deepspeed", "deepspeed.zero_stage=3", "optimizer.micro_batches_per_step=2")
-    return _train(root, "one-rank", *settings, "tracking.enabled=false", "eval.every=0")["loss"]
+    loss = _train(root, "one-rank", *settings, *QUICK)["loss"]
+    refused = {}
+    for case, (source, extra) in REFUSED.items():
+        shutil.copytree(root / source, root / f"refused-{case}")
+        resume = partial(
+            _train, root, f"refused-{case}", "engine=deepspeed", "optimizer.micro_batches_per_step=2", *extra, *QUICK
+        )
+        refused[case] = raised_by(resume)[:2]
+    return loss, refused
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +386,7 @@ def runs(tmp_path_factory):
         ranks = run_on_ranks(_deepspeed_runs, 2, root, timeout_s=400)
         results = {**ranks[0], **{key: [r[key] for r in ranks] for key in ("save_failures", "stopped")}}
         shutil.copytree(root / "switched3-back", root / "one-rank")
-        results["one_rank_loss"] = run_on_ranks(_on_one_rank, 1, root, timeout_s=200)[0]
+        results["one_rank_loss"], results["layout_refused"] = run_on_ranks(_on_one_rank, 1, root, timeout_s=200)[0]
     finally:
         if old is None:
             del os.environ["TORCH_EXTENSIONS_DIR"]
@@ -374,18 +484,19 @@ def test_a_save_failing_on_one_rank_raises_the_same_error_on_every_rank(runs, at
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("where", ["forward", "save"])
+@pytest.mark.parametrize("where", FAILING_IN)
 def test_a_rank_failing_inside_deepspeeds_collectives_ends_every_rank_naming_its_error(runs, where):
     """Rank 1 raises inside DeepSpeed's collectives (its ZeRO-2 forward, rank 0 then waiting in its
-    backward's reduction; DeepSpeed's save before its closing barrier): it raises its own error,
-    rank 0 one naming rank 1 and that error (not gloo's "timed out"), both within the configured
-    timeout (ZeRO's group waited torch's 30 minutes for a new group: the fixture's 400 s first)."""
+    backward's reduction; ZeRO-3's optimizer step; DeepSpeed's save before its closing barrier): it
+    raises its own error, rank 0 one naming rank 1 and that error (not gloo's "timed out"), both
+    within the configured timeout (ZeRO's group waited torch's 30 minutes for a new group: the
+    fixture's 400 s first)."""
     root, results, _, _ = runs
     (type0, message0, seconds0), (type1, message1, seconds1) = (r[where] for r in results["stopped"])
-    failed = f"rank 1 failed in DeepSpeed's {'forward and backward' if where == 'forward' else 'save_checkpoint'}"
+    failed = f"rank 1 failed in DeepSpeed's {FAILING_IN[where]}"
     assert f"{failed}: RuntimeError: rank 1's {where} failed" in message0, (type0, message0)
-    if where == "forward":
-        assert (type0, type1, message1) == ("RankFailedError", "RuntimeError", "rank 1's forward failed")
+    if where != "save":
+        assert (type0, type1, message1) == ("RankFailedError", "RuntimeError", f"rank 1's {where} failed")
     else:  # the save's own error on both, naming the folder; nothing committed
         staging = root / "fails-in-save" / ".step_00000001.partial"
         assert type0 == type1 == "CheckpointSaveError", (type0, message0, type1, message1)
@@ -393,6 +504,26 @@ def test_a_rank_failing_inside_deepspeeds_collectives_ends_every_rank_naming_its
         assert message0.startswith(f"checkpoint of step 1 not saved to {staging}: ")
         assert not [p.name for p in (root / "fails-in-save").iterdir() if p.name.startswith((".step_", "step_"))]
     assert max(seconds0, seconds1) < 3 * TIMEOUT_S, (seconds0, seconds1)
+
+
+@pytest.mark.multiprocess
+def test_a_rank_failing_to_convert_a_checkpoint_ends_every_rank_naming_it(runs):
+    """``convert_checkpoint`` under torchrun (the module's ``main``) with one rank unable to read the
+    checkpoint: the others waited in the load's or the save's collectives until the groups' timeout
+    and failed with gloo's "timed out", naming no rank. Now rank 0 names rank 1 and its error at once,
+    and nothing is committed."""
+    root, results, _, _ = runs
+    (type0, message0, seconds0), (type1, message1, seconds1) = (r["convert"] for r in results["stopped"])
+    assert (type1, message1) == ("RuntimeError", "rank 1 cannot read the checkpoint")
+    assert (type0, message0) == (
+        "RankFailedError",
+        "converting the checkpoint stopped on rank 0: rank 1 failed in converting the checkpoint: "
+        "RuntimeError: rank 1 cannot read the checkpoint",
+    )
+    assert max(seconds0, seconds1) < 3 * TIMEOUT_S, (seconds0, seconds1)
+    target = root / "fails-converting"
+    committed = [p.name for p in target.iterdir() if p.name.startswith("step_")] if target.exists() else []
+    assert not committed, committed
 
 
 def test_preempted_and_resumed_equals_an_uninterrupted_run(runs):
@@ -647,3 +778,180 @@ def test_loading_a_deepspeed_checkpoint_for_generation_unpickles_no_code(runs, t
     with pytest.raises(UnsafeCheckpointError, match=rf"{crafted} refers to code") as refused:
         load_trained_model(step)
     assert isinstance(refused.value, LOAD_ERRORS) and not marker.exists()
+
+
+@pytest.mark.multiprocess
+def test_zero1_and_zero2_resume_each_others_checkpoints(runs):
+    """ZeRO-1 and ZeRO-2 write the same optimizer files: ZeRO-2's step-2 checkpoint resumed under
+    ZeRO-1 takes the uninterrupted ZeRO-1 run's step 3 (the two stages' runs are identical), and
+    the one-process run's step 2 switched to ZeRO-1, resumed under ZeRO-2, the one-process run's."""
+    root, results, *_ = runs
+    assert results["zero1_from_zero2"] == pytest.approx(history(root, "zero1")[2], rel=1e-6)
+    assert results["zero1_from_zero2"] != pytest.approx(history(root, "zero1")[1], rel=1e-3)  # step 3, not 2
+    assert results["zero2_from_zero1"] == pytest.approx(history(root, "single")[2], rel=1e-5)
+    assert results["zero2_from_zero1"] != pytest.approx(history(root, "single")[1], rel=1e-3)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("case", REFUSED)
+def test_a_resume_deepspeed_cannot_load_is_refused_naming_the_saved_and_current_layout(runs, case):
+    """On 1 rank: a ZeRO-1 checkpoint of 2 ranks, a ZeRO-3 one under ZeRO-1, and one whose parameter
+    groups changed (another weight decay, the reasoner tower frozen) are CheckpointLayoutErrors
+    naming both sides, raised before DeepSpeed reads a file (its own loader would take the wrong
+    partitions, or fail with its own error, or keep the saved weight decay without a word)."""
+    root, results, *_ = runs
+    raised, message = results["layout_refused"][case]
+    folder = root / f"refused-{case}" / "step_00000003"
+    assert raised == "CheckpointLayoutError", (raised, message)
+    assert message.startswith(f"checkpoint {folder} was saved "), message
+    want = {
+        "world_size": "under engine=deepspeed (ZeRO-1 on 2 ranks), and this run is engine=deepspeed (ZeRO-1 on 1 rank)",
+        "zero_stage": "under engine=deepspeed (ZeRO-3 on 1 rank), and this run is engine=deepspeed (ZeRO-1 on 1 rank)",
+        "weight_decay": "group 0 has weight_decay=0.01 there and weight_decay=0.05 now",
+        "frozen": "parameter 'layers.0.reasoner.",
+    }[case]
+    assert want in message, message
+    if case == "frozen":
+        assert "was trained there and is frozen now" in message, message
+
+
+def test_the_megatron_engine_refuses_to_resume_a_deepspeed_checkpoint_naming_the_engine(runs):
+    from megatron_cosmos3.checkpoint.engine_layout import CheckpointLayoutError
+
+    root, *_ = runs
+    _copy_checkpoint(root / "zero1" / "step_00000003", root / "megatron-resumes-zero1")
+    config = load_config(None, overrides(root, "megatron-resumes-zero1", *QUICK))
+    step = root / "megatron-resumes-zero1" / "step_00000003"
+    want = f"checkpoint {step} was written by engine=deepspeed (ZeRO-1 on 2 ranks), and this run has engine=megatron"
+    with pytest.raises(CheckpointLayoutError, match=re.escape(want)):
+        train_module.train(config, DistributedContext(0, 1, 0, torch.device("cpu")))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("engine", ["deepspeed", "megatron"])
+def test_a_stage_from_a_bf16_deepspeed_checkpoint_starts_from_its_fp32_masters(runs, engine):
+    """stage.init_from a bf16 ZeRO-2 checkpoint, under a bf16 ZeRO-1 engine (2 ranks) or the
+    Megatron-style engine (one process): every trained weight is the saved fp32 master, bit for bit,
+    not the bf16 working copy beside it (the frozen ones, of which DeepSpeed keeps no fp32 master,
+    as zero_to_fp32 gives them: the saved module's)."""
+    root, results, *_ = runs
+    masters, working = results["bf16"]["masters"], results["bf16"]["working"]
+    if engine == "deepspeed":
+        started = results["started_from_bf16"]
+    else:
+        started = _started_weights(root, "megatron-from-bf16", f"stage.init_from={root / 'zero2-bf16'}")
+    q = "layers.0.generator.self_attn.q_proj.weight"
+    assert not torch.equal(masters[q], working[q].float())  # control: the copies differ
+    assert set(masters) <= set(started)
+    for name, tensor in started.items():
+        want = masters[name] if name in masters else working[name].float()
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, want), name
+
+
+@pytest.mark.multiprocess
+def test_a_bf16_deepspeed_checkpoint_loads_its_fp32_masters_for_generation(runs):
+    """load_trained_model of the bf16 ZeRO-2 checkpoint: fp32 weights, the masters bit for bit."""
+    from megatron_cosmos3.release.trained import load_trained_model
+
+    root, results, *_ = runs
+    masters, working = results["bf16"]["masters"], results["bf16"]["working"]
+    weights = dict(load_trained_model(root / "zero2-bf16").model.named_parameters())
+    for name, master in masters.items():
+        assert weights[name].dtype == torch.float32 and torch.equal(weights[name], master), name
+    q = "layers.0.generator.self_attn.q_proj.weight"
+    assert not torch.equal(weights[q], working[q].float())  # control: not the bf16 copy
+
+
+@pytest.fixture(scope="module")
+def universal(runs) -> Path:
+    """ZeRO-1's step-3 checkpoint as DeepSpeed's ds_to_universal converts it (its ``zero/`` folder
+    of per-parameter files, ``latest_universal`` beside it), run in this process with one worker."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    root, *_ = runs
+    out = root / "universal" / "step_00000003_universal"
+    argv = ["ds_to_universal", "--input_folder", str(root / "zero1" / "step_00000003" / "deepspeed")]
+    argv += ["--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    with mock.patch.object(sys, "argv", [*argv, "--inject_missing_state"]):  # our saves lack its client state
+        ds_to_universal.main(ds_to_universal.parse_arguments())
+    assert (out / "zero" / "embed_tokens.weight" / "fp32.pt").is_file() and (out.parent / "latest_universal").is_file()
+    return out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("given", ["universal", "universal's parent", "deepspeed/ alone"])
+def test_a_universal_checkpoint_or_deepspeeds_bare_files_are_refused_by_name(runs, universal, given, capsys):
+    """DeepSpeed's universal checkpoint (the folder, or the one holding latest_universal) and
+    DeepSpeed's files without their step folder: refused by load_trained_model (one of the commands'
+    LOAD_ERRORS), by the Megatron-style engine's stage.init_from, and by the converter, which
+    prints one line and exits with status 2."""
+    from megatron_cosmos3.checkpoint.engine_layout import CheckpointLayoutError
+    from megatron_cosmos3.release.trained import LOAD_ERRORS, load_trained_model
+    from megatron_cosmos3.training.deepspeed_engine import main
+
+    root, *_ = runs
+    path = {
+        "universal": universal,
+        "universal's parent": universal.parent,
+        "deepspeed/ alone": root / "zero1" / "step_00000003" / "deepspeed",
+    }[given]
+    bare = given == "deepspeed/ alone"
+    want = f"{path} {'holds DeepSpeed' if bare else 'is a DeepSpeed universal checkpoint ('}"
+    given = given.replace("'", "").replace("/ ", "-")
+    with pytest.raises(CheckpointLayoutError, match=re.escape(want)) as refused:
+        load_trained_model(path)
+    assert isinstance(refused.value, LOAD_ERRORS)
+    with pytest.raises(CheckpointLayoutError, match=re.escape(want)):
+        _started_weights(root, f"megatron-from-universal-{given}", f"stage.init_from={path}")
+    config = root / "zero1" / "config.yaml"
+    assert main(["--config", str(config), str(path), str(root / f"converted-universal-{given}")]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"python -m megatron_cosmos3.training.deepspeed_engine: error: {want}"), err
+    assert err.count("\n") == 1 and "Traceback" not in err and not (root / f"converted-universal-{given}").exists()
+
+
+@pytest.mark.multiprocess
+def test_a_replica_whose_parameters_took_different_adamw_steps_continues_from_the_most(runs):
+    """DeepSpeed keeps one step count per flat partition: a Megatron-style state in which one
+    parameter took 1 AdamW step and the others 2 loads with 2 in every partition (it was an error)."""
+    _, results, *_ = runs
+    assert results["uneven_steps"] and set(results["uneven_steps"]) == {2.0}, results["uneven_steps"]
+
+
+@pytest.mark.multiprocess
+def test_the_layout_record_is_checked_and_names_what_differs(runs, tmp_path):
+    """ZeRO-2's record: its stage, 2 ranks and one group of every trained parameter. A record
+    damaged after the save is a CheckpointCorruptError (a resume may fall back to an older
+    checkpoint), one crafted and resealed a CheckpointLayoutError naming the field; parameters
+    moved to a group of their own (another lr multiplier) are named."""
+    from megatron_cosmos3.checkpoint.engine_layout import (
+        LAYOUT_FILE,
+        CheckpointLayoutError,
+        check_same_parameter_groups,
+        saved_layout,
+    )
+    from megatron_cosmos3.checkpoint.safe_reader import MANIFEST, CheckpointCorruptError, file_record
+
+    root, *_ = runs
+    step = shutil.copytree(root / "zero2" / "step_00000003", tmp_path / "step_00000003")
+    saved = saved_layout(step)
+    trained = {name for name in _weights(root) if not name.startswith(FROZEN)}
+    assert (saved.engine, saved.zero_stage, saved.world_size) == ("deepspeed", 2, 2)
+    (group,) = saved.param_groups
+    assert set(group["params"]) == trained and group["weight_decay"] == 0.01 and group["lr_multiplier"] == 1.0
+    moved = [name for name in group["params"] if ".reasoner." in name]
+    split = [dict(group, params=[n for n in group["params"] if n not in moved]), dict(group, params=moved)]
+    split[1]["lr_multiplier"] = 0.5
+    want = f"parameter {min(moved)!r} was in group 0 (lr_multiplier=1.0) there and is in group 1 (lr_multiplier=0.5)"
+    with pytest.raises(CheckpointLayoutError, match=re.escape(want)):
+        check_same_parameter_groups(step, saved.param_groups, split)
+    check_same_parameter_groups(step, saved.param_groups, saved.param_groups)  # control: the same groups pass
+    record = step / LAYOUT_FILE
+    record.write_text(record.read_text().replace('"zero_stage": 2', '"zero_stage": 7'))
+    with pytest.raises(CheckpointCorruptError, match=re.escape(f"file {LAYOUT_FILE} (ZeRO stage, world size")):
+        saved_layout(step)
+    manifest = json.loads((step / MANIFEST).read_text())
+    manifest["files"][LAYOUT_FILE] = file_record(record)
+    (step / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointLayoutError, match=re.escape(f"{record} zero_stage=7: must be 1, 2 or 3")):
+        saved_layout(step)
