@@ -6,12 +6,10 @@ holds one as ``eval.suite``."""
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -26,6 +24,7 @@ from megatron_cosmos3.model.config import merge_config_layer
 from megatron_cosmos3.world.agents import EMBODIMENT_RATES
 from megatron_cosmos3.world.config import WorldConfig
 from megatron_cosmos3.world.environment import TASKS as ENVIRONMENT_TASKS
+from megatron_cosmos3.yaml_integers import refuse_long_integers
 
 # World samples looked at for a task's cases before it is declared unfillable: no task can have more
 # cases than this (``cases_per_task``), and a crafted count cannot search the world without end.
@@ -193,37 +192,6 @@ def check_model_embodiments(model_config) -> None:
             )
 
 
-def _long_integer(node: yaml.Node, key: str = "") -> tuple[str, int] | None:
-    """The first YAML scalar under ``node`` (plain or quoted: an int field converts a string) that is
-    an integer of more digits than Python converts (``sys.get_int_max_str_digits``): (its dotted
-    key, its digits), or None."""
-    if isinstance(node, yaml.MappingNode):
-        found = (_long_integer(value, f"{key}.{name.value}".lstrip(".")) for name, value in node.value)
-    elif isinstance(node, yaml.SequenceNode):
-        found = (_long_integer(item, f"{key}[{i}]") for i, item in enumerate(node.value))
-    elif isinstance(node, yaml.ScalarNode):
-        digits = str(node.value).lstrip("+-").replace("_", "")
-        limit = sys.get_int_max_str_digits()
-        long = digits.isdigit() and limit and len(digits) > limit  # quoted too: an int field converts it
-        return (key, len(digits)) if long else None
-    else:  # an empty document
-        return None
-    return next((hit for hit in found if hit is not None), None)
-
-
-def _refuse_long_integers(text: str, key: str) -> None:
-    """ValueError naming the key of an integer too long for Python in the YAML ``text`` (``key``:
-    the key of a value given alone): the YAML loader's int() raised Python's own 'Exceeds the
-    limit' text, naming no key."""
-    try:
-        hit = _long_integer(yaml.compose(text))
-    except yaml.YAMLError:  # the loader names what is wrong with it
-        return
-    if hit is not None:
-        name = ".".join(part for part in (key, hit[0]) if part)
-        raise ValueError(f"eval suite: {name}=<an integer of {hit[1]} digits> is not a number any setting takes")
-
-
 def load_suite_config(yaml_path: str | None = None, overrides: list[str] | None = None) -> SuiteConfig:
     """Defaults <- the YAML file <- ``key=value`` overrides, validated (ValueError naming the field)."""
     merged = OmegaConf.structured(SuiteConfig)
@@ -231,11 +199,11 @@ def load_suite_config(yaml_path: str | None = None, overrides: list[str] | None 
         if yaml_path:
             if not Path(yaml_path).is_file():  # a FIFO or device would be read without end
                 raise ValueError("missing" if not Path(yaml_path).exists() else "not a regular file")
-            _refuse_long_integers(Path(yaml_path).read_bytes().decode("utf-8"), "")
+            refuse_long_integers(Path(yaml_path).read_bytes().decode("utf-8"), "", "eval suite: ")
             merged = merge_config_layer(merged, OmegaConf.load(yaml_path))
         for override in overrides or []:
             key, _, value = override.partition("=")
-            _refuse_long_integers(value, key.strip())  # the value alone: its key names it
+            refuse_long_integers(value, key.strip(), "eval suite: ")  # the value alone: its key names it
         if overrides:
             merged = merge_config_layer(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)

@@ -12,6 +12,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
@@ -27,6 +28,7 @@ from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.tasks.registry import Modality, get_task
 from megatron_cosmos3.training.deepspeed_config import DeepSpeedConfig, check_engine_mix
 from megatron_cosmos3.training.precision import PRECISIONS
+from megatron_cosmos3.yaml_integers import refuse_long_integers
 
 SCHEDULES = ("cosine", "wsd", "constant")
 
@@ -524,6 +526,7 @@ def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] |
     merged = OmegaConf.structured(TrainConfig)
     for path in [yaml_path] if isinstance(yaml_path, str) else yaml_path or []:
         try:
+            refuse_long_integers(Path(path).read_bytes().decode("utf-8", errors="replace"))
             layer = OmegaConf.load(path)
             _refuse_removed_keys(layer, path)
             merged = merge_config_layer(merged, layer, "model.")
@@ -535,6 +538,9 @@ def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] |
             raise ValueError(f"{path}: {type(error).__name__}: {error}") from None
         _refuse_non_finite(merged, path)
     if overrides:
+        for override in overrides:
+            key, _, value = override.partition("=")
+            refuse_long_integers(value, key.strip())  # the value alone: its key names it
         layer = OmegaConf.from_dotlist(list(overrides))
         _refuse_removed_keys(layer, "the overrides")
         given = [item.split("=", 1)[0].strip() for item in overrides]
@@ -547,6 +553,7 @@ def config_from_yaml(text: str, source: str) -> TrainConfig:
     """A config saved with ``to_yaml`` (a checkpoint's meta.json, a release folder), validated;
     ValueError naming ``source`` and the problem otherwise."""
     try:
+        refuse_long_integers(text)
         layer = OmegaConf.create(text)
         _refuse_removed_keys(layer, source)
         merged = merge_config_layer(OmegaConf.structured(TrainConfig), layer, "model.")

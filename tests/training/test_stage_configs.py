@@ -88,6 +88,9 @@ def test_a_vit_whose_tokens_do_not_cover_the_datas_picture_grid_is_refused_when_
         # A typo inside a list item was OmegaConf's 'full_key: shard', naming neither list nor item.
         ("eval.datasets=[{shard: a}]", r"^eval.datasets\[0\]: unknown key 'shard' \(did you mean 'shards'\?\)"),
         ("data.datasets=[{name: a}, {nmae: b}]", r"^data.datasets\[1\]: unknown key 'nmae' \(did you mean 'name'"),
+        # More digits than Python converts: its 'Exceeds the limit' ValueError named no key.
+        ("steps=" + "9" * 5000, r"^steps=<an integer of 5000 digits> is not a number any setting takes"),
+        ("eval.suite={resolution: '" + "1" * 4400 + "'}", r"^eval.suite.resolution=<an integer of 4400 digits>"),
     ],
 )
 def test_bad_values_are_named_before_anything_starts(override, message):
@@ -107,10 +110,22 @@ def test_a_bad_value_in_a_yaml_file_names_the_file(tmp_path):
         ("data:\n  datasets: {world: 1}\n", r"{layer}: ValueError: data.datasets: a mapping where a list belongs"),
         ("- data\n", r"{layer}: ValueError: holds a YAML list, not a mapping of settings"),  # was 'Index 'data''
         ("data:\n  datasets:\n    - {name: a, shard: x}\n", r"{layer}: ValueError: data.datasets\[0\]: unknown key"),
+        (
+            "model:\n  hidden_size: " + "6" * 4400 + "\n",
+            r"{layer}: ValueError: model.hidden_size=<an integer of 4400 digits>",
+        ),
     ):
         layer.write_text(text)
         with pytest.raises(ValueError, match=message.format(layer=layer)):
             load_config([str(REPO / "configs/tiny_cpu.yaml"), str(layer)])
+
+
+def test_a_saved_config_with_an_integer_too_long_for_python_names_its_source_and_key():
+    """A checkpoint's meta.json config (``config_from_yaml``) is crafted or damaged input too."""
+    from megatron_cosmos3.training.config import config_from_yaml
+
+    with pytest.raises(ValueError, match=r"^meta.json: not a valid training config: seed=<an integer of 4301 digits>"):
+        config_from_yaml("seed: " + "1" * 4301 + "\n", "meta.json")
 
 
 def test_a_missing_config_file_is_still_the_systems_error_naming_it(tmp_path):
