@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from megatron_cosmos3.checkpoint.safe_reader import (
+    MANIFEST,
     CheckpointCorruptError,
     ChecksummedFileSystemWriter,
     SafeFileSystemReader,
@@ -513,7 +514,8 @@ def load_state(
     one of ``allow_missing`` (e.g. the projections of an embodiment added since). Per-rank entries
     (stored under rank ``rank``) that are absent (another world size) are dropped from
     ``per_rank``; ``named`` entries (keys as saved) are filled in place of their values, or dropped
-    when absent. Every file read is checked against the checkpoint's checksums first.
+    when absent. Every file read is checked against the checkpoint's checksums first; a committed
+    folder (one with meta.json) without its checksums is CheckpointCorruptError, not read unverified.
     """
     path = Path(path)
     check_sizes(path)  # a missing or truncated file fails here, before any weight is touched
@@ -521,7 +523,14 @@ def load_state(
         if (path / "meta.json").is_file():  # committed, so the index was there once
             raise CheckpointCorruptError(f"checkpoint {path}: file .metadata (the index of every item) is missing")
         raise FileNotFoundError(f"{path} is not a checkpoint folder (no .metadata index)")
-    meta = read_meta(path) if (path / "meta.json").is_file() else {}
+    meta = {}
+    if (path / "meta.json").is_file():  # committed: the commit wrote checksums.json before the rename
+        if read_manifest(path) is None:
+            raise CheckpointCorruptError(
+                f"checkpoint {path}: {MANIFEST} is missing, so none of its files can be verified (lost or "
+                "deleted after the commit, which writes it before the folder gets its name)"
+            )
+        meta = read_meta(path)
     reader = SafeFileSystemReader(str(path))
     index = reader.read_metadata().state_dict_metadata
     available = set(index)

@@ -794,13 +794,17 @@ def test_a_checkpoint_file_that_links_outside_the_folder_is_refused_and_a_subfol
         verify_checkpoint(folder)
 
 
-def test_a_storage_file_that_links_outside_the_folder_is_refused_without_checksums(tmp_path):
-    """Without checksums.json (saved before them) nothing stopped DCP reading a shard that is a link
-    to a file outside the checkpoint."""
+def test_a_committed_checkpoint_without_checksums_is_corrupt_and_a_foreign_link_is_refused_without_them(tmp_path):
+    """A committed folder (meta.json) whose checksums.json was lost loaded with nothing verified, a
+    warning its only trace. In a folder no commit wrote (no meta.json, no checksums), nothing
+    stopped DCP reading a shard that is a link to a file outside the checkpoint."""
     model, _ = trained_model(steps=0)
     Checkpointer(tmp_path / "run", async_save=False).save(1, model, None, {}, {})
     folder = tmp_path / "run" / "step_00000001"
     (folder / MANIFEST).unlink()
+    with pytest.raises(CheckpointCorruptError, match=rf"checkpoint {folder}: {MANIFEST} is missing, so none of its"):
+        Checkpointer(tmp_path / "run", async_save=False).load(folder, MoTModel(copy.deepcopy(CONFIG)))
+    (folder / "meta.json").unlink()
     shard = next(folder.glob("*.distcp"))
     shutil.move(shard, tmp_path / "elsewhere.distcp")
     shard.symlink_to(tmp_path / "elsewhere.distcp")

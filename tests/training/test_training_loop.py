@@ -427,6 +427,7 @@ DAMAGES = {
     "meta_json_missing": (lambda root: (root / "step_00000004" / "meta.json").unlink(), "step_00000002"),
     "latest_names_a_missing_step": (lambda root: (root / "latest").write_text("step_00000006"), "step_00000004"),
     "truncated_shard_file": (_truncate_a_shard_file, "step_00000002"),
+    "checksums_json_missing": (lambda root: (root / "step_00000004" / "checksums.json").unlink(), "step_00000002"),
 }
 
 
