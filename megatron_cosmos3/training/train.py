@@ -27,6 +27,7 @@ from torch import nn
 from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, CheckpointSaveError, ResumeError, inventory
 from megatron_cosmos3.checkpoint.finite import NonFiniteWeightsError, require_finite_weights
 from megatron_cosmos3.checkpoint.resume import resume_from
+from megatron_cosmos3.checkpoint.safe_reader import CheckpointCorruptError
 from megatron_cosmos3.checkpoint.weights_folder import (
     check_same_architecture,
     is_weights_folder,
@@ -267,15 +268,38 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
         return Run(config, ctx, plan, model, optimizer, checkpointer, batches, flops, action_stats=stats)
 
 
+# Why a stage does not start from weights holding NaN or inf (instead of skipping steps until
+# optimizer.max_consecutive_nonfinite_steps stops it), nor a run resume from them.
+NAN_START = "a stage started from them computes only NaN losses"
+NAN_RESUME = "a run resumed from it computes only NaN updates (it diverged before this save, or was damaged)"
+
+
 def _load_full_state(run: Run, path: Path) -> dict:
-    """Loads everything a resume restores (weights, optimizer, RNG, loader position); returns meta."""
+    """Loads everything a resume restores (weights, optimizer, RNG, loader position); returns meta.
+    Weights or AdamW moments holding NaN or inf are a NonFiniteWeightsError naming the tensor, an
+    RNG state torch refuses a CheckpointCorruptError naming the entry (``resume_from`` then falls
+    back as for any unusable checkpoint, where allowed)."""
     per_rank, data_state = {"rng": torch.get_rng_state()}, run.batches.state()
     meta = run.checkpointer.load(path, run.plan.state_owner, run.optimizer, per_rank, named=data_state)
     check_saved_architecture(run, meta, path, "checkpoint.directory")
+    require_finite_weights(run.plan.state_owner, path, "checkpoint.directory", NAN_RESUME, run.optimizer)
     if "rng" in per_rank:
-        torch.set_rng_state(per_rank["rng"])
+        restore_rng_state(per_rank["rng"], path, f"rank{run.ctx.rank}/rng")
     run.batches.load_state(data_state)
     return meta
+
+
+def restore_rng_state(state: torch.Tensor, path: Path, entry: str) -> None:
+    """Sets torch's CPU generator to ``state``, the checkpoint entry ``entry`` of ``path``; one torch
+    refuses (another size or dtype, an invalid mt19937 state: a crafted or damaged entry whose
+    checksums match) is a CheckpointCorruptError naming the entry, not a bare RuntimeError."""
+    try:
+        torch.set_rng_state(state)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise CheckpointCorruptError(
+            f"checkpoint {path}: RNG state entry {entry!r} ({state.dtype}, shape {tuple(state.shape)}) is not one "
+            f"torch can restore: {error}"
+        ) from None
 
 
 def check_saved_architecture(run: Run, meta: dict, path: Path, field: str) -> None:
@@ -288,11 +312,6 @@ def check_saved_architecture(run: Run, meta: dict, path: Path, field: str) -> No
     saved = config_from_yaml(meta["config"], f"{path / 'meta.json'} 'config'").model
     vision = run.config.model.vision is not None and saved.vision is not None
     check_same_architecture(run.config.model, saved, f"{field}={path}", str(path / "meta.json"), vision)
-
-
-# Why a stage does not start from weights holding NaN or inf (instead of skipping steps until
-# optimizer.max_consecutive_nonfinite_steps stops it).
-NAN_START = "a stage started from them computes only NaN losses"
 
 
 def resume_or_initialise(run: Run) -> tuple[int, str | None]:

@@ -469,6 +469,62 @@ def test_a_damaged_latest_checkpoint_never_restarts_from_step_0_nor_deletes_an_i
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000001", "step_00000002", "step_00000004"]
 
 
+def _rewrite_latest(config, change) -> Path:
+    """The latest checkpoint of ``config``'s run loaded whole (weights, AdamW state, RNG, meta),
+    changed by ``change(model, optimizer, per_rank)`` and committed again as the same step, with
+    checksums of the changed files (crafted, not damaged: only the load's own checks can tell)."""
+    root = Path(config.checkpoint.directory)
+    path = latest_checkpoint(root)
+    model = MoTModel(copy.deepcopy(config.model))
+    optimizer, per_rank = torch.optim.AdamW(model.parameters()), {"rng": torch.get_rng_state()}
+    checkpointer = Checkpointer(root, async_save=False)
+    meta = checkpointer.load(path, model, optimizer, per_rank)
+    assert optimizer.state and "rng" in per_rank  # there is AdamW state and an RNG entry to damage
+    change(model, optimizer, per_rank)
+    kept = {key: value for key, value in meta.items() if key not in ("step", "format_version")}
+    checkpointer.save(meta["step"], model, optimizer, per_rank, kept)
+    return path
+
+
+def _nan_weight(model, optimizer, per_rank):
+    with torch.no_grad():
+        model.get_parameter(NAMED_PARAMETER)[0, 0] = float("nan")
+
+
+def _inf_moment(model, optimizer, per_rank):
+    optimizer.state[model.get_parameter(NAMED_PARAMETER)]["exp_avg_sq"][0, 0] = float("inf")
+
+
+def _crafted_rng(model, optimizer, per_rank):
+    per_rank["rng"] = torch.full_like(per_rank["rng"], 255)  # the right size, an invalid mt19937 state
+
+
+NAMED_PARAMETER = "layers.1.reasoner.mlp.down_proj.weight"
+UNUSABLE_STATES = {
+    "nan_weight": (_nan_weight, rf"parameter '{NAMED_PARAMETER}' holds NaN or inf values"),
+    "inf_adam_moment": (_inf_moment, rf"optimizer state exp_avg_sq of parameter '{NAMED_PARAMETER}' holds NaN or inf"),
+    "invalid_rng_state": (_crafted_rng, r"RNG state entry 'rank0/rng' \(torch.uint8, shape \(5056,\)\) is not one"),
+}
+
+
+def test_non_finite_weights_or_moments_and_a_crafted_rng_state_are_refused_on_resume_naming_the_entry(tmp_path, caplog):
+    """A resume took NaN weights or AdamW moments as they were (every later step NaN, skipped until
+    the non-finite guard stopped the run), and an RNG entry torch refuses was a bare RuntimeError.
+    Each names the tensor or entry; the fallback to the newest usable checkpoint applies."""
+    base = config_for(tmp_path, "base", "steps=2", "checkpoint.save_every=1")
+    train_module.train(base, CPU)
+    for name, (change, message) in UNUSABLE_STATES.items():
+        root = tmp_path / name / "ckpt"
+        shutil.copytree(base.checkpoint.directory, root)
+        changed = _rewrite_latest(config_for(tmp_path, name, "steps=2"), change)
+        with pytest.raises(ResumeError, match=rf"cannot resume .*checkpoint.*{changed}.*{message}"):
+            train_module.train(config_for(tmp_path, name, "steps=3"), CPU)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            train_module.train(config_for(tmp_path, name, "steps=3", "checkpoint.fallback_to_verified=true"), CPU)
+        assert f"RESUMING FROM {root / 'step_00000001'}" in caplog.text, name
+
+
 def test_a_second_trainer_on_a_locked_run_folder_refuses_and_a_stale_lock_is_taken_over(tmp_path, caplog):
     import json
     import socket
