@@ -93,6 +93,11 @@ class DataErrorBudgetExceeded(RuntimeError):
     """Too large a fraction of the data read so far is bad; the message says what and where."""
 
 
+class DataExhaustedError(RuntimeError):
+    """A finite stream (``data.epochs`` > 0) ended before the run's last step: the message names the
+    step, ``steps``, the epochs and the dataset, where a bare StopIteration named nothing."""
+
+
 class LoaderSetupError(RuntimeError):
     """The loader is set up wrong for its data (e.g. raw media but no encoder): not a bad sample,
     so it stops the run at once instead of being counted."""

@@ -20,6 +20,7 @@ import json
 import torch
 import torch.distributed as dist
 
+from megatron_cosmos3.data.errors import DataExhaustedError
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.objectives.flow_matching import add_flow_matching_noise
 from megatron_cosmos3.training.config import TrainConfig
@@ -57,17 +58,34 @@ class MicroBatches:
         g = _generator(config, step, index)
         if self.share is not None:  # the reader's next pack, on every rank of the group
             group, reader = self.share
-            sent = [next(self.loader) if self.loader is not None else None]
+            sent = [self._next_pack(step) if self.loader is not None else None]
             dist.broadcast_object_list(sent, src=reader, group=group, device=self._share_device())
             batch = sent[0]
         elif self.loader is not None:
-            batch = next(self.loader)
+            batch = self._next_pack(step)
         else:
             s = config.synthetic
             pixels = config.trains_vision  # pictures for the model's own ViT
             batch = random_pack(config.model, g, s.samples_per_pack, tuple(s.tasks), s.scale, pixels)
         noised, targets = add_flow_matching_noise(batch, config.flow_matching, g)
         return noised.to(self.device), {k: v.to(self.device) for k, v in targets.items()}
+
+    def _next_pack(self, step: int):
+        """The loader's next pack; DataExhaustedError where its finite stream (``data.epochs``) has
+        ended before ``steps``."""
+        try:
+            return next(self.loader)
+        except StopIteration:
+            config = self.config
+            names = ", ".join(
+                repr(d.name) for d in config.data.datasets if config.data.active_stage.datasets.get(d.name)
+            )
+            raise DataExhaustedError(
+                f"the data ran out at step {step + 1} of steps={config.steps}: data.epochs={config.data.epochs} "
+                f"pass(es) over dataset {names} gave data rank {self.data_rank} {self.loader.packs} packs, and this "
+                f"run takes optimizer.micro_batches_per_step={config.optimizer.micro_batches_per_step} a step; "
+                "raise data.epochs, lower steps, or set data.epochs=0 (an endless stream)"
+            ) from None
 
     def _share_device(self) -> torch.device | None:
         """NCCL moves the pickled pack through the GPU; gloo through host memory."""

@@ -138,6 +138,31 @@ def _damaged_dataset(directory: Path) -> Path:
     return directory
 
 
+def test_a_finite_stream_that_ends_before_steps_is_an_error_naming_the_step_the_epochs_and_the_data(tmp_path):
+    """data.epochs=1 over two shards of two clips each ran out at the loader's StopIteration: a bare
+    StopIteration out of the run (or, inside a generator, a RuntimeError naming nothing)."""
+    from megatron_cosmos3.data.errors import DataExhaustedError
+
+    damaged = _damaged_dataset(tmp_path / "two_clips")
+    config = load_config(
+        None,
+        shard_overrides(
+            tmp_path,
+            damaged,
+            "finite",
+            "steps=6",
+            "data.epochs=1",
+            "data.stages={pretrain: {datasets: {world: 1.0}, tasks: {text_to_video: 1.0}}}",
+        ),
+    )
+    with pytest.raises(
+        DataExhaustedError,
+        match=r"the data ran out at step [2-6] of steps=6: data.epochs=1 pass\(es\) over dataset 'world' gave "
+        r"data rank 0 [1-5] packs, .* optimizer.micro_batches_per_step=1 a step; raise data.epochs",
+    ):
+        train_module.train(config, CPU)
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_train_on_shards_and_log_data_counts(tmp_path, world):
