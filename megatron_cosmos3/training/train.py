@@ -322,6 +322,14 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
         path, meta = resumed
         if run.ctx.is_main:
             log.info("resumed from %s at step %d", path, meta["step"])
+            if meta["step"] >= config.steps:  # the loop has no step left: said, not finished silently
+                log.warning(
+                    "checkpoint %s is at step %d, %s steps=%d: nothing left to train; raise steps to train on",
+                    path,
+                    meta["step"],
+                    "already at" if meta["step"] == config.steps else "past",
+                    config.steps,
+                )
         return meta["step"], meta.get("mlflow_run_id")
     if config.stage.init_from:
         source = Path(config.stage.init_from)

@@ -129,6 +129,19 @@ def test_a_signal_before_the_first_step_stops_with_no_progress_and_no_new_checkp
     assert latest_checkpoint(config.checkpoint.directory) is None
 
 
+def test_resuming_a_checkpoint_at_or_past_steps_says_so_naming_the_step_and_steps(tmp_path, caplog):
+    """A run resumed at its last step (a requeue after it finished, or steps lowered) trained nothing
+    and reported itself finished without a word."""
+    config = config_for(tmp_path, "done", "steps=2")
+    train_module.train(config, CPU)
+    for steps, how in ((2, "already at"), (1, "past")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            train_module.train(config_for(tmp_path, "done", f"steps={steps}"), CPU, str(tmp_path / "status"))
+        assert f"step_00000002 is at step 2, {how} steps={steps}: nothing left to train" in caplog.text
+        assert latest_checkpoint(config.checkpoint.directory).name == "step_00000002"  # nothing saved
+
+
 def test_stage_change_loads_weights_freezes_and_adds_an_embodiment(tmp_path):
     pre = config_for(tmp_path, "pre", "steps=3")
     train_module.train(pre, CPU)
