@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import torch
 import torch.distributed as dist
 
-from megatron_cosmos3.data.errors import DataExhaustedError
+from megatron_cosmos3.data.errors import DataExhaustedError, DataStreamChangedError
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.objectives.flow_matching import add_flow_matching_noise
 from megatron_cosmos3.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 def _generator(config: TrainConfig, step: int, index: int) -> torch.Generator:
@@ -114,14 +117,32 @@ class MicroBatches:
         return {self.state_key(): torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone()}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Continues the loader from a checkpoint's entries (``state``). One of another data stream
+        (``DataStreamChangedError``: other data settings or data-parallel ranks, or no position for
+        this data rank) is an error naming what changed, unless ``checkpoint.restart_changed_data``:
+        then the stream restarts from the new settings' start, in a warning naming the same."""
         if self.loader is None:  # synthetic packs, or a rank that receives its packs
             return
-        if self.state_key() not in state:
-            raise ValueError(
-                f"the checkpoint holds no loader position for data rank {self.data_rank} (saved with "
-                "fewer data-parallel ranks or with data_source=synthetic); resuming mid-epoch is impossible"
-            )
-        self.loader.load_state_json(bytes(state[self.state_key()].tolist()))
+        try:
+            if self.state_key() not in state:
+                raise DataStreamChangedError(
+                    f"the checkpoint holds no loader position for data rank {self.data_rank} (saved with "
+                    "fewer data-parallel ranks or with data_source=synthetic); resuming mid-epoch is impossible"
+                )
+            self.loader.load_state_json(bytes(state[self.state_key()].tolist()))
+        except DataStreamChangedError as error:
+            if not self.config.checkpoint.restart_changed_data:
+                raise DataStreamChangedError(
+                    f"{error} (checkpoint.restart_changed_data=true restarts it from the start of this run's "
+                    "data settings)",
+                    error.changes,
+                ) from None
+            if self.data_rank == 0:  # the same on every data rank: said once
+                log.warning(
+                    "checkpoint.restart_changed_data: the data stream restarts from the start of this run's data "
+                    "settings (%s)",
+                    "; ".join(error.changes) or error,
+                )
 
     def close(self) -> None:
         if self.loader is not None:

@@ -2,6 +2,7 @@
 resumes mid-epoch with exactly the next pack, and two processes train from the same shards."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -161,6 +162,28 @@ def test_a_finite_stream_that_ends_before_steps_is_an_error_naming_the_step_the_
         r"data rank 0 [1-5] packs, .* optimizer.micro_batches_per_step=1 a step; raise data.epochs",
     ):
         train_module.train(config, CPU)
+
+
+def test_a_resume_under_changed_data_settings_names_each_and_restarts_the_stream_only_when_told(tmp_path, caplog):
+    """The resumed run's error said 'a different data config', naming no setting, and offered to
+    'start a fresh data stream' with no way to ask for one."""
+    from megatron_cosmos3.data.errors import DataStreamChangedError
+
+    clips = _damaged_dataset(tmp_path / "clips")
+    mixture = "data.stages={pretrain: {datasets: {world: 1.0}, tasks: {text_to_video: 1.0}}}"
+    train_module.train(load_config(None, shard_overrides(tmp_path, clips, "changed", "steps=1", mixture)), CPU)
+    changed = shard_overrides(tmp_path, clips, "changed", "steps=2", mixture, "data.seed=7", "data.shuffle_buffer=4")
+    with pytest.raises(DataStreamChangedError) as error:
+        train_module.train(load_config(None, changed), CPU)
+    assert error.value.changes == ("data.seed: 0 -> 7", "data.shuffle_buffer: 8 -> 4")
+    assert "checkpoint.restart_changed_data=true restarts it" in str(error.value)
+    with caplog.at_level(logging.WARNING):
+        train_module.train(load_config(None, [*changed, "checkpoint.restart_changed_data=true"]), CPU)
+    assert (
+        "checkpoint.restart_changed_data: the data stream restarts from the start of this run's data settings "
+        "(data.seed: 0 -> 7; data.shuffle_buffer: 8 -> 4)" in caplog.text
+    )
+    assert latest_checkpoint(tmp_path / "changed").name == "step_00000002"
 
 
 @pytest.mark.slow
