@@ -302,14 +302,21 @@ def restore_rng_state(state: torch.Tensor, path: Path, entry: str) -> None:
         ) from None
 
 
+def saved_config(meta: dict, path: Path) -> TrainConfig | None:
+    """The config a checkpoint's run was trained with (its meta.json's), or None where the
+    checkpoint predates checkpoints recording it."""
+    return config_from_yaml(meta["config"], f"{path / 'meta.json'} 'config'") if "config" in meta else None
+
+
 def check_saved_architecture(run: Run, meta: dict, path: Path, field: str) -> None:
     """ValueError naming the field where the model a checkpoint was trained as (its meta's config)
     differs from this run's beyond the shapes its tensors show (rotary, norm epsilon, tying, top-k,
     the ViT): a resume or a stage would go on silently with another model. The weights folder's
     check (``check_same_architecture``), for checkpoint folders."""
-    if "config" not in meta:  # saved before checkpoints recorded their config
+    trained = saved_config(meta, path)
+    if trained is None:
         return
-    saved = config_from_yaml(meta["config"], f"{path / 'meta.json'} 'config'").model
+    saved = trained.model
     vision = run.config.model.vision is not None and saved.vision is not None
     check_same_architecture(run.config.model, saved, f"{field}={path}", str(path / "meta.json"), vision)
 
@@ -330,6 +337,7 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
                     "already at" if meta["step"] == config.steps else "past",
                     config.steps,
                 )
+            warn_of_schedule_changes(saved_config(meta, path), config, meta["step"])
         return meta["step"], meta.get("mlflow_run_id")
     if config.stage.init_from:
         source = Path(config.stage.init_from)
@@ -350,6 +358,43 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
         if run.ctx.is_main:
             log.info("stage %s starts from the weights of %s", config.stage.name, source)
     return 0, None
+
+
+# The settings the learning rate of a step is a function of (``training/schedule.py``).
+SCHEDULE_FIELDS = ("lr", "min_lr", "warmup_steps", "schedule", "decay_fraction")
+
+
+def schedule_changes(saved: TrainConfig, config: TrainConfig) -> list[str]:
+    """'<field>: <old> -> <new>' for each learning-rate setting ``config`` changes from ``saved``:
+    the schedule's, ``steps`` where a schedule decays over it (not ``constant``), and the stage's
+    ``lr_multipliers``."""
+    pairs = [
+        (f"optimizer.{name}", getattr(saved.optimizer, name), getattr(config.optimizer, name))
+        for name in SCHEDULE_FIELDS
+    ]
+    if not saved.optimizer.schedule == config.optimizer.schedule == "constant":
+        pairs.append(("steps", saved.steps, config.steps))
+    pairs.append(("stage.lr_multipliers", dict(saved.stage.lr_multipliers), dict(config.stage.lr_multipliers)))
+    return [f"{name}: {old!r} -> {new!r}" for name, old, new in pairs if old != new]
+
+
+def warn_of_schedule_changes(saved: TrainConfig | None, config: TrainConfig, step: int) -> None:
+    """One warning line naming each learning-rate setting changed since the checkpoint of ``step``
+    (``schedule_changes``) and the learning rate the resumed run takes: the schedule is a function of
+    the step and this run's config alone, so the resumed run follows the new schedule from ``step``
+    on, as a run started with it would be there (no warm-up again, no blend of the two)."""
+    changes = schedule_changes(saved, config) if saved is not None and step < config.steps else []
+    if changes:
+        opt = config.optimizer
+        lr = learning_rate(step, config.steps, opt.lr, opt.min_lr, opt.warmup_steps, opt.schedule, opt.decay_fraction)
+        log.warning(
+            "learning-rate schedule changed since the checkpoint of step %d: %s; the resumed run follows the new "
+            "schedule from there (lr %.3e at step %d)",
+            step,
+            "; ".join(changes),
+            lr,
+            step + 1,
+        )
 
 
 def log_generation_samples(run: Run, tracker: MLflowTracker, step: int) -> None:

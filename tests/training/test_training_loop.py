@@ -142,6 +142,29 @@ def test_resuming_a_checkpoint_at_or_past_steps_says_so_naming_the_step_and_step
         assert latest_checkpoint(config.checkpoint.directory).name == "step_00000002"  # nothing saved
 
 
+def test_a_changed_learning_rate_schedule_is_named_on_resume_and_the_new_one_is_followed(tmp_path, caplog):
+    """A resume with another lr, warm-up or schedule took the new one without a word (or, with an
+    unchanged one, must say nothing): one warning names each change, old -> new, and the resumed
+    steps take the new schedule's rate at their step, as a run started with it would."""
+    from megatron_cosmos3.training.schedule import learning_rate
+
+    train_module.train(config_for(tmp_path, "lr", "steps=2", "optimizer.schedule=constant"), CPU)
+    with caplog.at_level(logging.WARNING):
+        train_module.train(config_for(tmp_path, "lr", "steps=3", "optimizer.schedule=constant"), CPU)
+    assert "learning-rate schedule changed" not in caplog.text  # steps do not shape a constant schedule
+    changed = ["steps=5", "optimizer.schedule=cosine", "optimizer.lr=0.002", "optimizer.warmup_steps=1"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        metrics = train_module.train(config_for(tmp_path, "lr", *changed), CPU)
+    lines = [line for line in caplog.text.splitlines() if "learning-rate schedule changed" in line]
+    assert len(lines) == 1 and lines[0].endswith(
+        "since the checkpoint of step 3: optimizer.lr: 0.003 -> 0.002; optimizer.warmup_steps: 2 -> 1; "
+        f"optimizer.schedule: 'constant' -> 'cosine'; steps: 3 -> 5; the resumed run follows the new schedule "
+        f"from there (lr {learning_rate(3, 5, 0.002, 3e-4, 1, 'cosine'):.3e} at step 4)"
+    ), lines
+    assert metrics["lr"] == learning_rate(4, 5, 0.002, 3e-4, 1, "cosine")  # the last step's, logged
+
+
 def test_stage_change_loads_weights_freezes_and_adds_an_embodiment(tmp_path):
     pre = config_for(tmp_path, "pre", "steps=3")
     train_module.train(pre, CPU)
