@@ -39,6 +39,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+from megatron_cosmos3.atomic_files import PARTIAL_SUFFIX, sync_folder, sync_tree, write_atomically
 from megatron_cosmos3.checkpoint.safe_reader import (
     MANIFEST,
     CheckpointCorruptError,
@@ -261,6 +262,8 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             for stale in self.root.glob(f".step_*{_REMOVING}") if failed is None else ():  # a pruning cut short
                 shutil.rmtree(stale, ignore_errors=True)
+            for stale in self.root.glob(f".{LATEST}.*{PARTIAL_SUFFIX}") if failed is None else ():  # a pointer's
+                stale.unlink(missing_ok=True)  # temporary file (write_atomically), left by a killed commit
         self._raise_together(failed)  # in place of a barrier: no rank waits for a rank 0 that stopped
 
     def _barrier(self) -> None:
@@ -394,19 +397,21 @@ class Checkpointer:
         """Rank 0's part of ``_commit``. Until the rename, a failure removes the staging folder (a
         full disk gets its space back); after it, the folder is whole but ``latest`` may still name
         the previous one, which a resume then takes."""
-        pointer = self.root / f".{LATEST}.tmp"
         try:
             meta = {**pending.meta, "step": pending.step, "format_version": FORMAT_VERSION}
             (pending.staging / "meta.json").write_text(json.dumps(meta, indent=2))
             write_manifest(pending.staging)
+            # On disk before either rename publishes it: after a power loss or a node crash, a folder
+            # under its step_<N> name (or named by latest) with files short or missing would be taken
+            # for a whole checkpoint. DCP syncs its shards; meta.json, the checksums and the names not.
+            sync_tree(pending.staging)
             if os.path.lexists(final):
                 self._set_aside(final)
             os.replace(pending.staging, final)
-            pointer.write_text(final.name)
-            os.replace(pointer, self.root / LATEST)
+            sync_folder(self.root)
+            write_atomically(self.root / LATEST, final.name, durable=True)
         except BaseException:
             shutil.rmtree(pending.staging, ignore_errors=True)
-            pointer.unlink(missing_ok=True)
             raise
         self._prune(pending.step)
         log.info("checkpoint committed: %s", final)
