@@ -101,8 +101,8 @@ class DataExhaustedError(RuntimeError):
 class DataStreamChangedError(ValueError):
     """A checkpoint's loader state belongs to another data stream than this run's config reads: other
     stream settings (``changes``: '<field>: <old> -> <new>' each), another number of data-parallel
-    ranks, or no position for this data rank. ``checkpoint.restart_changed_data`` restarts the
-    stream instead (``training/batches.py``)."""
+    ranks, shards whose saved samples no longer build, or no position for this data rank.
+    ``checkpoint.restart_changed_data`` restarts the stream instead (``training/batches.py``)."""
 
     def __init__(self, message: str, changes: tuple[str, ...] = ()):
         super().__init__(message)

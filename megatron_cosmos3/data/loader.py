@@ -350,6 +350,11 @@ class PackedLoader:
             "stats": self.stats.state_dict(),
         }
 
+    def restart(self) -> None:
+        """Back to the start of the stream, as a new loader (a resume that does not continue the
+        saved stream: ``checkpoint.restart_changed_data``)."""
+        self._reset(next_slot=0, counters=[0] * len(self.schedule.sources))
+
     def load_state_json(self, blob: bytes) -> None:
         """``load_state_dict`` of the JSON bytes of a state, as a checkpoint stores it; a ValueError
         for bytes that are no loader state (not UTF-8 JSON of an object, nested past the parser, a
@@ -368,8 +373,9 @@ class PackedLoader:
             raise ValueError(f"loader state is damaged: {type(error).__name__}: {error}") from None
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where ``state`` was taken. ValueError if it belongs to another data
-        config, rank or number of data-parallel ranks."""
+        """Continue exactly where ``state`` was taken. DataStreamChangedError if it belongs to
+        other data settings or number of data-parallel ranks, or its samples no longer build (the
+        loader is then part-way: ``restart`` it); ValueError for another rank or a damaged state."""
         if state.get("format_version") != STATE_FORMAT_VERSION:
             raise ValueError(
                 f"loader state format_version {state.get('format_version')!r}; expected {STATE_FORMAT_VERSION}"
@@ -411,9 +417,8 @@ class PackedLoader:
         def waiting(ref) -> _Waiting:
             ref = (int(ref[0]), int(ref[1]))
             if ref not in rebuilt:
-                raise ValueError(
-                    f"sample {ref[1]} of slot {ref[0]} no longer builds: the shards changed since the checkpoint"
-                )
+                change = f"sample {ref[1]} of slot {ref[0]} no longer builds: the shards changed since the checkpoint"
+                raise DataStreamChangedError(f"loader state: {change}", (change,))
             return _Waiting(ref, rebuilt[ref])
 
         self._shuffle.items = [waiting(ref) for ref in state["shuffle"]]

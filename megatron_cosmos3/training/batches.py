@@ -21,6 +21,7 @@ import logging
 import torch
 import torch.distributed as dist
 
+from megatron_cosmos3.checkpoint.safe_reader import CheckpointCorruptError
 from megatron_cosmos3.data.errors import DataExhaustedError, DataStreamChangedError
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.objectives.flow_matching import add_flow_matching_noise
@@ -116,21 +117,31 @@ class MicroBatches:
         blob = json.dumps(self.loader.state_dict()).encode()
         return {self.state_key(): torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone()}
 
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Continues the loader from a checkpoint's entries (``state``). One of another data stream
-        (``DataStreamChangedError``: other data settings or data-parallel ranks, or no position for
-        this data rank) is an error naming what changed, unless ``checkpoint.restart_changed_data``:
-        then the stream restarts from the new settings' start, in a warning naming the same."""
+    def load_state(self, state: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
+        """Continues the loader from the entries ``state`` of the checkpoint ``source``. One of
+        another data stream (``DataStreamChangedError``: other data settings or data-parallel ranks,
+        shards whose samples no longer build, or no position for this data rank) is an error naming
+        what changed, unless ``checkpoint.restart_changed_data``: then the stream restarts from the
+        new settings' start, in a warning naming the same. An entry that is no loader state (crafted
+        or damaged: not JSON, a field missing or of another kind) is a CheckpointCorruptError naming
+        the checkpoint and the entry."""
         if self.loader is None:  # synthetic packs, or a rank that receives its packs
             return
+        key = self.state_key()
         try:
-            if self.state_key() not in state:
+            if key not in state:
                 raise DataStreamChangedError(
-                    f"the checkpoint holds no loader position for data rank {self.data_rank} (saved with "
+                    f"{source} holds no loader position for data rank {self.data_rank} (saved with "
                     "fewer data-parallel ranks or with data_source=synthetic); resuming mid-epoch is impossible"
                 )
-            self.loader.load_state_json(bytes(state[self.state_key()].tolist()))
+            try:
+                self.loader.load_state_json(bytes(state[key].tolist()))
+            except DataStreamChangedError:
+                raise
+            except ValueError as error:
+                raise CheckpointCorruptError(f"{source}: entry {key!r}: {error}") from None
         except DataStreamChangedError as error:
+            self.loader.restart()  # a state refused part-way leaves nothing of itself behind
             if not self.config.checkpoint.restart_changed_data:
                 raise DataStreamChangedError(
                     f"{error} (checkpoint.restart_changed_data=true restarts it from the start of this run's "

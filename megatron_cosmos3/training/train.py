@@ -277,15 +277,15 @@ NAN_RESUME = "a run resumed from it computes only NaN updates (it diverged befor
 def _load_full_state(run: Run, path: Path) -> dict:
     """Loads everything a resume restores (weights, optimizer, RNG, loader position); returns meta.
     Weights or AdamW moments holding NaN or inf are a NonFiniteWeightsError naming the tensor, an
-    RNG state torch refuses a CheckpointCorruptError naming the entry (``resume_from`` then falls
-    back as for any unusable checkpoint, where allowed)."""
+    RNG state torch refuses, or a loader position that is no loader state, a CheckpointCorruptError
+    naming the entry (``resume_from`` then falls back as for any unusable checkpoint, where allowed)."""
     per_rank, data_state = {"rng": torch.get_rng_state()}, run.batches.state()
     meta = run.checkpointer.load(path, run.plan.state_owner, run.optimizer, per_rank, named=data_state)
     check_saved_architecture(run, meta, path, "checkpoint.directory")
     require_finite_weights(run.plan.state_owner, path, "checkpoint.directory", NAN_RESUME, run.optimizer)
     if "rng" in per_rank:
         restore_rng_state(per_rank["rng"], path, f"rank{run.ctx.rank}/rng")
-    run.batches.load_state(data_state)
+    run.batches.load_state(data_state, f"checkpoint {path}")
     return meta
 
 

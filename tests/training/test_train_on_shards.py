@@ -12,13 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_cosmos3.checkpoint.checkpointer import latest_checkpoint
+from megatron_cosmos3.checkpoint.checkpointer import ResumeError, latest_checkpoint
 from megatron_cosmos3.data.media import encode_json
 from megatron_cosmos3.data.schema import Sample, encode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter
 from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.testing.shared_cache import shared_folder
-from megatron_cosmos3.testing.training import TINY_MODEL, child_processes, loss_history, tracking_store, train_on_ranks
+from megatron_cosmos3.testing.training import (
+    TINY_MODEL,
+    child_processes,
+    loss_history,
+    rewrite_checkpoint,
+    tracking_store,
+    train_on_ranks,
+)
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.batches import MicroBatches
 from megatron_cosmos3.training.config import load_config
@@ -166,7 +173,8 @@ def test_a_finite_stream_that_ends_before_steps_is_an_error_naming_the_step_the_
 
 def test_a_resume_under_changed_data_settings_names_each_and_restarts_the_stream_only_when_told(tmp_path, caplog):
     """The resumed run's error said 'a different data config', naming no setting, and offered to
-    'start a fresh data stream' with no way to ask for one."""
+    'start a fresh data stream' with no way to ask for one. A crafted loader position was a
+    ValueError naming neither the checkpoint nor the entry."""
     from megatron_cosmos3.data.errors import DataStreamChangedError
 
     clips = _damaged_dataset(tmp_path / "clips")
@@ -184,6 +192,16 @@ def test_a_resume_under_changed_data_settings_names_each_and_restarts_the_stream
         "(data.seed: 0 -> 7; data.shuffle_buffer: 8 -> 4)" in caplog.text
     )
     assert latest_checkpoint(tmp_path / "changed").name == "step_00000002"
+
+    # A loader position that is no loader state (resealed: crafted) names the checkpoint and the entry.
+    def crafted_position(model, optimizer, per_rank, named):
+        named["data0/loader"] = torch.frombuffer(bytearray(b'{"format_version": 1}'), dtype=torch.uint8).clone()
+
+    folder = rewrite_checkpoint(load_config(None, changed), crafted_position, ("data0/loader",))
+    with pytest.raises(
+        ResumeError, match=rf"checkpoint {folder}: entry 'data0/loader': loader state is damaged: KeyError: 'dp_world"
+    ):
+        train_module.train(load_config(None, [*changed, "steps=3"]), CPU)
 
 
 @pytest.mark.slow

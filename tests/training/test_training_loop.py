@@ -16,7 +16,14 @@ import torch
 
 from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, ResumeError, latest_checkpoint, step_of
 from megatron_cosmos3.model.mot import MoTModel
-from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TINY_VIT, loss_history, tracking_store
+from megatron_cosmos3.testing.training import (
+    TINY_MODEL,
+    TINY_SYNTHETIC,
+    TINY_VIT,
+    loss_history,
+    rewrite_checkpoint,
+    tracking_store,
+)
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.batches import MicroBatches
 from megatron_cosmos3.training.config import load_config
@@ -505,33 +512,16 @@ def test_a_damaged_latest_checkpoint_never_restarts_from_step_0_nor_deletes_an_i
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000001", "step_00000002", "step_00000004"]
 
 
-def _rewrite_latest(config, change) -> Path:
-    """The latest checkpoint of ``config``'s run loaded whole (weights, AdamW state, RNG, meta),
-    changed by ``change(model, optimizer, per_rank)`` and committed again as the same step, with
-    checksums of the changed files (crafted, not damaged: only the load's own checks can tell)."""
-    root = Path(config.checkpoint.directory)
-    path = latest_checkpoint(root)
-    model = MoTModel(copy.deepcopy(config.model))
-    optimizer, per_rank = torch.optim.AdamW(model.parameters()), {"rng": torch.get_rng_state()}
-    checkpointer = Checkpointer(root, async_save=False)
-    meta = checkpointer.load(path, model, optimizer, per_rank)
-    assert optimizer.state and "rng" in per_rank  # there is AdamW state and an RNG entry to damage
-    change(model, optimizer, per_rank)
-    kept = {key: value for key, value in meta.items() if key not in ("step", "format_version")}
-    checkpointer.save(meta["step"], model, optimizer, per_rank, kept)
-    return path
-
-
-def _nan_weight(model, optimizer, per_rank):
+def _nan_weight(model, optimizer, per_rank, named):
     with torch.no_grad():
         model.get_parameter(NAMED_PARAMETER)[0, 0] = float("nan")
 
 
-def _inf_moment(model, optimizer, per_rank):
+def _inf_moment(model, optimizer, per_rank, named):
     optimizer.state[model.get_parameter(NAMED_PARAMETER)]["exp_avg_sq"][0, 0] = float("inf")
 
 
-def _crafted_rng(model, optimizer, per_rank):
+def _crafted_rng(model, optimizer, per_rank, named):
     per_rank["rng"] = torch.full_like(per_rank["rng"], 255)  # the right size, an invalid mt19937 state
 
 
@@ -552,7 +542,7 @@ def test_non_finite_weights_or_moments_and_a_crafted_rng_state_are_refused_on_re
     for name, (change, message) in UNUSABLE_STATES.items():
         root = tmp_path / name / "ckpt"
         shutil.copytree(base.checkpoint.directory, root)
-        changed = _rewrite_latest(config_for(tmp_path, name, "steps=2"), change)
+        changed = rewrite_checkpoint(config_for(tmp_path, name, "steps=2"), change)
         with pytest.raises(ResumeError, match=rf"cannot resume .*checkpoint.*{changed}.*{message}"):
             train_module.train(config_for(tmp_path, name, "steps=3"), CPU)
         caplog.clear()
