@@ -6,7 +6,8 @@
     python data_pipelines/encode_shards.py IN_DIR OUT_DIR ... --clip-seconds 2 [--clip-start random
         --clips-per-sample 4 --seed 0] [--fps 16 --resolution-buckets 256x256,256x448]
 
-Reads every shard of ``IN_DIR`` (its ``index.json``), replaces video, image and audio by their
+Reads every shard of ``IN_DIR`` (its ``index.json``; or IN_DIR is an index file, WebDataset's
+``wids`` ones too), replaces video, image and audio by their
 latents (``megatron_cosmos3.data.latent_encoders.latent_sample``: the frozen VAEs from local
 diffusers folders, or the pooled stand-in), keeps text, actions (of any embodiment: raw actions of a
 LeRobot dataset's robot too), timing and the ViT picture, and
@@ -42,11 +43,11 @@ import torch
 
 from megatron_cosmos3.data.clips import MediaConfig, grid_draws
 from megatron_cosmos3.data.determinism import uniform
-from megatron_cosmos3.data.errors import SampleError, Skip
+from megatron_cosmos3.data.errors import printable
 from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder, VAELatentEncoder, latent_sample
 from megatron_cosmos3.data.schema import SchemaContext, decode_sample
 from megatron_cosmos3.data.shard_writer import PARTS, ShardWriter, check_split_output, write_parts
-from megatron_cosmos3.data.shards import ShardIndex, read_shard
+from megatron_cosmos3.data.shards import ShardIndex, read_samples
 from megatron_cosmos3.encoders.action_normalization import ACTION_STATS_FILENAME
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
 
@@ -92,7 +93,9 @@ def encode_shards(
     if clips_per_sample < 1:
         raise ValueError(f"--clips-per-sample={clips_per_sample} must be >= 1")
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    check_split_output(out_dir, in_dir, shard_size, task, tasks)
+    # An index file (this reader's or a wids one) names the shards; its folder holds action_stats.json.
+    folder = in_dir.parent if in_dir.suffix == ".json" and in_dir.is_file() else in_dir
+    check_split_output(out_dir, folder, shard_size, task, tasks)
     skipped: Counter = Counter()
     # Actions pass through unchanged, so any embodiment is kept (raw actions of a dataset's robot too).
     patch = encoder.video_patch_size
@@ -101,35 +104,40 @@ def encode_shards(
 
     def encode_part(number: int, writer: ShardWriter) -> None:
         shard = inputs[number]
+
+        def encode(index: int, raw: dict) -> list:
+            clips = clips_of(
+                raw,
+                SchemaContext(any_embodiment=True, video_patch_size=patch),
+                media,
+                clips_per_sample,
+                seed,
+                (number, index),
+            )
+            encoded = []
+            for k, clip in enumerate(clips):
+                clip.key = clip.key if media.clip_seconds <= 0 else f"{clip.key}-{k:04d}"
+                encoded.append(latent_sample(clip, encoder))
+            return encoded
+
+        # A sample is written once its shard is read to the end: one found split later is not (``read_samples``).
         with torch.inference_mode():
-            for index, raw in enumerate(read_shard(shard.url)):
-                try:
-                    if isinstance(raw, Skip):
-                        raise SampleError(raw.reason, raw.detail)
-                    clips = clips_of(
-                        raw,
-                        SchemaContext(any_embodiment=True, video_patch_size=patch),
-                        media,
-                        clips_per_sample,
-                        seed,
-                        (number, index),
-                    )
-                    for k, clip in enumerate(clips):
-                        clip.key = clip.key if media.clip_seconds <= 0 else f"{clip.key}-{k:04d}"
-                        writer.write(latent_sample(clip, encoder))
-                except SampleError as error:
-                    skipped[error.reason] += 1
-                    key = raw.get("__key__", "-") if isinstance(raw, dict) else raw.key
-                    log.warning("%s: skipping %s: %s", shard.url, key, error)
+            read = read_samples(shard, encode)
+        for skip in read.skips:
+            skipped[skip.reason] += skip.count
+            log.warning("%s: skipping %s: %s: %s", shard.url, printable(skip.key or "-"), skip.reason, skip.detail)
+        for _, encoded in read.results:
+            for sample in encoded:
+                writer.write(sample)
 
     stats = (ACTION_STATS_FILENAME,)
-    write_parts(out_dir, "latent", len(inputs), encode_part, task, tasks, shard_size, context, True, in_dir, stats)
+    write_parts(out_dir, "latent", len(inputs), encode_part, task, tasks, shard_size, context, True, folder, stats)
     return skipped
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("in_dir", type=Path, help="raw shards with an index.json")
+    parser.add_argument("in_dir", type=Path, help="raw shards with an index.json, or an index file (a wids one too)")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--encoder", choices=["vae", "pooled"], default="vae")
     parser.add_argument("--video-vae", default="", help="local diffusers AutoencoderKLWan folder")

@@ -32,23 +32,20 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_cosmos3.data.errors import SampleError, Skip
 from megatron_cosmos3.data.media_writers import write_png
 from megatron_cosmos3.data.schema import Sample, decode_sample
-from megatron_cosmos3.data.shards import ShardIndex, read_shard
+from megatron_cosmos3.data.shards import ShardIndex, read_samples
 
 TASKS = ("text_to_audio_video", "image_to_video", "video_to_audio", "policy")
 
 
 def world_samples(raw_dir: str | Path):
-    """The usable samples of a shard set, in shard order (a damaged or malformed one is passed over)."""
+    """The usable samples of a shard set, in shard order, as the loader counts them
+    (``shards.read_samples``): a damaged or malformed sample, or one whose members lie apart in its
+    shard (its first part too), is passed over."""
     for shard in ShardIndex.load(Path(raw_dir) / "index.json").shards:
-        for raw in read_shard(shard.url):
-            if not isinstance(raw, Skip):
-                try:
-                    yield decode_sample(raw)
-                except SampleError:
-                    continue
+        for _, sample in read_samples(shard, lambda _, raw: decode_sample(raw)).results:
+            yield sample
 
 
 def _fits(task: str, sample: Sample, embodiment: str) -> bool:

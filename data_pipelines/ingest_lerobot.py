@@ -31,8 +31,12 @@ feature's ``names`` in ``info.json``, or ``--eef-names``; each name's last ``_``
 lower case): the position ``x``, ``y``, ``z`` (metres), one rotation — ``qx qy qz qw`` (quaternion),
 ``roll pitch yaw`` (radians about the fixed x, y, z axes), or ``rx ry rz`` (rotation vector) — and
 the one name containing ``gripper``. A name missing, twice, or a feature that is not there is a
-ValueError naming the feature. An episode whose frame timestamps are
-not ``i / fps`` or whose action rows disagree with its ``length`` is skipped, counted and logged, as
+ValueError naming the feature. ``codebase_version`` must be one of ``KNOWN_VERSIONS`` (v2.0, v2.1,
+v3.0; another is refused naming it). An episode without a ``timestamp`` column (``missing_field``),
+whose frame timestamps are not ``i / fps``, whose ``frame_index`` is not 0, 1, ..., whose v3 video
+segment (``from_timestamp`` to ``to_timestamp``) is not as long as its frames, whose v3 rows are
+not ``dataset_from_index`` to ``dataset_to_index`` of its data file, or whose action
+rows disagree with its ``length`` is skipped, counted and logged, as
 is one the loader could not read (checked as ``ingest_videos.py`` checks a video). Split over tasks or
 local processes exactly as ``ingest_videos.py`` (the output does not depend on it).
 """
@@ -81,6 +85,9 @@ log = logging.getLogger("ingest_lerobot")
 CHECK = MediaConfig(clip_seconds=1.0, clip_start="first")
 # Frame timestamps may differ from i / fps by this much (LeRobot stores them as float32).
 TIMESTAMP_TOLERANCE_S = 1e-3
+# The LeRobot layouts this reader knows (``codebase_version``): v2.1 differs from v2.0 in its
+# per-episode statistics only, which are not read here; v3.0 shares files between episodes.
+KNOWN_VERSIONS = ("v2.0", "v2.1", "v3.0")
 EEF_EMBODIMENT = "single_arm"  # the pseudo-action layout an end effector's poses become
 POSITION_NAMES = ("x", "y", "z")
 ROTATION_FORMS = {  # the names of each rotation form's components -> their matrices
@@ -179,11 +186,10 @@ def read_info(root: Path) -> dict:
     for key, feature in info["features"].items():
         if not isinstance(feature, dict):
             raise ValueError(f"{path}: features[{key!r}]={feature!r} must be an object")
-    version = str(info.get("codebase_version", ""))
-    if not version.startswith(("v2.", "v3.")):
-        raise ValueError(
-            f"{root / 'meta' / 'info.json'}: codebase_version={version!r}; this reader knows v2.x and v3.x"
-        )
+    version = info.get("codebase_version")
+    if version not in KNOWN_VERSIONS:  # another layout read as a known one gives wrong episodes without a word
+        known = ", ".join(KNOWN_VERSIONS)
+        raise ValueError(f"{root / 'meta' / 'info.json'}: codebase_version={version!r}; this reader knows {known}")
     chunks = info.get("chunks_size", 1000)
     if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
         raise ValueError(f"{path}: chunks_size={chunks!r} must be an int >= 1")
@@ -284,7 +290,20 @@ def _episode_rows(root: Path, info: dict, episode: dict):
     if "episode_index" not in table.column_names:  # a shared file's rows say whose they are
         raise SampleError(MISSING_FIELD, f"episode {index}: {path} has no episode_index")
     keep = np.asarray(table.column("episode_index").to_pylist()) == index
-    return table.filter(keep)
+    rows = table.filter(keep)
+    if "dataset_from_index" in episode or "dataset_to_index" in episode:  # where its meta row says they are
+        start, end = (_episode_entry(episode, key, int) for key in ("dataset_from_index", "dataset_to_index"))
+        # Without an index column, their count is all there is to compare.
+        stored = (
+            rows.column("index").to_pylist() if "index" in rows.column_names else [*range(start, start + rows.num_rows)]
+        )
+        if stored != list(range(start, end)):
+            raise SampleError(
+                BAD_METADATA,
+                f"episode {index}: dataset_from_index..dataset_to_index={start}..{end}, but its {rows.num_rows} "
+                f"rows of {path} are {stored[:1]}..{stored[-1:]}",
+            )
+    return rows
 
 
 def _episode_entry(episode: dict, key: str, kind: type) -> int | float:
@@ -316,6 +335,14 @@ def _episode_video(root: Path, info: dict, episode: dict, camera: str, frames: i
     where = {key: _episode_entry(episode, f"videos/{camera}/{key}", int) for key in ("chunk_index", "file_index")}
     path = dataset_file(root, info, "video_path", camera, **where)
     start = _episode_entry(episode, f"videos/{camera}/from_timestamp", float)
+    end = _episode_entry(episode, f"videos/{camera}/to_timestamp", float)
+    # The segment holds the episode's frames: a range of another length is another episode's video.
+    if abs(end - start - frames / fps) > 1 / fps + TIMESTAMP_TOLERANCE_S:
+        raise SampleError(
+            BAD_METADATA,
+            f"episode {index}: videos/{camera}/from_timestamp={start:g} to_timestamp={end:g} is "
+            f"{end - start:g} s, its {frames} frames at {fps:g} fps are {frames / fps:g} s",
+        )
     decoded = decode_media_file(
         _read_episode_file(path, index, Path.read_bytes),
         str(path),
@@ -355,21 +382,27 @@ def episode_sample(
     except ValueError as error:
         raise SampleError(BAD_METADATA, f"episode {index}: {eef.feature if eef else column}: {error}") from None
     fps = float(info["fps"])
-    if "timestamp" in table.column_names:
-        try:  # text or lists where seconds should be are the episode's fault, not the run's end
-            stamps = np.asarray(table.column("timestamp").to_pylist(), dtype=np.float64)
-        except (TypeError, ValueError) as error:
-            raise SampleError(
-                BAD_METADATA, f"episode {index}: timestamp is not a column of seconds ({error})"
-            ) from None
-        if stamps.ndim != 1:
-            raise SampleError(BAD_METADATA, f"episode {index}: timestamp rows of shape {stamps.shape[1:]}, not seconds")
-        late = np.abs(stamps - np.arange(len(stamps)) / fps)
-        late[~np.isfinite(late)] = np.inf  # a NaN or missing stamp is no i / fps either
-        if late.max() > TIMESTAMP_TOLERANCE_S:
-            frame = int(np.argmax(late))
-            detail = f"episode {index}: frame {frame} is stamped {stamps[frame]:.4f} s, not {frame / fps:.4f} s"
-            raise SampleError(BAD_METADATA, detail)
+    if "timestamp" not in table.column_names:  # frames could not be matched to the video's time
+        raise SampleError(MISSING_FIELD, f"episode {index}: its parquet has no 'timestamp' column")
+    if "frame_index" in table.column_names:
+        try:
+            frame_index = np.asarray(table.column("frame_index").to_pylist(), dtype=np.float64)
+        except (TypeError, ValueError):
+            frame_index = None
+        if frame_index is None or frame_index.shape != (len(rows),) or (frame_index != np.arange(len(rows))).any():
+            raise SampleError(BAD_METADATA, f"episode {index}: its frame_index rows are not 0, 1, ..., {len(rows) - 1}")
+    try:  # text or lists where seconds should be are the episode's fault, not the run's end
+        stamps = np.asarray(table.column("timestamp").to_pylist(), dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise SampleError(BAD_METADATA, f"episode {index}: timestamp is not a column of seconds ({error})") from None
+    if stamps.ndim != 1:
+        raise SampleError(BAD_METADATA, f"episode {index}: timestamp rows of shape {stamps.shape[1:]}, not seconds")
+    late = np.abs(stamps - np.arange(len(stamps)) / fps)
+    late[~np.isfinite(late)] = np.inf  # a NaN or missing stamp is no i / fps either
+    if late.max() > TIMESTAMP_TOLERANCE_S:
+        frame = int(np.argmax(late))
+        detail = f"episode {index}: frame {frame} is stamped {stamps[frame]:.4f} s, not {frame / fps:.4f} s"
+        raise SampleError(BAD_METADATA, detail)
     tasks = episode.get("tasks") or []
     if not isinstance(tasks, list) or not all(isinstance(task, str) for task in tasks):
         raise SampleError(BAD_METADATA, f"episode {index}: tasks={tasks!r} must be a list of strings")

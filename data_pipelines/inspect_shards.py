@@ -16,27 +16,17 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from megatron_cosmos3.data.errors import LOST_TO_TRUNCATION, SampleError, Skip
 from megatron_cosmos3.data.schema import decode_sample
-from megatron_cosmos3.data.shards import ShardIndex, read_shard
+from megatron_cosmos3.data.shards import ShardIndex, ShardInfo, read_samples
 
 
-def verify_shard(url: str, expected: int | None) -> tuple[int, Counter]:
-    """(usable samples, skips per reason) of one shard, as the loader counts them."""
-    usable, skipped, read = 0, Counter(), 0
-    for raw in read_shard(url):
-        read += 1
-        if isinstance(raw, Skip):
-            skipped[raw.reason] += raw.count
-            continue
-        try:
-            decode_sample(raw)
-            usable += 1
-        except SampleError as error:
-            skipped[error.reason] += 1
-    if expected is not None and read < expected and not skipped.get("unreadable_shard"):
-        skipped[LOST_TO_TRUNCATION] += expected - read
-    return usable, skipped
+def verify_shard(shard: ShardInfo) -> tuple[int, Counter]:
+    """(usable samples, skips per reason) of one shard, as the loader counts them (``read_samples``)."""
+    read = read_samples(shard, lambda index, raw: decode_sample(raw))
+    skipped = Counter()
+    for skip in read.skips:
+        skipped[skip.reason] += skip.count
+    return len(read.results), skipped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     for shard in index.shards:
         line = f"{shard.url}: {shard.samples} samples, {shard.bytes} bytes, {shard.modalities}"
         if args.verify:
-            usable, skipped = verify_shard(shard.url, shard.samples)
+            usable, skipped = verify_shard(shard)
             total_bad += sum(skipped.values())
             line += f" | usable {usable}" + (f", skipped {dict(skipped)}" if skipped else "")
         print(line)

@@ -72,5 +72,6 @@ fi
 
 if [ -n "$system_packages" ] && ! wait "$system_packages"; then
   echo "setup_env: installing ${media[*]} ${cluster[*]} with apt-get failed" >&2
+  # shellcheck disable=SC2317 # reached when the script is run, not sourced
   return 1 2>/dev/null || exit 1
 fi

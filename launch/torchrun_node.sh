@@ -4,6 +4,8 @@
 #   MASTER_ADDR=node0 NNODES=2 NODE_RANK=0 bash launch/torchrun_node.sh --config configs/tiny_cpu.yaml
 # Variables and torchrun's own options: MASTER_ADDR:MASTER_PORT = --rdzv-endpoint, NNODES = --nnodes,
 # NODE_RANK = --node-rank, NPROC_PER_NODE = --nproc-per-node, RDZV_ID = --rdzv-id.
+# MASTER_PORT's default: under SLURM, derived from the job id and the id of the step that runs it on
+# every node (`srun --nodes=N --ntasks-per-node=1`, as slurm/train.sbatch does; below); else 29500.
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
@@ -19,7 +21,7 @@ trap '' USR1
 handled=()
 if [ -n "${SLURM_JOB_ID:-}" ]; then
   trap '' TERM
-  handled=(--signals-to-handle SIGINT,SIGHUP,SIGQUIT)
+  handled=(--signals-to-handle "SIGINT,SIGHUP,SIGQUIT") # one argument: torchrun's list
 fi
 # A restarted worker group (--max-restarts) must not read the failed one's addresses from a store
 # shared with torchrun (pytorch#135712). On one node the trainer keeps each restart's keys apart
@@ -30,7 +32,26 @@ fi
 if [ "${NNODES:-1}" != 1 ]; then
   export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 fi
+# The rendezvous port under SLURM, unless MASTER_PORT is set: training/distributed.py's slurm_port of
+# the job and step ids (every node of a step derives the same), so two steps of a job running at once,
+# or two jobs on a node, do not meet on one port (torchrun's 29500 for all); 20000-32767, below
+# Linux's ephemeral ports (docs/DESIGN.md, "Preemption and requeue").
+port="${MASTER_PORT:-}"
+if [ -z "$port" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+  step="${SLURM_STEP_ID:-0}"
+  # Nodes started by separate sruns (this step has fewer nodes than NNODES) are each in a step of its
+  # own: they meet on the job's port (step 0's); two such launches at once in one job set MASTER_PORT.
+  if [ -n "${SLURM_STEP_NUM_NODES:-}" ] && [ "$SLURM_STEP_NUM_NODES" != "${NNODES:-1}" ]; then step=0; fi
+  if [[ ! "$SLURM_JOB_ID" =~ ^[0-9]+$ || ! "$step" =~ ^[0-9]+$ ]]; then
+    echo "SLURM_JOB_ID=$SLURM_JOB_ID SLURM_STEP_ID=$step: not numbers to derive the rendezvous port from;" \
+      "export MASTER_PORT" >&2
+    exit 2
+  fi
+  port=$((20000 + (10#$SLURM_JOB_ID + 7919 * 10#$step) % 12768))
+fi
+port="${port:-29500}"
+echo "torchrun_node.sh: node ${NODE_RANK:-0} of ${NNODES:-1}, rendezvous at $MASTER_ADDR:$port" >&2
 exec torchrun "${handled[@]}" --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" \
   --nproc-per-node "${NPROC_PER_NODE:-8}" --rdzv-backend c10d \
-  --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "${RDZV_ID:-megatron_cosmos3}" \
+  --rdzv-endpoint "$MASTER_ADDR:$port" --rdzv-id "${RDZV_ID:-megatron_cosmos3}" \
   -m megatron_cosmos3.training.train "$@"

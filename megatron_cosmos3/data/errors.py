@@ -20,12 +20,16 @@ from dataclasses import dataclass, field
 UNREADABLE_SHARD = "unreadable_shard"
 TRUNCATED_SHARD = "truncated_shard"
 LOST_TO_TRUNCATION = "lost_to_truncation"
-# Shard integrity: a damaged member header (the rest of the shard after it is lost: one skip for the
-# sample being read, plus lost_to_truncation when the index says how many were never reached); a
-# sample key seen earlier in the same shard (the repeat is skipped); an index that lists fewer
-# samples than the shard holds (one per shard; its samples are still used); a sample with a member
-# that is a link or a device, or whose name is absolute or climbs out with "..".
+# Shard integrity: a damaged member header (one skip for the sample being read, which may miss
+# members; reading goes on at the next valid header, and where none follows, lost_to_truncation
+# counts the samples the index says were never reached); bytes that are no tar, passed over to the
+# next member header (one stray_bytes per run of them: no sample, an event of the shard); a sample
+# whose members lie apart, its key seen earlier in the shard (the whole sample is one duplicate_key
+# skip: ``shards.read_samples`` withdraws its first part); an index that lists fewer samples than the
+# shard holds (one per shard; its samples are still used); a sample with a member that is a link or
+# a device, or whose name is absolute or climbs out with "..".
 DAMAGED_SHARD = "damaged_shard"
+STRAY_BYTES = "stray_bytes"
 DUPLICATE_KEY = "duplicate_key"
 UNSAFE_MEMBER = "unsafe_member"
 INDEX_MISMATCH = "index_mismatch"
@@ -54,6 +58,7 @@ ERROR_REASONS = (
     TRUNCATED_SHARD,
     LOST_TO_TRUNCATION,
     DAMAGED_SHARD,
+    STRAY_BYTES,
     DUPLICATE_KEY,
     UNSAFE_MEMBER,
     INDEX_MISMATCH,
@@ -73,10 +78,27 @@ ERROR_REASONS = (
     DURATION_MISMATCH,
     INTERNAL_ERROR,
 )
+# Skips that stand for no sample read from the shard: events of the shard, and a split sample's
+# repeat (its first part was read and is withdrawn). A shard's samples read leave them out.
+SHARD_EVENTS = (STRAY_BYTES, INDEX_MISMATCH, LOST_TO_TRUNCATION, DUPLICATE_KEY)
 # Filtered.
 NO_TASK = "no_task"
 TOO_LONG = "too_long"
 FILTER_REASONS = (NO_TASK, TOO_LONG)
+
+
+def printable(text: str) -> str:
+    """``text`` as one printable line for logs and messages: a member name's bytes that are not
+    UTF-8 (tarfile keeps them as surrogate escapes, which no UTF-8 log or terminal can write) become
+    ``\\xff``, other unprintable characters (a newline in a name) their Python escape."""
+    return "".join(
+        char
+        if char.isprintable()
+        else f"\\x{ord(char) - 0xDC00:02x}"
+        if 0xDC80 <= ord(char) <= 0xDCFF
+        else char.encode("unicode_escape", "backslashreplace").decode("ascii")
+        for char in text
+    )
 
 
 class SampleError(Exception):

@@ -33,7 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_cosmos3.data.config import DataConfig
-from megatron_cosmos3.data.errors import DataStreamChangedError, ErrorBudget, LoaderSetupError, SkipStats
+from megatron_cosmos3.data.errors import (
+    STRAY_BYTES,
+    DataStreamChangedError,
+    ErrorBudget,
+    LoaderSetupError,
+    SkipStats,
+    printable,
+)
 from megatron_cosmos3.data.latent_encoders import VAELatentEncoder
 from megatron_cosmos3.data.packer import Packer
 from megatron_cosmos3.data.sample_builder import BuildLimits, BuiltSample, SampleBuilder
@@ -270,12 +277,12 @@ class PackedLoader:
             reasons = sorted({s.reason for s in result.skips})
             first = result.skips[0]
             log.warning(
-                "shard %s: skipped %d sample(s) (%s); first: %s %s",
+                "shard %s: %d skip(s) (%s); first: %s %s",
                 result.url,
                 sum(s.count for s in result.skips),
                 ", ".join(reasons),
-                first.key or "-",
-                first.detail,
+                printable(first.key or "-"),
+                printable(first.detail),
             )
         self._check_not_empty(result)
         self._addresses[address.slot] = address
@@ -296,7 +303,8 @@ class PackedLoader:
         """LoaderSetupError naming the dataset once ``EMPTY_SLOTS_PER_SHARD`` x its shard count
         slots in a row of it read nothing (docs/DESIGN.md, "The data path, from shard to loss")."""
         dataset = result.address.dataset
-        empty = not result.samples and not result.skips
+        # Bytes that are no tar (an empty tar with junk after it) are no sample either.
+        empty = not result.samples and all(skip.reason == STRAY_BYTES for skip in result.skips)
         self._empty_slots[dataset] = self._empty_slots[dataset] + 1 if empty else 0
         source = self.schedule.sources[dataset]
         if self._empty_slots[dataset] > EMPTY_SLOTS_PER_SHARD * len(source.shards):

@@ -16,22 +16,11 @@ import torch
 
 from megatron_cosmos3.data.clips import MediaConfig
 from megatron_cosmos3.data.determinism import uniform
-from megatron_cosmos3.data.errors import (
-    DAMAGED_SHARD,
-    INDEX_MISMATCH,
-    INTERNAL_ERROR,
-    LOST_TO_TRUNCATION,
-    NO_TASK,
-    TRUNCATED_SHARD,
-    UNREADABLE_SHARD,
-    LoaderSetupError,
-    SampleError,
-    Skip,
-)
+from megatron_cosmos3.data.errors import INTERNAL_ERROR, NO_TASK, LoaderSetupError, SampleError, Skip, printable
 from megatron_cosmos3.data.sample_builder import BuiltSample, SampleBuilder, picture_of
 from megatron_cosmos3.data.schedule import ShardSchedule, SlotAddress
 from megatron_cosmos3.data.schema import SchemaContext, decode_sample
-from megatron_cosmos3.data.shards import read_shard
+from megatron_cosmos3.data.shards import read_samples
 from megatron_cosmos3.tasks.mixture import TaskMixture
 from megatron_cosmos3.tasks.registry import TaskSpec
 
@@ -88,45 +77,22 @@ class ShardProcessor:
             self._builders = self._make_builders()
         builder = self._builders[address.dataset]
         info = self.schedule.shard(address)
-        result = ShardResult(address, info.url)
-        read, truncated = 0, False
+        name = self.schedule.sources[address.dataset].name
+
+        def use(index: int, raw: dict) -> BuiltSample:
+            try:
+                return self._build(builder, raw, address, index)
+            except SampleError:
+                raise
+            except LoaderSetupError as error:  # the run is set up wrong for this dataset: stop, naming it
+                raise LoaderSetupError(f"dataset {name!r} (shard {info.url}): {error}") from None
+            except Exception as error:  # noqa: BLE001 - one sample must not stop the run; logged in full
+                log.exception("internal error on sample %s of %s", printable(raw["__key__"]), info.url)
+                raise SampleError(INTERNAL_ERROR, f"{type(error).__name__}: {error}") from None
+
         with _SingleThread():
-            for index, raw in enumerate(read_shard(info.url)):
-                if isinstance(raw, Skip):
-                    if raw.reason == UNREADABLE_SHARD:  # the whole shard is lost: count its samples if known
-                        raw = Skip(raw.shard, raw.key, raw.reason, raw.detail, count=info.samples or 1)
-                    truncated = truncated or raw.reason in (TRUNCATED_SHARD, DAMAGED_SHARD)
-                    result.skips.append(raw)
-                    read += raw.reason != UNREADABLE_SHARD
-                    continue
-                read += 1
-                try:
-                    result.samples.append((index, self._build(builder, raw, address, index)))
-                except SampleError as error:
-                    result.skips.append(Skip(info.url, raw["__key__"], error.reason, error.detail))
-                except LoaderSetupError as error:  # the run is set up wrong for this dataset: stop, naming it
-                    name = self.schedule.sources[address.dataset].name
-                    raise LoaderSetupError(f"dataset {name!r} (shard {info.url}): {error}") from None
-                except Exception as error:  # noqa: BLE001 - one sample must not stop the run; logged in full
-                    log.exception("internal error on sample %s of %s", raw.get("__key__"), info.url)
-                    detail = f"{type(error).__name__}: {error}"
-                    result.skips.append(Skip(info.url, raw["__key__"], INTERNAL_ERROR, detail))
-        unreadable = any(s.reason == UNREADABLE_SHARD for s in result.skips)
-        if info.samples is not None and read < info.samples and not unreadable:
-            result.skips.append(
-                Skip(
-                    info.url,
-                    "",
-                    LOST_TO_TRUNCATION,
-                    f"the index lists {info.samples} samples, the shard gave {read}"
-                    + (" before it ended" if truncated else ""),
-                    count=info.samples - read,
-                )
-            )
-        if info.samples is not None and read > info.samples:
-            detail = f"the index lists {info.samples} samples, the shard holds {read}"
-            result.skips.append(Skip(info.url, "", INDEX_MISMATCH, detail))
-        return result
+            read = read_samples(info, use)
+        return ShardResult(address, info.url, read.results, read.skips)
 
     def _build(self, builder: SampleBuilder, raw: dict, address: SlotAddress, index: int) -> BuiltSample:
         # The clip of a long sample starts at a draw from (seed, slot, index): a resume cuts the same one.

@@ -4,7 +4,7 @@ A dataset is a list of WebDataset tar shards. Each entry of a dataset's ``shards
 
 * a directory written by ``ShardWriter``: its ``index.json`` lists the shards and their sample
   counts (so blends can weigh datasets by samples and truncated shards are counted exactly);
-* an ``index.json`` file;
+* an ``index.json`` file, or any ``.json`` index: this reader's, or WebDataset's ``wids`` one;
 * a URL pattern WebDataset understands: a local path, ``file:``, ``http(s)://``, ``pipe:<command>``
   (e.g. ``pipe:aws s3 cp s3://bucket/shard-{000000..000099}.tar -``), with brace expansion and
   ``::`` between patterns. Opening goes through ``webdataset.gopen``.
@@ -24,7 +24,7 @@ import stat
 import tarfile
 import zlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,13 +36,28 @@ from megatron_cosmos3.data.errors import (
     DAMAGED_SHARD,
     DUPLICATE_KEY,
     EXTRA_FIELD,
+    INDEX_MISMATCH,
+    LOST_TO_TRUNCATION,
     OUT_OF_RANGE,
+    SHARD_EVENTS,
+    STRAY_BYTES,
     TRUNCATED_SHARD,
     UNREADABLE_SHARD,
     UNSAFE_MEMBER,
+    SampleError,
     Skip,
+    printable,
 )
-from megatron_cosmos3.data.tar_stream import CUT, DAMAGED, TAR_BLOCK, TarMembers, UnsupportedCompression, decompressed
+from megatron_cosmos3.data.tar_stream import (
+    CUT,
+    DAMAGED,
+    IN_ARCHIVE,
+    TAR_BLOCK,
+    Stray,
+    TarMembers,
+    UnsupportedCompression,
+    decompressed,
+)
 from megatron_cosmos3.data.url_patterns import expand_entry
 from megatron_cosmos3.json_files import no_constant, unique_keys
 
@@ -139,6 +154,9 @@ class ShardIndex:
         hold (a member takes at least one 512-byte block); the file, its entries and every count
         within ``INDEX_LIMITS``.
 
+        A WebDataset ``wids`` index (``{"shardlist": [{"url", "nsamples", "filesize"}]}``, its
+        URLs relative to ``base_path`` or to the index) is read as one (``_from_wids``).
+
         No shard is stat'ed here (a 10k-shard index on a parallel file system would be a metadata
         storm at every start and loader build): a shard missing on disk is found when it is opened,
         one counted ``unreadable_shard`` (``read_shard``), and the loader's set-up refuses a
@@ -159,6 +177,10 @@ class ShardIndex:
             raise ValueError(f"{path}: not a JSON index: {type(error).__name__}: {error}") from None
         if not isinstance(document, dict):
             raise ValueError(f"{path}: an index must be a JSON object, got {type(document).__name__}")
+        base, listed, field_names = path.parent, "shards", {"samples": "samples", "bytes": "bytes"}
+        if "shardlist" in document and "format_version" not in document:
+            document, base = _from_wids(path, document)
+            listed, field_names = "shardlist", {"samples": "nsamples", "bytes": "filesize"}
         if document.get("format_version") != _INDEX_VERSION:
             raise ValueError(f"{path}: format_version must be {_INDEX_VERSION}, got {document.get('format_version')!r}")
         entries = document.get("shards")
@@ -169,11 +191,13 @@ class ShardIndex:
             raise ValueError(f"{path}: shards lists {len(entries):,}, more than INDEX_LIMITS['shards']={limit:,}")
 
         def resolve(url: str) -> str:
-            return url if "://" in url or os.path.isabs(url) else str(path.parent / url)
+            if "://" in url or os.path.isabs(url):
+                return url
+            return f"{base.rstrip('/')}/{url}" if isinstance(base, str) else str(base / url)
 
         shards, seen = [], {}
         for i, entry in enumerate(entries):
-            where = f"{path}: shards[{i}]"
+            where = f"{path}: {listed}[{i}]"
             if not isinstance(entry, dict):
                 raise ValueError(f"{where} must be an object, got {type(entry).__name__}")
             url = entry.get("url")
@@ -183,10 +207,12 @@ class ShardIndex:
                 raise ValueError(f"{where}.url={url!r}: an index may not run a command (pipe:)")
             for name in ("samples", "bytes"):
                 value = entry.get(name)
+                field_name = field_names[name]
                 if value is not None and (type(value) is not int or value < 0):
-                    raise ValueError(f"{where}.{name}={value!r} must be an int >= 0 or null")
+                    raise ValueError(f"{where}.{field_name}={value!r} must be an int >= 0 or null")
                 if value is not None and value > INDEX_LIMITS[name]:
-                    raise ValueError(f"{where}.{name}={value:,} is above INDEX_LIMITS['{name}']={INDEX_LIMITS[name]:,}")
+                    limit = INDEX_LIMITS[name]
+                    raise ValueError(f"{where}.{field_name}={value:,} is above INDEX_LIMITS['{name}']={limit:,}")
             modalities = entry.get("modalities") or {}
             if not isinstance(modalities, dict):
                 raise ValueError(f"{where}.modalities must be an object, got {type(modalities).__name__}")
@@ -209,6 +235,40 @@ class ShardIndex:
                 raise ValueError(f"{where}.samples={samples}: a tar of {size} bytes holds at most {size // TAR_BLOCK}")
             shards.append(ShardInfo(resolved, samples, entry.get("bytes"), modalities))
         return cls(tuple(shards), document.get("schema_version", 1))
+
+
+WIDS_KIND = "wids-shard-index-v1"
+
+
+def _from_wids(path: Path, document: dict) -> tuple[dict, Path | str]:
+    """A WebDataset ``wids`` shard index (``{"shardlist": [{"url", "nsamples", "filesize"}],
+    "base_path"}``) as this reader's index document, and what its URLs resolve against: its
+    ``base_path`` (a folder relative to the index, or a URL), else the index's folder. Entries are
+    then checked as an ``index.json``'s; one without a ``url`` (an inline shard) is refused by name."""
+    kind = document.get("__kind__", WIDS_KIND)
+    if kind != WIDS_KIND:
+        raise ValueError(f"{path}: __kind__={kind!r}: a wids index this reader knows is {WIDS_KIND!r}")
+    entries = document["shardlist"]
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: shardlist must be a list, got {type(entries).__name__}")
+    shards = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: shardlist[{i}] must be an object with a url, got {type(entry).__name__}")
+        if "url" not in entry:
+            raise ValueError(
+                f"{path}: shardlist[{i}] has no url (fields {sorted(entry)[:8]}): an inline shard cannot be "
+                "read; write its samples to a tar and name it by url"
+            )
+        shards.append({"url": entry["url"], "samples": entry.get("nsamples"), "bytes": entry.get("filesize")})
+    base = document.get("base_path")
+    if base is not None and (not isinstance(base, str) or not base or base.startswith("pipe:")):
+        raise ValueError(f"{path}: base_path={base!r} must be a folder or URL, never a command")
+    if base is None:
+        base = path.parent
+    elif "://" not in base:
+        base = path.parent / local_path(base)
+    return {"format_version": _INDEX_VERSION, "shards": shards}, base
 
 
 def local_entry_problem(entry: str) -> str | None:
@@ -288,20 +348,26 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
     * the data ends inside a member, or the tar lacks its end-of-archive block: one
       ``truncated_shard`` for the sample being read (it is dropped: it may miss fields);
     * a member name repeated within a sample: that sample is an ``extra_field`` skip;
-    * a sample key seen earlier in the shard: the repeat is a ``duplicate_key`` skip;
+    * a sample key seen earlier in the shard (its members lie apart): the repeat is one
+      ``duplicate_key`` skip, the first time only; the first part was yielded before it was met and
+      ``read_samples`` withdraws it;
     * a member that is a link or a device, or named by an absolute path or with a ``..`` component:
       its sample is an ``unsafe_member`` skip (directories, hidden files and WebDataset's
       ``__name__`` metadata are ignored, ``_NO_SAMPLE_MEMBER``, without ending the sample around them);
     * a member declaring more than ``MAX_MEMBER_BYTES``: its sample is an ``out_of_range`` skip and
       the member is passed over unread;
-    * a member header that is not a tar header (tarfile then ends the archive quietly): the sample
-      being read is a ``damaged_shard`` skip and nothing after it is read (compressed or not).
+    * bytes that are no tar (``tar_stream.Stray``): one ``stray_bytes`` skip, and reading goes on at
+      the next member header; where they stood in place of a member header, the sample being read
+      is a ``damaged_shard`` skip (it may have lost members) and its members after them are passed
+      over; where they are whole blocks (``Stray.in_place_of_blocks``: a destroyed header and its
+      data), the first sample after them is a ``damaged_shard`` skip too (it may lack its first
+      members); where no header follows them, the sample being read is a ``damaged_shard`` skip
+      and nothing after it is read (compressed or not).
 
-    Tars concatenated into one file (``cat a.tar b.tar``) are read one after the other; other bytes
-    after an end-of-archive block are ignored, as tar ignores them, and logged (``TarMembers``).
-    A gzip, bzip2 or xz shard is read through Python's readers of those formats, every stream of a
-    multi-stream file (``tar_stream.decompressed``); bytes after the last gzip stream are ignored,
-    as ``gzip -d`` ignores them. A zstd shard is one ``unreadable_shard`` naming the format.
+    Tars concatenated into one file (``cat a.tar b.tar``) are read one after the other. A gzip,
+    bzip2 or xz shard is read through ``compressed_streams``, every stream of a multi-stream file;
+    bytes between or after its streams that are none are one ``stray_bytes`` skip (at the end).
+    A zstd shard is one ``unreadable_shard`` naming the format.
     """
     local = local_path(url)
     if local is not None:  # one stat: the shard's only one (``ShardIndex.load``)
@@ -323,51 +389,83 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
         yield Skip(url, "", UNREADABLE_SHARD, f"cannot open: {type(error).__name__}: {error}")
         return
     current: dict | None = None
-    duplicate: str | None = None
-    unsafe: str | None = None
-    oversized: str | None = None
+    problems: dict[str, str] = {}  # the current sample's: skip reason -> detail, the first of each
+    suspect: str | None = None  # why the next sample to start may lack members (stray bytes before it)
     seen: set[str] = set()
+    split: set[str] = set()  # keys whose members lie apart: their later parts yield no sample
+    dropped: str | None = None  # the key of a sample dropped at stray bytes, whose members may go on
     try:
+        stream = None
         try:
-            members = TarMembers(decompressed(raw))
+            stream = decompressed(raw)
+            members = TarMembers(stream)
         except UnsupportedCompression as error:
             yield Skip(url, "", UNREADABLE_SHARD, str(error))
             return
         except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as error:
-            yield Skip(url, "", UNREADABLE_SHARD, f"not a tar archive: {type(error).__name__}: {error}")
+            detail = f"not a tar archive: {type(error).__name__}: {error}" + _cut_stream(stream)
+            yield Skip(url, "", UNREADABLE_SHARD, detail)
             return
         try:
             for member in members:
+                if isinstance(member, Stray):
+                    if member.where == IN_ARCHIVE and current is not None:  # it may have lost members to them
+                        dropped = current["__key__"]
+                        if dropped in seen:  # a split sample's later part: the split is what it is
+                            finished = _finished(url, current, problems, seen, split)
+                        else:
+                            seen.add(dropped)
+                            detail = f"{member.size} bytes that are no tar member stood after its last member read"
+                            finished = Skip(url, dropped, DAMAGED_SHARD, detail)
+                        if finished is not None:
+                            yield finished
+                        current = None
+                    if member.in_place_of_blocks:
+                        suspect = (
+                            f"its first member follows {member.size} bytes that are no tar, whole blocks that may "
+                            "stand in place of its first members"
+                        )
+                    then = "run to the end of the data" if member.to_end else "passed over to the next member header"
+                    yield Skip(url, "", STRAY_BYTES, f"{member.size} bytes that are no tar {member.where}, {then}")
+                    continue
                 if member.isdir() or _NO_SAMPLE_MEMBER.match(member.name):
                     continue
                 key, suffix = base_plus_ext(member.name)
                 if key is None:
                     continue  # a name without an extension belongs to no sample field
+                if key == dropped:
+                    continue
+                dropped = None
                 if current is None or key != current["__key__"]:
-                    if current is not None:
-                        yield _finished(url, current, duplicate, unsafe, seen, oversized)
-                    current, duplicate, unsafe, oversized = {"__key__": key, "__url__": url}, None, None, None
+                    if current is not None and (finished := _finished(url, current, problems, seen, split)):
+                        yield finished
+                    current, problems = {"__key__": key, "__url__": url}, {}
+                    if suspect is not None:
+                        problems[DAMAGED_SHARD], suspect = suspect, None
                 problem = _member_problem(member)
                 if problem is not None:
-                    unsafe = unsafe or problem
+                    problems.setdefault(UNSAFE_MEMBER, problem)
                     continue
                 if member.size > MAX_MEMBER_BYTES:
-                    oversized = oversized or (
-                        f"member {member.name!r} declares {member.size:,} bytes, more than "
-                        f"MAX_MEMBER_BYTES={MAX_MEMBER_BYTES:,}"
+                    problems.setdefault(
+                        OUT_OF_RANGE,
+                        f"member '{printable(member.name)}' declares {member.size:,} bytes, more than "
+                        f"MAX_MEMBER_BYTES={MAX_MEMBER_BYTES:,}",
                     )
+                    continue
+                if key in seen:  # a split sample's later part: its bytes are never used
                     continue
                 data = members.extract(member)
                 suffix = suffix.lower()
                 if suffix in current:
-                    duplicate = suffix
+                    problems.setdefault(EXTRA_FIELD, f"field {suffix!r} appears twice")
                 current[suffix] = data
         except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as error:
             yield Skip(
                 url,
                 current["__key__"] if current else "",
                 TRUNCATED_SHARD,
-                f"data ends inside a member: {type(error).__name__}: {error}",
+                f"data ends inside a member: {type(error).__name__}: {error}" + _cut_stream(members.stream),
             )
             return
         if members.end == DAMAGED:
@@ -375,7 +473,7 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
                 url,
                 current["__key__"] if current else "",
                 DAMAGED_SHARD,
-                f"a damaged member header after this sample: the {members.unread} bytes after it are unreadable",
+                f"a damaged member header after this sample: the {members.unread} bytes after it hold no member header",
             )
             return
         if members.end == CUT:
@@ -383,13 +481,19 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
                 url,
                 current["__key__"] if current else "",
                 TRUNCATED_SHARD,
-                "the tar has no end-of-archive block: cut at a member boundary",
+                "the tar has no end-of-archive block: cut at a member boundary" + _cut_stream(members.stream),
             )
             return
-        if current is not None:
-            yield _finished(url, current, duplicate, unsafe, seen, oversized)
-        if members.ignored:
-            log.warning("%s: %d bytes after the tar's end-of-archive block are no tar: ignored", url, members.ignored)
+        if current is not None and (finished := _finished(url, current, problems, seen, split)):
+            yield finished
+        if getattr(members.stream, "cut", False):  # only the tar's end padding is missing: no sample lost
+            log.warning("%s: the %s stream ends before its end marker, after the tar's end", url, members.stream.name)
+        stray = getattr(members.stream, "stray", 0)
+        if stray:
+            detail = (
+                f"{stray} bytes between or after the {members.stream.name} streams are no {members.stream.name} stream"
+            )
+            yield Skip(url, "", STRAY_BYTES, detail)
     finally:
         try:
             raw.close()
@@ -397,31 +501,102 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
             pass
 
 
+@dataclass
+class ShardSamples:
+    """What one shard gave one reader (``read_samples``): ``results`` as ``(index, use's result)`` of
+    the samples used, in shard order; ``skips``; ``read``, how many samples the shard gave."""
+
+    url: str
+    results: list[tuple[int, object]] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)
+    read: int = 0
+
+
+def read_samples(shard: ShardInfo, use: Callable[[int, dict], object]) -> ShardSamples:
+    """Reads ``shard`` (``read_shard``) and passes each sample to ``use(index, sample)``, ``index``
+    its position in what the shard yields; a ``SampleError`` from ``use`` is a skip of its reason.
+    The loader, ``inspect_shards --verify`` and ``encode_shards`` all read through it, so they
+    count a shard the same way:
+
+    * a split sample (a ``duplicate_key`` skip: its key seen earlier in the shard; or any skip
+      under a key given before, as where the shard ends in its later part) withdraws what its first
+      part gave, a result or a skip: the whole sample is that one skip;
+    * an ``unreadable_shard`` counts every sample the index lists (at least one);
+    * shard events (``errors.SHARD_EVENTS``) are skips but no sample read;
+    * ``lost_to_truncation`` counts the samples the index lists that the shard never gave, one
+      ``index_mismatch`` says that it gave more.
+
+    ``results`` are only final at the shard's end: a reader that writes what it made does so then."""
+    out = ShardSamples(shard.url)
+    given: dict[str, tuple[list, int]] = {}  # sample key -> (the list, position) of what it gave
+    truncated = unreadable = False
+    for index, raw in enumerate(read_shard(shard.url)):
+        if isinstance(raw, Skip):
+            if raw.reason == UNREADABLE_SHARD:
+                unreadable = True
+                raw = Skip(raw.shard, raw.key, raw.reason, raw.detail, count=shard.samples or 1)
+            truncated = truncated or raw.reason in (TRUNCATED_SHARD, DAMAGED_SHARD)
+            again = raw.key in given  # a later part of a sample already given (its members apart)
+            if again:  # the whole sample is this one skip
+                where, at = given.pop(raw.key)
+                where[at] = None
+            if raw.key and raw.reason not in SHARD_EVENTS:
+                given[raw.key] = (out.skips, len(out.skips))
+            out.skips.append(raw)
+            out.read += raw.reason not in SHARD_EVENTS and raw.reason != UNREADABLE_SHARD and not again
+            continue
+        out.read += 1
+        key = raw["__key__"]
+        try:
+            result = use(index, raw)
+        except SampleError as error:
+            given[key] = (out.skips, len(out.skips))
+            out.skips.append(Skip(shard.url, key, error.reason, error.detail))
+        else:
+            given[key] = (out.results, len(out.results))
+            out.results.append((index, result))
+    out.results = [r for r in out.results if r is not None]
+    out.skips = [s for s in out.skips if s is not None]
+    if shard.samples is not None and out.read < shard.samples and not unreadable:
+        detail = f"the index lists {shard.samples} samples, the shard gave {out.read}"
+        detail += " before it ended" if truncated else ""
+        out.skips.append(Skip(shard.url, "", LOST_TO_TRUNCATION, detail, count=shard.samples - out.read))
+    if shard.samples is not None and out.read > shard.samples:
+        detail = f"the index lists {shard.samples} samples, the shard holds {out.read}"
+        out.skips.append(Skip(shard.url, "", INDEX_MISMATCH, detail))
+    return out
+
+
+def _cut_stream(stream) -> str:
+    """What a truncation message adds for a compressed shard whose last stream is cut."""
+    return f" (the {stream.name} stream ends before its end marker)" if getattr(stream, "cut", False) else ""
+
+
 def _member_problem(member: tarfile.TarInfo) -> str | None:
     """Why a member cannot be part of a sample (``read_shard``), or None for a plain file."""
     if not member.isreg():
         kind = "a symbolic link" if member.issym() else "a hard link" if member.islnk() else "not a regular file"
-        return f"member {member.name!r} is {kind}"
+        return f"member '{printable(member.name)}' is {kind}"
     if member.name.startswith("/") or ".." in member.name.split("/"):
-        return f"member name {member.name!r} is absolute or climbs out with '..'"
+        return f"member name '{printable(member.name)}' is absolute or climbs out with '..'"
     return None
 
 
-def _finished(
-    url: str, sample: dict, duplicate: str | None, unsafe: str | None, seen: set[str], oversized: str | None
-) -> dict | Skip:
+def _finished(url: str, sample: dict, problems: dict[str, str], seen: set[str], split: set[str]) -> dict | Skip | None:
+    """The sample read, or the Skip it is; None for a later part of a split sample already reported."""
     key = sample["__key__"]
     if key in seen:
+        if key in split:
+            return None
+        split.add(key)
         detail = (
-            f"sample key {key!r} appears earlier in the shard; the repeat is skipped (a sample's members "
-            "must be adjacent: GNU tar orders a folder's files by directory order unless given --sort=name)"
+            f"the members of sample {printable(key)!r} lie apart in the shard: the whole sample is skipped (a "
+            "sample's members must be adjacent: GNU tar orders a folder's files by directory order unless "
+            "given --sort=name)"
         )
         return Skip(url, key, DUPLICATE_KEY, detail)
     seen.add(key)
-    if unsafe is not None:
-        return Skip(url, key, UNSAFE_MEMBER, unsafe)
-    if oversized is not None:
-        return Skip(url, key, OUT_OF_RANGE, oversized)
-    if duplicate is not None:
-        return Skip(url, key, EXTRA_FIELD, f"field {duplicate!r} appears twice")
+    for reason in (DAMAGED_SHARD, UNSAFE_MEMBER, OUT_OF_RANGE, EXTRA_FIELD):  # the first that applies
+        if reason in problems:
+            return Skip(url, key, reason, problems[reason])
     return sample

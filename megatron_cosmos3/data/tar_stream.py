@@ -1,83 +1,79 @@
-"""A shard's tar stream: decompressed, its members read across concatenated archives, and how it ended.
+"""A shard's tar stream: its members read across concatenated archives and stray bytes, and how it ended.
 
 Python's tarfile ends an archive quietly at anything that is no member header: the archive's
 end-of-archive block, the end of the data, or a damaged header. Which one it was decides whether
 the last sample read is whole (``read_shard``), so ``TarMembers`` records it. ``cat a.tar b.tar``
 (a common way to merge shards) puts a second archive after the first one's end blocks: it is read
 on, as ``tar --ignore-zeros`` reads it, where WebDataset and plain ``tar`` stop at the first end and
-lose the rest without a sign. Other bytes after an end-of-archive block are no tar; they are
-counted (``TarMembers.ignored``) and otherwise ignored, as tar ignores them (docs/DESIGN.md, "The
-data path, from shard to loss").
+lose the rest without a sign. Bytes that are no tar (after an end-of-archive block, or where a
+member header should be) are scanned past to the next valid member header at any byte (one
+tarfile parses whose checksum matches: ustar or v7, whose header has no magic), and reported as
+``Stray`` (docs/DESIGN.md, "The data path, from shard to loss"). Decompression is
+``compressed_streams``'.
 """
 
 from __future__ import annotations
 
-import bz2
-import gzip
-import lzma
+import re
 import tarfile
+from dataclasses import dataclass
+
+from megatron_cosmos3.data.compressed_streams import Replay, UnsupportedCompression, decompressed
+
+__all__ = ["CLEAN", "CUT", "DAMAGED", "TAR_BLOCK", "Stray", "TarMembers", "UnsupportedCompression", "decompressed"]
 
 TAR_BLOCK = 512
-_GZIP, _BZIP2, _XZ, _ZSTD = b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd"
 _CHUNK = 1 << 20
+_MAGIC_AT = 257  # where a ustar header holds b"ustar"
+_CHECKSUM_AT = 148  # where a header's checksum field starts: octal digits, then NUL or space
+# Header candidates one scan may try (a few microseconds each): bytes of octal digits throughout
+# look like a header at every offset and would keep a scan at a megabyte in seconds.
+_MAX_CANDIDATES = 1 << 16
+_CHECKSUM = re.compile(rb"(?=[0-7 ]{6}[0-7 \x00][\x00 ])")
 # How a tar stream ended (``TarMembers.end``).
 CLEAN = "clean"  # at an end-of-archive block: every member before it is whole
 CUT = "cut"  # the data stops where a member header should start, or inside one
-DAMAGED = "damaged"  # at a block that is no member header
+DAMAGED = "damaged"  # at a block that is no member header, with no member header after it
 
 
-class UnsupportedCompression(Exception):
-    """A shard compressed in a format this reader has no decompressor for (the message names it)."""
+@dataclass(frozen=True)
+class Stray:
+    """``size`` bytes of the tar stream that are no member, passed over to the next member header,
+    found ``where`` (``LEADING``, ``IN_ARCHIVE``: where a member header should be, the sample being
+    read may have lost members to them; ``AFTER_END``: after an end-of-archive block, every member
+    before is whole). ``to_end``: they run to the end of the data."""
+
+    size: int
+    where: str
+    to_end: bool = False
+
+    @property
+    def in_place_of_blocks(self) -> bool:
+        """Whole blocks: what follows is on the block grid, so they may stand in place of members
+        (a destroyed header and its data) and the first sample after them may lack its first ones;
+        bytes inserted would shift it off the grid, unless a multiple of 512 long."""
+        return self.size % TAR_BLOCK == 0 and not self.to_end
 
 
-class _Replay:
-    """``stream`` with ``head`` (bytes already read from it) put back in front."""
-
-    def __init__(self, head: bytes, stream) -> None:
-        self.head, self.stream = head, stream
-
-    def read(self, size: int = -1) -> bytes:
-        if not self.head:
-            return self.stream.read(size)
-        if size is None or size < 0:
-            data, self.head = self.head + self.stream.read(), b""
-            return data
-        data, self.head = self.head[:size], self.head[size:]
-        return data + (self.stream.read(size - len(data)) if len(data) < size else b"")
-
-
-def decompressed(raw):
-    """The tar stream of a shard: decompressed by Python's own gzip / bz2 / xz readers where its
-    first bytes say so. They read every stream of a multi-stream file (``cat a.gz b.gz``, pbzip2,
-    bgzip), where tarfile's ``r|*`` stops after the first and the samples after it were lost
-    without a sign. A zstd shard is ``UnsupportedCompression`` (tarfile called it a "truncated
-    header", naming nothing)."""
-    head = raw.read(len(_XZ))
-    stream = _Replay(head, raw)
-    if head.startswith(_GZIP):
-        return gzip.GzipFile(fileobj=stream, mode="rb")
-    if head.startswith(_BZIP2):
-        return bz2.BZ2File(stream)
-    if head.startswith(_XZ):
-        return lzma.LZMAFile(stream)
-    if head.startswith(_ZSTD):
-        raise UnsupportedCompression(
-            "zstd-compressed (.tar.zst), which this reader cannot decompress: "
-            "decompress it (zstd -d) or write the shards as .tar, .tar.gz or .tar.xz"
-        )
-    return stream
+LEADING = "before the first member header"
+IN_ARCHIVE = "where a member header should be"
+AFTER_END = "after an end-of-archive block"
 
 
 class _HeaderReader(tarfile.TarInfo):
-    """Reads member headers as ``TarInfo`` does, noting on the archive the header error that ends it."""
+    """Reads member headers as ``TarInfo`` does, noting on the archive the header error that ends
+    it and the block that raised it (where a scan for the next header starts)."""
 
     @classmethod
     def fromtarfile(cls, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        block = archive.fileobj.read(TAR_BLOCK)
         try:
-            return super().fromtarfile(archive)
+            member = cls.frombuf(block, archive.encoding, archive.errors)
         except tarfile.HeaderError as error:
-            archive.stopped_by = error
+            archive.stopped_by, archive.stopped_at = error, block
             raise
+        member.offset = archive.fileobj.tell() - TAR_BLOCK
+        return member._proc_member(archive)  # a long-name or pax header reads the next one through here
 
 
 def _open(stream) -> tarfile.TarFile:
@@ -85,74 +81,128 @@ def _open(stream) -> tarfile.TarFile:
 
 
 class TarMembers:
-    """The members of a tar stream and of every archive concatenated after it, in order.
+    """The members of a tar stream and of every archive concatenated after it, in order, with a
+    ``Stray`` between them where bytes that are no tar were passed over.
 
     ``extract(member)`` reads a member's bytes (call it before the next member). After iteration,
-    ``end`` is CLEAN, CUT or DAMAGED; ``unread`` counts the bytes after a damaged header,
-    ``ignored`` those after the last end-of-archive block that are no tar. Opening raises
-    ``tarfile.ReadError`` where the stream starts with no tar header."""
+    ``end`` is CLEAN, CUT or DAMAGED; ``unread`` counts the bytes after a damaged header that no
+    member header follows. Bytes before the first header are passed over as any others (the first
+    ``Stray``); opening raises ``tarfile.ReadError`` where no header follows them."""
 
     def __init__(self, stream) -> None:
-        self.archive = _open(stream)
+        self.stream, self.leading = stream, 0
+        head = stream.read(TAR_BLOCK)
+        while len(head) < TAR_BLOCK and (more := stream.read(TAR_BLOCK - len(head))):
+            head += more
+        if len(head) == TAR_BLOCK and head.count(0) < TAR_BLOCK and not _is_header(head):
+            self.leading, head = _next_header(head, stream, start=1)
+            if not head:
+                raise tarfile.ReadError(f"no tar member header in its {self.leading} bytes")
+        self.archive = _open(Replay(head, stream))
         self.end: str | None = None
-        self.unread = self.ignored = 0
+        self.unread = 0
 
     def extract(self, member: tarfile.TarInfo) -> bytes:
         return self.archive.extractfile(member).read()
 
     def __iter__(self):
+        if self.leading:
+            yield Stray(self.leading, LEADING)
         while True:
-            yield from self.archive
+            try:
+                yield from self.archive
+            except tarfile.ReadError:  # a long-name or pax header not followed by a member header
+                if not isinstance(getattr(self.archive, "stopped_by", None), tarfile.InvalidHeaderError):
+                    raise
             stop = getattr(self.archive, "stopped_by", None)
             rest_of = self.archive.fileobj
             if isinstance(stop, tarfile.InvalidHeaderError):
-                self.end, self.unread = DAMAGED, _length(rest_of)
-                return
-            if not isinstance(stop, tarfile.EOFHeaderError):  # the data stops at or inside a header
+                # The bad block starts on the block grid; a header at its own start was refused.
+                skipped, after = _next_header(self.archive.stopped_at, rest_of, start=1)
+                if not after:
+                    self.end, self.unread = DAMAGED, skipped
+                    return
+                yield Stray(skipped, IN_ARCHIVE)
+            elif isinstance(stop, tarfile.EOFHeaderError):
+                after = _after_zeros(rest_of)
+                if after:  # another archive (cat a.tar b.tar), or bytes that are no tar
+                    skipped, after = _next_header(after, rest_of, start=0)
+                    if skipped:
+                        yield Stray(skipped, AFTER_END, to_end=not after)
+                if not after:
+                    self.end = CLEAN
+                    return
+            else:  # the data stops at or inside a header
                 self.end = CUT
                 return
-            after, offset = _after_zeros(rest_of)
-            if after and offset % TAR_BLOCK == 0 and _is_header(after[:TAR_BLOCK]):
-                self.archive = _open(_Replay(after, rest_of))  # another archive: cat a.tar b.tar
-                continue
-            self.end, self.ignored = CLEAN, len(after) + _length(rest_of) if after else 0
-            return
+            self.archive = _open(Replay(after, rest_of))
 
 
-def _read(stream, size: int = _CHUNK) -> bytes:
-    """``stream.read(size)``, b"" at bytes after the last gzip stream (``gzip -d`` ignores them)."""
-    try:
-        return stream.read(size)
-    except gzip.BadGzipFile as error:
-        if str(error).startswith("Not a gzipped file"):
-            return b""
-        raise
-
-
-def _after_zeros(stream) -> tuple[bytes, int]:
-    """Reads past zero bytes: (the bytes from the first non-zero one, at least a block of them where
-    the stream holds that many; how many zero bytes came before), (b"", n) at the end."""
-    zeros = 0
-    while chunk := _read(stream):
+def _after_zeros(stream) -> bytes:
+    """Reads past zero bytes: the bytes from the first non-zero one (at least a block of them where
+    the stream holds that many), b"" at the end."""
+    while chunk := stream.read(_CHUNK):
         after = chunk.lstrip(b"\0")
         if after:
-            while len(after) < TAR_BLOCK and (more := _read(stream, TAR_BLOCK)):
+            while len(after) < TAR_BLOCK and (more := stream.read(TAR_BLOCK)):
                 after += more
-            return after, zeros + len(chunk) - len(chunk.lstrip(b"\0"))
-        zeros += len(chunk)
-    return b"", zeros
+            return after
+    return b""
+
+
+def _next_header(head: bytes, stream, start: int) -> tuple[int, bytes]:
+    """Scans ``head`` and then ``stream`` for the first member header at or after byte ``start`` of
+    ``head``: (the bytes passed over, the data from the header on), or (every byte, b"") where none
+    follows."""
+    buffer, passed, budget = head, 0, [_MAX_CANDIDATES]
+    while True:
+        found = _find_header(buffer, start, budget)
+        if found is not None:
+            return passed + found, buffer[found:]
+        more = stream.read(_CHUNK)
+        if not more or budget[0] <= 0:  # the end, or bytes crafted to look like headers everywhere
+            return passed + len(buffer) + len(more) + _length(stream), b""
+        # Keep the tail a header may start in; every start before it was tried with a whole block.
+        drop = max(0, len(buffer) - (TAR_BLOCK - 1))
+        passed, buffer, start = passed + drop, buffer[drop:] + more, start if drop == 0 else 0
+
+
+def _find_header(buffer: bytes, start: int, budget: list[int]) -> int | None:
+    """The first offset >= ``start`` of ``buffer`` where a whole valid header lies: a candidate has
+    an octal checksum field (every tar format's; a v7 header has no magic) or a ustar magic, and
+    is a header where tarfile parses it and its checksum matches. ``budget[0]``: candidates left to
+    try (each is a header parse)."""
+    found = None
+    for match in _CHECKSUM.finditer(buffer, start + _CHECKSUM_AT):
+        at = match.start() - _CHECKSUM_AT
+        if at + TAR_BLOCK > len(buffer) or budget[0] <= 0:
+            break
+        budget[0] -= 1
+        if _is_header(buffer[at : at + TAR_BLOCK]):
+            found = at
+            break
+    magic = buffer.find(b"ustar", start + _MAGIC_AT)
+    while magic >= 0 and magic - _MAGIC_AT + TAR_BLOCK <= len(buffer) and budget[0] > 0:
+        at = magic - _MAGIC_AT
+        if found is not None and at >= found:
+            break
+        budget[0] -= 1
+        if _is_header(buffer[at : at + TAR_BLOCK]):
+            return at
+        magic = buffer.find(b"ustar", magic + 1)
+    return found
 
 
 def _is_header(block: bytes) -> bool:
     try:
         tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
-    except tarfile.HeaderError:
+    except (tarfile.HeaderError, ValueError):
         return False
     return True
 
 
 def _length(stream) -> int:
     total = 0
-    while chunk := _read(stream):
+    while chunk := stream.read(_CHUNK):
         total += len(chunk)
     return total

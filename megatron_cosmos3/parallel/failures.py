@@ -18,8 +18,9 @@ Regions nest: the training loop is one (``training/train.py``: every collective 
 the next is paired by the same code on every rank, so one region around all of them leaves none
 unpaired, the loop's metric sums and the checkpointer's agreement included), and the driver's
 forward and backward another inside it. The start-up is one too (building the run from the plan's
-groups on, the resume), as is the whole of ``cosmos3-generate`` and ``cosmos3-eval`` after their
-world starts (docs/DESIGN.md, "Release"). An error an inner region has handled (the groups are gone)
+groups on, the resume), as are the launch check (``training/distributed.py``, ``preflight``), the
+load and save of ``convert_checkpoint`` and the whole of ``cosmos3-generate`` and ``cosmos3-eval``
+after their world starts (docs/DESIGN.md, "Release"). An error an inner region has handled (the groups are gone)
 passes the outer one unchanged. Errors that every rank raises together by agreement (a checkpoint
 save that failed somewhere, a run of non-finite steps) are no one rank's failure: the region passes
 them on unchanged and keeps the groups, unless another rank posted a failure first.

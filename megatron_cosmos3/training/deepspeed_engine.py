@@ -663,7 +663,9 @@ def convert_checkpoint(config: TrainConfig, ctx, source: str | Path, target_root
     stage, saved on this many ranks with ``config``'s stage) into a Megatron-style one, or a
     Megatron-style one into a DeepSpeed one, committed as ``target_root/step_<N>`` with the same
     step, RNG, loader state and meta.
-    Collective on the ranks of an ``engine=deepspeed`` run of ``config`` (``ctx``)."""
+    Collective on the ranks of an ``engine=deepspeed`` run of ``config`` (``ctx``): a rank failing
+    in the load or the save (a file it cannot read) ends every rank, each naming it
+    (``fail_together``; a save that failed somewhere raises ``CheckpointSaveError`` on every rank)."""
     import copy
 
     from megatron_cosmos3.training.train import build_run
@@ -672,13 +674,14 @@ def convert_checkpoint(config: TrainConfig, ctx, source: str | Path, target_root
     config.engine, config.checkpoint.directory = "deepspeed", str(target_root)
     run = build_run(config, ctx)
     try:
-        per_rank, named = {"rng": torch.get_rng_state()}, run.batches.state()
-        meta = run.checkpointer.load(source, run.plan.state_owner, run.optimizer, per_rank, named=named)
-        step, rest = meta["step"], {k: v for k, v in meta.items() if k != "step"}
-        if is_deepspeed_checkpoint(source):
-            return run.checkpointer.save_megatron_style(target_root, step, per_rank, rest, named)
-        run.checkpointer.save(step, run.plan.state_owner, run.optimizer, per_rank, rest, named)
-        return Path(target_root) / f"step_{step:08d}"
+        with fail_together("converting the checkpoint", agreed=(CheckpointSaveError,)):
+            per_rank, named = {"rng": torch.get_rng_state()}, run.batches.state()
+            meta = run.checkpointer.load(source, run.plan.state_owner, run.optimizer, per_rank, named=named)
+            step, rest = meta["step"], {k: v for k, v in meta.items() if k != "step"}
+            if is_deepspeed_checkpoint(source):
+                return run.checkpointer.save_megatron_style(target_root, step, per_rank, rest, named)
+            run.checkpointer.save(step, run.plan.state_owner, run.optimizer, per_rank, rest, named)
+            return Path(target_root) / f"step_{step:08d}"
     finally:
         run.batches.close()
         run.plan.close()

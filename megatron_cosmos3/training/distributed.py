@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import itertools
 import logging
 import os
 import re
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from megatron_cosmos3.parallel.failures import fail_together
 
 
 @dataclass
@@ -37,50 +40,119 @@ def started_by_srun(environ: Mapping[str, str]) -> bool:
     return "WORLD_SIZE" not in environ and int(environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
 
 
-# One host list group: "node[01-04,07]" is a prefix, then bracketed ranges, then the rest.
-_HOST_RANGE = re.compile(r"\[([^\]]*)\]")
+_HOST_LIST_EXAMPLE = "e.g. 'node[01-04,07],gpu1'"
+# scontrol's most hosts in one bracketed range ("Too many hosts in range" above it).
+MAX_RANGE_HOSTS = 65536
+_NUMBERS = re.compile(r"(\d+)(?:-(\d+))?", re.ASCII)
+
+
+def _not_a_host_list(nodelist: str, why: str) -> ValueError:
+    return ValueError(f"{nodelist!r}: not a SLURM host list ({why}; {_HOST_LIST_EXAMPLE})")
+
+
+def _bracket_numbers(ranges: str, nodelist: str) -> list[str]:
+    """The numbers of one bracket's "01-03,7" as text, each as wide as its range's first number
+    ("08-10" gives 08 09 10, "8-010" 8 9 10)."""
+    numbers = []
+    for part in ranges.split(","):
+        match = _NUMBERS.fullmatch(part)
+        if match is None:
+            raise _not_a_host_list(nodelist, f"[{ranges}] is not numbers and ranges")
+        low, high = int(match[1]), int(match[2] or match[1])
+        if high < low or high - low >= MAX_RANGE_HOSTS:
+            raise _not_a_host_list(nodelist, f"range {part} is backwards or over {MAX_RANGE_HOSTS} hosts")
+        numbers += [str(n).zfill(len(match[1])) for n in range(low, high + 1)]
+    return numbers
+
+
+def _host_list_entries(nodelist: str) -> list[tuple[list[str], list[list[str]]]]:
+    """The comma-separated entries of a SLURM host list, each as its texts and the numbers of the
+    brackets between them ("rack[1-2]-n[3]" is ["rack", "-n", ""], [["1", "2"], ["3"]])."""
+    entries, texts, brackets, position = [], [""], [], 0
+    while position < len(nodelist):
+        char = nodelist[position]
+        if char == ",":
+            entries.append((texts, brackets))
+            texts, brackets = [""], []
+        elif char == "[":
+            end = nodelist.find("]", position)
+            if end < 0:
+                raise _not_a_host_list(nodelist, "a '[' is not closed")
+            brackets.append(_bracket_numbers(nodelist[position + 1 : end], nodelist))
+            texts.append("")
+            position = end
+        elif char == "]" or char.isspace():
+            raise _not_a_host_list(nodelist, f"{char!r} at {position}")
+        else:
+            texts[-1] += char
+        position += 1
+    entries.append((texts, brackets))
+    if any(not brackets and not texts[0] for texts, brackets in entries):
+        raise _not_a_host_list(nodelist, "an empty entry")
+    return entries
+
+
+def _entry_hosts(texts: list[str], brackets: list[list[str]]):
+    """The hosts of one entry, in scontrol's order: with several brackets the last varies fastest,
+    then the first, the second, ... ("n[0-1]a[0-1]b[0-1]": n0a0b0 n0a0b1 n1a0b0 n1a0b1 n0a1b0 ...)."""
+    order = [*range(len(brackets) - 2, -1, -1), len(brackets) - 1] if brackets else []
+    for chosen in itertools.product(*(brackets[index] for index in order)):
+        numbers = dict(zip(order, chosen))
+        yield texts[0] + "".join(numbers[index] + text for index, text in enumerate(texts[1:]))
+
+
+def hostnames(nodelist: str) -> list[str]:
+    """The hosts of a SLURM host list (``SLURM_JOB_NODELIST``), as ``scontrol show hostnames``
+    gives them: "n[1-3,5]", zero-padded "n[001-010]", several brackets "rack[1-2]-n[1-2]", comma
+    lists mixing them, in its order, repeats kept. Text after the last bracket ("n[1-2]-ib", which
+    the 22.05 scontrol refuses) follows each number. ValueError naming the list where it is not
+    one (an unclosed or empty bracket, a backwards range, an empty entry, spaces)."""
+    return [host for texts, brackets in _host_list_entries(nodelist) for host in _entry_hosts(texts, brackets)]
 
 
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM host list ("node[03-05,9],gpu1" -> "node03", "a[1-2]b[7-8]" ->
-    "a1b7"): rank 0's node, srun placing tasks on the step's nodes in order. ValueError naming the
-    list where it is not one."""
-
-    def first_of(match: re.Match) -> str:
-        first = match[1].split(",")[0].split("-")[0]
-        if not first.isdigit():
-            raise ValueError(f"{nodelist!r}: not a SLURM host list (e.g. 'node[01-04],gpu1')")
-        return first
-
-    depth, end = 0, len(nodelist)
-    for index, char in enumerate(nodelist):  # the first entry ends at a comma outside brackets
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            end = index
-            break
-    host = _HOST_RANGE.sub(first_of, nodelist[:end].strip())
-    if not host or any(c in host for c in "[], "):
-        raise ValueError(f"{nodelist!r}: not a SLURM host list (e.g. 'node[01-04],gpu1')")
-    return host
+    "a1b7"; ``hostnames``): rank 0's node, srun placing tasks on the step's nodes in order.
+    ValueError naming the list where it is not one."""
+    texts, brackets = _host_list_entries(nodelist)[0]
+    return next(_entry_hosts(texts, brackets))
 
 
-def srun_port(job_id: str) -> int:
-    """The rendezvous port of an srun-started world: derived from the job id, as slurm/train.sbatch
-    derives torchrun's, so two jobs sharing a node meet on different ports."""
-    return 20000 + int(job_id) % 20000
+# Derived rendezvous ports lie in 20000-32767, below Linux's ephemeral range (32768-60999 by default,
+# net.ipv4.ip_local_port_range), from which the kernel hands out ports to outgoing connections: a
+# derived port there could be held by any process's connection. launch/torchrun_node.sh derives
+# torchrun's the same way (tests/slurm/test_launch_scripts.py holds the two to the same numbers).
+PORT_BASE, PORT_SPAN = 20000, 12768
+# A prime not dividing PORT_SPAN: steps 0 to PORT_SPAN - 1 of one job each get another port.
+STEP_STRIDE = 7919
+
+
+def slurm_port(job_id: str, step_id: str = "0") -> int:
+    """The rendezvous port of SLURM job ``job_id``'s step ``step_id``: ``PORT_BASE + (job_id +
+    STEP_STRIDE * step_id) % PORT_SPAN``. Two jobs on a node (ids less than ``PORT_SPAN`` apart)
+    meet on different ports, as do two steps of one job running at once. ValueError naming an id
+    that is not a number."""
+    for name, value in (("SLURM_JOB_ID", job_id), ("SLURM_STEP_ID", step_id)):
+        if not value.isdigit():
+            raise ValueError(f"{name}={value!r}: not a number to derive the rendezvous port from")
+    return PORT_BASE + (int(job_id) + STEP_STRIDE * int(step_id)) % PORT_SPAN
 
 
 def srun_world(environ: Mapping[str, str]) -> tuple[int, int, int, str, str]:
     """(rank, world size, local rank, MASTER_ADDR, MASTER_PORT) of a rank srun started (one task per
     rank): SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID; the address and port as set, else the
-    first host of SLURM_STEP_NODELIST (else SLURM_JOB_NODELIST) and ``srun_port`` of SLURM_JOB_ID.
-    ValueError naming what is missing or not a number."""
-    numbers = {}
-    for name in ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"):
-        value = environ.get(name)
-        if value is None or not value.isdigit():
-            raise ValueError(f"srun launch: {name}={value!r}, not a number; srun sets it in every task it starts")
-        numbers[name] = int(value)
+    first host of SLURM_STEP_NODELIST (else SLURM_JOB_NODELIST) and ``slurm_port`` of SLURM_JOB_ID
+    and SLURM_STEP_ID. ValueError naming what is missing or not a number, or a heterogeneous job
+    (``SLURM_HET_SIZE``: its components' tasks are not one world here)."""
+    components = environ.get("SLURM_HET_SIZE") or environ.get("SLURM_PACK_SIZE")  # PACK: SLURM before 20.02
+    if components:
+        raise ValueError(
+            f"srun launch: a heterogeneous job (SLURM_HET_SIZE={components}) is not supported; submit one "
+            "homogeneous job (--nodes, --ntasks-per-node, --gpus-per-node) without ':' or '#SBATCH hetjob'"
+        )
+    rank, world_size, local_rank = _launch_numbers(
+        environ, ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"), "srun launch", "srun sets it in every task"
+    )
     addr = environ.get("MASTER_ADDR")
     if not addr:
         nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
@@ -91,11 +163,26 @@ def srun_world(environ: Mapping[str, str]) -> tuple[int, int, int, str, str]:
         addr = first_host(nodelist)
     port = environ.get("MASTER_PORT")
     if not port:
-        job_id = environ.get("SLURM_JOB_ID", "")
-        if not job_id.isdigit():
-            raise ValueError(f"srun launch: no MASTER_PORT, and SLURM_JOB_ID={job_id!r} gives none")
-        port = str(srun_port(job_id))
-    return numbers["SLURM_PROCID"], numbers["SLURM_STEP_NUM_TASKS"], numbers["SLURM_LOCALID"], addr, port
+        try:
+            port = str(slurm_port(environ.get("SLURM_JOB_ID", ""), environ.get("SLURM_STEP_ID", "0")))
+        except ValueError as error:
+            raise ValueError(f"srun launch: no MASTER_PORT, and {error}") from None
+    return rank, world_size, local_rank, addr, port
+
+
+def _launch_numbers(environ: Mapping[str, str], names: tuple[str, str, str], launch: str, setter: str):
+    """(rank, world size, local rank) from the variables ``names`` (in that order): ValueError
+    naming one that is missing or not a number (``launch``: whose, ``setter``: who sets it), or a
+    rank outside the world."""
+    numbers = []
+    for name in names:
+        value = environ.get(name)
+        if value is None or not value.isdigit():
+            raise ValueError(f"{launch}: {name}={value!r}, not a number; {setter} it starts")
+        numbers.append(int(value))
+    if not numbers[0] < numbers[1]:
+        raise ValueError(f"{launch}: {names[0]}={numbers[0]} is not a rank of {names[1]}={numbers[1]}")
+    return tuple(numbers)
 
 
 # One entry of SLURM's tasks-per-node lists: "4", or "4(x2)" for two nodes of 4 tasks each.
@@ -132,13 +219,35 @@ def launcher_env(environ: MutableMapping[str, str]) -> tuple[int, int, int] | No
     and libraries written for torchrun read: MASTER_ADDR, MASTER_PORT (``srun_world``), RANK and
     LOCAL_RANK (DeepSpeed asserts LOCAL_RANK). Not WORLD_SIZE: the host-memory count must still
     see an srun world (``started_by_srun``)."""
-    if "WORLD_SIZE" in environ:  # torchrun
-        return int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0))
+    if "WORLD_SIZE" in environ:  # torchrun (or a WORLD_SIZE exported by hand: RANK must come with it)
+        environ = {"LOCAL_RANK": "0", **environ}
+        return _launch_numbers(
+            environ, ("RANK", "WORLD_SIZE", "LOCAL_RANK"), "torchrun launch", "torchrun sets it in every worker"
+        )
     if started_by_srun(environ):
         rank, world_size, local_rank, addr, port = srun_world(environ)
         environ.update(MASTER_ADDR=addr, MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(local_rank))
         return rank, world_size, local_rank
     return None
+
+
+def launched_world_size(environ: Mapping[str, str]) -> int:
+    """The world size the launcher starts (``launcher_env``'s, without changing ``environ``): torchrun's
+    WORLD_SIZE, the srun step's task count, else 1. ValueError as ``launcher_env``'s."""
+    launched = launcher_env(dict(environ))
+    return launched[1] if launched else 1
+
+
+def launched_rank(environ: Mapping[str, str]) -> int:
+    """This process's rank before any process group exists, for deciding who reports: torchrun's
+    RANK, an srun task's SLURM_PROCID (srun sets no RANK), else 0. Launch variables that are no
+    number also give 0, so that the error naming them is printed rather than swallowed."""
+    try:
+        srun_task = "RANK" not in environ and started_by_srun(environ)
+    except ValueError:  # SLURM_STEP_NUM_TASKS that is no number: checked_config names it
+        srun_task = False
+    value = environ.get("SLURM_PROCID" if srun_task else "RANK", "0")
+    return int(value) if value.isdigit() else 0
 
 
 def gpu_index(local_rank: int, visible_gpus: int) -> int:
@@ -284,24 +393,30 @@ def _ranges(ranks: list[int]) -> str:
 def preflight(ctx: DistributedContext, timeout_s: float) -> str:
     """Collective launch check, before any work: every rank must answer a barrier within
     ``timeout_s`` (else ``PreflightError``, naming the ranks that did not), then one all-reduce on
-    the training device must sum to the world size. Returns the layout and launch environment as
-    one line (rank 0 logs it)."""
+    the training device must sum to the world size. A rank failing in it ends every rank, each
+    naming that rank and its error (``fail_together``; the others raise ``RankFailedError``).
+    Returns the layout and launch environment as one line (rank 0 logs it)."""
     hosts = [socket.gethostname()]
     if dist.is_initialized() and ctx.world_size > 1:
-        # monitored_barrier is gloo's: on GPUs it runs on a gloo group of its own.
-        group = dist.new_group(backend="gloo") if ctx.device.type == "cuda" else None
-        try:
-            dist.monitored_barrier(group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
-        except RuntimeError as error:
-            raise PreflightError(
-                f"preflight: not every rank answered within distributed.preflight_timeout_s={timeout_s}: {error}"
-            ) from error
-        hosts = [None] * ctx.world_size
-        dist.all_gather_object(hosts, socket.gethostname())
-        ones = torch.ones(1, device=ctx.device)
-        dist.all_reduce(ones)
-        if int(ones.item()) != ctx.world_size:
-            raise PreflightError(f"preflight: an all-reduce of ones over {ctx.world_size} ranks gave {ones.item()}")
+        with fail_together("the preflight"):
+            # monitored_barrier is gloo's: on GPUs it runs on a gloo group of its own.
+            group = dist.new_group(backend="gloo") if ctx.device.type == "cuda" else None
+            # Rank 0 names the silent ranks: the others wait longer, so that their wait ends when rank 0
+            # has posted its verdict and closed the groups, not at the same moment as rank 0's (each
+            # would then name its own timeout, not the silent ranks).
+            wait_s = timeout_s if ctx.rank == 0 else 2 * timeout_s
+            try:
+                dist.monitored_barrier(group, timeout=datetime.timedelta(seconds=wait_s), wait_all_ranks=True)
+            except RuntimeError as error:
+                raise PreflightError(
+                    f"preflight: not every rank answered within distributed.preflight_timeout_s={timeout_s}: {error}"
+                ) from error
+            hosts = [None] * ctx.world_size
+            dist.all_gather_object(hosts, socket.gethostname())
+            ones = torch.ones(1, device=ctx.device)
+            dist.all_reduce(ones)
+            if int(ones.item()) != ctx.world_size:
+                raise PreflightError(f"preflight: an all-reduce of ones over {ctx.world_size} ranks gave {ones.item()}")
     by_host: dict[str, list[int]] = {}
     for rank, host in enumerate(hosts):
         by_host.setdefault(host, []).append(rank)

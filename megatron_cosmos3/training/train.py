@@ -57,7 +57,14 @@ from megatron_cosmos3.training.config import (
     to_yaml,
     with_absolute_paths,
 )
-from megatron_cosmos3.training.distributed import DistributedContext, init_distributed, launcher_run_id, preflight
+from megatron_cosmos3.training.distributed import (
+    DistributedContext,
+    init_distributed,
+    launched_rank,
+    launched_world_size,
+    launcher_run_id,
+    preflight,
+)
 from megatron_cosmos3.training.flops import FlopCounter
 from megatron_cosmos3.training.host_memory import check_host_memory
 from megatron_cosmos3.training.metrics import PHASES, MetricsWindow
@@ -770,7 +777,9 @@ def checked_config(args: argparse.Namespace) -> TrainConfig | None:
     if args.print_config:
         print(to_yaml(config))
         return None
-    config.parallel.validate(int(os.environ.get("WORLD_SIZE", 1)), config.model, config.model.num_experts)
+    # The launcher's world: srun's ranks have no WORLD_SIZE (their world was taken for one process,
+    # and parallel.tensor=2 over two srun tasks refused as "world_size=1 is not divisible").
+    config.parallel.validate(launched_world_size(os.environ), config.model, config.model.num_experts)
     config.name_run(launcher_run_id())
     config.check_paths()
     return config
@@ -810,14 +819,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     """``cosmos3-train``: as ``main``, but a config error (or a ``--config`` file that cannot be
-    read) is one line on stderr (from rank 0: every rank reads the same config and fails the same
-    way) and exit status 2 on every rank, as the other commands do; errors while training stay
-    tracebacks."""
+    read) is one line on stderr (from rank 0, torchrun's or srun's: every rank reads the same config
+    and fails the same way) and exit status 2 on every rank, as the other commands do; errors while
+    training stay tracebacks."""
     args = parse_args(argv)
     try:
         config = checked_config(args)
     except (ValueError, OSError) as error:  # OSError: a --config file that is missing or unreadable
-        if int(os.environ.get("RANK", "0")) == 0:
+        if launched_rank(os.environ) == 0:
             print(f"cosmos3-train: error: {error}", file=sys.stderr)
         return 2
     if config is not None:

@@ -381,7 +381,7 @@ def damaged(tmp_path_factory):
 
     sources = [str(root / d) for d in ("mixed", "cut_in_member", "cut_at_member", "not_a_tar", "missing")] + [url]
 
-    # The same sample key twice, apart: the repeat is skipped.
+    # The same sample key twice, apart: the whole sample is one skip (its first part is withdrawn).
     url = str(root / "duplicate_key.tar")
     open(url, "wb").write(_tar_bytes([_text("a"), _text("b"), _text("a")]))
     shards["duplicate_key"], expected["duplicate_key"] = url, Counter(duplicate_key=1)
@@ -415,14 +415,16 @@ def damaged(tmp_path_factory):
     sources.append(url)
 
     # A destroyed member header (sample 2's first), uncompressed and gzipped, read without an index:
-    # sample 0 is used, sample 1 (which may lack members after the damage) is the damaged one.
+    # sample 1 (which may lack members after the damage) is damaged, the destroyed header and sample
+    # 2's data are one stray_bytes, and reading goes on at sample 3's header; 3 follows whole blocks
+    # passed over (they may stand in place of its first members): damaged too. Sample 0 is used.
     for name, compress in (("damaged_header.tar", bytes), ("damaged_header.tar.gz", gzip.compress)):
         data = bytearray(_tar_bytes([_text(str(i)) for i in range(4)]))
         offset = next(m.offset for m in tarfile.open(fileobj=io.BytesIO(data)) if m.name.startswith("2."))
         data[offset : offset + 512] = b"\xa5" * 512
         url = str(root / name)
         open(url, "wb").write(compress(bytes(data)))
-        shards[name], expected[name] = url, Counter(damaged_shard=1)
+        shards[name], expected[name] = url, Counter(damaged_shard=2, stray_bytes=1)
         sources.append(url)
 
     # Compressed in several streams (cat a.gz b.gz, bgzip, pbzip2), split inside a sample: every
@@ -442,7 +444,7 @@ def damaged(tmp_path_factory):
     expected["short_index"] = Counter(index_mismatch=1)
     sources.append(str(root / "short_index"))
 
-    used = 4 + 3 + 2 + 0 + 0 + 1 + 2 + 1 + 1 + 1 + 4 + 4 + 3
+    used = 4 + 3 + 2 + 0 + 0 + 1 + 1 + 1 + 1 + 1 + 4 + 4 + 3
     return sources, {shards[k]: expected[k] for k in shards}, used
 
 

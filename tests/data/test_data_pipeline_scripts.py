@@ -115,7 +115,7 @@ def test_a_manifest_of_loose_files_becomes_validated_shards(tmp_path):
     (tmp_path / "manifest.jsonl").write_text("\n".join(json.dumps(e) for e in entries))
     index, skipped = write_shards.write_shards(tmp_path / "manifest.jsonl", tmp_path / "shards")
     assert index.total_samples == 2 and skipped == {"missing_field": 1, "wrong_shape": 1, "unreadable_entry": 2}
-    usable, bad = inspect_shards.verify_shard(index.shards[0].url, index.shards[0].samples)
+    usable, bad = inspect_shards.verify_shard(index.shards[0])
     assert usable == 2 and not bad
     assert inspect_shards.main([str(tmp_path / "shards"), "--verify"]) == 0
 

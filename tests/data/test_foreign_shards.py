@@ -6,19 +6,24 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
+import logging
+import os
 import tarfile
+from collections import Counter
 
 import numpy as np
 import pytest
 from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_iterator
-from world_helpers import data_config, model_config, tiny_world
+from world_helpers import AUDIO_LATENT_DIM, VIDEO_LATENT_CHANNELS, data_config, load_script, model_config, tiny_world
 
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig
 from megatron_cosmos3.data.errors import LoaderSetupError, Skip
+from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder
 from megatron_cosmos3.data.loader import PackedLoader, dataset_action_stats
 from megatron_cosmos3.data.schema import decode_sample
-from megatron_cosmos3.data.shards import read_shard, resolve_shards
+from megatron_cosmos3.data.shards import ShardIndex, ShardInfo, read_shard, resolve_shards
 
 META = b'{"schema": 1, "caption": "a ball"}'
 
@@ -85,15 +90,34 @@ def test_hidden_files_and_webdataset_metadata_belong_to_no_sample(tmp_path):
     assert _read(url) == [("d/a", ["meta.json", "video.mp4"]), ("b", ["meta.json"])]
 
 
-def test_members_of_a_sample_split_by_another_are_the_first_part_and_a_counted_repeat(tmp_path):
+def test_a_sample_whose_members_lie_apart_is_skipped_whole_by_every_reader(tmp_path):
     # GNU tar lists a folder in directory order unless given --sort=name: a sample's members apart.
-    url = _tar(tmp_path / "apart.tar", [("a.meta.json", META), ("b.meta.json", META), ("a.video.mp4", b"1")])
-    read = list(read_shard(url))
-    assert [item["__key__"] for item in read[:2]] == [key for key, _ in _webdataset(url)[:2]] == ["a", "b"]
-    assert read[2].reason == "duplicate_key" and "--sort=name" in read[2].detail
+    folder = tmp_path / "apart"
+    folder.mkdir()
+    members = [("a.meta.json", META), ("b.meta.json", META), ("a.txt", b"x"), ("c.meta.json", META), ("a.x", b"y")]
+    url = _tar(folder / "apart.tar", members)
+    ShardIndex((ShardInfo(url, samples=3),)).save(folder)
+    read = list(read_shard(url))  # a's first part is yielded before its repeat is met
+    assert [item["__key__"] for item in read if isinstance(item, dict)] == ["a", "b", "c"]
+    (split,) = [item for item in read if isinstance(item, Skip)]
+    assert (split.reason, split.key) == ("duplicate_key", "a") and "--sort=name" in split.detail
+    # Every reader withdraws a's first part: b and c are used, a is one duplicate_key, no sample is
+    # missing against the index's 3.
+    assert load_script("inspect_shards").verify_shard(ShardIndex.load(folder).shards[0]) == (
+        2,
+        Counter(duplicate_key=1),
+    )
+    with PackedLoader(data_config([str(folder)], epochs=1, tokens_per_pack=4096), model_config()) as loader:
+        used = sum(pack.num_samples for pack in loader)
+    assert used == loader.stats.used == 2 and loader.stats.per_reason == Counter(duplicate_key=1)
+    encoder = PooledLatentEncoder(VIDEO_LATENT_CHANNELS, AUDIO_LATENT_DIM)
+    skipped = load_script("encode_shards").encode_shards(folder, tmp_path / "latent", encoder)
+    assert skipped == Counter(duplicate_key=1)
+    (shard,) = ShardIndex.load(tmp_path / "latent").shards
+    assert [item["__key__"] for item in read_shard(shard.url)] == ["b", "c"]
 
 
-def test_concatenated_tars_are_read_to_the_end_and_bytes_after_the_end_are_ignored(tmp_path, caplog):
+def test_concatenated_tars_are_read_to_the_end_and_bytes_after_the_end_are_counted(tmp_path):
     first = open(_tar(tmp_path / "a.tar", [("a.meta.json", META), ("b.meta.json", META)]), "rb").read()
     second = open(_tar(tmp_path / "b.tar", [("c.meta.json", META)]), "rb").read()
     cat = tmp_path / "cat.tar"  # cat a.tar b.tar: WebDataset and tar without -i stop after b
@@ -102,12 +126,18 @@ def test_concatenated_tars_are_read_to_the_end_and_bytes_after_the_end_are_ignor
     cat_gz = tmp_path / "cat.tar.gz"  # cat a.tar.gz b.tar.gz
     cat_gz.write_bytes(gzip.compress(first) + gzip.compress(second))
     assert [key for key, _ in _read(str(cat_gz))] == ["a", "b", "c"]
-    # Bytes after the end-of-archive blocks that are no tar: every sample before them is whole.
+    # Bytes after the end-of-archive blocks that are no tar: every sample before them is whole, the
+    # bytes are one stray_bytes skip naming their count.
     trailing = tmp_path / "trailing.tar"
     trailing.write_bytes(first + b"not a tar" * 10)
-    with caplog.at_level("WARNING"):
-        assert _read(str(trailing)) == _webdataset(str(trailing)) == [("a", ["meta.json"]), ("b", ["meta.json"])]
-    assert "90 bytes after the tar's end-of-archive block" in caplog.text
+    read = list(read_shard(str(trailing)))
+    assert [s["__key__"] for s in read if isinstance(s, dict)] == [key for key, _ in _webdataset(str(trailing))]
+    (stray,) = [s for s in read if isinstance(s, Skip)]
+    assert (
+        stray.reason == "stray_bytes"
+        and stray.detail.startswith("90 bytes")
+        and "to the end of the data" in stray.detail
+    )
     # An empty archive holds no sample and no damage.
     assert _read(_tar(tmp_path / "empty.tar", [])) == []
 
@@ -149,8 +179,10 @@ def test_a_dataset_whose_shards_hold_no_sample_stops_an_endless_loader_naming_it
     # An empty tar, and a tar of files none of which is named <key>.<field>: read for ever before.
     no_sample = [("README", b"x"), (".hidden.json", b"x")]
     shards = [_tar(tmp_path / "empty.tar", []), _tar(tmp_path / "readme.tar", no_sample)]
-    with PackedLoader(data_config(shards, epochs=0), model_config()) as loader:
-        with pytest.raises(LoaderSetupError, match=r"dataset 'world': the last 41 shards read .* hold no sample"):
+    junk = tmp_path / "junk.tar"  # and an empty tar with bytes after it that are no tar: one stray_bytes each read
+    junk.write_bytes(open(shards[0], "rb").read() + b"no tar" * 100)
+    with PackedLoader(data_config([*shards, str(junk)], epochs=0), model_config()) as loader:
+        with pytest.raises(LoaderSetupError, match=r"dataset 'world': the last 61 shards read .* hold no sample"):
             next(loader)
 
 
@@ -166,3 +198,67 @@ def test_an_index_named_by_a_file_url_is_read_as_its_path_and_one_over_http_is_r
     config = DataConfig(datasets=[DatasetConfig(name="web", shards=["http://host/set/index.json"])])
     with pytest.raises(ValueError, match=r"data\.datasets\[web\]\.shards: .*index\.json is read from a local path"):
         config.check_paths()
+
+
+def test_a_wids_shard_index_is_read_wherever_a_shard_list_is_and_an_inline_shard_is_refused(tmp_path, capsys):
+    folder = tmp_path / "set"
+    folder.mkdir()
+    urls = [_tar(folder / f"s-{i}.tar", [(f"{i}{k}.meta.json", META) for k in "ab"]) for i in range(2)]
+    wids = {
+        "__kind__": "wids-shard-index-v1",
+        "wids_version": 1,
+        "name": "set",
+        "shardlist": [{"url": f"s-{i}.tar", "nsamples": 2, "filesize": 10240} for i in range(2)],
+    }
+    index = tmp_path / "set" / "train.json"
+    index.write_text(json.dumps(wids))
+    config = DataConfig(datasets=[DatasetConfig(name="web", shards=[str(index)])])
+    config.check_paths()
+    assert [(s.url, s.samples, s.bytes) for s in resolve_shards([str(index)])] == [(u, 2, 10240) for u in urls]
+    assert load_script("inspect_shards").main([str(index), "--verify"]) == 0
+    assert "2 shards, 4 samples, 0 bad" in capsys.readouterr().out
+    encoder = PooledLatentEncoder(VIDEO_LATENT_CHANNELS, AUDIO_LATENT_DIM)
+    assert not load_script("encode_shards").encode_shards(index, tmp_path / "latent", encoder)
+    assert ShardIndex.load(tmp_path / "latent").total_samples == 4
+    # base_path: the folder the URLs are relative to (here relative to the index's own folder).
+    elsewhere = tmp_path / "lists" / "train.json"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text(json.dumps({**wids, "base_path": "../set"}))
+    assert [os.path.realpath(s.url) for s in ShardIndex.load(elsewhere).shards] == urls
+    bad = {
+        "inline": ({"shardlist": [{"nsamples": 2, "samples": ["..."]}]}, r"shardlist\[0\] has no url .*inline"),
+        "count": ({"shardlist": [{"url": "s-0.tar", "nsamples": -1}]}, r"shardlist\[0\]\.nsamples=-1 must be"),
+        "kind": ({**wids, "__kind__": "wids-other"}, r"__kind__='wids-other'"),
+        "command": ({**wids, "base_path": "pipe:cat"}, r"base_path='pipe:cat'"),
+    }
+    for name, (document, message) in bad.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(document))
+        with pytest.raises(ValueError, match=rf"{path}: {message}"):
+            resolve_shards([str(path)])
+
+
+def test_member_names_that_are_not_utf8_are_escaped_printably_in_logs_and_skips(tmp_path, caplog):
+    # tarfile keeps such bytes as surrogate escapes, which a UTF-8 log or terminal cannot write.
+    def raw(name: bytes) -> str:
+        return name.decode("utf-8", "surrogateescape")
+
+    members = [(raw(b"\xff\xfe.meta.json"), META), (raw(b"\xfe/../x.meta.json"), META), ("new\nline.meta.json", META)]
+    folder = tmp_path / "names"
+    folder.mkdir()
+    url = _tar(folder / "s.tar", members)
+    ShardIndex((ShardInfo(url, samples=3),)).save(folder)
+    (unsafe,) = [item for item in read_shard(url) if isinstance(item, Skip)]
+    assert unsafe.reason == "unsafe_member" and "'\\xfe/../x.meta.json'" in unsafe.detail
+    with caplog.at_level(logging.WARNING):
+        with PackedLoader(data_config([str(folder)], epochs=1, tokens_per_pack=4096), model_config()) as loader:
+            assert sum(pack.num_samples for pack in loader) == 2
+        encoder = PooledLatentEncoder(VIDEO_LATENT_CHANNELS, AUDIO_LATENT_DIM)
+        load_script("encode_shards").encode_shards(folder, tmp_path / "latent", encoder)
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum("\\xfe/../x" in message for message in messages) == 2  # the loader's and encode_shards' warning
+    for message in messages:
+        message.encode("utf-8")  # a surrogate left in would raise here, as in a log handler
+    # The sample whose key is not UTF-8 is written back under the same bytes.
+    (shard,) = ShardIndex.load(tmp_path / "latent").shards
+    assert [item["__key__"] for item in read_shard(shard.url)] == [raw(b"\xff\xfe"), "new\nline"]

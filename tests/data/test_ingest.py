@@ -838,3 +838,36 @@ def test_a_bad_split_or_output_folder_is_one_error_line_and_changes_nothing(tmp_
     assert message in err and len(err.splitlines()) == 1
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     assert not (tmp_path / "new").exists()
+
+
+def test_lerobot_versions_segments_timestamps_and_frame_indices_are_checked(tmp_path):
+    """Only the known layouts are read (v2.2 or v1.6 was read as v2 or refused without the list);
+    a v3 episode's video segment whose to_timestamp disagrees with its frames, or is missing, rows
+    that are not its dataset_from_index..dataset_to_index, a frame_index that is not 0, 1, ... and a
+    parquet without timestamps are that episode's skip."""
+    root, camera = tmp_path / "arm_v3", "observation.images.top"
+    rows = _lerobot_v3(root, episodes=5)
+    rows[1][f"videos/{camera}/to_timestamp"] += 1.0  # another episode's length of video
+    del rows[2][f"videos/{camera}/to_timestamp"]
+    rows[4]["dataset_from_index"] -= 1  # a row of episode 3 too
+    _write_v3_episodes(root, [rows[0], rows[1], rows[3], rows[4]], [rows[2]])
+    data = root / "data" / "chunk-000" / "file-000.parquet"
+    table = pq.read_table(data)
+    frame_index = np.tile(np.arange(FRAMES), 5)
+    frame_index[3 * FRAMES + 2] = 7  # episode 3's third frame
+    pq.write_table(table.append_column("frame_index", pa.array(frame_index)), data)
+    ingest = load_script("ingest_lerobot")
+    assert ingest.ingest_lerobot(root, tmp_path / "out", "toy_arm") == {"bad_metadata": 3, "missing_field": 1}
+    (kept,) = read_shard(ShardIndex.load(tmp_path / "out").shards[0].url)
+    assert json.loads(kept["meta.json"])["source"]["episode_index"] == 0
+
+    pq.write_table(table.drop_columns(["timestamp"]), data)
+    assert ingest.ingest_lerobot(root, tmp_path / "out_no_stamps", "toy_arm") == {"missing_field": 4, "bad_metadata": 1}
+
+    info = root / "meta" / "info.json"
+    for version in ("v2.2", "v1.6", "3.0", None):
+        info.write_text(json.dumps({**json.loads(info.read_text()), "codebase_version": version}))
+        with pytest.raises(
+            ValueError, match=re.escape(f"{info}: codebase_version={version!r}; this reader knows v2.0")
+        ):
+            ingest.ingest_lerobot(root, tmp_path / "out_version", "toy_arm")

@@ -1,14 +1,18 @@
 """data_pipelines/export_requests.py: conditioning files and a request file from a generated world,
 each request one the generation path takes (``prepare_request`` on the world's own inputs)."""
 
+import io
 import json
+import shutil
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from megatron_cosmos3.data.shards import ShardIndex
 from megatron_cosmos3.inference.requests import GenerationRequest, prepare_request
 from megatron_cosmos3.model.config import EmbodimentConfig
 from megatron_cosmos3.testing.generation import generation_config, generation_setup
@@ -55,6 +59,26 @@ def test_requests_name_their_world_inputs_and_prepare_for_every_task(world, tmp_
         request = GenerationRequest(**{**fields, "resolution": tuple(fields["resolution"])})
         prepared = prepare_request(request, builder)  # the generation path takes it as written
         assert prepared.outputs, line["task"]
+
+
+def test_a_sample_split_in_its_shard_is_passed_over_whole(world, tmp_path):
+    """A sample whose members lie apart in its shard is not exported, its first part neither: the
+    loader skips it whole (``shards.read_samples``), so a request made from it would name a clip
+    training never saw."""
+    raw = shutil.copytree(world, tmp_path / "raw")
+    shard = ShardIndex.load(raw / "index.json").shards[0].url
+    with tarfile.open(shard) as tar:
+        members = [(member, tar.extractfile(member).read()) for member in tar.getmembers()]
+    audio = next(i for i, (member, _) in enumerate(members) if member.name.endswith(".audio.wav"))
+    split_key = members[audio][0].name.split(".", 1)[0]
+    # Its sound at the shard's end: what stays in place (meta, video) would decode as a silent clip.
+    members.append(members.pop(audio))
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            tar.addfile(member, io.BytesIO(data))
+    keys = [sample.key for sample in world_samples(raw)]
+    original = [sample.key for sample in world_samples(world)]
+    assert split_key in original and keys == [key for key in original if key != split_key]
 
 
 def test_a_world_too_small_for_a_task_is_an_error_naming_it(world, tmp_path):

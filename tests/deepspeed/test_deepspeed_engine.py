@@ -186,6 +186,22 @@ def _one_rank_fails(rank: int, world_size: int, root: Path, where: str) -> tuple
         return raised_by(partial(_train, root, f"fails-in-{where}", "engine=deepspeed", *settings, *quick))
 
 
+def _one_rank_fails_converting(rank: int, world_size: int, root: Path) -> tuple[str, str, float]:
+    """``convert_checkpoint`` of the one-process step-2 checkpoint to ZeRO-1 on 2 ranks, rank 1 alone
+    failing to read it (the others go on to the load's and the save's collectives). What this rank
+    raised (type, message) and after how many seconds; every group waits ``TIMEOUT_S``."""
+    from megatron_cosmos3.training.deepspeed_engine import DeepSpeedCheckpointer, convert_checkpoint
+
+    restart_world(rank, world_size, root / "store-convert", TIMEOUT_S)
+    settings = ("engine=deepspeed", "deepspeed.zero_stage=1", "tracking.enabled=false")
+    config = load_config(
+        None, overrides(root, "fails-converting", *settings, f"distributed.init_timeout_s={TIMEOUT_S}")
+    )
+    source, target = root / "single" / "step_00000002", root / "fails-converting"
+    with failing_call(DeepSpeedCheckpointer, "load", rank == 1, 1, "rank 1 cannot read the checkpoint"):
+        return raised_by(partial(convert_checkpoint, config, _context(), source, target))
+
+
 def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
     """Every ZeRO stage for 3 steps (ZeRO-2 preempted during step 2 and resumed), DeepSpeed-Ulysses
     and the engine switch; rank 0 returns each stage's final weights read back from its DeepSpeed
@@ -231,6 +247,7 @@ def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
         refused = str(error)
     # Last: a rank failing inside DeepSpeed's collectives ends the process groups (each case starts a world).
     stopped = {where: _one_rank_fails(rank, world_size, root, where) for where in ("forward", "save")}
+    stopped["convert"] = _one_rank_fails_converting(rank, world_size, root)
     return {
         "stopped": stopped,
         "weights": weights,
@@ -393,6 +410,26 @@ def test_a_rank_failing_inside_deepspeeds_collectives_ends_every_rank_naming_its
         assert message0.startswith(f"checkpoint of step 1 not saved to {staging}: ")
         assert not [p.name for p in (root / "fails-in-save").iterdir() if p.name.startswith((".step_", "step_"))]
     assert max(seconds0, seconds1) < 3 * TIMEOUT_S, (seconds0, seconds1)
+
+
+@pytest.mark.multiprocess
+def test_a_rank_failing_to_convert_a_checkpoint_ends_every_rank_naming_it(runs):
+    """``convert_checkpoint`` under torchrun (the module's ``main``) with one rank unable to read the
+    checkpoint: the others waited in the load's or the save's collectives until the groups' timeout
+    and failed with gloo's "timed out", naming no rank. Now rank 0 names rank 1 and its error at once,
+    and nothing is committed."""
+    root, results, _, _ = runs
+    (type0, message0, seconds0), (type1, message1, seconds1) = (r["convert"] for r in results["stopped"])
+    assert (type1, message1) == ("RuntimeError", "rank 1 cannot read the checkpoint")
+    assert (type0, message0) == (
+        "RankFailedError",
+        "converting the checkpoint stopped on rank 0: rank 1 failed in converting the checkpoint: "
+        "RuntimeError: rank 1 cannot read the checkpoint",
+    )
+    assert max(seconds0, seconds1) < 3 * TIMEOUT_S, (seconds0, seconds1)
+    target = root / "fails-converting"
+    committed = [p.name for p in target.iterdir() if p.name.startswith("step_")] if target.exists() else []
+    assert not committed, committed
 
 
 def test_preempted_and_resumed_equals_an_uninterrupted_run(runs):

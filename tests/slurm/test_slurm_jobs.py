@@ -27,6 +27,7 @@ from megatron_cosmos3.testing.training import (
     tracking_store,
     train_on_ranks,
 )
+from megatron_cosmos3.training.distributed import slurm_port
 
 REPO = Path(__file__).resolve().parents[2]
 # The job trains until preempted twice (however fast the machine: SLURM checks time limits only
@@ -324,3 +325,54 @@ def test_a_training_job_of_several_tasks_a_node_is_refused_naming_the_option(clu
     _wait("the job to end", lambda: cluster.job(job_id).state in ("COMPLETED", "FAILED"), 60, log)
     assert cluster.job(job_id).state == "FAILED"
     assert "submit with --ntasks-per-node=1 (this job has SLURM_NTASKS=2 on 1 node(s))" in log.read_text()
+
+
+# Each task of an srun step prints the rendezvous it would meet in (``launcher_env``, srun's ranks).
+_PRINT_RENDEZVOUS = (
+    "import os; from megatron_cosmos3.training.distributed import launcher_env; launcher_env(os.environ); "
+    "print('step', os.environ['SLURM_STEP_ID'], 'task', os.environ['SLURM_PROCID'], 'port', os.environ['MASTER_PORT'])"
+)
+
+
+def test_two_srun_steps_of_one_job_running_at_once_derive_ports_of_their_own(cluster, tmp_path):
+    """The srun ranks' port came from the job id alone: two steps of one job at once (two trainings,
+    or a training beside an evaluation) met in one rendezvous. Two concurrent steps of two tasks."""
+    script, log = tmp_path / "two_steps.sh", tmp_path / "job.out"
+    script.write_text(
+        f"#!/bin/bash\ncd {REPO}\n"
+        + f'srun --overlap --ntasks=2 {sys.executable} -c "{_PRINT_RENDEZVOUS}" &\n' * 2
+        + "wait\n"
+    )
+    job_id = cluster.command(
+        "sbatch", "--ntasks=2", f"--output={log}", str(script), env=_job_env(tmp_path)
+    ).stdout.split()[-1]
+    _wait("the job to end", lambda: cluster.job(job_id).state in ("COMPLETED", "FAILED"), 120, log)
+    text = log.read_text()
+    found = {(step, task): int(port) for step, task, port in re.findall(r"step (\d+) task (\d+) port (\d+)", text)}
+    assert cluster.job(job_id).state == "COMPLETED" and sorted(found) == [
+        ("0", "0"),
+        ("0", "1"),
+        ("1", "0"),
+        ("1", "1"),
+    ], text
+    assert found["0", "0"] == found["0", "1"] == slurm_port(job_id, "0"), text  # a step's tasks agree
+    assert found["1", "0"] == found["1", "1"] == slurm_port(job_id, "1") != found["0", "0"], text
+
+
+def test_a_time_limit_warning_before_the_trainers_start_ends_the_job_failed_saying_why(cluster, tmp_path):
+    """USR1 (``--signal=B:USR1@<lead>`` with a time limit within the lead plus start-up) reached the
+    batch script before it trapped the signal, whose default ended it: FAILED, without a word after
+    the attempt's header. Sent here while the environment activates (an activate script that waits)."""
+    activating = tmp_path / "activating"
+    activate = tmp_path / "activate"
+    activate.write_text(f"source {Path(sys.executable).parent / 'activate'}\ntouch {activating}\nsleep 5\n")
+    log = tmp_path / "job.out"
+    env = {**_job_env(tmp_path, COSMOS3_STATUS_DIR=str(tmp_path / "status")), "COSMOS3_ACTIVATE": str(activate)}
+    job_id = cluster.command("sbatch", f"--output={log}", str(REPO / "slurm/train.sbatch"), env=env).stdout.split()[-1]
+    _wait("the job to activate its environment", activating.exists, 60, log)
+    cluster.command("scancel", "--signal=USR1", "--batch", job_id)
+    _wait("the job to end", lambda: cluster.job(job_id).state in ("COMPLETED", "FAILED", "PENDING"), 60, log)
+    job, text = cluster.job(job_id), log.read_text()
+    assert (job.state, job.restarts) == ("FAILED", 0), text
+    assert "attempt 1: got SIGUSR1 before the trainers started; not requeued" in text
+    assert "torchrun_node.sh" not in text  # no trainer started

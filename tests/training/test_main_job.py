@@ -122,13 +122,21 @@ def test_invalid_config_fails_before_any_process_group(monkeypatch):
         train_module.main(["optimizer.lrr=1"])
 
 
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
 @pytest.mark.parametrize("rank", ["0", "1"])
-def test_the_console_command_names_a_config_error_in_one_line_and_exits_2(monkeypatch, capsys, rank):
-    """``cosmos3-train`` (``train.cli``): no traceback, status 2 on every rank, the line from rank 0."""
+def test_the_console_command_names_a_config_error_in_one_line_and_exits_2(monkeypatch, capsys, rank, launcher):
+    """``cosmos3-train`` (``train.cli``): no traceback, status 2 on every rank, the line from rank 0
+    (srun's tasks have no RANK: their SLURM_PROCID says which is rank 0)."""
     from megatron_cosmos3.training import train as train_module
 
     monkeypatch.setattr(train_module, "init_distributed", lambda *_: pytest.fail("a process group was started"))
-    monkeypatch.setenv("RANK", rank)
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+    if launcher == "torchrun":
+        monkeypatch.setenv("RANK", rank)
+    else:
+        monkeypatch.setenv("SLURM_PROCID", rank)
+        monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
     assert train_module.cli(["--config", str(REPO / "configs/tiny_cpu.yaml"), "model.num_kv_heads=3"]) == 2
     err = capsys.readouterr().err
     if rank == "0":

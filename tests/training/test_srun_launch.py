@@ -8,7 +8,16 @@ import re
 
 import pytest
 
-from megatron_cosmos3.training.distributed import first_host, gpu_index, launcher_env, srun_world, started_by_srun
+from megatron_cosmos3.testing.training import TINY_MODEL
+from megatron_cosmos3.training.distributed import (
+    first_host,
+    gpu_index,
+    launcher_env,
+    slurm_port,
+    srun_world,
+    started_by_srun,
+)
+from megatron_cosmos3.training.train import checked_config, parse_args
 
 # Task 1 of `srun --ntasks=2` in job 5 on node "vm".
 SRUN_TASK = {
@@ -38,11 +47,35 @@ def test_an_srun_rank_finds_rank_0s_node_and_a_port_of_its_job():
     """MASTER_ADDR was required by hand (and MASTER_PORT was 29500 for every job on a node)."""
     assert srun_world(SRUN_TASK) == (1, 2, 1, "vm", "20005")
     two_nodes = {**SRUN_TASK, "SLURM_JOB_ID": "123456", "SLURM_STEP_NODELIST": "gpu[07-08]"}
-    assert srun_world(two_nodes) == (1, 2, 1, "gpu07", str(20000 + 123456 % 20000))
+    assert srun_world(two_nodes) == (1, 2, 1, "gpu07", "28544")  # 20000 + 123456 % 12768
     chosen = {**SRUN_TASK, "MASTER_ADDR": "head", "MASTER_PORT": "29999"}
     assert srun_world(chosen)[3:] == ("head", "29999")
     no_step_list = {k: v for k, v in SRUN_TASK.items() if k != "SLURM_STEP_NODELIST"}
     assert srun_world({**no_step_list, "SLURM_JOB_NODELIST": "n[3,5]"})[3] == "n3"
+
+
+def test_two_steps_of_a_job_and_neighbouring_jobs_meet_on_ports_of_their_own_below_the_ephemeral_range():
+    """The port came from the job id alone (20000 + id % 20000): two srun steps of one job running at
+    once derived the same, and ids ending in 12768-19999 gave ports in Linux's ephemeral range
+    (32768-60999), where any outgoing connection may hold them."""
+    step_1 = {**SRUN_TASK, "SLURM_STEP_ID": "1"}
+    assert srun_world(step_1)[4] == str(20000 + (5 + 7919) % 12768) != srun_world(SRUN_TASK)[4]
+    assert srun_world({**SRUN_TASK, "SLURM_STEP_ID": "0"})[4] == srun_world(SRUN_TASK)[4] == "20005"
+    for job in (5, 12767, 123456, 4294967294):
+        ports = [slurm_port(str(job), str(step)) for step in range(200)]
+        assert len(set(ports)) == 200 and all(20000 <= port <= 32767 for port in ports), job
+    neighbours = [slurm_port(str(job)) for job in range(30000, 30000 + 12768)]
+    assert len(set(neighbours)) == 12768 and max(neighbours) == 32767
+    with pytest.raises(ValueError, match=re.escape("srun launch: no MASTER_PORT, and SLURM_STEP_ID='x': not a")):
+        srun_world({**SRUN_TASK, "SLURM_STEP_ID": "x"})
+
+
+def test_a_heterogeneous_jobs_srun_ranks_are_refused_naming_it():
+    """A step of a heterogeneous job (``sbatch ... : ...``) numbers its tasks per component or over
+    several, with per-component variables this launcher does not read."""
+    for name in ("SLURM_HET_SIZE", "SLURM_PACK_SIZE"):
+        with pytest.raises(ValueError, match=re.escape("a heterogeneous job (SLURM_HET_SIZE=2) is not supported")):
+            launcher_env({**SRUN_TASK, name: "2"})
 
 
 @pytest.mark.parametrize(
@@ -106,3 +139,33 @@ def test_an_srun_rank_sets_the_variables_libraries_written_for_torchrun_read():
     }
     assert "WORLD_SIZE" not in environ and started_by_srun(environ)
     assert launcher_env(dict(BATCH_SCRIPT)) is None
+
+
+def test_the_config_is_checked_against_the_world_srun_starts(monkeypatch, tmp_path):
+    """srun's ranks have no WORLD_SIZE, and the parallel sizes were checked against a world of one:
+    ``srun --ntasks=2 ... parallel.tensor=2`` was refused ("world_size=1 is not divisible by
+    tensor*pipeline*context=2*1*1=2") before any rank started."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in SRUN_TASK.items():
+        monkeypatch.setenv(name, value)
+    args = parse_args([*TINY_MODEL, "parallel.tensor=2", f"checkpoint.directory={tmp_path / 'run'}"])
+    assert checked_config(args).parallel.tensor == 2
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "3")
+    with pytest.raises(ValueError, match=re.escape("world_size=3 is not divisible by tensor*pipeline*context=2*1*1")):
+        checked_config(args)
+
+
+@pytest.mark.parametrize(
+    "environ, error",
+    [
+        ({"WORLD_SIZE": "2"}, "torchrun launch: RANK=None, not a number; torchrun sets it in every worker it starts"),
+        ({"WORLD_SIZE": "two", "RANK": "0"}, "torchrun launch: WORLD_SIZE='two', not a number"),
+        ({"WORLD_SIZE": "2", "RANK": "2"}, "torchrun launch: RANK=2 is not a rank of WORLD_SIZE=2"),
+        ({**SRUN_TASK, "SLURM_PROCID": "2"}, "srun launch: SLURM_PROCID=2 is not a rank of SLURM_STEP_NUM_TASKS=2"),
+    ],
+)
+def test_launch_variables_that_are_not_a_world_are_named(environ, error):
+    """A WORLD_SIZE exported by hand without RANK (a shell left from another job) was a KeyError 'RANK'."""
+    with pytest.raises(ValueError, match=re.escape(error)):
+        launcher_env(dict(environ))

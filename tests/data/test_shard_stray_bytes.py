@@ -1,0 +1,205 @@
+"""Shards with bytes that are no tar (between members, between concatenated archives, after the last
+compressed stream), cut compressed streams and v7 archives, all written here as real files: every
+sample a tar reader can still find is read, the bytes passed over are one counted ``stray_bytes``
+skip, and a cut stream is a ``truncated_shard`` (docs/DESIGN.md, "The data path")."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import lzma
+import tarfile
+
+import pytest
+
+from megatron_cosmos3.data.errors import Skip
+from megatron_cosmos3.data.shards import ShardInfo, read_samples, read_shard
+
+META = b'{"schema": 1, "caption": "a ball"}'
+
+
+def _tar(keys, fmt=tarfile.USTAR_FORMAT) -> bytes:
+    """A tar of two members per key (``<key>.meta.json``, ``<key>.txt``) as Python's tarfile writes it."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as archive:
+        for key in keys:
+            for name, data in ((f"{key}.meta.json", META), (f"{key}.txt", key.encode() * 700)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _v7(data: bytes) -> bytes:
+    """``data`` (a ustar tar) with every header made a v7 one: no magic, version or owner names."""
+    data = bytearray(data)
+    for member in tarfile.open(fileobj=io.BytesIO(bytes(data))):
+        block = data[member.offset : member.offset + 512]
+        block[257:345] = bytes(88)  # magic, version, uname, gname, devmajor, devminor
+        block[148:156] = b" " * 8
+        block[148:156] = b"%06o\0 " % sum(block)
+        data[member.offset : member.offset + 512] = block
+    return bytes(data)
+
+
+def _member_end(data: bytes, name: str) -> int:
+    """The offset just after member ``name``'s data blocks."""
+    member = next(m for m in tarfile.open(fileobj=io.BytesIO(data)) if m.name == name)
+    return member.offset_data + -(-member.size // 512) * 512
+
+
+def _read(path) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """(keys of the samples, (reason, key, first word of the detail) of the skips) ``read_shard`` gives."""
+    items = list(read_shard(str(path)))
+    keys = [item["__key__"] for item in items if isinstance(item, dict)]
+    return keys, [(s.reason, s.key, s.detail.split(" ")[0]) for s in items if isinstance(s, Skip)]
+
+
+JUNK = bytes(range(1, 256)) * 3 + b"!"  # 766 bytes: no multiple of a block, no zero run
+
+
+def test_junk_between_members_is_passed_to_the_next_header_and_counted(tmp_path):
+    data = _tar(["a", "b", "c", "d"])
+    at = _member_end(data, "b.txt")  # after sample b's last member: c's first header stood there
+    v7 = _v7(data)
+    for junk in (JUNK, b"\0" * 100, b"7" * 5000):  # a v7 archive too: no magic to find
+        shard = tmp_path / "junk.tar"
+        shard.write_bytes(v7[:at] + junk + v7[at:])
+        assert _read(shard) == (
+            ["a", "c", "d"],
+            [("damaged_shard", "b", str(len(junk))), ("stray_bytes", "", str(len(junk)))],
+        )
+    shard = tmp_path / "junk.tar"
+    shard.write_bytes(data[:at] + JUNK + data[at:])
+    # b may have lost members to the junk (it stood where a header should): it is the damaged one.
+    assert _read(shard) == (
+        ["a", "c", "d"],
+        [("damaged_shard", "b", "766"), ("stray_bytes", "", "766")],
+    )
+    # A whole block of junk overwriting c's first header: c's other member is never read as a sample
+    # missing a field (the bytes passed over are whole blocks: what follows them is suspect).
+    at = _member_end(data, "b.txt")
+    overwritten = tmp_path / "overwritten.tar"
+    overwritten.write_bytes(data[:at] + b"\xa5" * 512 + data[at + 512 :])
+    assert _read(overwritten) == (
+        ["a", "d"],
+        [("damaged_shard", "b", "1024"), ("stray_bytes", "", "1024"), ("damaged_shard", "c", "its")],
+    )
+    # Junk to the end with no header after it: the sample being read is the damaged one, as before.
+    cut = tmp_path / "junk_to_end.tar"
+    cut.write_bytes(data[:at] + JUNK * 3)
+    assert _read(cut) == (["a"], [("damaged_shard", "b", "a")])
+
+
+def test_junk_between_concatenated_tars_and_a_v7_tar_after_the_end_are_read(tmp_path):
+    first, second, third = _tar(["a", "b"]), _tar(["c"]), _v7(_tar(["d", "e"]))
+    shard = tmp_path / "cat.tar"
+    shard.write_bytes(first + JUNK + second + bytes(1024) + third)
+    assert _read(shard) == (["a", "b", "c", "d", "e"], [("stray_bytes", "", "766")])
+    # A v7 archive (no magic to find) after junk of any length: found by its checksum field.
+    for junk in (JUNK, b"0" * 3000):
+        shard.write_bytes(first + junk + third)
+        assert _read(shard) == (["a", "b", "d", "e"], [("stray_bytes", "", str(len(junk)))])
+    # Whole blocks of junk may stand in place of a destroyed header and its data: the first sample
+    # after them may lack its first members, so it is a damaged_shard skip too.
+    shard.write_bytes(first + b"\x01" * 1024 + third)
+    assert _read(shard) == (["a", "b", "e"], [("stray_bytes", "", "1024"), ("damaged_shard", "d", "its")])
+    # The v7 archive read alone, as Python's tarfile reads it.
+    alone = tmp_path / "alone.tar"
+    alone.write_bytes(third)
+    assert _read(alone) == (["d", "e"], [])
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress], ids=["gz", "bz2", "xz"])
+def test_compressed_streams_are_all_read_and_bytes_between_or_after_them_are_counted(tmp_path, compress):
+    data = _tar(["a", "b", "c"])
+    split = _member_end(data, "a.txt") + 100  # inside sample b
+    streams = compress(data[:split]) + bytes(8) + compress(data[split:])  # zero padding between them
+    shard = tmp_path / "s.tar.x"
+    shard.write_bytes(streams)
+    assert _read(shard) == (["a", "b", "c"], [])
+    shard.write_bytes(streams + JUNK)
+    assert _read(shard) == (["a", "b", "c"], [("stray_bytes", "", "766")])
+    # Junk between streams, holding a magic number that starts no stream: scanned past to the next.
+    fake = {gzip.compress: b"\x1f\x8b\x09", bz2.compress: b"BZh0", lzma.compress: b"\xfd7zXZ\x00\xff\xff"}[compress]
+    between = compress(data[:split]) + JUNK + fake + JUNK + compress(data[split:])
+    shard.write_bytes(between)
+    assert _read(shard) == (["a", "b", "c"], [("stray_bytes", "", str(2 * len(JUNK) + len(fake)))])
+    # The last stream cut in half: whatever of it decompresses is read (bzip2 gives no part of a cut
+    # block), the sample the data ends in is the one truncated_shard, and c is never whole.
+    at = _member_end(data, "b.txt")
+    last = compress(data[at:])
+    shard.write_bytes(compress(data[:at]) + last[: len(last) // 2])
+    keys, skips = _read(shard)
+    assert keys[0] == "a" and "c" not in keys and [reason for reason, _, _ in skips] == ["truncated_shard"]
+    (skip,) = [s for s in read_shard(str(shard)) if isinstance(s, Skip)]
+    assert "stream ends before its end marker" in skip.detail
+    # Cut before its first member header: the shard is unreadable, and the message says it was cut.
+    shard.write_bytes(streams[:20])
+    (skip,) = read_shard(str(shard))
+    assert skip.reason == "unreadable_shard" and "stream ends before its end marker" in skip.detail
+
+
+def test_a_shard_with_stray_bytes_counts_them_as_no_sample_against_its_index(tmp_path):
+    first, second = _tar(["a", "b"]), _tar(["c"])
+    shard = tmp_path / "cat.tar"
+    shard.write_bytes(first + JUNK + second)
+    read = read_samples(ShardInfo(str(shard), samples=3), lambda index, raw: raw["__key__"])
+    assert [key for _, key in read.results] == ["a", "b", "c"] and read.read == 3
+    assert [s.reason for s in read.skips] == ["stray_bytes"]  # no index_mismatch: 3 samples, as listed
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["gnu", "pax"])
+def test_a_damaged_header_after_a_long_name_header_is_passed_over_too(tmp_path, fmt):
+    long = "d" * 120  # a GNU long-name or a pax header comes before each member of this folder
+    data = bytearray(_tar([f"{long}/a", f"{long}/b", f"{long}/c"], fmt))
+    member = next(m for m in tarfile.open(fileobj=io.BytesIO(bytes(data))) if m.name == f"{long}/b.txt")
+    header = member.offset_data - 512  # the member's own header, after its long-name one
+    assert header > member.offset
+    data[header : header + 512] = b"\xa5" * 512
+    shard = tmp_path / "long.tar"
+    shard.write_bytes(bytes(data))
+    keys, skips = _read(shard)
+    # The header and its data are whole blocks: c, after them, may lack members and is damaged too.
+    assert keys == [f"{long}/a"]
+    assert [(reason, key) for reason, key, _ in skips] == [
+        ("damaged_shard", f"{long}/b"),
+        ("stray_bytes", ""),
+        ("damaged_shard", f"{long}/c"),
+    ]
+
+
+def test_a_split_sample_whose_later_part_meets_stray_bytes_is_still_one_split_skip(tmp_path):
+    data = _tar(["a", "b", "a", "c"])  # a's members lie apart
+    later = list(tarfile.open(fileobj=io.BytesIO(data)))[4]  # the first member of a's later part
+    assert later.name == "a.meta.json"
+    at = later.offset_data + 512
+    shard = tmp_path / "split.tar"
+    shard.write_bytes(data[:at] + JUNK + data[at:])
+    read = read_samples(ShardInfo(str(shard)), lambda index, raw: raw["__key__"])
+    assert [key for _, key in read.results] == ["b", "c"]
+    assert [(s.reason, s.key) for s in read.skips] == [("duplicate_key", "a"), ("stray_bytes", "")]
+    # A shard cut inside a's later part: the whole sample is the truncated_shard, b the only one used.
+    shard.write_bytes(data[: at - 100])
+    read = read_samples(ShardInfo(str(shard), samples=3), lambda index, raw: raw["__key__"])
+    assert [key for _, key in read.results] == ["b"] and read.read == 2
+    assert [(s.reason, s.key, s.count) for s in read.skips] == [
+        ("truncated_shard", "a", 1),
+        ("lost_to_truncation", "", 1),
+    ]
+
+
+def test_bytes_before_the_first_header_are_passed_over_and_a_shard_of_no_header_is_unreadable(tmp_path):
+    shard = tmp_path / "prefixed.tar"
+    for prefix in (JUNK, b"0" * 2000):
+        shard.write_bytes(prefix + _v7(_tar(["a", "b"])))
+        assert _read(shard) == (["a", "b"], [("stray_bytes", "", str(len(prefix)))])
+        assert "before the first member header" in next(s for s in read_shard(str(shard)) if isinstance(s, Skip)).detail
+    # A destroyed first header (a whole block): the sample it began may lack that member.
+    data = _tar(["a", "b"])
+    shard.write_bytes(b"\x01" * 512 + data[512:])
+    assert _read(shard) == (["b"], [("stray_bytes", "", "1024"), ("damaged_shard", "a", "its")])
+    shard.write_bytes(JUNK * 20)
+    (skip,) = read_shard(str(shard))
+    assert skip.reason == "unreadable_shard" and f"no tar member header in its {len(JUNK) * 20} bytes" in skip.detail
