@@ -13,6 +13,7 @@ removed by a later run on its host (``remove_stale_partial_folders``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -34,23 +35,63 @@ def _umask() -> int:
     return mask
 
 
-def write_atomically(path: str | Path, data: bytes | str) -> Path:
+def write_atomically(path: str | Path, data: bytes | str, durable: bool = False) -> Path:
     """``data`` (text as UTF-8) into the file ``path``, parent folders created, through a temporary
     name beside it and one rename: ``path`` holds the old file or the whole new one, never part of
-    it. Returns ``path``."""
+    it. ``durable``: the file is fsynced before the rename and its folder after it, so a power loss
+    or a node crash after the return cannot leave the old file, or an empty one, under the name
+    (the rename alone orders nothing on disk). Returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if durable:
+                file.flush()
+                os.fsync(file.fileno())
         # mkstemp makes the file 0600: give it the mode open() would, so a team's outputs stay readable
         os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException:  # KeyboardInterrupt too: the temporary file goes with the error
         Path(temporary).unlink(missing_ok=True)
         raise
+    if durable:
+        sync_folder(path.parent)
     return path
+
+
+def sync_file(path: str | Path) -> None:
+    """fsync of one file: its data and size reach the disk."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def sync_folder(path: str | Path) -> None:
+    """fsync of a folder: the names created, renamed or removed in it reach the disk. A file system
+    that cannot sync a folder (EINVAL or ENOTSUP: some network and FUSE ones) is left to its own
+    guarantees."""
+    handle = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(handle)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(handle)
+
+
+def sync_tree(folder: str | Path) -> None:
+    """``sync_file`` of every file under ``folder`` and ``sync_folder`` of every folder, deepest first
+    (``folder`` last): what one rename is about to publish is on disk before it."""
+    folder = Path(folder)
+    for parent, _folders, files in os.walk(folder, topdown=False):
+        for name in files:
+            sync_file(Path(parent) / name)
+        sync_folder(parent)
 
 
 def _owner() -> str:

@@ -39,8 +39,10 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+from megatron_cosmos3.atomic_files import PARTIAL_SUFFIX, sync_folder, sync_tree, write_atomically
 from megatron_cosmos3.checkpoint.engine_layout import check_engine
 from megatron_cosmos3.checkpoint.safe_reader import (
+    MANIFEST,
     CheckpointCorruptError,
     ChecksummedFileSystemWriter,
     SafeFileSystemReader,
@@ -261,6 +263,8 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             for stale in self.root.glob(f".step_*{_REMOVING}") if failed is None else ():  # a pruning cut short
                 shutil.rmtree(stale, ignore_errors=True)
+            for stale in self.root.glob(f".{LATEST}.*{PARTIAL_SUFFIX}") if failed is None else ():  # a pointer's
+                stale.unlink(missing_ok=True)  # temporary file (write_atomically), left by a killed commit
         self._raise_together(failed)  # in place of a barrier: no rank waits for a rank 0 that stopped
 
     def _barrier(self) -> None:
@@ -394,19 +398,21 @@ class Checkpointer:
         """Rank 0's part of ``_commit``. Until the rename, a failure removes the staging folder (a
         full disk gets its space back); after it, the folder is whole but ``latest`` may still name
         the previous one, which a resume then takes."""
-        pointer = self.root / f".{LATEST}.tmp"
         try:
             meta = {**pending.meta, "step": pending.step, "format_version": FORMAT_VERSION}
             (pending.staging / "meta.json").write_text(json.dumps(meta, indent=2))
             write_manifest(pending.staging)
+            # On disk before either rename publishes it: after a power loss or a node crash, a folder
+            # under its step_<N> name (or named by latest) with files short or missing would be taken
+            # for a whole checkpoint. DCP syncs its shards; meta.json, the checksums and the names not.
+            sync_tree(pending.staging)
             if os.path.lexists(final):
                 self._set_aside(final)
             os.replace(pending.staging, final)
-            pointer.write_text(final.name)
-            os.replace(pointer, self.root / LATEST)
+            sync_folder(self.root)
+            write_atomically(self.root / LATEST, final.name, durable=True)
         except BaseException:
             shutil.rmtree(pending.staging, ignore_errors=True)
-            pointer.unlink(missing_ok=True)
             raise
         self._prune(pending.step)
         log.info("checkpoint committed: %s", final)
@@ -514,7 +520,8 @@ def load_state(
     one of ``allow_missing`` (e.g. the projections of an embodiment added since). Per-rank entries
     (stored under rank ``rank``) that are absent (another world size) are dropped from
     ``per_rank``; ``named`` entries (keys as saved) are filled in place of their values, or dropped
-    when absent. Every file read is checked against the checkpoint's checksums first.
+    when absent. Every file read is checked against the checkpoint's checksums first; a committed
+    folder (one with meta.json) without its checksums is CheckpointCorruptError, not read unverified.
     """
     path = Path(path)
     check_engine(path, "megatron")  # DeepSpeed's files (or its universal layout) are refused by name
@@ -523,7 +530,14 @@ def load_state(
         if (path / "meta.json").is_file():  # committed, so the index was there once
             raise CheckpointCorruptError(f"checkpoint {path}: file .metadata (the index of every item) is missing")
         raise FileNotFoundError(f"{path} is not a checkpoint folder (no .metadata index)")
-    meta = read_meta(path) if (path / "meta.json").is_file() else {}
+    meta = {}
+    if (path / "meta.json").is_file():  # committed: the commit wrote checksums.json before the rename
+        if read_manifest(path) is None:
+            raise CheckpointCorruptError(
+                f"checkpoint {path}: {MANIFEST} is missing, so none of its files can be verified (lost or "
+                "deleted after the commit, which writes it before the folder gets its name)"
+            )
+        meta = read_meta(path)
     reader = SafeFileSystemReader(str(path))
     index = reader.read_metadata().state_dict_metadata
     available = set(index)

@@ -10,14 +10,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 from megatron_cosmos3.checkpoint.checkpointer import Inventory, ResumeError
+from megatron_cosmos3.checkpoint.finite import NonFiniteWeightsError
 from megatron_cosmos3.checkpoint.safe_reader import CheckpointCorruptError
+
+# What makes a checkpoint unusable for a resume, so that the fallback may skip it: damaged files, or
+# weights and optimizer moments holding NaN or inf (found on every rank together: finite.py).
+UNUSABLE = (CheckpointCorruptError, NonFiniteWeightsError)
 
 log = logging.getLogger(__name__)
 
 
 def resume_from(found: Inventory, settings, load: Callable[[Path], dict]) -> tuple[Path, dict] | None:
     """Loads (``load(path) -> meta``) the checkpoint of ``found`` this run continues from, as the
-    ``CheckpointConfig`` ``settings`` say; None for a fresh start. Raises ResumeError otherwise."""
+    ``CheckpointConfig`` ``settings`` say; None for a fresh start. Raises ResumeError otherwise
+    (``load`` raising one of ``UNUSABLE`` for the latest: the error names it)."""
     if not settings.resume:
         if not found.empty and not settings.allow_fresh_start:
             raise ResumeError(
@@ -30,7 +36,7 @@ def resume_from(found: Inventory, settings, load: Callable[[Path], dict]) -> tup
     if problem is None and found.latest is not None:
         try:
             return found.latest, load(found.latest)
-        except CheckpointCorruptError as error:
+        except UNUSABLE as error:
             problem = str(error)
     if problem is None:
         return None  # nothing was ever saved here
@@ -45,8 +51,8 @@ def resume_from(found: Inventory, settings, load: Callable[[Path], dict]) -> tup
             continue  # the one that just failed
         try:
             meta = load(candidate)
-        except CheckpointCorruptError as error:
-            log.warning("checkpoint.fallback_to_verified: %s does not verify either: %s", candidate, error)
+        except UNUSABLE as error:
+            log.warning("checkpoint.fallback_to_verified: %s is unusable too: %s", candidate, error)
             continue
         log.warning(
             "checkpoint.fallback_to_verified: the latest checkpoint is unusable (%s); RESUMING FROM %s (step %d), "

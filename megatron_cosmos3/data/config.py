@@ -201,8 +201,13 @@ class DataConfig:
         return self.stages[self.stage]
 
     def fingerprint(self) -> int:
-        """A hash of everything that decides the sample stream (workers and prefetching excluded):
-        loader state saved under one fingerprint only resumes under the same one."""
+        """A hash of everything that decides the sample stream (``stream_settings``): loader state
+        saved under one fingerprint only resumes under the same one."""
+        return hash64(json.dumps(self.stream_settings(), sort_keys=True))
+
+    def stream_settings(self) -> dict:
+        """Everything that decides the sample stream, as JSON-able values (workers and prefetching
+        excluded): saved with the loader state, so a resume under other settings names each one."""
         decisive = asdict(self)
         for name in ("num_workers", "prefetch_factor", "error_budget"):
             decisive.pop(name)
@@ -211,4 +216,4 @@ class DataConfig:
             decisive.pop("prompt_dropout")
         if self.media == MediaConfig():  # nor those saved before media clips existed
             decisive.pop("media")
-        return hash64(json.dumps(decisive, sort_keys=True))
+        return decisive

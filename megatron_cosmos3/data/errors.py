@@ -115,6 +115,22 @@ class DataErrorBudgetExceeded(RuntimeError):
     """Too large a fraction of the data read so far is bad; the message says what and where."""
 
 
+class DataExhaustedError(RuntimeError):
+    """A finite stream (``data.epochs`` > 0) ended before the run's last step: the message names the
+    step, ``steps``, the epochs and the dataset, where a bare StopIteration named nothing."""
+
+
+class DataStreamChangedError(ValueError):
+    """A checkpoint's loader state belongs to another data stream than this run's config reads: other
+    stream settings (``changes``: '<field>: <old> -> <new>' each), another number of data-parallel
+    ranks, shards whose saved samples no longer build, or no position for this data rank.
+    ``checkpoint.restart_changed_data`` restarts the stream instead (``training/batches.py``)."""
+
+    def __init__(self, message: str, changes: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.changes = changes
+
+
 class LoaderSetupError(RuntimeError):
     """The loader is set up wrong for its data (e.g. raw media but no encoder): not a bad sample,
     so it stops the run at once instead of being counted."""

@@ -19,7 +19,9 @@ samples waiting in the shuffle buffer and the packer *by reference* (slot, index
 resume rebuilds those few slots and continues: the stream after it is bit-identical to the
 uninterrupted one, with any number of workers before and after. Changing the number of
 data-parallel ranks changes every rank's shard split, so the exact continuation does not exist;
-``load_state_dict`` refuses it (and any change of the data config) with a clear error.
+``load_state_dict`` refuses it (and any change of the data config, naming each changed setting with
+its old and new value: the state carries the settings it was saved under) with a
+``DataStreamChangedError``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_cosmos3.data.config import DataConfig
-from megatron_cosmos3.data.errors import STRAY_BYTES, ErrorBudget, LoaderSetupError, SkipStats, printable
+from megatron_cosmos3.data.errors import (
+    STRAY_BYTES,
+    DataStreamChangedError,
+    ErrorBudget,
+    LoaderSetupError,
+    SkipStats,
+    printable,
+)
 from megatron_cosmos3.data.latent_encoders import VAELatentEncoder
 from megatron_cosmos3.data.packer import Packer
 from megatron_cosmos3.data.sample_builder import BuildLimits, BuiltSample, SampleBuilder
@@ -93,6 +102,41 @@ def dataset_action_stats(dataset) -> ActionStats | None:
     if folder is not None and (folder / ACTION_STATS_FILENAME).is_file():
         return ActionStats.load(folder / ACTION_STATS_FILENAME)
     return None
+
+
+_ABSENT = "(absent)"
+
+
+def changed_settings(saved, current, field: str = "data") -> list[str]:
+    """'<field>: <old> -> <new>' for each setting that differs between two ``stream_settings``
+    (nested objects field by field; a list of named objects, as ``datasets``, by name)."""
+    saved, current = _by_name(saved), _by_name(current)
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(set(saved) | set(current), key=str)
+        return [
+            line
+            for key in keys
+            for line in changed_settings(saved.get(key, _ABSENT), current.get(key, _ABSENT), _field(field, key))
+        ]
+    return [] if saved == current else [f"{field}: {_shown(saved)} -> {_shown(current)}"]
+
+
+def _by_name(value):
+    """A list of objects that each have a distinct 'name' as an object keyed by it, else ``value``."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+        names = [str(v["name"]) for v in value]
+        if len(set(names)) == len(names):
+            return {f"[{name}]": v for name, v in zip(names, value)}
+    return value
+
+
+def _field(field: str, key) -> str:
+    return f"{field}{key}" if str(key).startswith("[") else f"{field}.{key}"
+
+
+def _shown(value, limit: int = 200) -> str:
+    text = value if value is _ABSENT else json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _make_builders(
@@ -297,6 +341,7 @@ class PackedLoader:
         return {
             "format_version": STATE_FORMAT_VERSION,
             "fingerprint": self._fingerprint,
+            "settings": self.config.stream_settings(),  # to name what changed, where a resume finds another
             "dp_rank": self.dp_rank,
             "dp_world_size": self.dp_world_size,
             "next_slot": self._next_slot,
@@ -312,6 +357,11 @@ class PackedLoader:
             "prompts_dropped": self.prompts_dropped,
             "stats": self.stats.state_dict(),
         }
+
+    def restart(self) -> None:
+        """Back to the start of the stream, as a new loader (a resume that does not continue the
+        saved stream: ``checkpoint.restart_changed_data``)."""
+        self._reset(next_slot=0, counters=[0] * len(self.schedule.sources))
 
     def load_state_json(self, blob: bytes) -> None:
         """``load_state_dict`` of the JSON bytes of a state, as a checkpoint stores it; a ValueError
@@ -331,26 +381,31 @@ class PackedLoader:
             raise ValueError(f"loader state is damaged: {type(error).__name__}: {error}") from None
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where ``state`` was taken. ValueError if it belongs to another data
-        config, rank or number of data-parallel ranks."""
+        """Continue exactly where ``state`` was taken. DataStreamChangedError if it belongs to
+        other data settings or number of data-parallel ranks, or its samples no longer build (the
+        loader is then part-way: ``restart`` it); ValueError for another rank or a damaged state."""
         if state.get("format_version") != STATE_FORMAT_VERSION:
             raise ValueError(
                 f"loader state format_version {state.get('format_version')!r}; expected {STATE_FORMAT_VERSION}"
             )
         if state["dp_world_size"] != self.dp_world_size:
-            raise ValueError(
+            raise DataStreamChangedError(
                 f"loader state was saved with {state['dp_world_size']} data-parallel ranks; this run has "
                 f"{self.dp_world_size}. Each rank's shard split and sample order depend on the number of ranks, so "
                 f"resuming the data stream exactly is impossible. Resume with {state['dp_world_size']} data-parallel "
-                "ranks, or start a fresh data stream (do not load the loader state)."
+                "ranks, or restart the data stream.",
+                (f"data-parallel ranks: {state['dp_world_size']} -> {self.dp_world_size}",),
             )
         if state["dp_rank"] != self.dp_rank:
             raise ValueError(f"loader state belongs to data-parallel rank {state['dp_rank']}, not {self.dp_rank}")
         if state["fingerprint"] != self._fingerprint:
-            raise ValueError(
-                "loader state was saved under a different data config (datasets, stage mixture, packing, "
-                "shuffle or seed); the exact continuation does not exist. Restore that config or start a "
-                "fresh data stream."
+            saved = state.get("settings")  # absent from states saved before it existed
+            changes = tuple(changed_settings(saved, self.config.stream_settings())) if isinstance(saved, dict) else ()
+            what = "; ".join(changes) or "datasets, stage mixture, packing, shuffle or seed"
+            raise DataStreamChangedError(
+                f"loader state was saved under other data settings ({what}); the exact continuation does not "
+                "exist. Restore those settings, or restart the data stream.",
+                changes,
             )
         counts = {name: state[name] for name in ("next_slot", "shuffle_insertions", "packs", "tokens", "cropped")}
         counts["prompts_dropped"] = state.get("prompts_dropped", 0)  # absent from states saved before it existed
@@ -370,9 +425,8 @@ class PackedLoader:
         def waiting(ref) -> _Waiting:
             ref = (int(ref[0]), int(ref[1]))
             if ref not in rebuilt:
-                raise ValueError(
-                    f"sample {ref[1]} of slot {ref[0]} no longer builds: the shards changed since the checkpoint"
-                )
+                change = f"sample {ref[1]} of slot {ref[0]} no longer builds: the shards changed since the checkpoint"
+                raise DataStreamChangedError(f"loader state: {change}", (change,))
             return _Waiting(ref, rebuilt[ref])
 
         self._shuffle.items = [waiting(ref) for ref in state["shuffle"]]

@@ -52,6 +52,33 @@ TINY_VIT = [
 ]
 
 
+def rewrite_checkpoint(config, change, named: tuple[str, ...] = ()) -> Path:
+    """The latest checkpoint of ``config``'s run (a ``TrainConfig``; one process) loaded whole
+    (weights, AdamW state, this rank's RNG, the ``named`` entries such as ``data0/loader``, meta),
+    changed by ``change(model, optimizer, per_rank, named)`` and committed again as the same step,
+    with checksums of the changed files: crafted, not damaged, so only the load's own checks can
+    tell. Returns the checkpoint's folder."""
+    import copy
+
+    import torch
+
+    from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, latest_checkpoint
+    from megatron_cosmos3.model.mot import MoTModel
+
+    root = Path(config.checkpoint.directory)
+    path = latest_checkpoint(root)
+    model = MoTModel(copy.deepcopy(config.model))
+    optimizer, per_rank = torch.optim.AdamW(model.parameters()), {"rng": torch.get_rng_state()}
+    entries = {key: torch.empty(0) for key in named}
+    checkpointer = Checkpointer(root, async_save=False)
+    meta = checkpointer.load(path, model, optimizer, per_rank, named=entries)
+    assert optimizer.state and "rng" in per_rank and set(entries) == set(named)  # all there to be changed
+    change(model, optimizer, per_rank, entries)
+    kept = {key: value for key, value in meta.items() if key not in ("step", "format_version")}
+    checkpointer.save(meta["step"], model, optimizer, per_rank, kept, named=entries)
+    return path
+
+
 def tiny_mot_config(**changes) -> MoTConfig:
     """The same tiny model as a MoTConfig (equal to TINY_MODEL), for tests that build it directly."""
     fields = dict(

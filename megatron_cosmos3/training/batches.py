@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import torch
 import torch.distributed as dist
 
+from megatron_cosmos3.checkpoint.safe_reader import CheckpointCorruptError
+from megatron_cosmos3.data.errors import DataExhaustedError, DataStreamChangedError
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.objectives.flow_matching import add_flow_matching_noise
 from megatron_cosmos3.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 def _generator(config: TrainConfig, step: int, index: int) -> torch.Generator:
@@ -57,17 +62,34 @@ class MicroBatches:
         g = _generator(config, step, index)
         if self.share is not None:  # the reader's next pack, on every rank of the group
             group, reader = self.share
-            sent = [next(self.loader) if self.loader is not None else None]
+            sent = [self._next_pack(step) if self.loader is not None else None]
             dist.broadcast_object_list(sent, src=reader, group=group, device=self._share_device())
             batch = sent[0]
         elif self.loader is not None:
-            batch = next(self.loader)
+            batch = self._next_pack(step)
         else:
             s = config.synthetic
             pixels = config.trains_vision  # pictures for the model's own ViT
             batch = random_pack(config.model, g, s.samples_per_pack, tuple(s.tasks), s.scale, pixels)
         noised, targets = add_flow_matching_noise(batch, config.flow_matching, g)
         return noised.to(self.device), {k: v.to(self.device) for k, v in targets.items()}
+
+    def _next_pack(self, step: int):
+        """The loader's next pack; DataExhaustedError where its finite stream (``data.epochs``) has
+        ended before ``steps``."""
+        try:
+            return next(self.loader)
+        except StopIteration:
+            config = self.config
+            names = ", ".join(
+                repr(d.name) for d in config.data.datasets if config.data.active_stage.datasets.get(d.name)
+            )
+            raise DataExhaustedError(
+                f"the data ran out at step {step + 1} of steps={config.steps}: data.epochs={config.data.epochs} "
+                f"pass(es) over dataset {names} gave data rank {self.data_rank} {self.loader.packs} packs, and this "
+                f"run takes optimizer.micro_batches_per_step={config.optimizer.micro_batches_per_step} a step; "
+                "raise data.epochs, lower steps, or set data.epochs=0 (an endless stream)"
+            ) from None
 
     def _share_device(self) -> torch.device | None:
         """NCCL moves the pickled pack through the GPU; gloo through host memory."""
@@ -95,15 +117,43 @@ class MicroBatches:
         blob = json.dumps(self.loader.state_dict()).encode()
         return {self.state_key(): torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone()}
 
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state(self, state: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
+        """Continues the loader from the entries ``state`` of the checkpoint ``source``. One of
+        another data stream (``DataStreamChangedError``: other data settings or data-parallel ranks,
+        shards whose samples no longer build, or no position for this data rank) is an error naming
+        what changed, unless ``checkpoint.restart_changed_data``: then the stream restarts from the
+        new settings' start, in a warning naming the same. An entry that is no loader state (crafted
+        or damaged: not JSON, a field missing or of another kind) is a CheckpointCorruptError naming
+        the checkpoint and the entry."""
         if self.loader is None:  # synthetic packs, or a rank that receives its packs
             return
-        if self.state_key() not in state:
-            raise ValueError(
-                f"the checkpoint holds no loader position for data rank {self.data_rank} (saved with "
-                "fewer data-parallel ranks or with data_source=synthetic); resuming mid-epoch is impossible"
-            )
-        self.loader.load_state_json(bytes(state[self.state_key()].tolist()))
+        key = self.state_key()
+        try:
+            if key not in state:
+                raise DataStreamChangedError(
+                    f"{source} holds no loader position for data rank {self.data_rank} (saved with "
+                    "fewer data-parallel ranks or with data_source=synthetic); resuming mid-epoch is impossible"
+                )
+            try:
+                self.loader.load_state_json(bytes(state[key].tolist()))
+            except DataStreamChangedError:
+                raise
+            except ValueError as error:
+                raise CheckpointCorruptError(f"{source}: entry {key!r}: {error}") from None
+        except DataStreamChangedError as error:
+            self.loader.restart()  # a state refused part-way leaves nothing of itself behind
+            if not self.config.checkpoint.restart_changed_data:
+                raise DataStreamChangedError(
+                    f"{error} (checkpoint.restart_changed_data=true restarts it from the start of this run's "
+                    "data settings)",
+                    error.changes,
+                ) from None
+            if self.data_rank == 0:  # the same on every data rank: said once
+                log.warning(
+                    "checkpoint.restart_changed_data: the data stream restarts from the start of this run's data "
+                    "settings (%s)",
+                    "; ".join(error.changes) or error,
+                )
 
     def close(self) -> None:
         if self.loader is not None:

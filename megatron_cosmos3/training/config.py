@@ -116,8 +116,9 @@ class CheckpointConfig:
     names is missing, damaged or fails its checksums, the run stops with the list of committed
     checkpoints, unless ``fallback_to_verified`` lets it resume from the newest one that verifies.
     Starting at step 0 in a folder that holds checkpoints (``resume=false``) needs
-    ``allow_fresh_start=true``. ``directory`` is locked for the run (``run.lock``): a second trainer
-    on the same folder refuses to start. Left empty, it is the run's own folder
+    ``allow_fresh_start=true``. Data settings changed since the checkpoint are an error naming each,
+    unless ``restart_changed_data`` restarts the data stream. ``directory`` is locked for the run
+    (``run.lock``): a second trainer on the same folder refuses to start. Left empty, it is the run's own folder
     (``TrainConfig.name_run``): a run resumes another run's checkpoints only when told to by an
     explicit ``directory``.
     """
@@ -133,6 +134,10 @@ class CheckpointConfig:
     # With resume=false, start at step 0 even though ``directory`` holds checkpoints (newer ones are
     # kept; older ones are pruned as this run commits its own).
     allow_fresh_start: bool = False
+    # Resume although the data settings changed since the checkpoint (shards, mixture, packing,
+    # shuffle, seed, epochs, data-parallel ranks): the data stream restarts from the start of the
+    # new settings, in a warning naming each change. Off: such a resume is an error naming them.
+    restart_changed_data: bool = False
 
     def __post_init__(self) -> None:
         if self.save_every < 1 or self.keep_last < 1:

@@ -34,6 +34,7 @@ from megatron_cosmos3.checkpoint.checkpointer import (
 from megatron_cosmos3.checkpoint.engine_layout import is_deepspeed_checkpoint
 from megatron_cosmos3.checkpoint.finite import NonFiniteWeightsError, require_finite_weights
 from megatron_cosmos3.checkpoint.resume import resume_from
+from megatron_cosmos3.checkpoint.safe_reader import CheckpointCorruptError
 from megatron_cosmos3.checkpoint.weights_folder import (
     check_same_architecture,
     is_weights_folder,
@@ -281,15 +282,44 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
         return Run(config, ctx, plan, model, optimizer, checkpointer, batches, flops, action_stats=stats)
 
 
+# Why a stage does not start from weights holding NaN or inf (instead of skipping steps until
+# optimizer.max_consecutive_nonfinite_steps stops it), nor a run resume from them.
+NAN_START = "a stage started from them computes only NaN losses"
+NAN_RESUME = "a run resumed from it computes only NaN updates (it diverged before this save, or was damaged)"
+
+
 def _load_full_state(run: Run, path: Path) -> dict:
-    """Loads everything a resume restores (weights, optimizer, RNG, loader position); returns meta."""
+    """Loads everything a resume restores (weights, optimizer, RNG, loader position); returns meta.
+    Weights or AdamW moments holding NaN or inf are a NonFiniteWeightsError naming the tensor, an
+    RNG state torch refuses, or a loader position that is no loader state, a CheckpointCorruptError
+    naming the entry (``resume_from`` then falls back as for any unusable checkpoint, where allowed)."""
     per_rank, data_state = {"rng": torch.get_rng_state()}, run.batches.state()
     meta = run.checkpointer.load(path, run.plan.state_owner, run.optimizer, per_rank, named=data_state)
     check_saved_architecture(run, meta, path, "checkpoint.directory")
+    require_finite_weights(run.plan.state_owner, path, "checkpoint.directory", NAN_RESUME, run.optimizer)
     if "rng" in per_rank:
-        torch.set_rng_state(per_rank["rng"])
-    run.batches.load_state(data_state)
+        restore_rng_state(per_rank["rng"], path, f"rank{run.ctx.rank}/rng")
+    run.batches.load_state(data_state, f"checkpoint {path}")
     return meta
+
+
+def restore_rng_state(state: torch.Tensor, path: Path, entry: str) -> None:
+    """Sets torch's CPU generator to ``state``, the checkpoint entry ``entry`` of ``path``; one torch
+    refuses (another size or dtype, an invalid mt19937 state: a crafted or damaged entry whose
+    checksums match) is a CheckpointCorruptError naming the entry, not a bare RuntimeError."""
+    try:
+        torch.set_rng_state(state)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise CheckpointCorruptError(
+            f"checkpoint {path}: RNG state entry {entry!r} ({state.dtype}, shape {tuple(state.shape)}) is not one "
+            f"torch can restore: {error}"
+        ) from None
+
+
+def saved_config(meta: dict, path: Path) -> TrainConfig | None:
+    """The config a checkpoint's run was trained with (its meta.json's), or None where the
+    checkpoint predates checkpoints recording it."""
+    return config_from_yaml(meta["config"], f"{path / 'meta.json'} 'config'") if "config" in meta else None
 
 
 def check_saved_architecture(run: Run, meta: dict, path: Path, field: str) -> None:
@@ -297,16 +327,12 @@ def check_saved_architecture(run: Run, meta: dict, path: Path, field: str) -> No
     differs from this run's beyond the shapes its tensors show (rotary, norm epsilon, tying, top-k,
     the ViT): a resume or a stage would go on silently with another model. The weights folder's
     check (``check_same_architecture``), for checkpoint folders."""
-    if "config" not in meta:  # saved before checkpoints recorded their config
+    trained = saved_config(meta, path)
+    if trained is None:
         return
-    saved = config_from_yaml(meta["config"], f"{path / 'meta.json'} 'config'").model
+    saved = trained.model
     vision = run.config.model.vision is not None and saved.vision is not None
     check_same_architecture(run.config.model, saved, f"{field}={path}", str(path / "meta.json"), vision)
-
-
-# Why a stage does not start from weights holding NaN or inf (instead of skipping steps until
-# optimizer.max_consecutive_nonfinite_steps stops it).
-NAN_START = "a stage started from them computes only NaN losses"
 
 
 def resume_or_initialise(run: Run) -> tuple[int, str | None]:
@@ -317,6 +343,15 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
         path, meta = resumed
         if run.ctx.is_main:
             log.info("resumed from %s at step %d", path, meta["step"])
+            if meta["step"] >= config.steps:  # the loop has no step left: said, not finished silently
+                log.warning(
+                    "checkpoint %s is at step %d, %s steps=%d: nothing left to train; raise steps to train on",
+                    path,
+                    meta["step"],
+                    "already at" if meta["step"] == config.steps else "past",
+                    config.steps,
+                )
+            warn_of_schedule_changes(saved_config(meta, path), config, meta["step"])
         return meta["step"], meta.get("mlflow_run_id")
     if config.stage.init_from:
         source = Path(config.stage.init_from)
@@ -345,6 +380,43 @@ def resume_or_initialise(run: Run) -> tuple[int, str | None]:
         if run.ctx.is_main:
             log.info("stage %s starts from the weights of %s", config.stage.name, source)
     return 0, None
+
+
+# The settings the learning rate of a step is a function of (``training/schedule.py``).
+SCHEDULE_FIELDS = ("lr", "min_lr", "warmup_steps", "schedule", "decay_fraction")
+
+
+def schedule_changes(saved: TrainConfig, config: TrainConfig) -> list[str]:
+    """'<field>: <old> -> <new>' for each learning-rate setting ``config`` changes from ``saved``:
+    the schedule's, ``steps`` where a schedule decays over it (not ``constant``), and the stage's
+    ``lr_multipliers``."""
+    pairs = [
+        (f"optimizer.{name}", getattr(saved.optimizer, name), getattr(config.optimizer, name))
+        for name in SCHEDULE_FIELDS
+    ]
+    if not saved.optimizer.schedule == config.optimizer.schedule == "constant":
+        pairs.append(("steps", saved.steps, config.steps))
+    pairs.append(("stage.lr_multipliers", dict(saved.stage.lr_multipliers), dict(config.stage.lr_multipliers)))
+    return [f"{name}: {old!r} -> {new!r}" for name, old, new in pairs if old != new]
+
+
+def warn_of_schedule_changes(saved: TrainConfig | None, config: TrainConfig, step: int) -> None:
+    """One warning line naming each learning-rate setting changed since the checkpoint of ``step``
+    (``schedule_changes``) and the learning rate the resumed run takes: the schedule is a function of
+    the step and this run's config alone, so the resumed run follows the new schedule from ``step``
+    on, as a run started with it would be there (no warm-up again, no blend of the two)."""
+    changes = schedule_changes(saved, config) if saved is not None and step < config.steps else []
+    if changes:
+        opt = config.optimizer
+        lr = learning_rate(step, config.steps, opt.lr, opt.min_lr, opt.warmup_steps, opt.schedule, opt.decay_fraction)
+        log.warning(
+            "learning-rate schedule changed since the checkpoint of step %d: %s; the resumed run follows the new "
+            "schedule from there (lr %.3e at step %d)",
+            step,
+            "; ".join(changes),
+            lr,
+            step + 1,
+        )
 
 
 def log_generation_samples(run: Run, tracker: MLflowTracker, step: int) -> None:

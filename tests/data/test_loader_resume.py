@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
 from world_helpers import assert_same_batch, data_config, model_config, tiny_world
 
+from megatron_cosmos3.data.errors import DataStreamChangedError
 from megatron_cosmos3.data.loader import PackedLoader
 from megatron_cosmos3.data.schedule import DatasetSource, ShardSchedule
 from megatron_cosmos3.data.shards import ShardIndex, ShardInfo
@@ -79,16 +81,28 @@ def test_resume_under_another_number_of_dp_ranks_is_refused():
     shards = [str(tiny_world()["latent"])]
     _, state = _packs(data_config(shards), 1)
     with PackedLoader(data_config(shards), model_config(), dp_rank=0, dp_world_size=2) as loader:
-        with pytest.raises(ValueError, match="saved with 1 data-parallel ranks; this run has 2"):
+        with pytest.raises(DataStreamChangedError, match="saved with 1 data-parallel ranks; this run has 2") as error:
             loader.load_state_dict(state)
+    assert error.value.changes == ("data-parallel ranks: 1 -> 2",)
 
 
-def test_resume_under_another_data_config_is_refused():
-    shards = [str(tiny_world()["latent"])]
-    _, state = _packs(data_config(shards), 1)
-    with PackedLoader(data_config(shards, tokens_per_pack=2048), model_config()) as loader:
-        with pytest.raises(ValueError, match="different data config"):
+def test_resume_under_another_data_config_is_refused_naming_each_changed_setting(tmp_path):
+    """The error said only 'a different data config': which of a hundred settings, found by diffing
+    configs by hand. Each changed one is named with its old and new value; a state saved before
+    the settings were kept in it still gets the general message."""
+    latent = tiny_world()["latent"]
+    _, state = _packs(data_config([str(latent)]), 1)
+    moved = tmp_path / "moved"
+    moved.symlink_to(latent)
+    changed = data_config([str(moved)], tokens_per_pack=2048)
+    with PackedLoader(changed, model_config()) as loader:
+        with pytest.raises(DataStreamChangedError) as error:
             loader.load_state_dict(state)
+        assert len(error.value.changes) == 2, error.value.changes
+        assert re.search(r"data.packing.tokens_per_pack: \d+ -> 2048", str(error.value))
+        assert f'.shards: ["{latent}"] -> ["{moved}"]' in str(error.value)
+        with pytest.raises(DataStreamChangedError, match=r"other data settings \(datasets, stage mixture"):
+            loader.load_state_dict({key: value for key, value in state.items() if key != "settings"})
 
 
 def _read(schedule: ShardSchedule, slots: int) -> list[str]:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -334,6 +335,42 @@ def test_a_save_the_disk_cannot_hold_names_the_folder_removes_it_and_keeps_the_l
     (root / ".step_00000003.partial").write_text("")
     with pytest.raises(CheckpointSaveError, match=r"checkpoint of step 3 not saved: .*step_00000003.partial could not"):
         checkpointer.save(3, model, optimizer, {}, {})
+
+
+def test_a_commit_syncs_every_file_and_folder_before_the_renames_that_publish_them(tmp_path, monkeypatch):
+    """meta.json, checksums.json, the folder's entries and the latest pointer were renamed into place
+    unsynced: after a power loss the rename could reach the disk before them, a step_<N> (or latest)
+    naming files that are empty or absent. Every fsync and rename of a real commit, in order (the
+    calls go through to the kernel; the test only records them)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(handle):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{handle}")))
+        return real_fsync(handle)
+
+    def replace(source, target):
+        events.append(("rename", str(source), str(target)))
+        return real_replace(source, target)
+
+    model, optimizer = trained_model(steps=1)
+    root = tmp_path / "ckpt"
+    checkpointer = Checkpointer(root, async_save=False)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    checkpointer.save(1, model, optimizer, {}, {})
+    monkeypatch.undo()
+    staging, final = str(root / ".step_00000001.partial"), str(root / "step_00000001")
+    publish = events.index(("rename", staging, final))
+    synced_before = {event[1] for event in events[:publish] if event[0] == "fsync"}
+    for name in ("meta.json", "checksums.json", ".metadata", *(p.name for p in Path(final).glob("*.distcp"))):
+        assert f"{staging}/{name}" in synced_before, (name, events)
+    assert staging in synced_before  # the folder's own entries
+    pointer = next(i for i, event in enumerate(events) if event[0] == "rename" and event[2] == str(root / "latest"))
+    assert ("fsync", str(root)) in events[publish:pointer]  # the new step_<N> name, before latest names it
+    assert events[pointer - 1][0] == "fsync" and events[pointer - 1][1].startswith(str(root / ".latest."))
+    assert events[pointer + 1 :] == [("fsync", str(root))]  # latest's new content under its name
+    assert (root / "latest").read_text() == "step_00000001" and not list(root.glob(".latest.*"))
 
 
 def test_pruning_removes_only_its_own_checkpoints_and_a_superseded_file_is_named_not_replaced(tmp_path, caplog):
@@ -794,13 +831,17 @@ def test_a_checkpoint_file_that_links_outside_the_folder_is_refused_and_a_subfol
         verify_checkpoint(folder)
 
 
-def test_a_storage_file_that_links_outside_the_folder_is_refused_without_checksums(tmp_path):
-    """Without checksums.json (saved before them) nothing stopped DCP reading a shard that is a link
-    to a file outside the checkpoint."""
+def test_a_committed_checkpoint_without_checksums_is_corrupt_and_a_foreign_link_is_refused_without_them(tmp_path):
+    """A committed folder (meta.json) whose checksums.json was lost loaded with nothing verified, a
+    warning its only trace. In a folder no commit wrote (no meta.json, no checksums), nothing
+    stopped DCP reading a shard that is a link to a file outside the checkpoint."""
     model, _ = trained_model(steps=0)
     Checkpointer(tmp_path / "run", async_save=False).save(1, model, None, {}, {})
     folder = tmp_path / "run" / "step_00000001"
     (folder / MANIFEST).unlink()
+    with pytest.raises(CheckpointCorruptError, match=rf"checkpoint {folder}: {MANIFEST} is missing, so none of its"):
+        Checkpointer(tmp_path / "run", async_save=False).load(folder, MoTModel(copy.deepcopy(CONFIG)))
+    (folder / "meta.json").unlink()
     shard = next(folder.glob("*.distcp"))
     shutil.move(shard, tmp_path / "elsewhere.distcp")
     shard.symlink_to(tmp_path / "elsewhere.distcp")

@@ -2,6 +2,7 @@
 resumes mid-epoch with exactly the next pack, and two processes train from the same shards."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -11,13 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_cosmos3.checkpoint.checkpointer import latest_checkpoint
+from megatron_cosmos3.checkpoint.checkpointer import ResumeError, latest_checkpoint
 from megatron_cosmos3.data.media import encode_json
 from megatron_cosmos3.data.schema import Sample, encode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter
 from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.testing.shared_cache import shared_folder
-from megatron_cosmos3.testing.training import TINY_MODEL, child_processes, loss_history, tracking_store, train_on_ranks
+from megatron_cosmos3.testing.training import (
+    TINY_MODEL,
+    child_processes,
+    loss_history,
+    rewrite_checkpoint,
+    tracking_store,
+    train_on_ranks,
+)
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.batches import MicroBatches
 from megatron_cosmos3.training.config import load_config
@@ -136,6 +144,64 @@ def _damaged_dataset(directory: Path) -> Path:
         for sample in (clip("good0"), clip("fast", fps=1e-9), clip("good1"), clip("text", caption="bad \ud800")):
             writer.write_raw(sample)
     return directory
+
+
+def test_a_finite_stream_that_ends_before_steps_is_an_error_naming_the_step_the_epochs_and_the_data(tmp_path):
+    """data.epochs=1 over two shards of two clips each ran out at the loader's StopIteration: a bare
+    StopIteration out of the run (or, inside a generator, a RuntimeError naming nothing)."""
+    from megatron_cosmos3.data.errors import DataExhaustedError
+
+    damaged = _damaged_dataset(tmp_path / "two_clips")
+    config = load_config(
+        None,
+        shard_overrides(
+            tmp_path,
+            damaged,
+            "finite",
+            "steps=6",
+            "data.epochs=1",
+            "data.stages={pretrain: {datasets: {world: 1.0}, tasks: {text_to_video: 1.0}}}",
+        ),
+    )
+    with pytest.raises(
+        DataExhaustedError,
+        match=r"the data ran out at step [2-6] of steps=6: data.epochs=1 pass\(es\) over dataset 'world' gave "
+        r"data rank 0 [1-5] packs, .* optimizer.micro_batches_per_step=1 a step; raise data.epochs",
+    ):
+        train_module.train(config, CPU)
+
+
+def test_a_resume_under_changed_data_settings_names_each_and_restarts_the_stream_only_when_told(tmp_path, caplog):
+    """The resumed run's error said 'a different data config', naming no setting, and offered to
+    'start a fresh data stream' with no way to ask for one. A crafted loader position was a
+    ValueError naming neither the checkpoint nor the entry."""
+    from megatron_cosmos3.data.errors import DataStreamChangedError
+
+    clips = _damaged_dataset(tmp_path / "clips")
+    mixture = "data.stages={pretrain: {datasets: {world: 1.0}, tasks: {text_to_video: 1.0}}}"
+    train_module.train(load_config(None, shard_overrides(tmp_path, clips, "changed", "steps=1", mixture)), CPU)
+    changed = shard_overrides(tmp_path, clips, "changed", "steps=2", mixture, "data.seed=7", "data.shuffle_buffer=4")
+    with pytest.raises(DataStreamChangedError) as error:
+        train_module.train(load_config(None, changed), CPU)
+    assert error.value.changes == ("data.seed: 0 -> 7", "data.shuffle_buffer: 8 -> 4")
+    assert "checkpoint.restart_changed_data=true restarts it" in str(error.value)
+    with caplog.at_level(logging.WARNING):
+        train_module.train(load_config(None, [*changed, "checkpoint.restart_changed_data=true"]), CPU)
+    assert (
+        "checkpoint.restart_changed_data: the data stream restarts from the start of this run's data settings "
+        "(data.seed: 0 -> 7; data.shuffle_buffer: 8 -> 4)" in caplog.text
+    )
+    assert latest_checkpoint(tmp_path / "changed").name == "step_00000002"
+
+    # A loader position that is no loader state (resealed: crafted) names the checkpoint and the entry.
+    def crafted_position(model, optimizer, per_rank, named):
+        named["data0/loader"] = torch.frombuffer(bytearray(b'{"format_version": 1}'), dtype=torch.uint8).clone()
+
+    folder = rewrite_checkpoint(load_config(None, changed), crafted_position, ("data0/loader",))
+    with pytest.raises(
+        ResumeError, match=rf"checkpoint {folder}: entry 'data0/loader': loader state is damaged: KeyError: 'dp_world"
+    ):
+        train_module.train(load_config(None, [*changed, "steps=3"]), CPU)
 
 
 @pytest.mark.slow

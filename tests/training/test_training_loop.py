@@ -16,7 +16,14 @@ import torch
 
 from megatron_cosmos3.checkpoint.checkpointer import Checkpointer, ResumeError, latest_checkpoint, step_of
 from megatron_cosmos3.model.mot import MoTModel
-from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TINY_VIT, loss_history, tracking_store
+from megatron_cosmos3.testing.training import (
+    TINY_MODEL,
+    TINY_SYNTHETIC,
+    TINY_VIT,
+    loss_history,
+    rewrite_checkpoint,
+    tracking_store,
+)
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.batches import MicroBatches
 from megatron_cosmos3.training.config import load_config
@@ -127,6 +134,42 @@ def test_a_signal_before_the_first_step_stops_with_no_progress_and_no_new_checkp
     assert (stop.value.step, stop.value.start_step) == (0, 0)
     assert (tmp_path / "status").read_text() == "preempted 0 0\n"
     assert latest_checkpoint(config.checkpoint.directory) is None
+
+
+def test_resuming_a_checkpoint_at_or_past_steps_says_so_naming_the_step_and_steps(tmp_path, caplog):
+    """A run resumed at its last step (a requeue after it finished, or steps lowered) trained nothing
+    and reported itself finished without a word."""
+    config = config_for(tmp_path, "done", "steps=2")
+    train_module.train(config, CPU)
+    for steps, how in ((2, "already at"), (1, "past")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            train_module.train(config_for(tmp_path, "done", f"steps={steps}"), CPU, str(tmp_path / "status"))
+        assert f"step_00000002 is at step 2, {how} steps={steps}: nothing left to train" in caplog.text
+        assert latest_checkpoint(config.checkpoint.directory).name == "step_00000002"  # nothing saved
+
+
+def test_a_changed_learning_rate_schedule_is_named_on_resume_and_the_new_one_is_followed(tmp_path, caplog):
+    """A resume with another lr, warm-up or schedule took the new one without a word (or, with an
+    unchanged one, must say nothing): one warning names each change, old -> new, and the resumed
+    steps take the new schedule's rate at their step, as a run started with it would."""
+    from megatron_cosmos3.training.schedule import learning_rate
+
+    train_module.train(config_for(tmp_path, "lr", "steps=2", "optimizer.schedule=constant"), CPU)
+    with caplog.at_level(logging.WARNING):
+        train_module.train(config_for(tmp_path, "lr", "steps=3", "optimizer.schedule=constant"), CPU)
+    assert "learning-rate schedule changed" not in caplog.text  # steps do not shape a constant schedule
+    changed = ["steps=5", "optimizer.schedule=cosine", "optimizer.lr=0.002", "optimizer.warmup_steps=1"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        metrics = train_module.train(config_for(tmp_path, "lr", *changed), CPU)
+    lines = [line for line in caplog.text.splitlines() if "learning-rate schedule changed" in line]
+    assert len(lines) == 1 and lines[0].endswith(
+        "since the checkpoint of step 3: optimizer.lr: 0.003 -> 0.002; optimizer.warmup_steps: 2 -> 1; "
+        f"optimizer.schedule: 'constant' -> 'cosine'; steps: 3 -> 5; the resumed run follows the new schedule "
+        f"from there (lr {learning_rate(3, 5, 0.002, 3e-4, 1, 'cosine'):.3e} at step 4)"
+    ), lines
+    assert metrics["lr"] == learning_rate(4, 5, 0.002, 3e-4, 1, "cosine")  # the last step's, logged
 
 
 def test_stage_change_loads_weights_freezes_and_adds_an_embodiment(tmp_path):
@@ -427,6 +470,7 @@ DAMAGES = {
     "meta_json_missing": (lambda root: (root / "step_00000004" / "meta.json").unlink(), "step_00000002"),
     "latest_names_a_missing_step": (lambda root: (root / "latest").write_text("step_00000006"), "step_00000004"),
     "truncated_shard_file": (_truncate_a_shard_file, "step_00000002"),
+    "checksums_json_missing": (lambda root: (root / "step_00000004" / "checksums.json").unlink(), "step_00000002"),
 }
 
 
@@ -466,6 +510,45 @@ def test_a_damaged_latest_checkpoint_never_restarts_from_step_0_nor_deletes_an_i
     root = Path(base.checkpoint.directory)
     assert latest_checkpoint(root).name == "step_00000001"
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000001", "step_00000002", "step_00000004"]
+
+
+def _nan_weight(model, optimizer, per_rank, named):
+    with torch.no_grad():
+        model.get_parameter(NAMED_PARAMETER)[0, 0] = float("nan")
+
+
+def _inf_moment(model, optimizer, per_rank, named):
+    optimizer.state[model.get_parameter(NAMED_PARAMETER)]["exp_avg_sq"][0, 0] = float("inf")
+
+
+def _crafted_rng(model, optimizer, per_rank, named):
+    per_rank["rng"] = torch.full_like(per_rank["rng"], 255)  # the right size, an invalid mt19937 state
+
+
+NAMED_PARAMETER = "layers.1.reasoner.mlp.down_proj.weight"
+UNUSABLE_STATES = {
+    "nan_weight": (_nan_weight, rf"parameter '{NAMED_PARAMETER}' holds NaN or inf values"),
+    "inf_adam_moment": (_inf_moment, rf"optimizer state exp_avg_sq of parameter '{NAMED_PARAMETER}' holds NaN or inf"),
+    "invalid_rng_state": (_crafted_rng, r"RNG state entry 'rank0/rng' \(torch.uint8, shape \(5056,\)\) is not one"),
+}
+
+
+def test_non_finite_weights_or_moments_and_a_crafted_rng_state_are_refused_on_resume_naming_the_entry(tmp_path, caplog):
+    """A resume took NaN weights or AdamW moments as they were (every later step NaN, skipped until
+    the non-finite guard stopped the run), and an RNG entry torch refuses was a bare RuntimeError.
+    Each names the tensor or entry; the fallback to the newest usable checkpoint applies."""
+    base = config_for(tmp_path, "base", "steps=2", "checkpoint.save_every=1")
+    train_module.train(base, CPU)
+    for name, (change, message) in UNUSABLE_STATES.items():
+        root = tmp_path / name / "ckpt"
+        shutil.copytree(base.checkpoint.directory, root)
+        changed = rewrite_checkpoint(config_for(tmp_path, name, "steps=2"), change)
+        with pytest.raises(ResumeError, match=rf"cannot resume .*checkpoint.*{changed}.*{message}"):
+            train_module.train(config_for(tmp_path, name, "steps=3"), CPU)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            train_module.train(config_for(tmp_path, name, "steps=3", "checkpoint.fallback_to_verified=true"), CPU)
+        assert f"RESUMING FROM {root / 'step_00000001'}" in caplog.text, name
 
 
 def test_a_second_trainer_on_a_locked_run_folder_refuses_and_a_stale_lock_is_taken_over(tmp_path, caplog):
