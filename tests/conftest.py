@@ -12,6 +12,12 @@ from megatron_cosmos3.testing.training import tiny_mot_config
 
 
 def pytest_configure(config):
+    # Every process of the session (the controller, each xdist worker) computes under the tests'
+    # numerics from the start: a module- or session-scoped fixture is set up before the first test's
+    # autouse ``test_numerics``, so the first module fixture of a process (a reference training run)
+    # ran at torch's default thread count and its losses differed in the last bits from the same run
+    # inside a test (test_train_on_shards's straight run, when its test came first on a worker).
+    use_test_numerics()
     # Children that a test starts without naming an environment get the same thread count too.
     os.environ.update(child_environment({}))
     # One folder of shared test artifacts for the session (testing/shared_cache.py), made by the
