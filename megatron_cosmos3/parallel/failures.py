@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 import torch.distributed as dist
 
@@ -49,6 +50,27 @@ def _posted_failure(store, world_size: int, rank: int) -> str | None:
         if other != rank and store.check([key]):
             return store.get(key).decode()
     return None
+
+
+def await_posted_failure(timeout_s: float, poll_s: float = 0.05) -> bool:
+    """Waits up to ``timeout_s`` for another rank to post a failure (``fail_together``); True when
+    one did. For a rank whose collective broke because a peer is failing (the peer's verdict closes
+    the connections as it is posted): raising at once, under load it could post this consequence
+    before the peer posted the cause, and every rank would name the consequence."""
+    if not dist.is_initialized():
+        return False
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    store = dist.distributed_c10d._get_default_store()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if _posted_failure(store, world_size, rank) is not None:
+                return True
+        except Exception:  # noqa: BLE001 - the store went with its host rank: nothing will be posted
+            return False
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
 
 
 @contextlib.contextmanager

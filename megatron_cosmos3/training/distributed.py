@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_cosmos3.parallel.failures import fail_together
+from megatron_cosmos3.parallel.failures import await_posted_failure, fail_together
 
 
 @dataclass
@@ -408,6 +408,8 @@ def preflight(ctx: DistributedContext, timeout_s: float) -> str:
             try:
                 dist.monitored_barrier(group, timeout=datetime.timedelta(seconds=wait_s), wait_all_ranks=True)
             except RuntimeError as error:
+                if ctx.rank != 0:  # rank 0 broke the barrier off: let its verdict naming the silent ranks stand
+                    await_posted_failure(timeout_s)
                 raise PreflightError(
                     f"preflight: not every rank answered within distributed.preflight_timeout_s={timeout_s}: {error}"
                 ) from error
