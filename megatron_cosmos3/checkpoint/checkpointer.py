@@ -431,6 +431,9 @@ class Checkpointer:
         aside = holder / f"{folder.name}.{time.time_ns()}"
         holder.mkdir(exist_ok=True)
         os.replace(folder, aside)
+        # Its new name on disk before the commit's rename takes the old one: after a power loss the
+        # other timeline's checkpoint is under one name or the other, never lost with both entries.
+        sync_folder(holder)
         log.warning("checkpoint %s already existed (another timeline): moved to %s, not overwritten", folder, aside)
 
     def _prune(self, committed: int) -> None:

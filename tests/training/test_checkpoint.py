@@ -337,11 +337,9 @@ def test_a_save_the_disk_cannot_hold_names_the_folder_removes_it_and_keeps_the_l
         checkpointer.save(3, model, optimizer, {}, {})
 
 
-def test_a_commit_syncs_every_file_and_folder_before_the_renames_that_publish_them(tmp_path, monkeypatch):
-    """meta.json, checksums.json, the folder's entries and the latest pointer were renamed into place
-    unsynced: after a power loss the rename could reach the disk before them, a step_<N> (or latest)
-    naming files that are empty or absent. Every fsync and rename of a real commit, in order (the
-    calls go through to the kernel; the test only records them)."""
+def _record_syncs_and_renames(monkeypatch) -> list[tuple[str, ...]]:
+    """Records every fsync (the path of its handle) and rename, in order, until ``monkeypatch.undo``;
+    the calls still go through to the kernel."""
     events = []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -353,11 +351,20 @@ def test_a_commit_syncs_every_file_and_folder_before_the_renames_that_publish_th
         events.append(("rename", str(source), str(target)))
         return real_replace(source, target)
 
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def test_a_commit_syncs_every_file_and_folder_before_the_renames_that_publish_them(tmp_path, monkeypatch):
+    """meta.json, checksums.json, the folder's entries and the latest pointer were renamed into place
+    unsynced: after a power loss the rename could reach the disk before them, a step_<N> (or latest)
+    naming files that are empty or absent. Every fsync and rename of a real commit, in order (the
+    calls go through to the kernel; the test only records them)."""
     model, optimizer = trained_model(steps=1)
     root = tmp_path / "ckpt"
     checkpointer = Checkpointer(root, async_save=False)
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    events = _record_syncs_and_renames(monkeypatch)
     checkpointer.save(1, model, optimizer, {}, {})
     monkeypatch.undo()
     staging, final = str(root / ".step_00000001.partial"), str(root / "step_00000001")
@@ -371,6 +378,24 @@ def test_a_commit_syncs_every_file_and_folder_before_the_renames_that_publish_th
     assert events[pointer - 1][0] == "fsync" and events[pointer - 1][1].startswith(str(root / ".latest."))
     assert events[pointer + 1 :] == [("fsync", str(root))]  # latest's new content under its name
     assert (root / "latest").read_text() == "step_00000001" and not list(root.glob(".latest.*"))
+
+
+def test_a_step_set_aside_is_synced_under_its_new_name_before_the_commit_takes_the_old_one(tmp_path, monkeypatch):
+    """A save replacing another timeline's step folder moves it under .superseded/; that folder's
+    entry reaches the disk before the commit renames the new step into the old name."""
+    model, optimizer = trained_model(steps=1)
+    root = tmp_path / "ckpt"
+    checkpointer = Checkpointer(root, async_save=False)
+    checkpointer.save(1, model, optimizer, {}, {})
+    events = _record_syncs_and_renames(monkeypatch)
+    checkpointer.save(1, model, optimizer, {}, {})  # another timeline's step 1 is there
+    monkeypatch.undo()
+    final, holder = str(root / "step_00000001"), str(root / ".superseded")
+    aside = next(i for i, event in enumerate(events) if event[0] == "rename" and event[1] == final)
+    publish = events.index(("rename", str(root / ".step_00000001.partial"), final))
+    assert events[aside][2].startswith(holder + "/step_00000001.") and aside < publish, events
+    assert ("fsync", holder) in events[aside:publish], events
+    assert len(list(Path(holder).iterdir())) == 1
 
 
 def test_pruning_removes_only_its_own_checkpoints_and_a_superseded_file_is_named_not_replaced(tmp_path, caplog):
