@@ -25,6 +25,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import warnings
@@ -503,6 +504,23 @@ def check_fits(path: Path, index: dict, state: dict) -> None:
             )
 
 
+def _check_per_rank_entries(path: Path, available: set[str], rank: int, names: list[str]) -> None:
+    """CheckpointCorruptError naming the entry where this rank's ``rank<r>/<name>`` is absent although
+    a higher rank's is saved: every rank of the saving run wrote one, so the run was at least that
+    large and this rank's entry was lost (a damaged or crafted index), not left by a smaller world."""
+    for name in names:
+        if f"rank{rank}/{name}" in available:
+            continue
+        higher = sorted(
+            k for k in available if (m := re.fullmatch(rf"rank(\d+)/{re.escape(name)}", k)) and int(m[1]) > rank
+        )
+        if higher:
+            raise CheckpointCorruptError(
+                f"checkpoint {path}: entry 'rank{rank}/{name}' is missing although {higher[0]!r} is saved (every "
+                "rank of the saving run writes its own, so this one was lost)"
+            )
+
+
 def load_state(
     path: str | Path,
     model: nn.Module,
@@ -521,8 +539,8 @@ def load_state(
     ``optimizer=None`` loads weights only (a new stage's fresh optimizer, or inference). Model
     parameters absent from the checkpoint are an error naming them, unless their name starts with
     one of ``allow_missing`` (e.g. the projections of an embodiment added since). Per-rank entries
-    (stored under rank ``rank``) that are absent (another world size) are dropped from
-    ``per_rank``; ``named`` entries (keys as saved) are filled in place of their values, or dropped
+    (stored under rank ``rank``) that are absent (a smaller saving world) are dropped from
+    ``per_rank``, while one absent beside a higher rank's is CheckpointCorruptError; ``named`` entries (keys as saved) are filled in place of their values, or dropped
     when absent. Every file read is checked against the checkpoint's checksums first; a committed
     folder (one with meta.json) without its checksums is CheckpointCorruptError, not read unverified.
     """
@@ -562,6 +580,8 @@ def load_state(
             }
         )
     check_fits(path, index, state)
+    if per_rank:
+        _check_per_rank_entries(path, available, rank, list(per_rank))
     # Per-rank entries (RNG, loader state) vary in size: allocate them as the index describes.
     for entries, key_of in ((per_rank, lambda name: f"rank{rank}/{name}"), (named, lambda name: name)):
         for name in list(entries or {}):

@@ -24,6 +24,7 @@ from megatron_cosmos3.checkpoint.checkpointer import (
     CheckpointSaveError,
     inventory,
     latest_checkpoint,
+    load_state,
     read_meta,
 )
 from megatron_cosmos3.checkpoint.safe_reader import (
@@ -34,6 +35,7 @@ from megatron_cosmos3.checkpoint.safe_reader import (
     file_record,
     verify_checkpoint,
 )
+from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.model.config import EmbodimentConfig
 from megatron_cosmos3.model.mot import MoTModel
@@ -118,6 +120,23 @@ def test_optimizer_state_round_trips_and_training_continues_identically(tmp_path
         o.step()
     for (name, a), b in zip(model.named_parameters(), restored.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_a_ranks_lost_rng_entry_is_named_but_a_smaller_saving_world_drops_it(tmp_path):
+    model = MoTModel(copy.deepcopy(CONFIG))
+    rng = torch.get_rng_state()
+    # Saved by a world of two whose rank 0 entry was lost: rank 1's is there, so rank 0 wrote one.
+    Checkpointer(tmp_path / "lost", async_save=False).save(1, model, None, {}, {}, named={"rank1/rng": rng})
+    with pytest.raises(CheckpointCorruptError, match=r"entry 'rank0/rng' is missing although 'rank1/rng' is saved"):
+        load_state(tmp_path / "lost" / "step_00000001", model, ShardingMeshes(), per_rank={"rng": rng.clone()})
+    # Control: saved by one rank and read by rank 1 of a larger world, the entry is dropped.
+    Checkpointer(tmp_path / "one", async_save=False).save(1, model, None, {"rng": rng}, {})
+    found = {"rng": rng.clone()}
+    load_state(tmp_path / "one" / "step_00000001", model, ShardingMeshes(), per_rank=found, rank=1)
+    assert found == {}
+    found = {"rng": torch.empty(0, dtype=torch.uint8)}
+    load_state(tmp_path / "one" / "step_00000001", model, ShardingMeshes(), per_rank=found)
+    assert torch.equal(found["rng"], rng)
 
 
 def test_missing_parameters_are_named_unless_declared_new(tmp_path):
