@@ -296,7 +296,7 @@ def _load_full_state(run: Run, path: Path) -> dict:
     per_rank, data_state = {"rng": torch.get_rng_state()}, run.batches.state()
     meta = run.checkpointer.load(path, run.plan.state_owner, run.optimizer, per_rank, named=data_state)
     check_saved_architecture(run, meta, path, "checkpoint.directory")
-    require_finite_weights(run.plan.state_owner, path, "checkpoint.directory", NAN_RESUME, run.optimizer)
+    require_finite_weights(run.plan.state_owner, path, "checkpoint", NAN_RESUME, run.optimizer)
     if "rng" in per_rank:
         restore_rng_state(per_rank["rng"], path, f"rank{run.ctx.rank}/rng")
     run.batches.load_state(data_state, f"checkpoint {path}")
