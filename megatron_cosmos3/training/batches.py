@@ -62,9 +62,11 @@ class MicroBatches:
         g = _generator(config, step, index)
         if self.share is not None:  # the reader's next pack, on every rank of the group
             group, reader = self.share
-            sent = [self._next_pack(step) if self.loader is not None else None]
+            sent = [self._pack_or_end(step) if self.loader is not None else None]
             dist.broadcast_object_list(sent, src=reader, group=group, device=self._share_device())
             batch = sent[0]
+            if isinstance(batch, DataExhaustedError):  # the reader's stream ended: the group raises it
+                raise batch
         elif self.loader is not None:
             batch = self._next_pack(step)
         else:
@@ -73,6 +75,14 @@ class MicroBatches:
             batch = random_pack(config.model, g, s.samples_per_pack, tuple(s.tasks), s.scale, pixels)
         noised, targets = add_flow_matching_noise(batch, config.flow_matching, g)
         return noised.to(self.device), {k: v.to(self.device) for k, v in targets.items()}
+
+    def _pack_or_end(self, step: int):
+        """The reader's next pack, or the DataExhaustedError that ends its stream (sent to the group,
+        whose ranks would otherwise wait for a pack that never comes)."""
+        try:
+            return self._next_pack(step)
+        except DataExhaustedError as error:
+            return error
 
     def _next_pack(self, step: int):
         """The loader's next pack; DataExhaustedError where its finite stream (``data.epochs``) has
@@ -88,7 +98,8 @@ class MicroBatches:
                 f"the data ran out at step {step + 1} of steps={config.steps}: data.epochs={config.data.epochs} "
                 f"pass(es) over dataset {names} gave data rank {self.data_rank} {self.loader.packs} packs, and this "
                 f"run takes optimizer.micro_batches_per_step={config.optimizer.micro_batches_per_step} a step; "
-                "raise data.epochs, lower steps, or set data.epochs=0 (an endless stream)"
+                "raise data.epochs, lower steps, or set data.epochs=0 (an endless stream). The steps done are "
+                "saved; resuming them under other data settings takes checkpoint.restart_changed_data=true"
             ) from None
 
     def _share_device(self) -> torch.device | None:

@@ -41,6 +41,7 @@ from megatron_cosmos3.checkpoint.weights_folder import (
     load_weights_folder,
     verify_weights_folder,
 )
+from megatron_cosmos3.data.errors import DataExhaustedError
 from megatron_cosmos3.data.latent_encoders import latent_encoder_from_config
 from megatron_cosmos3.data.loader import datasets_action_stats
 from megatron_cosmos3.data.tokenizer import build_tokenizer
@@ -481,7 +482,13 @@ def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
     """Forward and backward of this step's micro-batches; returns whether every loss was finite
     (on every rank)."""
     started = time.perf_counter()
-    micro_batches = [run.batches.get(step, m) for m in range(run.config.optimizer.micro_batches_per_step)]
+    try:
+        micro_batches = [run.batches.get(step, m) for m in range(run.config.optimizer.micro_batches_per_step)]
+        ran_out = None
+    except DataExhaustedError as error:
+        ran_out = error
+    if not run.plan.everywhere(ran_out is None):  # every rank stops at the same step, so it can save
+        raise ran_out or DataExhaustedError(f"another data rank's stream ran out at step {step + 1} (it names it)")
     window.timed("data_wait", time.perf_counter() - started)
     started = time.perf_counter()
     losses_of = run_micro_batches(run, micro_batches)
@@ -600,7 +607,7 @@ MLFLOW_SPOOL = "mlflow_undelivered.json"
 
 
 # Raised on every rank together (agreed collectively), so no rank is left waiting for the others.
-RAISED_TOGETHER = (NonFiniteLossError, CheckpointSaveError)
+RAISED_TOGETHER = (NonFiniteLossError, CheckpointSaveError, DataExhaustedError)
 # Raised on every rank together in the start-up: weights with NaN or inf, found by an all-reduce
 # (``require_finite_weights``). Not ResumeError: each rank reads the checkpoint folder itself, and a
 # rank alone may find it otherwise (a node's own disk), so it ends the others as a failure does.
@@ -681,7 +688,14 @@ def _steps(
         for group in run.optimizer.param_groups:
             group["lr"] = base_lr * group.get("lr_multiplier", 1.0)
         run.optimizer.zero_grad(set_to_none=True)
-        finite = forward_backward_step(run, step, window)
+        try:
+            finite = forward_backward_step(run, step, window)
+        except DataExhaustedError:  # raised on every rank together: the steps done so far are kept
+            if step > start_step and step % config.checkpoint.save_every != 0:
+                _save_checkpoint(run, tracker, step, recorded)
+                log.warning("the data ran out: saved step %d before stopping", step)
+            run.checkpointer.wait()
+            raise
         started = time.perf_counter()
         grad_norm, stepped = run.plan.optimizer_step(run.optimizer, opt.grad_clip, finite)
         if stepped:
@@ -732,19 +746,7 @@ def _steps(
         started = time.perf_counter()
         preempted = watcher.should_stop()
         if preempted or (step + 1) % config.checkpoint.save_every == 0 or step + 1 == config.steps:
-            run.checkpointer.save(
-                step + 1,
-                run.plan.state_owner,
-                run.optimizer,
-                {"rng": torch.get_rng_state()},
-                {
-                    "mlflow_run_id": tracker.run_id,
-                    "stage": config.stage.name,
-                    "config": recorded,
-                    "action_stats": {name: stats.to_document() for name, stats in run.action_stats.items()},
-                },
-                named=run.batches.state(),
-            )
+            _save_checkpoint(run, tracker, step + 1, recorded)
             log_generation_samples(run, tracker, step + 1)
         window.timed("checkpoint", time.perf_counter() - started)  # what saving blocked of the step
         if preempted:
@@ -763,6 +765,19 @@ def _steps(
         if status_file:
             write_status(status_file, FINISHED, config.steps, start_step)
     return metrics
+
+
+def _save_checkpoint(run: Run, tracker: MLflowTracker, step: int, recorded: str) -> None:
+    """Starts saving the run's state after ``step`` steps (collective): weights, optimizer, this
+    rank's RNG, the loader positions, and in meta.json the MLflow run, stage, config and action stats."""
+    meta = {
+        "mlflow_run_id": tracker.run_id,
+        "stage": run.config.stage.name,
+        "config": recorded,
+        "action_stats": {name: stats.to_document() for name, stats in run.action_stats.items()},
+    }
+    rng = {"rng": torch.get_rng_state()}
+    run.checkpointer.save(step, run.plan.state_owner, run.optimizer, rng, meta, named=run.batches.state())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

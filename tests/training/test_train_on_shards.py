@@ -4,6 +4,7 @@ resumes mid-epoch with exactly the next pack, and two processes train from the s
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -152,6 +153,7 @@ def test_a_finite_stream_that_ends_before_steps_is_an_error_naming_the_step_the_
     from megatron_cosmos3.data.errors import DataExhaustedError
 
     damaged = _damaged_dataset(tmp_path / "two_clips")
+    stage = ["data.stages={pretrain: {datasets: {world: 1.0}, tasks: {text_to_video: 1.0}}}"]
     config = load_config(
         None,
         shard_overrides(
@@ -160,15 +162,25 @@ def test_a_finite_stream_that_ends_before_steps_is_an_error_naming_the_step_the_
             "finite",
             "steps=6",
             "data.epochs=1",
-            "data.stages={pretrain: {datasets: {world: 1.0}, tasks: {text_to_video: 1.0}}}",
+            *stage,
         ),
     )
     with pytest.raises(
         DataExhaustedError,
         match=r"the data ran out at step [2-6] of steps=6: data.epochs=1 pass\(es\) over dataset 'world' gave "
         r"data rank 0 [1-5] packs, .* optimizer.micro_batches_per_step=1 a step; raise data.epochs",
-    ):
+    ) as ended:
         train_module.train(config, CPU)
+    # The steps done are saved (checkpoint.save_every=100 saved none of them before).
+    ran_out_at = int(re.search(r"at step (\d+)", str(ended.value))[1])
+    assert latest_checkpoint(tmp_path / "finite").name == f"step_{ran_out_at - 1:08d}"
+
+    # Under tensor parallelism only the reader's stream ends: it sends the end to its peer, which
+    # waited for a pack in the broadcast; both stop at that step and save it.
+    tp2 = shard_overrides(tmp_path, damaged, "finite_tp2", "steps=6", "data.epochs=1", "parallel.tensor=2", *stage)
+    with pytest.raises(RuntimeError, match=rf"(?s)rank 0.*the data ran out at step {ran_out_at}.*rank 1.*ran out"):
+        train_on_ranks(2, *tp2, timeout=120)
+    assert latest_checkpoint(tmp_path / "finite_tp2").name == f"step_{ran_out_at - 1:08d}"
 
 
 def test_a_resume_under_changed_data_settings_names_each_and_restarts_the_stream_only_when_told(tmp_path, caplog):
