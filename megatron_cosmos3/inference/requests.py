@@ -424,6 +424,9 @@ def prepare_request(request: GenerationRequest, builder: SampleBuilder) -> Prepa
         raise _error(request, f"does not read {unread}; it reads {sorted(request_fields(task))}")
     _check_pictures(request)
     streams = _Streams(request, task, builder)
+    if request.image is not None and request.video is not None and task.vit != "required":
+        # Both can give a first frame; the video's was taken and the image silently dropped.
+        raise _error(request, "gives both image and video, and reads only one as its first frame: give one of them")
     sample = Sample(key=f"request_{request.seed}", caption=request.prompt, instruction=request.prompt)
     if task.vit == "required":
         if request.image is None:

@@ -40,7 +40,7 @@ def generation_setup(config: MoTConfig, stats: ActionStats | None = None) -> Sam
 def request_for(task: str, seed: int = 0, **changes) -> GenerationRequest:
     """A request of ``task`` with every input it reads (``requests.request_fields``), ``changes``
     applied first: a field the task does not read is left out (build a ``GenerationRequest`` to see
-    one refused)."""
+    one refused), and a first-frame task gets the video unless ``changes`` name the image."""
     rng = np.random.default_rng(100 + seed)
     inputs = dict(
         prompt=f"a red ball bounces ({task})",
@@ -57,4 +57,9 @@ def request_for(task: str, seed: int = 0, **changes) -> GenerationRequest:
     )
     spec = TASK_REGISTRY.get(task)
     reads = request_fields(spec) if spec is not None and spec.dm else {"task", *inputs, *changes}  # to be refused
-    return GenerationRequest(task, **{k: v for k, v in {**inputs, **changes}.items() if k in reads})
+    given = {**inputs, **changes}
+    both = given["image"] is not None and given["video"] is not None
+    if spec is not None and spec.dm and spec.vit != "required" and both and not {"image", "video"} <= set(changes):
+        # One first frame: the picture ``changes`` names, else the video (both given is refused).
+        reads = reads - ({"video"} if "image" in changes else {"image"})
+    return GenerationRequest(task, **{k: v for k, v in given.items() if k in reads})

@@ -255,12 +255,21 @@ def test_a_samples_noise_and_result_do_not_depend_on_its_pack_company(model, bui
         assert torch.equal(streams(one_per_pack)[name], want)
 
 
+_PICTURE = np.zeros((64, 32, 3), np.uint8)
+_CLIP = np.zeros((5, 64, 32, 3), np.uint8)
+
+
 @pytest.mark.parametrize(
     ("task", "changes", "message"),
     [
         ("nope", {}, "unknown task 'nope'"),
         ("understanding", {}, "task 'understanding': has no DM targets"),
         ("image_to_video", {"image": None, "video": None}, "task 'image_to_video': needs a conditioning image or"),
+        (  # the video's first frame was taken and the image dropped silently
+            "image_to_video",
+            {"image": _PICTURE, "video": _CLIP},
+            "task 'image_to_video': gives both image and video, and reads only one as its first frame",
+        ),
         ("video_to_audio", {"video": None}, "task 'video_to_audio': needs a conditioning video"),
         ("policy", {"image": None}, "task 'policy': needs an image: the observation"),
         ("policy", {"embodiment": None}, "task 'policy': needs an embodiment"),
@@ -465,10 +474,6 @@ def test_a_frame_rate_given_as_a_fraction_is_generated_and_written_as_that_rate(
     write_generated_sample(tmp_path, result.sample, result.record("ckpt", 1), builder.latent_encoder)
     media = json.loads(sidecar_path(tmp_path / "video.mp4").read_text())["media"]
     assert media["fps_fraction"] == str(Fraction(fps)) and media["frame_count"] == 5
-
-
-_PICTURE = np.zeros((64, 32, 3), np.uint8)
-_CLIP = np.zeros((5, 64, 32, 3), np.uint8)
 
 
 @pytest.mark.parametrize(
