@@ -130,6 +130,11 @@ class SuiteConfig:
                 f"eval suite: duration_s={self.duration_s} x fps={self.fps} = {frames:g} frame steps must be a "
                 "multiple of 4 (clips of 1 + 4k frames: whole latent frames)"
             )
+        if self.onset_tolerance_s >= self.duration_s:  # every onset of the clip would count as on time
+            raise ValueError(
+                f"eval suite: onset_tolerance_s={self.onset_tolerance_s} must be below duration_s={self.duration_s} "
+                "(a window as long as the clip finds every onset on time)"
+            )
         self.world()  # the world validates resolution and the action rates' whole steps
         if not (FPS_RANGE[0] <= self.fps <= FPS_RANGE[1] and self.duration_s <= DURATION_RANGE_S[1]):
             raise ValueError(

@@ -64,6 +64,8 @@ def cases():
         ({"closed_loop_episodes": 10**6}, "closed_loop_episodes=1000000 must be an integer in [0, 1000]"),
         ({"closed_loop_episodes": -1}, "closed_loop_episodes=-1 must be an integer in [0, 1000]"),
         ({"fps": True}, "fps=True must be a finite number > 0"),  # was a frame-step message about 0.5 x True
+        # A window as long as the clip scored any sound as starting at its collision.
+        ({"onset_tolerance_s": 1e9}, "onset_tolerance_s=1000000000.0 must be below duration_s=0.5"),
     ],
 )
 def test_a_bad_config_value_is_an_error_naming_the_field_and_value(change, message):
