@@ -322,7 +322,7 @@ def test_a_training_job_of_several_tasks_a_node_is_refused_naming_the_option(clu
 # have (the steps run at once); the test derives each task's rendezvous from it (``launcher_env``,
 # srun's ranks) in this process: four interpreters importing torch for it cost seconds of CPU each.
 _WRITE_ENVIRONMENT = (
-    'env -0 > "$0/$SLURM_STEP_ID-$SLURM_PROCID" && for _ in $(seq 1200); do '
+    'env -0 > "$0/$SLURM_STEP_ID-$SLURM_PROCID" && for _ in $(seq 600); do '
     '[ "$(ls "$0" | wc -l)" -ge 4 ] && exit 0; sleep 0.1; done; echo "the other step never ran" >&2; exit 1'
 )
 
