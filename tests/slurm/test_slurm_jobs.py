@@ -3,13 +3,15 @@ slurmd): requeued once by an administrator's ``scontrol requeue`` (SIGTERM to ev
 SLURM's own preemption sends it) and once preempted by its time limit's warning signal (USR1 to the
 batch script, as ``scancel --signal=USR1 --batch`` sends it), it resumes each time from the
 checkpoint of the signal's step and ends with the losses of an uninterrupted run (docs/DESIGN.md,
-"Preemption and requeue"); the preprocessing array job writes the shards one process writes.
+"Preemption and requeue"); a real time limit's warning (slurmctld checks limits every 30 s) is sent
+where nothing trains meanwhile, to a job still activating its environment; the preprocessing array
+job writes the shards one process writes.
 Skipped, with the reason, where the daemons cannot start (not root, packages missing)."""
 
 from __future__ import annotations
 
 import re
-import subprocess
+import runpy
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,21 +23,21 @@ from megatron_cosmos3.testing.slurm_cluster import ClusterUnavailable, LocalSlur
 from megatron_cosmos3.testing.training import (
     TINY_MODEL,
     TINY_SYNTHETIC,
-    TRAINER_ENV,
     launch_environment,
     loss_history,
     tracking_store,
     train_on_ranks,
 )
-from megatron_cosmos3.training.distributed import slurm_port
+from megatron_cosmos3.training.distributed import launcher_env, slurm_port
+from megatron_cosmos3.world.config import WorldConfig
 
 REPO = Path(__file__).resolve().parents[2]
-# The job trains until preempted twice (however fast the machine: SLURM checks time limits only
-# every 30 s), then its config file is cut to a few steps past the second preemption: extending or
-# shortening `steps` on resume is a researcher's edit, and the constant schedule keeps every step's
-# learning rate independent of it. The reference then trains that many steps uninterrupted.
+# The job trains until preempted twice (however fast the machine), then its config file is cut to a
+# few steps past the second preemption: extending or shortening `steps` on resume is a researcher's
+# edit, and the constant schedule keeps every step's learning rate independent of it. The reference
+# then trains that many steps uninterrupted.
 UNTIL_PREEMPTED = 100_000
-STEPS_AFTER = 6  # attempt 3's steps
+STEPS_AFTER = 2  # attempt 3's steps: it resumes and trains on
 pytestmark = pytest.mark.slow  # minutes of SLURM scheduling: start first, beside the rest
 
 
@@ -52,16 +54,13 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    """A generated world of two shards of four clips (one per data rank): raw/ and pooled latent/."""
+    """A generated world of two shards of four clips (one per data rank): raw/ and pooled latent/.
+    Written in this process by ``data_pipelines/generate_world.py``'s ``write_world`` (what its
+    command line runs): a new interpreter importing torch costs seconds of CPU."""
     out = tmp_path_factory.mktemp("world")
-    subprocess.run(
-        [sys.executable, str(REPO / "data_pipelines/generate_world.py"), str(out), "--samples", "8"]
-        + ["--shard-size", "4", "--resolution", "32", "--duration", "1.0", "--latents", "pooled"]
-        + ["--video-latent-channels", "4", "--audio-latent-dim", "6"],
-        check=True,
-        capture_output=True,
-        env=TRAINER_ENV,
-    )
+    write_world = runpy.run_path(str(REPO / "data_pipelines/generate_world.py"))["write_world"]
+    widths = dict(video_latent_channels=4, audio_latent_dim=6)
+    write_world(out, 8, config=WorldConfig(resolution=32, duration_s=1.0), shard_size=4, latents="pooled", **widths)
     return out
 
 
@@ -131,11 +130,9 @@ def _requeued(cluster: LocalSlurmCluster, job_id: str, restarts: int, log: Path)
     _wait(f"requeue {restarts}", requeued, 300, log)
 
 
-def _released(cluster: LocalSlurmCluster, job_id: str, *changes) -> None:
+def _released(cluster: LocalSlurmCluster, job_id: str) -> None:
     """Lets the requeued job start in 3 s instead of SLURM's two minutes (not in the second of the
-    requeue: its credential is revoked until then), with ``changes`` (``scontrol update`` fields)."""
-    if changes:
-        cluster.command("scontrol", "update", f"JobId={job_id}", *changes)
+    requeue: its credential is revoked until then)."""
     cluster.command("scontrol", "update", f"JobId={job_id}", "StartTime=now+3", check=False)  # if still pending
 
 
@@ -150,12 +147,8 @@ def test_sbatch_job_requeued_by_scontrol_and_preempted_by_its_time_limit_resumes
     env = _job_env(tmp_path, NPROC_PER_NODE="2", COSMOS3_STATUS_DIR=str(tmp_path / "status"))
     steps_file = tmp_path / "steps.yaml"
     steps_file.write_text(f"steps: {UNTIL_PREEMPTED}\n")
-    # Submitted from another folder; a generous limit whose warning (300 s ahead) is due only once
-    # the test lowers the limit in the second attempt.
-    submitted = cluster.command(
+    submitted = cluster.command(  # from another folder
         "sbatch",
-        "--time=30",
-        "--signal=B:USR1@300",
         f"--output={log}",
         str(REPO / "slurm/train.sbatch"),
         "--config",
@@ -172,9 +165,11 @@ def test_sbatch_job_requeued_by_scontrol_and_preempted_by_its_time_limit_resumes
         cluster.command("scontrol", "requeue", job_id)
         _requeued(cluster, job_id, 1, log)
         _released(cluster, job_id)
-        # Attempt 2: the time limit's warning signal, due as soon as the limit is lowered to 5 minutes.
+        # Attempt 2: the time limit's warning, USR1 to the batch script, sent as SLURM sends it: a real
+        # limit's comes at slurmctld's next check, up to 30 s of training later (a real one is
+        # tested while nothing trains: test_a_time_limit_warning_before_the_trainers_start...).
         _wait("attempt 2 to train", lambda: _steps_logged(log, 2), 400, log)
-        cluster.command("scontrol", "update", f"JobId={job_id}", "TimeLimit=5")
+        cluster.command("scancel", "--signal=USR1", "--batch", job_id)
         _requeued(cluster, job_id, 2, log)
         # Attempt 3 trains a few steps more and ends; the uninterrupted run, meanwhile (forked ranks).
         signalled = re.findall(r"preempted \((SIG\w+)\): checkpoint of step (\d+) committed", log.read_text())
@@ -182,7 +177,7 @@ def test_sbatch_job_requeued_by_scontrol_and_preempted_by_its_time_limit_resumes
         steps = max(preempted, default=0) + STEPS_AFTER
         steps_file.write_text(f"steps: {steps}\n")
         reference = pool.submit(train_on_ranks, 2, f"steps={steps}", *_overrides(tmp_path, world, "straight"))
-        _released(cluster, job_id, "TimeLimit=30")
+        _released(cluster, job_id)
         _wait("the job to end", lambda: cluster.job(job_id).state in ("COMPLETED", "FAILED", "CANCELLED"), 600, log)
     finally:
         cluster.command("scancel", job_id, check=False)
@@ -228,12 +223,8 @@ def test_preprocessing_array_job_writes_the_shards_of_one_process(cluster, world
         cwd=tmp_path,
     )
     job_id = submitted.stdout.split()[-1]
-    subprocess.run(
-        [sys.executable, str(REPO / "data_pipelines/encode_shards.py"), args[0], str(tmp_path / "one"), *args[1:]],
-        check=True,
-        capture_output=True,
-        env=TRAINER_ENV,
-    )
+    encode_shards = runpy.run_path(str(REPO / "data_pipelines/encode_shards.py"))["main"]  # in this one process
+    assert encode_shards([args[0], str(tmp_path / "one"), *args[1:]]) == 0
     logs = lambda: "\n".join(p.read_text() for p in tmp_path.glob("encode-*.out"))  # noqa: E731
     _wait("the array job", lambda: not cluster.command("squeue", "-h", "-j", job_id).stdout.strip(), 300, log)
     one, array = _files(tmp_path / "one"), _files(tmp_path / "array")
@@ -327,51 +318,67 @@ def test_a_training_job_of_several_tasks_a_node_is_refused_naming_the_option(clu
     assert "submit with --ntasks-per-node=1 (this job has SLURM_NTASKS=2 on 1 node(s))" in log.read_text()
 
 
-# Each task of an srun step prints the rendezvous it would meet in (``launcher_env``, srun's ranks).
-_PRINT_RENDEZVOUS = (
-    "import os; from megatron_cosmos3.training.distributed import launcher_env; launcher_env(os.environ); "
-    "print('step', os.environ['SLURM_STEP_ID'], 'task', os.environ['SLURM_PROCID'], 'port', os.environ['MASTER_PORT'])"
+# Each task of an srun step writes its environment, then waits until all four tasks of the two steps
+# have (the steps run at once); the test derives each task's rendezvous from it (``launcher_env``,
+# srun's ranks) in this process: four interpreters importing torch for it cost seconds of CPU each.
+_WRITE_ENVIRONMENT = (
+    'env -0 > "$0/$SLURM_STEP_ID-$SLURM_PROCID" && for _ in $(seq 600); do '
+    '[ "$(ls "$0" | wc -l)" -ge 4 ] && exit 0; sleep 0.1; done; echo "the other step never ran" >&2; exit 1'
 )
+
+
+def _task_environment(path: Path) -> dict[str, str]:
+    return dict(entry.split("=", 1) for entry in path.read_text().split("\0") if entry)
 
 
 def test_two_srun_steps_of_one_job_running_at_once_derive_ports_of_their_own(cluster, tmp_path):
     """The srun ranks' port came from the job id alone: two steps of one job at once (two trainings,
     or a training beside an evaluation) met in one rendezvous. Two concurrent steps of two tasks."""
-    script, log = tmp_path / "two_steps.sh", tmp_path / "job.out"
-    script.write_text(
-        f"#!/bin/bash\ncd {REPO}\n"
-        + f'srun --overlap --ntasks=2 {sys.executable} -c "{_PRINT_RENDEZVOUS}" &\n' * 2
-        + "wait\n"
-    )
+    script, log, tasks = tmp_path / "two_steps.sh", tmp_path / "job.out", tmp_path / "tasks"
+    tasks.mkdir()
+    step = f"srun --overlap --ntasks=2 bash -c '{_WRITE_ENVIRONMENT}' {tasks} &\n"
+    script.write_text(f"#!/bin/bash\n{step}first=$!\n{step}wait $first && wait $!\n")
     job_id = cluster.command(
         "sbatch", "--ntasks=2", f"--output={log}", str(script), env=_job_env(tmp_path)
     ).stdout.split()[-1]
     _wait("the job to end", lambda: cluster.job(job_id).state in ("COMPLETED", "FAILED"), 120, log)
     text = log.read_text()
-    found = {(step, task): int(port) for step, task, port in re.findall(r"step (\d+) task (\d+) port (\d+)", text)}
+    found = {}
+    for path in tasks.iterdir():
+        environ = _task_environment(path)
+        launcher_env(environ)
+        found[environ["SLURM_STEP_ID"], environ["SLURM_PROCID"]] = int(environ["MASTER_PORT"])
     assert cluster.job(job_id).state == "COMPLETED" and sorted(found) == [
         ("0", "0"),
         ("0", "1"),
         ("1", "0"),
         ("1", "1"),
     ], text
-    assert found["0", "0"] == found["0", "1"] == slurm_port(job_id, "0"), text  # a step's tasks agree
-    assert found["1", "0"] == found["1", "1"] == slurm_port(job_id, "1") != found["0", "0"], text
+    assert found["0", "0"] == found["0", "1"] == slurm_port(job_id, "0"), found  # a step's tasks agree
+    assert found["1", "0"] == found["1", "1"] == slurm_port(job_id, "1") != found["0", "0"], found
 
 
 def test_a_time_limit_warning_before_the_trainers_start_ends_the_job_failed_saying_why(cluster, tmp_path):
     """USR1 (``--signal=B:USR1@<lead>`` with a time limit within the lead plus start-up) reached the
     batch script before it trapped the signal, whose default ended it: FAILED, without a word after
-    the attempt's header. Sent here while the environment activates (an activate script that waits)."""
+    the attempt's header. Here SLURM's own warning, while the environment activates (an activate
+    script that waits for it): the limit is lowered into the lead once the job activates, and
+    slurmctld sends the warning at its next time-limit check (every 30 s: PERIODIC_TIMEOUT)."""
     activating = tmp_path / "activating"
     activate = tmp_path / "activate"
-    activate.write_text(f"source {Path(sys.executable).parent / 'activate'}\ntouch {activating}\nsleep 5\n")
+    activate.write_text(
+        f"source {Path(sys.executable).parent / 'activate'}\ntouch {activating}\n"
+        # Bash runs the trap between two sleeps; without a warning the job fails here, before any trainer.
+        "for _ in $(seq 240); do sleep 0.5; done\necho 'no time-limit warning within 120 s' >&2\nexit 3\n"
+    )
     log = tmp_path / "job.out"
     env = {**_job_env(tmp_path, COSMOS3_STATUS_DIR=str(tmp_path / "status")), "COSMOS3_ACTIVATE": str(activate)}
-    job_id = cluster.command("sbatch", f"--output={log}", str(REPO / "slurm/train.sbatch"), env=env).stdout.split()[-1]
+    job_id = cluster.command(
+        "sbatch", "--time=30", "--signal=B:USR1@300", f"--output={log}", str(REPO / "slurm/train.sbatch"), env=env
+    ).stdout.split()[-1]
     _wait("the job to activate its environment", activating.exists, 60, log)
-    cluster.command("scancel", "--signal=USR1", "--batch", job_id)
-    _wait("the job to end", lambda: cluster.job(job_id).state in ("COMPLETED", "FAILED", "PENDING"), 60, log)
+    cluster.command("scontrol", "update", f"JobId={job_id}", "TimeLimit=5")  # the warning, 300 s ahead, is due
+    _wait("the job to end", lambda: cluster.job(job_id).state in ("COMPLETED", "FAILED", "PENDING"), 150, log)
     job, text = cluster.job(job_id), log.read_text()
     assert (job.state, job.restarts) == ("FAILED", 0), text
     assert "attempt 1: got SIGUSR1 before the trainers started; not requeued" in text
