@@ -139,16 +139,15 @@ def loss_history(
 
 def trainer_command(nproc: int, *args: str) -> list[str]:
     """The command that runs the training entry point under torchrun on ``nproc`` local processes."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "megatron_cosmos3.training.train",
-        *args,
-    ]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return [*launcher, *unlaunched_trainer_command(*args)[1:]]
+
+
+def unlaunched_trainer_command(*args: str) -> list[str]:
+    """The command that runs the training entry point as one process, without a launcher (a single
+    process: ``init_distributed``): where one rank is all a test needs, no torchrun to start too
+    (3 s of CPU: its own imports of torch)."""
+    return [sys.executable, "-m", "megatron_cosmos3.training.train", *args]
 
 
 # The tests' thread count per rank: several gloo ranks share a 2-core CI machine, and the trainers'

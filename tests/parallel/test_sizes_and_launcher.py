@@ -150,6 +150,26 @@ def _group_coordinates(rank, world_size):
         destroy_parallel()
 
 
+def test_tearing_down_groups_never_made_imports_no_megatron(monkeypatch):
+    """One unlaunched process made no megatron-core groups: destroy_parallel does not import
+    megatron-core (seconds of CPU) to destroy nothing; where it is imported, the groups are destroyed."""
+    import sys
+    from types import SimpleNamespace
+
+    from megatron_cosmos3.parallel import state
+
+    destroyed = []
+    monkeypatch.setattr(state, "_parallel_state", lambda: pytest.fail("megatron-core imported to destroy nothing"))
+    monkeypatch.delitem(sys.modules, "megatron.core.parallel_state", raising=False)
+    state.destroy_parallel()
+    monkeypatch.setitem(sys.modules, "megatron.core.parallel_state", object())  # imported: groups may exist
+    monkeypatch.setattr(
+        state, "_parallel_state", lambda: SimpleNamespace(destroy_model_parallel=lambda: destroyed.append(1))
+    )
+    state.destroy_parallel()
+    assert destroyed == [1]
+
+
 @pytest.mark.multiprocess
 def test_groups_follow_megatron_order_tensor_fastest_pipeline_slowest():
     coordinates = run_on_ranks(_group_coordinates, 8)

@@ -26,7 +26,7 @@ from megatron_cosmos3.testing.training import (
     TINY_SYNTHETIC,
     launch_environment,
     tracking_store,
-    trainer_command,
+    unlaunched_trainer_command,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,6 +63,9 @@ def start_server(tmp_path: Path, port: int) -> subprocess.Popen:
             "--workers",
             "1",
         ],
+        # Without MLflow's job runner (a job-runner process and eight huey consumers, 13 s of CPU
+        # per start, 2026-12-02): this server only tracks.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -333,7 +336,7 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
             "tracking.run_name=tiny",
         ]
         training = subprocess.Popen(
-            trainer_command(1, *settings, f"steps={STEPS}"),  # rank 0 alone tracks: one rank
+            unlaunched_trainer_command(*settings, f"steps={STEPS}"),  # rank 0 alone tracks: one process
             cwd=tmp_path,
             # A live server starved of CPU by the other tests may answer slowly; the stopped one
             # refuses connections at once, whatever the timeout.
@@ -362,7 +365,7 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
         assert outage.flush(timeout_s=120) and not outage_spool.exists()
         outage.finish()
         following = subprocess.run(
-            trainer_command(1, *settings, f"steps={STEPS + 2}"),  # resumes from the checkpoint of step STEPS
+            unlaunched_trainer_command(*settings, f"steps={STEPS + 2}"),  # resumes from the checkpoint of step STEPS
             cwd=tmp_path,
             env=launch_environment(tmp_path, MLFLOW_HTTP_REQUEST_TIMEOUT="120"),
             capture_output=True,
