@@ -37,7 +37,7 @@ SCRIPTS = {
         *("--prompt-tokens", "16", "--samples", "2", "--new-tokens", "4"),
     ],
     "audio_resampling.py": ["--repeats", "1", "--rates", "44100", "527996"],
-    "audio_frame_walks.py": ["--repeats", "1", "--minutes", "2"],
+    "audio_frame_walks.py": ["--repeats", "1", "--minutes", "0.5", "--copy-seconds", "10"],  # 3 copies, the 10 s clip
 }
 
 # Runs each script of the JSON {script: argv} as its own __main__ and writes {script: [exit status
