@@ -2,10 +2,10 @@
 and the Ogg page walk (``media_files._missing_ogg_bytes``) over an hour of sound (``--minutes``),
 against a 10 s clip's whole decode of the same MP3.
 
-    python bench/audio_frame_walks.py [--repeats 3] [--minutes 60]
+    python bench/audio_frame_walks.py [--repeats 3] [--minutes 60] [--copy-seconds 120]
 
-Each file is copies of 2 minutes of a 48 kHz tone (no Xing or ID3 header, so copies chain), or
-for Ogg encoded whole.
+Each file is copies of ``--copy-seconds`` of a 48 kHz tone (no Xing or ID3 header, so copies
+chain), or for Ogg encoded whole.
 """
 
 from __future__ import annotations
@@ -32,14 +32,15 @@ KINDS = {  # name: (FFmpeg's options, the check)
 
 def main() -> None:
     parser = repeats_parser(__doc__)
-    parser.add_argument("--minutes", type=int, default=60, help="length of each file, a multiple of 2")
+    parser.add_argument("--minutes", type=float, default=60, help="length of each file")
+    parser.add_argument("--copy-seconds", type=float, default=120, help="MP3/ADTS: the tone each file copies")
     args = parser.parse_args()
-    print(f"| file ({args.minutes} min) | MB | check s | 10 s clip decode s |")
+    print(f"| file ({args.minutes:g} min) | MB | check s | 10 s clip decode s |")
     print("|---|---|---|---|")
     for kind, (options, check) in KINDS.items():
         # Ogg pages chain only within one stream: an hour of it is encoded whole, the others copied.
-        copies = 1 if kind == "ogg" else args.minutes // 2
-        tone = ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=48000:duration={args.minutes * 60 // copies}"]
+        copies = 1 if kind == "ogg" else max(1, round(args.minutes * 60 / args.copy_seconds))
+        tone = ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=48000:duration={args.minutes * 60 / copies}"]
         command = ["ffmpeg", "-loglevel", "error", *tone, *options, "-"]
         data = subprocess.run(command, capture_output=True, check=True).stdout * copies
         seconds = median_seconds(partial(getattr(media_files, check), data), CPU, 0, args.repeats)

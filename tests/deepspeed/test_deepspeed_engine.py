@@ -724,21 +724,39 @@ def test_deepspeeds_own_files_load_without_unpickling_code(runs, tmp_path):
     assert (tmp_path / "pwned").exists()
 
 
+def _generation_samples(trained, batch) -> dict[str, torch.Tensor]:
+    """The DM tokens ``trained`` samples for ``batch`` (2 Euler steps, fixed seeds)."""
+    from megatron_cosmos3.inference.denoising import sample_dm_tokens
+    from megatron_cosmos3.inference.solvers import SamplerConfig
+
+    return sample_dm_tokens(trained.model, batch, SamplerConfig("euler", 2), seeds=[5, 6])
+
+
+@pytest.fixture(scope="module")
+def one_process_generation(runs) -> tuple[object, object, dict[str, torch.Tensor]]:
+    """The one-process run's step-3 checkpoint loaded for generation, a pack of two tasks and its
+    samples of it: what each ZeRO stage's checkpoint is compared with (loaded once, not per stage)."""
+    from megatron_cosmos3.data.synthetic_packs import random_pack
+    from megatron_cosmos3.release.trained import load_trained_model
+
+    root, *_ = runs
+    one = load_trained_model(root / "single" / "step_00000003")
+    batch = random_pack(one.config.model, torch.Generator().manual_seed(3), 2, ("policy", "text_to_video"))
+    return one, batch, _generation_samples(one, batch)
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("stage", STAGES)
-def test_a_deepspeed_checkpoint_loads_for_generation_in_one_process(runs, stage):
+def test_a_deepspeed_checkpoint_loads_for_generation_in_one_process(runs, one_process_generation, stage):
     """``load_trained_model`` (cosmos3-generate, cosmos3-eval, export) reads a 2-rank ZeRO
     checkpoint in one process (it was a 'missing .metadata' corruption error): the weights DeepSpeed's
     own zero_to_fp32 merges (bit for bit; the untrained ones the saved module's), which are the
     one-process run's; its samples are the one-process checkpoint's."""
-    from megatron_cosmos3.data.synthetic_packs import random_pack
-    from megatron_cosmos3.inference.denoising import sample_dm_tokens
-    from megatron_cosmos3.inference.solvers import SamplerConfig
     from megatron_cosmos3.release.trained import load_trained_model
 
     root, results, *_ = runs
     loaded = load_trained_model(root / f"zero{stage}")  # the checkpoint directory: its latest, step 3
-    one = load_trained_model(root / "single" / "step_00000003")
+    one, batch, expected = one_process_generation
     assert loaded.step == 3
     weights, want = dict(loaded.model.named_parameters()), dict(one.model.named_parameters())
     assert weights.keys() == want.keys()
@@ -748,8 +766,7 @@ def test_a_deepspeed_checkpoint_loads_for_generation_in_one_process(runs, stage)
         torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
     q = "layers.0.generator.self_attn.q_proj.weight"  # control: trained weights, not the seed's
     assert not torch.allclose(weights[q], _weights(root)[q], rtol=1e-3, atol=1e-4)
-    batch = random_pack(one.config.model, torch.Generator().manual_seed(3), 2, ("policy", "text_to_video"))
-    got, expected = (sample_dm_tokens(m.model, batch, SamplerConfig("euler", 2), seeds=[5, 6]) for m in (loaded, one))
+    got = _generation_samples(loaded, batch)
     assert got.keys() == expected.keys()
     for key, tokens in expected.items():
         torch.testing.assert_close(got[key], tokens, rtol=1e-4, atol=1e-4, msg=lambda m, k=key: f"{k}: {m}")
