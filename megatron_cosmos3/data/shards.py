@@ -357,12 +357,12 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
     * a member declaring more than ``MAX_MEMBER_BYTES``: its sample is an ``out_of_range`` skip and
       the member is passed over unread;
     * bytes that are no tar (``tar_stream.Stray``): one ``stray_bytes`` skip, and reading goes on at
-      the next member header; where they stood in place of a member header, the sample being read
-      is a ``damaged_shard`` skip (it may have lost members) and its members after them are passed
-      over; where they are whole blocks (``Stray.in_place_of_blocks``: a destroyed header and its
-      data), the first sample after them is a ``damaged_shard`` skip too (it may lack its first
-      members); where no header follows them, the sample being read is a ``damaged_shard`` skip
-      and nothing after it is read (compressed or not).
+      the next member header; bytes put between members leave every sample whole; where they may
+      stand in place of members whose header was destroyed (``Stray.in_place_of_members``), the
+      sample being read is a ``damaged_shard`` skip (it may have lost members; its members after
+      them are passed over) and so is the first sample after them (it may lack its first members);
+      where no header follows them, the sample being read is a ``damaged_shard`` skip and nothing
+      after it is read (compressed or not).
 
     Tars concatenated into one file (``cat a.tar b.tar``) are read one after the other. A gzip,
     bzip2 or xz shard is read through ``compressed_streams``, every stream of a multi-stream file;
@@ -409,18 +409,21 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
         try:
             for member in members:
                 if isinstance(member, Stray):
-                    if member.where == IN_ARCHIVE and current is not None:  # it may have lost members to them
-                        dropped = current["__key__"]
-                        if dropped in seen:  # a split sample's later part: the split is what it is
-                            finished = _finished(url, current, problems, seen, split)
-                        else:
-                            seen.add(dropped)
-                            detail = f"{member.size} bytes that are no tar member stood after its last member read"
-                            finished = Skip(url, dropped, DAMAGED_SHARD, detail)
-                        if finished is not None:
-                            yield finished
-                        current = None
-                    if member.in_place_of_blocks:
+                    if member.in_place_of_members:  # a destroyed header: the samples around it may lack members
+                        if member.where == IN_ARCHIVE and current is not None:
+                            dropped = current["__key__"]
+                            if dropped in seen:  # a split sample's later part: the split is what it is
+                                finished = _finished(url, current, problems, seen, split)
+                            else:
+                                seen.add(dropped)
+                                detail = (
+                                    f"{member.size} bytes that are no tar member, whole blocks that may stand in "
+                                    "place of members, stood after its last member read"
+                                )
+                                finished = Skip(url, dropped, DAMAGED_SHARD, detail)
+                            if finished is not None:
+                                yield finished
+                            current = None
                         suspect = (
                             f"its first member follows {member.size} bytes that are no tar, whole blocks that may "
                             "stand in place of its first members"

@@ -11,6 +11,7 @@ import io
 import lzma
 import tarfile
 
+import numpy as np
 import pytest
 
 from megatron_cosmos3.data.errors import Skip
@@ -59,34 +60,58 @@ def _read(path) -> tuple[list[str], list[tuple[str, str, str]]]:
 JUNK = bytes(range(1, 256)) * 3 + b"!"  # 766 bytes: no multiple of a block, no zero run
 
 
-def test_junk_between_members_is_passed_to_the_next_header_and_counted(tmp_path):
-    data = _tar(["a", "b", "c", "d"])
-    at = _member_end(data, "b.txt")  # after sample b's last member: c's first header stood there
-    v7 = _v7(data)
-    for junk in (JUNK, b"\0" * 100, b"7" * 5000):  # a v7 archive too: no magic to find
+def _samples(path) -> dict[str, dict]:
+    """The samples ``read_shard`` gives, by key, without their url."""
+    items = [item for item in read_shard(str(path)) if isinstance(item, dict)]
+    return {item["__key__"]: {k: v for k, v in item.items() if k != "__url__"} for item in items}
+
+
+@pytest.mark.parametrize("fill", [b"\xa5", b"\x01", b"7", None], ids=["a5", "01", "octal", "random"])
+@pytest.mark.parametrize("length", [1, 511, 512, 1024, 4096 + 7])
+@pytest.mark.parametrize("after", ["b.txt", "b.meta.json"], ids=["between_samples", "inside_a_sample"])
+def test_junk_put_between_members_is_one_stray_bytes_skip_and_every_sample_is_whole(tmp_path, fill, length, after):
+    """Bytes put between members lose no member: a multiple of 512 of them (on the block grid, as a
+    destroyed header and its data would be) once made the sample after them a damaged_shard skip too."""
+    junk = np.random.default_rng(length).integers(1, 256, length, np.uint8).tobytes() if fill is None else fill * length
+    for data in (_tar(["a", "b", "c", "d"]), _v7(_tar(["a", "b", "c", "d"]))):  # v7: no magic to find
+        at = _member_end(data, after)
         shard = tmp_path / "junk.tar"
-        shard.write_bytes(v7[:at] + junk + v7[at:])
-        assert _read(shard) == (
-            ["a", "c", "d"],
-            [("damaged_shard", "b", str(len(junk))), ("stray_bytes", "", str(len(junk)))],
-        )
-    shard = tmp_path / "junk.tar"
-    shard.write_bytes(data[:at] + JUNK + data[at:])
-    # b may have lost members to the junk (it stood where a header should): it is the damaged one.
-    assert _read(shard) == (
-        ["a", "c", "d"],
-        [("damaged_shard", "b", "766"), ("stray_bytes", "", "766")],
-    )
-    # A whole block of junk overwriting c's first header: c's other member is never read as a sample
-    # missing a field (the bytes passed over are whole blocks: what follows them is suspect).
+        shard.write_bytes(data[:at] + junk + data[at:])
+        assert _read(shard) == (["a", "b", "c", "d"], [("stray_bytes", "", str(length))])
+        clean = tmp_path / "clean.tar"
+        clean.write_bytes(data)
+        assert _samples(shard) == _samples(clean)  # b keeps both its members, wherever the junk stood
+
+
+def test_a_destroyed_header_makes_the_samples_around_it_damaged(tmp_path):
+    data = _tar(["a", "b", "c", "d"])
     at = _member_end(data, "b.txt")
+    # A whole block of junk overwriting c's first header: c's other member is never read as a sample
+    # missing a field (what was passed over ends in the zero padding of c.meta.json's data).
     overwritten = tmp_path / "overwritten.tar"
     overwritten.write_bytes(data[:at] + b"\xa5" * 512 + data[at + 512 :])
     assert _read(overwritten) == (
         ["a", "d"],
         [("damaged_shard", "b", "1024"), ("stray_bytes", "", "1024"), ("damaged_shard", "c", "its")],
     )
-    # Junk to the end with no header after it: the sample being read is the damaged one, as before.
+    # A header whose checksum alone is wrong, over data that fills its blocks (no zero padding): the
+    # header declares as many bytes as were passed over, so it stood in place of a member.
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for name, payload in (("a.txt", b"a" * 10), ("b.txt", b"b" * 1024), ("b.json", b"{}"), ("c.txt", b"c")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    flipped = bytearray(buffer.getvalue())
+    header = next(m for m in tarfile.open(fileobj=io.BytesIO(bytes(flipped))) if m.name == "b.txt").offset
+    flipped[header] ^= 1  # "c.txt": the checksum no longer matches
+    shard = tmp_path / "flipped.tar"
+    shard.write_bytes(bytes(flipped))
+    assert _read(shard) == (
+        ["c"],
+        [("damaged_shard", "a", "1536"), ("stray_bytes", "", "1536"), ("damaged_shard", "b", "its")],
+    )
+    # Junk to the end with no header after it: the sample being read is the damaged one.
     cut = tmp_path / "junk_to_end.tar"
     cut.write_bytes(data[:at] + JUNK * 3)
     assert _read(cut) == (["a"], [("damaged_shard", "b", "a")])
@@ -101,9 +126,12 @@ def test_junk_between_concatenated_tars_and_a_v7_tar_after_the_end_are_read(tmp_
     for junk in (JUNK, b"0" * 3000):
         shard.write_bytes(first + junk + third)
         assert _read(shard) == (["a", "b", "d", "e"], [("stray_bytes", "", str(len(junk)))])
-    # Whole blocks of junk may stand in place of a destroyed header and its data: the first sample
-    # after them may lack its first members, so it is a damaged_shard skip too.
+    # Whole blocks of junk put between the archives lose nothing; a destroyed first header of the
+    # second (a block of junk over it, its data after it) may leave its first sample without its
+    # first members, so that sample is a damaged_shard skip too.
     shard.write_bytes(first + b"\x01" * 1024 + third)
+    assert _read(shard) == (["a", "b", "d", "e"], [("stray_bytes", "", "1024")])
+    shard.write_bytes(first + b"\x01" * 512 + third[512:])
     assert _read(shard) == (["a", "b", "e"], [("stray_bytes", "", "1024"), ("damaged_shard", "d", "its")])
     # The v7 archive read alone, as Python's tarfile reads it.
     alone = tmp_path / "alone.tar"
@@ -179,7 +207,7 @@ def test_a_split_sample_whose_later_part_meets_stray_bytes_is_still_one_split_sk
     shard.write_bytes(data[:at] + JUNK + data[at:])
     read = read_samples(ShardInfo(str(shard)), lambda index, raw: raw["__key__"])
     assert [key for _, key in read.results] == ["b", "c"]
-    assert [(s.reason, s.key) for s in read.skips] == [("duplicate_key", "a"), ("stray_bytes", "")]
+    assert [(s.reason, s.key) for s in read.skips] == [("stray_bytes", ""), ("duplicate_key", "a")]
     # A shard cut inside a's later part: the whole sample is the truncated_shard, b the only one used.
     shard.write_bytes(data[: at - 100])
     read = read_samples(ShardInfo(str(shard), samples=3), lambda index, raw: raw["__key__"])
