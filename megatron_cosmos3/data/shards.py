@@ -344,7 +344,8 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
     """Yields the shard's samples in tar order as WebDataset dicts (``__key__`` plus one bytes
     value per field), and ``Skip`` records for shard damage, never raising for bad data:
 
-    * the shard cannot be opened or is not a tar: one ``unreadable_shard``;
+    * the shard cannot be opened or is not a tar (no member header in its first
+      ``tar_stream.FIRST_HEADER_WITHIN`` bytes: the rest is not read): one ``unreadable_shard``;
     * the data ends inside a member, or the tar lacks its end-of-archive block: one
       ``truncated_shard`` for the sample being read (it is dropped: it may miss fields);
     * a member name repeated within a sample: that sample is an ``extra_field`` skip;

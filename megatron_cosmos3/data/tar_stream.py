@@ -21,10 +21,24 @@ from typing import NamedTuple
 
 from megatron_cosmos3.data.compressed_streams import Replay, UnsupportedCompression, decompressed
 
-__all__ = ["CLEAN", "CUT", "DAMAGED", "TAR_BLOCK", "Stray", "TarMembers", "UnsupportedCompression", "decompressed"]
+__all__ = [
+    "CLEAN",
+    "CUT",
+    "DAMAGED",
+    "FIRST_HEADER_WITHIN",
+    "TAR_BLOCK",
+    "Stray",
+    "TarMembers",
+    "UnsupportedCompression",
+    "decompressed",
+]
 
 TAR_BLOCK = 512
 _CHUNK = 1 << 20
+# The bytes before its first member header a shard may hold (junk or zeros: an empty archive's end
+# blocks); past them it is no tar, refused unread (a 200 MB file of random bytes or zeros was
+# scanned or read to its end first, seconds each).
+FIRST_HEADER_WITHIN = 64 << 10
 _MAGIC_AT = 257  # where a ustar header holds b"ustar"
 _CHECKSUM_AT = 148  # where a header's checksum field starts: octal digits, then NUL or space
 # Header candidates one scan may try (a few microseconds each): bytes of octal digits throughout
@@ -84,19 +98,21 @@ class TarMembers:
     ``extract(member)`` reads a member's bytes (call it before the next member). After iteration,
     ``end`` is CLEAN, CUT or DAMAGED; ``unread`` counts the bytes after a damaged header that no
     member header follows. Bytes before the first header are passed over as any others (the first
-    ``Stray``); opening raises ``tarfile.ReadError`` where no header follows them."""
+    ``Stray``); opening raises ``tarfile.ReadError`` where no header follows them or none lies within
+    the first ``FIRST_HEADER_WITHIN`` bytes (then no more is read)."""
 
     def __init__(self, stream) -> None:
         self.stream = stream
-        head = stream.read(TAR_BLOCK)
-        while len(head) < TAR_BLOCK and (more := stream.read(TAR_BLOCK - len(head))):
-            head += more
+        head = _read_up_to(stream, FIRST_HEADER_WITHIN)
         self.first: Stray | None = None
-        if len(head) == TAR_BLOCK and head.count(0) < TAR_BLOCK and not _is_header(head):
-            scan = _next_header(head, stream, start=1)
-            if not scan.after:
-                raise tarfile.ReadError(f"no tar member header in its {scan.passed} bytes")
-            self.first, head = _stray(scan, head, LEADING), scan.after
+        if len(head) >= TAR_BLOCK and not _is_header(head[:TAR_BLOCK]):  # junk or zeros first
+            found = _find_header(head, 0, [_MAX_CANDIDATES])
+            if found is None and len(head) == FIRST_HEADER_WITHIN:  # no tar: refused unread past here
+                raise tarfile.ReadError(f"no tar member header in its first {len(head):,} bytes")
+            if head.count(0, 0, TAR_BLOCK) < TAR_BLOCK:  # zeros are an empty archive's end: read on
+                if found is None:
+                    raise tarfile.ReadError(f"no tar member header in its {len(head)} bytes")
+                self.first, head = _stray(_Scan(found, head[found:], head[found - 1]), head, LEADING), head[found:]
         self.archive = _open(Replay(head, stream))
         self.end: str | None = None
         self.unread = 0
@@ -137,6 +153,14 @@ class TarMembers:
                 self.end = CUT
                 return
             self.archive = _open(Replay(after, rest_of))
+
+
+def _read_up_to(stream, size: int) -> bytes:
+    """The first ``size`` bytes of ``stream``, fewer only where it ends."""
+    head = stream.read(size)
+    while len(head) < size and (more := stream.read(size - len(head))):
+        head += more
+    return head
 
 
 def _after_zeros(stream) -> bytes:

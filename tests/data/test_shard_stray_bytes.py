@@ -10,12 +10,15 @@ import gzip
 import io
 import lzma
 import tarfile
+import time
+import zipfile
 
 import numpy as np
 import pytest
 
 from megatron_cosmos3.data.errors import Skip
 from megatron_cosmos3.data.shards import ShardInfo, read_samples, read_shard
+from megatron_cosmos3.data.tar_stream import FIRST_HEADER_WITHIN, TarMembers
 
 META = b'{"schema": 1, "caption": "a ball"}'
 
@@ -231,3 +234,40 @@ def test_bytes_before_the_first_header_are_passed_over_and_a_shard_of_no_header_
     shard.write_bytes(JUNK * 20)
     (skip,) = read_shard(str(shard))
     assert skip.reason == "unreadable_shard" and f"no tar member header in its {len(JUNK) * 20} bytes" in skip.detail
+
+
+def test_a_file_that_is_no_tar_is_refused_at_its_start_without_reading_the_rest(tmp_path):
+    """Random bytes, text, zeros (a sparse file) or a zip named .tar: one unreadable_shard within
+    ``FIRST_HEADER_WITHIN`` bytes; a 200 MB one was scanned or read to its end first (seconds)."""
+    rng = np.random.default_rng(0)
+    sparse = tmp_path / "sparse.tar"
+    with open(sparse, "wb") as f:
+        f.truncate(200 << 20)
+    noise = tmp_path / "noise.tar"
+    with open(noise, "wb") as f:
+        f.write(rng.integers(0, 256, 1 << 20, np.uint8).tobytes())
+        f.truncate(200 << 20)
+    text = tmp_path / "text.tar"
+    text.write_text("frame 0001 7 0 0644 caption: a ball bounces\n" * 100_000)
+    zipped = tmp_path / "zipped.tar"
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.writestr("a.txt", rng.integers(0, 256, 1 << 20, np.uint8).tobytes())
+    for path in (sparse, noise, text, zipped):
+        started = time.perf_counter()
+        (skip,) = read_shard(str(path))
+        assert time.perf_counter() - started < 1.0, path
+        assert (skip.reason, skip.shard) == ("unreadable_shard", str(path))
+        assert f"no tar member header in its first {FIRST_HEADER_WITHIN:,} bytes" in skip.detail
+    # What the reader took of the stream: the first FIRST_HEADER_WITHIN bytes, not the rest.
+    stream = io.BytesIO(rng.integers(0, 256, 8 << 20, np.uint8).tobytes())
+    with pytest.raises(tarfile.ReadError, match="no tar member header"):
+        TarMembers(stream)
+    assert stream.tell() == FIRST_HEADER_WITHIN
+    # Control: a tar behind junk just short of the bound is still read, and an empty tar is one.
+    shard = tmp_path / "late.tar"
+    late = FIRST_HEADER_WITHIN - 2 * 512 - 3
+    shard.write_bytes(b"\x01" * late + _tar(["a", "b"]))
+    assert _read(shard) == (["a", "b"], [("stray_bytes", "", str(late))])
+    empty = tmp_path / "empty.tar"
+    tarfile.open(empty, "w").close()
+    assert _read(empty) == ([], [])
