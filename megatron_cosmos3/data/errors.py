@@ -24,12 +24,14 @@ LOST_TO_TRUNCATION = "lost_to_truncation"
 # members; reading goes on at the next valid header, and where none follows, lost_to_truncation
 # counts the samples the index says were never reached); bytes that are no tar, passed over to the
 # next member header (one stray_bytes per run of them: no sample, an event of the shard); a sample
-# whose members lie apart, its key seen earlier in the shard (the whole sample is one duplicate_key
-# skip: ``shards.read_samples`` withdraws its first part); an index that lists fewer samples than the
-# shard holds (one per shard; its samples are still used); a sample with a member that is a link or
-# a device, or whose name is absolute or climbs out with "..".
+# whose members lie apart, its key seen earlier in the shard with other fields (the whole sample is one
+# split_sample skip: ``shards.read_samples`` withdraws its first part); a key given to two samples, its
+# later one repeating a field of the first (both are one duplicate_key skip, the same way); an index
+# that lists fewer samples than the shard holds (one per shard; its samples are still used); a sample
+# with a member that is a link or a device, or whose name is absolute or climbs out with "..".
 DAMAGED_SHARD = "damaged_shard"
 STRAY_BYTES = "stray_bytes"
+SPLIT_SAMPLE = "split_sample"
 DUPLICATE_KEY = "duplicate_key"
 UNSAFE_MEMBER = "unsafe_member"
 INDEX_MISMATCH = "index_mismatch"
@@ -59,6 +61,7 @@ ERROR_REASONS = (
     LOST_TO_TRUNCATION,
     DAMAGED_SHARD,
     STRAY_BYTES,
+    SPLIT_SAMPLE,
     DUPLICATE_KEY,
     UNSAFE_MEMBER,
     INDEX_MISMATCH,
@@ -80,7 +83,7 @@ ERROR_REASONS = (
 )
 # Skips that stand for no sample read from the shard: events of the shard, and a split sample's
 # repeat (its first part was read and is withdrawn). A shard's samples read leave them out.
-SHARD_EVENTS = (STRAY_BYTES, INDEX_MISMATCH, LOST_TO_TRUNCATION, DUPLICATE_KEY)
+SHARD_EVENTS = (STRAY_BYTES, INDEX_MISMATCH, LOST_TO_TRUNCATION, SPLIT_SAMPLE, DUPLICATE_KEY)
 # Filtered.
 NO_TASK = "no_task"
 TOO_LONG = "too_long"

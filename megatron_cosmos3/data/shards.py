@@ -40,6 +40,7 @@ from megatron_cosmos3.data.errors import (
     LOST_TO_TRUNCATION,
     OUT_OF_RANGE,
     SHARD_EVENTS,
+    SPLIT_SAMPLE,
     STRAY_BYTES,
     TRUNCATED_SHARD,
     UNREADABLE_SHARD,
@@ -349,9 +350,10 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
     * the data ends inside a member, or the tar lacks its end-of-archive block: one
       ``truncated_shard`` for the sample being read (it is dropped: it may miss fields);
     * a member name repeated within a sample: that sample is an ``extra_field`` skip;
-    * a sample key seen earlier in the shard (its members lie apart): the repeat is one
-      ``duplicate_key`` skip, the first time only; the first part was yielded before it was met and
-      ``read_samples`` withdraws it;
+    * a sample key seen earlier in the shard: the repeat is one skip, the first time only,
+      ``split_sample`` where its fields are others than the first part's (the sample's members lie
+      apart), ``duplicate_key`` where it gives one of them again (two samples under one key); the
+      first part was yielded before it was met and ``read_samples`` withdraws it;
     * a member that is a link or a device, or named by an absolute path or with a ``..`` component:
       its sample is an ``unsafe_member`` skip (directories, hidden files and WebDataset's
       ``__name__`` metadata are ignored, ``_NO_SAMPLE_MEMBER``, without ending the sample around them);
@@ -392,7 +394,7 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
     current: dict | None = None
     problems: dict[str, str] = {}  # the current sample's: skip reason -> detail, the first of each
     suspect: str | None = None  # why the next sample to start may lack members (stray bytes before it)
-    seen: set[str] = set()
+    seen: dict[str, set[str]] = {}  # key of each sample finished -> the fields it gave
     split: set[str] = set()  # keys whose members lie apart: their later parts yield no sample
     dropped: str | None = None  # the key of a sample dropped at stray bytes, whose members may go on
     try:
@@ -416,7 +418,7 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
                             if dropped in seen:  # a split sample's later part: the split is what it is
                                 finished = _finished(url, current, problems, seen, split)
                             else:
-                                seen.add(dropped)
+                                seen[dropped] = _fields(current)
                                 detail = (
                                     f"{member.size} bytes that are no tar member, whole blocks that may stand in "
                                     "place of members, stood after its last member read"
@@ -457,10 +459,11 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
                         f"MAX_MEMBER_BYTES={MAX_MEMBER_BYTES:,}",
                     )
                     continue
-                if key in seen:  # a split sample's later part: its bytes are never used
+                suffix = suffix.lower()
+                if key in seen:  # a later part of a key given before: its bytes are never used
+                    current.setdefault(suffix, None)  # which fields it gives says why it stood apart
                     continue
                 data = members.extract(member)
-                suffix = suffix.lower()
                 if suffix in current:
                     problems.setdefault(EXTRA_FIELD, f"field {suffix!r} appears twice")
                 current[suffix] = data
@@ -522,9 +525,9 @@ def read_samples(shard: ShardInfo, use: Callable[[int, dict], object]) -> ShardS
     The loader, ``inspect_shards --verify`` and ``encode_shards`` all read through it, so they
     count a shard the same way:
 
-    * a split sample (a ``duplicate_key`` skip: its key seen earlier in the shard; or any skip
-      under a key given before, as where the shard ends in its later part) withdraws what its first
-      part gave, a result or a skip: the whole sample is that one skip;
+    * a key given again (a ``split_sample`` or ``duplicate_key`` skip: its key seen earlier in the
+      shard; or any skip under a key given before, as where the shard ends in its later part)
+      withdraws what its first part gave, a result or a skip: the whole sample is that one skip;
     * an ``unreadable_shard`` counts every sample the index lists (at least one);
     * shard events (``errors.SHARD_EVENTS``) are skips but no sample read;
     * ``lost_to_truncation`` counts the samples the index lists that the shard never gave, one
@@ -576,6 +579,25 @@ def _cut_stream(stream) -> str:
     return f" (the {stream.name} stream ends before its end marker)" if getattr(stream, "cut", False) else ""
 
 
+def _key_given_again(url: str, key: str, first: set[str], later: set[str]) -> Skip:
+    """The skip of a sample whose key came back after another sample's members: ``duplicate_key``
+    where the later part gives a field the first gave again (two samples under one key),
+    ``split_sample`` where it gives others (one sample whose members lie apart)."""
+    again = sorted(first & later)
+    if again:
+        detail = (
+            f"sample key {printable(key)!r} is given to two samples: fields {again} appear under it again after "
+            "other samples: both are skipped"
+        )
+        return Skip(url, key, DUPLICATE_KEY, detail)
+    detail = (
+        f"the members of sample {printable(key)!r} lie apart in the shard (fields {sorted(first)}, then "
+        f"{sorted(later)} after other samples): the whole sample is skipped (a sample's members must be adjacent: "
+        "GNU tar orders a folder's files by directory order unless given --sort=name)"
+    )
+    return Skip(url, key, SPLIT_SAMPLE, detail)
+
+
 def _member_problem(member: tarfile.TarInfo) -> str | None:
     """Why a member cannot be part of a sample (``read_shard``), or None for a plain file."""
     if not member.isreg():
@@ -586,20 +608,23 @@ def _member_problem(member: tarfile.TarInfo) -> str | None:
     return None
 
 
-def _finished(url: str, sample: dict, problems: dict[str, str], seen: set[str], split: set[str]) -> dict | Skip | None:
-    """The sample read, or the Skip it is; None for a later part of a split sample already reported."""
+def _fields(sample: dict) -> set[str]:
+    """The fields of a sample being read (its ``__key__`` and ``__url__`` are none)."""
+    return {name for name in sample if not name.startswith("__")}
+
+
+def _finished(
+    url: str, sample: dict, problems: dict[str, str], seen: dict[str, set[str]], split: set[str]
+) -> dict | Skip | None:
+    """The sample read, or the Skip it is; None for a later part of a key already reported."""
     key = sample["__key__"]
     if key in seen:
         if key in split:
             return None
         split.add(key)
-        detail = (
-            f"the members of sample {printable(key)!r} lie apart in the shard: the whole sample is skipped (a "
-            "sample's members must be adjacent: GNU tar orders a folder's files by directory order unless "
-            "given --sort=name)"
-        )
-        return Skip(url, key, DUPLICATE_KEY, detail)
-    seen.add(key)
+        return _key_given_again(url, key, seen[key], _fields(sample))
+
+    seen[key] = _fields(sample)
     for reason in (DAMAGED_SHARD, UNSAFE_MEMBER, OUT_OF_RANGE, EXTRA_FIELD):  # the first that applies
         if reason in problems:
             return Skip(url, key, reason, problems[reason])

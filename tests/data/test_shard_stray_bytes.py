@@ -202,7 +202,7 @@ def test_a_damaged_header_after_a_long_name_header_is_passed_over_too(tmp_path, 
 
 
 def test_a_split_sample_whose_later_part_meets_stray_bytes_is_still_one_split_skip(tmp_path):
-    data = _tar(["a", "b", "a", "c"])  # a's members lie apart
+    data = _tar(["a", "b", "a", "c"])  # a key given twice, apart: one duplicate_key skip
     later = list(tarfile.open(fileobj=io.BytesIO(data)))[4]  # the first member of a's later part
     assert later.name == "a.meta.json"
     at = later.offset_data + 512
