@@ -38,8 +38,8 @@ from megatron_cosmos3.data.errors import (
     EXTRA_FIELD,
     INDEX_MISMATCH,
     LOST_TO_TRUNCATION,
+    NOT_READ,
     OUT_OF_RANGE,
-    SHARD_EVENTS,
     SPLIT_SAMPLE,
     STRAY_BYTES,
     TRUNCATED_SHARD,
@@ -529,7 +529,7 @@ def read_samples(shard: ShardInfo, use: Callable[[int, dict], object]) -> ShardS
       shard; or any skip under a key given before, as where the shard ends in its later part)
       withdraws what its first part gave, a result or a skip: the whole sample is that one skip;
     * an ``unreadable_shard`` counts every sample the index lists (at least one);
-    * shard events (``errors.SHARD_EVENTS``) are skips but no sample read;
+    * shard events and lost samples (``errors.NOT_READ``) are skips but no sample read;
     * ``lost_to_truncation`` counts the samples the index lists that the shard never gave, one
       ``index_mismatch`` says that it gave more.
 
@@ -547,10 +547,10 @@ def read_samples(shard: ShardInfo, use: Callable[[int, dict], object]) -> ShardS
             if again:  # the whole sample is this one skip
                 where, at = given.pop(raw.key)
                 where[at] = None
-            if raw.key and raw.reason not in SHARD_EVENTS:
+            if raw.key and raw.reason not in NOT_READ:
                 given[raw.key] = (out.skips, len(out.skips))
             out.skips.append(raw)
-            out.read += raw.reason not in SHARD_EVENTS and raw.reason != UNREADABLE_SHARD and not again
+            out.read += raw.reason not in NOT_READ and not again
             continue
         out.read += 1
         key = raw["__key__"]
