@@ -44,6 +44,8 @@ _CHECKSUM_AT = 148  # where a header's checksum field starts: octal digits, then
 # Header candidates one scan may try (a few microseconds each): bytes of octal digits throughout
 # look like a header at every offset and would keep a scan at a megabyte in seconds.
 _MAX_CANDIDATES = 1 << 16
+# Zero bytes that end bytes passed over as a member's data padding (random junk ends so once in 2**64).
+_PADDING_RUN = 8
 _CHECKSUM = re.compile(rb"(?=[0-7 ]{6}[0-7 \x00][\x00 ])")
 # How a tar stream ended (``TarMembers.end``).
 CLEAN = "clean"  # at an end-of-archive block: every member before it is whole
@@ -112,7 +114,8 @@ class TarMembers:
             if head.count(0, 0, TAR_BLOCK) < TAR_BLOCK:  # zeros are an empty archive's end: read on
                 if found is None:
                     raise tarfile.ReadError(f"no tar member header in its {len(head)} bytes")
-                self.first, head = _stray(_Scan(found, head[found:], head[found - 1]), head, LEADING), head[found:]
+                scan = _Scan(found, head[found:], head[max(0, found - _PADDING_RUN) : found])
+                self.first, head = _stray(scan, head, LEADING), scan.after
         self.archive = _open(Replay(head, stream))
         self.end: str | None = None
         self.unread = 0
@@ -176,46 +179,49 @@ def _after_zeros(stream) -> bytes:
 
 
 class _Scan(NamedTuple):
-    """What ``_next_header`` passed over: ``passed`` bytes, the last of them ``last`` (None for
-    none), and ``after``, the data from the header found on (b"" where none follows)."""
+    """What ``_next_header`` passed over: ``passed`` bytes, ending with ``tail`` (their last
+    ``_PADDING_RUN`` or fewer), and ``after``, the data from the header found on (b"" where none
+    follows)."""
 
     passed: int
     after: bytes
-    last: int | None = None
+    tail: bytes = b""
 
 
 def _next_header(head: bytes, stream, start: int) -> _Scan:
     """Scans ``head`` and then ``stream`` for the first member header at or after byte ``start`` of
     ``head``; where none follows, every byte is passed over."""
-    buffer, passed, budget, last = head, 0, [_MAX_CANDIDATES], None
+    buffer, passed, budget, tail = head, 0, [_MAX_CANDIDATES], b""
     while True:
         found = _find_header(buffer, start, budget)
         if found is not None:
-            return _Scan(passed + found, buffer[found:], buffer[found - 1] if found else last)
+            return _Scan(passed + found, buffer[found:], (tail + buffer[:found])[-_PADDING_RUN:])
         more = stream.read(_CHUNK)
         if not more or budget[0] <= 0:  # the end, or bytes crafted to look like headers everywhere
             return _Scan(passed + len(buffer) + len(more) + _length(stream), b"")
         # Keep the tail a header may start in; every start before it was tried with a whole block.
         drop = max(0, len(buffer) - (TAR_BLOCK - 1))
-        last = buffer[drop - 1] if drop else last
+        tail = (tail + buffer[:drop])[-_PADDING_RUN:]
         passed, buffer, start = passed + drop, buffer[drop:] + more, start if drop == 0 else 0
 
 
 def _stray(scan: _Scan, first: bytes, where: str) -> Stray:
     """The ``Stray`` of bytes a scan passed over to a header, ``first`` the data they start."""
-    return Stray(scan.passed, where, not scan.after, _in_place_of_members(first[:TAR_BLOCK], scan.passed, scan.last))
+    return Stray(scan.passed, where, not scan.after, _in_place_of_members(first[:TAR_BLOCK], scan.passed, scan.tail))
 
 
-def _in_place_of_members(first: bytes, size: int, last: int | None) -> bool:
+def _in_place_of_members(first: bytes, size: int, tail: bytes) -> bool:
     """Whether ``size`` bytes passed over to the next header, starting with the block ``first`` and
-    ending with the byte ``last``, may be members whose header was destroyed. A destroyed header
-    and its member's data are whole blocks, the last padded with zeros unless the data fills it, or
-    exactly as many as a header whose checksum alone is wrong declares; bytes put between members
-    (of any length) are neither, and a sample around them has lost nothing."""
+    ending with ``tail``, may be members whose header was destroyed. A destroyed header and its
+    member's data are whole blocks, the last padded with zeros (``_PADDING_RUN`` or more, unless the
+    data (nearly) fills it), or exactly as many as a header whose checksum alone is wrong declares;
+    bytes put between members (of any length) are neither, and a sample around them lost nothing."""
     if size % TAR_BLOCK or not size:
         return False
+    if len(tail) == _PADDING_RUN and not tail.strip(b"\0"):
+        return True
     declared = _size_but_for_checksum(first)
-    return last == 0 or (declared is not None and size == TAR_BLOCK + -(-declared // TAR_BLOCK) * TAR_BLOCK)
+    return declared is not None and size == TAR_BLOCK + -(-declared // TAR_BLOCK) * TAR_BLOCK
 
 
 def _size_but_for_checksum(block: bytes) -> int | None:

@@ -75,7 +75,9 @@ def _samples(path) -> dict[str, dict]:
 def test_junk_put_between_members_is_one_stray_bytes_skip_and_every_sample_is_whole(tmp_path, fill, length, after):
     """Bytes put between members lose no member: a multiple of 512 of them (on the block grid, as a
     destroyed header and its data would be) once made the sample after them a damaged_shard skip too."""
-    junk = np.random.default_rng(length).integers(1, 256, length, np.uint8).tobytes() if fill is None else fill * length
+    # Random bytes here end in a zero byte, as one run of random junk in 256 does.
+    junk = np.random.default_rng(length).integers(1, 256, length - 1, np.uint8).tobytes() + b"\0"
+    junk = junk if fill is None else fill * length
     for data in (_tar(["a", "b", "c", "d"]), _v7(_tar(["a", "b", "c", "d"]))):  # v7: no magic to find
         at = _member_end(data, after)
         shard = tmp_path / "junk.tar"
