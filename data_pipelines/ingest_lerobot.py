@@ -44,7 +44,6 @@ local processes exactly as ``ingest_videos.py`` (the output does not depend on i
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import string
@@ -79,7 +78,7 @@ from megatron_cosmos3.encoders.pseudo_actions import (
     get_layout,
 )
 from megatron_cosmos3.encoders.rotations import euler_xyz_to_matrix, quaternion_to_matrix, rotation_vector_to_matrix
-from megatron_cosmos3.json_files import unique_keys
+from megatron_cosmos3.json_files import LongIntegerError, loads, unique_keys
 
 log = logging.getLogger("ingest_lerobot")
 CHECK = MediaConfig(clip_seconds=1.0, clip_start="first")
@@ -178,7 +177,9 @@ def read_info(root: Path) -> dict:
     path = root / "meta" / "info.json"
     try:
         # A key given twice (which "fps"?) is refused: parsers disagree on which one wins.
-        info = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=unique_keys)
+        info = loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=unique_keys)
+    except LongIntegerError as error:
+        raise ValueError(f"{path}: {error}") from None
     except (OSError, ValueError, RecursionError) as error:  # missing, not UTF-8, cut or not JSON
         raise ValueError(f"{path}: not a readable JSON file ({type(error).__name__}: {error})") from None
     if not isinstance(info, dict) or not isinstance(info.get("features"), dict):
@@ -253,7 +254,7 @@ def episodes_of(root: Path, info: dict) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                episodes.append(json.loads(line, object_pairs_hook=unique_keys))
+                episodes.append(loads(line, object_pairs_hook=unique_keys))
             except (ValueError, RecursionError) as error:
                 raise ValueError(f"{path}, line {number}: not JSON ({type(error).__name__}: {error})") from None
     seen: set[int] = set()

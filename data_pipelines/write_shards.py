@@ -15,7 +15,6 @@ to the manifest) for the media fields: ``image`` / ``observation`` (.png, .jpg, 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections import Counter
@@ -26,7 +25,7 @@ from megatron_cosmos3.data.media import encode_json
 from megatron_cosmos3.data.schema import FIELDS, SCHEMA_VERSION, decode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter, check_split_output
 from megatron_cosmos3.data.shards import ShardIndex
-from megatron_cosmos3.json_files import no_constant, unique_keys
+from megatron_cosmos3.json_files import loads, no_constant, unique_keys
 
 log = logging.getLogger("write_shards")
 _MEDIA = sorted({name.split(".")[0] for name in FIELDS if name != "meta.json"})
@@ -70,7 +69,7 @@ def write_shards(
                 continue
             try:
                 # strict: a key given twice (which file is the video?) or NaN is the entry's skip
-                entry = json.loads(line, object_pairs_hook=unique_keys, parse_constant=no_constant)
+                entry = loads(line, object_pairs_hook=unique_keys, parse_constant=no_constant)
                 sample = manifest_sample(entry, manifest.parent)
                 writer.write_raw(sample, decode_sample(sample).modalities)
             except SampleError as error:

@@ -12,6 +12,8 @@ import sys
 
 import yaml
 
+from megatron_cosmos3.json_files import long_integer_problem
+
 
 def long_integer(node: yaml.Node, key: str = "") -> tuple[str, int] | None:
     """The first YAML scalar under ``node`` (plain or quoted: an int field converts a string) that
@@ -40,4 +42,4 @@ def refuse_long_integers(text: str, key: str = "", owner: str = "") -> None:
         return
     if hit is not None:
         name = ".".join(part for part in (key, hit[0]) if part)
-        raise ValueError(f"{owner}{name}=<an integer of {hit[1]} digits> is not a number any setting takes")
+        raise ValueError(owner + long_integer_problem(name, hit[1], "setting"))

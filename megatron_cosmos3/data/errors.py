@@ -24,12 +24,14 @@ LOST_TO_TRUNCATION = "lost_to_truncation"
 # members; reading goes on at the next valid header, and where none follows, lost_to_truncation
 # counts the samples the index says were never reached); bytes that are no tar, passed over to the
 # next member header (one stray_bytes per run of them: no sample, an event of the shard); a sample
-# whose members lie apart, its key seen earlier in the shard (the whole sample is one duplicate_key
-# skip: ``shards.read_samples`` withdraws its first part); an index that lists fewer samples than the
-# shard holds (one per shard; its samples are still used); a sample with a member that is a link or
-# a device, or whose name is absolute or climbs out with "..".
+# whose members lie apart, its key seen earlier in the shard with other fields (the whole sample is one
+# split_sample skip: ``shards.read_samples`` withdraws its first part); a key given to two samples, its
+# later one repeating a field of the first (both are one duplicate_key skip, the same way); an index
+# that lists fewer samples than the shard holds (one per shard; its samples are still used); a sample
+# with a member that is a link or a device, or whose name is absolute or climbs out with "..".
 DAMAGED_SHARD = "damaged_shard"
 STRAY_BYTES = "stray_bytes"
+SPLIT_SAMPLE = "split_sample"
 DUPLICATE_KEY = "duplicate_key"
 UNSAFE_MEMBER = "unsafe_member"
 INDEX_MISMATCH = "index_mismatch"
@@ -59,6 +61,7 @@ ERROR_REASONS = (
     LOST_TO_TRUNCATION,
     DAMAGED_SHARD,
     STRAY_BYTES,
+    SPLIT_SAMPLE,
     DUPLICATE_KEY,
     UNSAFE_MEMBER,
     INDEX_MISMATCH,
@@ -78,9 +81,15 @@ ERROR_REASONS = (
     DURATION_MISMATCH,
     INTERNAL_ERROR,
 )
-# Skips that stand for no sample read from the shard: events of the shard, and a split sample's
-# repeat (its first part was read and is withdrawn). A shard's samples read leave them out.
-SHARD_EVENTS = (STRAY_BYTES, INDEX_MISMATCH, LOST_TO_TRUNCATION, DUPLICATE_KEY)
+# Skips that stand for no sample read from the shard: its events (bytes that are no tar, an index
+# listing fewer samples than it holds), and the samples it should have given and never did (``LOST``:
+# an unreadable shard's, as many as its index lists or else one, and those a cut shard never
+# reached). Samples read (``SkipStats.seen``, ``ShardSamples.read``) leave them out; a lost sample
+# still counts against the error budget. A split sample is one sample read: its skip replaces its
+# first part's (``shards.read_samples``).
+SHARD_EVENTS = (STRAY_BYTES, INDEX_MISMATCH)
+LOST = (UNREADABLE_SHARD, LOST_TO_TRUNCATION)
+NOT_READ = SHARD_EVENTS + LOST
 # Filtered.
 NO_TASK = "no_task"
 TOO_LONG = "too_long"
@@ -149,7 +158,8 @@ class Skip:
 
 @dataclass
 class SkipStats:
-    """Running counts: samples used, skips per reason, skips per shard and reason."""
+    """Running counts: samples used, skips per reason, skips per shard and reason. ``seen`` counts
+    samples read (used, bad or filtered), never a shard's events or the samples it lost (``NOT_READ``)."""
 
     used: int = 0
     per_reason: Counter = field(default_factory=Counter)
@@ -159,20 +169,37 @@ class SkipStats:
         self.per_reason[skip.reason] += skip.count
         self.per_shard.setdefault(skip.shard, Counter())[skip.reason] += skip.count
 
+    def _count(self, reasons) -> int:
+        return sum(n for reason, n in self.per_reason.items() if reason in reasons)
+
     @property
     def errors(self) -> int:
-        return sum(n for reason, n in self.per_reason.items() if reason in ERROR_REASONS)
+        """Error skips of every kind (``data/skipped/<reason>`` sums them), shard events too."""
+        return self._count(ERROR_REASONS)
+
+    @property
+    def bad(self) -> int:
+        """Samples read that are bad."""
+        return self.errors - self._count(NOT_READ)
+
+    @property
+    def lost(self) -> int:
+        """Samples shards should have given and never did (``LOST``)."""
+        return self._count(LOST)
 
     @property
     def filtered(self) -> int:
-        return sum(n for reason, n in self.per_reason.items() if reason in FILTER_REASONS)
+        return self._count(FILTER_REASONS)
 
     @property
     def seen(self) -> int:
-        return self.used + self.errors + self.filtered
+        """Samples read: used, bad or filtered."""
+        return self.used + self.bad + self.filtered
 
     def error_fraction(self) -> float:
-        return self.errors / self.seen if self.seen else 0.0
+        """Of the samples read or lost, the fraction bad or lost (a shard's events count in neither)."""
+        total = self.seen + self.lost
+        return (self.bad + self.lost) / total if total else 0.0
 
     def summary(self, top_shards: int = 5) -> str:
         """One line per reason and the shards with most errors, for logs and error messages."""
@@ -183,7 +210,8 @@ class SkipStats:
 
         worst = sorted(self.per_shard.items(), key=lambda item: -bad(item))
         shards = "; ".join(f"{shard}: {dict(counts)}" for shard, counts in worst[:top_shards])
-        counts = f"{self.used} used, {self.errors} bad, {self.filtered} filtered of {self.seen} read"
+        counts = f"{self.used} used, {self.bad} bad, {self.filtered} filtered of {self.seen} samples read"
+        counts += f", {self.lost} lost with unreadable or cut shards" if self.lost else ""
         return f"{counts}; skips: {reasons}" + (f"; worst shards: {shards}" if shards else "")
 
     def state_dict(self) -> dict:
@@ -219,13 +247,18 @@ class ErrorBudget:
 
     def check(self, stats: SkipStats) -> None:
         """Raises DataErrorBudgetExceeded, with the counts and the worst shards, if over budget —
-        or if not one of ``min_samples`` samples read is usable (e.g. all filtered by the stage)."""
-        if stats.seen >= self.min_samples and stats.used == 0:
+        or if not one of ``min_samples`` samples read or lost is usable (e.g. all filtered by the
+        stage, or every shard unreadable). Lost samples count as bad (``SkipStats.error_fraction``)."""
+        if stats.seen + stats.lost < self.min_samples:
+            return
+        lost = f", and {stats.lost} lost with unreadable or cut shards" if stats.lost else ""
+        if stats.used == 0:
             raise DataErrorBudgetExceeded(
-                f"none of the {stats.seen} samples read is usable by this stage. {stats.summary()}"
+                f"none of the {stats.seen} samples read is usable by this stage{lost}. {stats.summary()}"
             )
-        if stats.seen >= self.min_samples and stats.error_fraction() > self.max_error_fraction:
+        if stats.error_fraction() > self.max_error_fraction:
             raise DataErrorBudgetExceeded(
-                f"data error budget exceeded: {stats.error_fraction():.1%} of {stats.seen} samples read are bad "
-                f"(budget {self.max_error_fraction:.1%}, data.error_budget.max_error_fraction). {stats.summary()}"
+                f"data error budget exceeded: {stats.error_fraction():.1%} of the samples are bad or lost: "
+                f"{stats.bad} of {stats.seen} samples read are bad (budget {self.max_error_fraction:.1%}, "
+                f"data.error_budget.max_error_fraction){lost}. {stats.summary()}"
             )

@@ -38,8 +38,9 @@ from megatron_cosmos3.data.errors import (
     EXTRA_FIELD,
     INDEX_MISMATCH,
     LOST_TO_TRUNCATION,
+    NOT_READ,
     OUT_OF_RANGE,
-    SHARD_EVENTS,
+    SPLIT_SAMPLE,
     STRAY_BYTES,
     TRUNCATED_SHARD,
     UNREADABLE_SHARD,
@@ -59,7 +60,7 @@ from megatron_cosmos3.data.tar_stream import (
     decompressed,
 )
 from megatron_cosmos3.data.url_patterns import expand_entry
-from megatron_cosmos3.json_files import no_constant, unique_keys
+from megatron_cosmos3.json_files import LongIntegerError, loads, no_constant, unique_keys
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,9 @@ class ShardIndex:
             limit = INDEX_LIMITS["index_bytes"]
             raise ValueError(f"{path}: the index holds more than INDEX_LIMITS['index_bytes']={limit:,} bytes")
         try:
-            document = json.loads(raw.decode("utf-8"), parse_constant=no_constant, object_pairs_hook=unique_keys)
+            document = loads(raw.decode("utf-8"), parse_constant=no_constant, object_pairs_hook=unique_keys)
+        except LongIntegerError as error:
+            raise ValueError(f"{path}: {error}") from None
         except (UnicodeDecodeError, ValueError, RecursionError) as error:
             raise ValueError(f"{path}: not a JSON index: {type(error).__name__}: {error}") from None
         if not isinstance(document, dict):
@@ -344,25 +347,27 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
     """Yields the shard's samples in tar order as WebDataset dicts (``__key__`` plus one bytes
     value per field), and ``Skip`` records for shard damage, never raising for bad data:
 
-    * the shard cannot be opened or is not a tar: one ``unreadable_shard``;
+    * the shard cannot be opened or is not a tar (no member header in its first
+      ``tar_stream.FIRST_HEADER_WITHIN`` bytes: the rest is not read): one ``unreadable_shard``;
     * the data ends inside a member, or the tar lacks its end-of-archive block: one
       ``truncated_shard`` for the sample being read (it is dropped: it may miss fields);
     * a member name repeated within a sample: that sample is an ``extra_field`` skip;
-    * a sample key seen earlier in the shard (its members lie apart): the repeat is one
-      ``duplicate_key`` skip, the first time only; the first part was yielded before it was met and
-      ``read_samples`` withdraws it;
+    * a sample key seen earlier in the shard: the repeat is one skip, the first time only,
+      ``split_sample`` where its fields are others than the first part's (the sample's members lie
+      apart), ``duplicate_key`` where it gives one of them again (two samples under one key); the
+      first part was yielded before it was met and ``read_samples`` withdraws it;
     * a member that is a link or a device, or named by an absolute path or with a ``..`` component:
       its sample is an ``unsafe_member`` skip (directories, hidden files and WebDataset's
       ``__name__`` metadata are ignored, ``_NO_SAMPLE_MEMBER``, without ending the sample around them);
     * a member declaring more than ``MAX_MEMBER_BYTES``: its sample is an ``out_of_range`` skip and
       the member is passed over unread;
     * bytes that are no tar (``tar_stream.Stray``): one ``stray_bytes`` skip, and reading goes on at
-      the next member header; where they stood in place of a member header, the sample being read
-      is a ``damaged_shard`` skip (it may have lost members) and its members after them are passed
-      over; where they are whole blocks (``Stray.in_place_of_blocks``: a destroyed header and its
-      data), the first sample after them is a ``damaged_shard`` skip too (it may lack its first
-      members); where no header follows them, the sample being read is a ``damaged_shard`` skip
-      and nothing after it is read (compressed or not).
+      the next member header; bytes put between members leave every sample whole; where they may
+      stand in place of members whose header was destroyed (``Stray.in_place_of_members``), the
+      sample being read is a ``damaged_shard`` skip (it may have lost members; its members after
+      them are passed over) and so is the first sample after them (it may lack its first members);
+      where no header follows them, the sample being read is a ``damaged_shard`` skip and nothing
+      after it is read (compressed or not).
 
     Tars concatenated into one file (``cat a.tar b.tar``) are read one after the other. A gzip,
     bzip2 or xz shard is read through ``compressed_streams``, every stream of a multi-stream file;
@@ -391,7 +396,7 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
     current: dict | None = None
     problems: dict[str, str] = {}  # the current sample's: skip reason -> detail, the first of each
     suspect: str | None = None  # why the next sample to start may lack members (stray bytes before it)
-    seen: set[str] = set()
+    seen: dict[str, set[str]] = {}  # key of each sample finished -> the fields it gave
     split: set[str] = set()  # keys whose members lie apart: their later parts yield no sample
     dropped: str | None = None  # the key of a sample dropped at stray bytes, whose members may go on
     try:
@@ -409,18 +414,21 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
         try:
             for member in members:
                 if isinstance(member, Stray):
-                    if member.where == IN_ARCHIVE and current is not None:  # it may have lost members to them
-                        dropped = current["__key__"]
-                        if dropped in seen:  # a split sample's later part: the split is what it is
-                            finished = _finished(url, current, problems, seen, split)
-                        else:
-                            seen.add(dropped)
-                            detail = f"{member.size} bytes that are no tar member stood after its last member read"
-                            finished = Skip(url, dropped, DAMAGED_SHARD, detail)
-                        if finished is not None:
-                            yield finished
-                        current = None
-                    if member.in_place_of_blocks:
+                    if member.in_place_of_members:  # a destroyed header: the samples around it may lack members
+                        if member.where == IN_ARCHIVE and current is not None:
+                            dropped = current["__key__"]
+                            if dropped in seen:  # a split sample's later part: the split is what it is
+                                finished = _finished(url, current, problems, seen, split)
+                            else:
+                                seen[dropped] = _fields(current)
+                                detail = (
+                                    f"{member.size} bytes that are no tar member, whole blocks that may stand in "
+                                    "place of members, stood after its last member read"
+                                )
+                                finished = Skip(url, dropped, DAMAGED_SHARD, detail)
+                            if finished is not None:
+                                yield finished
+                            current = None
                         suspect = (
                             f"its first member follows {member.size} bytes that are no tar, whole blocks that may "
                             "stand in place of its first members"
@@ -453,10 +461,11 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
                         f"MAX_MEMBER_BYTES={MAX_MEMBER_BYTES:,}",
                     )
                     continue
-                if key in seen:  # a split sample's later part: its bytes are never used
+                suffix = suffix.lower()
+                if key in seen:  # a later part of a key given before: its bytes are never used
+                    current.setdefault(suffix, None)  # which fields it gives says why it stood apart
                     continue
                 data = members.extract(member)
-                suffix = suffix.lower()
                 if suffix in current:
                     problems.setdefault(EXTRA_FIELD, f"field {suffix!r} appears twice")
                 current[suffix] = data
@@ -518,11 +527,11 @@ def read_samples(shard: ShardInfo, use: Callable[[int, dict], object]) -> ShardS
     The loader, ``inspect_shards --verify`` and ``encode_shards`` all read through it, so they
     count a shard the same way:
 
-    * a split sample (a ``duplicate_key`` skip: its key seen earlier in the shard; or any skip
-      under a key given before, as where the shard ends in its later part) withdraws what its first
-      part gave, a result or a skip: the whole sample is that one skip;
+    * a key given again (a ``split_sample`` or ``duplicate_key`` skip: its key seen earlier in the
+      shard; or any skip under a key given before, as where the shard ends in its later part)
+      withdraws what its first part gave, a result or a skip: the whole sample is that one skip;
     * an ``unreadable_shard`` counts every sample the index lists (at least one);
-    * shard events (``errors.SHARD_EVENTS``) are skips but no sample read;
+    * shard events and lost samples (``errors.NOT_READ``) are skips but no sample read;
     * ``lost_to_truncation`` counts the samples the index lists that the shard never gave, one
       ``index_mismatch`` says that it gave more.
 
@@ -540,10 +549,10 @@ def read_samples(shard: ShardInfo, use: Callable[[int, dict], object]) -> ShardS
             if again:  # the whole sample is this one skip
                 where, at = given.pop(raw.key)
                 where[at] = None
-            if raw.key and raw.reason not in SHARD_EVENTS:
+            if raw.key and raw.reason not in NOT_READ:
                 given[raw.key] = (out.skips, len(out.skips))
             out.skips.append(raw)
-            out.read += raw.reason not in SHARD_EVENTS and raw.reason != UNREADABLE_SHARD and not again
+            out.read += raw.reason not in NOT_READ and not again
             continue
         out.read += 1
         key = raw["__key__"]
@@ -572,6 +581,25 @@ def _cut_stream(stream) -> str:
     return f" (the {stream.name} stream ends before its end marker)" if getattr(stream, "cut", False) else ""
 
 
+def _key_given_again(url: str, key: str, first: set[str], later: set[str]) -> Skip:
+    """The skip of a sample whose key came back after another sample's members: ``duplicate_key``
+    where the later part gives a field the first gave again (two samples under one key),
+    ``split_sample`` where it gives others (one sample whose members lie apart)."""
+    again = sorted(first & later)
+    if again:
+        detail = (
+            f"sample key {printable(key)!r} is given to two samples: fields {again} appear under it again after "
+            "other samples: both are skipped"
+        )
+        return Skip(url, key, DUPLICATE_KEY, detail)
+    detail = (
+        f"the members of sample {printable(key)!r} lie apart in the shard (fields {sorted(first)}, then "
+        f"{sorted(later)} after other samples): the whole sample is skipped (a sample's members must be adjacent: "
+        "GNU tar orders a folder's files by directory order unless given --sort=name)"
+    )
+    return Skip(url, key, SPLIT_SAMPLE, detail)
+
+
 def _member_problem(member: tarfile.TarInfo) -> str | None:
     """Why a member cannot be part of a sample (``read_shard``), or None for a plain file."""
     if not member.isreg():
@@ -582,20 +610,23 @@ def _member_problem(member: tarfile.TarInfo) -> str | None:
     return None
 
 
-def _finished(url: str, sample: dict, problems: dict[str, str], seen: set[str], split: set[str]) -> dict | Skip | None:
-    """The sample read, or the Skip it is; None for a later part of a split sample already reported."""
+def _fields(sample: dict) -> set[str]:
+    """The fields of a sample being read (its ``__key__`` and ``__url__`` are none)."""
+    return {name for name in sample if not name.startswith("__")}
+
+
+def _finished(
+    url: str, sample: dict, problems: dict[str, str], seen: dict[str, set[str]], split: set[str]
+) -> dict | Skip | None:
+    """The sample read, or the Skip it is; None for a later part of a key already reported."""
     key = sample["__key__"]
     if key in seen:
         if key in split:
             return None
         split.add(key)
-        detail = (
-            f"the members of sample {printable(key)!r} lie apart in the shard: the whole sample is skipped (a "
-            "sample's members must be adjacent: GNU tar orders a folder's files by directory order unless "
-            "given --sort=name)"
-        )
-        return Skip(url, key, DUPLICATE_KEY, detail)
-    seen.add(key)
+        return _key_given_again(url, key, seen[key], _fields(sample))
+
+    seen[key] = _fields(sample)
     for reason in (DAMAGED_SHARD, UNSAFE_MEMBER, OUT_OF_RANGE, EXTRA_FIELD):  # the first that applies
         if reason in problems:
             return Skip(url, key, reason, problems[reason])

@@ -17,18 +17,35 @@ from __future__ import annotations
 import re
 import tarfile
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from megatron_cosmos3.data.compressed_streams import Replay, UnsupportedCompression, decompressed
 
-__all__ = ["CLEAN", "CUT", "DAMAGED", "TAR_BLOCK", "Stray", "TarMembers", "UnsupportedCompression", "decompressed"]
+__all__ = [
+    "CLEAN",
+    "CUT",
+    "DAMAGED",
+    "FIRST_HEADER_WITHIN",
+    "TAR_BLOCK",
+    "Stray",
+    "TarMembers",
+    "UnsupportedCompression",
+    "decompressed",
+]
 
 TAR_BLOCK = 512
 _CHUNK = 1 << 20
+# The bytes before its first member header a shard may hold (junk or zeros: an empty archive's end
+# blocks); past them it is no tar, refused unread (a 200 MB file of random bytes or zeros was
+# scanned or read to its end first, seconds each).
+FIRST_HEADER_WITHIN = 64 << 10
 _MAGIC_AT = 257  # where a ustar header holds b"ustar"
 _CHECKSUM_AT = 148  # where a header's checksum field starts: octal digits, then NUL or space
 # Header candidates one scan may try (a few microseconds each): bytes of octal digits throughout
 # look like a header at every offset and would keep a scan at a megabyte in seconds.
 _MAX_CANDIDATES = 1 << 16
+# Zero bytes that end bytes passed over as a member's data padding (random junk ends so once in 2**64).
+_PADDING_RUN = 8
 _CHECKSUM = re.compile(rb"(?=[0-7 ]{6}[0-7 \x00][\x00 ])")
 # How a tar stream ended (``TarMembers.end``).
 CLEAN = "clean"  # at an end-of-archive block: every member before it is whole
@@ -39,20 +56,16 @@ DAMAGED = "damaged"  # at a block that is no member header, with no member heade
 @dataclass(frozen=True)
 class Stray:
     """``size`` bytes of the tar stream that are no member, passed over to the next member header,
-    found ``where`` (``LEADING``, ``IN_ARCHIVE``: where a member header should be, the sample being
-    read may have lost members to them; ``AFTER_END``: after an end-of-archive block, every member
-    before is whole). ``to_end``: they run to the end of the data."""
+    found ``where`` (``LEADING``, ``IN_ARCHIVE``: where a member header should be; ``AFTER_END``:
+    after an end-of-archive block). ``to_end``: they run to the end of the data.
+    ``in_place_of_members``: they may be members whose header was destroyed (``_in_place_of_members``),
+    so the samples on either side may lack members; else they were put between members, which
+    they leave whole."""
 
     size: int
     where: str
     to_end: bool = False
-
-    @property
-    def in_place_of_blocks(self) -> bool:
-        """Whole blocks: what follows is on the block grid, so they may stand in place of members
-        (a destroyed header and its data) and the first sample after them may lack its first ones;
-        bytes inserted would shift it off the grid, unless a multiple of 512 long."""
-        return self.size % TAR_BLOCK == 0 and not self.to_end
+    in_place_of_members: bool = False
 
 
 LEADING = "before the first member header"
@@ -87,17 +100,22 @@ class TarMembers:
     ``extract(member)`` reads a member's bytes (call it before the next member). After iteration,
     ``end`` is CLEAN, CUT or DAMAGED; ``unread`` counts the bytes after a damaged header that no
     member header follows. Bytes before the first header are passed over as any others (the first
-    ``Stray``); opening raises ``tarfile.ReadError`` where no header follows them."""
+    ``Stray``); opening raises ``tarfile.ReadError`` where no header follows them or none lies within
+    the first ``FIRST_HEADER_WITHIN`` bytes (then no more is read)."""
 
     def __init__(self, stream) -> None:
-        self.stream, self.leading = stream, 0
-        head = stream.read(TAR_BLOCK)
-        while len(head) < TAR_BLOCK and (more := stream.read(TAR_BLOCK - len(head))):
-            head += more
-        if len(head) == TAR_BLOCK and head.count(0) < TAR_BLOCK and not _is_header(head):
-            self.leading, head = _next_header(head, stream, start=1)
-            if not head:
-                raise tarfile.ReadError(f"no tar member header in its {self.leading} bytes")
+        self.stream = stream
+        head = _read_up_to(stream, FIRST_HEADER_WITHIN)
+        self.first: Stray | None = None
+        if len(head) >= TAR_BLOCK and not _is_header(head[:TAR_BLOCK]):  # junk or zeros first
+            found = _find_header(head, 0, [_MAX_CANDIDATES])
+            if found is None and len(head) == FIRST_HEADER_WITHIN:  # no tar: refused unread past here
+                raise tarfile.ReadError(f"no tar member header in its first {len(head):,} bytes")
+            if head.count(0, 0, TAR_BLOCK) < TAR_BLOCK:  # zeros are an empty archive's end: read on
+                if found is None:
+                    raise tarfile.ReadError(f"no tar member header in its {len(head)} bytes")
+                scan = _Scan(found, head[found:], head[max(0, found - _PADDING_RUN) : found])
+                self.first, head = _stray(scan, head, LEADING), scan.after
         self.archive = _open(Replay(head, stream))
         self.end: str | None = None
         self.unread = 0
@@ -106,8 +124,8 @@ class TarMembers:
         return self.archive.extractfile(member).read()
 
     def __iter__(self):
-        if self.leading:
-            yield Stray(self.leading, LEADING)
+        if self.first is not None:
+            yield self.first
         while True:
             try:
                 yield from self.archive
@@ -118,17 +136,19 @@ class TarMembers:
             rest_of = self.archive.fileobj
             if isinstance(stop, tarfile.InvalidHeaderError):
                 # The bad block starts on the block grid; a header at its own start was refused.
-                skipped, after = _next_header(self.archive.stopped_at, rest_of, start=1)
+                scan = _next_header(self.archive.stopped_at, rest_of, start=1)
+                after = scan.after
                 if not after:
-                    self.end, self.unread = DAMAGED, skipped
+                    self.end, self.unread = DAMAGED, scan.passed
                     return
-                yield Stray(skipped, IN_ARCHIVE)
+                yield _stray(scan, self.archive.stopped_at, IN_ARCHIVE)
             elif isinstance(stop, tarfile.EOFHeaderError):
                 after = _after_zeros(rest_of)
                 if after:  # another archive (cat a.tar b.tar), or bytes that are no tar
-                    skipped, after = _next_header(after, rest_of, start=0)
-                    if skipped:
-                        yield Stray(skipped, AFTER_END, to_end=not after)
+                    first, scan = after, _next_header(after, rest_of, start=0)
+                    after = scan.after
+                    if scan.passed:
+                        yield _stray(scan, first, AFTER_END)
                 if not after:
                     self.end = CLEAN
                     return
@@ -136,6 +156,14 @@ class TarMembers:
                 self.end = CUT
                 return
             self.archive = _open(Replay(after, rest_of))
+
+
+def _read_up_to(stream, size: int) -> bytes:
+    """The first ``size`` bytes of ``stream``, fewer only where it ends."""
+    head = stream.read(size)
+    while len(head) < size and (more := stream.read(size - len(head))):
+        head += more
+    return head
 
 
 def _after_zeros(stream) -> bytes:
@@ -150,21 +178,63 @@ def _after_zeros(stream) -> bytes:
     return b""
 
 
-def _next_header(head: bytes, stream, start: int) -> tuple[int, bytes]:
+class _Scan(NamedTuple):
+    """What ``_next_header`` passed over: ``passed`` bytes, ending with ``tail`` (their last
+    ``_PADDING_RUN`` or fewer), and ``after``, the data from the header found on (b"" where none
+    follows)."""
+
+    passed: int
+    after: bytes
+    tail: bytes = b""
+
+
+def _next_header(head: bytes, stream, start: int) -> _Scan:
     """Scans ``head`` and then ``stream`` for the first member header at or after byte ``start`` of
-    ``head``: (the bytes passed over, the data from the header on), or (every byte, b"") where none
-    follows."""
-    buffer, passed, budget = head, 0, [_MAX_CANDIDATES]
+    ``head``; where none follows, every byte is passed over."""
+    buffer, passed, budget, tail = head, 0, [_MAX_CANDIDATES], b""
     while True:
         found = _find_header(buffer, start, budget)
         if found is not None:
-            return passed + found, buffer[found:]
+            return _Scan(passed + found, buffer[found:], (tail + buffer[:found])[-_PADDING_RUN:])
         more = stream.read(_CHUNK)
         if not more or budget[0] <= 0:  # the end, or bytes crafted to look like headers everywhere
-            return passed + len(buffer) + len(more) + _length(stream), b""
+            return _Scan(passed + len(buffer) + len(more) + _length(stream), b"")
         # Keep the tail a header may start in; every start before it was tried with a whole block.
         drop = max(0, len(buffer) - (TAR_BLOCK - 1))
+        tail = (tail + buffer[:drop])[-_PADDING_RUN:]
         passed, buffer, start = passed + drop, buffer[drop:] + more, start if drop == 0 else 0
+
+
+def _stray(scan: _Scan, first: bytes, where: str) -> Stray:
+    """The ``Stray`` of bytes a scan passed over to a header, ``first`` the data they start."""
+    return Stray(scan.passed, where, not scan.after, _in_place_of_members(first[:TAR_BLOCK], scan.passed, scan.tail))
+
+
+def _in_place_of_members(first: bytes, size: int, tail: bytes) -> bool:
+    """Whether ``size`` bytes passed over to the next header, starting with the block ``first`` and
+    ending with ``tail``, may be members whose header was destroyed. A destroyed header and its
+    member's data are whole blocks, the last padded with zeros (``_PADDING_RUN`` or more, unless the
+    data (nearly) fills it), or exactly as many as a header whose checksum alone is wrong declares;
+    bytes put between members (of any length) are neither, and a sample around them lost nothing."""
+    if size % TAR_BLOCK or not size:
+        return False
+    if len(tail) == _PADDING_RUN and not tail.strip(b"\0"):
+        return True
+    declared = _size_but_for_checksum(first)
+    return declared is not None and size == TAR_BLOCK + -(-declared // TAR_BLOCK) * TAR_BLOCK
+
+
+def _size_but_for_checksum(block: bytes) -> int | None:
+    """The data size ``block`` declares where it is a member header but for its checksum, else None."""
+    if len(block) < TAR_BLOCK:
+        return None
+    fixed = bytearray(block)
+    fixed[_CHECKSUM_AT : _CHECKSUM_AT + 8] = b" " * 8
+    fixed[_CHECKSUM_AT : _CHECKSUM_AT + 8] = b"%06o\0 " % sum(fixed)
+    try:
+        return tarfile.TarInfo.frombuf(bytes(fixed), tarfile.ENCODING, "surrogateescape").size
+    except (tarfile.HeaderError, ValueError):
+        return None
 
 
 def _find_header(buffer: bytes, start: int, budget: list[int]) -> int | None:

@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import re
 import struct
 import tarfile
 import zlib
@@ -24,8 +25,9 @@ import pytest
 from scipy.io import wavfile
 from world_helpers import AUDIO_LATENT_DIM, VIDEO_LATENT_CHANNELS, data_config, model_config, tiny_world
 
+from megatron_cosmos3.data import errors
 from megatron_cosmos3.data.config import ErrorBudgetConfig
-from megatron_cosmos3.data.errors import DataErrorBudgetExceeded, LoaderSetupError
+from megatron_cosmos3.data.errors import DataErrorBudgetExceeded, ErrorBudget, LoaderSetupError, Skip, SkipStats
 from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder
 from megatron_cosmos3.data.loader import PackedLoader
 from megatron_cosmos3.data.media import encode_json, encode_npy, encode_wav
@@ -486,6 +488,57 @@ def test_error_budget_stops_the_run_with_a_clear_message(damaged):
     message = str(raised.value)
     assert "samples read are bad (budget 20.0%, data.error_budget.max_error_fraction)" in message
     assert "skips: " in message and "worst shards: " in message
+
+
+def test_seen_counts_samples_read_never_a_shards_events_or_the_samples_it_lost():
+    """``seen`` is samples read (the budget's "samples read"): an unreadable shard, stray bytes, an
+    index mismatch and the samples a cut shard never reached are no sample read; they counted as some."""
+    stats = SkipStats(used=6)
+    skips = [
+        Skip("unreadable.tar", "", "unreadable_shard", "not a tar archive"),
+        Skip("junk.tar", "", "stray_bytes", "512 bytes"),
+        Skip("junk.tar", "", "stray_bytes", "1024 bytes"),
+        Skip("junk.tar", "", "index_mismatch", "the index lists 2"),
+        Skip("cut.tar", "", "lost_to_truncation", "the index lists 5", count=3),
+        Skip("cut.tar", "k", "truncated_shard", "data ends inside a member"),
+        Skip("junk.tar", "a", "split_sample", "members apart"),
+        Skip("junk.tar", "b", "corrupt_media", "not a video"),
+        Skip("junk.tar", "c", "too_long", "too long"),
+    ]
+    for skip in skips:
+        stats.record(skip)
+    assert (stats.seen, stats.bad, stats.filtered, stats.lost) == (6 + 3 + 1, 3, 1, 1 + 3)
+    assert stats.errors == 10  # every error skip, as data/skipped/<reason> sums them
+    assert stats.error_fraction() == (3 + 4) / (10 + 4)  # lost samples are bad ones, events no sample
+    assert stats.summary().startswith("6 used, 3 bad, 1 filtered of 10 samples read, 4 lost with unreadable or cut")
+    # Bytes that are no tar between whole samples never make a run's data bad.
+    junk = SkipStats(used=200)
+    for _ in range(50):
+        junk.record(Skip("junk.tar", "", "stray_bytes", "512 bytes"))
+    assert junk.seen == 200 and junk.error_fraction() == 0.0
+    ErrorBudget(0.05, 10).check(junk)
+    # Every shard unreadable: nothing read, and the run still stops instead of reading on for ever.
+    unreadable = SkipStats()
+    for n in range(10):
+        unreadable.record(Skip(f"{n}.tar", "", "unreadable_shard", "missing on disk"))
+    assert unreadable.seen == 0
+    with pytest.raises(DataErrorBudgetExceeded, match="none of the 0 samples read .* 10 lost with unreadable"):
+        ErrorBudget(0.05, 10).check(unreadable)
+
+
+def test_design_lists_every_skip_reason_once_in_its_kind():
+    """docs/DESIGN.md's list of skip reasons names each of errors.py's, under the kind the counts use."""
+    design = (Path(__file__).parents[2] / "docs" / "DESIGN.md").read_text()
+    listed = design[design.index("**Skips and the error budget**") : design.index("**Seeds.**")]
+    named = re.findall(r"`([a-z_]+)`", listed)
+    assert sorted(set(named) & set(errors.ERROR_REASONS + errors.FILTER_REASONS)) == sorted(
+        errors.ERROR_REASONS + errors.FILTER_REASONS
+    )
+    read = re.findall(r"`([a-z_]+)`", listed.split("filtered (valid")[0])
+    events = re.findall(r"`([a-z_]+)`", listed.split("Events of a shard")[1].split("samples a shard never gave")[0])
+    lost = re.findall(r"`([a-z_]+)`", listed.split("samples a shard never gave")[1].split("SkipStats")[0])
+    assert not set(errors.NOT_READ) & set(read)
+    assert set(events) >= set(errors.SHARD_EVENTS) and set(lost) >= set(errors.LOST)
 
 
 def test_a_stage_that_can_use_nothing_stops_instead_of_reading_forever(damaged):

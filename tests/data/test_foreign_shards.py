@@ -23,7 +23,7 @@ from megatron_cosmos3.data.errors import LoaderSetupError, Skip
 from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder
 from megatron_cosmos3.data.loader import PackedLoader, dataset_action_stats
 from megatron_cosmos3.data.schema import decode_sample
-from megatron_cosmos3.data.shards import ShardIndex, ShardInfo, read_shard, resolve_shards
+from megatron_cosmos3.data.shards import ShardIndex, ShardInfo, read_samples, read_shard, resolve_shards
 
 META = b'{"schema": 1, "caption": "a ball"}'
 
@@ -100,21 +100,32 @@ def test_a_sample_whose_members_lie_apart_is_skipped_whole_by_every_reader(tmp_p
     read = list(read_shard(url))  # a's first part is yielded before its repeat is met
     assert [item["__key__"] for item in read if isinstance(item, dict)] == ["a", "b", "c"]
     (split,) = [item for item in read if isinstance(item, Skip)]
-    assert (split.reason, split.key) == ("duplicate_key", "a") and "--sort=name" in split.detail
-    # Every reader withdraws a's first part: b and c are used, a is one duplicate_key, no sample is
+    assert (split.reason, split.key) == ("split_sample", "a") and "--sort=name" in split.detail
+    assert "lie apart" in split.detail and "['meta.json'], then ['txt']" in split.detail
+    # Every reader withdraws a's first part: b and c are used, a is one split_sample, no sample is
     # missing against the index's 3.
     assert load_script("inspect_shards").verify_shard(ShardIndex.load(folder).shards[0]) == (
         2,
-        Counter(duplicate_key=1),
+        Counter(split_sample=1),
     )
     with PackedLoader(data_config([str(folder)], epochs=1, tokens_per_pack=4096), model_config()) as loader:
         used = sum(pack.num_samples for pack in loader)
-    assert used == loader.stats.used == 2 and loader.stats.per_reason == Counter(duplicate_key=1)
+    assert used == loader.stats.used == 2 and loader.stats.per_reason == Counter(split_sample=1)
     encoder = PooledLatentEncoder(VIDEO_LATENT_CHANNELS, AUDIO_LATENT_DIM)
     skipped = load_script("encode_shards").encode_shards(folder, tmp_path / "latent", encoder)
-    assert skipped == Counter(duplicate_key=1)
+    assert skipped == Counter(split_sample=1)
     (shard,) = ShardIndex.load(tmp_path / "latent").shards
     assert [item["__key__"] for item in read_shard(shard.url)] == ["b", "c"]
+
+
+def test_a_key_given_to_two_samples_is_a_duplicate_key_not_a_split_sample(tmp_path):
+    """A later part that gives a field the first part gave is a second sample under the key."""
+    members = [("a.meta.json", META), ("a.txt", b"x"), ("b.meta.json", META), ("a.txt", b"y"), ("c.meta.json", META)]
+    url = _tar(tmp_path / "twice.tar", members)
+    read = read_samples(ShardInfo(url, samples=3), lambda index, raw: raw["__key__"])
+    assert [key for _, key in read.results] == ["b", "c"] and read.read == 3
+    (skip,) = read.skips
+    assert (skip.reason, skip.key) == ("duplicate_key", "a") and "fields ['txt']" in skip.detail
 
 
 def test_concatenated_tars_are_read_to_the_end_and_bytes_after_the_end_are_counted(tmp_path):

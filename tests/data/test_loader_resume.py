@@ -156,6 +156,8 @@ def test_resampled_datasets_draw_shards_independently_per_rank():
         (b"\xff{}", r"loader state is not JSON \(UnicodeDecodeError"),
         (b"[1, 2]", r"loader state is a JSON list, not an object"),
         (b'{"format_version": 1}', r"loader state is damaged: KeyError: 'dp_world_size'"),
+        # Python's own 'Exceeds the limit' named no field
+        (b'{"stats": {"used": 1' + b"0" * 5000 + b"}}", r"loader state: stats.used=<an integer of 5001 digits> is not"),
     ],
 )
 def test_a_crafted_loader_state_in_a_checkpoint_is_a_value_error(blob, message):

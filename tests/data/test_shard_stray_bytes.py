@@ -10,11 +10,15 @@ import gzip
 import io
 import lzma
 import tarfile
+import time
+import zipfile
 
+import numpy as np
 import pytest
 
 from megatron_cosmos3.data.errors import Skip
 from megatron_cosmos3.data.shards import ShardInfo, read_samples, read_shard
+from megatron_cosmos3.data.tar_stream import FIRST_HEADER_WITHIN, TarMembers
 
 META = b'{"schema": 1, "caption": "a ball"}'
 
@@ -59,34 +63,60 @@ def _read(path) -> tuple[list[str], list[tuple[str, str, str]]]:
 JUNK = bytes(range(1, 256)) * 3 + b"!"  # 766 bytes: no multiple of a block, no zero run
 
 
-def test_junk_between_members_is_passed_to_the_next_header_and_counted(tmp_path):
-    data = _tar(["a", "b", "c", "d"])
-    at = _member_end(data, "b.txt")  # after sample b's last member: c's first header stood there
-    v7 = _v7(data)
-    for junk in (JUNK, b"\0" * 100, b"7" * 5000):  # a v7 archive too: no magic to find
+def _samples(path) -> dict[str, dict]:
+    """The samples ``read_shard`` gives, by key, without their url."""
+    items = [item for item in read_shard(str(path)) if isinstance(item, dict)]
+    return {item["__key__"]: {k: v for k, v in item.items() if k != "__url__"} for item in items}
+
+
+@pytest.mark.parametrize("fill", [b"\xa5", b"\x01", b"7", None], ids=["a5", "01", "octal", "random"])
+@pytest.mark.parametrize("length", [1, 511, 512, 1024, 4096 + 7])
+@pytest.mark.parametrize("after", ["b.txt", "b.meta.json"], ids=["between_samples", "inside_a_sample"])
+def test_junk_put_between_members_is_one_stray_bytes_skip_and_every_sample_is_whole(tmp_path, fill, length, after):
+    """Bytes put between members lose no member: a multiple of 512 of them (on the block grid, as a
+    destroyed header and its data would be) once made the sample after them a damaged_shard skip too."""
+    # Random bytes here end in a zero byte, as one run of random junk in 256 does.
+    junk = np.random.default_rng(length).integers(1, 256, length - 1, np.uint8).tobytes() + b"\0"
+    junk = junk if fill is None else fill * length
+    for data in (_tar(["a", "b", "c", "d"]), _v7(_tar(["a", "b", "c", "d"]))):  # v7: no magic to find
+        at = _member_end(data, after)
         shard = tmp_path / "junk.tar"
-        shard.write_bytes(v7[:at] + junk + v7[at:])
-        assert _read(shard) == (
-            ["a", "c", "d"],
-            [("damaged_shard", "b", str(len(junk))), ("stray_bytes", "", str(len(junk)))],
-        )
-    shard = tmp_path / "junk.tar"
-    shard.write_bytes(data[:at] + JUNK + data[at:])
-    # b may have lost members to the junk (it stood where a header should): it is the damaged one.
-    assert _read(shard) == (
-        ["a", "c", "d"],
-        [("damaged_shard", "b", "766"), ("stray_bytes", "", "766")],
-    )
-    # A whole block of junk overwriting c's first header: c's other member is never read as a sample
-    # missing a field (the bytes passed over are whole blocks: what follows them is suspect).
+        shard.write_bytes(data[:at] + junk + data[at:])
+        assert _read(shard) == (["a", "b", "c", "d"], [("stray_bytes", "", str(length))])
+        clean = tmp_path / "clean.tar"
+        clean.write_bytes(data)
+        assert _samples(shard) == _samples(clean)  # b keeps both its members, wherever the junk stood
+
+
+def test_a_destroyed_header_makes_the_samples_around_it_damaged(tmp_path):
+    data = _tar(["a", "b", "c", "d"])
     at = _member_end(data, "b.txt")
+    # A whole block of junk overwriting c's first header: c's other member is never read as a sample
+    # missing a field (what was passed over ends in the zero padding of c.meta.json's data).
     overwritten = tmp_path / "overwritten.tar"
     overwritten.write_bytes(data[:at] + b"\xa5" * 512 + data[at + 512 :])
     assert _read(overwritten) == (
         ["a", "d"],
         [("damaged_shard", "b", "1024"), ("stray_bytes", "", "1024"), ("damaged_shard", "c", "its")],
     )
-    # Junk to the end with no header after it: the sample being read is the damaged one, as before.
+    # A header whose checksum alone is wrong, over data that fills its blocks (no zero padding): the
+    # header declares as many bytes as were passed over, so it stood in place of a member.
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for name, payload in (("a.txt", b"a" * 10), ("b.txt", b"b" * 1024), ("b.json", b"{}"), ("c.txt", b"c")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    flipped = bytearray(buffer.getvalue())
+    header = next(m for m in tarfile.open(fileobj=io.BytesIO(bytes(flipped))) if m.name == "b.txt").offset
+    flipped[header] ^= 1  # "c.txt": the checksum no longer matches
+    shard = tmp_path / "flipped.tar"
+    shard.write_bytes(bytes(flipped))
+    assert _read(shard) == (
+        ["c"],
+        [("damaged_shard", "a", "1536"), ("stray_bytes", "", "1536"), ("damaged_shard", "b", "its")],
+    )
+    # Junk to the end with no header after it: the sample being read is the damaged one.
     cut = tmp_path / "junk_to_end.tar"
     cut.write_bytes(data[:at] + JUNK * 3)
     assert _read(cut) == (["a"], [("damaged_shard", "b", "a")])
@@ -101,9 +131,12 @@ def test_junk_between_concatenated_tars_and_a_v7_tar_after_the_end_are_read(tmp_
     for junk in (JUNK, b"0" * 3000):
         shard.write_bytes(first + junk + third)
         assert _read(shard) == (["a", "b", "d", "e"], [("stray_bytes", "", str(len(junk)))])
-    # Whole blocks of junk may stand in place of a destroyed header and its data: the first sample
-    # after them may lack its first members, so it is a damaged_shard skip too.
+    # Whole blocks of junk put between the archives lose nothing; a destroyed first header of the
+    # second (a block of junk over it, its data after it) may leave its first sample without its
+    # first members, so that sample is a damaged_shard skip too.
     shard.write_bytes(first + b"\x01" * 1024 + third)
+    assert _read(shard) == (["a", "b", "d", "e"], [("stray_bytes", "", "1024")])
+    shard.write_bytes(first + b"\x01" * 512 + third[512:])
     assert _read(shard) == (["a", "b", "e"], [("stray_bytes", "", "1024"), ("damaged_shard", "d", "its")])
     # The v7 archive read alone, as Python's tarfile reads it.
     alone = tmp_path / "alone.tar"
@@ -171,7 +204,7 @@ def test_a_damaged_header_after_a_long_name_header_is_passed_over_too(tmp_path, 
 
 
 def test_a_split_sample_whose_later_part_meets_stray_bytes_is_still_one_split_skip(tmp_path):
-    data = _tar(["a", "b", "a", "c"])  # a's members lie apart
+    data = _tar(["a", "b", "a", "c"])  # a key given twice, apart: one duplicate_key skip
     later = list(tarfile.open(fileobj=io.BytesIO(data)))[4]  # the first member of a's later part
     assert later.name == "a.meta.json"
     at = later.offset_data + 512
@@ -179,7 +212,7 @@ def test_a_split_sample_whose_later_part_meets_stray_bytes_is_still_one_split_sk
     shard.write_bytes(data[:at] + JUNK + data[at:])
     read = read_samples(ShardInfo(str(shard)), lambda index, raw: raw["__key__"])
     assert [key for _, key in read.results] == ["b", "c"]
-    assert [(s.reason, s.key) for s in read.skips] == [("duplicate_key", "a"), ("stray_bytes", "")]
+    assert [(s.reason, s.key) for s in read.skips] == [("stray_bytes", ""), ("duplicate_key", "a")]
     # A shard cut inside a's later part: the whole sample is the truncated_shard, b the only one used.
     shard.write_bytes(data[: at - 100])
     read = read_samples(ShardInfo(str(shard), samples=3), lambda index, raw: raw["__key__"])
@@ -203,3 +236,40 @@ def test_bytes_before_the_first_header_are_passed_over_and_a_shard_of_no_header_
     shard.write_bytes(JUNK * 20)
     (skip,) = read_shard(str(shard))
     assert skip.reason == "unreadable_shard" and f"no tar member header in its {len(JUNK) * 20} bytes" in skip.detail
+
+
+def test_a_file_that_is_no_tar_is_refused_at_its_start_without_reading_the_rest(tmp_path):
+    """Random bytes, text, zeros (a sparse file) or a zip named .tar: one unreadable_shard within
+    ``FIRST_HEADER_WITHIN`` bytes; a 200 MB one was scanned or read to its end first (seconds)."""
+    rng = np.random.default_rng(0)
+    sparse = tmp_path / "sparse.tar"
+    with open(sparse, "wb") as f:
+        f.truncate(200 << 20)
+    noise = tmp_path / "noise.tar"
+    with open(noise, "wb") as f:
+        f.write(rng.integers(0, 256, 1 << 20, np.uint8).tobytes())
+        f.truncate(200 << 20)
+    text = tmp_path / "text.tar"
+    text.write_text("frame 0001 7 0 0644 caption: a ball bounces\n" * 100_000)
+    zipped = tmp_path / "zipped.tar"
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.writestr("a.txt", rng.integers(0, 256, 1 << 20, np.uint8).tobytes())
+    for path in (sparse, noise, text, zipped):
+        started = time.perf_counter()
+        (skip,) = read_shard(str(path))
+        assert time.perf_counter() - started < 1.0, path
+        assert (skip.reason, skip.shard) == ("unreadable_shard", str(path))
+        assert f"no tar member header in its first {FIRST_HEADER_WITHIN:,} bytes" in skip.detail
+    # What the reader took of the stream: the first FIRST_HEADER_WITHIN bytes, not the rest.
+    stream = io.BytesIO(rng.integers(0, 256, 8 << 20, np.uint8).tobytes())
+    with pytest.raises(tarfile.ReadError, match="no tar member header"):
+        TarMembers(stream)
+    assert stream.tell() == FIRST_HEADER_WITHIN
+    # Control: a tar behind junk just short of the bound is still read, and an empty tar is one.
+    shard = tmp_path / "late.tar"
+    late = FIRST_HEADER_WITHIN - 2 * 512 - 3
+    shard.write_bytes(b"\x01" * late + _tar(["a", "b"]))
+    assert _read(shard) == (["a", "b"], [("stray_bytes", "", str(late))])
+    empty = tmp_path / "empty.tar"
+    tarfile.open(empty, "w").close()
+    assert _read(empty) == ([], [])

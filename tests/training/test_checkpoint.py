@@ -808,7 +808,7 @@ def test_the_checkpointers_groups_wait_the_configured_timeout_not_torchs_30_minu
 HOSTILE_JSON = {
     "nested past the parser": (b"[" * 100_000, r"not JSON \(nested deeper"),
     "not UTF-8": (b'{"step": 1, "files": {}}\xff', r"not UTF-8 text"),
-    "an int of 5000 digits": (b'{"step": 1' + b"0" * 5000 + b"}", r"not JSON \(Exceeds the limit"),
+    "an int of 5000 digits": (b'{"step": 1' + b"0" * 5000 + b"}", r"step=<an integer of 5001 digits> is not"),
     # parsers disagree on which of two values wins: json took the last one without a sign
     "a key given twice": (b'{"step": 1, "step": 2, "files": {}}', r"not JSON \(key\(s\) \['step'\] given twice\)"),
 }
