@@ -540,9 +540,10 @@ def load_state(
     parameters absent from the checkpoint are an error naming them, unless their name starts with
     one of ``allow_missing`` (e.g. the projections of an embodiment added since). Per-rank entries
     (stored under rank ``rank``) that are absent (a smaller saving world) are dropped from
-    ``per_rank``, while one absent beside a higher rank's is CheckpointCorruptError; ``named`` entries (keys as saved) are filled in place of their values, or dropped
-    when absent. Every file read is checked against the checkpoint's checksums first; a committed
-    folder (one with meta.json) without its checksums is CheckpointCorruptError, not read unverified.
+    ``per_rank``, while one absent beside a higher rank's is CheckpointCorruptError; ``named``
+    entries (keys as saved) are filled in place of their values, or dropped when absent. Every file
+    read is checked against the checkpoint's checksums first; a committed folder (one with
+    meta.json) without its checksums is CheckpointCorruptError, not read unverified.
     """
     path = Path(path)
     check_engine(path, "megatron")  # DeepSpeed's files (or its universal layout) are refused by name
