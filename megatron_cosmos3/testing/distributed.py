@@ -49,20 +49,25 @@ _FORK_SERVER_PRELOAD = [
 ]
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str, environment: dict, fn: Callable, args: tuple) -> None:
+def _take_callers_settings(environment: dict) -> None:
+    """In a process forked from the fork server: the caller's environment and the tests' numerics."""
     # The fork server's imports (~760k objects) go to the permanent generation: every full collection
-    # in the rank walked them, DeepSpeed's ZeRO-3 set-up calls gc.collect (0.5 s of CPU each), and they
-    # are never garbage.
+    # in the process walked them, DeepSpeed's ZeRO-3 set-up calls gc.collect (0.5 s of CPU each), and
+    # they are never garbage.
     gc.freeze()
-    # A forked rank inherits the fork server's start method: its own children (data-loader workers)
-    # must start as they would in a process torchrun started, not through a fork server of its own.
+    # A forked process inherits the fork server's start method: its own children (data-loader
+    # workers) must start as they would in a process torchrun started, not through a fork server.
     multiprocessing.set_start_method(None, force=True)
     os.environ.clear()
     os.environ.update(environment)
+    use_test_numerics()  # the same settings as the process that compares the results
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str, environment: dict, fn: Callable, args: tuple) -> None:
+    _take_callers_settings(environment)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
     )
-    use_test_numerics()  # the same settings as the process that compares the results
     result_path = Path(out_dir) / f"rank{rank}.pt"
     try:
         try:
@@ -154,6 +159,35 @@ def run_on_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 240.0)
     if errors:
         raise RuntimeError("run_on_ranks failed:\n" + "\n".join(errors))
     return [report["result"] for report in reports]
+
+
+def _run_alone(environment: dict, fn: Callable, args: tuple, error_path: str) -> None:
+    _take_callers_settings(environment)
+    try:
+        fn(*args)
+    except BaseException:  # noqa: BLE001 — the parent reports it with the exit status
+        Path(error_path).write_text(traceback.format_exc())
+        raise
+
+
+def exit_status_of(fn: Callable, *args, timeout_s: float = 120.0) -> tuple[int, str]:
+    """Runs ``fn(*args)`` in one process forked from the fork server (no process group; a process
+    that a test kills or that kills itself, without a new interpreter importing torch and this
+    package): its exit status (-N where signal N ended it) and the traceback of what it raised
+    ("" where nothing). ``fn`` must be importable, as ``run_on_ranks``'s."""
+    multiprocessing.set_forkserver_preload(_FORK_SERVER_PRELOAD)  # read when the server starts
+    with tempfile.TemporaryDirectory() as out_dir:
+        error_path = Path(out_dir) / "error.txt"
+        process = multiprocessing.get_context("forkserver").Process(
+            target=_run_alone, args=(dict(os.environ), fn, args, str(error_path))
+        )
+        process.start()
+        process.join(timeout_s)
+        if process.is_alive():
+            process.kill()
+            process.join()
+            raise TimeoutError(f"exit_status_of: {fn.__name__} did not end in {timeout_s}s")
+        return process.exitcode, error_path.read_text() if error_path.exists() else ""
 
 
 @contextmanager

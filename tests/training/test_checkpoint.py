@@ -10,9 +10,6 @@ import pickle
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -42,8 +39,7 @@ from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 from megatron_cosmos3.objectives.losses import mot_losses
 from megatron_cosmos3.parallel.sizes import ParallelSizes
-from megatron_cosmos3.testing.distributed import run_on_ranks
-from megatron_cosmos3.testing.numerics import child_environment
+from megatron_cosmos3.testing.distributed import exit_status_of, run_on_ranks
 from megatron_cosmos3.testing.training import tiny_mot_config
 
 CONFIG = tiny_mot_config()
@@ -278,32 +274,25 @@ def test_a_flipped_or_cut_byte_in_any_checkpoint_file_is_caught_naming_the_file(
                 verify_checkpoint(folder)
 
 
-KILLED_DURING_SAVE = textwrap.dedent("""
-    import copy, os, signal, sys, torch
-    sys.path.insert(0, {tests!r})
-    from megatron_cosmos3.testing.numerics import use_test_numerics
-    use_test_numerics()  # the test compares these weights with its own
-    from test_checkpoint import CONFIG, trained_model
-    from megatron_cosmos3.checkpoint.checkpointer import Checkpointer
+def _killed_during_an_async_save(root: Path) -> None:
+    """Commits step 1, starts the asynchronous save of step 2 and hard-kills its own process while
+    the background write is in flight."""
     model, optimizer = trained_model()
-    checkpointer = Checkpointer({root!r}, async_save=True)
-    checkpointer.save(1, model, optimizer, {{}}, {{}})
+    checkpointer = Checkpointer(root, async_save=True)
+    checkpointer.save(1, model, optimizer, {}, {})
     checkpointer.wait()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    checkpointer.save(2, model, optimizer, {{}}, {{}})  # background write in flight...
-    os.kill(os.getpid(), signal.SIGKILL)                # ...and the process is hard-killed
-""")
+    checkpointer.save(2, model, optimizer, {}, {})  # background write in flight...
+    os.kill(os.getpid(), signal.SIGKILL)  # ...and the process is hard-killed
 
 
 def test_hard_kill_during_an_async_save_leaves_the_previous_checkpoint_latest(tmp_path, caplog):
     root = tmp_path / "ckpt"
-    script = KILLED_DURING_SAVE.format(tests=os.path.dirname(__file__), root=str(root))
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=child_environment(), capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    # A process of its own (forked, under the tests' numerics: its weights are compared with these).
+    status, raised = exit_status_of(_killed_during_an_async_save, root)
+    assert status == -signal.SIGKILL, raised
     assert latest_checkpoint(root).name == "step_00000001"
     model, _ = trained_model()
     restored = MoTModel(copy.deepcopy(CONFIG))

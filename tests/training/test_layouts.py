@@ -23,6 +23,11 @@ from megatron_cosmos3.training.distributed import DistributedContext
 from megatron_cosmos3.training.samples import LATENTS_FILE
 
 REPO = Path(__file__).resolve().parents[2]
+# Every run's length: step 2's loss follows step 1's update; the held-out loss and the generation
+# samples at the last step follow step 2's, the first that AdamW scales by the gradients' sizes
+# (its first moves each weight by about the learning rate, whatever the gradient's size).
+STEPS = 2
+LAST_STEP = f"step_{STEPS:08d}"
 TINY = [
     *TINY_MODEL,
     "model.num_layers=4",
@@ -32,11 +37,11 @@ TINY = [
     *TINY_SYNTHETIC,
     "log_every=1",
     "optimizer.warmup_steps=1",
-    "checkpoint.save_every=3",  # one save, with its generation samples, at the last step
+    f"checkpoint.save_every={STEPS}",  # one save, with its generation samples, at the last step
     "data.encoders.kind=pooled",  # the samples' latents decode to media
     "tracking.experiment=layouts",
     "tracking.sample_steps=2",  # the samples of every layout compared: two Euler steps show it
-    "eval.every=3",  # the held-out loss at the last step, through each layout's forward-only driver
+    f"eval.every={STEPS}",  # the held-out loss at the last step, through each layout's forward-only driver
 ]
 
 
@@ -67,7 +72,9 @@ MOE = ["model.num_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden_size=16
 
 def single_process_history(tmp_path, name, *extra):
     """One process, two micro-batches per step: the global batch every layout below shares."""
-    config = load_config(None, overrides(tmp_path, name, "steps=3", "optimizer.micro_batches_per_step=2", *extra))
+    config = load_config(
+        None, overrides(tmp_path, name, f"steps={STEPS}", "optimizer.micro_batches_per_step=2", *extra)
+    )
     train_module.train(config, DistributedContext(0, 1, 0, torch.device("cpu")))
     return history(tmp_path, name)
 
@@ -160,15 +167,15 @@ def check_generation_samples(tmp_path, name, reference_root, reference_name):
     where each rank runs the whole forward (DP, TP, EP), a full pass through the layout's driver per
     step where the layers or the rows are split (PP, CP, SP)."""
     got_root, want_root = tmp_path / name / "samples", reference_root / reference_name / "samples"
-    assert sorted(p.name for p in got_root.iterdir()) == ["step_00000003"]
-    tasks = sorted(p.name for p in (want_root / "step_00000003").iterdir())
-    assert tasks and sorted(p.name for p in (got_root / "step_00000003").iterdir()) == tasks
+    assert sorted(p.name for p in got_root.iterdir()) == [LAST_STEP]
+    tasks = sorted(p.name for p in (want_root / LAST_STEP).iterdir())
+    assert tasks and sorted(p.name for p in (got_root / LAST_STEP).iterdir()) == tasks
     for task in tasks:
-        got, want = (np.load(root / "step_00000003" / task / LATENTS_FILE) for root in (got_root, want_root))
+        got, want = (np.load(root / LAST_STEP / task / LATENTS_FILE) for root in (got_root, want_root))
         assert sorted(got.files) == sorted(want.files)
         for key in want.files:
             np.testing.assert_allclose(got[key], want[key], rtol=1e-3, atol=1e-4, err_msg=f"{name} {task} {key}")
-        records = sorted((got_root / "step_00000003" / task).glob("*.meta.json"))
+        records = sorted((got_root / LAST_STEP / task).glob("*.meta.json"))
         assert records, f"{name} {task}: no media written"
         assert json.loads(records[0].read_text())["steps"] == 2  # tracking.sample_steps
 
@@ -188,7 +195,7 @@ def test_each_layout_trains_like_one_process(request, tmp_path, family, name):
     fixture, reference_run, model, layouts = FAMILIES[family]
     reference_root, want = request.getfixturevalue(fixture)
     nproc, layout = layouts[name]
-    train(tmp_path, name, "steps=3", *model, *layout, nproc=nproc)
+    train(tmp_path, name, f"steps={STEPS}", *model, *layout, nproc=nproc)
     assert history(tmp_path, name) == pytest.approx(want, rel=1e-5)
     held_out = history(tmp_path, name, "eval/loss")
     want_held_out = history(reference_root, reference_run, "eval/loss")
@@ -202,17 +209,28 @@ def test_saved_with_tp2_resumes_with_dp2_and_with_one_process(reference, tmp_pat
     # The losses alone are compared here: no generation samples at the saves, no held-out loss
     # (each layout's: test_each_layout_trains_like_one_process).
     losses_only = ("tracking.generation_samples=false", "eval.every=0")
-    train(tmp_path, "tp2-then", "steps=2", "parallel.tensor=2", "optimizer.micro_batches_per_step=2", *losses_only)
+    resumed_at = STEPS - 1  # saved by the TP run at its last step, inside the reference's run
+    train(
+        tmp_path,
+        "tp2-then",
+        f"steps={resumed_at}",
+        "parallel.tensor=2",
+        "optimizer.micro_batches_per_step=2",
+        *losses_only,
+    )
     for name in ("dp2-resumed", "single-resumed"):
         shutil.copytree(tmp_path / "tp2-then", tmp_path / name)
-    train(tmp_path, "dp2-resumed", "steps=3", "optimizer.micro_batches_per_step=1", *losses_only)
-    single = overrides(tmp_path, "single-resumed", "steps=3", "optimizer.micro_batches_per_step=2", *losses_only)
+    train(tmp_path, "dp2-resumed", f"steps={STEPS}", "optimizer.micro_batches_per_step=1", *losses_only)
+    single = overrides(tmp_path, "single-resumed", f"steps={STEPS}", "optimizer.micro_batches_per_step=2", *losses_only)
     config = load_config(None, single)
     train_module.train(config, DistributedContext(0, 1, 0, torch.device("cpu")))
-    # Both resumed runs continue the MLflow run of the checkpoint they resumed: steps 1-2 under
-    # TP=2, then step 3 once under DP=2 with ZeRO and once in one process.
+    # Both resumed runs continue the MLflow run of the checkpoint they resumed: steps 1 to
+    # ``resumed_at`` under TP=2, then the rest once under DP=2 with ZeRO and once in one process.
     losses = {}
     for step, value in history_with_steps(tmp_path, "tp2-then"):
         losses.setdefault(step, []).append(value)
-    assert losses[1] == pytest.approx([want[0]], rel=1e-5) and losses[2] == pytest.approx([want[1]], rel=1e-5)
-    assert losses[3] == pytest.approx([want[2], want[2]], rel=1e-5)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step in range(1, resumed_at + 1):
+        assert losses[step] == pytest.approx([want[step - 1]], rel=1e-5), step
+    for step in range(resumed_at + 1, STEPS + 1):
+        assert losses[step] == pytest.approx([want[step - 1], want[step - 1]], rel=1e-5), step
