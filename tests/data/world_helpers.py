@@ -4,8 +4,6 @@ config the loader targets, loader configs, and bitwise comparison of packed batc
 from __future__ import annotations
 
 import functools
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
@@ -14,20 +12,9 @@ from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfi
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
 from megatron_cosmos3.model.packed_batch import PackedBatch
 from megatron_cosmos3.tasks.registry import TASK_REGISTRY
+from megatron_cosmos3.testing.scripts import load_script
 from megatron_cosmos3.testing.shared_cache import shared_folder
 from megatron_cosmos3.testing.training import tiny_mot_config
-
-DATA_PIPELINES = Path(__file__).resolve().parents[2] / "data_pipelines"
-
-
-def load_script(name: str):
-    """A data_pipelines/ script as a module (scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(name, DATA_PIPELINES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 VIDEO_LATENT_CHANNELS, AUDIO_LATENT_DIM = 4, 6
 

@@ -6,7 +6,6 @@ import logging
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from megatron_cosmos3.data.media import encode_json
 from megatron_cosmos3.data.schema import Sample, encode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter
 from megatron_cosmos3.testing.distributed import run_on_ranks
+from megatron_cosmos3.testing.scripts import load_script
 from megatron_cosmos3.testing.shared_cache import shared_folder
 from megatron_cosmos3.testing.training import (
     TINY_MODEL,
@@ -32,7 +32,6 @@ from megatron_cosmos3.training.batches import MicroBatches
 from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.distributed import DistributedContext
 
-REPO = Path(__file__).resolve().parents[2]
 CPU = DistributedContext(0, 1, 0, torch.device("cpu"))
 
 
@@ -40,33 +39,16 @@ CPU = DistributedContext(0, 1, 0, torch.device("cpu"))
 def world() -> Path:
     """24 clips of the generated world as pooled latents at the tiny model's widths, written once
     per test session (the tests only read them)."""
-    return shared_folder("train-on-shards-world", _write_world) / "latent"
+    flags = ["--samples", "24", "--shard-size", "4", "--resolution", "32", "--duration", "1.0"]
+    return shared_folder("train-on-shards-world", lambda out: write_world(out, *flags)) / "latent"
 
 
-def _write_world(out: Path) -> None:
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "data_pipelines/generate_world.py"),
-            str(out),
-            "--samples",
-            "24",
-            "--shard-size",
-            "4",
-            "--resolution",
-            "32",
-            "--duration",
-            "1.0",
-            "--latents",
-            "pooled",
-            "--video-latent-channels",
-            "4",
-            "--audio-latent-dim",
-            "6",
-        ],
-        check=True,
-        capture_output=True,
-    )
+def write_world(out: Path, *flags: str) -> Path:
+    """A generated world's pooled-latent shards at the tiny model's widths (``data_pipelines/generate_world.py``,
+    its ``main`` run in this process: no second interpreter importing torch)."""
+    widths = ["--video-latent-channels", "4", "--audio-latent-dim", "6", "--latents", "pooled"]
+    assert load_script("generate_world").main([str(out), *widths, *flags]) == 0
+    return out / "latent"
 
 
 def shard_overrides(tmp_path, world, name, *extra):
@@ -94,7 +76,8 @@ def losses(tmp_path, name):
 
 
 def _train_straight(folder: Path, world: Path) -> None:
-    train_module.train(load_config(None, shard_overrides(folder, world, "straight", "steps=6")), CPU)
+    straight = shard_overrides(folder, world, "straight", "steps=6", "data.num_workers=0")
+    train_module.train(load_config(None, straight), CPU)
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +93,13 @@ def straight(world) -> Path:
 def test_preempted_mid_epoch_resumes_with_the_exact_next_pack(tmp_path, world, straight, workers, monkeypatch):
 
     real = MicroBatches.get
+    # Children this run did not start (the session's fork server for run_on_ranks): not the job's
+    # processes, and signalled they died, so the next multi-process test paid a new one's start-up.
+    before = set(child_processes(os.getpid()))
 
     def signalled(self, step, micro):
         if step == 2:  # as SLURM does: every process of the job, the loader's workers included
-            loader_workers = child_processes(os.getpid())
+            loader_workers = [pid for pid in child_processes(os.getpid()) if pid not in before]
             assert len(loader_workers) >= workers, loader_workers  # the signal must reach them
             for name in ("USR1", "TERM"):  # from another process, as slurmstepd (not from their parent)
                 subprocess.run(["kill", "-s", name, str(os.getpid()), *map(str, loader_workers)], check=True)
@@ -279,11 +265,17 @@ def test_tensor_parallel_peers_share_one_reader_of_the_shards(tmp_path, world):
         alone.close()
 
 
+# The loader in the rank itself, where a test's promise is the parallel layout: workers forked from
+# a forked rank cost ~2 s of CPU each, and the stream is the same with any number of workers
+# (tests/data/test_loader_resume.py; here the preempted runs with workers).
+IN_THE_RANK = ["data.num_workers=0"]
+
+
 @pytest.mark.multiprocess
 def test_tensor_parallel_training_on_shards_follows_one_process(tmp_path, world):
     """With a held-out loss on shard sets of its own (here the same files, read by a second loader:
     its reader broadcasts the held-out packs to the tensor peer as the training reader does)."""
-    held_out = ["eval.every=2", f"eval.datasets=[{{name: held_out, shards: [{world}]}}]"]
+    held_out = ["eval.every=2", f"eval.datasets=[{{name: held_out, shards: [{world}]}}]", *IN_THE_RANK]
     train_module.train(load_config(None, shard_overrides(tmp_path, world, "one", "steps=3", *held_out)), CPU)
     tp2 = shard_overrides(tmp_path, world, "tp2", "steps=3", "parallel.tensor=2", *held_out)
     train_on_ranks(2, *tp2)
@@ -299,20 +291,12 @@ def test_tensor_parallel_training_on_shards_follows_one_process(tmp_path, world)
 def test_a_run_on_shards_resumes_mid_epoch_under_another_tensor_parallel_size(tmp_path, world):
     """Saved with TP=2 x DP=2 (readers: global ranks 0 and 2), resumed with DP=2 alone (readers 0
     and 1): each data rank's loader position is found by data rank and the stream goes on exactly."""
-    train_on_ranks(2, *shard_overrides(tmp_path, world, "straight", "steps=3"))
-    train_on_ranks(4, *shard_overrides(tmp_path, world, "switch", "steps=2", "parallel.tensor=2"))
-    train_on_ranks(2, *shard_overrides(tmp_path, world, "switch", "steps=3"))
+    train_on_ranks(2, *shard_overrides(tmp_path, world, "straight", "steps=3", *IN_THE_RANK))
+    train_on_ranks(4, *shard_overrides(tmp_path, world, "switch", "steps=2", "parallel.tensor=2", *IN_THE_RANK))
+    train_on_ranks(2, *shard_overrides(tmp_path, world, "switch", "steps=3", *IN_THE_RANK))
     want, got = losses(tmp_path, "straight"), losses(tmp_path, "switch")
     assert [step for step, _ in got] == [1, 2, 3]
     assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], rel=1e-5)
-
-
-def write_world(out: Path, *flags: str) -> Path:
-    """A generated world's pooled-latent shards at the tiny model's widths (``data_pipelines/generate_world.py``)."""
-    script = str(REPO / "data_pipelines/generate_world.py")
-    widths = ["--video-latent-channels", "4", "--audio-latent-dim", "6", "--latents", "pooled"]
-    subprocess.run([sys.executable, script, str(out), *widths, *flags], check=True, capture_output=True)
-    return out / "latent"
 
 
 def test_another_video_patch_size_trains_on_shards_generates_and_evaluates(tmp_path, world):
