@@ -37,13 +37,21 @@ class RunFolderLocked(RuntimeError):
     """Another trainer holds the run folder."""
 
 
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), or None where /proc has none."""
+def _process_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of ``pid`` as the kernel gives them, or None
+    where /proc has none."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
+    fields = stat.rsplit(")", 1)[1].split()  # counted after the command name, which may hold spaces
+    return fields[0], fields[19]  # fields 3 and 22
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None where /proc has none."""
+    stat = _process_stat(pid)
+    return None if stat is None else stat[1]
 
 
 def _alive(owner: dict, job_id: str = "", slurm_attempt: int | None = None) -> bool:
@@ -60,8 +68,11 @@ def _alive(owner: dict, job_id: str = "", slurm_attempt: int | None = None) -> b
         return False
     except PermissionError:
         pass  # another user's process: it runs
+    stat = _process_stat(pid)
+    if stat is not None and stat[0] in ("Z", "X"):  # ended, not yet reaped by its parent: it holds nothing
+        return False
     started = owner.get("process_start")
-    return started is None or _process_start(pid) in (None, started)
+    return started is None or stat is None or stat[1] == started
 
 
 def _damaged(owner: dict) -> bool:

@@ -602,6 +602,34 @@ def test_a_second_trainer_on_a_locked_run_folder_refuses_and_a_stale_lock_is_tak
             RunFolderLock(root).acquire()
 
 
+def test_a_lock_whose_owner_has_ended_but_is_not_yet_reaped_is_stale(tmp_path):
+    """A trainer killed a moment ago is a zombie until its parent (torchrun, srun) reaps it: it still
+    answered kill(pid, 0) with its own start time, so a restart right after the kill was refused."""
+    import json
+    import socket
+    import subprocess
+    import time
+
+    from megatron_cosmos3.training.run_lock import LOCK_FILE, RunFolderLock, RunFolderLocked, _process_start
+
+    ended = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{ended.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child never ended"
+            time.sleep(0.05)
+        owner = {"host": socket.gethostname(), "pid": ended.pid, "process_start": _process_start(ended.pid)}
+        (tmp_path / LOCK_FILE).write_text(json.dumps({**owner, "job_id": "", "since": "x"}))
+        RunFolderLock(tmp_path).acquire()
+        # Control: a live owner with the same kind of record still holds the folder.
+        alive = {**owner, "pid": os.getpid(), "process_start": _process_start(os.getpid())}
+        (tmp_path / LOCK_FILE).write_text(json.dumps({**alive, "job_id": "", "since": "x"}))
+        with pytest.raises(RunFolderLocked, match="in use by another trainer"):
+            RunFolderLock(tmp_path).acquire()
+    finally:
+        ended.wait()
+
+
 def test_a_crafted_lock_file_is_unreadable_or_stale_never_a_traceback(tmp_path):
     """A lock nested past the JSON parser raised RecursionError, and a pid past the C range
     OverflowError out of os.kill, instead of refusing (unreadable) or taking over (no such process)."""
