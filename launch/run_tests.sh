@@ -8,5 +8,5 @@ cd "$repo_root"
 # Three pytest workers on two cores: tests compute on one intra-op thread each, and the long ones spend
 # much of their time waiting (torchrun and daemon start-up, a live server, SLURM's time limits). In
 # fresh clones (cold bytecode, as CI runs) on 2026-11-30: 671 s of tests with three workers against
-# 710 s and 800 s with four.
+# 710 s and 800 s with four; on 2026-12-02, 514 s with three (9 min 48 s with the set-up).
 exec python -m pytest -n "${PYTEST_WORKERS:-3}" --dist worksteal --durations=15 "$@"
