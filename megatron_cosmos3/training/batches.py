@@ -55,6 +55,11 @@ class MicroBatches:
 
             self.loader = PackedLoader(config.data, config.stage_model, data_rank, data_size)
 
+    @property
+    def finite(self) -> bool:
+        """Whether the stream may end before ``steps`` (shards read ``data.epochs`` > 0 times)."""
+        return self.config.data_source == "shards" and self.config.data.epochs > 0
+
     def get(self, step: int, micro: int):
         """(noised PackedBatch on the device, velocity targets) of one micro-batch."""
         config = self.config

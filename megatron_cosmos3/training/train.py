@@ -487,8 +487,12 @@ def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
         ran_out = None
     except DataExhaustedError as error:
         ran_out = error
-    if not run.plan.everywhere(ran_out is None):  # every rank stops at the same step, so it can save
+    # A finite stream's end is agreed (one flag all-reduced a step, not paid by endless streams): every
+    # rank stops at the same step, so the steps done can be saved.
+    if run.batches.finite and not run.plan.everywhere(ran_out is None):
         raise ran_out or DataExhaustedError(f"another data rank's stream ran out at step {step + 1} (it names it)")
+    if ran_out is not None:
+        raise ran_out
     window.timed("data_wait", time.perf_counter() - started)
     started = time.perf_counter()
     losses_of = run_micro_batches(run, micro_batches)
