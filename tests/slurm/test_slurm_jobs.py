@@ -191,6 +191,9 @@ def test_sbatch_job_requeued_by_scontrol_and_preempted_by_its_time_limit_resumes
     for attempt, step in zip((1, 2), preempted):
         assert max(_steps_logged(log, attempt)) == step  # it stopped after the step it checkpointed
         assert f"resumed from {tmp_path / 'job' / f'step_{step:08d}'} at step {step}" in text
+    # The script reports the requeued attempt at once: it asked SLURM to signal a job being requeued,
+    # which SLURM refuses, retried in the trap for KillWait and was killed there without a word.
+    assert f"attempt 1: stopped by SIGTERM at step {preempted[0]}, checkpoint committed" in text, text[-4000:]
     assert "DataLoader worker" not in text and "Traceback" not in text, text[-4000:]
     assert f"attempt 3: finished at step {steps}" in text
     # One node: every attempt's trainers meet in torchrun's store, whose port torchrun holds, not in
@@ -273,12 +276,24 @@ def test_a_training_job_whose_status_folder_cannot_be_made_fails_at_once_naming_
     assert f"COSMOS3_STATUS_DIR={status_dir}: cannot create it" in log.read_text()
 
 
+# How the job is stopped, the state it ends in and what the script says of the TERM: a plain scancel
+# ends the job (SIGTERM to every process from SLURM, which refuses to signal it meanwhile); a TERM to
+# the batch script alone leaves it running, so the script passes the TERM on.
+STOPPED_BY = {
+    "scancel": ((), "CANCELLED", "got SIGTERM while SLURM ends the job"),
+    "scancel --batch --signal=TERM": (("--batch", "--signal=TERM"), "COMPLETED", "got SIGTERM; asking the trainers"),
+}
+
+
 @pytest.mark.multiprocess
-def test_a_cancelled_training_job_checkpoints_and_is_not_requeued(cluster, tmp_path):
+@pytest.mark.parametrize("stop", list(STOPPED_BY))
+def test_a_training_job_stopped_by_sigterm_checkpoints_and_is_not_requeued(cluster, tmp_path, stop):
     """A plain ``scancel`` sends SIGTERM to the script and the trainers: they checkpoint, and the
     script, reading 'preempted', requeued the job the user had cancelled (it came back, Restarts=1).
     SLURM requeues a requeued or preempted job itself; a cancelled one stays cancelled, and a new
-    submission resumes from the checkpoint."""
+    submission resumes from the checkpoint. A TERM to the batch script alone reaches the trainers
+    through the script, and the job ends the same way, not requeued."""
+    options, end_state, said = STOPPED_BY[stop]
     log = tmp_path / "job.out"
     args = [*TINY_MODEL, "data_source=synthetic", *TINY_SYNTHETIC, "steps=100000", "log_every=1"]
     args += ["tracking.generation_samples=false", "checkpoint.save_every=100000"]
@@ -288,7 +303,7 @@ def test_a_cancelled_training_job_checkpoints_and_is_not_requeued(cluster, tmp_p
         "sbatch", f"--output={log}", str(REPO / "slurm/train.sbatch"), *args, env=env
     ).stdout.split()[-1]
     _wait("the job to train", lambda: _steps_logged(log, 1), 120, log)
-    cluster.command("scancel", job_id)
+    cluster.command("scancel", *options, job_id)
 
     def ended() -> bool:
         job = cluster.job(job_id)
@@ -297,10 +312,11 @@ def test_a_cancelled_training_job_checkpoints_and_is_not_requeued(cluster, tmp_p
 
     _wait("the attempt's outcome", ended, 120, log)
     job, text = cluster.job(job_id), log.read_text()
-    assert (job.state, job.restarts) == ("CANCELLED", 0), text[-3000:]
+    assert (job.state, job.restarts) == (end_state, 0), text[-3000:]
     step = re.search(r"preempted \(SIGTERM\): checkpoint of step (\d+) committed", text)
     assert step and (tmp_path / "run" / f"step_{int(step[1]):08d}").is_dir(), text[-3000:]
     assert f"attempt 1: stopped by SIGTERM at step {step[1]}, checkpoint committed; not requeued" in text
+    assert f"attempt 1: {said}" in text, text[-3000:]
 
 
 def test_a_training_job_of_several_tasks_a_node_is_refused_naming_the_option(cluster, tmp_path):
