@@ -3,6 +3,7 @@ of an odd shape follows the one-process run; an invalid shape is refused by name
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, loss_h
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.distributed import DistributedContext
+from megatron_cosmos3.training.samples import LATENTS_FILE
 
 # Changes to the tiny model (4 heads, 2 KV heads, head_dim 8, hidden 32, 2 layers, vocab 256).
 SHAPES = {
@@ -117,7 +119,9 @@ def odd_shape_run(tmp_path, name, *extra):
         "log_every=1",
         "optimizer.warmup_steps=1",
         "optimizer.micro_batches_per_step=2",
-        "checkpoint.save_every=1",
+        "checkpoint.save_every=2",  # one save, with rank 0's generation samples, at the last step
+        "data.encoders.kind=pooled",  # the samples' latents decode to media
+        "tracking.sample_steps=2",
         f"checkpoint.directory={tmp_path / name}",
         f"tracking.tracking_uri={tracking_store(tmp_path)}",
         f"tracking.run_name={name}",
@@ -126,13 +130,22 @@ def odd_shape_run(tmp_path, name, *extra):
     ]
 
 
-def test_odd_shape_under_tensor_parallel_follows_one_process(tmp_path):
+def test_odd_shape_under_tensor_parallel_follows_one_process_in_losses_and_samples(tmp_path):
     config = load_config(None, odd_shape_run(tmp_path, "single"))
     train_module.train(config, DistributedContext(0, 1, 0, torch.device("cpu")))
     train_on_ranks(2, *odd_shape_run(tmp_path, "tp2", "parallel.tensor=2"))
     single = [v for _, v in loss_history(tmp_path / "mlflow.db", "single", "shapes")]
     split = [v for _, v in loss_history(tmp_path / "mlflow.db", "tp2", "shapes")]
     assert len(single) == 2 and split == pytest.approx(single, rel=1e-4)
+    # Generation at the odd shape: the TP=2 run's samples (every task's) equal the one-process run's.
+    want_root, got_root = (tmp_path / name / "samples" / "step_00000002" for name in ("single", "tp2"))
+    tasks = sorted(p.name for p in want_root.iterdir())
+    assert tasks and sorted(p.name for p in got_root.iterdir()) == tasks
+    for task in tasks:
+        want, got = (np.load(root / task / LATENTS_FILE) for root in (want_root, got_root))
+        assert want.files and sorted(got.files) == sorted(want.files)
+        for key in want.files:
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-3, atol=1e-4, err_msg=f"{task} {key}")
 
 
 @pytest.mark.parametrize(
