@@ -130,6 +130,8 @@ def odd_shape_run(tmp_path, name, *extra):
     ]
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_odd_shape_under_tensor_parallel_follows_one_process_in_losses_and_samples(tmp_path):
     config = load_config(None, odd_shape_run(tmp_path, "single"))
     train_module.train(config, DistributedContext(0, 1, 0, torch.device("cpu")))
