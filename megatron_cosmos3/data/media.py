@@ -163,7 +163,7 @@ def decode_wav(data: bytes, name: str) -> tuple[np.ndarray, int]:
     if missing:
         raise SampleError(
             CORRUPT_MEDIA,
-            f"{name}: truncated WAV file: its header declares {missing} more bytes of samples than it holds",
+            f"{name}: truncated WAV file: its chunks declare {missing} more bytes than it holds",
         )
     try:
         with warnings.catch_warnings():
@@ -209,10 +209,12 @@ def wav_encoding(data: bytes) -> int | None:
 
 
 def missing_wav_bytes(data: bytes) -> int:
-    """How many bytes the first ``data`` chunk declares beyond the end of the file (0 when complete,
-    streamed or not a RIFF file: the reader judges those). An RF64 file's data chunk declares its
-    size in the ``ds64`` chunk (64 bits; 0 where a writer to a pipe could not fill it in): FFmpeg
-    read a cut one, 2**32 bytes declared and 48 KB there, as a shorter sound."""
+    """How many bytes the first ``data`` chunk, or a chunk before it, declares beyond the end of
+    the file (0 when complete, streamed or not a RIFF file: the reader judges those). An RF64
+    file's data chunk declares its size in the ``ds64`` chunk (64 bits; 0 where a writer to a pipe
+    could not fill it in): FFmpeg read a cut one, 2**32 bytes declared and 48 KB there, as a
+    shorter sound. A file cut inside a chunk before its samples (a LIST or junk chunk) made scipy
+    fail with an internal error (UnboundLocalError) instead of a verdict on the bytes."""
     if data[:4] not in (b"RIFF", b"RIFX", b"RF64") or data[8:12] != b"WAVE":
         return 0
     order = ">" if data[:4] == b"RIFX" else "<"
@@ -227,7 +229,7 @@ def missing_wav_bytes(data: bytes) -> int:
                 size = rf64_size or 0
             return max(size - (len(data) - offset - 8), 0)
         offset += 8 + size + (size & 1)  # chunks are padded to an even size
-    return 0
+    return max(offset - (size & 1) - len(data), 0) if offset > len(data) else 0
 
 
 def encode_json(document: dict) -> bytes:
