@@ -68,6 +68,8 @@ AUDIO_END_TOLERANCE_S = 0.1
 NOMINAL_RATE_TOLERANCE = 0.005
 # How many of a stream's indexed timestamps say what unit they were rounded to (``_timestamp_unit``).
 UNIT_SAMPLES = 1024
+# Where in an MP3's first frame a Xing/Info (after the side information) or VBRI header lies, at most.
+MP3_LENGTH_HEADER_BYTES = 4 + 32 + 4 + 4
 # A fragmented MP4's fragments may end this much before the duration its mehd box declares (a
 # writer's rounding, an audio track's priming); a cut between fragments loses a whole fragment.
 FRAGMENT_END_TOLERANCE_S = 0.1
@@ -225,13 +227,27 @@ def _stream_seconds(
     60 ms short). Packets are read by a second reader of ``data``: the decoding container stays at
     its start (seeking back fails in a stream without packets, and the sound's seek did not bring
     the picture back); ``span``: the stream's ``_packet_span`` where the caller has read it."""
-    if stream.duration is not None:
+    guessed = _duration_is_a_bitrate_guess(data, container)
+    if stream.duration is not None and not guessed:
         start = float((stream.start_time or 0) * stream.time_base)
         return start - origin_s + float(stream.duration * stream.time_base)
-    if container.duration is not None and len(container.streams) == 1:
+    if container.duration is not None and len(container.streams) == 1 and not guessed:
         return container.duration / 1_000_000 - origin_s
     end = (span or _packet_span(stream, data))[1]
     return None if end is None else end - origin_s
+
+
+def _duration_is_a_bitrate_guess(data: bytes, container) -> bool:
+    """Whether FFmpeg's duration of the file is its size over its first frames' bitrate: a raw AAC
+    (ADTS) file declares no length, nor does an MP3 without a Xing/Info/VBRI header (its frame
+    count). A variable-bitrate one was guessed 7.4 s long for 4 s of sound (a whole file refused as
+    cut) or 2.2 s (a clip silently cut short); ``_stream_seconds`` measures its packets instead."""
+    if container.format.name == "aac":
+        return True
+    if container.format.name != "mp3":
+        return False
+    first_frame = data[_id3v2_end(data) :][:MP3_LENGTH_HEADER_BYTES]
+    return not any(tag in first_frame for tag in (b"Xing", b"Info", b"VBRI"))
 
 
 def _packet_span(stream, data: bytes) -> tuple[int, float | None]:
@@ -559,7 +575,7 @@ def _missing_adts_bytes(data: bytes) -> int:
 def _missing_mpeg_audio_bytes(data: bytes) -> int:
     """How many bytes the last frame of an MP3 (MPEG-1/2/2.5 audio, layer I-III) declares beyond its
     end, each frame's length read from its header. An MP3 without a Xing/Info header declares no
-    duration and FFmpeg estimates one from the bytes there, so a cut file was a shorter sound (with
+    duration and its packets are measured (``_duration_is_a_bitrate_guess``): a cut file was a shorter sound (with
     the header, FFmpeg declares its duration and ``_audio_window`` finds the missing end; a file cut
     between frames without it declares nothing that finds the cut). An ID3v2 tag is skipped; the
     walk stops at the first bytes that are no frame header (an ID3v1 or APE trailer, a free-format

@@ -1,4 +1,5 @@
-"""Damaged and unusual audio files (docs/DESIGN.md, "Real media"): each is decoded whole or refused
+"""Damaged and unusual audio files (docs/DESIGN.md, "Real media"): each is decoded whole, for as long
+as it lasts, or refused
 with an error naming the file and what is wrong with it, in the loader (an audio field) and in
 generation (conditioning audio, ``decode_audio_file``). Files are written by the test."""
 
@@ -7,6 +8,8 @@ from __future__ import annotations
 import io
 import re
 import struct
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,3 +56,35 @@ def test_a_wav_with_whole_extra_chunks_before_and_after_its_samples_decodes():
     assert rate == 16_000
     np.testing.assert_allclose(audio[0], np.arange(400) / 32768.0)
     assert decode_sample(_raw("audio.wav", data)).audio.shape == (1, 400)
+
+
+def _loud_and_silent_file(path: Path, *codec: str, loud_first: bool) -> bytes:
+    """1 s of noise then 3 s of silence (``loud_first``), or 1 s of silence then 3 s of noise, at a
+    variable bitrate, by ffmpeg: the first frames' bitrate is far from the file's average."""
+    parts = ["[0]atrim=0:1[a]", "[1]atrim=0:3[b]", "[a][b]concat=v=0:a=1"]
+    sources = ["anoisesrc=r=44100:a=0.5", "anullsrc=r=44100:cl=mono"]
+    command = ["ffmpeg", "-v", "error", "-y"]
+    for source in sources if loud_first else sources[::-1]:
+        command += ["-f", "lavfi", "-i", source]
+    subprocess.run([*command, "-filter_complex", ";".join(parts), *codec, str(path)], check=True)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("loud_first", [True, False])
+@pytest.mark.parametrize(
+    "suffix, codec",
+    [("mp3", ("-c:a", "libmp3lame", "-q:a", "0", "-write_xing", "0")), ("aac", ("-c:a", "aac", "-q:a", "2"))],
+)
+def test_a_variable_bitrate_file_that_declares_no_length_is_measured_not_guessed(tmp_path, suffix, codec, loud_first):
+    """An MP3 without a Xing header or a raw AAC file declares no duration; FFmpeg's guess from the
+    first frames' bitrate made 4 s of sound 2.2 s (a silent cut) or 7.4 s (a whole file refused as
+    truncated). Its packets say 4 s, up to the codec's priming and last frame."""
+    data = _loud_and_silent_file(tmp_path / f"a.{suffix}", *codec, loud_first=loud_first)
+    audio, rate = decode_audio_file(data, f"audio.{suffix}")
+    assert rate == 48_000 and 4.0 <= audio.shape[1] / rate < 4.08
+    loud = np.abs(audio).max(axis=0) > 0.05
+    if loud_first:  # the noise where it was, the silence to the end
+        assert loud[:rate].any() and not loud[round(1.2 * rate) :].any()
+    else:  # the noise to the end: none of it cut off
+        assert not loud[: round(0.9 * rate)].any() and loud[-rate // 10 :].mean() > 0.3
+    assert decode_sample(_raw(f"audio.{suffix}", data)).audio.shape == audio.shape
