@@ -201,9 +201,22 @@ def _frame_rate(stream, seconds: float | None, span: tuple[int, float | None] | 
         average = stream.average_rate
     else:
         average = span[0] / seconds if span[0] and seconds else None
-    if average and nominal and abs(average / nominal - 1) <= NOMINAL_RATE_TOLERANCE:
+    if (
+        average
+        and nominal
+        and (abs(average / nominal - 1) <= NOMINAL_RATE_TOLERANCE or _lasts_its_frames(stream, nominal, seconds, span))
+    ):
         return float(nominal)
     return float(average or nominal or 0) or None
+
+
+def _lasts_its_frames(stream, nominal, seconds: float | None, span: tuple[int, float | None] | None) -> bool:
+    """Whether the ``span``'s frames at the ``nominal`` rate last ``seconds`` to within one tick of
+    the stream's time base: Matroska/WebM count milliseconds, so one frame at 30 fps lasts "33 ms",
+    an average of 30.3 fps, 1% off (a rounding NOMINAL_RATE_TOLERANCE only forgives over 0.2 s)."""
+    if span is None or not span[0] or not seconds or not stream.time_base:
+        return False
+    return abs(span[0] / float(nominal) - seconds) <= float(stream.time_base)
 
 
 def _display_size(stream) -> tuple[int, int]:

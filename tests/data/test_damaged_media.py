@@ -1,7 +1,7 @@
-"""Damaged and unusual audio files (docs/DESIGN.md, "Real media"): each is decoded whole, for as long
-as it lasts, or refused
-with an error naming the file and what is wrong with it, in the loader (an audio field) and in
-generation (conditioning audio, ``decode_audio_file``). Files are written by the test."""
+"""Damaged and unusual media files (docs/DESIGN.md, "Real media"): each is decoded whole, for as
+long as it lasts and at its own frame rate, or refused with an error naming the file and what is
+wrong with it, in the loader (a shard field) and in generation (conditioning inputs,
+``decode_audio_file``, ``decode_video_file``). Files are written by the test."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import io
 import re
 import struct
 import subprocess
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from scipy.io import wavfile
 
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.media import encode_json
+from megatron_cosmos3.data.media_files import decode_video_file
 from megatron_cosmos3.data.schema import decode_audio_file, decode_sample
 
 
@@ -88,3 +90,18 @@ def test_a_variable_bitrate_file_that_declares_no_length_is_measured_not_guessed
     else:  # the noise to the end: none of it cut off
         assert not loud[: round(0.9 * rate)].any() and loud[-rate // 10 :].mean() > 0.3
     assert decode_sample(_raw(f"audio.{suffix}", data)).audio.shape == audio.shape
+
+
+@pytest.mark.parametrize("suffix, codec", [("mkv", "libx264"), ("webm", "libvpx-vp9")])
+@pytest.mark.parametrize("rate", ["30", "30000/1001", "60000/1001", "24000/1001"])
+@pytest.mark.parametrize("frames", [1, 2, 3])
+def test_a_matroska_video_of_a_few_frames_has_its_nominal_rate(tmp_path, suffix, codec, rate, frames):
+    """Matroska/WebM count milliseconds: one frame at 30 fps lasted "33 ms", an average of 30.3 fps
+    taken for a variable rate, and generation conditioned on a 30.3 fps clip."""
+    path = tmp_path / f"v.{suffix}"
+    source = f"testsrc=size=64x48:rate={rate}"
+    command = ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", source, "-frames:v", str(frames), "-c:v", codec]
+    subprocess.run([*command, str(path)], check=True)
+    decoded, fps = decode_video_file(path.read_bytes(), path.name)
+    assert decoded.shape == (frames, 48, 64, 3)
+    assert fps == pytest.approx(float(Fraction(rate)), rel=1e-6)  # FFmpeg guesses 59.94 from ms as 19000/317
