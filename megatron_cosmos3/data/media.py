@@ -91,8 +91,8 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB from PNG/JPEG/... bytes, as a viewer shows the picture: in sRGB by its
     embedded ICC profile (PNG iCCP, JPEG APP2; one that cannot be applied is logged and left out),
     turned and mirrored by its EXIF orientation, 16-bit grey scaled to 8 bits (Pillow's own
-    conversion clips it at 255), any other mode Pillow reads converted to RGB (alpha dropped); an
-    animation's first frame."""
+    conversion clips it at 255), float grey from 0..1 (NaN as 0), any other mode Pillow reads
+    converted to RGB (alpha dropped); an animation's first frame."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -111,12 +111,18 @@ def _viewed_rgb(image: Image.Image, name: str) -> np.ndarray:
     except DECODE_ERRORS:  # an unreadable orientation tag: shown as stored, as viewers do
         pass
     if image.mode.startswith("I"):  # 16-bit (or 32-bit integer) grey: 0..65535 -> 0..255
-        grey = np.asarray(image, dtype=np.float64)
-        grey = np.clip(np.round(grey / 257.0), 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
+        return _grey_rgb(np.asarray(image, dtype=np.float64) / 257.0)
+    if image.mode == "F":  # float grey (a 32-bit float TIFF) is 0..1: Pillow's conversion made it all black
+        return _grey_rgb(np.nan_to_num(np.asarray(image, dtype=np.float64)) * 255.0)
     if profile:
         image = _in_srgb(image, profile, name)
     return np.array(image.convert("RGB"))  # a copy: torch refuses read-only arrays
+
+
+def _grey_rgb(levels: np.ndarray) -> np.ndarray:
+    """(H, W) grey levels on the 0..255 scale -> (H, W, 3) uint8, rounded and clipped."""
+    grey = np.clip(np.round(levels), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
 
 
 # The 8-bit modes whose pixels an embedded profile describes as they are stored (a palette's or an

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy.io import wavfile
 
 from megatron_cosmos3.data.errors import SampleError
-from megatron_cosmos3.data.media import encode_json
+from megatron_cosmos3.data.media import decode_image, encode_json
 from megatron_cosmos3.data.media_files import decode_video_file
 from megatron_cosmos3.data.schema import decode_audio_file, decode_sample
 
@@ -105,3 +106,14 @@ def test_a_matroska_video_of_a_few_frames_has_its_nominal_rate(tmp_path, suffix,
     decoded, fps = decode_video_file(path.read_bytes(), path.name)
     assert decoded.shape == (frames, 48, 64, 3)
     assert fps == pytest.approx(float(Fraction(rate)), rel=1e-6)  # FFmpeg guesses 59.94 from ms as 19000/317
+
+
+def test_a_float_grey_picture_shows_its_tones_from_0_to_1():
+    """A 32-bit float TIFF (Pillow's mode F) holds 0..1; Pillow's RGB conversion truncated every
+    value to 0 or 1 of 255: a black picture. NaN is shown as 0, values outside 0..1 clipped."""
+    ramp = np.linspace(-0.25, 1.25, 32 * 48, dtype=np.float32).reshape(32, 48)
+    ramp[0, 0] = np.nan
+    buffer = io.BytesIO()
+    Image.fromarray(ramp, mode="F").save(buffer, format="TIFF")
+    want = np.clip(np.round(np.nan_to_num(ramp.astype(np.float64)) * 255), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(decode_image(buffer.getvalue(), "grey.tif"), np.repeat(want[..., None], 3, axis=2))
