@@ -51,6 +51,13 @@ DECODE_ERRORS = (
 )
 
 
+def check_not_empty(data: bytes, name: str) -> None:
+    """``corrupt_media`` naming an empty file as such: the libraries said "invalid data found" or
+    named a BytesIO object at some address."""
+    if not data:
+        raise SampleError(CORRUPT_MEDIA, f"{name}: a zero-length file (0 bytes)")
+
+
 def encode_npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
@@ -61,6 +68,7 @@ def decode_npy(data: bytes, name: str) -> np.ndarray:
     """An array from ``.npy`` bytes; pickled object arrays are refused (shards are untrusted), and so
     is a header declaring more bytes than follow it: numpy allocates the declared array before it
     reads (a 200-byte member declaring a shape of 2**30 bytes took a GiB)."""
+    check_not_empty(data, name)
     try:
         stream = io.BytesIO(data)
         version = np.lib.format.read_magic(stream)
@@ -93,12 +101,15 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
     turned and mirrored by its EXIF orientation, 16-bit grey scaled to 8 bits (Pillow's own
     conversion clips it at 255), float grey from 0..1 (NaN as 0), any other mode Pillow reads
     converted to RGB (alpha dropped); an animation's first frame."""
+    check_not_empty(data, name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 image.load()  # Image.open is lazy: a truncated file fails only here
                 return _viewed_rgb(image, name)
+    except UnidentifiedImageError:  # its message names a BytesIO object, not the file
+        raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable image (no picture format Pillow reads)") from None
     except DECODE_ERRORS as error:
         raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable image ({type(error).__name__}: {error})") from None
 

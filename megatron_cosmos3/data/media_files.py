@@ -50,7 +50,13 @@ from megatron_cosmos3.data.errors import (
     ZERO_LENGTH,
     SampleError,
 )
-from megatron_cosmos3.data.media import AUDIO_RATE_RANGE_HZ, DECODE_ERRORS, decode_image, missing_wav_bytes
+from megatron_cosmos3.data.media import (
+    AUDIO_RATE_RANGE_HZ,
+    DECODE_ERRORS,
+    check_not_empty,
+    decode_image,
+    missing_wav_bytes,
+)
 from megatron_cosmos3.data.mp4_fragments import box_header, declared_fragment_seconds, missing_sidx_bytes
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, to_stereo_48k
 
@@ -101,6 +107,7 @@ def decode_media_file(
     a video stream (a video field); ``want_audio``: decode its audio stream if it has one."""
     import av  # PyAV loads FFmpeg's libraries: only a process that reads compressed media pays for it
 
+    check_not_empty(data, name)
     try:
         with av.open(io.BytesIO(data), metadata_errors="ignore") as container:
             if not container.streams:

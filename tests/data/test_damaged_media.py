@@ -117,3 +117,14 @@ def test_a_float_grey_picture_shows_its_tones_from_0_to_1():
     Image.fromarray(ramp, mode="F").save(buffer, format="TIFF")
     want = np.clip(np.round(np.nan_to_num(ramp.astype(np.float64)) * 255), 0, 255).astype(np.uint8)
     np.testing.assert_array_equal(decode_image(buffer.getvalue(), "grey.tif"), np.repeat(want[..., None], 3, axis=2))
+
+
+@pytest.mark.parametrize("field", ["image.png", "image.jpg", "video.mp4", "video.webm", "audio.wav", "audio.mp3"])
+def test_a_zero_length_or_unknown_member_is_named_as_such(field):
+    """An empty file said "Invalid data found when processing input" or "cannot identify image file
+    <_io.BytesIO object at 0x...>": nothing about the file, an address instead."""
+    with pytest.raises(SampleError, match=re.escape(f"corrupt_media: {field}: a zero-length file (0 bytes)")):
+        decode_sample(_raw(field, b""))
+    if field.startswith("image"):
+        with pytest.raises(SampleError, match=re.escape(f"{field}: not a readable image (no picture format Pillow")):
+            decode_sample(_raw(field, b"\x17" * 3000))

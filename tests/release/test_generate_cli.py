@@ -773,3 +773,18 @@ def test_the_longest_name_a_request_may_have_fits_its_partial_folder(tmp_path):
     assert spec.name == name
     with pytest.raises(RequestError, match=f"is {longest_staged_name() + 1} bytes"):
         read_requests(write_requests(tmp_path, [{"task": "text_to_image", "name": name + "a"}]))
+
+
+@pytest.mark.parametrize("role, suffix", [("image", "png"), ("image", "jpg"), ("video", "mp4"), ("audio", "wav")])
+def test_an_empty_or_garbage_conditioning_file_is_an_error_naming_it(tmp_path, role, suffix):
+    """An empty file is named as such (FFmpeg said "Invalid data found", Pillow named a BytesIO
+    object); bytes of no format are refused, never a traceback."""
+    path = tmp_path / f"in.{suffix}"
+    path.write_bytes(b"")
+    with pytest.raises(
+        RequestError, match=re.escape(f"request r: corrupt_media: {path}: a zero-length file (0 bytes)")
+    ):
+        read_input(role, path, "request r")
+    path.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(RequestError, match=re.escape(f"request r: corrupt_media: {path}: not a readable")):
+        read_input(role, path, "request r")
