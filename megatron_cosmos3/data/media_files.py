@@ -92,6 +92,7 @@ class DecodedMedia:
     audio: np.ndarray | None = None  # (2, samples) float32 at 48 kHz
     video_duration_s: float | None = None
     audio_duration_s: float | None = None
+    picture: bool = False  # a picture in a video field: ``fps`` is FFmpeg's default (25), not the file's
 
 
 def decode_media_file(
@@ -141,11 +142,12 @@ def decode_media_file(
     return out
 
 
-def decode_video_file(data: bytes, name: str) -> tuple[np.ndarray, float]:
+def decode_video_file(data: bytes, name: str) -> tuple[np.ndarray, float | None]:
     """(T, H, W, 3) uint8 RGB frames and the frame rate of a whole video file (mp4, webm, mkv, ...)
-    at its own rate and size, upright: generation's conditioning clips."""
+    at its own rate and size, upright: generation's conditioning clips. A picture (a 1-frame video)
+    has no rate: None, as a ``.npy`` clip's (FFmpeg's 25 fps became the request's rate)."""
     decoded = decode_media_file(data, name, MediaConfig(), lambda seconds: Window(0.0, seconds), True, False)
-    return decoded.frames, decoded.fps
+    return decoded.frames, None if decoded.picture else decoded.fps
 
 
 def _decode(
@@ -176,7 +178,8 @@ def _decode(
             frames = np.repeat(picture[None], len(targets), axis=0)
         else:
             frames = _video_window(container, video, targets, origin_s, rate, name, (width, height), video_s, tolerance)
-        result = DecodedMedia(window, fit_to_bucket(frames, media.buckets()), fps, None, video_s, audio_s)
+        frames = fit_to_bucket(frames, media.buckets())
+        result = DecodedMedia(window, frames, fps, None, video_s, audio_s, picture is not None)
     else:
         origin_s = float((audio.start_time or 0) * audio.time_base)
         audio_s = _stream_seconds(audio, container, origin_s, data)
