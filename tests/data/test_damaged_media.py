@@ -6,6 +6,7 @@ wrong with it, in the loader (a shard field) and in generation (conditioning inp
 from __future__ import annotations
 
 import io
+import json
 import re
 import struct
 import subprocess
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy.io import wavfile
+from world_helpers import load_script
 
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.media import decode_image, encode_json
@@ -128,3 +130,20 @@ def test_a_zero_length_or_unknown_member_is_named_as_such(field):
     if field.startswith("image"):
         with pytest.raises(SampleError, match=re.escape(f"{field}: not a readable image (no picture format Pillow")):
             decode_sample(_raw(field, b"\x17" * 3000))
+
+
+def test_write_shards_counts_damaged_media_as_skips_and_writes_the_rest(tmp_path):
+    """The manifest script caught SampleError only: a WAV cut in its LIST chunk (scipy's
+    UnboundLocalError) ended the whole run with a traceback."""
+    write_shards = load_script("write_shards")
+    (tmp_path / "cut.wav").write_bytes(_wav_with_chunk_before_fmt(b"LIST", 5_000, b"INFOISFT"))
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "good.wav").write_bytes(_wav_with_chunk_before_fmt(b"LIST", 8, b"INFOISFT"))
+    entries = [
+        {"key": "cut", "caption": "x", "audio": "cut.wav"},
+        {"key": "empty", "caption": "x", "image": "empty.png"},
+        {"key": "good", "caption": "x", "audio": "good.wav"},
+    ]
+    (tmp_path / "manifest.jsonl").write_text("\n".join(json.dumps(entry) for entry in entries))
+    index, skipped = write_shards.write_shards(tmp_path / "manifest.jsonl", tmp_path / "shards")
+    assert index.total_samples == 1 and skipped == {"corrupt_media": 2}
