@@ -50,7 +50,13 @@ from megatron_cosmos3.data.errors import (
     ZERO_LENGTH,
     SampleError,
 )
-from megatron_cosmos3.data.media import AUDIO_RATE_RANGE_HZ, DECODE_ERRORS, decode_image, missing_wav_bytes
+from megatron_cosmos3.data.media import (
+    AUDIO_RATE_RANGE_HZ,
+    DECODE_ERRORS,
+    check_not_empty,
+    decode_image,
+    missing_wav_bytes,
+)
 from megatron_cosmos3.data.mp4_fragments import box_header, declared_fragment_seconds, missing_sidx_bytes
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, to_stereo_48k
 
@@ -68,6 +74,8 @@ AUDIO_END_TOLERANCE_S = 0.1
 NOMINAL_RATE_TOLERANCE = 0.005
 # How many of a stream's indexed timestamps say what unit they were rounded to (``_timestamp_unit``).
 UNIT_SAMPLES = 1024
+# Where in an MP3's first frame a Xing/Info (after the side information) or VBRI header lies, at most.
+MP3_LENGTH_HEADER_BYTES = 4 + 32 + 4 + 4
 # A fragmented MP4's fragments may end this much before the duration its mehd box declares (a
 # writer's rounding, an audio track's priming); a cut between fragments loses a whole fragment.
 FRAGMENT_END_TOLERANCE_S = 0.1
@@ -84,6 +92,7 @@ class DecodedMedia:
     audio: np.ndarray | None = None  # (2, samples) float32 at 48 kHz
     video_duration_s: float | None = None
     audio_duration_s: float | None = None
+    picture: bool = False  # a picture in a video field: ``fps`` is FFmpeg's default (25), not the file's
 
 
 def decode_media_file(
@@ -99,6 +108,7 @@ def decode_media_file(
     a video stream (a video field); ``want_audio``: decode its audio stream if it has one."""
     import av  # PyAV loads FFmpeg's libraries: only a process that reads compressed media pays for it
 
+    check_not_empty(data, name)
     try:
         with av.open(io.BytesIO(data), metadata_errors="ignore") as container:
             if not container.streams:
@@ -132,11 +142,12 @@ def decode_media_file(
     return out
 
 
-def decode_video_file(data: bytes, name: str) -> tuple[np.ndarray, float]:
+def decode_video_file(data: bytes, name: str) -> tuple[np.ndarray, float | None]:
     """(T, H, W, 3) uint8 RGB frames and the frame rate of a whole video file (mp4, webm, mkv, ...)
-    at its own rate and size, upright: generation's conditioning clips."""
+    at its own rate and size, upright: generation's conditioning clips. A picture (a 1-frame video)
+    has no rate: None, as a ``.npy`` clip's (FFmpeg's 25 fps became the request's rate)."""
     decoded = decode_media_file(data, name, MediaConfig(), lambda seconds: Window(0.0, seconds), True, False)
-    return decoded.frames, decoded.fps
+    return decoded.frames, None if decoded.picture else decoded.fps
 
 
 def _decode(
@@ -167,7 +178,8 @@ def _decode(
             frames = np.repeat(picture[None], len(targets), axis=0)
         else:
             frames = _video_window(container, video, targets, origin_s, rate, name, (width, height), video_s, tolerance)
-        result = DecodedMedia(window, fit_to_bucket(frames, media.buckets()), fps, None, video_s, audio_s)
+        frames = fit_to_bucket(frames, media.buckets())
+        result = DecodedMedia(window, frames, fps, None, video_s, audio_s, picture is not None)
     else:
         origin_s = float((audio.start_time or 0) * audio.time_base)
         audio_s = _stream_seconds(audio, container, origin_s, data)
@@ -199,9 +211,22 @@ def _frame_rate(stream, seconds: float | None, span: tuple[int, float | None] | 
         average = stream.average_rate
     else:
         average = span[0] / seconds if span[0] and seconds else None
-    if average and nominal and abs(average / nominal - 1) <= NOMINAL_RATE_TOLERANCE:
+    if (
+        average
+        and nominal
+        and (abs(average / nominal - 1) <= NOMINAL_RATE_TOLERANCE or _lasts_its_frames(stream, nominal, seconds, span))
+    ):
         return float(nominal)
     return float(average or nominal or 0) or None
+
+
+def _lasts_its_frames(stream, nominal, seconds: float | None, span: tuple[int, float | None] | None) -> bool:
+    """Whether the ``span``'s frames at the ``nominal`` rate last ``seconds`` to within one tick of
+    the stream's time base: Matroska/WebM count milliseconds, so one frame at 30 fps lasts "33 ms",
+    an average of 30.3 fps, 1% off (a rounding NOMINAL_RATE_TOLERANCE only forgives over 0.2 s)."""
+    if span is None or not span[0] or not seconds or not stream.time_base:
+        return False
+    return abs(span[0] / float(nominal) - seconds) <= float(stream.time_base)
 
 
 def _display_size(stream) -> tuple[int, int]:
@@ -225,13 +250,27 @@ def _stream_seconds(
     60 ms short). Packets are read by a second reader of ``data``: the decoding container stays at
     its start (seeking back fails in a stream without packets, and the sound's seek did not bring
     the picture back); ``span``: the stream's ``_packet_span`` where the caller has read it."""
-    if stream.duration is not None:
+    guessed = _duration_is_a_bitrate_guess(data, container)
+    if stream.duration is not None and not guessed:
         start = float((stream.start_time or 0) * stream.time_base)
         return start - origin_s + float(stream.duration * stream.time_base)
-    if container.duration is not None and len(container.streams) == 1:
+    if container.duration is not None and len(container.streams) == 1 and not guessed:
         return container.duration / 1_000_000 - origin_s
     end = (span or _packet_span(stream, data))[1]
     return None if end is None else end - origin_s
+
+
+def _duration_is_a_bitrate_guess(data: bytes, container) -> bool:
+    """Whether FFmpeg's duration of the file is its size over its first frames' bitrate: a raw AAC
+    (ADTS) file declares no length, nor does an MP3 without a Xing/Info/VBRI header (its frame
+    count). A variable-bitrate one was guessed 7.4 s long for 4 s of sound (a whole file refused as
+    cut) or 2.2 s (a clip silently cut short); ``_stream_seconds`` measures its packets instead."""
+    if container.format.name == "aac":
+        return True
+    if container.format.name != "mp3":
+        return False
+    first_frame = data[_id3v2_end(data) :][:MP3_LENGTH_HEADER_BYTES]
+    return not any(tag in first_frame for tag in (b"Xing", b"Info", b"VBRI"))
 
 
 def _packet_span(stream, data: bytes) -> tuple[int, float | None]:
@@ -559,7 +598,7 @@ def _missing_adts_bytes(data: bytes) -> int:
 def _missing_mpeg_audio_bytes(data: bytes) -> int:
     """How many bytes the last frame of an MP3 (MPEG-1/2/2.5 audio, layer I-III) declares beyond its
     end, each frame's length read from its header. An MP3 without a Xing/Info header declares no
-    duration and FFmpeg estimates one from the bytes there, so a cut file was a shorter sound (with
+    duration and its packets are measured (``_duration_is_a_bitrate_guess``): a cut file was a shorter sound (with
     the header, FFmpeg declares its duration and ``_audio_window`` finds the missing end; a file cut
     between frames without it declares nothing that finds the cut). An ID3v2 tag is skipped; the
     walk stops at the first bytes that are no frame header (an ID3v1 or APE trailer, a free-format

@@ -773,3 +773,30 @@ def test_the_longest_name_a_request_may_have_fits_its_partial_folder(tmp_path):
     assert spec.name == name
     with pytest.raises(RequestError, match=f"is {longest_staged_name() + 1} bytes"):
         read_requests(write_requests(tmp_path, [{"task": "text_to_image", "name": name + "a"}]))
+
+
+@pytest.mark.parametrize("role, suffix", [("image", "png"), ("image", "jpg"), ("video", "mp4"), ("audio", "wav")])
+def test_an_empty_or_garbage_conditioning_file_is_an_error_naming_it(tmp_path, role, suffix):
+    """An empty file is named as such (FFmpeg said "Invalid data found", Pillow named a BytesIO
+    object); bytes of no format are refused, never a traceback."""
+    path = tmp_path / f"in.{suffix}"
+    path.write_bytes(b"")
+    with pytest.raises(
+        RequestError, match=re.escape(f"request r: corrupt_media: {path}: a zero-length file (0 bytes)")
+    ):
+        read_input(role, path, "request r")
+    path.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(RequestError, match=re.escape(f"request r: corrupt_media: {path}: not a readable")):
+        read_input(role, path, "request r")
+
+
+def test_a_picture_given_as_the_conditioning_video_has_no_frame_rate_of_its_own(tmp_path):
+    """A PNG named .mp4 is a 1-frame video (as in a shard's video field), but FFmpeg's 25 fps, its
+    default for a picture, became the request's rate; a real video file keeps its own (control)."""
+    image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    picture = write_png(tmp_path / "still.png", image).rename(tmp_path / "still.mp4")
+    frames, fps = read_input("video", picture, "request r")
+    np.testing.assert_array_equal(frames, image[None])
+    assert fps is None
+    clip = write_mp4(tmp_path / "clip.mp4", np.repeat(image[None], 6, axis=0), 24)
+    assert read_input("video", clip, "request r")[1] == 24.0

@@ -1,0 +1,149 @@
+"""Damaged and unusual media files (docs/DESIGN.md, "Real media"): each is decoded whole, for as
+long as it lasts and at its own frame rate, or refused with an error naming the file and what is
+wrong with it, in the loader (a shard field) and in generation (conditioning inputs,
+``decode_audio_file``, ``decode_video_file``). Files are written by the test."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import struct
+import subprocess
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.io import wavfile
+from world_helpers import load_script
+
+from megatron_cosmos3.data.errors import SampleError
+from megatron_cosmos3.data.media import decode_image, encode_json
+from megatron_cosmos3.data.media_files import decode_video_file
+from megatron_cosmos3.data.schema import decode_audio_file, decode_sample
+
+
+def _raw(field: str, data: bytes) -> dict:
+    return {"__key__": "k", "meta.json": encode_json({"schema": 1, "caption": "a tone"}), field: data}
+
+
+def _wav_with_chunk_before_fmt(kind: bytes, declared: int, payload: bytes) -> bytes:
+    """A 16-bit mono WAV whose ``kind`` chunk, declaring ``declared`` bytes and holding ``payload``,
+    comes before its fmt and data chunks."""
+    buffer = io.BytesIO()
+    wavfile.write(buffer, 16_000, np.arange(400, dtype=np.int16))
+    whole = buffer.getvalue()
+    body = kind + struct.pack("<I", declared) + payload + whole[12:]
+    return b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WAVE" + body
+
+
+@pytest.mark.parametrize("declared", [0xFFFFFFF0, 5_000, 1_000])
+def test_a_wav_cut_inside_a_chunk_before_its_samples_is_corrupt_not_an_internal_error(declared):
+    """A LIST/junk chunk declaring more bytes than follow it (a file cut there) made scipy fail with
+    UnboundLocalError, a traceback through the loader and the generate command."""
+    data = _wav_with_chunk_before_fmt(b"LIST", declared, b"INFOISFT")
+    missing = 12 + 8 + declared - len(data)  # where the chunk (after RIFF, WAVE and its header) says it ends
+    for decode in (lambda: decode_sample(_raw("audio.wav", data)), lambda: decode_audio_file(data, "audio.wav")):
+        with pytest.raises(
+            SampleError,
+            match=re.escape(f"corrupt_media: audio.wav: truncated WAV file: its chunks declare {missing} more bytes"),
+        ):
+            decode()
+
+
+def test_a_wav_with_whole_extra_chunks_before_and_after_its_samples_decodes():
+    """Control: a LIST chunk that fits, and a trailing chunk after the samples, are read past."""
+    data = _wav_with_chunk_before_fmt(b"LIST", 9, b"INFOISFT\0" + b"\0") + b"id3 " + struct.pack("<I", 4) + b"abcd"
+    data = data[:4] + struct.pack("<I", len(data) - 8) + data[8:]
+    audio, rate = decode_audio_file(data, "audio.wav")
+    assert rate == 16_000
+    np.testing.assert_allclose(audio[0], np.arange(400) / 32768.0)
+    assert decode_sample(_raw("audio.wav", data)).audio.shape == (1, 400)
+
+
+def _loud_and_silent_file(path: Path, *codec: str, loud_first: bool) -> bytes:
+    """1 s of noise then 3 s of silence (``loud_first``), or 1 s of silence then 3 s of noise, at a
+    variable bitrate, by ffmpeg: the first frames' bitrate is far from the file's average."""
+    parts = ["[0]atrim=0:1[a]", "[1]atrim=0:3[b]", "[a][b]concat=v=0:a=1"]
+    sources = ["anoisesrc=r=44100:a=0.5", "anullsrc=r=44100:cl=mono"]
+    command = ["ffmpeg", "-v", "error", "-y"]
+    for source in sources if loud_first else sources[::-1]:
+        command += ["-f", "lavfi", "-i", source]
+    subprocess.run([*command, "-filter_complex", ";".join(parts), *codec, str(path)], check=True)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("loud_first", [True, False])
+@pytest.mark.parametrize(
+    "suffix, codec",
+    [("mp3", ("-c:a", "libmp3lame", "-q:a", "0", "-write_xing", "0")), ("aac", ("-c:a", "aac", "-q:a", "2"))],
+)
+def test_a_variable_bitrate_file_that_declares_no_length_is_measured_not_guessed(tmp_path, suffix, codec, loud_first):
+    """An MP3 without a Xing header or a raw AAC file declares no duration; FFmpeg's guess from the
+    first frames' bitrate made 4 s of sound 2.2 s (a silent cut) or 7.4 s (a whole file refused as
+    truncated). Its packets say 4 s, up to the codec's priming and last frame."""
+    data = _loud_and_silent_file(tmp_path / f"a.{suffix}", *codec, loud_first=loud_first)
+    audio, rate = decode_audio_file(data, f"audio.{suffix}")
+    assert rate == 48_000 and 4.0 <= audio.shape[1] / rate < 4.08
+    loud = np.abs(audio).max(axis=0) > 0.05
+    if loud_first:  # the noise where it was, the silence to the end
+        assert loud[:rate].any() and not loud[round(1.2 * rate) :].any()
+    else:  # the noise to the end: none of it cut off
+        assert not loud[: round(0.9 * rate)].any() and loud[-rate // 10 :].mean() > 0.3
+    assert decode_sample(_raw(f"audio.{suffix}", data)).audio.shape == audio.shape
+
+
+@pytest.mark.parametrize("suffix, codec", [("mkv", "libx264"), ("webm", "libvpx-vp9")])
+@pytest.mark.parametrize("rate", ["30", "30000/1001", "60000/1001", "24000/1001"])
+@pytest.mark.parametrize("frames", [1, 2, 3])
+def test_a_matroska_video_of_a_few_frames_has_its_nominal_rate(tmp_path, suffix, codec, rate, frames):
+    """Matroska/WebM count milliseconds: one frame at 30 fps lasted "33 ms", an average of 30.3 fps
+    taken for a variable rate, and generation conditioned on a 30.3 fps clip."""
+    path = tmp_path / f"v.{suffix}"
+    source = f"testsrc=size=64x48:rate={rate}"
+    command = ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", source, "-frames:v", str(frames), "-c:v", codec]
+    subprocess.run([*command, str(path)], check=True)
+    decoded, fps = decode_video_file(path.read_bytes(), path.name)
+    assert decoded.shape == (frames, 48, 64, 3)
+    assert fps == pytest.approx(float(Fraction(rate)), rel=1e-6)  # FFmpeg guesses 59.94 from ms as 19000/317
+
+
+def test_a_float_grey_picture_shows_its_tones_from_0_to_1():
+    """A 32-bit float TIFF (Pillow's mode F) holds 0..1; Pillow's RGB conversion truncated every
+    value to 0 or 1 of 255: a black picture. NaN is shown as 0, values outside 0..1 clipped."""
+    ramp = np.linspace(-0.25, 1.25, 32 * 48, dtype=np.float32).reshape(32, 48)
+    ramp[0, 0] = np.nan
+    buffer = io.BytesIO()
+    Image.fromarray(ramp, mode="F").save(buffer, format="TIFF")
+    want = np.clip(np.round(np.nan_to_num(ramp.astype(np.float64)) * 255), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(decode_image(buffer.getvalue(), "grey.tif"), np.repeat(want[..., None], 3, axis=2))
+
+
+@pytest.mark.parametrize("field", ["image.png", "image.jpg", "video.mp4", "video.webm", "audio.wav", "audio.mp3"])
+def test_a_zero_length_or_unknown_member_is_named_as_such(field):
+    """An empty file said "Invalid data found when processing input" or "cannot identify image file
+    <_io.BytesIO object at 0x...>": nothing about the file, an address instead."""
+    with pytest.raises(SampleError, match=re.escape(f"corrupt_media: {field}: a zero-length file (0 bytes)")):
+        decode_sample(_raw(field, b""))
+    if field.startswith("image"):
+        with pytest.raises(SampleError, match=re.escape(f"{field}: not a readable image (no picture format Pillow")):
+            decode_sample(_raw(field, b"\x17" * 3000))
+
+
+def test_write_shards_counts_damaged_media_as_skips_and_writes_the_rest(tmp_path):
+    """The manifest script caught SampleError only: a WAV cut in its LIST chunk (scipy's
+    UnboundLocalError) ended the whole run with a traceback."""
+    write_shards = load_script("write_shards")
+    (tmp_path / "cut.wav").write_bytes(_wav_with_chunk_before_fmt(b"LIST", 5_000, b"INFOISFT"))
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "good.wav").write_bytes(_wav_with_chunk_before_fmt(b"LIST", 8, b"INFOISFT"))
+    entries = [
+        {"key": "cut", "caption": "x", "audio": "cut.wav"},
+        {"key": "empty", "caption": "x", "image": "empty.png"},
+        {"key": "good", "caption": "x", "audio": "good.wav"},
+    ]
+    (tmp_path / "manifest.jsonl").write_text("\n".join(json.dumps(entry) for entry in entries))
+    index, skipped = write_shards.write_shards(tmp_path / "manifest.jsonl", tmp_path / "shards")
+    assert index.total_samples == 1 and skipped == {"corrupt_media": 2}
