@@ -2,8 +2,9 @@
 
 Every rank builds the full model with the same seed, then keeps only its own model chunks; no model
 fork. With ``pipeline`` ranks and ``virtual_pipeline`` chunks per rank the layers form
-``pipeline * virtual_pipeline`` equal virtual stages, and, as in Megatron's interleaving, chunk ``c``
-of pipeline rank ``r`` is virtual stage ``c * pipeline + r``. Virtual stage 0 also holds the
+``pipeline * virtual_pipeline`` virtual stages (equal, or with megatron-core's uneven first and last
+ranks: ``ParallelSizes.virtual_stage_layers``), and, as in Megatron's interleaving, chunk ``c`` of
+pipeline rank ``r`` is virtual stage ``c * pipeline + r``. Virtual stage 0 also holds the
 embeddings, the last one the final norms and both heads.
 
 A stage runs, for its layers, the Reasoner halves and then the Generator halves (the Generator
@@ -39,17 +40,11 @@ from megatron_cosmos3.parallel.state import ParallelGroups
 HiddenStreams = tuple[torch.Tensor, torch.Tensor]
 
 
-def stage_layer_ranges(num_layers: int, pipeline: int, virtual_pipeline: int, pipeline_rank: int) -> list[range]:
+def stage_layer_ranges(num_layers: int, sizes: ParallelSizes, pipeline_rank: int) -> list[range]:
     """The layers of each model chunk of ``pipeline_rank``: chunk c holds virtual stage
-    ``c * pipeline + pipeline_rank``, a block of ``num_layers / (pipeline * virtual_pipeline)`` layers."""
-    stages = pipeline * virtual_pipeline
-    if num_layers % stages:
-        raise ValueError(f"num_layers={num_layers} is not divisible by pipeline*virtual_pipeline={stages}")
-    per_stage = num_layers // stages
-    return [
-        range(v * per_stage, (v + 1) * per_stage)
-        for v in (chunk * pipeline + pipeline_rank for chunk in range(virtual_pipeline))
-    ]
+    ``c * pipeline + pipeline_rank`` of ``sizes.virtual_stage_layers``."""
+    virtual_stages = sizes.virtual_stage_layers(num_layers)
+    return [virtual_stages[chunk * sizes.pipeline + pipeline_rank] for chunk in range(sizes.virtual_pipeline)]
 
 
 class MoTStage(nn.Module):
@@ -101,7 +96,7 @@ class MoTStage(nn.Module):
 def split_model(model: MoTModel, sizes: ParallelSizes, pipeline_rank: int) -> list[MoTStage]:
     """The model chunks of ``pipeline_rank``, in chunk order (no process group needed)."""
     pipeline, virtual = sizes.pipeline, sizes.virtual_pipeline
-    ranges = stage_layer_ranges(model.config.num_layers, pipeline, virtual, pipeline_rank)
+    ranges = stage_layer_ranges(model.config.num_layers, sizes, pipeline_rank)
     return [
         MoTStage(
             model,

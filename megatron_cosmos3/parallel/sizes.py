@@ -25,6 +25,10 @@ class ParallelSizes:
     tensor: int = 1
     pipeline: int = 1
     virtual_pipeline: int = 1  # model chunks per pipeline rank (interleaved 1F1B when > 1)
+    # Uneven stages, megatron-core's fields: the layers of the first / last pipeline rank (over all
+    # its chunks); the rest split evenly over the other ranks. None: an even split.
+    num_layers_in_first_pipeline_stage: int | None = None
+    num_layers_in_last_pipeline_stage: int | None = None
     context: int = 1
     expert: int = 1
     sequence_parallel: bool = False  # shard norm/residual regions over the tensor-parallel ranks
@@ -72,16 +76,11 @@ class ParallelSizes:
             f"ffn_hidden_size={model.ffn_hidden_size} (the dense MLPs of {sorted(dense_towers)}) is not divisible "
             f"by tensor={self.tensor}",
         )
-        stages = self.pipeline * self.virtual_pipeline
-        _require(
-            model.num_layers % stages == 0,
-            f"num_layers={model.num_layers} is not divisible by pipeline*virtual_pipeline="
-            f"{self.pipeline}*{self.virtual_pipeline}={stages}",
-        )
         _require(
             self.virtual_pipeline == 1 or self.pipeline > 1,
             f"virtual_pipeline={self.virtual_pipeline} needs pipeline > 1",
         )
+        self.virtual_stage_layers(model.num_layers)  # every split the stages cannot take is refused there
         # Context parallelism exchanges heads for sequence (all-to-all): local query heads must split
         # again. Fewer local KV heads than context ranks are repeated first (ulysses.spread_kv_heads).
         _require(
@@ -108,3 +107,71 @@ class ParallelSizes:
             f"ddp_impl='megatron' wraps one whole forward per micro-batch; pipeline={self.pipeline}, "
             f"context={self.context}, sequence_parallel={self.sequence_parallel} need ddp_impl='torch'",
         )
+
+    def virtual_stage_layers(self, num_layers: int) -> list[range]:
+        """The layers of each virtual stage ``v = chunk * pipeline + pipeline_rank``, in order of v.
+
+        Megatron-core's split (docs/DESIGN.md, "The parallel plan", pipeline stages): the first and
+        last pipeline ranks hold ``num_layers_in_first/last_pipeline_stage`` layers where set, the
+        other ranks share the rest equally; each rank's layers are cut in ``virtual_pipeline`` equal
+        chunks, and chunk c of every rank comes from the c-th block of ``num_layers / virtual_pipeline``
+        consecutive layers. Raises ValueError naming the fields when no such split exists."""
+        per_chunk = [n // self.virtual_pipeline for n in self.layers_per_pipeline_rank(num_layers)]
+        block = sum(per_chunk)  # = num_layers / virtual_pipeline: one chunk of every rank
+        starts = [sum(per_chunk[:rank]) for rank in range(self.pipeline)]
+        return [
+            range(chunk * block + starts[rank], chunk * block + starts[rank] + per_chunk[rank])
+            for chunk in range(self.virtual_pipeline)
+            for rank in range(self.pipeline)
+        ]
+
+    def layers_per_pipeline_rank(self, num_layers: int) -> list[int]:
+        """How many layers each pipeline rank holds over all its chunks (``virtual_stage_layers``);
+        ValueError naming the fields when no split exists."""
+        first, last = self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage
+        ends = {"num_layers_in_first_pipeline_stage": first, "num_layers_in_last_pipeline_stage": last}
+        set_ends = {name: value for name, value in ends.items() if value is not None}
+        if not set_ends:
+            stages = self.pipeline * self.virtual_pipeline
+            _require(
+                num_layers % stages == 0,
+                f"num_layers={num_layers} is not divisible by pipeline*virtual_pipeline="
+                f"{self.pipeline}*{self.virtual_pipeline}={stages}",
+            )
+            return [num_layers // self.pipeline] * self.pipeline
+        for name, value in set_ends.items():
+            _require(self.pipeline > 1, f"{name}={value} needs pipeline > 1")
+            # The first rank holds the embeddings (and the ViT), the last the heads: each needs a layer
+            # for every one of its chunks, as megatron-core requires.
+            _require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"{name}={value!r} must be an int >= 1",
+            )
+            _require(
+                value % self.virtual_pipeline == 0,
+                f"{name}={value} is not divisible by virtual_pipeline={self.virtual_pipeline}",
+            )
+        middle_ranks = self.pipeline - len(set_ends)
+        middle_layers = num_layers - sum(set_ends.values())
+        given = ", ".join(f"{name}={value}" for name, value in set_ends.items())
+        if not middle_ranks:  # pipeline=2 with both ends set: they must hold every layer
+            _require(
+                middle_layers == 0,
+                f"{given} hold {num_layers - middle_layers} layers, but num_layers={num_layers} "
+                f"and pipeline={self.pipeline} has no other rank",
+            )
+        else:  # as in megatron-core, no middle rank is left without layers
+            _require(
+                middle_layers >= middle_ranks * self.virtual_pipeline
+                and middle_layers % (middle_ranks * self.virtual_pipeline) == 0,
+                f"num_layers={num_layers} with {given} leaves {middle_layers} layers for the other "
+                f"{middle_ranks} pipeline ranks, not a positive multiple of their "
+                f"{middle_ranks}*virtual_pipeline={middle_ranks * self.virtual_pipeline} chunks",
+            )
+        middle = middle_layers // middle_ranks if middle_ranks else 0
+        counts = [middle] * self.pipeline
+        if first is not None:
+            counts[0] = first
+        if last is not None:
+            counts[-1] = last
+        return counts

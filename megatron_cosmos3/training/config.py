@@ -470,13 +470,14 @@ class TrainConfig:
         # The ViT runs on the first pipeline chunk; its DeepStack features join the Reasoner after
         # layers 0..k-1, so those layers must be there too (no stage sends ViT features on).
         k = len(self.model.vision.deepstack_visual_indexes)
-        stages = self.parallel.pipeline * self.parallel.virtual_pipeline
-        first_chunk = self.model.num_layers // stages
-        if stages > 1 and first_chunk < k:
+        sizes = self.parallel
+        first_chunk = len(sizes.virtual_stage_layers(self.model.num_layers)[0])
+        if sizes.pipeline > 1 and first_chunk < k:
             raise ValueError(
                 f"model.vision: the ViT's {k} DeepStack feature sets join Reasoner layers 0..{k - 1}, which must "
                 f"all be in the first pipeline chunk, but num_layers={self.model.num_layers} over "
-                f"parallel.pipeline*virtual_pipeline={stages} gives it {first_chunk}"
+                f"parallel.pipeline={sizes.pipeline}, virtual_pipeline={sizes.virtual_pipeline}, "
+                f"num_layers_in_first_pipeline_stage={sizes.num_layers_in_first_pipeline_stage} gives it {first_chunk}"
             )
 
 

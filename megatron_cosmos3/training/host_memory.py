@@ -28,8 +28,9 @@ class HostMemoryError(ValueError):
 def model_state_bytes(config: TrainConfig, world_size: int) -> int:
     """A lower bound (bytes) of the host memory one rank's weights, gradients and AdamW state take
     on a CPU run of ``config`` over ``world_size`` ranks (module doc). Megatron-style engine: fp32
-    weights and gradients split over tensor x pipeline x expert ranks, AdamW's two moments also over
-    the data ranks with ``optimizer.shard_optimizer_state``; DeepSpeed: the working weights (split
+    weights and gradients split over tensor x expert ranks, under pipeline parallelism those of the
+    fewest layers a pipeline rank holds, AdamW's two moments also over the data ranks with
+    ``optimizer.shard_optimizer_state``; DeepSpeed: the working weights (split
     over every rank under ZeRO-3), fp32 masters and moments over every rank, and never less than
     the whole fp32 model every rank materialises first."""
     n = config.model.parameter_count_lower_bound()
@@ -40,14 +41,16 @@ def model_state_bytes(config: TrainConfig, world_size: int) -> int:
         # Before DeepSpeed partitions and casts it, every rank holds the whole model in fp32 (``allocate``).
         return max(4 * n, weights + (12 * n // world_size if trains_all else 0))
     p = config.parallel
-    model_parallel = p.tensor * p.pipeline * p.expert
+    split = p.tensor * p.expert  # the pipeline's split is counted in n
     data = max(1, world_size // (p.tensor * p.pipeline * p.context))
     if p.pipeline > 1:  # embeddings, heads and the ViT live on the end stages: a middle one has its layers alone
-        n = config.model.layer_parameter_count_lower_bound()
-    weights = 4 * n // model_parallel
+        # The rank of fewest layers bounds every rank (stages may be uneven: ParallelSizes.layers_per_pipeline_rank).
+        fewest = min(p.layers_per_pipeline_rank(config.model.num_layers))
+        n = config.model.layer_parameter_count_lower_bound() * fewest // config.model.num_layers
+    weights = 4 * n // split
     if not trains_all:
         return weights
-    moments = 8 * n // (model_parallel * (data if config.optimizer.shard_optimizer_state else 1))
+    moments = 8 * n // (split * (data if config.optimizer.shard_optimizer_state else 1))
     return 2 * weights + moments  # weights and their gradients, then AdamW's moments
 
 

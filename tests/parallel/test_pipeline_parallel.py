@@ -34,11 +34,94 @@ def noised_pack(seed: int, config: MoTConfig = CONFIG):
 
 # ---------------------------------------------------------------- stage construction (one process)
 def test_chunks_follow_megatron_interleaving():
-    assert stage_layer_ranges(8, 2, 2, 0) == [range(0, 2), range(4, 6)]
-    assert stage_layer_ranges(8, 2, 2, 1) == [range(2, 4), range(6, 8)]
-    assert stage_layer_ranges(8, 4, 1, 3) == [range(6, 8)]
-    with pytest.raises(ValueError, match="num_layers=6 is not divisible by pipeline\\*virtual_pipeline=4"):
-        stage_layer_ranges(6, 2, 2, 0)
+    assert stage_layer_ranges(8, ParallelSizes(pipeline=2, virtual_pipeline=2), 0) == [range(0, 2), range(4, 6)]
+    assert stage_layer_ranges(8, ParallelSizes(pipeline=2, virtual_pipeline=2), 1) == [range(2, 4), range(6, 8)]
+    assert stage_layer_ranges(8, ParallelSizes(pipeline=4), 3) == [range(6, 8)]
+    with pytest.raises(ValueError, match="num_layers=6 is not divisible by pipeline\\*virtual_pipeline=2\\*2=4"):
+        stage_layer_ranges(6, ParallelSizes(pipeline=2, virtual_pipeline=2), 0)
+
+
+def uneven(pipeline: int, virtual: int = 1, first: int | None = None, last: int | None = None) -> ParallelSizes:
+    return ParallelSizes(
+        pipeline=pipeline,
+        virtual_pipeline=virtual,
+        num_layers_in_first_pipeline_stage=first,
+        num_layers_in_last_pipeline_stage=last,
+    )
+
+
+# (num_layers, sizes): even splits, and megatron-core's uneven first / last ranks with and without
+# interleaving; 36 layers on 8 ranks with 3 at each end is Qwen3-VL-8B's.
+SPLITS = [
+    (8, uneven(2)),
+    (8, uneven(2, 2)),
+    (12, uneven(4, 3)),
+    (36, uneven(8, first=3, last=3)),
+    (3, uneven(2, first=1)),
+    (4, uneven(2, last=1)),
+    (10, uneven(4, first=1)),
+    (6, uneven(3, first=1, last=1)),
+    (5, uneven(2, first=2, last=3)),
+    (12, uneven(4, 2, first=2, last=2)),
+    (10, uneven(3, 2, first=2)),
+    (12, uneven(2, 2, first=4)),
+    (20, uneven(3, 2, last=4)),
+]
+
+
+def megatron_core_virtual_stages(num_layers: int, sizes: ParallelSizes) -> list[range]:
+    """megatron-core's own split (``get_transformer_layer_offset``, ``get_num_layers_to_build``, which
+    take the pipeline rank and need no process group), by virtual stage ``chunk * pipeline + rank``."""
+    import warnings
+
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    virtual = sizes.virtual_pipeline if sizes.virtual_pipeline > 1 else None
+    with warnings.catch_warnings():  # megatron-core's deprecation notes about settings we leave alone
+        warnings.simplefilter("ignore", UserWarning)
+        config = TransformerConfig(
+            num_layers=num_layers,
+            hidden_size=8,
+            num_attention_heads=1,
+            pipeline_model_parallel_size=sizes.pipeline,
+            virtual_pipeline_model_parallel_size=virtual,
+            num_layers_in_first_pipeline_stage=sizes.num_layers_in_first_pipeline_stage,
+            num_layers_in_last_pipeline_stage=sizes.num_layers_in_last_pipeline_stage,
+            pipeline_dtype=torch.float32,
+        )
+    stages = []
+    for chunk in range(sizes.virtual_pipeline):
+        for rank in range(sizes.pipeline):
+            vp_stage = chunk if virtual else None
+            start = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=rank)
+            stages.append(range(start, start + get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=rank)))
+    return stages
+
+
+@pytest.mark.parametrize("num_layers, sizes", SPLITS)
+def test_the_layer_split_is_megatron_cores(num_layers, sizes):
+    virtual_stages = sizes.virtual_stage_layers(num_layers)
+    assert virtual_stages == megatron_core_virtual_stages(num_layers, sizes)
+    assert [i for layers in virtual_stages for i in layers] == list(range(num_layers))  # each once, in order
+    for rank in range(sizes.pipeline):
+        chunks = stage_layer_ranges(num_layers, sizes, rank)
+        assert chunks == virtual_stages[rank :: sizes.pipeline]
+        assert sum(map(len, chunks)) == sizes.layers_per_pipeline_rank(num_layers)[rank]
+
+
+def test_uneven_splits_worked_by_hand():
+    assert uneven(8, first=3, last=3).layers_per_pipeline_rank(36) == [3, 5, 5, 5, 5, 5, 5, 3]
+    assert stage_layer_ranges(3, uneven(2, first=1), 1) == [range(1, 3)]
+    # Interleaved: each rank's layers in two equal chunks, chunk c from the c-th half of the model.
+    sizes = uneven(4, 2, first=2, last=2)
+    assert [stage_layer_ranges(12, sizes, rank) for rank in range(4)] == [
+        [range(0, 1), range(6, 7)],
+        [range(1, 3), range(7, 9)],
+        [range(3, 5), range(9, 11)],
+        [range(5, 6), range(11, 12)],
+    ]
 
 
 def test_chained_chunks_equal_the_model_and_keep_its_parameter_names():
@@ -193,16 +276,15 @@ def test_one_f_one_b_warms_up_pipeline_minus_rank_minus_one_forwards():
 
 
 # ---------------------------------------------------------------- real ranks (gloo)
-def _pipeline_matches_one_process(rank, world_size, virtual, tied, microbatch_counts):
+def _pipeline_matches_one_process(rank, world_size, sizes, num_layers, tied, microbatch_counts):
     from megatron_cosmos3.objectives.losses import loss_breakdown
     from megatron_cosmos3.parallel.pipeline import split_into_stages
     from megatron_cosmos3.parallel.pipeline_schedules import forward_backward
     from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
     from megatron_cosmos3.testing.reference import compare_to_reference
 
-    config = copy.deepcopy(CONFIG)
-    config.tie_word_embeddings = tied
-    groups = initialize_parallel(ParallelSizes(pipeline=world_size, virtual_pipeline=virtual), config)
+    config = dataclasses.replace(copy.deepcopy(CONFIG), num_layers=num_layers, tie_word_embeddings=tied)
+    groups = initialize_parallel(sizes, config)
     try:
         torch.manual_seed(0)
         reference = MoTModel(config)
@@ -227,7 +309,7 @@ def _pipeline_matches_one_process(rank, world_size, virtual, tied, microbatch_co
             for optimizer in optimizers:
                 optimizer.step()
         report["data"] = compare_to_reference(stages, reference, what="data")
-        if virtual > 1:
+        if sizes.virtual_pipeline > 1:
             try:
                 forward_backward(stages, [noised_pack(0, config)] * 3)
             except ValueError as error:  # raised before any rank sends anything
@@ -239,19 +321,27 @@ def _pipeline_matches_one_process(rank, world_size, virtual, tied, microbatch_co
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
-    "virtual, tied, microbatch_counts",
+    "sizes, num_layers, tied, microbatch_counts, layers_by_rank",
     [
-        (1, True, (4, 3, 1)),  # 1F1B; 3 and 1 micro-batches: not a multiple of / fewer than the stages
-        (2, False, (4, 2, 6)),  # interleaved; 2 = pipeline: every forward is a warm-up forward
+        # 1F1B; 3 and 1 micro-batches: not a multiple of / fewer than the stages
+        (uneven(2), 4, True, (4, 3, 1), [{"0", "1"}, {"2", "3"}]),
+        # interleaved; 2 = pipeline: every forward is a warm-up forward
+        (uneven(2, 2), 4, False, (4, 2, 6), [{"0", "2"}, {"1", "3"}]),
+        # uneven stages: the first rank holds one layer besides the embeddings, the last two
+        (uneven(2, first=1), 3, False, (2, 1), [{"0"}, {"1", "2"}]),
+        # interleaved uneven: chunks of 1 | 2 layers from each half of the model (megatron-core's)
+        (uneven(2, 2, first=2), 6, True, (2,), [{"0", "3"}, {"1", "2", "4", "5"}]),
     ],
+    ids=["1f1b", "interleaved", "uneven", "interleaved-uneven"],
 )
-def test_pp2_loss_gradients_and_adamw_steps_match_one_process(virtual, tied, microbatch_counts):
-    reports = run_on_ranks(_pipeline_matches_one_process, 2, virtual, tied, microbatch_counts)
+def test_pp2_loss_gradients_and_adamw_steps_match_one_process(
+    sizes, num_layers, tied, microbatch_counts, layers_by_rank
+):
+    reports = run_on_ranks(_pipeline_matches_one_process, 2, sizes, num_layers, tied, microbatch_counts)
     names = [set(r["names"]) for r in reports]
     layers = [{n.split(".")[1] for n in rank_names if n.startswith("layers.")} for rank_names in names]
-    assert layers == ([{"0", "1"}, {"2", "3"}] if virtual == 1 else [{"0", "2"}, {"1", "3"}])
-    config = copy.deepcopy(CONFIG)
-    config.tie_word_embeddings = tied
+    assert layers == layers_by_rank
+    config = dataclasses.replace(copy.deepcopy(CONFIG), num_layers=num_layers, tie_word_embeddings=tied)
     assert names[0] | names[1] == {n for n, _ in MoTModel(config).named_parameters()}
     # Tied: the last stage's lm_head.weight is embed_tokens.weight, named as in the full model.
     assert ("embed_tokens.weight" in names[1]) == tied and ("lm_head.weight" in names[0]) is False
@@ -266,7 +356,7 @@ def test_pp2_loss_gradients_and_adamw_steps_match_one_process(virtual, tied, mic
             assert step_grads[worst] <= TOLERANCE, (worst, step_grads[worst])
         worst = max(report["data"], key=report["data"].get)
         assert report["data"][worst] <= TOLERANCE, (worst, report["data"][worst])
-    if virtual > 1:
+    if sizes.virtual_pipeline > 1:
         assert all("num_microbatches=3 is not a multiple of pipeline=2" in r["error"] for r in reports)
 
 

@@ -30,6 +30,50 @@ MODEL = MoTConfig(hidden_size=64, num_layers=4, num_attention_heads=4, num_kv_he
         (ParallelSizes(expert=2), 2, "expert=2 needs a mixture-of-experts model"),
         (ParallelSizes(sequence_parallel=True), 1, "sequence_parallel=True needs tensor > 1"),
         (ParallelSizes(tensor=0), 1, "tensor=0 must be an int >= 1"),
+        # Uneven pipeline stages (megatron-core's fields; MODEL has 4 layers).
+        (
+            ParallelSizes(num_layers_in_first_pipeline_stage=1),
+            1,
+            "num_layers_in_first_pipeline_stage=1 needs pipeline > 1",
+        ),
+        (  # the first stage holds the embeddings (and the ViT): it runs at least one layer
+            ParallelSizes(pipeline=2, num_layers_in_first_pipeline_stage=0),
+            2,
+            "num_layers_in_first_pipeline_stage=0 must be an int >= 1",
+        ),
+        (
+            ParallelSizes(pipeline=2, num_layers_in_last_pipeline_stage=-1),
+            2,
+            "num_layers_in_last_pipeline_stage=-1 must be an int >= 1",
+        ),
+        (
+            ParallelSizes(pipeline=3, num_layers_in_first_pipeline_stage=1),
+            3,
+            r"num_layers=4 with num_layers_in_first_pipeline_stage=1 leaves 3 layers for the other 2 pipeline "
+            r"ranks, not a positive multiple of their 2\*virtual_pipeline=2 chunks",
+        ),
+        (  # no middle rank left without layers (nor with fewer than none: megatron-core accepts this)
+            ParallelSizes(pipeline=3, num_layers_in_first_pipeline_stage=3, num_layers_in_last_pipeline_stage=3),
+            3,
+            "leaves -2 layers for the other 1 pipeline ranks",
+        ),
+        (
+            ParallelSizes(pipeline=2, num_layers_in_first_pipeline_stage=2, num_layers_in_last_pipeline_stage=1),
+            2,
+            "num_layers_in_first_pipeline_stage=2, num_layers_in_last_pipeline_stage=1 hold 3 layers, but "
+            "num_layers=4 and pipeline=2 has no other rank",
+        ),
+        (  # interleaved: every chunk of the first rank takes the same number of layers
+            ParallelSizes(pipeline=2, virtual_pipeline=2, num_layers_in_first_pipeline_stage=1),
+            2,
+            "num_layers_in_first_pipeline_stage=1 is not divisible by virtual_pipeline=2",
+        ),
+        (
+            ParallelSizes(pipeline=3, virtual_pipeline=2, num_layers_in_first_pipeline_stage=2),
+            3,
+            r"leaves 2 layers for the other 2 pipeline ranks, not a positive multiple of their "
+            r"2\*virtual_pipeline=4 chunks",
+        ),
     ],
 )
 def test_invalid_layouts_name_the_offending_pair(sizes, world, message):
@@ -48,6 +92,10 @@ def test_invalid_layouts_name_the_offending_pair(sizes, world, message):
             r"ffn_hidden_size=63 \(the dense MLPs of \['reasoner'\]\) is not divisible by tensor=2",
         ),
         (["parallel.pipeline=2", "model.num_layers=3"], r"num_layers=3 is not divisible by pipeline\*virtual_pipeline"),
+        (
+            ["parallel.pipeline=2", "model.num_layers=3", "parallel.num_layers_in_last_pipeline_stage=0"],
+            "num_layers_in_last_pipeline_stage=0 must be an int >= 1",
+        ),
         # MQA under TP: refused (megatron-core would replicate the one KV head; our TP plan splits heads).
         (["parallel.tensor=2", "model.num_kv_heads=1"], "num_kv_heads=1 is not divisible by tensor=2"),
         (

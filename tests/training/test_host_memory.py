@@ -57,12 +57,26 @@ def test_the_estimate_is_at_most_what_a_model_takes(settings):
     assert model_state_bytes(config, 2) <= model_state_bytes(config, 1)
 
 
-def test_every_pipeline_stage_holds_at_least_the_estimate():
+@pytest.mark.parametrize(
+    "layout",
+    [
+        (*TINY_VIT, "parallel.pipeline=4"),
+        # Uneven stages: the first holds one layer of four, fewer than the two an even split gives it.
+        ("parallel.pipeline=2", "parallel.num_layers_in_first_pipeline_stage=1"),
+        # Interleaved: two layers of six on the first rank, one per chunk.
+        (
+            *("model.num_layers=6", "parallel.pipeline=2", "parallel.virtual_pipeline=2"),
+            *("optimizer.micro_batches_per_step=2", "parallel.num_layers_in_first_pipeline_stage=2"),
+        ),
+    ],
+)
+def test_every_pipeline_stage_holds_at_least_the_estimate(layout):
     """Under pipeline parallelism the end stages hold the embeddings, heads and ViT, a middle stage
-    its layers alone: a rank's estimate is at most what the smallest stage's weights, gradients and
-    AdamW moments (fp32) really take."""
-    config = load_config(None, [*TINY_MODEL, *TINY_VIT, "model.num_layers=4", "parallel.pipeline=4"])
+    its layers alone, and the stages may hold different numbers of layers: a rank's estimate is at
+    most what the smallest stage's weights, gradients and AdamW moments (fp32) really take."""
+    config = load_config(None, [*TINY_MODEL, "model.num_layers=4", *layout])
     model = MoTModel(config.model)
+    pipeline = config.parallel.pipeline
 
     def held(rank: int) -> int:  # each parameter once: a tied one may appear in two chunks
         return sum(
@@ -71,8 +85,9 @@ def test_every_pipeline_stage_holds_at_least_the_estimate():
             }.values()
         )
 
-    smallest = min(held(rank) for rank in range(4))
-    assert 0 < model_state_bytes(config, 4) <= 16 * smallest, (model_state_bytes(config, 4), 16 * smallest)
+    smallest = min(held(rank) for rank in range(pipeline))
+    estimate = model_state_bytes(config, pipeline)
+    assert 0 < estimate <= 16 * smallest, (estimate, 16 * smallest)
 
 
 def _write(path, text: str) -> None:

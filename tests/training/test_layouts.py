@@ -101,6 +101,7 @@ def moe_reference():
     return shared_reference("single-moe", *MOE)
 
 
+PP2_UNEVEN = ["parallel.pipeline=2", "parallel.num_layers_in_first_pipeline_stage=1"]
 # (ranks, overrides): every layout's global batch is two micro-batches, as the reference's.
 LAYOUTS = {
     "tp2": (2, ["parallel.tensor=2", "optimizer.micro_batches_per_step=2"]),
@@ -110,6 +111,8 @@ LAYOUTS = {
         2,
         ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "optimizer.micro_batches_per_step=2"],
     ),
+    # Uneven stages (megatron-core's num_layers_in_first_pipeline_stage): one layer, then three.
+    "pp2-uneven": (2, [*PP2_UNEVEN, "optimizer.micro_batches_per_step=2"]),
     "cp2": (2, ["parallel.context=2", "optimizer.micro_batches_per_step=2"]),
     "dp2-zero": (2, ["optimizer.micro_batches_per_step=1"]),  # one micro-batch per data-parallel rank
     # megatron-core's DistributedDataParallel averaging the gradients (on gloo through megatron_on_cpu).
@@ -203,31 +206,41 @@ def test_each_layout_trains_like_one_process(request, tmp_path, family, name):
     check_generation_samples(tmp_path, name, reference_root, reference_run)
 
 
+# (saved under, resumed under): checkpoints name parameters as the full model does, whatever the layout.
+RESUMES = {
+    "tp2-then-dp2": (
+        ["parallel.tensor=2", "optimizer.micro_batches_per_step=2"],
+        ["optimizer.micro_batches_per_step=1"],
+    ),
+    # Uneven stages (layers 0 | 1..3) saved, even ones (0..1 | 2..3) resumed.
+    "pp2-uneven-then-pp2": (
+        [*PP2_UNEVEN, "optimizer.micro_batches_per_step=2"],
+        ["parallel.pipeline=2", "optimizer.micro_batches_per_step=2"],
+    ),
+}
+
+
 @pytest.mark.multiprocess
-def test_saved_with_tp2_resumes_with_dp2_and_with_one_process(reference, tmp_path):
+@pytest.mark.parametrize("case", list(RESUMES))
+def test_saved_under_one_layout_resumes_under_another_and_with_one_process(reference, tmp_path, case):
     _, want = reference
+    saved_layout, resumed_layout = RESUMES[case]
     # The losses alone are compared here: no generation samples at the saves, no held-out loss
     # (each layout's: test_each_layout_trains_like_one_process).
     losses_only = ("tracking.generation_samples=false", "eval.every=0")
-    resumed_at = STEPS - 1  # saved by the TP run at its last step, inside the reference's run
-    train(
-        tmp_path,
-        "tp2-then",
-        f"steps={resumed_at}",
-        "parallel.tensor=2",
-        "optimizer.micro_batches_per_step=2",
-        *losses_only,
-    )
-    for name in ("dp2-resumed", "single-resumed"):
-        shutil.copytree(tmp_path / "tp2-then", tmp_path / name)
-    train(tmp_path, "dp2-resumed", f"steps={STEPS}", "optimizer.micro_batches_per_step=1", *losses_only)
+    resumed_at = STEPS - 1  # saved by the first layout at its last step, inside the reference's run
+    train(tmp_path, "saved", f"steps={resumed_at}", *saved_layout, *losses_only)
+    for name in ("resumed", "single-resumed"):
+        shutil.copytree(tmp_path / "saved", tmp_path / name)
+    train(tmp_path, "resumed", f"steps={STEPS}", *resumed_layout, *losses_only)
     single = overrides(tmp_path, "single-resumed", f"steps={STEPS}", "optimizer.micro_batches_per_step=2", *losses_only)
     config = load_config(None, single)
     train_module.train(config, DistributedContext(0, 1, 0, torch.device("cpu")))
     # Both resumed runs continue the MLflow run of the checkpoint they resumed: steps 1 to
-    # ``resumed_at`` under TP=2, then the rest once under DP=2 with ZeRO and once in one process.
+    # ``resumed_at`` under the saving layout, then the rest once under the resuming layout and once
+    # in one process.
     losses = {}
-    for step, value in history_with_steps(tmp_path, "tp2-then"):
+    for step, value in history_with_steps(tmp_path, "saved"):
         losses.setdefault(step, []).append(value)
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step in range(1, resumed_at + 1):

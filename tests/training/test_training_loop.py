@@ -373,6 +373,11 @@ def test_training_the_vit_needs_its_config_and_its_deepstack_layers_on_the_first
     with pytest.raises(ValueError, match=r"2 DeepStack feature sets join Reasoner layers 0..1, .* gives it 1"):
         load_config(None, [*TINY, *two_sets, "parallel.pipeline=2"])
     load_config(None, [*TINY, *two_sets, "parallel.tensor=2"])  # no pipeline: nothing to check
+    # Uneven stages: the first chunk is the first stage's own count (of 4 layers, 2 would go there evenly).
+    four = [*two_sets, "model.num_layers=4", "parallel.pipeline=2"]
+    with pytest.raises(ValueError, match=r"num_layers_in_first_pipeline_stage=1 gives it 1"):
+        load_config(None, [*TINY, *four, "parallel.num_layers_in_first_pipeline_stage=1"])
+    load_config(None, [*TINY, *four, "parallel.num_layers_in_last_pipeline_stage=1"])  # 3 on the first stage
 
 
 def test_a_model_without_embodiments_trains_its_other_tasks_and_refuses_action_tasks_by_field(tmp_path):
