@@ -78,7 +78,7 @@ from megatron_cosmos3.encoders.pseudo_actions import (
     get_layout,
 )
 from megatron_cosmos3.encoders.rotations import euler_xyz_to_matrix, quaternion_to_matrix, rotation_vector_to_matrix
-from megatron_cosmos3.json_files import LongIntegerError, loads, unique_keys
+from megatron_cosmos3.json_files import JsonNumberError, loads, unique_keys
 
 log = logging.getLogger("ingest_lerobot")
 CHECK = MediaConfig(clip_seconds=1.0, clip_start="first")
@@ -178,7 +178,7 @@ def read_info(root: Path) -> dict:
     try:
         # A key given twice (which "fps"?) is refused: parsers disagree on which one wins.
         info = loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=unique_keys)
-    except LongIntegerError as error:
+    except JsonNumberError as error:
         raise ValueError(f"{path}: {error}") from None
     except (OSError, ValueError, RecursionError) as error:  # missing, not UTF-8, cut or not JSON
         raise ValueError(f"{path}: not a readable JSON file ({type(error).__name__}: {error})") from None

@@ -48,7 +48,7 @@ from megatron_cosmos3.data.media_files import (
 )
 from megatron_cosmos3.data.schema import SCHEMA_VERSION, blank_text, decode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter, check_split_output, run_split, write_parts
-from megatron_cosmos3.json_files import loads, no_constant, unique_keys
+from megatron_cosmos3.json_files import loads, unique_keys
 
 log = logging.getLogger("ingest_videos")
 NOT_A_VIDEO = "not_a_video"
@@ -149,7 +149,7 @@ def caption_of(video: Path, in_dir: Path, listed: dict[str, dict]) -> dict:
     try:  # a broken sidecar loses its video (counted), not the run
         if sidecar is not None:
             text = sidecar.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no text
-            entry = loads(text, object_pairs_hook=unique_keys, parse_constant=no_constant)
+            entry = loads(text, object_pairs_hook=unique_keys)
         if entry is None and video.with_suffix(".txt").is_file():
             sidecar = video.with_suffix(".txt")
             entry = {"caption": sidecar.read_text(encoding="utf-8-sig").strip()}
@@ -203,7 +203,7 @@ def ingest_videos(
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:  # strict: a key given twice, or NaN, would be read one way here and another elsewhere
-                    entry = loads(line, object_pairs_hook=unique_keys, parse_constant=no_constant)
+                    entry = loads(line, object_pairs_hook=unique_keys)
                     if entry["file"] in listed:  # which of two captions was meant cannot be told
                         raise ValueError(f"file {entry['file']!r} is listed twice")
                     listed[entry["file"]] = entry

@@ -25,7 +25,7 @@ from megatron_cosmos3.data.media import encode_json
 from megatron_cosmos3.data.schema import FIELDS, SCHEMA_VERSION, decode_sample
 from megatron_cosmos3.data.shard_writer import ShardWriter, check_split_output
 from megatron_cosmos3.data.shards import ShardIndex
-from megatron_cosmos3.json_files import loads, no_constant, unique_keys
+from megatron_cosmos3.json_files import loads, unique_keys
 
 log = logging.getLogger("write_shards")
 _MEDIA = sorted({name.split(".")[0] for name in FIELDS if name != "meta.json"})
@@ -69,7 +69,7 @@ def write_shards(
                 continue
             try:
                 # strict: a key given twice (which file is the video?) or NaN is the entry's skip
-                entry = loads(line, object_pairs_hook=unique_keys, parse_constant=no_constant)
+                entry = loads(line, object_pairs_hook=unique_keys)
                 sample = manifest_sample(entry, manifest.parent)
                 writer.write_raw(sample, decode_sample(sample).modalities)
             except SampleError as error:

@@ -3,16 +3,20 @@
 ``json.loads`` fails on hostile bytes with errors that name neither the file nor, sometimes, the
 problem: ``UnicodeDecodeError`` (not UTF-8), ``RecursionError`` (``[[[[...`` nested past the
 parser), a bare ``ValueError`` (an integer of more than 4300 digits, naming no field), and takes the
-last of a key given twice without a sign. ``read_json`` turns each of these into one error of the
-caller's type that names the file; what the document must hold is the caller's check. ``loads`` is
-``json.loads`` where a too-long integer names its field (``long_integer_problem``, as the config
-side's ``yaml_integers`` names its key); ``unique_keys`` and ``no_constant`` are the parser hooks
-every strict reader shares.
+last of a key given twice without a sign; it also reads ``NaN``/``Infinity`` (not JSON) and a
+literal past the float range (``1e999``, 400 digits with a fraction) as NaN or inf without a word.
+``read_json`` turns each of these into one error of the caller's type that names the file; what
+the document must hold is the caller's check; ``parse_json`` does the same for text read
+elsewhere, naming where it came from. ``loads`` is ``json.loads`` where a too-long integer
+or a non-finite number is a ``JsonNumberError`` naming its field (``long_integer_problem``, as the
+config side's ``yaml_integers`` names its key); ``unique_keys`` is the parser hook every strict
+reader shares.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -47,8 +51,28 @@ def long_integers(text: str) -> int | LongInteger:
     return LongInteger(text) if limit and len(text.lstrip("-")) > limit else int(text)
 
 
-class LongIntegerError(ValueError):
-    """A JSON document holds an integer too long for Python (``loads``); the message names its field."""
+class NonFinite:
+    """A JSON number that is not finite (``NaN``, ``Infinity``, ``-Infinity``, or a literal past the
+    float range that Python reads as inf), left as its text by ``loads`` so the field can be named."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        # a 400-digit literal is named by its start and length, not written out
+        return self.text if len(self.text) <= 24 else f"{self.text[:16]}...<{len(self.text)} characters>"
+
+
+class JsonNumberError(ValueError):
+    """A JSON document holds a number no reader takes (``loads``); the message names its field."""
+
+
+class LongIntegerError(JsonNumberError):
+    """An integer too long for Python."""
+
+
+class NonFiniteNumberError(JsonNumberError):
+    """NaN, Infinity or a literal past the float range, where the caller did not allow them."""
 
 
 def long_integer_problem(name: str, digits: int, takes: str = "field") -> str:
@@ -57,11 +81,14 @@ def long_integer_problem(name: str, digits: int, takes: str = "field") -> str:
     return f"{name}=<an integer of {digits} digits> is not a number any {takes} takes"
 
 
-def loads(text: str, **hooks: Any) -> Any:
+def loads(text: str, *, allow_non_finite: bool = False, **hooks: Any) -> Any:
     """``json.loads(text, **hooks)``, where an integer of more digits than Python converts is a
-    ``LongIntegerError`` (a ValueError) naming its field (``shards[0].samples=<an integer of 5000
-    digits> ...``); Python's own ValueError named none."""
-    found: list[LongInteger] = []
+    ``LongIntegerError`` naming its field (``shards[0].samples=<an integer of 5000 digits> ...``;
+    Python's own ValueError named none), and ``NaN``, ``Infinity`` or a literal Python reads as inf
+    (``1e999``) a ``NonFiniteNumberError`` naming its field and text (Python took them silently),
+    unless ``allow_non_finite``. A hook given in ``hooks`` replaces this reader's (``parse_int=
+    long_integers`` keeps a long integer in the document for the caller to name)."""
+    found: list[LongInteger | NonFinite] = []
 
     def parse_int(digits: str) -> int | LongInteger:
         value = long_integers(digits)
@@ -69,9 +96,26 @@ def loads(text: str, **hooks: Any) -> Any:
             found.append(value)
         return value
 
-    document = json.loads(text, parse_int=parse_int, **hooks)
+    def parse_float(number: str) -> float | NonFinite:
+        value = float(number)
+        if math.isfinite(value):
+            return value
+        found.append(NonFinite(number))
+        return found[-1]
+
+    def parse_constant(name: str) -> NonFinite:
+        found.append(NonFinite(name))
+        return found[-1]
+
+    own: dict[str, Any] = {"parse_int": parse_int}
+    if not allow_non_finite:
+        own.update(parse_float=parse_float, parse_constant=parse_constant)
+    document = json.loads(text, **(own | hooks))
     if found:
-        raise LongIntegerError(long_integer_problem(_field_of(document, found[0]), found[0].digits))
+        first, name = found[0], _field_of(document, found[0])
+        if isinstance(first, LongInteger):
+            raise LongIntegerError(long_integer_problem(name, first.digits))
+        raise NonFiniteNumberError(f"{name}={first!r} is not a finite number (NaN, Infinity or past the float range)")
     return document
 
 
@@ -90,28 +134,31 @@ def _field_of(document: Any, value: Any) -> str:
     return "the document"
 
 
-def no_constant(name: str) -> None:
-    """``parse_constant`` refusing NaN, Infinity and -Infinity, which are not JSON."""
-    raise ValueError(f"{name} is not a JSON number")
+def parse_json(text: str, where: str, error: type[Exception] = ValueError) -> Any:
+    """The JSON document of ``text``, read as ``read_json`` reads a file's: ``error("<where>: ...")``
+    for text that is not JSON (nested past the parser's depth, an object giving a key twice) or a
+    number no reader takes (``loads``: named by its field)."""
+    try:
+        return loads(text, object_pairs_hook=unique_keys)
+    except RecursionError:
+        raise error(f"{where}: not JSON (nested deeper than the parser reads)") from None
+    except JsonNumberError as cause:
+        raise error(f"{where}: {cause}") from None
+    except ValueError as cause:  # JSONDecodeError, or a key given twice
+        raise error(f"{where}: not JSON ({cause})") from None
 
 
 def read_json(path: str | Path, error: type[Exception] = ValueError) -> Any:
     """The JSON document of the file ``path``; ``error("<path>: ...")`` for a path that is missing or
     not a regular file (a FIFO or device would be read without end), bytes that are not UTF-8, or
-    text that is not JSON (also nested past the parser's depth, a number Python refuses, or an
-    object giving a key twice; an integer Python will not convert is named by its field)."""
+    text ``parse_json`` refuses."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: {'not a regular file' if path.exists() else 'missing'}")
     try:
-        return loads(path.read_bytes().decode("utf-8"), object_pairs_hook=unique_keys)
+        text = path.read_bytes().decode("utf-8")
     except OSError as cause:
         raise error(f"{path}: unreadable ({cause})") from None
     except UnicodeDecodeError as cause:
         raise error(f"{path}: not UTF-8 text ({cause})") from None
-    except RecursionError:
-        raise error(f"{path}: not JSON (nested deeper than the parser reads)") from None
-    except LongIntegerError as cause:
-        raise error(f"{path}: {cause}") from None
-    except ValueError as cause:  # JSONDecodeError, or a key given twice
-        raise error(f"{path}: not JSON ({cause})") from None
+    return parse_json(text, str(path), error)

@@ -386,7 +386,7 @@ class Checkpointer:
         if self.rank == 0:
             try:
                 self._commit_files(pending, final)
-            except (OSError, CheckpointSaveError) as error:
+            except (OSError, CheckpointSaveError, CheckpointCorruptError) as error:  # a rank's damaged checksums
                 failed = _save_error(
                     f"checkpoint of step {pending.step} not committed in {pending.staging}: {_named(error)}; "
                     f"{self._kept()}",

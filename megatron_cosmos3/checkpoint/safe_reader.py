@@ -87,10 +87,15 @@ def file_record(path: Path) -> dict:
 
 
 def write_manifest(folder: Path, extra: tuple[str, ...] = (METADATA, "meta.json")) -> None:
-    """Merges the per-rank checksum files of ``folder`` with the records of ``extra`` into MANIFEST."""
+    """Merges the per-rank checksum files of ``folder`` with the records of ``extra`` into MANIFEST.
+    CheckpointCorruptError naming the part file (and field) for one that is not a JSON object, as a
+    rank cut short by a full disk leaves it."""
     files = {}
     for part in sorted(folder.glob(f"__*_{RANK_MANIFEST_SUFFIX}")):
-        files.update(json.loads(part.read_text()))
+        records = read_json(part, CheckpointCorruptError)
+        if not isinstance(records, dict):
+            raise CheckpointCorruptError(f"{part}: expected an object of file records, got {records!r:.200}")
+        files.update(records)
         part.unlink()
     files.update({name: file_record(folder / name) for name in extra if (folder / name).is_file()})
     (folder / MANIFEST).write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1, sort_keys=True))

@@ -53,7 +53,7 @@ from megatron_cosmos3.data.slot_stream import SlotStream, iterate_slots
 from megatron_cosmos3.data.tokenizer import build_tokenizer
 from megatron_cosmos3.data.vision_features import vision_featurizer
 from megatron_cosmos3.encoders.action_normalization import ACTION_STATS_FILENAME, ActionStats
-from megatron_cosmos3.json_files import LongIntegerError, loads, no_constant, unique_keys
+from megatron_cosmos3.json_files import JsonNumberError, loads, unique_keys
 from megatron_cosmos3.model.config import MoTConfig
 from megatron_cosmos3.model.packed_batch import PackedBatch
 from megatron_cosmos3.tasks.mixture import TaskMixture
@@ -370,8 +370,8 @@ class PackedLoader:
         try:
             # strict: the writer never writes NaN (json.loads took it, and a NaN token count made
             # every packing-efficiency metric of the resumed run NaN) nor a key twice
-            state = loads(blob.decode("utf-8"), parse_constant=no_constant, object_pairs_hook=unique_keys)
-        except LongIntegerError as error:
+            state = loads(blob.decode("utf-8"), object_pairs_hook=unique_keys)
+        except JsonNumberError as error:
             raise ValueError(f"loader state: {error}") from None
         except (ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             raise ValueError(f"loader state is not JSON ({type(error).__name__}: {error})") from None

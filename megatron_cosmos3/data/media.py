@@ -19,7 +19,7 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from scipy.io import wavfile
 
 from megatron_cosmos3.data.errors import BAD_METADATA, CORRUPT_MEDIA, SampleError
-from megatron_cosmos3.json_files import LongIntegerError, loads
+from megatron_cosmos3.json_files import JsonNumberError, loads
 
 logger = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ def decode_json(data: bytes, name: str) -> dict:
     """A JSON object; anything else (bad UTF-8, bad JSON, a list) is ``bad_metadata``."""
     try:
         document = loads(data.decode("utf-8"))
-    except LongIntegerError as error:
+    except JsonNumberError as error:
         raise SampleError(BAD_METADATA, f"{name}: {error}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as error:  # RecursionError: nested too deep
         raise SampleError(BAD_METADATA, f"{name}: not valid JSON ({error})") from None

@@ -60,7 +60,7 @@ from megatron_cosmos3.data.tar_stream import (
     decompressed,
 )
 from megatron_cosmos3.data.url_patterns import expand_entry
-from megatron_cosmos3.json_files import LongIntegerError, loads, no_constant, unique_keys
+from megatron_cosmos3.json_files import JsonNumberError, loads, unique_keys
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +173,8 @@ class ShardIndex:
             limit = INDEX_LIMITS["index_bytes"]
             raise ValueError(f"{path}: the index holds more than INDEX_LIMITS['index_bytes']={limit:,} bytes")
         try:
-            document = loads(raw.decode("utf-8"), parse_constant=no_constant, object_pairs_hook=unique_keys)
-        except LongIntegerError as error:
+            document = loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
+        except JsonNumberError as error:
             raise ValueError(f"{path}: {error}") from None
         except (UnicodeDecodeError, ValueError, RecursionError) as error:
             raise ValueError(f"{path}: not a JSON index: {type(error).__name__}: {error}") from None

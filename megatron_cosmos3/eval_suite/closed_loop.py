@@ -30,8 +30,9 @@ writes an episode to watch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -45,7 +46,6 @@ from megatron_cosmos3.evaluation.closed_loop import Episode
 from megatron_cosmos3.evaluation.report import MetricRow
 from megatron_cosmos3.evaluation.rows import action_rows, closed_loop_rows
 from megatron_cosmos3.inference.generation import generate
-from megatron_cosmos3.inference.media_outputs import check_finite
 from megatron_cosmos3.inference.requests import GenerationRequest
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.parallel.plan import ParallelPlan
@@ -152,18 +152,17 @@ class ModelPolicy:
         )
 
     def act(self, decisions: Sequence[Decision]) -> list[np.ndarray]:
+        """The generated chunks as they are: a NaN one fails its episode in ``run_episodes``, not the run."""
         requests = [self.request(d) for d in decisions]
         results = generate(self.model, requests, self.builder, plan=self.plan, trained_tasks=self.trained_tasks)
-        for d, result in zip(decisions, results):  # NaN actions would be stepped through the physics
-            where = f"closed loop {d.env.task_kind!r} of {d.env.embodiment!r}, seed {d.seed}, round {d.round}"
-            check_finite(result.sample, where)
         return [result.sample.actions.double().numpy() for result in results]
 
 
 @dataclass
 class EpisodeRun:
-    """One episode as it ran: the ``Episode`` (seed, success, actions executed), the instruction,
-    each chunk the policy gave and the state it was given in, ``execute`` actions of each executed;
+    """One episode as it ran: the ``Episode`` (seed, success, actions executed, why it failed), the
+    instruction, each chunk the policy gave and the state it was given in, ``execute`` actions of
+    each executed (a failed episode's last chunk, holding NaN or Inf, none);
     ``decisions``: what the policy was asked each round (the environment in them has moved on since:
     only its fixed settings — rate, embodiment — still hold); ``references``: per reference policy,
     its chunk at each of those states (never executed); ``frames`` (T, H, W, 3) uint8 and ``audio``
@@ -195,8 +194,10 @@ def run_episodes(
 ) -> list[EpisodeRun]:
     """One episode of ``task`` for ``embodiment`` per seed (module doc), in the order of ``seeds``.
     ``execute``: actions of each chunk executed before deciding again. ``references``: policies asked
-    at the same states, whose chunks are kept for comparison and never executed. ValueError for
-    repeated seeds, ``execute`` < 1 or a chunk shorter than ``execute``."""
+    at the same states, whose chunks are kept for comparison and never executed. A chunk holding
+    NaN or Inf ends its episode as failed (``Episode.failure``: the round and how many values; its
+    ``steps`` those executed before), and the other episodes go on. ValueError for repeated seeds,
+    ``execute`` < 1 or a chunk shorter than ``execute``."""
     if len(set(seeds)) != len(seeds) or not seeds:
         raise ValueError(f"seeds={list(seeds)} must be distinct and not empty: each seed is one episode")
     if isinstance(execute, bool) or not isinstance(execute, int) or execute < 1:
@@ -231,6 +232,11 @@ def run_episodes(
             run.chunks.append(chunk)
             run.states.append(envs[i].state)
             run.decisions.append(decision_of[i])
+            bad = int(np.size(chunk) - np.isfinite(chunk).sum())
+            if bad:  # never stepped through the physics; the other episodes go on (a diverged model's pack)
+                failure = f"round {round_}: the policy's chunk holds {bad} of {chunk.size} values NaN or Inf"
+                run.episode = Episode(seeds[i], False, run.episode.steps, failure)
+                continue
             result = envs[i].step(chunk[:execute])
             if len(result.frames):
                 latest[i] = result.frames[-1]
@@ -313,6 +319,20 @@ class ReferenceCache:
         return self._episodes[key]
 
 
+def open_loop_rows(
+    name: str, predicted: np.ndarray, chance: np.ndarray, expert: np.ndarray, scale: np.ndarray, scale_is: str
+) -> list[MetricRow]:
+    """``action_rows`` of the model's actions at the expert's states; where any holds NaN or Inf
+    (a diverged model, whose episodes failed) the model's error is not measured (NaN, named in the
+    note) and the references are still reported."""
+    bad = int(predicted.size - np.isfinite(predicted).sum())
+    if not bad:
+        return action_rows(name, predicted, chance, expert, scale, scale_is)
+    rows = action_rows(name, expert, chance, expert, scale, scale_is)  # the model's column replaced below
+    why = f"model not measured: {bad} of {predicted.size} of its actions at the expert's states are NaN or Inf"
+    return [replace(row, model=math.nan, note=f"{row.note}; {why}") for row in rows]
+
+
 def closed_loop_rows_for(
     model: MoTModel,
     builder: SampleBuilder,
@@ -386,7 +406,7 @@ def closed_loop_rows_for(
     chance = np.concatenate([chunk for run in references.expert for chunk in run.references["random"]])
     # The suite's unit: the dataset std, else the expert's own spread, over the dims that move.
     scale, moving, scale_is = action_scale(builder.action_stats, embodiment, expert)
-    rows += action_rows(name, predicted[:, moving], chance[:, moving], expert[:, moving], scale, scale_is)
+    rows += open_loop_rows(name, predicted[:, moving], chance[:, moving], expert[:, moving], scale, scale_is)
     if record:
         for who, found in runs.items():
             write_episode_mp4(

@@ -1,6 +1,6 @@
 """Closed-loop success over seeded episodes, with a Wilson score interval (docs/DESIGN.md,
 "Evaluation"). The episode runner (generated action chunks executed in the world, receding
-horizon) hands its outcomes here; this module only aggregates them."""
+horizon) hands its outcomes here, failed episodes among them; this module only aggregates them."""
 
 from __future__ import annotations
 
@@ -13,11 +13,18 @@ from scipy.stats import norm
 
 @dataclass(frozen=True)
 class Episode:
-    """One closed-loop episode: its seed, whether the success predicate held, steps taken."""
+    """One closed-loop episode: its seed, whether the success predicate held, steps taken.
+    ``failure``: why the episode could not go on (the policy gave NaN actions, say), where it
+    stopped at ``steps``; a failed episode is no success."""
 
     seed: int
     success: bool
     steps: int = 0
+    failure: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.failure is not None and self.success:
+            raise ValueError(f"episode {self.seed}: failed ({self.failure}) and succeeded: it is one or the other")
 
 
 def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -38,7 +45,8 @@ def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tu
 
 @dataclass(frozen=True)
 class SuccessRate:
-    """rate: successes / episodes; low/high: the Wilson interval at ``confidence``."""
+    """rate: successes / episodes, a failed episode (``Episode.failure``) counting as no success;
+    low/high: the Wilson interval at ``confidence``; failed: the episodes that failed."""
 
     successes: int
     episodes: int
@@ -46,6 +54,7 @@ class SuccessRate:
     low: float
     high: float
     confidence: float
+    failed: int = 0
 
     @classmethod
     def of(cls, episodes: Sequence[Episode], confidence: float = 0.95) -> SuccessRate:
@@ -58,4 +67,5 @@ class SuccessRate:
             )
         successes = sum(bool(e.success) for e in episodes)
         low, high = wilson_interval(successes, len(episodes), confidence)
-        return cls(successes, len(episodes), successes / len(episodes), low, high, confidence)
+        failed = sum(e.failure is not None for e in episodes)
+        return cls(successes, len(episodes), successes / len(episodes), low, high, confidence, failed)

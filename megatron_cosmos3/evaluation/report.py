@@ -9,8 +9,10 @@ import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from megatron_cosmos3.json_files import parse_json
 
 REFERENCES = ("model", "oracle", "chance")
 # MLflow's metric-name alphabet; "/" nests names in its UI.
@@ -65,6 +67,9 @@ class MetricRow:
         return cls(name, score(model), score(oracle), score(chance), unit, higher_is_better, note)
 
 
+_ROW_FIELDS = frozenset(f.name for f in fields(MetricRow))
+
+
 @dataclass
 class EvalReport:
     """Rows in the order added; ``meta`` says what was evaluated (checkpoint, step, seeds ...)."""
@@ -92,13 +97,24 @@ class EvalReport:
         return json.dumps({"meta": self.meta, "rows": rows}, indent=2, sort_keys=True, allow_nan=False)
 
     @classmethod
-    def from_json(cls, text: str) -> EvalReport:
-        data = json.loads(text)
-        rows = [
-            MetricRow(**{k: (float("nan") if v is None else v) if k in REFERENCES else v for k, v in row.items()})
-            for row in data["rows"]
-        ]
-        return cls(rows, data.get("meta", {}))
+    def from_json(cls, text: str, where: str = "the report") -> EvalReport:
+        """The report ``to_json`` wrote; ValueError naming ``where`` (the file it was read from) and
+        the field for text that is not strict JSON (``json_files.parse_json``) or not a report."""
+        data = parse_json(text, where)
+        if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+            raise ValueError(f"{where}: expected an object whose 'rows' is a list of metric rows")
+        if not isinstance(data.get("meta", {}), dict):
+            raise ValueError(f"{where}: meta={data['meta']!r:.200} must be an object")
+        report = cls(meta=data.get("meta", {}))
+        for i, row in enumerate(data["rows"]):
+            if not isinstance(row, dict) or set(row) - _ROW_FIELDS or not {"name", *REFERENCES} <= set(row):
+                raise ValueError(f"{where}: rows[{i}]={row!r:.200} is no metric row (fields: {sorted(_ROW_FIELDS)})")
+            measured = {k: float("nan") if v is None and k in REFERENCES else v for k, v in row.items()}  # null: NaN
+            try:
+                report.add(MetricRow(**measured))
+            except ValueError as error:  # a bad name or value, a name given twice
+                raise ValueError(f"{where}: rows[{i}]: {error}") from None
+        return report
 
     def mlflow_metrics(self, prefix: str = "eval") -> dict[str, float]:
         """``{prefix}/{name}/{model|oracle|chance}`` -> value, finite values only (MLflow's log_batch)."""

@@ -22,6 +22,7 @@ from megatron_cosmos3.evaluation.video import psnr, ssim
 # episodes in [0, 1] is a fraction, not a count; SSIM is an index without a physical unit.
 FRACTION = "fraction (0-1)"
 SSIM_UNIT = "index (1 = identical)"
+_FAILURES_NAMED = 5  # failed episodes a row's note names one by one; a count says the rest
 
 
 def video_rows(
@@ -82,13 +83,24 @@ def action_rows(
 def closed_loop_rows(
     task: str, model: Sequence[Episode], chance: Sequence[Episode], expert: Sequence[Episode]
 ) -> list[MetricRow]:
-    """Success rate and its Wilson bounds; the oracle is the scripted expert, chance a random policy."""
+    """Success rate and its Wilson bounds, failed episodes counting as failures, and the number of
+    failed episodes, its note naming each (who, seed, step, reason; the first ``_FAILURES_NAMED``);
+    the oracle is the scripted expert, chance a random policy."""
     rates = [SuccessRate.of(episodes) for episodes in (model, expert, chance)]
-    wilson = f"Wilson {rates[0].confidence:g}"
+    wilson = f"Wilson {rates[0].confidence:g}; a failed episode is no success"
+    failures = [
+        f"{who} seed {e.seed} at step {e.steps}: {e.failure}"
+        for who, episodes in (("model", model), ("oracle", expert), ("chance", chance))
+        for e in episodes
+        if e.failure is not None
+    ]
+    more = len(failures) - _FAILURES_NAMED
+    named = "; ".join(failures[:_FAILURES_NAMED] + ([f"{more} more"] if more > 0 else []))
     return [
-        MetricRow(f"{task}/success_rate", *(r.rate for r in rates), FRACTION),
+        MetricRow(f"{task}/success_rate", *(r.rate for r in rates), FRACTION, note="a failed episode is no success"),
         MetricRow(f"{task}/success_low", *(r.low for r in rates), FRACTION, note=wilson),
         MetricRow(f"{task}/success_high", *(r.high for r in rates), FRACTION, note=wilson),
+        MetricRow(f"{task}/failed_episodes", *(r.failed for r in rates), "episodes", False, named),
     ]
 
 

@@ -59,7 +59,8 @@ class GenerationResult:
         """The sidecar record of how the sample was made (``conditioning``: role -> input file)."""
         r = self.request
         reads = request_fields(get_task(r.task))  # an image records no frame rate, a clip no embodiment
-        settings = {key: getattr(r, key) for key in ("shift", "fps", "embodiment") if key in reads}
+        made_with = {"shift": r.shift, "fps": r.frame_rate, "embodiment": r.embodiment}  # fps: given or default
+        settings = {key: value for key, value in made_with.items() if key in reads}
         if r.duration_s is not None or r.num_frames is not None:
             settings.update(duration_s=r.duration_s, num_frames=r.num_frames)
         return GenerationRecord(
@@ -199,7 +200,7 @@ def _result(prepared: PreparedRequest, batch: PackedBatch, tokens: dict, index: 
     streams = SampleStreams(
         prepared.outputs,
         prepared.video_grid,
-        request.fps,
+        request.frame_rate,
         prepared.audio_num_samples,
         embodiment,
         builder.config.embodiments[embodiment].rate_hz if embodiment is not None else None,

@@ -66,7 +66,8 @@ class GenerationRequest:
     task: a task of ``tasks/registry.py`` with DM targets. prompt: the caption / instruction.
     image: (H, W, 3) uint8 — the first frame a clip continues, and the observation a policy sees.
     video: (T, H, W, 3) uint8 at ``fps`` — the conditioning clip (all of it, or its past).
-    fps: a number, or a fraction (``Fraction(30000, 1001)``, "30000/1001") kept as its float.
+    fps: a number, or a fraction (``Fraction(30000, 1001)``, "30000/1001") kept as its float; None
+        (unset) is ``DEFAULT_FPS`` (``frame_rate``), so an fps given equal to it still counts as given.
     audio / audio_sample_rate: (channels, samples) float32 at that rate — conditioning audio.
     actions: (N, dim) float32 pseudo-actions of ``embodiment``, un-normalised — conditioning actions.
     embodiment: whose actions are conditioned on or generated.
@@ -81,7 +82,7 @@ class GenerationRequest:
     prompt: str = ""
     image: np.ndarray | None = None
     video: np.ndarray | None = None
-    fps: float = DEFAULT_FPS
+    fps: float | None = None
     audio: np.ndarray | None = None
     audio_sample_rate: int | None = None
     actions: np.ndarray | None = None
@@ -99,6 +100,11 @@ class GenerationRequest:
         # A rate given as a fraction (30000/1001, "24000/1001") is its float: exact() reads it back.
         if isinstance(self.fps, (Fraction, str)) and rate_value(self.fps) is not None:
             self.fps = rate_value(self.fps)
+
+    @property
+    def frame_rate(self) -> float:
+        """The clip's frame rate: ``fps``, else ``DEFAULT_FPS`` where the request gives none."""
+        return DEFAULT_FPS if self.fps is None else self.fps
 
     @property
     def sampler(self) -> SamplerConfig:
@@ -217,9 +223,8 @@ def request_fields(task: TaskSpec) -> frozenset[str]:
 
 def unread_fields(request: GenerationRequest, task: TaskSpec) -> list[str]:
     """The fields ``request`` gives that a request of ``task`` does not read (``request_fields``):
-    those set away from their default (an fps other than ``DEFAULT_FPS``)."""
+    those not None (an fps equal to ``DEFAULT_FPS`` too: given is given, as the command's keys)."""
     given = [f.name for f in fields(request) if f.default is None and getattr(request, f.name) is not None]
-    given += ["fps"] if request.fps != DEFAULT_FPS else []
     return sorted(set(given) - request_fields(task))
 
 
@@ -234,17 +239,18 @@ def _num_frames(request: GenerationRequest) -> int | None:
             num_latent_frames(request.num_frames)  # ValueError unless 1 + 4k
         except ValueError as error:
             raise _error(request, f"num_frames={request.num_frames}: {error}") from None
-        if request.num_frames / request.fps > DURATION_RANGE_S[1]:
+        if request.num_frames / request.frame_rate > DURATION_RANGE_S[1]:
             raise _error(
                 request,
-                f"num_frames={request.num_frames} at fps={request.fps:g} last longer than the longest clip "
+                f"num_frames={request.num_frames} at fps={request.frame_rate:g} last longer than the longest clip "
                 f"({DURATION_RANGE_S[1]:g} s, schema.DURATION_RANGE_S)",
             )
         return request.num_frames
     if request.duration_s is not None:
         if not 0 < request.duration_s <= DURATION_RANGE_S[1]:  # a clip's range, as in the shards
             raise _error(request, f"duration_s must be in (0, {DURATION_RANGE_S[1]:g}] s, got {request.duration_s!r}")
-        return 1 + VAE_TEMPORAL_FACTOR * max(0, round((request.duration_s * request.fps - 1) / VAE_TEMPORAL_FACTOR))
+        frames = request.duration_s * request.frame_rate
+        return 1 + VAE_TEMPORAL_FACTOR * max(0, round((frames - 1) / VAE_TEMPORAL_FACTOR))
     return None
 
 
@@ -309,7 +315,7 @@ class _Streams:
         h, w = self.grid_hw(pictures)
         given = None
         if pictures is not None:
-            given = self.encoder().encode_video(pictures, request.fps)
+            given = self.encoder().encode_video(pictures, request.frame_rate)
             if given.tokens.shape[1] != self.config.video_token_dim:
                 raise _error(
                     request,
@@ -334,7 +340,7 @@ class _Streams:
             if given.grid_thw[0] < keep:
                 raise _error(request, f"the conditioning video gives {given.grid_thw[0]} latent frames; {keep} needed")
             tokens[: keep * h * w] = given.tokens[: keep * h * w]
-        return tokens, (t, h, w), frames / exact(request.fps)
+        return tokens, (t, h, w), frames / exact(request.frame_rate)
 
     def check_pixels(self, frames: int, h: int, w: int) -> None:
         """The clip decodes to at most clips.MAX_CLIP_BYTES, as any clip of the shards: a crafted
@@ -369,7 +375,7 @@ class _Streams:
             # The actions span the clip, as in training: a step and a frame of slack (a clip of T
             # frames lasts T / fps, its actions' steps start at frames 0 .. T - 1).
             span = actions.shape[0] / spec.rate_hz
-            if abs(span - duration_s) > 1.0 / spec.rate_hz + 1.0 / request.fps:
+            if abs(span - duration_s) > 1.0 / spec.rate_hz + 1.0 / request.frame_rate:
                 raise _error(
                     request,
                     f"the actions span {span:.3f} s ({actions.shape[0]} steps at {spec.rate_hz:g} Hz, "
@@ -412,10 +418,11 @@ def prepare_request(request: GenerationRequest, builder: SampleBuilder) -> Prepa
         _ = request.sampler  # validates solver, steps, shift and guidance
     except ValueError as error:
         raise _error(request, str(error)) from None
-    if isinstance(request.fps, (bool, str)) or not (math.isfinite(request.fps) and request.fps > 0):
-        raise _error(request, f"fps must be a positive number, got {request.fps!r}")
-    if not FPS_RANGE[0] <= request.fps <= FPS_RANGE[1]:  # the rates training data may have (the RoPE step)
-        raise _error(request, f"fps={request.fps!r} is outside [{FPS_RANGE[0]}, {FPS_RANGE[1]}], the shards' range")
+    fps = request.frame_rate
+    if isinstance(fps, (bool, str)) or not (math.isfinite(fps) and fps > 0):
+        raise _error(request, f"fps must be a positive number, got {fps!r}")
+    if not FPS_RANGE[0] <= fps <= FPS_RANGE[1]:  # the rates training data may have (the RoPE step)
+        raise _error(request, f"fps={fps!r} is outside [{FPS_RANGE[0]}, {FPS_RANGE[1]}], the shards' range")
     problem = seed_problem("seed", request.seed)  # torch's 'Overflow when unpacking long long', deep in sampling
     if problem:
         raise _error(request, problem)
@@ -438,7 +445,7 @@ def prepare_request(request: GenerationRequest, builder: SampleBuilder) -> Prepa
     duration = None
     if "video" in needed:
         tokens, video_grid, duration = streams.video()
-        sample.video_latents, sample.video_latent_grid, sample.fps = tokens.numpy(), video_grid, request.fps
+        sample.video_latents, sample.video_latent_grid, sample.fps = tokens.numpy(), video_grid, request.frame_rate
         outputs["video"] = "video"
     if "image" in needed:
         h, w = streams.grid_hw(None)
@@ -451,7 +458,7 @@ def prepare_request(request: GenerationRequest, builder: SampleBuilder) -> Prepa
         frames = _num_frames(request)
         if frames is None and not needed <= {"image"}:
             raise _error(request, "the clip length is needed: set num_frames or duration_s")
-        duration = (frames or 1) / exact(request.fps)
+        duration = (frames or 1) / exact(request.frame_rate)
     if "audio" in needed:
         if "audio" in streams.clean:
             if request.audio is None or request.audio_sample_rate is None:

@@ -33,6 +33,7 @@ from megatron_cosmos3.atomic_files import partial_folder, remove_stale_partial_f
 from megatron_cosmos3.eval_suite.config import SUITE_TASKS, SuiteConfig, load_suite_config
 from megatron_cosmos3.eval_suite.media import write_media
 from megatron_cosmos3.eval_suite.suite import EvalSuite, SuiteResult
+from megatron_cosmos3.evaluation.report import EvalReport
 from megatron_cosmos3.parallel.failures import RankFailedError, fail_together
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.release.generate_cli import (
@@ -224,7 +225,24 @@ def _evaluate(args: argparse.Namespace) -> int:
             row.chance,
             row.unit,
         )
+    diverged = every_episode_failed(result.report, suite_config.closed_loop_episodes)
+    if diverged:  # as a diverged model's NaN prediction in an open-loop task ends the run: not a score
+        print(
+            f"cosmos3-eval: error: every closed-loop episode of the model failed in {diverged} (their notes in "
+            f"{report} say why); the report is written",
+            file=sys.stderr,
+        )
+        return 2
     return 0
+
+
+def every_episode_failed(report: EvalReport, episodes: int) -> list[str]:
+    """The closed-loop rows (``<embodiment>/<task>``) where each of the model's ``episodes`` failed."""
+    return [
+        row.name.removeprefix("closed_loop/").removesuffix("/failed_episodes")
+        for row in report.rows
+        if row.name.startswith("closed_loop/") and row.name.endswith("/failed_episodes") and row.model == episodes > 0
+    ]
 
 
 if __name__ == "__main__":

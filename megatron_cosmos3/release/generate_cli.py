@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import shutil
@@ -61,7 +60,7 @@ from megatron_cosmos3.inference.requests import (
 )
 from megatron_cosmos3.inference.solvers import MAX_STEPS, SOLVERS
 from megatron_cosmos3.inference.text_generation import MAX_NEW_TOKENS, TextPrompt, TextSampling, generate_text
-from megatron_cosmos3.json_files import LongInteger, long_integers, no_constant, unique_keys
+from megatron_cosmos3.json_files import JsonNumberError, LongInteger, loads, long_integers, unique_keys
 from megatron_cosmos3.parallel.failures import RankFailedError, fail_together
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.release.trained import LOAD_ERRORS, TrainedModel, load_trained_model
@@ -524,9 +523,10 @@ def read_requests(path: Path) -> list[RequestSpec]:
             continue
         where = f"{path}:{number}"
         try:
-            document = json.loads(
-                line, parse_constant=no_constant, parse_int=long_integers, object_pairs_hook=unique_keys
-            )
+            # long integers kept for from_mapping to name as the request's fields
+            document = loads(line, parse_int=long_integers, object_pairs_hook=unique_keys)
+        except JsonNumberError as error:  # NaN, Infinity, 1e999: named by their field
+            raise RequestError(f"{where}: {error}") from None
         except (ValueError, RecursionError) as error:
             raise RequestError(f"{where}: not JSON ({error})") from None
         specs.append(RequestSpec.from_mapping(document, where, path.parent))

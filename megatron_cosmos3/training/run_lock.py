@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_cosmos3.json_files import loads, unique_keys
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
@@ -120,7 +122,7 @@ class RunFolderLock:
     def _read(self) -> dict | None:
         for _ in range(20):  # a lock being written this instant: its owner is mid-write
             try:
-                owner = json.loads(self.path.read_text())
+                owner = loads(self.path.read_text(), object_pairs_hook=unique_keys)
             except FileNotFoundError:
                 return None
             except (OSError, ValueError, RecursionError):  # RecursionError: nested past the parser

@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+from megatron_cosmos3.json_files import loads, unique_keys
+
 log = logging.getLogger(__name__)
 
 # Uploads that wait for a failing server at most; beyond, a file stays on disk, named in a warning.
@@ -485,7 +487,8 @@ class MLflowTracker:
         from mlflow.entities import Metric
 
         try:
-            kept = json.loads(self._spool.read_text())
+            # a metric may be NaN or inf (a diverged loss): logged as such, so the spool keeps them
+            kept = loads(self._spool.read_text(), allow_non_finite=True, object_pairs_hook=unique_keys)
             run_id = kept["run_id"]
             params, tags = {str(k): str(v) for k, v in kept["params"].items()}, dict(kept["tags"])
             metrics = [Metric(str(k), float(v), int(t), int(s)) for k, v, t, s in kept["metrics"]]

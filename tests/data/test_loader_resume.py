@@ -172,7 +172,7 @@ def test_a_crafted_loader_state_in_a_checkpoint_is_a_value_error(blob, message):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"tokens": float("nan")}, r"loader state is not JSON \(ValueError: NaN is not a JSON number"),
+        ({"tokens": float("nan")}, r"loader state: tokens=NaN is not a finite number"),
         ({"packs": "many"}, r"loader state packs='many' must be an int >= 0"),
         ({"cropped": -1}, r"loader state cropped=-1 must be an int >= 0"),
         ({"exhausted": "no"}, r"loader state exhausted='no' must be true or false"),

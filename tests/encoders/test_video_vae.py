@@ -111,10 +111,11 @@ def test_weights_that_do_not_fill_the_config_are_refused(tmp_path, wan_folder):
         (dict(temperal_downsample=[False, False, True]), "2x in time"),
         (dict(scale_factor_spatial=8), "scale_factor_spatial=8"),
         (dict(latents_std=[1.0, 1.0]), "latents_std"),
-        # NaN statistics made every latent NaN; a width of a million allocated terabytes before any
-        # weight was read; a list where a number belongs was a raw TypeError from diffusers' layers.
-        (dict(latents_std=[float("nan")] * Z_DIM), rf"latents_std must list z_dim={Z_DIM} finite numbers"),
-        (dict(latents_mean=[float("inf")] * Z_DIM), rf"latents_mean must list z_dim={Z_DIM} finite numbers"),
+        # NaN statistics made every latent NaN (refused by the JSON reader, naming the field); a width
+        # of a million allocated terabytes before any weight was read; a list where a number belongs
+        # was a raw TypeError from diffusers' layers.
+        (dict(latents_std=[float("nan")] * Z_DIM), r"config.json: latents_std\[0\]=NaN is not a finite number"),
+        (dict(latents_mean=[float("inf")] * Z_DIM), r"config.json: latents_mean\[0\]=Infinity is not a finite"),
         (dict(base_dim=10**6), r"config.json' declares [\d,]+ parameters of AutoencoderKLWan .* not its weights"),
         (dict(dim_mult=4), r"config.json': not an AutoencoderKLWan config \(TypeError"),
     ],

@@ -117,7 +117,15 @@ def test_closed_loop_rows_and_media(model, builder, tmp_path):
             model, builder, WORLD, "push_to_region", PUSHER, [11, 12], horizon_s=3.0, steps=2, media_dir=tmp_path
         )
     }
-    assert set(rows) == {"success_rate", "success_low", "success_high", "action_rmse", "action_rmse_worst_dim"}
+    assert set(rows) == {
+        "success_rate",
+        "success_low",
+        "success_high",
+        "failed_episodes",
+        "action_rmse",
+        "action_rmse_worst_dim",
+    }
+    assert (rows["failed_episodes"].model, rows["failed_episodes"].oracle, rows["failed_episodes"].note) == (0, 0, "")
     success = rows["success_rate"]
     assert success.oracle == 1.0 and success.model == 0.0 and success.chance == 0.0
     assert rows["success_low"].oracle > 0.3 and rows["success_high"].model < 0.9  # Wilson, 2 episodes
@@ -171,6 +179,72 @@ def test_cached_reference_episodes_give_the_rows_of_a_fresh_run(model, builder):
     assert [len(chunks) for chunks in asked] == [len(run.references["model"]) for run in inside] == [2, 2]
     for run, chunks in zip(inside, asked):
         assert all(np.array_equal(a, b) for a, b in zip(run.references["model"], chunks))
+
+
+class _DivergesFor:
+    """A policy that answers ``policy``'s chunks, but NaN (or inf) for episode ``seed`` from ``round_`` on."""
+
+    def __init__(self, policy, seed: int, round_: int, value: float = np.nan) -> None:
+        self.policy, self.seed, self.round, self.value = policy, seed, round_, value
+
+    def act(self, decisions):
+        chunks = self.policy.act(decisions)
+        return [
+            np.full_like(chunk, self.value)
+            if (d.seed, d.round) >= (self.seed, self.round) and d.seed == self.seed
+            else chunk
+            for d, chunk in zip(decisions, chunks)
+        ]
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_non_finite_chunk_fails_its_episode_and_the_others_go_on(value):
+    """A NaN chunk stopped the whole eval (the model's policy raised for the pack); the episode is
+    now recorded as failed, with its seed, step and reason, and the other episodes run as before."""
+    seeds = [100, 101, 102]
+    plain = run_episodes(ExpertPolicy(EXECUTE), "push_to_region", PUSHER, seeds, WORLD, execute=EXECUTE)
+    runs = run_episodes(
+        _DivergesFor(ExpertPolicy(EXECUTE), 101, 1, value), "push_to_region", PUSHER, seeds, WORLD, execute=EXECUTE
+    )
+    failed = runs[1].episode
+    assert (failed.seed, failed.success, failed.steps) == (101, False, EXECUTE)  # one chunk executed before
+    assert (
+        failed.failure
+        == f"round 1: the policy's chunk holds {runs[1].chunks[1].size} of {runs[1].chunks[1].size} values NaN or Inf"
+    )
+    assert len(runs[1].chunks) == len(runs[1].states) == len(runs[1].decisions) == 2
+    for run, alone in zip([runs[0], runs[2]], [plain[0], plain[2]]):  # control: the others as without it
+        assert run.episode == alone.episode and run.episode.success and run.episode.failure is None
+        assert all(np.array_equal(a, b) for a, b in zip(run.chunks, alone.chunks))
+
+
+def test_a_diverged_model_fails_every_episode_and_the_rows_still_come(model, builder):
+    """Every episode failed: the rows are reported (success 0, every episode counted and named as
+    failed, the model's action error not measured) beside the expert's and the random policy's."""
+    diverged = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in diverged.parameters():
+            parameter.fill_(float("nan"))
+    seeds = [11, 12]
+    rows = {
+        row.name.removeprefix(f"closed_loop/{PUSHER}/stop_ball/"): row
+        for row in closed_loop_rows_for(diverged, builder, WORLD, "stop_ball", PUSHER, seeds, horizon_s=1.0, steps=2)
+    }
+    assert rows["success_rate"].model == 0.0 and rows["success_rate"].oracle > 0  # the expert still measured
+    assert "a failed episode is no success" in rows["success_rate"].note
+    failed = rows["failed_episodes"]
+    assert (failed.model, failed.oracle, failed.chance, failed.unit, failed.higher_is_better) == (
+        2,
+        0,
+        0,
+        "episodes",
+        False,
+    )
+    for seed in seeds:
+        assert f"model seed {seed} at step 0: round 0: the policy's chunk holds" in failed.note
+    error = rows["action_rmse"]
+    assert np.isnan(error.model) and error.oracle == 0.0 and error.chance > 0.5
+    assert "model not measured: " in error.note and "NaN or Inf" in error.note
 
 
 def test_bad_runs_are_refused_naming_the_problem(model, builder):

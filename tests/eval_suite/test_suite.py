@@ -236,7 +236,8 @@ def test_periodic_eval_in_training_logs_the_suite_metrics(tmp_path):
     assert [step for step, _ in loss_history(db, "suite", metric="eval/loss")] == [1]  # beside the held-out loss
     from megatron_cosmos3.evaluation.report import EvalReport
 
-    report = EvalReport.from_json((tmp_path / "ckpt" / "eval_suite" / "step_00000001" / "report.json").read_text())
+    written = tmp_path / "ckpt" / "eval_suite" / "step_00000001" / "report.json"
+    report = EvalReport.from_json(written.read_text(), str(written))
     assert report.meta["skipped_tasks"] == {"inverse_dynamics": "not trained"}
     assert report.meta["step"] == 1
 

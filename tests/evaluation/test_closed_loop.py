@@ -40,3 +40,14 @@ def test_bad_input_is_refused_by_name():
         wilson_interval(0, 0)
     with pytest.raises(ValueError, match="confidence must be in \\(0, 1\\), got 1.5"):
         wilson_interval(1, 2, 1.5)
+
+
+def test_a_failed_episode_counts_as_no_success_and_is_counted_apart():
+    """A failed episode (its policy gave NaN actions) is no success and is counted as failed; it
+    cannot also have succeeded."""
+    episodes = [Episode(0, True, 40), Episode(1, False, 40), Episode(2, False, 8, "round 1: NaN actions")]
+    rate = SuccessRate.of(episodes)
+    assert (rate.successes, rate.episodes, rate.failed, rate.rate) == (1, 3, 1, 1 / 3)
+    assert SuccessRate.of(episodes[:2]).failed == 0  # control: an unsuccessful episode is no failed one
+    with pytest.raises(ValueError, match=r"episode 4: failed \(round 0: NaN actions\) and succeeded"):
+        Episode(4, True, 0, "round 0: NaN actions")

@@ -78,3 +78,32 @@ def test_a_nan_in_meta_is_an_error_not_a_bare_nan_in_the_json():
     report = EvalReport([MetricRow("video/psnr", 1.0, 2.0, 0.0)], meta={"clips": {"fps": float("nan")}})
     with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
         report.to_json()
+
+
+def rows(*models: str) -> str:
+    """A report's text whose rows are video/psnr with the model value written as each of ``models``."""
+    written = [f'{{"name": "video/psnr", "model": {model}, "oracle": 2.0, "chance": 0.0}}' for model in models]
+    return f'{{"rows": [{", ".join(written)}]}}'
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        # json.loads read 1e999 as inf and NaN as NaN: a damaged report was taken as a measured one
+        (rows("1e999"), r"rows\[0\].model=1e999 is not a finite number"),
+        (rows("NaN"), r"rows\[0\].model=NaN is not a finite number"),
+        # a bare ValueError, KeyError or TypeError naming neither the file nor the row
+        (rows('"high"'), r"rows\[0\]: video/psnr.model must be a number, got 'high'"),
+        (rows("1", "1"), r"rows\[1\]: the report already has a metric named"),
+        ('{"rows": [{"name": "video/psnr"}]}', r"rows\[0\]=\{'name': 'video/psnr'\} is no metric row"),
+        ('{"meta": {}}', r"expected an object whose 'rows' is a list of metric rows"),
+        ('{"rows": [], "meta": [1]}', r"meta=\[1\] must be an object"),
+        ('{"rows": [], "rows": []}', r"not JSON \(key\(s\) \['rows'\] given twice\)"),
+        ('{"rows": [', r"not JSON \(Expecting value"),
+    ],
+)
+def test_a_damaged_report_is_refused_naming_the_file_and_the_field(text, message):
+    with pytest.raises(ValueError, match=rf"^out/report.json: {message}"):
+        EvalReport.from_json(text, "out/report.json")
+    back = EvalReport.from_json(rows("null"), "out/report.json")  # control: null is NaN
+    assert math.isnan(back["video/psnr"].model) and back["video/psnr"].oracle == 2.0

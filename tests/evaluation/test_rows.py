@@ -68,3 +68,27 @@ def test_every_task_has_oracle_best_chance_worst(world_detector, world_clips):
 
     assert all(_ordered(row) for row in report.rows), [r for r in report.rows if not _ordered(r)]
     assert len(report.mlflow_metrics()) == 3 * len(report.rows) - 1  # the chance onset error: nothing matched
+
+
+def test_closed_loop_rows_count_failed_episodes_and_name_each():
+    """The failed episodes are a row of their own (a count, lower is better) whose note names who,
+    the seed, the step and the reason, the first five one by one; success counts them as failures."""
+    expert = [Episode(s, True, 40) for s in range(8)]
+    model = [Episode(s, False, 4 * s, f"round {s}: the policy's chunk holds NaN") for s in range(7)] + [
+        Episode(7, True)
+    ]
+    rows = {row.name: row for row in closed_loop_rows("closed_loop/arm/stop_ball", model, expert, expert)}
+    failed = rows["closed_loop/arm/stop_ball/failed_episodes"]
+    assert (failed.model, failed.oracle, failed.chance, failed.unit, failed.higher_is_better) == (
+        7,
+        0,
+        0,
+        "episodes",
+        False,
+    )
+    assert failed.note.startswith(
+        "model seed 0 at step 0: round 0: the policy's chunk holds NaN; model seed 1 at step 4"
+    )
+    assert failed.note.endswith("model seed 4 at step 16: round 4: the policy's chunk holds NaN; 2 more")
+    success = rows["closed_loop/arm/stop_ball/success_rate"]
+    assert success.model == 1 / 8 and "a failed episode is no success" in success.note

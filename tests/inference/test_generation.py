@@ -25,6 +25,7 @@ from megatron_cosmos3.inference.denoising import (
 )
 from megatron_cosmos3.inference.generation import generate, packed_sample_streams
 from megatron_cosmos3.inference.requests import (
+    DEFAULT_FPS,
     GenerationRequest,
     generation_builder,
     prepare_request,
@@ -480,6 +481,8 @@ def test_a_frame_rate_given_as_a_fraction_is_generated_and_written_as_that_rate(
     "task, reads, extra",
     [
         ("text_to_image", {"resolution": (64, 32)}, {"fps": 30.0}),
+        # fps=24 equals DEFAULT_FPS: compared with the default, an explicit 24 read as unset and passed
+        ("text_to_image", {"resolution": (64, 32)}, {"fps": DEFAULT_FPS}),
         ("text_to_image", {"resolution": (64, 32)}, {"num_frames": 9, "duration_s": 1.0}),
         ("text_to_video", {"num_frames": 5, "resolution": (64, 32)}, {"image": _PICTURE}),
         ("text_to_video", {"num_frames": 5, "resolution": (64, 32)}, {"embodiment": EMBODIMENT}),
@@ -494,6 +497,15 @@ def test_a_field_the_task_does_not_read_is_refused_naming_it_and_the_task(task, 
     with pytest.raises(ValueError, match=re.escape(f"task {task!r}: does not read {sorted(extra)}; it reads [")):
         prepare_request(GenerationRequest(task, "a prompt", **reads, **extra), builder)
     assert prepare_request(GenerationRequest(task, "a prompt", **reads), builder).outputs  # control: without them
+
+
+def test_an_unset_fps_makes_and_records_the_clip_an_explicit_default_does(model, builder):
+    """fps=None is "not given" (so an explicit 24 counts as given, above) and is read as DEFAULT_FPS."""
+    unset, explicit = request_for("text_to_video", fps=None), request_for("text_to_video", fps=DEFAULT_FPS)
+    made = generate(model, [unset, explicit], builder)
+    assert torch.equal(made[0].sample.video.tokens, made[1].sample.video.tokens)
+    assert made[0].sample.video.fps == made[1].sample.video.fps == DEFAULT_FPS
+    assert made[0].record("ckpt").settings["fps"] == made[1].record("ckpt").settings["fps"] == DEFAULT_FPS
 
 
 @pytest.mark.parametrize("tokens_per_pack", [0, -5, True, 2.5, "64"])

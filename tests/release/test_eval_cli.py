@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from megatron_cosmos3.eval_suite.config import SUITE_TASKS
+from megatron_cosmos3.evaluation.closed_loop import Episode
 from megatron_cosmos3.evaluation.report import REFERENCES, EvalReport
+from megatron_cosmos3.evaluation.rows import closed_loop_rows
 from megatron_cosmos3.evaluation.video import PSNR_MAX_DB
-from megatron_cosmos3.release.eval_cli import REPORT_FILE, main
+from megatron_cosmos3.release.eval_cli import REPORT_FILE, every_episode_failed, main
 from megatron_cosmos3.testing.distributed import run_on_ranks
 from megatron_cosmos3.testing.media_probe import ffprobe_streams
 from megatron_cosmos3.testing.training import tracking_store
@@ -250,3 +252,20 @@ def test_a_run_stopped_while_writing_media_leaves_no_report_and_no_media(tmp_pat
     assert sorted(p.name for p in out.iterdir()) == ["media", REPORT_FILE]
     assert [p.name for p in (out / "media").iterdir()] == ["policy"]
     assert read_report(report.parent)["policy/action_rmse"].model == 1.0
+
+
+def test_the_closed_loop_rows_where_every_model_episode_failed_are_named():
+    """The command exits 2 after writing the report where every closed-loop episode of the model
+    failed (a diverged policy), as it does for a diverged model's open-loop prediction."""
+    expert = [Episode(seed, True) for seed in range(3)]
+    failed = [
+        Episode(seed, False, 4, "round 0: the policy's chunk holds 9 of 9 values NaN or Inf") for seed in range(3)
+    ]
+    one_ran = [Episode(0, False, 8), *failed[1:]]
+    report = EvalReport()
+    for name, model in (("closed_loop/arm/stop_ball", failed), ("closed_loop/arm/push", one_ran)):
+        for row in closed_loop_rows(name, model, expert, expert):
+            report.add(row)
+    assert every_episode_failed(report, 3) == ["arm/stop_ball"]
+    assert report["closed_loop/arm/push/failed_episodes"].model == 2  # control: one episode ran to its end
+    assert every_episode_failed(report, 0) == []

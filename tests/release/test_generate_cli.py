@@ -273,8 +273,10 @@ def test_damaged_or_unusable_conditioning_audio_is_an_error_naming_the_file(tmp_
     "line, message",
     [
         (b'{"task": "text_to_video", "prompt": "\xff"}', "is not UTF-8 text"),
-        (b'{"task": "text_to_video", "num_frames": NaN}', ":1: not JSON (NaN is not a JSON number)"),
-        (b'{"task": "text_to_video", "duration_s": Infinity}', ":1: not JSON (Infinity is not a JSON number)"),
+        (b'{"task": "text_to_video", "num_frames": NaN}', ":1: num_frames=NaN is not a finite number"),
+        (b'{"task": "text_to_video", "duration_s": Infinity}', ":1: duration_s=Infinity is not a finite number"),
+        # Python's json read a literal past the float range as inf without a word
+        (b'{"task": "text_to_video", "duration_s": 1e999}', ":1: duration_s=1e999 is not a finite number"),
         (b'{"task": "text_to_video", "task": "text_to_image"}', ":1: not JSON (key(s) ['task'] given twice)"),
         (b"[" * 100_000, ":1: not JSON (maximum recursion depth"),
         (b"[1, 2]", ":1: a request is a JSON object, got list"),

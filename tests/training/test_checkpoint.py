@@ -800,6 +800,9 @@ HOSTILE_JSON = {
     "an int of 5000 digits": (b'{"step": 1' + b"0" * 5000 + b"}", r"step=<an integer of 5001 digits> is not"),
     # parsers disagree on which of two values wins: json took the last one without a sign
     "a key given twice": (b'{"step": 1, "step": 2, "files": {}}', r"not JSON \(key\(s\) \['step'\] given twice\)"),
+    # json read a literal past the float range as inf, and NaN (no JSON) as NaN, without a word
+    "a float past the range": (b'{"step": 1, "files": {"a": {"bytes": 1e999}}}', r"files.a.bytes=1e999 is not a fin"),
+    "NaN": (b'{"step": 1, "files": {}, "loss": NaN}', r"loss=NaN is not a finite number"),
 }
 
 
@@ -814,6 +817,25 @@ def test_a_meta_json_or_manifest_that_is_not_json_is_corrupt_naming_the_file(tmp
     (folder / name).write_bytes(data)
     with pytest.raises(CheckpointCorruptError, match=rf"{folder / name}: {message}"):
         read_meta(folder)
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_JSON))
+def test_a_ranks_checksum_file_that_is_not_json_fails_the_commit_naming_the_file(tmp_path, case):
+    """The commit merged the ranks' __<rank>_checksums.json with json.loads: a damaged one was a bare
+    JSONDecodeError (or RecursionError) naming no file, and 1e999 went into the manifest as inf."""
+    from megatron_cosmos3.checkpoint.safe_reader import RANK_MANIFEST_SUFFIX, write_manifest
+
+    part = tmp_path / f"__0_{RANK_MANIFEST_SUFFIX}"
+    data, message = HOSTILE_JSON[case]
+    part.write_bytes(data)
+    with pytest.raises(CheckpointCorruptError, match=rf"{part}: {message}"):
+        write_manifest(tmp_path)
+    part.write_text("[1, 2]")
+    with pytest.raises(CheckpointCorruptError, match=rf"{part}: expected an object of file records, got \[1, 2\]"):
+        write_manifest(tmp_path)
+    part.write_text(json.dumps({"a.distcp": {"bytes": 3, "sha256": "0" * 64}}))  # control: merged
+    write_manifest(tmp_path)
+    assert json.loads((tmp_path / MANIFEST).read_text())["files"] == {"a.distcp": {"bytes": 3, "sha256": "0" * 64}}
 
 
 @pytest.mark.parametrize(
