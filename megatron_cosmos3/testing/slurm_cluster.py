@@ -4,14 +4,19 @@ Debian's ``slurm-wlm`` (22.05) and ``munge`` (``launch/setup_env.sh`` installs t
 Everything lives in one folder (config, munge key and socket, state, spool, logs); the daemons run in
 the foreground as children of the test, so stopping them is killing those pids. Settings that work
 on a container without cgroups: ``proctrack/linuxproc``, ``task/none``, ``select/cons_tres``;
-``JobRequeue=1`` so a batch job can requeue itself. ``start`` raises ``ClusterUnavailable`` with the
-reason (and the daemon's log) when the daemons cannot start, so the caller can skip.
+``JobRequeue=1`` so a batch job can requeue itself. Each cluster has a name of its own
+(``cosmos3test-<random hex>``): two test sessions on one host (or two xdist workers) each number
+their jobs from 1, and the rendezvous port derived from the job id alone was the same in both
+(``training/distributed.py``, ``slurm_port`` of ``SLURM_CLUSTER_NAME`` too). ``start`` raises
+``ClusterUnavailable`` with the reason (and the daemon's log) when the daemons cannot start, so the
+caller can skip.
 """
 
 from __future__ import annotations
 
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import subprocess
@@ -55,6 +60,7 @@ class LocalSlurmCluster:
     def __init__(self, root: Path, cpus: int = 2) -> None:
         self.root = Path(root)
         self.cpus = cpus
+        self.name = f"cosmos3test-{secrets.token_hex(4)}"  # SLURM_CLUSTER_NAME of its jobs
         self.node = socket.gethostname()
         self.conf = self.root / "slurm.conf"
         self._processes: list[subprocess.Popen] = []
@@ -110,7 +116,7 @@ class LocalSlurmCluster:
         self.conf.write_text(
             "\n".join(
                 [
-                    "ClusterName=cosmos3test",
+                    f"ClusterName={self.name}",
                     f"SlurmctldHost={self.node}(127.0.0.1)",
                     "SlurmUser=root",
                     "SlurmdUser=root",

@@ -370,8 +370,9 @@ def test_two_srun_steps_of_one_job_running_at_once_derive_ports_of_their_own(clu
         ("1", "0"),
         ("1", "1"),
     ], text
-    assert found["0", "0"] == found["0", "1"] == slurm_port(job_id, "0"), found  # a step's tasks agree
-    assert found["1", "0"] == found["1", "1"] == slurm_port(job_id, "1") != found["0", "0"], found
+    assert environ["SLURM_CLUSTER_NAME"] == cluster.name  # this session's: its ports are its own
+    assert found["0", "0"] == found["0", "1"] == slurm_port(job_id, "0", cluster.name), found  # a step's tasks agree
+    assert found["1", "0"] == found["1", "1"] == slurm_port(job_id, "1", cluster.name) != found["0", "0"], found
 
 
 def test_a_time_limit_warning_before_the_trainers_start_ends_the_job_failed_saying_why(cluster, tmp_path):
