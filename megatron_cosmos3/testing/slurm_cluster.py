@@ -14,10 +14,12 @@ caller can skip.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -206,6 +208,27 @@ class LocalSlurmCluster:
         return Job(
             job_id, fields.get("JobState", ""), int(fields.get("Restarts", 0)), fields.get("ExitCode", ""), fields
         )
+
+    def batch_script_pid(self, job_id: str) -> int:
+        """The pid of job ``job_id``'s batch script: local task 0 of its batch step in ``scontrol
+        listpids``, which asks the node's slurmstepd, not the controller."""
+        shown = self.command("scontrol", "listpids", job_id).stdout.splitlines()[1:]
+        for pid, _, step, local_id, *_ in (line.split() for line in shown):
+            if (step, local_id) == ("batch", "0"):
+                return int(pid)
+        raise RuntimeError(f"job {job_id}: no batch script in scontrol listpids: {shown}")
+
+    @contextlib.contextmanager
+    def controller_unreachable(self):
+        """slurmctld stopped (SIGSTOP) inside the block and resumed on leaving: a request to it is
+        accepted and never answered, as a hung controller's is, and ``scontrol`` or ``scancel`` fails
+        after ``MessageTimeout`` twice (20 s); the jobs and their steps run on meanwhile."""
+        controller = self._processes[DAEMONS.index("slurmctld")]
+        os.kill(controller.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(controller.pid, signal.SIGCONT)
 
     def stop(self) -> None:
         """Cancels every job (a job step's slurmstepd would outlive the daemons), then stops them."""

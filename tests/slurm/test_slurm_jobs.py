@@ -4,14 +4,17 @@ SLURM's own preemption sends it) and once preempted by its time limit's warning 
 batch script, as ``scancel --signal=USR1 --batch`` sends it), it resumes each time from the
 checkpoint of the signal's step and ends with the losses of an uninterrupted run (docs/DESIGN.md,
 "Preemption and requeue"); a real time limit's warning (slurmctld checks limits every 30 s) is sent
-where nothing trains meanwhile, to a job still activating its environment; the preprocessing array
-job writes the shards one process writes.
+where nothing trains meanwhile, to a job still activating its environment; a warning while the
+controller does not answer still reaches the trainers; the preprocessing array job writes the
+shards one process writes.
 Skipped, with the reason, where the daemons cannot start (not root, packages missing)."""
 
 from __future__ import annotations
 
+import os
 import re
 import runpy
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -276,6 +279,20 @@ def test_a_training_job_whose_status_folder_cannot_be_made_fails_at_once_naming_
     assert f"COSMOS3_STATUS_DIR={status_dir}: cannot create it" in log.read_text()
 
 
+def _training_until_stopped(cluster: LocalSlurmCluster, tmp_path: Path, log: Path) -> str:
+    """Submits train.sbatch on synthetic data without end, checkpointing only when stopped, into
+    ``tmp_path / "run"``; returns the job's id once its first step is logged."""
+    args = [*TINY_MODEL, "data_source=synthetic", *TINY_SYNTHETIC, "steps=100000", "log_every=1"]
+    args += ["tracking.generation_samples=false", "checkpoint.save_every=100000"]
+    args += [f"checkpoint.directory={tmp_path / 'run'}", f"tracking.tracking_uri={_store(tmp_path, 'run')}"]
+    env = _job_env(tmp_path, COSMOS3_STATUS_DIR=str(tmp_path / "status"))
+    job_id = cluster.command(
+        "sbatch", f"--output={log}", str(REPO / "slurm/train.sbatch"), *args, env=env
+    ).stdout.split()[-1]
+    _wait("the job to train", lambda: _steps_logged(log, 1), 120, log)
+    return job_id
+
+
 # How the job is stopped, the state it ends in and what the script says of the TERM: a plain scancel
 # ends the job (SIGTERM to every process from SLURM, which refuses to signal it meanwhile); a TERM to
 # the batch script alone leaves it running, so the script passes the TERM on.
@@ -295,14 +312,7 @@ def test_a_training_job_stopped_by_sigterm_checkpoints_and_is_not_requeued(clust
     through the script, and the job ends the same way, not requeued."""
     options, end_state, said = STOPPED_BY[stop]
     log = tmp_path / "job.out"
-    args = [*TINY_MODEL, "data_source=synthetic", *TINY_SYNTHETIC, "steps=100000", "log_every=1"]
-    args += ["tracking.generation_samples=false", "checkpoint.save_every=100000"]
-    args += [f"checkpoint.directory={tmp_path / 'run'}", f"tracking.tracking_uri={_store(tmp_path, 'run')}"]
-    env = _job_env(tmp_path, COSMOS3_STATUS_DIR=str(tmp_path / "status"))
-    job_id = cluster.command(
-        "sbatch", f"--output={log}", str(REPO / "slurm/train.sbatch"), *args, env=env
-    ).stdout.split()[-1]
-    _wait("the job to train", lambda: _steps_logged(log, 1), 120, log)
+    job_id = _training_until_stopped(cluster, tmp_path, log)
     cluster.command("scancel", *options, job_id)
 
     def ended() -> bool:
@@ -317,6 +327,34 @@ def test_a_training_job_stopped_by_sigterm_checkpoints_and_is_not_requeued(clust
     assert step and (tmp_path / "run" / f"step_{int(step[1]):08d}").is_dir(), text[-3000:]
     assert f"attempt 1: stopped by SIGTERM at step {step[1]}, checkpoint committed; not requeued" in text
     assert f"attempt 1: {said}" in text, text[-3000:]
+
+
+_CHECKPOINTED = r"preempted \((SIG\w+)\): checkpoint of step (\d+) committed"
+
+
+@pytest.mark.multiprocess
+def test_a_time_limit_warning_while_the_controller_does_not_answer_still_checkpoints_the_trainers(cluster, tmp_path):
+    """The script asks the controller whether the job runs before it passes a signal on; a
+    controller that does not answer (down, restarting, hung: here stopped with SIGSTOP) failed that
+    question after 20 s, and the scancel that followed failed 20 s later the same way: the
+    time-limit warning never reached the trainers. It goes through srun, which needs no controller:
+    the trainers checkpoint while the controller is still stopped, and once it answers again the
+    script requeues the attempt."""
+    log = tmp_path / "job.out"
+    job_id = _training_until_stopped(cluster, tmp_path, log)
+    script = cluster.batch_script_pid(job_id)
+    try:
+        with cluster.controller_unreachable():
+            os.kill(script, signal.SIGUSR1)  # the warning, as slurmstepd delivers --signal=B:USR1
+            found = lambda: re.search(_CHECKPOINTED, log.read_text())  # noqa: E731
+            checkpointed = _wait("the checkpoint while the controller does not answer", found, 90, log)
+        _requeued(cluster, job_id, 1, log)
+    finally:
+        cluster.command("scancel", job_id, check=False)
+    text, (signal_name, step) = log.read_text(), checkpointed.groups()
+    assert signal_name == "SIGUSR1" and (tmp_path / "run" / f"step_{int(step):08d}").is_dir(), text[-3000:]
+    assert "attempt 1: got SIGUSR1; the controller does not answer (scontrol show job: " in text, text[-3000:]
+    assert f"attempt 1: preempted at step {step} (started at 0); requeueing job {job_id}" in text, text[-3000:]
 
 
 def test_a_training_job_of_several_tasks_a_node_is_refused_naming_the_option(cluster, tmp_path):
