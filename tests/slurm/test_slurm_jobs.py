@@ -5,8 +5,8 @@ batch script, as ``scancel --signal=USR1 --batch`` sends it), it resumes each ti
 checkpoint of the signal's step and ends with the losses of an uninterrupted run (docs/DESIGN.md,
 "Preemption and requeue"); a real time limit's warning (slurmctld checks limits every 30 s) is sent
 where nothing trains meanwhile, to a job still activating its environment; a warning while the
-controller does not answer still reaches the trainers; the preprocessing array job writes the
-shards one process writes.
+controller does not answer still reaches the trainers, and TERMs repeated while they checkpoint are
+harmless; the preprocessing array job writes the shards one process writes.
 Skipped, with the reason, where the daemons cannot start (not root, packages missing)."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_cosmos3.release.trained import load_trained_model
 from megatron_cosmos3.testing.slurm_cluster import ClusterUnavailable, LocalSlurmCluster
 from megatron_cosmos3.testing.training import (
     TINY_MODEL,
@@ -355,6 +356,34 @@ def test_a_time_limit_warning_while_the_controller_does_not_answer_still_checkpo
     assert signal_name == "SIGUSR1" and (tmp_path / "run" / f"step_{int(step):08d}").is_dir(), text[-3000:]
     assert "attempt 1: got SIGUSR1; the controller does not answer (scontrol show job: " in text, text[-3000:]
     assert f"attempt 1: preempted at step {step} (started at 0); requeueing job {job_id}" in text, text[-3000:]
+
+
+@pytest.mark.multiprocess
+def test_a_second_sigterm_passed_on_while_the_trainers_checkpoint_is_harmless(cluster, tmp_path):
+    """A preemption with a grace time keeps the job RUNNING after its TERM, so the script may pass a
+    second TERM on while the trainers checkpoint. Here two ``scancel --batch --signal=TERM`` at once,
+    each passed on by the script, and TERMs straight to the step (as the script passes them on) one
+    after another until the job has ended, so that some reach the trainers during their checkpoint
+    however fast it is: the checkpoint commits and loads, and the script prints the attempt's
+    outcome. (Not a real preemption: SLURM 22.05's grace-time TERM reaches the job's steps but not
+    the batch script, which gets its TERM only at the grace's end, with the job COMPLETING, so there
+    the script never passes a second TERM on.)"""
+    log = tmp_path / "job.out"
+    job_id = _training_until_stopped(cluster, tmp_path, log)
+    for _ in range(2):  # the second reaches the script while it passes the first on, or soon after
+        cluster.command("scancel", "--batch", "--signal=TERM", job_id)
+    deadline, signalled = time.monotonic() + 120, 0
+    while cluster.command("squeue", "-h", "-j", job_id).stdout.strip() and time.monotonic() < deadline:
+        signalled += cluster.command("scancel", "--signal=TERM", job_id, check=False).returncode == 0
+    job, text = cluster.job(job_id), log.read_text()
+    checkpointed = re.findall(_CHECKPOINTED, text)
+    assert (job.state, job.restarts, len(checkpointed), signalled > 0) == ("COMPLETED", 0, 1, True), text[-3000:]
+    assert text.count("attempt 1: got SIGTERM; asking the trainers to checkpoint and stop") == 2, text[-3000:]
+    step = int(checkpointed[0][1])
+    assert f"attempt 1: stopped by SIGTERM at step {step}, checkpoint committed; not requeued" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    trained = load_trained_model(tmp_path / "run")  # checked against its checksums, weights finite
+    assert trained.step == step and trained.source == tmp_path / "run" / f"step_{step:08d}"
 
 
 def test_a_training_job_of_several_tasks_a_node_is_refused_naming_the_option(cluster, tmp_path):
