@@ -4,8 +4,9 @@
 #   MASTER_ADDR=node0 NNODES=2 NODE_RANK=0 bash launch/torchrun_node.sh --config configs/tiny_cpu.yaml
 # Variables and torchrun's own options: MASTER_ADDR:MASTER_PORT = --rdzv-endpoint, NNODES = --nnodes,
 # NODE_RANK = --node-rank, NPROC_PER_NODE = --nproc-per-node, RDZV_ID = --rdzv-id.
-# MASTER_PORT's default: under SLURM, derived from the job id and the id of the step that runs it on
-# every node (`srun --nodes=N --ntasks-per-node=1`, as slurm/train.sbatch does; below); else 29500.
+# MASTER_PORT's default: under SLURM, derived from the cluster's name, the job id and the id of the step
+# that runs it on every node (`srun --nodes=N --ntasks-per-node=1`, as slurm/train.sbatch does; below);
+# else 29500.
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
@@ -33,9 +34,20 @@ if [ "${NNODES:-1}" != 1 ]; then
   export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 fi
 # The rendezvous port under SLURM, unless MASTER_PORT is set: training/distributed.py's slurm_port of
-# the job and step ids (every node of a step derives the same), so two steps of a job running at once,
-# or two jobs on a node, do not meet on one port (torchrun's 29500 for all); 20000-32767, below
-# Linux's ephemeral ports (docs/DESIGN.md, "Preemption and requeue").
+# the cluster's name and the job and step ids (every node of a step derives the same), so two steps of
+# a job running at once, two jobs on a node, or two clusters' jobs of one id (two test clusters on one
+# host) do not meet on one port (torchrun's 29500 for all); 20000-32767, below Linux's ephemeral
+# ports (docs/DESIGN.md, "Preemption and requeue").
+# cluster_port_offset's 32-bit FNV-1a of the name's bytes (the C locale: one byte a character).
+cluster_port_offset() {
+  local LC_ALL=C name="$1" digest=2166136261 byte i
+  [ -n "$name" ] || { echo 0 && return; }
+  for ((i = 0; i < ${#name}; i++)); do
+    printf -v byte '%d' "'${name:i:1}"
+    digest=$((((digest ^ (byte & 255)) * 16777619) % 4294967296))
+  done
+  echo $((digest % 12768))
+}
 port="${MASTER_PORT:-}"
 if [ -z "$port" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
   step="${SLURM_STEP_ID:-0}"
@@ -47,7 +59,8 @@ if [ -z "$port" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
       "export MASTER_PORT" >&2
     exit 2
   fi
-  port=$((20000 + (10#$SLURM_JOB_ID + 7919 * 10#$step) % 12768))
+  offset="$(cluster_port_offset "${SLURM_CLUSTER_NAME:-}")"
+  port=$((20000 + (offset + 10#$SLURM_JOB_ID + 7919 * 10#$step) % 12768))
 fi
 port="${port:-29500}"
 echo "torchrun_node.sh: node ${NODE_RANK:-0} of ${NNODES:-1}, rendezvous at $MASTER_ADDR:$port" >&2

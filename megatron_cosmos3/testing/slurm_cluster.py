@@ -4,15 +4,22 @@ Debian's ``slurm-wlm`` (22.05) and ``munge`` (``launch/setup_env.sh`` installs t
 Everything lives in one folder (config, munge key and socket, state, spool, logs); the daemons run in
 the foreground as children of the test, so stopping them is killing those pids. Settings that work
 on a container without cgroups: ``proctrack/linuxproc``, ``task/none``, ``select/cons_tres``;
-``JobRequeue=1`` so a batch job can requeue itself. ``start`` raises ``ClusterUnavailable`` with the
-reason (and the daemon's log) when the daemons cannot start, so the caller can skip.
+``JobRequeue=1`` so a batch job can requeue itself. Each cluster has a name of its own
+(``cosmos3test-<random hex>``): two test sessions on one host (or two xdist workers) each number
+their jobs from 1, and the rendezvous port derived from the job id alone was the same in both
+(``training/distributed.py``, ``slurm_port`` of ``SLURM_CLUSTER_NAME`` too). ``start`` raises
+``ClusterUnavailable`` with the reason (and the daemon's log) when the daemons cannot start, so the
+caller can skip.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -55,6 +62,7 @@ class LocalSlurmCluster:
     def __init__(self, root: Path, cpus: int = 2) -> None:
         self.root = Path(root)
         self.cpus = cpus
+        self.name = f"cosmos3test-{secrets.token_hex(4)}"  # SLURM_CLUSTER_NAME of its jobs
         self.node = socket.gethostname()
         self.conf = self.root / "slurm.conf"
         self._processes: list[subprocess.Popen] = []
@@ -110,7 +118,7 @@ class LocalSlurmCluster:
         self.conf.write_text(
             "\n".join(
                 [
-                    "ClusterName=cosmos3test",
+                    f"ClusterName={self.name}",
                     f"SlurmctldHost={self.node}(127.0.0.1)",
                     "SlurmUser=root",
                     "SlurmdUser=root",
@@ -200,6 +208,27 @@ class LocalSlurmCluster:
         return Job(
             job_id, fields.get("JobState", ""), int(fields.get("Restarts", 0)), fields.get("ExitCode", ""), fields
         )
+
+    def batch_script_pid(self, job_id: str) -> int:
+        """The pid of job ``job_id``'s batch script: local task 0 of its batch step in ``scontrol
+        listpids``, which asks the node's slurmstepd, not the controller."""
+        shown = self.command("scontrol", "listpids", job_id).stdout.splitlines()[1:]
+        for pid, _, step, local_id, *_ in (line.split() for line in shown):
+            if (step, local_id) == ("batch", "0"):
+                return int(pid)
+        raise RuntimeError(f"job {job_id}: no batch script in scontrol listpids: {shown}")
+
+    @contextlib.contextmanager
+    def controller_unreachable(self):
+        """slurmctld stopped (SIGSTOP) inside the block and resumed on leaving: a request to it is
+        accepted and never answered, as a hung controller's is, and ``scontrol`` or ``scancel`` fails
+        after ``MessageTimeout`` twice (20 s); the jobs and their steps run on meanwhile."""
+        controller = self._processes[DAEMONS.index("slurmctld")]
+        os.kill(controller.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(controller.pid, signal.SIGCONT)
 
     def stop(self) -> None:
         """Cancels every job (a job step's slurmstepd would outlive the daemons), then stops them."""

@@ -125,25 +125,41 @@ def first_host(nodelist: str) -> str:
 PORT_BASE, PORT_SPAN = 20000, 12768
 # A prime not dividing PORT_SPAN: steps 0 to PORT_SPAN - 1 of one job each get another port.
 STEP_STRIDE = 7919
+# 32-bit FNV-1a of the cluster's name: a few lines in shell too, and names differing in one letter
+# land far apart.
+FNV_OFFSET_BASIS, FNV_PRIME = 2166136261, 16777619
 
 
-def slurm_port(job_id: str, step_id: str = "0") -> int:
-    """The rendezvous port of SLURM job ``job_id``'s step ``step_id``: ``PORT_BASE + (job_id +
-    STEP_STRIDE * step_id) % PORT_SPAN``. Two jobs on a node (ids less than ``PORT_SPAN`` apart)
-    meet on different ports, as do two steps of one job running at once. ValueError naming an id
-    that is not a number."""
+def cluster_port_offset(cluster_name: str) -> int:
+    """Where cluster ``cluster_name``'s job ids start in the port span: 0 without a name, else the
+    32-bit FNV-1a hash of its UTF-8 bytes modulo ``PORT_SPAN``. Two clusters on one host (two test
+    sessions, each numbering its jobs from 1) then rarely derive the same ports."""
+    if not cluster_name:
+        return 0
+    digest = FNV_OFFSET_BASIS
+    for byte in cluster_name.encode():
+        digest = ((digest ^ byte) * FNV_PRIME) % 2**32
+    return digest % PORT_SPAN
+
+
+def slurm_port(job_id: str, step_id: str = "0", cluster_name: str = "") -> int:
+    """The rendezvous port of SLURM job ``job_id``'s step ``step_id`` on cluster ``cluster_name``
+    (``SLURM_CLUSTER_NAME``): ``PORT_BASE + (cluster_port_offset + job_id + STEP_STRIDE * step_id)
+    % PORT_SPAN``. Two jobs of a cluster on a node (ids less than ``PORT_SPAN`` apart) meet on
+    different ports, as do two steps of one job running at once; a cluster's jobs are shifted by its
+    name's offset. ValueError naming an id that is not a number."""
     for name, value in (("SLURM_JOB_ID", job_id), ("SLURM_STEP_ID", step_id)):
         if not value.isdigit():
             raise ValueError(f"{name}={value!r}: not a number to derive the rendezvous port from")
-    return PORT_BASE + (int(job_id) + STEP_STRIDE * int(step_id)) % PORT_SPAN
+    return PORT_BASE + (cluster_port_offset(cluster_name) + int(job_id) + STEP_STRIDE * int(step_id)) % PORT_SPAN
 
 
 def srun_world(environ: Mapping[str, str]) -> tuple[int, int, int, str, str]:
     """(rank, world size, local rank, MASTER_ADDR, MASTER_PORT) of a rank srun started (one task per
     rank): SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID; the address and port as set, else the
-    first host of SLURM_STEP_NODELIST (else SLURM_JOB_NODELIST) and ``slurm_port`` of SLURM_JOB_ID
-    and SLURM_STEP_ID. ValueError naming what is missing or not a number, or a heterogeneous job
-    (``SLURM_HET_SIZE``: its components' tasks are not one world here)."""
+    first host of SLURM_STEP_NODELIST (else SLURM_JOB_NODELIST) and ``slurm_port`` of SLURM_JOB_ID,
+    SLURM_STEP_ID and SLURM_CLUSTER_NAME. ValueError naming what is missing or not a number, or a
+    heterogeneous job (``SLURM_HET_SIZE``: its components' tasks are not one world here)."""
     components = environ.get("SLURM_HET_SIZE") or environ.get("SLURM_PACK_SIZE")  # PACK: SLURM before 20.02
     if components:
         raise ValueError(
@@ -164,7 +180,8 @@ def srun_world(environ: Mapping[str, str]) -> tuple[int, int, int, str, str]:
     port = environ.get("MASTER_PORT")
     if not port:
         try:
-            port = str(slurm_port(environ.get("SLURM_JOB_ID", ""), environ.get("SLURM_STEP_ID", "0")))
+            job, step = environ.get("SLURM_JOB_ID", ""), environ.get("SLURM_STEP_ID", "0")
+            port = str(slurm_port(job, step, environ.get("SLURM_CLUSTER_NAME", "")))
         except ValueError as error:
             raise ValueError(f"srun launch: no MASTER_PORT, and {error}") from None
     return rank, world_size, local_rank, addr, port

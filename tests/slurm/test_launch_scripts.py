@@ -175,14 +175,19 @@ def test_torchrun_node_sh_derives_each_steps_port_as_slurm_port_does(tmp_path):
     or two jobs sharing a node, met in one rendezvous (or failed to bind it)."""
     rendezvous = re.compile(r"torchrun_node\.sh: node 0 of 1, rendezvous at 127\.0\.0\.1:(\d+)")
     ports = {}
-    for job, step in [("5", None), ("5", "0"), ("5", "1"), ("5", "2"), ("6", "0"), ("4294967294", "12")]:
+    jobs = [("5", None, None), ("5", "0", None), ("5", "1", None), ("5", "2", None), ("6", "0", None)]
+    jobs += [("4294967294", "12", None), ("1", "0", "cosmos3test-0a1b2c3d"), ("1", "0", "cosmos3test-0a1b2c3e")]
+    jobs += [("1", "3", "gpu-cluster-é"), ("5", "0", "")]
+    for job, step, cluster in jobs:
         environ = {"SLURM_JOB_ID": job, **({"SLURM_STEP_ID": step} if step is not None else {})}
+        environ.update({"SLURM_CLUSTER_NAME": cluster} if cluster is not None else {})
         line = _torchrun_node_line(tmp_path, MASTER_ADDR="127.0.0.1", **environ)
         found = rendezvous.fullmatch(line)
         assert found, line
-        ports[(job, step)] = int(found[1])
-        assert ports[(job, step)] == slurm_port(job, step or "0")  # the batch script has no SLURM_STEP_ID
-    assert len(set(ports.values())) == len(ports) - 1  # all differ but step 0 and no step of job 5
+        ports[(job, step, cluster)] = int(found[1])
+        # The batch script has no SLURM_STEP_ID; the cluster's name shifts its jobs' ports.
+        assert ports[(job, step, cluster)] == slurm_port(job, step or "0", cluster or ""), (job, step, cluster)
+    assert len(set(ports.values())) == len(ports) - 2  # all differ but job 5's step 0, no step, no name
     assert all(PORT_BASE <= port < PORT_BASE + PORT_SPAN <= 32768 for port in ports.values())
     # Nodes started by one srun each (a step of one node of two) meet on the job's port: step 0's.
     separate = _torchrun_node_line(

@@ -4,14 +4,17 @@ SLURM's own preemption sends it) and once preempted by its time limit's warning 
 batch script, as ``scancel --signal=USR1 --batch`` sends it), it resumes each time from the
 checkpoint of the signal's step and ends with the losses of an uninterrupted run (docs/DESIGN.md,
 "Preemption and requeue"); a real time limit's warning (slurmctld checks limits every 30 s) is sent
-where nothing trains meanwhile, to a job still activating its environment; the preprocessing array
-job writes the shards one process writes.
+where nothing trains meanwhile, to a job still activating its environment; a warning while the
+controller does not answer still reaches the trainers, and TERMs repeated while they checkpoint are
+harmless; the preprocessing array job writes the shards one process writes.
 Skipped, with the reason, where the daemons cannot start (not root, packages missing)."""
 
 from __future__ import annotations
 
+import os
 import re
 import runpy
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_cosmos3.release.trained import load_trained_model
 from megatron_cosmos3.testing.slurm_cluster import ClusterUnavailable, LocalSlurmCluster
 from megatron_cosmos3.testing.training import (
     TINY_MODEL,
@@ -276,6 +280,20 @@ def test_a_training_job_whose_status_folder_cannot_be_made_fails_at_once_naming_
     assert f"COSMOS3_STATUS_DIR={status_dir}: cannot create it" in log.read_text()
 
 
+def _training_until_stopped(cluster: LocalSlurmCluster, tmp_path: Path, log: Path) -> str:
+    """Submits train.sbatch on synthetic data without end, checkpointing only when stopped, into
+    ``tmp_path / "run"``; returns the job's id once its first step is logged."""
+    args = [*TINY_MODEL, "data_source=synthetic", *TINY_SYNTHETIC, "steps=100000", "log_every=1"]
+    args += ["tracking.generation_samples=false", "checkpoint.save_every=100000"]
+    args += [f"checkpoint.directory={tmp_path / 'run'}", f"tracking.tracking_uri={_store(tmp_path, 'run')}"]
+    env = _job_env(tmp_path, COSMOS3_STATUS_DIR=str(tmp_path / "status"))
+    job_id = cluster.command(
+        "sbatch", f"--output={log}", str(REPO / "slurm/train.sbatch"), *args, env=env
+    ).stdout.split()[-1]
+    _wait("the job to train", lambda: _steps_logged(log, 1), 120, log)
+    return job_id
+
+
 # How the job is stopped, the state it ends in and what the script says of the TERM: a plain scancel
 # ends the job (SIGTERM to every process from SLURM, which refuses to signal it meanwhile); a TERM to
 # the batch script alone leaves it running, so the script passes the TERM on.
@@ -295,14 +313,7 @@ def test_a_training_job_stopped_by_sigterm_checkpoints_and_is_not_requeued(clust
     through the script, and the job ends the same way, not requeued."""
     options, end_state, said = STOPPED_BY[stop]
     log = tmp_path / "job.out"
-    args = [*TINY_MODEL, "data_source=synthetic", *TINY_SYNTHETIC, "steps=100000", "log_every=1"]
-    args += ["tracking.generation_samples=false", "checkpoint.save_every=100000"]
-    args += [f"checkpoint.directory={tmp_path / 'run'}", f"tracking.tracking_uri={_store(tmp_path, 'run')}"]
-    env = _job_env(tmp_path, COSMOS3_STATUS_DIR=str(tmp_path / "status"))
-    job_id = cluster.command(
-        "sbatch", f"--output={log}", str(REPO / "slurm/train.sbatch"), *args, env=env
-    ).stdout.split()[-1]
-    _wait("the job to train", lambda: _steps_logged(log, 1), 120, log)
+    job_id = _training_until_stopped(cluster, tmp_path, log)
     cluster.command("scancel", *options, job_id)
 
     def ended() -> bool:
@@ -317,6 +328,62 @@ def test_a_training_job_stopped_by_sigterm_checkpoints_and_is_not_requeued(clust
     assert step and (tmp_path / "run" / f"step_{int(step[1]):08d}").is_dir(), text[-3000:]
     assert f"attempt 1: stopped by SIGTERM at step {step[1]}, checkpoint committed; not requeued" in text
     assert f"attempt 1: {said}" in text, text[-3000:]
+
+
+_CHECKPOINTED = r"preempted \((SIG\w+)\): checkpoint of step (\d+) committed"
+
+
+@pytest.mark.multiprocess
+def test_a_time_limit_warning_while_the_controller_does_not_answer_still_checkpoints_the_trainers(cluster, tmp_path):
+    """The script asks the controller whether the job runs before it passes a signal on; a
+    controller that does not answer (down, restarting, hung: here stopped with SIGSTOP) failed that
+    question after 20 s, and the scancel that followed failed 20 s later the same way: the
+    time-limit warning never reached the trainers. It goes through srun, which needs no controller:
+    the trainers checkpoint while the controller is still stopped, and once it answers again the
+    script requeues the attempt."""
+    log = tmp_path / "job.out"
+    job_id = _training_until_stopped(cluster, tmp_path, log)
+    script = cluster.batch_script_pid(job_id)
+    try:
+        with cluster.controller_unreachable():
+            os.kill(script, signal.SIGUSR1)  # the warning, as slurmstepd delivers --signal=B:USR1
+            found = lambda: re.search(_CHECKPOINTED, log.read_text())  # noqa: E731
+            checkpointed = _wait("the checkpoint while the controller does not answer", found, 90, log)
+        _requeued(cluster, job_id, 1, log)
+    finally:
+        cluster.command("scancel", job_id, check=False)
+    text, (signal_name, step) = log.read_text(), checkpointed.groups()
+    assert signal_name == "SIGUSR1" and (tmp_path / "run" / f"step_{int(step):08d}").is_dir(), text[-3000:]
+    assert "attempt 1: got SIGUSR1; the controller does not answer (scontrol show job: " in text, text[-3000:]
+    assert f"attempt 1: preempted at step {step} (started at 0); requeueing job {job_id}" in text, text[-3000:]
+
+
+@pytest.mark.multiprocess
+def test_a_second_sigterm_passed_on_while_the_trainers_checkpoint_is_harmless(cluster, tmp_path):
+    """A preemption with a grace time keeps the job RUNNING after its TERM, so the script may pass a
+    second TERM on while the trainers checkpoint. Here two ``scancel --batch --signal=TERM`` at once,
+    each passed on by the script, and TERMs straight to the step (as the script passes them on) one
+    after another until the job has ended, so that some reach the trainers during their checkpoint
+    however fast it is: the checkpoint commits and loads, and the script prints the attempt's
+    outcome. (Not a real preemption: SLURM 22.05's grace-time TERM reaches the job's steps but not
+    the batch script, which gets its TERM only at the grace's end, with the job COMPLETING, so there
+    the script never passes a second TERM on.)"""
+    log = tmp_path / "job.out"
+    job_id = _training_until_stopped(cluster, tmp_path, log)
+    for _ in range(2):  # the second reaches the script while it passes the first on, or soon after
+        cluster.command("scancel", "--batch", "--signal=TERM", job_id)
+    deadline, signalled = time.monotonic() + 120, 0
+    while cluster.command("squeue", "-h", "-j", job_id).stdout.strip() and time.monotonic() < deadline:
+        signalled += cluster.command("scancel", "--signal=TERM", job_id, check=False).returncode == 0
+    job, text = cluster.job(job_id), log.read_text()
+    checkpointed = re.findall(_CHECKPOINTED, text)
+    assert (job.state, job.restarts, len(checkpointed), signalled > 0) == ("COMPLETED", 0, 1, True), text[-3000:]
+    assert text.count("attempt 1: got SIGTERM; asking the trainers to checkpoint and stop") == 2, text[-3000:]
+    step = int(checkpointed[0][1])
+    assert f"attempt 1: stopped by SIGTERM at step {step}, checkpoint committed; not requeued" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    trained = load_trained_model(tmp_path / "run")  # checked against its checksums, weights finite
+    assert trained.step == step and trained.source == tmp_path / "run" / f"step_{step:08d}"
 
 
 def test_a_training_job_of_several_tasks_a_node_is_refused_naming_the_option(cluster, tmp_path):
@@ -370,8 +437,9 @@ def test_two_srun_steps_of_one_job_running_at_once_derive_ports_of_their_own(clu
         ("1", "0"),
         ("1", "1"),
     ], text
-    assert found["0", "0"] == found["0", "1"] == slurm_port(job_id, "0"), found  # a step's tasks agree
-    assert found["1", "0"] == found["1", "1"] == slurm_port(job_id, "1") != found["0", "0"], found
+    assert environ["SLURM_CLUSTER_NAME"] == cluster.name  # this session's: its ports are its own
+    assert found["0", "0"] == found["0", "1"] == slurm_port(job_id, "0", cluster.name), found  # a step's tasks agree
+    assert found["1", "0"] == found["1", "1"] == slurm_port(job_id, "1", cluster.name) != found["0", "0"], found
 
 
 def test_a_time_limit_warning_before_the_trainers_start_ends_the_job_failed_saying_why(cluster, tmp_path):

@@ -10,6 +10,9 @@ import pytest
 
 from megatron_cosmos3.testing.training import TINY_MODEL
 from megatron_cosmos3.training.distributed import (
+    PORT_BASE,
+    PORT_SPAN,
+    cluster_port_offset,
     first_host,
     gpu_index,
     launcher_env,
@@ -68,6 +71,24 @@ def test_two_steps_of_a_job_and_neighbouring_jobs_meet_on_ports_of_their_own_bel
     assert len(set(neighbours)) == 12768 and max(neighbours) == 32767
     with pytest.raises(ValueError, match=re.escape("srun launch: no MASTER_PORT, and SLURM_STEP_ID='x': not a")):
         srun_world({**SRUN_TASK, "SLURM_STEP_ID": "x"})
+
+
+def test_jobs_of_one_id_on_two_clusters_meet_on_ports_of_their_own():
+    """The port came from the job and step ids alone: two SLURM clusters sharing a host (two test
+    sessions, each numbering its jobs from 1) gave their job 1 one port, and their trainings met in
+    one rendezvous or failed to bind it. The cluster's name (SLURM_CLUSTER_NAME) shifts its ports;
+    within a cluster jobs and steps still differ, and without a name the port is as before."""
+    names = ["cosmos3test-0a1b2c3d", "cosmos3test-0a1b2c3e", "prod", "gpu-cluster-é"]
+    ports = {name: srun_world({**SRUN_TASK, "SLURM_JOB_ID": "1", "SLURM_CLUSTER_NAME": name})[4] for name in names}
+    assert len(set(ports.values())) == len(names), ports
+    assert ports["prod"] == str(PORT_BASE + (cluster_port_offset("prod") + 1) % PORT_SPAN)
+    assert cluster_port_offset("foobar") == 0xBF9CF968 % PORT_SPAN  # FNV-1a's published 32-bit hash of it
+    assert cluster_port_offset("") == 0 and srun_world({**SRUN_TASK, "SLURM_CLUSTER_NAME": ""})[4] == "20005"
+    for name in names:
+        neighbours = [slurm_port(str(job), "0", name) for job in range(1, 1 + PORT_SPAN)]
+        assert len(set(neighbours)) == PORT_SPAN and min(neighbours) == PORT_BASE, name
+        steps = [slurm_port("1", str(step), name) for step in range(200)]
+        assert len(set(steps)) == 200 and max(steps) < PORT_BASE + PORT_SPAN, name
 
 
 def test_a_heterogeneous_jobs_srun_ranks_are_refused_naming_it():
