@@ -16,7 +16,6 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
-from scipy.io import wavfile
 
 from megatron_cosmos3.data.errors import BAD_METADATA, CORRUPT_MEDIA, SampleError
 from megatron_cosmos3.json_files import JsonNumberError, loads
@@ -167,6 +166,8 @@ def encode_wav(waveform: np.ndarray, sample_rate: int) -> bytes:
     """(channels, samples) float in [-1, 1] -> 16-bit PCM WAV bytes; ``decode_wav`` gives the values
     back within half a step (1 / 65536), clipped to [-1, 32767 / 32768]."""
     pcm = np.clip(np.round(np.asarray(waveform, dtype=np.float64) * 32768.0), -32768, 32767).astype("<i2")
+    from scipy.io import wavfile  # scipy: only a process that handles sound pays for its import
+
     buffer = io.BytesIO()
     wavfile.write(buffer, int(sample_rate), np.ascontiguousarray(pcm.T))
     return buffer.getvalue()
@@ -182,6 +183,8 @@ def decode_wav(data: bytes, name: str) -> tuple[np.ndarray, int]:
             CORRUPT_MEDIA,
             f"{name}: truncated WAV file: its chunks declare {missing} more bytes than it holds",
         )
+    from scipy.io import wavfile  # scipy: only a process that handles sound pays for its import
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", wavfile.WavFileWarning)  # judged above: a streamed size reads to the end
