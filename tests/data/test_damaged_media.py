@@ -121,6 +121,25 @@ def test_a_float_grey_picture_shows_its_tones_from_0_to_1():
     np.testing.assert_array_equal(decode_image(buffer.getvalue(), "grey.tif"), np.repeat(want[..., None], 3, axis=2))
 
 
+@pytest.mark.parametrize("dtype", ["<u4", ">i4", "<i4", "<i2", "<u2", ">u2"])
+def test_an_integer_grey_tiff_is_scaled_by_the_range_of_its_type(dtype):
+    """Pillow reads 32-bit integer grey as mode I, an unsigned one with its upper half wrapped
+    negative; it was divided by 257 as if 16-bit, so all but its darkest 1/65536 of tones were white.
+    0..the type's largest value is black..white, negative values black; written by tifffile (its
+    SampleFormat and BitsPerSample tags), the expected levels computed exactly with fractions."""
+    tifffile = pytest.importorskip("tifffile", reason="tifffile (scikit-image's TIFF writer) writes the test files")
+    info = np.iinfo(np.dtype(dtype))
+    brightest = int(info.max)
+    ramp = np.linspace(info.min, info.max, 24 * 40).round().astype(dtype).reshape(24, 40)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, ramp)
+    want = [min(max(round(Fraction(int(v) * 255, brightest)), 0), 255) for v in ramp.ravel().tolist()]
+    want = np.asarray(want, np.uint8).reshape(ramp.shape)
+    shown = decode_image(buffer.getvalue(), "grey.tif")
+    np.testing.assert_array_equal(shown, np.repeat(want[..., None], 3, axis=2))
+    assert shown.min() == 0 and shown[-1, -1, 0] == 255  # black to white
+
+
 @pytest.mark.parametrize("field", ["image.png", "image.jpg", "video.mp4", "video.webm", "audio.wav", "audio.mp3"])
 def test_a_zero_length_or_unknown_member_is_named_as_such(field):
     """An empty file said "Invalid data found when processing input" or "cannot identify image file
