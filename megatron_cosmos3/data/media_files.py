@@ -31,7 +31,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megatron_cosmos3.data.audio_frames import missing_adts_bytes, missing_mpeg_audio_bytes
+from megatron_cosmos3.data.audio_frames import (
+    missing_adts_bytes,
+    missing_mpeg_audio_bytes,
+    mpeg_audio_length,
+    trailer_start,
+)
 from megatron_cosmos3.data.clips import (
     MediaConfig,
     Window,
@@ -109,6 +114,7 @@ def decode_media_file(
     import av  # PyAV loads FFmpeg's libraries: only a process that reads compressed media pays for it
 
     check_not_empty(data, name)
+    _check_not_without_packets(data, name)
     try:
         with av.open(io.BytesIO(data), metadata_errors="ignore") as container:
             if not container.streams:
@@ -256,7 +262,8 @@ def _stream_seconds(
         return start - origin_s + float(stream.duration * stream.time_base)
     if container.duration is not None and len(container.streams) == 1 and not guessed:
         return container.duration / 1_000_000 - origin_s
-    end = (span or _packet_span(stream, data))[1]
+    end = _mp3_frame_seconds(stream, data) if guessed and container.format.name == "mp3" else None
+    end = end if end is not None else (span or _packet_span(stream, data))[1]
     return None if end is None else end - origin_s
 
 
@@ -267,10 +274,46 @@ def _duration_is_a_bitrate_guess(data: bytes, container) -> bool:
     cut) or 2.2 s (a clip silently cut short); ``_stream_seconds`` measures its packets instead."""
     if container.format.name == "aac":
         return True
-    if container.format.name != "mp3":
-        return False
-    first_frame = data[_id3v2_end(data) :][:MP3_LENGTH_HEADER_BYTES]
-    return not any(tag in first_frame for tag in (b"Xing", b"Info", b"VBRI"))
+    return container.format.name == "mp3" and _mp3_length_header(data) is None
+
+
+def _mp3_length_header(data: bytes) -> int | None:
+    """Where the Xing/Info or VBRI header in an MP3's first frame (after its ID3v2 tag) starts, the
+    frame that declares the file's frame count; None without one."""
+    start = _id3v2_end(data)
+    first_frame = data[start : start + MP3_LENGTH_HEADER_BYTES]
+    found = [at for at in (first_frame.find(tag) for tag in (b"Xing", b"Info", b"VBRI")) if at >= 0]
+    return start + min(found) if found else None
+
+
+def _mp3_declared_frames(data: bytes) -> int | None:
+    """The frame count an MP3's Xing/Info header (where its flags' bit 0 says it holds one) or VBRI
+    header declares; None without one or where no frame header follows the ID3v2 tag."""
+    start, at = _id3v2_end(data), _mp3_length_header(data)
+    if at is None or data[start : start + 1] != b"\xff":
+        return None
+    if data[at : at + 4] == b"VBRI":
+        field = data[at + 14 : at + 18]  # after version, delay, quality and the byte count
+    else:
+        field = data[at + 8 : at + 12] if len(data) >= at + 8 and data[at + 7] & 1 else b""
+    return int.from_bytes(field, "big") if len(field) == 4 else None
+
+
+def _mp3_frames(data: bytes) -> tuple[int, int, int] | None:
+    """(frames, samples, sample rate) of an MP3's frames, chained from after its ID3v2 tag to
+    exactly its trailing tags (``audio_frames``); None where they do not reach them."""
+    start = _id3v2_end(data)
+    return mpeg_audio_length(data, start, trailer_start(data, start))
+
+
+def _mp3_frame_seconds(stream, data: bytes) -> float | None:
+    """Where an MP3's sound without a Xing/Info/VBRI header ends (seconds), by its frames
+    (``_mp3_frames``); None where they do not chain to its end (FFmpeg resyncs past damaged bytes:
+    its packets are counted instead) or their rate is not the stream's."""
+    length = _mp3_frames(data)
+    if length is None or length[2] != stream.rate:
+        return None
+    return float((stream.start_time or 0) * stream.time_base) + length[1] / length[2]
 
 
 def _packet_span(stream, data: bytes) -> tuple[int, float | None]:
@@ -564,6 +607,36 @@ def _check_fragments_all_there(data: bytes, container, name: str) -> None:
         raise SampleError(CORRUPT_MEDIA, detail)
 
 
+@dataclass(frozen=True)
+class OggPage:
+    """An Ogg page's header fields: where it starts and ends (``end`` past the data where the page
+    is cut; the end of its segment table where that is cut), its header type flags (2: the first
+    page of a stream, 4: its last), granule position (the stream's samples to its last packet's
+    end; 0 on header pages, -1 where no packet ends on the page) and stream serial number."""
+
+    offset: int
+    end: int
+    flags: int
+    granule: int
+    serial: bytes
+
+
+def _ogg_pages(data: bytes):
+    """The Ogg pages from the start of ``data`` (``OggPage``), up to the first bytes that are no
+    page header or the first page cut short (the last yielded)."""
+    offset = 0
+    while offset + 27 <= len(data) and data[offset : offset + 4] == b"OggS":
+        segments = data[offset + 26]
+        end = offset + 27 + segments
+        if end <= len(data):
+            end += sum(data[offset + 27 : end])
+        granule = int.from_bytes(data[offset + 6 : offset + 14], "little", signed=True)
+        yield OggPage(offset, end, data[offset + 5], granule, data[offset + 14 : offset + 18])
+        if end > len(data):
+            return
+        offset = end
+
+
 def _missing_ogg_bytes(data: bytes) -> int:
     """How many bytes an Ogg file's last page (Vorbis, Opus, FLAC in Ogg) declares beyond its end.
     A file cut between pages is found by its streams: each one that began (BOS) must end on an
@@ -571,20 +644,34 @@ def _missing_ogg_bytes(data: bytes) -> int:
     by its last page, so a cut one was a shorter clip. Bytes that are no page (a trailer) are no
     part of it."""
     offset, begun, ended = 0, set(), set()
-    while offset + 27 <= len(data) and data[offset : offset + 4] == b"OggS":
-        flags, serial, segments = data[offset + 5], data[offset + 14 : offset + 18], data[offset + 26]
-        if offset + 27 + segments > len(data):
-            return offset + 27 + segments - len(data)
-        size = 27 + segments + sum(data[offset + 27 : offset + 27 + segments])
-        if offset + size > len(data):
-            return offset + size - len(data)
-        begun.update([serial] if flags & 2 else [])
-        ended.update([serial] if flags & 4 else [])
-        offset += size
+    for page in _ogg_pages(data):
+        if page.end > len(data):
+            return page.end - len(data)
+        begun.update([page.serial] if page.flags & 2 else [])
+        ended.update([page.serial] if page.flags & 4 else [])
+        offset = page.end
     tail = data[offset:]
     if 0 < len(tail) < 27 and b"OggS".startswith(tail[:4]):  # a page header cut short
         return 27 - len(tail)
     return 1 if begun - ended else 0
+
+
+def _check_not_without_packets(data: bytes, name: str) -> None:
+    """``zero_length`` for a file that holds its headers and no media packet, named as such: FFmpeg
+    failed to open them with "End of file" (an Ogg file of header pages only, as ffmpeg writes 0
+    samples of Vorbis or Opus, with no end-of-stream page) or "Invalid data found" (an MP3 or ADTS
+    file of an ID3 tag alone). An Ogg stream places no sample where no page's granule position is
+    above 0; one cut right after its headers reads the same as an empty one."""
+    if data[:4] == b"OggS":
+        pages = list(_ogg_pages(data))
+        if all(page.end <= len(data) for page in pages) and max(page.granule for page in pages) <= 0:
+            detail = f"an Ogg file of {len(pages)} header pages, no audio packet"
+            raise SampleError(ZERO_LENGTH, f"{name}: its audio stream has no samples ({detail})")
+    elif data[:3] == b"ID3" and len(data) >= _id3v2_end(data) >= trailer_start(data, _id3v2_end(data)):
+        raise SampleError(ZERO_LENGTH, f"{name}: its audio stream has no samples (an ID3 tag and no audio frame)")
+    elif _mp3_declared_frames(data) == 0 and (_mp3_frames(data) or (0,))[0] == 1:  # the header's frame alone
+        detail = "an MP3 of its Xing/Info header frame alone, declaring 0 frames"
+        raise SampleError(ZERO_LENGTH, f"{name}: its audio stream has no samples ({detail})")
 
 
 def _missing_adts_bytes(data: bytes) -> int:
