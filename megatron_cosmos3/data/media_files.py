@@ -26,6 +26,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import partial
 
 import numpy as np
 import torch
@@ -77,6 +78,9 @@ AUDIO_END_TOLERANCE_S = 0.1
 # How far (relative) a stream's average frame rate may be from its nominal one and still be it: a
 # rounded duration (a millisecond in 0.3 s) or a dropped frame, not a variable rate.
 NOMINAL_RATE_TOLERANCE = 0.005
+# How close (relative) FFmpeg's guess of a rate must be to a whole or NTSC rate to be taken for it: a
+# Matroska frame duration in whole nanoseconds is 60000/1001 fps to within 6e-8 (19001/317).
+NOMINAL_RATE_PRECISION = 1e-6
 # How many of a stream's indexed timestamps say what unit they were rounded to (``_timestamp_unit``).
 UNIT_SAMPLES = 1024
 # Where in an MP3's first frame a Xing/Info (after the side information) or VBRI header lies, at most.
@@ -173,9 +177,14 @@ def _decode(
         if not video_s or not rate:
             raise SampleError(ZERO_LENGTH, f"{name}: its video stream has no duration or frame rate")
         audio_s = _stream_seconds(audio, container, origin_s, data) if audio is not None else None
+        unit = _timestamp_unit(video, rate)
+        # At a constant rate frame i is at i / rate: times rounded to the unit are put back there, and
+        # are then exact (no leeway at the targets: a 29.97 fps frame 0.03 ms after a 30 fps one is later).
+        period = _frame_period(video, rate)
+        video_s = _on_grid(video_s, period, 2 * unit)  # a rounded timestamp plus a rounded duration
+        tolerance = timestamp_tolerance(0.0 if period else unit)
         window = window_for(video_s)
         fps = media.fps or rate
-        tolerance = timestamp_tolerance(_timestamp_unit(video, rate))
         # The file's end is a rounded timestamp plus a rounded duration: no target within both roundings of it.
         at_end = window.end_s > video_s - 2 * tolerance
         targets = target_times(window, fps, 2 * tolerance if at_end else 0.0)
@@ -183,7 +192,10 @@ def _decode(
         if picture is not None:  # Pillow's pixels, as a picture field's (FFmpeg's can be wrong: module doc)
             frames = np.repeat(picture[None], len(targets), axis=0)
         else:
-            frames = _video_window(container, video, targets, origin_s, rate, name, (width, height), video_s, tolerance)
+            size = (width, height)
+            frames = _video_window(
+                container, video, targets, origin_s, rate, name, size, video_s, tolerance, period, unit
+            )
         frames = fit_to_bucket(frames, media.buckets())
         result = DecodedMedia(window, frames, fps, None, video_s, audio_s, picture is not None)
     else:
@@ -212,7 +224,7 @@ def _frame_rate(stream, seconds: float | None, span: tuple[int, float | None] | 
     the stream's duration ``seconds`` are the average. A duration rounded to
     milliseconds made 37 frames at 60 fps average 60.065 fps, and targets at that rate fell a frame
     early by the 13th frame."""
-    nominal = stream.guessed_rate
+    nominal = _nominal_rate(stream)
     if span is None:
         average = stream.average_rate
     else:
@@ -224,6 +236,36 @@ def _frame_rate(stream, seconds: float | None, span: tuple[int, float | None] | 
     ):
         return float(nominal)
     return float(average or nominal or 0) or None
+
+
+def _nominal_rate(stream) -> Fraction | None:
+    """FFmpeg's guess of the stream's rate, or the whole or NTSC (n * 1000 / 1001) rate it is a
+    rounding of (within NOMINAL_RATE_PRECISION): from a Matroska/WebM frame duration in whole
+    nanoseconds it guessed 59.94 fps as 19001/317, and a clip's rate written back was that."""
+    guessed = stream.guessed_rate
+    if not guessed:
+        return None
+    for standard in (Fraction(round(guessed)), Fraction(round(guessed * Fraction(1001, 1000)) * 1000, 1001)):
+        if standard and abs(guessed / standard - 1) <= NOMINAL_RATE_PRECISION:
+            return standard
+    return Fraction(guessed)
+
+
+def _frame_period(stream, rate: float) -> float | None:
+    """Seconds between frames where the stream is at its nominal rate (``_frame_rate`` found its
+    average a rounding of it), None at a variable rate."""
+    nominal = _nominal_rate(stream)
+    return float(1 / nominal) if nominal and rate == float(nominal) else None
+
+
+def _on_grid(seconds: float, period: float | None, leeway: float) -> float:
+    """``seconds`` moved to the nearest multiple of ``period`` where it lies within ``leeway`` of it
+    (a time rounded to the container's unit: a Matroska millisecond, an MP4 of a WebM's), else as it
+    is (a frame off the grid; no ``period``: a variable rate)."""
+    if period is None:
+        return seconds
+    on = round(seconds / period) * period
+    return on if abs(seconds - on) <= leeway + 1e-6 else seconds  # and a rate's float rounding
 
 
 def _lasts_its_frames(stream, nominal, seconds: float | None, span: tuple[int, float | None] | None) -> bool:
@@ -341,13 +383,17 @@ def _video_window(
     size: tuple[int, int],
     declared_s: float,
     tolerance: float,
+    period: float | None = None,
+    unit: float = 0.0,
 ) -> np.ndarray:
     """The frames shown at ``targets`` (seconds from the origin), decoded from the keyframe before,
     as ``size`` (width, height) RGB (``_to_rgb``); a frame stamped up to ``tolerance`` after a target
-    is shown at it (``timestamp_tolerance``). The last frame shows until the stream's declared
-    end ``declared_s`` where that is less than a frame period after it (an edit list that starts
-    between two frames: FFmpeg drops the partly shown one and the stream lasts that much longer);
-    frames that stop earlier are a cut file."""
+    is shown at it (``timestamp_tolerance``); at a constant rate (a frame ``period``) a frame's time
+    rounded to the ``unit`` is put back on the frame grid, and so is the last one's end
+    (``_on_grid``). The last frame shows until the stream's declared end ``declared_s`` where that
+    is less than a frame period after it (an edit list that starts between two frames: FFmpeg drops
+    the partly shown one and the stream lasts that much longer); frames that stop earlier are a cut
+    file."""
     lead_s, fresh = (int(stream.codec_context.has_b_frames) + 2) / rate, True
     while True:
         # The keyframe to decode from must be shown at or before the window: seeking by decoding time
@@ -357,7 +403,8 @@ def _video_window(
         if seek_s > 0 or not fresh:  # a fresh container reads from the start (a stream without frames cannot seek)
             seek_to = max(math.floor((max(seek_s, 0.0) + origin_s) / stream.time_base), stream.start_time or 0)
             container.seek(seek_to, stream=stream, backward=True, any_frame=False)
-        times, frames, ended, key_s = _decode_frames(container, stream, targets, origin_s, tolerance)
+        place = partial(_on_grid, period=period, leeway=unit / 2)
+        times, frames, ended, key_s = _decode_frames(container, stream, targets, origin_s, tolerance, place)
         if seek_s <= 0 or (key_s is not None and key_s <= targets[0] + tolerance):
             break
         lead_s, fresh = lead_s * 4, False
@@ -365,6 +412,7 @@ def _video_window(
     if ended and frames:  # the stream ended: its last frame shows for its duration (a frame period if unstated)
         last = frames[-1]
         end = times[-1] + (float(last.duration * stream.time_base) if last.duration else 1.0 / rate)
+        end = _on_grid(end, period, 2 * unit)  # a rounded timestamp plus a rounded duration
         if end < declared_s < end + 1.0 / rate:
             end = declared_s
     return _to_rgb(frames, pick_frames(np.asarray(times), targets, end, name, tolerance), size)
@@ -386,8 +434,9 @@ def _timestamp_unit(stream, rate: float) -> float:
     return ticks * base if ticks > 1 and ticks * base <= 0.25 / rate else base
 
 
-def _decode_frames(container, stream, targets: np.ndarray, origin_s: float, tolerance: float):
-    """Decodes from where the container stands to the last target: (times, frames) from the last
+def _decode_frames(container, stream, targets: np.ndarray, origin_s: float, tolerance: float, place):
+    """Decodes from where the container stands to the last target (each frame's time ``place``d:
+    ``_on_grid``): (times, frames) from the last
     frame at or before the first target on, whether the stream ended (no frame past the last
     target), and the time of the first keyframe decoded (None without one). Only frames that
     ``pick_frames`` will pick are kept (the first, the last and those shown at a target; the
@@ -398,7 +447,7 @@ def _decode_frames(container, stream, targets: np.ndarray, origin_s: float, tole
     for frame in container.decode(stream):
         if frame.pts is None:
             continue
-        t = float(frame.pts * stream.time_base) - origin_s
+        t = place(float(frame.pts * stream.time_base) - origin_s)
         if key_s is None and frame.key_frame:
             key_s = t
         if times and t <= times[-1]:
