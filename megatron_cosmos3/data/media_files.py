@@ -708,9 +708,10 @@ def _missing_ogg_bytes(data: bytes) -> int:
 def _check_not_without_packets(data: bytes, name: str) -> None:
     """``zero_length`` for a file that holds its headers and no media packet, named as such: FFmpeg
     failed to open them with "End of file" (an Ogg file of header pages only, as ffmpeg writes 0
-    samples of Vorbis or Opus, with no end-of-stream page) or "Invalid data found" (an MP3 or ADTS
-    file of an ID3 tag alone). An Ogg stream places no sample where no page's granule position is
-    above 0; one cut right after its headers reads the same as an empty one."""
+    samples of Vorbis or Opus, with no end-of-stream page; a Matroska/WebM file of 0 frames) or
+    "Invalid data found" (an MP3 or ADTS file of an ID3 tag alone). An Ogg stream places no sample
+    where no page's granule position is above 0; one cut right after its headers reads the same as
+    an empty one."""
     if data[:4] == b"OggS":
         pages = list(_ogg_pages(data))
         if all(page.end <= len(data) for page in pages) and max(page.granule for page in pages) <= 0:
@@ -721,6 +722,9 @@ def _check_not_without_packets(data: bytes, name: str) -> None:
     elif _mp3_declared_frames(data) == 0 and (_mp3_frames(data) or (0,))[0] == 1:  # the header's frame alone
         detail = "an MP3 of its Xing/Info header frame alone, declaring 0 frames"
         raise SampleError(ZERO_LENGTH, f"{name}: its audio stream has no samples ({detail})")
+    elif data[:4] == EBML_MAGIC and _segment_holds_no_cluster(data):
+        detail = "a Matroska/WebM file of its headers, no cluster of frames or sound"
+        raise SampleError(ZERO_LENGTH, f"{name}: its streams have no frames or samples ({detail})")
 
 
 def _missing_adts_bytes(data: bytes) -> int:
@@ -782,19 +786,52 @@ def _ebml_number(data: bytes, offset: int) -> tuple[int, int, bool] | None:
     return value, length, value == (1 << (7 * length)) - 1
 
 
+def _ebml_element(data: bytes, offset: int) -> tuple[int, int] | None:
+    """(ID bytes, total bytes: ID, size and content) of the EBML element at ``offset``; None where
+    the data ends first, no length marker is found or the size is left unknown (a live writer's)."""
+    element = _ebml_number(data, offset)
+    size = _ebml_number(data, offset + element[1]) if element else None
+    return None if size is None or size[2] else (element[1], element[1] + size[1] + size[0])
+
+
+def _segment_span(data: bytes) -> tuple[int, int] | None:
+    """Where a Matroska/WebM file's segment's children start and where it declares it ends (after
+    the EBML header); None where too short to judge or of unknown size."""
+    header = _ebml_element(data, 0)
+    segment = _ebml_element(data, header[1]) if header else None
+    if segment is None:
+        return None
+    size = _ebml_number(data, header[1] + segment[0])  # the segment's children follow its size
+    return header[1] + segment[0] + size[1], header[1] + segment[1]
+
+
+def _segment_holds_no_cluster(data: bytes) -> bool:
+    """Whether a whole Matroska/WebM segment holds no Cluster (the elements of frames and sound):
+    its elements read to its end without one. False where one is found first, or the segment or an
+    element of it is of unknown size or runs past the end (a cut file: ``_missing_segment_bytes``),
+    or bytes are no element."""
+    span = _segment_span(data)
+    if span is None or span[1] > len(data):
+        return False
+    offset = span[0]
+    while offset < span[1]:
+        element = _ebml_element(data, offset)
+        if element is None or offset + element[1] > span[1] or data[offset : offset + element[0]] == CLUSTER:
+            return False
+        offset += element[1]
+    return True
+
+
 def _missing_segment_bytes(data: bytes) -> int:
     """How many bytes a Matroska/WebM file's segment declares beyond its end (0 when complete, or
-    of unknown size as a live stream writes it)."""
-    offset = 0
-    for _ in range(2):  # the EBML header, then the segment
-        element = _ebml_number(data, offset)
-        size = _ebml_number(data, offset + element[1]) if element else None
-        if size is None or size[2]:  # too short to judge, or a size left unknown: FFmpeg decides
-            return 0
-        offset += element[1] + size[1] + size[0]
-    return max(offset - len(data), 0)
+    of unknown size as a live stream writes it: FFmpeg decides)."""
+    span = _segment_span(data)
+    return 0 if span is None else max(span[1] - len(data), 0)
 
 
+# A Matroska/WebM file's first bytes (its EBML header's ID), and the ID of a Cluster, the segment's
+# element that holds frames and sound.
+EBML_MAGIC, CLUSTER = b"\x1a\x45\xdf\xa3", b"\x1f\x43\xb6\x75"
 # Top-level MP4/MOV boxes that hold the index (the whole one, a fragment's): cut, frames are lost.
 INDEX_BOXES = (b"moov", b"moof")
 # How many of a stream's last samples (in time) are checked against the end of the file (a cut

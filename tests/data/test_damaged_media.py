@@ -209,6 +209,21 @@ def test_an_audio_file_of_no_samples_is_zero_length_not_an_end_of_file_error(tmp
     assert decode_sample(_raw(field, (tmp_path / f"short.{field}").read_bytes())).audio.shape[1] > 0
 
 
+@pytest.mark.parametrize("field, codec", [("video.mkv", "libx264"), ("video.webm", "libvpx-vp9")])
+def test_a_matroska_video_of_no_frames_is_zero_length_not_an_end_of_file_error(tmp_path, field, codec):
+    """ffmpeg writes 0 frames as a whole segment of headers and no cluster; FFmpeg failed to open it
+    with "End of file". Two frames of the same encoder decode (the control)."""
+    source = ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=32x32:rate=25", "-c:v", codec]
+    for frames, stem in ((0, "empty"), (2, "short")):
+        subprocess.run([*source, "-frames:v", str(frames), str(tmp_path / f"{stem}.{field}")], check=True)
+    data = (tmp_path / f"empty.{field}").read_bytes()
+    message = re.escape(f"zero_length: {field}: its streams have no frames or samples (a Matroska/WebM file of")
+    for decode in (lambda: decode_sample(_raw(field, data)), lambda: decode_video_file(data, field)):
+        with pytest.raises(SampleError, match=message):
+            decode()
+    assert decode_sample(_raw(field, (tmp_path / f"short.{field}").read_bytes())).video.shape[0] == 2
+
+
 def test_write_shards_counts_damaged_media_as_skips_and_writes_the_rest(tmp_path):
     """The manifest script caught SampleError only: a WAV cut in its LIST chunk (scipy's
     UnboundLocalError) ended the whole run with a traceback."""
