@@ -134,17 +134,18 @@ def _viewed_rgb(image: Image.Image, name: str) -> np.ndarray:
 
 def _integer_grey_range(image: Image.Image) -> tuple[int, bool] | None:
     """(bits, signed) of an integer grey picture's samples (Pillow's ``I;16*`` and ``I`` modes),
-    None for any other mode. ``I;16*`` is unsigned 16-bit; ``I`` holds int32 whatever the file stores,
-    so a TIFF's BitsPerSample and SampleFormat tags say which type it is (Pillow reads an unsigned
-    32-bit TIFF into ``I`` with the values past 2**31 wrapped negative, a signed 16-bit one as -32768..32767);
-    without them ``I`` is Pillow's own int32."""
+    None for any other mode. ``I;16*`` is unsigned 16-bit; ``I`` holds int32 whatever the file
+    stores, so a TIFF's BitsPerSample and SampleFormat tags say which type it is (Pillow reads an
+    unsigned 32-bit TIFF into ``I`` with the values past 2**31 wrapped negative, a signed 16-bit one
+    as -32768..32767); other files Pillow reads into ``I`` are 16-bit (a PGM of any maximum above
+    255, scaled by Pillow to 0..65535)."""
     if image.mode.startswith("I;16"):
         return 16, False
     if image.mode != "I":
         return None
-    tags = getattr(image, "tag_v2", None)
+    tags = getattr(image, "tag_v2", None)  # a TIFF's
     if tags is None:
-        return 32, True
+        return 16, False
     bits, sample_format = tags.get(TIFF_BITS_PER_SAMPLE, (32,)), tags.get(TIFF_SAMPLE_FORMAT, (1,))
     bits = bits[0] if isinstance(bits, tuple) else bits
     sample_format = sample_format[0] if isinstance(sample_format, tuple) else sample_format

@@ -713,8 +713,10 @@ def _check_not_without_packets(data: bytes, name: str) -> None:
     where no page's granule position is above 0; one cut right after its headers reads the same as
     an empty one."""
     if data[:4] == b"OggS":
+        if any(page.granule > 0 for page in _ogg_pages(data)):  # a page of sound, the 3rd or 4th
+            return
         pages = list(_ogg_pages(data))
-        if all(page.end <= len(data) for page in pages) and max(page.granule for page in pages) <= 0:
+        if all(page.end <= len(data) for page in pages):  # else cut inside a page: _missing_bytes says so
             detail = f"an Ogg file of {len(pages)} header pages, no audio packet"
             raise SampleError(ZERO_LENGTH, f"{name}: its audio stream has no samples ({detail})")
     elif data[:3] == b"ID3" and len(data) >= _id3v2_end(data) >= trailer_start(data, _id3v2_end(data)):

@@ -175,6 +175,17 @@ def _with_last_ogg_page_ending_its_stream(data: bytes) -> bytes:
     return data[:last] + bytes(page)
 
 
+def test_a_16_bit_pgm_read_as_32_bit_integers_keeps_its_16_bit_tones():
+    """Pillow reads a PGM of a maximum above 255 into mode I (int32), scaled to 0..65535: no TIFF
+    tag says 32 bits, so it is shown as 16-bit grey (the control of the 32-bit TIFF's range)."""
+    levels = np.array([[0, 1000, 21845, 32768, 65535]], dtype=">u2")
+    data = b"P5\n5 1\n65535\n" + levels.tobytes()
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.mode == "I"
+    want = np.round(levels.astype(np.float64) / 257).astype(np.uint8)
+    np.testing.assert_array_equal(decode_image(data, "grey.pgm"), np.repeat(want[..., None], 3, axis=2))
+
+
 # Files of 0 samples as ffmpeg writes them: (field, its options); an MP3 is an ID3 tag and, unless
 # told not to, an Info frame declaring 0 frames.
 EMPTY_AUDIO = {
