@@ -174,3 +174,16 @@ def test_an_mp3_without_a_xing_header_is_measured_without_reading_its_packets(tm
     many = _python_lines_run(decode_sample, {**raw, "audio.mp3": long}, SchemaContext(), clip)
     frames = len(long) // 384  # a 128 kbit/s 48 kHz frame holds 384 bytes
     assert many < few + 200 < frames, (few, many, frames)
+
+
+def test_the_trailing_tags_are_peeled_in_any_order_and_a_bogus_footer_ends_the_peeling():
+    """ID3v1, APEv2 (with its header) and Lyrics3v2 after the frames, stacked as taggers leave them,
+    all lie after the frames; an APE footer declaring fewer bytes than itself is no tag (it looped)."""
+    frames = bytes([0xFF, 0xFB, 0x90, 0x64]) + bytes(413)  # an MPEG-1 layer III frame's header and body
+    id3v1 = b"TAG" + bytes(125)
+    lyrics = b"LYRICSBEGIN" + b"IND0000210" + b"000021" + b"LYRICS200"
+    for trailer in (id3v1, _apev2_tag(b"Title", b"noise") + id3v1, lyrics + _apev2_tag(b"A", b"b") + id3v1):
+        assert audio_frames.trailer_start(frames + trailer) == len(frames), trailer
+    bogus = b"APETAGEX" + struct.pack("<IIII", 2000, 0, 0, 0) + bytes(8)
+    assert audio_frames.trailer_start(frames + bogus) == len(frames + bogus)
+    assert audio_frames.trailer_start(frames + bogus + id3v1) == len(frames + bogus)
