@@ -79,8 +79,9 @@ AUDIO_END_TOLERANCE_S = 0.1
 # rounded duration (a millisecond in 0.3 s) or a dropped frame, not a variable rate.
 NOMINAL_RATE_TOLERANCE = 0.005
 # How close (relative) FFmpeg's guess of a rate must be to a whole or NTSC rate to be taken for it: a
-# Matroska frame duration in whole nanoseconds is 60000/1001 fps to within 6e-8 (19001/317).
-NOMINAL_RATE_PRECISION = 1e-6
+# Matroska frame duration in whole nanoseconds is within 1.2e-7 of it up to 240 fps (60000/1001 fps
+# was 19001/317); the decimal rates 29.97, 59.94 and 23.976 are 1e-6 from NTSC's and stay themselves.
+NOMINAL_RATE_PRECISION = 5e-7
 # How many of a stream's indexed timestamps say what unit they were rounded to (``_timestamp_unit``).
 UNIT_SAMPLES = 1024
 # Where in an MP3's first frame a Xing/Info (after the side information) or VBRI header lies, at most.
@@ -716,7 +717,7 @@ def _check_not_without_packets(data: bytes, name: str) -> None:
         if any(page.granule > 0 for page in _ogg_pages(data)):  # a page of sound, the 3rd or 4th
             return
         pages = list(_ogg_pages(data))
-        if all(page.end <= len(data) for page in pages):  # else cut inside a page: _missing_bytes says so
+        if pages and all(page.end <= len(data) for page in pages):  # else cut in a page: _missing_bytes says so
             detail = f"an Ogg file of {len(pages)} header pages, no audio packet"
             raise SampleError(ZERO_LENGTH, f"{name}: its audio stream has no samples ({detail})")
     elif data[:3] == b"ID3" and len(data) >= _id3v2_end(data) >= trailer_start(data, _id3v2_end(data)):
