@@ -30,6 +30,8 @@ STREAMED_WAV_SIZE = 0xFFFFFFFF
 # WAV sample encodings scipy reads (PCM, IEEE float); others (mu-law, A-law, ADPCM, ...) FFmpeg decodes.
 PCM_WAV_ENCODINGS = (0x0001, 0x0003)
 WAVE_FORMAT_EXTENSIBLE = 0xFFFE
+# TIFF tags that say what type an integer grey picture's samples are (``_integer_grey_range``).
+TIFF_BITS_PER_SAMPLE, TIFF_SAMPLE_FORMAT, TIFF_SIGNED_INTEGER = 258, 339, 2
 # Everything a broken file can make these libraries raise; anything else is a bug, not bad data.
 DECODE_ERRORS = (
     ValueError,
@@ -97,9 +99,9 @@ def encode_png(image: np.ndarray) -> bytes:
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB from PNG/JPEG/... bytes, as a viewer shows the picture: in sRGB by its
     embedded ICC profile (PNG iCCP, JPEG APP2; one that cannot be applied is logged and left out),
-    turned and mirrored by its EXIF orientation, 16-bit grey scaled to 8 bits (Pillow's own
-    conversion clips it at 255), float grey from 0..1 (NaN as 0), any other mode Pillow reads
-    converted to RGB (alpha dropped); an animation's first frame."""
+    turned and mirrored by its EXIF orientation, integer grey (16- or 32-bit) scaled from its type's
+    range to 8 bits (Pillow's own conversion clips it at 255), float grey from 0..1 (NaN as 0), any
+    other mode Pillow reads converted to RGB (alpha dropped); an animation's first frame."""
     check_not_empty(data, name)
     try:
         with warnings.catch_warnings():
@@ -116,17 +118,49 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
 def _viewed_rgb(image: Image.Image, name: str) -> np.ndarray:
     """``decode_image``'s pixels of a loaded picture: a writable (H, W, 3) uint8 array."""
     profile = image.info.get("icc_profile")
+    grey_range = _integer_grey_range(image)  # the file's tags, which a turned copy no longer has
     try:
         image = ImageOps.exif_transpose(image)
     except DECODE_ERRORS:  # an unreadable orientation tag: shown as stored, as viewers do
         pass
-    if image.mode.startswith("I"):  # 16-bit (or 32-bit integer) grey: 0..65535 -> 0..255
-        return _grey_rgb(np.asarray(image, dtype=np.float64) / 257.0)
+    if grey_range is not None:
+        return _grey_rgb(_integer_grey_levels(np.asarray(image), *grey_range))
     if image.mode == "F":  # float grey (a 32-bit float TIFF) is 0..1: Pillow's conversion made it all black
         return _grey_rgb(np.nan_to_num(np.asarray(image, dtype=np.float64)) * 255.0)
     if profile:
         image = _in_srgb(image, profile, name)
     return np.array(image.convert("RGB"))  # a copy: torch refuses read-only arrays
+
+
+def _integer_grey_range(image: Image.Image) -> tuple[int, bool] | None:
+    """(bits, signed) of an integer grey picture's samples (Pillow's ``I;16*`` and ``I`` modes),
+    None for any other mode. ``I;16*`` is unsigned 16-bit; ``I`` holds int32 whatever the file
+    stores, so a TIFF's BitsPerSample and SampleFormat tags say which type it is (Pillow reads an
+    unsigned 32-bit TIFF into ``I`` with the values past 2**31 wrapped negative, a signed 16-bit one
+    as -32768..32767); other files Pillow reads into ``I`` are 16-bit (a PGM of any maximum above
+    255, scaled by Pillow to 0..65535)."""
+    if image.mode.startswith("I;16"):
+        return 16, False
+    if image.mode != "I":
+        return None
+    tags = getattr(image, "tag_v2", None)  # a TIFF's
+    if tags is None:
+        return 16, False
+    bits, sample_format = tags.get(TIFF_BITS_PER_SAMPLE, (32,)), tags.get(TIFF_SAMPLE_FORMAT, (1,))
+    bits = bits[0] if isinstance(bits, tuple) else bits
+    sample_format = sample_format[0] if isinstance(sample_format, tuple) else sample_format
+    return (int(bits) if 1 < int(bits) <= 32 else 32), sample_format == TIFF_SIGNED_INTEGER
+
+
+def _integer_grey_levels(values: np.ndarray, bits: int, signed: bool) -> np.ndarray:
+    """Integer grey ``values`` of a ``bits``-bit type on the 0..255 scale: 0 to the type's largest
+    value is black to white (a 32-bit one was divided as if 16-bit: all but its darkest tones white);
+    a signed type's negative values are black (as scikit-image's ``img_as_ubyte`` shows them)."""
+    values = values.astype(np.int64)
+    if not signed:  # Pillow's int32 holds an unsigned 32-bit sample's bits: read them as unsigned
+        values &= (1 << bits) - 1
+    brightest = (1 << (bits - 1 if signed else bits)) - 1
+    return np.maximum(values, 0) * 255.0 / brightest
 
 
 def _grey_rgb(levels: np.ndarray) -> np.ndarray:

@@ -4,14 +4,21 @@ misses, against the frames FFmpeg's demuxer places, at work that does not grow f
 from __future__ import annotations
 
 import io
+import json
+import struct
 import subprocess
 import sys
+from fractions import Fraction
 
 import av
 import numpy as np
 import pytest
 
 from megatron_cosmos3.data import audio_frames
+from megatron_cosmos3.data.clips import MediaConfig
+from megatron_cosmos3.data.media import encode_json
+from megatron_cosmos3.data.schema import SchemaContext, decode_audio_file, decode_sample
+from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE
 
 # (FFmpeg's encoder options, header bytes) of each kind of raw audio file.
 KINDS = {
@@ -85,3 +92,98 @@ def test_the_work_in_python_does_not_grow_with_the_frames():
     many = _python_lines_run(audio_frames.missing_mpeg_audio_bytes, long, 0)
     frames = len(long) // 384  # at most a 48 kHz 128 kbit/s frame's 384 bytes
     assert many < few + 200 < frames, (few, many, frames)
+
+
+# FFmpeg's options for MP3s without a Xing/Info header (no frame count declared), each a noise burst
+# and silence: constant and variable bitrate, MPEG-1, MPEG-2 and MPEG-2.5 (576 samples a frame), an
+# ID3v2 tag before the frames (but where told not to) and, "tagged", ID3v1 (and APEv2) tags after them.
+NO_XING = ["-c:a", "libmp3lame", "-write_xing", "0", "-metadata", "title=noise"]
+MP3_KINDS = {
+    "cbr_mpeg1_tagged": ["-ar", "44100", "-b:a", "128k", "-write_id3v1", "1"],
+    "vbr_mpeg1": ["-ar", "48000", "-q:a", "0"],
+    "vbr_mpeg2": ["-ar", "22050", "-q:a", "4", "-id3v2_version", "0"],
+    "cbr_mpeg25_tagged": ["-ar", "11025", "-b:a", "32k", "-write_id3v1", "1"],
+}
+
+
+def _apev2_tag(key: bytes, value: bytes) -> bytes:
+    """An APEv2 tag of one text item, with its header: a 32-byte header and footer ("APETAGEX",
+    version 2000, the size of the items and footer, the item count, flags: bit 31 a header is
+    present, bit 29 this is the header), as taggers write it before an ID3v1 tag."""
+    item = struct.pack("<II", len(value), 0) + key + b"\0" + value
+    fields = lambda flags: b"APETAGEX" + struct.pack("<IIII", 2000, len(item) + 32, 1, flags) + bytes(8)  # noqa: E731
+    return fields(0xA0000000) + item + fields(0x80000000)
+
+
+def _burst_and_silence_mp3(path, options: list[str]) -> bytes:
+    """0.5 s of noise then 1 s of silence: a variable bitrate's frames differ in length."""
+    sources = ["-f", "lavfi", "-i", "anoisesrc=d=0.5:a=0.5", "-f", "lavfi", "-i", "anullsrc=cl=mono"]
+    mix = ["-filter_complex", "[1]atrim=0:1[s];[0][s]concat=v=0:a=1"]
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *sources, *mix, *NO_XING, *options, str(path)], check=True)
+    return path.read_bytes()
+
+
+def _ffprobe_packets(path) -> list[dict]:
+    """Each audio packet's byte position, size, pts and duration (in samples: the stream's time base
+    is 1 / its rate only for some files, so its rate is asked too) as ffprobe reads them."""
+    entries = ["-show_entries", "packet=pos,size,pts,duration:stream=time_base,sample_rate"]
+    command = ["ffprobe", "-v", "error", "-select_streams", "a:0", *entries, "-of", "json", str(path)]
+    probed = json.loads(subprocess.run(command, capture_output=True, check=True).stdout)
+    return probed["packets"], probed["streams"][0]
+
+
+@pytest.mark.parametrize("kind", sorted(MP3_KINDS))
+def test_an_mp3_without_a_xing_header_lasts_the_frames_ffprobe_reads(tmp_path, kind):
+    """Its frame headers chained from after the ID3v2 tag to the tags at its end give ffprobe's
+    packets: their count, their samples and where they end (the duration, in samples of its rate);
+    and the loader decodes that long. The duration was FFmpeg's packets read every time a clip was
+    cut (1.4 s an hour of sound)."""
+    path = tmp_path / "a.mp3"
+    data = _burst_and_silence_mp3(path, MP3_KINDS[kind])
+    if kind.startswith("cbr_mpeg1"):  # an APEv2 tag before the ID3v1 tag
+        data = data[:-128] + _apev2_tag(b"Title", b"noise") + data[-128:]
+        path.write_bytes(data)
+    packets, stream = _ffprobe_packets(path)
+    first, last = int(packets[0]["pos"]), int(packets[-1]["pos"]) + int(packets[-1]["size"])
+    assert (first > 0) == ("-id3v2_version" not in MP3_KINDS[kind]) and (last < len(data)) == kind.endswith("tagged")
+    assert audio_frames.trailer_start(data, first) == last
+    rate, base = int(stream["sample_rate"]), Fraction(stream["time_base"])
+    end = (int(packets[-1]["pts"]) + int(packets[-1]["duration"])) * base * rate
+    assert end.denominator == 1 and int(packets[0]["pts"]) == 0
+    assert audio_frames.mpeg_audio_length(data, first, last) == (len(packets), int(end), rate)
+    if kind.startswith("vbr"):  # a variable bitrate: the frames' lengths differ
+        assert len({packet["size"] for packet in packets}) > 2
+    audio, _ = decode_audio_file(data, "a.mp3")
+    assert abs(audio.shape[1] - Fraction(int(end), rate) * SAMPLE_RATE) <= 1  # the resampler's rounding
+    assert audio_frames.mpeg_audio_length(data, first, last - 1) is None  # the control: a chain short of its end
+
+
+def test_an_mp3_without_a_xing_header_is_measured_without_reading_its_packets(tmp_path):
+    """A clip of an MP3 without a Xing header costs as many Python lines whatever the file's length:
+    measuring it by FFmpeg's packets, a Python loop over every one of them, took 1.4 s an hour."""
+    short = _burst_and_silence_mp3(tmp_path / "a.mp3", ["-ar", "48000", "-b:a", "128k", "-id3v2_version", "0"])
+    long = short * 40  # frames that chain, 60 s
+    clip = MediaConfig(clip_seconds=0.2, clip_start="first")
+    raw = {"__key__": "k", "meta.json": encode_json({"schema": 1, "caption": "noise"})}
+    samples = []
+    for data in (short, long):
+        sample = decode_sample({**raw, "audio.mp3": data}, media_config=clip)
+        samples.append(sample)
+    assert samples[1].timing["source_duration_s"] == pytest.approx(40 * samples[0].timing["source_duration_s"])
+    few = _python_lines_run(decode_sample, {**raw, "audio.mp3": short}, SchemaContext(), clip)
+    many = _python_lines_run(decode_sample, {**raw, "audio.mp3": long}, SchemaContext(), clip)
+    frames = len(long) // 384  # a 128 kbit/s 48 kHz frame holds 384 bytes
+    assert many < few + 200 < frames, (few, many, frames)
+
+
+def test_the_trailing_tags_are_peeled_in_any_order_and_a_bogus_footer_ends_the_peeling():
+    """ID3v1, APEv2 (with its header) and Lyrics3v2 after the frames, stacked as taggers leave them,
+    all lie after the frames; an APE footer declaring fewer bytes than itself is no tag (it looped)."""
+    frames = bytes([0xFF, 0xFB, 0x90, 0x64]) + bytes(413)  # an MPEG-1 layer III frame's header and body
+    id3v1 = b"TAG" + bytes(125)
+    lyrics = b"LYRICSBEGIN" + b"IND0000210" + b"000021" + b"LYRICS200"
+    for trailer in (id3v1, _apev2_tag(b"Title", b"noise") + id3v1, lyrics + _apev2_tag(b"A", b"b") + id3v1):
+        assert audio_frames.trailer_start(frames + trailer) == len(frames), trailer
+    bogus = b"APETAGEX" + struct.pack("<IIII", 2000, 0, 0, 0) + bytes(8)
+    assert audio_frames.trailer_start(frames + bogus) == len(frames + bogus)
+    assert audio_frames.trailer_start(frames + bogus + id3v1) == len(frames + bogus)
