@@ -121,10 +121,11 @@ def test_a_float_grey_picture_shows_its_tones_from_0_to_1():
     np.testing.assert_array_equal(decode_image(buffer.getvalue(), "grey.tif"), np.repeat(want[..., None], 3, axis=2))
 
 
-@pytest.mark.parametrize("dtype", ["<u4", ">i4", "<i4", "<i2", "<u2", ">u2"])
+@pytest.mark.parametrize("dtype", ["<u4", ">i4", "<i4", "<i2", "<u2", ">u2", "i1", "u1"])
 def test_an_integer_grey_tiff_is_scaled_by_the_range_of_its_type(dtype):
     """Pillow reads 32-bit integer grey as mode I, an unsigned one with its upper half wrapped
     negative; it was divided by 257 as if 16-bit, so all but its darkest 1/65536 of tones were white.
+    It reads signed 8-bit grey as mode L, its bytes: -128 was shown as 128, -1 white.
     0..the type's largest value is black..white, negative values black; written by tifffile (its
     SampleFormat and BitsPerSample tags), the expected levels computed exactly with fractions."""
     tifffile = pytest.importorskip("tifffile", reason="tifffile (scikit-image's TIFF writer) writes the test files")
