@@ -58,7 +58,12 @@ from megatron_cosmos3.data.media import (
     decode_image,
     missing_wav_bytes,
 )
-from megatron_cosmos3.data.mp4_fragments import box_header, declared_fragment_seconds, missing_sidx_bytes
+from megatron_cosmos3.data.mp4_fragments import (
+    box_header,
+    declared_fragment_seconds,
+    missing_sidx_bytes,
+    track_sample_counts,
+)
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, to_stereo_48k
 
 # Containers whose structure says how long they are, so a cut file is found (``_missing_bytes``).
@@ -733,9 +738,10 @@ def _check_not_without_packets(data: bytes, name: str) -> None:
     """``zero_length`` for a file that holds its headers and no media packet, named as such: FFmpeg
     failed to open them with "End of file" (an Ogg file of header pages only, as ffmpeg writes 0
     samples of Vorbis or Opus, with no end-of-stream page; a Matroska/WebM file of 0 frames) or
-    "Invalid data found" (an MP3 or ADTS file of an ID3 tag alone). An Ogg stream places no sample
-    where no page's granule position is above 0; one cut right after its headers reads the same as
-    an empty one."""
+    "Invalid data found" (an MP3 or ADTS file of an ID3 tag alone), or opened them as a file of no
+    stream (an MP4/MOV whose moov holds no track, as ffmpeg writes 0 samples) or of streams of no
+    duration (one whose tracks list no sample). An Ogg stream places no sample where no page's
+    granule position is above 0; one cut right after its headers reads the same as an empty one."""
     if data[:4] == b"OggS":
         if any(page.granule > 0 for page in _ogg_pages(data)):  # a page of sound, the 3rd or 4th
             return
@@ -751,6 +757,21 @@ def _check_not_without_packets(data: bytes, name: str) -> None:
     elif data[:4] == EBML_MAGIC and _segment_holds_no_cluster(data):
         detail = "a Matroska/WebM file of its headers, no cluster of frames or sound"
         raise SampleError(ZERO_LENGTH, f"{name}: its streams have no frames or samples ({detail})")
+    elif data[4:8] in MP4_FIRST_BOXES and (detail := _mp4_without_samples(data)):
+        raise SampleError(ZERO_LENGTH, f"{name}: its streams have no frames or samples ({detail})")
+
+
+def _mp4_without_samples(data: bytes) -> str | None:
+    """What an MP4/MOV file whose whole moov lists no sample, and no fragment follows, holds
+    (``mp4_fragments.track_sample_counts``); None for any other file, and for a fragmented one
+    whose sidx or mehd box declares fragments that are not there (a cut file:
+    ``_missing_bytes``, ``_check_fragments_all_there``)."""
+    counts = track_sample_counts(data)
+    if counts is None or any(counts) or missing_sidx_bytes(data) or declared_fragment_seconds(data):
+        return None
+    if not counts:
+        return "an MP4/MOV file whose moov holds no track"
+    return f"an MP4/MOV file of {len(counts)} {'track' if len(counts) == 1 else 'tracks'} listing no sample"
 
 
 def _id3v2_end(data: bytes) -> int:
@@ -841,6 +862,8 @@ def _missing_segment_bytes(data: bytes) -> int:
 EBML_MAGIC, CLUSTER = b"\x1a\x45\xdf\xa3", b"\x1f\x43\xb6\x75"
 # Top-level MP4/MOV boxes that hold the index (the whole one, a fragment's): cut, frames are lost.
 INDEX_BOXES = (b"moov", b"moof")
+# The boxes an MP4/MOV file starts with (ISO's ftyp; QuickTime's may be any of the others).
+MP4_FIRST_BOXES = (b"ftyp", b"moov", b"wide", b"free", b"skip", b"mdat")
 # How many of a stream's last samples (in time) are checked against the end of the file (a cut
 # loses the last samples of every stream; checking all of an hour's 100k samples would cost 0.2 s).
 LAST_SAMPLES = 64
