@@ -9,9 +9,10 @@ indexes (a global one, as DASH writers and ``-movflags global_sidx`` write, all 
 them nothing in the file tells a cut between fragments from a shorter file.
 ``box_header`` reads a box header for these walks and for ``media_files``' walk of the top-level boxes.
 
-An unfragmented MP4 lists its samples in each track's sample table: ffmpeg writes 0 samples as a
-``moov`` of no track, and a writer may leave a track's table empty; FFmpeg opened the first as a
-file of no stream ("no stream found"). ``track_sample_counts`` reads how many each track lists.
+An MP4 lists its samples in each track's sample table, a fragmented one in its fragments: ffmpeg
+writes 0 samples as a ``moov`` of no track (FFmpeg opened it as a file of no stream), a fragmented
+file of 0 samples as an empty moov and no fragment, and a writer may leave a track's table empty.
+``track_sample_counts`` reads how many each track lists.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def track_sample_counts(data: bytes) -> list[int] | None:
     counts = []
     for trak in _boxes(data, *moov, b"trak"):
         stbl = _child(data, trak, (b"mdia", b"minf", b"stbl"))
-        table = stbl and next((box for kind in (b"stsz", b"stz2") for box in _boxes(data, *stbl, kind)), None)
+        table = None if stbl is None else _child(data, stbl, (b"stsz",)) or _child(data, stbl, (b"stz2",))
         if not table or table[0] + 12 > table[1]:  # version, flags, sample size (or field size), count
             return None
         counts.append(int.from_bytes(data[table[0] + 8 : table[0] + 12], "big"))
