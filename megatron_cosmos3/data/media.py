@@ -99,9 +99,10 @@ def encode_png(image: np.ndarray) -> bytes:
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB from PNG/JPEG/... bytes, as a viewer shows the picture: in sRGB by its
     embedded ICC profile (PNG iCCP, JPEG APP2; one that cannot be applied is logged and left out),
-    turned and mirrored by its EXIF orientation, integer grey (16- or 32-bit) scaled from its type's
-    range to 8 bits (Pillow's own conversion clips it at 255), float grey from 0..1 (NaN as 0), any
-    other mode Pillow reads converted to RGB (alpha dropped); an animation's first frame."""
+    turned and mirrored by its EXIF orientation, integer grey (16- or 32-bit, signed 8-bit) scaled
+    from its type's range to 8 bits (Pillow's own conversion clips it at 255), float grey from 0..1
+    (NaN as 0), any other mode Pillow reads converted to RGB (alpha dropped); an animation's first
+    frame."""
     check_not_empty(data, name)
     try:
         with warnings.catch_warnings():
@@ -133,23 +134,30 @@ def _viewed_rgb(image: Image.Image, name: str) -> np.ndarray:
 
 
 def _integer_grey_range(image: Image.Image) -> tuple[int, bool] | None:
-    """(bits, signed) of an integer grey picture's samples (Pillow's ``I;16*`` and ``I`` modes),
-    None for any other mode. ``I;16*`` is unsigned 16-bit; ``I`` holds int32 whatever the file
-    stores, so a TIFF's BitsPerSample and SampleFormat tags say which type it is (Pillow reads an
-    unsigned 32-bit TIFF into ``I`` with the values past 2**31 wrapped negative, a signed 16-bit one
-    as -32768..32767); other files Pillow reads into ``I`` are 16-bit (a PGM of any maximum above
-    255, scaled by Pillow to 0..65535)."""
+    """(bits, signed) of an integer grey picture's samples (Pillow's ``I;16*`` and ``I`` modes, and
+    ``L`` where a TIFF says signed), None for any other mode. ``I;16*`` is unsigned 16-bit; ``I``
+    holds int32 whatever the file stores, so a TIFF's BitsPerSample and SampleFormat tags say which
+    type it is (Pillow reads an unsigned 32-bit TIFF into ``I`` with the values past 2**31 wrapped
+    negative, a signed 16-bit one as -32768..32767); other files Pillow reads into ``I`` are 16-bit
+    (a PGM of any maximum above 255, scaled by Pillow to 0..65535). Pillow reads a signed 8-bit TIFF
+    into ``L`` as its bytes, -128 as 128: its SampleFormat tag says so."""
     if image.mode.startswith("I;16"):
         return 16, False
+    tags = getattr(image, "tag_v2", None)  # a TIFF's
+    if image.mode == "L" and tags is not None and _tiff_tag(tags, TIFF_SAMPLE_FORMAT, 1) == TIFF_SIGNED_INTEGER:
+        return 8, True
     if image.mode != "I":
         return None
-    tags = getattr(image, "tag_v2", None)  # a TIFF's
     if tags is None:
         return 16, False
-    bits, sample_format = tags.get(TIFF_BITS_PER_SAMPLE, (32,)), tags.get(TIFF_SAMPLE_FORMAT, (1,))
-    bits = bits[0] if isinstance(bits, tuple) else bits
-    sample_format = sample_format[0] if isinstance(sample_format, tuple) else sample_format
-    return (int(bits) if 1 < int(bits) <= 32 else 32), sample_format == TIFF_SIGNED_INTEGER
+    bits = int(_tiff_tag(tags, TIFF_BITS_PER_SAMPLE, 32))
+    return (bits if 1 < bits <= 32 else 32), _tiff_tag(tags, TIFF_SAMPLE_FORMAT, 1) == TIFF_SIGNED_INTEGER
+
+
+def _tiff_tag(tags, tag: int, default: int) -> int:
+    """A TIFF tag's first value (Pillow gives a tuple, one per sample, or a bare value)."""
+    value = tags.get(tag, default)
+    return value[0] if isinstance(value, tuple) else value
 
 
 def _integer_grey_levels(values: np.ndarray, bits: int, signed: bool) -> np.ndarray:
@@ -157,8 +165,10 @@ def _integer_grey_levels(values: np.ndarray, bits: int, signed: bool) -> np.ndar
     value is black to white (a 32-bit one was divided as if 16-bit: all but its darkest tones white);
     a signed type's negative values are black (as scikit-image's ``img_as_ubyte`` shows them)."""
     values = values.astype(np.int64)
-    if not signed:  # Pillow's int32 holds an unsigned 32-bit sample's bits: read them as unsigned
-        values &= (1 << bits) - 1
+    # Read the sample's bits as its type: Pillow's int32 holds an unsigned 32-bit one wrapped
+    # negative, its uint8 a signed 8-bit one's two's complement.
+    half = 1 << (bits - 1)
+    values = ((values + half) & ((1 << bits) - 1)) - half if signed else values & ((1 << bits) - 1)
     brightest = (1 << (bits - 1 if signed else bits)) - 1
     return np.maximum(values, 0) * 255.0 / brightest
 

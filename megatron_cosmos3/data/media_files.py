@@ -32,12 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megatron_cosmos3.data.audio_frames import (
-    missing_adts_bytes,
-    missing_mpeg_audio_bytes,
-    mpeg_audio_length,
-    trailer_start,
-)
+from megatron_cosmos3.data.audio_frames import FrameChain, adts_chain, mpeg_audio_chain, trailer_start
 from megatron_cosmos3.data.clips import (
     MediaConfig,
     Window,
@@ -63,7 +58,12 @@ from megatron_cosmos3.data.media import (
     decode_image,
     missing_wav_bytes,
 )
-from megatron_cosmos3.data.mp4_fragments import box_header, declared_fragment_seconds, missing_sidx_bytes
+from megatron_cosmos3.data.mp4_fragments import (
+    box_header,
+    declared_fragment_seconds,
+    missing_sidx_bytes,
+    track_sample_counts,
+)
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, to_stereo_48k
 
 # Containers whose structure says how long they are, so a cut file is found (``_missing_bytes``).
@@ -124,7 +124,8 @@ def decode_media_file(
         with av.open(io.BytesIO(data), metadata_errors="ignore") as container:
             if not container.streams:
                 raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable media file (no stream found)")
-            missing = _missing_bytes(data, container)
+            chain = _frame_chain(data, container)  # a raw MP3's or AAC file's: one walk for its end and length
+            missing = _missing_bytes(data, container, chain)
             if missing:  # FFmpeg reads what is there: a cut index loses streams, cut data loses frames
                 detail = f"{name}: truncated file: it declares {missing} bytes more than it holds"
                 raise SampleError(CORRUPT_MEDIA, detail)
@@ -144,7 +145,9 @@ def decode_media_file(
                     )
                 if stream is not None:  # one decoding thread: the loader's workers are the parallelism
                     stream.codec_context.thread_count = 1
-            out = _decode(container, data, video if want_video else None, audio, name, media, window_for, picture)
+            out = _decode(
+                container, data, video if want_video else None, audio, name, media, window_for, picture, chain
+            )
     except SampleError:
         raise
     except (av.error.FFmpegError, *DECODE_ERRORS) as error:
@@ -162,10 +165,11 @@ def decode_video_file(data: bytes, name: str) -> tuple[np.ndarray, float | None]
 
 
 def _decode(
-    container, data: bytes, video, audio, name: str, media: MediaConfig, window_for, picture=None
+    container, data: bytes, video, audio, name: str, media: MediaConfig, window_for, picture=None, chain=None
 ) -> DecodedMedia:
     """``decode_media_file``'s clip; ``picture``: the pixels of a picture in a video field, shown
-    for every target (FFmpeg's timing of its one frame)."""
+    for every target (FFmpeg's timing of its one frame); ``chain``: a raw MP3's or AAC file's
+    frames (``_frame_chain``)."""
     if video is not None:
         width, height = _display_size(video)
         if width * height > Image.MAX_IMAGE_PIXELS:  # the limit pictures have (a decompression bomb)
@@ -177,7 +181,7 @@ def _decode(
         rate = _frame_rate(video, video_s, span)
         if not video_s or not rate:
             raise SampleError(ZERO_LENGTH, f"{name}: its video stream has no duration or frame rate")
-        audio_s = _stream_seconds(audio, container, origin_s, data) if audio is not None else None
+        audio_s = _stream_seconds(audio, container, origin_s, data, chain=chain) if audio is not None else None
         unit = _timestamp_unit(video, rate)
         # At a constant rate frame i is at i / rate: times rounded to the unit are put back there, and
         # are then exact (no leeway at the targets: a 29.97 fps frame 0.03 ms after a 30 fps one is later).
@@ -201,7 +205,7 @@ def _decode(
         result = DecodedMedia(window, frames, fps, None, video_s, audio_s, picture is not None)
     else:
         origin_s = float((audio.start_time or 0) * audio.time_base)
-        audio_s = _stream_seconds(audio, container, origin_s, data)
+        audio_s = _stream_seconds(audio, container, origin_s, data, chain=chain)
         if not audio_s:
             raise SampleError(ZERO_LENGTH, f"{name}: its audio stream has no duration")
         result = DecodedMedia(window_for(audio_s), audio_duration_s=audio_s)
@@ -290,7 +294,12 @@ def _display_size(stream) -> tuple[int, int]:
 
 
 def _stream_seconds(
-    stream, container, origin_s: float, data: bytes, span: tuple[int, float | None] | None = None
+    stream,
+    container,
+    origin_s: float,
+    data: bytes,
+    span: tuple[int, float | None] | None = None,
+    chain: FrameChain | None = None,
 ) -> float | None:
     """The stream's duration in seconds from the origin: its own, else the container's where it is
     the file's only stream, else the end of its last packet, read without decoding: a file written
@@ -298,14 +307,16 @@ def _stream_seconds(
     stream lasts longer (a WebM whose sound ran 60 ms past its picture was taken for a video cut
     60 ms short). Packets are read by a second reader of ``data``: the decoding container stays at
     its start (seeking back fails in a stream without packets, and the sound's seek did not bring
-    the picture back); ``span``: the stream's ``_packet_span`` where the caller has read it."""
+    the picture back); ``span``: the stream's ``_packet_span`` where the caller has read it; a raw
+    MP3 or AAC file that declares no length lasts its ``chain`` of frames (``_frame_chain_seconds``)
+    where that reaches its end."""
     guessed = _duration_is_a_bitrate_guess(data, container)
     if stream.duration is not None and not guessed:
         start = float((stream.start_time or 0) * stream.time_base)
         return start - origin_s + float(stream.duration * stream.time_base)
     if container.duration is not None and len(container.streams) == 1 and not guessed:
         return container.duration / 1_000_000 - origin_s
-    end = _mp3_frame_seconds(stream, data) if guessed and container.format.name == "mp3" else None
+    end = _frame_chain_seconds(stream, data, chain) if guessed and chain is not None else None
     end = end if end is not None else (span or _packet_span(stream, data))[1]
     return None if end is None else end - origin_s
 
@@ -314,7 +325,7 @@ def _duration_is_a_bitrate_guess(data: bytes, container) -> bool:
     """Whether FFmpeg's duration of the file is its size over its first frames' bitrate: a raw AAC
     (ADTS) file declares no length, nor does an MP3 without a Xing/Info/VBRI header (its frame
     count). A variable-bitrate one was guessed 7.4 s long for 4 s of sound (a whole file refused as
-    cut) or 2.2 s (a clip silently cut short); ``_stream_seconds`` measures its packets instead."""
+    cut) or 2.2 s (a clip silently cut short); ``_stream_seconds`` measures it instead."""
     if container.format.name == "aac":
         return True
     return container.format.name == "mp3" and _mp3_length_header(data) is None
@@ -342,18 +353,31 @@ def _mp3_declared_frames(data: bytes) -> int | None:
     return int.from_bytes(field, "big") if len(field) == 4 else None
 
 
+def _frame_chain(data: bytes, container) -> FrameChain | None:
+    """The frames of a raw AAC (ADTS) file or an MP3 (MPEG-1/2/2.5 audio, layer I-III), each
+    one's length read from its header, chained from after its ID3v2 tag (``audio_frames``); None
+    for other formats. One walk says where a cut file's last frame ends (``_missing_bytes``) and,
+    where the file declares no length (``_duration_is_a_bitrate_guess``), how long its frames last
+    (``_frame_chain_seconds``): a clip of an MP3 without a Xing header walked its frames twice."""
+    walk = {"aac": adts_chain, "mp3": mpeg_audio_chain}.get(container.format.name)
+    if walk is None:
+        return None
+    return walk(data, _id3v2_end(data), _duration_is_a_bitrate_guess(data, container))
+
+
 def _mp3_frames(data: bytes) -> tuple[int, int, int] | None:
     """(frames, samples, sample rate) of an MP3's frames, chained from after its ID3v2 tag to
     exactly its trailing tags (``audio_frames``); None where they do not reach them."""
     start = _id3v2_end(data)
-    return mpeg_audio_length(data, start, trailer_start(data, start))
+    return mpeg_audio_chain(data, start, measure=True).length(trailer_start(data, start))
 
 
-def _mp3_frame_seconds(stream, data: bytes) -> float | None:
-    """Where an MP3's sound without a Xing/Info/VBRI header ends (seconds), by its frames
-    (``_mp3_frames``); None where they do not chain to its end (FFmpeg resyncs past damaged bytes:
-    its packets are counted instead) or their rate is not the stream's."""
-    length = _mp3_frames(data)
+def _frame_chain_seconds(stream, data: bytes, chain: FrameChain) -> float | None:
+    """Where the sound of a raw MP3 or AAC file that declares no length ends (seconds), by its
+    measured ``chain`` of frames, which must end exactly at its trailing tags; None where they do
+    not (FFmpeg resyncs past damaged bytes: its packets are counted instead) or their rate is not
+    the stream's (an HE-AAC stream's is twice its ADTS headers')."""
+    length = chain.length(trailer_start(data, _id3v2_end(data)))
     if length is None or length[2] != stream.rate:
         return None
     return float((stream.start_time or 0) * stream.time_base) + length[1] / length[2]
@@ -620,12 +644,20 @@ def is_picture_demuxer(demuxer_name: str) -> bool:
     return demuxer_name == "image2" or demuxer_name.endswith("_pipe")
 
 
-def _missing_bytes(data: bytes, container) -> int:
+def _missing_bytes(data: bytes, container, chain: FrameChain | None = None) -> int:
     """How many bytes the container's own structure declares beyond the end of ``data``: the MP4/MOV
     index and the samples it lists, the Matroska/WebM segment, the AVI's RIFF chunks, the WAV data
-    chunk, the last Ogg page (or a stream without its end page), the last ADTS or MP3 frame (0 for other
-    formats: FFmpeg judges them). Bytes after the last box or the segment (a
-    tool's junk, padding) are no part of it."""
+    chunk, the last Ogg page (or a stream without its end page), the last ADTS or MP3 frame (its
+    ``chain``: ``_frame_chain``; 0 for other formats: FFmpeg judges them). Bytes after the last box
+    or the segment (a tool's junk, padding) are no part of it.
+
+    A raw AAC file's frames declare their own length; FFmpeg estimates the duration from the bytes
+    there, so a cut file was a shorter clip. An MP3 without a Xing/Info header declares no duration
+    and its frames are measured: a cut file was a shorter sound (with the header, FFmpeg declares
+    its duration and ``_audio_window`` finds the missing end; a file cut between frames without it
+    declares nothing that finds the cut). The walk stops at the first bytes that are no frame
+    header (an ID3v1 or APE trailer, a free-format frame, whose length is not in its header, or a
+    damaged one: FFmpeg judges those)."""
     if container.format.name.startswith("mov"):
         return max(_missing_box_bytes(data), _missing_sample_bytes(data, container), missing_sidx_bytes(data))
     if container.format.name.startswith("matroska"):
@@ -636,11 +668,7 @@ def _missing_bytes(data: bytes, container) -> int:
         return _missing_riff_bytes(data)
     if container.format.name == "ogg":
         return _missing_ogg_bytes(data)
-    if container.format.name == "aac":
-        return _missing_adts_bytes(data)
-    if container.format.name == "mp3":
-        return _missing_mpeg_audio_bytes(data)
-    return 0
+    return chain.missing if chain is not None else 0
 
 
 def _check_fragments_all_there(data: bytes, container, name: str) -> None:
@@ -710,9 +738,10 @@ def _check_not_without_packets(data: bytes, name: str) -> None:
     """``zero_length`` for a file that holds its headers and no media packet, named as such: FFmpeg
     failed to open them with "End of file" (an Ogg file of header pages only, as ffmpeg writes 0
     samples of Vorbis or Opus, with no end-of-stream page; a Matroska/WebM file of 0 frames) or
-    "Invalid data found" (an MP3 or ADTS file of an ID3 tag alone). An Ogg stream places no sample
-    where no page's granule position is above 0; one cut right after its headers reads the same as
-    an empty one."""
+    "Invalid data found" (an MP3 or ADTS file of an ID3 tag alone), or opened them as a file of no
+    stream (an MP4/MOV whose moov holds no track, as ffmpeg writes 0 samples) or of streams of no
+    duration (one whose tracks list no sample). An Ogg stream places no sample where no page's
+    granule position is above 0; one cut right after its headers reads the same as an empty one."""
     if data[:4] == b"OggS":
         if any(page.granule > 0 for page in _ogg_pages(data)):  # a page of sound, the 3rd or 4th
             return
@@ -728,25 +757,21 @@ def _check_not_without_packets(data: bytes, name: str) -> None:
     elif data[:4] == EBML_MAGIC and _segment_holds_no_cluster(data):
         detail = "a Matroska/WebM file of its headers, no cluster of frames or sound"
         raise SampleError(ZERO_LENGTH, f"{name}: its streams have no frames or samples ({detail})")
+    elif data[4:8] in MP4_FIRST_BOXES and (detail := _mp4_without_samples(data)):
+        raise SampleError(ZERO_LENGTH, f"{name}: its streams have no frames or samples ({detail})")
 
 
-def _missing_adts_bytes(data: bytes) -> int:
-    """How many bytes the last frame of a raw AAC (ADTS) file declares beyond its end: each frame's
-    header holds its length (13 bits), and FFmpeg estimates the duration from the bytes there, so a
-    cut file was a shorter clip. An ID3 tag before the frames is skipped; what follows the last
-    frame that is no frame header (an ID3v1/APE trailer) is no part of it (``audio_frames``)."""
-    return missing_adts_bytes(data, _id3v2_end(data))
-
-
-def _missing_mpeg_audio_bytes(data: bytes) -> int:
-    """How many bytes the last frame of an MP3 (MPEG-1/2/2.5 audio, layer I-III) declares beyond its
-    end, each frame's length read from its header. An MP3 without a Xing/Info header declares no
-    duration and its packets are measured (``_duration_is_a_bitrate_guess``): a cut file was a shorter sound (with
-    the header, FFmpeg declares its duration and ``_audio_window`` finds the missing end; a file cut
-    between frames without it declares nothing that finds the cut). An ID3v2 tag is skipped; the
-    walk stops at the first bytes that are no frame header (an ID3v1 or APE trailer, a free-format
-    frame, whose length is not in its header, or a damaged one: FFmpeg judges those)."""
-    return missing_mpeg_audio_bytes(data, _id3v2_end(data))
+def _mp4_without_samples(data: bytes) -> str | None:
+    """What an MP4/MOV file whose whole moov lists no sample, and no fragment follows, holds
+    (``mp4_fragments.track_sample_counts``); None for any other file, and for a fragmented one
+    whose sidx or mehd box declares fragments that are not there (a cut file:
+    ``_missing_bytes``, ``_check_fragments_all_there``)."""
+    counts = track_sample_counts(data)
+    if counts is None or any(counts) or missing_sidx_bytes(data) or declared_fragment_seconds(data):
+        return None
+    if not counts:
+        return "an MP4/MOV file whose moov holds no track"
+    return f"an MP4/MOV file of {len(counts)} {'track' if len(counts) == 1 else 'tracks'} listing no sample"
 
 
 def _id3v2_end(data: bytes) -> int:
@@ -837,6 +862,8 @@ def _missing_segment_bytes(data: bytes) -> int:
 EBML_MAGIC, CLUSTER = b"\x1a\x45\xdf\xa3", b"\x1f\x43\xb6\x75"
 # Top-level MP4/MOV boxes that hold the index (the whole one, a fragment's): cut, frames are lost.
 INDEX_BOXES = (b"moov", b"moof")
+# The boxes an MP4/MOV file starts with (ISO's ftyp; QuickTime's may be any of the others).
+MP4_FIRST_BOXES = (b"ftyp", b"moov", b"wide", b"free", b"skip", b"mdat")
 # How many of a stream's last samples (in time) are checked against the end of the file (a cut
 # loses the last samples of every stream; checking all of an hour's 100k samples would cost 0.2 s).
 LAST_SAMPLES = 64

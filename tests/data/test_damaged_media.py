@@ -121,10 +121,11 @@ def test_a_float_grey_picture_shows_its_tones_from_0_to_1():
     np.testing.assert_array_equal(decode_image(buffer.getvalue(), "grey.tif"), np.repeat(want[..., None], 3, axis=2))
 
 
-@pytest.mark.parametrize("dtype", ["<u4", ">i4", "<i4", "<i2", "<u2", ">u2"])
+@pytest.mark.parametrize("dtype", ["<u4", ">i4", "<i4", "<i2", "<u2", ">u2", "i1", "u1"])
 def test_an_integer_grey_tiff_is_scaled_by_the_range_of_its_type(dtype):
     """Pillow reads 32-bit integer grey as mode I, an unsigned one with its upper half wrapped
     negative; it was divided by 257 as if 16-bit, so all but its darkest 1/65536 of tones were white.
+    It reads signed 8-bit grey as mode L, its bytes: -128 was shown as 128, -1 white.
     0..the type's largest value is black..white, negative values black; written by tifffile (its
     SampleFormat and BitsPerSample tags), the expected levels computed exactly with fractions."""
     tifffile = pytest.importorskip("tifffile", reason="tifffile (scikit-image's TIFF writer) writes the test files")
@@ -233,6 +234,66 @@ def test_a_matroska_video_of_no_frames_is_zero_length_not_an_end_of_file_error(t
         with pytest.raises(SampleError, match=message):
             decode()
     assert decode_sample(_raw(field, (tmp_path / f"short.{field}").read_bytes())).video.shape[0] == 2
+
+
+def _unfragmented(data: bytes) -> bytes:
+    """A fragmented MP4 of an empty moov as an unfragmented one, written with empty tracks: its moov
+    without the mvex box (which says fragments follow) and nothing after it (the mfra index)."""
+    moov = data.index(b"moov") - 4
+    mvex = data.index(b"mvex", moov) - 4
+    moov_end, mvex_end = (at + int.from_bytes(data[at : at + 4], "big") for at in (moov, mvex))
+    body = data[moov + 8 : mvex] + data[mvex_end:moov_end]
+    return data[:moov] + struct.pack(">I", 8 + len(body)) + b"moov" + body
+
+
+# MP4/MOV files of no samples as ffmpeg writes them: (field, its options, whether the fragmented
+# file's empty moov is rewritten unfragmented: _unfragmented, what the error says the file holds).
+FRAGMENTED = ["-movflags", "frag_keyframe+empty_moov"]
+EMPTY_MP4 = {
+    "mp4_video_audio": ("video.mp4", ["-c:v", "libx264", "-c:a", "aac"], False, "whose moov holds no track"),
+    "mov_video": ("video.mov", ["-c:v", "libx264", "-an"], False, "whose moov holds no track"),
+    "m4a": ("audio.m4a", ["-vn", "-c:a", "aac"], False, "whose moov holds no track"),
+    "mp4_fragmented": ("video.mp4", ["-c:v", "libx264", "-c:a", "aac", *FRAGMENTED], False, "of 2 tracks listing"),
+    "m4a_empty_track": ("audio.m4a", ["-vn", "-c:a", "aac", *FRAGMENTED], True, "of 1 track listing"),
+    "mp4_empty_tracks": ("video.mp4", ["-c:v", "libx264", "-c:a", "aac", *FRAGMENTED], True, "of 2 tracks listing"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EMPTY_MP4))
+def test_an_mp4_of_no_samples_is_zero_length_not_a_file_of_no_stream(tmp_path, kind):
+    """ffmpeg writes 0 samples as a moov of no track, which FFmpeg opened as a file of no stream
+    ("not a readable media file (no stream found)", corrupt_media); a moov whose tracks list no
+    sample (a fragmented file's, none following, or one written so) as streams of no duration.
+    0.2 s of the same encoders decodes (the control), fragmented too."""
+    field, options, unfragmented, holds = EMPTY_MP4[kind]
+    sources = ["-f", "lavfi", "-i", "testsrc=size=32x32:rate=25", "-f", "lavfi", "-i", "sine=sample_rate=48000"]
+    for length, stem in ((["-t", "0"], "empty"), (["-t", "0.2"], "short")):
+        command = ["ffmpeg", "-v", "error", "-y", *sources, *length, *options]
+        subprocess.run([*command, str(tmp_path / f"{stem}.{field}")], check=True)
+    data = (tmp_path / f"empty.{field}").read_bytes()
+    data = _unfragmented(data) if unfragmented else data
+    message = re.escape(f"zero_length: {field}: its streams have no frames or samples (an MP4/MOV file {holds}")
+    whole = decode_video_file if field.startswith("video") else decode_audio_file
+    for decode in (lambda: decode_sample(_raw(field, data)), lambda: whole(data, field)):
+        with pytest.raises(SampleError, match=message):
+            decode()
+    short = decode_sample(_raw(field, (tmp_path / f"short.{field}").read_bytes()))
+    assert (short.video.shape[0] if field.startswith("video") else short.audio.shape[1]) > 0
+
+
+def test_a_fragmented_mp4_cut_before_its_fragments_is_cut_not_empty(tmp_path):
+    """An empty moov cut from its fragments lists no sample either; its global sidx indexes the
+    fragments that are missing: a cut file, not one of no samples."""
+    path = tmp_path / "v.mp4"
+    # Without default_base_moof ffmpeg 5.1 writes global_sidx fragments no FFmpeg decodes.
+    flags = ["-g", "5", "-movflags", "frag_keyframe+empty_moov+global_sidx+default_base_moof"]
+    source = ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=32x32:rate=25", "-t", "1"]
+    subprocess.run([*source, "-c:v", "libx264", *flags, str(path)], check=True)
+    data = path.read_bytes()
+    cut = data[: data.index(b"moof") - 4]
+    with pytest.raises(SampleError, match=re.escape("corrupt_media: v.mp4: truncated file: it declares")):
+        decode_video_file(cut, "v.mp4")
+    assert decode_video_file(data, "v.mp4")[0].shape[0] == 25  # the control: whole
 
 
 def test_write_shards_counts_damaged_media_as_skips_and_writes_the_rest(tmp_path):
