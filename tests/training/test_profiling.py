@@ -85,6 +85,21 @@ def test_an_error_inside_the_window_stops_the_profiler_writes_the_steps_recorded
     assert [p.name for p in (tmp_path / "next").iterdir()] == ["rank0_step2-3.json.gz"]
 
 
+def test_a_resume_before_the_window_traces_its_steps_by_their_numbers_and_one_into_it_does_not(tmp_path):
+    def attempt(steps, *extra):  # the same run folder each time: each attempt resumes the last one's checkpoint
+        train_module.train(load_config(None, overrides(tmp_path, "resumed", f"steps={steps}", *extra)), CPU)
+
+    attempt(1, "profiling.enabled=false")  # a window past a run's steps is refused
+    folder = tmp_path / "resumed" / "profiles"
+    assert not folder.exists()
+    attempt(4)  # resumes at step 2
+    assert [p.name for p in folder.iterdir()] == ["rank0_step2-3.json.gz"]
+    assert profiler_steps(trace_events(folder / "rank0_step2-3.json.gz")) == ["ProfilerStep#2", "ProfilerStep#3"]
+    (folder / "rank0_step2-3.json.gz").unlink()
+    attempt(6)  # resumes at step 5, past the window
+    assert list(folder.iterdir()) == []
+
+
 def run_steps(profiler: StepProfiler, steps: int) -> None:
     with profiler:
         for _ in range(steps):
