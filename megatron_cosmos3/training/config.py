@@ -618,8 +618,9 @@ def _absolute(path: str) -> str:
 
 def with_absolute_paths(config: TrainConfig) -> TrainConfig:
     """A copy whose local file paths (tokenizer, VAEs, shards, action statistics, init_from, the
-    run folders, the profiles' folder) are absolute: what a checkpoint records, so that ``cosmos3-generate`` or a later
-    stage run from another directory reads the files this run read (docs/DESIGN.md, "Checkpoints")."""
+    run folders, the profiles' folder) are absolute: what a checkpoint records, so that
+    ``cosmos3-generate`` or a later stage run from another directory reads the files this run read
+    (docs/DESIGN.md, "Checkpoints")."""
     config = copy.deepcopy(config)
     data = config.data
     data.tokenizer.path = _absolute(data.tokenizer.path)
