@@ -216,7 +216,8 @@ class DeepSpeedPlan:
                     else:
                         losses = model_losses(self.engine, batch, targets, loss_fn)
                 if not forward_only:
-                    self._backward(losses.total / len(micro_batches))
+                    with torch.profiler.record_function("backward"):  # a profiling region (docs/DESIGN.md, "Profiling")
+                        self._backward(losses.total / len(micro_batches))
             losses_of[m] = losses
         return losses_of
 
