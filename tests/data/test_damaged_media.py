@@ -141,6 +141,35 @@ def test_an_integer_grey_tiff_is_scaled_by_the_range_of_its_type(dtype):
     assert shown.min() == 0 and shown[-1, -1, 0] == 255  # black to white
 
 
+def _grey_tiff(values: np.ndarray, bits: int) -> bytes:
+    """A little-endian grey TIFF of one strip holding (H, W) ``values`` packed ``bits`` (12 or 16)
+    bits a sample, big-endian bit order (TIFF 6.0), W even: tifffile writes no 12-bit file."""
+    height, width = values.shape
+    flat = values.astype(np.int64).ravel()
+    if bits == 12:  # two samples in three bytes
+        a, b = flat[0::2], flat[1::2]
+        pixels = np.stack([a >> 4, ((a & 15) << 4) | (b >> 8), b & 255], axis=1).astype(np.uint8).tobytes()
+    else:
+        pixels = flat.astype("<u2").tobytes()
+    tags = [(256, 3, width), (257, 3, height), (258, 3, bits), (259, 3, 1), (262, 3, 1)]
+    tags += [(273, 4, 8), (277, 3, 1), (278, 3, height), (279, 4, len(pixels))]
+    entries = b"".join(struct.pack("<HHII", tag, kind, 1, value) for tag, kind, value in tags)  # a SHORT fits too
+    ifd = struct.pack("<H", len(tags)) + entries
+    return b"II*\0" + struct.pack("<I", 8 + len(pixels)) + pixels + ifd + struct.pack("<I", 0)
+
+
+def test_a_12_bit_grey_tiff_is_scaled_from_its_12_bits():
+    """Pillow reads a 12-bit grey TIFF into mode I;16 as its values, 0..4095: scaled as 16-bit, its
+    white showed as level 16 of 255. Its BitsPerSample says 12; the same values in a 16-bit TIFF
+    (the control) are dark."""
+    values = np.linspace(0, 4095, 8 * 10).round().astype(np.int64).reshape(8, 10)
+    want = [[round(Fraction(v * 255, 4095)) for v in row] for row in values.tolist()]
+    shown = decode_image(_grey_tiff(values, 12), "grey12.tif")
+    np.testing.assert_array_equal(shown, np.repeat(np.asarray(want, np.uint8)[..., None], 3, axis=2))
+    assert shown[-1, -1, 0] == 255
+    assert decode_image(_grey_tiff(values, 16), "grey16.tif")[-1, -1, 0] == round(4095 * 255 / 65535)
+
+
 @pytest.mark.parametrize("field", ["image.png", "image.jpg", "video.mp4", "video.webm", "audio.wav", "audio.mp3"])
 def test_a_zero_length_or_unknown_member_is_named_as_such(field):
     """An empty file said "Invalid data found when processing input" or "cannot identify image file
