@@ -764,10 +764,13 @@ def _check_not_without_packets(data: bytes, name: str) -> None:
 def _mp4_without_samples(data: bytes) -> str | None:
     """What an MP4/MOV file whose whole moov lists no sample, and no fragment follows, holds
     (``mp4_fragments.track_sample_counts``); None for any other file, and for a fragmented one
-    whose sidx or mehd box declares fragments that are not there (a cut file:
-    ``_missing_bytes``, ``_check_fragments_all_there``)."""
+    whose sidx or mehd box declares fragments that are not there, or whose index box (a fragment's
+    moof) is cut short (a cut file: ``_missing_bytes``, ``_check_fragments_all_there``; one cut
+    inside its first moof was "of 1 track listing no sample")."""
     counts = track_sample_counts(data)
     if counts is None or any(counts) or missing_sidx_bytes(data) or declared_fragment_seconds(data):
+        return None
+    if _missing_box_bytes(data):
         return None
     if not counts:
         return "an MP4/MOV file whose moov holds no track"

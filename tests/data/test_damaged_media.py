@@ -325,6 +325,34 @@ def test_a_fragmented_mp4_cut_before_its_fragments_is_cut_not_empty(tmp_path):
     assert decode_video_file(data, "v.mp4")[0].shape[0] == 25  # the control: whole
 
 
+def test_a_fragmented_mp4_cut_inside_its_first_moof_is_cut_not_empty(tmp_path):
+    """A fragmented file without sidx or mehd cut inside its first moof: the moov lists no sample and
+    the walk found no whole moof, so it was "zero_length ... of 1 track listing no sample"; its moof
+    declares the bytes that are missing. Cut inside the mdat after it (the control) it was cut."""
+    path = tmp_path / "v.mp4"
+    source = ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=32x32:rate=10", "-t", "1"]
+    subprocess.run([*source, "-c:v", "libx264", "-g", "5", *FRAGMENTED, str(path)], check=True)
+    data = path.read_bytes()
+    moof = data.index(b"moof") - 4
+    mdat = data.index(b"mdat", moof) - 4
+    for cut in (moof + 20, mdat + 20):
+        with pytest.raises(SampleError, match=re.escape("corrupt_media: v.mp4: truncated file: it declares")):
+            decode_video_file(data[:cut], "v.mp4")
+
+
+def test_an_mp4_whose_track_box_overruns_its_moov_is_not_a_moov_of_no_track(tmp_path):
+    """A trak box declaring more bytes than its moov holds stopped the walk of the moov's boxes, which
+    then read as a moov of no track: zero_length. FFmpeg reads the track (its boxes are all there)."""
+    path = tmp_path / "v.mp4"
+    source = ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=32x32:rate=10", "-t", "0.5"]
+    subprocess.run([*source, "-c:v", "libx264", str(path)], check=True)
+    data = bytearray(path.read_bytes())
+    moov, trak = data.index(b"moov") - 4, data.index(b"trak") - 4
+    moov_size = int.from_bytes(data[moov : moov + 4], "big")
+    data[trak : trak + 4] = (moov_size + 100).to_bytes(4, "big")
+    assert decode_video_file(bytes(data), "v.mp4")[0].shape[0] == 5
+
+
 def test_write_shards_counts_damaged_media_as_skips_and_writes_the_rest(tmp_path):
     """The manifest script caught SampleError only: a WAV cut in its LIST chunk (scipy's
     UnboundLocalError) ended the whole run with a traceback."""
