@@ -69,11 +69,13 @@ def track_sample_counts(data: bytes) -> list[int] | None:
     moov = next(_boxes(data, 0, len(data), b"moov"), None)
     if moov is None or next(_boxes(data, 0, len(data), b"moof"), None) is not None:
         return None
-    children = list(_box_spans(data, *moov))
-    if any(kind is None for kind, _, _ in children):
-        return None
+    traks = []
+    for kind, start, end in _box_spans(data, *moov):
+        if kind is None:
+            return None
+        traks += [(start, end)] if kind == b"trak" else []
     counts = []
-    for trak in ((start, end) for kind, start, end in children if kind == b"trak"):
+    for trak in traks:
         stbl = _child(data, trak, (b"mdia", b"minf", b"stbl"))
         table = None if stbl is None else _child(data, stbl, (b"stsz",)) or _child(data, stbl, (b"stz2",))
         if not table or table[0] + 12 > table[1]:  # version, flags, sample size (or field size), count

@@ -19,6 +19,7 @@ from PIL import Image
 from scipy.io import wavfile
 from world_helpers import load_script
 
+from megatron_cosmos3.data import media_files
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.media import decode_image, encode_json
 from megatron_cosmos3.data.media_files import decode_video_file
@@ -263,6 +264,26 @@ def test_a_matroska_video_of_no_frames_is_zero_length_not_an_end_of_file_error(t
         with pytest.raises(SampleError, match=message):
             decode()
     assert decode_sample(_raw(field, (tmp_path / f"short.{field}").read_bytes())).video.shape[0] == 2
+
+
+def test_the_walk_for_a_cluster_reads_a_bounded_number_of_elements(tmp_path, monkeypatch):
+    """The zero-frames check read a segment's elements one by one in Python until a cluster: 100k
+    2-byte Void elements before it (a crafted file) cost 100k steps, 16 s for 5M. It reads at most
+    SEGMENT_ELEMENTS_READ; FFmpeg reads past the voids to the 5 frames."""
+    path = tmp_path / "v.mkv"
+    source = ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=32x32:rate=10", "-frames:v", "5"]
+    subprocess.run([*source, "-c:v", "libx264", str(path)], check=True)
+    data = path.read_bytes()
+    header_bytes = data.index(b"\x18\x53\x80\x67")  # the EBML header's, the segment's ID after it
+    size_bytes = 9 - data[header_bytes + 4].bit_length()
+    body = b"\xec\x80" * 100_000 + data[header_bytes + 4 + size_bytes :]  # Void elements of no content
+    segment = b"\x18\x53\x80\x67\x01" + len(body).to_bytes(7, "big")  # an 8-byte size
+    crafted = data[:header_bytes] + segment + body
+    read = []
+    element = media_files._ebml_element
+    monkeypatch.setattr(media_files, "_ebml_element", lambda data, offset: read.append(offset) or element(data, offset))
+    assert decode_video_file(crafted, "v.mkv")[0].shape[0] == 5
+    assert 0 < len(read) < 2 * media_files.SEGMENT_ELEMENTS_READ
 
 
 def _unfragmented(data: bytes) -> bytes:
