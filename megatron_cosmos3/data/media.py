@@ -140,10 +140,12 @@ def _integer_grey_range(image: Image.Image) -> tuple[int, bool] | None:
     type it is (Pillow reads an unsigned 32-bit TIFF into ``I`` with the values past 2**31 wrapped
     negative, a signed 16-bit one as -32768..32767); other files Pillow reads into ``I`` are 16-bit
     (a PGM of any maximum above 255, scaled by Pillow to 0..65535). Pillow reads a signed 8-bit TIFF
-    into ``L`` as its bytes, -128 as 128: its SampleFormat tag says so."""
-    if image.mode.startswith("I;16"):
-        return 16, False
+    into ``L`` as its bytes, -128 as 128: its SampleFormat tag says so; a TIFF of fewer bits into
+    ``I;16`` as they are (12-bit 0..4095: white showed as dark grey), its BitsPerSample says so."""
     tags = getattr(image, "tag_v2", None)  # a TIFF's
+    if image.mode.startswith("I;16"):
+        bits = 16 if tags is None else int(_tiff_tag(tags, TIFF_BITS_PER_SAMPLE, 16))
+        return (bits if 1 < bits <= 16 else 16), False
     if image.mode == "L" and tags is not None and _tiff_tag(tags, TIFF_SAMPLE_FORMAT, 1) == TIFF_SIGNED_INTEGER:
         return 8, True
     if image.mode != "I":

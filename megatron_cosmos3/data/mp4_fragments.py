@@ -63,12 +63,19 @@ def track_sample_counts(data: bytes) -> list[int] | None:
     """How many samples each track (``trak``) of the top-level ``moov`` lists in its sample table
     (``mdia/minf/stbl``: the count in ``stsz`` or its compact ``stz2``); ``[]`` for a moov of no
     track. None where no whole moov is found, a fragment (``moof``) follows it, whose samples its
-    own boxes list, or a track's count cannot be read (FFmpeg judges those files)."""
+    own boxes list, or a track's count cannot be read (FFmpeg judges those files). A moov whose
+    boxes stop at one of no valid size or running past it is none of no track: its tracks are
+    damaged (a trak box that overran its moov read as "no track")."""
     moov = next(_boxes(data, 0, len(data), b"moov"), None)
     if moov is None or next(_boxes(data, 0, len(data), b"moof"), None) is not None:
         return None
+    traks = []
+    for kind, start, end in _box_spans(data, *moov):
+        if kind is None:
+            return None
+        traks += [(start, end)] if kind == b"trak" else []
     counts = []
-    for trak in _boxes(data, *moov, b"trak"):
+    for trak in traks:
         stbl = _child(data, trak, (b"mdia", b"minf", b"stbl"))
         table = None if stbl is None else _child(data, stbl, (b"stsz",)) or _child(data, stbl, (b"stz2",))
         if not table or table[0] + 12 > table[1]:  # version, flags, sample size (or field size), count
@@ -99,16 +106,26 @@ def box_header(data: bytes, offset: int) -> tuple[bytes, int, int | None]:
     return kind, 16, int.from_bytes(data[offset + 8 : offset + 16], "big")
 
 
-def _boxes(data: bytes, start: int, end: int, kind: bytes):
-    """The (payload start, end) of each box of type ``kind`` among the boxes from ``start`` to
-    ``end``; the walk stops at a box that runs past ``end`` or has no valid size."""
+def _box_spans(data: bytes, start: int, end: int):
+    """(type, payload start, end) of each box from ``start`` to ``end``; the walk stops at a box that
+    runs past ``end`` or has no valid size, given as (None, its offset, ``end``)."""
     offset = start
     while offset + 8 <= end:
         found, header, size = box_header(data, offset)
         if size == 0:  # the last box, to the end
             size = end - offset
         if size is None or size < header or offset + size > end:
+            yield None, offset, end
+            return
+        yield found, offset + header, offset + size
+        offset += size
+
+
+def _boxes(data: bytes, start: int, end: int, kind: bytes):
+    """The (payload start, end) of each box of type ``kind`` among the boxes from ``start`` to
+    ``end``; the walk stops at a box that runs past ``end`` or has no valid size."""
+    for found, payload, box_end in _box_spans(data, start, end):
+        if found is None:
             return
         if found == kind:
-            yield offset + header, offset + size
-        offset += size
+            yield payload, box_end

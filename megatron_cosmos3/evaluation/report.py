@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -37,16 +38,22 @@ class MetricRow:
     def __post_init__(self) -> None:
         # MLflow also refuses a name that reads as another path once prefixed ("eval/a/./b", "eval/a/",
         # "eval//a", "eval/../a": its check wants posixpath.normpath to keep the name).
-        path_like = any(part in ("", ".", "..") for part in self.name.split("/"))
-        if not self.name or not _NAME.match(self.name) or path_like:
+        path_like = isinstance(self.name, str) and any(part in ("", ".", "..") for part in self.name.split("/"))
+        if not isinstance(self.name, str) or not self.name or not _NAME.match(self.name) or path_like:
             raise ValueError(
                 f"metric name {self.name!r} must be letters, digits, '_-./ ', in '/'-separated parts, none "
                 "empty, '.' or '..'"
             )
+        # A report read back (``EvalReport.from_json``) may hold any JSON there: "no" read as true.
+        for setting, kind in (("unit", str), ("higher_is_better", bool), ("note", str)):
+            if not isinstance(getattr(self, setting), kind):
+                raise ValueError(f"{self.name}.{setting} must be a {kind.__name__}, got {getattr(self, setting)!r}")
         for reference in REFERENCES:
             value = getattr(self, reference)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{self.name}.{reference} must be a number, got {value!r}")
+            if isinstance(value, int) and abs(value) > sys.float_info.max:  # float() raised OverflowError
+                raise ValueError(f"{self.name}.{reference} is an integer past the float range")
             object.__setattr__(self, reference, float(value))
 
     @classmethod

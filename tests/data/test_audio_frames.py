@@ -9,6 +9,7 @@ import json
 import struct
 import subprocess
 import sys
+import tracemalloc
 from fractions import Fraction
 
 import av
@@ -255,7 +256,7 @@ def test_a_file_without_a_length_is_measured_in_one_walk_without_reading_its_pac
     many = _python_lines_run(decode_sample, {**raw, field: long}, SchemaContext(), clip)
     frames = 40 * 1.5 * 48_000 // 1152  # at least: 60 s of 1152 samples a frame (AAC's hold 1024)
     assert many < few + 200 < frames, (few, many, frames)
-    assert _calls(audio_frames._sync_offsets, decode_sample, {**raw, field: long}, SchemaContext(), clip) == 1
+    assert _calls(audio_frames._frame_headers, decode_sample, {**raw, field: long}, SchemaContext(), clip) == 1
 
 
 def test_the_trailing_tags_are_peeled_in_any_order_and_a_bogus_footer_ends_the_peeling():
@@ -269,3 +270,21 @@ def test_the_trailing_tags_are_peeled_in_any_order_and_a_bogus_footer_ends_the_p
     bogus = b"APETAGEX" + struct.pack("<IIII", 2000, 0, 0, 0) + bytes(8)
     assert audio_frames.trailer_start(frames + bogus) == len(frames + bogus)
     assert audio_frames.trailer_start(frames + bogus + id3v1) == len(frames + bogus)
+
+
+@pytest.mark.parametrize(
+    "walk, sync", [(audio_frames.mpeg_audio_chain, b"\xff"), (audio_frames.adts_chain, b"\xff\xf1")]
+)
+def test_a_file_of_sync_bytes_alone_costs_memory_of_a_chunk_not_of_its_size(walk, sync):
+    """Every byte of 0xFF (every pair 0xFF 0xF1) may start a header, none of them a frame's (bitrate
+    index 15; sampling frequency index 15): the walk kept ~20 int64 arrays a candidate and walked
+    them all, 130 bytes a byte of the file (1 GB and 10 s for 8 MB of MPEG sync bytes)."""
+    data = sync * (audio_frames.SEARCH_CHUNK_BYTES * 16 // len(sync))  # 4 MB
+    tracemalloc.start()
+    try:
+        chain = walk(data, 0, measure=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (chain.missing, chain.end, chain.frames) == (0, 0, 0)
+    assert peak < 16 * len(data), peak  # ~40 MB: a chunk's candidates

@@ -19,6 +19,7 @@ from PIL import Image
 from scipy.io import wavfile
 from world_helpers import load_script
 
+from megatron_cosmos3.data import media_files
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.media import decode_image, encode_json
 from megatron_cosmos3.data.media_files import decode_video_file
@@ -141,6 +142,35 @@ def test_an_integer_grey_tiff_is_scaled_by_the_range_of_its_type(dtype):
     assert shown.min() == 0 and shown[-1, -1, 0] == 255  # black to white
 
 
+def _grey_tiff(values: np.ndarray, bits: int) -> bytes:
+    """A little-endian grey TIFF of one strip holding (H, W) ``values`` packed ``bits`` (12 or 16)
+    bits a sample, big-endian bit order (TIFF 6.0), W even: tifffile writes no 12-bit file."""
+    height, width = values.shape
+    flat = values.astype(np.int64).ravel()
+    if bits == 12:  # two samples in three bytes
+        a, b = flat[0::2], flat[1::2]
+        pixels = np.stack([a >> 4, ((a & 15) << 4) | (b >> 8), b & 255], axis=1).astype(np.uint8).tobytes()
+    else:
+        pixels = flat.astype("<u2").tobytes()
+    tags = [(256, 3, width), (257, 3, height), (258, 3, bits), (259, 3, 1), (262, 3, 1)]
+    tags += [(273, 4, 8), (277, 3, 1), (278, 3, height), (279, 4, len(pixels))]
+    entries = b"".join(struct.pack("<HHII", tag, kind, 1, value) for tag, kind, value in tags)  # a SHORT fits too
+    ifd = struct.pack("<H", len(tags)) + entries
+    return b"II*\0" + struct.pack("<I", 8 + len(pixels)) + pixels + ifd + struct.pack("<I", 0)
+
+
+def test_a_12_bit_grey_tiff_is_scaled_from_its_12_bits():
+    """Pillow reads a 12-bit grey TIFF into mode I;16 as its values, 0..4095: scaled as 16-bit, its
+    white showed as level 16 of 255. Its BitsPerSample says 12; the same values in a 16-bit TIFF
+    (the control) are dark."""
+    values = np.linspace(0, 4095, 8 * 10).round().astype(np.int64).reshape(8, 10)
+    want = [[round(Fraction(v * 255, 4095)) for v in row] for row in values.tolist()]
+    shown = decode_image(_grey_tiff(values, 12), "grey12.tif")
+    np.testing.assert_array_equal(shown, np.repeat(np.asarray(want, np.uint8)[..., None], 3, axis=2))
+    assert shown[-1, -1, 0] == 255
+    assert decode_image(_grey_tiff(values, 16), "grey16.tif")[-1, -1, 0] == round(4095 * 255 / 65535)
+
+
 @pytest.mark.parametrize("field", ["image.png", "image.jpg", "video.mp4", "video.webm", "audio.wav", "audio.mp3"])
 def test_a_zero_length_or_unknown_member_is_named_as_such(field):
     """An empty file said "Invalid data found when processing input" or "cannot identify image file
@@ -236,6 +266,26 @@ def test_a_matroska_video_of_no_frames_is_zero_length_not_an_end_of_file_error(t
     assert decode_sample(_raw(field, (tmp_path / f"short.{field}").read_bytes())).video.shape[0] == 2
 
 
+def test_the_walk_for_a_cluster_reads_a_bounded_number_of_elements(tmp_path, monkeypatch):
+    """The zero-frames check read a segment's elements one by one in Python until a cluster: 100k
+    2-byte Void elements before it (a crafted file) cost 100k steps, 16 s for 5M. It reads at most
+    SEGMENT_ELEMENTS_READ; FFmpeg reads past the voids to the 5 frames."""
+    path = tmp_path / "v.mkv"
+    source = ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=32x32:rate=10", "-frames:v", "5"]
+    subprocess.run([*source, "-c:v", "libx264", str(path)], check=True)
+    data = path.read_bytes()
+    header_bytes = data.index(b"\x18\x53\x80\x67")  # the EBML header's, the segment's ID after it
+    size_bytes = 9 - data[header_bytes + 4].bit_length()
+    body = b"\xec\x80" * 100_000 + data[header_bytes + 4 + size_bytes :]  # Void elements of no content
+    segment = b"\x18\x53\x80\x67\x01" + len(body).to_bytes(7, "big")  # an 8-byte size
+    crafted = data[:header_bytes] + segment + body
+    read = []
+    element = media_files._ebml_element
+    monkeypatch.setattr(media_files, "_ebml_element", lambda data, offset: read.append(offset) or element(data, offset))
+    assert decode_video_file(crafted, "v.mkv")[0].shape[0] == 5
+    assert 0 < len(read) < 2 * media_files.SEGMENT_ELEMENTS_READ
+
+
 def _unfragmented(data: bytes) -> bytes:
     """A fragmented MP4 of an empty moov as an unfragmented one, written with empty tracks: its moov
     without the mvex box (which says fragments follow) and nothing after it (the mfra index)."""
@@ -294,6 +344,34 @@ def test_a_fragmented_mp4_cut_before_its_fragments_is_cut_not_empty(tmp_path):
     with pytest.raises(SampleError, match=re.escape("corrupt_media: v.mp4: truncated file: it declares")):
         decode_video_file(cut, "v.mp4")
     assert decode_video_file(data, "v.mp4")[0].shape[0] == 25  # the control: whole
+
+
+def test_a_fragmented_mp4_cut_inside_its_first_moof_is_cut_not_empty(tmp_path):
+    """A fragmented file without sidx or mehd cut inside its first moof: the moov lists no sample and
+    the walk found no whole moof, so it was "zero_length ... of 1 track listing no sample"; its moof
+    declares the bytes that are missing. Cut inside the mdat after it (the control) it was cut."""
+    path = tmp_path / "v.mp4"
+    source = ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=32x32:rate=10", "-t", "1"]
+    subprocess.run([*source, "-c:v", "libx264", "-g", "5", *FRAGMENTED, str(path)], check=True)
+    data = path.read_bytes()
+    moof = data.index(b"moof") - 4
+    mdat = data.index(b"mdat", moof) - 4
+    for cut in (moof + 20, mdat + 20):
+        with pytest.raises(SampleError, match=re.escape("corrupt_media: v.mp4: truncated file: it declares")):
+            decode_video_file(data[:cut], "v.mp4")
+
+
+def test_an_mp4_whose_track_box_overruns_its_moov_is_not_a_moov_of_no_track(tmp_path):
+    """A trak box declaring more bytes than its moov holds stopped the walk of the moov's boxes, which
+    then read as a moov of no track: zero_length. FFmpeg reads the track (its boxes are all there)."""
+    path = tmp_path / "v.mp4"
+    source = ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=32x32:rate=10", "-t", "0.5"]
+    subprocess.run([*source, "-c:v", "libx264", str(path)], check=True)
+    data = bytearray(path.read_bytes())
+    moov, trak = data.index(b"moov") - 4, data.index(b"trak") - 4
+    moov_size = int.from_bytes(data[moov : moov + 4], "big")
+    data[trak : trak + 4] = (moov_size + 100).to_bytes(4, "big")
+    assert decode_video_file(bytes(data), "v.mp4")[0].shape[0] == 5
 
 
 def test_write_shards_counts_damaged_media_as_skips_and_writes_the_rest(tmp_path):

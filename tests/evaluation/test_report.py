@@ -96,6 +96,12 @@ def rows(*models: str) -> str:
         (rows('"high"'), r"rows\[0\]: video/psnr.model must be a number, got 'high'"),
         (rows("1", "1"), r"rows\[1\]: the report already has a metric named"),
         ('{"rows": [{"name": "video/psnr"}]}', r"rows\[0\]=\{'name': 'video/psnr'\} is no metric row"),
+        # an AttributeError or OverflowError naming neither; "no" read as true
+        ('{"rows": [{"name": 5, "model": 1, "oracle": 1, "chance": 1}]}', r"rows\[0\]: metric name 5 must be"),
+        (rows("1" + "0" * 400), r"rows\[0\]: video/psnr.model is an integer past the float range"),
+        (rows('1, "higher_is_better": "no"'), r"rows\[0\]: video/psnr.higher_is_better must be a bool, got 'no'"),
+        (rows('1, "unit": 3'), r"rows\[0\]: video/psnr.unit must be a str, got 3"),
+        (rows('1, "note": null'), r"rows\[0\]: video/psnr.note must be a str, got None"),
         ('{"meta": {}}', r"expected an object whose 'rows' is a list of metric rows"),
         ('{"rows": [], "meta": [1]}', r"meta=\[1\] must be an object"),
         ('{"rows": [], "rows": []}', r"not JSON \(key\(s\) \['rows'\] given twice\)"),

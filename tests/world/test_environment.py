@@ -223,6 +223,20 @@ def test_bad_settings_and_chunks_are_named():
         env.step(np.full((2, 57), np.nan))
 
 
+@pytest.mark.parametrize("embodiment", EMBODIMENTS)
+def test_a_huge_finite_chunk_is_stepped_with_the_effector_held_in_the_box(embodiment):
+    """A diverging model's chunk of 1e30 (finite: the closed loop steps it) moves the effector to the
+    box's edge; the balls' state and the frames stay finite and the episode goes on."""
+    env = WorldEnvironment("push_to_region", embodiment, WORLD)
+    env.reset(0)
+    for value in (1e30, 0.0, -1e300):
+        result = env.step(np.full((4, env.action_dim), value))
+        centres, _ = result.state.effectors()
+        assert np.isfinite(result.state.positions).all() and np.isfinite(result.state.velocities).all()
+        assert ((0.0 <= centres) & (centres <= 1.0)).all() and np.isfinite(result.audio).all()
+    assert centres[0, 0] == 0.0  # pushed to the left wall by the last chunk
+
+
 def test_generate_world_writes_demonstrations_of_the_embodiments_asked_for(tmp_path):
     """The command: ``--demonstrations`` and ``--embodiments`` reach the shards (the held-out pusher's own data)."""
     path = Path(__file__).resolve().parents[2] / "data_pipelines" / "generate_world.py"
