@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationResolutionError
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
+from megatron_cosmos3.config_files import refuse_irregular_file
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfig
 from megatron_cosmos3.data.determinism import seed_problem
 from megatron_cosmos3.eval_suite.config import SuiteConfig, check_model_embodiments
@@ -531,6 +532,7 @@ def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] |
     embodiments (``model.config.WHOLE_MAPPINGS``)."""
     merged = OmegaConf.structured(TrainConfig)
     for path in [yaml_path] if isinstance(yaml_path, str) else yaml_path or []:
+        refuse_irregular_file(path)
         try:
             refuse_long_integers(Path(path).read_bytes().decode("utf-8", errors="replace"))
             layer = OmegaConf.load(path)
@@ -547,10 +549,17 @@ def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] |
         for override in overrides:
             key, _, value = override.partition("=")
             refuse_long_integers(value, key.strip())  # the value alone: its key names it
-        layer = OmegaConf.from_dotlist(list(overrides))
-        _refuse_removed_keys(layer, "the overrides")
-        given = [item.split("=", 1)[0].strip() for item in overrides]
-        merged = merge_config_layer(merged, layer, "model.", given)
+        try:
+            layer = OmegaConf.from_dotlist(list(overrides))
+            _refuse_removed_keys(layer, "the overrides")
+            given = [item.split("=", 1)[0].strip() for item in overrides]
+            merged = merge_config_layer(merged, layer, "model.", given)
+        except OmegaConfBaseException as error:
+            if isinstance(error, ValueError):  # a wrong type: OmegaConf's ValidationError names key and value
+                raise
+            # An unknown key is a KeyError (ConfigKeyError), which the console command let through as a
+            # traceback; one line, as a file's: OmegaConf's text names the key and the nearest known one.
+            raise ValueError(f"the overrides: {type(error).__name__}: {' '.join(str(error).split())}") from None
         _refuse_non_finite(merged, "the overrides")
     return OmegaConf.to_object(merged)
 
