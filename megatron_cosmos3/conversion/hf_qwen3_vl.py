@@ -29,6 +29,7 @@ from megatron_cosmos3.conversion.safetensors_io import (
     ConversionError,
     PlannedTensor,
     check_depths,
+    check_output_folder,
     check_shapes,
     load_into,
     tensor_dtype,
@@ -364,8 +365,7 @@ def export_qwen3_vl(
     generation files, so the export is ready for the usual HF tools. ``folder`` must be new or empty.
     """
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()):
-        raise ConversionError(f"{folder}: export folder is not empty")
+    check_output_folder(folder, "export")
     dtype = dtype or model.embed_tokens.weight.dtype
     hf_config = hf_config_from_mot(model.config, dtype)
     if vision is None:
