@@ -128,7 +128,9 @@ def compute_action_stats(data_dir: str | Path, *, quantiles: bool = True) -> Sta
     for path in sorted(Path(data_dir).rglob("*.npz")):
         try:
             trajectory = load_trajectory(path)
-            actions_by_kind[trajectory.kind].append(encode_pseudo_actions(trajectory))
+            actions = encode_pseudo_actions(trajectory)  # before its kind's list exists: a failing
+            # file of a kind no other file has left an empty list, torch.cat's traceback at the end
+            actions_by_kind[trajectory.kind].append(actions)
         # Broad on purpose: a corrupt zip alone can raise BadZipFile, zlib.error, EOFError or
         # OSError. Each failure is logged with its type and counted in the report, never hidden.
         except Exception as error:  # noqa: BLE001
