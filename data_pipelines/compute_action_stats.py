@@ -95,6 +95,8 @@ def _npz_arrays(path: str | Path) -> dict[str, np.ndarray]:
 
 def load_trajectory(path: str | Path) -> EmbodimentTrajectory:
     """Read one episode .npz into an ``EmbodimentTrajectory`` (float64); ValueError if malformed."""
+    if not Path(path).is_file():  # a FIFO named *.npz: zipfile's open waited for a writer without end
+        raise ValueError("not a regular file (a FIFO, socket or device)")
     # Checked up front: a non-zip file would be a zipfile error that says less.
     if not zipfile.is_zipfile(path):
         raise ValueError("not an .npz (zip) archive: corrupt, truncated or a plain .npy")
