@@ -635,10 +635,19 @@ def add_timeout_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def specs_from_args(args: argparse.Namespace) -> list[RequestSpec]:
-    if args.requests is not None:
-        return read_requests(args.requests)
+    """The requests of ``--requests``, or the one of the flags; RequestError where a request's flag
+    is given with ``--requests``: it was ignored without a word (``--steps 50`` generated at 8)."""
     known = {*SETTINGS, *TEXT_SETTINGS, *INPUT_FILES, "name"}
-    return [RequestSpec.from_mapping({k: v for k, v in vars(args).items() if k in known}, "the flags")]
+    flags = {key: value for key, value in vars(args).items() if key in known}
+    if args.requests is not None:
+        given = sorted(key for key, value in flags.items() if value is not None)
+        if given:
+            raise RequestError(
+                f"--requests {str(args.requests)!r}: the flags of one request {given} are not read with a "
+                "request file; give them as keys of each request's line"
+            )
+        return read_requests(args.requests)
+    return [RequestSpec.from_mapping(flags, "the flags")]
 
 
 @contextlib.contextmanager

@@ -748,6 +748,20 @@ def test_a_flag_the_task_does_not_read_is_refused_and_flags_not_given_are_no_key
     assert "does not read" not in err and str(tmp_path / "none") in err
 
 
+def test_a_request_flag_given_with_a_request_file_is_refused_not_ignored(tmp_path, capsys):
+    """--steps, --seed, --name... beside --requests were ignored without a word: the file's requests
+    were generated with their own settings (8 steps for a user who asked 50)."""
+    requests = write_requests(tmp_path, [{"task": "text_to_image", "prompt": "x", "resolution": "64x32"}])
+    argv = ["--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "out"), "--requests", str(requests)]
+    assert main([*argv, "--steps", "50", "--seed", "5", "--duration", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "the flags of one request ['duration_s', 'seed', 'steps'] are not read with a request file" in err, err
+    assert main(argv) == 2  # control: without them the file is read, and the missing checkpoint is the error
+    err = capsys.readouterr().err
+    assert "not read with a request file" not in err and str(tmp_path / "none") in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_input_paths_are_absolute_from_the_request_files_folder_whatever_the_working_folder(tmp_path, monkeypatch):
     """A request file named by a relative path gave relative input paths, recorded so in the sidecars:
     read from another folder they named nothing. They are absolute, relative to the file's folder."""
