@@ -24,7 +24,6 @@ import math
 import shutil
 import signal
 import sys
-import tempfile
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -35,7 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_cosmos3.atomic_files import longest_staged_name, partial_folder, remove_stale_partial_folders
+from megatron_cosmos3.atomic_files import (
+    longest_staged_name,
+    partial_folder,
+    remove_stale_partial_folders,
+    unwritable_reason,
+)
 from megatron_cosmos3.data.determinism import seed_problem
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.latent_encoders import LatentEncoder, latent_encoder_from_config
@@ -222,18 +226,11 @@ def remove_output(path: Path) -> None:
 
 
 def unwritable_out(out: Path) -> str | None:
-    """Why files cannot be written under ``--out``, or None: a file is created and removed in it, or
-    in its nearest existing folder where it is yet to be made (nothing is left behind, and ranks
-    probing at once do not disturb each other), so a read-only file system, a folder without
-    permission or one under /proc is refused before any model loads (it was a traceback after
-    generating)."""
-    existing = next(folder for folder in (out.absolute(), *out.absolute().parents) if folder.exists())
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        return f"--out {str(out)!r} is not a folder this run can write to ({error.strerror or error})"
-    return None
+    """Why files cannot be written under ``--out`` (``atomic_files.unwritable_reason``), or None: a
+    read-only file system, a folder without permission or one under /proc is refused before any
+    model loads (it was a traceback after generating)."""
+    reason = unwritable_reason(out)
+    return None if reason is None else f"--out {str(out)!r} is not a folder this run can write to ({reason})"
 
 
 def write_request_folder(

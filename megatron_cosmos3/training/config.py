@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
+from megatron_cosmos3.atomic_files import unwritable_reason
 from megatron_cosmos3.config_files import refuse_irregular_file
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfig
 from megatron_cosmos3.data.determinism import seed_problem
@@ -388,6 +389,10 @@ class TrainConfig:
         directory = self.checkpoint.directory
         if os.path.exists(directory) and not os.path.isdir(directory):
             raise ValueError(f"checkpoint.directory={directory!r} exists and is not a directory")
+        # Read-only, no permission, under /proc: the run lock's OSError was a traceback from every rank.
+        reason = unwritable_reason(directory) if directory else None
+        if reason is not None:
+            raise ValueError(f"checkpoint.directory={directory!r} is not a folder this run can write to ({reason})")
         root = self.runs_root  # the run's folder is made under it (``name_run``)
         if os.path.exists(root) and not os.path.isdir(root):
             raise ValueError(f"runs_root={root!r} exists and is not a directory")

@@ -131,6 +131,12 @@ def test_invalid_config_fails_before_any_process_group(monkeypatch):
         (["stepz=3"], "the overrides: ConfigKeyError: Key 'stepz' not in 'TrainConfig'. Did you mean"),
         (["optimizer.betas=[[0.9],0.95]"], "optimizer.betas[0]: a list where a number belongs"),
         (["--config", "{tmp}/pipe.yaml"], "{tmp}/pipe.yaml: not a regular file"),  # read without end: a hang
+        # /proc takes no folder, as a read-only file system takes no file: the run lock's OSError was a
+        # traceback from every rank, after the process group had started
+        (
+            ["checkpoint.directory=/proc/cosmos3-test/checkpoints"],
+            "checkpoint.directory='/proc/cosmos3-test/checkpoints' is not a folder this run can write to",
+        ),
     ],
 )
 @pytest.mark.timeout(30)
