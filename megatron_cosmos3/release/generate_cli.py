@@ -47,6 +47,7 @@ from megatron_cosmos3.data.media import decode_image, decode_npy
 from megatron_cosmos3.data.media_files import VIDEO_SUFFIXES as VIDEO_FILE_SUFFIXES
 from megatron_cosmos3.data.media_files import decode_video_file
 from megatron_cosmos3.data.schema import AUDIO_FIELDS, decode_audio_file, rate_value
+from megatron_cosmos3.data.vision_features import crop_to_tokens
 from megatron_cosmos3.encoders.action_normalization import ActionStats, merge_action_stats
 from megatron_cosmos3.inference.generation import generate
 from megatron_cosmos3.inference.media_outputs import (
@@ -502,6 +503,11 @@ def run_requests(
 def _text_inputs(spec: RequestSpec, where: str) -> tuple[np.ndarray | None, TextSampling]:
     """A text request's picture (or None) and sampling settings."""
     picture = read_input("image", spec.path("image"), where) if "image" in spec.files else None
+    if picture is not None:
+        try:  # checked with every input: the ViT's crop raised SampleError's traceback in generate_text
+            crop_to_tokens(picture)
+        except SampleError as error:
+            raise RequestError(f"{where}: image={str(spec.path('image'))!r}: {error}") from None
     return picture, spec.text_sampling(where)
 
 

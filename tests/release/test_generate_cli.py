@@ -213,10 +213,13 @@ def test_help_lists_every_task_and_what_it_needs(capsys):
         ({"task": "text_to_video", "name": "/tmp/escaped"}, "name='/tmp/escaped' must be a folder name"),
         ({"task": "text_to_video", "name": ".."}, "name='..' must be a folder name"),
         ({"task": "text_to_video", "name": 7}, "name=7 must be a folder name"),
+        # A picture below one 32x32 ViT token was SampleError's traceback from the ViT's crop.
+        ({"task": "understanding", "prompt": "what?", "image": "thin.png"}, "8x64 pixels is smaller than one ViT"),
     ],
 )
 def test_a_bad_request_is_a_clear_error_and_writes_nothing(checkpoint, inputs, tmp_path, capsys, request_, message):
     (tmp_path / "first.png").write_bytes((inputs / "first.png").read_bytes())
+    write_png(tmp_path / "thin.png", np.zeros((8, 64, 3), np.uint8))
     requests = write_requests(tmp_path, [request_])
     assert main(["--checkpoint", str(checkpoint), "--requests", str(requests), "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
