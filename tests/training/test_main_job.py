@@ -137,6 +137,9 @@ def test_invalid_config_fails_before_any_process_group(monkeypatch):
             ["checkpoint.directory=/proc/cosmos3-test/checkpoints"],
             "checkpoint.directory='/proc/cosmos3-test/checkpoints' is not a folder this run can write to",
         ),
+        # The outcome line was written after the last step: an OSError traceback there, no outcome read.
+        (["--status-file", "{tmp}"], "--status-file '{tmp}' is a folder, not a file"),
+        (["--status-file", "/proc/cosmos3-test/status"], "--status-file '/proc/cosmos3-test/status': no file can"),
     ],
 )
 @pytest.mark.timeout(30)
