@@ -127,6 +127,19 @@ def test_the_command_names_a_bad_config_output_or_size_in_one_line(hf_folder, tm
     assert not (tmp_path / "mot").exists()
 
 
+@pytest.mark.parametrize("source, message", [("none", "is missing"), ("mot/model.yaml", "is a file")])
+def test_an_export_whose_support_files_folder_is_not_one_writes_nothing(hf_folder, tmp_path, capsys, source, message):
+    """--copy-files-from naming nothing (or a file) was FileNotFoundError's traceback once the weights
+    were written, leaving an export without its tokenizer."""
+    assert cli(["import", str(hf_folder), str(tmp_path / "mot")]) == 0
+    capsys.readouterr()
+    argv = ["export", str(tmp_path / "mot"), str(tmp_path / "hf"), "--copy-files-from", str(tmp_path / source)]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / source}: the folder to copy tokenizer and processor files from {message}\n"
+    assert not (tmp_path / "hf").exists()
+
+
 def test_command_line_help():
     for argv in (["--help"], ["import", "--help"], ["export", "--help"]):
         with pytest.raises(SystemExit) as exit_info:
