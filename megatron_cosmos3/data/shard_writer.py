@@ -212,6 +212,11 @@ def run_split(function: Callable[..., Counter], processes: int, task: int, tasks
     ``data_pipelines/ingest_videos.py``); the skip counts, summed."""
     if processes < 0:
         raise ValueError(f"processes={processes} must be >= 0 (0: run task {task} of {tasks} here)")
+    if processes > 0 and (task, tasks) != (0, 1):  # every array task wrote every part, ignoring its own
+        raise ValueError(
+            f"processes={processes} runs every task here; it does not go with task={task}, tasks={tasks} "
+            "(a SLURM array's part): give one or the other"
+        )
     if processes <= 1:
         return function(*args, *((task, tasks) if processes == 0 else (0, 1)))
     with Pool(processes) as pool:

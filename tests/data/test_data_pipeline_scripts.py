@@ -142,6 +142,8 @@ def test_a_manifest_of_loose_files_becomes_validated_shards(tmp_path):
         # An output that is a file: mkdir's FileExistsError / NotADirectoryError tracebacks.
         ("write_shards", ["{tmp}/raw/index.json", "{tmp}/evil/index.json"], "is a file, not a folder"),
         ("ingest_videos", ["{tmp}/raw", "{tmp}/evil/index.json"], "is a file, not a folder"),
+        # --task/--tasks were ignored beside --processes: each array task wrote every part
+        ("ingest_videos", ["{tmp}/raw", "{tmp}/new", "--processes", "2", "--task", "1", "--tasks", "4"], "give one"),
         ("generate_world", ["{tmp}/evil/index.json", "--samples", "1"], "is a file, not a folder"),
         # The shards' names start with the prefix: '../x' wrote them beside the output folder.
         ("write_shards", ["{tmp}/raw/index.json", "{tmp}/new", "--prefix", "../escaped"], "prefix='../escaped' must"),
