@@ -531,6 +531,12 @@ def _refuse_non_finite(node, source: str) -> None:
     walk("", resolved)
 
 
+def _one_line(error: Exception) -> str:
+    """``error``'s text on one line: OmegaConf and the YAML parser add indented 'full_key:' and
+    'in "<file>", line N' lines, and the console command prints one line."""
+    return " ".join(str(error).split())
+
+
 def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Schema defaults <- YAML file(s), later ones winning <- ``key=value`` overrides, validated.
     A file's ``model.embodiments``, or the override ``model.embodiments={...}``, lists the model's
@@ -548,7 +554,7 @@ def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] |
                 raise
             raise ValueError(f"{path}: {error}") from None  # OmegaConf's 'Invalid loaded object type' (a YAML scalar)
         except Exception as error:  # YAML syntax, an unknown key, a wrong type: name the file too
-            raise ValueError(f"{path}: {type(error).__name__}: {error}") from None
+            raise ValueError(f"{path}: {type(error).__name__}: {_one_line(error)}") from None
         _refuse_non_finite(merged, path)
     if overrides:
         for override in overrides:
@@ -560,11 +566,10 @@ def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] |
             given = [item.split("=", 1)[0].strip() for item in overrides]
             merged = merge_config_layer(merged, layer, "model.", given)
         except OmegaConfBaseException as error:
-            if isinstance(error, ValueError):  # a wrong type: OmegaConf's ValidationError names key and value
-                raise
             # An unknown key is a KeyError (ConfigKeyError), which the console command let through as a
-            # traceback; one line, as a file's: OmegaConf's text names the key and the nearest known one.
-            raise ValueError(f"the overrides: {type(error).__name__}: {' '.join(str(error).split())}") from None
+            # traceback; a wrong type OmegaConf's ValidationError. One line each, as a file's: OmegaConf's
+            # text names the key (and the nearest known one) or the value.
+            raise ValueError(f"the overrides: {type(error).__name__}: {_one_line(error)}") from None
         _refuse_non_finite(merged, "the overrides")
     return OmegaConf.to_object(merged)
 

@@ -130,6 +130,9 @@ def test_invalid_config_fails_before_any_process_group(monkeypatch):
         # ValueError/OSError as tracebacks.
         (["stepz=3"], "the overrides: ConfigKeyError: Key 'stepz' not in 'TrainConfig'. Did you mean"),
         (["optimizer.betas=[[0.9],0.95]"], "optimizer.betas[0]: a list where a number belongs"),
+        # OmegaConf's ValidationError and the YAML parser add indented lines of their own
+        (["steps=abc"], "the overrides: ValidationError: Value 'abc' of type 'str' could not be converted to Integer"),
+        (["--config", "{tmp}/twice.yaml"], "{tmp}/twice.yaml: ConstructorError: while constructing a mapping in"),
         (["--config", "{tmp}/pipe.yaml"], "{tmp}/pipe.yaml: not a regular file"),  # read without end: a hang
         # /proc takes no folder, as a read-only file system takes no file: the run lock's OSError was a
         # traceback from every rank, after the process group had started
@@ -149,6 +152,7 @@ def test_the_console_command_names_a_bad_override_or_config_path_in_one_line(
     from megatron_cosmos3.training import train as train_module
 
     os.mkfifo(tmp_path / "pipe.yaml")
+    (tmp_path / "twice.yaml").write_text("steps: 1\nsteps: 2\n")
     argv, message = [a.format(tmp=tmp_path) for a in argv], message.format(tmp=tmp_path)
 
     monkeypatch.setattr(train_module, "init_distributed", lambda *_: pytest.fail("a process group was started"))
