@@ -223,7 +223,10 @@ def evaluate(checkpoints: Path, sizes: Sizes, media_dir: Path | None, references
 
 def summarise(runs: list[dict], sizes: Sizes) -> dict:
     """Per start: success per seed (all tasks' episodes), mean ± std over seeds, the pooled success
-    with its Wilson interval, the action error (mean over tasks) likewise; and the references."""
+    with its Wilson interval, the episodes that failed (a non-finite action chunk: counted as no
+    success), the action error (mean over tasks) likewise; and the references. A seed whose action
+    error was not measured (NaN: its model's chunks held NaN) is left out of the error's mean and
+    std and counted in ``action_rmse_unmeasured_seeds``, so one diverged seed does not hide the others."""
 
     def values(rows: list[dict], metric: str, who: str = "model") -> list[float]:
         return [row[who] for row in rows if row["name"].endswith(f"/{metric}")]
@@ -234,6 +237,7 @@ def summarise(runs: list[dict], sizes: Sizes) -> dict:
         chosen = [run for run in runs if run["start"] == start]
         rates = [float(np.mean(values(run["rows"], "success_rate"))) for run in chosen]
         errors = [float(np.mean(values(run["rows"], "action_rmse"))) for run in chosen]
+        measured = [error for error in errors if np.isfinite(error)]
         successes = int(round(sum(rates) * episodes))
         low, high = wilson_interval(successes, episodes * len(chosen))
         summary[start] = {
@@ -244,9 +248,11 @@ def summarise(runs: list[dict], sizes: Sizes) -> dict:
             "episodes": episodes * len(chosen),
             "wilson_low": low,
             "wilson_high": high,
+            "failed_episodes": int(sum(sum(values(run["rows"], "failed_episodes")) for run in chosen)),
             "action_rmse_per_seed": dict(zip((run["seed"] for run in chosen), errors)),
-            "action_rmse_mean": float(np.mean(errors)),
-            "action_rmse_std": float(np.std(errors)),
+            "action_rmse_mean": float(np.mean(measured)) if measured else float("nan"),
+            "action_rmse_std": float(np.std(measured)) if measured else float("nan"),
+            "action_rmse_unmeasured_seeds": len(errors) - len(measured),
         }
     first = runs[0]["rows"]  # the references do not depend on the model
     for who, name in (("oracle", "expert"), ("chance", "random")):
@@ -269,22 +275,25 @@ def markdown(result: dict) -> str:
         f"{result['date']}, {result['machine']}).",
         "",
         "| start of post-training | success per seed | success mean ± std | pooled success (Wilson 95%) "
-        "| action RMSE (dataset std) mean ± std |",
-        "|---|---|---|---|---|",
+        "| failed episodes | action RMSE (dataset std) mean ± std |",
+        "|---|---|---|---|---|---|",
     ]
     for start in STARTS:
         s = summary[start]
         per_seed = ", ".join(f"{v:.2f}" for v in s["success_per_seed"].values())
+        unmeasured = s["action_rmse_unmeasured_seeds"]
         lines.append(
             f"| {start} | {per_seed} | {s['success_mean']:.2f} ± {s['success_std']:.2f} | "
             f"{s['successes']}/{s['episodes']} [{s['wilson_low']:.2f}, {s['wilson_high']:.2f}] | "
-            f"{s['action_rmse_mean']:.3f} ± {s['action_rmse_std']:.3f} |"
+            f"{s['failed_episodes']}/{s['episodes']} | {s['action_rmse_mean']:.3f} ± {s['action_rmse_std']:.3f}"
+            + (f" ({unmeasured} seed(s) not measured: non-finite actions)" if unmeasured else "")
+            + " |"
         )
     for name in ("expert", "random"):
         s = summary[name]
         lines.append(
             f"| {name} policy (reference) | | {s['success_mean']:.2f} | "
-            f"[{s['wilson_low']:.2f}, {s['wilson_high']:.2f}] | {s['action_rmse_mean']:.3f} |"
+            f"[{s['wilson_low']:.2f}, {s['wilson_high']:.2f}] | | {s['action_rmse_mean']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -42,23 +42,33 @@ def write_atomically(path: str | Path, data: bytes | str, durable: bool = False)
     or a node crash after the return cannot leave the old file, or an empty one, under the name
     (the rename alone orders nothing on disk). Returns ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data.encode("utf-8") if isinstance(data, str) else data)
-            if durable:
-                file.flush()
-                os.fsync(file.fileno())
-        # mkstemp makes the file 0600: give it the mode open() would, so a team's outputs stay readable
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException:  # KeyboardInterrupt too: the temporary file goes with the error
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with staged_file(path) as temporary, open(temporary, "wb") as file:
+        file.write(data.encode("utf-8") if isinstance(data, str) else data)
+        if durable:
+            file.flush()
+            os.fsync(file.fileno())
     if durable:
         sync_folder(path.parent)
     return path
+
+
+@contextlib.contextmanager
+def staged_file(path: str | Path) -> Iterator[Path]:
+    """Yields a hidden temporary name beside ``path`` (parent folders created) for a writer that takes
+    a path (torch.profiler's trace export); on leaving, it is renamed to ``path`` or, where the block
+    raised (KeyboardInterrupt too), removed: ``path`` holds the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        # mkstemp makes the file 0600: give it the mode open() would, so a team's outputs stay readable
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def unwritable_reason(path: str | Path) -> str | None:

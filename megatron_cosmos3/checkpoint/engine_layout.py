@@ -10,7 +10,8 @@ ranks ZeRO partitioned over, and the optimizer's parameter groups (each group's 
 and the names of its parameters, in the order of DeepSpeed's flat partitions). A checkpoint saved
 before that record existed is read from DeepSpeed's file names: one optimizer file per ZeRO rank,
 and per-rank model files under ZeRO-3 only (so stages 1 and 2 are told apart from 3, not from each
-other).
+other). The stage and world size say whether DeepSpeed's own loader reads the files
+(``reads_own_files``) or the DeepSpeed engine reassembles them.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ _SAME_FILES = ({1, 2}, {3})
 
 
 class CheckpointLayoutError(ValueError):
-    """A checkpoint that this engine or layout cannot load (written by the other engine, under
-    another ZeRO stage or world size, with other parameter groups, or by DeepSpeed's universal
-    checkpoint converter): names the folder, what wrote it, what this run is, and what would load it."""
+    """A checkpoint that this engine or layout cannot load (written by the other engine, with other
+    parameter groups, or by DeepSpeed's universal checkpoint converter): names the folder, what
+    wrote it, what this run is, and what would load it."""
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,8 @@ def refuse_foreign(path: str | Path) -> None:
     if found is not None:
         raise CheckpointLayoutError(
             f"{path} is a DeepSpeed universal checkpoint ({found}, written by ds_to_universal), which this project "
-            f"does not load: give the step_<N> folder it was made from (an engine=deepspeed checkpoint resumes "
-            f"under its ZeRO stage and world size; `{CONVERTER}` converts it to the Megatron-style layout, which "
-            "resumes under any layout and world size)"
+            "does not load: give the step_<N> folder it was made from (an engine=deepspeed checkpoint resumes "
+            f"under any ZeRO stage and world size; `{CONVERTER}` converts it to the Megatron-style layout)"
         )
     if any(_OPTIMIZER_FILE.fullmatch(p.name) or p.name.endswith("model_states.pt") for p in _files(path)):
         raise CheckpointLayoutError(
@@ -154,31 +154,23 @@ def check_engine(path: str | Path, engine: str) -> SavedLayout:
         raise CheckpointLayoutError(
             f"checkpoint {path} was written by {saved.describe()}, and this run has engine=megatron: resume it "
             f"with engine=deepspeed, or convert it to the Megatron-style layout first (`{CONVERTER} --config FILE "
-            f"{path} TARGET_DIR` on the ranks of the DeepSpeed run); stage.init_from reads its weights in both engines"
+            f"{path} TARGET_DIR` under torchrun, on any number of ranks); stage.init_from reads its weights in both "
+            "engines"
         )
     return saved
 
 
-def check_same_layout(path: str | Path, saved: SavedLayout, zero_stage: int, world_size: int) -> None:
-    """CheckpointLayoutError naming the saved and the current ZeRO stage or world size where
-    DeepSpeed's optimizer files of ``saved`` cannot be loaded by an engine of ``zero_stage`` on
-    ``world_size`` ranks: DeepSpeed partitions its fp32 masters and AdamW state per rank (another
-    number of ranks would read the wrong slices), and ZeRO-3's files are not ZeRO-1/2's. ZeRO-1 and
-    ZeRO-2 read each other's files."""
-    if saved.engine != "deepspeed":
-        return
-    current = SavedLayout("deepspeed", zero_stage, world_size).describe()
-    where = f"checkpoint {path} was saved under {saved.describe()}, and this run is {current}"
-    way_out = (
-        f"continue it with deepspeed.zero_stage={saved.zero_stage or '1 or 2'} on {saved.world_size} ranks, or convert "
-        f"it to the Megatron-style layout (`{CONVERTER} --config FILE {path} TARGET_DIR` on {saved.world_size} ranks "
-        "with its stage), which resumes under any ZeRO stage and world size"
-    )
-    if saved.world_size is not None and saved.world_size != world_size:
-        raise CheckpointLayoutError(f"{where}: DeepSpeed's files hold one partition per saving rank; {way_out}")
+def reads_own_files(saved: SavedLayout, zero_stage: int, world_size: int) -> bool:
+    """Whether DeepSpeed's own loader reads the optimizer files of ``saved`` into an engine of
+    ``zero_stage`` on ``world_size`` ranks: the same number of ranks (DeepSpeed partitions its fp32
+    masters and AdamW state per rank: another number would read the wrong slices) and the same
+    files (ZeRO-1 and ZeRO-2 read each other's; ZeRO-3's hold other partitions). Otherwise the
+    DeepSpeed engine reassembles the partitions into whole tensors and partitions them anew
+    (docs/DESIGN.md, "The DeepSpeed engine")."""
+    if saved.world_size != world_size:
+        return False
     saved_family = next(s for s in _SAME_FILES if (saved.zero_stage or 1) in s)
-    if zero_stage not in saved_family:
-        raise CheckpointLayoutError(f"{where}: ZeRO-3's files and ZeRO-1/2's hold different partitions; {way_out}")
+    return zero_stage in saved_family
 
 
 def check_same_parameter_groups(path: str | Path, saved: list[dict] | None, current: list[dict]) -> None:

@@ -9,9 +9,10 @@ for every source (``video.npy`` frames or a compressed file, docs/DESIGN.md, "Re
   to the action grid when the sample has actions so that action step 0 starts at the first frame;
   ``grid_draws`` gives one draw per grid clip (pre-encoding cuts every one of them);
 - ``target_times`` / ``pick_frames``: the frame shown at each target time ``start + k / fps`` is
-  the last one whose timestamp is at or before it, to within half the container's time base (at
-  most 1 ms; so variable-frame-rate video is sampled by its timestamps); a target past the end of
-  the last frame is a truncated video;
+  the last one whose timestamp is at or before it (a constant-rate stream's timestamps put back on
+  its grid of i / rate first, then exact; a variable-rate one's to within half the unit they were
+  rounded to, at most 1 ms; so variable-frame-rate video is sampled by its timestamps); a target
+  past the end of the last frame is a truncated video;
 - ``fit_to_bucket``: the bucket of nearest aspect ratio, the picture scaled to cover it
   (antialiased bilinear) and centre-cropped; tokens per sample follow from the bucket size.
 """
@@ -151,7 +152,8 @@ def timestamp_tolerance(time_base: float) -> float:
     container's time base, or of the coarser unit its timestamps were rounded to (their rounding;
     WebM's 1 ms base stores a frame meant for t as up to t + 0.5 ms), so that a 23.976 fps frame
     0.04 ms after a 24 fps target (base 1/24000) is not shown early; at most TIME_TOLERANCE_S (a
-    base of one frame period stores exact frame times)."""
+    base of one frame period stores exact frame times). 0 for times known exact (a constant-rate
+    stream's, put back on its frame grid): none but a rate's float rounding."""
     return min(float(time_base) / 2, TIME_TOLERANCE_S) + 1e-6  # and a rate's float rounding
 
 

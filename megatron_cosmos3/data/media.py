@@ -16,7 +16,6 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
-from scipy.io import wavfile
 
 from megatron_cosmos3.data.errors import BAD_METADATA, CORRUPT_MEDIA, SampleError
 from megatron_cosmos3.json_files import JsonNumberError, loads
@@ -31,6 +30,8 @@ STREAMED_WAV_SIZE = 0xFFFFFFFF
 # WAV sample encodings scipy reads (PCM, IEEE float); others (mu-law, A-law, ADPCM, ...) FFmpeg decodes.
 PCM_WAV_ENCODINGS = (0x0001, 0x0003)
 WAVE_FORMAT_EXTENSIBLE = 0xFFFE
+# TIFF tags that say what type an integer grey picture's samples are (``_integer_grey_range``).
+TIFF_BITS_PER_SAMPLE, TIFF_SAMPLE_FORMAT, TIFF_SIGNED_INTEGER = 258, 339, 2
 # Everything a broken file can make these libraries raise; anything else is a bug, not bad data.
 DECODE_ERRORS = (
     ValueError,
@@ -98,9 +99,10 @@ def encode_png(image: np.ndarray) -> bytes:
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB from PNG/JPEG/... bytes, as a viewer shows the picture: in sRGB by its
     embedded ICC profile (PNG iCCP, JPEG APP2; one that cannot be applied is logged and left out),
-    turned and mirrored by its EXIF orientation, 16-bit grey scaled to 8 bits (Pillow's own
-    conversion clips it at 255), float grey from 0..1 (NaN as 0), any other mode Pillow reads
-    converted to RGB (alpha dropped); an animation's first frame."""
+    turned and mirrored by its EXIF orientation, integer grey (16- or 32-bit, signed 8-bit) scaled
+    from its type's range to 8 bits (Pillow's own conversion clips it at 255), float grey from 0..1
+    (NaN as 0), any other mode Pillow reads converted to RGB (alpha dropped); an animation's first
+    frame."""
     check_not_empty(data, name)
     try:
         with warnings.catch_warnings():
@@ -117,17 +119,58 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
 def _viewed_rgb(image: Image.Image, name: str) -> np.ndarray:
     """``decode_image``'s pixels of a loaded picture: a writable (H, W, 3) uint8 array."""
     profile = image.info.get("icc_profile")
+    grey_range = _integer_grey_range(image)  # the file's tags, which a turned copy no longer has
     try:
         image = ImageOps.exif_transpose(image)
     except DECODE_ERRORS:  # an unreadable orientation tag: shown as stored, as viewers do
         pass
-    if image.mode.startswith("I"):  # 16-bit (or 32-bit integer) grey: 0..65535 -> 0..255
-        return _grey_rgb(np.asarray(image, dtype=np.float64) / 257.0)
+    if grey_range is not None:
+        return _grey_rgb(_integer_grey_levels(np.asarray(image), *grey_range))
     if image.mode == "F":  # float grey (a 32-bit float TIFF) is 0..1: Pillow's conversion made it all black
         return _grey_rgb(np.nan_to_num(np.asarray(image, dtype=np.float64)) * 255.0)
     if profile:
         image = _in_srgb(image, profile, name)
     return np.array(image.convert("RGB"))  # a copy: torch refuses read-only arrays
+
+
+def _integer_grey_range(image: Image.Image) -> tuple[int, bool] | None:
+    """(bits, signed) of an integer grey picture's samples (Pillow's ``I;16*`` and ``I`` modes, and
+    ``L`` where a TIFF says signed), None for any other mode. ``I;16*`` is unsigned 16-bit; ``I``
+    holds int32 whatever the file stores, so a TIFF's BitsPerSample and SampleFormat tags say which
+    type it is (Pillow reads an unsigned 32-bit TIFF into ``I`` with the values past 2**31 wrapped
+    negative, a signed 16-bit one as -32768..32767); other files Pillow reads into ``I`` are 16-bit
+    (a PGM of any maximum above 255, scaled by Pillow to 0..65535). Pillow reads a signed 8-bit TIFF
+    into ``L`` as its bytes, -128 as 128: its SampleFormat tag says so."""
+    if image.mode.startswith("I;16"):
+        return 16, False
+    tags = getattr(image, "tag_v2", None)  # a TIFF's
+    if image.mode == "L" and tags is not None and _tiff_tag(tags, TIFF_SAMPLE_FORMAT, 1) == TIFF_SIGNED_INTEGER:
+        return 8, True
+    if image.mode != "I":
+        return None
+    if tags is None:
+        return 16, False
+    bits = int(_tiff_tag(tags, TIFF_BITS_PER_SAMPLE, 32))
+    return (bits if 1 < bits <= 32 else 32), _tiff_tag(tags, TIFF_SAMPLE_FORMAT, 1) == TIFF_SIGNED_INTEGER
+
+
+def _tiff_tag(tags, tag: int, default: int) -> int:
+    """A TIFF tag's first value (Pillow gives a tuple, one per sample, or a bare value)."""
+    value = tags.get(tag, default)
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _integer_grey_levels(values: np.ndarray, bits: int, signed: bool) -> np.ndarray:
+    """Integer grey ``values`` of a ``bits``-bit type on the 0..255 scale: 0 to the type's largest
+    value is black to white (a 32-bit one was divided as if 16-bit: all but its darkest tones white);
+    a signed type's negative values are black (as scikit-image's ``img_as_ubyte`` shows them)."""
+    values = values.astype(np.int64)
+    # Read the sample's bits as its type: Pillow's int32 holds an unsigned 32-bit one wrapped
+    # negative, its uint8 a signed 8-bit one's two's complement.
+    half = 1 << (bits - 1)
+    values = ((values + half) & ((1 << bits) - 1)) - half if signed else values & ((1 << bits) - 1)
+    brightest = (1 << (bits - 1 if signed else bits)) - 1
+    return np.maximum(values, 0) * 255.0 / brightest
 
 
 def _grey_rgb(levels: np.ndarray) -> np.ndarray:
@@ -167,6 +210,8 @@ def encode_wav(waveform: np.ndarray, sample_rate: int) -> bytes:
     """(channels, samples) float in [-1, 1] -> 16-bit PCM WAV bytes; ``decode_wav`` gives the values
     back within half a step (1 / 65536), clipped to [-1, 32767 / 32768]."""
     pcm = np.clip(np.round(np.asarray(waveform, dtype=np.float64) * 32768.0), -32768, 32767).astype("<i2")
+    from scipy.io import wavfile  # scipy: only a process that handles sound pays for its import
+
     buffer = io.BytesIO()
     wavfile.write(buffer, int(sample_rate), np.ascontiguousarray(pcm.T))
     return buffer.getvalue()
@@ -182,6 +227,8 @@ def decode_wav(data: bytes, name: str) -> tuple[np.ndarray, int]:
             CORRUPT_MEDIA,
             f"{name}: truncated WAV file: its chunks declare {missing} more bytes than it holds",
         )
+    from scipy.io import wavfile  # scipy: only a process that handles sound pays for its import
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", wavfile.WavFileWarning)  # judged above: a streamed size reads to the end

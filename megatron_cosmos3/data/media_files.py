@@ -26,12 +26,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import partial
 
 import numpy as np
 import torch
 from PIL import Image
 
-from megatron_cosmos3.data.audio_frames import missing_adts_bytes, missing_mpeg_audio_bytes
+from megatron_cosmos3.data.audio_frames import FrameChain, adts_chain, mpeg_audio_chain, trailer_start
 from megatron_cosmos3.data.clips import (
     MediaConfig,
     Window,
@@ -57,7 +58,12 @@ from megatron_cosmos3.data.media import (
     decode_image,
     missing_wav_bytes,
 )
-from megatron_cosmos3.data.mp4_fragments import box_header, declared_fragment_seconds, missing_sidx_bytes
+from megatron_cosmos3.data.mp4_fragments import (
+    box_header,
+    declared_fragment_seconds,
+    missing_sidx_bytes,
+    track_sample_counts,
+)
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE, to_stereo_48k
 
 # Containers whose structure says how long they are, so a cut file is found (``_missing_bytes``).
@@ -72,6 +78,10 @@ AUDIO_END_TOLERANCE_S = 0.1
 # How far (relative) a stream's average frame rate may be from its nominal one and still be it: a
 # rounded duration (a millisecond in 0.3 s) or a dropped frame, not a variable rate.
 NOMINAL_RATE_TOLERANCE = 0.005
+# How close (relative) FFmpeg's guess of a rate must be to a whole or NTSC rate to be taken for it: a
+# Matroska frame duration in whole nanoseconds is within 1.2e-7 of it up to 240 fps (60000/1001 fps
+# was 19001/317); the decimal rates 29.97, 59.94 and 23.976 are 1e-6 from NTSC's and stay themselves.
+NOMINAL_RATE_PRECISION = 5e-7
 # How many of a stream's indexed timestamps say what unit they were rounded to (``_timestamp_unit``).
 UNIT_SAMPLES = 1024
 # Where in an MP3's first frame a Xing/Info (after the side information) or VBRI header lies, at most.
@@ -109,11 +119,13 @@ def decode_media_file(
     import av  # PyAV loads FFmpeg's libraries: only a process that reads compressed media pays for it
 
     check_not_empty(data, name)
+    _check_not_without_packets(data, name)
     try:
         with av.open(io.BytesIO(data), metadata_errors="ignore") as container:
             if not container.streams:
                 raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable media file (no stream found)")
-            missing = _missing_bytes(data, container)
+            chain = _frame_chain(data, container)  # a raw MP3's or AAC file's: one walk for its end and length
+            missing = _missing_bytes(data, container, chain)
             if missing:  # FFmpeg reads what is there: a cut index loses streams, cut data loses frames
                 detail = f"{name}: truncated file: it declares {missing} bytes more than it holds"
                 raise SampleError(CORRUPT_MEDIA, detail)
@@ -133,7 +145,9 @@ def decode_media_file(
                     )
                 if stream is not None:  # one decoding thread: the loader's workers are the parallelism
                     stream.codec_context.thread_count = 1
-            out = _decode(container, data, video if want_video else None, audio, name, media, window_for, picture)
+            out = _decode(
+                container, data, video if want_video else None, audio, name, media, window_for, picture, chain
+            )
     except SampleError:
         raise
     except (av.error.FFmpegError, *DECODE_ERRORS) as error:
@@ -151,10 +165,11 @@ def decode_video_file(data: bytes, name: str) -> tuple[np.ndarray, float | None]
 
 
 def _decode(
-    container, data: bytes, video, audio, name: str, media: MediaConfig, window_for, picture=None
+    container, data: bytes, video, audio, name: str, media: MediaConfig, window_for, picture=None, chain=None
 ) -> DecodedMedia:
     """``decode_media_file``'s clip; ``picture``: the pixels of a picture in a video field, shown
-    for every target (FFmpeg's timing of its one frame)."""
+    for every target (FFmpeg's timing of its one frame); ``chain``: a raw MP3's or AAC file's
+    frames (``_frame_chain``)."""
     if video is not None:
         width, height = _display_size(video)
         if width * height > Image.MAX_IMAGE_PIXELS:  # the limit pictures have (a decompression bomb)
@@ -166,10 +181,15 @@ def _decode(
         rate = _frame_rate(video, video_s, span)
         if not video_s or not rate:
             raise SampleError(ZERO_LENGTH, f"{name}: its video stream has no duration or frame rate")
-        audio_s = _stream_seconds(audio, container, origin_s, data) if audio is not None else None
+        audio_s = _stream_seconds(audio, container, origin_s, data, chain=chain) if audio is not None else None
+        unit = _timestamp_unit(video, rate)
+        # At a constant rate frame i is at i / rate: times rounded to the unit are put back there, and
+        # are then exact (no leeway at the targets: a 29.97 fps frame 0.03 ms after a 30 fps one is later).
+        period = _frame_period(video, rate)
+        video_s = _on_grid(video_s, period, 2 * unit)  # a rounded timestamp plus a rounded duration
+        tolerance = timestamp_tolerance(0.0 if period else unit)
         window = window_for(video_s)
         fps = media.fps or rate
-        tolerance = timestamp_tolerance(_timestamp_unit(video, rate))
         # The file's end is a rounded timestamp plus a rounded duration: no target within both roundings of it.
         at_end = window.end_s > video_s - 2 * tolerance
         targets = target_times(window, fps, 2 * tolerance if at_end else 0.0)
@@ -177,12 +197,15 @@ def _decode(
         if picture is not None:  # Pillow's pixels, as a picture field's (FFmpeg's can be wrong: module doc)
             frames = np.repeat(picture[None], len(targets), axis=0)
         else:
-            frames = _video_window(container, video, targets, origin_s, rate, name, (width, height), video_s, tolerance)
+            size = (width, height)
+            frames = _video_window(
+                container, video, targets, origin_s, rate, name, size, video_s, tolerance, period, unit
+            )
         frames = fit_to_bucket(frames, media.buckets())
         result = DecodedMedia(window, frames, fps, None, video_s, audio_s, picture is not None)
     else:
         origin_s = float((audio.start_time or 0) * audio.time_base)
-        audio_s = _stream_seconds(audio, container, origin_s, data)
+        audio_s = _stream_seconds(audio, container, origin_s, data, chain=chain)
         if not audio_s:
             raise SampleError(ZERO_LENGTH, f"{name}: its audio stream has no duration")
         result = DecodedMedia(window_for(audio_s), audio_duration_s=audio_s)
@@ -206,7 +229,7 @@ def _frame_rate(stream, seconds: float | None, span: tuple[int, float | None] | 
     the stream's duration ``seconds`` are the average. A duration rounded to
     milliseconds made 37 frames at 60 fps average 60.065 fps, and targets at that rate fell a frame
     early by the 13th frame."""
-    nominal = stream.guessed_rate
+    nominal = _nominal_rate(stream)
     if span is None:
         average = stream.average_rate
     else:
@@ -218,6 +241,36 @@ def _frame_rate(stream, seconds: float | None, span: tuple[int, float | None] | 
     ):
         return float(nominal)
     return float(average or nominal or 0) or None
+
+
+def _nominal_rate(stream) -> Fraction | None:
+    """FFmpeg's guess of the stream's rate, or the whole or NTSC (n * 1000 / 1001) rate it is a
+    rounding of (within NOMINAL_RATE_PRECISION): from a Matroska/WebM frame duration in whole
+    nanoseconds it guessed 59.94 fps as 19001/317, and a clip's rate written back was that."""
+    guessed = stream.guessed_rate
+    if not guessed:
+        return None
+    for standard in (Fraction(round(guessed)), Fraction(round(guessed * Fraction(1001, 1000)) * 1000, 1001)):
+        if standard and abs(guessed / standard - 1) <= NOMINAL_RATE_PRECISION:
+            return standard
+    return Fraction(guessed)
+
+
+def _frame_period(stream, rate: float) -> float | None:
+    """Seconds between frames where the stream is at its nominal rate (``_frame_rate`` found its
+    average a rounding of it), None at a variable rate."""
+    nominal = _nominal_rate(stream)
+    return float(1 / nominal) if nominal and rate == float(nominal) else None
+
+
+def _on_grid(seconds: float, period: float | None, leeway: float) -> float:
+    """``seconds`` moved to the nearest multiple of ``period`` where it lies within ``leeway`` of it
+    (a time rounded to the container's unit: a Matroska millisecond, an MP4 of a WebM's), else as it
+    is (a frame off the grid; no ``period``: a variable rate)."""
+    if period is None:
+        return seconds
+    on = round(seconds / period) * period
+    return on if abs(seconds - on) <= leeway + 1e-6 else seconds  # and a rate's float rounding
 
 
 def _lasts_its_frames(stream, nominal, seconds: float | None, span: tuple[int, float | None] | None) -> bool:
@@ -241,7 +294,12 @@ def _display_size(stream) -> tuple[int, int]:
 
 
 def _stream_seconds(
-    stream, container, origin_s: float, data: bytes, span: tuple[int, float | None] | None = None
+    stream,
+    container,
+    origin_s: float,
+    data: bytes,
+    span: tuple[int, float | None] | None = None,
+    chain: FrameChain | None = None,
 ) -> float | None:
     """The stream's duration in seconds from the origin: its own, else the container's where it is
     the file's only stream, else the end of its last packet, read without decoding: a file written
@@ -249,14 +307,17 @@ def _stream_seconds(
     stream lasts longer (a WebM whose sound ran 60 ms past its picture was taken for a video cut
     60 ms short). Packets are read by a second reader of ``data``: the decoding container stays at
     its start (seeking back fails in a stream without packets, and the sound's seek did not bring
-    the picture back); ``span``: the stream's ``_packet_span`` where the caller has read it."""
+    the picture back); ``span``: the stream's ``_packet_span`` where the caller has read it; a raw
+    MP3 or AAC file that declares no length lasts its ``chain`` of frames (``_frame_chain_seconds``)
+    where that reaches its end."""
     guessed = _duration_is_a_bitrate_guess(data, container)
     if stream.duration is not None and not guessed:
         start = float((stream.start_time or 0) * stream.time_base)
         return start - origin_s + float(stream.duration * stream.time_base)
     if container.duration is not None and len(container.streams) == 1 and not guessed:
         return container.duration / 1_000_000 - origin_s
-    end = (span or _packet_span(stream, data))[1]
+    end = _frame_chain_seconds(stream, data, chain) if guessed and chain is not None else None
+    end = end if end is not None else (span or _packet_span(stream, data))[1]
     return None if end is None else end - origin_s
 
 
@@ -264,13 +325,62 @@ def _duration_is_a_bitrate_guess(data: bytes, container) -> bool:
     """Whether FFmpeg's duration of the file is its size over its first frames' bitrate: a raw AAC
     (ADTS) file declares no length, nor does an MP3 without a Xing/Info/VBRI header (its frame
     count). A variable-bitrate one was guessed 7.4 s long for 4 s of sound (a whole file refused as
-    cut) or 2.2 s (a clip silently cut short); ``_stream_seconds`` measures its packets instead."""
+    cut) or 2.2 s (a clip silently cut short); ``_stream_seconds`` measures it instead."""
     if container.format.name == "aac":
         return True
-    if container.format.name != "mp3":
-        return False
-    first_frame = data[_id3v2_end(data) :][:MP3_LENGTH_HEADER_BYTES]
-    return not any(tag in first_frame for tag in (b"Xing", b"Info", b"VBRI"))
+    return container.format.name == "mp3" and _mp3_length_header(data) is None
+
+
+def _mp3_length_header(data: bytes) -> int | None:
+    """Where the Xing/Info or VBRI header in an MP3's first frame (after its ID3v2 tag) starts, the
+    frame that declares the file's frame count; None without one."""
+    start = _id3v2_end(data)
+    first_frame = data[start : start + MP3_LENGTH_HEADER_BYTES]
+    found = [at for at in (first_frame.find(tag) for tag in (b"Xing", b"Info", b"VBRI")) if at >= 0]
+    return start + min(found) if found else None
+
+
+def _mp3_declared_frames(data: bytes) -> int | None:
+    """The frame count an MP3's Xing/Info header (where its flags' bit 0 says it holds one) or VBRI
+    header declares; None without one or where no frame header follows the ID3v2 tag."""
+    start, at = _id3v2_end(data), _mp3_length_header(data)
+    if at is None or data[start : start + 1] != b"\xff":
+        return None
+    if data[at : at + 4] == b"VBRI":
+        field = data[at + 14 : at + 18]  # after version, delay, quality and the byte count
+    else:
+        field = data[at + 8 : at + 12] if len(data) >= at + 8 and data[at + 7] & 1 else b""
+    return int.from_bytes(field, "big") if len(field) == 4 else None
+
+
+def _frame_chain(data: bytes, container) -> FrameChain | None:
+    """The frames of a raw AAC (ADTS) file or an MP3 (MPEG-1/2/2.5 audio, layer I-III), each
+    one's length read from its header, chained from after its ID3v2 tag (``audio_frames``); None
+    for other formats. One walk says where a cut file's last frame ends (``_missing_bytes``) and,
+    where the file declares no length (``_duration_is_a_bitrate_guess``), how long its frames last
+    (``_frame_chain_seconds``): a clip of an MP3 without a Xing header walked its frames twice."""
+    walk = {"aac": adts_chain, "mp3": mpeg_audio_chain}.get(container.format.name)
+    if walk is None:
+        return None
+    return walk(data, _id3v2_end(data), _duration_is_a_bitrate_guess(data, container))
+
+
+def _mp3_frames(data: bytes) -> tuple[int, int, int] | None:
+    """(frames, samples, sample rate) of an MP3's frames, chained from after its ID3v2 tag to
+    exactly its trailing tags (``audio_frames``); None where they do not reach them."""
+    start = _id3v2_end(data)
+    return mpeg_audio_chain(data, start, measure=True).length(trailer_start(data, start))
+
+
+def _frame_chain_seconds(stream, data: bytes, chain: FrameChain) -> float | None:
+    """Where the sound of a raw MP3 or AAC file that declares no length ends (seconds), by its
+    measured ``chain`` of frames, which must end exactly at its trailing tags; None where they do
+    not (FFmpeg resyncs past damaged bytes: its packets are counted instead) or their rate is not
+    the stream's (an HE-AAC stream's is twice its ADTS headers')."""
+    length = chain.length(trailer_start(data, _id3v2_end(data)))
+    if length is None or length[2] != stream.rate:
+        return None
+    return float((stream.start_time or 0) * stream.time_base) + length[1] / length[2]
 
 
 def _packet_span(stream, data: bytes) -> tuple[int, float | None]:
@@ -298,13 +408,17 @@ def _video_window(
     size: tuple[int, int],
     declared_s: float,
     tolerance: float,
+    period: float | None = None,
+    unit: float = 0.0,
 ) -> np.ndarray:
     """The frames shown at ``targets`` (seconds from the origin), decoded from the keyframe before,
     as ``size`` (width, height) RGB (``_to_rgb``); a frame stamped up to ``tolerance`` after a target
-    is shown at it (``timestamp_tolerance``). The last frame shows until the stream's declared
-    end ``declared_s`` where that is less than a frame period after it (an edit list that starts
-    between two frames: FFmpeg drops the partly shown one and the stream lasts that much longer);
-    frames that stop earlier are a cut file."""
+    is shown at it (``timestamp_tolerance``); at a constant rate (a frame ``period``) a frame's time
+    rounded to the ``unit`` is put back on the frame grid, and so is the last one's end
+    (``_on_grid``). The last frame shows until the stream's declared end ``declared_s`` where that
+    is less than a frame period after it (an edit list that starts between two frames: FFmpeg drops
+    the partly shown one and the stream lasts that much longer); frames that stop earlier are a cut
+    file."""
     lead_s, fresh = (int(stream.codec_context.has_b_frames) + 2) / rate, True
     while True:
         # The keyframe to decode from must be shown at or before the window: seeking by decoding time
@@ -314,7 +428,8 @@ def _video_window(
         if seek_s > 0 or not fresh:  # a fresh container reads from the start (a stream without frames cannot seek)
             seek_to = max(math.floor((max(seek_s, 0.0) + origin_s) / stream.time_base), stream.start_time or 0)
             container.seek(seek_to, stream=stream, backward=True, any_frame=False)
-        times, frames, ended, key_s = _decode_frames(container, stream, targets, origin_s, tolerance)
+        place = partial(_on_grid, period=period, leeway=unit / 2)
+        times, frames, ended, key_s = _decode_frames(container, stream, targets, origin_s, tolerance, place)
         if seek_s <= 0 or (key_s is not None and key_s <= targets[0] + tolerance):
             break
         lead_s, fresh = lead_s * 4, False
@@ -322,6 +437,7 @@ def _video_window(
     if ended and frames:  # the stream ended: its last frame shows for its duration (a frame period if unstated)
         last = frames[-1]
         end = times[-1] + (float(last.duration * stream.time_base) if last.duration else 1.0 / rate)
+        end = _on_grid(end, period, 2 * unit)  # a rounded timestamp plus a rounded duration
         if end < declared_s < end + 1.0 / rate:
             end = declared_s
     return _to_rgb(frames, pick_frames(np.asarray(times), targets, end, name, tolerance), size)
@@ -343,8 +459,9 @@ def _timestamp_unit(stream, rate: float) -> float:
     return ticks * base if ticks > 1 and ticks * base <= 0.25 / rate else base
 
 
-def _decode_frames(container, stream, targets: np.ndarray, origin_s: float, tolerance: float):
-    """Decodes from where the container stands to the last target: (times, frames) from the last
+def _decode_frames(container, stream, targets: np.ndarray, origin_s: float, tolerance: float, place):
+    """Decodes from where the container stands to the last target (each frame's time ``place``d:
+    ``_on_grid``): (times, frames) from the last
     frame at or before the first target on, whether the stream ended (no frame past the last
     target), and the time of the first keyframe decoded (None without one). Only frames that
     ``pick_frames`` will pick are kept (the first, the last and those shown at a target; the
@@ -355,7 +472,7 @@ def _decode_frames(container, stream, targets: np.ndarray, origin_s: float, tole
     for frame in container.decode(stream):
         if frame.pts is None:
             continue
-        t = float(frame.pts * stream.time_base) - origin_s
+        t = place(float(frame.pts * stream.time_base) - origin_s)
         if key_s is None and frame.key_frame:
             key_s = t
         if times and t <= times[-1]:
@@ -527,12 +644,20 @@ def is_picture_demuxer(demuxer_name: str) -> bool:
     return demuxer_name == "image2" or demuxer_name.endswith("_pipe")
 
 
-def _missing_bytes(data: bytes, container) -> int:
+def _missing_bytes(data: bytes, container, chain: FrameChain | None = None) -> int:
     """How many bytes the container's own structure declares beyond the end of ``data``: the MP4/MOV
     index and the samples it lists, the Matroska/WebM segment, the AVI's RIFF chunks, the WAV data
-    chunk, the last Ogg page (or a stream without its end page), the last ADTS or MP3 frame (0 for other
-    formats: FFmpeg judges them). Bytes after the last box or the segment (a
-    tool's junk, padding) are no part of it."""
+    chunk, the last Ogg page (or a stream without its end page), the last ADTS or MP3 frame (its
+    ``chain``: ``_frame_chain``; 0 for other formats: FFmpeg judges them). Bytes after the last box
+    or the segment (a tool's junk, padding) are no part of it.
+
+    A raw AAC file's frames declare their own length; FFmpeg estimates the duration from the bytes
+    there, so a cut file was a shorter clip. An MP3 without a Xing/Info header declares no duration
+    and its frames are measured: a cut file was a shorter sound (with the header, FFmpeg declares
+    its duration and ``_audio_window`` finds the missing end; a file cut between frames without it
+    declares nothing that finds the cut). The walk stops at the first bytes that are no frame
+    header (an ID3v1 or APE trailer, a free-format frame, whose length is not in its header, or a
+    damaged one: FFmpeg judges those)."""
     if container.format.name.startswith("mov"):
         return max(_missing_box_bytes(data), _missing_sample_bytes(data, container), missing_sidx_bytes(data))
     if container.format.name.startswith("matroska"):
@@ -543,11 +668,7 @@ def _missing_bytes(data: bytes, container) -> int:
         return _missing_riff_bytes(data)
     if container.format.name == "ogg":
         return _missing_ogg_bytes(data)
-    if container.format.name == "aac":
-        return _missing_adts_bytes(data)
-    if container.format.name == "mp3":
-        return _missing_mpeg_audio_bytes(data)
-    return 0
+    return chain.missing if chain is not None else 0
 
 
 def _check_fragments_all_there(data: bytes, container, name: str) -> None:
@@ -564,6 +685,36 @@ def _check_fragments_all_there(data: bytes, container, name: str) -> None:
         raise SampleError(CORRUPT_MEDIA, detail)
 
 
+@dataclass(frozen=True)
+class OggPage:
+    """An Ogg page's header fields: where it starts and ends (``end`` past the data where the page
+    is cut; the end of its segment table where that is cut), its header type flags (2: the first
+    page of a stream, 4: its last), granule position (the stream's samples to its last packet's
+    end; 0 on header pages, -1 where no packet ends on the page) and stream serial number."""
+
+    offset: int
+    end: int
+    flags: int
+    granule: int
+    serial: bytes
+
+
+def _ogg_pages(data: bytes):
+    """The Ogg pages from the start of ``data`` (``OggPage``), up to the first bytes that are no
+    page header or the first page cut short (the last yielded)."""
+    offset = 0
+    while offset + 27 <= len(data) and data[offset : offset + 4] == b"OggS":
+        segments = data[offset + 26]
+        end = offset + 27 + segments
+        if end <= len(data):
+            end += sum(data[offset + 27 : end])
+        granule = int.from_bytes(data[offset + 6 : offset + 14], "little", signed=True)
+        yield OggPage(offset, end, data[offset + 5], granule, data[offset + 14 : offset + 18])
+        if end > len(data):
+            return
+        offset = end
+
+
 def _missing_ogg_bytes(data: bytes) -> int:
     """How many bytes an Ogg file's last page (Vorbis, Opus, FLAC in Ogg) declares beyond its end.
     A file cut between pages is found by its streams: each one that began (BOS) must end on an
@@ -571,39 +722,56 @@ def _missing_ogg_bytes(data: bytes) -> int:
     by its last page, so a cut one was a shorter clip. Bytes that are no page (a trailer) are no
     part of it."""
     offset, begun, ended = 0, set(), set()
-    while offset + 27 <= len(data) and data[offset : offset + 4] == b"OggS":
-        flags, serial, segments = data[offset + 5], data[offset + 14 : offset + 18], data[offset + 26]
-        if offset + 27 + segments > len(data):
-            return offset + 27 + segments - len(data)
-        size = 27 + segments + sum(data[offset + 27 : offset + 27 + segments])
-        if offset + size > len(data):
-            return offset + size - len(data)
-        begun.update([serial] if flags & 2 else [])
-        ended.update([serial] if flags & 4 else [])
-        offset += size
+    for page in _ogg_pages(data):
+        if page.end > len(data):
+            return page.end - len(data)
+        begun.update([page.serial] if page.flags & 2 else [])
+        ended.update([page.serial] if page.flags & 4 else [])
+        offset = page.end
     tail = data[offset:]
     if 0 < len(tail) < 27 and b"OggS".startswith(tail[:4]):  # a page header cut short
         return 27 - len(tail)
     return 1 if begun - ended else 0
 
 
-def _missing_adts_bytes(data: bytes) -> int:
-    """How many bytes the last frame of a raw AAC (ADTS) file declares beyond its end: each frame's
-    header holds its length (13 bits), and FFmpeg estimates the duration from the bytes there, so a
-    cut file was a shorter clip. An ID3 tag before the frames is skipped; what follows the last
-    frame that is no frame header (an ID3v1/APE trailer) is no part of it (``audio_frames``)."""
-    return missing_adts_bytes(data, _id3v2_end(data))
+def _check_not_without_packets(data: bytes, name: str) -> None:
+    """``zero_length`` for a file that holds its headers and no media packet, named as such: FFmpeg
+    failed to open them with "End of file" (an Ogg file of header pages only, as ffmpeg writes 0
+    samples of Vorbis or Opus, with no end-of-stream page; a Matroska/WebM file of 0 frames) or
+    "Invalid data found" (an MP3 or ADTS file of an ID3 tag alone), or opened them as a file of no
+    stream (an MP4/MOV whose moov holds no track, as ffmpeg writes 0 samples) or of streams of no
+    duration (one whose tracks list no sample). An Ogg stream places no sample where no page's
+    granule position is above 0; one cut right after its headers reads the same as an empty one."""
+    if data[:4] == b"OggS":
+        if any(page.granule > 0 for page in _ogg_pages(data)):  # a page of sound, the 3rd or 4th
+            return
+        pages = list(_ogg_pages(data))
+        if pages and all(page.end <= len(data) for page in pages):  # else cut in a page: _missing_bytes says so
+            detail = f"an Ogg file of {len(pages)} header pages, no audio packet"
+            raise SampleError(ZERO_LENGTH, f"{name}: its audio stream has no samples ({detail})")
+    elif data[:3] == b"ID3" and len(data) >= _id3v2_end(data) >= trailer_start(data, _id3v2_end(data)):
+        raise SampleError(ZERO_LENGTH, f"{name}: its audio stream has no samples (an ID3 tag and no audio frame)")
+    elif _mp3_declared_frames(data) == 0 and (_mp3_frames(data) or (0,))[0] == 1:  # the header's frame alone
+        detail = "an MP3 of its Xing/Info header frame alone, declaring 0 frames"
+        raise SampleError(ZERO_LENGTH, f"{name}: its audio stream has no samples ({detail})")
+    elif data[:4] == EBML_MAGIC and _segment_holds_no_cluster(data):
+        detail = "a Matroska/WebM file of its headers, no cluster of frames or sound"
+        raise SampleError(ZERO_LENGTH, f"{name}: its streams have no frames or samples ({detail})")
+    elif data[4:8] in MP4_FIRST_BOXES and (detail := _mp4_without_samples(data)):
+        raise SampleError(ZERO_LENGTH, f"{name}: its streams have no frames or samples ({detail})")
 
 
-def _missing_mpeg_audio_bytes(data: bytes) -> int:
-    """How many bytes the last frame of an MP3 (MPEG-1/2/2.5 audio, layer I-III) declares beyond its
-    end, each frame's length read from its header. An MP3 without a Xing/Info header declares no
-    duration and its packets are measured (``_duration_is_a_bitrate_guess``): a cut file was a shorter sound (with
-    the header, FFmpeg declares its duration and ``_audio_window`` finds the missing end; a file cut
-    between frames without it declares nothing that finds the cut). An ID3v2 tag is skipped; the
-    walk stops at the first bytes that are no frame header (an ID3v1 or APE trailer, a free-format
-    frame, whose length is not in its header, or a damaged one: FFmpeg judges those)."""
-    return missing_mpeg_audio_bytes(data, _id3v2_end(data))
+def _mp4_without_samples(data: bytes) -> str | None:
+    """What an MP4/MOV file whose whole moov lists no sample, and no fragment follows, holds
+    (``mp4_fragments.track_sample_counts``); None for any other file, and for a fragmented one
+    whose sidx or mehd box declares fragments that are not there (a cut file:
+    ``_missing_bytes``, ``_check_fragments_all_there``)."""
+    counts = track_sample_counts(data)
+    if counts is None or any(counts) or missing_sidx_bytes(data) or declared_fragment_seconds(data):
+        return None
+    if not counts:
+        return "an MP4/MOV file whose moov holds no track"
+    return f"an MP4/MOV file of {len(counts)} {'track' if len(counts) == 1 else 'tracks'} listing no sample"
 
 
 def _id3v2_end(data: bytes) -> int:
@@ -646,21 +814,56 @@ def _ebml_number(data: bytes, offset: int) -> tuple[int, int, bool] | None:
     return value, length, value == (1 << (7 * length)) - 1
 
 
+def _ebml_element(data: bytes, offset: int) -> tuple[int, int] | None:
+    """(ID bytes, total bytes: ID, size and content) of the EBML element at ``offset``; None where
+    the data ends first, no length marker is found or the size is left unknown (a live writer's)."""
+    element = _ebml_number(data, offset)
+    size = _ebml_number(data, offset + element[1]) if element else None
+    return None if size is None or size[2] else (element[1], element[1] + size[1] + size[0])
+
+
+def _segment_span(data: bytes) -> tuple[int, int] | None:
+    """Where a Matroska/WebM file's segment's children start and where it declares it ends (after
+    the EBML header); None where too short to judge or of unknown size."""
+    header = _ebml_element(data, 0)
+    segment = _ebml_element(data, header[1]) if header else None
+    if segment is None:
+        return None
+    size = _ebml_number(data, header[1] + segment[0])  # the segment's children follow its size
+    return header[1] + segment[0] + size[1], header[1] + segment[1]
+
+
+def _segment_holds_no_cluster(data: bytes) -> bool:
+    """Whether a whole Matroska/WebM segment holds no Cluster (the elements of frames and sound):
+    its elements read to its end without one. False where one is found first, or the segment or an
+    element of it is of unknown size or runs past the end (a cut file: ``_missing_segment_bytes``),
+    or bytes are no element."""
+    span = _segment_span(data)
+    if span is None or span[1] > len(data):
+        return False
+    offset = span[0]
+    while offset < span[1]:
+        element = _ebml_element(data, offset)
+        if element is None or offset + element[1] > span[1] or data[offset : offset + element[0]] == CLUSTER:
+            return False
+        offset += element[1]
+    return True
+
+
 def _missing_segment_bytes(data: bytes) -> int:
     """How many bytes a Matroska/WebM file's segment declares beyond its end (0 when complete, or
-    of unknown size as a live stream writes it)."""
-    offset = 0
-    for _ in range(2):  # the EBML header, then the segment
-        element = _ebml_number(data, offset)
-        size = _ebml_number(data, offset + element[1]) if element else None
-        if size is None or size[2]:  # too short to judge, or a size left unknown: FFmpeg decides
-            return 0
-        offset += element[1] + size[1] + size[0]
-    return max(offset - len(data), 0)
+    of unknown size as a live stream writes it: FFmpeg decides)."""
+    span = _segment_span(data)
+    return 0 if span is None else max(span[1] - len(data), 0)
 
 
+# A Matroska/WebM file's first bytes (its EBML header's ID), and the ID of a Cluster, the segment's
+# element that holds frames and sound.
+EBML_MAGIC, CLUSTER = b"\x1a\x45\xdf\xa3", b"\x1f\x43\xb6\x75"
 # Top-level MP4/MOV boxes that hold the index (the whole one, a fragment's): cut, frames are lost.
 INDEX_BOXES = (b"moov", b"moof")
+# The boxes an MP4/MOV file starts with (ISO's ftyp; QuickTime's may be any of the others).
+MP4_FIRST_BOXES = (b"ftyp", b"moov", b"wide", b"free", b"skip", b"mdat")
 # How many of a stream's last samples (in time) are checked against the end of the file (a cut
 # loses the last samples of every stream; checking all of an hour's 100k samples would cost 0.2 s).
 LAST_SAMPLES = 64

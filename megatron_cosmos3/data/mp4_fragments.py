@@ -1,4 +1,5 @@
-"""What a fragmented MP4 declares about its own length (docs/DESIGN.md, "Real media": truncation).
+"""What an MP4 declares about its own length (docs/DESIGN.md, "Real media": truncation, and a
+file of no samples).
 
 A fragmented MP4 (``moov`` with ``mvex``, then ``moof`` + ``mdat`` pairs) cut exactly between two
 fragments leaves only whole boxes, and FFmpeg plays the fragments that are there: a shorter clip.
@@ -7,6 +8,11 @@ indexes (a global one, as DASH writers and ``-movflags global_sidx`` write, all 
 ``mvex/mehd`` holds the movie's whole duration (FFmpeg reads neither for a cut file). Without
 them nothing in the file tells a cut between fragments from a shorter file.
 ``box_header`` reads a box header for these walks and for ``media_files``' walk of the top-level boxes.
+
+An MP4 lists its samples in each track's sample table, a fragmented one in its fragments: ffmpeg
+writes 0 samples as a ``moov`` of no track (FFmpeg opened it as a file of no stream), a fragmented
+file of 0 samples as an empty moov and no fragment, and a writer may leave a track's table empty.
+``track_sample_counts`` reads how many each track lists.
 """
 
 from __future__ import annotations
@@ -51,6 +57,34 @@ def declared_fragment_seconds(data: bytes) -> float | None:
             return None  # not a valid header: FFmpeg judges the file
         return duration / timescale
     return None
+
+
+def track_sample_counts(data: bytes) -> list[int] | None:
+    """How many samples each track (``trak``) of the top-level ``moov`` lists in its sample table
+    (``mdia/minf/stbl``: the count in ``stsz`` or its compact ``stz2``); ``[]`` for a moov of no
+    track. None where no whole moov is found, a fragment (``moof``) follows it, whose samples its
+    own boxes list, or a track's count cannot be read (FFmpeg judges those files)."""
+    moov = next(_boxes(data, 0, len(data), b"moov"), None)
+    if moov is None or next(_boxes(data, 0, len(data), b"moof"), None) is not None:
+        return None
+    counts = []
+    for trak in _boxes(data, *moov, b"trak"):
+        stbl = _child(data, trak, (b"mdia", b"minf", b"stbl"))
+        table = None if stbl is None else _child(data, stbl, (b"stsz",)) or _child(data, stbl, (b"stz2",))
+        if not table or table[0] + 12 > table[1]:  # version, flags, sample size (or field size), count
+            return None
+        counts.append(int.from_bytes(data[table[0] + 8 : table[0] + 12], "big"))
+    return counts
+
+
+def _child(data: bytes, box: tuple[int, int], path: tuple[bytes, ...]) -> tuple[int, int] | None:
+    """The (payload start, end) of the first box down ``path`` (box types, one a level) inside
+    ``box``'s payload, None where one is missing."""
+    for kind in path:
+        box = next(_boxes(data, *box, kind), None)
+        if box is None:
+            return None
+    return box
 
 
 def box_header(data: bytes, offset: int) -> tuple[bytes, int, int | None]:

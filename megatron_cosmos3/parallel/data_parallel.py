@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
@@ -79,6 +78,13 @@ class MegatronGradients:
     """
 
     def __init__(self, model: nn.Module, groups: ParallelGroups, bucket_cap_mb: float = 25.0, overlap: bool = True):
+        # megatron's DDP reads its groups from megatron-core's parallel state, which only groups made
+        # for ddp_impl="megatron" set up (plain data parallelism's come from torch: parallel/state.py).
+        if groups.sizes.ddp_impl != "megatron":
+            raise ValueError(
+                f"MegatronGradients needs groups made for parallel.ddp_impl='megatron'; "
+                f"these were made for ddp_impl={groups.sizes.ddp_impl!r}"
+            )
         from megatron_cosmos3.parallel.megatron_on_cpu import install_cpu_data_parallel
 
         install_cpu_data_parallel()  # its buffers on the CPU where there is no CUDA (gloo)
@@ -205,6 +211,9 @@ def build_optimizer(
     replicated, experts = split(False), split(True)
     kwargs = dict(lr=lr, betas=betas, weight_decay=weight_decay, **adamw_kernel(param_groups, implementation))
     if shard_state and torch.distributed.get_world_size(groups.data_and_context) > 1:
+        # torch.distributed.optim: 0.2-0.6 s of CPU to import, paid only where the state is sharded.
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
         main = ZeroRedundancyOptimizer(
             replicated[0]["params"], optimizer_class=torch.optim.AdamW, process_group=groups.data_and_context, **kwargs
         )

@@ -333,7 +333,8 @@ class _Executor:
             self.before_last_backward(chunk)  # e.g. let the gradient reduction of this chunk start
         outputs = self.outputs.pop((chunk, microbatch))
         grads = None if stage.is_last else self.output_grads.pop((chunk, microbatch))
-        torch.autograd.backward(outputs, grad_tensors=grads)
+        with torch.profiler.record_function("backward"):  # a profiling region (docs/DESIGN.md, "Profiling")
+            torch.autograd.backward(outputs, grad_tensors=grads)
         if not stage.is_first:
             inputs = self.inputs.pop((chunk, microbatch))
             self.input_grads[chunk, microbatch] = tuple(

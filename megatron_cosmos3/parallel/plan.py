@@ -210,7 +210,8 @@ class ParallelPlan:
                 if not forward_only:
                     if last and self.reducer is not None:
                         self.reducer.arm()  # buckets are all-reduced as this backward completes them
-                    (losses.total / len(micro_batches)).backward()
+                    with torch.profiler.record_function("backward"):  # a profiling region (docs/DESIGN.md, "Profiling")
+                        (losses.total / len(micro_batches)).backward()
             losses_of[m] = losses
         return losses_of
 
@@ -261,7 +262,8 @@ class ParallelPlan:
         """Completes and clips the gradients (``finish_gradients``) and steps ``optimizer`` when the
         loss was ``finite`` on every rank and so is the norm; returns (norm before clipping, whether
         it stepped). Every rank sees the same norm and flag, so every rank skips together."""
-        norm = self.finish_gradients(max_norm)
+        with torch.profiler.record_function("finish_gradients"):  # a profiling region (docs/DESIGN.md, "Profiling")
+            norm = self.finish_gradients(max_norm)
         stepped = finite and bool(torch.isfinite(norm))
         if stepped:
             optimizer.step()

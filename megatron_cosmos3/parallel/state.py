@@ -1,7 +1,10 @@
 """Process groups for a validated ParallelSizes, built by megatron-core's parallel_state.
 
 Model and runner code receive a ``ParallelGroups`` and read groups from it; nothing below the
-training entry point reaches for global parallel state.
+training entry point reaches for global parallel state. Plain data parallelism (every other size 1,
+torch's DDP) needs none of megatron-core's: its groups are one of every rank and, for each rank, one
+of that rank alone, which torch makes directly without importing megatron-core (docs/DESIGN.md,
+"The parallel plan": seconds of CPU on every rank's start).
 """
 
 from __future__ import annotations
@@ -67,8 +70,54 @@ def initialize_parallel(
     ``timeout_s``: how long the groups' collectives wait (the configured ``distributed.init_timeout_s``;
     None: megatron-core's 30 minutes), as the world's do: a rank waiting in one for a rank that
     failed is released by it (docs/DESIGN.md, "The parallel plan")."""
-    world_size = dist.get_world_size()
-    sizes.validate(world_size, model, num_experts)
+    sizes.validate(dist.get_world_size(), model, num_experts)
+    if data_parallel_only(sizes):
+        return _data_parallel_groups(sizes, timeout_s)
+    return _megatron_groups(sizes, timeout_s)
+
+
+def data_parallel_only(sizes: ParallelSizes) -> bool:
+    """Whether every rank holds the whole model and torch's DDP averages its gradients: nothing of
+    megatron-core runs, and its groups would be the whole world's and single ranks'."""
+    split = (sizes.tensor, sizes.pipeline, sizes.virtual_pipeline, sizes.context, sizes.expert)
+    return split == (1, 1, 1, 1, 1) and not sizes.sequence_parallel and sizes.ddp_impl == "torch"
+
+
+def _data_parallel_groups(sizes: ParallelSizes, timeout_s: float | None) -> ParallelGroups:
+    """The groups megatron-core makes for ``data_parallel_only`` sizes (collective): the data groups
+    hold every rank in rank order, every model-parallel group (and the embedding group of a single
+    pipeline stage) only this rank; each a group of its own, as megatron-core's, with its timeout."""
+    timeout = datetime.timedelta(minutes=MEGATRON_TIMEOUT_MINUTES if timeout_s is None else timeout_s / 60)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+
+    def whole_world() -> dist.ProcessGroup:
+        return dist.new_group(list(range(world_size)), timeout=timeout)
+
+    def this_rank_alone() -> dist.ProcessGroup:
+        return dist.new_subgroups(1, timeout=timeout)[0]  # every rank makes every rank's: collective
+
+    return ParallelGroups(
+        sizes=sizes,
+        tensor=this_rank_alone(),
+        pipeline=this_rank_alone(),
+        context=this_rank_alone(),
+        tensor_and_context=this_rank_alone(),
+        data=whole_world(),
+        data_and_context=whole_world(),
+        expert=this_rank_alone(),
+        expert_data=whole_world(),
+        tensor_rank=0,
+        pipeline_rank=0,
+        context_rank=0,
+        data_rank=rank,
+        data_size=world_size,
+        embedding=this_rank_alone(),
+        **_same_data_group(rank, timeout_s),
+    )
+
+
+def _megatron_groups(sizes: ParallelSizes, timeout_s: float | None) -> ParallelGroups:
+    """Every group of ``sizes`` from megatron-core's ``initialize_model_parallel`` (collective)."""
     ps = _parallel_state()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=sizes.tensor,
@@ -115,7 +164,7 @@ def _same_data_group(data_rank: int, timeout_s: float | None) -> dict:
 
 def destroy_parallel() -> None:
     """Destroys megatron-core's model-parallel groups, where any were made: a run that made none
-    (one unlaunched process) does not import megatron-core to tear down nothing (4.5 s of CPU: it
-    compiles its fused kernels' wrappers on import, 2026-12-02)."""
+    (one unlaunched process, plain data parallelism) does not import megatron-core to tear down
+    nothing (4.5 s of CPU: it compiles its fused kernels' wrappers on import, 2026-12-02)."""
     if _PARALLEL_STATE_MODULE in sys.modules:
         _parallel_state().destroy_model_parallel()

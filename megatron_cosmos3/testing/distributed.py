@@ -31,11 +31,12 @@ from megatron_cosmos3.testing.numerics import use_test_numerics
 from megatron_cosmos3.testing.ports import free_port
 
 # Imported once by the fork server, so that a forked rank starts in milliseconds: the libraries
-# every rank needs, including those the trainer imports late (megatron-core at process-group set-up,
-# which compiles its fused kernels' wrappers on import; MLflow's SQLite store on rank 0; matplotlib,
-# which plots the action samples rank 0 writes at a save: 1.6 s of imports each time otherwise;
-# transformers' Qwen3-VL modules, which a model with its own ViT builds: 7 s of CPU each time
-# otherwise, most of it transformers indexing its model packages, 2026-11-30).
+# every rank needs, including those the trainer imports late (megatron-core at the process-group
+# set-up of a layout that splits the model or uses its DDP, which compiles its fused kernels'
+# wrappers on import; MLflow's SQLite store on rank 0; matplotlib, which plots the action samples
+# rank 0 writes at a save: 1.6 s of imports each time otherwise; transformers' Qwen3-VL modules,
+# which a model with its own ViT builds: 7 s of CPU each time otherwise, most of it transformers
+# indexing its model packages, 2026-11-30).
 _FORK_SERVER_PRELOAD = [
     "torch",
     "torch.distributed",

@@ -94,7 +94,7 @@ class LocalSlurmCluster:
         os.chmod(key, 0o600)
         self.socket = munge / "munge.socket"
         self._write_conf()
-        self._daemon(
+        self._start_daemon(
             [
                 binaries["munged"],
                 "--foreground",
@@ -108,9 +108,9 @@ class LocalSlurmCluster:
             user=owner,
         )
         self._wait(lambda: self.socket.exists(), timeout, "munged", self.root / "log" / "munged.out")
-        self._daemon([binaries["slurmctld"], "-D", "-i", "-f", str(self.conf)])
+        self._start_daemon(self._controller_command())
         self._wait(self._controller_up, timeout, "slurmctld", self.root / "log" / "slurmctld.log")
-        self._daemon([binaries["slurmd"], "-D", "-f", str(self.conf)])
+        self._start_daemon([binaries["slurmd"], "-D", "-f", str(self.conf)])
         self._wait(self._node_idle, timeout, "slurmd", self.root / "log" / "slurmd.log")
 
     def _write_conf(self) -> None:
@@ -153,11 +153,18 @@ class LocalSlurmCluster:
             )
         )
 
-    def _daemon(self, command: list[str], user=None) -> None:
+    def _controller_command(self) -> list[str]:
+        return [self.binaries["slurmctld"], "-D", "-i", "-f", str(self.conf)]
+
+    def _daemon(self, command: list[str], user=None) -> subprocess.Popen:
         log = open(self.root / "log" / f"{Path(command[0]).name}.out", "ab")
         as_user = {} if user is None else {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-        self._processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, **as_user))
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, **as_user)
         log.close()
+        return process
+
+    def _start_daemon(self, command: list[str], user=None) -> None:
+        self._processes.append(self._daemon(command, user))
 
     def _wait(self, ready, timeout: float, name: str, log: Path) -> None:
         deadline = time.monotonic() + timeout
@@ -222,13 +229,30 @@ class LocalSlurmCluster:
     def controller_unreachable(self):
         """slurmctld stopped (SIGSTOP) inside the block and resumed on leaving: a request to it is
         accepted and never answered, as a hung controller's is, and ``scontrol`` or ``scancel`` fails
-        after ``MessageTimeout`` twice (20 s); the jobs and their steps run on meanwhile."""
+        after ``MessageTimeout`` (``scontrol show job`` twice: 20 s); the jobs and their steps run on
+        meanwhile. A request that failed so is still carried out once the controller resumes."""
         controller = self._processes[DAEMONS.index("slurmctld")]
         os.kill(controller.pid, signal.SIGSTOP)
         try:
             yield
         finally:
             os.kill(controller.pid, signal.SIGCONT)
+
+    @contextlib.contextmanager
+    def controller_down(self, timeout: float = 60):
+        """slurmctld shut down (SIGTERM: it saves its state) inside the block and started again from
+        that state on leaving, as a restart does: a request to it is refused at connect, and
+        ``scontrol`` fails after its connect retries (about ``MessageTimeout``, 10 s); the jobs and
+        their steps run on meanwhile. A step that ends meanwhile cannot report it: its slurmstepd
+        tries again a minute later, and the job cannot end before."""
+        index = DAEMONS.index("slurmctld")
+        self._processes[index].terminate()
+        self._processes[index].wait(timeout=timeout)
+        try:
+            yield
+        finally:
+            self._processes[index] = self._daemon(self._controller_command())
+            self._wait(self._controller_up, timeout, "slurmctld", self.root / "log" / "slurmctld.log")
 
     def stop(self) -> None:
         """Cancels every job (a job step's slurmstepd would outlive the daemons), then stops them."""

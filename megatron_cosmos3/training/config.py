@@ -181,6 +181,38 @@ class TrackingConfig:
 
 
 @dataclass
+class ProfilingConfig:
+    """torch.profiler traces of a window of training steps (``training/profiling.py``;
+    docs/DESIGN.md, "Profiling"). Steps are numbered as the logs number them (the first is 1)."""
+
+    enabled: bool = False
+    start_step: int = 10  # the first traced step
+    steps: int = 3  # how many steps are traced: start_step .. start_step + steps - 1
+    ranks: list[int] = field(default_factory=lambda: [0])  # the global ranks that trace
+    record_shapes: bool = False  # each operator's input shapes (larger traces)
+    with_stack: bool = False  # each operator's Python stack (much larger traces, slower steps)
+    # CUDA's allocator history over the window, dumped beside the trace (torch.cuda.memory's
+    # snapshot, for pytorch.org/memory_viz); refused at start-up on a rank without CUDA.
+    memory_snapshot: bool = False
+    folder: str = ""  # empty: <checkpoint.directory>/profiles
+    log_to_mlflow: bool = True  # rank 0's trace (and snapshot) as MLflow artifacts under profiles/
+
+    def __post_init__(self) -> None:
+        if self.start_step < 1 or self.steps < 1:
+            raise ValueError(
+                f"profiling: start_step={self.start_step} and steps={self.steps} must be >= 1 (steps count from 1)"
+            )
+        if not self.ranks:
+            raise ValueError("profiling.ranks=[] names no rank; name one (e.g. [0]) or set profiling.enabled=false")
+        if any(isinstance(r, bool) or r < 0 for r in self.ranks) or len(set(self.ranks)) != len(self.ranks):
+            raise ValueError(f"profiling.ranks={list(self.ranks)} must be distinct global ranks >= 0")
+
+    @property
+    def last_step(self) -> int:
+        return self.start_step + self.steps - 1
+
+
+@dataclass
 class StageConfig:
     """One training stage (pre-, mid- or post-training) on top of the model and data config.
 
@@ -244,6 +276,7 @@ class TrainConfig:
     engine: str = "megatron"
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
     stage: StageConfig = field(default_factory=StageConfig)
     # "fp32", "bf16" (bf16 compute, fp32 main weights) or "fp8" (bf16, and Transformer Engine's fp8
     # matmuls in the TE linears: model.linear_impl=te; CUDA only, an error elsewhere).
@@ -293,6 +326,11 @@ class TrainConfig:
         if self.engine != "megatron" and self.parallel.ddp_impl != "torch":
             raise ValueError(
                 f"parallel.ddp_impl={self.parallel.ddp_impl!r} is engine=megatron's; engine={self.engine!r}"
+            )
+        if self.profiling.enabled and self.profiling.last_step > self.steps:
+            raise ValueError(
+                f"profiling: start_step={self.profiling.start_step} and steps={self.profiling.steps} trace up to "
+                f"step {self.profiling.last_step}, past the run's steps={self.steps}"
             )
         negative = {pattern: m for pattern, m in self.stage.lr_multipliers.items() if m < 0}
         if negative:
@@ -599,8 +637,9 @@ def _absolute(path: str) -> str:
 
 def with_absolute_paths(config: TrainConfig) -> TrainConfig:
     """A copy whose local file paths (tokenizer, VAEs, shards, action statistics, init_from, the
-    run folders) are absolute: what a checkpoint records, so that ``cosmos3-generate`` or a later
-    stage run from another directory reads the files this run read (docs/DESIGN.md, "Checkpoints")."""
+    run folders, the profiles' folder) are absolute: what a checkpoint records, so that
+    ``cosmos3-generate`` or a later stage run from another directory reads the files this run read
+    (docs/DESIGN.md, "Checkpoints")."""
     config = copy.deepcopy(config)
     data = config.data
     data.tokenizer.path = _absolute(data.tokenizer.path)
@@ -612,6 +651,7 @@ def with_absolute_paths(config: TrainConfig) -> TrainConfig:
             dataset.action_stats = _absolute(dataset.action_stats)
     config.stage.init_from = _absolute(config.stage.init_from)
     config.checkpoint.directory = _absolute(config.checkpoint.directory)
+    config.profiling.folder = _absolute(config.profiling.folder)
     config.runs_root = _absolute(config.runs_root)
     return config
 

@@ -45,9 +45,10 @@ from megatron_cosmos3.checkpoint.engine_layout import (
     CONVERTER,
     DEEPSPEED_FOLDER,
     CheckpointLayoutError,
-    check_same_layout,
+    SavedLayout,
     check_same_parameter_groups,
     is_deepspeed_checkpoint,
+    reads_own_files,
     saved_layout,
     write_layout,
 )
@@ -215,7 +216,8 @@ class DeepSpeedPlan:
                     else:
                         losses = model_losses(self.engine, batch, targets, loss_fn)
                 if not forward_only:
-                    self._backward(losses.total / len(micro_batches))
+                    with torch.profiler.record_function("backward"):  # a profiling region (docs/DESIGN.md, "Profiling")
+                        self._backward(losses.total / len(micro_batches))
             losses_of[m] = losses
         return losses_of
 
@@ -524,22 +526,97 @@ def deepspeed_weights(path: str | Path) -> dict[str, torch.Tensor]:
     engine: DeepSpeed's ``zero_to_fp32`` merges the ranks' fp32 partitions; a parameter it leaves
     out (one that did not train, under ZeRO-1/2) is the saved module's. Every file is checked
     against the checksums first and unpickled weights-only (docs/DESIGN.md, "Release")."""
-    from deepspeed.utils import zero_to_fp32
-
     path = Path(path)
     verify_checkpoint(path)
-    stock = zero_to_fp32.torch
-    zero_to_fp32.torch = _WeightsOnlyTorch()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
-            weights = dict(zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(path), tag=ENGINE_TAG))
-    finally:
-        zero_to_fp32.torch = stock
+    with weights_only_zero_to_fp32() as zero_to_fp32:
+        weights = dict(zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(path), tag=ENGINE_TAG))
     module_file = path / ENGINE_TAG / "mp_rank_00_model_states.pt"  # ZeRO-1/2: the whole module
     if module_file.is_file():
         module = WeightsOnlyCheckpointEngine(None).load(str(module_file), "cpu")["module"]
         weights.update({name: tensor for name, tensor in module.items() if name not in weights})
     return weights
+
+
+@contextlib.contextmanager
+def weights_only_zero_to_fp32():
+    """Yields DeepSpeed's ``zero_to_fp32`` module with its every ``torch.load`` weights-only
+    (``_WeightsOnlyTorch``) and its progress output silenced."""
+    from deepspeed.utils import zero_to_fp32
+
+    stock = zero_to_fp32.torch
+    zero_to_fp32.torch = _WeightsOnlyTorch()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield zero_to_fp32
+    finally:
+        zero_to_fp32.torch = stock
+
+
+def deepspeed_adam_state(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Each trained parameter's AdamW state, whole, by parameter name, of the ``engine=deepspeed``
+    checkpoint folder ``path`` (any ZeRO stage, saved on any number of ranks): ``exp_avg``,
+    ``exp_avg_sq`` and ``step`` (DeepSpeed's one count, the largest of its partitions').
+
+    DeepSpeed keeps each moment as it keeps the fp32 masters, one flat slice per rank and group
+    (docs/DESIGN.md, "The DeepSpeed engine"), so ``zero_to_fp32``'s own reassembly of the masters
+    merges them, given the moments in their place. Read in one process, weights-only, from files the
+    caller has checked against the checksums (``deepspeed_weights`` does). Optimizer files of
+    DeepSpeed's elastic layout (``elastic_checkpoint``, which this project never sets) are a
+    CheckpointLayoutError naming the file."""
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_ALIGNMENT_PADDINGS, ZERO_STAGE
+
+    folder = str(Path(path) / ENGINE_TAG)
+    with weights_only_zero_to_fp32() as zero_to_fp32:
+        model_states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(folder))
+        files = zero_to_fp32.get_optim_files(folder)
+        ranks = [zero_to_fp32.torch.load(file, map_location="cpu")[OPTIMIZER_STATE_DICT] for file in files]
+        moments, step = _flat_moments(ranks, files)
+        merged = {}
+        for key, flat in moments.items():  # zero_to_fp32's merge of the masters, frozen parameters left out
+            if ranks[0][ZERO_STAGE] <= 2:
+                paddings = ranks[0].get(PARAM_ALIGNMENT_PADDINGS)
+                whole = zero_to_fp32._get_fp32_state_dict_from_zero2_checkpoint(
+                    len(ranks), flat, model_states, True, paddings
+                )
+            else:
+                lazy = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(len(ranks), flat, model_states, True)
+                whole = zero_to_fp32.to_torch_tensor(lazy)
+            merged[key] = whole
+    trained = [name for shapes in model_states[0].param_shapes for name in shapes]
+    return {name: {**{key: merged[key][name] for key in ADAM_MOMENTS}, "step": step} for name in trained}
+
+
+def _flat_moments(ranks: list[dict], files: list[str]) -> tuple[dict[str, list[list[torch.Tensor]]], torch.Tensor]:
+    """Per AdamW moment, each saving rank's flat slices in the order of its fp32 master partitions
+    (ZeRO-1/2 save the masters without the last rank's alignment padding, the moments with it: cut
+    to the masters' length), and the largest step count. A partition the optimizer never stepped
+    has zero moments and step 0, as torch's AdamW starts them."""
+    from deepspeed.checkpoint.constants import (
+        BASE_OPTIMIZER_STATE,
+        FP32_FLAT_GROUPS,
+        OPTIMIZER_STATE_DICT,
+        SINGLE_PARTITION_OF_FP32_GROUPS,
+        ZERO_STAGE,
+    )
+
+    moments, steps = {key: [] for key in ADAM_MOMENTS}, [torch.tensor(0.0)]
+    for file, saved in zip(files, ranks):
+        if saved[ZERO_STAGE] <= 2:
+            masters, inner = saved[SINGLE_PARTITION_OF_FP32_GROUPS], saved[BASE_OPTIMIZER_STATE]
+        else:
+            masters, inner = saved[FP32_FLAT_GROUPS], saved[OPTIMIZER_STATE_DICT]
+        if not isinstance(inner, dict):
+            raise CheckpointLayoutError(
+                f"{file} holds DeepSpeed's elastic optimizer state (a {type(inner).__name__} per group, "
+                "zero_optimization.elastic_checkpoint), which this project does not read"
+            )
+        states = [inner["state"].get(i, {}) for i in range(len(masters))]
+        for key in ADAM_MOMENTS:
+            moments[key].append(
+                [state.get(key, torch.zeros_like(master))[: master.numel()] for state, master in zip(states, masters)]
+            )
+        steps += [torch.as_tensor(state["step"], dtype=torch.float32) for state in states if "step" in state]
+    return moments, max(steps)
 
 
 @contextlib.contextmanager
@@ -661,13 +738,16 @@ class DeepSpeedCheckpointer(Checkpointer):
 
     def load(self, path, model, optimizer=None, per_rank=None, allow_missing=(), named=None) -> dict:
         """Loads a checkpoint this engine saved: DeepSpeed's weights and optimizer state into the
-        engine (``optimizer`` None: the weights only, its fp32 masters through ``load_deepspeed_weights``,
-        from any ZeRO stage and world size), then this rank's RNG (``per_rank``) and the loader
-        positions (``named``, found in whichever rank's file holds them) in place. Before anything
-        is read, a CheckpointLayoutError names a checkpoint saved under a ZeRO stage or world size
-        whose files this engine cannot read, or with other parameter groups (``engine_layout``).
-        Every file is checked against the checksums first; DeepSpeed's files are unpickled
-        weights-only (``weights_only_loads``). A Megatron-style checkpoint is the engine switch."""
+        engine (``optimizer`` None: the weights only, its fp32 masters through ``load_deepspeed_weights``),
+        from any ZeRO stage and world size: DeepSpeed's own loader where this run's stage and world
+        size read the saved partitions (``reads_own_files``), else the partitions reassembled into
+        whole tensors and re-partitioned (``_load_resharded``); then this rank's RNG (``per_rank``;
+        a rank the saving run did not have keeps its own) and the loader positions (``named``, found
+        in whichever rank's file holds them) in place, as the Megatron-style engine does. Before
+        anything is read, a CheckpointLayoutError names a checkpoint saved with other parameter
+        groups (``engine_layout``). Every file is checked against the checksums first; DeepSpeed's
+        files are unpickled weights-only (``weights_only_loads``). A Megatron-style checkpoint is the
+        engine switch."""
         path = Path(path)
         layout = saved_layout(path)  # a DeepSpeed universal checkpoint is refused here, by name
         if layout.engine != "deepspeed":
@@ -677,14 +757,17 @@ class DeepSpeedCheckpointer(Checkpointer):
             with self.plan.writing_weights() as owner:
                 load_deepspeed_weights(path, owner, None, allow_missing)
         else:
-            check_same_layout(path, layout, self.plan.zero_stage, self.plan.world_size)
             check_same_parameter_groups(path, layout.param_groups, self.plan.parameter_groups_record())
-            verify_checkpoint(path)
-            meta = read_meta(path)
-            with weights_only_loads(self.plan.engine):
-                self.plan.engine.load_checkpoint(
-                    str(path), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-                )
+            if reads_own_files(layout, self.plan.zero_stage, self.plan.world_size):
+                verify_checkpoint(path)
+                meta = read_meta(path)
+                with weights_only_loads(self.plan.engine):
+                    self.plan.engine.load_checkpoint(
+                        str(path), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+                    )
+            else:
+                meta = read_meta(path)
+                self._load_resharded(path, layout, allow_missing)
         mine = path / TRAINER_STATE.format(rank=self.rank)
         if per_rank is not None:
             saved = torch.load(mine, weights_only=True)["per_rank"] if mine.is_file() else {}
@@ -703,6 +786,30 @@ class DeepSpeedCheckpointer(Checkpointer):
                 else:
                     del named[name]
         return meta
+
+    def _load_resharded(self, path: Path, layout: SavedLayout, allow_missing) -> None:
+        """A checkpoint of another world size or ZeRO-3 against ZeRO-1/2 (``reads_own_files`` false):
+        its fp32 masters (``load_deepspeed_weights``, which checks every file against the checksums)
+        and AdamW moments and step (``deepspeed_adam_state``), each merged from every saving rank's
+        partitions into whole tensors, go into a replica that ``load_replica`` hands to this engine,
+        which partitions them over its own ranks. Exact: the merge and the split move values only."""
+        model, adam = self.plan.replica()
+        load_deepspeed_weights(path, model, None, allow_missing)
+        params = dict(model.named_parameters())
+        for name, state in deepspeed_adam_state(path).items():
+            if name in params and params[name].requires_grad:
+                adam.state[params[name]] = state
+        self.plan.load_replica(model, adam)
+        if self.rank == 0:
+            plan = self.plan
+            current = SavedLayout("deepspeed", plan.zero_stage, plan.world_size).describe()
+            log.info(
+                "checkpoint %s was saved under %s, and this run is %s: its fp32 masters and AdamW state were "
+                "reassembled from the saved partitions and partitioned anew",
+                path,
+                layout.describe(),
+                current,
+            )
 
     def _load_megatron_style(self, path: Path, optimizer, per_rank, allow_missing, named) -> dict:
         """The engine switch: a checkpoint of the Megatron-style engine, of any layout (its entries
@@ -734,25 +841,23 @@ class DeepSpeedCheckpointer(Checkpointer):
 
 def convert_checkpoint(config: TrainConfig, ctx, source: str | Path, target_root: str | Path) -> Path:
     """Converts the checkpoint folder ``source`` between the engines: a DeepSpeed one (any ZeRO
-    stage, saved on this many ranks with ``config``'s stage) into a Megatron-style one, or a
+    stage, saved on any number of ranks: the load reshards) into a Megatron-style one, or a
     Megatron-style one into a DeepSpeed one, committed as ``target_root/step_<N>`` with the same
     step, RNG, loader state and meta.
     Collective on the ranks of an ``engine=deepspeed`` run of ``config`` (``ctx``): a rank failing
     in the load or the save (a file it cannot read) ends every rank, each naming it
     (``fail_together``; a save that failed somewhere raises ``CheckpointSaveError`` on every rank).
     A source no conversion reads (a DeepSpeed universal checkpoint, DeepSpeed's files without their
-    step folder, a folder without meta.json, a DeepSpeed checkpoint of another ZeRO stage or world
-    size than ``config`` and ``ctx`` give) is a CheckpointLayoutError naming it on every rank,
+    step folder, a folder without meta.json) is a CheckpointLayoutError naming it on every rank,
     before DeepSpeed starts."""
     import copy
 
     from megatron_cosmos3.training.train import build_run
 
     source = Path(source)
-    saved = saved_layout(source)
+    saved_layout(source)  # refuses a universal checkpoint and DeepSpeed's bare files by name
     if not (source / "meta.json").is_file():
         raise CheckpointLayoutError(f"{source} is not a committed step_<N> checkpoint folder (it has no meta.json)")
-    check_same_layout(source, saved, config.deepspeed.zero_stage, ctx.world_size)
     config = copy.deepcopy(config)
     config.engine, config.checkpoint.directory = "deepspeed", str(target_root)
     run = build_run(config, ctx)
@@ -783,8 +888,8 @@ SOURCE_ERRORS = (
 
 def main(argv: list[str] | None = None) -> int:
     """``torchrun --nproc-per-node N -m megatron_cosmos3.training.deepspeed_engine --config FILE SOURCE
-    TARGET [key=value ...]``: ``convert_checkpoint`` on the N ranks of the DeepSpeed run (N: the
-    world size the DeepSpeed checkpoint was saved with, or will be resumed with). A source it
+    TARGET [key=value ...]``: ``convert_checkpoint`` on N ranks (any N: a DeepSpeed checkpoint saved
+    on another number of ranks is resharded as it is read). A source it
     refuses (``SOURCE_ERRORS``) is one line on stderr from rank 0 (its own refusal, every rank reading
     the same files, or the rank that failed to read it, named) and exit status 2 on every rank."""
     import argparse

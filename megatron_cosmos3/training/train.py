@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from megatron_cosmos3.checkpoint.checkpointer import (
     Checkpointer,
@@ -84,6 +85,7 @@ from megatron_cosmos3.training.preemption import (
     status_file_problem,
     write_status,
 )
+from megatron_cosmos3.training.profiling import StepProfiler, check_profiling
 from megatron_cosmos3.training.run_lock import lock_run_folder
 from megatron_cosmos3.training.samples import (
     HeldOutSet,
@@ -260,6 +262,7 @@ def build_run(config: TrainConfig, ctx: DistributedContext) -> Run:
     plan's groups on, a rank raising (a layer it cannot build, a file it cannot read) ends every
     rank, each naming it: every rank runs the same collectives there (``fail_together``)."""
     check_precision(config.precision, ctx.device)  # fp8 without CUDA and TE: an error before any group
+    check_profiling(config.profiling, ctx.world_size, ctx.device)
     if ctx.device.type == "cpu":  # refused by name, not found out by the OOM killer mid-set-up
         check_host_memory(config, ctx.world_size)
     with fail_together("the start-up", agreed=STARTED_TOGETHER):
@@ -480,14 +483,21 @@ def run_micro_batches(run: Run, micro_batches: list, forward_only: bool = False)
         micro_batches,
         partial(loss_breakdown, flow_matching_weight=config.optimizer.flow_matching_weight),
         forward_only=forward_only,
-        forward_context=lambda: autocast(config.precision, run.ctx.device),
+        forward_context=partial(_forward_context, config.precision, run.ctx.device),
     )
 
 
-def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
-    """Forward and backward of this step's micro-batches; returns whether every loss was finite
-    (on every rank)."""
-    started = time.perf_counter()
+@contextmanager
+def _forward_context(precision: str, device: torch.device):
+    """What wraps each forward and loss in every driver: the precision's autocast, and the profiler's
+    "forward" region (the drivers mark their backwards themselves)."""
+    with record_function("forward"), autocast(precision, device):
+        yield
+
+
+def step_micro_batches(run: Run, step: int) -> list:
+    """This rank's micro-batches of ``step``; DataExhaustedError, on every rank together, where a
+    finite stream ran out on any."""
     try:
         micro_batches = [run.batches.get(step, m) for m in range(run.config.optimizer.micro_batches_per_step)]
         ran_out = None
@@ -499,6 +509,15 @@ def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
         raise ran_out or DataExhaustedError(f"another data rank's stream ran out at step {step + 1} (it names it)")
     if ran_out is not None:
         raise ran_out
+    return micro_batches
+
+
+def forward_backward_step(run: Run, step: int, window: MetricsWindow) -> bool:
+    """Forward and backward of this step's micro-batches; returns whether every loss was finite
+    (on every rank)."""
+    started = time.perf_counter()
+    with record_function("data"):
+        micro_batches = step_micro_batches(run, step)
     window.timed("data_wait", time.perf_counter() - started)
     started = time.perf_counter()
     losses_of = run_micro_batches(run, micro_batches)
@@ -635,11 +654,19 @@ def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) 
             if watcher.should_stop():  # signalled during start-up: the resumed checkpoint is the state
                 _stop_for_preemption(run, watcher, start_step, start_step, status_file)
             tracker, recorded = _start_tracking(run, run_id)
-            return _steps(run, tracker, watcher, start_step, status_file, recorded)
+            with _step_profiler(run, tracker, start_step) as profiler:
+                return _steps(run, tracker, watcher, start_step, status_file, recorded, profiler)
     except BaseException:  # preempted or failed: a later attempt delivers what MLflow has not taken
         if tracker is not None:  # after the region has told the other ranks: this may take a while
             tracker.suspend()
         raise
+
+
+def _step_profiler(run: Run, tracker: MLflowTracker, start_step: int) -> StepProfiler:
+    """This rank's profiler of the steps from ``start_step`` (``profiling``; docs/DESIGN.md, "Profiling")."""
+    config = run.config
+    folder = Path(config.profiling.folder or Path(config.checkpoint.directory) / "profiles")
+    return StepProfiler(config.profiling, run.ctx.rank, run.ctx.device, folder, start_step, tracker)
 
 
 def _start_tracking(run: Run, run_id: str | None) -> tuple[MLflowTracker, str]:
@@ -680,8 +707,10 @@ def _steps(
     start_step: int,
     status_file: str | None,
     recorded: str,
+    profiler: StepProfiler,
 ) -> dict[str, float]:
-    """The training steps of ``_loop`` from ``start_step``; ``recorded``: the config checkpoints record."""
+    """The training steps of ``_loop`` from ``start_step``; ``recorded``: the config checkpoints record;
+    ``profiler``: told of each step's end."""
     config, ctx = run.config, run.ctx
     opt = config.optimizer
     if config.peak_flops_per_device == 0 and ctx.device.type == "cuda":
@@ -707,7 +736,8 @@ def _steps(
             run.checkpointer.wait()
             raise
         started = time.perf_counter()
-        grad_norm, stepped = run.plan.optimizer_step(run.optimizer, opt.grad_clip, finite)
+        with record_function("optimizer"):  # with the gradients' completion (the plan's finish_gradients)
+            grad_norm, stepped = run.plan.optimizer_step(run.optimizer, opt.grad_clip, finite)
         if stepped:
             nonfinite_in_a_row = 0
         else:  # every rank sees the same all-reduced norm, so every rank skips together
@@ -756,14 +786,16 @@ def _steps(
         started = time.perf_counter()
         preempted = watcher.should_stop()
         if preempted or (step + 1) % config.checkpoint.save_every == 0 or step + 1 == config.steps:
-            _save_checkpoint(run, tracker, step + 1, recorded)
-            log_generation_samples(run, tracker, step + 1)
+            with record_function("checkpoint"):
+                _save_checkpoint(run, tracker, step + 1, recorded)
+                log_generation_samples(run, tracker, step + 1)
         window.timed("checkpoint", time.perf_counter() - started)  # what saving blocked of the step
         if preempted:
             run.checkpointer.wait()
             if ctx.is_main:
                 tracker.set_tag("preempted_at_step", str(step + 1))
             _stop_for_preemption(run, watcher, step + 1, start_step, status_file)
+        profiler.step_done()
     committed = run.checkpointer.wait()
     if ctx.is_main:
         if committed is not None:

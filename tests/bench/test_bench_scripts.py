@@ -38,6 +38,7 @@ SCRIPTS = {
     ],
     "audio_resampling.py": ["--repeats", "1", "--rates", "44100", "527996"],
     "audio_frame_walks.py": ["--repeats", "1", "--minutes", "0.5", "--copy-seconds", "10"],  # 3 copies, the 10 s clip
+    "startup_cpu.py": ["--repeats", "1"],
 }
 
 # Runs each script of the JSON {script: argv} as its own __main__ and writes {script: [exit status
@@ -122,3 +123,15 @@ def test_audio_resampling_bench_times_ours_and_the_exact_filter_per_rate(outputs
 def test_audio_frame_walks_bench_checks_each_kind_of_raw_audio(outputs):
     out = run_script(outputs, "audio_frame_walks.py")
     assert re.findall(r"^\| (mp3|adts|ogg) \|", out, flags=re.M) == ["mp3", "adts", "ogg"]
+
+
+def test_startup_cpu_bench_measures_the_entry_point_and_both_kinds_of_groups_against_torch(outputs):
+    out = run_script(outputs, "startup_cpu.py")
+    rows = re.findall(r"^\| ([^|]+) \| \d+\.\d\d \| (\d+\.\d\d) \|$", out, flags=re.M)
+    assert [name for name, _ in rows] == [
+        "import torch",
+        "import megatron_cosmos3.training.train",
+        "+ plain data parallelism's groups (torch's)",
+        "+ megatron-core's groups (ddp_impl=megatron)",
+    ]
+    assert rows[0][1] == "1.00"  # the baseline of the ratios

@@ -1,17 +1,25 @@
 """The MP3 / ADTS frame chains (``data/audio_frames.py``): the bytes a cut file's last frame
-misses, against the frames FFmpeg's demuxer places, at work that does not grow frame by frame."""
+misses and how long a file that declares no length lasts, against the frames FFmpeg's demuxer
+places, at work that does not grow frame by frame."""
 
 from __future__ import annotations
 
 import io
+import json
+import struct
 import subprocess
 import sys
+from fractions import Fraction
 
 import av
 import numpy as np
 import pytest
 
 from megatron_cosmos3.data import audio_frames
+from megatron_cosmos3.data.clips import MediaConfig
+from megatron_cosmos3.data.media import encode_json
+from megatron_cosmos3.data.schema import SchemaContext, decode_audio_file, decode_sample
+from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE
 
 # (FFmpeg's encoder options, header bytes) of each kind of raw audio file.
 KINDS = {
@@ -29,8 +37,8 @@ def _encoded(options: list[str], seconds: float) -> bytes:
 
 
 def _missing(kind: str, data: bytes) -> int:
-    chain = audio_frames.missing_adts_bytes if kind == "adts" else audio_frames.missing_mpeg_audio_bytes
-    return chain(data, 0)
+    chain = audio_frames.adts_chain if kind == "adts" else audio_frames.mpeg_audio_chain
+    return chain(data, 0).missing
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -51,11 +59,12 @@ def test_a_cut_anywhere_misses_what_the_demuxers_frame_there_holds(kind):
 
 def test_a_trailer_or_a_free_format_frame_ends_the_chain_without_a_verdict():
     frame = bytes([0xFF, 0xFF, 0xC4, 0xC0]) + bytes(380)  # MPEG-1 layer I, 384 kbit/s, 48 kHz: 384 bytes
-    assert audio_frames.missing_mpeg_audio_bytes(frame * 5 + b"TAG" + bytes(125), 0) == 0  # an ID3v1 trailer
-    assert audio_frames.missing_mpeg_audio_bytes(frame * 5 + frame[:2], 0) == 2  # a header cut short
+    missing = lambda data: audio_frames.mpeg_audio_chain(data, 0).missing  # noqa: E731
+    assert missing(frame * 5 + b"TAG" + bytes(125)) == 0  # an ID3v1 trailer
+    assert missing(frame * 5 + frame[:2]) == 2  # a header cut short
     free = frame[:2] + bytes([0x04]) + frame[3:]  # bitrate index 0: no length in the header
-    assert audio_frames.missing_mpeg_audio_bytes(frame * 2 + free + frame[:100], 0) == 0
-    assert audio_frames.missing_mpeg_audio_bytes(frame * 3 + frame[:100], 0) == 284  # the control
+    assert missing(frame * 2 + free + frame[:100]) == 0
+    assert missing(frame * 3 + frame[:100]) == 284  # the control
 
 
 def _python_lines_run(function, *args) -> int:
@@ -80,8 +89,183 @@ def test_the_work_in_python_does_not_grow_with_the_frames():
     (an hour of MP3, 150k frames, took 0.17 s, most of what a 10 s clip of it cost)."""
     short = _encoded(KINDS["mp3_mpeg1"][0], 6)
     long = short * 20
-    assert audio_frames.missing_mpeg_audio_bytes(long, 0) == 0
-    few = _python_lines_run(audio_frames.missing_mpeg_audio_bytes, short, 0)
-    many = _python_lines_run(audio_frames.missing_mpeg_audio_bytes, long, 0)
+    assert audio_frames.mpeg_audio_chain(long, 0).missing == 0
+    few = _python_lines_run(audio_frames.mpeg_audio_chain, short, 0, True)  # measured: the sums too
+    many = _python_lines_run(audio_frames.mpeg_audio_chain, long, 0, True)
     frames = len(long) // 384  # at most a 48 kHz 128 kbit/s frame's 384 bytes
     assert many < few + 200 < frames, (few, many, frames)
+
+
+# FFmpeg's options for MP3s without a Xing/Info header (no frame count declared), each a noise burst
+# and silence: constant and variable bitrate, MPEG-1, MPEG-2 and MPEG-2.5 (576 samples a frame), an
+# ID3v2 tag before the frames (but where told not to) and, "tagged", ID3v1 (and APEv2) tags after them.
+NO_XING = ["-c:a", "libmp3lame", "-write_xing", "0", "-metadata", "title=noise"]
+MP3_KINDS = {
+    "cbr_mpeg1_tagged": ["-ar", "44100", "-b:a", "128k", "-write_id3v1", "1"],
+    "vbr_mpeg1": ["-ar", "48000", "-q:a", "0"],
+    "vbr_mpeg2": ["-ar", "22050", "-q:a", "4", "-id3v2_version", "0"],
+    "cbr_mpeg25_tagged": ["-ar", "11025", "-b:a", "32k", "-write_id3v1", "1"],
+}
+
+
+def _apev2_tag(key: bytes, value: bytes) -> bytes:
+    """An APEv2 tag of one text item, with its header: a 32-byte header and footer ("APETAGEX",
+    version 2000, the size of the items and footer, the item count, flags: bit 31 a header is
+    present, bit 29 this is the header), as taggers write it before an ID3v1 tag."""
+    item = struct.pack("<II", len(value), 0) + key + b"\0" + value
+    fields = lambda flags: b"APETAGEX" + struct.pack("<IIII", 2000, len(item) + 32, 1, flags) + bytes(8)  # noqa: E731
+    return fields(0xA0000000) + item + fields(0x80000000)
+
+
+def _burst_and_silence(path, options: list[str]) -> bytes:
+    """0.5 s of noise then 1 s of silence, encoded with ``options``: a variable bitrate's frames
+    differ in length."""
+    sources = ["-f", "lavfi", "-i", "anoisesrc=d=0.5:a=0.5", "-f", "lavfi", "-i", "anullsrc=cl=mono"]
+    mix = ["-filter_complex", "[1]atrim=0:1[s];[0][s]concat=v=0:a=1"]
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *sources, *mix, *options, str(path)], check=True)
+    return path.read_bytes()
+
+
+def _ffprobe_packets(path) -> list[dict]:
+    """Each audio packet's byte position, size, pts and duration (in samples: the stream's time base
+    is 1 / its rate only for some files, so its rate is asked too) as ffprobe reads them."""
+    entries = ["-show_entries", "packet=pos,size,pts,duration:stream=time_base,sample_rate"]
+    command = ["ffprobe", "-v", "error", "-select_streams", "a:0", *entries, "-of", "json", str(path)]
+    probed = json.loads(subprocess.run(command, capture_output=True, check=True).stdout)
+    return probed["packets"], probed["streams"][0]
+
+
+@pytest.mark.parametrize("kind", sorted(MP3_KINDS))
+def test_an_mp3_without_a_xing_header_lasts_the_frames_ffprobe_reads(tmp_path, kind):
+    """Its frame headers chained from after the ID3v2 tag to the tags at its end give ffprobe's
+    packets: their count, their samples and where they end (the duration, in samples of its rate);
+    and the loader decodes that long. The duration was FFmpeg's packets read every time a clip was
+    cut (1.4 s an hour of sound)."""
+    path = tmp_path / "a.mp3"
+    data = _burst_and_silence(path, [*NO_XING, *MP3_KINDS[kind]])
+    if kind.startswith("cbr_mpeg1"):  # an APEv2 tag before the ID3v1 tag
+        data = data[:-128] + _apev2_tag(b"Title", b"noise") + data[-128:]
+        path.write_bytes(data)
+    packets, stream = _ffprobe_packets(path)
+    first, last = int(packets[0]["pos"]), int(packets[-1]["pos"]) + int(packets[-1]["size"])
+    assert (first > 0) == ("-id3v2_version" not in MP3_KINDS[kind]) and (last < len(data)) == kind.endswith("tagged")
+    assert audio_frames.trailer_start(data, first) == last
+    rate, base = int(stream["sample_rate"]), Fraction(stream["time_base"])
+    end = (int(packets[-1]["pts"]) + int(packets[-1]["duration"])) * base * rate
+    assert end.denominator == 1 and int(packets[0]["pts"]) == 0
+    assert audio_frames.mpeg_audio_chain(data, first, measure=True).length(last) == (len(packets), int(end), rate)
+    if kind.startswith("vbr"):  # a variable bitrate: the frames' lengths differ
+        assert len({packet["size"] for packet in packets}) > 2
+    audio, _ = decode_audio_file(data, "a.mp3")
+    assert abs(audio.shape[1] - Fraction(int(end), rate) * SAMPLE_RATE) <= 1  # the resampler's rounding
+    cut = audio_frames.mpeg_audio_chain(data[: last - 1], first, measure=True)
+    assert cut.missing == 1 and cut.length(last - 1) is None  # the control: a chain that runs past its end
+
+
+# FFmpeg's options for raw AAC (ADTS) files, which declare no length: constant and variable
+# bitrate, and, "tagged", an ID3v2 tag before the frames and an APEv2 tag after them.
+ADTS = ["-c:a", "aac", "-f", "adts", "-metadata", "title=noise"]
+ADTS_KINDS = {
+    "cbr_48k": ["-ar", "48000", "-b:a", "96k"],
+    "vbr_44k1": ["-ar", "44100", "-q:a", "2"],
+    "cbr_22k05_tagged": ["-ar", "22050", "-b:a", "64k", "-write_id3v2", "1", "-write_apetag", "1"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ADTS_KINDS))
+def test_a_raw_aac_file_lasts_the_frames_ffprobe_reads(tmp_path, kind):
+    """Its ADTS headers chained from after the ID3v2 tag to the tags at its end give ffprobe's
+    packets: their count, their samples (1024 a raw data block) and where they end; and the loader
+    decodes that long. The length was FFmpeg's packets, read every time a clip was cut."""
+    path = tmp_path / "a.aac"
+    data = _burst_and_silence(path, [*ADTS, *ADTS_KINDS[kind]])
+    packets, stream = _ffprobe_packets(path)
+    first, last = int(packets[0]["pos"]), int(packets[-1]["pos"]) + int(packets[-1]["size"])
+    assert (first > 0) == (last < len(data)) == kind.endswith("tagged")
+    assert audio_frames.trailer_start(data, first) == last
+    rate, base = int(stream["sample_rate"]), Fraction(stream["time_base"])
+    end = (int(packets[-1]["pts"]) + int(packets[-1]["duration"])) * base * rate
+    assert end.denominator == 1 and int(packets[0]["pts"]) == 0
+    chain = audio_frames.adts_chain(data, first, measure=True)
+    assert chain.missing == 0 and chain.length(last) == (len(packets), int(end), rate)
+    audio, _ = decode_audio_file(data, "a.aac")
+    assert abs(audio.shape[1] - Fraction(int(end), rate) * SAMPLE_RATE) <= 1  # the resampler's rounding
+    cut = audio_frames.adts_chain(data[: last - 1], first, measure=True)
+    assert cut.missing == 1 and cut.length(last - 1) is None  # the control: a chain that runs past its end
+
+
+def test_an_adts_header_of_a_reserved_rate_or_several_blocks_is_read_as_it_says():
+    """A frame of 2 raw data blocks holds 2048 samples; a reserved sampling frequency index (13..15)
+    is no frame header: the chain stops before it and no length is given (FFmpeg's packets say it)."""
+
+    def frame(rate_index: int, blocks: int, length: int = 100) -> bytes:
+        fields = (0xFFF << 44) | (1 << 40) | (1 << 38) | (rate_index << 34) | (1 << 30)  # AAC LC, no CRC, mono
+        fields |= (length << 13) | (0x7FF << 2) | (blocks - 1)
+        return fields.to_bytes(7, "big") + bytes(length - 7)
+
+    data = frame(3, 1) + frame(3, 2) + frame(3, 1)  # 48 kHz
+    assert audio_frames.adts_chain(data, 0, measure=True).length(len(data)) == (3, 4096, 48_000)
+    reserved = frame(3, 1) + frame(13, 1) + frame(3, 1)
+    chain = audio_frames.adts_chain(reserved, 0, measure=True)
+    assert (chain.missing, chain.end, chain.length(len(reserved))) == (0, 100, None)
+    changed = frame(3, 1) + frame(4, 1)  # 48 kHz then 44.1 kHz: FFmpeg's packets say how long
+    assert audio_frames.adts_chain(changed, 0, measure=True).length(len(changed)) is None
+    assert audio_frames.adts_chain(frame(3, 1) * 2, 0, measure=True).length(200) == (2, 2048, 48_000)  # control
+
+
+def _calls(function, run, *args) -> int:
+    """How many times ``run(*args)`` calls ``function`` (a Python function, by its code)."""
+    count = 0
+
+    def tracer(frame, event, arg):
+        nonlocal count
+        count += event == "call" and frame.f_code is function.__code__
+        return None  # no line events: only calls are counted
+
+    sys.settrace(tracer)
+    try:
+        run(*args)
+    finally:
+        sys.settrace(None)
+    return count
+
+
+@pytest.mark.parametrize(
+    "field, options",
+    [
+        ("audio.mp3", [*NO_XING, "-ar", "48000", "-b:a", "128k", "-id3v2_version", "0"]),
+        ("audio.aac", [*ADTS, "-ar", "48000", "-b:a", "96k"]),
+    ],
+)
+def test_a_file_without_a_length_is_measured_in_one_walk_without_reading_its_packets(tmp_path, field, options):
+    """A clip of an MP3 without a Xing header or of a raw AAC file costs as many Python lines
+    whatever the file's length: measuring it by FFmpeg's packets, a Python loop over every one of
+    them, took 1.4 s an hour. Its frames are walked once, for the truncation check and the length
+    (an MP3's were walked twice)."""
+    short = _burst_and_silence(tmp_path / field, options)
+    long = short * 40  # frames that chain, 60 s
+    clip = MediaConfig(clip_seconds=0.2, clip_start="first")
+    raw = {"__key__": "k", "meta.json": encode_json({"schema": 1, "caption": "noise"})}
+    samples = []
+    for data in (short, long):
+        sample = decode_sample({**raw, field: data}, media_config=clip)
+        samples.append(sample)
+    assert samples[1].timing["source_duration_s"] == pytest.approx(40 * samples[0].timing["source_duration_s"])
+    few = _python_lines_run(decode_sample, {**raw, field: short}, SchemaContext(), clip)
+    many = _python_lines_run(decode_sample, {**raw, field: long}, SchemaContext(), clip)
+    frames = 40 * 1.5 * 48_000 // 1152  # at least: 60 s of 1152 samples a frame (AAC's hold 1024)
+    assert many < few + 200 < frames, (few, many, frames)
+    assert _calls(audio_frames._sync_offsets, decode_sample, {**raw, field: long}, SchemaContext(), clip) == 1
+
+
+def test_the_trailing_tags_are_peeled_in_any_order_and_a_bogus_footer_ends_the_peeling():
+    """ID3v1, APEv2 (with its header) and Lyrics3v2 after the frames, stacked as taggers leave them,
+    all lie after the frames; an APE footer declaring fewer bytes than itself is no tag (it looped)."""
+    frames = bytes([0xFF, 0xFB, 0x90, 0x64]) + bytes(413)  # an MPEG-1 layer III frame's header and body
+    id3v1 = b"TAG" + bytes(125)
+    lyrics = b"LYRICSBEGIN" + b"IND0000210" + b"000021" + b"LYRICS200"
+    for trailer in (id3v1, _apev2_tag(b"Title", b"noise") + id3v1, lyrics + _apev2_tag(b"A", b"b") + id3v1):
+        assert audio_frames.trailer_start(frames + trailer) == len(frames), trailer
+    bogus = b"APETAGEX" + struct.pack("<IIII", 2000, 0, 0, 0) + bytes(8)
+    assert audio_frames.trailer_start(frames + bogus) == len(frames + bogus)
+    assert audio_frames.trailer_start(frames + bogus + id3v1) == len(frames + bogus)

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from scipy.io import wavfile
 
-from megatron_cosmos3.data import clips, media_files
+from megatron_cosmos3.data import audio_frames, clips, media_files
 from megatron_cosmos3.data.clips import MediaConfig, bucket_for, choose_window, fit_to_bucket
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.media import encode_json, encode_npy
@@ -526,9 +526,9 @@ def test_free_format_mp3_frames_are_left_to_ffmpeg():
     never calls such a file cut (FFmpeg judges it), whole or not."""
     free = bytearray(_layer1_silence(10))
     free[2::384] = bytes([0x04]) * 10  # bitrate index 0, 48 kHz
-    assert media_files._missing_mpeg_audio_bytes(bytes(free)) == 0
-    assert media_files._missing_mpeg_audio_bytes(bytes(free[:-100])) == 0
-    assert media_files._missing_mpeg_audio_bytes(_layer1_silence(10)[:-100]) == 100  # the control
+    assert audio_frames.mpeg_audio_chain(bytes(free), 0).missing == 0
+    assert audio_frames.mpeg_audio_chain(bytes(free[:-100]), 0).missing == 0
+    assert audio_frames.mpeg_audio_chain(_layer1_silence(10)[:-100], 0).missing == 100  # the control
 
 
 def _top_boxes(data: bytes) -> list[tuple[int, bytes, int]]:

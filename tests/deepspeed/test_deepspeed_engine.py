@@ -6,7 +6,8 @@ two ranks: the three ZeRO stages on packs whose streams differ between the ranks
 and resumed, ZeRO-3 writing generation samples), a ZeRO-3 stage from a weights folder,
 DeepSpeed-Ulysses, bf16 (ZeRO-2, writing generation samples), the engine switch through ZeRO-1
 and ZeRO-3, and last one rank failing inside DeepSpeed's collectives (which ends the process
-groups); then one rank continues the switched checkpoint (another world size)."""
+groups); then one rank continues the switched checkpoint (another world size) and resumes ZeRO-2's
+2-rank checkpoint directly, resharded, under ZeRO-1 and ZeRO-3."""
 
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ BF16 = ("precision=bf16", "steps=2")
 FAILING_IN = {"forward": "forward and backward", "step": "optimizer step", "save": "save_checkpoint"}
 SAMPLES = ("tracking.generation_samples=true",)
 FROZEN = ("dm_streams.action_in.single_arm.", "dm_streams.action_out.single_arm.")
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def overrides(root: Path, name: str, *extra: str) -> list[str]:
@@ -146,13 +148,21 @@ def _started_weights(root: Path, name: str, *extra: str) -> dict[str, torch.Tens
     """The weights a run starts from (its resume, or stage.init_from's), read back right after:
     under engine=deepspeed the engine's fp32 masters (``replica_of_engine``), else the model's.
     Collective under engine=deepspeed."""
+    return _started_state(root, name, *extra)[0]
+
+
+def _started_state(root: Path, name: str, *extra: str) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """``_started_weights``, and under engine=deepspeed the engine's AdamW state (moments and step)
+    by parameter name, read back the same way."""
     config = load_config(None, overrides(root, name, *QUICK, *extra))
     context = _context() if torch.distributed.is_initialized() else DistributedContext(0, 1, 0, torch.device("cpu"))
     run = train_module.build_run(config, context)
     try:
         train_module.resume_or_initialise(run)
-        model = run.plan.replica_of_engine()[0] if config.engine == "deepspeed" else run.model
-        return {name: param.detach().clone() for name, param in model.named_parameters()}
+        model, adam = run.plan.replica_of_engine() if config.engine == "deepspeed" else (run.model, None)
+        names = {param: name for name, param in model.named_parameters()}
+        state = {names[param]: dict(values) for param, values in adam.state.items()} if adam is not None else {}
+        return {name: param.detach().clone() for name, param in model.named_parameters()}, state
     finally:
         run.batches.close()
         run.plan.close()
@@ -333,8 +343,6 @@ def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
 
 # Resumes refused before DeepSpeed loads anything: (the run folder copied, the resuming run's settings).
 REFUSED = {
-    "world_size": ("zero1", ("deepspeed.zero_stage=1",)),  # saved on 2 ranks, resumed on 1
-    "zero_stage": ("one-rank", ("deepspeed.zero_stage=1",)),  # saved under ZeRO-3
     "weight_decay": ("one-rank", ("deepspeed.zero_stage=3", "optimizer.weight_decay=0.05")),
     "frozen": (
         "one-rank",
@@ -343,12 +351,30 @@ REFUSED = {
 }
 
 
-def _on_one_rank(rank: int, world_size: int, root: Path) -> tuple[float, dict]:
+# ZeRO-2's step-2 checkpoint of 2 ranks, copied to run folders that 1 rank resumes (resharded).
+RESHARDED = "zero2/step_00000002"
+
+
+def _resharded(root: Path) -> dict:
+    """ZeRO-2's 2-rank step-2 checkpoint resumed on 1 rank with both micro-batches: under ZeRO-1
+    the engine's fp32 masters and AdamW state right after the load, and under ZeRO-3 (another
+    stage too) the loss of the step it then trains."""
+    for name in ("resharded-zero1", "resharded-zero3"):
+        _copy_checkpoint(root / RESHARDED, root / name)
+    both = ("engine=deepspeed", "optimizer.micro_batches_per_step=2")
+    weights, adam = _started_state(root, "resharded-zero1", *both, "deepspeed.zero_stage=1")
+    loss = _train(root, "resharded-zero3", *both, "deepspeed.zero_stage=3", *QUICK)["loss"]
+    return {"weights": weights, "adam": adam, "loss": loss}
+
+
+def _on_one_rank(rank: int, world_size: int, root: Path) -> tuple[float, dict, dict]:
     """The Megatron-style step-2 checkpoint converted back from 2-rank ZeRO-3 (a copy of
     switched3-back), continued by a 1-rank ZeRO-3 run with both micro-batches; its step-3 loss.
-    Then the resumes of ``REFUSED``, each in a copy of its run folder: what each raised."""
+    Then ``_resharded``, and the resumes of ``REFUSED``, each in a copy of its run folder: what
+    each raised."""
     settings = ("engine=deepspeed", "deepspeed.zero_stage=3", "optimizer.micro_batches_per_step=2")
     loss = _train(root, "one-rank", *settings, *QUICK)["loss"]
+    resharded = _resharded(root)
     refused = {}
     for case, (source, extra) in REFUSED.items():
         shutil.copytree(root / source, root / f"refused-{case}")
@@ -356,7 +382,7 @@ def _on_one_rank(rank: int, world_size: int, root: Path) -> tuple[float, dict]:
             _train, root, f"refused-{case}", "engine=deepspeed", "optimizer.micro_batches_per_step=2", *extra, *QUICK
         )
         refused[case] = raised_by(resume)[:2]
-    return loss, refused
+    return loss, resharded, refused
 
 
 @pytest.fixture(scope="module")
@@ -386,7 +412,8 @@ def runs(tmp_path_factory):
         ranks = run_on_ranks(_deepspeed_runs, 2, root, timeout_s=400)
         results = {**ranks[0], **{key: [r[key] for r in ranks] for key in ("save_failures", "stopped")}}
         shutil.copytree(root / "switched3-back", root / "one-rank")
-        results["one_rank_loss"], results["layout_refused"] = run_on_ranks(_on_one_rank, 1, root, timeout_s=200)[0]
+        one_rank = run_on_ranks(_on_one_rank, 1, root, timeout_s=200)[0]
+        results["one_rank_loss"], results["resharded"], results["layout_refused"] = one_rank
     finally:
         if old is None:
             del os.environ["TORCH_EXTENSIONS_DIR"]
@@ -810,20 +837,64 @@ def test_zero1_and_zero2_resume_each_others_checkpoints(runs):
 
 
 @pytest.mark.multiprocess
+def test_a_deepspeed_checkpoint_resumes_on_another_world_size_and_zero_stage_exactly(runs, universal):
+    """ZeRO-2's step-2 checkpoint of 2 ranks resumed on 1 rank (it was a CheckpointLayoutError naming
+    the converter): under ZeRO-1 the engine's fp32 masters, AdamW moments and step are DeepSpeed's
+    own reassembly of the saved partitions (ds_to_universal's per-parameter files) bit for bit;
+    under ZeRO-3 the step it trains has the uninterrupted run's loss."""
+    root, results, *_ = runs
+    resharded, zero = results["resharded"], universal / "zero"
+    trained = {p.name for p in zero.iterdir() if (p / "exp_avg.pt").is_file()}
+    assert trained and set(resharded["adam"]) == trained
+    for name, state in resharded["adam"].items():
+        for key in ADAM_KEYS:
+            want = torch.load(zero / name / f"{key}.pt", weights_only=True)["param"]
+            assert torch.equal(state[key], want.view_as(state[key])), (name, key)
+        assert float(state["step"]) == 2, name
+    for folder in (p for p in zero.iterdir() if p.is_dir()):  # the frozen parameters too
+        want = torch.load(folder / "fp32.pt", weights_only=True)["param"]
+        assert torch.equal(resharded["weights"][folder.name], want.view_as(resharded["weights"][folder.name]))
+    q = "layers.0.generator.self_attn.q_proj.weight"  # control: moments of two steps, not a fresh optimizer's
+    assert resharded["adam"][q]["exp_avg_sq"].abs().sum() > 0
+    assert resharded["loss"] == pytest.approx(history(root, "zero2")[2], rel=1e-5)
+    assert resharded["loss"] != pytest.approx(history(root, "zero2")[1], rel=1e-3)  # step 3, not 2
+
+
+@pytest.mark.multiprocess
+def test_deepspeeds_elastic_optimizer_files_are_refused_naming_the_file(runs, tmp_path):
+    """Optimizer files of DeepSpeed's elastic layout (zero_optimization.elastic_checkpoint, which this
+    project never sets: a list of per-group states) are a CheckpointLayoutError naming the file when
+    the partitions are reassembled, not a TypeError halfway; the saved files themselves read."""
+    from deepspeed.checkpoint.constants import BASE_OPTIMIZER_STATE, OPTIMIZER_STATE_DICT
+
+    from megatron_cosmos3.checkpoint.engine_layout import CheckpointLayoutError
+    from megatron_cosmos3.training.deepspeed_engine import deepspeed_adam_state
+
+    root, *_ = runs
+    step = shutil.copytree(root / RESHARDED, tmp_path / "step_00000002")
+    assert deepspeed_adam_state(step)  # control: as saved
+    optim = step / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    saved = torch.load(optim, weights_only=False)
+    inner = saved[OPTIMIZER_STATE_DICT]
+    inner[BASE_OPTIMIZER_STATE] = list(inner[BASE_OPTIMIZER_STATE]["state"].values())
+    torch.save(saved, optim)
+    with pytest.raises(CheckpointLayoutError, match=re.escape(f"{optim} holds DeepSpeed's elastic optimizer state")):
+        deepspeed_adam_state(step)
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("case", REFUSED)
 def test_a_resume_deepspeed_cannot_load_is_refused_naming_the_saved_and_current_layout(runs, case):
-    """On 1 rank: a ZeRO-1 checkpoint of 2 ranks, a ZeRO-3 one under ZeRO-1, and one whose parameter
-    groups changed (another weight decay, the reasoner tower frozen) are CheckpointLayoutErrors
-    naming both sides, raised before DeepSpeed reads a file (its own loader would take the wrong
-    partitions, or fail with its own error, or keep the saved weight decay without a word)."""
+    """On 1 rank: a checkpoint whose parameter groups changed (another weight decay, the reasoner
+    tower frozen) is a CheckpointLayoutError naming both sides, raised before DeepSpeed reads a file
+    (its own loader would keep the saved weight decay without a word, or put moments on the wrong
+    parameters)."""
     root, results, *_ = runs
     raised, message = results["layout_refused"][case]
     folder = root / f"refused-{case}" / "step_00000003"
     assert raised == "CheckpointLayoutError", (raised, message)
     assert message.startswith(f"checkpoint {folder} was saved "), message
     want = {
-        "world_size": "under engine=deepspeed (ZeRO-1 on 2 ranks), and this run is engine=deepspeed (ZeRO-1 on 1 rank)",
-        "zero_stage": "under engine=deepspeed (ZeRO-3 on 1 rank), and this run is engine=deepspeed (ZeRO-1 on 1 rank)",
         "weight_decay": "group 0 has weight_decay=0.01 there and weight_decay=0.05 now",
         "frozen": "parameter 'layers.0.reasoner.",
     }[case]
@@ -881,13 +952,14 @@ def test_a_bf16_deepspeed_checkpoint_loads_its_fp32_masters_for_generation(runs)
 
 @pytest.fixture(scope="module")
 def universal(runs) -> Path:
-    """ZeRO-1's step-3 checkpoint as DeepSpeed's ds_to_universal converts it (its ``zero/`` folder
-    of per-parameter files, ``latest_universal`` beside it), run in this process with one worker."""
+    """ZeRO-2's 2-rank step-2 checkpoint (``RESHARDED``) as DeepSpeed's ds_to_universal converts it
+    (its ``zero/`` folder of per-parameter files, ``latest_universal`` beside it), run in this
+    process with one worker."""
     from deepspeed.checkpoint import ds_to_universal
 
     root, *_ = runs
-    out = root / "universal" / "step_00000003_universal"
-    argv = ["ds_to_universal", "--input_folder", str(root / "zero1" / "step_00000003" / "deepspeed")]
+    out = root / "universal" / "step_00000002_universal"
+    argv = ["ds_to_universal", "--input_folder", str(root / RESHARDED / "deepspeed")]
     argv += ["--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
     with mock.patch.object(sys, "argv", [*argv, "--inject_missing_state"]):  # our saves lack its client state
         ds_to_universal.main(ds_to_universal.parse_arguments())

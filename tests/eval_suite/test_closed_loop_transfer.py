@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from megatron_cosmos3.release.trained import load_trained_model
 
 SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "transfer_experiment.py"
@@ -46,3 +48,33 @@ def test_the_transfer_experiment_runs_end_to_end_at_smoke_size(tmp_path):
     shards = tmp_path / "worlds" / "clips" / "latent"
     script.train_stage("pretrain", tmp_path / "pretrain", shards, sizes.pretrain_steps, sizes, init_from=None)
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "pretrain").rglob("*")) == before
+
+
+def _rows(success: float, rmse: float, failed: int, who: str = "model") -> list[dict]:
+    task = "closed_loop/planar_pusher/push_to_region"
+    other = {"model": 0.0, "oracle": 1.0, "chance": 0.0}
+    values = {"success_rate": success, "action_rmse": rmse, "failed_episodes": failed}
+    return [{"name": f"{task}/{metric}", **other, who: value} for metric, value in values.items()]
+
+
+def test_the_summary_counts_failed_episodes_and_leaves_an_unmeasured_seed_out_of_the_action_error():
+    """A seed whose model diverged (every chunk NaN: its episodes failed, its action error NaN) is
+    counted as failures and named as unmeasured; the other seeds' action error is still reported."""
+    script = _script()
+    sizes = script.replace(script.SMOKE, tasks=("push_to_region",), episodes=4, seeds=(0, 1, 2))
+    runs = [
+        {"start": "pretrained", "seed": 0, "rows": _rows(0.5, 0.2, 0)},
+        {"start": "pretrained", "seed": 1, "rows": _rows(0.0, float("nan"), 4)},
+        {"start": "pretrained", "seed": 2, "rows": _rows(0.25, 0.4, 1)},
+        {"start": "midtrained", "seed": 0, "rows": _rows(1.0, 0.1, 0)},
+        {"start": "midtrained", "seed": 1, "rows": _rows(0.75, 0.3, 0)},
+        {"start": "midtrained", "seed": 2, "rows": _rows(0.5, 0.2, 0)},
+    ]
+    summary = script.summarise(runs, sizes)
+    pre = summary["pretrained"]
+    assert pre["failed_episodes"] == 5 and pre["episodes"] == 12 and pre["successes"] == 3
+    assert pre["action_rmse_unmeasured_seeds"] == 1
+    assert pre["action_rmse_mean"] == pytest.approx(0.3) and pre["action_rmse_std"] == pytest.approx(0.1)
+    assert summary["midtrained"]["failed_episodes"] == 0 and summary["midtrained"]["action_rmse_unmeasured_seeds"] == 0
+    table = script.markdown({"sizes": script.asdict(sizes), "summary": summary, "date": "d", "machine": "m"})
+    assert "| 5/12 | 0.300 ± 0.100 (1 seed(s) not measured: non-finite actions) |" in table

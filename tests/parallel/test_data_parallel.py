@@ -179,6 +179,20 @@ def test_gradient_reducer_averages_like_ddp_and_starts_buckets_during_backward()
     assert reports[0]["local"]["b"] is None and reports[0]["reduced"]["b"] is not None
 
 
+def test_megatron_gradients_refuse_groups_made_without_megatron_core():
+    """Plain data parallelism's groups come from torch, and megatron-core's DDP would find its
+    parallel state empty: MegatronGradients names the setting instead of megatron's assertion."""
+    import dataclasses
+
+    from megatron_cosmos3.parallel.data_parallel import MegatronGradients
+    from megatron_cosmos3.parallel.state import ParallelGroups
+
+    fields = {field.name: None for field in dataclasses.fields(ParallelGroups)}
+    fields.update(sizes=ParallelSizes(), tensor_rank=0, pipeline_rank=0, context_rank=0, data_rank=0, data_size=1)
+    with pytest.raises(ValueError, match=r"parallel.ddp_impl='megatron'.* ddp_impl='torch'"):
+        MegatronGradients(MoTModel(copy.deepcopy(CONFIG)), ParallelGroups(**fields))
+
+
 def _megatron_ddp_against_torch_ddp(rank, world_size):
     """Two steps of two micro-batches through torch's DDP and megatron-core's (MegatronGradients),
     fp64, the same packs per rank: rank 0's packs hold no DM targets, so parameters go unused on one
@@ -189,7 +203,7 @@ def _megatron_ddp_against_torch_ddp(rank, world_size):
     from megatron_cosmos3.parallel.data_parallel import MegatronGradients
     from megatron_cosmos3.parallel.state import destroy_parallel, initialize_parallel
 
-    groups = initialize_parallel(ParallelSizes(), CONFIG)
+    groups = initialize_parallel(ParallelSizes(ddp_impl="megatron"), CONFIG)  # megatron-core's groups
     try:
         torch.manual_seed(0)
         reference = MoTModel(copy.deepcopy(CONFIG)).double()

@@ -247,3 +247,39 @@ def test_groups_follow_megatron_order_tensor_fastest_pipeline_slowest():
     coordinates = run_on_ranks(_group_coordinates, 8)
     # tp-cp-ep-dp-pp: rank = tp + 2 * dp + 4 * pp
     assert coordinates == [(r % 2, r // 4, (r // 2) % 2, 2) for r in range(8)]
+
+
+def _plain_data_parallel_groups(rank, world_size):
+    """The members of every group (and the ranks) that plain data parallelism gets, made by torch,
+    beside those megatron-core's ``initialize_model_parallel`` makes for the same sizes."""
+    import torch.distributed as dist
+
+    from megatron_cosmos3.parallel import state
+
+    def members(groups):
+        return {
+            field.name: dist.get_process_group_ranks(value) if isinstance(value, dist.ProcessGroup) else value
+            for field in dataclasses.fields(groups)
+            if field.name != "sizes" and (value := getattr(groups, field.name)) is not None
+        }
+
+    sizes = ParallelSizes()
+    made_by_torch = state.initialize_parallel(sizes, MODEL, timeout_s=60)
+    try:
+        made_by_megatron = state._megatron_groups(sizes, 60)
+    finally:
+        state.destroy_parallel()
+    groups = [value for value in vars(made_by_torch).values() if isinstance(value, dist.ProcessGroup)]
+    return members(made_by_torch), members(made_by_megatron), len({id(group) for group in groups}) == len(groups)
+
+
+@pytest.mark.multiprocess
+def test_plain_data_parallel_groups_are_megatrons_without_megatron_core():
+    """Plain data parallelism's groups come from torch (no megatron-core import at start-up), with
+    the members and ranks megatron-core gives the same sizes, and a group of its own for each role."""
+    ranks = run_on_ranks(_plain_data_parallel_groups, 3)
+    for rank, (made_by_torch, made_by_megatron, each_its_own) in enumerate(ranks):
+        assert made_by_torch == made_by_megatron
+        assert made_by_torch["data"] == [0, 1, 2] and made_by_torch["tensor"] == [rank]  # not vacuous
+        assert made_by_torch["data_rank"] == rank
+        assert each_its_own

@@ -5,8 +5,9 @@ batch script, as ``scancel --signal=USR1 --batch`` sends it), it resumes each ti
 checkpoint of the signal's step and ends with the losses of an uninterrupted run (docs/DESIGN.md,
 "Preemption and requeue"); a real time limit's warning (slurmctld checks limits every 30 s) is sent
 where nothing trains meanwhile, to a job still activating its environment; a warning while the
-controller does not answer still reaches the trainers, and TERMs repeated while they checkpoint are
-harmless; the preprocessing array job writes the shards one process writes.
+controller does not answer still reaches the trainers, and the requeue after it waits for a
+controller that is down; TERMs repeated while they checkpoint are harmless; the preprocessing array
+job writes the shards one process writes.
 Skipped, with the reason, where the daemons cannot start (not root, packages missing)."""
 
 from __future__ import annotations
@@ -333,29 +334,83 @@ def test_a_training_job_stopped_by_sigterm_checkpoints_and_is_not_requeued(clust
 _CHECKPOINTED = r"preempted \((SIG\w+)\): checkpoint of step (\d+) committed"
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _children_ended(pid: int) -> bool:
+    """Whether every child of ``pid`` has exited (a zombie its stopped parent has not reaped)."""
+    states = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:
+            states.append(fields[0])
+    return all(state == "Z" for state in states)
+
+
 @pytest.mark.multiprocess
-def test_a_time_limit_warning_while_the_controller_does_not_answer_still_checkpoints_the_trainers(cluster, tmp_path):
+def test_a_time_limit_warning_while_the_controller_does_not_answer_checkpoints_and_requeues_once_it_does(
+    cluster, tmp_path
+):
     """The script asks the controller whether the job runs before it passes a signal on; a
     controller that does not answer (down, restarting, hung: here stopped with SIGSTOP) failed that
     question after 20 s, and the scancel that followed failed 20 s later the same way: the
     time-limit warning never reached the trainers. It goes through srun, which needs no controller:
-    the trainers checkpoint while the controller is still stopped, and once it answers again the
-    script requeues the attempt."""
+    the trainers checkpoint while the controller is still stopped. The requeue that follows then
+    finds the controller down (restarting): one failed ``scontrol requeue`` ended the job FAILED,
+    its checkpoint committed and never resumed. The script retries until the controller answers; a
+    second warning meanwhile (after the trainers stopped, where bash's default for USR1 ended the
+    script) changes nothing, and the next attempt resumes from the checkpoint."""
     log = tmp_path / "job.out"
     job_id = _training_until_stopped(cluster, tmp_path, log)
     script = cluster.batch_script_pid(job_id)
+    outage = "attempt 1: the controller does not answer the requeue (scontrol requeue: "
     try:
         with cluster.controller_unreachable():
             os.kill(script, signal.SIGUSR1)  # the warning, as slurmstepd delivers --signal=B:USR1
             found = lambda: re.search(_CHECKPOINTED, log.read_text())  # noqa: E731
             checkpointed = _wait("the checkpoint while the controller does not answer", found, 90, log)
-        _requeued(cluster, job_id, 1, log)
+            # The script waits here until the controller is down (its requeue comes right after the
+            # step's end, which must reach the controller: a slurmstepd reports again a minute later).
+            os.kill(script, signal.SIGSTOP)
+        shown_step = lambda: cluster.command("scontrol", "show", "step", f"{job_id}.0", check=False).stdout  # noqa: E731
+        step_ended = lambda: f"StepId={job_id}.0 " not in shown_step()  # noqa: E731
+        _wait("the step's end", lambda: _children_ended(script) and step_ended(), 60, log)
+        with cluster.controller_down():
+            os.kill(script, signal.SIGCONT)
+            tried = lambda: outage in log.read_text() or not _running(script)  # noqa: E731
+            _wait("the script to find the controller down at its requeue", tried, 60, log)
+            assert outage in log.read_text(), log.read_text()[-3000:]
+            os.kill(script, signal.SIGUSR1)  # a late warning, while the requeue waits for the controller
+            time.sleep(1)
+            assert _running(script), (
+                f"a SIGUSR1 after the trainers stopped ended the script:\n{log.read_text()[-3000:]}"
+            )
+        ended = lambda: cluster.job(job_id).state in ("PENDING", "COMPLETED", "FAILED", "CANCELLED")  # noqa: E731
+        _wait("the job to be requeued", ended, 120, log)
+        job = cluster.job(job_id)
+        assert (job.state, job.restarts) == ("PENDING", 1), log.read_text()[-3000:]
+        _released(cluster, job_id)
+        signal_name, step = checkpointed.groups()
+        resumed = f"resumed from {tmp_path / 'run' / f'step_{int(step):08d}'} at step {step}"
+        _wait("attempt 2 to resume from the checkpoint", lambda: resumed in log.read_text(), 120, log)
     finally:
+        if _running(script):
+            os.kill(script, signal.SIGCONT)
         cluster.command("scancel", job_id, check=False)
-    text, (signal_name, step) = log.read_text(), checkpointed.groups()
-    assert signal_name == "SIGUSR1" and (tmp_path / "run" / f"step_{int(step):08d}").is_dir(), text[-3000:]
+    text = log.read_text()
+    assert signal_name == "SIGUSR1", text[-3000:]
     assert "attempt 1: got SIGUSR1; the controller does not answer (scontrol show job: " in text, text[-3000:]
     assert f"attempt 1: preempted at step {step} (started at 0); requeueing job {job_id}" in text, text[-3000:]
+    assert text.count(outage) == 1, text[-3000:]  # one line for the outage, not one a retry
+    assert re.search(rf"attempt 1: job {job_id} requeued once the controller answered, \d+ s later", text), text[-3000:]
 
 
 @pytest.mark.multiprocess
