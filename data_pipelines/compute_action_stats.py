@@ -95,6 +95,8 @@ def _npz_arrays(path: str | Path) -> dict[str, np.ndarray]:
 
 def load_trajectory(path: str | Path) -> EmbodimentTrajectory:
     """Read one episode .npz into an ``EmbodimentTrajectory`` (float64); ValueError if malformed."""
+    if not Path(path).is_file():  # a FIFO named *.npz: zipfile's open waited for a writer without end
+        raise ValueError("not a regular file (a FIFO, socket or device)")
     # Checked up front: a non-zip file would be a zipfile error that says less.
     if not zipfile.is_zipfile(path):
         raise ValueError("not an .npz (zip) archive: corrupt, truncated or a plain .npy")
@@ -128,7 +130,9 @@ def compute_action_stats(data_dir: str | Path, *, quantiles: bool = True) -> Sta
     for path in sorted(Path(data_dir).rglob("*.npz")):
         try:
             trajectory = load_trajectory(path)
-            actions_by_kind[trajectory.kind].append(encode_pseudo_actions(trajectory))
+            actions = encode_pseudo_actions(trajectory)  # before its kind's list exists: a failing
+            # file of a kind no other file has left an empty list, torch.cat's traceback at the end
+            actions_by_kind[trajectory.kind].append(actions)
         # Broad on purpose: a corrupt zip alone can raise BadZipFile, zlib.error, EOFError or
         # OSError. Each failure is logged with its type and counted in the report, never hidden.
         except Exception as error:  # noqa: BLE001

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from megatron_cosmos3.data.clips import MediaConfig, grid_draws
-from megatron_cosmos3.data.determinism import uniform
+from megatron_cosmos3.data.determinism import seed_problem, uniform
 from megatron_cosmos3.data.errors import printable
 from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder, VAELatentEncoder, latent_sample
 from megatron_cosmos3.data.schema import SchemaContext, decode_sample
@@ -92,6 +92,9 @@ def encode_shards(
         raise ValueError("--clip-start='first' cuts one clip; use 'grid' (every clip) or 'random'")
     if clips_per_sample < 1:
         raise ValueError(f"--clips-per-sample={clips_per_sample} must be >= 1")
+    problem = seed_problem("seed", seed)  # -1 was taken: every other seed of the project refuses it
+    if problem:
+        raise ValueError(problem)
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     # An index file (this reader's or a wids one) names the shards; its folder holds action_stats.json.
     folder = in_dir.parent if in_dir.suffix == ".json" and in_dir.is_file() else in_dir

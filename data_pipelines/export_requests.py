@@ -35,6 +35,7 @@ from megatron_cosmos3.data.media_writers import write_png
 from megatron_cosmos3.data.schema import Sample, decode_sample
 from megatron_cosmos3.data.shards import ShardIndex, read_samples
 from megatron_cosmos3.inference.requests import sampler_settings
+from megatron_cosmos3.world.agents import EMBODIMENT_RATES
 
 TASKS = ("text_to_audio_video", "image_to_video", "video_to_audio", "policy")
 
@@ -107,6 +108,8 @@ def export_requests(
         raise ValueError(f"output {str(out)!r} exists and is not an empty folder; export to a new folder")
     if per_task < 1:
         raise ValueError(f"per_task={per_task} must be >= 1")
+    if embodiment not in EMBODIMENT_RATES:  # was 'too few usable samples for the tasks {'policy': 1}'
+        raise ValueError(f"embodiment={embodiment!r} is not one of the generated world's {sorted(EMBODIMENT_RATES)}")
     sampler_settings("euler", steps, 1.0, guidance)  # the generation path's own check, naming the field
     wanted = {task: per_task for task in TASKS}
     chosen: list[tuple[str, Sample, str]] = []

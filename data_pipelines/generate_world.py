@@ -77,14 +77,20 @@ def write_world(
     if problem:
         raise ValueError(problem)
     out, config = Path(out), config or WorldConfig()
+    if out.exists() and not out.is_dir():  # mkdir's NotADirectoryError was a traceback
+        raise ValueError(f"output {str(out)!r} is a file, not a folder")
     dirs = {"raw": out / "raw"} | ({"latent": out / "latent"} if latents == "pooled" else {})
     for folder in dirs.values():  # its shards would be overwritten, and extra old ones left beside the new index
         if (folder / "index.json").exists():
             raise ValueError(f"output {str(folder)!r} already holds a finished dataset (index.json); use a new folder")
+    # Before any folder is made: widths it refuses left an empty raw/ behind.
+    encoder = (
+        PooledLatentEncoder(video_latent_channels, audio_latent_dim, 0, video_patch_size)
+        if latents == "pooled"
+        else None
+    )
     writers = {"raw": ShardWriter(dirs["raw"], "world", shard_size)}
-    encoder = None
-    if latents == "pooled":
-        encoder = PooledLatentEncoder(video_latent_channels, audio_latent_dim, 0, video_patch_size)
+    if encoder is not None:
         writers["latent"] = ShardWriter(
             dirs["latent"],
             "world",
@@ -92,7 +98,8 @@ def write_world(
             context=SchemaContext(None, encoder.video_token_dim, audio_latent_dim, video_patch_size=video_patch_size),
         )
     actions = defaultdict(list)
-    jobs = [(config, seed, index, video_format) for index in range(samples)]
+    # lazily: a list of every job was built before the first sample (--samples 10**13 hung there)
+    jobs = ((config, seed, index, video_format) for index in range(samples))
     _one_thread()
     with Pool(workers, initializer=_one_thread) if workers > 1 else _InProcess() as pool:
         for sample, raw, decoded in pool.imap(_generate, jobs, chunksize=4):

@@ -194,6 +194,9 @@ def ingest_videos(
     check_split_output(out_dir, in_dir, shard_size, task, tasks)
     listed = {}
     if captions:
+        special = Path(captions).exists() and not Path(captions).is_file() and not Path(captions).is_dir()
+        if special:  # a FIFO: its read waited for a writer without end (a folder is read's own error)
+            raise ValueError(f"--captions={captions}: not a regular file (a FIFO, socket or device)")
         try:
             text = Path(captions).read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as error:  # missing, a folder, not UTF-8

@@ -71,6 +71,21 @@ def staged_file(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def unwritable_reason(path: str | Path) -> str | None:
+    """Why no file can be written at ``path`` (a folder, made if need be), or None: a file is created
+    and removed in it, or in its nearest existing folder where it is yet to be made (nothing is left
+    behind, and processes probing at once do not disturb each other), so a read-only file system, a
+    folder without permission or one under /proc is found before a run starts."""
+    path = Path(path).absolute()
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
+
+
 def sync_file(path: str | Path) -> None:
     """fsync of one file: its data and size reach the disk."""
     handle = os.open(path, os.O_RDONLY)

@@ -29,6 +29,7 @@ from megatron_cosmos3.conversion.safetensors_io import (
     ConversionError,
     PlannedTensor,
     check_depths,
+    check_output_folder,
     check_shapes,
     load_into,
     tensor_dtype,
@@ -364,8 +365,9 @@ def export_qwen3_vl(
     generation files, so the export is ready for the usual HF tools. ``folder`` must be new or empty.
     """
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()):
-        raise ConversionError(f"{folder}: export folder is not empty")
+    check_output_folder(folder, "export")
+    if copy_files_from is not None:  # before any file is written
+        check_support_folder(copy_files_from)
     dtype = dtype or model.embed_tokens.weight.dtype
     hf_config = hf_config_from_mot(model.config, dtype)
     if vision is None:
@@ -383,10 +385,20 @@ def export_qwen3_vl(
     return folder
 
 
+def check_support_folder(source: str | Path) -> None:
+    """ConversionError naming ``source`` unless it is a folder ``copy_support_files`` can read: a
+    missing one (``--copy-files-from`` mistyped, a run's tokenizer folder moved since) was
+    FileNotFoundError's traceback after the weights had been written."""
+    if not Path(source).is_dir():
+        what = "a file" if Path(source).exists() else "missing"
+        raise ConversionError(f"{source}: the folder to copy tokenizer and processor files from is {what}")
+
+
 def copy_support_files(source: str | Path, folder: str | Path, skip: tuple[str, ...] = ()) -> list[str]:
     """Copies the files of a Hugging Face folder that are neither weights nor ``config.json``
     (tokenizer, processor, chat template, generation defaults) into ``folder``; returns their names.
     ``skip``: further names not to copy (files the destination writes itself)."""
+    check_support_folder(source)
     copied = []
     for path in sorted(Path(source).iterdir()):
         is_weights = path.name.endswith(_WEIGHT_SUFFIXES) or path.name.endswith(".index.json")

@@ -20,6 +20,7 @@ from megatron_cosmos3.conversion.safetensors_io import (
     ConversionError,
     PlannedTensor,
     check_depths,
+    check_output_folder,
     check_shapes,
     load_into,
     tensor_dtype,
@@ -43,8 +44,7 @@ def save_mot_folder(
 ) -> Path:
     """Writes the config and every tensor of ``model`` and ``vision`` into a new or empty ``folder``."""
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()):
-        raise ConversionError(f"{folder}: output folder is not empty")
+    check_output_folder(folder)
     planned = [
         PlannedTensor(name, tuple(t.shape), dtype or t.dtype, lambda t=t: t)
         for name, t in named_tensors(model, vision).items()

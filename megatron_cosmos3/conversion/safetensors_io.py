@@ -40,6 +40,15 @@ class ConversionError(ValueError):
     """A checkpoint folder that cannot be converted; the message names the file and the key."""
 
 
+def check_output_folder(folder: Path, what: str = "output") -> None:
+    """ConversionError naming ``folder`` unless it is new or an empty folder: a file there was
+    NotADirectoryError's traceback, after the model had loaded."""
+    if folder.exists() and not folder.is_dir():
+        raise ConversionError(f"{folder}: {what} folder is a file, not a folder")
+    if folder.exists() and any(folder.iterdir()):
+        raise ConversionError(f"{folder}: {what} folder is not empty")
+
+
 def shard_map(folder: str | Path) -> dict[str, list[str]]:
     """Shard file name -> the tensor keys it holds (index order), from the index or the single file."""
     folder = Path(folder)

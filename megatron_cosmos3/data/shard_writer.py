@@ -47,6 +47,12 @@ class ShardWriter:
     ) -> None:
         if max_samples_per_shard < 1 or max_bytes_per_shard < 1:
             raise ValueError("max_samples_per_shard and max_bytes_per_shard must be >= 1")
+        # The shards' file names start with it: a '/' (prefix '../x') wrote them outside ``directory``,
+        # and a hidden name is what partial and temporary files look like.
+        if not prefix or prefix.startswith(".") or any(c in prefix for c in "/\\") or not prefix.isprintable():
+            raise ValueError(
+                f"prefix={prefix!r} must be a file name part: not empty, no '/' or '\\', not starting with '.'"
+            )
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.prefix, self.max_samples, self.max_bytes = prefix, max_samples_per_shard, max_bytes_per_shard
@@ -122,6 +128,8 @@ def check_split_output(out_dir: str | Path, source: str | Path, shard_size: int,
     out_dir, source = Path(out_dir), Path(source)
     if not source.is_dir():
         raise ValueError(f"input {str(source)!r} is not a folder")
+    if out_dir.exists() and not out_dir.is_dir():  # mkdir's FileExistsError was a traceback
+        raise ValueError(f"output {str(out_dir)!r} is a file, not a folder; write the shards to a new folder")
     if out_dir.resolve() == source.resolve():
         raise ValueError(f"output {str(out_dir)!r} is the input folder; write the shards to a new folder")
     if (out_dir / "index.json").exists():
@@ -204,6 +212,11 @@ def run_split(function: Callable[..., Counter], processes: int, task: int, tasks
     ``data_pipelines/ingest_videos.py``); the skip counts, summed."""
     if processes < 0:
         raise ValueError(f"processes={processes} must be >= 0 (0: run task {task} of {tasks} here)")
+    if processes > 0 and (task, tasks) != (0, 1):  # every array task wrote every part, ignoring its own
+        raise ValueError(
+            f"processes={processes} runs every task here; it does not go with task={task}, tasks={tasks} "
+            "(a SLURM array's part): give one or the other"
+        )
     if processes <= 1:
         return function(*args, *((task, tasks) if processes == 0 else (0, 1)))
     with Pool(processes) as pool:

@@ -135,7 +135,6 @@ class SuiteConfig:
                 f"eval suite: onset_tolerance_s={self.onset_tolerance_s} must be below duration_s={self.duration_s} "
                 "(a window as long as the clip finds every onset on time)"
             )
-        self.world()  # the world validates resolution and the action rates' whole steps
         if not (FPS_RANGE[0] <= self.fps <= FPS_RANGE[1] and self.duration_s <= DURATION_RANGE_S[1]):
             raise ValueError(
                 f"eval suite: fps={self.fps} must be in {list(FPS_RANGE)} and duration_s={self.duration_s} at most "
@@ -146,10 +145,11 @@ class SuiteConfig:
                 f"eval suite: closed_loop_horizon_s={self.closed_loop_horizon_s} is at most {DURATION_RANGE_S[1]:g} "
                 "(the shards' longest clip)"
             )
-        count, side = round(frames) + 1, self.resolution
+        # The world validates resolution, the action rates' whole steps and its clips' decoded size.
+        self.world()
+        side = self.resolution
         episode = math.ceil(self.closed_loop_horizon_s * self.fps) + 1  # an episode's recorded frames
-        try:  # clips the shards could hold: a crafted size cannot allocate without bound
-            check_clip_bytes(count * side * side * 3, f"{count} frames of {side}x{side}", "resolution x duration_s")
+        try:  # what the shards could hold: a crafted length cannot allocate without bound
             check_clip_bytes(
                 episode * side * side * 3, f"{episode} frames of {side}x{side}", "resolution x closed_loop_horizon_s"
             )

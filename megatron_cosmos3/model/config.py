@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
+from megatron_cosmos3.config_files import refuse_irregular_file
 from megatron_cosmos3.model.attention import ATTENTION_BACKENDS
 from megatron_cosmos3.model.moe import EXPERT_IMPLS
 from megatron_cosmos3.model.transformer_engine import LINEAR_IMPLS
@@ -367,11 +368,21 @@ def _container_mismatch(merged, layer, path: str = "") -> str | None:
     'Cannot merge incompatible container types', naming no key (a TypeError, for an override)."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
+    entry_type = merged._metadata.element_type  # a mapping of settings (data.stages): its entries' dataclass
     for key in layer.keys():
-        if not isinstance(key, str) or key not in merged:
+        if not isinstance(key, str):
+            continue
+        if key in merged:
+            target = merged._get_node(key)
+        elif is_dataclass(entry_type):  # a new entry (a stage of its own): checked as the dataclass's fields
+            target = OmegaConf.structured(entry_type)
+        else:
             continue  # an unknown key: OmegaConf names it, with the nearest known one
-        target, value = merged._get_node(key), layer._get_node(key)
+        value = layer._get_node(key)
         where = f"{path}{key}"
+        found = _nested_value(target, value, where)
+        if found:
+            return found
         if isinstance(target, ListConfig) and isinstance(value, DictConfig):
             return f"{where}: a mapping where a list belongs, got {value}"
         if isinstance(target, DictConfig) and isinstance(value, ListConfig):
@@ -389,6 +400,29 @@ def _container_mismatch(merged, layer, path: str = "") -> str | None:
             found = _container_mismatch(target, value, f"{where}.")
             if found:
                 return found
+    return None
+
+
+def _nested_value(target, value, where: str) -> str | None:
+    """The first item of ``value`` that is a list or mapping where ``target`` (a list or mapping of
+    plain values: ``optimizer.betas``, a stage's task weights) holds numbers or strings, named with
+    its index or key; None where there is none. OmegaConf stored such an item as is, and the
+    config's own range checks then failed with a TypeError naming no key."""
+    from omegaconf import DictConfig, ListConfig
+
+    if not isinstance(target, (DictConfig, ListConfig)) or target._metadata.element_type not in (int, float, str, bool):
+        return None
+    if isinstance(value, ListConfig):
+        items = [(f"{where}[{index}]", value._get_node(index)) for index in range(len(value))]
+    elif isinstance(value, DictConfig):
+        items = [(f"{where}.{key}", value._get_node(key)) for key in value.keys()]
+    else:
+        return None
+    want = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}[target._metadata.element_type]
+    for name, item in items:
+        if isinstance(item, (DictConfig, ListConfig)):
+            kind = "a mapping" if isinstance(item, DictConfig) else "a list"
+            return f"{name}: {kind} where {want} belongs, got {item}"
     return None
 
 
@@ -423,6 +457,7 @@ def load_model_config(path: str | Path) -> MoTConfig:
     """
     from omegaconf import DictConfig, OmegaConf
 
+    refuse_irregular_file(path)
     try:
         raw = OmegaConf.load(path)
     except OSError as error:

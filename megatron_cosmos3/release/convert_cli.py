@@ -18,6 +18,7 @@ import argparse
 import re
 import sys
 import time
+from fractions import Fraction
 
 import torch
 
@@ -39,7 +40,11 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
     if not match or match[2].upper() not in _UNITS:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB, 100KB)")
-    return int(float(match[1]) * _UNITS[match[2].upper()])
+    # Exact: float() of a number of 400 digits is inf, and int(inf) was OverflowError's traceback.
+    size = int(Fraction(match[1]) * _UNITS[match[2].upper()])
+    if size < 1:  # 0 was taken: every tensor its own shard, silently
+        raise argparse.ArgumentTypeError(f"{text!r} is {size} bytes; a shard holds at least 1 byte")
+    return size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,8 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     dtype = _DTYPES[args.dtype] if args.dtype else None
     start = time.perf_counter()
     try:
+        config = load_model_config(args.config) if args.command == "import" and args.config else None
+    except (ValueError, OSError) as error:  # missing, no regular file, not YAML or no valid model config
+        print(f"error: --config: {error}", file=sys.stderr)
+        return 2
+    try:
         if args.command == "import":
-            config = load_model_config(args.config) if args.config else None
             model, vision = load_qwen3_vl(args.hf_folder, config=config, dtype=dtype)
             save_mot_folder(model, vision, args.out_folder, max_shard_bytes=args.max_shard_size)
             # The tokenizer travels with the weights: data.tokenizer.path can name this folder.

@@ -25,7 +25,7 @@ import torch
 from omegaconf import OmegaConf
 
 from megatron_cosmos3.checkpoint.safe_reader import MANIFEST, write_manifest
-from megatron_cosmos3.conversion.hf_qwen3_vl import copy_support_files, export_qwen3_vl
+from megatron_cosmos3.conversion.hf_qwen3_vl import check_support_folder, copy_support_files, export_qwen3_vl
 from megatron_cosmos3.conversion.mot_folder import CONFIG_FILE, save_mot_folder
 from megatron_cosmos3.conversion.safetensors_io import DEFAULT_MAX_SHARD_BYTES, ConversionError
 from megatron_cosmos3.parallel.sizes import ParallelSizes
@@ -67,6 +67,8 @@ def write_release_folder(
     """Writes the release folder of ``trained`` (module doc) into a new or empty ``folder``.
     ``dtype`` defaults to the model's. Needs the whole model (loaded in one process)."""
     _whole(trained)
+    if trained.config.data.tokenizer.path:  # before any file is written
+        check_support_folder(trained.config.data.tokenizer.path)
     folder = save_mot_folder(trained.model, trained.model.vision, folder, dtype=dtype, max_shard_bytes=max_shard_bytes)
     if trained.config.data.tokenizer.path:
         copy_support_files(

@@ -24,7 +24,6 @@ import math
 import shutil
 import signal
 import sys
-import tempfile
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -35,7 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_cosmos3.atomic_files import longest_staged_name, partial_folder, remove_stale_partial_folders
+from megatron_cosmos3.atomic_files import (
+    longest_staged_name,
+    partial_folder,
+    remove_stale_partial_folders,
+    unwritable_reason,
+)
 from megatron_cosmos3.data.determinism import seed_problem
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.latent_encoders import LatentEncoder, latent_encoder_from_config
@@ -43,6 +47,7 @@ from megatron_cosmos3.data.media import decode_image, decode_npy
 from megatron_cosmos3.data.media_files import VIDEO_SUFFIXES as VIDEO_FILE_SUFFIXES
 from megatron_cosmos3.data.media_files import decode_video_file
 from megatron_cosmos3.data.schema import AUDIO_FIELDS, decode_audio_file, rate_value
+from megatron_cosmos3.data.vision_features import crop_to_tokens
 from megatron_cosmos3.encoders.action_normalization import ActionStats, merge_action_stats
 from megatron_cosmos3.inference.generation import generate
 from megatron_cosmos3.inference.media_outputs import (
@@ -222,18 +227,11 @@ def remove_output(path: Path) -> None:
 
 
 def unwritable_out(out: Path) -> str | None:
-    """Why files cannot be written under ``--out``, or None: a file is created and removed in it, or
-    in its nearest existing folder where it is yet to be made (nothing is left behind, and ranks
-    probing at once do not disturb each other), so a read-only file system, a folder without
-    permission or one under /proc is refused before any model loads (it was a traceback after
-    generating)."""
-    existing = next(folder for folder in (out.absolute(), *out.absolute().parents) if folder.exists())
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        return f"--out {str(out)!r} is not a folder this run can write to ({error.strerror or error})"
-    return None
+    """Why files cannot be written under ``--out`` (``atomic_files.unwritable_reason``), or None: a
+    read-only file system, a folder without permission or one under /proc is refused before any
+    model loads (it was a traceback after generating)."""
+    reason = unwritable_reason(out)
+    return None if reason is None else f"--out {str(out)!r} is not a folder this run can write to ({reason})"
 
 
 def write_request_folder(
@@ -505,6 +503,11 @@ def run_requests(
 def _text_inputs(spec: RequestSpec, where: str) -> tuple[np.ndarray | None, TextSampling]:
     """A text request's picture (or None) and sampling settings."""
     picture = read_input("image", spec.path("image"), where) if "image" in spec.files else None
+    if picture is not None:
+        try:  # checked with every input: the ViT's crop raised SampleError's traceback in generate_text
+            crop_to_tokens(picture)
+        except SampleError as error:
+            raise RequestError(f"{where}: image={str(spec.path('image'))!r}: {error}") from None
     return picture, spec.text_sampling(where)
 
 
@@ -635,10 +638,19 @@ def add_timeout_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def specs_from_args(args: argparse.Namespace) -> list[RequestSpec]:
-    if args.requests is not None:
-        return read_requests(args.requests)
+    """The requests of ``--requests``, or the one of the flags; RequestError where a request's flag
+    is given with ``--requests``: it was ignored without a word (``--steps 50`` generated at 8)."""
     known = {*SETTINGS, *TEXT_SETTINGS, *INPUT_FILES, "name"}
-    return [RequestSpec.from_mapping({k: v for k, v in vars(args).items() if k in known}, "the flags")]
+    flags = {key: value for key, value in vars(args).items() if key in known}
+    if args.requests is not None:
+        given = sorted(key for key, value in flags.items() if value is not None)
+        if given:
+            raise RequestError(
+                f"--requests {str(args.requests)!r}: the flags of one request {given} are not read with a "
+                "request file; give them as keys of each request's line"
+            )
+        return read_requests(args.requests)
+    return [RequestSpec.from_mapping(flags, "the flags")]
 
 
 @contextlib.contextmanager

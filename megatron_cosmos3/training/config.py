@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationResolutionError
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
+from megatron_cosmos3.atomic_files import unwritable_reason
+from megatron_cosmos3.config_files import refuse_irregular_file
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfig
 from megatron_cosmos3.data.determinism import seed_problem
 from megatron_cosmos3.eval_suite.config import SuiteConfig, check_model_embodiments
@@ -425,6 +427,10 @@ class TrainConfig:
         directory = self.checkpoint.directory
         if os.path.exists(directory) and not os.path.isdir(directory):
             raise ValueError(f"checkpoint.directory={directory!r} exists and is not a directory")
+        # Read-only, no permission, under /proc: the run lock's OSError was a traceback from every rank.
+        reason = unwritable_reason(directory) if directory else None
+        if reason is not None:
+            raise ValueError(f"checkpoint.directory={directory!r} is not a folder this run can write to ({reason})")
         root = self.runs_root  # the run's folder is made under it (``name_run``)
         if os.path.exists(root) and not os.path.isdir(root):
             raise ValueError(f"runs_root={root!r} exists and is not a directory")
@@ -563,12 +569,19 @@ def _refuse_non_finite(node, source: str) -> None:
     walk("", resolved)
 
 
+def _one_line(error: Exception) -> str:
+    """``error``'s text on one line: OmegaConf and the YAML parser add indented 'full_key:' and
+    'in "<file>", line N' lines, and the console command prints one line."""
+    return " ".join(str(error).split())
+
+
 def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Schema defaults <- YAML file(s), later ones winning <- ``key=value`` overrides, validated.
     A file's ``model.embodiments``, or the override ``model.embodiments={...}``, lists the model's
     embodiments (``model.config.WHOLE_MAPPINGS``)."""
     merged = OmegaConf.structured(TrainConfig)
     for path in [yaml_path] if isinstance(yaml_path, str) else yaml_path or []:
+        refuse_irregular_file(path)
         try:
             refuse_long_integers(Path(path).read_bytes().decode("utf-8", errors="replace"))
             layer = OmegaConf.load(path)
@@ -579,16 +592,22 @@ def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] |
                 raise
             raise ValueError(f"{path}: {error}") from None  # OmegaConf's 'Invalid loaded object type' (a YAML scalar)
         except Exception as error:  # YAML syntax, an unknown key, a wrong type: name the file too
-            raise ValueError(f"{path}: {type(error).__name__}: {error}") from None
+            raise ValueError(f"{path}: {type(error).__name__}: {_one_line(error)}") from None
         _refuse_non_finite(merged, path)
     if overrides:
         for override in overrides:
             key, _, value = override.partition("=")
             refuse_long_integers(value, key.strip())  # the value alone: its key names it
-        layer = OmegaConf.from_dotlist(list(overrides))
-        _refuse_removed_keys(layer, "the overrides")
-        given = [item.split("=", 1)[0].strip() for item in overrides]
-        merged = merge_config_layer(merged, layer, "model.", given)
+        try:
+            layer = OmegaConf.from_dotlist(list(overrides))
+            _refuse_removed_keys(layer, "the overrides")
+            given = [item.split("=", 1)[0].strip() for item in overrides]
+            merged = merge_config_layer(merged, layer, "model.", given)
+        except OmegaConfBaseException as error:
+            # An unknown key is a KeyError (ConfigKeyError), which the console command let through as a
+            # traceback; a wrong type OmegaConf's ValidationError. One line each, as a file's: OmegaConf's
+            # text names the key (and the nearest known one) or the value.
+            raise ValueError(f"the overrides: {type(error).__name__}: {_one_line(error)}") from None
         _refuse_non_finite(merged, "the overrides")
     return OmegaConf.to_object(merged)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_cosmos3.atomic_files import unwritable_reason
 from megatron_cosmos3.data.slot_stream import PREEMPTION_SIGNALS
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,19 @@ class PreemptionWatcher:
     def close(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def status_file_problem(path: str | Path) -> str | None:
+    """Why ``write_status`` could not write ``path`` when the run ends, or None: checked at launch,
+    since a folder there (or a folder nothing can be written to) was an OSError traceback after
+    the last step, and the job script read no outcome."""
+    path = Path(path)
+    if path.is_dir():
+        return f"--status-file {str(path)!r} is a folder, not a file"
+    reason = unwritable_reason(path.parent)
+    if reason is not None:
+        return f"--status-file {str(path)!r}: no file can be written in its folder ({reason})"
+    return None
 
 
 def write_status(path: str | Path, outcome: str, step: int, start_step: int) -> None:

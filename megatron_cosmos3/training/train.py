@@ -78,7 +78,13 @@ from megatron_cosmos3.training.flops import FlopCounter
 from megatron_cosmos3.training.host_memory import check_host_memory
 from megatron_cosmos3.training.metrics import PHASES, MetricsWindow
 from megatron_cosmos3.training.precision import autocast, check_precision
-from megatron_cosmos3.training.preemption import FINISHED, PREEMPTED, PreemptionWatcher, write_status
+from megatron_cosmos3.training.preemption import (
+    FINISHED,
+    PREEMPTED,
+    PreemptionWatcher,
+    status_file_problem,
+    write_status,
+)
 from megatron_cosmos3.training.profiling import StepProfiler, check_profiling
 from megatron_cosmos3.training.run_lock import lock_run_folder
 from megatron_cosmos3.training.samples import (
@@ -848,6 +854,9 @@ def checked_config(args: argparse.Namespace) -> TrainConfig | None:
     config.parallel.validate(launched_world_size(os.environ), config.model, config.model.num_experts)
     config.name_run(launcher_run_id())
     config.check_paths()
+    problem = status_file_problem(args.status_file) if args.status_file else None
+    if problem is not None:
+        raise ValueError(problem)
     return config
 
 

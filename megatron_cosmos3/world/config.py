@@ -3,10 +3,13 @@ embodiments act, and the mix of stills, clips and expert demonstrations."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from megatron_cosmos3.data.clips import MAX_CLIP_BYTES
 from megatron_cosmos3.tasks.layout import exact
 from megatron_cosmos3.world.agents import EMBODIMENT_RATES
+from megatron_cosmos3.world.sound import SAMPLE_RATE
 
 
 @dataclass(frozen=True)
@@ -44,3 +47,21 @@ class WorldConfig:
         for rate in (*self.fps_choices, *self.action_rates.values()):
             if (exact(rate) * exact(self.duration_s)).denominator != 1:  # 4.1 s x 30 Hz is 123.00000000000001
                 raise ValueError(f"duration_s={self.duration_s} must hold a whole number of frames/poses at {rate}/s")
+        self._check_clip_bytes()
+
+    def _check_clip_bytes(self) -> None:
+        """A clip the loader reads: its frames (at the highest frame rate) and its 48 kHz stereo float
+        sound each decode to at most clips.MAX_CLIP_BYTES (above it the loader skips a sample as
+        out_of_range). A crafted size was a MemoryError in the first sample (resolution=100000) or
+        its poses (duration_s=1e9), after the output folders were made."""
+        frames = math.ceil(max(self.fps_choices) * self.duration_s) + 1
+        sizes = {
+            f"{frames} frames of {self.resolution}x{self.resolution}": frames * self.resolution**2 * 3,
+            f"{self.duration_s:g} s of 48 kHz stereo sound": math.ceil(self.duration_s * SAMPLE_RATE) * 2 * 4,
+        }
+        for what, size in sizes.items():
+            if size > MAX_CLIP_BYTES:
+                raise ValueError(
+                    f"resolution={self.resolution} and duration_s={self.duration_s}: a clip of {what} decodes to "
+                    f"{size / 2**30:.1f} GiB, above clips.MAX_CLIP_BYTES={MAX_CLIP_BYTES}"
+                )

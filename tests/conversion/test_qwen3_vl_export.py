@@ -1,6 +1,7 @@
 """Export: import -> export is bit-exact, and transformers loads the export with identical logits."""
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -89,6 +90,54 @@ def test_command_line_round_trip(hf_folder, tmp_path, capsys):
     # A second export into the now non-empty folder is refused, not merged.
     assert cli(["export", str(tmp_path / "mot"), str(tmp_path / "hf")]) == 2
     assert "export folder is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)  # a FIFO given as --config was read until a writer came: a hang
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # --config that is missing, a folder, a FIFO, not UTF-8: tracebacks (the command named only
+        # checkpoint errors), or a hang
+        (["--config", "{tmp}/none.yaml"], "error: --config: [Errno 2] No such file or directory"),
+        (["--config", "{tmp}"], "error: --config: {tmp}: not a regular file"),
+        (["--config", "{tmp}/pipe.yaml"], "error: --config: {tmp}/pipe.yaml: not a regular file"),
+        (["--config", "{tmp}/latin.yaml"], "error: --config: {tmp}/latin.yaml: not YAML (UnicodeDecodeError"),
+        # an output folder that is a file: NotADirectoryError's traceback, after the model loaded
+        (["--out", "{tmp}/latin.yaml"], "error: {tmp}/latin.yaml: output folder is a file, not a folder"),
+        # 0 was taken (every tensor its own shard); 400 digits were inf, and int(inf) OverflowError's traceback
+        (["--max-shard-size", "0"], "argument --max-shard-size: '0' is 0 bytes; a shard holds at least 1 byte"),
+        (["--max-shard-size", "9" * 400], None),
+    ],
+)
+def test_the_command_names_a_bad_config_output_or_size_in_one_line(hf_folder, tmp_path, capsys, argv, message):
+    os.mkfifo(tmp_path / "pipe.yaml")
+    (tmp_path / "latin.yaml").write_bytes("model:\n  name: caf\u00e9\n".encode("latin-1"))
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    out = argv[argv.index("--out") + 1] if "--out" in argv else str(tmp_path / "mot")
+    argv = [a for a in argv if a != "--out" and a != out]
+    try:
+        code = cli(["import", str(hf_folder), out, *argv])
+    except SystemExit as exited:  # argparse's own refusal
+        code = exited.code
+    err = capsys.readouterr().err
+    if message is None:  # a size that is no problem: the import is written
+        assert code == 0 and (tmp_path / "mot" / "model.yaml").is_file(), err
+        return
+    assert code == 2 and message.format(tmp=tmp_path) in err and "Traceback" not in err, err
+    assert not (tmp_path / "mot").exists()
+
+
+@pytest.mark.parametrize("source, message", [("none", "is missing"), ("mot/model.yaml", "is a file")])
+def test_an_export_whose_support_files_folder_is_not_one_writes_nothing(hf_folder, tmp_path, capsys, source, message):
+    """--copy-files-from naming nothing (or a file) was FileNotFoundError's traceback once the weights
+    were written, leaving an export without its tokenizer."""
+    assert cli(["import", str(hf_folder), str(tmp_path / "mot")]) == 0
+    capsys.readouterr()
+    argv = ["export", str(tmp_path / "mot"), str(tmp_path / "hf"), "--copy-files-from", str(tmp_path / source)]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / source}: the folder to copy tokenizer and processor files from {message}\n"
+    assert not (tmp_path / "hf").exists()
 
 
 def test_command_line_help():

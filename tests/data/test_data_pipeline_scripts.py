@@ -133,11 +133,26 @@ def test_a_manifest_of_loose_files_becomes_validated_shards(tmp_path):
         ("encode_shards", ["{tmp}/raw", "{tmp}/new", "--video-vae", "{tmp}/none"], "does not exist"),
         ("encode_shards", ["{tmp}/raw", "{tmp}/new", "--encoder", "pooled", "--video-latent-channels", "-2"], ">= 0"),
         ("encode_shards", ["{tmp}/evil", "{tmp}/new", "--encoder", "pooled"], "may not run a command"),
+        ("encode_shards", ["{tmp}/raw", "{tmp}/new", "--encoder", "pooled", "--seed", "-1"], "seed=-1 must be an"),
         ("inspect_shards", ["{tmp}/none"], "No such file"),
         ("write_shards", ["{tmp}/none.jsonl", "{tmp}/new"], "manifest"),
         ("write_shards", ["{tmp}/raw/index.json", "{tmp}/raw"], "is the input folder"),
         ("write_shards", ["{tmp}/evil/index.json", "{tmp}/raw"], "already holds a finished dataset"),
         ("write_shards", ["{tmp}/raw/index.json", "{tmp}/new", "--shard-size", "0"], "shard size 0 must be >= 1"),
+        # An output that is a file: mkdir's FileExistsError / NotADirectoryError tracebacks.
+        ("write_shards", ["{tmp}/raw/index.json", "{tmp}/evil/index.json"], "is a file, not a folder"),
+        ("ingest_videos", ["{tmp}/raw", "{tmp}/evil/index.json"], "is a file, not a folder"),
+        # --task/--tasks were ignored beside --processes: each array task wrote every part
+        ("ingest_videos", ["{tmp}/raw", "{tmp}/new", "--processes", "2", "--task", "1", "--tasks", "4"], "give one"),
+        ("generate_world", ["{tmp}/evil/index.json", "--samples", "1"], "is a file, not a folder"),
+        # The shards' names start with the prefix: '../x' wrote them beside the output folder.
+        ("write_shards", ["{tmp}/raw/index.json", "{tmp}/new", "--prefix", "../escaped"], "prefix='../escaped' must"),
+        # A clip the loader would skip as out_of_range: a MemoryError in the first sample, after the folders.
+        ("generate_world", ["{tmp}/new", "--samples", "1", "--resolution", "100000"], "above clips.MAX_CLIP_BYTES"),
+        # Refused widths left an empty new/raw/ behind.
+        ("generate_world", ["{tmp}/new", "--latents", "pooled", "--audio-latent-dim", "-1"], "audio_latent_dim=-1"),
+        # 'too few usable samples for the tasks {'policy': 1}' said nothing of the name.
+        ("export_requests", ["{tmp}/raw", "{tmp}/new", "--embodiment", "octopus"], "embodiment='octopus' is not one"),
     ],
 )
 def test_pipeline_scripts_refuse_bad_arguments_in_one_line_and_write_nothing(tmp_path, capsys, script, argv, message):

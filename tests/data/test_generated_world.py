@@ -114,3 +114,20 @@ def test_a_clip_length_that_holds_whole_frames_and_poses_is_accepted_exactly():
     assert len(sample.video) == 8 and len(sample.actions) == 14  # frames 0..7 span 0.56 s; 25 Hz steps
     with pytest.raises(ValueError, match=r"duration_s=0.35 must hold a whole number of frames/poses at 10.0/s"):
         WorldConfig(duration_s=0.35, fps_choices=(20.0,), action_rates=rates)
+
+
+@pytest.mark.parametrize(
+    "resolution, duration_s, message",
+    [
+        (100_000, 2.0, r"61 frames of 100000x100000 decodes to 1704.3 GiB"),
+        (64, 1e9, r"30000000001 frames of 64x64 decodes to"),
+        # frames of a day fit at 32x32 (7.4 GiB); its 48 kHz stereo float sound does not (30.9 GiB)
+        (32, 86_400.0, r"86400 s of 48 kHz stereo sound decodes to 30.9 GiB"),
+    ],
+)
+def test_a_world_of_clips_the_loader_skips_as_too_large_is_refused(resolution, duration_s, message):
+    """A crafted size was a MemoryError in the first sample's frames or poses, after the output
+    folders were made; the loader would have skipped such a clip as out_of_range anyway."""
+    with pytest.raises(ValueError, match=message + r".*above clips.MAX_CLIP_BYTES"):
+        WorldConfig(resolution=resolution, duration_s=duration_s)
+    WorldConfig(resolution=32, duration_s=60.0)  # a long clip of a size the loader reads

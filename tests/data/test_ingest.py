@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -414,9 +415,11 @@ def test_a_folder_of_videos_with_captions_becomes_shards(tmp_path):
     assert math.isclose(clip.caption_segments[0][1], 1.0)
 
 
+@pytest.mark.timeout(60)  # a FIFO as --captions was read until a writer came: a hang
 def test_a_caption_sidecar_nested_past_the_parser_is_a_counted_skip_and_a_bad_captions_file_one_error(tmp_path):
     """A sidecar of '[[[[...' was a RecursionError that ended the run; a --captions file that is not
-    UTF-8, nested past the parser or a folder was a raw UnicodeDecodeError/RecursionError/IsADirectoryError."""
+    UTF-8, nested past the parser or a folder was a raw UnicodeDecodeError/RecursionError/IsADirectoryError;
+    a FIFO hung."""
     ingest = load_script("ingest_videos")
     folder = tmp_path / "videos"
     folder.mkdir()
@@ -440,6 +443,10 @@ def test_a_caption_sidecar_nested_past_the_parser_is_a_counted_skip_and_a_bad_ca
             captions.write_bytes(data)
         with pytest.raises(ValueError, match=rf"--captions={captions}(, line 1)?: {message}"):
             ingest.ingest_videos(folder, tmp_path / "out", captions)
+    captions.rmdir()
+    os.mkfifo(captions)
+    with pytest.raises(ValueError, match=rf"--captions={captions}: not a regular file \(a FIFO, socket or device\)"):
+        ingest.ingest_videos(folder, tmp_path / "out", captions)
 
 
 def test_links_fifos_and_unreadable_files_of_a_video_folder_are_counted_skips(tmp_path, monkeypatch):
@@ -448,8 +455,6 @@ def test_links_fifos_and_unreadable_files_of_a_video_folder_are_counted_skips(tm
     a dangling link and a link to a folder (a loop back to the folder here) were dropped without a
     word. Each is now a counted, logged skip; a --captions file giving a key twice or listing a file
     twice (the last one won, silently) is an error naming the line."""
-    import os
-
     ingest = load_script("ingest_videos")
     folder = tmp_path / "videos"
     (folder / "sub").mkdir(parents=True)

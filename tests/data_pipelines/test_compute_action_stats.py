@@ -3,6 +3,7 @@
 import importlib.util
 import io
 import logging
+import os
 import sys
 import zipfile
 from pathlib import Path
@@ -144,8 +145,17 @@ def test_main_writes_loadable_json_next_to_the_dataset(dataset, caplog):
     assert ActionStats.load(out)["vehicle"].q01 is None
 
 
-def test_main_fails_without_writing_when_no_file_is_usable(tmp_path, caplog):
-    (tmp_path / "corrupt.npz").write_bytes(b"garbage")
+@pytest.mark.timeout(60)  # a FIFO named *.npz was opened to be read: a hang
+@pytest.mark.parametrize("unusable", ["corrupt.npz", "nan_position.npz", "fifo.npz"])
+def test_main_fails_without_writing_when_no_file_is_usable(tmp_path, caplog, unusable):
+    """A file of a known embodiment whose actions fail (NaN poses) left its kind an empty list of
+    actions: torch.cat's traceback instead of the skip it had logged. A FIFO waited for a writer."""
+    if unusable == "fifo.npz":
+        os.mkfifo(tmp_path / unusable)
+    elif MALFORMED[unusable] is None:
+        (tmp_path / unusable).write_bytes(b"garbage")
+    else:
+        np.savez(tmp_path / unusable, **MALFORMED[unusable])
     with caplog.at_level(logging.INFO):
         assert compute_action_stats.main([str(tmp_path)]) == 1
     assert "0 file(s) used, 1 skipped" in caplog.text and "no usable trajectory" in caplog.text

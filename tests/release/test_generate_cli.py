@@ -213,10 +213,13 @@ def test_help_lists_every_task_and_what_it_needs(capsys):
         ({"task": "text_to_video", "name": "/tmp/escaped"}, "name='/tmp/escaped' must be a folder name"),
         ({"task": "text_to_video", "name": ".."}, "name='..' must be a folder name"),
         ({"task": "text_to_video", "name": 7}, "name=7 must be a folder name"),
+        # A picture below one 32x32 ViT token was SampleError's traceback from the ViT's crop.
+        ({"task": "understanding", "prompt": "what?", "image": "thin.png"}, "8x64 pixels is smaller than one ViT"),
     ],
 )
 def test_a_bad_request_is_a_clear_error_and_writes_nothing(checkpoint, inputs, tmp_path, capsys, request_, message):
     (tmp_path / "first.png").write_bytes((inputs / "first.png").read_bytes())
+    write_png(tmp_path / "thin.png", np.zeros((8, 64, 3), np.uint8))
     requests = write_requests(tmp_path, [request_])
     assert main(["--checkpoint", str(checkpoint), "--requests", str(requests), "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
@@ -746,6 +749,20 @@ def test_a_flag_the_task_does_not_read_is_refused_and_flags_not_given_are_no_key
     assert main([*argv, "--prompt", "what moves?", "--max-new-tokens", "4"]) == 2
     err = capsys.readouterr().err  # control: past the request, the missing checkpoint is the error
     assert "does not read" not in err and str(tmp_path / "none") in err
+
+
+def test_a_request_flag_given_with_a_request_file_is_refused_not_ignored(tmp_path, capsys):
+    """--steps, --seed, --name... beside --requests were ignored without a word: the file's requests
+    were generated with their own settings (8 steps for a user who asked 50)."""
+    requests = write_requests(tmp_path, [{"task": "text_to_image", "prompt": "x", "resolution": "64x32"}])
+    argv = ["--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "out"), "--requests", str(requests)]
+    assert main([*argv, "--steps", "50", "--seed", "5", "--duration", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "the flags of one request ['duration_s', 'seed', 'steps'] are not read with a request file" in err, err
+    assert main(argv) == 2  # control: without them the file is read, and the missing checkpoint is the error
+    err = capsys.readouterr().err
+    assert "not read with a request file" not in err and str(tmp_path / "none") in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_input_paths_are_absolute_from_the_request_files_folder_whatever_the_working_folder(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """The main job for real: torchrun with 2 gloo processes, MLflow run, committed checkpoint, resume."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -120,6 +121,46 @@ def test_invalid_config_fails_before_any_process_group(monkeypatch):
         train_module.main(["--config", str(REPO / "configs/tiny_cpu.yaml"), "model.num_kv_heads=3"])
     with pytest.raises(Exception, match="lrr"):
         train_module.main(["optimizer.lrr=1"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # OmegaConf's ConfigKeyError (a KeyError) and ConfigTypeError went past the command's
+        # ValueError/OSError as tracebacks.
+        (["stepz=3"], "the overrides: ConfigKeyError: Key 'stepz' not in 'TrainConfig'. Did you mean"),
+        (["optimizer.betas=[[0.9],0.95]"], "optimizer.betas[0]: a list where a number belongs"),
+        # OmegaConf's ValidationError and the YAML parser add indented lines of their own
+        (["steps=abc"], "the overrides: ValidationError: Value 'abc' of type 'str' could not be converted to Integer"),
+        (["--config", "{tmp}/twice.yaml"], "{tmp}/twice.yaml: ConstructorError: while constructing a mapping in"),
+        (["--config", "{tmp}/pipe.yaml"], "{tmp}/pipe.yaml: not a regular file"),  # read without end: a hang
+        # /proc takes no folder, as a read-only file system takes no file: the run lock's OSError was a
+        # traceback from every rank, after the process group had started
+        (
+            ["checkpoint.directory=/proc/cosmos3-test/checkpoints"],
+            "checkpoint.directory='/proc/cosmos3-test/checkpoints' is not a folder this run can write to",
+        ),
+        # The outcome line was written after the last step: an OSError traceback there, no outcome read.
+        (["--status-file", "{tmp}"], "--status-file '{tmp}' is a folder, not a file"),
+        (["--status-file", "/proc/cosmos3-test/status"], "--status-file '/proc/cosmos3-test/status': no file can"),
+    ],
+)
+@pytest.mark.timeout(30)
+def test_the_console_command_names_a_bad_override_or_config_path_in_one_line(
+    monkeypatch, capsys, tmp_path, argv, message
+):
+    from megatron_cosmos3.training import train as train_module
+
+    os.mkfifo(tmp_path / "pipe.yaml")
+    (tmp_path / "twice.yaml").write_text("steps: 1\nsteps: 2\n")
+    argv, message = [a.format(tmp=tmp_path) for a in argv], message.format(tmp=tmp_path)
+
+    monkeypatch.setattr(train_module, "init_distributed", lambda *_: pytest.fail("a process group was started"))
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert train_module.cli([*argv, "data_source=synthetic"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cosmos3-train: error: ") and err.count("\n") == 1 and message in err, err
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "srun"])

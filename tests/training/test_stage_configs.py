@@ -1,5 +1,6 @@
 """The stage configs layer over the main job's config and validate before anything starts."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,17 @@ def test_a_vit_whose_tokens_do_not_cover_the_datas_picture_grid_is_refused_when_
         # More digits than Python converts: its 'Exceeds the limit' ValueError named no key.
         ("steps=" + "9" * 5000, r"^steps=<an integer of 5000 digits> is not a number any setting takes"),
         ("eval.suite={resolution: '" + "1" * 4400 + "'}", r"^eval.suite.resolution=<an integer of 4400 digits>"),
+        # An unknown key in an override was OmegaConf's ConfigKeyError (a KeyError): a traceback from
+        # cosmos3-train, which names ValueErrors in one line.
+        ("stepz=3", r"^the overrides: ConfigKeyError: Key 'stepz' not in 'TrainConfig'\. Did you mean"),
+        ("=3", r"^the overrides: ConfigKeyError: Key '' not in 'TrainConfig'"),
+        # A list or mapping inside a list or mapping of plain values was stored as is, and the config's
+        # range checks then failed with a TypeError naming no key (ConfigTypeError: a traceback).
+        ("optimizer.betas=[[0.9],0.95]", r"^optimizer.betas\[0\]: a list where a number belongs, got \[0.9\]"),
+        ("model.mrope_section=[{a: 6},3,3]", r"^model.mrope_section\[0\]: a mapping where an integer belongs"),
+        ("synthetic.tasks=[[policy]]", r"^synthetic.tasks\[0\]: a list where a string belongs"),
+        ("data.stages.pretrain.tasks={policy: [1]}", r"^data.stages.pretrain.tasks.policy: a list where a number"),
+        ("data.stages={mine: {datasets: {world: [1]}}}", r"^data.stages.mine.datasets.world: a list where a number"),
     ],
 )
 def test_bad_values_are_named_before_anything_starts(override, message):
@@ -131,6 +143,19 @@ def test_a_saved_config_with_an_integer_too_long_for_python_names_its_source_and
 def test_a_missing_config_file_is_still_the_systems_error_naming_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="none.yaml"):
         load_config(str(tmp_path / "none.yaml"))
+
+
+@pytest.mark.timeout(30)  # without the check a FIFO's read waits for a writer that never comes
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_config_path_that_is_no_regular_file_is_refused_not_read(tmp_path, kind):
+    """``--config`` naming a FIFO hung (OmegaConf read it until a writer came; a device such as
+    /dev/zero, refused by the same check, was read until the memory ran out), a folder was
+    IsADirectoryError."""
+    path = {"folder": tmp_path, "fifo": tmp_path / "pipe.yaml"}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)
+    with pytest.raises(ValueError, match=rf"^{path}: not a regular file \(a folder, FIFO or device\)"):
+        load_config([str(REPO / "configs/tiny_cpu.yaml"), str(path)])
 
 
 def test_embodiments_given_whole_are_the_models_embodiments(tmp_path):
