@@ -883,6 +883,60 @@ def test_deepspeeds_elastic_optimizer_files_are_refused_naming_the_file(runs, tm
 
 
 @pytest.mark.multiprocess
+def test_the_moments_are_reassembled_one_saving_rank_at_a_time(runs, monkeypatch):
+    """Every rank of a resharded resume reassembles every saving rank's partitions
+    (``deepspeed_adam_state``): it reads one optimizer file at a time and keeps only its moments,
+    so a file's fp32 masters are gone before the next file is read (all files were held at once)."""
+    import gc
+    import weakref
+
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, SINGLE_PARTITION_OF_FP32_GROUPS
+
+    from megatron_cosmos3.training import deepspeed_engine
+
+    root, *_ = runs
+    stock = deepspeed_engine._WeightsOnlyTorch.load
+    masters_read, masters_alive_at_read = [], []
+
+    def load(self, f, map_location=None, **kwargs):
+        gc.collect()
+        masters_alive_at_read.append(sum(ref() is not None for ref in masters_read))
+        saved = stock(self, f, map_location, **kwargs)
+        if str(f).endswith("_optim_states.pt"):
+            masters = saved[OPTIMIZER_STATE_DICT][SINGLE_PARTITION_OF_FP32_GROUPS]
+            masters_read.extend(weakref.ref(master) for master in masters)
+        return saved
+
+    monkeypatch.setattr(deepspeed_engine._WeightsOnlyTorch, "load", load)
+    adam = deepspeed_engine.deepspeed_adam_state(root / RESHARDED)
+    assert len(masters_read) == 2 and adam  # control: both saving ranks' files were read
+    assert masters_alive_at_read[-1] == 0, masters_alive_at_read
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("damage", ["missing", "damaged"])
+def test_a_saving_ranks_missing_or_damaged_file_is_named_before_the_partitions_are_merged(runs, tmp_path, damage):
+    """The resharded resume reads every saving rank's files through ``load_deepspeed_weights``: one
+    of them missing or damaged is a CheckpointCorruptError naming it (a resume may fall back to an
+    older checkpoint), not DeepSpeed's count of files or an unpickling error."""
+    from megatron_cosmos3.checkpoint.safe_reader import CheckpointCorruptError
+    from megatron_cosmos3.training.deepspeed_engine import load_deepspeed_weights
+
+    root, *_ = runs
+    step = shutil.copytree(root / RESHARDED, tmp_path / "step_00000002")
+    name = "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    if damage == "missing":
+        (step / name).unlink()
+    else:
+        data = bytearray((step / name).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (step / name).write_bytes(bytes(data))
+    want = f"file {name} is missing" if damage == "missing" else f"file {name} does not match its sha256"
+    with pytest.raises(CheckpointCorruptError, match=re.escape(want)):
+        load_deepspeed_weights(step, MoTModel(load_config(None, COMMON).model))
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("case", REFUSED)
 def test_a_resume_deepspeed_cannot_load_is_refused_naming_the_saved_and_current_layout(runs, case):
     """On 1 rank: a checkpoint whose parameter groups changed (another weight decay, the reasoner
