@@ -473,10 +473,10 @@ class WeightsOnlyCheckpointEngine:
     def __getattr__(self, name: str):
         return getattr(self._inner, name)
 
-    def load(self, path: str, map_location=None):
+    def load(self, path: str, map_location=None, mmap: bool = False):
         with torch.serialization.safe_globals(_deepspeed_checkpoint_classes()):
             try:
-                return torch.load(path, map_location=map_location, weights_only=True)
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
             except pickle.UnpicklingError as error:
                 reason = next((line for line in str(error).splitlines() if "GLOBAL" in line), str(error)[:300])
                 raise UnsafeCheckpointError(
@@ -486,7 +486,9 @@ class WeightsOnlyCheckpointEngine:
 
 class _WeightsOnlyTorch:
     """``torch`` as DeepSpeed's ``zero_to_fp32`` module sees it in ``deepspeed_weights``: its
-    ``torch.load`` passes ``weights_only=False``; here every load is ``WeightsOnlyCheckpointEngine``'s."""
+    ``torch.load`` passes ``weights_only=False``; here every load is ``WeightsOnlyCheckpointEngine``'s,
+    memory-mapped where it asks: it reads every saving rank's optimizer files on every rank, and
+    read whole they would all be in memory at once, the AdamW moments it never touches included."""
 
     def __init__(self) -> None:
         self._load = WeightsOnlyCheckpointEngine(None).load
@@ -494,8 +496,8 @@ class _WeightsOnlyTorch:
     def __getattr__(self, name: str):
         return getattr(torch, name)
 
-    def load(self, f, map_location=None, **_ignored):  # mmap: a whole read is as good
-        return self._load(str(f), map_location)
+    def load(self, f, map_location=None, mmap: bool = False, **_ignored):
+        return self._load(str(f), map_location, mmap)
 
 
 def load_deepspeed_weights(folder: Path, owner: nn.Module, groups=None, allow_missing: tuple[str, ...] = ()) -> None:
@@ -605,7 +607,7 @@ def _flat_moments(load, files: list[str]) -> tuple[dict[str, list[list[torch.Ten
     moments, steps = {key: [] for key in ADAM_MOMENTS}, [torch.tensor(0.0)]
     zero_stage, paddings = None, None
     for file in files:
-        saved = load(file, map_location="cpu")[OPTIMIZER_STATE_DICT]
+        saved = load(file, map_location="cpu", mmap=True)[OPTIMIZER_STATE_DICT]  # the masters are never read
         if zero_stage is None:
             zero_stage, paddings = saved[ZERO_STAGE], saved.get(PARAM_ALIGNMENT_PADDINGS)
         if saved[ZERO_STAGE] <= 2:

@@ -913,6 +913,33 @@ def test_the_moments_are_reassembled_one_saving_rank_at_a_time(runs, monkeypatch
     assert masters_alive_at_read[-1] == 0, masters_alive_at_read
 
 
+def _resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads the resident set from /proc")
+def test_the_weights_only_reader_maps_a_file_where_zero_to_fp32_asks(tmp_path):
+    """zero_to_fp32 loads every saving rank's optimizer file with ``mmap=True`` (every rank does, in
+    a resharded resume and in load_trained_model): the weights-only reader in its place maps it too,
+    so tensors it never touches (ZeRO-1/2's AdamW moments there) are not read into memory; it read
+    every file whole. Control: the same file read whole takes its size in resident memory."""
+    from megatron_cosmos3.training.deepspeed_engine import _WeightsOnlyTorch
+
+    size = 64 << 20
+    file = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"moments": torch.ones(size // 4)}, file)
+    reader = _WeightsOnlyTorch()
+    torch.save({"step": torch.ones(1)}, tmp_path / "small.pt")
+    reader.load(tmp_path / "small.pt", map_location="cpu", mmap=True)  # DeepSpeed's classes imported first
+    before = _resident_bytes()
+    mapped = reader.load(file, map_location="cpu", mmap=True)
+    assert _resident_bytes() - before < size // 4
+    before = _resident_bytes()
+    whole = reader.load(file, map_location="cpu")
+    assert _resident_bytes() - before > size * 3 // 4  # control: a whole read holds the file
+    assert torch.equal(mapped["moments"], whole["moments"])
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("damage", ["missing", "damaged"])
 def test_a_saving_ranks_missing_or_damaged_file_is_named_before_the_partitions_are_merged(runs, tmp_path, damage):
