@@ -364,7 +364,10 @@ def _resharded(root: Path) -> dict:
     both = ("engine=deepspeed", "optimizer.micro_batches_per_step=2")
     weights, adam = _started_state(root, "resharded-zero1", *both, "deepspeed.zero_stage=1")
     loss = _train(root, "resharded-zero3", *both, "deepspeed.zero_stage=3", *QUICK)["loss"]
-    return {"weights": weights, "adam": adam, "loss": loss}
+    # The bf16 ZeRO-2 checkpoint of 2 ranks under a bf16 ZeRO-1 engine on 1 rank.
+    _copy_checkpoint(root / "zero2-bf16" / "step_00000002", root / "resharded-bf16")
+    bf16 = _started_state(root, "resharded-bf16", *both, "deepspeed.zero_stage=1", "precision=bf16")
+    return {"weights": weights, "adam": adam, "loss": loss, "bf16": bf16}
 
 
 def _on_one_rank(rank: int, world_size: int, root: Path) -> tuple[float, dict, dict]:
@@ -858,6 +861,24 @@ def test_a_deepspeed_checkpoint_resumes_on_another_world_size_and_zero_stage_exa
     assert resharded["adam"][q]["exp_avg_sq"].abs().sum() > 0
     assert resharded["loss"] == pytest.approx(history(root, "zero2")[2], rel=1e-5)
     assert resharded["loss"] != pytest.approx(history(root, "zero2")[1], rel=1e-3)  # step 3, not 2
+
+
+@pytest.mark.multiprocess
+def test_a_bf16_deepspeed_checkpoint_resumes_on_another_world_size_from_its_fp32_masters(runs):
+    """The bf16 ZeRO-2 checkpoint of 2 ranks resumed by a bf16 ZeRO-1 engine on 1 rank (resharded):
+    its fp32 masters are the saved masters bit for bit, not the bf16 working copy rounded back
+    (the frozen parameters, of which DeepSpeed keeps no master, the saved module's), and its AdamW
+    state holds both steps' moments."""
+    _, results, *_ = runs
+    masters, working = results["bf16"]["masters"], results["bf16"]["working"]
+    weights, adam = results["resharded"]["bf16"]
+    q = "layers.0.generator.self_attn.q_proj.weight"
+    assert not torch.equal(masters[q], working[q].float())  # control: the copies differ
+    assert set(adam) == {name for name in masters if not name.startswith(FROZEN)}
+    for name, tensor in weights.items():
+        want = masters[name] if name in masters else working[name].float()
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, want), name
+    assert float(adam[q]["step"]) == 2 and adam[q]["exp_avg_sq"].abs().sum() > 0
 
 
 @pytest.mark.multiprocess
