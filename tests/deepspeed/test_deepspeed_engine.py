@@ -353,6 +353,7 @@ REFUSED = {
 
 # ZeRO-2's step-2 checkpoint of 2 ranks, copied to run folders that 1 rank resumes (resharded).
 RESHARDED = "zero2/step_00000002"
+RESHARDED_ZERO3 = "zero3/step_00000003"  # and ZeRO-3's, saved with its optimizer state offloaded
 
 
 def _resharded(root: Path) -> dict:
@@ -367,7 +368,10 @@ def _resharded(root: Path) -> dict:
     # The bf16 ZeRO-2 checkpoint of 2 ranks under a bf16 ZeRO-1 engine on 1 rank.
     _copy_checkpoint(root / "zero2-bf16" / "step_00000002", root / "resharded-bf16")
     bf16 = _started_state(root, "resharded-bf16", *both, "deepspeed.zero_stage=1", "precision=bf16")
-    return {"weights": weights, "adam": adam, "loss": loss, "bf16": bf16}
+    # ZeRO-3's step-3 checkpoint of 2 ranks (its optimizer state offloaded) under ZeRO-1 on 1 rank.
+    _copy_checkpoint(root / RESHARDED_ZERO3, root / "resharded-from-zero3")
+    from_zero3 = _started_state(root, "resharded-from-zero3", *both, "deepspeed.zero_stage=1")
+    return {"weights": weights, "adam": adam, "loss": loss, "bf16": bf16, "from_zero3": from_zero3}
 
 
 def _on_one_rank(rank: int, world_size: int, root: Path) -> tuple[float, dict, dict]:
@@ -864,6 +868,29 @@ def test_a_deepspeed_checkpoint_resumes_on_another_world_size_and_zero_stage_exa
 
 
 @pytest.mark.multiprocess
+def test_a_zero3_checkpoint_with_offloaded_optimizer_state_resumes_on_another_world_size_exactly(runs):
+    """ZeRO-3's step-3 checkpoint of 2 ranks (its AdamW state offloaded to host memory, ZeRO-3's own
+    flat partitions and padding) resumed under ZeRO-1 on 1 rank: the engine's fp32 masters, AdamW
+    moments and step are DeepSpeed's own reassembly of the saved partitions (ds_to_universal's
+    per-parameter files) bit for bit."""
+    root, results, *_ = runs
+    weights, adam = results["resharded"]["from_zero3"]
+    zero = _to_universal(root / RESHARDED_ZERO3, root / "universal3" / "step_00000003_universal") / "zero"
+    trained = {p.name for p in zero.iterdir() if (p / "exp_avg.pt").is_file()}
+    assert trained and set(adam) == trained
+    for name, state in adam.items():
+        for key in ADAM_KEYS:
+            want = _universal_tensor(zero / name / f"{key}.pt")
+            assert torch.equal(state[key], want.view_as(state[key])), (name, key)
+        assert float(state["step"]) == 3, name
+    for folder in (p for p in zero.iterdir() if p.is_dir()):
+        want = _universal_tensor(folder / "fp32.pt")
+        assert torch.equal(weights[folder.name], want.view_as(weights[folder.name])), folder.name
+    q = "layers.0.generator.self_attn.q_proj.weight"  # control: moments of three steps, not a fresh optimizer's
+    assert adam[q]["exp_avg_sq"].abs().sum() > 0
+
+
+@pytest.mark.multiprocess
 def test_a_bf16_deepspeed_checkpoint_resumes_on_another_world_size_from_its_fp32_masters(runs):
     """The bf16 ZeRO-2 checkpoint of 2 ranks resumed by a bf16 ZeRO-1 engine on 1 rank (resharded):
     its fp32 masters are the saved masters bit for bit, not the bf16 working copy rounded back
@@ -1052,21 +1079,31 @@ def test_a_bf16_deepspeed_checkpoint_loads_its_fp32_masters_for_generation(runs)
     assert not torch.equal(weights[q], working[q].float())  # control: not the bf16 copy
 
 
-@pytest.fixture(scope="module")
-def universal(runs) -> Path:
-    """ZeRO-2's 2-rank step-2 checkpoint (``RESHARDED``) as DeepSpeed's ds_to_universal converts it
-    (its ``zero/`` folder of per-parameter files, ``latest_universal`` beside it), run in this
-    process with one worker."""
+def _to_universal(step: Path, out: Path) -> Path:
+    """The DeepSpeed checkpoint folder ``step`` as DeepSpeed's ds_to_universal converts it into
+    ``out`` (its ``zero/`` folder of per-parameter files, ``latest_universal`` beside it), run in
+    this process with one worker."""
     from deepspeed.checkpoint import ds_to_universal
 
-    root, *_ = runs
-    out = root / "universal" / "step_00000002_universal"
-    argv = ["ds_to_universal", "--input_folder", str(root / RESHARDED / "deepspeed")]
+    argv = ["ds_to_universal", "--input_folder", str(step / "deepspeed")]
     argv += ["--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
     with mock.patch.object(sys, "argv", [*argv, "--inject_missing_state"]):  # our saves lack its client state
         ds_to_universal.main(ds_to_universal.parse_arguments())
     assert (out / "zero" / "embed_tokens.weight" / "fp32.pt").is_file() and (out.parent / "latest_universal").is_file()
     return out
+
+
+def _universal_tensor(file: Path) -> torch.Tensor:
+    """A tensor of ds_to_universal's output: ``{"param": tensor}`` from ZeRO-1/2, the tensor from ZeRO-3."""
+    loaded = torch.load(file, weights_only=True)
+    return loaded["param"] if isinstance(loaded, dict) else loaded
+
+
+@pytest.fixture(scope="module")
+def universal(runs) -> Path:
+    """ZeRO-2's 2-rank step-2 checkpoint (``RESHARDED``) through ds_to_universal (``_to_universal``)."""
+    root, *_ = runs
+    return _to_universal(root / RESHARDED, root / "universal" / "step_00000002_universal")
 
 
 @pytest.mark.multiprocess
