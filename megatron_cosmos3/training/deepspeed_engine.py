@@ -474,10 +474,10 @@ class WeightsOnlyCheckpointEngine:
     def __getattr__(self, name: str):
         return getattr(self._inner, name)
 
-    def load(self, path: str, map_location=None):
+    def load(self, path: str, map_location=None, mmap: bool = False):
         with torch.serialization.safe_globals(_deepspeed_checkpoint_classes()):
             try:
-                return torch.load(path, map_location=map_location, weights_only=True)
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
             except pickle.UnpicklingError as error:
                 reason = next((line for line in str(error).splitlines() if "GLOBAL" in line), str(error)[:300])
                 raise UnsafeCheckpointError(
@@ -487,7 +487,9 @@ class WeightsOnlyCheckpointEngine:
 
 class _WeightsOnlyTorch:
     """``torch`` as DeepSpeed's ``zero_to_fp32`` module sees it in ``deepspeed_weights``: its
-    ``torch.load`` passes ``weights_only=False``; here every load is ``WeightsOnlyCheckpointEngine``'s."""
+    ``torch.load`` passes ``weights_only=False``; here every load is ``WeightsOnlyCheckpointEngine``'s,
+    memory-mapped where it asks: it reads every saving rank's optimizer files on every rank, and
+    read whole they would all be in memory at once, the AdamW moments it never touches included."""
 
     def __init__(self) -> None:
         self._load = WeightsOnlyCheckpointEngine(None).load
@@ -495,8 +497,8 @@ class _WeightsOnlyTorch:
     def __getattr__(self, name: str):
         return getattr(torch, name)
 
-    def load(self, f, map_location=None, **_ignored):  # mmap: a whole read is as good
-        return self._load(str(f), map_location)
+    def load(self, f, map_location=None, mmap: bool = False, **_ignored):
+        return self._load(str(f), map_location, mmap)
 
 
 def load_deepspeed_weights(folder: Path, owner: nn.Module, groups=None, allow_missing: tuple[str, ...] = ()) -> None:
@@ -560,47 +562,55 @@ def deepspeed_adam_state(path: str | Path) -> dict[str, dict[str, torch.Tensor]]
     DeepSpeed keeps each moment as it keeps the fp32 masters, one flat slice per rank and group
     (docs/DESIGN.md, "The DeepSpeed engine"), so ``zero_to_fp32``'s own reassembly of the masters
     merges them, given the moments in their place. Read in one process, weights-only, from files the
-    caller has checked against the checksums (``deepspeed_weights`` does). Optimizer files of
-    DeepSpeed's elastic layout (``elastic_checkpoint``, which this project never sets) are a
-    CheckpointLayoutError naming the file."""
-    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_ALIGNMENT_PADDINGS, ZERO_STAGE
-
+    caller has checked against the checksums (``deepspeed_weights`` does), one saving rank's file at
+    a time: only its moments are kept, and each moment's slices are let go once merged. Optimizer
+    files of DeepSpeed's elastic layout (``elastic_checkpoint``, which this project never sets) are
+    a CheckpointLayoutError naming the file."""
     folder = str(Path(path) / ENGINE_TAG)
     with weights_only_zero_to_fp32() as zero_to_fp32:
         model_states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(folder))
         files = zero_to_fp32.get_optim_files(folder)
-        ranks = [zero_to_fp32.torch.load(file, map_location="cpu")[OPTIMIZER_STATE_DICT] for file in files]
-        moments, step = _flat_moments(ranks, files)
+        moments, step, zero_stage, paddings = _flat_moments(zero_to_fp32.torch.load, files)
         merged = {}
-        for key, flat in moments.items():  # zero_to_fp32's merge of the masters, frozen parameters left out
-            if ranks[0][ZERO_STAGE] <= 2:
-                paddings = ranks[0].get(PARAM_ALIGNMENT_PADDINGS)
+        for key in ADAM_MOMENTS:  # zero_to_fp32's merge of the masters, frozen parameters left out
+            flat = moments.pop(key)
+            if zero_stage <= 2:
                 whole = zero_to_fp32._get_fp32_state_dict_from_zero2_checkpoint(
-                    len(ranks), flat, model_states, True, paddings
+                    len(files), flat, model_states, True, paddings
                 )
             else:
-                lazy = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(len(ranks), flat, model_states, True)
+                lazy = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(len(files), flat, model_states, True)
                 whole = zero_to_fp32.to_torch_tensor(lazy)
+                del lazy
+            del flat  # the merge copied them: the slices go before the next moment is merged
             merged[key] = whole
     trained = [name for shapes in model_states[0].param_shapes for name in shapes]
     return {name: {**{key: merged[key][name] for key in ADAM_MOMENTS}, "step": step} for name in trained}
 
 
-def _flat_moments(ranks: list[dict], files: list[str]) -> tuple[dict[str, list[list[torch.Tensor]]], torch.Tensor]:
+def _flat_moments(load, files: list[str]) -> tuple[dict[str, list[list[torch.Tensor]]], torch.Tensor, int, list | None]:
     """Per AdamW moment, each saving rank's flat slices in the order of its fp32 master partitions
     (ZeRO-1/2 save the masters without the last rank's alignment padding, the moments with it: cut
-    to the masters' length), and the largest step count. A partition the optimizer never stepped
-    has zero moments and step 0, as torch's AdamW starts them."""
+    to the masters' length), the largest step count, and the ZeRO stage and parameter alignment
+    paddings of the first file. ``load`` (``torch.load``'s signature) reads one file at a time and
+    nothing else of it is kept: every rank runs this, and all files held at once added every saving
+    rank's masters (half the moments' size) to every rank's peak. A partition the optimizer never
+    stepped has zero moments and step 0, as torch's AdamW starts them."""
     from deepspeed.checkpoint.constants import (
         BASE_OPTIMIZER_STATE,
         FP32_FLAT_GROUPS,
         OPTIMIZER_STATE_DICT,
+        PARAM_ALIGNMENT_PADDINGS,
         SINGLE_PARTITION_OF_FP32_GROUPS,
         ZERO_STAGE,
     )
 
     moments, steps = {key: [] for key in ADAM_MOMENTS}, [torch.tensor(0.0)]
-    for file, saved in zip(files, ranks):
+    zero_stage, paddings = None, None
+    for file in files:
+        saved = load(file, map_location="cpu", mmap=True)[OPTIMIZER_STATE_DICT]  # the masters are never read
+        if zero_stage is None:
+            zero_stage, paddings = saved[ZERO_STAGE], saved.get(PARAM_ALIGNMENT_PADDINGS)
         if saved[ZERO_STAGE] <= 2:
             masters, inner = saved[SINGLE_PARTITION_OF_FP32_GROUPS], saved[BASE_OPTIMIZER_STATE]
         else:
@@ -616,7 +626,8 @@ def _flat_moments(ranks: list[dict], files: list[str]) -> tuple[dict[str, list[l
                 [state.get(key, torch.zeros_like(master))[: master.numel()] for state, master in zip(states, masters)]
             )
         steps += [torch.as_tensor(state["step"], dtype=torch.float32) for state in states if "step" in state]
-    return moments, max(steps)
+        del saved, masters, inner, states  # this file's masters and the rest go before the next is read
+    return moments, max(steps), zero_stage, paddings
 
 
 @contextlib.contextmanager

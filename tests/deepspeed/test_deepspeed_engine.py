@@ -353,6 +353,7 @@ REFUSED = {
 
 # ZeRO-2's step-2 checkpoint of 2 ranks, copied to run folders that 1 rank resumes (resharded).
 RESHARDED = "zero2/step_00000002"
+RESHARDED_ZERO3 = "zero3/step_00000003"  # and ZeRO-3's, saved with its optimizer state offloaded
 
 
 def _resharded(root: Path) -> dict:
@@ -364,7 +365,13 @@ def _resharded(root: Path) -> dict:
     both = ("engine=deepspeed", "optimizer.micro_batches_per_step=2")
     weights, adam = _started_state(root, "resharded-zero1", *both, "deepspeed.zero_stage=1")
     loss = _train(root, "resharded-zero3", *both, "deepspeed.zero_stage=3", *QUICK)["loss"]
-    return {"weights": weights, "adam": adam, "loss": loss}
+    # The bf16 ZeRO-2 checkpoint of 2 ranks under a bf16 ZeRO-1 engine on 1 rank.
+    _copy_checkpoint(root / "zero2-bf16" / "step_00000002", root / "resharded-bf16")
+    bf16 = _started_state(root, "resharded-bf16", *both, "deepspeed.zero_stage=1", "precision=bf16")
+    # ZeRO-3's step-3 checkpoint of 2 ranks (its optimizer state offloaded) under ZeRO-1 on 1 rank.
+    _copy_checkpoint(root / RESHARDED_ZERO3, root / "resharded-from-zero3")
+    from_zero3 = _started_state(root, "resharded-from-zero3", *both, "deepspeed.zero_stage=1")
+    return {"weights": weights, "adam": adam, "loss": loss, "bf16": bf16, "from_zero3": from_zero3}
 
 
 def _on_one_rank(rank: int, world_size: int, root: Path) -> tuple[float, dict, dict]:
@@ -861,6 +868,47 @@ def test_a_deepspeed_checkpoint_resumes_on_another_world_size_and_zero_stage_exa
 
 
 @pytest.mark.multiprocess
+def test_a_zero3_checkpoint_with_offloaded_optimizer_state_resumes_on_another_world_size_exactly(runs):
+    """ZeRO-3's step-3 checkpoint of 2 ranks (its AdamW state offloaded to host memory, ZeRO-3's own
+    flat partitions and padding) resumed under ZeRO-1 on 1 rank: the engine's fp32 masters, AdamW
+    moments and step are DeepSpeed's own reassembly of the saved partitions (ds_to_universal's
+    per-parameter files) bit for bit."""
+    root, results, *_ = runs
+    weights, adam = results["resharded"]["from_zero3"]
+    zero = _to_universal(root / RESHARDED_ZERO3, root / "universal3" / "step_00000003_universal") / "zero"
+    trained = {p.name for p in zero.iterdir() if (p / "exp_avg.pt").is_file()}
+    assert trained and set(adam) == trained
+    for name, state in adam.items():
+        for key in ADAM_KEYS:
+            want = _universal_tensor(zero / name / f"{key}.pt")
+            assert torch.equal(state[key], want.view_as(state[key])), (name, key)
+        assert float(state["step"]) == 3, name
+    for folder in (p for p in zero.iterdir() if p.is_dir()):
+        want = _universal_tensor(folder / "fp32.pt")
+        assert torch.equal(weights[folder.name], want.view_as(weights[folder.name])), folder.name
+    q = "layers.0.generator.self_attn.q_proj.weight"  # control: moments of three steps, not a fresh optimizer's
+    assert adam[q]["exp_avg_sq"].abs().sum() > 0
+
+
+@pytest.mark.multiprocess
+def test_a_bf16_deepspeed_checkpoint_resumes_on_another_world_size_from_its_fp32_masters(runs):
+    """The bf16 ZeRO-2 checkpoint of 2 ranks resumed by a bf16 ZeRO-1 engine on 1 rank (resharded):
+    its fp32 masters are the saved masters bit for bit, not the bf16 working copy rounded back
+    (the frozen parameters, of which DeepSpeed keeps no master, the saved module's), and its AdamW
+    state holds both steps' moments."""
+    _, results, *_ = runs
+    masters, working = results["bf16"]["masters"], results["bf16"]["working"]
+    weights, adam = results["resharded"]["bf16"]
+    q = "layers.0.generator.self_attn.q_proj.weight"
+    assert not torch.equal(masters[q], working[q].float())  # control: the copies differ
+    assert set(adam) == {name for name in masters if not name.startswith(FROZEN)}
+    for name, tensor in weights.items():
+        want = masters[name] if name in masters else working[name].float()
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, want), name
+    assert float(adam[q]["step"]) == 2 and adam[q]["exp_avg_sq"].abs().sum() > 0
+
+
+@pytest.mark.multiprocess
 def test_deepspeeds_elastic_optimizer_files_are_refused_naming_the_file(runs, tmp_path):
     """Optimizer files of DeepSpeed's elastic layout (zero_optimization.elastic_checkpoint, which this
     project never sets: a list of per-group states) are a CheckpointLayoutError naming the file when
@@ -880,6 +928,87 @@ def test_deepspeeds_elastic_optimizer_files_are_refused_naming_the_file(runs, tm
     torch.save(saved, optim)
     with pytest.raises(CheckpointLayoutError, match=re.escape(f"{optim} holds DeepSpeed's elastic optimizer state")):
         deepspeed_adam_state(step)
+
+
+@pytest.mark.multiprocess
+def test_the_moments_are_reassembled_one_saving_rank_at_a_time(runs, monkeypatch):
+    """Every rank of a resharded resume reassembles every saving rank's partitions
+    (``deepspeed_adam_state``): it reads one optimizer file at a time and keeps only its moments,
+    so a file's fp32 masters are gone before the next file is read (all files were held at once)."""
+    import gc
+    import weakref
+
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, SINGLE_PARTITION_OF_FP32_GROUPS
+
+    from megatron_cosmos3.training import deepspeed_engine
+
+    root, *_ = runs
+    stock = deepspeed_engine._WeightsOnlyTorch.load
+    masters_read, masters_alive_at_read = [], []
+
+    def load(self, f, map_location=None, **kwargs):
+        gc.collect()
+        masters_alive_at_read.append(sum(ref() is not None for ref in masters_read))
+        saved = stock(self, f, map_location, **kwargs)
+        if str(f).endswith("_optim_states.pt"):
+            masters = saved[OPTIMIZER_STATE_DICT][SINGLE_PARTITION_OF_FP32_GROUPS]
+            masters_read.extend(weakref.ref(master) for master in masters)
+        return saved
+
+    monkeypatch.setattr(deepspeed_engine._WeightsOnlyTorch, "load", load)
+    adam = deepspeed_engine.deepspeed_adam_state(root / RESHARDED)
+    assert len(masters_read) == 2 and adam  # control: both saving ranks' files were read
+    assert masters_alive_at_read[-1] == 0, masters_alive_at_read
+
+
+def _resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads the resident set from /proc")
+def test_the_weights_only_reader_maps_a_file_where_zero_to_fp32_asks(tmp_path):
+    """zero_to_fp32 loads every saving rank's optimizer file with ``mmap=True`` (every rank does, in
+    a resharded resume and in load_trained_model): the weights-only reader in its place maps it too,
+    so tensors it never touches (ZeRO-1/2's AdamW moments there) are not read into memory; it read
+    every file whole. Control: the same file read whole takes its size in resident memory."""
+    from megatron_cosmos3.training.deepspeed_engine import _WeightsOnlyTorch
+
+    size = 64 << 20
+    file = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"moments": torch.ones(size // 4)}, file)
+    reader = _WeightsOnlyTorch()
+    torch.save({"step": torch.ones(1)}, tmp_path / "small.pt")
+    reader.load(tmp_path / "small.pt", map_location="cpu", mmap=True)  # DeepSpeed's classes imported first
+    before = _resident_bytes()
+    mapped = reader.load(file, map_location="cpu", mmap=True)
+    assert _resident_bytes() - before < size // 4
+    before = _resident_bytes()
+    whole = reader.load(file, map_location="cpu")
+    assert _resident_bytes() - before > size * 3 // 4  # control: a whole read holds the file
+    assert torch.equal(mapped["moments"], whole["moments"])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("damage", ["missing", "damaged"])
+def test_a_saving_ranks_missing_or_damaged_file_is_named_before_the_partitions_are_merged(runs, tmp_path, damage):
+    """The resharded resume reads every saving rank's files through ``load_deepspeed_weights``: one
+    of them missing or damaged is a CheckpointCorruptError naming it (a resume may fall back to an
+    older checkpoint), not DeepSpeed's count of files or an unpickling error."""
+    from megatron_cosmos3.checkpoint.safe_reader import CheckpointCorruptError
+    from megatron_cosmos3.training.deepspeed_engine import load_deepspeed_weights
+
+    root, *_ = runs
+    step = shutil.copytree(root / RESHARDED, tmp_path / "step_00000002")
+    name = "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    if damage == "missing":
+        (step / name).unlink()
+    else:
+        data = bytearray((step / name).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (step / name).write_bytes(bytes(data))
+    want = f"file {name} is missing" if damage == "missing" else f"file {name} does not match its sha256"
+    with pytest.raises(CheckpointCorruptError, match=re.escape(want)):
+        load_deepspeed_weights(step, MoTModel(load_config(None, COMMON).model))
 
 
 @pytest.mark.multiprocess
@@ -950,21 +1079,31 @@ def test_a_bf16_deepspeed_checkpoint_loads_its_fp32_masters_for_generation(runs)
     assert not torch.equal(weights[q], working[q].float())  # control: not the bf16 copy
 
 
-@pytest.fixture(scope="module")
-def universal(runs) -> Path:
-    """ZeRO-2's 2-rank step-2 checkpoint (``RESHARDED``) as DeepSpeed's ds_to_universal converts it
-    (its ``zero/`` folder of per-parameter files, ``latest_universal`` beside it), run in this
-    process with one worker."""
+def _to_universal(step: Path, out: Path) -> Path:
+    """The DeepSpeed checkpoint folder ``step`` as DeepSpeed's ds_to_universal converts it into
+    ``out`` (its ``zero/`` folder of per-parameter files, ``latest_universal`` beside it), run in
+    this process with one worker."""
     from deepspeed.checkpoint import ds_to_universal
 
-    root, *_ = runs
-    out = root / "universal" / "step_00000002_universal"
-    argv = ["ds_to_universal", "--input_folder", str(root / RESHARDED / "deepspeed")]
+    argv = ["ds_to_universal", "--input_folder", str(step / "deepspeed")]
     argv += ["--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
     with mock.patch.object(sys, "argv", [*argv, "--inject_missing_state"]):  # our saves lack its client state
         ds_to_universal.main(ds_to_universal.parse_arguments())
     assert (out / "zero" / "embed_tokens.weight" / "fp32.pt").is_file() and (out.parent / "latest_universal").is_file()
     return out
+
+
+def _universal_tensor(file: Path) -> torch.Tensor:
+    """A tensor of ds_to_universal's output: ``{"param": tensor}`` from ZeRO-1/2, the tensor from ZeRO-3."""
+    loaded = torch.load(file, weights_only=True)
+    return loaded["param"] if isinstance(loaded, dict) else loaded
+
+
+@pytest.fixture(scope="module")
+def universal(runs) -> Path:
+    """ZeRO-2's 2-rank step-2 checkpoint (``RESHARDED``) through ds_to_universal (``_to_universal``)."""
+    root, *_ = runs
+    return _to_universal(root / RESHARDED, root / "universal" / "step_00000002_universal")
 
 
 @pytest.mark.multiprocess

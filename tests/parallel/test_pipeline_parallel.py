@@ -66,6 +66,12 @@ SPLITS = [
     (10, uneven(3, 2, first=2)),
     (12, uneven(2, 2, first=4)),
     (20, uneven(3, 2, last=4)),
+    # three chunks per rank with uneven ends, and five ranks (a sweep of 1..24 layers on 2..5 ranks
+    # with 1..3 chunks found no other split where megatron-core's is defined and differs)
+    (18, uneven(3, 3, first=3, last=6)),
+    (9, uneven(2, 3, first=3)),
+    (14, uneven(4, 2, last=2)),
+    (22, uneven(5, first=2)),
 ]
 
 
@@ -121,6 +127,13 @@ def test_uneven_splits_worked_by_hand():
         [range(1, 3), range(7, 9)],
         [range(3, 5), range(9, 11)],
         [range(5, 6), range(11, 12)],
+    ]
+    # pipeline=2, interleaved, both ends given: no middle rank, where megatron-core divides by zero
+    # (its middle chunk size over pipeline - 2 ranks); each end's chunks still come from each block.
+    sizes = uneven(2, 2, first=2, last=4)
+    assert [stage_layer_ranges(6, sizes, rank) for rank in range(2)] == [
+        [range(0, 1), range(3, 4)],
+        [range(1, 3), range(4, 6)],
     ]
 
 
