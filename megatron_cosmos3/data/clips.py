@@ -76,7 +76,7 @@ class MediaConfig:
         out = []
         for text in self.resolution_buckets:
             parts = str(text).lower().split("x")
-            if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            if len(parts) != 2 or not all(p.isdecimal() and int(p) > 0 for p in parts):
                 raise ValueError(f"media.resolution_buckets entry {text!r} must be 'HxW' with positive integers")
             out.append((int(parts[0]), int(parts[1])))
         return out

@@ -149,7 +149,7 @@ def slurm_port(job_id: str, step_id: str = "0", cluster_name: str = "") -> int:
     different ports, as do two steps of one job running at once; a cluster's jobs are shifted by its
     name's offset. ValueError naming an id that is not a number."""
     for name, value in (("SLURM_JOB_ID", job_id), ("SLURM_STEP_ID", step_id)):
-        if not value.isdigit():
+        if not value.isdecimal():
             raise ValueError(f"{name}={value!r}: not a number to derive the rendezvous port from")
     return PORT_BASE + (cluster_port_offset(cluster_name) + int(job_id) + STEP_STRIDE * int(step_id)) % PORT_SPAN
 
@@ -194,7 +194,7 @@ def _launch_numbers(environ: Mapping[str, str], names: tuple[str, str, str], lau
     numbers = []
     for name in names:
         value = environ.get(name)
-        if value is None or not value.isdigit():
+        if value is None or not value.isdecimal():
             raise ValueError(f"{launch}: {name}={value!r}, not a number; {setter} it starts")
         numbers.append(int(value))
     if not numbers[0] < numbers[1]:
@@ -221,11 +221,11 @@ def slurm_tasks_on_this_node(environ: Mapping[str, str]) -> int:
                 raise ValueError(f"{name}={value!r}: not SLURM's tasks per node (e.g. '4(x2),3')")
             counts += [int(match[1])] * int(match[2] or 1)
         node = environ.get("SLURM_NODEID", "0")
-        if not node.isdigit() or int(node) >= len(counts):
+        if not node.isdecimal() or int(node) >= len(counts):
             raise ValueError(f"SLURM_NODEID={node!r}: no node of {name}={value!r} ({len(counts)} nodes)")
         return counts[int(node)]
     value = environ.get("SLURM_NTASKS_PER_NODE", "1")
-    if not value.isdigit():
+    if not value.isdecimal():
         raise ValueError(f"SLURM_NTASKS_PER_NODE={value!r}: not a number of tasks")
     return int(value)
 
@@ -264,7 +264,7 @@ def launched_rank(environ: Mapping[str, str]) -> int:
     except ValueError:  # SLURM_STEP_NUM_TASKS that is no number: checked_config names it
         srun_task = False
     value = environ.get("SLURM_PROCID" if srun_task else "RANK", "0")
-    return int(value) if value.isdigit() else 0
+    return int(value) if value.isdecimal() else 0
 
 
 def gpu_index(local_rank: int, visible_gpus: int) -> int:
@@ -280,7 +280,7 @@ def slurm_attempt() -> int | None:
     if not os.environ.get("SLURM_JOB_ID"):
         return None
     count = os.environ.get("SLURM_RESTART_COUNT", "0")
-    return int(count) if count.isdigit() else 0
+    return int(count) if count.isdecimal() else 0
 
 
 def launcher_run_id() -> str:

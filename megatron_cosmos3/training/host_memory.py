@@ -130,7 +130,7 @@ def ranks_on_this_host(environ: Mapping[str, str] = os.environ) -> int:
     where srun starts one task per rank (``slurm_tasks_on_this_node``); else 1."""
     if "LOCAL_WORLD_SIZE" in environ:
         value = environ["LOCAL_WORLD_SIZE"]
-        return int(value) if value.isdigit() and int(value) > 0 else 1
+        return int(value) if value.isdecimal() and int(value) > 0 else 1
     if started_by_srun(environ):
         return max(1, slurm_tasks_on_this_node(environ))
     return 1

@@ -124,6 +124,8 @@ def test_a_host_list_not_in_slurms_format_is_named(nodelist):
     [
         ({"SLURM_PROCID": None}, "SLURM_PROCID=None, not a number"),
         ({"SLURM_LOCALID": "x"}, "SLURM_LOCALID='x', not a number"),
+        ({"SLURM_LOCALID": "\u00b2"}, "SLURM_LOCALID='\u00b2', not a number"),  # a digit int() refuses
+        ({"SLURM_JOB_ID": "1\u00b2", "MASTER_PORT": None}, "SLURM_JOB_ID='1\u00b2': not a number"),
         ({"SLURM_STEP_NODELIST": None, "SLURM_JOB_NODELIST": None}, "no MASTER_ADDR, SLURM_STEP_NODELIST or"),
         ({"SLURM_JOB_ID": None}, "no MASTER_PORT, and SLURM_JOB_ID=''"),
     ],
