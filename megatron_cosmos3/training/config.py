@@ -427,13 +427,15 @@ class TrainConfig:
         directory = self.checkpoint.directory
         if os.path.exists(directory) and not os.path.isdir(directory):
             raise ValueError(f"checkpoint.directory={directory!r} exists and is not a directory")
+        # The run's folder is made under runs_root (``name_run``): a file there is named as itself,
+        # before the checkpoint folder below it is found unwritable for that reason.
+        root = self.runs_root
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise ValueError(f"runs_root={root!r} exists and is not a directory")
         # Read-only, no permission, under /proc: the run lock's OSError was a traceback from every rank.
         reason = unwritable_reason(directory) if directory else None
         if reason is not None:
             raise ValueError(f"checkpoint.directory={directory!r} is not a folder this run can write to ({reason})")
-        root = self.runs_root  # the run's folder is made under it (``name_run``)
-        if os.path.exists(root) and not os.path.isdir(root):
-            raise ValueError(f"runs_root={root!r} exists and is not a directory")
         store = self.tracking.tracking_uri  # a bare path is an SQLite file (training/tracking.py)
         file_store_allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("true", "1")
         if self.tracking.enabled and store.startswith("file:") and not file_store_allowed:
