@@ -407,6 +407,34 @@ def test_named_errors(run, trained, release, tmp_path):
         load_trained_model(no_config)
 
 
+def test_a_pipeline_layout_without_the_deepstack_layers_on_the_first_chunk_is_refused_as_training_does(
+    trained, tmp_path
+):
+    """Loading under ``parallel`` checks the layout as training does: a first pipeline chunk short
+    of the ViT's DeepStack layers is the trainer's named error, before any group or model exists
+    (the load skipped the check and built a model whose later stage never got the features)."""
+    from omegaconf import OmegaConf
+
+    from megatron_cosmos3.training.config import config_from_yaml
+
+    uneven = ParallelSizes(pipeline=2, num_layers_in_first_pipeline_stage=1)
+    # Control: the ViT as trained has one DeepStack set, which layer 0 on the first chunk takes: the
+    # layout passes this check and is refused for the one process's world size.
+    with pytest.raises(ValueError, match=r"world_size=1 is not divisible by tensor\*pipeline\*context"):
+        load_trained_model(trained.source, parallel=uneven)
+    folder = copy_step(trained, tmp_path)
+    meta = json.loads((folder / "meta.json").read_text())
+    config = OmegaConf.create(meta["config"])
+    config.model.vision.deepstack_visual_indexes = [0, 1]  # layers 0 and 1: one chunk of 1 layer holds one
+    rewrite_meta(folder, {**meta, "config": OmegaConf.to_yaml(config)})
+    want = r"2 DeepStack feature sets join Reasoner layers 0..1, .* num_layers_in_first_pipeline_stage=1 gives it 1"
+    with pytest.raises(ValueError, match=want):
+        load_trained_model(folder, parallel=uneven)
+    config.parallel = OmegaConf.structured(uneven)
+    with pytest.raises(ValueError, match=want):  # the same error as the trainer's config load
+        config_from_yaml(OmegaConf.to_yaml(config), "the crafted config")
+
+
 def test_a_release_folder_without_its_checksums_is_refused(release, tmp_path):
     """Export always writes checksums.json; a release folder (its release.json says so) without one
     loaded with nothing verified, whatever its files had become."""
