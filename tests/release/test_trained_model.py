@@ -444,6 +444,16 @@ def test_a_release_folder_without_its_checksums_is_refused(release, tmp_path):
         load_trained_model(crafted)
 
 
+def test_a_file_added_to_a_release_folder_is_refused_naming_it(release, tmp_path):
+    """The loader reads the tokenizer's files from the folder: one added after the export (not in
+    its checksums.json) would be read unverified, so the folder is refused naming it."""
+    crafted = Path(shutil.copytree(release, tmp_path / "release"))
+    load_trained_model(crafted)  # control: as exported
+    (crafted / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(CheckpointCorruptError, match=f"file tokenizer_config.json is not in its {MANIFEST}"):
+        load_trained_model(crafted)
+
+
 def test_a_release_folder_missing_a_tensor_is_named_as_the_checkpoint_given(release, tmp_path):
     """The error names what the user passed (the commands' --checkpoint), not a training setting."""
     from megatron_cosmos3.checkpoint.checkpointer import MissingParametersError
