@@ -27,6 +27,8 @@ LAYOUTS = {
     "TP=2 + SP": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
     "PP=2 (1F1B)": (2, ["parallel.pipeline=2"]),
     "PP=2 x VPP=2": (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]),
+    # Uneven stages: the first rank (embeddings, ViT) holds 1 layer, the last the rest (the heads).
+    "PP=2 uneven (first 1)": (2, ["parallel.pipeline=2", "parallel.num_layers_in_first_pipeline_stage=1"]),
     "CP=2": (2, ["parallel.context=2"]),
     "TP=2 x PP=2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
     "TP=2 x CP=2": (4, ["parallel.tensor=2", "parallel.context=2"]),
@@ -34,7 +36,7 @@ LAYOUTS = {
     "TP=2 + SP x PP=2": (4, ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.pipeline=2"]),
     "TP=2 + SP x CP=2": (4, ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.context=2"]),
 }
-LINE = re.compile(r"step (\d+)/\d+ .* step ([0-9.]+)s\s+peak (\d+) MB")
+LINE = re.compile(r"step (\d+)/\d+ .* step ([0-9.]+)s .*?peak (\d+) MB")
 
 
 def run(nproc: int, extra: list[str], args, workdir: str) -> tuple[float, float]:

@@ -48,6 +48,15 @@ cluster_port_offset() {
   done
   echo $((digest % 12768))
 }
+# The decimal string $1, of any length, modulo $2: a digit at a time, as Python's int() reads it. Bash's
+# own arithmetic wraps past 2^63 without a word (an id of 19 digits gave a port below 20000, or none).
+decimal_modulo() {
+  local digits="$1" rest=0 i
+  for ((i = 0; i < ${#digits}; i++)); do
+    rest=$(((rest * 10 + ${digits:i:1}) % $2))
+  done
+  echo "$rest"
+}
 port="${MASTER_PORT:-}"
 if [ -z "$port" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
   step="${SLURM_STEP_ID:-0}"
@@ -60,7 +69,9 @@ if [ -z "$port" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
     exit 2
   fi
   offset="$(cluster_port_offset "${SLURM_CLUSTER_NAME:-}")"
-  port=$((20000 + (offset + 10#$SLURM_JOB_ID + 7919 * 10#$step) % 12768))
+  job="$(decimal_modulo "$SLURM_JOB_ID" 12768)"
+  step="$(decimal_modulo "$step" 12768)"
+  port=$((20000 + (offset + job + 7919 * step) % 12768))
 fi
 port="${port:-29500}"
 echo "torchrun_node.sh: node ${NODE_RANK:-0} of ${NNODES:-1}, rendezvous at $MASTER_ADDR:$port" >&2

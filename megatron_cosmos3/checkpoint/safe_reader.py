@@ -159,18 +159,38 @@ def _check_inside(folder: Path, path: Path, what: str) -> None:
         raise CheckpointCorruptError(f"{what} is a link to {target}, outside the checkpoint folder")
 
 
+def check_listed(folder: Path, manifest: dict[str, dict] | None) -> None:
+    """CheckpointCorruptError naming the first file under ``folder`` (besides MANIFEST) that the
+    manifest does not list: one copied in after the save is never verified, yet a loader that takes
+    every file of a kind reads it (DeepSpeed's counts its ``*_optim_states.pt`` against the saving
+    world size). Nothing to check for a checkpoint saved before checksums (``manifest`` None)."""
+    if manifest is None:
+        return
+    for path in sorted(Path(folder).rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if name != MANIFEST and name not in manifest and not path.is_dir():
+            raise CheckpointCorruptError(
+                f"checkpoint {folder}: file {name} is not in its {MANIFEST}: it was added after the save and "
+                "cannot be verified (remove it, or copy the checkpoint's own files only)"
+            )
+
+
 def check_sizes(folder: Path) -> None:
-    """Cheap structural check of a checkpoint folder: every file of its manifest is there, whole."""
+    """Cheap structural check of a checkpoint folder: every file of its manifest is there, whole,
+    and no other file is (``check_listed``)."""
     manifest = read_manifest(folder)
+    check_listed(Path(folder), manifest)
     for name in sorted(manifest or {}):
         check_file(Path(folder), name, manifest, full=False)
 
 
 def verify_checkpoint(folder: Path) -> None:
-    """Reads and checks every file of the checkpoint's manifest (CheckpointCorruptError otherwise)."""
+    """Reads and checks every file of the checkpoint's manifest, and that the folder holds no other
+    file (``check_listed``): CheckpointCorruptError otherwise."""
     manifest = read_manifest(folder)
     if manifest is None:
         raise CheckpointCorruptError(f"checkpoint {folder} has no {MANIFEST}: it cannot be verified")
+    check_listed(Path(folder), manifest)
     for name in sorted(manifest):
         check_file(Path(folder), name, manifest)
 

@@ -107,6 +107,19 @@ class ParallelSizes:
             f"ddp_impl='megatron' wraps one whole forward per micro-batch; pipeline={self.pipeline}, "
             f"context={self.context}, sequence_parallel={self.sequence_parallel} need ddp_impl='torch'",
         )
+        # The ViT runs on the first pipeline chunk; its DeepStack features join the Reasoner after
+        # layers 0..k-1, so those layers must be there too (no stage sends ViT features on). Checked
+        # here, so training and loading a trained model (release/trained.py) refuse the same layouts.
+        if model.vision is not None and self.pipeline > 1:
+            k = len(model.vision.deepstack_visual_indexes)
+            first_chunk = len(self.virtual_stage_layers(model.num_layers)[0])
+            _require(
+                first_chunk >= k,
+                f"model.vision: the ViT's {k} DeepStack feature sets join Reasoner layers 0..{k - 1}, which must "
+                f"all be in the first pipeline chunk, but num_layers={model.num_layers} over "
+                f"pipeline={self.pipeline}, virtual_pipeline={self.virtual_pipeline}, "
+                f"num_layers_in_first_pipeline_stage={self.num_layers_in_first_pipeline_stage} gives it {first_chunk}",
+            )
 
     def virtual_stage_layers(self, num_layers: int) -> list[range]:
         """The layers of each virtual stage ``v = chunk * pipeline + pipeline_rank``, in order of v.

@@ -251,9 +251,11 @@ def load_trained_model(
     (the commands' ``--timeout-s``; None: the checkpoint's ``distributed.init_timeout_s``). Read-only.
     Raises CheckpointLoadError for a path that is not a checkpoint or lacks its config,
     IncompleteCheckpointError for a save that never committed, ``CheckpointCorruptError`` for a
-    file that fails its checksum, ``NonFiniteWeightsError`` for weights holding NaN or inf. A
-    checkpoint of ``engine=deepspeed`` (any ZeRO stage, any number of saving ranks) loads as the
-    others do.
+    file that fails its checksum or is not in the checksums, ``NonFiniteWeightsError`` for weights
+    holding NaN or inf, and ValueError naming the fields for a ``parallel`` layout the world cannot
+    hold or the model cannot take (``ParallelSizes.validate``: training's config load checks the
+    same, the ViT's DeepStack layers on the first pipeline chunk among them). A checkpoint of
+    ``engine=deepspeed`` (any ZeRO stage, any number of saving ranks) loads as the others do.
     """
     source = find_checkpoint(path)
     release = is_weights_folder(source)

@@ -513,18 +513,7 @@ class TrainConfig:
 
         if self.reads_media:  # pictures cut on the data's grid
             check_vit_token_size(self.model.vision)
-        # The ViT runs on the first pipeline chunk; its DeepStack features join the Reasoner after
-        # layers 0..k-1, so those layers must be there too (no stage sends ViT features on).
-        k = len(self.model.vision.deepstack_visual_indexes)
-        sizes = self.parallel
-        first_chunk = len(sizes.virtual_stage_layers(self.model.num_layers)[0])
-        if sizes.pipeline > 1 and first_chunk < k:
-            raise ValueError(
-                f"model.vision: the ViT's {k} DeepStack feature sets join Reasoner layers 0..{k - 1}, which must "
-                f"all be in the first pipeline chunk, but num_layers={self.model.num_layers} over "
-                f"parallel.pipeline={sizes.pipeline}, virtual_pipeline={sizes.virtual_pipeline}, "
-                f"num_layers_in_first_pipeline_stage={sizes.num_layers_in_first_pipeline_stage} gives it {first_chunk}"
-            )
+        # The ViT's DeepStack layers on the first pipeline chunk: ParallelSizes.validate_for_model.
 
 
 def task_table(config: TrainConfig) -> list[str]:

@@ -39,6 +39,8 @@ SCRIPTS = {
     "audio_resampling.py": ["--repeats", "1", "--rates", "44100", "527996"],
     "audio_frame_walks.py": ["--repeats", "1", "--minutes", "0.5", "--copy-seconds", "10"],  # 3 copies, the 10 s clip
     "startup_cpu.py": ["--repeats", "1"],
+    # The baseline and one layout (two ranks under torchrun): the uneven pipeline split.
+    "layouts.py": ["--steps", "2", "--hidden", "64", "--layers", "2", "--only", "PP=2 uneven (first 1)"],
 }
 
 # Runs each script of the JSON {script: argv} as its own __main__ and writes {script: [exit status
@@ -135,3 +137,12 @@ def test_startup_cpu_bench_measures_the_entry_point_and_both_kinds_of_groups_aga
         "+ megatron-core's groups (ddp_impl=megatron)",
     ]
     assert rows[0][1] == "1.00"  # the baseline of the ratios
+
+
+def test_layouts_bench_times_the_trainer_under_an_uneven_pipeline_split(outputs):
+    """The trainer's log line is read for each layout (its step-time breakdown, added later, hid
+    the peak memory from the bench's pattern); the uneven split is one of the layouts."""
+    out = run_script(outputs, "layouts.py")
+    rows = re.findall(r"^(\S.*?) +(\d) +\d+\.\d{3} +(\d+\.\d\d)x +\d+$", out, flags=re.M)
+    assert [(name, ranks) for name, ranks, _ in rows] == [("1 process (baseline)", "1"), ("PP=2 uneven (first 1)", "2")]
+    assert rows[0][2] == "1.00"  # the baseline of the ratios

@@ -989,11 +989,12 @@ def test_the_weights_only_reader_maps_a_file_where_zero_to_fp32_asks(tmp_path):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("damage", ["missing", "damaged"])
+@pytest.mark.parametrize("damage", ["missing", "damaged", "unlisted"])
 def test_a_saving_ranks_missing_or_damaged_file_is_named_before_the_partitions_are_merged(runs, tmp_path, damage):
     """The resharded resume reads every saving rank's files through ``load_deepspeed_weights``: one
-    of them missing or damaged is a CheckpointCorruptError naming it (a resume may fall back to an
-    older checkpoint), not DeepSpeed's count of files or an unpickling error."""
+    of them missing or damaged, or an optimizer file the checksums do not list (copied into the step
+    folder), is a CheckpointCorruptError naming it (a resume may fall back to an older checkpoint),
+    not DeepSpeed's count of files ("Expected 2 ... found 3") or an unpickling error."""
     from megatron_cosmos3.checkpoint.safe_reader import CheckpointCorruptError
     from megatron_cosmos3.training.deepspeed_engine import load_deepspeed_weights
 
@@ -1002,11 +1003,19 @@ def test_a_saving_ranks_missing_or_damaged_file_is_named_before_the_partitions_a
     name = "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"
     if damage == "missing":
         (step / name).unlink()
-    else:
+    elif damage == "damaged":
         data = bytearray((step / name).read_bytes())
         data[len(data) // 2] ^= 0xFF
         (step / name).write_bytes(bytes(data))
-    want = f"file {name} is missing" if damage == "missing" else f"file {name} does not match its sha256"
+    else:
+        copied = "deepspeed/zero_pp_rank_2_mp_rank_00_optim_states.pt"
+        shutil.copyfile(step / name, step / copied)
+        name = copied
+    want = {
+        "missing": f"file {name} is missing",
+        "damaged": f"file {name} does not match its sha256",
+        "unlisted": f"file {name} is not in its checksums.json",
+    }[damage]
     with pytest.raises(CheckpointCorruptError, match=re.escape(want)):
         load_deepspeed_weights(step, MoTModel(load_config(None, COMMON).model))
 

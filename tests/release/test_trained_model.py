@@ -407,12 +407,50 @@ def test_named_errors(run, trained, release, tmp_path):
         load_trained_model(no_config)
 
 
+def test_a_pipeline_layout_without_the_deepstack_layers_on_the_first_chunk_is_refused_as_training_does(
+    trained, tmp_path
+):
+    """Loading under ``parallel`` checks the layout as training does: a first pipeline chunk short
+    of the ViT's DeepStack layers is the trainer's named error, before any group or model exists
+    (the load skipped the check and built a model whose later stage never got the features)."""
+    from omegaconf import OmegaConf
+
+    from megatron_cosmos3.training.config import config_from_yaml
+
+    uneven = ParallelSizes(pipeline=2, num_layers_in_first_pipeline_stage=1)
+    # Control: the ViT as trained has one DeepStack set, which layer 0 on the first chunk takes: the
+    # layout passes this check and is refused for the one process's world size.
+    with pytest.raises(ValueError, match=r"world_size=1 is not divisible by tensor\*pipeline\*context"):
+        load_trained_model(trained.source, parallel=uneven)
+    folder = copy_step(trained, tmp_path)
+    meta = json.loads((folder / "meta.json").read_text())
+    config = OmegaConf.create(meta["config"])
+    config.model.vision.deepstack_visual_indexes = [0, 1]  # layers 0 and 1: one chunk of 1 layer holds one
+    rewrite_meta(folder, {**meta, "config": OmegaConf.to_yaml(config)})
+    want = r"2 DeepStack feature sets join Reasoner layers 0..1, .* num_layers_in_first_pipeline_stage=1 gives it 1"
+    with pytest.raises(ValueError, match=want):
+        load_trained_model(folder, parallel=uneven)
+    config.parallel = OmegaConf.structured(uneven)
+    with pytest.raises(ValueError, match=want):  # the same error as the trainer's config load
+        config_from_yaml(OmegaConf.to_yaml(config), "the crafted config")
+
+
 def test_a_release_folder_without_its_checksums_is_refused(release, tmp_path):
     """Export always writes checksums.json; a release folder (its release.json says so) without one
     loaded with nothing verified, whatever its files had become."""
     crafted = Path(shutil.copytree(release, tmp_path / "release"))
     (crafted / MANIFEST).unlink()
     with pytest.raises(CheckpointLoadError, match=rf"release folder {crafted}: release.json but no {MANIFEST}"):
+        load_trained_model(crafted)
+
+
+def test_a_file_added_to_a_release_folder_is_refused_naming_it(release, tmp_path):
+    """The loader reads the tokenizer's files from the folder: one added after the export (not in
+    its checksums.json) would be read unverified, so the folder is refused naming it."""
+    crafted = Path(shutil.copytree(release, tmp_path / "release"))
+    load_trained_model(crafted)  # control: as exported
+    (crafted / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(CheckpointCorruptError, match=f"file tokenizer_config.json is not in its {MANIFEST}"):
         load_trained_model(crafted)
 
 

@@ -178,6 +178,8 @@ def test_torchrun_node_sh_derives_each_steps_port_as_slurm_port_does(tmp_path):
     jobs = [("5", None, None), ("5", "0", None), ("5", "1", None), ("5", "2", None), ("6", "0", None)]
     jobs += [("4294967294", "12", None), ("1", "0", "cosmos3test-0a1b2c3d"), ("1", "0", "cosmos3test-0a1b2c3e")]
     jobs += [("1", "3", "gpu-cluster-é"), ("5", "0", "")]
+    # Ids past bash's 64-bit arithmetic (which wraps: 2^63 gave port 19488) are taken whole, as by int().
+    jobs += [("9223372036854775808", "1", None), ("7", "99999999999999999999", None)]
     for job, step, cluster in jobs:
         environ = {"SLURM_JOB_ID": job, **({"SLURM_STEP_ID": step} if step is not None else {})}
         environ.update({"SLURM_CLUSTER_NAME": cluster} if cluster is not None else {})

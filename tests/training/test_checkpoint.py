@@ -274,6 +274,27 @@ def test_a_flipped_or_cut_byte_in_any_checkpoint_file_is_caught_naming_the_file(
                 verify_checkpoint(folder)
 
 
+def test_a_file_the_checksums_do_not_list_is_refused_naming_it(tmp_path):
+    """A file copied into a committed step folder is never verified: DCP skips a shard its index
+    does not name, while DeepSpeed's loader counts every ``*_optim_states.pt`` (tests/deepspeed);
+    both engines refuse it by name, before any weight is read."""
+    model, optimizer = trained_model(steps=1)
+    Checkpointer(tmp_path / "run", async_save=False).save(1, model, optimizer, {}, {})
+    folder = tmp_path / "run" / "step_00000001"
+
+    def load():
+        fresh = MoTModel(copy.deepcopy(CONFIG))
+        Checkpointer(tmp_path / "run", async_save=False).load(folder, fresh, torch.optim.AdamW(fresh.parameters()))
+
+    load()  # control: the folder as saved
+    shard = next(folder.glob("*.distcp"))
+    shutil.copyfile(shard, folder / "__9_0.distcp")  # another run's rank 9, say
+    want = rf"checkpoint {folder}: file __9_0.distcp is not in its {MANIFEST}: it was added after the save"
+    for check in (load, lambda: verify_checkpoint(folder), lambda: check_sizes(folder)):
+        with pytest.raises(CheckpointCorruptError, match=want):
+            check()
+
+
 def _killed_during_an_async_save(root: Path) -> None:
     """Commits step 1, starts the asynchronous save of step 2 and hard-kills its own process while
     the background write is in flight."""
