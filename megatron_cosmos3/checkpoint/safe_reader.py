@@ -17,6 +17,7 @@ file and the items it holds, never a silently different weight.
 from __future__ import annotations
 
 import enum
+import fnmatch
 import hashlib
 import io
 import json
@@ -159,15 +160,23 @@ def _check_inside(folder: Path, path: Path, what: str) -> None:
         raise CheckpointCorruptError(f"{what} is a link to {target}, outside the checkpoint folder")
 
 
+# Files a person or a model hub adds beside a checkpoint or release (a model card, a licence, git's
+# attributes) that no loader reads: ``check_listed`` lets them be.
+NEVER_READ = ("README*", "LICENSE*", "NOTICE*", "*.md", ".gitattributes", ".gitignore")
+
+
 def check_listed(folder: Path, manifest: dict[str, dict] | None) -> None:
-    """CheckpointCorruptError naming the first file under ``folder`` (besides MANIFEST) that the
-    manifest does not list: one copied in after the save is never verified, yet a loader that takes
-    every file of a kind reads it (DeepSpeed's counts its ``*_optim_states.pt`` against the saving
-    world size). Nothing to check for a checkpoint saved before checksums (``manifest`` None)."""
+    """CheckpointCorruptError naming the first file under ``folder`` (besides MANIFEST and the
+    ``NEVER_READ`` documents) that the manifest does not list: one copied in after the save is never
+    verified, yet a loader that takes every file of a kind reads it (DeepSpeed's counts its
+    ``*_optim_states.pt`` against the saving world size; a release's tokenizer files are read by
+    name). Nothing to check for a checkpoint saved before checksums (``manifest`` None)."""
     if manifest is None:
         return
     for path in sorted(Path(folder).rglob("*")):
         name = path.relative_to(folder).as_posix()
+        if any(fnmatch.fnmatchcase(path.name, pattern) for pattern in NEVER_READ):
+            continue
         if name != MANIFEST and name not in manifest and not path.is_dir():
             raise CheckpointCorruptError(
                 f"checkpoint {folder}: file {name} is not in its {MANIFEST}: it was added after the save and "

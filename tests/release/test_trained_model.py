@@ -449,6 +449,10 @@ def test_a_file_added_to_a_release_folder_is_refused_naming_it(release, tmp_path
     its checksums.json) would be read unverified, so the folder is refused naming it."""
     crafted = Path(shutil.copytree(release, tmp_path / "release"))
     load_trained_model(crafted)  # control: as exported
+    # A model hub's or a person's documents beside the weights are never read: they may be there.
+    (crafted / "README.md").write_text("# model card\n")
+    (crafted / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    load_trained_model(crafted)
     (crafted / "tokenizer_config.json").write_text("{}")
     with pytest.raises(CheckpointCorruptError, match=f"file tokenizer_config.json is not in its {MANIFEST}"):
         load_trained_model(crafted)
