@@ -149,6 +149,18 @@ def te_on_rows(layer_class, kind: str, tp: int, sequence_parallel: bool, padding
     return TERows
 
 
+def parallel_linear_keywords(kind: str, linear_impl: str) -> dict:
+    """The keyword arguments of megatron-core's ``kind`` ("column" | "row") parallel linear besides
+    sizes, ``config``, ``init_method`` and ``tp_group``. Its TE classes (``TEColumnParallelLinear``,
+    ``TERowParallelLinear``, megatron-core 0.16) take ``skip_bias_add`` and ``is_expert`` as
+    keyword-only arguments without defaults, where the torch classes default them."""
+    keywords = {"bias": False, "skip_bias_add": False}
+    keywords.update({"gather_output": False} if kind == "column" else {"input_is_parallel": True})
+    if linear_impl == "te":
+        keywords["is_expert"] = False
+    return keywords
+
+
 def _parallel_linear(
     full: nn.Linear, kind: str, groups: ParallelGroups, sequence_parallel: bool, linear_impl: str, model_config
 ) -> nn.Module:
@@ -157,7 +169,6 @@ def _parallel_linear(
     if linear_impl == "te":
         te_column, te_row = _megatron_te_layers()
         config = te_layer_config(full, tp, sequence_parallel, model_config)
-        te_only = {"is_expert": False}
         on_rows = {"column": te_on_rows(te_column, "column", tp, sequence_parallel)}
         on_rows["row"] = te_on_rows(te_row, "row", tp, sequence_parallel)
     else:
@@ -168,34 +179,17 @@ def _parallel_linear(
             perform_initialization=False,
             params_dtype=full.weight.dtype,
         )
-        te_only = {}
         on_rows = {"column": _on_rows(ColumnParallelLinear), "row": _on_rows(RowParallelLinear)}
     keep = lambda weight: None  # noqa: E731 — weights are copied from the built model below
-    if kind == "column":
-        layer = on_rows["column"](
-            full.in_features,
-            full.out_features,
-            config=config,
-            init_method=keep,
-            bias=False,
-            gather_output=False,
-            tp_group=groups.tensor,
-            **te_only,
-        )
-        shard = full.weight.detach().chunk(tp, dim=0)[rank]
-    else:
-        layer = on_rows["row"](
-            full.in_features,
-            full.out_features,
-            config=config,
-            init_method=keep,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            tp_group=groups.tensor,
-            **te_only,
-        )
-        shard = full.weight.detach().chunk(tp, dim=1)[rank]
+    layer = on_rows[kind](
+        full.in_features,
+        full.out_features,
+        config=config,
+        init_method=keep,
+        tp_group=groups.tensor,
+        **parallel_linear_keywords(kind, linear_impl),
+    )
+    shard = full.weight.detach().chunk(tp, dim=0 if kind == "column" else 1)[rank]
     with torch.no_grad():
         layer.weight.copy_(shard)
     # Megatron marks shards only when it initialises them itself (TE always does); ours come from the built model.
