@@ -186,7 +186,9 @@ def test_fp8_follows_bf16_over_50_steps():
 @needs_te
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="TP=2 needs two GPUs")
 def test_te_linears_under_tensor_parallel_follow_one_process(tmp_path):
-    """Two ranks, TP=2 with sequence parallelism, TE linears: the loss curve of one process."""
+    """Two ranks, TP=2 with sequence parallelism, TE linears: the loss curve of one process. (The
+    keywords megatron-core's TE linears take are checked without a GPU: tests/parallel/
+    test_te_linear_arguments.py and launch/gpu_imports.py.)"""
     te = ["precision=bf16", "model.linear_impl=te"]
     one = train_here(tmp_path, "one", *te, steps=3)
     tp2 = train_on_gpus(tmp_path, "tp2", 2, *te, "parallel.tensor=2", "parallel.sequence_parallel=true", steps=3)
