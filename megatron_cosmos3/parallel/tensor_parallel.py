@@ -113,7 +113,8 @@ def _on_rows(layer_class):
     return RowsAdapter
 
 
-# TE's fp8 GEMMs take a multiple of 8 rows (16 here, as Megatron pads); packs have any number.
+# TE's fp8 GEMMs take rows in multiples of 16: its forward asserts 8, but the weight gradient's GEMM
+# reduces over the rows, and Hopper's fp8 GEMMs (TN only) need that dimension in 16s. Packs have any.
 FP8_ROW_MULTIPLE = 16
 
 
