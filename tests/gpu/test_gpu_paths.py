@@ -224,8 +224,9 @@ def test_te_linears_under_tensor_parallel_follow_one_process(tmp_path):
 )
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="data parallelism over NCCL needs two GPUs")
 def test_megatron_ddp_follows_torch_native(tmp_path):
-    """megatron-core's DistributedDataParallel and DistributedOptimizer (``parallel.ddp_impl=megatron``)
-    against the torch-native path, two data ranks each: the same loss curve to bf16 tolerance."""
+    """megatron-core's DistributedDataParallel (``parallel.ddp_impl=megatron``; the optimizer state is
+    sharded by ``build_optimizer``'s ZeRO-1, megatron's DistributedOptimizer is not used) against the
+    torch-native path, two data ranks each: the same loss curve to bf16 tolerance."""
     torch_native = train_on_gpus(tmp_path, "torch_native", 2, "precision=bf16", steps=5)
     megatron = train_on_gpus(tmp_path, "megatron", 2, "precision=bf16", "parallel.ddp_impl=megatron", steps=5)
     assert megatron == pytest.approx(torch_native, rel=2e-2)
