@@ -2,15 +2,43 @@
 
 Run at image build time (no GPU needed) and by ``launch/gpu_smoke.sh`` (docs/DESIGN.md, "GPU fast
 paths"): NVIDIA apex, Transformer Engine in megatron-core 0.16's range (>=2.9,<2.12), megatron-core's
-TE linears, and this package's modules that use them. flash-attention is reported, not required
-(the ``flash`` backend falls back to ``sdpa``)."""
+TE linears, and this package's modules that use them; then the arguments this package passes to TE's
+and megatron-core's TE classes bind to their installed signatures (``check_call_arguments``), so a
+renamed or missing keyword fails the build, not the first training step. flash-attention is
+reported, not required (the ``flash`` backend falls back to ``sdpa``)."""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from importlib.metadata import PackageNotFoundError, version
 
 TE_RANGE = ((2, 9), (2, 12))
+
+
+def check_call_arguments() -> None:
+    """TypeError where a call this package makes into TE or megatron-core's TE classes does not bind
+    (no GPU needed: signatures only, and the fp8 recipe, a dataclass, built)."""
+    import torch
+    import transformer_engine.pytorch as te
+    from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
+
+    from megatron_cosmos3.model.attention import PackLayout, TEFusedAttention, VarlenCall
+    from megatron_cosmos3.parallel.tensor_parallel import parallel_linear_keywords
+    from megatron_cosmos3.training.precision import fp8_recipe
+
+    for kind, layer in (("column", TEColumnParallelLinear), ("row", TERowParallelLinear)):
+        keywords = parallel_linear_keywords(kind, "te")
+        inspect.signature(layer.__init__).bind(None, 1, 1, config=None, init_method=None, tp_group=None, **keywords)
+    inspect.signature(te.Linear.__init__).bind(None, 1, 1, bias=False, params_dtype=torch.float32, device="cpu")
+    layout = PackLayout.from_cu_seqlens(torch.tensor([0, 2]), torch.tensor([0, 3]))
+    for call in (VarlenCall.ar_half(layout), VarlenCall.dm_half(layout)):
+        module_keywords = TEFusedAttention.module_keywords(4, 2, 32, call.mask_type)
+        inspect.signature(te.DotProductAttention.__init__).bind(None, **module_keywords)
+        inspect.signature(te.DotProductAttention.forward).bind(None, None, None, None, **call.te_keywords())
+    inspect.signature(te.autocast).bind(enabled=True, recipe=None)
+    inspect.signature(te.is_fp8_available).bind(return_reason=True)
+    fp8_recipe()
 
 
 def main() -> None:
@@ -28,6 +56,7 @@ def main() -> None:
         raise SystemExit(f"transformer_engine {te} is outside megatron-core 0.16's range >=2.9,<2.12")
     if not core.startswith("0.16."):
         raise SystemExit(f"megatron-core {core}: this package is pinned to 0.16.x")
+    check_call_arguments()
     try:
         flash = version("flash_attn")
     except PackageNotFoundError:

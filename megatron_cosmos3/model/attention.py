@@ -342,6 +342,17 @@ class VarlenCall:
     kv_index: torch.Tensor | None
     mask_type: str  # Transformer Engine's attn_mask_type
 
+    def te_keywords(self) -> dict:
+        """The keyword arguments of Transformer Engine's ``DotProductAttention.forward`` for this call."""
+        return dict(
+            qkv_format="thd",
+            cu_seqlens_q=self.cu_seqlens_q,
+            cu_seqlens_kv=self.cu_seqlens_kv,
+            max_seqlen_q=self.max_seqlen_q,
+            max_seqlen_kv=self.max_seqlen_kv,
+            attn_mask_type=self.mask_type,
+        )
+
     @staticmethod
     def _boundaries(lengths: list[int], device) -> torch.Tensor:
         return torch.tensor([0] + lengths, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
@@ -412,18 +423,23 @@ class TEFusedAttention(AttentionBackend):
             self._layout = layout
         return self._calls
 
+    @staticmethod
+    def module_keywords(heads: int, kv_heads: int, dim: int, mask_type: str) -> dict:
+        """``DotProductAttention``'s constructor arguments for one (heads, kv heads, dim, mask)."""
+        return dict(
+            num_attention_heads=heads,
+            kv_channels=dim,
+            num_gqa_groups=kv_heads,
+            attention_dropout=0.0,
+            qkv_format="thd",
+            attn_mask_type=mask_type,
+            attention_type="self" if mask_type == "padding_causal" else "cross",
+        )
+
     def _module(self, heads: int, kv_heads: int, dim: int, mask_type: str):
         key = (heads, kv_heads, dim, mask_type)
         if key not in self._modules:
-            self._modules[key] = self._te.DotProductAttention(
-                num_attention_heads=heads,
-                kv_channels=dim,
-                num_gqa_groups=kv_heads,
-                attention_dropout=0.0,
-                qkv_format="thd",
-                attn_mask_type=mask_type,
-                attention_type="self" if mask_type == "padding_causal" else "cross",
-            )
+            self._modules[key] = self._te.DotProductAttention(**self.module_keywords(*key))
         return self._modules[key]
 
     def _attend(self, q, k, v, call: VarlenCall) -> torch.Tensor:
@@ -436,15 +452,7 @@ class TEFusedAttention(AttentionBackend):
         if call.kv_index is not None:
             k, v = k.index_select(0, call.kv_index), v.index_select(0, call.kv_index)
         out = self._module(q.shape[1], k.shape[1], q.shape[2], call.mask_type)(
-            q.contiguous(),
-            k.contiguous(),
-            v.contiguous(),
-            qkv_format="thd",
-            cu_seqlens_q=call.cu_seqlens_q,
-            cu_seqlens_kv=call.cu_seqlens_kv,
-            max_seqlen_q=call.max_seqlen_q,
-            max_seqlen_kv=call.max_seqlen_kv,
-            attn_mask_type=call.mask_type,
+            q.contiguous(), k.contiguous(), v.contiguous(), **call.te_keywords()
         )
         return out.reshape(q.shape[0], q.shape[1], -1)  # TE returns (t, heads * d)
 

@@ -113,7 +113,8 @@ def _on_rows(layer_class):
     return RowsAdapter
 
 
-# TE's fp8 GEMMs take a multiple of 8 rows (16 here, as Megatron pads); packs have any number.
+# TE's fp8 GEMMs take rows in multiples of 16: its forward asserts 8, but the weight gradient's GEMM
+# reduces over the rows, and Hopper's fp8 GEMMs (TN only) need that dimension in 16s. Packs have any.
 FP8_ROW_MULTIPLE = 16
 
 
@@ -149,6 +150,18 @@ def te_on_rows(layer_class, kind: str, tp: int, sequence_parallel: bool, padding
     return TERows
 
 
+def parallel_linear_keywords(kind: str, linear_impl: str) -> dict:
+    """The keyword arguments of megatron-core's ``kind`` ("column" | "row") parallel linear besides
+    sizes, ``config``, ``init_method`` and ``tp_group``. Its TE classes (``TEColumnParallelLinear``,
+    ``TERowParallelLinear``, megatron-core 0.16) take ``skip_bias_add`` and ``is_expert`` as
+    keyword-only arguments without defaults, where the torch classes default them."""
+    keywords = {"bias": False, "skip_bias_add": False}
+    keywords.update({"gather_output": False} if kind == "column" else {"input_is_parallel": True})
+    if linear_impl == "te":
+        keywords["is_expert"] = False
+    return keywords
+
+
 def _parallel_linear(
     full: nn.Linear, kind: str, groups: ParallelGroups, sequence_parallel: bool, linear_impl: str, model_config
 ) -> nn.Module:
@@ -157,7 +170,6 @@ def _parallel_linear(
     if linear_impl == "te":
         te_column, te_row = _megatron_te_layers()
         config = te_layer_config(full, tp, sequence_parallel, model_config)
-        te_only = {"is_expert": False}
         on_rows = {"column": te_on_rows(te_column, "column", tp, sequence_parallel)}
         on_rows["row"] = te_on_rows(te_row, "row", tp, sequence_parallel)
     else:
@@ -168,34 +180,17 @@ def _parallel_linear(
             perform_initialization=False,
             params_dtype=full.weight.dtype,
         )
-        te_only = {}
         on_rows = {"column": _on_rows(ColumnParallelLinear), "row": _on_rows(RowParallelLinear)}
     keep = lambda weight: None  # noqa: E731 — weights are copied from the built model below
-    if kind == "column":
-        layer = on_rows["column"](
-            full.in_features,
-            full.out_features,
-            config=config,
-            init_method=keep,
-            bias=False,
-            gather_output=False,
-            tp_group=groups.tensor,
-            **te_only,
-        )
-        shard = full.weight.detach().chunk(tp, dim=0)[rank]
-    else:
-        layer = on_rows["row"](
-            full.in_features,
-            full.out_features,
-            config=config,
-            init_method=keep,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            tp_group=groups.tensor,
-            **te_only,
-        )
-        shard = full.weight.detach().chunk(tp, dim=1)[rank]
+    layer = on_rows[kind](
+        full.in_features,
+        full.out_features,
+        config=config,
+        init_method=keep,
+        tp_group=groups.tensor,
+        **parallel_linear_keywords(kind, linear_impl),
+    )
+    shard = full.weight.detach().chunk(tp, dim=0 if kind == "column" else 1)[rank]
     with torch.no_grad():
         layer.weight.copy_(shard)
     # Megatron marks shards only when it initialises them itself (TE always does); ours come from the built model.

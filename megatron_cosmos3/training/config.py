@@ -29,7 +29,7 @@ from megatron_cosmos3.parallel.data_parallel import ADAMW_IMPLS
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.tasks.registry import Modality, get_task
 from megatron_cosmos3.training.deepspeed_config import DeepSpeedConfig, check_engine_mix
-from megatron_cosmos3.training.precision import PRECISIONS
+from megatron_cosmos3.training.precision import FP8_WIDTH_MULTIPLE, PRECISIONS, fp8_unaligned_widths
 from megatron_cosmos3.yaml_integers import refuse_long_integers
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -314,6 +314,13 @@ class TrainConfig:
         # Sizes the model can never be split by (heads, KV heads, FFN units, layers, experts) are
         # refused here by name; the world size is checked at launch (train.main), before any group.
         self.parallel.validate_for_model(self.model, self.model.num_experts)
+        unaligned = fp8_unaligned_widths(self.model, self.parallel.tensor) if self.precision == "fp8" else {}
+        if unaligned:  # after the sizes are checked: TE would refuse these in the first step's first GEMM
+            raise ValueError(
+                f"precision='fp8': Transformer Engine's fp8 GEMMs take widths that are multiples of "
+                f"{FP8_WIDTH_MULTIPLE}, but with parallel.tensor={self.parallel.tensor} the TE linears have "
+                + ", ".join(f"{name} = {width}" for name, width in unaligned.items())
+            )
         # Interleaved 1F1B cycles its chunks in groups of `pipeline` micro-batches (as Megatron's): a
         # step of another count failed in its first schedule, after the model was built.
         sizes = self.parallel

@@ -20,6 +20,23 @@ import torch
 from megatron_cosmos3.model.transformer_engine import import_transformer_engine, transformer_engine_missing
 
 PRECISIONS = ("fp32", "bf16", "fp8")
+# TE's fp8 GEMMs take features in multiples of 16 (Transformer Engine 2.9's assert_dim_for_fp8_exec;
+# the backward's GEMMs run on the transposed weight, so its output width too). Rows are padded by
+# the TE linears themselves (parallel/tensor_parallel.py); the widths must be so already.
+FP8_WIDTH_MULTIPLE = 16
+
+
+def fp8_unaligned_widths(model, tensor: int) -> dict[str, int]:
+    """The widths of the towers' TE linears on one of ``tensor`` ranks (``model``: a ``MoTConfig``)
+    that are no multiple of ``FP8_WIDTH_MULTIPLE``, by name; empty when fp8 can run them all."""
+    widths = {
+        "hidden_size": model.hidden_size,
+        "num_attention_heads * head_dim / tensor": model.num_attention_heads * model.head_dim // tensor,
+        "num_kv_heads * head_dim / tensor": model.num_kv_heads * model.head_dim // tensor,
+    }
+    if not model.num_experts or {"reasoner", "generator"} - set(model.moe_towers):  # a dense SwiGLU: TE linears
+        widths["ffn_hidden_size / tensor"] = model.ffn_hidden_size // tensor
+    return {name: width for name, width in widths.items() if width % FP8_WIDTH_MULTIPLE}
 
 
 def fp8_unavailable(device: torch.device) -> str | None:

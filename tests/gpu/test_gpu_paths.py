@@ -1,8 +1,8 @@
 """The GPU fast paths against their references, on a CUDA machine (``bench/gpu_check.sh`` runs these;
 skipped without CUDA, and each skips where its library is missing): every GPU attention backend
 equals the dense rule, Transformer Engine linears equal torch's, fp8 follows bf16 over 50 training
-steps, TE linears under TP=2 follow one process, and megatron-core's DDP follows torch's
-(docs/DESIGN.md, "GPU fast paths")."""
+steps, TE linears under TP=2 follow one process, megatron-core's DDP follows torch's, and the
+grouped-GEMM experts follow their loop (docs/DESIGN.md, "GPU fast paths")."""
 
 import dataclasses
 
@@ -11,6 +11,7 @@ import torch
 
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.model.attention import DenseMaskAttention, PackLayout, attention_backend
+from megatron_cosmos3.model.moe import MoEMLP, grouped_mm_takes
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.model.transformer_engine import transformer_engine_missing
 from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
@@ -113,6 +114,29 @@ def test_te_linears_equal_torch_linears():
             assert float(mot_losses(te_model, batch, targets).total) != pytest.approx(float(losses["torch"]), rel=1e-3)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_grouped_experts_equal_the_loop_on_cuda(precision):
+    """torch's grouped GEMM on CUDA against the per-expert loop, output and every gradient: bf16 runs
+    its sm90+ kernel, fp32 the per-group fallback that torch 2.9+ gives other dtypes (read in
+    torch's pull requests, not yet run: this checks it on the image's torch)."""
+    if not grouped_mm_takes(torch.float32, 64, 128):
+        pytest.skip("this torch has no grouped_mm (the experts loop)")
+    torch.manual_seed(0)
+    grouped = MoEMLP(64, 128, num_experts=4, top_k=2).to(CUDA)
+    looped = MoEMLP(64, 128, num_experts=4, top_k=2, expert_impl="loop").to(CUDA)
+    looped.load_state_dict(grouped.state_dict())
+    x = torch.randn(37, 64, device=CUDA)
+    results = []
+    for moe in (grouped, looped):
+        inputs = x.clone().requires_grad_()
+        with autocast(precision, CUDA):
+            out = moe(inputs)
+        out.float().pow(2).sum().backward()
+        results.append([out.float(), inputs.grad, *(p.grad for p in moe.parameters())])
+    for got, want in zip(*results):
+        assert relative_difference(got, want) < (2e-2 if precision == "bf16" else 1e-4)
+
+
 def run_overrides(tmp_path, name, *extra, steps=50):
     """The trainer's settings for run ``name`` of the fp8-friendly model on synthetic packs."""
     return [
@@ -186,7 +210,9 @@ def test_fp8_follows_bf16_over_50_steps():
 @needs_te
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="TP=2 needs two GPUs")
 def test_te_linears_under_tensor_parallel_follow_one_process(tmp_path):
-    """Two ranks, TP=2 with sequence parallelism, TE linears: the loss curve of one process."""
+    """Two ranks, TP=2 with sequence parallelism, TE linears: the loss curve of one process. (The
+    keywords megatron-core's TE linears take are checked without a GPU: tests/parallel/
+    test_te_linear_arguments.py and launch/gpu_imports.py.)"""
     te = ["precision=bf16", "model.linear_impl=te"]
     one = train_here(tmp_path, "one", *te, steps=3)
     tp2 = train_on_gpus(tmp_path, "tp2", 2, *te, "parallel.tensor=2", "parallel.sequence_parallel=true", steps=3)
@@ -198,8 +224,9 @@ def test_te_linears_under_tensor_parallel_follow_one_process(tmp_path):
 )
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="data parallelism over NCCL needs two GPUs")
 def test_megatron_ddp_follows_torch_native(tmp_path):
-    """megatron-core's DistributedDataParallel and DistributedOptimizer (``parallel.ddp_impl=megatron``)
-    against the torch-native path, two data ranks each: the same loss curve to bf16 tolerance."""
+    """megatron-core's DistributedDataParallel (``parallel.ddp_impl=megatron``; the optimizer state is
+    sharded by ``build_optimizer``'s ZeRO-1, megatron's DistributedOptimizer is not used) against the
+    torch-native path, two data ranks each: the same loss curve to bf16 tolerance."""
     torch_native = train_on_gpus(tmp_path, "torch_native", 2, "precision=bf16", steps=5)
     megatron = train_on_gpus(tmp_path, "megatron", 2, "precision=bf16", "parallel.ddp_impl=megatron", steps=5)
     assert megatron == pytest.approx(torch_native, rel=2e-2)

@@ -1,5 +1,5 @@
 """The fp8 row padding of the TE linears (``parallel/tensor_parallel.py``, ``te_on_rows``), checked on
-CPU with the layers it wraps there: TE's fp8 GEMMs take row counts in multiples of 8, packs have any
+CPU with the layers it wraps there: TE's fp8 GEMMs take row counts in multiples of 16, packs have any
 number, so the rows are padded and the padding cut again. Checked: every call the layer receives obeys
 the rule, and the output and input gradient equal the unpadded run's — in one process, and on two
 ranks under sequence parallelism (megatron-core's column- then row-parallel linear, as q_proj ->
@@ -16,12 +16,14 @@ ON = lambda: True  # noqa: E731 — padding as under fp8 autocast
 
 
 def obeying_fp8_rows(layer_class):
-    """``layer_class`` that refuses what TE's fp8 GEMM refuses (its ``assert_dim_for_fp8_exec``)."""
+    """``layer_class`` that refuses the rows TE 2.9's fp8 GEMMs refuse: its forward asserts a multiple
+    of 8 (``assert_dim_for_fp8_exec``), and the weight-gradient GEMM, which reduces over the rows,
+    a multiple of 16 (Hopper's fp8 GEMMs are TN: ``cublaslt_gemm.cu``, "Caller must pad")."""
 
     class Fp8Rows(layer_class):
         def forward(self, x, *args, **kwargs):
             rows = x.numel() // x.shape[-1]
-            assert rows % 8 == 0, f"{rows} rows reach the fp8 GEMM"
+            assert rows % 16 == 0, f"{rows} rows reach the fp8 GEMM"
             return super().forward(x, *args, **kwargs)
 
     return Fp8Rows
@@ -107,4 +109,4 @@ def test_padded_rows_keep_each_ranks_block_under_sequence_parallelism():
         assert plain[0].shape == (13, 32)
         for want, got in zip(plain, padded):
             torch.testing.assert_close(got, want)
-    assert FP8_ROW_MULTIPLE % 8 == 0
+    assert FP8_ROW_MULTIPLE % 16 == 0

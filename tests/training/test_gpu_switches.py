@@ -46,11 +46,29 @@ def fresh_warnings():
             r"model.linear_impl='te' is applied by engine=megatron's parallel plan, got engine='deepspeed'",
         ),
         (["model.linear_impl=cublas"], r"linear_impl='cublas' is not one of \('torch', 'te'\)"),
+        (
+            ["precision=fp8", "model.linear_impl=te", "model.head_dim=12", "model.mrope_section=[2,2,2]"],
+            r"precision='fp8': .* multiples of 16, but with parallel.tensor=1 the TE linears have "
+            r"num_kv_heads \* head_dim / tensor = 24$",
+        ),
+        (
+            ["precision=fp8", "model.linear_impl=te", "parallel.tensor=2", "model.ffn_hidden_size=48"],
+            r"with parallel.tensor=2 the TE linears have ffn_hidden_size / tensor = 24$",
+        ),
     ],
 )
 def test_impossible_combinations_are_errors_naming_the_fields(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, overrides)
+
+
+def test_fp8_widths_count_the_te_linears_only():
+    """Experts are no TE linears: a model whose every MLP routes through them keeps an FFN width fp8
+    would refuse; a dense tower beside them brings it back (TE 2.9's fp8 GEMMs take no other)."""
+    moe = ["precision=fp8", "model.linear_impl=te", "model.num_experts=2", "model.ffn_hidden_size=24"]
+    assert load_config(None, moe).model.ffn_hidden_size == 24
+    with pytest.raises(ValueError, match=r"ffn_hidden_size / tensor = 24$"):
+        load_config(None, [*moe, "model.moe_towers=[generator]"])
 
 
 def test_selective_recompute_is_allowed_under_fp8():
