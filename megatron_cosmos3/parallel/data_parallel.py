@@ -1,12 +1,14 @@
 """Data parallelism: bucketed gradient all-reduce overlapped with backward, sharded optimizer state.
 
-megatron-core's DistributedDataParallel and DistributedOptimizer allocate their contiguous gradient
-buffers on CUDA, overlap through CUDA streams and type-check ``torch.cuda.*Tensor`` parameters, so
-they cannot run on a CPU (gloo) at all. The PyTorch-native pair used instead gives the same
-semantics on both CPU and GPU: ``DistributedDataParallel`` (gradient buckets all-reduced as soon as
-they are ready, i.e. overlapped with the rest of the backward pass) and ``ZeroRedundancyOptimizer``
-(each data-parallel rank keeps the optimizer state of its share of the parameters only — ZeRO-1,
-what Megatron's distributed optimizer shards — and broadcasts its updated parameters).
+Two gradient paths behind one interface (``parallel.ddp_impl``): PyTorch's ``DistributedDataParallel``
+(the default: gradient buckets all-reduced as soon as they are ready, i.e. overlapped with the rest
+of the backward pass), and megatron-core's ``DistributedDataParallel`` (``MegatronGradients``: one
+contiguous buffer per dtype, the fast path on GPUs; megatron-core allocates it on CUDA and
+type-checks ``torch.cuda.*Tensor`` parameters, so on a CPU it runs through
+``megatron_on_cpu.install_cpu_data_parallel``). Either way ``build_optimizer`` shards the
+optimizer state (where asked) with ``ZeroRedundancyOptimizer`` (each data-parallel rank keeps the
+optimizer state of its share of the parameters only — ZeRO-1, what Megatron's distributed optimizer
+shards — and broadcasts its updated parameters); megatron-core's DistributedOptimizer is not used.
 
 Gradients are averaged over the data-and-context group: context-parallel ranks hold replicas of
 the same parameters too. Each rank's loss is the mean over its own micro-batch, so the step equals
