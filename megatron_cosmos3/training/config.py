@@ -146,19 +146,23 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint: save_every={self.save_every} and keep_last={self.keep_last} must be >= 1")
 
 
+# The longest a rendezvous or a collective waits for a rank: one silent for a day is gone; 1e300 s
+# was an OverflowError (datetime.timedelta's range) once the process group started.
+MAX_TIMEOUT_S = 86400.0
+
+
 @dataclass
 class DistributedConfig:
-    """Process-group set-up (``training/distributed.py``)."""
+    """Process-group set-up (``training/distributed.py``); each timeout in (0, ``MAX_TIMEOUT_S``]."""
 
     init_timeout_s: float = 600.0  # how long the rendezvous and every collective wait
     preflight_timeout_s: float = 60.0  # how long the launch check waits for every rank to answer
 
     def __post_init__(self) -> None:
-        if self.init_timeout_s <= 0 or self.preflight_timeout_s <= 0:
-            raise ValueError(
-                f"distributed: init_timeout_s={self.init_timeout_s} and "
-                f"preflight_timeout_s={self.preflight_timeout_s} must be > 0"
-            )
+        for name in ("init_timeout_s", "preflight_timeout_s"):
+            value = getattr(self, name)
+            if not 0 < value <= MAX_TIMEOUT_S:  # NaN too
+                raise ValueError(f"distributed.{name}={value} must be in (0, {MAX_TIMEOUT_S:g}] seconds")
 
 
 @dataclass

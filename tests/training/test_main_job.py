@@ -143,6 +143,8 @@ def test_invalid_config_fails_before_any_process_group(monkeypatch):
         # The outcome line was written after the last step: an OSError traceback there, no outcome read.
         (["--status-file", "{tmp}"], "--status-file '{tmp}' is a folder, not a file"),
         (["--status-file", "/proc/cosmos3-test/status"], "--status-file '/proc/cosmos3-test/status': no file can"),
+        # An OverflowError traceback (timedelta) where the process group started.
+        (["distributed.init_timeout_s=1e300"], "distributed.init_timeout_s=1e+300 must be in (0, 86400] seconds"),
     ],
 )
 @pytest.mark.timeout(30)
