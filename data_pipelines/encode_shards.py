@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     buckets = [b for b in args.resolution_buckets.split(",") if b]
     media = MediaConfig(args.fps, buckets, args.clip_seconds, args.clip_start)
     try:
+        media.validate()  # before any VAE is loaded
         if args.encoder == "vae":  # no VAE folder, or a missing one: one line like every bad argument
             config = LatentEncoderConfig(True, args.video_vae, args.audio_vae, args.dtype)
             encoder = VAELatentEncoder.from_config(config, args.video_patch_size)

@@ -134,6 +134,13 @@ def test_a_manifest_of_loose_files_becomes_validated_shards(tmp_path):
         ("encode_shards", ["{tmp}/raw", "{tmp}/new", "--encoder", "pooled", "--video-latent-channels", "-2"], ">= 0"),
         ("encode_shards", ["{tmp}/evil", "{tmp}/new", "--encoder", "pooled"], "may not run a command"),
         ("encode_shards", ["{tmp}/raw", "{tmp}/new", "--encoder", "pooled", "--seed", "-1"], "seed=-1 must be an"),
+        # Every clip's sound was no audio token: thousands of clips a second cut and skipped, for minutes.
+        (
+            "encode_shards",
+            ["{tmp}/raw", "{tmp}/new", "--encoder", "pooled", "--clip-seconds", "0.001"],
+            "media.clip_seconds=0.001 is shorter than one audio latent (0.04 s): use 0 (whole samples) or at least",
+        ),
+        ("encode_shards", ["{tmp}/raw", "{tmp}/new", "--clip-seconds", "0.05", "--fps", "10"], "at least 0.1 s"),
         ("inspect_shards", ["{tmp}/none"], "No such file"),
         ("write_shards", ["{tmp}/none.jsonl", "{tmp}/new"], "manifest"),
         ("write_shards", ["{tmp}/raw/index.json", "{tmp}/raw"], "is the input folder"),
