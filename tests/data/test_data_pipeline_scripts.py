@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -17,11 +18,13 @@ from megatron_cosmos3.data.latent_encoders import VAELatentEncoder, encodable_pi
 from megatron_cosmos3.data.loader import PackedLoader
 from megatron_cosmos3.data.media import encode_npy, encode_png, encode_wav
 from megatron_cosmos3.data.schema import decode_sample
+from megatron_cosmos3.data.shard_writer import PROCESSES_PER_CPU, process_count
 from megatron_cosmos3.data.shards import ShardIndex, read_shard
 from megatron_cosmos3.encoders.audio_vae import AudioVAE
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
 from megatron_cosmos3.encoders.video_vae import VideoVAE
 from megatron_cosmos3.testing.tiny_vaes import tiny_oobleck_vae, tiny_wan_vae
+from megatron_cosmos3.world.world import WorldConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 
@@ -205,3 +208,25 @@ def test_a_crafted_manifest_entry_is_a_counted_skip_and_never_a_member_leading_o
     (tmp_path / "latin.jsonl").write_bytes('{"key": "caf\u00e9"}'.encode("latin-1"))
     with pytest.raises(ValueError, match=r"manifest '.*latin.jsonl': not a readable UTF-8 file \(UnicodeDecodeError"):
         write_shards.write_shards(tmp_path / "latin.jsonl", tmp_path / "latin")
+
+
+def test_generate_world_starts_no_more_workers_than_jobs_or_cpus(tmp_path, monkeypatch, caplog):
+    """--workers 1000 started 1000 processes, even for one sample: a worker takes ``CHUNK`` samples
+    at once, so 1 sample is generated here and 5 by 2 processes; past the CPUs a warning names the flag."""
+    script = load_script("generate_world")
+    real_pool, started = script.Pool, []
+
+    def pool(processes, **kwargs):  # the real pool, refused before it starts too many
+        started.append(processes)
+        assert processes <= 2, f"Pool({processes}) for at most 2 chunks of samples"
+        return real_pool(processes, **kwargs)
+
+    monkeypatch.setattr(script, "Pool", pool)
+    config = WorldConfig(resolution=32, duration_s=0.5)
+    one = script.write_world(tmp_path / "one", 1, config=config, workers=1000)
+    five = script.write_world(tmp_path / "five", 5, config=config, workers=1000)
+    assert started == [2]
+    assert ShardIndex.load(one["raw"]).total_samples == 1 and ShardIndex.load(five["raw"]).total_samples == 5
+    with caplog.at_level("WARNING"):
+        assert process_count(10**6, None, "--processes") == PROCESSES_PER_CPU * (os.cpu_count() or 1)
+    assert "--processes=1000000: starting" in caplog.text
