@@ -103,6 +103,23 @@ class DataConfig:
     prompt_dropout: float = 0.0
     media: MediaConfig = field(default_factory=MediaConfig)
 
+    def validate_packing(self) -> None:
+        """ValueError naming the ``packing`` field out of range: the limits a pack of shards and a
+        synthetic pack (``training.config``) both keep, and the text cap the training samples use."""
+        p = self.packing
+        if not (p.tokens_per_pack > 0 and p.pool_size > 0 and p.max_text_tokens > 0):
+            raise ValueError(
+                f"data: packing.tokens_per_pack={p.tokens_per_pack}, pool_size={p.pool_size} and "
+                f"max_text_tokens={p.max_text_tokens} must be > 0"
+            )
+        if not 0 <= p.max_sample_tokens <= p.tokens_per_pack:
+            raise ValueError(
+                f"data: packing.max_sample_tokens={p.max_sample_tokens} must be in "
+                f"[0, tokens_per_pack={p.tokens_per_pack}]"
+            )
+        if p.max_samples_per_pack < 0:
+            raise ValueError(f"data: packing.max_samples_per_pack={p.max_samples_per_pack} must be >= 0")
+
     def validate(self) -> None:
         """ValueError naming the field for any inconsistency."""
 
@@ -123,17 +140,7 @@ class DataConfig:
         for name, mixture in self.stages.items():
             self._validate_stage(name, mixture, names)
         stage = self.stages[self.stage]
-        p = self.packing
-        require(
-            p.tokens_per_pack > 0 and p.pool_size > 0 and p.max_text_tokens > 0,
-            f"packing.tokens_per_pack={p.tokens_per_pack}, pool_size={p.pool_size} and "
-            f"max_text_tokens={p.max_text_tokens} must be > 0",
-        )
-        require(
-            0 <= p.max_sample_tokens <= p.tokens_per_pack,
-            f"packing.max_sample_tokens={p.max_sample_tokens} must be in [0, tokens_per_pack={p.tokens_per_pack}]",
-        )
-        require(p.max_samples_per_pack >= 0, f"packing.max_samples_per_pack={p.max_samples_per_pack} must be >= 0")
+        self.validate_packing()
         require(
             self.shuffle_buffer >= 0 and self.num_workers >= 0 and self.prefetch_factor >= 1,
             f"shuffle_buffer={self.shuffle_buffer}, num_workers={self.num_workers} must be >= 0 and "

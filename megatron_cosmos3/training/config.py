@@ -311,6 +311,8 @@ class TrainConfig:
             if not self.data.stage:  # the data mixture follows the training stage unless set
                 self.data.stage = self.stage.name
             self.data.validate()
+        else:
+            self._check_synthetic_packs()
         self._check_gpu_paths()
         if self.recompute not in ("none", "selective", "full"):
             raise ValueError(f"recompute={self.recompute!r} is not one of ('none', 'selective', 'full')")
@@ -366,6 +368,27 @@ class TrainConfig:
             self._check_vision()
         if self.eval.suite is not None:
             check_model_embodiments(self.stage_model)
+
+    def _check_synthetic_packs(self) -> None:
+        """A synthetic pack keeps the packing limits a pack of shards keeps (``data.packing``, whose
+        text cap the training samples use on either source): at most ``max_samples_per_pack``
+        samples, and no more than fit ``tokens_per_pack`` at their fewest tokens (the prompt's,
+        ``fewest_sample_tokens``). samples_per_pack=10**8 ran out of memory building the first pack."""
+        from megatron_cosmos3.data.synthetic_packs import fewest_sample_tokens
+
+        self.data.validate_packing()
+        s, p = self.synthetic, self.data.packing
+        if p.max_samples_per_pack and s.samples_per_pack > p.max_samples_per_pack:
+            raise ValueError(
+                f"synthetic.samples_per_pack={s.samples_per_pack} is above "
+                f"data.packing.max_samples_per_pack={p.max_samples_per_pack}"
+            )
+        fewest = fewest_sample_tokens(s.scale)
+        if s.samples_per_pack * fewest > p.tokens_per_pack:
+            raise ValueError(
+                f"synthetic.samples_per_pack={s.samples_per_pack} samples of at least {fewest} tokens each "
+                f"(synthetic.scale={s.scale}) do not fit data.packing.tokens_per_pack={p.tokens_per_pack}"
+            )
 
     def _check_action_tasks(self) -> None:
         """A task with an action stream needs an embodiment to give it a head (a model of video and

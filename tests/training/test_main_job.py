@@ -143,6 +143,11 @@ def test_invalid_config_fails_before_any_process_group(monkeypatch):
         # The outcome line was written after the last step: an OSError traceback there, no outcome read.
         (["--status-file", "{tmp}"], "--status-file '{tmp}' is a folder, not a file"),
         (["--status-file", "/proc/cosmos3-test/status"], "--status-file '/proc/cosmos3-test/status': no file can"),
+        # Out of memory building the first pack; data.packing was not checked at all with synthetic data.
+        (["synthetic.samples_per_pack=100000000"], "synthetic.samples_per_pack=100000000 samples of at least 4"),
+        (["synthetic.scale=100000000"], "(synthetic.scale=100000000) do not fit data.packing.tokens_per_pack=4096"),
+        (["data.packing.max_samples_per_pack=4"], "above data.packing.max_samples_per_pack=4"),
+        (["data.packing.max_text_tokens=0"], "data: packing.tokens_per_pack=4096, pool_size=64 and max_text_tokens=0"),
         # An OverflowError traceback (timedelta) where the process group started.
         (["distributed.init_timeout_s=1e300"], "distributed.init_timeout_s=1e+300 must be in (0, 86400] seconds"),
     ],
