@@ -209,6 +209,19 @@ def index_when_complete(
     return True
 
 
+def empty_output_status(out_dir: str | Path, skipped: Counter) -> int:
+    """A pipeline command's exit status once its writing is done: 1 where ``out_dir`` holds a
+    finished dataset of no sample (every input skipped, or none there; logged with the skip counts,
+    which stay logged per sample too), so a SLURM array shows the task failed; else 0. Under a
+    split only the tasks that see the index know the whole: one whose parts are written before the
+    last task's returns 0."""
+    out_dir = Path(out_dir)
+    if (out_dir / "index.json").is_file() and ShardIndex.load(out_dir).total_samples == 0:
+        log.error("%s: no usable sample was written (skipped: %s)", out_dir, dict(skipped) or "none")
+        return 1
+    return 0
+
+
 # The most processes a pipeline starts per CPU: its work is CPU-bound (one thread a process), so
 # more only add their start-up and memory (--workers 1000 started 1000 interpreters for one sample).
 PROCESSES_PER_CPU = 2

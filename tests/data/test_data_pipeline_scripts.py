@@ -17,6 +17,7 @@ from world_helpers import AUDIO_LATENT_DIM, VIDEO_LATENT_CHANNELS, data_config, 
 from megatron_cosmos3.data.latent_encoders import VAELatentEncoder, encodable_pixels
 from megatron_cosmos3.data.loader import PackedLoader
 from megatron_cosmos3.data.media import encode_npy, encode_png, encode_wav
+from megatron_cosmos3.data.media_writers import encode_mp4
 from megatron_cosmos3.data.schema import decode_sample
 from megatron_cosmos3.data.shard_writer import PROCESSES_PER_CPU, process_count
 from megatron_cosmos3.data.shards import ShardIndex, read_shard
@@ -152,6 +153,8 @@ def test_a_manifest_of_loose_files_becomes_validated_shards(tmp_path):
         # An output that is a file: mkdir's FileExistsError / NotADirectoryError tracebacks.
         ("write_shards", ["{tmp}/raw/index.json", "{tmp}/evil/index.json"], "is a file, not a folder"),
         ("ingest_videos", ["{tmp}/raw", "{tmp}/evil/index.json"], "is a file, not a folder"),
+        # Its shards, index and part files were walked as inputs by a rerun or a later task.
+        ("ingest_videos", ["{tmp}/raw", "{tmp}/raw/new"], "is inside the input folder"),
         # --task/--tasks were ignored beside --processes: each array task wrote every part
         ("ingest_videos", ["{tmp}/raw", "{tmp}/new", "--processes", "2", "--task", "1", "--tasks", "4"], "give one"),
         ("generate_world", ["{tmp}/evil/index.json", "--samples", "1"], "is a file, not a folder"),
@@ -230,3 +233,19 @@ def test_generate_world_starts_no_more_workers_than_jobs_or_cpus(tmp_path, monke
     with caplog.at_level("WARNING"):
         assert process_count(10**6, None, "--processes") == PROCESSES_PER_CPU * (os.cpu_count() or 1)
     assert "--processes=1000000: starting" in caplog.text
+
+
+def test_a_run_that_writes_no_usable_sample_exits_1_and_keeps_its_skip_report(tmp_path, caplog):
+    """Every entry skipped wrote an empty dataset and exited 0: a SLURM array task showed success."""
+    (tmp_path / "manifest.jsonl").write_text(json.dumps({"key": "gone", "caption": "x", "image": "missing.png"}))
+    assert load_script("write_shards").main([str(tmp_path / "manifest.jsonl"), str(tmp_path / "shards")]) == 1
+    assert ShardIndex.load(tmp_path / "shards").total_samples == 0
+    assert "manifest.jsonl line 1: skipped: ValueError: image=" in caplog.text  # the skip report, kept
+    assert "no usable sample was written (skipped: {'unreadable_entry': 1})" in caplog.text
+    (tmp_path / "videos").mkdir()
+    whole = encode_mp4(np.zeros((8, 64, 64, 3), np.uint8), 8)
+    (tmp_path / "videos" / "cut.mp4").write_bytes(whole[: len(whole) // 2])  # a video, cut short
+    ingest = load_script("ingest_videos")
+    assert ingest.main([str(tmp_path / "videos"), str(tmp_path / "ingested")]) == 1
+    assert ShardIndex.load(tmp_path / "ingested").total_samples == 0
+    assert "ingested: no usable sample was written (skipped: {'" in caplog.text
