@@ -370,13 +370,13 @@ class TrainConfig:
             check_model_embodiments(self.stage_model)
 
     def _check_synthetic_packs(self) -> None:
-        """A synthetic pack keeps the packing limits a pack of shards keeps (``data.packing``, whose
-        text cap the training samples use on either source): at most ``max_samples_per_pack``
+        """The data settings both sources read (``DataConfig.validate_shared``), and a synthetic pack
+        keeps the packing limits a pack of shards keeps: at most ``max_samples_per_pack``
         samples, and no more than fit ``tokens_per_pack`` at their fewest tokens (the prompt's,
         ``fewest_sample_tokens``). samples_per_pack=10**8 ran out of memory building the first pack."""
         from megatron_cosmos3.data.synthetic_packs import fewest_sample_tokens
 
-        self.data.validate_packing()
+        self.data.validate_shared()
         s, p = self.synthetic, self.data.packing
         if p.max_samples_per_pack and s.samples_per_pack > p.max_samples_per_pack:
             raise ValueError(

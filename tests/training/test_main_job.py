@@ -148,6 +148,8 @@ def test_invalid_config_fails_before_any_process_group(monkeypatch):
         (["synthetic.scale=100000000"], "(synthetic.scale=100000000) do not fit data.packing.tokens_per_pack=4096"),
         (["data.packing.max_samples_per_pack=4"], "above data.packing.max_samples_per_pack=4"),
         (["data.packing.max_text_tokens=0"], "data: packing.tokens_per_pack=4096, pool_size=64 and max_text_tokens=0"),
+        (["data.encoders.dtype=float7"], "encoders.dtype='float7'; expected one of"),  # the samples' encoders
+        (["data.tokenizer.path={tmp}"], "data: tokenizer.path='{tmp}' holds no tokenizer.json"),
         # An OverflowError traceback (timedelta) where the process group started.
         (["distributed.init_timeout_s=1e300"], "distributed.init_timeout_s=1e+300 must be in (0, 86400] seconds"),
     ],
@@ -193,6 +195,9 @@ def test_the_console_command_names_a_start_up_refusal_of_this_machine_in_one_lin
     assert train_module.cli([*argv, f"checkpoint.directory={tmp_path / 'ckpt'}", *overrides]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cosmos3-train: error: ") and err.count("\n") == 1 and message in err, err
+    # Control: a ValueError once the model is built (a freeze pattern matching nothing) stays raised.
+    with pytest.raises(ValueError, match="stage.freeze pattern 'layer.\\*' matches no parameter"):
+        train_module.cli([*argv, f"checkpoint.directory={tmp_path / 'other'}", "stage.freeze=[layer.*]"])
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "srun"])
