@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         help="latent cells per video token, each side (model.video_patch_size)",
     )
     parser.add_argument("--audio-latent-dim", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=1, help="processes generating samples")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes generating samples (at most one per 4 samples, 2 per CPU)"
+    )
     parser.add_argument(
         "--video-format",
         choices=["npy", "mp4"],
