@@ -46,7 +46,7 @@ from megatron_cosmos3.data.determinism import seed_problem, uniform
 from megatron_cosmos3.data.errors import printable
 from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder, VAELatentEncoder, latent_sample
 from megatron_cosmos3.data.schema import SchemaContext, decode_sample
-from megatron_cosmos3.data.shard_writer import PARTS, ShardWriter, check_split_output, write_parts
+from megatron_cosmos3.data.shard_writer import PARTS, ShardWriter, check_split_output, empty_output_status, write_parts
 from megatron_cosmos3.data.shards import ShardIndex, read_samples
 from megatron_cosmos3.encoders.action_normalization import ACTION_STATS_FILENAME
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     buckets = [b for b in args.resolution_buckets.split(",") if b]
     media = MediaConfig(args.fps, buckets, args.clip_seconds, args.clip_start)
     try:
+        media.validate()  # before any VAE is loaded
         if args.encoder == "vae":  # no VAE folder, or a missing one: one line like every bad argument
             config = LatentEncoderConfig(True, args.video_vae, args.audio_vae, args.dtype)
             encoder = VAELatentEncoder.from_config(config, args.video_patch_size)
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if (args.out_dir / "index.json").is_file() and not (args.out_dir / PARTS).exists():
         index = ShardIndex.load(args.out_dir)
         log.info("%s: %d samples in %d shards", args.out_dir, index.total_samples, len(index.shards))
-    return 0
+    return empty_output_status(args.out_dir, skipped)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections import defaultdict
 from multiprocessing import Pool
@@ -30,11 +31,13 @@ import torch
 from megatron_cosmos3.data.determinism import seed_problem  # noqa: E402
 from megatron_cosmos3.data.latent_encoders import PooledLatentEncoder, latent_sample  # noqa: E402
 from megatron_cosmos3.data.schema import SchemaContext, decode_sample, encode_sample  # noqa: E402
-from megatron_cosmos3.data.shard_writer import ShardWriter  # noqa: E402
+from megatron_cosmos3.data.shard_writer import ShardWriter, process_count  # noqa: E402
 from megatron_cosmos3.encoders.action_normalization import ActionStats, EmbodimentActionStats  # noqa: E402
 from megatron_cosmos3.world.world import WorldConfig, generate_sample  # noqa: E402
 
 log = logging.getLogger("generate_world")
+# Samples a worker is handed at once (``Pool.imap``'s chunksize): the jobs a worker count is capped at.
+CHUNK = 4
 
 
 def _one_thread() -> None:
@@ -100,9 +103,10 @@ def write_world(
     actions = defaultdict(list)
     # lazily: a list of every job was built before the first sample (--samples 10**13 hung there)
     jobs = ((config, seed, index, video_format) for index in range(samples))
+    workers = process_count(workers, math.ceil(samples / CHUNK), "workers")  # 1000 for one sample started 1000
     _one_thread()
     with Pool(workers, initializer=_one_thread) if workers > 1 else _InProcess() as pool:
-        for sample, raw, decoded in pool.imap(_generate, jobs, chunksize=4):
+        for sample, raw, decoded in pool.imap(_generate, jobs, chunksize=CHUNK):
             if video_format == "npy":
                 writers["raw"].write(sample)
             else:  # validated by its decode in the worker
@@ -161,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         help="latent cells per video token, each side (model.video_patch_size)",
     )
     parser.add_argument("--audio-latent-dim", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=1, help="processes generating samples")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes generating samples (at most one per 4 samples, 2 per CPU)"
+    )
     parser.add_argument(
         "--video-format",
         choices=["npy", "mp4"],

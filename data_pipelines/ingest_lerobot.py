@@ -66,6 +66,7 @@ from megatron_cosmos3.data.schema import FPS_RANGE, SCHEMA_VERSION, SchemaContex
 from megatron_cosmos3.data.shard_writer import (
     ShardWriter,
     check_split_output,
+    empty_output_status,
     run_split,
     write_action_stats,
     write_parts,
@@ -527,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     log.info("wrote %s; skipped %s", args.out_dir, dict(skipped) or "none")
-    return 0
+    return empty_output_status(args.out_dir, skipped)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,13 @@ from megatron_cosmos3.data.media_files import (
     untaken_container_detail,
 )
 from megatron_cosmos3.data.schema import SCHEMA_VERSION, blank_text, decode_sample
-from megatron_cosmos3.data.shard_writer import ShardWriter, check_split_output, run_split, write_parts
+from megatron_cosmos3.data.shard_writer import (
+    ShardWriter,
+    check_split_output,
+    empty_output_status,
+    run_split,
+    write_parts,
+)
 from megatron_cosmos3.json_files import loads, unique_keys
 
 log = logging.getLogger("ingest_videos")
@@ -192,6 +198,11 @@ def ingest_videos(
     skip counts per reason."""
     in_dir = Path(in_dir)
     check_split_output(out_dir, in_dir, shard_size, task, tasks)
+    if Path(out_dir).resolve().is_relative_to(in_dir.resolve()):  # every file under in_dir is an input
+        raise ValueError(
+            f"output {str(out_dir)!r} is inside the input folder {str(in_dir)!r}: a rerun, or a task listing "
+            "the input while another writes, would take the shards written there as inputs; write them elsewhere"
+        )
     listed = {}
     if captions:
         special = Path(captions).exists() and not Path(captions).is_file() and not Path(captions).is_dir()
@@ -257,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     log.info("wrote %s; skipped %s", args.out_dir, dict(skipped) or "none")
-    return 0
+    return empty_output_status(args.out_dir, skipped)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.media import encode_json
 from megatron_cosmos3.data.schema import FIELDS, SCHEMA_VERSION, decode_sample
-from megatron_cosmos3.data.shard_writer import ShardWriter, check_split_output
+from megatron_cosmos3.data.shard_writer import ShardWriter, check_split_output, empty_output_status
 from megatron_cosmos3.data.shards import ShardIndex
 from megatron_cosmos3.json_files import loads, unique_keys
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out_dir,
         dict(skipped) or "none",
     )
-    return 0
+    return empty_output_status(args.out_dir, skipped)
 
 
 if __name__ == "__main__":

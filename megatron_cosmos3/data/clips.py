@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from megatron_cosmos3.data.errors import CORRUPT_MEDIA, OUT_OF_RANGE, ZERO_LENGTH, SampleError
+from megatron_cosmos3.encoders.audio_vae import TOKENS_PER_SECOND as AUDIO_TOKENS_PER_SECOND
 
 CLIP_STARTS = ("random", "grid", "first")
 # Durations within this of a clip length count as equal: containers round times to their time base
@@ -38,6 +39,10 @@ FIT_BYTES = 256 << 20
 # 90,000 targets at 25 fps), and a whole long video or recording is no training clip. Above it a
 # sample is ``out_of_range``: cut long media with clip_seconds.
 MAX_CLIP_BYTES = 8 << 30
+# The shortest clip cut from longer media: one audio latent (1 / 25 s), and one frame at ``fps``
+# where it is set. Shorter, every clip's sound is no token (a skip) and a grid cuts thousands of
+# clips a second (--clip-seconds 0.001 took minutes to skip them all).
+MIN_CLIP_SECONDS = 1 / AUDIO_TOKENS_PER_SECOND
 
 
 @dataclass
@@ -47,7 +52,8 @@ class MediaConfig:
     fps: the frame rate video is sampled at by frame selection (0 = the source's own rate).
     resolution_buckets: "HxW" picture sizes, e.g. ["64x64", "64x96"]; each video or image is fitted
         into the one of nearest aspect ratio (empty = the source size).
-    clip_seconds: clip length cut from longer media (0 = the whole sample).
+    clip_seconds: clip length cut from longer media (0 = the whole sample; else at least
+        ``MIN_CLIP_SECONDS`` and one frame at ``fps``).
     clip_start: "random" (any start), "grid" (a random multiple of clip_seconds) or "first".
     av_tolerance_s: the largest difference between a sample's audio and video durations; beyond it
         the sample is skipped as ``duration_mismatch``.
@@ -65,6 +71,13 @@ class MediaConfig:
             raise ValueError(f"media.fps={self.fps!r} must be 0 (the source's rate) or in [0.1, 1000]")
         if not (self.clip_seconds >= 0 and math.isfinite(self.clip_seconds)):
             raise ValueError(f"media.clip_seconds={self.clip_seconds!r} must be >= 0 (0 = whole samples)")
+        shortest = max(MIN_CLIP_SECONDS, 1 / self.fps if self.fps else 0.0)
+        if 0 < self.clip_seconds < shortest:
+            frame = f" or one frame at media.fps={self.fps:g}" if self.fps else ""
+            raise ValueError(
+                f"media.clip_seconds={self.clip_seconds!r} is shorter than one audio latent ({MIN_CLIP_SECONDS:g} s)"
+                f"{frame}: use 0 (whole samples) or at least {shortest:.4g} s"
+            )
         if self.clip_start not in CLIP_STARTS:
             raise ValueError(f"media.clip_start={self.clip_start!r}; expected one of {list(CLIP_STARTS)}")
         if not self.av_tolerance_s >= 0:

@@ -103,6 +103,31 @@ class DataConfig:
     prompt_dropout: float = 0.0
     media: MediaConfig = field(default_factory=MediaConfig)
 
+    def validate_shared(self) -> None:
+        """ValueError naming the field of the settings a run reads whatever its data source: the
+        ``packing`` limits a pack of shards and a synthetic pack (``training.config``) both keep,
+        whose text cap, tokenizer and encoders the training samples and the eval suite use too."""
+        p = self.packing
+        if not (p.tokens_per_pack > 0 and p.pool_size > 0 and p.max_text_tokens > 0):
+            raise ValueError(
+                f"data: packing.tokens_per_pack={p.tokens_per_pack}, pool_size={p.pool_size} and "
+                f"max_text_tokens={p.max_text_tokens} must be > 0"
+            )
+        if not 0 <= p.max_sample_tokens <= p.tokens_per_pack:
+            raise ValueError(
+                f"data: packing.max_sample_tokens={p.max_sample_tokens} must be in "
+                f"[0, tokens_per_pack={p.tokens_per_pack}]"
+            )
+        if p.max_samples_per_pack < 0:
+            raise ValueError(f"data: packing.max_samples_per_pack={p.max_samples_per_pack} must be >= 0")
+        tokenizer_file = Path(self.tokenizer.path) / TOKENIZER_FILE
+        if self.tokenizer.path and not tokenizer_file.is_file():
+            raise ValueError(
+                f"data: tokenizer.path={self.tokenizer.path!r} holds no {TOKENIZER_FILE} (a local Hugging Face "
+                "tokenizer folder)"
+            )
+        self.encoders.validate()
+
     def validate(self) -> None:
         """ValueError naming the field for any inconsistency."""
 
@@ -123,17 +148,7 @@ class DataConfig:
         for name, mixture in self.stages.items():
             self._validate_stage(name, mixture, names)
         stage = self.stages[self.stage]
-        p = self.packing
-        require(
-            p.tokens_per_pack > 0 and p.pool_size > 0 and p.max_text_tokens > 0,
-            f"packing.tokens_per_pack={p.tokens_per_pack}, pool_size={p.pool_size} and "
-            f"max_text_tokens={p.max_text_tokens} must be > 0",
-        )
-        require(
-            0 <= p.max_sample_tokens <= p.tokens_per_pack,
-            f"packing.max_sample_tokens={p.max_sample_tokens} must be in [0, tokens_per_pack={p.tokens_per_pack}]",
-        )
-        require(p.max_samples_per_pack >= 0, f"packing.max_samples_per_pack={p.max_samples_per_pack} must be >= 0")
+        self.validate_shared()
         require(
             self.shuffle_buffer >= 0 and self.num_workers >= 0 and self.prefetch_factor >= 1,
             f"shuffle_buffer={self.shuffle_buffer}, num_workers={self.num_workers} must be >= 0 and "
@@ -152,12 +167,6 @@ class DataConfig:
             f"error_budget.max_error_fraction={budget.max_error_fraction} must be in [0, 1], "
             f"min_samples={budget.min_samples} >= 0",
         )
-        tokenizer_file = Path(self.tokenizer.path) / TOKENIZER_FILE
-        require(
-            not self.tokenizer.path or tokenizer_file.is_file(),
-            f"tokenizer.path={self.tokenizer.path!r} holds no {TOKENIZER_FILE} (a local Hugging Face tokenizer folder)",
-        )
-        self.encoders.validate()
         try:
             self.media.validate()
         except ValueError as error:

@@ -8,6 +8,7 @@ samples give byte-identical shards.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
 from collections import Counter, defaultdict
@@ -23,6 +24,8 @@ from megatron_cosmos3.data.media import decode_json, decode_npy
 from megatron_cosmos3.data.schema import Sample, SchemaContext, check_key, decode_sample, encode_sample
 from megatron_cosmos3.data.shards import ShardIndex, ShardInfo, read_shard
 from megatron_cosmos3.encoders.action_normalization import ActionStats, EmbodimentActionStats
+
+log = logging.getLogger(__name__)
 
 
 class ShardWriter:
@@ -206,6 +209,38 @@ def index_when_complete(
     return True
 
 
+def empty_output_status(out_dir: str | Path, skipped: Counter) -> int:
+    """A pipeline command's exit status once its writing is done: 1 where ``out_dir`` holds a
+    finished dataset of no sample (every input skipped, or none there; logged with the skip counts,
+    which stay logged per sample too), so a SLURM array shows the task failed; else 0. Under a
+    split only the tasks that see the index know the whole: one whose parts are written before the
+    last task's returns 0."""
+    out_dir = Path(out_dir)
+    if (out_dir / "index.json").is_file() and ShardIndex.load(out_dir).total_samples == 0:
+        log.error("%s: no usable sample was written (skipped: %s)", out_dir, dict(skipped) or "none")
+        return 1
+    return 0
+
+
+# The most processes a pipeline starts per CPU: its work is CPU-bound (one thread a process), so
+# more only add their start-up and memory (--workers 1000 started 1000 interpreters for one sample).
+PROCESSES_PER_CPU = 2
+
+
+def process_count(requested: int, jobs: int | None, flag: str) -> int:
+    """The processes to start for ``requested`` (the value of ``flag``): at most one per job (``jobs``,
+    None where unknown) and ``PROCESSES_PER_CPU`` per CPU of ``os.cpu_count()``, the latter cap
+    logged as a warning naming the flag."""
+    count = requested if jobs is None else min(requested, max(1, jobs))
+    most = PROCESSES_PER_CPU * (os.cpu_count() or 1)
+    if count > most:
+        log.warning(
+            "%s=%d: starting %d processes (%d per CPU on this machine)", flag, requested, most, PROCESSES_PER_CPU
+        )
+        count = most
+    return count
+
+
 def run_split(function: Callable[..., Counter], processes: int, task: int, tasks: int, *args) -> Counter:
     """``function(*args, task, tasks)`` — one task of a SLURM array — or, with ``processes`` > 0,
     every task of ``processes`` in that many local processes (a ``write_parts`` writer, e.g.
@@ -217,6 +252,8 @@ def run_split(function: Callable[..., Counter], processes: int, task: int, tasks
             f"processes={processes} runs every task here; it does not go with task={task}, tasks={tasks} "
             "(a SLURM array's part): give one or the other"
         )
+    if processes > 1:  # the parts do not depend on their count: fewer processes write the same files
+        processes = process_count(processes, None, "processes")
     if processes <= 1:
         return function(*args, *((task, tasks) if processes == 0 else (0, 1)))
     with Pool(processes) as pool:

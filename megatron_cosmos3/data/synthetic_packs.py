@@ -141,6 +141,16 @@ TASKS = ("understanding", "text_to_video", "image_to_video", "video_to_audio", "
 SUPPORTED_TASKS = (*TASKS, "text_to_image", "text_to_audio_video", "inverse_dynamics", "policy_with_future")
 
 
+# The prompt tokens of a synthetic sample, times ``scale`` (an understanding question draws more):
+# every sample holds at least PROMPT_TOKENS[0] * scale tokens (``fewest_sample_tokens``).
+PROMPT_TOKENS = (2, 6)
+
+
+def fewest_sample_tokens(scale: int) -> int:
+    """A lower bound of the tokens of any ``random_sample_spec`` sample at ``scale``: its prompt."""
+    return PROMPT_TOKENS[0] * scale
+
+
 def random_sample_spec(task: str, config: MoTConfig, generator: torch.Generator, scale: int = 1) -> SampleSpec:
     """A random sample of ``task`` (one of SUPPORTED_TASKS); ``scale`` multiplies the section lengths."""
 
@@ -162,7 +172,7 @@ def random_sample_spec(task: str, config: MoTConfig, generator: torch.Generator,
         grid = (1, draw(1, 2), draw(1, 2)) if bool(torch.rand(1, generator=generator) < 0.5) else None
         text = draw(4, 12)
         return SampleSpec(task, text, answer_tokens=max(2, text // 2), vision_grid=grid)
-    spec = SampleSpec(task, draw(2, 6))
+    spec = SampleSpec(task, draw(*PROMPT_TOKENS))
     if task == "text_to_video":
         spec.dm_spans = [DMSpanSpec("video", (frames, h, w), video_tps, noisy=True)]
     elif task == "image_to_video":

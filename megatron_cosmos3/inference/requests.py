@@ -9,8 +9,9 @@ branches on task names: which inputs are needed and which spans are placeholders
 task's ``DMRole`` spans.
 
 Clip length: the target's video latent frames T come from ``num_frames`` (1 + 4k pixel frames), else
-``duration_s`` (the nearest 1 + 4k frames at ``fps``), else the given video (its length when it is
-the whole conditioning, twice it when it is the past of a forward-dynamics clip). The clip lasts
+``duration_s`` (the nearest 1 + 4k frames at ``fps``; one shorter than a frame is refused), else the
+given video (its length when it is the whole conditioning, twice it when it is the past of a
+forward-dynamics clip). The clip lasts
 D = frames / fps; audio gets ceil(25 D) tokens (round(48000 D) samples) and actions ceil(rate D)
 steps at their embodiment's rate (``tasks.layout.steps_before``: the steps that start while the
 frames show), as training cuts a clip's audio and actions to its encoded frames.
@@ -250,6 +251,12 @@ def _num_frames(request: GenerationRequest) -> int | None:
         if not 0 < request.duration_s <= DURATION_RANGE_S[1]:  # a clip's range, as in the shards
             raise _error(request, f"duration_s must be in (0, {DURATION_RANGE_S[1]:g}] s, got {request.duration_s!r}")
         frames = request.duration_s * request.frame_rate
+        if frames < 1:  # the shortest clip is one frame: 0.01 s was one of 1 / fps, four times longer
+            raise _error(
+                request,
+                f"duration_s={request.duration_s!r} is shorter than one frame at fps={request.frame_rate:g} "
+                f"({1 / request.frame_rate:.4g} s); the shortest clip is num_frames=1",
+            )
         return 1 + VAE_TEMPORAL_FACTOR * max(0, round((frames - 1) / VAE_TEMPORAL_FACTOR))
     return None
 

@@ -51,6 +51,12 @@ class SamplerConfig:
             raise ValueError(f"num_steps must be an int in [1, {MAX_STEPS}] (solvers.MAX_STEPS), got {steps!r}")
         if isinstance(self.shift, bool) or not isinstance(self.shift, (int, float)) or not 0 < self.shift < math.inf:
             raise ValueError(f"shift must be a finite number > 0, got {self.shift!r}")
+        still = standing_step(steps, self.shift)
+        if still is not None:
+            raise ValueError(
+                f"shift={self.shift!r}: steps {still} and {still + 1} of num_steps={steps} are at the same time "
+                "in float32, the model's time (a shift this far from 1 makes every time 1.0 or 0.0)"
+            )
 
     @property
     def num_evaluations(self) -> int:
@@ -61,6 +67,15 @@ class SamplerConfig:
 def timestep_schedule(num_steps: int, shift: float = 1.0) -> torch.Tensor:
     """(num_steps + 1,) float64 times from 1 down to 0, shifted (module doc)."""
     return shift_timesteps(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), shift)
+
+
+def standing_step(num_steps: int, shift: float) -> int | None:
+    """The first step i whose times t_i and t_i+1 (``timestep_schedule``) are equal in float32, or
+    None where every step moves: a step of no time that the model is still run for, the whole
+    schedule but one step where the shift is far from 1 (1e300: every time but the last is 1.0)."""
+    times = timestep_schedule(num_steps, shift).to(torch.float32)
+    standing = (times[1:] >= times[:-1]).nonzero()
+    return int(standing[0]) if len(standing) else None
 
 
 def integrate(

@@ -35,14 +35,18 @@ _FIRST_ROOM = 256
 # The most tokens one answer may take: past any answer or caption the model is trained for, short
 # of a request (10**9) whose cache and decode loop would grow until the memory or the job ran out.
 MAX_NEW_TOKENS = 32768
+# The sampling temperatures besides 0 (greedy): below 1e-3 a draw is the argmax in effect and a tiny
+# one overflows logits / temperature to inf (1e-40: every probability NaN); above 100 softmax is
+# uniform over the vocabulary for the logit gaps a model has (tens), and 1e308 is noise alone.
+TEMPERATURE_RANGE = (1e-3, 100.0)
 
 
 @dataclass(frozen=True)
 class TextSampling:
     """How tokens are chosen. ``temperature`` 0: greedy (argmax); > 0: drawn from
     softmax(logits / temperature) restricted to the smallest set of most likely tokens whose
-    probability reaches ``top_p`` (the nucleus; 1 = the whole vocabulary). ``max_new_tokens``:
-    1 .. ``MAX_NEW_TOKENS``."""
+    probability reaches ``top_p`` (the nucleus; 1 = the whole vocabulary); a temperature > 0 lies in
+    ``TEMPERATURE_RANGE``. ``max_new_tokens``: 1 .. ``MAX_NEW_TOKENS``."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -57,6 +61,12 @@ class TextSampling:
             )
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
             raise ValueError(f"TextSampling.temperature must be a finite number >= 0, got {self.temperature!r}")
+        low, high = TEMPERATURE_RANGE
+        if self.temperature != 0 and not low <= self.temperature <= high:
+            raise ValueError(
+                f"TextSampling.temperature must be 0 (greedy) or in [{low:g}, {high:g}] "
+                f"(text_generation.TEMPERATURE_RANGE), got {self.temperature!r}"
+            )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"TextSampling.top_p must lie in (0, 1], got {self.top_p!r}")
 

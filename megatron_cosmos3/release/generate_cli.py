@@ -70,7 +70,7 @@ from megatron_cosmos3.parallel.failures import RankFailedError, fail_together
 from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.release.trained import LOAD_ERRORS, TrainedModel, load_trained_model
 from megatron_cosmos3.tasks.registry import TASK_REGISTRY
-from megatron_cosmos3.training.config import DistributedConfig
+from megatron_cosmos3.training.config import MAX_TIMEOUT_S, DistributedConfig
 from megatron_cosmos3.training.distributed import init_distributed
 
 log = logging.getLogger("cosmos3-generate")
@@ -617,8 +617,8 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not value > 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    if not 0 < value <= MAX_TIMEOUT_S:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds in (0, {MAX_TIMEOUT_S:g}]")
     return value
 
 

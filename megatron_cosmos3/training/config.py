@@ -146,19 +146,23 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint: save_every={self.save_every} and keep_last={self.keep_last} must be >= 1")
 
 
+# The longest a rendezvous or a collective waits for a rank: one silent for a day is gone; 1e300 s
+# was an OverflowError (datetime.timedelta's range) once the process group started.
+MAX_TIMEOUT_S = 86400.0
+
+
 @dataclass
 class DistributedConfig:
-    """Process-group set-up (``training/distributed.py``)."""
+    """Process-group set-up (``training/distributed.py``); each timeout in (0, ``MAX_TIMEOUT_S``]."""
 
     init_timeout_s: float = 600.0  # how long the rendezvous and every collective wait
     preflight_timeout_s: float = 60.0  # how long the launch check waits for every rank to answer
 
     def __post_init__(self) -> None:
-        if self.init_timeout_s <= 0 or self.preflight_timeout_s <= 0:
-            raise ValueError(
-                f"distributed: init_timeout_s={self.init_timeout_s} and "
-                f"preflight_timeout_s={self.preflight_timeout_s} must be > 0"
-            )
+        for name in ("init_timeout_s", "preflight_timeout_s"):
+            value = getattr(self, name)
+            if not 0 < value <= MAX_TIMEOUT_S:  # NaN too
+                raise ValueError(f"distributed.{name}={value} must be in (0, {MAX_TIMEOUT_S:g}] seconds")
 
 
 @dataclass
@@ -307,6 +311,8 @@ class TrainConfig:
             if not self.data.stage:  # the data mixture follows the training stage unless set
                 self.data.stage = self.stage.name
             self.data.validate()
+        else:
+            self._check_synthetic_packs()
         self._check_gpu_paths()
         if self.recompute not in ("none", "selective", "full"):
             raise ValueError(f"recompute={self.recompute!r} is not one of ('none', 'selective', 'full')")
@@ -369,6 +375,27 @@ class TrainConfig:
             self._check_vision()
         if self.eval.suite is not None:
             check_model_embodiments(self.stage_model)
+
+    def _check_synthetic_packs(self) -> None:
+        """The data settings both sources read (``DataConfig.validate_shared``), and a synthetic pack
+        keeps the packing limits a pack of shards keeps: at most ``max_samples_per_pack``
+        samples, and no more than fit ``tokens_per_pack`` at their fewest tokens (the prompt's,
+        ``fewest_sample_tokens``). samples_per_pack=10**8 ran out of memory building the first pack."""
+        from megatron_cosmos3.data.synthetic_packs import fewest_sample_tokens
+
+        self.data.validate_shared()
+        s, p = self.synthetic, self.data.packing
+        if p.max_samples_per_pack and s.samples_per_pack > p.max_samples_per_pack:
+            raise ValueError(
+                f"synthetic.samples_per_pack={s.samples_per_pack} is above "
+                f"data.packing.max_samples_per_pack={p.max_samples_per_pack}"
+            )
+        fewest = fewest_sample_tokens(s.scale)
+        if s.samples_per_pack * fewest > p.tokens_per_pack:
+            raise ValueError(
+                f"synthetic.samples_per_pack={s.samples_per_pack} samples of at least {fewest} tokens each "
+                f"(synthetic.scale={s.scale}) do not fit data.packing.tokens_per_pack={p.tokens_per_pack}"
+            )
 
     def _check_action_tasks(self) -> None:
         """A task with an action stream needs an embodiment to give it a head (a model of video and

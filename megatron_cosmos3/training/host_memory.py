@@ -17,11 +17,12 @@ from pathlib import Path
 
 from megatron_cosmos3.training.config import TrainConfig
 from megatron_cosmos3.training.distributed import slurm_tasks_on_this_node, started_by_srun
+from megatron_cosmos3.training.refusals import StartupRefusal
 
 GiB = 1 << 30
 
 
-class HostMemoryError(ValueError):
+class HostMemoryError(StartupRefusal):
     """The model state cannot fit in the host's memory; the message names the estimate and what is available."""
 
 

@@ -18,6 +18,7 @@ import functools
 import torch
 
 from megatron_cosmos3.model.transformer_engine import import_transformer_engine, transformer_engine_missing
+from megatron_cosmos3.training.refusals import StartupRefusal
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 # TE's fp8 GEMMs take features in multiples of 16 (Transformer Engine 2.9's assert_dim_for_fp8_exec;
@@ -49,13 +50,14 @@ def fp8_unavailable(device: torch.device) -> str | None:
 
 
 def check_precision(precision: str, device: torch.device) -> None:
-    """ValueError naming ``precision`` where it cannot run on ``device``; called before the first step."""
+    """ValueError naming ``precision`` where it is none; StartupRefusal where it cannot run on
+    ``device``. Called before the first step."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
     if precision == "fp8":
         missing = fp8_unavailable(device)
         if missing is not None:
-            raise ValueError(
+            raise StartupRefusal(
                 f"precision='fp8' runs Transformer Engine's fp8 matmuls, but {missing}; use precision=bf16"
             )
 

@@ -21,6 +21,7 @@ from torch.profiler import ProfilerActivity
 
 from megatron_cosmos3.atomic_files import staged_file
 from megatron_cosmos3.training.config import ProfilingConfig
+from megatron_cosmos3.training.refusals import StartupRefusal
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +32,16 @@ GZIP_LEVEL = 1
 
 
 def check_profiling(config: ProfilingConfig, world_size: int, device: torch.device) -> None:
-    """ValueError naming the field for a profiling setting this run cannot honour: a rank outside
+    """StartupRefusal naming the field for a profiling setting this run cannot honour: a rank outside
     the world, a memory snapshot without CUDA. Called before any process group, alike on every rank."""
     if not config.enabled:
         return
     outside = [rank for rank in config.ranks if rank >= world_size]
     if outside:
-        raise ValueError(f"profiling.ranks={list(config.ranks)}: {outside} not among this run's {world_size} ranks")
+        raise StartupRefusal(f"profiling.ranks={list(config.ranks)}: {outside} not among this run's {world_size} ranks")
     if config.memory_snapshot and device.type != "cuda":
         # Refused, not skipped: a researcher who asked for a snapshot finds out now, not after the run.
-        raise ValueError(
+        raise StartupRefusal(
             f"profiling.memory_snapshot=true records CUDA's allocator, but this run's device is {device.type!r}; "
             "set profiling.memory_snapshot=false"
         )

@@ -86,6 +86,7 @@ from megatron_cosmos3.training.preemption import (
     write_status,
 )
 from megatron_cosmos3.training.profiling import StepProfiler, check_profiling
+from megatron_cosmos3.training.refusals import StartupRefusal
 from megatron_cosmos3.training.run_lock import lock_run_folder
 from megatron_cosmos3.training.samples import (
     HeldOutSet,
@@ -894,19 +895,28 @@ def main(argv: list[str] | None = None) -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     """``cosmos3-train``: as ``main``, but a config error (or a ``--config`` file that cannot be
-    read) is one line on stderr (from rank 0, torchrun's or srun's: every rank reads the same config
-    and fails the same way) and exit status 2 on every rank, as the other commands do; errors while
-    training stay tracebacks."""
+    read) and a start-up refusal of this machine (``StartupRefusal``: fp8 without CUDA and TE, a
+    profiled rank outside the world, a model larger than the host's memory) are one line on stderr
+    (from rank 0, torchrun's or srun's: every rank reads the same config and checks alike) and exit
+    status 2 on every rank, as the other commands do; errors while training stay tracebacks."""
     args = parse_args(argv)
     try:
         config = checked_config(args)
     except (ValueError, OSError) as error:  # OSError: a --config file that is missing or unreadable
-        if launched_rank(os.environ) == 0:
-            print(f"cosmos3-train: error: {error}", file=sys.stderr)
-        return 2
+        return _refused(error)
     if config is not None:
-        run_training(config, args)
+        try:
+            run_training(config, args)
+        except StartupRefusal as error:  # raised alike on every rank, before any step
+            return _refused(error)
     return 0
+
+
+def _refused(error: Exception) -> int:
+    """Exit status 2 for a run refused before it started; the one line is rank 0's alone."""
+    if launched_rank(os.environ) == 0:
+        print(f"cosmos3-train: error: {error}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -16,12 +17,15 @@ from world_helpers import AUDIO_LATENT_DIM, VIDEO_LATENT_CHANNELS, data_config, 
 from megatron_cosmos3.data.latent_encoders import VAELatentEncoder, encodable_pixels
 from megatron_cosmos3.data.loader import PackedLoader
 from megatron_cosmos3.data.media import encode_npy, encode_png, encode_wav
+from megatron_cosmos3.data.media_writers import encode_mp4
 from megatron_cosmos3.data.schema import decode_sample
+from megatron_cosmos3.data.shard_writer import PROCESSES_PER_CPU, process_count
 from megatron_cosmos3.data.shards import ShardIndex, read_shard
 from megatron_cosmos3.encoders.audio_vae import AudioVAE
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
 from megatron_cosmos3.encoders.video_vae import VideoVAE
 from megatron_cosmos3.testing.tiny_vaes import tiny_oobleck_vae, tiny_wan_vae
+from megatron_cosmos3.world.world import WorldConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 
@@ -134,6 +138,13 @@ def test_a_manifest_of_loose_files_becomes_validated_shards(tmp_path):
         ("encode_shards", ["{tmp}/raw", "{tmp}/new", "--encoder", "pooled", "--video-latent-channels", "-2"], ">= 0"),
         ("encode_shards", ["{tmp}/evil", "{tmp}/new", "--encoder", "pooled"], "may not run a command"),
         ("encode_shards", ["{tmp}/raw", "{tmp}/new", "--encoder", "pooled", "--seed", "-1"], "seed=-1 must be an"),
+        # Every clip's sound was no audio token: thousands of clips a second cut and skipped, for minutes.
+        (
+            "encode_shards",
+            ["{tmp}/raw", "{tmp}/new", "--encoder", "pooled", "--clip-seconds", "0.001"],
+            "media.clip_seconds=0.001 is shorter than one audio latent (0.04 s): use 0 (whole samples) or at least",
+        ),
+        ("encode_shards", ["{tmp}/raw", "{tmp}/new", "--clip-seconds", "0.05", "--fps", "10"], "at least 0.1 s"),
         ("inspect_shards", ["{tmp}/none"], "No such file"),
         ("write_shards", ["{tmp}/none.jsonl", "{tmp}/new"], "manifest"),
         ("write_shards", ["{tmp}/raw/index.json", "{tmp}/raw"], "is the input folder"),
@@ -142,6 +153,8 @@ def test_a_manifest_of_loose_files_becomes_validated_shards(tmp_path):
         # An output that is a file: mkdir's FileExistsError / NotADirectoryError tracebacks.
         ("write_shards", ["{tmp}/raw/index.json", "{tmp}/evil/index.json"], "is a file, not a folder"),
         ("ingest_videos", ["{tmp}/raw", "{tmp}/evil/index.json"], "is a file, not a folder"),
+        # Its shards, index and part files were walked as inputs by a rerun or a later task.
+        ("ingest_videos", ["{tmp}/raw", "{tmp}/raw/new"], "is inside the input folder"),
         # --task/--tasks were ignored beside --processes: each array task wrote every part
         ("ingest_videos", ["{tmp}/raw", "{tmp}/new", "--processes", "2", "--task", "1", "--tasks", "4"], "give one"),
         ("generate_world", ["{tmp}/evil/index.json", "--samples", "1"], "is a file, not a folder"),
@@ -198,3 +211,41 @@ def test_a_crafted_manifest_entry_is_a_counted_skip_and_never_a_member_leading_o
     (tmp_path / "latin.jsonl").write_bytes('{"key": "caf\u00e9"}'.encode("latin-1"))
     with pytest.raises(ValueError, match=r"manifest '.*latin.jsonl': not a readable UTF-8 file \(UnicodeDecodeError"):
         write_shards.write_shards(tmp_path / "latin.jsonl", tmp_path / "latin")
+
+
+def test_generate_world_starts_no_more_workers_than_jobs_or_cpus(tmp_path, monkeypatch, caplog):
+    """--workers 1000 started 1000 processes, even for one sample: a worker takes ``CHUNK`` samples
+    at once, so 1 sample is generated here and 5 by 2 processes; past the CPUs a warning names the flag."""
+    script = load_script("generate_world")
+    real_pool, started = script.Pool, []
+
+    def pool(processes, **kwargs):  # the real pool, refused before it starts too many
+        started.append(processes)
+        assert processes <= 2, f"Pool({processes}) for at most 2 chunks of samples"
+        return real_pool(processes, **kwargs)
+
+    monkeypatch.setattr(script, "Pool", pool)
+    config = WorldConfig(resolution=32, duration_s=0.5)
+    one = script.write_world(tmp_path / "one", 1, config=config, workers=1000)
+    five = script.write_world(tmp_path / "five", 5, config=config, workers=1000)
+    assert started == [2]
+    assert ShardIndex.load(one["raw"]).total_samples == 1 and ShardIndex.load(five["raw"]).total_samples == 5
+    with caplog.at_level("WARNING"):
+        assert process_count(10**6, None, "--processes") == PROCESSES_PER_CPU * (os.cpu_count() or 1)
+    assert "--processes=1000000: starting" in caplog.text
+
+
+def test_a_run_that_writes_no_usable_sample_exits_1_and_keeps_its_skip_report(tmp_path, caplog):
+    """Every entry skipped wrote an empty dataset and exited 0: a SLURM array task showed success."""
+    (tmp_path / "manifest.jsonl").write_text(json.dumps({"key": "gone", "caption": "x", "image": "missing.png"}))
+    assert load_script("write_shards").main([str(tmp_path / "manifest.jsonl"), str(tmp_path / "shards")]) == 1
+    assert ShardIndex.load(tmp_path / "shards").total_samples == 0
+    assert "manifest.jsonl line 1: skipped: ValueError: image=" in caplog.text  # the skip report, kept
+    assert "no usable sample was written (skipped: {'unreadable_entry': 1})" in caplog.text
+    (tmp_path / "videos").mkdir()
+    whole = encode_mp4(np.zeros((8, 64, 64, 3), np.uint8), 8)
+    (tmp_path / "videos" / "cut.mp4").write_bytes(whole[: len(whole) // 2])  # a video, cut short
+    ingest = load_script("ingest_videos")
+    assert ingest.main([str(tmp_path / "videos"), str(tmp_path / "ingested")]) == 1
+    assert ShardIndex.load(tmp_path / "ingested").total_samples == 0
+    assert "ingested: no usable sample was written (skipped: {'" in caplog.text

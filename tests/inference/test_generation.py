@@ -315,6 +315,15 @@ _CLIP = np.zeros((5, 64, 32, 3), np.uint8)
         ("text_to_video", {"seed": -1}, "task 'text_to_video': seed=-1 must be an integer in \\[0, 2\\*\\*63 - 1\\]"),
         ("text_to_video", {"seed": 2**64}, "task 'text_to_video': seed=18446744073709551616 must be an integer"),
         ("text_to_video", {"shift": float("inf")}, "task 'text_to_video': shift=inf must be a finite number > 0"),
+        # A shift this far from 1 ran the model at t = 1.0 (or 0.0) for all steps but one: float32's time.
+        ("text_to_video", {"shift": 1e300}, "shift=1e\\+300: steps 0 and 1 of num_steps=3 are at the same time"),
+        ("text_to_video", {"shift": 1e-300}, "shift=1e-300: steps 1 and 2 of num_steps=3 are at the same time"),
+        # 0.01 s was a clip of one frame (1 / fps s) without a word.
+        (
+            "text_to_video",
+            {"num_frames": None, "duration_s": 0.01},
+            "duration_s=0.01 is shorter than one frame at fps=8 \\(0.125 s\\)",
+        ),
     ],
 )
 def test_bad_requests_are_named(task, changes, message, model, builder):

@@ -238,6 +238,9 @@ def test_first_token_follows_the_tempered_nucleus_distribution():
         (dict(sampling=dict(max_new_tokens=10**12)), r"max_new_tokens must be an integer in \[1, 32768\] .*got 10+$"),
         (dict(sampling=dict(max_new_tokens=True)), r"TextSampling.max_new_tokens must be an integer .*got True"),
         (dict(sampling=dict(temperature=-0.5)), r"TextSampling.temperature must be a finite number >= 0, got -0.5"),
+        # 1e-40 overflowed logits / temperature to inf (NaN probabilities); 1e308 drew uniform noise.
+        (dict(sampling=dict(temperature=1e-40)), r"temperature must be 0 \(greedy\) or in \[0.001, 100\] .*got 1e-40"),
+        (dict(sampling=dict(temperature=1e308)), r"must be 0 \(greedy\) or in \[0.001, 100\] .*got 1e\+308"),
         (dict(sampling=dict(top_p=0.0)), r"TextSampling.top_p must lie in \(0, 1\], got 0.0"),
         (dict(sampling=dict(top_p=1.5)), r"TextSampling.top_p must lie in \(0, 1\], got 1.5"),
         (dict(seeds=[1, 2]), r"seeds has 2 entries for 4 prompts"),

@@ -143,6 +143,15 @@ def test_invalid_config_fails_before_any_process_group(monkeypatch):
         # The outcome line was written after the last step: an OSError traceback there, no outcome read.
         (["--status-file", "{tmp}"], "--status-file '{tmp}' is a folder, not a file"),
         (["--status-file", "/proc/cosmos3-test/status"], "--status-file '/proc/cosmos3-test/status': no file can"),
+        # Out of memory building the first pack; data.packing was not checked at all with synthetic data.
+        (["synthetic.samples_per_pack=100000000"], "synthetic.samples_per_pack=100000000 samples of at least 4"),
+        (["synthetic.scale=100000000"], "(synthetic.scale=100000000) do not fit data.packing.tokens_per_pack=4096"),
+        (["data.packing.max_samples_per_pack=4"], "above data.packing.max_samples_per_pack=4"),
+        (["data.packing.max_text_tokens=0"], "data: packing.tokens_per_pack=4096, pool_size=64 and max_text_tokens=0"),
+        (["data.encoders.dtype=float7"], "encoders.dtype='float7'; expected one of"),  # the samples' encoders
+        (["data.tokenizer.path={tmp}"], "data: tokenizer.path='{tmp}' holds no tokenizer.json"),
+        # An OverflowError traceback (timedelta) where the process group started.
+        (["distributed.init_timeout_s=1e300"], "distributed.init_timeout_s=1e+300 must be in (0, 86400] seconds"),
     ],
 )
 @pytest.mark.timeout(30)
@@ -161,6 +170,34 @@ def test_the_console_command_names_a_bad_override_or_config_path_in_one_line(
     assert train_module.cli([*argv, "data_source=synthetic"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cosmos3-train: error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["precision=fp8", "model.linear_impl=te"], "precision='fp8' runs Transformer Engine's fp8 matmuls, but"),
+        (["profiling.enabled=true", "profiling.ranks=[0,3]"], "profiling.ranks=[0, 3]: [3] not among"),
+        (["profiling.enabled=true", "profiling.memory_snapshot=true"], "profiling.memory_snapshot=true records CUDA's"),
+        (["model.num_layers=1024", "model.hidden_size=16384", "model.vision=null"], "GiB available"),
+    ],
+)
+@pytest.mark.timeout(60)
+def test_the_console_command_names_a_start_up_refusal_of_this_machine_in_one_line(
+    monkeypatch, capsys, tmp_path, overrides, message
+):
+    """The checks ``build_run`` makes of the machine (precision, profiling, host memory) were a
+    traceback on every rank: now the config errors' one line (``_refused``: rank 0's) and status 2."""
+    from megatron_cosmos3.training import train as train_module
+
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    argv = ["--config", str(REPO / "configs/tiny_cpu.yaml"), "data_source=synthetic", "tracking.enabled=false"]
+    assert train_module.cli([*argv, f"checkpoint.directory={tmp_path / 'ckpt'}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cosmos3-train: error: ") and err.count("\n") == 1 and message in err, err
+    # Control: a ValueError once the model is built (a freeze pattern matching nothing) stays raised.
+    with pytest.raises(ValueError, match="stage.freeze pattern 'layer.\\*' matches no parameter"):
+        train_module.cli([*argv, f"checkpoint.directory={tmp_path / 'other'}", "stage.freeze=[layer.*]"])
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "srun"])
