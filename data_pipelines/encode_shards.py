@@ -53,6 +53,26 @@ from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
 
 log = logging.getLogger("encode_shards")
 
+# The flags that set ``data.media``'s fields: MediaConfig's refusals name the training config's field
+# (media.clip_seconds=...), which the user of this script did not type.
+MEDIA_FLAGS = {
+    "media.fps": "--fps",
+    "media.resolution_buckets": "--resolution-buckets",
+    "media.clip_seconds": "--clip-seconds",
+    "media.clip_start": "--clip-start",
+}
+
+
+def check_media_flags(media: MediaConfig) -> None:
+    """``media.validate()``, its ValueError naming this script's flags in place of the fields."""
+    try:
+        media.validate()
+    except ValueError as error:
+        message = str(error)
+        for field_name, flag in MEDIA_FLAGS.items():
+            message = message.replace(field_name, flag)
+        raise ValueError(message) from None
+
 
 def clips_of(raw: dict, context: SchemaContext, media: MediaConfig, clips_per_sample: int, seed: int, where: tuple):
     """Yields the clips pre-encoding cuts from one WebDataset sample (module doc), as decoded
@@ -168,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     buckets = [b for b in args.resolution_buckets.split(",") if b]
     media = MediaConfig(args.fps, buckets, args.clip_seconds, args.clip_start)
     try:
-        media.validate()  # before any VAE is loaded
+        check_media_flags(media)  # before any VAE is loaded
         if args.encoder == "vae":  # no VAE folder, or a missing one: one line like every bad argument
             config = LatentEncoderConfig(True, args.video_vae, args.audio_vae, args.dtype)
             encoder = VAELatentEncoder.from_config(config, args.video_patch_size)

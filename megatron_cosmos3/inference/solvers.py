@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_cosmos3.objectives.flow_matching import shift_timesteps
+from megatron_cosmos3.objectives.flow_matching import first_standing, shift_timesteps
 
 SOLVERS = ("euler", "heun")
 # The most denoising steps a sampler takes: far past where more steps change a sample (tens do),
@@ -73,9 +73,7 @@ def standing_step(num_steps: int, shift: float) -> int | None:
     """The first step i whose times t_i and t_i+1 (``timestep_schedule``) are equal in float32, or
     None where every step moves: a step of no time that the model is still run for, the whole
     schedule but one step where the shift is far from 1 (1e300: every time but the last is 1.0)."""
-    times = timestep_schedule(num_steps, shift).to(torch.float32)
-    standing = (times[1:] >= times[:-1]).nonzero()
-    return int(standing[0]) if len(standing) else None
+    return first_standing(timestep_schedule(num_steps, shift))
 
 
 def integrate(

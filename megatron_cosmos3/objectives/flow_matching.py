@@ -14,9 +14,17 @@ import torch
 
 from megatron_cosmos3.model.packed_batch import PackedBatch
 
+# The draws a shift must keep apart: the logit-normal's mean - 2 std and mean + 2 std (95% of the
+# draws lie between them).
+SPREAD_STDS = 2.0
+
 
 @dataclass
 class FlowMatchingConfig:
+    """The training timesteps' distribution (module doc); ValueError naming the field for a bad value,
+    a shift that makes the draws one float32 value too (docs/DESIGN.md, "The data path, from shard to
+    loss")."""
+
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
     # t' = shift * t / (1 + (shift - 1) * t); shift > 1 spends more steps at high noise.
@@ -24,19 +32,42 @@ class FlowMatchingConfig:
 
     def __post_init__(self) -> None:
         if self.logit_normal_std <= 0:
-            raise ValueError(f"FlowMatchingConfig.logit_normal_std must be > 0, got {self.logit_normal_std}")
+            raise ValueError(f"flow_matching.logit_normal_std={self.logit_normal_std!r} must be > 0")
         if self.shift <= 0:
-            raise ValueError(f"FlowMatchingConfig.shift must be > 0, got {self.shift}")
+            raise ValueError(f"flow_matching.shift={self.shift!r} must be > 0")
+        # The rule generation's shift keeps (solvers.standing_step): times that differ stay apart in
+        # float32 once shifted, computed as sample_timesteps does. 1e10 drew 1.0 (pure noise) for all
+        # but a sliver of the samples, 1e300 NaN (inf / inf), 1e-300 0.0 (clean data: no loss).
+        ends = logit_normal(torch.tensor([SPREAD_STDS, -SPREAD_STDS]), self)
+        if first_standing(ends) is None and first_standing(shift_timesteps(ends, self.shift)) is not None:
+            raise ValueError(
+                f"flow_matching.shift={self.shift!r}: the timesteps drawn at logit_normal_mean="
+                f"{self.logit_normal_mean!r} + and - {SPREAD_STDS:g} x logit_normal_std={self.logit_normal_std!r} "
+                "are one value in float32 once shifted, the model's time (a shift this far from 1 makes every "
+                "training timestep 1.0 or 0.0)"
+            )
 
 
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
+def first_standing(times: torch.Tensor) -> int | None:
+    """The first i where ``times[i + 1]``, in float32, is not below ``times[i]`` (equal, or NaN), or
+    None where the times fall strictly: times meant to differ that the model cannot tell apart."""
+    times = times.to(torch.float32)
+    standing = (~(times[1:] < times[:-1])).nonzero()
+    return int(standing[0]) if len(standing) else None
+
+
+def logit_normal(normal: torch.Tensor, config: FlowMatchingConfig) -> torch.Tensor:
+    """The unshifted timesteps of standard-normal draws ``normal``: sigmoid(mean + std x normal)."""
+    return torch.sigmoid(normal * config.logit_normal_std + config.logit_normal_mean)
+
+
 def sample_timesteps(num: int, config: FlowMatchingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """(num,) timesteps in (0, 1) from the shifted logit-normal distribution."""
-    normal = torch.randn(num, generator=generator) * config.logit_normal_std + config.logit_normal_mean
-    return shift_timesteps(torch.sigmoid(normal), config.shift)
+    return shift_timesteps(logit_normal(torch.randn(num, generator=generator), config), config.shift)
 
 
 def add_flow_matching_noise(

@@ -3,8 +3,10 @@
 Each rank named in ``profiling.ranks`` writes one Chrome trace of steps ``start_step`` ..
 ``start_step + steps - 1`` (numbered as the logs number them) to ``<folder>/rank<r>_step<a>-<b>.json.gz``,
 whole or not at all, and with ``memory_snapshot`` CUDA's allocator history of the same steps beside
-it. The trainer marks its phases with ``torch.profiler.record_function`` (data, forward, backward,
-finish_gradients, optimizer, checkpoint): outside a traced window they cost a dispatcher call each.
+it. A window the run left early is named by the steps it holds and marked:
+``rank<r>_step<a>-<c>_partial.json.gz``, step c the one running when it stopped. The trainer marks
+its phases with ``torch.profiler.record_function`` (data, forward, backward, finish_gradients,
+optimizer, checkpoint): outside a traced window they cost a dispatcher call each.
 A profiler failure is a warning: a diagnostic never stops a training run nor hides its error.
 """
 
@@ -47,8 +49,9 @@ def check_profiling(config: ProfilingConfig, world_size: int, device: torch.devi
         )
 
 
-def trace_name(rank: int, first: int, last: int) -> str:
-    return f"rank{rank}_step{first}-{last}.json.gz"
+def trace_name(rank: int, first: int, last: int, partial: bool = False) -> str:
+    """The trace file of steps ``first`` .. ``last``; ``partial``: a window cut short at ``last``."""
+    return f"rank{rank}_step{first}-{last}{'_partial' if partial else ''}.json.gz"
 
 
 class StepProfiler:
@@ -146,9 +149,10 @@ class StepProfiler:
     def _write_trace(self, profiler: torch.profiler.profile) -> None:
         """torch.profiler's ``on_trace_ready``: the window's Chrome trace, gzipped, written whole or not
         at all, and its memory snapshot; logged to MLflow where asked. Never raises."""
-        # step_num: the step the profiler is in; a window cut short ends in that (partial) step.
+        # step_num: the step the profiler is in; a window cut short ends in that step (an error's
+        # part of it, or all of it where preemption stopped after its checkpoint), named as it is.
         last = profiler.step_num if self._cut_short else profiler.step_num - 1
-        path = self.folder / trace_name(self.rank, self.config.start_step, last)
+        path = self.folder / trace_name(self.rank, self.config.start_step, last, partial=self._cut_short)
         written = []
         try:
             self.folder.mkdir(parents=True, exist_ok=True)

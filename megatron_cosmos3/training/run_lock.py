@@ -29,14 +29,16 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megatron_cosmos3.json_files import loads, unique_keys
+from megatron_cosmos3.training.refusals import StartupRefusal
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
 
 
-class RunFolderLocked(RuntimeError):
-    """Another trainer holds the run folder."""
+class RunFolderLocked(StartupRefusal):
+    """Another trainer holds the run folder: a start-up refusal, raised on every rank alike
+    (``lock_run_folder`` broadcasts rank 0's outcome) before anything is written."""
 
 
 def _process_stat(pid: int) -> tuple[str, str] | None:

@@ -896,7 +896,8 @@ def main(argv: list[str] | None = None) -> None:
 def cli(argv: list[str] | None = None) -> int:
     """``cosmos3-train``: as ``main``, but a config error (or a ``--config`` file that cannot be
     read) and a start-up refusal of this machine (``StartupRefusal``: fp8 without CUDA and TE, a
-    profiled rank outside the world, a model larger than the host's memory) are one line on stderr
+    profiled rank outside the world, a model larger than the host's memory, a checkpoint folder another
+    trainer holds: ``RunFolderLocked``, broadcast from rank 0) are one line on stderr
     (from rank 0, torchrun's or srun's: every rank reads the same config and checks alike) and exit
     status 2 on every rank, as the other commands do; errors while training stay tracebacks."""
     args = parse_args(argv)

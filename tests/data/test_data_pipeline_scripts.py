@@ -139,12 +139,19 @@ def test_a_manifest_of_loose_files_becomes_validated_shards(tmp_path):
         ("encode_shards", ["{tmp}/evil", "{tmp}/new", "--encoder", "pooled"], "may not run a command"),
         ("encode_shards", ["{tmp}/raw", "{tmp}/new", "--encoder", "pooled", "--seed", "-1"], "seed=-1 must be an"),
         # Every clip's sound was no audio token: thousands of clips a second cut and skipped, for minutes.
+        # The refusal names the flags typed, not the training config's media.clip_seconds and media.fps.
         (
             "encode_shards",
             ["{tmp}/raw", "{tmp}/new", "--encoder", "pooled", "--clip-seconds", "0.001"],
-            "media.clip_seconds=0.001 is shorter than one audio latent (0.04 s): use 0 (whole samples) or at least",
+            "error: --clip-seconds=0.001 is shorter than one audio latent (0.04 s): use 0 (whole samples) or at least",
         ),
-        ("encode_shards", ["{tmp}/raw", "{tmp}/new", "--clip-seconds", "0.05", "--fps", "10"], "at least 0.1 s"),
+        (
+            "encode_shards",
+            ["{tmp}/raw", "{tmp}/new", "--clip-seconds", "0.05", "--fps", "10"],
+            "error: --clip-seconds=0.05 is shorter than one audio latent (0.04 s) or one frame at --fps=10: use 0",
+        ),
+        ("encode_shards", ["{tmp}/raw", "{tmp}/new", "--fps", "5000"], "error: --fps=5000.0 must be 0"),
+        ("encode_shards", ["{tmp}/raw", "{tmp}/new", "--resolution-buckets", "9"], "error: --resolution-buckets entry"),
         ("inspect_shards", ["{tmp}/none"], "No such file"),
         ("write_shards", ["{tmp}/none.jsonl", "{tmp}/new"], "manifest"),
         ("write_shards", ["{tmp}/raw/index.json", "{tmp}/raw"], "is the input folder"),

@@ -1,5 +1,7 @@
 """The objectives: flow matching counts only noisy targets; CE only labelled AR positions."""
 
+import re
+
 import pytest
 import torch
 
@@ -69,8 +71,25 @@ def test_logit_normal_timesteps_and_shift():
     shifted = sample_timesteps(20000, FlowMatchingConfig(shift=3.0), torch.Generator().manual_seed(0))
     assert torch.allclose(shifted, shift_timesteps(t, 3.0))
     assert float(shifted.median()) == pytest.approx(0.75, abs=0.02)  # 3 * 0.5 / (1 + 2 * 0.5)
-    with pytest.raises(ValueError, match="shift must be > 0"):
+    with pytest.raises(ValueError, match=r"flow_matching.shift=0.0 must be > 0"):
         FlowMatchingConfig(shift=0.0)
+
+
+@pytest.mark.parametrize("shift, drawn", [(1e10, 1.0), (1e300, float("nan")), (1e-300, 0.0)])
+def test_a_shift_that_makes_every_training_timestep_one_value_is_refused_by_name(shift, drawn):
+    """Generation refuses a shift whose steps coincide in float32 (solvers.standing_step); training's
+    had no bound: 1e10 drew 1.0 (pure noise) for nearly every sample, 1e300 NaN, 1e-300 0.0."""
+    from megatron_cosmos3.training.config import load_config
+
+    unchecked = FlowMatchingConfig()
+    unchecked.shift = shift  # what training drew with it, before the check
+    t = sample_timesteps(1000, unchecked, torch.Generator().manual_seed(0))
+    assert (t.isnan() if drawn != drawn else t == drawn).float().mean() > 0.9
+    with pytest.raises(ValueError, match=re.escape(f"flow_matching.shift={shift!r}: the timesteps drawn at")):
+        load_config(overrides=[f"flow_matching.shift={shift!r}"])
+    # Controls: a large shift that still spreads the draws, and the same spread unshifted.
+    load_config(overrides=["flow_matching.shift=1e6"])
+    load_config(overrides=["flow_matching.logit_normal_std=1e-6"])
 
 
 def test_per_task_losses_add_up_to_the_totals(tiny_config, generator):

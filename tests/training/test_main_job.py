@@ -173,26 +173,41 @@ def test_the_console_command_names_a_bad_override_or_config_path_in_one_line(
 
 
 @pytest.mark.parametrize(
-    "overrides, message",
+    "overrides, message, locked",
     [
-        (["precision=fp8", "model.linear_impl=te"], "precision='fp8' runs Transformer Engine's fp8 matmuls, but"),
-        (["profiling.enabled=true", "profiling.ranks=[0,3]"], "profiling.ranks=[0, 3]: [3] not among"),
-        (["profiling.enabled=true", "profiling.memory_snapshot=true"], "profiling.memory_snapshot=true records CUDA's"),
-        (["model.num_layers=1024", "model.hidden_size=16384", "model.vision=null"], "GiB available"),
+        (["precision=fp8", "model.linear_impl=te"], "precision='fp8' runs Transformer Engine's fp8 matmuls", False),
+        (["profiling.enabled=true", "profiling.ranks=[0,3]"], "profiling.ranks=[0, 3]: [3] not among", False),
+        (
+            ["profiling.enabled=true", "profiling.memory_snapshot=true"],
+            "profiling.memory_snapshot=true records CUDA's",
+            False,
+        ),
+        (["model.num_layers=1024", "model.hidden_size=16384", "model.vision=null"], "GiB available", False),
+        # Another trainer's lock on the checkpoint folder (RunFolderLocked): it was a traceback.
+        ([], "ckpt is in use by another trainer: pid {pid} on host", True),
     ],
 )
 @pytest.mark.timeout(60)
 def test_the_console_command_names_a_start_up_refusal_of_this_machine_in_one_line(
-    monkeypatch, capsys, tmp_path, overrides, message
+    monkeypatch, capsys, tmp_path, overrides, message, locked
 ):
-    """The checks ``build_run`` makes of the machine (precision, profiling, host memory) were a
-    traceback on every rank: now the config errors' one line (``_refused``: rank 0's) and status 2."""
+    """The checks ``build_run`` makes of the machine (precision, profiling, host memory) and the run
+    folder's lock were a traceback on every rank: now the config errors' one line (``_refused``:
+    rank 0's) and status 2."""
     from megatron_cosmos3.training import train as train_module
+    from megatron_cosmos3.training.run_lock import RunFolderLock
 
     for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "LOCAL_RANK", "MASTER_ADDR"):
         monkeypatch.delenv(name, raising=False)
     argv = ["--config", str(REPO / "configs/tiny_cpu.yaml"), "data_source=synthetic", "tracking.enabled=false"]
-    assert train_module.cli([*argv, f"checkpoint.directory={tmp_path / 'ckpt'}", *overrides]) == 2
+    holder = RunFolderLock(tmp_path / "ckpt", job_id="job-17")
+    if locked:
+        holder.acquire()  # a real second holder: this process, as another trainer's lock names it
+    try:
+        assert train_module.cli([*argv, f"checkpoint.directory={tmp_path / 'ckpt'}", *overrides]) == 2
+    finally:
+        holder.release()
+    message = message.format(pid=os.getpid())
     err = capsys.readouterr().err
     assert err.startswith("cosmos3-train: error: ") and err.count("\n") == 1 and message in err, err
     # Control: a ValueError once the model is built (a freeze pattern matching nothing) stays raised.

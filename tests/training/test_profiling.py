@@ -78,11 +78,29 @@ def test_an_error_inside_the_window_stops_the_profiler_writes_the_steps_recorded
     with pytest.raises(RuntimeError, match="the loader broke in step 3"):
         train_module.train(config, CPU)
     folder = tmp_path / "cut" / "profiles"
-    assert [p.name for p in folder.iterdir()] == ["rank0_step2-3.json.gz"]  # no temporary file left
-    assert profiler_steps(trace_events(folder / "rank0_step2-3.json.gz")) == ["ProfilerStep#2", "ProfilerStep#3"]
-    # The profiler is closed: a later one in this process traces its own window.
+    # Named by the steps it holds (step 3 up to the error) and marked: it was the whole window's name.
+    assert [p.name for p in folder.iterdir()] == ["rank0_step2-3_partial.json.gz"]  # no temporary file left
+    traced = trace_events(folder / "rank0_step2-3_partial.json.gz")
+    assert profiler_steps(traced) == ["ProfilerStep#2", "ProfilerStep#3"]
+    # The profiler is closed: a later one in this process traces its own window, whole.
     run_steps(StepProfiler(config.profiling, 0, torch.device("cpu"), tmp_path / "next", 0), 4)
     assert [p.name for p in (tmp_path / "next").iterdir()] == ["rank0_step2-3.json.gz"]
+
+
+def test_a_window_left_after_a_whole_step_is_named_by_the_steps_it_holds(tmp_path):
+    """Preemption stops after a step's checkpoint, before the profiler steps on: a window of steps
+    2..4 left after step 2 holds step 2 alone (it was named rank0_step2-4)."""
+    config = ProfilingConfig(enabled=True, start_step=2, steps=3)
+    with pytest.raises(train_module.Preempted):
+        with StepProfiler(config, 0, torch.device("cpu"), tmp_path / "profiles", 0) as profiler:
+            for step in (1, 2):
+                with torch.profiler.record_function("forward"):
+                    torch.ones(4, 4).sum()
+                if step == 2:
+                    raise train_module.Preempted(2, 0)  # as train._stop_for_preemption, after the checkpoint
+                profiler.step_done()
+    assert [p.name for p in (tmp_path / "profiles").iterdir()] == ["rank0_step2-2_partial.json.gz"]
+    assert profiler_steps(trace_events(tmp_path / "profiles" / "rank0_step2-2_partial.json.gz")) == ["ProfilerStep#2"]
 
 
 def test_a_resume_before_the_window_traces_its_steps_by_their_numbers_and_one_into_it_does_not(tmp_path):
