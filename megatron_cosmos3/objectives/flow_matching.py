@@ -38,7 +38,7 @@ class FlowMatchingConfig:
         # The rule generation's shift keeps (solvers.standing_step): times that differ stay apart in
         # float32 once shifted, computed as sample_timesteps does. 1e10 drew 1.0 (pure noise) for all
         # but a sliver of the samples, 1e300 NaN (inf / inf), 1e-300 0.0 (clean data: no loss).
-        ends = logit_normal(torch.tensor([SPREAD_STDS, -SPREAD_STDS]), self)
+        ends = logit_normal(torch.tensor([SPREAD_STDS, -SPREAD_STDS], device="cpu"), self)  # not a meta context's
         if first_standing(ends) is None and first_standing(shift_timesteps(ends, self.shift)) is not None:
             raise ValueError(
                 f"flow_matching.shift={self.shift!r}: the timesteps drawn at logit_normal_mean="

@@ -75,6 +75,15 @@ def test_logit_normal_timesteps_and_shift():
         FlowMatchingConfig(shift=0.0)
 
 
+def test_the_shift_check_holds_inside_a_meta_device_context():
+    """A model is built under ``with torch.device("meta")`` with its config loaded there (as the
+    DeepSpeed tests and users do): the check's own tensors stay on the CPU (meta has no nonzero)."""
+    with torch.device("meta"):
+        assert FlowMatchingConfig(shift=3.0).shift == 3.0
+        with pytest.raises(ValueError, match=r"flow_matching.shift=1e\+300"):
+            FlowMatchingConfig(shift=1e300)
+
+
 @pytest.mark.parametrize("shift, drawn", [(1e10, 1.0), (1e300, float("nan")), (1e-300, 0.0)])
 def test_a_shift_that_makes_every_training_timestep_one_value_is_refused_by_name(shift, drawn):
     """Generation refuses a shift whose steps coincide in float32 (solvers.standing_step); training's
