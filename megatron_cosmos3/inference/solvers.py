@@ -66,7 +66,8 @@ class SamplerConfig:
 
 def timestep_schedule(num_steps: int, shift: float = 1.0) -> torch.Tensor:
     """(num_steps + 1,) float64 times from 1 down to 0, shifted (module doc)."""
-    return shift_timesteps(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), shift)
+    # On the CPU whatever the default device: a SamplerConfig made inside a meta context is checked too.
+    return shift_timesteps(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64, device="cpu"), shift)
 
 
 def standing_step(num_steps: int, shift: float) -> int | None:

@@ -83,3 +83,12 @@ def test_frozen_rows_stay_bit_for_bit_and_each_step_evaluates_as_the_solver_says
 def test_bad_sampler_settings_are_named(changes, message):
     with pytest.raises(ValueError, match=message):
         SamplerConfig(**changes)
+
+
+def test_a_sampler_config_made_inside_a_meta_device_context_is_checked_on_the_cpu():
+    """Models are built under ``with torch.device("meta")``; a request or suite config made there
+    is still checked (its schedule's times are CPU tensors, not meta ones without values)."""
+    with torch.device("meta"):
+        assert SamplerConfig("euler", 8, 3.0).shift == 3.0
+        with pytest.raises(ValueError, match=r"shift=1e\+300: steps"):
+            SamplerConfig("euler", 8, 1e300)
