@@ -394,7 +394,7 @@ def test_generation_under_tensor_and_pipeline_parallelism_equals_one_process(mod
                     assert torch.allclose(got[key], expected[key], atol=1e-4), (name, key)
 
 
-@pytest.mark.parametrize("fps", [8.0, 29.97])
+@pytest.mark.parametrize("fps", [8.0, 29.97, 60.0])
 def test_a_packed_samples_streams_read_from_the_pack_are_its_requests(fps, builder):
     """``packed_sample_streams`` (what training's held-out samples use: a pack has no request) reads
     from the pack alone the outputs, grid, frame rate, audio length and embodiment the request made."""
@@ -407,8 +407,8 @@ def test_a_packed_samples_streams_read_from_the_pack_are_its_requests(fps, build
         if {"video", "image"} & set(p.outputs):
             assert got.video_grid == p.video_grid, p.request.task
             assert got.fps == (fps if "video" in p.outputs else got.fps), p.request.task
-        if "audio" in p.outputs:  # the pack holds whole 40 ms tokens
-            assert 0 <= got.audio_num_samples - p.audio_num_samples < HOP, p.request.task
+        if "audio" in p.outputs:  # the clip's length, not the pack's whole 40 ms tokens
+            assert got.audio_num_samples == p.audio_num_samples, p.request.task
         if "actions" in p.outputs:
             assert (got.embodiment, got.action_rate_hz) == (EMBODIMENT, CONFIG.embodiments[EMBODIMENT].rate_hz)
 
@@ -601,3 +601,30 @@ def test_written_actions_are_the_horizon_asked_for_un_normalised_with_the_saved_
     assert (media["steps"], media["dim"], media["rate_hz"], media["embodiment"]) == (steps, dim, rate_hz, embodiment)
     if not raw:
         assert np.load(files["poses.npy"]).shape[0] == steps + 1
+
+
+@pytest.mark.parametrize(("fps", "frames"), [(60.0, 17), (30.0, 13), (24000 / 1001, 9)])
+def test_a_held_out_packs_clip_and_its_sound_are_written_in_sync(fps, frames, builder, tmp_path):
+    """Training's held-out samples come from packs: their sound was as long as its whole 40 ms
+    tokens, up to 40 ms past the last frame (37 ms at 60 fps: more than two frames). Read back by
+    ffprobe, the muxed sound now lasts the clip's frames / fps within one frame, as a request's."""
+    from megatron_cosmos3.inference.generation import generated_sample
+    from megatron_cosmos3.inference.media_outputs import write_generated_sample
+    from megatron_cosmos3.testing.media_probe import ffprobe_streams
+
+    request = request_for("text_to_audio_video", fps=fps, num_frames=frames, steps=1)
+    batch = PackedBatch.from_samples([prepare_request(request, builder).conditional.sample])
+    streams = packed_sample_streams(batch, 0, CONFIG)
+    sample = generated_sample(streams, batch, batch.dm_tokens, 0)
+    files = write_generated_sample(tmp_path, sample, request_record(request), builder.latent_encoder)
+    video, sound = (ffprobe_streams(files["video.mp4"])[kind] for kind in ("video", "audio"))
+    seconds = frames / fps
+    assert int(video["nb_read_frames"]) == frames and float(video["duration"]) == pytest.approx(seconds, abs=1e-3)
+    assert abs(float(sound["duration"]) - seconds) <= 1 / fps
+    assert sample.audio.num_samples == round(seconds * 48_000)
+
+
+def request_record(request):
+    from megatron_cosmos3.inference.media_outputs import GenerationRecord
+
+    return GenerationRecord(request.task, request.prompt, request.seed, request.solver, request.steps, 1.0, "held-out")
