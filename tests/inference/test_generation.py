@@ -576,6 +576,7 @@ def test_written_actions_are_the_horizon_asked_for_un_normalised_with_the_saved_
     import json as json_module
 
     from megatron_cosmos3.encoders.action_normalization import ActionStats, EmbodimentActionStats
+    from megatron_cosmos3.encoders.pseudo_actions import get_layout
     from megatron_cosmos3.inference.media_outputs import sidecar_path, write_generated_sample
 
     config = generation_config(embodiments={embodiment: EmbodimentConfig(dim, rate_hz)})
@@ -599,8 +600,12 @@ def test_written_actions_are_the_horizon_asked_for_un_normalised_with_the_saved_
     np.testing.assert_allclose(written, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
     media = json_module.loads(sidecar_path(files["actions.npy"]).read_text())["media"]
     assert (media["steps"], media["dim"], media["rate_hz"], media["embodiment"]) == (steps, dim, rate_hz, embodiment)
-    if not raw:
-        assert np.load(files["poses.npy"]).shape[0] == steps + 1
+    if not raw:  # DESIGN.md, "Generated media": (steps + 1, parts, 4, 4) float64 poses, (steps + 1, width) joints
+        layout = get_layout(embodiment)
+        poses, joints = np.load(files["poses.npy"]), np.load(files["joints.npy"])
+        assert poses.shape == (steps + 1, len(layout.pose_parts), 4, 4) and poses.dtype == np.float64
+        assert joints.shape == (steps + 1, sum(width for _, width in layout.joint_parts))
+        np.testing.assert_allclose(poses[:, :, 3], np.broadcast_to([0.0, 0.0, 0.0, 1.0], poses[:, :, 3].shape))
 
 
 @pytest.mark.parametrize(("fps", "frames"), [(60.0, 17), (30.0, 13), (24000 / 1001, 9)])
