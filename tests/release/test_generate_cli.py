@@ -818,6 +818,10 @@ def test_a_picture_given_as_the_conditioning_video_has_no_frame_rate_of_its_own(
     frames, fps = read_input("video", picture, "request r")
     np.testing.assert_array_equal(frames, image[None])
     assert fps is None
+    for asked in (10.0, 60.0, 100.0):  # one frame at any rate the request asks for
+        frames, fps = read_input("video", picture, "request r", asked)
+        np.testing.assert_array_equal(frames, image[None])
+        assert fps is None
     clip = write_mp4(tmp_path / "clip.mp4", np.repeat(image[None], 6, axis=0), 24)
     assert read_input("video", clip, "request r")[1] == 24.0
 
