@@ -156,12 +156,17 @@ def decode_media_file(
     return out
 
 
-def decode_video_file(data: bytes, name: str) -> tuple[np.ndarray, float | None]:
+def decode_video_file(data: bytes, name: str, fps: float = 0.0) -> tuple[np.ndarray, float | None]:
     """(T, H, W, 3) uint8 RGB frames and the frame rate of a whole video file (mp4, webm, mkv, ...)
-    at its own rate and size, upright: generation's conditioning clips. A picture (a 1-frame video)
-    has no rate: None, as a ``.npy`` clip's (FFmpeg's 25 fps became the request's rate)."""
-    decoded = decode_media_file(data, name, MediaConfig(), lambda seconds: Window(0.0, seconds), True, False)
-    return decoded.frames, None if decoded.picture else decoded.fps
+    at its own size, upright, and at its own rate, or at ``fps`` (> 0) by the loader's frame
+    selection (``media.fps``: the clip lasts as long, its frames are those shown at k / fps):
+    generation's conditioning clips. A picture (a 1-frame video) has no rate: None, as a ``.npy``
+    clip's (FFmpeg's 25 fps became the request's rate)."""
+    media = MediaConfig(fps=fps)
+    decoded = decode_media_file(data, name, media, lambda seconds: Window(0.0, seconds), True, False)
+    if decoded.picture:  # one frame at any fps: FFmpeg's 0.04 s for it held 3 frames at 60 fps
+        return decoded.frames[:1], None
+    return decoded.frames, decoded.fps
 
 
 def _decode(

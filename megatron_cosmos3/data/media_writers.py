@@ -16,7 +16,8 @@ video, issue 17). Each ``encode_*`` returns the file's bytes; each ``write_*`` w
   The same frames give the same bytes, whatever was encoded before in the process: x264's
   macroblock tree, which read memory it had not written, is off (``REPRODUCIBLE_X264``).
   Audio, when given, is AAC at its sample rate, as long as the waveform given, clipped to [-1, 1]
-  as the WAV is.
+  as the WAV is; a rate AAC cannot store (one of ``aac_sample_rates()``: 7350 to 96000 Hz, e.g.
+  not 12345 or 192000) is a ``ValueError`` naming it, before anything is encoded.
 - **WAV**: 16-bit PCM (``data/media.py``, ``encode_wav``), values clipped to [-1, 1).
 - **PNG**: 8-bit RGB, lossless.
 
@@ -57,6 +58,13 @@ def exact_rate(fps: float | Fraction, name: str = "fps") -> Fraction:
     if rate <= 0:
         raise ValueError(f"{name}={fps!r} is too small to store as a frame rate")
     return rate
+
+
+def aac_sample_rates() -> list[int]:
+    """The sample rates (Hz) FFmpeg's AAC encoder stores, as its build declares them."""
+    import av
+
+    return sorted(av.Codec("aac", "w").audio_rates)
 
 
 def even_size(height: int, width: int) -> tuple[int, int]:
@@ -130,6 +138,10 @@ def encode_mp4(
         raise ValueError(f"keyframe_interval must be a positive integer, got {keyframe_interval!r}")
     if audio is not None:
         audio = np.clip(check_waveform(audio, sample_rate), -1.0, 1.0)
+        if int(sample_rate) not in aac_sample_rates():  # PyAV's own error was 'Invalid argument', naming nothing
+            raise ValueError(
+                f"sample_rate={sample_rate!r} is not one AAC stores in an mp4; one of {aac_sample_rates()}"
+            )
     height, width = even_size(*frames.shape[1:3])
     if (height, width) != frames.shape[1:3]:
         pad = ((0, 0), (0, height - frames.shape[1]), (0, width - frames.shape[2]), (0, 0))

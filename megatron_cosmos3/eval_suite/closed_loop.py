@@ -137,6 +137,17 @@ class ModelPolicy:
         self.plan, self.trained_tasks = plan, trained_tasks
 
     def request(self, decision: Decision) -> GenerationRequest:
+        """The decision's ``policy`` request; ValueError naming the embodiment and both rates where the
+        model generates its actions at another rate than the environment executes them (a 20 Hz
+        chunk stepped at 10 Hz played every action twice as long, without a word)."""
+        env, known = decision.env, self.builder.config.embodiments
+        if env.embodiment in known and float(known[env.embodiment].rate_hz) != env.rate:
+            raise ValueError(
+                f"closed loop: the model generates {env.embodiment!r} actions at "
+                f"model.embodiments.{env.embodiment}.rate_hz={known[env.embodiment].rate_hz:g} Hz but the "
+                f"environment executes them at {env.rate:g} Hz (the world's action_rates); give the world the "
+                "model's rate"
+            )
         seed = int(np.random.SeedSequence([decision.seed, decision.round]).generate_state(1)[0] >> 1)
         return GenerationRequest(
             "policy",

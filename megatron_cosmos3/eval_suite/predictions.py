@@ -17,6 +17,7 @@ import torch
 from megatron_cosmos3.data.latent_encoders import LatentEncoder
 from megatron_cosmos3.data.sample_builder import SampleBuilder
 from megatron_cosmos3.data.tokenizer import Tokenizer
+from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE
 from megatron_cosmos3.eval_suite.cases import Case
 from megatron_cosmos3.eval_suite.config import SuiteConfig
 from megatron_cosmos3.inference.generation import generate
@@ -28,14 +29,18 @@ from megatron_cosmos3.parallel.plan import ParallelPlan
 
 @dataclass
 class Prediction:
-    """What a model made of one case: frames (T, H, W, 3) uint8 of the whole clip, audio (2, n)
-    float32 at 48 kHz, actions (steps, dim) float32 in physical units, or an answer."""
+    """What a model made of one case: frames (T, H, W, 3) uint8 of the whole clip at ``fps``, audio
+    (channels, n) float32 at ``sample_rate`` Hz, actions (steps, dim) float32 in physical units at
+    ``action_rate_hz``, or an answer. A rate None is taken to be the truth's; scoring refuses one
+    that differs from it (``scoring.check_rates``)."""
 
     frames: np.ndarray | None = None
     fps: float | None = None
     audio: np.ndarray | None = None
     actions: np.ndarray | None = None
     text: str | None = None
+    sample_rate: int | None = None
+    action_rate_hz: float | None = None
 
 
 def untrained_model(model: MoTModel, seed: int, device: torch.device | str = "cpu") -> MoTModel:
@@ -78,9 +83,10 @@ def predict(
         if sample.video is not None:
             prediction.frames, prediction.fps = decoder.decode_video(sample.video), sample.video.fps
         if sample.audio is not None:
-            prediction.audio = decoder.decode_audio(sample.audio)
+            prediction.audio, prediction.sample_rate = decoder.decode_audio(sample.audio), SAMPLE_RATE
         if sample.actions is not None:
             prediction.actions = torch.as_tensor(sample.actions).float().cpu().numpy()
+            prediction.action_rate_hz = sample.action_rate_hz
         predictions[case.task].append(prediction)
     questions = cases.get("understanding", [])
     if questions:

@@ -8,10 +8,13 @@ time before it, the actions stacked per embodiment (rows ``<task>/<embodiment>/.
 differ between embodiments). A prediction and its truth are cut to the shorter of the two where a
 generated length rounds differently from the world's (a 1 + 4k-frame clip lasts one frame longer
 than the world's ``duration_s``, so generated sound and actions run one frame past the truth).
+A prediction whose frames, sound or actions run at another rate than the truth's is refused
+(``check_rates``), never compared index by index.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,6 +27,25 @@ from megatron_cosmos3.evaluation.actions import spread_of
 from megatron_cosmos3.evaluation.report import MetricRow
 from megatron_cosmos3.evaluation.rows import action_rows, audio_rows, text_to_video_rows, understanding_rows, video_rows
 from megatron_cosmos3.world.sound import SAMPLE_RATE
+
+
+def check_rates(case: Case, prediction: Prediction, who: str) -> None:
+    """ValueError naming the case, ``who`` made the prediction, the rate and both values where a
+    piece of ``prediction`` runs at another rate than the truth's (frames, sound samples or action
+    steps would be compared out of step, silently: frame i of a 30 fps clip is not frame i of a
+    24 fps one). A rate the prediction leaves None is the truth's."""
+    s = case.sample
+    for piece, name, given, true in (
+        (prediction.frames, "fps", prediction.fps, s.fps),
+        (prediction.audio, "sample_rate", prediction.sample_rate, s.audio_sample_rate or SAMPLE_RATE),
+        (prediction.actions, "action_rate_hz", prediction.action_rate_hz, s.action_rate_hz),
+    ):
+        if piece is None or given is None or true is None or math.isclose(float(given), float(true), rel_tol=1e-9):
+            continue
+        raise ValueError(
+            f"{case.name}: {who}'s prediction has {name}={float(given):g} but the truth's is {float(true):g}; "
+            "resample it to the truth's rate (pieces at two rates are never compared index by index)"
+        )
 
 
 def _scored_frames(case: Case, *predictions: Prediction) -> list[np.ndarray]:
@@ -104,6 +126,9 @@ def task_rows(
     """The rows of one task (module doc); ``model`` and ``chance`` hold one prediction per case."""
     if not (len(cases) == len(model) == len(chance)):
         raise ValueError(f"{task}: {len(cases)} cases, {len(model)} model and {len(chance)} chance predictions")
+    for case, m, c in zip(cases, model, chance):
+        check_rates(case, m, "the model")
+        check_rates(case, c, "the chance model")
     if task in ("forward_dynamics", "image_to_video"):
         return _video(task, cases, model, chance, world_detector())
     if task == "video_to_audio":

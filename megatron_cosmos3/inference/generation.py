@@ -19,8 +19,8 @@ import torch
 from megatron_cosmos3.data.packer import Packer
 from megatron_cosmos3.data.sample_builder import SampleBuilder
 from megatron_cosmos3.encoders.action_normalization import ActionStats, denormalize_actions
-from megatron_cosmos3.encoders.audio_vae import HOP, AudioLatents
-from megatron_cosmos3.encoders.video_vae import VideoLatents
+from megatron_cosmos3.encoders.audio_vae import HOP, SAMPLE_RATE, AudioLatents
+from megatron_cosmos3.encoders.video_vae import VideoLatents, encoded_frame_count
 from megatron_cosmos3.inference.denoising import full_forward_velocity, sample_dm_tokens, sample_rows
 from megatron_cosmos3.inference.media_outputs import GeneratedSample, GenerationRecord
 from megatron_cosmos3.inference.requests import (
@@ -127,12 +127,15 @@ def packed_sample_streams(batch: PackedBatch, index: int, config: MoTConfig) -> 
     held-out pack), read from the pack itself: the streams its task delivers
     (``requests.delivered_streams``), the video grid from its rows' (t, h, w) positions and the
     frame rate from their temporal step (one latent frame every 4 frames, TPS_BASE units per second:
-    docs/DESIGN.md, "The packed batch"), the audio's length from its tokens (one per ``HOP``
-    samples), the embodiment from its action stream and that embodiment's rate from ``config``."""
+    docs/DESIGN.md, "The packed batch"), the audio's length from its clip (frames / fps at 48 kHz, as
+    training cut it; its tokens, one per ``HOP`` samples, hold up to 40 ms more, which played past
+    the last frame: 37 ms, two frames at 60 fps) or, without one, from its tokens, the embodiment
+    from its action stream and that embodiment's rate from ``config``."""
     task = get_task(batch.task_names[int(batch.sample_task[index])])
     delivered = delivered_streams(task)
     first, last = int(batch.dm_cu_seqlens[index]), int(batch.dm_cu_seqlens[index + 1])
     streams = SampleStreams({})
+    clip_s = None  # the video's length (s), where it has a frame rate
     for key, rows in batch.dm_token_index.items():
         rows = rows.cpu()
         rows = rows[(rows >= first) & (rows < last)]
@@ -143,9 +146,11 @@ def packed_sample_streams(batch: PackedBatch, index: int, config: MoTConfig) -> 
             h, w = positions[1].unique().numel(), positions[2].unique().numel()
             times = positions[0].unique()
             streams.video_grid = (rows.numel() // (h * w), h, w)
+            fps = video_fps_from_times(times)
+            if fps is not None:
+                clip_s = encoded_frame_count(streams.video_grid[0]) / fps
             if "video" in delivered:
                 streams.outputs["video"] = key
-                fps = video_fps_from_times(times)
                 streams.fps = DEFAULT_FPS if fps is None else fps
             elif "image" in delivered:
                 streams.outputs["image"] = key
@@ -158,6 +163,8 @@ def packed_sample_streams(batch: PackedBatch, index: int, config: MoTConfig) -> 
             streams.action_rate_hz = config.embodiments[streams.embodiment].rate_hz
             if "actions" in delivered:
                 streams.outputs["actions"] = key
+    if streams.audio_num_samples is not None and clip_s is not None:
+        streams.audio_num_samples = min(streams.audio_num_samples, round(clip_s * SAMPLE_RATE))
     return streams
 
 

@@ -46,7 +46,7 @@ from megatron_cosmos3.data.latent_encoders import LatentEncoder, latent_encoder_
 from megatron_cosmos3.data.media import decode_image, decode_npy
 from megatron_cosmos3.data.media_files import VIDEO_SUFFIXES as VIDEO_FILE_SUFFIXES
 from megatron_cosmos3.data.media_files import decode_video_file
-from megatron_cosmos3.data.schema import AUDIO_FIELDS, decode_audio_file, rate_value
+from megatron_cosmos3.data.schema import AUDIO_FIELDS, FPS_RANGE, decode_audio_file, rate_value
 from megatron_cosmos3.data.vision_features import crop_to_tokens
 from megatron_cosmos3.encoders.action_normalization import ActionStats, merge_action_stats
 from megatron_cosmos3.inference.generation import generate
@@ -315,9 +315,10 @@ def _whole_number(part: Any) -> bool:
     return isinstance(part, int) and not isinstance(part, bool)
 
 
-def read_input(role: str, path: Path, where: str):
+def read_input(role: str, path: Path, where: str, fps: float | None = None):
     """The conditioning input ``role`` from ``path``: image (H, W, 3) uint8; video (frames, fps or
-    None); audio (waveform, sample rate); actions (N, dim) float32."""
+    None; a video file's frames at ``fps`` when given, ``decode_video_file``); audio (waveform,
+    sample rate); actions (N, dim) float32."""
     if not path.is_file():
         raise RequestError(f"{where}: {role}={str(path)!r} is not a file")
     data, name = path.read_bytes(), str(path)
@@ -334,7 +335,7 @@ def read_input(role: str, path: Path, where: str):
                     )
                 return frames, None
             if suffix in VIDEO_SUFFIXES:
-                return decode_video_file(data, name)
+                return decode_video_file(data, name, fps or 0.0)
             raise RequestError(f"{where}: video {name}: want .npy or one of {VIDEO_SUFFIXES}")
         if role == "audio":
             if suffix not in AUDIO_FILE_SUFFIXES:
@@ -349,11 +350,16 @@ def read_input(role: str, path: Path, where: str):
 
 
 def generation_request(spec: RequestSpec, where: str) -> GenerationRequest:
-    """The sampler's request for ``spec`` with its files read (a video file's frame rate is the
-    clip's unless the request gives one)."""
+    """The sampler's request for ``spec`` with its files read: a video file's frame rate is the
+    clip's unless the request gives one, and then its frames are selected at that rate, as the
+    loader's ``media.fps`` does (a 1 s clip at 30 fps asked at 10 was its 30 frames at 10 fps: 3 s
+    of slow motion, without a word)."""
     inputs: dict[str, Any] = {}
+    asked = rate_value(spec.settings["fps"]) if "fps" in spec.settings else None
+    if asked is not None and not FPS_RANGE[0] <= asked <= FPS_RANGE[1]:
+        asked = None  # out of range: prepare_request names the fps (not a clip of 10**9 frames)
     for role in spec.files:
-        value = read_input(role, spec.path(role), where)
+        value = read_input(role, spec.path(role), where, asked)
         if role == "video":
             inputs["video"], fps = value
             if fps and "fps" not in spec.settings:
@@ -584,7 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", dest="duration_s", type=float, help="clip length in seconds")
     parser.add_argument("--num-frames", type=int, help="clip length in frames (1 + 4k); wins over --duration")
     parser.add_argument(
-        "--fps", help="frame rate, e.g. 24, 29.97 or 30000/1001 (default: the conditioning video's, else 24)"
+        "--fps",
+        help="frame rate, e.g. 24, 29.97 or 30000/1001 (default: the conditioning video's, else 24); a conditioning "
+        "video file's frames are selected at it",
     )
     parser.add_argument(
         "--resolution",

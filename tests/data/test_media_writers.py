@@ -150,6 +150,45 @@ def test_muxed_audio_lasts_as_long_as_the_video(tmp_path):
     assert float(streams["video"]["duration"]) == pytest.approx(seconds, abs=1e-3)
 
 
+@pytest.mark.parametrize(
+    ("fps", "sample_rate", "channels"),
+    [
+        (Fraction(24000, 1001), 44_100, 2),
+        (25, 16_000, 1),
+        (30, 22_050, 2),
+        (60, 8_000, 1),
+        (12, 96_000, 2),
+        (1, 32_000, 1),
+    ],
+)
+def test_muxed_audio_at_other_rates_stays_in_sync_with_video_at_other_frame_rates(tmp_path, fps, sample_rate, channels):
+    """Read back by ffprobe: the clip's frames, rate and length, and the sound at its own rate and
+    channels, lasting as long as the frames within one frame."""
+    frames = 7
+    seconds = frames / float(fps)
+    audio = (0.2 * np.random.default_rng(0).standard_normal((channels, round(seconds * sample_rate)))).astype(
+        np.float32
+    )
+    path = write_mp4(tmp_path / "av.mp4", smooth_clip(frames, 32, 32), fps, audio=audio, sample_rate=sample_rate)
+    video, sound = (ffprobe_streams(path)[kind] for kind in ("video", "audio"))
+    assert int(video["nb_read_frames"]) == frames and Fraction(video["r_frame_rate"]) == Fraction(fps)
+    assert float(video["duration"]) == pytest.approx(seconds, abs=1e-3)
+    assert (int(sound["sample_rate"]), int(sound["channels"])) == (sample_rate, channels)
+    assert abs(float(sound["duration"]) - float(video["duration"])) <= 1 / float(fps)
+
+
+@pytest.mark.parametrize("sample_rate", [12_345, 192_000, 6_000])
+def test_a_sample_rate_aac_cannot_store_is_refused_naming_it(tmp_path, sample_rate):
+    """PyAV raised 'Invalid argument' from avcodec_open2, naming neither the rate nor the rates AAC takes."""
+    audio = np.zeros((2, sample_rate // 4), np.float32)
+    with pytest.raises(
+        ValueError, match=rf"sample_rate={sample_rate} is not one AAC stores in an mp4; one of \[7350, "
+    ):
+        write_mp4(tmp_path / "av.mp4", smooth_clip(5, 32, 32), 20, audio=audio, sample_rate=sample_rate)
+    assert not (tmp_path / "av.mp4").exists()
+    write_mp4(tmp_path / "av.mp4", smooth_clip(5, 32, 32), 20, audio=audio[:, :12_000], sample_rate=48_000)  # control
+
+
 def test_wav_reads_back_48k_stereo_16_bit_of_the_right_length(tmp_path):
     waveform = np.random.default_rng(0).uniform(-0.9, 0.9, (2, 4801)).astype(np.float32)
     path = write_wav(tmp_path / "a.wav", waveform)

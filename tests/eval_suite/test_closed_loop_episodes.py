@@ -257,3 +257,16 @@ def test_bad_runs_are_refused_naming_the_problem(model, builder):
     (run,) = run_episodes(ExpertPolicy(EXECUTE), "stop_ball", PUSHER, [1], WORLD, execute=EXECUTE)
     with pytest.raises(ValueError, match="no recorded media"):
         write_episode_mp4("unused.mp4", run, 16.0)
+
+
+@pytest.mark.parametrize("world_rate", [10.0, 40.0])
+def test_a_world_acting_at_another_rate_than_the_model_is_refused_naming_both(model, builder, world_rate):
+    """The model's 20 Hz chunks were stepped at the world's rate without a word: at 10 Hz each action
+    lasted twice as long as the model meant it to."""
+    world = WorldConfig(resolution=32, duration_s=1.0, action_rates={PUSHER: world_rate}, embodiments=(PUSHER,))
+    policy = ModelPolicy(model, builder, chunk_s=1.0, steps=1)
+    want = rf"model.embodiments.{PUSHER}.rate_hz=20 Hz but the environment executes them at {world_rate:g} Hz"
+    with pytest.raises(ValueError, match=want):
+        run_episodes(policy, "stop_ball", PUSHER, [0], world, execute=chunk_steps(world_rate), horizon_s=1.0)
+    (run,) = _stop_ball_runs(policy, {}, [0])  # control: the world at the model's 20 Hz
+    assert run.chunks and run.chunks[0].shape[1] == 10

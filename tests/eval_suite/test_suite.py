@@ -389,3 +389,66 @@ def test_answers_from_nan_logits_are_an_error_naming_the_cases_never_scored():
     (case,) = suite.cases["understanding"]
     with pytest.raises(ValueError, match=rf"eval suite: the model's answers to \['{case.name}'\] .*logits .* NaN"):
         run()
+
+
+def test_a_prediction_at_another_rate_than_the_truth_is_refused_naming_the_rate(cases):
+    """Frames at half the rate, sound at 16 kHz, actions at twice the rate were scored index by index
+    against the truth's, as if at its rates: out of step, without a word."""
+    from scipy.signal import resample_poly
+
+    def halved_fps(case):  # every other frame: the same clip at half the rate
+        return replace(truth(case), frames=case.sample.video[::2], fps=case.sample.fps / 2)
+
+    def sound_at_16k(case):
+        return replace(truth(case), audio=resample_poly(truth(case).audio, 1, 3, axis=1), sample_rate=16_000)
+
+    def actions_twice_as_often(case):
+        return replace(
+            truth(case),
+            actions=np.repeat(case.sample.actions, 2, axis=0),
+            action_rate_hz=2 * case.sample.action_rate_hz,
+        )
+
+    for task, changed, name in (
+        ("image_to_video", halved_fps, "fps"),
+        ("video_to_audio", sound_at_16k, "sample_rate"),
+        ("policy", actions_twice_as_often, "action_rate_hz"),
+    ):
+        found = cases[task]
+        true = [truth(c) for c in found]
+        given = getattr(changed(found[0]), name)
+        want = rf"{found[0].name}: the model's prediction has {name}={given:g} but the truth's is "
+        with pytest.raises(ValueError, match=want):
+            task_rows(task, found, [changed(c) for c in found], true, CASES)
+        with pytest.raises(ValueError, match=rf"{found[0].name}: the chance model's prediction has {name}="):
+            task_rows(task, found, true, [changed(c) for c in found], CASES)
+        # Control: the truth with every rate stated is scored.
+        stated = [replace(p, sample_rate=48_000, action_rate_hz=c.sample.action_rate_hz) for p, c in zip(true, found)]
+        assert task_rows(task, found, stated, true, CASES)
+
+
+def test_predictions_state_the_rates_they_were_made_at_which_are_the_truths():
+    """At 24 fps (not the suite's default 16): the frames, sound and actions the model predicts carry
+    their rates, equal to the held-out truth's, and are scored."""
+    from megatron_cosmos3.data.tokenizer import ByteTokenizer
+    from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
+    from megatron_cosmos3.eval_suite.predictions import predict
+    from megatron_cosmos3.eval_suite.suite import EvalSuite
+
+    model = MoTModel(tiny_mot_config(vocab_size=260)).eval()
+    config = SuiteConfig(cases_per_task=1, tasks=["video_to_audio", "policy"], steps=1, fps=24.0)
+    suite = EvalSuite.for_run(config, model, ByteTokenizer(260), LatentEncoderConfig(kind="pooled"), config.tasks)
+    predictions = predict(model, suite.cases, config, suite.builder, suite.decoder, suite.tokenizer)
+    (sound,), (policy,) = predictions["video_to_audio"], predictions["policy"]
+    (sound_case,), (policy_case,) = suite.cases["video_to_audio"], suite.cases["policy"]
+    assert (
+        (sound.fps, sound.sample_rate) == (24.0, 48_000) == (sound_case.sample.fps, sound_case.sample.audio_sample_rate)
+    )
+    assert len(sound.frames) == len(sound_case.frames) == 13 and sound.audio.shape[1] == 13 / 24 * 48_000
+    assert (
+        policy.action_rate_hz
+        == policy_case.sample.action_rate_hz
+        == model.config.embodiments[policy_case.sample.embodiment].rate_hz
+    )
+    for task, found in predictions.items():
+        assert task_rows(task, suite.cases[task], found, found, config, suite.builder.action_stats)

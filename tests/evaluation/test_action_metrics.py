@@ -61,3 +61,21 @@ def test_bad_input_is_refused_by_name(true_actions):
     one_inf[3, 2, 1] = np.inf
     with pytest.raises(ValueError, match=f"predicted actions must be finite; 1 of {true.size} values are NaN or Inf"):
         action_error(one_inf, true, scale)
+
+
+def test_the_error_of_a_30_hz_robot_equals_a_loop_reference():
+    """A 7-D robot at 30 Hz (not the single arm's 10 Hz) predicted one step late: per-dim RMSE and
+    MAE / scale equal sums written out dimension by dimension, step by step."""
+    t = np.arange(45) / 30.0
+    true = np.stack([np.sin(2 * np.pi * (0.5 + d) * t) * 4.0**-d for d in range(7)], axis=-1)
+    late = np.concatenate([true[:1], true[:-1]])
+    scale = spread_of(true)
+    error = action_error(late, true, scale)
+    for d in range(7):
+        squares = [(late[s, d] - true[s, d]) ** 2 for s in range(len(t))]
+        absolute = [abs(late[s, d] - true[s, d]) for s in range(len(t))]
+        mean = sum(true[s, d] for s in range(len(t))) / len(t)
+        std = (sum((true[s, d] - mean) ** 2 for s in range(len(t))) / len(t)) ** 0.5
+        assert scale[d] == pytest.approx(std, rel=1e-12)
+        assert error.per_dim_rmse[d] == pytest.approx((sum(squares) / len(t)) ** 0.5 / std, rel=1e-12)
+        assert error.per_dim_mae[d] == pytest.approx(sum(absolute) / len(t) / std, rel=1e-12)

@@ -394,7 +394,7 @@ def test_generation_under_tensor_and_pipeline_parallelism_equals_one_process(mod
                     assert torch.allclose(got[key], expected[key], atol=1e-4), (name, key)
 
 
-@pytest.mark.parametrize("fps", [8.0, 29.97])
+@pytest.mark.parametrize("fps", [8.0, 29.97, 60.0])
 def test_a_packed_samples_streams_read_from_the_pack_are_its_requests(fps, builder):
     """``packed_sample_streams`` (what training's held-out samples use: a pack has no request) reads
     from the pack alone the outputs, grid, frame rate, audio length and embodiment the request made."""
@@ -407,8 +407,8 @@ def test_a_packed_samples_streams_read_from_the_pack_are_its_requests(fps, build
         if {"video", "image"} & set(p.outputs):
             assert got.video_grid == p.video_grid, p.request.task
             assert got.fps == (fps if "video" in p.outputs else got.fps), p.request.task
-        if "audio" in p.outputs:  # the pack holds whole 40 ms tokens
-            assert 0 <= got.audio_num_samples - p.audio_num_samples < HOP, p.request.task
+        if "audio" in p.outputs:  # the clip's length, not the pack's whole 40 ms tokens
+            assert got.audio_num_samples == p.audio_num_samples, p.request.task
         if "actions" in p.outputs:
             assert (got.embodiment, got.action_rate_hz) == (EMBODIMENT, CONFIG.embodiments[EMBODIMENT].rate_hz)
 
@@ -523,3 +523,113 @@ def test_a_pack_budget_that_is_no_positive_integer_is_refused(tokens_per_pack, m
         generate(model, [request_for("text_to_image")], builder, tokens_per_pack=tokens_per_pack)
     with pytest.raises(ValueError, match=re.escape(f"max_text_tokens={tokens_per_pack!r} must be an integer >= 1")):
         generation_builder(CONFIG, builder.tokenizer, builder.latent_encoder, max_text_tokens=tokens_per_pack)
+
+
+@pytest.mark.parametrize(
+    ("fps", "length", "frames"),
+    [
+        ("24000/1001", {"duration_s": 0.77}, 17),  # 18.5 frames: the nearest 1 + 4k is 17
+        (25.0, {"num_frames": 13}, 13),
+        (30.0, {"duration_s": 0.77}, 25),  # 23.1 frames -> 25
+        (60.0, {"duration_s": 0.31}, 17),  # 18.6 frames -> 17
+        (12.0, {"num_frames": 9}, 9),
+        (1.0, {"duration_s": 3.3}, 5),  # 3.3 frames -> 5 (1 is 2.3 frames off, 5 is 1.7)
+    ],
+)
+def test_a_clip_with_sound_is_written_at_the_rate_and_length_asked_for(fps, length, frames, model, builder, tmp_path):
+    """Read back by tools that are not ours (ffprobe, ``wave``): the mp4 holds the frames the model
+    generated at the exact rate asked for and lasts frames / fps; its muxed sound and audio.wav last
+    as long (within one frame), at 48 kHz."""
+    import wave
+
+    from megatron_cosmos3.encoders.video_vae import encoded_frame_count
+    from megatron_cosmos3.inference.media_outputs import write_generated_sample
+    from megatron_cosmos3.testing.media_probe import ffprobe_streams
+
+    request = request_for("text_to_audio_video", fps=fps, steps=1, **({"num_frames": None} | length))
+    (result,) = generate(model, [request], builder)
+    assert encoded_frame_count(result.sample.video.grid_thw[0]) == frames  # what the model generated
+    files = write_generated_sample(tmp_path, result.sample, result.record("ckpt"), builder.latent_encoder)
+    rate, seconds = Fraction(fps), Fraction(frames) / Fraction(fps)
+    video, sound = (ffprobe_streams(files["video.mp4"])[kind] for kind in ("video", "audio"))
+    assert int(video["nb_read_frames"]) == frames and Fraction(video["r_frame_rate"]) == rate
+    assert float(video["duration"]) == pytest.approx(float(seconds), abs=1e-3)
+    assert int(sound["sample_rate"]) == 48_000 and abs(float(sound["duration"]) - float(seconds)) <= 1 / float(rate)
+    with wave.open(str(files["audio.wav"])) as wav:
+        assert wav.getframerate() == 48_000 and abs(wav.getnframes() - float(seconds) * 48_000) <= 1
+
+
+@pytest.mark.parametrize(
+    ("embodiment", "dim", "rate_hz", "fps", "frames"),
+    [
+        ("so100", 6, 30.0, 30.0, 17),  # a raw robot: its dataset's 6 columns
+        ("humanoid", 57, 20.0, 24000 / 1001, 9),
+        ("single_arm", 19, 7.5, 60.0, 33),
+    ],
+)
+def test_written_actions_are_the_horizon_asked_for_un_normalised_with_the_saved_statistics(
+    embodiment, dim, rate_hz, fps, frames, tmp_path
+):
+    """Other robots, rates and horizons: actions.npy holds ceil(frames / fps x rate) steps of the
+    embodiment's width, each the model's normalised output x std + mean of action_stats.json (read
+    here with ``json``, not with the loader), and pseudo-actions give steps + 1 poses."""
+    import json as json_module
+
+    from megatron_cosmos3.encoders.action_normalization import ActionStats, EmbodimentActionStats
+    from megatron_cosmos3.encoders.pseudo_actions import get_layout
+    from megatron_cosmos3.inference.media_outputs import sidecar_path, write_generated_sample
+
+    config = generation_config(embodiments={embodiment: EmbodimentConfig(dim, rate_hz)})
+    torch.manual_seed(0)
+    model = MoTModel(config).eval()
+    rng = np.random.default_rng(dim)
+    measured = rng.normal(rng.uniform(-5, 5, dim), rng.uniform(0.01, 20, dim), (400, dim))
+    raw = embodiment == "so100"
+    ActionStats({embodiment: EmbodimentActionStats.from_actions(embodiment, measured, raw=raw)}).save(tmp_path)
+    saved = json_module.loads((tmp_path / "action_stats.json").read_text())["embodiments"][embodiment]
+    request = request_for("policy", fps=fps, num_frames=frames, embodiment=embodiment, steps=1)
+    (plain,) = generate(model, [request], generation_setup(config))  # no statistics: the model's own units
+    (result,) = generate(model, [request], generation_setup(config, ActionStats.load(tmp_path)))
+    files = write_generated_sample(
+        tmp_path / "out", result.sample, result.record("ckpt"), generation_setup(config).latent_encoder
+    )
+    written = np.load(files["actions.npy"])
+    steps = math.ceil(Fraction(frames) / Fraction(fps).limit_denominator(1001) * Fraction(rate_hz))
+    assert written.shape == (steps, dim) and written.dtype == np.float32
+    expected = plain.sample.actions.double().numpy() * np.array(saved["std"]) + np.array(saved["mean"])
+    np.testing.assert_allclose(written, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    media = json_module.loads(sidecar_path(files["actions.npy"]).read_text())["media"]
+    assert (media["steps"], media["dim"], media["rate_hz"], media["embodiment"]) == (steps, dim, rate_hz, embodiment)
+    if not raw:  # DESIGN.md, "Generated media": (steps + 1, parts, 4, 4) float64 poses, (steps + 1, width) joints
+        layout = get_layout(embodiment)
+        poses, joints = np.load(files["poses.npy"]), np.load(files["joints.npy"])
+        assert poses.shape == (steps + 1, len(layout.pose_parts), 4, 4) and poses.dtype == np.float64
+        assert joints.shape == (steps + 1, sum(width for _, width in layout.joint_parts))
+        np.testing.assert_allclose(poses[:, :, 3], np.broadcast_to([0.0, 0.0, 0.0, 1.0], poses[:, :, 3].shape))
+
+
+@pytest.mark.parametrize(("fps", "frames"), [(60.0, 17), (30.0, 13), (24000 / 1001, 9)])
+def test_a_held_out_packs_clip_and_its_sound_are_written_in_sync(fps, frames, builder, tmp_path):
+    """Training's held-out samples come from packs: their sound was as long as its whole 40 ms
+    tokens, up to 40 ms past the last frame (37 ms at 60 fps: more than two frames). Read back by
+    ffprobe, the muxed sound now lasts the clip's frames / fps within one frame, as a request's."""
+    from megatron_cosmos3.inference.generation import generated_sample
+    from megatron_cosmos3.inference.media_outputs import write_generated_sample
+    from megatron_cosmos3.testing.media_probe import ffprobe_streams
+
+    request = request_for("text_to_audio_video", fps=fps, num_frames=frames, steps=1)
+    batch = PackedBatch.from_samples([prepare_request(request, builder).conditional.sample])
+    streams = packed_sample_streams(batch, 0, CONFIG)
+    sample = generated_sample(streams, batch, batch.dm_tokens, 0)
+    files = write_generated_sample(tmp_path, sample, request_record(request), builder.latent_encoder)
+    video, sound = (ffprobe_streams(files["video.mp4"])[kind] for kind in ("video", "audio"))
+    seconds = frames / fps
+    assert int(video["nb_read_frames"]) == frames and float(video["duration"]) == pytest.approx(seconds, abs=1e-3)
+    assert abs(float(sound["duration"]) - seconds) <= 1 / fps
+    assert sample.audio.num_samples == round(seconds * 48_000)
+
+
+def request_record(request):
+    from megatron_cosmos3.inference.media_outputs import GenerationRecord
+
+    return GenerationRecord(request.task, request.prompt, request.seed, request.solver, request.steps, 1.0, "held-out")

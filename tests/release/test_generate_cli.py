@@ -818,5 +818,36 @@ def test_a_picture_given_as_the_conditioning_video_has_no_frame_rate_of_its_own(
     frames, fps = read_input("video", picture, "request r")
     np.testing.assert_array_equal(frames, image[None])
     assert fps is None
+    for asked in (10.0, 60.0, 100.0):  # one frame at any rate the request asks for
+        frames, fps = read_input("video", picture, "request r", asked)
+        np.testing.assert_array_equal(frames, image[None])
+        assert fps is None
     clip = write_mp4(tmp_path / "clip.mp4", np.repeat(image[None], 6, axis=0), 24)
     assert read_input("video", clip, "request r")[1] == 24.0
+
+
+@pytest.mark.parametrize(("fps", "shown"), [(None, 30), (30, 30), (24, 24), (10, 10), ("30000/1001", 30), (5000, 30)])
+def test_a_conditioning_video_file_is_read_at_the_frame_rate_the_request_asks_for(tmp_path, fps, shown):
+    """A 1 s clip at 30 fps asked at 10 fps was its 30 frames played at 10: 3 s of slow motion,
+    without a word. Its frames are now selected at the request's rate as the loader's media.fps
+    selects them (frame k / fps of the file), so the clip lasts what the file does; no fps keeps
+    the file's own. An fps outside the shards' range is left for the request to name (the control:
+    not decoded as 5000 frames)."""
+    from megatron_cosmos3.inference.requests import prepare_request
+    from megatron_cosmos3.release.generate_cli import RequestSpec, generation_request
+
+    frames = np.zeros((30, HEIGHT, WIDTH, 3), np.uint8)
+    frames[..., 0] = np.arange(30)[:, None, None] * 8  # frame i is i x 8 red: which frame each is
+    write_mp4(tmp_path / "clip.mp4", frames, 30)
+    source = ffmpeg_frames(tmp_path / "clip.mp4", HEIGHT, WIDTH)  # decoded by FFmpeg's own command
+    given = {} if fps is None else {"fps": fps}
+    spec = RequestSpec.from_mapping({"task": "video_to_audio", "video": "clip.mp4", **given}, "r", tmp_path)
+    request = generation_request(spec, "request r")
+    assert request.video.shape == (shown, HEIGHT, WIDTH, 3)
+    if fps == 5000:
+        with pytest.raises(ValueError, match=r"fps=5000 is outside \[0.1, 1000.0\]"):
+            prepare_request(request, None)
+        return
+    picked = np.floor(np.arange(shown) / request.frame_rate * 30 + 1e-6).astype(int)  # the frame shown at k / fps
+    np.testing.assert_array_equal(request.video, source[picked])
+    assert request.video.shape[0] / request.frame_rate == pytest.approx(1.0, abs=1 / request.frame_rate)
