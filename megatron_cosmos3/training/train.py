@@ -667,7 +667,8 @@ def _step_profiler(run: Run, tracker: MLflowTracker, start_step: int) -> StepPro
     """This rank's profiler of the steps from ``start_step`` (``profiling``; docs/DESIGN.md, "Profiling")."""
     config = run.config
     folder = Path(config.profiling.folder or Path(config.checkpoint.directory) / "profiles")
-    return StepProfiler(config.profiling, run.ctx.rank, run.ctx.device, folder, start_step, tracker)
+    ctx = run.ctx
+    return StepProfiler(config.profiling, ctx.rank, ctx.device, folder, start_step, tracker, ctx.world_size)
 
 
 def _start_tracking(run: Run, run_id: str | None) -> tuple[MLflowTracker, str]:

@@ -15,17 +15,23 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from megatron_cosmos3.testing.mlflow_server import (
+    SERVER_START_LIMIT_S,
+    resume,
+    server_store,
+    stalled,
+    start_server,
+    stop_server,
+)
 from megatron_cosmos3.testing.ports import free_port
 from megatron_cosmos3.testing.training import (
     TINY_MODEL,
     TINY_SYNTHETIC,
     launch_environment,
-    tracking_store,
     unlaunched_trainer_command,
 )
 
@@ -36,67 +42,6 @@ TINY = [
     "log_every=1",
     "checkpoint.save_every=1000",
 ]
-
-
-# Start-up (imports, the web app) takes ~20 s on a quiet 2-core machine and
-# several times that while the other test worker trains; a slow start is waited for as long as
-# the server lives, a dead one fails at once with its log.
-SERVER_START_LIMIT_S = 360
-
-
-def start_server(tmp_path: Path, port: int) -> subprocess.Popen:
-    log = tmp_path / "server.log"
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tracking_store(tmp_path / 'server')}",  # made with its schema: no migrations
-            "--default-artifact-root",
-            str(tmp_path / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        # Without MLflow's job runner (a job-runner process and eight huey consumers, 13 s of CPU
-        # per start, 2026-12-02): this server only tracks.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    started = time.monotonic()
-    while time.monotonic() - started < SERVER_START_LIMIT_S:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow server exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return server
-        except OSError:
-            time.sleep(0.5)
-    stop_server(server)
-    pytest.fail(f"mlflow server not healthy after {SERVER_START_LIMIT_S} s:\n{log.read_text()[-3000:]}")
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, signal.SIGKILL)  # the whole process group: the CLI and its web workers
-    server.wait(timeout=30)
-
-
-def stalled(server: subprocess.Popen):
-    """The server stops answering (its connections accepted, never served) until resumed."""
-    os.killpg(server.pid, signal.SIGSTOP)
-    return server
-
-
-def resume(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, signal.SIGCONT)
 
 
 # A step logs in well under this, whatever the server does (the old tracker waited for the request
@@ -316,7 +261,7 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
     assert resumed.flush(timeout_s=120)
     resumed.finish()
     assert not spool.exists()  # kept until delivered
-    url, store = f"http://127.0.0.1:{port}", tracking_store(tmp_path / "server")
+    url, store = f"http://127.0.0.1:{port}", server_store(tmp_path)
     training = None
     outage_spool = tmp_path / "outage.json"
     try:
@@ -383,7 +328,7 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
     # What the server received before the outage is in its store (it may have taken the params and
     # the first steps: they are sent off the training thread), the rest waits in the run folder's
     # spool for a next attempt, to the same run: every step and param is in one or the other.
-    stored = MlflowClient(tracking_uri=f"sqlite:///{tracking_store(tmp_path / 'server')}")
+    stored = MlflowClient(tracking_uri=f"sqlite:///{server_store(tmp_path)}")
     served = stored.get_experiment_by_name("served")
     runs = stored.search_runs(served.experiment_id) if served else []
     assert len(runs) == (left["run_id"] is not None)
