@@ -355,6 +355,18 @@ class MLflowTracker:
         self._answered()
         return True
 
+    def _upload(self, method: str, path: str, artifact_path: str | None) -> bool:
+        """``_call`` for an artifact whose file (``log_artifact``) or folder (``log_artifacts``) is
+        there; one that is gone is dropped with a warning: no retry brings it back, and taken for an
+        outage it held up the run's end (its status) and every delivery after it by a back-off."""
+        folder = method == "log_artifacts"
+        if not (Path(path).is_dir() if folder else Path(path).is_file()):
+            log.warning(
+                "MLflow: %s is not a %s (gone before its upload); not uploaded", path, "folder" if folder else "file"
+            )
+            return True
+        return self._call(method, path, artifact_path)
+
     def _deliver(self) -> None:
         """Sends what is queued, in order by kind, until all is delivered or a call fails."""
         from mlflow.entities import Param, RunTag
@@ -376,7 +388,7 @@ class MLflowTracker:
             elif self._sending:
                 sent = self._call("log_batch", metrics=self._sending)
             elif artifact:
-                sent = self._call(artifact[0], *artifact[1:])
+                sent = self._upload(*artifact)
             elif status:
                 sent = self._call("set_terminated", status)
             else:

@@ -1,6 +1,6 @@
 """The MLflow tracker against an HTTP endpoint that answers 500, a proxy's 404 page, garbage, or closes
-the connection, and a spool it cannot write. (A real MLflow server, stalled, stopped, without the run
-it is given, and a SIGKILLed attempt: test_mlflow_server.py.)"""
+the connection, a spool it cannot write, and an artifact gone before its upload. (A real MLflow
+server, stalled, stopped, without the run it is given, and a SIGKILLed attempt: test_mlflow_server.py.)"""
 
 import json
 import socket
@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from megatron_cosmos3.testing.training import tracking_store
 from megatron_cosmos3.training.tracking import MLflowTracker
 
 
@@ -109,3 +110,31 @@ def test_a_spool_that_cannot_be_written_is_one_warning_and_stops_nothing(misbeha
         tracker.suspend()
     assert caplog.text.count(f"MLflow: cannot write {spool}") == 1
     assert tracker.undelivered and not spool.exists()
+
+
+def test_an_artifact_gone_before_its_upload_is_dropped_naming_it_and_the_run_still_finishes(tmp_path, caplog):
+    """A file or folder queued for upload and gone by then (a trace another node wrote, a sample
+    folder cleaned up) was taken for a server outage: 'tracking failed at <the store>', a back-off
+    before every later delivery, and the run never ended (its status comes after the artifacts).
+    Against a real (SQLite) store: it is dropped with a warning naming it, the rest is delivered."""
+    from mlflow.tracking import MlflowClient
+
+    store = tracking_store(tmp_path)
+    there = tmp_path / "there.txt"
+    there.write_text("uploaded")
+    with caplog.at_level("WARNING", logger="megatron_cosmos3.training.tracking"):
+        tracker = MLflowTracker(str(store), "artifacts", "gone", enabled=True, retry_after_s=30)
+        tracker.log_metrics({"loss": 1.0}, 1)
+        tracker.log_artifact(str(tmp_path / "gone.json.gz"), "profiles")
+        tracker.log_artifacts(str(tmp_path / "gone folder"), "samples")
+        tracker.log_artifact(str(there))
+        tracker.log_metrics({"loss": 2.0}, 2)
+        assert tracker.flush(20)  # not held back by a back-off
+        tracker.finish()
+    assert f"MLflow: {tmp_path / 'gone.json.gz'} is not a file (gone before its upload)" in caplog.text
+    assert f"MLflow: {tmp_path / 'gone folder'} is not a folder (gone before its upload)" in caplog.text
+    assert "tracking failed" not in caplog.text, caplog.text
+    client = MlflowClient(tracking_uri=tracker.uri)
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss")] == [(1, 1.0), (2, 2.0)]
+    assert [a.path for a in client.list_artifacts(tracker.run_id)] == ["there.txt"]
