@@ -56,10 +56,12 @@ class MLflowTracker:
     were logged by kind (params, tags, metrics, artifacts). A failing server starts a back-off
     (``retry_after_s``) during which nothing is sent; the queue keeps params and tags, metrics up to
     ``max_buffered`` values (the oldest dropped beyond that, with a count) and artifacts up to
-    ``MAX_QUEUED_ARTIFACTS`` (their files stay on disk). The run is created when the tracker starts,
-    or by the first call that reaches the server (``run_id`` None until then; a resumed run passes the id it saved and
-    continues that run); a run that the server no longer has (its store wiped, another server) is
-    replaced by a new one, with a warning, and the params and tags are sent again.
+    ``MAX_QUEUED_ARTIFACTS`` (their files stay on disk). The run is created by the delivery thread as
+    it starts, which the constructor waits for at most ``flush_timeout_s`` (whatever MLflow's own
+    request timeout and retries), or by the first later call that reaches the server (``run_id``
+    None until then; a resumed run passes the id it saved and continues that run); a run that the
+    server no longer has (its store wiped, another server) is replaced by a new one, with a warning,
+    and the params and tags are sent again.
 
     ``spool`` (JSON in the run folder) is written ahead: before values go on the wire, and at most
     every ``spool_every_s`` while the server fails, it holds every value not yet delivered (and it
@@ -103,6 +105,7 @@ class MLflowTracker:
         self._terminate: str | None = None  # the status to end the run with, once all is delivered
         self._last_requested = self._last_served = 0  # last deliveries asked for (finish, suspend) / made
         self._closed = False
+        self._run_tried = False  # the delivery thread's first try at the run is over
         self._version = self._spooled_version = 0  # bumped whenever what is undelivered changes
         self._spooled_at = -math.inf
         self._spool_lock = threading.Lock()  # one writer of the spool file at a time
@@ -125,10 +128,26 @@ class MLflowTracker:
             log.warning("MLflow tracking unusable at %s (%s: %s); training without it", self.uri, *_brief(error))
             return
         self._read_spool()
-        # The run is created here where the server answers, so its id is known before the first
-        # checkpoint records it (a resumed attempt continues that run); else by the delivery thread.
-        self._start_run()
         threading.Thread(target=self._deliver_forever, name="mlflow-delivery", daemon=True).start()
+        self._await_run()
+
+    def _await_run(self) -> None:
+        """Waits, at most ``flush_timeout_s``, for the delivery thread's first try at the run, so that
+        where the server answers its id is known before the first checkpoint records it. Not the
+        request itself on this thread: MLflow's timeout and retries (MLFLOW_HTTP_REQUEST_TIMEOUT,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES, where set) would hold the attempt's start for minutes."""
+        deadline = time.monotonic() + self._flush_timeout_s
+        with self._changed:
+            while not self._run_tried and (left := deadline - time.monotonic()) > 0:
+                self._changed.wait(left)
+            if self._run_tried:
+                return
+        log.warning(
+            "MLflow: %s did not answer within %gs (tracking.flush_timeout_s); training goes on, and the run is "
+            "created once it answers",
+            self.uri,
+            self._flush_timeout_s,
+        )
 
     @property
     def active(self) -> bool:
@@ -249,6 +268,10 @@ class MLflowTracker:
     # The delivery thread.
 
     def _deliver_forever(self) -> None:
+        self._start_run()  # never raises: a failure starts the back-off
+        with self._changed:
+            self._run_tried = True
+            self._changed.notify_all()
         while True:
             try:
                 if not self._delivery_pass():

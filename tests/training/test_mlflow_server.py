@@ -76,6 +76,44 @@ def steps_do_not_wait_on_a_stalled_server(server: subprocess.Popen, url: str, st
     assert history == [(step, float(step)) for step in range(1, 21)]
 
 
+# The longest a tracker's start waits for its run (its flush_timeout_s), whatever MLflow's settings.
+START_WAIT_S = 2.0
+
+
+def a_stalled_server_holds_a_trackers_start_at_most_flush_timeout_s(server, url: str, store: Path, monkeypatch):
+    """The tracker created its run on the training thread: MLflow's own request timeout and retries,
+    where a user sets them (MLFLOW_HTTP_REQUEST_TIMEOUT=120 with MLflow's default of 7 retries waits 16
+    minutes on a stalled server), held the attempt's start as long (here 2 x 30 s). The start waits at
+    most flush_timeout_s; once the server answers, the run is created with what was logged meanwhile."""
+    from mlflow.tracking import MlflowClient
+
+    from megatron_cosmos3.training.tracking import MLflowTracker
+
+    with monkeypatch.context() as environment:
+        environment.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        environment.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        stalled(server)
+        try:
+            started = time.monotonic()
+            tracker = MLflowTracker(
+                url, "stalled-start", "bounded", enabled=True, retry_after_s=0.5, flush_timeout_s=START_WAIT_S
+            )
+            waited = time.monotonic() - started
+            tracker.log_params({"steps": "2"})
+            for step in (1, 2):
+                tracker.log_metrics({"loss": float(step)}, step)
+            assert tracker.run_id is None
+        finally:
+            resume(server)
+        assert tracker.flush(SERVER_START_LIMIT_S)
+        tracker.finish()
+    assert waited < START_WAIT_S + 1.0, waited
+    stored = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    run = stored.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"steps": "2"}
+    assert sorted((m.step, m.value) for m in stored.get_metric_history(tracker.run_id, "loss")) == [(1, 1.0), (2, 2.0)]
+
+
 def a_run_the_server_no_longer_has_is_replaced_by_a_new_one(url: str, store: Path, caplog) -> None:
     """A resumed attempt continues the run id its checkpoint saved, but the server's store was
     wiped (or it is another server): a warning, a new run, the params and tags sent again."""
@@ -228,7 +266,7 @@ STEPS, STOP_AFTER = 12, 2
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_training(tmp_path, caplog):
+def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_training(tmp_path, caplog, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from megatron_cosmos3.training.tracking import MLflowTracker
@@ -270,6 +308,7 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
         outage.log_metrics({"loss": 1.0}, 1)
         assert outage.flush(timeout_s=120)
         steps_do_not_wait_on_a_stalled_server(server, url, store)
+        a_stalled_server_holds_a_trackers_start_at_most_flush_timeout_s(server, url, store, monkeypatch)
         a_request_answered_too_late_is_sent_again_and_kept_once(port, store)
         a_run_the_server_no_longer_has_is_replaced_by_a_new_one(url, store, caplog)
         a_sigkilled_attempts_values_reach_the_same_run(server, url, store, tmp_path)
