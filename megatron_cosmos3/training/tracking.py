@@ -106,6 +106,7 @@ class MLflowTracker:
         self._last_requested = self._last_served = 0  # last deliveries asked for (finish, suspend) / made
         self._closed = False
         self._run_tried = False  # the delivery thread's first try at the run is over
+        self._reopen = False  # a continued run is to be marked RUNNING again (the delivery thread's)
         self._version = self._spooled_version = 0  # bumped whenever what is undelivered changes
         self._spooled_at = -math.inf
         self._spool_lock = threading.Lock()  # one writer of the spool file at a time
@@ -128,6 +129,7 @@ class MLflowTracker:
             log.warning("MLflow tracking unusable at %s (%s: %s); training without it", self.uri, *_brief(error))
             return
         self._read_spool()
+        self._reopen = self.continued
         threading.Thread(target=self._deliver_forever, name="mlflow-delivery", daemon=True).start()
         self._await_run()
 
@@ -240,10 +242,12 @@ class MLflowTracker:
         ends the run with ``status``; what the server does not take is spooled and the run left open."""
         self._end(status)
 
-    def suspend(self) -> None:
-        """The end of an attempt that a later one continues (preempted, failed): one last delivery,
-        then what remains goes to the spool file for the next attempt (a warning where there is none)."""
-        self._end(None)
+    def suspend(self, status: str | None = None) -> None:
+        """The end of an attempt that a later one may continue (preempted: ``KILLED``, failed:
+        ``FAILED``): one last delivery that ends with the run marked ``status`` (None: left as it
+        is); what remains goes to the spool file for the next attempt (a warning where there is
+        none). The attempt continuing the run marks it RUNNING again before it sends anything."""
+        self._end(status)
 
     def _end(self, status: str | None) -> None:
         if not self.active:
@@ -334,9 +338,10 @@ class MLflowTracker:
             self._failing_since = None
 
     def _start_run(self) -> bool:
-        """Creates the run (and its experiment) if it has none yet; False while the server fails."""
+        """Creates the run (and its experiment) if it has none yet, or marks the run it continues
+        RUNNING again; False while the server fails."""
         if self.run_id is not None:
-            return True
+            return self._reopened()
         try:
             found = self._client.get_experiment_by_name(self._experiment)
             experiment_id = (
@@ -348,6 +353,23 @@ class MLflowTracker:
         except Exception as error:  # noqa: BLE001 — any tracking failure must not stop training
             self._failed(error)
             return False
+        self._reopen = False  # a new run is RUNNING
+        self._answered()
+        return True
+
+    def _reopened(self) -> bool:
+        """The run this attempt continues, which an earlier one may have marked KILLED or FAILED, is
+        RUNNING again before anything else is sent to it; False while the server fails."""
+        if not self._reopen:
+            return True
+        try:
+            self._client.update_run(self.run_id, status="RUNNING")
+        except Exception as error:  # noqa: BLE001 — as in _start_run
+            if getattr(error, "error_code", None) != "RESOURCE_DOES_NOT_EXIST" and not _refused(error, self.uri):
+                self._failed(error)
+                return False
+            # Gone: the call that follows replaces it by a new run; refused: not worth a retry.
+        self._reopen = False
         self._answered()
         return True
 

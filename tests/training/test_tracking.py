@@ -138,3 +138,27 @@ def test_an_artifact_gone_before_its_upload_is_dropped_naming_it_and_the_run_sti
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
     assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss")] == [(1, 1.0), (2, 2.0)]
     assert [a.path for a in client.list_artifacts(tracker.run_id)] == ["there.txt"]
+
+
+def test_an_attempt_that_ends_early_marks_its_run_and_the_attempt_continuing_it_marks_it_running(tmp_path):
+    """An attempt preempted or failed left its run RUNNING for good (the UI showed a crashed run as
+    running). It marks it KILLED or FAILED as it ends; the attempt that continues the run marks it
+    RUNNING before it sends anything, and the last one FINISHED. Against a real (SQLite) store."""
+    from mlflow.tracking import MlflowClient
+
+    store = tracking_store(tmp_path)
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    run_id = None
+    for step, end in enumerate(["KILLED", "FAILED", "FINISHED"], start=1):
+        tracker = MLflowTracker(str(store), "lifecycle", "attempts", enabled=True, run_id=run_id)
+        assert tracker.continued == (run_id is not None)
+        tracker.log_metrics({"loss": float(step)}, step)
+        assert tracker.flush(20)
+        assert client.get_run(tracker.run_id).info.status == "RUNNING"
+        run_id = tracker.run_id
+        if end == "FINISHED":
+            tracker.finish()
+        else:
+            tracker.suspend(end)
+        assert tracker.run_id == run_id and client.get_run(run_id).info.status == end
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 1.0), (2, 2.0), (3, 3.0)]
