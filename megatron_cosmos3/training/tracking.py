@@ -114,6 +114,7 @@ class MLflowTracker:
         self._max_buffered = max_buffered
         self._spool = Path(spool) if spool else None
         self.dropped_metrics = 0
+        self._dropped_reported = 0  # of dropped_metrics, those counted in a warning
         if not enabled:
             return
         # Fail fast instead of MLflow's default minutes of retries when a server is unreachable.
@@ -204,13 +205,29 @@ class MLflowTracker:
             self._changed.notify_all()
 
     def _drop_overflow(self) -> None:
+        """Drops the oldest metric values beyond ``max_buffered`` (under ``_changed``): one warning as
+        dropping starts, the count once the server answers or the attempt ends (it was a warning a
+        call, a line every step for the rest of an outage)."""
         overflow = len(self._pending) + len(self._sending) - self._max_buffered
         if overflow > 0:
             overflow = min(overflow, len(self._pending))
+            if self.dropped_metrics == self._dropped_reported:
+                log.warning(
+                    "MLflow unreachable: %d metric values buffered, the most kept; the oldest are dropped from "
+                    "now on (counted once %s answers or the attempt ends)",
+                    self._max_buffered,
+                    self.uri,
+                )
             self.dropped_metrics += overflow
             del self._pending[:overflow]
+
+    def _report_dropped(self, when: str) -> None:
+        """One warning with the metric values dropped since the last one, if any."""
+        with self._changed:
+            dropped, self._dropped_reported = self.dropped_metrics - self._dropped_reported, self.dropped_metrics
+        if dropped:
             log.warning(
-                "MLflow unreachable: dropped %d buffered metric values (%d so far)", overflow, self.dropped_metrics
+                "MLflow: %d metric values lost %s (the oldest, beyond %d buffered)", dropped, when, self._max_buffered
             )
 
     def _queue_artifact(self, method: str, path: str, artifact_path: str | None) -> None:
@@ -336,6 +353,7 @@ class MLflowTracker:
         if self._failing_since is not None:
             log.warning("MLflow tracking recovered at %s: delivering what was kept", self.uri)
             self._failing_since = None
+        self._report_dropped("while it did not answer")  # also a stalled server's: it failed nothing
 
     def _start_run(self) -> bool:
         """Creates the run (and its experiment) if it has none yet, or marks the run it continues
@@ -450,8 +468,8 @@ class MLflowTracker:
                     if status:
                         self._terminate = None
                     self._version += 1
-                else:
-                    self._pending[:0] = self._sending  # in front of the newer ones
+                else:  # in front of the newer ones; counted once (they were dropped twice over)
+                    self._pending[:0], self._sending = self._sending, []
                     self._drop_overflow()
                 self._sending = []
                 self._changed.notify_all()
@@ -513,6 +531,7 @@ class MLflowTracker:
 
     def _keep_the_rest(self) -> None:
         """At the end of an attempt: the spool holds what is undelivered, or is gone."""
+        self._report_dropped(f"while {self.uri} did not answer")
         with self._spool_lock, self._changed:
             counts = (len(self._params), len(self._tags), len(self._sending) + len(self._pending))
             document = self._spool_document()

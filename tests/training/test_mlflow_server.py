@@ -114,6 +114,38 @@ def a_stalled_server_holds_a_trackers_start_at_most_flush_timeout_s(server, url:
     assert sorted((m.step, m.value) for m in stored.get_metric_history(tracker.run_id, "loss")) == [(1, 1.0), (2, 2.0)]
 
 
+def a_full_buffer_is_one_warning_and_its_loss_is_counted_when_the_server_answers(server, url, store, caplog):
+    """Beyond max_buffered metric values the oldest are dropped: that was a warning per call (a line
+    every step for the rest of an outage). One warning as dropping starts, one with the count when the
+    server answers again; what was kept is delivered."""
+    from mlflow.tracking import MlflowClient
+
+    from megatron_cosmos3.training.tracking import MLflowTracker
+
+    tracker = MLflowTracker(url, "full-buffer", "dropping", enabled=True, retry_after_s=0.2, max_buffered=2)
+    tracker.log_metrics({"loss": 1.0}, 1)
+    assert tracker.flush(SERVER_START_LIMIT_S)
+    first = len(caplog.records)
+    with caplog.at_level("WARNING", logger="megatron_cosmos3.training.tracking"):
+        stalled(server)
+        try:
+            for step in range(2, 12):
+                tracker.log_metrics({"loss": float(step)}, step)
+        finally:
+            resume(server)
+        assert tracker.flush(SERVER_START_LIMIT_S)
+        tracker.finish()
+    said = [record.getMessage() for record in caplog.records[first:]]
+    dropped = tracker.dropped_metrics
+    assert dropped >= 7 and sum("the oldest are dropped from now on" in line for line in said) == 1, said
+    assert [line for line in said if " lost " in line] == [
+        f"MLflow: {dropped} metric values lost while it did not answer (the oldest, beyond 2 buffered)"
+    ], said
+    stored = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    steps = sorted(m.step for m in stored.get_metric_history(tracker.run_id, "loss"))
+    assert steps[0] == 1 and steps[-1] == 11 and len(steps) == 11 - dropped, steps
+
+
 def a_run_the_server_no_longer_has_is_replaced_by_a_new_one(url: str, store: Path, caplog) -> None:
     """A resumed attempt continues the run id its checkpoint saved, but the server's store was
     wiped (or it is another server): a warning, a new run, the params and tags sent again."""
@@ -310,6 +342,7 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
         steps_do_not_wait_on_a_stalled_server(server, url, store)
         a_stalled_server_holds_a_trackers_start_at_most_flush_timeout_s(server, url, store, monkeypatch)
         a_request_answered_too_late_is_sent_again_and_kept_once(port, store)
+        a_full_buffer_is_one_warning_and_its_loss_is_counted_when_the_server_answers(server, url, store, caplog)
         a_run_the_server_no_longer_has_is_replaced_by_a_new_one(url, store, caplog)
         a_sigkilled_attempts_values_reach_the_same_run(server, url, store, tmp_path)
         settings = [

@@ -80,6 +80,23 @@ def test_a_failing_endpoint_loses_no_value_and_stalls_no_step(misbehaving, tmp_p
     ]
 
 
+def test_metrics_beyond_the_buffer_are_one_warning_and_counted_once_at_the_end(misbehaving, tmp_path, caplog):
+    """A server failing for the rest of the attempt: one warning as dropping starts (it was one a
+    call), one with the count as the attempt ends; the newest values are kept in the spool."""
+    misbehaving.mode, misbehaving.delay_s = "500", 0.0
+    url = f"http://127.0.0.1:{misbehaving.server_address[1]}"
+    spool = tmp_path / "spool.json"
+    with caplog.at_level("WARNING", logger="megatron_cosmos3.training.tracking"):
+        tracker = MLflowTracker(url, "failing", "full", enabled=True, retry_after_s=60, max_buffered=3, spool=spool)
+        for step in range(1, 11):
+            tracker.log_metrics({"loss": float(step)}, step)
+        tracker.suspend()
+    assert caplog.text.count("the oldest are dropped from now on") == 1, caplog.text
+    assert caplog.text.count(" lost ") == 1, caplog.text
+    assert f"MLflow: 7 metric values lost while {url} did not answer (the oldest, beyond 3 buffered)" in caplog.text
+    assert [m[3] for m in json.loads(spool.read_text())["metrics"]] == [8, 9, 10]
+
+
 @pytest.mark.parametrize("text", ["[" * 100_000, '{"run_id": "x", "params": [], "tags": {}, "metrics": []}'])
 def test_a_damaged_spool_is_one_warning_and_stops_nothing(misbehaving, tmp_path, caplog, text):
     """A spool nested past the JSON parser raised RecursionError out of the tracker's constructor:
