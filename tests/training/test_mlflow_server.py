@@ -32,6 +32,7 @@ from megatron_cosmos3.testing.training import (
     TINY_MODEL,
     TINY_SYNTHETIC,
     launch_environment,
+    tracked_run,
     unlaunched_trainer_command,
 )
 
@@ -432,3 +433,61 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
     steps = sorted(m.step for m in stored.get_metric_history(left["run_id"], "loss"))
     assert steps == list(range(1, STEPS + 3)), steps
     assert len(stored.search_runs(served.experiment_id)) == 1
+
+
+def _lines_until(process: subprocess.Popen, pattern: str, seen: list[str]) -> None:
+    """Reads ``process``'s output into ``seen`` up to the first line that matches ``pattern``."""
+    for line in process.stdout:
+        seen.append(line)
+        if re.search(pattern, line):
+            return
+    pytest.fail(f"no line matching {pattern!r}:\n{''.join(seen)[-3000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_server_killed_and_restarted_mid_run_gets_every_step_and_the_finished_run(tmp_path):
+    """The trainer's server is killed (SIGKILL) after step 2 and started again on the same port and
+    store after step 4 (the trainer held meanwhile, however long the start takes): the run neither
+    crashes nor waits, one warning says the outage began and one that it ended, every step arrives
+    once in the same run, which ends FINISHED, and no spool is left."""
+    port, steps = free_port(), 8
+    server = start_server(tmp_path, port)
+    training, seen = None, []
+    try:
+        training = subprocess.Popen(
+            unlaunched_trainer_command(
+                *TINY,
+                f"steps={steps}",
+                f"checkpoint.directory={tmp_path / 'ckpt'}",
+                f"tracking.tracking_uri=http://127.0.0.1:{port}",
+                "tracking.experiment=restarted",
+                "tracking.run_name=through",
+            ),
+            cwd=tmp_path,
+            env=launch_environment(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        _lines_until(training, rf"\] step 2/{steps} ", seen)
+        stop_server(server)
+        _lines_until(training, rf"\] step 4/{steps} ", seen)  # steps 3 and 4 logged to no server
+        os.kill(training.pid, signal.SIGSTOP)
+        try:
+            server = start_server(tmp_path, port)
+        finally:
+            os.kill(training.pid, signal.SIGCONT)
+        output = "".join(seen) + training.communicate(timeout=300)[0]
+    finally:
+        if server.poll() is None:
+            stop_server(server)
+        if training is not None and training.poll() is None:
+            training.kill()
+    assert training.returncode == 0, output[-3000:]
+    assert output.count("MLflow tracking failed") == 1, output[-3000:]
+    assert "MLflow tracking recovered" in output, output[-3000:]
+    run, client = tracked_run(server_store(tmp_path), "through", experiment="restarted")
+    assert run.info.status == "FINISHED" and run.data.params["model.hidden_size"] == "32"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, steps + 1))
+    assert not (tmp_path / "ckpt" / "mlflow_undelivered.json").exists()
