@@ -391,10 +391,7 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
             timeout=300,
         )
     finally:
-        if server.poll() is None:
-            stop_server(server)
-        if training is not None and training.poll() is None:
-            training.kill()
+        _end_what_runs(server, training)
     assert training.returncode == 0, output[-3000:]
     assert "MLflow tracking failed" in output
     assert f"step {STEPS}/{STEPS}" in output and "checkpoint:" in output
@@ -433,6 +430,14 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
     steps = sorted(m.step for m in stored.get_metric_history(left["run_id"], "loss"))
     assert steps == list(range(1, STEPS + 3)), steps
     assert len(stored.search_runs(served.experiment_id)) == 1
+
+
+def _end_what_runs(server: subprocess.Popen, training: subprocess.Popen | None) -> None:
+    """What a test leaves running, whatever stopped it: the server and the trainer."""
+    if server.poll() is None:
+        stop_server(server)
+    if training is not None and training.poll() is None:
+        training.kill()
 
 
 def _lines_until(process: subprocess.Popen, pattern: str, seen: list[str]) -> None:
@@ -480,10 +485,7 @@ def test_a_server_killed_and_restarted_mid_run_gets_every_step_and_the_finished_
             os.kill(training.pid, signal.SIGCONT)
         output = "".join(seen) + training.communicate(timeout=300)[0]
     finally:
-        if server.poll() is None:
-            stop_server(server)
-        if training is not None and training.poll() is None:
-            training.kill()
+        _end_what_runs(server, training)
     assert training.returncode == 0, output[-3000:]
     assert output.count("MLflow tracking failed") == 1, output[-3000:]
     assert "MLflow tracking recovered" in output, output[-3000:]
