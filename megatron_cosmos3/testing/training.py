@@ -122,11 +122,9 @@ def tracking_store(folder: Path) -> Path:
     return path
 
 
-def loss_history(
-    tracking_db: Path, run_name: str, experiment: str = "megatron_cosmos3", metric: str = "loss"
-) -> list[tuple[int, float]]:
-    """(step, value) of ``metric`` of the one MLflow run called ``run_name`` in the SQLite store
-    ``tracking_db``, sorted by step (a step logged twice, by two resumed runs, appears twice)."""
+def tracked_run(tracking_db: Path, run_name: str, experiment: str = "megatron_cosmos3"):
+    """The one MLflow run called ``run_name`` in the SQLite store ``tracking_db`` (an mlflow Run), and
+    a client of the store."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tracking_db}")
@@ -134,7 +132,16 @@ def loss_history(
         client.get_experiment_by_name(experiment).experiment_id, filter_string=f"attributes.run_name = '{run_name}'"
     )
     assert len(runs) == 1, f"expected one MLflow run named {run_name}, found {len(runs)}"
-    return sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, metric))
+    return runs[0], client
+
+
+def loss_history(
+    tracking_db: Path, run_name: str, experiment: str = "megatron_cosmos3", metric: str = "loss"
+) -> list[tuple[int, float]]:
+    """(step, value) of ``metric`` of the one MLflow run called ``run_name`` in the SQLite store
+    ``tracking_db``, sorted by step (a step logged twice, by two resumed runs, appears twice)."""
+    run, client = tracked_run(tracking_db, run_name, experiment)
+    return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, metric))
 
 
 def trainer_command(nproc: int, *args: str) -> list[str]:

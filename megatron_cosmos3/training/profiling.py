@@ -8,6 +8,9 @@ it. A window the run left early is named by the steps it holds and marked:
 its phases with ``torch.profiler.record_function`` (data, forward, backward, finish_gradients,
 optimizer, checkpoint): outside a traced window they cost a dispatcher call each.
 A profiler failure is a warning: a diagnostic never stops a training run nor hides its error.
+With ``log_to_mlflow``, rank 0 (the one with the MLflow run) logs every rank's files of a window
+traced whole: the ranks meet once at the window's end and tell rank 0 what they wrote, which it
+reads from the (shared) folder.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.profiler import ProfilerActivity
 
 from megatron_cosmos3.atomic_files import staged_file
@@ -60,7 +64,12 @@ class StepProfiler:
     attempt starts at or before the window's first step (``done_steps``: the steps a resume had
     done): a resume into or past the window does not trace (a part of a window would be
     another measurement). Any exit from the loop (preemption, the data running out, a non-finite
-    stop, an error) stops the profiler and writes the steps recorded so far."""
+    stop, an error) stops the profiler and writes the steps recorded so far.
+
+    ``step_done`` is called on every rank of the ``world_size`` (collective): where ranks other than
+    0 trace a window and ``log_to_mlflow`` asks for it, all ranks meet after the window's last step,
+    and rank 0 queues the files the others wrote to MLflow. A window left early is not met for (a
+    failing rank may be gone): the other ranks' files of it stay in the folder."""
 
     def __init__(
         self,
@@ -70,12 +79,22 @@ class StepProfiler:
         folder: Path,
         done_steps: int,
         tracker=None,  # rank 0's MLflowTracker (``log_to_mlflow``)
+        world_size: int = 1,
     ):
         self.config, self.rank, self.device, self.folder, self.tracker = config, rank, device, folder, tracker
         self.next_step = done_steps + 1  # the training step about to run
         self._profiler: torch.profiler.profile | None = None
         self._recording_memory = False
         self._cut_short = False
+        self._written: list[str] = []  # this rank's files of the window
+        # Decided alike on every rank (the config and the resumed step), never by a rank's own luck.
+        self._meets = (
+            config.enabled
+            and config.log_to_mlflow
+            and world_size > 1
+            and any(0 < listed < world_size for listed in config.ranks)
+            and self.next_step <= config.start_step
+        )
         if not (config.enabled and rank in config.ranks):
             return
         if self.next_step > config.start_step:
@@ -106,10 +125,14 @@ class StepProfiler:
         return self
 
     def step_done(self) -> None:
-        """Called once per optimizer step, after it (and its checkpoint save)."""
+        """Called once per optimizer step, after it (and its checkpoint save), on every rank."""
         self.next_step += 1
-        if self._profiler is None:
-            return
+        if self._profiler is not None:
+            self._step_profiler()
+        if self._meets and self.next_step == self.config.last_step + 1:
+            self._log_other_ranks_files()
+
+    def _step_profiler(self) -> None:
         try:
             self._profiler.step()  # after the window's last step: writes its trace (``_write_trace``)
         except Exception as error:  # noqa: BLE001 - as in _close
@@ -121,6 +144,20 @@ class StepProfiler:
             self._close()
         else:
             self._begin_step()
+
+    def _log_other_ranks_files(self) -> None:
+        """Every rank's files of the window, gathered by name (collective); rank 0 queues the other
+        ranks' to MLflow, from the folder every rank writes to (its own are queued as written)."""
+        written: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(written, self._written)
+        if self.rank != 0 or self.tracker is None:
+            return
+        for rank, files in enumerate(written[1:], start=1):
+            for file in files:
+                if Path(file).is_file():
+                    self.tracker.log_artifact(file, "profiles")
+                else:  # profiling.folder on a disk of that rank's node alone
+                    log.warning("profiling: rank %d's %s is not in rank 0's folder; not logged to MLflow", rank, file)
 
     def __exit__(self, error_type, error, traceback) -> None:
         if self._profiler is not None:  # the loop ended inside the window
@@ -172,6 +209,7 @@ class StepProfiler:
             log.warning("profiling: could not write %s: %s", path, error)
         finally:
             self._stop_memory_history()
+        self._written += [str(file) for file in written]
         for file in written:
             log.info("profiling: wrote %s", file)
             if self.config.log_to_mlflow and self.tracker is not None:

@@ -56,10 +56,12 @@ class MLflowTracker:
     were logged by kind (params, tags, metrics, artifacts). A failing server starts a back-off
     (``retry_after_s``) during which nothing is sent; the queue keeps params and tags, metrics up to
     ``max_buffered`` values (the oldest dropped beyond that, with a count) and artifacts up to
-    ``MAX_QUEUED_ARTIFACTS`` (their files stay on disk). The run is created when the tracker starts,
-    or by the first call that reaches the server (``run_id`` None until then; a resumed run passes the id it saved and
-    continues that run); a run that the server no longer has (its store wiped, another server) is
-    replaced by a new one, with a warning, and the params and tags are sent again.
+    ``MAX_QUEUED_ARTIFACTS`` (their files stay on disk). The run is created by the delivery thread as
+    it starts, which the constructor waits for at most ``flush_timeout_s`` (whatever MLflow's own
+    request timeout and retries), or by the first later call that reaches the server (``run_id``
+    None until then; a resumed run passes the id it saved and continues that run); a run that the
+    server no longer has (its store wiped, another server) is replaced by a new one, with a warning,
+    and the params and tags are sent again.
 
     ``spool`` (JSON in the run folder) is written ahead: before values go on the wire, and at most
     every ``spool_every_s`` while the server fails, it holds every value not yet delivered (and it
@@ -103,6 +105,8 @@ class MLflowTracker:
         self._terminate: str | None = None  # the status to end the run with, once all is delivered
         self._last_requested = self._last_served = 0  # last deliveries asked for (finish, suspend) / made
         self._closed = False
+        self._run_tried = False  # the delivery thread's first try at the run is over
+        self._reopen = False  # a continued run is to be marked RUNNING again (the delivery thread's)
         self._version = self._spooled_version = 0  # bumped whenever what is undelivered changes
         self._spooled_at = -math.inf
         self._spool_lock = threading.Lock()  # one writer of the spool file at a time
@@ -110,6 +114,7 @@ class MLflowTracker:
         self._max_buffered = max_buffered
         self._spool = Path(spool) if spool else None
         self.dropped_metrics = 0
+        self._dropped_reported = 0  # of dropped_metrics, those counted in a warning
         if not enabled:
             return
         # Fail fast instead of MLflow's default minutes of retries when a server is unreachable.
@@ -125,10 +130,27 @@ class MLflowTracker:
             log.warning("MLflow tracking unusable at %s (%s: %s); training without it", self.uri, *_brief(error))
             return
         self._read_spool()
-        # The run is created here where the server answers, so its id is known before the first
-        # checkpoint records it (a resumed attempt continues that run); else by the delivery thread.
-        self._start_run()
+        self._reopen = self.continued
         threading.Thread(target=self._deliver_forever, name="mlflow-delivery", daemon=True).start()
+        self._await_run()
+
+    def _await_run(self) -> None:
+        """Waits, at most ``flush_timeout_s``, for the delivery thread's first try at the run, so that
+        where the server answers its id is known before the first checkpoint records it. Not the
+        request itself on this thread: MLflow's timeout and retries (MLFLOW_HTTP_REQUEST_TIMEOUT,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES, where set) would hold the attempt's start for minutes."""
+        deadline = time.monotonic() + self._flush_timeout_s
+        with self._changed:
+            while not self._run_tried and (left := deadline - time.monotonic()) > 0:
+                self._changed.wait(left)
+            if self._run_tried:
+                return
+        log.warning(
+            "MLflow: %s did not answer within %gs (tracking.flush_timeout_s); training goes on, and the run is "
+            "created once it answers",
+            self.uri,
+            self._flush_timeout_s,
+        )
 
     @property
     def active(self) -> bool:
@@ -183,13 +205,29 @@ class MLflowTracker:
             self._changed.notify_all()
 
     def _drop_overflow(self) -> None:
+        """Drops the oldest metric values beyond ``max_buffered`` (under ``_changed``): one warning as
+        dropping starts, the count once the server answers or the attempt ends (it was a warning a
+        call, a line every step for the rest of an outage)."""
         overflow = len(self._pending) + len(self._sending) - self._max_buffered
         if overflow > 0:
             overflow = min(overflow, len(self._pending))
+            if self.dropped_metrics == self._dropped_reported:
+                log.warning(
+                    "MLflow unreachable: %d metric values buffered, the most kept; the oldest are dropped from "
+                    "now on (counted once %s answers or the attempt ends)",
+                    self._max_buffered,
+                    self.uri,
+                )
             self.dropped_metrics += overflow
             del self._pending[:overflow]
+
+    def _report_dropped(self, when: str) -> None:
+        """One warning with the metric values dropped since the last one, if any."""
+        with self._changed:
+            dropped, self._dropped_reported = self.dropped_metrics - self._dropped_reported, self.dropped_metrics
+        if dropped:
             log.warning(
-                "MLflow unreachable: dropped %d buffered metric values (%d so far)", overflow, self.dropped_metrics
+                "MLflow: %d metric values lost %s (the oldest, beyond %d buffered)", dropped, when, self._max_buffered
             )
 
     def _queue_artifact(self, method: str, path: str, artifact_path: str | None) -> None:
@@ -221,10 +259,12 @@ class MLflowTracker:
         ends the run with ``status``; what the server does not take is spooled and the run left open."""
         self._end(status)
 
-    def suspend(self) -> None:
-        """The end of an attempt that a later one continues (preempted, failed): one last delivery,
-        then what remains goes to the spool file for the next attempt (a warning where there is none)."""
-        self._end(None)
+    def suspend(self, status: str | None = None) -> None:
+        """The end of an attempt that a later one may continue (preempted: ``KILLED``, failed:
+        ``FAILED``): one last delivery that ends with the run marked ``status`` (None: left as it
+        is); what remains goes to the spool file for the next attempt (a warning where there is
+        none). The attempt continuing the run marks it RUNNING again before it sends anything."""
+        self._end(status)
 
     def _end(self, status: str | None) -> None:
         if not self.active:
@@ -249,6 +289,10 @@ class MLflowTracker:
     # The delivery thread.
 
     def _deliver_forever(self) -> None:
+        self._start_run()  # never raises: a failure starts the back-off
+        with self._changed:
+            self._run_tried = True
+            self._changed.notify_all()
         while True:
             try:
                 if not self._delivery_pass():
@@ -309,11 +353,13 @@ class MLflowTracker:
         if self._failing_since is not None:
             log.warning("MLflow tracking recovered at %s: delivering what was kept", self.uri)
             self._failing_since = None
+        self._report_dropped("while it did not answer")  # also a stalled server's: it failed nothing
 
     def _start_run(self) -> bool:
-        """Creates the run (and its experiment) if it has none yet; False while the server fails."""
+        """Creates the run (and its experiment) if it has none yet, or marks the run it continues
+        RUNNING again; False while the server fails."""
         if self.run_id is not None:
-            return True
+            return self._reopened()
         try:
             found = self._client.get_experiment_by_name(self._experiment)
             experiment_id = (
@@ -325,6 +371,23 @@ class MLflowTracker:
         except Exception as error:  # noqa: BLE001 — any tracking failure must not stop training
             self._failed(error)
             return False
+        self._reopen = False  # a new run is RUNNING
+        self._answered()
+        return True
+
+    def _reopened(self) -> bool:
+        """The run this attempt continues, which an earlier one may have marked KILLED or FAILED, is
+        RUNNING again before anything else is sent to it; False while the server fails."""
+        if not self._reopen:
+            return True
+        try:
+            self._client.update_run(self.run_id, status="RUNNING")
+        except Exception as error:  # noqa: BLE001 — as in _start_run
+            if getattr(error, "error_code", None) != "RESOURCE_DOES_NOT_EXIST" and not _refused(error, self.uri):
+                self._failed(error)
+                return False
+            # Gone: the call that follows replaces it by a new run; refused: not worth a retry.
+        self._reopen = False
         self._answered()
         return True
 
@@ -355,6 +418,18 @@ class MLflowTracker:
         self._answered()
         return True
 
+    def _upload(self, method: str, path: str, artifact_path: str | None) -> bool:
+        """``_call`` for an artifact whose file (``log_artifact``) or folder (``log_artifacts``) is
+        there; one that is gone is dropped with a warning: no retry brings it back, and taken for an
+        outage it held up the run's end (its status) and every delivery after it by a back-off."""
+        folder = method == "log_artifacts"
+        if not (Path(path).is_dir() if folder else Path(path).is_file()):
+            log.warning(
+                "MLflow: %s is not a %s (gone before its upload); not uploaded", path, "folder" if folder else "file"
+            )
+            return True
+        return self._call(method, path, artifact_path)
+
     def _deliver(self) -> None:
         """Sends what is queued, in order by kind, until all is delivered or a call fails."""
         from mlflow.entities import Param, RunTag
@@ -376,7 +451,7 @@ class MLflowTracker:
             elif self._sending:
                 sent = self._call("log_batch", metrics=self._sending)
             elif artifact:
-                sent = self._call(artifact[0], *artifact[1:])
+                sent = self._upload(*artifact)
             elif status:
                 sent = self._call("set_terminated", status)
             else:
@@ -393,8 +468,8 @@ class MLflowTracker:
                     if status:
                         self._terminate = None
                     self._version += 1
-                else:
-                    self._pending[:0] = self._sending  # in front of the newer ones
+                else:  # in front of the newer ones; counted once (they were dropped twice over)
+                    self._pending[:0], self._sending = self._sending, []
                     self._drop_overflow()
                 self._sending = []
                 self._changed.notify_all()
@@ -456,6 +531,7 @@ class MLflowTracker:
 
     def _keep_the_rest(self) -> None:
         """At the end of an attempt: the spool holds what is undelivered, or is gone."""
+        self._report_dropped(f"while {self.uri} did not answer")
         with self._spool_lock, self._changed:
             counts = (len(self._params), len(self._tags), len(self._sending) + len(self._pending))
             document = self._spool_document()

@@ -657,9 +657,10 @@ def _loop(run: Run, watcher: PreemptionWatcher, status_file: str | None = None) 
             tracker, recorded = _start_tracking(run, run_id)
             with _step_profiler(run, tracker, start_step) as profiler:
                 return _steps(run, tracker, watcher, start_step, status_file, recorded, profiler)
-    except BaseException:  # preempted or failed: a later attempt delivers what MLflow has not taken
+    except BaseException as error:  # preempted or failed: a later attempt delivers what MLflow has not taken
         if tracker is not None:  # after the region has told the other ranks: this may take a while
-            tracker.suspend()
+            # The run's status until an attempt continues it (which marks it RUNNING again).
+            tracker.suspend("KILLED" if isinstance(error, (Preempted, KeyboardInterrupt)) else "FAILED")
         raise
 
 
@@ -667,7 +668,8 @@ def _step_profiler(run: Run, tracker: MLflowTracker, start_step: int) -> StepPro
     """This rank's profiler of the steps from ``start_step`` (``profiling``; docs/DESIGN.md, "Profiling")."""
     config = run.config
     folder = Path(config.profiling.folder or Path(config.checkpoint.directory) / "profiles")
-    return StepProfiler(config.profiling, run.ctx.rank, run.ctx.device, folder, start_step, tracker)
+    ctx = run.ctx
+    return StepProfiler(config.profiling, ctx.rank, ctx.device, folder, start_step, tracker, ctx.world_size)
 
 
 def _start_tracking(run: Run, run_id: str | None) -> tuple[MLflowTracker, str]:

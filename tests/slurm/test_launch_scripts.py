@@ -203,18 +203,39 @@ def test_torchrun_node_sh_derives_each_steps_port_as_slurm_port_does(tmp_path):
     assert refused.startswith("SLURM_JOB_ID=5 SLURM_STEP_ID=batch: not numbers"), refused
 
 
-def test_train_sbatch_refuses_a_heterogeneous_job_naming_it(tmp_path):
-    """A heterogeneous job (``sbatch ... : ...``) ran torchrun on its first component alone: the other
-    components' nodes sat idle. The script is run as SLURM runs it, with the variables of a job of two
-    components (the test cluster, one node, cannot place one)."""
-    environ = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_NUM_NODES": "1", "SLURM_HET_SIZE": "2"}
-    ran = subprocess.run(
+def _train_sbatch(tmp_path: Path, **environ: str) -> subprocess.CompletedProcess:
+    """slurm/train.sbatch run as SLURM runs it, in a job of one node (no controller: the script must
+    stop before it asks one), ``environ`` added."""
+    job = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_NUM_NODES": "1"}
+    return subprocess.run(
         ["bash", str(REPO / "slurm/train.sbatch")],
         cwd=tmp_path,
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, **environ},
+        env={**{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "COSMOS3_"))}, **job, **environ},
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_train_sbatch_refuses_a_heterogeneous_job_naming_it(tmp_path):
+    """A heterogeneous job (``sbatch ... : ...``) ran torchrun on its first component alone: the other
+    components' nodes sat idle. The script is run with the variables of a job of two components (the
+    test cluster, one node, cannot place one)."""
+    ran = _train_sbatch(tmp_path, SLURM_HET_SIZE="2")
     assert ran.returncode == 2, ran.stdout + ran.stderr
     assert "this is a heterogeneous job of 2 components (SLURM_HET_SIZE)" in ran.stderr
+
+
+@pytest.mark.parametrize("value", ["ten", "-5", "1.5", "", " 5", "1234567890"])
+def test_train_sbatch_refuses_a_requeue_wait_that_is_not_whole_seconds_naming_it(tmp_path, value):
+    """COSMOS3_REQUEUE_WAIT_S bounds the requeue's wait for the controller after a preemption; a value
+    bash cannot count with would fail only then, hours into the job (an arithmetic error, no outcome
+    line): it is refused before the trainers start, by name and value. (The bound itself, with a
+    stopped controller: tests/slurm/test_slurm_jobs.py.)"""
+    if value == "":  # set but empty is the default (600), like unset: the control
+        ran = _train_sbatch(tmp_path, COSMOS3_REQUEUE_WAIT_S=value, SLURM_NTASKS="2")
+        assert "COSMOS3_REQUEUE_WAIT_S" not in ran.stderr and "SLURM_NTASKS=2" in ran.stderr, ran.stderr
+        return
+    ran = _train_sbatch(tmp_path, COSMOS3_REQUEUE_WAIT_S=value)
+    assert ran.returncode == 2, ran.stdout + ran.stderr
+    assert f"COSMOS3_REQUEUE_WAIT_S={value}: not a whole number of seconds" in ran.stderr, ran.stderr

@@ -281,13 +281,14 @@ def test_a_training_job_whose_status_folder_cannot_be_made_fails_at_once_naming_
     assert f"COSMOS3_STATUS_DIR={status_dir}: cannot create it" in log.read_text()
 
 
-def _training_until_stopped(cluster: LocalSlurmCluster, tmp_path: Path, log: Path) -> str:
+def _training_until_stopped(cluster: LocalSlurmCluster, tmp_path: Path, log: Path, **environ: str) -> str:
     """Submits train.sbatch on synthetic data without end, checkpointing only when stopped, into
-    ``tmp_path / "run"``; returns the job's id once its first step is logged."""
+    ``tmp_path / "run"`` (``environ``: more of the submitter's variables); returns the job's id once
+    its first step is logged."""
     args = [*TINY_MODEL, "data_source=synthetic", *TINY_SYNTHETIC, "steps=100000", "log_every=1"]
     args += ["tracking.generation_samples=false", "checkpoint.save_every=100000"]
     args += [f"checkpoint.directory={tmp_path / 'run'}", f"tracking.tracking_uri={_store(tmp_path, 'run')}"]
-    env = _job_env(tmp_path, COSMOS3_STATUS_DIR=str(tmp_path / "status"))
+    env = _job_env(tmp_path, COSMOS3_STATUS_DIR=str(tmp_path / "status"), **environ)
     job_id = cluster.command(
         "sbatch", f"--output={log}", str(REPO / "slurm/train.sbatch"), *args, env=env
     ).stdout.split()[-1]
@@ -355,6 +356,15 @@ def _children_ended(pid: int) -> bool:
     return all(state == "Z" for state in states)
 
 
+def _step_ended(cluster: LocalSlurmCluster, job_id: str, script: int, log: Path) -> None:
+    """Waits until the job's step is over and the controller knows it, the batch script held
+    (SIGSTOP) before its requeue: a slurmstepd that cannot report the step's end tries again a
+    minute later, and the job cannot end before."""
+    shown_step = lambda: cluster.command("scontrol", "show", "step", f"{job_id}.0", check=False).stdout  # noqa: E731
+    step_ended = lambda: f"StepId={job_id}.0 " not in shown_step()  # noqa: E731
+    _wait("the step's end", lambda: _children_ended(script) and step_ended(), 60, log)
+
+
 @pytest.mark.multiprocess
 def test_a_time_limit_warning_while_the_controller_does_not_answer_checkpoints_and_requeues_once_it_does(
     cluster, tmp_path
@@ -380,9 +390,7 @@ def test_a_time_limit_warning_while_the_controller_does_not_answer_checkpoints_a
             # The script waits here until the controller is down (its requeue comes right after the
             # step's end, which must reach the controller: a slurmstepd reports again a minute later).
             os.kill(script, signal.SIGSTOP)
-        shown_step = lambda: cluster.command("scontrol", "show", "step", f"{job_id}.0", check=False).stdout  # noqa: E731
-        step_ended = lambda: f"StepId={job_id}.0 " not in shown_step()  # noqa: E731
-        _wait("the step's end", lambda: _children_ended(script) and step_ended(), 60, log)
+        _step_ended(cluster, job_id, script, log)
         with cluster.controller_down():
             os.kill(script, signal.SIGCONT)
             tried = lambda: outage in log.read_text() or not _running(script)  # noqa: E731
@@ -411,6 +419,47 @@ def test_a_time_limit_warning_while_the_controller_does_not_answer_checkpoints_a
     assert f"attempt 1: preempted at step {step} (started at 0); requeueing job {job_id}" in text, text[-3000:]
     assert text.count(outage) == 1, text[-3000:]  # one line for the outage, not one a retry
     assert re.search(rf"attempt 1: job {job_id} requeued once the controller answered, \d+ s later", text), text[-3000:]
+
+
+# The requeue's bound in the test: the default (600 s) would outlast the wait below.
+REQUEUE_WAIT_S = 3
+
+
+@pytest.mark.multiprocess
+def test_a_requeue_the_controller_never_answers_gives_up_after_cosmos3_requeue_wait_s(cluster, tmp_path):
+    """The requeue after a preemption retries while the controller does not answer, for at most
+    ``COSMOS3_REQUEUE_WAIT_S`` (it was 600 s, fixed): with a bound of a few seconds and the controller
+    down throughout, the script gives up, printing its outcome line with the reason and the bound,
+    and the job ends FAILED, not requeued, its checkpoint committed."""
+    log = tmp_path / "job.out"
+    job_id = _training_until_stopped(cluster, tmp_path, log, COSMOS3_REQUEUE_WAIT_S=str(REQUEUE_WAIT_S))
+    script = cluster.batch_script_pid(job_id)
+    gave_up = re.compile(
+        rf"attempt 1: the controller did not answer the requeue for (\d+) s \(COSMOS3_REQUEUE_WAIT_S={REQUEUE_WAIT_S}; "
+        r"scontrol requeue: [^)]*\); not requeued: the checkpoint of step (\d+) is committed"
+    )
+    try:
+        os.kill(script, signal.SIGUSR1)  # the time-limit warning: the trainers checkpoint and stop
+        found = lambda: re.search(_CHECKPOINTED, log.read_text())  # noqa: E731
+        checkpointed = _wait("the checkpoint of the warning", found, 90, log)
+        os.kill(script, signal.SIGSTOP)  # held before its requeue until the controller is down
+        _step_ended(cluster, job_id, script, log)
+        with cluster.controller_down():
+            os.kill(script, signal.SIGCONT)
+            # Each failed requeue takes scontrol's ~10 s of connect retries, then 2 s of sleep.
+            outcome = _wait("the requeue to give up", lambda: gave_up.search(log.read_text()), 90, log)
+        _wait("the job's end", lambda: cluster.job(job_id).state in ("FAILED", "COMPLETED", "PENDING"), 180, log)
+    finally:
+        if _running(script):
+            os.kill(script, signal.SIGCONT)
+        cluster.command("scancel", job_id, check=False)
+    text = log.read_text()
+    waited, step = int(outcome[1]), outcome[2]
+    assert REQUEUE_WAIT_S <= waited < 60, text[-3000:]
+    assert step == checkpointed[2] and (tmp_path / "run" / f"step_{int(step):08d}").is_dir(), text[-3000:]
+    assert f"retrying for up to {REQUEUE_WAIT_S} s (COSMOS3_REQUEUE_WAIT_S)" in text, text[-3000:]
+    job = cluster.job(job_id)
+    assert (job.state, job.restarts) == ("FAILED", 0), text[-3000:]
 
 
 @pytest.mark.multiprocess

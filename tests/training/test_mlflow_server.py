@@ -15,17 +15,24 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from megatron_cosmos3.testing.mlflow_server import (
+    SERVER_START_LIMIT_S,
+    resume,
+    server_store,
+    stalled,
+    start_server,
+    stop_server,
+)
 from megatron_cosmos3.testing.ports import free_port
 from megatron_cosmos3.testing.training import (
     TINY_MODEL,
     TINY_SYNTHETIC,
     launch_environment,
-    tracking_store,
+    tracked_run,
     unlaunched_trainer_command,
 )
 
@@ -36,67 +43,6 @@ TINY = [
     "log_every=1",
     "checkpoint.save_every=1000",
 ]
-
-
-# Start-up (imports, the web app) takes ~20 s on a quiet 2-core machine and
-# several times that while the other test worker trains; a slow start is waited for as long as
-# the server lives, a dead one fails at once with its log.
-SERVER_START_LIMIT_S = 360
-
-
-def start_server(tmp_path: Path, port: int) -> subprocess.Popen:
-    log = tmp_path / "server.log"
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tracking_store(tmp_path / 'server')}",  # made with its schema: no migrations
-            "--default-artifact-root",
-            str(tmp_path / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        # Without MLflow's job runner (a job-runner process and eight huey consumers, 13 s of CPU
-        # per start, 2026-12-02): this server only tracks.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    started = time.monotonic()
-    while time.monotonic() - started < SERVER_START_LIMIT_S:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow server exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return server
-        except OSError:
-            time.sleep(0.5)
-    stop_server(server)
-    pytest.fail(f"mlflow server not healthy after {SERVER_START_LIMIT_S} s:\n{log.read_text()[-3000:]}")
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, signal.SIGKILL)  # the whole process group: the CLI and its web workers
-    server.wait(timeout=30)
-
-
-def stalled(server: subprocess.Popen):
-    """The server stops answering (its connections accepted, never served) until resumed."""
-    os.killpg(server.pid, signal.SIGSTOP)
-    return server
-
-
-def resume(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, signal.SIGCONT)
 
 
 # A step logs in well under this, whatever the server does (the old tracker waited for the request
@@ -129,6 +75,76 @@ def steps_do_not_wait_on_a_stalled_server(server: subprocess.Popen, url: str, st
     assert stored.get_run(tracker.run_id).info.status == "FINISHED"
     history = sorted((m.step, m.value) for m in stored.get_metric_history(tracker.run_id, "loss"))
     assert history == [(step, float(step)) for step in range(1, 21)]
+
+
+# The longest a tracker's start waits for its run (its flush_timeout_s), whatever MLflow's settings.
+START_WAIT_S = 2.0
+
+
+def a_stalled_server_holds_a_trackers_start_at_most_flush_timeout_s(server, url: str, store: Path, monkeypatch):
+    """The tracker created its run on the training thread: MLflow's own request timeout and retries,
+    where a user sets them (MLFLOW_HTTP_REQUEST_TIMEOUT=120 with MLflow's default of 7 retries waits 16
+    minutes on a stalled server), held the attempt's start as long (here 2 x 30 s). The start waits at
+    most flush_timeout_s; once the server answers, the run is created with what was logged meanwhile."""
+    from mlflow.tracking import MlflowClient
+
+    from megatron_cosmos3.training.tracking import MLflowTracker
+
+    with monkeypatch.context() as environment:
+        environment.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        environment.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        stalled(server)
+        try:
+            started = time.monotonic()
+            tracker = MLflowTracker(
+                url, "stalled-start", "bounded", enabled=True, retry_after_s=0.5, flush_timeout_s=START_WAIT_S
+            )
+            waited = time.monotonic() - started
+            tracker.log_params({"steps": "2"})
+            for step in (1, 2):
+                tracker.log_metrics({"loss": float(step)}, step)
+            assert tracker.run_id is None
+        finally:
+            resume(server)
+        assert tracker.flush(SERVER_START_LIMIT_S)
+        tracker.finish()
+    assert waited < START_WAIT_S + 1.0, waited
+    stored = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    run = stored.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"steps": "2"}
+    assert sorted((m.step, m.value) for m in stored.get_metric_history(tracker.run_id, "loss")) == [(1, 1.0), (2, 2.0)]
+
+
+def a_full_buffer_is_one_warning_and_its_loss_is_counted_when_the_server_answers(server, url, store, caplog):
+    """Beyond max_buffered metric values the oldest are dropped: that was a warning per call (a line
+    every step for the rest of an outage). One warning as dropping starts, one with the count when the
+    server answers again; what was kept is delivered."""
+    from mlflow.tracking import MlflowClient
+
+    from megatron_cosmos3.training.tracking import MLflowTracker
+
+    tracker = MLflowTracker(url, "full-buffer", "dropping", enabled=True, retry_after_s=0.2, max_buffered=2)
+    tracker.log_metrics({"loss": 1.0}, 1)
+    assert tracker.flush(SERVER_START_LIMIT_S)
+    first = len(caplog.records)
+    with caplog.at_level("WARNING", logger="megatron_cosmos3.training.tracking"):
+        stalled(server)
+        try:
+            for step in range(2, 12):
+                tracker.log_metrics({"loss": float(step)}, step)
+        finally:
+            resume(server)
+        assert tracker.flush(SERVER_START_LIMIT_S)
+        tracker.finish()
+    said = [record.getMessage() for record in caplog.records[first:]]
+    dropped = tracker.dropped_metrics
+    assert dropped >= 7 and sum("the oldest are dropped from now on" in line for line in said) == 1, said
+    assert [line for line in said if " lost " in line] == [
+        f"MLflow: {dropped} metric values lost while it did not answer (the oldest, beyond 2 buffered)"
+    ], said
+    stored = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    steps = sorted(m.step for m in stored.get_metric_history(tracker.run_id, "loss"))
+    assert steps[0] == 1 and steps[-1] == 11 and len(steps) == 11 - dropped, steps
 
 
 def a_run_the_server_no_longer_has_is_replaced_by_a_new_one(url: str, store: Path, caplog) -> None:
@@ -283,7 +299,7 @@ STEPS, STOP_AFTER = 12, 2
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_training(tmp_path, caplog):
+def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_training(tmp_path, caplog, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from megatron_cosmos3.training.tracking import MLflowTracker
@@ -316,7 +332,7 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
     assert resumed.flush(timeout_s=120)
     resumed.finish()
     assert not spool.exists()  # kept until delivered
-    url, store = f"http://127.0.0.1:{port}", tracking_store(tmp_path / "server")
+    url, store = f"http://127.0.0.1:{port}", server_store(tmp_path)
     training = None
     outage_spool = tmp_path / "outage.json"
     try:
@@ -325,7 +341,9 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
         outage.log_metrics({"loss": 1.0}, 1)
         assert outage.flush(timeout_s=120)
         steps_do_not_wait_on_a_stalled_server(server, url, store)
+        a_stalled_server_holds_a_trackers_start_at_most_flush_timeout_s(server, url, store, monkeypatch)
         a_request_answered_too_late_is_sent_again_and_kept_once(port, store)
+        a_full_buffer_is_one_warning_and_its_loss_is_counted_when_the_server_answers(server, url, store, caplog)
         a_run_the_server_no_longer_has_is_replaced_by_a_new_one(url, store, caplog)
         a_sigkilled_attempts_values_reach_the_same_run(server, url, store, tmp_path)
         settings = [
@@ -373,17 +391,14 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
             timeout=300,
         )
     finally:
-        if server.poll() is None:
-            stop_server(server)
-        if training is not None and training.poll() is None:
-            training.kill()
+        _end_what_runs(server, training)
     assert training.returncode == 0, output[-3000:]
     assert "MLflow tracking failed" in output
     assert f"step {STEPS}/{STEPS}" in output and "checkpoint:" in output
     # What the server received before the outage is in its store (it may have taken the params and
     # the first steps: they are sent off the training thread), the rest waits in the run folder's
     # spool for a next attempt, to the same run: every step and param is in one or the other.
-    stored = MlflowClient(tracking_uri=f"sqlite:///{tracking_store(tmp_path / 'server')}")
+    stored = MlflowClient(tracking_uri=f"sqlite:///{server_store(tmp_path)}")
     served = stored.get_experiment_by_name("served")
     runs = stored.search_runs(served.experiment_id) if served else []
     assert len(runs) == (left["run_id"] is not None)
@@ -415,3 +430,66 @@ def test_server_receives_params_and_metrics_and_a_dead_server_does_not_stop_trai
     steps = sorted(m.step for m in stored.get_metric_history(left["run_id"], "loss"))
     assert steps == list(range(1, STEPS + 3)), steps
     assert len(stored.search_runs(served.experiment_id)) == 1
+
+
+def _end_what_runs(server: subprocess.Popen, training: subprocess.Popen | None) -> None:
+    """What a test leaves running, whatever stopped it: the server and the trainer."""
+    if server.poll() is None:
+        stop_server(server)
+    if training is not None and training.poll() is None:
+        training.kill()
+
+
+def _lines_until(process: subprocess.Popen, pattern: str, seen: list[str]) -> None:
+    """Reads ``process``'s output into ``seen`` up to the first line that matches ``pattern``."""
+    for line in process.stdout:
+        seen.append(line)
+        if re.search(pattern, line):
+            return
+    pytest.fail(f"no line matching {pattern!r}:\n{''.join(seen)[-3000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_server_killed_and_restarted_mid_run_gets_every_step_and_the_finished_run(tmp_path):
+    """The trainer's server is killed (SIGKILL) after step 2 and started again on the same port and
+    store after step 4 (the trainer held meanwhile, however long the start takes): the run neither
+    crashes nor waits, one warning says the outage began and one that it ended, every step arrives
+    once in the same run, which ends FINISHED, and no spool is left."""
+    port, steps = free_port(), 8
+    server = start_server(tmp_path, port)
+    training, seen = None, []
+    try:
+        training = subprocess.Popen(
+            unlaunched_trainer_command(
+                *TINY,
+                f"steps={steps}",
+                f"checkpoint.directory={tmp_path / 'ckpt'}",
+                f"tracking.tracking_uri=http://127.0.0.1:{port}",
+                "tracking.experiment=restarted",
+                "tracking.run_name=through",
+            ),
+            cwd=tmp_path,
+            env=launch_environment(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        _lines_until(training, rf"\] step 2/{steps} ", seen)
+        stop_server(server)
+        _lines_until(training, rf"\] step 4/{steps} ", seen)  # steps 3 and 4 logged to no server
+        os.kill(training.pid, signal.SIGSTOP)
+        try:
+            server = start_server(tmp_path, port)
+        finally:
+            os.kill(training.pid, signal.SIGCONT)
+        output = "".join(seen) + training.communicate(timeout=300)[0]
+    finally:
+        _end_what_runs(server, training)
+    assert training.returncode == 0, output[-3000:]
+    assert output.count("MLflow tracking failed") == 1, output[-3000:]
+    assert "MLflow tracking recovered" in output, output[-3000:]
+    run, client = tracked_run(server_store(tmp_path), "through", experiment="restarted")
+    assert run.info.status == "FINISHED" and run.data.params["model.hidden_size"] == "32"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, steps + 1))
+    assert not (tmp_path / "ckpt" / "mlflow_undelivered.json").exists()

@@ -1,14 +1,19 @@
 """Profiling a window of training steps (training/profiling.py; docs/DESIGN.md, "Profiling")."""
 
 import gzip
+import io
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from megatron_cosmos3.testing.distributed import run_on_ranks
+from megatron_cosmos3.testing.mlflow_server import start_server, stop_server
+from megatron_cosmos3.testing.ports import free_port
 from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, tracking_store, train_on_ranks
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.batches import MicroBatches
@@ -48,19 +53,64 @@ def profiler_steps(events) -> list[str]:
     return sorted({e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")})
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_ranks_trace_exactly_the_window_with_the_trainers_regions_and_rank_0_logs_its_trace(tmp_path):
-    train_on_ranks(2, *overrides(tmp_path, "run", "profiling.ranks=[0,1]"), timeout=120)
+def test_two_ranks_trace_exactly_the_window_with_the_trainers_regions_and_rank_0_logs_every_ranks_trace(tmp_path):
+    """Against a real MLflow server: rank 0 alone holds the run, and logged its own trace only (rank
+    1's stayed on disk); the ranks meet at the window's end and rank 0 logs both, byte for byte."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path, port)
+    try:
+        train_on_ranks(2, *overrides(tmp_path, "run", "profiling.ranks=[0,1]", f"tracking.tracking_uri={url}"))
+        client = MlflowClient(tracking_uri=url)
+        (run,) = client.search_runs(client.get_experiment_by_name("megatron_cosmos3").experiment_id)
+        logged = [a.path for a in client.list_artifacts(run.info.run_id, "profiles")]
+        downloaded = Path(client.download_artifacts(run.info.run_id, "profiles", str(tmp_path / "downloaded")))
+    finally:
+        stop_server(server)
+    assert run.info.status == "FINISHED"
     folder = tmp_path / "run" / "profiles"
-    assert sorted(p.name for p in folder.iterdir()) == ["rank0_step2-3.json.gz", "rank1_step2-3.json.gz"]
+    names = ["rank0_step2-3.json.gz", "rank1_step2-3.json.gz"]
+    assert sorted(p.name for p in folder.iterdir()) == names
     for rank in (0, 1):
         events = trace_events(folder / f"rank{rank}_step2-3.json.gz")
         assert profiler_steps(events) == ["ProfilerStep#2", "ProfilerStep#3"]  # steps 2 and 3, as the logs count
-        names = {e.get("name") for e in events}
-        assert REGIONS <= names, REGIONS - names
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = client.search_runs(client.get_experiment_by_name("megatron_cosmos3").experiment_id)
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "profiles")] == ["profiles/rank0_step2-3.json.gz"]
+        names_seen = {e.get("name") for e in events}
+        assert REGIONS <= names_seen, REGIONS - names_seen
+    assert sorted(logged) == [f"profiles/{name}" for name in names]
+    for name in names:
+        assert (downloaded / name).read_bytes() == (folder / name).read_bytes()
+
+
+def _trace_in_a_folder_of_its_own_node(rank: int, world_size: int, root: str) -> tuple[list[str], str]:
+    """Each rank in a working folder of its own, tracing into the relative folder ``profiles``: what
+    nodes without a shared disk see. Rank 0 returns what its tracker logged and its warnings."""
+    from megatron_cosmos3.training.tracking import MLflowTracker
+
+    node = Path(root) / f"node{rank}"
+    node.mkdir()
+    os.chdir(node)
+    tracker = MLflowTracker(str(tracking_store(Path(root))), "profiles", "nodes", enabled=rank == 0)
+    config = ProfilingConfig(enabled=True, start_step=2, steps=2, ranks=[0, 1])
+    said = io.StringIO()
+    logging.getLogger("megatron_cosmos3.training.profiling").addHandler(logging.StreamHandler(said))
+    run_steps(StepProfiler(config, rank, torch.device("cpu"), Path("profiles"), 0, tracker, world_size), 4)
+    tracker.finish()
+    if rank != 0:
+        return [], ""
+    client = MlflowClient(tracking_uri=tracker.uri)
+    return [a.path for a in client.list_artifacts(tracker.run_id, "profiles")], said.getvalue()
+
+
+def test_a_rank_whose_trace_rank_0_cannot_read_is_named_in_a_warning(tmp_path):
+    """profiling.folder on a disk of rank 1's node alone (here a relative folder under another working
+    folder): rank 0 is told the file's name but does not find it; a warning names it, and rank 0's
+    own trace is logged."""
+    (logged, said), _ = run_on_ranks(_trace_in_a_folder_of_its_own_node, 2, str(tmp_path), timeout_s=120)
+    assert logged == ["profiles/rank0_step2-3.json.gz"]
+    assert "rank 1's profiles/rank1_step2-3.json.gz is not in rank 0's folder; not logged to MLflow" in said, said
+    assert (tmp_path / "node1" / "profiles" / "rank1_step2-3.json.gz").is_file()
 
 
 def test_an_error_inside_the_window_stops_the_profiler_writes_the_steps_recorded_and_is_not_masked(

@@ -1,6 +1,6 @@
 """The MLflow tracker against an HTTP endpoint that answers 500, a proxy's 404 page, garbage, or closes
-the connection, and a spool it cannot write. (A real MLflow server, stalled, stopped, without the run
-it is given, and a SIGKILLed attempt: test_mlflow_server.py.)"""
+the connection, a spool it cannot write, and an artifact gone before its upload. (A real MLflow
+server, stalled, stopped, without the run it is given, and a SIGKILLed attempt: test_mlflow_server.py.)"""
 
 import json
 import socket
@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from megatron_cosmos3.testing.training import tracking_store
 from megatron_cosmos3.training.tracking import MLflowTracker
 
 
@@ -79,6 +80,23 @@ def test_a_failing_endpoint_loses_no_value_and_stalls_no_step(misbehaving, tmp_p
     ]
 
 
+def test_metrics_beyond_the_buffer_are_one_warning_and_counted_once_at_the_end(misbehaving, tmp_path, caplog):
+    """A server failing for the rest of the attempt: one warning as dropping starts (it was one a
+    call), one with the count as the attempt ends; the newest values are kept in the spool."""
+    misbehaving.mode, misbehaving.delay_s = "500", 0.0
+    url = f"http://127.0.0.1:{misbehaving.server_address[1]}"
+    spool = tmp_path / "spool.json"
+    with caplog.at_level("WARNING", logger="megatron_cosmos3.training.tracking"):
+        tracker = MLflowTracker(url, "failing", "full", enabled=True, retry_after_s=60, max_buffered=3, spool=spool)
+        for step in range(1, 11):
+            tracker.log_metrics({"loss": float(step)}, step)
+        tracker.suspend()
+    assert caplog.text.count("the oldest are dropped from now on") == 1, caplog.text
+    assert caplog.text.count(" lost ") == 1, caplog.text
+    assert f"MLflow: 7 metric values lost while {url} did not answer (the oldest, beyond 3 buffered)" in caplog.text
+    assert [m[3] for m in json.loads(spool.read_text())["metrics"]] == [8, 9, 10]
+
+
 @pytest.mark.parametrize("text", ["[" * 100_000, '{"run_id": "x", "params": [], "tags": {}, "metrics": []}'])
 def test_a_damaged_spool_is_one_warning_and_stops_nothing(misbehaving, tmp_path, caplog, text):
     """A spool nested past the JSON parser raised RecursionError out of the tracker's constructor:
@@ -109,3 +127,55 @@ def test_a_spool_that_cannot_be_written_is_one_warning_and_stops_nothing(misbeha
         tracker.suspend()
     assert caplog.text.count(f"MLflow: cannot write {spool}") == 1
     assert tracker.undelivered and not spool.exists()
+
+
+def test_an_artifact_gone_before_its_upload_is_dropped_naming_it_and_the_run_still_finishes(tmp_path, caplog):
+    """A file or folder queued for upload and gone by then (a trace another node wrote, a sample
+    folder cleaned up) was taken for a server outage: 'tracking failed at <the store>', a back-off
+    before every later delivery, and the run never ended (its status comes after the artifacts).
+    Against a real (SQLite) store: it is dropped with a warning naming it, the rest is delivered."""
+    from mlflow.tracking import MlflowClient
+
+    store = tracking_store(tmp_path)
+    there = tmp_path / "there.txt"
+    there.write_text("uploaded")
+    with caplog.at_level("WARNING", logger="megatron_cosmos3.training.tracking"):
+        tracker = MLflowTracker(str(store), "artifacts", "gone", enabled=True, retry_after_s=30)
+        tracker.log_metrics({"loss": 1.0}, 1)
+        tracker.log_artifact(str(tmp_path / "gone.json.gz"), "profiles")
+        tracker.log_artifacts(str(tmp_path / "gone folder"), "samples")
+        tracker.log_artifact(str(there))
+        tracker.log_metrics({"loss": 2.0}, 2)
+        assert tracker.flush(20)  # not held back by a back-off
+        tracker.finish()
+    assert f"MLflow: {tmp_path / 'gone.json.gz'} is not a file (gone before its upload)" in caplog.text
+    assert f"MLflow: {tmp_path / 'gone folder'} is not a folder (gone before its upload)" in caplog.text
+    assert "tracking failed" not in caplog.text, caplog.text
+    client = MlflowClient(tracking_uri=tracker.uri)
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "loss")] == [(1, 1.0), (2, 2.0)]
+    assert [a.path for a in client.list_artifacts(tracker.run_id)] == ["there.txt"]
+
+
+def test_an_attempt_that_ends_early_marks_its_run_and_the_attempt_continuing_it_marks_it_running(tmp_path):
+    """An attempt preempted or failed left its run RUNNING for good (the UI showed a crashed run as
+    running). It marks it KILLED or FAILED as it ends; the attempt that continues the run marks it
+    RUNNING before it sends anything, and the last one FINISHED. Against a real (SQLite) store."""
+    from mlflow.tracking import MlflowClient
+
+    store = tracking_store(tmp_path)
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    run_id = None
+    for step, end in enumerate(["KILLED", "FAILED", "FINISHED"], start=1):
+        tracker = MLflowTracker(str(store), "lifecycle", "attempts", enabled=True, run_id=run_id)
+        assert tracker.continued == (run_id is not None)
+        tracker.log_metrics({"loss": float(step)}, step)
+        assert tracker.flush(20)
+        assert client.get_run(tracker.run_id).info.status == "RUNNING"
+        run_id = tracker.run_id
+        if end == "FINISHED":
+            tracker.finish()
+        else:
+            tracker.suspend(end)
+        assert tracker.run_id == run_id and client.get_run(run_id).info.status == end
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 1.0), (2, 2.0), (3, 3.0)]

@@ -22,6 +22,7 @@ from megatron_cosmos3.testing.training import (
     TINY_VIT,
     loss_history,
     rewrite_checkpoint,
+    tracked_run,
     tracking_store,
 )
 from megatron_cosmos3.training import train as train_module
@@ -98,6 +99,31 @@ def test_preempted_and_resumed_run_gives_the_same_losses_and_weights_bit_for_bit
     want, got = final_weights(straight), final_weights(second_half)
     for name in want:
         assert torch.equal(want[name], got[name]), name
+
+
+def run_status(tmp_path, run_name) -> str:
+    return tracked_run(tmp_path / "mlflow.db", run_name)[0].info.status
+
+
+def test_a_preempted_attempt_marks_its_mlflow_run_killed_and_the_resumed_one_finishes_it(tmp_path, monkeypatch):
+    """The preempted attempt left its run RUNNING while the job waited in the queue (and for good
+    where it never came back): KILLED, and the resumed attempt, continuing the same run, FINISHED."""
+    real = MicroBatches.get
+
+    def signalled_during_step_2(self, step, micro):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(self, step, micro)
+
+    monkeypatch.setattr(MicroBatches, "get", signalled_during_step_2)
+    config = config_for(tmp_path, "preempted", "steps=3", "checkpoint.save_every=100")
+    with pytest.raises(train_module.Preempted):
+        train_module.train(config, CPU)
+    assert run_status(tmp_path, "preempted") == "KILLED"
+    monkeypatch.setattr(MicroBatches, "get", real)
+    train_module.train(config, CPU)  # resumes at step 2, in the same run (one run of the name)
+    assert run_status(tmp_path, "preempted") == "FINISHED"
+    assert [step for step, _ in run_losses(tmp_path, "preempted")] == [1, 2, 3]
 
 
 def test_a_checkpoint_of_another_architecture_of_the_same_shapes_is_refused_by_name(tmp_path):
@@ -270,6 +296,7 @@ def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_pat
     config = config_for(tmp_path, "guarded", "steps=12", "optimizer.max_consecutive_nonfinite_steps=3")
     with pytest.raises(train_module.NonFiniteLossError, match="3 steps in a row .* step 8"):
         train_module.train(config, CPU)
+    assert run_status(tmp_path, "guarded") == "FAILED"  # not RUNNING for good
     poisoned_steps.clear()
     poisoned_steps.add(1)
     config = config_for(tmp_path, "one-bad-step", "steps=4", "optimizer.max_consecutive_nonfinite_steps=3")
