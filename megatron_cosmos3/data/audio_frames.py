@@ -8,6 +8,8 @@ about 1 us a frame, an hour of MP3 (150k frames) 0.17 s, most of the time a 10 s
 Here every place a header may start (its sync bits) is found and parsed by numpy, each linked to
 the one its length points at, and the chain from the first frame is followed by pointer doubling:
 about log2(frames) array steps, the same verdict as the frame-by-frame walk (tested against it).
+The file is walked a window (``SEARCH_CHUNK_BYTES``) at a time, so memory is a window's, whatever
+the file's size and however many headers it holds.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ ADTS_RATES = (96_000, 88_200, 64_000, 48_000, 44_100, 32_000, 24_000, 22_050, 16
 AAC_BLOCK_SAMPLES = 1024
 # The bytes of a frame header: MPEG audio's, an ADTS one's without its CRC.
 MPEG_HEADER_BYTES, ADTS_HEADER_BYTES = 4, 7
-# Sync candidates are searched this many bytes at a time and parsed this many at a time: a file of
-# sync bytes alone (a candidate at every byte, parsed into some 20 int64 arrays each) stays ~30 MB,
-# and a real file's few candidates (~1 a frame) are one batch a chunk.
+# The chain is walked a window of this many bytes at a time, its candidates parsed this many at a
+# time: a window of sync bytes alone (a candidate at every byte, parsed into some 20 int64 arrays
+# each) or of valid headers at every third byte stays some 40 MB, and a real file's few candidates
+# (~1 a frame) are one batch a window.
 SEARCH_CHUNK_BYTES, PARSE_BATCH = 1 << 20, 1 << 16
 # Tags a tagger appends after the last frame: ID3v1 (128 bytes from "TAG"), an APEv2 tag's 32-byte
 # footer, Lyrics3v2's closing "LYRICS200" after its 6-digit size.
@@ -74,9 +77,8 @@ def mpeg_audio_chain(data: bytes, start: int, measure: bool = False) -> FrameCha
     frame's length read from its header; a header of a reserved version, layer, bitrate or rate is
     no frame (the chain stops, ``missing`` 0). ``measure``: count its frames and samples (384 a
     frame in layer I; 1152; 576 in layer III of MPEG-2/2.5)."""
-    view = np.frombuffer(data, np.uint8)
-    headers = _frame_headers(view, MPEG_HEADER_BYTES, lambda second: second & 0xE0 == 0xE0, _mpeg_frames)
-    return _chain(view, start, *headers, MPEG_HEADER_BYTES, measure)
+    syncs = lambda second: second & 0xE0 == 0xE0  # noqa: E731
+    return _walk(np.frombuffer(data, np.uint8), start, MPEG_HEADER_BYTES, syncs, _mpeg_frames, measure)
 
 
 def adts_chain(data: bytes, start: int, measure: bool = False) -> FrameChain:
@@ -84,28 +86,60 @@ def adts_chain(data: bytes, start: int, measure: bool = False) -> FrameChain:
     13-bit field; a length under the 7-byte header or a reserved sampling frequency index is no
     frame (the chain stops, ``missing`` 0). ``measure``: count its frames and samples (1024 a raw
     data block, ``number_of_raw_data_blocks_in_frame`` + 1 a frame: ISO 14496-3 1.A.2)."""
-    view = np.frombuffer(data, np.uint8)
-    headers = _frame_headers(view, ADTS_HEADER_BYTES, lambda second: second & 0xF6 == 0xF0, _adts_frames)
-    return _chain(view, start, *headers, ADTS_HEADER_BYTES, measure)
+    syncs = lambda second: second & 0xF6 == 0xF0  # noqa: E731
+    return _walk(np.frombuffer(data, np.uint8), start, ADTS_HEADER_BYTES, syncs, _adts_frames, measure)
 
 
-def _frame_headers(view: np.ndarray, header: int, second_byte_syncs, parse) -> tuple[np.ndarray, tuple]:
-    """The frame headers in ``view``: their sorted offsets (int64) and ``parse``'s (lengths,
-    samples, rates) of them (``_mpeg_frames``), only those of a frame (a length above 0). A header
-    may start wherever a byte 0xFF is followed by a byte ``second_byte_syncs`` accepts and
-    ``header`` bytes fit. Found and parsed a batch at a time, and what is no frame dropped there:
-    a file of sync bytes alone (0xFF...) is a candidate at every byte, whose arrays (some 20 int64
-    a candidate) and chain walk took 1 GB and 10 s for 8 MB."""
-    found, last = [], len(view) - header  # the last offset a whole header fits at
-    for begin in range(0, last + 1, SEARCH_CHUNK_BYTES):
-        end = min(begin + SEARCH_CHUNK_BYTES, last + 1)
-        hits = np.flatnonzero(view[begin:end] == 0xFF) + begin  # one pass; the second byte only where needed
-        candidates = hits[second_byte_syncs(view[hits + 1])].astype(np.int64)
-        for at in range(0, len(candidates), PARSE_BATCH):
-            offsets = candidates[at : at + PARSE_BATCH]
-            lengths, samples, hz = parse(view, offsets)
-            frame = lengths > 0
-            found.append((offsets[frame], lengths[frame], samples[frame], hz[frame]))
+def _walk(view: np.ndarray, start: int, header: int, second_byte_syncs, parse, measure: bool) -> FrameChain:
+    """The chain of frames from ``start`` to where it ends: the bytes its last frame declares past
+    the end, or, where it stops at bytes that are no header, those of a header cut short there
+    (``header`` bytes); ``measure``: its frames, samples and rate, summed on the same walk.
+
+    Walked a window of SEARCH_CHUNK_BYTES at a time from where the chain stands: the headers in the
+    window (``_frame_headers``), the chain through them by pointer doubling (``_follow_chain``), and
+    on from where its last frame ends past the window. Every header of the whole file held at once
+    cost some 45 bytes a byte of a crafted file of valid headers at every third byte (a 100 MB shard
+    member, 4.5 GB); a window's cost no more than its megabyte's."""
+    last = len(view) - header  # the last offset a whole header fits at
+    at, frames, samples, first_hz, one_rate = start, 0, 0, None, True
+    while True:
+        window_end = min(at + SEARCH_CHUNK_BYTES, last + 1)
+        offsets, (lengths, counts, hz) = _frame_headers(view, at, window_end, second_byte_syncs, parse)
+        if not len(offsets) or offsets[0] != at:  # no frame here: the chain ends where the last one did
+            break
+        first_hz = int(hz[0]) if first_hz is None else first_hz
+        # One row a frame, summed over the chain: 1, its samples, 1 where its rate is not the first's.
+        weights = np.stack([np.ones_like(counts), counts, hz != first_hz], axis=1) if measure else None
+        index, total = _follow_chain(offsets, lengths, len(view), weights)
+        if total is not None:  # the last frame, which the walk's sums leave out, is counted here
+            frames, samples = frames + int(total[0]) + 1, samples + int(total[1] + counts[index])
+            one_rate = one_rate and not total[2] and hz[index] == first_hz
+        at = int(offsets[index] + lengths[index])
+        if at < window_end or at > last:  # it stops inside the window, or at (or past) the end of the data
+            break
+    missing = at - len(view) if at > len(view) else _cut_header_bytes(view, at, header)
+    if not measure or not frames:
+        return FrameChain(missing, at)
+    return FrameChain(missing, at, frames, samples, first_hz if one_rate else None)
+
+
+def _frame_headers(
+    view: np.ndarray, begin: int, end: int, second_byte_syncs, parse
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The frame headers at offsets ``begin`` to ``end`` (exclusive; a whole header fits at each)
+    of ``view``: their sorted offsets (int64) and ``parse``'s (lengths, samples, rates) of them
+    (``_mpeg_frames``), only those of a frame (a length above 0). A header may start wherever a byte
+    0xFF is followed by a byte ``second_byte_syncs`` accepts. Parsed a batch at a time, and what is
+    no frame dropped there: a window of sync bytes alone (0xFF...) is a candidate at every byte,
+    whose arrays (some 20 int64 a candidate) and chain walk took 1 GB and 10 s for 8 MB."""
+    hits = np.flatnonzero(view[begin:end] == 0xFF) + begin  # one pass; the second byte only where needed
+    candidates = hits[second_byte_syncs(view[hits + 1])].astype(np.int64)
+    found = []
+    for at in range(0, len(candidates), PARSE_BATCH):
+        offsets = candidates[at : at + PARSE_BATCH]
+        lengths, samples, hz = parse(view, offsets)
+        frame = lengths > 0
+        found.append((offsets[frame], lengths[frame], samples[frame], hz[frame]))
     if not found:
         return np.zeros(0, np.int64), tuple(np.zeros(0, np.int64) for _ in range(3))
     offsets, *frames = (np.concatenate(column) for column in zip(*found))
@@ -148,36 +182,6 @@ def _adts_frames(view: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.
     valid = (lengths >= ADTS_HEADER_BYTES) & (hz > 0)
     samples = AAC_BLOCK_SAMPLES * ((at[:, 4] & 3) + 1)
     return np.where(valid, lengths, 0), np.where(valid, samples, 0), np.where(valid, hz, 1)
-
-
-def _chain(
-    view: np.ndarray,
-    start: int,
-    offsets: np.ndarray,
-    frames: tuple[np.ndarray, np.ndarray, np.ndarray],
-    header: int,
-    measure: bool,
-) -> FrameChain:
-    """The chain of frames from ``start`` (the offsets of frame headers and each one's length,
-    samples and rate: ``_frame_headers``) to where it ends: the bytes its last frame declares past
-    the end, or, where it stops at bytes that are no header, those of a header cut short there
-    (``header`` bytes); ``measure``: its frames, samples and rate, summed on the same walk."""
-    lengths, samples, hz = frames
-    first = np.searchsorted(offsets, start)
-    if first == len(offsets) or offsets[first] != start:
-        return FrameChain(_cut_header_bytes(view, start, header), start)
-    # The chain runs forward: the headers before its first are none of it.
-    offsets, lengths, samples, hz = offsets[first:], lengths[first:], samples[first:], hz[first:]
-    # One row a frame, summed over the chain: 1, its samples, 1 where its rate is not the first's.
-    weights = np.stack([np.ones_like(samples), samples, hz != hz[0]], axis=1) if measure else None
-    last, total = _follow_chain(offsets, lengths, len(view), weights)
-    end = int(offsets[last] + lengths[last])
-    missing = end - len(view) if end > len(view) else _cut_header_bytes(view, end, header)
-    if total is None:
-        return FrameChain(missing, end)
-    rate = int(hz[0]) if not total[2] and hz[last] == hz[0] else None
-    # The last frame, which the walk's sums leave out, is counted here.
-    return FrameChain(missing, end, int(total[0]) + 1, int(total[1] + samples[last]), rate)
 
 
 def _follow_chain(

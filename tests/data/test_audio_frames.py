@@ -288,3 +288,41 @@ def test_a_file_of_sync_bytes_alone_costs_memory_of_a_chunk_not_of_its_size(walk
         tracemalloc.stop()
     assert (chain.missing, chain.end, chain.frames) == (0, 0, 0)
     assert peak < 16 * len(data), peak  # ~40 MB: a chunk's candidates
+
+
+@pytest.mark.parametrize(
+    "walk, header, length",
+    [(audio_frames.mpeg_audio_chain, b"\xff\xfb\x90", 417), (audio_frames.adts_chain, b"\xff\xf1\x50", 0)],
+)
+def test_valid_headers_at_every_third_byte_cost_memory_of_a_window_not_of_the_file(walk, header, length):
+    """FF FB 90 repeated is an MPEG-1 layer III header (128 kbit/s, 44.1 kHz: 417 bytes, a multiple
+    of 3) at every third byte, a chain through the whole file; FF F1 50 an ADTS one whose length
+    field reads each candidate a frame. Every header of the file was held at once, with the chain's
+    arrays: ~45 bytes a byte (360 MB for 8 MB). The chain is exact: it ends with the last frame
+    whose header fits, past the end of the data."""
+    data = header * (audio_frames.SEARCH_CHUNK_BYTES * 8 // 3)
+    tracemalloc.start()
+    try:
+        chain = walk(data, 0, measure=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 80 * audio_frames.SEARCH_CHUNK_BYTES, f"peak {peak / 2**20:.0f} MiB for {len(data) >> 20} MiB"
+    if length:  # frames at 0, 417, ... while a whole header fits: the last runs past the end
+        frames = (len(data) - 4) // length + 1
+        assert (chain.frames, chain.samples, chain.rate) == (frames, 1152 * frames, 44_100)
+        assert (chain.end, chain.missing) == (frames * length, frames * length - len(data))
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_chain_walked_across_many_windows_gives_the_verdicts_of_one_window(kind, monkeypatch):
+    """The chain is walked a window at a time; with windows of 1000 bytes (a frame or two each, some
+    frames across a window's end) every cut and the measured length are those of one window."""
+    options, _ = KINDS[kind]
+    data = _encoded(options, 2)
+    walk = audio_frames.adts_chain if kind == "adts" else audio_frames.mpeg_audio_chain
+    cuts = [len(data), *np.random.default_rng(1).integers(1, len(data), 60).tolist()]
+    whole = [walk(data[:cut], 0, measure=True) for cut in cuts]
+    assert whole[0].frames > 20 and whole[0].missing == 0  # the control: many windows' worth of frames
+    monkeypatch.setattr(audio_frames, "SEARCH_CHUNK_BYTES", 1000)
+    assert [walk(data[:cut], 0, measure=True) for cut in cuts] == whole
