@@ -177,11 +177,12 @@ def _decode(
         origin_s = float((video.start_time or 0) * video.time_base)
         # Where the container counts no frames (Matroska/WebM), one read of the packets serves both.
         span = None if video.frames else _packet_span(video, data)
-        video_s = _stream_seconds(video, container, origin_s, data, span)
+        video_s = _declared_seconds(_stream_seconds(video, container, origin_s, data, span), "video", name)
         rate = _frame_rate(video, video_s, span)
         if not video_s or not rate:
             raise SampleError(ZERO_LENGTH, f"{name}: its video stream has no duration or frame rate")
         audio_s = _stream_seconds(audio, container, origin_s, data, chain=chain) if audio is not None else None
+        audio_s = _declared_seconds(audio_s, "audio", name)
         unit = _timestamp_unit(video, rate)
         # At a constant rate frame i is at i / rate: times rounded to the unit are put back there, and
         # are then exact (no leeway at the targets: a 29.97 fps frame 0.03 ms after a 30 fps one is later).
@@ -192,7 +193,7 @@ def _decode(
         fps = media.fps or rate
         # The file's end is a rounded timestamp plus a rounded duration: no target within both roundings of it.
         at_end = window.end_s > video_s - 2 * tolerance
-        targets = target_times(window, fps, 2 * tolerance if at_end else 0.0)
+        targets = target_times(window, fps, name, 2 * tolerance if at_end else 0.0)
         check_clip_bytes(len(targets) * height * width * 3, f"{len(targets)} frames of {width}x{height}", name)
         if picture is not None:  # Pillow's pixels, as a picture field's (FFmpeg's can be wrong: module doc)
             frames = np.repeat(picture[None], len(targets), axis=0)
@@ -205,7 +206,7 @@ def _decode(
         result = DecodedMedia(window, frames, fps, None, video_s, audio_s, picture is not None)
     else:
         origin_s = float((audio.start_time or 0) * audio.time_base)
-        audio_s = _stream_seconds(audio, container, origin_s, data, chain=chain)
+        audio_s = _declared_seconds(_stream_seconds(audio, container, origin_s, data, chain=chain), "audio", name)
         if not audio_s:
             raise SampleError(ZERO_LENGTH, f"{name}: its audio stream has no duration")
         result = DecodedMedia(window_for(audio_s), audio_duration_s=audio_s)
@@ -215,6 +216,15 @@ def _decode(
             container, audio, result.window, origin_s, result.audio_duration_s, name, not read_from_start
         )
     return result
+
+
+def _declared_seconds(seconds: float | None, kind: str, name: str) -> float | None:
+    """A stream's duration (``_stream_seconds``) where it is one: ``corrupt_media`` naming it where
+    it is negative or not finite (a damaged sample table: one bit of an MP4's stts made its video
+    last -4.7e14 s, a clip of that "holding no frame")."""
+    if seconds is not None and not (math.isfinite(seconds) and seconds >= 0):
+        raise SampleError(CORRUPT_MEDIA, f"{name}: its {kind} stream declares a duration of {seconds:.6g} s")
+    return seconds
 
 
 def _frame_rate(stream, seconds: float | None, span: tuple[int, float | None] | None) -> float | None:

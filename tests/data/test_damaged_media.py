@@ -13,6 +13,7 @@ import subprocess
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -20,6 +21,7 @@ from scipy.io import wavfile
 from world_helpers import load_script
 
 from megatron_cosmos3.data import media_files
+from megatron_cosmos3.data.clips import Window, target_times
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.media import decode_image, encode_json
 from megatron_cosmos3.data.media_files import decode_video_file
@@ -392,3 +394,33 @@ def test_write_shards_counts_damaged_media_as_skips_and_writes_the_rest(tmp_path
     (tmp_path / "manifest.jsonl").write_text("\n".join(json.dumps(entry) for entry in entries))
     index, skipped = write_shards.write_shards(tmp_path / "manifest.jsonl", tmp_path / "shards")
     assert index.total_samples == 1 and skipped == {"corrupt_media": 2, "zero_length": 1}
+
+
+def test_an_mp4_whose_sample_table_makes_its_video_last_negative_seconds_is_corrupt_naming_it(tmp_path):
+    """One bit of an MP4's stts entry count (1 -> 65: FFmpeg reads the boxes after it as 64 more
+    entries) made the video stream last -4.7e14 s, and the loader said "zero_length: a -4.691e+14
+    s clip holds no frame at 10 fps", naming neither the file nor what is wrong with it."""
+    path = tmp_path / "v.mp4"
+    sources = ["-f", "lavfi", "-i", "testsrc=size=32x32:rate=10", "-f", "lavfi", "-i", "sine=sample_rate=16000"]
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *sources, "-t", "0.4", "-c:v", "libx264", str(path)], check=True)
+    data = bytearray(path.read_bytes())
+    assert decode_video_file(bytes(data), "video.mp4")[0].shape[0] == 4  # the control: whole
+    count = data.index(b"stts") + 8  # after the box type, its version and flags
+    assert data[count : count + 4] == b"\0\0\0\x01"
+    data[count + 3] |= 0x40
+    with av.open(io.BytesIO(bytes(data))) as container:
+        assert container.streams.video[0].duration < 0  # what FFmpeg makes of it
+    message = re.escape("corrupt_media: video.mp4: its video stream declares a duration of -4.")
+    for decode in (
+        lambda: decode_sample(_raw("video.mp4", bytes(data))),
+        lambda: decode_video_file(bytes(data), "video.mp4"),
+    ):
+        with pytest.raises(SampleError, match=message):
+            decode()
+
+
+def test_a_clip_that_holds_no_frame_names_the_file():
+    """The skip said "a 0 s clip holds no frame at 10 fps": of which member, the log did not say."""
+    with pytest.raises(SampleError, match=re.escape("zero_length: video.mkv: a 0 s clip holds no frame at 10 fps")):
+        target_times(Window(0.0, 0.0), 10.0, "video.mkv")
+    assert len(target_times(Window(0.0, 0.25), 10.0, "video.mkv")) == 3  # the control
