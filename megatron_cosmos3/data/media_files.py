@@ -213,7 +213,7 @@ def _decode(
     if audio is not None and result.audio_duration_s and result.window.start_s < result.audio_duration_s:
         read_from_start = video is None and result.window.start_s <= AUDIO_PREROLL_S  # nothing read yet
         result.audio = _audio_window(
-            container, audio, result.window, origin_s, result.audio_duration_s, name, not read_from_start
+            container, audio, result.window, origin_s, result.audio_duration_s, name, data, not read_from_start
         )
     return result
 
@@ -565,12 +565,22 @@ def _upright(rgb: np.ndarray, matrix: np.ndarray) -> np.ndarray:
 
 
 def _audio_window(
-    container, stream, window: Window, origin_s: float, declared_s: float, name: str, seek: bool = True
+    container,
+    stream,
+    window: Window,
+    origin_s: float,
+    declared_s: float,
+    name: str,
+    data: bytes,
+    seek: bool = True,
 ) -> np.ndarray:
     """``(2, samples)`` float32 at 48 kHz covering ``window`` (shorter where the stream ends, at
     ``declared_s``; ``corrupt_media`` where its data ends earlier, see AUDIO_END_TOLERANCE_S).
     ``seek=False``: the container has read nothing yet and the window starts within the preroll, so
-    it decodes from its start (a FLAC of a few samples has no seek point: FFmpeg refuses to seek)."""
+    it decodes from its start (a FLAC of a few samples has no seek point: FFmpeg refuses to seek).
+    A seek FFmpeg refuses in a stream of no packet (``data`` read again to count them: an empty
+    audio track beside a good video track, in MP4 or Matroska) is ``zero_length`` naming it; it was
+    "not a readable media file (PermissionError: Operation not permitted)"."""
     import av
 
     rate = stream.rate
@@ -581,7 +591,14 @@ def _audio_window(
     layout = "mono" if stream.channels == 1 else "stereo"
     start = max(window.start_s - AUDIO_PREROLL_S, 0.0)
     if seek:
-        container.seek(max(math.floor((start + origin_s) / stream.time_base), 0), stream=stream, backward=True)
+        try:
+            container.seek(max(math.floor((start + origin_s) / stream.time_base), 0), stream=stream, backward=True)
+        except av.error.FFmpegError:
+            if _packet_span(stream, data)[0]:
+                raise
+            raise SampleError(
+                ZERO_LENGTH, f"{name}: its audio stream has no samples (its track holds no packet)"
+            ) from None
     resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
     first_sample, chunks, decoded = None, [], 0
     last_needed = math.ceil((window.end_s + origin_s) * rate)

@@ -20,7 +20,7 @@ from PIL import Image
 from scipy.io import wavfile
 from world_helpers import load_script
 
-from megatron_cosmos3.data import media_files
+from megatron_cosmos3.data import media_files, mp4_fragments
 from megatron_cosmos3.data.clips import Window, target_times
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.media import decode_image, encode_json
@@ -424,3 +424,63 @@ def test_a_clip_that_holds_no_frame_names_the_file():
     with pytest.raises(SampleError, match=re.escape("zero_length: video.mkv: a 0 s clip holds no frame at 10 fps")):
         target_times(Window(0.0, 0.0), 10.0, "video.mkv")
     assert len(target_times(Window(0.0, 0.25), 10.0, "video.mkv")) == 3  # the control
+
+
+def _with_a_track_listing_no_sample(data: bytes, handler: bytes) -> bytes:
+    """An MP4 whose ``handler`` ("soun", "vide") track lists no sample: its stts, stsc, stco and stsz
+    counts 0 (a recorder that opened a track and wrote nothing to it)."""
+    out = bytearray(data)
+    moov = next(mp4_fragments._boxes(data, 0, len(data), b"moov"))
+    for trak in mp4_fragments._boxes(data, *moov, b"trak"):
+        hdlr = mp4_fragments._child(data, trak, (b"mdia", b"hdlr"))
+        if data[hdlr[0] + 8 : hdlr[0] + 12] == handler:  # after version, flags and pre_defined
+            stbl = mp4_fragments._child(data, trak, (b"mdia", b"minf", b"stbl"))
+            for kind, count_at in ((b"stts", 4), (b"stsc", 4), (b"stco", 4), (b"stsz", 8)):
+                box = mp4_fragments._child(data, stbl, (kind,))
+                out[box[0] + count_at : box[0] + count_at + 4] = bytes(4)
+    return bytes(out)
+
+
+def _matroska_with_a_silent_track(frames: int) -> bytes:
+    """A Matroska file of ``frames`` video frames and an AAC track that holds no packet."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="matroska") as container:
+        video = container.add_stream("libx264", rate=10)
+        video.width = video.height = 32
+        sound = container.add_stream("aac", rate=16_000, layout="mono")
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 20 * i, np.uint8), format="rgb24")
+            frame.pts = i
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+        container.mux(sound.encode(None))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("container", ["mp4", "mkv"])
+def test_a_video_whose_audio_track_holds_nothing_is_zero_length_naming_its_audio(tmp_path, container):
+    """A good video track beside an audio track of no sample: FFmpeg refused to seek in the empty
+    track and the skip read "corrupt_media: not a readable media file (PermissionError: [Errno 1]
+    Operation not permitted)". As an audio field the MP4's empty track was already named so; its
+    video track, emptied instead, leaves a readable sound (the controls)."""
+    field = f"video.{container}"
+    if container == "mkv":
+        data = _matroska_with_a_silent_track(4)
+    else:
+        path = tmp_path / "v.mp4"
+        sources = ["-f", "lavfi", "-i", "testsrc=size=32x32:rate=10", "-f", "lavfi", "-i", "sine=sample_rate=16000"]
+        subprocess.run(["ffmpeg", "-v", "error", "-y", *sources, "-t", "0.4", "-c:v", "libx264", str(path)], check=True)
+        whole = path.read_bytes()
+        assert decode_sample(_raw(field, whole)).audio.shape[1] > 0  # the control: whole, with its sound
+        data = _with_a_track_listing_no_sample(whole, b"soun")
+        message = re.escape("zero_length: audio.m4a: its audio stream has no samples")
+        with pytest.raises(SampleError, match=message):
+            decode_sample(_raw("audio.m4a", data))
+        silent_picture = _with_a_track_listing_no_sample(whole, b"vide")
+        assert decode_sample(_raw("audio.m4a", silent_picture)).audio.shape[1] > 0
+    with av.open(io.BytesIO(data)) as opened:
+        assert [stream.type for stream in opened.streams] == ["video", "audio"]
+    message = re.escape(f"zero_length: {field}: its audio stream has no samples (its track holds no packet)")
+    with pytest.raises(SampleError, match=message):
+        decode_sample(_raw(field, data))
+    assert decode_video_file(data, field)[0].shape[0] == 4  # without its sound, the frames are all there
