@@ -484,3 +484,23 @@ def test_a_video_whose_audio_track_holds_nothing_is_zero_length_naming_its_audio
     with pytest.raises(SampleError, match=message):
         decode_sample(_raw(field, data))
     assert decode_video_file(data, field)[0].shape[0] == 4  # without its sound, the frames are all there
+
+
+@pytest.mark.parametrize(
+    "dtype, named",
+    [("i1", "3 8-bit signed integer"), ("<i2", "3 16-bit signed integer"), (">f8", "3 64-bit floating point")],
+)
+def test_a_colour_tiff_of_samples_pillow_does_not_read_is_refused_naming_them(dtype, named):
+    """A signed 8-bit colour TIFF (SampleFormat 2, 3 samples a pixel; also signed 16-bit and double
+    colour) was "not a readable image (no picture format Pillow reads)": a TIFF, named as none. Its
+    tags say what it holds. Unsigned 8-bit colour written the same way decodes exactly (the control)."""
+    tifffile = pytest.importorskip("tifffile", reason="tifffile (scikit-image's TIFF writer) writes the test files")
+    rgb = np.arange(4 * 6 * 3).reshape(4, 6, 3)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, rgb.astype(dtype), photometric="rgb")
+    message = re.escape(f"corrupt_media: image.png: not a readable image (a TIFF of {named} samples a pixel, which")
+    with pytest.raises(SampleError, match=message):
+        decode_sample(_raw("image.png", buffer.getvalue()))
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, rgb.astype(np.uint8), photometric="rgb")
+    np.testing.assert_array_equal(decode_image(buffer.getvalue(), "image.png"), rgb)
