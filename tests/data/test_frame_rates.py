@@ -158,3 +158,29 @@ def test_a_variable_rate_video_is_sampled_by_its_timestamps(tmp_path, kind, suff
         sample = _decode(path, fps)
         targets = [Fraction(k) / fps for k in range(math.ceil((duration - rounding) * fps))]
         assert _shown(sample, index) == _last_at_or_before(times, targets), fps
+
+
+@pytest.mark.parametrize("suffix", ["mp4", "mkv"])
+@pytest.mark.parametrize("kind", ["segments", "dropped"])
+def test_a_variable_rate_clip_shows_the_frame_ffprobe_times_at_each_target(tmp_path, kind, suffix):
+    """Clips of 0.3 and 0.7 s at starts across the file, the last ending with it, at 24, 29.97 and
+    60 fps: target k at start + k / fps shows the last frame whose time by ffprobe is at or before
+    it. A Matroska time is a millisecond rounding of the frame's: one up to half a millisecond after
+    a target is at it, and a clip ending with the file holds no target in its last millisecond (its
+    end is a rounded time plus a rounded duration); an MP4's times are exact."""
+    path = tmp_path / f"clip.{suffix}"
+    _variable_rate_file(path, kind)
+    times, _ = _ffprobe_times(path)
+    index = _frame_index(path)
+    duration = Fraction(_native(path).video_duration_s)
+    rounding = Fraction(1, 1000) if suffix == "mkv" else Fraction(0)
+    for fps in (Fraction(24), Fraction(30000, 1001), Fraction(60)):
+        for clip, draw in ((0.3, 0.0), (0.3, 0.37), (0.7, 0.5), (0.7, 0.81), (0.3, 1.0)):
+            sample = _decode(path, fps, clip_seconds=clip, draw=draw)
+            start, length = Fraction(sample.timing["clip_start_s"]), Fraction(sample.duration_s)
+            ends_with_the_file = abs(start + length - duration) < Fraction(1, 10**6)
+            length -= rounding if ends_with_the_file else 0
+            targets = [start + Fraction(k) / fps for k in range(math.ceil(length * fps - Fraction(1, 10**6)))]
+            leeway = rounding / 2 + Fraction(1, 10**6)  # and a float sum's rounding of the start
+            shown = _last_at_or_before(times, [target + leeway for target in targets])
+            assert _shown(sample, index) == shown, (fps, clip, draw)
