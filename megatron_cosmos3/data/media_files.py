@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megatron_cosmos3.data.audio_frames import FrameChain, adts_chain, mpeg_audio_chain, trailer_start
+from megatron_cosmos3.data.audio_frames import FrameChain, adts_chain, flac_cut, mpeg_audio_chain, trailer_start
 from megatron_cosmos3.data.clips import (
     MediaConfig,
     Window,
@@ -130,6 +130,9 @@ def decode_media_file(
                 detail = f"{name}: truncated file: it declares {missing} bytes more than it holds"
                 raise SampleError(CORRUPT_MEDIA, detail)
             _check_fragments_all_there(data, container, name)
+            cut = flac_cut(data) if container.format.name == "flac" else None
+            if cut:  # FFmpeg decodes the frames there: a FLAC cut between two was a shorter sound
+                raise SampleError(CORRUPT_MEDIA, f"{name}: truncated file: {cut}")
             video = container.streams.video[0] if container.streams.video else None
             audio = container.streams.audio[0] if container.streams.audio and want_audio else None
             if want_video and video is None:

@@ -18,6 +18,7 @@ import pytest
 
 from megatron_cosmos3.data import audio_frames
 from megatron_cosmos3.data.clips import MediaConfig
+from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.media import encode_json
 from megatron_cosmos3.data.schema import SchemaContext, decode_audio_file, decode_sample
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE
@@ -326,3 +327,29 @@ def test_a_chain_walked_across_many_windows_gives_the_verdicts_of_one_window(kin
     assert whole[0].frames > 20 and whole[0].missing == 0  # the control: many windows' worth of frames
     monkeypatch.setattr(audio_frames, "SEARCH_CHUNK_BYTES", 1000)
     assert [walk(data[:cut], 0, measure=True) for cut in cuts] == whole
+
+
+@pytest.mark.parametrize("rate, layout", [(16_000, "mono"), (44_100, "stereo"), (96_000, "mono")])
+def test_a_cut_flac_is_corrupt_where_ffmpeg_would_decode_a_shorter_sound(tmp_path, rate, layout):
+    """FFmpeg decodes the FLAC frames that are there: a file cut between its last two frames was a
+    shorter sound (1.944 s of 2), and any cut was unseen by a clip ending before it. Its last frame
+    must pass its CRC-16 and end at the samples its STREAMINFO declares. Cut between frames, inside
+    the last, in the middle: corrupt, whole and as a clip of its first 0.3 s; whole, and with a
+    trailer (an ID3v1 tag, junk FFmpeg reads past), it decodes (the controls)."""
+    path = tmp_path / "a.flac"
+    tone = ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate={rate}", "-ac", "2" if layout == "stereo" else "1"]
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *tone, "-t", "2", "-c:a", "flac", str(path)], check=True)
+    data = path.read_bytes()
+    with av.open(io.BytesIO(data)) as container:
+        frames = [packet.pos for packet in container.demux(audio=0) if packet.size]
+    raw = lambda data: {"__key__": "k", "meta.json": encode_json({"schema": 1}), "audio.flac": data}  # noqa: E731
+    clip = MediaConfig(clip_seconds=0.3, clip_start="first")
+    for cut in (frames[-1], frames[-2], len(data) - 1, frames[-1] + 10, len(data) // 2):
+        with pytest.raises(SampleError, match="corrupt_media: a.flac: truncated file: its "):
+            decode_audio_file(data[:cut], "a.flac")
+        with pytest.raises(SampleError, match="corrupt_media: audio.flac: truncated file: its "):
+            decode_sample(raw(data[:cut]), media_config=clip)
+    for trailer in (b"", b"TAG" + bytes(125), bytes(range(100))):
+        audio, _ = decode_audio_file(data + trailer, "a.flac")
+        assert audio.shape[1] == 2 * SAMPLE_RATE
+        assert decode_sample(raw(data + trailer), media_config=clip).audio.shape[1] == 0.3 * SAMPLE_RATE
