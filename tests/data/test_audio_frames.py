@@ -273,6 +273,16 @@ def test_the_trailing_tags_are_peeled_in_any_order_and_a_bogus_footer_ends_the_p
     assert audio_frames.trailer_start(frames + bogus + id3v1) == len(frames + bogus)
 
 
+def _walked_with_peak(walk, data: bytes) -> tuple[audio_frames.FrameChain, int]:
+    """``walk``'s measured chain of ``data`` and the most bytes Python held while walking it."""
+    tracemalloc.start()
+    try:
+        chain = walk(data, 0, measure=True)
+        return chain, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.mark.parametrize(
     "walk, sync", [(audio_frames.mpeg_audio_chain, b"\xff"), (audio_frames.adts_chain, b"\xff\xf1")]
 )
@@ -281,12 +291,7 @@ def test_a_file_of_sync_bytes_alone_costs_memory_of_a_chunk_not_of_its_size(walk
     index 15; sampling frequency index 15): the walk kept ~20 int64 arrays a candidate and walked
     them all, 130 bytes a byte of the file (1 GB and 10 s for 8 MB of MPEG sync bytes)."""
     data = sync * (audio_frames.SEARCH_CHUNK_BYTES * 16 // len(sync))  # 4 MB
-    tracemalloc.start()
-    try:
-        chain = walk(data, 0, measure=True)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    chain, peak = _walked_with_peak(walk, data)
     assert (chain.missing, chain.end, chain.frames) == (0, 0, 0)
     assert peak < 16 * len(data), peak  # ~40 MB: a chunk's candidates
 
@@ -302,12 +307,7 @@ def test_valid_headers_at_every_third_byte_cost_memory_of_a_window_not_of_the_fi
     arrays: ~45 bytes a byte (360 MB for 8 MB). The chain is exact: it ends with the last frame
     whose header fits, past the end of the data."""
     data = header * (audio_frames.SEARCH_CHUNK_BYTES * 8 // 3)
-    tracemalloc.start()
-    try:
-        chain = walk(data, 0, measure=True)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    chain, peak = _walked_with_peak(walk, data)
     assert peak < 80 * audio_frames.SEARCH_CHUNK_BYTES, f"peak {peak / 2**20:.0f} MiB for {len(data) >> 20} MiB"
     if length:  # frames at 0, 417, ... while a whole header fits: the last runs past the end
         frames = (len(data) - 4) // length + 1
