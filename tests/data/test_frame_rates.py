@@ -1,5 +1,5 @@
 """Video at rates other than 24/25/30 fps (docs/DESIGN.md, "Real media": frames): NTSC rates,
-12.5, 15, 50, 120 and 1 fps in MP4, Matroska and AVI, and variable-frame-rate files, each decoded
+12.5, 15, 50, 120 and 1 fps in MP4, Matroska, WebM and AVI, and variable-frame-rate files, each decoded
 at its own rate and resampled to others. Each file is made by ffmpeg (32x32, frame i a flat grey of
 its own, told apart after decoding by PyAV's reading of the file); its frames' times are checked
 against ffprobe's, and the frame shown at each target time is the last one whose true time
@@ -23,11 +23,12 @@ from megatron_cosmos3.data.media_writers import exact_rate
 from megatron_cosmos3.data.schema import decode_sample
 
 SIDE = 32
-# Lossless (or near: MJPEG at its best quality) so each frame's grey is its own.
+# Lossless (or near: MJPEG at its best quality; VP9 in its lossless mode) so each frame's grey is its own.
 CODECS = {
     "mp4": ["-c:v", "libx264", "-qp", "0"],
     "mkv": ["-c:v", "libx264", "-qp", "0"],
     "avi": ["-c:v", "mjpeg", "-q:v", "1"],
+    "webm": ["-c:v", "libvpx-vp9", "-lossless", "1"],
 }
 RATES = ["30000/1001", "24000/1001", "12.5", "15", "50", "60000/1001", "120", "1"]
 # The rates each file is resampled to: a film rate, NTSC's 29.97 (not 30), a low one.
