@@ -137,15 +137,15 @@ def grid_draws(duration_s: float, config: MediaConfig) -> list[float]:
     return [(k + 0.5) / cells for k in range(cells)]
 
 
-def target_times(window: Window, fps: float, tolerance_s: float = 0.0) -> np.ndarray:
+def target_times(window: Window, fps: float, name: str, tolerance_s: float = 0.0) -> np.ndarray:
     """``start + k / fps`` for every k with k / fps inside the window (float64 seconds), but not
     within ``tolerance_s`` of its end: where the window ends with the file, its end is the last
     timestamp plus the last duration, each rounded to the time base (twice ``timestamp_tolerance``),
     so 90 frames at 24000/1001 fps in a WebM, 3.75375 s, last 3.754 s, and a 91st target at
-    3.75375 s lay after the last frame."""
+    3.75375 s lay after the last frame. ``zero_length`` naming the file ``name`` where none is."""
     count = math.ceil((window.duration_s - tolerance_s) * fps - 1e-6)
     if count <= 0:
-        raise SampleError(ZERO_LENGTH, f"a {window.duration_s:.4g} s clip holds no frame at {fps:g} fps")
+        raise SampleError(ZERO_LENGTH, f"{name}: a {window.duration_s:.4g} s clip holds no frame at {fps:g} fps")
     return window.start_s + np.arange(count, dtype=np.float64) / fps
 
 

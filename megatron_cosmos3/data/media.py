@@ -15,7 +15,7 @@ import struct
 import warnings
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
 from megatron_cosmos3.data.errors import BAD_METADATA, CORRUPT_MEDIA, SampleError
 from megatron_cosmos3.json_files import JsonNumberError, loads
@@ -32,6 +32,10 @@ PCM_WAV_ENCODINGS = (0x0001, 0x0003)
 WAVE_FORMAT_EXTENSIBLE = 0xFFFE
 # TIFF tags that say what type an integer grey picture's samples are (``_integer_grey_range``).
 TIFF_BITS_PER_SAMPLE, TIFF_SAMPLE_FORMAT, TIFF_SIGNED_INTEGER = 258, 339, 2
+# A TIFF's first bytes (little- or big-endian), its samples-per-pixel tag, and its sample types by
+# SampleFormat, named where Pillow cannot read the file (``_unread_tiff``).
+TIFF_PREFIXES, TIFF_SAMPLES_PER_PIXEL = (b"II*\0", b"MM\0*"), 277
+TIFF_SAMPLE_FORMATS = {1: "unsigned integer", 2: "signed integer", 3: "floating point"}
 # Everything a broken file can make these libraries raise; anything else is a bug, not bad data.
 DECODE_ERRORS = (
     ValueError,
@@ -111,9 +115,31 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
                 image.load()  # Image.open is lazy: a truncated file fails only here
                 return _viewed_rgb(image, name)
     except UnidentifiedImageError:  # its message names a BytesIO object, not the file
-        raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable image (no picture format Pillow reads)") from None
+        what = _unread_tiff(data) or "no picture format Pillow reads"
+        raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable image ({what})") from None
     except DECODE_ERRORS as error:
         raise SampleError(CORRUPT_MEDIA, f"{name}: not a readable image ({type(error).__name__}: {error})") from None
+
+
+def _unread_tiff(data: bytes) -> str | None:
+    """What a TIFF that Pillow does not identify holds, by its first directory's tags: "a TIFF of 3
+    8-bit signed integer samples a pixel, which Pillow does not read" (a signed 8-bit colour TIFF
+    was "no picture format Pillow reads"); None for other bytes or a directory that cannot be read."""
+    if data[:4] not in TIFF_PREFIXES:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns of a damaged directory: then it is judged as it reads
+            directory = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
+            stream = io.BytesIO(data)
+            stream.seek(directory.next)
+            directory.load(stream)
+    except DECODE_ERRORS:
+        return None
+    samples = directory.get(TIFF_SAMPLES_PER_PIXEL, 1)
+    bits, kind = _tiff_tag(directory, TIFF_BITS_PER_SAMPLE, 1), _tiff_tag(directory, TIFF_SAMPLE_FORMAT, 1)
+    kind = TIFF_SAMPLE_FORMATS.get(kind, f"SampleFormat {kind}")
+    return f"a TIFF of {samples} {bits}-bit {kind} samples a pixel, which Pillow does not read"
 
 
 def _viewed_rgb(image: Image.Image, name: str) -> np.ndarray:

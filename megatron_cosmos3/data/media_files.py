@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megatron_cosmos3.data.audio_frames import FrameChain, adts_chain, mpeg_audio_chain, trailer_start
+from megatron_cosmos3.data.audio_frames import FrameChain, adts_chain, flac_cut, mpeg_audio_chain, trailer_start
 from megatron_cosmos3.data.clips import (
     MediaConfig,
     Window,
@@ -130,6 +130,9 @@ def decode_media_file(
                 detail = f"{name}: truncated file: it declares {missing} bytes more than it holds"
                 raise SampleError(CORRUPT_MEDIA, detail)
             _check_fragments_all_there(data, container, name)
+            cut = flac_cut(data) if container.format.name == "flac" else None
+            if cut:  # FFmpeg decodes the frames there: a FLAC cut between two was a shorter sound
+                raise SampleError(CORRUPT_MEDIA, f"{name}: truncated file: {cut}")
             video = container.streams.video[0] if container.streams.video else None
             audio = container.streams.audio[0] if container.streams.audio and want_audio else None
             if want_video and video is None:
@@ -182,11 +185,12 @@ def _decode(
         origin_s = float((video.start_time or 0) * video.time_base)
         # Where the container counts no frames (Matroska/WebM), one read of the packets serves both.
         span = None if video.frames else _packet_span(video, data)
-        video_s = _stream_seconds(video, container, origin_s, data, span)
+        video_s = _declared_seconds(_stream_seconds(video, container, origin_s, data, span), "video", name)
         rate = _frame_rate(video, video_s, span)
         if not video_s or not rate:
             raise SampleError(ZERO_LENGTH, f"{name}: its video stream has no duration or frame rate")
         audio_s = _stream_seconds(audio, container, origin_s, data, chain=chain) if audio is not None else None
+        audio_s = _declared_seconds(audio_s, "audio", name)
         unit = _timestamp_unit(video, rate)
         # At a constant rate frame i is at i / rate: times rounded to the unit are put back there, and
         # are then exact (no leeway at the targets: a 29.97 fps frame 0.03 ms after a 30 fps one is later).
@@ -197,7 +201,7 @@ def _decode(
         fps = media.fps or rate
         # The file's end is a rounded timestamp plus a rounded duration: no target within both roundings of it.
         at_end = window.end_s > video_s - 2 * tolerance
-        targets = target_times(window, fps, 2 * tolerance if at_end else 0.0)
+        targets = target_times(window, fps, name, 2 * tolerance if at_end else 0.0)
         check_clip_bytes(len(targets) * height * width * 3, f"{len(targets)} frames of {width}x{height}", name)
         if picture is not None:  # Pillow's pixels, as a picture field's (FFmpeg's can be wrong: module doc)
             frames = np.repeat(picture[None], len(targets), axis=0)
@@ -210,16 +214,25 @@ def _decode(
         result = DecodedMedia(window, frames, fps, None, video_s, audio_s, picture is not None)
     else:
         origin_s = float((audio.start_time or 0) * audio.time_base)
-        audio_s = _stream_seconds(audio, container, origin_s, data, chain=chain)
+        audio_s = _declared_seconds(_stream_seconds(audio, container, origin_s, data, chain=chain), "audio", name)
         if not audio_s:
             raise SampleError(ZERO_LENGTH, f"{name}: its audio stream has no duration")
         result = DecodedMedia(window_for(audio_s), audio_duration_s=audio_s)
     if audio is not None and result.audio_duration_s and result.window.start_s < result.audio_duration_s:
         read_from_start = video is None and result.window.start_s <= AUDIO_PREROLL_S  # nothing read yet
         result.audio = _audio_window(
-            container, audio, result.window, origin_s, result.audio_duration_s, name, not read_from_start
+            container, audio, result.window, origin_s, result.audio_duration_s, name, data, not read_from_start
         )
     return result
+
+
+def _declared_seconds(seconds: float | None, kind: str, name: str) -> float | None:
+    """A stream's duration (``_stream_seconds``) where it is one: ``corrupt_media`` naming it where
+    it is negative or not finite (a damaged sample table: one bit of an MP4's stts made its video
+    last -4.7e14 s, a clip of that "holding no frame")."""
+    if seconds is not None and not (math.isfinite(seconds) and seconds >= 0):
+        raise SampleError(CORRUPT_MEDIA, f"{name}: its {kind} stream declares a duration of {seconds:.6g} s")
+    return seconds
 
 
 def _frame_rate(stream, seconds: float | None, span: tuple[int, float | None] | None) -> float | None:
@@ -560,12 +573,22 @@ def _upright(rgb: np.ndarray, matrix: np.ndarray) -> np.ndarray:
 
 
 def _audio_window(
-    container, stream, window: Window, origin_s: float, declared_s: float, name: str, seek: bool = True
+    container,
+    stream,
+    window: Window,
+    origin_s: float,
+    declared_s: float,
+    name: str,
+    data: bytes,
+    seek: bool = True,
 ) -> np.ndarray:
     """``(2, samples)`` float32 at 48 kHz covering ``window`` (shorter where the stream ends, at
     ``declared_s``; ``corrupt_media`` where its data ends earlier, see AUDIO_END_TOLERANCE_S).
     ``seek=False``: the container has read nothing yet and the window starts within the preroll, so
-    it decodes from its start (a FLAC of a few samples has no seek point: FFmpeg refuses to seek)."""
+    it decodes from its start (a FLAC of a few samples has no seek point: FFmpeg refuses to seek).
+    A seek FFmpeg refuses in a stream of no packet (``data`` read again to count them: an empty
+    audio track beside a good video track, in MP4 or Matroska) is ``zero_length`` naming it; it was
+    "not a readable media file (PermissionError: Operation not permitted)"."""
     import av
 
     rate = stream.rate
@@ -576,7 +599,14 @@ def _audio_window(
     layout = "mono" if stream.channels == 1 else "stereo"
     start = max(window.start_s - AUDIO_PREROLL_S, 0.0)
     if seek:
-        container.seek(max(math.floor((start + origin_s) / stream.time_base), 0), stream=stream, backward=True)
+        try:
+            container.seek(max(math.floor((start + origin_s) / stream.time_base), 0), stream=stream, backward=True)
+        except av.error.FFmpegError:
+            if _packet_span(stream, data)[0]:
+                raise
+            raise SampleError(
+                ZERO_LENGTH, f"{name}: its audio stream has no samples (its track holds no packet)"
+            ) from None
     resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
     first_sample, chunks, decoded = None, [], 0
     last_needed = math.ceil((window.end_s + origin_s) * rate)

@@ -644,7 +644,7 @@ def decode_sample(
         )
         window = window_for(seconds)
         sample.fps = clip.fps or source_fps
-        targets = target_times(window, sample.fps)
+        targets = target_times(window, sample.fps, video_field)
         height, width = video.shape[1:3]
         check_clip_bytes(len(targets) * height * width * 3, f"{len(targets)} frames of {width}x{height}", video_field)
         picked = pick_frames(np.arange(len(video)) / source_fps, targets, seconds, video_field)

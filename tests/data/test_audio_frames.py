@@ -18,6 +18,7 @@ import pytest
 
 from megatron_cosmos3.data import audio_frames
 from megatron_cosmos3.data.clips import MediaConfig
+from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.media import encode_json
 from megatron_cosmos3.data.schema import SchemaContext, decode_audio_file, decode_sample
 from megatron_cosmos3.encoders.audio_vae import SAMPLE_RATE
@@ -272,6 +273,16 @@ def test_the_trailing_tags_are_peeled_in_any_order_and_a_bogus_footer_ends_the_p
     assert audio_frames.trailer_start(frames + bogus + id3v1) == len(frames + bogus)
 
 
+def _walked_with_peak(walk, data: bytes) -> tuple[audio_frames.FrameChain, int]:
+    """``walk``'s measured chain of ``data`` and the most bytes Python held while walking it."""
+    tracemalloc.start()
+    try:
+        chain = walk(data, 0, measure=True)
+        return chain, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.mark.parametrize(
     "walk, sync", [(audio_frames.mpeg_audio_chain, b"\xff"), (audio_frames.adts_chain, b"\xff\xf1")]
 )
@@ -280,11 +291,65 @@ def test_a_file_of_sync_bytes_alone_costs_memory_of_a_chunk_not_of_its_size(walk
     index 15; sampling frequency index 15): the walk kept ~20 int64 arrays a candidate and walked
     them all, 130 bytes a byte of the file (1 GB and 10 s for 8 MB of MPEG sync bytes)."""
     data = sync * (audio_frames.SEARCH_CHUNK_BYTES * 16 // len(sync))  # 4 MB
-    tracemalloc.start()
-    try:
-        chain = walk(data, 0, measure=True)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    chain, peak = _walked_with_peak(walk, data)
     assert (chain.missing, chain.end, chain.frames) == (0, 0, 0)
     assert peak < 16 * len(data), peak  # ~40 MB: a chunk's candidates
+
+
+@pytest.mark.parametrize(
+    "walk, header, length",
+    [(audio_frames.mpeg_audio_chain, b"\xff\xfb\x90", 417), (audio_frames.adts_chain, b"\xff\xf1\x50", 0)],
+)
+def test_valid_headers_at_every_third_byte_cost_memory_of_a_window_not_of_the_file(walk, header, length):
+    """FF FB 90 repeated is an MPEG-1 layer III header (128 kbit/s, 44.1 kHz: 417 bytes, a multiple
+    of 3) at every third byte, a chain through the whole file; FF F1 50 an ADTS one whose length
+    field reads each candidate a frame. Every header of the file was held at once, with the chain's
+    arrays: ~45 bytes a byte (360 MB for 8 MB). The chain is exact: it ends with the last frame
+    whose header fits, past the end of the data."""
+    data = header * (audio_frames.SEARCH_CHUNK_BYTES * 8 // 3)
+    chain, peak = _walked_with_peak(walk, data)
+    assert peak < 80 * audio_frames.SEARCH_CHUNK_BYTES, f"peak {peak / 2**20:.0f} MiB for {len(data) >> 20} MiB"
+    if length:  # frames at 0, 417, ... while a whole header fits: the last runs past the end
+        frames = (len(data) - 4) // length + 1
+        assert (chain.frames, chain.samples, chain.rate) == (frames, 1152 * frames, 44_100)
+        assert (chain.end, chain.missing) == (frames * length, frames * length - len(data))
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_chain_walked_across_many_windows_gives_the_verdicts_of_one_window(kind, monkeypatch):
+    """The chain is walked a window at a time; with windows of 1000 bytes (a frame or two each, some
+    frames across a window's end) every cut and the measured length are those of one window."""
+    options, _ = KINDS[kind]
+    data = _encoded(options, 2)
+    walk = audio_frames.adts_chain if kind == "adts" else audio_frames.mpeg_audio_chain
+    cuts = [len(data), *np.random.default_rng(1).integers(1, len(data), 60).tolist()]
+    whole = [walk(data[:cut], 0, measure=True) for cut in cuts]
+    assert whole[0].frames > 20 and whole[0].missing == 0  # the control: many windows' worth of frames
+    monkeypatch.setattr(audio_frames, "SEARCH_CHUNK_BYTES", 1000)
+    assert [walk(data[:cut], 0, measure=True) for cut in cuts] == whole
+
+
+@pytest.mark.parametrize("rate, layout", [(16_000, "mono"), (44_100, "stereo"), (96_000, "mono")])
+def test_a_cut_flac_is_corrupt_where_ffmpeg_would_decode_a_shorter_sound(tmp_path, rate, layout):
+    """FFmpeg decodes the FLAC frames that are there: a file cut between its last two frames was a
+    shorter sound (1.944 s of 2), and any cut was unseen by a clip ending before it. Its last frame
+    must pass its CRC-16 and end at the samples its STREAMINFO declares. Cut between frames, inside
+    the last, in the middle: corrupt, whole and as a clip of its first 0.3 s; whole, and with a
+    trailer (an ID3v1 tag, junk FFmpeg reads past), it decodes (the controls)."""
+    path = tmp_path / "a.flac"
+    tone = ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate={rate}", "-ac", "2" if layout == "stereo" else "1"]
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *tone, "-t", "2", "-c:a", "flac", str(path)], check=True)
+    data = path.read_bytes()
+    with av.open(io.BytesIO(data)) as container:
+        frames = [packet.pos for packet in container.demux(audio=0) if packet.size]
+    raw = lambda data: {"__key__": "k", "meta.json": encode_json({"schema": 1}), "audio.flac": data}  # noqa: E731
+    clip = MediaConfig(clip_seconds=0.3, clip_start="first")
+    for cut in (frames[-1], frames[-2], len(data) - 1, frames[-1] + 10, len(data) // 2):
+        with pytest.raises(SampleError, match="corrupt_media: a.flac: truncated file: its "):
+            decode_audio_file(data[:cut], "a.flac")
+        with pytest.raises(SampleError, match="corrupt_media: audio.flac: truncated file: its "):
+            decode_sample(raw(data[:cut]), media_config=clip)
+    for trailer in (b"", b"TAG" + bytes(125), bytes(range(100))):
+        audio, _ = decode_audio_file(data + trailer, "a.flac")
+        assert audio.shape[1] == 2 * SAMPLE_RATE
+        assert decode_sample(raw(data + trailer), media_config=clip).audio.shape[1] == 0.3 * SAMPLE_RATE

@@ -13,13 +13,15 @@ import subprocess
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
 from scipy.io import wavfile
 from world_helpers import load_script
 
-from megatron_cosmos3.data import media_files
+from megatron_cosmos3.data import media_files, mp4_fragments
+from megatron_cosmos3.data.clips import Window, target_times
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.media import decode_image, encode_json
 from megatron_cosmos3.data.media_files import decode_video_file
@@ -392,3 +394,113 @@ def test_write_shards_counts_damaged_media_as_skips_and_writes_the_rest(tmp_path
     (tmp_path / "manifest.jsonl").write_text("\n".join(json.dumps(entry) for entry in entries))
     index, skipped = write_shards.write_shards(tmp_path / "manifest.jsonl", tmp_path / "shards")
     assert index.total_samples == 1 and skipped == {"corrupt_media": 2, "zero_length": 1}
+
+
+def test_an_mp4_whose_sample_table_makes_its_video_last_negative_seconds_is_corrupt_naming_it(tmp_path):
+    """One bit of an MP4's stts entry count (1 -> 65: FFmpeg reads the boxes after it as 64 more
+    entries) made the video stream last -4.7e14 s, and the loader said "zero_length: a -4.691e+14
+    s clip holds no frame at 10 fps", naming neither the file nor what is wrong with it."""
+    path = tmp_path / "v.mp4"
+    sources = ["-f", "lavfi", "-i", "testsrc=size=32x32:rate=10", "-f", "lavfi", "-i", "sine=sample_rate=16000"]
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *sources, "-t", "0.4", "-c:v", "libx264", str(path)], check=True)
+    data = bytearray(path.read_bytes())
+    assert decode_video_file(bytes(data), "video.mp4")[0].shape[0] == 4  # the control: whole
+    count = data.index(b"stts") + 8  # after the box type, its version and flags
+    assert data[count : count + 4] == b"\0\0\0\x01"
+    data[count + 3] |= 0x40
+    with av.open(io.BytesIO(bytes(data))) as container:
+        assert container.streams.video[0].duration < 0  # what FFmpeg makes of it
+    message = re.escape("corrupt_media: video.mp4: its video stream declares a duration of -4.")
+    for decode in (
+        lambda: decode_sample(_raw("video.mp4", bytes(data))),
+        lambda: decode_video_file(bytes(data), "video.mp4"),
+    ):
+        with pytest.raises(SampleError, match=message):
+            decode()
+
+
+def test_a_clip_that_holds_no_frame_names_the_file():
+    """The skip said "a 0 s clip holds no frame at 10 fps": of which member, the log did not say."""
+    with pytest.raises(SampleError, match=re.escape("zero_length: video.mkv: a 0 s clip holds no frame at 10 fps")):
+        target_times(Window(0.0, 0.0), 10.0, "video.mkv")
+    assert len(target_times(Window(0.0, 0.25), 10.0, "video.mkv")) == 3  # the control
+
+
+def _with_a_track_listing_no_sample(data: bytes, handler: bytes) -> bytes:
+    """An MP4 whose ``handler`` ("soun", "vide") track lists no sample: its stts, stsc, stco and stsz
+    counts 0 (a recorder that opened a track and wrote nothing to it)."""
+    out = bytearray(data)
+    moov = next(mp4_fragments._boxes(data, 0, len(data), b"moov"))
+    for trak in mp4_fragments._boxes(data, *moov, b"trak"):
+        hdlr = mp4_fragments._child(data, trak, (b"mdia", b"hdlr"))
+        if data[hdlr[0] + 8 : hdlr[0] + 12] == handler:  # after version, flags and pre_defined
+            stbl = mp4_fragments._child(data, trak, (b"mdia", b"minf", b"stbl"))
+            for kind, count_at in ((b"stts", 4), (b"stsc", 4), (b"stco", 4), (b"stsz", 8)):
+                box = mp4_fragments._child(data, stbl, (kind,))
+                out[box[0] + count_at : box[0] + count_at + 4] = bytes(4)
+    return bytes(out)
+
+
+def _matroska_with_a_silent_track(frames: int) -> bytes:
+    """A Matroska file of ``frames`` video frames and an AAC track that holds no packet."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="matroska") as container:
+        video = container.add_stream("libx264", rate=10)
+        video.width = video.height = 32
+        sound = container.add_stream("aac", rate=16_000, layout="mono")
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 20 * i, np.uint8), format="rgb24")
+            frame.pts = i
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+        container.mux(sound.encode(None))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("container", ["mp4", "mkv"])
+def test_a_video_whose_audio_track_holds_nothing_is_zero_length_naming_its_audio(tmp_path, container):
+    """A good video track beside an audio track of no sample: FFmpeg refused to seek in the empty
+    track and the skip read "corrupt_media: not a readable media file (PermissionError: [Errno 1]
+    Operation not permitted)". As an audio field the MP4's empty track was already named so; its
+    video track, emptied instead, leaves a readable sound (the controls)."""
+    field = f"video.{container}"
+    if container == "mkv":
+        data = _matroska_with_a_silent_track(4)
+    else:
+        path = tmp_path / "v.mp4"
+        sources = ["-f", "lavfi", "-i", "testsrc=size=32x32:rate=10", "-f", "lavfi", "-i", "sine=sample_rate=16000"]
+        subprocess.run(["ffmpeg", "-v", "error", "-y", *sources, "-t", "0.4", "-c:v", "libx264", str(path)], check=True)
+        whole = path.read_bytes()
+        assert decode_sample(_raw(field, whole)).audio.shape[1] > 0  # the control: whole, with its sound
+        data = _with_a_track_listing_no_sample(whole, b"soun")
+        message = re.escape("zero_length: audio.m4a: its audio stream has no samples")
+        with pytest.raises(SampleError, match=message):
+            decode_sample(_raw("audio.m4a", data))
+        silent_picture = _with_a_track_listing_no_sample(whole, b"vide")
+        assert decode_sample(_raw("audio.m4a", silent_picture)).audio.shape[1] > 0
+    with av.open(io.BytesIO(data)) as opened:
+        assert [stream.type for stream in opened.streams] == ["video", "audio"]
+    message = re.escape(f"zero_length: {field}: its audio stream has no samples (its track holds no packet)")
+    with pytest.raises(SampleError, match=message):
+        decode_sample(_raw(field, data))
+    assert decode_video_file(data, field)[0].shape[0] == 4  # without its sound, the frames are all there
+
+
+@pytest.mark.parametrize(
+    "dtype, named",
+    [("i1", "3 8-bit signed integer"), ("<i2", "3 16-bit signed integer"), (">f8", "3 64-bit floating point")],
+)
+def test_a_colour_tiff_of_samples_pillow_does_not_read_is_refused_naming_them(dtype, named):
+    """A signed 8-bit colour TIFF (SampleFormat 2, 3 samples a pixel; also signed 16-bit and double
+    colour) was "not a readable image (no picture format Pillow reads)": a TIFF, named as none. Its
+    tags say what it holds. Unsigned 8-bit colour written the same way decodes exactly (the control)."""
+    tifffile = pytest.importorskip("tifffile", reason="tifffile (scikit-image's TIFF writer) writes the test files")
+    rgb = np.arange(4 * 6 * 3).reshape(4, 6, 3)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, rgb.astype(dtype), photometric="rgb")
+    message = re.escape(f"corrupt_media: image.png: not a readable image (a TIFF of {named} samples a pixel, which")
+    with pytest.raises(SampleError, match=message):
+        decode_sample(_raw("image.png", buffer.getvalue()))
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, rgb.astype(np.uint8), photometric="rgb")
+    np.testing.assert_array_equal(decode_image(buffer.getvalue(), "image.png"), rgb)

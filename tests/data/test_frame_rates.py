@@ -1,5 +1,5 @@
 """Video at rates other than 24/25/30 fps (docs/DESIGN.md, "Real media": frames): NTSC rates,
-12.5, 15, 50, 120 and 1 fps in MP4, Matroska and AVI, and variable-frame-rate files, each decoded
+12.5, 15, 50, 120 and 1 fps in MP4, Matroska, WebM and AVI, and variable-frame-rate files, each decoded
 at its own rate and resampled to others. Each file is made by ffmpeg (32x32, frame i a flat grey of
 its own, told apart after decoding by PyAV's reading of the file); its frames' times are checked
 against ffprobe's, and the frame shown at each target time is the last one whose true time
@@ -23,11 +23,12 @@ from megatron_cosmos3.data.media_writers import exact_rate
 from megatron_cosmos3.data.schema import decode_sample
 
 SIDE = 32
-# Lossless (or near: MJPEG at its best quality) so each frame's grey is its own.
+# Lossless (or near: MJPEG at its best quality; VP9 in its lossless mode) so each frame's grey is its own.
 CODECS = {
     "mp4": ["-c:v", "libx264", "-qp", "0"],
     "mkv": ["-c:v", "libx264", "-qp", "0"],
     "avi": ["-c:v", "mjpeg", "-q:v", "1"],
+    "webm": ["-c:v", "libvpx-vp9", "-lossless", "1"],
 }
 RATES = ["30000/1001", "24000/1001", "12.5", "15", "50", "60000/1001", "120", "1"]
 # The rates each file is resampled to: a film rate, NTSC's 29.97 (not 30), a low one.
@@ -158,3 +159,29 @@ def test_a_variable_rate_video_is_sampled_by_its_timestamps(tmp_path, kind, suff
         sample = _decode(path, fps)
         targets = [Fraction(k) / fps for k in range(math.ceil((duration - rounding) * fps))]
         assert _shown(sample, index) == _last_at_or_before(times, targets), fps
+
+
+@pytest.mark.parametrize("suffix", ["mp4", "mkv"])
+@pytest.mark.parametrize("kind", ["segments", "dropped"])
+def test_a_variable_rate_clip_shows_the_frame_ffprobe_times_at_each_target(tmp_path, kind, suffix):
+    """Clips of 0.3 and 0.7 s at starts across the file, the last ending with it, at 24, 29.97 and
+    60 fps: target k at start + k / fps shows the last frame whose time by ffprobe is at or before
+    it. A Matroska time is a millisecond rounding of the frame's: one up to half a millisecond after
+    a target is at it, and a clip ending with the file holds no target in its last millisecond (its
+    end is a rounded time plus a rounded duration); an MP4's times are exact."""
+    path = tmp_path / f"clip.{suffix}"
+    _variable_rate_file(path, kind)
+    times, _ = _ffprobe_times(path)
+    index = _frame_index(path)
+    duration = Fraction(_native(path).video_duration_s)
+    rounding = Fraction(1, 1000) if suffix == "mkv" else Fraction(0)
+    for fps in (Fraction(24), Fraction(30000, 1001), Fraction(60)):
+        for clip, draw in ((0.3, 0.0), (0.3, 0.37), (0.7, 0.5), (0.7, 0.81), (0.3, 1.0)):
+            sample = _decode(path, fps, clip_seconds=clip, draw=draw)
+            start, length = Fraction(sample.timing["clip_start_s"]), Fraction(sample.duration_s)
+            ends_with_the_file = abs(start + length - duration) < Fraction(1, 10**6)
+            length -= rounding if ends_with_the_file else 0
+            targets = [start + Fraction(k) / fps for k in range(math.ceil(length * fps - Fraction(1, 10**6)))]
+            leeway = rounding / 2 + Fraction(1, 10**6)  # and a float sum's rounding of the start
+            shown = _last_at_or_before(times, [target + leeway for target in targets])
+            assert _shown(sample, index) == shown, (fps, clip, draw)
