@@ -7,7 +7,9 @@ and resumed, ZeRO-3 writing generation samples), a ZeRO-3 stage from a weights f
 DeepSpeed-Ulysses, bf16 (ZeRO-2, writing generation samples), the engine switch through ZeRO-1
 and ZeRO-3, and last one rank failing inside DeepSpeed's collectives (which ends the process
 groups); then one rank continues the switched checkpoint (another world size) and resumes ZeRO-2's
-2-rank checkpoint directly, resharded, under ZeRO-1 and ZeRO-3."""
+2-rank checkpoint directly, resharded, under ZeRO-1 and ZeRO-3. Before the two ranks start, one rank
+saves the checkpoints that they continue (1 -> 2 ranks: ZeRO-1 and ZeRO-3, and a bf16 run with its
+ViT frozen)."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from megatron_cosmos3.checkpoint.checkpointer import load_state
 from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.testing.distributed import failing_call, raised_by, restart_world, run_on_ranks
-from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, loss_history, tracking_store
+from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, TINY_VIT, loss_history, tracking_store
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.distributed import DistributedContext
@@ -264,6 +266,41 @@ def _one_rank_fails_converting(rank: int, world_size: int, root: Path) -> tuple[
         return raised_by(partial(convert_checkpoint, config, _context(), source, target))
 
 
+# Saved by one rank (both micro-batches of a step) at step 1, continued by two to step 3 (resharded):
+# run name -> (the saving ZeRO stage, the resuming one's settings). ZeRO-2 (its AdamW state offloaded
+# to host memory) from ZeRO-1 reads its own slices of the one rank's flat partition; ZeRO-3 from
+# ZeRO-3 its own slice of each parameter.
+ONE_TO_TWO = {
+    "one-to-two-zero1": (1, ("deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true")),
+    "one-to-two-zero3": (3, ("deepspeed.zero_stage=3",)),
+}
+# A frozen encoder under bf16: the ViT's weights (no fp32 master, the bf16 working copy saved) with
+# the towers, saved by one rank under ZeRO-2 and continued by two under ZeRO-3.
+FROZEN_VIT = (
+    *TINY_VIT,
+    "stage.freeze=[dm_streams.action_*.single_arm.*,vision.*]",
+    "precision=bf16",
+    "engine=deepspeed",
+)
+
+
+def _saved_on_one_rank(rank: int, world_size: int, root: Path) -> None:
+    """The one-rank halves of ``ONE_TO_TWO`` and of the frozen-ViT run, and the frozen-ViT run's
+    uninterrupted reference (one rank, three steps)."""
+    both = ("engine=deepspeed", "optimizer.micro_batches_per_step=2", "eval.every=0")
+    for name, (saved, _) in ONE_TO_TWO.items():
+        _train(root, name, *both, f"deepspeed.zero_stage={saved}", "steps=1")
+    _train(root, "frozen-vit", *both, *FROZEN_VIT, "deepspeed.zero_stage=2", "steps=1")
+    _train(root, "frozen-vit-uninterrupted", *both, *FROZEN_VIT, "deepspeed.zero_stage=2")
+
+
+def _continued_on_two_ranks(root: Path) -> None:
+    """The two-rank halves of ``ONE_TO_TWO`` and of the frozen-ViT run (which rank 0 then reads back)."""
+    for name, (_, resumed) in ONE_TO_TWO.items():
+        _train(root, name, "engine=deepspeed", *resumed, "eval.every=0")
+    _train(root, "frozen-vit", *FROZEN_VIT, "deepspeed.zero_stage=3", "eval.every=0")
+
+
 def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
     """Every ZeRO stage for 3 steps (ZeRO-2 preempted during step 2 and resumed), DeepSpeed-Ulysses
     and the engine switch; rank 0 returns each stage's final weights read back from its DeepSpeed
@@ -299,6 +336,7 @@ def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
         saved = torch.load(step / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)
         bf16["working"] = saved["module"]
     switched_loss = _switch_engines(root)
+    _continued_on_two_ranks(root)
     # ZeRO-2's step-2 checkpoint resumed under ZeRO-1, and the switched one of ZeRO-1 under ZeRO-2
     # (ZeRO-1 and ZeRO-2 read each other's files): their step 3.
     if rank == 0:
@@ -372,7 +410,10 @@ def _resharded(root: Path) -> dict:
     # ZeRO-3's step-3 checkpoint of 2 ranks (its optimizer state offloaded) under ZeRO-1 on 1 rank.
     _copy_checkpoint(root / RESHARDED_ZERO3, root / "resharded-from-zero3")
     from_zero3 = _started_state(root, "resharded-from-zero3", *both, "deepspeed.zero_stage=1")
-    return {"weights": weights, "adam": adam, "loss": loss, "bf16": bf16, "from_zero3": from_zero3}
+    # The frozen-ViT run's bf16 ZeRO-3 checkpoint of 2 ranks under bf16 ZeRO-1 on 1 rank: its weights.
+    _copy_checkpoint(root / "frozen-vit" / "step_00000003", root / "frozen-vit-on-one")
+    frozen_vit = _started_weights(root, "frozen-vit-on-one", *both, *FROZEN_VIT, "deepspeed.zero_stage=1")
+    return {"weights": weights, "adam": adam, "loss": loss, "bf16": bf16, "from_zero3": from_zero3, "vit": frozen_vit}
 
 
 def _on_one_rank(rank: int, world_size: int, root: Path) -> tuple[float, dict, dict]:
@@ -417,6 +458,7 @@ def runs(tmp_path_factory):
     old = os.environ.get("TORCH_EXTENSIONS_DIR")
     os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions)
     try:
+        run_on_ranks(_saved_on_one_rank, 1, root, timeout_s=200)
         ranks = run_on_ranks(_deepspeed_runs, 2, root, timeout_s=400)
         results = {**ranks[0], **{key: [r[key] for r in ranks] for key in ("save_failures", "stopped")}}
         shutil.copytree(root / "switched3-back", root / "one-rank")
@@ -867,6 +909,92 @@ def test_a_deepspeed_checkpoint_resumes_on_another_world_size_and_zero_stage_exa
     assert resharded["adam"][q]["exp_avg_sq"].abs().sum() > 0
     assert resharded["loss"] == pytest.approx(history(root, "zero2")[2], rel=1e-5)
     assert resharded["loss"] != pytest.approx(history(root, "zero2")[1], rel=1e-3)  # step 3, not 2
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", ONE_TO_TWO)
+def test_a_checkpoint_of_one_rank_continues_on_two_like_an_uninterrupted_run(runs, name):
+    """Saved by one rank at step 1 (ZeRO-1, ZeRO-3), continued by two (ZeRO-2 offloaded, ZeRO-3), each reading
+    its own slices of the one rank's partitions: steps 2 and 3 have the losses and gradient norms of
+    the one-process Megatron-style run, computed independently. In one MLflow run, each step once
+    (a resume that started over would log step 1 again)."""
+    root, *_ = runs
+    assert [step for step, _ in loss_history(root / "mlflow.db", name, EXPERIMENT)] == [1, 2, 3]
+    assert sorted(p.name for p in (root / name).glob("step_*")) == ["step_00000001", "step_00000003"]
+    for metric in ("loss", "grad_norm"):
+        assert history(root, name, metric) == pytest.approx(history(root, "single", metric), rel=1e-5), metric
+    assert history(root, name)[1] != pytest.approx(history(root, "single")[0], rel=1e-3)  # control: step 2, not 1
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    "checkpoint",
+    [
+        "zero1/step_00000003",  # ZeRO-1 of 2 ranks: frozen weights in the module only
+        "zero3/step_00000003",  # ZeRO-3 of 2 ranks, AdamW state offloaded
+        "one-to-two-zero1/step_00000001",  # one rank
+        "one-to-two-zero3/step_00000001",
+        "frozen-vit/step_00000001",  # bf16 ZeRO-2 of one rank, the ViT frozen
+        "frozen-vit/step_00000003",  # bf16 ZeRO-3 of 2 ranks, the ViT frozen
+    ],
+)
+def test_the_saved_partitions_give_any_range_as_zero_to_fp32_reassembles_it(runs, checkpoint):
+    """``SavedPartitions.read`` of every saved parameter, whole and in pieces of 7 elements (which
+    cross the saving ranks' slices), is DeepSpeed's own ``zero_to_fp32`` reassembly bit for bit
+    (the fp32 master, or for a frozen weight the saved working copy in its dtype); past the
+    parameter's end it reads zeros (ZeRO-3's padding), and a moment of a frozen weight is zero."""
+    from megatron_cosmos3.training.deepspeed_engine import deepspeed_weights
+    from megatron_cosmos3.training.deepspeed_partitions import MASTER
+
+    root, *_ = runs
+    step = root / checkpoint
+    saved, want = _saved_partitions(step), deepspeed_weights(step)
+    model_file = next((step / "deepspeed").glob("*model_states.pt"))
+    buffers = set(torch.load(model_file, weights_only=False)["buffer_names"])
+    assert set(saved.shapes) == set(want) - buffers  # every parameter, trained or frozen
+    for name, shape in saved.shapes.items():
+        numel = shape.numel()
+        whole = saved.read(name, MASTER, 0, numel)
+        assert whole.dtype == want[name].dtype and torch.equal(whole.view(shape), want[name]), name
+        pieces = [saved.read(name, MASTER, start, min(7, numel - start)) for start in range(0, numel, 7)]
+        assert torch.equal(torch.cat(pieces), whole), name
+        assert torch.equal(saved.read(name, MASTER, numel - 1, 3)[1:], torch.zeros(2, dtype=whole.dtype)), name
+        if not saved.trained(name):
+            assert not saved.read(name, ADAM_KEYS[0], 0, numel).any(), name
+    assert any(saved.trained(name) for name in saved.shapes) and any(not saved.trained(n) for n in saved.shapes)
+
+
+@pytest.mark.multiprocess
+def test_a_frozen_bf16_encoder_resumes_on_another_world_size_with_its_saved_weights(runs):
+    """A bf16 run with the ViT frozen, saved by one rank under ZeRO-2 at step 1 and continued by two
+    under ZeRO-3: DeepSpeed keeps no fp32 master of a frozen weight, and its checkpoint holds the
+    bf16 working copy (ZeRO-2's frozen fragments, and the saved module); the continued run's frozen
+    ViT is that copy bit for bit at step 3 (both ranks' ZeRO-3 slices), its trained weights moved,
+    and its steps 2 and 3 have the losses of the uninterrupted one-rank run. Its step-3 checkpoint
+    (2 ranks, ZeRO-3) loaded by one rank under ZeRO-1: the ViT is still that copy, the trained
+    weights the saved fp32 masters."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    root, results, *_ = runs
+    saved = torch.load(root / "frozen-vit" / "step_00000001" / "deepspeed" / "mp_rank_00_model_states.pt")
+    frozen = saved["frozen_param_fragments"]
+    vit = {name for name in frozen if name.startswith("vision.")}
+    assert vit and vit == {name for name in saved["module"] if name.startswith("vision.")}
+    assert all(
+        frozen[name].dtype == torch.bfloat16 and torch.equal(frozen[name], saved["module"][name]) for name in vit
+    )
+    final = get_fp32_state_dict_from_zero_checkpoint(str(root / "frozen-vit" / "step_00000003"), tag="deepspeed")
+    for name in vit:
+        assert torch.equal(final[name], frozen[name]), name
+    q = "layers.0.generator.self_attn.q_proj.weight"  # control: the trained weights moved
+    assert not torch.equal(final[q], saved["module"][q].float())
+    assert [step for step, _ in loss_history(root / "mlflow.db", "frozen-vit", EXPERIMENT)] == [1, 2, 3]
+    want = history(root, "frozen-vit-uninterrupted")
+    assert history(root, "frozen-vit") == pytest.approx(want, rel=1e-3)
+    on_one = results["resharded"]["vit"]
+    assert set(on_one) == set(final)
+    for name, tensor in on_one.items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, final[name].float()), name
 
 
 @pytest.mark.multiprocess
