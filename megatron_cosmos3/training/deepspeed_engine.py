@@ -411,9 +411,9 @@ class DeepSpeedPlan:
             for flat in self._flat_partitions():
                 self.engine.optimizer.optimizer.state[flat]["step"] = torch.tensor(step, dtype=torch.float32)
 
-    def load_partitions(self, saved: SavedPartitions, where: str, allow_missing: tuple[str, ...] = ()) -> None:
-        """Sets this rank's part of the engine from a checkpoint's saved partitions (``saved``, of any
-        ZeRO stage and world size; ``where`` names it in errors), reading only the ranges this rank
+    def load_partitions(self, saved: SavedPartitions, path: Path, allow_missing: tuple[str, ...] = ()) -> None:
+        """Sets this rank's part of the engine from the saved partitions (``saved``, of any ZeRO stage
+        and world size) of the checkpoint folder ``path``, reading only the ranges this rank
         holds: the fp32 masters and AdamW moments of its own partitions, and the working copy of
         what it holds whole (ZeRO-1/2: every parameter) or partitioned (ZeRO-3). The working copy of
         a trained parameter is its master (ZeRO-1/2: every rank's masters all-gathered, as after a
@@ -424,7 +424,8 @@ class DeepSpeedPlan:
         from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
         names = [name for name, _ in self.model.named_parameters()]
-        _refuse_missing(where, [name for name in names if not saved.holds(name)], allow_missing)
+        _refuse_missing(f"checkpoint {path}", [name for name in names if not saved.holds(name)], allow_missing)
+        where = f"checkpoint {path / ENGINE_TAG}"
         self._link_optimizer_state()
         rank = dist.get_rank() if dist.is_initialized() else 0
         for name, param in self.model.named_parameters():
@@ -744,7 +745,7 @@ class DeepSpeedCheckpointer(Checkpointer):
         else:
             check_same_parameter_groups(path, layout.param_groups, self.plan.parameter_groups_record())
             if reads_own_files(layout, self.plan.zero_stage, self.plan.world_size):
-                verify_checkpoint(path)
+                verify_together(path)
                 meta = read_meta(path)
                 with weights_only_loads(self.plan.engine):
                     self.plan.engine.load_checkpoint(
@@ -774,13 +775,14 @@ class DeepSpeedCheckpointer(Checkpointer):
 
     def _load_resharded(self, path: Path, layout: SavedLayout, allow_missing) -> None:
         """A checkpoint of another world size or ZeRO-3 against ZeRO-1/2 (``reads_own_files`` false):
-        every file checked against the checksums, then each rank reads from the saving ranks' mapped
-        files (``SavedPartitions``) only the ranges of the fp32 masters, AdamW moments and weights
-        that its own new partitions hold (``DeepSpeedPlan.load_partitions``). Exact: the reads move
-        values only, at the offsets of DeepSpeed's ``zero_to_fp32`` reassembly."""
-        verify_checkpoint(path)
+        every file checked against the checksums (``verify_together``, each hashed by one rank), then each
+        rank reads from the saving ranks' mapped files (``SavedPartitions``) only the ranges of the
+        fp32 masters, AdamW moments and weights that its own new partitions hold
+        (``DeepSpeedPlan.load_partitions``). Exact: the reads move values only, at the offsets of
+        DeepSpeed's ``zero_to_fp32`` reassembly."""
+        verify_together(path)
         saved = SavedPartitions(path / ENGINE_TAG, WeightsOnlyCheckpointEngine(None).load)
-        self.plan.load_partitions(saved, f"checkpoint {path / ENGINE_TAG}", tuple(allow_missing))
+        self.plan.load_partitions(saved, path, tuple(allow_missing))
         if self.rank == 0:
             plan = self.plan
             current = SavedLayout("deepspeed", plan.zero_stage, plan.world_size).describe()
@@ -818,6 +820,29 @@ class DeepSpeedCheckpointer(Checkpointer):
         target = Checkpointer(root, self.keep_last, groups=None, async_save=False)
         target.save(step, model, adam, per_rank, meta, named)
         return Path(root) / f"step_{step:08d}"
+
+
+def verify_together(path: Path) -> None:
+    """Every file of the checkpoint ``path`` checked against the checksums, each hashed by one rank
+    (``verify_checkpoint``'s share: file i by rank i mod the world size; each rank checks every size
+    and the listing): a damaged or unreadable file is a CheckpointCorruptError naming it on every
+    rank (the lowest rank's finding when several), so that every rank takes the same way
+    (``fallback_to_verified``). Collective."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    try:
+        verify_checkpoint(path, (rank, world))
+        found = None
+    except CheckpointCorruptError as error:
+        found = str(error)
+    except OSError as error:
+        found = f"checkpoint {path}: a file could not be read: {_named(error)}"
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, found)
+        found = next((finding for finding in everyone if finding is not None), None)
+    if found is not None:
+        raise CheckpointCorruptError(found)
 
 
 def convert_checkpoint(config: TrainConfig, ctx, source: str | Path, target_root: str | Path) -> Path:

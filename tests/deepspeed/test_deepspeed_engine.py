@@ -294,11 +294,46 @@ def _saved_on_one_rank(rank: int, world_size: int, root: Path) -> None:
     _train(root, "frozen-vit-uninterrupted", *both, *FROZEN_VIT, "deepspeed.zero_stage=2")
 
 
-def _continued_on_two_ranks(root: Path) -> None:
-    """The two-rank halves of ``ONE_TO_TWO`` and of the frozen-ViT run (which rank 0 then reads back)."""
-    for name, (_, resumed) in ONE_TO_TWO.items():
-        _train(root, name, "engine=deepspeed", *resumed, "eval.every=0")
+def _continued_on_two_ranks(root: Path) -> dict[str, list[str]]:
+    """The two-rank halves of ``ONE_TO_TWO`` and of the frozen-ViT run. Returns the files of the
+    checkpoint it continues that this rank hashed in each of the ``ONE_TO_TWO`` resumes."""
+    from megatron_cosmos3.checkpoint import safe_reader
+
+    stock, hashed = safe_reader.file_record, {}
+
+    def recorded(path):
+        if path.is_relative_to(root / name / "step_00000001"):
+            hashed[name].append(path.relative_to(root / name / "step_00000001").as_posix())
+        return stock(path)
+
+    safe_reader.file_record = recorded
+    try:
+        for name, (_, resumed) in ONE_TO_TWO.items():
+            hashed[name] = []
+            _train(root, name, "engine=deepspeed", *resumed, "eval.every=0")
+    finally:
+        safe_reader.file_record = stock
     _train(root, "frozen-vit", *FROZEN_VIT, "deepspeed.zero_stage=3", "eval.every=0")
+    return hashed
+
+
+def _damaged_on_two_ranks(root: Path) -> tuple[str, tuple[str, str], tuple[str, str]]:
+    """A copy of the 1-rank ZeRO-1 checkpoint with one of DeepSpeed's files damaged, which rank 1
+    alone hashes: the file's name, and what this rank raised (type, message) verifying it with the
+    other rank (``verify_together``), then resuming it on two ranks (which ends the process group)."""
+    from megatron_cosmos3.training.deepspeed_engine import verify_together
+
+    step = root / "damaged-on-two" / "step_00000001"
+    names = sorted(json.loads((root / "one-to-two-zero1" / "step_00000001" / "checksums.json").read_text())["files"])
+    damaged = next(name for i, name in enumerate(names) if i % 2 == 1 and name.startswith("deepspeed/"))
+    if torch.distributed.get_rank() == 0:
+        _copy_checkpoint(root / "one-to-two-zero1" / "step_00000001", step.parent)
+        data = bytearray((step / damaged).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (step / damaged).write_bytes(bytes(data))
+    torch.distributed.barrier()
+    resume = partial(_train, root, "damaged-on-two", "engine=deepspeed", "deepspeed.zero_stage=2", *QUICK)
+    return damaged, raised_by(partial(verify_together, step))[:2], raised_by(resume)[:2]
 
 
 def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
@@ -336,7 +371,7 @@ def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
         saved = torch.load(step / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)
         bf16["working"] = saved["module"]
     switched_loss = _switch_engines(root)
-    _continued_on_two_ranks(root)
+    continued = _continued_on_two_ranks(root)
     # ZeRO-2's step-2 checkpoint resumed under ZeRO-1, and the switched one of ZeRO-1 under ZeRO-2
     # (ZeRO-1 and ZeRO-2 read each other's files): their step 3.
     if rank == 0:
@@ -362,7 +397,9 @@ def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
         _train(root, "zero3-from-nan", "engine=deepspeed", "deepspeed.zero_stage=3", f"stage.init_from={root / 'nan'}")
     except NonFiniteWeightsError as error:
         refused = str(error)
-    # Last: a rank failing inside DeepSpeed's collectives ends the process groups (each case starts a world).
+    # Last: a failed resume and a rank failing inside DeepSpeed's collectives end the process groups
+    # (each of the latter starts a world).
+    damaged = _damaged_on_two_ranks(root)
     stopped = {where: _one_rank_fails(rank, world_size, root, where) for where in FAILING_IN}
     stopped["convert"] = _one_rank_fails_converting(rank, world_size, root)
     return {
@@ -377,6 +414,7 @@ def _deepspeed_runs(rank: int, world_size: int, root: Path) -> dict:
         "zero2_from_zero1": zero2_from_zero1,
         "started_from_bf16": started_from_bf16,
         "uneven_steps": uneven_steps,
+        "continued": {"hashed": continued, "damaged": damaged},
     }
 
 
@@ -413,7 +451,14 @@ def _resharded(root: Path) -> dict:
     # The frozen-ViT run's bf16 ZeRO-3 checkpoint of 2 ranks under bf16 ZeRO-1 on 1 rank: its weights.
     _copy_checkpoint(root / "frozen-vit" / "step_00000003", root / "frozen-vit-on-one")
     frozen_vit = _started_weights(root, "frozen-vit-on-one", *both, *FROZEN_VIT, "deepspeed.zero_stage=1")
-    return {"weights": weights, "adam": adam, "loss": loss, "bf16": bf16, "from_zero3": from_zero3, "vit": frozen_vit}
+    return {
+        "weights": weights,
+        "adam": adam,
+        "loss": loss,
+        "bf16": bf16,
+        "from_zero3": from_zero3,
+        "vit": frozen_vit,
+    }
 
 
 def _on_one_rank(rank: int, world_size: int, root: Path) -> tuple[float, dict, dict]:
@@ -460,7 +505,7 @@ def runs(tmp_path_factory):
     try:
         run_on_ranks(_saved_on_one_rank, 1, root, timeout_s=200)
         ranks = run_on_ranks(_deepspeed_runs, 2, root, timeout_s=400)
-        results = {**ranks[0], **{key: [r[key] for r in ranks] for key in ("save_failures", "stopped")}}
+        results = {**ranks[0], **{key: [r[key] for r in ranks] for key in ("save_failures", "stopped", "continued")}}
         shutil.copytree(root / "switched3-back", root / "one-rank")
         one_rank = run_on_ranks(_on_one_rank, 1, root, timeout_s=200)[0]
         results["one_rank_loss"], results["resharded"], results["layout_refused"] = one_rank
@@ -927,6 +972,30 @@ def test_a_checkpoint_of_one_rank_continues_on_two_like_an_uninterrupted_run(run
 
 
 @pytest.mark.multiprocess
+def test_the_ranks_of_a_resharded_resume_hash_each_file_once_and_agree_on_a_damaged_one(runs):
+    """Two ranks continuing a checkpoint of one rank check its files against the checksums
+    together: each hashes its share of DeepSpeed's files, every one once (each hashed every file;
+    the small records a rank reads itself, meta.json and deepspeed_layout.json, it checks when it
+    reads them). A file damaged that rank 1 alone hashes is the same CheckpointCorruptError naming
+    it on both ranks (so that both take the same way, fallback_to_verified), and stops both ranks'
+    resume naming it."""
+    root, results, *_ = runs
+    for name in ONE_TO_TWO:
+        listed = json.loads((root / name / "step_00000001" / "checksums.json").read_text())["files"]
+        first, second = (
+            [file for file in continued["hashed"][name] if file.startswith("deepspeed/")]
+            for continued in results["continued"]
+        )
+        assert first and second, (first, second)
+        assert sorted(first + second) == sorted(file for file in listed if file.startswith("deepspeed/"))
+    (damaged, verified0, resumed0), (_, verified1, resumed1) = (c["damaged"] for c in results["continued"])
+    want = f"file {damaged} does not match its sha256"
+    assert verified0 == verified1 and verified0[0] == "CheckpointCorruptError" and want in verified0[1], verified0
+    for raised in (resumed0, resumed1):  # one rank's own ResumeError, the other's naming it (start-up)
+        assert raised[0] in ("ResumeError", "RankFailedError") and want in raised[1], raised
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "checkpoint",
     [
@@ -942,7 +1011,9 @@ def test_the_saved_partitions_give_any_range_as_zero_to_fp32_reassembles_it(runs
     """``SavedPartitions.read`` of every saved parameter, whole and in pieces of 7 elements (which
     cross the saving ranks' slices), is DeepSpeed's own ``zero_to_fp32`` reassembly bit for bit
     (the fp32 master, or for a frozen weight the saved working copy in its dtype); past the
-    parameter's end it reads zeros (ZeRO-3's padding), and a moment of a frozen weight is zero."""
+    parameter's end it reads zeros (ZeRO-3's padding), and a moment of a frozen weight is zero. A
+    parameter of this run's model with another shape is a CheckpointMismatchError naming both."""
+    from megatron_cosmos3.checkpoint.checkpointer import CheckpointMismatchError
     from megatron_cosmos3.training.deepspeed_engine import deepspeed_weights
     from megatron_cosmos3.training.deepspeed_partitions import MASTER
 
@@ -962,6 +1033,11 @@ def test_the_saved_partitions_give_any_range_as_zero_to_fp32_reassembles_it(runs
         if not saved.trained(name):
             assert not saved.read(name, ADAM_KEYS[0], 0, numel).any(), name
     assert any(saved.trained(name) for name in saved.shapes) and any(not saved.trained(n) for n in saved.shapes)
+    q = "layers.0.generator.mlp.down_proj.weight"
+    saved.check_shape(q, saved.shapes[q], "here")  # control: its own shape
+    want = rf"here: parameter '{q}' has shape \(32, 64\); this run's model has \(32, 48\)"
+    with pytest.raises(CheckpointMismatchError, match=want):
+        saved.check_shape(q, torch.Size([32, 48]), "here")
 
 
 @pytest.mark.multiprocess
