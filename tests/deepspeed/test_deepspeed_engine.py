@@ -971,6 +971,50 @@ def test_a_checkpoint_of_one_rank_continues_on_two_like_an_uninterrupted_run(run
     assert history(root, name)[1] != pytest.approx(history(root, "single")[0], rel=1e-3)  # control: step 2, not 1
 
 
+# Three learning-rate groups (DeepSpeed: three flat partitions per rank), tied embeddings (one
+# parameter under two names) and the ViT; the global batch of 6 micro-batches splits over 1, 2 or 3 ranks.
+GROUPS = (
+    *TINY_VIT,
+    "stage.lr_multipliers={'vision.*': 0.5, 'layers.1.*': 2.0}",
+    "model.tie_word_embeddings=true",
+    "eval.every=0",
+    "tracking.enabled=false",
+)
+
+
+def _two_then_three(rank: int, world_size: int, root: Path) -> dict[int, float]:
+    """On 2 ranks: ZeRO-2 for 2 steps of ``GROUPS``, saved. On 3 ranks: that checkpoint resumed
+    under ZeRO-1 and ZeRO-3 (resharded: partitions that 3 does not divide evenly); their step-3 loss."""
+    if world_size == 2:
+        settings = ("engine=deepspeed", "deepspeed.zero_stage=2", "optimizer.micro_batches_per_step=3", "steps=2")
+        _train(root, "groups", *GROUPS, *settings)
+        return {}
+    losses = {}
+    for stage in (1, 3):
+        if rank == 0:
+            _copy_checkpoint(root / "groups" / "step_00000002", root / f"groups-on-three-{stage}")
+        torch.distributed.barrier()
+        settings = ("engine=deepspeed", f"deepspeed.zero_stage={stage}", "optimizer.micro_batches_per_step=2")
+        losses[stage] = _train(root, f"groups-on-three-{stage}", *GROUPS, *settings)["loss"]
+    return losses
+
+
+@pytest.mark.multiprocess
+def test_a_checkpoint_of_two_ranks_continues_on_three_with_several_groups_and_tied_weights(tmp_path):
+    """Saved by 2 ranks under ZeRO-2 at step 2 with three parameter groups, tied embeddings and the
+    ViT, continued by 3 ranks under ZeRO-1 and ZeRO-3 (each rank reading its own, uneven, share of
+    every group): step 3 has the loss of the one-process Megatron-style run (6 micro-batches a step)."""
+    single = load_config(None, overrides(tmp_path, "single", *GROUPS, "optimizer.micro_batches_per_step=6"))
+    single.tracking.enabled = True
+    train_module.train(single, DistributedContext(0, 1, 0, torch.device("cpu")))
+    want = history(tmp_path, "single")
+    run_on_ranks(_two_then_three, 2, tmp_path, timeout_s=300)
+    losses = run_on_ranks(_two_then_three, 3, tmp_path, timeout_s=300)[0]
+    for stage, loss in losses.items():
+        assert loss == pytest.approx(want[2], rel=1e-6), stage
+        assert loss != pytest.approx(want[1], rel=1e-3), stage  # control: step 3, not 2
+
+
 @pytest.mark.multiprocess
 def test_the_ranks_of_a_resharded_resume_hash_each_file_once_and_agree_on_a_damaged_one(runs):
     """Two ranks continuing a checkpoint of one rank check its files against the checksums
