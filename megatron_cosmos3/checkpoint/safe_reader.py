@@ -193,15 +193,18 @@ def check_sizes(folder: Path) -> None:
         check_file(Path(folder), name, manifest, full=False)
 
 
-def verify_checkpoint(folder: Path) -> None:
+def verify_checkpoint(folder: Path, share: tuple[int, int] = (0, 1)) -> None:
     """Reads and checks every file of the checkpoint's manifest, and that the folder holds no other
-    file (``check_listed``): CheckpointCorruptError otherwise."""
+    file (``check_listed``): CheckpointCorruptError otherwise. ``share`` = (rank, ranks): hashes
+    only every ranks-th file from the rank-th, in name order, and checks the others' sizes, so that
+    the ranks of a job together read each file once (the caller makes them agree on the verdict)."""
     manifest = read_manifest(folder)
     if manifest is None:
         raise CheckpointCorruptError(f"checkpoint {folder} has no {MANIFEST}: it cannot be verified")
     check_listed(Path(folder), manifest)
-    for name in sorted(manifest):
-        check_file(Path(folder), name, manifest)
+    rank, ranks = share
+    for i, name in enumerate(sorted(manifest)):
+        check_file(Path(folder), name, manifest, full=i % ranks == rank)
 
 
 class ChecksummedFileSystemWriter(FileSystemWriter):

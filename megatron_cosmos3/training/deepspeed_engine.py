@@ -68,6 +68,7 @@ from megatron_cosmos3.parallel.deepspeed_comm import start_deepspeed_comm
 from megatron_cosmos3.parallel.failures import RankFailedError, fail_together
 from megatron_cosmos3.training.config import TrainConfig
 from megatron_cosmos3.training.deepspeed_config import deepspeed_config
+from megatron_cosmos3.training.deepspeed_partitions import MASTER, SavedPartitions
 
 log = logging.getLogger(__name__)
 
@@ -410,6 +411,50 @@ class DeepSpeedPlan:
             for flat in self._flat_partitions():
                 self.engine.optimizer.optimizer.state[flat]["step"] = torch.tensor(step, dtype=torch.float32)
 
+    def load_partitions(self, saved: SavedPartitions, path: Path, allow_missing: tuple[str, ...] = ()) -> None:
+        """Sets this rank's part of the engine from the saved partitions (``saved``, of any ZeRO stage
+        and world size) of the checkpoint folder ``path``, reading only the ranges this rank
+        holds: the fp32 masters and AdamW moments of its own partitions, and the working copy of
+        what it holds whole (ZeRO-1/2: every parameter) or partitioned (ZeRO-3). The working copy of
+        a trained parameter is its master (ZeRO-1/2: every rank's masters all-gathered, as after a
+        step); one without a master (frozen) takes its saved weights. The AdamW step of every flat
+        partition becomes the largest saved. A parameter the checkpoint lacks is a
+        CheckpointMismatchError naming it, unless its name starts with one of ``allow_missing`` (it
+        keeps its initial value); one of another shape names both shapes. Collective."""
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+        names = [name for name, _ in self.model.named_parameters()]
+        _refuse_missing(f"checkpoint {path}", [name for name in names if not saved.holds(name)], allow_missing)
+        where = f"checkpoint {path / ENGINE_TAG}"
+        self._link_optimizer_state()
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        for name, param in self.model.named_parameters():
+            if not saved.holds(name):
+                continue
+            saved.check_shape(name, param.ds_shape if self.zero_stage == 3 else param.shape, where)
+            with torch.no_grad():
+                if self.zero_stage == 3:  # this rank's slice of every parameter
+                    size = param.ds_tensor.numel()
+                    master = saved.read(name, MASTER, size * rank, size)
+                    param.ds_tensor.copy_(master)
+                    if param.requires_grad:
+                        safe_set_local_fp32_param(param, master.float())
+                        for key in ADAM_MOMENTS:
+                            safe_set_local_optimizer_state(param, saved.read(name, key, size * rank, size), key)
+                elif not param.requires_grad:  # whole on every rank, without a master
+                    param.copy_(saved.read(name, MASTER, 0, param.numel()).view_as(param))
+                elif param._hp_mapping is not None:  # the part of it in this rank's flat partition
+                    mapping, address = param._hp_mapping, param._hp_mapping.lp_fragment_address
+                    mapping.hp_fragment.copy_(saved.read(name, MASTER, address.start, address.numel))
+                    for key in ADAM_MOMENTS:
+                        fragment = mapping.get_optim_state_fragment(key)
+                        fragment.copy_(saved.read(name, key, address.start, address.numel))
+        if self.zero_stage != 3:  # the working copies from the masters, as a step leaves them
+            self.engine.optimizer.update_lp_params()
+        step = torch.tensor(saved.step or 0.0, dtype=torch.float32)
+        for flat in self._flat_partitions():
+            self.engine.optimizer.optimizer.state[flat]["step"] = step.clone()
+
     def replica_of_engine(self) -> tuple[MoTModel, torch.optim.AdamW]:
         """The engine's fp32 weights, AdamW moments and step as a ``replica`` (every ZeRO stage;
         collective under ZeRO-3)."""
@@ -514,12 +559,18 @@ def load_deepspeed_weights(folder: Path, owner: nn.Module, groups=None, allow_mi
         )
     held = dict(owner.named_parameters())
     weights = deepspeed_weights(folder)
-    missing = sorted(name for name in held if name not in weights and not name.startswith(tuple(allow_missing)))
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise CheckpointMismatchError(f"checkpoint {folder}: DeepSpeed's files lack parameter {missing[0]!r}{more}")
+    _refuse_missing(f"checkpoint {folder}", [name for name in held if name not in weights], allow_missing)
     where = f"checkpoint {folder / ENGINE_TAG}"
     fill_parameters(held, ((where, name, tensor) for name, tensor in weights.items()), groups)
+
+
+def _refuse_missing(where: str, missing: list[str], allow_missing: tuple[str, ...]) -> None:
+    """CheckpointMismatchError naming the first of the parameters ``missing`` from the DeepSpeed
+    checkpoint ``where`` whose name starts with none of ``allow_missing``."""
+    missing = sorted(name for name in missing if not name.startswith(tuple(allow_missing)))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointMismatchError(f"{where}: DeepSpeed's files lack parameter {missing[0]!r}{more}")
 
 
 def deepspeed_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -552,82 +603,6 @@ def weights_only_zero_to_fp32():
             yield zero_to_fp32
     finally:
         zero_to_fp32.torch = stock
-
-
-def deepspeed_adam_state(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
-    """Each trained parameter's AdamW state, whole, by parameter name, of the ``engine=deepspeed``
-    checkpoint folder ``path`` (any ZeRO stage, saved on any number of ranks): ``exp_avg``,
-    ``exp_avg_sq`` and ``step`` (DeepSpeed's one count, the largest of its partitions').
-
-    DeepSpeed keeps each moment as it keeps the fp32 masters, one flat slice per rank and group
-    (docs/DESIGN.md, "The DeepSpeed engine"), so ``zero_to_fp32``'s own reassembly of the masters
-    merges them, given the moments in their place. Read in one process, weights-only, from files the
-    caller has checked against the checksums (``deepspeed_weights`` does), one saving rank's file at
-    a time: only its moments are kept, and each moment's slices are let go once merged. Optimizer
-    files of DeepSpeed's elastic layout (``elastic_checkpoint``, which this project never sets) are
-    a CheckpointLayoutError naming the file."""
-    folder = str(Path(path) / ENGINE_TAG)
-    with weights_only_zero_to_fp32() as zero_to_fp32:
-        model_states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(folder))
-        files = zero_to_fp32.get_optim_files(folder)
-        moments, step, zero_stage, paddings = _flat_moments(zero_to_fp32.torch.load, files)
-        merged = {}
-        for key in ADAM_MOMENTS:  # zero_to_fp32's merge of the masters, frozen parameters left out
-            flat = moments.pop(key)
-            if zero_stage <= 2:
-                whole = zero_to_fp32._get_fp32_state_dict_from_zero2_checkpoint(
-                    len(files), flat, model_states, True, paddings
-                )
-            else:
-                lazy = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(len(files), flat, model_states, True)
-                whole = zero_to_fp32.to_torch_tensor(lazy)
-                del lazy
-            del flat  # the merge copied them: the slices go before the next moment is merged
-            merged[key] = whole
-    trained = [name for shapes in model_states[0].param_shapes for name in shapes]
-    return {name: {**{key: merged[key][name] for key in ADAM_MOMENTS}, "step": step} for name in trained}
-
-
-def _flat_moments(load, files: list[str]) -> tuple[dict[str, list[list[torch.Tensor]]], torch.Tensor, int, list | None]:
-    """Per AdamW moment, each saving rank's flat slices in the order of its fp32 master partitions
-    (ZeRO-1/2 save the masters without the last rank's alignment padding, the moments with it: cut
-    to the masters' length), the largest step count, and the ZeRO stage and parameter alignment
-    paddings of the first file. ``load`` (``torch.load``'s signature) reads one file at a time and
-    nothing else of it is kept: every rank runs this, and all files held at once added every saving
-    rank's masters (half the moments' size) to every rank's peak. A partition the optimizer never
-    stepped has zero moments and step 0, as torch's AdamW starts them."""
-    from deepspeed.checkpoint.constants import (
-        BASE_OPTIMIZER_STATE,
-        FP32_FLAT_GROUPS,
-        OPTIMIZER_STATE_DICT,
-        PARAM_ALIGNMENT_PADDINGS,
-        SINGLE_PARTITION_OF_FP32_GROUPS,
-        ZERO_STAGE,
-    )
-
-    moments, steps = {key: [] for key in ADAM_MOMENTS}, [torch.tensor(0.0)]
-    zero_stage, paddings = None, None
-    for file in files:
-        saved = load(file, map_location="cpu", mmap=True)[OPTIMIZER_STATE_DICT]  # the masters are never read
-        if zero_stage is None:
-            zero_stage, paddings = saved[ZERO_STAGE], saved.get(PARAM_ALIGNMENT_PADDINGS)
-        if saved[ZERO_STAGE] <= 2:
-            masters, inner = saved[SINGLE_PARTITION_OF_FP32_GROUPS], saved[BASE_OPTIMIZER_STATE]
-        else:
-            masters, inner = saved[FP32_FLAT_GROUPS], saved[OPTIMIZER_STATE_DICT]
-        if not isinstance(inner, dict):
-            raise CheckpointLayoutError(
-                f"{file} holds DeepSpeed's elastic optimizer state (a {type(inner).__name__} per group, "
-                "zero_optimization.elastic_checkpoint), which this project does not read"
-            )
-        states = [inner["state"].get(i, {}) for i in range(len(masters))]
-        for key in ADAM_MOMENTS:
-            moments[key].append(
-                [state.get(key, torch.zeros_like(master))[: master.numel()] for state, master in zip(states, masters)]
-            )
-        steps += [torch.as_tensor(state["step"], dtype=torch.float32) for state in states if "step" in state]
-        del saved, masters, inner, states  # this file's masters and the rest go before the next is read
-    return moments, max(steps), zero_stage, paddings
 
 
 @contextlib.contextmanager
@@ -770,7 +745,7 @@ class DeepSpeedCheckpointer(Checkpointer):
         else:
             check_same_parameter_groups(path, layout.param_groups, self.plan.parameter_groups_record())
             if reads_own_files(layout, self.plan.zero_stage, self.plan.world_size):
-                verify_checkpoint(path)
+                verify_together(path)
                 meta = read_meta(path)
                 with weights_only_loads(self.plan.engine):
                     self.plan.engine.load_checkpoint(
@@ -800,23 +775,20 @@ class DeepSpeedCheckpointer(Checkpointer):
 
     def _load_resharded(self, path: Path, layout: SavedLayout, allow_missing) -> None:
         """A checkpoint of another world size or ZeRO-3 against ZeRO-1/2 (``reads_own_files`` false):
-        its fp32 masters (``load_deepspeed_weights``, which checks every file against the checksums)
-        and AdamW moments and step (``deepspeed_adam_state``), each merged from every saving rank's
-        partitions into whole tensors, go into a replica that ``load_replica`` hands to this engine,
-        which partitions them over its own ranks. Exact: the merge and the split move values only."""
-        model, adam = self.plan.replica()
-        load_deepspeed_weights(path, model, None, allow_missing)
-        params = dict(model.named_parameters())
-        for name, state in deepspeed_adam_state(path).items():
-            if name in params and params[name].requires_grad:
-                adam.state[params[name]] = state
-        self.plan.load_replica(model, adam)
+        every file checked against the checksums (``verify_together``, each hashed by one rank), then each
+        rank reads from the saving ranks' mapped files (``SavedPartitions``) only the ranges of the
+        fp32 masters, AdamW moments and weights that its own new partitions hold
+        (``DeepSpeedPlan.load_partitions``). Exact: the reads move values only, at the offsets of
+        DeepSpeed's ``zero_to_fp32`` reassembly."""
+        verify_together(path)
+        saved = SavedPartitions(path / ENGINE_TAG, WeightsOnlyCheckpointEngine(None).load)
+        self.plan.load_partitions(saved, path, tuple(allow_missing))
         if self.rank == 0:
             plan = self.plan
             current = SavedLayout("deepspeed", plan.zero_stage, plan.world_size).describe()
             log.info(
-                "checkpoint %s was saved under %s, and this run is %s: its fp32 masters and AdamW state were "
-                "reassembled from the saved partitions and partitioned anew",
+                "checkpoint %s was saved under %s, and this run is %s: each rank read its own partitions of the "
+                "fp32 masters and AdamW state from the saved ones",
                 path,
                 layout.describe(),
                 current,
@@ -848,6 +820,29 @@ class DeepSpeedCheckpointer(Checkpointer):
         target = Checkpointer(root, self.keep_last, groups=None, async_save=False)
         target.save(step, model, adam, per_rank, meta, named)
         return Path(root) / f"step_{step:08d}"
+
+
+def verify_together(path: Path) -> None:
+    """Every file of the checkpoint ``path`` checked against the checksums, each hashed by one rank
+    (``verify_checkpoint``'s share: file i by rank i mod the world size; each rank checks every size
+    and the listing): a damaged or unreadable file is a CheckpointCorruptError naming it on every
+    rank (the lowest rank's finding when several), so that every rank takes the same way
+    (``fallback_to_verified``). Collective."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    try:
+        verify_checkpoint(path, (rank, world))
+        found = None
+    except CheckpointCorruptError as error:
+        found = str(error)
+    except OSError as error:
+        found = f"checkpoint {path}: a file could not be read: {_named(error)}"
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, found)
+        found = next((finding for finding in everyone if finding is not None), None)
+    if found is not None:
+        raise CheckpointCorruptError(found)
 
 
 def convert_checkpoint(config: TrainConfig, ctx, source: str | Path, target_root: str | Path) -> Path:
