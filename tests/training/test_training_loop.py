@@ -1,6 +1,7 @@
 """The training loop in one process: exact resume, stages, the non-finite guard, accumulation."""
 
 import copy
+import errno
 import json
 import logging
 import math
@@ -605,6 +606,28 @@ def test_a_second_trainer_on_a_locked_run_folder_refuses_and_a_stale_lock_is_tak
         (root / LOCK_FILE).write_text(crafted)
         with pytest.raises(RunFolderLocked, match=rf"a damaged lock file, .*\. .* delete {root / LOCK_FILE}"):
             RunFolderLock(root).acquire()
+
+
+@pytest.mark.parametrize("where", ["below a regular file", "a name longer than NAME_MAX"])
+def test_a_run_folder_whose_lock_cannot_be_written_is_a_start_up_refusal_naming_the_path_and_reason(tmp_path, where):
+    """An OSError making the run folder or writing its lock (a regular file where a folder belongs, a
+    name the file system refuses, a full disk) left ``train`` as a raw OSError, which the console
+    command prints as a traceback on every rank: now a StartupRefusal naming the lock file and the
+    system's reason. (As root, chmod blocks no write: the paths here fail for every user.)"""
+    from megatron_cosmos3.training.refusals import StartupRefusal
+    from megatron_cosmos3.training.run_lock import LOCK_FILE
+
+    (tmp_path / "a_file").write_text("")
+    name_max = os.pathconf(tmp_path, "PC_NAME_MAX")
+    folder = tmp_path / "a_file" / "ckpt" if where.startswith("below") else tmp_path / ("x" * (name_max + 1))
+    reason = os.strerror(errno.ENOTDIR if where.startswith("below") else errno.ENAMETOOLONG)
+    config = config_for(tmp_path, "unwritable", "steps=1", f"checkpoint.directory={folder}")
+    with pytest.raises(StartupRefusal) as raised:
+        train_module.train(config, CPU)
+    message = str(raised.value)
+    assert message.startswith(f"checkpoint.directory={folder}: its lock file {folder / LOCK_FILE} cannot be written")
+    assert reason in message, message
+    assert (tmp_path / "a_file").read_text() == ""  # nothing written
 
 
 def test_a_lock_whose_owner_has_ended_but_is_not_yet_reaped_is_stale(tmp_path):
