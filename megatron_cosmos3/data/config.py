@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from megatron_cosmos3.config_files import refuse_irregular_file
 from megatron_cosmos3.data.clips import MediaConfig
 from megatron_cosmos3.data.determinism import hash64
 from megatron_cosmos3.data.shards import local_entry_problem, resolve_shards
@@ -202,8 +203,8 @@ class DataConfig:
                 resolve_shards(list(d.shards))
             except ValueError as error:
                 raise ValueError(f"{field_prefix}.datasets[{d.name}].shards: {error}") from None
-            if d.action_stats not in ("auto", "") and not Path(d.action_stats).is_file():
-                raise ValueError(f"{field_prefix}.datasets[{d.name}].action_stats={d.action_stats!r} is not a file")
+            if d.action_stats not in ("auto", ""):
+                refuse_irregular_file(f"{field_prefix}.datasets[{d.name}].action_stats", d.action_stats)
 
     @property
     def active_stage(self) -> MixtureConfig:

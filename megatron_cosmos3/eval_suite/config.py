@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from megatron_cosmos3.config_files import refuse_irregular_file
 from megatron_cosmos3.data.clips import check_clip_bytes
 from megatron_cosmos3.data.determinism import seed_problem
 from megatron_cosmos3.data.errors import SampleError
@@ -200,10 +201,10 @@ def check_model_embodiments(model_config) -> None:
 def load_suite_config(yaml_path: str | None = None, overrides: list[str] | None = None) -> SuiteConfig:
     """Defaults <- the YAML file <- ``key=value`` overrides, validated (ValueError naming the field)."""
     merged = OmegaConf.structured(SuiteConfig)
+    if yaml_path:  # a FIFO or device would be read without end
+        refuse_irregular_file("eval suite --config", yaml_path)
     try:
         if yaml_path:
-            if not Path(yaml_path).is_file():  # a FIFO or device would be read without end
-                raise ValueError("missing" if not Path(yaml_path).exists() else "not a regular file")
             refuse_long_integers(Path(yaml_path).read_bytes().decode("utf-8"), "", "eval suite: ")
             merged = merge_config_layer(merged, OmegaConf.load(yaml_path))
         for override in overrides or []:

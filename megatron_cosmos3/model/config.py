@@ -449,19 +449,21 @@ def _list_items_mismatch(element_type, items, where: str) -> str | None:
     return None
 
 
-def load_model_config(path: str | Path) -> MoTConfig:
+def load_model_config(path: str | Path, name: str = "model config") -> MoTConfig:
     """The ``model:`` section of a YAML file (e.g. ``configs/model/nano.yaml``) as a validated MoTConfig
-    (its ``embodiments``, if given, replace the default ones).
+    (its ``embodiments``, if given, replace the default ones). A path that is no regular file is a
+    ValueError naming ``name`` (the option that gave it; "" where the caller names it), the path and
+    what the path is (``refuse_irregular_file``).
 
     The same file merges into a training config as is, since its one top-level key is ``model``.
     """
     from omegaconf import DictConfig, OmegaConf
 
-    refuse_irregular_file(path)
+    refuse_irregular_file(name, path)
     try:
         raw = OmegaConf.load(path)
     except OSError as error:
-        if error.errno is not None:  # missing or unreadable: the system's error names the path
+        if error.errno is not None:  # unreadable: the system's error names the path
             raise
         raise ValueError(f"{path}: {error}") from None  # OmegaConf's 'Invalid loaded object type' (a YAML scalar)
     except Exception as error:  # YAML syntax: name the file

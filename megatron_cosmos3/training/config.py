@@ -606,14 +606,14 @@ def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] |
     embodiments (``model.config.WHOLE_MAPPINGS``)."""
     merged = OmegaConf.structured(TrainConfig)
     for path in [yaml_path] if isinstance(yaml_path, str) else yaml_path or []:
-        refuse_irregular_file(path)
+        refuse_irregular_file("--config", path)
         try:
             refuse_long_integers(Path(path).read_bytes().decode("utf-8", errors="replace"))
             layer = OmegaConf.load(path)
             _refuse_removed_keys(layer, path)
             merged = merge_config_layer(merged, layer, "model.")
         except OSError as error:
-            if error.errno is not None:  # missing or unreadable: the system's error names the path
+            if error.errno is not None:  # unreadable: the system's error names the path
                 raise
             raise ValueError(f"{path}: {error}") from None  # OmegaConf's 'Invalid loaded object type' (a YAML scalar)
         except Exception as error:  # YAML syntax, an unknown key, a wrong type: name the file too

@@ -155,7 +155,7 @@ def test_a_manifest_of_loose_files_becomes_validated_shards(tmp_path):
         ),
         ("encode_shards", ["{tmp}/raw", "{tmp}/new", "--fps", "5000"], "error: --fps=5000.0 must be 0"),
         ("encode_shards", ["{tmp}/raw", "{tmp}/new", "--resolution-buckets", "9"], "error: --resolution-buckets entry"),
-        ("inspect_shards", ["{tmp}/none"], "No such file"),
+        ("inspect_shards", ["{tmp}/none"], "/none: missing (no such file)"),
         ("write_shards", ["{tmp}/none.jsonl", "{tmp}/new"], "manifest"),
         ("write_shards", ["{tmp}/raw/index.json", "{tmp}/raw"], "is the input folder"),
         ("write_shards", ["{tmp}/evil/index.json", "{tmp}/raw"], "already holds a finished dataset"),
