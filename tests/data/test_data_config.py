@@ -67,10 +67,10 @@ def test_media_clips_load_from_overrides_validate_and_change_the_fingerprint():
     assert config.media.buckets() == [(64, 64), (64, 112)]
     assert config.fingerprint() != _load().fingerprint()
     for override, message in [
-        ("media.clip_start=middle", "data: media.clip_start='middle'; expected one of"),
-        ("media.fps=-1", "data: media.fps=-1.0 must be 0"),
-        ("media.resolution_buckets=[64]", "data: media.resolution_buckets entry '64' must be 'HxW'"),
-        ("media.resolution_buckets=[64x\u00b2]", "data: media.resolution_buckets entry '64x\u00b2' must be"),
+        ("media.clip_start=middle", "data.media.clip_start='middle'; expected one of"),
+        ("media.fps=-1", "data.media.fps=-1.0 must be 0"),
+        ("media.resolution_buckets=[64]", "data.media.resolution_buckets entry '64' must be 'HxW'"),
+        ("media.resolution_buckets=[64x\u00b2]", "data.media.resolution_buckets entry '64x\u00b2' must be"),
     ]:
         with pytest.raises(ValueError, match=message):
             _load(override).validate()

@@ -150,7 +150,7 @@ def test_invalid_config_fails_before_any_process_group(monkeypatch):
         (["synthetic.samples_per_pack=100000000"], "synthetic.samples_per_pack=100000000 samples of at least 4"),
         (["synthetic.scale=100000000"], "(synthetic.scale=100000000) do not fit data.packing.tokens_per_pack=4096"),
         (["data.packing.max_samples_per_pack=4"], "above data.packing.max_samples_per_pack=4"),
-        (["data.packing.max_text_tokens=0"], "data: packing.tokens_per_pack=4096, pool_size=64 and max_text_tokens=0"),
+        (["data.packing.max_text_tokens=0"], "data.packing.max_text_tokens=0 must be >= 1"),
         (["data.encoders.dtype=float7"], "encoders.dtype='float7'; expected one of"),  # the samples' encoders
         (["data.tokenizer.path={tmp}"], "data: tokenizer.path='{tmp}' holds no tokenizer.json"),
         # An OverflowError traceback (timedelta) where the process group started.

@@ -70,9 +70,9 @@ def test_a_vit_whose_tokens_do_not_cover_the_datas_picture_grid_is_refused_when_
         ("steps=abc", r"steps"),
         ("optimizer.lr=${nope}", r"the overrides: Interpolation key 'nope' not found"),
         # Sizes beyond any real model: refused at load, before a model of terabytes is built.
-        ("model.num_layers=1000000000", r"MoTConfig: num_layers=1000000000 is above 1,024"),
-        ("model.vocab_size=10000000000", r"MoTConfig: vocab_size=10000000000 is above 4,194,304"),
-        ("model.num_experts=100000000", r"MoTConfig: num_experts=100000000 must be 0 or an int in 1..4,096"),
+        ("model.num_layers=1000000000", r"model.num_layers=1000000000 is above 1,024"),
+        ("model.vocab_size=10000000000", r"model.vocab_size=10000000000 is above 4,194,304"),
+        ("model.num_experts=100000000", r"model.num_experts=100000000 must be 0 or an int in 1..4,096"),
         # Seeds torch or numpy refuse ('Overflow when unpacking long long' at the first manual_seed), or
         # that hash64 would alias (2**64 draws what 0 draws).
         ("seed=18446744073709551616", r"^seed=18446744073709551616 must be an integer in \[0, 2\*\*63 - 1\]"),
@@ -80,8 +80,8 @@ def test_a_vit_whose_tokens_do_not_cover_the_datas_picture_grid_is_refused_when_
         ("data.encoders.pooled_seed=-1", r"^data.encoders.pooled_seed=-1 must be an integer"),
         ("synthetic.tasks=[]", r"^synthetic.tasks is empty; name one or more of \['understanding'"),
         # A stage's new embodiment passed the config and failed when the model was built, in the run.
-        ("stage.new_embodiments={x: {action_dim: 0}}", r"stage.new_embodiments: MoTConfig: embodiments.x.action_dim"),
-        ("stage.new_embodiments={x: {rate_hz: -5}}", r"stage.new_embodiments: MoTConfig: embodiments.x.rate_hz must"),
+        ("stage.new_embodiments={x: {action_dim: 0}}", r"stage.new_embodiments: model.embodiments.x.action_dim"),
+        ("stage.new_embodiments={x: {rate_hz: -5}}", r"stage.new_embodiments: model.embodiments.x.rate_hz must"),
         # A mapping where a list belongs (or the other way) was OmegaConf's raw TypeError 'Cannot
         # merge incompatible container types', naming no key.
         ("stage.freeze={a: 1}", r"^stage.freeze: a mapping where a list belongs, got \{'a': 1\}"),
