@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_cosmos3.config_files import refuse_irregular_file
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.media import decode_npy
 from megatron_cosmos3.encoders.action_normalization import ACTION_STATS_FILENAME, ActionStats, EmbodimentActionStats
@@ -95,8 +96,8 @@ def _npz_arrays(path: str | Path) -> dict[str, np.ndarray]:
 
 def load_trajectory(path: str | Path) -> EmbodimentTrajectory:
     """Read one episode .npz into an ``EmbodimentTrajectory`` (float64); ValueError if malformed."""
-    if not Path(path).is_file():  # a FIFO named *.npz: zipfile's open waited for a writer without end
-        raise ValueError("not a regular file (a FIFO, socket or device)")
+    # a FIFO named *.npz: zipfile's open waited for a writer without end
+    refuse_irregular_file("episode", path)
     # Checked up front: a non-zip file would be a zipfile error that says less.
     if not zipfile.is_zipfile(path):
         raise ValueError("not an .npz (zip) archive: corrupt, truncated or a plain .npy")

@@ -37,6 +37,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from megatron_cosmos3.config_files import file_problem, refuse_irregular_file
 from megatron_cosmos3.data.clips import MediaConfig
 from megatron_cosmos3.data.errors import BAD_METADATA, CORRUPT_MEDIA, UNSUPPORTED_CONTAINER, SampleError
 from megatron_cosmos3.data.media import DECODE_ERRORS, encode_json
@@ -77,8 +78,8 @@ def sort_files(
     for path in entries:  # what is neither a file nor a folder walked is accounted for too
         if path.is_symlink() and path.is_dir():
             left_out.append((path, NOT_A_VIDEO, "a link to a folder: not followed (links may loop)"))
-        elif not path.is_file() and not path.is_dir():
-            left_out.append((path, NOT_A_VIDEO, "not a regular file (a FIFO, socket, device or dangling link)"))
+        elif not path.is_file() and not path.is_dir():  # a FIFO, socket, device or dangling link
+            left_out.append((path, NOT_A_VIDEO, file_problem(path) or "not a regular file"))
     for path in files:
         suffix = path.suffix.lower().lstrip(".")
         if path.suffix.lower() in CAPTION_SIDECARS:
@@ -205,12 +206,10 @@ def ingest_videos(
         )
     listed = {}
     if captions:
-        special = Path(captions).exists() and not Path(captions).is_file() and not Path(captions).is_dir()
-        if special:  # a FIFO: its read waited for a writer without end (a folder is read's own error)
-            raise ValueError(f"--captions={captions}: not a regular file (a FIFO, socket or device)")
+        refuse_irregular_file("--captions", captions)  # a FIFO: its read waited for a writer without end
         try:
             text = Path(captions).read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as error:  # missing, a folder, not UTF-8
+        except (OSError, UnicodeDecodeError) as error:  # unreadable, not UTF-8
             raise ValueError(
                 f"--captions={captions}: not a readable UTF-8 file ({type(error).__name__}: {error})"
             ) from None

@@ -20,6 +20,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from megatron_cosmos3.config_files import refuse_irregular_file
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.media import encode_json
 from megatron_cosmos3.data.schema import FIELDS, SCHEMA_VERSION, decode_sample
@@ -42,9 +43,7 @@ def manifest_sample(entry: dict, root: Path) -> dict:
         if name in entry:
             if not isinstance(entry[name], str):
                 raise ValueError(f"{name}={entry[name]!r} must be a file path (a string)")
-            path = root / entry.pop(name)
-            if not path.is_file():  # a device or FIFO (/dev/zero) would be read without end
-                raise ValueError(f"{name}={str(path)!r} is not a regular file")
+            path = refuse_irregular_file(name, root / entry.pop(name))  # a FIFO, /dev/zero: read without end
             suffix = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
             sample[f"{name}.{suffix}"] = path.read_bytes()  # a suffix the schema lacks is its extra_field
     sample["meta.json"] = encode_json({"schema": SCHEMA_VERSION, **entry})
@@ -55,7 +54,7 @@ def write_shards(
     manifest: str | Path, out_dir: str | Path, shard_size: int = 64, prefix: str = "data"
 ) -> tuple[ShardIndex, Counter]:
     """Writes the manifest's valid samples; returns the index and skip counts per reason."""
-    manifest = Path(manifest)
+    manifest = refuse_irregular_file("manifest", manifest)  # a FIFO would be read without end
     try:
         text = manifest.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
@@ -90,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if not args.manifest.is_file():
-            raise ValueError(f"manifest {str(args.manifest)!r} is not a file")
+        refuse_irregular_file("manifest", args.manifest)
         # The manifest's folder is the input: shards are not mixed among its files, nor a finished dataset rewritten.
         check_split_output(args.out_dir, args.manifest.parent, args.shard_size, 0, 1)
         index, skipped = write_shards(args.manifest, args.out_dir, args.shard_size, args.prefix)

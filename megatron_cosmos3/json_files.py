@@ -22,6 +22,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from megatron_cosmos3.config_files import refuse_irregular_file
+
 
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """``object_pairs_hook`` refusing a key given twice in one object (parsers disagree on which
@@ -157,11 +159,9 @@ def parse_json(text: str, where: str, error: type[Exception] = ValueError) -> An
 
 def read_json(path: str | Path, error: type[Exception] = ValueError) -> Any:
     """The JSON document of the file ``path``; ``error("<path>: ...")`` for a path that is missing or
-    not a regular file (a FIFO or device would be read without end), bytes that are not UTF-8, or
-    text ``parse_json`` refuses."""
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{path}: {'not a regular file' if path.exists() else 'missing'}")
+    not a regular file (``config_files.refuse_irregular_file``: a FIFO or device would be read
+    without end), bytes that are not UTF-8, or text ``parse_json`` refuses."""
+    path = refuse_irregular_file("", path, error)
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as cause:

@@ -13,11 +13,13 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from megatron_cosmos3.config_files import refuse_irregular_file
 from megatron_cosmos3.data.clips import MediaConfig
 from megatron_cosmos3.data.determinism import hash64
 from megatron_cosmos3.data.shards import local_entry_problem, resolve_shards
 from megatron_cosmos3.data.tokenizer import TOKENIZER_FILE, TokenizerConfig
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
+from megatron_cosmos3.model.config import refuse_below
 from megatron_cosmos3.tasks.mixture import TaskMixture
 
 
@@ -108,18 +110,25 @@ class DataConfig:
         ``packing`` limits a pack of shards and a synthetic pack (``training.config``) both keep,
         whose text cap, tokenizer and encoders the training samples and the eval suite use too."""
         p = self.packing
-        if not (p.tokens_per_pack > 0 and p.pool_size > 0 and p.max_text_tokens > 0):
-            raise ValueError(
-                f"data: packing.tokens_per_pack={p.tokens_per_pack}, pool_size={p.pool_size} and "
-                f"max_text_tokens={p.max_text_tokens} must be > 0"
-            )
+        refuse_below("data.packing", p, {"tokens_per_pack": 1, "pool_size": 1, "max_text_tokens": 1})
         if not 0 <= p.max_sample_tokens <= p.tokens_per_pack:
             raise ValueError(
-                f"data: packing.max_sample_tokens={p.max_sample_tokens} must be in "
+                f"data.packing.max_sample_tokens={p.max_sample_tokens} must be in "
                 f"[0, tokens_per_pack={p.tokens_per_pack}]"
             )
-        if p.max_samples_per_pack < 0:
-            raise ValueError(f"data: packing.max_samples_per_pack={p.max_samples_per_pack} must be >= 0")
+        refuse_below("data.packing", p, {"max_samples_per_pack": 0})
+        # The loader's scalars, whatever the data source (a synthetic run took -3 workers silently).
+        refuse_below("data", self, {"shuffle_buffer": 0, "num_workers": 0, "prefetch_factor": 1, "epochs": 0})
+        if not 0.0 <= self.prompt_dropout <= 1.0:
+            raise ValueError(f"data.prompt_dropout={self.prompt_dropout!r} must be in [0, 1]")
+        budget = self.error_budget
+        if not 0 <= budget.max_error_fraction <= 1:
+            raise ValueError(f"data.error_budget.max_error_fraction={budget.max_error_fraction!r} must be in [0, 1]")
+        refuse_below("data.error_budget", budget, {"min_samples": 0})
+        try:
+            self.media.validate()
+        except ValueError as error:  # its messages name media.<field>
+            raise ValueError(f"data.{error}") from None
         tokenizer_file = Path(self.tokenizer.path) / TOKENIZER_FILE
         if self.tokenizer.path and not tokenizer_file.is_file():
             raise ValueError(
@@ -149,28 +158,11 @@ class DataConfig:
             self._validate_stage(name, mixture, names)
         stage = self.stages[self.stage]
         self.validate_shared()
-        require(
-            self.shuffle_buffer >= 0 and self.num_workers >= 0 and self.prefetch_factor >= 1,
-            f"shuffle_buffer={self.shuffle_buffer}, num_workers={self.num_workers} must be >= 0 and "
-            f"prefetch_factor={self.prefetch_factor} >= 1",
-        )
         active = [d for d in self.datasets if stage.datasets.get(d.name, 0) > 0]
-        require(self.epochs >= 0, f"epochs={self.epochs} must be >= 0")
         require(
             self.epochs == 0 or (len(active) == 1 and not active[0].resample),
             "epochs > 0 (a finite stream) needs exactly one active, non-resampled dataset",
         )
-        require(0.0 <= self.prompt_dropout <= 1.0, f"prompt_dropout={self.prompt_dropout!r} must be in [0, 1]")
-        budget = self.error_budget
-        require(
-            0 <= budget.max_error_fraction <= 1 and budget.min_samples >= 0,
-            f"error_budget.max_error_fraction={budget.max_error_fraction} must be in [0, 1], "
-            f"min_samples={budget.min_samples} >= 0",
-        )
-        try:
-            self.media.validate()
-        except ValueError as error:
-            raise ValueError(f"data: {error}") from None
 
     @staticmethod
     def _validate_stage(name: str, stage: MixtureConfig, datasets: list[str]) -> None:
@@ -202,8 +194,8 @@ class DataConfig:
                 resolve_shards(list(d.shards))
             except ValueError as error:
                 raise ValueError(f"{field_prefix}.datasets[{d.name}].shards: {error}") from None
-            if d.action_stats not in ("auto", "") and not Path(d.action_stats).is_file():
-                raise ValueError(f"{field_prefix}.datasets[{d.name}].action_stats={d.action_stats!r} is not a file")
+            if d.action_stats not in ("auto", ""):
+                refuse_irregular_file(f"{field_prefix}.datasets[{d.name}].action_stats", d.action_stats)
 
     @property
     def active_stage(self) -> MixtureConfig:

@@ -32,6 +32,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
 from megatron_cosmos3.atomic_files import write_atomically
+from megatron_cosmos3.config_files import file_problem, refuse_irregular_file
 from megatron_cosmos3.data.errors import (
     DAMAGED_SHARD,
     DUPLICATE_KEY,
@@ -165,8 +166,7 @@ class ShardIndex:
         path = Path(path)
         if path.is_dir():
             path = path / INDEX_FILENAME
-        if path.exists() and not path.is_file():  # a FIFO or device would be read without end
-            raise ValueError(f"{path}: not a regular file")
+        refuse_irregular_file("", path)  # a FIFO or device would be read without end
         with open(path, "rb") as f:
             raw = f.read(INDEX_LIMITS["index_bytes"] + 1)
         if len(raw) > INDEX_LIMITS["index_bytes"]:
@@ -386,7 +386,7 @@ def read_shard(url: str) -> Iterator[dict | Skip]:
             return
         if not stat.S_ISREG(mode):
             # A device or FIFO never ends (/dev/zero would be read for ever) and a folder is no tar.
-            yield Skip(url, "", UNREADABLE_SHARD, "not a regular file")
+            yield Skip(url, "", UNREADABLE_SHARD, file_problem(local) or "not a regular file")
             return
     try:
         raw = gopen(url, "rb")

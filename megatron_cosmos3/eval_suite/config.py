@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from megatron_cosmos3.config_files import refuse_irregular_file
 from megatron_cosmos3.data.clips import check_clip_bytes
 from megatron_cosmos3.data.determinism import seed_problem
 from megatron_cosmos3.data.errors import SampleError
@@ -26,6 +27,8 @@ from megatron_cosmos3.world.config import WorldConfig
 from megatron_cosmos3.world.environment import TASKS as ENVIRONMENT_TASKS
 from megatron_cosmos3.yaml_integers import refuse_long_integers
 
+# What the suite's refusals start with; inside a training config they name eval.suite.<field> instead.
+SUITE_PREFIX = "eval suite: "
 # World samples looked at for a task's cases before it is declared unfillable: no task can have more
 # cases than this (``cases_per_task``), and a crafted count cannot search the world without end.
 MAX_SAMPLES_SEARCHED = 400
@@ -91,19 +94,21 @@ class SuiteConfig:
     def __post_init__(self) -> None:
         unknown = [task for task in self.tasks if task not in SUITE_TASKS]
         if unknown or not self.tasks:
-            raise ValueError(f"eval suite: tasks={list(self.tasks)}: must be a non-empty subset of {list(SUITE_TASKS)}")
+            raise ValueError(
+                f"{SUITE_PREFIX}tasks={list(self.tasks)}: must be a non-empty subset of {list(SUITE_TASKS)}"
+            )
         if len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"eval suite: tasks={list(self.tasks)} names a task twice")
+            raise ValueError(f"{SUITE_PREFIX}tasks={list(self.tasks)} names a task twice")
         bad = [task for task in self.closed_loop_tasks if task not in ENVIRONMENT_TASKS]
         if bad or len(set(self.closed_loop_tasks)) != len(self.closed_loop_tasks):
             raise ValueError(
-                f"eval suite: closed_loop_tasks={list(self.closed_loop_tasks)}: must name each of "
+                f"{SUITE_PREFIX}closed_loop_tasks={list(self.closed_loop_tasks)}: must name each of "
                 f"{list(ENVIRONMENT_TASKS)} at most once"
             )
         for name in ("world_seed", "seed", "chance_seed"):
             problem = seed_problem(name, getattr(self, name))
             if problem:
-                raise ValueError(f"eval suite: {problem}")
+                raise ValueError(f"{SUITE_PREFIX}{problem}")
         for name, low, high, constant in (
             ("closed_loop_episodes", 0, MAX_CLOSED_LOOP_EPISODES, "MAX_CLOSED_LOOP_EPISODES"),
             ("cases_per_task", 1, MAX_SAMPLES_SEARCHED, "MAX_SAMPLES_SEARCHED"),
@@ -111,11 +116,11 @@ class SuiteConfig:
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ValueError(f"eval suite: {name}={value!r} must be an integer in [{low}, {high}] ({constant})")
+                raise ValueError(f"{SUITE_PREFIX}{name}={value!r} must be an integer in [{low}, {high}] ({constant})")
         try:
             sampler_settings(self.solver, self.steps, self.shift, self.guidance)
         except ValueError as error:
-            raise ValueError(f"eval suite: {error}") from None
+            raise ValueError(f"{SUITE_PREFIX}{error}") from None
         for name in ("onset_tolerance_s", "fps", "duration_s", "closed_loop_horizon_s"):
             value = getattr(self, name)
             if (
@@ -123,26 +128,26 @@ class SuiteConfig:
                 or not isinstance(value, (int, float))
                 or not (math.isfinite(value) and value > 0)
             ):
-                raise ValueError(f"eval suite: {name}={value!r} must be a finite number > 0")
+                raise ValueError(f"{SUITE_PREFIX}{name}={value!r} must be a finite number > 0")
         frames = self.duration_s * self.fps
         if abs(frames - round(frames)) > 1e-9 or round(frames) % 4:
             raise ValueError(
-                f"eval suite: duration_s={self.duration_s} x fps={self.fps} = {frames:g} frame steps must be a "
+                f"{SUITE_PREFIX}duration_s={self.duration_s} x fps={self.fps} = {frames:g} frame steps must be a "
                 "multiple of 4 (clips of 1 + 4k frames: whole latent frames)"
             )
         if self.onset_tolerance_s >= self.duration_s:  # every onset of the clip would count as on time
             raise ValueError(
-                f"eval suite: onset_tolerance_s={self.onset_tolerance_s} must be below duration_s={self.duration_s} "
+                f"{SUITE_PREFIX}onset_tolerance_s={self.onset_tolerance_s} must be below duration_s={self.duration_s} "
                 "(a window as long as the clip finds every onset on time)"
             )
         if not (FPS_RANGE[0] <= self.fps <= FPS_RANGE[1] and self.duration_s <= DURATION_RANGE_S[1]):
             raise ValueError(
-                f"eval suite: fps={self.fps} must be in {list(FPS_RANGE)} and duration_s={self.duration_s} at most "
+                f"{SUITE_PREFIX}fps={self.fps} must be in {list(FPS_RANGE)} and duration_s={self.duration_s} at most "
                 f"{DURATION_RANGE_S[1]:g} (the shards' ranges)"
             )
         if self.closed_loop_horizon_s > DURATION_RANGE_S[1]:
             raise ValueError(
-                f"eval suite: closed_loop_horizon_s={self.closed_loop_horizon_s} is at most {DURATION_RANGE_S[1]:g} "
+                f"{SUITE_PREFIX}closed_loop_horizon_s={self.closed_loop_horizon_s} is at most {DURATION_RANGE_S[1]:g} "
                 "(the shards' longest clip)"
             )
         # The world validates resolution, the action rates' whole steps and its clips' decoded size.
@@ -154,7 +159,7 @@ class SuiteConfig:
                 episode * side * side * 3, f"{episode} frames of {side}x{side}", "resolution x closed_loop_horizon_s"
             )
         except SampleError as error:
-            raise ValueError(f"eval suite: {error}") from None
+            raise ValueError(f"{SUITE_PREFIX}{error}") from None
 
     def world(self, action_rates: Mapping[str, float] | None = None) -> WorldConfig:
         """The held-out world's settings: the suite's clip size, length and frame rate, every
@@ -174,7 +179,7 @@ class SuiteConfig:
                 demonstration_fraction=self.demonstration_fraction,
             )
         except ValueError as error:
-            raise ValueError(f"eval suite: {error}") from None
+            raise ValueError(f"{SUITE_PREFIX}{error}") from None
 
 
 def model_action_rates(model_config) -> dict[str, float]:
@@ -191,7 +196,7 @@ def check_model_embodiments(model_config) -> None:
     for name, embodiment in model_config.embodiments.items():
         if name in EMBODIMENT_RATES and embodiment.action_dim != get_layout(name).dim:
             raise ValueError(
-                f"eval suite: model.embodiments.{name}.action_dim={embodiment.action_dim}, but the held-out "
+                f"{SUITE_PREFIX}model.embodiments.{name}.action_dim={embodiment.action_dim}, but the held-out "
                 f"world's {name!r} acts with {get_layout(name).dim}-D pseudo-actions; name the model's "
                 f"embodiment otherwise or give it {get_layout(name).dim} dims"
             )
@@ -200,15 +205,15 @@ def check_model_embodiments(model_config) -> None:
 def load_suite_config(yaml_path: str | None = None, overrides: list[str] | None = None) -> SuiteConfig:
     """Defaults <- the YAML file <- ``key=value`` overrides, validated (ValueError naming the field)."""
     merged = OmegaConf.structured(SuiteConfig)
+    if yaml_path:  # a FIFO or device would be read without end
+        refuse_irregular_file("eval suite --config", yaml_path)
     try:
         if yaml_path:
-            if not Path(yaml_path).is_file():  # a FIFO or device would be read without end
-                raise ValueError("missing" if not Path(yaml_path).exists() else "not a regular file")
-            refuse_long_integers(Path(yaml_path).read_bytes().decode("utf-8"), "", "eval suite: ")
+            refuse_long_integers(Path(yaml_path).read_bytes().decode("utf-8"), "", SUITE_PREFIX)
             merged = merge_config_layer(merged, OmegaConf.load(yaml_path))
         for override in overrides or []:
             key, _, value = override.partition("=")
-            refuse_long_integers(value, key.strip(), "eval suite: ")  # the value alone: its key names it
+            refuse_long_integers(value, key.strip(), SUITE_PREFIX)  # the value alone: its key names it
         if overrides:
             merged = merge_config_layer(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)

@@ -67,6 +67,16 @@ def _size_error(name: str, value, limit: int) -> str | None:
     return None
 
 
+def refuse_below(section: str, owner: object, lowest: dict[str, float]) -> None:
+    """ValueError ``<section>.<field>=<value> must be >= <lowest>`` for the first field of ``owner``
+    (a config dataclass) below its lowest value: each setting refused by its own dotted name, not
+    a message naming two (``save_every=... and keep_last=... must be >= 1``) of which one is bad."""
+    for name, low in lowest.items():
+        value = getattr(owner, name)
+        if not value >= low:  # NaN too
+            raise ValueError(f"{section}.{name}={value!r} must be >= {low:g}")
+
+
 @dataclass
 class EmbodimentConfig:
     """One robot/vehicle/camera embodiment: its pseudo-action width and sampling rate."""
@@ -112,11 +122,12 @@ class VisionConfig:
     def validate(self) -> None:
         def require(ok: bool, message: str) -> None:
             if not ok:
-                raise ValueError(f"VisionConfig: {message}")
+                raise ValueError(f"model.vision.{message}")  # the field's name in a model or training config
 
         for name, limit in VISION_SIZE_LIMITS.items():
             error = _size_error(name, getattr(self, name), limit)
             require(error is None, error)
+        require(self.rope_theta > 0 and math.isfinite(self.rope_theta), f"rope_theta={self.rope_theta!r} must be > 0")
         require(
             self.hidden_size % self.num_heads == 0 and (self.hidden_size // self.num_heads) % 4 == 0,
             f"hidden_size={self.hidden_size} / num_heads={self.num_heads} must be a multiple of 4 "
@@ -192,7 +203,7 @@ class MoTConfig:
     def validate(self) -> None:
         def require(ok: bool, message: str) -> None:
             if not ok:
-                raise ValueError(f"MoTConfig: {message}")
+                raise ValueError(f"model.{message}")  # the field's name in a model or training config
 
         for name, limit in MODEL_SIZE_LIMITS.items():
             if name in ("num_experts", "moe_ffn_hidden_size"):  # 0 = none / ffn_hidden_size: checked below
@@ -244,9 +255,13 @@ class MoTConfig:
         require(
             self.timestep_embedding_dim % 2 == 0, f"timestep_embedding_dim={self.timestep_embedding_dim} must be even"
         )
-        for name in ("rms_norm_eps", "rope_theta"):
+        for name in ("rms_norm_eps", "rope_theta", "init_std"):
             value = getattr(self, name)
             require(value > 0 and math.isfinite(value), f"{name}={value!r} must be a finite number > 0")
+        # Read only with experts, but a negative or non-finite one is no setting at all.
+        require(self.moe_top_k >= 1, f"moe_top_k={self.moe_top_k!r} must be >= 1")
+        weight = self.moe_aux_loss_weight
+        require(weight >= 0 and math.isfinite(weight), f"moe_aux_loss_weight={weight!r} must be a finite number >= 0")
         require(
             len(self.embodiments) <= EMBODIMENT_LIMITS["embodiments"],
             f"embodiments lists {len(self.embodiments)}, more than {EMBODIMENT_LIMITS['embodiments']:,}",
@@ -449,19 +464,21 @@ def _list_items_mismatch(element_type, items, where: str) -> str | None:
     return None
 
 
-def load_model_config(path: str | Path) -> MoTConfig:
+def load_model_config(path: str | Path, name: str = "model config") -> MoTConfig:
     """The ``model:`` section of a YAML file (e.g. ``configs/model/nano.yaml``) as a validated MoTConfig
-    (its ``embodiments``, if given, replace the default ones).
+    (its ``embodiments``, if given, replace the default ones). A path that is no regular file is a
+    ValueError naming ``name`` (the option that gave it; "" where the caller names it), the path and
+    what the path is (``refuse_irregular_file``).
 
     The same file merges into a training config as is, since its one top-level key is ``model``.
     """
     from omegaconf import DictConfig, OmegaConf
 
-    refuse_irregular_file(path)
+    refuse_irregular_file(name, path)
     try:
         raw = OmegaConf.load(path)
     except OSError as error:
-        if error.errno is not None:  # missing or unreadable: the system's error names the path
+        if error.errno is not None:  # unreadable: the system's error names the path
             raise
         raise ValueError(f"{path}: {error}") from None  # OmegaConf's 'Invalid loaded object type' (a YAML scalar)
     except Exception as error:  # YAML syntax: name the file

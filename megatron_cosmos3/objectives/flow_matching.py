@@ -14,16 +14,17 @@ import torch
 
 from megatron_cosmos3.model.packed_batch import PackedBatch
 
-# The draws a shift must keep apart: the logit-normal's mean - 2 std and mean + 2 std (95% of the
-# draws lie between them).
+# The draws that must stay apart in float32, unshifted and shifted: the logit-normal's mean - 2 std
+# to mean + 2 std (95% of the draws lie between them), every half std.
 SPREAD_STDS = 2.0
+SPREAD_POINTS = 9
 
 
 @dataclass
 class FlowMatchingConfig:
-    """The training timesteps' distribution (module doc); ValueError naming the field for a bad value,
-    a shift that makes the draws one float32 value too (docs/DESIGN.md, "The data path, from shard to
-    loss")."""
+    """The training timesteps' distribution (module doc); ValueError naming the field for a bad value:
+    a ``logit_normal_mean``/``logit_normal_std`` whose draws, or a shift whose shifted draws, are one
+    float32 value where they should differ (docs/DESIGN.md, "The data path, from shard to loss")."""
 
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
@@ -31,21 +32,39 @@ class FlowMatchingConfig:
     shift: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.logit_normal_std <= 0:
+        if not self.logit_normal_std > 0:  # NaN too
             raise ValueError(f"flow_matching.logit_normal_std={self.logit_normal_std!r} must be > 0")
-        if self.shift <= 0:
+        if not self.shift > 0:
             raise ValueError(f"flow_matching.shift={self.shift!r} must be > 0")
         # The rule generation's shift keeps (solvers.standing_step): times that differ stay apart in
-        # float32 once shifted, computed as sample_timesteps does. 1e10 drew 1.0 (pure noise) for all
-        # but a sliver of the samples, 1e300 NaN (inf / inf), 1e-300 0.0 (clean data: no loss).
-        ends = logit_normal(torch.tensor([SPREAD_STDS, -SPREAD_STDS], device="cpu"), self)  # not a meta context's
-        if first_standing(ends) is None and first_standing(shift_timesteps(ends, self.shift)) is not None:
+        # float32, computed as sample_timesteps does. A mean of 1e6 drew 1.0 (pure noise) for every
+        # sample and a std of 1e6 0.0 or 1.0; a shift of 1e10 drew 1.0 for all but a sliver of the
+        # samples, 1e300 NaN (inf / inf), 1e-300 0.0 (clean data: no loss).
+        spread = f"{SPREAD_STDS:g} x logit_normal_std={self.logit_normal_std!r}, every half std,"
+        drawn = spread_timesteps(self.logit_normal_mean, self.logit_normal_std)
+        if first_standing(drawn) is not None:
+            # the std alone (about a mean of 0) collapses them, or the mean moves them where float32 does
+            alone = first_standing(spread_timesteps(0.0, self.logit_normal_std)) is not None
+            field = "logit_normal_std" if alone else "logit_normal_mean"
+            raise ValueError(
+                f"flow_matching.{field}={getattr(self, field)!r}: the timesteps drawn at logit_normal_mean="
+                f"{self.logit_normal_mean!r} + and - {spread} are not all distinct in float32, the model's "
+                f"time ({[round(t, 9) for t in drawn.tolist()]}): the training timesteps would be one value "
+                "for most samples (1.0: pure noise, 0.0: clean data); keep the mean and std within a few units"
+            )
+        if first_standing(shift_timesteps(drawn, self.shift)) is not None:
             raise ValueError(
                 f"flow_matching.shift={self.shift!r}: the timesteps drawn at logit_normal_mean="
-                f"{self.logit_normal_mean!r} + and - {SPREAD_STDS:g} x logit_normal_std={self.logit_normal_std!r} "
-                "are one value in float32 once shifted, the model's time (a shift this far from 1 makes every "
-                "training timestep 1.0 or 0.0)"
+                f"{self.logit_normal_mean!r} + and - {spread} are not all distinct in float32 once shifted, "
+                "the model's time (a shift this far from 1 makes every training timestep 1.0 or 0.0)"
             )
+
+
+def spread_timesteps(mean: float, std: float) -> torch.Tensor:
+    """The unshifted timesteps drawn at ``mean`` + 2 ``std`` down to ``mean`` - 2 ``std``, every
+    half std (falling), computed as ``logit_normal`` does, on the CPU (not a meta context's)."""
+    normal = torch.linspace(SPREAD_STDS, -SPREAD_STDS, SPREAD_POINTS, device="cpu")
+    return torch.sigmoid(normal * std + mean)
 
 
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:

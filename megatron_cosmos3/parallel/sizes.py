@@ -60,7 +60,13 @@ class ParallelSizes:
         never take is refused by name there, not inside megatron-core's layers."""
         for name in ("tensor", "pipeline", "virtual_pipeline", "context", "expert"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 1, f"{name}={value!r} must be an int >= 1")
+            _require(isinstance(value, int) and value >= 1, f"parallel.{name}={value!r} must be an int >= 1")
+        for name in ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage"):
+            value = getattr(self, name)  # None: an even split
+            _require(
+                value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
+                f"parallel.{name}={value!r} must be an int >= 1 (or null: an even split)",
+            )
         _require(
             model.num_attention_heads % self.tensor == 0,
             f"num_attention_heads={model.num_attention_heads} is not divisible by tensor={self.tensor}",

@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = _DTYPES[args.dtype] if args.dtype else None
     start = time.perf_counter()
     try:
-        config = load_model_config(args.config) if args.command == "import" and args.config else None
+        # name "": the line below names --config
+        config = load_model_config(args.config, "") if args.command == "import" and args.config else None
     except (ValueError, OSError) as error:  # missing, no regular file, not YAML or no valid model config
         print(f"error: --config: {error}", file=sys.stderr)
         return 2

@@ -40,6 +40,7 @@ from megatron_cosmos3.atomic_files import (
     remove_stale_partial_folders,
     unwritable_reason,
 )
+from megatron_cosmos3.config_files import refuse_irregular_file
 from megatron_cosmos3.data.determinism import seed_problem
 from megatron_cosmos3.data.errors import SampleError
 from megatron_cosmos3.data.latent_encoders import LatentEncoder, latent_encoder_from_config
@@ -319,8 +320,7 @@ def read_input(role: str, path: Path, where: str, fps: float | None = None):
     """The conditioning input ``role`` from ``path``: image (H, W, 3) uint8; video (frames, fps or
     None; a video file's frames at ``fps`` when given, ``decode_video_file``); audio (waveform,
     sample rate); actions (N, dim) float32."""
-    if not path.is_file():
-        raise RequestError(f"{where}: {role}={str(path)!r} is not a file")
+    refuse_irregular_file(f"{where}: {role}", path, RequestError)  # a FIFO would be read without end
     data, name = path.read_bytes(), str(path)
     suffix = path.suffix.lower()
     try:
@@ -520,8 +520,7 @@ def _text_inputs(spec: RequestSpec, where: str) -> tuple[np.ndarray | None, Text
 def read_requests(path: Path) -> list[RequestSpec]:
     """The requests of a UTF-8 JSONL file (a byte-order mark, blank lines and lines starting with '#'
     skipped); strict JSON: NaN/Infinity and a key given twice are errors naming the line."""
-    if not path.is_file():
-        raise RequestError(f"--requests {str(path)!r} is not a file")
+    refuse_irregular_file("--requests", path, RequestError)
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as error:

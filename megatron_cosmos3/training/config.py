@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -21,9 +22,9 @@ from megatron_cosmos3.atomic_files import unwritable_reason
 from megatron_cosmos3.config_files import refuse_irregular_file
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfig
 from megatron_cosmos3.data.determinism import seed_problem
-from megatron_cosmos3.eval_suite.config import SuiteConfig, check_model_embodiments
+from megatron_cosmos3.eval_suite.config import SUITE_PREFIX, SuiteConfig, check_model_embodiments
 from megatron_cosmos3.inference.solvers import MAX_STEPS
-from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig, merge_config_layer
+from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig, merge_config_layer, refuse_below
 from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig
 from megatron_cosmos3.parallel.data_parallel import ADAMW_IMPLS
 from megatron_cosmos3.parallel.sizes import ParallelSizes
@@ -63,22 +64,19 @@ class OptimizerConfig:
             raise ValueError(f"optimizer.implementation={self.implementation!r} is not one of {ADAMW_IMPLS}")
         if not 0 < self.decay_fraction <= 1:
             raise ValueError(f"optimizer.decay_fraction={self.decay_fraction} must be in (0, 1]")
-        if self.micro_batches_per_step < 1 or self.max_consecutive_nonfinite_steps < 1:
-            raise ValueError(
-                f"optimizer: micro_batches_per_step={self.micro_batches_per_step} and "
-                f"max_consecutive_nonfinite_steps={self.max_consecutive_nonfinite_steps} must be >= 1"
-            )
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"optimizer: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        refuse_below("optimizer", self, {"micro_batches_per_step": 1, "max_consecutive_nonfinite_steps": 1})
+        if not self.lr > 0:
+            raise ValueError(f"optimizer.lr={self.lr!r} must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optimizer.min_lr={self.min_lr!r} must be in [0, optimizer.lr={self.lr!r}]")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optimizer.betas must be two values in [0, 1), got {list(self.betas)}")
         for name in ("weight_decay", "flow_matching_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"optimizer.{name}={getattr(self, name)} must be >= 0")
-        if self.warmup_steps < 0 or self.grad_clip <= 0:
-            raise ValueError(
-                f"optimizer: warmup_steps={self.warmup_steps} must be >= 0 and grad_clip={self.grad_clip} > 0"
-            )
+        refuse_below("optimizer", self, {"warmup_steps": 0})
+        if not self.grad_clip > 0:
+            raise ValueError(f"optimizer.grad_clip={self.grad_clip!r} must be > 0")
 
 
 @dataclass
@@ -106,8 +104,7 @@ class SyntheticDataConfig:
         unknown = sorted(set(self.tasks) - set(SUPPORTED_TASKS))
         if unknown:
             raise ValueError(f"synthetic.tasks: unknown tasks {unknown} (known: {list(SUPPORTED_TASKS)})")
-        if self.samples_per_pack < 1 or self.scale < 1:
-            raise ValueError(f"synthetic: samples_per_pack={self.samples_per_pack} and scale={self.scale} must be >= 1")
+        refuse_below("synthetic", self, {"samples_per_pack": 1, "scale": 1})
 
 
 @dataclass
@@ -142,8 +139,7 @@ class CheckpointConfig:
     restart_changed_data: bool = False
 
     def __post_init__(self) -> None:
-        if self.save_every < 1 or self.keep_last < 1:
-            raise ValueError(f"checkpoint: save_every={self.save_every} and keep_last={self.keep_last} must be >= 1")
+        refuse_below("checkpoint", self, {"save_every": 1, "keep_last": 1})
 
 
 # The longest a rendezvous or a collective waits for a rank: one silent for a day is gone; 1e300 s
@@ -202,10 +198,7 @@ class ProfilingConfig:
     log_to_mlflow: bool = True  # rank 0's trace (and snapshot) as MLflow artifacts under profiles/
 
     def __post_init__(self) -> None:
-        if self.start_step < 1 or self.steps < 1:
-            raise ValueError(
-                f"profiling: start_step={self.start_step} and steps={self.steps} must be >= 1 (steps count from 1)"
-            )
+        refuse_below("profiling", self, {"start_step": 1, "steps": 1})  # steps count from 1
         if not self.ranks:
             raise ValueError("profiling.ranks=[] names no rank; name one (e.g. [0]) or set profiling.enabled=false")
         if any(isinstance(r, bool) or r < 0 for r in self.ranks) or len(set(self.ranks)) != len(self.ranks):
@@ -257,8 +250,7 @@ class EvalConfig:
     suite: SuiteConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.every < 0 or self.micro_batches < 1:
-            raise ValueError(f"eval: every={self.every} must be >= 0 and micro_batches={self.micro_batches} >= 1")
+        refuse_below("eval", self, {"every": 0, "micro_batches": 1})
 
 
 @dataclass
@@ -600,20 +592,27 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+@functools.cache
+def _schema() -> DictConfig:
+    """The training config's schema and defaults, built once: ``OmegaConf.structured`` walks every
+    dataclass (most of a load's time), a copy of its result is several times cheaper."""
+    return OmegaConf.structured(TrainConfig)
+
+
 def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Schema defaults <- YAML file(s), later ones winning <- ``key=value`` overrides, validated.
     A file's ``model.embodiments``, or the override ``model.embodiments={...}``, lists the model's
     embodiments (``model.config.WHOLE_MAPPINGS``)."""
-    merged = OmegaConf.structured(TrainConfig)
+    merged = copy.deepcopy(_schema())  # a copy: the layers merge into it
     for path in [yaml_path] if isinstance(yaml_path, str) else yaml_path or []:
-        refuse_irregular_file(path)
+        refuse_irregular_file("--config", path)
         try:
             refuse_long_integers(Path(path).read_bytes().decode("utf-8", errors="replace"))
             layer = OmegaConf.load(path)
             _refuse_removed_keys(layer, path)
             merged = merge_config_layer(merged, layer, "model.")
         except OSError as error:
-            if error.errno is not None:  # missing or unreadable: the system's error names the path
+            if error.errno is not None:  # unreadable: the system's error names the path
                 raise
             raise ValueError(f"{path}: {error}") from None  # OmegaConf's 'Invalid loaded object type' (a YAML scalar)
         except Exception as error:  # YAML syntax, an unknown key, a wrong type: name the file too
@@ -634,7 +633,15 @@ def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] |
             # text names the key (and the nearest known one) or the value.
             raise ValueError(f"the overrides: {type(error).__name__}: {_one_line(error)}") from None
         _refuse_non_finite(merged, "the overrides")
-    return OmegaConf.to_object(merged)
+    try:
+        return OmegaConf.to_object(merged)
+    except ValueError as error:
+        # The suite's own checks name its fields as its standalone config does ('eval suite: steps=...');
+        # here they are eval.suite.<field>.
+        message = str(error)
+        if message.startswith(SUITE_PREFIX):
+            raise ValueError(f"eval.suite.{message.removeprefix(SUITE_PREFIX)}") from None
+        raise
 
 
 def config_from_yaml(text: str, source: str) -> TrainConfig:
@@ -644,7 +651,7 @@ def config_from_yaml(text: str, source: str) -> TrainConfig:
         refuse_long_integers(text)
         layer = OmegaConf.create(text)
         _refuse_removed_keys(layer, source)
-        merged = merge_config_layer(OmegaConf.structured(TrainConfig), layer, "model.")
+        merged = merge_config_layer(copy.deepcopy(_schema()), layer, "model.")
         _refuse_non_finite(merged, source)
         return OmegaConf.to_object(merged)
     except Exception as error:  # YAML, OmegaConf and validation errors name the key; add where it came from

@@ -41,6 +41,12 @@ class RunFolderLocked(StartupRefusal):
     (``lock_run_folder`` broadcasts rank 0's outcome) before anything is written."""
 
 
+class RunFolderUnwritable(StartupRefusal):
+    """Rank 0 could not make the run folder or write its lock file (a regular file where a folder
+    belongs, a name longer than the file system takes, a full or read-only file system): a start-up
+    refusal naming the path and the system's reason, raised on every rank alike."""
+
+
 def _process_stat(pid: int) -> tuple[str, str] | None:
     """(state, start time in clock ticks since boot) of ``pid`` as the kernel gives them, or None
     where /proc has none."""
@@ -191,7 +197,8 @@ def lock_run_folder(
     folder: str | Path, job_id: str, is_main: bool, slurm_attempt: int | None = None
 ) -> RunFolderLock | None:
     """Collective: rank 0 takes the folder's lock; every rank raises RunFolderLocked if another trainer
-    holds it, or OSError naming the folder if rank 0 could not write it.
+    holds it, or RunFolderUnwritable naming the lock file and the system's reason if rank 0 could
+    not make the folder or write the file (it was a raw OSError: a traceback from every rank).
     Returns the lock on rank 0 (release it at exit), None elsewhere."""
     lock, refusal = None, None  # refusal: (whether the lock is held by another, the message)
     if is_main:
@@ -201,12 +208,15 @@ def lock_run_folder(
         except RunFolderLocked as error:
             lock, refusal = None, (True, str(error))
         except OSError as error:  # a file holds the folder's name, a read-only or full file system
-            lock, refusal = None, (False, f"checkpoint.directory={folder}: its lock cannot be taken ({error!r})")
+            reason = error.strerror or str(error)
+            where = f" ({error.filename})" if error.filename and str(error.filename) != str(lock.path) else ""
+            message = f"checkpoint.directory={folder}: its lock file {lock.path} cannot be written: {reason}{where}"
+            lock, refusal = None, (False, message)
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [refusal]
         dist.broadcast_object_list(box, src=0)
         refusal = box[0]
     if refusal is not None:
         held, message = refusal
-        raise RunFolderLocked(message) if held else OSError(message)
+        raise RunFolderLocked(message) if held else RunFolderUnwritable(message)
     return lock

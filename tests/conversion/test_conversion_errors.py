@@ -153,7 +153,7 @@ def test_hub_format_config_imports_the_same(folder, hf_folder):
         ),
         ("config.json", {"hidden_size": "32"}, "config.json: Validation error for field 'hidden_size'"),
         ("config.json", {"num_hidden_layers": 2.5}, "config.json: Validation error for field 'num_hidden_layers'"),
-        ("config.json", {"vision": [99]}, "config.json: VisionConfig: deepstack_visual_indexes=[99] must be distinct"),
+        ("config.json", {"vision": [99]}, "config.json: model.vision.deepstack_visual_indexes=[99] must be distinct"),
         # Absurd sizes: refused before transformers or the model builds by them (they hung or ran out of memory).
         ("config.json", {"num_hidden_layers": 10**9}, "config.json: text_config.num_hidden_layers=1000000000: must be"),
         ("config.json", {"hidden_size": 10**9}, "config.json: text_config.hidden_size=1000000000: must be 1..65536"),

@@ -98,9 +98,10 @@ def test_command_line_round_trip(hf_folder, tmp_path, capsys):
     [
         # --config that is missing, a folder, a FIFO, not UTF-8: tracebacks (the command named only
         # checkpoint errors), or a hang
-        (["--config", "{tmp}/none.yaml"], "error: --config: [Errno 2] No such file or directory"),
-        (["--config", "{tmp}"], "error: --config: {tmp}: not a regular file"),
-        (["--config", "{tmp}/pipe.yaml"], "error: --config: {tmp}/pipe.yaml: not a regular file"),
+        (["--config", "{tmp}/none.yaml"], "error: --config: {tmp}/none.yaml: missing (no such file)"),
+        (["--config", "{tmp}"], "error: --config: {tmp}: not a regular file (a folder)"),
+        (["--config", "{tmp}/pipe.yaml"], "error: --config: {tmp}/pipe.yaml: not a regular file (a FIFO"),
+        (["--config", "{tmp}/link.yaml"], "error: --config: {tmp}/link.yaml: not a regular file (a dangling symbolic"),
         (["--config", "{tmp}/latin.yaml"], "error: --config: {tmp}/latin.yaml: not YAML (UnicodeDecodeError"),
         # an output folder that is a file: NotADirectoryError's traceback, after the model loaded
         (["--out", "{tmp}/latin.yaml"], "error: {tmp}/latin.yaml: output folder is a file, not a folder"),
@@ -111,6 +112,7 @@ def test_command_line_round_trip(hf_folder, tmp_path, capsys):
 )
 def test_the_command_names_a_bad_config_output_or_size_in_one_line(hf_folder, tmp_path, capsys, argv, message):
     os.mkfifo(tmp_path / "pipe.yaml")
+    (tmp_path / "link.yaml").symlink_to(tmp_path / "gone.yaml")
     (tmp_path / "latin.yaml").write_bytes("model:\n  name: caf\u00e9\n".encode("latin-1"))
     argv = [a.format(tmp=tmp_path) for a in argv]
     out = argv[argv.index("--out") + 1] if "--out" in argv else str(tmp_path / "mot")

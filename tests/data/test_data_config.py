@@ -3,6 +3,8 @@ values are clear errors naming the field, before any worker starts."""
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -65,10 +67,10 @@ def test_media_clips_load_from_overrides_validate_and_change_the_fingerprint():
     assert config.media.buckets() == [(64, 64), (64, 112)]
     assert config.fingerprint() != _load().fingerprint()
     for override, message in [
-        ("media.clip_start=middle", "data: media.clip_start='middle'; expected one of"),
-        ("media.fps=-1", "data: media.fps=-1.0 must be 0"),
-        ("media.resolution_buckets=[64]", "data: media.resolution_buckets entry '64' must be 'HxW'"),
-        ("media.resolution_buckets=[64x\u00b2]", "data: media.resolution_buckets entry '64x\u00b2' must be"),
+        ("media.clip_start=middle", "data.media.clip_start='middle'; expected one of"),
+        ("media.fps=-1", "data.media.fps=-1.0 must be 0"),
+        ("media.resolution_buckets=[64]", "data.media.resolution_buckets entry '64' must be 'HxW'"),
+        ("media.resolution_buckets=[64x\u00b2]", "data.media.resolution_buckets entry '64x\u00b2' must be"),
     ]:
         with pytest.raises(ValueError, match=message):
             _load(override).validate()
@@ -96,3 +98,25 @@ def test_a_shard_set_listed_twice_or_an_index_of_no_samples_is_named(tmp_path):
         config.check_paths()
     with pytest.raises(ValueError, match="dataset 'w': its index lists 0 samples in every shard"):
         ShardSchedule([DatasetSource("w", ShardIndex.load(tmp_path).shards, 1.0)], 0, 0, 1)
+
+
+@pytest.mark.timeout(30)  # a FIFO read as statistics would wait for a writer without end
+@pytest.mark.parametrize(
+    "kind, what",
+    [("fifo", "not a regular file (a FIFO)"), ("folder", "not a regular file (a folder)"), ("missing", "missing")],
+)
+def test_an_action_stats_path_that_is_no_regular_file_is_named_by_its_field_and_kind(tmp_path, kind, what):
+    """``data.datasets[<name>].action_stats``: was 'is not a file' whatever the path was; now says what it is."""
+    from megatron_cosmos3.data.schema import Sample
+    from megatron_cosmos3.data.shard_writer import ShardWriter
+
+    with ShardWriter(tmp_path / "set", "text") as writer:  # a real (one-sample) shard set
+        writer.write(Sample(key="s0", caption="words"))
+    stats = tmp_path / "stats.json"
+    if kind == "fifo":
+        os.mkfifo(stats)
+    elif kind == "folder":
+        stats.mkdir()
+    config = DataConfig(datasets=[DatasetConfig(name="w", shards=[str(tmp_path / "set")], action_stats=str(stats))])
+    with pytest.raises(ValueError, match="^" + re.escape(f"data.datasets[w].action_stats={str(stats)!r}: {what}")):
+        config.check_paths()

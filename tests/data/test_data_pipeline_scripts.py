@@ -8,6 +8,9 @@ import dataclasses
 import json
 import os
 import tarfile
+import time
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +22,7 @@ from megatron_cosmos3.data.loader import PackedLoader
 from megatron_cosmos3.data.media import encode_npy, encode_png, encode_wav
 from megatron_cosmos3.data.media_writers import encode_mp4
 from megatron_cosmos3.data.schema import decode_sample
-from megatron_cosmos3.data.shard_writer import PROCESSES_PER_CPU, process_count
+from megatron_cosmos3.data.shard_writer import PROCESSES_PER_CPU, process_count, run_split
 from megatron_cosmos3.data.shards import ShardIndex, read_shard
 from megatron_cosmos3.encoders.audio_vae import AudioVAE
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
@@ -152,7 +155,7 @@ def test_a_manifest_of_loose_files_becomes_validated_shards(tmp_path):
         ),
         ("encode_shards", ["{tmp}/raw", "{tmp}/new", "--fps", "5000"], "error: --fps=5000.0 must be 0"),
         ("encode_shards", ["{tmp}/raw", "{tmp}/new", "--resolution-buckets", "9"], "error: --resolution-buckets entry"),
-        ("inspect_shards", ["{tmp}/none"], "No such file"),
+        ("inspect_shards", ["{tmp}/none"], "/none: missing (no such file)"),
         ("write_shards", ["{tmp}/none.jsonl", "{tmp}/new"], "manifest"),
         ("write_shards", ["{tmp}/raw/index.json", "{tmp}/raw"], "is the input folder"),
         ("write_shards", ["{tmp}/evil/index.json", "{tmp}/raw"], "already holds a finished dataset"),
@@ -240,6 +243,30 @@ def test_generate_world_starts_no_more_workers_than_jobs_or_cpus(tmp_path, monke
     with caplog.at_level("WARNING"):
         assert process_count(10**6, None, "--processes") == PROCESSES_PER_CPU * (os.cpu_count() or 1)
     assert "--processes=1000000: starting" in caplog.text
+
+
+def _record_worker(folder: Path, task: int, tasks: int) -> Counter:
+    """A ``run_split`` function that notes, from inside the worker, which process ran which task."""
+    (Path(folder) / f"task{task}").write_text(f"{os.getpid()} {tasks}")
+    time.sleep(0.05)  # long enough that an uncapped pool hands its tasks to many of its processes
+    return Counter(parts=1)
+
+
+def test_run_split_starts_no_more_processes_than_its_cpu_cap(tmp_path, caplog):
+    """``run_split(processes=64)`` on a machine of few CPUs: the workers that ran (distinct PIDs, as
+    the workers report them) are at most ``PROCESSES_PER_CPU`` per CPU, every part of the capped
+    split is written once, and each worker is told the capped count (the parts do not depend on it).
+    Without the cap the pool started 64 processes here."""
+    most = PROCESSES_PER_CPU * (os.cpu_count() or 1)
+    requested = max(64, 4 * most)  # past the cap on any machine
+    with caplog.at_level("WARNING"):
+        counts = run_split(_record_worker, requested, 0, 1, tmp_path)
+    reports = {path.name: path.read_text().split() for path in tmp_path.iterdir()}
+    pids = {pid for pid, _ in reports.values()}
+    assert 1 < len(pids) <= most, (len(pids), most)
+    assert sorted(reports) == sorted(f"task{i}" for i in range(most)) and counts == Counter(parts=most)
+    assert {tasks for _, tasks in reports.values()} == {str(most)}
+    assert f"processes={requested}: starting {most} processes" in caplog.text
 
 
 def test_a_run_that_writes_no_usable_sample_exits_1_and_keeps_its_skip_report(tmp_path, caplog):

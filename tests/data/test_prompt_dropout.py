@@ -75,6 +75,6 @@ def test_a_resumed_stream_drops_the_same_prompts():
 
 def test_prompt_dropout_is_validated_and_changes_the_stream_fingerprint():
     shards = [str(tiny_world()["latent"])]
-    with pytest.raises(ValueError, match="data: prompt_dropout=1.5 must be in \\[0, 1\\]"):
+    with pytest.raises(ValueError, match="data.prompt_dropout=1.5 must be in \\[0, 1\\]"):
         data_config(shards, prompt_dropout=1.5).validate()
     assert data_config(shards).fingerprint() != data_config(shards, prompt_dropout=0.1).fingerprint()

@@ -4,6 +4,7 @@ them; shards are reproducible; any URL WebDataset opens (file:, pipe:) reads the
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -334,11 +335,21 @@ def test_index_files_that_are_not_json_and_shards_that_are_not_files(small_shard
             ShardIndex.load(folder)
     (folder / "index.json").unlink()
     (folder / "index.json").symlink_to("/dev/zero")
-    with pytest.raises(ValueError, match="index.json: not a regular file"):
+    with pytest.raises(ValueError, match=r"index.json: not a regular file \(a character device\)"):
         ShardIndex.load(folder)
-    # A device or a folder named as a shard is one unreadable shard, never read for ever (/dev/zero).
-    for url in ("/dev/zero", str(tmp_path), f"file://{tmp_path}"):
-        assert [(s.reason, s.detail) for s in read_shard(url)] == [("unreadable_shard", "not a regular file")]
+    (folder / "index.json").unlink()
+    os.mkfifo(folder / "index.json")  # read, it waited for a writer without end
+    with pytest.raises(ValueError, match=r"index.json: not a regular file \(a FIFO"):
+        ShardIndex.load(folder)
+    # A device, a FIFO or a folder named as a shard is one unreadable shard, never read for ever (/dev/zero).
+    os.mkfifo(tmp_path / "pipe.tar")
+    for url, kind in (
+        ("/dev/zero", "a character device"),
+        (str(tmp_path), "a folder"),
+        (f"file://{tmp_path}", "a folder"),
+        (str(tmp_path / "pipe.tar"), "a FIFO"),
+    ):
+        assert [(s.reason, s.detail) for s in read_shard(url)] == [("unreadable_shard", f"not a regular file ({kind})")]
     # The same shard reached twice through a dataset's entries would be read twice an epoch.
     shard = str(small_shard_set / "part-000000.tar")
     with pytest.raises(ValueError, match="more than once"):

@@ -6,6 +6,7 @@ suite's metrics to MLflow (docs/DESIGN.md, "Evaluation")."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -85,9 +86,16 @@ def test_the_config_loads_from_yaml_and_overrides(tmp_path):
     with pytest.raises(ValueError, match="steps"):
         load_suite_config(None, ["steps=many"])
     os.mkfifo(tmp_path / "fifo.yaml")  # read, it waited for a writer forever
-    for name, why in (("fifo.yaml", "not a regular file"), ("none.yaml", "missing")):
-        with pytest.raises(ValueError, match=f"^eval suite config {tmp_path / name}: {why}$"):
-            load_suite_config(str(tmp_path / name))
+    (tmp_path / "link.yaml").symlink_to("gone.yaml")
+    for name, why in (
+        ("fifo.yaml", "not a regular file (a FIFO)"),
+        ("none.yaml", "missing (no such file)"),
+        ("link.yaml", "not a regular file (a dangling symbolic link to 'gone.yaml')"),
+        ("", "not a regular file (a folder)"),
+    ):
+        given = str(tmp_path / name)
+        with pytest.raises(ValueError, match="^" + re.escape(f"eval suite --config={given!r}: {why}") + "$"):
+            load_suite_config(given)
     with pytest.raises(ValueError, match=r"^eval suite: resolution=<an integer of 4400 digits> is not a number"):
         load_suite_config(None, ["resolution=" + "6" * 4400])
     assert load_suite_config(None, ["steps=1_0"]).steps == 10  # control: YAML's own digit grouping loads

@@ -61,7 +61,7 @@ def test_invalid_model_configs_are_clear_errors(changes, message):
 
 
 def test_a_vit_beyond_any_real_model_is_refused_by_name():
-    with pytest.raises(ValueError, match="VisionConfig: depth=1000000 is above 1,024"):
+    with pytest.raises(ValueError, match="model.vision.depth=1000000 is above 1,024"):
         VisionConfig(depth=10**6)
 
 

@@ -109,5 +109,6 @@ def test_a_model_yaml_holding_a_scalar_is_an_error_naming_the_file(tmp_path):
     (tmp_path / "model.yaml").write_text("5\n")
     with pytest.raises(ValueError, match=rf"{tmp_path / 'model.yaml'}: Invalid loaded object type: int"):
         load_model_config(tmp_path / "model.yaml")
-    with pytest.raises(FileNotFoundError, match="none.yaml"):
+    # A missing file: named with the setting and what the path is (it was FileNotFoundError's text).
+    with pytest.raises(ValueError, match=r"^model config='.*none.yaml': missing \(no such file\)$"):
         load_model_config(tmp_path / "none.yaml")

@@ -412,7 +412,7 @@ def test_a_request_too_long_or_too_large_or_a_bad_late_input_writes_nothing(chec
     with pytest.raises(RequestError, match=r"two requests write to the same folder \(letter case aside\)"):
         run_requests(trained, read_requests(same), tmp_path / "out", None, write=True)  # one folder on macOS
     mixed = write_requests(inputs, [REQUESTS[0], {"task": "understanding", "image": "missing.png"}])
-    with pytest.raises(RequestError, match="image='.*missing.png' is not a file"):
+    with pytest.raises(RequestError, match=r"image='.*missing.png': missing \(no such file\)"):
         run_requests(trained, read_requests(mixed), tmp_path / "out", None, write=True)
     assert not (tmp_path / "out").exists()
     # An understanding request of no question and no picture failed in generate_text, naming no

@@ -640,13 +640,13 @@ def _commit_fails_on_rank_0(rank, world_size, root):
 def _unusable_directory(rank, world_size, root):
     """What each rank raises taking the run folder's lock and starting a Checkpointer in ``root``,
     which rank 0 cannot make."""
-    from megatron_cosmos3.training.run_lock import lock_run_folder
+    from megatron_cosmos3.training.run_lock import RunFolderUnwritable, lock_run_folder
 
     raised = []
     for start in (lambda: lock_run_folder(root, "job", rank == 0), lambda: Checkpointer(root)):
         try:
             start()
-        except (OSError, CheckpointSaveError) as error:
+        except (RunFolderUnwritable, CheckpointSaveError) as error:
             raised.append(f"{type(error).__name__}: {error}")
     return raised
 
@@ -658,7 +658,9 @@ def test_a_commit_or_a_directory_that_fails_on_rank_0_raises_on_every_rank(tmp_p
     (tmp_path / "a_file").write_text("")
     below_a_file = tmp_path / "a_file" / "ckpt"
     for raised in run_on_ranks(_unusable_directory, 2, below_a_file, timeout_s=90):
-        assert raised[0].startswith(f"OSError: checkpoint.directory={below_a_file}: its lock cannot be taken ("), raised
+        lock_file = below_a_file / "run.lock"
+        lock_refusal = f"RunFolderUnwritable: checkpoint.directory={below_a_file}: its lock file {lock_file}"
+        assert raised[0].startswith(f"{lock_refusal} cannot be written: Not a directory"), raised
         assert raised[1].startswith(f"CheckpointSaveError: checkpoint directory {below_a_file} cannot be made: "), (
             raised
         )

@@ -101,6 +101,52 @@ def test_a_shift_that_makes_every_training_timestep_one_value_is_refused_by_name
     load_config(overrides=["flow_matching.logit_normal_std=1e-6"])
 
 
+@pytest.mark.parametrize(
+    "field, value, drawn",
+    [
+        ("logit_normal_mean", 1e6, {1.0}),
+        ("logit_normal_mean", -1e6, {0.0}),
+        ("logit_normal_mean", 20.0, {1.0}),
+        ("logit_normal_std", 1e6, {0.0, 1.0}),
+        ("logit_normal_std", 1e-9, {0.5}),
+    ],
+)
+def test_a_logit_normal_that_makes_the_training_timesteps_one_value_is_refused_by_name(tmp_path, field, value, drawn):
+    """``flow_matching.logit_normal_mean``/``logit_normal_std`` had no bound but std > 0: a mean of
+    1e6 drew 1.0 (pure noise) for every sample, a std of 1e6 0.0 or 1.0. The shift's rule now holds
+    for them too: the timesteps drawn from mean - 2 std to mean + 2 std stay apart in float32."""
+    from megatron_cosmos3.training.config import load_config
+
+    unchecked = FlowMatchingConfig()
+    setattr(unchecked, field, value)  # what training drew with it, before the check
+    t = sample_timesteps(1000, unchecked, torch.Generator().manual_seed(0))
+    assert sum(float((t == v).float().mean()) for v in drawn) > 0.9
+    (tmp_path / "fm.yaml").write_text(f"flow_matching:\n  {field}: {value!r}\n")
+    with pytest.raises(ValueError, match=re.escape(f"flow_matching.{field}={value!r}: the timesteps drawn at")):
+        load_config(str(tmp_path / "fm.yaml"))
+    # Controls: the same field a few units from the default, and a wide and a narrow std, load.
+    for control in (
+        "logit_normal_mean=-1.5",
+        "logit_normal_mean=3.0",
+        "logit_normal_std=10.0",
+        "logit_normal_std=1e-6",
+    ):
+        load_config(overrides=[f"flow_matching.{control}"])
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("logit_normal_std", 0.0), ("logit_normal_std", -1.0), ("logit_normal_std", float("nan"))]
+    + [(field, value) for field in ("logit_normal_mean", "logit_normal_std") for value in (float("inf"), float("-inf"))]
+    + [("logit_normal_mean", float("nan"))],
+)
+def test_a_logit_normal_std_not_above_0_or_a_non_finite_mean_is_refused_by_name(field, value):
+    """Built directly (a library caller: no config load's finite check first): a NaN std passed
+    ``std <= 0``, and a NaN or infinite mean drew NaN or one value for every sample."""
+    with pytest.raises(ValueError, match=rf"^flow_matching\.{field}={re.escape(repr(value))}"):
+        FlowMatchingConfig(**{field: value})
+
+
 def test_per_task_losses_add_up_to_the_totals(tiny_config, generator):
     batch = random_pack(tiny_config, generator, num_samples=8)
     batch, targets = add_flow_matching_noise(batch, FlowMatchingConfig(), generator)

@@ -133,7 +133,10 @@ def test_invalid_config_fails_before_any_process_group(monkeypatch):
         # OmegaConf's ValidationError and the YAML parser add indented lines of their own
         (["steps=abc"], "the overrides: ValidationError: Value 'abc' of type 'str' could not be converted to Integer"),
         (["--config", "{tmp}/twice.yaml"], "{tmp}/twice.yaml: ConstructorError: while constructing a mapping in"),
-        (["--config", "{tmp}/pipe.yaml"], "{tmp}/pipe.yaml: not a regular file"),  # read without end: a hang
+        # read without end: a hang; a folder or a dangling link, a traceback naming no option
+        (["--config", "{tmp}/pipe.yaml"], "--config='{tmp}/pipe.yaml': not a regular file (a FIFO)"),
+        (["--config", "{tmp}"], "--config='{tmp}': not a regular file (a folder)"),
+        (["--config", "{tmp}/link.yaml"], "--config='{tmp}/link.yaml': not a regular file (a dangling symbolic link"),
         # /proc takes no folder, as a read-only file system takes no file: the run lock's OSError was a
         # traceback from every rank, after the process group had started
         (
@@ -147,7 +150,7 @@ def test_invalid_config_fails_before_any_process_group(monkeypatch):
         (["synthetic.samples_per_pack=100000000"], "synthetic.samples_per_pack=100000000 samples of at least 4"),
         (["synthetic.scale=100000000"], "(synthetic.scale=100000000) do not fit data.packing.tokens_per_pack=4096"),
         (["data.packing.max_samples_per_pack=4"], "above data.packing.max_samples_per_pack=4"),
-        (["data.packing.max_text_tokens=0"], "data: packing.tokens_per_pack=4096, pool_size=64 and max_text_tokens=0"),
+        (["data.packing.max_text_tokens=0"], "data.packing.max_text_tokens=0 must be >= 1"),
         (["data.encoders.dtype=float7"], "encoders.dtype='float7'; expected one of"),  # the samples' encoders
         (["data.tokenizer.path={tmp}"], "data: tokenizer.path='{tmp}' holds no tokenizer.json"),
         # An OverflowError traceback (timedelta) where the process group started.
@@ -161,6 +164,7 @@ def test_the_console_command_names_a_bad_override_or_config_path_in_one_line(
     from megatron_cosmos3.training import train as train_module
 
     os.mkfifo(tmp_path / "pipe.yaml")
+    (tmp_path / "link.yaml").symlink_to("gone.yaml")
     (tmp_path / "twice.yaml").write_text("steps: 1\nsteps: 2\n")
     argv, message = [a.format(tmp=tmp_path) for a in argv], message.format(tmp=tmp_path)
 
@@ -241,7 +245,7 @@ def test_the_console_command_names_a_config_error_in_one_line_and_exits_2(monkey
     assert train_module.cli(["--config", str(REPO / "configs/no_such.yaml")]) == 2
     err = capsys.readouterr().err
     assert err == (
-        f"cosmos3-train: error: [Errno 2] No such file or directory: '{REPO / 'configs/no_such.yaml'}'\n"
+        f"cosmos3-train: error: --config={str(REPO / 'configs/no_such.yaml')!r}: missing (no such file)\n"
         if rank == "0"
         else ""
     )

@@ -1,6 +1,7 @@
 """The stage configs layer over the main job's config and validate before anything starts."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -69,9 +70,9 @@ def test_a_vit_whose_tokens_do_not_cover_the_datas_picture_grid_is_refused_when_
         ("steps=abc", r"steps"),
         ("optimizer.lr=${nope}", r"the overrides: Interpolation key 'nope' not found"),
         # Sizes beyond any real model: refused at load, before a model of terabytes is built.
-        ("model.num_layers=1000000000", r"MoTConfig: num_layers=1000000000 is above 1,024"),
-        ("model.vocab_size=10000000000", r"MoTConfig: vocab_size=10000000000 is above 4,194,304"),
-        ("model.num_experts=100000000", r"MoTConfig: num_experts=100000000 must be 0 or an int in 1..4,096"),
+        ("model.num_layers=1000000000", r"model.num_layers=1000000000 is above 1,024"),
+        ("model.vocab_size=10000000000", r"model.vocab_size=10000000000 is above 4,194,304"),
+        ("model.num_experts=100000000", r"model.num_experts=100000000 must be 0 or an int in 1..4,096"),
         # Seeds torch or numpy refuse ('Overflow when unpacking long long' at the first manual_seed), or
         # that hash64 would alias (2**64 draws what 0 draws).
         ("seed=18446744073709551616", r"^seed=18446744073709551616 must be an integer in \[0, 2\*\*63 - 1\]"),
@@ -79,8 +80,8 @@ def test_a_vit_whose_tokens_do_not_cover_the_datas_picture_grid_is_refused_when_
         ("data.encoders.pooled_seed=-1", r"^data.encoders.pooled_seed=-1 must be an integer"),
         ("synthetic.tasks=[]", r"^synthetic.tasks is empty; name one or more of \['understanding'"),
         # A stage's new embodiment passed the config and failed when the model was built, in the run.
-        ("stage.new_embodiments={x: {action_dim: 0}}", r"stage.new_embodiments: MoTConfig: embodiments.x.action_dim"),
-        ("stage.new_embodiments={x: {rate_hz: -5}}", r"stage.new_embodiments: MoTConfig: embodiments.x.rate_hz must"),
+        ("stage.new_embodiments={x: {action_dim: 0}}", r"stage.new_embodiments: model.embodiments.x.action_dim"),
+        ("stage.new_embodiments={x: {rate_hz: -5}}", r"stage.new_embodiments: model.embodiments.x.rate_hz must"),
         # A mapping where a list belongs (or the other way) was OmegaConf's raw TypeError 'Cannot
         # merge incompatible container types', naming no key.
         ("stage.freeze={a: 1}", r"^stage.freeze: a mapping where a list belongs, got \{'a': 1\}"),
@@ -140,21 +141,37 @@ def test_a_saved_config_with_an_integer_too_long_for_python_names_its_source_and
         config_from_yaml("seed: " + "1" * 4301 + "\n", "meta.json")
 
 
-def test_a_missing_config_file_is_still_the_systems_error_naming_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="none.yaml"):
-        load_config(str(tmp_path / "none.yaml"))
-
-
 @pytest.mark.timeout(30)  # without the check a FIFO's read waits for a writer that never comes
-@pytest.mark.parametrize("kind", ["fifo", "folder"])
-def test_a_config_path_that_is_no_regular_file_is_refused_not_read(tmp_path, kind):
-    """``--config`` naming a FIFO hung (OmegaConf read it until a writer came; a device such as
-    /dev/zero, refused by the same check, was read until the memory ran out), a folder was
-    IsADirectoryError."""
-    path = {"folder": tmp_path, "fifo": tmp_path / "pipe.yaml"}[kind]
+@pytest.mark.parametrize(
+    "kind, what",
+    [
+        ("fifo", "not a regular file (a FIFO"),
+        ("folder", "not a regular file (a folder)"),
+        ("device", "not a regular file (a character device)"),
+        ("dangling link", "not a regular file (a dangling symbolic link to 'gone.yaml')"),
+        ("missing", "missing (no such file)"),
+        ("below a file", "missing (no such file)"),
+    ],
+)
+def test_a_config_path_that_is_no_regular_file_is_refused_naming_the_option_and_what_it_is(tmp_path, kind, what):
+    """``--config`` naming a FIFO hung (OmegaConf read it until a writer came), a device such as
+    /dev/zero was read until the memory ran out; a folder was IsADirectoryError, a missing file or
+    a dangling link FileNotFoundError, each naming no option: now one ValueError naming --config,
+    the path and what it is (``config_files.refuse_irregular_file``)."""
+    (tmp_path / "a_file.yaml").write_text("steps: 1\n")
+    path = {
+        "folder": tmp_path,
+        "fifo": tmp_path / "pipe.yaml",
+        "device": Path("/dev/null"),
+        "dangling link": tmp_path / "link.yaml",
+        "missing": tmp_path / "none.yaml",
+        "below a file": tmp_path / "a_file.yaml" / "x.yaml",
+    }[kind]
     if kind == "fifo":
         os.mkfifo(path)
-    with pytest.raises(ValueError, match=rf"^{path}: not a regular file \(a folder, FIFO or device\)"):
+    elif kind == "dangling link":
+        path.symlink_to("gone.yaml")
+    with pytest.raises(ValueError, match="^" + re.escape(f"--config={str(path)!r}: {what}")):
         load_config([str(REPO / "configs/tiny_cpu.yaml"), str(path)])
 
 

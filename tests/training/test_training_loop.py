@@ -1,6 +1,7 @@
 """The training loop in one process: exact resume, stages, the non-finite guard, accumulation."""
 
 import copy
+import errno
 import json
 import logging
 import math
@@ -461,7 +462,7 @@ def test_held_out_loss_is_logged_changes_no_training_step_and_equals_a_recomputa
 def test_evaluation_settings_are_validated_by_field(tmp_path):
     from megatron_cosmos3.training.batches import held_out_share
 
-    with pytest.raises(ValueError, match=r"eval: every=-1 must be >= 0 and micro_batches=2 >= 1"):
+    with pytest.raises(ValueError, match=r"eval.every=-1 must be >= 0"):
         load_config(None, [*TINY, "eval.every=-1"])
     three = load_config(None, [*TINY, "eval.every=5", "eval.micro_batches=3"])
     assert held_out_share(three, 3) == 1
@@ -632,6 +633,28 @@ def test_a_second_trainer_on_a_locked_run_folder_refuses_and_a_stale_lock_is_tak
         (root / LOCK_FILE).write_text(crafted)
         with pytest.raises(RunFolderLocked, match=rf"a damaged lock file, .*\. .* delete {root / LOCK_FILE}"):
             RunFolderLock(root).acquire()
+
+
+@pytest.mark.parametrize("where", ["below a regular file", "a name longer than NAME_MAX"])
+def test_a_run_folder_whose_lock_cannot_be_written_is_a_start_up_refusal_naming_the_path_and_reason(tmp_path, where):
+    """An OSError making the run folder or writing its lock (a regular file where a folder belongs, a
+    name the file system refuses, a full disk) left ``train`` as a raw OSError, which the console
+    command prints as a traceback on every rank: now a StartupRefusal naming the lock file and the
+    system's reason. (As root, chmod blocks no write: the paths here fail for every user.)"""
+    from megatron_cosmos3.training.refusals import StartupRefusal
+    from megatron_cosmos3.training.run_lock import LOCK_FILE
+
+    (tmp_path / "a_file").write_text("")
+    name_max = os.pathconf(tmp_path, "PC_NAME_MAX")
+    folder = tmp_path / "a_file" / "ckpt" if where.startswith("below") else tmp_path / ("x" * (name_max + 1))
+    reason = os.strerror(errno.ENOTDIR if where.startswith("below") else errno.ENAMETOOLONG)
+    config = config_for(tmp_path, "unwritable", "steps=1", f"checkpoint.directory={folder}")
+    with pytest.raises(StartupRefusal) as raised:
+        train_module.train(config, CPU)
+    message = str(raised.value)
+    assert message.startswith(f"checkpoint.directory={folder}: its lock file {folder / LOCK_FILE} cannot be written")
+    assert reason in message, message
+    assert (tmp_path / "a_file").read_text() == ""  # nothing written
 
 
 def test_a_lock_whose_owner_has_ended_but_is_not_yet_reaped_is_stale(tmp_path):
