@@ -168,7 +168,7 @@ def _loop_fails_outside_the_driver(rank: int, world_size: int, root: Path) -> di
     return outcomes
 
 
-def _a_stalled_last_delivery(tracker: MLflowTracker) -> None:
+def _a_stalled_last_delivery(tracker: MLflowTracker, status: str | None = None) -> None:
     time.sleep(2 * TIMEOUT_S)
 
 
