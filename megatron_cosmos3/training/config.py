@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
@@ -622,6 +623,10 @@ def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] |
         for override in overrides:
             key, _, value = override.partition("=")
             refuse_long_integers(value, key.strip())  # the value alone: its key names it
+            try:  # OmegaConf parses each value as YAML; its YAMLError named no override (a traceback)
+                OmegaConf.from_dotlist([override])
+            except yaml.YAMLError as error:
+                raise ValueError(f"the overrides: {override!r} is not key=<YAML value>: {_one_line(error)}") from None
         try:
             layer = OmegaConf.from_dotlist(list(overrides))
             _refuse_removed_keys(layer, "the overrides")

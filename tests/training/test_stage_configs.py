@@ -97,6 +97,10 @@ def test_a_vit_whose_tokens_do_not_cover_the_datas_picture_grid_is_refused_when_
         # cosmos3-train, which names ValueErrors in one line.
         ("stepz=3", r"^the overrides: ConfigKeyError: Key 'stepz' not in 'TrainConfig'\. Did you mean"),
         ("=3", r"^the overrides: ConfigKeyError: Key '' not in 'TrainConfig'"),
+        # A value that is not YAML (a shape's list or mapping mistyped) was the YAML parser's error,
+        # naming no override: a traceback from cosmos3-train.
+        ("model.mrope_section=[4,2", r"^the overrides: 'model.mrope_section=\[4,2' is not key=<YAML value>: while"),
+        ("model.embodiments={a:{action_dim:1}}", r"^the overrides: 'model.embodiments=\{a:\{action_dim:1\}\}' is not"),
         # A list or mapping inside a list or mapping of plain values was stored as is, and the config's
         # range checks then failed with a TypeError naming no key (ConfigTypeError: a traceback).
         ("optimizer.betas=[[0.9],0.95]", r"^optimizer.betas\[0\]: a list where a number belongs, got \[0.9\]"),
