@@ -143,6 +143,14 @@ class VisionConfig:
             len(set(indexes)) == len(indexes) and all(0 <= i < self.depth for i in indexes),
             f"deepstack_visual_indexes={indexes} must be distinct ViT blocks in [0, depth={self.depth})",
         )
+        # The ViT's MLPs take transformers' activation by this name: another was a KeyError at build.
+        if self.hidden_act != "gelu_pytorch_tanh":  # Qwen3-VL's; transformers imported only for another
+            from transformers.activations import ACT2FN
+
+            require(
+                self.hidden_act in ACT2FN,
+                f"hidden_act={self.hidden_act!r} is not one of transformers' activations {sorted(ACT2FN)}",
+            )
 
 
 @dataclass
@@ -267,6 +275,8 @@ class MoTConfig:
             f"embodiments lists {len(self.embodiments)}, more than {EMBODIMENT_LIMITS['embodiments']:,}",
         )
         for name, emb in self.embodiments.items():
+            problem = embodiment_name_problem(name)
+            require(problem is None, f"embodiments: {problem}")
             error = _size_error(f"embodiments.{name}.action_dim", emb.action_dim, EMBODIMENT_LIMITS["action_dim"])
             require(error is None, error)
             require(emb.rate_hz > 0, f"embodiments.{name}.rate_hz must be > 0, got {emb.rate_hz}")
@@ -328,6 +338,14 @@ class MoTConfig:
     @property
     def video_token_dim(self) -> int:
         return self.video_latent_channels * self.video_patch_size**2
+
+
+def embodiment_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name an embodiment (None when it can): it keys the ``action/<name>``
+    stream and the ``action_in.<name>`` projections, so it must be non-empty, without '/' or '.'."""
+    if not name or "/" in name or "." in name:
+        return f"embodiment name {name!r} must be non-empty and contain no '/' or '.'"
+    return None
 
 
 def scaled_mrope_section(head_dim: int) -> list[int]:

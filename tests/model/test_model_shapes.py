@@ -13,6 +13,7 @@ from megatron_cosmos3.inference.generation import generate
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 from megatron_cosmos3.objectives.losses import mot_losses
+from megatron_cosmos3.testing import training as tiny_training
 from megatron_cosmos3.testing.generation import action_stats, generation_config, generation_setup, request_for
 from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, loss_history, tracking_store, train_on_ranks
 from megatron_cosmos3.training import train as train_module
@@ -43,6 +44,13 @@ SHAPES = {
     "video-patch-4": dict(video_patch_size=4),
     "odd-stream-widths": dict(video_latent_channels=3, audio_latent_dim=5),
 }
+VIT = tiny_training.TINY_VIT  # the tiny model's two-block ViT
+# A shards run's data settings (load_config reads no file: the paths are checked at launch).
+SHARDS = [
+    "data_source=shards",
+    "data.stages={pretrain: {datasets: {w: 1.0}, tasks: {understanding: 1.0}}}",
+    "data.datasets=[{name: w, shards: [nowhere]}]",
+]
 # Generated tasks: video from text and actions from video (both DM towers' heads, every stream kind
 # but audio, which text_to_video's pack holds too).
 TASKS = ("text_to_video", "policy")
@@ -162,8 +170,35 @@ def test_odd_shape_under_tensor_parallel_follows_one_process_in_losses_and_sampl
         (["parallel.pipeline=2", "model.num_layers=3"], "num_layers=3 is not divisible by pipeline"),
         (["parallel.tensor=2", "model.ffn_hidden_size=63"], "ffn_hidden_size=63 .* is not divisible by tensor=2"),
         (["parallel.expert=2", "model.num_experts=3"], "num_experts=3 is not divisible by expert=2"),
+        # Each of these loaded, and failed only once the run had started: the ViT's activation
+        # (a KeyError building the ViT), an embodiment name that cannot key its projections (the
+        # model's build), the byte tokenizer of the shards or the suite (after the first steps),
+        # synthetic text drawn from an empty range (the first step).
+        (
+            [*VIT, "model.vision.hidden_act=gelu_tanh"],
+            "hidden_act='gelu_tanh' is not one of transformers'",
+        ),
+        (["model.embodiments={arm.v2: {action_dim: 3}}"], "embodiments: embodiment name 'arm.v2' must be"),
+        (["stage.new_embodiments={arm/v2: {action_dim: 3}}"], "stage.new_embodiments: .* name 'arm/v2' must be"),
+        (["eval.suite={}"], "model.vocab_size=64 is below the byte tokenizer's 256 ids, which eval.suite reads"),
+        ([*SHARDS], "model.vocab_size=64 is below the byte tokenizer's 256 ids, which data_source=shards reads"),
+        (["model.vocab_size=2"], "model.vocab_size=2: synthetic packs take EOS and BOG as the last two ids"),
     ],
 )
 def test_invalid_shape_is_refused_by_name_when_the_config_loads(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, [*TINY_MODEL, *overrides])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [*VIT, "model.vision.hidden_act=quick_gelu"],  # another of transformers' activations
+        ["model.embodiments={arm_v2: {action_dim: 3}}", "synthetic.tasks=[policy]"],
+        ["model.vocab_size=256", "eval.suite={}"],
+        ["model.vocab_size=256", *SHARDS],
+        ["model.vocab_size=3"],
+    ],
+)
+def test_the_valid_neighbours_of_the_refused_shapes_load(overrides):
+    load_config(None, [*TINY_MODEL, *overrides])

@@ -41,12 +41,12 @@ def test_a_vit_whose_tokens_do_not_cover_the_datas_picture_grid_is_refused_when_
     read them (synthetic packs carry their own random pixels, so only shards and the suite refuse)."""
     from megatron_cosmos3.testing.training import TINY_MODEL, TINY_VIT
 
-    odd_vit = [*TINY_MODEL, *TINY_VIT, "model.vocab_size=64", "model.vision.patch_size=14"]
+    odd_vit = [*TINY_MODEL, *TINY_VIT, "model.vocab_size=256", "model.vision.patch_size=14"]  # the suite's byte ids
     with pytest.raises(ValueError, match=r"model.vision: patch_size\*spatial_merge_size=14\*2=28, but the data's"):
         load_config(None, [*odd_vit, "eval.suite={}"])
     load_config(None, odd_vit)  # synthetic packs: nothing cuts pictures
     load_config(None, [*odd_vit, "model.vision.patch_size=8", "model.vision.spatial_merge_size=4", "eval.suite={}"])
-    grey = [*TINY_MODEL, *TINY_VIT, "model.vocab_size=64", "model.vision.in_channels=1", "eval.suite={}"]
+    grey = [*TINY_MODEL, *TINY_VIT, "model.vocab_size=256", "model.vision.in_channels=1", "eval.suite={}"]
     with pytest.raises(ValueError, match=r"model.vision: in_channels=1, but the data's pictures are RGB"):
         load_config(None, grey)
 
