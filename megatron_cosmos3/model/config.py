@@ -279,7 +279,11 @@ class MoTConfig:
             require(problem is None, f"embodiments: {problem}")
             error = _size_error(f"embodiments.{name}.action_dim", emb.action_dim, EMBODIMENT_LIMITS["action_dim"])
             require(error is None, error)
-            require(emb.rate_hz > 0, f"embodiments.{name}.rate_hz must be > 0, got {emb.rate_hz}")
+            # inf put every action token of a clip at one time (a model.yaml or a direct config: load_config refuses it)
+            require(
+                emb.rate_hz > 0 and math.isfinite(emb.rate_hz),
+                f"embodiments.{name}.rate_hz must be a finite number > 0, got {emb.rate_hz}",
+            )
         if self.vision is not None:
             v = self.vision
             require(
