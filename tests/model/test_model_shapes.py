@@ -118,16 +118,16 @@ ODD_SHAPE = [
 ]
 
 
-def odd_shape_run(tmp_path, name, *extra):
+def odd_shape_run(tmp_path, name, *extra, shape=ODD_SHAPE):
     return [
         *TINY_MODEL,
-        *ODD_SHAPE,
+        *shape,
         *TINY_SYNTHETIC,
         "steps=2",
         "log_every=1",
         "optimizer.warmup_steps=1",
         "optimizer.micro_batches_per_step=2",
-        "checkpoint.save_every=2",  # one save, with rank 0's generation samples, at the last step
+        "checkpoint.save_every=2",  # a save, with rank 0's generation samples, at step 2
         "data.encoders.kind=pooled",  # the samples' latents decode to media
         "tracking.sample_steps=2",
         f"checkpoint.directory={tmp_path / name}",
@@ -138,17 +138,13 @@ def odd_shape_run(tmp_path, name, *extra):
     ]
 
 
-@pytest.mark.multiprocess
-@pytest.mark.slow
-def test_odd_shape_under_tensor_parallel_follows_one_process_in_losses_and_samples(tmp_path):
-    config = load_config(None, odd_shape_run(tmp_path, "single"))
-    train_module.train(config, DistributedContext(0, 1, 0, torch.device("cpu")))
-    train_on_ranks(2, *odd_shape_run(tmp_path, "tp2", "parallel.tensor=2"))
-    single = [v for _, v in loss_history(tmp_path / "mlflow.db", "single", "shapes")]
-    split = [v for _, v in loss_history(tmp_path / "mlflow.db", "tp2", "shapes")]
-    assert len(single) == 2 and split == pytest.approx(single, rel=1e-4)
-    # Generation at the odd shape: the TP=2 run's samples (every task's) equal the one-process run's.
-    want_root, got_root = (tmp_path / name / "samples" / "step_00000002" for name in ("single", "tp2"))
+def losses_of(tmp_path, name):
+    return [v for _, v in loss_history(tmp_path / "mlflow.db", name, "shapes")]
+
+
+def assert_same_samples(tmp_path, want_run, got_run):
+    """The generation samples (every task's latents) of run ``got_run`` at step 2 equal ``want_run``'s."""
+    want_root, got_root = (tmp_path / name / "samples" / "step_00000002" for name in (want_run, got_run))
     tasks = sorted(p.name for p in want_root.iterdir())
     assert tasks and sorted(p.name for p in got_root.iterdir()) == tasks
     for task in tasks:
@@ -156,6 +152,51 @@ def test_odd_shape_under_tensor_parallel_follows_one_process_in_losses_and_sampl
         assert want.files and sorted(got.files) == sorted(want.files)
         for key in want.files:
             np.testing.assert_allclose(got[key], want[key], rtol=1e-3, atol=1e-4, err_msg=f"{task} {key}")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_odd_shape_under_tensor_parallel_follows_one_process_in_losses_and_samples(tmp_path):
+    config = load_config(None, odd_shape_run(tmp_path, "single"))
+    train_module.train(config, DistributedContext(0, 1, 0, torch.device("cpu")))
+    train_on_ranks(2, *odd_shape_run(tmp_path, "tp2", "parallel.tensor=2"))
+    single, split = losses_of(tmp_path, "single"), losses_of(tmp_path, "tp2")
+    assert len(single) == 2 and split == pytest.approx(single, rel=1e-4)
+    # Generation at the odd shape: the TP=2 run's samples (every task's) equal the one-process run's.
+    assert_same_samples(tmp_path, "single", "tp2")
+
+
+# The shapes TP cannot split, for the other layouts: one KV head (MQA; CP repeats it to its ranks),
+# head_dim 48 x 4 heads = 192 wide over a hidden size of 32, three layers (two pipeline stages
+# only unevenly), an odd vocabulary tied to the LM head (the embedding on stage 0, the head on
+# stage 1), experts in the Generator alone.
+MQA_SHAPE = [
+    "model.vocab_size=257",
+    "model.tie_word_embeddings=true",
+    "model.num_kv_heads=1",
+    "model.head_dim=48",
+    "model.num_layers=3",
+    "model.num_experts=2",
+    "model.moe_top_k=1",
+    "model.moe_towers=[generator]",
+]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_mqa_shape_under_pipeline_then_context_parallel_follows_one_process(tmp_path):
+    """Steps 1-2 under PP=2 (uneven stages), saved, resumed for step 3 under CP=2: the losses of
+    every step and the step-2 samples are the one-process run's."""
+    config = load_config(None, odd_shape_run(tmp_path, "single", "steps=3", shape=MQA_SHAPE))
+    train_module.train(config, DistributedContext(0, 1, 0, torch.device("cpu")))
+    pipeline = ["parallel.pipeline=2", "parallel.num_layers_in_first_pipeline_stage=1"]
+    train_on_ranks(2, *odd_shape_run(tmp_path, "split", *pipeline, shape=MQA_SHAPE))
+    assert_same_samples(tmp_path, "single", "split")
+    train_on_ranks(2, *odd_shape_run(tmp_path, "split", "steps=3", "parallel.context=2", shape=MQA_SHAPE))
+    # The CP=2 run went on from the PP=2 run's checkpoint: it logged step 3 alone, not steps 1-3 again.
+    assert [step for step, _ in loss_history(tmp_path / "mlflow.db", "split", "shapes")] == [1, 2, 3]
+    single, split = losses_of(tmp_path, "single"), losses_of(tmp_path, "split")
+    assert len(single) == 3 and split == pytest.approx(single, rel=1e-4)
 
 
 @pytest.mark.parametrize(
