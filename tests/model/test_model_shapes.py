@@ -10,12 +10,21 @@ import torch
 from megatron_cosmos3.checkpoint.checkpointer import Checkpointer
 from megatron_cosmos3.data.synthetic_packs import random_pack
 from megatron_cosmos3.inference.generation import generate
+from megatron_cosmos3.inference.text_generation import TextPrompt, TextSampling, generate_text
+from megatron_cosmos3.model.config import VisionConfig
 from megatron_cosmos3.model.mot import MoTModel
 from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 from megatron_cosmos3.objectives.losses import mot_losses
 from megatron_cosmos3.testing import training as tiny_training
 from megatron_cosmos3.testing.generation import action_stats, generation_config, generation_setup, request_for
-from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC, loss_history, tracking_store, train_on_ranks
+from megatron_cosmos3.testing.training import (
+    TINY_MODEL,
+    TINY_SYNTHETIC,
+    TINY_VISION,
+    loss_history,
+    tracking_store,
+    train_on_ranks,
+)
 from megatron_cosmos3.training import train as train_module
 from megatron_cosmos3.training.config import load_config
 from megatron_cosmos3.training.distributed import DistributedContext
@@ -101,6 +110,27 @@ def test_shape_trains_reloads_and_generates(name, tmp_path):
     # The KV cache gives what the whole forward pass gives, at every shape.
     for one, other in (video, actions):
         torch.testing.assert_close(one, other, rtol=1e-4, atol=1e-4)
+
+
+def test_a_vit_the_data_pictures_do_not_fit_still_generates_what_needs_no_picture():
+    """A ViT of 14-pixel patches (28-pixel tokens) trains on synthetic packs, made at its own widths,
+    but the data's pictures are cut in 32-pixel tokens: a prompt or request with a picture is refused
+    naming the fields, and one without still generates. Building the generation builder or a prompt
+    pack refused such a model whole (a text-only prompt, text_to_video)."""
+    config = generation_config(vision=VisionConfig(**{**TINY_VISION, "patch_size": 14}))
+    model = MoTModel(copy.deepcopy(config))
+    model.add_vision_encoder()
+    builder = generation_setup(config, action_stats())
+    [video] = generate(model, [request_for("text_to_video", steps=2)], builder)
+    assert video.sample.video.tokens.shape[1] == config.video_token_dim
+    [text] = generate_text(model, [TextPrompt([1, 2, 3])], TextSampling(max_new_tokens=2), eos_ids=())
+    assert len(text.token_ids) == 2
+    message = r"model.vision: patch_size\*spatial_merge_size=14\*2=28, but the data's ViT tokens are 32x32 pixels"
+    picture = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(ValueError, match=message):
+        generate_text(model, [TextPrompt([1, 2, 3], picture)], TextSampling(max_new_tokens=2), eos_ids=())
+    with pytest.raises(ValueError, match=message):
+        generate(model, [request_for("policy", image=picture, steps=2)], builder)
 
 
 # Odd in every size at once, and splittable by TP=2: vocab 257 (the embedding is not split over
