@@ -52,6 +52,12 @@ SHAPES = {
     "video-patch-1": dict(video_patch_size=1),
     "video-patch-4": dict(video_patch_size=4),
     "odd-stream-widths": dict(video_latent_channels=3, audio_latent_dim=5),
+    # MQA with heads x head_dim = 192 over a hidden size of 32; widths of no common factor.
+    "mqa-head-dim-48": dict(num_kv_heads=1, head_dim=48),
+    "hidden-17-ffn-7": dict(hidden_size=17, ffn_hidden_size=7),
+    "eight-experts-in-the-reasoner-only": dict(
+        num_experts=8, moe_top_k=2, moe_ffn_hidden_size=4, moe_towers=["reasoner"]
+    ),
 }
 VIT = tiny_training.TINY_VIT  # the tiny model's two-block ViT
 # A shards run's data settings (load_config reads no file: the paths are checked at launch).
