@@ -51,7 +51,7 @@ from megatron_cosmos3.data.shards import first_local_shard, index_path, resolve_
 from megatron_cosmos3.data.shuffle import ShuffleBuffer
 from megatron_cosmos3.data.slot_stream import SlotStream, iterate_slots
 from megatron_cosmos3.data.tokenizer import build_tokenizer
-from megatron_cosmos3.data.vision_features import vision_featurizer
+from megatron_cosmos3.data.vision_features import check_vit_token_size, vision_featurizer
 from megatron_cosmos3.encoders.action_normalization import ACTION_STATS_FILENAME, ActionStats
 from megatron_cosmos3.json_files import JsonNumberError, loads, unique_keys
 from megatron_cosmos3.model.config import MoTConfig
@@ -144,6 +144,8 @@ def _make_builders(
 ) -> list[SampleBuilder]:
     """One SampleBuilder per active dataset; runs in each worker (encoders load there)."""
     encoder = latent_encoder_factory() if latent_encoder_factory is not None else None
+    if model_config.vision is not None:  # a shard's pictures: refused before the first sample, not at it
+        check_vit_token_size(model_config.vision)
     vision = vision_featurizer(model_config)
     limits = BuildLimits(config.packing.sample_token_limit, config.packing.max_text_tokens)
     tokenizer = tokenizer or build_tokenizer(config.tokenizer, model_config.vocab_size)

@@ -27,12 +27,16 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
 
+# The smallest vocabulary ``ByteTokenizer`` takes: one id per byte.
+BYTE_VOCAB_SIZE = 256
+
+
 class ByteTokenizer:
     """UTF-8 bytes as ids; EOS = vocab_size - 2, BOG = vocab_size - 1 (see module doc)."""
 
     def __init__(self, vocab_size: int) -> None:
-        if vocab_size < 256:
-            raise ValueError(f"ByteTokenizer needs vocab_size >= 256 (one id per byte), got {vocab_size}")
+        if vocab_size < BYTE_VOCAB_SIZE:
+            raise ValueError(f"ByteTokenizer needs vocab_size >= {BYTE_VOCAB_SIZE} (one id per byte), got {vocab_size}")
         self.vocab_size = vocab_size
         self.eos_id, self.bog_id = vocab_size - 2, vocab_size - 1
 

@@ -56,7 +56,8 @@ def crop_to_tokens(picture: np.ndarray) -> np.ndarray:
 def check_vit_token_size(config: VisionConfig) -> None:
     """ValueError naming the fields unless a merged ViT token covers the data's VIT_PIXELS_PER_TOKEN
     square (pictures are cut on that grid) and the ViT reads RGB, as the data's pictures are: run
-    when the training config loads and here."""
+    when the training config loads, by the loader and the eval suite, and at ``ViTPixels``'s first
+    picture."""
     if config.in_channels != 3:
         raise ValueError(f"model.vision: in_channels={config.in_channels}, but the data's pictures are RGB (3)")
     if config.patch_size * config.spatial_merge_size != VIT_PIXELS_PER_TOKEN:
@@ -68,15 +69,17 @@ def check_vit_token_size(config: VisionConfig) -> None:
 
 
 class ViTPixels:
-    """The ViT's input rows of each picture (a model with ``model.vision``)."""
+    """The ViT's input rows of each picture (a model with ``model.vision``). A ViT the data's
+    pictures do not fit (``check_vit_token_size``) is refused at the first picture, not when built:
+    such a model (trained on synthetic packs) still generates text, video and sound from a prompt."""
 
     def __init__(self, config: VisionConfig) -> None:
-        check_vit_token_size(config)
         self.config = config
 
     def __call__(self, picture: np.ndarray) -> PictureTokens:
         from megatron_cosmos3.model.vision import image_patches  # transformers: only when used
 
+        check_vit_token_size(self.config)
         pixels, patch_grid = image_patches(crop_to_tokens(picture), self.config)
         m = self.config.spatial_merge_size
         grid = (patch_grid[0], patch_grid[1] // m, patch_grid[2] // m)

@@ -19,6 +19,7 @@ import torch
 from megatron_cosmos3.data.latent_encoders import LatentEncoder, latent_encoder_from_config
 from megatron_cosmos3.data.sample_builder import SampleBuilder
 from megatron_cosmos3.data.tokenizer import Tokenizer
+from megatron_cosmos3.data.vision_features import check_vit_token_size
 from megatron_cosmos3.encoders.action_normalization import ActionStats
 from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
 from megatron_cosmos3.encoders.video_vae import pixels_per_token
@@ -113,6 +114,8 @@ class EvalSuite:
         decoder = latent_encoder_from_config(
             encoders, model.config.video_latent_channels, model.config.audio_latent_dim, model.config.video_patch_size
         )
+        if model.config.vision is not None:  # the world's cases hold pictures: refused before the first
+            check_vit_token_size(model.config.vision)
         builder = generation_builder(model.config, tokenizer, decoder, action_stats, max_text_tokens)
         return cls(config, model, builder, decoder, tokenizer, trained_tasks, action_stats)
 

@@ -52,6 +52,8 @@ VISION_SIZE_LIMITS = dict(
     temporal_patch_size=64,
     spatial_merge_size=64,
 )
+# VisionConfig's placeholder tokens of the Reasoner vocabulary.
+VISION_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 EMBODIMENT_LIMITS = dict(embodiments=4096, action_dim=65_536)
 # The whole backbone, both towers (``MoTConfig.parameter_count``): far above any real model, and
 # each size within its bound can still multiply to petabytes.
@@ -143,6 +145,18 @@ class VisionConfig:
             len(set(indexes)) == len(indexes) and all(0 <= i < self.depth for i in indexes),
             f"deepstack_visual_indexes={indexes} must be distinct ViT blocks in [0, depth={self.depth})",
         )
+        # An image placeholder that is also the video's (or a start/end marker) was counted as the
+        # other: "0 image placeholder tokens in input_ids but the ViT gave 4" for a prompt that has 4.
+        ids = [getattr(self, name) for name in VISION_TOKEN_FIELDS]
+        require(len(set(ids)) == len(ids), f"{'/'.join(VISION_TOKEN_FIELDS)}={ids} must be distinct ids")
+        # The ViT's MLPs take transformers' activation by this name: another was a KeyError at build.
+        if self.hidden_act != "gelu_pytorch_tanh":  # Qwen3-VL's; transformers imported only for another
+            from transformers.activations import ACT2FN
+
+            require(
+                self.hidden_act in ACT2FN,
+                f"hidden_act={self.hidden_act!r} is not one of transformers' activations {sorted(ACT2FN)}",
+            )
 
 
 @dataclass
@@ -267,9 +281,15 @@ class MoTConfig:
             f"embodiments lists {len(self.embodiments)}, more than {EMBODIMENT_LIMITS['embodiments']:,}",
         )
         for name, emb in self.embodiments.items():
+            problem = embodiment_name_problem(name)
+            require(problem is None, f"embodiments: {problem}")
             error = _size_error(f"embodiments.{name}.action_dim", emb.action_dim, EMBODIMENT_LIMITS["action_dim"])
             require(error is None, error)
-            require(emb.rate_hz > 0, f"embodiments.{name}.rate_hz must be > 0, got {emb.rate_hz}")
+            # inf put every action token of a clip at one time (a model.yaml or a direct config: load_config refuses it)
+            require(
+                emb.rate_hz > 0 and math.isfinite(emb.rate_hz),
+                f"embodiments.{name}.rate_hz must be a finite number > 0, got {emb.rate_hz}",
+            )
         if self.vision is not None:
             v = self.vision
             require(
@@ -281,7 +301,7 @@ class MoTConfig:
                 f"vision.deepstack_visual_indexes has {len(v.deepstack_visual_indexes)} entries, "
                 f"more than num_layers={self.num_layers} Reasoner layers to inject them into",
             )
-            for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            for name in VISION_TOKEN_FIELDS:
                 value = getattr(v, name)
                 require(
                     0 <= value < self.vocab_size,
@@ -328,6 +348,14 @@ class MoTConfig:
     @property
     def video_token_dim(self) -> int:
         return self.video_latent_channels * self.video_patch_size**2
+
+
+def embodiment_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name an embodiment (None when it can): it keys the ``action/<name>``
+    stream and the ``action_in.<name>`` projections, so it must be non-empty, without '/' or '.'."""
+    if not name or "/" in name or "." in name:
+        return f"embodiment name {name!r} must be non-empty and contain no '/' or '.'"
+    return None
 
 
 def scaled_mrope_section(head_dim: int) -> list[int]:

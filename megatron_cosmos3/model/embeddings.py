@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig
+from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig, embodiment_name_problem
 from megatron_cosmos3.model.packed_batch import ACTION_STREAM_PREFIX, action_stream_key
 
 
@@ -52,8 +52,9 @@ class DMStreamProjections(nn.Module):
         """Registers a new embodiment's projection pair; the backbone is left untouched."""
         if name in self.embodiments:
             raise ValueError(f"embodiment {name!r} is already registered")
-        if "/" in name or "." in name or not name:
-            raise ValueError(f"embodiment name {name!r} must be non-empty and contain no '/' or '.'")
+        problem = embodiment_name_problem(name)
+        if problem is not None:
+            raise ValueError(problem)
         self.embodiments[name] = embodiment
         device = next(self.media_in.parameters()).device
         self.action_in[name] = nn.Linear(embodiment.action_dim, self.hidden_size, device=device)

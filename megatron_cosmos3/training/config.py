@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
@@ -22,6 +23,7 @@ from megatron_cosmos3.atomic_files import unwritable_reason
 from megatron_cosmos3.config_files import refuse_irregular_file
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfig
 from megatron_cosmos3.data.determinism import seed_problem
+from megatron_cosmos3.data.tokenizer import BYTE_VOCAB_SIZE
 from megatron_cosmos3.eval_suite.config import SUITE_PREFIX, SuiteConfig, check_model_embodiments
 from megatron_cosmos3.inference.solvers import MAX_STEPS
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig, merge_config_layer, refuse_below
@@ -365,6 +367,7 @@ class TrainConfig:
             self.held_out_data().validate()
         if self.trains_vision:
             self._check_vision()
+        self._check_byte_vocabulary()
         if self.eval.suite is not None:
             check_model_embodiments(self.stage_model)
 
@@ -376,6 +379,11 @@ class TrainConfig:
         from megatron_cosmos3.data.synthetic_packs import fewest_sample_tokens
 
         self.data.validate_shared()
+        if self.model.vocab_size < 3:  # the packs' text ids were drawn from an empty range inside the first step
+            raise ValueError(
+                f"model.vocab_size={self.model.vocab_size}: synthetic packs take EOS and BOG as the last two ids "
+                "and text from the ids below them, so need vocab_size >= 3"
+            )
         s, p = self.synthetic, self.data.packing
         if p.max_samples_per_pack and s.samples_per_pack > p.max_samples_per_pack:
             raise ValueError(
@@ -387,6 +395,18 @@ class TrainConfig:
             raise ValueError(
                 f"synthetic.samples_per_pack={s.samples_per_pack} samples of at least {fewest} tokens each "
                 f"(synthetic.scale={s.scale}) do not fit data.packing.tokens_per_pack={p.tokens_per_pack}"
+            )
+
+    def _check_byte_vocabulary(self) -> None:
+        """Shards and the eval suite read text with the tokenizer, the byte tokenizer where
+        ``data.tokenizer.path`` is empty, which needs 256 ids: a smaller vocabulary was its
+        ValueError from every rank once the run had started (the suite's, after the first steps)."""
+        vocab = self.model.vocab_size
+        if self.reads_media and not self.data.tokenizer.path and vocab < BYTE_VOCAB_SIZE:
+            readers = "data_source=shards" if self.data_source == "shards" else "eval.suite"
+            raise ValueError(
+                f"model.vocab_size={vocab} is below the byte tokenizer's {BYTE_VOCAB_SIZE} ids, which {readers} "
+                "reads text with (data.tokenizer.path is empty): give vocab_size >= 256 or a tokenizer folder"
             )
 
     def _check_action_tasks(self) -> None:
@@ -622,6 +642,10 @@ def load_config(yaml_path: str | list[str] | None = None, overrides: list[str] |
         for override in overrides:
             key, _, value = override.partition("=")
             refuse_long_integers(value, key.strip())  # the value alone: its key names it
+            try:  # OmegaConf parses each value as YAML; its YAMLError named no override (a traceback)
+                OmegaConf.from_dotlist([override])
+            except yaml.YAMLError as error:
+                raise ValueError(f"the overrides: {override!r} is not key=<YAML value>: {_one_line(error)}") from None
         try:
             layer = OmegaConf.from_dotlist(list(overrides))
             _refuse_removed_keys(layer, "the overrides")

@@ -270,6 +270,22 @@ def test_a_world_embodiment_of_another_action_width_is_refused_before_anything_r
     load_config(None, [*TINY_MODEL, "model.vocab_size=260", robots])  # no suite: nothing to refuse
 
 
+def test_a_vit_the_worlds_pictures_do_not_fit_is_refused_when_the_suite_is_built():
+    """The world's cases hold pictures, cut in 32-pixel ViT tokens: a ViT of 28-pixel tokens is
+    refused as the suite is built, not at its first picture (generation refuses it only there)."""
+    from megatron_cosmos3.data.tokenizer import ByteTokenizer
+    from megatron_cosmos3.encoders.latent_config import LatentEncoderConfig
+    from megatron_cosmos3.eval_suite.suite import EvalSuite
+    from megatron_cosmos3.model.config import VisionConfig
+    from megatron_cosmos3.testing.training import TINY_VISION
+
+    model = MoTModel(tiny_mot_config(vocab_size=260, vision=VisionConfig(**{**TINY_VISION, "patch_size": 14})))
+    with pytest.raises(
+        ValueError, match=r"patch_size\*spatial_merge_size=14\*2=28, but the data's ViT tokens are 32x32"
+    ):
+        EvalSuite.for_run(CASES, model, ByteTokenizer(260), LatentEncoderConfig(kind="pooled"), ["policy"])
+
+
 def test_the_held_out_world_acts_at_the_model_embodiments_rates():
     """A model whose single arm acts at 20 Hz (the world's default is 10) is measured on truth
     sampled at 20 Hz, in the open-loop cases and the closed-loop world alike; a rate the clip cannot

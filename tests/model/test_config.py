@@ -53,6 +53,8 @@ from megatron_cosmos3.testing.training import TINY_VISION
         ),
         ({"rms_norm_eps": -1e-6}, r"rms_norm_eps=-1e-06 must be a finite number > 0"),
         ({"rope_theta": 0.0}, r"rope_theta=0.0 must be a finite number > 0"),
+        # A model.yaml's .inf (load_model_config, the release folder's reader) put every action at one time.
+        ({"embodiments": {"arm": EmbodimentConfig(rate_hz=float("inf"))}}, r"embodiments.arm.rate_hz must be a finite"),
     ],
 )
 def test_invalid_model_configs_are_clear_errors(changes, message):

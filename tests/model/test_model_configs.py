@@ -96,6 +96,16 @@ def test_vision_config_must_fit_the_backbone(vision, message):
             r"deepstack_visual_indexes=\[0, 3\] must be distinct ViT blocks in \[0, depth=3\)",
         ),
         (dict(num_position_embeddings=60), "num_position_embeddings=60 must be a square number"),
+        # One id for images and videos: an image prompt's placeholders were all counted as video ones.
+        (
+            dict(deepstack_visual_indexes=[0], video_token_id=151655),
+            r"model.vision.image_token_id/video_token_id/vision_start_token_id/vision_end_token_id="
+            r"\[151655, 151655, 151652, 151653\] must be distinct ids",
+        ),
+        (
+            dict(deepstack_visual_indexes=[0], vision_end_token_id=151652),
+            r"model.vision.image_token_id/.*=\[151655, 151656, 151652, 151652\] must be distinct ids",
+        ),
     ],
 )
 def test_invalid_vision_configs_are_clear_errors(changes, message):

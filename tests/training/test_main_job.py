@@ -132,6 +132,7 @@ def test_invalid_config_fails_before_any_process_group(monkeypatch):
         (["optimizer.betas=[[0.9],0.95]"], "optimizer.betas[0]: a list where a number belongs"),
         # OmegaConf's ValidationError and the YAML parser add indented lines of their own
         (["steps=abc"], "the overrides: ValidationError: Value 'abc' of type 'str' could not be converted to Integer"),
+        (["model.mrope_section=[4,2"], "the overrides: 'model.mrope_section=[4,2' is not key=<YAML value>: while"),
         (["--config", "{tmp}/twice.yaml"], "{tmp}/twice.yaml: ConstructorError: while constructing a mapping in"),
         # read without end: a hang; a folder or a dangling link, a traceback naming no option
         (["--config", "{tmp}/pipe.yaml"], "--config='{tmp}/pipe.yaml': not a regular file (a FIFO)"),

@@ -41,12 +41,12 @@ def test_a_vit_whose_tokens_do_not_cover_the_datas_picture_grid_is_refused_when_
     read them (synthetic packs carry their own random pixels, so only shards and the suite refuse)."""
     from megatron_cosmos3.testing.training import TINY_MODEL, TINY_VIT
 
-    odd_vit = [*TINY_MODEL, *TINY_VIT, "model.vocab_size=64", "model.vision.patch_size=14"]
+    odd_vit = [*TINY_MODEL, *TINY_VIT, "model.vocab_size=256", "model.vision.patch_size=14"]  # the suite's byte ids
     with pytest.raises(ValueError, match=r"model.vision: patch_size\*spatial_merge_size=14\*2=28, but the data's"):
         load_config(None, [*odd_vit, "eval.suite={}"])
     load_config(None, odd_vit)  # synthetic packs: nothing cuts pictures
     load_config(None, [*odd_vit, "model.vision.patch_size=8", "model.vision.spatial_merge_size=4", "eval.suite={}"])
-    grey = [*TINY_MODEL, *TINY_VIT, "model.vocab_size=64", "model.vision.in_channels=1", "eval.suite={}"]
+    grey = [*TINY_MODEL, *TINY_VIT, "model.vocab_size=256", "model.vision.in_channels=1", "eval.suite={}"]
     with pytest.raises(ValueError, match=r"model.vision: in_channels=1, but the data's pictures are RGB"):
         load_config(None, grey)
 
@@ -97,6 +97,10 @@ def test_a_vit_whose_tokens_do_not_cover_the_datas_picture_grid_is_refused_when_
         # cosmos3-train, which names ValueErrors in one line.
         ("stepz=3", r"^the overrides: ConfigKeyError: Key 'stepz' not in 'TrainConfig'\. Did you mean"),
         ("=3", r"^the overrides: ConfigKeyError: Key '' not in 'TrainConfig'"),
+        # A value that is not YAML (a shape's list or mapping mistyped) was the YAML parser's error,
+        # naming no override: a traceback from cosmos3-train.
+        ("model.mrope_section=[4,2", r"^the overrides: 'model.mrope_section=\[4,2' is not key=<YAML value>: while"),
+        ("model.embodiments={a:{action_dim:1}}", r"^the overrides: 'model.embodiments=\{a:\{action_dim:1\}\}' is not"),
         # A list or mapping inside a list or mapping of plain values was stored as is, and the config's
         # range checks then failed with a TypeError naming no key (ConfigTypeError: a traceback).
         ("optimizer.betas=[[0.9],0.95]", r"^optimizer.betas\[0\]: a list where a number belongs, got \[0.9\]"),

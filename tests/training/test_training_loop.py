@@ -724,7 +724,11 @@ def test_a_lock_on_this_host_whose_pid_is_no_process_id_is_refused_naming_the_fi
 def test_paths_are_checked_by_field_before_any_process_group(tmp_path, monkeypatch):
     (tmp_path / "a_file").write_text("")
     (tmp_path / "no_index").mkdir()
-    shards = ["data_source=shards", "data.stages={pretrain: {datasets: {w: 1.0}, tasks: {understanding: 1.0}}}"]
+    shards = [
+        "data_source=shards",
+        "data.stages={pretrain: {datasets: {w: 1.0}, tasks: {understanding: 1.0}}}",
+        "model.vocab_size=256",  # the loader's byte tokenizer
+    ]
     cases = {
         r"checkpoint.directory='.*a_file' exists and is not a directory": [
             f"checkpoint.directory={tmp_path / 'a_file'}"
