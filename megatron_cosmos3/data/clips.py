@@ -149,6 +149,15 @@ def target_times(window: Window, fps: float, name: str, tolerance_s: float = 0.0
     return window.start_s + np.arange(count, dtype=np.float64) / fps
 
 
+def sample_span(window: Window, rate: float, origin_s: float = 0.0) -> tuple[int, int]:
+    """The samples a clip holds of a stream sampled at ``rate`` per second (sample i at
+    ``origin_s + i / rate``): the first, ``round((start + origin) * rate)``, and how many, one per
+    ``k / rate`` inside the window (``ceil``, as ``target_times`` counts frames). The one rule for
+    sound, whichever decoder read it (a WAV's samples or FFmpeg's), and for action steps: 0.5 s at
+    11025 Hz is 5513 samples from either."""
+    return round((window.start_s + origin_s) * rate), math.ceil(window.duration_s * rate - 1e-6)
+
+
 def check_clip_bytes(size: int, what: str, name: str) -> None:
     """``out_of_range`` where a clip's decoded ``size`` bytes (``what``: "N frames of WxH") exceed
     MAX_CLIP_BYTES."""

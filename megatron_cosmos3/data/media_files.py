@@ -39,6 +39,7 @@ from megatron_cosmos3.data.clips import (
     check_clip_bytes,
     fit_to_bucket,
     pick_frames,
+    sample_span,
     target_times,
     timestamp_tolerance,
 )
@@ -609,7 +610,7 @@ def _audio_window(
             ) from None
     resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
     first_sample, chunks, decoded = None, [], 0
-    last_needed = math.ceil((window.end_s + origin_s) * rate)
+    needed, count = sample_span(window, rate, origin_s)
     for frame in container.decode(stream):
         if first_sample is None:
             if frame.pts is None:  # not placed yet: nothing to cut by
@@ -620,15 +621,15 @@ def _audio_window(
         for out in resampler.resample(frame):
             chunks.append(out.to_ndarray())
             decoded += chunks[-1].shape[1]
-        if first_sample + decoded >= last_needed:
+        if first_sample + decoded >= needed + count:
             break
     if first_sample is None:
         raise SampleError(ZERO_LENGTH, f"{name}: its audio stream has no samples")
     waveform = np.concatenate(chunks, axis=1)
-    begin = round((window.start_s + origin_s) * rate) - first_sample
+    begin = needed - first_sample
     if begin < 0:  # the stream starts after the window does: the missing start is silence
         waveform, begin = np.pad(waveform, ((0, 0), (-begin, 0))), 0
-    cut = waveform[:, begin : begin + round(window.duration_s * rate)]
+    cut = waveform[:, begin : begin + count]
     ends_s = window.start_s + cut.shape[1] / rate
     frame_s = (stream.codec_context.frame_size or 0) / rate
     if ends_s < min(window.end_s, declared_s) - max(AUDIO_END_TOLERANCE_S, frame_s):

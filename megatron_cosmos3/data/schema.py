@@ -97,6 +97,7 @@ from megatron_cosmos3.data.clips import (
     choose_window,
     fit_to_bucket,
     pick_frames,
+    sample_span,
     target_times,
 )
 from megatron_cosmos3.data.errors import (
@@ -509,8 +510,8 @@ def decode_audio_file(data: bytes, name: str) -> tuple[np.ndarray, int]:
 
 def _cut_samples(values: np.ndarray, rate: float, window: Window) -> np.ndarray:
     """The rows of a stream sampled at ``rate`` per second (row i at i / rate) inside ``window``."""
-    first = round(window.start_s * rate)
-    return values[first : first + math.ceil(window.duration_s * rate - 1e-6)]
+    first, count = sample_span(window, rate)
+    return values[first : first + count]
 
 
 def _segments(value) -> list[tuple[float, float, str]]:

@@ -120,15 +120,19 @@ def video_fps_from_times(frame_times: torch.Tensor) -> float | None:
 
     Float32 positions past a few hundred units carry too little of the step for ``24 / step`` to
     give the rate to three decimals (60 fps after a 200-token prompt reads 60.001), so the rate is
-    measured over the whole clip and the shortest rounding (0 to 3 decimals) whose positions are
-    bit for bit these ones is returned: any rate of up to three decimals comes back exactly."""
+    measured over the whole clip and the first of these whose positions are bit for bit these ones
+    is returned: its rounding to 0, 1 and 2 decimals, the NTSC rate ``n * 1000 / 1001`` it is near
+    (as the data path reads a 24000/1001 fps file), its rounding to 3 decimals. So any rate of up
+    to two decimals comes back exactly (29.97, not 30000/1001, where float32 cannot tell them
+    apart), an NTSC rate exactly wherever its positions differ from its two-decimal rounding's
+    (always 24000/1001: 23.976 was written as 2997/125), and any other rate of three decimals."""
     times = frame_times.detach().cpu().float()
     if times.numel() < 2:
         return None
     span = float(times[-1]) - float(times[0])
     measured = VIDEO_VAE_TEMPORAL_COMPRESSION * TPS_BASE * (times.numel() - 1) / span
-    for digits in range(4):
-        candidate = round(measured, digits)
+    ntsc = round(measured * 1001 / 1000) * 1000 / 1001
+    for candidate in (round(measured, 0), round(measured, 1), round(measured, 2), ntsc, round(measured, 3)):
         if candidate > 0 and torch.equal(dm_video_positions(float(times[0]), times.numel(), 1, 1, candidate)[0], times):
             return candidate
     return round(measured, 3)

@@ -46,7 +46,7 @@ from megatron_cosmos3.release.generate_cli import (
 )
 from megatron_cosmos3.release.trained import LOAD_ERRORS, TrainedModel, load_trained_model
 from megatron_cosmos3.training.distributed import init_distributed
-from megatron_cosmos3.training.tracking import MLflowTracker
+from megatron_cosmos3.training.tracking import MLflowTracker, address_without_scheme
 
 log = logging.getLogger("cosmos3-eval")
 REPORT_FILE = "report.json"
@@ -170,6 +170,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"cosmos3-eval: error: {error}", file=sys.stderr)
         return 2
     problem = out_problem(args.out, args.checkpoint, args.overwrite)
+    address = address_without_scheme(args.tracking_uri) if args.tracking_uri else None
+    if problem is None and address:  # said before the suite runs, not written after as a local file of that name
+        problem = f"--tracking-uri {args.tracking_uri!r} {address}: a server takes http://host:port; a store, a path"
     if problem is not None:
         print(f"cosmos3-eval: error: {problem}", file=sys.stderr)
         return 2

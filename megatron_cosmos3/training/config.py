@@ -33,6 +33,7 @@ from megatron_cosmos3.parallel.sizes import ParallelSizes
 from megatron_cosmos3.tasks.registry import Modality, get_task
 from megatron_cosmos3.training.deepspeed_config import DeepSpeedConfig, check_engine_mix
 from megatron_cosmos3.training.precision import FP8_WIDTH_MULTIPLE, PRECISIONS, fp8_unaligned_widths
+from megatron_cosmos3.training.tracking import address_without_scheme, is_local_path
 from megatron_cosmos3.yaml_integers import refuse_long_integers
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -166,7 +167,7 @@ class DistributedConfig:
 @dataclass
 class TrackingConfig:
     # Any MLflow tracking URI (http://host:5000, sqlite:///...); a bare path is a local SQLite
-    # store, the default, which needs no server.
+    # store, the default, which needs no server (one that reads as host:port is refused).
     tracking_uri: str = "outputs/mlflow.db"
     experiment: str = "megatron_cosmos3"
     run_name: str = ""  # the run's name (and folder); empty: from the launcher's job id (TrainConfig.name_run)
@@ -346,6 +347,12 @@ class TrainConfig:
             raise ValueError(f"peak_flops_per_device={self.peak_flops_per_device} must be >= 0 (0: unknown)")
         if self.tracking.enabled and not self.tracking.tracking_uri:
             raise ValueError("tracking.tracking_uri is empty; name an MLflow URI or a path, or tracking.enabled=false")
+        address = address_without_scheme(self.tracking.tracking_uri) if self.tracking.enabled else None
+        if address:  # the run would write a local file of that name and the server would see nothing
+            raise ValueError(
+                f"tracking.tracking_uri={self.tracking.tracking_uri!r} {address}: a server takes http://host:port "
+                "(or https://); a local SQLite store a path (./name for one that holds ':') or sqlite:///path"
+            )
         if self.tracking.flush_timeout_s < 0:
             raise ValueError(f"tracking.flush_timeout_s={self.tracking.flush_timeout_s} must be >= 0")
         if isinstance(self.tracking.sample_steps, bool) or not 1 <= self.tracking.sample_steps <= MAX_STEPS:
@@ -490,7 +497,7 @@ class TrainConfig:
                 f"tracking.tracking_uri={store!r} is MLflow's file store, which MLflow refuses unless "
                 "MLFLOW_ALLOW_FILE_STORE=true; name an SQLite file (a path) or a server (http://...)"
             )
-        if self.tracking.enabled and "://" not in store and not store.startswith(("file:", "sqlite:")):
+        if self.tracking.enabled and is_local_path(store):
             if os.path.isdir(store):
                 raise ValueError(f"tracking.tracking_uri={store!r} is a folder, not an SQLite file")
             if os.path.isfile(store):

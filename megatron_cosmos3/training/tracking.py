@@ -19,9 +19,30 @@ log = logging.getLogger(__name__)
 MAX_QUEUED_ARTIFACTS = 1000
 
 
+def is_local_path(tracking_uri: str) -> bool:
+    """Whether ``tracking_uri`` has no scheme (``scheme://``, ``file:``, ``sqlite:``): the tracker
+    takes it as the path of a local SQLite store."""
+    return "://" not in tracking_uri and not tracking_uri.startswith(("file:", "sqlite:"))
+
+
+def address_without_scheme(tracking_uri: str) -> str | None:
+    """Why ``tracking_uri``, without a scheme, reads as a server's address with its scheme lost or
+    mistyped (``http//host:5000``, ``127.0.0.1:5000``, ``localhost:5000/x``: '//' in it, or a
+    ':' before its first '/'), which would silently be a local file of that name and track nothing
+    the server sees; None for a URI with a scheme and for a path (``outputs/mlflow.db``,
+    ``/runs/a:b/mlflow.db``, ``./a:b.db``)."""
+    if not is_local_path(tracking_uri):
+        return None
+    if "//" in tracking_uri:
+        return "holds '//' but no scheme"
+    if ":" in tracking_uri.split("/", 1)[0]:
+        return "reads as host:port without a scheme"
+    return None
+
+
 def _as_uri(tracking_uri: str) -> str:
     # A bare path is a local SQLite store (MLflow's file store no longer accepts writes).
-    if "://" in tracking_uri or tracking_uri.startswith(("file:", "sqlite:")):
+    if not is_local_path(tracking_uri):
         return tracking_uri
     path = Path(tracking_uri).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)

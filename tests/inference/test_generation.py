@@ -608,11 +608,15 @@ def test_written_actions_are_the_horizon_asked_for_un_normalised_with_the_saved_
         np.testing.assert_allclose(poses[:, :, 3], np.broadcast_to([0.0, 0.0, 0.0, 1.0], poses[:, :, 3].shape))
 
 
-@pytest.mark.parametrize(("fps", "frames"), [(60.0, 17), (30.0, 13), (24000 / 1001, 9)])
+@pytest.mark.parametrize(
+    ("fps", "frames"), [(60.0, 17), (30.0, 13), (24000 / 1001, 9), (30000 / 1001, 21), (60000 / 1001, 17)]
+)
 def test_a_held_out_packs_clip_and_its_sound_are_written_in_sync(fps, frames, builder, tmp_path):
     """Training's held-out samples come from packs: their sound was as long as its whole 40 ms
     tokens, up to 40 ms past the last frame (37 ms at 60 fps: more than two frames). Read back by
-    ffprobe, the muxed sound now lasts the clip's frames / fps within one frame, as a request's."""
+    ffprobe, the muxed sound now lasts the clip's frames / fps within one frame, as a request's, and
+    the clip's rate is the pack's own: 24000/1001, not 2997/125 (23.976, 1 ppm off). (30000/1001 at
+    13 frames after this prompt has the positions of 29.97 fps, bit for bit: written 2997/100.)"""
     from megatron_cosmos3.inference.generation import generated_sample
     from megatron_cosmos3.inference.media_outputs import write_generated_sample
     from megatron_cosmos3.testing.media_probe import ffprobe_streams
@@ -625,6 +629,8 @@ def test_a_held_out_packs_clip_and_its_sound_are_written_in_sync(fps, frames, bu
     video, sound = (ffprobe_streams(files["video.mp4"])[kind] for kind in ("video", "audio"))
     seconds = frames / fps
     assert int(video["nb_read_frames"]) == frames and float(video["duration"]) == pytest.approx(seconds, abs=1e-3)
+    rate = Fraction(fps).limit_denominator(1001)
+    assert video["r_frame_rate"] == f"{rate.numerator}/{rate.denominator}"
     assert abs(float(sound["duration"]) - seconds) <= 1 / fps
     assert sample.audio.num_samples == round(seconds * 48_000)
 

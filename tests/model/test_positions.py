@@ -1,8 +1,11 @@
 """Position rules: Qwen3-VL's interleaved MRoPE for AR tokens, the FPS rule for DM tokens."""
 
+from fractions import Fraction
+
 import pytest
 import torch
 
+from megatron_cosmos3.data.media_writers import exact_rate
 from megatron_cosmos3.model import positions as pos
 from megatron_cosmos3.model.config import TPS_BASE, MoTConfig, qwen3_vl_mrope_section
 from megatron_cosmos3.model.rope import MultimodalRotaryEmbedding
@@ -117,3 +120,25 @@ def test_a_clips_frame_rate_reads_back_exactly_from_its_positions_after_any_prom
     if fps >= 60:  # the control: the step alone loses the rate after a long enough prompt
         assert naive_misses > 0
     assert pos.video_fps_from_times(pos.dm_video_positions(40.0, 1, 2, 2, fps)[0].unique()) is None
+
+
+@pytest.mark.parametrize("n", [8, 12, 15, 24, 30, 48, 60, 120, 240])
+def test_an_ntsc_clips_frame_rate_reads_back_as_its_fraction(n):
+    """A clip at n * 1000 / 1001 fps (the float the data path reads a 24000/1001 file as) reads back
+    as that float, so it is written as n*1000/1001, not 2997/125 (23.976, its three-decimal rounding,
+    1 ppm off); except where its float32 positions are bit for bit those of a rate of up to two
+    decimals (29.97 beside 30000/1001, few latent frames after a long prompt), which is returned, as
+    the pinned rates above need. 24000/1001 is never such a tie here."""
+    fps = n * 1000 / 1001
+    exact = 0
+    for offset in (0.0, 17.0, 50.0, 133.0, 300.0, 509.0, 2000.0):
+        for frames in (2, 3, 5, 9, 17):
+            times = pos.dm_video_positions(offset, frames, 2, 3, fps)[0].unique()
+            got = pos.video_fps_from_times(times)
+            if got == fps:
+                assert exact_rate(got) == Fraction(n * 1000, 1001)
+                exact += 1
+            else:  # a tie: the positions cannot tell them apart
+                assert round(got, 2) == got and offset > 0 and n != 24, (offset, frames, got)
+                assert torch.equal(pos.dm_video_positions(offset, frames, 2, 3, got)[0].unique(), times)
+    assert exact >= 5 * 2  # every clip at offset 0, and more

@@ -202,6 +202,22 @@ def test_an_out_colliding_with_a_file_the_checkpoint_or_an_earlier_report_is_ref
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def test_a_tracking_server_address_without_its_scheme_is_refused_before_the_suite_runs(tmp_path, capsys):
+    """'--tracking-uri 127.0.0.1:5000' was a local SQLite file of that name, written after the whole
+    suite, which the server never saw; now the flag and its value are named before anything loads."""
+    (tmp_path / "ckpt" / "step_00000001").mkdir(parents=True)
+    argv = ["--checkpoint", str(tmp_path / "ckpt" / "step_00000001"), "--out", str(tmp_path / "out"), "media=false"]
+    before = sorted(tmp_path.rglob("*"))
+    for uri in ["127.0.0.1:5000", "http//mlflow-host:5000"]:
+        assert main([*argv, "--tracking-uri", uri]) == 2
+        err = capsys.readouterr().err
+        assert f"--tracking-uri {uri!r}" in err and err.count("\n") == 1
+    assert sorted(tmp_path.rglob("*")) == before
+    # the control: a path is a store; this run fails later, at the (empty) checkpoint
+    assert main([*argv, "--tracking-uri", str(tmp_path / "mlflow.db")]) == 2
+    assert "--tracking-uri" not in capsys.readouterr().err
+
+
 def test_overwrite_replaces_only_an_earlier_report_and_media(tmp_path, capsys):
     from megatron_cosmos3.release.eval_cli import clear_earlier_outputs
 

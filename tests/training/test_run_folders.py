@@ -2,6 +2,7 @@
 no overrides never resumes nor touches another job's checkpoints."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,45 @@ def test_mlflows_file_store_is_refused_before_training_unless_mlflow_allows_it(t
     tracker.log_metrics({"loss": 1.0}, 1)
     tracker.finish()
     assert tracker.run_id is not None and (tmp_path / "mlruns").is_dir()
+
+
+@pytest.mark.parametrize(
+    "uri, problem",
+    [
+        ("http//127.0.0.1:5000", "holds '//' but no scheme"),
+        ("https//mlflow.example.org", "holds '//' but no scheme"),
+        ("//mlflow-host:5000", "holds '//' but no scheme"),
+        ("127.0.0.1:5000", "reads as host:port without a scheme"),
+        ("localhost:5000", "reads as host:port without a scheme"),
+        ("mlflow-host:5000/tracking", "reads as host:port without a scheme"),
+        ("[::1]:5000", "reads as host:port without a scheme"),
+        ("http:/127.0.0.1:5000", "reads as host:port without a scheme"),
+    ],
+)
+def test_a_server_address_without_its_scheme_is_refused_at_load(uri, problem):
+    """Without a scheme the tracker takes the URI as a local SQLite file's path: 'http//host:5000'
+    or '127.0.0.1:5000' trained against a file of that name while the server saw nothing. Refused
+    at load, naming the field and the value; a run that tracks nothing takes any value."""
+    with pytest.raises(ValueError, match=rf"tracking.tracking_uri={re.escape(repr(uri))} {re.escape(problem)}"):
+        load_config(None, [f"tracking.tracking_uri='{uri}'"])  # quoted: YAML reads [::1] as a list
+    assert load_config(None, [f"tracking.tracking_uri='{uri}'", "tracking.enabled=false"]).tracking.tracking_uri == uri
+
+
+def test_local_paths_and_uris_with_a_scheme_stay_tracking_stores(tmp_path):
+    """The controls: paths (one with ':' past its first part, or after './') and file:, sqlite:,
+    http(s): URIs load as before."""
+    for uri in [
+        "outputs/mlflow.db",
+        str(tmp_path / "mlflow.db"),
+        str(tmp_path / "run:5000" / "mlflow.db"),
+        "./host:5000.db",
+        "mlflow.db",
+        (tmp_path / "mlruns").as_uri(),
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "http://127.0.0.1:5000",
+        "https://mlflow.example.org/tracking",
+    ]:
+        assert load_config(None, [f"tracking.tracking_uri={uri}"]).tracking.tracking_uri == uri
 
 
 def test_a_job_without_overrides_neither_resumes_nor_touches_another_jobs_folder(tmp_path, monkeypatch, caplog):
