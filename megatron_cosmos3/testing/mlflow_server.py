@@ -1,6 +1,7 @@
 """A real MLflow tracking server on 127.0.0.1 for tests: started on a copy of the empty store
 (``training.tracking_store``), stopped, stalled (SIGSTOP: connections accepted, never answered) and
-resumed. The server runs in a process group of its own (the CLI and its web workers)."""
+resumed. The server runs in a process group of its own (the CLI and its web workers). And a wait
+for a tracker's batch on the wire, for tests that act while a request is out (not after a sleep)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,14 @@ def stalled(server: subprocess.Popen) -> subprocess.Popen:
 
 def resume(server: subprocess.Popen) -> None:
     os.killpg(server.pid, signal.SIGCONT)
+
+
+def batch_on_the_wire(tracker, timeout_s: float = 60.0) -> int:
+    """Waits until ``tracker`` (an ``MLflowTracker``) has metric values on the wire; how many.
+    RuntimeError where it has none within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while (sending := tracker.in_flight) == 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no metric values on the wire to {tracker.uri} within {timeout_s} s")
+        time.sleep(0.01)
+    return sending

@@ -75,9 +75,11 @@ class MLflowTracker:
     The training thread never waits on the tracking server (docs/DESIGN.md, "Tracking"): each
     call only queues its values and returns; a background thread delivers them, in the order they
     were logged by kind (params, tags, metrics, artifacts). A failing server starts a back-off
-    (``retry_after_s``) during which nothing is sent; the queue keeps params and tags, metrics up to
-    ``max_buffered`` values (the oldest dropped beyond that, with a count) and artifacts up to
-    ``MAX_QUEUED_ARTIFACTS`` (their files stay on disk). The run is created by the delivery thread as
+    (``retry_after_s``) during which nothing is sent; the queue keeps params and tags, the newest
+    ``max_buffered`` metric values not yet sent (the oldest dropped beyond that, with a count) and
+    artifacts up to ``MAX_QUEUED_ARTIFACTS`` (their files stay on disk). A batch of metrics on the
+    wire (``in_flight``, at most 1000) is beside that buffer: delivered where its send succeeds, else
+    put back as the oldest values, the first dropped. The run is created by the delivery thread as
     it starts, which the constructor waits for at most ``flush_timeout_s`` (whatever MLflow's own
     request timeout and retries), or by the first later call that reaches the server (``run_id``
     None until then; a resumed run passes the id it saved and continues that run); a run that the
@@ -183,6 +185,12 @@ class MLflowTracker:
         with self._changed:
             return self._holds_values()
 
+    @property
+    def in_flight(self) -> int:
+        """Metric values on the wire now (sent, not yet answered)."""
+        with self._changed:
+            return len(self._sending)
+
     def _holds_values(self) -> bool:
         return bool(self._params or self._tags or self._pending or self._sending)
 
@@ -228,10 +236,11 @@ class MLflowTracker:
     def _drop_overflow(self) -> None:
         """Drops the oldest metric values beyond ``max_buffered`` (under ``_changed``): one warning as
         dropping starts, the count once the server answers or the attempt ends (it was a warning a
-        call, a line every step for the rest of an outage)."""
-        overflow = len(self._pending) + len(self._sending) - self._max_buffered
+        call, a line every step for the rest of an outage). The batch on the wire is not counted: it
+        is older than every pending value, so counting it dropped the newest values while it was
+        out, and a failed send then kept it in their place."""
+        overflow = len(self._pending) - self._max_buffered
         if overflow > 0:
-            overflow = min(overflow, len(self._pending))
             if self.dropped_metrics == self._dropped_reported:
                 log.warning(
                     "MLflow unreachable: %d metric values buffered, the most kept; the oldest are dropped from "
@@ -489,7 +498,7 @@ class MLflowTracker:
                     if status:
                         self._terminate = None
                     self._version += 1
-                else:  # in front of the newer ones; counted once (they were dropped twice over)
+                else:  # in front of the newer ones, so the first dropped; counted once
                     self._pending[:0], self._sending = self._sending, []
                     self._drop_overflow()
                 self._sending = []

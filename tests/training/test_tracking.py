@@ -10,12 +10,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from megatron_cosmos3.testing.mlflow_server import batch_on_the_wire
 from megatron_cosmos3.testing.training import tracking_store
 from megatron_cosmos3.training.tracking import MLflowTracker
 
 
 class Misbehaving(BaseHTTPRequestHandler):
-    """Answers every request as ``server.mode`` says, after ``server.delay_s``."""
+    """Answers every request as ``server.mode`` says, after ``server.delay_s`` and once
+    ``server.answering`` is set."""
 
     def log_message(self, *args):
         pass
@@ -23,6 +25,7 @@ class Misbehaving(BaseHTTPRequestHandler):
     def answer(self):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         time.sleep(self.server.delay_s)
+        self.server.answering.wait(60)  # cleared: the request is held until the test sets it
         if self.server.mode == "close":
             self.connection.shutdown(socket.SHUT_RDWR)
             return
@@ -43,7 +46,8 @@ class Misbehaving(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def misbehaving():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Misbehaving)
-    server.mode, server.delay_s = "500", 0.0
+    server.mode, server.delay_s, server.answering = "500", 0.0, threading.Event()
+    server.answering.set()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server
     server.shutdown()
@@ -95,6 +99,33 @@ def test_metrics_beyond_the_buffer_are_one_warning_and_counted_once_at_the_end(m
     assert caplog.text.count(" lost ") == 1, caplog.text
     assert f"MLflow: 7 metric values lost while {url} did not answer (the oldest, beyond 3 buffered)" in caplog.text
     assert [m[3] for m in json.loads(spool.read_text())["metrics"]] == [8, 9, 10]
+
+
+def test_values_logged_while_a_batch_is_on_the_wire_push_out_the_oldest_not_the_newest(
+    misbehaving, tmp_path, caplog, monkeypatch
+):
+    """The batch on the wire counted in the buffer: while it was out, each new value was dropped at
+    once (the newest lost), and the failed batch was then kept in their place. Step 1 is held on the
+    wire while steps 2-10 meet a buffer of two; the send fails: the newest two are what is kept."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")  # the held request fails when released
+    misbehaving.mode, misbehaving.delay_s = "500", 0.0
+    url = f"http://127.0.0.1:{misbehaving.server_address[1]}"
+    spool = tmp_path / "spool.json"
+    with caplog.at_level("WARNING", logger="megatron_cosmos3.training.tracking"):
+        tracker = MLflowTracker(url, "failing", "held", enabled=True, retry_after_s=0.05, max_buffered=2, spool=spool)
+        misbehaving.answering.clear()
+        try:
+            tracker.log_metrics({"loss": 1.0}, 1)
+            assert batch_on_the_wire(tracker) == 1
+            for step in range(2, 11):
+                tracker.log_metrics({"loss": float(step)}, step)
+            assert tracker.dropped_metrics == 7  # 2-8: the batch on the wire may still be delivered
+        finally:
+            misbehaving.answering.set()
+        tracker.suspend()
+    assert [m[3] for m in json.loads(spool.read_text())["metrics"]] == [9, 10]
+    assert tracker.dropped_metrics == 8 and caplog.text.count("the oldest are dropped from now on") == 1
+    assert f"MLflow: 8 metric values lost while {url} did not answer (the oldest, beyond 2 buffered)" in caplog.text
 
 
 @pytest.mark.parametrize("text", ["[" * 100_000, '{"run_id": "x", "params": [], "tags": {}, "metrics": []}'])
