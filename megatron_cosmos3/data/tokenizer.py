@@ -36,7 +36,10 @@ class ByteTokenizer:
 
     def __init__(self, vocab_size: int) -> None:
         if vocab_size < BYTE_VOCAB_SIZE:
-            raise ValueError(f"ByteTokenizer needs vocab_size >= {BYTE_VOCAB_SIZE} (one id per byte), got {vocab_size}")
+            raise ValueError(
+                f"model.vocab_size={vocab_size} is below the byte tokenizer's {BYTE_VOCAB_SIZE} ids (one per byte; "
+                f"data.tokenizer.path is empty): it needs vocab_size >= {BYTE_VOCAB_SIZE}, or a tokenizer folder"
+            )
         self.vocab_size = vocab_size
         self.eos_id, self.bog_id = vocab_size - 2, vocab_size - 1
 
