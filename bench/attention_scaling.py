@@ -44,7 +44,7 @@ def measure(
     n_dm = samples * (sample_tokens - n_ar)
     q_ar, k_ar, v_ar = make(samples * n_ar, heads), make(samples * n_ar, kv_heads), make(samples * n_ar, kv_heads)
     q_dm, k_dm, v_dm = make(n_dm, heads), make(n_dm, kv_heads), make(n_dm, kv_heads)
-    backend = attention_backend(backend_name, device)
+    backend = attention_backend(backend_name, device, head_dim)
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     def step():

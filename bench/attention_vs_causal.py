@@ -129,7 +129,7 @@ def causal_candidates(layout: PackLayout, heads, kv_heads, head_dim, like, devic
         kernels.append(causal_kernel(f"{label} varlen causal", FlashVarlenAttention(varlen).ar_attention, *shapes))
     kernels.append(causal_kernel("flex block-causal", FlexPackAttention(device).ar_attention, *shapes))
     if transformer_engine_missing(device) is None:
-        te_causal = attention_backend("te", device).ar_attention
+        te_causal = attention_backend("te", device, head_dim).ar_attention
         kernels.append(causal_kernel("Transformer Engine THD padding_causal", te_causal, *shapes))
     sdpa = SdpaVarlenAttention().ar_attention
     for label, kernel in (("flash", SDPBackend.FLASH_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION)):
@@ -149,7 +149,7 @@ def asymmetric_candidates(layout: PackLayout, heads, kv_heads, head_dim, like, d
     names = [model_backend.name] + [name for name in others if name != model_backend.name]
     return [
         asymmetric_kernel(
-            f"asymmetric ({name})", attention_backend(name, device), layout, heads, kv_heads, head_dim, like
+            f"asymmetric ({name})", attention_backend(name, device, head_dim), layout, heads, kv_heads, head_dim, like
         )
         for name in names
     ]
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     head_dim = args.head_dim or config.head_dim
     like = {"device": device, "dtype": dtype}
     asymmetric_layout, causal_layout = pack_layouts(args, device)
-    model_backend = attention_backend(args.backend or config.attention_backend, device)
+    model_backend = attention_backend(args.backend or config.attention_backend, device, head_dim)
     shapes = (heads, kv_heads, head_dim, like, device)
     print(f"device: {device_description(device)}; dtype {dtype}; heads {heads}/{kv_heads} of {head_dim}")
     print(

@@ -61,7 +61,7 @@ def main() -> None:
     batch = pack_from_lengths(config, lengths, torch.Generator().manual_seed(0)).to(device)
     mot = MoTModel(config).to(device, dtype)
     dense = DenseBaseline(config).to(device, dtype)
-    backend = attention_backend(args.backend, device)
+    backend = attention_backend(args.backend, device, config.head_dim)
 
     total = batch.num_ar_tokens + batch.num_dm_tokens
     dense_layout = PackLayout.from_cu_seqlens(

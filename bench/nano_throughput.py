@@ -150,7 +150,7 @@ def measure(config: MoTConfig, args: argparse.Namespace, device: torch.device, p
         "tower_parameters": counter.towers,
         "tokens": batch.num_ar_tokens + batch.num_dm_tokens,
         "ar_tokens": batch.num_ar_tokens,
-        "backend": attention_backend(config.attention_backend, device).name,
+        "backend": attention_backend(config.attention_backend, device, config.head_dim).name,
         "linear_impl": linear_impl,
         "fwd_bwd_s": statistics.median(fwd_bwd),
         "optimizer_s": statistics.median(opt),

@@ -36,7 +36,10 @@ class ByteTokenizer:
 
     def __init__(self, vocab_size: int) -> None:
         if vocab_size < BYTE_VOCAB_SIZE:
-            raise ValueError(f"ByteTokenizer needs vocab_size >= {BYTE_VOCAB_SIZE} (one id per byte), got {vocab_size}")
+            raise ValueError(
+                f"model.vocab_size={vocab_size} is below the byte tokenizer's {BYTE_VOCAB_SIZE} ids (one per byte; "
+                f"data.tokenizer.path is empty): it needs vocab_size >= {BYTE_VOCAB_SIZE}, or a tokenizer folder"
+            )
         self.vocab_size = vocab_size
         self.eos_id, self.bog_id = vocab_size - 2, vocab_size - 1
 
@@ -85,15 +88,23 @@ class HFTokenizer:
                 f"data.tokenizer.path={config.path!r}: {path} is not a tokenizer file Hugging Face tokenizers reads "
                 f"({error})"
             ) from None
-        size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        # Ids, not the count of tokens: a tokenizer.json may leave gaps, or number an added token past them.
+        size = id_span(self._tokenizer)
+        self._size = size
         self.eos_id = self._id_of(config.eos_token, "eos_token")
         self.bog_id = self._id_of(config.bog_token, "bog_token") if config.bog_token else size
-        for name, value in (("tokenizer size", size - 1), ("eos_token", self.eos_id), ("bog_token", self.bog_id)):
-            if value >= vocab_size:
-                raise ValueError(
-                    f"data.tokenizer: {name} id {value} does not fit the model's vocab_size={vocab_size} "
-                    f"({path} holds {size} tokens)"
-                )
+        where = f"data.tokenizer.path={config.path!r} ({path})"
+        if size > vocab_size:
+            raise ValueError(
+                f"model.vocab_size={vocab_size} is smaller than the tokenizer of {where}, whose ids (added and "
+                f"special tokens included) run to {size - 1}: it needs model.vocab_size >= {size}"
+            )
+        if self.bog_id >= vocab_size:  # "" takes the first id after the tokenizer's: one spare row
+            raise ValueError(
+                f"model.vocab_size={vocab_size} leaves no row for data.tokenizer.bog_token={config.bog_token!r}: "
+                f"it takes id {self.bog_id}, the first after the {size} ids of {where}; it needs "
+                f"model.vocab_size >= {self.bog_id + 1} (or a bog_token of the tokenizer)"
+            )
 
     def _id_of(self, token: str, field: str) -> int:
         token_id = self._tokenizer.token_to_id(token)
@@ -106,8 +117,13 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         """The text of ``ids``; special tokens (and ids beyond the tokenizer's, e.g. BOG) are left out."""
-        size = self._tokenizer.get_vocab_size(with_added_tokens=True)
-        return self._tokenizer.decode([i for i in ids if i < size], skip_special_tokens=True)
+        return self._tokenizer.decode([i for i in ids if i < self._size], skip_special_tokens=True)
+
+
+def id_span(tokenizer) -> int:
+    """One past the largest id of a ``tokenizers.Tokenizer`` (added and special tokens included): the
+    embedding rows its ids need. Its ``get_vocab_size`` counts tokens, which is less where ids leave gaps."""
+    return max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
 
 def build_tokenizer(config: TokenizerConfig, vocab_size: int) -> Tokenizer:

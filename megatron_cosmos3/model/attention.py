@@ -475,14 +475,44 @@ def _import_flash_varlen():
     return flash_attn_varlen_func
 
 
-def attention_backend(name: str, device: torch.device | str = "cpu") -> AttentionBackend:
-    """The backend called ``name`` for tensors on ``device``; GPU-only ones fall back to ``sdpa``."""
+# The head dims the GPU kernels take (docs/DESIGN.md, "The attention rule"). flash-attention 2 and 3
+# check both limits in C++ (FA2's Python wrapper pads other multiples, FA3's does not); TE's THD
+# attention runs cuDNN's fused kernels or flash-attention (its unfused one takes no THD), which
+# need both too. FlexAttention's Triton kernel (CUDA) takes no head_dim below 16 (tl.dot).
+KERNEL_MAX_HEAD_DIM, KERNEL_HEAD_DIM_MULTIPLE, FLEX_MIN_HEAD_DIM = 256, 8, 16
+
+
+def head_dim_problem(name: str, head_dim: int) -> str | None:
+    """Why backend ``name``'s CUDA kernels cannot take heads of ``head_dim`` (a phrase), or None
+    where they can; ``dense`` and ``sdpa`` (and ``flex`` off CUDA, which takes any) have no limit."""
+    kernels = {"flash": "flash-attention's kernels", "te": "Transformer Engine's THD attention kernels"}
+    if name in kernels and (head_dim > KERNEL_MAX_HEAD_DIM or head_dim % KERNEL_HEAD_DIM_MULTIPLE):
+        return (
+            f"{kernels[name]} take a head_dim of at most {KERNEL_MAX_HEAD_DIM} and a multiple of "
+            f"{KERNEL_HEAD_DIM_MULTIPLE}"
+        )
+    if name == "flex" and head_dim < FLEX_MIN_HEAD_DIM:
+        return f"FlexAttention's CUDA kernel takes a head_dim of at least {FLEX_MIN_HEAD_DIM}"
+    return None
+
+
+def attention_backend(name: str, device: torch.device | str = "cpu", head_dim: int | None = None) -> AttentionBackend:
+    """The backend called ``name`` for tensors on ``device``; the GPU ones fall back to ``sdpa`` (the
+    same rule) with one warning line where they cannot run: no CUDA, their library missing, or, on
+    CUDA, heads of ``head_dim`` (``model.head_dim``; None: not checked) their kernels do not take."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend={name!r} is not one of {ATTENTION_BACKENDS}")
+    on_cuda = torch.device(device).type == "cuda"
+    problem = head_dim_problem(name, head_dim) if on_cuda and head_dim is not None else None
+    if problem is not None:  # before any import: the kernels would refuse these heads in the first step
+        warn_once(f"attention backend {name!r}: model.head_dim={head_dim}, but {problem}; using 'sdpa'")
+        return SdpaVarlenAttention()
     if name == "dense":
         return DenseMaskAttention()
     if name == "sdpa":
         return SdpaVarlenAttention()
     if name == "flash":
-        if torch.device(device).type != "cuda":
+        if not on_cuda:
             warn_once(f"attention backend 'flash' needs CUDA (device is {device}); using 'sdpa'")
             return SdpaVarlenAttention()
         try:
@@ -492,10 +522,8 @@ def attention_backend(name: str, device: torch.device | str = "cpu") -> Attentio
             return SdpaVarlenAttention()
     if name == "flex":
         return FlexPackAttention(device)
-    if name == "te":
-        missing = transformer_engine_missing(device)
-        if missing is not None:
-            warn_once(f"attention backend 'te': {missing}; using 'sdpa'")
-            return SdpaVarlenAttention()
-        return TEFusedAttention(import_transformer_engine())
-    raise ValueError(f"attention_backend={name!r} is not one of {ATTENTION_BACKENDS}")
+    missing = transformer_engine_missing(device)  # name == "te"
+    if missing is not None:
+        warn_once(f"attention backend 'te': {missing}; using 'sdpa'")
+        return SdpaVarlenAttention()
+    return TEFusedAttention(import_transformer_engine())

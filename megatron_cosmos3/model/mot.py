@@ -266,7 +266,8 @@ class MoTModel(nn.Module):
 
     # ------------------------------------------------------------------ passes
     def _attention(self):
-        return attention_backend(self.config.attention_backend, self.embed_tokens.weight.device)
+        config = self.config
+        return attention_backend(config.attention_backend, self.embed_tokens.weight.device, config.head_dim)
 
     def _rotary(self, positions: torch.Tensor, dtype: torch.dtype, balance: TokenBalance = WHOLE_INPUT) -> StreamRotary:
         cos, sin = self.rotary(positions, dtype)

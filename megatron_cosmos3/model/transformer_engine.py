@@ -6,7 +6,8 @@ it — ``model.linear_impl: te``, ``model.attention_backend: te`` and ``precisio
 asks ``transformer_engine_missing(device)`` why TE cannot run, if it cannot:
 
 * ``linear_impl`` and ``attention_backend`` fall back (``torch`` linears, ``sdpa``) with one warning
-  line: the math is the same, so a cluster's config still runs on a laptop or in CI;
+  line: the math is the same, so a cluster's config still runs on a laptop or in CI (the attention
+  also where its kernels cannot take ``model.head_dim``: ``attention.head_dim_problem``);
 * ``precision: fp8`` is an error (``training/precision.py``): it changes the numerics, and a run that
   asked for fp8 must not report bf16 results as fp8 ones.
 """

@@ -265,7 +265,8 @@ def split_forward(
     logits of its labelled rows, velocity predictions) — and the shard. ``inner`` defaults to the
     model's configured attention backend.
     """
-    inner = inner or attention_backend(model.config.attention_backend, model.embed_tokens.weight.device)
+    config = model.config
+    inner = inner or attention_backend(config.attention_backend, model.embed_tokens.weight.device, config.head_dim)
     rows, shard = split.rows(model.encode_vision(batch), inner)
     ar, dm = model.run_layers(enumerate(model.layers), *model.embed_rows(rows), rows)
     return model.heads(ar, dm, rows), shard

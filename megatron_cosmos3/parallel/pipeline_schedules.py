@@ -273,7 +273,7 @@ class _Executor:
         self.forward_context, self.split = forward_context, split
         self.before_last_backward = before_last_backward
         config = stages.chunks[0].config
-        self.attention = attention_backend(config.attention_backend, stages.device)
+        self.attention = attention_backend(config.attention_backend, stages.device, config.head_dim)
         group, p, r = stages.groups.pipeline, stages.pipeline, stages.pipeline_rank
         self.group = group
         self.next_rank = dist.get_global_rank(group, (r + 1) % p) if p > 1 else None

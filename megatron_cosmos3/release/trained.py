@@ -110,8 +110,13 @@ class TrainedModel:
         return task_table(self.config)
 
     def tokenizer(self) -> Tokenizer:
-        """The tokenizer training used (``data.tokenizer``; bytes for the tiny models)."""
-        return build_tokenizer(self.config.data.tokenizer, self.model.config.vocab_size)
+        """The tokenizer training used (``data.tokenizer``; bytes for the tiny models). CheckpointLoadError
+        naming the folder where it does not fit the model's vocabulary (e.g. bytes under a vocab_size
+        below 256: a run on synthetic packs never read text)."""
+        try:
+            return build_tokenizer(self.config.data.tokenizer, self.model.config.vocab_size)
+        except ValueError as error:  # its message names model.vocab_size and the tokenizer
+            raise CheckpointLoadError(f"{self.source}: {error}") from None
 
 
 def find_checkpoint(path: str | Path) -> Path:

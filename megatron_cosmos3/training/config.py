@@ -23,7 +23,7 @@ from megatron_cosmos3.atomic_files import unwritable_reason
 from megatron_cosmos3.config_files import refuse_irregular_file
 from megatron_cosmos3.data.config import DataConfig, DatasetConfig, MixtureConfig
 from megatron_cosmos3.data.determinism import seed_problem
-from megatron_cosmos3.data.tokenizer import BYTE_VOCAB_SIZE
+from megatron_cosmos3.data.tokenizer import BYTE_VOCAB_SIZE, HFTokenizer
 from megatron_cosmos3.eval_suite.config import SUITE_PREFIX, SuiteConfig, check_model_embodiments
 from megatron_cosmos3.inference.solvers import MAX_STEPS
 from megatron_cosmos3.model.config import EmbodimentConfig, MoTConfig, merge_config_layer, refuse_below
@@ -374,7 +374,7 @@ class TrainConfig:
             self.held_out_data().validate()
         if self.trains_vision:
             self._check_vision()
-        self._check_byte_vocabulary()
+        self._check_tokenizer_vocabulary()
         if self.eval.suite is not None:
             check_model_embodiments(self.stage_model)
 
@@ -404,12 +404,17 @@ class TrainConfig:
                 f"(synthetic.scale={s.scale}) do not fit data.packing.tokens_per_pack={p.tokens_per_pack}"
             )
 
-    def _check_byte_vocabulary(self) -> None:
-        """Shards and the eval suite read text with the tokenizer, the byte tokenizer where
-        ``data.tokenizer.path`` is empty, which needs 256 ids: a smaller vocabulary was its
-        ValueError from every rank once the run had started (the suite's, after the first steps)."""
+    def _check_tokenizer_vocabulary(self) -> None:
+        """Shards and the eval suite read text with the tokenizer, whose ids must all be rows of the
+        embedding: the byte tokenizer's 256 where ``data.tokenizer.path`` is empty, else every id of
+        the folder's ``tokenizer.json`` (added and special tokens included) and the BOG id. Either was
+        a ValueError from every rank once the run had started (the suite's, after the first steps)."""
+        if not self.reads_media:
+            return
         vocab = self.model.vocab_size
-        if self.reads_media and not self.data.tokenizer.path and vocab < BYTE_VOCAB_SIZE:
+        if self.data.tokenizer.path:
+            HFTokenizer(self.data.tokenizer, vocab)  # its errors name model.vocab_size, the path and the ids
+        elif vocab < BYTE_VOCAB_SIZE:
             readers = "data_source=shards" if self.data_source == "shards" else "eval.suite"
             raise ValueError(
                 f"model.vocab_size={vocab} is below the byte tokenizer's {BYTE_VOCAB_SIZE} ids, which {readers} "

@@ -10,6 +10,8 @@ from world_helpers import data_config, model_config, tiny_world
 
 from megatron_cosmos3.data.loader import PackedLoader
 from megatron_cosmos3.data.tokenizer import HFTokenizer, TokenizerConfig, build_tokenizer
+from megatron_cosmos3.testing.training import TINY_MODEL, TINY_SYNTHETIC
+from megatron_cosmos3.training.config import load_config
 
 # Printable ASCII, one token per character, numbered backwards: ids that UTF-8 bytes are not.
 CHARACTERS = [chr(code) for code in range(32, 127)][::-1]
@@ -55,13 +57,68 @@ def test_decode_gives_back_the_text_without_special_tokens(tokenizer_folder):
     [
         (dict(eos_token="<|endoftext|>"), 256, r"data.tokenizer.eos_token='<\|endoftext\|>' is not a token of"),
         (dict(bog_token="<bog>"), 256, r"data.tokenizer.bog_token='<bog>' is not a token of"),
-        (dict(), 64, r"tokenizer size id 97 does not fit the model's vocab_size=64"),
-        (dict(), 98, r"bog_token id 98 does not fit the model's vocab_size=98"),
+        (
+            dict(),
+            64,
+            r"model.vocab_size=64 is smaller than the tokenizer of data.tokenizer.path='.*' \(.*tokenizer.json\), "
+            r"whose ids \(added and special tokens included\) run to 97: it needs model.vocab_size >= 98",
+        ),
+        (
+            dict(),
+            98,
+            r"model.vocab_size=98 leaves no row for data.tokenizer.bog_token='': it takes id 98, the first after "
+            r"the 98 ids of data.tokenizer.path=.*; it needs model.vocab_size >= 99",
+        ),
     ],
 )
 def test_a_tokenizer_that_does_not_fit_the_model_is_refused_by_field(tokenizer_folder, config, vocab_size, message):
     with pytest.raises(ValueError, match=message):
         HFTokenizer(TokenizerConfig(str(tokenizer_folder), **config), vocab_size)
+
+
+def test_ids_past_a_gap_count_as_the_tokenizers_own(tmp_path):
+    """A tokenizer.json whose ids leave a gap (here 2): tokenizers' get_vocab_size counts 5 tokens, but
+    ids run to 5. Counting took BOG = 5, the id of 'b' (and let a vocabulary of 5 rows in)."""
+    from tokenizers import Tokenizer, models
+
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 5}, unk_token="[UNK]"))
+    tokenizer.add_special_tokens(SPECIAL)  # ids 3 and 4: after the count, in the gap
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    assert tokenizer.get_vocab_size(with_added_tokens=True) == 5
+    hf = HFTokenizer(TokenizerConfig(str(tmp_path)), vocab_size=7)
+    assert hf.encode("b") == [5]
+    assert hf.bog_id == 6 and hf.bog_id not in tokenizer.get_vocab(with_added_tokens=True).values()
+    assert hf.decode([5, hf.eos_id, hf.bog_id]) == "b"
+    for vocab_size, message in ((5, r"run to 5: it needs model.vocab_size >= 6"), (6, r"model.vocab_size >= 7")):
+        with pytest.raises(ValueError, match=rf"model.vocab_size={vocab_size} .*{message}"):
+            HFTokenizer(TokenizerConfig(str(tmp_path)), vocab_size)
+
+
+# Runs that read text with the tokenizer: the eval suite's, or shards' (load_config reads no shard).
+TEXT_READERS = {
+    "eval.suite": ["eval.suite={}"],
+    "shards": [
+        "data_source=shards",
+        "data.stages={pretrain: {datasets: {w: 1.0}, tasks: {understanding: 1.0}}}",
+        "data.datasets=[{name: w, shards: [nowhere]}]",
+    ],
+}
+
+
+@pytest.mark.parametrize("reader", sorted(TEXT_READERS))
+def test_a_tokenizer_larger_than_the_model_is_refused_at_load(tokenizer_folder, reader):
+    """The loader (every rank, once the run had started) and the suite (after the first steps) were
+    the first to build the tokenizer; now load_config does, naming model.vocab_size, the path and
+    both sizes. 98 ids need 99 rows (BOG takes the first id after them)."""
+    base = [*TINY_MODEL, *TINY_SYNTHETIC, *TEXT_READERS[reader], f"data.tokenizer.path={tokenizer_folder}"]
+    with pytest.raises(ValueError, match=rf"model.vocab_size=64 is smaller .*path='{tokenizer_folder}'.* >= 98"):
+        load_config(None, base)  # TINY_MODEL's vocab_size=64
+    with pytest.raises(ValueError, match=r"model.vocab_size=98 leaves no row for data.tokenizer.bog_token=''"):
+        load_config(None, [*base, "model.vocab_size=98"])
+    assert load_config(None, [*base, "model.vocab_size=99"]).model.vocab_size == 99
+    # A run that reads no text never builds the tokenizer: nothing to refuse.
+    synthetic = [*TINY_MODEL, *TINY_SYNTHETIC, f"data.tokenizer.path={tokenizer_folder}"]
+    assert load_config(None, synthetic).model.vocab_size == 64
 
 
 @pytest.mark.parametrize(

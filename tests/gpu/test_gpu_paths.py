@@ -85,6 +85,26 @@ def test_gpu_attention_backend_equals_the_dense_rule(name):
         assert relative_difference(mine.grad.float(), reference.grad) < 3e-2
 
 
+@pytest.mark.parametrize("name", ["flash", "flex", "te"])
+def test_a_head_dim_no_kernel_of_the_backend_takes_runs_on_sdpa(name):
+    """head_dim 12: flash-attention 3 and TE's THD kernels refuse it (no multiple of 8), flex's
+    Triton kernel too (below 16). The model falls back to sdpa and gives the sdpa model's loss and
+    gradients, bit for bit, where the kernel failed inside the first step."""
+    config = tiny_mot_config(head_dim=12)
+    batch, targets = noised_pack(config)
+    models = {}
+    for backend in ("sdpa", name):
+        torch.manual_seed(0)
+        models[backend] = MoTModel(dataclasses.replace(config, attention_backend=backend)).to(CUDA)
+        with autocast("bf16", CUDA):
+            mot_losses(models[backend], batch, targets).total.backward()
+    assert models[name]._attention().name == "sdpa"
+    grads = dict(models["sdpa"].named_parameters())
+    for param_name, param in models[name].named_parameters():
+        want = grads[param_name].grad
+        assert (param.grad is None) == (want is None) and (want is None or torch.equal(param.grad, want)), param_name
+
+
 @needs_te
 def test_te_linears_equal_torch_linears():
     """The same weights through TE linears and nn.Linear: the same parameter names, and loss and

@@ -1,5 +1,7 @@
 """Every attention backend computes the same asymmetric attention as the dense-mask reference."""
 
+from importlib.util import find_spec
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,8 +16,10 @@ from megatron_cosmos3.model.attention import (
     PackLayout,
     SdpaVarlenAttention,
     attention_backend,
+    head_dim_problem,
 )
 from megatron_cosmos3.model.mot import MoTModel
+from megatron_cosmos3.model.transformer_engine import warn_once
 from megatron_cosmos3.objectives.flow_matching import FlowMatchingConfig, add_flow_matching_noise
 from megatron_cosmos3.objectives.losses import mot_losses
 
@@ -178,6 +182,60 @@ def test_flash_backend_falls_back_to_sdpa_without_cuda(caplog):
     with caplog.at_level("WARNING"):
         backend = attention_backend("flash", "cpu")
     assert isinstance(backend, SdpaVarlenAttention)
+
+
+# Head dims flash-attention (2 and 3) and TE's THD kernels take: multiples of 8 up to 256 (48 and 80
+# run the 64 and 96 kernels); and some they refuse in C++ (FA3 takes no 12: FA2's wrapper pads it).
+KERNEL_HEAD_DIMS = [8, 16, 48, 64, 80, 128, 136, 192, 256]
+NO_KERNEL_HEAD_DIMS = [2, 4, 12, 20, 100, 250, 264, 300, 512]
+
+
+@pytest.mark.parametrize("name", ["flash", "te"])
+def test_flash_and_te_kernels_take_head_dims_that_are_multiples_of_8_up_to_256(name):
+    for head_dim in KERNEL_HEAD_DIMS:
+        assert head_dim_problem(name, head_dim) is None, head_dim
+    for head_dim in NO_KERNEL_HEAD_DIMS:
+        assert "at most 256 and a multiple of 8" in head_dim_problem(name, head_dim), head_dim
+
+
+def test_flex_takes_head_dims_from_16_and_dense_and_sdpa_any():
+    """FlexAttention's Triton kernel (tl.dot) takes no head_dim below 16; it rounds others up itself."""
+    assert [d for d in (2, 8, 12, 16, 20, 48, 300) if head_dim_problem("flex", d)] == [2, 8, 12]
+    assert all(head_dim_problem(name, d) is None for name in ("dense", "sdpa") for d in (2, 12, 300, 1024))
+
+
+@pytest.mark.parametrize(("name", "head_dim"), [("flash", 300), ("flash", 12), ("te", 264), ("te", 20), ("flex", 8)])
+def test_a_head_dim_the_kernels_refuse_falls_back_to_sdpa_on_cuda_with_one_warning(name, head_dim, caplog):
+    """The branch a CUDA machine takes (the device string reaches it: the check comes before any
+    kernel import or CUDA call), with the model.head_dim and the backend named once."""
+    warn_once.cache_clear()
+    with caplog.at_level("WARNING"):
+        for _ in range(2):  # a backend is made per forward: one line per run
+            assert isinstance(attention_backend(name, "cuda", head_dim), SdpaVarlenAttention)
+    problem = head_dim_problem(name, head_dim)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"attention backend '{name}': model.head_dim={head_dim}, but {problem}; using 'sdpa'"
+    ]
+    warn_once.cache_clear()
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() or any(find_spec(m) for m in ("flash_attn", "flash_attn_interface")),
+    reason="CUDA or flash-attention present: the paths checked are not taken",
+)
+def test_a_head_dim_the_kernels_take_reaches_the_kernels_import(caplog):
+    """Control: head_dim 48 passes the check, so the CUDA path goes on to import flash-attention
+    (not installed here: its own warning), and on a CPU the head_dim is never the reason."""
+    warn_once.cache_clear()
+    with caplog.at_level("WARNING"):
+        attention_backend("flash", "cuda", 48)
+        attention_backend("flash", "cpu", 300)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "attention backend 'flash': flash-attn is not installed; using 'sdpa'",
+        "attention backend 'flash' needs CUDA (device is cpu); using 'sdpa'",
+    ]
+    warn_once.cache_clear()
 
 
 @settings(max_examples=30, deadline=None)

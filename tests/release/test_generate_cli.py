@@ -851,3 +851,22 @@ def test_a_conditioning_video_file_is_read_at_the_frame_rate_the_request_asks_fo
     picked = np.floor(np.arange(shown) / request.frame_rate * 30 + 1e-6).astype(int)  # the frame shown at k / fps
     np.testing.assert_array_equal(request.video, source[picked])
     assert request.video.shape[0] / request.frame_rate == pytest.approx(1.0, abs=1 / request.frame_rate)
+
+
+def test_a_vocabulary_below_the_byte_tokenizers_is_an_error_naming_the_field_and_the_folder(tmp_path, capsys):
+    """A model of 64 ids (a run on synthetic packs never reads text, so training allowed it) saved as a
+    weights folder: generation reads the prompt with the byte tokenizer, whose error named neither
+    model.vocab_size nor the folder ('ByteTokenizer needs vocab_size >= 256')."""
+    from megatron_cosmos3.conversion.mot_folder import save_mot_folder
+    from megatron_cosmos3.model.mot import MoTModel
+    from megatron_cosmos3.testing.training import TINY_MODEL
+    from megatron_cosmos3.training.config import load_config
+
+    config = load_config(None, TINY_MODEL).model
+    assert config.vocab_size == 64
+    weights = save_mot_folder(MoTModel(config), None, tmp_path / "weights")
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(weights), "--out", str(out), "--task", "text_to_image", "--prompt", "a"]) == 2
+    error = capsys.readouterr().err
+    assert f"{weights}: model.vocab_size=64 is below the byte tokenizer's 256 ids" in error, error
+    assert "Traceback" not in error and error.count("\n") == 1 and not out.exists()
