@@ -132,13 +132,15 @@ def tensor_dtype(folder: str | Path, key: str) -> torch.dtype:
     if shard is None:
         raise ConversionError(f"{folder}: missing tensor {key!r}")
     with _shard(folder / shard) as handle:
-        stored = handle.get_slice(key).get_dtype()
+        return _float_width(folder / shard, key, handle.get_slice(key).get_dtype(), "the model is built in its dtype")
+
+
+def _float_width(path: Path, key: str, stored: str, why: str) -> torch.dtype:
+    """The torch dtype of a tensor stored as ``stored`` in ``path``; a ConversionError naming the
+    file, the tensor, the stored dtype and ``why`` unless it is F64, F32, F16 or BF16."""
     dtype = _DTYPES.get(stored)
     if dtype is None or not dtype.is_floating_point:
-        raise ConversionError(
-            f"{folder / shard}: tensor {key!r} is stored as {stored}, not as one of F64, F32, F16, BF16: the model "
-            "is built in its dtype"
-        )
+        raise ConversionError(f"{path}: tensor {key!r} is stored as {stored}, not as one of F64, F32, F16, BF16: {why}")
     return dtype
 
 
@@ -168,7 +170,9 @@ def _stream_shard(path: Path, keys: list[str]) -> Iterator[tuple[str, str, torch
 
 def tensor_shapes(folder: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """key -> (shard file name, shape) of every tensor of the folder, read from the shards' headers
-    (no tensor data is read); a tensor the index places in a shard that lacks it is a ConversionError."""
+    (no tensor data is read); a tensor the index places in a shard that lacks it, or one stored in no
+    float width (``_float_width``: an integer, bool, complex or FP8 tensor, which the copy into a
+    model's float weights converted without a word), is a ConversionError naming both."""
     folder = Path(folder)
     found = {}
     for shard, keys in sorted(shard_map(folder).items()):
@@ -177,7 +181,9 @@ def tensor_shapes(folder: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             for key in keys:
                 if key not in present:
                     raise ConversionError(f"{folder / shard}: the index lists tensor {key!r} but the shard lacks it")
-                found[key] = (shard, tuple(handle.get_slice(key).get_shape()))
+                header = handle.get_slice(key)
+                _float_width(folder / shard, key, header.get_dtype(), "the model's weights are floats")
+                found[key] = (shard, tuple(header.get_shape()))
     return found
 
 

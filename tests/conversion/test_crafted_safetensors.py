@@ -8,7 +8,9 @@ import shutil
 import struct
 
 import pytest
+import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from megatron_cosmos3.conversion import ConversionError, load_qwen3_vl
 from megatron_cosmos3.conversion.mot_folder import load_mot_folder
@@ -179,3 +181,25 @@ def test_a_weights_folder_whose_model_safetensors_is_a_fifo_is_refused(imported,
         ConversionError, match=f"^{re.escape(str(folder / SINGLE_FILE))}: shard file is not a regular file \\(a FIFO\\)"
     ):
         load_mot_folder(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint16, torch.complex64, torch.float8_e4m3fn])
+def test_a_weight_stored_in_no_float_width_is_refused_naming_the_tensor(folder, imported, tmp_path, dtype):
+    """Only the embedding's stored dtype was checked: any other tensor stored as integers, bools,
+    complex numbers or FP8 (its scales elsewhere) was copied into the float weights without a word."""
+    shard = shard_of(folder, UP_PROJ)
+    tensors = load_file(str(shard))
+    tensors[UP_PROJ] = tensors[UP_PROJ].to(dtype)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(
+        ConversionError, match=f"^{re.escape(str(shard))}: tensor '{UP_PROJ}' is stored as \\w+, not as"
+    ):
+        load_qwen3_vl(folder)
+
+    ours = shutil.copytree(imported, tmp_path / "weights")
+    name = "layers.1.generator.mlp.down_proj.weight"
+    tensors = load_file(str(ours / SINGLE_FILE))
+    tensors[name] = tensors[name].to(dtype)
+    save_file(tensors, str(ours / SINGLE_FILE), metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=f"^{re.escape(str(ours / SINGLE_FILE))}: tensor '{name}' is stored as"):
+        load_mot_folder(ours)
