@@ -117,7 +117,7 @@ def read_manifest(folder: Path) -> dict[str, dict] | None:
     if not isinstance(files, dict):
         raise CheckpointCorruptError(f"{path}: expected an object whose 'files' is an object of file records")
     for name, record in files.items():
-        if not _name_inside(name):
+        if not name_inside(name):
             raise CheckpointCorruptError(f"{path}: files entry {name!r} is not a file of the checkpoint folder")
         size, digest = (record.get("bytes"), record.get("sha256")) if isinstance(record, dict) else (None, None)
         if type(size) is not int or size < 0 or not isinstance(digest, str):
@@ -127,7 +127,7 @@ def read_manifest(folder: Path) -> dict[str, dict] | None:
     return files
 
 
-def _name_inside(name: str) -> bool:
+def name_inside(name: str) -> bool:
     """A relative path that names something inside its folder: no empty, '.' or '..' part."""
     return "\\" not in name and all(part not in ("", ".", "..") for part in name.split("/"))
 

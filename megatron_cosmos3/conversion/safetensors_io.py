@@ -9,6 +9,8 @@ writing holds at most one shard's worth of converted tensors.
 from __future__ import annotations
 
 import json
+import os
+import struct
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_cosmos3.json_files import read_json
+from megatron_cosmos3.config_files import file_problem
+from megatron_cosmos3.json_files import parse_json, read_json
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -53,19 +56,27 @@ def shard_map(folder: str | Path) -> dict[str, list[str]]:
     """Shard file name -> the tensor keys it holds (index order), from the index or the single file."""
     folder = Path(folder)
     index = folder / INDEX_FILE
-    if index.is_file():
+    # Present in any form (a folder, a FIFO, a dangling link): read, so it is refused by name rather
+    # than passed over for the single file or the "no weights" error.
+    if os.path.lexists(index):
         document = read_json(index, ConversionError)
         weight_map = document.get("weight_map") if isinstance(document, dict) else None
         if not isinstance(weight_map, dict):
             raise ConversionError(f"{index}: 'weight_map' must map tensor names to shard files")
         shards: dict[str, list[str]] = {}
         for key, shard in weight_map.items():
-            # A shard is a file of the folder: never a path that leads out of it.
-            if not isinstance(shard, str) or not shard or Path(shard).name != shard or shard.startswith("."):
+            # A shard is a file of the folder: never a path that leads out of it, nor one no file has.
+            if (
+                not isinstance(shard, str)
+                or not shard
+                or Path(shard).name != shard
+                or shard.startswith(".")
+                or "\x00" in shard
+            ):
                 raise ConversionError(f"{index}: tensor {key!r} is mapped to {shard!r}, not a file of the folder")
             shards.setdefault(shard, []).append(key)
         return shards
-    if (folder / SINGLE_FILE).is_file():
+    if os.path.lexists(folder / SINGLE_FILE):
         with _shard(folder / SINGLE_FILE) as handle:
             return {SINGLE_FILE: list(handle.keys())}
     found = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
@@ -75,16 +86,40 @@ def shard_map(folder: str | Path) -> dict[str, list[str]]:
 
 @contextmanager
 def _shard(path: Path):
-    """An open shard (memory-mapped); a missing, truncated or corrupt file is a ConversionError."""
+    """An open shard (memory-mapped). ConversionError naming the file where it is missing or no
+    regular file (a folder, a FIFO: opening one waited for a writer), unreadable, or not a valid
+    safetensors file: the library's own checks (header length against the file, header JSON and
+    UTF-8, dtype names, shapes, offsets reversed, overlapping, past the end or not dtype x shape,
+    trailing bytes, metadata not str -> str) with its reason, and a tensor name given twice in the
+    header, which the library lets the last one win."""
     from safetensors import SafetensorError, safe_open
 
-    if not path.is_file():
-        raise ConversionError(f"{path}: shard file is missing")
+    problem = file_problem(path)
+    if problem is not None:
+        verb = "" if problem.startswith("cannot") else " is"
+        raise ConversionError(f"{path}: shard file{verb} {problem}")
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        opened = safe_open(str(path), framework="pt")
+    except SafetensorError as error:
+        raise ConversionError(f"{path}: shard is truncated or corrupt ({error})") from None
+    except OSError as error:
+        raise ConversionError(f"{path}: shard is unreadable ({error})") from None
+    try:
+        with opened as handle:
+            _refuse_repeated_names(path)
             yield handle
     except SafetensorError as error:
         raise ConversionError(f"{path}: shard is truncated or corrupt ({error})") from None
+
+
+def _refuse_repeated_names(path: Path) -> None:
+    """ConversionError naming ``path`` and the key where its header gives a key twice. Called once
+    the library has accepted the file, so the header length read here is bounded by its own limit
+    and the file's size, and the text is UTF-8 JSON."""
+    with path.open("rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        header = file.read(length)
+    parse_json(header.decode("utf-8"), f"{path}: safetensors header", ConversionError)
 
 
 def tensor_dtype(folder: str | Path, key: str) -> torch.dtype:
@@ -97,13 +132,15 @@ def tensor_dtype(folder: str | Path, key: str) -> torch.dtype:
     if shard is None:
         raise ConversionError(f"{folder}: missing tensor {key!r}")
     with _shard(folder / shard) as handle:
-        stored = handle.get_slice(key).get_dtype()
+        return _float_width(folder / shard, key, handle.get_slice(key).get_dtype(), "the model is built in its dtype")
+
+
+def _float_width(path: Path, key: str, stored: str, why: str) -> torch.dtype:
+    """The torch dtype of a tensor stored as ``stored`` in ``path``; a ConversionError naming the
+    file, the tensor, the stored dtype and ``why`` unless it is F64, F32, F16 or BF16."""
     dtype = _DTYPES.get(stored)
     if dtype is None or not dtype.is_floating_point:
-        raise ConversionError(
-            f"{folder / shard}: tensor {key!r} is stored as {stored}, not as one of F64, F32, F16, BF16: the model "
-            "is built in its dtype"
-        )
+        raise ConversionError(f"{path}: tensor {key!r} is stored as {stored}, not as one of F64, F32, F16, BF16: {why}")
     return dtype
 
 
@@ -133,7 +170,9 @@ def _stream_shard(path: Path, keys: list[str]) -> Iterator[tuple[str, str, torch
 
 def tensor_shapes(folder: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """key -> (shard file name, shape) of every tensor of the folder, read from the shards' headers
-    (no tensor data is read); a tensor the index places in a shard that lacks it is a ConversionError."""
+    (no tensor data is read); a tensor the index places in a shard that lacks it, or one stored in no
+    float width (``_float_width``: an integer, bool, complex or FP8 tensor, which the copy into a
+    model's float weights converted without a word), is a ConversionError naming both."""
     folder = Path(folder)
     found = {}
     for shard, keys in sorted(shard_map(folder).items()):
@@ -142,7 +181,9 @@ def tensor_shapes(folder: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             for key in keys:
                 if key not in present:
                     raise ConversionError(f"{folder / shard}: the index lists tensor {key!r} but the shard lacks it")
-                found[key] = (shard, tuple(handle.get_slice(key).get_shape()))
+                header = handle.get_slice(key)
+                _float_width(folder / shard, key, header.get_dtype(), "the model's weights are floats")
+                found[key] = (shard, tuple(header.get_shape()))
     return found
 
 

@@ -31,6 +31,7 @@ from megatron_cosmos3.checkpoint.safe_reader import (
     MANIFEST,
     CheckpointCorruptError,
     UnsafeCheckpointError,
+    name_inside,
 )
 from megatron_cosmos3.checkpoint.sharded_state import ShardingMeshes
 from megatron_cosmos3.checkpoint.weights_folder import (
@@ -211,13 +212,27 @@ def _release_config(folder: Path) -> tuple[TrainConfig, int | None]:
     except Exception as error:  # a YAML or OmegaConf error: name the file
         raise CheckpointLoadError(f"{folder / RELEASE_CONFIG}: not a valid training config: {error}") from None
     tokenizer = OmegaConf.select(raw, "data.tokenizer.path", default="")
-    if tokenizer and not Path(tokenizer).is_absolute():
+    if tokenizer:
+        _refuse_outside(folder, "data.tokenizer.path", tokenizer, folder_itself=True)
         raw.data.tokenizer.path = str(folder / tokenizer)
-    for dataset in OmegaConf.select(raw, "data.datasets", default=None) or []:
+    for i, dataset in enumerate(OmegaConf.select(raw, "data.datasets", default=None) or []):
         stats = dataset.get("action_stats", "auto")
-        if stats not in ("", "auto") and not Path(stats).is_absolute():
+        if stats not in ("", "auto"):
+            _refuse_outside(folder, f"data.datasets[{i}].action_stats", stats)
             dataset.action_stats = str(folder / stats)
     return _parse_config(OmegaConf.to_yaml(raw), str(folder / RELEASE_CONFIG)), info.get("step")
+
+
+def _refuse_outside(folder: Path, field: str, value: object, folder_itself: bool = False) -> None:
+    """CheckpointLoadError naming ``field`` of the release's config.yaml unless ``value`` is a path
+    inside the release folder (``folder_itself``: or "." for the folder), as export writes it: an
+    absolute or ``..`` path was read from outside the folder, which its checksums do not cover."""
+    inside = isinstance(value, str) and (name_inside(value) or (folder_itself and value == "."))
+    if not inside:
+        raise CheckpointLoadError(
+            f"{folder / RELEASE_CONFIG}: {field}={value!r} is not a path inside the release folder (export "
+            "writes one; its checksums cover only the folder's own files)"
+        )
 
 
 def _release_info(folder: Path) -> dict:

@@ -458,6 +458,36 @@ def test_a_file_added_to_a_release_folder_is_refused_naming_it(release, tmp_path
         load_trained_model(crafted)
 
 
+@pytest.mark.parametrize("field", ["data.tokenizer.path", "data.datasets[0].action_stats"])
+@pytest.mark.parametrize("spelled", ["relative", "absolute"])
+def test_a_release_config_naming_a_path_outside_the_folder_is_refused_by_field(release, tmp_path, field, spelled):
+    """Export writes the tokenizer as "." and each dataset's statistics under action_stats/: a
+    config.yaml naming a copy outside the folder by ``..`` or an absolute path (checksums resealed,
+    as a crafted release would) loaded it without a word, unverified by the folder's checksums."""
+    from omegaconf import OmegaConf
+
+    from megatron_cosmos3.checkpoint.safe_reader import write_manifest
+
+    crafted = Path(shutil.copytree(release, tmp_path / "release"))
+    config = OmegaConf.load(crafted / "config.yaml")
+    assert config.data.tokenizer.path == "." and config.data.datasets[0].action_stats.startswith("action_stats/")
+    if field == "data.tokenizer.path":
+        outside = tmp_path / "tokenizer"
+        outside.mkdir()
+        shutil.copy(crafted / "tokenizer.json", outside)
+    else:
+        outside = Path(shutil.copy(crafted / config.data.datasets[0].action_stats, tmp_path / "stats.json"))
+    value = f"../{outside.name}" if spelled == "relative" else str(outside)
+    OmegaConf.update(config, field, value)
+    (crafted / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    files = sorted(str(p.relative_to(crafted)) for p in crafted.rglob("*") if p.is_file() and p.name != MANIFEST)
+    write_manifest(crafted, extra=tuple(files))
+    with pytest.raises(
+        CheckpointLoadError, match=re.escape(f"{crafted / 'config.yaml'}: {field}={value!r} is not a path inside")
+    ):
+        load_trained_model(crafted)
+
+
 def test_a_release_folder_missing_a_tensor_is_named_as_the_checkpoint_given(release, tmp_path):
     """The error names what the user passed (the commands' --checkpoint), not a training setting."""
     from megatron_cosmos3.checkpoint.checkpointer import MissingParametersError
