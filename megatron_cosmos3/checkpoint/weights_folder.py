@@ -23,7 +23,7 @@ from torch import nn
 from megatron_cosmos3.checkpoint.checkpointer import CheckpointMismatchError, MissingParametersError
 from megatron_cosmos3.checkpoint.safe_reader import MANIFEST, verify_checkpoint
 from megatron_cosmos3.conversion.mot_folder import CONFIG_FILE
-from megatron_cosmos3.conversion.safetensors_io import iter_tensors, shard_map
+from megatron_cosmos3.conversion.safetensors_io import WEIGHT_DTYPES, iter_tensors, shard_map
 from megatron_cosmos3.model.config import MoTConfig, load_model_config
 from megatron_cosmos3.parallel.sharding import local_part
 from megatron_cosmos3.parallel.state import ParallelGroups
@@ -143,8 +143,8 @@ def load_weights_folder(
 def fill_parameters(held: dict[str, nn.Parameter], tensors, groups: ParallelGroups | None) -> None:
     """Copies into each parameter of ``held`` (name -> this rank's parameter) its part of the global
     tensor ``tensors`` gives for it, ``(where, name, full)`` triples (``where`` names the file in
-    errors); a name not in ``held`` is passed over. Integer tensors and wrong shapes are errors
-    naming ``where``, the tensor and both shapes."""
+    errors); a name not in ``held`` is passed over. Tensors in no WEIGHT_DTYPES width (integers, FP8)
+    and wrong shapes are errors naming ``where``, the tensor and both shapes."""
     tensor_rank, tensor_size = (groups.tensor_rank, groups.sizes.tensor) if groups is not None else (0, 1)
     expert_size = groups.sizes.expert if groups is not None else 1
     expert_rank = dist.get_rank(groups.expert) if expert_size > 1 else 0
@@ -152,7 +152,7 @@ def fill_parameters(held: dict[str, nn.Parameter], tensors, groups: ParallelGrou
         if key not in held:
             continue
         param = held[key]
-        if not full.is_floating_point():  # float widths convert; integers are not weights of this model
+        if full.dtype not in WEIGHT_DTYPES:  # neither integers nor FP8 (no scales) convert by value
             raise CheckpointMismatchError(
                 f"{where}: tensor {key!r} is stored as {full.dtype}, but this run's model holds {param.dtype} there"
             )

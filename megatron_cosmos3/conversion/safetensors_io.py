@@ -25,6 +25,10 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
+# The widths a weight may be stored in: each converts to the model's dtype by value. Integers are
+# not weights of this model, and FP8 values mean nothing without the scales stored beside them.
+WEIGHT_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16})
+
 _DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -139,7 +143,7 @@ def _float_width(path: Path, key: str, stored: str, why: str) -> torch.dtype:
     """The torch dtype of a tensor stored as ``stored`` in ``path``; a ConversionError naming the
     file, the tensor, the stored dtype and ``why`` unless it is F64, F32, F16 or BF16."""
     dtype = _DTYPES.get(stored)
-    if dtype is None or not dtype.is_floating_point:
+    if dtype not in WEIGHT_DTYPES:
         raise ConversionError(f"{path}: tensor {key!r} is stored as {stored}, not as one of F64, F32, F16, BF16: {why}")
     return dtype
 

@@ -279,12 +279,17 @@ def test_a_crafted_weights_folder_is_refused_naming_the_file(imported, tmp_path,
         with pytest.raises(ConversionError, match=rf"{folder / INDEX_FILE}: .*{message}"):
             load_weights_folder(folder, MoTModel(copy.deepcopy(config)), config, None)
 
-    def integer_embedding(folder):
-        shard = next(p for p in folder.glob("model*.safetensors") if p.name != INDEX_FILE)
-        tensors = load_file(str(shard))
-        if "embed_tokens.weight" in tensors:
-            tensors["embed_tokens.weight"] = tensors["embed_tokens.weight"].to(torch.int64)
-        save_file(tensors, str(shard), metadata={"format": "pt"})
+    def stored_embedding(dtype):
+        def change(folder):
+            shard = next(p for p in folder.glob("model*.safetensors") if p.name != INDEX_FILE)
+            tensors = load_file(str(shard))
+            if "embed_tokens.weight" in tensors:
+                tensors["embed_tokens.weight"] = tensors["embed_tokens.weight"].to(dtype)
+            save_file(tensors, str(shard), metadata={"format": "pt"})
+
+        return change
+
+    integer_embedding = stored_embedding(torch.int64)
 
     from megatron_cosmos3.release.trained import RELEASE_INFO, CheckpointLoadError, load_trained_model
 
@@ -302,6 +307,11 @@ def test_a_crafted_weights_folder_is_refused_naming_the_file(imported, tmp_path,
     assert (imported / SINGLE_FILE).is_file() or (imported / INDEX_FILE).is_file()
     folder = crafted("integers", integer_embedding)
     with pytest.raises(CheckpointMismatchError, match=r"tensor 'embed_tokens.weight' is stored as torch.int64"):
+        load_weights_folder(folder, MoTModel(copy.deepcopy(config)), config, None)
+    # FP8 is a float, but its values mean nothing without the scales an FP8 checkpoint keeps beside
+    # them: read as plain numbers, the stage would start from wrong weights.
+    folder = crafted("fp8", stored_embedding(torch.float8_e4m3fn))
+    with pytest.raises(CheckpointMismatchError, match=r"tensor 'embed_tokens.weight' is stored as torch.float8_e4m3fn"):
         load_weights_folder(folder, MoTModel(copy.deepcopy(config)), config, None)
 
 
